@@ -45,9 +45,9 @@ class RopeScaling:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any] | None) -> RopeScaling | None:
-        if not d:
+        kind = (d or {}).get("rope_type", (d or {}).get("type", "default"))
+        if not d or kind == "default":
             return None
-        kind = d.get("rope_type", d.get("type", "default"))
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and k != "rope_type"}
         return cls(rope_type=kind, **kw)
@@ -84,8 +84,15 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
@@ -142,8 +149,12 @@ class ModelConfig:
         archs = d.get("architectures") or []
         family = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if family is None:
-            family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
-                      "qwen3": "qwen3"}.get(d.get("model_type", ""))
+            family = {
+                "llama": "llama",
+                "mistral": "mistral",
+                "qwen2": "qwen2",
+                "qwen3": "qwen3",
+            }.get(d.get("model_type", ""))
         if family is None:
             raise ModelLoadError(
                 f"{source}: unsupported architecture {archs or d.get('model_type')!r}; "
@@ -155,6 +166,9 @@ class ModelConfig:
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             use_window = d.get("use_sliding_window", family == "mistral")
+            # transformers >= 5 folds rope_theta and the scaling into ``rope_parameters``.
+            rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+            theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
             return cls(
                 architecture=family,
                 vocab_size=int(d["vocab_size"]),
@@ -165,8 +179,8 @@ class ModelConfig:
                 num_key_value_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(d.get("rope_theta", 10000.0)),
-                rope_scaling=RopeScaling.from_hf(d.get("rope_scaling")),
+                rope_theta=float(theta),
+                rope_scaling=RopeScaling.from_hf(rope),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 attention_bias=family == "qwen2" or bool(d.get("attention_bias", False)),

@@ -1,0 +1,1 @@
+"""LLaMA-family decoders: layers, paged attention, the model, its registry and loaders."""

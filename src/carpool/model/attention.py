@@ -1,0 +1,110 @@
+"""Attention over a paged KV cache, for a ragged batch of sequences.
+
+One step's tokens arrive flat (``[T, ...]``): prefill chunks and single decode tokens of many
+sequences packed end to end. Each layer
+1. writes the new K/V of every token into its slot of the paged cache (one ``index_copy_``),
+2. gathers each sequence's keys and values through its block table (one indexed read),
+3. runs one ``scaled_dot_product_attention`` over a ``[B, Q, L]`` rectangle whose mask encodes
+   causality and each sequence's length,
+so there is no Python loop over sequences. All index tensors are built once per step by the
+runner (``carpool.worker.batch``) and shared by every layer through ``AttentionMetadata``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carpool.config import ModelConfig
+from carpool.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class AttentionMetadata:
+    """Index tensors describing one step's batch to the attention layers.
+
+    Shapes: ``T`` flat tokens, ``B`` sequences, ``Q`` longest query chunk, ``L`` longest
+    context (cached + new tokens).
+
+    Attributes:
+        slot_mapping: ``[T]`` flat cache slot (``block * block_size + offset``) of each new token.
+        kv_slots: ``[B, L]`` flat cache slot of each key position of each sequence (padding
+            positions point at any slot; the mask hides them).
+        attn_mask: ``[B, 1, Q, L]`` bool, True where a query may attend to a key.
+        query_index: ``[B, Q]`` flat token index of each padded query row, or None when the flat
+            tokens already form the ``[B, Q]`` rectangle (every sequence has exactly Q tokens,
+            e.g. a pure decode step).
+        output_index: ``[T]`` row of the flattened ``[B * Q]`` output holding each flat token,
+            or None under the same condition as ``query_index``.
+    """
+
+    slot_mapping: torch.Tensor
+    kv_slots: torch.Tensor
+    attn_mask: torch.Tensor
+    query_index: torch.Tensor | None = None
+    output_index: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query K/V, rotary positions and a paged cache."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # q, k and v in one matmul: one weight read, one kernel launch.
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [T, 1, head_dim]
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # [2, num_slots, kv_heads, head_dim]
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos_sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+
+        b, l = meta.kv_slots.shape
+        keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, kv_heads, L, D]
+        values = v_cache[meta.kv_slots].transpose(1, 2)
+        if meta.query_index is None:
+            queries = q.view(b, t // b, self.num_heads, self.head_dim)  # [B, Q, H, D]
+        else:
+            queries = q[meta.query_index]  # [B, Q, H, D]
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2),  # [B, H, Q, D]
+            keys,
+            values,
+            attn_mask=meta.attn_mask,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(-1, self.q_size)  # [B * Q, H * D]
+        if meta.output_index is not None:
+            out = out[meta.output_index]  # [T, H * D]
+        return self.o_proj(out)

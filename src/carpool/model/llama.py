@@ -1,0 +1,117 @@
+"""The LLaMA-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+The families differ only in flags of ``ModelConfig``: q/k/v bias (Qwen2), per-head q/k RMSNorm
+(Qwen3), tied embeddings, rope scaling. Parameter names follow the Hugging Face checkpoints
+except for two fusions (``qkv_proj`` and ``gate_up_proj``); ``weight_mapping`` tells the loader
+where each checkpoint tensor goes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from carpool.config import ModelConfig
+from carpool.model.attention import Attention, AttentionMetadata
+from carpool.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (the ``model.`` prefix of HF checkpoints)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A LLaMA-family causal LM whose forward runs one ragged batch step.
+
+    ``forward`` takes flat token ids and positions of every sequence in the step, the attention
+    metadata, one KV-cache tensor per layer, and the flat indices of the rows whose next-token
+    logits are wanted (the last token of each sequence that samples this step).
+    """
+
+    # checkpoint suffix -> (our parameter suffix, shard index within the fused tensor)
+    weight_mapping: dict[str, tuple[str, int]] = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+        "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+        "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+        "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when the checkpoint ties them.
+
+        Called again after ``to_empty``, which materialises each module's parameters apart.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fused_shard_sizes(self, fused_name: str) -> list[int]:
+        """Output rows of each checkpoint tensor inside a fused parameter, in shard order."""
+        c = self.config
+        if fused_name.endswith("qkv_proj"):
+            kv = c.num_key_value_heads * c.head_dim
+            return [c.num_attention_heads * c.head_dim, kv, kv]
+        if fused_name.endswith("gate_up_proj"):
+            return [c.intermediate_size, c.intermediate_size]
+        raise KeyError(fused_name)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],  # per layer [2, num_slots, kv_heads, head_dim]
+        logits_indices: torch.Tensor,  # [R]
+    ) -> torch.Tensor:  # [R, vocab]
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos_sin = self.model.rotary.cos_sin(positions, x.dtype)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, cos_sin, meta, kv_cache)
+        # Only rows that sample need the final norm and the (large) vocabulary projection.
+        x = self.model.norm(x[logits_indices])
+        return self.lm_head(x).float()
+
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+    ) -> list[torch.Tensor]:
+        """One ``[2, num_blocks * block_size, kv_heads, head_dim]`` tensor per layer."""
+        c = self.config
+        shape = (2, num_blocks * block_size, c.num_key_value_heads, c.head_dim)
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]

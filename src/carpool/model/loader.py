@@ -1,0 +1,169 @@
+"""Load a model from a Hugging Face directory (config.json + safetensors) or a GGUF file.
+
+The model is built on the meta device (no memory, no random init), materialised empty on the
+target device, and every parameter is then filled from the checkpoint with its shape checked.
+Only safetensors and GGUF are read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from carpool.config import ModelConfig
+from carpool.errors import ModelLoadError
+from carpool.model.registry import model_class_for
+
+# Checkpoint tensors that carry no weights we use (buffers some exporters save).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str) -> torch.dtype:
+    """Turn ``"auto"`` or a dtype name into a ``torch.dtype``.
+
+    ``auto`` takes the checkpoint's dtype, except that float16 becomes bfloat16 on a CPU
+    (torch has no fast float16 matmul on CPUs, while bfloat16 has the same size).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        name = config.torch_dtype.replace("torch.", "")
+        if name == "float16" and torch.device(device).type == "cpu":
+            name = "bfloat16"
+        return _DTYPES.get(name, torch.float32)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {['auto', *_DTYPES]}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str) -> nn.Module:
+    """Instantiate the architecture's class with uninitialised weights on ``device``."""
+    cls = model_class_for(config)
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    model.model.rotary.reset_tables()
+    return model.eval()
+
+
+def load_weights(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str
+) -> None:
+    """Copy checkpoint tensors (Hugging Face names and layout) into ``model``.
+
+    Fused parameters (``qkv_proj``, ``gate_up_proj``) are filled shard by shard. Every
+    parameter must be written exactly once (a tied head may be written twice).
+
+    Raises:
+        ModelLoadError: unknown tensor, wrong shape, or a parameter left unfilled.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    mapping: dict[str, tuple[str, int]] = model.weight_mapping
+    filled: set[tuple[str, int]] = set()
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        target, shard = name, -1
+        for ckpt, (ours, index) in mapping.items():
+            if f".{ckpt}." in name:
+                target, shard = name.replace(f".{ckpt}.", f".{ours}."), index
+                break
+        param = params.get(target)
+        if param is None:
+            raise ModelLoadError(f"{source}: unexpected tensor {name!r} for this architecture")
+        dest = param.data
+        if shard >= 0:
+            sizes = model.fused_shard_sizes(target.rsplit(".", 1)[0])
+            dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(dest.shape)}"
+            )
+        with torch.no_grad():
+            dest.copy_(tensor)
+        filled.add((target, shard))
+    # Unique parameters only: a tied head is the embedding and needs no tensor of its own.
+    expected: set[tuple[str, int]] = set()
+    for name, _ in model.named_parameters():
+        fused = name.rsplit(".", 1)[0]
+        if fused.endswith(("qkv_proj", "gate_up_proj")):
+            expected.update((name, i) for i in range(len(model.fused_shard_sizes(fused))))
+        else:
+            expected.add((name, -1))
+    missing = sorted(n if s < 0 else f"{n}[shard {s}]" for n, s in expected - filled)
+    if missing:
+        raise ModelLoadError(
+            f"{source}: missing tensors: {', '.join(missing[:8])}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint files of a directory: the sharded index's files, or ``model.safetensors``."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights found")
+    for f in files:
+        if not f.is_file():
+            raise ModelLoadError(f"{f}: weight shard listed in the index is missing")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from safetensors files, wrapping format errors."""
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, st.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{f}: cannot read safetensors file ({e})") from None
+
+
+def load_model(
+    path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"
+) -> tuple[nn.Module, ModelConfig]:
+    """Load a model from a Hugging Face directory or a ``.gguf`` file.
+
+    Args:
+        path: model directory (config.json + safetensors) or GGUF file.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or a torch dtype).
+        device: torch device string.
+
+    Returns:
+        The model in eval mode and its ``ModelConfig``.
+
+    Raises:
+        ModelLoadError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such model directory or file")
+    if path.is_file():
+        from carpool.model.gguf_loader import load_gguf
+
+        config, tensors = load_gguf(path)
+        model = build_empty_model(config, resolve_dtype(dtype, config, device), device)
+        load_weights(model, tensors.items(), str(path))
+        return model, config
+    config = ModelConfig.from_json_file(path / "config.json")
+    model = build_empty_model(config, resolve_dtype(dtype, config, device), device)
+    load_weights(model, iter_safetensors(safetensors_files(path)), str(path))
+    return model, config

@@ -1,0 +1,92 @@
+"""Tiny random Hugging Face checkpoints for parity tests, saved through the real save path.
+
+Weights use ``initializer_range=0.2`` (not the default 0.02): with tiny spreads a random model
+repeats one token forever and a parity test would prove little.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+
+
+def tiny_hf_config(arch: str, **overrides: Any):  # -> transformers.PretrainedConfig
+    """A small config of ``arch`` (``llama3`` = Llama with llama3 rope scaling)."""
+    import transformers
+
+    common: dict[str, Any] = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**{**common, **overrides})
+    elif arch == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        }
+        cfg = transformers.LlamaConfig(
+            **{**common, "rope_scaling": rope, "rope_theta": 500000.0, **overrides}
+        )
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**{**common, "sliding_window": None, **overrides})
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
+    elif arch == "qwen3":
+        cfg = transformers.Qwen3Config(**{**common, "head_dim": 32, **overrides})
+    else:
+        raise ValueError(arch)
+    return cfg
+
+
+def save_tiny_hf_model(arch: str, out_dir: Path, seed: int = 0, **overrides: Any):
+    """Build a random model of ``arch``, save it as safetensors in ``out_dir``, return it."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(arch, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of ``prompt`` by a transformers model (no eos stop)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def first_difference(a: list[int], b: list[int]) -> str:
+    """Readable description of where two token lists part."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"first difference at index {i}: {x} != {y}\n  got:      {a}\n  expected: {b}"
+    return f"lengths differ: {len(a)} vs {len(b)}\n  got:      {a}\n  expected: {b}"
