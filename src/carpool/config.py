@@ -220,3 +220,59 @@ def dtype_bytes(name: str) -> int:
     if key not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPE_BYTES)}")
     return _DTYPE_BYTES[key]
+
+
+BATCHING_STRATEGIES = ("continuous",)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an ``LLMEngine`` needs to start.
+
+    Attributes:
+        model: a Hugging Face model directory, a ``.gguf`` file, or None for the embedded
+            default model.
+        dtype: ``auto`` (the checkpoint's; float16 becomes bfloat16 on CPU), ``float32``,
+            ``bfloat16`` or ``float16``.
+        device: torch device for the weights and the KV cache.
+        kv_cache_memory: bytes for the KV cache; None to size it from
+            ``kv_cache_memory_fraction`` of the memory available now, capped at what
+            ``max_num_seqs`` sequences of ``max_model_len`` tokens can use.
+        kv_cache_memory_fraction: see ``kv_cache_memory``.
+        block_size: tokens per KV block.
+        max_num_seqs: most sequences in one forward pass.
+        max_num_batched_tokens: most tokens in one forward pass (chunked prefill beyond it).
+        max_model_len: longest prompt + output; None for the model's own limit.
+        seed: seed of the engine's shared random generator (unseeded requests).
+        batching: the scheduling policy.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    kv_cache_memory: int | None = None
+    kv_cache_memory_fraction: float = 0.2
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    seed: int = 0
+    batching: str = "continuous"
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.batching not in BATCHING_STRATEGIES:
+            raise ValueError(
+                f"batching must be one of {BATCHING_STRATEGIES}, got {self.batching!r}"
+            )

@@ -90,3 +90,43 @@ def first_difference(a: list[int], b: list[int]) -> str:
         if x != y:
             return f"first difference at index {i}: {x} != {y}\n  got:      {a}\n  expected: {b}"
     return f"lengths differ: {len(a)} vs {len(b)}\n  got:      {a}\n  expected: {b}"
+
+
+def save_tiny_tokenizer(out_dir: Path, vocab_size: int = 320) -> None:
+    """Train a small byte-level BPE tokenizer and save it the transformers way in ``out_dir``.
+
+    Ids 0-2 are ``<pad>``, ``<s>`` (bos) and ``</s>`` (eos), matching ``tiny_hf_config``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n",
+        "The quick brown fox jumps over the lazy dog. Héllo wörld, ünïcode ✓ 日本語 🚀",
+        "import os\nimport sys\nfor i in range(10):\n    print(i, os.path.join('a', 'b'))\n",
+    ] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    fast.save_pretrained(out_dir)
+
+
+def save_tiny_model_dir(arch: str, out_dir: Path, seed: int = 0, **overrides: Any):
+    """A complete model directory (weights + tokenizer) that ``LLM``/``LLMEngine`` can load."""
+    model = save_tiny_hf_model(arch, out_dir, seed=seed, **overrides)
+    save_tiny_tokenizer(out_dir, vocab_size=model.config.vocab_size)
+    return model

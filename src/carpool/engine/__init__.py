@@ -1,0 +1,1 @@
+"""The engine: requests in, one scheduled forward pass per step, outputs out."""

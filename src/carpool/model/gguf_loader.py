@@ -1,0 +1,353 @@
+"""Load a llama.cpp GGUF file as a ``ModelConfig`` and a Hugging Face state dict.
+
+GGUF keeps llama.cpp's own names (``blk.3.attn_q.weight``) and, for the ``llama`` architecture,
+q/k projections whose rows llama.cpp's converter (``convert_hf_to_gguf.py``) permuted from
+Hugging Face's "rotate halves" rotary layout to its own "rotate pairs" one. This module maps the
+names back, undoes that permutation and dequantizes every tensor, so the result feeds the same
+model code as a safetensors checkpoint. Qwen2/Qwen3 use "rotate halves" in llama.cpp too
+(``NEOX`` rope), so their converter does not permute and neither do we.
+
+Mistral checkpoints are written by llama.cpp under architecture ``llama``; they load as
+``llama`` (same computation; GGUF does not record Mistral's sliding window).
+
+Only memory maps and ``numpy`` views are used: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+from gguf.quants import dequantize
+
+from carpool.config import ModelConfig, RopeScaling
+from carpool.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+_Q = GGMLQuantizationType
+SUPPORTED_TENSOR_TYPES = frozenset({
+    _Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
+    _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K,
+})  # fmt: skip
+
+# Per-layer GGUF name stem -> Hugging Face module path inside ``model.layers.{i}``.
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+# llama.cpp's converter stores a Llama 3.1-style rope scaling as this tensor of per-frequency
+# divisors instead of metadata; it is folded back into ``ModelConfig.rope_scaling``.
+_ROPE_FREQS = "rope_freqs.weight"
+# Llama 3.x's pre-extension context; GGUF does not record it for llama3 scaling.
+_LLAMA3_ORIGINAL_CONTEXT = 8192
+
+_FILE_TYPE_DTYPES = {LlamaFileType.ALL_F32: "float32", LlamaFileType.MOSTLY_BF16: "bfloat16"}
+
+
+def read_gguf_config(path: str | Path) -> ModelConfig:
+    """Read the model description from a GGUF file's metadata (no tensor data is read).
+
+    Args:
+        path: the ``.gguf`` file.
+
+    Returns:
+        The ``ModelConfig``; ``tie_word_embeddings`` is true when the file has no
+        ``output.weight``, and a ``rope_freqs.weight`` tensor becomes a llama3 ``rope_scaling``.
+
+    Raises:
+        ModelLoadError: the file is missing, not GGUF, truncated, or describes an unsupported
+            model.
+    """
+    path = Path(path)
+    return _config_from_reader(_open(path), path)
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Load a GGUF checkpoint as a config and a Hugging Face-named, dequantized state dict.
+
+    Args:
+        path: the ``.gguf`` file.
+        dtype: dtype of the returned tensors (dequantization itself runs in float32).
+
+    Returns:
+        ``(config, state_dict)``: tensors under Hugging Face names in Hugging Face orientation
+        (``lm_head.weight`` absent when tied); ``config.torch_dtype`` names ``dtype``.
+
+    Raises:
+        ModelLoadError: as ``read_gguf_config``, or a tensor is missing, unexpected, of the
+            wrong shape, or in a quantization type that cannot be dequantized.
+    """
+    path = Path(path)
+    reader = _open(path)
+    config = _config_from_reader(reader, path)
+    expected = expected_shapes(config)
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.name == _ROPE_FREQS:
+            continue
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is None or hf_name not in expected:
+            raise ModelLoadError(
+                f"{path}: unexpected tensor {t.name!r} for a plain {config.architecture} decoder"
+            )
+        # GGUF lists dimensions fastest-first (ggml's ne[]); reversed they are the row-major
+        # Hugging Face shape, which is also how the bytes are laid out.
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if shape != expected[hf_name]:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name!r} has shape {list(shape)}, expected "
+                f"{list(expected[hf_name])} for {hf_name}"
+            )
+        if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name}; "
+                f"supported: {sorted(q.name for q in SUPPORTED_TENSOR_TYPES)}"
+            )
+        data = dequantize(t.data, t.tensor_type).reshape(shape)
+        if t.tensor_type == _Q.F32:
+            data = data.copy()  # a view into the memory map: own it before the file closes
+        if config.architecture == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = _unpermute(data, config.num_attention_heads)
+        elif config.architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = _unpermute(data, config.num_key_value_heads)
+        state[hf_name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(dtype)
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise ModelLoadError(f"{path}: missing tensors {missing[:5]} ({len(missing)} in all)")
+    config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
+    return config, state
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """Hugging Face parameter name of a GGUF tensor name, or None when there is none."""
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or suffix not in ("weight", "bias"):
+        return None
+    if stem in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdecimal() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    return None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model consumes, by Hugging Face name, with its shape."""
+    h, i, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        })  # fmt: skip
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})  # fmt: skip
+            if config.architecture != "qwen2":  # Llama/Qwen3 `attention_bias` covers o_proj too
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if config.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (d,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,)
+        if config.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,),
+                           p + "mlp.down_proj.bias": (h,)})  # fmt: skip
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf's q/k row permutation (per head: halves -> interleaved pairs)."""
+    # w: [n_head * head_dim, ...], stored as [n_head, head_dim/2, 2, ...];
+    # HF order is [n_head, 2, head_dim/2, ...].
+    rest = w.shape[1:]
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: GGUF file not found")
+    try:
+        return GGUFReader(path)
+    except ValueError as e:
+        if "magic" in str(e).lower():
+            raise ModelLoadError(f"{path}: not a GGUF file (bad magic number)") from None
+        raise ModelLoadError(f"{path}: unreadable or truncated GGUF file ({e})") from None
+    except (IndexError, KeyError, OSError, TypeError, OverflowError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable or truncated GGUF file ({e!r})") from None
+
+
+def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
+    def meta(key: str) -> Any:
+        field = reader.get_field(key)
+        return None if field is None else field.contents()
+
+    def required(key: str) -> Any:
+        value = meta(key)
+        if value is None:
+            raise ModelLoadError(f"{path}: required metadata key {key!r} is missing")
+        return value
+
+    arch = meta("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {arch!r}; supported: {list(SUPPORTED_ARCHITECTURES)}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        hidden = int(required(f"{arch}.embedding_length"))
+        heads = int(required(f"{arch}.attention.head_count"))
+        head_dim = int(
+            meta(f"{arch}.attention.key_length")
+            or meta(f"{arch}.rope.dimension_count")
+            or hidden // heads
+        )
+        theta = _f32(meta(f"{arch}.rope.freq_base") or 10000.0)
+        eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        file_type = meta("general.file_type")
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=_vocab_size(reader, arch, tensors),
+            hidden_size=hidden,
+            intermediate_size=int(required(f"{arch}.feed_forward_length")),
+            num_hidden_layers=int(required(f"{arch}.block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(meta(f"{arch}.attention.head_count_kv") or heads),
+            head_dim=head_dim,
+            rms_norm_eps=_f32(meta(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
+            rope_theta=theta,
+            rope_scaling=_rope_scaling(meta, arch, tensors, theta, head_dim, path),
+            max_position_embeddings=int(meta(f"{arch}.context_length") or 2048),
+            tie_word_embeddings="output.weight" not in tensors,
+            attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
+            qk_norm=arch == "qwen3",
+            mlp_bias="blk.0.ffn_up.bias" in tensors,
+            sliding_window=None,
+            bos_token_id=meta("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+            torch_dtype=_FILE_TYPE_DTYPES.get(file_type, "float16"),
+        )
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: inconsistent GGUF metadata ({e})") from None
+
+
+def _vocab_size(reader: GGUFReader, arch: str, tensors: dict[str, Any]) -> int:
+    """``{arch}.vocab_size``, else the tokenizer's token count, else the embedding's rows."""
+    field = reader.get_field(f"{arch}.vocab_size")
+    if field is not None:
+        return int(field.contents())
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)  # one entry per string: no need to decode them
+    if "token_embd.weight" in tensors:
+        return int(tensors["token_embd.weight"].shape[-1])  # ne[1] = rows = vocab
+    raise ValueError("no vocab_size, tokenizer.ggml.tokens or token_embd.weight")
+
+
+def _rope_scaling(
+    meta: Any, arch: str, tensors: dict[str, Any], theta: float, head_dim: int, path: Path
+) -> RopeScaling | None:
+    """Rope scaling from ``{arch}.rope.scaling.*`` metadata or a ``rope_freqs.weight`` tensor.
+
+    ``linear`` maps to itself; ``rope_freqs.weight`` (llama.cpp's form of Llama 3.1 scaling)
+    is fitted back to ``RopeScaling(rope_type="llama3", ...)``; yarn/longrope are refused.
+    """
+    kind = meta(f"{arch}.rope.scaling.type")
+    factor = meta(f"{arch}.rope.scaling.factor")
+    orig_ctx = meta(f"{arch}.rope.scaling.original_context_length")
+    if _ROPE_FREQS in tensors:
+        divisors = np.asarray(dequantize(tensors[_ROPE_FREQS].data, _Q.F32), dtype=np.float64)
+        return _llama3_from_divisors(divisors.reshape(-1), theta, head_dim, orig_ctx, path)
+    if kind in (None, "none") or (kind == "linear" and not factor):
+        return None
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=_f32(factor))
+    raise ModelLoadError(f"{path}: unsupported rope scaling type {kind!r}")
+
+
+def _llama3_from_divisors(
+    divisors: np.ndarray, theta: float, head_dim: int, orig_ctx: int | None, path: Path
+) -> RopeScaling | None:
+    """Recover llama3 parameters that reproduce llama.cpp's per-frequency divisors.
+
+    Frequencies with wavelength above ``orig/low`` are divided by ``factor``, those below
+    ``orig/high`` are kept, and in between the divisor is ``1 / ((1 - s) / factor + s)`` with
+    ``s = (orig / wavelen - low) / (high - low)``. ``factor`` is the largest divisor, but
+    ``orig``, ``low`` and ``high`` are not all recoverable from a handful of frequencies. Any
+    triple that reproduces every divisor yields the same rotary frequencies, so candidates are
+    tried in order and the first that verifies wins:
+
+    1. ``orig`` from metadata or Llama 3's 8192, ``low``/``high`` fitted from the in-between
+       frequencies (a line in ``1 / wavelen``; needs two) or Llama 3.1's 1 and 4;
+    2. ``low``/``high`` = 1 and 4 and ``orig`` solved from the in-between frequencies.
+    """
+    if divisors.shape != (head_dim // 2,):
+        raise ModelLoadError(
+            f"{path}: {_ROPE_FREQS} has {divisors.size} values, expected {head_dim // 2}"
+        )
+    if np.allclose(divisors, 1.0):
+        return None
+    factor = _f32(divisors.max())
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor) if factor > 1 else None
+
+    candidates: list[tuple[int, float, float]] = []
+    orig = int(orig_ctx or _LLAMA3_ORIGINAL_CONTEXT)
+    if s is not None and s.size >= 2:
+        slope, intercept = np.polyfit(orig / wavelen[between], s, 1)
+        candidates.append((orig, round(-intercept / slope, 4), round((1 - intercept) / slope, 4)))
+    candidates.append((orig, 1.0, 4.0))
+    if s is not None and s.size >= 1:  # s = (orig / w - 1) / 3  =>  orig = w (3 s + 1)
+        candidates.append((round(float(np.mean(wavelen[between] * (3 * s + 1)))), 1.0, 4.0))
+    for orig, low, high in candidates:
+        sm = (orig / wavelen - low) / (high - low)
+        expected = np.where(
+            wavelen < orig / high,
+            1.0,
+            np.where(wavelen > orig / low, factor, 1 / ((1 - sm) / factor + sm)),
+        )
+        if np.allclose(divisors, expected, rtol=1e-4, atol=1e-6):
+            return RopeScaling("llama3", factor, low, high, orig)
+    raise ModelLoadError(
+        f"{path}: {_ROPE_FREQS} matches no llama3 rope scaling (divisors {divisors.tolist()})"
+    )
+
+
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-06, not 9.99e-07)."""
+    return float(str(np.float32(value)))

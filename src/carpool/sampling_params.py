@@ -1,0 +1,145 @@
+"""Per-request sampling parameters, validated once when built.
+
+``SamplingParams`` is immutable: the scheduler, the sampler and the detokenizer all read the same
+object, so nothing downstream needs to re-check a value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from carpool.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+def _check_int(name: str, value: Any, low: int | None = None) -> None:
+    # bool is an int subclass: ``max_tokens=True`` is a bug at the caller, not "1".
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an int, got {value!r}")
+    if low is not None and value < low:
+        raise InvalidRequestError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _normalise_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items: Iterable[Any] = (value,) if isinstance(value, str) else value
+    try:
+        stop = tuple(items)
+    except TypeError:
+        raise InvalidRequestError(f"stop must be a str or a list of str, got {value!r}") from None
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise InvalidRequestError(f"stop strings must be non-empty str, got {s!r}")
+    return stop
+
+
+def _normalise_token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    try:
+        ids = tuple(value)
+    except TypeError:
+        raise InvalidRequestError(f"stop_token_ids must be a list of int, got {value!r}") from None
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise InvalidRequestError(f"stop_token_ids must be ints >= 0, got {t!r}")
+    return ids
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each new token and when to stop.
+
+    Attributes:
+        max_tokens: most tokens to generate (>= 1).
+        temperature: softmax temperature (>= 0); 0 means greedy.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass, in (0, 1] (1 = off).
+        min_p: drop tokens below ``min_p * p_max``, in [0, 1] (0 = off).
+        repetition_penalty: > 0; values above 1 discourage tokens already seen (1 = off).
+        presence_penalty: in [-2, 2]; subtracted once from every token already generated.
+        frequency_penalty: in [-2, 2]; subtracted per occurrence of a generated token.
+        seed: per-request RNG seed (None = engine RNG).
+        stop: strings that end the output (checked by the detokenizer); a str or a list of str.
+        stop_token_ids: token ids that end the output (kept in the output).
+        ignore_eos: keep generating past the tokenizer's EOS tokens.
+        logprobs: return the top-N log-probabilities per token, N in [0, 20] (None = off).
+        n: number of completions for the prompt (>= 1).
+        min_tokens: EOS and ``stop_token_ids`` are ignored until this many tokens exist.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    n: int = 1
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, low=1)
+        _check_int("top_k", self.top_k, low=0)
+        _check_int("n", self.n, low=1)
+        _check_int("min_tokens", self.min_tokens, low=0)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+
+        temperature = _check_float("temperature", self.temperature)
+        if temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {temperature}")
+        top_p = _check_float("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
+        min_p = _check_float("min_p", self.min_p)
+        if not 0 <= min_p <= 1:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {min_p}")
+        rep = _check_float("repetition_penalty", self.repetition_penalty)
+        if rep <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {rep}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = _check_float(name, getattr(self, name))
+            if not -2 <= v <= 2:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}")
+
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise InvalidRequestError(
+                    f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"
+                )
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+        # Normalise the containers so the frozen object is hashable and cannot change later.
+        object.__setattr__(self, "stop", _normalise_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _normalise_token_ids(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
+        return self.temperature == 0 or self.top_k == 1

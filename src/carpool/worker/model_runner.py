@@ -1,0 +1,95 @@
+"""Run one scheduled step: build the batch, run the model once, sample.
+
+The runner owns the device-side state: the model, the paged KV cache tensors and the per-request
+random generators. It reads requests (for sampling parameters and token history) but never
+changes their status: that is the scheduling policy's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from carpool.request import Request
+from carpool.scheduling.output import SchedulerOutput
+from carpool.worker.batch import build_ragged_batch
+from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """One new token per request that sampled this step (and its logprobs when asked)."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Executes ``SchedulerOutput``s against a model and its paged KV cache."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        device: str = "cpu",
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        dtype = kv_dtype or next(model.parameters()).dtype
+        self.kv_caches: list[torch.Tensor] = model.allocate_kv_cache(
+            num_blocks, block_size, dtype, device
+        )
+        self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator] = {}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes actually allocated for the KV cache."""
+        return sum(t.numel() * t.element_size() for t in self.kv_caches)
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return None
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator().manual_seed(seed)
+            self._generators[request.request_id] = gen
+        return gen
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(
+        self, output: SchedulerOutput, requests: Mapping[str, Request]
+    ) -> ModelRunnerOutput:
+        """Run the model on ``output.chunks`` and sample for every ``needs_sample`` chunk."""
+        if output.is_empty:
+            return ModelRunnerOutput()
+        inp = build_ragged_batch(output.chunks, self.block_size, self.device)
+        logits = self.model(
+            inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
+        )
+        if not inp.sample_request_ids:
+            return ModelRunnerOutput()
+        reqs = [requests[rid] for rid in inp.sample_request_ids]
+        rows = [
+            SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r))
+            for r in reqs
+        ]
+        result = self.sampler(logits, rows)
+        sampled = dict(zip(inp.sample_request_ids, result.token_ids, strict=True))
+        logprobs = {
+            rid: lp
+            for rid, lp in zip(inp.sample_request_ids, result.logprobs, strict=True)
+            if lp is not None
+        }
+        return ModelRunnerOutput(sampled=sampled, logprobs=logprobs)

@@ -1,0 +1,137 @@
+"""Turn a step's logits into one token per sampling row, vectorised over the batch.
+
+Order of processing (as in vLLM and transformers): penalties on raw logits, then temperature,
+then the truncations (top-k, top-p, min-p), then a draw. Greedy rows take the argmax of the
+penalised logits. Seeded rows draw from their own ``torch.Generator``, so a seed gives the
+same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from carpool.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probability of the chosen token and the top-N alternatives (raw model distribution)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs of one request: its params, history and generator."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """One token per row, with logprobs where the row asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _pad(seqs: Sequence[list[int]], fill: int) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    return torch.tensor([s + [fill] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Repetition (HF: over prompt + output), presence and frequency (OpenAI: over output).
+
+    ``logits`` is ``[R, V]`` float32 and is modified in place and returned.
+    """
+    r, v = logits.shape
+    rep = torch.tensor([row.params.repetition_penalty for row in rows])
+    pres = torch.tensor([row.params.presence_penalty for row in rows])
+    freq = torch.tensor([row.params.frequency_penalty for row in rows])
+    if bool((rep != 1).any()):
+        seen = torch.zeros(r, v + 1, dtype=torch.bool)
+        hist = _pad([row.prompt_token_ids + row.output_token_ids for row in rows], v)
+        seen.scatter_(1, hist, True)
+        seen = seen[:, :v]
+        penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
+        logits = torch.where(seen, penalised, logits)
+    if bool((pres != 0).any() or (freq != 0).any()):
+        counts = torch.zeros(r, v + 1)
+        out = _pad([row.output_token_ids for row in rows], v)
+        counts.scatter_add_(1, out, torch.ones_like(out, dtype=counts.dtype))
+        counts = counts[:, :v]
+        logits = logits - freq[:, None] * counts - pres[:, None] * (counts > 0)
+    return logits
+
+
+def apply_truncation(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p support."""
+    top_k = torch.tensor([row.params.top_k for row in rows])
+    top_p = torch.tensor([row.params.top_p for row in rows])
+    min_p = torch.tensor([row.params.min_p for row in rows])
+    v = logits.shape[-1]
+    if bool((top_k > 0).any() or (top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(v)[None, :]
+        k = torch.where(top_k > 0, top_k, v)[:, None]
+        drop = rank >= k
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+        # *before* it already reaches top_p (the first token is always kept).
+        before = probs.cumsum(-1) - probs
+        drop |= before >= top_p[:, None]
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        threshold = min_p[:, None] * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Sample one token per row of ``[R, V]`` logits."""
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        assert logits.shape[0] == len(rows), f"{logits.shape[0]} logits rows for {len(rows)} rows"
+        logits = logits.float()
+        raw = logits
+        logits = apply_penalties(logits.clone(), rows)
+        greedy = torch.tensor([row.params.temperature == 0 for row in rows])
+        tokens = logits.argmax(-1)
+        if not bool(greedy.all()):
+            temp = torch.tensor([row.params.temperature or 1.0 for row in rows])
+            probs = apply_truncation(logits / temp[:, None], rows).softmax(-1)
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each
+            # seeded row use its own generator while unseeded rows share one draw.
+            noise = torch.empty_like(probs).exponential_()
+            for i, row in enumerate(rows):
+                if row.generator is not None and not bool(greedy[i]):
+                    noise[i].exponential_(generator=row.generator)
+            sampled = (probs / noise).argmax(-1)
+            tokens = torch.where(greedy, tokens, sampled)
+        token_list = tokens.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        if wanted:
+            lp = raw[wanted].log_softmax(-1)
+            n_top = max(rows[i].params.logprobs or 0 for i in wanted)
+            top_v, top_i = lp.topk(max(n_top, 1), dim=-1)
+            for j, i in enumerate(wanted):
+                n = rows[i].params.logprobs or 0
+                tok = token_list[i]
+                logprobs[i] = TokenLogprobs(
+                    token_id=tok,
+                    logprob=float(lp[j, tok]),
+                    top=list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)),
+                )
+        return SamplerOutput(token_ids=token_list, logprobs=logprobs)

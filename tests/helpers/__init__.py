@@ -1,0 +1,1 @@
+"""Shared test helpers (fixtures-free functions other test modules import)."""
