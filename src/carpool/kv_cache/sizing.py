@@ -1,0 +1,45 @@
+"""How many KV-cache blocks a memory budget buys.
+
+The per-token size comes from the model (``ModelConfig.kv_bytes_per_token_for(dtype_bytes)``:
+``2 x layers x kv_heads x head_dim x bytes``), so the planner and the engine agree on the number.
+"""
+
+from __future__ import annotations
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def block_bytes(kv_bytes_per_token: int, block_size: int) -> int:
+    """Bytes one block of ``block_size`` tokens takes (K and V, all layers)."""
+    _check_positive_int("kv_bytes_per_token", kv_bytes_per_token)
+    _check_positive_int("block_size", block_size)
+    return kv_bytes_per_token * block_size
+
+
+def num_blocks_for_budget(
+    kv_cache_memory_bytes: int, kv_bytes_per_token: int, block_size: int
+) -> int:
+    """Whole blocks that fit in ``kv_cache_memory_bytes`` (floor).
+
+    Raises:
+        ValueError: an argument is not a positive int, or the budget cannot hold one block.
+    """
+    per_block = block_bytes(kv_bytes_per_token, block_size)
+    if isinstance(kv_cache_memory_bytes, bool) or not isinstance(kv_cache_memory_bytes, int):
+        raise ValueError(f"kv_cache_memory_bytes must be an int, got {kv_cache_memory_bytes!r}")
+    num_blocks = kv_cache_memory_bytes // per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"KV-cache budget of {kv_cache_memory_bytes} bytes cannot hold one block: a block of "
+            f"{block_size} tokens x {kv_bytes_per_token} bytes/token needs {per_block} bytes"
+        )
+    return num_blocks
+
+
+def kv_cache_bytes(num_blocks: int, kv_bytes_per_token: int, block_size: int) -> int:
+    """Bytes taken by ``num_blocks`` blocks (the inverse of ``num_blocks_for_budget``)."""
+    _check_positive_int("num_blocks", num_blocks)
+    return num_blocks * block_bytes(kv_bytes_per_token, block_size)

@@ -1,0 +1,127 @@
+"""The interface every batching strategy implements.
+
+Sequential, static, bucketed, dynamic and continuous batching all answer one question: *which
+requests run in the next forward pass, and how many tokens of each?* The engine drives any of
+them with the same three calls per step::
+
+    output = policy.schedule(now)                  # pick the chunks, reserve KV blocks
+    sampled = runner.execute(output)               # {request_id: token} for needs_sample chunks
+    finished = policy.update_from_output(output, sampled, now)
+
+The runner and the model never know which policy is active.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from carpool.request import FinishReason, Request
+from carpool.scheduling.output import SchedulerOutput
+
+
+@dataclass
+class SchedulerStats:
+    """Running counters a policy keeps for metrics and tests.
+
+    Attributes:
+        steps: ``schedule`` calls that scheduled at least one chunk.
+        num_scheduled_tokens: tokens scheduled over all steps.
+        num_preemptions: times a running request lost its KV.
+        num_recomputed_tokens: tokens computed again after preemptions (counted on re-admission).
+        num_finished: requests finished, whatever the reason.
+    """
+
+    steps: int = 0
+    num_scheduled_tokens: int = 0
+    num_preemptions: int = 0
+    num_recomputed_tokens: int = 0
+    num_finished: int = 0
+
+
+class SchedulingPolicy(ABC):
+    """Decides, step by step, which requests run and owns their life cycle.
+
+    A policy owns the requests it was given until they finish: it is the only component that
+    changes a request's status, and it frees a request's KV blocks the moment it finishes.
+    """
+
+    stats: SchedulerStats
+
+    @abstractmethod
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (status WAITING).
+
+        Raises:
+            InvalidRequestError: the request can never be served by this policy (empty prompt,
+                longer than the model allows, more KV than the whole cache, duplicate id). The
+                policy's state is unchanged, so other requests keep being served.
+        """
+
+    @abstractmethod
+    def schedule(self, now: float) -> SchedulerOutput:
+        """Pick the chunks of the next forward pass and reserve their KV blocks.
+
+        Args:
+            now: the engine clock (stamps ``first_scheduled_time``).
+
+        Returns:
+            The chunks to run; empty when there is nothing to do (or nothing fits yet).
+        """
+
+    @abstractmethod
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, int], now: float
+    ) -> list[Request]:
+        """Apply the result of running ``output``.
+
+        For EVERY chunk of ``output`` (sampled or not) the request's ``num_computed_tokens``
+        advances by ``len(chunk.token_ids)``. For each chunk with ``needs_sample`` the token
+        ``sampled[request_id]`` is appended to the request's output (``append_output_token``);
+        a request that hits a stop condition (EOS, stop token id, max_tokens) is finished and
+        its blocks freed at once. Chunks of requests finished meanwhile (e.g. aborted while the
+        step ran) are skipped; entries of ``sampled`` for chunks without ``needs_sample`` are
+        ignored.
+
+        Args:
+            output: what ``schedule`` returned for this step.
+            sampled: request_id -> the token the runner sampled (for ``needs_sample`` chunks).
+            now: the engine clock (stamps token and finish times).
+
+        Returns:
+            The requests that finished in this step, in chunk order.
+        """
+
+    @abstractmethod
+    def finish_request(
+        self, request_id: str, reason: FinishReason, now: float, error: str | None = None
+    ) -> Request | None:
+        """Finish a request from outside the step (stop string, abort, error, timeout).
+
+        Works whether the request waits, runs or is preempted; frees its blocks at once.
+
+        Returns:
+            The request if this call finished it; None if it was unknown or already finished.
+        """
+
+    def abort_request(self, request_id: str, now: float) -> Request | None:
+        """Finish a request with ``FinishReason.ABORT`` (see ``finish_request``)."""
+        return self.finish_request(request_id, FinishReason.ABORT, now)
+
+    @abstractmethod
+    def has_unfinished(self) -> bool:
+        """True while any request waits, runs or is preempted."""
+
+    @property
+    @abstractmethod
+    def num_waiting(self) -> int:
+        """Requests queued (including preempted ones waiting for recomputation)."""
+
+    @property
+    @abstractmethod
+    def num_running(self) -> int:
+        """Requests holding a seat in the batch."""
+
+    @abstractmethod
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""

@@ -1,0 +1,195 @@
+"""BlockManager: exact block ids, reference counts, the integrity check; KV sizing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from carpool.config import ModelConfig
+from carpool.kv_cache import BlockManager, kv_cache_bytes, num_blocks_for_budget
+
+
+def test_blocks_needed() -> None:
+    bm = BlockManager(8, block_size=4)
+    assert [bm.blocks_needed(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_allocate_grows_table_with_exact_ids() -> None:
+    bm = BlockManager(8, block_size=4)
+    assert bm.can_allocate("a", 6)
+    assert bm.allocate("a", 6) == [0, 1]
+    assert bm.allocate("b", 1) == [2]
+    assert bm.allocate("a", 8) == []  # 8 slots still fit in 2 blocks
+    assert bm.allocate("a", 9) == [3]
+    assert bm.allocate("a", 2) == []  # never shrinks
+    assert bm.get_block_table("a") == [0, 1, 3]
+    assert bm.get_block_table("b") == [2]
+    assert bm.num_tokens("a") == 9
+    assert (bm.num_free_blocks, bm.num_used_blocks, bm.usage) == (4, 4, 0.5)
+    bm.check_integrity()
+
+
+def test_get_block_table_is_a_copy() -> None:
+    bm = BlockManager(4, block_size=4)
+    bm.allocate("a", 4)
+    bm.get_block_table("a").append(99)
+    assert bm.get_block_table("a") == [0]
+    assert bm.get_block_table("unknown") == []
+
+
+def test_can_allocate_and_can_append_limits() -> None:
+    bm = BlockManager(3, block_size=4)
+    assert not bm.can_allocate("a", 13)
+    assert bm.can_allocate("a", 12)
+    bm.allocate("a", 10)
+    assert bm.can_append("a", 2)  # 12 slots: still 3 blocks
+    assert not bm.can_append("a", 3)
+    assert bm.append_slots("a", 12) == []
+    assert not bm.can_append("a")
+    with pytest.raises(AssertionError, match="needs 1 blocks, 0 free"):
+        bm.append_slot("a", 13)
+
+
+def test_append_slots_requires_a_table() -> None:
+    bm = BlockManager(3, block_size=4)
+    with pytest.raises(AssertionError, match="unknown request 'x'"):
+        bm.append_slots("x", 1)
+
+
+def test_free_returns_blocks_to_the_back_of_the_free_list() -> None:
+    bm = BlockManager(4, block_size=2)
+    bm.allocate("a", 4)  # [0, 1]
+    bm.allocate("b", 2)  # [2]
+    assert bm.free("a") == [0, 1]
+    assert bm.free("a") == []  # idempotent
+    assert bm.allocate("c", 6) == [3, 0, 1]  # 3 was never used, so it comes first
+    assert not bm.has_request("a") and bm.has_request("c")
+    bm.check_integrity()
+    bm.free("b")
+    bm.free("c")
+    assert bm.num_free_blocks == 4
+    bm.check_integrity()
+
+
+def test_shared_blocks_are_refcounted() -> None:
+    bm = BlockManager(6, block_size=2)
+    bm.allocate("a", 5)  # [0, 1, 2], two full blocks
+    bm.share_prefix("a", "b", 2)
+    assert bm.get_block_table("b") == [0, 1]
+    assert bm.allocate("b", 5) == [3]
+    bm.check_integrity()
+    assert bm.free("a") == [2]  # 0 and 1 are still held by b
+    bm.check_integrity()
+    assert bm.free("b") == [0, 1, 3]
+    assert bm.num_free_blocks == 6
+    bm.check_integrity()
+
+
+def test_share_prefix_only_full_blocks() -> None:
+    bm = BlockManager(6, block_size=2)
+    bm.allocate("a", 3)
+    with pytest.raises(AssertionError, match="at most the 1 full blocks"):
+        bm.share_prefix("a", "b", 2)
+
+
+def test_check_integrity_catches_corruption() -> None:
+    bm = BlockManager(4, block_size=2)
+    bm.allocate("a", 4)
+    bm._free.append(0)  # a held block also on the free list
+    with pytest.raises(AssertionError, match="free block 0 has refcount 1"):
+        bm.check_integrity()
+    bm._free.pop()
+    bm._ref_counts[1] = 2
+    with pytest.raises(AssertionError, match="block 1 has refcount 2 but 1 holders"):
+        bm.check_integrity()
+    bm._ref_counts[1] = 1
+    bm._tables["a"].pop()
+    bm._num_tokens["a"] = 2
+    with pytest.raises(AssertionError, match="block 1 is neither free nor held"):
+        bm.check_integrity()
+
+
+@pytest.mark.parametrize(("num_blocks", "block_size"), [(0, 16), (4, 0), (True, 16), (2.0, 4)])
+def test_rejects_bad_sizes(num_blocks: object, block_size: object) -> None:
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+        BlockManager(num_blocks, block_size)  # type: ignore[arg-type]
+
+
+# ---- property test -----------------------------------------------------------------------
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["allocate", "append", "share", "free"]),
+        st.integers(0, 5),  # request id
+        st.integers(0, 5),  # second request id (share target)
+        st.integers(0, 40),  # tokens
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=OPS, num_blocks=st.integers(1, 12), block_size=st.integers(1, 5))
+def test_random_operations_keep_integrity(
+    ops: list[tuple[str, int, int, int]], num_blocks: int, block_size: int
+) -> None:
+    bm = BlockManager(num_blocks, block_size)
+    for op, i, j, n in ops:
+        rid, other = f"r{i}", f"r{j}"
+        if op == "allocate":
+            if bm.can_allocate(rid, n):
+                before = bm.num_free_blocks
+                new = bm.allocate(rid, n)
+                assert bm.num_free_blocks == before - len(new)
+                assert len(bm.get_block_table(rid)) >= bm.blocks_needed(n)
+            else:
+                assert bm.num_new_blocks(rid, n) > bm.num_free_blocks
+        elif op == "append" and bm.has_request(rid):
+            k = n % 6
+            if bm.can_append(rid, k):
+                bm.append_slots(rid, bm.num_tokens(rid) + k)
+        elif op == "share" and bm.has_request(rid) and not bm.has_request(other):
+            full = bm.num_tokens(rid) // block_size
+            bm.share_prefix(rid, other, min(full, n))
+        elif op == "free":
+            bm.free(rid)
+        bm.check_integrity()
+    for i in range(6):
+        bm.free(f"r{i}")
+    bm.check_integrity()
+    assert bm.num_free_blocks == num_blocks
+    assert sorted(bm._free) == list(range(num_blocks))
+
+
+# ---- sizing --------------------------------------------------------------------------------
+
+
+def test_num_blocks_for_budget_uses_model_kv_bytes() -> None:
+    cfg = ModelConfig(
+        architecture="llama",
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    per_token = cfg.kv_bytes_per_token_for(2)  # 2 * 2 layers * 2 kv heads * 16 * 2 bytes
+    assert per_token == 256
+    block = 16 * per_token  # 4096 bytes
+    assert num_blocks_for_budget(10 * block, per_token, 16) == 10
+    assert num_blocks_for_budget(10 * block + block - 1, per_token, 16) == 10  # floor
+    assert kv_cache_bytes(10, per_token, 16) == 10 * block
+
+
+def test_num_blocks_for_budget_too_small() -> None:
+    with pytest.raises(ValueError, match="cannot hold one block.*needs 4096 bytes"):
+        num_blocks_for_budget(4095, 256, 16)
+
+
+@pytest.mark.parametrize("args", [(1000, 0, 16), (1000, 16, 0), (1000.0, 16, 16), (1000, True, 16)])
+def test_num_blocks_for_budget_bad_args(args: tuple) -> None:
+    with pytest.raises(ValueError):
+        num_blocks_for_budget(*args)
