@@ -70,18 +70,20 @@ def save_tiny_hf_model(arch: str, out_dir: Path, seed: int = 0, **overrides: Any
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation of ``prompt`` by a transformers model (no eos stop)."""
-    ids = torch.tensor([prompt])
+    """Greedy continuation of ``prompt`` by a transformers model, EOS not treated specially.
+
+    A plain argmax loop with the KV cache of transformers: ``generate`` with
+    ``min_new_tokens`` would mask EOS logits, which is not what carpool's ``ignore_eos`` does.
+    """
+    out: list[int] = []
     with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
+        res = model(torch.tensor([prompt]), use_cache=True)
+        while True:
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            if len(out) == max_new_tokens:
+                return out
+            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
 
 
 def first_difference(a: list[int], b: list[int]) -> str:
