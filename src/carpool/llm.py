@@ -33,6 +33,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.engine_config = self.engine.config
         self.tokenizer = self.engine.tokenizer
 
     def _add(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]

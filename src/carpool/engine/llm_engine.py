@@ -251,6 +251,11 @@ class LLMEngine:
             self.runner.release(c.request.request_id)
         return self._collect(group)
 
+    def next_wake_time(self) -> float | None:
+        """Engine-clock time at which ``step`` may have work with no new arrival (see
+        ``SchedulingPolicy.wake_time``); None when only new requests can create work."""
+        return self.policy.wake_time()
+
     def has_unfinished(self) -> bool:
         """True while any request is waiting or running."""
         return bool(self._groups)

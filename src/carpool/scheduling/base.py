@@ -125,3 +125,13 @@ class SchedulingPolicy(ABC):
     @abstractmethod
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
+
+    def wake_time(self) -> float | None:
+        """When ``schedule`` may next have work *without* a new arrival (a batching timer).
+
+        Returns:
+            An engine-clock time, or None when only a new request (or a finished step) can
+            change what ``schedule`` returns. The engine's loop sleeps until then instead of
+            polling. Policies without timers keep the default (None).
+        """
+        return None

@@ -1,0 +1,1 @@
+"""Entry points: the CLI subcommands (the HTTP server lives in ``carpool.server``)."""
