@@ -194,6 +194,8 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         if isinstance(prompt, str):
+            if not prompt:  # "" would still tokenize to a lone BOS on many models
+                raise InvalidRequestError("prompt is empty: it must have at least one character")
             text: str | None = prompt
             ids = self.tokenizer.encode(prompt)
         else:
