@@ -83,7 +83,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
             out.append(tok)
             if len(out) == max_new_tokens:
                 return out
-            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+            res = model(torch.tensor([[tok]]), cache=res.past_key_values, use_cache=True)
 
 
 def first_difference(a: list[int], b: list[int]) -> str:
