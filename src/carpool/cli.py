@@ -16,6 +16,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("carpool.entrypoints.generate", "generate text for prompts, batched"),
     "serve": ("carpool.entrypoints.serve", "run the OpenAI-compatible HTTP server"),
+    "bench": ("carpool.entrypoints.bench", "benchmarks: `carpool bench strategies` and more"),
 }
 
 

@@ -222,7 +222,9 @@ def dtype_bytes(name: str) -> int:
     return _DTYPE_BYTES[key]
 
 
-BATCHING_STRATEGIES = ("continuous",)
+BATCHING_STRATEGIES = ("sequential", "static", "bucketed", "dynamic", "continuous")
+# How one step lays out sequences of different lengths (see ``carpool.worker.padded``).
+LAYOUTS = ("ragged", "padded")
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,16 @@ class EngineConfig:
         max_num_batched_tokens: most tokens in one forward pass (chunked prefill beyond it).
         max_model_len: longest prompt + output; None for the model's own limit.
         seed: seed of the engine's shared random generator (unseeded requests).
-        batching: the scheduling policy.
+        batching: the scheduling policy, one of ``BATCHING_STRATEGIES``.
+        layout: ``ragged`` (tokens packed end to end, no padding compute) or ``padded`` (a
+            rectangle padded to the step's longest chunk; pad tokens are really computed).
+        batch_size: static and bucketed: requests per batch; dynamic: the most requests one
+            launched batch takes (it launches at once when this many wait).
+        max_wait_ms: dynamic: launch a smaller batch once its oldest request waited this long.
+        num_buckets: bucketed: prompt-length buckets, log-spaced from ``block_size`` to
+            ``max_model_len`` (ignored when ``bucket_boundaries`` is given).
+        bucket_boundaries: bucketed: ascending inclusive upper prompt lengths of the buckets
+            (longer prompts go to one last bucket).
     """
 
     model: str | None = None
@@ -258,9 +269,16 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     batching: str = "continuous"
+    layout: str = "ragged"
+    batch_size: int = 8
+    max_wait_ms: float = 50.0
+    num_buckets: int = 4
+    bucket_boundaries: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "block_size", "max_num_seqs", "max_num_batched_tokens", "batch_size", "num_buckets"
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -276,3 +294,17 @@ class EngineConfig:
             raise ValueError(
                 f"batching must be one of {BATCHING_STRATEGIES}, got {self.batching!r}"
             )
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+        if self.bucket_boundaries is not None:
+            bounds = tuple(self.bucket_boundaries)
+            if not bounds or any(
+                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bounds
+            ) or list(bounds) != sorted(set(bounds)):
+                raise ValueError(
+                    "bucket_boundaries must be strictly ascending ints >= 1, "
+                    f"got {self.bucket_boundaries!r}"
+                )
+            object.__setattr__(self, "bucket_boundaries", bounds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -78,10 +79,13 @@ class LLM:
         bar = tqdm(total=len(ids), desc="generate", unit="req",
                    disable=not use_tqdm or len(ids) < 8)
         while self.engine.has_unfinished():
+            steps = self.engine.stats.steps
             for out in self.engine.step():
                 if out.finished and out.request_id in order:
                     results[order[out.request_id]] = out
                     bar.update(1)
+            if self.engine.stats.steps == steps:
+                self._sleep_until_wake()
         bar.close()
         assert all(r is not None for r in results), "a request ended without a final output"
         return results  # type: ignore[return-value]
@@ -94,7 +98,23 @@ class LLM:
         """Yield each request's output every step it progresses (``delta_text`` per step)."""
         self._add(self._normalise(prompts), params or SamplingParams())
         while self.engine.has_unfinished():
+            steps = self.engine.stats.steps
             yield from self.engine.step()
+            if self.engine.stats.steps == steps:
+                self._sleep_until_wake()
+
+    def _sleep_until_wake(self) -> None:
+        """Nothing ran: sleep until the policy's timer (e.g. a dynamic batch's deadline).
+
+        No request can arrive during ``generate`` (all were added up front), so the only thing
+        that can create work is the policy's ``wake_time``; the deadline is on the engine's
+        clock. Without a timer, return at once (the next step has work, e.g. a release).
+        """
+        wake = self.engine.next_wake_time()
+        if wake is not None:
+            delay = wake - self.engine.clock()
+            if delay > 0:
+                time.sleep(delay)
 
     def chat(
         self,

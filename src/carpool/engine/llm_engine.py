@@ -28,7 +28,7 @@ from carpool.outputs import CompletionOutput, RequestOutput
 from carpool.request import FinishReason, Request
 from carpool.sampling_params import SamplingParams
 from carpool.scheduling.base import SchedulingPolicy
-from carpool.scheduling.continuous import ContinuousScheduler, SchedulerConfig
+from carpool.scheduling.factory import make_policy
 from carpool.scheduling.output import SchedulerOutput
 from carpool.tokenizer import Tokenizer
 from carpool.worker.model_runner import ModelRunner
@@ -58,7 +58,18 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What one engine step did (for benchmarks and metrics)."""
+    """What one engine step did (for benchmarks and metrics).
+
+    Attributes:
+        start: engine-clock time the step began.
+        duration: seconds from schedule to update.
+        num_seqs: requests that computed real tokens (the batch size of the step).
+        num_tokens: real tokens computed.
+        num_padded_tokens: pad token slots the layout computed as well (0 when ragged).
+        num_sampled: tokens sampled.
+        kv_blocks_in_use: KV blocks held after scheduling.
+        num_idle_seats: seats held by done-but-unreleased requests of a static batch.
+    """
 
     start: float
     duration: float
@@ -67,6 +78,7 @@ class StepRecord:
     num_padded_tokens: int
     num_sampled: int
     kv_blocks_in_use: int
+    num_idle_seats: int = 0
 
 
 @dataclass
@@ -134,7 +146,9 @@ class LLMEngine:
         self.num_blocks = self._num_kv_blocks(self.model_config)
         self.block_manager = BlockManager(self.num_blocks, config.block_size)
         self.policy: SchedulingPolicy = self._make_policy()
-        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, config.device)
+        self.runner = ModelRunner(
+            self.model, self.num_blocks, config.block_size, config.device, layout=config.layout
+        )
         self.stats = EngineStats()
         self._groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[_Group, int]] = {}
@@ -164,15 +178,7 @@ class LLMEngine:
         return num_blocks_for_budget(budget, per_token, c.block_size)
 
     def _make_policy(self) -> SchedulingPolicy:
-        c = self.config
-        sched = SchedulerConfig(
-            max_num_seqs=c.max_num_seqs,
-            max_num_batched_tokens=c.max_num_batched_tokens,
-            block_size=c.block_size,
-            num_blocks=self.num_blocks,
-            max_model_len=self.max_model_len,
-        )
-        return ContinuousScheduler(sched, self.block_manager)
+        return make_policy(self.config, self.block_manager, self.max_model_len)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -272,8 +278,8 @@ class LLMEngine:
         """Run one forward pass and return the outputs of every request that progressed."""
         start = self.clock()
         sched = self.policy.schedule(start)
-        if sched.is_empty:
-            return []
+        if sched.is_empty:  # an abort may have completed a static batch: report its release
+            return self._report_released(self.policy.take_released(start), {})
         touched: dict[str, _Group] = {}
         try:
             requests = {c.request_id: self.policy.get_request(c.request_id) for c in sched.chunks}
@@ -297,18 +303,32 @@ class LLMEngine:
             comp.detok.add_token(token)
             if comp.logprobs is not None and rid in result.logprobs:
                 comp.logprobs.append(result.logprobs[rid])
-            if comp.request.is_finished:
-                if token in comp.request.sampling_params.stop_token_ids:
-                    comp.stop_reason = token
-            elif comp.detok.stopped_by is not None:
+            sp = comp.request.sampling_params
+            if token in sp.stop_token_ids and comp.request.num_output_tokens >= sp.min_tokens:
+                comp.stop_reason = token  # it stopped here (a static batch may hold it a while)
+            elif not comp.request.is_finished and comp.detok.stopped_by is not None:
                 comp.stop_reason = comp.detok.stopped_by
                 self.policy.finish_request(rid, FinishReason.STOP, now)
+        # Held results (a static batch) may be released now, though they sampled nothing now.
+        finished += self.policy.take_released(now)
+        self._record(sched, start, now, len(result.sampled), result.num_padded_tokens)
+        return self._report_released(finished, touched)
+
+    def _report_released(
+        self, finished: list[Request], touched: dict[str, _Group]
+    ) -> list[RequestOutput]:
+        """Outputs of the ``touched`` groups plus those of the requests the policy released."""
         for req in finished:
             self.runner.release(req.request_id)
-        self._record(sched, start, now, len(result.sampled))
+            entry = self._child_to_group.get(req.request_id)
+            if entry is not None:
+                touched[entry[0].request_id] = entry[0]
         return [self._collect(g) for g in touched.values()]
 
-    def _record(self, sched: SchedulerOutput, start: float, now: float, num_sampled: int) -> None:
+    def _record(
+        self, sched: SchedulerOutput, start: float, now: float, num_sampled: int,
+        num_padded: int = 0,
+    ) -> None:
         s = self.stats
         s.steps += 1
         s.scheduled_seqs += sched.num_seqs
@@ -319,8 +339,8 @@ class LLMEngine:
             for c in sched.chunks
         )
         s.records.append(StepRecord(start, now - start, sched.num_seqs, sched.num_batched_tokens,
-                                    sched.num_padded_tokens, num_sampled,
-                                    sched.kv_blocks_in_use))
+                                    num_padded, num_sampled, sched.kv_blocks_in_use,
+                                    sched.num_idle_seats))
 
     def _prompt_of(self, child_id: str) -> list[int]:
         group, _ = self._child_to_group[child_id]

@@ -126,6 +126,20 @@ class SchedulingPolicy(ABC):
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
 
+    def take_released(self, now: float) -> list[Request]:
+        """Requests whose finish was held back and is released now, outside a step's update.
+
+        A static batch releases all its results together, when its slowest row is done. That
+        moment usually comes in ``update_from_output`` (which returns them), but it can also come
+        from ``finish_request`` (a stop string ends the last running row, or an abort empties
+        the batch). The engine calls this after every step, so such a release is reported at
+        once. Policies that never hold a finished request keep the default.
+
+        Returns:
+            The requests finished by this release (each exactly once), in seat order.
+        """
+        return []
+
     def wake_time(self) -> float | None:
         """When ``schedule`` may next have work *without* a new arrival (a batching timer).
 

@@ -45,8 +45,12 @@ class SchedulerOutput:
         chunks: one per scheduled request, in the order the policy chose.
         preempted_ids: requests preempted during this step (their KV is gone).
         num_batched_tokens: sum of ``len(chunk.token_ids)``.
-        num_padded_tokens: padding slots a padded layout adds (0 for a ragged batch).
+        num_padded_tokens: padding slots a padded layout adds (0 for a ragged batch). Policies
+            leave it 0: the layout is the runner's choice, so the engine records the runner's
+            count (``ModelRunnerOutput.num_padded_tokens``).
         kv_blocks_in_use: KV blocks held after scheduling (for metrics).
+        num_idle_seats: seats of a static batch whose request is already done but not yet
+            released; a padded layout computes a row of pad tokens for each (ragged: nothing).
     """
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
@@ -54,6 +58,7 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     num_padded_tokens: int = 0
     kv_blocks_in_use: int = 0
+    num_idle_seats: int = 0
 
     @property
     def is_empty(self) -> bool:

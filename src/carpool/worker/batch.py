@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from carpool.model.attention import AttentionMetadata
@@ -50,59 +51,64 @@ def build_ragged_batch(
         device: where the tensors go.
     """
     assert chunks, "a batch needs at least one chunk"
-    q_lens = [len(c.token_ids) for c in chunks]
-    assert min(q_lens) > 0, f"empty chunk in batch: {q_lens}"
-    starts = [c.start_pos for c in chunks]
-    b, q = len(chunks), max(q_lens)
-    ctx = [s + n for s, n in zip(starts, q_lens, strict=True)]
-    l = max(ctx)
+    # Index arithmetic in numpy: dozens of tiny torch ops would cost more than the step's
+    # matmuls at batch 1.
+    q_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
+    assert q_lens.min() > 0, f"empty chunk in batch: {q_lens.tolist()}"
+    starts = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=len(chunks))
+    b, q = len(chunks), int(q_lens.max())
+    ctx = starts + q_lens
+    l = int(ctx.max())
     max_blocks = -(-l // block_size)
-    for c, n in zip(chunks, ctx, strict=True):
-        assert len(c.block_table) * block_size >= n, (
+    tables = np.zeros((b, max_blocks), dtype=np.int64)
+    for k, c in enumerate(chunks):
+        n = min(len(c.block_table), max_blocks)
+        assert len(c.block_table) * block_size >= ctx[k], (
             f"request {c.request_id}: block table of {len(c.block_table)} blocks "
-            f"cannot hold {n} tokens"
+            f"cannot hold {ctx[k]} tokens"
         )
-    tables = torch.tensor(
-        [(c.block_table + [0] * max_blocks)[:max_blocks] for c in chunks], dtype=torch.long
+        tables[k, :n] = c.block_table[:n]
+    input_ids = np.fromiter(
+        (t for c in chunks for t in c.token_ids), dtype=np.int64, count=int(q_lens.sum())
     )
-    input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
-    seq_index = torch.repeat_interleave(torch.arange(b), torch.tensor(q_lens))  # [T]
-    offsets = torch.tensor([0, *q_lens]).cumsum(0)  # cumulative lengths [B + 1]
-    start_t = torch.tensor(starts)
-    local = torch.arange(len(input_ids)) - offsets[seq_index]  # index within its chunk
-    positions = start_t[seq_index] + local  # [T]
+    offsets = np.concatenate(([0], np.cumsum(q_lens)))  # cumulative lengths [B + 1]
+    seq_index = np.repeat(np.arange(b), q_lens)  # [T]
+    local = np.arange(len(input_ids)) - offsets[seq_index]  # index within its chunk
+    positions = starts[seq_index] + local  # [T]
 
-    j = torch.arange(l)
-    kv_slots = tables.gather(1, (j // block_size).expand(b, l)) * block_size + j % block_size
+    j = np.arange(l)
+    kv_slots = tables[:, j // block_size] * block_size + j % block_size  # [B, L]
     slot_mapping = kv_slots[seq_index, positions]  # [T]
 
-    i = torch.arange(q)
-    q_pos = start_t[:, None] + i[None, :]  # [B, Q] position of each padded query row
-    valid = i[None, :] < torch.tensor(q_lens)[:, None]  # [B, Q]
+    i = np.arange(q)
+    q_pos = starts[:, None] + i[None, :]  # [B, Q] position of each padded query row
+    valid = i[None, :] < q_lens[:, None]  # [B, Q]
     causal = j[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
     # Padding query rows attend to key 0 only, so no row is fully masked (that would be NaN).
-    mask = torch.where(valid[:, :, None], causal, j[None, None, :] == 0).unsqueeze(1)
+    mask = np.where(valid[:, :, None], causal, j[None, None, :] == 0)[:, None]
 
     query_index = output_index = None
-    if min(q_lens) != q:
-        query_index = offsets[:-1, None] + torch.minimum(
-            i[None, :], torch.tensor(q_lens)[:, None] - 1
-        )
+    if q_lens.min() != q:
+        query_index = offsets[:-1, None] + np.minimum(i[None, :], q_lens[:, None] - 1)
         output_index = seq_index * q + local
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
-    logits_indices = offsets[1:][sampling] - 1 if sampling else torch.zeros(0, dtype=torch.long)
+    logits_indices = offsets[1:][sampling] - 1
+
+    def t(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
     meta = AttentionMetadata(
-        slot_mapping=slot_mapping.to(device),
-        kv_slots=kv_slots.to(device),
-        attn_mask=mask.to(device),
-        query_index=None if query_index is None else query_index.to(device),
-        output_index=None if output_index is None else output_index.to(device),
+        slot_mapping=t(slot_mapping),
+        kv_slots=t(kv_slots),
+        attn_mask=t(mask),
+        query_index=t(query_index),
+        output_index=t(output_index),
     )
     return ModelInput(
-        input_ids=input_ids.to(device),
-        positions=positions.to(device),
+        input_ids=t(input_ids),
+        positions=t(positions),
         meta=meta,
-        logits_indices=logits_indices.to(device),
+        logits_indices=t(logits_indices),
         sample_request_ids=[chunks[k].request_id for k in sampling],
         num_tokens=len(input_ids),
     )

@@ -16,19 +16,29 @@ from torch import nn
 from carpool.request import Request
 from carpool.scheduling.output import SchedulerOutput
 from carpool.worker.batch import build_ragged_batch
+from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs
 
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
-    """One new token per request that sampled this step (and its logprobs when asked)."""
+    """One new token per request that sampled this step (and its logprobs when asked).
+
+    ``num_padded_tokens``: pad token slots the layout computed this step (0 when ragged).
+    """
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    num_padded_tokens: int = 0
 
 
 class ModelRunner:
-    """Executes ``SchedulerOutput``s against a model and its paged KV cache."""
+    """Executes ``SchedulerOutput``s against a model and its paged KV cache.
+
+    ``layout`` chooses how a step's sequences are laid out: ``ragged`` (packed end to end) or
+    ``padded`` (a rectangle; see ``carpool.worker.padded``). The padded layout reserves one
+    scratch block past the ``num_blocks`` the scheduler hands out, for the pad tokens' K/V.
+    """
 
     def __init__(
         self,
@@ -37,13 +47,17 @@ class ModelRunner:
         block_size: int,
         device: str = "cpu",
         kv_dtype: torch.dtype | None = None,
+        layout: str = "ragged",
     ) -> None:
+        assert layout in ("ragged", "padded"), f"unknown layout {layout!r}"
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.layout = layout
+        self.scratch_block = num_blocks  # only allocated (and used) by the padded layout
         dtype = kv_dtype or next(model.parameters()).dtype
         self.kv_caches: list[torch.Tensor] = model.allocate_kv_cache(
-            num_blocks, block_size, dtype, device
+            num_blocks + (layout == "padded"), block_size, dtype, device
         )
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
@@ -74,12 +88,19 @@ class ModelRunner:
         """Run the model on ``output.chunks`` and sample for every ``needs_sample`` chunk."""
         if output.is_empty:
             return ModelRunnerOutput()
-        inp = build_ragged_batch(output.chunks, self.block_size, self.device)
+        if self.layout == "padded":
+            inp = build_padded_batch(
+                output.chunks, self.block_size, self.scratch_block, output.num_idle_seats,
+                self.device,
+            )
+        else:
+            inp = build_ragged_batch(output.chunks, self.block_size, self.device)
+        num_padded = inp.num_tokens - output.num_batched_tokens
         logits = self.model(
             inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
         )
         if not inp.sample_request_ids:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(num_padded_tokens=num_padded)
         reqs = [requests[rid] for rid in inp.sample_request_ids]
         rows = [
             SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r))
@@ -92,4 +113,6 @@ class ModelRunner:
             for rid, lp in zip(inp.sample_request_ids, result.logprobs, strict=True)
             if lp is not None
         }
-        return ModelRunnerOutput(sampled=sampled, logprobs=logprobs)
+        return ModelRunnerOutput(
+            sampled=sampled, logprobs=logprobs, num_padded_tokens=num_padded
+        )

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``carpool bench``: workloads, runners and reports."""

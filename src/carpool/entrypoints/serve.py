@@ -1,0 +1,127 @@
+"""``carpool serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+On SIGTERM or SIGINT the server stops accepting requests (503, then the listening socket
+closes), lets in-flight requests finish for up to ``--shutdown-grace`` seconds, stops the
+engine and exits 0. A second SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Generator
+from types import FrameType
+
+import uvicorn
+
+from carpool.entrypoints.engine_args import (
+    add_engine_arguments,
+    engine_config_from_args,
+    parse_bytes,
+)
+from carpool.errors import CarpoolError
+
+logger = logging.getLogger("carpool.server")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The server's flags, then the engine's."""
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, loopback only)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--served-model-name", default=None,
+                   help="model id clients send (default: the model directory's name, or "
+                        "carpool-default for the embedded model)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no auth)")
+    g.add_argument("--max-queue", type=int, default=None,
+                   help="most requests waiting to be scheduled; more get 429 (default: no limit)")
+    g.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take before it is ended with an error "
+                        "(default: no limit; requests may also send 'timeout')")
+    g.add_argument("--max-body-bytes", type=parse_bytes, default=1 << 20,
+                   help="largest request body, e.g. 1MiB (default: 1MiB); larger gets 413")
+    g.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM (default: 30)")
+    g.add_argument("--log-interval", type=float, default=5.0,
+                   help="seconds between engine status log lines while busy (default: 5)")
+    add_engine_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, serve until SIGTERM/SIGINT, exit 0 after a graceful shutdown."""
+    from carpool.server.app import ServerConfig, build_app
+
+    try:
+        engine_config = engine_config_from_args(args)
+        config = ServerConfig(
+            host=args.host, port=args.port, served_model_name=args.served_model_name,
+            api_key=args.api_key, max_queue=args.max_queue,
+            request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+            shutdown_grace=args.shutdown_grace, log_interval=args.log_interval,
+        )
+    except (CarpoolError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+    app = build_app(engine_config, config)
+    state = app.state.carpool
+
+    def start_draining() -> None:
+        state.draining = True
+
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+                               timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
+                               access_log=False)
+    server = GracefulServer(uv_config, on_exit=start_draining)
+    try:
+        sock = _bind(config.host, config.port)
+    except OSError as e:
+        logger.error("cannot listen on %s:%d: %s", config.host, config.port, e)
+        return 2
+    logger.info("serving %r on http://%s:%d/v1 (health: /health, metrics: /metrics)",
+                state.model_name, config.host, sock.getsockname()[1])
+    server.run(sockets=[sock])
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, with a hook on the exit signal and a clean exit code.
+
+    uvicorn re-raises the captured signal once it has shut down, which would end the process
+    with -SIGTERM; a graceful shutdown is a success, so this server does not.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logger.info("received %s: draining (grace %ss)", signal.Signals(sig).name,
+                        self.config.timeout_graceful_shutdown)
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        originals = {s: signal.signal(s, self.handle_exit)
+                     for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in originals.items():
+                signal.signal(s, handler)

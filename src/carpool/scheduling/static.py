@@ -1,0 +1,275 @@
+"""Static batching: B requests run together until the slowest is done, then all are released.
+
+The classic batch of a ``model.generate(batch)`` call, as a policy of the paged engine:
+
+1. When no batch runs, pick up to ``batch_size`` waiting requests (first come, first served;
+   subclasses choose differently: ``bucketed`` by prompt length, ``dynamic`` on a timer) and
+   reserve each one's *whole* KV up front (prompt + max_tokens), stopping at the first request
+   whose reservation does not fit. No request of a running batch ever needs another block, so
+   static batches never preempt; a request bigger than the whole cache is rejected when added.
+2. Every step runs each row that is not done: the whole prompt in the first step (no chunked
+   prefill), then one decode token.
+3. A row that stops (EOS, stop token, max_tokens or a stop string) keeps its seat: its blocks
+   are freed at once, but the request stays RUNNING and unreported. With the padded layout its
+   seat keeps computing a pad row every step (``SchedulerOutput.num_idle_seats``), which is the
+   waste the benchmark shows.
+4. When the last row is done the whole batch is *released*: every held request is finished at
+   that moment (so its end-to-end latency is the batch's) and returned together, from
+   ``update_from_output`` or, when a stop string or an abort completed the batch, from
+   ``take_released``.
+
+Aborts and errors are not held: the client is gone (or must hear at once), so the request is
+finished immediately and its seat stays idle until the batch ends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from carpool.errors import InvalidRequestError
+from carpool.kv_cache.block_manager import BlockManager
+from carpool.request import FinishReason, Request, RequestStatus
+from carpool.scheduling.base import SchedulerStats, SchedulingPolicy
+from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
+
+# Finish reasons a static batch holds back until the batch ends (the others finish at once).
+_HELD_REASONS = (FinishReason.STOP, FinishReason.LENGTH)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StaticConfig:
+    """Limits of the static-family policies.
+
+    Attributes:
+        batch_size: most requests in one batch (seats).
+        block_size: token slots per KV block (must match the BlockManager).
+        num_blocks: KV blocks in the whole cache.
+        max_model_len: longest prompt + output a request may ask for.
+    """
+
+    batch_size: int = 8
+    block_size: int = 16
+    num_blocks: int
+    max_model_len: int
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "block_size", "num_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be an int >= 1, got {value!r}")
+
+
+class StaticBatchPolicy(SchedulingPolicy):
+    """Runs one batch at a time to completion (see the module docstring).
+
+    Subclasses change only *which* waiting requests form the next batch, by overriding
+    ``_candidates``.
+
+    Args:
+        config: the limits.
+        block_manager: the KV bookkeeping to use; a fresh one sized from ``config`` if None.
+    """
+
+    name = "static"
+
+    def __init__(self, config: StaticConfig, block_manager: BlockManager | None = None) -> None:
+        if block_manager is None:
+            block_manager = BlockManager(config.num_blocks, config.block_size)
+        assert block_manager.block_size == config.block_size, (
+            f"BlockManager block_size {block_manager.block_size} != config {config.block_size}"
+        )
+        assert block_manager.num_blocks == config.num_blocks, (
+            f"BlockManager num_blocks {block_manager.num_blocks} != config {config.num_blocks}"
+        )
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.batch: list[Request] = []  # the seats of the running batch, in launch order
+        self.requests: dict[str, Request] = {}  # every unfinished request (held rows included)
+        self.stats = SchedulerStats()
+        self.num_batches = 0
+        self._held: dict[str, RequestStatus] = {}  # done rows of the batch -> their final status
+        self._released: list[Request] = []  # released outside update_from_output
+
+    # ---- queue ---------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        rid = request.request_id
+        if rid in self.requests:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        assert request.status is RequestStatus.WAITING and request.num_computed_tokens == 0, (
+            f"add_request needs a fresh request, got {request!r}"
+        )
+        prompt_len = request.num_prompt_tokens
+        max_tokens = request.sampling_params.max_tokens
+        if prompt_len == 0:
+            raise InvalidRequestError(f"request {rid!r}: the prompt is empty")
+        total = prompt_len + max_tokens
+        if total > self.config.max_model_len:
+            raise InvalidRequestError(
+                f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+                f"{total} exceeds max_model_len ({self.config.max_model_len})"
+            )
+        blocks = self._blocks_reserved(request)
+        if blocks > self.config.num_blocks:
+            raise InvalidRequestError(
+                f"request {rid!r}: {self.name} batching reserves prompt ({prompt_len} tokens) + "
+                f"max_tokens ({max_tokens}) of KV up front, {blocks} blocks of "
+                f"{self.config.block_size} tokens, but the whole cache has "
+                f"{self.config.num_blocks}; lower max_tokens or give the KV cache more memory"
+            )
+        self.requests[rid] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Unfinished requests seated in the running batch (held rows included)."""
+        return sum(1 for r in self.batch if not r.is_finished)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    # ---- batch formation (the part subclasses change) --------------------------------------
+
+    def _candidates(self, now: float) -> list[Request]:
+        """Waiting requests that may form the next batch, in priority order ([] = not yet).
+
+        The launch takes them in this order while their KV reservations fit. The default is
+        first come, first served.
+        """
+        return list(self.waiting)[: self.config.batch_size]
+
+    def _blocks_reserved(self, req: Request) -> int:
+        # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.
+        total = req.num_prompt_tokens + req.sampling_params.max_tokens
+        return self.block_manager.blocks_needed(total - 1)
+
+    def _launch(self, now: float) -> None:
+        """Start the next batch if there are candidates; reserve all their KV up front."""
+        assert not self.batch and not self._held, "a batch is still running"
+        bm = self.block_manager
+        free = bm.num_free_blocks
+        for req in self._candidates(now)[: self.config.batch_size]:
+            need = self._blocks_reserved(req)
+            if need > free:
+                break  # keep the order: the rest waits for the next batch
+            free -= need
+            self.waiting.remove(req)
+            total = req.num_prompt_tokens + req.sampling_params.max_tokens
+            bm.allocate(req.request_id, total - 1)
+            req.start_running(now)
+            self.batch.append(req)
+        if self.batch:
+            self.num_batches += 1
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def _is_active(self, req: Request) -> bool:
+        return not req.is_finished and req.request_id not in self._held
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        if not self.batch and self.waiting:
+            self._launch(now)
+        chunks = []
+        for req in self.batch:
+            if not self._is_active(req):
+                continue
+            start = req.num_computed_tokens
+            chunks.append(
+                ScheduledChunk(
+                    request_id=req.request_id,
+                    token_ids=req.all_token_ids[start:],
+                    start_pos=start,
+                    block_table=self.block_manager.get_block_table(req.request_id),
+                    needs_sample=True,
+                )
+            )
+        num_tokens = sum(c.num_tokens for c in chunks)
+        if chunks:
+            self.stats.steps += 1
+            self.stats.num_scheduled_tokens += num_tokens
+        return SchedulerOutput(
+            chunks=chunks,
+            num_batched_tokens=num_tokens,
+            kv_blocks_in_use=self.block_manager.num_used_blocks,
+            num_idle_seats=len(self.batch) - len(chunks) if chunks else 0,
+        )
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, int], now: float
+    ) -> list[Request]:
+        for chunk in output.chunks:
+            req = self.requests.get(chunk.request_id)
+            if req is None or not self._is_active(req):
+                continue  # finished or done while the step ran (abort, stop string)
+            assert req.num_computed_tokens == chunk.start_pos, (
+                f"chunk of {chunk.request_id!r} starts at {chunk.start_pos}, "
+                f"but {req.num_computed_tokens} tokens are computed"
+            )
+            req.num_computed_tokens = chunk.end_pos
+            assert chunk.request_id in sampled, f"no sampled token for {chunk.request_id!r}"
+            reason = req.append_output_token(sampled[chunk.request_id], now)
+            if reason is not None:
+                self._hold(req, RequestStatus.from_finish_reason(reason))
+        return self._release_if_done(now)
+
+    def finish_request(
+        self, request_id: str, reason: FinishReason, now: float, error: str | None = None
+    ) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        status = RequestStatus.from_finish_reason(reason)
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        elif reason in _HELD_REASONS:
+            if request_id not in self._held:  # a held row keeps its first reason
+                self._hold(req, status)
+                self._released.extend(self._release_if_done(now))
+            return req if req.is_finished else None
+        else:  # abort or error: report now; the seat stays idle until the batch ends
+            self._held.pop(request_id, None)
+            self.block_manager.free(request_id)
+        self._finish(req, status, now, error)
+        self._released.extend(self._release_if_done(now))
+        return req
+
+    def take_released(self, now: float) -> list[Request]:
+        released, self._released = self._released, []
+        return released
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _hold(self, req: Request, status: RequestStatus) -> None:
+        """A row is done: free its KV now, report it when the batch ends."""
+        self.block_manager.free(req.request_id)
+        self._held[req.request_id] = status
+
+    def _release_if_done(self, now: float) -> list[Request]:
+        """Finish and return every held row once no row of the batch is still running."""
+        if not self.batch or any(self._is_active(r) for r in self.batch):
+            return []
+        released = []
+        for req in self.batch:
+            status = self._held.pop(req.request_id, None)
+            if status is not None:
+                self._finish(req, status, now)
+                released.append(req)
+        assert not self._held, f"held rows outside the batch: {sorted(self._held)}"
+        self.batch = []
+        return released
+
+    def _finish(
+        self, req: Request, status: RequestStatus, now: float, error: str | None = None
+    ) -> None:
+        del self.requests[req.request_id]
+        req.finish(status, now, error)
+        self.stats.num_finished += 1

@@ -1,0 +1,224 @@
+"""The FastAPI app: routes, request guards (auth, body size, content type), life cycle.
+
+``build_app(engine_or_config, ServerConfig)`` returns an app whose lifespan starts the engine
+thread (loading the model in the background when given a config, with ``/health`` answering
+503 meanwhile) and stops it on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from carpool.config import EngineConfig
+from carpool.engine.async_engine import AsyncEngine
+from carpool.engine.llm_engine import LLMEngine, default_model_path, resolve_model_path
+from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
+from carpool.server.metrics import ServerMetrics
+from carpool.server.middleware import GuardMiddleware, read_body
+from carpool.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    dump,
+)
+from carpool.server.serving import OpenAIServing
+
+logger = logging.getLogger("carpool.server")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the HTTP server behaves (the engine has its own ``EngineConfig``).
+
+    Attributes:
+        host, port: where to listen (loopback unless told otherwise).
+        served_model_name: the model id clients must send (None: the model directory's name,
+            or ``carpool-default`` for the embedded model).
+        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <key>``.
+        max_queue: most requests waiting to be scheduled; more get 429 (None = unbounded).
+        request_timeout: default per-request deadline in seconds (None = none).
+        max_body_bytes: largest request body accepted (413 beyond).
+        shutdown_grace: seconds in-flight requests get to finish on SIGTERM/SIGINT.
+        retry_after: seconds suggested to a client refused with 429.
+        log_interval: seconds between periodic engine log lines while busy.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_queue: int | None = None
+    request_timeout: float | None = None
+    max_body_bytes: int = 1 << 20
+    shutdown_grace: float = 30.0
+    retry_after: int = 1
+    log_interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
+
+def default_served_name(model: str | None) -> str:
+    """The model directory's (or GGUF file's) name; ``carpool-default`` for the embedded one."""
+    path = resolve_model_path(model)
+    if path == default_model_path():
+        return "carpool-default"
+    return path.stem if path.is_file() else path.name
+
+
+class ServerState:
+    """What the routes share: the engine (once loaded), metrics, and the draining flag."""
+
+    def __init__(self, config: ServerConfig, model_name: str) -> None:
+        self.config = config
+        self.model_name = model_name
+        self.metrics = ServerMetrics(model_name)
+        self.engine: AsyncEngine | None = None
+        self.serving: OpenAIServing | None = None
+        self.load_error: BaseException | None = None
+        self.draining = False
+
+    def attach(self, llm: LLMEngine) -> None:
+        """Wrap a loaded engine and start its thread."""
+        c = self.config
+        engine = AsyncEngine(llm, max_queue=c.max_queue, request_timeout=c.request_timeout,
+                             observer=self.metrics, log_interval=c.log_interval)
+        engine.start()
+        self.serving = OpenAIServing(engine, self.model_name, c.retry_after, self.metrics)
+        self.engine = engine
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.is_running and not self.draining
+
+
+def build_app(engine_or_config: LLMEngine | EngineConfig, config: ServerConfig | None = None
+              ) -> FastAPI:
+    """The OpenAI-compatible app over one engine.
+
+    Args:
+        engine_or_config: a loaded ``LLMEngine`` (served at once) or an ``EngineConfig``
+            (loaded in a background thread at startup; ``/health`` says 503 until ready).
+        config: server behaviour (defaults: ``ServerConfig()``).
+    """
+    config = config or ServerConfig()
+    if isinstance(engine_or_config, LLMEngine):
+        model = engine_or_config.config.model
+    else:
+        model = engine_or_config.model
+    state = ServerState(config, config.served_model_name or default_served_name(model))
+
+    def load() -> None:
+        try:
+            assert isinstance(engine_or_config, EngineConfig)
+            state.attach(LLMEngine(engine_or_config))
+            logger.info("model loaded; serving %r", state.model_name)
+        except BaseException as e:  # reported by /health and every request
+            logger.exception("model failed to load")
+            state.load_error = e
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if isinstance(engine_or_config, LLMEngine):
+            state.attach(engine_or_config)
+        else:
+            threading.Thread(target=load, name="carpool-load", daemon=True).start()
+        yield
+        state.draining = True
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.shutdown)
+
+    app = FastAPI(title="carpool", lifespan=lifespan)
+    app.state.carpool = state
+    install_error_handlers(app)
+
+    app.add_middleware(GuardMiddleware, api_key=config.api_key,
+                       is_draining=lambda: state.draining)
+
+    def serving() -> OpenAIServing:
+        if state.load_error is not None:
+            raise APIError(503, f"the model failed to load: {state.load_error}")
+        if state.serving is None:
+            raise APIError(503, "the model is still loading", code="loading",
+                           headers={"Retry-After": "5"})
+        return state.serving
+
+    async def parse(request: Request, model: type[M]) -> M:
+        body = await read_body(request, config.max_body_bytes)
+        try:
+            req = model.model_validate_json(body)
+        except ValidationError as e:
+            raise validation_error_to_api(e.errors(include_url=False)) from None
+        unknown = req.unknown_fields()  # type: ignore[attr-defined]
+        if unknown:
+            logger.warning("%s: ignoring unknown fields %s", request.url.path, unknown)
+        return req
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        if state.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(state.load_error)},
+                                status_code=503)
+        if not state.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        max_len = state.serving.max_model_len if state.serving is not None else None
+        card = ModelCard(id=state.model_name, max_model_len=max_len)
+        return JSONResponse(dump(ModelList(data=[card])))
+
+    @app.get("/v1/stats")
+    async def stats() -> Response:
+        """Debug view of the engine: running, waiting, KV blocks (tests assert all free)."""
+        engine = serving().engine
+        s = engine.snapshot
+        return JSONResponse({
+            "num_running": s.num_running,
+            "num_waiting": engine.num_waiting,
+            "num_unfinished": s.num_unfinished,
+            "num_free_blocks": s.num_free_blocks,
+            "num_blocks": s.num_blocks,
+            "kv_cache_usage": s.kv_cache_usage,
+            "steps": s.steps,
+            "mean_batch_size": s.mean_batch_size,
+            "num_preemptions": s.num_preemptions,
+            "generation_tokens": s.generation_tokens,
+        })
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse(request, CompletionRequest)
+        return await serving().create_completion(req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await parse(request, ChatCompletionRequest)
+        return await serving().create_chat_completion(req, request)
+
+    return app

@@ -1,0 +1,122 @@
+"""Prometheus metrics of one server, named like vLLM's with a ``carpool:`` prefix.
+
+Each app owns a ``CollectorRegistry`` (never the global one), so several servers can live in one
+process (tests). The engine thread feeds the metrics through the ``EngineObserver`` hooks;
+prometheus-client's metric objects are thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from carpool.engine.async_engine import EngineSnapshot
+from carpool.engine.llm_engine import StepRecord
+from carpool.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_REQUEST_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                    40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FINISH_REASONS = ("stop", "length", "abort", "error", "timeout")
+
+
+class ServerMetrics:
+    """The server's Prometheus metrics; also an ``EngineObserver`` for the engine thread.
+
+    Args:
+        model_name: the served model name (the ``model_name`` label, as vLLM does).
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, labels = self.registry, ["model_name"]
+        self.model_name = model_name
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge("carpool:num_requests_running",
+                                          "Requests in the running batch.")
+        self.num_requests_waiting = gauge("carpool:num_requests_waiting",
+                                          "Requests waiting to be scheduled.")
+        self.kv_cache_usage_perc = gauge("carpool:kv_cache_usage_perc",
+                                         "Fraction of KV cache blocks in use (1 = full).")
+        self.num_free_kv_blocks = gauge("carpool:num_free_kv_blocks", "Free KV cache blocks.")
+        self.prompt_tokens = counter("carpool:prompt_tokens",
+                                     "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("carpool:generation_tokens", "Generated tokens.")
+        self.num_preemptions = counter("carpool:num_preemptions",
+                                       "Running requests that lost their KV (recomputed later).")
+        self._success = Counter("carpool:request_success", "Finished requests by reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self.request_success = {
+            reason: self._success.labels(model_name, reason) for reason in FINISH_REASONS
+        }
+        self.rejected = counter("carpool:num_requests_rejected",
+                                "Requests refused with 429 because the queue was full.")
+        self.ttft = histogram("carpool:time_to_first_token_seconds", "Time to first token.",
+                              _LATENCY_BUCKETS)
+        self.itl = histogram("carpool:inter_token_latency_seconds",
+                             "Time between consecutive output tokens.", _LATENCY_BUCKETS)
+        self.e2e = histogram("carpool:e2e_request_latency_seconds",
+                             "Arrival to finish of each request.", _REQUEST_BUCKETS)
+        self.queue_time = histogram("carpool:request_queue_time_seconds",
+                                    "Arrival to first scheduled.", _REQUEST_BUCKETS)
+        self.prompt_tokens_per_request = histogram(
+            "carpool:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS)
+        self.generation_tokens_per_request = histogram(
+            "carpool:request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
+        self.iteration_tokens = histogram("carpool:iteration_tokens_total",
+                                          "Tokens per engine step.", _TOKEN_BUCKETS)
+        self.iteration_batch_size = histogram("carpool:iteration_batch_size",
+                                              "Sequences per engine step.", _BATCH_BUCKETS)
+        self._preemptions_seen = 0
+
+    # ---- EngineObserver ---------------------------------------------------------------------
+
+    def on_step(self, record: StepRecord | None, snapshot: EngineSnapshot,
+                outputs: Sequence[RequestOutput]) -> None:
+        """Gauges from the snapshot; per-step histograms and token counters."""
+        self.num_requests_running.set(snapshot.num_running)
+        self.num_requests_waiting.set(snapshot.num_waiting)
+        self.kv_cache_usage_perc.set(snapshot.kv_cache_usage)
+        self.num_free_kv_blocks.set(snapshot.num_free_blocks)
+        if snapshot.num_preemptions > self._preemptions_seen:
+            self.num_preemptions.inc(snapshot.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = snapshot.num_preemptions
+        if record is not None:
+            self.iteration_tokens.observe(record.num_tokens)
+            self.iteration_batch_size.observe(record.num_seqs)
+        new_tokens = sum(len(c.delta_token_ids) for out in outputs for c in out.outputs)
+        if new_tokens:
+            self.generation_tokens.inc(new_tokens)
+
+    def on_request_finished(self, output: RequestOutput, reason: str) -> None:
+        """Per-request counters and latency histograms."""
+        self.request_success[reason if reason in self.request_success else "error"].inc()
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        self.prompt_tokens_per_request.observe(len(output.prompt_token_ids))
+        self.generation_tokens_per_request.observe(output.num_generated_tokens)
+        for t in output.timings:
+            if t.ttft is not None:
+                self.ttft.observe(t.ttft)
+            for gap in t.inter_token_gaps:
+                self.itl.observe(gap)
+            if t.e2e is not None:
+                self.e2e.observe(t.e2e)
+            if t.queue_wait is not None:
+                self.queue_time.observe(t.queue_wait)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
