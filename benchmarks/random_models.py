@@ -14,10 +14,22 @@ import torch
 from safetensors.torch import save_file
 
 CONFIGS: dict[str, dict] = {
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, intermediate_size=1408, vocab_size=32000),
-    "medium": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
-                   num_key_value_heads=4, intermediate_size=2816, vocab_size=32000),
+    "small": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1408,
+        vocab_size=32000,
+    ),
+    "medium": dict(
+        hidden_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=2816,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -29,10 +41,16 @@ def write_random_llama(name: str, out_dir: Path, dtype: str = "bfloat16", seed: 
     out_dir.mkdir(parents=True, exist_ok=True)
     c = dict(CONFIGS[name])
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": dtype, **c,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+        **c,
     }
     h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = h // c["num_attention_heads"]
@@ -43,14 +61,20 @@ def write_random_llama(name: str, out_dir: Path, dtype: str = "bfloat16", seed: 
     def w(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.02).to(tdt)
 
-    sd = {"model.embed_tokens.weight": w(v, h), "model.norm.weight": torch.ones(h, dtype=tdt),
-          "lm_head.weight": w(v, h)}
+    sd = {
+        "model.embed_tokens.weight": w(v, h),
+        "model.norm.weight": torch.ones(h, dtype=tdt),
+        "lm_head.weight": w(v, h),
+    }
     for layer in range(c["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         sd |= {
-            p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv, h),
-            p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, h),
-            p + "mlp.gate_proj.weight": w(i, h), p + "mlp.up_proj.weight": w(i, h),
+            p + "self_attn.q_proj.weight": w(h, h),
+            p + "self_attn.k_proj.weight": w(kv, h),
+            p + "self_attn.v_proj.weight": w(kv, h),
+            p + "self_attn.o_proj.weight": w(h, h),
+            p + "mlp.gate_proj.weight": w(i, h),
+            p + "mlp.up_proj.weight": w(i, h),
             p + "mlp.down_proj.weight": w(h, i),
             p + "input_layernorm.weight": torch.ones(h, dtype=tdt),
             p + "post_attention_layernorm.weight": torch.ones(h, dtype=tdt),

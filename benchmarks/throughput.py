@@ -52,15 +52,20 @@ def bench_carpool(llm: LLM, prompts: list[list[int]], gen: int) -> tuple[float, 
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == gen for o in outs)
-    records = list(llm.engine.stats.records)[-(gen - 1):]
+    records = list(llm.engine.stats.records)[-(gen - 1) :]
     step = statistics.median(r.duration for r in records if r.num_seqs == len(prompts))
     return len(prompts) * gen / wall, step
 
 
 def bench_hf(hf, prompts: list[list[int]], gen: int) -> float:
     ids = torch.tensor(prompts)
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=gen, min_new_tokens=gen,
-              do_sample=False, pad_token_id=0)
+    kw = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=gen,
+        min_new_tokens=gen,
+        do_sample=False,
+        pad_token_id=0,
+    )
     with torch.inference_mode():
         hf.generate(ids[:, :8], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
         start = time.perf_counter()
@@ -86,43 +91,72 @@ def main() -> None:
     for name in args.models.split(","):
         path = model_dir(name, work, args.dtype)
         sizes = [int(b) for b in args.batch_sizes.split(",")]
-        llm = LLM(str(path), dtype=args.dtype, max_num_seqs=max(sizes),
-                  max_num_batched_tokens=max(2048, max(sizes) * args.prompt_len),
-                  kv_cache_memory=int(1.2 * max(sizes) * (args.prompt_len + args.gen_len + 16)
-                                      * llm_kv_bytes(path, args.dtype)))
+        llm = LLM(
+            str(path),
+            dtype=args.dtype,
+            max_num_seqs=max(sizes),
+            max_num_batched_tokens=max(2048, max(sizes) * args.prompt_len),
+            kv_cache_memory=int(
+                1.2
+                * max(sizes)
+                * (args.prompt_len + args.gen_len + 16)
+                * llm_kv_bytes(path, args.dtype)
+            ),
+        )
         mc = llm.engine.model_config
         params = mc.num_parameters
         # Bytes every decode step reads: all weights but the embedding table (B rows of it).
-        weight_bytes = (params - mc.vocab_size * mc.hidden_size * (not mc.tie_word_embeddings)
-                        ) * (2 if args.dtype == "bfloat16" else 4)
+        weight_bytes = (params - mc.vocab_size * mc.hidden_size * (not mc.tie_word_embeddings)) * (
+            2 if args.dtype == "bfloat16" else 4
+        )
         hf = None
         if not args.no_hf:
             import transformers
 
             hf = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, args.dtype)).eval()
+                path, dtype=getattr(torch, args.dtype)
+            ).eval()
         rng = random.Random(0)
         for b in sizes:
-            prompts = [[rng.randrange(3, mc.vocab_size) for _ in range(args.prompt_len)]
-                       for _ in range(b)]
+            prompts = [
+                [rng.randrange(3, mc.vocab_size) for _ in range(args.prompt_len)] for _ in range(b)
+            ]
             runs = [bench_carpool(llm, prompts, args.gen_len) for _ in range(args.repeats)]
             tps = statistics.median(r[0] for r in runs)
             step = statistics.median(r[1] for r in runs)
-            hf_tps = (statistics.median(bench_hf(hf, prompts, args.gen_len)
-                                        for _ in range(args.repeats)) if hf else None)
+            hf_tps = (
+                statistics.median(bench_hf(hf, prompts, args.gen_len) for _ in range(args.repeats))
+                if hf
+                else None
+            )
             roof = roofline(params, weight_bytes, b, args.dtype)
-            row = dict(model=name, params_m=round(params / 1e6, 1), batch=b,
-                       carpool_tok_s=round(tps, 1), decode_step_ms=round(step * 1e3, 2),
-                       decode_tok_s=round(b / step, 1),
-                       hf_tok_s=round(hf_tps, 1) if hf_tps else None,
-                       ratio=round(tps / hf_tps, 2) if hf_tps else None,
-                       roofline_tok_s=round(roof, 1),
-                       roofline_frac=round(b / step / roof, 3))
+            row = dict(
+                model=name,
+                params_m=round(params / 1e6, 1),
+                batch=b,
+                carpool_tok_s=round(tps, 1),
+                decode_step_ms=round(step * 1e3, 2),
+                decode_tok_s=round(b / step, 1),
+                hf_tok_s=round(hf_tps, 1) if hf_tps else None,
+                ratio=round(tps / hf_tps, 2) if hf_tps else None,
+                roofline_tok_s=round(roof, 1),
+                roofline_frac=round(b / step / roof, 3),
+            )
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     Path(args.output).write_text(json.dumps(rows, indent=2))
-    cols = ["model", "params_m", "batch", "carpool_tok_s", "hf_tok_s", "ratio",
-            "decode_step_ms", "decode_tok_s", "roofline_tok_s", "roofline_frac"]
+    cols = [
+        "model",
+        "params_m",
+        "batch",
+        "carpool_tok_s",
+        "hf_tok_s",
+        "ratio",
+        "decode_step_ms",
+        "decode_tok_s",
+        "roofline_tok_s",
+        "roofline_frac",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -133,7 +167,8 @@ def llm_kv_bytes(path: Path, dtype: str) -> int:
     from carpool.config import ModelConfig
 
     return ModelConfig.from_json_file(path / "config.json").kv_bytes_per_token_for(
-        2 if dtype == "bfloat16" else 4)
+        2 if dtype == "bfloat16" else 4
+    )
 
 
 if __name__ == "__main__":

@@ -119,7 +119,11 @@ class ModelConfig:
         return self.kv_bytes_per_token_for(dtype_bytes(self.torch_dtype))
 
     def kv_bytes_per_token_for(self, nbytes: int) -> int:
-        """``2 (K and V) x layers x kv_heads x head_dim x bytes``: GQA shrinks it by heads/kv_heads."""
+        """KV bytes per token: ``2 (K and V) x layers x kv_heads x head_dim x nbytes``.
+
+        With grouped-query attention this is ``heads / kv_heads`` times below the classic
+        ``2 x layers x hidden x nbytes``.
+        """
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * nbytes
 
     @property
@@ -277,7 +281,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "block_size", "max_num_seqs", "max_num_batched_tokens", "batch_size", "num_buckets"
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "batch_size",
+            "num_buckets",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -300,9 +308,11 @@ class EngineConfig:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
         if self.bucket_boundaries is not None:
             bounds = tuple(self.bucket_boundaries)
-            if not bounds or any(
-                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bounds
-            ) or list(bounds) != sorted(set(bounds)):
+            if (
+                not bounds
+                or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bounds)
+                or list(bounds) != sorted(set(bounds))
+            ):
                 raise ValueError(
                     "bucket_boundaries must be strictly ascending ints >= 1, "
                     f"got {self.bucket_boundaries!r}"

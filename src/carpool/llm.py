@@ -37,8 +37,9 @@ class LLM:
         self.engine_config = self.engine.config
         self.tokenizer = self.engine.tokenizer
 
-    def _add(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
-             ) -> list[str]:
+    def _add(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[str]:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -76,8 +77,9 @@ class LLM:
         ids = self._add(plist, params or SamplingParams())
         order = {rid: i for i, rid in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * len(ids)
-        bar = tqdm(total=len(ids), desc="generate", unit="req",
-                   disable=not use_tqdm or len(ids) < 8)
+        bar = tqdm(
+            total=len(ids), desc="generate", unit="req", disable=not use_tqdm or len(ids) < 8
+        )
         while self.engine.has_unfinished():
             steps = self.engine.stats.steps
             for out in self.engine.step():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from helpers.hf_models import save_tiny_model_dir
 from helpers.tiny import TinyModel
 

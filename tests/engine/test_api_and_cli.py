@@ -55,10 +55,26 @@ def test_stream_deltas_add_up(llm):
 
 def test_cli_generate(tiny_llama, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "def f(x):"}) + "\n" +
-                       json.dumps({"prompt": "import sys"}) + "\n")
-    rc = main(["generate", "--model", tiny_llama.path, "--dtype", "float32", "-p", "class A:",
-               "--prompts-file", str(prompts), "--max-tokens", "8", "--ignore-eos", "--json"])
+    prompts.write_text(
+        json.dumps({"prompt": "def f(x):"}) + "\n" + json.dumps({"prompt": "import sys"}) + "\n"
+    )
+    rc = main(
+        [
+            "generate",
+            "--model",
+            tiny_llama.path,
+            "--dtype",
+            "float32",
+            "-p",
+            "class A:",
+            "--prompts-file",
+            str(prompts),
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ]
+    )
     assert rc == 0
     out, err = capsys.readouterr()
     lines = [json.loads(x) for x in out.splitlines()]

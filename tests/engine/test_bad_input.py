@@ -86,8 +86,9 @@ def test_stop_strings_and_stop_tokens(engine: LLMEngine, tiny_llama):
     prompt = tiny_llama.prompts[6]
     ref = tiny_llama.reference(prompt, 12)
     stop_tok = ref[5]
-    engine.add_request(prompt, SamplingParams(max_tokens=12, temperature=0,
-                                              stop_token_ids=[stop_tok]), "st")
+    engine.add_request(
+        prompt, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_tok]), "st"
+    )
     full_text = engine.tokenizer.decode(ref)
     cut = full_text[len(full_text) // 2 :][:3]
     engine.add_request(prompt, SamplingParams(max_tokens=12, temperature=0, stop=[cut]), "ss")

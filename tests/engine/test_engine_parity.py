@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from helpers.hf_models import first_difference
-
 from carpool import LLM, LLMEngine, SamplingParams
 from carpool.config import EngineConfig
-
+from helpers.hf_models import first_difference
 from helpers.tiny import NEW_TOKENS
 
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -27,8 +25,9 @@ def test_all_at_once_matches_transformers(tiny):
 
 
 def test_staggered_arrivals_match_transformers(tiny):
-    engine = LLMEngine(EngineConfig(model=tiny.path, dtype="float32",
-                                    max_num_batched_tokens=96, max_num_seqs=8))
+    engine = LLMEngine(
+        EngineConfig(model=tiny.path, dtype="float32", max_num_batched_tokens=96, max_num_seqs=8)
+    )
     pending = list(enumerate(tiny.prompts))
     results: dict[str, list[int]] = {}
     step = 0
@@ -52,8 +51,13 @@ def test_preemption_loses_nothing(tiny_llama):
     per_token = EngineConfig  # noqa: F841  (documentation: budget below is in bytes)
     # 2 layers x 2 kv heads x 16 dims x 2 (K,V) x 4 bytes = 512 bytes per token.
     # 40 blocks of 16 tokens: the longest request (330 + 32) fits alone, 12 together do not.
-    llm = LLM(tiny.path, dtype="float32", kv_cache_memory=40 * 16 * 512,
-              max_num_batched_tokens=128, max_num_seqs=12)
+    llm = LLM(
+        tiny.path,
+        dtype="float32",
+        kv_cache_memory=40 * 16 * 512,
+        max_num_batched_tokens=128,
+        max_num_seqs=12,
+    )
     assert llm.engine.num_blocks == 40
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     _check(tiny, prompts, [o.outputs[0].token_ids for o in outs])
@@ -65,8 +69,11 @@ def test_preemption_loses_nothing(tiny_llama):
 
 
 def test_long_prompt_does_not_stall_decodes(tiny_llama):
-    engine = LLMEngine(EngineConfig(model=tiny_llama.path, dtype="float32",
-                                    max_num_batched_tokens=64, max_num_seqs=16))
+    engine = LLMEngine(
+        EngineConfig(
+            model=tiny_llama.path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=16
+        )
+    )
     short = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     for i in range(8):
         engine.add_request(tiny_llama.prompts[i], short, request_id=f"d{i}")
@@ -92,16 +99,19 @@ def test_seeded_sampling_independent_of_batch(tiny_llama):
     others = SamplingParams(max_tokens=20, temperature=1.0)
     mixed = llm.generate(
         tiny_llama.prompts[:5] + [tiny_llama.prompts[5]],
-        [others] * 5 + [params], use_tqdm=False,
+        [others] * 5 + [params],
+        use_tqdm=False,
     )[-1]
     assert alone.outputs[0].token_ids == mixed.outputs[0].token_ids
 
 
 def test_n_completions_and_logprobs(tiny_llama):
     llm = LLM(tiny_llama.path, dtype="float32")
-    out = llm.generate([tiny_llama.prompts[3]],
-                       SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7, logprobs=2),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        [tiny_llama.prompts[3]],
+        SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7, logprobs=2),
+        use_tqdm=False,
+    )[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
     for o in out.outputs:
         assert len(o.token_ids) == 8 and o.finish_reason == "length"

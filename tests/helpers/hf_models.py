@@ -88,7 +88,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 def first_difference(a: list[int], b: list[int]) -> str:
     """Readable description of where two token lists part."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return f"first difference at index {i}: {x} != {y}\n  got:      {a}\n  expected: {b}"
     return f"lengths differ: {len(a)} vs {len(b)}\n  got:      {a}\n  expected: {b}"

@@ -29,5 +29,3 @@ class TinyModel:
         if key not in self._refs:
             self._refs[key] = hf_greedy(self.hf, prompt, n)
         return self._refs[key]
-
-

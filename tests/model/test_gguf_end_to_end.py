@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.carpool_ref import greedy, prompt_logits
-from helpers.gguf_export import export_hf_to_gguf
-from helpers.hf_models import first_difference, hf_greedy, save_tiny_model_dir
 
 from carpool import LLM, SamplingParams
 from carpool.model.loader import load_model
 from carpool.tokenizer import Tokenizer
+from helpers.carpool_ref import greedy, prompt_logits
+from helpers.gguf_export import export_hf_to_gguf
+from helpers.hf_models import first_difference, hf_greedy, save_tiny_model_dir
 
 PROMPT = [1, 17, 200, 33, 5, 250, 12, 99, 7, 64, 128, 31]
 # Measured max abs logit difference vs the safetensors model (logits of magnitude ~6), with
@@ -24,8 +24,10 @@ TOLERANCE = {"F16": 0.1, "Q8_0": 1.5}
 def checkpoint(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(f"gguf-{request.param}")
     hf = save_tiny_model_dir(request.param, d / "hf")
-    files = {ft: export_hf_to_gguf(d / "hf", d / f"model-{ft}.gguf", ft, tokenizer=d / "hf")
-             for ft in ("F32", "F16", "Q8_0")}
+    files = {
+        ft: export_hf_to_gguf(d / "hf", d / f"model-{ft}.gguf", ft, tokenizer=d / "hf")
+        for ft in ("F32", "F16", "Q8_0")
+    }
     return hf, d / "hf", files
 
 
@@ -62,8 +64,9 @@ def test_gguf_tokenizer_round_trips_and_matches_the_hf_one(checkpoint):
 def test_llm_serves_a_gguf_file(checkpoint):
     hf, _, files = checkpoint
     llm = LLM(str(files["F32"]), dtype="float32")
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        [PROMPT], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False
+    )[0]
     assert out.outputs[0].token_ids == hf_greedy(hf, PROMPT, 16)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from helpers.hf_models import save_tiny_tokenizer
 
 from carpool.engine.detokenizer import IncrementalDetokenizer
 from carpool.tokenizer import Tokenizer
+from helpers.hf_models import save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,10 @@ def stream(tok: Tokenizer, text: str, stop: tuple[str, ...] = (), prompt: str = 
     return d, deltas, ids
 
 
-@pytest.mark.parametrize("text", ["plain ascii text", "Héllo wörld ✓ 日本語 🚀🚀 done",
-                                  "  leading spaces\n\tand tabs", "🚀"])
+@pytest.mark.parametrize(
+    "text",
+    ["plain ascii text", "Héllo wörld ✓ 日本語 🚀🚀 done", "  leading spaces\n\tand tabs", "🚀"],
+)
 def test_streamed_deltas_rebuild_the_text(tok, text):
     d, deltas, ids = stream(tok, text)
     assert "".join(deltas) == text == d.text

@@ -21,8 +21,12 @@ _WINDOW = 6
 class IncrementalDetokenizer:
     """Turn one request's output tokens into text, a delta at a time."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (),
-                 prompt_token_ids: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: tuple[str, ...] = (),
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
@@ -60,8 +64,10 @@ class IncrementalDetokenizer:
 
     def delta(self, final: bool = False) -> str:
         """Text not yet returned; holds back a possible stop-string prefix unless ``final``."""
-        end = len(self.text) if final or self.stopped_by else max(
-            self._emitted, len(self.text) - self._hold
+        end = (
+            len(self.text)
+            if final or self.stopped_by
+            else max(self._emitted, len(self.text) - self._hold)
         )
         out = self.text[self._emitted : end]
         self._emitted = end

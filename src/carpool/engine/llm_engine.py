@@ -155,8 +155,12 @@ class LLMEngine:
         self._ids = itertools.count()
         logger.info(
             "engine ready: model=%s params=%.1fM dtype=%s kv_blocks=%d x %d tokens (%.1f MiB)",
-            path, self.model_config.num_parameters / 1e6, next(self.model.parameters()).dtype,
-            self.num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20,
+            path,
+            self.model_config.num_parameters / 1e6,
+            next(self.model.parameters()).dtype,
+            self.num_blocks,
+            config.block_size,
+            self.runner.kv_cache_bytes / 2**20,
         )
 
     # ---- construction ----------------------------------------------------------------------
@@ -207,8 +211,11 @@ class LLMEngine:
         else:
             text, ids = None, list(prompt)
             vocab = self.model_config.vocab_size
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-                   or not 0 <= t < vocab]
+            bad = [
+                t
+                for t in ids
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+            ]
             if bad:
                 raise InvalidRequestError(
                     f"prompt token ids must be ints in [0, {vocab}), got {bad[:5]}"
@@ -285,12 +292,14 @@ class LLMEngine:
             requests = {c.request_id: self.policy.get_request(c.request_id) for c in sched.chunks}
             result = self.runner.execute(sched, requests)
         except Exception as e:  # the model failed: fail this batch's requests, keep serving
-            logger.exception("engine step failed; failing the %d requests of the batch",
-                             len(sched.chunks))
+            logger.exception(
+                "engine step failed; failing the %d requests of the batch", len(sched.chunks)
+            )
             now = self.clock()
             for chunk in sched.chunks:
-                self.policy.finish_request(chunk.request_id, FinishReason.ERROR, now,
-                                           error=f"engine step failed: {e}")
+                self.policy.finish_request(
+                    chunk.request_id, FinishReason.ERROR, now, error=f"engine step failed: {e}"
+                )
                 group, _ = self._child_to_group[chunk.request_id]
                 touched[group.request_id] = group
             return [self._collect(g) for g in touched.values()]
@@ -326,7 +335,11 @@ class LLMEngine:
         return [self._collect(g) for g in touched.values()]
 
     def _record(
-        self, sched: SchedulerOutput, start: float, now: float, num_sampled: int,
+        self,
+        sched: SchedulerOutput,
+        start: float,
+        now: float,
+        num_sampled: int,
         num_padded: int = 0,
     ) -> None:
         s = self.stats
@@ -338,9 +351,18 @@ class LLMEngine:
             max(0, min(c.end_pos, len(self._prompt_of(c.request_id))) - c.start_pos)
             for c in sched.chunks
         )
-        s.records.append(StepRecord(start, now - start, sched.num_seqs, sched.num_batched_tokens,
-                                    num_padded, num_sampled, sched.kv_blocks_in_use,
-                                    sched.num_idle_seats))
+        s.records.append(
+            StepRecord(
+                start,
+                now - start,
+                sched.num_seqs,
+                sched.num_batched_tokens,
+                num_padded,
+                num_sampled,
+                sched.kv_blocks_in_use,
+                sched.num_idle_seats,
+            )
+        )
 
     def _prompt_of(self, child_id: str) -> list[int]:
         group, _ = self._child_to_group[child_id]
@@ -354,17 +376,19 @@ class LLMEngine:
             if req.is_finished:
                 c.detok.flush()
             ids = req.output_token_ids
-            outs.append(CompletionOutput(
-                index=i,
-                text=c.detok.text,
-                token_ids=list(ids),
-                finish_reason=req.finish_reason.value if req.finish_reason else None,
-                stop_reason=c.stop_reason,
-                logprobs=list(c.logprobs) if c.logprobs is not None else None,
-                delta_text=c.detok.delta(final=req.is_finished),
-                delta_token_ids=list(ids[c.sent_tokens:]),
-                error=req.error,
-            ))
+            outs.append(
+                CompletionOutput(
+                    index=i,
+                    text=c.detok.text,
+                    token_ids=list(ids),
+                    finish_reason=req.finish_reason.value if req.finish_reason else None,
+                    stop_reason=c.stop_reason,
+                    logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                    delta_text=c.detok.delta(final=req.is_finished),
+                    delta_token_ids=list(ids[c.sent_tokens :]),
+                    error=req.error,
+                )
+            )
             c.sent_tokens = len(ids)
         done = all(c.request.is_finished for c in group.completions)
         if done:

@@ -15,12 +15,19 @@ from carpool.sampling_params import SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-p", "--prompt", action="append", default=[],
-                   help="a prompt (repeat for several)")
-    p.add_argument("--prompts-file", type=Path,
-                   help="prompts, one per line, or JSONL with a 'prompt' field per line")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap each prompt as a user message in the model's chat template")
+    p.add_argument(
+        "-p", "--prompt", action="append", default=[], help="a prompt (repeat for several)"
+    )
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        help="prompts, one per line, or JSONL with a 'prompt' field per line",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt as a user message in the model's chat template",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
@@ -56,9 +63,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         prompts = read_prompts(args)
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            stop=args.stop, seed=args.sampling_seed, ignore_eos=args.ignore_eos,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            stop=args.stop,
+            seed=args.sampling_seed,
+            ignore_eos=args.ignore_eos,
         )
         llm = LLM(**vars(engine_config_from_args(args)))
         start = time.perf_counter()
@@ -73,14 +86,24 @@ def run(args: argparse.Namespace) -> int:
     for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
         c = out.outputs[0]
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": c.text, "tokens": len(c.token_ids),
-                              "finish_reason": c.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": c.text,
+                        "tokens": len(c.token_ids),
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            )
         else:
             print(f"--- [{i}] {prompt!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
             print(prompt + c.text)
     generated = sum(o.num_generated_tokens for o in outs)
     stats = llm.engine.stats
-    print(f"requests={len(outs)} generated_tokens={generated} wall={wall:.2f}s "
-          f"tokens/s={generated / wall:.1f} mean_batch_size={stats.mean_batch_size:.2f}",
-          file=sys.stderr)
+    print(
+        f"requests={len(outs)} generated_tokens={generated} wall={wall:.2f}s "
+        f"tokens/s={generated / wall:.1f} mean_batch_size={stats.mean_batch_size:.2f}",
+        file=sys.stderr,
+    )
     return 0

@@ -79,7 +79,7 @@ class RotaryEmbedding(nn.Module):
         self.sin_cached = emb.sin()
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Return cos, sin of shape ``[T, 1, D]`` for flat positions ``[T]`` (broadcast over heads)."""
+        """cos and sin ``[T, 1, D]`` for flat positions ``[T]`` (broadcast over heads)."""
         cos = self.cos_cached[positions].to(dtype).unsqueeze(1)
         sin = self.sin_cached[positions].to(dtype).unsqueeze(1)
         return cos, sin

@@ -90,7 +90,10 @@ class ModelRunner:
             return ModelRunnerOutput()
         if self.layout == "padded":
             inp = build_padded_batch(
-                output.chunks, self.block_size, self.scratch_block, output.num_idle_seats,
+                output.chunks,
+                self.block_size,
+                self.scratch_block,
+                output.num_idle_seats,
                 self.device,
             )
         else:
@@ -103,7 +106,9 @@ class ModelRunner:
             return ModelRunnerOutput(num_padded_tokens=num_padded)
         reqs = [requests[rid] for rid in inp.sample_request_ids]
         rows = [
-            SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r))
+            SamplingRow(
+                r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r)
+            )
             for r in reqs
         ]
         result = self.sampler(logits, rows)
@@ -113,6 +118,4 @@ class ModelRunner:
             for rid, lp in zip(inp.sample_request_ids, result.logprobs, strict=True)
             if lp is not None
         }
-        return ModelRunnerOutput(
-            sampled=sampled, logprobs=logprobs, num_padded_tokens=num_padded
-        )
+        return ModelRunnerOutput(sampled=sampled, logprobs=logprobs, num_padded_tokens=num_padded)
