@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from helpers.hf_models import save_tiny_model_dir
 
 from carpool import LLM
 from carpool.config import EngineConfig
 from carpool.engine.llm_engine import LLMEngine
 from carpool.server import ServerConfig, build_app
+from helpers.hf_models import save_tiny_model_dir
 
 MODEL_NAME = "tiny-llama"
 
@@ -25,8 +25,9 @@ MODEL_NAME = "tiny-llama"
 class LiveServer:
     """``build_app`` served by uvicorn in a background thread (its own event loop)."""
 
-    def __init__(self, model_dir: Path, server_config: ServerConfig | None = None,
-                 **engine_args: Any) -> None:
+    def __init__(
+        self, model_dir: Path, server_config: ServerConfig | None = None, **engine_args: Any
+    ) -> None:
         engine_args.setdefault("dtype", "float32")
         self.engine = LLMEngine(EngineConfig(model=str(model_dir), **engine_args))
         self.app = build_app(self.engine, server_config or ServerConfig())
@@ -36,11 +37,13 @@ class LiveServer:
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
-        config = uvicorn.Config(self.app, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, timeout_graceful_shutdown=2
+        )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -111,9 +114,11 @@ def make_server(tiny_dir) -> Iterator[Any]:
 
 def first_text_difference(got: str, expected: str) -> str:
     """Readable description of where two texts part."""
-    for i, (a, b) in enumerate(zip(got, expected)):
+    for i, (a, b) in enumerate(zip(got, expected, strict=False)):
         if a != b:
-            return f"first difference at char {i}: {a!r} != {b!r}\n got: {got!r}\n exp: {expected!r}"
+            return (
+                f"first difference at char {i}: {a!r} != {b!r}\n got: {got!r}\n exp: {expected!r}"
+            )
     return f"lengths differ: {len(got)} vs {len(expected)}\n got: {got!r}\n exp: {expected!r}"
 
 

@@ -11,8 +11,13 @@ import pytest
 from carpool.server import ServerConfig
 
 MODEL = "tiny-llama"
-LONG = {"model": MODEL, "prompt": "def fibonacci(n):", "max_tokens": 1000, "ignore_eos": True,
-        "temperature": 0}
+LONG = {
+    "model": MODEL,
+    "prompt": "def fibonacci(n):",
+    "max_tokens": 1000,
+    "ignore_eos": True,
+    "temperature": 0,
+}
 
 
 def _assert_all_blocks_free(server) -> None:
@@ -24,8 +29,10 @@ def _assert_all_blocks_free(server) -> None:
 
 def test_streaming_disconnect_aborts(server):
     before = server.stats()["generation_tokens"]
-    with httpx.Client(timeout=30) as c, c.stream("POST", f"{server.base_url}/completions",
-                                                  json=LONG | {"stream": True}) as r:
+    with (
+        httpx.Client(timeout=30) as c,
+        c.stream("POST", f"{server.base_url}/completions", json=LONG | {"stream": True}) as r,
+    ):
         assert r.status_code == 200
         got = 0
         for line in r.iter_lines():
@@ -59,9 +66,13 @@ def test_per_request_timeout_streaming(server):
     client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
     chunks = 0
     with pytest.raises(openai.APIError) as e:
-        for _ in client.completions.create(model=MODEL, prompt="hello", max_tokens=1000,
-                                           stream=True, extra_body={"ignore_eos": True,
-                                                                    "timeout": 0.3}):
+        for _ in client.completions.create(
+            model=MODEL,
+            prompt="hello",
+            max_tokens=1000,
+            stream=True,
+            extra_body={"ignore_eos": True, "timeout": 0.3},
+        ):
             chunks += 1
     assert "timed out" in str(e.value.message)
     assert chunks < 1000
@@ -70,9 +81,18 @@ def test_per_request_timeout_streaming(server):
 
 def test_server_request_timeout(make_server):
     srv = make_server(ServerConfig(request_timeout=0.3))
-    with httpx.stream("POST", f"{srv.base_url}/chat/completions", timeout=30,
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                            "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{srv.base_url}/chat/completions",
+        timeout=30,
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1000,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    ) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]

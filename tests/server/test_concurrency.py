@@ -21,9 +21,9 @@ def test_64_concurrent_streams(make_server, reference):
 
     async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None, int]:
         text, finish, chunks = "", None, 0
-        stream = await client.completions.create(model=MODEL, prompt=prompt,
-                                                 max_tokens=max_tokens, temperature=0,
-                                                 stream=True)
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
         async for chunk in stream:
             chunks += 1
             for ch in chunk.choices:
@@ -33,16 +33,18 @@ def test_64_concurrent_streams(make_server, reference):
 
     async def main() -> list[tuple[str, str | None, int]]:
         http = httpx.AsyncClient(limits=httpx.Limits(max_connections=100), timeout=300)
-        client = openai.AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0,
-                                    http_client=http)
+        client = openai.AsyncOpenAI(
+            base_url=srv.base_url, api_key="x", max_retries=0, http_client=http
+        )
         try:
             return await asyncio.gather(*(one(client, p) for p in prompts))
         finally:
             await client.close()
 
     results = asyncio.run(main())
-    exp = reference.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0),
-                             use_tqdm=False)
+    exp = reference.generate(
+        prompts, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False
+    )
     for i, ((text, finish, _), e) in enumerate(zip(results, exp, strict=True)):
         assert text == e.outputs[0].text, f"client {i}: {text!r} != {e.outputs[0].text!r}"
         assert finish == e.outputs[0].finish_reason

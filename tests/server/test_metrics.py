@@ -39,17 +39,24 @@ def test_metrics_match_traffic(make_server, reference):
     completions = 0
     # 3 requests that end by length
     for p in ["a", "bb cc", "def f(x):"]:
-        r = client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=MODEL, prompt=p, max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+        )
         prompt_tokens += r.usage.prompt_tokens
         completion_tokens += r.usage.completion_tokens
         completions += 1
     # 1 request that ends on a stop string
-    full = reference.generate(["hello"], SamplingParams(max_tokens=20, temperature=0),
-                              use_tqdm=False)[0].outputs[0].text
+    full = (
+        reference.generate(["hello"], SamplingParams(max_tokens=20, temperature=0), use_tqdm=False)[
+            0
+        ]
+        .outputs[0]
+        .text
+    )
     i = next(i for i in range(3, len(full) - 1) if "\ufffd" not in full[i] and full[i].strip())
-    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=20, temperature=0,
-                                  stop=full[i])
+    r = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=20, temperature=0, stop=full[i]
+    )
     assert r.choices[0].finish_reason == "stop"
     prompt_tokens += r.usage.prompt_tokens
     completion_tokens += r.usage.completion_tokens
@@ -57,9 +64,15 @@ def test_metrics_match_traffic(make_server, reference):
     # 1 streaming chat with n=2 (one request, two completions)
     usage = None
     for chunk in client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2,
-            temperature=0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True}):
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        n=2,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ):
         usage = chunk.usage or usage
     prompt_tokens += usage.prompt_tokens
     completion_tokens += usage.completion_tokens
@@ -85,12 +98,21 @@ def test_metrics_match_traffic(make_server, reference):
     assert m["carpool:num_preemptions_total"] == 0
 
     # A timed-out request is counted as such, its prompt too.
-    r = httpx.post(f"{srv.base_url}/completions", timeout=30, json={
-        "model": MODEL, "prompt": "x y z", "max_tokens": 1000, "ignore_eos": True,
-        "timeout": 0.2})
+    r = httpx.post(
+        f"{srv.base_url}/completions",
+        timeout=30,
+        json={
+            "model": MODEL,
+            "prompt": "x y z",
+            "max_tokens": 1000,
+            "ignore_eos": True,
+            "timeout": 0.2,
+        },
+    )
     assert r.status_code == 504
     srv.wait_idle()
     m2 = scrape(srv)
     assert success(m2, "timeout") == 1
-    assert m2["carpool:prompt_tokens_total"] == prompt_tokens + len(reference.tokenizer.encode(
-        "x y z"))
+    assert m2["carpool:prompt_tokens_total"] == prompt_tokens + len(
+        reference.tokenizer.encode("x y z")
+    )

@@ -20,9 +20,16 @@ def test_burst_beyond_max_queue_gets_429(make_server, reference):
     prompts = [f"Request {i}: def f(x):" for i in range(40)]
 
     async def one(client: httpx.AsyncClient, prompt: str) -> httpx.Response:
-        return await client.post("/completions", json={
-            "model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0,
-            "ignore_eos": True})
+        return await client.post(
+            "/completions",
+            json={
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": 24,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
 
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=64)
@@ -39,21 +46,27 @@ def test_burst_beyond_max_queue_gets_429(make_server, reference):
         assert r.headers["retry-after"] == "2"
         err = r.json()["error"]
         assert err["code"] == "rate_limit_exceeded" and "max_queue" in err["message"]
-    exp = reference.generate([p for p, _ in ok],
-                             SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
-                             use_tqdm=False)
+    exp = reference.generate(
+        [p for p, _ in ok],
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+        use_tqdm=False,
+    )
     for (_, r), e in zip(ok, exp, strict=True):
         assert r.json()["choices"][0]["text"] == e.outputs[0].text
     s = srv.wait_idle()
     assert s["num_free_blocks"] == s["num_blocks"]
     assert s["mean_batch_size"] > 1
     # Then it serves normally.
-    r = httpx.post(f"{srv.base_url}/completions", timeout=30,
-                   json={"model": MODEL, "prompt": "hello", "max_tokens": 3})
+    r = httpx.post(
+        f"{srv.base_url}/completions",
+        timeout=30,
+        json={"model": MODEL, "prompt": "hello", "max_tokens": 3},
+    )
     assert r.status_code == 200, r.text
     metrics = httpx.get(f"{srv.url}/metrics").text
-    assert f'carpool:num_requests_rejected_total{{model_name="{MODEL}"}} {len(refused)}.0' \
-        in metrics
+    assert (
+        f'carpool:num_requests_rejected_total{{model_name="{MODEL}"}} {len(refused)}.0' in metrics
+    )
 
 
 def test_api_key(make_server):

@@ -83,8 +83,9 @@ class EngineSnapshot:
 class EngineObserver(Protocol):
     """Hooks the engine thread calls (e.g. Prometheus metrics). They must be quick."""
 
-    def on_step(self, record: StepRecord | None, snapshot: EngineSnapshot,
-                outputs: Sequence[RequestOutput]) -> None:
+    def on_step(
+        self, record: StepRecord | None, snapshot: EngineSnapshot, outputs: Sequence[RequestOutput]
+    ) -> None:
         """After each loop iteration that stepped (``record``) or changed the engine state."""
 
     def on_request_finished(self, output: RequestOutput, reason: str) -> None:
@@ -98,8 +99,9 @@ class RequestStream:
     before ``finished``, it must call ``abort()`` (idempotent), or the request runs to its end.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, deadline: float | None,
-                 timeout: float | None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, request_id: str, deadline: float | None, timeout: float | None
+    ) -> None:
         self.request_id = request_id
         self.deadline = deadline
         self.timeout = timeout
@@ -187,8 +189,9 @@ class AsyncEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         self._ids = itertools.count()
-        self._snapshot = EngineSnapshot(num_blocks=engine.num_blocks,
-                                        num_free_blocks=engine.block_manager.num_free_blocks)
+        self._snapshot = EngineSnapshot(
+            num_blocks=engine.num_blocks, num_free_blocks=engine.block_manager.num_free_blocks
+        )
         self._last_log = time.monotonic()
         self._last_log_tokens = 0
 
@@ -212,8 +215,12 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         """True while the engine thread serves requests."""
-        return (self._thread is not None and self._thread.is_alive() and not self._stopping
-                and self._dead is None)
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and not self._stopping
+            and self._dead is None
+        )
 
     @property
     def snapshot(self) -> EngineSnapshot:
@@ -270,8 +277,9 @@ class AsyncEngine:
         timeout = self.request_timeout if timeout is None else timeout
         stream = RequestStream(self, rid, None if timeout is None else now + timeout, timeout)
         with self._cond:
-            self._inbox.items.append(_Add(stream, prompt, params,
-                                          now if arrival_time is None else arrival_time))
+            self._inbox.items.append(
+                _Add(stream, prompt, params, now if arrival_time is None else arrival_time)
+            )
             self._inbox.num_adds += 1
             self._cond.notify()
         return stream
@@ -389,8 +397,7 @@ class AsyncEngine:
             stream.put(EngineStoppedError("the server is shutting down"))
             return
         try:
-            self.engine.add_request(item.prompt, item.params, stream.request_id,
-                                    item.arrival_time)
+            self.engine.add_request(item.prompt, item.params, stream.request_id, item.arrival_time)
         except Exception as e:  # InvalidRequestError, or anything a bad input provokes
             stream.put(e)
             return
@@ -410,17 +417,26 @@ class AsyncEngine:
                 continue  # finished meanwhile
             expired = True
             self._finish(out, "timeout")
-            stream.put(RequestTimeoutError(
-                f"request {rid} timed out: not finished within its {stream.timeout:g} s deadline"
-            ))
+            stream.put(
+                RequestTimeoutError(
+                    f"request {rid} timed out: not finished within its "
+                    f"{stream.timeout:g} s deadline"
+                )
+            )
         if expired:
             self._publish(None, [])
         return expired
 
     def _sleep_time(self) -> float | None:
         """Seconds until the next batching timer or deadline; None = until notified."""
-        times = [t for t in (self.engine.next_wake_time(),
-                             self._deadlines[0][0] if self._deadlines else None) if t is not None]
+        times = [
+            t
+            for t in (
+                self.engine.next_wake_time(),
+                self._deadlines[0][0] if self._deadlines else None,
+            )
+            if t is not None
+        ]
         return min(times) - self.engine.clock() if times else None
 
     def _dispatch(self, out: RequestOutput) -> None:
@@ -429,8 +445,7 @@ class AsyncEngine:
             stream.put(out)
         if out.finished:
             reasons = {o.finish_reason for o in out.outputs}
-            reason = next((r for r in ("error", "abort", "length", "stop") if r in reasons),
-                          "stop")
+            reason = next((r for r in ("error", "abort", "length", "stop") if r in reasons), "stop")
             self._finish(out, reason)
 
     def _finish(self, out: RequestOutput, reason: str) -> None:
@@ -442,8 +457,13 @@ class AsyncEngine:
         e2e = f"{t.e2e:.3f}s" if t is not None and t.e2e is not None else "-"
         request_logger.info(
             "request id=%s prompt_tokens=%d generated_tokens=%d ttft=%s latency=%s "
-            "finish_reason=%s", out.request_id, len(out.prompt_token_ids),
-            out.num_generated_tokens, ttft, e2e, reason,
+            "finish_reason=%s",
+            out.request_id,
+            len(out.prompt_token_ids),
+            out.num_generated_tokens,
+            ttft,
+            e2e,
+            reason,
         )
 
     def _abort_all(self) -> None:
@@ -483,7 +503,12 @@ class AsyncEngine:
         rate = (s.generation_tokens - self._last_log_tokens) / (now - self._last_log)
         logger.info(
             "engine running=%d waiting=%d kv_usage=%.1f%% generation_tokens/s=%.1f "
-            "mean_batch_size=%.2f preemptions=%d", s.num_running, s.num_waiting,
-            100 * s.kv_cache_usage, rate, s.mean_batch_size, s.num_preemptions,
+            "mean_batch_size=%.2f preemptions=%d",
+            s.num_running,
+            s.num_waiting,
+            100 * s.kv_cache_usage,
+            rate,
+            s.mean_batch_size,
+            s.num_preemptions,
         )
         self._last_log, self._last_log_tokens = now, s.generation_tokens

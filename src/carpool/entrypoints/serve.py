@@ -30,25 +30,52 @@ logger = logging.getLogger("carpool.server")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The server's flags, then the engine's."""
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: 127.0.0.1, loopback only)")
+    g.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
+    )
     g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    g.add_argument("--served-model-name", default=None,
-                   help="model id clients send (default: the model directory's name, or "
-                        "carpool-default for the embedded model)")
-    g.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no auth)")
-    g.add_argument("--max-queue", type=int, default=None,
-                   help="most requests waiting to be scheduled; more get 429 (default: no limit)")
-    g.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds a request may take before it is ended with an error "
-                        "(default: no limit; requests may also send 'timeout')")
-    g.add_argument("--max-body-bytes", type=parse_bytes, default=1 << 20,
-                   help="largest request body, e.g. 1MiB (default: 1MiB); larger gets 413")
-    g.add_argument("--shutdown-grace", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on SIGTERM (default: 30)")
-    g.add_argument("--log-interval", type=float, default=5.0,
-                   help="seconds between engine status log lines while busy (default: 5)")
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id clients send (default: the model directory's name, or "
+        "carpool-default for the embedded model)",
+    )
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: no auth)",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="most requests waiting to be scheduled; more get 429 (default: no limit)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may take before it is ended with an error "
+        "(default: no limit; requests may also send 'timeout')",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=parse_bytes,
+        default=1 << 20,
+        help="largest request body, e.g. 1MiB (default: 1MiB); larger gets 413",
+    )
+    g.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM (default: 30)",
+    )
+    g.add_argument(
+        "--log-interval",
+        type=float,
+        default=5.0,
+        help="seconds between engine status log lines while busy (default: 5)",
+    )
     add_engine_arguments(p)
 
 
@@ -59,10 +86,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine_config = engine_config_from_args(args)
         config = ServerConfig(
-            host=args.host, port=args.port, served_model_name=args.served_model_name,
-            api_key=args.api_key, max_queue=args.max_queue,
-            request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-            shutdown_grace=args.shutdown_grace, log_interval=args.log_interval,
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            request_timeout=args.request_timeout,
+            max_body_bytes=args.max_body_bytes,
+            shutdown_grace=args.shutdown_grace,
+            log_interval=args.log_interval,
         )
     except (CarpoolError, ValueError) as e:
         logger.error("%s", e)
@@ -73,17 +105,26 @@ def run(args: argparse.Namespace) -> int:
     def start_draining() -> None:
         state.draining = True
 
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                               timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
-                               access_log=False)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
+        access_log=False,
+    )
     server = GracefulServer(uv_config, on_exit=start_draining)
     try:
         sock = _bind(config.host, config.port)
     except OSError as e:
         logger.error("cannot listen on %s:%d: %s", config.host, config.port, e)
         return 2
-    logger.info("serving %r on http://%s:%d/v1 (health: /health, metrics: /metrics)",
-                state.model_name, config.host, sock.getsockname()[1])
+    logger.info(
+        "serving %r on http://%s:%d/v1 (health: /health, metrics: /metrics)",
+        state.model_name,
+        config.host,
+        sock.getsockname()[1],
+    )
     server.run(sockets=[sock])
     return 0
 
@@ -111,15 +152,17 @@ class GracefulServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
-            logger.info("received %s: draining (grace %ss)", signal.Signals(sig).name,
-                        self.config.timeout_graceful_shutdown)
+            logger.info(
+                "received %s: draining (grace %ss)",
+                signal.Signals(sig).name,
+                self.config.timeout_graceful_shutdown,
+            )
         self._on_exit()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        originals = {s: signal.signal(s, self.handle_exit)
-                     for s in (signal.SIGINT, signal.SIGTERM)}
+        originals = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:

@@ -98,8 +98,13 @@ class ServerState:
     def attach(self, llm: LLMEngine) -> None:
         """Wrap a loaded engine and start its thread."""
         c = self.config
-        engine = AsyncEngine(llm, max_queue=c.max_queue, request_timeout=c.request_timeout,
-                             observer=self.metrics, log_interval=c.log_interval)
+        engine = AsyncEngine(
+            llm,
+            max_queue=c.max_queue,
+            request_timeout=c.request_timeout,
+            observer=self.metrics,
+            log_interval=c.log_interval,
+        )
         engine.start()
         self.serving = OpenAIServing(engine, self.model_name, c.retry_after, self.metrics)
         self.engine = engine
@@ -109,8 +114,9 @@ class ServerState:
         return self.engine is not None and self.engine.is_running and not self.draining
 
 
-def build_app(engine_or_config: LLMEngine | EngineConfig, config: ServerConfig | None = None
-              ) -> FastAPI:
+def build_app(
+    engine_or_config: LLMEngine | EngineConfig, config: ServerConfig | None = None
+) -> FastAPI:
     """The OpenAI-compatible app over one engine.
 
     Args:
@@ -149,15 +155,15 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, config: ServerConfig |
     app.state.carpool = state
     install_error_handlers(app)
 
-    app.add_middleware(GuardMiddleware, api_key=config.api_key,
-                       is_draining=lambda: state.draining)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, is_draining=lambda: state.draining)
 
     def serving() -> OpenAIServing:
         if state.load_error is not None:
             raise APIError(503, f"the model failed to load: {state.load_error}")
         if state.serving is None:
-            raise APIError(503, "the model is still loading", code="loading",
-                           headers={"Retry-After": "5"})
+            raise APIError(
+                503, "the model is still loading", code="loading", headers={"Retry-After": "5"}
+            )
         return state.serving
 
     async def parse(request: Request, model: type[M]) -> M:
@@ -176,16 +182,20 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, config: ServerConfig |
         if state.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         if state.load_error is not None:
-            return JSONResponse({"status": "failed", "error": str(state.load_error)},
-                                status_code=503)
+            return JSONResponse(
+                {"status": "failed", "error": str(state.load_error)}, status_code=503
+            )
+        if state.engine is not None and not state.engine.is_running:
+            return JSONResponse({"status": "engine_failed"}, status_code=503)
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -198,18 +208,20 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, config: ServerConfig |
         """Debug view of the engine: running, waiting, KV blocks (tests assert all free)."""
         engine = serving().engine
         s = engine.snapshot
-        return JSONResponse({
-            "num_running": s.num_running,
-            "num_waiting": engine.num_waiting,
-            "num_unfinished": s.num_unfinished,
-            "num_free_blocks": s.num_free_blocks,
-            "num_blocks": s.num_blocks,
-            "kv_cache_usage": s.kv_cache_usage,
-            "steps": s.steps,
-            "mean_batch_size": s.mean_batch_size,
-            "num_preemptions": s.num_preemptions,
-            "generation_tokens": s.generation_tokens,
-        })
+        return JSONResponse(
+            {
+                "num_running": s.num_running,
+                "num_waiting": engine.num_waiting,
+                "num_unfinished": s.num_unfinished,
+                "num_free_blocks": s.num_free_blocks,
+                "num_blocks": s.num_blocks,
+                "kv_cache_usage": s.kv_cache_usage,
+                "steps": s.steps,
+                "mean_batch_size": s.mean_batch_size,
+                "num_preemptions": s.num_preemptions,
+                "generation_tokens": s.generation_tokens,
+            }
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -64,8 +64,14 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         """The JSON body: ``{"error": {...}}``."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         """The error as a response."""
@@ -137,8 +143,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail),
-                        headers=getattr(exc, "headers", None)).response()
+        return APIError(
+            exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)
+        ).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

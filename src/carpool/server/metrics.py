@@ -15,10 +15,49 @@ from carpool.engine.async_engine import EngineSnapshot
 from carpool.engine.llm_engine import StepRecord
 from carpool.outputs import RequestOutput
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_REQUEST_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-                    40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_REQUEST_BUCKETS = (
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FINISH_REASONS = ("stop", "length", "abort", "error", "timeout")
@@ -45,47 +84,68 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
 
-        self.num_requests_running = gauge("carpool:num_requests_running",
-                                          "Requests in the running batch.")
-        self.num_requests_waiting = gauge("carpool:num_requests_waiting",
-                                          "Requests waiting to be scheduled.")
-        self.kv_cache_usage_perc = gauge("carpool:kv_cache_usage_perc",
-                                         "Fraction of KV cache blocks in use (1 = full).")
+        self.num_requests_running = gauge(
+            "carpool:num_requests_running", "Requests in the running batch."
+        )
+        self.num_requests_waiting = gauge(
+            "carpool:num_requests_waiting", "Requests waiting to be scheduled."
+        )
+        self.kv_cache_usage_perc = gauge(
+            "carpool:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)."
+        )
         self.num_free_kv_blocks = gauge("carpool:num_free_kv_blocks", "Free KV cache blocks.")
-        self.prompt_tokens = counter("carpool:prompt_tokens",
-                                     "Prompt tokens of finished requests.")
+        self.prompt_tokens = counter("carpool:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("carpool:generation_tokens", "Generated tokens.")
-        self.num_preemptions = counter("carpool:num_preemptions",
-                                       "Running requests that lost their KV (recomputed later).")
-        self._success = Counter("carpool:request_success", "Finished requests by reason.",
-                                ["model_name", "finished_reason"], registry=r)
+        self.num_preemptions = counter(
+            "carpool:num_preemptions", "Running requests that lost their KV (recomputed later)."
+        )
+        self._success = Counter(
+            "carpool:request_success",
+            "Finished requests by reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
         self.request_success = {
             reason: self._success.labels(model_name, reason) for reason in FINISH_REASONS
         }
-        self.rejected = counter("carpool:num_requests_rejected",
-                                "Requests refused with 429 because the queue was full.")
-        self.ttft = histogram("carpool:time_to_first_token_seconds", "Time to first token.",
-                              _LATENCY_BUCKETS)
-        self.itl = histogram("carpool:inter_token_latency_seconds",
-                             "Time between consecutive output tokens.", _LATENCY_BUCKETS)
-        self.e2e = histogram("carpool:e2e_request_latency_seconds",
-                             "Arrival to finish of each request.", _REQUEST_BUCKETS)
-        self.queue_time = histogram("carpool:request_queue_time_seconds",
-                                    "Arrival to first scheduled.", _REQUEST_BUCKETS)
+        self.rejected = counter(
+            "carpool:num_requests_rejected", "Requests refused with 429 because the queue was full."
+        )
+        self.ttft = histogram(
+            "carpool:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS
+        )
+        self.itl = histogram(
+            "carpool:inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            _LATENCY_BUCKETS,
+        )
+        self.e2e = histogram(
+            "carpool:e2e_request_latency_seconds",
+            "Arrival to finish of each request.",
+            _REQUEST_BUCKETS,
+        )
+        self.queue_time = histogram(
+            "carpool:request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS
+        )
         self.prompt_tokens_per_request = histogram(
-            "carpool:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS)
+            "carpool:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
+        )
         self.generation_tokens_per_request = histogram(
-            "carpool:request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
-        self.iteration_tokens = histogram("carpool:iteration_tokens_total",
-                                          "Tokens per engine step.", _TOKEN_BUCKETS)
-        self.iteration_batch_size = histogram("carpool:iteration_batch_size",
-                                              "Sequences per engine step.", _BATCH_BUCKETS)
+            "carpool:request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS
+        )
+        self.iteration_tokens = histogram(
+            "carpool:iteration_tokens_total", "Tokens per engine step.", _TOKEN_BUCKETS
+        )
+        self.iteration_batch_size = histogram(
+            "carpool:iteration_batch_size", "Sequences per engine step.", _BATCH_BUCKETS
+        )
         self._preemptions_seen = 0
 
     # ---- EngineObserver ---------------------------------------------------------------------
 
-    def on_step(self, record: StepRecord | None, snapshot: EngineSnapshot,
-                outputs: Sequence[RequestOutput]) -> None:
+    def on_step(
+        self, record: StepRecord | None, snapshot: EngineSnapshot, outputs: Sequence[RequestOutput]
+    ) -> None:
         """Gauges from the snapshot; per-step histograms and token counters."""
         self.num_requests_running.set(snapshot.num_running)
         self.num_requests_waiting.set(snapshot.num_waiting)

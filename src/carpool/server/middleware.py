@@ -27,8 +27,7 @@ class GuardMiddleware:
         is_draining: True once the server stopped accepting requests.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None,
-                 is_draining: Callable[[], bool]) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, is_draining: Callable[[], bool]) -> None:
         self.app = app
         self.api_key = api_key
         self.is_draining = is_draining
@@ -37,11 +36,18 @@ class GuardMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             error = None
             if self.api_key is not None and not authorized(Headers(scope=scope), self.api_key):
-                error = APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                 code="invalid_api_key")
+                error = APIError(
+                    401,
+                    "missing or invalid API key (Authorization: Bearer ...)",
+                    code="invalid_api_key",
+                )
             elif self.is_draining():
-                error = APIError(503, "the server is shutting down", code="shutting_down",
-                                 headers={"Retry-After": "5"})
+                error = APIError(
+                    503,
+                    "the server is shutting down",
+                    code="shutting_down",
+                    headers={"Retry-After": "5"},
+                )
             if error is not None:
                 await error.response()(scope, receive, send)
                 return
@@ -64,21 +70,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     """
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
-                       code="unsupported_media_type")
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, got {ctype or 'none'!r}",
+            code="unsupported_media_type",
+        )
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise APIError(400, f"invalid Content-Length {length!r}")
         if int(length) > limit:
-            raise APIError(413, f"request body of {int(length)} bytes exceeds the limit of "
-                                f"{limit} bytes", code="request_too_large")
+            raise APIError(
+                413,
+                f"request body of {int(length)} bytes exceeds the limit of {limit} bytes",
+                code="request_too_large",
+            )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes",
-                           code="request_too_large")
+            raise APIError(
+                413, f"request body exceeds the limit of {limit} bytes", code="request_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)

@@ -31,7 +31,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingFields(_Request):
+class SamplingFields(_Request):
     """Fields shared by both endpoints (OpenAI's and carpool's extensions)."""
 
     model: str
@@ -55,7 +55,7 @@ class _SamplingFields(_Request):
     timeout: float | None = Field(None, gt=0, le=86_400)
 
     @model_validator(mode="after")
-    def _check_stop(self) -> _SamplingFields:
+    def _check_stop(self) -> SamplingFields:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > 16:
             raise ValueError("stop: at most 16 stop strings")
@@ -66,7 +66,7 @@ class _SamplingFields(_Request):
         return self
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -93,7 +93,7 @@ class ChatMessage(_Request):
         return "\n".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)

@@ -47,9 +47,9 @@ from carpool.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    SamplingFields,
     TopLogprob,
     UsageInfo,
-    _SamplingFields,
     dump,
 )
 from carpool.tokenizer import Tokenizer
@@ -64,8 +64,9 @@ def engine_error_to_api(e: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, QueueFullError):
-        return APIError(429, str(e), code="rate_limit_exceeded",
-                        headers={"Retry-After": str(retry_after)})
+        return APIError(
+            429, str(e), code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)}
+        )
     if isinstance(e, RequestTimeoutError):
         return APIError(504, str(e), code="request_timeout")
     if isinstance(e, EngineStoppedError):
@@ -109,8 +110,11 @@ class _SSEResponse(StreamingResponse):
     """
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -191,8 +195,13 @@ class OpenAIServing:
         metrics: counts the requests refused with 429.
     """
 
-    def __init__(self, engine: AsyncEngine, model_name: str, retry_after: int = 1,
-                 metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        retry_after: int = 1,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name
@@ -209,11 +218,21 @@ class OpenAIServing:
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
-    def _params(self, req: _SamplingFields, prompt_len: int, max_tokens: int | None,
-                max_tokens_field: str, logprobs: int | None) -> SamplingParams:
+    def _params(
+        self,
+        req: SamplingFields,
+        prompt_len: int,
+        max_tokens: int | None,
+        max_tokens_field: str,
+        logprobs: int | None,
+    ) -> SamplingParams:
         if max_tokens is None:  # as much as fits in the context and the cache
             room = min(self.max_model_len, self.num_blocks * self.block_manager.block_size)
             max_tokens = max(1, room - prompt_len)
@@ -234,18 +253,25 @@ class OpenAIServing:
                 400,
                 f"{prompt_len} prompt tokens + {max_tokens_field}={max_tokens} need {blocks} KV "
                 f"blocks but the whole cache has {self.num_blocks}; reduce {max_tokens_field}",
-                param=max_tokens_field, code="context_length_exceeded",
+                param=max_tokens_field,
+                code="context_length_exceeded",
             )
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                top_k=req.top_k,
+                min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty,
                 presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, seed=req.seed,
-                stop=req.stop, stop_token_ids=tuple(req.stop_token_ids or ()),
-                ignore_eos=req.ignore_eos, logprobs=logprobs, n=req.n,
+                frequency_penalty=req.frequency_penalty,
+                seed=req.seed,
+                stop=req.stop,
+                stop_token_ids=tuple(req.stop_token_ids or ()),
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                n=req.n,
                 min_tokens=min(req.min_tokens, max_tokens),
             )
         except InvalidRequestError as e:
@@ -255,8 +281,9 @@ class OpenAIServing:
         try:
             self.engine.check_capacity(len(job.prompts))
             for i, (ids, params) in enumerate(zip(job.prompts, job.params, strict=True)):
-                job.streams.append(self.engine.submit(ids, params, f"{job.rid}-{i}", timeout,
-                                                      arrival))
+                job.streams.append(
+                    self.engine.submit(ids, params, f"{job.rid}-{i}", timeout, arrival)
+                )
         except CarpoolError as e:
             job.abort_all()
             if isinstance(e, QueueFullError) and self.metrics is not None:
@@ -295,14 +322,15 @@ class OpenAIServing:
         if c.logprobs is None or not c.delta_token_ids:
             return []
         end = len(c.token_ids)
-        return c.logprobs[end - len(c.delta_token_ids):end]
+        return c.logprobs[end - len(c.delta_token_ids) : end]
 
     @staticmethod
     def _usage(job: _Job, outs: Sequence[RequestOutput]) -> UsageInfo:
         prompt = sum(len(p) for p in job.prompts)
         completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                         total_tokens=prompt + completion)
+        return UsageInfo(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
     # ---- /v1/completions --------------------------------------------------------------------
 
@@ -328,8 +356,11 @@ class OpenAIServing:
                 raise APIError(400, f"{where}: the prompt is empty", param="prompt")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise APIError(400, f"{where}: token ids must be in [0, {self.vocab_size}), "
-                                    f"got {bad[:5]}", param="prompt")
+                raise APIError(
+                    400,
+                    f"{where}: token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                    param="prompt",
+                )
         return prompts
 
     async def create_completion(self, req: CompletionRequest, request: Request) -> Response:
@@ -337,8 +368,10 @@ class OpenAIServing:
         arrival = self.engine.engine.clock()
         self.check_model(req.model)
         prompts = await self._completion_prompts(req)
-        params = [self._params(req, len(ids), req.max_tokens, "max_tokens", req.logprobs)
-                  for ids in prompts]
+        params = [
+            self._params(req, len(ids), req.max_tokens, "max_tokens", req.logprobs)
+            for ids in prompts
+        ]
         job = _Job(f"cmpl-{uuid.uuid4().hex}", int(time.time()), prompts, params)
         self._submit(job, req.timeout, arrival)
         if req.stream:
@@ -348,16 +381,29 @@ class OpenAIServing:
         choices = []
         for i, out in enumerate(outs):
             for c in out.outputs:
-                lp = (self._completion_logprobs(c.logprobs or [], 0)
-                      if req.logprobs is not None else None)
-                choices.append(CompletionChoice(index=i * req.n + c.index, text=c.text,
-                                                logprobs=lp, finish_reason=c.finish_reason))
-        resp = CompletionResponse(id=job.rid, created=job.created, model=self.model_name,
-                                  choices=choices, usage=self._usage(job, outs))
+                lp = (
+                    self._completion_logprobs(c.logprobs or [], 0)
+                    if req.logprobs is not None
+                    else None
+                )
+                choices.append(
+                    CompletionChoice(
+                        index=i * req.n + c.index,
+                        text=c.text,
+                        logprobs=lp,
+                        finish_reason=c.finish_reason,
+                    )
+                )
+        resp = CompletionResponse(
+            id=job.rid,
+            created=job.created,
+            model=self.model_name,
+            choices=choices,
+            usage=self._usage(job, outs),
+        )
         return _json(dump(resp))
 
-    def _completion_logprobs(self, lps: Sequence[TokenLogprobs], offset: int
-                             ) -> CompletionLogprobs:
+    def _completion_logprobs(self, lps: Sequence[TokenLogprobs], offset: int) -> CompletionLogprobs:
         out = CompletionLogprobs()
         for lp in lps:
             tok = self._token(lp.token_id)
@@ -368,8 +414,9 @@ class OpenAIServing:
             offset += len(tok)
         return out
 
-    async def _completion_stream(self, req: CompletionRequest, job: _Job,
-                                 include_usage: bool) -> AsyncIterator[str]:
+    async def _completion_stream(
+        self, req: CompletionRequest, job: _Job, include_usage: bool
+    ) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
         finished: set[int] = set()
         offsets: dict[int, int] = {}
@@ -390,17 +437,34 @@ class OpenAIServing:
                         offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp.tokens)
                     if c.finished:
                         finished.add(index)
-                    choice = CompletionChoice(index=index, text=c.delta_text, logprobs=lp,
-                                              finish_reason=c.finish_reason)
-                    yield sse(dump(CompletionResponse(
-                        id=job.rid, created=job.created, model=self.model_name,
-                        choices=[choice])) | {"usage": None})
+                    choice = CompletionChoice(
+                        index=index, text=c.delta_text, logprobs=lp, finish_reason=c.finish_reason
+                    )
+                    yield sse(
+                        dump(
+                            CompletionResponse(
+                                id=job.rid,
+                                created=job.created,
+                                model=self.model_name,
+                                choices=[choice],
+                            )
+                        )
+                        | {"usage": None}
+                    )
                 if out.finished:
                     finals[i] = out
             if include_usage:
                 usage = self._usage(job, list(finals.values()))
-                yield sse({"id": job.rid, "object": "text_completion", "created": job.created,
-                           "model": self.model_name, "choices": [], "usage": dump(usage)})
+                yield sse(
+                    {
+                        "id": job.rid,
+                        "object": "text_completion",
+                        "created": job.created,
+                        "model": self.model_name,
+                        "choices": [],
+                        "usage": dump(usage),
+                    }
+                )
         except (CarpoolError, APIError) as e:
             err = engine_error_to_api(e, self.retry_after)
             logger.warning("stream %s ended with an error: %s", job.rid, err.message)
@@ -411,15 +475,20 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
-    async def create_chat_completion(self, req: ChatCompletionRequest,
-                                     request: Request) -> Response:
+    async def create_chat_completion(
+        self, req: ChatCompletionRequest, request: Request
+    ) -> Response:
         """``POST /v1/chat/completions`` (streaming or not)."""
         arrival = self.engine.engine.clock()
         self.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
-                                          add_generation_prompt=True, tokenize=True)
+            ids = await asyncio.to_thread(
+                self.tokenizer.apply_chat_template,
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+            )
         except InvalidRequestError as e:
             raise APIError(400, str(e), param="messages") from None
         assert isinstance(ids, list)
@@ -427,8 +496,9 @@ class OpenAIServing:
             raise APIError(400, "messages: the rendered prompt is empty", param="messages")
         field_name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._params(req, len(ids), req.max_completion_tokens or req.max_tokens,
-                              field_name, logprobs)
+        params = self._params(
+            req, len(ids), req.max_completion_tokens or req.max_tokens, field_name, logprobs
+        )
         job = _Job(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), [ids], [params])
         self._submit(job, req.timeout, arrival)
         if req.stream:
@@ -436,13 +506,21 @@ class OpenAIServing:
             return _SSEResponse(self._chat_stream(req, job, include_usage), job.abort_all)
         outs = await self._collect(request, job)
         choices = [
-            ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                       logprobs=self._chat_logprobs(c.logprobs or []) if req.logprobs else None,
-                       finish_reason=c.finish_reason)
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage(content=c.text),
+                logprobs=self._chat_logprobs(c.logprobs or []) if req.logprobs else None,
+                finish_reason=c.finish_reason,
+            )
             for c in outs[0].outputs
         ]
-        resp = ChatCompletionResponse(id=job.rid, created=job.created, model=self.model_name,
-                                      choices=choices, usage=self._usage(job, outs))
+        resp = ChatCompletionResponse(
+            id=job.rid,
+            created=job.created,
+            model=self.model_name,
+            choices=choices,
+            usage=self._usage(job, outs),
+        )
         return _json(dump(resp))
 
     def _chat_logprobs(self, lps: Sequence[TokenLogprobs]) -> ChatLogprobs:
@@ -453,15 +531,25 @@ class OpenAIServing:
         content = []
         for lp in lps:
             t = top(lp.token_id, lp.logprob)
-            content.append(ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes,
-                                            top_logprobs=[top(i, v) for i, v in lp.top]))
+            content.append(
+                ChatTokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=t.bytes,
+                    top_logprobs=[top(i, v) for i, v in lp.top],
+                )
+            )
         return ChatLogprobs(content=content)
 
-    async def _chat_stream(self, req: ChatCompletionRequest, job: _Job,
-                           include_usage: bool) -> AsyncIterator[str]:
+    async def _chat_stream(
+        self, req: ChatCompletionRequest, job: _Job, include_usage: bool
+    ) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice]) -> str:
-            data = dump(ChatCompletionChunk(id=job.rid, created=job.created,
-                                            model=self.model_name, choices=choices))
+            data = dump(
+                ChatCompletionChunk(
+                    id=job.rid, created=job.created, model=self.model_name, choices=choices
+                )
+            )
             for choice in data["choices"]:  # OpenAI leaves unset delta fields out
                 choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
             if not include_usage:
@@ -471,9 +559,12 @@ class OpenAIServing:
         final: RequestOutput | None = None
         finished: set[int] = set()
         try:
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                     content=""))
-                         for i in range(req.n)])
+            yield chunk(
+                [
+                    ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                    for i in range(req.n)
+                ]
+            )
             async for _, out in merge_streams(job.streams):
                 for c in out.outputs:
                     if c.index in finished:
@@ -486,16 +577,29 @@ class OpenAIServing:
                     if c.finished:
                         finished.add(c.index)
                     lp = self._chat_logprobs(new_lps) if req.logprobs else None
-                    yield chunk([ChatChunkChoice(
-                        index=c.index, delta=DeltaMessage(content=c.delta_text or None),
-                        logprobs=lp, finish_reason=c.finish_reason)])
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=c.index,
+                                delta=DeltaMessage(content=c.delta_text or None),
+                                logprobs=lp,
+                                finish_reason=c.finish_reason,
+                            )
+                        ]
+                    )
                 if out.finished:
                     final = out
             if include_usage:
                 usage = self._usage(job, [final] if final else [])
-                data = dump(ChatCompletionChunk(id=job.rid, created=job.created,
-                                                model=self.model_name, choices=[],
-                                                usage=usage))
+                data = dump(
+                    ChatCompletionChunk(
+                        id=job.rid,
+                        created=job.created,
+                        model=self.model_name,
+                        choices=[],
+                        usage=usage,
+                    )
+                )
                 yield sse(data)
         except (CarpoolError, APIError) as e:
             err = engine_error_to_api(e, self.retry_after)
