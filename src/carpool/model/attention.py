@@ -3,7 +3,8 @@
 One step's tokens arrive flat (``[T, ...]``): prefill chunks and single decode tokens of many
 sequences packed end to end. Each layer
 1. writes the new K/V of every token into its slot of the paged cache (one ``index_copy_``),
-2. gathers each sequence's keys and values through its block table (one indexed read),
+2. gathers each sequence's keys and values block by block through its block table (one
+   ``index_select`` of whole blocks: contiguous copies, a few indices),
 3. runs one ``scaled_dot_product_attention`` over a ``[B, Q, L]`` rectangle whose mask encodes
    causality and each sequence's length,
 so there is no Python loop over sequences. All index tensors are built once per step by the
@@ -31,8 +32,9 @@ class AttentionMetadata:
 
     Attributes:
         slot_mapping: ``[T]`` flat cache slot (``block * block_size + offset``) of each new token.
-        kv_slots: ``[B, L]`` flat cache slot of each key position of each sequence (padding
-            positions point at any slot; the mask hides them).
+        block_tables: ``[B, L / block_size]`` cache blocks of each sequence, padded with any
+            block id (the mask hides what padding blocks hold); ``L`` is a multiple of the
+            block size.
         attn_mask: ``[B, 1, Q, L]`` bool, True where a query may attend to a key.
         query_index: ``[B, Q]`` flat token index of each padded query row, or None when the flat
             tokens already form the ``[B, Q]`` rectangle (every sequence has exactly Q tokens,
@@ -42,7 +44,7 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor
-    kv_slots: torch.Tensor
+    block_tables: torch.Tensor
     attn_mask: torch.Tensor
     query_index: torch.Tensor | None = None
     output_index: torch.Tensor | None = None
@@ -73,7 +75,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [T, 1, head_dim]
         meta: AttentionMetadata,
-        kv_cache: torch.Tensor,  # [2, num_slots, kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
     ) -> torch.Tensor:
         t = x.shape[0]
         h, kvh = self.num_heads, self.num_kv_heads
@@ -87,12 +89,15 @@ class Attention(nn.Module):
         q, k = qk[:, :h], qk[:, h:]
 
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        kvh, d = self.num_kv_heads, self.head_dim
+        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
 
-        b, l = meta.kv_slots.shape
-        keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, kv_heads, L, D]
-        values = v_cache[meta.kv_slots].transpose(1, 2)
+        b = meta.block_tables.shape[0]
+        blocks = meta.block_tables.flatten()
+        # index_select, not advanced indexing: several times faster for this gather on CPU.
+        keys = k_cache.index_select(0, blocks).view(b, -1, kvh, d).transpose(1, 2)  # [B,K,L,D]
+        values = v_cache.index_select(0, blocks).view(b, -1, kvh, d).transpose(1, 2)
         if meta.query_index is None:
             queries = q.view(b, t // b, self.num_heads, self.head_dim)  # [B, Q, H, D]
         else:

@@ -97,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[torch.Tensor],  # per layer [2, num_slots, kv_heads, head_dim]
+        kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, kv_heads, D]
         logits_indices: torch.Tensor,  # [R]
     ) -> torch.Tensor:  # [R, vocab]
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
@@ -111,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
     ) -> list[torch.Tensor]:
-        """One ``[2, num_blocks * block_size, kv_heads, head_dim]`` tensor per layer."""
+        """One ``[2, num_blocks, block_size, kv_heads, head_dim]`` tensor per layer."""
         c = self.config
-        shape = (2, num_blocks * block_size, c.num_key_value_heads, c.head_dim)
+        shape = (2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]

@@ -58,8 +58,8 @@ def build_ragged_batch(
     starts = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=len(chunks))
     b, q = len(chunks), int(q_lens.max())
     ctx = starts + q_lens
-    l = int(ctx.max())
-    max_blocks = -(-l // block_size)
+    max_blocks = -(-int(ctx.max()) // block_size)
+    l = max_blocks * block_size  # keys are gathered block by block
     tables = np.zeros((b, max_blocks), dtype=np.int64)
     for k, c in enumerate(chunks):
         n = min(len(c.block_table), max_blocks)
@@ -77,8 +77,8 @@ def build_ragged_batch(
     positions = starts[seq_index] + local  # [T]
 
     j = np.arange(l)
-    kv_slots = tables[:, j // block_size] * block_size + j % block_size  # [B, L]
-    slot_mapping = kv_slots[seq_index, positions]  # [T]
+    # Flat cache slot of each new token: its block (through the table) and offset.
+    slot_mapping = tables[seq_index, positions // block_size] * block_size + positions % block_size
 
     i = np.arange(q)
     q_pos = starts[:, None] + i[None, :]  # [B, Q] position of each padded query row
@@ -99,7 +99,7 @@ def build_ragged_batch(
 
     meta = AttentionMetadata(
         slot_mapping=t(slot_mapping),
-        kv_slots=t(kv_slots),
+        block_tables=t(tables),
         attn_mask=t(mask),
         query_index=t(query_index),
         output_index=t(output_index),

@@ -65,8 +65,8 @@ def build_padded_batch(
     assert min(q_lens) > 0, f"empty chunk in batch: {q_lens}"
     rows, width = len(chunks) + num_idle_rows, max(q_lens)
     ctx = [c.start_pos + n for c, n in zip(chunks, q_lens, strict=True)]
-    l = max(ctx)
-    max_blocks = -(-l // block_size)
+    max_blocks = -(-max(ctx) // block_size)
+    l = max_blocks * block_size  # attention gathers keys block by block
     for c, n in zip(chunks, ctx, strict=True):
         assert len(c.block_table) * block_size >= n, (
             f"request {c.request_id}: block table of {len(c.block_table)} blocks "
@@ -99,7 +99,7 @@ def build_padded_batch(
     logits_indices = torch.tensor([k * width + q_lens[k] - 1 for k in sampling], dtype=torch.long)
     meta = AttentionMetadata(
         slot_mapping=slot_mapping.reshape(-1).to(device),
-        kv_slots=kv_slots.to(device),
+        block_tables=tables.to(device),
         attn_mask=mask.to(device),
         # The flat tokens already form the [R, W] rectangle: no gather or scatter needed.
         query_index=None,
