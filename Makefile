@@ -9,7 +9,7 @@ PORT ?= 8000
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("carpool.entrypoints.generate", "generate text for prompts, batched"),
     "serve": ("carpool.entrypoints.serve", "run the OpenAI-compatible HTTP server"),
     "bench": ("carpool.entrypoints.bench", "benchmarks: `carpool bench strategies` and more"),
+    "memory": ("carpool.entrypoints.memory", "weights, KV cache and activation memory estimate"),
+    "optimize": ("carpool.entrypoints.optimize", "largest batch that fits a memory budget"),
 }
 
 

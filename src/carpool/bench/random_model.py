@@ -25,6 +25,16 @@ PRESETS: dict[str, dict[str, int]] = {
         vocab_size=32000,
         max_position_embeddings=2048,
     ),
+    # ~246M parameters, grouped-query attention (4 KV heads for 16 query heads).
+    "medium": dict(
+        hidden_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=2816,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
     # For tests of the benchmark itself: seconds, not minutes.
     "tiny": dict(
         hidden_size=64,

@@ -21,8 +21,8 @@ from carpool.config import EngineConfig, ModelConfig
 from carpool.engine.detokenizer import IncrementalDetokenizer
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
-from carpool.kv_cache.sizing import kv_cache_bytes, num_blocks_for_budget
-from carpool.memory import available_memory_bytes
+from carpool.kv_cache.sizing import num_blocks_for_budget
+from carpool.memory import available_memory_bytes, kv_cache_bytes_for
 from carpool.model.loader import load_model
 from carpool.outputs import CompletionOutput, RequestOutput
 from carpool.request import FinishReason, Request
@@ -175,8 +175,8 @@ class LLMEngine:
             budget = c.kv_cache_memory
         else:
             # No point holding more than every seat filled to the longest context.
-            useful = kv_cache_bytes(
-                c.max_num_seqs * -(-self.max_model_len // c.block_size), per_token, c.block_size
+            useful = kv_cache_bytes_for(
+                mc, c.max_num_seqs, self.max_model_len, self._kv_dtype_bytes(), c.block_size
             )
             budget = min(int(available_memory_bytes(c.device) * c.kv_cache_memory_fraction), useful)
         return num_blocks_for_budget(budget, per_token, c.block_size)

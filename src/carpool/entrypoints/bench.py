@@ -3,7 +3,10 @@
 Modes (each a function ``run_<mode>(args) -> int`` registered in ``MODES``):
 
 - ``strategies``: one workload through every batching strategy and layout (table, JSON, plot).
-- ``batch`` (the default) and ``serve``: not implemented yet; they slot into ``MODES``.
+- ``batch`` (the default; alias ``sweep``): throughput, latency and roofline per batch size
+  (``carpool.bench.sweep_cli``).
+- ``serve``: an asynchronous load generator against a running OpenAI-compatible server
+  (``carpool.bench.serve_cli``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from carpool.bench.serve_cli import add_serve_arguments, run_serve_cli
+from carpool.bench.sweep_cli import add_sweep_arguments, run_sweep_cli
 from carpool.config import BATCHING_STRATEGIES, LAYOUTS
 from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
 from carpool.errors import CarpoolError
@@ -38,16 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="?",
         default="batch",
         choices=sorted(MODES),
-        help="what to benchmark: strategies (batching strategies side by side); "
-        "batch and serve are not implemented yet (default: batch)",
+        help="what to benchmark: batch (batch-size sweep, alias sweep), serve (load on a "
+        "running server), strategies (batching strategies side by side) (default: batch)",
     )
     m = p.add_argument_group("model")
     m.add_argument(
         "--random-config",
-        choices=["small", "tiny"],
+        choices=["small", "medium", "tiny"],
         default=None,
         help="benchmark a random-weight Llama built in a temp dir instead of --model "
-        "(small: hidden 512, 8 layers, vocab 32000, ~58M parameters)",
+        "(small: hidden 512, 8 layers, vocab 32000, ~58M parameters; medium: hidden 1024, "
+        "16 layers, 4 KV heads, ~246M)",
     )
     w = p.add_argument_group("workload (strategies)")
     w.add_argument(
@@ -105,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=Path("bench-results"),
         help="where strategies.md, strategies.json and strategies.png go",
     )
+    # ---- batch-size sweep and serving load (issue 6) ----
+    add_sweep_arguments(p)
+    add_serve_arguments(p)
     add_engine_arguments(p)
 
 
@@ -142,7 +151,14 @@ def run_strategies(args: argparse.Namespace) -> int:
             vocab_size=vocab,
         )
         requests = make_workload(spec)
-        runs = [(s, lay) for s in args.strategies for lay in args.layouts]
+        # Sequential runs one row per step, so both layouts compute exactly the same tensors:
+        # run it once (ragged) when both layouts are asked for.
+        runs = [
+            (s, lay)
+            for s in args.strategies
+            for lay in args.layouts
+            if not (s == "sequential" and lay == "padded" and "ragged" in args.layouts)
+        ]
         results = []
         bar = tqdm(total=len(runs) * args.repeats * len(requests), unit="req")
         for strategy, layout in runs:
@@ -185,21 +201,11 @@ def run_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_implemented(mode: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(
-            f"error: `carpool bench {mode}` is not implemented yet; try `carpool bench strategies`",
-            file=sys.stderr,
-        )
-        return 2
-
-    return run
-
-
-# mode -> runner. The batch-size sweep and the serving benchmark will replace the placeholders.
+# mode -> runner.
 MODES: dict[str, Callable[[argparse.Namespace], int]] = {
-    "batch": _not_implemented("batch"),
-    "serve": _not_implemented("serve"),
+    "batch": run_sweep_cli,
+    "sweep": run_sweep_cli,
+    "serve": run_serve_cli,
     "strategies": run_strategies,
 }
 

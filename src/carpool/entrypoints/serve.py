@@ -14,6 +14,7 @@ import signal
 import socket
 from collections.abc import Callable, Generator
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -23,6 +24,10 @@ from carpool.entrypoints.engine_args import (
     parse_bytes,
 )
 from carpool.errors import CarpoolError
+
+if TYPE_CHECKING:
+    from carpool.config import EngineConfig
+    from carpool.replicas import ReplicaPool
 
 logger = logging.getLogger("carpool.server")
 
@@ -76,7 +81,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds between engine status log lines while busy (default: 5)",
     )
+    _add_replica_arguments(p)
     add_engine_arguments(p)
+
+
+def _add_replica_arguments(p: argparse.ArgumentParser) -> None:
+    """Scale-out flags: N engine processes behind the one front end (docs/scaling.md)."""
+    from carpool.replicas.router import ROUTING_POLICIES
+
+    g = p.add_argument_group("replicas")
+    g.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="engine worker processes, each with its own model and KV cache (default: 1, "
+        "in-process; or one per --devices entry)",
+    )
+    g.add_argument(
+        "--devices",
+        type=lambda text: tuple(d.strip() for d in text.split(",") if d.strip()),
+        default=(),
+        help="torch devices of the replicas, cycled, e.g. cpu,cpu or cuda:0,cuda:1 "
+        "(default: --device for all)",
+    )
+    g.add_argument(
+        "--routing",
+        default="least-loaded",
+        choices=ROUTING_POLICIES,
+        help="how a replica is picked per request (default: least-loaded)",
+    )
+    g.add_argument(
+        "--threads-per-replica",
+        type=int,
+        default=None,
+        help="torch threads in each replica (default: CPU cores / replicas)",
+    )
+
+
+def _replica_pool(args: argparse.Namespace, engine_config: EngineConfig) -> ReplicaPool | None:
+    """The pool the flags ask for, or None for the single in-process engine."""
+    from carpool.replicas import ReplicaPool, ReplicaPoolConfig
+
+    n = args.replicas if args.replicas is not None else max(1, len(args.devices))
+    if n == 1 and not args.devices:
+        return None
+    return ReplicaPool(
+        ReplicaPoolConfig(
+            engine_config=engine_config,
+            num_replicas=n,
+            devices=args.devices,
+            routing=args.routing,
+            threads_per_replica=args.threads_per_replica,
+            max_queue=args.max_queue,
+            request_timeout=args.request_timeout,
+        )
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,10 +155,11 @@ def run(args: argparse.Namespace) -> int:
             shutdown_grace=args.shutdown_grace,
             log_interval=args.log_interval,
         )
+        pool = _replica_pool(args, engine_config)
     except (CarpoolError, ValueError) as e:
         logger.error("%s", e)
         return 2
-    app = build_app(engine_config, config)
+    app = build_app(pool if pool is not None else engine_config, config)
     state = app.state.carpool
 
     def start_draining() -> None:

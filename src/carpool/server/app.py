@@ -22,6 +22,8 @@ from pydantic import BaseModel, ValidationError
 from carpool.config import EngineConfig
 from carpool.engine.async_engine import AsyncEngine
 from carpool.engine.llm_engine import LLMEngine, default_model_path, resolve_model_path
+from carpool.replicas.metrics import ReplicaMetrics
+from carpool.replicas.pool import ReplicaPool
 from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
 from carpool.server.metrics import ServerMetrics
 from carpool.server.middleware import GuardMiddleware, read_body
@@ -90,7 +92,7 @@ class ServerState:
         self.config = config
         self.model_name = model_name
         self.metrics = ServerMetrics(model_name)
-        self.engine: AsyncEngine | None = None
+        self.engine: AsyncEngine | ReplicaPool | None = None
         self.serving: OpenAIServing | None = None
         self.load_error: BaseException | None = None
         self.draining = False
@@ -109,24 +111,39 @@ class ServerState:
         self.serving = OpenAIServing(engine, self.model_name, c.retry_after, self.metrics)
         self.engine = engine
 
+    def attach_pool(self, pool: ReplicaPool) -> None:
+        """Serve through a started, ready pool of replica processes."""
+        self.serving = OpenAIServing(
+            pool,  # type: ignore[arg-type]  (the AsyncEngine interface, see ReplicaPool)
+            self.model_name,
+            self.config.retry_after,
+            self.metrics,
+        )
+        self.engine = pool
+
     @property
     def ready(self) -> bool:
         return self.engine is not None and self.engine.is_running and not self.draining
 
 
 def build_app(
-    engine_or_config: LLMEngine | EngineConfig, config: ServerConfig | None = None
+    engine_or_config: LLMEngine | EngineConfig | ReplicaPool, config: ServerConfig | None = None
 ) -> FastAPI:
-    """The OpenAI-compatible app over one engine.
+    """The OpenAI-compatible app over one engine, or over a pool of replica processes.
 
     Args:
-        engine_or_config: a loaded ``LLMEngine`` (served at once) or an ``EngineConfig``
-            (loaded in a background thread at startup; ``/health`` says 503 until ready).
+        engine_or_config: a loaded ``LLMEngine`` (served at once), an ``EngineConfig``
+            (loaded in a background thread at startup; ``/health`` says 503 until ready), or
+            a ``ReplicaPool`` (not started: its processes start with the app and it serves
+            once every replica loaded or failed; its config's limits apply, not
+            ``config.max_queue``/``request_timeout``).
         config: server behaviour (defaults: ``ServerConfig()``).
     """
     config = config or ServerConfig()
     if isinstance(engine_or_config, LLMEngine):
         model = engine_or_config.config.model
+    elif isinstance(engine_or_config, ReplicaPool):
+        model = engine_or_config.config.engine_config.model
     else:
         model = engine_or_config.model
     state = ServerState(config, config.served_model_name or default_served_name(model))
@@ -140,15 +157,37 @@ def build_app(
             logger.exception("model failed to load")
             state.load_error = e
 
+    async def start_pool(pool: ReplicaPool) -> None:
+        try:
+            await pool.wait_ready()
+            state.attach_pool(pool)
+            logger.info("%d replicas loaded; serving %r", len(pool.replicas), state.model_name)
+        except Exception as e:  # reported by /health and every request
+            logger.exception("the replicas failed to load")
+            state.load_error = e
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if isinstance(engine_or_config, LLMEngine):
+        pool_task = None
+        if isinstance(engine_or_config, ReplicaPool):
+            pool = engine_or_config
+            pool.observer = state.metrics
+            pool.replica_observer = ReplicaMetrics(
+                state.metrics.registry, state.model_name, len(pool.replicas)
+            )
+            await pool.start()
+            pool_task = asyncio.ensure_future(start_pool(pool))
+        elif isinstance(engine_or_config, LLMEngine):
             state.attach(engine_or_config)
         else:
             threading.Thread(target=load, name="carpool-load", daemon=True).start()
         yield
         state.draining = True
-        if state.engine is not None:
+        if isinstance(engine_or_config, ReplicaPool):
+            if pool_task is not None:
+                pool_task.cancel()
+            await engine_or_config.shutdown()
+        elif state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)
 
     app = FastAPI(title="carpool", lifespan=lifespan)
@@ -179,6 +218,8 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
+        if isinstance(engine_or_config, ReplicaPool):
+            return pool_health(engine_or_config)
         if state.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         if state.load_error is not None:
@@ -190,6 +231,23 @@ def build_app(
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    def pool_health(pool: ReplicaPool) -> Response:
+        """200 while at least one replica is ready ("degraded" when not all are)."""
+        replicas = pool.describe()
+        num_ready = sum(r["state"] == "ready" for r in replicas)
+        if state.draining:
+            status = "shutting_down"
+        elif state.load_error is not None:
+            status = "failed"
+        elif state.serving is None:
+            status = "loading"
+        elif num_ready == 0:
+            status = "unavailable"
+        else:
+            status = "ok" if num_ready == len(replicas) else "degraded"
+        code = 200 if status in ("ok", "degraded") else 503
+        return JSONResponse({"status": status, "replicas": replicas}, status_code=code)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -69,8 +69,9 @@ def engine_error_to_api(e: BaseException, retry_after: int = 1) -> APIError:
         )
     if isinstance(e, RequestTimeoutError):
         return APIError(504, str(e), code="request_timeout")
-    if isinstance(e, EngineStoppedError):
-        return APIError(503, str(e), code="shutting_down", headers={"Retry-After": "5"})
+    if isinstance(e, EngineStoppedError):  # a subclass may name its own code (a replica down)
+        code = getattr(e, "code", "shutting_down")
+        return APIError(503, str(e), code=code, headers={"Retry-After": "5"})
     if isinstance(e, EngineDeadError):
         return APIError(500, str(e), code="engine_dead")
     if isinstance(e, InvalidRequestError):

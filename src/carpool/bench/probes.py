@@ -1,0 +1,87 @@
+"""Measure the machine's roofline: matmul peak (FLOP/s) and memory bandwidth (bytes/s).
+
+A benchmark that reports tokens/s alone cannot say whether more is possible; dividing the FLOP/s
+and bytes/s a run achieved by these two probes says which roof bounds it (see PERF-NOTES.md).
+Both probes take the best of a few repeats, since a shared machine only ever slows them down.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Measured peaks of this machine.
+
+    Attributes:
+        peak_flops: matmul FLOP/s in ``dtype``.
+        bandwidth: memory read bytes/s (a large reduction).
+        dtype: the matmul dtype.
+        device: torch device.
+    """
+
+    peak_flops: float
+    bandwidth: float
+    dtype: str
+    device: str
+
+    @property
+    def ridge_intensity(self) -> float:
+        """FLOP per byte at which a kernel turns from memory-bound to compute-bound."""
+        return self.peak_flops / self.bandwidth
+
+    def to_dict(self) -> dict[str, float | str]:
+        """Plain values for JSON."""
+        return {**asdict(self), "ridge_intensity": self.ridge_intensity}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn: object, repeats: int, device: torch.device) -> float:
+    """Best wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
+    assert callable(fn)
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_flops(
+    dtype: torch.dtype = torch.bfloat16, device: str = "cpu", size: int = 1024, repeats: int = 5
+) -> float:
+    """FLOP/s of a square ``size x size`` matmul (``2 size^3`` FLOP) in ``dtype``."""
+    dev = torch.device(device)
+    a = torch.randn(size, size, device=dev).to(dtype)
+    b = torch.randn(size, size, device=dev).to(dtype)
+    seconds = _best_time(lambda: torch.mm(a, b), repeats, dev)
+    return 2 * size**3 / seconds
+
+
+def memory_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Read bytes/s of a sum over a float32 tensor of ``nbytes`` (far larger than the caches)."""
+    dev = torch.device(device)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+    seconds = _best_time(lambda: x.sum(), repeats, dev)
+    return nbytes / seconds
+
+
+def measure_roofline(dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Roofline:
+    """Run both probes (about a second on a CPU)."""
+    return Roofline(
+        peak_flops=matmul_flops(dtype, device),
+        bandwidth=memory_bandwidth(device),
+        dtype=str(dtype).replace("torch.", ""),
+        device=device,
+    )

@@ -1,0 +1,207 @@
+"""``carpool memory``: weights, KV cache and activation memory of a model at a batch size.
+
+Reads only the model's config (a model directory, a ``.gguf`` file or a bare ``config.json``),
+so a 70B model can be planned without its weights; the formulas are the engine's
+(``carpool.memory.estimate_memory``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from carpool.config import ModelConfig, dtype_bytes
+from carpool.entrypoints.engine_args import parse_bytes
+from carpool.errors import CarpoolError
+from carpool.memory import MemoryEstimate, estimate_memory, format_bytes
+
+_DTYPES = ["auto", "float32", "bfloat16", "float16"]
+_KV_DTYPES = ["float32", "bfloat16", "float16", "fp8", "int8"]
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        sizes = ()
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return sizes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``carpool memory``."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory, .gguf file or config.json (default: the embedded model)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="sequences served together")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt+output)")
+    p.add_argument(
+        "--dtype", default="auto", choices=_DTYPES, help="weight dtype (auto: the config's)"
+    )
+    p.add_argument(
+        "--kv-dtype", default=None, choices=_KV_DTYPES, help="KV-cache dtype (default: --dtype)"
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per forward pass for the activation estimate (default: the whole batch "
+        "in one prefill, B x seq-len)",
+    )
+    p.add_argument(
+        "--device-memory",
+        type=parse_bytes,
+        default=None,
+        help="memory of the target device, e.g. 40GB (default: this machine's)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=_sizes,
+        default=None,
+        help="batch sizes of the table (default: powers of two up to 4 x --batch-size)",
+    )
+    p.add_argument("--plot", type=Path, default=None, help="write memory vs batch size as PNG")
+    p.add_argument("--output", type=Path, default=None, help="write the figures as JSON")
+
+
+def _dtype_nbytes(name: str, config: ModelConfig) -> tuple[str, int]:
+    if name == "auto":
+        name = config.torch_dtype.replace("torch.", "")
+        if name not in ("float32", "bfloat16", "float16"):
+            name = "float32"
+    return name, dtype_bytes(name)
+
+
+def table(rows: list[MemoryEstimate], device_memory: int) -> str:
+    """Markdown table: one row per batch size, with whether it fits."""
+    lines = [
+        "| batch | weights | KV cache | activations | total | fits |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for e in rows:
+        cells = [str(e.batch_size), *map(format_bytes, (e.weights, e.kv_cache, e.activations))]
+        cells += [format_bytes(e.total), "yes" if e.fits(device_memory) else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(path: Path, rows: list[MemoryEstimate], device_memory: int, title: str) -> None:
+    """Stacked weights / KV cache / activations vs batch size, the device's memory as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = [e.batch_size for e in rows]
+    gb = 1e9
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.stackplot(
+        b,
+        [e.weights / gb for e in rows],
+        [e.kv_cache / gb for e in rows],
+        [e.activations / gb for e in rows],
+        labels=["weights", "KV cache", "activations (estimate)"],
+        alpha=0.8,
+    )
+    ax.axhline(device_memory / gb, color="red", linestyle="--", label="device memory")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("GB")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the estimate at ``--batch-size``, whether it fits, and the table over batches."""
+    from carpool.engine.llm_engine import resolve_model_path
+    from carpool.memory import device_memory_bytes, largest_batch_by_estimate, read_model_config
+
+    try:
+        config = read_model_config(resolve_model_path(args.model))
+    except CarpoolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1 or args.seq_len < 1:
+        print("error: --batch-size and --seq-len must be >= 1", file=sys.stderr)
+        return 2
+    dtype, nbytes = _dtype_nbytes(args.dtype, config)
+    kv_dtype = args.kv_dtype or dtype
+    kv_nbytes = dtype_bytes(kv_dtype)
+    device_memory = args.device_memory or device_memory_bytes("cpu")
+    sizes = args.batch_sizes or tuple(
+        1 << k for k in range((4 * args.batch_size).bit_length()) if 1 << k <= 4 * args.batch_size
+    )
+    sizes = tuple(sorted(set(sizes) | {args.batch_size}))
+
+    def estimate(b: int) -> MemoryEstimate:
+        return estimate_memory(
+            config,
+            b,
+            args.seq_len,
+            nbytes,
+            kv_nbytes,
+            args.block_size,
+            args.max_num_batched_tokens,
+        )
+
+    est = estimate(args.batch_size)
+    rows = [estimate(b) for b in sizes]
+    largest = largest_batch_by_estimate(
+        config,
+        args.seq_len,
+        device_memory,
+        nbytes,
+        kv_nbytes,
+        args.block_size,
+        args.max_num_batched_tokens,
+    )
+    per_token = config.kv_bytes_per_token_for(kv_nbytes)
+    print(
+        f"model: {config.architecture}, {config.num_parameters / 1e9:.2f}B parameters, "
+        f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+        f"{config.num_key_value_heads} KV heads x {config.head_dim}; weights {dtype}, KV {kv_dtype}"
+    )
+    print(
+        f"KV cache per token: 2 x {config.num_hidden_layers} layers x "
+        f"{config.num_key_value_heads} kv heads x {config.head_dim} x {kv_nbytes} B = "
+        f"{per_token / 1024:.1f} KiB"
+    )
+    print(f"batch {args.batch_size} x {args.seq_len} tokens:")
+    print(f"  weights      {format_bytes(est.weights):>10}")
+    print(f"  KV cache     {format_bytes(est.kv_cache):>10}")
+    print(f"  activations  {format_bytes(est.activations):>10}  (estimate: peak of one pass)")
+    print(f"  total        {format_bytes(est.total):>10}")
+    verdict = "fits in" if est.fits(device_memory) else "does NOT fit in"
+    print(
+        f"=> {verdict} {format_bytes(device_memory)} of device memory; the largest batch of "
+        f"{args.seq_len} tokens that fits is {largest}\n"
+    )
+    print(table(rows, device_memory))
+    if args.plot is not None:
+        title = f"{config.num_parameters / 1e9:.2f}B {config.architecture}, seq {args.seq_len}"
+        write_plot(args.plot, rows, device_memory, title)
+    if args.output is not None:
+        payload = {
+            "model": str(args.model or "default"),
+            "dtype": dtype,
+            "kv_dtype": kv_dtype,
+            "seq_len": args.seq_len,
+            "device_memory": device_memory,
+            "kv_bytes_per_token": per_token,
+            "estimate": est.to_dict(),
+            "fits": est.fits(device_memory),
+            "largest_batch": largest,
+            "table": [e.to_dict() for e in rows],
+        }
+        args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0

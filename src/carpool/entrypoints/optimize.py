@@ -1,0 +1,154 @@
+"""``carpool optimize``: the largest batch that fits a memory budget, and the sweet spot below it.
+
+1. Estimate: the largest B with weights + KV cache + activations within the budget.
+2. Confirm: run that batch for real (binary search below it if it fails; see
+   ``carpool.bench.optimize``).
+3. Sweep: decode throughput at powers of two up to B; the sweet spot is where doubling the
+   batch buys less than ``--knee`` (10%) more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from carpool.entrypoints.engine_args import parse_bytes
+
+if TYPE_CHECKING:
+    from carpool.bench.optimize import BatchFitter
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``carpool optimize``."""
+    p.add_argument(
+        "--model", default=None, help="model directory or .gguf file (default: embedded model)"
+    )
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (prompt+output)")
+    p.add_argument(
+        "--memory-budget",
+        type=parse_bytes,
+        default=None,
+        help="bytes for weights + KV cache + activations, e.g. 2GB (default: 90%% of the "
+        "memory available now)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype (auto: checkpoint's; fp16->bf16 on CPU)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=256, help="largest batch tried (default: 256)"
+    )
+    p.add_argument(
+        "--gen-len", type=int, default=16, help="tokens generated per request in the sweep"
+    )
+    p.add_argument(
+        "--knee", type=float, default=0.10, help="sweet spot: next size gains less than this"
+    )
+    p.add_argument("--no-sweep", action="store_true", help="only find the largest batch")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--output", type=Path, default=None, help="write the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Estimate, confirm, sweep; print a summary and write JSON on request."""
+    from carpool.bench.optimize import BatchFitter, largest_fitting_batch, probes_as_dicts
+    from carpool.config import EngineConfig
+    from carpool.engine.llm_engine import resolve_model_path
+    from carpool.errors import CarpoolError
+    from carpool.memory import (
+        available_memory_bytes,
+        estimate_memory,
+        format_bytes,
+        largest_batch_by_estimate,
+        read_model_config,
+    )
+    from carpool.model.loader import resolve_dtype
+
+    try:
+        path = resolve_model_path(args.model)
+        config = read_model_config(path)
+        dtype = resolve_dtype(args.dtype, config, args.device)
+    except (CarpoolError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    nbytes = dtype.itemsize
+    budget = args.memory_budget or int(0.9 * available_memory_bytes(args.device))
+    estimate = min(
+        args.max_batch_size,
+        largest_batch_by_estimate(config, args.seq_len, budget, nbytes, None, args.block_size),
+    )
+    base = EngineConfig(
+        model=str(path),
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        seed=args.seed,
+    )
+    fitter = BatchFitter(base, config, nbytes, args.seq_len, budget)
+    best = largest_fitting_batch(fitter, estimate)
+    result: dict[str, object] = {
+        "model": str(path),
+        "dtype": str(dtype).replace("torch.", ""),
+        "seq_len": args.seq_len,
+        "memory_budget": budget,
+        "estimated_batch": estimate,
+        "largest_batch": best,
+        "memory_at_largest": (
+            estimate_memory(config, best, args.seq_len, nbytes, None, args.block_size).to_dict()
+            if best
+            else None
+        ),
+        "next_batch_check": probes_as_dicts([fitter.budget_check(best + 1)])[0],
+        "probes": probes_as_dicts(fitter.probes),
+    }
+    print(
+        f"budget {format_bytes(budget)}, seq {args.seq_len}: estimate says batch {estimate}; "
+        f"confirmed batch {best} runs"
+        + (f" (batch {best + 1}: {fitter.budget_check(best + 1).reason or 'fits'})" if best else "")
+    )
+    if best and not args.no_sweep:
+        result.update(_sweep(fitter, best, args))
+        print(
+            f"sweet spot: batch {result['sweet_spot']} (the next size gains < "
+            f"{args.knee:.0%} decode throughput)"
+        )
+    if args.output is not None:
+        args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0 if best else 1
+
+
+def _sweep(fitter: BatchFitter, best: int, args: argparse.Namespace) -> dict[str, object]:
+    """Decode throughput at powers of two up to ``best`` on one engine sized for ``best``."""
+    from carpool.bench.optimize import sweep_sizes, sweet_spot
+    from carpool.bench.probes import measure_roofline
+    from carpool.bench.sweep import SweepSpec, run_sweep
+    from carpool.engine.llm_engine import LLMEngine
+
+    gen = max(2, min(args.gen_len, args.seq_len - 1))
+    spec = SweepSpec(
+        batch_sizes=sweep_sizes(best),
+        num_requests=1,  # one round per size
+        prompt_len=args.seq_len - gen,
+        gen_len=gen,
+        seed=args.seed,
+    )
+    engine = LLMEngine(fitter.engine_config(best))
+    weight = next(engine.model.parameters())
+    roof = measure_roofline(weight.dtype, engine.config.device)
+    rows = run_sweep(engine, spec, roof, weight.element_size())
+    points = [(r.b, r.s_tg) for r in rows]
+    return {
+        "sweep": [
+            {"batch_size": r.b, "decode_tok_s": r.s_tg, "latency_mean_ms": r.latency_mean_ms}
+            for r in rows
+        ],
+        "sweet_spot": sweet_spot(points, args.knee),
+        "roofline": roof.to_dict(),
+    }
