@@ -162,12 +162,13 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, data: torch.Tensor, seq: int, max_seqs: int, batch: int) -> float:
-    """Mean loss over non-overlapping windows from the start of ``data``."""
+    """Mean loss over ``max_seqs`` fixed windows spread evenly over ``data``."""
     model.eval()
     n = min(max_seqs, (len(data) - 1) // seq)
+    stride = ((len(data) - 1) // n // seq) * seq  # windows spread evenly over the stream
     total, count = 0.0, 0
     for i in range(0, n, batch):
-        idx = [j * seq for j in range(i, min(n, i + batch))]
+        idx = [j * stride for j in range(i, min(n, i + batch))]
         x = torch.stack([data[k : k + seq] for k in idx])
         y = torch.stack([data[k + 1 : k + seq + 1] for k in idx])
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -220,6 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-seqs", type=int, default=128)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--sample-tokens", type=int, default=64)
+    ap.add_argument("--init-from", default=None, help="continue training a model directory saved by this script")
     ap.add_argument("--summary", default=None, help="optional path for a JSON summary of the run")
     args = ap.parse_args(argv)
 
@@ -238,7 +240,12 @@ def main(argv=None) -> int:
     )
 
     t0 = time.time()
-    tok = train_tokenizer(train_texts, args.vocab)
+    if args.init_from:  # continue training a saved model: reuse its tokenizer
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(args.init_from) / "tokenizer.json"))
+    else:
+        tok = train_tokenizer(train_texts, args.vocab)
     probe = "def fibonacci(n):\n    if n < 2:\n        return n\n"
     assert tok.decode(tok.encode(probe).ids) == probe, "tokenizer round trip failed"
     train_ids = encode_docs(tok, train_texts)
@@ -248,7 +255,16 @@ def main(argv=None) -> int:
         f"({sum(map(len, train_texts)) / len(train_ids):.2f} chars/token, {time.time() - t0:.1f}s)"
     )
 
-    model = build_model(args, tok)
+    if args.init_from:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        args.hidden, args.layers = model.config.hidden_size, model.config.num_hidden_layers
+        args.heads, args.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+        args.intermediate, args.max_pos = model.config.intermediate_size, model.config.max_position_embeddings
+        log(f"[model] continuing from {args.init_from}")
+    else:
+        model = build_model(args, tok)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     log(

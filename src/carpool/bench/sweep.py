@@ -1,8 +1,9 @@
 """Batch-size sweep (``carpool bench``): throughput and latency per batch size, with rooflines.
 
-For each batch size B the requests run in rounds of B: B prompts of ``PP`` random tokens are
-added at once, so the engine prefills them in one pass and then decodes them together for
-``TG`` tokens (greedy, EOS ignored). Times come from the engine's own ``StepRecord``s:
+For each batch size B, after one untimed warm-up round, the requests run in rounds of B: B
+prompts of ``PP`` random tokens are added at once, so the engine prefills them in one pass and
+then decodes them together for ``TG`` tokens (greedy, EOS ignored). Times come from the
+engine's own ``StepRecord``s:
 
 - ``T_PP``: the prefill steps (a step that computed more tokens than sequences, or a round's
   first step); each also samples one token per sequence.
@@ -98,7 +99,7 @@ class SweepRow:
 
 
 @dataclass(frozen=True)
-class _Measured:
+class Measured:
     """Raw times of one batch size's rounds."""
 
     wall: float
@@ -161,8 +162,11 @@ def run_round(engine: LLMEngine, prompts: Sequence[list[int]], gen_len: int) -> 
 
 def _measure(
     engine: LLMEngine, spec: SweepSpec, batch: int, on_round: Callable[[int], None]
-) -> _Measured:
+) -> Measured:
     vocab = engine.model_config.vocab_size
+    # One untimed round of the same shapes first: kernels are picked (oneDNN) or compiled per
+    # shape on first use, which would otherwise land in the timed rounds of a large B.
+    run_round(engine, random_prompts(batch, spec.prompt_len, vocab, -batch), spec.gen_len)
     prefill: list[StepRecord] = []
     decode: list[StepRecord] = []
     start = time.perf_counter()
@@ -171,14 +175,14 @@ def _measure(
         for i, rec in enumerate(run_round(engine, prompts, spec.gen_len)):
             (prefill if i == 0 or rec.num_tokens > rec.num_seqs else decode).append(rec)
         on_round(batch)
-    return _Measured(time.perf_counter() - start, prefill, decode)
+    return Measured(time.perf_counter() - start, prefill, decode)
 
 
 def _row(
     config: ModelConfig,
     spec: SweepSpec,
     batch: int,
-    m: _Measured,
+    m: Measured,
     roof: Roofline,
     nbytes: int,
     base_s_tg: float | None,
@@ -233,14 +237,10 @@ def _row(
     )
 
 
-def run_sweep(
-    engine: LLMEngine,
-    spec: SweepSpec,
-    roof: Roofline,
-    nbytes: int,
-    on_round: Callable[[int], None] = lambda _b: None,
-) -> list[SweepRow]:
-    """Run ``spec`` on ``engine`` (after a short warm-up); one row per batch size.
+def measure_sweep(
+    engine: LLMEngine, spec: SweepSpec, on_round: Callable[[int], None] = lambda _b: None
+) -> dict[int, Measured]:
+    """Run ``spec`` on ``engine``, one untimed warm-up round per batch size; raw step times.
 
     The engine must accept ``max(spec.batch_sizes)`` sequences of ``PP + TG`` tokens at once
     and prefill them in one pass (``max_num_batched_tokens >= B x PP``) for the prefill and
@@ -249,19 +249,38 @@ def run_sweep(
     Args:
         engine: an idle engine.
         spec: the workload.
-        roof: the machine's measured peaks.
-        nbytes: bytes per weight element (for the bytes/s column).
         on_round: called with B after each round (progress bars).
     """
-    vocab = engine.model_config.vocab_size
-    run_round(engine, random_prompts(min(2, spec.batch_sizes[0]), spec.prompt_len, vocab, -1), 2)
-    measured = {b: _measure(engine, spec, b, on_round) for b in spec.batch_sizes}
+    return {b: _measure(engine, spec, b, on_round) for b in spec.batch_sizes}
+
+
+def sweep_rows(
+    config: ModelConfig,
+    spec: SweepSpec,
+    measured: dict[int, Measured],
+    roof: Roofline,
+    nbytes: int,
+) -> list[SweepRow]:
+    """One row per batch size; ``nbytes`` per weight element (for the bytes/s columns)."""
     b0 = spec.batch_sizes[0]
-    first = _row(engine.model_config, spec, b0, measured[b0], roof, nbytes, None, b0)
+    first = _row(config, spec, b0, measured[b0], roof, nbytes, None, b0)
     return [first] + [
-        _row(engine.model_config, spec, b, measured[b], roof, nbytes, first.s_tg, b0)
+        _row(config, spec, b, measured[b], roof, nbytes, first.s_tg, b0)
         for b in spec.batch_sizes[1:]
     ]
+
+
+def run_sweep(
+    engine: LLMEngine,
+    spec: SweepSpec,
+    roof: Roofline,
+    nbytes: int,
+    on_round: Callable[[int], None] = lambda _b: None,
+) -> list[SweepRow]:
+    """``measure_sweep`` then ``sweep_rows``."""
+    return sweep_rows(
+        engine.model_config, spec, measure_sweep(engine, spec, on_round), roof, nbytes
+    )
 
 
 def profile_steps(engine: LLMEngine, batch: int, spec: SweepSpec, out_dir: Path) -> Path:
