@@ -48,7 +48,6 @@ def test_staggered_arrivals_match_transformers(tiny):
 def test_preemption_loses_nothing(tiny_llama):
     tiny = tiny_llama
     prompts = tiny.prompts[:12]
-    per_token = EngineConfig  # noqa: F841  (documentation: budget below is in bytes)
     # 2 layers x 2 kv heads x 16 dims x 2 (K,V) x 4 bytes = 512 bytes per token.
     # 40 blocks of 16 tokens: the longest request (330 + 32) fits alone, 12 together do not.
     llm = LLM(
