@@ -29,7 +29,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import random
 import sys
 import sysconfig
@@ -147,17 +146,16 @@ def build_model(args, tok):
         pad_token_id=tok.token_to_id(PAD),
         use_cache=True,
     )
-    try:
-        cfg._attn_implementation = "sdpa"
-    except Exception:
-        pass
+    cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
     return model
 
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=x).logits
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
+    )
 
 
 @torch.no_grad()
@@ -198,13 +196,19 @@ def greedy(model, tok, prompt: str, n: int) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True, help="output model directory")
-    ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget for the training loop")
+    ap.add_argument(
+        "--minutes", type=float, default=30.0, help="wall-clock budget for the training loop"
+    )
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
-    ap.add_argument("--heldout-mod", type=int, default=50, help="hold out files with crc32(path) %% N == 0")
+    ap.add_argument(
+        "--heldout-mod", type=int, default=50, help="hold out files with crc32(path) %% N == 0"
+    )
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -221,7 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-seqs", type=int, default=128)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--sample-tokens", type=int, default=64)
-    ap.add_argument("--init-from", default=None, help="continue training a model directory saved by this script")
+    ap.add_argument(
+        "--init-from", default=None, help="continue training a model directory saved by this script"
+    )
     ap.add_argument("--summary", default=None, help="optional path for a JSON summary of the run")
     args = ap.parse_args(argv)
 
@@ -260,8 +266,14 @@ def main(argv=None) -> int:
 
         model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
         args.hidden, args.layers = model.config.hidden_size, model.config.num_hidden_layers
-        args.heads, args.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
-        args.intermediate, args.max_pos = model.config.intermediate_size, model.config.max_position_embeddings
+        args.heads, args.kv_heads = (
+            model.config.num_attention_heads,
+            model.config.num_key_value_heads,
+        )
+        args.intermediate, args.max_pos = (
+            model.config.intermediate_size,
+            model.config.max_position_embeddings,
+        )
         log(f"[model] continuing from {args.init_from}")
     else:
         model = build_model(args, tok)
@@ -298,7 +310,9 @@ def main(argv=None) -> int:
     model.train()
     step, tokens_seen, ema = 0, 0, None
     t_train = time.time()
-    log(f"[train] budget {args.minutes:.1f} min, batch {args.batch}x{args.seq} = {args.batch * args.seq} tokens/step")
+    log(
+        f"[train] budget {args.minutes:.1f} min, batch {args.batch}x{args.seq} = {args.batch * args.seq} tokens/step"
+    )
     while True:
         elapsed = time.time() - t_train
         if elapsed >= budget:
@@ -327,13 +341,17 @@ def main(argv=None) -> int:
                 f"epochs {tokens_seen / len(train_ids):.2f}"
             )
     train_secs = time.time() - t_train
-    log(f"[train] done: {step} steps, {tokens_seen:,} tokens ({tokens_seen / len(train_ids):.2f} epochs) in {train_secs / 60:.1f} min")
+    log(
+        f"[train] done: {step} steps, {tokens_seen:,} tokens ({tokens_seen / len(train_ids):.2f} epochs) in {train_secs / 60:.1f} min"
+    )
 
     # Final losses, both measured in bf16 autocast on fixed windows.
     # "train" uses windows from the train stream, "held-out" from unseen files.
     train_loss = evaluate(model, train_ids, args.seq, args.eval_seqs, args.batch)
     held_loss = evaluate(model, held_ids, args.seq, args.eval_seqs, args.batch)
-    log(f"[eval] train loss {train_loss:.4f} (ppl {math.exp(train_loss):.1f})  held-out loss {held_loss:.4f} (ppl {math.exp(held_loss):.1f})")
+    log(
+        f"[eval] train loss {train_loss:.4f} (ppl {math.exp(train_loss):.1f})  held-out loss {held_loss:.4f} (ppl {math.exp(held_loss):.1f})"
+    )
 
     # ---- save (bfloat16 weights, standard HF layout)
     from transformers import GenerationConfig, PreTrainedTokenizerFast
@@ -397,7 +415,9 @@ def main(argv=None) -> int:
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"[save] {out}  {size / 1e6:.2f} MB  (total wall time {total_secs / 60:.1f} min)")
     for prompt, text in samples.items():
-        log(f"[sample] greedy, {args.sample_tokens} tokens, prompt {prompt!r}:\n{text}\n" + "-" * 60)
+        log(
+            f"[sample] greedy, {args.sample_tokens} tokens, prompt {prompt!r}:\n{text}\n" + "-" * 60
+        )
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
@@ -449,11 +469,11 @@ def verify_hf_load(out: Path, tok) -> None:
 
 def write_readme(out: Path, args, s: dict, held_names: list[str]) -> None:
     fib = s["samples"]["def fibonacci(n):"]
-    text = f"""# carpool default model (`stdlib-llama-{s['params'] / 1e6:.1f}M`)
+    text = f"""# carpool default model (`stdlib-llama-{s["params"] / 1e6:.1f}M`)
 
 A tiny Llama-architecture causal LM bundled with carpool so that it runs out of
-the box with no download. It was trained for about {s['train_minutes']:.0f} minutes on two CPU
-cores on the Python {s['python']} standard library's own source code, so it writes
+the box with no download. It was trained for about {s["train_minutes"]:.0f} minutes on two CPU
+cores on the Python {s["python"]} standard library's own source code, so it writes
 Python-looking text. It is a demo / test model: it does not follow instructions
 and its code is rarely correct.
 
@@ -470,7 +490,7 @@ model = AutoModelForCausalLM.from_pretrained("src/carpool/data/default_model")
 | | |
 |---|---|
 | class | `LlamaForCausalLM` |
-| parameters | {s['params']:,} ({s['non_embedding_params']:,} non-embedding) |
+| parameters | {s["params"]:,} ({s["non_embedding_params"]:,} non-embedding) |
 | hidden size | {args.hidden} |
 | layers | {args.layers} |
 | attention heads / KV heads | {args.heads} / {args.kv_heads} (GQA, head dim {args.hidden // args.heads}) |
@@ -492,30 +512,30 @@ model never saw chat data.
 
 ## Data
 
-All `*.py` files of the CPython {s['python']} standard library
+All `*.py` files of the CPython {s["python"]} standard library
 (`sysconfig.get_paths()["stdlib"]`), skipping `test`/`tests`/`idle_test`
 directories, `test_*.py`, `site-packages`, `pydoc_data` and files over
 {MAX_FILE_BYTES // 1000} kB. Each file is one document `<|bos|> text <|eos|>`.
 Files whose `crc32(relative path) % {args.heldout_mod} == 0` are held out
-({s['heldout_files']} files, {s['heldout_tokens']:,} tokens, e.g. {', '.join('`' + n + '`' for n in held_names[:4])});
-the remaining {s['train_files']} files give {s['train_tokens']:,} training tokens.
+({s["heldout_files"]} files, {s["heldout_tokens"]:,} tokens, e.g. {", ".join("`" + n + "`" for n in held_names[:4])});
+the remaining {s["train_files"]} files give {s["train_tokens"]:,} training tokens.
 
 ## Training
 
 ```
-{s['command']}
+{s["command"]}
 ```
 
 Plain PyTorch loop: AdamW (betas 0.9/0.95, weight decay {args.wd}), peak LR {args.lr},
 {args.warmup} warmup steps then cosine decay to {args.min_lr_frac:g}x driven by the
 wall-clock budget, gradient clipping 1.0, bf16 autocast, batch
 {args.batch} x {args.seq} tokens of random windows, seed {args.seed},
-torch {s['torch']} on CPU with {args.threads} threads.
+torch {s["torch"]} on CPU with {args.threads} threads.
 
-- training wall time: {s['train_minutes']:.1f} min ({s['total_minutes']:.1f} min end to end)
-- steps: {s['steps']:,}; tokens seen: {s['tokens_seen']:,} ({s['epochs']:.2f} epochs)
-- final train loss: **{s['train_loss']:.3f}** (ppl {math.exp(s['train_loss']):.1f})
-- final held-out loss: **{s['heldout_loss']:.3f}** (ppl {math.exp(s['heldout_loss']):.1f})
+- training wall time: {s["train_minutes"]:.1f} min ({s["total_minutes"]:.1f} min end to end)
+- steps: {s["steps"]:,}; tokens seen: {s["tokens_seen"]:,} ({s["epochs"]:.2f} epochs)
+- final train loss: **{s["train_loss"]:.3f}** (ppl {math.exp(s["train_loss"]):.1f})
+- final held-out loss: **{s["heldout_loss"]:.3f}** (ppl {math.exp(s["heldout_loss"]):.1f})
 
 (Losses are mean token cross-entropy over {args.eval_seqs} fixed {args.seq}-token windows.)
 
