@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from random_models import write_random_llama  # noqa: E402
-
-from carpool import LLM, SamplingParams  # noqa: E402
-from carpool.engine.llm_engine import default_model_path  # noqa: E402
+from carpool import LLM, SamplingParams
+from carpool.bench.random_model import save_random_llama
+from carpool.engine.llm_engine import default_model_path
 
 # Measured on this machine (see ../shared/PERF-NOTES.md): 2 threads.
 BANDWIDTH = 64e9
@@ -42,7 +40,10 @@ def roofline(params: int, weight_bytes: int, batch: int, dtype: str) -> float:
 def model_dir(name: str, work: Path, dtype: str) -> Path:
     if name == "embedded":
         return default_model_path()
-    return write_random_llama(name, work / name, dtype=dtype)
+    out = work / f"{name}-{dtype}"
+    if (out / "model.safetensors").is_file():
+        return out
+    return save_random_llama(out, preset=name, dtype=dtype)
 
 
 def bench_carpool(llm: LLM, prompts: list[list[int]], gen: int) -> tuple[float, float]:

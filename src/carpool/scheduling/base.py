@@ -14,10 +14,39 @@ The runner and the model never know which policy is active.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from carpool.request import FinishReason, Request
+from carpool.errors import InvalidRequestError
+from carpool.request import FinishReason, Request, RequestStatus
 from carpool.scheduling.output import SchedulerOutput
+
+
+def validate_new_request(
+    request: Request, known: Mapping[str, Request], max_model_len: int
+) -> None:
+    """The checks every policy makes before queueing a request.
+
+    Raises:
+        InvalidRequestError: duplicate id, empty prompt, or prompt + max_tokens over
+            ``max_model_len`` (the message gives the numbers).
+    """
+    rid = request.request_id
+    if rid in known:
+        raise InvalidRequestError(f"request id {rid!r} is already in use")
+    assert request.status is RequestStatus.WAITING and request.num_computed_tokens == 0, (
+        f"add_request needs a fresh request, got {request!r}"
+    )
+    prompt_len = request.num_prompt_tokens
+    max_tokens = request.sampling_params.max_tokens
+    if prompt_len == 0:
+        raise InvalidRequestError(f"request {rid!r}: the prompt is empty")
+    total = prompt_len + max_tokens
+    if total > max_model_len:
+        raise InvalidRequestError(
+            f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+            f"{total} exceeds max_model_len ({max_model_len})"
+        )
 
 
 @dataclass

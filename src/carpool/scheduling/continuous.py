@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
-from carpool.scheduling.base import SchedulerStats, SchedulingPolicy
+from carpool.scheduling.base import SchedulerStats, SchedulingPolicy, validate_new_request
 from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
 
 
@@ -89,22 +89,11 @@ class ContinuousScheduler(SchedulingPolicy):
     # ---- queue ---------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
+        validate_new_request(request, self.requests, self.config.max_model_len)
         rid = request.request_id
-        if rid in self.requests:
-            raise InvalidRequestError(f"request id {rid!r} is already in use")
-        assert request.status is RequestStatus.WAITING and request.num_computed_tokens == 0, (
-            f"add_request needs a fresh request, got {request!r}"
-        )
         prompt_len = request.num_prompt_tokens
         max_tokens = request.sampling_params.max_tokens
-        if prompt_len == 0:
-            raise InvalidRequestError(f"request {rid!r}: the prompt is empty")
         total = prompt_len + max_tokens
-        if total > self.config.max_model_len:
-            raise InvalidRequestError(
-                f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
-                f"{total} exceeds max_model_len ({self.config.max_model_len})"
-            )
         # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.
         blocks = self.block_manager.blocks_needed(total - 1)
         if blocks > self.config.num_blocks:
