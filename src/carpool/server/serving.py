@@ -8,18 +8,16 @@ a streaming response only starts once the request is known to be servable.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
 
 from carpool.engine.async_engine import (
     AsyncEngine,
@@ -52,6 +50,7 @@ from carpool.server.protocol import (
     UsageInfo,
     dump,
 )
+from carpool.server.streaming import SSEResponse, merge_streams, run_unless_disconnected, sse
 from carpool.tokenizer import Tokenizer
 from carpool.worker.sampler import TokenLogprobs
 
@@ -101,89 +100,6 @@ class _Job:
     def abort_all(self) -> None:
         for s in self.streams:
             s.abort()
-
-
-class _SSEResponse(StreamingResponse):
-    """A streaming response that aborts its requests however the stream ends.
-
-    Starlette may never start the body iterator (the client left before the first byte), so
-    the cleanup cannot live in the iterator's ``finally`` alone.
-    """
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-
-
-def sse(data: dict[str, Any] | str) -> str:
-    """One server-sent event."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n"
-
-
-async def _until_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it and raise ``APIError(499)``."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise APIError(499, "client disconnected", code="client_closed_request")
-
-
-async def merge_streams(
-    streams: Sequence[RequestStream],
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' outputs as they come, tagged with the stream's index."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for out in stream:
-                queue.put_nowait((i, out))
-            queue.put_nowait((i, None))
-        except Exception as e:  # noqa: BLE001  (handed to the consumer)
-            queue.put_nowait((i, e))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 class OpenAIServing:
@@ -377,7 +293,7 @@ class OpenAIServing:
         self._submit(job, req.timeout, arrival)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _SSEResponse(self._completion_stream(req, job, include_usage), job.abort_all)
+            return SSEResponse(self._completion_stream(req, job, include_usage), job.abort_all)
         outs = await self._collect(request, job)
         choices = []
         for i, out in enumerate(outs):
@@ -504,7 +420,7 @@ class OpenAIServing:
         self._submit(job, req.timeout, arrival)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _SSEResponse(self._chat_stream(req, job, include_usage), job.abort_all)
+            return SSEResponse(self._chat_stream(req, job, include_usage), job.abort_all)
         outs = await self._collect(request, job)
         choices = [
             ChatChoice(
