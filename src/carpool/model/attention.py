@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 
 
 @dataclass
@@ -61,10 +61,10 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # q, k and v in one matmul: one weight read, one kernel launch.
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary

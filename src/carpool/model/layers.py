@@ -16,6 +16,21 @@ from torch import nn
 from carpool.config import ModelConfig, RopeScaling
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` with a matrix-vector fast path for a single input row.
+
+    At batch 1 (one decode token) torch's bf16 ``linear`` on CPU reads the weight at ~10-14
+    GB/s, while ``torch.mv`` on the same weight reaches ~25-35 GB/s (measured on this machine:
+    2816x512 138 us vs 81 us; a 32000x512 LM head 2.0 ms vs 1.2 ms). Same result, same layout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1:
+            out = torch.mv(self.weight, x[0]).unsqueeze(0)
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension (no mean subtraction, no bias)."""
 
@@ -98,8 +113,8 @@ class GatedMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         i = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * i, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(i, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * i, bias=config.mlp_bias)
+        self.down_proj = Linear(i, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

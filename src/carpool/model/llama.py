@@ -13,7 +13,7 @@ from torch import nn
 
 from carpool.config import ModelConfig
 from carpool.model.attention import Attention, AttentionMetadata
-from carpool.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -71,7 +71,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
