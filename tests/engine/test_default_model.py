@@ -13,8 +13,13 @@ from carpool.model.loader import load_model
 def test_default_model_is_small_and_standard():
     path = default_model_path()
     names = {p.name for p in path.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= names
     size = sum(p.stat().st_size for p in path.iterdir())
     assert size <= 15 * 2**20, f"embedded model is {size / 2**20:.1f} MiB, over 15 MiB"
     _, config = load_model(path)
@@ -23,8 +28,9 @@ def test_default_model_is_small_and_standard():
 
 def test_default_model_writes_python():
     llm = LLM()  # no model given: the embedded one
-    out = llm.generate(["def fibonacci(n):"], SamplingParams(max_tokens=48, temperature=0),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        ["def fibonacci(n):"], SamplingParams(max_tokens=48, temperature=0), use_tqdm=False
+    )[0].outputs[0]
     text = out.text
     assert len(out.token_ids) > 8 and text.strip(), repr(text)
     words = set(re.findall(r"[A-Za-z_]+", text))
