@@ -145,10 +145,6 @@ def test_estimate_matches_engine_allocation(tmp_path, batch, seq_len):
     assert abs(est.kv_cache - allocated) <= 0.01 * allocated, (est.kv_cache, allocated)
 
 
-@pytest.mark.skipif(
-    not (default_model_path() / "config.json").is_file(),
-    reason="embedded model not trained yet (src/carpool/data/default_model)",
-)
 def test_embedded_model_estimate_matches_engine():
     path = default_model_path()
     config = read_model_config(path)
