@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from carpool.engine.llm_engine import LLMEngine, StepRecord
 from carpool.errors import CarpoolError, EngineDeadError
@@ -37,6 +37,8 @@ from carpool.sampling_params import SamplingParams
 
 logger = logging.getLogger("carpool.engine")
 request_logger = logging.getLogger("carpool.request")
+
+_Snapshot = TypeVar("_Snapshot", bound="EngineSnapshot")
 
 
 class QueueFullError(CarpoolError):
@@ -78,6 +80,28 @@ class EngineSnapshot:
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+
+    @classmethod
+    def from_engine(cls: type[_Snapshot], engine: LLMEngine, **extra: Any) -> _Snapshot:
+        """Read the figures off ``engine`` (call from the thread that owns it).
+
+        ``extra`` fills the fields a subclass adds (the replicas' ``LoadReport``).
+        """
+        bm, stats = engine.block_manager, engine.stats
+        return cls(
+            num_running=engine.policy.num_running,
+            num_waiting=engine.policy.num_waiting,
+            num_free_blocks=bm.num_free_blocks,
+            num_blocks=engine.num_blocks,
+            kv_cache_usage=bm.usage,
+            num_unfinished=engine.num_requests,
+            steps=stats.steps,
+            mean_batch_size=stats.mean_batch_size,
+            num_preemptions=engine.policy.stats.num_preemptions,
+            prompt_tokens=stats.prompt_tokens,
+            generation_tokens=stats.generated_tokens,
+            **extra,
+        )
 
 
 class EngineObserver(Protocol):
@@ -476,22 +500,7 @@ class AsyncEngine:
         self._streams.clear()
 
     def _publish(self, record: StepRecord | None, outputs: Sequence[RequestOutput]) -> None:
-        engine = self.engine
-        bm = engine.block_manager
-        stats = engine.stats
-        self._snapshot = EngineSnapshot(
-            num_running=engine.policy.num_running,
-            num_waiting=engine.policy.num_waiting,
-            num_free_blocks=bm.num_free_blocks,
-            num_blocks=engine.num_blocks,
-            kv_cache_usage=bm.usage,
-            num_unfinished=engine.num_requests,
-            steps=stats.steps,
-            mean_batch_size=stats.mean_batch_size,
-            num_preemptions=engine.policy.stats.num_preemptions,
-            prompt_tokens=stats.prompt_tokens,
-            generation_tokens=stats.generated_tokens,
-        )
+        self._snapshot = EngineSnapshot.from_engine(self.engine)
         if self.observer is not None:
             self.observer.on_step(record, self._snapshot, outputs)
 

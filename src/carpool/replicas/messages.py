@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from carpool.engine.async_engine import EngineSnapshot
 from carpool.engine.llm_engine import StepRecord
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import SamplingParams
@@ -88,35 +89,15 @@ class ReplicaReady:
 
 
 @dataclass(frozen=True)
-class LoadReport:
-    """A replica's load, measured by the replica itself.
+class LoadReport(EngineSnapshot):
+    """A replica's load, measured by the replica itself: its engine's snapshot, plus
 
     Attributes:
-        num_running: requests holding a seat in the batch.
-        num_waiting: requests queued in the scheduler.
-        kv_cache_usage: fraction of KV blocks in use, in [0, 1].
-        num_free_blocks, num_blocks: KV blocks free and in total.
-        num_unfinished: requests the engine holds (any state).
         num_received: ``SubmitRequest`` messages received so far. The front end subtracts it
             from the number it sent to know how many requests are still in transit.
-        steps: forward passes so far.
-        mean_batch_size: mean sequences per forward pass.
-        num_preemptions: running requests that lost their KV so far.
-        prompt_tokens, generation_tokens: tokens computed / generated so far.
     """
 
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
-    num_unfinished: int = 0
     num_received: int = 0
-    steps: int = 0
-    mean_batch_size: float = 0.0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
 
 
 class FailureKind(str, enum.Enum):

@@ -297,22 +297,7 @@ class ReplicaLoop:
         )
 
     def _load(self) -> LoadReport:
-        engine = self.engine
-        bm = engine.block_manager
-        return LoadReport(
-            num_running=engine.policy.num_running,
-            num_waiting=engine.policy.num_waiting,
-            kv_cache_usage=bm.usage,
-            num_free_blocks=bm.num_free_blocks,
-            num_blocks=engine.num_blocks,
-            num_unfinished=engine.num_requests,
-            num_received=self.num_received,
-            steps=engine.stats.steps,
-            mean_batch_size=engine.stats.mean_batch_size,
-            num_preemptions=engine.policy.stats.num_preemptions,
-            prompt_tokens=engine.stats.prompt_tokens,
-            generation_tokens=engine.stats.generated_tokens,
-        )
+        return LoadReport.from_engine(self.engine, num_received=self.num_received)
 
 
 def _parent_alive() -> bool:
