@@ -6,7 +6,7 @@ import keyword
 import re
 
 from carpool import LLM, SamplingParams
-from carpool.engine.llm_engine import default_model_path
+from carpool.model.source import embedded_model_path as default_model_path
 from carpool.model.loader import load_model
 
 

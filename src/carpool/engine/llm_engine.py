@@ -12,7 +12,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -24,6 +23,8 @@ from carpool.kv_cache.block_manager import BlockManager
 from carpool.kv_cache.sizing import num_blocks_for_budget
 from carpool.memory import available_memory_bytes, kv_cache_bytes_for
 from carpool.model.loader import load_model
+# Re-exported: callers import model resolution from here (it moves with the engine-core rebuild).
+from carpool.model.source import default_model_path, resolve_model_path  # noqa: F401
 from carpool.outputs import CompletionOutput, RequestOutput
 from carpool.request import FinishReason, Request
 from carpool.sampling_params import SamplingParams
@@ -35,18 +36,6 @@ from carpool.worker.model_runner import ModelRunner
 from carpool.worker.sampler import TokenLogprobs
 
 logger = logging.getLogger("carpool.engine")
-
-
-def default_model_path() -> Path:
-    """The small model shipped inside the package (see docs/default-model.md)."""
-    return Path(str(resources.files("carpool") / "data" / "default_model"))
-
-
-def resolve_model_path(model: str | None) -> Path:
-    """``None`` or ``"default"`` mean the embedded model; anything else is a path."""
-    if model in (None, "", "default"):
-        return default_model_path()
-    return Path(model)
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
