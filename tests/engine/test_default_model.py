@@ -27,7 +27,7 @@ def test_default_model_is_small_and_standard():
 
 
 def test_default_model_writes_python():
-    llm = LLM()  # no model given: the embedded one
+    llm = LLM("embedded")
     out = llm.generate(
         ["def fibonacci(n):"], SamplingParams(max_tokens=48, temperature=0), use_tqdm=False
     )[0].outputs[0]

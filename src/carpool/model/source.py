@@ -46,9 +46,12 @@ def embedded_model_path() -> Path:
 
 def default_chat_model_path() -> Path | None:
     """The default chat model's GGUF file, or None when its package is not installed."""
-    if find_spec(DEFAULT_MODEL_PACKAGE) is None:
+    # Located through its import spec, never imported: the package's __init__ imports the
+    # `llm` CLI plugin machinery, which --no-deps leaves out.
+    spec = find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(str(resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE))
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     return path if path.is_file() else None
 
 
