@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from carpool.config import EngineConfig
 from carpool.engine.async_engine import AsyncEngine
-from carpool.engine.llm_engine import LLMEngine, default_model_path, resolve_model_path
+from carpool.engine.llm_engine import LLMEngine, resolve_model_path
+from carpool.model.source import embedded_model_path
 from carpool.replicas.metrics import ReplicaMetrics
 from carpool.replicas.pool import ReplicaPool
 from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
@@ -80,7 +81,7 @@ class ServerConfig:
 def default_served_name(model: str | None) -> str:
     """The model directory's (or GGUF file's) name; ``carpool-default`` for the embedded one."""
     path = resolve_model_path(model)
-    if path == default_model_path():
+    if path == embedded_model_path():
         return "carpool-default"
     return path.stem if path.is_file() else path.name
 
