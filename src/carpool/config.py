@@ -215,6 +215,21 @@ class ModelConfig:
         return cls.from_hf_dict(d, source=str(path))
 
 
+def check_positive(config: object, *names: str, low: int = 1) -> None:
+    """The one integer check of every config: each named field is an int >= ``low`` (or None).
+
+    Raises:
+        ValueError: naming the field and the value.
+    """
+    for name in names:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        # bool is an int subclass: ``block_size=True`` is a bug at the caller, not "1".
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "fp8": 1, "int8": 1}
 
 
@@ -280,24 +295,20 @@ class EngineConfig:
     bucket_boundaries: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in (
+        check_positive(
+            self,
             "block_size",
             "max_num_seqs",
             "max_num_batched_tokens",
             "batch_size",
             "num_buckets",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
-            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+            "kv_cache_memory",
+            "max_model_len",
+        )
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.batching not in BATCHING_STRATEGIES:
             raise ValueError(
                 f"batching must be one of {BATCHING_STRATEGIES}, got {self.batching!r}"

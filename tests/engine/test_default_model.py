@@ -6,7 +6,7 @@ import keyword
 import re
 
 from carpool import LLM, SamplingParams
-from carpool.engine.llm_engine import default_model_path
+from carpool.engine.model_path import default_model_path
 from carpool.model.loader import load_model
 
 

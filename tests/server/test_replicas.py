@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from carpool import SamplingParams
 from carpool.config import EngineConfig
+from carpool.errors import ContextLengthError, RequestTimeoutError
 from carpool.outputs import CompletionOutput, RequestOutput
 from carpool.replicas import (
     Candidate,
@@ -37,7 +38,6 @@ from carpool.replicas import (
     make_router,
 )
 from carpool.replicas.messages import (
-    FailureKind,
     LoadReport,
     RequestFailed,
     StepReport,
@@ -98,11 +98,21 @@ def test_messages_pickle():
         replica=1,
         load=LoadReport(num_running=2, num_received=3),
         outputs=[out],
-        failed=[RequestFailed("x", FailureKind.TIMEOUT, "late", out)],
+        failed=[RequestFailed("x", RequestTimeoutError("late").info())],
         finished=[(out, "stop")],
     )
     back = pickle.loads(pickle.dumps(report))
-    assert back == report and back.failed[0].kind is FailureKind.TIMEOUT
+    assert back == report
+    error = back.failed[0].error.to_exception()
+    assert type(error) is RequestTimeoutError and error.code == "request_timeout"
+    assert error.message == "late" and error.status == 504
+    # An error keeps its structure (param, code) across the pipe, never parsed from text.
+    e = pickle.loads(pickle.dumps(ContextLengthError("too long", param="max_tokens")))
+    assert (type(e), e.param, e.code) == (
+        ContextLengthError,
+        "max_tokens",
+        "context_length_exceeded",
+    )
     msg = SubmitRequest("r", [1, 2], SamplingParams(max_tokens=3), 1.0, 2.0, 1.0)
     assert pickle.loads(pickle.dumps(msg)) == msg
 

@@ -9,7 +9,7 @@ import pytest
 
 from carpool.cli import main
 from carpool.config import ModelConfig
-from carpool.engine.llm_engine import default_model_path
+from carpool.engine.model_path import default_model_path
 from carpool.memory import (
     activation_bytes,
     estimate_memory,

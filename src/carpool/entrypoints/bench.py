@@ -126,7 +126,7 @@ def run_strategies(args: argparse.Namespace) -> int:
     from carpool.bench.strategies import median_result, run_strategy
     from carpool.bench.workloads import WorkloadSpec, make_workload
     from carpool.config import ModelConfig
-    from carpool.engine.llm_engine import resolve_model_path
+    from carpool.engine.model_path import resolve_model_path
 
     with tempfile.TemporaryDirectory(prefix="carpool-bench-") as tmp:
         base = engine_config_from_args(args)
