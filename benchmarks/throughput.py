@@ -26,7 +26,7 @@ import torch
 
 from carpool import LLM, SamplingParams
 from carpool.bench.random_model import save_random_llama
-from carpool.engine.llm_engine import default_model_path
+from carpool.engine.model_path import default_model_path
 
 # Measured on this machine (see ../shared/PERF-NOTES.md): 2 threads.
 BANDWIDTH = 64e9

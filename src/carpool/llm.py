@@ -81,12 +81,12 @@ class LLM:
             total=len(ids), desc="generate", unit="req", disable=not use_tqdm or len(ids) < 8
         )
         while self.engine.has_unfinished():
-            steps = self.engine.stats.steps
-            for out in self.engine.step():
+            step = self.engine.run_step()
+            for out in step.outputs:
                 if out.finished and out.request_id in order:
                     results[order[out.request_id]] = out
                     bar.update(1)
-            if self.engine.stats.steps == steps:
+            if step.record is None:  # the model did not run: maybe a batching timer
                 self._sleep_until_wake()
         bar.close()
         assert all(r is not None for r in results), "a request ended without a final output"
@@ -100,9 +100,9 @@ class LLM:
         """Yield each request's output every step it progresses (``delta_text`` per step)."""
         self._add(self._normalise(prompts), params or SamplingParams())
         while self.engine.has_unfinished():
-            steps = self.engine.stats.steps
-            yield from self.engine.step()
-            if self.engine.stats.steps == steps:
+            step = self.engine.run_step()
+            yield from step.outputs
+            if step.record is None:  # the model did not run: maybe a batching timer
                 self._sleep_until_wake()
 
     def _sleep_until_wake(self) -> None:

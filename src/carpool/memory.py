@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from carpool.config import ModelConfig
+from carpool.config import EngineConfig, ModelConfig
 from carpool.errors import ModelLoadError
-from carpool.kv_cache.sizing import kv_cache_bytes
+from carpool.kv_cache.sizing import kv_cache_bytes, num_blocks_for_budget
 
 
 def available_memory_bytes(device: str = "cpu") -> int:
@@ -89,6 +89,24 @@ def kv_cache_bytes_for(
     """
     blocks = num_seqs * math.ceil(seq_len / block_size)
     return kv_cache_bytes(blocks, config.kv_bytes_per_token_for(nbytes), block_size)
+
+
+def plan_num_blocks(
+    config: EngineConfig, model: ModelConfig, max_model_len: int, dtype_bytes: int
+) -> int:
+    """KV blocks the engine allocates: ``kv_cache_memory`` bytes when given, else
+    ``kv_cache_memory_fraction`` of the memory available now, capped at what every seat
+    filled to ``max_model_len`` can use (no point holding more)."""
+    per_token = model.kv_bytes_per_token_for(dtype_bytes)
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+    else:
+        useful = kv_cache_bytes_for(
+            model, config.max_num_seqs, max_model_len, dtype_bytes, config.block_size
+        )
+        available = available_memory_bytes(config.device)
+        budget = min(int(available * config.kv_cache_memory_fraction), useful)
+    return num_blocks_for_budget(budget, per_token, config.block_size)
 
 
 def activation_bytes(

@@ -1,11 +1,28 @@
-"""What the engine hands back: per request, the completions so far and what each step added."""
+"""What the engine hands back: per request, its completions' text, tokens and logprobs.
+
+How much each output carries depends on the request's ``SamplingParams.output_kind``
+(``RequestOutputKind``): everything so far (CUMULATIVE), only what the step added (DELTA), or
+everything once, at the end (FINAL_ONLY). ``delta_*`` always hold what is new since the
+request's previous output, whatever the kind.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from carpool.request import RequestTimings
-from carpool.worker.sampler import TokenLogprobs
+from carpool.sampling_params import RequestOutputKind
+
+__all__ = ["CompletionOutput", "RequestOutput", "RequestOutputKind", "TokenLogprobs"]
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probability of the chosen token and the top-N alternatives (raw model distribution)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -14,14 +31,16 @@ class CompletionOutput:
 
     Attributes:
         index: which of the ``n`` completions (0-based).
-        text: all text generated so far (stop string excluded).
-        token_ids: all generated token ids.
+        text: the text generated so far (CUMULATIVE, FINAL_ONLY) or this step's (DELTA); stop
+            string excluded.
+        token_ids: generated token ids, so far or this step's (as ``text``).
         finish_reason: ``"stop"``, ``"length"``, ``"abort"``, ``"error"`` or None while running.
         stop_reason: the stop string or token id that ended it, if any.
-        logprobs: per generated token, when the request asked for logprobs.
+        logprobs: per token of ``token_ids``, when the request asked for logprobs.
         delta_text: text added since the previous output of this request (for streaming).
         delta_token_ids: token ids added since the previous output.
         error: why the request failed (finish_reason ``"error"``).
+        num_tokens: tokens generated so far in all (whatever ``token_ids`` holds).
     """
 
     index: int
@@ -33,6 +52,7 @@ class CompletionOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    num_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -61,4 +81,4 @@ class RequestOutput:
 
     @property
     def num_generated_tokens(self) -> int:
-        return sum(len(o.token_ids) for o in self.outputs)
+        return sum(o.num_tokens or len(o.token_ids) for o in self.outputs)

@@ -6,6 +6,7 @@ object, so nothing downstream needs to re-check a value.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,19 +17,33 @@ from carpool.errors import InvalidRequestError
 MAX_LOGPROBS = 20
 
 
+class RequestOutputKind(enum.Enum):
+    """What each ``RequestOutput`` of a request carries (vLLM's ``RequestOutputKind``).
+
+    CUMULATIVE: everything generated so far, every step (the offline API's default; copies
+        grow with the output, fine for short batch jobs).
+    DELTA: only what this step added (streams: each step costs O(new tokens), not O(all)).
+    FINAL_ONLY: one output, when the request finished, with everything (non-streaming HTTP).
+    """
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
+
+
 def _check_int(name: str, value: Any, low: int | None = None) -> None:
     # bool is an int subclass: ``max_tokens=True`` is a bug at the caller, not "1".
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{name} must be an int, got {value!r}")
+        raise InvalidRequestError(f"{name} must be an int, got {value!r}", param=name)
     if low is not None and value < low:
-        raise InvalidRequestError(f"{name} must be >= {low}, got {value}")
+        raise InvalidRequestError(f"{name} must be >= {low}, got {value}", param=name)
 
 
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}", param=name)
     if not math.isfinite(value):
-        raise InvalidRequestError(f"{name} must be finite, got {value!r}")
+        raise InvalidRequestError(f"{name} must be finite, got {value!r}", param=name)
     return float(value)
 
 
@@ -39,10 +54,14 @@ def _normalise_stop(value: Any) -> tuple[str, ...]:
     try:
         stop = tuple(items)
     except TypeError:
-        raise InvalidRequestError(f"stop must be a str or a list of str, got {value!r}") from None
+        raise InvalidRequestError(
+            f"stop must be a str or a list of str, got {value!r}", param="stop"
+        ) from None
     for s in stop:
         if not isinstance(s, str) or not s:
-            raise InvalidRequestError(f"stop strings must be non-empty str, got {s!r}")
+            raise InvalidRequestError(
+                f"stop strings must be non-empty str, got {s!r}", param="stop"
+            )
     return stop
 
 
@@ -52,10 +71,14 @@ def _normalise_token_ids(value: Any) -> tuple[int, ...]:
     try:
         ids = tuple(value)
     except TypeError:
-        raise InvalidRequestError(f"stop_token_ids must be a list of int, got {value!r}") from None
+        raise InvalidRequestError(
+            f"stop_token_ids must be a list of int, got {value!r}", param="stop_token_ids"
+        ) from None
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise InvalidRequestError(f"stop_token_ids must be ints >= 0, got {t!r}")
+            raise InvalidRequestError(
+                f"stop_token_ids must be ints >= 0, got {t!r}", param="stop_token_ids"
+            )
     return ids
 
 
@@ -79,6 +102,7 @@ class SamplingParams:
         logprobs: return the top-N log-probabilities per token, N in [0, 20] (None = off).
         n: number of completions for the prompt (>= 1).
         min_tokens: EOS and ``stop_token_ids`` are ignored until this many tokens exist.
+        output_kind: what each output carries (see ``RequestOutputKind``).
     """
 
     max_tokens: int = 16
@@ -96,6 +120,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     min_tokens: int = 0
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
@@ -104,25 +129,30 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, low=0)
         if self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
-                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
+                param="min_tokens",
             )
 
         temperature = _check_float("temperature", self.temperature)
         if temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {temperature}")
+            raise InvalidRequestError(
+                f"temperature must be >= 0, got {temperature}", param="temperature"
+            )
         top_p = _check_float("top_p", self.top_p)
         if not 0 < top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
         min_p = _check_float("min_p", self.min_p)
         if not 0 <= min_p <= 1:
-            raise InvalidRequestError(f"min_p must be in [0, 1], got {min_p}")
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {min_p}", param="min_p")
         rep = _check_float("repetition_penalty", self.repetition_penalty)
         if rep <= 0:
-            raise InvalidRequestError(f"repetition_penalty must be > 0, got {rep}")
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0, got {rep}", param="repetition_penalty"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             v = _check_float(name, getattr(self, name))
             if not -2 <= v <= 2:
-                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}")
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}", param=name)
 
         if self.seed is not None:
             _check_int("seed", self.seed)
@@ -130,10 +160,13 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise InvalidRequestError(
-                    f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"
+                    f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+                    param="logprobs",
                 )
         if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise InvalidRequestError(
+                f"ignore_eos must be a bool, got {self.ignore_eos!r}", param="ignore_eos"
+            )
 
         # Normalise the containers so the frozen object is hashable and cannot change later.
         object.__setattr__(self, "stop", _normalise_stop(self.stop))

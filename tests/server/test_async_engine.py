@@ -8,9 +8,9 @@ import pytest
 
 from carpool import SamplingParams
 from carpool.config import EngineConfig
-from carpool.engine.async_engine import AsyncEngine, QueueFullError, RequestTimeoutError
+from carpool.engine.async_engine import AsyncEngine
 from carpool.engine.llm_engine import LLMEngine
-from carpool.errors import InvalidRequestError
+from carpool.errors import InvalidRequestError, QueueFullError, RequestTimeoutError
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 LONG = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)

@@ -25,7 +25,8 @@ import numpy as np
 
 from carpool.bench.workloads import BenchRequest
 from carpool.config import EngineConfig
-from carpool.engine.llm_engine import LLMEngine, StepRecord
+from carpool.engine.llm_engine import LLMEngine
+from carpool.engine.stats import StepRecord
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import SamplingParams
 

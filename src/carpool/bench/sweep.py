@@ -28,7 +28,8 @@ from pathlib import Path
 
 from carpool.bench.probes import Roofline
 from carpool.config import ModelConfig
-from carpool.engine.llm_engine import LLMEngine, StepRecord
+from carpool.engine.llm_engine import LLMEngine
+from carpool.engine.stats import StepRecord
 from carpool.sampling_params import SamplingParams
 
 

@@ -123,7 +123,7 @@ def write_plot(path: Path, rows: list[MemoryEstimate], device_memory: int, title
 
 def run(args: argparse.Namespace) -> int:
     """Print the estimate at ``--batch-size``, whether it fits, and the table over batches."""
-    from carpool.engine.llm_engine import resolve_model_path
+    from carpool.engine.model_path import resolve_model_path
     from carpool.memory import device_memory_bytes, largest_batch_by_estimate, read_model_config
 
     try:

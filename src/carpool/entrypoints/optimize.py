@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     """Estimate, confirm, sweep; print a summary and write JSON on request."""
     from carpool.bench.optimize import BatchFitter, largest_fitting_batch, probes_as_dicts
     from carpool.config import EngineConfig
-    from carpool.engine.llm_engine import resolve_model_path
+    from carpool.engine.model_path import resolve_model_path
     from carpool.errors import CarpoolError
     from carpool.memory import (
         available_memory_bytes,

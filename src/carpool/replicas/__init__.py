@@ -1,10 +1,12 @@
 """Scale-out on one machine: N engine processes behind one HTTP front end (see docs/scaling.md).
 
-``ReplicaPool`` has the interface the serving layer uses from ``AsyncEngine``, so the OpenAI
-routes, validation, streaming and errors are the single-engine server's own.
+``ReplicaPool`` is an ``EngineClient`` like ``AsyncEngine``, so the OpenAI routes, validation,
+streaming and errors are the single-engine server's own.
 """
 
-from carpool.replicas.pool import ModelView, ReplicaPool, ReplicaPoolConfig
+from carpool.errors import ReplicaUnavailableError
+from carpool.replicas.config import ReplicaPoolConfig
+from carpool.replicas.pool import ReplicaPool
 from carpool.replicas.replica import ReplicaState
 from carpool.replicas.router import (
     ROUTING_POLICIES,
@@ -16,16 +18,13 @@ from carpool.replicas.router import (
     Router,
     make_router,
 )
-from carpool.replicas.stream import RemoteStream, ReplicaUnavailableError
 
 __all__ = [
     "ROUTING_POLICIES",
     "Candidate",
     "LeastLoadedRouter",
     "LoadWeights",
-    "ModelView",
     "PowerOfTwoRouter",
-    "RemoteStream",
     "ReplicaPool",
     "ReplicaPoolConfig",
     "ReplicaState",

@@ -2,51 +2,32 @@
 
 ::
 
-    front end (HTTP, router)                         replica process (one LLMEngine)
+    front end (HTTP, router)                         replica process (one EngineCore)
     ────────────────────────                         ───────────────────────────────
     SubmitRequest / AbortRequest / Shutdown  ──►  inbox (multiprocessing.Queue)
                                              ◄──  outbox (a Pipe): ReplicaReady once loaded,
-                                                  then StepReport after every loop iteration
-                                                  that changed something (outputs, failures,
-                                                  and always the replica's LoadReport)
+                                                  then a StepReport per CoreStep (outputs,
+                                                  failures, finished, and the LoadReport)
 
-Everything here is a plain picklable dataclass: no callables, no tensors, no locks. Times are
-``time.monotonic()`` values; on Linux that clock is system-wide, so a deadline computed by the
-front end means the same instant inside a replica on the same machine.
+Everything here is a plain picklable dataclass: no callables, no tensors, no locks; an error
+travels as ``ErrorInfo`` (its class name, message, ``param`` and ``code``) and is raised again
+front-side as the same exception. Times are ``time.monotonic()`` values; on Linux that clock is
+system-wide, so a deadline computed by the front end means the same instant in a replica.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from carpool.engine.async_engine import EngineSnapshot
-from carpool.engine.llm_engine import StepRecord
+from carpool.engine.core import CoreStep, NewRequest
+from carpool.engine.limits import ModelLimits
+from carpool.engine.stats import EngineSnapshot, StepRecord
+from carpool.errors import ErrorInfo
 from carpool.outputs import RequestOutput
-from carpool.sampling_params import SamplingParams
 
 # ---- front end -> replica -------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class SubmitRequest:
-    """Start a request on the replica.
-
-    Attributes:
-        request_id: unique id (the front end's).
-        prompt: text or token ids.
-        params: sampling parameters.
-        arrival_time: when the request reached the front end (monotonic clock).
-        deadline: monotonic time after which the replica aborts it (None = no deadline).
-        timeout: the timeout the deadline came from (for the error message).
-    """
-
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    arrival_time: float
-    deadline: float | None = None
-    timeout: float | None = None
+SubmitRequest = NewRequest  # start a request on the replica (the core's own request type)
 
 
 @dataclass(frozen=True)
@@ -61,7 +42,7 @@ class Shutdown:
     """Abort everything, send a last report and exit."""
 
 
-ToReplica = SubmitRequest | AbortRequest | Shutdown
+ToReplica = NewRequest | AbortRequest | Shutdown
 
 
 # ---- replica -> front end -------------------------------------------------------------------
@@ -75,17 +56,13 @@ class ReplicaReady:
         replica: the replica's index.
         pid: its process id.
         device: the torch device it runs on.
-        vocab_size, max_model_len, num_blocks, block_size: what the front end needs to
-            validate requests exactly as the replica will.
+        limits: what the front end validates requests against (as the replica will).
     """
 
     replica: int
     pid: int
     device: str
-    vocab_size: int
-    max_model_len: int
-    num_blocks: int
-    block_size: int
+    limits: ModelLimits
 
 
 @dataclass(frozen=True)
@@ -100,45 +77,30 @@ class LoadReport(EngineSnapshot):
     num_received: int = 0
 
 
-class FailureKind(str, enum.Enum):
-    """Why a replica ended a request without a normal finish (mapped to an exception)."""
-
-    INVALID = "invalid"  # the engine rejected the request (400)
-    TIMEOUT = "timeout"  # the deadline passed (504)
-    STOPPED = "stopped"  # the replica is shutting down (503)
-    ERROR = "error"  # anything else (500)
-
-
 @dataclass(frozen=True)
 class RequestFailed:
     """A request ended with an error instead of a final output.
 
     Attributes:
         request_id: the request.
-        kind: what went wrong.
-        message: for the client.
-        output: the aborted request's last state, when the engine had one (for metrics).
+        error: the exception, as data (``error.to_exception()`` raises it front-side).
     """
 
     request_id: str
-    kind: FailureKind
-    message: str
-    output: RequestOutput | None = None
+    error: ErrorInfo
 
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one iteration of the replica's loop produced, and its load afterwards.
+    """One ``CoreStep`` of the replica, and its load afterwards.
 
     Attributes:
         replica: the replica's index.
         load: the replica's load after the iteration.
         record: the forward pass's figures, when the iteration stepped.
-        outputs: per request that progressed, its state (``RequestOutput``, as ``LLMEngine``
-            returns it: cumulative text and tokens plus the step's delta).
+        outputs: per request that progressed, its output (as its ``output_kind`` asks).
         failed: requests ended with an error.
-        finished: ``(final output, reason)`` of requests that ended this iteration, reason one
-            of stop, length, abort, error, timeout (for the per-request metrics).
+        finished: ``(final output, reason)`` of requests that ended this iteration.
     """
 
     replica: int
@@ -147,6 +109,18 @@ class StepReport:
     outputs: list[RequestOutput] = field(default_factory=list)
     failed: list[RequestFailed] = field(default_factory=list)
     finished: list[tuple[RequestOutput, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, replica: int, step: CoreStep) -> StepReport:
+        """The report of one core iteration."""
+        return cls(
+            replica=replica,
+            load=LoadReport(**asdict(step.snapshot), num_received=step.num_added),
+            record=step.record,
+            outputs=step.outputs,
+            failed=[RequestFailed(rid, e.info()) for rid, e in step.failed],
+            finished=step.finished,
+        )
 
 
 @dataclass(frozen=True)

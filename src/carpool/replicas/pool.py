@@ -1,11 +1,8 @@
-"""``ReplicaPool``: N engine processes behind one front end, with the ``AsyncEngine`` interface.
-
-The HTTP layer (``server/serving.py``) drives a pool exactly as it drives one ``AsyncEngine``:
-``check_capacity``, ``submit`` (a stream of ``RequestOutput``), ``abort``, ``snapshot`` and
-``engine`` (the model facts it validates requests against). Underneath::
+"""``ReplicaPool``: N engine processes behind one front end, an ``EngineClient`` like
+``AsyncEngine``, so the HTTP layer serves either without knowing which. Underneath::
 
     submit ─► router.choose(ready replicas' load) ─► SubmitRequest ─► replica i's inbox
-    RemoteStream ◄── StepReport.outputs ◄── reader thread ◄── replica i's outbox
+    RequestStream ◄── StepReport.outputs ◄── reader thread ◄── replica i's outbox
     replica i exits ─► its in-flight requests: retried elsewhere when they received nothing
                        yet, else failed with 503 ─► restart after a backoff ─► ready again
 
@@ -18,18 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from carpool.config import EngineConfig
-from carpool.engine.async_engine import EngineSnapshot, EngineStoppedError, QueueFullError
-from carpool.engine.llm_engine import load_tokenizer, resolve_model_path
-from carpool.errors import CarpoolError
-from carpool.kv_cache.block_manager import BlockManager
-from carpool.outputs import RequestOutput
+from carpool.engine.client import EngineObserver, check_queue
+from carpool.engine.core import NewRequest
+from carpool.engine.limits import ModelLimits
+from carpool.engine.model_path import load_tokenizer, resolve_model_path
+from carpool.engine.stats import EngineSnapshot
+from carpool.engine.stream import RequestStream
+from carpool.errors import CarpoolError, EngineStoppedError, ReplicaUnavailableError
+from carpool.replicas.config import ReplicaPoolConfig
 from carpool.replicas.messages import (
     AbortRequest,
     FromReplica,
@@ -37,142 +34,63 @@ from carpool.replicas.messages import (
     ReplicaReady,
     Shutdown,
     StepReport,
-    SubmitRequest,
 )
 from carpool.replicas.replica import ReplicaHandle, ReplicaState
-from carpool.replicas.router import ROUTING_POLICIES, Candidate, Router, make_router
-from carpool.replicas.stream import RemoteStream, ReplicaUnavailableError, failure_to_error
-from carpool.replicas.worker import ReplicaSpec
+from carpool.replicas.restart import RestartPolicy
+from carpool.replicas.router import Candidate, Router, make_router
 from carpool.sampling_params import SamplingParams
 from carpool.tokenizer import Tokenizer
 
 logger = logging.getLogger("carpool.replicas")
 
-_MAX_CONSECUTIVE_FAILURES = 5  # a replica that dies this often in a row before ready: failed
 
+@dataclass
+class Flight:
+    """A request in flight on some replica (what a retry elsewhere needs)."""
 
-@dataclass(frozen=True)
-class ReplicaPoolConfig:
-    """How many replicas, where, and how requests are spread.
-
-    Attributes:
-        engine_config: every replica's engine (its ``device`` is replaced per replica).
-        num_replicas: engine processes (>= 1).
-        devices: torch devices, cycled over the replicas (empty: ``engine_config.device``).
-        routing: one of ``ROUTING_POLICIES``.
-        threads_per_replica: torch threads of each replica (None: CPU cores / replicas).
-        max_queue: most requests waiting in all replicas together; more get 429.
-        request_timeout: default per-request deadline in seconds (None = none).
-        restart: restart a replica that died (after it had once been ready).
-        restart_backoff: seconds before the first restart; doubles per consecutive failure.
-        max_retries: how often a request that received nothing yet is sent to another replica
-            when its replica dies.
-        stop_timeout: seconds a replica gets to exit on shutdown before it is terminated.
-        log_level: the replicas' root log level.
-    """
-
-    engine_config: EngineConfig
-    num_replicas: int = 2
-    devices: tuple[str, ...] = ()
-    routing: str = "least-loaded"
-    threads_per_replica: int | None = None
-    max_queue: int | None = None
-    request_timeout: float | None = None
-    restart: bool = True
-    restart_backoff: float = 1.0
-    max_retries: int = 1
-    stop_timeout: float = 10.0
-    log_level: int = logging.INFO
-
-    def __post_init__(self) -> None:
-        if self.num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
-        if self.routing not in ROUTING_POLICIES:
-            raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {self.routing!r}")
-        if self.threads_per_replica is not None and self.threads_per_replica < 1:
-            raise ValueError(f"threads_per_replica must be >= 1, got {self.threads_per_replica}")
-        if self.max_queue is not None and self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-
-    def spec(self, index: int) -> ReplicaSpec:
-        """How replica ``index`` is started."""
-        devices = self.devices or (self.engine_config.device,)
-        threads = self.threads_per_replica or max(1, (os.cpu_count() or 1) // self.num_replicas)
-        return ReplicaSpec(
-            index=index,
-            engine_config=self.engine_config,
-            device=devices[index % len(devices)],
-            threads=threads,
-            log_level=self.log_level,
-        )
-
-
-class PoolObserver(Protocol):
-    """Hooks the pool calls on the event loop (``ServerMetrics`` plus per-replica series)."""
-
-    def on_step(self, record: Any, snapshot: EngineSnapshot, outputs: Sequence[Any]) -> None:
-        """After each replica report (``snapshot``: the whole pool)."""
-
-    def on_request_finished(self, output: RequestOutput, reason: str) -> None:
-        """A request ended on some replica."""
-
-
-class ModelView:
-    """What the serving layer reads from ``AsyncEngine.engine``, answered for a pool.
-
-    The front end loads only the tokenizer; the limits come from the replicas' ready reports
-    (the smallest of each, so a request valid here is valid on every replica).
-    """
-
-    def __init__(
-        self, config: EngineConfig, tokenizer: Tokenizer, infos: Sequence[ReplicaReady]
-    ) -> None:
-        self.config = config
-        self.tokenizer = tokenizer
-        self.max_model_len = min(i.max_model_len for i in infos)
-        self.num_blocks = min(i.num_blocks for i in infos)
-        self.block_manager = BlockManager(self.num_blocks, infos[0].block_size)
-        self.model_config = _Vocab(min(i.vocab_size for i in infos))
-        self.clock = time.monotonic
-
-
-@dataclass(frozen=True)
-class _Vocab:
-    vocab_size: int
+    stream: RequestStream
+    submit: NewRequest
+    replica: int = -1
+    attempts: int = 0
 
 
 class ReplicaPool:
-    """Replica processes behind one router, with ``AsyncEngine``'s interface.
+    """Replica processes behind one router; implements ``EngineClient``.
 
     Args:
         config: the replicas and the routing.
         observer: engine-level hooks (``ServerMetrics``), called on the event loop.
         replica_observer: called with each replica handle when its state or load changed
-            and with ``(handle, routed=True)`` per dispatch (per-replica metrics).
+            and per dispatch (per-replica metrics).
         router: overrides ``config.routing`` (tests).
+        max_queue, request_timeout: admission and default deadline (the server sets them
+            from its ``ServerConfig``).
     """
 
     def __init__(
         self,
         config: ReplicaPoolConfig,
-        observer: PoolObserver | None = None,
+        observer: EngineObserver | None = None,
         replica_observer: Any = None,
         router: Router | None = None,
+        max_queue: int | None = None,
+        request_timeout: float | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
         self.replica_observer = replica_observer
         self.router = router or make_router(config.routing, seed=config.engine_config.seed)
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
         self.replicas = [ReplicaHandle(config.spec(i)) for i in range(config.num_replicas)]
-        self.engine: ModelView | None = None  # set by wait_ready
+        self.flights: dict[str, Flight] = {}
+        self._limits: ModelLimits | None = None  # set by wait_ready
         self._tokenizer: Tokenizer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._settled: asyncio.Event | None = None
         self._stopping = False
         self._ids = 0
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._restarts = RestartPolicy(self)
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -182,7 +100,7 @@ class ReplicaPool:
         self._settled = asyncio.Event()
         for handle in self.replicas:
             handle.state = ReplicaState.STARTING
-            await asyncio.to_thread(handle.spawn, self._loop, self._on_message, self._on_exit)
+            await asyncio.to_thread(handle.spawn, self._loop, self.on_message, self.on_exit)
         self._tokenizer = await asyncio.to_thread(
             load_tokenizer, resolve_model_path(self.config.engine_config.model)
         )
@@ -200,14 +118,13 @@ class ReplicaPool:
         if not infos:
             errors = "; ".join(f"replica {h.index}: {h.last_error}" for h in self.replicas)
             raise CarpoolError(f"no replica could load the model ({errors})")
-        assert self._tokenizer is not None
-        self.engine = ModelView(self.config.engine_config, self._tokenizer, infos)
+        # The tightest limits: a request valid here is valid on every replica.
+        self._limits = ModelLimits.smallest([i.limits for i in infos])
 
     async def shutdown(self) -> None:
         """Abort whatever runs, stop every replica process and wait for them."""
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
+        self._restarts.cancel()
         for handle in self.replicas:
             if handle.process is not None and handle.state is not ReplicaState.STOPPED:
                 handle.send(Shutdown())
@@ -216,8 +133,23 @@ class ReplicaPool:
             *(asyncio.to_thread(h.stop, self.config.stop_timeout) for h in self.replicas)
         )
         for handle in self.replicas:
-            self._fail_all(handle, EngineStoppedError("the server shut down"))
+            self.fail_all(handle, EngineStoppedError("the server shut down"))
             handle.state = ReplicaState.STOPPED
+
+    # ---- EngineClient -----------------------------------------------------------------------
+
+    @property
+    def limits(self) -> ModelLimits:
+        assert self._limits is not None, "the pool is not ready (await wait_ready())"
+        return self._limits
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        assert self._tokenizer is not None, "the pool is not started"
+        return self._tokenizer
+
+    def clock(self) -> float:
+        return time.monotonic()  # system-wide on Linux: the replicas' clock too
 
     @property
     def is_running(self) -> bool:
@@ -225,30 +157,10 @@ class ReplicaPool:
         alive = (ReplicaState.READY, ReplicaState.STARTING, ReplicaState.DOWN)
         return not self._stopping and any(h.state in alive for h in self.replicas)
 
-    # ---- load -------------------------------------------------------------------------------
-
     @property
     def snapshot(self) -> EngineSnapshot:
         """The whole pool's state: the replicas' latest reports added up."""
-        loads = [h.load for h in self.replicas if h.info is not None]
-        blocks = sum(x.num_blocks for x in loads)
-        free = sum(x.num_free_blocks for x in loads)
-        steps = sum(x.steps for x in loads)
-        return EngineSnapshot(
-            num_running=sum(x.num_running for x in loads),
-            num_waiting=sum(x.num_waiting for x in loads),
-            num_free_blocks=free,
-            num_blocks=blocks,
-            kv_cache_usage=(blocks - free) / blocks if blocks else 0.0,
-            num_unfinished=sum(x.num_unfinished for x in loads),
-            steps=steps,
-            mean_batch_size=(
-                sum(x.mean_batch_size * x.steps for x in loads) / steps if steps else 0.0
-            ),
-            num_preemptions=sum(x.num_preemptions for x in loads),
-            prompt_tokens=sum(x.prompt_tokens for x in loads),
-            generation_tokens=sum(x.generation_tokens for x in loads),
-        )
+        return EngineSnapshot.total([h.load for h in self.replicas if h.info is not None])
 
     @property
     def num_waiting(self) -> int:
@@ -257,9 +169,7 @@ class ReplicaPool:
 
     def describe(self) -> list[dict[str, Any]]:
         """Each replica's state, pid and load (for ``/health``)."""
-        return [h.describe() for h in self.replicas]
-
-    # ---- requests (on the event loop) -------------------------------------------------------
+        return [h.describe(len(self.in_flight_on(h.index))) for h in self.replicas]
 
     def check_capacity(self, num_requests: int = 1) -> None:
         """Raise unless ``num_requests`` more requests may be queued now.
@@ -274,11 +184,7 @@ class ReplicaPool:
         if not any(h.is_ready for h in self.replicas):
             states = ", ".join(f"{h.index}: {h.state.value}" for h in self.replicas)
             raise ReplicaUnavailableError(f"no replica is ready ({states}); retry later")
-        max_queue = self.config.max_queue
-        if max_queue is not None and self.num_waiting + num_requests > max_queue:
-            raise QueueFullError(
-                f"too many requests are waiting (max_queue={max_queue}); retry later"
-            )
+        check_queue(self.max_queue, self.num_waiting, num_requests)
 
     def submit(
         self,
@@ -288,7 +194,7 @@ class ReplicaPool:
         timeout: float | None = None,
         arrival_time: float | None = None,
         replica: int | None = None,
-    ) -> RemoteStream:
+    ) -> RequestStream:
         """Route a request to a replica now (call from the event loop).
 
         Args:
@@ -304,44 +210,24 @@ class ReplicaPool:
             self._ids += 1
             request_id = f"preq-{self._ids}"
         now = time.monotonic()
-        timeout = self.config.request_timeout if timeout is None else timeout
-        msg = SubmitRequest(
-            request_id=request_id,
-            prompt=prompt,
-            params=params,
-            arrival_time=now if arrival_time is None else arrival_time,
-            deadline=None if timeout is None else now + timeout,
-            timeout=timeout,
-        )
-        stream = RemoteStream(msg, self.abort)
-        self._dispatch(stream, pinned=replica)
-        return stream
+        timeout = self.request_timeout if timeout is None else timeout
+        msg = NewRequest.at(now, request_id, prompt, params, timeout, arrival_time)
+        flight = Flight(RequestStream(request_id, self.abort), msg)
+        self.dispatch(flight, pinned=replica)
+        return flight.stream
 
     def abort(self, request_id: str) -> None:
         """Abort a request wherever it runs (no-op when unknown or finished)."""
-        for handle in self.replicas:
-            if handle.streams.pop(request_id, None) is not None:
-                handle.send(AbortRequest(request_id))
-                return
+        flight = self.flights.pop(request_id, None)
+        if flight is not None:
+            self.replicas[flight.replica].send(AbortRequest(request_id))
 
-    async def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as ``AsyncEngine.generate`` does."""
-        stream = self.submit(prompt, params, request_id, timeout)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
+    # ---- routing ----------------------------------------------------------------------------
 
-    def _dispatch(
-        self, stream: RemoteStream, exclude: int | None = None, pinned: int | None = None
+    def dispatch(
+        self, flight: Flight, exclude: int | None = None, pinned: int | None = None
     ) -> None:
+        """Send ``flight`` to the replica the router picks (or ``pinned``)."""
         ready = [h for h in self.replicas if h.is_ready and h.index != exclude]
         if pinned is not None:
             ready = [h for h in ready if h.index == pinned]
@@ -358,18 +244,28 @@ class ReplicaPool:
             for h in ready
         ]
         handle = self.replicas[self.router.choose(candidates)]
-        handle.send(stream.submit)
+        handle.send(flight.submit)
         handle.num_sent += 1
         handle.num_routed += 1
-        handle.streams[stream.request_id] = stream
-        stream.replica = handle.index
-        stream.attempts += 1
+        self.flights[flight.submit.request_id] = flight
+        flight.replica = handle.index
+        flight.attempts += 1
         if self.replica_observer is not None:
             self.replica_observer.on_routed(handle)
 
+    def in_flight_on(self, index: int) -> list[Flight]:
+        """The requests replica ``index`` serves now."""
+        return [f for f in self.flights.values() if f.replica == index]
+
+    def fail_all(self, handle: ReplicaHandle, error: BaseException) -> None:
+        """End every request of ``handle`` with ``error``."""
+        for flight in self.in_flight_on(handle.index):
+            del self.flights[flight.submit.request_id]
+            flight.stream.put(error)
+
     # ---- messages from the replicas (on the event loop) -------------------------------------
 
-    def _on_message(self, handle: ReplicaHandle, incarnation: int, msg: FromReplica) -> None:
+    def on_message(self, handle: ReplicaHandle, incarnation: int, msg: FromReplica) -> None:
         if incarnation != handle.incarnation:
             return  # a late message of an earlier incarnation
         if isinstance(msg, StepReport):
@@ -380,116 +276,45 @@ class ReplicaPool:
             if handle.state is ReplicaState.STARTING:
                 handle.state = ReplicaState.READY
             logger.info("replica %d ready (pid %d, %d KV blocks)", msg.replica, msg.pid,
-                        msg.num_blocks)  # fmt: skip
-            self._changed(handle)
+                        msg.limits.num_blocks)  # fmt: skip
+            self.changed(handle)
         elif isinstance(msg, ReplicaCrashed):
             handle.last_error = msg.message
 
     def _on_report(self, handle: ReplicaHandle, report: StepReport) -> None:
         handle.load = report.load
         for out in report.outputs:
-            stream = handle.streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
+            flight = self.flights.get(out.request_id)
+            if flight is not None and flight.replica == handle.index:
+                flight.stream.put(out)
                 if out.finished:
-                    del handle.streams[out.request_id]
+                    del self.flights[out.request_id]
         for failure in report.failed:
-            stream = handle.streams.pop(failure.request_id, None)
-            if stream is not None:
-                stream.put(failure_to_error(failure))
+            flight = self.flights.get(failure.request_id)
+            if flight is not None and flight.replica == handle.index:
+                del self.flights[failure.request_id]
+                flight.stream.put(failure.error.to_exception())
         if self.observer is not None:
             self.observer.on_step(report.record, self.snapshot, report.outputs)
             for out, reason in report.finished:
                 self.observer.on_request_finished(out, reason)
-        self._changed(handle)
+        self.changed(handle)
 
-    def _on_exit(self, handle: ReplicaHandle, incarnation: int) -> None:
-        if incarnation != handle.incarnation:
-            return
-        process = handle.process
-        code = process.exitcode if process is not None else None
-        handle.close_inbox()
-        was_ready = handle.info is not None
-        handle.info = None
-        if self._stopping or handle.state is ReplicaState.STOPPING:
-            handle.state = ReplicaState.STOPPED
-            self._fail_all(handle, EngineStoppedError("the server shut down"))
-            return
-        logger.error(
-            "replica %d (pid %s) exited with code %s; %d requests in flight",
-            handle.index,
-            handle.pid,
-            code,
-            len(handle.streams),
-        )
-        handle.last_error = handle.last_error or f"the process exited with code {code}"
-        handle.state = ReplicaState.DOWN
-        self._reroute(handle)
-        handle.load = type(handle.load)()
-        if not was_ready:
-            handle.consecutive_failures += 1
-        never_ready = handle.restarts == 0 and not was_ready
-        if (
-            not self.config.restart
-            or never_ready
-            or handle.consecutive_failures >= _MAX_CONSECUTIVE_FAILURES
-        ):
-            handle.state = ReplicaState.FAILED
-            logger.error("replica %d is not restarted: %s", handle.index, handle.last_error)
-        else:
-            delay = self.config.restart_backoff * 2 ** min(handle.consecutive_failures, 5)
-            assert self._loop is not None
-            self._loop.call_later(delay, self._spawn_restart, handle)
-        self._changed(handle)
-        self._check_settled()
+    def on_exit(self, handle: ReplicaHandle, incarnation: int) -> None:
+        if incarnation == handle.incarnation:
+            self._restarts.on_exit(handle)
 
-    def _reroute(self, handle: ReplicaHandle) -> None:
-        """The dead replica's requests: retry those that received nothing, fail the others."""
-        streams, handle.streams = handle.streams, {}
-        for stream in streams.values():
-            if stream.received == 0 and stream.attempts <= self.config.max_retries:
-                try:
-                    self._dispatch(stream, exclude=handle.index)
-                    logger.info("request %s retried on replica %d", stream.request_id,
-                                stream.replica)  # fmt: skip
-                    continue
-                except ReplicaUnavailableError:
-                    pass
-            stream.put(
-                ReplicaUnavailableError(
-                    f"replica {handle.index} serving request {stream.request_id} died "
-                    f"({handle.last_error}); retry the request"
-                )
-            )
-
-    def _spawn_restart(self, handle: ReplicaHandle) -> None:
-        if self._stopping or handle.state is not ReplicaState.DOWN:
-            return
-        handle.state = ReplicaState.STARTING
-        handle.restarts += 1
-        handle.last_error = None
-        assert self._loop is not None
-        task = asyncio.ensure_future(
-            asyncio.to_thread(handle.spawn, self._loop, self._on_message, self._on_exit)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        self._changed(handle)
-
-    def _fail_all(self, handle: ReplicaHandle, error: BaseException) -> None:
-        streams, handle.streams = handle.streams, {}
-        for stream in streams.values():
-            stream.put(error)
-
-    def _changed(self, handle: ReplicaHandle) -> None:
+    def changed(self, handle: ReplicaHandle) -> None:
+        """A replica's state or load changed: tell the observer, maybe settle ``wait_ready``."""
         if self.replica_observer is not None:
             self.replica_observer.on_replica(handle)
-        self._check_settled()
-
-    def _check_settled(self) -> None:
         settled = (ReplicaState.READY, ReplicaState.FAILED)
         if self._settled is not None and all(h.state in settled for h in self.replicas):
             self._settled.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     async def __aenter__(self) -> ReplicaPool:
         await self.start()

@@ -21,8 +21,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from carpool.replicas.engine_process import ReplicaSpec, replica_main
 from carpool.replicas.messages import FromReplica, LoadReport, ReplicaReady, ToReplica
-from carpool.replicas.worker import ReplicaSpec, replica_main
 
 logger = logging.getLogger("carpool.replicas")
 
@@ -67,7 +67,6 @@ class ReplicaHandle:
         self.restarts = 0
         self.consecutive_failures = 0
         self.last_error: str | None = None
-        self.streams: dict[str, Any] = {}  # request id -> RemoteStream in flight here
         self._inbox: Any = None  # multiprocessing.Queue of this incarnation
         self._started_at = 0.0
 
@@ -87,7 +86,7 @@ class ReplicaHandle:
     def is_ready(self) -> bool:
         return self.state is ReplicaState.READY
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, num_in_flight: int = 0) -> dict[str, Any]:
         """The replica for ``/health``: state, pid, device, load."""
         return {
             "replica": self.index,
@@ -102,7 +101,7 @@ class ReplicaHandle:
                 "num_waiting": self.load.num_waiting,
                 "in_transit": self.in_transit,
                 "kv_cache_usage": round(self.load.kv_cache_usage, 4),
-                "num_in_flight": len(self.streams),
+                "num_in_flight": num_in_flight,
             },
         }
 

@@ -12,7 +12,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -21,10 +20,14 @@ from pydantic import BaseModel, ValidationError
 
 from carpool.config import EngineConfig
 from carpool.engine.async_engine import AsyncEngine
-from carpool.engine.llm_engine import LLMEngine, resolve_model_path
-from carpool.model.source import embedded_model_path
+from carpool.engine.client import EngineClient
+from carpool.engine.llm_engine import LLMEngine
+from carpool.engine.model_path import embedded_model_path, resolve_model_path
 from carpool.replicas.metrics import ReplicaMetrics
 from carpool.replicas.pool import ReplicaPool
+from carpool.server.chat import ChatServing
+from carpool.server.completions import CompletionServing
+from carpool.server.config import ServerConfig
 from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
 from carpool.server.metrics import ServerMetrics
 from carpool.server.middleware import GuardMiddleware, read_body
@@ -35,47 +38,9 @@ from carpool.server.protocol import (
     ModelList,
     dump,
 )
-from carpool.server.serving import OpenAIServing
 
 logger = logging.getLogger("carpool.server")
 M = TypeVar("M", bound=BaseModel)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """How the HTTP server behaves (the engine has its own ``EngineConfig``).
-
-    Attributes:
-        host, port: where to listen (loopback unless told otherwise).
-        served_model_name: the model id clients must send (None: the model directory's name,
-            or ``carpool-default`` for the embedded model).
-        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <key>``.
-        max_queue: most requests waiting to be scheduled; more get 429 (None = unbounded).
-        request_timeout: default per-request deadline in seconds (None = none).
-        max_body_bytes: largest request body accepted (413 beyond).
-        shutdown_grace: seconds in-flight requests get to finish on SIGTERM/SIGINT.
-        retry_after: seconds suggested to a client refused with 429.
-        log_interval: seconds between periodic engine log lines while busy.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str | None = None
-    api_key: str | None = None
-    max_queue: int | None = None
-    request_timeout: float | None = None
-    max_body_bytes: int = 1 << 20
-    shutdown_grace: float = 30.0
-    retry_after: int = 1
-    log_interval: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.max_queue is not None and self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
-        if self.request_timeout is not None and self.request_timeout <= 0:
-            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
 
 
 def default_served_name(model: str | None) -> str:
@@ -86,6 +51,18 @@ def default_served_name(model: str | None) -> str:
     return path.stem if path.is_file() else path.name
 
 
+class Serving:
+    """Both OpenAI endpoints over one ``EngineClient``."""
+
+    def __init__(
+        self, client: EngineClient, model_name: str, retry_after: int, metrics: ServerMetrics
+    ) -> None:
+        self.client = client
+        self.completions = CompletionServing(client, model_name, retry_after, metrics)
+        self.chat = ChatServing(client, model_name, retry_after, metrics)
+        self.max_model_len = client.limits.max_model_len
+
+
 class ServerState:
     """What the routes share: the engine (once loaded), metrics, and the draining flag."""
 
@@ -94,7 +71,7 @@ class ServerState:
         self.model_name = model_name
         self.metrics = ServerMetrics(model_name)
         self.engine: AsyncEngine | ReplicaPool | None = None
-        self.serving: OpenAIServing | None = None
+        self.serving: Serving | None = None
         self.load_error: BaseException | None = None
         self.draining = False
 
@@ -109,17 +86,12 @@ class ServerState:
             log_interval=c.log_interval,
         )
         engine.start()
-        self.serving = OpenAIServing(engine, self.model_name, c.retry_after, self.metrics)
+        self.serving = Serving(engine, self.model_name, c.retry_after, self.metrics)
         self.engine = engine
 
     def attach_pool(self, pool: ReplicaPool) -> None:
         """Serve through a started, ready pool of replica processes."""
-        self.serving = OpenAIServing(
-            pool,  # type: ignore[arg-type]  (the AsyncEngine interface, see ReplicaPool)
-            self.model_name,
-            self.config.retry_after,
-            self.metrics,
-        )
+        self.serving = Serving(pool, self.model_name, self.config.retry_after, self.metrics)
         self.engine = pool
 
     @property
@@ -136,9 +108,9 @@ def build_app(
         engine_or_config: a loaded ``LLMEngine`` (served at once), an ``EngineConfig``
             (loaded in a background thread at startup; ``/health`` says 503 until ready), or
             a ``ReplicaPool`` (not started: its processes start with the app and it serves
-            once every replica loaded or failed; its config's limits apply, not
-            ``config.max_queue``/``request_timeout``).
-        config: server behaviour (defaults: ``ServerConfig()``).
+            once every replica loaded or failed).
+        config: server behaviour (defaults: ``ServerConfig()``); its ``max_queue`` and
+            ``request_timeout`` apply to the engine and to a pool alike.
     """
     config = config or ServerConfig()
     if isinstance(engine_or_config, LLMEngine):
@@ -173,6 +145,7 @@ def build_app(
         if isinstance(engine_or_config, ReplicaPool):
             pool = engine_or_config
             pool.observer = state.metrics
+            pool.max_queue, pool.request_timeout = config.max_queue, config.request_timeout
             pool.replica_observer = ReplicaMetrics(
                 state.metrics.registry, state.model_name, len(pool.replicas)
             )
@@ -197,7 +170,7 @@ def build_app(
 
     app.add_middleware(GuardMiddleware, api_key=config.api_key, is_draining=lambda: state.draining)
 
-    def serving() -> OpenAIServing:
+    def serving() -> Serving:
         if state.load_error is not None:
             raise APIError(503, f"the model failed to load: {state.load_error}")
         if state.serving is None:
@@ -265,7 +238,7 @@ def build_app(
     @app.get("/v1/stats")
     async def stats() -> Response:
         """Debug view of the engine: running, waiting, KV blocks (tests assert all free)."""
-        engine = serving().engine
+        engine = serving().client
         s = engine.snapshot
         return JSONResponse(
             {
@@ -285,11 +258,11 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await parse(request, CompletionRequest)
-        return await serving().create_completion(req, request)
+        return await serving().completions.create_completion(req, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await parse(request, ChatCompletionRequest)
-        return await serving().create_chat_completion(req, request)
+        return await serving().chat.create_chat_completion(req, request)
 
     return app

@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from carpool.errors import CarpoolError
+
 logger = logging.getLogger("carpool.server")
 
 _TYPES = {
@@ -76,6 +78,25 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         """The error as a response."""
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_to_api(e: BaseException, retry_after: int | None = None) -> APIError:
+    """The HTTP error an exception stands for, read off its type and fields (never its text).
+
+    Args:
+        e: an ``APIError`` (returned as is), a ``CarpoolError`` (its ``status``, ``param``,
+            ``code`` and ``retry_after``), or anything else (a 500 naming its type).
+        retry_after: overrides a 429's ``Retry-After`` (the server's ``retry_after``).
+    """
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, CarpoolError):
+        wait = e.retry_after
+        if e.status == 429 and retry_after is not None:
+            wait = retry_after
+        headers = {"Retry-After": str(wait)} if wait is not None else None
+        return APIError(e.status, e.message, param=e.param, code=e.code, headers=headers)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
 
 _TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|.*\[.*\].*)$")

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from carpool.engine.async_engine import EngineSnapshot
-from carpool.engine.llm_engine import StepRecord
+from carpool.engine.stats import EngineSnapshot, StepRecord
 from carpool.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (

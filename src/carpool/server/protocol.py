@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from carpool.sampling_params import MAX_LOGPROBS
+from carpool.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 
 # torch generators take 64-bit seeds; n > 1 uses seed + i, so keep room at the top.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
@@ -53,6 +53,33 @@ class SamplingFields(_Request):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     timeout: float | None = Field(None, gt=0, le=86_400)
+
+    def to_sampling_params(
+        self, max_tokens: int, logprobs: int | None, output_kind: RequestOutputKind
+    ) -> SamplingParams:
+        """The engine's parameters for this request (``max_tokens`` already resolved).
+
+        Raises:
+            InvalidRequestError: a value the engine refuses (it names its ``param``).
+        """
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            stop=self.stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            n=self.n,
+            min_tokens=min(self.min_tokens, max_tokens),
+            output_kind=output_kind,
+        )
 
     @model_validator(mode="after")
     def _check_stop(self) -> SamplingFields:

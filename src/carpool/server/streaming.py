@@ -11,7 +11,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from carpool.engine.async_engine import RequestStream
+from carpool.engine.stream import RequestStream
 from carpool.outputs import RequestOutput
 from carpool.server.errors import APIError
 

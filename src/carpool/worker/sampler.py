@@ -13,16 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from carpool.outputs import TokenLogprobs
 from carpool.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """Log-probability of the chosen token and the top-N alternatives (raw model distribution)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""``EngineClient``: the one protocol the HTTP server (and any other front end) holds.
+
+In-process (``AsyncEngine``: a thread over one engine) and multi-process (``ReplicaPool``:
+engine processes behind a router) engines both implement it, so the server imports nothing from
+engine internals: it validates against ``limits``, tokenizes with ``tokenizer``, submits, reads
+each request's ``RequestStream`` and aborts, and reads ``snapshot`` for stats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from carpool.engine.limits import ModelLimits
+from carpool.engine.stats import EngineSnapshot, StepRecord
+from carpool.engine.stream import RequestStream
+from carpool.errors import QueueFullError
+from carpool.outputs import RequestOutput
+from carpool.sampling_params import SamplingParams
+from carpool.tokenizer import Tokenizer
+
+__all__ = [
+    "EngineClient",
+    "EngineObserver",
+    "EngineSnapshot",
+    "ModelLimits",
+    "RequestStream",
+    "check_queue",
+    "generate",
+]
+
+
+class EngineObserver(Protocol):
+    """Hooks an engine client calls (e.g. Prometheus metrics). They must be quick."""
+
+    def on_step(
+        self, record: StepRecord | None, snapshot: EngineSnapshot, outputs: Sequence[RequestOutput]
+    ) -> None:
+        """After each loop iteration that stepped (``record``) or changed the engine state."""
+
+    def on_request_finished(self, output: RequestOutput, reason: str) -> None:
+        """A request ended; ``reason`` is stop, length, abort, error or timeout."""
+
+
+class EngineClient(Protocol):
+    """What a front end may do with an engine, however it runs."""
+
+    @property
+    def limits(self) -> ModelLimits:
+        """The model's limits (requests are validated against them before submission)."""
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (prompts and chat templates are rendered front-side)."""
+
+    @property
+    def is_running(self) -> bool:
+        """True while the engine takes requests."""
+
+    @property
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's figures after its latest iteration."""
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet scheduled (in transit included)."""
+
+    def clock(self) -> float:
+        """The engine's clock (arrival times and deadlines are on it)."""
+
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise (``QueueFullError``, ``EngineStoppedError``...) unless ``num_requests`` more
+        requests may be queued now."""
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Queue a request now (on the event loop); returns the stream of its outputs."""
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op when unknown or finished)."""
+
+
+def check_queue(max_queue: int | None, num_waiting: int, num_requests: int) -> None:
+    """The admission rule every client applies: at most ``max_queue`` waiting requests.
+
+    Raises:
+        QueueFullError: ``num_requests`` more would pass ``max_queue``.
+    """
+    if max_queue is not None and num_waiting + num_requests > max_queue:
+        raise QueueFullError(f"too many requests are waiting (max_queue={max_queue}); retry later")
+
+
+async def generate(
+    client: EngineClient,
+    prompt: str | list[int],
+    params: SamplingParams,
+    request_id: str | None = None,
+    timeout: float | None = None,
+    arrival_time: float | None = None,
+) -> AsyncIterator[RequestOutput]:
+    """Submit a request to ``client`` and yield its outputs, the last one ``finished``.
+
+    Leaving the loop early (a disconnect cancels the task, or the consumer closes the
+    generator) aborts the request, which frees its KV blocks within one engine step.
+
+    Args:
+        client: the engine.
+        prompt: text or token ids.
+        params: sampling parameters.
+        request_id: unique id (a new one when None).
+        timeout: seconds before the request is ended with ``RequestTimeoutError``
+            (default: the client's ``request_timeout``).
+        arrival_time: when the request arrived (the client's clock), for the queue-time
+            metric.
+
+    Raises:
+        QueueFullError, EngineStoppedError, EngineDeadError: before anything is queued.
+        InvalidRequestError: the engine rejected the request (nothing was generated).
+        RequestTimeoutError: the deadline passed (outputs so far were yielded).
+    """
+    stream = client.submit(prompt, params, request_id, timeout, arrival_time)
+    try:
+        async for out in stream:
+            yield out
+    finally:  # GeneratorExit (consumer left) or CancelledError (task cancelled)
+        stream.abort()

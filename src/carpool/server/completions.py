@@ -1,0 +1,124 @@
+"""``POST /v1/completions``: prompts (text, token ids, or lists of either) to completions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import Request
+from starlette.responses import Response
+
+from carpool.outputs import TokenLogprobs
+from carpool.server.errors import APIError
+from carpool.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    dump,
+)
+from carpool.server.serving import Job, OpenAIServing, json_response
+from carpool.server.streaming import SSEResponse, sse
+
+
+class CompletionServing(OpenAIServing):
+    """The completions endpoint over an ``EngineClient``."""
+
+    async def create_completion(self, req: CompletionRequest, request: Request) -> Response:
+        """``POST /v1/completions`` (streaming or not)."""
+        arrival = self.client.clock()
+        self.check_model(req.model)
+        prompts = await self._prompts(req)
+        fields = ("prompt", "max_tokens")
+        params = [
+            self.params(req, len(ids), req.max_tokens, fields, req.logprobs) for ids in prompts
+        ]
+        job = Job(f"cmpl-{uuid.uuid4().hex}", int(time.time()), prompts, params)
+        self.submit(job, req.timeout, arrival)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = self.event_stream(job, self._stream(req, job, include_usage))
+            return SSEResponse(events, job.abort_all)
+        outs = await self.collect(request, job)
+        choices = []
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                lp = self._logprobs(c.logprobs or [], 0) if req.logprobs is not None else None
+                choices.append(
+                    CompletionChoice(
+                        index=i * req.n + c.index,
+                        text=c.text,
+                        logprobs=lp,
+                        finish_reason=c.finish_reason,
+                    )
+                )
+        resp = CompletionResponse(
+            id=job.rid,
+            created=job.created,
+            model=self.model_name,
+            choices=choices,
+            usage=job.usage(),
+        )
+        return json_response(dump(resp))
+
+    async def _prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            texts: list[str] | None = [p]
+        elif not p:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        elif isinstance(p[0], str):
+            texts = list(p)  # type: ignore[arg-type]
+        else:
+            texts = None
+        if texts is not None:
+            prompts = await asyncio.to_thread(lambda: [self.tokenizer.encode(t) for t in texts])
+        elif isinstance(p[0], int):
+            prompts = [list(p)]  # type: ignore[arg-type]
+        else:
+            prompts = [list(x) for x in p]  # type: ignore[union-attr]
+        for i, ids in enumerate(prompts):
+            self.check_prompt(ids, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        return prompts
+
+    def _logprobs(self, lps: Sequence[TokenLogprobs], offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in lps:
+            tok = self.token(lp.token_id)
+            out.tokens.append(tok)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self.token(t): v for t, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(tok)
+        return out
+
+    async def _stream(
+        self, req: CompletionRequest, job: Job, include_usage: bool
+    ) -> AsyncIterator[str]:
+        offsets: dict[int, int] = {}
+        async for i, c in self.deltas(job):
+            index = i * req.n + c.index
+            lp = None
+            if req.logprobs is not None:
+                lp = self._logprobs(c.logprobs or [], offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp.tokens)
+            choice = CompletionChoice(
+                index=index, text=c.delta_text, logprobs=lp, finish_reason=c.finish_reason
+            )
+            resp = CompletionResponse(
+                id=job.rid, created=job.created, model=self.model_name, choices=[choice]
+            )
+            yield sse(dump(resp) | {"usage": None})
+        if include_usage:
+            yield sse(
+                {
+                    "id": job.rid,
+                    "object": "text_completion",
+                    "created": job.created,
+                    "model": self.model_name,
+                    "choices": [],
+                    "usage": dump(job.usage()),
+                }
+            )
