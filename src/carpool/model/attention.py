@@ -75,31 +75,32 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [T, 1, head_dim]
         meta: AttentionMetadata,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_blocks, block_size, 2, kv_heads, head_dim]
     ) -> torch.Tensor:
         t = x.shape[0]
-        h, kvh = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)  # [T, H + 2K, D]
-        qk, v = qkv[:, : h + kvh], qkv[:, h + kvh :]
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, d)  # [T, H + 2K, D]
+        qk = qkv[:, : h + kvh]
+        src = qk
         if self.q_norm is not None and self.k_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
-        # q and k rotated together: half the elementwise ops of rotating them apart.
-        cos, sin = cos_sin
-        qk = apply_rotary(qk, cos, sin)
-        q, k = qk[:, :h], qk[:, h:]
-
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        kvh, d = self.num_kv_heads, self.head_dim
-        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+            src = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
+        # q and k rotated together, written back into qkv: k lands next to v, so one
+        # index_copy_ stores both into the cache.
+        apply_rotary(src, *cos_sin, out=qk)
+        num_blocks, block_size = kv_cache.shape[:2]
+        # A cache slot is a contiguous [2, K, D] row: the new K and V of a token in one copy.
+        kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, qkv[:, h:].view(t, 2, kvh, d))
 
         b = meta.block_tables.shape[0]
-        blocks = meta.block_tables.flatten()
+        # One gather of whole blocks brings K and V together (rows of block_size * 2 * K * D
+        # elements: twice as long, half as many ops as gathering K and V apart).
         # index_select, not advanced indexing: several times faster for this gather on CPU.
-        keys = k_cache.index_select(0, blocks).view(b, -1, kvh, d).transpose(1, 2)  # [B,K,L,D]
-        values = v_cache.index_select(0, blocks).view(b, -1, kvh, d).transpose(1, 2)
+        kv = kv_cache.index_select(0, meta.block_tables.flatten()).view(b, -1, 2, kvh, d)
+        keys = kv[:, :, 0].transpose(1, 2)  # [B, K, L, D] strided view, no copy
+        values = kv[:, :, 1].transpose(1, 2)
+        q = qkv[:, :h]
         if meta.query_index is None:
-            queries = q.view(b, t // b, self.num_heads, self.head_dim)  # [B, Q, H, D]
+            queries = q.view(b, t // b, h, d)  # [B, Q, H, D]
         else:
             queries = q[meta.query_index]  # [B, Q, H, D]
         out = F.scaled_dot_product_attention(
@@ -108,7 +109,7 @@ class Attention(nn.Module):
             values,
             attn_mask=meta.attn_mask,
             scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+            enable_gqa=h != kvh,
         )
         out = out.transpose(1, 2).reshape(-1, self.q_size)  # [B * Q, H * D]
         if meta.output_index is not None:

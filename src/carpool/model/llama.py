@@ -97,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, kv_heads, D]
+        kv_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, 2, kv_heads, D]
         logits_indices: torch.Tensor,  # [R]
     ) -> torch.Tensor:  # [R, vocab]
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
@@ -111,7 +111,11 @@ class LlamaForCausalLM(nn.Module):
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
     ) -> list[torch.Tensor]:
-        """One ``[2, num_blocks, block_size, kv_heads, head_dim]`` tensor per layer."""
+        """One ``[num_blocks, block_size, 2, kv_heads, head_dim]`` tensor per layer.
+
+        K and V of a token sit side by side (the ``2``), so a block is one contiguous run of
+        both: the step writes a token's K and V in one copy and gathers a block's in one row.
+        """
         c = self.config
-        shape = (2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        shape = (num_blocks, block_size, 2, c.num_key_value_heads, c.head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
