@@ -2,7 +2,8 @@
 
 One step's tokens arrive flat (``[T, ...]``): prefill chunks and single decode tokens of many
 sequences packed end to end. Each layer
-1. writes the new K/V of every token into its slot of the paged cache (one ``index_copy_``),
+1. writes the new K and V of every token into its slot of the paged cache (one
+   ``index_copy_``: the cache keeps a token's K and V side by side),
 2. gathers each sequence's keys and values block by block through its block table (one
    ``index_select`` of whole blocks: contiguous copies, a few indices),
 3. runs one ``scaled_dot_product_attention`` over a ``[B, Q, L]`` rectangle whose mask encodes
@@ -87,22 +88,20 @@ class Attention(nn.Module):
         # q and k rotated together, written back into qkv: k lands next to v, so one
         # index_copy_ stores both into the cache.
         apply_rotary(src, *cos_sin, out=qk)
-        num_blocks, block_size = kv_cache.shape[:2]
         # A cache slot is a contiguous [2, K, D] row: the new K and V of a token in one copy.
-        kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, qkv[:, h:].view(t, 2, kvh, d))
+        new_kv = qkv[:, h:].view(t, 2, kvh, d)
+        kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, new_kv)
 
         b = meta.block_tables.shape[0]
         # One gather of whole blocks brings K and V together (rows of block_size * 2 * K * D
         # elements: twice as long, half as many ops as gathering K and V apart).
         # index_select, not advanced indexing: several times faster for this gather on CPU.
-        kv = kv_cache.index_select(0, meta.block_tables.flatten()).view(b, -1, 2, kvh, d)
-        keys = kv[:, :, 0].transpose(1, 2)  # [B, K, L, D] strided view, no copy
-        values = kv[:, :, 1].transpose(1, 2)
+        kv = kv_cache.index_select(0, meta.block_tables.view(-1)).view(b, -1, 2, kvh, d)
+        # Strided [B, K, L, D] views, no copy: SDPA reads K and V through their strides.
+        keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
         q = qkv[:, :h]
-        if meta.query_index is None:
-            queries = q.view(b, t // b, h, d)  # [B, Q, H, D]
-        else:
-            queries = q[meta.query_index]  # [B, Q, H, D]
+        # [B, Q, H, D]: a view when every sequence has Q tokens, else a gather of padded rows.
+        queries = q.view(b, t // b, h, d) if meta.query_index is None else q[meta.query_index]
         out = F.scaled_dot_product_attention(
             queries.transpose(1, 2),  # [B, H, Q, D]
             keys,
