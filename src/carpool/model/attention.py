@@ -14,6 +14,7 @@ runner (``carpool.worker.batch``) and shared by every layer through ``AttentionM
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,28 @@ from torch import nn
 
 from carpool.config import ModelConfig
 from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
+
+
+class GatherBuffer:
+    """One scratch tensor, reused by every layer of every step for the gathered K/V blocks.
+
+    Layers run one after another and a layer's gathered K/V is dead once its attention is
+    done, so one buffer serves them all. Why: a fresh ``index_select`` result of tens of MB
+    is a fresh ``mmap`` with a page fault per 4 KiB on first touch; at context 8k, batch 8
+    (134 MB per layer) writing into a reused buffer measured 4x faster than a fresh tensor
+    (0.2-0.25 s vs 0.9-1.0 s per gather on the shared 2-core machine).
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device (contents undefined)."""
+        n = math.prod(shape)
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
 
 
 @dataclass
@@ -54,8 +77,11 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V, rotary positions and a paged cache."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, gather: GatherBuffer | None = None
+    ) -> None:
         super().__init__()
+        self.gather = gather or GatherBuffer()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -96,7 +122,10 @@ class Attention(nn.Module):
         # One gather of whole blocks brings K and V together (rows of block_size * 2 * K * D
         # elements: twice as long, half as many ops as gathering K and V apart).
         # index_select, not advanced indexing: several times faster for this gather on CPU.
-        kv = kv_cache.index_select(0, meta.block_tables.view(-1)).view(b, -1, 2, kvh, d)
+        blocks = meta.block_tables.view(-1)
+        kv = self.gather.take((blocks.shape[0], *kv_cache.shape[1:]), kv_cache)
+        torch.index_select(kv_cache, 0, blocks, out=kv)
+        kv = kv.view(b, -1, 2, kvh, d)
         # Strided [B, K, L, D] views, no copy: SDPA reads K and V through their strides.
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
         q = qkv[:, :h]

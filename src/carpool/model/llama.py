@@ -12,17 +12,19 @@ import torch
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.model.attention import Attention, AttentionMetadata
+from carpool.model.attention import Attention, AttentionMetadata, GatherBuffer
 from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, gather: GatherBuffer | None = None
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary)
+        self.self_attn = Attention(config, rotary, gather)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config)
 
@@ -44,8 +46,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config)
+        # Shared by all layers: they run one after another (see GatherBuffer).
+        self.gather = GatherBuffer()
         self.layers = nn.ModuleList(
-            DecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, self.rotary, self.gather) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
