@@ -1,70 +1,164 @@
-"""Where a decode step spends its time: wall-clock split and torch.profiler op groups.
+"""Where a decode step spends its time: wall clock, op counts and torch.profiler op groups.
 
-Run after benchmarks/throughput.py, which writes the random models to the temp dir:
-    python benchmarks/profile_step.py
+Drives the model directly (batch builder + one forward per step, no scheduler or sampler), so
+the same script measures any checkout that keeps ``build_ragged_batch`` and the model's forward
+signature: run it with ``PYTHONPATH=<checkout>/src`` to compare two branches.
+
+    python benchmarks/profile_step.py --random-config small --batch 1 --context 64
+    python benchmarks/profile_step.py --random-config small --batch 8 --context 2048,8192
+
+For each (batch, context): B sequences whose caches already hold ``context - 1`` tokens decode
+one token each per step. Prints the median step (batch build + forward), torch.profiler's ops
+per step and per layer, and the share of the step in matmuls, in attention (SDPA, the KV
+write/gather, masks) and outside both (dispatch, Python and every small op).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
-from carpool import LLM, SamplingParams
+from carpool.bench.random_model import save_random_llama
+from carpool.model.loader import load_model
+from carpool.worker.batch import build_ragged_batch
 
-GROUPS = {
-    "matmuls": ("aten::mm", "aten::addmv_", "aten::addmm", "aten::mv", "aten::bmm"),
-    "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
-    "KV gather/scatter": ("aten::index_select", "aten::index_copy_"),
-    "sampling (argmax)": ("aten::argmax",),
+MATMUL_OPS = {"aten::mm", "aten::addmv_", "aten::addmm", "aten::mv", "aten::bmm", "aten::mkldnn_rr"}
+ATTENTION_OPS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_efficient_attention_forward",
+    "aten::_flash_attention_forward",
+    "aten::index_select",
+    "aten::index_copy_",
+    "aten::index_put_",
+    "aten::_softmax",
+    "carpool::paged_decode_attention",  # record_function label of the in-place decode path
 }
 
 
-def profile_decode(name: str, batch: int, steps: int = 10) -> None:
-    path = f"{tempfile.gettempdir()}/carpool-bench-models/{name}-bfloat16"
-    llm = LLM(path, dtype="bfloat16", max_num_seqs=64, kv_cache_memory=256 * 2**20)
-    engine = llm.engine
-    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request([5 + i] * 32, params)
-    for _ in range(4):  # prefill and warm-up
-        engine.step()
-    forward_times: list[float] = []
-    step_times: list[float] = []
-    forward = engine.model.forward
+@dataclass
+class _Chunk:
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    needs_sample: bool = True
 
-    def timed_forward(*args, **kwargs):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        out = forward(*args, **kwargs)
-        forward_times.append(time.perf_counter() - start)
-        return out
 
-    engine.model.forward = timed_forward
-    for _ in range(20):
-        start = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - start)
-    print(
-        f"{name} B={batch}: step {statistics.median(step_times) * 1e3:.2f} ms, "
-        f"model forward {statistics.median(forward_times) * 1e3:.2f} ms"
-    )
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+def random_model(preset: str, dtype: str, max_positions: int) -> Path:
+    """The random model of ``preset`` with ``max_position_embeddings >= max_positions``."""
+    out = Path(tempfile.gettempdir()) / "carpool-profile-models" / f"{preset}-{dtype}"
+    if not (out / "model.safetensors").is_file():
+        save_random_llama(out, preset=preset, dtype=dtype)
+    cfg = json.loads((out / "config.json").read_text())
+    if cfg["max_position_embeddings"] < max_positions:
+        cfg["max_position_embeddings"] = max_positions
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def decode_chunks(batch: int, context: int, block_size: int) -> list[_Chunk]:
+    """``batch`` sequences of ``context - 1`` cached tokens, each decoding one more token."""
+    blocks = -(-context // block_size)
+    # Interleave the sequences' blocks, as a busy block manager would hand them out.
+    return [
+        _Chunk(f"r{k}", [5 + k], context - 1, [1 + k + batch * n for n in range(blocks)])
+        for k in range(batch)
+    ]
+
+
+def measure(model, batch: int, context: int, steps: int, block_size: int = 16) -> dict:
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    chunks = decode_chunks(batch, context, block_size)
+    num_blocks = 2 + batch * (-(-context // block_size))
+    caches = model.allocate_kv_cache(num_blocks, block_size, dtype, "cpu")
+    for c in caches:  # random keys/values: zeros could hit special cases in the kernels
+        c.normal_()
+
+    def step() -> None:
+        inp = build_ragged_batch(chunks, block_size)
+        model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            step()
+        times = []
         for _ in range(steps):
-            engine.step()
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+    wall = statistics.median(times)
     ops = prof.key_averages()
-    total = sum(k.self_cpu_time_total for k in ops)
-    grouped: set[str] = set()
-    for group, names in GROUPS.items():
-        t = sum(k.self_cpu_time_total for k in ops if k.key in names)
-        grouped |= set(names)
-        print(f"  {group}: {t / total * 100:.0f}%")
-    other = [k for k in ops if k.key not in grouped]
-    share = sum(k.self_cpu_time_total for k in other) / total * 100
-    print(f"  all other ops: {share:.0f}% in {sum(k.count for k in other) / steps:.0f} ops/step")
+    # Top-level ops only (no parent op): what Python dispatches. Children run inside them.
+    top = [e for e in prof.events() if e.cpu_parent is None and not e.name.startswith("Profiler")]
+    top_ops = len(top) / steps
+    total = sum(k.self_cpu_time_total for k in ops) / steps / 1e6
+    mm = sum(k.self_cpu_time_total for k in ops if k.key in MATMUL_OPS) / steps / 1e6
+    att = sum(k.self_cpu_time_total for k in ops if k.key in ATTENTION_OPS) / steps / 1e6
+    # The profiler slows every op a little; scale its op times to the unprofiled step.
+    scale = min(1.0, wall / total) if total else 1.0
+    mm, att = mm * scale, att * scale
+    return {
+        "batch": batch,
+        "context": context,
+        "step_ms": wall * 1e3,
+        "tokens_per_s": batch / wall,
+        "ops_per_step": top_ops,
+        "ops_per_layer": top_ops / cfg.num_hidden_layers,
+        "matmul_share": mm / wall,
+        "attention_share": att / wall,
+        "other_share": max(0.0, 1 - (mm + att) / wall),
+        "other_ms": max(0.0, wall - mm - att) * 1e3,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--random-config", default="small")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--context", default="64", help="comma-separated context lengths")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="append the rows to this JSON file")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    contexts = [int(c) for c in a.context.split(",")]
+    path = random_model(a.random_config, a.dtype, max(contexts) + 16)
+    model, _ = load_model(path, dtype=a.dtype)
+    print(
+        "| batch | context | step ms | tok/s | top-level ops/step | per layer "
+        "| matmuls | attention | outside both |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for b in (int(x) for x in a.batch.split(",")):
+        for ctx in contexts:
+            r = measure(model, b, ctx, a.steps)
+            rows.append(r)
+            print(
+                f"| {b} | {ctx} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} "
+                f"| {r['ops_per_step']:.0f} | {r['ops_per_layer']:.1f} "
+                f"| {r['matmul_share']:.0%} | {r['attention_share']:.0%} "
+                f"| {r['other_share']:.0%} ({r['other_ms']:.2f} ms) |",
+                flush=True,
+            )
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
-    profile_decode("small", 1)
-    profile_decode("medium", 32)
+    main()

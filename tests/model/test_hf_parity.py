@@ -18,12 +18,24 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+# The CPU always; CUDA where this torch build and machine have it (the model's hot path must
+# stay device-portable: no CPU-only op without a CUDA path).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(a, d) for d in DEVICES for a in ARCHITECTURES],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def pair(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    hf = save_tiny_hf_model(request.param, d)
-    model, config = load_model(d, dtype="float32")
-    return request.param, hf, model, config
+    arch, device = request.param
+    d = tmp_path_factory.mktemp(arch)
+    hf = save_tiny_hf_model(arch, d)
+    model, config = load_model(d, dtype="float32", device=device)
+    # TF32 matmuls on CUDA would break the 1e-4 fp32 logit tolerance.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return arch, hf, model, config
 
 
 def test_config_read_from_checkpoint(pair):
@@ -55,10 +67,11 @@ def test_greedy_tokens_match_transformers(pair, prompt):
     assert got == expected, first_difference(got, expected)
 
 
-def test_bfloat16_runs_close_to_float32(tmp_path: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_runs_close_to_float32(tmp_path: Path, device: str):
     save_tiny_hf_model("llama", tmp_path)
-    m32, _ = load_model(tmp_path, dtype="float32")
-    m16, _ = load_model(tmp_path, dtype="bfloat16")
+    m32, _ = load_model(tmp_path, dtype="float32", device=device)
+    m16, _ = load_model(tmp_path, dtype="bfloat16", device=device)
     assert next(m16.parameters()).dtype == torch.bfloat16
     a, b = prompt_logits(m32, PROMPTS[0]), prompt_logits(m16, PROMPTS[0])
     # bf16 keeps 8 bits of mantissa: expect agreement to a few percent of the logit scale.

@@ -12,17 +12,19 @@ import torch
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.model.attention import Attention, AttentionMetadata
+from carpool.model.attention import Attention, AttentionMetadata, GatherBuffer
 from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, gather: GatherBuffer | None = None
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary)
+        self.self_attn = Attention(config, rotary, gather)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config)
 
@@ -44,8 +46,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config)
+        # Shared by all layers: they run one after another (see GatherBuffer).
+        self.gather = GatherBuffer()
         self.layers = nn.ModuleList(
-            DecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, self.rotary, self.gather) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -97,7 +101,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, kv_heads, D]
+        kv_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, 2, kv_heads, D]
         logits_indices: torch.Tensor,  # [R]
     ) -> torch.Tensor:  # [R, vocab]
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
@@ -111,7 +115,11 @@ class LlamaForCausalLM(nn.Module):
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
     ) -> list[torch.Tensor]:
-        """One ``[2, num_blocks, block_size, kv_heads, head_dim]`` tensor per layer."""
+        """One ``[num_blocks, block_size, 2, kv_heads, head_dim]`` tensor per layer.
+
+        K and V of a token sit side by side (the ``2``), so a block is one contiguous run of
+        both: the step writes a token's K and V in one copy and gathers a block's in one row.
+        """
         c = self.config
-        shape = (2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        shape = (num_blocks, block_size, 2, c.num_key_value_heads, c.head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]

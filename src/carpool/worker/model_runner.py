@@ -73,7 +73,8 @@ class ModelRunner:
             return None
         gen = self._generators.get(request.request_id)
         if gen is None:
-            gen = torch.Generator().manual_seed(seed)
+            # On the model's device: the sampler draws its noise where the logits are.
+            gen = torch.Generator(device=self.device).manual_seed(seed)
             self._generators[request.request_id] = gen
         return gen
 

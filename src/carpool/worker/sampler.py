@@ -35,9 +35,10 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def _pad(seqs: Sequence[list[int]], fill: int) -> torch.Tensor:
+def _pad(seqs: Sequence[list[int]], fill: int, device: torch.device) -> torch.Tensor:
     width = max((len(s) for s in seqs), default=0)
-    return torch.tensor([s + [fill] * (width - len(s)) for s in seqs], dtype=torch.long)
+    rows = [s + [fill] * (width - len(s)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -46,19 +47,21 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     ``logits`` is ``[R, V]`` float32 and is modified in place and returned.
     """
     r, v = logits.shape
-    rep = torch.tensor([row.params.repetition_penalty for row in rows])
-    pres = torch.tensor([row.params.presence_penalty for row in rows])
-    freq = torch.tensor([row.params.frequency_penalty for row in rows])
+    # Every tensor on the logits' device: the sampler runs wherever the model does (CUDA too).
+    dev = logits.device
+    rep = torch.tensor([row.params.repetition_penalty for row in rows], device=dev)
+    pres = torch.tensor([row.params.presence_penalty for row in rows], device=dev)
+    freq = torch.tensor([row.params.frequency_penalty for row in rows], device=dev)
     if bool((rep != 1).any()):
-        seen = torch.zeros(r, v + 1, dtype=torch.bool)
-        hist = _pad([row.prompt_token_ids + row.output_token_ids for row in rows], v)
+        seen = torch.zeros(r, v + 1, dtype=torch.bool, device=dev)
+        hist = _pad([row.prompt_token_ids + row.output_token_ids for row in rows], v, dev)
         seen.scatter_(1, hist, True)
         seen = seen[:, :v]
         penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
         logits = torch.where(seen, penalised, logits)
     if bool((pres != 0).any() or (freq != 0).any()):
-        counts = torch.zeros(r, v + 1)
-        out = _pad([row.output_token_ids for row in rows], v)
+        counts = torch.zeros(r, v + 1, device=dev)
+        out = _pad([row.output_token_ids for row in rows], v, dev)
         counts.scatter_add_(1, out, torch.ones_like(out, dtype=counts.dtype))
         counts = counts[:, :v]
         logits = logits - freq[:, None] * counts - pres[:, None] * (counts > 0)
@@ -67,13 +70,14 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 
 def apply_truncation(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k / top-p / min-p support."""
-    top_k = torch.tensor([row.params.top_k for row in rows])
-    top_p = torch.tensor([row.params.top_p for row in rows])
-    min_p = torch.tensor([row.params.min_p for row in rows])
+    dev = logits.device
+    top_k = torch.tensor([row.params.top_k for row in rows], device=dev)
+    top_p = torch.tensor([row.params.top_p for row in rows], device=dev)
+    min_p = torch.tensor([row.params.min_p for row in rows], device=dev)
     v = logits.shape[-1]
     if bool((top_k > 0).any() or (top_p < 1).any()):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(v)[None, :]
+        rank = torch.arange(v, device=dev)[None, :]
         k = torch.where(top_k > 0, top_k, v)[:, None]
         drop = rank >= k
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
@@ -98,10 +102,11 @@ class Sampler:
         logits = logits.float()
         raw = logits
         logits = apply_penalties(logits.clone(), rows)
-        greedy = torch.tensor([row.params.temperature == 0 for row in rows])
+        dev = logits.device
+        greedy = torch.tensor([row.params.temperature == 0 for row in rows], device=dev)
         tokens = logits.argmax(-1)
         if not bool(greedy.all()):
-            temp = torch.tensor([row.params.temperature or 1.0 for row in rows])
+            temp = torch.tensor([row.params.temperature or 1.0 for row in rows], device=dev)
             probs = apply_truncation(logits / temp[:, None], rows).softmax(-1)
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each
             # seeded row use its own generator while unseeded rows share one draw.

@@ -1,0 +1,90 @@
+"""Model step of two checkouts interleaved step by step in ONE process (fair on a busy machine).
+
+The ``--before`` checkout's ``carpool`` package is copied to a temp dir as ``carpool_before``
+(imports rewritten), so both versions load side by side; each decode step alternates between
+them, so load spikes of a shared machine hit both alike. Per (batch, context): B sequences
+with ``context - 1`` cached tokens decode one token per step (batch build + forward).
+
+    python benchmarks/ab_step.py --before /work/main/src --cases 1x64,32x64,8x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profile_step import decode_chunks, random_model  # noqa: E402
+
+
+def import_before(src: Path):  # type: ignore[no-untyped-def]
+    """``(load_model, build_ragged_batch)`` of the checkout at ``src``, renamed."""
+    root = Path(tempfile.mkdtemp(prefix="carpool-before-"))
+    pkg = root / "carpool_before"
+    shutil.copytree(src / "carpool", pkg)
+    for f in pkg.rglob("*.py"):
+        text = f.read_text()
+        f.write_text(re.sub(r"\b(from|import) carpool\b", r"\1 carpool_before", text))
+    sys.path.insert(0, str(root))
+    from carpool_before.model.loader import load_model
+    from carpool_before.worker.batch import build_ragged_batch
+
+    return load_model, build_ragged_batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", default="/work/main/src")
+    ap.add_argument("--cases", default="1x64,32x64,8x512,8x2048,8x8192", help="BxCONTEXT,...")
+    ap.add_argument("--random-config", default="small")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from carpool.model.loader import load_model
+    from carpool.worker.batch import build_ragged_batch
+
+    before_load, before_build = import_before(Path(a.before))
+    cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
+    path = random_model(a.random_config, a.dtype, max(c for _, c in cases) + 16)
+    systems = {
+        "before": (before_load(path, dtype=a.dtype)[0], before_build),
+        "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
+    }
+    print("| batch | context | before ms | after ms | speedup |")
+    print("|---:|---:|---:|---:|---:|")
+    for b, ctx in cases:
+        chunks = decode_chunks(b, ctx, 16)
+        nb = 2 + b * (-(-ctx // 16))
+        dtype = getattr(torch, a.dtype)
+        caches = {k: m.allocate_kv_cache(nb, 16, dtype, "cpu") for k, (m, _) in systems.items()}
+        times: dict[str, list[float]] = {k: [] for k in systems}
+        n = max(4, min(30, 20000 // (b * ctx) + 4))
+        with torch.inference_mode():
+            for i in range(n + 2):
+                for k in list(systems) if i % 2 else list(reversed(systems)):
+                    model, build = systems[k]
+                    start = time.perf_counter()
+                    inp = build(chunks, 16)
+                    model(inp.input_ids, inp.positions, inp.meta, caches[k], inp.logits_indices)
+                    if i >= 2:  # two warm-up steps
+                        times[k].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(
+            f"| {b} | {ctx} | {med['before']:.2f} | {med['after']:.2f} "
+            f"| {med['before'] / med['after']:.2f}x |",
+            flush=True,
+        )
+        del caches
+
+
+if __name__ == "__main__":
+    main()
