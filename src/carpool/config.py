@@ -227,6 +227,8 @@ def dtype_bytes(name: str) -> int:
 
 
 BATCHING_STRATEGIES = ("sequential", "static", "bucketed", "dynamic", "continuous")
+# ``EngineConfig.quantization``: None (a GGUF file's own), or weight-only at load.
+QUANTIZATION_CHOICES = (None, "none", "int8", "int4")
 # How one step lays out sequences of different lengths (see ``carpool.worker.padded``).
 LAYOUTS = ("ragged", "padded")
 
@@ -260,6 +262,9 @@ class EngineConfig:
             ``max_model_len`` (ignored when ``bucket_boundaries`` is given).
         bucket_boundaries: bucketed: ascending inclusive upper prompt lengths of the buckets
             (longer prompts go to one last bucket).
+        quantization: weight-only quantization at load: None keeps a GGUF file's Q8_0/Q4_x
+            matrices quantized (a Hugging Face checkpoint dense), ``int8``/``int4`` quantize
+            every other matrix too, ``none`` dequantizes everything to ``dtype``.
     """
 
     model: str | None = None
@@ -278,6 +283,7 @@ class EngineConfig:
     max_wait_ms: float = 50.0
     num_buckets: int = 4
     bucket_boundaries: tuple[int, ...] | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -304,6 +310,10 @@ class EngineConfig:
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}"
+            )
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
         if self.bucket_boundaries is not None:

@@ -51,6 +51,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8", "int4", "none"],
+        help="weight-only quantization at load (default: keep a GGUF file's Q8_0/Q4_0/Q4_1 "
+        "weights quantized, a Hugging Face checkpoint dense; none: dequantize everything)",
+    )
+    g.add_argument(
         "--batching",
         default="continuous",
         choices=BATCHING_STRATEGIES,
@@ -123,6 +130,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantization,
         batching=args.batching,
         layout=args.layout,
         batch_size=args.batch_size,
