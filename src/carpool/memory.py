@@ -3,7 +3,9 @@
 ``estimate_memory`` answers "does batch B of sequence length L fit?" from a ``ModelConfig`` alone
 (no weights needed), with the formulas the engine itself uses:
 
-- **weights**: ``num_parameters x dtype bytes`` (``ModelConfig.num_parameters``).
+- **weights**: ``weight_bytes_for``: ``num_parameters x dtype bytes`` for a dense model; int8 /
+  int4 matrices (a quantized GGUF file, ``--quantization``) at their packed size. The loader
+  logs the same figure.
 - **KV cache**: ``B x ceil(L / block_size)`` blocks of ``block_size`` tokens, each token taking
   ``ModelConfig.kv_bytes_per_token_for(kv bytes)`` = ``2 (K and V) x layers x kv_heads x
   head_dim x bytes``, through ``carpool.kv_cache.sizing.kv_cache_bytes``; the engine sizes its
@@ -221,6 +223,7 @@ def estimate_memory(
     kv_dtype_nbytes: int | None = None,
     block_size: int = 16,
     max_num_batched_tokens: int | None = None,
+    plan: QuantPlan | None = None,
 ) -> MemoryEstimate:
     """Weights, KV cache and activations for ``batch_size`` sequences of ``seq_len`` tokens.
 
@@ -232,6 +235,7 @@ def estimate_memory(
         kv_dtype_nbytes: bytes per KV-cache element; None for ``dtype_nbytes``.
         block_size: tokens per KV block (sequences take whole blocks).
         max_num_batched_tokens: see ``activation_bytes``.
+        plan: which matrices are stored int8/int4 (``weight_bytes_for``); None for all dense.
 
     Raises:
         ValueError: a size is not a positive int.
@@ -243,7 +247,7 @@ def estimate_memory(
     return MemoryEstimate(
         batch_size=batch_size,
         seq_len=seq_len,
-        weights=weight_bytes(config, dtype_nbytes),
+        weights=weight_bytes_for(config, dtype_nbytes, plan),
         kv_cache=kv_cache_bytes_for(config, batch_size, seq_len, kv_nbytes, block_size),
         activations=activation_bytes(
             config, batch_size, seq_len, dtype_nbytes, max_num_batched_tokens
@@ -260,6 +264,7 @@ def largest_batch_by_estimate(
     block_size: int = 16,
     max_num_batched_tokens: int | None = None,
     limit: int = 1 << 16,
+    plan: QuantPlan | None = None,
 ) -> int:
     """The largest B whose ``estimate_memory(...).total`` fits in ``budget`` (0 if none).
 
@@ -268,7 +273,14 @@ def largest_batch_by_estimate(
 
     def fits(b: int) -> bool:
         est = estimate_memory(
-            config, b, seq_len, dtype_nbytes, kv_dtype_nbytes, block_size, max_num_batched_tokens
+            config,
+            b,
+            seq_len,
+            dtype_nbytes,
+            kv_dtype_nbytes,
+            block_size,
+            max_num_batched_tokens,
+            plan,
         )
         return est.total <= budget
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from carpool.config import ModelConfig
 from carpool.errors import ModelLoadError
+from carpool.model.quant_plan import plan_summary
 from carpool.model.registry import model_class_for
 
 logger = logging.getLogger(__name__)
@@ -207,16 +208,10 @@ def load_model(
         weights = load_planned_weights(model, weights, torch_dtype, device)  # type: ignore[arg-type]
     load_weights(model, weights, str(path))
     quantize_model(model, requantized)
+    plan = combined_plan(native, requantized)
     logger.info(
-        "weights: %.1f MB (%s)",
-        weight_bytes_for(config, torch_dtype.itemsize, combined_plan(native, requantized)) / 1e6,
-        _plan_summary(combined_plan(native, requantized)),
+        "weights: %.1f MB (matrices: %s)",
+        weight_bytes_for(config, torch_dtype.itemsize, plan) / 1e6,
+        plan_summary(plan),
     )
     return model, config
-
-
-def _plan_summary(plan: dict[str, str | None]) -> str:
-    counts: dict[str, int] = {}
-    for method in plan.values():
-        counts[method or "dense"] = counts.get(method or "dense", 0) + 1
-    return ", ".join(f"{n} matrices {m}" for m, n in sorted(counts.items()))

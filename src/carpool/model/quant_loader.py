@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -79,6 +80,19 @@ def resolve_plan(
     wanted = uniform_plan(config, method)
     requantized = {m: None if native[m] else wanted[m] for m in native}
     return native, requantized
+
+
+def checkpoint_plan(
+    path: str | Path, config: ModelConfig, quantization: str | None
+) -> dict[str, str | None]:
+    """The plan ``load_model(path, quantization=...)`` follows, read without loading weights
+    (a GGUF file's header only); ``carpool memory`` sizes weights from it."""
+    types = None
+    if Path(path).is_file() and Path(path).suffix == ".gguf":
+        from carpool.model.gguf_loader import GGUFCheckpoint
+
+        types = GGUFCheckpoint(path).types
+    return combined_plan(*resolve_plan(config, types, quantization))
 
 
 def natively_quantized_names(

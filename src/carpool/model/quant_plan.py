@@ -81,3 +81,11 @@ def plan_weight_bytes(config: ModelConfig, nbytes: int, plan: QuantPlan | None) 
     if c.qk_norm:
         total += 2 * c.num_hidden_layers * c.head_dim * nbytes
     return total
+
+
+def plan_summary(plan: QuantPlan | None) -> str:
+    """``"120 int4, 1 int8"``: how many matrices each storage holds."""
+    counts: dict[str, int] = {}
+    for method in (plan or {}).values():
+        counts[method or "dense"] = counts.get(method or "dense", 0) + 1
+    return ", ".join(f"{n} {m}" for m, n in sorted(counts.items())) or "all dense"
