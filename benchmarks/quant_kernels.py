@@ -7,7 +7,9 @@ thread count, times ``y = x @ W.T`` with bf16 activations:
   ``F.linear`` otherwise), the baseline;
 - ``int8``: ``torch._weight_int8pack_mm`` (int8 weight, one bf16 scale per output channel);
 - ``int4``: ``torch._weight_int4pack_mm_for_cpu`` (int4 weight packed by
-  ``_convert_weight_to_int4pack_for_cpu``, a (scale, zero) pair per group of 32 inputs).
+  ``_convert_weight_to_int4pack_for_cpu``, a (scale, zero) pair per group of 32 inputs);
+- ``int8 widened`` / ``int4 widened``: the quantized weight widened to bf16 in the call, then
+  the dense bf16 GEMM (what ``Int8Linear``/``Int4Linear`` do above ``*_WIDEN_ABOVE_ROWS`` rows).
 
 torchao's CPU int4 weight-only layout (``Int4CPULayout``) calls the same
 ``_weight_int4pack_mm_for_cpu`` op, so its matmul is the ``int4`` column.
@@ -45,28 +47,50 @@ SHAPES = {
 }
 
 
-def time_call(fn: Callable[[], torch.Tensor], min_time: float = 0.15) -> float:
-    """Median seconds of one call, over repeats filling ``min_time`` (after a warm-up)."""
-    for _ in range(3):
-        fn()
-    samples: list[float] = []
-    deadline = time.perf_counter() + min_time
-    while time.perf_counter() < deadline or len(samples) < 5:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def time_calls(fns: dict[str, Callable[[], torch.Tensor]], rounds: int = 7) -> dict[str, float]:
+    """Median seconds of one call of each function, interleaved round by round.
+
+    The machine is shared: interleaving makes a burst of load hit every kernel alike, so the
+    ratios stay meaningful even when the absolute times move.
+    """
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up (and the first-call packing, if any)
+        for _ in range(3):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def kernel8(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x, q.qweight, q.scales)
+
+
+def kernel4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.packed, q.group_size, q.scales_zeros)
+
+
+def widened8(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    return torch.nn.functional.linear(x, q.qweight.to(x.dtype)) * q.scales
+
+
+def widened4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    return torch.nn.functional.linear(x, q._dense(x.dtype))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", default="2,1")
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--batches", default="1,8,16,32")
     ap.add_argument("--output", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
-    print("| shape | threads | M | bf16 us | int8 us | int4 us | int8 speedup | int4 speedup |")
+    print("| shape | threads | M | bf16 us | int8 us | int4 us | int8 widened us | int4 widened us |")
     print("|---|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -80,18 +104,18 @@ def main() -> None:
             for m in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(m, k, dtype=torch.bfloat16)
                 with torch.inference_mode():
-                    t = {
-                        "bf16": time_call(lambda: dense(x)),  # noqa: B023
-                        "int8": time_call(lambda: q8(x)),  # noqa: B023
-                        "int4": time_call(lambda: q4(x)),  # noqa: B023
-                    }
+                    t = time_calls(
+                        {
+                            "bf16": lambda: dense(x),  # noqa: B023
+                            "int8": lambda: kernel8(x, q8),  # noqa: B023
+                            "int4": lambda: kernel4(x, q4),  # noqa: B023
+                            "int8 widened": lambda: widened8(x, q8),  # noqa: B023
+                            "int4 widened": lambda: widened4(x, q4),  # noqa: B023
+                        }
+                    )
                 rows.append({"shape": name, "threads": threads, "batch": m, "seconds": t})
-                print(
-                    f"| {name} | {threads} | {m} | {t['bf16'] * 1e6:.0f} | {t['int8'] * 1e6:.0f}"
-                    f" | {t['int4'] * 1e6:.0f} | {t['bf16'] / t['int8']:.2f}x"
-                    f" | {t['bf16'] / t['int4']:.2f}x |",
-                    flush=True,
-                )
+                cells = " | ".join(f"{v * 1e6:.0f}" for v in t.values())
+                print(f"| {name} | {threads} | {m} | {cells} |", flush=True)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))

@@ -29,6 +29,12 @@ GROUP_SIZE = 32
 # The CPU int4 packing interleaves blocks of 64 output rows (see ``_unpack_cpu_int4``); weights
 # are padded to a multiple of it so that every row can be read back for an embedding lookup.
 _INT4_ROW_BLOCK = 64
+# Above this many input rows (tokens in the step) the weight-only kernels, whose cost grows
+# linearly with the rows, lose to widening the weight once and running the dense GEMM (AMX /
+# oneDNN bf16) on it: prefill chunks take that path, decode steps the kernels. Crossovers
+# measured by benchmarks/quant_kernels.py (see BENCHMARKS.md); int4 widens ~3x slower.
+INT8_WIDEN_ABOVE_ROWS = 16
+INT4_WIDEN_ABOVE_ROWS = 128
 
 
 class QuantizedLinear(nn.Module):
@@ -83,10 +89,11 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and x2.dtype == self.scales.dtype:
+        small = x2.shape[0] <= INT8_WIDEN_ABOVE_ROWS
+        if small and x2.device.type == "cpu" and x2.dtype == self.scales.dtype:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
-        else:  # no int8 weight-only kernel here: widen the weight for this call
-            y = F.linear(x2, self.qweight.to(x2.dtype) * self.scales.to(x2.dtype)[:, None])
+        else:  # widen the codes (the scale is per output channel: applied to the output)
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -154,7 +161,9 @@ class Int4Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         dev = x2.device.type
-        if dev == "cpu" and x2.dtype == self.scales_zeros.dtype:
+        if x2.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
+            y = F.linear(x2, self._dense(x2.dtype))
+        elif dev == "cpu" and x2.dtype == self.scales_zeros.dtype:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.contiguous(), self.packed, self.group_size, self.scales_zeros
             )
@@ -174,15 +183,22 @@ class Int4Linear(QuantizedLinear):
         w = (q.reshape(-1, self.in_features).to(sz.dtype) - 8) * sz[..., 0] + sz[..., 1]
         return w.reshape(*ids.shape, self.in_features)
 
+    def dequantize(self) -> torch.Tensor:
+        return self._dense(self.scales_zeros.dtype)
+
     def _dense(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.rows(torch.arange(self.out_features, device=self.packed.device)).to(dtype)
+        """The whole (padded) weight ``[N', K]`` widened in a few whole-tensor ops."""
+        k, g = self.in_features, self.group_size
+        q = _unpack_int4_all(self.packed, k).to(dtype)  # [N', K]
+        sz = self.scales_zeros.to(dtype).transpose(0, 1)  # [N', K/g, 2]
+        w = (q.view(-1, k // g, g) - 8) * sz[..., :1] + sz[..., 1:]
+        return w.view(-1, k)[: self.out_features]
 
     def _cuda_packed(self) -> torch.Tensor:
         # CUDA's tensor-core layout differs from the CPU one; converted once, on first use.
         cached = getattr(self, "_cuda_pack", None)
         if cached is None:
-            all_rows = torch.arange(self.packed.shape[0], device=self.packed.device)
-            q = _unpack_int4_rows(self.packed, all_rows, self.in_features)
+            q = _unpack_int4_all(self.packed, self.in_features)
             nibbles = (q[:, 0::2] << 4) | q[:, 1::2]
             cached = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), 8)
             self._cuda_pack = cached
@@ -199,6 +215,13 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
     half = _INT4_ROW_BLOCK // 2
     packed = blocks[..., :half] | (blocks[..., half:] << 4)  # [N/64, K, 32]
     return packed.reshape(n, k // 2).contiguous()
+
+
+def _unpack_int4_all(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Codes ``[N, K]`` of every row (the inverse of ``_pack_int4``)."""
+    blocks = packed.reshape(-1, k, _INT4_ROW_BLOCK // 2)  # [N/64, K, 32]
+    both = torch.cat((blocks & 0xF, blocks >> 4), dim=-1)  # [N/64, K, 64]
+    return both.transpose(1, 2).reshape(-1, k)
 
 
 def _unpack_int4_rows(packed: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
