@@ -113,7 +113,9 @@ def main() -> None:
         base = statistics.median(results[model, next(v for m, v in variants if m == model), b])
         med = statistics.median(runs)
         mb = resident_weight_bytes(variants[model, variant].engine.model) / 1e6
-        rows.append(dict(model=model, weights=variant, batch=b, decode_tok_s=med, runs=runs, weight_mb=mb))
+        rows.append(
+            dict(model=model, weights=variant, batch=b, decode_tok_s=med, runs=runs, weight_mb=mb)
+        )
         print(f"| {model} | {variant} | {b} | {med:.1f} | {med / base:.2f}x | {mb:.1f} |")
     rss = {}
     if args.rss and SMOL.is_file():
@@ -122,7 +124,9 @@ def main() -> None:
         print("SmolLM2 Q4_1 load, MB:", json.dumps(rss))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"threads": args.threads, "rows": rows, "rss": rss}, indent=1))
+        args.output.write_text(
+            json.dumps({"threads": args.threads, "rows": rows, "rss": rss}, indent=1)
+        )
 
 
 if __name__ == "__main__":

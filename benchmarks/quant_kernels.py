@@ -15,7 +15,8 @@ torchao's CPU int4 weight-only layout (``Int4CPULayout``) calls the same
 ``_weight_int4pack_mm_for_cpu`` op, so its matmul is the ``int4`` column.
 
 Usage:
-    python benchmarks/quant_kernels.py --threads 2,1 --batches 1,8,32 --output results/quant_kernels.json
+    python benchmarks/quant_kernels.py --threads 1,2 --batches 1,8,32,128 \
+        --output benchmarks/results/quant_kernels.json
 Prints a markdown table (median microseconds per call and the weight-read GB/s) and writes JSON.
 """
 
@@ -90,7 +91,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
-    print("| shape | threads | M | bf16 us | int8 us | int4 us | int8 widened us | int4 widened us |")
+    print(
+        "| shape | threads | M | bf16 us | int8 us | int4 us | int8 widened us | int4 widened us |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)

@@ -113,7 +113,9 @@ def test_quantization_flag_through_llm(checkpoint, method):
     out = llm.generate([PROMPT, PROMPT[:5]], params, use_tqdm=False)
     for o, prompt in zip(out, [PROMPT, PROMPT[:5]], strict=True):
         expected = greedy(model, prompt, 16)
-        assert o.outputs[0].token_ids == expected, first_difference(o.outputs[0].token_ids, expected)
+        assert o.outputs[0].token_ids == expected, first_difference(
+            o.outputs[0].token_ids, expected
+        )
     dense_bytes = weight_bytes_for(llm.engine.model_config, 2)
     assert resident_weight_bytes(model) < (0.6 if method == "int8" else 0.4) * dense_bytes
 

@@ -3,9 +3,11 @@
 GGUF keeps llama.cpp's own names (``blk.3.attn_q.weight``) and, for the ``llama`` architecture,
 q/k projections whose rows llama.cpp's converter (``convert_hf_to_gguf.py``) permuted from
 Hugging Face's "rotate halves" rotary layout to its own "rotate pairs" one. This module maps the
-names back, undoes that permutation and dequantizes every tensor, so the result feeds the same
-model code as a safetensors checkpoint. Qwen2/Qwen3 use "rotate halves" in llama.cpp too
-(``NEOX`` rope), so their converter does not permute and neither do we.
+names back and undoes that permutation, so the result feeds the same model code as a safetensors
+checkpoint. ``GGUFCheckpoint`` yields Q8_0/Q4_0/Q4_1 tensors as ``QuantWeight``s (kept
+quantized, see ``gguf_quant``) and dequantizes the others one at a time; ``load_gguf``
+dequantizes everything. Qwen2/Qwen3 use "rotate halves" in llama.cpp too (``NEOX`` rope), so
+their converter does not permute and neither do we.
 
 Mistral checkpoints are written by llama.cpp under architecture ``llama``; they load as
 ``llama`` (same computation; GGUF does not record Mistral's sliding window).
@@ -111,12 +113,8 @@ def load_gguf(
 
 
 class GGUFCheckpoint:
-    """A GGUF file opened for loading one tensor at a time.
-
-    Attributes:
-        config: the model description (as ``read_gguf_config``).
-        types: Hugging Face tensor name -> GGUF type name, from the header only.
-    """
+    """A GGUF file opened for loading one tensor at a time: ``config`` (as
+    ``read_gguf_config``) and ``types`` (Hugging Face tensor name -> GGUF type name)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -49,6 +49,7 @@ class QuantWeight:
 
     def take_rows(self, index: torch.Tensor) -> QuantWeight:
         """The same weight with its rows reordered by ``index`` (q/k un-permutation)."""
+
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.index_select(0, index)
 
@@ -95,7 +96,9 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Qu
 
 def _fp16(two_bytes: np.ndarray) -> torch.Tensor:
     """Little-endian fp16 fields ``[..., 2]`` uint8 as float32 ``[...]``."""
-    return torch.from_numpy(np.ascontiguousarray(two_bytes).view(np.float16)[..., 0].astype(np.float32))
+    return torch.from_numpy(
+        np.ascontiguousarray(two_bytes).view(np.float16)[..., 0].astype(np.float32)
+    )
 
 
 def _nibbles(qs: np.ndarray) -> torch.Tensor:

@@ -7,6 +7,7 @@ Only safetensors and GGUF are read: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -209,9 +210,23 @@ def load_model(
     load_weights(model, weights, str(path))
     quantize_model(model, requantized)
     plan = combined_plan(native, requantized)
+    _return_freed_memory()
     logger.info(
         "weights: %.1f MB (matrices: %s)",
         weight_bytes_for(config, torch_dtype.itemsize, plan) / 1e6,
         plan_summary(plan),
     )
     return model, config
+
+
+def _return_freed_memory() -> None:
+    """Hand the loader's freed temporaries back to the OS (glibc keeps them in its heap).
+
+    Decoding a GGUF file allocates many block-sized temporaries; without a trim the process
+    keeps ~2x the model's bytes resident (SmolLM2-135M Q4_1: 387 MB -> 203 MB over the
+    interpreter's baseline, measured). A no-op where glibc's ``malloc_trim`` does not exist.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

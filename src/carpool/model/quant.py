@@ -79,7 +79,10 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_float(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
     ) -> Int8Linear:
         """Symmetric per-output-channel quantization: ``scale = max|w| / 127`` per row."""
         w = weight.float()
@@ -126,12 +129,17 @@ class Int4Linear(QuantizedLinear):
             scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
         self.register_buffer("packed", _pack_int4(codes))
         # [K/g, N, 2]: the kernels' layout of (scale, zero) pairs.
-        self.register_buffer("scales_zeros", torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous())
+        self.register_buffer(
+            "scales_zeros", torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+        )
         self.register_buffer("bias", bias)
 
     @classmethod
     def from_float(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
     ) -> Int4Linear:
         """Asymmetric min/max quantization per group of 32 inputs (llama.cpp's Q4_1 rule)."""
         w = weight.float()
@@ -153,10 +161,12 @@ class Int4Linear(QuantizedLinear):
         bias: torch.Tensor | None,
         dtype: torch.dtype,
     ) -> Int4Linear:
-        """From ``w = scale * q + minimum`` per group of 32 (Q4_1; Q4_0 has ``minimum = -8 scale``)."""
+        """From ``w = scale q + minimum`` per group of 32 (Q4_1; Q4_0: ``minimum = -8 scale``)."""
         scale32 = scale.float()
         zero = minimum.float() + 8 * scale32
-        return cls(codes, scale32.to(dtype), zero.to(dtype), None if bias is None else bias.to(dtype))
+        return cls(
+            codes, scale32.to(dtype), zero.to(dtype), None if bias is None else bias.to(dtype)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -211,7 +221,9 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     # Elsewhere, build the same bytes by hand (the layout ``_unpack_int4_rows`` reads).
     n, k = codes.shape
-    blocks = codes.reshape(n // _INT4_ROW_BLOCK, _INT4_ROW_BLOCK, k).transpose(1, 2)  # [N/64, K, 64]
+    blocks = codes.reshape(n // _INT4_ROW_BLOCK, _INT4_ROW_BLOCK, k).transpose(
+        1, 2
+    )  # [N/64, K, 64]
     half = _INT4_ROW_BLOCK // 2
     packed = blocks[..., :half] | (blocks[..., half:] << 4)  # [N/64, K, 32]
     return packed.reshape(n, k // 2).contiguous()

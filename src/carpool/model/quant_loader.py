@@ -22,13 +22,13 @@ from carpool.config import ModelConfig
 from carpool.errors import ModelLoadError
 from carpool.model.gguf_quant import QuantWeight, gguf_method
 from carpool.model.quant import (
+    QUANTIZATION_METHODS,
     Int4Linear,
     Int8Linear,
     QuantizedEmbedding,
     QuantizedLinear,
     quantize_linear,
 )
-from carpool.model.quant import QUANTIZATION_METHODS
 from carpool.model.quant_plan import QuantPlan, matrix_shapes, uniform_plan
 from carpool.model.registry import model_class_for
 
@@ -100,9 +100,7 @@ def natively_quantized_names(
 ) -> list[str]:
     """Checkpoint weight names read as ``QuantWeight`` under the ``native`` plan."""
     mapping = model_class_for(config).weight_mapping
-    return [
-        n for n in types if n.endswith(".weight") and native.get(_locate(n, mapping)[0])
-    ]
+    return [n for n in types if n.endswith(".weight") and native.get(_locate(n, mapping)[0])]
 
 
 def combined_plan(native: QuantPlan, requantized: QuantPlan) -> dict[str, str | None]:
@@ -150,7 +148,9 @@ def load_planned_weights(
     for module, parts in shards.items():
         qw = QuantWeight.concat([parts[i] for i in sorted(parts)])
         bias_parts = biases.get(module)
-        bias = None if bias_parts is None else torch.cat([bias_parts[i] for i in sorted(bias_parts)])
+        bias = (
+            None if bias_parts is None else torch.cat([bias_parts[i] for i in sorted(bias_parts)])
+        )
         _install(model, module, _build(qw, bias, dtype, device))
         pending.discard(module)
     if module_left := pending - {"lm_head"}:
@@ -203,5 +203,3 @@ def _locate(name: str, mapping: dict[str, tuple[str, int]]) -> tuple[str, int, s
         if module.endswith("." + ckpt):
             return module[: -len(ckpt)] + ours, index, suffix
     return module, 0, suffix
-
-

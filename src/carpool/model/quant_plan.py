@@ -1,4 +1,4 @@
-"""Which weight matrices of a LLaMA-family model are stored quantized, and how many bytes that takes.
+"""Which weight matrices of a LLaMA-family model are stored quantized, and their bytes.
 
 A plan maps each of our weight-matrix modules (``model.layers.{i}.self_attn.qkv_proj``,
 ``...o_proj``, ``...mlp.gate_up_proj``, ``...mlp.down_proj``, ``model.embed_tokens`` and, when
