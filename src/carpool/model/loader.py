@@ -7,6 +7,7 @@ Only safetensors and GGUF are read: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -226,7 +227,5 @@ def _return_freed_memory() -> None:
     keeps ~2x the model's bytes resident (SmolLM2-135M Q4_1: 387 MB -> 203 MB over the
     interpreter's baseline, measured). A no-op where glibc's ``malloc_trim`` does not exist.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
