@@ -107,16 +107,19 @@ def main() -> None:
                 print(f"rep {rep} {model} {variant} B={b}: {tps:.1f} tok/s", file=sys.stderr)
     rows = []
     print(f"threads={args.threads}, medians of {args.repeats} runs, {time.strftime('%F %T')}")
-    print("| model | weights | batch | decode tok/s | vs first | weight MB |")
+    print("| model | weights | batch | decode tok/s | vs first, per-run ratio | weight MB |")
     print("|---|---|---|---|---|---|")
     for (model, variant, b), runs in results.items():
-        base = statistics.median(results[model, next(v for m, v in variants if m == model), b])
+        # Ratio run by run, then the median: the machine's load moves absolute figures by
+        # several x between runs, while the variants of one run are measured minutes apart.
+        base_runs = results[model, next(v for m, v in variants if m == model), b]
+        ratio = statistics.median(r / r0 for r, r0 in zip(runs, base_runs, strict=True))
         med = statistics.median(runs)
         mb = resident_weight_bytes(variants[model, variant].engine.model) / 1e6
         rows.append(
             dict(model=model, weights=variant, batch=b, decode_tok_s=med, runs=runs, weight_mb=mb)
         )
-        print(f"| {model} | {variant} | {b} | {med:.1f} | {med / base:.2f}x | {mb:.1f} |")
+        print(f"| {model} | {variant} | {b} | {med:.1f} | {ratio:.2f}x | {mb:.1f} |")
     rss = {}
     if args.rss and SMOL.is_file():
         for q in (None, "none"):

@@ -48,7 +48,7 @@ SHAPES = {
 }
 
 
-def time_calls(fns: dict[str, Callable[[], torch.Tensor]], rounds: int = 7) -> dict[str, float]:
+def time_calls(fns: dict[str, Callable[[], torch.Tensor]], rounds: int = 5) -> dict[str, float]:
     """Median seconds of one call of each function, interleaved round by round.
 
     The machine is shared: interleaving makes a burst of load hit every kernel alike, so the
@@ -60,7 +60,7 @@ def time_calls(fns: dict[str, Callable[[], torch.Tensor]], rounds: int = 7) -> d
             fn()
     for _ in range(rounds):
         for name, fn in fns.items():
-            for _ in range(5):
+            for _ in range(3):
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - t0)
