@@ -111,3 +111,13 @@ def test_bf16_kernel_matches_the_widened_fallback(device):
     x = torch.randn(4, 64, dtype=torch.bfloat16, device=device)
     fallback = F.linear(x.float(), q.dequantize().float(), q.bias.float())
     torch.testing.assert_close(q(x).float(), fallback, rtol=2**-7, atol=2**-7)
+
+
+def test_q8_0_decoding_in_row_slices_equals_one_slice(monkeypatch):
+    from carpool.model import gguf_quant
+
+    w = np.random.default_rng(1).standard_normal((64, 96)).astype(np.float32)
+    whole, _ = _gguf_roundtrip("Q8_0", w)
+    monkeypatch.setattr(gguf_quant, "_ROWS_PER_SLICE", 10)
+    sliced, _ = _gguf_roundtrip("Q8_0", w)
+    assert torch.equal(whole.codes, sliced.codes) and torch.equal(whole.scale, sliced.scale)

@@ -23,6 +23,7 @@ import torch
 from carpool.model.quant_plan import GGUF_METHODS
 
 _BLOCK = 32
+_ROWS_PER_SLICE = 4096
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,15 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Qu
     blocks = np.asarray(raw).reshape(n, k // _BLOCK, -1)  # [N, K/32, block bytes]
     d = _fp16(blocks[..., 0:2])  # [N, K/32]
     if type_name == "Q8_0":
-        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).to(torch.int32)  # [N, K/32, 32]
         d_max = d.amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)  # [N]
-        requant = torch.round(q * (d / d_max[:, None])[..., None]).clamp(-127, 127)
-        return QuantWeight("int8", requant.to(torch.int8).reshape(n, k), d_max)
+        ratio = d / d_max[:, None]  # [N, K/32], in (0, 1]
+        codes = torch.empty(n, k, dtype=torch.int8)
+        # In slices of rows: float temporaries of a whole embedding would be ~10x its codes.
+        for r in range(0, n, _ROWS_PER_SLICE):
+            q = torch.from_numpy(blocks[r : r + _ROWS_PER_SLICE, :, 2:].copy().view(np.int8))
+            requant = torch.round(q.float() * ratio[r : r + _ROWS_PER_SLICE, :, None])
+            codes[r : r + _ROWS_PER_SLICE] = requant.clamp(-127, 127).to(torch.int8).flatten(1)
+        return QuantWeight("int8", codes, d_max)
     if type_name == "Q4_0":
         codes, m = _nibbles(blocks[..., 2:]), -8 * d
     elif type_name == "Q4_1":

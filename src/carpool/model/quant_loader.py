@@ -12,7 +12,7 @@ Two routes, one result (``Int8Linear`` / ``Int4Linear`` modules, a ``QuantizedEm
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from carpool.model.registry import model_class_for
 logger = logging.getLogger(__name__)
 
 _EMBED = "model.embed_tokens"
+_FUSED = ("qkv_proj", "gate_up_proj")
 # Values of ``--quantization``: None keeps a GGUF file's own quantization (dense otherwise).
 QUANTIZATION_ARGS = ("none", *QUANTIZATION_METHODS)
 
@@ -122,40 +123,46 @@ def load_planned_weights(
     weights: Iterable[tuple[str, torch.Tensor | QuantWeight]],
     dtype: torch.dtype,
     device: str,
-) -> list[tuple[str, torch.Tensor]]:
-    """Pack every ``QuantWeight`` into its planned module; return the dense tensors left over.
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pack each ``QuantWeight`` into its planned module; pass the dense tensors through.
 
-    Biases of a quantized module are collected here too (the module does not exist until its
-    weight is packed). A module whose shards are not all ``QuantWeight``s is a loader bug.
+    A generator, consumed by ``loader.load_weights``: a module is packed as soon as all its
+    shards (and biases, collected here since the module does not exist before) have arrived,
+    so at most one matrix's codes and one dense tensor are held at a time.
+
+    Raises:
+        ModelLoadError: a quantized tensor for an unplanned module, or a planned module whose
+            tensors never arrived.
     """
     mapping: dict[str, tuple[str, int]] = model.weight_mapping
+    shapes = matrix_shapes(model.config)
     pending = {n for n, m in model.named_modules() if isinstance(m, _Pending)}
     shards: dict[str, dict[int, QuantWeight]] = {}
     biases: dict[str, dict[int, torch.Tensor]] = {}
-    dense: list[tuple[str, torch.Tensor]] = []
     for name, value in weights:
         module, shard, suffix = _locate(name, mapping)
         if module not in pending:
             if isinstance(value, QuantWeight):
                 raise ModelLoadError(f"{name}: quantized tensor for an unplanned module {module}")
-            dense.append((name, value))
-        elif suffix == "bias":
+            yield name, value
+            continue
+        if suffix == "bias":
             assert isinstance(value, torch.Tensor), name
             biases.setdefault(module, {})[shard] = value
         else:
             assert isinstance(value, QuantWeight), name
             shards.setdefault(module, {})[shard] = value
-    for module, parts in shards.items():
-        qw = QuantWeight.concat([parts[i] for i in sorted(parts)])
-        bias_parts = biases.get(module)
-        bias = (
-            None if bias_parts is None else torch.cat([bias_parts[i] for i in sorted(bias_parts)])
-        )
-        _install(model, module, _build(qw, bias, dtype, device))
-        pending.discard(module)
-    if module_left := pending - {"lm_head"}:
-        raise ModelLoadError(f"no quantized tensors arrived for {sorted(module_left)}")
-    return dense
+        count = len(model.fused_shard_sizes(module)) if module.endswith(_FUSED) else 1
+        parts, bias_parts = shards.get(module, {}), biases.get(module, {})
+        if len(parts) == count and (not shapes[module][2] or len(bias_parts) == count):
+            qw = QuantWeight.concat([parts[i] for i in sorted(parts)])
+            bias = torch.cat([bias_parts[i] for i in sorted(bias_parts)]) if bias_parts else None
+            _install(model, module, _build(qw, bias, dtype, device))
+            pending.discard(module)
+            shards.pop(module), biases.pop(module, None)
+    left = sorted(n for n, m in model.named_modules() if isinstance(m, _Pending))
+    if left:
+        raise ModelLoadError(f"no quantized tensors arrived for {left}")
 
 
 def quantize_model(model: nn.Module, plan: QuantPlan) -> None:
