@@ -144,3 +144,17 @@ def test_carpool_memory_reports_the_engines_resident_weights(
     reported = json.loads(out.read_text())["estimate"]["weights"]
     model, _ = load_model(files[ftype], quantization=quantization)  # the engine's loader
     assert reported == resident_weight_bytes(model)
+
+
+def test_engine_flag_reaches_the_config():
+    import argparse
+
+    from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config_from_args(parser.parse_args([])).quantization is None
+    args = parser.parse_args(["--quantization", "int4"])
+    assert engine_config_from_args(args).quantization == "int4"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "fp4"])
