@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from carpool.config import BATCHING_STRATEGIES, LAYOUTS, EngineConfig
+from carpool.config import BATCHING_STRATEGIES, LAYOUTS, QUANTIZATION_CHOICES, EngineConfig
 
 _UNITS = {
     "": 1,
@@ -53,7 +53,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--quantization",
         default=None,
-        choices=["int8", "int4", "none"],
+        choices=[c for c in QUANTIZATION_CHOICES if c],
         help="weight-only quantization at load (default: keep a GGUF file's Q8_0/Q4_0/Q4_1 "
         "weights quantized, a Hugging Face checkpoint dense; none: dequantize everything)",
     )

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from carpool.config import ModelConfig, dtype_bytes
+from carpool.config import QUANTIZATION_CHOICES, ModelConfig, dtype_bytes
 from carpool.entrypoints.engine_args import parse_bytes
 from carpool.errors import CarpoolError
 from carpool.memory import MemoryEstimate, estimate_memory, format_bytes
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default=None,
-        choices=["int8", "int4", "none"],
+        choices=[c for c in QUANTIZATION_CHOICES if c],
         help="weight-only quantization, as the engine's flag (default: a GGUF file's own "
         "Q8_0/Q4_0/Q4_1 matrices quantized, a Hugging Face checkpoint dense)",
     )
