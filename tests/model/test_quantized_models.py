@@ -158,3 +158,47 @@ def test_engine_flag_reaches_the_config():
     assert engine_config_from_args(args).quantization == "int4"
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "fp4"])
+
+
+def test_gguf_plan_dequantizes_types_without_a_kernel_and_says_so(caplog):
+    import logging
+
+    from carpool.bench.random_model import PRESETS
+    from carpool.config import ModelConfig
+    from carpool.model.quant_loader import gguf_plan
+
+    p = PRESETS["tiny"]
+    config = ModelConfig(
+        architecture="llama",
+        vocab_size=p["vocab_size"],
+        hidden_size=p["hidden_size"],
+        intermediate_size=p["intermediate_size"],
+        num_hidden_layers=1,
+        num_attention_heads=p["num_attention_heads"],
+        num_key_value_heads=p["num_key_value_heads"],
+        head_dim=p["hidden_size"] // p["num_attention_heads"],
+        tie_word_embeddings=True,
+    )
+    a, m = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    types = {
+        "model.embed_tokens.weight": "Q8_0",
+        a + "q_proj.weight": "Q4_0",  # q/k/v in two types: no single kernel
+        a + "k_proj.weight": "Q4_0",
+        a + "v_proj.weight": "Q8_0",
+        a + "o_proj.weight": "Q4_1",
+        m + "gate_proj.weight": "Q4_K",  # K-quants: dequantized
+        m + "up_proj.weight": "Q4_K",
+        m + "down_proj.weight": "Q6_K",
+        "model.layers.0.input_layernorm.weight": "F32",
+    }
+    with caplog.at_level(logging.INFO, logger="carpool.model.quant_loader"):
+        plan = gguf_plan(config, types)
+    assert plan == {
+        "model.embed_tokens": "int8",
+        a + "qkv_proj": None,
+        a + "o_proj": "int4",
+        m + "gate_up_proj": None,
+        m + "down_proj": None,
+    }
+    logged = caplog.text
+    assert "qkv_proj" in logged and "Q6_K" in logged and "Q4_K" in logged
