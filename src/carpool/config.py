@@ -292,6 +292,8 @@ def dtype_bytes(name: str) -> int:
 
 
 BATCHING_STRATEGIES = ("sequential", "static", "bucketed", "dynamic", "continuous")
+# ``EngineConfig.quantization``: None (a GGUF file's own), or weight-only at load.
+QUANTIZATION_CHOICES = (None, "none", "int8", "int4")
 # How one step lays out sequences of different lengths (see ``carpool.worker.padded``).
 LAYOUTS = ("ragged", "padded")
 
@@ -354,6 +356,13 @@ class EngineConfig:
         "num_buckets; longer prompts go to one last bucket)",
         parse=parse_int_list,
     )
+    quantization: str | None = option(
+        None,
+        "weight-only quantization at load (None: keep a GGUF file's Q8_0/Q4_0/Q4_1 matrices "
+        "quantized and a Hugging Face checkpoint dense; int8/int4: quantize every other matrix "
+        "too; none: dequantize everything to dtype)",
+        choices=("none", "int8", "int4"),
+    )
 
     def __post_init__(self) -> None:
         check_positive(
@@ -376,6 +385,10 @@ class EngineConfig:
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}"
+            )
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
         if self.bucket_boundaries is not None:

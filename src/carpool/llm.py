@@ -29,7 +29,8 @@ class LLM:
     Args:
         model: model directory, ``.gguf`` file, or None for the embedded model.
         **engine_args: any ``EngineConfig`` field (``dtype``, ``kv_cache_memory``,
-            ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``batching``...).
+            ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``batching``,
+            ``quantization="int8"`` or ``"int4"`` for weight-only quantized matrices...).
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:

@@ -3,7 +3,9 @@
 ``estimate_memory`` answers "does batch B of sequence length L fit?" from a ``ModelConfig`` alone
 (no weights needed), with the formulas the engine itself uses:
 
-- **weights**: ``num_parameters x dtype bytes`` (``ModelConfig.num_parameters``).
+- **weights**: ``weight_bytes_for``: ``num_parameters x dtype bytes`` for a dense model; int8 /
+  int4 matrices (a quantized GGUF file, ``--quantization``) at their packed size. The loader
+  logs the same figure.
 - **KV cache**: ``B x ceil(L / block_size)`` blocks of ``block_size`` tokens, each token taking
   ``ModelConfig.kv_bytes_per_token_for(kv bytes)`` = ``2 (K and V) x layers x kv_heads x
   head_dim x bytes``, through ``carpool.kv_cache.sizing.kv_cache_bytes``; the engine sizes its
@@ -24,6 +26,7 @@ import torch
 from carpool.config import EngineConfig, ModelConfig
 from carpool.errors import ModelLoadError
 from carpool.kv_cache.sizing import kv_cache_bytes, num_blocks_for_budget
+from carpool.model.quant_plan import QuantPlan, plan_weight_bytes
 
 
 def available_memory_bytes(device: str = "cpu") -> int:
@@ -77,6 +80,36 @@ def read_model_config(path: str | Path) -> ModelConfig:
 def weight_bytes(config: ModelConfig, nbytes: int) -> int:
     """Bytes of the weights at ``nbytes`` per parameter (a tied head counted once)."""
     return config.num_parameters * nbytes
+
+
+def weight_bytes_for(config: ModelConfig, nbytes: int, plan: QuantPlan | None = None) -> int:
+    """Resident bytes of the weights as the loader stores them under a quantization ``plan``.
+
+    The one formula behind the loader's "weights:" log line and ``carpool memory``: dense
+    matrices at ``nbytes`` per element, int8 ones at 1 byte plus a scale per row, int4 ones at
+    half a byte plus a (scale, zero) pair per group of 32 (``quant_plan.matrix_bytes``); norms
+    and biases at ``nbytes``. None (no plan) equals ``weight_bytes``.
+    """
+    return plan_weight_bytes(config, nbytes, plan)
+
+
+def resident_weight_bytes(model: torch.nn.Module) -> int:
+    """Measured bytes of a loaded model's parameters and persistent buffers, each storage once.
+
+    Non-persistent buffers (the rotary tables) are not weights and are left out.
+    """
+    seen: set[int] = set()
+    total = 0
+    tensors = [p for p in model.parameters()]
+    for module in model.modules():
+        skip = module._non_persistent_buffers_set
+        tensors += [b for n, b in module.named_buffers(recurse=False) if n not in skip]
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def kv_cache_bytes_for(
@@ -208,6 +241,7 @@ def estimate_memory(
     kv_dtype_nbytes: int | None = None,
     block_size: int = 16,
     max_num_batched_tokens: int | None = None,
+    plan: QuantPlan | None = None,
 ) -> MemoryEstimate:
     """Weights, KV cache and activations for ``batch_size`` sequences of ``seq_len`` tokens.
 
@@ -219,6 +253,7 @@ def estimate_memory(
         kv_dtype_nbytes: bytes per KV-cache element; None for ``dtype_nbytes``.
         block_size: tokens per KV block (sequences take whole blocks).
         max_num_batched_tokens: see ``activation_bytes``.
+        plan: which matrices are stored int8/int4 (``weight_bytes_for``); None for all dense.
 
     Raises:
         ValueError: a size is not a positive int.
@@ -230,7 +265,7 @@ def estimate_memory(
     return MemoryEstimate(
         batch_size=batch_size,
         seq_len=seq_len,
-        weights=weight_bytes(config, dtype_nbytes),
+        weights=weight_bytes_for(config, dtype_nbytes, plan),
         kv_cache=kv_cache_bytes_for(config, batch_size, seq_len, kv_nbytes, block_size),
         activations=activation_bytes(
             config, batch_size, seq_len, dtype_nbytes, max_num_batched_tokens
@@ -247,6 +282,7 @@ def largest_batch_by_estimate(
     block_size: int = 16,
     max_num_batched_tokens: int | None = None,
     limit: int = 1 << 16,
+    plan: QuantPlan | None = None,
 ) -> int:
     """The largest B whose ``estimate_memory(...).total`` fits in ``budget`` (0 if none).
 
@@ -255,7 +291,14 @@ def largest_batch_by_estimate(
 
     def fits(b: int) -> bool:
         est = estimate_memory(
-            config, b, seq_len, dtype_nbytes, kv_dtype_nbytes, block_size, max_num_batched_tokens
+            config,
+            b,
+            seq_len,
+            dtype_nbytes,
+            kv_dtype_nbytes,
+            block_size,
+            max_num_batched_tokens,
+            plan,
         )
         return est.total <= budget
 

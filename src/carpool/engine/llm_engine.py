@@ -66,7 +66,9 @@ class LLMEngine:
         self.clock = clock
         path = resolve_model_path(config.model)
         torch.manual_seed(config.seed)
-        self.model, self.model_config = load_model(path, config.dtype, config.device)
+        self.model, self.model_config = load_model(
+            path, config.dtype, config.device, config.quantization
+        )
         self.tokenizer = load_tokenizer(path)
         self.model_path = path
         self.eos_token_ids = tuple(

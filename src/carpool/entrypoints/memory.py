@@ -12,10 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from carpool.config import ModelConfig, dtype_bytes
+from carpool.config import QUANTIZATION_CHOICES, ModelConfig, dtype_bytes
 from carpool.entrypoints.engine_args import parse_bytes
 from carpool.errors import CarpoolError
 from carpool.memory import MemoryEstimate, estimate_memory, format_bytes
+from carpool.model.quant_plan import plan_summary
 
 _DTYPES = ["auto", "float32", "bfloat16", "float16"]
 _KV_DTYPES = ["float32", "bfloat16", "float16", "fp8", "int8"]
@@ -45,6 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-dtype", default=None, choices=_KV_DTYPES, help="KV-cache dtype (default: --dtype)"
+    )
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=[c for c in QUANTIZATION_CHOICES if c],
+        help="weight-only quantization, as the engine's flag (default: a GGUF file's own "
+        "Q8_0/Q4_0/Q4_1 matrices quantized, a Hugging Face checkpoint dense)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     p.add_argument(
@@ -125,9 +133,12 @@ def run(args: argparse.Namespace) -> int:
     """Print the estimate at ``--batch-size``, whether it fits, and the table over batches."""
     from carpool.engine.model_path import resolve_model_path
     from carpool.memory import device_memory_bytes, largest_batch_by_estimate, read_model_config
+    from carpool.model.quant_loader import checkpoint_plan
 
     try:
-        config = read_model_config(resolve_model_path(args.model))
+        path = resolve_model_path(args.model)
+        config = read_model_config(path)
+        plan = checkpoint_plan(path, config, args.quantization)
     except CarpoolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -152,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             kv_nbytes,
             args.block_size,
             args.max_num_batched_tokens,
+            plan,
         )
 
     est = estimate(args.batch_size)
@@ -164,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         kv_nbytes,
         args.block_size,
         args.max_num_batched_tokens,
+        plan=plan,
     )
     per_token = config.kv_bytes_per_token_for(kv_nbytes)
     print(
@@ -171,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
         f"{config.num_key_value_heads} KV heads x {config.head_dim}; weights {dtype}, KV {kv_dtype}"
     )
+    print(f"weight matrices: {plan_summary(plan)} (scales and dense tensors in {dtype})")
     print(
         f"KV cache per token: 2 x {config.num_hidden_layers} layers x "
         f"{config.num_key_value_heads} kv heads x {config.head_dim} x {kv_nbytes} B = "
@@ -195,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
             "model": str(args.model or "default"),
             "dtype": dtype,
             "kv_dtype": kv_dtype,
+            "quantization": plan_summary(plan),
             "seq_len": args.seq_len,
             "device_memory": device_memory,
             "kv_bytes_per_token": per_token,

@@ -42,7 +42,15 @@ class GatherBuffer:
         """A tensor of ``shape`` with ``like``'s dtype and device (contents undefined)."""
         n = math.prod(shape)
         buf = self._buf
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        # A buffer made under inference_mode cannot be written outside it (a reference forward
+        # under no_grad), and vice versa: make a new one when the mode changed.
+        if (
+            buf is None
+            or buf.numel() < n
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or buf.is_inference() != torch.is_inference_mode_enabled()
+        ):
             buf = self._buf = torch.empty(n, dtype=like.dtype, device=like.device)
         return buf[:n].view(shape)
 

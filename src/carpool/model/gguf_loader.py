@@ -3,9 +3,11 @@
 GGUF keeps llama.cpp's own names (``blk.3.attn_q.weight``) and, for the ``llama`` architecture,
 q/k projections whose rows llama.cpp's converter (``convert_hf_to_gguf.py``) permuted from
 Hugging Face's "rotate halves" rotary layout to its own "rotate pairs" one. This module maps the
-names back, undoes that permutation and dequantizes every tensor, so the result feeds the same
-model code as a safetensors checkpoint. Qwen2/Qwen3 use "rotate halves" in llama.cpp too
-(``NEOX`` rope), so their converter does not permute and neither do we.
+names back and undoes that permutation, so the result feeds the same model code as a safetensors
+checkpoint. ``GGUFCheckpoint`` yields Q8_0/Q4_0/Q4_1 tensors as ``QuantWeight``s (kept
+quantized, see ``gguf_quant``) and dequantizes the others one at a time; ``load_gguf``
+dequantizes everything. Qwen2/Qwen3 use "rotate halves" in llama.cpp too (``NEOX`` rope), so
+their converter does not permute and neither do we.
 
 Mistral checkpoints are written by llama.cpp under architecture ``llama``; they load as
 ``llama`` (same computation; GGUF does not record Mistral's sliding window).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from gguf.quants import dequantize
 
 from carpool.config import ModelConfig, RopeScaling
 from carpool.errors import ModelLoadError
+from carpool.model.gguf_quant import QuantWeight, decode_blocks
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -103,8 +107,40 @@ def load_gguf(
     path = Path(path)
     reader = _open(path)
     config = _config_from_reader(reader, path)
+    state = {name: t.to(dtype) for name, t in _iter_weights(reader, config, path, quantized=())}
+    config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
+    return config, state  # type: ignore[return-value]
+
+
+class GGUFCheckpoint:
+    """A GGUF file opened for loading one tensor at a time: ``config`` (as
+    ``read_gguf_config``) and ``types`` (Hugging Face tensor name -> GGUF type name)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._reader = _open(self.path)
+        self.config = _config_from_reader(self._reader, self.path)
+        self.types = {
+            name: t.tensor_type.name
+            for t in self._reader.tensors
+            if (name := gguf_to_hf_name(t.name)) is not None
+        }
+
+    def weights(
+        self, quantized: Collection[str] = ()
+    ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+        """Yield ``(name, value)``: a ``QuantWeight`` for names in ``quantized`` (Q8_0/Q4_0/
+        Q4_1 only), otherwise a float32 tensor dequantized on the way; q/k rows un-permuted.
+        Errors are raised as by ``load_gguf``."""
+        return _iter_weights(self._reader, self.config, self.path, frozenset(quantized))
+
+
+def _iter_weights(
+    reader: GGUFReader, config: ModelConfig, path: Path, quantized: Collection[str]
+) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    """Checked tensors under Hugging Face names: float32, or ``QuantWeight`` for ``quantized``."""
     expected = expected_shapes(config)
-    state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
             continue
@@ -126,19 +162,27 @@ def load_gguf(
                 f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name}; "
                 f"supported: {sorted(q.name for q in SUPPORTED_TENSOR_TYPES)}"
             )
+        n_head = None
+        if config.architecture == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            n_head = config.num_attention_heads
+        elif config.architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            n_head = config.num_key_value_heads
+        seen.add(hf_name)
+        if hf_name in quantized:
+            qw = decode_blocks(t.data, t.tensor_type.name, shape)  # type: ignore[arg-type]
+            if n_head is not None:
+                qw = qw.take_rows(torch.from_numpy(_unpermute(np.arange(shape[0]), n_head)))
+            yield hf_name, qw
+            continue
         data = dequantize(t.data, t.tensor_type).reshape(shape)
         if t.tensor_type == _Q.F32:
             data = data.copy()  # a view into the memory map: own it before the file closes
-        if config.architecture == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = _unpermute(data, config.num_attention_heads)
-        elif config.architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = _unpermute(data, config.num_key_value_heads)
-        state[hf_name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(dtype)
-    missing = [n for n in expected if n not in state]
+        if n_head is not None:
+            data = _unpermute(data, n_head)
+        yield hf_name, torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    missing = [n for n in expected if n not in seen]
     if missing:
         raise ModelLoadError(f"{path}: missing tensors {missing[:5]} ({len(missing)} in all)")
-    config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
-    return config, state
 
 
 def gguf_to_hf_name(name: str) -> str | None:

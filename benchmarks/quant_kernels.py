@@ -1,0 +1,128 @@
+"""Weight-only quantized matmul kernels on this CPU, side by side in one run.
+
+For each weight shape ``[N, K]`` (the small random model's and SmolLM2-135M's), batch ``M`` and
+thread count, times ``y = x @ W.T`` with bf16 activations:
+
+- ``bf16``: a dequantized bf16 weight through carpool's ``Linear`` (``torch.mv`` at M=1,
+  ``F.linear`` otherwise), the baseline;
+- ``int8``: ``torch._weight_int8pack_mm`` (int8 weight, one bf16 scale per output channel);
+- ``int4``: ``torch._weight_int4pack_mm_for_cpu`` (int4 weight packed by
+  ``_convert_weight_to_int4pack_for_cpu``, a (scale, zero) pair per group of 32 inputs);
+- ``int8 widened`` / ``int4 widened``: the quantized weight widened to bf16 in the call, then
+  the dense bf16 GEMM (what ``Int8Linear``/``Int4Linear`` do above ``*_WIDEN_ABOVE_ROWS`` rows).
+
+torchao's CPU int4 weight-only layout (``Int4CPULayout``) calls the same
+``_weight_int4pack_mm_for_cpu`` op, so its matmul is the ``int4`` column.
+
+Usage:
+    python benchmarks/quant_kernels.py --threads 1,2 --batches 1,8,32,128 \
+        --output benchmarks/results/quant_kernels.json
+Prints a markdown table (median microseconds per call and the weight-read GB/s) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from carpool.model.layers import Linear
+from carpool.model.quant import Int4Linear, Int8Linear
+
+SHAPES = {
+    "small o_proj 512x512": (512, 512),
+    "small qkv 1536x512": (1536, 512),
+    "small gate_up 2816x512": (2816, 512),
+    "small down 512x1408": (512, 1408),
+    "small head 32000x512": (32000, 512),
+    "smol o_proj 576x576": (576, 576),
+    "smol qkv 960x576": (960, 576),
+    "smol gate_up 3072x576": (3072, 576),
+    "smol down 576x1536": (576, 1536),
+    "smol head 49152x576": (49152, 576),
+}
+
+
+def time_calls(fns: dict[str, Callable[[], torch.Tensor]], rounds: int = 5) -> dict[str, float]:
+    """Median seconds of one call of each function, interleaved round by round.
+
+    The machine is shared: interleaving makes a burst of load hit every kernel alike, so the
+    ratios stay meaningful even when the absolute times move.
+    """
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up (and the first-call packing, if any)
+        for _ in range(3):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def kernel8(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x, q.qweight, q.scales)
+
+
+def kernel4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.packed, q.group_size, q.scales_zeros)
+
+
+def widened8(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    return torch.nn.functional.linear(x, q.qweight.to(x.dtype)) * q.scales
+
+
+def widened4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    return torch.nn.functional.linear(x, q._dense(x.dtype))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--batches", default="1,8,16,32")
+    ap.add_argument("--output", type=Path, default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    print(
+        "| shape | threads | M | bf16 us | int8 us | int4 us | int8 widened us | int4 widened us |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for name, (n, k) in SHAPES.items():
+            w = torch.randn(n, k) * 0.02
+            dense = Linear(k, n, bias=False).to(torch.bfloat16)
+            with torch.no_grad():
+                dense.weight.copy_(w)
+            q8 = Int8Linear.from_float(w)
+            q4 = Int4Linear.from_float(w)
+            for m in (int(b) for b in args.batches.split(",")):
+                x = torch.randn(m, k, dtype=torch.bfloat16)
+                with torch.inference_mode():
+                    t = time_calls(
+                        {
+                            "bf16": lambda: dense(x),  # noqa: B023
+                            "int8": lambda: kernel8(x, q8),  # noqa: B023
+                            "int4": lambda: kernel4(x, q4),  # noqa: B023
+                            "int8 widened": lambda: widened8(x, q8),  # noqa: B023
+                            "int4 widened": lambda: widened4(x, q4),  # noqa: B023
+                        }
+                    )
+                rows.append({"shape": name, "threads": threads, "batch": m, "seconds": t})
+                cells = " | ".join(f"{v * 1e6:.0f}" for v in t.values())
+                print(f"| {name} | {threads} | {m} | {cells} |", flush=True)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks read as the codes and scales of carpool's kernels.
+
+Block layouts (32 weights each, ggml-common.h):
+
+- Q8_0, 34 bytes: ``d`` (fp16), 32 x int8 ``q``; ``w = d q``.
+- Q4_0, 18 bytes: ``d`` (fp16), 16 bytes of nibbles; ``w = d (q - 8)``.
+- Q4_1, 20 bytes: ``d``, ``m`` (fp16), 16 bytes of nibbles; ``w = d q + m``.
+  Byte ``j`` holds weight ``j`` in its low nibble and weight ``j + 16`` in its high nibble.
+
+Q4_0/Q4_1 become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or ``-8 d``). Q8_0's
+per-block scale does not fit the int8 kernel's one scale per output row: the codes are
+re-rounded to the row's largest block scale, ``q' = round(q d / d_max)``, an error of at most
+``d_max / 2`` per weight (measured on SmolLM2-135M's embedding: see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from carpool.model.quant_plan import GGUF_METHODS
+
+_BLOCK = 32
+_ROWS_PER_SLICE = 4096
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """One checkpoint matrix in a kernel's terms, before packing.
+
+    Attributes:
+        method: ``int8`` (codes int8, ``scale`` ``[N]``) or ``int4`` (codes uint8 in 0..15,
+            ``scale`` and ``minimum`` ``[N, K/32]``, ``w = scale q + minimum``).
+        codes: ``[N, K]``.
+        scale: float32 scales.
+        minimum: float32 group minima (int4 only).
+    """
+
+    method: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, K)``."""
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def take_rows(self, index: torch.Tensor) -> QuantWeight:
+        """The same weight with its rows reordered by ``index`` (q/k un-permutation)."""
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index)
+
+        mins = None if self.minimum is None else take(self.minimum)
+        return QuantWeight(self.method, take(self.codes), take(self.scale), mins)
+
+    @staticmethod
+    def concat(parts: list[QuantWeight]) -> QuantWeight:
+        """Shards of a fused matrix stacked along the output rows (all of one method)."""
+        method = parts[0].method
+        assert all(p.method == method for p in parts), [p.method for p in parts]
+        mins = None if method == "int8" else torch.cat([p.minimum for p in parts])  # type: ignore[misc]
+        return QuantWeight(
+            method,
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            mins,
+        )
+
+
+def gguf_method(type_name: str) -> str | None:
+    """The kernel a GGUF tensor type maps onto (``int8``/``int4``), or None (dequantize)."""
+    return GGUF_METHODS.get(type_name)
+
+
+def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight:
+    """Read a Q8_0/Q4_0/Q4_1 tensor's bytes (``[N, row bytes]`` uint8) as a ``QuantWeight``."""
+    n, k = shape
+    blocks = np.asarray(raw).reshape(n, k // _BLOCK, -1)  # [N, K/32, block bytes]
+    d = _fp16(blocks[..., 0:2])  # [N, K/32]
+    if type_name == "Q8_0":
+        d_max = d.amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)  # [N]
+        ratio = d / d_max[:, None]  # [N, K/32], in (0, 1]
+        codes = torch.empty(n, k, dtype=torch.int8)
+        # In slices of rows: float temporaries of a whole embedding would be ~10x its codes.
+        for r in range(0, n, _ROWS_PER_SLICE):
+            q = torch.from_numpy(blocks[r : r + _ROWS_PER_SLICE, :, 2:].copy().view(np.int8))
+            requant = torch.round(q.float() * ratio[r : r + _ROWS_PER_SLICE, :, None])
+            codes[r : r + _ROWS_PER_SLICE] = requant.clamp(-127, 127).to(torch.int8).flatten(1)
+        return QuantWeight("int8", codes, d_max)
+    if type_name == "Q4_0":
+        codes, m = _nibbles(blocks[..., 2:]), -8 * d
+    elif type_name == "Q4_1":
+        codes, m = _nibbles(blocks[..., 4:]), _fp16(blocks[..., 2:4])
+    else:
+        raise ValueError(f"no kernel for GGUF type {type_name}")
+    return QuantWeight("int4", codes.reshape(n, k), d, m)
+
+
+def _fp16(two_bytes: np.ndarray) -> torch.Tensor:
+    """Little-endian fp16 fields ``[..., 2]`` uint8 as float32 ``[...]``."""
+    return torch.from_numpy(
+        np.ascontiguousarray(two_bytes).view(np.float16)[..., 0].astype(np.float32)
+    )
+
+
+def _nibbles(qs: np.ndarray) -> torch.Tensor:
+    """16 bytes per block -> 32 codes: low nibbles are weights 0..15, high ones 16..31."""
+    return torch.from_numpy(np.concatenate((qs & 0xF, qs >> 4), axis=-1))  # [..., 32] uint8

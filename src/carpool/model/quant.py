@@ -1,0 +1,274 @@
+"""Weight-only quantized linear layers (int8 per channel, int4 per group of 32) and their swap-in.
+
+Activations stay in the model's dtype; only the weights are stored narrow and widened inside
+the matmul kernel. Kernels (chosen by ``benchmarks/quant_kernels.py``, see BENCHMARKS.md):
+
+- int8: ``torch._weight_int8pack_mm`` (CPU): an int8 ``[N, K]`` weight, one scale per output
+  channel; ``y = (x @ q.T) * scale``.
+- int4: ``torch._weight_int4pack_mm_for_cpu`` (CPU) or ``torch._weight_int4pack_mm`` (CUDA,
+  its own packing): codes ``q`` in 0..15, a ``(scale, zero)`` pair per group of ``group_size``
+  inputs and output channel; ``w = (q - 8) * scale + zero``. llama.cpp's Q4_1 block
+  ``w = d * q + m`` is exactly ``scale = d, zero = m + 8 d``; Q4_0's ``w = d * (q - 8)`` is
+  ``scale = d, zero = 0``.
+
+Other devices (and int8 on CUDA, which has no such op) fall back to widening the weight per
+call: correct everywhere, fast where a kernel exists.
+
+The same storage also serves embedding rows (``rows``), so a tied head and embedding share one
+quantized tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATION_METHODS = ("int8", "int4")
+GROUP_SIZE = 32
+# The CPU int4 packing interleaves blocks of 64 output rows (see ``_unpack_cpu_int4``); weights
+# are padded to a multiple of it so that every row can be read back for an embedding lookup.
+_INT4_ROW_BLOCK = 64
+# Above this many input rows (tokens in the step) the weight-only kernels, whose cost grows
+# linearly with the rows, lose to widening the weight once and running the dense GEMM (AMX /
+# oneDNN bf16) on it: prefill chunks take that path, decode steps the kernels. Crossovers
+# measured by benchmarks/quant_kernels.py (see BENCHMARKS.md); int4 widens ~3x slower.
+INT8_WIDEN_ABOVE_ROWS = 16
+INT4_WIDEN_ABOVE_ROWS = 128
+
+
+class QuantizedLinear(nn.Module):
+    """Common surface of the weight-only quantized linears: ``forward``, ``rows``, ``dequantize``.
+
+    Subclasses hold their weight in buffers (never parameters: nothing here is trained), so
+    ``model.parameters()`` keeps listing only the floating-point tensors.
+    """
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized weight rows ``[*ids.shape, in_features]`` (an embedding lookup)."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight ``[out_features, in_features]`` in the scale dtype."""
+        return self.rows(torch.arange(self.out_features, device=self._device()))
+
+    def _device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8Linear(QuantizedLinear):
+    """``y = x @ (q * scale[:, None]).T + bias`` with an int8 ``q`` and one scale per row."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        assert qweight.dtype == torch.int8 and qweight.dim() == 2, qweight.dtype
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())  # [N, K] int8
+        self.register_buffer("scales", scales.contiguous())  # [N], the activation dtype
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> Int8Linear:
+        """Symmetric per-output-channel quantization: ``scale = max|w| / 127`` per row."""
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale.to(dtype), None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        small = x2.shape[0] <= INT8_WIDEN_ABOVE_ROWS
+        if small and x2.device.type == "cpu" and x2.dtype == self.scales.dtype:
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:  # widen the codes (the scale is per output channel: applied to the output)
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+
+class Int4Linear(QuantizedLinear):
+    """``y = x @ w.T + bias`` with ``w = (q - 8) * scale + zero`` per group of ``group_size``."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int = GROUP_SIZE,
+    ) -> None:
+        """Pack ``codes`` ``[N, K]`` (uint8 in 0..15) with ``scales``/``zeros`` ``[N, K/g]``."""
+        super().__init__()
+        n, k = codes.shape
+        assert k % group_size == 0 and scales.shape == zeros.shape == (n, k // group_size), (
+            codes.shape,
+            scales.shape,
+            group_size,
+        )
+        self.out_features, self.in_features, self.group_size = n, k, group_size
+        pad = -n % _INT4_ROW_BLOCK
+        if pad:  # padded rows are zero weights; their outputs are sliced off
+            codes = F.pad(codes, (0, 0, 0, pad), value=8)
+            scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
+        self.register_buffer("packed", _pack_int4(codes))
+        # [K/g, N, 2]: the kernels' layout of (scale, zero) pairs.
+        self.register_buffer(
+            "scales_zeros", torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+        )
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> Int4Linear:
+        """Asymmetric min/max quantization per group of 32 inputs (llama.cpp's Q4_1 rule)."""
+        w = weight.float()
+        n, k = w.shape
+        g = w.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        # Round the scale and zero to the storage dtype first, so codes are chosen for them.
+        scale_s, lo_s = scale.to(dtype).float(), lo.to(dtype).float()
+        q = torch.round((g - lo_s[..., None]) / scale_s[..., None]).clamp(0, 15).to(torch.uint8)
+        return cls.from_codes(q.reshape(n, k), scale_s, lo_s, bias, dtype)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        minimum: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> Int4Linear:
+        """From ``w = scale q + minimum`` per group of 32 (Q4_1; Q4_0: ``minimum = -8 scale``)."""
+        scale32 = scale.float()
+        zero = minimum.float() + 8 * scale32
+        return cls(
+            codes, scale32.to(dtype), zero.to(dtype), None if bias is None else bias.to(dtype)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        dev = x2.device.type
+        if x2.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
+            y = F.linear(x2, self._dense(x2.dtype))
+        elif dev == "cpu" and x2.dtype == self.scales_zeros.dtype:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), self.packed, self.group_size, self.scales_zeros
+            )
+        elif dev == "cuda" and x2.dtype == torch.bfloat16 == self.scales_zeros.dtype:
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2.contiguous(), self._cuda_packed(), self.group_size, self.scales_zeros
+            )
+        else:  # no int4 kernel for this device/dtype: widen the weight for this call
+            y = F.linear(x2, self._dense(x2.dtype))
+        y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
+        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        q = _unpack_int4_rows(self.packed, ids, self.in_features)  # [*ids, K] uint8
+        sz = self.scales_zeros.index_select(1, ids.reshape(-1))  # [K/g, R, 2]
+        sz = sz.transpose(0, 1).repeat_interleave(self.group_size, dim=1)  # [R, K, 2]
+        w = (q.reshape(-1, self.in_features).to(sz.dtype) - 8) * sz[..., 0] + sz[..., 1]
+        return w.reshape(*ids.shape, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return self._dense(self.scales_zeros.dtype)
+
+    def _dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole (padded) weight ``[N', K]`` widened in a few whole-tensor ops."""
+        k, g = self.in_features, self.group_size
+        q = _unpack_int4_all(self.packed, k).to(dtype)  # [N', K]
+        sz = self.scales_zeros.to(dtype).transpose(0, 1)  # [N', K/g, 2]
+        w = (q.view(-1, k // g, g) - 8) * sz[..., :1] + sz[..., 1:]
+        return w.view(-1, k)[: self.out_features]
+
+    def _cuda_packed(self) -> torch.Tensor:
+        # CUDA's tensor-core layout differs from the CPU one; converted once, on first use.
+        cached = getattr(self, "_cuda_pack", None)
+        if cached is None:
+            q = _unpack_int4_all(self.packed, self.in_features)
+            nibbles = (q[:, 0::2] << 4) | q[:, 1::2]
+            cached = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), 8)
+            self._cuda_pack = cached
+        return cached
+
+
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``[N, K]`` (N a multiple of 64) in the CPU kernel's packed layout ``[N, K/2]``."""
+    if codes.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    # Elsewhere, build the same bytes by hand (the layout ``_unpack_int4_rows`` reads).
+    n, k = codes.shape
+    blocks = codes.reshape(n // _INT4_ROW_BLOCK, _INT4_ROW_BLOCK, k).transpose(
+        1, 2
+    )  # [N/64, K, 64]
+    half = _INT4_ROW_BLOCK // 2
+    packed = blocks[..., :half] | (blocks[..., half:] << 4)  # [N/64, K, 32]
+    return packed.reshape(n, k // 2).contiguous()
+
+
+def _unpack_int4_all(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Codes ``[N, K]`` of every row (the inverse of ``_pack_int4``)."""
+    blocks = packed.reshape(-1, k, _INT4_ROW_BLOCK // 2)  # [N/64, K, 32]
+    both = torch.cat((blocks & 0xF, blocks >> 4), dim=-1)  # [N/64, K, 64]
+    return both.transpose(1, 2).reshape(-1, k)
+
+
+def _unpack_int4_rows(packed: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Codes of rows ``ids`` from the packed layout: ``[N/64, K, 32]`` bytes, low nibbles
+    holding rows 0..31 of each 64-row block and high nibbles rows 32..63."""
+    blocks = packed.reshape(-1, k, _INT4_ROW_BLOCK // 2)
+    ids = ids.reshape(-1)
+    j = ids % _INT4_ROW_BLOCK
+    half = _INT4_ROW_BLOCK // 2
+    byte = blocks[ids // _INT4_ROW_BLOCK, :, j % half]  # [R, K]
+    return torch.where((j < half)[:, None], byte & 0xF, byte >> 4)
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding that reads its rows from a ``QuantizedLinear`` (shared with a tied head)."""
+
+    def __init__(self, source: QuantizedLinear) -> None:
+        super().__init__()
+        self.source = source
+        self.num_embeddings, self.embedding_dim = source.out_features, source.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.source.rows(ids)
+
+
+def quantize_linear(
+    linear: nn.Linear, method: str, dtype: torch.dtype | None = None
+) -> QuantizedLinear:
+    """A quantized copy of a dense ``nn.Linear`` (``method``: ``int8`` or ``int4``)."""
+    dtype = dtype or linear.weight.dtype
+    w, b = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    if method == "int8":
+        return Int8Linear.from_float(w, b, dtype)
+    if method == "int4":
+        if w.shape[1] % GROUP_SIZE:
+            raise ValueError(f"int4 needs in_features divisible by {GROUP_SIZE}, got {w.shape[1]}")
+        return Int4Linear.from_float(w, b, dtype)
+    raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {method!r}")

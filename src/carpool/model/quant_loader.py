@@ -1,0 +1,212 @@
+"""Build a model whose weight matrices are quantized, from a plan and checkpoint tensors.
+
+Two routes, one result (``Int8Linear`` / ``Int4Linear`` modules, a ``QuantizedEmbedding``):
+
+- ``quantize_model``: an already loaded dense model (a Hugging Face checkpoint with
+  ``--quantization``) has its matrices quantized one module at a time.
+- ``load_planned_weights``: a GGUF file's Q8_0/Q4_x tensors arrive as ``QuantWeight``s and are
+  packed directly; the planned modules are never materialised dense, so a 98 MB file does not
+  pass through gigabytes of float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from carpool.config import ModelConfig
+from carpool.errors import ModelLoadError
+from carpool.model.gguf_quant import QuantWeight, gguf_method
+from carpool.model.quant import (
+    QUANTIZATION_METHODS,
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    quantize_linear,
+)
+from carpool.model.quant_plan import QuantPlan, matrix_shapes, uniform_plan
+from carpool.model.registry import model_class_for
+
+logger = logging.getLogger(__name__)
+
+_EMBED = "model.embed_tokens"
+_FUSED = ("qkv_proj", "gate_up_proj")
+# Values of ``--quantization``: None keeps a GGUF file's own quantization (dense otherwise).
+QUANTIZATION_ARGS = ("none", *QUANTIZATION_METHODS)
+
+
+class _Pending(nn.Module):
+    """Stands in for a planned quantized module until its tensors arrive (holds no memory)."""
+
+
+def gguf_plan(config: ModelConfig, types: dict[str, str]) -> dict[str, str | None]:
+    """Plan of a GGUF file: a matrix is quantized when all its checkpoint shards map onto one
+    kernel; otherwise it is dequantized to the model dtype, with a log line naming the types."""
+    mapping = model_class_for(config).weight_mapping
+    by_module: dict[str, set[str]] = {}
+    for name, t in types.items():
+        if name.endswith(".weight"):
+            by_module.setdefault(_locate(name, mapping)[0], set()).add(t)
+    plan: dict[str, str | None] = {}
+    for module in matrix_shapes(config):
+        shard_types = sorted(by_module.get(module, ()))
+        methods = {gguf_method(t) for t in shard_types}
+        plan[module] = methods.pop() if len(methods) == 1 else None
+        if plan[module] is None and any(t not in ("F32", "F16", "BF16") for t in shard_types):
+            logger.info("%s: GGUF types %s have no kernel here; dequantized", module, shard_types)
+    return plan
+
+
+def resolve_plan(
+    config: ModelConfig, gguf_types: dict[str, str] | None, quantization: str | None
+) -> tuple[dict[str, str | None], dict[str, str | None]]:
+    """``(native, requantized)`` plans of a checkpoint under ``--quantization``.
+
+    ``native``: matrices read quantized from a GGUF file's own blocks (empty for a Hugging
+    Face checkpoint and under ``quantization="none"``, which dequantizes everything).
+    ``requantized``: matrices quantized at load from dense weights (``int8``/``int4``: every
+    matrix not already native). Each maps every matrix, None where the other plan (or neither)
+    holds it.
+    """
+    if quantization not in (None, "none", *QUANTIZATION_METHODS):
+        raise ValueError(f"quantization must be one of {QUANTIZATION_ARGS}, got {quantization!r}")
+    use_file = gguf_types is not None and quantization != "none"
+    native = gguf_plan(config, gguf_types) if use_file else uniform_plan(config, None)  # type: ignore[arg-type]
+    method = quantization if quantization in QUANTIZATION_METHODS else None
+    wanted = uniform_plan(config, method)
+    requantized = {m: None if native[m] else wanted[m] for m in native}
+    return native, requantized
+
+
+def checkpoint_plan(
+    path: str | Path, config: ModelConfig, quantization: str | None
+) -> dict[str, str | None]:
+    """The plan ``load_model(path, quantization=...)`` follows, read without loading weights
+    (a GGUF file's header only); ``carpool memory`` sizes weights from it."""
+    types = None
+    if Path(path).is_file() and Path(path).suffix == ".gguf":
+        from carpool.model.gguf_loader import GGUFCheckpoint
+
+        types = GGUFCheckpoint(path).types
+    return combined_plan(*resolve_plan(config, types, quantization))
+
+
+def natively_quantized_names(
+    config: ModelConfig, types: dict[str, str], native: QuantPlan
+) -> list[str]:
+    """Checkpoint weight names read as ``QuantWeight`` under the ``native`` plan."""
+    mapping = model_class_for(config).weight_mapping
+    return [n for n in types if n.endswith(".weight") and native.get(_locate(n, mapping)[0])]
+
+
+def combined_plan(native: QuantPlan, requantized: QuantPlan) -> dict[str, str | None]:
+    """The method each matrix ends up in."""
+    return {m: native[m] or requantized[m] for m in native}
+
+
+def prepare_planned_model(model: nn.Module, plan: QuantPlan) -> None:
+    """Replace the planned modules of a model still on the meta device by placeholders."""
+    for name, method in plan.items():
+        if method is not None:
+            model.set_submodule(name, _Pending())
+            if name == _EMBED and model.config.tie_word_embeddings:
+                model.set_submodule("lm_head", _Pending())
+
+
+def load_planned_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor | QuantWeight]],
+    dtype: torch.dtype,
+    device: str,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pack each ``QuantWeight`` into its planned module; pass the dense tensors through.
+
+    A generator, consumed by ``loader.load_weights``: a module is packed as soon as all its
+    shards (and biases, collected here since the module does not exist before) have arrived,
+    so at most one matrix's codes and one dense tensor are held at a time.
+
+    Raises:
+        ModelLoadError: a quantized tensor for an unplanned module, or a planned module whose
+            tensors never arrived.
+    """
+    mapping: dict[str, tuple[str, int]] = model.weight_mapping
+    shapes = matrix_shapes(model.config)
+    pending = {n for n, m in model.named_modules() if isinstance(m, _Pending)}
+    shards: dict[str, dict[int, QuantWeight]] = {}
+    biases: dict[str, dict[int, torch.Tensor]] = {}
+    for name, value in weights:
+        module, shard, suffix = _locate(name, mapping)
+        if module not in pending:
+            if isinstance(value, QuantWeight):
+                raise ModelLoadError(f"{name}: quantized tensor for an unplanned module {module}")
+            yield name, value
+            continue
+        if suffix == "bias":
+            assert isinstance(value, torch.Tensor), name
+            biases.setdefault(module, {})[shard] = value
+        else:
+            assert isinstance(value, QuantWeight), name
+            shards.setdefault(module, {})[shard] = value
+        count = len(model.fused_shard_sizes(module)) if module.endswith(_FUSED) else 1
+        parts, bias_parts = shards.get(module, {}), biases.get(module, {})
+        if len(parts) == count and (not shapes[module][2] or len(bias_parts) == count):
+            qw = QuantWeight.concat([parts[i] for i in sorted(parts)])
+            bias = torch.cat([bias_parts[i] for i in sorted(bias_parts)]) if bias_parts else None
+            _install(model, module, _build(qw, bias, dtype, device))
+            pending.discard(module)
+            shards.pop(module), biases.pop(module, None)
+    left = sorted(n for n, m in model.named_modules() if isinstance(m, _Pending))
+    if left:
+        raise ModelLoadError(f"no quantized tensors arrived for {left}")
+
+
+def quantize_model(model: nn.Module, plan: QuantPlan) -> None:
+    """Quantize a loaded dense model's matrices in place (weight-only, at load)."""
+    dtype = model.model.norm.weight.dtype
+    for name, method in plan.items():
+        if method is None:
+            continue
+        if name == _EMBED:
+            emb = model.model.embed_tokens
+            dense = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
+            dense.weight = emb.weight
+            _install(model, name, quantize_linear(dense, method, dtype))
+        else:
+            model.set_submodule(name, quantize_linear(model.get_submodule(name), method, dtype))
+
+
+def _install(model: nn.Module, name: str, module: QuantizedLinear) -> None:
+    """Put a quantized matrix in place; the embedding's also serves a tied head."""
+    if name != _EMBED:
+        model.set_submodule(name, module)
+        return
+    model.model.embed_tokens = QuantizedEmbedding(module)
+    if model.config.tie_word_embeddings:
+        model.lm_head = module
+
+
+def _build(
+    qw: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype, device: str
+) -> QuantizedLinear:
+    bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    if qw.method == "int8":
+        return Int8Linear(qw.codes.to(device), qw.scale.to(device=device, dtype=dtype), bias)
+    minimum = qw.minimum
+    assert minimum is not None
+    return Int4Linear.from_codes(
+        qw.codes.to(device), qw.scale.to(device), minimum.to(device), bias, dtype
+    )
+
+
+def _locate(name: str, mapping: dict[str, tuple[str, int]]) -> tuple[str, int, str]:
+    """``model.layers.0.self_attn.k_proj.weight`` -> ``(...qkv_proj, 1, "weight")``."""
+    module, _, suffix = name.rpartition(".")
+    for ckpt, (ours, index) in mapping.items():
+        if module.endswith("." + ckpt):
+            return module[: -len(ckpt)] + ours, index, suffix
+    return module, 0, suffix

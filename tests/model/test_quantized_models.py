@@ -1,0 +1,204 @@
+"""Quantized models end to end: GGUF Q8_0/Q4_0/Q4_1 kept quantized, ``--quantization`` on a
+Hugging Face checkpoint, and the resident weight bytes ``carpool memory`` predicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGUFReader
+
+from carpool import LLM, SamplingParams
+from carpool.memory import resident_weight_bytes, weight_bytes_for
+from carpool.model.gguf_loader import GGUFCheckpoint
+from carpool.model.loader import load_model
+from carpool.model.quant import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear
+from carpool.model.quant_loader import combined_plan, resolve_plan
+from carpool.model.quant_plan import matrix_shapes
+from helpers.carpool_ref import greedy, prompt_logits
+from helpers.gguf_export import export_hf_to_gguf
+from helpers.hf_models import first_difference, save_tiny_model_dir
+
+PROMPT = [1, 17, 200, 33, 5, 250, 12, 99, 7, 64, 128, 31]
+KERNEL = {"Q8_0": Int8Linear, "Q4_0": Int4Linear, "Q4_1": Int4Linear}
+# Max abs prompt-logit difference, quantized vs the file's dequantized model (logits up to ~6
+# on these deliberately high-variance random weights), measured then doubled:
+# - Q8_0: 0.27 (fp32) / 0.37 (bf16): Q8_0's per-block scales re-rounded to one per row;
+# - Q4_x in bf16: 0.12-0.23: scales and zeros rounded fp16 -> bf16, weights not widened to bf16.
+# In float32 Q4_0/Q4_1 are exact (same greedy tokens, logits to 1e-4).
+LOGIT_BOUND = {("Q8_0", "float32"): 0.6, ("Q8_0", "bfloat16"): 0.8}
+LOGIT_BOUND.update({(t, "bfloat16"): 0.5 for t in ("Q4_0", "Q4_1")})
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: tied head, q/k/v biases
+def checkpoint(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"quant-{request.param}")
+    save_tiny_model_dir(request.param, d / "hf")
+    files = {
+        ft: export_hf_to_gguf(d / "hf", d / f"model-{ft}.gguf", ft, tokenizer=d / "hf")
+        for ft in KERNEL
+    }
+    return d / "hf", files
+
+
+@pytest.mark.parametrize("ftype", list(KERNEL))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_gguf_against_its_dequantized_model(checkpoint, ftype, dtype):
+    _, files = checkpoint
+    quant, config = load_model(files[ftype], dtype=dtype)
+    dense, _ = load_model(files[ftype], dtype=dtype, quantization="none")
+    assert isinstance(quant.model.layers[0].mlp.down_proj, KERNEL[ftype])
+    assert isinstance(quant.model.embed_tokens, QuantizedEmbedding)
+    if config.tie_word_embeddings:
+        assert quant.lm_head is quant.model.embed_tokens.source
+    assert not any(isinstance(m, QuantizedLinear) for m in dense.modules())
+    diff = float((prompt_logits(quant, PROMPT) - prompt_logits(dense, PROMPT)).abs().max())
+    if (ftype, dtype) in LOGIT_BOUND:
+        assert diff <= LOGIT_BOUND[ftype, dtype], f"{ftype} {dtype}: logit diff {diff:.4f}"
+        return
+    assert diff <= 1e-4, f"{ftype} {dtype}: logit diff {diff:.2e}"
+    got, expected = greedy(quant, PROMPT, 32), greedy(dense, PROMPT, 32)
+    assert got == expected, first_difference(got, expected)
+
+
+@pytest.mark.parametrize("ftype", list(KERNEL))
+def test_resident_weights_within_1_3x_the_file_and_as_predicted(checkpoint, ftype):
+    _, files = checkpoint
+    model, config = load_model(files[ftype])  # auto: bfloat16 on a CPU
+    measured = resident_weight_bytes(model)
+    file_bytes = sum(int(t.n_bytes) for t in GGUFReader(files[ftype]).tensors)
+    assert measured <= 1.3 * file_bytes, (measured, file_bytes)
+    plan = combined_plan(*resolve_plan(config, GGUFCheckpoint(files[ftype]).types, None))
+    assert measured == weight_bytes_for(config, 2, plan)
+    dense, _ = load_model(files[ftype], quantization="none")
+    assert resident_weight_bytes(dense) == weight_bytes_for(config, 2, None)
+
+
+def _dense_holding(quant: torch.nn.Module, path, dtype: str) -> torch.nn.Module:
+    """The dense model of ``path`` with every matrix replaced by ``quant``'s dequantized one."""
+    dense, config = load_model(path, dtype=dtype)
+    with torch.no_grad():
+        for name in matrix_shapes(config):
+            module = quant.get_submodule(name)
+            if isinstance(module, QuantizedEmbedding):
+                dense.model.embed_tokens.weight.copy_(module.source.dequantize())
+            else:
+                dense.get_submodule(name).weight.copy_(module.dequantize())
+    return dense
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_hf_quantization_equals_its_dequantized_weights(checkpoint, method):
+    hf_dir, _ = checkpoint
+    quant, _ = load_model(hf_dir, dtype="float32", quantization=method)
+    kernel = Int8Linear if method == "int8" else Int4Linear
+    assert all(
+        isinstance(quant.get_submodule(f"model.layers.{i}.{m}"), kernel)
+        for i in range(len(quant.model.layers))
+        for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    )
+    dense = _dense_holding(quant, hf_dir, "float32")
+    diff = float((prompt_logits(quant, PROMPT) - prompt_logits(dense, PROMPT)).abs().max())
+    assert diff <= 1e-4, f"{method}: logit diff {diff:.2e}"
+    got, expected = greedy(quant, PROMPT, 32), greedy(dense, PROMPT, 32)
+    assert got == expected, first_difference(got, expected)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantization_flag_through_llm(checkpoint, method):
+    hf_dir, _ = checkpoint
+    llm = LLM(str(hf_dir), dtype="bfloat16", quantization=method)
+    model = llm.engine.model
+    assert isinstance(model.lm_head, Int8Linear if method == "int8" else Int4Linear)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    out = llm.generate([PROMPT, PROMPT[:5]], params, use_tqdm=False)
+    for o, prompt in zip(out, [PROMPT, PROMPT[:5]], strict=True):
+        expected = greedy(model, prompt, 16)
+        assert o.outputs[0].token_ids == expected, first_difference(
+            o.outputs[0].token_ids, expected
+        )
+    dense_bytes = weight_bytes_for(llm.engine.model_config, 2)
+    assert resident_weight_bytes(model) < (0.6 if method == "int8" else 0.4) * dense_bytes
+
+
+def test_quantization_value_is_checked():
+    from carpool.config import EngineConfig
+
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int3")
+
+
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("quantization", [None, "int8", "none"])
+def test_carpool_memory_reports_the_engines_resident_weights(
+    checkpoint, ftype, quantization, tmp_path
+):
+    import json
+
+    from carpool.cli import main
+
+    _, files = checkpoint
+    out = tmp_path / "mem.json"
+    argv = ["memory", "--model", str(files[ftype]), "--batch-size", "2", "--seq-len", "64"]
+    argv += ["--output", str(out)] + (["--quantization", quantization] if quantization else [])
+    assert main(argv) == 0
+    reported = json.loads(out.read_text())["estimate"]["weights"]
+    model, _ = load_model(files[ftype], quantization=quantization)  # the engine's loader
+    assert reported == resident_weight_bytes(model)
+
+
+def test_engine_flag_reaches_the_config():
+    import argparse
+
+    from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config_from_args(parser.parse_args([])).quantization is None
+    args = parser.parse_args(["--quantization", "int4"])
+    assert engine_config_from_args(args).quantization == "int4"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "fp4"])
+
+
+def test_gguf_plan_dequantizes_types_without_a_kernel_and_says_so(caplog):
+    import logging
+
+    from carpool.bench.random_model import PRESETS
+    from carpool.config import ModelConfig
+    from carpool.model.quant_loader import gguf_plan
+
+    p = PRESETS["tiny"]
+    config = ModelConfig(
+        architecture="llama",
+        vocab_size=p["vocab_size"],
+        hidden_size=p["hidden_size"],
+        intermediate_size=p["intermediate_size"],
+        num_hidden_layers=1,
+        num_attention_heads=p["num_attention_heads"],
+        num_key_value_heads=p["num_key_value_heads"],
+        head_dim=p["hidden_size"] // p["num_attention_heads"],
+        tie_word_embeddings=True,
+    )
+    a, m = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    types = {
+        "model.embed_tokens.weight": "Q8_0",
+        a + "q_proj.weight": "Q4_0",  # q/k/v in two types: no single kernel
+        a + "k_proj.weight": "Q4_0",
+        a + "v_proj.weight": "Q8_0",
+        a + "o_proj.weight": "Q4_1",
+        m + "gate_proj.weight": "Q4_K",  # K-quants: dequantized
+        m + "up_proj.weight": "Q4_K",
+        m + "down_proj.weight": "Q6_K",
+        "model.layers.0.input_layernorm.weight": "F32",
+    }
+    with caplog.at_level(logging.INFO, logger="carpool.model.quant_loader"):
+        plan = gguf_plan(config, types)
+    assert plan == {
+        "model.embed_tokens": "int8",
+        a + "qkv_proj": None,
+        a + "o_proj": "int4",
+        m + "gate_up_proj": None,
+        m + "down_proj": None,
+    }
+    logged = caplog.text
+    assert "qkv_proj" in logged and "Q6_K" in logged and "Q4_K" in logged
