@@ -106,7 +106,10 @@ def test_hf_quantization_equals_its_dequantized_weights(checkpoint, method):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantization_flag_through_llm(checkpoint, method):
     hf_dir, _ = checkpoint
-    llm = LLM(str(hf_dir), dtype="bfloat16", quantization=method)
+    # float32: the engine's 17-token prefill of both prompts takes the widened path above the
+    # kernel threshold, the one-prompt reference the kernel; in bf16 their roundings differ
+    # and these random weights have near-ties.
+    llm = LLM(str(hf_dir), dtype="float32", quantization=method)
     model = llm.engine.model
     assert isinstance(model.lm_head, Int8Linear if method == "int8" else Int4Linear)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -116,7 +119,7 @@ def test_quantization_flag_through_llm(checkpoint, method):
         assert o.outputs[0].token_ids == expected, first_difference(
             o.outputs[0].token_ids, expected
         )
-    dense_bytes = weight_bytes_for(llm.engine.model_config, 2)
+    dense_bytes = weight_bytes_for(llm.engine.model_config, 4)
     assert resident_weight_bytes(model) < (0.6 if method == "int8" else 0.4) * dense_bytes
 
 
