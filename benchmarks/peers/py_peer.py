@@ -1,7 +1,7 @@
 """One Python system's decode throughput, run in its own process by ``run.py``.
 
     python benchmarks/peers/py_peer.py carpool MODEL --batch-sizes 1,8 [--dtype auto]
-    python benchmarks/peers/py_peer.py transformers HF_DIR_OR_GGUF --batch-sizes 1,8
+    python benchmarks/peers/py_peer.py transformers HF_DIR --batch-sizes 1,8
 
 Prints one JSON object on stdout: ``{"system", "dtype", "decode_tok_s": {B: [per repeat]}}``.
 A process of its own per system and model, so that ``run.py`` reads each one's peak resident
@@ -67,13 +67,7 @@ def _transformers(args: argparse.Namespace) -> tuple[str, Callable[[list[list[in
     import transformers
 
     dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
-    path = Path(args.model)
-    if path.suffix == ".gguf":  # no HF directory: transformers dequantizes the GGUF itself
-        kw = dict(gguf_file=path.name)
-        path = path.parent
-    else:
-        kw = {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
 
     def generate(ids: torch.Tensor, n: int) -> float:
         start = time.perf_counter()
@@ -143,7 +137,7 @@ def measure(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("system", choices=sorted(SYSTEMS))
-    ap.add_argument("model", help="GGUF file or Hugging Face directory")
+    ap.add_argument("model", help="carpool: GGUF file or HF directory; transformers: HF directory")
     ap.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], required=True)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=64)

