@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import llama_cpp  # noqa: E402
+import batched_bench  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
 
@@ -86,7 +86,7 @@ def versions() -> dict[str, str]:
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     return {
-        "llama-cpp-python (llama.cpp sdist)": llama_cpp.llama_cpp_version(),
+        "llama-cpp-python (llama.cpp sdist)": batched_bench.llama_cpp_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "carpool commit": commit,
@@ -98,7 +98,7 @@ def median_speeds(runs: list[dict[int, float]]) -> dict[int, float]:
 
 
 def bench_llama_cpp(bin_dir: Path, gguf: Path, args: argparse.Namespace, env: dict[str, str]):
-    cmd = llama_cpp.batched_bench_command(
+    cmd = batched_bench.batched_bench_command(
         bin_dir / "llama-batched-bench",
         gguf,
         args.batch_sizes,
@@ -109,8 +109,8 @@ def bench_llama_cpp(bin_dir: Path, gguf: Path, args: argparse.Namespace, env: di
     runs, rss, rows = [], [], []
     for _ in range(args.repeats):
         out, peak = run_measured(cmd, env, merge_stderr=True)
-        parsed = llama_cpp.parse_batched_bench(out)
-        runs.append(llama_cpp.decode_speeds(parsed, args.batch_sizes))
+        parsed = batched_bench.parse_batched_bench(out)
+        runs.append(batched_bench.decode_speeds(parsed, args.batch_sizes))
         rss.append(peak)
         rows.append([asdict(r) for r in parsed])
     print(f"  llama.cpp {gguf.name}: {median_speeds(runs)}", file=sys.stderr, flush=True)
@@ -172,7 +172,7 @@ def main() -> None:
         "repeats": args.repeats,
         "batch_sizes": args.batch_sizes,
     }
-    bin_dir = llama_cpp.build_tools(sys.executable) if "llama.cpp" in systems else None
+    bin_dir = batched_bench.build_tools(sys.executable) if "llama.cpp" in systems else None
     results: list[dict[str, object]] = []
     for name in args.models.split(","):
         model = models.prepare(name, args.cache)
