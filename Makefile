@@ -22,6 +22,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
+## make bench-peers: carpool beside llama.cpp (built once, cached) and transformers (BENCHMARKS.md, Peers)
+.PHONY: bench-peers
+bench-peers: $(STAMP)
+	$(PY) benchmarks/peers/run.py --models small,smollm2 --batch-sizes 1,8,16,32
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts

@@ -37,10 +37,9 @@ mkdir -p "${CACHE}/sdist"
 TARBALL="${CACHE}/sdist/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 if [[ ! -f "${TARBALL}" ]]; then
     echo "downloading llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION} (sdist) from PyPI" >&2
-    ${PIP} download --no-binary :all: --no-deps --no-build-isolation \
-        "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" -d "${CACHE}/sdist" >&2 \
-        || ${PIP} download --no-binary :all: --no-deps \
-            "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" -d "${CACHE}/sdist" >&2
+    # (pip prepares the sdist's metadata in an isolated build environment: ~2 minutes.)
+    ${PIP} download --no-binary :all: --no-deps \
+        "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" -d "${CACHE}/sdist" >&2
 fi
 SRC="${CACHE}/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
 if [[ ! -f "${SRC}/CMakeLists.txt" ]]; then
