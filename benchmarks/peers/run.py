@@ -145,7 +145,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of every system")
     ap.add_argument("--repeats", type=int, default=3, help="median of this many runs")
     ap.add_argument("--systems", default="llama.cpp,carpool,transformers")
-    ap.add_argument("--carpool-dtype", default="auto", help="carpool's --dtype (auto: the file's)")
+    ap.add_argument(
+        "--carpool-dtype",
+        default="bfloat16",
+        help="carpool's dtype (default bfloat16: today's loader widens a GGUF to float32 "
+        "under auto; quantized matrices stay quantized where carpool keeps them so)",
+    )
     ap.add_argument(
         "--carpool-engine-arg", action="append", default=[], help="extra EngineConfig KEY=VALUE"
     )
