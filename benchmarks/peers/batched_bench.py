@@ -93,13 +93,16 @@ def batched_bench_command(
     prompt_len: int,
     gen_len: int,
     threads: int,
+    no_repack: bool = False,
 ) -> list[str]:
     """The ``llama-batched-bench`` command line for one model and every batch size.
 
     The first batch size is run twice and its first row is to be dropped (see
     ``decode_speeds``): the first shape of a process pays one-off costs (first touch of the
     weights, graph allocation), which carpool's sweep also keeps out of its timed rounds.
-    The context holds every sequence at once: ``max(B) x (pp + tg)`` tokens.
+    The context holds every sequence at once: ``max(B) x (pp + tg)`` tokens. ``no_repack``
+    adds ``-nr``: no extra weight buffer types (ggml's AMX and repacked layouts), for hosts
+    whose CPU flags promise AMX that the VM does not deliver (``tilezero`` raises SIGILL).
     """
     sizes = [batch_sizes[0], *batch_sizes]
     return [
@@ -124,6 +127,7 @@ def batched_bench_command(
         ",".join(str(b) for b in sizes),
         "--output-format",
         "jsonl",
+        *(["-nr"] if no_repack else []),
     ]
 
 

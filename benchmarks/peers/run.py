@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,15 @@ import report  # noqa: E402
 REPO = HERE.parents[1]
 
 
+class ProcessFailed(RuntimeError):
+    """A benchmarked process exited with a non-zero status (negative: killed by a signal)."""
+
+    def __init__(self, cmd: list[str], returncode: int, output: str) -> None:
+        tail = "\n".join(output.splitlines()[-20:])
+        super().__init__(f"{shlex.join(cmd)} exited with {returncode}:\n{tail}")
+        self.returncode = returncode
+
+
 def run_measured(cmd: list[str], env: dict[str, str], merge_stderr: bool) -> tuple[str, float]:
     """Run ``cmd``; (its stdout, its peak resident memory in MiB). Raises on failure."""
     proc = subprocess.Popen(
@@ -56,8 +66,7 @@ def run_measured(cmd: list[str], env: dict[str, str], merge_stderr: bool) -> tup
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        tail = "\n".join(out.splitlines()[-20:])
-        raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{tail}")
+        raise ProcessFailed(cmd, proc.returncode, out)
     return out, usage.ru_maxrss / 1024
 
 
@@ -98,17 +107,29 @@ def median_speeds(runs: list[dict[int, float]]) -> dict[int, float]:
 
 
 def bench_llama_cpp(bin_dir: Path, gguf: Path, args: argparse.Namespace, env: dict[str, str]):
-    cmd = batched_bench.batched_bench_command(
-        bin_dir / "llama-batched-bench",
-        gguf,
-        args.batch_sizes,
-        args.prompt_len,
-        args.gen_len,
-        args.threads,
-    )
+    def command(no_repack: bool) -> list[str]:
+        return batched_bench.batched_bench_command(
+            bin_dir / "llama-batched-bench",
+            gguf,
+            args.batch_sizes,
+            args.prompt_len,
+            args.gen_len,
+            args.threads,
+            no_repack=no_repack,
+        )
+
+    cmd = command(no_repack=False)
     runs, rss, rows = [], [], []
     for _ in range(args.repeats):
-        out, peak = run_measured(cmd, env, merge_stderr=True)
+        try:
+            out, peak = run_measured(cmd, env, merge_stderr=True)
+        except ProcessFailed as e:
+            if e.returncode != -signal.SIGILL or "-nr" in cmd:
+                raise
+            # ggml's AMX kernels on a VM that lists AMX but faults on it: without them.
+            print(f"  llama.cpp died of SIGILL; retrying with -nr\n{e}", file=sys.stderr)
+            cmd = command(no_repack=True)
+            out, peak = run_measured(cmd, env, merge_stderr=True)
         parsed = batched_bench.parse_batched_bench(out)
         runs.append(batched_bench.decode_speeds(parsed, args.batch_sizes))
         rss.append(peak)
