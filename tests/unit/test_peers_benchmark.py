@@ -25,26 +25,25 @@ def _load(name: str) -> ModuleType:
 bb = _load("batched_bench")
 report = _load("report")
 
-# PENDING-RECORD `llama-batched-bench ... -npp 32 -ntg 64 -npl 1,1,8 --output-format jsonl`
-# (llama.cpp of llama-cpp-python 0.3.36, 2 threads), log lines included as it prints them.
+# Recorded output of `llama-batched-bench -m small-Q8_0.gguf -nr -t 1 -tb 1 -c 768 -b 2048
+# -ub 512 -npp 32 -ntg 64 -npl 1,1,8 --output-format jsonl` (llama.cpp of llama-cpp-python
+# 0.3.36 on this machine), stdout and stderr together as run.py reads them.
 SAMPLE = """\
-llama_model_loader: loaded meta data with 24 key-value pairs and 75 tensors from small-Q8_0.gguf
-load_tensors:          CPU model buffer size =    59.93 MiB
-llama_context: n_ctx         = 768
-{"n_kv_max": 768, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
-"n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 32, "tg": 64, "pl": 1, \
-"n_kv": 96, "t_pp": 0.021370, "speed_pp": 1497.425415, "t_tg": 0.290310, \
-"speed_tg": 220.454681, "t": 0.311680, "speed": 308.008209}
-{"n_kv_max": 768, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
-"n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 32, "tg": 64, "pl": 1, \
-"n_kv": 96, "t_pp": 0.019872, "speed_pp": 1610.306030, "t_tg": 0.250118, \
-"speed_tg": 255.879227, "t": 0.269990, "speed": 355.568726}
-{"n_kv_max": 768, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
-"n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 32, "tg": 64, "pl": 8, \
-"n_kv": 768, "t_pp": 0.120547, "speed_pp": 2123.653076, "t_tg": 0.800336, \
-"speed_tg": 639.731262, "t": 0.920883, "speed": 833.980469}
-
-llama_perf_context_print:        load time =      45.16 ms
+0.00.101.722 W load: control-looking token:      2 '</s>' was not control-type; this is \
+probably a bug in the model. its type will be overridden
+0.00.124.068 W llama_context: n_ctx is not divisible by n_seq_max - rounding down to 2048
+{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
+"n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 32, "tg": 64, "pl": 1, \
+"n_kv": 96, "t_pp": 0.123787, "speed_pp": 258.508575, "t_tg": 0.886057, \
+"speed_tg": 72.230118, "t": 1.009844, "speed": 95.064178}
+{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
+"n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 32, "tg": 64, "pl": 1, \
+"n_kv": 96, "t_pp": 0.115384, "speed_pp": 277.334808, "t_tg": 0.762932, \
+"speed_tg": 83.886902, "t": 0.878316, "speed": 109.300072}
+{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
+"n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 32, "tg": 64, "pl": 8, \
+"n_kv": 768, "t_pp": 0.717424, "speed_pp": 356.832245, "t_tg": 3.577467, \
+"speed_tg": 143.118027, "t": 4.294891, "speed": 178.817123}
 """
 
 
@@ -52,10 +51,10 @@ def test_parse_reads_every_result_row_and_skips_logs() -> None:
     rows = bb.parse_batched_bench(SAMPLE)
     assert [r.pl for r in rows] == [1, 1, 8]
     assert [(r.pp, r.tg) for r in rows] == [(32, 64)] * 3
-    assert rows[2].speed_tg == pytest.approx(639.731262)
-    assert rows[2].t_tg == pytest.approx(0.800336)
-    assert rows[0].speed_pp == pytest.approx(1497.425415)
-    assert (rows[0].n_threads, rows[0].n_threads_batch, rows[0].flash_attn) == (2, 2, -1)
+    assert rows[2].speed_tg == pytest.approx(143.118027)
+    assert rows[2].t_tg == pytest.approx(3.577467)
+    assert rows[0].speed_pp == pytest.approx(258.508575)
+    assert (rows[0].n_threads, rows[0].n_threads_batch, rows[0].flash_attn) == (1, 1, -1)
 
 
 def test_parse_without_result_rows_is_an_error() -> None:
@@ -66,7 +65,7 @@ def test_parse_without_result_rows_is_an_error() -> None:
 
 def test_decode_speeds_drop_the_warm_up_shape() -> None:
     speeds = bb.decode_speeds(bb.parse_batched_bench(SAMPLE), [1, 8])
-    assert speeds == {1: pytest.approx(255.879227), 8: pytest.approx(639.731262)}
+    assert speeds == {1: pytest.approx(83.886902), 8: pytest.approx(143.118027)}
     with pytest.raises(ValueError, match="expected"):
         bb.decode_speeds(bb.parse_batched_bench(SAMPLE), [1, 4])
 
@@ -81,7 +80,10 @@ def test_command_pins_threads_and_holds_every_sequence() -> None:
     assert flags["-c"] == str(32 * (32 + 64))
     assert flags["-npl"] == "1,1,8,32"
     assert (flags["-npp"], flags["-ntg"], flags["--output-format"]) == ("32", "64", "jsonl")
-    assert "-pps" not in cmd
+    assert "-pps" not in cmd and "-nr" not in cmd
+    assert (
+        bb.batched_bench_command(Path("b"), Path("m"), [1], 32, 64, 2, no_repack=True)[-1] == "-nr"
+    )
 
 
 def test_pinned_version_is_read_from_the_build_script() -> None:
