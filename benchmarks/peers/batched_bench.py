@@ -101,8 +101,9 @@ def batched_bench_command(
     ``decode_speeds``): the first shape of a process pays one-off costs (first touch of the
     weights, graph allocation), which carpool's sweep also keeps out of its timed rounds.
     The context holds every sequence at once: ``max(B) x (pp + tg)`` tokens. ``no_repack``
-    adds ``-nr``: no extra weight buffer types (ggml's AMX and repacked layouts), for hosts
-    whose CPU flags promise AMX that the VM does not deliver (``tilezero`` raises SIGILL).
+    adds ``-nr``: no extra weight buffer types (ggml's AMX and repacked layouts); on this
+    project's VM, which lists amx_tile/amx_int8, ggml's AMX Q8_0 kernel dies of SIGILL at its
+    first ``tilezero``.
     """
     sizes = [batch_sizes[0], *batch_sizes]
     return [

@@ -126,7 +126,7 @@ def bench_llama_cpp(bin_dir: Path, gguf: Path, args: argparse.Namespace, env: di
         except ProcessFailed as e:
             if e.returncode != -signal.SIGILL or "-nr" in cmd:
                 raise
-            # ggml's AMX kernels on a VM that lists AMX but faults on it: without them.
+            # ggml's AMX kernels fault (SIGILL at tilezero) on this project's VM: without them.
             print(f"  llama.cpp died of SIGILL; retrying with -nr\n{e}", file=sys.stderr)
             cmd = command(no_repack=True)
             out, peak = run_measured(cmd, env, merge_stderr=True)
