@@ -10,7 +10,7 @@ same shapes (B prompts of ``--prompt-len`` random tokens, ``--gen-len`` new toke
 (the random models; not SmolLM2, see ``models.py``). Every system runs in its own process
 with the same ``--threads`` (llama.cpp ``-t/-tb``, torch ``set_num_threads`` and
 ``OMP_NUM_THREADS``); each figure is the median of ``--repeats`` runs of decode tokens/s
-(prefill excluded); peak resident memory is each process's ``ru_maxrss`` (its largest batch
+(prefill excluded); peak resident memory is each process's ``VmHWM`` (its largest batch
 included).
 
 Prints the markdown tables (decode tokens/s with carpool / llama.cpp ratios; peak RSS) and
@@ -28,6 +28,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,8 +52,26 @@ class ProcessFailed(RuntimeError):
         self.returncode = returncode
 
 
+def _vm_hwm_mib(pid: int) -> float | None:
+    """The process's resident high-water mark (``VmHWM``) now, or None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_measured(cmd: list[str], env: dict[str, str], merge_stderr: bool) -> tuple[str, float]:
-    """Run ``cmd``; (its stdout, its peak resident memory in MiB). Raises on failure."""
+    """Run ``cmd``; (its stdout, its peak resident memory in MiB). Raises on failure.
+
+    The peak is ``VmHWM`` sampled every 20 ms while the process runs (it only grows, so the
+    last sample is the peak up to ~20 ms before exit). Not ``wait4``'s ``ru_maxrss``: Linux
+    carries the parent's high-water mark across the child's exec (Python spawns with vfork),
+    so every child would read at least this 250 MB Python process.
+    """
     proc = subprocess.Popen(
         cmd,
         env=env,
@@ -60,14 +79,26 @@ def run_measured(cmd: list[str], env: dict[str, str], merge_stderr: bool) -> tup
         stderr=subprocess.STDOUT if merge_stderr else None,
         text=True,
     )
+    peak = 0.0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.02):
+            hwm = _vm_hwm_mib(proc.pid)
+            if hwm is not None:
+                peak = max(peak, hwm)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     assert proc.stdout is not None
     out = proc.stdout.read()
-    # wait4 rather than Popen.wait: it returns this child's own rusage (ru_maxrss in KiB).
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
+    stop.set()
+    sampler.join()
     if proc.returncode != 0:
         raise ProcessFailed(cmd, proc.returncode, out)
-    return out, usage.ru_maxrss / 1024
+    return out, peak
 
 
 def machine() -> dict[str, object]:
