@@ -34,6 +34,11 @@ run: $(RUNTIME)
 test: $(DEV)
 	$(VENV)/bin/pytest -q
 
+## make bench-peers: carpool beside llama.cpp (built once, cached) and transformers (BENCHMARKS.md, Peers)
+.PHONY: bench-peers
+bench-peers: $(DEV)
+	$(PY) benchmarks/peers/run.py --models small,smollm2 --batch-sizes 1,8,16,32
+
 lint: $(DEV)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts

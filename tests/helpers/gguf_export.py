@@ -42,6 +42,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3":
 _FTYPES = {
     "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "Q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
@@ -79,7 +80,8 @@ def export_hf_to_gguf(
         source: a directory with ``config.json`` and ``*.safetensors`` (``save_pretrained``
             output), or a state dict under Hugging Face names (then ``config`` is required).
         out_path: the ``.gguf`` file to write.
-        ftype: ``"F32"``, ``"F16"``, ``"Q8_0"``, ``"Q4_0"`` or ``"Q4_1"``: the type of 2-D weights.
+        ftype: ``"F32"``, ``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"`` or ``"Q4_1"``: the type
+            of 2-D weights.
         config: the Hugging Face config as a dict (or an object with ``to_dict()``); read from
             ``source/config.json`` when omitted.
         tokenizer: a directory holding ``tokenizer.json`` (and optionally

@@ -1,0 +1,75 @@
+"""Markdown tables of a peers run (``run.py``'s JSON), also usable on a saved file:
+
+python benchmarks/peers/report.py benchmarks/results/peers.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _median(runs: Sequence[Mapping[Any, float]], batch: int) -> float | None:
+    values = [r[b] for r in runs for b in r if int(b) == batch]
+    return statistics.median(values) if values else None
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}"
+
+
+def render(meta: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str:
+    """The decode table (medians, ratios) and the peak-memory table, with a header line."""
+    m = meta["machine"]
+    amx = ", ".join(m.get("amx") or []) or "no AMX"
+    lines = [
+        f"{m.get('model_name')} ({amx}), {m.get('cpus')} CPUs, {meta['threads']} threads per "
+        f"system; {meta['prompt_len']}-token prompts, {meta['gen_len']} new tokens; decode "
+        f"tokens/s, median of {meta['repeats']}; load average {meta['load_avg_start'][0]:.1f} "
+        f"at start, {meta['load_avg_end'][0]:.1f} at end.",
+        "",
+        "| model | weights | batch | carpool | llama.cpp | carpool / llama.cpp "
+        "| transformers bf16 | carpool / transformers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    hf = {r["model"]: r["transformers"] for r in results if "transformers" in r}
+    files = [r for r in results if r["file"] != "hf"]
+    for r in files:
+        for b in meta["batch_sizes"]:
+            cp = _median(r["carpool"]["runs"], b) if "carpool" in r else None
+            ll = _median(r["llama.cpp"]["runs"], b) if "llama.cpp" in r else None
+            tf = _median(hf[r["model"]]["runs"], b) if r["model"] in hf else None
+            weights = r["file"] + (f" (carpool {r['carpool']['dtype']})" if "carpool" in r else "")
+            lines.append(
+                f"| {r['model']} | {weights} | {b} | {_num(cp)} | {_num(ll)} | {_ratio(cp, ll)} "
+                f"| {_num(tf)} | {_ratio(cp, tf)} |"
+            )
+    lines += [
+        "",
+        "Peak resident memory (MiB, whole process, largest batch included):",
+        "",
+        "| model | weights | carpool | llama.cpp | carpool / llama.cpp | transformers bf16 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in files:
+        cp = r["carpool"]["rss_mib"] if "carpool" in r else None
+        ll = r["llama.cpp"]["rss_mib"] if "llama.cpp" in r else None
+        tf = hf[r["model"]]["rss_mib"] if r["model"] in hf else None
+        lines.append(
+            f"| {r['model']} | {r['file']} | {_num(cp)} | {_num(ll)} | {_ratio(cp, ll)} "
+            f"| {_num(tf)} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    data = json.loads(Path(sys.argv[1]).read_text())
+    print(render(data["meta"], data["results"]))

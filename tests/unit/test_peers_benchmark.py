@@ -1,0 +1,129 @@
+"""The pure parts of ``benchmarks/peers``: reading llama-batched-bench output, the command
+line it is run with, and the side-by-side table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+PEERS = Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"peers_{name}", PEERS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bb = _load("batched_bench")
+report = _load("report")
+
+# Recorded output of `llama-batched-bench -m small-Q8_0.gguf -nr -t 1 -tb 1 -c 768 -b 2048
+# -ub 512 -npp 32 -ntg 64 -npl 1,1,8 --output-format jsonl` (llama.cpp of llama-cpp-python
+# 0.3.36 on this machine), stdout and stderr together as run.py reads them.
+SAMPLE = """\
+0.00.101.722 W load: control-looking token:      2 '</s>' was not control-type; this is \
+probably a bug in the model. its type will be overridden
+0.00.124.068 W llama_context: n_ctx is not divisible by n_seq_max - rounding down to 2048
+{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
+"n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 32, "tg": 64, "pl": 1, \
+"n_kv": 96, "t_pp": 0.123787, "speed_pp": 258.508575, "t_tg": 0.886057, \
+"speed_tg": 72.230118, "t": 1.009844, "speed": 95.064178}
+{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
+"n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 32, "tg": 64, "pl": 1, \
+"n_kv": 96, "t_pp": 0.115384, "speed_pp": 277.334808, "t_tg": 0.762932, \
+"speed_tg": 83.886902, "t": 0.878316, "speed": 109.300072}
+{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, \
+"n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 32, "tg": 64, "pl": 8, \
+"n_kv": 768, "t_pp": 0.717424, "speed_pp": 356.832245, "t_tg": 3.577467, \
+"speed_tg": 143.118027, "t": 4.294891, "speed": 178.817123}
+"""
+
+
+def test_parse_reads_every_result_row_and_skips_logs() -> None:
+    rows = bb.parse_batched_bench(SAMPLE)
+    assert [r.pl for r in rows] == [1, 1, 8]
+    assert [(r.pp, r.tg) for r in rows] == [(32, 64)] * 3
+    assert rows[2].speed_tg == pytest.approx(143.118027)
+    assert rows[2].t_tg == pytest.approx(3.577467)
+    assert rows[0].speed_pp == pytest.approx(258.508575)
+    assert (rows[0].n_threads, rows[0].n_threads_batch, rows[0].flash_attn) == (1, 1, -1)
+
+
+def test_parse_without_result_rows_is_an_error() -> None:
+    log_only = "\n".join(ln for ln in SAMPLE.splitlines() if not ln.startswith(("{", '"')))
+    with pytest.raises(ValueError, match="no llama-batched-bench result rows"):
+        bb.parse_batched_bench(log_only)
+
+
+def test_decode_speeds_drop_the_warm_up_shape() -> None:
+    speeds = bb.decode_speeds(bb.parse_batched_bench(SAMPLE), [1, 8])
+    assert speeds == {1: pytest.approx(83.886902), 8: pytest.approx(143.118027)}
+    with pytest.raises(ValueError, match="expected"):
+        bb.decode_speeds(bb.parse_batched_bench(SAMPLE), [1, 4])
+
+
+def test_command_pins_threads_and_holds_every_sequence() -> None:
+    cmd = bb.batched_bench_command(
+        Path("/b/llama-batched-bench"), Path("m.gguf"), [1, 8, 32], 32, 64, 2
+    )
+    flags = dict(zip(cmd[1::2], cmd[2::2], strict=True))
+    assert cmd[0] == "/b/llama-batched-bench"
+    assert flags["-t"] == flags["-tb"] == "2"
+    assert flags["-c"] == str(32 * (32 + 64))
+    assert flags["-npl"] == "1,1,8,32"
+    assert (flags["-npp"], flags["-ntg"], flags["--output-format"]) == ("32", "64", "jsonl")
+    assert "-pps" not in cmd and "-nr" not in cmd
+    assert (
+        bb.batched_bench_command(Path("b"), Path("m"), [1], 32, 64, 2, no_repack=True)[-1] == "-nr"
+    )
+
+
+def test_pinned_version_is_read_from_the_build_script() -> None:
+    assert bb.llama_cpp_version() == "0.3.36"
+
+
+def test_report_ratios_are_medians_over_medians() -> None:
+    meta = {
+        "machine": {"model_name": "CPU X", "amx": ["amx_bf16"], "cpus": 2},
+        "threads": 2,
+        "prompt_len": 32,
+        "gen_len": 64,
+        "repeats": 3,
+        "load_avg_start": [1.0, 1.0, 1.0],
+        "load_avg_end": [2.0, 2.0, 2.0],
+        "batch_sizes": [1, 8],
+    }
+    results = [
+        {
+            "model": "small",
+            "file": "Q8_0",
+            "carpool": {
+                "dtype": "bfloat16",
+                "runs": [{1: 90.0, 8: 400.0}, {1: 100.0, 8: 1.0}, {1: 500.0, 8: 410.0}],
+                "rss_mib": 600.0,
+            },
+            "llama.cpp": {
+                "runs": [{"1": 50.0, "8": 800.0}, {"1": 40.0, "8": 820.0}, {"1": 60.0, "8": 1.0}],
+                "rss_mib": 200.0,
+            },
+        },
+        {
+            "model": "small",
+            "file": "hf",
+            "transformers": {"runs": [{1: 25.0, 8: 205.0}], "rss_mib": 900.0},
+        },
+    ]
+    text = report.render(meta, results)
+    assert "CPU X (amx_bf16), 2 CPUs, 2 threads" in text
+    # medians: carpool 100 / 400, llama.cpp 50 / 800, transformers 25 / 205
+    assert "| small | Q8_0 (carpool bfloat16) | 1 | 100 | 50.0 | 2.00 | 25.0 | 4.00 |" in text
+    assert "| small | Q8_0 (carpool bfloat16) | 8 | 400 | 800 | 0.50 | 205 | 1.95 |" in text
+    assert "| small | Q8_0 | 600 | 200 | 3.00 | 900 |" in text
