@@ -229,6 +229,8 @@ def dtype_bytes(name: str) -> int:
 BATCHING_STRATEGIES = ("sequential", "static", "bucketed", "dynamic", "continuous")
 # How one step lays out sequences of different lengths (see ``carpool.worker.padded``).
 LAYOUTS = ("ragged", "padded")
+# Waiting-queue orders (see ``carpool.scheduling.priority``).
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,11 @@ class EngineConfig:
             ``max_model_len`` (ignored when ``bucket_boundaries`` is given).
         bucket_boundaries: bucketed: ascending inclusive upper prompt lengths of the buckets
             (longer prompts go to one last bucket).
+        enable_prefix_caching: share the KV of full blocks between requests with the same
+            prefix (continuous batching; the static family ignores it).
+        scheduling_policy: ``fcfs`` or ``priority`` (lower ``priority`` first, with aging).
+        priority_aging_s: under ``priority``: seconds of waiting that improve a request's
+            effective priority by 1 (None: no aging).
     """
 
     model: str | None = None
@@ -278,6 +285,9 @@ class EngineConfig:
     max_wait_ms: float = 50.0
     num_buckets: int = 4
     bucket_boundaries: tuple[int, ...] | None = None
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    priority_aging_s: float | None = 10.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -304,6 +314,13 @@ class EngineConfig:
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {SCHEDULING_POLICIES}, "
+                f"got {self.scheduling_policy!r}"
+            )
+        if self.priority_aging_s is not None and not self.priority_aging_s > 0:
+            raise ValueError(f"priority_aging_s must be > 0 or None, got {self.priority_aging_s!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
         if self.bucket_boundaries is not None:

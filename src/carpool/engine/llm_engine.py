@@ -144,7 +144,9 @@ class LLMEngine:
             self.model_config.max_model_len,
         )
         self.num_blocks = self._num_kv_blocks(self.model_config)
-        self.block_manager = BlockManager(self.num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            self.num_blocks, config.block_size, enable_caching=config.enable_prefix_caching
+        )
         self.policy: SchedulingPolicy = self._make_policy()
         self.runner = ModelRunner(
             self.model, self.num_blocks, config.block_size, config.device, layout=config.layout
@@ -192,8 +194,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a prompt (text or token ids) for generation.
+
+        ``priority``: lower is served first under ``scheduling_policy="priority"`` (ignored
+        under ``fcfs``); every completion of ``n > 1`` gets it.
 
         Returns:
             The request id (``request_id`` or a new one).
@@ -222,6 +228,8 @@ class LLMEngine:
                 )
         if not ids:
             raise InvalidRequestError("prompt is empty: it must have at least one token")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an int, got {priority!r}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._groups:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
@@ -234,7 +242,7 @@ class LLMEngine:
                     seed = None if params.seed is None else params.seed + i
                     child_params = replace(params, n=1, seed=seed)
                 child_id = rid if params.n == 1 else f"{rid}#{i}"
-                req = Request(child_id, ids, child_params, now, self.eos_token_ids)
+                req = Request(child_id, ids, child_params, now, self.eos_token_ids, priority)
                 self.policy.add_request(req)
                 detok = IncrementalDetokenizer(self.tokenizer, child_params.stop, ids)
                 completions.append(
@@ -402,4 +410,5 @@ class LLMEngine:
             outputs=outs,
             finished=done,
             timings=[c.request.timings() for c in group.completions],
+            num_cached_tokens=min(c.request.num_cached_tokens or 0 for c in group.completions),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from carpool.config import BATCHING_STRATEGIES, LAYOUTS, EngineConfig
+from carpool.config import BATCHING_STRATEGIES, LAYOUTS, SCHEDULING_POLICIES, EngineConfig
 
 _UNITS = {
     "": 1,
@@ -115,6 +115,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest prompt + output (default: the model's)",
     )
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of full blocks shared by requests with the same prefix "
+        "(continuous batching) (default: on)",
+    )
+    g.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        choices=SCHEDULING_POLICIES,
+        help="waiting order: fcfs, or priority (lower request priority first, may preempt "
+        "worse-priority running requests) (default: fcfs)",
+    )
+    g.add_argument(
+        "--priority-aging-s",
+        type=float,
+        default=10.0,
+        help="priority policy: each this many seconds waited improve a request's "
+        "priority by 1, so none starves (default: 10)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -135,4 +156,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching,
+        scheduling_policy=args.scheduling_policy,
+        priority_aging_s=args.priority_aging_s,
     )

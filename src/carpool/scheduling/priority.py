@@ -21,9 +21,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from carpool.config import SCHEDULING_POLICIES
 from carpool.request import Request
-
-SCHEDULING_POLICIES = ("fcfs", "priority")
 
 # Preemption causes, as counted in ``SchedulerStats.num_preemptions_by_cause``.
 PREEMPT_KV_CACHE = "kv_cache"  # a running request needed a block and none was left
