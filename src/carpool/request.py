@@ -102,7 +102,8 @@ class Request:
         num_computed_tokens: leading tokens of ``all_token_ids`` whose KV is in the cache.
         status: the scheduler state (see the module docstring).
         num_preemptions: how many times the request lost its KV and was sent back to wait.
-        priority: lower is served first under the ``priority`` scheduling policy (default 0).
+        priority: lower is served first under the ``priority`` scheduling policy (default:
+            ``sampling_params.priority``).
         num_cached_tokens: prompt tokens found in the prefix cache at first admission (their
             prefill was skipped); None before the request is first scheduled.
         error: why the engine failed the request (status FINISHED_ERROR), else None.
@@ -118,14 +119,16 @@ class Request:
         sampling_params: SamplingParams | None = None,
         arrival_time: float | None = None,
         eos_token_ids: Sequence[int] = (),
-        priority: int = 0,
+        priority: int | None = None,
     ) -> None:
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an int, got {priority!r}")
         self.request_id = request_id
-        self.priority = priority
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params if sampling_params is not None else SamplingParams()
+        if priority is None:
+            priority = self.sampling_params.priority
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an int, got {priority!r}")
+        self.priority = priority
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
         self.output_token_ids: list[int] = []
         # prompt + output, kept in step with output_token_ids so slicing it is cheap.

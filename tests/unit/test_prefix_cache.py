@@ -188,8 +188,10 @@ def test_random_workloads_match_the_reference(
     for i in range(10):
         prompt = rng.choice(systems) + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 6))]
         pending.append(request(f"r{i}", prompt, rng.randrange(1, 12)))
-    expected = {r.request_id: reference_output(r.prompt_token_ids, r.sampling_params.max_tokens)
-                for r in pending}
+    expected = {
+        r.request_id: reference_output(r.prompt_token_ids, r.sampling_params.max_tokens)
+        for r in pending
+    }
     done, aborted = {}, set()
     for step in range(5000):
         if not pending and not sched.has_unfinished():

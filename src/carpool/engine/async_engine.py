@@ -67,6 +67,9 @@ class EngineSnapshot:
         mean_batch_size: mean sequences per forward pass.
         num_preemptions: running requests that lost their KV so far.
         prompt_tokens, generation_tokens: tokens computed / generated so far.
+        prefix_cache_queries, prefix_cache_hits: prompt tokens looked up in the prefix cache at
+            admission, and of those the tokens found cached (their prefill skipped).
+        num_preemptions_kv_cache, num_preemptions_priority: ``num_preemptions`` by cause.
     """
 
     num_running: int = 0
@@ -80,6 +83,16 @@ class EngineSnapshot:
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions_kv_cache: int = 0
+    num_preemptions_priority: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """prefix_cache_hits / prefix_cache_queries (0.0 before any query)."""
+        q = self.prefix_cache_queries
+        return self.prefix_cache_hits / q if q else 0.0
 
     @classmethod
     def from_engine(cls: type[_Snapshot], engine: LLMEngine, **extra: Any) -> _Snapshot:
@@ -88,6 +101,7 @@ class EngineSnapshot:
         ``extra`` fills the fields a subclass adds (the replicas' ``LoadReport``).
         """
         bm, stats = engine.block_manager, engine.stats
+        by_cause = engine.policy.stats.num_preemptions_by_cause
         return cls(
             num_running=engine.policy.num_running,
             num_waiting=engine.policy.num_waiting,
@@ -100,6 +114,10 @@ class EngineSnapshot:
             num_preemptions=engine.policy.stats.num_preemptions,
             prompt_tokens=stats.prompt_tokens,
             generation_tokens=stats.generated_tokens,
+            prefix_cache_queries=bm.prefix_cache_stats.queries,
+            prefix_cache_hits=bm.prefix_cache_stats.hits,
+            num_preemptions_kv_cache=by_cause.get("kv_cache", 0),
+            num_preemptions_priority=by_cause.get("priority", 0),
             **extra,
         )
 
@@ -512,12 +530,13 @@ class AsyncEngine:
         rate = (s.generation_tokens - self._last_log_tokens) / (now - self._last_log)
         logger.info(
             "engine running=%d waiting=%d kv_usage=%.1f%% generation_tokens/s=%.1f "
-            "mean_batch_size=%.2f preemptions=%d",
+            "mean_batch_size=%.2f preemptions=%d prefix_cache_hit_rate=%.1f%%",
             s.num_running,
             s.num_waiting,
             100 * s.kv_cache_usage,
             rate,
             s.mean_batch_size,
             s.num_preemptions,
+            100 * s.prefix_cache_hit_rate,
         )
         self._last_log, self._last_log_tokens = now, s.generation_tokens

@@ -194,12 +194,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
-        priority: int = 0,
+        priority: int | None = None,
     ) -> str:
         """Queue a prompt (text or token ids) for generation.
 
         ``priority``: lower is served first under ``scheduling_policy="priority"`` (ignored
-        under ``fcfs``); every completion of ``n > 1`` gets it.
+        under ``fcfs``); overrides ``params.priority`` when given.
 
         Returns:
             The request id (``request_id`` or a new one).
@@ -209,6 +209,8 @@ class LLMEngine:
                 max_tokens over the context or the cache, duplicate id. Nothing is queued.
         """
         params = params or SamplingParams()
+        if priority is not None:
+            params = replace(params, priority=priority)  # validated there
         if isinstance(prompt, str):
             if not prompt:  # "" would still tokenize to a lone BOS on many models
                 raise InvalidRequestError("prompt is empty: it must have at least one character")
@@ -228,8 +230,6 @@ class LLMEngine:
                 )
         if not ids:
             raise InvalidRequestError("prompt is empty: it must have at least one token")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidRequestError(f"priority must be an int, got {priority!r}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._groups:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
@@ -242,7 +242,7 @@ class LLMEngine:
                     seed = None if params.seed is None else params.seed + i
                     child_params = replace(params, n=1, seed=seed)
                 child_id = rid if params.n == 1 else f"{rid}#{i}"
-                req = Request(child_id, ids, child_params, now, self.eos_token_ids, priority)
+                req = Request(child_id, ids, child_params, now, self.eos_token_ids)
                 self.policy.add_request(req)
                 detok = IncrementalDetokenizer(self.tokenizer, child_params.stop, ids)
                 completions.append(

@@ -248,6 +248,10 @@ class ReplicaPool:
             num_preemptions=sum(x.num_preemptions for x in loads),
             prompt_tokens=sum(x.prompt_tokens for x in loads),
             generation_tokens=sum(x.generation_tokens for x in loads),
+            prefix_cache_queries=sum(x.prefix_cache_queries for x in loads),
+            prefix_cache_hits=sum(x.prefix_cache_hits for x in loads),
+            num_preemptions_kv_cache=sum(x.num_preemptions_kv_cache for x in loads),
+            num_preemptions_priority=sum(x.num_preemptions_priority for x in loads),
         )
 
     @property

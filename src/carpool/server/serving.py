@@ -45,6 +45,7 @@ from carpool.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    PromptTokensDetails,
     SamplingFields,
     TopLogprob,
     UsageInfo,
@@ -190,6 +191,7 @@ class OpenAIServing:
                 logprobs=logprobs,
                 n=req.n,
                 min_tokens=min(req.min_tokens, max_tokens),
+                priority=req.priority,
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None
@@ -245,8 +247,12 @@ class OpenAIServing:
     def _usage(job: _Job, outs: Sequence[RequestOutput]) -> UsageInfo:
         prompt = sum(len(p) for p in job.prompts)
         completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        cached = sum(o.num_cached_tokens for o in outs)
         return UsageInfo(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
     # ---- /v1/completions --------------------------------------------------------------------
