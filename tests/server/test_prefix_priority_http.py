@@ -46,3 +46,21 @@ def test_priority_field_is_validated(server):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 1, "priority": "high"}
     r = httpx.post(f"{server.base_url}/completions", json=body, timeout=30)
     assert r.status_code == 400 and "priority" in r.text
+
+
+def test_bench_multi_turn_mode_hits_the_cache(server):
+    """``carpool bench serve --multi-turn``: every turn after the first re-sends the previous
+    prompt + answer, so the server reports cached prompt tokens for it."""
+    import asyncio
+
+    from carpool.bench.serve_load import LoadSpec
+    from carpool.bench.serve_workloads import multi_turn_conversations, run_multi_turn
+
+    spec = LoadSpec(url=server.url, model=MODEL, extra_body={"temperature": 0})
+    conversations = multi_turn_conversations(2, 3, 12, seed=0)
+    results, _ = asyncio.run(run_multi_turn(spec, conversations, max_tokens=8))
+    assert len(results) == 6 and all(r.ok for r in results), results
+    for i, r in enumerate(results):
+        assert r.cached_tokens is not None and r.prompt_tokens is not None
+        if i % 3:  # later turns of a conversation
+            assert r.cached_tokens >= 16, (i, r.cached_tokens, r.prompt_tokens)
