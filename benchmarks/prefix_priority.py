@@ -13,7 +13,7 @@ The model is a random-weight Llama (hidden 256, 4 layers, context 2,048: the emb
 1,024-token context cannot hold L = 1,000 plus suffix and answer), with a 259-id byte
 vocabulary so every generated token decodes to text (TTFT is timed on the first text chunk).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/prefix_priority.py
+    .venv/bin/python benchmarks/prefix_priority.py      # server: 1 torch thread
 """
 
 from __future__ import annotations
@@ -100,11 +100,11 @@ def _ms(d: dict, key: str = "p50") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
-    parser.add_argument("--prefix-prompts", type=int, default=48)
-    parser.add_argument("--prefix-rate", type=float, default=4.0, help="requests/s")
-    parser.add_argument("--priority-prompts", type=int, default=120)
-    parser.add_argument("--priority-rate", type=float, default=6.0, help="requests/s")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--prefix-prompts", type=int, default=24)
+    parser.add_argument("--prefix-rate", type=float, default=0.3, help="requests/s")
+    parser.add_argument("--priority-prompts", type=int, default=80)
+    parser.add_argument("--priority-rate", type=float, default=0.5, help="requests/s")
     parser.add_argument("--only", choices=["prefix", "priority"], default=None)
     parser.add_argument(
         "--output", default=str(ROOT / "benchmarks" / "results" / "prefix_priority.json")
@@ -142,8 +142,8 @@ def main() -> None:
             f"throughput on/off = {report['throughput_ratio_on_over_off']:.2f}x",
             flush=True,
         )
-        mt = ["--multi-turn", "4", "--num-prompts", "32", "--gen-len", "24"]
-        mt += ["--request-rate", "2"]
+        mt = ["--multi-turn", "4", "--num-prompts", "16", "--gen-len", "24"]
+        mt += ["--request-rate", "0.2"]
         res, stats, cmd = serve_and_load(model, [], mt, args.threads)
         report["runs"]["multi_turn"] = {"bench": res, "stats": stats, "command": cmd}
         print(
