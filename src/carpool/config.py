@@ -296,6 +296,8 @@ BATCHING_STRATEGIES = ("sequential", "static", "bucketed", "dynamic", "continuou
 QUANTIZATION_CHOICES = (None, "none", "int8", "int4")
 # How one step lays out sequences of different lengths (see ``carpool.worker.padded``).
 LAYOUTS = ("ragged", "padded")
+# Waiting-queue orders (see ``carpool.scheduling.priority``).
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -363,6 +365,22 @@ class EngineConfig:
         "too; none: dequantize everything to dtype)",
         choices=("none", "int8", "int4"),
     )
+    enable_prefix_caching: bool = option(
+        True,
+        "share the KV of full blocks between requests with the same prefix (continuous "
+        "batching; the static family ignores it)",
+    )
+    scheduling_policy: str = option(
+        "fcfs",
+        "waiting order: fcfs, or priority (lower request priority first; may preempt "
+        "worse-priority running requests)",
+        choices=SCHEDULING_POLICIES,
+    )
+    priority_aging_s: float | None = option(
+        10.0,
+        "priority policy: each this many seconds waited improve a request's effective priority "
+        "by 1, so none starves (None: no aging)",
+    )
 
     def __post_init__(self) -> None:
         check_positive(
@@ -389,6 +407,13 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}"
             )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {SCHEDULING_POLICIES}, "
+                f"got {self.scheduling_policy!r}"
+            )
+        if self.priority_aging_s is not None and not self.priority_aging_s > 0:
+            raise ValueError(f"priority_aging_s must be > 0 or None, got {self.priority_aging_s!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
         if self.bucket_boundaries is not None:

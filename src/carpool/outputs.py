@@ -70,6 +70,9 @@ class RequestOutput:
         outputs: one ``CompletionOutput`` per completion (``n`` of them).
         finished: True once every completion has finished.
         timings: latency figures of each completion's underlying request.
+        num_cached_tokens: prompt tokens read from the prefix cache instead of computed (the
+            prompt counted once: the least over the ``n`` completions, whose later siblings
+            share the first one's blocks); OpenAI's ``usage.prompt_tokens_details.cached_tokens``.
     """
 
     request_id: str
@@ -78,6 +81,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     timings: list[RequestTimings] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     @property
     def num_generated_tokens(self) -> int:

@@ -102,6 +102,10 @@ class Request:
         num_computed_tokens: leading tokens of ``all_token_ids`` whose KV is in the cache.
         status: the scheduler state (see the module docstring).
         num_preemptions: how many times the request lost its KV and was sent back to wait.
+        priority: lower is served first under the ``priority`` scheduling policy (default:
+            ``sampling_params.priority``).
+        num_cached_tokens: prompt tokens found in the prefix cache at first admission (their
+            prefill was skipped); None before the request is first scheduled.
         error: why the engine failed the request (status FINISHED_ERROR), else None.
         arrival_time, first_scheduled_time, first_token_time, token_times, finished_time:
             timestamps on the engine's clock (``time.monotonic()`` unless the caller passes
@@ -115,10 +119,16 @@ class Request:
         sampling_params: SamplingParams | None = None,
         arrival_time: float | None = None,
         eos_token_ids: Sequence[int] = (),
+        priority: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params if sampling_params is not None else SamplingParams()
+        if priority is None:
+            priority = self.sampling_params.priority
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an int, got {priority!r}")
+        self.priority = priority
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
         self.output_token_ids: list[int] = []
         # prompt + output, kept in step with output_token_ids so slicing it is cheap.
@@ -126,6 +136,7 @@ class Request:
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
+        self.num_cached_tokens: int | None = None
         self.error: str | None = None
 
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -176,15 +187,26 @@ class Request:
     def finish_reason(self) -> FinishReason | None:
         return self.status.finish_reason
 
-    def start_running(self, now: float) -> None:
-        """WAITING or PREEMPTED -> RUNNING (admitted by the scheduler)."""
+    def start_running(self, now: float, num_computed_tokens: int = 0) -> None:
+        """WAITING or PREEMPTED -> RUNNING (admitted by the scheduler).
+
+        Args:
+            num_computed_tokens: leading tokens whose KV the prefix cache already holds (a
+                multiple of the block size, below ``num_tokens``).
+        """
         assert self.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), (
             f"cannot start request {self.request_id!r} in status {self.status.name}"
         )
         assert self.num_computed_tokens == 0, (
             f"request {self.request_id!r} admitted with {self.num_computed_tokens} computed tokens"
         )
+        assert 0 <= num_computed_tokens < self.num_tokens, (
+            f"request {self.request_id!r}: {num_computed_tokens} cached of {self.num_tokens}"
+        )
         self.status = RequestStatus.RUNNING
+        self.num_computed_tokens = num_computed_tokens
+        if self.num_cached_tokens is None:
+            self.num_cached_tokens = min(num_computed_tokens, self.num_prompt_tokens)
         if self.first_scheduled_time is None:
             self.first_scheduled_time = now
 

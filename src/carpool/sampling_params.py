@@ -103,6 +103,8 @@ class SamplingParams:
         n: number of completions for the prompt (>= 1).
         min_tokens: EOS and ``stop_token_ids`` are ignored until this many tokens exist.
         output_kind: what each output carries (see ``RequestOutputKind``).
+        priority: under the ``priority`` scheduling policy, lower is served first (vLLM's
+            semantics; default 0); ignored under ``fcfs``.
     """
 
     max_tokens: int = 16
@@ -121,12 +123,14 @@ class SamplingParams:
     n: int = 1
     min_tokens: int = 0
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    priority: int = 0
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_int("top_k", self.top_k, low=0)
         _check_int("n", self.n, low=1)
         _check_int("min_tokens", self.min_tokens, low=0)
+        _check_int("priority", self.priority)
         if self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",

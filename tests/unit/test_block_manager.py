@@ -48,7 +48,7 @@ def test_can_allocate_and_can_append_limits() -> None:
     assert bm.append_slots("a", 12) == []
     assert not bm.can_append("a")
     with pytest.raises(AssertionError, match="needs 1 blocks, 0 free"):
-        bm.append_slot("a", 13)
+        bm.append_slots("a", 13)
 
 
 def test_append_slots_requires_a_table() -> None:
@@ -73,11 +73,14 @@ def test_free_returns_blocks_to_the_back_of_the_free_list() -> None:
 
 
 def test_shared_blocks_are_refcounted() -> None:
-    bm = BlockManager(6, block_size=2)
+    bm = BlockManager(6, block_size=2, enable_caching=True)
+    tokens = [5, 6, 7, 8, 9]
     bm.allocate("a", 5)  # [0, 1, 2], two full blocks
-    bm.share_prefix("a", "b", 2)
-    assert bm.get_block_table("b") == [0, 1]
-    assert bm.allocate("b", 5) == [3]
+    assert bm.cache_blocks("a", tokens, 5) == 2
+    hit = bm.find_cached_prefix("b", tokens)
+    assert hit == [0, 1]
+    assert bm.allocate("b", 5, hit) == [3]
+    assert bm.get_block_table("b") == [0, 1, 3]
     bm.check_integrity()
     assert bm.free("a") == [2]  # 0 and 1 are still held by b
     bm.check_integrity()
@@ -86,11 +89,12 @@ def test_shared_blocks_are_refcounted() -> None:
     bm.check_integrity()
 
 
-def test_share_prefix_only_full_blocks() -> None:
-    bm = BlockManager(6, block_size=2)
+def test_only_full_computed_blocks_are_cached() -> None:
+    bm = BlockManager(6, block_size=2, enable_caching=True)
+    tokens = [1, 2, 3, 4, 5]
     bm.allocate("a", 3)
-    with pytest.raises(AssertionError, match="at most the 1 full blocks"):
-        bm.share_prefix("a", "b", 2)
+    assert bm.cache_blocks("a", tokens[:3], 3) == 1  # block 1 is half full: not cached
+    assert bm.find_cached_prefix("b", tokens) == [0]
 
 
 def test_check_integrity_catches_corruption() -> None:
@@ -120,46 +124,70 @@ def test_rejects_bad_sizes(num_blocks: object, block_size: object) -> None:
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["allocate", "append", "share", "free"]),
+        st.sampled_from(["allocate", "append", "compute", "free", "discard"]),
         st.integers(0, 5),  # request id
-        st.integers(0, 5),  # second request id (share target)
+        st.integers(0, 2),  # prompt family (shared prefixes make hits)
         st.integers(0, 40),  # tokens
     ),
     max_size=60,
 )
+# Token streams of three prompt families: 0 and 1 share their first 6 tokens.
+FAMILIES = [
+    [i % 7 for i in range(64)],
+    [i % 7 for i in range(6)] + [50 + i for i in range(58)],
+    [3] * 64,
+]
 
 
-@settings(max_examples=150, deadline=None)
-@given(ops=OPS, num_blocks=st.integers(1, 12), block_size=st.integers(1, 5))
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=OPS,
+    num_blocks=st.integers(1, 12),
+    block_size=st.integers(1, 5),
+    caching=st.booleans(),
+)
 def test_random_operations_keep_integrity(
-    ops: list[tuple[str, int, int, int]], num_blocks: int, block_size: int
+    ops: list[tuple[str, int, int, int]], num_blocks: int, block_size: int, caching: bool
 ) -> None:
-    bm = BlockManager(num_blocks, block_size)
-    for op, i, j, n in ops:
-        rid, other = f"r{i}", f"r{j}"
-        if op == "allocate":
-            if bm.can_allocate(rid, n):
+    """allocate (with a prefix hit) / append / compute (cache) / free (finish or preempt) /
+    discard (failed step), under pressure that forces eviction: integrity after every
+    operation, and at the end every block is free or cached-evictable."""
+    bm = BlockManager(num_blocks, block_size, enable_caching=caching)
+    family: dict[str, int] = {}
+    for op, i, fam, n in ops:
+        rid = f"r{i}"
+        if op == "allocate" and not bm.has_request(rid):
+            tokens = FAMILIES[fam][: max(n, 1)]
+            hit = bm.find_cached_prefix(rid, tokens)
+            assert len(hit) * block_size < len(tokens)  # the last token is always computed
+            if bm.can_allocate(rid, len(tokens), hit):
                 before = bm.num_free_blocks
-                new = bm.allocate(rid, n)
-                assert bm.num_free_blocks == before - len(new)
-                assert len(bm.get_block_table(rid)) >= bm.blocks_needed(n)
+                held_hit = sum(1 for b in hit if bm._ref_counts[b] > 0)
+                new = bm.allocate(rid, len(tokens), hit)
+                assert bm.num_free_blocks == before - len(new) - (len(hit) - held_hit)
+                assert bm.get_block_table(rid)[: len(hit)] == hit
+                assert len(bm.get_block_table(rid)) == bm.blocks_needed(len(tokens))
+                family[rid] = fam
             else:
-                assert bm.num_new_blocks(rid, n) > bm.num_free_blocks
+                need = bm.num_new_blocks(rid, len(tokens)) - len(hit)
+                assert need > bm.num_free_blocks - sum(1 for b in hit if bm._ref_counts[b] == 0)
+                bm.free(rid)  # drop the lookup memo
         elif op == "append" and bm.has_request(rid):
             k = n % 6
-            if bm.can_append(rid, k):
+            if bm.num_tokens(rid) + k <= 64 and bm.can_append(rid, k):
                 bm.append_slots(rid, bm.num_tokens(rid) + k)
-        elif op == "share" and bm.has_request(rid) and not bm.has_request(other):
-            full = bm.num_tokens(rid) // block_size
-            bm.share_prefix(rid, other, min(full, n))
-        elif op == "free":
-            bm.free(rid)
+        elif op == "compute" and bm.has_request(rid):
+            computed = bm.num_tokens(rid)
+            bm.cache_blocks(rid, FAMILIES[family[rid]][:computed], computed)
+        elif op in ("free", "discard"):
+            bm.free(rid, discard=op == "discard")
         bm.check_integrity()
     for i in range(6):
         bm.free(f"r{i}")
     bm.check_integrity()
-    assert bm.num_free_blocks == num_blocks
-    assert sorted(bm._free) == list(range(num_blocks))
+    assert bm.num_free_blocks == num_blocks and bm.num_used_blocks == 0
+    assert sorted([*bm._free, *bm._cache.evictable]) == list(range(num_blocks))
+    assert set(bm._cache.evictable) == set(bm._cache.hash_of)
 
 
 # ---- sizing --------------------------------------------------------------------------------

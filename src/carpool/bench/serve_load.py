@@ -40,10 +40,12 @@ _WORDS = tuple(_WORD_TEXT.split())
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """One request: its prompt text and how many tokens to ask for."""
+    """One request: its prompt (text or token ids), how many tokens to ask for and,
+    optionally, its ``priority`` (sent as the vLLM/carpool field; None: not sent)."""
 
-    prompt: str
+    prompt: str | list[int]
     max_tokens: int
+    priority: int | None = None
 
 
 @dataclass
@@ -58,6 +60,9 @@ class RequestResult:
         latency: send to last byte.
         output_tokens: from ``usage`` when given, else text chunks.
         prompt_tokens: from ``usage`` (None when the server did not send it).
+        cached_tokens: ``usage.prompt_tokens_details.cached_tokens`` (None when not sent).
+        priority: the request's priority class (None when none was sent).
+        text: the generated text (multi-turn mode feeds it to the next turn).
     """
 
     ok: bool = False
@@ -67,6 +72,9 @@ class RequestResult:
     latency: float = 0.0
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    priority: int | None = None
+    text: str = ""
 
 
 def synthetic_prompts(
@@ -193,9 +201,12 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
                 if chunk.get("usage"):
                     res.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
                     res.prompt_tokens = chunk["usage"].get("prompt_tokens")
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    res.cached_tokens = details.get("cached_tokens")
                 if any(c.get("finish_reason") for c in chunk.get("choices") or []):
                     finished = True
-                if _chunk_text(chunk):
+                if text := _chunk_text(chunk):
+                    res.text += text
                     now = time.perf_counter()
                     if last is None:
                         res.ttft = now - start
@@ -247,6 +258,30 @@ class LoadSpec:
     extra_body: dict[str, Any] = field(default_factory=dict)
 
 
+def _body(spec: LoadSpec, p: PromptSpec) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": spec.model,
+        "prompt": p.prompt,
+        "max_tokens": p.max_tokens,
+        "stream": True,
+        **spec.extra_body,
+    }
+    if p.priority is not None:
+        body["priority"] = p.priority
+    if spec.include_usage:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def send_prompt(
+    client: httpx.AsyncClient, url: str, spec: LoadSpec, p: PromptSpec
+) -> RequestResult:
+    """``send_request`` of one ``PromptSpec`` to ``{url}/completions`` (url ends in /v1)."""
+    result = await send_request(client, url + "/completions", _body(spec, p))
+    result.priority = p.priority
+    return result
+
+
 async def run_load(
     spec: LoadSpec,
     prompts: Sequence[PromptSpec],
@@ -265,17 +300,8 @@ async def run_load(
 
         async def one(p: PromptSpec, offset: float) -> RequestResult:
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            body: dict[str, Any] = {
-                "model": spec.model,
-                "prompt": p.prompt,
-                "max_tokens": p.max_tokens,
-                "stream": True,
-                **spec.extra_body,
-            }
-            if spec.include_usage:
-                body["stream_options"] = {"include_usage": True}
             async with limit:
-                result = await send_request(client, url + "/completions", body)
+                result = await send_prompt(client, url, spec, p)
             on_done(result)
             return result
 
@@ -336,6 +362,22 @@ def summarize(
         "itl_ms": _stats_ms([g for r in ok for g in r.itl]),
         "e2el_ms": _stats_ms([r.latency for r in ok]),
     }
+    cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
+    if cached and prompt_tokens:
+        summary["total_cached_tokens"] = sum(cached)
+        summary["prefix_cache_hit_rate"] = sum(cached) / max(1, sum(prompt_tokens))
+    classes = sorted({r.priority for r in results if r.priority is not None})
+    if classes:
+        summary["by_priority"] = {
+            str(c): {
+                "completed": sum(1 for r in ok if r.priority == c),
+                "ttft_ms": _stats_ms(
+                    [r.ttft for r in ok if r.priority == c and r.ttft is not None]
+                ),
+                "e2el_ms": _stats_ms([r.latency for r in ok if r.priority == c]),
+            }
+            for c in classes
+        }
     if goodput:
         good = sum(1 for r in ok if _meets(r, goodput))
         summary["goodput_targets_ms"] = goodput

@@ -230,13 +230,14 @@ class AsyncEngine:
         rate = (s.generation_tokens - self._last_log_tokens) / (now - self._last_log)
         logger.info(
             "engine running=%d waiting=%d kv_usage=%.1f%% generation_tokens/s=%.1f "
-            "mean_batch_size=%.2f preemptions=%d",
+            "mean_batch_size=%.2f preemptions=%d prefix_cache_hit_rate=%.1f%%",
             s.num_running,
             s.num_waiting,
             100 * s.kv_cache_usage,
             rate,
             s.mean_batch_size,
             s.num_preemptions,
+            100 * s.prefix_cache_hit_rate,
         )
         self._last_log, self._last_log_tokens = now, s.generation_tokens
 

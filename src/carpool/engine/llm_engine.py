@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,7 +82,9 @@ class LLMEngine:
         self.num_blocks = plan_num_blocks(
             config, self.model_config, self.max_model_len, dtype_bytes
         )
-        self.block_manager = BlockManager(self.num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            self.num_blocks, config.block_size, enable_caching=config.enable_prefix_caching
+        )
         self.policy: SchedulingPolicy = make_policy(config, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(
             self.model, self.num_blocks, config.block_size, config.device, layout=config.layout
@@ -115,8 +117,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Queue a prompt (text or token ids) for generation.
+
+        ``priority``: lower is served first under ``scheduling_policy="priority"`` (ignored
+        under ``fcfs``); overrides ``params.priority`` when given.
 
         Returns:
             The request id (``request_id`` or a new one).
@@ -126,6 +132,8 @@ class LLMEngine:
                 max_tokens over the context or the cache, duplicate id. Nothing is queued.
         """
         params = params or SamplingParams()
+        if priority is not None:
+            params = replace(params, priority=priority)  # validated there
         if isinstance(prompt, str):
             if not prompt:  # "" would still tokenize to a lone BOS on many models
                 raise InvalidRequestError(
@@ -186,6 +194,7 @@ class LLMEngine:
     def snapshot(self) -> EngineSnapshot:
         """The engine's figures now (call from the thread that owns the engine)."""
         bm, stats = self.block_manager, self.stats
+        by_cause = self.policy.stats.num_preemptions_by_cause
         return EngineSnapshot(
             num_running=self.policy.num_running,
             num_waiting=self.policy.num_waiting,
@@ -198,6 +207,10 @@ class LLMEngine:
             num_preemptions=self.policy.stats.num_preemptions,
             prompt_tokens=stats.prompt_tokens,
             generation_tokens=stats.generated_tokens,
+            prefix_cache_queries=bm.prefix_cache_stats.queries,
+            prefix_cache_hits=bm.prefix_cache_stats.hits,
+            num_preemptions_kv_cache=by_cause.get("kv_cache", 0),
+            num_preemptions_priority=by_cause.get("priority", 0),
         )
 
     # ---- the step ---------------------------------------------------------------------------

@@ -164,6 +164,7 @@ class OutputProcessor:
             finished=done,
             # Only at the end: timings are O(tokens) to build, and read only once finished.
             timings=[c.request.timings() for c in group.completions] if done else [],
+            num_cached_tokens=min(c.request.num_cached_tokens or 0 for c in group.completions),
         )
 
     @staticmethod

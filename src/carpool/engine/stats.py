@@ -70,6 +70,9 @@ class EngineSnapshot:
         mean_batch_size: mean sequences per forward pass.
         num_preemptions: running requests that lost their KV so far.
         prompt_tokens, generation_tokens: tokens computed / generated so far.
+        prefix_cache_queries, prefix_cache_hits: prompt tokens looked up in the prefix cache at
+            admission, and of those the tokens found cached (their prefill skipped).
+        num_preemptions_kv_cache, num_preemptions_priority: ``num_preemptions`` by cause.
     """
 
     num_running: int = 0
@@ -83,6 +86,16 @@ class EngineSnapshot:
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions_kv_cache: int = 0
+    num_preemptions_priority: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """prefix_cache_hits / prefix_cache_queries (0.0 before any query)."""
+        q = self.prefix_cache_queries
+        return self.prefix_cache_hits / q if q else 0.0
 
     @classmethod
     def total(cls, parts: list[EngineSnapshot]) -> EngineSnapshot:
@@ -104,4 +117,8 @@ class EngineSnapshot:
             num_preemptions=sum(x.num_preemptions for x in parts),
             prompt_tokens=sum(x.prompt_tokens for x in parts),
             generation_tokens=sum(x.generation_tokens for x in parts),
+            prefix_cache_queries=sum(x.prefix_cache_queries for x in parts),
+            prefix_cache_hits=sum(x.prefix_cache_hits for x in parts),
+            num_preemptions_kv_cache=sum(x.num_preemptions_kv_cache for x in parts),
+            num_preemptions_priority=sum(x.num_preemptions_priority for x in parts),
         )

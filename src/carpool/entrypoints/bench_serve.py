@@ -45,6 +45,55 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help='JSONL of {"prompt": ..., "max_tokens": ...} (default: synthetic long-tail '
         "lengths with medians --prompt-len words and --gen-len tokens)",
     )
+    g.add_argument(
+        "--shared-prefix-num-prefixes",
+        type=int,
+        default=0,
+        metavar="K",
+        help="shared-prefix dataset: K system prompts shared by the requests, sent as token ids "
+        "(default: 0, off)",
+    )
+    g.add_argument(
+        "--shared-prefix-len",
+        type=int,
+        default=1000,
+        metavar="L",
+        help="shared-prefix dataset: tokens of each system prompt (default: 1000)",
+    )
+    g.add_argument(
+        "--shared-prefix-suffix-len",
+        type=int,
+        default=111,
+        help="shared-prefix dataset: mean tokens of each user suffix, +-50%% (default: 111, "
+        "90%% shared with L=1000)",
+    )
+    g.add_argument(
+        "--shared-prefix-vocab-size",
+        type=int,
+        default=256,
+        help="shared-prefix dataset: token ids drawn from [3, this) (default: 256)",
+    )
+    g.add_argument(
+        "--multi-turn",
+        type=int,
+        default=0,
+        metavar="TURNS",
+        help="multi-turn mode: ceil(num-prompts / TURNS) conversations of TURNS turns, each "
+        "turn's prompt = the previous prompt + its answer + a new message (default: 0, off)",
+    )
+    g.add_argument(
+        "--multi-turn-message-len",
+        type=int,
+        default=24,
+        help="multi-turn mode: most words per user message (default: 24)",
+    )
+    g.add_argument(
+        "--priority-classes",
+        default=None,
+        metavar="CLASSES",
+        help="send a priority per request drawn from PRIORITY:SHARE pairs, e.g. 0:0.1,10:0.9; "
+        "the summary reports TTFT per class",
+    )
     g.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     g.add_argument(
         "--temperature", type=float, default=0.0, help="sampling temperature sent (default: 0)"
@@ -92,11 +141,31 @@ def run_serve_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if not args.request_rate > 0:
         raise ValueError(f"--request-rate must be > 0, got {args.request_rate}")
+    from carpool.bench.serve_workloads import (
+        multi_turn_conversations,
+        parse_priority_classes,
+        run_multi_turn,
+        shared_prefix_prompts,
+        with_priorities,
+    )
+
     goodput = parse_goodput(args.goodput) if args.goodput else None
     if args.dataset is not None:
         prompts = load_dataset(args.dataset, args.num_prompts, args.gen_len, args.seed)
+    elif args.shared_prefix_num_prefixes > 0:
+        prompts = shared_prefix_prompts(
+            args.num_prompts,
+            args.shared_prefix_num_prefixes,
+            args.shared_prefix_len,
+            args.shared_prefix_suffix_len,
+            args.gen_len,
+            args.seed,
+            args.shared_prefix_vocab_size,
+        )
     else:
         prompts = synthetic_prompts(args.num_prompts, args.prompt_len, args.gen_len, args.seed)
+    if args.priority_classes:
+        prompts = with_priorities(prompts, parse_priority_classes(args.priority_classes), args.seed)
     extra: dict[str, Any] = {"temperature": args.temperature}
     if args.ignore_eos:
         extra["ignore_eos"] = True
@@ -110,8 +179,18 @@ def run_serve_cli(args: argparse.Namespace) -> int:
         include_usage=not args.no_usage,
         extra_body=extra,
     )
-    with tqdm(total=len(prompts), unit="req", desc="bench serve") as bar:
-        results, duration = asyncio.run(run_load(spec, prompts, lambda _r: bar.update(1)))
+    if args.multi_turn > 0:
+        turns = args.multi_turn
+        conversations = multi_turn_conversations(
+            -(-args.num_prompts // turns), turns, args.multi_turn_message_len, args.seed
+        )
+        with tqdm(total=len(conversations) * turns, unit="req", desc="bench serve") as bar:
+            results, duration = asyncio.run(
+                run_multi_turn(spec, conversations, args.gen_len, lambda _r: bar.update(1))
+            )
+    else:
+        with tqdm(total=len(prompts), unit="req", desc="bench serve") as bar:
+            results, duration = asyncio.run(run_load(spec, prompts, lambda _r: bar.update(1)))
     summary = summarize(results, duration, goodput)
     command = "carpool " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "carpool bench serve"
     payload = {
@@ -148,6 +227,13 @@ def format_summary(s: dict[str, Any]) -> str:
         f"ITL:  {ms(s['itl_ms'])}",
         f"E2E:  {ms(s['e2el_ms'])}",
     ]
+    if "prefix_cache_hit_rate" in s:
+        lines.append(
+            f"prefix cache: {s['total_cached_tokens']} cached prompt tokens "
+            f"(hit rate {100 * s['prefix_cache_hit_rate']:.1f}%)"
+        )
+    for cls, c in (s.get("by_priority") or {}).items():
+        lines.append(f"priority {cls}: {c['completed']} completed, TTFT {ms(c['ttft_ms'])}")
     if "goodput" in s:
         met = f"{s['good_requests']} met {s['goodput_targets_ms']}"
         lines.append(f"goodput: {s['goodput']:.2f} req/s ({met})")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from carpool.errors import InvalidRequestError
 from carpool.request import FinishReason, Request, RequestStatus
@@ -57,6 +57,8 @@ class SchedulerStats:
         steps: ``schedule`` calls that scheduled at least one chunk.
         num_scheduled_tokens: tokens scheduled over all steps.
         num_preemptions: times a running request lost its KV.
+        num_preemptions_by_cause: the same, split by cause (``kv_cache``: a running request
+            needed a block; ``priority``: a better-priority waiting request took the place).
         num_recomputed_tokens: tokens computed again after preemptions (counted on re-admission).
         num_finished: requests finished, whatever the reason.
     """
@@ -64,6 +66,7 @@ class SchedulerStats:
     steps: int = 0
     num_scheduled_tokens: int = 0
     num_preemptions: int = 0
+    num_preemptions_by_cause: dict[str, int] = field(default_factory=dict)
     num_recomputed_tokens: int = 0
     num_finished: int = 0
 

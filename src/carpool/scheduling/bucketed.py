@@ -4,7 +4,8 @@ A padded static batch pads every prompt to the longest one of the batch; groupin
 length first cuts that prefill padding. Buckets are inclusive upper bounds on the prompt length
 (``(16, 64, 256)`` makes the buckets 1-16, 17-64, 65-256 and 257+). The next batch is drawn
 from the bucket of the *oldest* waiting request, so no bucket starves; within the bucket,
-first come, first served.
+first come, first served. Under the ``priority`` policy "oldest" becomes "first in
+(effective priority, arrival) order", in the bucket too; aging keeps buckets from starving.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class BucketedPolicy(StaticBatchPolicy):
     def _candidates(self, now: float) -> list[Request]:
         if not self.waiting:
             return []
-        bucket = self.bucket_of(self.waiting[0])
-        same = (r for r in self.waiting if self.bucket_of(r) == bucket)
+        ordered = self.config.order.sorted(self.waiting, now)
+        bucket = self.bucket_of(ordered[0])
+        same = (r for r in ordered if self.bucket_of(r) == bucket)
         return list(itertools.islice(same, self.config.batch_size))

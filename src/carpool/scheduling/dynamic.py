@@ -3,6 +3,8 @@
 A batch launches when ``batch_size`` requests wait, or when the oldest waiting request has
 waited ``max_wait_s`` (then with whatever waits, up to ``batch_size``). The launched batch runs
 statically (``StaticBatchPolicy``): rows hold their seats and results are released together.
+Under the ``priority`` policy the launched batch takes the best-priority waiting requests (the
+timer still runs from the oldest arrival); a running batch is never preempted.
 
 There is no polling: while requests wait for the timer, ``wake_time`` returns the deadline and
 the engine's loop sleeps until then (or until a new request arrives), on the engine's clock.
@@ -56,7 +58,7 @@ class DynamicBatchPolicy(StaticBatchPolicy):
             return []
         if len(self.waiting) < self.config.batch_size and now < self._deadline():
             return []  # neither full nor timed out: keep collecting
-        return list(self.waiting)[: self.config.batch_size]
+        return self.config.order.sorted(self.waiting, now)[: self.config.batch_size]
 
     def wake_time(self) -> float | None:
         """The oldest waiting request's deadline while no batch runs; else None.

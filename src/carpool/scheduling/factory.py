@@ -8,6 +8,7 @@ from carpool.scheduling.base import SchedulingPolicy
 from carpool.scheduling.bucketed import BucketedConfig, BucketedPolicy
 from carpool.scheduling.continuous import ContinuousScheduler, SchedulerConfig
 from carpool.scheduling.dynamic import DynamicBatchPolicy, DynamicConfig
+from carpool.scheduling.priority import RequestOrder
 from carpool.scheduling.sequential import SequentialPolicy
 from carpool.scheduling.static import StaticBatchPolicy, StaticConfig
 
@@ -23,6 +24,7 @@ def make_policy(
         max_model_len: the engine's effective context limit.
     """
     common = dict(
+        order=RequestOrder(config.scheduling_policy, config.priority_aging_s),
         block_size=config.block_size,
         num_blocks=block_manager.num_blocks,
         max_model_len=max_model_len,

@@ -2,8 +2,9 @@
 
 The classic batch of a ``model.generate(batch)`` call, as a policy of the paged engine:
 
-1. When no batch runs, pick up to ``batch_size`` waiting requests (first come, first served;
-   subclasses choose differently: ``bucketed`` by prompt length, ``dynamic`` on a timer) and
+1. When no batch runs, pick up to ``batch_size`` waiting requests (first come, first served, or
+   by (effective priority, arrival) under the ``priority`` policy; subclasses choose
+   differently: ``bucketed`` by prompt length, ``dynamic`` on a timer) and
    reserve each one's *whole* KV up front (prompt + max_tokens), stopping at the first request
    whose reservation does not fit. No request of a running batch ever needs another block, so
    static batches never preempt; a request bigger than the whole cache is rejected when added.
@@ -17,6 +18,14 @@ The classic batch of a ``model.generate(batch)`` call, as a policy of the paged 
    that moment (so its end-to-end latency is the batch's) and returned together, from
    ``update_from_output`` or, when a stop string or an abort completed the batch, from
    ``take_released``.
+
+Priority only orders the *next* batch: a running static batch is never preempted, so a
+better-priority arrival waits for the running batch to end.
+
+Prefix caching: the static family does not use it. Every launched request reserves its whole KV
+and prefills its whole prompt in the first step (a padded static batch computes the full
+rectangle anyway); it never looks up or offers cached blocks, so it takes only blocks that are
+free (or evictable, which it never creates).
 
 Aborts and errors are not held: the client is gone (or must hear at once), so the request is
 finished immediately and its seat stays idle until the batch ends.
@@ -32,6 +41,7 @@ from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
 from carpool.scheduling.base import SchedulerStats, SchedulingPolicy, validate_new_request
 from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
+from carpool.scheduling.priority import RequestOrder
 
 # Finish reasons a static batch holds back until the batch ends (the others finish at once).
 _HELD_REASONS = (FinishReason.STOP, FinishReason.LENGTH)
@@ -46,12 +56,14 @@ class StaticConfig:
         block_size: token slots per KV block (must match the BlockManager).
         num_blocks: KV blocks in the whole cache.
         max_model_len: longest prompt + output a request may ask for.
+        order: the order the next batch is drawn in (``fcfs`` or ``priority`` with aging).
     """
 
     batch_size: int = 8
     block_size: int = 16
     num_blocks: int
     max_model_len: int
+    order: RequestOrder = RequestOrder()
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "block_size", "num_blocks", "max_model_len"):
@@ -131,9 +143,9 @@ class StaticBatchPolicy(SchedulingPolicy):
         """Waiting requests that may form the next batch, in priority order ([] = not yet).
 
         The launch takes them in this order while their KV reservations fit. The default is
-        first come, first served.
+        first come, first served (or by priority under the ``priority`` policy).
         """
-        return list(self.waiting)[: self.config.batch_size]
+        return self.config.order.sorted(self.waiting, now)[: self.config.batch_size]
 
     def _blocks_reserved(self, req: Request) -> int:
         # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.

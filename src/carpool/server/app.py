@@ -251,7 +251,14 @@ def build_app(
                 "steps": s.steps,
                 "mean_batch_size": s.mean_batch_size,
                 "num_preemptions": s.num_preemptions,
+                "num_preemptions_by_cause": {
+                    "kv_cache": s.num_preemptions_kv_cache,
+                    "priority": s.num_preemptions_priority,
+                },
                 "generation_tokens": s.generation_tokens,
+                "prefix_cache_queries": s.prefix_cache_queries,
+                "prefix_cache_hits": s.prefix_cache_hits,
+                "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
             }
         )
 

@@ -98,6 +98,19 @@ class ServerMetrics:
         self.num_preemptions = counter(
             "carpool:num_preemptions", "Running requests that lost their KV (recomputed later)."
         )
+        self._preemptions_by_cause = Counter(
+            "carpool:num_preemptions_by_cause",
+            "Preemptions by cause: kv_cache (out of blocks) or priority (a better request).",
+            ["model_name", "cause"],
+            registry=r,
+        )
+        self.prefix_cache_queries = counter(
+            "carpool:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (at each admission).",
+        )
+        self.prefix_cache_hits = counter(
+            "carpool:prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)."
+        )
         self._success = Counter(
             "carpool:request_success",
             "Finished requests by reason.",
@@ -139,6 +152,8 @@ class ServerMetrics:
             "carpool:iteration_batch_size", "Sequences per engine step.", _BATCH_BUCKETS
         )
         self._preemptions_seen = 0
+        # Counters fed from the snapshot's running totals: the totals already published.
+        self._totals_seen: dict[str, int] = {}
 
     # ---- EngineObserver ---------------------------------------------------------------------
 
@@ -153,6 +168,24 @@ class ServerMetrics:
         if snapshot.num_preemptions > self._preemptions_seen:
             self.num_preemptions.inc(snapshot.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = snapshot.num_preemptions
+        for name, total, counter_ in (
+            ("queries", snapshot.prefix_cache_queries, self.prefix_cache_queries),
+            ("hits", snapshot.prefix_cache_hits, self.prefix_cache_hits),
+            (
+                "kv_cache",
+                snapshot.num_preemptions_kv_cache,
+                self._preemptions_by_cause.labels(self.model_name, "kv_cache"),
+            ),
+            (
+                "priority",
+                snapshot.num_preemptions_priority,
+                self._preemptions_by_cause.labels(self.model_name, "priority"),
+            ),
+        ):
+            seen = self._totals_seen.get(name, 0)
+            if total > seen:
+                counter_.inc(total - seen)
+                self._totals_seen[name] = total
         if record is not None:
             self.iteration_tokens.observe(record.num_tokens)
             self.iteration_batch_size.observe(record.num_seqs)

@@ -53,6 +53,8 @@ class SamplingFields(_Request):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     timeout: float | None = Field(None, gt=0, le=86_400)
+    # lower is served first under --scheduling-policy priority (vLLM's field)
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
 
     def to_sampling_params(
         self, max_tokens: int, logprobs: int | None, output_kind: RequestOutputKind
@@ -79,6 +81,7 @@ class SamplingFields(_Request):
             n=self.n,
             min_tokens=min(self.min_tokens, max_tokens),
             output_kind=output_kind,
+            priority=self.priority,
         )
 
     @model_validator(mode="after")
@@ -149,10 +152,15 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(_Response):

@@ -24,7 +24,7 @@ from carpool.outputs import CompletionOutput, RequestOutput
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 from carpool.server.errors import APIError, error_to_api
 from carpool.server.metrics import ServerMetrics
-from carpool.server.protocol import SamplingFields, UsageInfo
+from carpool.server.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 from carpool.server.streaming import merge_streams, run_unless_disconnected, sse
 
 logger = logging.getLogger("carpool.server")
@@ -40,6 +40,7 @@ class Job:
     params: list[SamplingParams]
     streams: list[RequestStream] = field(default_factory=list)
     num_tokens: dict[tuple[int, int], int] = field(default_factory=dict)  # (prompt, choice)
+    num_cached: dict[int, int] = field(default_factory=dict)  # prompt -> prefix-cache hits
 
     def abort_all(self) -> None:
         for s in self.streams:
@@ -49,7 +50,10 @@ class Job:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(self.num_tokens.values())
         return UsageInfo(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.num_cached.values())),
         )
 
 
@@ -150,6 +154,7 @@ class OpenAIServing:
         finally:
             job.abort_all()
         for i, out in enumerate(outs):
+            job.num_cached[i] = out.num_cached_tokens
             for c in out.outputs:
                 if c.finish_reason == "error":
                     raise APIError(500, c.error or "the engine failed the request")
@@ -164,6 +169,7 @@ class OpenAIServing:
         """
         finished: set[tuple[int, int]] = set()
         async for i, out in merge_streams(job.streams):
+            job.num_cached[i] = out.num_cached_tokens
             for c in out.outputs:
                 key = (i, c.index)
                 if key in finished:
