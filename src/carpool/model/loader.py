@@ -179,7 +179,7 @@ def load_model(
     Raises:
         ModelLoadError: naming the file and what is wrong with it.
     """
-    from carpool.memory import weight_bytes_for
+    from carpool.model.quant_plan import plan_weight_bytes
     from carpool.model.quant_loader import (
         combined_plan,
         natively_quantized_names,
@@ -214,7 +214,7 @@ def load_model(
     _return_freed_memory()
     logger.info(
         "weights: %.1f MB (matrices: %s)",
-        weight_bytes_for(config, torch_dtype.itemsize, plan) / 1e6,
+        plan_weight_bytes(config, torch_dtype.itemsize, plan) / 1e6,
         plan_summary(plan),
     )
     return model, config
