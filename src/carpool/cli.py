@@ -1,4 +1,4 @@
-"""The ``carpool`` command line: ``serve``, ``generate``, ``bench``, ``optimize``, ``memory``.
+"""The ``carpool`` command line: ``serve``, ``chat``, ``generate``, ``bench``, ``optimize``, ``memory``.
 
 Each subcommand lives in its own module under ``carpool.entrypoints`` (imported only when
 used, so ``carpool generate`` does not pay for the HTTP stack); this file only wires them up.
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("carpool.entrypoints.generate", "generate text for prompts, batched"),
     "serve": ("carpool.entrypoints.serve", "run the OpenAI-compatible HTTP server"),
+    "chat": ("carpool.entrypoints.chat", "interactive streaming chat with a model"),
     "bench": ("carpool.entrypoints.bench", "benchmarks: `carpool bench strategies` and more"),
     "memory": ("carpool.entrypoints.memory", "weights, KV cache and activation memory estimate"),
     "optimize": ("carpool.entrypoints.optimize", "largest batch that fits a memory budget"),

@@ -6,7 +6,7 @@ import keyword
 import re
 
 from carpool import LLM, SamplingParams
-from carpool.engine.model_path import default_model_path
+from carpool.model.source import embedded_model_path as default_model_path
 from carpool.model.loader import load_model
 
 
@@ -27,7 +27,7 @@ def test_default_model_is_small_and_standard():
 
 
 def test_default_model_writes_python():
-    llm = LLM()  # no model given: the embedded one
+    llm = LLM("embedded")
     out = llm.generate(
         ["def fibonacci(n):"], SamplingParams(max_tokens=48, temperature=0), use_tqdm=False
     )[0].outputs[0]

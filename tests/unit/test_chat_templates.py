@@ -1,6 +1,6 @@
 """Chat templates render exactly as transformers' ``apply_chat_template`` renders them.
 
-Data: the real templates in ``../shared/fixtures/chat-templates/``.
+Data: the real templates in ``tests/fixtures/chat-templates/``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from carpool.tokenizer.chat_template import ChatTemplate
 
 transformers = pytest.importorskip("transformers")
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "chat-templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "chat-templates"
 TEMPLATES = sorted(p.name for p in TEMPLATE_DIR.glob("*.jinja"))
 
 # The special tokens each model's tokenizer config gives the template.

@@ -9,7 +9,7 @@ import pytest
 
 from carpool.cli import main
 from carpool.config import ModelConfig
-from carpool.engine.model_path import default_model_path
+from carpool.model.source import embedded_model_path as default_model_path
 from carpool.memory import (
     activation_bytes,
     estimate_memory,

@@ -1,6 +1,6 @@
 """GGUF vocabularies must tokenize exactly as llama.cpp's reference tokenizations say.
 
-Data: ``../shared/fixtures/vocab/`` (see its README): ``NAME.gguf`` (vocab-only GGUF),
+Data: ``tests/fixtures/vocab/`` (see tests/fixtures/README.md): ``NAME.gguf`` (vocab-only GGUF),
 ``NAME.gguf.inp`` (texts separated by ``\\n__ggml_vocab_test__\\n``) and ``NAME.gguf.out`` (one line
 of expected ids per text, encoded without BOS and without parsing special-token text).
 """
@@ -14,7 +14,7 @@ import pytest
 from carpool.errors import ModelLoadError
 from carpool.tokenizer import Tokenizer
 
-VOCAB_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "vocab"
+VOCAB_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "vocab"
 VOCABS = ("llama-spm", "phi-3", "gpt-2", "llama-bpe")
 SEPARATOR = "\n__ggml_vocab_test__\n"
 

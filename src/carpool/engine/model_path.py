@@ -1,24 +1,20 @@
 """Where a model lives and how its tokenizer is loaded (no torch: the HTTP front end of a
-replica pool, the CLI and the benchmarks load a tokenizer without loading a model)."""
+replica pool, the CLI and the benchmarks load a tokenizer without loading a model).
+
+Resolution itself (local paths, Hub ids, the default and embedded models) is
+``carpool.model.source``; it is re-exported here for the engine's callers.
+"""
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
+from carpool.model.source import (  # noqa: F401 (re-exported)
+    default_model_path,
+    embedded_model_path,
+    resolve_model_path,
+)
 from carpool.tokenizer import Tokenizer
-
-
-def default_model_path() -> Path:
-    """The small model shipped inside the package (see docs/default-model.md)."""
-    return Path(str(resources.files("carpool") / "data" / "default_model"))
-
-
-def resolve_model_path(model: str | None) -> Path:
-    """``None`` or ``"default"`` mean the embedded model; anything else is a path."""
-    if model in (None, "", "default"):
-        return default_model_path()
-    return Path(model)
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

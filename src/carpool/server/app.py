@@ -22,7 +22,7 @@ from carpool.config import EngineConfig
 from carpool.engine.async_engine import AsyncEngine
 from carpool.engine.client import EngineClient
 from carpool.engine.llm_engine import LLMEngine
-from carpool.engine.model_path import default_model_path, resolve_model_path
+from carpool.engine.model_path import embedded_model_path, resolve_model_path
 from carpool.replicas.metrics import ReplicaMetrics
 from carpool.replicas.pool import ReplicaPool
 from carpool.server.chat import ChatServing
@@ -46,7 +46,7 @@ M = TypeVar("M", bound=BaseModel)
 def default_served_name(model: str | None) -> str:
     """The model directory's (or GGUF file's) name; ``carpool-default`` for the embedded one."""
     path = resolve_model_path(model)
-    if path == default_model_path():
+    if path == embedded_model_path():
         return "carpool-default"
     return path.stem if path.is_file() else path.name
 
