@@ -275,9 +275,9 @@ def test_least_loaded_avoids_a_busy_replica(pool_server):
             where = []
             for _ in range(8):
                 stream = pool.submit([9, 10, 11], short)
+                where.append(pool.flights[stream.request_id].replica)  # routed at submit
                 async for _ in stream:
                     pass
-                where.append(stream.replica)
             assert pool.replicas[0].load.num_running == 4, "the long requests ended too early"
             return [where.count(0), where.count(1)]
         finally:
