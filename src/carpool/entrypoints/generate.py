@@ -10,8 +10,6 @@ from pathlib import Path
 
 from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
 from carpool.errors import CarpoolError
-from carpool.llm import LLM
-from carpool.sampling_params import SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +58,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from carpool.llm import LLM  # the engine (torch) only when the command runs
+    from carpool.sampling_params import SamplingParams
+
     try:
         prompts = read_prompts(args)
         params = SamplingParams(
