@@ -1,4 +1,4 @@
-"""The ``carpool`` command line: ``serve``, ``chat``, ``generate``, ``bench``, ``optimize``, ``memory``.
+"""The ``carpool`` command line: serve, chat, generate, bench, optimize, memory.
 
 Each subcommand lives in its own module under ``carpool.entrypoints`` with
 ``add_arguments(parser)`` and ``run(args) -> int``. Those modules import torch and the engine

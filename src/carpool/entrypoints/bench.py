@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from carpool.config import BATCHING_STRATEGIES, LAYOUTS
 from carpool.entrypoints.bench_serve import add_serve_arguments, run_serve_cli
 from carpool.entrypoints.bench_sweep import add_sweep_arguments, run_sweep_cli
-from carpool.config import BATCHING_STRATEGIES, LAYOUTS
 from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
 from carpool.errors import CarpoolError
 
@@ -134,7 +134,7 @@ def run_strategies(args: argparse.Namespace) -> int:
             dtype = "float32" if args.dtype == "float32" else "bfloat16"
             model_dir = save_random_llama(Path(tmp), args.random_config, dtype=dtype)
             base = dataclasses.replace(base, model=str(model_dir))
-        path = resolve_model_path(base.model)
+        path = resolve_model_path(base.model, base.revision, base.gguf_file)
         vocab = (
             ModelConfig.from_json_file(path / "config.json").vocab_size if path.is_dir() else 256
         )

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -43,11 +44,13 @@ logger = logging.getLogger("carpool.server")
 M = TypeVar("M", bound=BaseModel)
 
 
-def default_served_name(model: str | None) -> str:
-    """The model directory's (or GGUF file's) name; ``carpool-default`` for the embedded one."""
-    path = resolve_model_path(model)
+def default_served_name(model: str | None, path: Path) -> str:
+    """A Hub id as given (like vLLM); else the model directory's (or GGUF file's) name;
+    ``carpool-default`` for the embedded model."""
     if path == embedded_model_path():
         return "carpool-default"
+    if model and "/" in model and not Path(model).exists():
+        return model
     return path.stem if path.is_file() else path.name
 
 
@@ -114,12 +117,15 @@ def build_app(
     """
     config = config or ServerConfig()
     if isinstance(engine_or_config, LLMEngine):
-        model = engine_or_config.config.model
-    elif isinstance(engine_or_config, ReplicaPool):
-        model = engine_or_config.config.engine_config.model
+        ec, path = engine_or_config.config, engine_or_config.model_path
     else:
-        model = engine_or_config.model
-    state = ServerState(config, config.served_model_name or default_served_name(model))
+        ec = (
+            engine_or_config.config.engine_config
+            if isinstance(engine_or_config, ReplicaPool)
+            else engine_or_config
+        )
+        path = resolve_model_path(ec.model, ec.revision, ec.gguf_file)
+    state = ServerState(config, config.served_model_name or default_served_name(ec.model, path))
 
     def load() -> None:
         try:
