@@ -67,6 +67,7 @@ class RequestResult:
     latency: float = 0.0
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    end: float | None = None  # seconds from the start of the load to this request's end
 
 
 def synthetic_prompts(
@@ -276,6 +277,7 @@ async def run_load(
                 body["stream_options"] = {"include_usage": True}
             async with limit:
                 result = await send_request(client, url + "/completions", body)
+            result.end = time.perf_counter() - start
             on_done(result)
             return result
 
