@@ -26,6 +26,7 @@ from carpool.engine.llm_engine import LLMEngine
 from carpool.engine.model_path import embedded_model_path, resolve_model_path
 from carpool.replicas.metrics import ReplicaMetrics
 from carpool.replicas.pool import ReplicaPool
+from carpool.server.access_log import AccessLogMiddleware
 from carpool.server.chat import ChatServing
 from carpool.server.completions import CompletionServing
 from carpool.server.config import ServerConfig
@@ -175,6 +176,7 @@ def build_app(
     install_error_handlers(app)
 
     app.add_middleware(GuardMiddleware, api_key=config.api_key, is_draining=lambda: state.draining)
+    app.add_middleware(AccessLogMiddleware)  # outermost: sees every answer, 4xx included
 
     def serving() -> Serving:
         if state.load_error is not None:
