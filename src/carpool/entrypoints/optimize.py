@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-sweep", action="store_true", help="only find the largest batch")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the engines it runs (default: carpool's, see EngineConfig)",
+    )
     p.add_argument("--output", type=Path, default=None, help="write the result as JSON")
 
 
@@ -100,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         block_size=args.block_size,
         seed=args.seed,
+        threads=args.threads,
     )
     fitter = BatchFitter(base, config, nbytes, args.seq_len, budget)
     best = largest_fitting_batch(fitter, estimate)

@@ -162,7 +162,14 @@ def run(args: argparse.Namespace) -> int:
             return 1
         app = build_app(engine, config)
     else:
-        app = build_app(pool, config)
+        try:  # the replicas load in their processes; the front end resolves the model now
+            app = build_app(pool, config)
+        except Exception as e:
+            sock.close()
+            logger.error(
+                "cannot load the model %r: %s", engine_config.model or "default", _one_line(e)
+            )
+            return 1
     state = app.state.carpool
 
     def start_draining() -> None:
@@ -179,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://{config.host}:{sock.getsockname()[1]}/v1"
     server = GracefulServer(uv_config, on_exit=start_draining, state=state, url=url)
     server.run(sockets=[sock])
-    if state.load_error is not None:
-        return 1
+    if state.load_error is not None or not server.started:
+        return 1  # the replicas failed to load, or the app's startup failed
     return 0
 
 
