@@ -311,9 +311,7 @@ class EngineConfig:
         "GGUF repository (None: SmolLM2-135M-Instruct when installed, else the embedded model; "
         "'embedded': the 4M test model)",
     )
-    revision: str | None = option(
-        None, "Hub branch, tag or commit of a Hub --model (None: main)"
-    )
+    revision: str | None = option(None, "Hub branch, tag or commit of a Hub --model (None: main)")
     gguf_file: str | None = option(
         None, "the .gguf file to use in a Hub GGUF repository --model (None: safetensors)"
     )

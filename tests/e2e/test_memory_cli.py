@@ -24,9 +24,15 @@ def _memory(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(4_021_760, "4.0M"), (134_515_008, "135M"), (1_235_814_400, "1.24B"), (70_553_706_496, "70.6B"),
-     (512, "512"), (86_000, "86.0K")],
-)  # fmt: skip
+    [
+        (4_021_760, "4.0M"),
+        (134_515_008, "135M"),
+        (1_235_814_400, "1.24B"),
+        (70_553_706_496, "70.6B"),
+        (512, "512"),
+        (86_000, "86.0K"),
+    ],
+)
 def test_parameter_counts_read_right_at_any_size(n, text):
     assert format_count(int(n)) == text
 
