@@ -310,7 +310,14 @@ class EngineConfig:
     """
 
     model: str | None = option(
-        None, "model directory or .gguf file (None: the embedded default model)"
+        None,
+        "local directory or .gguf file, Hugging Face Hub id ORG/NAME, or ORG/NAME:QUANT for a "
+        "GGUF repository (None: SmolLM2-135M-Instruct when installed, else the embedded model; "
+        "'embedded': the 4M test model)",
+    )
+    revision: str | None = option(None, "Hub branch, tag or commit of a Hub --model (None: main)")
+    gguf_file: str | None = option(
+        None, "the .gguf file to use in a Hub GGUF repository --model (None: safetensors)"
     )
     dtype: str = option(
         "auto",
@@ -332,7 +339,19 @@ class EngineConfig:
     max_num_batched_tokens: int = option(
         512, "most tokens in one forward pass; longer prompts are prefilled in chunks"
     )
-    max_model_len: int | None = option(None, "longest prompt + output (None: the model's own)")
+    max_model_len: int | None = option(
+        None, "longest prompt + output (None: the model's own context; more is an error)"
+    )
+    allow_long_max_model_len: bool = option(
+        False,
+        "allow --max-model-len above the model's context (positions it was not trained on: "
+        "output quality is not guaranteed; like vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)",
+    )
+    threads: int | None = option(
+        None,
+        "torch threads of the forward pass (intra-op; inter-op alike) (None: "
+        "DEFAULT_THREADS, capped at the CPU cores; see BENCHMARKS.md)",
+    )
     seed: int = option(0, "seed of the engine's shared random generator (unseeded requests)")
     batching: str = option(
         "continuous", "batching strategy (scheduling policy)", choices=BATCHING_STRATEGIES
@@ -392,6 +411,7 @@ class EngineConfig:
             "num_buckets",
             "kv_cache_memory",
             "max_model_len",
+            "threads",
         )
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(

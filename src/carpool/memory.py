@@ -21,8 +21,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from carpool.config import EngineConfig, ModelConfig
 from carpool.errors import ModelLoadError
 from carpool.kv_cache.sizing import kv_cache_bytes, num_blocks_for_budget
@@ -35,9 +33,10 @@ def available_memory_bytes(device: str = "cpu") -> int:
     CPU: ``MemAvailable`` from /proc/meminfo (what the kernel can hand out without swapping),
     falling back to free physical pages. CUDA: ``torch.cuda.mem_get_info``.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(dev)
+    if device.startswith("cuda"):
+        import torch  # only here: the planning commands must not load torch for a CPU figure
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
     try:
         with open("/proc/meminfo") as f:
@@ -51,9 +50,10 @@ def available_memory_bytes(device: str = "cpu") -> int:
 
 def device_memory_bytes(device: str = "cpu") -> int:
     """Total memory of ``device``: the GPU's, or the machine's physical memory for a CPU."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.get_device_properties(dev).total_memory)
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

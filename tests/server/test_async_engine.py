@@ -77,8 +77,11 @@ def test_errors_reach_the_caller(engine):
             await drain("hello", SamplingParams(max_tokens=5000))
         with pytest.raises(RequestTimeoutError, match="timed out"):
             await drain("hello", LONG, timeout=0.2)
-        # max_queue=3: a fourth request queued in the same event-loop turn is refused.
-        streams = [engine.submit("hello", GREEDY) for _ in range(3)]
+        # max_queue=3 counts only what the engine cannot admit now: the free sequence slots
+        # plus 3 are accepted in one event-loop turn, one more is refused.
+        await _wait_idle(engine)
+        free = engine.engine.config.max_num_seqs - engine.snapshot.num_running
+        streams = [engine.submit("hello", GREEDY) for _ in range(free + 3)]
         with pytest.raises(QueueFullError):
             engine.submit("hello", GREEDY)
         for s in streams:

@@ -210,7 +210,7 @@ def test_malformed_corpus(server):
                 problem = f"status {r.status_code} != {status}: {r.text[:300]}"
             else:
                 err = r.json().get("error", {})
-                if set(err) != {"message", "type", "param", "code"}:
+                if set(err) != {"message", "type", "param", "code", "request_id"}:
                     problem = f"not an OpenAI error body: {r.text[:300]}"
                 elif field is not None and field != err["param"] and field not in err["message"]:
                     problem = f"{field!r} not named: {err}"

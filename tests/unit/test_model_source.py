@@ -8,7 +8,6 @@ Each case runs in a fresh Python process because ``huggingface_hub`` reads ``HF_
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,23 +17,7 @@ import pytest
 
 from carpool.errors import ModelLoadError
 from carpool.model.source import embedded_model_path, resolve_model_path
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _lay_out_cache(cache: Path, repo: str, files: dict[str, Path]) -> Path:
-    """Write ``models--ORG--NAME/{blobs,refs/main,snapshots/COMMIT}`` like huggingface_hub."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / COMMIT
-    (root / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(COMMIT)
-    for i, (name, src) in enumerate(sorted(files.items())):
-        blob = root / "blobs" / f"{i:040x}"
-        shutil.copyfile(src, blob)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
-    return snapshot
+from helpers.hub_cache import COMMIT, lay_out_cache
 
 
 def _run(code: str, cache: Path) -> subprocess.CompletedProcess:
@@ -48,9 +31,9 @@ def _run(code: str, cache: Path) -> subprocess.CompletedProcess:
 def hub_cache(tmp_path: Path) -> Path:
     cache = tmp_path / "hub"
     model = embedded_model_path()
-    _lay_out_cache(cache, "org/tiny", {p.name: p for p in model.iterdir() if p.is_file()})
+    lay_out_cache(cache, "org/tiny", {p.name: p for p in model.iterdir() if p.is_file()})
     gguf = Path(__file__).resolve().parents[1] / "fixtures" / "vocab" / "ggml-vocab-gpt-2.gguf"
-    _lay_out_cache(
+    lay_out_cache(
         cache, "org/tiny-GGUF", {"tiny.Q8_0.gguf": gguf, "tiny.Q4_0.gguf": gguf, "README.md": gguf}
     )
     return cache

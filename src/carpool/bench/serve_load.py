@@ -75,6 +75,7 @@ class RequestResult:
     cached_tokens: int | None = None
     priority: int | None = None
     text: str = ""
+    end: float | None = None  # seconds from the start of the load to this request's end
 
 
 def synthetic_prompts(
@@ -302,6 +303,7 @@ async def run_load(
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
             async with limit:
                 result = await send_prompt(client, url, spec, p)
+            result.end = time.perf_counter() - start
             on_done(result)
             return result
 

@@ -44,7 +44,8 @@ class AsyncEngine:
 
     Args:
         engine: the engine to drive. Only the engine thread calls it once ``start`` ran.
-        max_queue: most requests that may wait (not yet scheduled) before ``submit`` raises
+        max_queue: most requests that may wait beyond the free sequence slots (not
+            admissible at the next step) before ``submit`` raises
             ``QueueFullError``; None = unbounded.
         request_timeout: default deadline in seconds of every request (None = none).
         observer: hooks called from the engine thread (metrics).
@@ -121,7 +122,8 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine failed: {self._dead}")
         if not self.is_running:
             raise EngineStoppedError("the engine is not running (starting or shutting down)")
-        check_queue(self.max_queue, self.num_waiting, num_requests)
+        free_slots = max(0, self.engine.config.max_num_seqs - self._snapshot.num_running)
+        check_queue(self.max_queue, self.num_waiting, num_requests, free_slots)
 
     def submit(
         self,

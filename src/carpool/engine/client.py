@@ -86,13 +86,24 @@ class EngineClient(Protocol):
         """Abort a request (no-op when unknown or finished)."""
 
 
-def check_queue(max_queue: int | None, num_waiting: int, num_requests: int) -> None:
-    """The admission rule every client applies: at most ``max_queue`` waiting requests.
+def check_queue(
+    max_queue: int | None, num_waiting: int, num_requests: int, free_slots: int = 0
+) -> None:
+    """The admission rule every client applies: at most ``max_queue`` requests that the
+    engine cannot admit now.
+
+    Args:
+        max_queue: the limit (None: no limit).
+        num_waiting: requests submitted and not yet scheduled.
+        num_requests: requests about to be submitted.
+        free_slots: sequences the engine can still schedule now (``max_num_seqs`` minus the
+            running ones): that many waiting requests start at the next step, so they are not
+            queued (a burst of 8 on an idle engine with 64 slots is no queue at all).
 
     Raises:
         QueueFullError: ``num_requests`` more would pass ``max_queue``.
     """
-    if max_queue is not None and num_waiting + num_requests > max_queue:
+    if max_queue is not None and num_waiting + num_requests - free_slots > max_queue:
         raise QueueFullError(f"too many requests are waiting (max_queue={max_queue}); retry later")
 
 

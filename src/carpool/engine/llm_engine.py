@@ -18,9 +18,11 @@ import torch
 
 from carpool.config import EngineConfig
 from carpool.engine.limits import ModelLimits
+from carpool.engine.loading import LoadStages, extend_rotary_tables, resolve_max_model_len
 from carpool.engine.model_path import load_tokenizer, resolve_model_path
 from carpool.engine.output_processor import OutputProcessor, RequestGroup
 from carpool.engine.stats import EngineSnapshot, EngineStats, StepRecord
+from carpool.engine.threads import apply_threads
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.memory import plan_num_blocks
@@ -64,20 +66,30 @@ class LLMEngine:
     ) -> None:
         self.config = config = config or EngineConfig()
         self.clock = clock
-        path = resolve_model_path(config.model)
+        self.threads = apply_threads(config.threads)
+        stage = LoadStages(logger)
+        path = resolve_model_path(config.model, config.revision, config.gguf_file)
+        stage.done("resolve", str(path))
         torch.manual_seed(config.seed)
         self.model, self.model_config = load_model(
             path, config.dtype, config.device, config.quantization
         )
+        stage.done(
+            "weights",
+            f"{self.model_config.num_parameters / 1e6:.1f}M parameters, "
+            f"{next(self.model.parameters()).dtype}, {config.device}",
+        )
         self.tokenizer = load_tokenizer(path)
+        stage.done("tokenizer", f"{self.tokenizer.vocab_size} tokens")
         self.model_path = path
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
-        self.max_model_len = min(
-            config.max_model_len or self.model_config.max_model_len,
-            self.model_config.max_model_len,
+        self.max_model_len = resolve_max_model_len(
+            config.max_model_len, self.model_config.max_model_len, config.allow_long_max_model_len
         )
+        if self.max_model_len > self.model_config.max_model_len:
+            extend_rotary_tables(self.model, self.max_model_len)
         dtype_bytes = next(self.model.parameters()).element_size()
         self.num_blocks = plan_num_blocks(
             config, self.model_config, self.max_model_len, dtype_bytes
@@ -99,14 +111,19 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.stats = EngineStats()
         self._ids = itertools.count()
+        stage.done("KV cache", f"{self.num_blocks} blocks of {config.block_size} tokens")
         logger.info(
-            "engine ready: model=%s params=%.1fM dtype=%s kv_blocks=%d x %d tokens (%.1f MiB)",
+            "engine ready in %.1fs: model=%s params=%.1fM dtype=%s kv_blocks=%d x %d tokens "
+            "(%.1f MiB) max_model_len=%d threads=%d",
+            stage.total,
             path,
             self.model_config.num_parameters / 1e6,
             next(self.model.parameters()).dtype,
             self.num_blocks,
             config.block_size,
             self.runner.kv_cache_bytes / 2**20,
+            self.max_model_len,
+            self.threads,
         )
 
     # ---- requests ---------------------------------------------------------------------------

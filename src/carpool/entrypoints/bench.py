@@ -1,12 +1,13 @@
-"""``carpool bench [MODE]``: benchmarks of the engine.
+"""``carpool bench [MODE]``: benchmarks of the engine, one subcommand per mode.
 
-Modes (each a function ``run_<mode>(args) -> int`` registered in ``MODES``):
+Each mode is a real subcommand with its own flags and ``--help`` (a flag of another mode is an
+error, not silently ignored):
 
-- ``strategies``: one workload through every batching strategy and layout (table, JSON, plot).
-- ``batch`` (the default; alias ``sweep``): throughput, latency and roofline per batch size
-  (``carpool.entrypoints.bench_sweep``).
-- ``serve``: an asynchronous load generator against a running OpenAI-compatible server
-  (``carpool.entrypoints.bench_serve``).
+- ``carpool bench`` / ``bench batch`` (alias ``sweep``): throughput, latency and roofline per
+  batch size (``carpool.entrypoints.bench_sweep``).
+- ``bench strategies``: one workload through every batching strategy and layout.
+- ``bench serve``: an asynchronous load generator against a running OpenAI-compatible server
+  (``carpool.entrypoints.bench_serve``; it starts no engine, so it has no engine flags).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from carpool.config import BATCHING_STRATEGIES, LAYOUTS
 from carpool.entrypoints.bench_serve import add_serve_arguments, run_serve_cli
@@ -37,15 +39,44 @@ def _names(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+MODE_HELP = {
+    "batch": "throughput, latency and roofline per batch size (the default mode)",
+    "strategies": "one workload through every batching strategy and layout, side by side",
+    "serve": "load generator against a running OpenAI-compatible server (like vllm bench serve)",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "mode",
-        nargs="?",
-        default="batch",
-        choices=sorted(MODES),
-        help="what to benchmark: batch (batch-size sweep, alias sweep), serve (load on a "
-        "running server), strategies (batching strategies side by side) (default: batch)",
-    )
+    """``carpool bench`` alone runs the batch sweep; each mode is a subcommand."""
+    from carpool.cli import add_log_level
+
+    _add_batch_arguments(p)
+    error = p.error
+
+    def explain(message: str) -> NoReturn:
+        # `bench --num-prompts 4`: argparse skips the unknown flag and reads its value as MODE.
+        if message.startswith("argument MODE: invalid choice"):
+            message += (
+                "; an unknown flag before it? each mode has its own flags: "
+                "`carpool bench serve --help`, `carpool bench strategies --help`"
+            )
+        error(message)
+
+    p.error = explain  # type: ignore[method-assign]
+    sub = p.add_subparsers(dest="mode", metavar="MODE")
+    for name, aliases, add in (
+        ("batch", ["sweep"], _add_batch_arguments),
+        ("strategies", [], _add_strategies_arguments),
+        ("serve", [], add_serve_arguments),
+    ):
+        mp = sub.add_parser(
+            name, aliases=aliases, help=MODE_HELP[name], description=MODE_HELP[name]
+        )
+        add(mp)
+        add_log_level(mp, None)
+
+
+def _add_random_config(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument(
         "--random-config",
@@ -55,6 +86,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(small: hidden 512, 8 layers, vocab 32000, ~58M parameters; medium: hidden 1024, "
         "16 layers, 4 KV heads, ~246M)",
     )
+
+
+def _add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    _add_random_config(p)
+    add_sweep_arguments(p)
+    add_engine_arguments(p)
+
+
+def _add_strategies_arguments(p: argparse.ArgumentParser) -> None:
+    _add_random_config(p)
     w = p.add_argument_group("workload (strategies)")
     w.add_argument(
         "--workload",
@@ -111,9 +152,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=Path("bench-results"),
         help="where strategies.md, strategies.json and strategies.png go",
     )
-    # ---- batch-size sweep and serving load (issue 6) ----
-    add_sweep_arguments(p)
-    add_serve_arguments(p)
     add_engine_arguments(p)
 
 
@@ -134,7 +172,7 @@ def run_strategies(args: argparse.Namespace) -> int:
             dtype = "float32" if args.dtype == "float32" else "bfloat16"
             model_dir = save_random_llama(Path(tmp), args.random_config, dtype=dtype)
             base = dataclasses.replace(base, model=str(model_dir))
-        path = resolve_model_path(base.model)
+        path = resolve_model_path(base.model, base.revision, base.gguf_file)
         vocab = (
             ModelConfig.from_json_file(path / "config.json").vocab_size if path.is_dir() else 256
         )
@@ -212,7 +250,7 @@ MODES: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return MODES[args.mode](args)
+        return MODES[args.mode or "batch"](args)
     except (CarpoolError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,14 +13,32 @@ from typing import Any
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of the serving benchmark. ``--model`` (the served name) and ``--seed`` are the
-    engine group's flags, ``--prompt-len``/``--gen-len`` the sweep's, reused here."""
-    g = parser.add_argument_group("serving load (mode: serve)")
+    """Every flag of ``carpool bench serve`` (it starts no engine: no engine flags)."""
+    g = parser.add_argument_group("serving load")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="model name sent (default: the first id of GET /v1/models)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths (default: 0)")
+    g.add_argument("--prompt-len", type=int, default=128, help="median prompt words (default: 128)")
+    g.add_argument(
+        "--gen-len", type=int, default=128, help="median max_tokens per request (default: 128)"
+    )
+    g.add_argument("--output", default=None, metavar="JSON", help="write the summary as JSON")
+    g.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="write latency percentiles and throughput over time as PNG (default path: "
+        "--output with .png, else bench_serve.png)",
+    )
     g.add_argument(
         "--url",
         default="http://127.0.0.1:8000",
-        help="server base URL; --model is then the model name sent (default: the first id of "
-        "GET /v1/models)",
+        help="server base URL (default: http://127.0.0.1:8000)",
     )
     g.add_argument("--num-prompts", type=int, default=200, help="requests to send (default: 200)")
     g.add_argument(
@@ -205,6 +223,23 @@ def run_serve_cli(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
+    if args.plot is not None:
+        from carpool.bench.serve_plot import write_serve_plot
+
+        png = Path(args.plot) if args.plot else Path(args.output or "bench_serve.json")
+        png = png.with_suffix(".png") if not args.plot else png
+        title = (
+            f"{spec.model} at {spec.url}: {len(results)} requests, rate {payload['request_rate']}"
+        )
+        if write_serve_plot(png, results, summary, title):
+            print(f"wrote {png}", file=sys.stderr)
+    if summary["completed"] == 0:
+        print(
+            f"error: every request failed ({summary['failures']}); is a server running at "
+            f"{spec.url}?",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -81,7 +81,7 @@ def sweep_engine_config(
     seq_len = prompt_len + gen_len
     kv_memory = base.kv_cache_memory
     if kv_memory is None:
-        mc = read_model_config(resolve_model_path(base.model))
+        mc = read_model_config(resolve_model_path(base.model, base.revision, base.gguf_file))
         nbytes = resolve_dtype(base.dtype, mc, base.device).itemsize
         kv_memory = kv_cache_bytes_for(mc, largest, seq_len, nbytes, base.block_size)
     return dataclasses.replace(

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
 from carpool.errors import CarpoolError
-from carpool.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from carpool.sampling_params import SamplingParams
 
 HELP = """commands:
   /help            this text
@@ -86,6 +88,7 @@ class ChatSession:
 
 def run(args: argparse.Namespace) -> int:
     from carpool.llm import LLM  # the engine (torch) only when the command runs
+    from carpool.sampling_params import SamplingParams
 
     interactive = sys.stdin.isatty()
     try:

@@ -7,11 +7,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
 from carpool.errors import CarpoolError
-from carpool.llm import LLM
-from carpool.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from carpool.llm import LLM
+    from carpool.outputs import RequestOutput
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +63,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from carpool.llm import LLM  # the engine (torch) only when the command runs
+    from carpool.sampling_params import SamplingParams
+
     try:
         prompts = read_prompts(args)
         params = SamplingParams(
@@ -97,13 +103,46 @@ def run(args: argparse.Namespace) -> int:
                 )
             )
         else:
-            print(f"--- [{i}] {prompt!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
-            print(prompt + c.text)
-    generated = sum(o.num_generated_tokens for o in outs)
-    stats = llm.engine.stats
-    print(
-        f"requests={len(outs)} generated_tokens={generated} wall={wall:.2f}s "
-        f"tokens/s={generated / wall:.1f} mean_batch_size={stats.mean_batch_size:.2f}",
-        file=sys.stderr,
-    )
+            # The prompt on its own line, then the answer alone (never glued to the prompt).
+            print(f"=== [{i}] prompt: {prompt!r}")
+            print(c.text)
+            print(f"=== [{i}] {len(c.token_ids)} tokens, finish: {c.finish_reason}")
+    print(timing_line(outs, wall, llm.engine.stats.mean_batch_size), file=sys.stderr)
+    hint = instruct_hint(llm, outs, args.chat)
+    if hint:
+        print(hint, file=sys.stderr)
     return 0
+
+
+def timing_line(outs: list[RequestOutput], wall: float, mean_batch: float) -> str:
+    """TTFT, prefill and decode speeds reported apart (one wall-clock tokens/s hides both).
+
+    Prefill: prompt tokens over the time until the last request's first token (the prompts
+    are prefilled together); decode: the tokens after each first one over the time after it.
+    """
+    generated = sum(o.num_generated_tokens for o in outs)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    ttfts = sorted(t.ttft for o in outs for t in o.timings if t.ttft is not None)
+    line = f"requests={len(outs)} generated_tokens={generated} wall={wall:.2f}s"
+    if ttfts:
+        prefill_time = ttfts[-1]
+        decode_tokens = generated - len(ttfts)
+        decode_time = max(wall - prefill_time, 1e-9)
+        line += (
+            f" ttft_median={ttfts[len(ttfts) // 2] * 1e3:.0f}ms"
+            f" prefill={prompt_tokens / max(prefill_time, 1e-9):.1f}tok/s"
+            f" decode={decode_tokens / decode_time:.1f}tok/s"
+        )
+    return line + f" mean_batch_size={mean_batch:.2f}"
+
+
+def instruct_hint(llm: LLM, outs: list[RequestOutput], chat: bool) -> str | None:
+    """A hint when a chat model answered a raw prompt with (almost) nothing: use --chat."""
+    if chat or llm.tokenizer.chat_template is None:
+        return None
+    if all(o.outputs[0].finish_reason == "stop" and len(o.outputs[0].token_ids) <= 1 for o in outs):
+        return (
+            "hint: the model stopped at once; it has a chat template (an instruct model), so "
+            "try --chat to send each prompt as a user message"
+        )
+    return None

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from carpool.config import QUANTIZATION_CHOICES, ModelConfig, dtype_bytes
+from carpool.config import QUANTIZATION_CHOICES, EngineConfig, ModelConfig, dtype_bytes
 from carpool.entrypoints.engine_args import parse_bytes
 from carpool.errors import CarpoolError
 from carpool.memory import MemoryEstimate, estimate_memory, format_bytes
@@ -40,7 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model directory, .gguf file or config.json (default: the embedded model)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="sequences served together")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt+output)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence, prompt + output (default: the model's context)",
+    )
     p.add_argument(
         "--dtype", default="auto", choices=_DTYPES, help="weight dtype (auto: the config's)"
     )
@@ -58,9 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=None,
-        help="tokens per forward pass for the activation estimate (default: the whole batch "
-        "in one prefill, B x seq-len)",
+        default=EngineConfig.max_num_batched_tokens,
+        help="tokens per forward pass for the activation estimate: the engine prefills longer "
+        f"batches in chunks of this many (default: the engine's, "
+        f"{EngineConfig.max_num_batched_tokens})",
     )
     p.add_argument(
         "--device-memory",
@@ -84,6 +90,16 @@ def _dtype_nbytes(name: str, config: ModelConfig) -> tuple[str, int]:
         if name not in ("float32", "bfloat16", "float16"):
             name = "float32"
     return name, dtype_bytes(name)
+
+
+def format_count(n: int) -> str:
+    """A parameter count at any size: ``4.0M``, ``135M``, ``1.24B``, ``70.6B``."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            value = n / scale
+            digits = 2 if value < 10 and unit in "BT" else (1 if value < 100 else 0)
+            return f"{value:.{digits}f}{unit}"
+    return str(n)
 
 
 def table(rows: list[MemoryEstimate], device_memory: int) -> str:
@@ -142,6 +158,15 @@ def run(args: argparse.Namespace) -> int:
     except CarpoolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.seq_len is None:
+        args.seq_len = config.max_model_len
+    elif args.seq_len > config.max_model_len:
+        print(
+            f"warning: --seq-len {args.seq_len} is above the model's context of "
+            f"{config.max_model_len} tokens; the engine refuses longer sequences unless "
+            "--allow-long-max-model-len",
+            file=sys.stderr,
+        )
     if args.batch_size < 1 or args.seq_len < 1:
         print("error: --batch-size and --seq-len must be >= 1", file=sys.stderr)
         return 2
@@ -180,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     )
     per_token = config.kv_bytes_per_token_for(kv_nbytes)
     print(
-        f"model: {config.architecture}, {config.num_parameters / 1e9:.2f}B parameters, "
+        f"model: {config.architecture}, {format_count(config.num_parameters)} parameters, "
         f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
         f"{config.num_key_value_heads} KV heads x {config.head_dim}; weights {dtype}, KV {kv_dtype}"
     )
@@ -202,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(table(rows, device_memory))
     if args.plot is not None:
-        title = f"{config.num_parameters / 1e9:.2f}B {config.architecture}, seq {args.seq_len}"
+        title = f"{format_count(config.num_parameters)} {config.architecture}, seq {args.seq_len}"
         write_plot(args.plot, rows, device_memory, title)
     if args.output is not None:
         payload = {

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Generator
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -24,9 +27,13 @@ from carpool.errors import CarpoolError
 
 if TYPE_CHECKING:
     from carpool.config import EngineConfig
+    from carpool.engine.llm_engine import LLMEngine
     from carpool.replicas import ReplicaPool
+    from carpool.server.app import ServerState
 
 logger = logging.getLogger("carpool.server")
+# carpool.replicas.router.ROUTING_POLICIES, spelled out for --help (tested equal).
+ROUTING_NAMES = ("least-loaded", "power-of-two", "round-robin")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,8 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_replica_arguments(p: argparse.ArgumentParser) -> None:
     """Scale-out flags: N engine processes behind the one front end (docs/scaling.md)."""
-    from carpool.replicas.router import ROUTING_POLICIES
-
     g = p.add_argument_group("replicas")
     g.add_argument(
         "--replicas",
@@ -60,8 +65,9 @@ def _add_replica_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--routing",
         default="least-loaded",
-        choices=ROUTING_POLICIES,
-        help="how a replica is picked per request (default: least-loaded)",
+        # Validated by ReplicaPoolConfig: importing carpool.replicas here would load torch.
+        help=f"how a replica is picked per request: {', '.join(ROUTING_NAMES)} "
+        "(default: least-loaded)",
     )
     g.add_argument(
         "--threads-per-replica",
@@ -72,25 +78,63 @@ def _add_replica_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _replica_pool(args: argparse.Namespace, engine_config: EngineConfig) -> ReplicaPool | None:
-    """The pool the flags ask for, or None for the single in-process engine."""
-    from carpool.replicas import ReplicaPool, ReplicaPoolConfig
+    """The pool the flags ask for, or None for the single in-process engine.
 
+    Raises:
+        ValueError: ``--threads-per-replica`` without replicas (it would be ignored).
+    """
     n = args.replicas if args.replicas is not None else max(1, len(args.devices))
     if n == 1 and not args.devices:
+        if args.threads_per_replica is not None:
+            raise ValueError(
+                "--threads-per-replica needs --replicas N (or --devices); for one engine "
+                "use --threads"
+            )
         return None
+    from carpool.replicas import ReplicaPool, ReplicaPoolConfig
+
+    # Each replica sets its threads before loading, and its engine keeps that number.
+    threads = args.threads_per_replica or engine_config.threads
+    threads = threads or max(1, (os.cpu_count() or 1) // n)
     return ReplicaPool(
         ReplicaPoolConfig(
-            engine_config=engine_config,
+            engine_config=dataclasses.replace(engine_config, threads=threads),
             num_replicas=n,
             devices=args.devices,
             routing=args.routing,
-            threads_per_replica=args.threads_per_replica,
+            threads_per_replica=threads,
         )
     )
 
 
+def load_engine(engine_config: EngineConfig) -> LLMEngine:
+    """Load the model (logging each stage) and warm it up with one short request."""
+    from carpool.engine.llm_engine import LLMEngine
+    from carpool.engine.stats import EngineStats
+    from carpool.sampling_params import SamplingParams
+
+    llm = LLMEngine(engine_config)
+    start = time.perf_counter()
+    # The first forward pass pays for lazy initialisation (allocator, kernels' dispatch): a
+    # two-token request here keeps that out of the first client's latency.
+    llm.add_request(
+        [llm.eos_token_ids[0] if llm.eos_token_ids else 0],
+        SamplingParams(max_tokens=2, ignore_eos=True),
+        "warm-up",
+    )
+    while llm.has_unfinished():
+        llm.step()
+    llm.stats = EngineStats()  # the warm-up is not traffic
+    logger.info("loading: warm-up done in %.1fs", time.perf_counter() - start)
+    return llm
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the model, serve until SIGTERM/SIGINT, exit 0 after a graceful shutdown."""
+    """Load the model, serve until SIGTERM/SIGINT, exit 0 after a graceful shutdown.
+
+    Returns 2 for bad flags and 1 when the model cannot load (one error line each, no server
+    left answering 503): systemd, docker and CI see the failure.
+    """
     from carpool.server.app import build_app
     from carpool.server.config import ServerConfig
 
@@ -101,7 +145,31 @@ def run(args: argparse.Namespace) -> int:
     except (CarpoolError, ValueError) as e:
         logger.error("%s", e)
         return 2
-    app = build_app(pool if pool is not None else engine_config, config)
+    try:
+        sock = _bind(config.host, config.port)
+    except OSError as e:
+        logger.error("cannot listen on %s:%d: %s", config.host, config.port, e)
+        return 2
+    if pool is None:
+        try:
+            engine = load_engine(engine_config)
+        except Exception as e:  # any failure to load ends the process with one line
+            sock.close()
+            logger.error(
+                "cannot load the model %r: %s", engine_config.model or "default", _one_line(e)
+            )
+            logger.debug("load failure", exc_info=True)
+            return 1
+        app = build_app(engine, config)
+    else:
+        try:  # the replicas load in their processes; the front end resolves the model now
+            app = build_app(pool, config)
+        except Exception as e:
+            sock.close()
+            logger.error(
+                "cannot load the model %r: %s", engine_config.model or "default", _one_line(e)
+            )
+            return 1
     state = app.state.carpool
 
     def start_draining() -> None:
@@ -115,20 +183,17 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
         access_log=False,
     )
-    server = GracefulServer(uv_config, on_exit=start_draining)
-    try:
-        sock = _bind(config.host, config.port)
-    except OSError as e:
-        logger.error("cannot listen on %s:%d: %s", config.host, config.port, e)
-        return 2
-    logger.info(
-        "serving %r on http://%s:%d/v1 (health: /health, metrics: /metrics)",
-        state.model_name,
-        config.host,
-        sock.getsockname()[1],
-    )
+    url = f"http://{config.host}:{sock.getsockname()[1]}/v1"
+    server = GracefulServer(uv_config, on_exit=start_draining, state=state, url=url)
     server.run(sockets=[sock])
+    if state.load_error is not None or not server.started:
+        return 1  # the replicas failed to load, or the app's startup failed
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -148,9 +213,26 @@ class GracefulServer(uvicorn.Server):
     with -SIGTERM; a graceful shutdown is a success, so this server does not.
     """
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, on_exit: Callable[[], None], state: ServerState, url: str
+    ) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self._state, self._url = state, url
+        self._announced = False
+
+    async def on_tick(self, counter: int) -> bool:
+        """Every 0.1 s: say "serving on" once ready; exit when the model (replicas) failed."""
+        state = self._state
+        if state.load_error is not None:
+            logger.error("cannot load the model: %s", _one_line(state.load_error))
+            return True
+        if not self._announced and state.serving is not None:
+            self._announced = True
+            logger.info(
+                "serving %r on %s (health: /health, metrics: /metrics)", state.model_name, self._url
+            )
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:

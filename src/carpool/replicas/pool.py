@@ -101,8 +101,9 @@ class ReplicaPool:
         for handle in self.replicas:
             handle.state = ReplicaState.STARTING
             await asyncio.to_thread(handle.spawn, self._loop, self.on_message, self.on_exit)
+        ec = self.config.engine_config
         self._tokenizer = await asyncio.to_thread(
-            load_tokenizer, resolve_model_path(self.config.engine_config.model)
+            load_tokenizer, resolve_model_path(ec.model, ec.revision, ec.gguf_file)
         )
 
     async def wait_ready(self, timeout: float | None = None) -> None:

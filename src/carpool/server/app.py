@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -25,6 +26,7 @@ from carpool.engine.llm_engine import LLMEngine
 from carpool.engine.model_path import embedded_model_path, resolve_model_path
 from carpool.replicas.metrics import ReplicaMetrics
 from carpool.replicas.pool import ReplicaPool
+from carpool.server.access_log import AccessLogMiddleware
 from carpool.server.chat import ChatServing
 from carpool.server.completions import CompletionServing
 from carpool.server.config import ServerConfig
@@ -43,11 +45,13 @@ logger = logging.getLogger("carpool.server")
 M = TypeVar("M", bound=BaseModel)
 
 
-def default_served_name(model: str | None) -> str:
-    """The model directory's (or GGUF file's) name; ``carpool-default`` for the embedded one."""
-    path = resolve_model_path(model)
+def default_served_name(model: str | None, path: Path) -> str:
+    """A Hub id as given (like vLLM); else the model directory's (or GGUF file's) name;
+    ``carpool-default`` for the embedded model."""
     if path == embedded_model_path():
         return "carpool-default"
+    if model and "/" in model and not Path(model).exists():
+        return model
     return path.stem if path.is_file() else path.name
 
 
@@ -114,12 +118,15 @@ def build_app(
     """
     config = config or ServerConfig()
     if isinstance(engine_or_config, LLMEngine):
-        model = engine_or_config.config.model
-    elif isinstance(engine_or_config, ReplicaPool):
-        model = engine_or_config.config.engine_config.model
+        ec, path = engine_or_config.config, engine_or_config.model_path
     else:
-        model = engine_or_config.model
-    state = ServerState(config, config.served_model_name or default_served_name(model))
+        ec = (
+            engine_or_config.config.engine_config
+            if isinstance(engine_or_config, ReplicaPool)
+            else engine_or_config
+        )
+        path = resolve_model_path(ec.model, ec.revision, ec.gguf_file)
+    state = ServerState(config, config.served_model_name or default_served_name(ec.model, path))
 
     def load() -> None:
         try:
@@ -169,6 +176,7 @@ def build_app(
     install_error_handlers(app)
 
     app.add_middleware(GuardMiddleware, api_key=config.api_key, is_draining=lambda: state.draining)
+    app.add_middleware(AccessLogMiddleware)  # outermost: sees every answer, 4xx included
 
     def serving() -> Serving:
         if state.load_error is not None:

@@ -45,5 +45,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check_positive(self, "max_queue", "retry_after")
         check_positive(self, "max_body_bytes", low=1024)
+        if (
+            isinstance(self.port, bool)
+            or not isinstance(self.port, int)
+            or not 0 <= self.port <= 65535
+        ):
+            raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port!r}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
