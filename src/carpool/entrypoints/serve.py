@@ -81,6 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds between engine status log lines while busy (default: 5)",
     )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json"],
+        default=None,
+        help="tool-call format to parse (default: the one the chat template teaches)",
+    )
     _add_replica_arguments(p)
     add_engine_arguments(p)
 
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             shutdown_grace=args.shutdown_grace,
             log_interval=args.log_interval,
+            tool_call_parser=args.tool_call_parser,
         )
         pool = _replica_pool(args, engine_config)
     except (CarpoolError, ValueError) as e:

@@ -20,6 +20,8 @@ class ServerConfig:
         shutdown_grace: seconds in-flight requests get to finish on SIGTERM/SIGINT.
         retry_after: seconds suggested to a client refused with 429.
         log_interval: seconds between periodic engine log lines while busy.
+        tool_call_parser: how to read tool calls from the model's text (``hermes``,
+            ``llama3_json``); None picks the format the chat template teaches.
     """
 
     host: str = "127.0.0.1"
@@ -32,11 +34,18 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     retry_after: int = 1
     log_interval: float = 5.0
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_queue is not None and self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        from carpool.tools.parsers import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {sorted(PARSERS)}, got {self.tool_call_parser!r}"
+            )
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
