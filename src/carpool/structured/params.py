@@ -16,8 +16,8 @@ class StructuredOutputsParams:
     """Exactly one constraint on the generated text.
 
     Attributes:
-        json: a JSON schema, stored as canonical JSON text (so the object is hashable and two
-            equal schemas share one compiled grammar).
+        json: a JSON schema, stored as JSON text (so the object is hashable and a schema sent
+            again is a compiler cache hit).
         json_object: any JSON object (OpenAI's ``{"type": "json_object"}``).
         regex: a regular expression the whole output must match.
         choice: the output is exactly one of these strings.
@@ -77,4 +77,5 @@ class StructuredOutputsParams:
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise InvalidRequestError(f"invalid JSON schema: {exc.message}", param=param) from None
-        return cls(json=json.dumps(schema, sort_keys=True), param=param)
+        # Key order kept: properties are generated in the order the schema lists them.
+        return cls(json=json.dumps(schema), param=param)
