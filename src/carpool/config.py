@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,54 @@ class ModelConfig:
         return cls.from_hf_dict(d, source=str(path))
 
 
+def option(
+    default: Any,
+    help: str,  # noqa: A002  (argparse's name)
+    *,
+    choices: Sequence[str] | None = None,
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
+    """A config field with its default and what its command-line flag says.
+
+    Args:
+        default: the one default of the option.
+        help: the flag's help text (the default is appended by the flag generator).
+        choices: the allowed values (the flag refuses others; validate them in
+            ``__post_init__`` too).
+        parse: turns the flag's text into the value (default: the field's type).
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "parse": parse}
+    return field(default=default, metadata=meta)
+
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MiB"``, ``"2GB"``, ``"1e6"`` -> bytes.
+
+    Raises:
+        ValueError: not a size.
+    """
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size in bytes: {text!r} (e.g. 512MiB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``"32,64,128"`` -> ``(32, 64, 128)``.
+
+    Raises:
+        ValueError: an item is not an int.
+    """
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"not a comma-separated list of ints: {text!r}") from None
+
+
 def check_positive(config: object, *names: str, low: int = 1) -> None:
     """The one integer check of every config: each named field is an int >= ``low`` (or None).
 
@@ -248,51 +298,62 @@ LAYOUTS = ("ragged", "padded")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything an ``LLMEngine`` needs to start.
+    """Everything an ``LLMEngine`` needs to start: the one source of every engine default.
 
-    Attributes:
-        model: a Hugging Face model directory, a ``.gguf`` file, or None for the embedded
-            default model.
-        dtype: ``auto`` (the checkpoint's; float16 becomes bfloat16 on CPU), ``float32``,
-            ``bfloat16`` or ``float16``.
-        device: torch device for the weights and the KV cache.
-        kv_cache_memory: bytes for the KV cache; None to size it from
-            ``kv_cache_memory_fraction`` of the memory available now, capped at what
-            ``max_num_seqs`` sequences of ``max_model_len`` tokens can use.
-        kv_cache_memory_fraction: see ``kv_cache_memory``.
-        block_size: tokens per KV block.
-        max_num_seqs: most sequences in one forward pass.
-        max_num_batched_tokens: most tokens in one forward pass (chunked prefill beyond it).
-        max_model_len: longest prompt + output; None for the model's own limit.
-        seed: seed of the engine's shared random generator (unseeded requests).
-        batching: the scheduling policy, one of ``BATCHING_STRATEGIES``.
-        layout: ``ragged`` (tokens packed end to end, no padding compute) or ``padded`` (a
-            rectangle padded to the step's longest chunk; pad tokens are really computed).
-        batch_size: static and bucketed: requests per batch; dynamic: the most requests one
-            launched batch takes (it launches at once when this many wait).
-        max_wait_ms: dynamic: launch a smaller batch once its oldest request waited this long.
-        num_buckets: bucketed: prompt-length buckets, log-spaced from ``block_size`` to
-            ``max_model_len`` (ignored when ``bucket_boundaries`` is given).
-        bucket_boundaries: bucketed: ascending inclusive upper prompt lengths of the buckets
-            (longer prompts go to one last bucket).
+    Each field's ``help`` (and ``choices``/``parse``) in its metadata is also its command-line
+    flag (``--field-name``, see ``carpool.entrypoints.config_args``), so an option is written
+    once. The scheduling policies read their knobs from here too.
     """
 
-    model: str | None = None
-    dtype: str = "auto"
-    device: str = "cpu"
-    kv_cache_memory: int | None = None
-    kv_cache_memory_fraction: float = 0.2
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    seed: int = 0
-    batching: str = "continuous"
-    layout: str = "ragged"
-    batch_size: int = 8
-    max_wait_ms: float = 50.0
-    num_buckets: int = 4
-    bucket_boundaries: tuple[int, ...] | None = None
+    model: str | None = option(
+        None, "model directory or .gguf file (None: the embedded default model)"
+    )
+    dtype: str = option(
+        "auto",
+        "weight and activation dtype (auto: the checkpoint's; float16 becomes bfloat16 on CPU)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = option("cpu", "torch device for the weights and the KV cache")
+    kv_cache_memory: int | None = option(
+        None,
+        "KV cache size in bytes, e.g. 256MiB (None: kv_cache_memory_fraction of the memory "
+        "available now, capped at what max_num_seqs sequences of max_model_len tokens use)",
+        parse=parse_bytes,
+    )
+    kv_cache_memory_fraction: float = option(
+        0.2, "fraction of available memory for the KV cache when kv_cache_memory is not set"
+    )
+    block_size: int = option(16, "tokens per KV block")
+    max_num_seqs: int = option(64, "most sequences in one forward pass")
+    max_num_batched_tokens: int = option(
+        512, "most tokens in one forward pass; longer prompts are prefilled in chunks"
+    )
+    max_model_len: int | None = option(None, "longest prompt + output (None: the model's own)")
+    seed: int = option(0, "seed of the engine's shared random generator (unseeded requests)")
+    batching: str = option(
+        "continuous", "batching strategy (scheduling policy)", choices=BATCHING_STRATEGIES
+    )
+    layout: str = option(
+        "ragged",
+        "variable lengths in one pass: ragged (tokens packed, no padding compute) or padded "
+        "(a rectangle with a mask; pad tokens are really computed)",
+        choices=LAYOUTS,
+    )
+    batch_size: int = option(
+        8, "static/bucketed: requests per batch; dynamic: the largest batch launched"
+    )
+    max_wait_ms: float = option(
+        50.0, "dynamic: launch a partial batch once its oldest request waited this long"
+    )
+    num_buckets: int = option(
+        4, "bucketed: prompt-length buckets, log-spaced from block_size to max_model_len"
+    )
+    bucket_boundaries: tuple[int, ...] | None = option(
+        None,
+        "bucketed: ascending inclusive prompt-length bounds, e.g. 32,64,128 (overrides "
+        "num_buckets; longer prompts go to one last bucket)",
+        parse=parse_int_list,
+    )
 
     def __post_init__(self) -> None:
         check_positive(

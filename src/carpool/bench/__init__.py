@@ -1,1 +1,4 @@
-"""Benchmarks behind ``carpool bench``: workloads, runners and reports."""
+"""Benchmarks behind ``carpool bench`` as a library: workloads, runners and reports.
+
+The command-line side (flags, printing) lives in ``carpool.entrypoints``; nothing here imports it.
+"""

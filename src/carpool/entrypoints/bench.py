@@ -4,9 +4,9 @@ Modes (each a function ``run_<mode>(args) -> int`` registered in ``MODES``):
 
 - ``strategies``: one workload through every batching strategy and layout (table, JSON, plot).
 - ``batch`` (the default; alias ``sweep``): throughput, latency and roofline per batch size
-  (``carpool.bench.sweep_cli``).
+  (``carpool.entrypoints.bench_sweep``).
 - ``serve``: an asynchronous load generator against a running OpenAI-compatible server
-  (``carpool.bench.serve_cli``).
+  (``carpool.entrypoints.bench_serve``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from carpool.bench.serve_cli import add_serve_arguments, run_serve_cli
-from carpool.bench.sweep_cli import add_sweep_arguments, run_sweep_cli
 from carpool.config import BATCHING_STRATEGIES, LAYOUTS
+from carpool.entrypoints.bench_serve import add_serve_arguments, run_serve_cli
+from carpool.entrypoints.bench_sweep import add_sweep_arguments, run_sweep_cli
 from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
 from carpool.errors import CarpoolError
 

@@ -18,11 +18,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from carpool.entrypoints.engine_args import (
-    add_engine_arguments,
-    engine_config_from_args,
-    parse_bytes,
-)
+from carpool.entrypoints.config_args import add_config_arguments, config_from_args
+from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
 from carpool.errors import CarpoolError
 
 if TYPE_CHECKING:
@@ -33,60 +30,10 @@ logger = logging.getLogger("carpool.server")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The server's flags, then the engine's."""
-    g = p.add_argument_group("server")
-    g.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
-    )
-    g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    g.add_argument(
-        "--served-model-name",
-        default=None,
-        help="model id clients send (default: the model directory's name, or "
-        "carpool-default for the embedded model)",
-    )
-    g.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: no auth)",
-    )
-    g.add_argument(
-        "--max-queue",
-        type=int,
-        default=None,
-        help="most requests waiting to be scheduled; more get 429 (default: no limit)",
-    )
-    g.add_argument(
-        "--request-timeout",
-        type=float,
-        default=None,
-        help="seconds a request may take before it is ended with an error "
-        "(default: no limit; requests may also send 'timeout')",
-    )
-    g.add_argument(
-        "--max-body-bytes",
-        type=parse_bytes,
-        default=1 << 20,
-        help="largest request body, e.g. 1MiB (default: 1MiB); larger gets 413",
-    )
-    g.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=30.0,
-        help="seconds in-flight requests get to finish on SIGTERM (default: 30)",
-    )
-    g.add_argument(
-        "--log-interval",
-        type=float,
-        default=5.0,
-        help="seconds between engine status log lines while busy (default: 5)",
-    )
-    g.add_argument(
-        "--tool-call-parser",
-        choices=["hermes", "llama3_json"],
-        default=None,
-        help="tool-call format to parse (default: the one the chat template teaches)",
-    )
+    """The server's flags (one per ``ServerConfig`` field), the replicas', then the engine's."""
+    from carpool.server.config import ServerConfig
+
+    add_config_arguments(p, ServerConfig, "server")
     _add_replica_arguments(p)
     add_engine_arguments(p)
 
@@ -138,30 +85,18 @@ def _replica_pool(args: argparse.Namespace, engine_config: EngineConfig) -> Repl
             devices=args.devices,
             routing=args.routing,
             threads_per_replica=args.threads_per_replica,
-            max_queue=args.max_queue,
-            request_timeout=args.request_timeout,
         )
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, serve until SIGTERM/SIGINT, exit 0 after a graceful shutdown."""
-    from carpool.server.app import ServerConfig, build_app
+    from carpool.server.app import build_app
+    from carpool.server.config import ServerConfig
 
     try:
         engine_config = engine_config_from_args(args)
-        config = ServerConfig(
-            host=args.host,
-            port=args.port,
-            served_model_name=args.served_model_name,
-            api_key=args.api_key,
-            max_queue=args.max_queue,
-            request_timeout=args.request_timeout,
-            max_body_bytes=args.max_body_bytes,
-            shutdown_grace=args.shutdown_grace,
-            log_interval=args.log_interval,
-            tool_call_parser=args.tool_call_parser,
-        )
+        config = config_from_args(ServerConfig, args)
         pool = _replica_pool(args, engine_config)
     except (CarpoolError, ValueError) as e:
         logger.error("%s", e)

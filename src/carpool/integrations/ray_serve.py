@@ -41,7 +41,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from fastapi import FastAPI
 
 from carpool.config import EngineConfig
-from carpool.server.app import ServerConfig, build_app
+from carpool.server.app import build_app
+from carpool.server.config import ServerConfig
 
 logger = logging.getLogger("carpool.ray")
 

@@ -1,44 +1,55 @@
-"""``ServerConfig``: how the HTTP server behaves (the engine has its own ``EngineConfig``)."""
+"""``ServerConfig``: how the HTTP server behaves (the engine has its own ``EngineConfig``).
+
+Its fields are the ``carpool serve`` flags (generated, see ``entrypoints/config_args.py``), and
+its ``max_queue``/``request_timeout`` apply to an in-process engine and to a replica pool alike.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from carpool.config import check_positive, option, parse_bytes
+
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How the HTTP server behaves (the engine has its own ``EngineConfig``).
+    """How the HTTP server behaves; every field is also a ``carpool serve`` flag."""
 
-    Attributes:
-        host, port: where to listen (loopback unless told otherwise).
-        served_model_name: the model id clients must send (None: the model directory's name,
-            or ``carpool-default`` for the embedded model).
-        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <key>``.
-        max_queue: most requests waiting to be scheduled; more get 429 (None = unbounded).
-        request_timeout: default per-request deadline in seconds (None = none).
-        max_body_bytes: largest request body accepted (413 beyond).
-        shutdown_grace: seconds in-flight requests get to finish on SIGTERM/SIGINT.
-        retry_after: seconds suggested to a client refused with 429.
-        log_interval: seconds between periodic engine log lines while busy.
-        tool_call_parser: how to read tool calls from the model's text (``hermes``,
-            ``llama3_json``); None picks the format the chat template teaches.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str | None = None
-    api_key: str | None = None
-    max_queue: int | None = None
-    request_timeout: float | None = None
-    max_body_bytes: int = 1 << 20
-    shutdown_grace: float = 30.0
-    retry_after: int = 1
-    log_interval: float = 5.0
-    tool_call_parser: str | None = None
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1: loopback only)")
+    port: int = option(8000, "port to listen on")
+    served_model_name: str | None = option(
+        None,
+        "model id clients send (none: the model directory's name, or carpool-default for "
+        "the embedded model)",
+    )
+    api_key: str | None = option(
+        None, "require 'Authorization: Bearer KEY' on /v1/* (none: no auth)"
+    )
+    max_queue: int | None = option(
+        None, "most requests waiting to be scheduled; more get 429 (none: no limit)"
+    )
+    request_timeout: float | None = option(
+        None,
+        "seconds a request may take before it is ended with an error (none: no limit; "
+        "requests may also send 'timeout')",
+    )
+    max_body_bytes: int = option(
+        1 << 20, "largest request body, e.g. 1MiB; larger gets 413", parse=parse_bytes
+    )
+    shutdown_grace: float = option(
+        30.0, "seconds in-flight requests get to finish on SIGTERM/SIGINT"
+    )
+    retry_after: int = option(1, "seconds suggested in Retry-After to a client refused with 429")
+    log_interval: float = option(5.0, "seconds between engine status log lines while busy")
+    tool_call_parser: str | None = option(
+        None,
+        "tool-call format to parse from the model's text (none: the one the chat template teaches)",
+        choices=("hermes", "llama3_json"),
+    )
 
     def __post_init__(self) -> None:
-        if self.max_queue is not None and self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        check_positive(self, "max_queue", "retry_after")
+        check_positive(self, "max_body_bytes", low=1024)
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
         from carpool.tools.parsers import PARSERS
@@ -47,5 +58,3 @@ class ServerConfig:
             raise ValueError(
                 f"tool_call_parser must be one of {sorted(PARSERS)}, got {self.tool_call_parser!r}"
             )
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
