@@ -10,6 +10,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[dev,ray]'
+	$(PY) -m pip install -q --no-deps -c requirements/constraints.txt xgrammar apache-tvm-ffi
 	touch $(STAMP)
 
 install: $(STAMP)

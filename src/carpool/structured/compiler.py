@@ -121,6 +121,14 @@ def compiler_for(tokenizer: Tokenizer, vocab_size: int) -> GrammarCompiler:
     The server and the engine of one process get the same object, so a grammar the server
     compiled in a worker thread is a cache hit on the engine thread.
     """
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        raise InvalidRequestError(
+            "structured outputs need the xgrammar package, which is not installed"
+            " (pip install --no-deps xgrammar apache-tvm-ffi; see requirements/constraints.txt)",
+            code="structured_outputs_unavailable",
+        ) from None
     with _compilers_lock:
         per_tok = _compilers.setdefault(tokenizer, {})
         comp = per_tok.get(vocab_size)
