@@ -172,3 +172,18 @@ def test_tokenize_detokenize_version(srv, model):
     assert httpx.post(f"{srv.url}/tokenize", json={}).status_code == 400
     v = httpx.get(f"{srv.url}/version").json()
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", v["version"])
+
+
+def test_logprobs_of_masked_tokens_are_finite(client, model):
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "pick"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body={"guided_choice": ["yes", "no"]},
+    )
+    assert r.choices[0].message.content in ("yes", "no")
+    tops = [t.logprob for lp in r.choices[0].logprobs.content for t in lp.top_logprobs]
+    assert min(tops) == -9999.0  # fewer than 5 tokens are allowed at some step

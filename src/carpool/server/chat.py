@@ -28,7 +28,7 @@ from carpool.server.protocol import (
     TopLogprob,
     dump,
 )
-from carpool.server.serving import Job, OpenAIServing, json_response
+from carpool.server.serving import Job, OpenAIServing, finite_logprob, json_response
 from carpool.server.streaming import SSEResponse, sse
 from carpool.server.tool_stream import ToolCallStreamer, ToolPlan, tool_message
 from carpool.tools.choice import forced_call_constraint
@@ -123,7 +123,8 @@ class ChatServing(OpenAIServing):
     def _logprobs(self, lps: Sequence[TokenLogprobs]) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
             tok = self.token(token_id)
-            return TopLogprob(token=tok, logprob=logprob, bytes=list(tok.encode()))
+            lp = finite_logprob(logprob)
+            return TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode()))
 
         content = []
         for lp in lps:

@@ -19,7 +19,7 @@ from carpool.server.protocol import (
     CompletionResponse,
     dump,
 )
-from carpool.server.serving import Job, OpenAIServing, json_response
+from carpool.server.serving import Job, OpenAIServing, finite_logprob, json_response
 from carpool.server.streaming import SSEResponse, sse
 
 
@@ -102,8 +102,8 @@ class CompletionServing(OpenAIServing):
         for lp in lps:
             tok = self.token(lp.token_id)
             out.tokens.append(tok)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self.token(t): v for t, v in lp.top})
+            out.token_logprobs.append(finite_logprob(lp.logprob))
+            out.top_logprobs.append({self.token(t): finite_logprob(v) for t, v in lp.top})
             out.text_offset.append(offset)
             offset += len(tok)
         return out

@@ -232,5 +232,11 @@ class OpenAIServing:
         return text
 
 
+def finite_logprob(value: float) -> float:
+    """A logprob JSON can carry: a token a constraint masked out has -inf, sent as -9999.0
+    (vLLM's value), since JSON has no infinity."""
+    return max(value, -9999.0)
+
+
 def json_response(data: dict[str, Any]) -> Response:
     return JSONResponse(data)
