@@ -56,10 +56,10 @@ def test_schemas_in_one_batch(llm):
 
 
 def test_json_object_mode(llm):
-    prompt = _chat(llm, "Describe the city of Paris as a JSON object with a few fields.")
+    prompt = _chat(llm, 'Reply with a JSON object with exactly two keys, "name" and "country".')
     so = StructuredOutputsParams(json_object=True)
     out = llm.generate(
-        [prompt], SamplingParams(max_tokens=200, temperature=0, structured_outputs=so)
+        [prompt], SamplingParams(max_tokens=100, temperature=0, structured_outputs=so)
     )
     doc = json.loads(out[0].outputs[0].text)
     assert isinstance(doc, dict) and doc
