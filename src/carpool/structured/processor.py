@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from carpool.errors import InvalidRequestError
-from carpool.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from carpool.sampling_params import SamplingParams
     from carpool.structured.compiler import GrammarCompiler
 
 # xgrammar is imported on the first constrained request: importing it costs seconds, which an
