@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from importlib import resources
 
 import torch
 
@@ -46,7 +47,11 @@ def _run(llm: LLM, batch: int, max_tokens: int, constrained: bool) -> float:
 def main() -> None:
     """Measure and print one line per batch size; write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default")
+    ap.add_argument(
+        "--model",
+        default=str(resources.files("carpool") / "data" / "default_model"),
+        help="model path (default: the embedded model)",
+    )
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

@@ -16,14 +16,14 @@ import jsonschema
 import openai
 import pytest
 
-from carpool.engine.model_path import default_model_path
 from server.conftest import LiveServer
+from structured.embedded import EMBEDDED
 from structured.schemas import SCHEMAS
 
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[LiveServer]:
-    s = LiveServer(default_model_path())
+    s = LiveServer(EMBEDDED)
     yield s
     s.stop()
 

@@ -18,9 +18,9 @@ import jsonschema
 import openai
 import pytest
 
-from carpool.engine.model_path import default_model_path
 from carpool.server import ServerConfig
 from server.conftest import LiveServer
+from structured.embedded import EMBEDDED
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "chat-templates"
 
@@ -49,7 +49,7 @@ def _model_dir(tmp: Path, template: str) -> Path:
     """The embedded model's files with a tool-capable chat template beside them."""
     d = tmp / template.removesuffix(".jinja")
     d.mkdir()
-    for f in default_model_path().iterdir():
+    for f in EMBEDDED.iterdir():
         (d / f.name).symlink_to(f)
     shutil.copy(TEMPLATES / template, d / "chat_template.jinja")
     return d

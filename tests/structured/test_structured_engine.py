@@ -15,12 +15,13 @@ import pytest
 from carpool import LLM, SamplingParams
 from carpool.errors import InvalidRequestError
 from carpool.structured import StructuredOutputsParams
+from structured.embedded import EMBEDDED
 from structured.schemas import SCHEMAS
 
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("default")
+    return LLM(str(EMBEDDED))
 
 
 def _greedy(max_tokens: int = 120, **kw) -> SamplingParams:

@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from carpool.engine.model_path import default_model_path, load_tokenizer
 from carpool.errors import InvalidRequestError
 from carpool.sampling_params import SamplingParams
 from carpool.server.protocol import ChatCompletionRequest, CompletionRequest
 from carpool.structured import StructuredOutputsParams
 from carpool.structured.compiler import compiler_for
 from carpool.structured.processor import LogitsProcessor
+from carpool.tokenizer import Tokenizer
+from structured.embedded import EMBEDDED
 
 
 def test_exactly_one_constraint():
@@ -93,7 +94,7 @@ def test_logit_bias_normalised_and_checked():
 
 @pytest.fixture(scope="module")
 def processor() -> LogitsProcessor:
-    tok = load_tokenizer(default_model_path())
+    tok = Tokenizer.from_pretrained_dir(EMBEDDED)
     return LogitsProcessor(lambda: compiler_for(tok, 4096), tok.eos_token_ids)
 
 
