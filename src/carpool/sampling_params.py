@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from carpool.errors import InvalidRequestError
+from carpool.structured.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 
@@ -82,6 +83,27 @@ def _normalise_token_ids(value: Any) -> tuple[int, ...]:
     return ids
 
 
+def _normalise_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """``{token_id: bias}`` (ids may be JSON's string keys) -> sorted ``((id, bias), ...)``."""
+    if not value:
+        return ()
+    items = value.items() if isinstance(value, dict) else value
+    out: dict[int, float] = {}
+    try:
+        for key, bias in items:
+            tok = int(key)
+            b = _check_float("logit_bias", bias)
+            if tok < 0 or not -100 <= b <= 100:
+                raise ValueError
+            out[tok] = b
+    except (TypeError, ValueError):
+        raise InvalidRequestError(
+            f"logit_bias must map token ids >= 0 to numbers in [-100, 100], got {value!r}",
+            param="logit_bias",
+        ) from None
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each new token and when to stop.
@@ -105,6 +127,11 @@ class SamplingParams:
         output_kind: what each output carries (see ``RequestOutputKind``).
         priority: under the ``priority`` scheduling policy, lower is served first (vLLM's
             semantics; default 0); ignored under ``fcfs``.
+        structured_outputs: a constraint the output must satisfy (JSON schema, regex...),
+            enforced while decoding (see ``carpool.structured``).
+        logit_bias: ``{token_id: bias}`` added to the logits before sampling, bias in
+            [-100, 100]; stored as sorted ``((id, bias), ...)``. Ids are checked against the
+            vocabulary when the request is added.
     """
 
     max_tokens: int = 16
@@ -124,6 +151,8 @@ class SamplingParams:
     min_tokens: int = 0
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     priority: int = 0
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: Any = ()
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
@@ -175,6 +204,13 @@ class SamplingParams:
         # Normalise the containers so the frozen object is hashable and cannot change later.
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _normalise_token_ids(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise InvalidRequestError(
+                "structured_outputs must be a StructuredOutputsParams", param="structured_outputs"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -33,6 +33,8 @@ from carpool.sampling_params import SamplingParams
 from carpool.scheduling.base import SchedulingPolicy
 from carpool.scheduling.factory import make_policy
 from carpool.scheduling.output import SchedulerOutput
+from carpool.structured.compiler import compiler_for
+from carpool.structured.processor import LogitsProcessor
 from carpool.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("carpool.engine")
@@ -98,8 +100,17 @@ class LLMEngine:
             self.num_blocks, config.block_size, enable_caching=config.enable_prefix_caching
         )
         self.policy: SchedulingPolicy = make_policy(config, self.block_manager, self.max_model_len)
+        vocab = self.model_config.vocab_size
+        self.logits_processor = LogitsProcessor(
+            lambda: compiler_for(self.tokenizer, vocab), self.eos_token_ids
+        )
         self.runner = ModelRunner(
-            self.model, self.num_blocks, config.block_size, config.device, layout=config.layout
+            self.model,
+            self.num_blocks,
+            config.block_size,
+            config.device,
+            layout=config.layout,
+            logits_processor=self.logits_processor,
         )
         self.limits = ModelLimits(
             model=str(path),
@@ -162,6 +173,7 @@ class LLMEngine:
             text, ids = None, list(prompt)
         self.limits.check_prompt_ids(ids)
         self.limits.check_length(len(ids), params.max_tokens)
+        self.logits_processor.check(params, self.limits.vocab_size)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.output_processor:
             raise InvalidRequestError(f"request id {rid!r} is already in use")

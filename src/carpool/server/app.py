@@ -40,6 +40,9 @@ from carpool.server.protocol import (
     ModelList,
     dump,
 )
+from carpool.server.protocol_ext import DetokenizeRequest, TokenizeRequest
+from carpool.server.utility import UtilityServing, carpool_version
+from carpool.tools.parsers import choose_parser
 
 logger = logging.getLogger("carpool.server")
 M = TypeVar("M", bound=BaseModel)
@@ -59,11 +62,18 @@ class Serving:
     """Both OpenAI endpoints over one ``EngineClient``."""
 
     def __init__(
-        self, client: EngineClient, model_name: str, retry_after: int, metrics: ServerMetrics
+        self,
+        client: EngineClient,
+        model_name: str,
+        retry_after: int,
+        metrics: ServerMetrics,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.client = client
         self.completions = CompletionServing(client, model_name, retry_after, metrics)
         self.chat = ChatServing(client, model_name, retry_after, metrics)
+        self.utility = UtilityServing(client, model_name, retry_after, metrics)
+        self.chat.tool_parser = choose_parser(client.tokenizer.chat_template, tool_call_parser)
         self.max_model_len = client.limits.max_model_len
 
 
@@ -90,12 +100,17 @@ class ServerState:
             log_interval=c.log_interval,
         )
         engine.start()
-        self.serving = Serving(engine, self.model_name, c.retry_after, self.metrics)
+        self.serving = Serving(
+            engine, self.model_name, c.retry_after, self.metrics, c.tool_call_parser
+        )
         self.engine = engine
 
     def attach_pool(self, pool: ReplicaPool) -> None:
         """Serve through a started, ready pool of replica processes."""
-        self.serving = Serving(pool, self.model_name, self.config.retry_after, self.metrics)
+        c = self.config
+        self.serving = Serving(
+            pool, self.model_name, c.retry_after, self.metrics, c.tool_call_parser
+        )
         self.engine = pool
 
     @property
@@ -193,7 +208,7 @@ def build_app(
             req = model.model_validate_json(body)
         except ValidationError as e:
             raise validation_error_to_api(e.errors(include_url=False)) from None
-        unknown = req.unknown_fields()  # type: ignore[attr-defined]
+        unknown = getattr(req, "unknown_fields", list)()
         if unknown:
             logger.warning("%s: ignoring unknown fields %s", request.url.path, unknown)
         return req
@@ -274,6 +289,20 @@ def build_app(
     async def completions(request: Request) -> Response:
         req = await parse(request, CompletionRequest)
         return await serving().completions.create_completion(req, request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = await parse(request, TokenizeRequest)
+        return JSONResponse(dump(await serving().utility.tokenize(req)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = await parse(request, DetokenizeRequest)
+        return JSONResponse(dump(await serving().utility.detokenize(req)))
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": carpool_version()})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

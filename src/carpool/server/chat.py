@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from fastapi import Request
 from starlette.responses import Response
@@ -26,12 +28,17 @@ from carpool.server.protocol import (
     TopLogprob,
     dump,
 )
-from carpool.server.serving import Job, OpenAIServing, json_response
+from carpool.server.serving import Job, OpenAIServing, finite_logprob, json_response
 from carpool.server.streaming import SSEResponse, sse
+from carpool.server.tool_stream import ToolCallStreamer, ToolPlan, tool_message
+from carpool.tools.choice import forced_call_constraint
+from carpool.tools.parsers import HermesParser, ToolParser
 
 
 class ChatServing(OpenAIServing):
     """The chat endpoint over an ``EngineClient``."""
+
+    tool_parser: ToolParser = HermesParser()  # set from the template / --tool-call-parser
 
     async def create_chat_completion(
         self, req: ChatCompletionRequest, request: Request
@@ -39,13 +46,17 @@ class ChatServing(OpenAIServing):
         """``POST /v1/chat/completions`` (streaming or not)."""
         arrival = self.client.clock()
         self.check_model(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self.check_request(req)
+        plan = self._tool_plan(req)
+        messages = [m.to_template() for m in req.messages]
+        extra: dict[str, Any] = {"tools": plan.tools} if plan.tools else {}
         try:
             ids = await asyncio.to_thread(
                 self.tokenizer.apply_chat_template,
                 messages,
                 add_generation_prompt=True,
                 tokenize=True,
+                **extra,
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), param="messages") from None
@@ -56,22 +67,35 @@ class ChatServing(OpenAIServing):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = self.params(req, len(ids), max_tokens, ("messages", field_name), logprobs)
+        if plan.constraint is not None:
+            if params.structured_outputs is not None:
+                raise APIError(
+                    400,
+                    "tool_choice required or named cannot be combined with another"
+                    f" structured output constraint ({params.structured_outputs.param})",
+                    param="tool_choice",
+                )
+            params = dataclasses.replace(params, structured_outputs=plan.constraint)
+        await self.prepare(params)
         job = Job(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), [ids], [params])
         self.submit(job, req.timeout, arrival)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self.event_stream(job, self._stream(req, job, include_usage))
+            events = self.event_stream(job, self._stream(req, job, include_usage, plan))
             return SSEResponse(events, job.abort_all)
         outs = await self.collect(request, job)
-        choices = [
-            ChatChoice(
-                index=c.index,
-                message=AssistantMessage(content=c.text),
-                logprobs=self._logprobs(c.logprobs or []) if req.logprobs else None,
-                finish_reason=c.finish_reason,
+        choices = []
+        for c in outs[0].outputs:
+            content, calls = tool_message(plan, c.text)
+            finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=AssistantMessage(content=content, tool_calls=calls or None),
+                    logprobs=self._logprobs(c.logprobs or []) if req.logprobs else None,
+                    finish_reason=finish,
+                )
             )
-            for c in outs[0].outputs
-        ]
         resp = ChatCompletionResponse(
             id=job.rid,
             created=job.created,
@@ -81,10 +105,26 @@ class ChatServing(OpenAIServing):
         )
         return json_response(dump(resp))
 
+    def _tool_plan(self, req: ChatCompletionRequest) -> ToolPlan:
+        """What the request's tools mean: rendered or not, forced or parsed (``auto``)."""
+        choice: str | dict[str, Any] = "none"
+        if req.tools:
+            tc = req.tool_choice or "auto"
+            choice = tc if isinstance(tc, str) else tc.model_dump(mode="json")
+        if choice == "none":
+            return ToolPlan(None, "none", None, self.tool_parser)
+        tools = [t.model_dump(mode="json", exclude_none=True) for t in req.tools or []]
+        try:
+            constraint = forced_call_constraint(tools, choice, req.parallel_tool_calls)
+        except InvalidRequestError as e:
+            raise APIError(400, f"tools: {e.message}", param="tools") from None
+        return ToolPlan(tools, choice, constraint, self.tool_parser)
+
     def _logprobs(self, lps: Sequence[TokenLogprobs]) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
             tok = self.token(token_id)
-            return TopLogprob(token=tok, logprob=logprob, bytes=list(tok.encode()))
+            lp = finite_logprob(logprob)
+            return TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode()))
 
         content = []
         for lp in lps:
@@ -100,7 +140,7 @@ class ChatServing(OpenAIServing):
         return ChatLogprobs(content=content)
 
     async def _stream(
-        self, req: ChatCompletionRequest, job: Job, include_usage: bool
+        self, req: ChatCompletionRequest, job: Job, include_usage: bool, plan: ToolPlan
     ) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice]) -> str:
             data = dump(
@@ -120,15 +160,21 @@ class ChatServing(OpenAIServing):
                 for i in range(req.n)
             ]
         )
+        streamers = [ToolCallStreamer(plan) for _ in range(req.n)]
         async for _, c in self.deltas(job):
             lp = self._logprobs(c.logprobs or []) if req.logprobs else None
+            st = streamers[c.index]
+            content, calls = st.feed(c.delta_text, c.finished)
+            finish = c.finish_reason
+            if finish == "stop" and st.called:
+                finish = "tool_calls"
             yield chunk(
                 [
                     ChatChunkChoice(
                         index=c.index,
-                        delta=DeltaMessage(content=c.delta_text or None),
+                        delta=DeltaMessage(content=content or None, tool_calls=calls or None),
                         logprobs=lp,
-                        finish_reason=c.finish_reason,
+                        finish_reason=finish,
                     )
                 ]
             )

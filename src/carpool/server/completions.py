@@ -19,7 +19,7 @@ from carpool.server.protocol import (
     CompletionResponse,
     dump,
 )
-from carpool.server.serving import Job, OpenAIServing, json_response
+from carpool.server.serving import Job, OpenAIServing, finite_logprob, json_response
 from carpool.server.streaming import SSEResponse, sse
 
 
@@ -30,16 +30,19 @@ class CompletionServing(OpenAIServing):
         """``POST /v1/completions`` (streaming or not)."""
         arrival = self.client.clock()
         self.check_model(req.model)
+        self.check_request(req)
         prompts = await self._prompts(req)
         fields = ("prompt", "max_tokens")
         params = [
             self.params(req, len(ids), req.max_tokens, fields, req.logprobs) for ids in prompts
         ]
+        await self.prepare(params[0])  # every prompt shares the request's constraint
+        echoes = await self._echoes(req, prompts)
         job = Job(f"cmpl-{uuid.uuid4().hex}", int(time.time()), prompts, params)
         self.submit(job, req.timeout, arrival)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self.event_stream(job, self._stream(req, job, include_usage))
+            events = self.event_stream(job, self._stream(req, job, include_usage, echoes))
             return SSEResponse(events, job.abort_all)
         outs = await self.collect(request, job)
         choices = []
@@ -49,7 +52,7 @@ class CompletionServing(OpenAIServing):
                 choices.append(
                     CompletionChoice(
                         index=i * req.n + c.index,
-                        text=c.text,
+                        text=echoes[i] + c.text,
                         logprobs=lp,
                         finish_reason=c.finish_reason,
                     )
@@ -62,6 +65,17 @@ class CompletionServing(OpenAIServing):
             usage=job.usage(),
         )
         return json_response(dump(resp))
+
+    async def _echoes(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """Each prompt's text when ``echo`` asks for it (the text sent, or decoded ids)."""
+        if not req.echo:
+            return [""] * len(prompts)
+        p = req.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], str):
+            return list(p)  # type: ignore[arg-type]
+        return await asyncio.to_thread(lambda: [self.tokenizer.decode(ids) for ids in prompts])
 
     async def _prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -88,24 +102,29 @@ class CompletionServing(OpenAIServing):
         for lp in lps:
             tok = self.token(lp.token_id)
             out.tokens.append(tok)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self.token(t): v for t, v in lp.top})
+            out.token_logprobs.append(finite_logprob(lp.logprob))
+            out.top_logprobs.append({self.token(t): finite_logprob(v) for t, v in lp.top})
             out.text_offset.append(offset)
             offset += len(tok)
         return out
 
     async def _stream(
-        self, req: CompletionRequest, job: Job, include_usage: bool
+        self, req: CompletionRequest, job: Job, include_usage: bool, echoes: list[str]
     ) -> AsyncIterator[str]:
         offsets: dict[int, int] = {}
+        echoed: set[int] = set()
         async for i, c in self.deltas(job):
             index = i * req.n + c.index
+            text = c.delta_text
+            if index not in echoed:  # the prompt rides on each choice's first chunk
+                echoed.add(index)
+                text = echoes[i] + text
             lp = None
             if req.logprobs is not None:
                 lp = self._logprobs(c.logprobs or [], offsets.get(index, 0))
                 offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp.tokens)
             choice = CompletionChoice(
-                index=index, text=c.delta_text, logprobs=lp, finish_reason=c.finish_reason
+                index=index, text=text, logprobs=lp, finish_reason=c.finish_reason
             )
             resp = CompletionResponse(
                 id=job.rid, created=job.created, model=self.model_name, choices=[choice]

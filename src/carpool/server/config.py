@@ -41,6 +41,11 @@ class ServerConfig:
     )
     retry_after: int = option(1, "seconds suggested in Retry-After to a client refused with 429")
     log_interval: float = option(5.0, "seconds between engine status log lines while busy")
+    tool_call_parser: str | None = option(
+        None,
+        "tool-call format to parse from the model's text (none: the one the chat template teaches)",
+        choices=("hermes", "llama3_json"),
+    )
 
     def __post_init__(self) -> None:
         check_positive(self, "max_queue", "retry_after")
@@ -53,3 +58,9 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port!r}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        from carpool.tools.parsers import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {sorted(PARSERS)}, got {self.tool_call_parser!r}"
+            )

@@ -15,6 +15,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from carpool.server.errors import APIError
 
+# The OpenAI routes and vLLM's tokenizer routes (they read the served model).
+_GUARDED = ("/v1/", "/tokenize", "/detokenize")
+
 
 class GuardMiddleware:
     """Refuse ``/v1/*`` requests without the right API key (401) or while draining (503).
@@ -33,7 +36,7 @@ class GuardMiddleware:
         self.is_draining = is_draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(_GUARDED):
             error = None
             if self.api_key is not None and not authorized(Headers(scope=scope), self.api_key):
                 error = APIError(

@@ -8,11 +8,19 @@ range is checked here, so a bad field is reported with its name. Unknown fields 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from carpool.errors import InvalidRequestError
 from carpool.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from carpool.server.protocol_ext import (
+    ConstraintFields,
+    DeltaToolCall,
+    ToolCall,
+    ToolChoice,
+    ToolDefinition,
+)
 
 # torch generators take 64-bit seeds; n > 1 uses seed + i, so keep room at the top.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
@@ -22,16 +30,34 @@ MAX_N = 128
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
+    # Known OpenAI fields that would change the result and that carpool does not implement:
+    # refused with 400 ``unsupported_parameter`` instead of being silently ignored.
+    _UNSUPPORTED: ClassVar[frozenset[str]] = frozenset()
+
     def unknown_fields(self) -> list[str]:
         """Names of fields the server does not know (ignored), including nested ones."""
-        return sorted(self.model_extra or {})
+        return sorted(set(self.model_extra or {}) - self._UNSUPPORTED)
+
+    def check_supported(self) -> None:
+        """Raise for a set, result-changing field carpool does not implement.
+
+        Raises:
+            InvalidRequestError: code ``unsupported_parameter``, ``param`` the field.
+        """
+        for name in sorted(self._UNSUPPORTED & set(self.model_extra or {})):
+            if (self.model_extra or {})[name] is not None:
+                raise InvalidRequestError(
+                    f"{name} is not supported by this server",
+                    param=name,
+                    code="unsupported_parameter",
+                )
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
+class SamplingFields(_Request, ConstraintFields):
     """Fields shared by both endpoints (OpenAI's and carpool's extensions)."""
 
     model: str
@@ -44,7 +70,11 @@ class SamplingFields(_Request):
     seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    # Accepted and ignored: they change nothing in the result.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
     # carpool / vLLM extensions
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -82,6 +112,8 @@ class SamplingFields(_Request):
             min_tokens=min(self.min_tokens, max_tokens),
             output_kind=output_kind,
             priority=self.priority,
+            structured_outputs=self.constraint_of(),
+            logit_bias=self.logit_bias or (),
         )
 
     @model_validator(mode="after")
@@ -99,9 +131,29 @@ class SamplingFields(_Request):
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
 
+    _UNSUPPORTED: ClassVar[frozenset[str]] = frozenset({"suffix"})
+
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError(
+                f"best_of ({self.best_of}) must equal n ({self.n}): ranking several samples"
+                " is not supported",
+                param="best_of",
+                code="unsupported_parameter",
+            )
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError(
+                "echo with logprobs (prompt logprobs) is not supported",
+                param="echo",
+                code="unsupported_parameter",
+            )
 
 
 class TextPart(_Request):
@@ -113,6 +165,19 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool calls' arguments parsed to objects)."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            msg["name"] = self.name
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            msg["tool_calls"] = [tool_call_for_template(c) for c in self.tool_calls]
+        return msg
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines)."""
@@ -123,19 +188,52 @@ class ChatMessage(_Request):
         return "\n".join(p.text for p in self.content)
 
 
+def tool_call_for_template(call: ToolCall) -> dict[str, Any]:
+    """A tool call with its JSON ``arguments`` parsed, as the templates expect a mapping."""
+    import json
+
+    try:
+        args: Any = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        args = call.function.arguments
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": args},
+    }
+
+
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
+
+    _UNSUPPORTED: ClassVar[frozenset[str]] = frozenset(
+        {"audio", "modalities", "prediction", "web_search_options", "functions", "function_call"}
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice: requires tools")
+        if choice is not None and not isinstance(choice, str):
+            names = [t.function.name for t in self.tools or []]
+            if choice.function.name not in names:
+                raise ValueError(f"tool_choice: no tool named {choice.function.name!r}")
         return self
 
     def unknown_fields(self) -> list[str]:
@@ -203,6 +301,7 @@ class ChatLogprobs(_Response):
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Response):
@@ -224,6 +323,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):

@@ -10,6 +10,7 @@ step already sent. ``completions.py`` and ``chat.py`` build the two endpoints on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from carpool.engine.client import EngineClient, RequestStream
-from carpool.errors import CarpoolError, QueueFullError
+from carpool.errors import CarpoolError, InvalidRequestError, QueueFullError
 from carpool.outputs import CompletionOutput, RequestOutput
 from carpool.sampling_params import RequestOutputKind, SamplingParams
 from carpool.server.errors import APIError, error_to_api
@@ -115,6 +116,38 @@ class OpenAIServing:
         except CarpoolError as e:
             raise error_to_api(e) from None
 
+    def check_request(self, req: SamplingFields) -> None:
+        """400 for fields that would change the result but are not implemented."""
+        try:
+            req.check_supported()
+        except CarpoolError as e:
+            raise error_to_api(e) from None
+
+    async def prepare(self, params: SamplingParams) -> None:
+        """Check ``logit_bias`` ids and compile the request's constraint in a worker thread.
+
+        The grammar lands in the compiler's cache, so the engine thread, which compiles it
+        again when the request arrives, finds it there and no other request's decode waits on
+        a new schema. A constraint that does not compile is a 400 naming its field.
+        """
+        try:
+            bad = [t for t, _ in params.logit_bias if t >= self.limits.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"logit_bias: token ids must be in [0, {self.limits.vocab_size}),"
+                    f" got {bad[:5]}",
+                    param="logit_bias",
+                )
+            if params.structured_outputs is not None:
+                from carpool.structured.compiler import compiler_for
+
+                so = params.structured_outputs
+                await asyncio.to_thread(
+                    lambda: compiler_for(self.tokenizer, self.limits.vocab_size).compile(so)
+                )
+        except CarpoolError as e:
+            raise error_to_api(e) from None
+
     def check_prompt(self, ids: list[int], param: str) -> None:
         try:
             self.limits.check_prompt_ids(ids, param)
@@ -203,6 +236,12 @@ class OpenAIServing:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._token_text[token_id] = text
         return text
+
+
+def finite_logprob(value: float) -> float:
+    """A logprob JSON can carry: a token a constraint masked out has -inf, sent as -9999.0
+    (vLLM's value), since JSON has no infinity."""
+    return max(value, -9999.0)
 
 
 def json_response(data: dict[str, Any]) -> Response:

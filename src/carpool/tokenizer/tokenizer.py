@@ -221,6 +221,10 @@ class Tokenizer:
         """The vocabulary strings of ``ids`` (``None`` for an id outside the vocabulary)."""
         return [self._backend.id_to_token(i) for i in ids]
 
+    def backend_json(self) -> str:
+        """The ``tokenizers`` JSON of this tokenizer (grammar engines read the vocabulary)."""
+        return self._backend.to_str()
+
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
 

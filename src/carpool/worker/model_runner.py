@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from carpool.scheduling.output import SchedulerOutput
 from carpool.worker.batch import build_ragged_batch
 from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs
+
+if TYPE_CHECKING:
+    from carpool.structured.processor import LogitsProcessor
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ModelRunner:
         device: str = "cpu",
         kv_dtype: torch.dtype | None = None,
         layout: str = "ragged",
+        logits_processor: LogitsProcessor | None = None,
     ) -> None:
         assert layout in ("ragged", "padded"), f"unknown layout {layout!r}"
         self.model = model
@@ -60,6 +65,8 @@ class ModelRunner:
             num_blocks + (layout == "padded"), block_size, dtype, device
         )
         self.sampler = Sampler()
+        # logit_bias and structured-output masks, applied to the batch's logits before sampling.
+        self.logits_processor = logits_processor
         self._generators: dict[str, torch.Generator] = {}
 
     @property
@@ -79,8 +86,10 @@ class ModelRunner:
         return gen
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's generator."""
+        """Forget a finished request's generator (and grammar state)."""
         self._generators.pop(request_id, None)
+        if self.logits_processor is not None:
+            self.logits_processor.release(request_id)
 
     @torch.inference_mode()
     def execute(
@@ -112,7 +121,12 @@ class ModelRunner:
             )
             for r in reqs
         ]
+        proc = self.logits_processor
+        if proc is not None:
+            logits = proc.apply(logits, inp.sample_request_ids, [r.params for r in rows])
         result = self.sampler(logits, rows)
+        if proc is not None:
+            proc.accept(inp.sample_request_ids, [r.params for r in rows], result.token_ids)
         sampled = dict(zip(inp.sample_request_ids, result.token_ids, strict=True))
         logprobs = {
             rid: lp
