@@ -28,6 +28,7 @@ from carpool.replicas.pool import ReplicaPool
 from carpool.server.chat import ChatServing
 from carpool.server.completions import CompletionServing
 from carpool.server.config import ServerConfig
+from carpool.server.dashboard import install_dashboard
 from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
 from carpool.server.metrics import ServerMetrics
 from carpool.server.middleware import GuardMiddleware, read_body
@@ -254,6 +255,8 @@ def build_app(
                 "generation_tokens": s.generation_tokens,
             }
         )
+
+    install_dashboard(app, lambda: serving().client, key_required=config.api_key is not None)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
