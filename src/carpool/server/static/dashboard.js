@@ -323,7 +323,7 @@ function renderRequests(requests, finished, numLanes) {
   const running = requests.filter((r) => r.state === "running");
   const waiting = requests.filter((r) => r.state !== "running");
   const lane = (r) => (numLanes > 1 ? ` r${r.replica}` : "");
-  $("running").innerHTML = listItems(running, 9, (r) => {
+  $("running").innerHTML = listItems(running, 12, (r) => {
     const p = Math.min(1, r.computed / r.prompt), g = r.generated / Math.max(1, r.max_tokens);
     return `<li><i class="dot" style="background:${colour(r.id)}"></i><span class="id">${esc(r.id)}</span>` +
       `<span class="bar prompt" title="prompt computed"><i style="width:${100 * p}%"></i></span>` +
@@ -333,7 +333,7 @@ function renderRequests(requests, finished, numLanes) {
   });
   const hasPriority = waiting.some((r) => r.priority !== null);
   $("waiting-cols").textContent = hasPriority ? "priority · prompt · waited" : "prompt · waited";
-  $("waiting").innerHTML = listItems(waiting, 9, (r) =>
+  $("waiting").innerHTML = listItems(waiting, 12, (r) =>
     `<li><i class="dot" style="background:${colour(r.id)}"></i><span class="id">${esc(r.id)}</span>` +
     (hasPriority ? `<span class="num">p${r.priority ?? "–"}</span>` : "") +
     `<span class="num">${r.prompt} tok</span><span class="num">${fmt(r.waited_s, 1)} s` +
