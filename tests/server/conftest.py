@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,19 +9,19 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from carpool import LLM
 from carpool.config import EngineConfig
 from carpool.engine.llm_engine import LLMEngine
 from carpool.server import ServerConfig, build_app
 from helpers.hf_models import save_tiny_model_dir
+from helpers.live_server import UvicornThread
 
 MODEL_NAME = "tiny-llama"
 
 
-class LiveServer:
-    """``build_app`` served by uvicorn in a background thread (its own event loop)."""
+class LiveServer(UvicornThread):
+    """``build_app`` over one in-process engine, served by uvicorn in a background thread."""
 
     def __init__(
         self, model_dir: Path, server_config: ServerConfig | None = None, **engine_args: Any
@@ -31,20 +29,7 @@ class LiveServer:
         engine_args.setdefault("dtype", "float32")
         self.engine = LLMEngine(EngineConfig(model=str(model_dir), **engine_args))
         self.app = build_app(self.engine, server_config or ServerConfig())
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(256)
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = f"{self.url}/v1"
-        config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, timeout_graceful_shutdown=2
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self.thread.start()
+        super().__init__(self.app)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -70,10 +55,6 @@ class LiveServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"server not idle after {timeout}s: {s}")
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import math
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
 
 from carpool.bench.serve_load import (
     LoadSpec,
@@ -28,76 +23,19 @@ from carpool.bench.serve_load import (
     synthetic_prompts,
 )
 from carpool.cli import main
+from helpers.fake_openai import fake_openai_app
+from helpers.live_server import UvicornThread
 
 
-def _fake_app(mode: str) -> FastAPI:
-    """A streaming ``/v1/completions`` that answers ``max_tokens`` one-word chunks.
-
-    Modes: ``ok``; ``errors`` (every 3rd request a 500, every 5th a 429); ``slow`` (never
-    finishes in time); ``truncated`` (stream cut before ``[DONE]``).
-    """
-    app = FastAPI()
-    counter = itertools.count(1)
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):  # noqa: ANN202
-        body = await request.json()
-        n = next(counter)
-        if mode == "errors" and n % 3 == 0:
-            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
-        if mode == "errors" and n % 5 == 0:
-            return JSONResponse({"error": {"message": "busy"}}, status_code=429)
-        usage = (body.get("stream_options") or {}).get("include_usage", False)
-        tokens = int(body["max_tokens"])
-
-        async def events() -> AsyncIterator[str]:
-            for i in range(tokens):
-                if mode == "slow":
-                    await asyncio.sleep(5)
-                last = i == tokens - 1
-                if mode == "truncated" and last:
-                    return
-                choice = {"index": 0, "text": f" w{i}", "finish_reason": "length" if last else None}
-                chunk = {"id": f"cmpl-{n}", "object": "text_completion", "choices": [choice]}
-                if usage:
-                    chunk["usage"] = None
-                yield f"data: {json.dumps(chunk)}\n\n"
-                await asyncio.sleep(0.001)
-            if usage:
-                u = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}
-                yield f"data: {json.dumps({'id': f'cmpl-{n}', 'choices': [], 'usage': u})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
-
-
-class _Server:
-    """uvicorn in a thread on a free loopback port."""
+class _Server(UvicornThread):
+    """The fake server, started."""
 
     def __init__(self, app: FastAPI) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started, "fake server did not start"
+        super().__init__(app, graceful_shutdown=None, backlog=128)
+        self.wait_started()
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+    def stop(self, timeout: float = 10) -> None:
+        super().stop(timeout)
 
 
 @pytest.fixture
@@ -105,7 +43,7 @@ def fake() -> Iterator:
     made: list[_Server] = []
 
     def make(mode: str) -> _Server:
-        s = _Server(_fake_app(mode))
+        s = _Server(fake_openai_app(mode))
         made.append(s)
         return s
 

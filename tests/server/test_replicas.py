@@ -10,8 +10,6 @@ import asyncio
 import os
 import pickle
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from carpool import SamplingParams
@@ -44,6 +41,7 @@ from carpool.replicas.messages import (
     SubmitRequest,
 )
 from carpool.server import ServerConfig, build_app
+from helpers.live_server import UvicornThread
 
 MODEL = "tiny-llama"
 
@@ -120,7 +118,7 @@ def test_messages_pickle():
 # ---- a 2-replica server ---------------------------------------------------------------------
 
 
-class PoolServer:
+class PoolServer(UvicornThread):
     """``build_app(ReplicaPool)`` served by uvicorn in a background thread."""
 
     def __init__(self, model_dir: Path, **pool_args: Any) -> None:
@@ -129,19 +127,7 @@ class PoolServer:
         pool_args.setdefault("restart_backoff", 0.2)
         self.pool = ReplicaPool(ReplicaPoolConfig(engine, num_replicas=2, **pool_args))
         self.app = build_app(self.pool, ServerConfig())
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(256)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.base_url = f"{self.url}/v1"
-        config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, timeout_graceful_shutdown=2
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self.thread.start()
+        super().__init__(self.app)
         self.wait_health(lambda h: h["status"] == "ok", 240)
 
     def health(self) -> dict[str, Any]:
@@ -168,9 +154,8 @@ class PoolServer:
         assert self.pool._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.pool._loop).result(timeout)
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+    def stop(self, timeout: float = 30) -> None:
+        super().stop(timeout)
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +285,13 @@ def test_killed_replica_fails_fast_and_comes_back(pool_server, reference):
     prompts = [f"Kill test {i}" for i in range(12)]
     max_tokens = 200
 
+    # Requests alternate between the replicas; streams are i = 2, 3, 6, 7, 10, 11 so that
+    # each replica serves streams and non-streams.
+    def streams(i: int) -> bool:
+        return bool((i // 2) % 2)
+
+    streamed: set[int] = set()  # streams that received text
+
     async def one(http: httpx.AsyncClient, i: int) -> tuple[str, Any]:
         body = {
             "model": MODEL,
@@ -307,7 +299,7 @@ def test_killed_replica_fails_fast_and_comes_back(pool_server, reference):
             "max_tokens": max_tokens,
             "temperature": 0,
             "ignore_eos": True,
-            "stream": bool(i % 2),
+            "stream": streams(i),
         }
         if not body["stream"]:
             r = await http.post(f"{srv.base_url}/completions", json=body)
@@ -328,13 +320,16 @@ def test_killed_replica_fails_fast_and_comes_back(pool_server, reference):
                 if "error" in data:
                     return "error", ("stream", data["error"]["code"])
                 text += "".join(c["text"] for c in data["choices"])
+                if text:
+                    streamed.add(i)
         return "ok", text
 
     async def kill_when_busy() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             r0 = (await asyncio.to_thread(srv.health))["replicas"][0]
-            if r0["load"]["num_running"] > 0:
+            # every stream has sent text: replica 0's streams are mid-answer when it dies
+            if r0["load"]["num_running"] > 0 and len(streamed) == 6:
                 break
             await asyncio.sleep(0.02)
         os.kill(pid0, signal.SIGKILL)
@@ -353,6 +348,9 @@ def test_killed_replica_fails_fast_and_comes_back(pool_server, reference):
     assert all(code == "replica_unavailable" for _, code in errors), errors
     assert all(status in (503, "stream") for status, _ in errors), errors
     assert errors, "replica 0 was killed mid-load: some of its requests must have failed"
+    # A non-streaming request has received nothing before it finishes, so it is retried on
+    # the other replica and succeeds; streams that sent text cannot be retried and fail.
+    assert all(kind == "ok" for i, (kind, _) in enumerate(results) if not streams(i)), results
     expected = reference.generate(
         prompts,
         SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),

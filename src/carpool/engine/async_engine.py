@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from carpool.config import EngineConfig
-from carpool.engine.client import EngineObserver, check_queue
+from carpool.engine.client import EngineObserver, check_queue, generate
 from carpool.engine.core import CoreStep, EngineCore, NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.llm_engine import LLMEngine
@@ -154,23 +154,14 @@ class AsyncEngine:
         timeout = self.request_timeout if timeout is None else timeout
         stream = RequestStream(rid, self.abort)
         self._streams[rid] = stream
-        self.core.add_request(
-            NewRequest(
-                request_id=rid,
-                prompt=prompt,
-                params=params,
-                arrival_time=now if arrival_time is None else arrival_time,
-                deadline=None if timeout is None else now + timeout,
-                timeout=timeout,
-            )
-        )
+        self.core.add_request(NewRequest.at(now, rid, prompt, params, timeout, arrival_time))
         return stream
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request (no-op when unknown or finished)."""
         self.core.abort_request(request_id)
 
-    async def generate(
+    def generate(
         self,
         prompt: str | list[int],
         params: SamplingParams,
@@ -178,30 +169,8 @@ class AsyncEngine:
         timeout: float | None = None,
         arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output each step it progresses, the last one ``finished``.
-
-        Leaving the loop early (a disconnect cancels the task, or the consumer closes the
-        generator) aborts the request, which frees its KV blocks within one engine step.
-
-        Args:
-            prompt: text or token ids.
-            params: sampling parameters.
-            request_id: unique id (a new one when None).
-            timeout: seconds before the request is ended with ``RequestTimeoutError``
-                (default: the engine's ``request_timeout``).
-            arrival_time: when the request arrived (engine clock), for the queue-time metric.
-
-        Raises:
-            QueueFullError, EngineStoppedError, EngineDeadError: before anything is queued.
-            InvalidRequestError: the engine rejected the request (nothing was generated).
-            RequestTimeoutError: the deadline passed (outputs so far were yielded).
-        """
-        stream = self.submit(prompt, params, request_id, timeout, arrival_time)
-        try:
-            async for out in stream:
-                yield out
-        finally:  # GeneratorExit (consumer left) or CancelledError (task cancelled)
-            stream.abort()
+        """Yield the request's output each step it progresses (see ``client.generate``)."""
+        return generate(self, prompt, params, request_id, timeout, arrival_time)
 
     # ---- the live dashboard -----------------------------------------------------------------
 

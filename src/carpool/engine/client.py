@@ -8,7 +8,7 @@ each request's ``RequestStream`` and aborts, and reads ``snapshot`` for stats.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from carpool.config import EngineConfig
@@ -29,6 +29,7 @@ __all__ = [
     "ModelLimits",
     "RequestStream",
     "check_queue",
+    "generate",
 ]
 
 
@@ -109,3 +110,39 @@ def check_queue(max_queue: int | None, num_waiting: int, num_requests: int) -> N
     """
     if max_queue is not None and num_waiting + num_requests > max_queue:
         raise QueueFullError(f"too many requests are waiting (max_queue={max_queue}); retry later")
+
+
+async def generate(
+    client: EngineClient,
+    prompt: str | list[int],
+    params: SamplingParams,
+    request_id: str | None = None,
+    timeout: float | None = None,
+    arrival_time: float | None = None,
+) -> AsyncIterator[RequestOutput]:
+    """Submit a request to ``client`` and yield its outputs, the last one ``finished``.
+
+    Leaving the loop early (a disconnect cancels the task, or the consumer closes the
+    generator) aborts the request, which frees its KV blocks within one engine step.
+
+    Args:
+        client: the engine.
+        prompt: text or token ids.
+        params: sampling parameters.
+        request_id: unique id (a new one when None).
+        timeout: seconds before the request is ended with ``RequestTimeoutError``
+            (default: the client's ``request_timeout``).
+        arrival_time: when the request arrived (the client's clock), for the queue-time
+            metric.
+
+    Raises:
+        QueueFullError, EngineStoppedError, EngineDeadError: before anything is queued.
+        InvalidRequestError: the engine rejected the request (nothing was generated).
+        RequestTimeoutError: the deadline passed (outputs so far were yielded).
+    """
+    stream = client.submit(prompt, params, request_id, timeout, arrival_time)
+    try:
+        async for out in stream:
+            yield out
+    finally:  # GeneratorExit (consumer left) or CancelledError (task cancelled)
+        stream.abort()

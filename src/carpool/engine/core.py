@@ -58,6 +58,26 @@ class NewRequest:
     deadline: float | None = None
     timeout: float | None = None
 
+    @classmethod
+    def at(
+        cls,
+        now: float,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        timeout: float | None,
+        arrival_time: float | None,
+    ) -> NewRequest:
+        """A request submitted at ``now`` (arrival defaults to now; deadline = now + timeout)."""
+        return cls(
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            arrival_time=now if arrival_time is None else arrival_time,
+            deadline=None if timeout is None else now + timeout,
+            timeout=timeout,
+        )
+
 
 @dataclass(frozen=True)
 class CoreStep:

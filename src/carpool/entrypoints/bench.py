@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from carpool.config import BATCHING_STRATEGIES, LAYOUTS
 from carpool.entrypoints.bench_serve import add_serve_arguments, run_serve_cli
 from carpool.entrypoints.bench_sweep import add_sweep_arguments, run_sweep_cli
-from carpool.config import BATCHING_STRATEGIES, LAYOUTS
 from carpool.entrypoints.engine_args import add_engine_arguments, engine_config_from_args
 from carpool.errors import CarpoolError
 

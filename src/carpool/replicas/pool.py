@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,6 @@ from carpool.engine.stats import EngineSnapshot
 from carpool.engine.stream import RequestStream
 from carpool.engine.view import EngineTap, IterationEvent, TapSet
 from carpool.errors import CarpoolError, EngineStoppedError, ReplicaUnavailableError
-from carpool.outputs import RequestOutput
 from carpool.replicas.config import ReplicaPoolConfig
 from carpool.replicas.messages import (
     AbortRequest,
@@ -217,14 +216,7 @@ class ReplicaPool:
             request_id = f"preq-{self._ids}"
         now = time.monotonic()
         timeout = self.request_timeout if timeout is None else timeout
-        msg = NewRequest(
-            request_id=request_id,
-            prompt=prompt,
-            params=params,
-            arrival_time=now if arrival_time is None else arrival_time,
-            deadline=None if timeout is None else now + timeout,
-            timeout=timeout,
-        )
+        msg = NewRequest.at(now, request_id, prompt, params, timeout, arrival_time)
         flight = Flight(RequestStream(request_id, self.abort), msg)
         self.dispatch(flight, pinned=replica)
         return flight.stream
@@ -234,21 +226,6 @@ class ReplicaPool:
         flight = self.flights.pop(request_id, None)
         if flight is not None:
             self.replicas[flight.replica].send(AbortRequest(request_id))
-
-    async def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as ``AsyncEngine.generate`` does."""
-        stream = self.submit(prompt, params, request_id, timeout)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     # ---- the live dashboard -----------------------------------------------------------------
 

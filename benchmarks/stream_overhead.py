@@ -1,0 +1,212 @@
+"""Server-side CPU per streamed token (short vs long streams) and offline decode tokens/s,
+for several source trees side by side in one run (e.g. main's ``src`` against a branch's).
+
+Streaming: each tree serves a tiny random-weight Llama (``bench.random_model`` preset ``tiny``,
+context 8192, float32) from its own ``carpool`` server process; the client streams completions
+of ``--lengths`` tokens (greedy, EOS ignored) and reads the server process's CPU time (all its
+threads, ``/proc/PID/task/*/schedstat``, nanoseconds) before and after each request. The model is
+tiny so the forward pass is cheap and per-token serving costs (output building, SSE, pickling)
+show; a cost that grows with the stream's length shows as CPU/token growing with the length.
+
+Decode: ``LLM.generate`` on the ``small`` preset (bf16) at batch sizes ``--batch-sizes`` in a
+subprocess per tree, generated tokens/s over the whole call. Trees and repeats are interleaved,
+and medians are reported, because the machine is shared and noisy.
+
+Usage:
+    python benchmarks/stream_overhead.py --tree main=/work/main/src --tree core=src \\
+        --lengths 100,4000 --repeats 3 --batch-sizes 1,32 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+SERVER = """
+import sys, torch, uvicorn
+torch.set_num_threads({threads})
+from carpool.config import EngineConfig
+from carpool.engine.llm_engine import LLMEngine
+from carpool.server import ServerConfig, build_app
+engine = LLMEngine(EngineConfig(model={model!r}, dtype="float32", kv_cache_memory=64 << 20))
+uvicorn.run(build_app(engine, ServerConfig()), host="127.0.0.1", port={port},
+            log_level="warning", access_log=False)
+"""
+
+DECODE = """
+import json, random, time, torch
+torch.set_num_threads({threads})
+from carpool import LLM, SamplingParams
+llm = LLM({model!r}, dtype="bfloat16", max_num_seqs=64, kv_cache_memory=256 << 20)
+rng = random.Random(0)
+out = {{}}
+for b in {batch_sizes!r}:
+    prompts = [[rng.randrange(3, 32000) for _ in range(16)] for _ in range(b)]
+    params = SamplingParams(max_tokens={gen_len}, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    t = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    out[b] = b * {gen_len} / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every live thread of ``pid`` (ns)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # thread ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_models(work: Path, src: str) -> tuple[Path, Path]:
+    """The tiny (context 8192) and small models, written with ``src``'s own helper."""
+    code = (
+        "import json, sys; from pathlib import Path\n"
+        "from carpool.bench.random_model import save_random_llama\n"
+        "w = Path(sys.argv[1])\n"
+        "t = save_random_llama(w / 'tiny', 'tiny', 'float32')\n"
+        "c = json.loads((t / 'config.json').read_text())\n"
+        "c['max_position_embeddings'] = 8192\n"
+        "(t / 'config.json').write_text(json.dumps(c))\n"
+        "save_random_llama(w / 'small', 'small', 'bfloat16')\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(work)], env=env_for(src, 1), check=True)
+    return work / "tiny", work / "small"
+
+
+def env_for(src: str, threads: int) -> dict[str, str]:
+    return os.environ | {"PYTHONPATH": str(Path(src).resolve()), "OMP_NUM_THREADS": str(threads)}
+
+
+def stream_once(url: str, length: int) -> int:
+    """Stream one completion of ``length`` tokens; returns the chunks with text received."""
+    body = {
+        "model": "tiny",
+        "prompt": "hello",
+        "max_tokens": length,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    chunks = 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks += 1
+    return chunks
+
+
+def start_server(src: str, model: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    code = SERVER.format(threads=threads, model=str(model), port=port)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env_for(src, threads))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server of {src} did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tree", action="append", required=True, help="LABEL=SRC_DIR (repeatable)")
+    ap.add_argument("--lengths", default="100,4000", help="streamed tokens per request")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-sizes", default="1,32", help="decode batch sizes ('' to skip)")
+    ap.add_argument("--gen-len", type=int, default=64, help="decode: tokens per sequence")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--output", type=Path, default=None, help="write the medians as JSON")
+    args = ap.parse_args()
+    trees = dict(t.split("=", 1) for t in args.tree)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
+    work = Path(tempfile.mkdtemp(prefix="stream-overhead-"))
+    tiny, small = make_models(work, next(iter(trees.values())))
+
+    cpu: dict[tuple[str, int], list[float]] = {}
+    servers = {label: start_server(src, tiny, args.threads) for label, src in trees.items()}
+    try:
+        for _, url in servers.values():  # warm-up
+            stream_once(url, 16)
+        for _ in range(args.repeats):
+            for length in lengths:
+                for label, (proc, url) in servers.items():
+                    # Short streams are repeated so each sample covers >= ~1,000 tokens.
+                    times = max(1, 1000 // length)
+                    before = cpu_ns(proc.pid)
+                    for _ in range(times):
+                        got = stream_once(url, length)
+                        assert got >= length * 0.9, f"{label}: {got} chunks for {length} tokens"
+                    us = (cpu_ns(proc.pid) - before) / 1e3 / (times * length)
+                    cpu.setdefault((label, length), []).append(us)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(10)
+
+    decode: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.repeats if batch_sizes else 0):
+        for label, src in trees.items():
+            code = DECODE.format(
+                threads=args.threads, model=str(small), batch_sizes=batch_sizes,
+                gen_len=args.gen_len,
+            )  # fmt: skip
+            res = subprocess.run(
+                [sys.executable, "-c", code],
+                env=env_for(src, args.threads),
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            for b, tps in json.loads(res.stdout.strip().splitlines()[-1]).items():
+                decode.setdefault((label, int(b)), []).append(tps)
+
+    print(f"\nserver CPU per streamed token (us, median of {args.repeats}; all server threads)")
+    print("| tree | " + " | ".join(f"{n} tokens" for n in lengths) + " | long / short |")
+    print("|---|" + "---:|" * (len(lengths) + 1))
+    result: dict[str, dict[str, float]] = {}
+    for label in trees:
+        med = [statistics.median(cpu[label, n]) for n in lengths]
+        result[label] = {f"cpu_us_per_token_{n}": m for n, m in zip(lengths, med, strict=True)}
+        cells = " | ".join(f"{m:.0f}" for m in med)
+        print(f"| {label} | {cells} | {med[-1] / med[0]:.2f} |")
+    if batch_sizes:
+        print(f"\ndecode tokens/s (small preset, bf16, median of {args.repeats})")
+        print("| tree | " + " | ".join(f"B={b}" for b in batch_sizes) + " |")
+        print("|---|" + "---:|" * len(batch_sizes))
+        for label in trees:
+            med = [statistics.median(decode[label, b]) for b in batch_sizes]
+            for b, m in zip(batch_sizes, med, strict=True):
+                result[label][f"decode_tokens_per_s_B{b}"] = m
+            print(f"| {label} | " + " | ".join(f"{m:.1f}" for m in med) + " |")
+    if args.output is not None:
+        args.output.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
