@@ -10,6 +10,11 @@ PORT ?= 8000
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[dev,ray]'
+	@# The dashboard's browser test drives Debian's Chromium (CI runs as root); elsewhere the
+	@# test fails naming what is missing.
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver) || \
+		echo "warning: could not install chromium + chromium-driver (the dashboard browser test needs them)"
 	touch $(STAMP)
 
 install: $(STAMP)
