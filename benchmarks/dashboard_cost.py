@@ -7,7 +7,11 @@ the number of open dashboards alternates between 0 and ``--viewers``; each viewe
 a separate process that reads ``/v1/stats/stream`` and parses every frame as the page does (the
 server does all its dashboard work: the taps on the engine thread, the views, one frame per
 tick). Throughput is completion tokens / wall time of the burst; the conditions are interleaved
-and medians reported, since the machine is shared and noisy.
+(ABBA: each pair's order flips) and medians reported, since the machine is shared and noisy.
+The viewers run at ``nice 19``: they stand for browsers on other machines, and on a 2-core box
+their JSON parsing would otherwise take CPU from the server. Besides tokens/s, the server
+process's own CPU time per generated token (``/proc/PID/stat``) is compared: it shows the
+server-side cost even when other jobs share the machine.
 
 Usage:
     python benchmarks/dashboard_cost.py --viewers 3 --repeats 5 --threads 1
@@ -29,7 +33,8 @@ from pathlib import Path
 import httpx
 
 VIEWERS = """
-import json, sys, threading, httpx
+import json, os, sys, threading, httpx
+os.nice(19)  # viewers stand for browsers on other machines: they yield this box's CPU
 url, n = sys.argv[1], int(sys.argv[2])
 counts = [0] * n
 def view(i):
@@ -70,8 +75,14 @@ def start_server(port: int, threads: int, max_num_seqs: int) -> subprocess.Popen
     raise RuntimeError("the server did not become healthy")
 
 
-def burst(url: str, requests: int, max_tokens: int) -> float:
-    """Completion tokens per second of one burst of concurrent requests."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def burst(url: str, requests: int, max_tokens: int) -> tuple[float, int]:
+    """(seconds, completion tokens) of one burst of concurrent requests."""
 
     def one(i: int) -> int:
         body = {"model": "carpool-default", "prompt": f"Story {i}:", "max_tokens": max_tokens,
@@ -83,7 +94,7 @@ def burst(url: str, requests: int, max_tokens: int) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(requests) as pool:
         tokens = sum(pool.map(one, range(requests)))
-    return tokens / (time.perf_counter() - start)
+    return time.perf_counter() - start, tokens
 
 
 def main() -> None:
@@ -99,28 +110,44 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(port, args.threads, args.requests)
-    results: dict[str, list[float]] = {"none": [], f"{args.viewers} dashboards": []}
+    off, on_key = "none", f"{args.viewers} dashboards"
+    results: dict[str, list[float]] = {off: [], on_key: []}
+    cpu_ms: dict[str, list[float]] = {off: [], on_key: []}  # server CPU ms per token
     frames: list[int] = []
-    try:
-        burst(url, args.requests, 8)  # warm-up
-        for _ in range(args.repeats):
-            results["none"].append(burst(url, args.requests, args.max_tokens))
+
+    def measure(key: str) -> None:
+        viewers = None
+        if key == on_key:
             viewers = subprocess.Popen(
                 [sys.executable, "-c", VIEWERS, url, str(args.viewers)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
-            time.sleep(1.0)  # connected, first frames built
-            rate = burst(url, args.requests, args.max_tokens)
-            results[f"{args.viewers} dashboards"].append(rate)
+            time.sleep(1.5)  # connected, first frames built
+        cpu = cpu_seconds(server.pid)
+        seconds, tokens = burst(url, args.requests, args.max_tokens)
+        cpu_ms[key].append(1000 * (cpu_seconds(server.pid) - cpu) / tokens)
+        results[key].append(tokens / seconds)
+        if viewers is not None:
             out, _ = viewers.communicate("", timeout=30)
             frames.extend(json.loads(out.strip().splitlines()[-1]))
+        else:
+            time.sleep(1.5)  # the same pause as the other condition
+
+    try:
+        burst(url, args.requests, 8)  # warm-up
+        for i in range(args.repeats):
+            for key in (off, on_key) if i % 2 == 0 else (on_key, off):
+                measure(key)
     finally:
         server.terminate()
         server.wait(30)
 
     medians = {k: statistics.median(v) for k, v in results.items()}
-    on = medians[f"{args.viewers} dashboards"]
-    ratio = on / medians["none"]
+    on = medians[on_key]
+    ratio = on / medians[off]
+    pairs = zip(results[off], results[on_key], strict=True)
+    pair_ratio = statistics.median(b / a for a, b in pairs)
+    cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
     summary = {
         "threads": args.threads,
         "requests": args.requests,
@@ -129,14 +156,18 @@ def main() -> None:
         "tokens_per_s": results,
         "median_tokens_per_s": medians,
         "ratio_with_dashboards": ratio,
+        "median_pair_ratio": pair_ratio,
+        "server_cpu_ms_per_token": cpu_ms,
+        "median_server_cpu_ms_per_token": cpu,
         "frames_received_per_viewer": frames,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        f"decode tokens/s median of {args.repeats}: none {medians['none']:.1f}, "
-        f"{args.viewers} dashboards {on:.1f} (ratio {ratio:.3f}, {100 * (ratio - 1):+.1f}%); "
-        f"frames per viewer per burst {min(frames)}-{max(frames)}"
+        f"decode tokens/s median of {args.repeats}: none {medians[off]:.1f}, {on_key} {on:.1f} "
+        f"(ratio {ratio:.3f}, median pair ratio {pair_ratio:.3f}); server CPU ms/token: none "
+        f"{cpu[off]:.3f}, {on_key} {cpu[on_key]:.3f}; frames per viewer per burst "
+        f"{min(frames)}-{max(frames)}"
     )
 
 

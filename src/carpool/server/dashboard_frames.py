@@ -37,18 +37,19 @@ VERDICT_S = 3.0  # the verdict looks at this much recent time
 FREE, CACHED = -1, -2  # KV map cell values besides an index into ``requests``
 
 
-@dataclass(frozen=True)
-class _Step:
-    seq: int
-    replica: int
-    end: float
-    decode: int
-    prefill: int
-    pad: int
-    batch: int
-    preempted: int
-    sampled: int
-    duration: float
+@dataclass
+class _Totals:
+    """Counters since the builder started; rates are their differences between frame ticks,
+    so a frame never walks more than the ``MAX_STEPS`` steps it draws."""
+
+    steps: int = 0
+    decode: int = 0
+    prefill: int = 0
+    pad: int = 0
+    sampled: int = 0
+
+    def copy(self) -> _Totals:
+        return _Totals(self.steps, self.decode, self.prefill, self.pad, self.sampled)
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,13 @@ class FrameBuilder:
         self.view_interval = view_interval
         self.clock = clock
         self._lock = threading.Lock()
-        self._steps: deque[_Step] = deque(maxlen=8192)
-        self._num_steps = 0
-        self._finished: deque[_Finished] = deque(maxlen=4096)
-        self._gaps: deque[tuple[float, float]] = deque(maxlen=8192)  # (end, inter-token gap)
+        # [seq, replica, decode, prefill, pad, batch, preempted, ms]: as the frame sends them
+        self._steps: deque[list[float]] = deque(maxlen=MAX_STEPS)
+        self._totals = _Totals()
+        self._marks: deque[tuple[float, _Totals]] = deque()  # (frame time, totals then)
+        self._finished: deque[_Finished] = deque(maxlen=512)
+        self._gaps: deque[tuple[float, float]] = deque(maxlen=2048)  # (end, inter-token gap)
+        self._latency: tuple[float, dict[str, Any]] = (float("-inf"), {})  # (when, cached)
         self._views: dict[int, EngineView] = {}
         self._snapshots: dict[int, EngineSnapshot] = {}
         self._history: deque[tuple[float, float, int, int]] = deque()  # t, usage, run, wait
@@ -119,21 +123,18 @@ class FrameBuilder:
             self._snapshots[event.replica] = event.snapshot
             rec = event.record
             if rec is not None:
-                self._num_steps += 1
+                t = self._totals
+                decode = rec.num_tokens - rec.num_prefill_tokens
+                t.steps += 1
+                t.decode += decode
+                t.prefill += rec.num_prefill_tokens
+                t.pad += rec.num_padded_tokens
+                t.sampled += rec.num_sampled
                 self._steps.append(
-                    _Step(
-                        seq=self._num_steps,
-                        replica=event.replica,
-                        end=rec.start + rec.duration,
-                        decode=rec.num_tokens - rec.num_prefill_tokens,
-                        prefill=rec.num_prefill_tokens,
-                        pad=rec.num_padded_tokens,
-                        batch=rec.num_seqs,
-                        preempted=rec.num_preempted,
-                        sampled=rec.num_sampled,
-                        duration=rec.duration,
-                    )
-                )
+                    [t.steps, event.replica, decode, rec.num_prefill_tokens,
+                     rec.num_padded_tokens, rec.num_seqs, rec.num_preempted,
+                     round(1000 * rec.duration, 2)]
+                )  # fmt: skip
             if event.view is not None:
                 self._views[event.replica] = event.view
                 for r in event.view.requests:
@@ -172,22 +173,23 @@ class FrameBuilder:
         now = self.clock()
         with self._lock:
             steps = list(self._steps)
-            finished = [f for f in self._finished if now - f.end <= WINDOW_S * 3]
-            gaps = [g for t, g in self._gaps if now - t <= WINDOW_S * 3]
+            totals = self._totals.copy()
             views = dict(self._views)
             snaps = dict(self._snapshots)
             routed = list(self._routed)
-            num_steps = self._num_steps
+            finished = list(self._finished)[-MAX_FINISHED:]
         total = self.snapshot()
         self._record_history(now, total)
-        recent = [s for s in steps if now - s.end <= WINDOW_S]
-        window = min(WINDOW_S, max(1e-3, now - recent[0].end + recent[0].duration)) if recent else 1
+        self._marks.append((now, totals))
+        while now - self._marks[0][0] > max(WINDOW_S, VERDICT_S):
+            self._marks.popleft()
+        window, before = self._since(now, WINDOW_S)
         lanes = self._lanes(routed, now)
         requests, kv = self._requests_and_kv([x["replica"] for x in lanes], views, snaps, now)
         return {
             "time": now,
             "config": self._config(len(lanes)),
-            "verdict": self._verdict(steps, total, now),
+            "verdict": self._verdict(totals, total, now),
             "totals": {
                 "running": total.num_running,
                 "waiting": total.num_waiting,
@@ -195,31 +197,16 @@ class FrameBuilder:
                 "num_blocks": total.num_blocks,
                 "kv_usage": total.kv_cache_usage,
                 "preemptions": total.num_preemptions,
-                "steps": num_steps,
+                "steps": totals.steps,
                 "mean_batch_size": total.mean_batch_size,
             },
-            "steps": [
-                [
-                    s.seq,
-                    s.replica,
-                    s.decode,
-                    s.prefill,
-                    s.pad,
-                    s.batch,
-                    s.preempted,
-                    round(1000 * s.duration, 2),
-                ]
-                for s in steps[-MAX_STEPS:]
-            ],  # fmt: skip
+            "steps": steps,
             "rates": {
                 "window_s": WINDOW_S,
-                "generation_tps": sum(s.sampled for s in recent) / window,
-                "prefill_tps": sum(s.prefill for s in recent) / window,
-                "steps_per_s": len(recent) / window,
-                "ttft_ms": _ms(percentiles([f.ttft for f in finished if f.ttft is not None])),
-                "itl_ms": _ms(percentiles(gaps)),
-                "e2e_ms": _ms(percentiles([f.e2e for f in finished if f.e2e is not None])),
-                "finished_in_window": len(finished),
+                "generation_tps": (totals.sampled - before.sampled) / window if window else 0.0,
+                "prefill_tps": (totals.prefill - before.prefill) / window if window else 0.0,
+                "steps_per_s": (totals.steps - before.steps) / window if window else 0.0,
+                **self._latencies(now),
             },
             "history": [[round(t - now, 2), round(u, 4), r, w] for t, u, r, w in self._history],
             "requests": requests,
@@ -234,11 +221,36 @@ class FrameBuilder:
                     "e2e_ms": _ms1(f.e2e),
                     "ago_s": round(now - f.end, 1),
                 }
-                for f in reversed(finished[-MAX_FINISHED:])
+                for f in reversed(finished)
             ],  # fmt: skip
             "kv": kv,
             "lanes": lanes,
         }
+
+    def _since(self, now: float, seconds: float) -> tuple[float, _Totals]:
+        """(elapsed, totals) at the oldest frame tick within the last ``seconds``."""
+        for t, totals in self._marks:
+            if now - t <= seconds:
+                return now - t, totals
+        return 0.0, self._marks[-1][1]
+
+    def _latencies(self, now: float) -> dict[str, Any]:
+        """TTFT, inter-token and end-to-end percentiles over the window (sorted once a second)."""
+        when, cached = self._latency
+        if now - when < 1.0 and cached:
+            return cached
+        horizon = 3 * WINDOW_S  # finished requests are rarer than steps: a longer window
+        with self._lock:
+            finished = [f for f in self._finished if now - f.end <= horizon]
+            gaps = [g for t, g in self._gaps if now - t <= horizon]
+        cached = {
+            "ttft_ms": _ms(percentiles([f.ttft for f in finished if f.ttft is not None])),
+            "itl_ms": _ms(percentiles(gaps)),
+            "e2e_ms": _ms(percentiles([f.e2e for f in finished if f.e2e is not None])),
+            "finished_in_window": len(finished),
+        }
+        self._latency = (now, cached)
+        return cached
 
     def _record_history(self, now: float, total: EngineSnapshot) -> None:
         h = self._history
@@ -263,18 +275,18 @@ class FrameBuilder:
             "replicas": num_replicas,
         }
 
-    def _verdict(self, steps: list[_Step], total: EngineSnapshot, now: float) -> dict[str, str]:
+    def _verdict(self, totals: _Totals, total: EngineSnapshot, now: float) -> dict[str, str]:
         """Where the time goes lately: queueing beats prefill-bound beats decode-bound."""
-        recent = [s for s in steps if now - s.end <= VERDICT_S]
         waits = [w for t, _, _, w in self._history if now - t <= VERDICT_S]
         mean_wait = sum(waits) / len(waits) if waits else 0.0
         if mean_wait >= 1.0 and total.num_waiting > 0:
             why = f"{mean_wait:.1f} requests waited for a seat or KV blocks on average"
             return {"state": "queueing", "why": f"{why} in the last {VERDICT_S:g} s"}
-        if not recent:
+        _, before = self._since(now, VERDICT_S)
+        if totals.steps == before.steps:
             return {"state": "idle", "why": f"no forward pass in the last {VERDICT_S:g} s"}
-        prefill = sum(s.prefill for s in recent)
-        computed = prefill + sum(s.decode for s in recent) + sum(s.pad for s in recent)
+        prefill = totals.prefill - before.prefill
+        computed = prefill + totals.decode - before.decode + totals.pad - before.pad
         share = prefill / computed if computed else 0.0
         state = "prefill-bound" if share > 0.5 else "decode-bound"
         why = f"{100 * share:.0f}% of the tokens computed in the last {VERDICT_S:g} s were prompt"
