@@ -25,6 +25,11 @@ KEY = "dash-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+def cells(kv: dict) -> list[int]:
+    """A KV map's cells (the frame sends ``[value, count]`` runs)."""
+    return [v for v, n in kv["cells"] for _ in range(n)]
+
+
 def frames(url: str, seconds: float, headers: dict[str, str] | None = None) -> Iterator[dict]:
     """Frames of the stream for about ``seconds`` seconds."""
     end = time.monotonic() + seconds
@@ -72,23 +77,23 @@ def test_frames_follow_a_burst_then_show_every_block_free(srv) -> None:
             load.start()
             started = True
         idle = not load.is_alive() and f["totals"]["running"] == 0 and f["kv"][0]["used"] == 0
-        if idle and all(c == -1 for c in f["kv"][0]["cells"]) and f["finished"]:
+        if idle and all(c == -1 for c in cells(f["kv"][0])) and f["finished"]:
             break
     load.join()
     assert len(results[0]) == 6
     last = seen[-1]
-    assert all(c == -1 for c in last["kv"][0]["cells"]), "blocks still shown in use after the end"
+    assert all(c == -1 for c in cells(last["kv"][0])), "blocks still shown in use after the end"
     assert last["requests"] == [] and last["totals"]["kv_used_blocks"] == 0
     # During the burst: requests waited, ran with progress, and held blocks in the map.
     assert max(f["totals"]["waiting"] for f in seen) >= 1
     assert max(f["totals"]["running"] for f in seen) == 2  # max_num_seqs
     states = {r["state"] for f in seen for r in f["requests"]}
     assert {"waiting", "running"} <= states, states
-    owned = [f for f in seen if any(c >= 0 for c in f["kv"][0]["cells"])]
+    owned = [f for f in seen if any(c >= 0 for c in cells(f["kv"][0]))]
     assert owned, "no frame showed a block held by a request"
     f = owned[-1]
     for i, r in enumerate(f["requests"]):
-        assert f["kv"][0]["cells"].count(i) == r["blocks"], (r, f["kv"][0])
+        assert cells(f["kv"][0]).count(i) == r["blocks"], (r, f["kv"][0])
     # Steps split into decode and prefill-chunk tokens (the 16-token budget cuts prompts).
     steps = last["steps"]
     assert steps and last["totals"]["steps"] >= len(steps)

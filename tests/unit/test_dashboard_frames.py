@@ -101,7 +101,7 @@ def test_kv_map_shows_owners_cached_blocks_and_priorities_when_present() -> None
     state["snapshot"] = EngineSnapshot(num_blocks=16, num_free_blocks=11)
     b.on_iteration(IterationEvent(0, None, state["snapshot"], (), view))
     f = b.frame()
-    cells = f["kv"][0]["cells"]
+    cells = [v for v, n in f["kv"][0]["cells"] for _ in range(n)]  # runs of [value, count]
     assert cells[:3] == [0, 0, 0] and cells[5:7] == [CACHED, CACHED]
     assert cells.count(FREE) == 11 and f["kv"][0]["cached"] == 2 and f["kv"][0]["used"] == 5
     assert [(r["id"], r["state"], r["priority"]) for r in f["requests"]] == [

@@ -34,7 +34,8 @@ WINDOW_S = 10.0  # throughput and latency percentiles over this sliding window
 HISTORY_S = 60.0  # KV usage / queue history shown
 VERDICT_S = 3.0  # the verdict looks at this much recent time
 
-FREE, CACHED = -1, -2  # KV map cell values besides an index into ``requests``
+FREE, CACHED = -1, -2  # KV map cell values besides an index into ``requests`` (run-length
+# encoded in the frame: ``[[value, count], ...]``)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class FrameBuilder:
         self.view_interval = view_interval
         self.clock = clock
         self._lock = threading.Lock()
-        # [seq, replica, decode, prefill, pad, batch, preempted, ms]: as the frame sends them
+        # [seq, replica, decode, prefill, pad, batch, preempted]: as the frame sends them (ints
+        # only: JSON-encoding floats is most of a frame's cost)
         self._steps: deque[list[float]] = deque(maxlen=MAX_STEPS)
         self._totals = _Totals()
         self._marks: deque[tuple[float, _Totals]] = deque()  # (frame time, totals then)
@@ -132,8 +134,7 @@ class FrameBuilder:
                 t.sampled += rec.num_sampled
                 self._steps.append(
                     [t.steps, event.replica, decode, rec.num_prefill_tokens,
-                     rec.num_padded_tokens, rec.num_seqs, rec.num_preempted,
-                     round(1000 * rec.duration, 2)]
+                     rec.num_padded_tokens, rec.num_seqs, rec.num_preempted]
                 )  # fmt: skip
             if event.view is not None:
                 self._views[event.replica] = event.view
@@ -208,7 +209,10 @@ class FrameBuilder:
                 "steps_per_s": (totals.steps - before.steps) / window if window else 0.0,
                 **self._latencies(now),
             },
-            "history": [[round(t - now, 2), round(u, 4), r, w] for t, u, r, w in self._history],
+            # [tenths of a second ago, KV use in permille, running, waiting]
+            "history": [
+                [round(10 * (t - now)), round(1000 * u), r, w] for t, u, r, w in self._history
+            ],
             "requests": requests,
             "finished": [
                 {
@@ -326,7 +330,7 @@ class FrameBuilder:
             used = (snap.num_blocks - snap.num_free_blocks) if snap is not None else 0
             kv.append(
                 {"replica": replica, "num_blocks": num_blocks, "blocks_per_cell": per_cell,
-                 "cells": cells, "used": used, "cached": cached if view is not None and
+                 "cells": run_lengths(cells), "used": used, "cached": cached if view is not None and
                  view.cached_block_ids is not None else None,
                  "block_size": view.block_size if view is not None else self.config.block_size}
             )  # fmt: skip
@@ -339,6 +343,17 @@ class FrameBuilder:
             recent = [(round(now - t, 1), rid) for t, r, rid in routed if r == i][-12:]
             lanes.append({**lane, "recent": recent})
         return lanes
+
+
+def run_lengths(cells: list[int]) -> list[list[int]]:
+    """``cells`` as ``[value, count]`` runs (a KV map is long runs of free or of one owner)."""
+    runs: list[list[int]] = []
+    for c in cells:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    return runs
 
 
 def _ms(p: dict[str, float | None]) -> dict[str, float | None]:

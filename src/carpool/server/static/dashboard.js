@@ -210,7 +210,7 @@ function drawTimeline(steps) {
   el.dataset.steps = steps.length;
   el.dataset.lastStep = steps.length ? steps[steps.length - 1][0] : 0;
   const box = { x: 46, y: 8, w: w - 96, h: h - 44 };
-  // [seq, replica, decode, prefill, pad, batch, preempted, ms]
+  // [seq, replica, decode, prefill, pad, batch, preempted]
   const yMax = niceMax(Math.max(1, ...steps.map((s) => s[2] + s[3] + s[4])));
   const bMax = niceMax(Math.max(1, ...steps.map((s) => s[5])), true);
   axes(ctx, box, yMax, "tokens per step", "step number (latest " + steps.length + " forward passes)",
@@ -258,7 +258,8 @@ function drawHistory(history) {
   ctx.fillStyle = css("--muted"); ctx.textAlign = "center";
   for (let s = 0; s <= span; s += 10) ctx.fillText(s, box.x + box.w - (box.w * s) / span, box.y + box.h + 13);
   if (!history.length) return;
-  const X = (t) => box.x + box.w + (box.w * t) / span;
+  // [tenths of a second ago (<= 0), KV use in permille, running, waiting]
+  const X = (t) => box.x + box.w + (box.w * t) / 10 / span;
   const line = (k, max, col, fill) => {
     ctx.beginPath();
     history.forEach((p, i) => {
@@ -273,8 +274,8 @@ function drawHistory(history) {
       ctx.strokeStyle = col; ctx.lineWidth = 1.8; ctx.stroke();
     }
   };
-  line(1, 1, null, "rgba(112, 72, 232, 0.25)");
-  line(1, 1, css("--kv"));
+  line(1, 1000, null, "rgba(112, 72, 232, 0.25)");
+  line(1, 1000, css("--kv"));
   line(2, rMax, css("--run"));
   line(3, rMax, css("--wait"));
 }
@@ -286,7 +287,9 @@ function drawKV(kv, requests) {
   let caption = [];
   kv.forEach((k, li) => {
     const top = (h / lanes) * li, height = h / lanes - 4;
-    const n = k.cells.length;
+    const cells = [];  // the frame sends [value, count] runs
+    for (const [v, count] of k.cells) for (let j = 0; j < count; j++) cells.push(v);
+    const n = cells.length;
     const cols = Math.max(1, Math.ceil(Math.sqrt((n * (w - labelW)) / height)));
     const rows = Math.ceil(n / cols);
     const size = Math.max(1, Math.min((w - labelW) / cols, height / rows, 22));
@@ -296,7 +299,7 @@ function drawKV(kv, requests) {
       ctx.fillText("replica " + k.replica, 0, top + 2);
     }
     for (let i = 0; i < n; i++) {
-      const v = k.cells[i];
+      const v = cells[i];
       ctx.fillStyle = v === -1 ? css("--free") : v === -2 ? css("--cached") : colour(requests[v].id);
       ctx.fillRect(labelW + (i % cols) * size, top + Math.floor(i / cols) * size, size - gap, size - gap);
     }
