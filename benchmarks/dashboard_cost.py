@@ -37,14 +37,19 @@ import json, os, sys, threading, httpx
 os.nice(19)  # viewers stand for browsers on other machines: they yield this box's CPU
 url, n = sys.argv[1], int(sys.argv[2])
 counts = [0] * n
+first = threading.Barrier(n + 1)
 def view(i):
     with httpx.stream("GET", url + "/v1/stats/stream", timeout=None) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 json.loads(line[6:])
                 counts[i] += 1
+                if counts[i] == 1:
+                    first.wait()
 for i in range(n):
     threading.Thread(target=view, args=(i,), daemon=True).start()
+first.wait()
+print("ready", flush=True)  # every viewer has its first frame: the burst may start
 sys.stdin.read()  # until the benchmark closes our stdin
 print(json.dumps(counts), flush=True)
 """
@@ -122,7 +127,8 @@ def main() -> None:
                 [sys.executable, "-c", VIEWERS, url, str(args.viewers)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
-            time.sleep(1.5)  # connected, first frames built
+            assert viewers.stdout is not None
+            assert viewers.stdout.readline().strip() == "ready"  # all connected and served
         cpu = cpu_seconds(server.pid)
         seconds, tokens = burst(url, args.requests, args.max_tokens)
         cpu_ms[key].append(1000 * (cpu_seconds(server.pid) - cpu) / tokens)
@@ -130,8 +136,6 @@ def main() -> None:
         if viewers is not None:
             out, _ = viewers.communicate("", timeout=30)
             frames.extend(json.loads(out.strip().splitlines()[-1]))
-        else:
-            time.sleep(1.5)  # the same pause as the other condition
 
     try:
         burst(url, args.requests, 8)  # warm-up

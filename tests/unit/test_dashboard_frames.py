@@ -3,6 +3,7 @@ priorities when an engine reports them), the percentiles and the routing lanes."
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from carpool.config import EngineConfig
@@ -79,9 +80,15 @@ def test_steps_carry_decode_prefill_and_preemptions_in_order() -> None:
     for i in range(300):
         clock.now += 0.01
         b.on_iteration(step(clock, decode=i % 3, prefill=5, preempted=int(i == 299)))
+    text = b.frame_json()  # step rows encoded once and spliced in
+    assert json.loads(text)["steps"] == b.frame()["steps"]
+    for _ in range(5):
+        clock.now += 0.01
+        b.on_iteration(step(clock, decode=1, prefill=0))
+    assert json.loads(b.frame_json())["steps"] == b.frame()["steps"]
     steps = b.frame()["steps"]
-    assert len(steps) == 240 and steps[-1][0] == 300  # the latest 240, numbered from 1
-    assert steps[-1][2:4] == [299 % 3, 5] and steps[-1][6] == 1
+    assert len(steps) == 240 and steps[-1][0] == 305  # the latest 240, numbered from 1
+    assert steps[-6][2:4] == [299 % 3, 5] and steps[-6][6] == 1
     assert sum(s[6] for s in steps) == 1
 
 

@@ -18,7 +18,6 @@ carry no data and are public.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -116,7 +115,7 @@ class Broadcaster:
         while self.viewers and self._builder is not None:
             started = loop.time()
             try:
-                text = json.dumps(self._builder.frame(), separators=(",", ":"))
+                text = self._builder.frame_json()
             except Exception:  # a frame bug must not end the dashboard, nor spam the log
                 logger.exception("dashboard frame failed")
                 await asyncio.sleep(1.0)

@@ -15,6 +15,7 @@ the recently finished ones; the KV block map per engine; one lane per replica.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -110,6 +111,8 @@ class FrameBuilder:
         self._finished: deque[_Finished] = deque(maxlen=512)
         self._gaps: deque[tuple[float, float]] = deque(maxlen=2048)  # (end, inter-token gap)
         self._latency: tuple[float, dict[str, Any]] = (float("-inf"), {})  # (when, cached)
+        self._encoded: deque[str] = deque(maxlen=MAX_STEPS)  # step rows as JSON (frame_json)
+        self._last_encoded = 0
         self._views: dict[int, EngineView] = {}
         self._snapshots: dict[int, EngineSnapshot] = {}
         self._history: deque[tuple[float, float, int, int]] = deque()  # t, usage, run, wait
@@ -169,11 +172,29 @@ class FrameBuilder:
 
     # ---- the frame (event loop) -------------------------------------------------------------
 
-    def frame(self) -> dict[str, Any]:
-        """One dashboard frame (JSON-ready)."""
+    def frame_json(self) -> str:
+        """One frame as JSON text. The step rows, most of a frame, are encoded once each and
+        kept (event loop only), since a frame repeats the latest ``MAX_STEPS`` of them."""
+        frame = self.frame(with_steps=False)
+        steps = frame.pop("steps")
+        encoded = self._encoded
+        for row in steps:
+            if row[0] > self._last_encoded:
+                encoded.append(json.dumps(row, separators=(",", ":")))
+                self._last_encoded = row[0]
+        text = json.dumps(frame, separators=(",", ":"))
+        return f'{text[:-1]},"steps":[{",".join(encoded)}]}}'
+
+    def frame(self, with_steps: bool = True) -> dict[str, Any]:
+        """One dashboard frame (JSON-ready); ``with_steps=False`` leaves the rows for
+        ``frame_json`` to splice in (the key then holds only the rows it has not seen)."""
         now = self.clock()
         with self._lock:
-            steps = list(self._steps)
+            steps = (
+                list(self._steps)
+                if with_steps
+                else [r for r in self._steps if r[0] > self._last_encoded]
+            )
             totals = self._totals.copy()
             views = dict(self._views)
             snaps = dict(self._snapshots)
