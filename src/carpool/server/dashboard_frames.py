@@ -110,7 +110,8 @@ class FrameBuilder:
         self._marks: deque[tuple[float, _Totals]] = deque()  # (frame time, totals then)
         self._finished: deque[_Finished] = deque(maxlen=512)
         self._gaps: deque[tuple[float, float]] = deque(maxlen=2048)  # (end, inter-token gap)
-        self._latency: tuple[float, dict[str, Any]] = (float("-inf"), {})  # (when, cached)
+        self._latency: tuple[float, int, dict[str, Any]] = (float("-inf"), 0, {})
+        self._num_finished = 0
         self._encoded: deque[str] = deque(maxlen=MAX_STEPS)  # step rows as JSON (frame_json)
         self._last_encoded = 0
         self._views: dict[int, EngineView] = {}
@@ -144,6 +145,7 @@ class FrameBuilder:
                 for r in event.view.requests:
                     self._note_routed(r.request_id.split("#")[0], event.replica, now)
             for out, reason in event.finished:
+                self._num_finished += 1
                 self._note_routed(out.request_id, event.replica, now)
                 t = out.timings[0] if out.timings else None
                 self._finished.append(
@@ -260,9 +262,10 @@ class FrameBuilder:
         return 0.0, self._marks[-1][1]
 
     def _latencies(self, now: float) -> dict[str, Any]:
-        """TTFT, inter-token and end-to-end percentiles over the window (sorted once a second)."""
-        when, cached = self._latency
-        if now - when < 1.0 and cached:
+        """TTFT, inter-token and end-to-end percentiles over the window (sorted again when a
+        request finished, or a second later)."""
+        when, num_finished, cached = self._latency
+        if now - when < 1.0 and num_finished == self._num_finished and cached:
             return cached
         horizon = 3 * WINDOW_S  # finished requests are rarer than steps: a longer window
         with self._lock:
@@ -274,7 +277,7 @@ class FrameBuilder:
             "e2e_ms": _ms(percentiles([f.e2e for f in finished if f.e2e is not None])),
             "finished_in_window": len(finished),
         }
-        self._latency = (now, cached)
+        self._latency = (now, self._num_finished, cached)
         return cached
 
     def _record_history(self, now: float, total: EngineSnapshot) -> None:
