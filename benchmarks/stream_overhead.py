@@ -98,7 +98,7 @@ def env_for(src: str, threads: int) -> dict[str, str]:
 
 
 def stream_once(url: str, length: int) -> int:
-    """Stream one completion of ``length`` tokens; returns the chunks with text received."""
+    """Stream one completion of ``length`` tokens; returns the tokens the usage chunk counts."""
     body = {
         "model": "tiny",
         "prompt": "hello",
@@ -106,14 +106,15 @@ def stream_once(url: str, length: int) -> int:
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    chunks = 0
+    tokens = 0
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: {"):
-                chunks += 1
-    return chunks
+            if line.startswith("data: {") and '"completion_tokens"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return tokens
 
 
 def start_server(src: str, model: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -161,7 +162,7 @@ def main() -> None:
                     before = cpu_ns(proc.pid)
                     for _ in range(times):
                         got = stream_once(url, length)
-                        assert got >= length * 0.9, f"{label}: {got} chunks for {length} tokens"
+                        assert got == length, f"{label}: {got} tokens streamed, not {length}"
                     us = (cpu_ns(proc.pid) - before) / 1e3 / (times * length)
                     cpu.setdefault((label, length), []).append(us)
     finally:
