@@ -61,10 +61,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, threads: int, max_num_seqs: int) -> subprocess.Popen:
+def start_server(port: int, threads: int, max_num_seqs: int, fps: float) -> subprocess.Popen:
     cmd = [
         sys.executable, "-c", "from carpool.cli import main; main()", "serve", "--port",
         str(port), "--max-num-seqs", str(max_num_seqs), "--log-interval", "3600",
+        "--dashboard-fps", str(fps),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -109,12 +110,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16, help="concurrent requests per burst")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--fps", type=float, default=10.0, help="the server's --dashboard-fps")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/dashboard_cost.json"))
     args = ap.parse_args()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.threads, args.requests)
+    server = start_server(port, args.threads, args.requests, args.fps)
     off, on_key = "none", f"{args.viewers} dashboards"
     results: dict[str, list[float]] = {off: [], on_key: []}
     cpu_ms: dict[str, list[float]] = {off: [], on_key: []}  # server CPU ms per token
@@ -157,6 +159,7 @@ def main() -> None:
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "viewers": args.viewers,
+        "dashboard_fps": args.fps,
         "tokens_per_s": results,
         "median_tokens_per_s": medians,
         "ratio_with_dashboards": ratio,

@@ -256,7 +256,9 @@ def build_app(
             }
         )
 
-    install_dashboard(app, lambda: serving().client, key_required=config.api_key is not None)
+    install_dashboard(
+        app, lambda: serving().client, config.api_key is not None, max_fps=config.dashboard_fps
+    )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

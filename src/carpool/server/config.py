@@ -41,9 +41,14 @@ class ServerConfig:
     )
     retry_after: int = option(1, "seconds suggested in Retry-After to a client refused with 429")
     log_interval: float = option(5.0, "seconds between engine status log lines while busy")
+    dashboard_fps: float = option(
+        10.0, "updates per second of the live dashboard's stream /v1/stats/stream (at most 10)"
+    )
 
     def __post_init__(self) -> None:
         check_positive(self, "max_queue", "retry_after")
         check_positive(self, "max_body_bytes", low=1024)
+        if not 0 < self.dashboard_fps <= 10:
+            raise ValueError(f"dashboard_fps must be in (0, 10], got {self.dashboard_fps}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")

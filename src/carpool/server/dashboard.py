@@ -127,7 +127,10 @@ class Broadcaster:
 
 
 def install_dashboard(
-    app: FastAPI, get_client: Callable[[], EngineClient], key_required: bool
+    app: FastAPI,
+    get_client: Callable[[], EngineClient],
+    key_required: bool,
+    max_fps: float = 10.0,
 ) -> None:
     """Add ``/dashboard``, its assets and ``/v1/stats/stream`` to ``app``.
 
@@ -136,6 +139,7 @@ def install_dashboard(
         get_client: the engine client; raises ``APIError(503)`` while it loads.
         key_required: the server has an API key (the page then asks for it first, rather
             than provoking a 401 that browsers log as a console error).
+        max_fps: frames per second of the stream (at most 10).
     """
     holder: dict[str, Broadcaster] = {}
 
@@ -143,7 +147,7 @@ def install_dashboard(
         client = get_client()
         b = holder.get("b")
         if b is None or b.client is not client:
-            b = holder["b"] = Broadcaster(client)
+            b = holder["b"] = Broadcaster(client, max_fps)
         return b
 
     app.state.dashboard = holder  # tests read the viewers' counters
