@@ -33,15 +33,29 @@ from pathlib import Path
 
 import httpx
 
+# The server counts the CPU time its forward passes take (``ModelRunner.execute``, on the
+# engine thread; torch runs single-threaded here), so the serving cost around them is
+# total - model.
 SERVER = """
-import sys, torch, uvicorn
+import time, torch, uvicorn
 torch.set_num_threads({threads})
 from carpool.config import EngineConfig
 from carpool.engine.llm_engine import LLMEngine
 from carpool.server import ServerConfig, build_app
+from carpool.worker.model_runner import ModelRunner
+model_ns = [0]
+run_model = ModelRunner.execute
+def execute(self, *args, **kwargs):
+    t = time.thread_time_ns()
+    try:
+        return run_model(self, *args, **kwargs)
+    finally:
+        model_ns[0] += time.thread_time_ns() - t
+ModelRunner.execute = execute
 engine = LLMEngine(EngineConfig(model={model!r}, dtype="float32", kv_cache_memory=64 << 20))
-uvicorn.run(build_app(engine, ServerConfig()), host="127.0.0.1", port={port},
-            log_level="warning", access_log=False)
+app = build_app(engine, ServerConfig())
+app.add_api_route("/bench/model_cpu_ns", lambda: {{"ns": model_ns[0]}})
+uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning", access_log=False)
 """
 
 DECODE = """
@@ -69,6 +83,11 @@ def cpu_ns(pid: int) -> int:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # thread ended
             total += int((task / "schedstat").read_text().split()[0])
     return total
+
+
+def model_ns(url: str) -> int:
+    """CPU time the server's forward passes took so far (ns)."""
+    return int(httpx.get(f"{url}/bench/model_cpu_ns", timeout=10).json()["ns"])
 
 
 def free_port() -> int:
@@ -140,6 +159,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,32", help="decode batch sizes ('' to skip)")
     ap.add_argument("--gen-len", type=int, default=64, help="decode: tokens per sequence")
+    ap.add_argument("--decode-repeats", type=int, default=5, help="decode: runs per tree")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--output", type=Path, default=None, help="write the medians as JSON")
     args = ap.parse_args()
@@ -150,6 +170,7 @@ def main() -> None:
     tiny, small = make_models(work, next(iter(trees.values())))
 
     cpu: dict[tuple[str, int], list[float]] = {}
+    rest: dict[tuple[str, int], list[float]] = {}  # cpu minus the forward passes
     servers = {label: start_server(src, tiny, args.threads) for label, src in trees.items()}
     try:
         for _, url in servers.values():  # warm-up
@@ -159,19 +180,22 @@ def main() -> None:
                 for label, (proc, url) in servers.items():
                     # Short streams are repeated so each sample covers >= ~1,000 tokens.
                     times = max(1, 1000 // length)
-                    before = cpu_ns(proc.pid)
+                    before, model_before = cpu_ns(proc.pid), model_ns(url)
                     for _ in range(times):
                         got = stream_once(url, length)
                         assert got == length, f"{label}: {got} tokens streamed, not {length}"
-                    us = (cpu_ns(proc.pid) - before) / 1e3 / (times * length)
-                    cpu.setdefault((label, length), []).append(us)
+                    total = cpu_ns(proc.pid) - before
+                    model = model_ns(url) - model_before
+                    per = 1e3 * times * length
+                    cpu.setdefault((label, length), []).append(total / per)
+                    rest.setdefault((label, length), []).append((total - model) / per)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(10)
 
     decode: dict[tuple[str, int], list[float]] = {}
-    for _ in range(args.repeats if batch_sizes else 0):
+    for _ in range(args.decode_repeats if batch_sizes else 0):
         for label, src in trees.items():
             code = DECODE.format(
                 threads=args.threads, model=str(small), batch_sizes=batch_sizes,
@@ -187,17 +211,22 @@ def main() -> None:
             for b, tps in json.loads(res.stdout.strip().splitlines()[-1]).items():
                 decode.setdefault((label, int(b)), []).append(tps)
 
-    print(f"\nserver CPU per streamed token (us, median of {args.repeats}; all server threads)")
-    print("| tree | " + " | ".join(f"{n} tokens" for n in lengths) + " | long / short |")
-    print("|---|" + "---:|" * (len(lengths) + 1))
-    result: dict[str, dict[str, float]] = {}
-    for label in trees:
-        med = [statistics.median(cpu[label, n]) for n in lengths]
-        result[label] = {f"cpu_us_per_token_{n}": m for n, m in zip(lengths, med, strict=True)}
-        cells = " | ".join(f"{m:.0f}" for m in med)
-        print(f"| {label} | {cells} | {med[-1] / med[0]:.2f} |")
+    result: dict[str, dict[str, float]] = {label: {} for label in trees}
+    for title, table, key in (
+        ("server CPU per streamed token, all threads", cpu, "cpu"),
+        ("server CPU per streamed token outside the forward passes", rest, "serving"),
+    ):
+        print(f"\n{title} (us, median of {args.repeats})")
+        print("| tree | " + " | ".join(f"{n} tokens" for n in lengths) + " | long / short |")
+        print("|---|" + "---:|" * (len(lengths) + 1))
+        for label in trees:
+            med = [statistics.median(table[label, n]) for n in lengths]
+            for n, m in zip(lengths, med, strict=True):
+                result[label][f"{key}_us_per_token_{n}"] = m
+            cells = " | ".join(f"{m:.0f}" for m in med)
+            print(f"| {label} | {cells} | {med[-1] / med[0]:.2f} |")
     if batch_sizes:
-        print(f"\ndecode tokens/s (small preset, bf16, median of {args.repeats})")
+        print(f"\ndecode tokens/s (small preset, bf16, median of {args.decode_repeats})")
         print("| tree | " + " | ".join(f"B={b}" for b in batch_sizes) + " |")
         print("|---|" + "---:|" * len(batch_sizes))
         for label in trees:
