@@ -3,8 +3,9 @@
 A request that received nothing yet is sent to another replica (up to ``max_retries``): a
 non-streaming request (FINAL_ONLY outputs) receives nothing before it finishes, so it is always
 retriable. One that already streamed tokens fails with ``ReplicaUnavailableError`` (503), since
-its client has seen part of an answer. The replica restarts after a backoff that doubles per consecutive failure,
-unless it never became ready (restarting would not help) or failed too often in a row.
+its client has seen part of an answer. The replica restarts after a backoff that doubles per
+consecutive failure, unless it never became ready (restarting would not help) or failed too
+often in a row.
 """
 
 from __future__ import annotations
