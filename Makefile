@@ -23,6 +23,11 @@ $(RUNTIME): pyproject.toml requirements/constraints.txt
 # Tests add the dev extras (pytest, transformers as the reference, the openai client...) and Ray.
 $(DEV): $(RUNTIME)
 	$(PIP) -e '.[dev,ray]'
+	@# The dashboard's browser test drives Debian's Chromium (CI runs as root); elsewhere the
+	@# test fails naming what is missing.
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver) || \
+		echo "warning: could not install chromium + chromium-driver (the dashboard browser test needs them)"
 	touch $(DEV)
 
 install: $(RUNTIME)

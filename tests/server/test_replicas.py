@@ -7,9 +7,11 @@ machine); the test that kills a replica runs last in the module.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pickle
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,6 +278,48 @@ def test_least_loaded_avoids_a_busy_replica(pool_server):
         pool.router = LeastLoadedRouter()
     assert least == [0, 8], least
     assert robin == [4, 4], robin
+
+
+@pytest.mark.slow
+def test_dashboard_stream_has_one_lane_per_replica(pool_server):
+    """The dashboard sees both replicas: their lanes, requests and KV maps (``Watch``)."""
+    seen: list[dict[str, Any]] = []
+
+    def watch() -> None:
+        with httpx.stream("GET", f"{pool_server.base_url}/stats/stream", timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if len(seen) >= 400 or stop.is_set():
+                        return
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+
+    async def burst() -> None:
+        async with _client(pool_server) as client:
+            await asyncio.gather(
+                *(client.completions.create(model=MODEL, prompt=f"lane {i}", max_tokens=24,
+                                            extra_body={"ignore_eos": True})
+                  for i in range(8))
+            )  # fmt: skip
+
+    time.sleep(0.5)  # the Watch message reaches both replicas
+    asyncio.run(burst())
+    time.sleep(0.5)
+    stop.set()
+    watcher.join(30)
+    assert seen, "no frame arrived"
+    last = seen[-1]
+    assert [lane["replica"] for lane in last["lanes"]] == [0, 1]
+    assert all(lane["state"] == "ready" for lane in last["lanes"])
+    assert last["config"]["replicas"] == 2 and [k["replica"] for k in last["kv"]] == [0, 1]
+    # Both replicas reported their requests (views crossed the pipe) and their steps.
+    lanes_with_requests = {r["replica"] for f in seen for r in f["requests"]}
+    assert lanes_with_requests == {0, 1}, lanes_with_requests
+    assert {s[1] for s in last["steps"]} == {0, 1}
+    assert all(lane["recent"] for lane in last["lanes"]), "the router's choices are not shown"
 
 
 @pytest.mark.slow

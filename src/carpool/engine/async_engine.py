@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+from carpool.config import EngineConfig
 from carpool.engine.client import EngineObserver, check_queue, generate
 from carpool.engine.core import CoreStep, EngineCore, NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.llm_engine import LLMEngine
 from carpool.engine.stats import EngineSnapshot
 from carpool.engine.stream import RequestStream
+from carpool.engine.view import EngineTap, IterationEvent, TapSet
 from carpool.errors import EngineDeadError, EngineStoppedError
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import SamplingParams
@@ -76,6 +80,7 @@ class AsyncEngine:
         self._snapshot = engine.snapshot()
         self._last_log = time.monotonic()
         self._last_log_tokens = 0
+        self._taps = TapSet(self._set_view_interval)
 
     # ---- EngineClient -----------------------------------------------------------------------
 
@@ -169,6 +174,33 @@ class AsyncEngine:
         """Yield the request's output each step it progresses (see ``client.generate``)."""
         return generate(self, prompt, params, request_id, timeout, arrival_time)
 
+    # ---- the live dashboard -----------------------------------------------------------------
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.engine.config
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The one in-process engine as a lane: state, pid, device and load."""
+        s = self._snapshot
+        state = "failed" if self._dead is not None else "ready" if self.is_running else "stopped"
+        load = {
+            "num_running": s.num_running,
+            "num_waiting": self.num_waiting,
+            "kv_cache_usage": round(s.kv_cache_usage, 4),
+        }
+        return [
+            {"replica": 0, "state": state, "pid": os.getpid(),
+             "device": self.engine.config.device, "load": load}
+        ]  # fmt: skip
+
+    def add_tap(self, tap: EngineTap) -> Callable[[], None]:
+        """Show ``tap`` every iteration (from the engine thread); returns its remover."""
+        return self._taps.add(tap)
+
+    def _set_view_interval(self, interval: float | None) -> None:
+        self.core.view_interval = interval
+
     # ---- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -217,6 +249,8 @@ class AsyncEngine:
         self._snapshot = step.snapshot
         if self.observer is not None:
             self.observer.on_step(step.record, step.snapshot, step.outputs)
+        if self._taps.taps:
+            self._taps.emit(IterationEvent(0, step.record, step.snapshot, step.finished, step.view))
         for out, reason in step.finished:
             streams.pop(out.request_id, None)
             if self.observer is not None:

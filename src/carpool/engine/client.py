@@ -8,12 +8,14 @@ each request's ``RequestStream`` and aborts, and reads ``snapshot`` for stats.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
 
+from carpool.config import EngineConfig
 from carpool.engine.limits import ModelLimits
 from carpool.engine.stats import EngineSnapshot, StepRecord
 from carpool.engine.stream import RequestStream
+from carpool.engine.view import EngineTap
 from carpool.errors import QueueFullError
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import SamplingParams
@@ -23,6 +25,7 @@ __all__ = [
     "EngineClient",
     "EngineObserver",
     "EngineSnapshot",
+    "EngineTap",
     "ModelLimits",
     "RequestStream",
     "check_queue",
@@ -84,6 +87,19 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when unknown or finished)."""
+
+    # ---- for the live dashboard -------------------------------------------------------------
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration (batching policy, layout, limits in force)."""
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One entry per engine (replica): index, state, pid, device, routed, load."""
+
+    def add_tap(self, tap: EngineTap) -> Callable[[], None]:
+        """Show ``tap`` every iteration (with an ``EngineView`` every ``tap.view_interval``
+        seconds) until the returned function is called."""
 
 
 def check_queue(

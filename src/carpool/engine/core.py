@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from carpool.engine.llm_engine import LLMEngine
 from carpool.engine.stats import EngineSnapshot, StepRecord
+from carpool.engine.view import EngineView, build_view
 from carpool.errors import CarpoolError, EngineStoppedError, RequestTimeoutError, as_carpool_error
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import SamplingParams
@@ -93,6 +94,7 @@ class CoreStep:
         num_added: requests taken from the inbox so far (a replica's front end subtracts it
             from what it sent to know how many are in transit).
         stopped: the core shut down; this is its last step.
+        view: the engine's requests and blocks, when ``view_interval`` asked for one.
     """
 
     outputs: list[RequestOutput]
@@ -102,6 +104,7 @@ class CoreStep:
     snapshot: EngineSnapshot
     num_added: int
     stopped: bool = False
+    view: EngineView | None = None
 
 
 def finish_reason(out: RequestOutput) -> str:
@@ -127,10 +130,17 @@ class EngineCore:
 
     Args:
         engine: the engine to drive.
+
+    Attributes:
+        view_interval: while set (someone watches the dashboard), an iteration carries an
+            ``EngineView`` when the last one is this many seconds old, and always once the
+            engine fell idle (so a viewer sees the blocks freed). Any thread may set it.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self.view_interval: float | None = None
+        self._last_view = float("-inf")
         self.num_added = 0
         self._cond = threading.Condition()
         self._inbox: deque[NewRequest | str | _Stop] = deque()  # str: an abort
@@ -298,4 +308,15 @@ class EngineCore:
             snapshot=self.engine.snapshot(),
             num_added=self.num_added,
             stopped=stopped,
+            view=self._maybe_view(),
         )
+
+    def _maybe_view(self) -> EngineView | None:
+        interval = self.view_interval
+        if interval is None:
+            return None
+        now = self.engine.clock()
+        if now - self._last_view < interval and self.engine.has_unfinished():
+            return None
+        self._last_view = now
+        return build_view(self.engine)

@@ -275,6 +275,8 @@ class LLMEngine:
             len(result.sampled),
             sched.kv_blocks_in_use,
             sched.num_idle_seats,
+            num_prefill_tokens=_num_prefill_tokens(sched, requests),
+            num_preempted=len(sched.preempted_ids),
         )
         self.stats.add(record, self._prompt_tokens_computed(sched))
         return EngineStep(self._report(finished, touched), record)
@@ -313,3 +315,14 @@ class LLMEngine:
             prompt_len = len(group.prompt_token_ids) if group is not None else 0
             total += max(0, min(c.end_pos, prompt_len) - c.start_pos)
         return total
+
+
+def _num_prefill_tokens(sched: SchedulerOutput, requests: dict[str, Request | None]) -> int:
+    """Tokens of the step that are not decodes (a decode feeds one token after the prompt)."""
+    total = 0
+    for c in sched.chunks:
+        req = requests.get(c.request_id)
+        prompt_len = req.num_prompt_tokens if req is not None else 0
+        if not (c.num_tokens == 1 and c.start_pos >= prompt_len):
+            total += c.num_tokens
+    return total

@@ -102,6 +102,10 @@ class OutputProcessor:
         for i, c in enumerate(group.completions):
             self._child[c.request.request_id] = (group, i)
 
+    def groups(self) -> list[RequestGroup]:
+        """Every group still tracked, in arrival order."""
+        return list(self._groups.values())
+
     def group(self, request_id: str) -> RequestGroup | None:
         """The group of a client request id."""
         return self._groups.get(request_id)

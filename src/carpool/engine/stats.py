@@ -20,6 +20,9 @@ class StepRecord:
         num_sampled: tokens sampled.
         kv_blocks_in_use: KV blocks held after scheduling.
         num_idle_seats: seats held by done-but-unreleased requests of a static batch.
+        num_prefill_tokens: of ``num_tokens``, those in prompt (or recompute) chunks; the
+            rest are decode tokens, one per generating request.
+        num_preempted: running requests that lost their KV in this step.
     """
 
     start: float
@@ -30,6 +33,8 @@ class StepRecord:
     num_sampled: int
     kv_blocks_in_use: int
     num_idle_seats: int = 0
+    num_prefill_tokens: int = 0
+    num_preempted: int = 0
 
 
 @dataclass

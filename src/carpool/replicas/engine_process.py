@@ -34,6 +34,7 @@ from carpool.replicas.messages import (
     ReplicaReady,
     Shutdown,
     StepReport,
+    Watch,
 )
 
 logger = logging.getLogger("carpool.replica")
@@ -115,6 +116,8 @@ def feed(inbox: multiprocessing.Queue, core: EngineCore) -> None:
             core.add_request(msg)
         elif isinstance(msg, AbortRequest):
             core.abort_request(msg.request_id)
+        elif isinstance(msg, Watch):
+            core.view_interval = msg.view_interval
         elif isinstance(msg, Shutdown):
             core.shutdown()
             return

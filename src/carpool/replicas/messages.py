@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from carpool.engine.core import CoreStep, NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.stats import EngineSnapshot, StepRecord
+from carpool.engine.view import EngineView
 from carpool.errors import ErrorInfo
 from carpool.outputs import RequestOutput
 
@@ -42,7 +43,14 @@ class Shutdown:
     """Abort everything, send a last report and exit."""
 
 
-ToReplica = NewRequest | AbortRequest | Shutdown
+@dataclass(frozen=True)
+class Watch:
+    """Send an ``EngineView`` at most every ``view_interval`` seconds (None: stop)."""
+
+    view_interval: float | None
+
+
+ToReplica = NewRequest | AbortRequest | Shutdown | Watch
 
 
 # ---- replica -> front end -------------------------------------------------------------------
@@ -101,6 +109,7 @@ class StepReport:
         outputs: per request that progressed, its output (as its ``output_kind`` asks).
         failed: requests ended with an error.
         finished: ``(final output, reason)`` of requests that ended this iteration.
+        view: the engine's requests and blocks, while a ``Watch`` asks for them.
     """
 
     replica: int
@@ -109,6 +118,7 @@ class StepReport:
     outputs: list[RequestOutput] = field(default_factory=list)
     failed: list[RequestFailed] = field(default_factory=list)
     finished: list[tuple[RequestOutput, str]] = field(default_factory=list)
+    view: EngineView | None = None
 
     @classmethod
     def of(cls, replica: int, step: CoreStep) -> StepReport:
@@ -120,6 +130,7 @@ class StepReport:
             outputs=step.outputs,
             failed=[RequestFailed(rid, e.info()) for rid, e in step.failed],
             finished=step.finished,
+            view=step.view,
         )
 
 

@@ -16,15 +16,18 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from carpool.config import EngineConfig
 from carpool.engine.client import EngineObserver, check_queue
 from carpool.engine.core import NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.model_path import load_tokenizer, resolve_model_path
 from carpool.engine.stats import EngineSnapshot
 from carpool.engine.stream import RequestStream
+from carpool.engine.view import EngineTap, IterationEvent, TapSet
 from carpool.errors import CarpoolError, EngineStoppedError, ReplicaUnavailableError
 from carpool.replicas.config import ReplicaPoolConfig
 from carpool.replicas.messages import (
@@ -34,6 +37,7 @@ from carpool.replicas.messages import (
     ReplicaReady,
     Shutdown,
     StepReport,
+    Watch,
 )
 from carpool.replicas.replica import ReplicaHandle, ReplicaState
 from carpool.replicas.restart import RestartPolicy
@@ -91,6 +95,7 @@ class ReplicaPool:
         self._stopping = False
         self._ids = 0
         self._restarts = RestartPolicy(self)
+        self._taps = TapSet(self._send_watch)
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -223,6 +228,21 @@ class ReplicaPool:
         if flight is not None:
             self.replicas[flight.replica].send(AbortRequest(request_id))
 
+    # ---- the live dashboard -----------------------------------------------------------------
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.config.engine_config
+
+    def add_tap(self, tap: EngineTap) -> Callable[[], None]:
+        """Show ``tap`` every replica's iterations (on the event loop); returns its remover."""
+        return self._taps.add(tap)
+
+    def _send_watch(self, interval: float | None, only: ReplicaHandle | None = None) -> None:
+        for handle in self.replicas if only is None else [only]:
+            if handle.is_ready:
+                handle.send(Watch(interval))
+
     # ---- routing ----------------------------------------------------------------------------
 
     def dispatch(
@@ -276,6 +296,8 @@ class ReplicaPool:
             handle.consecutive_failures = 0
             if handle.state is ReplicaState.STARTING:
                 handle.state = ReplicaState.READY
+            if self._taps.view_interval is not None:  # a restarted replica starts unwatched
+                self._send_watch(self._taps.view_interval, only=handle)
             logger.info("replica %d ready (pid %d, %d KV blocks)", msg.replica, msg.pid,
                         msg.limits.num_blocks)  # fmt: skip
             self.changed(handle)
@@ -295,6 +317,11 @@ class ReplicaPool:
             if flight is not None and flight.replica == handle.index:
                 del self.flights[failure.request_id]
                 flight.stream.put(failure.error.to_exception())
+        if self._taps.taps:
+            self._taps.emit(
+                IterationEvent(handle.index, report.record, report.load, report.finished,
+                               report.view)
+            )  # fmt: skip
         if self.observer is not None:
             self.observer.on_step(report.record, self.snapshot, report.outputs)
             for out, reason in report.finished:

@@ -30,6 +30,7 @@ from carpool.server.access_log import AccessLogMiddleware
 from carpool.server.chat import ChatServing
 from carpool.server.completions import CompletionServing
 from carpool.server.config import ServerConfig
+from carpool.server.dashboard import install_dashboard
 from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
 from carpool.server.metrics import ServerMetrics
 from carpool.server.middleware import GuardMiddleware, read_body
@@ -284,6 +285,10 @@ def build_app(
                 "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
             }
         )
+
+    install_dashboard(
+        app, lambda: serving().client, config.api_key is not None, max_fps=config.dashboard_fps
+    )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

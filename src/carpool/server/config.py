@@ -46,6 +46,9 @@ class ServerConfig:
         "tool-call format to parse from the model's text (none: the one the chat template teaches)",
         choices=("hermes", "llama3_json"),
     )
+    dashboard_fps: float = option(
+        10.0, "updates per second of the live dashboard's stream /v1/stats/stream (at most 10)"
+    )
 
     def __post_init__(self) -> None:
         check_positive(self, "max_queue", "retry_after")
@@ -56,6 +59,8 @@ class ServerConfig:
             or not 0 <= self.port <= 65535
         ):
             raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port!r}")
+        if not 0 < self.dashboard_fps <= 10:
+            raise ValueError(f"dashboard_fps must be in (0, 10], got {self.dashboard_fps}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
         from carpool.tools.parsers import PARSERS

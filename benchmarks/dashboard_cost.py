@@ -1,0 +1,182 @@
+"""What open dashboards cost the engine: decode throughput with 0 and with N viewers, one run.
+
+One ``carpool serve`` process (the embedded model, its default dtype, ``--threads`` torch
+threads) serves decode-heavy bursts: ``--requests`` concurrent completions of ``--max-tokens``
+tokens each (EOS ignored, short prompts), sent with ``httpx`` from this process. Between bursts
+the number of open dashboards alternates between 0 and ``--viewers``; each viewer is a thread of
+a separate process that reads ``/v1/stats/stream`` and parses every frame as the page does (the
+server does all its dashboard work: the taps on the engine thread, the views, one frame per
+tick). Throughput is completion tokens / wall time of the burst; the conditions are interleaved
+(ABBA: each pair's order flips) and medians reported, since the machine is shared and noisy.
+The viewers run at ``nice 19``: they stand for browsers on other machines, and on a 2-core box
+their JSON parsing would otherwise take CPU from the server. Besides tokens/s, the server
+process's own CPU time per generated token (``/proc/PID/stat``) is compared: it shows the
+server-side cost even when other jobs share the machine.
+
+Usage:
+    python benchmarks/dashboard_cost.py --viewers 3 --repeats 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+VIEWERS = """
+import json, os, sys, threading, httpx
+os.nice(19)  # viewers stand for browsers on other machines: they yield this box's CPU
+url, n = sys.argv[1], int(sys.argv[2])
+counts = [0] * n
+first = threading.Barrier(n + 1)
+def view(i):
+    with httpx.stream("GET", url + "/v1/stats/stream", timeout=None) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                json.loads(line[6:])
+                counts[i] += 1
+                if counts[i] == 1:
+                    first.wait()
+for i in range(n):
+    threading.Thread(target=view, args=(i,), daemon=True).start()
+first.wait()
+print("ready", flush=True)  # every viewer has its first frame: the burst may start
+sys.stdin.read()  # until the benchmark closes our stdin
+print(json.dumps(counts), flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, threads: int, max_num_seqs: int, fps: float) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-c", "from carpool.cli import main; main()", "serve", "--port",
+        str(port), "--max-num-seqs", str(max_num_seqs), "--log-interval", "3600",
+        "--dashboard-fps", str(fps),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not become healthy")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def burst(url: str, requests: int, max_tokens: int) -> tuple[float, int]:
+    """(seconds, completion tokens) of one burst of concurrent requests."""
+
+    def one(i: int) -> int:
+        body = {"model": "carpool-default", "prompt": f"Story {i}:", "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(requests) as pool:
+        tokens = sum(pool.map(one, range(requests)))
+    return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--viewers", type=int, default=3, help="dashboards open in the 'on' runs")
+    ap.add_argument("--repeats", type=int, default=5, help="bursts per condition (interleaved)")
+    ap.add_argument("--requests", type=int, default=16, help="concurrent requests per burst")
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--fps", type=float, default=10.0, help="the server's --dashboard-fps")
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/dashboard_cost.json"))
+    args = ap.parse_args()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(port, args.threads, args.requests, args.fps)
+    off, on_key = "none", f"{args.viewers} dashboards"
+    results: dict[str, list[float]] = {off: [], on_key: []}
+    cpu_ms: dict[str, list[float]] = {off: [], on_key: []}  # server CPU ms per token
+    frames: list[int] = []
+
+    def measure(key: str) -> None:
+        viewers = None
+        if key == on_key:
+            viewers = subprocess.Popen(
+                [sys.executable, "-c", VIEWERS, url, str(args.viewers)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert viewers.stdout is not None
+            assert viewers.stdout.readline().strip() == "ready"  # all connected and served
+        cpu = cpu_seconds(server.pid)
+        seconds, tokens = burst(url, args.requests, args.max_tokens)
+        cpu_ms[key].append(1000 * (cpu_seconds(server.pid) - cpu) / tokens)
+        results[key].append(tokens / seconds)
+        if viewers is not None:
+            out, _ = viewers.communicate("", timeout=30)
+            frames.extend(json.loads(out.strip().splitlines()[-1]))
+
+    try:
+        burst(url, args.requests, 8)  # warm-up
+        for i in range(args.repeats):
+            for key in (off, on_key) if i % 2 == 0 else (on_key, off):
+                measure(key)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    on = medians[on_key]
+    ratio = on / medians[off]
+    pairs = zip(results[off], results[on_key], strict=True)
+    pair_ratio = statistics.median(b / a for a, b in pairs)
+    cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
+    summary = {
+        "threads": args.threads,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "viewers": args.viewers,
+        "dashboard_fps": args.fps,
+        "tokens_per_s": results,
+        "median_tokens_per_s": medians,
+        "ratio_with_dashboards": ratio,
+        "median_pair_ratio": pair_ratio,
+        "server_cpu_ms_per_token": cpu_ms,
+        "median_server_cpu_ms_per_token": cpu,
+        "frames_received_per_viewer": frames,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"decode tokens/s median of {args.repeats}: none {medians[off]:.1f}, {on_key} {on:.1f} "
+        f"(ratio {ratio:.3f}, median pair ratio {pair_ratio:.3f}); server CPU ms/token: none "
+        f"{cpu[off]:.3f}, {on_key} {cpu[on_key]:.3f}; frames per viewer per burst "
+        f"{min(frames)}-{max(frames)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
