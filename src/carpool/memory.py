@@ -20,11 +20,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from carpool.config import EngineConfig, ModelConfig
 from carpool.errors import ModelLoadError
 from carpool.kv_cache.sizing import kv_cache_bytes, num_blocks_for_budget
 from carpool.model.quant_plan import QuantPlan, plan_weight_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 
 def available_memory_bytes(device: str = "cpu") -> int:

@@ -6,8 +6,8 @@ import keyword
 import re
 
 from carpool import LLM, SamplingParams
-from carpool.model.source import embedded_model_path as default_model_path
 from carpool.model.loader import load_model
+from carpool.model.source import embedded_model_path as default_model_path
 
 
 def test_default_model_is_small_and_standard():

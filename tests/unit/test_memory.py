@@ -9,7 +9,6 @@ import pytest
 
 from carpool.cli import main
 from carpool.config import ModelConfig
-from carpool.model.source import embedded_model_path as default_model_path
 from carpool.memory import (
     activation_bytes,
     estimate_memory,
@@ -17,6 +16,7 @@ from carpool.memory import (
     largest_batch_by_estimate,
     read_model_config,
 )
+from carpool.model.source import embedded_model_path as default_model_path
 
 LLAMA_13B = {
     "architectures": ["LlamaForCausalLM"],

@@ -179,13 +179,13 @@ def load_model(
     Raises:
         ModelLoadError: naming the file and what is wrong with it.
     """
-    from carpool.model.quant_plan import plan_weight_bytes
     from carpool.model.quant_loader import (
         combined_plan,
         natively_quantized_names,
         quantize_model,
         resolve_plan,
     )
+    from carpool.model.quant_plan import plan_weight_bytes
 
     path = Path(path)
     if not path.exists():
