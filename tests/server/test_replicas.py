@@ -280,6 +280,23 @@ def test_least_loaded_avoids_a_busy_replica(pool_server):
     assert robin == [4, 4], robin
 
 
+def test_a_burst_within_the_free_slots_is_not_a_queue(pool_server):
+    """--max-queue counts only what the replicas cannot start now (as AsyncEngine does)."""
+    srv, pool = pool_server, pool_server.pool
+    body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 4, "temperature": 0}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/completions", json=body) for _ in range(8)))
+
+    pool.max_queue = 2
+    try:
+        statuses = [r.status_code for r in asyncio.run(burst())]
+    finally:
+        pool.max_queue = None
+    assert statuses == [200] * 8, statuses
+
+
 @pytest.mark.slow
 def test_dashboard_stream_has_one_lane_per_replica(pool_server):
     """The dashboard sees both replicas: their lanes, requests and KV maps (``Watch``)."""

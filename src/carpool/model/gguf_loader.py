@@ -66,7 +66,10 @@ _ROPE_FREQS = "rope_freqs.weight"
 # Llama 3.x's pre-extension context; GGUF does not record it for llama3 scaling.
 _LLAMA3_ORIGINAL_CONTEXT = 8192
 
+# ``dtype="auto"`` per file type. Quantized files compute in float32 (exact Q4 scales in the int4
+# kernel; bfloat16 broke SmolLM2-135M-Instruct Q4_1's greedy answers). F16 -> bfloat16 on CPU.
 _FILE_TYPE_DTYPES = {LlamaFileType.ALL_F32: "float32", LlamaFileType.MOSTLY_BF16: "bfloat16"}
+_FILE_TYPE_DTYPES[LlamaFileType.MOSTLY_F16] = "float16"
 
 
 def read_gguf_config(path: str | Path) -> ModelConfig:
@@ -302,7 +305,7 @@ def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
             sliding_window=None,
             bos_token_id=meta("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-            torch_dtype=_FILE_TYPE_DTYPES.get(file_type, "float16"),
+            torch_dtype=_FILE_TYPE_DTYPES.get(file_type, "float32"),
         )
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: inconsistent GGUF metadata ({e})") from None

@@ -40,10 +40,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One op: torch's fused kernel normalises in float32 internally (as the reference does)
-        # and applies the weight; the former ``x.float()`` / ``.to(dtype)`` / ``weight *``
-        # round trip cost three more dispatches and two temporaries per norm.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Normalise in float32 and round to the activation dtype *before* the weight multiply,
+        # exactly as the HF reference does. The one-op ``F.rms_norm(x, shape, weight)`` on a
+        # bfloat16 input was tried (three fewer dispatches) and broke SmolLM2-135M in bf16
+        # (its greedy answer to "What is the capital of France?" became French gibberish).
+        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:

@@ -190,7 +190,10 @@ class ReplicaPool:
         if not any(h.is_ready for h in self.replicas):
             states = ", ".join(f"{h.index}: {h.state.value}" for h in self.replicas)
             raise ReplicaUnavailableError(f"no replica is ready ({states}); retry later")
-        check_queue(self.max_queue, self.num_waiting, num_requests)
+        # Free sequence slots of the ready replicas are no queue (the same rule as AsyncEngine).
+        seats = self.config.engine_config.max_num_seqs
+        free_slots = sum(max(0, seats - h.load.num_running) for h in self.replicas if h.is_ready)
+        check_queue(self.max_queue, self.num_waiting, num_requests, free_slots)
 
     def submit(
         self,
