@@ -62,7 +62,7 @@ def served() -> Iterator[str]:
     port = _free_port()
     cmd = [
         sys.executable, "-c", "from carpool.cli import main; main()", "serve",
-        "--port", str(port), "--api-key", API_KEY, "--max-num-seqs", "4",
+        "--model", "embedded", "--port", str(port), "--api-key", API_KEY, "--max-num-seqs", "4",
         "--max-num-batched-tokens", "64", "--kv-cache-memory", "2MiB", "--log-interval", "60",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

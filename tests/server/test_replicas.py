@@ -317,7 +317,8 @@ def test_dashboard_stream_has_one_lane_per_replica(pool_server):
     async def burst() -> None:
         async with _client(pool_server) as client:
             await asyncio.gather(
-                *(client.completions.create(model=MODEL, prompt=f"lane {i}", max_tokens=24,
+                # 300 tokens: long enough for 10 frames a second to catch them on a fast machine
+                *(client.completions.create(model=MODEL, prompt=f"lane {i}", max_tokens=300,
                                             extra_body={"ignore_eos": True})
                   for i in range(8))
             )  # fmt: skip
