@@ -130,7 +130,7 @@ def test_quantization_value_is_checked():
         EngineConfig(quantization="int3")
 
 
-@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("ftype", ["HF", "Q8_0", "Q4_1"])  # an HF directory and GGUF files
 @pytest.mark.parametrize("quantization", [None, "int8", "none"])
 def test_carpool_memory_reports_the_engines_resident_weights(
     checkpoint, ftype, quantization, tmp_path
@@ -139,13 +139,14 @@ def test_carpool_memory_reports_the_engines_resident_weights(
 
     from carpool.cli import main
 
-    _, files = checkpoint
+    hf_dir, files = checkpoint
+    path = hf_dir if ftype == "HF" else files[ftype]
     out = tmp_path / "mem.json"
-    argv = ["memory", "--model", str(files[ftype]), "--batch-size", "2", "--seq-len", "64"]
+    argv = ["memory", "--model", str(path), "--batch-size", "2", "--seq-len", "64"]
     argv += ["--output", str(out)] + (["--quantization", quantization] if quantization else [])
     assert main(argv) == 0
     reported = json.loads(out.read_text())["estimate"]["weights"]
-    model, _ = load_model(files[ftype], quantization=quantization)  # the engine's loader
+    model, _ = load_model(path, quantization=quantization)  # the engine's loader
     assert reported == resident_weight_bytes(model)
 
 

