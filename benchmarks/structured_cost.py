@@ -7,7 +7,7 @@ matcher. Prints one line per (tokenizer, engine) with the compile time and the m
 cost, and writes JSON.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/structured_cost.py \
-        --gguf PATH_TO/SmolLM2-135M-Instruct.Q4_1.gguf   # carpool.model.source.default_chat_model_path()
+        --gguf PATH  # SmolLM2: carpool.model.source.default_chat_model_path()
 """
 
 from __future__ import annotations
