@@ -63,14 +63,20 @@ def test_quantized_gguf_against_its_dequantized_model(checkpoint, ftype, dtype):
 @pytest.mark.parametrize("ftype", list(KERNEL))
 def test_resident_weights_within_1_3x_the_file_and_as_predicted(checkpoint, ftype):
     _, files = checkpoint
-    model, config = load_model(files[ftype])  # auto: bfloat16 on a CPU
+    # bfloat16 scales and dense tensors: within 1.3x of the file.
+    model, config = load_model(files[ftype], dtype="bfloat16")
     measured = resident_weight_bytes(model)
     file_bytes = sum(int(t.n_bytes) for t in GGUFReader(files[ftype]).tensors)
     assert measured <= 1.3 * file_bytes, (measured, file_bytes)
     plan = combined_plan(*resolve_plan(config, GGUFCheckpoint(files[ftype]).types, None))
     assert measured == weight_bytes_for(config, 2, plan)
-    dense, _ = load_model(files[ftype], quantization="none")
+    dense, _ = load_model(files[ftype], quantization="none", dtype="bfloat16")
     assert resident_weight_bytes(dense) == weight_bytes_for(config, 2, None)
+    # The default (auto) computes a quantized file in float32: scales and dense tensors take 4
+    # bytes (int4 groups of 32: 16 B of codes + 8 B of scale/zero), still as predicted.
+    auto, auto_config = load_model(files[ftype])
+    assert auto_config.torch_dtype == "float32"
+    assert resident_weight_bytes(auto) == weight_bytes_for(config, 4, plan)
 
 
 def _dense_holding(quant: torch.nn.Module, path, dtype: str) -> torch.nn.Module:
