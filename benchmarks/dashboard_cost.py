@@ -65,7 +65,7 @@ def start_server(port: int, threads: int, max_num_seqs: int, fps: float) -> subp
     cmd = [
         sys.executable, "-c", "from carpool.cli import main; main()", "serve", "--port",
         str(port), "--max-num-seqs", str(max_num_seqs), "--log-interval", "3600",
-        "--dashboard-fps", str(fps),
+        "--dashboard-fps", str(fps), "--model", "embedded",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
