@@ -86,7 +86,10 @@ def test_frames_follow_a_burst_then_show_every_block_free(srv) -> None:
     assert last["requests"] == [] and last["totals"]["kv_used_blocks"] == 0
     # During the burst: requests waited, ran with progress, and held blocks in the map.
     assert max(f["totals"]["waiting"] for f in seen) >= 1
-    assert max(f["totals"]["running"] for f in seen) == 2  # max_num_seqs
+    # Frames sample the state 10 times a second (a fast machine may run a pair between two), the
+    # step rows record every step: both seats were filled, and frames saw requests running.
+    assert max(s[5] for f in seen for s in f["steps"]) == 2  # max_num_seqs
+    assert max(f["totals"]["running"] for f in seen) >= 1
     states = {r["state"] for f in seen for r in f["requests"]}
     assert {"waiting", "running"} <= states, states
     owned = [f for f in seen if any(c >= 0 for c in cells(f["kv"][0]))]
