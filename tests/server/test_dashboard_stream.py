@@ -68,7 +68,9 @@ def _burst(srv: Any, n: int, max_tokens: int) -> list[dict]:
 
 def test_frames_follow_a_burst_then_show_every_block_free(srv) -> None:
     results: list[list[dict]] = []
-    load = threading.Thread(target=lambda: results.append(_burst(srv, 6, 24)))
+    # 12 requests on 2 seats: requests wait through 5 pairs' decodes, long enough for frames
+    # sampled 10 times a second to see them waiting even on a fast machine.
+    load = threading.Thread(target=lambda: results.append(_burst(srv, 12, 24)))
     seen: list[dict] = []
     started = False
     for f in frames(srv.url, 60, AUTH):
@@ -80,7 +82,7 @@ def test_frames_follow_a_burst_then_show_every_block_free(srv) -> None:
         if idle and all(c == -1 for c in cells(f["kv"][0])) and f["finished"]:
             break
     load.join()
-    assert len(results[0]) == 6
+    assert len(results[0]) == 12
     last = seen[-1]
     assert all(c == -1 for c in cells(last["kv"][0])), "blocks still shown in use after the end"
     assert last["requests"] == [] and last["totals"]["kv_used_blocks"] == 0
