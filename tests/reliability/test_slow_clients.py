@@ -20,6 +20,8 @@ import httpx
 import openai
 import pytest
 
+from carpool.server.config import ServerConfig
+from carpool.server.http_protocol import ConnectionLimits
 from helpers.cli_server import CliServer
 
 HEADER_TIMEOUT = 1.5
@@ -243,7 +245,58 @@ def test_a_client_hanging_up_mid_body_is_one_info_line(server):
     assert len(lines) == 1 and " INFO " in lines[0], log
 
 
+def test_keep_alive_requests_after_an_idle_gap_longer_than_the_header_timeout(server):
+    """The header deadline starts again at a later request's first byte, not at the
+    connection: a keep-alive connection idle for longer (uvicorn keeps it 5 s) still works."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        first = client.get("/v1/models")
+        time.sleep(HEADER_TIMEOUT + 0.5)
+        second = client.get("/v1/models")
+        assert first.status_code == second.status_code == 200
+        assert client.get("/health").status_code == 200
+    assert len({first.extensions["network_stream"], second.extensions["network_stream"]}) == 1
+
+
+def test_answers_that_take_longer_than_the_timeouts_are_not_cut(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    start = time.monotonic()
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Once",
+        max_tokens=1000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+        timeout=120,
+    )
+    finish = [c.choices[0].finish_reason for c in stream if c.choices]
+    seconds = time.monotonic() - start
+    assert finish[-1] == "length"
+    assert seconds > max(HEADER_TIMEOUT, BODY_TIMEOUT), f"{seconds:.1f}s: too short to tell"
+
+
 def test_the_server_still_serves_after_the_abuse(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
     out = client.completions.create(model=MODEL, prompt="The end", max_tokens=3, timeout=30)
     assert out.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("header_timeout", 0),
+        ("body_timeout", -1.0),
+        ("body_timeout", True),
+        ("max_connections", 0),
+        ("max_header_count", 0),
+        ("max_header_bytes", 100),
+    ],
+)
+def test_connection_options_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        ServerConfig(**{field: value})
+
+
+def test_limits_from_the_config():
+    limits = ConnectionLimits.from_config(ServerConfig(max_connections=7, header_timeout=2))
+    assert (limits.max_connections, limits.header_timeout, limits.body_timeout) == (7, 2, 60.0)
+    assert ConnectionLimits.from_config(ServerConfig()).max_connections >= 1

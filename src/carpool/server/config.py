@@ -79,9 +79,9 @@ class ServerConfig:
     max_header_count: int = option(100, "most headers in one request; more gets 431")
     api_key_file: str | None = option(
         None,
-        "read the API key from this file (its first line) instead of --api-key, which the "
-        "process list shows; the CARPOOL_API_KEY environment variable is read when neither "
-        "is given",
+        "read the API key from this file (one line, whitespace stripped) instead of --api-key, "
+        "which the process list shows; the CARPOOL_API_KEY environment variable is read when "
+        "neither is given",
     )
 
     def __post_init__(self) -> None:
