@@ -138,6 +138,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         super().shutdown()
 
+    def handle_websocket_upgrade(self) -> None:
+        self._cancel_timers()  # the connection now belongs to the WebSocket protocol
+        super().handle_websocket_upgrade()
+
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # a refused connection: its input is dropped until it closes
@@ -254,8 +258,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
             return
         cycle = self.cycle
-        if cycle is None or cycle.response_started:
+        if cycle is None or cycle.response_complete:
             self.transport.close()  # answered already (e.g. 401 before the body): just close
+            return
+        if cycle.response_started:  # an answer is on its way: let it finish, then close
+            cycle.keep_alive = False
             return
         # The app's receive() now says http.disconnect, and what it sends is dropped; the
         # mark tells its error handler that this is the timeout, logged here, not a hang-up.
