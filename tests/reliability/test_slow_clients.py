@@ -11,7 +11,10 @@ hanging up mid-body is one info line in the server log, no traceback.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -300,3 +303,46 @@ def test_limits_from_the_config():
     limits = ConnectionLimits.from_config(ServerConfig(max_connections=7, header_timeout=2))
     assert (limits.max_connections, limits.header_timeout, limits.body_timeout) == (7, 2, 60.0)
     assert ConnectionLimits.from_config(ServerConfig()).max_connections >= 1
+
+
+def test_300_half_open_connections_under_256_open_files_do_not_lock_clients_out(tmp_path):
+    """The probe of the issue: with ``ulimit -n 256``, 300 connections that stop halfway
+    through their headers made every later client wait for good. Now they are closed at the
+    header timeout (or refused at once beyond the cap, half of 256), and a client is served
+    within the timeout plus a margin."""
+    log = tmp_path / "serve.log"
+    flags = f"--model embedded --port 0 --header-timeout {HEADER_TIMEOUT}"
+    cli = CliServer.__new__(CliServer)  # CliServer, started under a lower open-file limit
+    cli.log, cli.url = log, None
+    with open(log, "w") as out:
+        cli.proc = subprocess.Popen(
+            ["sh", "-c", f'ulimit -n 256 && exec "{sys.executable}" -m carpool.cli serve {flags}'],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        server = Server(cli, cli.wait_ready())
+        half = [server.connect(HALF_OPEN["half a header"]) for _ in range(300)]
+        start = time.monotonic()
+        statuses = []
+        # Meanwhile a client may be refused (503 JSON beyond the cap) or, while every file is
+        # taken, dropped by the event loop's accept (libuv closes what it cannot keep).
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() - start < 2 * HEADER_TIMEOUT + MARGIN, statuses
+            try:
+                r = httpx.get(f"{server.url}/v1/models", timeout=2 * HEADER_TIMEOUT + MARGIN)
+            except httpx.TransportError as e:
+                statuses.append(type(e).__name__)
+                time.sleep(0.2)
+                continue
+            statuses.append(r.status_code)
+            if r.status_code != 200:
+                assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_connections"
+                time.sleep(0.2)
+        closed = [read_until_closed(s, 1)[0] is not None for s in half]
+        for s in half:
+            s.close()
+        assert all(closed), f"{closed.count(False)} of 300 still open"
+    finally:
+        assert cli.stop() == 0, cli.text()[-3000:]

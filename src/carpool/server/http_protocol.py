@@ -12,17 +12,20 @@ and a few hundred of them lock everyone out. This protocol adds, per connection:
 - a **body deadline** (``body_timeout``): the whole body must arrive within it once the headers
   did (a deadline for the whole body, not per read as nginx's ``client_body_timeout``, so that
   a client trickling a byte a second cannot hold the connection either); 408 when the app has
-  not answered yet, else the connection is closed;
+  not answered yet, else the connection is closed once the answer is complete;
 - **header limits**: more than ``max_header_count`` headers, or a request line plus headers
   over ``max_header_bytes`` (counted as they arrive, so an endless header is cut early), 431;
-- a **connection cap**: a request on a connection while more than ``max_connections`` are open
-  gets 503 with ``Retry-After``. uvicorn's own ``limit_concurrency`` answers ``text/plain``;
+- a **connection cap**: a connection opened while ``max_connections`` are open is answered
+  503 with ``Retry-After`` at once, before its request is read, and closed. uvicorn's own
+  ``limit_concurrency`` answers ``text/plain``, and only once a request's headers arrived;
 - **malformed HTTP** (what the parser refuses) gets 400.
 
 Every refusal is an OpenAI-style JSON error (``error.request_id`` and ``X-Request-Id`` as from
-the app), sent with ``Connection: close``; the connection is then half-closed and what the
-client still sends is read and dropped for at most ``LINGER_SECONDS`` (a plain close with unread
-input would reset the connection and could destroy the answer before the client reads it).
+the app), sent with ``Connection: close``. After a timeout the connection is closed at once
+(the client stalled; its descriptor is what must be freed); after another refusal it is
+half-closed and what the client still sends is read and dropped for at most
+``LINGER_SECONDS`` (a plain close with unread input would reset the connection and could
+destroy the answer before the client reads it).
 
 Why here and not in the ASGI app: the header phase happens before the app exists; a timeout
 around body reads in the app would only cover routes that read a body and would leave the
@@ -125,6 +128,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            # Refused before its request is read, so that a flood of connections that send
+            # nothing is shed in LINGER_SECONDS, not held until the header timeout.
+            self._refuse(
+                APIError(
+                    503,
+                    f"too many open connections (the server's limit is "
+                    f"{self.limits.max_connections}); retry later",
+                    code="too_many_connections",
+                    headers={"Retry-After": str(self.limits.retry_after)},
+                )
+            )
+            return
         self._start_header()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -202,16 +218,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._reading_header = False
         self._cancel(self._header_timer)
         self._header_timer = None
-        if len(self.connections) > self.limits.max_connections:
-            self._stop(
-                APIError(
-                    503,
-                    f"too many open connections (the server's limit is "
-                    f"{self.limits.max_connections}); retry later",
-                    code="too_many_connections",
-                    headers={"Retry-After": str(self.limits.retry_after)},
-                )
-            )
         super().on_headers_complete()
         self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
 
@@ -247,7 +253,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 f"the request line and headers did not arrive within "
                 f"{self.limits.header_timeout:g}s",
                 code="request_timeout",
-            )
+            ),
+            linger=False,
         )
 
     def _body_timed_out(self) -> None:
@@ -277,6 +284,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 code="request_timeout",
             ),
             request_id=state.get("request_id"),
+            linger=False,
         )
 
     def _cancel_timers(self) -> None:
@@ -302,12 +310,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refusal = error
         raise _Refused(error.message)
 
-    def _refuse(self, error: APIError, request_id: str | None = None) -> None:
+    def _refuse(self, error: APIError, request_id: str | None = None, linger: bool = True) -> None:
         """Answer ``error`` as JSON with ``Connection: close``, then linger and close.
 
         Args:
             error: the answer.
             request_id: the id the app gave the request, if it got that far (else a new one).
+            linger: read and drop the client's input for a while before closing (for a client
+                still sending); False after a timeout (the client stalled: its descriptor is
+                freed at once).
         """
         if self._lingering or self.transport.is_closing():
             return
@@ -333,9 +344,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
         self.transport.write(STATUS_LINE[error.status] + head + b"\r\n" + payload)
         self._log(error.status, rid, error.code or error.type)
-        if self.transport.can_write_eof():
+        if not linger:
+            self.transport.close()  # after the answer is written
+        elif self.transport.can_write_eof():
             self.transport.write_eof()
-        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
 
     def _log(self, status: int | None, rid: str, why: str) -> None:
         """One access-log line, in the format of ``AccessLogMiddleware``, plus the reason."""
