@@ -220,6 +220,11 @@ def test_oversized_or_too_many_headers_get_431(server, headers):
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
             id="bad content-length",
         ),
+        pytest.param(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n",
+            id="bad chunk size",
+        ),
     ],
 )
 def test_malformed_http_gets_a_json_400(server, request_bytes):

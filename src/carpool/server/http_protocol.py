@@ -271,12 +271,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if cycle.response_started:  # an answer is on its way: let it finish, then close
             cycle.keep_alive = False
             return
-        # The app's receive() now says http.disconnect, and what it sends is dropped; the
-        # mark tells its error handler that this is the timeout, logged here, not a hang-up.
+        # The mark tells the app's error handler that this is the timeout, logged here, not a
+        # hang-up.
         state = cycle.scope.setdefault("state", {})
         state[BODY_TIMEOUT_MARK] = True
-        cycle.disconnected = True
-        cycle.message_event.set()
         self._refuse(
             APIError(
                 408,
@@ -323,9 +321,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._lingering or self.transport.is_closing():
             return
         cycle = self.cycle
-        if cycle is not None and cycle.response_started and not cycle.response_complete:
-            self.transport.close()  # an answer is on its way: no second one in its middle
-            return
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.close()  # an answer is on its way: no second one in its middle
+                return
+            # The app is still reading the request: its receive() now says http.disconnect,
+            # and what it sends is dropped.
+            cycle.disconnected = True
+            cycle.message_event.set()
         self._lingering = True
         self._cancel_timers()
         self._unset_keepalive_if_required()
