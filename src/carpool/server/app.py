@@ -29,7 +29,7 @@ from carpool.replicas.pool import ReplicaPool
 from carpool.server.access_log import AccessLogMiddleware
 from carpool.server.chat import ChatServing
 from carpool.server.completions import CompletionServing
-from carpool.server.config import ServerConfig
+from carpool.server.config import ServerConfig, resolve_api_key
 from carpool.server.dashboard import install_dashboard
 from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
 from carpool.server.metrics import ServerMetrics
@@ -130,9 +130,11 @@ def build_app(
             a ``ReplicaPool`` (not started: its processes start with the app and it serves
             once every replica loaded or failed).
         config: server behaviour (defaults: ``ServerConfig()``); its ``max_queue`` and
-            ``request_timeout`` apply to the engine and to a pool alike.
+            ``request_timeout`` apply to the engine and to a pool alike. Its connection
+            options (timeouts, header limits, ``max_connections``) take effect through the
+            uvicorn protocol of ``carpool.server.http_protocol`` (``carpool serve`` uses it).
     """
-    config = config or ServerConfig()
+    config = resolve_api_key(config or ServerConfig())  # api_key_file read once, here
     if isinstance(engine_or_config, LLMEngine):
         ec, path = engine_or_config.config, engine_or_config.model_path
     else:
