@@ -23,6 +23,7 @@ import pytest
 from carpool import SamplingParams
 from carpool.config import EngineConfig
 from carpool.engine.llm_engine import LLMEngine
+from carpool.structured.processor import LogitsProcessor
 from carpool.worker.sampler import Sampler
 from helpers.hf_models import save_tiny_model_dir
 from helpers.inproc_server import InProcessServer
@@ -183,6 +184,22 @@ def faulty_sampler(monkeypatch) -> list[int]:
     return raised
 
 
+@pytest.fixture
+def faulty_logits_processor(monkeypatch) -> list[int]:
+    """The same fault, raised by the logits processor (logit_bias / grammar masks) instead."""
+    original = LogitsProcessor.apply
+    raised: list[int] = []
+
+    def apply(self, logits, request_ids, params):
+        if any(p.seed == FAULT_SEED for p in params):
+            raised.append(len(params))
+            raise RuntimeError("injected sampling fault")
+        return original(self, logits, request_ids, params)
+
+    monkeypatch.setattr(LogitsProcessor, "apply", apply)
+    return raised
+
+
 def test_injected_sampling_fault_fails_only_its_request(server, alone, faulty_sampler) -> None:
     poison = {
         "model": MODEL,
@@ -221,8 +238,9 @@ def run(engine: LLMEngine, requests: dict[str, SamplingParams]) -> dict[str, Any
     return finals
 
 
+@pytest.mark.parametrize("fault", ["faulty_sampler", "faulty_logits_processor"])
 def test_engine_fails_only_the_faulty_row_and_seeded_rows_keep_their_draw(
-    engine, faulty_sampler
+    engine, fault, request
 ) -> None:
     innocents = {
         "greedy": SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
@@ -231,11 +249,12 @@ def test_engine_fails_only_the_faulty_row_and_seeded_rows_keep_their_draw(
     }
     # Alone = without the faulty request (same ids and prompts, so the same prompt texts).
     want = run(engine, innocents)
+    raised = request.getfixturevalue(fault)
     faulty = SamplingParams(max_tokens=20, temperature=0, seed=FAULT_SEED, ignore_eos=True)
     got = run(engine, innocents | {"faulty": faulty})
     assert got["faulty"].finish_reason == "error"
     assert "injected sampling fault" in got["faulty"].error
-    assert faulty_sampler and max(faulty_sampler) == 4
+    assert raised and max(raised) == 4
     for rid in innocents:
         assert got[rid].finish_reason == "length", got[rid]
         assert got[rid].token_ids == want[rid].token_ids, rid
