@@ -48,8 +48,8 @@ class AsyncEngine:
 
     Args:
         engine: the engine to drive. Only the engine thread calls it once ``start`` ran.
-        max_queue: most requests that may wait beyond the free sequence slots (not
-            admissible at the next step) before ``submit`` raises
+        max_queue: most sequences (each request counts its ``n``) that may wait beyond the
+            free sequence slots (not admissible at the next step) before ``submit`` raises
             ``QueueFullError``; None = unbounded.
         request_timeout: default deadline in seconds of every request (None = none).
         observer: hooks called from the engine thread (metrics).
@@ -112,11 +112,12 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet scheduled: still in the inbox or waiting in the scheduler."""
+        """Sequences not yet scheduled: still in the inbox or waiting in the scheduler
+        (lock-free: two integer reads, never waits for the engine thread)."""
         return self.core.num_pending_adds + self._snapshot.num_waiting
 
     def check_capacity(self, num_requests: int = 1) -> None:
-        """Raise unless ``num_requests`` more requests may be queued now.
+        """Raise unless ``num_requests`` more sequences may be queued now (lock-free).
 
         Raises:
             EngineDeadError: the engine failed.

@@ -31,6 +31,7 @@ class CompletionServing(OpenAIServing):
         arrival = self.client.clock()
         self.check_model(req.model)
         self.check_request(req)
+        self.check_num_seqs(_num_prompts(req.prompt), req)
         prompts = await self._prompts(req)
         fields = ("prompt", "max_tokens")
         params = [
@@ -141,3 +142,10 @@ class CompletionServing(OpenAIServing):
                     "usage": dump(job.usage()),
                 }
             )
+
+
+def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts ``prompt`` holds (a text, texts, one list of ids, lists of ids)."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)

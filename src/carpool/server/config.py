@@ -26,7 +26,9 @@ class ServerConfig:
         None, "require 'Authorization: Bearer KEY' on /v1/* (none: no auth)"
     )
     max_queue: int | None = option(
-        None, "most requests waiting to be scheduled; more get 429 (none: no limit)"
+        None,
+        "most sequences (prompts x n of each request) waiting to be scheduled beyond the free "
+        "seats; more get 429 (none: no limit)",
     )
     request_timeout: float | None = option(
         None,
@@ -49,9 +51,14 @@ class ServerConfig:
     dashboard_fps: float = option(
         10.0, "updates per second of the live dashboard's stream /v1/stats/stream (at most 10)"
     )
+    max_seqs_per_request: int = option(
+        256,
+        "most sequences one request may ask for (prompts x n); more get 400 (a ceiling on one "
+        "client's share, as --max-queue, which also counts sequences, is on the queue)",
+    )
 
     def __post_init__(self) -> None:
-        check_positive(self, "max_queue", "retry_after")
+        check_positive(self, "max_queue", "retry_after", "max_seqs_per_request")
         check_positive(self, "max_body_bytes", low=1024)
         if (
             isinstance(self.port, bool)
