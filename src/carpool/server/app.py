@@ -39,6 +39,7 @@ from carpool.server.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    describe_unknown_fields,
     dump,
 )
 from carpool.server.protocol_ext import DetokenizeRequest, TokenizeRequest
@@ -223,7 +224,7 @@ def build_app(
             raise validation_error_to_api(e.errors(include_url=False)) from None
         unknown = getattr(req, "unknown_fields", list)()
         if unknown:
-            logger.warning("%s: ignoring unknown fields %s", request.url.path, unknown)
+            logger.warning("%s: ignoring %s", request.url.path, describe_unknown_fields(unknown))
         return req
 
     @app.get("/health")

@@ -89,6 +89,12 @@ class CompletionServing(OpenAIServing):
         else:
             texts = None
         if texts is not None:
+            for i, t in enumerate(texts):
+                if not t:  # refused as the engine refuses "" (it would be a lone BOS)
+                    where = "prompt" if isinstance(p, str) else f"prompt[{i}]"
+                    raise APIError(
+                        400, f"{where}: must not be empty (at least one character)", param="prompt"
+                    )
             prompts = await asyncio.to_thread(lambda: [self.tokenizer.encode(t) for t in texts])
         elif isinstance(p[0], int):
             prompts = [list(p)]  # type: ignore[arg-type]

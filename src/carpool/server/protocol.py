@@ -2,7 +2,8 @@
 
 Requests are validated strictly (``"5"`` is not an int, ``true`` is not a number) and every
 range is checked here, so a bad field is reported with its name. Unknown fields are *allowed*
-(OpenAI adds fields often): they are ignored and named in a log warning (``unknown_fields``).
+(OpenAI adds fields often): they are ignored and named in a log warning (``unknown_fields``),
+a count plus the first few (``describe_unknown_fields``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,31 @@ MAX_N = 128
 _INT_MAX = 2**63 - 1
 _TokenId = Annotated[int, Field(ge=0, le=_INT_MAX)]
 MAX_STOP_TOKEN_IDS = 1024
+
+
+# How much of a request's unknown field names one log line shows: a client can send 20,000
+# keys (or one 1 MB key), and the log must not grow with them.
+UNKNOWN_FIELDS_SHOWN = 5
+UNKNOWN_FIELD_CHARS = 40
+
+
+def describe_unknown_fields(names: list[str]) -> str:
+    """``names`` for a log line: their count and the first few, each cut to a bounded length.
+
+    ``["a", "b"]`` -> ``"2 unknown fields: a, b"``; 20,000 names -> ``"20000 unknown fields
+    (first 5: ...)"``.
+    """
+
+    def cut(name: str) -> str:
+        if len(name) <= UNKNOWN_FIELD_CHARS:
+            return repr(name)[1:-1]
+        return repr(name[:UNKNOWN_FIELD_CHARS])[1:-1] + f"...({len(name)} chars)"
+
+    shown = ", ".join(cut(n) for n in names[:UNKNOWN_FIELDS_SHOWN])
+    noun = "field" if len(names) == 1 else "fields"
+    if len(names) <= UNKNOWN_FIELDS_SHOWN:
+        return f"{len(names)} unknown {noun}: {shown}"
+    return f"{len(names)} unknown {noun} (first {UNKNOWN_FIELDS_SHOWN}: {shown}, ...)"
 
 
 class _Request(BaseModel):
