@@ -29,7 +29,7 @@ from helpers.hf_models import save_tiny_model_dir
 from helpers.inproc_server import InProcessServer
 
 MODEL = "tiny-llama"
-ANSWER_BOUND_S = 3.0  # generous: the CI machine is shared and noisy
+ANSWER_BOUND_S = 5.0  # the issue saw no answer within 5 s; generous on a shared, noisy CI machine
 
 
 @pytest.fixture(scope="module")
