@@ -30,7 +30,7 @@ from helpers.inproc_server import InProcessServer
 
 MODEL = "tiny-llama"
 INNOCENT_PROMPTS = ["The quick brown", "def main():", "1, 2, 3,"]
-INNOCENT_TOKENS = 160  # long enough that the poison arrives while they decode
+INNOCENT_TOKENS = 300  # long enough that the poison arrives while they decode
 FAULT_SEED = 424242  # marks the request whose row the injected fault breaks
 
 
