@@ -47,6 +47,7 @@ class ChatServing(OpenAIServing):
         arrival = self.client.clock()
         self.check_model(req.model)
         self.check_request(req)
+        self.check_num_seqs(1, req)
         plan = self._tool_plan(req)
         messages = [m.to_template() for m in req.messages]
         extra: dict[str, Any] = {"tools": plan.tools} if plan.tools else {}

@@ -31,6 +31,7 @@ class CompletionServing(OpenAIServing):
         arrival = self.client.clock()
         self.check_model(req.model)
         self.check_request(req)
+        self.check_num_seqs(_num_prompts(req.prompt), req)
         prompts = await self._prompts(req)
         fields = ("prompt", "max_tokens")
         params = [
@@ -88,6 +89,12 @@ class CompletionServing(OpenAIServing):
         else:
             texts = None
         if texts is not None:
+            for i, t in enumerate(texts):
+                if not t:  # refused as the engine refuses "" (it would be a lone BOS)
+                    where = "prompt" if isinstance(p, str) else f"prompt[{i}]"
+                    raise APIError(
+                        400, f"{where}: must not be empty (at least one character)", param="prompt"
+                    )
             prompts = await asyncio.to_thread(lambda: [self.tokenizer.encode(t) for t in texts])
         elif isinstance(p[0], int):
             prompts = [list(p)]  # type: ignore[arg-type]
@@ -141,3 +148,10 @@ class CompletionServing(OpenAIServing):
                     "usage": dump(job.usage()),
                 }
             )
+
+
+def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts ``prompt`` holds (a text, texts, one list of ids, lists of ids)."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)

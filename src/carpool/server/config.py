@@ -33,7 +33,9 @@ class ServerConfig:
         None, "require 'Authorization: Bearer KEY' on /v1/* (none: no auth)"
     )
     max_queue: int | None = option(
-        None, "most requests waiting to be scheduled; more get 429 (none: no limit)"
+        None,
+        "most sequences (prompts x n of each request) waiting to be scheduled beyond the free "
+        "seats; more get 429 (none: no limit)",
     )
     request_timeout: float | None = option(
         None,
@@ -83,9 +85,17 @@ class ServerConfig:
         "which the process list shows; the CARPOOL_API_KEY environment variable is read when "
         "neither is given",
     )
+    max_seqs_per_request: int = option(
+        256,
+        "most sequences one request may ask for (prompts x n); more get 400 (a ceiling on one "
+        "client's share, as --max-queue, which also counts sequences, is on the queue)",
+    )
 
     def __post_init__(self) -> None:
-        check_positive(self, "max_queue", "retry_after", "max_connections", "max_header_count")
+        check_positive(
+            self, "max_queue", "retry_after", "max_connections", "max_header_count",
+            "max_seqs_per_request",
+        )  # fmt: skip
         check_positive(self, "max_body_bytes", "max_header_bytes", low=1024)
         for name in ("header_timeout", "body_timeout"):
             value = getattr(self, name)

@@ -19,6 +19,7 @@ from carpool.scheduling.output import SchedulerOutput
 from carpool.worker.batch import build_ragged_batch
 from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs
+from carpool.worker.sampler_guard import SamplingGuard
 
 if TYPE_CHECKING:
     from carpool.structured.processor import LogitsProcessor
@@ -29,11 +30,14 @@ class ModelRunnerOutput:
     """One new token per request that sampled this step (and its logprobs when asked).
 
     ``num_padded_tokens``: pad token slots the layout computed this step (0 when ragged).
+    ``failed``: requests whose row could not be sampled (request id -> why); they got no token
+    and must fail, alone (see ``SamplingGuard``).
     """
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     num_padded_tokens: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -67,6 +71,8 @@ class ModelRunner:
         self.sampler = Sampler()
         # logit_bias and structured-output masks, applied to the batch's logits before sampling.
         self.logits_processor = logits_processor
+        # One request's bad row fails that request only, not the batch.
+        self.sampling = SamplingGuard(self.sampler, logits_processor)
         self._generators: dict[str, torch.Generator] = {}
 
     @property
@@ -121,16 +127,10 @@ class ModelRunner:
             )
             for r in reqs
         ]
-        proc = self.logits_processor
-        if proc is not None:
-            logits = proc.apply(logits, inp.sample_request_ids, [r.params for r in rows])
-        result = self.sampler(logits, rows)
-        if proc is not None:
-            proc.accept(inp.sample_request_ids, [r.params for r in rows], result.token_ids)
-        sampled = dict(zip(inp.sample_request_ids, result.token_ids, strict=True))
-        logprobs = {
-            rid: lp
-            for rid, lp in zip(inp.sample_request_ids, result.logprobs, strict=True)
-            if lp is not None
-        }
-        return ModelRunnerOutput(sampled=sampled, logprobs=logprobs, num_padded_tokens=num_padded)
+        result = self.sampling(logits, inp.sample_request_ids, rows)
+        return ModelRunnerOutput(
+            sampled=result.sampled,
+            logprobs=result.logprobs,
+            num_padded_tokens=num_padded,
+            failed=result.failed,
+        )
