@@ -33,8 +33,8 @@ it stopped. A finished request frees its blocks at once.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
+from carpool.config import EngineConfig
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
@@ -43,58 +43,27 @@ from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
 from carpool.scheduling.priority import PREEMPT_KV_CACHE, PREEMPT_PRIORITY, RequestOrder
 
 
-@dataclass(frozen=True, kw_only=True)
-class SchedulerConfig:
-    """Limits of the continuous scheduler.
-
-    Attributes:
-        max_num_seqs: most requests in one forward pass (seats).
-        max_num_batched_tokens: most tokens in one forward pass (prefill chunks + decodes).
-        block_size: token slots per KV block (must match the BlockManager).
-        num_blocks: KV blocks in the whole cache (from ``num_blocks_for_budget``).
-        max_model_len: longest prompt + output a request may ask for.
-        order: waiting order and priority preemption (``fcfs`` or ``priority``, with aging).
-    """
-
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    block_size: int = 16
-    num_blocks: int
-    max_model_len: int
-    order: RequestOrder = RequestOrder()
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "block_size",
-            "num_blocks",
-            "max_model_len",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SchedulerConfig.{name} must be an int >= 1, got {value!r}")
-
-
 class ContinuousScheduler(SchedulingPolicy):
     """Iteration-level scheduler over a paged KV cache (see the module docstring).
 
     Args:
-        config: the limits.
-        block_manager: the KV bookkeeping to use; a fresh one sized from ``config`` if None.
+        config: the engine's configuration: ``max_num_seqs``, ``max_num_batched_tokens``,
+            ``block_size``, ``scheduling_policy`` and ``priority_aging_s`` are read here.
+        block_manager: the KV bookkeeping (its ``num_blocks`` is the cache's size).
+        max_model_len: the engine's effective context limit (prompt + output).
     """
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager | None = None) -> None:
-        if block_manager is None:
-            block_manager = BlockManager(config.num_blocks, config.block_size)
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
+    ) -> None:
         assert block_manager.block_size == config.block_size, (
             f"BlockManager block_size {block_manager.block_size} != config {config.block_size}"
         )
-        assert block_manager.num_blocks == config.num_blocks, (
-            f"BlockManager num_blocks {block_manager.num_blocks} != config {config.num_blocks}"
-        )
+        assert max_model_len >= 1, f"max_model_len must be >= 1, got {max_model_len}"
         self.config = config
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.order = RequestOrder(config.scheduling_policy, config.priority_aging_s)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}  # every unfinished request
@@ -105,18 +74,19 @@ class ContinuousScheduler(SchedulingPolicy):
     # ---- queue ---------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        validate_new_request(request, self.requests, self.config.max_model_len)
+        validate_new_request(request, self.requests, self.max_model_len)
         rid = request.request_id
         prompt_len = request.num_prompt_tokens
         max_tokens = request.sampling_params.max_tokens
         total = prompt_len + max_tokens
         # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.
         blocks = self.block_manager.blocks_needed(total - 1)
-        if blocks > self.config.num_blocks:
+        num_blocks = self.block_manager.num_blocks
+        if blocks > num_blocks:
             raise InvalidRequestError(
                 f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) "
                 f"needs up to {blocks} KV blocks of {self.config.block_size} tokens, but the "
-                f"whole cache has {self.config.num_blocks}"
+                f"whole cache has {num_blocks}"
             )
         self.requests[rid] = request
         self.waiting.append(request)
@@ -160,8 +130,9 @@ class ContinuousScheduler(SchedulingPolicy):
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue
-            bm.allocate(rid, end)
-            scheduled[rid] = self._make_chunk(req, num_new)
+            new_blocks = bm.allocate(rid, end)
+            kept = bm.num_table_blocks(rid) - len(new_blocks)
+            scheduled[rid] = self._make_chunk(req, num_new, new_blocks, kept)
             budget -= num_new
 
         # 2. Waiting requests, in order; head-of-line blocking keeps the order fair.
@@ -220,14 +191,19 @@ class ContinuousScheduler(SchedulingPolicy):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _make_chunk(self, req: Request, num_new: int) -> ScheduledChunk:
+    def _make_chunk(
+        self, req: Request, num_new: int, new_blocks: list[int], num_kept: int
+    ) -> ScheduledChunk:
+        """The next ``num_new`` tokens of ``req``; the table gained ``new_blocks`` after its
+        first ``num_kept`` blocks (0: an admission hands the whole table over)."""
         start = req.num_computed_tokens
         end = start + num_new
         return ScheduledChunk(
             request_id=req.request_id,
             token_ids=req.all_token_ids[start:end],
             start_pos=start,
-            block_table=self.block_manager.get_block_table(req.request_id),
+            new_block_ids=new_blocks,
+            num_kept_blocks=num_kept,
             needs_sample=end == req.num_tokens,
         )
 
@@ -240,7 +216,7 @@ class ContinuousScheduler(SchedulingPolicy):
     ) -> int:
         """Admit waiting requests in order while seats, budget and blocks last; returns the
         budget left. Under ``priority`` a request may preempt worse-priority running ones."""
-        cfg, bm, order = self.config, self.block_manager, self.config.order
+        cfg, bm, order = self.config, self.block_manager, self.order
         if not self.waiting:
             return budget
         bs = bm.block_size
@@ -272,8 +248,8 @@ class ContinuousScheduler(SchedulingPolicy):
             self.stats.num_recomputed_tokens += max(0, lost - num_cached)
             if bm.enable_caching:
                 bm.record_lookup(req.num_tokens, num_cached)
-            bm.allocate(rid, end, hit)
-            scheduled[rid] = self._make_chunk(req, num_new)
+            new_blocks = bm.allocate(rid, end, hit)
+            scheduled[rid] = self._make_chunk(req, num_new, hit + new_blocks, 0)
             budget -= num_new
             if bm.enable_caching:
                 inflight.update(self._completed_hashes(scheduled[rid]))
@@ -302,8 +278,8 @@ class ContinuousScheduler(SchedulingPolicy):
         """Whom to preempt when a running request needs a block (see the module docstring)."""
         running = self.running
         assert running, "preemption needed but nothing is running"
-        if self.config.order.by_priority:
-            return self.config.order.worst(running, now)
+        if self.order.by_priority:
+            return self.order.worst(running, now)
         i = min(range(len(running)), key=lambda i: (running[i].num_computed_tokens, -i))
         return running[i]
 

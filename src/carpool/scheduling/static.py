@@ -34,8 +34,8 @@ finished immediately and its seat stays idle until the batch ends.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
+from carpool.config import EngineConfig
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
@@ -47,31 +47,6 @@ from carpool.scheduling.priority import RequestOrder
 _HELD_REASONS = (FinishReason.STOP, FinishReason.LENGTH)
 
 
-@dataclass(frozen=True, kw_only=True)
-class StaticConfig:
-    """Limits of the static-family policies.
-
-    Attributes:
-        batch_size: most requests in one batch (seats).
-        block_size: token slots per KV block (must match the BlockManager).
-        num_blocks: KV blocks in the whole cache.
-        max_model_len: longest prompt + output a request may ask for.
-        order: the order the next batch is drawn in (``fcfs`` or ``priority`` with aging).
-    """
-
-    batch_size: int = 8
-    block_size: int = 16
-    num_blocks: int
-    max_model_len: int
-    order: RequestOrder = RequestOrder()
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "block_size", "num_blocks", "max_model_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be an int >= 1, got {value!r}")
-
-
 class StaticBatchPolicy(SchedulingPolicy):
     """Runs one batch at a time to completion (see the module docstring).
 
@@ -79,23 +54,27 @@ class StaticBatchPolicy(SchedulingPolicy):
     ``_candidates``.
 
     Args:
-        config: the limits.
-        block_manager: the KV bookkeeping to use; a fresh one sized from ``config`` if None.
+        config: the engine's configuration: ``batch_size``, ``block_size``,
+            ``scheduling_policy`` and ``priority_aging_s`` are read here (subclasses read
+            their own knobs too).
+        block_manager: the KV bookkeeping (its ``num_blocks`` is the cache's size).
+        max_model_len: the engine's effective context limit (prompt + output).
     """
 
     name = "static"
 
-    def __init__(self, config: StaticConfig, block_manager: BlockManager | None = None) -> None:
-        if block_manager is None:
-            block_manager = BlockManager(config.num_blocks, config.block_size)
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
+    ) -> None:
         assert block_manager.block_size == config.block_size, (
             f"BlockManager block_size {block_manager.block_size} != config {config.block_size}"
         )
-        assert block_manager.num_blocks == config.num_blocks, (
-            f"BlockManager num_blocks {block_manager.num_blocks} != config {config.num_blocks}"
-        )
+        assert max_model_len >= 1, f"max_model_len must be >= 1, got {max_model_len}"
         self.config = config
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.batch_size = config.batch_size  # most requests in one batch (seats)
+        self.order = RequestOrder(config.scheduling_policy, config.priority_aging_s)
         self.waiting: deque[Request] = deque()
         self.batch: list[Request] = []  # the seats of the running batch, in launch order
         self.requests: dict[str, Request] = {}  # every unfinished request (held rows included)
@@ -107,17 +86,18 @@ class StaticBatchPolicy(SchedulingPolicy):
     # ---- queue ---------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        validate_new_request(request, self.requests, self.config.max_model_len)
+        validate_new_request(request, self.requests, self.max_model_len)
         rid = request.request_id
         prompt_len = request.num_prompt_tokens
         max_tokens = request.sampling_params.max_tokens
         blocks = self._blocks_reserved(request)
-        if blocks > self.config.num_blocks:
+        num_blocks = self.block_manager.num_blocks
+        if blocks > num_blocks:
             raise InvalidRequestError(
                 f"request {rid!r}: {self.name} batching reserves prompt ({prompt_len} tokens) + "
                 f"max_tokens ({max_tokens}) of KV up front, {blocks} blocks of "
                 f"{self.config.block_size} tokens, but the whole cache has "
-                f"{self.config.num_blocks}; lower max_tokens or give the KV cache more memory"
+                f"{num_blocks}; lower max_tokens or give the KV cache more memory"
             )
         self.requests[rid] = request
         self.waiting.append(request)
@@ -145,7 +125,7 @@ class StaticBatchPolicy(SchedulingPolicy):
         The launch takes them in this order while their KV reservations fit. The default is
         first come, first served (or by priority under the ``priority`` policy).
         """
-        return self.config.order.sorted(self.waiting, now)[: self.config.batch_size]
+        return self.order.sorted(self.waiting, now)[: self.batch_size]
 
     def _blocks_reserved(self, req: Request) -> int:
         # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.
@@ -157,7 +137,7 @@ class StaticBatchPolicy(SchedulingPolicy):
         assert not self.batch and not self._held, "a batch is still running"
         bm = self.block_manager
         free = bm.num_free_blocks
-        for req in self._candidates(now)[: self.config.batch_size]:
+        for req in self._candidates(now)[: self.batch_size]:
             need = self._blocks_reserved(req)
             if need > free:
                 break  # keep the order: the rest waits for the next batch
@@ -183,12 +163,19 @@ class StaticBatchPolicy(SchedulingPolicy):
             if not self._is_active(req):
                 continue
             start = req.num_computed_tokens
+            # The whole KV was reserved at launch: the first step hands the table over, later
+            # steps keep it.
+            if start == 0:
+                new_blocks, kept = self.block_manager.get_block_table(req.request_id), 0
+            else:
+                new_blocks, kept = [], self.block_manager.num_table_blocks(req.request_id)
             chunks.append(
                 ScheduledChunk(
                     request_id=req.request_id,
                     token_ids=req.all_token_ids[start:],
                     start_pos=start,
-                    block_table=self.block_manager.get_block_table(req.request_id),
+                    new_block_ids=new_blocks,
+                    num_kept_blocks=kept,
                     needs_sample=True,
                 )
             )
