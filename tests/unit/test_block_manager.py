@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from carpool.capacity import kv_cache_bytes, num_blocks_for_budget
 from carpool.config import ModelConfig
-from carpool.kv_cache import BlockManager, kv_cache_bytes, num_blocks_for_budget
+from carpool.kv_cache import BlockManager
 
 
 def test_blocks_needed() -> None:
