@@ -32,78 +32,32 @@ it stopped. A finished request frees its blocks at once.
 
 from __future__ import annotations
 
-from collections import deque
-
 from carpool.config import EngineConfig
-from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
-from carpool.scheduling.base import SchedulerStats, SchedulingPolicy, validate_new_request
+from carpool.scheduling.base import SchedulingPolicy
 from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
-from carpool.scheduling.priority import PREEMPT_KV_CACHE, PREEMPT_PRIORITY, RequestOrder
+from carpool.scheduling.priority import PREEMPT_KV_CACHE, PREEMPT_PRIORITY
 
 
 class ContinuousScheduler(SchedulingPolicy):
     """Iteration-level scheduler over a paged KV cache (see the module docstring).
 
-    Args:
-        config: the engine's configuration: ``max_num_seqs``, ``max_num_batched_tokens``,
-            ``block_size``, ``scheduling_policy`` and ``priority_aging_s`` are read here.
-        block_manager: the KV bookkeeping (its ``num_blocks`` is the cache's size).
-        max_model_len: the engine's effective context limit (prompt + output).
+    Reads ``max_num_seqs``, ``max_num_batched_tokens``, ``scheduling_policy`` and
+    ``priority_aging_s`` of the ``EngineConfig`` (constructor: see ``SchedulingPolicy``).
     """
 
     def __init__(
         self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
     ) -> None:
-        assert block_manager.block_size == config.block_size, (
-            f"BlockManager block_size {block_manager.block_size} != config {config.block_size}"
-        )
-        assert max_model_len >= 1, f"max_model_len must be >= 1, got {max_model_len}"
-        self.config = config
-        self.block_manager = block_manager
-        self.max_model_len = max_model_len
-        self.order = RequestOrder(config.scheduling_policy, config.priority_aging_s)
-        self.waiting: deque[Request] = deque()
+        super().__init__(config, block_manager, max_model_len)
         self.running: list[Request] = []  # admission order
-        self.requests: dict[str, Request] = {}  # every unfinished request
-        self.stats = SchedulerStats()
         # request_id -> computed tokens lost to preemption, counted as recomputed on re-admission
         self._lost_tokens: dict[str, int] = {}
-
-    # ---- queue ---------------------------------------------------------------------------
-
-    def add_request(self, request: Request) -> None:
-        validate_new_request(request, self.requests, self.max_model_len)
-        rid = request.request_id
-        prompt_len = request.num_prompt_tokens
-        max_tokens = request.sampling_params.max_tokens
-        total = prompt_len + max_tokens
-        # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.
-        blocks = self.block_manager.blocks_needed(total - 1)
-        num_blocks = self.block_manager.num_blocks
-        if blocks > num_blocks:
-            raise InvalidRequestError(
-                f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) "
-                f"needs up to {blocks} KV blocks of {self.config.block_size} tokens, but the "
-                f"whole cache has {num_blocks}"
-            )
-        self.requests[rid] = request
-        self.waiting.append(request)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self.requests.get(request_id)
 
     # ---- one step ------------------------------------------------------------------------
 

@@ -33,4 +33,4 @@ def make_policy(
     policy = POLICIES.get(config.batching)
     if policy is None:
         raise ValueError(f"unknown batching strategy {config.batching!r}")
-    return policy(config, block_manager, max_model_len)  # type: ignore[call-arg]
+    return policy(config, block_manager, max_model_len)

@@ -33,15 +33,11 @@ finished immediately and its seat stays idle until the batch ends.
 
 from __future__ import annotations
 
-from collections import deque
-
 from carpool.config import EngineConfig
-from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
-from carpool.scheduling.base import SchedulerStats, SchedulingPolicy, validate_new_request
+from carpool.scheduling.base import SchedulingPolicy
 from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
-from carpool.scheduling.priority import RequestOrder
 
 # Finish reasons a static batch holds back until the batch ends (the others finish at once).
 _HELD_REASONS = (FinishReason.STOP, FinishReason.LENGTH)
@@ -53,12 +49,8 @@ class StaticBatchPolicy(SchedulingPolicy):
     Subclasses change only *which* waiting requests form the next batch, by overriding
     ``_candidates``.
 
-    Args:
-        config: the engine's configuration: ``batch_size``, ``block_size``,
-            ``scheduling_policy`` and ``priority_aging_s`` are read here (subclasses read
-            their own knobs too).
-        block_manager: the KV bookkeeping (its ``num_blocks`` is the cache's size).
-        max_model_len: the engine's effective context limit (prompt + output).
+    Reads ``batch_size``, ``scheduling_policy`` and ``priority_aging_s`` of the
+    ``EngineConfig`` (constructor: see ``SchedulingPolicy``); subclasses read their own knobs.
     """
 
     name = "static"
@@ -66,56 +58,26 @@ class StaticBatchPolicy(SchedulingPolicy):
     def __init__(
         self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
     ) -> None:
-        assert block_manager.block_size == config.block_size, (
-            f"BlockManager block_size {block_manager.block_size} != config {config.block_size}"
-        )
-        assert max_model_len >= 1, f"max_model_len must be >= 1, got {max_model_len}"
-        self.config = config
-        self.block_manager = block_manager
-        self.max_model_len = max_model_len
+        super().__init__(config, block_manager, max_model_len)
         self.batch_size = config.batch_size  # most requests in one batch (seats)
-        self.order = RequestOrder(config.scheduling_policy, config.priority_aging_s)
-        self.waiting: deque[Request] = deque()
         self.batch: list[Request] = []  # the seats of the running batch, in launch order
-        self.requests: dict[str, Request] = {}  # every unfinished request (held rows included)
-        self.stats = SchedulerStats()
         self.num_batches = 0
         self._held: dict[str, RequestStatus] = {}  # done rows of the batch -> their final status
         self._released: list[Request] = []  # released outside update_from_output
 
-    # ---- queue ---------------------------------------------------------------------------
-
-    def add_request(self, request: Request) -> None:
-        validate_new_request(request, self.requests, self.max_model_len)
-        rid = request.request_id
-        prompt_len = request.num_prompt_tokens
-        max_tokens = request.sampling_params.max_tokens
-        blocks = self._blocks_reserved(request)
-        num_blocks = self.block_manager.num_blocks
-        if blocks > num_blocks:
-            raise InvalidRequestError(
-                f"request {rid!r}: {self.name} batching reserves prompt ({prompt_len} tokens) + "
-                f"max_tokens ({max_tokens}) of KV up front, {blocks} blocks of "
-                f"{self.config.block_size} tokens, but the whole cache has "
-                f"{num_blocks}; lower max_tokens or give the KV cache more memory"
-            )
-        self.requests[rid] = request
-        self.waiting.append(request)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
+    def _cannot_fit_message(self, request: Request, blocks: int) -> str:
+        return (
+            f"request {request.request_id!r}: {self.name} batching reserves prompt "
+            f"({request.num_prompt_tokens} tokens) + max_tokens "
+            f"({request.sampling_params.max_tokens}) of KV up front, {blocks} blocks of "
+            f"{self.block_manager.block_size} tokens, but the whole cache has "
+            f"{self.block_manager.num_blocks}; lower max_tokens or give the KV cache more memory"
+        )
 
     @property
     def num_running(self) -> int:
         """Unfinished requests seated in the running batch (held rows included)."""
         return sum(1 for r in self.batch if not r.is_finished)
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self.requests.get(request_id)
 
     # ---- batch formation (the part subclasses change) --------------------------------------
 
