@@ -17,12 +17,13 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from carpool.config import EngineConfig
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
-from carpool.scheduling.output import SchedulerOutput
+from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
 from carpool.scheduling.priority import RequestOrder
 
 
@@ -123,13 +124,30 @@ class SchedulingPolicy(ABC):
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    # What a policy adds when a request can never fit (static: why it reserves so much).
+    _cannot_fit_hint = ""
+
     def _cannot_fit_message(self, request: Request, blocks: int) -> str:
         """Why ``request``, needing up to ``blocks`` KV blocks, can never be served."""
         return (
             f"request {request.request_id!r}: prompt ({request.num_prompt_tokens} tokens) + "
             f"max_tokens ({request.sampling_params.max_tokens}) needs up to {blocks} KV blocks "
             f"of {self.block_manager.block_size} tokens, but the whole cache has "
-            f"{self.block_manager.num_blocks}"
+            f"{self.block_manager.num_blocks}{self._cannot_fit_hint}"
+        )
+
+    def _output(self, chunks: list[ScheduledChunk], **fields: Any) -> SchedulerOutput:
+        """This step's ``SchedulerOutput`` of ``chunks`` (counted in ``stats`` when not empty);
+        ``fields``: the policy's other figures (preempted ids, idle seats)."""
+        num_tokens = sum(c.num_tokens for c in chunks)
+        if chunks:
+            self.stats.steps += 1
+            self.stats.num_scheduled_tokens += num_tokens
+        return SchedulerOutput(
+            chunks=chunks,
+            num_batched_tokens=num_tokens,
+            kv_blocks_in_use=self.block_manager.num_used_blocks,
+            **fields,
         )
 
     @abstractmethod

@@ -93,19 +93,13 @@ class ContinuousScheduler(SchedulingPolicy):
         if not preempted:
             budget = self._admit(now, budget, scheduled, preempted)
 
-        chunks = list(scheduled.values())
-        num_tokens = sum(c.num_tokens for c in chunks)
-        assert num_tokens <= cfg.max_num_batched_tokens, (num_tokens, cfg.max_num_batched_tokens)
-        assert len(chunks) <= cfg.max_num_seqs, (len(chunks), cfg.max_num_seqs)
-        if chunks:
-            self.stats.steps += 1
-            self.stats.num_scheduled_tokens += num_tokens
-        return SchedulerOutput(
-            chunks=chunks,
-            preempted_ids=preempted,
-            num_batched_tokens=num_tokens,
-            kv_blocks_in_use=bm.num_used_blocks,
+        out = self._output(list(scheduled.values()), preempted_ids=preempted)
+        assert out.num_batched_tokens <= cfg.max_num_batched_tokens, (
+            out.num_batched_tokens,
+            cfg.max_num_batched_tokens,
         )
+        assert out.num_seqs <= cfg.max_num_seqs, (out.num_seqs, cfg.max_num_seqs)
+        return out
 
     def update_from_output(
         self, output: SchedulerOutput, sampled: dict[str, int], now: float

@@ -54,6 +54,10 @@ class StaticBatchPolicy(SchedulingPolicy):
     """
 
     name = "static"
+    _cannot_fit_hint = (
+        "; static batching reserves prompt + max_tokens of KV up front: lower max_tokens or "
+        "give the KV cache more memory"
+    )
 
     def __init__(
         self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
@@ -64,15 +68,6 @@ class StaticBatchPolicy(SchedulingPolicy):
         self.num_batches = 0
         self._held: dict[str, RequestStatus] = {}  # done rows of the batch -> their final status
         self._released: list[Request] = []  # released outside update_from_output
-
-    def _cannot_fit_message(self, request: Request, blocks: int) -> str:
-        return (
-            f"request {request.request_id!r}: {self.name} batching reserves prompt "
-            f"({request.num_prompt_tokens} tokens) + max_tokens "
-            f"({request.sampling_params.max_tokens}) of KV up front, {blocks} blocks of "
-            f"{self.block_manager.block_size} tokens, but the whole cache has "
-            f"{self.block_manager.num_blocks}; lower max_tokens or give the KV cache more memory"
-        )
 
     @property
     def num_running(self) -> int:
@@ -141,15 +136,8 @@ class StaticBatchPolicy(SchedulingPolicy):
                     needs_sample=True,
                 )
             )
-        num_tokens = sum(c.num_tokens for c in chunks)
-        if chunks:
-            self.stats.steps += 1
-            self.stats.num_scheduled_tokens += num_tokens
-        return SchedulerOutput(
-            chunks=chunks,
-            num_batched_tokens=num_tokens,
-            kv_blocks_in_use=self.block_manager.num_used_blocks,
-            num_idle_seats=len(self.batch) - len(chunks) if chunks else 0,
+        return self._output(
+            chunks, num_idle_seats=len(self.batch) - len(chunks) if chunks else 0
         )
 
     def update_from_output(

@@ -43,10 +43,7 @@ def build_padded_batch(
     """Lay ``chunks`` out as a padded rectangle, plus ``num_idle_rows`` all-pad rows.
 
     Args:
-        chunks: per sequence, the tokens to compute now and their start position.
-        block_tables: per chunk, its request's block table, covering
-            ``start_pos + len(token_ids)`` slots.
-        block_size: tokens per KV block.
+        chunks, block_tables, block_size: as for ``build_ragged_batch``.
         scratch_block: id of the KV block that absorbs every pad token's K/V (never attended).
         num_idle_rows: extra rows of pad tokens only (done seats of a static batch).
         device: where the tensors go.
