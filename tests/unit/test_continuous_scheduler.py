@@ -8,7 +8,7 @@ recomputation after preemption therefore changes the generated tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import event, given, settings
@@ -227,6 +227,24 @@ def test_fcfs_admission_and_seat_cap() -> None:
     out = sched.schedule(0.0)
     assert [c.request_id for c in out.chunks] == ["r0", "r1"]
     assert sched.num_running == 2 and sched.num_waiting == 2
+
+
+def test_block_table_deltas_rebuild_the_table_and_may_be_applied_twice() -> None:
+    sched = make_scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=8)
+    sched.add_request(make_request("a", 10, 3))
+    tables = BlockTables()
+    for t in range(3):
+        out = sched.schedule(float(t))
+        tables.apply(out)
+        tables.apply(out)  # e.g. a batch split and its part run again
+        assert tables["a"] == sched.block_manager.get_block_table("a")
+        sched.update_from_output(out, {"a": 1} if out.chunks[0].needs_sample else {}, float(t))
+    stale = SchedulerOutput(chunks=[replace(out.chunks[0], num_kept_blocks=5)])
+    with pytest.raises(AssertionError, match="holds 3 blocks, the chunk keeps 5"):
+        tables.apply(stale)  # a missed delta is caught
+    tables.drop("a")
+    with pytest.raises(KeyError):
+        tables["a"]
 
 
 def test_finished_request_frees_blocks_and_seat_taken_next_step() -> None:
