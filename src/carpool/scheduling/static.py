@@ -136,9 +136,7 @@ class StaticBatchPolicy(SchedulingPolicy):
                     needs_sample=True,
                 )
             )
-        return self._output(
-            chunks, num_idle_seats=len(self.batch) - len(chunks) if chunks else 0
-        )
+        return self._output(chunks, num_idle_seats=len(self.batch) - len(chunks) if chunks else 0)
 
     def update_from_output(
         self, output: SchedulerOutput, sampled: dict[str, int], now: float
