@@ -14,6 +14,7 @@ from carpool.options import check_positive, option, parse_bytes, parse_int_list
 
 __all__ = [
     "BATCHING_STRATEGIES",
+    "DEFAULT_BLOCK_SIZE",
     "HF_ARCHITECTURES",
     "LAYOUTS",
     "QUANTIZATION_CHOICES",
@@ -35,6 +36,9 @@ QUANTIZATION_CHOICES = (None, "none", "int8", "int4")
 LAYOUTS = ("ragged", "padded")
 # Waiting-queue orders (see ``carpool.scheduling.priority``).
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# Tokens per KV block: ``EngineConfig.block_size``'s default, and that of the planning functions
+# and the BlockManager, which take a block size without an EngineConfig.
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = option(
         0.2, "fraction of available memory for the KV cache when kv_cache_memory is not set"
     )
-    block_size: int = option(16, "tokens per KV block")
+    block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV block")
     max_num_seqs: int = option(64, "most sequences in one forward pass")
     max_num_batched_tokens: int = option(
         512, "most tokens in one forward pass; longer prompts are prefilled in chunks"

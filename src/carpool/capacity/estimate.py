@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from carpool.capacity.activations import activation_bytes
 from carpool.capacity.kv import kv_cache_bytes_for
 from carpool.capacity.weights import weight_bytes_for
+from carpool.config import DEFAULT_BLOCK_SIZE
 from carpool.model.quant_plan import QuantPlan
 from carpool.model_config import ModelConfig
 
@@ -71,7 +72,7 @@ def estimate_memory(
     seq_len: int,
     dtype_nbytes: int,
     kv_dtype_nbytes: int | None = None,
-    block_size: int = 16,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     max_num_batched_tokens: int | None = None,
     plan: QuantPlan | None = None,
 ) -> MemoryEstimate:
@@ -111,7 +112,7 @@ def largest_batch_by_estimate(
     budget: int,
     dtype_nbytes: int,
     kv_dtype_nbytes: int | None = None,
-    block_size: int = 16,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     max_num_batched_tokens: int | None = None,
     limit: int = 1 << 16,
     plan: QuantPlan | None = None,

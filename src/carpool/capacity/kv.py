@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from carpool.capacity.device import available_memory_bytes
-from carpool.config import EngineConfig
+from carpool.config import DEFAULT_BLOCK_SIZE, EngineConfig
 from carpool.model_config import ModelConfig
 
 
@@ -52,7 +52,11 @@ def kv_cache_bytes(num_blocks: int, kv_bytes_per_token: int, block_size: int) ->
 
 
 def kv_cache_bytes_for(
-    config: ModelConfig, num_seqs: int, seq_len: int, nbytes: int, block_size: int = 16
+    config: ModelConfig,
+    num_seqs: int,
+    seq_len: int,
+    nbytes: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> int:
     """Bytes of the paged KV cache that holds ``num_seqs`` sequences of ``seq_len`` tokens.
 

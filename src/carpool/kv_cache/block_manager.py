@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+from carpool.config import DEFAULT_BLOCK_SIZE
 from carpool.kv_cache.prefix_cache import PrefixCache, PrefixCacheStats, extend_block_hashes
 
 
@@ -45,7 +46,9 @@ class BlockManager:
             ``cache_blocks`` does nothing.
     """
 
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = False) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, enable_caching: bool = False
+    ) -> None:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
