@@ -22,11 +22,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from carpool.config import EngineConfig
-from carpool.engine.client import EngineObserver, check_queue, generate
+from carpool.engine.client import EngineObserver, SubmitPath, check_queue
 from carpool.engine.core import CoreStep, EngineCore, NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.llm_engine import LLMEngine
@@ -35,14 +35,13 @@ from carpool.engine.stream import RequestStream
 from carpool.engine.view import EngineTap, IterationEvent, TapSet
 from carpool.errors import EngineDeadError, EngineStoppedError
 from carpool.outputs import RequestOutput
-from carpool.sampling_params import SamplingParams
 from carpool.tokenizer import Tokenizer
 
 logger = logging.getLogger("carpool.engine")
 request_logger = logging.getLogger("carpool.request")
 
 
-class AsyncEngine:
+class AsyncEngine(SubmitPath):
     """Runs an ``LLMEngine`` in a background thread and streams outputs to asyncio callers.
 
     Implements ``EngineClient``.
@@ -56,6 +55,8 @@ class AsyncEngine:
         observer: hooks called from the engine thread (metrics).
         log_interval: seconds between the periodic engine log lines while busy.
     """
+
+    _id_prefix = "areq"
 
     def __init__(
         self,
@@ -132,49 +133,16 @@ class AsyncEngine:
         free_slots = max(0, self.engine.config.max_num_seqs - self._snapshot.num_running)
         check_queue(self.max_queue, self.num_waiting, num_requests, free_slots)
 
-    def submit(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        arrival_time: float | None = None,
-    ) -> RequestStream:
-        """Queue a request for the engine thread now (call from a running event loop).
-
-        Args:
-            prompt, params, request_id, timeout, arrival_time: as for ``generate``.
-
-        Returns:
-            The stream of the request's outputs; the caller must ``abort()`` it if it stops
-            reading before the end.
-
-        Raises:
-            EngineStoppedError, EngineDeadError, QueueFullError: see ``check_capacity``.
-        """
-        self.check_capacity()
-        rid = request_id if request_id is not None else f"areq-{next(self._ids)}"
-        now = self.engine.clock()
-        timeout = self.request_timeout if timeout is None else timeout
-        stream = RequestStream(rid, self.abort)
-        self._streams[rid] = stream
-        self.core.add_request(NewRequest.at(now, rid, prompt, params, timeout, arrival_time))
+    def _send(self, request: NewRequest, **route: Any) -> RequestStream:
+        assert not route, f"AsyncEngine takes no routing options, got {sorted(route)}"
+        stream = RequestStream(request.request_id, self.abort)
+        self._streams[request.request_id] = stream
+        self.core.add_request(request)
         return stream
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request (no-op when unknown or finished)."""
         self.core.abort_request(request_id)
-
-    def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        arrival_time: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output each step it progresses (see ``client.generate``)."""
-        return generate(self, prompt, params, request_id, timeout, arrival_time)
 
     # ---- the live dashboard -----------------------------------------------------------------
 

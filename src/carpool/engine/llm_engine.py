@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from carpool.capacity import plan_num_blocks
 from carpool.config import EngineConfig
 from carpool.engine.limits import ModelLimits
 from carpool.engine.loading import LoadStages, extend_rotary_tables, resolve_max_model_len
@@ -25,7 +26,6 @@ from carpool.engine.stats import EngineSnapshot, EngineStats, StepRecord
 from carpool.engine.threads import apply_threads
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
-from carpool.memory import plan_num_blocks
 from carpool.model.loader import load_model
 from carpool.outputs import RequestOutput
 from carpool.request import FinishReason, Request

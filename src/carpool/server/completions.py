@@ -19,8 +19,8 @@ from carpool.server.protocol import (
     CompletionResponse,
     dump,
 )
-from carpool.server.serving import Job, OpenAIServing, finite_logprob, json_response
-from carpool.server.streaming import SSEResponse, sse
+from carpool.server.serving import Job, OpenAIServing, finite_logprob
+from carpool.server.streaming import SSEResponse, final_response, sse
 
 
 class CompletionServing(OpenAIServing):
@@ -58,14 +58,7 @@ class CompletionServing(OpenAIServing):
                         finish_reason=c.finish_reason,
                     )
                 )
-        resp = CompletionResponse(
-            id=job.rid,
-            created=job.created,
-            model=self.model_name,
-            choices=choices,
-            usage=job.usage(),
-        )
-        return json_response(dump(resp))
+        return final_response(CompletionResponse, job, self.model_name, choices)
 
     async def _echoes(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """Each prompt's text when ``echo`` asks for it (the text sent, or decoded ids)."""

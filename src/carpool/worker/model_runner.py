@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from carpool.request import Request
-from carpool.scheduling.output import SchedulerOutput
+from carpool.scheduling.output import BlockTables, SchedulerOutput
 from carpool.worker.batch import build_ragged_batch
 from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs
@@ -74,6 +74,9 @@ class ModelRunner:
         # One request's bad row fails that request only, not the batch.
         self.sampling = SamplingGuard(self.sampler, logits_processor)
         self._generators: dict[str, torch.Generator] = {}
+        # Every scheduled request's block table, kept here from the per-step deltas so the
+        # hand-off costs O(new blocks), not O(context), per step.
+        self.block_tables = BlockTables()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -92,8 +95,9 @@ class ModelRunner:
         return gen
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's generator (and grammar state)."""
+        """Forget a finished request's generator, block table (and grammar state)."""
         self._generators.pop(request_id, None)
+        self.block_tables.drop(request_id)
         if self.logits_processor is not None:
             self.logits_processor.release(request_id)
 
@@ -102,18 +106,21 @@ class ModelRunner:
         self, output: SchedulerOutput, requests: Mapping[str, Request]
     ) -> ModelRunnerOutput:
         """Run the model on ``output.chunks`` and sample for every ``needs_sample`` chunk."""
+        self.block_tables.apply(output)
         if output.is_empty:
             return ModelRunnerOutput()
+        tables = self.block_tables.tables_of(output.chunks)
         if self.layout == "padded":
             inp = build_padded_batch(
                 output.chunks,
+                tables,
                 self.block_size,
                 self.scratch_block,
                 output.num_idle_seats,
                 self.device,
             )
         else:
-            inp = build_ragged_batch(output.chunks, self.block_size, self.device)
+            inp = build_ragged_batch(output.chunks, tables, self.block_size, self.device)
         num_padded = inp.num_tokens - output.num_batched_tokens
         logits = self.model(
             inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
