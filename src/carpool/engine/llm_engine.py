@@ -267,6 +267,7 @@ class LLMEngine:
         stopped, touched = self.output_processor.add_tokens(result.sampled, result.logprobs)
         for rid in stopped:
             self.policy.finish_request(rid, FinishReason.STOP, now)
+            self.runner.release(rid)  # its generator, block table and grammar state
         # Held results (a static batch) may be released now, though they sampled nothing now.
         finished += self.policy.take_released(now)
         record = StepRecord(
@@ -294,6 +295,7 @@ class LLMEngine:
             self.policy.finish_request(
                 chunk.request_id, FinishReason.ERROR, now, error=f"engine step failed: {e}"
             )
+            self.runner.release(chunk.request_id)
             group = self.output_processor.group_of(chunk.request_id)
             if group is not None:
                 touched[group.request_id] = group
