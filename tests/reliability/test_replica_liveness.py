@@ -23,6 +23,13 @@ from typing import Any
 import httpx
 import pytest
 
+from carpool import SamplingParams
+from carpool.config import EngineConfig
+from carpool.errors import ReplicaUnavailableError, RequestTimeoutError
+from carpool.outputs import RequestOutput
+from carpool.replicas import ReplicaPool, ReplicaPoolConfig, ReplicaState
+from carpool.replicas.replica import Pulse
+from carpool.replicas.watchdog import LivenessJudge, beat_interval
 from helpers.cli_server import CliServer
 
 BOUND = 3.0  # --replica-liveness-timeout
@@ -102,6 +109,7 @@ def test_a_stopped_replica_is_noticed_its_deadlines_hold_and_it_is_replaced(serv
     os.kill(pid0, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
+
         async def scenario() -> tuple[list[Any], list[Any], tuple[dict[str, Any], float]]:
             # /health, watched from the moment the replica stopped.
             watch = asyncio.ensure_future(
@@ -162,3 +170,98 @@ def test_a_stopped_replica_is_noticed_its_deadlines_hold_and_it_is_replaced(serv
     routed_after = [r["routed"] for r in health(url)["replicas"]]
     assert [b - a for a, b in zip(routed_before, routed_after, strict=True)] == [4, 4]
     assert "no heartbeat" in server.text()
+
+
+# ---- the watchdog's logic and the front-end deadlines, without processes --------------------
+
+
+def test_liveness_judge_finds_the_silent_replica_with_a_fake_clock():
+    judge = LivenessJudge(timeout=2.0, now=100.0)
+    pulses = {0: Pulse(last=100.0, heard=True), 1: Pulse(last=100.0, heard=True), 2: Pulse()}
+    assert judge.silent(pulses, 101.0) == {}
+    pulses[1].last = 101.5  # replica 1 beats, replica 0 stops; replica 2 never spoke
+    assert judge.silent(pulses, 102.0) == {}  # exactly the bound is not past it
+    assert judge.silent(pulses, 102.5) == {0: 2.5}
+    pulses[1].last = 103.0
+    assert judge.silent(pulses, 103.5) == {0: 3.5}  # still silent; 2 is never judged
+
+
+def test_liveness_judge_does_not_blame_replicas_for_a_stalled_front_end():
+    judge = LivenessJudge(timeout=2.0, now=0.0)
+    pulses = {0: Pulse(last=0.0, heard=True), 1: Pulse(last=0.0, heard=True)}
+    assert judge.silent(pulses, 0.5) == {}
+    # The front end itself stopped for 10 s (its loop, its reader threads): no evidence.
+    assert judge.silent(pulses, 10.5) == {}
+    pulses[1].last = 10.6  # replica 1's heartbeat arrives once the front end reads again
+    assert judge.silent(pulses, 11.0) == {}
+    # Silence now counts from the stall's end: replica 0 is judged a bound after it.
+    assert judge.silent(pulses, 12.0) == {}
+    assert judge.silent(pulses, 12.6) == {0: 12.6}
+
+
+def test_beat_interval_and_config():
+    assert beat_interval(10.0) == 1.0 and beat_interval(2.0) == 0.5
+    config = ReplicaPoolConfig(EngineConfig(), liveness_timeout=2.0)
+    assert config.spec(1).heartbeat_interval == 0.5
+    with pytest.raises(ValueError, match="liveness_timeout"):
+        ReplicaPoolConfig(EngineConfig(), liveness_timeout=0)
+
+
+def _processless_pool() -> ReplicaPool:
+    """A 2-replica pool whose replicas are "ready" but have no process (sends go nowhere)."""
+    pool = ReplicaPool(ReplicaPoolConfig(EngineConfig(), routing="round-robin"))
+    pool._loop = asyncio.get_running_loop()
+    for handle in pool.replicas:
+        handle.state = ReplicaState.READY
+    return pool
+
+
+def test_the_front_end_ends_a_request_at_its_deadline_whatever_the_replica_does():
+    async def main() -> None:
+        pool = _processless_pool()
+        params = SamplingParams(max_tokens=4)
+        start = time.monotonic()
+        late = pool.submit([1, 2], params, timeout=0.1)  # its replica never answers
+        done = pool.submit([1, 2], params, timeout=0.1)
+        free = pool.submit([1, 2], params)  # no deadline: no timer
+        assert free.request_id in pool.flights and pool.flights[free.request_id].timer is None
+        # The replica answers one request in time: its timer is disarmed.
+        flight = pool.flights[done.request_id]
+        pool.end(flight)
+        assert flight.timer is None and done.request_id not in pool.flights
+        with pytest.raises(RequestTimeoutError, match="within its 0.1 s deadline"):
+            async for _ in late:
+                pass
+        assert 0.1 <= time.monotonic() - start < 1.0
+        assert set(pool.flights) == {free.request_id}
+
+    asyncio.run(main())
+
+
+def test_a_hung_replica_is_marked_down_and_its_requests_move_or_fail():
+    async def main() -> None:
+        pool = _processless_pool()
+        params = SamplingParams(max_tokens=4)
+        streams = [pool.submit([1, 2], params) for _ in range(4)]  # round-robin: 0, 1, 0, 1
+        on_0 = [s for s in streams if pool.flights[s.request_id].replica == 0]
+        assert len(on_0) == 2
+        started, untouched = on_0
+        started.put(RequestOutput(started.request_id, None, [1, 2], [], False))  # a token
+        pool.watchdog.on_hung(pool.replicas[0], 12.5)
+        r0 = pool.replicas[0]
+        assert r0.state is ReplicaState.DOWN and r0.hangs == 1
+        assert "no heartbeat for 12.5s" in (r0.last_error or "")
+        # The request that received nothing moved to replica 1; the started one failed.
+        assert pool.flights[untouched.request_id].replica == 1
+        assert pool.flights[untouched.request_id].attempts == 2
+        assert started.request_id not in pool.flights
+        with pytest.raises(ReplicaUnavailableError, match="stopped answering"):
+            async for _ in started:
+                pass
+        # No traffic to the hung replica, and /health's view says so.
+        assert all(pool.flights[pool.submit([3], params).request_id].replica == 1
+                   for _ in range(3))  # fmt: skip
+        assert [r["state"] for r in pool.describe()] == ["down", "ready"]
+        assert pool.describe()[0]["hangs"] == 1
+
+    asyncio.run(main())

@@ -49,6 +49,11 @@ class ServerConfig:
     dashboard_fps: float = option(
         10.0, "updates per second of the live dashboard's stream /v1/stats/stream (at most 10)"
     )
+    replica_liveness_timeout: float = option(
+        10.0,
+        "with --replicas: seconds a replica may send no heartbeat before it is marked down, "
+        "its requests are retried elsewhere or failed, and it is killed and restarted",
+    )
 
     def __post_init__(self) -> None:
         check_positive(self, "max_queue", "retry_after")
