@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from carpool.replicas.watchdog import LivenessJudge, beat_interval
 from helpers.cli_server import CliServer
 
 BOUND = 3.0  # --replica-liveness-timeout
-MARGIN = 1.5  # detection may take one watchdog tick more, and the machine is shared
+MARGIN = 2.0  # detection may take one watchdog tick (0.75 s) more, and the machine is shared
 TIMEOUT = 1.0  # the requests' own deadline, shorter than the bound: the front end must act
 ARGS = [
     "--model", "embedded", "--replicas", "2", "--threads-per-replica", "1",
@@ -170,6 +171,9 @@ def test_a_stopped_replica_is_noticed_its_deadlines_hold_and_it_is_replaced(serv
     routed_after = [r["routed"] for r in health(url)["replicas"]]
     assert [b - a for a, b in zip(routed_before, routed_after, strict=True)] == [4, 4]
     assert "no heartbeat" in server.text()
+    metrics = httpx.get(f"{url}/metrics").text
+    assert re.search(r'carpool:replica_hangs_total\{[^}]*replica="0"[^}]*\} 1\.0', metrics)
+    assert re.search(r'carpool:replica_hangs_total\{[^}]*replica="1"[^}]*\} 0\.0', metrics)
 
 
 # ---- the watchdog's logic and the front-end deadlines, without processes --------------------

@@ -111,10 +111,10 @@ class Watchdog:
         """Judge the watched replicas now; act on the hung ones."""
         if self.pool.stopping:
             return
+        self._schedule()  # first: whatever happens below, the watchdog keeps ticking
         watched = {h.index: h.pulse for h in self.pool.replicas if h.state in _WATCHED}
         for index, silence in self.judge.silent(watched, time.monotonic()).items():
             self.on_hung(self.pool.replicas[index], silence)
-        self._schedule()
 
     def on_hung(self, handle: ReplicaHandle, silence: float) -> None:
         """``handle`` has been silent for ``silence`` s: down, requests moved, killed."""
