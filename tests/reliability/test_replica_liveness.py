@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +26,15 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from carpool import SamplingParams
 from carpool.config import EngineConfig
 from carpool.errors import ReplicaUnavailableError, RequestTimeoutError
 from carpool.outputs import RequestOutput
 from carpool.replicas import ReplicaPool, ReplicaPoolConfig, ReplicaState
+from carpool.replicas.engine_process import Outbox, ReplicaSpec, beat
+from carpool.replicas.messages import Heartbeat, LoadReport, StepReport
 from carpool.replicas.replica import Pulse
 from carpool.replicas.watchdog import LivenessJudge, beat_interval
 from helpers.cli_server import CliServer
@@ -269,3 +275,47 @@ def test_a_hung_replica_is_marked_down_and_its_requests_move_or_fail():
         assert pool.describe()[0]["hangs"] == 1
 
     asyncio.run(main())
+
+
+def test_heartbeats_keep_coming_through_a_long_step_and_never_garble_the_pipe():
+    """The heartbeat thread beats while the engine's thread computes (torch or pure Python),
+    and its messages and the step reports share the pipe whole (``Outbox``'s lock)."""
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    outbox = Outbox(writer)
+    spec = ReplicaSpec(index=3, engine_config=EngineConfig(), heartbeat_interval=0.005)
+    received: list[tuple[float, Any]] = []
+    garbled: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while True:
+                received.append((time.monotonic(), reader.recv()))
+        except (EOFError, OSError):
+            pass
+        except Exception as e:  # two writers' bytes interleaved: drain, so no writer blocks
+            garbled.append(e)
+            with contextlib.suppress(OSError):
+                while os.read(reader.fileno(), 1 << 16):
+                    pass
+
+    threading.Thread(target=read, daemon=True).start()
+    threading.Thread(target=beat, args=(outbox, spec), daemon=True).start()
+    start = time.monotonic()
+    a = torch.randn(512, 512)
+    while time.monotonic() - start < 0.6:  # a long "step" in torch kernels
+        a = torch.tanh(a @ a)
+    while time.monotonic() - start < 1.2:  # and one in pure Python, holding the GIL
+        sum(i * i for i in range(10_000))
+    # Larger than the pipe's buffer: their writes are not atomic, a heartbeat could land inside.
+    big = [RequestOutput("r", None, list(range(100_000, 150_000)), [], False)]
+    for _ in range(100):  # large messages from this thread while heartbeats go out
+        outbox.send(StepReport(replica=3, load=LoadReport(), outputs=big))
+    time.sleep(0.2)
+    writer.close()
+    assert not garbled, garbled
+    beats = [t for t, m in received if isinstance(m, Heartbeat)]
+    reports = [m for _, m in received if isinstance(m, StepReport)]
+    assert len(reports) == 100 and all(len(r.outputs[0].prompt_token_ids) == 50_000
+                                       for r in reports)  # fmt: skip
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    assert len(beats) >= 10 and max(gaps) < 0.5, gaps

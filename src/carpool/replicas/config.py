@@ -52,7 +52,10 @@ class ReplicaPoolConfig:
     def __post_init__(self) -> None:
         check_positive(self, "num_replicas", "threads_per_replica")
         if not self.liveness_timeout > 0:
-            raise ValueError(f"liveness_timeout must be > 0, got {self.liveness_timeout!r}")
+            raise ValueError(
+                "liveness_timeout (--replica-liveness-timeout) must be > 0, got "
+                f"{self.liveness_timeout!r}"
+            )
         check_positive(self, "max_retries", low=0)
         if self.routing not in ROUTING_POLICIES:
             raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {self.routing!r}")
