@@ -112,6 +112,9 @@ def test_a_stopped_replica_is_noticed_its_deadlines_hold_and_it_is_replaced(serv
     before = health(url)
     assert before["status"] == "ok"
     pid0, pid1 = (r["pid"] for r in before["replicas"])
+    # Stop it just after a heartbeat: the bursts below are then sent well before it is quiet
+    # for half the bound (when the router would stop sending it new requests).
+    wait_health(url, lambda h: h["replicas"][0]["heartbeat_age"] < 0.2, 10)
 
     os.kill(pid0, signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -273,6 +276,26 @@ def test_a_hung_replica_is_marked_down_and_its_requests_move_or_fail():
                    for _ in range(3))  # fmt: skip
         assert [r["state"] for r in pool.describe()] == ["down", "ready"]
         assert pool.describe()[0]["hangs"] == 1
+
+    asyncio.run(main())
+
+
+def test_the_router_avoids_a_replica_quiet_for_half_the_bound():
+    async def main() -> None:
+        pool = _processless_pool()  # liveness_timeout 10 s
+        params = SamplingParams(max_tokens=4)
+        now = time.monotonic()
+        pool.replicas[0].pulse = Pulse(last=now - 4.0, heard=True)  # late, not quiet yet
+        pool.replicas[1].pulse = Pulse(last=now, heard=True)
+        where = [pool.flights[pool.submit([1], params).request_id].replica for _ in range(4)]
+        assert sorted(where) == [0, 0, 1, 1]
+        pool.replicas[0].pulse.last = now - 6.0  # quiet for more than 5 s: none new
+        where = [pool.flights[pool.submit([1], params).request_id].replica for _ in range(4)]
+        assert where == [1, 1, 1, 1]
+        assert pool.flights[pool.submit([1], params, replica=0).request_id].replica == 0
+        pool.replicas[1].pulse.last = now - 6.0  # all quiet: better than refusing
+        where = [pool.flights[pool.submit([1], params).request_id].replica for _ in range(4)]
+        assert sorted(where) == [0, 0, 1, 1]
 
     asyncio.run(main())
 

@@ -269,6 +269,8 @@ class ReplicaPool:
         ready = [h for h in self.replicas if h.is_ready and h.index != exclude]
         if pinned is not None:
             ready = [h for h in ready if h.index == pinned]
+        else:  # one quiet for half the liveness bound may be hanging: none new while others beat
+            ready = [h for h in ready if not self.watchdog.is_quiet(h)] or ready
         if not ready:
             raise ReplicaUnavailableError("no replica is ready to take the request; retry later")
         candidates = [

@@ -5,6 +5,8 @@
     replica process: heartbeat thread ─► Heartbeat every interval ─► pipe (from before the
                      model loads; outside the engine step, so a long step is no silence)
     front end:       reader thread ─► Pulse.beat() on every message (heartbeats stop there)
+                     router: a replica quiet for half the bound gets no new request while
+                         another one is heard from (``Watchdog.is_quiet``)
                      event loop, every tick ─► LivenessJudge.silent(pulses, now) ─► hung:
                          state down (no traffic, /health degraded), its requests retried on
                          another replica when they received nothing yet, else failed (503),
@@ -102,6 +104,15 @@ class Watchdog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def is_quiet(self, handle: ReplicaHandle) -> bool:
+        """``handle`` has been silent for half the bound: the router prefers the others.
+
+        Not yet hung (the watchdog decides at the full bound), but new requests sent there
+        would wait for that decision before they are retried elsewhere.
+        """
+        age = handle.pulse.age()
+        return age is not None and age > self.timeout / 2
 
     def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
