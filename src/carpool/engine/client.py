@@ -8,10 +8,12 @@ each request's ``RequestStream`` and aborts, and reads ``snapshot`` for stats.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from carpool.config import EngineConfig
+from carpool.engine.core import NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.stats import EngineSnapshot, StepRecord
 from carpool.engine.stream import RequestStream
@@ -28,6 +30,7 @@ __all__ = [
     "EngineTap",
     "ModelLimits",
     "RequestStream",
+    "SubmitPath",
     "check_queue",
     "generate",
 ]
@@ -100,6 +103,68 @@ class EngineClient(Protocol):
     def add_tap(self, tap: EngineTap) -> Callable[[], None]:
         """Show ``tap`` every iteration (with an ``EngineView`` every ``tap.view_interval``
         seconds) until the returned function is called."""
+
+
+class SubmitPath(ABC):
+    """``submit`` written once for both clients: the admission check, the request id, the
+    deadline, one ``NewRequest``, then the transport's ``_send`` (a thread's inbox, a replica's
+    pipe). ``AsyncEngine`` and ``ReplicaPool`` inherit it.
+    """
+
+    request_timeout: float | None
+    _id_prefix = "req"  # ids of requests submitted without one: ``{prefix}-{n}``
+    _ids: Iterator[int]  # their numbers; the subclass sets ``itertools.count()``
+
+    @abstractmethod
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise unless ``num_requests`` more requests may be queued now."""
+
+    @abstractmethod
+    def clock(self) -> float:
+        """The engine's clock."""
+
+    @abstractmethod
+    def _send(self, request: NewRequest, **route: Any) -> RequestStream:
+        """Hand ``request`` to the transport; returns its stream. ``route``: the transport's
+        own options (``ReplicaPool``: ``replica``)."""
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        arrival_time: float | None = None,
+        **route: Any,
+    ) -> RequestStream:
+        """Queue a request now (call from the running event loop).
+
+        Args:
+            prompt, params, request_id, timeout, arrival_time: as for ``generate``.
+            route: the transport's options (``ReplicaPool``: ``replica=i`` sends it to that
+                ready replica instead of asking the router).
+
+        Returns:
+            The stream of the request's outputs; the caller must ``abort()`` it if it stops
+            reading before the end.
+
+        Raises:
+            EngineStoppedError, EngineDeadError, ReplicaUnavailableError, QueueFullError: see
+            ``check_capacity``.
+        """
+        self.check_capacity()
+        if request_id is None:
+            request_id = f"{self._id_prefix}-{next(self._ids)}"
+        timeout = self.request_timeout if timeout is None else timeout
+        request = NewRequest.at(self.clock(), request_id, prompt, params, timeout, arrival_time)
+        return self._send(request, **route)
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, **options: Any
+    ) -> AsyncIterator[RequestOutput]:
+        """``submit`` (same options), then yield the request's output each step it progresses
+        (see the module-level ``generate``)."""
+        return generate(self, prompt, params, **options)
 
 
 def check_queue(

@@ -139,11 +139,13 @@ def run(args: argparse.Namespace) -> int:
     left answering 503): systemd, docker and CI see the failure.
     """
     from carpool.server.app import build_app
-    from carpool.server.config import ServerConfig
+    from carpool.server.config import ServerConfig, resolve_api_key
+    from carpool.server.http_protocol import ConnectionLimits, protocol_class
 
     try:
         engine_config = engine_config_from_args(args)
-        config = config_from_args(ServerConfig, args)
+        # The key from --api-key, --api-key-file or CARPOOL_API_KEY (in that order).
+        config = resolve_api_key(config_from_args(ServerConfig, args), os.environ)
         pool = _replica_pool(args, engine_config, config.replica_liveness_timeout)
     except (CarpoolError, ValueError) as e:
         logger.error("%s", e)
@@ -185,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         log_config=None,
         timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
         access_log=False,
+        # Header/body deadlines, header limits, the connection cap, JSON protocol errors.
+        http=protocol_class(ConnectionLimits.from_config(config)),
     )
     url = f"http://{config.host}:{sock.getsockname()[1]}/v1"
     server = GracefulServer(uv_config, on_exit=start_draining, state=state, url=url)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from carpool.config import EngineConfig
-from carpool.engine.client import EngineObserver, check_queue
+from carpool.engine.client import EngineObserver, SubmitPath, check_queue
 from carpool.engine.core import NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.model_path import load_tokenizer, resolve_model_path
@@ -47,13 +48,12 @@ from carpool.replicas.replica import ReplicaHandle, ReplicaState
 from carpool.replicas.restart import RestartPolicy
 from carpool.replicas.router import Candidate, Router, make_router
 from carpool.replicas.watchdog import Watchdog
-from carpool.sampling_params import SamplingParams
 from carpool.tokenizer import Tokenizer
 
 logger = logging.getLogger("carpool.replicas")
 
 
-class ReplicaPool:
+class ReplicaPool(SubmitPath):
     """Replica processes behind one router; implements ``EngineClient``.
 
     Args:
@@ -65,6 +65,8 @@ class ReplicaPool:
         max_queue, request_timeout: admission and default deadline (the server sets them
             from its ``ServerConfig``).
     """
+
+    _id_prefix = "preq"
 
     def __init__(
         self,
@@ -88,7 +90,7 @@ class ReplicaPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._settled: asyncio.Event | None = None
         self._stopping = False
-        self._ids = 0
+        self._ids = itertools.count(1)
         self.restart_policy = RestartPolicy(self)
         self.watchdog = Watchdog(self)
         self._taps = TapSet(self._send_watch)
@@ -193,33 +195,9 @@ class ReplicaPool:
         free_slots = sum(max(0, seats - h.load.num_running) for h in self.replicas if h.is_ready)
         check_queue(self.max_queue, self.num_waiting, num_requests, free_slots)
 
-    def submit(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        arrival_time: float | None = None,
-        replica: int | None = None,
-    ) -> RequestStream:
-        """Route a request to a replica now (call from the event loop).
-
-        Args:
-            prompt, params, request_id, timeout, arrival_time: as ``AsyncEngine.submit``.
-            replica: send it to this replica instead of asking the router (it must be ready).
-
-        Raises:
-            EngineStoppedError, ReplicaUnavailableError, QueueFullError: see
-            ``check_capacity``.
-        """
-        self.check_capacity()
-        if request_id is None:
-            self._ids += 1
-            request_id = f"preq-{self._ids}"
-        now = time.monotonic()
-        timeout = self.request_timeout if timeout is None else timeout
-        msg = NewRequest.at(now, request_id, prompt, params, timeout, arrival_time)
-        flight = Flight(RequestStream(request_id, self.abort), msg)
+    def _send(self, request: NewRequest, replica: int | None = None) -> RequestStream:  # type: ignore[override]
+        """Route ``request`` (``replica``: to that ready replica instead of the router's)."""
+        flight = Flight(RequestStream(request.request_id, self.abort), request)
         self.dispatch(flight, pinned=replica)
         flight.arm(self._expire)
         return flight.stream

@@ -29,7 +29,7 @@ from carpool.replicas.pool import ReplicaPool
 from carpool.server.access_log import AccessLogMiddleware
 from carpool.server.chat import ChatServing
 from carpool.server.completions import CompletionServing
-from carpool.server.config import ServerConfig
+from carpool.server.config import ServerConfig, resolve_api_key
 from carpool.server.dashboard import install_dashboard
 from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
 from carpool.server.metrics import ServerMetrics
@@ -39,6 +39,7 @@ from carpool.server.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    describe_unknown_fields,
     dump,
 )
 from carpool.server.protocol_ext import DetokenizeRequest, TokenizeRequest
@@ -69,10 +70,12 @@ class Serving:
         retry_after: int,
         metrics: ServerMetrics,
         tool_call_parser: str | None = None,
+        max_seqs_per_request: int = 256,
     ) -> None:
         self.client = client
-        self.completions = CompletionServing(client, model_name, retry_after, metrics)
-        self.chat = ChatServing(client, model_name, retry_after, metrics)
+        args = (client, model_name, retry_after, metrics, max_seqs_per_request)
+        self.completions = CompletionServing(*args)
+        self.chat = ChatServing(*args)
         self.utility = UtilityServing(client, model_name, retry_after, metrics)
         self.chat.tool_parser = choose_parser(client.tokenizer.chat_template, tool_call_parser)
         self.max_model_len = client.limits.max_model_len
@@ -102,7 +105,12 @@ class ServerState:
         )
         engine.start()
         self.serving = Serving(
-            engine, self.model_name, c.retry_after, self.metrics, c.tool_call_parser
+            engine,
+            self.model_name,
+            c.retry_after,
+            self.metrics,
+            c.tool_call_parser,
+            c.max_seqs_per_request,
         )
         self.engine = engine
 
@@ -110,7 +118,12 @@ class ServerState:
         """Serve through a started, ready pool of replica processes."""
         c = self.config
         self.serving = Serving(
-            pool, self.model_name, c.retry_after, self.metrics, c.tool_call_parser
+            pool,
+            self.model_name,
+            c.retry_after,
+            self.metrics,
+            c.tool_call_parser,
+            c.max_seqs_per_request,
         )
         self.engine = pool
 
@@ -130,9 +143,11 @@ def build_app(
             a ``ReplicaPool`` (not started: its processes start with the app and it serves
             once every replica loaded or failed).
         config: server behaviour (defaults: ``ServerConfig()``); its ``max_queue`` and
-            ``request_timeout`` apply to the engine and to a pool alike.
+            ``request_timeout`` apply to the engine and to a pool alike. Its connection
+            options (timeouts, header limits, ``max_connections``) take effect through the
+            uvicorn protocol of ``carpool.server.http_protocol`` (``carpool serve`` uses it).
     """
-    config = config or ServerConfig()
+    config = resolve_api_key(config or ServerConfig())  # api_key_file read once, here
     if isinstance(engine_or_config, LLMEngine):
         ec, path = engine_or_config.config, engine_or_config.model_path
     else:
@@ -211,7 +226,7 @@ def build_app(
             raise validation_error_to_api(e.errors(include_url=False)) from None
         unknown = getattr(req, "unknown_fields", list)()
         if unknown:
-            logger.warning("%s: ignoring unknown fields %s", request.url.path, unknown)
+            logger.warning("%s: ignoring %s", request.url.path, describe_unknown_fields(unknown))
         return req
 
     @app.get("/health")
