@@ -77,7 +77,9 @@ def _add_replica_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _replica_pool(args: argparse.Namespace, engine_config: EngineConfig) -> ReplicaPool | None:
+def _replica_pool(
+    args: argparse.Namespace, engine_config: EngineConfig, liveness_timeout: float = 10.0
+) -> ReplicaPool | None:
     """The pool the flags ask for, or None for the single in-process engine.
 
     Raises:
@@ -103,6 +105,7 @@ def _replica_pool(args: argparse.Namespace, engine_config: EngineConfig) -> Repl
             devices=args.devices,
             routing=args.routing,
             threads_per_replica=threads,
+            liveness_timeout=liveness_timeout,
         )
     )
 
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         engine_config = engine_config_from_args(args)
         # The key from --api-key, --api-key-file or CARPOOL_API_KEY (in that order).
         config = resolve_api_key(config_from_args(ServerConfig, args), os.environ)
-        pool = _replica_pool(args, engine_config)
+        pool = _replica_pool(args, engine_config, config.replica_liveness_timeout)
     except (CarpoolError, ValueError) as e:
         logger.error("%s", e)
         return 2

@@ -5,6 +5,10 @@
     RequestStream ◄── StepReport.outputs ◄── reader thread ◄── replica i's outbox
     replica i exits ─► its in-flight requests: retried elsewhere when they received nothing
                        yet, else failed with 503 ─► restart after a backoff ─► ready again
+    replica i silent past --replica-liveness-timeout ─► Watchdog: down, requests as above,
+                       SIGKILL ─► the exit path (restart)
+    a request's deadline passes ─► its stream ends with RequestTimeoutError, here, whatever
+                       its replica does (the replica holds the same deadline and is told)
 
 Everything the pool owns is touched on the event loop only; the reader threads hand messages
 over with ``call_soon_threadsafe``.
@@ -18,7 +22,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from carpool.config import EngineConfig
@@ -31,6 +34,7 @@ from carpool.engine.stream import RequestStream
 from carpool.engine.view import EngineTap, IterationEvent, TapSet
 from carpool.errors import CarpoolError, EngineStoppedError, ReplicaUnavailableError
 from carpool.replicas.config import ReplicaPoolConfig
+from carpool.replicas.flight import Flight
 from carpool.replicas.messages import (
     AbortRequest,
     FromReplica,
@@ -43,19 +47,10 @@ from carpool.replicas.messages import (
 from carpool.replicas.replica import ReplicaHandle, ReplicaState
 from carpool.replicas.restart import RestartPolicy
 from carpool.replicas.router import Candidate, Router, make_router
+from carpool.replicas.watchdog import Watchdog
 from carpool.tokenizer import Tokenizer
 
 logger = logging.getLogger("carpool.replicas")
-
-
-@dataclass
-class Flight:
-    """A request in flight on some replica (what a retry elsewhere needs)."""
-
-    stream: RequestStream
-    submit: NewRequest
-    replica: int = -1
-    attempts: int = 0
 
 
 class ReplicaPool(SubmitPath):
@@ -96,7 +91,8 @@ class ReplicaPool(SubmitPath):
         self._settled: asyncio.Event | None = None
         self._stopping = False
         self._ids = itertools.count(1)
-        self._restarts = RestartPolicy(self)
+        self.restart_policy = RestartPolicy(self)
+        self.watchdog = Watchdog(self)
         self._taps = TapSet(self._send_watch)
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -108,6 +104,7 @@ class ReplicaPool(SubmitPath):
         for handle in self.replicas:
             handle.state = ReplicaState.STARTING
             await asyncio.to_thread(handle.spawn, self._loop, self.on_message, self.on_exit)
+        self.watchdog.start()
         ec = self.config.engine_config
         self._tokenizer = await asyncio.to_thread(
             load_tokenizer, resolve_model_path(ec.model, ec.revision, ec.gguf_file)
@@ -132,7 +129,8 @@ class ReplicaPool(SubmitPath):
     async def shutdown(self) -> None:
         """Abort whatever runs, stop every replica process and wait for them."""
         self._stopping = True
-        self._restarts.cancel()
+        self.restart_policy.cancel()
+        self.watchdog.cancel()
         for handle in self.replicas:
             if handle.process is not None and handle.state is not ReplicaState.STOPPED:
                 handle.send(Shutdown())
@@ -201,13 +199,29 @@ class ReplicaPool(SubmitPath):
         """Route ``request`` (``replica``: to that ready replica instead of the router's)."""
         flight = Flight(RequestStream(request.request_id, self.abort), request)
         self.dispatch(flight, pinned=replica)
+        flight.arm(self._expire)
         return flight.stream
 
     def abort(self, request_id: str) -> None:
         """Abort a request wherever it runs (no-op when unknown or finished)."""
-        flight = self.flights.pop(request_id, None)
+        flight = self.flights.get(request_id)
         if flight is not None:
+            self.end(flight)
             self.replicas[flight.replica].send(AbortRequest(request_id))
+
+    def end(self, flight: Flight, error: BaseException | None = None) -> None:
+        """``flight`` is over: forget it, disarm its deadline, end its stream with ``error``."""
+        if self.flights.get(flight.request_id) is flight:
+            del self.flights[flight.request_id]
+        flight.disarm()
+        if error is not None:
+            flight.stream.put(error)
+
+    def _expire(self, flight: Flight) -> None:
+        """The deadline passed and the replica did not end the request: end it here."""
+        if self.flights.get(flight.request_id) is flight:
+            self.end(flight, flight.timeout_error())
+            self.replicas[flight.replica].send(AbortRequest(flight.request_id))
 
     # ---- the live dashboard -----------------------------------------------------------------
 
@@ -233,6 +247,8 @@ class ReplicaPool(SubmitPath):
         ready = [h for h in self.replicas if h.is_ready and h.index != exclude]
         if pinned is not None:
             ready = [h for h in ready if h.index == pinned]
+        else:  # one quiet for half the liveness bound may be hanging: none new while others beat
+            ready = [h for h in ready if not self.watchdog.is_quiet(h)] or ready
         if not ready:
             raise ReplicaUnavailableError("no replica is ready to take the request; retry later")
         candidates = [
@@ -262,8 +278,7 @@ class ReplicaPool(SubmitPath):
     def fail_all(self, handle: ReplicaHandle, error: BaseException) -> None:
         """End every request of ``handle`` with ``error``."""
         for flight in self.in_flight_on(handle.index):
-            del self.flights[flight.submit.request_id]
-            flight.stream.put(error)
+            self.end(flight, error)
 
     # ---- messages from the replicas (on the event loop) -------------------------------------
 
@@ -292,12 +307,11 @@ class ReplicaPool(SubmitPath):
             if flight is not None and flight.replica == handle.index:
                 flight.stream.put(out)
                 if out.finished:
-                    del self.flights[out.request_id]
+                    self.end(flight)
         for failure in report.failed:
             flight = self.flights.get(failure.request_id)
             if flight is not None and flight.replica == handle.index:
-                del self.flights[failure.request_id]
-                flight.stream.put(failure.error.to_exception())
+                self.end(flight, failure.error.to_exception())
         if self._taps.taps:
             self._taps.emit(
                 IterationEvent(handle.index, report.record, report.load, report.finished,
@@ -311,7 +325,7 @@ class ReplicaPool(SubmitPath):
 
     def on_exit(self, handle: ReplicaHandle, incarnation: int) -> None:
         if incarnation == handle.incarnation:
-            self._restarts.on_exit(handle)
+            self.restart_policy.on_exit(handle)
 
     def changed(self, handle: ReplicaHandle) -> None:
         """A replica's state or load changed: tell the observer, maybe settle ``wait_ready``."""

@@ -90,6 +90,11 @@ class ServerConfig:
         "most sequences one request may ask for (prompts x n); more get 400 (a ceiling on one "
         "client's share, as --max-queue, which also counts sequences, is on the queue)",
     )
+    replica_liveness_timeout: float = option(
+        10.0,
+        "with --replicas: seconds a replica may send no heartbeat before it is marked down, "
+        "its requests are retried elsewhere or failed, and it is killed and restarted",
+    )
 
     def __post_init__(self) -> None:
         check_positive(
@@ -97,7 +102,7 @@ class ServerConfig:
             "max_seqs_per_request",
         )  # fmt: skip
         check_positive(self, "max_body_bytes", "max_header_bytes", low=1024)
-        for name in ("header_timeout", "body_timeout"):
+        for name in ("header_timeout", "body_timeout", "replica_liveness_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
