@@ -100,14 +100,27 @@ def test_chat_n_counts_against_the_ceiling(model_dir) -> None:
 
 
 def test_max_queue_counts_sequences(model_dir) -> None:
-    """max_queue 4 with 4 seats: 16 sequences (2 prompts x n 8) are 12 past the seats."""
+    """max_queue 4 with 4 seats: sequences beyond the free seats count against the queue."""
     srv = InProcessServer(model_dir, ServerConfig(max_queue=4), max_num_seqs=4)
     try:
+        # 2 prompts x n 8 = 16 can never be taken (4 queued + 4 seats): 400, not a 429 that
+        # no retry would clear.
         r = post(srv, {"prompt": ["a", "b"], "n": 8, "max_tokens": 2})
-        assert r.status_code == 429, r.text[:300]
-        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text[:300]
+        assert "--max-queue" in r.json()["error"]["message"]
         r = post(srv, {"prompt": "a", "n": 8, "max_tokens": 2})  # 8 - 4 seats = 4 queued
         assert r.status_code == 200 and len(r.json()["choices"]) == 8, r.text[:300]
+        # With every seat taken by a running stream, 5 more sequences are 5 queued: 429.
+        body = {"model": MODEL, "prompt": "a", "n": 4, "max_tokens": 400, "stream": True,
+                "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", f"{srv.base_url}/completions", json=body, timeout=60) as s:
+            lines = s.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            r = post(srv, {"prompt": "a", "n": 5, "max_tokens": 2})
+            assert r.status_code == 429, r.text[:300]
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            r = post(srv, {"prompt": "a", "n": 4, "max_tokens": 2})  # 4 queued: admitted
+            assert r.status_code == 200, r.text[:300]
         srv.wait_idle()
     finally:
         srv.stop()

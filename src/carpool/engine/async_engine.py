@@ -131,7 +131,8 @@ class AsyncEngine(SubmitPath):
         if not self.is_running:
             raise EngineStoppedError("the engine is not running (starting or shutting down)")
         free_slots = max(0, self.engine.config.max_num_seqs - self._snapshot.num_running)
-        check_queue(self.max_queue, self.num_waiting, num_requests, free_slots)
+        seats = self.engine.config.max_num_seqs
+        check_queue(self.max_queue, self.num_waiting, num_requests, free_slots, seats)
 
     def _send(self, request: NewRequest, **route: Any) -> RequestStream:
         assert not route, f"AsyncEngine takes no routing options, got {sorted(route)}"

@@ -18,7 +18,7 @@ from carpool.engine.limits import ModelLimits
 from carpool.engine.stats import EngineSnapshot, StepRecord
 from carpool.engine.stream import RequestStream
 from carpool.engine.view import EngineTap
-from carpool.errors import QueueFullError
+from carpool.errors import InvalidRequestError, QueueFullError
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import SamplingParams
 from carpool.tokenizer import Tokenizer
@@ -168,7 +168,11 @@ class SubmitPath(ABC):
 
 
 def check_queue(
-    max_queue: int | None, num_waiting: int, num_requests: int, free_slots: int = 0
+    max_queue: int | None,
+    num_waiting: int,
+    num_requests: int,
+    free_slots: int = 0,
+    max_slots: int | None = None,
 ) -> None:
     """The admission rule every client applies: at most ``max_queue`` requests that the
     engine cannot admit now.
@@ -180,10 +184,20 @@ def check_queue(
         free_slots: sequences the engine can still schedule now (``max_num_seqs`` minus the
             running ones): that many waiting requests start at the next step, so they are not
             queued (a burst of 8 on an idle engine with 64 slots is no queue at all).
+        max_slots: the most ``free_slots`` can ever be (every seat free); a request larger
+            than ``max_queue`` plus that could never be admitted, so it is refused as invalid
+            rather than with a 429 that no retry would clear.
 
     Raises:
+        InvalidRequestError: ``num_requests`` alone exceed what the queue can ever take.
         QueueFullError: ``num_requests`` more would pass ``max_queue``.
     """
+    if max_queue is not None and max_slots is not None and num_requests > max_queue + max_slots:
+        raise InvalidRequestError(
+            f"this request asks for {num_requests} sequences (prompts x n), more than this "
+            f"server can ever queue ({max_queue} queued (--max-queue) + {max_slots} running)",
+            param="n",
+        )
     if max_queue is not None and num_waiting + num_requests - free_slots > max_queue:
         raise QueueFullError(f"too many requests are waiting (max_queue={max_queue}); retry later")
 

@@ -193,7 +193,9 @@ class ReplicaPool(SubmitPath):
         # Free sequence slots of the ready replicas are no queue (the same rule as AsyncEngine).
         seats = self.config.engine_config.max_num_seqs
         free_slots = sum(max(0, seats - h.load.num_running) for h in self.replicas if h.is_ready)
-        check_queue(self.max_queue, self.num_waiting, num_requests, free_slots)
+        check_queue(
+            self.max_queue, self.num_waiting, num_requests, free_slots, seats * len(self.replicas)
+        )
 
     def _send(self, request: NewRequest, replica: int | None = None) -> RequestStream:  # type: ignore[override]
         """Route ``request`` (``replica``: to that ready replica instead of the router's)."""
