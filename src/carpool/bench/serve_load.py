@@ -18,10 +18,10 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -283,32 +283,55 @@ async def send_prompt(
     return result
 
 
-async def run_load(
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def run_at_arrivals(
     spec: LoadSpec,
-    prompts: Sequence[PromptSpec],
-    on_done: Callable[[RequestResult], None] = lambda _r: None,
-) -> tuple[list[RequestResult], float]:
-    """Send every prompt at its arrival time; (results in prompt order, wall seconds)."""
+    items: Sequence[T],
+    job: Callable[[httpx.AsyncClient, str, T, float], Awaitable[R]],
+) -> tuple[list[R], float]:
+    """Start ``job(client, url, item, start)`` for each item at its Poisson arrival time.
+
+    At most ``spec.max_concurrency`` jobs run at once; ``url`` ends in ``/v1`` and ``start`` is
+    the ``perf_counter`` time the load began. Returns (results in item order, wall seconds).
+    """
     url = spec.url.rstrip("/")
     url = url if url.endswith("/v1") else url + "/v1"
-    limit = asyncio.Semaphore(spec.max_concurrency or len(prompts) or 1)
-    offsets = arrival_times(len(prompts), spec.request_rate, spec.seed)
+    limit = asyncio.Semaphore(spec.max_concurrency or len(items) or 1)
+    offsets = arrival_times(len(items), spec.request_rate, spec.seed)
     limits = httpx.Limits(max_connections=spec.max_concurrency, max_keepalive_connections=64)
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(spec.timeout), limits=limits, trust_env=False
     ) as client:
         start = time.perf_counter()
 
-        async def one(p: PromptSpec, offset: float) -> RequestResult:
+        async def one(item: T, offset: float) -> R:
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
             async with limit:
-                result = await send_prompt(client, url, spec, p)
-            result.end = time.perf_counter() - start
-            on_done(result)
-            return result
+                return await job(client, url, item, start)
 
-        results = await asyncio.gather(*(one(p, t) for p, t in zip(prompts, offsets, strict=True)))
+        results = await asyncio.gather(*(one(x, t) for x, t in zip(items, offsets, strict=True)))
         return list(results), time.perf_counter() - start
+
+
+async def run_load(
+    spec: LoadSpec,
+    prompts: Sequence[PromptSpec],
+    on_done: Callable[[RequestResult], None] = lambda _r: None,
+) -> tuple[list[RequestResult], float]:
+    """Send every prompt at its arrival time; (results in prompt order, wall seconds)."""
+
+    async def one(
+        client: httpx.AsyncClient, url: str, p: PromptSpec, start: float
+    ) -> RequestResult:
+        result = await send_prompt(client, url, spec, p)
+        result.end = time.perf_counter() - start
+        on_done(result)
+        return result
+
+    return await run_at_arrivals(spec, prompts, one)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -14,9 +14,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -27,7 +25,7 @@ from carpool.bench.serve_load import (
     LoadSpec,
     PromptSpec,
     RequestResult,
-    arrival_times,
+    run_at_arrivals,
     send_prompt,
 )
 
@@ -119,31 +117,20 @@ async def run_multi_turn(
     Returns:
         (the results of every turn, conversation by conversation, wall seconds).
     """
-    url = spec.url.rstrip("/")
-    url = url if url.endswith("/v1") else url + "/v1"
-    limit = asyncio.Semaphore(spec.max_concurrency or len(conversations) or 1)
-    offsets = arrival_times(len(conversations), spec.request_rate, spec.seed)
-    limits = httpx.Limits(max_connections=spec.max_concurrency, max_keepalive_connections=64)
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(spec.timeout), limits=limits, trust_env=False
-    ) as client:
-        start = time.perf_counter()
 
-        async def conversation(messages: Sequence[str], offset: float) -> list[RequestResult]:
-            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            history, results = "", []
-            async with limit:
-                for message in messages:
-                    history += ("\n" if history else "") + message + "\n"
-                    result = await send_prompt(client, url, spec, PromptSpec(history, max_tokens))
-                    on_done(result)
-                    results.append(result)
-                    if not result.ok:
-                        break  # the conversation cannot continue without its answer
-                    history += result.text
-            return results
+    async def conversation(
+        client: httpx.AsyncClient, url: str, messages: Sequence[str], _start: float
+    ) -> list[RequestResult]:
+        history, results = "", []
+        for message in messages:
+            history += ("\n" if history else "") + message + "\n"
+            result = await send_prompt(client, url, spec, PromptSpec(history, max_tokens))
+            on_done(result)
+            results.append(result)
+            if not result.ok:
+                break  # the conversation cannot continue without its answer
+            history += result.text
+        return results
 
-        per_conv = await asyncio.gather(
-            *(conversation(m, t) for m, t in zip(conversations, offsets, strict=True))
-        )
-        return [r for rs in per_conv for r in rs], time.perf_counter() - start
+    per_conv, wall = await run_at_arrivals(spec, conversations, conversation)
+    return [r for rs in per_conv for r in rs], wall
