@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from carpool.config import EngineConfig
-from carpool.engine.client import EngineObserver, SubmitPath, check_queue
+from carpool.engine.client import EngineClient, EngineObserver, check_queue
 from carpool.engine.core import CoreStep, EngineCore, NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.llm_engine import LLMEngine
@@ -41,7 +41,7 @@ logger = logging.getLogger("carpool.engine")
 request_logger = logging.getLogger("carpool.request")
 
 
-class AsyncEngine(SubmitPath):
+class AsyncEngine(EngineClient):
     """Runs an ``LLMEngine`` in a background thread and streams outputs to asyncio callers.
 
     Implements ``EngineClient``.

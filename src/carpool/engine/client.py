@@ -1,4 +1,4 @@
-"""``EngineClient``: the one protocol the HTTP server (and any other front end) holds.
+"""``EngineClient``: the one interface the HTTP server (and any other front end) holds.
 
 In-process (``AsyncEngine``: a thread over one engine) and multi-process (``ReplicaPool``:
 engine processes behind a router) engines both implement it, so the server imports nothing from
@@ -30,7 +30,6 @@ __all__ = [
     "EngineTap",
     "ModelLimits",
     "RequestStream",
-    "SubmitPath",
     "check_queue",
     "generate",
 ]
@@ -48,85 +47,61 @@ class EngineObserver(Protocol):
         """A request ended; ``reason`` is stop, length, abort, error or timeout."""
 
 
-class EngineClient(Protocol):
-    """What a front end may do with an engine, however it runs."""
+class EngineClient(ABC):
+    """What a front end may do with an engine, however it runs.
 
-    @property
-    def limits(self) -> ModelLimits:
-        """The model's limits (requests are validated against them before submission)."""
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The model's tokenizer (prompts and chat templates are rendered front-side)."""
-
-    @property
-    def is_running(self) -> bool:
-        """True while the engine takes requests."""
-
-    @property
-    def snapshot(self) -> EngineSnapshot:
-        """The engine's figures after its latest iteration."""
-
-    @property
-    def num_waiting(self) -> int:
-        """Requests accepted but not yet scheduled (in transit included)."""
-
-    def clock(self) -> float:
-        """The engine's clock (arrival times and deadlines are on it)."""
-
-    def check_capacity(self, num_requests: int = 1) -> None:
-        """Raise (``QueueFullError``, ``EngineStoppedError``...) unless ``num_requests`` more
-        requests may be queued now."""
-
-    def submit(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        arrival_time: float | None = None,
-    ) -> RequestStream:
-        """Queue a request now (on the event loop); returns the stream of its outputs."""
-
-    def abort(self, request_id: str) -> None:
-        """Abort a request (no-op when unknown or finished)."""
-
-    # ---- for the live dashboard -------------------------------------------------------------
-
-    @property
-    def engine_config(self) -> EngineConfig:
-        """The engine's configuration (batching policy, layout, limits in force)."""
-
-    def describe(self) -> list[dict[str, Any]]:
-        """One entry per engine (replica): index, state, pid, device, routed, load."""
-
-    def add_tap(self, tap: EngineTap) -> Callable[[], None]:
-        """Show ``tap`` every iteration (with an ``EngineView`` every ``tap.view_interval``
-        seconds) until the returned function is called."""
-
-
-class SubmitPath(ABC):
-    """``submit`` written once for both clients: the admission check, the request id, the
-    deadline, one ``NewRequest``, then the transport's ``_send`` (a thread's inbox, a replica's
-    pipe). ``AsyncEngine`` and ``ReplicaPool`` inherit it.
+    An abstract base rather than a structural ``Protocol`` so that ``submit`` is written once,
+    here: the admission check, the request id, the deadline, one ``NewRequest``, then the
+    transport's ``_send`` (a thread's inbox, a replica's pipe). ``AsyncEngine`` and
+    ``ReplicaPool`` inherit it and supply the rest.
     """
 
     request_timeout: float | None
     _id_prefix = "req"  # ids of requests submitted without one: ``{prefix}-{n}``
     _ids: Iterator[int]  # their numbers; the subclass sets ``itertools.count()``
 
+    @property
     @abstractmethod
-    def check_capacity(self, num_requests: int = 1) -> None:
-        """Raise unless ``num_requests`` more requests may be queued now."""
+    def limits(self) -> ModelLimits:
+        """The model's limits (requests are validated against them before submission)."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (prompts and chat templates are rendered front-side)."""
+
+    @property
+    @abstractmethod
+    def is_running(self) -> bool:
+        """True while the engine takes requests."""
+
+    @property
+    @abstractmethod
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's figures after its latest iteration."""
+
+    @property
+    @abstractmethod
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet scheduled (in transit included)."""
 
     @abstractmethod
     def clock(self) -> float:
-        """The engine's clock."""
+        """The engine's clock (arrival times and deadlines are on it)."""
+
+    @abstractmethod
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise (``QueueFullError``, ``EngineStoppedError``...) unless ``num_requests`` more
+        requests may be queued now."""
 
     @abstractmethod
     def _send(self, request: NewRequest, **route: Any) -> RequestStream:
         """Hand ``request`` to the transport; returns its stream. ``route``: the transport's
         own options (``ReplicaPool``: ``replica``)."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op when unknown or finished)."""
 
     def submit(
         self,
@@ -165,6 +140,22 @@ class SubmitPath(ABC):
         """``submit`` (same options), then yield the request's output each step it progresses
         (see the module-level ``generate``)."""
         return generate(self, prompt, params, **options)
+
+    # ---- for the live dashboard -------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration (batching policy, layout, limits in force)."""
+
+    @abstractmethod
+    def describe(self) -> list[dict[str, Any]]:
+        """One entry per engine (replica): index, state, pid, device, routed, load."""
+
+    @abstractmethod
+    def add_tap(self, tap: EngineTap) -> Callable[[], None]:
+        """Show ``tap`` every iteration (with an ``EngineView`` every ``tap.view_interval``
+        seconds) until the returned function is called."""
 
 
 def check_queue(

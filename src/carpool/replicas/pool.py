@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from carpool.config import EngineConfig
-from carpool.engine.client import EngineObserver, SubmitPath, check_queue
+from carpool.engine.client import EngineClient, EngineObserver, check_queue
 from carpool.engine.core import NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.model_path import load_tokenizer, resolve_model_path
@@ -53,7 +53,7 @@ from carpool.tokenizer import Tokenizer
 logger = logging.getLogger("carpool.replicas")
 
 
-class ReplicaPool(SubmitPath):
+class ReplicaPool(EngineClient):
     """Replica processes behind one router; implements ``EngineClient``.
 
     Args:
