@@ -184,7 +184,6 @@ class SchedulingPolicy(ABC):
             The requests that finished in this step, in chunk order.
         """
 
-    @abstractmethod
     def finish_request(
         self, request_id: str, reason: FinishReason, now: float, error: str | None = None
     ) -> Request | None:
@@ -195,6 +194,16 @@ class SchedulingPolicy(ABC):
         Returns:
             The request if this call finished it; None if it was unknown or already finished.
         """
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish_known(req, reason, now, error)
+
+    @abstractmethod
+    def _finish_known(
+        self, req: Request, reason: FinishReason, now: float, error: str | None
+    ) -> Request | None:
+        """``finish_request`` of a request this policy holds (same return)."""
 
     def abort_request(self, request_id: str, now: float) -> Request | None:
         """Finish a request with ``FinishReason.ABORT`` (see ``finish_request``)."""

@@ -128,12 +128,9 @@ class ContinuousScheduler(SchedulingPolicy):
                 finished.append(req)
         return finished
 
-    def finish_request(
-        self, request_id: str, reason: FinishReason, now: float, error: str | None = None
+    def _finish_known(
+        self, req: Request, reason: FinishReason, now: float, error: str | None
     ) -> Request | None:
-        req = self.requests.get(request_id)
-        if req is None:
-            return None
         self._finish(req, RequestStatus.from_finish_reason(reason), now, error)
         return req
 

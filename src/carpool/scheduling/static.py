@@ -156,23 +156,20 @@ class StaticBatchPolicy(SchedulingPolicy):
                 self._hold(req, RequestStatus.from_finish_reason(reason))
         return self._release_if_done(now)
 
-    def finish_request(
-        self, request_id: str, reason: FinishReason, now: float, error: str | None = None
+    def _finish_known(
+        self, req: Request, reason: FinishReason, now: float, error: str | None
     ) -> Request | None:
-        req = self.requests.get(request_id)
-        if req is None:
-            return None
         status = RequestStatus.from_finish_reason(reason)
         if req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
         elif reason in _HELD_REASONS:
-            if request_id not in self._held:  # a held row keeps its first reason
+            if req.request_id not in self._held:  # a held row keeps its first reason
                 self._hold(req, status)
                 self._released.extend(self._release_if_done(now))
             return req if req.is_finished else None
         else:  # abort or error: report now; the seat stays idle until the batch ends
-            self._held.pop(request_id, None)
-            self.block_manager.free(request_id)
+            self._held.pop(req.request_id, None)
+            self.block_manager.free(req.request_id)
         self._finish(req, status, now, error)
         self._released.extend(self._release_if_done(now))
         return req
