@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from carpool.entrypoints.report_args import add_report_arguments, plot_path
+
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of ``carpool bench serve`` (it starts no engine: no engine flags)."""
@@ -25,14 +27,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gen-len", type=int, default=128, help="median max_tokens per request (default: 128)"
     )
-    g.add_argument("--output", default=None, metavar="JSON", help="write the summary as JSON")
-    g.add_argument(
-        "--plot",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PNG",
-        help="write latency percentiles and throughput over time as PNG (default path: "
+    add_report_arguments(
+        g,
+        output_help="write the summary as JSON",
+        plot_help="write latency percentiles and throughput over time as PNG (default path: "
         "--output with .png, else bench_serve.png)",
     )
     g.add_argument(
@@ -223,11 +221,10 @@ def run_serve_cli(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
-    if args.plot is not None:
+    png = plot_path(args, "bench_serve.json")
+    if png is not None:
         from carpool.bench.serve_plot import write_serve_plot
 
-        png = Path(args.plot) if args.plot else Path(args.output or "bench_serve.json")
-        png = png.with_suffix(".png") if not args.plot else png
         title = (
             f"{spec.model} at {spec.url}: {len(results)} requests, rate {payload['request_rate']}"
         )

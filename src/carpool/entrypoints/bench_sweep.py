@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from carpool.config import EngineConfig
+from carpool.entrypoints.report_args import add_report_arguments, plot_path
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -43,19 +44,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--prompt-len", type=int, default=128, help="PP: prompt tokens (default: 128)")
     g.add_argument("--gen-len", type=int, default=128, help="TG: generated tokens (default: 128)")
-    g.add_argument(
-        "--output",
-        default=None,
-        metavar="JSON",
-        help="write the results as JSON (batch and serve modes), e.g. batch_analysis.json",
-    )
-    g.add_argument(
-        "--plot",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PNG",
-        help="write a plot (default path: --output with .png)",
+    add_report_arguments(
+        g,
+        output_help="write the results as JSON (batch and serve modes), e.g. batch_analysis.json",
+        plot_help="write a plot (default path: --output with .png)",
     )
     g.add_argument(
         "--profile",
@@ -157,9 +149,8 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if output is not None:
         write_json(output, rows, roof, meta)
-    if args.plot is not None:
-        png = Path(args.plot) if args.plot else (output or Path("batch_analysis.json"))
-        png = png.with_suffix(".png") if not args.plot else png
+    png = plot_path(args, "batch_analysis.json")
+    if png is not None:
         title = f"{model_name}, PP={spec.prompt_len} TG={spec.gen_len}, {meta['dtype']}"
         write_plot(png, rows, title)
     if trace is not None:
