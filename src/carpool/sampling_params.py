@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,39 +58,44 @@ def _check_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def _normalise_stop(value: Any) -> tuple[str, ...]:
+def _checked_tuple(
+    value: Any, param: str, expected: str, ok: Callable[[Any], bool], bad_item: str
+) -> tuple[Any, ...]:
+    """``value`` as a tuple (None: empty) whose every item passes ``ok``; an
+    ``InvalidRequestError`` on ``param`` otherwise ("{param} must be {expected}" when it is not
+    iterable, "{bad_item}" naming the first item that fails)."""
     if value is None:
         return ()
-    items: Iterable[Any] = (value,) if isinstance(value, str) else value
     try:
-        stop = tuple(items)
+        items = tuple(value)
     except TypeError:
         raise InvalidRequestError(
-            f"stop must be a str or a list of str, got {value!r}", param="stop"
+            f"{param} must be {expected}, got {value!r}", param=param
         ) from None
-    for s in stop:
-        if not isinstance(s, str) or not s:
-            raise InvalidRequestError(
-                f"stop strings must be non-empty str, got {s!r}", param="stop"
-            )
-    return stop
+    for item in items:
+        if not ok(item):
+            raise InvalidRequestError(f"{bad_item}, got {item!r}", param=param)
+    return items
+
+
+def _normalise_stop(value: Any) -> tuple[str, ...]:
+    return _checked_tuple(
+        (value,) if isinstance(value, str) else value,
+        "stop",
+        "a str or a list of str",
+        lambda s: isinstance(s, str) and bool(s),
+        "stop strings must be non-empty str",
+    )
 
 
 def _normalise_token_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    try:
-        ids = tuple(value)
-    except TypeError:
-        raise InvalidRequestError(
-            f"stop_token_ids must be a list of int, got {value!r}", param="stop_token_ids"
-        ) from None
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise InvalidRequestError(
-                f"stop_token_ids must be ints >= 0, got {t!r}", param="stop_token_ids"
-            )
-    return ids
+    return _checked_tuple(
+        value,
+        "stop_token_ids",
+        "a list of int",
+        lambda t: not isinstance(t, bool) and isinstance(t, int) and t >= 0,
+        "stop_token_ids must be ints >= 0",
+    )
 
 
 def _normalise_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
