@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -78,11 +76,9 @@ class ChatServing(OpenAIServing):
                 )
             params = dataclasses.replace(params, structured_outputs=plan.constraint)
         await self.prepare(params)
-        job = Job(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), [ids], [params])
-        self.submit(job, req.timeout, arrival)
+        job = self.start("chatcmpl", [ids], [params], req.timeout, arrival)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self.event_stream(job, self._stream(req, job, include_usage, plan))
+            events = self.event_stream(job, self._stream(req, job, req.include_usage, plan))
             return SSEResponse(events, job.abort_all)
         outs = await self.collect(request, job)
         choices = []

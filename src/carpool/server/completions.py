@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from fastapi import Request
@@ -39,11 +37,9 @@ class CompletionServing(OpenAIServing):
         ]
         await self.prepare(params[0])  # every prompt shares the request's constraint
         echoes = await self._echoes(req, prompts)
-        job = Job(f"cmpl-{uuid.uuid4().hex}", int(time.time()), prompts, params)
-        self.submit(job, req.timeout, arrival)
+        job = self.start("cmpl", prompts, params, req.timeout, arrival)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self.event_stream(job, self._stream(req, job, include_usage, echoes))
+            events = self.event_stream(job, self._stream(req, job, req.include_usage, echoes))
             return SSEResponse(events, job.abort_all)
         outs = await self.collect(request, job)
         choices = []

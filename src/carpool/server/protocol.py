@@ -148,6 +148,11 @@ class SamplingFields(_Request, ConstraintFields):
             logit_bias=self.logit_bias or (),
         )
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     @model_validator(mode="after")
     def _check_stop(self) -> SamplingFields:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +174,19 @@ class OpenAIServing:
             raise error_to_api(e) from None
 
     # ---- submission and results -------------------------------------------------------------
+
+    def start(
+        self,
+        prefix: str,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        timeout: float | None,
+        arrival: float,
+    ) -> Job:
+        """A new ``Job`` (id ``{prefix}-{random hex}``, created now) with every prompt queued."""
+        job = Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompts, params)
+        self.submit(job, timeout, arrival)
+        return job
 
     def submit(self, job: Job, timeout: float | None, arrival: float) -> None:
         """Queue every prompt of ``job`` (all or none)."""
