@@ -23,6 +23,9 @@ class ReplicaMetrics:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, labels, registry=registry)
 
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
         self.up = gauge("carpool:replica_up", "1 while the replica is ready to take requests.")
         self.running = gauge(
             "carpool:replica_num_requests_running", "Requests in the replica's running batch."
@@ -34,21 +37,16 @@ class ReplicaMetrics:
         self.kv_usage = gauge(
             "carpool:replica_kv_cache_usage_perc", "Fraction of the replica's KV blocks in use."
         )
-        self.routed = Counter(
+        self.routed = counter(
             "carpool:replica_requests_routed",
             "Requests the router sent to the replica (retries included).",
-            labels,
-            registry=registry,
         )
-        self.restarts = Counter(
-            "carpool:replica_restarts", "Times the replica process was restarted.", labels,
-            registry=registry,
-        )  # fmt: skip
-        self.hangs = Counter(
+        self.restarts = counter(
+            "carpool:replica_restarts", "Times the replica process was restarted."
+        )
+        self.hangs = counter(
             "carpool:replica_hangs",
             "Times the replica sent no heartbeat within --replica-liveness-timeout and was killed.",
-            labels,
-            registry=registry,
         )
         for i in range(num_replicas):
             for series in (self.up, self.running, self.waiting, self.kv_usage):

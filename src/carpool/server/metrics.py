@@ -88,6 +88,10 @@ class ServerMetrics:
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, labels, registry=r).labels(model_name)
 
+        def counter_by(name: str, doc: str, label: str) -> Counter:
+            # one more label than model_name: the caller binds both per series
+            return Counter(name, doc, [*labels, label], registry=r)
+
         def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
 
@@ -109,11 +113,10 @@ class ServerMetrics:
         self.num_preemptions = counter(
             "carpool:num_preemptions", "Running requests that lost their KV (recomputed later)."
         )
-        self._preemptions_by_cause = Counter(
+        self._preemptions_by_cause = counter_by(
             "carpool:num_preemptions_by_cause",
             "Preemptions by cause: kv_cache (out of blocks) or priority (a better request).",
-            ["model_name", "cause"],
-            registry=r,
+            "cause",
         )
         self.prefix_cache_queries = counter(
             "carpool:prefix_cache_queries",
@@ -122,11 +125,10 @@ class ServerMetrics:
         self.prefix_cache_hits = counter(
             "carpool:prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)."
         )
-        self._success = Counter(
+        self._success = counter_by(
             "carpool:request_success",
             "Finished requests by reason; each of a prompt's n completions counts as one.",
-            ["model_name", "finished_reason"],
-            registry=r,
+            "finished_reason",
         )
         self.request_success = {
             reason: self._success.labels(model_name, reason) for reason in FINISH_REASONS
