@@ -132,3 +132,12 @@ def save_tiny_model_dir(arch: str, out_dir: Path, seed: int = 0, **overrides: An
     model = save_tiny_hf_model(arch, out_dir, seed=seed, **overrides)
     save_tiny_tokenizer(out_dir, vocab_size=model.config.vocab_size)
     return model
+
+
+def tiny_llama_dir(tmp_path_factory: Any, folder: str, name: str = "tiny-llama") -> Path:
+    """``save_tiny_model_dir("llama", ...)`` into ``<fresh tmp folder>/name`` (the directory
+    name is what the server reports as the model); for session- and module-scoped fixtures."""
+    d = tmp_path_factory.mktemp(folder) / name
+    d.mkdir()
+    save_tiny_model_dir("llama", d)
+    return d

@@ -1,9 +1,8 @@
 """A real uvicorn server over an in-process engine, for tests that reach into the engine.
 
-Like the ``LiveServer`` of ``tests/server/conftest.py`` (which other test folders cannot
-import): ``build_app`` over one ``LLMEngine`` on a free loopback port, healthy on return.
-Being in-process, a test can inject a fault into the engine (monkeypatch) while real HTTP
-clients talk to it.
+``build_app`` over one ``LLMEngine`` on a free loopback port, healthy on return (the
+``LiveServer`` of ``tests/server/conftest.py`` is this class). Being in-process, a test can
+inject a fault into the engine (monkeypatch) while real HTTP clients talk to it.
 """
 
 from __future__ import annotations
@@ -46,16 +45,17 @@ class InProcessServer(UvicornThread):
             time.sleep(0.05)
         raise RuntimeError("server did not become healthy")
 
-    def stats(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.base_url}/stats", timeout=10)
+    def stats(self, **headers: str) -> dict[str, Any]:
+        """GET /v1/stats (``headers``: e.g. an ``Authorization`` one)."""
+        r = httpx.get(f"{self.base_url}/stats", headers=headers, timeout=10)
         r.raise_for_status()
         return r.json()
 
-    def wait_idle(self, timeout: float = 60.0) -> dict[str, Any]:
+    def wait_idle(self, timeout: float = 60.0, **headers: str) -> dict[str, Any]:
         """Poll /v1/stats until nothing runs or waits; returns the last stats."""
         deadline = time.monotonic() + timeout
         while True:
-            s = self.stats()
+            s = self.stats(**headers)
             if s["num_unfinished"] == 0 and s["num_waiting"] == 0:
                 return s
             if time.monotonic() > deadline:

@@ -25,7 +25,7 @@ from carpool.config import EngineConfig
 from carpool.engine.core import EngineCore, NewRequest
 from carpool.engine.llm_engine import LLMEngine
 from carpool.server import ServerConfig
-from helpers.hf_models import save_tiny_model_dir
+from helpers.hf_models import tiny_llama_dir
 from helpers.inproc_server import InProcessServer
 
 MODEL = "tiny-llama"
@@ -34,10 +34,7 @@ ANSWER_BOUND_S = 5.0  # the issue saw no answer within 5 s; generous on a shared
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("admission") / MODEL
-    d.mkdir()
-    save_tiny_model_dir("llama", d)
-    return d
+    return tiny_llama_dir(tmp_path_factory, "admission", MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,17 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers.hf_models import save_tiny_model_dir
+from helpers.hf_models import tiny_llama_dir
 from helpers.inproc_server import InProcessServer
+from helpers.metrics import scrape
 
 MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[InProcessServer]:
-    d = tmp_path_factory.mktemp("lower") / MODEL
-    d.mkdir()
-    save_tiny_model_dir("llama", d)
-    s = InProcessServer(d)
+    s = InProcessServer(tiny_llama_dir(tmp_path_factory, "lower", MODEL))
     yield s
     s.stop()
 
@@ -100,15 +97,6 @@ def test_few_unknown_keys_are_all_named(server, caplog) -> None:
 # ---- metrics for n > 1 -----------------------------------------------------------------------
 
 
-def scrape(srv: InProcessServer) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text):
-        for s in family.samples:
-            labels = {k: v for k, v in s.labels.items() if k != "model_name"}
-            out[s.name + ("" if not labels else str(sorted(labels.items())))] = s.value
-    return out
-
-
 def successes(m: dict[str, float]) -> float:
     return sum(v for k, v in m.items() if k.startswith("carpool:request_success_total"))
 
@@ -119,7 +107,7 @@ def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
 
 def test_metric_counts_agree_for_n_above_one(server) -> None:
     server.wait_idle()
-    m0 = scrape(server)
+    m0 = scrape(server.url)
     prompt_tokens = completion_tokens = 0
     for body in (
         {"prompt": ["a b", "c d e"], "n": 3, "max_tokens": 4, "ignore_eos": True},
@@ -130,7 +118,7 @@ def test_metric_counts_agree_for_n_above_one(server) -> None:
         prompt_tokens += r.json()["usage"]["prompt_tokens"]
         completion_tokens += r.json()["usage"]["completion_tokens"]
     server.wait_idle()
-    m = scrape(server)
+    m = scrape(server.url)
     completions = 2 * 3 + 1
     ok = successes(m) - successes(m0)
     assert ok == completions
@@ -151,12 +139,12 @@ def test_metric_counts_agree_for_n_above_one(server) -> None:
 
 def test_a_timed_out_n_request_counts_each_completion_as_timeout(server) -> None:
     server.wait_idle()
-    m0 = scrape(server)
+    m0 = scrape(server.url)
     body = {"prompt": "x y", "n": 2, "max_tokens": 900, "ignore_eos": True, "timeout": 0.2}
     r = post(server, "/completions", body)
     assert r.status_code == 504, r.text
     server.wait_idle()
-    m = scrape(server)
+    m = scrape(server.url)
     timeout_key = "carpool:request_success_total[('finished_reason', 'timeout')]"
     assert delta(m, m0, timeout_key) == 2
     assert delta(m, m0, "carpool:e2e_request_latency_seconds_count") == 2

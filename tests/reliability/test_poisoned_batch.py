@@ -25,7 +25,7 @@ from carpool.config import EngineConfig
 from carpool.engine.llm_engine import LLMEngine
 from carpool.structured.processor import LogitsProcessor
 from carpool.worker.sampler import Sampler
-from helpers.hf_models import save_tiny_model_dir
+from helpers.hf_models import tiny_llama_dir
 from helpers.inproc_server import InProcessServer
 
 MODEL = "tiny-llama"
@@ -36,10 +36,7 @@ FAULT_SEED = 424242  # marks the request whose row the injected fault breaks
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("poison") / MODEL
-    d.mkdir()
-    save_tiny_model_dir("llama", d)
-    return d
+    return tiny_llama_dir(tmp_path_factory, "poison", MODEL)
 
 
 @pytest.fixture(scope="module")

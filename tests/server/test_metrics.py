@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import httpx
 import openai
-from prometheus_client.parser import text_string_to_metric_families
 
 from carpool import SamplingParams
+from helpers.metrics import scrape as scrape_metrics
 
 MODEL = "tiny-llama"
 
 
 def scrape(srv) -> dict[str, float]:
-    """Sample name (+ labels other than model_name) -> value."""
-    text = httpx.get(f"{srv.url}/metrics").text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = {k: v for k, v in s.labels.items() if k != "model_name"}
-            if "model_name" in s.labels:
-                assert s.labels["model_name"] == MODEL
-            key = s.name + ("" if not labels else str(sorted(labels.items())))
-            out[key] = s.value
-    return out
+    """Sample name (+ labels other than model_name) -> value; every sample is this model's."""
+    return scrape_metrics(srv.url, MODEL)
 
 
 def success(m: dict[str, float], reason: str) -> float:

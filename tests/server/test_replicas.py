@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from carpool import SamplingParams
 from carpool.config import EngineConfig
@@ -44,6 +43,7 @@ from carpool.replicas.messages import (
 )
 from carpool.server import ServerConfig, build_app
 from helpers.live_server import UvicornThread
+from helpers.metrics import scrape
 
 MODEL = "tiny-llama"
 
@@ -166,16 +166,6 @@ def pool_server(tiny_dir) -> Iterator[PoolServer]:
     yield s
     s.stop()
     assert all(not h.process.is_alive() for h in s.pool.replicas if h.process is not None)
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Sample name (+ labels other than model_name) -> value."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for s in family.samples:
-            labels = {k: v for k, v in s.labels.items() if k != "model_name"}
-            out[s.name + ("" if not labels else str(sorted(labels.items())))] = s.value
-    return out
 
 
 def _client(srv: PoolServer) -> openai.AsyncOpenAI:
