@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+from serve_util import free_port, wait_healthy
 
 CARPOOL = str(Path(sys.executable).with_name("carpool"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,38 +43,20 @@ SHAPE = dict(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not healthy after {timeout}s")
-
-
 def serve_and_load(model: str, serve_flags: list[str], bench_flags: list[str], threads: int):
     """Start ``carpool serve``, run ``carpool bench serve`` against it, stop it.
 
     Returns:
         (the bench JSON, the server's final /v1/stats, the bench command line).
     """
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [CARPOOL, "serve", "--model", model, "--port", str(port), "--dtype", "float32"]
     cmd += ["--kv-cache-memory", "64MiB", *serve_flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_healthy(url)
+        wait_healthy(url)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "bench.json"
             bench = [CARPOOL, "bench", "serve", "--url", url, "--seed", "0", "--ignore-eos"]

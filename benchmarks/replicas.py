@@ -15,22 +15,14 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from serve_util import free_port, wait_healthy
 
 CARPOOL = str(Path(sys.executable).with_name("carpool"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(model: str, replicas: int, routing: str, threads: int, port: int) -> subprocess.Popen:
@@ -43,26 +35,14 @@ def _serve(model: str, replicas: int, routing: str, threads: int, port: int) -> 
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_healthy(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not healthy after {timeout}s")
-
-
 def run_one(model: str, replicas: int, routing: str, args: argparse.Namespace) -> dict:
     """Serve, load, stop; returns the bench summary."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     threads = args.threads_per_replica if replicas > 1 else args.threads_single
     server = _serve(model, replicas, routing, threads, port)
     try:
-        _wait_healthy(url)
+        wait_healthy(url)
         out = Path(tempfile.mkdtemp()) / "bench.json"
         bench = [CARPOOL, "bench", "serve", "--url", url, "--num-prompts", str(args.num_prompts)]
         bench += ["--request-rate", str(args.request_rate), "--ignore-eos"]
