@@ -20,6 +20,7 @@ from carpool.kv_cache import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
 from carpool.sampling_params import SamplingParams
 from carpool.scheduling import BlockTables, ContinuousScheduler, SchedulerOutput
+from helpers.fake_model import next_token, reference_output
 
 VOCAB = 1000
 
@@ -54,24 +55,6 @@ def make_scheduler(
         enable_prefix_caching=False,
     )
     return ContinuousScheduler(cfg, BlockManager(num_blocks, block_size), max_model_len)
-
-
-def next_token(context: list[int]) -> int:
-    """The fake model: a deterministic function of the whole context."""
-    h = len(context)
-    for t in context:
-        h = (h * 31 + t) % 1_000_003
-    return h % VOCAB
-
-
-def reference_output(req: Request) -> list[int]:
-    """What the fake model generates for ``req`` with no batching at all."""
-    ctx = list(req.prompt_token_ids)
-    out = []
-    for _ in range(req.sampling_params.max_tokens):
-        out.append(next_token(ctx))
-        ctx.append(out[-1])
-    return out
 
 
 class FakeRunner:

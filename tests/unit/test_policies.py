@@ -27,6 +27,7 @@ from carpool.scheduling import (
 )
 from carpool.scheduling.bucketed import log_spaced_boundaries
 from carpool.scheduling.factory import make_policy
+from helpers.fake_model import next_token, reference_output
 
 VOCAB = 1000
 BLOCK = 4
@@ -35,21 +36,6 @@ BLOCK = 4
 def make_request(rid: str, prompt_len: int, max_tokens: int, arrival: float = 0.0) -> Request:
     prompt = [(sum(map(ord, rid)) + i * 13) % VOCAB for i in range(prompt_len)]
     return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival)
-
-
-def next_token(context: list[int]) -> int:
-    h = len(context)
-    for t in context:
-        h = (h * 31 + t) % 1_000_003
-    return h % VOCAB
-
-
-def reference_output(req: Request) -> list[int]:
-    ctx, out = list(req.prompt_token_ids), []
-    for _ in range(req.sampling_params.max_tokens):
-        out.append(next_token(ctx))
-        ctx.append(out[-1])
-    return out
 
 
 class FakeRunner:

@@ -17,21 +17,7 @@ from carpool.scheduling import (
 )
 from carpool.scheduling.base import SchedulingPolicy
 from carpool.scheduling.priority import RequestOrder
-
-
-def next_token(context: list[int]) -> int:
-    h = len(context)
-    for t in context:
-        h = (h * 31 + t) % 1_000_003
-    return h % 1000
-
-
-def reference_output(req: Request) -> list[int]:
-    ctx, out = list(req.prompt_token_ids), []
-    for _ in range(req.sampling_params.max_tokens):
-        out.append(next_token(ctx))
-        ctx.append(out[-1])
-    return out
+from helpers.fake_model import next_token, reference_output
 
 
 def fake_sample(policy: SchedulingPolicy, out) -> dict[str, int]:
