@@ -16,12 +16,10 @@ from carpool.bench.serve_load import (
     LoadSpec,
     arrival_times,
     load_dataset,
-    parse_goodput,
-    percentile,
     run_load,
-    summarize,
     synthetic_prompts,
 )
+from carpool.bench.serve_summary import parse_goodput, percentile, summarize
 from carpool.cli import main
 from helpers.fake_openai import fake_openai_app
 from helpers.live_server import UvicornThread

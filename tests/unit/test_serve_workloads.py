@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from carpool.bench.serve_load import RequestResult, summarize
+from carpool.bench.serve_load import RequestResult
+from carpool.bench.serve_summary import summarize
 from carpool.bench.serve_workloads import (
     multi_turn_conversations,
     parse_priority_classes,

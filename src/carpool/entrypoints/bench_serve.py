@@ -144,14 +144,8 @@ def run_serve_cli(args: argparse.Namespace) -> int:
     """Send the load, print a summary, write JSON when ``--output`` is given."""
     from tqdm.auto import tqdm
 
-    from carpool.bench.serve_load import (
-        LoadSpec,
-        load_dataset,
-        parse_goodput,
-        run_load,
-        summarize,
-        synthetic_prompts,
-    )
+    from carpool.bench.serve_load import LoadSpec, load_dataset, run_load, synthetic_prompts
+    from carpool.bench.serve_summary import parse_goodput, summarize
 
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
