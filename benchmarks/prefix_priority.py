@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import httpx
-from serve_util import free_port, wait_healthy
+from serve_util import free_port, stop_server, wait_healthy
 
 CARPOOL = str(Path(sys.executable).with_name("carpool"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +64,7 @@ def serve_and_load(model: str, serve_flags: list[str], bench_flags: list[str], t
             result = json.loads(out.read_text())
         stats = httpx.get(f"{url}/v1/stats", timeout=10).json()
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     shown = " ".join(["carpool", *bench[1:-2]]).replace(url, "URL")
     return result, stats, shown
 

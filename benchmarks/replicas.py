@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from serve_util import free_port, wait_healthy
+from serve_util import free_port, stop_server, wait_healthy
 
 CARPOOL = str(Path(sys.executable).with_name("carpool"))
 
@@ -54,11 +53,7 @@ def run_one(model: str, replicas: int, routing: str, args: argparse.Namespace) -
               file=sys.stderr)  # fmt: skip
         return summary
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 def main() -> int:

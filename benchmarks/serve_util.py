@@ -3,7 +3,9 @@ scripts' own folder: ``python benchmarks/x.py`` puts it on ``sys.path``)."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import time
 
 import httpx
@@ -27,3 +29,12 @@ def wait_healthy(url: str, timeout: float = 300) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} not healthy after {timeout}s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (a graceful drain), then SIGKILL if it has not exited within 60 s."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
