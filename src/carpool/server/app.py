@@ -69,10 +69,12 @@ class Serving:
         retry_after: int,
         metrics: ServerMetrics,
         tool_call_parser: str | None = None,
+        max_stream_backlog: int = 1 << 20,
     ) -> None:
         self.client = client
-        self.completions = CompletionServing(client, model_name, retry_after, metrics)
-        self.chat = ChatServing(client, model_name, retry_after, metrics)
+        backlog = max_stream_backlog
+        self.completions = CompletionServing(client, model_name, retry_after, metrics, backlog)
+        self.chat = ChatServing(client, model_name, retry_after, metrics, backlog)
         self.utility = UtilityServing(client, model_name, retry_after, metrics)
         self.chat.tool_parser = choose_parser(client.tokenizer.chat_template, tool_call_parser)
         self.max_model_len = client.limits.max_model_len
@@ -102,7 +104,12 @@ class ServerState:
         )
         engine.start()
         self.serving = Serving(
-            engine, self.model_name, c.retry_after, self.metrics, c.tool_call_parser
+            engine,
+            self.model_name,
+            c.retry_after,
+            self.metrics,
+            c.tool_call_parser,
+            c.max_stream_backlog,
         )
         self.engine = engine
 
@@ -110,7 +117,12 @@ class ServerState:
         """Serve through a started, ready pool of replica processes."""
         c = self.config
         self.serving = Serving(
-            pool, self.model_name, c.retry_after, self.metrics, c.tool_call_parser
+            pool,
+            self.model_name,
+            c.retry_after,
+            self.metrics,
+            c.tool_call_parser,
+            c.max_stream_backlog,
         )
         self.engine = pool
 

@@ -82,7 +82,7 @@ class ChatServing(OpenAIServing):
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self.event_stream(job, self._stream(req, job, include_usage, plan))
-            return SSEResponse(events, job.abort_all)
+            return SSEResponse(events, job.abort_all, job.streams, self.max_stream_backlog)
         outs = await self.collect(request, job)
         choices = []
         for c in outs[0].outputs:

@@ -43,7 +43,7 @@ class CompletionServing(OpenAIServing):
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self.event_stream(job, self._stream(req, job, include_usage, echoes))
-            return SSEResponse(events, job.abort_all)
+            return SSEResponse(events, job.abort_all, job.streams, self.max_stream_backlog)
         outs = await self.collect(request, job)
         choices = []
         for i, out in enumerate(outs):

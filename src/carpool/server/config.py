@@ -49,10 +49,17 @@ class ServerConfig:
     dashboard_fps: float = option(
         10.0, "updates per second of the live dashboard's stream /v1/stats/stream (at most 10)"
     )
+    max_stream_backlog: int = option(
+        1 << 20,
+        "most output a streaming client may leave unread (its size as events, e.g. 1MiB); a "
+        "client further behind gets an error event, its request is aborted and its connection "
+        "closed",
+        parse=parse_bytes,
+    )
 
     def __post_init__(self) -> None:
         check_positive(self, "max_queue", "retry_after")
-        check_positive(self, "max_body_bytes", low=1024)
+        check_positive(self, "max_body_bytes", "max_stream_backlog", low=1024)
         if (
             isinstance(self.port, bool)
             or not isinstance(self.port, int)

@@ -66,6 +66,8 @@ class OpenAIServing:
         model_name: the served model name (requests naming another model get a 404).
         retry_after: seconds suggested in ``Retry-After`` of a 429.
         metrics: counts the requests refused with 429.
+        max_stream_backlog: bytes of output a streaming client may leave unread before it is
+            cut off (see ``SSEResponse``).
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class OpenAIServing:
         model_name: str,
         retry_after: int = 1,
         metrics: ServerMetrics | None = None,
+        max_stream_backlog: int = 1 << 20,
     ) -> None:
         self.client = client
+        self.max_stream_backlog = max_stream_backlog
         self.metrics = metrics
         self.model_name = model_name
         self.retry_after = retry_after
