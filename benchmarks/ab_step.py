@@ -11,6 +11,7 @@ with ``context - 1`` cached tokens decode one token per step (batch build + forw
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import shutil
 import statistics
@@ -38,6 +39,14 @@ def import_before(src: Path):  # type: ignore[no-untyped-def]
     from carpool_before.worker.batch import build_ragged_batch
 
     return load_model, build_ragged_batch
+
+
+def build_batch(build, chunks, block_size: int):  # noqa: ANN001, ANN201
+    """Call either checkout's ``build_ragged_batch``: since issue 10 the block tables are an
+    argument of their own (the runner keeps them), before they were a field of each chunk."""
+    if "block_tables" in inspect.signature(build).parameters:
+        return build(chunks, [c.block_table for c in chunks], block_size)
+    return build(chunks, block_size)
 
 
 def main() -> None:
@@ -73,7 +82,7 @@ def main() -> None:
                 for k in list(systems) if i % 2 else list(reversed(systems)):
                     model, build = systems[k]
                     start = time.perf_counter()
-                    inp = build(chunks, 16)
+                    inp = build_batch(build, chunks, 16)
                     model(inp.input_ids, inp.positions, inp.meta, caches[k], inp.logits_indices)
                     if i >= 2:  # two warm-up steps
                         times[k].append(time.perf_counter() - start)

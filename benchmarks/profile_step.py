@@ -86,7 +86,7 @@ def measure(model, batch: int, context: int, steps: int, block_size: int = 16) -
         c.normal_()
 
     def step() -> None:
-        inp = build_ragged_batch(chunks, block_size)
+        inp = build_ragged_batch(chunks, [c.block_table for c in chunks], block_size)
         model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
 
     with torch.inference_mode():

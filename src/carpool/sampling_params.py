@@ -16,6 +16,14 @@ from carpool.errors import InvalidRequestError
 from carpool.structured.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
+# Bounds the engine can honour. Every value here reaches a tensor or a torch RNG, where a Python
+# int past 64 bits raises inside the step (``top_k=2**63`` once failed whole batches).
+MAX_TOP_K = 2**31 - 1  # more than any vocabulary; a top_k >= the vocabulary means "off" (vLLM)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what ``torch.Generator.manual_seed`` accepts
+PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by 1e-300
+# gives infinities and NaN probabilities, not a sharper distribution.
+MIN_TEMPERATURE = 1e-5
 
 
 class RequestOutputKind(enum.Enum):
@@ -32,12 +40,14 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = "final_only"
 
 
-def _check_int(name: str, value: Any, low: int | None = None) -> None:
+def _check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
     # bool is an int subclass: ``max_tokens=True`` is a bug at the caller, not "1".
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an int, got {value!r}", param=name)
     if low is not None and value < low:
         raise InvalidRequestError(f"{name} must be >= {low}, got {value}", param=name)
+    if high is not None and value > high:
+        raise InvalidRequestError(f"{name} must be <= {high}, got {value}", param=name)
 
 
 def _check_float(name: str, value: Any) -> float:
@@ -110,14 +120,16 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most tokens to generate (>= 1).
-        temperature: softmax temperature (>= 0); 0 means greedy.
-        top_k: keep the k most likely tokens (0 = off).
+        temperature: softmax temperature (>= 0); 0 (anything below 1e-5) means greedy.
+        top_k: keep the k most likely tokens (0 = off), at most ``MAX_TOP_K``; a top_k at
+            least the vocabulary size keeps every token, i.e. is off (vLLM's semantics).
         top_p: nucleus sampling mass, in (0, 1] (1 = off).
         min_p: drop tokens below ``min_p * p_max``, in [0, 1] (0 = off).
         repetition_penalty: > 0; values above 1 discourage tokens already seen (1 = off).
         presence_penalty: in [-2, 2]; subtracted once from every token already generated.
         frequency_penalty: in [-2, 2]; subtracted per occurrence of a generated token.
-        seed: per-request RNG seed (None = engine RNG).
+        seed: per-request RNG seed (None = engine RNG), in ``[-2**63, 2**64)`` (what torch
+            takes); completion ``i`` of ``n`` uses ``seed + i``, which must stay in range.
         stop: strings that end the output (checked by the detokenizer); a str or a list of str.
         stop_token_ids: token ids that end the output (kept in the output).
         ignore_eos: keep generating past the tokenizer's EOS tokens.
@@ -156,10 +168,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
-        _check_int("top_k", self.top_k, low=0)
+        _check_int("top_k", self.top_k, low=0, high=MAX_TOP_K)
         _check_int("n", self.n, low=1)
         _check_int("min_tokens", self.min_tokens, low=0)
-        _check_int("priority", self.priority)
+        _check_int("priority", self.priority, low=PRIORITY_MIN, high=PRIORITY_MAX)
         if self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
@@ -188,7 +200,7 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}", param=name)
 
         if self.seed is not None:
-            _check_int("seed", self.seed)
+            _check_int("seed", self.seed, low=SEED_MIN, high=SEED_MAX - (self.n - 1))
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
@@ -214,5 +226,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
-        return self.temperature == 0 or self.top_k == 1
+        """True when sampling reduces to argmax (temperature below 1e-5, or top_k 1)."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1

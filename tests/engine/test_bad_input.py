@@ -102,3 +102,29 @@ def test_stop_strings_and_stop_tokens(engine: LLMEngine, tiny_llama):
     ss = outs["ss"]
     assert ss.finish_reason == "stop" and ss.stop_reason == cut
     assert ss.text == full_text[: full_text.index(cut)]
+
+
+def test_finished_requests_leave_no_state_in_the_runner(engine: LLMEngine, tiny_llama, monkeypatch):
+    """A stop string, a failed batch and a normal finish all drop the runner's per-request
+    state (seeded generator, block table): a long-running server must not keep it."""
+    prompt = tiny_llama.prompts[6]
+    full_text = engine.tokenizer.decode(tiny_llama.reference(prompt, 12))
+    cut = full_text[len(full_text) // 2 :][:3]
+    engine.add_request(prompt, SamplingParams(max_tokens=12, temperature=0, stop=[cut]), "ss")
+    engine.add_request(prompt, SamplingParams(max_tokens=4, seed=3), "seeded")
+    while engine.has_unfinished():
+        engine.step()
+    runner = engine.runner
+    assert not runner._generators and not runner.block_tables._tables
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected model failure")
+
+    engine.add_request(prompt, SamplingParams(max_tokens=4, seed=5), "doomed")
+    engine.step()  # the prompt runs: a generator and a block table now exist
+    assert runner._generators and runner.block_tables._tables
+    monkeypatch.setattr(runner, "execute", boom)
+    outs = engine.step()
+    assert [o.outputs[0].finish_reason for o in outs] == ["error"]
+    assert not runner._generators and not runner.block_tables._tables
+    assert engine.block_manager.num_free_blocks == engine.num_blocks

@@ -7,20 +7,14 @@ import math
 
 import torch
 
-from carpool.bench.optimize import (
-    BatchFitter,
-    Probe,
-    is_out_of_memory,
-    largest_fitting_batch,
-    sweep_sizes,
-    sweet_spot,
-)
+from carpool.bench.optimize import engine_trial, is_out_of_memory
 from carpool.bench.sweep import SweepRow
 from carpool.bench.sweep_report import COLUMNS
+from carpool.capacity import activation_bytes, kv_cache_bytes_for, read_model_config, weight_bytes
+from carpool.capacity.fit import BatchFitter, Probe, largest_fitting_batch, sweep_sizes, sweet_spot
 from carpool.cli import main
 from carpool.config import EngineConfig
 from carpool.engine.llm_engine import LLMEngine
-from carpool.memory import activation_bytes, kv_cache_bytes_for, read_model_config, weight_bytes
 
 SEQ_LEN = 48
 
@@ -55,7 +49,9 @@ def test_optimize_finds_a_batch_that_runs_and_one_more_does_not_fit(tiny_llama, 
     # Independently: an engine with the budget's KV cache runs 3 sequences of SEQ_LEN tokens
     # at once, and its blocks cannot hold a fourth.
     c = read_model_config(tiny_llama.path)
-    fitter = BatchFitter(EngineConfig(model=str(tiny_llama.path)), c, 4, SEQ_LEN, budget)
+    fitter = BatchFitter(
+        EngineConfig(model=str(tiny_llama.path)), c, 4, SEQ_LEN, budget, engine_trial
+    )
     engine = LLMEngine(fitter.engine_config(best))
     per_seq = math.ceil(SEQ_LEN / 16)
     assert best * per_seq <= engine.num_blocks < (best + 1) * per_seq
@@ -133,7 +129,9 @@ def test_out_of_memory_in_a_real_run_means_does_not_fit(tiny_llama, monkeypatch)
     monkeypatch.setattr(ModelRunner, "execute", execute)
     c = read_model_config(tiny_llama.path)
     budget = _budget_for(tiny_llama.path, 6)
-    fitter = BatchFitter(EngineConfig(model=str(tiny_llama.path)), c, 4, SEQ_LEN, budget)
+    fitter = BatchFitter(
+        EngineConfig(model=str(tiny_llama.path)), c, 4, SEQ_LEN, budget, engine_trial
+    )
     assert largest_fitting_batch(fitter, 6) == 2
     failed = [p for p in fitter.probes if not p.fits]
     assert failed and all("out of memory" in p.reason for p in failed)

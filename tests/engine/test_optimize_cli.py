@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import shlex
 
+from carpool.capacity import activation_bytes, kv_cache_bytes_for, read_model_config, weight_bytes
 from carpool.cli import build_parser, main
 from carpool.engine.llm_engine import LLMEngine
 from carpool.entrypoints.engine_args import engine_config_from_args
-from carpool.memory import activation_bytes, kv_cache_bytes_for, read_model_config, weight_bytes
 
 SEQ_LEN = 48
 

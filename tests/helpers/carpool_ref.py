@@ -29,7 +29,7 @@ def prompt_logits(model, prompt: list[int], block_size: int = 16) -> torch.Tenso
     caches = model.allocate_kv_cache(blocks + 1, block_size, w.dtype, w.device)
     # Use blocks out of order to prove the block table is honoured.
     table = list(range(blocks, 0, -1))
-    inp = build_ragged_batch([_Chunk("r", prompt, 0, table)], block_size, w.device)
+    inp = build_ragged_batch([_Chunk("r", prompt, 0, table)], [table], block_size, w.device)
     rows = torch.arange(len(prompt), device=w.device)
     with torch.no_grad():
         return model(inp.input_ids, inp.positions, inp.meta, caches, rows).cpu()
@@ -46,7 +46,7 @@ def greedy(model, prompt: list[int], max_new_tokens: int, block_size: int = 16) 
     chunk = _Chunk("r", list(prompt), 0, table)
     with torch.no_grad():
         while len(out) < max_new_tokens:
-            inp = build_ragged_batch([chunk], block_size, w.device)
+            inp = build_ragged_batch([chunk], [table], block_size, w.device)
             logits = model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
             tok = int(logits[0].argmax())
             out.append(tok)

@@ -8,7 +8,7 @@ import torch
 from gguf import GGUFReader
 
 from carpool import LLM, SamplingParams
-from carpool.memory import resident_weight_bytes, weight_bytes_for
+from carpool.capacity import resident_weight_bytes, weight_bytes_for
 from carpool.model.gguf_loader import GGUFCheckpoint
 from carpool.model.loader import load_model
 from carpool.model.quant import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear

@@ -80,9 +80,12 @@ def test_metrics_match_traffic(make_server, reference):
     srv.wait_idle()
 
     m = scrape(srv)
-    assert success(m, "length") == 4
+    # Every per-request metric counts completions (vLLM's child requests): the n=2 chat is 2.
+    assert success(m, "length") == 5
     assert success(m, "stop") == 1
     assert success(m, "abort") == 0 and success(m, "error") == 0
+    assert m["carpool:request_prompt_tokens_count"] == completions
+    assert m["carpool:request_generation_tokens_count"] == completions
     assert m["carpool:prompt_tokens_total"] == prompt_tokens
     assert m["carpool:generation_tokens_total"] == completion_tokens
     assert m["carpool:time_to_first_token_seconds_count"] == completions

@@ -297,6 +297,17 @@ def test_a_burst_within_the_free_slots_is_not_a_queue(pool_server):
     assert statuses == [200] * 8, statuses
 
 
+def test_health_shows_each_replica_heartbeat(pool_server):
+    """Ready replicas beat (from their own thread) about once a second (the default bound of
+    10 s gives 1 s heartbeats); /health shows how long ago, and no hang so far."""
+    assert pool_server.pool.config.liveness_timeout == 10.0
+    time.sleep(1.5)  # idle replicas: only heartbeats arrive
+    h = pool_server.health()
+    assert h["status"] == "ok"
+    for r in h["replicas"]:
+        assert r["hangs"] == 0 and 0 <= r["heartbeat_age"] < 3.0, r
+
+
 @pytest.mark.slow
 def test_dashboard_stream_has_one_lane_per_replica(pool_server):
     """The dashboard sees both replicas: their lanes, requests and KV maps (``Watch``)."""

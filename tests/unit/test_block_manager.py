@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from carpool.capacity import kv_cache_bytes, num_blocks_for_budget
 from carpool.config import ModelConfig
-from carpool.kv_cache import BlockManager, kv_cache_bytes, num_blocks_for_budget
+from carpool.kv_cache import BlockManager
 
 
 def test_blocks_needed() -> None:
@@ -25,7 +26,7 @@ def test_allocate_grows_table_with_exact_ids() -> None:
     assert bm.allocate("a", 2) == []  # never shrinks
     assert bm.get_block_table("a") == [0, 1, 3]
     assert bm.get_block_table("b") == [2]
-    assert bm.num_tokens("a") == 9
+    assert bm.num_table_blocks("a") == 3 and bm.num_table_blocks("unknown") == 0
     assert (bm.num_free_blocks, bm.num_used_blocks, bm.usage) == (4, 4, 0.5)
     bm.check_integrity()
 
@@ -38,23 +39,17 @@ def test_get_block_table_is_a_copy() -> None:
     assert bm.get_block_table("unknown") == []
 
 
-def test_can_allocate_and_can_append_limits() -> None:
+def test_can_allocate_limits_new_and_growing_tables() -> None:
     bm = BlockManager(3, block_size=4)
     assert not bm.can_allocate("a", 13)
     assert bm.can_allocate("a", 12)
     bm.allocate("a", 10)
-    assert bm.can_append("a", 2)  # 12 slots: still 3 blocks
-    assert not bm.can_append("a", 3)
-    assert bm.append_slots("a", 12) == []
-    assert not bm.can_append("a")
+    assert bm.can_allocate("a", 12)  # 12 slots: still 3 blocks
+    assert not bm.can_allocate("a", 13)
+    assert bm.allocate("a", 12) == []
+    assert not bm.can_allocate("b", 1)
     with pytest.raises(AssertionError, match="needs 1 blocks, 0 free"):
-        bm.append_slots("a", 13)
-
-
-def test_append_slots_requires_a_table() -> None:
-    bm = BlockManager(3, block_size=4)
-    with pytest.raises(AssertionError, match="unknown request 'x'"):
-        bm.append_slots("x", 1)
+        bm.allocate("a", 13)
 
 
 def test_free_returns_blocks_to_the_back_of_the_free_list() -> None:
@@ -64,7 +59,7 @@ def test_free_returns_blocks_to_the_back_of_the_free_list() -> None:
     assert bm.free("a") == [0, 1]
     assert bm.free("a") == []  # idempotent
     assert bm.allocate("c", 6) == [3, 0, 1]  # 3 was never used, so it comes first
-    assert not bm.has_request("a") and bm.has_request("c")
+    assert bm.num_table_blocks("a") == 0 and bm.get_block_table("c") == [3, 0, 1]
     bm.check_integrity()
     bm.free("b")
     bm.free("c")
@@ -153,10 +148,11 @@ def test_random_operations_keep_integrity(
     discard (failed step), under pressure that forces eviction: integrity after every
     operation, and at the end every block is free or cached-evictable."""
     bm = BlockManager(num_blocks, block_size, enable_caching=caching)
-    family: dict[str, int] = {}
+    family: dict[str, int] = {}  # requests holding a table -> their token family
+    reserved: dict[str, int] = {}  # requests holding a table -> token slots reserved
     for op, i, fam, n in ops:
         rid = f"r{i}"
-        if op == "allocate" and not bm.has_request(rid):
+        if op == "allocate" and rid not in family:
             tokens = FAMILIES[fam][: max(n, 1)]
             hit = bm.find_cached_prefix(rid, tokens)
             assert len(hit) * block_size < len(tokens)  # the last token is always computed
@@ -167,20 +163,23 @@ def test_random_operations_keep_integrity(
                 assert bm.num_free_blocks == before - len(new) - (len(hit) - held_hit)
                 assert bm.get_block_table(rid)[: len(hit)] == hit
                 assert len(bm.get_block_table(rid)) == bm.blocks_needed(len(tokens))
-                family[rid] = fam
+                family[rid], reserved[rid] = fam, len(tokens)
             else:
                 need = bm.num_new_blocks(rid, len(tokens)) - len(hit)
                 assert need > bm.num_free_blocks - sum(1 for b in hit if bm._ref_counts[b] == 0)
                 bm.free(rid)  # drop the lookup memo
-        elif op == "append" and bm.has_request(rid):
-            k = n % 6
-            if bm.num_tokens(rid) + k <= 64 and bm.can_append(rid, k):
-                bm.append_slots(rid, bm.num_tokens(rid) + k)
-        elif op == "compute" and bm.has_request(rid):
-            computed = bm.num_tokens(rid)
+        elif op == "append" and rid in family:
+            total = reserved[rid] + n % 6
+            if total <= 64 and bm.can_allocate(rid, total):
+                bm.allocate(rid, total)
+                reserved[rid] = total
+        elif op == "compute" and rid in family:
+            computed = reserved[rid]
             bm.cache_blocks(rid, FAMILIES[family[rid]][:computed], computed)
         elif op in ("free", "discard"):
             bm.free(rid, discard=op == "discard")
+            family.pop(rid, None)
+            reserved.pop(rid, None)
         bm.check_integrity()
     for i in range(6):
         bm.free(f"r{i}")

@@ -8,17 +8,18 @@ recomputation after preemption therefore changes the generated tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from carpool.config import EngineConfig
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
 from carpool.sampling_params import SamplingParams
-from carpool.scheduling import ContinuousScheduler, SchedulerConfig, SchedulerOutput
+from carpool.scheduling import BlockTables, ContinuousScheduler, SchedulerOutput
 
 VOCAB = 1000
 
@@ -46,14 +47,13 @@ def make_scheduler(
     max_num_batched_tokens: int = 64,
     max_model_len: int = 4096,
 ) -> ContinuousScheduler:
-    cfg = SchedulerConfig(
+    cfg = EngineConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         block_size=block_size,
-        num_blocks=num_blocks,
-        max_model_len=max_model_len,
+        enable_prefix_caching=False,
     )
-    return ContinuousScheduler(cfg, BlockManager(num_blocks, block_size))
+    return ContinuousScheduler(cfg, BlockManager(num_blocks, block_size), max_model_len)
 
 
 def next_token(context: list[int]) -> int:
@@ -75,21 +75,30 @@ def reference_output(req: Request) -> list[int]:
 
 
 class FakeRunner:
-    """Writes chunks into a simulated paged KV cache and samples from what it reads back."""
+    """Writes chunks into a simulated paged KV cache and samples from what it reads back.
+
+    Like the model runner it keeps the block tables from the per-step deltas (``BlockTables``),
+    and checks them against the BlockManager's own at every step.
+    """
 
     def __init__(self, bm: BlockManager) -> None:
+        self.bm = bm
         self.block_size = bm.block_size
         self.kv: list[tuple[str, int, int] | None] = [None] * (bm.num_blocks * bm.block_size)
+        self.tables = BlockTables()
 
     def slot(self, table: list[int], pos: int) -> int:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         sampled = {}
+        self.tables.apply(out)
         for c in out.chunks:
-            assert len(c.block_table) * self.block_size >= c.end_pos, c
+            table = self.tables[c.request_id]
+            assert table == self.bm.get_block_table(c.request_id), (c, table)
+            assert len(table) * self.block_size >= c.end_pos, c
             for i, tok in enumerate(c.token_ids):
-                self.kv[self.slot(c.block_table, c.start_pos + i)] = (
+                self.kv[self.slot(table, c.start_pos + i)] = (
                     c.request_id,
                     c.start_pos + i,
                     tok,
@@ -99,7 +108,7 @@ class FakeRunner:
                 continue
             ctx = []
             for pos in range(c.end_pos):
-                entry = self.kv[self.slot(c.block_table, pos)]
+                entry = self.kv[self.slot(self.tables[c.request_id], pos)]
                 assert entry is not None and entry[:2] == (c.request_id, pos), (
                     f"KV of {c.request_id!r} at {pos} holds {entry}"
                 )
@@ -171,7 +180,13 @@ def test_single_request_chunked_exact() -> None:
         (10, 1, True),
         (11, 1, True),
     ]
-    assert [c.block_table for c in chunks] == [[0, 1], [0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    # Block tables travel as deltas: (blocks kept, blocks added) per step.
+    assert [(c.num_kept_blocks, c.new_block_ids) for c in chunks] == [
+        (0, [0, 1]),
+        (2, [2]),
+        (3, []),
+        (3, []),
+    ]
     assert req.output_token_ids == reference_output(req)
     assert req.status is RequestStatus.FINISHED_LENGTH
     assert trace.finished == [req]
@@ -214,6 +229,24 @@ def test_fcfs_admission_and_seat_cap() -> None:
     assert sched.num_running == 2 and sched.num_waiting == 2
 
 
+def test_block_table_deltas_rebuild_the_table_and_may_be_applied_twice() -> None:
+    sched = make_scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=8)
+    sched.add_request(make_request("a", 10, 3))
+    tables = BlockTables()
+    for t in range(3):
+        out = sched.schedule(float(t))
+        tables.apply(out)
+        tables.apply(out)  # e.g. a batch split and its part run again
+        assert tables["a"] == sched.block_manager.get_block_table("a")
+        sched.update_from_output(out, {"a": 1} if out.chunks[0].needs_sample else {}, float(t))
+    stale = SchedulerOutput(chunks=[replace(out.chunks[0], num_kept_blocks=5)])
+    with pytest.raises(AssertionError, match="holds 3 blocks, the chunk keeps 5"):
+        tables.apply(stale)  # a missed delta is caught
+    tables.drop("a")
+    with pytest.raises(KeyError):
+        tables["a"]
+
+
 def test_finished_request_frees_blocks_and_seat_taken_next_step() -> None:
     sched = make_scheduler(num_blocks=4, block_size=4, max_num_seqs=1)
     a, b = make_request("a", 4, 1), make_request("b", 4, 2)
@@ -226,7 +259,7 @@ def test_finished_request_frees_blocks_and_seat_taken_next_step() -> None:
     assert sched.block_manager.num_free_blocks == 4  # freed at once, before the next step
     out = step(sched, runner, 1.0, trace)
     assert [c.request_id for c in out.chunks] == ["b"]
-    assert out.chunks[0].block_table == [1]  # 0 went to the back of the free list
+    assert runner.tables["b"] == [1]  # 0 went to the back of the free list
 
 
 # ---- chunked prefill -----------------------------------------------------------------------
@@ -280,7 +313,8 @@ def test_preemption_tie_goes_to_most_recently_admitted() -> None:
     out = step(sched, runner, 3.0, trace)  # a needs a 3rd block: b (same cost, newer) goes
     assert out.preempted_ids == ["b"]
     assert [c.request_id for c in out.chunks] == ["a"]
-    assert out.chunks[0].block_table == [0, 2, 1]
+    assert runner.tables["a"] == [0, 2, 1]
+    assert (out.chunks[0].num_kept_blocks, out.chunks[0].new_block_ids) == (2, [1])
     assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert b.num_preemptions == 1 and sched.waiting[0] is b
     assert sched.stats.num_preemptions == 1
@@ -297,10 +331,12 @@ def test_request_that_is_cheapest_preempts_itself() -> None:
     sched.add_request(long)
     runner, trace = FakeRunner(sched.block_manager), Trace()
     out = step(sched, runner, 0.0, trace)  # short: [0], long: [1, 2, 3]
-    assert [c.block_table for c in out.chunks] == [[0], [1, 2, 3]]
+    assert [runner.tables[c.request_id] for c in out.chunks] == [[0], [1, 2, 3]]
     out = step(sched, runner, 1.0, trace)  # short (first, cheapest) needs a block: itself
     assert out.preempted_ids == ["short"]
-    assert [(c.request_id, c.block_table) for c in out.chunks] == [("long", [1, 2, 3, 0])]
+    assert [(c.request_id, runner.tables[c.request_id]) for c in out.chunks] == [
+        ("long", [1, 2, 3, 0])
+    ]
     run_to_completion(sched, runner)
     assert short.output_token_ids == reference_output(short)
     assert long.output_token_ids == reference_output(long)
@@ -314,7 +350,9 @@ def test_already_scheduled_cheaper_request_is_unscheduled() -> None:
     runner, trace = FakeRunner(sched.block_manager), Trace()
     step(sched, runner, 0.0, trace)  # long: [0, 1, 2], short: [3]
     out = step(sched, runner, 1.0, trace)  # long needs a 4th block (4 is free), short a 2nd
-    assert [(c.request_id, c.block_table) for c in out.chunks] == [("long", [0, 1, 2, 4])]
+    assert [(c.request_id, runner.tables[c.request_id]) for c in out.chunks] == [
+        ("long", [0, 1, 2, 4])
+    ]
     assert out.preempted_ids == ["short"]
     assert out.num_batched_tokens == 1
     run_to_completion(sched, runner)
@@ -445,16 +483,19 @@ def test_duplicate_id_rejected() -> None:
 
 @pytest.mark.parametrize("field_", ["max_num_seqs", "max_num_batched_tokens", "num_blocks"])
 def test_config_validation(field_: str) -> None:
-    kwargs = {"num_blocks": 4, "max_model_len": 64, field_: 0}
-    with pytest.raises(ValueError, match=f"SchedulerConfig.{field_} must be an int >= 1"):
-        SchedulerConfig(**kwargs)
+    # The scheduler's limits come from EngineConfig and the BlockManager, validated there.
+    with pytest.raises(ValueError, match=f"{field_} must be an int >= 1"):
+        if field_ == "num_blocks":
+            BlockManager(0, 4)
+        else:
+            EngineConfig(**{field_: 0})
 
 
 def test_block_manager_mismatch_asserts() -> None:
-    cfg = SchedulerConfig(num_blocks=4, max_model_len=64, block_size=4)
+    cfg = EngineConfig(block_size=4)
     with pytest.raises(AssertionError, match="block_size 16 != config 4"):
-        ContinuousScheduler(cfg, BlockManager(4, 16))
-    assert ContinuousScheduler(cfg).block_manager.num_blocks == 4
+        ContinuousScheduler(cfg, BlockManager(4, 16), 64)
+    assert ContinuousScheduler(cfg, BlockManager(4, 4), 64).block_manager.num_blocks == 4
 
 
 # ---- property test: random arrivals and aborts under a tiny block budget ---------------

@@ -68,3 +68,29 @@ def test_no_partial_stop_string_is_streamed(tok):
     d, deltas, _ = stream(tok, "print(i) and more", stop=("print(x)",))
     assert d.stopped_by is None
     assert "".join(deltas) == "print(i) and more"
+
+
+class _CountingTokenizer:
+    """A tokenizer proxy that records the longest token list ``decode`` was given."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.longest = tok, 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.longest = max(self.longest, len(ids))
+        return self.tok.decode(ids, skip_special_tokens)
+
+
+def test_invalid_utf8_is_emitted_and_the_window_stays_bounded(tok):
+    # A lone UTF-8 continuation byte never completes a character: a stream of them (a random or
+    # broken model) must not be held back forever, or every step decodes a window that grows
+    # with the stream (O(n) per token).
+    lone = next(i for i in range(tok.vocab_size) if tok.decode([i, i, i, i, i]) == "\ufffd" * 5)
+    counting = _CountingTokenizer(tok)
+    d = IncrementalDetokenizer(counting, prompt_token_ids=tok.encode("x", add_special_tokens=False))  # type: ignore[arg-type]
+    for _ in range(200):
+        d.add_token(lone)
+    assert d.text.startswith("\ufffd") and len(d.text) >= 190, len(d.text)
+    assert counting.longest <= 12, counting.longest
+    d.add_token(tok.encode("ok", add_special_tokens=False)[0])
+    assert d.text.endswith("o") or d.text.endswith("ok"), d.text[-5:]

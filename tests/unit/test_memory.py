@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from carpool.cli import main
-from carpool.config import ModelConfig
-from carpool.memory import (
+from carpool.capacity import (
     activation_bytes,
     estimate_memory,
     kv_cache_bytes_for,
     largest_batch_by_estimate,
     read_model_config,
 )
+from carpool.cli import main
+from carpool.config import ModelConfig
 from carpool.model.source import embedded_model_path as default_model_path
 
 LLAMA_13B = {

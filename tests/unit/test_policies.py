@@ -17,15 +17,13 @@ from carpool.kv_cache import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
 from carpool.sampling_params import SamplingParams
 from carpool.scheduling import (
-    BucketedConfig,
+    BlockTables,
     BucketedPolicy,
     DynamicBatchPolicy,
-    DynamicConfig,
     SchedulerOutput,
     SchedulingPolicy,
     SequentialPolicy,
     StaticBatchPolicy,
-    StaticConfig,
 )
 from carpool.scheduling.bucketed import log_spaced_boundaries
 from carpool.scheduling.factory import make_policy
@@ -55,19 +53,25 @@ def reference_output(req: Request) -> list[int]:
 
 
 class FakeRunner:
-    """A paged "model": writes chunks to slots, samples from what the slots hold."""
+    """A paged "model": writes chunks to slots, samples from what the slots hold. It keeps the
+    block tables from the per-step deltas, as the model runner does, checked against the
+    BlockManager's."""
 
     def __init__(self, bm: BlockManager) -> None:
+        self.bm = bm
         self.kv: dict[int, tuple[str, int, int]] = {}
+        self.tables = BlockTables()
 
     @staticmethod
     def slot(table: list[int], pos: int) -> int:
         return table[pos // BLOCK] * BLOCK + pos % BLOCK
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        self.tables.apply(out)
         for c in out.chunks:
+            assert self.tables[c.request_id] == self.bm.get_block_table(c.request_id), c
             for i, tok in enumerate(c.token_ids):
-                self.kv[self.slot(c.block_table, c.start_pos + i)] = (
+                self.kv[self.slot(self.tables[c.request_id], c.start_pos + i)] = (
                     c.request_id,
                     c.start_pos + i,
                     tok,
@@ -76,16 +80,19 @@ class FakeRunner:
         for c in out.chunks:
             ctx = []
             for pos in range(c.end_pos):
-                entry = self.kv[self.slot(c.block_table, pos)]
+                entry = self.kv[self.slot(self.tables[c.request_id], pos)]
                 assert entry[:2] == (c.request_id, pos), f"{c.request_id}@{pos} holds {entry}"
                 ctx.append(entry[2])
             sampled[c.request_id] = next_token(ctx)
         return sampled
 
 
-def static_config(**kw: object) -> StaticConfig:
-    kw = {"batch_size": 4, "block_size": BLOCK, "num_blocks": 64, "max_model_len": 256, **kw}
-    return StaticConfig(**kw)  # type: ignore[arg-type]
+def make(
+    cls: type[StaticBatchPolicy], *, num_blocks: int = 64, max_model_len: int = 256, **kw: object
+) -> StaticBatchPolicy:
+    """A policy built the engine's way: EngineConfig knobs, a BlockManager, a context limit."""
+    config = EngineConfig(**{"batch_size": 4, "block_size": BLOCK, **kw})  # type: ignore[arg-type]
+    return cls(config, BlockManager(num_blocks, BLOCK), max_model_len)
 
 
 def run(
@@ -109,7 +116,7 @@ def run(
 
 
 def test_static_runs_batches_and_releases_together():
-    policy = StaticBatchPolicy(static_config(batch_size=3))
+    policy = make(StaticBatchPolicy, batch_size=3)
     reqs = [make_request(f"r{i}", 5 + i, n) for i, n in enumerate([2, 6, 3, 4, 1])]
     for r in reqs:
         policy.add_request(r)
@@ -129,20 +136,22 @@ def test_static_runs_batches_and_releases_together():
 
 def test_static_reserves_whole_kv_up_front_and_admits_what_fits():
     # 10 blocks of 4 tokens: each request needs ceil((8 + 8 - 1) / 4) = 4 blocks -> 2 fit.
-    policy = StaticBatchPolicy(static_config(num_blocks=10))
+    policy = make(StaticBatchPolicy, num_blocks=10)
     for i in range(3):
         policy.add_request(make_request(f"r{i}", 8, 8))
     out = policy.schedule(0.0)
     assert [c.request_id for c in out.chunks] == ["r0", "r1"]
-    assert out.kv_blocks_in_use == 8 and all(len(c.block_table) == 4 for c in out.chunks)
+    assert out.kv_blocks_in_use == 8 and all(
+        c.num_kept_blocks == 0 and len(c.new_block_ids) == 4 for c in out.chunks
+    )
     assert policy.num_waiting == 1
     _, released = run(policy)
     assert sum(len(ids) for ids in released) == 3
 
 
 def test_static_rejects_requests_that_can_never_fit():
-    policy = StaticBatchPolicy(static_config(num_blocks=3))
-    with pytest.raises(InvalidRequestError, match="reserves prompt.*whole cache has 3"):
+    policy = make(StaticBatchPolicy, num_blocks=3)
+    with pytest.raises(InvalidRequestError, match="cache has 3; static batching reserves prompt"):
         policy.add_request(make_request("big", 8, 8))
     with pytest.raises(InvalidRequestError, match="max_model_len"):
         policy.add_request(make_request("long", 250, 10))
@@ -152,7 +161,7 @@ def test_static_rejects_requests_that_can_never_fit():
 
 
 def test_static_stop_string_completing_the_batch_is_released_via_take_released():
-    policy = StaticBatchPolicy(static_config(batch_size=2))
+    policy = make(StaticBatchPolicy, batch_size=2)
     a, b = make_request("a", 3, 1), make_request("b", 3, 10)
     policy.add_request(a)
     policy.add_request(b)
@@ -169,7 +178,7 @@ def test_static_stop_string_completing_the_batch_is_released_via_take_released()
 
 
 def test_static_abort_is_immediate_and_leaves_an_idle_seat():
-    policy = StaticBatchPolicy(static_config(batch_size=2))
+    policy = make(StaticBatchPolicy, batch_size=2)
     a, b, w = make_request("a", 3, 5), make_request("b", 3, 5), make_request("w", 3, 5)
     for r in (a, b, w):
         policy.add_request(r)
@@ -188,7 +197,7 @@ def test_static_abort_is_immediate_and_leaves_an_idle_seat():
 
 
 def test_sequential_runs_one_request_at_a_time_in_order():
-    policy = SequentialPolicy(static_config(batch_size=8))
+    policy = make(SequentialPolicy, batch_size=8)
     reqs = [make_request(f"r{i}", 4, n) for i, n in enumerate([3, 1, 2])]
     for r in reqs:
         policy.add_request(r)
@@ -208,10 +217,7 @@ def test_log_spaced_boundaries():
 
 
 def test_bucketed_batches_similar_prompt_lengths_oldest_bucket_first():
-    cfg = BucketedConfig(
-        batch_size=2, block_size=BLOCK, num_blocks=256, max_model_len=256, bucket_boundaries=(8, 64)
-    )
-    policy = BucketedPolicy(cfg)
+    policy = make(BucketedPolicy, batch_size=2, num_blocks=256, bucket_boundaries=(8, 64))
     lengths = {"s0": 3, "l0": 40, "s1": 5, "l1": 50, "x0": 100, "l2": 60}
     for rid, n in lengths.items():
         policy.add_request(make_request(rid, n, 2))
@@ -226,10 +232,9 @@ def test_bucketed_batches_similar_prompt_lengths_oldest_bucket_first():
 
 
 def dynamic_policy(max_wait_s: float = 0.05) -> DynamicBatchPolicy:
-    cfg = DynamicConfig(
-        batch_size=8, block_size=BLOCK, num_blocks=256, max_model_len=256, max_wait_s=max_wait_s
-    )
-    return DynamicBatchPolicy(cfg)
+    policy = make(DynamicBatchPolicy, batch_size=8, num_blocks=256, max_wait_ms=max_wait_s * 1000)
+    assert isinstance(policy, DynamicBatchPolicy)
+    return policy
 
 
 def test_dynamic_launches_when_full():

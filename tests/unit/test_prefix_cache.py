@@ -10,10 +10,11 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from carpool.config import EngineConfig
 from carpool.kv_cache import BlockManager, hash_block
 from carpool.request import FinishReason, Request
 from carpool.sampling_params import SamplingParams
-from carpool.scheduling import ContinuousScheduler, SchedulerConfig, SchedulerOutput
+from carpool.scheduling import BlockTables, ContinuousScheduler, SchedulerOutput
 
 VOCAB = 1000
 
@@ -44,13 +45,16 @@ class SharedKVRunner:
         self.bm = bm
         self.bs = bm.block_size
         self.kv: list[tuple[int, int] | None] = [None] * (bm.num_blocks * bm.block_size)
+        self.tables = BlockTables()  # kept from the per-step deltas, like the model runner
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         cached = set(self.bm._cache.hash_of)
+        self.tables.apply(out)
         for c in out.chunks:
+            assert self.tables[c.request_id] == self.bm.get_block_table(c.request_id), c
             for i, tok in enumerate(c.token_ids):
                 pos = c.start_pos + i
-                block = c.block_table[pos // self.bs]
+                block = self.tables[c.request_id][pos // self.bs]
                 assert block not in cached, f"{c.request_id} writes cached block {block}"
                 self.kv[block * self.bs + pos % self.bs] = (pos, tok)
         sampled = {}
@@ -59,7 +63,7 @@ class SharedKVRunner:
                 continue
             ctx = []
             for pos in range(c.end_pos):
-                entry = self.kv[c.block_table[pos // self.bs] * self.bs + pos % self.bs]
+                entry = self.kv[self.tables[c.request_id][pos // self.bs] * self.bs + pos % self.bs]
                 assert entry is not None and entry[0] == pos, (c.request_id, pos, entry)
                 ctx.append(entry[1])
             sampled[c.request_id] = next_token(ctx)
@@ -67,14 +71,8 @@ class SharedKVRunner:
 
 
 def make_scheduler(num_blocks: int = 64, budget: int = 32, seqs: int = 8) -> ContinuousScheduler:
-    cfg = SchedulerConfig(
-        max_num_seqs=seqs,
-        max_num_batched_tokens=budget,
-        block_size=4,
-        num_blocks=num_blocks,
-        max_model_len=4096,
-    )
-    return ContinuousScheduler(cfg, BlockManager(num_blocks, 4, enable_caching=True))
+    cfg = EngineConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=4)
+    return ContinuousScheduler(cfg, BlockManager(num_blocks, 4, enable_caching=True), 4096)
 
 
 def request(rid: str, prompt: list[int], max_tokens: int) -> Request:

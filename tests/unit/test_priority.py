@@ -10,14 +10,10 @@ from carpool.kv_cache import BlockManager
 from carpool.request import Request
 from carpool.sampling_params import SamplingParams
 from carpool.scheduling import (
-    BucketedConfig,
     BucketedPolicy,
     ContinuousScheduler,
     DynamicBatchPolicy,
-    DynamicConfig,
-    SchedulerConfig,
     StaticBatchPolicy,
-    StaticConfig,
 )
 from carpool.scheduling.base import SchedulingPolicy
 from carpool.scheduling.priority import RequestOrder
@@ -56,15 +52,14 @@ def make_request(rid: str, priority: int, arrival: float, prompt_len: int = 6, o
 
 
 def continuous(order: RequestOrder, seqs: int = 4, num_blocks: int = 64) -> ContinuousScheduler:
-    cfg = SchedulerConfig(
+    cfg = EngineConfig(
         max_num_seqs=seqs,
         max_num_batched_tokens=64,
         block_size=4,
-        num_blocks=num_blocks,
-        max_model_len=4096,
-        order=order,
+        scheduling_policy=order.policy,
+        priority_aging_s=order.aging_s,
     )
-    return ContinuousScheduler(cfg)
+    return ContinuousScheduler(cfg, BlockManager(num_blocks, 4), 4096)
 
 
 def drive(policy: SchedulingPolicy, start: int, steps: int, finished: list[Request]) -> int:
@@ -174,15 +169,16 @@ def test_aging_lets_a_low_priority_request_complete(aging_s, completes) -> None:
 
 @pytest.mark.parametrize("kind", ["static", "bucketed", "dynamic"])
 def test_static_family_orders_next_batch_by_priority(kind) -> None:
-    order = RequestOrder("priority", aging_s=None)
-    common = dict(batch_size=2, block_size=4, num_blocks=64, max_model_len=4096, order=order)
-    policy: SchedulingPolicy
-    if kind == "static":
-        policy = StaticBatchPolicy(StaticConfig(**common))
-    elif kind == "bucketed":
-        policy = BucketedPolicy(BucketedConfig(bucket_boundaries=(64,), **common))
-    else:
-        policy = DynamicBatchPolicy(DynamicConfig(max_wait_s=0.0, **common))
+    config = EngineConfig(
+        batch_size=2,
+        block_size=4,
+        scheduling_policy="priority",
+        priority_aging_s=None,
+        bucket_boundaries=(64,),
+        max_wait_ms=0.0,
+    )
+    cls = {"static": StaticBatchPolicy, "bucketed": BucketedPolicy, "dynamic": DynamicBatchPolicy}
+    policy: SchedulingPolicy = cls[kind](config, BlockManager(64, 4), 4096)
     for rid, prio in [("a", 5), ("b", 5), ("c", 0), ("d", 9), ("e", 0)]:
         policy.add_request(make_request(rid, prio, 0.0, out=3))
     finished: list[Request] = []

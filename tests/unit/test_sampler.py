@@ -124,3 +124,25 @@ def test_logprobs_are_of_the_raw_distribution():
     assert lp.token_id == int(lg[0].argmax())
     assert lp.logprob == pytest.approx(float(ref.max()), abs=1e-5)
     assert [t for t, _ in lp.top] == ref.topk(3).indices.tolist()
+
+
+def test_top_k_past_the_vocabulary_is_off_and_cannot_overflow():
+    """top_k >= V keeps every token (vLLM's semantics): the same draws as top_k 0."""
+    lg = logits()
+    assert draws(lg, top_k=V + 1) == draws(lg, top_k=0)
+    huge = row(seed=1, temperature=1.0)
+    object.__setattr__(huge.params, "top_k", 2**63)  # past any validation
+    plain = row(seed=1, temperature=1.0)
+    assert Sampler()(lg, [huge]).token_ids == Sampler()(lg, [plain]).token_ids
+
+
+def test_tiny_temperature_is_greedy_beside_sampled_rows():
+    lg = logits(rows=2)
+    out = Sampler()(lg, [row(temperature=1e-7), row(seed=3, temperature=1.0)])
+    assert out.token_ids[0] == int(lg[0].argmax())
+
+
+def test_logprobs_on_a_vocabulary_smaller_than_asked():
+    small = torch.randn(1, 5)
+    out = Sampler()(small, [row(temperature=0, logprobs=20)])
+    assert out.logprobs[0] is not None and len(out.logprobs[0].top) == 5

@@ -36,7 +36,12 @@ def test_frozen_and_hashable() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "greedy"),
-    [({"temperature": 0.0}, True), ({"top_k": 1}, True), ({"temperature": 0.7}, False)],
+    [
+        ({"temperature": 0.0}, True),
+        ({"temperature": 1e-6}, True),
+        ({"top_k": 1}, True),
+        ({"temperature": 0.7}, False),
+    ],
 )
 def test_greedy(kwargs: dict, greedy: bool) -> None:
     assert SamplingParams(**kwargs).greedy is greedy
@@ -52,6 +57,11 @@ def test_greedy(kwargs: dict, greedy: bool) -> None:
         ({"temperature": float("nan")}, "temperature must be finite"),
         ({"temperature": "hot"}, "temperature must be a number"),
         ({"top_k": -1}, "top_k must be >= 0, got -1"),
+        ({"top_k": 2**63}, f"top_k must be <= {2**31 - 1}, got {2**63}"),
+        ({"seed": 2**64}, f"seed must be <= {2**64 - 1}, got {2**64}"),
+        ({"seed": -(2**63) - 1}, f"seed must be >= {-(2**63)}"),
+        ({"seed": 2**64 - 2, "n": 3}, f"seed must be <= {2**64 - 3}"),
+        ({"priority": 2**63}, f"priority must be <= {2**63 - 1}"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
         ({"min_p": 1.1}, r"min_p must be in \[0, 1\], got 1.1"),

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from carpool.bench.plotting import pyplot
 from carpool.bench.strategies import StrategyResult
-
-logger = logging.getLogger("carpool.bench")
 
 _COLUMNS = (
     "strategy",
@@ -65,13 +63,8 @@ def write_plot(path: Path, results: Sequence[StrategyResult], title: str) -> boo
     Returns:
         False (and logs why) when matplotlib is not installed (``pip install carpool[plot]``).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install 'carpool[plot]')")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"ragged": "o", "padded": "s"}

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from carpool.bench.plotting import pyplot
 from carpool.bench.probes import Roofline
 from carpool.bench.sweep import SweepRow
-
-logger = logging.getLogger("carpool.bench")
 
 # (header, SweepRow field, format): llama.cpp batched-bench's columns, then ours.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -62,13 +60,8 @@ def write_plot(path: Path, rows: Sequence[SweepRow], title: str) -> bool:
     Returns:
         False (with a warning) when matplotlib is missing.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot written")
+    plt = pyplot()
+    if plt is None:
         return False
     b = [r.b for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -8,15 +8,17 @@ each request's ``RequestStream`` and aborts, and reads ``snapshot`` for stats.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from carpool.config import EngineConfig
+from carpool.engine.core import NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.stats import EngineSnapshot, StepRecord
 from carpool.engine.stream import RequestStream
 from carpool.engine.view import EngineTap
-from carpool.errors import QueueFullError
+from carpool.errors import InvalidRequestError, QueueFullError
 from carpool.outputs import RequestOutput
 from carpool.sampling_params import SamplingParams
 from carpool.tokenizer import Tokenizer
@@ -28,6 +30,7 @@ __all__ = [
     "EngineTap",
     "ModelLimits",
     "RequestStream",
+    "SubmitPath",
     "check_queue",
     "generate",
 ]
@@ -102,8 +105,74 @@ class EngineClient(Protocol):
         seconds) until the returned function is called."""
 
 
+class SubmitPath(ABC):
+    """``submit`` written once for both clients: the admission check, the request id, the
+    deadline, one ``NewRequest``, then the transport's ``_send`` (a thread's inbox, a replica's
+    pipe). ``AsyncEngine`` and ``ReplicaPool`` inherit it.
+    """
+
+    request_timeout: float | None
+    _id_prefix = "req"  # ids of requests submitted without one: ``{prefix}-{n}``
+    _ids: Iterator[int]  # their numbers; the subclass sets ``itertools.count()``
+
+    @abstractmethod
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise unless ``num_requests`` more requests may be queued now."""
+
+    @abstractmethod
+    def clock(self) -> float:
+        """The engine's clock."""
+
+    @abstractmethod
+    def _send(self, request: NewRequest, **route: Any) -> RequestStream:
+        """Hand ``request`` to the transport; returns its stream. ``route``: the transport's
+        own options (``ReplicaPool``: ``replica``)."""
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        arrival_time: float | None = None,
+        **route: Any,
+    ) -> RequestStream:
+        """Queue a request now (call from the running event loop).
+
+        Args:
+            prompt, params, request_id, timeout, arrival_time: as for ``generate``.
+            route: the transport's options (``ReplicaPool``: ``replica=i`` sends it to that
+                ready replica instead of asking the router).
+
+        Returns:
+            The stream of the request's outputs; the caller must ``abort()`` it if it stops
+            reading before the end.
+
+        Raises:
+            EngineStoppedError, EngineDeadError, ReplicaUnavailableError, QueueFullError: see
+            ``check_capacity``.
+        """
+        self.check_capacity()
+        if request_id is None:
+            request_id = f"{self._id_prefix}-{next(self._ids)}"
+        timeout = self.request_timeout if timeout is None else timeout
+        request = NewRequest.at(self.clock(), request_id, prompt, params, timeout, arrival_time)
+        return self._send(request, **route)
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, **options: Any
+    ) -> AsyncIterator[RequestOutput]:
+        """``submit`` (same options), then yield the request's output each step it progresses
+        (see the module-level ``generate``)."""
+        return generate(self, prompt, params, **options)
+
+
 def check_queue(
-    max_queue: int | None, num_waiting: int, num_requests: int, free_slots: int = 0
+    max_queue: int | None,
+    num_waiting: int,
+    num_requests: int,
+    free_slots: int = 0,
+    max_slots: int | None = None,
 ) -> None:
     """The admission rule every client applies: at most ``max_queue`` requests that the
     engine cannot admit now.
@@ -115,10 +184,20 @@ def check_queue(
         free_slots: sequences the engine can still schedule now (``max_num_seqs`` minus the
             running ones): that many waiting requests start at the next step, so they are not
             queued (a burst of 8 on an idle engine with 64 slots is no queue at all).
+        max_slots: the most ``free_slots`` can ever be (every seat free); a request larger
+            than ``max_queue`` plus that could never be admitted, so it is refused as invalid
+            rather than with a 429 that no retry would clear.
 
     Raises:
+        InvalidRequestError: ``num_requests`` alone exceed what the queue can ever take.
         QueueFullError: ``num_requests`` more would pass ``max_queue``.
     """
+    if max_queue is not None and max_slots is not None and num_requests > max_queue + max_slots:
+        raise InvalidRequestError(
+            f"this request asks for {num_requests} sequences (prompts x n), more than this "
+            f"server can ever queue ({max_queue} queued (--max-queue) + {max_slots} running)",
+            param="n",
+        )
     if max_queue is not None and num_waiting + num_requests - free_slots > max_queue:
         raise QueueFullError(f"too many requests are waiting (max_queue={max_queue}); retry later")
 

@@ -156,7 +156,7 @@ class EngineCore:
         """Queue a new request for the next iteration."""
         with self._cond:
             self._inbox.append(request)
-            self._num_pending_adds += 1
+            self._num_pending_adds += request.params.n  # sequences: admission counts those
             self._cond.notify()
 
     def abort_request(self, request_id: str) -> None:
@@ -173,7 +173,7 @@ class EngineCore:
 
     @property
     def num_pending_adds(self) -> int:
-        """Requests queued in the inbox, not yet handed to the engine."""
+        """Sequences (a request's ``n``) queued in the inbox, not yet handed to the engine."""
         return self._num_pending_adds
 
     # ---- the owner thread -------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Tokens arrive one at a time; text must come out as soon as it is stable. Two traps:
 - a multi-byte UTF-8 character split across tokens decodes to U+FFFD until its last byte
-  arrives, so text ending in U+FFFD is held back;
+  arrives, so text ending in U+FFFD is held back (for at most 4 tokens: beyond that the bytes
+  are invalid, not incomplete);
 - tokenizers that strip a leading space (SentencePiece) decode a suffix differently from the
   whole, so each step decodes a short window starting a few tokens back (``prefix_offset``)
   and emits only what that window adds beyond the previous read point.
@@ -16,6 +17,11 @@ from carpool.tokenizer import Tokenizer
 
 # Prompt tokens that seed the first window (context for the first output token's decode).
 _WINDOW = 6
+# A UTF-8 character is at most 4 bytes, and every token adds at least one byte: text that still
+# ends in U+FFFD after this many held tokens is invalid, not incomplete, and is emitted as it is.
+# Without the cap a stream of stray bytes (a random or broken model) is held forever and every
+# step decodes a window that grows with the stream.
+_MAX_HELD = 4
 
 
 class IncrementalDetokenizer:
@@ -46,7 +52,8 @@ class IncrementalDetokenizer:
         self._tokens.append(token_id)
         prefix = self.tokenizer.decode(self._tokens[self._prefix_offset : self._read_offset])
         full = self.tokenizer.decode(self._tokens[self._prefix_offset :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        held = len(self._tokens) - self._read_offset
+        if (full.endswith("\ufffd") or len(full) <= len(prefix)) and held < _MAX_HELD:
             return  # an incomplete UTF-8 sequence (or nothing new yet): wait for more bytes
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._tokens)

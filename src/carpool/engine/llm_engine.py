@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from carpool.capacity import plan_num_blocks
 from carpool.config import EngineConfig
 from carpool.engine.limits import ModelLimits
 from carpool.engine.loading import LoadStages, extend_rotary_tables, resolve_max_model_len
@@ -25,7 +26,6 @@ from carpool.engine.stats import EngineSnapshot, EngineStats, StepRecord
 from carpool.engine.threads import apply_threads
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
-from carpool.memory import plan_num_blocks
 from carpool.model.loader import load_model
 from carpool.outputs import RequestOutput
 from carpool.request import FinishReason, Request
@@ -260,10 +260,14 @@ class LLMEngine:
         except Exception as e:  # the model failed: fail this batch's requests, keep serving
             return EngineStep(self._fail_batch(sched, e), None)
         now = self.clock()
-        finished = self.policy.update_from_output(sched, result.sampled, now)
+        # Rows the sampler could not serve fail alone (before the update, which then skips
+        # them); every other request of the batch keeps its token.
+        failed = self._fail_rows(result.failed, now)
+        finished = failed + self.policy.update_from_output(sched, result.sampled, now)
         stopped, touched = self.output_processor.add_tokens(result.sampled, result.logprobs)
         for rid in stopped:
             self.policy.finish_request(rid, FinishReason.STOP, now)
+            self.runner.release(rid)  # its generator, block table and grammar state
         # Held results (a static batch) may be released now, though they sampled nothing now.
         finished += self.policy.take_released(now)
         record = StepRecord(
@@ -291,10 +295,20 @@ class LLMEngine:
             self.policy.finish_request(
                 chunk.request_id, FinishReason.ERROR, now, error=f"engine step failed: {e}"
             )
+            self.runner.release(chunk.request_id)
             group = self.output_processor.group_of(chunk.request_id)
             if group is not None:
                 touched[group.request_id] = group
         return self.output_processor.outputs(touched.values())
+
+    def _fail_rows(self, errors: dict[str, str], now: float) -> list[Request]:
+        """Finish with ERROR each request whose row failed in sampling (``errors``: id -> why)."""
+        failed = []
+        for rid, error in errors.items():
+            req = self.policy.finish_request(rid, FinishReason.ERROR, now, error=error)
+            if req is not None:
+                failed.append(req)
+        return failed
 
     def _report(
         self, finished: list[Request], touched: dict[str, RequestGroup]

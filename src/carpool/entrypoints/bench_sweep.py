@@ -73,8 +73,8 @@ def sweep_engine_config(
 
     The KV cache holds every sequence at full length (an explicit ``kv_cache_memory`` is kept).
     """
+    from carpool.capacity import kv_cache_bytes_for, read_model_config
     from carpool.engine.model_path import resolve_model_path
-    from carpool.memory import kv_cache_bytes_for, read_model_config
     from carpool.model.loader import resolve_dtype
 
     largest = max(batch_sizes)

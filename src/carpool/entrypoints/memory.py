@@ -2,7 +2,7 @@
 
 Reads only the model's config (a model directory, a ``.gguf`` file or a bare ``config.json``),
 so a 70B model can be planned without its weights; the formulas are the engine's
-(``carpool.memory.estimate_memory``).
+(``carpool.capacity.estimate_memory``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+from carpool.capacity import MemoryEstimate, estimate_memory, format_bytes
 from carpool.config import QUANTIZATION_CHOICES, EngineConfig, ModelConfig, dtype_bytes
 from carpool.entrypoints.engine_args import parse_bytes
 from carpool.errors import CarpoolError
-from carpool.memory import MemoryEstimate, estimate_memory, format_bytes
 from carpool.model.quant_plan import plan_summary
 
 _DTYPES = ["auto", "float32", "bfloat16", "float16"]
@@ -147,8 +147,8 @@ def write_plot(path: Path, rows: list[MemoryEstimate], device_memory: int, title
 
 def run(args: argparse.Namespace) -> int:
     """Print the estimate at ``--batch-size``, whether it fits, and the table over batches."""
+    from carpool.capacity import device_memory_bytes, largest_batch_by_estimate, read_model_config
     from carpool.engine.model_path import resolve_model_path
-    from carpool.memory import device_memory_bytes, largest_batch_by_estimate, read_model_config
     from carpool.model.quant_loader import checkpoint_plan
 
     try:

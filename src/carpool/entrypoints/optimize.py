@@ -2,7 +2,7 @@
 
 1. Estimate: the largest B with weights + KV cache + activations within the budget.
 2. Confirm: run that batch for real (binary search below it if it fails; see
-   ``carpool.bench.optimize``).
+   ``carpool.capacity.fit``, whose trial is ``carpool.bench.optimize.engine_trial``).
 3. Sweep: decode throughput at powers of two up to B; the sweet spot is where doubling the
    batch buys less than ``--knee`` (10%) more.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from carpool.entrypoints.engine_args import parse_bytes
 
 if TYPE_CHECKING:
-    from carpool.bench.optimize import BatchFitter
+    from carpool.capacity.fit import BatchFitter
     from carpool.config import EngineConfig
 
 
@@ -71,17 +71,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Estimate, confirm, sweep; print a summary and write JSON on request."""
-    from carpool.bench.optimize import BatchFitter, largest_fitting_batch, probes_as_dicts
-    from carpool.config import EngineConfig
-    from carpool.engine.model_path import resolve_model_path
-    from carpool.errors import CarpoolError
-    from carpool.memory import (
+    from carpool.bench.optimize import engine_trial
+    from carpool.capacity import (
         available_memory_bytes,
         estimate_memory,
         format_bytes,
         largest_batch_by_estimate,
         read_model_config,
     )
+    from carpool.capacity.fit import BatchFitter, largest_fitting_batch, probes_as_dicts
+    from carpool.config import EngineConfig
+    from carpool.engine.model_path import resolve_model_path
+    from carpool.errors import CarpoolError
     from carpool.model.loader import resolve_dtype
 
     try:
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
     )
-    fitter = BatchFitter(base, config, nbytes, args.seq_len, budget)
+    fitter = BatchFitter(base, config, nbytes, args.seq_len, budget, engine_trial)
     best = largest_fitting_batch(fitter, estimate)
     result: dict[str, object] = {
         "model": str(path),
@@ -171,9 +172,9 @@ def _sweep(fitter: BatchFitter, best: int, args: argparse.Namespace) -> dict[str
     ``--rounds`` timed rounds per size, with a progress bar over the rounds."""
     from tqdm.auto import tqdm
 
-    from carpool.bench.optimize import sweep_sizes, sweet_spot
     from carpool.bench.probes import measure_roofline
     from carpool.bench.sweep import SweepSpec, run_sweep
+    from carpool.capacity.fit import sweep_sizes, sweet_spot
     from carpool.engine.llm_engine import LLMEngine
 
     gen = max(2, min(args.gen_len, args.seq_len - 1))

@@ -77,7 +77,9 @@ def _add_replica_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _replica_pool(args: argparse.Namespace, engine_config: EngineConfig) -> ReplicaPool | None:
+def _replica_pool(
+    args: argparse.Namespace, engine_config: EngineConfig, liveness_timeout: float = 10.0
+) -> ReplicaPool | None:
     """The pool the flags ask for, or None for the single in-process engine.
 
     Raises:
@@ -103,6 +105,7 @@ def _replica_pool(args: argparse.Namespace, engine_config: EngineConfig) -> Repl
             devices=args.devices,
             routing=args.routing,
             threads_per_replica=threads,
+            liveness_timeout=liveness_timeout,
         )
     )
 
@@ -139,12 +142,14 @@ def run(args: argparse.Namespace) -> int:
 
     bound_native_caches()  # before torch runs anything (read once, at the first matmul)
     from carpool.server.app import build_app
-    from carpool.server.config import ServerConfig
+    from carpool.server.config import ServerConfig, resolve_api_key
+    from carpool.server.http_protocol import ConnectionLimits, protocol_class
 
     try:
         engine_config = engine_config_from_args(args)
-        config = config_from_args(ServerConfig, args)
-        pool = _replica_pool(args, engine_config)
+        # The key from --api-key, --api-key-file or CARPOOL_API_KEY (in that order).
+        config = resolve_api_key(config_from_args(ServerConfig, args), os.environ)
+        pool = _replica_pool(args, engine_config, config.replica_liveness_timeout)
     except (CarpoolError, ValueError) as e:
         logger.error("%s", e)
         return 2
@@ -185,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         log_config=None,
         timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
         access_log=False,
+        # Header/body deadlines, header limits, the connection cap, JSON protocol errors.
+        http=protocol_class(ConnectionLimits.from_config(config)),
     )
     url = f"http://{config.host}:{sock.getsockname()[1]}/v1"
     server = GracefulServer(uv_config, on_exit=start_draining, state=state, url=url)

@@ -6,8 +6,8 @@ table. This class only does the bookkeeping (pure Python, no tensors): a free li
 count per block, one block table per request and, when ``enable_caching`` is on, the prefix
 cache (``carpool.kv_cache.prefix_cache``) that lets requests share full blocks.
 
-Resource calls come in query/mutation pairs: ``can_allocate``/``allocate`` take an absolute token
-count, ``can_append``/``append_slots`` grow a request that already holds blocks.
+Resource calls come in a query/mutation pair: ``can_allocate``/``allocate`` take an absolute
+token count, for a new request or one that already holds blocks (its table grows).
 
 Every block is in exactly one of three states:
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+from carpool.config import DEFAULT_BLOCK_SIZE
 from carpool.kv_cache.prefix_cache import PrefixCache, PrefixCacheStats, extend_block_hashes
 
 
@@ -45,7 +46,9 @@ class BlockManager:
             ``cache_blocks`` does nothing.
     """
 
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = False) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, enable_caching: bool = False
+    ) -> None:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -96,13 +99,9 @@ class BlockManager:
         """Lookup and eviction counters (see ``record_lookup``)."""
         return self._cache.stats
 
-    def has_request(self, request_id: str) -> bool:
-        """True when ``request_id`` holds a block table (possibly empty)."""
-        return request_id in self._tables
-
-    def num_tokens(self, request_id: str) -> int:
-        """Token slots reserved for ``request_id`` (0 for an unknown id)."""
-        return self._num_tokens.get(request_id, 0)
+    def num_table_blocks(self, request_id: str) -> int:
+        """Blocks in ``request_id``'s table (0 for an unknown id); O(1)."""
+        return len(self._tables.get(request_id, ()))
 
     def get_block_table(self, request_id: str) -> list[int]:
         """A copy of the request's block table ([] for an unknown id)."""
@@ -144,11 +143,6 @@ class BlockManager:
         # Hit blocks nobody holds are evictable now; taking them shrinks what is left.
         taken = sum(1 for b in computed_blocks if self._ref_counts[b] == 0)
         return need <= self.num_free_blocks - taken
-
-    def can_append(self, request_id: str, num_new_tokens: int = 1) -> bool:
-        """Whether the request can grow by ``num_new_tokens`` slots beyond what it reserved."""
-        assert num_new_tokens >= 0, f"num_new_tokens must be >= 0, got {num_new_tokens}"
-        return self.can_allocate(request_id, self.num_tokens(request_id) + num_new_tokens)
 
     # ---- mutations -----------------------------------------------------------------------
 
@@ -195,14 +189,6 @@ class BlockManager:
         assert self._ref_counts[b] == 0, f"free block {b} has refcount {self._ref_counts[b]}"
         self._ref_counts[b] = 1
         return b
-
-    def append_slots(self, request_id: str, total_tokens: int) -> list[int]:
-        """Grow an existing request's table to ``total_tokens`` slots (see ``allocate``).
-
-        Unlike ``allocate`` the request must already hold a table.
-        """
-        assert request_id in self._tables, f"append_slots for unknown request {request_id!r}"
-        return self.allocate(request_id, total_tokens)
 
     def cache_blocks(
         self,

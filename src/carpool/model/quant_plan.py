@@ -3,7 +3,7 @@
 A plan maps each of our weight-matrix modules (``model.layers.{i}.self_attn.qkv_proj``,
 ``...o_proj``, ``...mlp.gate_up_proj``, ``...mlp.down_proj``, ``model.embed_tokens`` and, when
 untied, ``lm_head``) to ``"int8"``, ``"int4"`` or None (dense in the model dtype). The loader
-builds the model from it and ``carpool.memory.weight_bytes_for`` sizes it, so the engine and
+builds the model from it and ``carpool.capacity.weight_bytes_for`` sizes it, so the engine and
 ``carpool memory`` count the same bytes.
 """
 

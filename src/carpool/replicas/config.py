@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from carpool.config import EngineConfig, check_positive
 from carpool.replicas.engine_process import ReplicaSpec
 from carpool.replicas.router import ROUTING_POLICIES
+from carpool.replicas.watchdog import beat_interval
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class ReplicaPoolConfig:
             when its replica dies.
         stop_timeout: seconds a replica gets to exit on shutdown before it is terminated.
         log_level: the replicas' root log level.
+        liveness_timeout: seconds a replica may send nothing (no heartbeat, which its own
+            thread sends every ``beat_interval`` s, outside the engine step) before it is
+            marked down, its requests are retried or failed, and it is killed and restarted.
     """
 
     engine_config: EngineConfig
@@ -43,9 +47,15 @@ class ReplicaPoolConfig:
     max_retries: int = 1
     stop_timeout: float = 10.0
     log_level: int = logging.INFO
+    liveness_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         check_positive(self, "num_replicas", "threads_per_replica")
+        if not self.liveness_timeout > 0:
+            raise ValueError(
+                "liveness_timeout (--replica-liveness-timeout) must be > 0, got "
+                f"{self.liveness_timeout!r}"
+            )
         check_positive(self, "max_retries", low=0)
         if self.routing not in ROUTING_POLICIES:
             raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {self.routing!r}")
@@ -60,4 +70,5 @@ class ReplicaPoolConfig:
             device=devices[index % len(devices)],
             threads=threads,
             log_level=self.log_level,
+            heartbeat_interval=beat_interval(self.liveness_timeout),
         )

@@ -5,6 +5,8 @@ Started with the ``spawn`` context (a fresh interpreter: no forked torch threads
     inbox (Queue) ─► feeder thread: SubmitRequest / AbortRequest / Shutdown ─► core inbox
                      (and, when the parent process is gone, a shutdown)
     main thread:     EngineCore.run ─► each CoreStep ─► StepReport ─► outbox (Pipe)
+    heartbeat thread: a Heartbeat every ``heartbeat_interval`` s ─► outbox (from before the
+                     model loads; a long step is no silence, a stopped process is)
 
 The loop is ``EngineCore``'s, the same one ``AsyncEngine`` runs in a thread: only the transport
 differs. It never polls; the feeder wakes at least once a second to notice a dead parent.
@@ -20,8 +22,10 @@ import queue
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 
@@ -30,6 +34,8 @@ from carpool.engine.core import EngineCore, NewRequest
 from carpool.engine.llm_engine import LLMEngine
 from carpool.replicas.messages import (
     AbortRequest,
+    FromReplica,
+    Heartbeat,
     ReplicaCrashed,
     ReplicaReady,
     Shutdown,
@@ -52,6 +58,7 @@ class ReplicaSpec:
         device: the torch device of this replica (``cpu``, ``cuda:1``).
         threads: torch intra-op threads (``torch.set_num_threads``); None leaves torch's default.
         log_level: the root logger level in the replica.
+        heartbeat_interval: seconds between two ``Heartbeat`` messages.
     """
 
     index: int
@@ -59,9 +66,29 @@ class ReplicaSpec:
     device: str = "cpu"
     threads: int | None = None
     log_level: int = logging.INFO
+    heartbeat_interval: float = 1.0
 
 
-def replica_main(spec: ReplicaSpec, inbox: multiprocessing.Queue, outbox: Connection) -> None:
+class Outbox:
+    """The replica's end of the pipe, shared by the engine loop and the heartbeat thread.
+
+    ``Connection.send`` is not thread-safe (two writers could interleave their bytes), so
+    messages are pickled by the caller and written whole under a lock; the front end's
+    ``Connection.recv`` unpickles them as usual.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, msg: FromReplica) -> None:
+        """Send ``msg`` (raises ``OSError``/``BrokenPipeError`` when the front end is gone)."""
+        data = ForkingPickler.dumps(msg)
+        with self._lock:
+            self._conn.send_bytes(data)
+
+
+def replica_main(spec: ReplicaSpec, inbox: multiprocessing.Queue, conn: Connection) -> None:
     """Entry point of the replica process: load, report ready, serve until told to stop."""
     # Ctrl-C in a terminal signals the whole process group; the front end decides when the
     # replicas stop (after draining), so the replica ignores SIGINT.
@@ -70,6 +97,10 @@ def replica_main(spec: ReplicaSpec, inbox: multiprocessing.Queue, outbox: Connec
         level=spec.log_level,
         format=f"%(asctime)s %(levelname)s [replica {spec.index}] %(name)s: %(message)s",
     )
+    outbox = Outbox(conn)
+    threading.Thread(
+        target=beat, args=(outbox, spec), name="carpool-replica-heartbeat", daemon=True
+    ).start()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
         with contextlib.suppress(RuntimeError):  # only allowed before any parallel work
@@ -97,6 +128,20 @@ def replica_main(spec: ReplicaSpec, inbox: multiprocessing.Queue, outbox: Connec
         with contextlib.suppress(OSError):
             outbox.send(ReplicaCrashed(spec.index, f"the engine failed: {e}"))
         sys.exit(1)
+
+
+def beat(outbox: Outbox, spec: ReplicaSpec) -> None:
+    """Say the process is alive every ``spec.heartbeat_interval`` s, until the pipe closes.
+
+    Its own thread, outside the engine step: torch releases the GIL in its kernels and
+    Python switches threads every few milliseconds otherwise, so a long step still beats.
+    """
+    while True:
+        try:
+            outbox.send(Heartbeat(spec.index))
+        except (OSError, EOFError):
+            return  # the front end is gone
+        time.sleep(spec.heartbeat_interval)
 
 
 def feed(inbox: multiprocessing.Queue, core: EngineCore) -> None:

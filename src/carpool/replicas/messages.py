@@ -7,7 +7,9 @@
     SubmitRequest / AbortRequest / Shutdown  ──►  inbox (multiprocessing.Queue)
                                              ◄──  outbox (a Pipe): ReplicaReady once loaded,
                                                   then a StepReport per CoreStep (outputs,
-                                                  failures, finished, and the LoadReport)
+                                                  failures, finished, and the LoadReport);
+                                                  a Heartbeat every interval, from its own
+                                                  thread (so a long step is no silence)
 
 Everything here is a plain picklable dataclass: no callables, no tensors, no locks; an error
 travels as ``ErrorInfo`` (its class name, message, ``param`` and ``code``) and is raised again
@@ -142,4 +144,13 @@ class ReplicaCrashed:
     message: str
 
 
-FromReplica = ReplicaReady | StepReport | ReplicaCrashed
+@dataclass(frozen=True)
+class Heartbeat:
+    """The replica process is alive: sent every ``ReplicaSpec.heartbeat_interval`` seconds
+    by a thread of its own, from before the model loads until the process exits. A stopped
+    or hung process sends none; the front end's watchdog acts on the silence."""
+
+    replica: int
+
+
+FromReplica = ReplicaReady | StepReport | ReplicaCrashed | Heartbeat

@@ -44,12 +44,19 @@ class ReplicaMetrics:
             "carpool:replica_restarts", "Times the replica process was restarted.", labels,
             registry=registry,
         )  # fmt: skip
+        self.hangs = Counter(
+            "carpool:replica_hangs",
+            "Times the replica sent no heartbeat within --replica-liveness-timeout and was killed.",
+            labels,
+            registry=registry,
+        )
         for i in range(num_replicas):
             for series in (self.up, self.running, self.waiting, self.kv_usage):
                 series.labels(model_name, str(i)).set(0)
-            self.routed.labels(model_name, str(i))
-            self.restarts.labels(model_name, str(i))
+            for counter in (self.routed, self.restarts, self.hangs):
+                counter.labels(model_name, str(i))
         self._restarts_seen: dict[int, int] = {}
+        self._hangs_seen: dict[int, int] = {}
 
     def on_routed(self, handle: ReplicaHandle) -> None:
         """A request was sent to ``handle``."""
@@ -63,7 +70,10 @@ class ReplicaMetrics:
         self.running.labels(self.model_name, i).set(handle.load.num_running)
         self.waiting.labels(self.model_name, i).set(handle.load.num_waiting + handle.in_transit)
         self.kv_usage.labels(self.model_name, i).set(handle.load.kv_cache_usage)
-        seen = self._restarts_seen.get(handle.index, 0)
-        if handle.restarts > seen:
-            self.restarts.labels(self.model_name, i).inc(handle.restarts - seen)
-            self._restarts_seen[handle.index] = handle.restarts
+        for counter, seen, total in (
+            (self.restarts, self._restarts_seen, handle.restarts),
+            (self.hangs, self._hangs_seen, handle.hangs),
+        ):
+            if total > seen.get(handle.index, 0):
+                counter.labels(self.model_name, i).inc(total - seen.get(handle.index, 0))
+                seen[handle.index] = total

@@ -5,6 +5,10 @@
     RequestStream ◄── StepReport.outputs ◄── reader thread ◄── replica i's outbox
     replica i exits ─► its in-flight requests: retried elsewhere when they received nothing
                        yet, else failed with 503 ─► restart after a backoff ─► ready again
+    replica i silent past --replica-liveness-timeout ─► Watchdog: down, requests as above,
+                       SIGKILL ─► the exit path (restart)
+    a request's deadline passes ─► its stream ends with RequestTimeoutError, here, whatever
+                       its replica does (the replica holds the same deadline and is told)
 
 Everything the pool owns is touched on the event loop only; the reader threads hand messages
 over with ``call_soon_threadsafe``.
@@ -14,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from carpool.config import EngineConfig
-from carpool.engine.client import EngineObserver, check_queue
+from carpool.engine.client import EngineObserver, SubmitPath, check_queue
 from carpool.engine.core import NewRequest
 from carpool.engine.limits import ModelLimits
 from carpool.engine.model_path import load_tokenizer, resolve_model_path
@@ -30,6 +34,7 @@ from carpool.engine.stream import RequestStream
 from carpool.engine.view import EngineTap, IterationEvent, TapSet
 from carpool.errors import CarpoolError, EngineStoppedError, ReplicaUnavailableError
 from carpool.replicas.config import ReplicaPoolConfig
+from carpool.replicas.flight import Flight
 from carpool.replicas.messages import (
     AbortRequest,
     FromReplica,
@@ -42,23 +47,13 @@ from carpool.replicas.messages import (
 from carpool.replicas.replica import ReplicaHandle, ReplicaState
 from carpool.replicas.restart import RestartPolicy
 from carpool.replicas.router import Candidate, Router, make_router
-from carpool.sampling_params import SamplingParams
+from carpool.replicas.watchdog import Watchdog
 from carpool.tokenizer import Tokenizer
 
 logger = logging.getLogger("carpool.replicas")
 
 
-@dataclass
-class Flight:
-    """A request in flight on some replica (what a retry elsewhere needs)."""
-
-    stream: RequestStream
-    submit: NewRequest
-    replica: int = -1
-    attempts: int = 0
-
-
-class ReplicaPool:
+class ReplicaPool(SubmitPath):
     """Replica processes behind one router; implements ``EngineClient``.
 
     Args:
@@ -70,6 +65,8 @@ class ReplicaPool:
         max_queue, request_timeout: admission and default deadline (the server sets them
             from its ``ServerConfig``).
     """
+
+    _id_prefix = "preq"
 
     def __init__(
         self,
@@ -93,8 +90,9 @@ class ReplicaPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._settled: asyncio.Event | None = None
         self._stopping = False
-        self._ids = 0
-        self._restarts = RestartPolicy(self)
+        self._ids = itertools.count(1)
+        self.restart_policy = RestartPolicy(self)
+        self.watchdog = Watchdog(self)
         self._taps = TapSet(self._send_watch)
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -106,6 +104,7 @@ class ReplicaPool:
         for handle in self.replicas:
             handle.state = ReplicaState.STARTING
             await asyncio.to_thread(handle.spawn, self._loop, self.on_message, self.on_exit)
+        self.watchdog.start()
         ec = self.config.engine_config
         self._tokenizer = await asyncio.to_thread(
             load_tokenizer, resolve_model_path(ec.model, ec.revision, ec.gguf_file)
@@ -130,7 +129,8 @@ class ReplicaPool:
     async def shutdown(self) -> None:
         """Abort whatever runs, stop every replica process and wait for them."""
         self._stopping = True
-        self._restarts.cancel()
+        self.restart_policy.cancel()
+        self.watchdog.cancel()
         for handle in self.replicas:
             if handle.process is not None and handle.state is not ReplicaState.STOPPED:
                 handle.send(Shutdown())
@@ -193,43 +193,37 @@ class ReplicaPool:
         # Free sequence slots of the ready replicas are no queue (the same rule as AsyncEngine).
         seats = self.config.engine_config.max_num_seqs
         free_slots = sum(max(0, seats - h.load.num_running) for h in self.replicas if h.is_ready)
-        check_queue(self.max_queue, self.num_waiting, num_requests, free_slots)
+        check_queue(
+            self.max_queue, self.num_waiting, num_requests, free_slots, seats * len(self.replicas)
+        )
 
-    def submit(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        arrival_time: float | None = None,
-        replica: int | None = None,
-    ) -> RequestStream:
-        """Route a request to a replica now (call from the event loop).
-
-        Args:
-            prompt, params, request_id, timeout, arrival_time: as ``AsyncEngine.submit``.
-            replica: send it to this replica instead of asking the router (it must be ready).
-
-        Raises:
-            EngineStoppedError, ReplicaUnavailableError, QueueFullError: see
-            ``check_capacity``.
-        """
-        self.check_capacity()
-        if request_id is None:
-            self._ids += 1
-            request_id = f"preq-{self._ids}"
-        now = time.monotonic()
-        timeout = self.request_timeout if timeout is None else timeout
-        msg = NewRequest.at(now, request_id, prompt, params, timeout, arrival_time)
-        flight = Flight(RequestStream(request_id, self.abort), msg)
+    def _send(self, request: NewRequest, replica: int | None = None) -> RequestStream:  # type: ignore[override]
+        """Route ``request`` (``replica``: to that ready replica instead of the router's)."""
+        flight = Flight(RequestStream(request.request_id, self.abort), request)
         self.dispatch(flight, pinned=replica)
+        flight.arm(self._expire)
         return flight.stream
 
     def abort(self, request_id: str) -> None:
         """Abort a request wherever it runs (no-op when unknown or finished)."""
-        flight = self.flights.pop(request_id, None)
+        flight = self.flights.get(request_id)
         if flight is not None:
+            self.end(flight)
             self.replicas[flight.replica].send(AbortRequest(request_id))
+
+    def end(self, flight: Flight, error: BaseException | None = None) -> None:
+        """``flight`` is over: forget it, disarm its deadline, end its stream with ``error``."""
+        if self.flights.get(flight.request_id) is flight:
+            del self.flights[flight.request_id]
+        flight.disarm()
+        if error is not None:
+            flight.stream.put(error)
+
+    def _expire(self, flight: Flight) -> None:
+        """The deadline passed and the replica did not end the request: end it here."""
+        if self.flights.get(flight.request_id) is flight:
+            self.end(flight, flight.timeout_error())
+            self.replicas[flight.replica].send(AbortRequest(flight.request_id))
 
     # ---- the live dashboard -----------------------------------------------------------------
 
@@ -255,6 +249,8 @@ class ReplicaPool:
         ready = [h for h in self.replicas if h.is_ready and h.index != exclude]
         if pinned is not None:
             ready = [h for h in ready if h.index == pinned]
+        else:  # one quiet for half the liveness bound may be hanging: none new while others beat
+            ready = [h for h in ready if not self.watchdog.is_quiet(h)] or ready
         if not ready:
             raise ReplicaUnavailableError("no replica is ready to take the request; retry later")
         candidates = [
@@ -284,8 +280,7 @@ class ReplicaPool:
     def fail_all(self, handle: ReplicaHandle, error: BaseException) -> None:
         """End every request of ``handle`` with ``error``."""
         for flight in self.in_flight_on(handle.index):
-            del self.flights[flight.submit.request_id]
-            flight.stream.put(error)
+            self.end(flight, error)
 
     # ---- messages from the replicas (on the event loop) -------------------------------------
 
@@ -314,12 +309,11 @@ class ReplicaPool:
             if flight is not None and flight.replica == handle.index:
                 flight.stream.put(out)
                 if out.finished:
-                    del self.flights[out.request_id]
+                    self.end(flight)
         for failure in report.failed:
             flight = self.flights.get(failure.request_id)
             if flight is not None and flight.replica == handle.index:
-                del self.flights[failure.request_id]
-                flight.stream.put(failure.error.to_exception())
+                self.end(flight, failure.error.to_exception())
         if self._taps.taps:
             self._taps.emit(
                 IterationEvent(handle.index, report.record, report.load, report.finished,
@@ -333,7 +327,7 @@ class ReplicaPool:
 
     def on_exit(self, handle: ReplicaHandle, incarnation: int) -> None:
         if incarnation == handle.incarnation:
-            self._restarts.on_exit(handle)
+            self.restart_policy.on_exit(handle)
 
     def changed(self, handle: ReplicaHandle) -> None:
         """A replica's state or load changed: tell the observer, maybe settle ``wait_ready``."""

@@ -4,7 +4,8 @@ Each start is an *incarnation* with its own process, inbox queue and outbox pipe
 an old incarnation that arrive late are recognised and dropped. A reader thread per incarnation
 blocks on the pipe and hands every message to the event loop; when the process dies the pipe
 reports end of file at once (the front end closed its copy of the child's end), which is how a
-``SIGKILL`` is noticed without polling.
+``SIGKILL`` is noticed without polling. The reader also notes when the incarnation was last
+heard from (its ``Pulse``: heartbeats stop there), which the watchdog reads (``watchdog.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from carpool.replicas.engine_process import ReplicaSpec, replica_main
-from carpool.replicas.messages import FromReplica, LoadReport, ReplicaReady, ToReplica
+from carpool.replicas.messages import FromReplica, Heartbeat, LoadReport, ReplicaReady, ToReplica
 
 logger = logging.getLogger("carpool.replicas")
 
@@ -41,6 +43,31 @@ class ReplicaState(str, enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+
+
+@dataclass
+class Pulse:
+    """When one incarnation of a replica was last heard from (any message counts).
+
+    Written by that incarnation's reader thread, read on the event loop: each field is one
+    atomic store, and a stale read errs by one heartbeat at most.
+
+    Attributes:
+        last: ``time.monotonic()`` of the latest message.
+        heard: a message arrived at all (before that, the interpreter may be importing).
+    """
+
+    last: float = 0.0
+    heard: bool = False
+
+    def beat(self) -> None:
+        """A message arrived now."""
+        self.last = time.monotonic()
+        self.heard = True
+
+    def age(self) -> float | None:
+        """Seconds since the latest message (None: never heard from)."""
+        return time.monotonic() - self.last if self.heard else None
 
 
 OnMessage = Callable[["ReplicaHandle", int, FromReplica], None]
@@ -65,6 +92,8 @@ class ReplicaHandle:
         self.num_sent = 0  # SubmitRequests sent to this incarnation
         self.num_routed = 0  # requests routed here, all incarnations
         self.restarts = 0
+        self.hangs = 0  # times the watchdog found it silent and killed it
+        self.pulse = Pulse()  # of the current incarnation (a fresh one per start)
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self._inbox: Any = None  # multiprocessing.Queue of this incarnation
@@ -87,15 +116,18 @@ class ReplicaHandle:
         return self.state is ReplicaState.READY
 
     def describe(self, num_in_flight: int = 0) -> dict[str, Any]:
-        """The replica for ``/health``: state, pid, device, load."""
+        """The replica for ``/health``: state, pid, device, load, seconds since it was heard."""
+        age = self.pulse.age() if self.process is not None else None
         return {
             "replica": self.index,
             "state": self.state.value,
             "pid": self.pid,
             "device": self.spec.device,
             "restarts": self.restarts,
+            "hangs": self.hangs,
             "routed": self.num_routed,
             "last_error": self.last_error,
+            "heartbeat_age": None if age is None else round(age, 3),
             "load": {
                 "num_running": self.load.num_running,
                 "num_waiting": self.load.num_waiting,
@@ -117,6 +149,7 @@ class ReplicaHandle:
         """
         self.incarnation += 1
         incarnation = self.incarnation
+        self.pulse = pulse = Pulse()
         inbox = _SPAWN.Queue()
         inbox.cancel_join_thread()  # never let an abandoned queue block the interpreter's exit
         reader, writer = _SPAWN.Pipe(duplex=False)
@@ -135,7 +168,7 @@ class ReplicaHandle:
         self._started_at = time.monotonic()
         threading.Thread(
             target=self._read,
-            args=(reader, process, incarnation, loop, on_message, on_exit),
+            args=(reader, process, incarnation, pulse, loop, on_message, on_exit),
             name=f"carpool-replica-{self.index}-reader",
             daemon=True,
         ).start()
@@ -157,6 +190,15 @@ class ReplicaHandle:
         except (ValueError, OSError):  # the queue was closed
             return False
         return True
+
+    def kill(self) -> None:
+        """SIGKILL the current process (a stopped or hung one ignores SIGTERM); never blocks.
+
+        Its exit reaches ``on_exit`` through the reader thread, as any death does.
+        """
+        if self.process is not None:
+            with contextlib.suppress(OSError, ValueError):  # already gone or closed
+                self.process.kill()
 
     def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for the process to exit, then terminate, then kill it.
@@ -188,6 +230,7 @@ class ReplicaHandle:
         conn: Connection,
         process: BaseProcess,
         incarnation: int,
+        pulse: Pulse,
         loop: asyncio.AbstractEventLoop,
         on_message: OnMessage,
         on_exit: OnExit,
@@ -196,7 +239,9 @@ class ReplicaHandle:
         try:
             while True:
                 msg = conn.recv()
-                loop.call_soon_threadsafe(on_message, self, incarnation, msg)
+                pulse.beat()
+                if not isinstance(msg, Heartbeat):  # a heartbeat's news is its arrival
+                    loop.call_soon_threadsafe(on_message, self, incarnation, msg)
         except (EOFError, OSError):
             pass
         except Exception:  # a message that does not unpickle: treat the replica as broken

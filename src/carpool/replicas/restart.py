@@ -1,4 +1,5 @@
-"""What happens when a replica process exits: reroute or fail its requests, restart it.
+"""What happens when a replica process exits (or the watchdog finds it hung): reroute or
+fail its requests, restart it.
 
 A request that received nothing yet is sent to another replica (up to ``max_retries``): a
 non-streaming request (FINAL_ONLY outputs) receives nothing before it finishes, so it is always
@@ -15,7 +16,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from carpool.errors import EngineStoppedError, ReplicaUnavailableError
-from carpool.replicas.replica import ReplicaHandle, ReplicaState
+from carpool.replicas.replica import Pulse, ReplicaHandle, ReplicaState
 
 if TYPE_CHECKING:
     from carpool.replicas.pool import ReplicaPool
@@ -62,7 +63,7 @@ class RestartPolicy:
         )
         handle.last_error = handle.last_error or f"the process exited with code {code}"
         handle.state = ReplicaState.DOWN
-        self._reroute(handle)
+        self.reroute(handle, "died")
         handle.load = type(handle.load)()
         if not was_ready:
             handle.consecutive_failures += 1
@@ -79,11 +80,16 @@ class RestartPolicy:
             asyncio.get_running_loop().call_later(delay, self._restart, handle)
         pool.changed(handle)
 
-    def _reroute(self, handle: ReplicaHandle) -> None:
-        """The dead replica's requests: retry those that received nothing, fail the others."""
+    def reroute(self, handle: ReplicaHandle, what: str) -> None:
+        """The lost replica's requests: retry those that received nothing, fail the others.
+
+        Args:
+            handle: the replica (no longer ready).
+            what: what happened to it, for the error message ("died", "stopped answering").
+        """
         pool = self.pool
         for flight in pool.in_flight_on(handle.index):
-            del pool.flights[flight.submit.request_id]
+            del pool.flights[flight.submit.request_id]  # its deadline timer stays armed
             if flight.stream.received == 0 and flight.attempts <= pool.config.max_retries:
                 try:
                     pool.dispatch(flight, exclude=handle.index)
@@ -92,11 +98,12 @@ class RestartPolicy:
                     continue
                 except ReplicaUnavailableError:
                     pass
-            flight.stream.put(
+            pool.end(
+                flight,
                 ReplicaUnavailableError(
-                    f"replica {handle.index} serving request {flight.submit.request_id} died "
+                    f"replica {handle.index} serving request {flight.submit.request_id} {what} "
                     f"({handle.last_error}); retry the request"
-                )
+                ),
             )
 
     def _restart(self, handle: ReplicaHandle) -> None:
@@ -106,6 +113,7 @@ class RestartPolicy:
         handle.state = ReplicaState.STARTING
         handle.restarts += 1
         handle.last_error = None
+        handle.pulse = Pulse()  # the old incarnation's silence is not the new one's
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(
             asyncio.to_thread(handle.spawn, loop, pool.on_message, pool.on_exit)

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 from carpool.scheduling.base import SchedulerStats, SchedulingPolicy
-from carpool.scheduling.bucketed import BucketedConfig, BucketedPolicy
-from carpool.scheduling.continuous import ContinuousScheduler, SchedulerConfig
-from carpool.scheduling.dynamic import DynamicBatchPolicy, DynamicConfig
-from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
+from carpool.scheduling.bucketed import BucketedPolicy
+from carpool.scheduling.continuous import ContinuousScheduler
+from carpool.scheduling.dynamic import DynamicBatchPolicy
+from carpool.scheduling.output import BlockTables, ScheduledChunk, SchedulerOutput
 from carpool.scheduling.sequential import SequentialPolicy
-from carpool.scheduling.static import StaticBatchPolicy, StaticConfig
+from carpool.scheduling.static import StaticBatchPolicy
 
 __all__ = [
-    "BucketedConfig",
+    "BlockTables",
     "BucketedPolicy",
     "ContinuousScheduler",
     "DynamicBatchPolicy",
-    "DynamicConfig",
     "ScheduledChunk",
-    "SchedulerConfig",
     "SchedulerOutput",
     "SchedulerStats",
     "SchedulingPolicy",
     "SequentialPolicy",
     "StaticBatchPolicy",
-    "StaticConfig",
 ]

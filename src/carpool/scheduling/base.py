@@ -14,12 +14,17 @@ The runner and the model never know which policy is active.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from carpool.config import EngineConfig
 from carpool.errors import InvalidRequestError
+from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
-from carpool.scheduling.output import SchedulerOutput
+from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
+from carpool.scheduling.priority import RequestOrder
 
 
 def validate_new_request(
@@ -76,11 +81,32 @@ class SchedulingPolicy(ABC):
 
     A policy owns the requests it was given until they finish: it is the only component that
     changes a request's status, and it frees a request's KV blocks the moment it finishes.
+
+    Every policy is built the same way, from the engine's own objects (one source of every
+    default): the ``EngineConfig`` (each policy reads its own knobs), the ``BlockManager`` (the
+    cache's size and block size) and the engine's effective context limit.
+
+    Args:
+        config: the engine's configuration.
+        block_manager: the KV bookkeeping (its ``num_blocks`` is the cache's size).
+        max_model_len: the engine's effective context limit (prompt + output).
     """
 
-    stats: SchedulerStats
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
+    ) -> None:
+        assert block_manager.block_size == config.block_size, (
+            f"BlockManager block_size {block_manager.block_size} != config {config.block_size}"
+        )
+        assert max_model_len >= 1, f"max_model_len must be >= 1, got {max_model_len}"
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.order = RequestOrder(config.scheduling_policy, config.priority_aging_s)
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.stats = SchedulerStats()
 
-    @abstractmethod
     def add_request(self, request: Request) -> None:
         """Queue a new request (status WAITING).
 
@@ -89,6 +115,40 @@ class SchedulingPolicy(ABC):
                 longer than the model allows, more KV than the whole cache, duplicate id). The
                 policy's state is unchanged, so other requests keep being served.
         """
+        validate_new_request(request, self.requests, self.max_model_len)
+        # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.
+        total = request.num_prompt_tokens + request.sampling_params.max_tokens
+        blocks = self.block_manager.blocks_needed(total - 1)
+        if blocks > self.block_manager.num_blocks:
+            raise InvalidRequestError(self._cannot_fit_message(request, blocks))
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    # What a policy adds when a request can never fit (static: why it reserves so much).
+    _cannot_fit_hint = ""
+
+    def _cannot_fit_message(self, request: Request, blocks: int) -> str:
+        """Why ``request``, needing up to ``blocks`` KV blocks, can never be served."""
+        return (
+            f"request {request.request_id!r}: prompt ({request.num_prompt_tokens} tokens) + "
+            f"max_tokens ({request.sampling_params.max_tokens}) needs up to {blocks} KV blocks "
+            f"of {self.block_manager.block_size} tokens, but the whole cache has "
+            f"{self.block_manager.num_blocks}{self._cannot_fit_hint}"
+        )
+
+    def _output(self, chunks: list[ScheduledChunk], **fields: Any) -> SchedulerOutput:
+        """This step's ``SchedulerOutput`` of ``chunks`` (counted in ``stats`` when not empty);
+        ``fields``: the policy's other figures (preempted ids, idle seats)."""
+        num_tokens = sum(c.num_tokens for c in chunks)
+        if chunks:
+            self.stats.steps += 1
+            self.stats.num_scheduled_tokens += num_tokens
+        return SchedulerOutput(
+            chunks=chunks,
+            num_batched_tokens=num_tokens,
+            kv_blocks_in_use=self.block_manager.num_used_blocks,
+            **fields,
+        )
 
     @abstractmethod
     def schedule(self, now: float) -> SchedulerOutput:
@@ -140,23 +200,23 @@ class SchedulingPolicy(ABC):
         """Finish a request with ``FinishReason.ABORT`` (see ``finish_request``)."""
         return self.finish_request(request_id, FinishReason.ABORT, now)
 
-    @abstractmethod
     def has_unfinished(self) -> bool:
         """True while any request waits, runs or is preempted."""
+        return bool(self.requests)
 
     @property
-    @abstractmethod
     def num_waiting(self) -> int:
         """Requests queued (including preempted ones waiting for recomputation)."""
+        return len(self.waiting)
 
     @property
     @abstractmethod
     def num_running(self) -> int:
         """Requests holding a seat in the batch."""
 
-    @abstractmethod
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
+        return self.requests.get(request_id)
 
     def take_released(self, now: float) -> list[Request]:
         """Requests whose finish was held back and is released now, outside a step's update.

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass
 
+from carpool.config import EngineConfig
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import Request
-from carpool.scheduling.static import StaticBatchPolicy, StaticConfig
+from carpool.scheduling.static import StaticBatchPolicy
 
 
 def log_spaced_boundaries(num_buckets: int, low: int, high: int) -> tuple[int, ...]:
@@ -34,52 +34,37 @@ def log_spaced_boundaries(num_buckets: int, low: int, high: int) -> tuple[int, .
     return tuple(sorted(set(bounds)))
 
 
-@dataclass(frozen=True, kw_only=True)
-class BucketedConfig(StaticConfig):
-    """``StaticConfig`` plus the bucket bounds.
-
-    Attributes:
-        bucket_boundaries: strictly ascending inclusive upper prompt lengths.
-    """
-
-    bucket_boundaries: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        b = self.bucket_boundaries
-        if not b or list(b) != sorted(set(b)) or b[0] < 1 or not all(isinstance(x, int) for x in b):
-            raise ValueError(f"bucket_boundaries must be strictly ascending ints >= 1, got {b!r}")
-
-    @classmethod
-    def with_num_buckets(cls, num_buckets: int, **kwargs: int) -> BucketedConfig:
-        """Log-spaced buckets from ``block_size`` to ``max_model_len``."""
-        low = min(kwargs.get("block_size", 16), kwargs["max_model_len"])
-        bounds = log_spaced_boundaries(num_buckets, max(1, low), kwargs["max_model_len"])
-        return cls(bucket_boundaries=bounds, **kwargs)
-
-
 class BucketedPolicy(StaticBatchPolicy):
     """Static batches drawn from one prompt-length bucket at a time (module docstring).
 
     Args:
-        config: the limits and the bucket bounds.
-        block_manager: the KV bookkeeping to use; a fresh one sized from ``config`` if None.
+        config: as for ``StaticBatchPolicy``, plus ``bucket_boundaries`` (strictly ascending
+            inclusive upper prompt lengths, validated by ``EngineConfig``) or, when it is None,
+            ``num_buckets`` log-spaced bounds from ``block_size`` to ``max_model_len``.
+        block_manager: the KV bookkeeping.
+        max_model_len: the engine's effective context limit.
     """
 
     name = "bucketed"
-    config: BucketedConfig
 
-    def __init__(self, config: BucketedConfig, block_manager: BlockManager | None = None) -> None:
-        super().__init__(config, block_manager)
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
+    ) -> None:
+        super().__init__(config, block_manager, max_model_len)
+        if config.bucket_boundaries is not None:
+            self.bucket_boundaries = tuple(config.bucket_boundaries)
+        else:
+            low = max(1, min(config.block_size, max_model_len))
+            self.bucket_boundaries = log_spaced_boundaries(config.num_buckets, low, max_model_len)
 
     def bucket_of(self, req: Request) -> int:
         """Index of the request's bucket (``len(bucket_boundaries)`` for the overflow one)."""
-        return bisect.bisect_left(self.config.bucket_boundaries, req.num_prompt_tokens)
+        return bisect.bisect_left(self.bucket_boundaries, req.num_prompt_tokens)
 
     def _candidates(self, now: float) -> list[Request]:
         if not self.waiting:
             return []
-        ordered = self.config.order.sorted(self.waiting, now)
+        ordered = self.order.sorted(self.waiting, now)
         bucket = self.bucket_of(ordered[0])
         same = (r for r in ordered if self.bucket_of(r) == bucket)
-        return list(itertools.islice(same, self.config.batch_size))
+        return list(itertools.islice(same, self.batch_size))

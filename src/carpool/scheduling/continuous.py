@@ -32,108 +32,32 @@ it stopped. A finished request frees its blocks at once.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
-
-from carpool.errors import InvalidRequestError
+from carpool.config import EngineConfig
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
-from carpool.scheduling.base import SchedulerStats, SchedulingPolicy, validate_new_request
+from carpool.scheduling.base import SchedulingPolicy
 from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
-from carpool.scheduling.priority import PREEMPT_KV_CACHE, PREEMPT_PRIORITY, RequestOrder
-
-
-@dataclass(frozen=True, kw_only=True)
-class SchedulerConfig:
-    """Limits of the continuous scheduler.
-
-    Attributes:
-        max_num_seqs: most requests in one forward pass (seats).
-        max_num_batched_tokens: most tokens in one forward pass (prefill chunks + decodes).
-        block_size: token slots per KV block (must match the BlockManager).
-        num_blocks: KV blocks in the whole cache (from ``num_blocks_for_budget``).
-        max_model_len: longest prompt + output a request may ask for.
-        order: waiting order and priority preemption (``fcfs`` or ``priority``, with aging).
-    """
-
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    block_size: int = 16
-    num_blocks: int
-    max_model_len: int
-    order: RequestOrder = RequestOrder()
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "block_size",
-            "num_blocks",
-            "max_model_len",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SchedulerConfig.{name} must be an int >= 1, got {value!r}")
+from carpool.scheduling.priority import PREEMPT_KV_CACHE, PREEMPT_PRIORITY
 
 
 class ContinuousScheduler(SchedulingPolicy):
     """Iteration-level scheduler over a paged KV cache (see the module docstring).
 
-    Args:
-        config: the limits.
-        block_manager: the KV bookkeeping to use; a fresh one sized from ``config`` if None.
+    Reads ``max_num_seqs``, ``max_num_batched_tokens``, ``scheduling_policy`` and
+    ``priority_aging_s`` of the ``EngineConfig`` (constructor: see ``SchedulingPolicy``).
     """
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager | None = None) -> None:
-        if block_manager is None:
-            block_manager = BlockManager(config.num_blocks, config.block_size)
-        assert block_manager.block_size == config.block_size, (
-            f"BlockManager block_size {block_manager.block_size} != config {config.block_size}"
-        )
-        assert block_manager.num_blocks == config.num_blocks, (
-            f"BlockManager num_blocks {block_manager.num_blocks} != config {config.num_blocks}"
-        )
-        self.config = config
-        self.block_manager = block_manager
-        self.waiting: deque[Request] = deque()
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
+    ) -> None:
+        super().__init__(config, block_manager, max_model_len)
         self.running: list[Request] = []  # admission order
-        self.requests: dict[str, Request] = {}  # every unfinished request
-        self.stats = SchedulerStats()
         # request_id -> computed tokens lost to preemption, counted as recomputed on re-admission
         self._lost_tokens: dict[str, int] = {}
-
-    # ---- queue ---------------------------------------------------------------------------
-
-    def add_request(self, request: Request) -> None:
-        validate_new_request(request, self.requests, self.config.max_model_len)
-        rid = request.request_id
-        prompt_len = request.num_prompt_tokens
-        max_tokens = request.sampling_params.max_tokens
-        total = prompt_len + max_tokens
-        # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.
-        blocks = self.block_manager.blocks_needed(total - 1)
-        if blocks > self.config.num_blocks:
-            raise InvalidRequestError(
-                f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) "
-                f"needs up to {blocks} KV blocks of {self.config.block_size} tokens, but the "
-                f"whole cache has {self.config.num_blocks}"
-            )
-        self.requests[rid] = request
-        self.waiting.append(request)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self.requests.get(request_id)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -160,27 +84,22 @@ class ContinuousScheduler(SchedulingPolicy):
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue
-            bm.allocate(rid, end)
-            scheduled[rid] = self._make_chunk(req, num_new)
+            new_blocks = bm.allocate(rid, end)
+            kept = bm.num_table_blocks(rid) - len(new_blocks)
+            scheduled[rid] = self._make_chunk(req, num_new, new_blocks, kept)
             budget -= num_new
 
         # 2. Waiting requests, in order; head-of-line blocking keeps the order fair.
         if not preempted:
             budget = self._admit(now, budget, scheduled, preempted)
 
-        chunks = list(scheduled.values())
-        num_tokens = sum(c.num_tokens for c in chunks)
-        assert num_tokens <= cfg.max_num_batched_tokens, (num_tokens, cfg.max_num_batched_tokens)
-        assert len(chunks) <= cfg.max_num_seqs, (len(chunks), cfg.max_num_seqs)
-        if chunks:
-            self.stats.steps += 1
-            self.stats.num_scheduled_tokens += num_tokens
-        return SchedulerOutput(
-            chunks=chunks,
-            preempted_ids=preempted,
-            num_batched_tokens=num_tokens,
-            kv_blocks_in_use=bm.num_used_blocks,
+        out = self._output(list(scheduled.values()), preempted_ids=preempted)
+        assert out.num_batched_tokens <= cfg.max_num_batched_tokens, (
+            out.num_batched_tokens,
+            cfg.max_num_batched_tokens,
         )
+        assert out.num_seqs <= cfg.max_num_seqs, (out.num_seqs, cfg.max_num_seqs)
+        return out
 
     def update_from_output(
         self, output: SchedulerOutput, sampled: dict[str, int], now: float
@@ -220,14 +139,19 @@ class ContinuousScheduler(SchedulingPolicy):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _make_chunk(self, req: Request, num_new: int) -> ScheduledChunk:
+    def _make_chunk(
+        self, req: Request, num_new: int, new_blocks: list[int], num_kept: int
+    ) -> ScheduledChunk:
+        """The next ``num_new`` tokens of ``req``; the table gained ``new_blocks`` after its
+        first ``num_kept`` blocks (0: an admission hands the whole table over)."""
         start = req.num_computed_tokens
         end = start + num_new
         return ScheduledChunk(
             request_id=req.request_id,
             token_ids=req.all_token_ids[start:end],
             start_pos=start,
-            block_table=self.block_manager.get_block_table(req.request_id),
+            new_block_ids=new_blocks,
+            num_kept_blocks=num_kept,
             needs_sample=end == req.num_tokens,
         )
 
@@ -240,7 +164,7 @@ class ContinuousScheduler(SchedulingPolicy):
     ) -> int:
         """Admit waiting requests in order while seats, budget and blocks last; returns the
         budget left. Under ``priority`` a request may preempt worse-priority running ones."""
-        cfg, bm, order = self.config, self.block_manager, self.config.order
+        cfg, bm, order = self.config, self.block_manager, self.order
         if not self.waiting:
             return budget
         bs = bm.block_size
@@ -272,8 +196,8 @@ class ContinuousScheduler(SchedulingPolicy):
             self.stats.num_recomputed_tokens += max(0, lost - num_cached)
             if bm.enable_caching:
                 bm.record_lookup(req.num_tokens, num_cached)
-            bm.allocate(rid, end, hit)
-            scheduled[rid] = self._make_chunk(req, num_new)
+            new_blocks = bm.allocate(rid, end, hit)
+            scheduled[rid] = self._make_chunk(req, num_new, hit + new_blocks, 0)
             budget -= num_new
             if bm.enable_caching:
                 inflight.update(self._completed_hashes(scheduled[rid]))
@@ -302,8 +226,8 @@ class ContinuousScheduler(SchedulingPolicy):
         """Whom to preempt when a running request needs a block (see the module docstring)."""
         running = self.running
         assert running, "preemption needed but nothing is running"
-        if self.config.order.by_priority:
-            return self.config.order.worst(running, now)
+        if self.order.by_priority:
+            return self.order.worst(running, now)
         i = min(range(len(running)), key=lambda i: (running[i].num_computed_tokens, -i))
         return running[i]
 

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+from carpool.config import EngineConfig
 from carpool.kv_cache.block_manager import BlockManager
-from carpool.scheduling.static import StaticBatchPolicy, StaticConfig
+from carpool.scheduling.static import StaticBatchPolicy
 
 
 class SequentialPolicy(StaticBatchPolicy):
     """A static batch of one: requests run alone, first come, first served.
 
     Args:
-        config: the limits; ``batch_size`` is forced to 1.
-        block_manager: the KV bookkeeping to use; a fresh one sized from ``config`` if None.
+        config: as for ``StaticBatchPolicy``; its ``batch_size`` is ignored (always 1).
+        block_manager: the KV bookkeeping.
+        max_model_len: the engine's effective context limit.
     """
 
     name = "sequential"
 
-    def __init__(self, config: StaticConfig, block_manager: BlockManager | None = None) -> None:
-        super().__init__(replace(config, batch_size=1), block_manager)
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
+    ) -> None:
+        super().__init__(config, block_manager, max_model_len)
+        self.batch_size = 1

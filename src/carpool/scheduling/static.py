@@ -33,43 +33,14 @@ finished immediately and its seat stays idle until the batch ends.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
-
-from carpool.errors import InvalidRequestError
+from carpool.config import EngineConfig
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.request import FinishReason, Request, RequestStatus
-from carpool.scheduling.base import SchedulerStats, SchedulingPolicy, validate_new_request
+from carpool.scheduling.base import SchedulingPolicy
 from carpool.scheduling.output import ScheduledChunk, SchedulerOutput
-from carpool.scheduling.priority import RequestOrder
 
 # Finish reasons a static batch holds back until the batch ends (the others finish at once).
 _HELD_REASONS = (FinishReason.STOP, FinishReason.LENGTH)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StaticConfig:
-    """Limits of the static-family policies.
-
-    Attributes:
-        batch_size: most requests in one batch (seats).
-        block_size: token slots per KV block (must match the BlockManager).
-        num_blocks: KV blocks in the whole cache.
-        max_model_len: longest prompt + output a request may ask for.
-        order: the order the next batch is drawn in (``fcfs`` or ``priority`` with aging).
-    """
-
-    batch_size: int = 8
-    block_size: int = 16
-    num_blocks: int
-    max_model_len: int
-    order: RequestOrder = RequestOrder()
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "block_size", "num_blocks", "max_model_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be an int >= 1, got {value!r}")
 
 
 class StaticBatchPolicy(SchedulingPolicy):
@@ -78,64 +49,30 @@ class StaticBatchPolicy(SchedulingPolicy):
     Subclasses change only *which* waiting requests form the next batch, by overriding
     ``_candidates``.
 
-    Args:
-        config: the limits.
-        block_manager: the KV bookkeeping to use; a fresh one sized from ``config`` if None.
+    Reads ``batch_size``, ``scheduling_policy`` and ``priority_aging_s`` of the
+    ``EngineConfig`` (constructor: see ``SchedulingPolicy``); subclasses read their own knobs.
     """
 
     name = "static"
+    _cannot_fit_hint = (
+        "; static batching reserves prompt + max_tokens of KV up front: lower max_tokens or "
+        "give the KV cache more memory"
+    )
 
-    def __init__(self, config: StaticConfig, block_manager: BlockManager | None = None) -> None:
-        if block_manager is None:
-            block_manager = BlockManager(config.num_blocks, config.block_size)
-        assert block_manager.block_size == config.block_size, (
-            f"BlockManager block_size {block_manager.block_size} != config {config.block_size}"
-        )
-        assert block_manager.num_blocks == config.num_blocks, (
-            f"BlockManager num_blocks {block_manager.num_blocks} != config {config.num_blocks}"
-        )
-        self.config = config
-        self.block_manager = block_manager
-        self.waiting: deque[Request] = deque()
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int
+    ) -> None:
+        super().__init__(config, block_manager, max_model_len)
+        self.batch_size = config.batch_size  # most requests in one batch (seats)
         self.batch: list[Request] = []  # the seats of the running batch, in launch order
-        self.requests: dict[str, Request] = {}  # every unfinished request (held rows included)
-        self.stats = SchedulerStats()
         self.num_batches = 0
         self._held: dict[str, RequestStatus] = {}  # done rows of the batch -> their final status
         self._released: list[Request] = []  # released outside update_from_output
-
-    # ---- queue ---------------------------------------------------------------------------
-
-    def add_request(self, request: Request) -> None:
-        validate_new_request(request, self.requests, self.config.max_model_len)
-        rid = request.request_id
-        prompt_len = request.num_prompt_tokens
-        max_tokens = request.sampling_params.max_tokens
-        blocks = self._blocks_reserved(request)
-        if blocks > self.config.num_blocks:
-            raise InvalidRequestError(
-                f"request {rid!r}: {self.name} batching reserves prompt ({prompt_len} tokens) + "
-                f"max_tokens ({max_tokens}) of KV up front, {blocks} blocks of "
-                f"{self.config.block_size} tokens, but the whole cache has "
-                f"{self.config.num_blocks}; lower max_tokens or give the KV cache more memory"
-            )
-        self.requests[rid] = request
-        self.waiting.append(request)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
     @property
     def num_running(self) -> int:
         """Unfinished requests seated in the running batch (held rows included)."""
         return sum(1 for r in self.batch if not r.is_finished)
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self.requests.get(request_id)
 
     # ---- batch formation (the part subclasses change) --------------------------------------
 
@@ -145,7 +82,7 @@ class StaticBatchPolicy(SchedulingPolicy):
         The launch takes them in this order while their KV reservations fit. The default is
         first come, first served (or by priority under the ``priority`` policy).
         """
-        return self.config.order.sorted(self.waiting, now)[: self.config.batch_size]
+        return self.order.sorted(self.waiting, now)[: self.batch_size]
 
     def _blocks_reserved(self, req: Request) -> int:
         # The last sampled token is never fed back, so the KV holds at most total - 1 tokens.
@@ -157,7 +94,7 @@ class StaticBatchPolicy(SchedulingPolicy):
         assert not self.batch and not self._held, "a batch is still running"
         bm = self.block_manager
         free = bm.num_free_blocks
-        for req in self._candidates(now)[: self.config.batch_size]:
+        for req in self._candidates(now)[: self.batch_size]:
             need = self._blocks_reserved(req)
             if need > free:
                 break  # keep the order: the rest waits for the next batch
@@ -183,25 +120,23 @@ class StaticBatchPolicy(SchedulingPolicy):
             if not self._is_active(req):
                 continue
             start = req.num_computed_tokens
+            # The whole KV was reserved at launch: the first step hands the table over, later
+            # steps keep it.
+            if start == 0:
+                new_blocks, kept = self.block_manager.get_block_table(req.request_id), 0
+            else:
+                new_blocks, kept = [], self.block_manager.num_table_blocks(req.request_id)
             chunks.append(
                 ScheduledChunk(
                     request_id=req.request_id,
                     token_ids=req.all_token_ids[start:],
                     start_pos=start,
-                    block_table=self.block_manager.get_block_table(req.request_id),
+                    new_block_ids=new_blocks,
+                    num_kept_blocks=kept,
                     needs_sample=True,
                 )
             )
-        num_tokens = sum(c.num_tokens for c in chunks)
-        if chunks:
-            self.stats.steps += 1
-            self.stats.num_scheduled_tokens += num_tokens
-        return SchedulerOutput(
-            chunks=chunks,
-            num_batched_tokens=num_tokens,
-            kv_blocks_in_use=self.block_manager.num_used_blocks,
-            num_idle_seats=len(self.batch) - len(chunks) if chunks else 0,
-        )
+        return self._output(chunks, num_idle_seats=len(self.batch) - len(chunks) if chunks else 0)
 
     def update_from_output(
         self, output: SchedulerOutput, sampled: dict[str, int], now: float

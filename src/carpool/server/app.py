@@ -29,7 +29,7 @@ from carpool.replicas.pool import ReplicaPool
 from carpool.server.access_log import AccessLogMiddleware
 from carpool.server.chat import ChatServing
 from carpool.server.completions import CompletionServing
-from carpool.server.config import ServerConfig
+from carpool.server.config import ServerConfig, resolve_api_key
 from carpool.server.dashboard import install_dashboard
 from carpool.server.errors import APIError, install_error_handlers, validation_error_to_api
 from carpool.server.metrics import ServerMetrics
@@ -39,6 +39,7 @@ from carpool.server.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    describe_unknown_fields,
     dump,
 )
 from carpool.server.protocol_ext import DetokenizeRequest, TokenizeRequest
@@ -69,12 +70,13 @@ class Serving:
         retry_after: int,
         metrics: ServerMetrics,
         tool_call_parser: str | None = None,
+        max_seqs_per_request: int = 256,
         max_stream_backlog: int = 1 << 20,
     ) -> None:
         self.client = client
-        backlog = max_stream_backlog
-        self.completions = CompletionServing(client, model_name, retry_after, metrics, backlog)
-        self.chat = ChatServing(client, model_name, retry_after, metrics, backlog)
+        args = (client, model_name, retry_after, metrics, max_seqs_per_request, max_stream_backlog)
+        self.completions = CompletionServing(*args)
+        self.chat = ChatServing(*args)
         self.utility = UtilityServing(client, model_name, retry_after, metrics)
         self.chat.tool_parser = choose_parser(client.tokenizer.chat_template, tool_call_parser)
         self.max_model_len = client.limits.max_model_len
@@ -109,6 +111,7 @@ class ServerState:
             c.retry_after,
             self.metrics,
             c.tool_call_parser,
+            c.max_seqs_per_request,
             c.max_stream_backlog,
         )
         self.engine = engine
@@ -122,6 +125,7 @@ class ServerState:
             c.retry_after,
             self.metrics,
             c.tool_call_parser,
+            c.max_seqs_per_request,
             c.max_stream_backlog,
         )
         self.engine = pool
@@ -142,9 +146,11 @@ def build_app(
             a ``ReplicaPool`` (not started: its processes start with the app and it serves
             once every replica loaded or failed).
         config: server behaviour (defaults: ``ServerConfig()``); its ``max_queue`` and
-            ``request_timeout`` apply to the engine and to a pool alike.
+            ``request_timeout`` apply to the engine and to a pool alike. Its connection
+            options (timeouts, header limits, ``max_connections``) take effect through the
+            uvicorn protocol of ``carpool.server.http_protocol`` (``carpool serve`` uses it).
     """
-    config = config or ServerConfig()
+    config = resolve_api_key(config or ServerConfig())  # api_key_file read once, here
     if isinstance(engine_or_config, LLMEngine):
         ec, path = engine_or_config.config, engine_or_config.model_path
     else:
@@ -223,7 +229,7 @@ def build_app(
             raise validation_error_to_api(e.errors(include_url=False)) from None
         unknown = getattr(req, "unknown_fields", list)()
         if unknown:
-            logger.warning("%s: ignoring unknown fields %s", request.url.path, unknown)
+            logger.warning("%s: ignoring %s", request.url.path, describe_unknown_fields(unknown))
         return req
 
     @app.get("/health")

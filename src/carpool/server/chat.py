@@ -28,8 +28,8 @@ from carpool.server.protocol import (
     TopLogprob,
     dump,
 )
-from carpool.server.serving import Job, OpenAIServing, finite_logprob, json_response
-from carpool.server.streaming import SSEResponse, sse
+from carpool.server.serving import Job, OpenAIServing, finite_logprob
+from carpool.server.streaming import SSEResponse, final_response, sse
 from carpool.server.tool_stream import ToolCallStreamer, ToolPlan, tool_message
 from carpool.tools.choice import forced_call_constraint
 from carpool.tools.parsers import HermesParser, ToolParser
@@ -47,6 +47,7 @@ class ChatServing(OpenAIServing):
         arrival = self.client.clock()
         self.check_model(req.model)
         self.check_request(req)
+        self.check_num_seqs(1, req)
         plan = self._tool_plan(req)
         messages = [m.to_template() for m in req.messages]
         extra: dict[str, Any] = {"tools": plan.tools} if plan.tools else {}
@@ -96,14 +97,7 @@ class ChatServing(OpenAIServing):
                     finish_reason=finish,
                 )
             )
-        resp = ChatCompletionResponse(
-            id=job.rid,
-            created=job.created,
-            model=self.model_name,
-            choices=choices,
-            usage=job.usage(),
-        )
-        return json_response(dump(resp))
+        return final_response(ChatCompletionResponse, job, self.model_name, choices)
 
     def _tool_plan(self, req: ChatCompletionRequest) -> ToolPlan:
         """What the request's tools mean: rendered or not, forced or parsed (``auto``)."""

@@ -19,8 +19,8 @@ from carpool.server.protocol import (
     CompletionResponse,
     dump,
 )
-from carpool.server.serving import Job, OpenAIServing, finite_logprob, json_response
-from carpool.server.streaming import SSEResponse, sse
+from carpool.server.serving import Job, OpenAIServing, finite_logprob
+from carpool.server.streaming import SSEResponse, final_response, sse
 
 
 class CompletionServing(OpenAIServing):
@@ -31,6 +31,7 @@ class CompletionServing(OpenAIServing):
         arrival = self.client.clock()
         self.check_model(req.model)
         self.check_request(req)
+        self.check_num_seqs(_num_prompts(req.prompt), req)
         prompts = await self._prompts(req)
         fields = ("prompt", "max_tokens")
         params = [
@@ -57,14 +58,7 @@ class CompletionServing(OpenAIServing):
                         finish_reason=c.finish_reason,
                     )
                 )
-        resp = CompletionResponse(
-            id=job.rid,
-            created=job.created,
-            model=self.model_name,
-            choices=choices,
-            usage=job.usage(),
-        )
-        return json_response(dump(resp))
+        return final_response(CompletionResponse, job, self.model_name, choices)
 
     async def _echoes(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """Each prompt's text when ``echo`` asks for it (the text sent, or decoded ids)."""
@@ -88,6 +82,12 @@ class CompletionServing(OpenAIServing):
         else:
             texts = None
         if texts is not None:
+            for i, t in enumerate(texts):
+                if not t:  # refused as the engine refuses "" (it would be a lone BOS)
+                    where = "prompt" if isinstance(p, str) else f"prompt[{i}]"
+                    raise APIError(
+                        400, f"{where}: must not be empty (at least one character)", param="prompt"
+                    )
             prompts = await asyncio.to_thread(lambda: [self.tokenizer.encode(t) for t in texts])
         elif isinstance(p[0], int):
             prompts = [list(p)]  # type: ignore[arg-type]
@@ -141,3 +141,10 @@ class CompletionServing(OpenAIServing):
                     "usage": dump(job.usage()),
                 }
             )
+
+
+def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts ``prompt`` holds (a text, texts, one list of ids, lists of ids)."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)

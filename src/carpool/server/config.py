@@ -6,9 +6,16 @@ its ``max_queue``/``request_timeout`` apply to an in-process engine and to a rep
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from carpool.config import check_positive, option, parse_bytes
+
+# The environment variable read for the API key when no flag gives one (vLLM's VLLM_API_KEY is
+# vLLM's: a machine running both keeps them apart).
+API_KEY_ENV = "CARPOOL_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,9 @@ class ServerConfig:
         None, "require 'Authorization: Bearer KEY' on /v1/* (none: no auth)"
     )
     max_queue: int | None = option(
-        None, "most requests waiting to be scheduled; more get 429 (none: no limit)"
+        None,
+        "most sequences (prompts x n of each request) waiting to be scheduled beyond the free "
+        "seats; more get 429 (none: no limit)",
     )
     request_timeout: float | None = option(
         None,
@@ -49,6 +58,43 @@ class ServerConfig:
     dashboard_fps: float = option(
         10.0, "updates per second of the live dashboard's stream /v1/stats/stream (at most 10)"
     )
+    header_timeout: float = option(
+        30.0,
+        "seconds a client has to send a request's line and headers, counted from the "
+        "connection (or the request's first byte); later gets 408 and the connection closed",
+    )
+    body_timeout: float = option(
+        60.0,
+        "seconds a client has to send a whole request body once its headers arrived; later "
+        "gets 408 and the connection closed",
+    )
+    max_connections: int | None = option(
+        None,
+        "most client connections open at once; a request on one beyond them gets 503 and the "
+        "connection closed (none: half the process's open-file limit)",
+    )
+    max_header_bytes: int = option(
+        64 << 10,
+        "largest request line plus headers, e.g. 64KiB; larger gets 431",
+        parse=parse_bytes,
+    )
+    max_header_count: int = option(100, "most headers in one request; more gets 431")
+    api_key_file: str | None = option(
+        None,
+        "read the API key from this file (one line, whitespace stripped) instead of --api-key, "
+        "which the process list shows; the CARPOOL_API_KEY environment variable is read when "
+        "neither is given",
+    )
+    max_seqs_per_request: int = option(
+        256,
+        "most sequences one request may ask for (prompts x n); more get 400 (a ceiling on one "
+        "client's share, as --max-queue, which also counts sequences, is on the queue)",
+    )
+    replica_liveness_timeout: float = option(
+        10.0,
+        "with --replicas: seconds a replica may send no heartbeat before it is marked down, "
+        "its requests are retried elsewhere or failed, and it is killed and restarted",
+    )
     max_stream_backlog: int = option(
         1 << 20,
         "most output a streaming client may leave unread (its size as events, e.g. 1MiB); a "
@@ -58,8 +104,19 @@ class ServerConfig:
     )
 
     def __post_init__(self) -> None:
-        check_positive(self, "max_queue", "retry_after")
-        check_positive(self, "max_body_bytes", "max_stream_backlog", low=1024)
+        check_positive(
+            self, "max_queue", "retry_after", "max_connections", "max_header_count",
+            "max_seqs_per_request",
+        )  # fmt: skip
+        check_positive(self, "max_body_bytes", "max_header_bytes", "max_stream_backlog", low=1024)
+        for name in ("header_timeout", "body_timeout", "replica_liveness_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give the API key once: --api-key or --api-key-file, not both")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key must not be empty")
         if (
             isinstance(self.port, bool)
             or not isinstance(self.port, int)
@@ -76,3 +133,40 @@ class ServerConfig:
             raise ValueError(
                 f"tool_call_parser must be one of {sorted(PARSERS)}, got {self.tool_call_parser!r}"
             )
+
+    def __repr__(self) -> str:
+        # The generated repr would show the API key to whoever logs or prints the config.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if shown["api_key"] is not None:
+            shown["api_key"] = "***"
+        return f"ServerConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def resolve_api_key(config: ServerConfig, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """``config`` with its API key in ``api_key``, wherever it was given.
+
+    Precedence: ``api_key`` (``--api-key``), else the file ``api_key_file`` (``--api-key-file``;
+    its content, surrounding whitespace stripped, one line), else ``environ[CARPOOL_API_KEY]``
+    (``carpool serve`` passes ``os.environ``), else no key. The two flags exclude each other.
+
+    Raises:
+        ValueError: the file cannot be read, is empty or holds more than one line, or the
+            variable is set but blank. The message names the file or variable, never the key.
+    """
+    if config.api_key is not None:
+        return config
+    key: str | None = None
+    if config.api_key_file is not None:
+        path = Path(config.api_key_file)
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or type(e).__name__
+            raise ValueError(f"cannot read the API key file {str(path)!r}: {why}") from None
+        if not key or "\n" in key:
+            raise ValueError(f"the API key file {str(path)!r} must hold one non-empty line")
+    elif environ is not None and API_KEY_ENV in environ:
+        key = environ[API_KEY_ENV].strip()
+        if not key:
+            raise ValueError(f"{API_KEY_ENV} is set but empty")
+    return dataclasses.replace(config, api_key=key, api_key_file=None)

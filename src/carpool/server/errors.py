@@ -13,13 +13,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from carpool.errors import CarpoolError
 
 logger = logging.getLogger("carpool.server")
+# Set in a request's ``scope["state"]`` by the connection layer (``http_protocol``) when it cut
+# a body that did not arrive within the body timeout.
+BODY_TIMEOUT_MARK = "carpool.body_timeout"
 
 _TYPES = {
     400: "invalid_request_error",
@@ -167,6 +171,22 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(
             exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)
         ).response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # Not a server error: one line, no traceback. Nobody reads the answer; 499 (nginx's
+        # "client closed request") is what the access log shows, or 408 when the connection
+        # layer cut a body that did not arrive in time (it logged that itself).
+        if request.scope.get("state", {}).get(BODY_TIMEOUT_MARK):
+            return Response(status_code=408)
+        client = request.client
+        logger.info(
+            "%s disconnected before its request body was complete (%s %s)",
+            f"{client.host}:{client.port}" if client else "the client",
+            request.method,
+            request.url.path,
+        )
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

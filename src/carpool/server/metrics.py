@@ -3,6 +3,14 @@
 Each app owns a ``CollectorRegistry`` (never the global one), so several servers can live in one
 process (tests). The engine thread feeds the metrics through the ``EngineObserver`` hooks;
 prometheus-client's metric objects are thread-safe.
+
+What counts as one "request": each *completion* (sequence). A prompt sent with ``n=4`` is four
+requests to ``request_success`` and four observations in every per-request histogram (e2e,
+queue time, TTFT, prompt and generation tokens), as in vLLM, which runs the ``n`` samples as
+child requests; so ``e2e_request_latency_seconds_count`` equals the sum of
+``request_success_total``. Token counters are the exception: ``prompt_tokens`` counts each
+prompt's tokens once (what ``usage.prompt_tokens`` bills), ``generation_tokens`` every
+generated token.
 """
 
 from __future__ import annotations
@@ -93,7 +101,10 @@ class ServerMetrics:
             "carpool:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)."
         )
         self.num_free_kv_blocks = gauge("carpool:num_free_kv_blocks", "Free KV cache blocks.")
-        self.prompt_tokens = counter("carpool:prompt_tokens", "Prompt tokens of finished requests.")
+        self.prompt_tokens = counter(
+            "carpool:prompt_tokens",
+            "Prompt tokens of finished requests, each prompt once whatever its n (= usage).",
+        )
         self.generation_tokens = counter("carpool:generation_tokens", "Generated tokens.")
         self.num_preemptions = counter(
             "carpool:num_preemptions", "Running requests that lost their KV (recomputed later)."
@@ -113,7 +124,7 @@ class ServerMetrics:
         )
         self._success = Counter(
             "carpool:request_success",
-            "Finished requests by reason.",
+            "Finished requests by reason; each of a prompt's n completions counts as one.",
             ["model_name", "finished_reason"],
             registry=r,
         )
@@ -124,7 +135,9 @@ class ServerMetrics:
             "carpool:num_requests_rejected", "Requests refused with 429 because the queue was full."
         )
         self.ttft = histogram(
-            "carpool:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS
+            "carpool:time_to_first_token_seconds",
+            "Time to first token, per completion that produced one.",
+            _LATENCY_BUCKETS,
         )
         self.itl = histogram(
             "carpool:inter_token_latency_seconds",
@@ -133,17 +146,23 @@ class ServerMetrics:
         )
         self.e2e = histogram(
             "carpool:e2e_request_latency_seconds",
-            "Arrival to finish of each request.",
+            "Arrival to finish, per completion (count = sum of request_success).",
             _REQUEST_BUCKETS,
         )
         self.queue_time = histogram(
-            "carpool:request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS
+            "carpool:request_queue_time_seconds",
+            "Arrival to first scheduled, per completion that was scheduled.",
+            _REQUEST_BUCKETS,
         )
         self.prompt_tokens_per_request = histogram(
-            "carpool:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
+            "carpool:request_prompt_tokens",
+            "Prompt tokens, per completion (count = sum of request_success).",
+            _TOKEN_BUCKETS,
         )
         self.generation_tokens_per_request = histogram(
-            "carpool:request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS
+            "carpool:request_generation_tokens",
+            "Generated tokens, per completion (count = sum of request_success).",
+            _TOKEN_BUCKETS,
         )
         self.iteration_tokens = histogram(
             "carpool:iteration_tokens_total", "Tokens per engine step.", _TOKEN_BUCKETS
@@ -194,12 +213,24 @@ class ServerMetrics:
             self.generation_tokens.inc(new_tokens)
 
     def on_request_finished(self, output: RequestOutput, reason: str) -> None:
-        """Per-request counters and latency histograms."""
-        self.request_success[reason if reason in self.request_success else "error"].inc()
-        self.prompt_tokens.inc(len(output.prompt_token_ids))
-        self.prompt_tokens_per_request.observe(len(output.prompt_token_ids))
-        self.generation_tokens_per_request.observe(output.num_generated_tokens)
-        for t in output.timings:
+        """Per-completion counters and histograms; the prompt's tokens once.
+
+        ``reason`` is the request's (its completions' worst, or ``timeout``); each completion
+        is counted with its own finish reason, except that a completion the deadline aborted
+        counts as ``timeout``.
+        """
+        prompt_len = len(output.prompt_token_ids)
+        self.prompt_tokens.inc(prompt_len)
+        for i, c in enumerate(output.outputs):
+            own = c.finish_reason or "abort"
+            if reason == "timeout" and own == "abort":
+                own = "timeout"
+            self.request_success[own if own in self.request_success else "error"].inc()
+            self.prompt_tokens_per_request.observe(prompt_len)
+            self.generation_tokens_per_request.observe(c.num_tokens or len(c.token_ids))
+            t = output.timings[i] if i < len(output.timings) else None
+            if t is None:
+                continue
             if t.ttft is not None:
                 self.ttft.observe(t.ttft)
             for gap in t.inter_token_gaps:

@@ -2,18 +2,19 @@
 
 Requests are validated strictly (``"5"`` is not an int, ``true`` is not a number) and every
 range is checked here, so a bad field is reported with its name. Unknown fields are *allowed*
-(OpenAI adds fields often): they are ignored and named in a log warning (``unknown_fields``).
+(OpenAI adds fields often): they are ignored and named in a log warning (``unknown_fields``),
+a count plus the first few (``describe_unknown_fields``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from carpool.errors import InvalidRequestError
-from carpool.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from carpool.sampling_params import MAX_LOGPROBS, MAX_TOP_K, RequestOutputKind, SamplingParams
 from carpool.server.protocol_ext import (
     ConstraintFields,
     DeltaToolCall,
@@ -25,6 +26,36 @@ from carpool.server.protocol_ext import (
 # torch generators take 64-bit seeds; n > 1 uses seed + i, so keep room at the top.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
 MAX_N = 128
+# Every int field has an upper bound: a JSON integer has no size, and a value past 64 bits
+# that reached a tensor once failed a whole engine step (issue 15). The engine checks again.
+_INT_MAX = 2**63 - 1
+_TokenId = Annotated[int, Field(ge=0, le=_INT_MAX)]
+MAX_STOP_TOKEN_IDS = 1024
+
+
+# How much of a request's unknown field names one log line shows: a client can send 20,000
+# keys (or one 1 MB key), and the log must not grow with them.
+UNKNOWN_FIELDS_SHOWN = 5
+UNKNOWN_FIELD_CHARS = 40
+
+
+def describe_unknown_fields(names: list[str]) -> str:
+    """``names`` for a log line: their count and the first few, each cut to a bounded length.
+
+    ``["a", "b"]`` -> ``"2 unknown fields: a, b"``; 20,000 names -> ``"20000 unknown fields
+    (first 5: ...)"``.
+    """
+
+    def cut(name: str) -> str:
+        if len(name) <= UNKNOWN_FIELD_CHARS:
+            return repr(name)[1:-1]
+        return repr(name[:UNKNOWN_FIELD_CHARS])[1:-1] + f"...({len(name)} chars)"
+
+    shown = ", ".join(cut(n) for n in names[:UNKNOWN_FIELDS_SHOWN])
+    noun = "field" if len(names) == 1 else "fields"
+    if len(names) <= UNKNOWN_FIELDS_SHOWN:
+        return f"{len(names)} unknown {noun}: {shown}"
+    return f"{len(names)} unknown {noun} (first {UNKNOWN_FIELDS_SHOWN}: {shown}, ...)"
 
 
 class _Request(BaseModel):
@@ -76,12 +107,13 @@ class SamplingFields(_Request, ConstraintFields):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     # carpool / vLLM extensions
-    top_k: int = Field(0, ge=0)
+    # top_k >= the vocabulary size keeps every token (off), as in vLLM
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0, le=_INT_MAX)
+    stop_token_ids: list[_TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     timeout: float | None = Field(None, gt=0, le=86_400)
     # lower is served first under --scheduling-policy priority (vLLM's field)
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
@@ -134,7 +166,7 @@ class CompletionRequest(SamplingFields):
     _UNSUPPORTED: ClassVar[frozenset[str]] = frozenset({"suffix"})
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=_INT_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
@@ -211,8 +243,8 @@ class ChatCompletionRequest(SamplingFields):
     )
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=_INT_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=_INT_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[ToolDefinition] | None = None

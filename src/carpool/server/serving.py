@@ -66,6 +66,7 @@ class OpenAIServing:
         model_name: the served model name (requests naming another model get a 404).
         retry_after: seconds suggested in ``Retry-After`` of a 429.
         metrics: counts the requests refused with 429.
+        max_seqs_per_request: most sequences (prompts x n) one request may ask for (400 above).
         max_stream_backlog: bytes of output a streaming client may leave unread before it is
             cut off (see ``SSEResponse``).
     """
@@ -76,9 +77,11 @@ class OpenAIServing:
         model_name: str,
         retry_after: int = 1,
         metrics: ServerMetrics | None = None,
+        max_seqs_per_request: int = 256,
         max_stream_backlog: int = 1 << 20,
     ) -> None:
         self.client = client
+        self.max_seqs_per_request = max_seqs_per_request
         self.max_stream_backlog = max_stream_backlog
         self.metrics = metrics
         self.model_name = model_name
@@ -119,6 +122,20 @@ class OpenAIServing:
             return req.to_sampling_params(max_tokens, logprobs, kind)
         except CarpoolError as e:
             raise error_to_api(e) from None
+
+    def check_num_seqs(self, num_prompts: int, req: SamplingFields) -> None:
+        """400 when ``num_prompts`` x n is over ``max_seqs_per_request`` (checked before any
+        tokenizing, so an oversized request costs the server nothing)."""
+        num_seqs = num_prompts * req.n
+        if num_seqs <= self.max_seqs_per_request:
+            return
+        raise APIError(
+            400,
+            f"this request asks for {num_prompts} prompt(s) x n={req.n} = {num_seqs} sequences;"
+            f" this server takes at most {self.max_seqs_per_request} per request"
+            " (--max-seqs-per-request): send fewer prompts or a smaller n",
+            param="n" if req.n > 1 else "prompt",
+        )
 
     def check_request(self, req: SamplingFields) -> None:
         """400 for fields that would change the result but are not implemented."""
@@ -163,7 +180,8 @@ class OpenAIServing:
     def submit(self, job: Job, timeout: float | None, arrival: float) -> None:
         """Queue every prompt of ``job`` (all or none)."""
         try:
-            self.client.check_capacity(len(job.prompts))
+            # --max-queue counts sequences: each of a prompt's n completions takes a seat.
+            self.client.check_capacity(sum(p.n for p in job.params))
             for i, (ids, params) in enumerate(zip(job.prompts, job.params, strict=True)):
                 job.streams.append(
                     self.client.submit(ids, params, f"{job.rid}-{i}", timeout, arrival)

@@ -7,10 +7,11 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
-from starlette.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from carpool.engine.stream import RequestStream
@@ -148,3 +149,24 @@ async def merge_streams(
     finally:
         for t in tasks:
             t.cancel()
+
+
+class FinishedJob(Protocol):
+    """What a final response says of its HTTP request (``serving.Job`` has it)."""
+
+    rid: str
+    created: int
+
+    def usage(self) -> BaseModel:
+        """Token counts of every prompt and completion of the request."""
+
+
+def final_response(
+    response: Callable[..., BaseModel], job: FinishedJob, model: str, choices: list[Any]
+) -> JSONResponse:
+    """The non-streaming body of a finished request, chat and completions alike: the
+    ``response`` model with the job's id, creation time, usage, the model name and ``choices``."""
+    body = response(
+        id=job.rid, created=job.created, model=model, choices=choices, usage=job.usage()
+    )
+    return JSONResponse(body.model_dump(mode="json"))

@@ -23,7 +23,6 @@ class ChunkLike(Protocol):
     request_id: str
     token_ids: list[int]
     start_pos: int
-    block_table: list[int]
     needs_sample: bool
 
 
@@ -40,13 +39,17 @@ class ModelInput:
 
 
 def build_ragged_batch(
-    chunks: Sequence[ChunkLike], block_size: int, device: torch.device | str = "cpu"
+    chunks: Sequence[ChunkLike],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
 ) -> ModelInput:
     """Pack ``chunks`` end to end into one ``ModelInput``.
 
     Args:
-        chunks: per sequence, the tokens to compute now, their start position and the block
-            table covering ``start_pos + len(token_ids)`` slots.
+        chunks: per sequence, the tokens to compute now and their start position.
+        block_tables: per chunk, its request's block table, covering
+            ``start_pos + len(token_ids)`` slots.
         block_size: tokens per KV block.
         device: where the tensors go.
     """
@@ -61,13 +64,13 @@ def build_ragged_batch(
     max_blocks = -(-int(ctx.max()) // block_size)
     l = max_blocks * block_size  # keys are gathered block by block
     tables = np.zeros((b, max_blocks), dtype=np.int64)
-    for k, c in enumerate(chunks):
-        n = min(len(c.block_table), max_blocks)
-        assert len(c.block_table) * block_size >= ctx[k], (
-            f"request {c.request_id}: block table of {len(c.block_table)} blocks "
+    for k, (c, table) in enumerate(zip(chunks, block_tables, strict=True)):
+        n = min(len(table), max_blocks)
+        assert len(table) * block_size >= ctx[k], (
+            f"request {c.request_id}: block table of {len(table)} blocks "
             f"cannot hold {ctx[k]} tokens"
         )
-        tables[k, :n] = c.block_table[:n]
+        tables[k, :n] = table[:n]
     input_ids = np.fromiter(
         (t for c in chunks for t in c.token_ids), dtype=np.int64, count=int(q_lens.sum())
     )

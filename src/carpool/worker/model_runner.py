@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from carpool.request import Request
-from carpool.scheduling.output import SchedulerOutput
+from carpool.scheduling.output import BlockTables, SchedulerOutput
 from carpool.worker.batch import build_ragged_batch
 from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs
+from carpool.worker.sampler_guard import SamplingGuard
 
 if TYPE_CHECKING:
     from carpool.structured.processor import LogitsProcessor
@@ -29,11 +30,14 @@ class ModelRunnerOutput:
     """One new token per request that sampled this step (and its logprobs when asked).
 
     ``num_padded_tokens``: pad token slots the layout computed this step (0 when ragged).
+    ``failed``: requests whose row could not be sampled (request id -> why); they got no token
+    and must fail, alone (see ``SamplingGuard``).
     """
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     num_padded_tokens: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -67,7 +71,12 @@ class ModelRunner:
         self.sampler = Sampler()
         # logit_bias and structured-output masks, applied to the batch's logits before sampling.
         self.logits_processor = logits_processor
+        # One request's bad row fails that request only, not the batch.
+        self.sampling = SamplingGuard(self.sampler, logits_processor)
         self._generators: dict[str, torch.Generator] = {}
+        # Every scheduled request's block table, kept here from the per-step deltas so the
+        # hand-off costs O(new blocks), not O(context), per step.
+        self.block_tables = BlockTables()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -86,8 +95,9 @@ class ModelRunner:
         return gen
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's generator (and grammar state)."""
+        """Forget a finished request's generator, block table (and grammar state)."""
         self._generators.pop(request_id, None)
+        self.block_tables.drop(request_id)
         if self.logits_processor is not None:
             self.logits_processor.release(request_id)
 
@@ -96,18 +106,21 @@ class ModelRunner:
         self, output: SchedulerOutput, requests: Mapping[str, Request]
     ) -> ModelRunnerOutput:
         """Run the model on ``output.chunks`` and sample for every ``needs_sample`` chunk."""
+        self.block_tables.apply(output)
         if output.is_empty:
             return ModelRunnerOutput()
+        tables = self.block_tables.tables_of(output.chunks)
         if self.layout == "padded":
             inp = build_padded_batch(
                 output.chunks,
+                tables,
                 self.block_size,
                 self.scratch_block,
                 output.num_idle_seats,
                 self.device,
             )
         else:
-            inp = build_ragged_batch(output.chunks, self.block_size, self.device)
+            inp = build_ragged_batch(output.chunks, tables, self.block_size, self.device)
         num_padded = inp.num_tokens - output.num_batched_tokens
         logits = self.model(
             inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
@@ -121,16 +134,10 @@ class ModelRunner:
             )
             for r in reqs
         ]
-        proc = self.logits_processor
-        if proc is not None:
-            logits = proc.apply(logits, inp.sample_request_ids, [r.params for r in rows])
-        result = self.sampler(logits, rows)
-        if proc is not None:
-            proc.accept(inp.sample_request_ids, [r.params for r in rows], result.token_ids)
-        sampled = dict(zip(inp.sample_request_ids, result.token_ids, strict=True))
-        logprobs = {
-            rid: lp
-            for rid, lp in zip(inp.sample_request_ids, result.logprobs, strict=True)
-            if lp is not None
-        }
-        return ModelRunnerOutput(sampled=sampled, logprobs=logprobs, num_padded_tokens=num_padded)
+        result = self.sampling(logits, inp.sample_request_ids, rows)
+        return ModelRunnerOutput(
+            sampled=result.sampled,
+            logprobs=result.logprobs,
+            num_padded_tokens=num_padded,
+            failed=result.failed,
+        )

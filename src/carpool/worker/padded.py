@@ -15,7 +15,8 @@ Seats of a static batch whose request is done (``SchedulerOutput.num_idle_seats`
 made only of pad tokens.
 
 Padding count: ``rows x width - real tokens``, where ``rows = chunks + idle seats`` and
-``width`` is the longest chunk of the step. The benchmark's padding waste is
+``width`` is the longest chunk of the step (the runner reports it per step,
+``ModelRunnerOutput.num_padded_tokens``). The benchmark's padding waste is
 ``padded / (real + padded)`` summed over steps.
 """
 
@@ -31,16 +32,9 @@ from carpool.worker.batch import ChunkLike, ModelInput
 PAD_TOKEN_ID = 0  # any valid id: a pad's output is never read
 
 
-def num_padded_tokens(chunks: Sequence[ChunkLike], num_idle_rows: int = 0) -> int:
-    """Pad slots ``build_padded_batch`` adds for these chunks (``rows x width - real``)."""
-    if not chunks:
-        return 0
-    q_lens = [len(c.token_ids) for c in chunks]
-    return (len(chunks) + num_idle_rows) * max(q_lens) - sum(q_lens)
-
-
 def build_padded_batch(
     chunks: Sequence[ChunkLike],
+    block_tables: Sequence[Sequence[int]],
     block_size: int,
     scratch_block: int,
     num_idle_rows: int = 0,
@@ -49,9 +43,7 @@ def build_padded_batch(
     """Lay ``chunks`` out as a padded rectangle, plus ``num_idle_rows`` all-pad rows.
 
     Args:
-        chunks: per sequence, the tokens to compute now, their start position and the block
-            table covering ``start_pos + len(token_ids)`` slots.
-        block_size: tokens per KV block.
+        chunks, block_tables, block_size: as for ``build_ragged_batch``.
         scratch_block: id of the KV block that absorbs every pad token's K/V (never attended).
         num_idle_rows: extra rows of pad tokens only (done seats of a static batch).
         device: where the tensors go.
@@ -67,13 +59,12 @@ def build_padded_batch(
     ctx = [c.start_pos + n for c, n in zip(chunks, q_lens, strict=True)]
     max_blocks = -(-max(ctx) // block_size)
     l = max_blocks * block_size  # attention gathers keys block by block
-    for c, n in zip(chunks, ctx, strict=True):
-        assert len(c.block_table) * block_size >= n, (
-            f"request {c.request_id}: block table of {len(c.block_table)} blocks "
-            f"cannot hold {n} tokens"
+    for c, table, n in zip(chunks, block_tables, ctx, strict=True):
+        assert len(table) * block_size >= n, (
+            f"request {c.request_id}: block table of {len(table)} blocks cannot hold {n} tokens"
         )
     # Real tables padded with the scratch block; idle rows point only at the scratch block.
-    table_rows = [(c.block_table + [scratch_block] * max_blocks)[:max_blocks] for c in chunks]
+    table_rows = [([*t] + [scratch_block] * max_blocks)[:max_blocks] for t in block_tables]
     table_rows += [[scratch_block] * max_blocks] * num_idle_rows
     tables = torch.tensor(table_rows, dtype=torch.long)  # [R, max_blocks]
 

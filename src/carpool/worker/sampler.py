@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from carpool.outputs import TokenLogprobs
-from carpool.sampling_params import SamplingParams
+from carpool.sampling_params import MIN_TEMPERATURE, SamplingParams
 
 
 @dataclass
@@ -71,10 +71,12 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 def apply_truncation(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k / top-p / min-p support."""
     dev = logits.device
-    top_k = torch.tensor([row.params.top_k for row in rows], device=dev)
+    v = logits.shape[-1]
+    # Clamped in Python before the tensor is built: a top_k past the vocabulary keeps every
+    # token (off, as in vLLM), and no client value can overflow the tensor's int64.
+    top_k = torch.tensor([min(row.params.top_k, v) for row in rows], device=dev)
     top_p = torch.tensor([row.params.top_p for row in rows], device=dev)
     min_p = torch.tensor([row.params.min_p for row in rows], device=dev)
-    v = logits.shape[-1]
     if bool((top_k > 0).any() or (top_p < 1).any()):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(v, device=dev)[None, :]
@@ -103,10 +105,16 @@ class Sampler:
         raw = logits
         logits = apply_penalties(logits.clone(), rows)
         dev = logits.device
-        greedy = torch.tensor([row.params.temperature == 0 for row in rows], device=dev)
+        greedy = torch.tensor(
+            [row.params.temperature < MIN_TEMPERATURE for row in rows], device=dev
+        )
         tokens = logits.argmax(-1)
         if not bool(greedy.all()):
-            temp = torch.tensor([row.params.temperature or 1.0 for row in rows], device=dev)
+            # Greedy rows divide by 1 (their draw is discarded): no infinities in the batch.
+            temp = torch.tensor(
+                [t if (t := row.params.temperature) >= MIN_TEMPERATURE else 1.0 for row in rows],
+                device=dev,
+            )
             probs = apply_truncation(logits / temp[:, None], rows).softmax(-1)
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each
             # seeded row use its own generator while unseeded rows share one draw.
@@ -122,7 +130,8 @@ class Sampler:
         if wanted:
             lp = raw[wanted].log_softmax(-1)
             n_top = max(rows[i].params.logprobs or 0 for i in wanted)
-            top_v, top_i = lp.topk(max(n_top, 1), dim=-1)
+            # A tiny vocabulary may have fewer tokens than the logprobs asked for.
+            top_v, top_i = lp.topk(min(max(n_top, 1), lp.shape[-1]), dim=-1)
             for j, i in enumerate(wanted):
                 n = rows[i].params.logprobs or 0
                 tok = token_list[i]

@@ -1,10 +1,16 @@
-"""How many KV-cache blocks a memory budget buys.
+"""KV-cache memory: bytes per block, blocks per budget, and the engine's own block count.
 
 The per-token size comes from the model (``ModelConfig.kv_bytes_per_token_for(dtype_bytes)``:
 ``2 x layers x kv_heads x head_dim x bytes``), so the planner and the engine agree on the number.
 """
 
 from __future__ import annotations
+
+import math
+
+from carpool.capacity.device import available_memory_bytes
+from carpool.config import DEFAULT_BLOCK_SIZE, EngineConfig
+from carpool.model_config import ModelConfig
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -43,3 +49,37 @@ def kv_cache_bytes(num_blocks: int, kv_bytes_per_token: int, block_size: int) ->
     """Bytes taken by ``num_blocks`` blocks (the inverse of ``num_blocks_for_budget``)."""
     _check_positive_int("num_blocks", num_blocks)
     return num_blocks * block_bytes(kv_bytes_per_token, block_size)
+
+
+def kv_cache_bytes_for(
+    config: ModelConfig,
+    num_seqs: int,
+    seq_len: int,
+    nbytes: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> int:
+    """Bytes of the paged KV cache that holds ``num_seqs`` sequences of ``seq_len`` tokens.
+
+    Each sequence takes whole blocks (``ceil(seq_len / block_size)``), exactly as the engine's
+    BlockManager hands them out.
+    """
+    blocks = num_seqs * math.ceil(seq_len / block_size)
+    return kv_cache_bytes(blocks, config.kv_bytes_per_token_for(nbytes), block_size)
+
+
+def plan_num_blocks(
+    config: EngineConfig, model: ModelConfig, max_model_len: int, dtype_bytes: int
+) -> int:
+    """KV blocks the engine allocates: ``kv_cache_memory`` bytes when given, else
+    ``kv_cache_memory_fraction`` of the memory available now, capped at what every seat
+    filled to ``max_model_len`` can use (no point holding more)."""
+    per_token = model.kv_bytes_per_token_for(dtype_bytes)
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+    else:
+        useful = kv_cache_bytes_for(
+            model, config.max_num_seqs, max_model_len, dtype_bytes, config.block_size
+        )
+        available = available_memory_bytes(config.device)
+        budget = min(int(available * config.kv_cache_memory_fraction), useful)
+    return num_blocks_for_budget(budget, per_token, config.block_size)
