@@ -14,7 +14,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 
 from carpool.engine.stream import RequestStream, StreamBacklogError
 from carpool.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from carpool.server.streaming import SSEResponse, sse
 from helpers.cli_server import CliServer
 
 pytestmark = pytest.mark.slow
@@ -183,3 +184,76 @@ def test_a_consumer_that_keeps_up_is_never_cut_off() -> None:
         return got
 
     assert asyncio.run(run()) == 200
+
+
+def _scope() -> dict[str, Any]:
+    return {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST", "headers": []}
+
+
+async def _events(stream: RequestStream) -> AsyncIterator[str]:
+    try:
+        async for out in stream:
+            yield sse({"n": len(out.outputs)})
+    except StreamBacklogError as e:
+        yield sse({"error": {"code": e.code}})
+    yield sse("[DONE]")
+
+
+def test_sse_response_sends_the_error_event_to_a_client_that_still_reads() -> None:
+    async def run() -> tuple[bytes, list[str]]:
+        aborts: list[str] = []
+        stream = RequestStream("r", aborts.append)
+        sent: list[bytes] = []
+        gate = asyncio.Event()  # the client reads nothing until the cut-off
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                await gate.wait()
+                sent.append(message.get("body", b""))
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # never disconnects
+            return {}
+
+        resp = SSEResponse(_events(stream), lambda: None, [stream], max_backlog=20_000)
+        task = asyncio.ensure_future(resp(_scope(), receive, send))
+        for step in range(100):
+            stream.put(_output(step))
+            await asyncio.sleep(0)
+        await stream.cut_off.wait()
+        gate.set()  # the client reads again, within the grace
+        await asyncio.wait_for(task, 5)
+        return b"".join(sent), aborts
+
+    body, aborts = asyncio.run(run())
+    assert aborts == ["r"]
+    assert body.endswith(
+        b'data: {"error": {"code": "stream_backlog_exceeded"}}\n\ndata: [DONE]\n\n'
+    )
+
+
+def test_sse_response_gives_up_on_a_client_that_reads_nothing() -> None:
+    async def run() -> tuple[float, list[str]]:
+        closed: list[str] = []
+        stream = RequestStream("r", lambda rid: None)
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # the socket is full for good
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()
+            return {}
+
+        resp = SSEResponse(_events(stream), lambda: closed.append("r"), [stream], 20_000)
+        task = asyncio.ensure_future(resp(_scope(), receive, send))
+        for step in range(100):
+            stream.put(_output(step))
+            await asyncio.sleep(0)
+        start = time.monotonic()
+        await asyncio.wait_for(task, SSEResponse.CUT_OFF_GRACE + 5)
+        return time.monotonic() - start, closed
+
+    waited, closed = asyncio.run(run())
+    assert closed == ["r"]  # the response ended (uvicorn then closes the connection)
+    assert waited <= SSEResponse.CUT_OFF_GRACE + 1
