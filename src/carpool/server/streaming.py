@@ -81,7 +81,8 @@ class SSEResponse(StreamingResponse):
                 w.cancel()
         await asyncio.sleep(self.CUT_OFF_GRACE)
         logger.warning(
-            "a stream's client read nothing for %ss after its cut-off: closing its connection",
+            "request %s: the client read nothing for %ss after its cut-off: closing its connection",
+            ",".join(s.request_id for s in self._streams if s.cut_off.is_set()),
             self.CUT_OFF_GRACE,
         )
 
