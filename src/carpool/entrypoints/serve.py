@@ -138,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
     Returns 2 for bad flags and 1 when the model cannot load (one error line each, no server
     left answering 503): systemd, docker and CI see the failure.
     """
+    from carpool.native_caches import bound_native_caches
+
+    bound_native_caches()  # before torch runs anything (read once, at the first matmul)
     from carpool.server.app import build_app
     from carpool.server.config import ServerConfig, resolve_api_key
     from carpool.server.http_protocol import ConnectionLimits, protocol_class

@@ -15,9 +15,45 @@ from torch import nn
 
 from carpool.config import ModelConfig, RopeScaling
 
+# Rows of a reduced-precision matmul are padded up to one of a few sizes: exact up to
+# ``_EXACT_ROWS``, then ``_BUCKETS_PER_OCTAVE`` sizes per power of two (at most 25% padding).
+_EXACT_ROWS = 32
+_BUCKETS_PER_OCTAVE = 4
+
+
+def bucket_rows(rows: int) -> int:
+    """The padded row count of a ``rows``-row bf16 matmul (``rows`` itself up to 32).
+
+    Why: torch's bf16 ``linear`` on CPU goes through oneDNN, which caches a primitive (with
+    its packed weights) per input shape, in two LRU caches of 1,024 entries each (oneDNN's
+    and ideep's). A continuous batch has a different token count at almost every step, so
+    each distinct count of each weight shape added an entry: RSS grew by hundreds of MiB over
+    a few thousand requests (issue 15, item 5) until the caches filled. With the count
+    bucketed, ~60 sizes per weight shape cover up to 8k tokens, the caches stop growing once
+    they saw them, and the steps hit them.
+    """
+    if rows <= _EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 1 - (_BUCKETS_PER_OCTAVE.bit_length() - 1))
+    return -(-rows // step) * step
+
+
+def linear_bucketed(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` over ``x`` ``[T, K]`` with ``T`` padded to ``bucket_rows(T)`` for
+    reduced-precision weights (float32 takes MKL's sgemm, which caches nothing per shape)."""
+    rows = x.shape[0]
+    padded = bucket_rows(rows)
+    if weight.dtype == torch.float32 or x.dim() != 2 or padded == rows:
+        return F.linear(x, weight, bias)
+    out = F.linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias)  # [padded, N]
+    return out[:rows]  # contiguous: a prefix of the rows
+
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with a matrix-vector fast path for a single input row.
+    """``nn.Linear`` with a matrix-vector fast path for a single input row, and bucketed row
+    counts otherwise (see ``bucket_rows``).
 
     At batch 1 (one decode token) torch's bf16 ``linear`` on CPU reads the weight at ~10-14
     GB/s, while ``torch.mv`` on the same weight reaches ~25-35 GB/s (measured on this machine:
@@ -28,7 +64,7 @@ class Linear(nn.Linear):
         if x.dim() == 2 and x.shape[0] == 1:
             out = torch.mv(self.weight, x[0]).unsqueeze(0)
             return out if self.bias is None else out + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return linear_bucketed(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carpool.model.layers import linear_bucketed
+
 QUANTIZATION_METHODS = ("int8", "int4")
 GROUP_SIZE = 32
 # The CPU int4 packing interleaves blocks of 64 output rows (see ``_unpack_cpu_int4``); weights
@@ -96,7 +98,7 @@ class Int8Linear(QuantizedLinear):
         if small and x2.device.type == "cpu" and x2.dtype == self.scales.dtype:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:  # widen the codes (the scale is per output channel: applied to the output)
-            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+            y = linear_bucketed(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -172,7 +174,7 @@ class Int4Linear(QuantizedLinear):
         x2 = x.reshape(-1, self.in_features)
         dev = x2.device.type
         if x2.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
-            y = F.linear(x2, self._dense(x2.dtype))
+            y = linear_bucketed(x2, self._dense(x2.dtype))
         elif dev == "cpu" and x2.dtype == self.scales_zeros.dtype:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.contiguous(), self.packed, self.group_size, self.scales_zeros
@@ -182,7 +184,7 @@ class Int4Linear(QuantizedLinear):
                 x2.contiguous(), self._cuda_packed(), self.group_size, self.scales_zeros
             )
         else:  # no int4 kernel for this device/dtype: widen the weight for this call
-            y = F.linear(x2, self._dense(x2.dtype))
+            y = linear_bucketed(x2, self._dense(x2.dtype))
         y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
 

@@ -71,9 +71,10 @@ class Serving:
         metrics: ServerMetrics,
         tool_call_parser: str | None = None,
         max_seqs_per_request: int = 256,
+        max_stream_backlog: int = 1 << 20,
     ) -> None:
         self.client = client
-        args = (client, model_name, retry_after, metrics, max_seqs_per_request)
+        args = (client, model_name, retry_after, metrics, max_seqs_per_request, max_stream_backlog)
         self.completions = CompletionServing(*args)
         self.chat = ChatServing(*args)
         self.utility = UtilityServing(client, model_name, retry_after, metrics)
@@ -111,6 +112,7 @@ class ServerState:
             self.metrics,
             c.tool_call_parser,
             c.max_seqs_per_request,
+            c.max_stream_backlog,
         )
         self.engine = engine
 
@@ -124,6 +126,7 @@ class ServerState:
             self.metrics,
             c.tool_call_parser,
             c.max_seqs_per_request,
+            c.max_stream_backlog,
         )
         self.engine = pool
 

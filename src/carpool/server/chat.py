@@ -79,7 +79,7 @@ class ChatServing(OpenAIServing):
         job = self.start("chatcmpl", [ids], [params], req.timeout, arrival)
         if req.stream:
             events = self.event_stream(job, self._stream(req, job, req.include_usage, plan))
-            return SSEResponse(events, job.abort_all)
+            return SSEResponse(events, job.abort_all, job.streams, self.max_stream_backlog)
         outs = await self.collect(request, job)
         choices = []
         for c in outs[0].outputs:

@@ -40,7 +40,7 @@ class CompletionServing(OpenAIServing):
         job = self.start("cmpl", prompts, params, req.timeout, arrival)
         if req.stream:
             events = self.event_stream(job, self._stream(req, job, req.include_usage, echoes))
-            return SSEResponse(events, job.abort_all)
+            return SSEResponse(events, job.abort_all, job.streams, self.max_stream_backlog)
         outs = await self.collect(request, job)
         choices = []
         for i, out in enumerate(outs):

@@ -95,13 +95,20 @@ class ServerConfig:
         "with --replicas: seconds a replica may send no heartbeat before it is marked down, "
         "its requests are retried elsewhere or failed, and it is killed and restarted",
     )
+    max_stream_backlog: int = option(
+        1 << 20,
+        "most output a streaming client may leave unread (its size as events, e.g. 1MiB); a "
+        "client further behind gets an error event, its request is aborted and its connection "
+        "closed",
+        parse=parse_bytes,
+    )
 
     def __post_init__(self) -> None:
         check_positive(
             self, "max_queue", "retry_after", "max_connections", "max_header_count",
             "max_seqs_per_request",
         )  # fmt: skip
-        check_positive(self, "max_body_bytes", "max_header_bytes", low=1024)
+        check_positive(self, "max_body_bytes", "max_header_bytes", "max_stream_backlog", low=1024)
         for name in ("header_timeout", "body_timeout", "replica_liveness_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:

@@ -69,6 +69,8 @@ class OpenAIServing:
         retry_after: seconds suggested in ``Retry-After`` of a 429.
         metrics: counts the requests refused with 429.
         max_seqs_per_request: most sequences (prompts x n) one request may ask for (400 above).
+        max_stream_backlog: bytes of output a streaming client may leave unread before it is
+            cut off (see ``SSEResponse``).
     """
 
     def __init__(
@@ -78,9 +80,11 @@ class OpenAIServing:
         retry_after: int = 1,
         metrics: ServerMetrics | None = None,
         max_seqs_per_request: int = 256,
+        max_stream_backlog: int = 1 << 20,
     ) -> None:
         self.client = client
         self.max_seqs_per_request = max_seqs_per_request
+        self.max_stream_backlog = max_stream_backlog
         self.metrics = metrics
         self.model_name = model_name
         self.retry_after = retry_after
