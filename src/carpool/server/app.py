@@ -105,22 +105,17 @@ class ServerState:
             log_interval=c.log_interval,
         )
         engine.start()
-        self.serving = Serving(
-            engine,
-            self.model_name,
-            c.retry_after,
-            self.metrics,
-            c.tool_call_parser,
-            c.max_seqs_per_request,
-            c.max_stream_backlog,
-        )
-        self.engine = engine
+        self._serve(engine)
 
     def attach_pool(self, pool: ReplicaPool) -> None:
         """Serve through a started, ready pool of replica processes."""
+        self._serve(pool)
+
+    def _serve(self, client: EngineClient) -> None:
+        """Route requests to ``client`` (an in-process engine or a replica pool)."""
         c = self.config
         self.serving = Serving(
-            pool,
+            client,
             self.model_name,
             c.retry_after,
             self.metrics,
@@ -128,7 +123,7 @@ class ServerState:
             c.max_seqs_per_request,
             c.max_stream_backlog,
         )
-        self.engine = pool
+        self.engine = client
 
     @property
     def ready(self) -> bool:
