@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from carpool.model.gguf_quant import decode_blocks
-from carpool.model.quant import Int4Linear, Int8Linear, QuantizedEmbedding, quantize_linear
+from carpool.model.quant import (
+    RESCORE_TOP_K,
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    kernel_dtype,
+    quantize_linear,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (out, in): a multiple of the int4 packing's 64-row block, and one that needs padding.
@@ -17,9 +24,10 @@ SHAPES = [(128, 64), (96, 96)]
 
 
 def _reference(q, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T + b`` in float64 with the module's own dequantized weight."""
+    """``x @ W.T + b`` in float64 with the module's own dequantized weight, ``x`` rounded to the
+    kernel dtype first as the module does (a float32 model's quantized matmuls take bf16)."""
     w = q.dequantize().double()
-    y = x.double() @ w.T
+    y = x.to(kernel_dtype(x.dtype)).double() @ w.T
     return y if q.bias is None else y + q.bias.double()
 
 
@@ -40,8 +48,9 @@ def test_quantized_matmul_equals_its_dequantized_reference(
     y = q(x)
     assert y.shape == (batch, n) and y.dtype == dtype
     ref = _reference(q, x)
-    # Rounding only: the output's own rounding (bf16: 2^-8 relative) plus accumulation order.
-    eps = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    # Rounding only: the kernel's bf16 output (2^-8 relative) plus accumulation order, for both
+    # model dtypes (a float32 model's quantized matmuls compute in bf16).
+    eps = 2**-7
     err = (y.double() - ref).abs().max().item()
     assert err <= eps * ref.abs().max().item() + 1e-6, f"{method} {dtype} max err {err}"
     # A 3-D input (tokens of several sequences) takes the same path row by row.
@@ -61,7 +70,9 @@ def test_quantization_error_is_at_most_half_a_step(method, shape):
     else:
         g = w.reshape(shape[0], -1, 32)
         step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(32, dim=1)
-    assert bool((err <= step / 2 + 1e-6).all()), float((err - step / 2).max())
+    # Scales are stored in bf16 (rounded: up to 2^-8 relative) and the codes chosen for the stored
+    # scale: half a step of the unrounded scale, up to that rounding.
+    assert bool((err <= step / 2 * (1 + 2**-7) + 1e-6).all()), float((err - step / 2).max())
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -86,8 +97,16 @@ def test_gguf_q4_blocks_map_exactly_onto_int4_groups(type_name):
     qw, expected = _gguf_roundtrip(type_name, w)
     q = Int4Linear.from_codes(qw.codes, qw.scale, qw.minimum, None, torch.float32)
     got = q.dequantize().numpy()
-    # (q - 8) * d + (m + 8 d) vs d q + m: the same value up to float32 rounding.
-    np.testing.assert_allclose(got, expected, rtol=0, atol=4e-7 * np.abs(expected).max())
+    # The module holds (q - 8) * bf16(d) + bf16(m + 8 d) exactly (to float32 rounding): d q + m
+    # with the scale and zero rounded once to the kernels' bf16.
+    d = qw.scale.float().repeat_interleave(32, dim=1)
+    zero = (qw.minimum.float() + 8 * qw.scale.float()).repeat_interleave(32, dim=1)
+    d_b, zero_b = d.bfloat16().float(), zero.bfloat16().float()
+    exact = ((qw.codes.float() - 8) * d_b + zero_b).numpy()
+    np.testing.assert_allclose(got, exact, rtol=0, atol=4e-7 * np.abs(exact).max())
+    # Against gguf's own dequantization: only that rounding, at most 2^-8 of each (relative).
+    bound = (2**-8 * (8 * d.abs() + zero.abs())).numpy() * (1 + 1e-5) + 1e-7
+    assert (np.abs(got - expected) <= bound).all(), float(np.abs(got - expected).max())
 
 
 def test_gguf_q8_0_requantized_per_row_within_half_the_largest_block_scale():
@@ -100,8 +119,14 @@ def test_gguf_q8_0_requantized_per_row_within_half_the_largest_block_scale():
     err = np.abs(q.dequantize().numpy() - expected)
     d_max = qw.scale.numpy()[:, None]
     assert (err <= d_max / 2 * (1 + 1e-6)).all()
-    # Rows' largest blocks are kept exactly.
-    assert err.min() == 0.0
+    # The row scale is the largest block scale rounded up to bf16 (what the kernel stores), so
+    # it is kept exactly and no code leaves +-127.
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).reshape(64, 8, 34)
+    d_blocks = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+    largest = d_blocks.max(axis=1)
+    assert (qw.scale.numpy() >= largest).all()
+    assert (qw.scale.numpy() <= largest * (1 + 2**-7)).all()
+    assert torch.equal(q.scales.float(), qw.scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,3 +146,39 @@ def test_q8_0_decoding_in_row_slices_equals_one_slice(monkeypatch):
     monkeypatch.setattr(gguf_quant, "_ROWS_PER_SLICE", 10)
     sliced, _ = _gguf_roundtrip("Q8_0", w)
     assert torch.equal(whole.codes, sliced.codes) and torch.equal(whole.scale, sliced.scale)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_head_logits_rescore_the_top_entries_exactly_in_float32(method):
+    torch.manual_seed(4)
+    head = quantize_linear(torch.nn.Linear(64, 1000, bias=False), method, torch.float32)
+    x = torch.randn(3, 64)
+    exact = x.double() @ head.dequantize().double().T  # the module's own weight, float64
+    got = head.logits(x)
+    assert got.dtype == torch.float32 and got.shape == (3, 1000)
+    # forward alone rounds to bf16: its top entries are off by up to 2^-8 relative...
+    rounded = head(x).double()
+    # (the top half: entries near the k-th may swap in or out of the rescored set by rounding)
+    top = exact.topk(RESCORE_TOP_K // 2, dim=-1).indices
+    assert (rounded.gather(1, top) - exact.gather(1, top)).abs().max() > 1e-4
+    # ...logits recomputes them in float32 (and so keeps the true argmax).
+    torch.testing.assert_close(got.double().gather(1, top), exact.gather(1, top), rtol=0, atol=1e-5)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    # The rest stay the kernel's values: bf16-rounded input and output.
+    assert (got.double() - exact).abs().max() <= 2**-7 * exact.abs().max()
+
+
+def test_head_logits_break_a_bf16_tie_the_right_way():
+    # Two rows whose outputs differ by less than a bf16 step at their magnitude (~25: a step of
+    # 0.125): rounded, they tie and argmax takes the lower index; rescored, the higher wins.
+    codes = torch.zeros(64, 32, dtype=torch.int8)
+    codes[:, 0] = 1
+    codes[0, 0] = codes[1, 0] = 127
+    codes[1, 1] = 1
+    scale = torch.full((64,), 0.1965).bfloat16().float()
+    head = Int8Linear(codes, scale, None, torch.float32)
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1] = 1.0, 0.03
+    y = head(x)
+    assert y[0, 0] == y[0, 1] and y[0, 0] > y[0, 2:].max()  # 24.929 and 24.935: both 24.875
+    assert int(head.logits(x).argmax()) == 1

@@ -23,10 +23,27 @@ KERNEL = {"Q8_0": Int8Linear, "Q4_0": Int4Linear, "Q4_1": Int4Linear}
 # Max abs prompt-logit difference, quantized vs the file's dequantized model (logits up to ~6
 # on these deliberately high-variance random weights), measured then doubled:
 # - Q8_0: 0.27 (fp32) / 0.37 (bf16): Q8_0's per-block scales re-rounded to one per row;
-# - Q4_x in bf16: 0.12-0.23: scales and zeros rounded fp16 -> bf16, weights not widened to bf16.
-# In float32 Q4_0/Q4_1 are exact (same greedy tokens, logits to 1e-4).
+# - Q4_x in bf16: 0.12-0.23: scales and zeros rounded fp16 -> bf16, weights not widened to bf16;
+# - Q4_x in float32: 0.08-0.11: the same scale rounding, and the quantized matmuls' inputs
+#   rounded to bf16 (their kernels' float32 paths are 15-100x slower; see quant.py).
 LOGIT_BOUND = {("Q8_0", "float32"): 0.6, ("Q8_0", "bfloat16"): 0.8}
-LOGIT_BOUND.update({(t, "bfloat16"): 0.5 for t in ("Q4_0", "Q4_1")})
+LOGIT_BOUND.update({(t, d): 0.5 for t in ("Q4_0", "Q4_1") for d in ("float32", "bfloat16")})
+LOGIT_BOUND.update({(t, "float32"): 0.25 for t in ("Q4_0", "Q4_1")})
+# --quantization int8/int4 against the same dequantized weights in float32: only the bf16
+# rounding of the matmuls' inputs and outputs (measured 0.07-0.12).
+INPUT_ROUNDING_BOUND = 0.25
+
+
+def _assert_same_top1_where_clear(got: torch.Tensor, expected: torch.Tensor, bound: float):
+    """The argmax of every position agrees wherever the reference's top-2 gap exceeds twice the
+    allowed logit error (elsewhere a difference within ``bound`` may flip a near-tie)."""
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
+    assert clear.any(), "no position with a clear winner: the check would be empty"
+    agree = got.argmax(-1) == expected.argmax(-1)
+    assert bool(agree[clear].all()), (
+        f"top-1 differs at clear positions {(~agree & clear).nonzero()}"
+    )
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: tied head, q/k/v biases
@@ -51,13 +68,11 @@ def test_quantized_gguf_against_its_dequantized_model(checkpoint, ftype, dtype):
     if config.tie_word_embeddings:
         assert quant.lm_head is quant.model.embed_tokens.source
     assert not any(isinstance(m, QuantizedLinear) for m in dense.modules())
-    diff = float((prompt_logits(quant, PROMPT) - prompt_logits(dense, PROMPT)).abs().max())
-    if (ftype, dtype) in LOGIT_BOUND:
-        assert diff <= LOGIT_BOUND[ftype, dtype], f"{ftype} {dtype}: logit diff {diff:.4f}"
-        return
-    assert diff <= 1e-4, f"{ftype} {dtype}: logit diff {diff:.2e}"
-    got, expected = greedy(quant, PROMPT, 32), greedy(dense, PROMPT, 32)
-    assert got == expected, first_difference(got, expected)
+    got, expected = prompt_logits(quant, PROMPT), prompt_logits(dense, PROMPT)
+    diff = float((got - expected).abs().max())
+    bound = LOGIT_BOUND[ftype, dtype]
+    assert diff <= bound, f"{ftype} {dtype}: logit diff {diff:.4f}"
+    _assert_same_top1_where_clear(got, expected, bound / 2)
 
 
 @pytest.mark.parametrize("ftype", list(KERNEL))
@@ -72,8 +87,8 @@ def test_resident_weights_within_1_3x_the_file_and_as_predicted(checkpoint, ftyp
     assert measured == weight_bytes_for(config, 2, plan)
     dense, _ = load_model(files[ftype], quantization="none", dtype="bfloat16")
     assert resident_weight_bytes(dense) == weight_bytes_for(config, 2, None)
-    # The default (auto) computes a quantized file in float32: scales and dense tensors take 4
-    # bytes (int4 groups of 32: 16 B of codes + 8 B of scale/zero), still as predicted.
+    # The default (auto) computes a quantized file in float32: dense tensors take 4 bytes, the
+    # scales stay bf16 (int4 groups of 32: 16 B of codes + 4 B of scale/zero), as predicted.
     auto, auto_config = load_model(files[ftype])
     assert auto_config.torch_dtype == "float32"
     assert resident_weight_bytes(auto) == weight_bytes_for(config, 4, plan)
@@ -103,23 +118,29 @@ def test_hf_quantization_equals_its_dequantized_weights(checkpoint, method):
         for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
     )
     dense = _dense_holding(quant, hf_dir, "float32")
-    diff = float((prompt_logits(quant, PROMPT) - prompt_logits(dense, PROMPT)).abs().max())
-    assert diff <= 1e-4, f"{method}: logit diff {diff:.2e}"
-    got, expected = greedy(quant, PROMPT, 32), greedy(dense, PROMPT, 32)
-    assert got == expected, first_difference(got, expected)
+    got, expected = prompt_logits(quant, PROMPT), prompt_logits(dense, PROMPT)
+    diff = float((got - expected).abs().max())
+    assert diff <= INPUT_ROUNDING_BOUND, f"{method}: logit diff {diff:.2e}"
+    _assert_same_top1_where_clear(got, expected, INPUT_ROUNDING_BOUND / 2)
+    # Rounding the matmuls' inputs is all that differs: with it undone (the module fed values
+    # already in bf16, as the dense reference then is too) the two agree to float32 rounding.
+    layer = quant.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features).bfloat16().float()
+    ref = torch.nn.functional.linear(x, dense.model.layers[0].mlp.down_proj.weight)
+    torch.testing.assert_close(layer(x), ref, rtol=2**-7, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantization_flag_through_llm(checkpoint, method):
     hf_dir, _ = checkpoint
-    # float32: the engine's 17-token prefill of both prompts takes the widened path above the
-    # kernel threshold, the one-prompt reference the kernel; in bf16 their roundings differ
-    # and these random weights have near-ties.
+    # One prompt per call: a quantized matmul computes in bf16, and a batch whose rows cross a
+    # kernel's widening threshold (the engine's 17-token prefill of both prompts, int8's 16)
+    # rounds differently from the one-prompt reference; these random weights have near-ties.
     llm = LLM(str(hf_dir), dtype="float32", quantization=method)
     model = llm.engine.model
     assert isinstance(model.lm_head, Int8Linear if method == "int8" else Int4Linear)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    out = llm.generate([PROMPT, PROMPT[:5]], params, use_tqdm=False)
+    out = [llm.generate([p], params, use_tqdm=False)[0] for p in (PROMPT, PROMPT[:5])]
     for o, prompt in zip(out, [PROMPT, PROMPT[:5]], strict=True):
         expected = greedy(model, prompt, 16)
         assert o.outputs[0].token_ids == expected, first_difference(

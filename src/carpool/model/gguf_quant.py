@@ -9,8 +9,10 @@ Block layouts (32 weights each, ggml-common.h):
 
 Q4_0/Q4_1 become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or ``-8 d``). Q8_0's
 per-block scale does not fit the int8 kernel's one scale per output row: the codes are
-re-rounded to the row's largest block scale, ``q' = round(q d / d_max)``, an error of at most
-``d_max / 2`` per weight (measured on SmolLM2-135M's embedding: see BENCHMARKS.md).
+re-rounded to the row's largest block scale rounded *up* to bfloat16 (the kernels keep scales in
+bfloat16, see ``quant.py``; rounding up keeps every code within +-127),
+``q' = round(q d / d_max)``, an error of at most ``d_max / 2`` per weight (measured on
+SmolLM2-135M's embedding: see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Qu
     blocks = np.asarray(raw).reshape(n, k // _BLOCK, -1)  # [N, K/32, block bytes]
     d = _fp16(blocks[..., 0:2])  # [N, K/32]
     if type_name == "Q8_0":
-        d_max = d.amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)  # [N]
+        d_max = _ceil_bf16(d.amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny))  # [N]
         ratio = d / d_max[:, None]  # [N, K/32], in (0, 1]
         codes = torch.empty(n, k, dtype=torch.int8)
         # In slices of rows: float temporaries of a whole embedding would be ~10x its codes.
@@ -98,6 +100,13 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Qu
     else:
         raise ValueError(f"no kernel for GGUF type {type_name}")
     return QuantWeight("int4", codes.reshape(n, k), d, m)
+
+
+def _ceil_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 values >= ``x`` (positive, finite float32), as float32."""
+    bits = x.view(torch.int32)
+    # A bfloat16 is a float32 whose low 16 bits are zero: round those bits up.
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
 
 
 def _fp16(two_bytes: np.ndarray) -> torch.Tensor:

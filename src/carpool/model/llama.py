@@ -14,6 +14,7 @@ from torch import nn
 from carpool.config import ModelConfig
 from carpool.model.attention import Attention, AttentionMetadata, GatherBuffer
 from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from carpool.model.quant import QuantizedLinear
 
 
 class DecoderLayer(nn.Module):
@@ -110,6 +111,8 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos_sin, meta, kv_cache)
         # Only rows that sample need the final norm and the (large) vocabulary projection.
         x = self.model.norm(x[logits_indices])
+        if isinstance(self.lm_head, QuantizedLinear):  # float32 top logits (see its docstring)
+            return self.lm_head.logits(x)
         return self.lm_head(x).float()
 
     def allocate_kv_cache(

@@ -1,7 +1,14 @@
 """Weight-only quantized linear layers (int8 per channel, int4 per group of 32) and their swap-in.
 
-Activations stay in the model's dtype; only the weights are stored narrow and widened inside
-the matmul kernel. Kernels (chosen by ``benchmarks/quant_kernels.py``, see BENCHMARKS.md):
+The model keeps its dtype (residual stream, norms, attention); a quantized matmul computes in
+the *kernel dtype* (``kernel_dtype``: bfloat16, float16 for float16 models): its input is cast
+to it, its scales are stored in it, and its output is cast back. Why not float32: both CPU
+kernels' float32 paths are scalar loops, 15-100x slower than their bfloat16 paths on the same
+weights (``benchmarks/quant_kernels.py --dtypes float32,bfloat16``, BENCHMARKS.md), which made a
+float32 model with quantized weights 10x slower than the same model dense. A float32 model with
+quantized weights is thus what llama.cpp runs: float32 activations between the matmuls, narrower
+inputs to them (llama.cpp even quantizes them to 8 bits). Kernels (chosen by
+``benchmarks/quant_kernels.py``, see BENCHMARKS.md):
 
 - int8: ``torch._weight_int8pack_mm`` (CPU): an int8 ``[N, K]`` weight, one scale per output
   channel; ``y = (x @ q.T) * scale``.
@@ -39,6 +46,17 @@ INT8_WIDEN_ABOVE_ROWS = 16
 INT4_WIDEN_ABOVE_ROWS = 128
 
 
+# How many of a row's largest logits ``QuantizedLinear.logits`` recomputes in float32: far more
+# than the entries a bf16 rounding of the output (2^-8 relative) can carry past the true
+# maximum, so the argmax and the head of the distribution are exact.
+RESCORE_TOP_K = 64
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype quantized matmuls compute in and keep scales in, for a model in ``dtype``."""
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
 class QuantizedLinear(nn.Module):
     """Common surface of the weight-only quantized linears: ``forward``, ``rows``, ``dequantize``.
 
@@ -49,20 +67,45 @@ class QuantizedLinear(nn.Module):
     in_features: int
     out_features: int
     bias: torch.Tensor | None
+    # The model's dtype: what ``rows`` and ``dequantize`` return (forward returns its input's).
+    out_dtype: torch.dtype
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dequantized weight rows ``[*ids.shape, in_features]`` (an embedding lookup)."""
+        """Dequantized weight rows ``[*ids.shape, in_features]`` in ``out_dtype`` (an embedding
+        lookup), computed in float32 from the codes and the stored scales."""
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:
-        """The whole weight ``[out_features, in_features]`` in the scale dtype."""
+        """The whole weight ``[out_features, in_features]`` in ``out_dtype``."""
         return self.rows(torch.arange(self.out_features, device=self._device()))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` as a vocabulary head: ``[R, out_features]`` float32 logits.
+
+        The kernels return bf16, whose rounding (0.125 at a logit of 25) can tie or swap the top
+        tokens of a float32 model: SmolLM2-135M's first answer token to "What is the capital of
+        France?" leads the runner-up by 0.08. So for float32 inputs each row's
+        ``RESCORE_TOP_K`` largest logits are recomputed exactly from the dequantized rows in
+        float32 (a ``[R, k, K]`` gather: 64 rows of 576 for SmolLM2, ~1% of the head's reads).
+        """
+        y = self(x).float()
+        if x.dtype != torch.float32:
+            return y
+        top = y.topk(min(RESCORE_TOP_K, self.out_features), dim=-1).indices  # [R, k]
+        exact = torch.bmm(self.rows(top).float(), x.unsqueeze(-1)).squeeze(-1)  # [R, k]
+        if self.bias is not None:
+            exact = exact + self.bias[top].float()
+        return y.scatter_(1, top, exact)
 
     def _device(self) -> torch.device:
         return next(self.buffers()).device
 
-    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bias is None else y + self.bias
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Cast the kernel's ``[rows, N]`` output back to the input's dtype, add the bias, and
+        restore the input's leading dimensions."""
+        y = y.to(x.dtype)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -71,13 +114,22 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """``y = x @ (q * scale[:, None]).T + bias`` with an int8 ``q`` and one scale per row."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype | None = None,
+    ):
+        """``dtype``: the model's (default: ``scales``'); scales are kept in its kernel dtype."""
         super().__init__()
         assert qweight.dtype == torch.int8 and qweight.dim() == 2, qweight.dtype
         self.out_features, self.in_features = qweight.shape
+        self.out_dtype = dtype or scales.dtype
         self.register_buffer("qweight", qweight.contiguous())  # [N, K] int8
-        self.register_buffer("scales", scales.contiguous())  # [N], the activation dtype
-        self.register_buffer("bias", bias)
+        # [N], rounded once from float32 (a Q8_0 file's re-rounded scales arrive in float32).
+        self.register_buffer("scales", scales.float().to(kernel_dtype(self.out_dtype)).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(self.out_dtype))
 
     @classmethod
     def from_float(
@@ -89,20 +141,24 @@ class Int8Linear(QuantizedLinear):
         """Symmetric per-output-channel quantization: ``scale = max|w| / 127`` per row."""
         w = weight.float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        # Codes chosen for the scale as stored (rounded to the kernel dtype).
+        scale = scale.to(kernel_dtype(dtype)).float()
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale.to(dtype), None if bias is None else bias.to(dtype))
+        return cls(q, scale, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        small = x2.shape[0] <= INT8_WIDEN_ABOVE_ROWS
-        if small and x2.device.type == "cpu" and x2.dtype == self.scales.dtype:
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
-        else:  # widen the codes (the scale is per output channel: applied to the output)
-            y = linear_bucketed(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
-        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+        kd = self.scales.dtype
+        xk = x2.to(kd)
+        if x2.shape[0] <= INT8_WIDEN_ABOVE_ROWS and x2.device.type == "cpu":
+            y = torch._weight_int8pack_mm(xk.contiguous(), self.qweight, self.scales)
+        else:  # widen the codes (exact in bf16/fp16); the per-row scale goes on the output
+            y = linear_bucketed(xk, self.qweight.to(kd)) * self.scales
+        return self._finish(y, x)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+        w = self.qweight[ids].float() * self.scales[ids].float().unsqueeze(-1)
+        return w.to(self.out_dtype)
 
 
 class Int4Linear(QuantizedLinear):
@@ -115,9 +171,17 @@ class Int4Linear(QuantizedLinear):
         zeros: torch.Tensor,
         bias: torch.Tensor | None,
         group_size: int = GROUP_SIZE,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """Pack ``codes`` ``[N, K]`` (uint8 in 0..15) with ``scales``/``zeros`` ``[N, K/g]``."""
+        """Pack ``codes`` ``[N, K]`` (uint8 in 0..15) with ``scales``/``zeros`` ``[N, K/g]``.
+
+        ``dtype``: the model's (default: ``scales``'); scales and zeros are kept in its kernel
+        dtype.
+        """
         super().__init__()
+        self.out_dtype = dtype or scales.dtype
+        kd = kernel_dtype(self.out_dtype)
+        scales, zeros = scales.float().to(kd), zeros.float().to(kd)
         n, k = codes.shape
         assert k % group_size == 0 and scales.shape == zeros.shape == (n, k // group_size), (
             codes.shape,
@@ -134,7 +198,7 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer(
             "scales_zeros", torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
         )
-        self.register_buffer("bias", bias)
+        self.register_buffer("bias", None if bias is None else bias.to(self.out_dtype))
 
     @classmethod
     def from_float(
@@ -150,7 +214,8 @@ class Int4Linear(QuantizedLinear):
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         # Round the scale and zero to the storage dtype first, so codes are chosen for them.
-        scale_s, lo_s = scale.to(dtype).float(), lo.to(dtype).float()
+        kd = kernel_dtype(dtype)
+        scale_s, lo_s = scale.to(kd).float(), lo.to(kd).float()
         q = torch.round((g - lo_s[..., None]) / scale_s[..., None]).clamp(0, 15).to(torch.uint8)
         return cls.from_codes(q.reshape(n, k), scale_s, lo_s, bias, dtype)
 
@@ -163,40 +228,44 @@ class Int4Linear(QuantizedLinear):
         bias: torch.Tensor | None,
         dtype: torch.dtype,
     ) -> Int4Linear:
-        """From ``w = scale q + minimum`` per group of 32 (Q4_1; Q4_0: ``minimum = -8 scale``)."""
+        """From ``w = scale q + minimum`` per group of 32 (Q4_1; Q4_0: ``minimum = -8 scale``).
+
+        The zero ``minimum + 8 scale`` is formed in float32, then both are rounded once to the
+        kernel dtype (fp16 -> bf16: at most 2^-8 of each, relative).
+        """
         scale32 = scale.float()
         zero = minimum.float() + 8 * scale32
-        return cls(
-            codes, scale32.to(dtype), zero.to(dtype), None if bias is None else bias.to(dtype)
-        )
+        return cls(codes, scale32, zero, bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        kd = self.scales_zeros.dtype
+        xk = x2.to(kd).contiguous()
         dev = x2.device.type
         if x2.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
-            y = linear_bucketed(x2, self._dense(x2.dtype))
-        elif dev == "cpu" and x2.dtype == self.scales_zeros.dtype:
+            y = linear_bucketed(xk, self._dense(kd))
+        elif dev == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.contiguous(), self.packed, self.group_size, self.scales_zeros
+                xk, self.packed, self.group_size, self.scales_zeros
             )
-        elif dev == "cuda" and x2.dtype == torch.bfloat16 == self.scales_zeros.dtype:
+        elif dev == "cuda" and kd == torch.bfloat16:
             y = torch.ops.aten._weight_int4pack_mm(
-                x2.contiguous(), self._cuda_packed(), self.group_size, self.scales_zeros
+                xk, self._cuda_packed(), self.group_size, self.scales_zeros
             )
         else:  # no int4 kernel for this device/dtype: widen the weight for this call
-            y = linear_bucketed(x2, self._dense(x2.dtype))
+            y = linear_bucketed(xk, self._dense(kd))
         y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
-        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+        return self._finish(y, x)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         q = _unpack_int4_rows(self.packed, ids, self.in_features)  # [*ids, K] uint8
-        sz = self.scales_zeros.index_select(1, ids.reshape(-1))  # [K/g, R, 2]
+        sz = self.scales_zeros.index_select(1, ids.reshape(-1)).float()  # [K/g, R, 2]
         sz = sz.transpose(0, 1).repeat_interleave(self.group_size, dim=1)  # [R, K, 2]
-        w = (q.reshape(-1, self.in_features).to(sz.dtype) - 8) * sz[..., 0] + sz[..., 1]
-        return w.reshape(*ids.shape, self.in_features)
+        w = (q.reshape(-1, self.in_features).float() - 8) * sz[..., 0] + sz[..., 1]
+        return w.reshape(*ids.shape, self.in_features).to(self.out_dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return self._dense(self.scales_zeros.dtype)
+        return self._dense(torch.float32).to(self.out_dtype)
 
     def _dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole (padded) weight ``[N', K]`` widened in a few whole-tensor ops."""
@@ -265,7 +334,7 @@ def quantize_linear(
     linear: nn.Linear, method: str, dtype: torch.dtype | None = None
 ) -> QuantizedLinear:
     """A quantized copy of a dense ``nn.Linear`` (``method``: ``int8`` or ``int4``)."""
-    dtype = dtype or linear.weight.dtype
+    dtype = dtype or linear.weight.dtype  # the model's; scales go to its kernel dtype
     w, b = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
     if method == "int8":
         return Int8Linear.from_float(w, b, dtype)

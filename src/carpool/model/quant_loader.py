@@ -195,7 +195,7 @@ def _build(
 ) -> QuantizedLinear:
     bias = None if bias is None else bias.to(device=device, dtype=dtype)
     if qw.method == "int8":
-        return Int8Linear(qw.codes.to(device), qw.scale.to(device=device, dtype=dtype), bias)
+        return Int8Linear(qw.codes.to(device), qw.scale.to(device), bias, dtype)
     minimum = qw.minimum
     assert minimum is not None
     return Int4Linear.from_codes(

@@ -21,6 +21,7 @@ GGUF_METHODS = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
 _EMBED = "model.embed_tokens"
 _ROW_BLOCK = 64  # int4 weights are padded to whole 64-row blocks (see quant.py)
 _GROUP = 32
+_SCALE_BYTES = 2  # quantized scales live in bfloat16 (float16 for float16 models)
 
 
 def matrix_shapes(config: ModelConfig) -> dict[str, tuple[int, int, bool]]:
@@ -56,16 +57,17 @@ def matrix_bytes(method: str | None, out_features: int, in_features: int, nbytes
     """Resident bytes of one weight matrix (bias excluded) stored as ``method``.
 
     dense: ``N K nbytes``; int8: ``N K`` codes + ``N`` scales; int4: ``N' K / 2`` packed codes
-    + ``N' K / 32`` (scale, zero) pairs, with ``N'`` rounded up to a multiple of 64.
+    + ``N' K / 32`` (scale, zero) pairs, with ``N'`` rounded up to a multiple of 64. Scales take
+    2 bytes whatever ``nbytes`` (they are kept in the 16-bit kernel dtype, see ``quant.py``).
     """
     n, k = out_features, in_features
     if method is None:
         return n * k * nbytes
     if method == "int8":
-        return n * k + n * nbytes
+        return n * k + n * _SCALE_BYTES
     if method == "int4":
         n_pad = -(-n // _ROW_BLOCK) * _ROW_BLOCK
-        return n_pad * k // 2 + n_pad * (k // _GROUP) * 2 * nbytes
+        return n_pad * k // 2 + n_pad * (k // _GROUP) * 2 * _SCALE_BYTES
     raise ValueError(f"unknown quantization method {method!r}")
 
 
