@@ -5,7 +5,8 @@ Models (each variant loaded once, all measured interleaved so load bursts hit th
 - ``small`` (``--random-config small``, 58.5M parameters): bf16, ``quantization="int8"``,
   ``quantization="int4"``;
 - SmolLM2-135M-Instruct Q4_1 GGUF: as stored (Q4_1 -> int4, its Q8_0 embedding/head -> int8)
-  vs ``quantization="none"`` (dequantized to bf16).
+  vs ``quantization="none"`` (dequantized), for each of ``--smol-dtypes`` (``auto`` is the
+  default serving dtype: float32 for a quantized file).
 
 Per variant and batch B: B random 32-token prompts, 64 new tokens (greedy, EOS ignored);
 decode tokens/s = B / median decode-step time of the steps that ran all B sequences; the
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--small-batches", default="1,8")
     ap.add_argument("--smol-batches", default="1,16")
+    ap.add_argument("--smol-dtypes", default="bfloat16", help="e.g. auto,bfloat16")
+    ap.add_argument("--no-small", action="store_true", help="SmolLM2 only")
     ap.add_argument("--rss", action="store_true", help="also measure SmolLM2's resident memory")
     ap.add_argument("--output", type=Path, default=None)
     args = ap.parse_args()
@@ -91,13 +94,13 @@ def main() -> None:
         "small": [int(b) for b in args.small_batches.split(",")],
         "smollm2-q4_1": [int(b) for b in args.smol_batches.split(",")],
     }
-    for q in ("bf16", "int8", "int4"):
+    for q in () if args.no_small else ("bf16", "int8", "int4"):
         quant = None if q == "bf16" else q
         variants["small", q] = LLM(str(small), dtype="bfloat16", quantization=quant, **kv)
-    if SMOL.is_file():
-        variants["smollm2-q4_1", "as stored"] = LLM(str(SMOL), dtype="bfloat16", **kv)
-        variants["smollm2-q4_1", "bf16 (dequantized)"] = LLM(
-            str(SMOL), dtype="bfloat16", quantization="none", **kv
+    for dtype in args.smol_dtypes.split(",") if SMOL.is_file() else ():
+        variants["smollm2-q4_1", f"as stored, {dtype}"] = LLM(str(SMOL), dtype=dtype, **kv)
+        variants["smollm2-q4_1", f"dequantized, {dtype}"] = LLM(
+            str(SMOL), dtype=dtype, quantization="none", **kv
         )
     results: dict[tuple[str, str, int], list[float]] = {}
     for rep in range(args.repeats):

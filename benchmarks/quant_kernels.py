@@ -14,9 +14,16 @@ thread count, times ``y = x @ W.T`` with bf16 activations:
 torchao's CPU int4 weight-only layout (``Int4CPULayout``) calls the same
 ``_weight_int4pack_mm_for_cpu`` op, so its matmul is the ``int4`` column.
 
+``--float32`` instead times a float32 model's matmuls: the dense float32 weight, both kernels
+called with float32 activations and float32 scales (their scalar float32 paths: what carpool
+did before), and ``Int8Linear``/``Int4Linear`` as they run in a float32 model now (input cast
+to bf16, the bf16 kernel, output cast back).
+
 Usage:
     python benchmarks/quant_kernels.py --threads 1,2 --batches 1,8,32,128 \
         --output benchmarks/results/quant_kernels.json
+    python benchmarks/quant_kernels.py --float32 --threads 1 --batches 1,8 \
+        --output benchmarks/results/quant_kernels_fp32.json
 Prints a markdown table (median microseconds per call and the weight-read GB/s) and writes JSON.
 """
 
@@ -27,6 +34,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -88,7 +96,11 @@ def main() -> None:
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--batches", default="1,8,16,32")
     ap.add_argument("--output", type=Path, default=None)
+    ap.add_argument("--float32", action="store_true", help="a float32 model's matmuls instead")
     args = ap.parse_args()
+    if args.float32:
+        float32_table(args)
+        return
     torch.manual_seed(0)
     rows = []
     print(
@@ -115,6 +127,44 @@ def main() -> None:
                             "int8 widened": lambda: widened8(x, q8),  # noqa: B023
                             "int4 widened": lambda: widened4(x, q4),  # noqa: B023
                         }
+                    )
+                rows.append({"shape": name, "threads": threads, "batch": m, "seconds": t})
+                cells = " | ".join(f"{v * 1e6:.0f}" for v in t.values())
+                print(f"| {name} | {threads} | {m} | {cells} |", flush=True)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+
+
+def int4_fp32(x: torch.Tensor, q: Int4Linear, scales_zeros: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.packed, q.group_size, scales_zeros)
+
+
+def float32_table(args: argparse.Namespace) -> None:
+    """Median microseconds per call of a float32 model's matmuls (see the module docstring)."""
+    torch.manual_seed(0)
+    rows = []
+    cols = ["fp32 dense", "int8 fp32 kernel", "int4 fp32 kernel", "Int8Linear", "Int4Linear"]
+    print("| shape | threads | M | " + " | ".join(f"{c} us" for c in cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for name, (n, k) in SHAPES.items():
+            w = torch.randn(n, k) * 0.02
+            q8, q4 = Int8Linear.from_float(w, None, torch.float32), Int4Linear.from_float(w)
+            s8, sz4 = q8.scales.float(), q4.scales_zeros.float()  # the old float32 scales
+            for m in (int(b) for b in args.batches.split(",")):
+                x = torch.randn(m, k)
+                with torch.inference_mode():
+                    t = time_calls(
+                        {
+                            cols[0]: partial(torch.nn.functional.linear, x, w),
+                            cols[1]: partial(torch._weight_int8pack_mm, x, q8.qweight, s8),
+                            cols[2]: partial(int4_fp32, x, q4, sz4),
+                            cols[3]: partial(q8, x),
+                            cols[4]: partial(q4, x),
+                        },
+                        rounds=3,
                     )
                 rows.append({"shape": name, "threads": threads, "batch": m, "seconds": t})
                 cells = " | ".join(f"{v * 1e6:.0f}" for v in t.values())
