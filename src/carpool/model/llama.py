@@ -8,6 +8,9 @@ where each checkpoint tensor goes.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,4 +128,20 @@ class LlamaForCausalLM(nn.Module):
         """
         c = self.config
         shape = (num_blocks, block_size, 2, c.num_key_value_heads, c.head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        return [zeroed_lazily(shape, dtype, device) for _ in range(c.num_hidden_layers)]
+
+
+def zeroed_lazily(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """A zero tensor whose CPU pages are only made resident when first written.
+
+    ``torch.zeros`` writes every byte, so a KV cache sized for a full server (gigabytes) was
+    resident from the start. ``calloc`` (numpy's ``zeros``) returns large blocks as fresh
+    anonymous mappings, zero by the kernel's guarantee and untouched, so resident memory grows
+    with the blocks actually used, as llama.cpp's does. Other devices: ``torch.zeros``.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raw = np.zeros((math.prod(shape) * dtype.itemsize,), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
