@@ -199,9 +199,9 @@ def main() -> None:
     ap.add_argument("--systems", default="llama.cpp,carpool,transformers")
     ap.add_argument(
         "--carpool-dtype",
-        default="bfloat16",
-        help="carpool's dtype (default bfloat16: today's loader widens a GGUF to float32 "
-        "under auto; quantized matrices stay quantized where carpool keeps them so)",
+        default="auto",
+        help="carpool's dtype (default auto, what `carpool serve` uses: a BF16 file computes in "
+        "bfloat16, a quantized one in float32 with its matmuls in bf16 kernels)",
     )
     ap.add_argument(
         "--carpool-engine-arg", action="append", default=[], help="extra EngineConfig KEY=VALUE"
