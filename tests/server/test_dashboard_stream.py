@@ -54,15 +54,25 @@ def frames(
                     return
 
 
+SEND_BUFFER = 16384  # bytes the kernel may hold for each of the server's connections
+
+
 @pytest.fixture(scope="module")
 def srv(make_server) -> Any:
     # 2 seats for 6 requests: some must wait; a small token budget: prompts go in chunks.
-    return make_server(
+    s = make_server(
         ServerConfig(api_key=KEY),
         max_num_seqs=2,
         max_num_batched_tokens=16,
         kv_cache_memory=1 << 20,
     )
+    # Accepted sockets inherit the listener's send buffer. Without this, Linux lets a socket
+    # that nobody reads hold megabytes (tcp_wmem), which take a stalled viewer minutes of small
+    # delta frames to fill before the server has to drop any.
+    for server in s.server.servers:
+        for sock in server.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    return s
 
 
 def _burst(srv: Any, n: int, max_tokens: int) -> list[dict]:
@@ -200,7 +210,8 @@ def test_a_viewer_that_does_not_read_loses_frames_not_memory(srv) -> None:
             stalled = [v for v in b.viewers] if b is not None else []
             if stalled and stalled[0].dropped >= 5:
                 break
-            assert time.monotonic() < deadline, f"the stalled viewer never dropped a frame: {b}"
+            what = [(v.sent, v.sent_bytes, v.dropped) for v in stalled]
+            assert time.monotonic() < deadline, f"no frame dropped (sent, bytes, dropped): {what}"
             _burst(srv, 2, 8)
         viewer = stalled[0]
         sent = viewer.sent

@@ -47,6 +47,7 @@ class Viewer:
         self.frame: str | None = None
         self.ready = asyncio.Event()
         self.sent = 0
+        self.sent_bytes = 0  # characters handed to its response (frames are ASCII)
         self.dropped = 0
         self.keyframes = 0
         self.synced = False  # it has taken every frame since its last keyframe
@@ -72,6 +73,7 @@ class Viewer:
         frame, self.frame = self.frame, None
         assert frame is not None
         self.sent += 1
+        self.sent_bytes += len(frame)
         return frame
 
 
