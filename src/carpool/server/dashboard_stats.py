@@ -46,6 +46,7 @@ class Finished:
     ttft: float | None
     e2e: float | None
     reason: str
+    json: str  # as the frame lists it (the end on the frame clock)
 
 
 class Latencies:
@@ -69,10 +70,15 @@ class Latencies:
         """Note a request that finished at ``now``."""
         self.num_finished += 1
         t = out.timings[0] if out.timings else None
+        ttft, e2e = (t.ttft, t.e2e) if t is not None else (None, None)
+        listed = encode({
+            "id": out.request_id, "replica": replica, "prompt": len(out.prompt_token_ids),
+            "generated": out.num_generated_tokens, "reason": reason, "ttft_ms": _ms1(ttft),
+            "e2e_ms": _ms1(e2e), "end": round(10 * (now - self.origin)),
+        })  # fmt: skip
         self._finished.append(
             Finished(now, out.request_id, replica, len(out.prompt_token_ids),
-                     out.num_generated_tokens, t.ttft if t is not None else None,
-                     t.e2e if t is not None else None, reason)
+                     out.num_generated_tokens, ttft, e2e, reason, listed)
         )  # fmt: skip
         for timing in out.timings:
             gaps = timing.inter_token_gaps[-256:]
@@ -106,12 +112,7 @@ class Latencies:
         if n == self.num_finished:
             return text
         finished = list(self._finished)[-MAX_FINISHED:]
-        text = encode([
-            {"id": f.request_id, "replica": f.replica, "prompt": f.prompt_tokens,
-             "generated": f.generated, "reason": f.reason, "ttft_ms": _ms1(f.ttft),
-             "e2e_ms": _ms1(f.e2e), "end": round(10 * (f.end - self.origin))}
-            for f in reversed(finished)
-        ])  # fmt: skip
+        text = "[" + ",".join(f.json for f in reversed(finished)) + "]"
         self._listed = (self.num_finished, text)
         return text
 
