@@ -13,7 +13,7 @@ watches) folds the queued iterations in (step rows, totals, finished requests, t
 
 The wire format and how a client merges deltas are in ``dashboard_wire``. What changes little
 is encoded once and reused (the config, each engine's requests per view, the finished list, the
-step rows, the KV runs); the KV map is kept as a numpy array (``dashboard_kv``).
+step rows, the KV runs); the KV map follows the block tables in numpy arrays (``dashboard_kv``).
 
 A frame holds: the policy, layout and limits in force; a verdict (decode-bound, prefill-bound,
 queueing, idle) with its reason; the latest steps (decode, prefill and pad tokens, batch size,
