@@ -285,7 +285,8 @@ class FrameBuilder:
                 known = (
                     key,
                     f'{{"id":{encode(rid)},"key":{key},"replica":{replica},'
-                    f'"prompt":{r.prompt_tokens},"max_tokens":{r.max_tokens},',
+                    f'"prompt":{r.prompt_tokens},"max_tokens":{r.max_tokens},'
+                    f'"arrival":{round(10 * (r.arrival_time - origin))},',
                 )
             keys[rid] = known
             owners.append(known[0])
@@ -294,7 +295,7 @@ class FrameBuilder:
             parts.append(
                 f'{known[1]}"state":{state},"computed":{r.computed_tokens},'
                 f'"generated":{r.generated_tokens},"blocks":{len(r.block_ids)},'
-                f'"priority":{priority},"arrival":{round(10 * (r.arrival_time - origin))}}}'
+                f'"priority":{priority}}}'
             )
         self._keys[replica] = keys
         text = ",".join(parts)

@@ -109,9 +109,9 @@ class KVMap:
             held[key] = blocks
             # A table that kept its first and last blocks is the same table (a cheap test: a
             # request that lost its blocks gets others back, from the free list's far end).
-            n = len(old)
-            same = n == 0 or (n <= len(blocks) and blocks[0] == old[0] and blocks[n - 1] == old[-1])
-            if same and n == len(blocks):
+            n, m = len(old), len(blocks)
+            same = n == 0 or (n <= m and blocks[0] == old[0] and blocks[n - 1] == old[-1])
+            if same and n == m:
                 continue
             if same:  # grew: the new blocks only
                 changes.update(dict.fromkeys(blocks[n:], key))
