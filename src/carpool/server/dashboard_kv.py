@@ -125,10 +125,9 @@ class KVMap:
         self._held = held
         if not changes:
             return []
-        blocks = list(changes)
-        values = list(changes.values())
-        self.blocks[blocks] = values
-        return [x for pair in zip(blocks, values, strict=True) for x in pair]
+        n = len(changes)
+        self.blocks[np.fromiter(changes, np.intp, n)] = np.fromiter(changes.values(), np.int64, n)
+        return list(itertools.chain.from_iterable(changes.items()))
 
     def _rebuild(self, view: EngineView, owners: list[int]) -> None:
         """Rebuild every block (cached first, then the owners')."""
