@@ -10,8 +10,11 @@ tick). Throughput is completion tokens / wall time of the burst; the conditions 
 (ABBA: each pair's order flips) and medians reported, since the machine is shared and noisy.
 The viewers run at ``nice 19``: they stand for browsers on other machines, and on a 2-core box
 their JSON parsing would otherwise take CPU from the server. Besides tokens/s, the server
-process's own CPU time per generated token (``/proc/PID/stat``) is compared: it shows the
-server-side cost even when other jobs share the machine.
+process's own CPU time per generated token (``/proc/PID/stat``) is compared, per pair (the
+primary figure: it shows the server-side cost even when other jobs share the machine), and
+split into the main thread (uvicorn's event loop: HTTP, the frame ticks, the SSE sends) and
+the rest (the engine thread, torch's threads). Pair ratios are summarised by their median,
+quartiles and a trimmed mean (the lowest and highest fifth left out).
 
 Usage:
     python benchmarks/dashboard_cost.py --viewers 3 --repeats 5 --threads 1
@@ -36,7 +39,7 @@ VIEWERS = """
 import json, os, sys, threading, httpx
 os.nice(19)  # viewers stand for browsers on other machines: they yield this box's CPU
 url, n = sys.argv[1], int(sys.argv[2])
-counts = [0] * n
+counts, sizes = [0] * n, [0] * n
 first = threading.Barrier(n + 1)
 def view(i):
     with httpx.stream("GET", url + "/v1/stats/stream", timeout=None) as r:
@@ -44,6 +47,7 @@ def view(i):
             if line.startswith("data: "):
                 json.loads(line[6:])
                 counts[i] += 1
+                sizes[i] += len(line) - 6
                 if counts[i] == 1:
                     first.wait()
 for i in range(n):
@@ -51,7 +55,7 @@ for i in range(n):
 first.wait()
 print("ready", flush=True)  # every viewer has its first frame: the burst may start
 sys.stdin.read()  # until the benchmark closes our stdin
-print(json.dumps(counts), flush=True)
+print(json.dumps([counts, sizes]), flush=True)
 """
 
 
@@ -85,10 +89,20 @@ def start_server(
     raise RuntimeError("the server did not become healthy")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process (all its threads), or of its thread ``tid``."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spread(ratios: list[float]) -> dict[str, float]:
+    """Median, quartiles and trimmed mean (a fifth left out at each end) of pair ratios."""
+    r = sorted(ratios)
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    cut = len(r) // 5
+    return {"median": statistics.median(r), "q1": q[0], "q3": q[2],
+            "trimmed_mean": statistics.fmean(r[cut : len(r) - cut])}  # fmt: skip
 
 
 def burst(url: str, requests: int, max_tokens: int) -> tuple[float, int]:
@@ -129,7 +143,9 @@ def main() -> None:
     off, on_key = "none", f"{args.viewers} dashboards"
     results: dict[str, list[float]] = {off: [], on_key: []}
     cpu_ms: dict[str, list[float]] = {off: [], on_key: []}  # server CPU ms per token
+    loop_ms: dict[str, list[float]] = {off: [], on_key: []}  # of it, the main thread's
     frames: list[int] = []
+    frame_bytes: list[float] = []
 
     def measure(key: str) -> None:
         viewers = None
@@ -140,13 +156,16 @@ def main() -> None:
             )  # fmt: skip
             assert viewers.stdout is not None
             assert viewers.stdout.readline().strip() == "ready"  # all connected and served
-        cpu = cpu_seconds(server.pid)
+        cpu, loop = cpu_seconds(server.pid), cpu_seconds(server.pid, server.pid)
         seconds, tokens = burst(url, args.requests, args.max_tokens)
         cpu_ms[key].append(1000 * (cpu_seconds(server.pid) - cpu) / tokens)
+        loop_ms[key].append(1000 * (cpu_seconds(server.pid, server.pid) - loop) / tokens)
         results[key].append(tokens / seconds)
         if viewers is not None:
             out, _ = viewers.communicate("", timeout=30)
-            frames.extend(json.loads(out.strip().splitlines()[-1]))
+            counts, sizes = json.loads(out.strip().splitlines()[-1])
+            frames.extend(counts)
+            frame_bytes.extend(b / max(1, n) for n, b in zip(counts, sizes, strict=True))
 
     try:
         burst(url, args.requests, 8)  # warm-up
@@ -160,12 +179,13 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in results.items()}
     on = medians[on_key]
     ratio = on / medians[off]
-    pairs = zip(results[off], results[on_key], strict=True)
-    pair_ratios = sorted(b / a for a, b in pairs)
-    pair_ratio = statistics.median(pair_ratios)
-    # The spread of the pair ratios says how far the median can be trusted on a noisy box.
-    quartiles = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) > 1 else [pair_ratio] * 3
+    # Per pair (adjacent bursts, so slow drifts of the machine cancel); the spread of the pair
+    # ratios says how far the median can be trusted on a noisy box.
+    tps = spread([b / a for a, b in zip(results[off], results[on_key], strict=True)])
+    cpu_pairs = spread([b / a for a, b in zip(cpu_ms[off], cpu_ms[on_key], strict=True)])
+    pair_ratio, quartiles = tps["median"], [tps["q1"], tps["median"], tps["q3"]]
     cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
+    loop = {k: statistics.median(v) for k, v in loop_ms.items()}
     summary = {
         "threads": args.threads,
         "requests": args.requests,
@@ -180,16 +200,24 @@ def main() -> None:
         "pair_ratio_quartiles": [quartiles[0], quartiles[2]],
         "server_cpu_ms_per_token": cpu_ms,
         "median_server_cpu_ms_per_token": cpu,
+        "server_cpu_per_token_pair_ratio": cpu_pairs,
+        "tokens_per_s_pair_ratio": tps,
+        "main_thread_cpu_ms_per_token": loop_ms,
+        "median_main_thread_cpu_ms_per_token": loop,
         "frames_received_per_viewer": frames,
+        "mean_frame_bytes_per_viewer": frame_bytes,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        f"decode tokens/s median of {args.repeats}: none {medians[off]:.1f}, {on_key} {on:.1f} "
-        f"(ratio {ratio:.3f}, median pair ratio {pair_ratio:.3f}, quartiles {quartiles[0]:.3f}-"
-        f"{quartiles[2]:.3f}); server CPU ms/token: none "
-        f"{cpu[off]:.3f}, {on_key} {cpu[on_key]:.3f}; frames per viewer per burst "
-        f"{min(frames)}-{max(frames)}"
+        f"server CPU per token, {on_key} / none, {args.repeats} pairs: median "
+        f"{cpu_pairs['median']:.3f} (quartiles {cpu_pairs['q1']:.3f}-{cpu_pairs['q3']:.3f}, "
+        f"trimmed mean {cpu_pairs['trimmed_mean']:.3f}); ms/token none {cpu[off]:.3f}, "
+        f"{on_key} {cpu[on_key]:.3f} (main thread {loop[off]:.3f} -> {loop[on_key]:.3f})\n"
+        f"decode tokens/s median: none {medians[off]:.1f}, {on_key} {on:.1f} (ratio "
+        f"{ratio:.3f}, median pair ratio {pair_ratio:.3f}, quartiles {quartiles[0]:.3f}-"
+        f"{quartiles[2]:.3f}, trimmed mean {tps['trimmed_mean']:.3f}); frames per viewer per "
+        f"burst {min(frames)}-{max(frames)}, {statistics.fmean(frame_bytes):.0f} bytes each"
     )
 
 

@@ -2,7 +2,9 @@
 
 What a frame holds while a burst runs and once it ended, the frame rate cap, the API key, and
 a viewer that never reads: its frames are dropped (one at most waits for it), the other viewers
-keep their rate, and once it leaves the engine stops building views.
+keep their rate, and once it leaves the engine stops building views. The stream sends a
+keyframe, then deltas (``dashboard_wire``): the helper merges them as the page does, and a
+viewer that joins late, or lost frames, gets a keyframe.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import httpx
 import pytest
 
 from carpool.server import ServerConfig
+from carpool.server.dashboard_wire import merge_frame
 
 MODEL = "tiny-llama"
 KEY = "dash-key"
@@ -30,28 +33,46 @@ def cells(kv: dict) -> list[int]:
     return [v for v, n in kv["cells"] for _ in range(n)]
 
 
-def frames(url: str, seconds: float, headers: dict[str, str] | None = None) -> Iterator[dict]:
-    """Frames of the stream for about ``seconds`` seconds."""
+def frames(
+    url: str, seconds: float, headers: dict[str, str] | None = None, raw: list | None = None
+) -> Iterator[dict]:
+    """Complete frames of the stream (deltas merged) for about ``seconds`` seconds; ``raw``
+    collects the frames as sent."""
     end = time.monotonic() + seconds
+    merged = None
     with httpx.stream("GET", f"{url}/v1/stats/stream", headers=headers, timeout=10) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
-                yield json.loads(line[6:])
+                frame = json.loads(line[6:])
+                if raw is not None:
+                    raw.append(frame)
+                merged = merge_frame(merged, frame)
+                yield merged
                 if time.monotonic() > end:
                     return
+
+
+SEND_BUFFER = 16384  # bytes the kernel may hold for each of the server's connections
 
 
 @pytest.fixture(scope="module")
 def srv(make_server) -> Any:
     # 2 seats for 6 requests: some must wait; a small token budget: prompts go in chunks.
-    return make_server(
+    s = make_server(
         ServerConfig(api_key=KEY),
         max_num_seqs=2,
         max_num_batched_tokens=16,
         kv_cache_memory=1 << 20,
     )
+    # Accepted sockets inherit the listener's send buffer. Without this, Linux lets a socket
+    # that nobody reads hold megabytes (tcp_wmem), which take a stalled viewer minutes of small
+    # delta frames to fill before the server has to drop any.
+    for server in s.server.servers:
+        for sock in server.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    return s
 
 
 def _burst(srv: Any, n: int, max_tokens: int) -> list[dict]:
@@ -68,12 +89,13 @@ def _burst(srv: Any, n: int, max_tokens: int) -> list[dict]:
 
 def test_frames_follow_a_burst_then_show_every_block_free(srv) -> None:
     results: list[list[dict]] = []
+    raw: list[dict] = []
     # 12 requests on 2 seats: requests wait through 5 pairs' decodes, long enough for frames
     # sampled 10 times a second to see them waiting even on a fast machine.
     load = threading.Thread(target=lambda: results.append(_burst(srv, 12, 24)))
     seen: list[dict] = []
     started = False
-    for f in frames(srv.url, 60, AUTH):
+    for f in frames(srv.url, 60, AUTH, raw):
         seen.append(f)
         if not started:
             load.start()
@@ -97,8 +119,8 @@ def test_frames_follow_a_burst_then_show_every_block_free(srv) -> None:
     owned = [f for f in seen if any(c >= 0 for c in cells(f["kv"][0]))]
     assert owned, "no frame showed a block held by a request"
     f = owned[-1]
-    for i, r in enumerate(f["requests"]):
-        assert cells(f["kv"][0]).count(i) == r["blocks"], (r, f["kv"][0])
+    for r in f["requests"]:  # cells hold the key of the request that holds the block
+        assert cells(f["kv"][0]).count(r["key"]) == r["blocks"], (r, f["kv"][0])
     # Steps split into decode and prefill-chunk tokens (the 16-token budget cuts prompts).
     steps = last["steps"]
     assert steps and last["totals"]["steps"] >= len(steps)
@@ -116,6 +138,29 @@ def test_frames_follow_a_burst_then_show_every_block_free(srv) -> None:
     assert cfg["max_num_batched_tokens"] == 16 and cfg["replicas"] == 1
     assert [lane["replica"] for lane in last["lanes"]] == [0]
     assert last["verdict"]["state"] in ("decode-bound", "prefill-bound", "queueing", "idle")
+    # As sent: a keyframe, then deltas that carry only what is new (no step row twice).
+    assert raw[0]["key"] and not any(f["key"] for f in raw[1:]), [f["key"] for f in raw]
+    sent = [s[0] for f in raw for s in f["steps"]]
+    assert sent == sorted(set(sent)) and sent[-1] == last["totals"]["steps"]
+    assert any(f["kv"][0].get("changes") for f in raw[1:]), "no delta carried a KV change"
+    assert all("cells" not in f["kv"][0] for f in raw[1:])  # a map goes whole only once
+
+
+def test_a_late_viewer_gets_the_whole_picture_at_once(srv) -> None:
+    """A viewer that connects after a burst gets a keyframe: every step and finished request
+    the server keeps, the same as a viewer that watched the burst."""
+    with ThreadPoolExecutor(1) as pool:
+        early = pool.submit(lambda: list(frames(srv.url, 4.0, AUTH)))
+        time.sleep(0.5)
+        _burst(srv, 4, 8)
+        late_raw: list[dict] = []
+        late = list(frames(srv.url, 1.0, AUTH, late_raw))
+        watched = early.result()
+    assert late_raw[0]["key"] and len(late_raw[0]["steps"]) >= 4
+    assert late_raw[0]["finished"] and all(c == -1 for c in cells(late_raw[0]["kv"][0]))
+    # The builder lives while anyone watches, so both viewers see the same step numbers.
+    common = {s[0] for s in late[-1]["steps"]} & {s[0] for s in watched[-1]["steps"]}
+    assert len(common) >= 4
 
 
 def test_at_most_ten_frames_a_second(srv) -> None:
@@ -165,10 +210,12 @@ def test_a_viewer_that_does_not_read_loses_frames_not_memory(srv) -> None:
             stalled = [v for v in b.viewers] if b is not None else []
             if stalled and stalled[0].dropped >= 5:
                 break
-            assert time.monotonic() < deadline, f"the stalled viewer never dropped a frame: {b}"
+            what = [(v.sent, v.sent_bytes, v.dropped) for v in stalled]
+            assert time.monotonic() < deadline, f"no frame dropped (sent, bytes, dropped): {what}"
             _burst(srv, 2, 8)
         viewer = stalled[0]
         sent = viewer.sent
+        assert viewer.keyframes >= 2  # each frame after a dropped one is a keyframe
         # Another viewer meanwhile gets its frames at the usual rate.
         n = sum(1 for _ in frames(srv.url, 1.5, AUTH))
         assert n >= 5, f"a reading viewer got only {n} frames next to a stalled one"

@@ -42,6 +42,7 @@ from carpool.replicas.messages import (
     SubmitRequest,
 )
 from carpool.server import ServerConfig, build_app
+from carpool.server.dashboard_wire import merge_frame
 from helpers.live_server import UvicornThread
 from helpers.metrics import scrape
 
@@ -306,8 +307,8 @@ def test_dashboard_stream_has_one_lane_per_replica(pool_server):
     def watch() -> None:
         with httpx.stream("GET", f"{pool_server.base_url}/stats/stream", timeout=30) as r:
             for line in r.iter_lines():
-                if line.startswith("data: "):
-                    seen.append(json.loads(line[6:]))
+                if line.startswith("data: "):  # a keyframe, then deltas on it
+                    seen.append(merge_frame(seen[-1] if seen else None, json.loads(line[6:])))
                     if len(seen) >= 400 or stop.is_set():
                         return
 

@@ -1,5 +1,6 @@
 """``FrameBuilder`` on hand-made engine iterations: the verdict, the KV map (cached blocks and
-priorities when an engine reports them), the percentiles and the routing lanes."""
+priorities when an engine reports them), the percentiles and the routing lanes. The chain of
+delta frames is checked in ``test_dashboard_deltas``."""
 
 from __future__ import annotations
 
@@ -80,12 +81,12 @@ def test_steps_carry_decode_prefill_and_preemptions_in_order() -> None:
     for i in range(300):
         clock.now += 0.01
         b.on_iteration(step(clock, decode=i % 3, prefill=5, preempted=int(i == 299)))
-    text = b.frame_json()  # step rows encoded once and spliced in
-    assert json.loads(text)["steps"] == b.frame()["steps"]
+    delta = json.loads(b.tick())  # the first tick's delta: the rows it has not sent (240)
+    assert delta["steps"] == json.loads(b.keyframe_json())["steps"]
     for _ in range(5):
         clock.now += 0.01
         b.on_iteration(step(clock, decode=1, prefill=0))
-    assert json.loads(b.frame_json())["steps"] == b.frame()["steps"]
+    assert [s[0] for s in json.loads(b.tick())["steps"]] == [301, 302, 303, 304, 305]
     steps = b.frame()["steps"]
     assert len(steps) == 240 and steps[-1][0] == 305  # the latest 240, numbered from 1
     assert steps[-6][2:4] == [299 % 3, 5] and steps[-6][6] == 1
@@ -109,7 +110,8 @@ def test_kv_map_shows_owners_cached_blocks_and_priorities_when_present() -> None
     b.on_iteration(IterationEvent(0, None, state["snapshot"], (), view))
     f = b.frame()
     cells = [v for v, n in f["kv"][0]["cells"] for _ in range(n)]  # runs of [value, count]
-    assert cells[:3] == [0, 0, 0] and cells[5:7] == [CACHED, CACHED]
+    key_a = f["requests"][0]["key"]  # cells hold the owner's key
+    assert cells[:3] == [key_a] * 3 and cells[5:7] == [CACHED, CACHED]
     assert cells.count(FREE) == 11 and f["kv"][0]["cached"] == 2 and f["kv"][0]["used"] == 5
     assert [(r["id"], r["state"], r["priority"]) for r in f["requests"]] == [
         ("a", "running", 1),

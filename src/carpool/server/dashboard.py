@@ -3,12 +3,16 @@
 ::
 
     engine iterations ─► FrameBuilder (an EngineTap, registered while anyone watches)
-    Broadcaster task, every 1/max_fps s: frame() ─► JSON once ─► each viewer's 1-slot mailbox
+    Broadcaster task, every 1/max_fps s: tick() ─► delta JSON once ─► each viewer's mailbox
+                                          keyframe JSON once, if a viewer needs one ─┘
     viewer's SSE response ◄── its mailbox (a newer frame replaces an unread one: dropped)
 
-The frame is built and serialised once per tick whatever the number of viewers, and a viewer
-that does not read keeps at most one frame waiting (its socket buffers fill, then its mailbox
-is overwritten), so a slow or stalled browser never grows server memory. ``/v1/stats/stream``
+Frames are built and serialised once per tick whatever the number of viewers: a delta (what
+changed since the previous tick, see ``dashboard_wire``) for every viewer that got the previous
+frame, and a keyframe only when some viewer needs one: it just connected, or its previous frame
+was dropped (a delta on a frame it never saw would be wrong). A viewer that does not read keeps
+at most one frame waiting (its socket buffers fill, then its mailbox is overwritten), so a slow
+or stalled browser never grows server memory. ``/v1/stats/stream``
 sits under ``/v1`` and so needs the API key like the API (``Authorization`` header: the page
 reads the stream with ``fetch``, not ``EventSource``, which cannot send headers; the key is
 typed into the page, kept in ``sessionStorage``, never in the URL). The page and its assets
@@ -43,13 +47,23 @@ class Viewer:
         self.frame: str | None = None
         self.ready = asyncio.Event()
         self.sent = 0
+        self.sent_bytes = 0  # characters handed to its response (frames are ASCII)
         self.dropped = 0
+        self.keyframes = 0
+        self.synced = False  # it has taken every frame since its last keyframe
 
-    def offer(self, frame: str) -> None:
-        """Leave ``frame`` for the viewer; an unread older frame is dropped."""
+    def offer(self, delta: str, keyframe: Callable[[], str]) -> None:
+        """Leave this tick's frame for the viewer: ``delta`` when it has the previous one,
+        else ``keyframe()``; an unread older frame is dropped (and with it the chain)."""
         if self.frame is not None:
             self.dropped += 1
-        self.frame = frame
+            self.synced = False
+        if self.synced:
+            self.frame = delta
+        else:
+            self.frame = keyframe()
+            self.keyframes += 1
+            self.synced = True
         self.ready.set()
 
     async def take(self) -> str:
@@ -59,6 +73,7 @@ class Viewer:
         frame, self.frame = self.frame, None
         assert frame is not None
         self.sent += 1
+        self.sent_bytes += len(frame)
         return frame
 
 
@@ -114,15 +129,18 @@ class Broadcaster:
         loop = asyncio.get_running_loop()
         while self.viewers and self._builder is not None:
             started = loop.time()
+            builder = self._builder
             try:
-                text = self._builder.frame_json()
+                delta = builder.tick()
+                for viewer in list(self.viewers):
+                    viewer.offer(delta, builder.keyframe_json)
             except Exception:  # a frame bug must not end the dashboard, nor spam the log
                 logger.exception("dashboard frame failed")
+                for viewer in self.viewers:  # the deltas no longer follow: start over
+                    viewer.synced = False
                 await asyncio.sleep(1.0)
                 continue
             self.frames_built += 1
-            for viewer in list(self.viewers):
-                viewer.offer(text)
             await asyncio.sleep(max(0.0, self.period - (loop.time() - started)))
 
 

@@ -1,10 +1,14 @@
 // carpool live batching dashboard. Reads /v1/stats/stream with fetch() (so the API key travels
 // in the Authorization header, never in the URL) and draws each frame on canvases and lists.
+// The stream sends a keyframe first (and after any frame it had to drop), then deltas: the
+// page keeps the latest 240 steps, a minute of history and each engine's KV map itself
+// (the wire format: carpool/server/dashboard_wire.py).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const css = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 const KEY = "carpool.apiKey";
+const MAX_STEPS = 240, HISTORY_TENTHS = 600;
 let lastFrame = null;
 
 // ---- the stream ------------------------------------------------------------------------------
@@ -28,6 +32,7 @@ async function connect() {
   if (!response.ok) return retry("server says " + response.status);
   $("login").hidden = true;
   status("live", true);
+  lastFrame = null;  // a new stream starts with a keyframe
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -40,7 +45,10 @@ async function connect() {
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
         const event = buffer.slice(0, cut);
         buffer = buffer.slice(cut + 2);
-        if (event.startsWith("data: ")) render(JSON.parse(event.slice(6)));
+        if (event.startsWith("data: ")) {
+          const frame = merge(lastFrame, JSON.parse(event.slice(6)));
+          if (frame) render(frame);
+        }
       }
     }
   } catch (e) {
@@ -85,6 +93,40 @@ async function start() {
 }
 
 // ---- one frame ----------------------------------------------------------------------------
+
+// The complete frame a keyframe or a delta stands for (null: a delta without its keyframe).
+function merge(prev, f) {
+  if (f.key) {
+    f.kv.forEach((k) => (k.map = expand(k.cells)));
+    return f;
+  }
+  if (!prev) return null;
+  f.steps = prev.steps.concat(f.steps).slice(-MAX_STEPS);
+  f.history = prev.history.concat(f.history).filter((p) => p[0] >= f.clock - HISTORY_TENTHS);
+  if (f.finished === undefined) f.finished = prev.finished;
+  const maps = new Map(prev.kv.map((k) => [k.replica, k.map]));
+  f.kv.forEach((k) => {
+    if (k.cells) {
+      k.map = expand(k.cells);
+      return;
+    }
+    k.map = maps.get(k.replica) || new Int32Array(0);  // the previous map, changed in place
+    for (let i = 0; i < k.changes.length; i += 2) k.map[k.changes[i]] = k.changes[i + 1];
+  });
+  return f;
+}
+
+// A KV map's cells from its [value, count] runs.
+function expand(runs) {
+  const n = runs.reduce((a, r) => a + r[1], 0);
+  const cells = new Int32Array(n);
+  let i = 0;
+  for (const [v, count] of runs) {
+    cells.fill(v, i, i + count);
+    i += count;
+  }
+  return cells;
+}
 
 function fmt(x, digits = 0) {
   return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
@@ -137,10 +179,10 @@ function render(f) {
   $("preemptions").textContent = t.preemptions;
   $("batch-mean").textContent = "mean batch " + fmt(t.mean_batch_size, 2) + " seqs";
   drawTimeline(f.steps);
-  drawHistory(f.history);
+  drawHistory(f.history, f.clock);
   drawKV(f.kv, f.requests);
-  renderRequests(f.requests, f.finished, f.lanes.length);
-  renderLanes(f.lanes);
+  renderRequests(f.requests, f.finished, f.lanes.length, f.clock);
+  renderLanes(f.lanes, f.clock);
 }
 
 // ---- canvases ------------------------------------------------------------------------------
@@ -249,7 +291,7 @@ function drawTimeline(steps) {
   });
 }
 
-function drawHistory(history) {
+function drawHistory(history, clock) {
   const { ctx, w, h } = canvas("history");
   const box = { x: 46, y: 8, w: w - 92, h: h - 44 };
   const span = 60;
@@ -258,8 +300,8 @@ function drawHistory(history) {
   ctx.fillStyle = css("--muted"); ctx.textAlign = "center";
   for (let s = 0; s <= span; s += 10) ctx.fillText(s, box.x + box.w - (box.w * s) / span, box.y + box.h + 13);
   if (!history.length) return;
-  // [tenths of a second ago (<= 0), KV use in permille, running, waiting]
-  const X = (t) => box.x + box.w + (box.w * t) / 10 / span;
+  // [clock (tenths of a second), KV use in permille, running, waiting]
+  const X = (t) => box.x + box.w + (box.w * (t - clock)) / 10 / span;
   const line = (k, max, col, fill) => {
     ctx.beginPath();
     history.forEach((p, i) => {
@@ -284,11 +326,11 @@ function drawKV(kv, requests) {
   const { ctx, w, h } = canvas("kvmap");
   const lanes = kv.length || 1;
   const labelW = kv.length > 1 ? 64 : 0;
+  const owner = new Map(requests.map((r) => [r.key, r.id]));  // cells hold request keys
   let caption = [];
   kv.forEach((k, li) => {
     const top = (h / lanes) * li, height = h / lanes - 4;
-    const cells = [];  // the frame sends [value, count] runs
-    for (const [v, count] of k.cells) for (let j = 0; j < count; j++) cells.push(v);
+    const cells = k.map;
     const n = cells.length;
     const cols = Math.max(1, Math.ceil(Math.sqrt((n * (w - labelW)) / height)));
     const rows = Math.ceil(n / cols);
@@ -300,7 +342,8 @@ function drawKV(kv, requests) {
     }
     for (let i = 0; i < n; i++) {
       const v = cells[i];
-      ctx.fillStyle = v === -1 ? css("--free") : v === -2 ? css("--cached") : colour(requests[v].id);
+      const id = v >= 0 ? owner.get(v) : undefined;
+      ctx.fillStyle = v === -1 ? css("--free") : v === -2 || id === undefined ? css("--cached") : colour(id);
       ctx.fillRect(labelW + (i % cols) * size, top + Math.floor(i / cols) * size, size - gap, size - gap);
     }
     caption.push(`${kv.length > 1 ? "replica " + k.replica + ": " : ""}${k.used} of ${k.num_blocks} blocks used` +
@@ -322,7 +365,7 @@ function listItems(items, max, row) {
   return shown.join("") || '<li class="more">none</li>';
 }
 
-function renderRequests(requests, finished, numLanes) {
+function renderRequests(requests, finished, numLanes, clock) {
   const running = requests.filter((r) => r.state === "running");
   const waiting = requests.filter((r) => r.state !== "running");
   const lane = (r) => (numLanes > 1 ? ` r${r.replica}` : "");
@@ -339,18 +382,18 @@ function renderRequests(requests, finished, numLanes) {
   $("waiting").innerHTML = listItems(waiting, 12, (r) =>
     `<li><i class="dot" style="background:${colour(r.id)}"></i><span class="id">${esc(r.id)}</span>` +
     (hasPriority ? `<span class="num">p${r.priority ?? "–"}</span>` : "") +
-    `<span class="num">${r.prompt} tok</span><span class="num">${fmt(r.waited_s, 1)} s` +
+    `<span class="num">${r.prompt} tok</span><span class="num">${fmt((clock - r.arrival) / 10, 1)} s` +
     `${r.state === "preempted" ? " ⟲" : ""}${lane(r)}</span></li>`);
   $("finished").tBodies[0].innerHTML = finished.slice(0, 8).map((f) =>
     `<tr><td>${esc(f.id)}</td><td>${f.replica}</td><td>${f.prompt}</td><td>${f.generated}</td>` +
     `<td>${fmt(f.ttft_ms)}</td><td>${fmt(f.e2e_ms)}</td><td>${esc(f.reason)}</td></tr>`).join("");
 }
 
-function renderLanes(lanes) {
+function renderLanes(lanes, clock) {
   $("lanes").innerHTML = lanes.map((l) => {
     const load = l.load || {};
-    const chips = (l.recent || []).map(([ago, id]) =>
-      `<i title="${esc(id)} (${ago} s ago)" style="background:${colour(id)}"></i>`).join("");
+    const chips = (l.recent || []).map(([t, id]) =>
+      `<i title="${esc(id)} (${fmt((clock - t) / 10, 1)} s ago)" style="background:${colour(id)}"></i>`).join("");
     return `<div class="lane"><b>replica ${l.replica}</b><span class="state ${esc(l.state)}">${esc(l.state)}</span>` +
       `<span class="load">running ${load.num_running ?? 0} · waiting ${load.num_waiting ?? 0} · KV ` +
       `${fmt(100 * (load.kv_cache_usage ?? 0), 0)}%${l.routed !== undefined ? " · routed " + l.routed : ""}</span>` +
