@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -36,8 +37,11 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 # -O3 with the host's instruction set: the inner loops are plain loops gcc vectorizes.
-# -fopenmp-simd honours the `omp simd` reductions without OpenMP's runtime or -ffast-math.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (without the flag it runs
+# on one thread); the library links the libgomp torch already loaded. `omp simd` reductions
+# vectorize without -ffast-math.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_LDFLAGS = ["-fopenmp"]
 ENV_MODE = "CARPOOL_DECODE_ATTENTION"
 
 
@@ -70,7 +74,7 @@ def _cpu_flags() -> str:
 def _build_name() -> str:
     """Extension name keyed on source, flags, torch and the CPU: a new key is a new build."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS).encode(), torch.__version__.encode()):
+    for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode()):
         key.update(part)
     key.update(_cpu_flags().encode())
     return f"carpool_paged_attention_{key.hexdigest()[:16]}"
@@ -113,6 +117,7 @@ def _load() -> object | None:
             name=name,
             sources=[str(_SOURCE)],
             extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             build_directory=str(build_dir),
             is_python_module=False,  # registers torch.ops.carpool.*; no pybind11 to compile
             verbose=False,
@@ -120,6 +125,16 @@ def _load() -> object | None:
     _state.build_seconds = time.perf_counter() - start
     log.debug("paged decode kernel ready in %.1f s (%s)", _state.build_seconds, build_dir)
     return torch.ops.carpool.paged_decode_attention
+
+
+def _why(e: Exception) -> str:
+    """One line on why the build failed: the compiler's first error when there is one."""
+    text = str(e)
+    if isinstance(e, subprocess.CalledProcessError) and e.output:
+        text = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return f"{type(e).__name__}: {(errors or lines or ['no message'])[0][:300]}"
 
 
 def kernel() -> object | None:
@@ -131,7 +146,7 @@ def kernel() -> object | None:
             try:
                 _state.op = _load()
             except Exception as e:  # no compiler, no ninja, a build error: all mean fall back
-                _state.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}"
+                _state.failed = _why(e)
                 log.warning(
                     "paged decode attention kernel unavailable, decode uses the gather path (%s)",
                     _state.failed,

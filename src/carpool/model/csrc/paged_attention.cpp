@@ -1,6 +1,6 @@
 // Decode attention that reads the paged KV cache in place (CPU).
 //
-// One query token per sequence. For every (sequence, kv head) the kernel walks the sequence's
+// One query token per sequence. For every sequence (and run of kv heads) the kernel walks the sequence's
 // block table, and per block: dot products of the group's queries with the block's keys, an
 // online (streaming) softmax update, and the weighted sum of the block's values, all in
 // float32. K and V are read straight from the cache, once per kv head for all the query heads
@@ -9,9 +9,9 @@
 // Registered as the torch operator carpool::paged_decode_attention (CPU only), so it shows in
 // torch.profiler under that name and needs no pybind11 (a much shorter build).
 //
-// The inner loops are plain loops over head_dim and the block's tokens, written so that gcc
-// vectorizes them at -O3 (the reductions carry `omp simd reduction` for -fopenmp-simd; exp is
-// a polynomial, not libm, so it vectorizes too).
+// The inner loops over head_dim use AVX-512 intrinsics where the build machine has them
+// (-march=native) and plain loops otherwise; the loop over a block's tokens for exp is a plain
+// loop gcc vectorizes (exp is a polynomial, not libm).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,6 +25,10 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -41,6 +45,42 @@ inline float to_float(c10::BFloat16 x) {
 inline void store(float* dst, float x) { *dst = x; }
 
 inline void store(c10::BFloat16* dst, float x) { *dst = c10::BFloat16(x); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// sum(a[i] * b[i]). With AVX-512 the horizontal sum is a few shuffles: gcc's own `omp simd`
+// reduction summed the 16 lanes one by one through the stack, which dominated the kernel.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * to_float(b[i]);
+  return sum;
+}
+
+// acc[i] += p * v[i]
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(v + i), _mm512_loadu_ps(acc + i)));
+#endif
+  for (; i < n; ++i) acc[i] += p * to_float(v[i]);
+}
 
 // exp(x) for x <= 0 (scores minus their running max), relative error ~2e-7: 2^t split into
 // 2^floor(t) (exponent bits) times a degree-6 polynomial of 2^frac(t). Branch-free so the loop
@@ -65,84 +105,90 @@ inline float exp_nonpositive(float x) {
 
 template <typename T>
 void decode_kernel(
-    const T* q,           // [B, H, D] rows of stride q_stride (elements) per sequence
+    const T* q,             // [B, H, D] rows of stride q_stride (elements) per sequence
     int64_t q_stride,
-    const T* kv,          // [num_blocks, block_size, 2, K, D], contiguous
+    const T* kv,            // [num_blocks, block_size, 2, K, D], contiguous
     const int64_t* tables,  // [B, max_blocks]
     int64_t max_blocks,
-    const int64_t* ctx,   // [B]
-    T* out,               // [B, H, D], contiguous
+    const int64_t* ctx,     // [B]
+    T* out,                 // [B, H, D], contiguous
     int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
     float scale) {
   const int64_t group = heads / kv_heads;  // query heads per kv head
   const int64_t d = head_dim;
   const int64_t token_stride = 2 * kv_heads * d;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: the group's queries, accumulators, running max/sum, block scores.
-    std::vector<float> qf(group * d), acc(group * d), m(group), l(group), s(group * block_size);
+  // A work item is one sequence and a run of its kv heads. Why a run, not one kv head: a
+  // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
+  // through memory, while one head's slice of every row is a 2-cache-line read every few KiB
+  // (measured ~10x slower: latency-bound). Sequences are split into runs only as far as
+  // needed to give every thread work (batch 1 on 2 threads: 2 runs of K/2 heads).
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
+  const int64_t run = (kv_heads + splits - 1) / splits;  // kv heads per work item
+  const int64_t runs = (kv_heads + run - 1) / run;
+  at::parallel_for(0, batch * runs, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch for one run: queries, accumulators, running max/sum, block scores.
+    const int64_t rh = run * group;  // query heads of a run
+    std::vector<float> qf(rh * d), acc(rh * d), m(rh), l(rh), s(rh * block_size);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / kv_heads;
-      const int64_t kh = item % kv_heads;
+      const int64_t b = item / runs;
+      const int64_t kh0 = (item % runs) * run;
+      const int64_t nkh = std::min(run, kv_heads - kh0);
+      const int64_t nh = nkh * group;
+      const int64_t h0 = kh0 * group;
       const int64_t n_ctx = ctx[b];
-      for (int64_t g = 0; g < group; ++g) {
-        const T* qp = q + b * q_stride + (kh * group + g) * d;
-        for (int64_t i = 0; i < d; ++i) qf[g * d + i] = to_float(qp[i]) * scale;
+      for (int64_t h = 0; h < nh; ++h) {
+        const T* qp = q + b * q_stride + (h0 + h) * d;
+        for (int64_t i = 0; i < d; ++i) qf[h * d + i] = to_float(qp[i]) * scale;
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       const int64_t n_blocks = (n_ctx + block_size - 1) / block_size;
       for (int64_t n = 0; n < n_blocks; ++n) {
-        const T* base = kv + tables[b * max_blocks + n] * block_stride + kh * d;
+        const T* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * d;
         const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
-        // Scores of the block: q . k for every token and query head of the group.
+        // Scores of the block: q . k for every token and query head of the run.
         for (int64_t t = 0; t < n_tok; ++t) {
-          const T* kp = base + t * token_stride;
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * d;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < d; ++i) dot += qg[i] * to_float(kp[i]);
-            s[g * block_size + t] = dot;
+          const T* krow = base + t * token_stride;
+          for (int64_t h = 0; h < nh; ++h) {
+            s[h * block_size + t] = dot(qf.data() + h * d, krow + (h / group) * d, d);
           }
         }
         // Online softmax: rescale what was accumulated when the running max grows.
-        for (int64_t g = 0; g < group; ++g) {
-          float* sg = s.data() + g * block_size;
-          float mx = m[g];
-          for (int64_t t = 0; t < n_tok; ++t) mx = std::max(mx, sg[t]);
-          if (mx > m[g]) {
-            const float corr = exp_nonpositive(m[g] - mx);  // exp(-inf) -> 0 on the first block
-            l[g] *= corr;
-            float* ag = acc.data() + g * d;
-            for (int64_t i = 0; i < d; ++i) ag[i] *= corr;
-            m[g] = mx;
+        for (int64_t h = 0; h < nh; ++h) {
+          float* sh = s.data() + h * block_size;
+          float mx = m[h];
+          for (int64_t t = 0; t < n_tok; ++t) mx = std::max(mx, sh[t]);
+          if (mx > m[h]) {
+            const float corr = exp_nonpositive(m[h] - mx);  // ~0 on the first block
+            l[h] *= corr;
+            float* ah = acc.data() + h * d;
+            for (int64_t i = 0; i < d; ++i) ah[i] *= corr;
+            m[h] = mx;
           }
           float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
           for (int64_t t = 0; t < n_tok; ++t) {
-            const float p = exp_nonpositive(sg[t] - mx);
-            sg[t] = p;
+            const float p = exp_nonpositive(sh[t] - mx);
+            sh[t] = p;
             sum += p;
           }
-          l[g] += sum;
+          l[h] += sum;
         }
         // Weighted sum of the block's values.
         for (int64_t t = 0; t < n_tok; ++t) {
-          const T* vp = base + t * token_stride + kv_heads * d;
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = s[g * block_size + t];
-            float* ag = acc.data() + g * d;
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) ag[i] += p * to_float(vp[i]);
+          const T* vrow = base + t * token_stride + kv_heads * d;
+          for (int64_t h = 0; h < nh; ++h) {
+            axpy(acc.data() + h * d, s[h * block_size + t], vrow + (h / group) * d, d);
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        T* op = out + (b * heads + kh * group + g) * d;
-        const float inv = 1.0f / l[g];
-        for (int64_t i = 0; i < d; ++i) store(op + i, acc[g * d + i] * inv);
+      for (int64_t h = 0; h < nh; ++h) {
+        T* op = out + (b * heads + h0 + h) * d;
+        const float inv = 1.0f / l[h];
+        for (int64_t i = 0; i < d; ++i) store(op + i, acc[h * d + i] * inv);
       }
     }
   });
