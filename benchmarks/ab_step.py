@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--random-config", default="small")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, help="timed steps per system and case (default: by size)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from carpool.model.loader import load_model
@@ -114,7 +115,7 @@ def main() -> None:
         dtype = getattr(torch, a.dtype)
         caches = {k: m.allocate_kv_cache(nb, 16, dtype, "cpu") for k, (m, _) in systems.items()}
         times: dict[str, list[float]] = {k: [] for k in systems}
-        n = max(4, min(30, 20000 // (b * ctx) + 4))
+        n = a.steps or max(4, min(30, 20000 // (b * ctx) + 4))
         with torch.inference_mode():
             for i in range(n + 2):
                 for k in list(systems) if i % 2 else list(reversed(systems)):

@@ -149,9 +149,24 @@ void decode_kernel(
       for (int64_t n = 0; n < n_blocks; ++n) {
         const T* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * d;
         const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
+        // The next block is elsewhere in memory (the table is random): ask for its rows
+        // while this block computes, a token's K and V run per token of this one.
+        const char* next = n + 1 < n_blocks
+            ? reinterpret_cast<const char*>(kv + tables[b * max_blocks + n + 1] * block_stride +
+                                            kh0 * d)
+            : nullptr;
+        const int64_t run_bytes = nkh * d * static_cast<int64_t>(sizeof(T));
+        const int64_t kv_bytes = kv_heads * d * static_cast<int64_t>(sizeof(T));
         // Scores of the block: q . k for every token and query head of the run.
         for (int64_t t = 0; t < n_tok; ++t) {
           const T* krow = base + t * token_stride;
+          if (next != nullptr) {
+            const char* row = next + t * token_stride * static_cast<int64_t>(sizeof(T));
+            for (int64_t off = 0; off < run_bytes; off += 64) {
+              __builtin_prefetch(row + off);
+              __builtin_prefetch(row + kv_bytes + off);
+            }
+          }
           for (int64_t h = 0; h < nh; ++h) {
             s[h * block_size + t] = dot(qf.data() + h * d, krow + (h / group) * d, d);
           }
