@@ -9,8 +9,9 @@ with ``context - 1`` cached tokens decode one token per step (batch build + forw
 
 ``--before gather`` compares this checkout with itself: decode attention through gather + SDPA
 ("before") against the in-place paged decode kernel ("after"), one model, the path switched
-per step; the table then also gives each path's attention share of the step (torch.profiler,
-one profiled step of each per case, after the timed ones).
+per step; the table then also gives each path's attention share of the step (torch.profiler:
+median over 8 profiled steps of each, after the timed ones, of attention op time in the step
+over the step's wall time; attention ops as in profile_step.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_step import ATTENTION_OPS, decode_chunks, random_model  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 
 def import_before(src: Path):  # type: ignore[no-untyped-def]
@@ -60,17 +61,22 @@ def step_once(model, build, chunks, caches) -> None:  # noqa: ANN001
     model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
 
 
-def attention_share(model, build, chunks, caches, wall: float, steps: int = 3) -> float:  # noqa: ANN001
-    """Attention's share of a ``wall``-second step, as profile_step.py computes it: profiler
-    self-times of its attention ops, scaled to the unprofiled step."""
+def attention_share(model, build, chunks, caches, steps: int = 8) -> float:  # noqa: ANN001
+    """Median over ``steps`` profiled steps of attention's share of the step: per step, the
+    self-time of profile_step.py's attention ops inside it over the step's wall time (on a
+    busy machine a per-step ratio is steadier than a ratio of separately timed runs)."""
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            step_once(model, build, chunks, caches)
-    ops = prof.key_averages()
-    total = sum(k.self_cpu_time_total for k in ops) / steps / 1e6
-    att = sum(k.self_cpu_time_total for k in ops if k.key in ATTENTION_OPS) / steps / 1e6
-    scale = min(1.0, wall / total) if total else 1.0
-    return att * scale / wall
+            with record_function("ab_step"):
+                step_once(model, build, chunks, caches)
+    events = list(prof.events())
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == "ab_step"]
+    att = [e for e in events if e.name in ATTENTION_OPS]
+    shares = []
+    for start, end in spans:
+        inside = sum(e.self_cpu_time_total for e in att if start <= e.time_range.start < end)
+        shares.append(inside / (end - start))
+    return statistics.median(shares)
 
 
 def main() -> None:
@@ -132,7 +138,7 @@ def main() -> None:
             share = {}
             for k, (model, build) in systems.items():
                 select(k)
-                share[k] = attention_share(model, build, chunks, caches[k], med[k] / 1e3)
+                share[k] = attention_share(model, build, chunks, caches[k])
             shares = f" {share['before']:.0%} | {share['after']:.0%} |"
         print(
             f"| {b} | {ctx} | {med['before']:.2f} | {med['after']:.2f} "
