@@ -9,8 +9,9 @@ sequences packed end to end. Each layer
 3. runs one ``scaled_dot_product_attention`` over a ``[B, Q, L]`` rectangle whose mask encodes
    causality and each sequence's length,
 so there is no Python loop over sequences. Decode steps on the CPU skip 2 and 3: the kernel of
-``carpool.model.paged_attention`` reads the cache in place through the block tables. All index tensors are built once per step by the
-runner (``carpool.worker.batch``) and shared by every layer through ``AttentionMetadata``.
+``carpool.model.paged_attention`` reads the cache in place through the block tables. All index
+tensors are built once per step by the runner (``carpool.worker.batch``) and shared by every
+layer through ``AttentionMetadata``.
 """
 
 from __future__ import annotations

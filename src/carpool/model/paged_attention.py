@@ -74,9 +74,8 @@ def _cpu_flags() -> str:
 def _build_name() -> str:
     """Extension name keyed on source, flags, torch and the CPU: a new key is a new build."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode()):
-        key.update(part)
-    key.update(_cpu_flags().encode())
+    key.update(_SOURCE.read_bytes())
+    key.update(" ".join([*_CFLAGS, *_LDFLAGS, torch.__version__, _cpu_flags()]).encode())
     return f"carpool_paged_attention_{key.hexdigest()[:16]}"
 
 
@@ -152,6 +151,12 @@ def kernel() -> object | None:
                     _state.failed,
                 )
     return _state.op
+
+
+def warm_up() -> None:
+    """Build or load the kernel now (unless the gather path is forced), not mid-step."""
+    if _state.enabled:
+        kernel()
 
 
 def applies(kv_cache: torch.Tensor) -> bool:

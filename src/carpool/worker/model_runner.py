@@ -72,7 +72,7 @@ class ModelRunner:
         if torch.device(device).type == "cpu":
             # Build (first time on this machine) or load the paged decode kernel now, not in
             # the middle of the first request's first decode step.
-            paged_attention.kernel()
+            paged_attention.warm_up()
         self.sampler = Sampler()
         # logit_bias and structured-output masks, applied to the batch's logits before sampling.
         self.logits_processor = logits_processor
