@@ -76,6 +76,21 @@ def test_kernel_matches_gather_sdpa(block_size, heads, kv_heads, dtype, tol):
     assert diff <= tol, f"max abs difference {diff}"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kv_heads", [8, 4, 3])
+def test_single_sequence_split_over_kv_heads(kv_heads, threads):
+    # Batch 1: the kernel splits the kv heads into runs (2 per thread, at most one head each),
+    # including an uneven last run (1 thread: 3 kv heads in runs of 2).
+    q, kv, tables, ctx = random_case(torch.float32, 2 * kv_heads, kv_heads, 32, 16, [77])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_attention.paged_decode_attention(q, kv, tables, ctx, 0.2)
+    finally:
+        torch.set_num_threads(before)
+    assert (got - gather_sdpa(q, kv, tables, ctx, 0.2)).abs().max().item() <= 2e-5
+
+
 def test_only_each_sequences_own_tokens_count():
     # Slots past a sequence's length hold garbage (here: huge values): they must not leak in.
     q, kv, tables, ctx = random_case(torch.float32, 4, 2, 32, 16, [5, 20])
@@ -120,6 +135,17 @@ def test_model_decode_takes_kernel_and_matches_gather(tmp_path, arch):
         assert paged_attention.kernel_calls() == calls
     finally:
         paged_attention.use_kernel(True)
+
+
+def test_gather_forced_by_environment_and_off_cpu(monkeypatch):
+    monkeypatch.setenv(paged_attention.ENV_MODE, "gather")
+    assert not paged_attention._State().enabled
+    monkeypatch.setenv(paged_attention.ENV_MODE, "kernel")
+    assert paged_attention._State().enabled
+    # Other devices keep the gather path (the kernel is a CPU operator).
+    assert not paged_attention.applies(torch.empty(2, 16, 2, 1, 8, device="meta"))
+    assert not paged_attention.applies(torch.empty(2, 16, 2, 1, 8, dtype=torch.float16))
+    assert paged_attention.applies(torch.empty(2, 16, 2, 1, 8))
 
 
 def test_unbuildable_kernel_falls_back_with_one_warning(monkeypatch, caplog):
