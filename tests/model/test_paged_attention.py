@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +181,14 @@ def test_engine_batch_decodes_through_kernel(tmp_path):
     assert paged_attention.kernel_calls() > calls
     for p, o in zip(prompts, outs, strict=True):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 20), f"prompt of {len(p)} tokens"
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    paged_attention._drop_stale_lock(lock)
+    assert lock.exists()  # fresh: another process may be building
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    paged_attention._drop_stale_lock(lock)
+    assert not lock.exists()

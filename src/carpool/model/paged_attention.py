@@ -103,6 +103,21 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = old
 
 
+def _drop_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
+    """Remove torch's build lock left by a build that was killed: torch waits on it forever.
+
+    A live build of this small file takes well under a minute, so a lock older than
+    ``max_age_s`` has no owner.
+    """
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > max_age_s:
+        log.warning("removing a stale kernel build lock (%.0f s old): %s", age, lock)
+        lock.unlink(missing_ok=True)
+
+
 def _load() -> object | None:
     """Build (first time on this machine) and load the kernel; None and one warning if not."""
     from torch.utils import cpp_extension
@@ -110,6 +125,7 @@ def _load() -> object | None:
     name = _build_name()
     build_dir = _cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    _drop_stale_lock(build_dir / "lock")
     start = time.perf_counter()
     with _ninja_on_path():
         cpp_extension.load(
