@@ -82,6 +82,39 @@ inline void axpy(float* acc, float p, const T* v, int64_t n) {
   for (; i < n; ++i) acc[i] += p * to_float(v[i]);
 }
 
+// ah[:] += sum over the block's tokens t of ph[t] * v_t[:], v_t = v0 + t * stride: the
+// accumulator of one query head stays in registers for the whole block (head_dim = 16 * NV),
+// instead of a load and a store of it per token.
+template <int NV, typename T>
+inline bool head_values_fixed(float* ah, const T* v0, int64_t stride, int64_t n_tok,
+                              const float* ph) {
+#if defined(__AVX512F__)
+  __m512 a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = _mm512_loadu_ps(ah + 16 * j);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const __m512 p = _mm512_set1_ps(ph[t]);
+    const T* vp = v0 + t * stride;
+    for (int j = 0; j < NV; ++j) a[j] = _mm512_fmadd_ps(p, load16(vp + 16 * j), a[j]);
+  }
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(ah + 16 * j, a[j]);
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, const float* ph,
+                        int64_t d) {
+  const bool done = (d == 16 && head_values_fixed<1>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 32 && head_values_fixed<2>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 64 && head_values_fixed<4>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 128 && head_values_fixed<8>(ah, v0, stride, n_tok, ph));
+  if (!done) {
+    for (int64_t t = 0; t < n_tok; ++t) axpy(ah, ph[t], v0 + t * stride, d);
+  }
+}
+
 // exp(x) for x <= 0 (scores minus their running max), relative error ~2e-7: 2^t split into
 // 2^floor(t) (exponent bits) times a degree-6 polynomial of 2^frac(t). Branch-free so the loop
 // over a block's tokens vectorizes.
@@ -192,12 +225,10 @@ void decode_kernel(
           }
           l[h] += sum;
         }
-        // Weighted sum of the block's values.
-        for (int64_t t = 0; t < n_tok; ++t) {
-          const T* vrow = base + t * token_stride + kv_heads * d;
-          for (int64_t h = 0; h < nh; ++h) {
-            axpy(acc.data() + h * d, s[h * block_size + t], vrow + (h / group) * d, d);
-          }
+        // Weighted sum of the block's values (the block is in cache by now).
+        for (int64_t h = 0; h < nh; ++h) {
+          head_values(acc.data() + h * d, base + kv_heads * d + (h / group) * d, token_stride,
+                      n_tok, s.data() + h * block_size, d);
         }
       }
       for (int64_t h = 0; h < nh; ++h) {
