@@ -4,8 +4,8 @@ The gather path of ``carpool.model.attention`` copies every sequence's K/V block
 rectangle per layer per step, then runs SDPA over it: at batch 8, context 8k the copy is
 larger than the attention itself. For decode steps (every sequence has one query token) on
 the CPU this module runs ``carpool::paged_decode_attention`` instead
-(``csrc/paged_attention.cpp``): per (sequence, kv head) it walks the block table, with an
-online softmax over the blocks, and reads each K/V row once, in place.
+(``csrc/paged_attention.cpp``): per sequence (and run of kv heads) it walks the block table,
+with an online softmax over the blocks, and reads each K/V row once, in place.
 
 The kernel is compiled by ``torch.utils.cpp_extension`` the first time it is needed and cached
 under ``~/.cache/carpool/kernels`` (or ``$CARPOOL_KERNEL_CACHE``), keyed on the source, torch's
@@ -36,7 +36,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-# -O3 with the host's instruction set: the inner loops are plain loops gcc vectorizes.
+# -O3 with the host's instruction set (AVX-512 intrinsics where it has them, else plain loops).
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (without the flag it runs
 # on one thread); the library links the libgomp torch already loaded. `omp simd` reductions
 # vectorize without -ffast-math.
@@ -148,7 +148,8 @@ def _why(e: Exception) -> str:
     if isinstance(e, subprocess.CalledProcessError) and e.output:
         text = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
+    # A compiler diagnostic ("file.cpp:3:5: error: ...") says more than torch's wrapper line.
+    errors = [ln for ln in lines if "error:" in ln.lower()]
     return f"{type(e).__name__}: {(errors or lines or ['no message'])[0][:300]}"
 
 
