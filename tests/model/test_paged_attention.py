@@ -117,6 +117,18 @@ def test_only_each_sequences_own_tokens_count():
     assert (got - ref).abs().max().item() <= 2e-5
 
 
+def test_out_of_range_lengths_and_blocks_are_refused():
+    q, kv, tables, ctx = random_case(torch.float32, 2, 1, 16, 16, [20, 5])
+    with pytest.raises(RuntimeError, match="context length"):
+        paged_attention.paged_decode_attention(q, kv, tables, torch.tensor([33, 5]), 1.0)
+    with pytest.raises(RuntimeError, match="context length"):
+        paged_attention.paged_decode_attention(q, kv, tables, torch.tensor([20, 0]), 1.0)
+    bad = tables.clone()
+    bad[0, 1] = kv.shape[0]
+    with pytest.raises(RuntimeError, match="block id"):
+        paged_attention.paged_decode_attention(q, kv, bad, ctx, 1.0)
+
+
 def test_decode_batch_carries_context_lens():
     tables = [[3, 1], [2]]
     decode = build_ragged_batch(

@@ -1,7 +1,7 @@
 // Decode attention that reads the paged KV cache in place (CPU).
 //
-// One query token per sequence. For every sequence (and run of kv heads) the kernel walks the sequence's
-// block table, and per block: dot products of the group's queries with the block's keys, an
+// One query token per sequence. For every sequence (and run of kv heads) the kernel walks the
+// sequence's block table, and per block: dot products of the group's queries with the block's keys, an
 // online (streaming) softmax update, and the weighted sum of the block's values, all in
 // float32. K and V are read straight from the cache, once per kv head for all the query heads
 // that share it (grouped-query attention); nothing is copied.
@@ -155,7 +155,7 @@ void decode_kernel(
   // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
   // through memory, while one head's slice of every row is a 2-cache-line read every few KiB
   // (measured ~10x slower: latency-bound). Sequences are split into runs only as far as
-  // needed to give every thread work (batch 1 on 2 threads: 2 runs of K/2 heads).
+  // needed to give each thread about 2 items (batch 1 on 2 threads: 4 runs of K/4 heads).
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
   const int64_t run = (kv_heads + splits - 1) / splits;  // kv heads per work item
@@ -264,6 +264,19 @@ at::Tensor paged_decode_attention(
   at::Tensor lens = context_lens.contiguous();
   at::Tensor out = at::empty({batch, heads, d}, query.options());
   const int64_t max_blocks = tables.size(1);
+  // Bounds, checked once per call (B x blocks reads, no K/V): a bad length or block id would
+  // otherwise read outside the cache.
+  const int64_t num_blocks = kv_cache.size(0), block_size = kv_cache.size(1);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * block_size, "context length ", lp[b],
+                " of sequence ", b, " outside [1, ", max_blocks * block_size, "]");
+    for (int64_t n = 0; n < (lp[b] + block_size - 1) / block_size; ++n) {
+      const int64_t id = tp[b * max_blocks + n];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " outside the cache");
+    }
+  }
   const float sc = static_cast<float>(scale);
   if (q.scalar_type() == at::kFloat) {
     decode_kernel<float>(q.data_ptr<float>(), q.stride(0), kv_cache.data_ptr<float>(),
