@@ -6,6 +6,12 @@ them, so load spikes of a shared machine hit both alike. Per (batch, context): B
 with ``context - 1`` cached tokens decode one token per step (batch build + forward).
 
     python benchmarks/ab_step.py --before /work/main/src --cases 1x64,32x64,8x2048
+
+``--before gather`` compares this checkout with itself: decode attention through gather + SDPA
+("before") against the in-place paged decode kernel ("after"), one model, the path switched
+per step; the table then also gives each path's attention share of the step (torch.profiler:
+median over 8 profiled steps of each, after the timed ones, of attention op time in the step
+over the step's wall time; attention ops as in profile_step.py).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_step import decode_chunks, random_model  # noqa: E402
+from profile_step import ATTENTION_OPS, decode_chunks, random_model  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 
 def import_before(src: Path):  # type: ignore[no-untyped-def]
@@ -49,47 +56,93 @@ def build_batch(build, chunks, block_size: int):  # noqa: ANN001, ANN201
     return build(chunks, block_size)
 
 
+def step_once(model, build, chunks, caches) -> None:  # noqa: ANN001
+    inp = build_batch(build, chunks, 16)
+    model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
+
+
+def attention_share(model, build, chunks, caches, steps: int = 8) -> float:  # noqa: ANN001
+    """Median over ``steps`` profiled steps of attention's share of the step: per step, the
+    self-time of profile_step.py's attention ops inside it over the step's wall time (on a
+    busy machine a per-step ratio is steadier than a ratio of separately timed runs)."""
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with record_function("ab_step"):
+                step_once(model, build, chunks, caches)
+    events = list(prof.events())
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == "ab_step"]
+    att = [e for e in events if e.name in ATTENTION_OPS]
+    shares = []
+    for start, end in spans:
+        inside = sum(e.self_cpu_time_total for e in att if start <= e.time_range.start < end)
+        shares.append(inside / (end - start))
+    return statistics.median(shares)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", default="/work/main/src")
+    ap.add_argument("--before", default="/work/main/src", help="a checkout's src, or 'gather'")
     ap.add_argument("--cases", default="1x64,32x64,8x512,8x2048,8x8192", help="BxCONTEXT,...")
     ap.add_argument("--random-config", default="small")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, help="timed steps per system and case (default: by size)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from carpool.model.loader import load_model
     from carpool.worker.batch import build_ragged_batch
 
-    before_load, before_build = import_before(Path(a.before))
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
     path = random_model(a.random_config, a.dtype, max(c for _, c in cases) + 16)
-    systems = {
-        "before": (before_load(path, dtype=a.dtype)[0], before_build),
-        "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
-    }
-    print("| batch | context | before ms | after ms | speedup |")
-    print("|---:|---:|---:|---:|---:|")
+    self_ab = a.before == "gather"
+    if self_ab:
+        from carpool.model import paged_attention
+
+        assert paged_attention.kernel() is not None, "paged decode kernel did not build"
+        model = load_model(path, dtype=a.dtype)[0]
+        systems = {"before": (model, build_ragged_batch), "after": (model, build_ragged_batch)}
+    else:
+        before_load, before_build = import_before(Path(a.before))
+        systems = {
+            "before": (before_load(path, dtype=a.dtype)[0], before_build),
+            "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
+        }
+
+    def select(k: str) -> None:
+        if self_ab:
+            paged_attention.use_kernel(k == "after")
+
+    extra = " before attention | after attention |" if self_ab else ""
+    print(f"| batch | context | before ms | after ms | speedup |{extra}")
+    print("|---:|---:|---:|---:|---:|" + ("---:|---:|" if self_ab else ""))
     for b, ctx in cases:
         chunks = decode_chunks(b, ctx, 16)
         nb = 2 + b * (-(-ctx // 16))
         dtype = getattr(torch, a.dtype)
         caches = {k: m.allocate_kv_cache(nb, 16, dtype, "cpu") for k, (m, _) in systems.items()}
         times: dict[str, list[float]] = {k: [] for k in systems}
-        n = max(4, min(30, 20000 // (b * ctx) + 4))
+        n = a.steps or max(4, min(30, 20000 // (b * ctx) + 4))
         with torch.inference_mode():
             for i in range(n + 2):
                 for k in list(systems) if i % 2 else list(reversed(systems)):
                     model, build = systems[k]
+                    select(k)
                     start = time.perf_counter()
                     inp = build_batch(build, chunks, 16)
                     model(inp.input_ids, inp.positions, inp.meta, caches[k], inp.logits_indices)
                     if i >= 2:  # two warm-up steps
                         times[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        shares = ""
+        if self_ab:
+            share = {}
+            for k, (model, build) in systems.items():
+                select(k)
+                share[k] = attention_share(model, build, chunks, caches[k])
+            shares = f" {share['before']:.0%} | {share['after']:.0%} |"
         print(
             f"| {b} | {ctx} | {med['before']:.2f} | {med['after']:.2f} "
-            f"| {med['before'] / med['after']:.2f}x |",
+            f"| {med['before'] / med['after']:.2f}x |{shares}",
             flush=True,
         )
         del caches

@@ -6,6 +6,7 @@ signature: run it with ``PYTHONPATH=<checkout>/src`` to compare two branches.
 
     python benchmarks/profile_step.py --random-config small --batch 1 --context 64
     python benchmarks/profile_step.py --random-config small --batch 8 --context 2048,8192
+    python benchmarks/profile_step.py --batch 8 --context 2048 --decode-attention gather
 
 For each (batch, context): B sequences whose caches already hold ``context - 1`` tokens decode
 one token each per step. Prints the median step (batch build + forward), torch.profiler's ops
@@ -134,8 +135,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="append the rows to this JSON file")
+    p.add_argument(
+        "--decode-attention",
+        choices=["kernel", "gather"],
+        default="kernel",
+        help="decode attention path: the in-place paged kernel or gather + SDPA",
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    try:  # checkouts from before the paged decode kernel have only the gather path
+        from carpool.model import paged_attention
+
+        paged_attention.use_kernel(a.decode_attention == "kernel")
+        if a.decode_attention == "kernel":
+            assert paged_attention.kernel() is not None, "paged decode kernel did not build"
+    except ImportError:
+        pass
     contexts = [int(c) for c in a.context.split(",")]
     path = random_model(a.random_config, a.dtype, max(contexts) + 16)
     model, _ = load_model(path, dtype=a.dtype)

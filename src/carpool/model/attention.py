@@ -8,8 +8,10 @@ sequences packed end to end. Each layer
    ``index_select`` of whole blocks: contiguous copies, a few indices),
 3. runs one ``scaled_dot_product_attention`` over a ``[B, Q, L]`` rectangle whose mask encodes
    causality and each sequence's length,
-so there is no Python loop over sequences. All index tensors are built once per step by the
-runner (``carpool.worker.batch``) and shared by every layer through ``AttentionMetadata``.
+so there is no Python loop over sequences. Decode steps on the CPU skip 2 and 3: the kernel of
+``carpool.model.paged_attention`` reads the cache in place through the block tables. All index
+tensors are built once per step by the runner (``carpool.worker.batch``) and shared by every
+layer through ``AttentionMetadata``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.config import ModelConfig
+from carpool.model import paged_attention
 from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 
 
@@ -73,6 +76,9 @@ class AttentionMetadata:
             e.g. a pure decode step).
         output_index: ``[T]`` row of the flattened ``[B * Q]`` output holding each flat token,
             or None under the same condition as ``query_index``.
+        context_lens: ``[B]`` int64 keys each sequence attends to (cached + new), set only for
+            a decode step (every sequence has exactly one token, so ``T == B``); it selects
+            the in-place paged decode kernel where that applies.
     """
 
     slot_mapping: torch.Tensor
@@ -80,6 +86,7 @@ class AttentionMetadata:
     attn_mask: torch.Tensor
     query_index: torch.Tensor | None = None
     output_index: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -125,6 +132,13 @@ class Attention(nn.Module):
         # A cache slot is a contiguous [2, K, D] row: the new K and V of a token in one copy.
         new_kv = qkv[:, h:].view(t, 2, kvh, d)
         kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, new_kv)
+
+        if meta.context_lens is not None and paged_attention.applies(kv_cache):
+            # Decode: one query per sequence, K/V read in place through the block tables.
+            out = paged_attention.paged_decode_attention(
+                qkv[:, :h], kv_cache, meta.block_tables, meta.context_lens, self.scale
+            )
+            return self.o_proj(out.view(t, self.q_size))
 
         b = meta.block_tables.shape[0]
         # One gather of whole blocks brings K and V together (rows of block_size * 2 * K * D

@@ -90,7 +90,9 @@ def build_ragged_batch(
     # Padding query rows attend to key 0 only, so no row is fully masked (that would be NaN).
     mask = np.where(valid[:, :, None], causal, j[None, None, :] == 0)[:, None]
 
-    query_index = output_index = None
+    query_index = output_index = context_lens = None
+    if q == 1:  # a decode step: the paged decode kernel needs only each context's length
+        context_lens = ctx
     if q_lens.min() != q:
         query_index = offsets[:-1, None] + np.minimum(i[None, :], q_lens[:, None] - 1)
         output_index = seq_index * q + local
@@ -106,6 +108,7 @@ def build_ragged_batch(
         attn_mask=t(mask),
         query_index=t(query_index),
         output_index=t(output_index),
+        context_lens=t(context_lens),
     )
     return ModelInput(
         input_ids=t(input_ids),

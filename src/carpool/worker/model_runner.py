@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from carpool.model import paged_attention
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, SchedulerOutput
 from carpool.worker.batch import build_ragged_batch
@@ -68,6 +69,10 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = model.allocate_kv_cache(
             num_blocks + (layout == "padded"), block_size, dtype, device
         )
+        if torch.device(device).type == "cpu":
+            # Build (first time on this machine) or load the paged decode kernel now, not in
+            # the middle of the first request's first decode step.
+            paged_attention.warm_up()
         self.sampler = Sampler()
         # logit_bias and structured-output masks, applied to the batch's logits before sampling.
         self.logits_processor = logits_processor

@@ -1,0 +1,305 @@
+// Decode attention that reads the paged KV cache in place (CPU).
+//
+// One query token per sequence. For every sequence (and run of kv heads) the kernel walks the
+// sequence's block table, and per block: dot products of the group's queries with the block's keys, an
+// online (streaming) softmax update, and the weighted sum of the block's values, all in
+// float32. K and V are read straight from the cache, once per kv head for all the query heads
+// that share it (grouped-query attention); nothing is copied.
+//
+// Registered as the torch operator carpool::paged_decode_attention (CPU only), so it shows in
+// torch.profiler under that name and needs no pybind11 (a much shorter build).
+//
+// The inner loops over head_dim use AVX-512 intrinsics where the build machine has them
+// (-march=native) and plain loops otherwise; the loop over a block's tokens for exp is a plain
+// loop gcc vectorizes (exp is a polynomial, not libm).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(c10::BFloat16 x) {
+  // bfloat16 is the top half of a float32: widening is a shift.
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline void store(float* dst, float x) { *dst = x; }
+
+inline void store(c10::BFloat16* dst, float x) { *dst = c10::BFloat16(x); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// sum(a[i] * b[i]). With AVX-512 the horizontal sum is a few shuffles: gcc's own `omp simd`
+// reduction summed the 16 lanes one by one through the stack, which dominated the kernel.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * to_float(b[i]);
+  return sum;
+}
+
+// acc[i] += p * v[i]
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(v + i), _mm512_loadu_ps(acc + i)));
+#endif
+  for (; i < n; ++i) acc[i] += p * to_float(v[i]);
+}
+
+// ah[:] += sum over the block's tokens t of ph[t] * v_t[:], v_t = v0 + t * stride: the
+// accumulator of one query head stays in registers for the whole block (head_dim = 16 * NV),
+// instead of a load and a store of it per token.
+template <int NV, typename T>
+inline bool head_values_fixed(float* ah, const T* v0, int64_t stride, int64_t n_tok,
+                              const float* ph) {
+#if defined(__AVX512F__)
+  __m512 a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = _mm512_loadu_ps(ah + 16 * j);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const __m512 p = _mm512_set1_ps(ph[t]);
+    const T* vp = v0 + t * stride;
+    for (int j = 0; j < NV; ++j) a[j] = _mm512_fmadd_ps(p, load16(vp + 16 * j), a[j]);
+  }
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(ah + 16 * j, a[j]);
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, const float* ph,
+                        int64_t d) {
+  const bool done = (d == 16 && head_values_fixed<1>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 32 && head_values_fixed<2>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 64 && head_values_fixed<4>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 128 && head_values_fixed<8>(ah, v0, stride, n_tok, ph));
+  if (!done) {
+    for (int64_t t = 0; t < n_tok; ++t) axpy(ah, ph[t], v0 + t * stride, d);
+  }
+}
+
+// exp(x) for x <= 0 (scores minus their running max), relative error ~2e-7: 2^t split into
+// 2^floor(t) (exponent bits) times a degree-6 polynomial of 2^frac(t). Branch-free so the loop
+// over a block's tokens vectorizes.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // below this exp(x) is under float's normal range: ~0
+  const float t = x * 1.44269504088896341f;  // log2(e)
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t e = (static_cast<int32_t>(fi) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+void decode_kernel(
+    const T* q,             // [B, H, D] rows of stride q_stride (elements) per sequence
+    int64_t q_stride,
+    const T* kv,            // [num_blocks, block_size, 2, K, D], contiguous
+    const int64_t* tables,  // [B, max_blocks]
+    int64_t max_blocks,
+    const int64_t* ctx,     // [B]
+    T* out,                 // [B, H, D], contiguous
+    int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+    float scale) {
+  const int64_t group = heads / kv_heads;  // query heads per kv head
+  const int64_t d = head_dim;
+  const int64_t token_stride = 2 * kv_heads * d;  // one cache slot: K and V of all kv heads
+  const int64_t block_stride = block_size * token_stride;
+  // A work item is one sequence and a run of its kv heads. Why a run, not one kv head: a
+  // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
+  // through memory, while one head's slice of every row is a 2-cache-line read every few KiB
+  // (measured ~10x slower: latency-bound). Sequences are split into runs only as far as
+  // needed to give each thread about 2 items (batch 1 on 2 threads: 4 runs of K/4 heads).
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
+  const int64_t run = (kv_heads + splits - 1) / splits;  // kv heads per work item
+  const int64_t runs = (kv_heads + run - 1) / run;
+  at::parallel_for(0, batch * runs, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch for one run: queries, accumulators, running max/sum, block scores.
+    const int64_t rh = run * group;  // query heads of a run
+    std::vector<float> qf(rh * d), acc(rh * d), m(rh), l(rh), s(rh * block_size);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / runs;
+      const int64_t kh0 = (item % runs) * run;
+      const int64_t nkh = std::min(run, kv_heads - kh0);
+      const int64_t nh = nkh * group;
+      const int64_t h0 = kh0 * group;
+      const int64_t n_ctx = ctx[b];
+      for (int64_t h = 0; h < nh; ++h) {
+        const T* qp = q + b * q_stride + (h0 + h) * d;
+        for (int64_t i = 0; i < d; ++i) qf[h * d + i] = to_float(qp[i]) * scale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      const int64_t n_blocks = (n_ctx + block_size - 1) / block_size;
+      for (int64_t n = 0; n < n_blocks; ++n) {
+        const T* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * d;
+        const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
+        // The next block is elsewhere in memory (the table is random): ask for its rows
+        // while this block computes, a token's K and V run per token of this one.
+        const char* next = n + 1 < n_blocks
+            ? reinterpret_cast<const char*>(kv + tables[b * max_blocks + n + 1] * block_stride +
+                                            kh0 * d)
+            : nullptr;
+        const int64_t run_bytes = nkh * d * static_cast<int64_t>(sizeof(T));
+        const int64_t kv_bytes = kv_heads * d * static_cast<int64_t>(sizeof(T));
+        // Scores of the block: q . k for every token and query head of the run.
+        for (int64_t t = 0; t < n_tok; ++t) {
+          const T* krow = base + t * token_stride;
+          if (next != nullptr) {
+            const char* row = next + t * token_stride * static_cast<int64_t>(sizeof(T));
+            for (int64_t off = 0; off < run_bytes; off += 64) {
+              __builtin_prefetch(row + off);
+              __builtin_prefetch(row + kv_bytes + off);
+            }
+          }
+          for (int64_t h = 0; h < nh; ++h) {
+            s[h * block_size + t] = dot(qf.data() + h * d, krow + (h / group) * d, d);
+          }
+        }
+        // Online softmax: rescale what was accumulated when the running max grows.
+        for (int64_t h = 0; h < nh; ++h) {
+          float* sh = s.data() + h * block_size;
+          float mx = m[h];
+          for (int64_t t = 0; t < n_tok; ++t) mx = std::max(mx, sh[t]);
+          if (mx > m[h]) {
+            const float corr = exp_nonpositive(m[h] - mx);  // ~0 on the first block
+            l[h] *= corr;
+            float* ah = acc.data() + h * d;
+            for (int64_t i = 0; i < d; ++i) ah[i] *= corr;
+            m[h] = mx;
+          }
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = 0; t < n_tok; ++t) {
+            const float p = exp_nonpositive(sh[t] - mx);
+            sh[t] = p;
+            sum += p;
+          }
+          l[h] += sum;
+        }
+        // Weighted sum of the block's values (the block is in cache by now).
+        for (int64_t h = 0; h < nh; ++h) {
+          head_values(acc.data() + h * d, base + kv_heads * d + (h / group) * d, token_stride,
+                      n_tok, s.data() + h * block_size, d);
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        T* op = out + (b * heads + h0 + h) * d;
+        const float inv = 1.0f / l[h];
+        for (int64_t i = 0; i < d; ++i) store(op + i, acc[h * d + i] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(
+    const at::Tensor& query,         // [B, H, D]
+    const at::Tensor& kv_cache,      // [num_blocks, block_size, 2, K, D]
+    const at::Tensor& block_tables,  // [B, max_blocks] int64
+    const at::Tensor& context_lens,  // [B] int64, each >= 1
+    double scale) {
+  TORCH_CHECK(query.dim() == 3, "query must be [B, H, D]");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(2) == 2, "kv_cache must be [N, S, 2, K, D]");
+  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type(), "query and cache dtypes differ");
+  TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "block_tables and context_lens must be int64");
+  const int64_t batch = query.size(0), heads = query.size(1), d = query.size(2);
+  const int64_t kv_heads = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == d, "head_dim of query and cache differ");
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(block_tables.size(0) == batch && context_lens.size(0) == batch, "batch mismatch");
+  // The query is usually a strided view into the fused qkv output: any row stride is fine as
+  // long as each row's heads are contiguous.
+  at::Tensor q = (query.stride(2) == 1 && query.stride(1) == d) ? query : query.contiguous();
+  at::Tensor tables = block_tables.contiguous();
+  at::Tensor lens = context_lens.contiguous();
+  at::Tensor out = at::empty({batch, heads, d}, query.options());
+  const int64_t max_blocks = tables.size(1);
+  // Bounds, checked once per call (B x blocks reads, no K/V): a bad length or block id would
+  // otherwise read outside the cache.
+  const int64_t num_blocks = kv_cache.size(0), block_size = kv_cache.size(1);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * block_size, "context length ", lp[b],
+                " of sequence ", b, " outside [1, ", max_blocks * block_size, "]");
+    for (int64_t n = 0; n < (lp[b] + block_size - 1) / block_size; ++n) {
+      const int64_t id = tp[b * max_blocks + n];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " outside the cache");
+    }
+  }
+  const float sc = static_cast<float>(scale);
+  if (q.scalar_type() == at::kFloat) {
+    decode_kernel<float>(q.data_ptr<float>(), q.stride(0), kv_cache.data_ptr<float>(),
+                         tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
+                         out.data_ptr<float>(), batch, heads, kv_heads, d, kv_cache.size(1), sc);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    decode_kernel<c10::BFloat16>(
+        q.data_ptr<c10::BFloat16>(), q.stride(0), kv_cache.data_ptr<c10::BFloat16>(),
+        tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
+        out.data_ptr<c10::BFloat16>(), batch, heads, kv_heads, d, kv_cache.size(1), sc);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16 only, got ",
+                q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(carpool, m) {
+  m.def(
+      "paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

@@ -1,0 +1,217 @@
+"""The in-place paged decode kernel against the gather + SDPA path it replaces in decode steps."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from carpool.model import paged_attention
+from carpool.model.attention import GatherBuffer
+from carpool.model.loader import load_model
+from carpool.worker.batch import build_ragged_batch
+from helpers.carpool_ref import _Chunk, greedy
+from helpers.hf_models import hf_greedy, save_tiny_hf_model, save_tiny_model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_kernel():
+    # The kernel must build on the test machines (gcc + ninja are dependencies of the project):
+    # a failed build would silently route every test below to the fallback.
+    assert paged_attention.kernel() is not None, paged_attention._state.failed
+    paged_attention.use_kernel(True)
+
+
+def gather_sdpa(q, kv_cache, tables, lens, scale):
+    """The gather path of ``Attention.forward`` for a decode step: gather whole blocks into a
+    rectangle, mask each row to its length, one SDPA (fp32 math)."""
+    b, h, d = q.shape
+    kvh = kv_cache.shape[3]
+    kv = GatherBuffer().take((tables.numel(), *kv_cache.shape[1:]), kv_cache)
+    torch.index_select(kv_cache, 0, tables.view(-1), out=kv)
+    keys, values = kv.view(b, -1, 2, kvh, d).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(
+        q.float()[:, :, None],
+        keys.float(),
+        values.float(),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=h != kvh,
+    )
+    return out[:, :, 0]  # [B, H, D]
+
+
+def random_case(dtype, heads, kv_heads, head_dim, block_size, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = -(-max(lens) // block_size)
+    num_blocks = len(lens) * max_blocks + 7
+    kv = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim, generator=g).to(dtype)
+    # Random, non-contiguous, non-increasing block ids, disjoint between sequences.
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks).contiguous()
+    # The query as the attention layer passes it: a strided view into a fused qkv row.
+    qkv = torch.randn(len(lens), heads + 2 * kv_heads, head_dim, generator=g).to(dtype)
+    return qkv[:, :heads], kv, tables, torch.tensor(lens, dtype=torch.long)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (4, 1)], ids=["mha", "gqa4", "mqa"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2)], ids=["fp32", "bf16"]
+)
+def test_kernel_matches_gather_sdpa(block_size, heads, kv_heads, dtype, tol):
+    lens = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5, 1000]
+    head_dim = 64
+    q, kv, tables, ctx = random_case(dtype, heads, kv_heads, head_dim, block_size, lens)
+    scale = head_dim**-0.5
+    calls = paged_attention.kernel_calls()
+    got = paged_attention.paged_decode_attention(q, kv, tables, ctx, scale)
+    assert paged_attention.kernel_calls() == calls + 1
+    assert got.shape == (len(lens), heads, head_dim) and got.dtype == dtype
+    ref = gather_sdpa(q, kv, tables, ctx, scale)
+    # fp32: both accumulate in fp32, only the summation order differs. bf16: the same fp32
+    # math, then one rounding of the output to bf16 (relative 2^-8 of values up to ~2).
+    diff = (got.float() - ref).abs().max().item()
+    assert diff <= tol, f"max abs difference {diff}"
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 40, 80, 128])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2)])
+def test_head_dims(head_dim, dtype, tol):
+    # 16/32/64/128 take the register-blocked value sums; others (40: a 16-lane loop plus a
+    # scalar tail) the generic loops.
+    q, kv, tables, ctx = random_case(dtype, 4, 2, head_dim, 16, [3, 40, 129])
+    got = paged_attention.paged_decode_attention(q, kv, tables, ctx, head_dim**-0.5)
+    ref = gather_sdpa(q, kv, tables, ctx, head_dim**-0.5)
+    assert (got.float() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kv_heads", [8, 4, 3])
+def test_single_sequence_split_over_kv_heads(kv_heads, threads):
+    # Batch 1: the kernel splits the kv heads into runs (2 per thread, at most one head each),
+    # including an uneven last run (1 thread: 3 kv heads in runs of 2).
+    q, kv, tables, ctx = random_case(torch.float32, 2 * kv_heads, kv_heads, 32, 16, [77])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_attention.paged_decode_attention(q, kv, tables, ctx, 0.2)
+    finally:
+        torch.set_num_threads(before)
+    assert (got - gather_sdpa(q, kv, tables, ctx, 0.2)).abs().max().item() <= 2e-5
+
+
+def test_only_each_sequences_own_tokens_count():
+    # Slots past a sequence's length hold garbage (here: huge values): they must not leak in.
+    q, kv, tables, ctx = random_case(torch.float32, 4, 2, 32, 16, [5, 20])
+    ref = gather_sdpa(q, kv, tables, ctx, 32**-0.5)
+    flat = kv.view(-1, 16, 2, 2, 32)
+    flat[tables[0, 0], 5:] = 1e4
+    flat[tables[1, 1], 4:] = -1e4
+    flat[tables[0, 1:]] = 1e4  # blocks of the table past the context
+    got = paged_attention.paged_decode_attention(q, kv, tables, ctx, 32**-0.5)
+    assert (got - ref).abs().max().item() <= 2e-5
+
+
+def test_out_of_range_lengths_and_blocks_are_refused():
+    q, kv, tables, ctx = random_case(torch.float32, 2, 1, 16, 16, [20, 5])
+    with pytest.raises(RuntimeError, match="context length"):
+        paged_attention.paged_decode_attention(q, kv, tables, torch.tensor([33, 5]), 1.0)
+    with pytest.raises(RuntimeError, match="context length"):
+        paged_attention.paged_decode_attention(q, kv, tables, torch.tensor([20, 0]), 1.0)
+    bad = tables.clone()
+    bad[0, 1] = kv.shape[0]
+    with pytest.raises(RuntimeError, match="block id"):
+        paged_attention.paged_decode_attention(q, kv, bad, ctx, 1.0)
+
+
+def test_decode_batch_carries_context_lens():
+    tables = [[3, 1], [2]]
+    decode = build_ragged_batch(
+        [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [6], 3, tables[1])], tables, 16
+    )
+    assert decode.meta.context_lens.tolist() == [21, 4]
+    prefill = build_ragged_batch(
+        [_Chunk("a", [5, 6], 0, tables[0]), _Chunk("b", [6], 3, tables[1])], tables, 16
+    )
+    assert prefill.meta.context_lens is None  # mixed steps keep the gather path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_model_decode_takes_kernel_and_matches_gather(tmp_path, arch):
+    # Greedy decode through the model, once with the kernel and once forced onto the gather
+    # path: same tokens as transformers both ways, and the kernel really ran in the first.
+    hf = save_tiny_hf_model(arch, tmp_path)
+    model, _ = load_model(tmp_path, dtype="float32")
+    prompt = list(range(3, 300, 7))
+    expected = hf_greedy(hf, prompt, 24)
+    calls = paged_attention.kernel_calls()
+    assert greedy(model, prompt, 24) == expected
+    layers = model.config.num_hidden_layers
+    # 23 decode steps (the first token comes from the prefill), every layer.
+    assert paged_attention.kernel_calls() - calls == 23 * layers
+    paged_attention.use_kernel(False)
+    try:
+        calls = paged_attention.kernel_calls()
+        assert greedy(model, prompt, 24) == expected
+        assert paged_attention.kernel_calls() == calls
+    finally:
+        paged_attention.use_kernel(True)
+
+
+def test_gather_forced_by_environment_and_off_cpu(monkeypatch):
+    monkeypatch.setenv(paged_attention.ENV_MODE, "gather")
+    assert not paged_attention._State().enabled
+    monkeypatch.setenv(paged_attention.ENV_MODE, "kernel")
+    assert paged_attention._State().enabled
+    # Other devices keep the gather path (the kernel is a CPU operator).
+    assert not paged_attention.applies(torch.empty(2, 16, 2, 1, 8, device="meta"))
+    assert not paged_attention.applies(torch.empty(2, 16, 2, 1, 8, dtype=torch.float16))
+    assert paged_attention.applies(torch.empty(2, 16, 2, 1, 8))
+
+
+def test_unbuildable_kernel_falls_back_with_one_warning(monkeypatch, caplog):
+    state = paged_attention._State()
+    monkeypatch.setattr(paged_attention, "_state", state)
+
+    def no_compiler():
+        raise RuntimeError("command 'c++' failed: No such file or directory")
+
+    monkeypatch.setattr(paged_attention, "_load", no_compiler)
+    kv = torch.zeros(2, 16, 2, 1, 8)
+    with caplog.at_level("WARNING", logger="carpool.model.paged_attention"):
+        assert not paged_attention.applies(kv)
+        assert not paged_attention.applies(kv)  # tried once, not per call
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No such file" in warnings[0].getMessage()
+
+
+def test_engine_batch_decodes_through_kernel(tmp_path):
+    # The engine's continuous batching (ragged decode steps of sequences of different lengths,
+    # prefill chunks mixed in) gives transformers' greedy tokens with the kernel in the loop.
+    from carpool import LLM, SamplingParams
+
+    hf = save_tiny_model_dir("llama", tmp_path)
+    prompts = [list(range(3, 3 + 7 * n, 7)) for n in (1, 15, 16, 17, 40)]
+    llm = LLM(tmp_path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=8)
+    calls = paged_attention.kernel_calls()
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert paged_attention.kernel_calls() > calls
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 20), f"prompt of {len(p)} tokens"
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    paged_attention._drop_stale_lock(lock)
+    assert lock.exists()  # fresh: another process may be building
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    paged_attention._drop_stale_lock(lock)
+    assert not lock.exists()
