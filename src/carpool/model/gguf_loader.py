@@ -12,7 +12,8 @@ their converter does not permute and neither do we.
 Mistral checkpoints are written by llama.cpp under architecture ``llama``; they load as
 ``llama`` (same computation; GGUF does not record Mistral's sliding window).
 
-Only memory maps and ``numpy`` views are used: nothing is ever unpickled.
+The file is parsed by ``gguf_file.GGUFFile`` (metadata as Python values, tensor data as views of
+one memory map); only memory maps and ``numpy`` views are used: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+from gguf import GGMLQuantizationType, LlamaFileType
 from gguf.quants import dequantize
 
 from carpool.config import ModelConfig, RopeScaling
 from carpool.errors import ModelLoadError
+from carpool.model.gguf_file import GGUFFile, GGUFTensorInfo
 from carpool.model.gguf_quant import QuantWeight, decode_blocks
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -87,7 +89,8 @@ def read_gguf_config(path: str | Path) -> ModelConfig:
             model.
     """
     path = Path(path)
-    return _config_from_reader(_open(path), path)
+    with GGUFFile(path) as reader:
+        return _config_from_reader(reader, path)
 
 
 def load_gguf(
@@ -108,20 +111,24 @@ def load_gguf(
             wrong shape, or in a quantization type that cannot be dequantized.
     """
     path = Path(path)
-    reader = _open(path)
-    config = _config_from_reader(reader, path)
-    state = {name: t.to(dtype) for name, t in _iter_weights(reader, config, path, quantized=())}
+    with GGUFFile(path) as reader:
+        config = _config_from_reader(reader, path)
+        weights = _iter_weights(reader, config, path, quantized=())
+        state = {name: t.to(dtype) for name, t in weights}
     config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
     return config, state  # type: ignore[return-value]
 
 
 class GGUFCheckpoint:
     """A GGUF file opened for loading one tensor at a time: ``config`` (as
-    ``read_gguf_config``) and ``types`` (Hugging Face tensor name -> GGUF type name)."""
+    ``read_gguf_config``) and ``types`` (Hugging Face tensor name -> GGUF type name).
+
+    The file's memory map is released once ``weights()`` has been consumed (or on ``close``):
+    every tensor handed over owns its memory, so no page of the file stays mapped."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._reader = _open(self.path)
+        self._reader = GGUFFile(self.path)
         self.config = _config_from_reader(self._reader, self.path)
         self.types = {
             name: t.tensor_type.name
@@ -135,11 +142,16 @@ class GGUFCheckpoint:
         """Yield ``(name, value)``: a ``QuantWeight`` for names in ``quantized`` (Q8_0/Q4_0/
         Q4_1 only), otherwise a float32 tensor dequantized on the way; q/k rows un-permuted.
         Errors are raised as by ``load_gguf``."""
-        return _iter_weights(self._reader, self.config, self.path, frozenset(quantized))
+        yield from _iter_weights(self._reader, self.config, self.path, frozenset(quantized))
+        self.close()
+
+    def close(self) -> None:
+        """Release the file (its memory map goes once no tensor view is left)."""
+        self._reader.close()
 
 
 def _iter_weights(
-    reader: GGUFReader, config: ModelConfig, path: Path, quantized: Collection[str]
+    reader: GGUFFile, config: ModelConfig, path: Path, quantized: Collection[str]
 ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
     """Checked tensors under Hugging Face names: float32, or ``QuantWeight`` for ``quantized``."""
     expected = expected_shapes(config)
@@ -154,7 +166,7 @@ def _iter_weights(
             )
         # GGUF lists dimensions fastest-first (ggml's ne[]); reversed they are the row-major
         # Hugging Face shape, which is also how the bytes are laid out.
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = t.shape
         if shape != expected[hf_name]:
             raise ModelLoadError(
                 f"{path}: tensor {t.name!r} has shape {list(shape)}, expected "
@@ -171,18 +183,20 @@ def _iter_weights(
         elif config.architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             n_head = config.num_key_value_heads
         seen.add(hf_name)
+        raw = reader.tensor_data(t)  # a view of the file's memory map
         if hf_name in quantized:
-            qw = decode_blocks(t.data, t.tensor_type.name, shape)  # type: ignore[arg-type]
-            if n_head is not None:
-                qw = qw.take_rows(torch.from_numpy(_unpermute(np.arange(shape[0]), n_head)))
-            yield hf_name, qw
+            if n_head is not None:  # reorder the packed block rows: one copy of the file bytes
+                raw = raw[_unpermute(np.arange(shape[0]), n_head)]
+            # decode_blocks copies what it keeps: the weight holds no view of the map.
+            yield hf_name, decode_blocks(raw, t.tensor_type.name, shape)  # type: ignore[arg-type]
             continue
-        data = dequantize(t.data, t.tensor_type).reshape(shape)
-        if t.tensor_type == _Q.F32:
-            data = data.copy()  # a view into the memory map: own it before the file closes
+        data = dequantize(raw, t.tensor_type).reshape(shape)
         if n_head is not None:
             data = _unpermute(data, n_head)
-        yield hf_name, torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if np.may_share_memory(data, raw):
+            data = data.copy()  # F32 is a view of the map: own it before the file closes
+        yield hf_name, torch.from_numpy(data)
     missing = [n for n in expected if n not in seen]
     if missing:
         raise ModelLoadError(f"{path}: missing tensors {missing[:5]} ({len(missing)} in all)")
@@ -244,23 +258,8 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _open(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: GGUF file not found")
-    try:
-        return GGUFReader(path)
-    except ValueError as e:
-        if "magic" in str(e).lower():
-            raise ModelLoadError(f"{path}: not a GGUF file (bad magic number)") from None
-        raise ModelLoadError(f"{path}: unreadable or truncated GGUF file ({e})") from None
-    except (IndexError, KeyError, OSError, TypeError, OverflowError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: unreadable or truncated GGUF file ({e!r})") from None
-
-
-def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
-    def meta(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else field.contents()
+def _config_from_reader(reader: GGUFFile, path: Path) -> ModelConfig:
+    meta = reader.get
 
     def required(key: str) -> Any:
         value = meta(key)
@@ -296,7 +295,7 @@ def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=_f32(meta(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
             rope_theta=theta,
-            rope_scaling=_rope_scaling(meta, arch, tensors, theta, head_dim, path),
+            rope_scaling=_rope_scaling(reader, arch, theta, head_dim, path),
             max_position_embeddings=int(meta(f"{arch}.context_length") or 2048),
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
@@ -311,32 +310,35 @@ def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path}: inconsistent GGUF metadata ({e})") from None
 
 
-def _vocab_size(reader: GGUFReader, arch: str, tensors: dict[str, Any]) -> int:
+def _vocab_size(reader: GGUFFile, arch: str, tensors: dict[str, GGUFTensorInfo]) -> int:
     """``{arch}.vocab_size``, else the tokenizer's token count, else the embedding's rows."""
-    field = reader.get_field(f"{arch}.vocab_size")
-    if field is not None:
-        return int(field.contents())
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    size = reader.get(f"{arch}.vocab_size")
+    if size is not None:
+        return int(size)
+    tokens = reader.get("tokenizer.ggml.tokens")
     if tokens is not None:
-        return len(tokens.data)  # one entry per string: no need to decode them
+        return len(tokens)
     if "token_embd.weight" in tensors:
-        return int(tensors["token_embd.weight"].shape[-1])  # ne[1] = rows = vocab
+        return int(tensors["token_embd.weight"].dims[-1])  # ne[1] = rows = vocab
     raise ValueError("no vocab_size, tokenizer.ggml.tokens or token_embd.weight")
 
 
 def _rope_scaling(
-    meta: Any, arch: str, tensors: dict[str, Any], theta: float, head_dim: int, path: Path
+    reader: GGUFFile, arch: str, theta: float, head_dim: int, path: Path
 ) -> RopeScaling | None:
     """Rope scaling from ``{arch}.rope.scaling.*`` metadata or a ``rope_freqs.weight`` tensor.
 
     ``linear`` maps to itself; ``rope_freqs.weight`` (llama.cpp's form of Llama 3.1 scaling)
     is fitted back to ``RopeScaling(rope_type="llama3", ...)``; yarn/longrope are refused.
     """
+    meta = reader.get
     kind = meta(f"{arch}.rope.scaling.type")
     factor = meta(f"{arch}.rope.scaling.factor")
     orig_ctx = meta(f"{arch}.rope.scaling.original_context_length")
-    if _ROPE_FREQS in tensors:
-        divisors = np.asarray(dequantize(tensors[_ROPE_FREQS].data, _Q.F32), dtype=np.float64)
+    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    if freqs is not None:
+        data = dequantize(reader.tensor_data(freqs), freqs.tensor_type)
+        divisors = np.array(data, dtype=np.float64)  # a copy: nothing keeps the map alive
         return _llama3_from_divisors(divisors.reshape(-1), theta, head_dim, orig_ctx, path)
     if kind in (None, "none") or (kind == "linear" and not factor):
         return None
