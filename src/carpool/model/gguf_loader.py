@@ -18,6 +18,7 @@ one memory map); only memory maps and ``numpy`` views are used: nothing is ever 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 from collections.abc import Collection, Iterator
@@ -35,6 +36,12 @@ from carpool.model.gguf_file import GGUFFile, GGUFTensorInfo
 from carpool.model.gguf_quant import QuantWeight, decode_blocks
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):  # not glibc
+    _LIBC = None
 
 _Q = GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = frozenset({
@@ -188,18 +195,36 @@ def _iter_weights(
             if n_head is not None:  # reorder the packed block rows: one copy of the file bytes
                 raw = raw[_unpermute(np.arange(shape[0]), n_head)]
             # decode_blocks copies what it keeps: the weight holds no view of the map.
-            yield hf_name, decode_blocks(raw, t.tensor_type.name, shape)  # type: ignore[arg-type]
-            continue
-        data = dequantize(raw, t.tensor_type).reshape(shape)
-        if n_head is not None:
-            data = _unpermute(data, n_head)
-        data = np.ascontiguousarray(data, dtype=np.float32)
-        if np.may_share_memory(data, raw):
-            data = data.copy()  # F32 is a view of the map: own it before the file closes
-        yield hf_name, torch.from_numpy(data)
+            value: torch.Tensor | QuantWeight = decode_blocks(raw, t.tensor_type.name, shape)  # type: ignore[arg-type]
+        else:
+            data = dequantize(raw, t.tensor_type).reshape(shape)
+            if n_head is not None:
+                data = _unpermute(data, n_head)
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            if np.may_share_memory(data, raw):
+                data = data.copy()  # F32 is a view of the map: own it before the file closes
+            value = torch.from_numpy(data)
+        del raw  # data, when set, is the value itself or a copy
+        reader.release(t)  # its file pages leave the RSS; the next tensor's come in
+        yield hf_name, value
+        del value
+        _trim_heap()  # the consumer has packed it: hand its temporaries back to the OS
     missing = [n for n in expected if n not in seen]
     if missing:
         raise ModelLoadError(f"{path}: missing tensors {missing[:5]} ({len(missing)} in all)")
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Decoding and packing one tensor frees block-sized temporaries that glibc keeps in its heap
+    (its mmap threshold grows after the first large free); without a trim per tensor they pile
+    up to ~2x the weights before the loader's final trim (SmolLM2-135M Q4_1, measured: see
+    BENCHMARKS.md, "GGUF loading: time and peak memory"). A trim with little to return costs
+    microseconds.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def gguf_to_hf_name(name: str) -> str | None:
