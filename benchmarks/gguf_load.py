@@ -111,7 +111,9 @@ def main() -> None:
     print("| figure | " + " | ".join(trees) + " |")
     print("|---|" + "---:|" * len(trees))
     for key in keys:
-        cells = [f"{statistics.median(row.get(key, float('nan')) for row in runs[n]):.2f}" for n in trees]
+        cells = [
+            f"{statistics.median(row.get(key, float('nan')) for row in runs[n]):.2f}" for n in trees
+        ]
         print(f"| {key} | " + " | ".join(cells) + " |")
     if args.output:
         Path(args.output).write_text(json.dumps({"model": model, "runs": runs}, indent=1))

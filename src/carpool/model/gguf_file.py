@@ -115,7 +115,7 @@ class GGUFFile:
                 self._parse(buf)
         except _Corrupt as e:
             self.close()
-            raise ModelLoadError(f"{self.path}: unreadable or truncated GGUF file ({e})") from None
+            raise ModelLoadError(f"{self.path}: corrupt or truncated GGUF file ({e})") from None
         except ModelLoadError:
             self.close()
             raise
