@@ -19,6 +19,7 @@ Only GGUF versions 2 and 3, little-endian, are read (``GGUFReader``'s versions).
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import struct
@@ -89,7 +90,7 @@ class GGUFTensorInfo:
     @property
     def n_elements(self) -> int:
         """Number of weights."""
-        return int(np.prod(self.dims, dtype=object)) if self.dims else 1
+        return math.prod(self.dims)
 
 
 class GGUFFile:
@@ -228,7 +229,7 @@ class GGUFFile:
             raise _Corrupt(f"tensor {name!r} has unknown type {raw_type}") from None
         if dims and dims[0] % block:
             raise _Corrupt(f"tensor {name!r}: row of {dims[0]} is not a whole number of blocks")
-        n_elements = int(np.prod(dims, dtype=object)) if dims else 1
+        n_elements = math.prod(dims)
         n_bytes = n_elements // block * type_size
         start = self.data_offset + offset
         if start + n_bytes > self.size:
