@@ -3,8 +3,9 @@
 Each run starts a new interpreter that imports torch and carpool, pins 1 torch thread, then
 builds ``LLM(path, threads=1, kv_cache_memory=64 MiB)`` and reports the engine's own stage log
 lines (``loading: <stage> done``, timestamped here to the millisecond), the seconds spent in
-``read_gguf_config`` alone (header + metadata + config, timed in a second fresh process), and
-``VmHWM`` (peak RSS) / ``VmRSS`` from ``/proc/self/status`` before and after loading. Several
+``read_gguf_config`` alone (header + metadata + config, timed in a second fresh process),
+``VmHWM`` (peak RSS) / ``VmRSS`` from ``/proc/self/status`` before and after loading, and the
+same for ``load_model`` alone (a third fresh process: no tokenizer, engine or KV cache). Several
 source trees (``--src NAME=DIR``, each put first on ``PYTHONPATH``) are run alternately, so all
 see the same machine load; medians are printed.
 
@@ -48,6 +49,15 @@ def _child(mode: str, model: str, kv_cache: int) -> dict[str, float]:
         "base_rss_mib": _status_kib("VmRSS") / 1024,
     }
     start = time.perf_counter()
+    if mode == "load_model":  # the loader alone: no tokenizer, no engine, no KV cache
+        from carpool.model.loader import load_model
+
+        model, _ = load_model(model)
+        out["load_model_s"] = time.perf_counter() - start
+        out["load_model_hwm_mib"] = _status_kib("VmHWM") / 1024
+        out["load_model_rss_mib"] = _status_kib("VmRSS") / 1024
+        del model
+        return out
     if mode == "config":
         read_gguf_config(model)
         out["config_s"] = time.perf_counter() - start
@@ -82,7 +92,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-cache-mib", type=int, default=64, help="kv_cache_memory of the engine")
     ap.add_argument("--output", default=None, help="write all runs as JSON here")
-    ap.add_argument("--child", choices=("llm", "config"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("llm", "config", "load_model"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.model, args.kv_cache_mib * 2**20)))
@@ -98,12 +108,16 @@ def main() -> None:
         for name, src in trees.items():
             env = {**os.environ, **_CHILD_ENV, "PYTHONPATH": str(Path(src).resolve())}
             row: dict[str, float] = {}
-            for mode in ("llm", "config"):
+            for mode in ("llm", "config", "load_model"):
                 cmd = [sys.executable, __file__, "--child", mode, "--model", model,
                        "--kv-cache-mib", str(args.kv_cache_mib)]  # fmt: skip
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
                 got = json.loads(proc.stdout.strip().splitlines()[-1])
-                row.update(got if mode == "llm" else {"config_only_s": got["config_s"]})
+                if mode == "config":
+                    got = {"config_only_s": got["config_s"]}
+                elif mode == "load_model":
+                    got = {k: v for k, v in got.items() if k.startswith("load_model")}
+                row.update(got)
             runs[name].append(row)
             print(f"run {r} {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()))
     print(f"\nmedians over {args.repeats} runs (model {model}):")
