@@ -262,3 +262,19 @@ def test_dequantized_load_owns_its_tensors(exported):
     assert ckpt._reader._map is None
     norm = state["model.norm.weight"]
     assert isinstance(norm, torch.Tensor) and norm.numpy().flags.writeable
+
+
+def test_released_pages_read_back_the_same(exported):
+    """``release`` only drops this process's pages: a later read faults the same bytes in."""
+    with GGUFFile(exported["Q4_0"]) as f:
+        t = f.tensors[-1]
+        before = np.array(f.tensor_data(t))
+        f.release(t)
+        assert np.array_equal(f.tensor_data(t), before)
+
+
+def test_tokenizer_from_an_open_gguf_file():
+    path = VOCAB_DIR / "ggml-vocab-llama-bpe.gguf"
+    text = "Hello, world! 12345 <|eot_id|>"
+    with GGUFFile(path) as f:
+        assert Tokenizer.from_gguf(f).encode(text) == Tokenizer.from_gguf(path).encode(text)

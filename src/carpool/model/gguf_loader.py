@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import math
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,11 @@ import torch
 from gguf import GGMLQuantizationType, LlamaFileType
 from gguf.quants import dequantize
 
-from carpool.config import ModelConfig, RopeScaling
+from carpool.config import ModelConfig
 from carpool.errors import ModelLoadError
 from carpool.model.gguf_file import GGUFFile, GGUFTensorInfo
 from carpool.model.gguf_quant import QuantWeight, decode_blocks
+from carpool.model.gguf_rope import ROPE_FREQS, f32, gguf_rope_scaling
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -69,11 +69,6 @@ _GLOBAL_NAMES = {
     "output": "lm_head",
 }
 
-# llama.cpp's converter stores a Llama 3.1-style rope scaling as this tensor of per-frequency
-# divisors instead of metadata; it is folded back into ``ModelConfig.rope_scaling``.
-_ROPE_FREQS = "rope_freqs.weight"
-# Llama 3.x's pre-extension context; GGUF does not record it for llama3 scaling.
-_LLAMA3_ORIGINAL_CONTEXT = 8192
 
 # ``dtype="auto"`` per file type. Quantized files compute in float32 (exact Q4 scales in the int4
 # kernel; bfloat16 broke SmolLM2-135M-Instruct Q4_1's greedy answers). F16 -> bfloat16 on CPU.
@@ -164,7 +159,7 @@ def _iter_weights(
     expected = expected_shapes(config)
     seen: set[str] = set()
     for t in reader.tensors:
-        if t.name == _ROPE_FREQS:
+        if t.name == ROPE_FREQS:
             continue
         hf_name = gguf_to_hf_name(t.name)
         if hf_name is None or hf_name not in expected:
@@ -306,7 +301,7 @@ def _config_from_reader(reader: GGUFFile, path: Path) -> ModelConfig:
             or meta(f"{arch}.rope.dimension_count")
             or hidden // heads
         )
-        theta = _f32(meta(f"{arch}.rope.freq_base") or 10000.0)
+        theta = f32(meta(f"{arch}.rope.freq_base") or 10000.0)
         eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         file_type = meta("general.file_type")
         return ModelConfig(
@@ -318,9 +313,9 @@ def _config_from_reader(reader: GGUFFile, path: Path) -> ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=int(meta(f"{arch}.attention.head_count_kv") or heads),
             head_dim=head_dim,
-            rms_norm_eps=_f32(meta(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
+            rms_norm_eps=f32(meta(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
             rope_theta=theta,
-            rope_scaling=_rope_scaling(reader, arch, theta, head_dim, path),
+            rope_scaling=gguf_rope_scaling(reader, arch, theta, head_dim, path),
             max_position_embeddings=int(meta(f"{arch}.context_length") or 2048),
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
@@ -346,82 +341,3 @@ def _vocab_size(reader: GGUFFile, arch: str, tensors: dict[str, GGUFTensorInfo])
     if "token_embd.weight" in tensors:
         return int(tensors["token_embd.weight"].dims[-1])  # ne[1] = rows = vocab
     raise ValueError("no vocab_size, tokenizer.ggml.tokens or token_embd.weight")
-
-
-def _rope_scaling(
-    reader: GGUFFile, arch: str, theta: float, head_dim: int, path: Path
-) -> RopeScaling | None:
-    """Rope scaling from ``{arch}.rope.scaling.*`` metadata or a ``rope_freqs.weight`` tensor.
-
-    ``linear`` maps to itself; ``rope_freqs.weight`` (llama.cpp's form of Llama 3.1 scaling)
-    is fitted back to ``RopeScaling(rope_type="llama3", ...)``; yarn/longrope are refused.
-    """
-    meta = reader.get
-    kind = meta(f"{arch}.rope.scaling.type")
-    factor = meta(f"{arch}.rope.scaling.factor")
-    orig_ctx = meta(f"{arch}.rope.scaling.original_context_length")
-    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
-    if freqs is not None:
-        data = dequantize(reader.tensor_data(freqs), freqs.tensor_type)
-        divisors = np.array(data, dtype=np.float64)  # a copy: nothing keeps the map alive
-        return _llama3_from_divisors(divisors.reshape(-1), theta, head_dim, orig_ctx, path)
-    if kind in (None, "none") or (kind == "linear" and not factor):
-        return None
-    if kind == "linear":
-        return RopeScaling(rope_type="linear", factor=_f32(factor))
-    raise ModelLoadError(f"{path}: unsupported rope scaling type {kind!r}")
-
-
-def _llama3_from_divisors(
-    divisors: np.ndarray, theta: float, head_dim: int, orig_ctx: int | None, path: Path
-) -> RopeScaling | None:
-    """Recover llama3 parameters that reproduce llama.cpp's per-frequency divisors.
-
-    Frequencies with wavelength above ``orig/low`` are divided by ``factor``, those below
-    ``orig/high`` are kept, and in between the divisor is ``1 / ((1 - s) / factor + s)`` with
-    ``s = (orig / wavelen - low) / (high - low)``. ``factor`` is the largest divisor, but
-    ``orig``, ``low`` and ``high`` are not all recoverable from a handful of frequencies. Any
-    triple that reproduces every divisor yields the same rotary frequencies, so candidates are
-    tried in order and the first that verifies wins:
-
-    1. ``orig`` from metadata or Llama 3's 8192, ``low``/``high`` fitted from the in-between
-       frequencies (a line in ``1 / wavelen``; needs two) or Llama 3.1's 1 and 4;
-    2. ``low``/``high`` = 1 and 4 and ``orig`` solved from the in-between frequencies.
-    """
-    if divisors.shape != (head_dim // 2,):
-        raise ModelLoadError(
-            f"{path}: {_ROPE_FREQS} has {divisors.size} values, expected {head_dim // 2}"
-        )
-    if np.allclose(divisors, 1.0):
-        return None
-    factor = _f32(divisors.max())
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
-    between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
-    s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor) if factor > 1 else None
-
-    candidates: list[tuple[int, float, float]] = []
-    orig = int(orig_ctx or _LLAMA3_ORIGINAL_CONTEXT)
-    if s is not None and s.size >= 2:
-        slope, intercept = np.polyfit(orig / wavelen[between], s, 1)
-        candidates.append((orig, round(-intercept / slope, 4), round((1 - intercept) / slope, 4)))
-    candidates.append((orig, 1.0, 4.0))
-    if s is not None and s.size >= 1:  # s = (orig / w - 1) / 3  =>  orig = w (3 s + 1)
-        candidates.append((round(float(np.mean(wavelen[between] * (3 * s + 1)))), 1.0, 4.0))
-    for orig, low, high in candidates:
-        sm = (orig / wavelen - low) / (high - low)
-        expected = np.where(
-            wavelen < orig / high,
-            1.0,
-            np.where(wavelen > orig / low, factor, 1 / ((1 - sm) / factor + sm)),
-        )
-        if np.allclose(divisors, expected, rtol=1e-4, atol=1e-6):
-            return RopeScaling("llama3", factor, low, high, orig)
-    raise ModelLoadError(
-        f"{path}: {_ROPE_FREQS} matches no llama3 rope scaling (divisors {divisors.tolist()})"
-    )
-
-
-def _f32(value: Any) -> float:
-    """A float32 metadata value as the short decimal it was written from (1e-06, not 9.99e-07)."""
-    return float(str(np.float32(value)))
