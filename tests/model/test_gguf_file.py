@@ -215,6 +215,14 @@ def _corrupt_cases() -> dict[str, tuple[bytes, str]]:
             _gguf_bytes([arch], [("t", (1,) * 9, 0, 0)], data=bytes(32)),
             "9 dimensions",
         ),
+        "partial quantization block": (
+            _gguf_bytes([arch], [("t", (40,), int(gguf.GGMLQuantizationType.Q8_0), 0)]),
+            "not a whole number of blocks",
+        ),
+        "quantized scalar": (
+            _gguf_bytes([arch], [("t", (), int(gguf.GGMLQuantizationType.Q4_0), 0)]),
+            "not a whole number of blocks",
+        ),
         "duplicate tensor": (
             _gguf_bytes([arch], [_f32_tensor(), _f32_tensor()], data=bytes(32)),
             "duplicate tensor",

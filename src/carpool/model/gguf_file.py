@@ -227,8 +227,8 @@ class GGUFFile:
             block, type_size = GGML_QUANT_SIZES[kind]
         except (ValueError, KeyError):
             raise _Corrupt(f"tensor {name!r} has unknown type {raw_type}") from None
-        if dims and dims[0] % block:
-            raise _Corrupt(f"tensor {name!r}: row of {dims[0]} is not a whole number of blocks")
+        if (dims[0] if dims else 1) % block:  # a scalar is a row of 1
+            raise _Corrupt(f"tensor {name!r}: row of {dims[:1]} is not a whole number of blocks")
         n_elements = math.prod(dims)
         n_bytes = n_elements // block * type_size
         start = self.data_offset + offset
