@@ -12,27 +12,36 @@ their converter does not permute and neither do we.
 Mistral checkpoints are written by llama.cpp under architecture ``llama``; they load as
 ``llama`` (same computation; GGUF does not record Mistral's sliding window).
 
-Only memory maps and ``numpy`` views are used: nothing is ever unpickled.
+The file is parsed by ``gguf_file.GGUFFile`` (metadata as Python values, tensor data as views of
+one memory map); only memory maps and ``numpy`` views are used: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-import math
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+from gguf import GGMLQuantizationType, LlamaFileType
 from gguf.quants import dequantize
 
-from carpool.config import ModelConfig, RopeScaling
+from carpool.config import ModelConfig
 from carpool.errors import ModelLoadError
+from carpool.model.gguf_file import GGUFFile, GGUFTensorInfo
 from carpool.model.gguf_quant import QuantWeight, decode_blocks
+from carpool.model.gguf_rope import ROPE_FREQS, f32, gguf_rope_scaling
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):  # not glibc
+    _LIBC = None
 
 _Q = GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = frozenset({
@@ -60,11 +69,6 @@ _GLOBAL_NAMES = {
     "output": "lm_head",
 }
 
-# llama.cpp's converter stores a Llama 3.1-style rope scaling as this tensor of per-frequency
-# divisors instead of metadata; it is folded back into ``ModelConfig.rope_scaling``.
-_ROPE_FREQS = "rope_freqs.weight"
-# Llama 3.x's pre-extension context; GGUF does not record it for llama3 scaling.
-_LLAMA3_ORIGINAL_CONTEXT = 8192
 
 # ``dtype="auto"`` per file type. Quantized files compute in float32 (exact Q4 scales in the int4
 # kernel; bfloat16 broke SmolLM2-135M-Instruct Q4_1's greedy answers). F16 -> bfloat16 on CPU.
@@ -87,7 +91,8 @@ def read_gguf_config(path: str | Path) -> ModelConfig:
             model.
     """
     path = Path(path)
-    return _config_from_reader(_open(path), path)
+    with GGUFFile(path) as reader:
+        return _config_from_reader(reader, path)
 
 
 def load_gguf(
@@ -108,20 +113,24 @@ def load_gguf(
             wrong shape, or in a quantization type that cannot be dequantized.
     """
     path = Path(path)
-    reader = _open(path)
-    config = _config_from_reader(reader, path)
-    state = {name: t.to(dtype) for name, t in _iter_weights(reader, config, path, quantized=())}
+    with GGUFFile(path) as reader:
+        config = _config_from_reader(reader, path)
+        weights = _iter_weights(reader, config, path, quantized=())
+        state = {name: t.to(dtype) for name, t in weights}
     config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
     return config, state  # type: ignore[return-value]
 
 
 class GGUFCheckpoint:
     """A GGUF file opened for loading one tensor at a time: ``config`` (as
-    ``read_gguf_config``) and ``types`` (Hugging Face tensor name -> GGUF type name)."""
+    ``read_gguf_config``) and ``types`` (Hugging Face tensor name -> GGUF type name).
+
+    The file's memory map is released once ``weights()`` has been consumed (or on ``close``):
+    every tensor handed over owns its memory, so no page of the file stays mapped."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._reader = _open(self.path)
+        self._reader = GGUFFile(self.path)
         self.config = _config_from_reader(self._reader, self.path)
         self.types = {
             name: t.tensor_type.name
@@ -135,17 +144,22 @@ class GGUFCheckpoint:
         """Yield ``(name, value)``: a ``QuantWeight`` for names in ``quantized`` (Q8_0/Q4_0/
         Q4_1 only), otherwise a float32 tensor dequantized on the way; q/k rows un-permuted.
         Errors are raised as by ``load_gguf``."""
-        return _iter_weights(self._reader, self.config, self.path, frozenset(quantized))
+        yield from _iter_weights(self._reader, self.config, self.path, frozenset(quantized))
+        self.close()
+
+    def close(self) -> None:
+        """Release the file (its memory map goes once no tensor view is left)."""
+        self._reader.close()
 
 
 def _iter_weights(
-    reader: GGUFReader, config: ModelConfig, path: Path, quantized: Collection[str]
+    reader: GGUFFile, config: ModelConfig, path: Path, quantized: Collection[str]
 ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
     """Checked tensors under Hugging Face names: float32, or ``QuantWeight`` for ``quantized``."""
     expected = expected_shapes(config)
     seen: set[str] = set()
     for t in reader.tensors:
-        if t.name == _ROPE_FREQS:
+        if t.name == ROPE_FREQS:
             continue
         hf_name = gguf_to_hf_name(t.name)
         if hf_name is None or hf_name not in expected:
@@ -154,7 +168,7 @@ def _iter_weights(
             )
         # GGUF lists dimensions fastest-first (ggml's ne[]); reversed they are the row-major
         # Hugging Face shape, which is also how the bytes are laid out.
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = t.shape
         if shape != expected[hf_name]:
             raise ModelLoadError(
                 f"{path}: tensor {t.name!r} has shape {list(shape)}, expected "
@@ -171,21 +185,41 @@ def _iter_weights(
         elif config.architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             n_head = config.num_key_value_heads
         seen.add(hf_name)
+        raw = reader.tensor_data(t)  # a view of the file's memory map
         if hf_name in quantized:
-            qw = decode_blocks(t.data, t.tensor_type.name, shape)  # type: ignore[arg-type]
+            if n_head is not None:  # reorder the packed block rows: one copy of the file bytes
+                raw = raw[_unpermute(np.arange(shape[0]), n_head)]
+            # decode_blocks copies what it keeps: the weight holds no view of the map.
+            value: torch.Tensor | QuantWeight = decode_blocks(raw, t.tensor_type.name, shape)  # type: ignore[arg-type]
+        else:
+            data = dequantize(raw, t.tensor_type).reshape(shape)
             if n_head is not None:
-                qw = qw.take_rows(torch.from_numpy(_unpermute(np.arange(shape[0]), n_head)))
-            yield hf_name, qw
-            continue
-        data = dequantize(t.data, t.tensor_type).reshape(shape)
-        if t.tensor_type == _Q.F32:
-            data = data.copy()  # a view into the memory map: own it before the file closes
-        if n_head is not None:
-            data = _unpermute(data, n_head)
-        yield hf_name, torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+                data = _unpermute(data, n_head)
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            if np.may_share_memory(data, raw):
+                data = data.copy()  # F32 is a view of the map: own it before the file closes
+            value = torch.from_numpy(data)
+        del raw  # data, when set, is the value itself or a copy
+        reader.release(t)  # its file pages leave the RSS; the next tensor's come in
+        yield hf_name, value
+        del value
+        _trim_heap()  # the consumer has packed it: hand its temporaries back to the OS
     missing = [n for n in expected if n not in seen]
     if missing:
         raise ModelLoadError(f"{path}: missing tensors {missing[:5]} ({len(missing)} in all)")
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Decoding and packing one tensor frees block-sized temporaries that glibc keeps in its heap
+    (its mmap threshold grows after the first large free); without a trim per tensor they pile
+    up to ~2x the weights before the loader's final trim (SmolLM2-135M Q4_1, measured: see
+    BENCHMARKS.md, "GGUF loading: time and peak memory"). A trim with little to return costs
+    microseconds.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -244,23 +278,8 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _open(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: GGUF file not found")
-    try:
-        return GGUFReader(path)
-    except ValueError as e:
-        if "magic" in str(e).lower():
-            raise ModelLoadError(f"{path}: not a GGUF file (bad magic number)") from None
-        raise ModelLoadError(f"{path}: unreadable or truncated GGUF file ({e})") from None
-    except (IndexError, KeyError, OSError, TypeError, OverflowError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: unreadable or truncated GGUF file ({e!r})") from None
-
-
-def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
-    def meta(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else field.contents()
+def _config_from_reader(reader: GGUFFile, path: Path) -> ModelConfig:
+    meta = reader.get
 
     def required(key: str) -> Any:
         value = meta(key)
@@ -282,7 +301,7 @@ def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
             or meta(f"{arch}.rope.dimension_count")
             or hidden // heads
         )
-        theta = _f32(meta(f"{arch}.rope.freq_base") or 10000.0)
+        theta = f32(meta(f"{arch}.rope.freq_base") or 10000.0)
         eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         file_type = meta("general.file_type")
         return ModelConfig(
@@ -294,9 +313,9 @@ def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=int(meta(f"{arch}.attention.head_count_kv") or heads),
             head_dim=head_dim,
-            rms_norm_eps=_f32(meta(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
+            rms_norm_eps=f32(meta(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
             rope_theta=theta,
-            rope_scaling=_rope_scaling(meta, arch, tensors, theta, head_dim, path),
+            rope_scaling=gguf_rope_scaling(reader, arch, theta, head_dim, path),
             max_position_embeddings=int(meta(f"{arch}.context_length") or 2048),
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
@@ -311,90 +330,14 @@ def _config_from_reader(reader: GGUFReader, path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path}: inconsistent GGUF metadata ({e})") from None
 
 
-def _vocab_size(reader: GGUFReader, arch: str, tensors: dict[str, Any]) -> int:
+def _vocab_size(reader: GGUFFile, arch: str, tensors: dict[str, GGUFTensorInfo]) -> int:
     """``{arch}.vocab_size``, else the tokenizer's token count, else the embedding's rows."""
-    field = reader.get_field(f"{arch}.vocab_size")
-    if field is not None:
-        return int(field.contents())
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    size = reader.get(f"{arch}.vocab_size")
+    if size is not None:
+        return int(size)
+    tokens = reader.get("tokenizer.ggml.tokens")
     if tokens is not None:
-        return len(tokens.data)  # one entry per string: no need to decode them
+        return len(tokens)
     if "token_embd.weight" in tensors:
-        return int(tensors["token_embd.weight"].shape[-1])  # ne[1] = rows = vocab
+        return int(tensors["token_embd.weight"].dims[-1])  # ne[1] = rows = vocab
     raise ValueError("no vocab_size, tokenizer.ggml.tokens or token_embd.weight")
-
-
-def _rope_scaling(
-    meta: Any, arch: str, tensors: dict[str, Any], theta: float, head_dim: int, path: Path
-) -> RopeScaling | None:
-    """Rope scaling from ``{arch}.rope.scaling.*`` metadata or a ``rope_freqs.weight`` tensor.
-
-    ``linear`` maps to itself; ``rope_freqs.weight`` (llama.cpp's form of Llama 3.1 scaling)
-    is fitted back to ``RopeScaling(rope_type="llama3", ...)``; yarn/longrope are refused.
-    """
-    kind = meta(f"{arch}.rope.scaling.type")
-    factor = meta(f"{arch}.rope.scaling.factor")
-    orig_ctx = meta(f"{arch}.rope.scaling.original_context_length")
-    if _ROPE_FREQS in tensors:
-        divisors = np.asarray(dequantize(tensors[_ROPE_FREQS].data, _Q.F32), dtype=np.float64)
-        return _llama3_from_divisors(divisors.reshape(-1), theta, head_dim, orig_ctx, path)
-    if kind in (None, "none") or (kind == "linear" and not factor):
-        return None
-    if kind == "linear":
-        return RopeScaling(rope_type="linear", factor=_f32(factor))
-    raise ModelLoadError(f"{path}: unsupported rope scaling type {kind!r}")
-
-
-def _llama3_from_divisors(
-    divisors: np.ndarray, theta: float, head_dim: int, orig_ctx: int | None, path: Path
-) -> RopeScaling | None:
-    """Recover llama3 parameters that reproduce llama.cpp's per-frequency divisors.
-
-    Frequencies with wavelength above ``orig/low`` are divided by ``factor``, those below
-    ``orig/high`` are kept, and in between the divisor is ``1 / ((1 - s) / factor + s)`` with
-    ``s = (orig / wavelen - low) / (high - low)``. ``factor`` is the largest divisor, but
-    ``orig``, ``low`` and ``high`` are not all recoverable from a handful of frequencies. Any
-    triple that reproduces every divisor yields the same rotary frequencies, so candidates are
-    tried in order and the first that verifies wins:
-
-    1. ``orig`` from metadata or Llama 3's 8192, ``low``/``high`` fitted from the in-between
-       frequencies (a line in ``1 / wavelen``; needs two) or Llama 3.1's 1 and 4;
-    2. ``low``/``high`` = 1 and 4 and ``orig`` solved from the in-between frequencies.
-    """
-    if divisors.shape != (head_dim // 2,):
-        raise ModelLoadError(
-            f"{path}: {_ROPE_FREQS} has {divisors.size} values, expected {head_dim // 2}"
-        )
-    if np.allclose(divisors, 1.0):
-        return None
-    factor = _f32(divisors.max())
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
-    between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
-    s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor) if factor > 1 else None
-
-    candidates: list[tuple[int, float, float]] = []
-    orig = int(orig_ctx or _LLAMA3_ORIGINAL_CONTEXT)
-    if s is not None and s.size >= 2:
-        slope, intercept = np.polyfit(orig / wavelen[between], s, 1)
-        candidates.append((orig, round(-intercept / slope, 4), round((1 - intercept) / slope, 4)))
-    candidates.append((orig, 1.0, 4.0))
-    if s is not None and s.size >= 1:  # s = (orig / w - 1) / 3  =>  orig = w (3 s + 1)
-        candidates.append((round(float(np.mean(wavelen[between] * (3 * s + 1)))), 1.0, 4.0))
-    for orig, low, high in candidates:
-        sm = (orig / wavelen - low) / (high - low)
-        expected = np.where(
-            wavelen < orig / high,
-            1.0,
-            np.where(wavelen > orig / low, factor, 1 / ((1 - sm) / factor + sm)),
-        )
-        if np.allclose(divisors, expected, rtol=1e-4, atol=1e-6):
-            return RopeScaling("llama3", factor, low, high, orig)
-    raise ModelLoadError(
-        f"{path}: {_ROPE_FREQS} matches no llama3 rope scaling (divisors {divisors.tolist()})"
-    )
-
-
-def _f32(value: Any) -> float:
-    """A float32 metadata value as the short decimal it was written from (1e-06, not 9.99e-07)."""
-    return float(str(np.float32(value)))

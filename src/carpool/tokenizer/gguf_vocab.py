@@ -112,16 +112,31 @@ class GGUFVocab:
         return _PRE_TOKENIZER_ALIASES.get(self.pre, self.pre)
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    field_ = reader.fields.get(key)
-    return None if field_ is None else field_.contents()
+def _metadata_getter(path_or_reader: str | os.PathLike[str] | Any) -> tuple[str, Any]:
+    """``(source name, key -> value or None)`` of a path, a ``GGUFFile`` or a ``GGUFReader``."""
+    from carpool.model.gguf_file import GGUFFile
+
+    if isinstance(path_or_reader, (str, os.PathLike)):
+        # Metadata only: the file is closed again (its tensors are not this module's business).
+        with GGUFFile(path_or_reader) as f:
+            return os.fspath(path_or_reader), f.get
+    if isinstance(path_or_reader, GGUFFile):
+        return os.fspath(path_or_reader.path), path_or_reader.get
+    reader = path_or_reader  # a gguf.GGUFReader someone already opened
+
+    def get(key: str) -> Any:
+        field_ = reader.fields.get(key)
+        return None if field_ is None else field_.contents()
+
+    return os.fspath(getattr(reader, "path", "<GGUFReader>")), get
 
 
 def read_gguf_vocab(path_or_reader: str | os.PathLike[str] | Any) -> GGUFVocab:
     """Read the ``tokenizer.*`` keys of a GGUF file.
 
     Args:
-        path_or_reader: a GGUF file path or an open ``gguf.GGUFReader``.
+        path_or_reader: a GGUF file path, an open ``carpool.model.gguf_file.GGUFFile`` or an
+            open ``gguf.GGUFReader``.
 
     Returns:
         The vocabulary metadata.
@@ -129,20 +144,10 @@ def read_gguf_vocab(path_or_reader: str | os.PathLike[str] | Any) -> GGUFVocab:
     Raises:
         ModelLoadError: the file cannot be read or has no usable tokenizer metadata.
     """
-    from gguf import GGUFReader
-
-    if isinstance(path_or_reader, (str, os.PathLike)):
-        source = os.fspath(path_or_reader)
-        try:
-            reader = GGUFReader(source)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{source}: cannot read GGUF file: {exc}") from exc
-    else:
-        reader = path_or_reader
-        source = os.fspath(getattr(reader, "path", "<GGUFReader>"))
+    source, meta = _metadata_getter(path_or_reader)
 
     def get(key: str) -> Any:
-        return _field_value(reader, f"tokenizer.{key}")
+        return meta(f"tokenizer.{key}")
 
     model = get("ggml.model")
     tokens = get("ggml.tokens")

@@ -165,7 +165,7 @@ class Tokenizer:
         (SentencePiece ``"llama"`` and byte-level BPE ``"gpt2"``).
 
         Args:
-            path_or_reader: a GGUF file path or an open ``gguf.GGUFReader``.
+            path_or_reader: a GGUF file path, an open ``GGUFFile`` or ``gguf.GGUFReader``.
 
         Returns:
             The tokenizer.
