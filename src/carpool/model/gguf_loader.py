@@ -70,8 +70,9 @@ _GLOBAL_NAMES = {
 }
 
 
-# ``dtype="auto"`` per file type. Quantized files compute in float32 (exact Q4 scales in the int4
-# kernel; bfloat16 broke SmolLM2-135M-Instruct Q4_1's greedy answers). F16 -> bfloat16 on CPU.
+# ``dtype="auto"`` per file type. Quantized files compute in float32 (a bfloat16 residual stream
+# broke SmolLM2-135M-Instruct Q4_1's greedy answers), their quantized matmuls in the kernels'
+# bf16 (``quant.kernel_dtype``). F16 -> bfloat16 on CPU.
 _FILE_TYPE_DTYPES = {LlamaFileType.ALL_F32: "float32", LlamaFileType.MOSTLY_BF16: "bfloat16"}
 _FILE_TYPE_DTYPES[LlamaFileType.MOSTLY_F16] = "float16"
 

@@ -50,15 +50,6 @@ class QuantWeight:
         """``(N, K)``."""
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
-    def take_rows(self, index: torch.Tensor) -> QuantWeight:
-        """The same weight with its rows reordered by ``index`` (q/k un-permutation)."""
-
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t.index_select(0, index)
-
-        mins = None if self.minimum is None else take(self.minimum)
-        return QuantWeight(self.method, take(self.codes), take(self.scale), mins)
-
     @staticmethod
     def concat(parts: list[QuantWeight]) -> QuantWeight:
         """Shards of a fused matrix stacked along the output rows (all of one method)."""
