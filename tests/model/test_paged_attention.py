@@ -215,3 +215,44 @@ def test_stale_build_lock_is_removed(tmp_path):
     os.utime(lock, (old, old))
     paged_attention._drop_stale_lock(lock)
     assert not lock.exists()
+
+
+def test_mixed_step_marks_generated_rows_for_the_kernel():
+    tables = [[3, 1], [2]]
+    chunks = [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [6, 7, 8], 0, tables[1])]
+    mixed = build_ragged_batch(chunks, tables, 16, generated_from=[20, 3])
+    assert mixed.meta.kernel_rows.tolist() == [0]  # a's generated token; b's prompt is gathered
+    assert mixed.meta.context_lens.tolist() == [21]
+    assert mixed.meta.kernel_tables.tolist() == [[3, 1]]
+    # A recompute after a preemption: its generated positions are kernel rows too.
+    recompute = build_ragged_batch([_Chunk("a", [1, 2, 3, 4], 0, [4])], [[4]], 16, "cpu", [2])
+    assert recompute.meta.kernel_rows.tolist() == [2, 3]
+    assert recompute.meta.context_lens.tolist() == [3, 4]
+
+
+def test_a_decode_row_computes_the_same_alone_or_beside_a_prefill(tmp_path):
+    # bf16, where the kernel and gather + SDPA round differently: the decode row of sequence a
+    # must give bit-identical logits in a pure decode step and in a step mixed with b's prefill
+    # (the scheduler decides which; the greedy tokens must not depend on it).
+    save_tiny_hf_model("llama", tmp_path)
+    model, _ = load_model(tmp_path, dtype="bfloat16")
+    caches = model.allocate_kv_cache(8, 16, torch.bfloat16, "cpu")
+    prompt_a, table_a, table_b = list(range(3, 23)), [1, 2], [3]
+    with torch.no_grad():
+        pre = build_ragged_batch([_Chunk("a", prompt_a, 0, table_a)], [table_a], 16)
+        model(pre.input_ids, pre.positions, pre.meta, caches, pre.logits_indices)
+
+        def step(chunks, tables, prompts):
+            state = [c.clone() for c in caches]
+            inp = build_ragged_batch(chunks, tables, 16, "cpu", prompts)
+            return model(inp.input_ids, inp.positions, inp.meta, state, inp.logits_indices)
+
+        calls = paged_attention.kernel_calls()
+        alone = step([_Chunk("a", [7], 20, table_a)], [table_a], [20])
+        mixed = step(
+            [_Chunk("a", [7], 20, table_a), _Chunk("b", [9, 4, 11, 5, 6], 0, table_b)],
+            [table_a, table_b],
+            [20, 5],
+        )
+    assert paged_attention.kernel_calls() - calls == 2 * model.config.num_hidden_layers
+    assert torch.equal(alone[0], mixed[0])

@@ -76,9 +76,14 @@ class AttentionMetadata:
             e.g. a pure decode step).
         output_index: ``[T]`` row of the flattened ``[B * Q]`` output holding each flat token,
             or None under the same condition as ``query_index``.
-        context_lens: ``[B]`` int64 keys each sequence attends to (cached + new), set only for
-            a decode step (every sequence has exactly one token, so ``T == B``); it selects
-            the in-place paged decode kernel where that applies.
+        context_lens: ``[R]`` int64 keys each *kernel row* attends to (its position + 1), or
+            None when no row takes the in-place paged decode kernel. Which rows do is fixed
+            by the row alone, never by the rest of the batch (see ``build_ragged_batch``), so
+            a sequence computes the same numbers alone or in any batch.
+        kernel_rows: ``[R]`` flat token index of each kernel row, or None when every row is
+            one (a pure decode step: ``T == B``, one row per sequence, ``block_tables`` rows).
+        kernel_tables: ``[R, L / block_size]`` the block table of each kernel row's sequence
+            (None together with ``kernel_rows``).
     """
 
     slot_mapping: torch.Tensor
@@ -87,6 +92,8 @@ class AttentionMetadata:
     query_index: torch.Tensor | None = None
     output_index: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
+    kernel_rows: torch.Tensor | None = None
+    kernel_tables: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -133,13 +140,30 @@ class Attention(nn.Module):
         new_kv = qkv[:, h:].view(t, 2, kvh, d)
         kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, new_kv)
 
-        if meta.context_lens is not None and paged_attention.applies(kv_cache):
-            # Decode: one query per sequence, K/V read in place through the block tables.
+        use_kernel = meta.context_lens is not None and paged_attention.applies(kv_cache)
+        if use_kernel and meta.kernel_rows is None:
+            # Pure decode: one query per sequence, K/V read in place through the block tables.
             out = paged_attention.paged_decode_attention(
                 qkv[:, :h], kv_cache, meta.block_tables, meta.context_lens, self.scale
             )
             return self.o_proj(out.view(t, self.q_size))
+        out = self._gathered(qkv[:, :h], kv_cache, meta)
+        if use_kernel:
+            # Decode rows of a mixed step take the kernel too (their gathered result is
+            # overwritten), so a row's arithmetic never depends on its batch.
+            rows = meta.kernel_rows
+            assert rows is not None and meta.kernel_tables is not None
+            out[rows] = paged_attention.paged_decode_attention(
+                qkv[rows, :h], kv_cache, meta.kernel_tables, meta.context_lens, self.scale
+            ).view(-1, self.q_size)
+        return self.o_proj(out)
 
+    def _gathered(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """``[T, H * D]`` attention of every row: blocks gathered, then SDPA over ``[B, Q, L]``."""
+        t = q.shape[0]
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         b = meta.block_tables.shape[0]
         # One gather of whole blocks brings K and V together (rows of block_size * 2 * K * D
         # elements: twice as long, half as many ops as gathering K and V apart).
@@ -150,7 +174,6 @@ class Attention(nn.Module):
         kv = kv.view(b, -1, 2, kvh, d)
         # Strided [B, K, L, D] views, no copy: SDPA reads K and V through their strides.
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        q = qkv[:, :h]
         # [B, Q, H, D]: a view when every sequence has Q tokens, else a gather of padded rows.
         queries = q.view(b, t // b, h, d) if meta.query_index is None else q[meta.query_index]
         out = F.scaled_dot_product_attention(
@@ -164,4 +187,4 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(-1, self.q_size)  # [B * Q, H * D]
         if meta.output_index is not None:
             out = out[meta.output_index]  # [T, H * D]
-        return self.o_proj(out)
+        return out

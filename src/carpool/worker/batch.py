@@ -43,6 +43,7 @@ def build_ragged_batch(
     block_tables: Sequence[Sequence[int]],
     block_size: int,
     device: torch.device | str = "cpu",
+    generated_from: Sequence[int] | None = None,
 ) -> ModelInput:
     """Pack ``chunks`` end to end into one ``ModelInput``.
 
@@ -52,6 +53,11 @@ def build_ragged_batch(
             ``start_pos + len(token_ids)`` slots.
         block_size: tokens per KV block.
         device: where the tensors go.
+        generated_from: per chunk, its request's prompt length: tokens at or after it (the
+            generated ones, in decode or in a recompute after a preemption) are *kernel rows*
+            (``AttentionMetadata.context_lens``), the prompt's take the gathered path. The rule
+            depends on the row alone, so a sequence's numbers do not change with its batch
+            (the two paths round differently). None: every row of a pure decode step.
     """
     assert chunks, "a batch needs at least one chunk"
     # Index arithmetic in numpy: dozens of tiny torch ops would cost more than the step's
@@ -90,9 +96,18 @@ def build_ragged_batch(
     # Padding query rows attend to key 0 only, so no row is fully masked (that would be NaN).
     mask = np.where(valid[:, :, None], causal, j[None, None, :] == 0)[:, None]
 
-    query_index = output_index = context_lens = None
-    if q == 1:  # a decode step: the paged decode kernel needs only each context's length
+    query_index = output_index = context_lens = kernel_rows = kernel_tables = None
+    if generated_from is None:
+        is_kernel_row = np.full(len(input_ids), q == 1)
+    else:
+        firsts = np.fromiter(generated_from, dtype=np.int64, count=len(chunks))
+        is_kernel_row = positions >= firsts[seq_index]
+    if q == 1 and is_kernel_row.all():  # a pure decode step: one kernel row per sequence
         context_lens = ctx
+    elif is_kernel_row.any():
+        kernel_rows = np.flatnonzero(is_kernel_row)
+        context_lens = positions[kernel_rows] + 1
+        kernel_tables = tables[seq_index[kernel_rows]]
     if q_lens.min() != q:
         query_index = offsets[:-1, None] + np.minimum(i[None, :], q_lens[:, None] - 1)
         output_index = seq_index * q + local
@@ -109,6 +124,8 @@ def build_ragged_batch(
         query_index=t(query_index),
         output_index=t(output_index),
         context_lens=t(context_lens),
+        kernel_rows=t(kernel_rows),
+        kernel_tables=t(kernel_tables),
     )
     return ModelInput(
         input_ids=t(input_ids),

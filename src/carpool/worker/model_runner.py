@@ -125,7 +125,9 @@ class ModelRunner:
                 self.device,
             )
         else:
-            inp = build_ragged_batch(output.chunks, tables, self.block_size, self.device)
+            # Generated tokens' rows take the paged decode kernel wherever they are computed.
+            prompts = [len(requests[c.request_id].prompt_token_ids) for c in output.chunks]
+            inp = build_ragged_batch(output.chunks, tables, self.block_size, self.device, prompts)
         num_padded = inp.num_tokens - output.num_batched_tokens
         logits = self.model(
             inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
