@@ -128,12 +128,21 @@ def main() -> None:
                             "int4 widened": lambda: widened4(x, q4),  # noqa: B023
                         }
                     )
-                rows.append({"shape": name, "threads": threads, "batch": m, "seconds": t})
-                cells = " | ".join(f"{v * 1e6:.0f}" for v in t.values())
-                print(f"| {name} | {threads} | {m} | {cells} |", flush=True)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+                rows.append(table_row(name, threads, m, t))
+    write_rows(args.output, rows)
+
+
+def table_row(name: str, threads: int, m: int, t: dict[str, float]) -> dict[str, object]:
+    """Print one markdown row of median microseconds; return it for the JSON."""
+    cells = " | ".join(f"{v * 1e6:.0f}" for v in t.values())
+    print(f"| {name} | {threads} | {m} | {cells} |", flush=True)
+    return {"shape": name, "threads": threads, "batch": m, "seconds": t}
+
+
+def write_rows(output: Path | None, rows: list[dict[str, object]]) -> None:
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
 
 
 def int4_fp32(x: torch.Tensor, q: Int4Linear, scales_zeros: torch.Tensor) -> torch.Tensor:
@@ -166,12 +175,8 @@ def float32_table(args: argparse.Namespace) -> None:
                         },
                         rounds=3,
                     )
-                rows.append({"shape": name, "threads": threads, "batch": m, "seconds": t})
-                cells = " | ".join(f"{v * 1e6:.0f}" for v in t.values())
-                print(f"| {name} | {threads} | {m} | {cells} |", flush=True)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+                rows.append(table_row(name, threads, m, t))
+    write_rows(args.output, rows)
 
 
 if __name__ == "__main__":
