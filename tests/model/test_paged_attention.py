@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from carpool.model import paged_attention
+from carpool.model import kernel_build, paged_attention
 from carpool.model.attention import GatherBuffer
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
@@ -209,11 +209,11 @@ def test_engine_batch_decodes_through_kernel(tmp_path):
 def test_stale_build_lock_is_removed(tmp_path):
     lock = tmp_path / "lock"
     lock.touch()
-    paged_attention._drop_stale_lock(lock)
+    kernel_build.drop_stale_lock(lock)
     assert lock.exists()  # fresh: another process may be building
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    paged_attention._drop_stale_lock(lock)
+    kernel_build.drop_stale_lock(lock)
     assert not lock.exists()
 
 

@@ -39,6 +39,9 @@ def resident_weight_bytes(model: torch.nn.Module) -> int:
         skip = module._non_persistent_buffers_set
         tensors += [b for n, b in module.named_buffers(recurse=False) if n not in skip]
     for t in tensors:
+        if t.is_mkldnn:  # a packed linear weight (layers.Linear.prepack): opaque, not shared
+            total += t.numel() * t.element_size()
+            continue
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
             seen.add(ptr)

@@ -8,6 +8,7 @@ computed in float32 and cast to the activation dtype.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,13 @@ def bucket_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, or oneDNN's linear on a weight packed by ``Linear.prepack``."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def linear_bucketed(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -46,25 +54,84 @@ def linear_bucketed(
     rows = x.shape[0]
     padded = bucket_rows(rows)
     if weight.dtype == torch.float32 or x.dim() != 2 or padded == rows:
-        return F.linear(x, weight, bias)
-    out = F.linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias)  # [padded, N]
+        return _linear(x, weight, bias)
+    out = _linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias)  # [padded, N]
     return out[:rows]  # contiguous: a prefix of the rows
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` with a matrix-vector fast path for a single input row, and bucketed row
-    counts otherwise (see ``bucket_rows``).
+def prepack_available(device: torch.device | str) -> bool:
+    """True when bf16 linear weights on ``device`` can be packed for oneDNN (see ``Linear``)."""
+    return (
+        torch.device(device).type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        and os.environ.get(ENV_PREPACK, "1").strip() != "0"
+    )
 
-    At batch 1 (one decode token) torch's bf16 ``linear`` on CPU reads the weight at ~10-14
-    GB/s, while ``torch.mv`` on the same weight reaches ~25-35 GB/s (measured on this machine:
-    2816x512 138 us vs 81 us; a 32000x512 LM head 2.0 ms vs 1.2 ms). Same result, same layout.
+
+# Batch-size hint oneDNN picks the packed layout for; one layout then serves every row count.
+# 32 measured best of the hints tried on the AMX machine of BENCHMARKS.md (see "Packed weights").
+PREPACK_BATCH_HINT = 32
+ENV_PREPACK = "CARPOOL_PREPACK"  # "0": keep plain weights (to compare)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` for inference: bf16 weights packed once for oneDNN on the CPU; otherwise a
+    matrix-vector fast path for a single input row, and bucketed row counts for more (see
+    ``bucket_rows``).
+
+    Why pack: torch's bf16 ``linear`` on a plain ``[N, K]`` weight has oneDNN reorder it into
+    its blocked (AMX / AVX-512 BF16) layout inside the call, and caches the reordered copy per
+    input shape; packed once at load (``prepack``), the weight is read as it is by every call
+    of every shape, and no per-shape copies pile up. A decode step's matmuls measured 1.06x
+    (batch 1), 1.33x (batch 8) and 1.17x (batch 32) faster end to end (BENCHMARKS.md).
+
+    Unpacked, at batch 1 torch's bf16 ``linear`` reads the weight at ~10-14 GB/s, while
+    ``torch.mv`` on the same weight reaches ~25-35 GB/s (measured on this machine: 2816x512
+    138 us vs 81 us; a 32000x512 LM head 2.0 ms vs 1.2 ms). Same result, same layout.
     """
 
+    def prepack(self) -> bool:
+        """Replace a CPU bf16 weight by oneDNN's packed layout (same shape, dtype and values;
+        ``weight.is_mkldnn`` is then True). Returns whether it did. Call it once the model is
+        loaded and placed: a packed weight cannot be moved, sliced or shared."""
+        w = self.weight
+        if w.is_mkldnn or w.dtype != torch.bfloat16 or not prepack_available(w.device):
+            return False
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PREPACK_BATCH_HINT)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_mkldnn:
+            if x.dim() != 2:
+                return _linear(x, self.weight, self.bias)
+            return linear_bucketed(x, self.weight, self.bias)
         if x.dim() == 2 and x.shape[0] == 1:
             out = torch.mv(self.weight, x[0]).unsqueeze(0)
             return out if self.bias is None else out + self.bias
         return linear_bucketed(x, self.weight, self.bias)
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """``Linear.prepack`` every linear of ``model`` whose weight no other parameter shares (a
+    head tied to the embedding keeps its plain weight: the embedding reads it by rows).
+    Returns how many were packed."""
+    users: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if not p.is_mkldnn:
+            key = p.untyped_storage().data_ptr()
+            users[key] = users.get(key, 0) + 1
+    packed = 0
+    for m in model.modules():
+        if (
+            isinstance(m, Linear)
+            and not m.weight.is_mkldnn
+            and users.get(m.weight.untyped_storage().data_ptr(), 0) == 1
+            and m.prepack()
+        ):
+            packed += 1
+    return packed
 
 
 class RMSNorm(nn.Module):

@@ -19,29 +19,17 @@ does the same in-process.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import platform
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
+from carpool.model import kernel_build
+
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-# -O3 with the host's instruction set (AVX-512 intrinsics where it has them, else plain loops).
-# -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (without the flag it runs
-# on one thread); the library links the libgomp torch already loaded. `omp simd` reductions
-# vectorize without -ffast-math.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
-_LDFLAGS = ["-fopenmp"]
+_SOURCE = kernel_build.CSRC / "paged_attention.cpp"
 ENV_MODE = "CARPOOL_DECODE_ATTENTION"
 
 
@@ -60,97 +48,10 @@ class _State:
 _state = _State()
 
 
-def _cpu_flags() -> str:
-    """This CPU's feature flags (the binary is built with -march=native for them)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
-
-
-def _build_name() -> str:
-    """Extension name keyed on source, flags, torch and the CPU: a new key is a new build."""
-    key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
-    key.update(" ".join([*_CFLAGS, *_LDFLAGS, torch.__version__, _cpu_flags()]).encode())
-    return f"carpool_paged_attention_{key.hexdigest()[:16]}"
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("CARPOOL_KERNEL_CACHE") or Path.home() / ".cache" / "carpool" / "kernels"
-    return Path(root)
-
-
-@contextlib.contextmanager
-def _ninja_on_path() -> Iterator[None]:
-    """Put the venv's bin (where the ``ninja`` wheel's launcher lives) on PATH for the build:
-    torch runs ``ninja`` by name, and a venv used without activation is not on PATH."""
-    old = os.environ.get("PATH", "")
-    extra = [str(Path(sys.executable).parent)]
-    try:
-        import ninja  # type: ignore[import-not-found]
-
-        extra.append(str(ninja.BIN_DIR))
-    except ImportError:
-        pass
-    os.environ["PATH"] = os.pathsep.join([*extra, old])
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = old
-
-
-def _drop_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
-    """Remove torch's build lock left by a build that was killed: torch waits on it forever.
-
-    A live build of this small file takes well under a minute, so a lock older than
-    ``max_age_s`` has no owner.
-    """
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > max_age_s:
-        log.warning("removing a stale kernel build lock (%.0f s old): %s", age, lock)
-        lock.unlink(missing_ok=True)
-
-
 def _load() -> object | None:
-    """Build (first time on this machine) and load the kernel; None and one warning if not."""
-    from torch.utils import cpp_extension
-
-    name = _build_name()
-    build_dir = _cache_dir() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    _drop_stale_lock(build_dir / "lock")
-    start = time.perf_counter()
-    with _ninja_on_path():
-        cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
-            build_directory=str(build_dir),
-            is_python_module=False,  # registers torch.ops.carpool.*; no pybind11 to compile
-            verbose=False,
-        )
-    _state.build_seconds = time.perf_counter() - start
-    log.debug("paged decode kernel ready in %.1f s (%s)", _state.build_seconds, build_dir)
+    """Build (first time on this machine) and load the kernel."""
+    _state.build_seconds = kernel_build.load_library("carpool_paged_attention", _SOURCE)
     return torch.ops.carpool.paged_decode_attention
-
-
-def _why(e: Exception) -> str:
-    """One line on why the build failed: the compiler's first error when there is one."""
-    text = str(e)
-    if isinstance(e, subprocess.CalledProcessError) and e.output:
-        text = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # A compiler diagnostic ("file.cpp:3:5: error: ...") says more than torch's wrapper line.
-    errors = [ln for ln in lines if "error:" in ln.lower()]
-    return f"{type(e).__name__}: {(errors or lines or ['no message'])[0][:300]}"
 
 
 def kernel() -> object | None:
@@ -162,7 +63,7 @@ def kernel() -> object | None:
             try:
                 _state.op = _load()
             except Exception as e:  # no compiler, no ninja, a build error: all mean fall back
-                _state.failed = _why(e)
+                _state.failed = kernel_build.why(e)
                 log.warning(
                     "paged decode attention kernel unavailable, decode uses the gather path (%s)",
                     _state.failed,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from carpool.model import paged_attention
+from carpool.model.layers import prepack_linears
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, SchedulerOutput
 from carpool.worker.batch import build_ragged_batch
@@ -73,6 +74,8 @@ class ModelRunner:
             # Build (first time on this machine) or load the paged decode kernel now, not in
             # the middle of the first request's first decode step.
             paged_attention.warm_up()
+            # bf16 linear weights into oneDNN's packed layout, once (see layers.Linear).
+            prepack_linears(model)
         self.sampler = Sampler()
         # logit_bias and structured-output masks, applied to the batch's logits before sampling.
         self.logits_processor = logits_processor
