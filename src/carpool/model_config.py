@@ -118,13 +118,17 @@ class ModelConfig:
         """Bytes of KV cache one token takes in ``torch_dtype`` (see ``kv_bytes_per_token_for``)."""
         return self.kv_bytes_per_token_for(dtype_bytes(self.torch_dtype))
 
-    def kv_bytes_per_token_for(self, nbytes: int) -> int:
-        """KV bytes per token: ``2 (K and V) x layers x kv_heads x head_dim x nbytes``.
+    def kv_bytes_per_token_for(self, kv: int | str) -> int:
+        """KV bytes per token: ``2 (K and V) x layers x kv_heads x row bytes``.
 
-        With grouped-query attention this is ``heads / kv_heads`` times below the classic
-        ``2 x layers x hidden x nbytes``.
+        ``kv``: bytes per element (a row is ``head_dim x kv``), or a cache dtype by name, where
+        ``"int8"`` is the engine's quantized cache (``kv_cache_dtype="int8"``: a row is
+        ``head_dim`` int8 values + a 4-byte float32 scale, see ``kv_row_bytes``). Every KV size
+        in the engine and the planners goes through here, so they agree. With grouped-query
+        attention this is ``heads / kv_heads`` times below the classic ``2 x layers x hidden``.
         """
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * nbytes
+        row = kv_row_bytes(self.head_dim, kv)
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * row
 
     @property
     def num_parameters(self) -> int:
@@ -216,6 +220,25 @@ class ModelConfig:
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "fp8": 1, "int8": 1}
+
+
+# ``EngineConfig.kv_cache_dtype``: the model's dtype, or int8 rows with a float32 scale each.
+KV_CACHE_DTYPES = ("auto", "int8")
+KV_INT8_SCALE_BYTES = 4
+
+
+def kv_row_bytes(head_dim: int, kv: int | str) -> int:
+    """Bytes of one (token, K or V, kv head) row of the cache.
+
+    Args:
+        head_dim: values per row.
+        kv: bytes per element, or a dtype name; ``"int8"`` is the quantized layout of
+            ``carpool.model.kv_quant``: ``head_dim`` int8 values then the row's float32 scale.
+    """
+    if kv == "int8":
+        return head_dim + KV_INT8_SCALE_BYTES
+    nbytes = dtype_bytes(kv) if isinstance(kv, str) else kv
+    return head_dim * nbytes
 
 
 def dtype_bytes(name: str) -> int:

@@ -27,6 +27,7 @@ from carpool.capacity.kv import (
     block_bytes,
     kv_cache_bytes,
     kv_cache_bytes_for,
+    kv_element,
     num_blocks_for_budget,
     plan_num_blocks,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "format_bytes",
     "kv_cache_bytes",
     "kv_cache_bytes_for",
+    "kv_element",
     "largest_batch_by_estimate",
     "num_blocks_for_budget",
     "plan_num_blocks",

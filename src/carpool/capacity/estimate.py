@@ -9,7 +9,8 @@ that fits a budget by that estimate.
   logs the same figure.
 - **KV cache**: ``B x ceil(L / block_size)`` blocks of ``block_size`` tokens, each token taking
   ``ModelConfig.kv_bytes_per_token_for(kv bytes)`` = ``2 (K and V) x layers x kv_heads x
-  head_dim x bytes``, through ``carpool.capacity.kv.kv_cache_bytes``; the engine sizes its
+  head_dim x bytes`` (an int8 cache: ``head_dim + 4`` bytes per row), through
+  ``carpool.capacity.kv.kv_cache_bytes``; the engine sizes its
   cache for ``max_num_seqs`` sequences of ``max_model_len`` tokens with ``kv_cache_bytes_for``.
 - **activations**: an *estimate* of the peak transient memory of one forward pass (see
   ``activation_bytes``); torch's allocator, kernels' workspaces and fragmentation are not in it.
@@ -71,7 +72,7 @@ def estimate_memory(
     batch_size: int,
     seq_len: int,
     dtype_nbytes: int,
-    kv_dtype_nbytes: int | None = None,
+    kv_dtype_nbytes: int | str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_num_batched_tokens: int | None = None,
     plan: QuantPlan | None = None,
@@ -83,7 +84,8 @@ def estimate_memory(
         batch_size: sequences served together.
         seq_len: tokens per sequence (prompt + output).
         dtype_nbytes: bytes per weight and activation element (2 for bf16/fp16).
-        kv_dtype_nbytes: bytes per KV-cache element; None for ``dtype_nbytes``.
+        kv_dtype_nbytes: bytes per KV-cache element, or a cache dtype name (``"int8"``: the
+            engine's int8 cache, ``head_dim + 4`` bytes per row); None for ``dtype_nbytes``.
         block_size: tokens per KV block (sequences take whole blocks).
         max_num_batched_tokens: see ``activation_bytes``.
         plan: which matrices are stored int8/int4 (``weight_bytes_for``); None for all dense.
@@ -111,7 +113,7 @@ def largest_batch_by_estimate(
     seq_len: int,
     budget: int,
     dtype_nbytes: int,
-    kv_dtype_nbytes: int | None = None,
+    kv_dtype_nbytes: int | str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_num_batched_tokens: int | None = None,
     limit: int = 1 << 16,

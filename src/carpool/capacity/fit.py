@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 from carpool.capacity.activations import activation_bytes
-from carpool.capacity.kv import block_bytes
+from carpool.capacity.kv import block_bytes, kv_element
 from carpool.capacity.weights import weight_bytes
 from carpool.config import EngineConfig
 from carpool.model_config import ModelConfig
@@ -96,7 +96,8 @@ class BatchFitter:
     def budget_check(self, batch: int) -> Probe:
         """The arithmetic part of "fits": do the budget's KV blocks hold the batch?"""
         bs = self.base.block_size
-        per_block = block_bytes(self.config.kv_bytes_per_token_for(self.nbytes), bs)
+        kv = kv_element(self.base, self.nbytes)
+        per_block = block_bytes(self.config.kv_bytes_per_token_for(kv), bs)
         blocks = max(0, self.kv_budget(batch) // per_block)
         needed = batch * math.ceil(self.seq_len / bs)
         if blocks < needed:

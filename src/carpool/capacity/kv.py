@@ -1,7 +1,8 @@
 """KV-cache memory: bytes per block, blocks per budget, and the engine's own block count.
 
-The per-token size comes from the model (``ModelConfig.kv_bytes_per_token_for(dtype_bytes)``:
-``2 x layers x kv_heads x head_dim x bytes``), so the planner and the engine agree on the number.
+The per-token size comes from the model (``ModelConfig.kv_bytes_per_token_for``:
+``2 x layers x kv_heads x row bytes``, where an int8 cache row is ``head_dim + 4`` bytes), so the
+planner and the engine agree on the number.
 """
 
 from __future__ import annotations
@@ -51,17 +52,24 @@ def kv_cache_bytes(num_blocks: int, kv_bytes_per_token: int, block_size: int) ->
     return num_blocks * block_bytes(kv_bytes_per_token, block_size)
 
 
+def kv_element(config: EngineConfig, dtype_nbytes: int) -> int | str:
+    """What ``ModelConfig.kv_bytes_per_token_for`` takes for an engine's cache: ``"int8"``
+    under ``kv_cache_dtype="int8"``, else the model dtype's ``dtype_nbytes``."""
+    return "int8" if config.kv_cache_dtype == "int8" else dtype_nbytes
+
+
 def kv_cache_bytes_for(
     config: ModelConfig,
     num_seqs: int,
     seq_len: int,
-    nbytes: int,
+    nbytes: int | str,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> int:
     """Bytes of the paged KV cache that holds ``num_seqs`` sequences of ``seq_len`` tokens.
 
     Each sequence takes whole blocks (``ceil(seq_len / block_size)``), exactly as the engine's
-    BlockManager hands them out.
+    BlockManager hands them out. ``nbytes``: bytes per element, or a cache dtype name
+    (``"int8"``: the quantized layout; see ``ModelConfig.kv_bytes_per_token_for``).
     """
     blocks = num_seqs * math.ceil(seq_len / block_size)
     return kv_cache_bytes(blocks, config.kv_bytes_per_token_for(nbytes), block_size)
@@ -72,13 +80,15 @@ def plan_num_blocks(
 ) -> int:
     """KV blocks the engine allocates: ``kv_cache_memory`` bytes when given, else
     ``kv_cache_memory_fraction`` of the memory available now, capped at what every seat
-    filled to ``max_model_len`` can use (no point holding more)."""
-    per_token = model.kv_bytes_per_token_for(dtype_bytes)
+    filled to ``max_model_len`` can use (no point holding more). ``dtype_bytes``: the
+    model's element size (the cache's unless ``kv_cache_dtype="int8"``)."""
+    kv = kv_element(config, dtype_bytes)
+    per_token = model.kv_bytes_per_token_for(kv)
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory
     else:
         useful = kv_cache_bytes_for(
-            model, config.max_num_seqs, max_model_len, dtype_bytes, config.block_size
+            model, config.max_num_seqs, max_model_len, kv, config.block_size
         )
         available = available_memory_bytes(config.device)
         budget = min(int(available * config.kv_cache_memory_fraction), useful)

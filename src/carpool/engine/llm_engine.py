@@ -109,6 +109,7 @@ class LLMEngine:
             self.num_blocks,
             config.block_size,
             config.device,
+            kv_dtype=config.kv_cache_dtype,
             layout=config.layout,
             logits_processor=self.logits_processor,
         )
@@ -125,7 +126,7 @@ class LLMEngine:
         stage.done("KV cache", f"{self.num_blocks} blocks of {config.block_size} tokens")
         logger.info(
             "engine ready in %.1fs: model=%s params=%.1fM dtype=%s kv_blocks=%d x %d tokens "
-            "(%.1f MiB) max_model_len=%d threads=%d",
+            "(%.1f MiB, %s) max_model_len=%d threads=%d",
             stage.total,
             path,
             self.model_config.num_parameters / 1e6,
@@ -133,6 +134,7 @@ class LLMEngine:
             self.num_blocks,
             config.block_size,
             self.runner.kv_cache_bytes / 2**20,
+            self.runner.kv_caches[0].dtype,
             self.max_model_len,
             self.threads,
         )

@@ -65,7 +65,7 @@ def sweep_engine_config(
 
     The KV cache holds every sequence at full length (an explicit ``kv_cache_memory`` is kept).
     """
-    from carpool.capacity import kv_cache_bytes_for, read_model_config
+    from carpool.capacity import kv_cache_bytes_for, kv_element, read_model_config
     from carpool.engine.model_path import resolve_model_path
     from carpool.model.loader import resolve_dtype
 
@@ -75,7 +75,8 @@ def sweep_engine_config(
     if kv_memory is None:
         mc = read_model_config(resolve_model_path(base.model, base.revision, base.gguf_file))
         nbytes = resolve_dtype(base.dtype, mc, base.device).itemsize
-        kv_memory = kv_cache_bytes_for(mc, largest, seq_len, nbytes, base.block_size)
+        kv = kv_element(base, nbytes)
+        kv_memory = kv_cache_bytes_for(mc, largest, seq_len, kv, base.block_size)
     return dataclasses.replace(
         base,
         batching="continuous",

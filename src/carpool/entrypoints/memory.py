@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 
 from carpool.capacity import MemoryEstimate, estimate_memory, format_bytes
-from carpool.config import QUANTIZATION_CHOICES, EngineConfig, ModelConfig, dtype_bytes
+from carpool.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_CHOICES,
+    EngineConfig,
+    ModelConfig,
+    dtype_bytes,
+    kv_row_bytes,
+)
 from carpool.entrypoints.engine_args import parse_bytes
 from carpool.errors import CarpoolError
 from carpool.model.quant_plan import plan_summary
@@ -51,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-dtype", default=None, choices=_KV_DTYPES, help="KV-cache dtype (default: --dtype)"
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="the engine's flag: auto (--kv-dtype, or --dtype) or int8 (int8 rows with a "
+        "float32 scale each: head_dim + 4 bytes per row) (default: auto)",
     )
     p.add_argument(
         "--quantization",
@@ -171,8 +185,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: --batch-size and --seq-len must be >= 1", file=sys.stderr)
         return 2
     dtype, nbytes = _dtype_nbytes(args.dtype, config)
-    kv_dtype = args.kv_dtype or dtype
-    kv_nbytes = dtype_bytes(kv_dtype)
+    # The cache dtype by name: "int8" is the engine's int8 cache (values + a scale per row), so
+    # every figure below comes from ModelConfig.kv_bytes_per_token_for, as the engine's.
+    kv_dtype = "int8" if args.kv_cache_dtype == "int8" else (args.kv_dtype or dtype)
+    kv_nbytes = kv_dtype
     device_memory = args.device_memory or device_memory_bytes("cpu")
     sizes = args.batch_sizes or tuple(
         1 << k for k in range((4 * args.batch_size).bit_length()) if 1 << k <= 4 * args.batch_size
@@ -210,10 +226,15 @@ def run(args: argparse.Namespace) -> int:
         f"{config.num_key_value_heads} KV heads x {config.head_dim}; weights {dtype}, KV {kv_dtype}"
     )
     print(f"weight matrices: {plan_summary(plan)} (scales and dense tensors in {dtype})")
+    row = (
+        f"({config.head_dim} x 1 B + 4 B scale)"
+        if kv_dtype == "int8"
+        else f"{config.head_dim} x {kv_row_bytes(1, kv_dtype)} B"
+    )
     print(
         f"KV cache per token: 2 x {config.num_hidden_layers} layers x "
-        f"{config.num_key_value_heads} kv heads x {config.head_dim} x {kv_nbytes} B = "
-        f"{per_token / 1024:.1f} KiB"
+        f"{config.num_key_value_heads} kv heads x {row} = {per_token:,} B "
+        f"({per_token / 1024:.1f} KiB)"
     )
     print(f"batch {args.batch_size} x {args.seq_len} tokens:")
     print(f"  weights      {format_bytes(est.weights):>10}")

@@ -3,7 +3,8 @@
 One step's tokens arrive flat (``[T, ...]``): prefill chunks and single decode tokens of many
 sequences packed end to end. Each layer
 1. writes the new K and V of every token into its slot of the paged cache (one
-   ``index_copy_``: the cache keeps a token's K and V side by side),
+   ``index_copy_``: the cache keeps a token's K and V side by side; an int8 cache quantizes
+   them on the way, see ``carpool.model.kv_quant``),
 2. gathers each sequence's keys and values block by block through its block table (one
    ``index_select`` of whole blocks: contiguous copies, a few indices),
 3. runs one ``scaled_dot_product_attention`` over a ``[B, Q, L]`` rectangle whose mask encodes
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.model import paged_attention
+from carpool.model import kv_quant, paged_attention
 from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 
 
@@ -39,12 +40,16 @@ class GatherBuffer:
     """
 
     def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
+        self._bufs: dict[str, torch.Tensor] = {}
 
-    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A tensor of ``shape`` with ``like``'s dtype and device (contents undefined)."""
+    def take(self, shape: tuple[int, ...], like: torch.Tensor, slot: str = "kv") -> torch.Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device (contents undefined).
+
+        ``slot`` names one of several buffers alive at once (an int8 cache's gathered rows and
+        their dequantized values).
+        """
         n = math.prod(shape)
-        buf = self._buf
+        buf = self._bufs.get(slot)
         # A buffer made under inference_mode cannot be written outside it (a reference forward
         # under no_grad), and vice versa: make a new one when the mode changed.
         if (
@@ -54,7 +59,7 @@ class GatherBuffer:
             or buf.device != like.device
             or buf.is_inference() != torch.is_inference_mode_enabled()
         ):
-            buf = self._buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            buf = self._bufs[slot] = torch.empty(n, dtype=like.dtype, device=like.device)
         return buf[:n].view(shape)
 
 
@@ -124,7 +129,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [T, 1, head_dim]
         meta: AttentionMetadata,
-        kv_cache: torch.Tensor,  # [num_blocks, block_size, 2, kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_blocks, block_size, 2, kv_heads, head_dim (+ 4 if int8)]
     ) -> torch.Tensor:
         t = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -138,7 +143,10 @@ class Attention(nn.Module):
         apply_rotary(src, *cos_sin, out=qk)
         # A cache slot is a contiguous [2, K, D] row: the new K and V of a token in one copy.
         new_kv = qkv[:, h:].view(t, 2, kvh, d)
-        kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, new_kv)
+        if kv_cache.dtype == torch.int8:  # quantized rows [2, K, D + 4] (see kv_quant)
+            paged_attention.store_int8(kv_cache, meta.slot_mapping, new_kv)
+        else:
+            kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, new_kv)
 
         use_kernel = meta.context_lens is not None and paged_attention.applies(kv_cache)
         if use_kernel and meta.kernel_rows is None:
@@ -171,6 +179,10 @@ class Attention(nn.Module):
         blocks = meta.block_tables.view(-1)
         kv = self.gather.take((blocks.shape[0], *kv_cache.shape[1:]), kv_cache)
         torch.index_select(kv_cache, 0, blocks, out=kv)
+        if kv_cache.dtype == torch.int8:
+            # int8 rows + scale -> the activation dtype, into a second reused buffer.
+            deq = self.gather.take((*kv.shape[:-1], d), q, slot="dequantized")
+            kv = kv_quant.dequantize(kv, q.dtype, out=deq)
         kv = kv.view(b, -1, 2, kvh, d)
         # Strided [B, K, L, D] views, no copy: SDPA reads K and V through their strides.
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)

@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from carpool.model import kernel_build
+from carpool.model import kernel_build, kv_quant
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,27 @@ def warm_up() -> None:
 
 
 def applies(kv_cache: torch.Tensor) -> bool:
-    """True when a decode step on ``kv_cache`` should run the in-place kernel."""
+    """True when a decode step on ``kv_cache`` should run the in-place kernel (float32,
+    bfloat16, or the int8 layout of ``carpool.model.kv_quant``)."""
     return (
         _state.enabled
         and kv_cache.device.type == "cpu"
-        and kv_cache.dtype in (torch.float32, torch.bfloat16)
+        and kv_cache.dtype in (torch.float32, torch.bfloat16, torch.int8)
         and kernel() is not None
     )
+
+
+def store_int8(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> None:
+    """Quantize ``new_kv`` ``[T, 2, K, D]`` into the int8 ``kv_cache``'s flat ``slots``.
+
+    CPU with the kernel library loaded: one ``carpool::kv_store_int8`` call (whichever decode
+    path is selected: the write must not depend on it). Elsewhere: the same arithmetic in
+    torch ops (``kv_quant.store``), which gives the same bytes.
+    """
+    if kv_cache.device.type == "cpu" and kernel() is not None:
+        torch.ops.carpool.kv_store_int8(new_kv, kv_cache, slots)
+    else:
+        kv_quant.store(kv_cache, slots, new_kv)
 
 
 def use_kernel(enabled: bool) -> None:
@@ -104,7 +118,7 @@ def build_seconds() -> float | None:
 
 def paged_decode_attention(
     query: torch.Tensor,  # [B, H, D], one query token per sequence
-    kv_cache: torch.Tensor,  # [num_blocks, block_size, 2, kv_heads, D]
+    kv_cache: torch.Tensor,  # [num_blocks, block_size, 2, kv_heads, D (+ 4 when int8)]
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     context_lens: torch.Tensor,  # [B] int64: keys each query attends to (itself included)
     scale: float,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from carpool.model import paged_attention
+from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import prepack_linears
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, SchedulerOutput
@@ -48,6 +49,9 @@ class ModelRunner:
     ``layout`` chooses how a step's sequences are laid out: ``ragged`` (packed end to end) or
     ``padded`` (a rectangle; see ``carpool.worker.padded``). The padded layout reserves one
     scratch block past the ``num_blocks`` the scheduler hands out, for the pad tokens' K/V.
+    ``kv_dtype``: the cache's dtype, or an ``EngineConfig.kv_cache_dtype`` name (``"auto"``:
+    the model's dtype; ``"int8"``: int8 rows with a scale each, see ``carpool.model.kv_quant``);
+    None is ``"auto"``.
     """
 
     def __init__(
@@ -56,7 +60,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         device: str = "cpu",
-        kv_dtype: torch.dtype | None = None,
+        kv_dtype: torch.dtype | str | None = None,
         layout: str = "ragged",
         logits_processor: LogitsProcessor | None = None,
     ) -> None:
@@ -66,7 +70,11 @@ class ModelRunner:
         self.device = device
         self.layout = layout
         self.scratch_block = num_blocks  # only allocated (and used) by the padded layout
-        dtype = kv_dtype or next(model.parameters()).dtype
+        model_dtype = next(model.parameters()).dtype
+        if kv_dtype is None or isinstance(kv_dtype, str):
+            dtype = resolve_kv_dtype(kv_dtype or "auto", model_dtype)
+        else:
+            dtype = kv_dtype
         self.kv_caches: list[torch.Tensor] = model.allocate_kv_cache(
             num_blocks + (layout == "padded"), block_size, dtype, device
         )

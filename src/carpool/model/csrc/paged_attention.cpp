@@ -6,8 +6,14 @@
 // float32. K and V are read straight from the cache, once per kv head for all the query heads
 // that share it (grouped-query attention); nothing is copied.
 //
-// Registered as the torch operator carpool::paged_decode_attention (CPU only), so it shows in
-// torch.profiler under that name and needs no pybind11 (a much shorter build).
+// The cache holds float32 or bfloat16 rows, or int8 rows (``kv_cache_dtype="int8"``): each
+// (token, K/V, kv head) row is head_dim int8 values followed by its float32 scale (4 bytes), so a
+// row is head_dim + 4 bytes. The scale multiplies the dot product (K) or the softmax weight (V):
+// dequantization costs one multiply per row, not per element.
+//
+// Registered as the torch operators carpool::paged_decode_attention and carpool::kv_store_int8
+// (CPU only), so they show in torch.profiler under those names and need no pybind11 (a much
+// shorter build).
 //
 // The inner loops over head_dim use AVX-512 intrinsics where the build machine has them
 // (-march=native) and plain loops otherwise; the loop over a block's tokens for exp is a plain
@@ -24,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -42,6 +49,8 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+
 inline void store(float* dst, float x) { *dst = x; }
 
 inline void store(c10::BFloat16* dst, float x) { *dst = c10::BFloat16(x); }
@@ -53,7 +62,30 @@ inline __m512 load16(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+
+inline __m512 load16(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
 #endif
+
+// Elements of one (token, K/V, kv head) row in the cache, and its dequantization scale: an
+// int8 row carries its float32 scale in 4 bytes after the head_dim values.
+template <typename C>
+constexpr int64_t row_extra() { return std::is_same<C, int8_t>::value ? 4 : 0; }
+
+template <typename C>
+inline float row_scale(const C* row, int64_t d) {
+  if constexpr (std::is_same<C, int8_t>::value) {
+    float s;
+    std::memcpy(&s, row + d, sizeof(s));
+    return s;
+  } else {
+    (void)row;
+    (void)d;
+    return 1.0f;
+  }
+}
 
 // sum(a[i] * b[i]). With AVX-512 the horizontal sum is a few shuffles: gcc's own `omp simd`
 // reduction summed the 16 lanes one by one through the stack, which dominated the kernel.
@@ -136,11 +168,11 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-template <typename T>
+template <typename T, typename C>
 void decode_kernel(
     const T* q,             // [B, H, D] rows of stride q_stride (elements) per sequence
     int64_t q_stride,
-    const T* kv,            // [num_blocks, block_size, 2, K, D], contiguous
+    const C* kv,            // [num_blocks, block_size, 2, K, D (+ 4 for int8)], contiguous
     const int64_t* tables,  // [B, max_blocks]
     int64_t max_blocks,
     const int64_t* ctx,     // [B]
@@ -149,7 +181,8 @@ void decode_kernel(
     float scale) {
   const int64_t group = heads / kv_heads;  // query heads per kv head
   const int64_t d = head_dim;
-  const int64_t token_stride = 2 * kv_heads * d;  // one cache slot: K and V of all kv heads
+  const int64_t row = d + row_extra<C>();  // cache elements of one kv head's K (or V)
+  const int64_t token_stride = 2 * kv_heads * row;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
   // A work item is one sequence and a run of its kv heads. Why a run, not one kv head: a
   // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
@@ -158,16 +191,18 @@ void decode_kernel(
   // needed to give each thread about 2 items (batch 1 on 2 threads: 4 runs of K/4 heads).
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
-  const int64_t run = (kv_heads + splits - 1) / splits;  // kv heads per work item
-  const int64_t runs = (kv_heads + run - 1) / run;
+  const int64_t run_heads = (kv_heads + splits - 1) / splits;  // kv heads per work item
+  const int64_t runs = (kv_heads + run_heads - 1) / run_heads;
   at::parallel_for(0, batch * runs, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch for one run: queries, accumulators, running max/sum, block scores.
-    const int64_t rh = run * group;  // query heads of a run
+    const int64_t rh = run_heads * group;  // query heads of a run
     std::vector<float> qf(rh * d), acc(rh * d), m(rh), l(rh), s(rh * block_size);
+    std::vector<float> vs(row_extra<C>() ? run_heads * block_size : 0);  // int8: V row scales
+    std::vector<float> pw(row_extra<C>() ? block_size : 0);  // int8: weight x V scale
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / runs;
-      const int64_t kh0 = (item % runs) * run;
-      const int64_t nkh = std::min(run, kv_heads - kh0);
+      const int64_t kh0 = (item % runs) * run_heads;
+      const int64_t nkh = std::min(run_heads, kv_heads - kh0);
       const int64_t nh = nkh * group;
       const int64_t h0 = kh0 * group;
       const int64_t n_ctx = ctx[b];
@@ -180,28 +215,34 @@ void decode_kernel(
       std::fill(l.begin(), l.end(), 0.0f);
       const int64_t n_blocks = (n_ctx + block_size - 1) / block_size;
       for (int64_t n = 0; n < n_blocks; ++n) {
-        const T* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * d;
+        const C* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * row;
         const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
         // The next block is elsewhere in memory (the table is random): ask for its rows
         // while this block computes, a token's K and V run per token of this one.
         const char* next = n + 1 < n_blocks
             ? reinterpret_cast<const char*>(kv + tables[b * max_blocks + n + 1] * block_stride +
-                                            kh0 * d)
+                                            kh0 * row)
             : nullptr;
-        const int64_t run_bytes = nkh * d * static_cast<int64_t>(sizeof(T));
-        const int64_t kv_bytes = kv_heads * d * static_cast<int64_t>(sizeof(T));
+        const int64_t run_bytes = nkh * row * static_cast<int64_t>(sizeof(C));
+        const int64_t kv_bytes = kv_heads * row * static_cast<int64_t>(sizeof(C));
         // Scores of the block: q . k for every token and query head of the run.
         for (int64_t t = 0; t < n_tok; ++t) {
-          const T* krow = base + t * token_stride;
+          const C* krow = base + t * token_stride;
           if (next != nullptr) {
-            const char* row = next + t * token_stride * static_cast<int64_t>(sizeof(T));
+            const char* nrow = next + t * token_stride * static_cast<int64_t>(sizeof(C));
             for (int64_t off = 0; off < run_bytes; off += 64) {
-              __builtin_prefetch(row + off);
-              __builtin_prefetch(row + kv_bytes + off);
+              __builtin_prefetch(nrow + off);
+              __builtin_prefetch(nrow + kv_bytes + off);
             }
           }
           for (int64_t h = 0; h < nh; ++h) {
-            s[h * block_size + t] = dot(qf.data() + h * d, krow + (h / group) * d, d);
+            const C* kh = krow + (h / group) * row;
+            s[h * block_size + t] = dot(qf.data() + h * d, kh, d) * row_scale(kh, d);
+          }
+          if constexpr (std::is_same<C, int8_t>::value) {
+            for (int64_t k = 0; k < nkh; ++k) {
+              vs[k * block_size + t] = row_scale(krow + (kv_heads + k) * row, d);
+            }
           }
         }
         // Online softmax: rescale what was accumulated when the running max grows.
@@ -227,8 +268,15 @@ void decode_kernel(
         }
         // Weighted sum of the block's values (the block is in cache by now).
         for (int64_t h = 0; h < nh; ++h) {
-          head_values(acc.data() + h * d, base + kv_heads * d + (h / group) * d, token_stride,
-                      n_tok, s.data() + h * block_size, d);
+          const float* ph = s.data() + h * block_size;
+          if constexpr (std::is_same<C, int8_t>::value) {
+            // sum_t p_t (scale_t v_t) = sum_t (p_t scale_t) v_t: the V scale joins the weight.
+            const float* sv = vs.data() + (h / group) * block_size;
+            for (int64_t t = 0; t < n_tok; ++t) pw[t] = ph[t] * sv[t];
+            ph = pw.data();
+          }
+          head_values(acc.data() + h * d, base + kv_heads * row + (h / group) * row,
+                      token_stride, n_tok, ph, d);
         }
       }
       for (int64_t h = 0; h < nh; ++h) {
@@ -240,21 +288,40 @@ void decode_kernel(
   });
 }
 
+template <typename T>
+void decode_dispatch_cache(const at::Tensor& q, const at::Tensor& kv_cache,
+                           const at::Tensor& tables, const at::Tensor& lens, at::Tensor& out,
+                           int64_t heads, int64_t kv_heads, int64_t d, float sc) {
+  const int64_t batch = q.size(0), max_blocks = tables.size(1), block_size = kv_cache.size(1);
+  if (kv_cache.scalar_type() == at::kChar) {
+    decode_kernel<T, int8_t>(q.data_ptr<T>(), q.stride(0), kv_cache.data_ptr<int8_t>(),
+                             tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
+                             out.data_ptr<T>(), batch, heads, kv_heads, d, block_size, sc);
+  } else {
+    decode_kernel<T, T>(q.data_ptr<T>(), q.stride(0), kv_cache.data_ptr<T>(),
+                        tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
+                        out.data_ptr<T>(), batch, heads, kv_heads, d, block_size, sc);
+  }
+}
+
 at::Tensor paged_decode_attention(
     const at::Tensor& query,         // [B, H, D]
-    const at::Tensor& kv_cache,      // [num_blocks, block_size, 2, K, D]
+    const at::Tensor& kv_cache,      // [num_blocks, block_size, 2, K, D (+ 4 when int8)]
     const at::Tensor& block_tables,  // [B, max_blocks] int64
     const at::Tensor& context_lens,  // [B] int64, each >= 1
     double scale) {
   TORCH_CHECK(query.dim() == 3, "query must be [B, H, D]");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(2) == 2, "kv_cache must be [N, S, 2, K, D]");
-  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type(), "query and cache dtypes differ");
+  const bool int8 = kv_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || query.scalar_type() == kv_cache.scalar_type(),
+              "query and cache dtypes differ");
   TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_tables and context_lens must be int64");
   const int64_t batch = query.size(0), heads = query.size(1), d = query.size(2);
   const int64_t kv_heads = kv_cache.size(3);
-  TORCH_CHECK(kv_cache.size(4) == d, "head_dim of query and cache differ");
+  TORCH_CHECK(kv_cache.size(4) == d + (int8 ? 4 : 0),
+              "head_dim of query and cache differ (an int8 cache row is head_dim + 4 bytes)");
   TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(block_tables.size(0) == batch && context_lens.size(0) == batch, "batch mismatch");
   // The query is usually a strided view into the fused qkv output: any row stride is fine as
@@ -279,19 +346,75 @@ at::Tensor paged_decode_attention(
   }
   const float sc = static_cast<float>(scale);
   if (q.scalar_type() == at::kFloat) {
-    decode_kernel<float>(q.data_ptr<float>(), q.stride(0), kv_cache.data_ptr<float>(),
-                         tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
-                         out.data_ptr<float>(), batch, heads, kv_heads, d, kv_cache.size(1), sc);
+    decode_dispatch_cache<float>(q, kv_cache, tables, lens, out, heads, kv_heads, d, sc);
   } else if (q.scalar_type() == at::kBFloat16) {
-    decode_kernel<c10::BFloat16>(
-        q.data_ptr<c10::BFloat16>(), q.stride(0), kv_cache.data_ptr<c10::BFloat16>(),
-        tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
-        out.data_ptr<c10::BFloat16>(), batch, heads, kv_heads, d, kv_cache.size(1), sc);
+    decode_dispatch_cache<c10::BFloat16>(q, kv_cache, tables, lens, out, heads, kv_heads, d, sc);
   } else {
     TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16 only, got ",
                 q.scalar_type());
   }
   return out;
+}
+
+// Quantize rows of `src` ([T, 2, K, D], float32 or bfloat16, rows of any stride) into the
+// int8 cache slots `slots` ([T] int64) of `cache` ([N, S, 2, K, D + 4] int8): per (token, K/V,
+// head) row, scale = amax / 127, q = round(x * (127 / amax)) (half to even, as torch.round),
+// and the scale's 4 bytes after the values; an all-zero row gets scale 0 and zeros. The same
+// arithmetic as `carpool.model.kv_quant.quantize` (torch ops), so both write identical bytes.
+template <typename T>
+void store_rows(const T* src, int64_t src_stride, int8_t* cache, const int64_t* slots,
+                int64_t tokens, int64_t rows, int64_t d) {
+  const int64_t row = d + 4;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* x = src + t * src_stride + r * d;
+        int8_t* dst = cache + (slots[t] * rows + r) * row;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const float s = amax / 127.0f;
+        for (int64_t i = 0; i < d; ++i) {
+          const float v = std::nearbyint(to_float(x[i]) * inv);
+          dst[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+        }
+        std::memcpy(dst + d, &s, sizeof(s));
+      }
+    }
+  });
+}
+
+void kv_store_int8(const at::Tensor& src,    // [T, 2, K, D]
+                   at::Tensor cache,         // [N, S, 2, K, D + 4] int8
+                   const at::Tensor& slots)  // [T] int64: block * S + offset
+{
+  TORCH_CHECK(src.dim() == 4 && src.size(1) == 2, "src must be [T, 2, K, D]");
+  TORCH_CHECK(cache.dim() == 5 && cache.scalar_type() == at::kChar && cache.is_contiguous(),
+              "cache must be a contiguous int8 [N, S, 2, K, D + 4]");
+  const int64_t tokens = src.size(0), kvh = src.size(2), d = src.size(3);
+  TORCH_CHECK(cache.size(2) == 2 && cache.size(3) == kvh && cache.size(4) == d + 4,
+              "cache rows must be [2, K, D + 4] for src rows [2, K, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == tokens,
+              "slots must be [T] int64");
+  // A token's [2, K, D] must be contiguous (a row of the fused qkv output is); rows may be
+  // strided.
+  const bool packed = src.stride(3) == 1 && src.stride(2) == d && src.stride(1) == kvh * d;
+  at::Tensor x = packed ? src : src.contiguous();
+  at::Tensor sl = slots.contiguous();
+  const int64_t capacity = cache.size(0) * cache.size(1);
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot ", sp[t], " outside the cache");
+  }
+  if (x.scalar_type() == at::kFloat) {
+    store_rows<float>(x.data_ptr<float>(), x.stride(0), cache.data_ptr<int8_t>(), sp, tokens,
+                      2 * kvh, d);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    store_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), x.stride(0),
+                              cache.data_ptr<int8_t>(), sp, tokens, 2 * kvh, d);
+  } else {
+    TORCH_CHECK(false, "kv_store_int8: float32 or bfloat16 only, got ", x.scalar_type());
+  }
 }
 
 }  // namespace
@@ -300,6 +423,10 @@ TORCH_LIBRARY(carpool, m) {
   m.def(
       "paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
+  m.def("kv_store_int8(Tensor src, Tensor(a!) cache, Tensor slots) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(carpool, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("kv_store_int8", &kv_store_int8);
+}
