@@ -185,3 +185,85 @@ def test_memory_cli_says_13b_does_not_fit(tmp_path, capsys):
     assert data["fits"] is False
     assert data["largest_batch"] >= 1
     assert png.stat().st_size > 1000
+
+
+# ---- int8 KV cache (kv_cache_dtype="int8"): head_dim int8 values + a float32 scale per row ----
+
+
+def test_int8_kv_bytes_per_token_counts_the_scales():
+    c = ModelConfig.from_hf_dict(LLAMA_13B)
+    # 2 (K, V) x 40 layers x 40 kv heads x (128 values + 4 bytes of scale).
+    assert c.kv_bytes_per_token_for("int8") == 2 * 40 * 40 * (128 + 4) == 422_400
+    assert c.kv_bytes_per_token_for("bfloat16") == c.kv_bytes_per_token_for(2) == 819_200
+    assert kv_cache_bytes_for(c, 3, 100, "int8") == 3 * 7 * 16 * 422_400
+
+
+def test_int8_kv_cache_holds_about_twice_the_blocks_of_bf16():
+    from carpool.capacity import plan_num_blocks
+    from carpool.config import EngineConfig
+
+    c = ModelConfig.from_hf_dict(LLAMA_13B)
+    budget = 40 * 10**9
+    bf16 = plan_num_blocks(EngineConfig(kv_cache_memory=budget), c, 4096, 2)
+    int8 = plan_num_blocks(EngineConfig(kv_cache_memory=budget, kv_cache_dtype="int8"), c, 4096, 2)
+    assert bf16 == budget // (16 * 819_200) and int8 == budget // (16 * 422_400)
+    assert 1.9 < int8 / bf16 < 1.95  # 256 / 132 bytes per row
+
+
+def test_kv_cache_dtype_is_checked_with_the_allowed_values(capsys):
+    from carpool.config import EngineConfig
+
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'int8'\)"):
+        EngineConfig(kv_cache_dtype="fp8")
+    with pytest.raises(SystemExit):
+        main(["generate", "--kv-cache-dtype", "fp8", "hello"])
+    err = capsys.readouterr().err
+    assert "--kv-cache-dtype" in err and "'auto', 'int8'" in err
+
+
+def test_memory_cli_with_int8_kv_cache(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA_13B))
+    argv = ["memory", "--model", str(cfg), "--batch-size", "16", "--seq-len", "2048"]
+    argv += ["--dtype", "float16", "--device-memory", "40GB"]
+    out_bf16, out_int8 = tmp_path / "bf16.json", tmp_path / "int8.json"
+    assert main([*argv, "--output", str(out_bf16)]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--kv-cache-dtype", "int8", "--output", str(out_int8)]) == 0
+    out = capsys.readouterr().out
+    assert "KV int8" in out
+    assert "2 x 40 layers x 40 kv heads x (128 x 1 B + 4 B scale) = 422,400 B" in out
+    assert "13.84 GB" in out  # 16 x 2048 tokens x 422,400 B
+    bf16, int8 = json.loads(out_bf16.read_text()), json.loads(out_int8.read_text())
+    assert bf16["kv_bytes_per_token"] == 819_200 and int8["kv_bytes_per_token"] == 422_400
+    assert int8["estimate"]["kv_cache"] == 13_841_203_200
+    assert int8["largest_batch"] > bf16["largest_batch"]
+
+
+def test_engine_int8_cache_is_what_the_estimate_says(tmp_path):
+    # The runner's kv_cache_bytes measures the real tensors: int8 rows of head_dim + 4 bytes.
+    import torch
+
+    from carpool.config import EngineConfig
+    from carpool.engine.llm_engine import LLMEngine
+    from helpers.hf_models import save_tiny_model_dir
+
+    save_tiny_model_dir("llama", tmp_path)
+    budget = 1 << 20
+    engines = {
+        kv: LLMEngine(
+            EngineConfig(
+                model=str(tmp_path), dtype="float32", kv_cache_memory=budget, kv_cache_dtype=kv
+            )
+        )
+        for kv in ("auto", "int8")
+    }
+    config = read_model_config(tmp_path)
+    for kv, element in (("auto", 4), ("int8", "int8")):
+        e = engines[kv]
+        per_block = 16 * config.kv_bytes_per_token_for(element)
+        assert e.num_blocks == budget // per_block
+        assert e.runner.kv_cache_bytes == e.num_blocks * per_block
+    assert engines["int8"].runner.kv_caches[0].dtype == torch.int8
+    # head_dim 16: 16 + 4 bytes per row against 16 x 4 (float32).
+    assert engines["int8"].num_blocks / engines["auto"].num_blocks == pytest.approx(64 / 20, 0.01)

@@ -1,0 +1,214 @@
+"""The int8 KV cache (``kv_cache_dtype="int8"``): quantization, the decode kernel on int8 rows,
+the gather path's dequantization, a tiny model against transformers, and the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from carpool.model import kv_quant, paged_attention
+from carpool.model.loader import load_model
+from carpool.worker.batch import build_ragged_batch
+from helpers.carpool_ref import _Chunk
+from helpers.hf_models import first_difference, hf_greedy, save_tiny_hf_model, save_tiny_model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_kernel():
+    # A failed build would silently route every test below to the torch fallbacks.
+    assert paged_attention.kernel() is not None, paged_attention._state.failed
+    paged_attention.use_kernel(True)
+
+
+def test_round_trip_error_is_at_most_half_a_step_and_zero_rows_are_exact():
+    g = torch.Generator().manual_seed(0)
+    # Rows of very different magnitudes (each row gets its own scale), one all-zero row, one
+    # row with a single non-zero value.
+    x = torch.randn(64, 2, 4, 64, generator=g) * torch.logspace(-3, 3, 64)[:, None, None, None]
+    x[3, 1, 2] = 0.0
+    x[5, 0, 1] = 0.0
+    x[5, 0, 1, 7] = -2.5
+    q = kv_quant.quantize(x)
+    assert q.dtype == torch.int8 and q.shape == (64, 2, 4, 68)
+    back = kv_quant.dequantize(q, torch.float32)
+    amax = x.abs().amax(-1, keepdim=True)
+    # |x - q * scale| <= scale / 2 = amax / 254 (plus float32 rounding of the product).
+    assert ((back - x).abs() <= amax / 254 * (1 + 1e-5)).all()
+    assert torch.equal(back[3, 1, 2], torch.zeros(64))
+    assert q[3, 1, 2, 64:].view(torch.float32).item() == 0.0  # scale 0
+    assert back[5, 0, 1, 7].item() == pytest.approx(-2.5, rel=1e-6)  # amax itself is exact
+    assert q[..., :64].abs().max().item() == 127 and q[..., :64].min().item() >= -127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_store_writes_the_same_bytes_as_the_torch_ops(dtype):
+    g = torch.Generator().manual_seed(1)
+    # The layer's new K/V: a strided [T, 2, K, D] view into the fused qkv output.
+    qkv = torch.randn(9, 8 + 2 * 2, 32, generator=g).to(dtype)
+    new_kv = qkv[:, 8:].view(9, 2, 2, 32)
+    new_kv[4, 1, 0] = 0
+    slots = torch.tensor([0, 17, 3, 30, 9, 12, 31, 1, 20])
+    a = torch.zeros(2, 16, 2, 2, 36, dtype=torch.int8)
+    b = a.clone()
+    paged_attention.store_int8(a, slots, new_kv)  # carpool::kv_store_int8
+    kv_quant.store(b, slots, new_kv)  # torch ops (other devices)
+    assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="slot"):
+        paged_attention.store_int8(a, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 32]), new_kv)
+
+
+def int8_case(heads, kv_heads, head_dim, block_size, lens, qdtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = -(-max(lens) // block_size)
+    num_blocks = len(lens) * max_blocks + 5
+    x = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim, generator=g)
+    cache = kv_quant.quantize(x).contiguous()
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks).contiguous()
+    qkv = torch.randn(len(lens), heads + 2 * kv_heads, head_dim, generator=g).to(qdtype)
+    return qkv[:, :heads], cache, tables, torch.tensor(lens, dtype=torch.long)
+
+
+def dequantized_sdpa(q, cache, tables, lens, scale):
+    """Reference: gather the sequences' blocks, dequantize to float32, masked SDPA."""
+    b, h, d = q.shape
+    kvh = cache.shape[3]
+    kv = kv_quant.dequantize(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
+    keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]
+    out = F.scaled_dot_product_attention(
+        q.float()[:, :, None],
+        keys,
+        values,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=h != kvh,
+    )
+    return out[:, :, 0]
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "qdtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2)], ids=["fp32", "bf16"]
+)
+def test_kernel_on_int8_matches_dequantized_sdpa(
+    block_size, heads, kv_heads, head_dim, qdtype, tol
+):
+    lens = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5, 700]
+    q, cache, tables, ctx = int8_case(heads, kv_heads, head_dim, block_size, lens, qdtype)
+    assert paged_attention.applies(cache)
+    calls = paged_attention.kernel_calls()
+    got = paged_attention.paged_decode_attention(q, cache, tables, ctx, head_dim**-0.5)
+    assert paged_attention.kernel_calls() == calls + 1
+    assert got.shape == (len(lens), heads, head_dim) and got.dtype == qdtype
+    ref = dequantized_sdpa(q, cache, tables, ctx, head_dim**-0.5)
+    # fp32: the same dequantized values (the kernel applies each row's scale to the dot
+    # product / the softmax weight instead of to each value), float32 summation order apart.
+    # bf16: plus one rounding of the output to bf16.
+    diff = (got.float() - ref).abs().max().item()
+    assert diff <= tol, f"max abs difference {diff}"
+
+
+def test_int8_kernel_reads_only_each_sequences_own_rows():
+    q, cache, tables, ctx = int8_case(4, 2, 32, 16, [5, 20], torch.float32)
+    ref = dequantized_sdpa(q, cache, tables, ctx, 32**-0.5)
+    cache[tables[0, 0], 5:] = 127  # values, and scales of 127-byte garbage
+    cache[tables[1, 1], 4:] = -100
+    cache[tables[0, 1:]] = 127
+    got = paged_attention.paged_decode_attention(q, cache, tables, ctx, 32**-0.5)
+    assert (got - ref).abs().max().item() <= 2e-5
+
+
+def teacher_forced_logits(model, tokens: list[int], prompt_len: int, kv_dtype: torch.dtype):
+    """Logits at every position from ``prompt_len - 1`` on: one prefill step of the prompt,
+    then one decode step per given token (the reference's tokens, so both runs see the same
+    inputs and only the cache differs)."""
+    block_size = 16
+    blocks = -(-len(tokens) // block_size)
+    caches = model.allocate_kv_cache(blocks + 1, block_size, kv_dtype, "cpu")
+    table = list(range(blocks, 0, -1))
+    rows = []
+    chunk = _Chunk("r", tokens[:prompt_len], 0, table)
+    with torch.no_grad():
+        for pos in range(prompt_len, len(tokens) + 1):
+            inp = build_ragged_batch([chunk], [table], block_size)
+            rows.append(model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices))
+            if pos < len(tokens):
+                chunk = _Chunk("r", [tokens[pos]], pos, table)
+    return torch.cat(rows)
+
+
+# Logit error of the tiny fp32 models (hidden 64, 2 layers, 4/2 heads, random weights of std
+# 0.2: logits of std ~1.6, max ~6) with an int8 cache against transformers, teacher-forced over
+# 24 positions, measured for seeds 0-2: max 0.15-0.20 (llama, head_dim 16) and 0.09-0.11
+# (qwen3, head_dim 32), a median per position of 0.04-0.08; the top-1 token agreed at all 144
+# positions. The bound leaves 1.5x over the worst seed.
+INT8_LOGIT_BOUND = 0.3
+
+
+def _assert_same_top1_where_clear(got: torch.Tensor, expected: torch.Tensor, bound: float):
+    """The argmax agrees wherever the reference's top-2 gap exceeds twice ``bound``."""
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
+    assert clear.any(), "no position with a clear winner: the check would be empty"
+    agree = got.argmax(-1) == expected.argmax(-1)
+    assert bool(agree[clear].all()), f"top-1 differs at clear positions {(~agree & clear)}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: head_dim 32, q/k norms
+def test_tiny_model_with_int8_cache_against_transformers(tmp_path, arch):
+    hf = save_tiny_hf_model(arch, tmp_path)
+    model, _ = load_model(tmp_path, dtype="float32")
+    prompt = list(range(3, 300, 7))
+    expected = hf_greedy(hf, prompt, 24)
+    tokens = prompt + expected[:-1]
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0, len(prompt) - 1 :]  # [24, vocab]
+    fp32 = teacher_forced_logits(model, tokens, len(prompt), torch.float32)
+    calls = paged_attention.kernel_calls()
+    int8 = teacher_forced_logits(model, tokens, len(prompt), torch.int8)
+    # 23 decode steps through the kernel on the int8 cache, every layer.
+    assert paged_attention.kernel_calls() - calls == 23 * model.config.num_hidden_layers
+    assert (fp32 - ref).abs().max().item() <= 1e-4  # the float cache: transformers' numbers
+    err = (int8 - ref).abs().max().item()
+    assert 0 < err <= INT8_LOGIT_BOUND, f"int8 cache logit error {err}"
+    _assert_same_top1_where_clear(int8, ref, INT8_LOGIT_BOUND)
+
+
+def test_int8_gather_and_kernel_paths_agree(tmp_path):
+    # Decode on the int8 cache through the kernel and through gather + dequantize + SDPA (the
+    # path of prefill, mixed steps and other devices): the same dequantized values, so float32
+    # rounding apart the same logits.
+    save_tiny_hf_model("llama", tmp_path)
+    model, _ = load_model(tmp_path, dtype="float32")
+    tokens = list(range(5, 200, 3))
+    kernel = teacher_forced_logits(model, tokens, 20, torch.int8)
+    paged_attention.use_kernel(False)
+    try:
+        gathered = teacher_forced_logits(model, tokens, 20, torch.int8)
+    finally:
+        paged_attention.use_kernel(True)
+    assert (kernel - gathered).abs().max().item() <= 1e-4
+
+
+def test_engine_batch_with_int8_cache_equals_each_prompt_alone(tmp_path):
+    # Continuous batching (ragged decode steps, prefill chunks mixed in) on an int8 cache gives
+    # each prompt's tokens served alone on an int8 cache: both quantize the same values.
+    from carpool import LLM, SamplingParams
+
+    save_tiny_model_dir("llama", tmp_path)
+    prompts = [list(range(3, 3 + 7 * n, 7)) for n in (1, 15, 16, 17, 40)]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", kv_cache_dtype="int8", enable_prefix_caching=False)
+    llm = LLM(tmp_path, max_num_batched_tokens=64, max_num_seqs=8, **kw)
+    assert all(c.dtype == torch.int8 for c in llm.engine.runner.kv_caches)
+    calls = paged_attention.kernel_calls()
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert paged_attention.kernel_calls() > calls
+    alone_llm = LLM(tmp_path, max_num_seqs=1, **kw)
+    for p, got in zip(prompts, together, strict=True):
+        alone = alone_llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == alone, f"prompt of {len(p)} tokens: {first_difference(got, alone)}"
