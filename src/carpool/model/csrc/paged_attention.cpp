@@ -365,16 +365,35 @@ template <typename T>
 void store_rows(const T* src, int64_t src_stride, int8_t* cache, const int64_t* slots,
                 int64_t tokens, int64_t rows, int64_t d) {
   const int64_t row = d + 4;
-  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+  // Grain 64 tokens: a decode step's few tokens are not worth waking the other threads.
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t r = 0; r < rows; ++r) {
         const T* x = src + t * src_stride + r * d;
         int8_t* dst = cache + (slots[t] * rows + r) * row;
         float amax = 0.0f;
-        for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        __m512 mx = _mm512_setzero_ps();
+        for (; i + 16 <= d; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(x + i)));
+        amax = _mm512_reduce_max_ps(mx);
+#endif
+        for (; i < d; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         const float s = amax / 127.0f;
-        for (int64_t i = 0; i < d; ++i) {
+        i = 0;
+#if defined(__AVX512F__)
+        // x * inv is within [-127, 127] up to rounding: round to nearest even (the default
+        // mode, as std::nearbyint and torch.round), clamp, narrow to int8.
+        const __m512 iv = _mm512_set1_ps(inv);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        for (; i + 16 <= d; i += 16) {
+          __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + i), iv));
+          v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(v));
+        }
+#endif
+        for (; i < d; ++i) {
           const float v = std::nearbyint(to_float(x[i]) * inv);
           dst[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
         }
