@@ -12,6 +12,13 @@ with ``context - 1`` cached tokens decode one token per step (batch build + forw
 per step; the table then also gives each path's attention share of the step (torch.profiler:
 median over 8 profiled steps of each, after the timed ones, of attention op time in the step
 over the step's wall time; attention ops as in profile_step.py).
+
+``--kv-cache-dtype int8`` compares KV caches instead, both through the in-place kernel: the
+model's dtype ("before") against int8 rows with a float32 scale each ("after"), one model, each
+system with its own cache (filled with random values: see ``profile_step.fill_random``), steps
+alternated; the table gives both attention shares too.
+
+    python benchmarks/ab_step.py --kv-cache-dtype int8 --cases 8x512,8x2048,8x8192
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_step import ATTENTION_OPS, decode_chunks, random_model  # noqa: E402
+from profile_step import ATTENTION_OPS, decode_chunks, fill_random, random_model  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 
@@ -87,6 +94,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, help="timed steps per system and case (default: by size)")
+    ap.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "int8"],
+        default="auto",
+        help="int8: compare the model-dtype cache (before) with the int8 cache (after), "
+        "both through the paged decode kernel (--before is then ignored)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from carpool.model.loader import load_model
@@ -94,7 +108,8 @@ def main() -> None:
 
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
     path = random_model(a.random_config, a.dtype, max(c for _, c in cases) + 16)
-    self_ab = a.before == "gather"
+    kv_ab = a.kv_cache_dtype == "int8"
+    self_ab = a.before == "gather" or kv_ab
     if self_ab:
         from carpool.model import paged_attention
 
@@ -110,7 +125,10 @@ def main() -> None:
 
     def select(k: str) -> None:
         if self_ab:
-            paged_attention.use_kernel(k == "after")
+            paged_attention.use_kernel(kv_ab or k == "after")
+
+    def kv_dtype(k: str) -> torch.dtype:
+        return torch.int8 if kv_ab and k == "after" else getattr(torch, a.dtype)
 
     extra = " before attention | after attention |" if self_ab else ""
     print(f"| batch | context | before ms | after ms | speedup |{extra}")
@@ -118,8 +136,12 @@ def main() -> None:
     for b, ctx in cases:
         chunks = decode_chunks(b, ctx, 16)
         nb = 2 + b * (-(-ctx // 16))
-        dtype = getattr(torch, a.dtype)
-        caches = {k: m.allocate_kv_cache(nb, 16, dtype, "cpu") for k, (m, _) in systems.items()}
+        caches = {
+            k: m.allocate_kv_cache(nb, 16, kv_dtype(k), "cpu") for k, (m, _) in systems.items()
+        }
+        if kv_ab:
+            for c in caches.values():
+                fill_random(c)
         times: dict[str, list[float]] = {k: [] for k in systems}
         n = a.steps or max(4, min(30, 20000 // (b * ctx) + 4))
         with torch.inference_mode():

@@ -7,6 +7,7 @@ signature: run it with ``PYTHONPATH=<checkout>/src`` to compare two branches.
     python benchmarks/profile_step.py --random-config small --batch 1 --context 64
     python benchmarks/profile_step.py --random-config small --batch 8 --context 2048,8192
     python benchmarks/profile_step.py --batch 8 --context 2048 --decode-attention gather
+    python benchmarks/profile_step.py --batch 8 --context 2048 --kv-cache-dtype int8
 
 For each (batch, context): B sequences whose caches already hold ``context - 1`` tokens decode
 one token each per step. Prints the median step (batch build + forward), torch.profiler's ops
@@ -43,6 +44,7 @@ ATTENTION_OPS = {
     "aten::index_put_",
     "aten::_softmax",
     "carpool::paged_decode_attention",  # record_function label of the in-place decode path
+    "carpool::kv_store_int8",  # the KV write of an int8 cache
 }
 
 
@@ -77,14 +79,28 @@ def decode_chunks(batch: int, context: int, block_size: int) -> list[_Chunk]:
     ]
 
 
-def measure(model, batch: int, context: int, steps: int, block_size: int = 16) -> dict:
+def fill_random(caches: list[torch.Tensor]) -> None:
+    """Random keys/values in every cache page. Why: zeros could hit special cases in the
+    kernels, and a page never written is the kernel's shared zero page (the cache is allocated
+    lazily), which every read would find in the CPU's cache instead of memory. An int8 cache
+    gets random int8 values and a plausible scale in every row."""
+    for c in caches:
+        if c.dtype == torch.int8:
+            c[..., :-4].random_(-127, 128)
+            c[..., -4:] = torch.tensor([0.02]).view(torch.int8)
+        else:
+            c.normal_()
+
+
+def measure(
+    model, batch: int, context: int, steps: int, block_size: int = 16, kv_dtype=None
+) -> dict:
     cfg = model.config
     dtype = next(model.parameters()).dtype
     chunks = decode_chunks(batch, context, block_size)
     num_blocks = 2 + batch * (-(-context // block_size))
-    caches = model.allocate_kv_cache(num_blocks, block_size, dtype, "cpu")
-    for c in caches:  # random keys/values: zeros could hit special cases in the kernels
-        c.normal_()
+    caches = model.allocate_kv_cache(num_blocks, block_size, kv_dtype or dtype, "cpu")
+    fill_random(caches)
 
     def step() -> None:
         inp = build_ragged_batch(chunks, [c.block_table for c in chunks], block_size)
@@ -141,6 +157,12 @@ def main() -> None:
         default="kernel",
         help="decode attention path: the in-place paged kernel or gather + SDPA",
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "int8"],
+        default="auto",
+        help="KV cache: the model's dtype, or int8 rows with a float32 scale each",
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     try:  # checkouts from before the paged decode kernel have only the gather path
@@ -162,7 +184,8 @@ def main() -> None:
     rows = []
     for b in (int(x) for x in a.batch.split(",")):
         for ctx in contexts:
-            r = measure(model, b, ctx, a.steps)
+            kv = torch.int8 if a.kv_cache_dtype == "int8" else None
+            r = measure(model, b, ctx, a.steps, kv_dtype=kv)
             rows.append(r)
             print(
                 f"| {b} | {ctx} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} "

@@ -99,7 +99,7 @@ def test_kernel_on_int8_matches_dequantized_sdpa(
 ):
     lens = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5, 700]
     q, cache, tables, ctx = int8_case(heads, kv_heads, head_dim, block_size, lens, qdtype)
-    assert paged_attention.applies(cache)
+    assert paged_attention.applies(cache, qdtype)
     calls = paged_attention.kernel_calls()
     got = paged_attention.paged_decode_attention(q, cache, tables, ctx, head_dim**-0.5)
     assert paged_attention.kernel_calls() == calls + 1
@@ -110,6 +110,15 @@ def test_kernel_on_int8_matches_dequantized_sdpa(
     # bf16: plus one rounding of the output to bf16.
     diff = (got.float() - ref).abs().max().item()
     assert diff <= tol, f"max abs difference {diff}"
+
+
+def test_kernel_applies_to_int8_caches_with_float_queries_on_the_cpu():
+    cache = torch.zeros(2, 16, 2, 1, 36, dtype=torch.int8)
+    assert paged_attention.applies(cache, torch.float32)
+    assert paged_attention.applies(cache, torch.bfloat16)
+    assert not paged_attention.applies(cache, torch.float16)  # the gather path instead
+    assert not paged_attention.applies(cache.to("meta"), torch.float32)  # other devices
+    assert not paged_attention.applies(torch.zeros(2, 16, 2, 1, 32), torch.bfloat16)
 
 
 def test_int8_kernel_reads_only_each_sequences_own_rows():
@@ -194,20 +203,23 @@ def test_int8_gather_and_kernel_paths_agree(tmp_path):
     assert (kernel - gathered).abs().max().item() <= 1e-4
 
 
-def test_engine_batch_with_int8_cache_equals_each_prompt_alone(tmp_path):
-    # Continuous batching (ragged decode steps, prefill chunks mixed in) on an int8 cache gives
-    # each prompt's tokens served alone on an int8 cache: both quantize the same values.
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_engine_batch_with_int8_cache_equals_each_prompt_alone(tmp_path, layout):
+    # Continuous batching (ragged decode steps, prefill chunks mixed in; or the padded
+    # rectangle) on an int8 cache gives each prompt's tokens served alone on an int8 cache:
+    # both quantize the same values.
     from carpool import LLM, SamplingParams
 
     save_tiny_model_dir("llama", tmp_path)
     prompts = [list(range(3, 3 + 7 * n, 7)) for n in (1, 15, 16, 17, 40)]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    kw = dict(dtype="float32", kv_cache_dtype="int8", enable_prefix_caching=False)
+    kw = dict(dtype="float32", kv_cache_dtype="int8", enable_prefix_caching=False, layout=layout)
     llm = LLM(tmp_path, max_num_batched_tokens=64, max_num_seqs=8, **kw)
     assert all(c.dtype == torch.int8 for c in llm.engine.runner.kv_caches)
     calls = paged_attention.kernel_calls()
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert paged_attention.kernel_calls() > calls
+    # Ragged decode rows take the kernel; the padded layout gathers (and dequantizes) always.
+    assert (paged_attention.kernel_calls() > calls) == (layout == "ragged")
     alone_llm = LLM(tmp_path, max_num_seqs=1, **kw)
     for p, got in zip(prompts, together, strict=True):
         alone = alone_llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids

@@ -148,7 +148,7 @@ class Attention(nn.Module):
         else:
             kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, new_kv)
 
-        use_kernel = meta.context_lens is not None and paged_attention.applies(kv_cache)
+        use_kernel = meta.context_lens is not None and paged_attention.applies(kv_cache, qkv.dtype)
         if use_kernel and meta.kernel_rows is None:
             # Pure decode: one query per sequence, K/V read in place through the block tables.
             out = paged_attention.paged_decode_attention(

@@ -77,13 +77,19 @@ def warm_up() -> None:
         kernel()
 
 
-def applies(kv_cache: torch.Tensor) -> bool:
-    """True when a decode step on ``kv_cache`` should run the in-place kernel (float32,
-    bfloat16, or the int8 layout of ``carpool.model.kv_quant``)."""
+_FLOATS = (torch.float32, torch.bfloat16)  # query and output dtypes the kernel computes
+
+
+def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> bool:
+    """True when a decode step on ``kv_cache`` should run the in-place kernel: a float32 or
+    bfloat16 cache, or the int8 layout of ``carpool.model.kv_quant`` with float32 or bfloat16
+    queries (``query_dtype``; None: the cache's own)."""
+    query = query_dtype or kv_cache.dtype
     return (
         _state.enabled
         and kv_cache.device.type == "cpu"
-        and kv_cache.dtype in (torch.float32, torch.bfloat16, torch.int8)
+        and (kv_cache.dtype == query or kv_cache.dtype == torch.int8)
+        and query in _FLOATS
         and kernel() is not None
     )
 
@@ -95,7 +101,7 @@ def store_int8(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor
     path is selected: the write must not depend on it). Elsewhere: the same arithmetic in
     torch ops (``kv_quant.store``), which gives the same bytes.
     """
-    if kv_cache.device.type == "cpu" and kernel() is not None:
+    if kv_cache.device.type == "cpu" and new_kv.dtype in _FLOATS and kernel() is not None:
         torch.ops.carpool.kv_store_int8(new_kv, kv_cache, slots)
     else:
         kv_quant.store(kv_cache, slots, new_kv)
