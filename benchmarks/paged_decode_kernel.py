@@ -5,7 +5,8 @@ and against a plain streaming read of the same bytes (how close the kernel is to
 
 The cache is the small model's layer (8 kv heads x 64 dims, bf16), blocks of 16 interleaved
 between sequences as a busy block manager hands them out. Every candidate runs once per round,
-``--rounds`` rounds, in one process; prints the median and minimum of each.
+``--rounds`` rounds, in one process; prints the median and minimum of each. The int8 rows
+(``kv_cache_dtype="int8"``: the same values quantized, head_dim + 4 bytes per row) run beside.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from carpool.model import paged_attention
+from carpool.model import kv_quant, paged_attention
 
 
 def main() -> None:
@@ -34,6 +35,8 @@ def main() -> None:
     b, h, kvh, d, bs, ctx = a.batch, a.heads, a.kv_heads, a.head_dim, 16, a.context
     nb = b * (-(-ctx // bs))
     kv = torch.randn(nb + 2, bs, 2, kvh, d).to(torch.bfloat16)
+    kv8 = kv_quant.quantize(kv).contiguous()  # the int8 cache of the same values
+    same_int8 = torch.randn(kv8.numel() // 4)  # float32: as many bytes as the int8 cache
     same_bytes = torch.randn(kv.numel() // 2)  # float32: as many bytes as the bf16 cache
     tables = torch.arange(1, nb + 1).view(-1, b).t().contiguous()  # interleaved blocks
     lens = torch.full((b,), ctx, dtype=torch.long)
@@ -53,8 +56,12 @@ def main() -> None:
         "paged kernel": lambda: paged_attention.paged_decode_attention(
             q, kv, tables, lens, d**-0.5
         ),
+        "paged kernel, int8 cache": lambda: paged_attention.paged_decode_attention(
+            q, kv8, tables, lens, d**-0.5
+        ),
         "gather + SDPA": gather_sdpa,
         "sum() of the same bytes": same_bytes.sum,
+        "sum() of the int8 bytes": same_int8.sum,
     }
     times: dict[str, list[float]] = {k: [] for k in cands}
     with torch.inference_mode():
@@ -66,9 +73,11 @@ def main() -> None:
                     times[k].append(time.perf_counter() - start)
     mb = kv[:nb].numel() * kv.element_size() / 1e6
     print(f"B={b} context={ctx} threads={a.threads}: {mb:.1f} MB of K/V per layer")
+    mb8 = kv8[:nb].numel() / 1e6
+    print(f"int8 cache: {mb8:.1f} MB of K/V (and scales) per layer")
     for k, v in times.items():
         med = statistics.median(v)
-        rate = mb / 1e3 / med
+        rate = (mb8 if "int8" in k else mb) / 1e3 / med
         print(f"{k:>24}: median {med * 1e3:.2f} ms ({rate:.1f} GB/s), min {min(v) * 1e3:.2f} ms")
 
 
