@@ -245,6 +245,9 @@ inline float exp_block(float* sh, int64_t n, float mx) {
   return sum;
 }
 
+// How many blocks ahead the kernel asks for a block's rows (see prefetch_next).
+constexpr int64_t kPrefetchBlocks = 2;
+
 template <typename T, typename C>
 void decode_kernel(
     const T* q,             // [B, H, D] rows of stride q_stride (elements) per sequence
@@ -297,9 +300,9 @@ void decode_kernel(
         const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
         // The next block is elsewhere in memory (the table is random): ask for its rows
         // while this block computes, a token's K and V run per token of this one.
-        const char* next = n + 1 < n_blocks
-            ? reinterpret_cast<const char*>(kv + tables[b * max_blocks + n + 1] * block_stride +
-                                            kh0 * row)
+        const char* next = n + kPrefetchBlocks < n_blocks
+            ? reinterpret_cast<const char*>(
+                  kv + tables[b * max_blocks + n + kPrefetchBlocks] * block_stride + kh0 * row)
             : nullptr;
         const int64_t run_bytes = nkh * row * static_cast<int64_t>(sizeof(C));
         const int64_t kv_bytes = kv_heads * row * static_cast<int64_t>(sizeof(C));
