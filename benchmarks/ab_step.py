@@ -15,8 +15,9 @@ over the step's wall time; attention ops as in profile_step.py).
 
 ``--kv-cache-dtype int8`` compares KV caches instead, both through the in-place kernel: the
 model's dtype ("before") against int8 rows with a float32 scale each ("after"), one model, each
-system with its own cache (filled with random values: see ``profile_step.fill_random``), steps
-alternated; the table gives both attention shares too.
+system with its own cache, steps alternated; the table gives both attention shares too. Every
+mode fills the caches with random values first (``profile_step.fill_random``: a KV page never
+written reads as the kernel's shared zero page, always in the CPU's cache).
 
     python benchmarks/ab_step.py --kv-cache-dtype int8 --cases 8x512,8x2048,8x8192
 """
@@ -139,9 +140,8 @@ def main() -> None:
         caches = {
             k: m.allocate_kv_cache(nb, 16, kv_dtype(k), "cpu") for k, (m, _) in systems.items()
         }
-        if kv_ab:
-            for c in caches.values():
-                fill_random(c)
+        for c in caches.values():  # resident pages: never-written ones read the zero page
+            fill_random(c)
         times: dict[str, list[float]] = {k: [] for k in systems}
         n = a.steps or max(4, min(30, 20000 // (b * ctx) + 4))
         with torch.inference_mode():
