@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from carpool.model import paged_attention
+from carpool.model import fused_ops, paged_attention
 from carpool.model.layers import prepack_linears
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, SchedulerOutput
@@ -76,6 +76,8 @@ class ModelRunner:
             paged_attention.warm_up()
             # bf16 linear weights into oneDNN's packed layout, once (see layers.Linear).
             prepack_linears(model)
+            # The fused norm / activation operators, built or loaded now (see fused_ops).
+            fused_ops.load()
         self.sampler = Sampler()
         # logit_bias and structured-output masks, applied to the batch's logits before sampling.
         self.logits_processor = logits_processor
