@@ -61,6 +61,7 @@ def main() -> None:
         max_num_batched_tokens=max(512, 32 * max(sizes)),
         max_model_len=32 + args.gen_len,
         kv_cache_memory_fraction=1.0,
+        threads=args.threads,  # the engine sets torch's threads (default 1)
     )
     engine = llm.engine
     linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
