@@ -125,3 +125,22 @@ def test_bf16_model_tokens_unchanged_by_fusing(tmp_path):
     finally:
         fused_ops.use_fused(True)
     assert fused == plain
+
+
+def test_argmax_is_torchs_first_maximum_nan_included():
+    torch.manual_seed(3)
+    logits = torch.randn(7, 32003)
+    logits[1, 5] = logits[1, 900] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2, 17] = float("nan")  # a NaN wins, as in torch
+    logits[2, 30] = float("nan")
+    logits[3] = float("-inf")  # all -inf: index 0
+    logits[4, -1] = 1e30  # in the scalar tail past the last 16-wide chunk
+    calls = fused_ops.fused_calls()
+    got = fused_ops.argmax(logits)
+    assert fused_ops.fused_calls() == calls + 1
+    assert got.dtype == torch.long
+    assert got.tolist() == logits.max(-1).indices.tolist()
+    assert got[1] == 5 and got[2] == 17 and got[3] == 0 and got[4] == 32002
+    # Other dtypes and shapes take torch's reduction.
+    half = logits.bfloat16()
+    assert fused_ops.argmax(half).tolist() == half.max(-1).indices.tolist()

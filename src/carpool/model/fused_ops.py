@@ -1,4 +1,5 @@
-"""Fused RMSNorm, residual add + RMSNorm and SwiGLU activation: C++ on the CPU, torch elsewhere.
+"""Fused RMSNorm, residual add + RMSNorm, SwiGLU activation and the greedy argmax: C++ on the
+CPU, torch elsewhere.
 
 ``csrc/fused_ops.cpp`` does each in one pass over the rows (see its header for why and for the
 numerics, which are the torch ops'). It is built like the paged decode kernel
@@ -109,3 +110,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return torch.ops.carpool.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximal index of ``[R, V]`` logits (``logits.max(-1).indices``; a NaN
+    counts as the largest value)."""
+    if (
+        logits.dim() == 2
+        and logits.shape[1] > 0
+        and logits.dtype == torch.float32
+        and _fused(logits)
+    ):
+        return torch.ops.carpool.argmax_rows(logits)
+    return logits.max(-1).indices
