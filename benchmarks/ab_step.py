@@ -124,6 +124,10 @@ def main() -> None:
             "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
         }
 
+    from carpool.worker.model_runner import prepare_model
+
+    prepare_model(systems["after"][0], "cpu")  # as the engine's runner does
+
     def select(k: str) -> None:
         if self_ab:
             paged_attention.use_kernel(kv_ab or k == "after")

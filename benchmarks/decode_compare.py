@@ -65,6 +65,7 @@ def worker(kind: str, path: str, dtype: str, gen: int, threads: int) -> None:
             max_num_seqs=64,
             max_num_batched_tokens=64 * PROMPT_LEN,
             kv_cache_memory=512 * 2**20,
+            threads=threads,  # the engine sets torch's threads itself (default 1)
         )
 
         def run(b: int) -> float:

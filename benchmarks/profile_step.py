@@ -31,8 +31,19 @@ from torch.profiler import ProfilerActivity, profile
 from carpool.bench.random_model import save_random_llama
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
+from carpool.worker.model_runner import prepare_model
 
-MATMUL_OPS = {"aten::mm", "aten::addmv_", "aten::addmm", "aten::mv", "aten::bmm", "aten::mkldnn_rr"}
+MATMUL_OPS = {
+    "aten::mm",
+    "aten::addmv_",
+    "aten::addmm",
+    "aten::mv",
+    "aten::bmm",
+    "aten::mkldnn_rr",
+    "mkldnn::_linear_pointwise",  # packed bf16 weights (layers.Linear.prepack)
+    "aten::_weight_int8pack_mm",
+    "aten::_weight_int4pack_mm_for_cpu",
+}
 ATTENTION_OPS = {
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_efficient_attention",
@@ -176,6 +187,7 @@ def main() -> None:
     contexts = [int(c) for c in a.context.split(",")]
     path = random_model(a.random_config, a.dtype, max(contexts) + 16)
     model, _ = load_model(path, dtype=a.dtype)
+    prepare_model(model, "cpu")  # as the engine's runner does: packed weights, fused ops
     print(
         "| batch | context | step ms | tok/s | top-level ops/step | per layer "
         "| matmuls | attention | outside both |"

@@ -88,7 +88,13 @@ def main() -> None:
     small = work / "small-bfloat16"
     if not (small / "model.safetensors").is_file():
         save_random_llama(small, preset="small", dtype="bfloat16")
-    kv = dict(max_num_seqs=32, max_num_batched_tokens=2048, kv_cache_memory=64 << 20)
+    # threads: the engine sets torch's threads itself (EngineConfig.threads, default 1).
+    kv = dict(
+        max_num_seqs=32,
+        max_num_batched_tokens=2048,
+        kv_cache_memory=64 << 20,
+        threads=args.threads,
+    )
     variants: dict[tuple[str, str], LLM] = {}
     batches: dict[str, list[int]] = {
         "small": [int(b) for b in args.small_batches.split(",")],

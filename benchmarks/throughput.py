@@ -95,6 +95,7 @@ def main() -> None:
         llm = LLM(
             str(path),
             dtype=args.dtype,
+            threads=args.threads,  # the engine sets torch's threads itself (default 1)
             max_num_seqs=max(sizes),
             max_num_batched_tokens=max(2048, max(sizes) * args.prompt_len),
             kv_cache_memory=int(

@@ -48,6 +48,9 @@ def _carpool(args: argparse.Namespace) -> tuple[str, Callable[[list[list[int]]],
         # -c max(B) x (pp + tg), so nothing is preempted and neither holds a larger cache.
         max_model_len=args.prompt_len + args.gen_len,
         kv_cache_memory_fraction=1.0,
+        # The engine sets torch's threads itself (EngineConfig.threads, default 1): without
+        # this it would run on one thread while llama.cpp and transformers get --threads.
+        threads=args.threads,
         **extra,
     )
     engine = llm.engine

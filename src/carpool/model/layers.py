@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+from typing import overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from carpool.config import ModelConfig, RopeScaling
+from carpool.model import fused_ops
 
 # Rows of a reduced-precision matmul are padded up to one of a few sizes: exact up to
 # ``_EXACT_ROWS``, then ``_BUCKETS_PER_OCTAVE`` sizes per power of two (at most 25% padding).
@@ -135,20 +137,31 @@ def prepack_linears(model: nn.Module) -> int:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension (no mean subtraction, no bias)."""
+    """Root-mean-square norm over the last dimension (no mean subtraction, no bias).
+
+    ``norm(x)`` normalises ``x``; ``norm(x, residual)`` first adds ``x`` into the residual
+    stream and returns ``(normalised sum, sum)`` (one fused pass on the CPU: ``fused_ops``).
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and round to the activation dtype *before* the weight multiply,
-        # exactly as the HF reference does. The one-op ``F.rms_norm(x, shape, weight)`` on a
-        # bfloat16 input was tried (three fewer dispatches) and broke SmolLM2-135M in bf16
-        # (its greedy answer to "What is the capital of France?" became French gibberish).
-        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * x32.to(x.dtype)
+    @overload
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return fused_ops.rms_norm(x, self.weight, self.eps)
+        return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -244,5 +257,4 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(i, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))

