@@ -45,9 +45,12 @@ def _cpu_flags() -> str:
 
 
 def _build_name(prefix: str, source: Path) -> str:
-    """Extension name keyed on source, flags, torch and the CPU: a new key is a new build."""
+    """Extension name keyed on source (and the headers beside it, which it may include),
+    flags, torch and the CPU: a new key is a new build."""
     key = hashlib.sha256()
     key.update(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):
+        key.update(header.read_bytes())
     key.update(" ".join([*CFLAGS, *LDFLAGS, torch.__version__, _cpu_flags()]).encode())
     return f"{prefix}_{key.hexdigest()[:16]}"
 

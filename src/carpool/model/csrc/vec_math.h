@@ -1,0 +1,231 @@
+// Vector helpers of the CPU kernels in paged_attention.cpp: element loads and stores of float32,
+// bfloat16 and int8, dot products (one, or 16 with one reduction tree), the weighted sum of a
+// block's value rows, and exp of non-positive arguments. AVX-512 intrinsics where the build
+// machine has them (-march=native), plain loops otherwise.
+//
+// Header-only (inline functions and templates), included by one translation unit; the kernel
+// build hashes this file with the source (kernel_build._build_name).
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace carpool_kernels {
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(c10::BFloat16 x) {
+  // bfloat16 is the top half of a float32: widening is a shift.
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+
+inline void store(float* dst, float x) { *dst = x; }
+
+inline void store(c10::BFloat16* dst, float x) { *dst = c10::BFloat16(x); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __m512 load16(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+#endif
+
+// Elements of one (token, K/V, kv head) row in the cache, and its dequantization scale: an
+// int8 row carries its float32 scale in 4 bytes after the head_dim values.
+template <typename C>
+constexpr int64_t row_extra() { return std::is_same<C, int8_t>::value ? 4 : 0; }
+
+template <typename C>
+inline float row_scale(const C* row, int64_t d) {
+  if constexpr (std::is_same<C, int8_t>::value) {
+    float s;
+    std::memcpy(&s, row + d, sizeof(s));
+    return s;
+  } else {
+    (void)row;
+    (void)d;
+    return 1.0f;
+  }
+}
+
+// sum(a[i] * b[i]). With AVX-512 the horizontal sum is a few shuffles: gcc's own `omp simd`
+// reduction summed the 16 lanes one by one through the stack, which dominated the kernel.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * to_float(b[i]);
+  return sum;
+}
+
+// acc[i] += p * v[i]
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(v + i), _mm512_loadu_ps(acc + i)));
+#endif
+  for (; i < n; ++i) acc[i] += p * to_float(v[i]);
+}
+
+#if defined(__AVX512F__)
+// The 16 lane sums of acc[0..15], as one vector (element j = sum of acc[j]): a transpose-and-add
+// tree of 45 instructions, against ~9 per vector for 16 separate _mm512_reduce_add_ps.
+inline __m512 reduce16(const __m512* acc) {
+  __m512 c[4];
+  for (int g = 0; g < 4; ++g) {
+    const __m512* v = acc + 4 * g;
+    // Per 128-bit lane: a = [v0 0+2, v1 0+2, v0 1+3, v1 1+3] (b likewise for v2, v3).
+    const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+    const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+    // Per lane: [v0, v1, v2, v3] summed over the lane's 4 elements.
+    c[g] = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+  }
+  // Sum each c[g] over its 4 lanes, c[g]'s total landing in lane g.
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44),
+                                  _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44),
+                                  _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+// out[j] = q . k_j for 16 rows k_j = k0 + j * stride (head_dim d a multiple of 16): 16
+// independent accumulators (the FMA latency overlaps) and one reduction tree for all of them.
+template <typename C>
+inline void dot16(const float* q, const C* k0, int64_t stride, int64_t d, float* out) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + i);
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, load16(k0 + j * stride + i), acc[j]);
+  }
+  _mm512_storeu_ps(out, reduce16(acc));
+}
+#endif
+
+// ah[:] += sum over the block's tokens t of ph[t] * v_t[:], v_t = v0 + t * stride: the
+// accumulator of one query head stays in registers for the whole block (head_dim = 16 * NV),
+// instead of a load and a store of it per token.
+template <int NV, typename T>
+inline bool head_values_fixed(float* ah, const T* v0, int64_t stride, int64_t n_tok,
+                              const float* ph) {
+#if defined(__AVX512F__)
+  __m512 a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = _mm512_loadu_ps(ah + 16 * j);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const __m512 p = _mm512_set1_ps(ph[t]);
+    const T* vp = v0 + t * stride;
+    for (int j = 0; j < NV; ++j) a[j] = _mm512_fmadd_ps(p, load16(vp + 16 * j), a[j]);
+  }
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(ah + 16 * j, a[j]);
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, const float* ph,
+                        int64_t d) {
+  const bool done = (d == 16 && head_values_fixed<1>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 32 && head_values_fixed<2>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 64 && head_values_fixed<4>(ah, v0, stride, n_tok, ph)) ||
+                    (d == 128 && head_values_fixed<8>(ah, v0, stride, n_tok, ph));
+  if (!done) {
+    for (int64_t t = 0; t < n_tok; ++t) axpy(ah, ph[t], v0 + t * stride, d);
+  }
+}
+
+// exp(x) for x <= 0 (scores minus their running max), relative error ~2e-7: 2^t split into
+// 2^floor(t) (exponent bits) times a degree-6 polynomial of 2^frac(t). Branch-free so the loop
+// over a block's tokens vectorizes.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // below this exp(x) is under float's normal range: ~0
+  const float t = x * 1.44269504088896341f;  // log2(e)
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t e = (static_cast<int32_t>(fi) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+#if defined(__AVX512F__)
+// exp_nonpositive on 16 lanes: the same steps (floor, the same polynomial, the exponent bits).
+// gcc left the `omp simd` loop over a block's scores scalar (the float -> int bit cast).
+inline __m512 exp16_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, fi);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(fi), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
+// sh[t] = exp(sh[t] - mx) for t < n; returns their sum.
+inline float exp_block(float* sh, int64_t n, float mx) {
+  float sum = 0.0f;
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_set1_ps(mx);
+  for (; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __m512 p = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sh + t), m));
+    _mm512_mask_storeu_ps(sh + t, k, p);
+    sum += _mm512_mask_reduce_add_ps(k, p);
+  }
+#endif
+  for (; t < n; ++t) {
+    const float p = exp_nonpositive(sh[t] - mx);
+    sh[t] = p;
+    sum += p;
+  }
+  return sum;
+}
+
+}  // namespace carpool_kernels
