@@ -24,6 +24,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +38,9 @@
 #endif
 
 namespace {
+
+using carpool_kernels::exp16_nonpositive;
+using carpool_kernels::exp_nonpositive;
 
 // Element access in float32 for float and bfloat16 storage; written as plain bit operations so
 // that gcc vectorizes the `omp simd` loops below.
@@ -75,38 +80,13 @@ struct Elt<c10::BFloat16> {
   }
 };
 
-// exp(x) for x <= 0, relative error ~2e-7 (the paged attention kernel's): 2^t split into
-// 2^floor(t) (exponent bits) times a degree-6 polynomial of 2^frac(t); branch-free.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;  // log2(e)
-  const float fi = std::floor(t);
-  const float f = t - fi;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int32_t e = (static_cast<int32_t>(fi) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
-
 // Rows per parallel chunk: at least ~32k elements each, so a decode step's few rows run inline
 // on the calling thread (an OpenMP region costs more than the work).
 inline int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width)); }
 
 #if defined(__AVX512F__)
 // Sixteen lanes of the scalar code below, for the loops gcc leaves scalar (floor, the bit casts).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+using carpool_kernels::load16;  // float32 / bfloat16 -> 16 float32 lanes
 
 // Round to nearest even at bfloat16's 8 bits, kept as the top half of a float32 (Elt::round).
 inline __m512i bf16_bits(__m512 v) {
@@ -123,22 +103,6 @@ inline __m512 round16(__m512 v, c10::BFloat16) {
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(c10::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
-}
-
-inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, fi);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fi), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
 #endif
@@ -253,7 +217,7 @@ inline void silu_mul16(const T* g, const T* u, T* o) {
   const __m512 x = load16(g);
   const __m512 ax = _mm512_castsi512_ps(
       _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
-  const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), ax));
+  const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), ax));
   const __mmask16 nonneg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
   const __m512 num = _mm512_mask_blend_ps(nonneg, e, _mm512_set1_ps(1.0f));
   const __m512 sig = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
