@@ -144,3 +144,33 @@ def test_argmax_is_torchs_first_maximum_nan_included():
     # Other dtypes and shapes take torch's reduction.
     half = logits.bfloat16()
     assert fused_ops.argmax(half).tolist() == half.max(-1).indices.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_in_place_is_apply_rotarys(dtype, tmp_path):
+    from carpool.config import ModelConfig
+    from carpool.model.layers import RotaryEmbedding, apply_rotary
+
+    save_tiny_hf_model("llama", tmp_path)
+    config = ModelConfig.from_json_file(tmp_path / "config.json")
+    rotary = RotaryEmbedding(config)
+    positions = torch.tensor([0, 5, 17, 300, 2])
+    cs = rotary.table(positions, dtype)
+    torch.manual_seed(4)
+    d = config.head_dim
+    qkv = torch.randn(5, 4 + 2 * 2, d, dtype=dtype) * 3
+    qk = qkv[:, :6]  # strided rows: the q and k heads of the fused projection, as in Attention
+    want = apply_rotary(qk.clone(), cs[:, :1], cs[:, 1:])
+    v_before = qkv[:, 6:].clone()
+    calls = fused_ops.fused_calls()
+    assert fused_ops.rotary_(qk, cs)
+    assert fused_ops.fused_calls() == calls + 1
+    if dtype == torch.bfloat16:
+        assert_bf16_close(qk, want)
+    else:
+        torch.testing.assert_close(qk, want)
+    assert torch.equal(qkv[:, 6:], v_before)  # v untouched
+    # A mismatched table or head_dim takes the torch path: not applied, x untouched.
+    before = qk.clone()
+    assert not fused_ops.rotary_(qk, cs.float() if dtype == torch.bfloat16 else cs.bfloat16())
+    assert torch.equal(qk, before)

@@ -26,7 +26,7 @@ from torch import nn
 
 from carpool.config import ModelConfig
 from carpool.model import kv_quant, paged_attention
-from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
+from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, rotate_in_place
 
 
 class GatherBuffer:
@@ -127,7 +127,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [T, 1, head_dim]
+        rope: torch.Tensor,  # [T, 2, head_dim]: cos and sign-folded sin (RotaryEmbedding.table)
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # [num_blocks, block_size, 2, kv_heads, head_dim (+ 4 if int8)]
     ) -> torch.Tensor:
@@ -135,12 +135,11 @@ class Attention(nn.Module):
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, d)  # [T, H + 2K, D]
         qk = qkv[:, : h + kvh]
-        src = qk
         if self.q_norm is not None and self.k_norm is not None:
-            src = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
-        # q and k rotated together, written back into qkv: k lands next to v, so one
-        # index_copy_ stores both into the cache.
-        apply_rotary(src, *cos_sin, out=qk)
+            qk.copy_(torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1))
+        # q and k rotated together, in place in qkv: k lands next to v, so one index_copy_
+        # stores both into the cache.
+        rotate_in_place(qk, rope)
         # A cache slot is a contiguous [2, K, D] row: the new K and V of a token in one copy.
         new_kv = qkv[:, h:].view(t, 2, kvh, d)
         if kv_cache.dtype == torch.int8:  # quantized rows [2, K, D + 4] (see kv_quant)

@@ -123,3 +123,21 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     ):
         return torch.ops.carpool.argmax_rows(logits)
     return logits.max(-1).indices
+
+
+def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
+    """Rotate ``x`` ``[T, H, D]`` in place by the step's ``[T, 2, D]`` cos / sign-folded sin
+    table (``RotaryEmbedding.cos_sin_table``), as ``layers.apply_rotary`` does; False (and
+    ``x`` untouched) where the fused operator does not apply."""
+    if (
+        x.dim() == 3
+        and x.stride(2) == 1
+        and x.shape[2] % 2 == 0
+        and x.shape[2] <= 1024
+        and x.dtype == cs.dtype
+        and _fused(cs)
+        and x.device.type == "cpu"
+    ):
+        torch.ops.carpool.rotary_(x, cs)
+        return True
+    return False

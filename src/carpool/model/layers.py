@@ -222,13 +222,24 @@ class RotaryEmbedding(nn.Module):
         self._cast = {}
         return super()._apply(fn, recurse)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos and sign-folded sin, each ``[T, 1, D]``, for flat positions ``[T]``."""
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[T, 2, D]``: cos and sign-folded sin of flat positions ``[T]`` (one gather)."""
         table = self._cast.get(dtype)
         if table is None or table.device != self.cos_sin_cached.device:
             table = self._cast[dtype] = self.cos_sin_cached.to(dtype)
-        cs = table.index_select(0, positions)  # [T, 2, D]: one gather for both
+        return table.index_select(0, positions)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos and sign-folded sin, each ``[T, 1, D]``, for flat positions ``[T]``."""
+        cs = self.table(positions, dtype)
         return cs[:, :1], cs[:, 1:]
+
+
+def rotate_in_place(x: torch.Tensor, cs: torch.Tensor) -> None:
+    """Rotate ``x`` ``[T, H, D]`` in place by the ``[T, 2, D]`` table of
+    ``RotaryEmbedding.table``: one fused operator on the CPU, else ``apply_rotary``."""
+    if not fused_ops.rotary_(x, cs):
+        apply_rotary(x, cs[:, :1], cs[:, 1:], out=x)
 
 
 def apply_rotary(

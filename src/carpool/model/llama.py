@@ -37,7 +37,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos_sin, meta, kv_cache)
+        h = self.self_attn(h, rope, meta, kv_cache)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -128,10 +128,10 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,  # [R]
     ) -> torch.Tensor:  # [R, vocab]
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        cos_sin = self.model.rotary.cos_sin(positions, x.dtype)
+        rope = self.model.rotary.table(positions, x.dtype)  # [T, 2, D]
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos_sin, meta, kv_cache)
+            x, residual = layer(x, residual, rope, meta, kv_cache)
         # Only rows that sample need the last residual add, the final norm and the (large)
         # vocabulary projection.
         if residual is None:  # no layers

@@ -12,10 +12,10 @@
 // Only the order of the float32 sum of squares differs from torch's (a value within ~1e-7 of a
 // bf16 rounding boundary may round the other way: one ulp, rarely).
 //
-// And argmax_rows, the greedy sampler's argmax (see below).
+// And argmax_rows, the greedy sampler's argmax, and rotary_, the rotary embedding in place.
 //
 // Registered as carpool::rms_norm, carpool::add_rms_norm, carpool::silu_and_mul and
-// carpool::argmax_rows (a fragment of the `carpool` operator library; no pybind11).
+// carpool::argmax_rows, carpool::rotary_ (a fragment of the `carpool` operator library; no pybind11).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -314,6 +314,53 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// Rotary embedding in place on x [T, H, D] (any row and head strides, the last dim contiguous:
+// the q and k heads of the fused qkv projection's output) with the step's table cs [T, 2, D]
+// of cos and sign-folded sin (layers.RotaryEmbedding.cos_sin): x = x * cos + roll(x, D/2) * sin.
+// torch's three ops (roll, mul, addcmul) round x * cos to the dtype, then add the rolled
+// product and round once: the same roundings here.
+template <typename T>
+void rotary_rows(T* x, const T* cs, int64_t t_count, int64_t heads, int64_t d, int64_t st,
+                 int64_t sh) {
+  using E = Elt<T>;
+  const int64_t half = d / 2;
+  at::parallel_for(0, t_count, grain_rows(heads * d), [&](int64_t begin, int64_t end) {
+    float buf[1024];
+    for (int64_t t = begin; t < end; ++t) {
+      const T* cos = cs + t * 2 * d;
+      const T* sin = cos + d;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* row = x + t * st + h * sh;
+        for (int64_t i = 0; i < d; ++i) buf[i] = E::load(row, i);
+        for (int64_t i = 0; i < d; ++i) {
+          const float rolled = buf[i < half ? i + half : i - half];
+          E::store(row, i, E::round(buf[i] * E::load(cos, i)) + rolled * E::load(sin, i));
+        }
+      }
+    }
+  });
+}
+
+void rotary_(at::Tensor x, const at::Tensor& cs) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rotary_: x [T, H, D] with contiguous rows, got ",
+              x.sizes(), " strides ", x.strides());
+  const int64_t t = x.size(0), heads = x.size(1), d = x.size(2);
+  TORCH_CHECK(d % 2 == 0 && d <= 1024, "rotary_: an even head_dim up to 1024, got ", d);
+  TORCH_CHECK(cs.dim() == 3 && cs.is_contiguous() && cs.size(0) == t && cs.size(1) == 2 &&
+                  cs.size(2) == d && cs.scalar_type() == x.scalar_type(),
+              "rotary_: cs must be a contiguous [", t, ", 2, ", d, "] ", x.scalar_type(),
+              " tensor, got ", cs.sizes(), " ", cs.scalar_type());
+  if (x.scalar_type() == at::kFloat) {
+    rotary_rows<float>(x.data_ptr<float>(), cs.data_ptr<float>(), t, heads, d, x.stride(0),
+                       x.stride(1));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rotary_: float32 or bfloat16, got ",
+                x.scalar_type());
+    using B = c10::BFloat16;
+    rotary_rows<B>(x.data_ptr<B>(), cs.data_ptr<B>(), t, heads, d, x.stride(0), x.stride(1));
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(carpool, m) {
@@ -321,6 +368,7 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("rotary_(Tensor(a!) x, Tensor cs) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(carpool, CPU, m) {
@@ -328,4 +376,5 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("rotary_", &rotary_);
 }
