@@ -174,3 +174,32 @@ def test_rotary_in_place_is_apply_rotarys(dtype, tmp_path):
     before = qk.clone()
     assert not fused_ops.rotary_(qk, cs.float() if dtype == torch.bfloat16 else cs.bfloat16())
     assert torch.equal(qk, before)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_int8_gemv_is_torchs_int8_kernel(rows):
+    torch.manual_seed(5)
+    x = torch.randn(rows, 576, dtype=torch.bfloat16)
+    q = torch.randint(-127, 128, (1001, 576), dtype=torch.int8)  # 1001: a share per thread
+    scales = (torch.rand(1001) * 0.01).bfloat16()
+    calls = fused_ops.fused_calls()
+    got = fused_ops.int8_gemv(x, q, scales)
+    assert fused_ops.fused_calls() == calls + 1
+    # The same float32 sums of exact products (in another order), rounded once: torch's int8
+    # kernel's values but for a rare one-ulp rounding.
+    assert_bf16_close(got, torch._weight_int8pack_mm(x, q, scales))
+    exact = (x.float() @ q.float().T) * scales.float()
+    torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-3)
+
+
+def test_int8_gemv_declines_what_it_does_not_take():
+    q = torch.randint(-127, 128, (64, 40), dtype=torch.int8)  # K = 40: a scalar tail
+    s = torch.rand(64).bfloat16()
+    assert fused_ops.int8_gemv(torch.randn(5, 40, dtype=torch.bfloat16), q, s) is None  # rows
+    assert fused_ops.int8_gemv(torch.randn(2, 40), q, s) is None  # float32 input
+    x = torch.randn(2, 40, dtype=torch.bfloat16)
+    # (torch's own int8 kernel crashes on K = 40: compared with the exact products instead.)
+    exact = (x.float() @ q.float().T) * s.float()
+    assert_bf16_close(fused_ops.int8_gemv(x, q, s), exact.bfloat16())
+    with pytest.raises(RuntimeError, match="1 to 4 input rows"):
+        torch.ops.carpool.int8_gemv(torch.randn(6, 40, dtype=torch.bfloat16), q, s)

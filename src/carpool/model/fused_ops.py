@@ -141,3 +141,24 @@ def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
         torch.ops.carpool.rotary_(x, cs)
         return True
     return False
+
+
+# Rows up to which int8_gemv takes an int8 weight-only product (the C++ kernel's templates).
+INT8_GEMV_MAX_ROWS = 4
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """``(x @ qweight.T) * scales`` for 1-4 bf16 rows ``x`` ``[M, K]``, int8 ``qweight``
+    ``[N, K]`` and bf16 ``scales`` ``[N]`` (``quant.Int8Linear``'s layout), bf16 out; None
+    where the fused kernel does not apply (the caller runs torch's)."""
+    if (
+        x.dim() == 2
+        and 1 <= x.shape[0] <= INT8_GEMV_MAX_ROWS
+        and x.dtype == torch.bfloat16
+        and scales.dtype == torch.bfloat16
+        and qweight.dtype == torch.int8
+        and qweight.is_contiguous()
+        and _fused(x, scales)
+    ):
+        return torch.ops.carpool.int8_gemv(x, qweight, scales)
+    return None
