@@ -105,8 +105,13 @@ def add_rms_norm(
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` where ``gate_up`` is ``[..., 2 * I]`` (gate first)."""
-    if _fused(gate_up):
+    """``silu(gate) * up`` where ``gate_up`` is ``[..., 2 * I]`` (gate first).
+
+    Fused for bfloat16 only: in float32 the kernel's polynomial exp (relative error ~2e-7)
+    differs from torch's in the last bits, and that flipped the default model's greedy answer
+    to "What is the capital of France?" (see ``rotary_``): float32 keeps torch's ops.
+    """
+    if gate_up.dtype == torch.bfloat16 and _fused(gate_up):
         return torch.ops.carpool.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -127,10 +132,17 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
     """Rotate ``x`` ``[T, H, D]`` in place by the step's ``[T, 2, D]`` cos / sign-folded sin
-    table (``RotaryEmbedding.cos_sin_table``), as ``layers.apply_rotary`` does; False (and
-    ``x`` untouched) where the fused operator does not apply."""
+    table (``RotaryEmbedding.table``), as ``layers.apply_rotary`` does; False (and ``x``
+    untouched) where the fused operator does not apply.
+
+    bfloat16 only: in float32 the compiler's fused multiply-add rounds once where torch's
+    ``addcmul`` rounds twice, and that last-bit difference was enough to flip the default
+    model's greedy answer to "What is the capital of France?" (SmolLM2 Q4_1 runs float32
+    activations through bf16 kernels; its first token leads by 0.01): float32 keeps torch's ops.
+    """
     if (
-        x.dim() == 3
+        x.dtype == torch.bfloat16
+        and x.dim() == 3
         and x.stride(2) == 1
         and x.shape[2] % 2 == 0
         and x.shape[2] <= 1024

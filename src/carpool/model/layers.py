@@ -72,7 +72,8 @@ def prepack_available(device: torch.device | str) -> bool:
 
 
 # Batch-size hint oneDNN picks the packed layout for; one layout then serves every row count.
-# 32 measured best of the hints tried on the AMX machine of BENCHMARKS.md (see "Packed weights").
+# Of the hints tried (1, 16, 32, 128; BENCHMARKS.md "Third pass"), 16 and 32 were level and
+# ahead at batches 8-32; 1 was 0.7x plain at batch 1.
 PREPACK_BATCH_HINT = 32
 ENV_PREPACK = "CARPOOL_PREPACK"  # "0": keep plain weights (to compare)
 
@@ -85,8 +86,9 @@ class Linear(nn.Linear):
     Why pack: torch's bf16 ``linear`` on a plain ``[N, K]`` weight has oneDNN reorder it into
     its blocked (AMX / AVX-512 BF16) layout inside the call, and caches the reordered copy per
     input shape; packed once at load (``prepack``), the weight is read as it is by every call
-    of every shape, and no per-shape copies pile up. A decode step's matmuls measured 1.06x
-    (batch 1), 1.33x (batch 8) and 1.17x (batch 32) faster end to end (BENCHMARKS.md).
+    of every shape, and no per-shape copies pile up. Decode measured 0.95-1.16x at batch 1,
+    1.14-1.35x at batch 8 and 0.97-1.30x at batch 32 against plain weights, end to end, in
+    six runs on the shared machine, 1 and 2 threads (BENCHMARKS.md "Third pass").
 
     Unpacked, at batch 1 torch's bf16 ``linear`` reads the weight at ~10-14 GB/s, while
     ``torch.mv`` on the same weight reaches ~25-35 GB/s (measured on this machine: 2816x512
