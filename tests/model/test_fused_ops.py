@@ -192,8 +192,9 @@ def test_rotary_in_place_is_apply_rotarys(dtype, tmp_path):
 def test_int8_gemv_is_torchs_int8_kernel(rows):
     torch.manual_seed(5)
     x = torch.randn(rows, 576, dtype=torch.bfloat16)
-    q = torch.randint(-127, 128, (1001, 576), dtype=torch.int8)  # 1001: a share per thread
-    scales = (torch.rand(1001) * 0.01).bfloat16()
+    n = -(-fused_ops.INT8_GEMV_MIN_CODES // 576) + 1  # odd: unequal shares per thread
+    q = torch.randint(-127, 128, (n, 576), dtype=torch.int8)
+    scales = (torch.rand(n) * 0.01).bfloat16()
     calls = fused_ops.fused_calls()
     got = fused_ops.int8_gemv(x, q, scales)
     assert fused_ops.fused_calls() == calls + 1
@@ -205,13 +206,16 @@ def test_int8_gemv_is_torchs_int8_kernel(rows):
 
 
 def test_int8_gemv_declines_what_it_does_not_take():
-    q = torch.randint(-127, 128, (64, 40), dtype=torch.int8)  # K = 40: a scalar tail
-    s = torch.rand(64).bfloat16()
+    n = fused_ops.INT8_GEMV_MIN_CODES // 40 + 1
+    q = torch.randint(-127, 128, (n, 40), dtype=torch.int8)  # K = 40: a scalar tail
+    s = torch.rand(n).bfloat16()
     assert fused_ops.int8_gemv(torch.randn(5, 40, dtype=torch.bfloat16), q, s) is None  # rows
     assert fused_ops.int8_gemv(torch.randn(2, 40), q, s) is None  # float32 input
+    small = q[:64].contiguous()  # a layer-sized matrix: torch's kernel (see INT8_GEMV_MIN_CODES)
+    assert fused_ops.int8_gemv(torch.randn(1, 40, dtype=torch.bfloat16), small, s[:64]) is None
     x = torch.randn(2, 40, dtype=torch.bfloat16)
     # (torch's own int8 kernel crashes on K = 40: compared with the exact products instead.)
     exact = (x.float() @ q.float().T) * s.float()
     assert_bf16_close(fused_ops.int8_gemv(x, q, s), exact.bfloat16())
     with pytest.raises(RuntimeError, match="1 to 4 input rows"):
-        torch.ops.carpool.int8_gemv(torch.randn(6, 40, dtype=torch.bfloat16), q, s)
+        torch.ops.carpool.int8_gemv(torch.randn(6, 40, dtype=torch.bfloat16), small, s[:64])

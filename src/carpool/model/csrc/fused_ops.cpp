@@ -377,12 +377,13 @@ template <int64_t M>
 void int8_rows(const c10::BFloat16* x, const int8_t* q, const c10::BFloat16* scale,
                c10::BFloat16* y, int64_t n, int64_t k) {
   using E = Elt<c10::BFloat16>;
+  // The input rows once in float32, shared by the threads.
+  std::vector<float> xf(M * k);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < k; ++i) xf[m * k + i] = E::load(x + m * k, i);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   at::parallel_for(0, n, std::max<int64_t>(64, (n + threads - 1) / threads),
                    [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(M * k);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < k; ++i) xf[m * k + i] = E::load(x + m * k, i);
     for (int64_t r = begin; r < end; ++r) {
       const int8_t* qr = q + r * k;
       if (r + kPrefetchRows < end) {
