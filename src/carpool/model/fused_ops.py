@@ -142,13 +142,13 @@ def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
     """
     if (
         x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
         and x.dim() == 3
         and x.stride(2) == 1
         and x.shape[2] % 2 == 0
         and x.shape[2] <= 1024
-        and x.dtype == cs.dtype
-        and _fused(cs)
-        and x.device.type == "cpu"
+        and cs.dtype == torch.bfloat16
+        and _fused(cs)  # last: it counts the call as taken (x is strided: checked above)
     ):
         torch.ops.carpool.rotary_(x, cs)
         return True

@@ -107,11 +107,7 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.is_mkldnn:
-            if x.dim() != 2:
-                return _linear(x, self.weight, self.bias)
-            return linear_bucketed(x, self.weight, self.bias)
-        if x.dim() == 2 and x.shape[0] == 1:
+        if x.dim() == 2 and x.shape[0] == 1 and not self.weight.is_mkldnn:
             out = torch.mv(self.weight, x[0]).unsqueeze(0)
             return out if self.bias is None else out + self.bias
         return linear_bucketed(x, self.weight, self.bias)

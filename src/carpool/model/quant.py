@@ -150,13 +150,13 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         kd = self.scales.dtype
-        xk = x2.to(kd)
+        xk = x2.to(kd).contiguous()
         # 1-4 rows of a large weight (a vocabulary head) on the CPU: the fused kernel (it
         # prefetches the rows: 1.18-1.5x torch's on a weight not in cache; the same sums, in
         # another order); torch's takes the rest.
-        y = fused_ops.int8_gemv(xk.contiguous(), self.qweight, self.scales)
+        y = fused_ops.int8_gemv(xk, self.qweight, self.scales)
         if y is None and x2.shape[0] <= INT8_WIDEN_ABOVE_ROWS and x2.device.type == "cpu":
-            y = torch._weight_int8pack_mm(xk.contiguous(), self.qweight, self.scales)
+            y = torch._weight_int8pack_mm(xk, self.qweight, self.scales)
         elif y is None:  # widen the codes (exact in bf16/fp16); the row scales on the output
             y = linear_bucketed(xk, self.qweight.to(kd)) * self.scales
         return self._finish(y, x)

@@ -44,26 +44,21 @@ namespace {
 using carpool_kernels::exp16_nonpositive;
 using carpool_kernels::exp_nonpositive;
 
-// Element access in float32 for float and bfloat16 storage; written as plain bit operations so
-// that gcc vectorizes the `omp simd` loops below.
+// Element access in float32 for float and bfloat16 storage (loads are vec_math's to_float); the
+// bfloat16 rounding is plain bit operations so that gcc vectorizes the scalar loops.
 template <typename T>
 struct Elt;
 
 template <>
 struct Elt<float> {
-  static float load(const float* p, int64_t i) { return p[i]; }
+  static float load(const float* p, int64_t i) { return carpool_kernels::to_float(p[i]); }
   static void store(float* p, int64_t i, float v) { p[i] = v; }
   static float round(float v) { return v; }
 };
 
 template <>
 struct Elt<c10::BFloat16> {
-  static float load(const c10::BFloat16* p, int64_t i) {
-    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  }
+  static float load(const c10::BFloat16* p, int64_t i) { return carpool_kernels::to_float(p[i]); }
   // Round to nearest even, as c10::BFloat16(float) does for finite values.
   static uint16_t narrow(float v) {
     uint32_t bits;
