@@ -40,7 +40,8 @@ MATMUL_OPS = {
     "aten::mv",
     "aten::bmm",
     "aten::mkldnn_rr",
-    "mkldnn::_linear_pointwise",  # packed bf16 weights (layers.Linear.prepack)
+    "mkldnn::_linear_pointwise",  # packed bf16 weights (layers.Linear.prepack, "onednn")
+    "carpool::vnni_linear",  # packed bf16 weights (layers.Linear.prepack, "vnni")
     "aten::_weight_int8pack_mm",
     "aten::_weight_int4pack_mm_for_cpu",
 }

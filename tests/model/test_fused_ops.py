@@ -15,7 +15,7 @@ from helpers.hf_models import hf_greedy, save_tiny_hf_model
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    assert fused_ops.load(), f"fused ops did not build: {fused_ops._state.failed}"
+    assert fused_ops.load(), f"fused ops did not build: {fused_ops.failure()}"
 
 
 def torch_norm(x, w, eps):

@@ -1,5 +1,6 @@
-"""bf16 linear weights packed once for oneDNN (``layers.Linear.prepack``): same values out,
-every row count and input rank, tied heads left plain, and the engine's greedy tokens and
+"""bf16 linear weights packed once (``layers.Linear.prepack``), in oneDNN's layout or the VNNI
+layout of ``carpool.model.vnni_linear``: same values out, every row count and input rank, tied
+heads left plain, the best layout picked where it runs, and the engine's greedy tokens and
 weight accounting unchanged."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from carpool.capacity.weights import resident_weight_bytes
-from carpool.model import layers
+from carpool.model import layers, vnni_linear
 from carpool.model.layers import Linear, prepack_available, prepack_linears
 from carpool.model.loader import load_model
 from helpers.carpool_ref import greedy
@@ -18,23 +19,38 @@ from helpers.hf_models import save_tiny_hf_model
 needs_prepack = pytest.mark.skipif(
     not prepack_available("cpu"), reason="oneDNN bf16 not supported by this CPU/torch build"
 )
+vnni_linear.load()
+# The VNNI layout is picked only on CPUs with AVX-512 BF16 and AMX (its kernel itself is
+# tested on any CPU in test_vnni_linear.py).
+LAYOUTS = [
+    "onednn",
+    pytest.param(
+        "vnni",
+        marks=pytest.mark.skipif(
+            not vnni_linear.available("cpu"), reason="no AVX-512 BF16 + AMX on this CPU"
+        ),
+    ),
+]
 
 
-def _pair(n: int, k: int, bias: bool, seed: int = 0) -> tuple[Linear, Linear]:
+def _pair(n: int, k: int, bias: bool, layout: str, seed: int = 0) -> tuple[Linear, Linear]:
     torch.manual_seed(seed)
     plain = Linear(k, n, bias=bias).to(torch.bfloat16)
     packed = Linear(k, n, bias=bias).to(torch.bfloat16)
     packed.load_state_dict(plain.state_dict())
-    assert packed.prepack()
+    assert packed.prepack(layout)
+    assert packed.layout == layout
     return plain, packed
 
 
 @needs_prepack
-@pytest.mark.parametrize("rows", [1, 2, 7, 32, 33, 100])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 7, 32, 33, 100])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_plain(rows, bias):
-    plain, packed = _pair(96, 64, bias)
-    assert packed.weight.is_mkldnn and packed.weight.shape == (96, 64)
+def test_packed_linear_equals_plain(rows, bias, layout):
+    plain, packed = _pair(96, 64, bias, layout)
+    assert packed.weight.is_mkldnn is (layout == "onednn")
+    assert torch.equal(packed.dense_weight(), plain.weight.detach())
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     bias = None if plain.bias is None else plain.bias.float()
     ref = F.linear(x.float(), plain.weight.float(), bias)
@@ -48,8 +64,9 @@ def test_packed_linear_equals_plain(rows, bias):
 
 
 @needs_prepack
-def test_packed_linear_takes_any_rank():
-    plain, packed = _pair(48, 32, bias=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_linear_takes_any_rank(layout):
+    plain, packed = _pair(48, 32, bias=True, layout=layout)
     x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.allclose(packed(x).float(), plain(x).float(), rtol=2**-7, atol=1e-2)
@@ -57,16 +74,35 @@ def test_packed_linear_takes_any_rank():
 
 def test_only_cpu_bf16_weights_are_packed():
     fp32 = Linear(8, 8)
-    assert not fp32.prepack() and not fp32.weight.is_mkldnn
+    assert not fp32.prepack() and not fp32.weight.is_mkldnn and fp32.layout == "plain"
     meta = Linear(8, 8, device="meta", dtype=torch.bfloat16)
     assert not meta.prepack()
+
+
+@needs_prepack
+def test_best_layout_is_picked_and_packing_happens_once():
+    lin = Linear(64, 96).to(torch.bfloat16)
+    assert lin.prepack()
+    assert lin.layout == ("vnni" if vnni_linear.available("cpu") else "onednn")
+    assert not lin.prepack() and not lin.prepack("onednn")  # already packed
+    odd = Linear(63, 8).to(torch.bfloat16)  # K odd: no VNNI pairs, oneDNN's layout
+    assert odd.prepack() and odd.layout == "onednn"
+    with pytest.raises(ValueError, match="unknown linear layout"):
+        Linear(8, 8).to(torch.bfloat16).prepack("blocked")
 
 
 @needs_prepack
 def test_packing_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(layers.ENV_PREPACK, "0")
     lin = Linear(8, 8).to(torch.bfloat16)
-    assert not lin.prepack() and not lin.weight.is_mkldnn
+    assert not lin.prepack() and not lin.weight.is_mkldnn and lin.layout == "plain"
+
+
+@needs_prepack
+def test_vnni_layout_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(vnni_linear._lib, "enabled", False)
+    lin = Linear(64, 64).to(torch.bfloat16)
+    assert lin.prepack() and lin.layout == "onednn"
 
 
 @needs_prepack
@@ -80,13 +116,18 @@ def test_model_greedy_and_weight_bytes_unchanged_by_packing(tmp_path, tied):
     packed = prepack_linears(model)
     # Every projection of every layer, and the head unless it is the embedding's matrix.
     assert packed == len(linears) - tied
-    assert model.lm_head.weight.is_mkldnn is (not tied)
+    assert (model.lm_head.layout == "plain") is tied
     if tied:
         assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert resident_weight_bytes(model) == before
+    after = resident_weight_bytes(model)
+    if vnni_linear.available("cpu"):
+        # Column blocks of 64: this model's 320-row head and 64/128-row projections fill
+        # theirs exactly, so not one byte more.
+        assert all(m.layout == "vnni" for m in linears if m is not model.lm_head or not tied)
+    assert after == before
     prompt = list(range(3, 200, 5))
-    # Both sides bf16: the packed path must pick the plain path's tokens (same oneDNN sums at
-    # every row count above 1; at one row the plain path's torch.mv may round differently,
+    # Both sides bf16: the packed path must pick the plain path's tokens (the same float32
+    # sums up to their order, each rounded once to bf16: at most one bf16 rounding apart,
     # which on this tiny random model does not move the argmax).
     assert greedy(model, prompt, 16) == greedy(plain, prompt, 16)
     assert prepack_linears(model) == 0  # idempotent

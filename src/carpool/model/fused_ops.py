@@ -10,75 +10,55 @@ devices, other dtypes or strided inputs, the functions here run the same math as
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-
 import torch
 import torch.nn.functional as F
 
 from carpool.model import kernel_build
-
-log = logging.getLogger(__name__)
 
 _SOURCE = kernel_build.CSRC / "fused_ops.cpp"
 ENV_FUSED = "CARPOOL_FUSED_OPS"
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-class _State:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.loaded = False
-        self.failed: str | None = None
-        self.enabled = os.environ.get(ENV_FUSED, "1").strip() != "0"
-        self.calls = 0
-
-
-_state = _State()
+_lib = kernel_build.Library("carpool_fused_ops", _SOURCE, "fused CPU ops", env=ENV_FUSED)
+_calls = 0
 
 
 def load() -> bool:
     """Build (first time on this machine) or load the operators now; False (and one warning)
     when they cannot be built, or when turned off."""
-    if not _state.enabled:
-        return False
-    if _state.loaded or _state.failed is not None:
-        return _state.loaded
-    with _state.lock:
-        if not _state.loaded and _state.failed is None:
-            try:
-                kernel_build.load_library("carpool_fused_ops", _SOURCE)
-                _state.loaded = True
-            except Exception as e:  # no compiler, no ninja, a build error: torch ops instead
-                _state.failed = kernel_build.why(e)
-                log.warning("fused CPU ops unavailable, using torch ops (%s)", _state.failed)
-    return _state.loaded
+    return _lib.load()
+
+
+def failure() -> str | None:
+    """Why the operators could not be built (None when they were, or were not tried)."""
+    return _lib.failed
 
 
 def use_fused(enabled: bool) -> None:
     """Turn the fused operators on or off in this process (off: torch ops, for comparisons)."""
-    _state.enabled = enabled
+    _lib.enabled = enabled
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
     # Only once loaded: the model runner loads them at start; a model used without a runner
     # (tests, the parity reference) keeps torch ops rather than compiling mid-forward.
     t = tensors[0]
+    global _calls
     ok = (
-        _state.enabled
-        and _state.loaded
+        _lib.enabled
+        and _lib.loaded
         and t.device.type == "cpu"
         and t.dtype in _DTYPES
         and all(x.dtype == t.dtype and x.is_contiguous() for x in tensors)
     )
-    _state.calls += ok
+    _calls += ok
     return ok
 
 
 def fused_calls() -> int:
     """How many times a fused operator ran in this process (tests check it was taken)."""
-    return _state.calls
+    return _calls
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

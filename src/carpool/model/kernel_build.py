@@ -4,7 +4,8 @@
 ``torch.ops.carpool.*`` operators (no pybind11: a much shorter build). The build is cached under
 ``~/.cache/carpool/kernels`` (or ``$CARPOOL_KERNEL_CACHE``), keyed on the source, torch's version
 and this CPU's instruction set flags (it is built for the host CPU with ``-march=native``).
-Callers (``paged_attention``, ``fused_ops``) catch a failed build and fall back to torch ops.
+Callers (``paged_attention``, ``fused_ops``, ``vnni_linear``) catch a failed build and fall back to
+torch ops; ``Library`` holds that build-once-and-warn state for one source.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +131,35 @@ def why(e: Exception) -> str:
     # A compiler diagnostic ("file.cpp:3:5: error: ...") says more than torch's wrapper line.
     errors = [ln for ln in lines if "error:" in ln.lower()]
     return f"{type(e).__name__}: {(errors or lines or ['no message'])[0][:300]}"
+
+
+class Library:
+    """One C++ operator library of ``csrc``, built and loaded at most once per process.
+
+    ``load()`` builds (first time on this machine) and loads it; a failure is logged once and
+    remembered (callers then keep their torch ops). ``env``: an environment variable that
+    turns it off when set to ``0`` (to compare); ``enabled`` can also be flipped in-process.
+    """
+
+    def __init__(self, prefix: str, source: Path, what: str, env: str | None = None) -> None:
+        self.prefix, self.source, self.what = prefix, source, what
+        self.lock = threading.Lock()
+        self.loaded = False
+        self.failed: str | None = None
+        self.enabled = env is None or os.environ.get(env, "1").strip() != "0"
+
+    def load(self) -> bool:
+        """True once the library's operators are registered; False when off or unbuildable."""
+        if not self.enabled:
+            return False
+        if self.loaded or self.failed is not None:
+            return self.loaded
+        with self.lock:
+            if not self.loaded and self.failed is None:
+                try:
+                    load_library(self.prefix, self.source)
+                    self.loaded = True
+                except Exception as e:  # no compiler, no ninja, a build error
+                    self.failed = why(e)
+                    log.warning("%s unavailable, using torch ops (%s)", self.what, self.failed)
+        return self.loaded

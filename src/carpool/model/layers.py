@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.config import ModelConfig, RopeScaling
-from carpool.model import fused_ops
+from carpool.model import fused_ops, vnni_linear
 
 # Rows of a reduced-precision matmul are padded up to one of a few sizes: exact up to
 # ``_EXACT_ROWS``, then ``_BUCKETS_PER_OCTAVE`` sizes per power of two (at most 25% padding).
@@ -79,35 +79,71 @@ ENV_PREPACK = "CARPOOL_PREPACK"  # "0": keep plain weights (to compare)
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` for inference: bf16 weights packed once for oneDNN on the CPU; otherwise a
+    """``nn.Linear`` for inference: bf16 weights packed once on the CPU; otherwise a
     matrix-vector fast path for a single input row, and bucketed row counts for more (see
     ``bucket_rows``).
 
-    Why pack: torch's bf16 ``linear`` on a plain ``[N, K]`` weight has oneDNN reorder it into
-    its blocked (AMX / AVX-512 BF16) layout inside the call, and caches the reordered copy per
-    input shape; packed once at load (``prepack``), the weight is read as it is by every call
-    of every shape, and no per-shape copies pile up. Decode measured 0.95-1.16x at batch 1,
-    1.14-1.35x at batch 8 and 0.97-1.30x at batch 32 against plain weights, end to end, in
-    six runs on the shared machine, 1 and 2 threads (BENCHMARKS.md "Third pass").
+    ``prepack`` picks one of two packed layouts (``layout`` says which):
+    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16 and AMX): our prefetching
+      matrix-vector kernel for up to 4 rows and oneDNN's AMX micro-kernel for more, over one
+      copy of the weight (see ``carpool.model.vnni_linear``; 2.1-2.9x oneDNN's packed product
+      at one row on the small model's weights, level with it from 8 rows).
+    - ``"onednn"`` elsewhere: torch's bf16 ``linear`` on a plain ``[N, K]`` weight has oneDNN
+      reorder it into its blocked layout inside the call, and caches the reordered copy per
+      input shape; packed once at load, the weight is read as it is by every call of every
+      shape, and no per-shape copies pile up (decode 0.95-1.16x at batch 1, 1.14-1.35x at
+      batch 8 and 0.97-1.30x at batch 32 against plain weights; BENCHMARKS.md "Third pass").
 
-    Unpacked, at batch 1 torch's bf16 ``linear`` reads the weight at ~10-14 GB/s, while
-    ``torch.mv`` on the same weight reaches ~25-35 GB/s (measured on this machine: 2816x512
-    138 us vs 81 us; a 32000x512 LM head 2.0 ms vs 1.2 ms). Same result, same layout.
+    Unpacked (``"plain"``), at batch 1 torch's bf16 ``linear`` reads the weight at ~10-14 GB/s,
+    while ``torch.mv`` on the same weight reaches ~25-35 GB/s (measured on this machine:
+    2816x512 138 us vs 81 us; a 32000x512 LM head 2.0 ms vs 1.2 ms). Same result, same layout.
     """
 
-    def prepack(self) -> bool:
-        """Replace a CPU bf16 weight by oneDNN's packed layout (same shape, dtype and values;
-        ``weight.is_mkldnn`` is then True). Returns whether it did. Call it once the model is
-        loaded and placed: a packed weight cannot be moved, sliced or shared."""
+    layout = "plain"
+    bias_f32: torch.Tensor | None = None  # the "vnni" kernel adds the bias in float32
+
+    def prepack(self, layout: str | None = None) -> bool:
+        """Replace a CPU bf16 weight by a packed layout (``"vnni"``, ``"onednn"``, or None for
+        the best available). Returns whether it did. Call it once the model is loaded and
+        placed: a packed weight cannot be moved, sliced or shared; ``dense_weight()`` gives
+        the plain matrix back."""
         w = self.weight
-        if w.is_mkldnn or w.dtype != torch.bfloat16 or not prepack_available(w.device):
+        if self.layout != "plain" or w.dtype != torch.bfloat16 or not prepack_available(w.device):
             return False
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PREPACK_BATCH_HINT)
+        vnni_ok = vnni_linear.available(w.device) and vnni_linear.packable(w)
+        if layout is None:
+            layout = "vnni" if vnni_ok else "onednn"
+        if layout == "vnni":
+            if not vnni_ok:
+                return False
+            packed = vnni_linear.pack(w.detach())
+            self.bias_f32 = None if self.bias is None else self.bias.detach().float()
+        elif layout == "onednn":
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PREPACK_BATCH_HINT)
+        else:
+            raise ValueError(f"unknown linear layout {layout!r}: vnni, onednn or None")
         self.weight = nn.Parameter(packed, requires_grad=False)
+        self.layout = layout
         return True
 
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[out_features, in_features]`` weight, whatever the layout (a copy if packed)."""
+        if self.layout == "vnni":
+            return vnni_linear.unpack(self.weight.detach(), self.out_features)
+        if self.layout == "onednn":
+            return self.weight.to_dense()
+        return self.weight.detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] == 1 and not self.weight.is_mkldnn:
+        if self.layout == "vnni":
+            if x.dim() == 2 and x.is_contiguous():  # the model's case: one op, no views
+                return torch.ops.carpool.vnni_linear(
+                    x, self.weight, self.bias_f32, self.out_features, vnni_linear.GEMV_MAX_ROWS
+                )
+            n, k = self.out_features, x.shape[-1]
+            out = vnni_linear.linear(x.reshape(-1, k), self.weight, self.bias_f32, n)
+            return out.view(*x.shape[:-1], n)
+        if x.dim() == 2 and x.shape[0] == 1 and self.layout == "plain":
             out = torch.mv(self.weight, x[0]).unsqueeze(0)
             return out if self.bias is None else out + self.bias
         return linear_bucketed(x, self.weight, self.bias)
@@ -119,14 +155,14 @@ def prepack_linears(model: nn.Module) -> int:
     Returns how many were packed."""
     users: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
-        if not p.is_mkldnn:
+        if not p.is_mkldnn:  # a packed oneDNN weight has no storage (and is not shared)
             key = p.untyped_storage().data_ptr()
             users[key] = users.get(key, 0) + 1
     packed = 0
     for m in model.modules():
         if (
             isinstance(m, Linear)
-            and not m.weight.is_mkldnn
+            and m.layout == "plain"
             and users.get(m.weight.untyped_storage().data_ptr(), 0) == 1
             and m.prepack()
         ):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from carpool.model import fused_ops, paged_attention
+from carpool.model import fused_ops, paged_attention, vnni_linear
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import prepack_linears
 from carpool.request import Request
@@ -48,12 +48,13 @@ def prepare_model(model: nn.Module, device: str | torch.device) -> None:
     benchmarks that drive a model directly call it too).
 
     On the CPU: build (first time on this machine) or load the paged decode kernel and the
-    fused norm/activation operators now, not in the middle of the first request's first step;
-    pack bf16 linear weights into oneDNN's layout, once (see ``layers.Linear``).
+    fused norm/activation operators and the VNNI linear kernel now, not in the middle of the
+    first request's first step; pack bf16 linear weights once (see ``layers.Linear``).
     """
     if torch.device(device).type == "cpu":
         paged_attention.warm_up()
         fused_ops.load()
+        vnni_linear.load()
         prepack_linears(model)
 
 

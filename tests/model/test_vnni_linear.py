@@ -1,0 +1,105 @@
+"""The VNNI bf16 linear kernel (``carpool.model.vnni_linear``, ``csrc/vnni_linear.cpp``): the
+layout round-trips, both paths (matrix-vector rows, AMX blocks) equal a float32 reference
+within one bf16 rounding for every row count, width (partial column blocks), bias and thread
+count, a row's result does not depend on the rows beside it, and bad inputs are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from carpool.model import vnni_linear
+
+pytestmark = pytest.mark.skipif(
+    not vnni_linear.load(), reason=f"no C++ toolchain: {vnni_linear.failure()}"
+)
+
+
+def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x.float() @ w.float().T
+    return out if bias is None else out + bias
+
+
+def _assert_one_rounding(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """``got`` is a bf16 rounding of float32 sums that differ from ``ref``'s only in order."""
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - ref).abs()
+    bound = ref.abs() * 2**-8 + 1e-3 * ref.abs().max()
+    assert bool((err <= bound).all()), f"max error {err.max().item()} (bound {bound.max()})"
+
+
+@pytest.mark.parametrize("n, k", [(64, 32), (100, 64), (200, 96), (1536, 512), (64, 1408)])
+def test_pack_round_trips(n, k):
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    packed = vnni_linear.pack(w)
+    assert packed.shape == (-(-n // 64), k // 2, 64, 2)
+    assert torch.equal(vnni_linear.unpack(packed, n), w)
+    # Block b, pair p, column c is weight[64 b + c, 2 p : 2 p + 2].
+    assert torch.equal(packed[(n - 1) // 64, 3, (n - 1) % 64], w[n - 1, 6:8])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17, 32, 33, 70])
+@pytest.mark.parametrize("gemv_max_rows", [0, 4, 128])
+@pytest.mark.parametrize("n, k, bias", [(100, 64, True), (192, 96, False), (64, 1408, True)])
+def test_equals_reference(rows, gemv_max_rows, n, k, bias):
+    torch.manual_seed(rows * 1000 + n)
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    b = torch.randn(n) if bias else None
+    got = vnni_linear.linear(x, vnni_linear.pack(w), b, n, gemv_max_rows)
+    assert got.shape == (rows, n)
+    _assert_one_rounding(got, _ref(x, w, b))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_do_not_change_the_result(threads):
+    w = torch.randn(1000, 256, dtype=torch.bfloat16)
+    packed = vnni_linear.pack(w)
+    x = torch.randn(40, 256, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = [vnni_linear.linear(x[:r], packed, None, 1000) for r in (1, 4, 40)]
+        torch.set_num_threads(threads)
+        got = [vnni_linear.linear(x[:r], packed, None, 1000) for r in (1, 4, 40)]
+    finally:
+        torch.set_num_threads(before)
+    for g, w_ in zip(got, want, strict=True):
+        assert torch.equal(g, w_)
+
+
+def test_a_row_does_not_depend_on_its_neighbours():
+    # Within one path, each row's sums run in the same order whatever rows share the call.
+    w = torch.randn(320, 128, dtype=torch.bfloat16)
+    packed = vnni_linear.pack(w)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    alone = vnni_linear.linear(x[2:3], packed, None, 320)
+    for rows in (3, 4):
+        assert torch.equal(vnni_linear.linear(x[:rows], packed, None, 320)[2], alone[0])
+
+
+def test_zero_rows_and_strided_input():
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    packed = vnni_linear.pack(w)
+    assert vnni_linear.linear(torch.empty(0, 32, dtype=torch.bfloat16), packed, None, 64).shape == (
+        0,
+        64,
+    )
+    x = torch.randn(32, 6, dtype=torch.bfloat16).T  # [6, 32], not contiguous
+    _assert_one_rounding(vnni_linear.linear(x, packed, None, 64), _ref(x, w, None))
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    packed = vnni_linear.pack(w)
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        vnni_linear.linear(x.float(), packed, None, 64)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        vnni_linear.linear(torch.randn(2, 30, dtype=torch.bfloat16), packed, None, 64)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        vnni_linear.linear(x, packed, None, 65)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        vnni_linear.linear(x, packed, torch.randn(64, dtype=torch.bfloat16), 64)
+    with pytest.raises(AssertionError, match="even K"):
+        vnni_linear.pack(torch.randn(8, 7, dtype=torch.bfloat16))
