@@ -115,19 +115,21 @@ def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
     table (``RotaryEmbedding.table``), as ``layers.apply_rotary`` does; False (and ``x``
     untouched) where the fused operator does not apply.
 
-    bfloat16 only: in float32 the compiler's fused multiply-add rounds once where torch's
-    ``addcmul`` rounds twice, and that last-bit difference was enough to flip the default
-    model's greedy answer to "What is the capital of France?" (SmolLM2 Q4_1 runs float32
-    activations through bf16 kernels; its first token leads by 0.01): float32 keeps torch's ops.
+    Bit for bit torch's result in float32 and bfloat16 (tested): a first version let the
+    compiler fuse the other product into its multiply-add, and that last-bit difference was
+    enough to flip the default model's greedy answer to "What is the capital of France?"
+    (SmolLM2 Q4_1 runs float32 activations; its first token leads by 0.01). The kernel now
+    rounds ``x * cos`` and adds the rolled product with one explicit fused multiply-add, as
+    torch's ``addcmul`` does.
     """
     if (
-        x.dtype == torch.bfloat16
+        x.dtype in _DTYPES
         and x.device.type == "cpu"
         and x.dim() == 3
         and x.stride(2) == 1
         and x.shape[2] % 2 == 0
         and x.shape[2] <= 1024
-        and cs.dtype == torch.bfloat16
+        and cs.dtype == x.dtype
         and _fused(cs)  # last: it counts the call as taken (x is strided: checked above)
     ):
         torch.ops.carpool.rotary_(x, cs)

@@ -104,9 +104,17 @@ class QuantizedLinear(nn.Module):
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Cast the kernel's ``[rows, N]`` output back to the input's dtype, add the bias, and
         restore the input's leading dimensions."""
-        y = y.to(x.dtype)
+        # Each op skipped where it would do nothing: at batch 1 a layer's four linears are
+        # ~30 dispatches, and a no-op cast or reshape costs as much as a real one.
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
         y = y if self.bias is None else y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` as contiguous ``[rows, in_features]`` in the kernel's ``dtype``."""
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        x2 = x2 if x2.dtype == dtype else x2.to(dtype)
+        return x2 if x2.is_contiguous() else x2.contiguous()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -148,14 +156,13 @@ class Int8Linear(QuantizedLinear):
         return cls(q, scale, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
         kd = self.scales.dtype
-        xk = x2.to(kd).contiguous()
+        xk = self._kernel_input(x, kd)
         # 1-4 rows of a large weight (a vocabulary head) on the CPU: the fused kernel (it
         # prefetches the rows: 1.18-1.5x torch's on a weight not in cache; the same sums, in
         # another order); torch's takes the rest.
         y = fused_ops.int8_gemv(xk, self.qweight, self.scales)
-        if y is None and x2.shape[0] <= INT8_WIDEN_ABOVE_ROWS and x2.device.type == "cpu":
+        if y is None and xk.shape[0] <= INT8_WIDEN_ABOVE_ROWS and xk.device.type == "cpu":
             y = torch._weight_int8pack_mm(xk, self.qweight, self.scales)
         elif y is None:  # widen the codes (exact in bf16/fp16); the row scales on the output
             y = linear_bucketed(xk, self.qweight.to(kd)) * self.scales
@@ -243,11 +250,10 @@ class Int4Linear(QuantizedLinear):
         return cls(codes, scale32, zero, bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
         kd = self.scales_zeros.dtype
-        xk = x2.to(kd).contiguous()
-        dev = x2.device.type
-        if x2.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
+        xk = self._kernel_input(x, kd)
+        dev = xk.device.type
+        if xk.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
             y = linear_bucketed(xk, self._dense(kd))
         elif dev == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
