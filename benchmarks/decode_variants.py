@@ -1,6 +1,6 @@
 """Decode speed of the step's CPU variants, end to end, alternated in ONE engine: plain vs
 packed bf16 linear weights (``layers.Linear.prepack``), torch ops vs the fused norm/activation
-operators (``fused_ops``).
+operators (``fused_ops``), and the VNNI layout (``vnni_linear``) where the CPU has AMX.
 
     OMP_NUM_THREADS=2 python benchmarks/decode_variants.py --random-config small \
         --batch-sizes 1,8,32
@@ -32,7 +32,7 @@ from torch import nn
 from carpool import LLM
 from carpool.bench.random_model import save_random_llama
 from carpool.bench.sweep import run_round
-from carpool.model import fused_ops
+from carpool.model import fused_ops, vnni_linear
 from carpool.model.layers import Linear
 
 
@@ -65,34 +65,39 @@ def main() -> None:
     )
     engine = llm.engine
     linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
-    # The runner packed them at start; rebuild the plain weight from the packed one.
-    variants: dict[str, list[nn.Parameter]] = {
-        "plain": [
-            nn.Parameter(
-                m.weight.to_dense() if m.weight.is_mkldnn else m.weight.detach(),
-                requires_grad=False,
-            )
-            for m in linears
-        ]
-    }
+    # The runner packed them at start; rebuild the plain weight from the packed one. A
+    # variant is each linear's (weight, layout) and whether the fused operators run.
+    plain = [nn.Parameter(m.dense_weight(), requires_grad=False) for m in linears]
+    variants: dict[str, list[tuple[nn.Parameter, str]]] = {"plain": [(w, "plain") for w in plain]}
     for h in hints:
         variants[f"packed{h}"] = [
-            nn.Parameter(
-                torch.ops.mkldnn._reorder_linear_weight(w.detach(), h), requires_grad=False
+            (
+                nn.Parameter(
+                    torch.ops.mkldnn._reorder_linear_weight(w.detach(), h), requires_grad=False
+                ),
+                "onednn",
             )
             if w.dtype == torch.bfloat16
-            else w
-            for w in variants["plain"]
+            else (w, "plain")
+            for w in plain
         ]
-
     fused = {n: False for n in variants}
     if not args.no_fused:
         variants[f"packed{hints[0]}+fused"] = variants[f"packed{hints[0]}"]
         fused[f"packed{hints[0]}+fused"] = True
+    if vnni_linear.available("cpu"):  # what the engine runs on AVX-512 BF16 + AMX CPUs
+        variants["vnni+fused"] = [
+            (nn.Parameter(vnni_linear.pack(w.detach()), requires_grad=False), "vnni")
+            if vnni_linear.packable(w)
+            else (w, "plain")
+            for w in plain
+        ]
+        fused["vnni+fused"] = not args.no_fused
 
     def use(name: str) -> None:
-        for m, w in zip(linears, variants[name], strict=True):
-            m.weight = w
+        for m, (w, layout) in zip(linears, variants[name], strict=True):
+            m.weight, m.layout = w, layout
+            m.bias_f32 = None if m.bias is None else m.bias.detach().float()
         fused_ops.use_fused(fused[name])
 
     rng = random.Random(0)

@@ -68,14 +68,23 @@ def test_threads_do_not_change_the_result(threads):
         assert torch.equal(g, w_)
 
 
-def test_a_row_does_not_depend_on_its_neighbours():
-    # Within one path, each row's sums run in the same order whatever rows share the call.
-    w = torch.randn(320, 128, dtype=torch.bfloat16)
+@pytest.mark.parametrize("gemv_max_rows", [0, 128])
+def test_a_row_does_not_depend_on_its_neighbours(gemv_max_rows):
+    # Within one path, each row's sums run in the same order whatever rows share the call:
+    # with the default (one path for every row count) a request's greedy tokens are the same
+    # alone and batched.
+    torch.manual_seed(7)
+    w = torch.randn(1000, 1408, dtype=torch.bfloat16)
     packed = vnni_linear.pack(w)
-    x = torch.randn(4, 128, dtype=torch.bfloat16)
-    alone = vnni_linear.linear(x[2:3], packed, None, 320)
-    for rows in (3, 4):
-        assert torch.equal(vnni_linear.linear(x[:rows], packed, None, 320)[2], alone[0])
+    x = torch.randn(70, 1408, dtype=torch.bfloat16)
+    alone = vnni_linear.linear(x[2:3], packed, None, 1000, gemv_max_rows)
+    for rows in (3, 4, 5, 16, 33, 70):
+        got = vnni_linear.linear(x[:rows], packed, None, 1000, gemv_max_rows)
+        assert torch.equal(got[2], alone[0]), rows
+
+
+def test_default_is_one_path_for_every_row_count():
+    assert vnni_linear.GEMV_MAX_ROWS == 0  # the environment of the tests does not set it
 
 
 def test_zero_rows_and_strided_input():

@@ -84,10 +84,11 @@ class Linear(nn.Linear):
     ``bucket_rows``).
 
     ``prepack`` picks one of two packed layouts (``layout`` says which):
-    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16 and AMX): our prefetching
-      matrix-vector kernel for up to 4 rows and oneDNN's AMX micro-kernel for more, over one
-      copy of the weight (see ``carpool.model.vnni_linear``; 2.1-2.9x oneDNN's packed product
-      at one row on the small model's weights, level with it from 8 rows).
+    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16 and AMX): oneDNN's AMX
+      micro-kernel over our layout with the next block prefetched (opt-in: a matrix-vector
+      kernel for a few rows), one copy of the weight (see ``carpool.model.vnni_linear``;
+      1.4-2.5x oneDNN's packed linear at one row on the small model's weights, level with it
+      from 8 rows).
     - ``"onednn"`` elsewhere: torch's bf16 ``linear`` on a plain ``[N, K]`` weight has oneDNN
       reorder it into its blocked layout inside the call, and caches the reordered copy per
       input shape; packed once at load, the weight is read as it is by every call of every

@@ -1,17 +1,19 @@
 """bf16 linear layers in one "VNNI" weight layout for every row count, on CPUs with AMX.
 
 ``csrc/vnni_linear.cpp`` (see its header for the layout and the numbers behind it) multiplies
-a few rows (decode) with a prefetching AVX-512 BF16 matrix-vector kernel and more rows
-(batched decode, prefill) with oneDNN's AMX micro-kernel, both reading the same packed bytes.
-Why: oneDNN's own product reads its packed weights at ~11 GB/s at one row on this CPU; the
-kernel here at ~34 GB/s from L3 (~16 GB/s from DRAM), and the AMX path keeps oneDNN's speed
-at 8+ rows, with one copy of each weight.
+rows with oneDNN's AMX micro-kernel, prefetching the next column block, and (opt-in, see
+``GEMV_MAX_ROWS``) a few rows with a prefetching AVX-512 BF16 matrix-vector kernel, both reading
+the same packed bytes. Why: oneDNN's own linear reads its packed weights at ~11 GB/s at one row
+on this CPU; the micro-kernel over this layout at ~27-29 GB/s from L3 (the matrix-vector kernel
+~34), and it keeps oneDNN's speed at 8+ rows, with one copy of each weight.
 
 ``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16 and
 AMX); elsewhere it keeps oneDNN's packed layout. ``CARPOOL_VNNI_LINEAR=0`` turns it off.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,15 @@ from carpool.model import kernel_build
 
 ENV_VNNI = "CARPOOL_VNNI_LINEAR"
 BLOCK_N = 64  # output columns per block (the kernel's kBlockN)
-# Rows up to which the matrix-vector kernel runs; above, the AMX micro-kernel. Measured on the
-# small and medium models' weight sets (2 threads): the kernel leads up to 4 rows (1.3-2.9x
-# oneDNN's packed product), AMX from 8 (BENCHMARKS.md "VNNI linear").
-GEMV_MAX_ROWS = 4
+ENV_GEMV_ROWS = "CARPOOL_VNNI_GEMV_ROWS"
+# Rows up to which the matrix-vector kernel runs; above, the AMX micro-kernel. Default 0: AMX
+# for every row count. Why: the two paths round the same float32 sums differently about once
+# in a few thousand outputs (VDPBF16PS and AMX's TDPBF16PS order a pair's two products
+# differently), and then a request's bf16 greedy tokens would depend on how many rows shared
+# its step (the soak test caught 50 of 8,069 completions differing from the request alone).
+# The kernel is 1.2-1.5x the AMX path at 1-4 rows (BENCHMARKS.md "Fourth pass"):
+# ``CARPOOL_VNNI_GEMV_ROWS=4`` trades that invariance for the speed.
+GEMV_MAX_ROWS = int(os.environ.get(ENV_GEMV_ROWS, "0") or 0)
 
 _lib = kernel_build.Library(
     "carpool_vnni_linear", kernel_build.CSRC / "vnni_linear.cpp", "VNNI bf16 linear", ENV_VNNI

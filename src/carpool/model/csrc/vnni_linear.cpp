@@ -1,6 +1,8 @@
-// bf16 linear layers over one weight layout for every row count: a prefetching AVX-512 BF16
-// matrix-vector kernel for a few rows (decode), oneDNN's AMX micro-kernel (through ATen's
-// cpublas::brgemm) for more (batched decode, prefill). Registers torch.ops.carpool.vnni_linear.
+// bf16 linear layers over one weight layout for every row count: oneDNN's AMX micro-kernel
+// (through ATen's cpublas::brgemm, the next column block prefetched into L2 meanwhile), and a
+// prefetching AVX-512 BF16 matrix-vector kernel for up to `gemv_max_rows` rows (the caller's
+// choice: carpool.model.vnni_linear.GEMV_MAX_ROWS says why it defaults to 0).
+// Registers torch.ops.carpool.vnni_linear.
 //
 // The layout ("VNNI", what the dot-product instructions read): a [N, K] weight becomes
 // [ceil(N / 64), K / 2, 64, 2]; block b holds output columns 64b..64b+63, and for each pair of
@@ -11,10 +13,13 @@
 //    ahead keeps streaming (measured on an AMX Xeon, 2 threads, the small model's 33 weights:
 //    ~34 GB/s against ~11 GB/s for oneDNN's product on its own packed layout at one row);
 //  - it is exactly the B operand of a bf16 brgemm with ld_b = 64, so the same bytes serve
-//    the AMX path at 8+ rows, at oneDNN's own speed: one copy of each weight, not two.
+//    the AMX path, at oneDNN's own speed from 8 rows and ~2.5x it at one row (prefetched):
+//    one copy of each weight, not two.
 // Sums are float32, rounded once to bf16 (round to nearest even), with the bias added in
 // float32 before the rounding, as oneDNN's bf16 linear does; only the order of the sums
-// differs from oneDNN (results within a bf16 rounding of each other).
+// differs from oneDNN (results within a bf16 rounding of each other). Within the AMX path a
+// row's result does not depend on the other rows of the call (tested); between the two paths
+// about one output in a few thousand rounds the other way.
 //
 // Built with -march=native: without AVX-512 BF16 the matrix-vector kernel is a plain loop
 // (same sums), and without AMX (cpublas::could_pack false) every row count takes it;
@@ -174,6 +179,10 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
       if (!amx) {
         gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols);
         continue;
+      }
+      if (b + 1 < b1) {  // the next block into L2 while AMX works on this one (~1.5x at 1 row)
+        const char* nxt = reinterpret_cast<const char*>(wb + block_elems);
+        for (int64_t o = 0; o < block_elems * 2; o += 64) _mm_prefetch(nxt + o, _MM_HINT_T1);
       }
       for (int64_t m0 = 0; m0 < rows; m0 += kBlockM) {
         const int64_t mr = std::min<int64_t>(kBlockM, rows - m0);
