@@ -5,8 +5,9 @@ For each row count M, every linear weight of a random model of ``--random-config
 decode step) is multiplied by an ``[M, K]`` input, in turn, with:
 - ``plain``: ``F.linear`` on the ``[N, K]`` weight (``torch.mv`` at one row, as ``Linear`` does);
 - ``onednn``: oneDNN's linear on its packed layout (``Linear.prepack("onednn")``);
-- ``vnni``: ``carpool.model.vnni_linear`` (the matrix-vector kernel up to
-  ``GEMV_MAX_ROWS``, oneDNN's AMX micro-kernel above), and its two paths forced at every M.
+- ``vnni``: ``carpool.model.vnni_linear``'s automatic path (our AMX loop, 32 rows at a
+  time), and its other two paths forced: the AVX-512 BF16 matrix-vector kernel and oneDNN's
+  AMX micro-kernel (``brgemm``) over the same layout.
 Prints the median time of a pass over all weights and the read rate (weight bytes / time).
 
     python benchmarks/vnni_linear.py --random-config small --rows 1,2,4,8,16,32 --threads 2
@@ -46,8 +47,8 @@ def onednn_fn(w: torch.Tensor, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
-def vnni_fn(w: torch.Tensor, x: torch.Tensor, n: int, gemv_max: int) -> Callable[[], torch.Tensor]:
-    return lambda: vnni_linear.linear(x, w, None, n, gemv_max)
+def vnni_fn(w: torch.Tensor, x: torch.Tensor, n: int, path: int) -> Callable[[], torch.Tensor]:
+    return lambda: vnni_linear.linear(x, w, None, n, path)
 
 
 def median_pass(fns: list[Callable[[], torch.Tensor]], repeats: int) -> float:
@@ -83,7 +84,7 @@ def main() -> None:
     )
     print(
         "| rows | plain ms | onednn ms | vnni ms | vnni GB/s | vnni speed-up vs onednn "
-        "| gemv path ms | amx path ms |"
+        "| gemv path ms | brgemm path ms |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m in (int(r) for r in args.rows.split(",")):
@@ -96,12 +97,12 @@ def main() -> None:
                 args.repeats,
             ),
         }
-        for name, gemv_max in (
-            ("vnni", vnni_linear.GEMV_MAX_ROWS),
-            ("gemv", 1 << 30),
-            ("amx", 0),
+        for name, path in (
+            ("vnni", vnni_linear.PATH_AUTO),
+            ("gemv", vnni_linear.PATH_GEMV),
+            ("amx", vnni_linear.PATH_BRGEMM),
         ):
-            fns = [vnni_fn(w, xs[k], n, gemv_max) for w, (n, k) in zip(vnni, shapes, strict=True)]
+            fns = [vnni_fn(w, xs[k], n, path) for w, (n, k) in zip(vnni, shapes, strict=True)]
             t[name] = median_pass(fns, args.repeats)
         print(
             f"| {m} | {t['plain'] * 1e3:.2f} | {t['onednn'] * 1e3:.2f} | {t['vnni'] * 1e3:.2f} "

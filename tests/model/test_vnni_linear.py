@@ -1,7 +1,8 @@
 """The VNNI bf16 linear kernel (``carpool.model.vnni_linear``, ``csrc/vnni_linear.cpp``): the
-layout round-trips, both paths (matrix-vector rows, AMX blocks) equal a float32 reference
-within one bf16 rounding for every row count, width (partial column blocks), bias and thread
-count, a row's result does not depend on the rows beside it, and bad inputs are refused."""
+layout round-trips, every path (our AMX loop, oneDNN's micro-kernel, the matrix-vector kernel)
+equals a float32 reference within one bf16 rounding for every row count, width (partial column
+blocks), bias and thread count, a row's result does not depend on the rows beside it (the
+automatic path: the same bits as the micro-kernel alone), and bad inputs are refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from carpool.model import vnni_linear
 pytestmark = pytest.mark.skipif(
     not vnni_linear.load(), reason=f"no C++ toolchain: {vnni_linear.failure()}"
 )
+
+
+PATHS = [vnni_linear.PATH_AUTO, vnni_linear.PATH_GEMV, vnni_linear.PATH_BRGEMM]
 
 
 def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -38,15 +42,15 @@ def test_pack_round_trips(n, k):
     assert torch.equal(packed[(n - 1) // 64, 3, (n - 1) % 64], w[n - 1, 6:8])
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17, 32, 33, 70])
-@pytest.mark.parametrize("gemv_max_rows", [0, 4, 128])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, k, bias", [(100, 64, True), (192, 96, False), (64, 1408, True)])
-def test_equals_reference(rows, gemv_max_rows, n, k, bias):
+def test_equals_reference(rows, path, n, k, bias):
     torch.manual_seed(rows * 1000 + n)
     w = torch.randn(n, k, dtype=torch.bfloat16)
     x = torch.randn(rows, k, dtype=torch.bfloat16)
     b = torch.randn(n) if bias else None
-    got = vnni_linear.linear(x, vnni_linear.pack(w), b, n, gemv_max_rows)
+    got = vnni_linear.linear(x, vnni_linear.pack(w), b, n, path)
     assert got.shape == (rows, n)
     _assert_one_rounding(got, _ref(x, w, b))
 
@@ -68,23 +72,33 @@ def test_threads_do_not_change_the_result(threads):
         assert torch.equal(g, w_)
 
 
-@pytest.mark.parametrize("gemv_max_rows", [0, 128])
-def test_a_row_does_not_depend_on_its_neighbours(gemv_max_rows):
-    # Within one path, each row's sums run in the same order whatever rows share the call:
-    # with the default (one path for every row count) a request's greedy tokens are the same
+@pytest.mark.parametrize("path", PATHS)
+def test_a_row_does_not_depend_on_its_neighbours(path):
+    # Each row's sums run in the same order whatever rows share the call (on AMX CPUs the
+    # automatic path's loop runs 32-row slices), so a request's greedy tokens are the same
     # alone and batched.
     torch.manual_seed(7)
     w = torch.randn(1000, 1408, dtype=torch.bfloat16)
     packed = vnni_linear.pack(w)
     x = torch.randn(70, 1408, dtype=torch.bfloat16)
-    alone = vnni_linear.linear(x[2:3], packed, None, 1000, gemv_max_rows)
-    for rows in (3, 4, 5, 16, 33, 70):
-        got = vnni_linear.linear(x[:rows], packed, None, 1000, gemv_max_rows)
+    alone = vnni_linear.linear(x[2:3], packed, None, 1000, path)
+    for rows in (3, 4, 5, 16, 17, 32, 33, 70):
+        got = vnni_linear.linear(x[:rows], packed, None, 1000, path)
         assert torch.equal(got[2], alone[0]), rows
 
 
-def test_default_is_one_path_for_every_row_count():
-    assert vnni_linear.GEMV_MAX_ROWS == 0  # the environment of the tests does not set it
+@pytest.mark.skipif(not vnni_linear.available("cpu"), reason="no AMX on this CPU")
+@pytest.mark.parametrize("k", [32, 96, 1408, 2816])
+def test_amx_loop_is_the_micro_kernels_bits(k):
+    # The same instruction in the same K order for every sum: oneDNN's micro-kernel (which
+    # K not a multiple of 32 takes) and our loop agree bit for bit.
+    torch.manual_seed(k)
+    w = torch.randn(200, k, dtype=torch.bfloat16)
+    packed = vnni_linear.pack(w)
+    for rows in (1, 2, 7, 16, 17, 31, 32, 33, 70):
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        auto = vnni_linear.linear(x, packed, None, 200, vnni_linear.PATH_AUTO)
+        assert torch.equal(auto, vnni_linear.linear(x, packed, None, 200, vnni_linear.PATH_BRGEMM))
 
 
 def test_zero_rows_and_strided_input():
@@ -108,6 +122,8 @@ def test_bad_inputs_are_refused_with_a_message():
         vnni_linear.linear(torch.randn(2, 30, dtype=torch.bfloat16), packed, None, 64)
     with pytest.raises(RuntimeError, match="does not fit"):
         vnni_linear.linear(x, packed, None, 65)
+    with pytest.raises(RuntimeError, match="path 0, 1 or 2"):
+        vnni_linear.linear(x, packed, None, 64, 3)
     with pytest.raises(RuntimeError, match="bias must be"):
         vnni_linear.linear(x, packed, torch.randn(64, dtype=torch.bfloat16), 64)
     with pytest.raises(AssertionError, match="even K"):

@@ -84,11 +84,10 @@ class Linear(nn.Linear):
     ``bucket_rows``).
 
     ``prepack`` picks one of two packed layouts (``layout`` says which):
-    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16 and AMX): oneDNN's AMX
-      micro-kernel over our layout with the next block prefetched (opt-in: a matrix-vector
-      kernel for a few rows), one copy of the weight (see ``carpool.model.vnni_linear``;
-      1.4-2.5x oneDNN's packed linear at one row on the small model's weights, level with it
-      from 8 rows).
+    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16 and AMX): our own AMX loop
+      with prefetched weights, 32 rows at a time, over one copy of the weight, the same bits
+      at every row count (see ``carpool.model.vnni_linear``; measured against oneDNN's packed
+      linear in BENCHMARKS.md "Fourth pass").
     - ``"onednn"`` elsewhere: torch's bf16 ``linear`` on a plain ``[N, K]`` weight has oneDNN
       reorder it into its blocked layout inside the call, and caches the reordered copy per
       input shape; packed once at load, the weight is read as it is by every call of every
@@ -139,7 +138,7 @@ class Linear(nn.Linear):
         if self.layout == "vnni":
             if x.dim() == 2 and x.is_contiguous():  # the model's case: one op, no views
                 return torch.ops.carpool.vnni_linear(
-                    x, self.weight, self.bias_f32, self.out_features, vnni_linear.GEMV_MAX_ROWS
+                    x, self.weight, self.bias_f32, self.out_features
                 )
             n, k = self.out_features, x.shape[-1]
             out = vnni_linear.linear(x.reshape(-1, k), self.weight, self.bias_f32, n)

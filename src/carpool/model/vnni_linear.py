@@ -1,19 +1,20 @@
 """bf16 linear layers in one "VNNI" weight layout for every row count, on CPUs with AMX.
 
 ``csrc/vnni_linear.cpp`` (see its header for the layout and the numbers behind it) multiplies
-rows with oneDNN's AMX micro-kernel, prefetching the next column block, and (opt-in, see
-``GEMV_MAX_ROWS``) a few rows with a prefetching AVX-512 BF16 matrix-vector kernel, both reading
-the same packed bytes. Why: oneDNN's own linear reads its packed weights at ~11 GB/s at one row
-on this CPU; the micro-kernel over this layout at ~27-29 GB/s from L3 (the matrix-vector kernel
-~34), and it keeps oneDNN's speed at 8+ rows, with one copy of each weight.
+with our own AMX loop, 32 rows at a time with the weights prefetched (oneDNN's AMX
+micro-kernel where K is not a multiple of 32), reading the packed bytes with the same
+instructions in the same order at every row count: a row's result does not depend on the rows
+beside it, so a request's greedy tokens are the same alone and batched. Why: oneDNN's own bf16
+linear reads its packed weights at ~11 GB/s at one row on this CPU, and its micro-kernel
+through ATen costs ~1 us of set-up per call (a step at batch 1 makes ~1,000: one per column
+block); our loop has neither cost (1.4-2x oneDNN's linear at 1-32 rows, 0.9-1.2x from 64 to
+512; BENCHMARKS.md "Fourth pass"), with one copy of each weight.
 
 ``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16 and
 AMX); elsewhere it keeps oneDNN's packed layout. ``CARPOOL_VNNI_LINEAR=0`` turns it off.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +23,12 @@ from carpool.model import kernel_build
 
 ENV_VNNI = "CARPOOL_VNNI_LINEAR"
 BLOCK_N = 64  # output columns per block (the kernel's kBlockN)
-ENV_GEMV_ROWS = "CARPOOL_VNNI_GEMV_ROWS"
-# Rows up to which the matrix-vector kernel runs; above, the AMX micro-kernel. Default 0: AMX
-# for every row count. Why: the two paths round the same float32 sums differently about once
-# in a few thousand outputs (VDPBF16PS and AMX's TDPBF16PS order a pair's two products
-# differently), and then a request's bf16 greedy tokens would depend on how many rows shared
-# its step (the soak test caught 50 of 8,069 completions differing from the request alone).
-# The kernel is 1.2-1.5x the AMX path at 1-4 rows (BENCHMARKS.md "Fourth pass"):
-# ``CARPOOL_VNNI_GEMV_ROWS=4`` trades that invariance for the speed.
-GEMV_MAX_ROWS = int(os.environ.get(ENV_GEMV_ROWS, "0") or 0)
+# The operator's paths: automatic (our AMX loop; the matrix-vector kernel without AMX), or one
+# forced (tests, benchmarks): the matrix-vector kernel, or oneDNN's micro-kernel.
+# The matrix-vector kernel (VDPBF16PS) orders each pair's two products differently from AMX:
+# about one output in a few thousand rounds the other way, which is why it is not mixed with
+# the AMX paths (a request's bf16 greedy tokens would depend on its batch).
+PATH_AUTO, PATH_GEMV, PATH_BRGEMM = 0, 1, 2
 
 _lib = kernel_build.Library(
     "carpool_vnni_linear", kernel_build.CSRC / "vnni_linear.cpp", "VNNI bf16 linear", ENV_VNNI
@@ -87,8 +85,8 @@ def linear(
     packed: torch.Tensor,
     bias: torch.Tensor | None,
     n: int,
-    gemv_max_rows: int = GEMV_MAX_ROWS,
+    path: int = PATH_AUTO,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for bf16 ``x`` ``[M, K]`` and ``packed = pack(W)``; ``bias`` is
     float32 ``[n]`` or None. bf16 ``[M, n]`` out (float32 sums rounded once)."""
-    return torch.ops.carpool.vnni_linear(x.contiguous(), packed, bias, n, gemv_max_rows)
+    return torch.ops.carpool.vnni_linear(x.contiguous(), packed, bias, n, path)

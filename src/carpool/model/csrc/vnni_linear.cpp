@@ -1,34 +1,34 @@
-// bf16 linear layers over one weight layout for every row count: oneDNN's AMX micro-kernel
-// (through ATen's cpublas::brgemm, the next column block prefetched into L2 meanwhile), and a
-// prefetching AVX-512 BF16 matrix-vector kernel for up to `gemv_max_rows` rows (the caller's
-// choice: carpool.model.vnni_linear.GEMV_MAX_ROWS says why it defaults to 0).
-// Registers torch.ops.carpool.vnni_linear.
+// bf16 linear layers over one weight layout for every row count, on CPUs with AMX: our own AMX
+// loop, 32 rows at a time with the weights prefetched, or (K not a multiple of 32) oneDNN's AMX
+// micro-kernel through ATen's cpublas::brgemm, with the next column block prefetched into L2.
+// Both issue the same instructions in the same order: a row's result is the same bits whatever
+// rows share the call (tested), so batched greedy tokens equal a request's alone. Without AMX,
+// a prefetching AVX-512 BF16 matrix-vector kernel (different roundings: carpool.model.
+// vnni_linear only picks this layout where AMX is there). Registers
+// torch.ops.carpool.vnni_linear.
 //
 // The layout ("VNNI", what the dot-product instructions read): a [N, K] weight becomes
 // [ceil(N / 64), K / 2, 64, 2]; block b holds output columns 64b..64b+63, and for each pair of
 // input elements (2p, 2p+1) the 64 columns' two weights side by side. Why this layout:
-//  - one row of x times a block is, for each pair p, one broadcast of x's pair and four
-//    VDPBF16PS over 256 contiguous bytes into 64 float32 sums: no horizontal reductions, and
-//    each thread reads one contiguous run of blocks, which a software prefetch a few KiB
-//    ahead keeps streaming (measured on an AMX Xeon, 2 threads, the small model's 33 weights:
-//    ~34 GB/s against ~11 GB/s for oneDNN's product on its own packed layout at one row);
-//  - it is exactly the B operand of a bf16 brgemm with ld_b = 64, so the same bytes serve
-//    the AMX path, at oneDNN's own speed from 8 rows and ~2.5x it at one row (prefetched):
-//    one copy of each weight, not two.
+//  - it is exactly the B operand of a bf16 brgemm with ld_b = 64, and 16 pairs of a 16-column
+//    slice are one AMX tile (16 rows of 64 bytes, stride 256): one copy of each weight;
+//  - each thread reads one contiguous run of blocks, which a software prefetch a few KiB
+//    ahead keeps streaming (oneDNN's own linear on its packed layout reads ~11 GB/s at one
+//    row on an AMX Xeon with 2 threads; BENCHMARKS.md "Fourth pass" has this kernel's).
 // Sums are float32, rounded once to bf16 (round to nearest even), with the bias added in
 // float32 before the rounding, as oneDNN's bf16 linear does; only the order of the sums
-// differs from oneDNN (results within a bf16 rounding of each other). Within the AMX path a
-// row's result does not depend on the other rows of the call (tested); between the two paths
-// about one output in a few thousand rounds the other way.
+// differs from oneDNN's linear (results within a bf16 rounding of each other).
 //
-// Built with -march=native: without AVX-512 BF16 the matrix-vector kernel is a plain loop
-// (same sums), and without AMX (cpublas::could_pack false) every row count takes it;
-// carpool.model.vnni_linear only picks this layout where both are there.
+// Built with -march=native: the AMX loop only where the compiler targets AMX, the
+// matrix-vector kernel a plain loop without AVX-512 BF16 (same sums).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -49,7 +49,99 @@ constexpr int64_t kBlockM = 32;  // input rows per AMX call (two 16-row tiles)
 // pairs = 4 KiB ahead measured fastest of 0/4/8/16/32 (0: ~14 GB/s, 16: ~34 GB/s in L3).
 constexpr int64_t kPrefetchPairs = 16;
 
+// Paths (the operator's `path` argument): automatic, or one forced (tests and benchmarks
+// compare them).
+constexpr int64_t kPathAuto = 0, kPathGemv = 1, kPathBrgemm = 2;
+
 bool has_amx_brgemm() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define CARPOOL_AMX 1
+// Linux hands out AMX's tile state to a process on request (oneDNN asks too, on its first
+// brgemm; a small step can come before any brgemm).
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Up to 32 rows of x times one 64-column block with AMX, into float32 c [rows, 64]. Tiles:
+// 0-3 sums (one row tile x four 16-column slices, or two row tiles x two slices per pass),
+// 4-5 the row tiles' next 32 inputs, 6 a slice's 16 pairs of weights. The same instruction in
+// the same K order as oneDNN's brgemm for every sum, so the same bits (tested); but no
+// per-call kernel lookup (~1 us each, and a step makes ~1,000 calls at batch 1), and the
+// weights prefetched two K steps ahead.
+void amx_tile_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, float* c) {
+  const int row_tiles = rows > 16 ? 2 : 1;
+  const int slices = 4 / row_tiles;  // 16-column slices per pass over K
+  const int64_t r0 = std::min<int64_t>(rows, 16), r1 = rows - r0;
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = (t / slices == 0 ? r0 : r1), cfg.colsb[t] = 64;
+  cfg.rows[4] = r0, cfg.colsb[4] = 64;
+  cfg.rows[5] = r1 > 0 ? r1 : 1, cfg.colsb[5] = 64;
+  cfg.rows[6] = 16, cfg.colsb[6] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t steps = k / 32;
+  constexpr int64_t kStepBytes = 16 * kBlockN * 2 * sizeof(B16);  // 16 pairs of 64 columns
+  constexpr int64_t kLdb = kBlockN * 2 * sizeof(B16), kLdc = kBlockN * sizeof(float);
+  const int64_t lda = k * sizeof(B16);
+  for (int pass = 0; pass < row_tiles; ++pass) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int64_t col0 = pass * slices * 16;  // first column of this pass
+    for (int64_t t = 0; t < steps; ++t) {
+      const B16* w = wb + t * 16 * kBlockN * 2 + col0 * 2;
+      if (pass == 0) {  // the whole step's rows (both passes' columns) two steps ahead
+        const char* ahead = reinterpret_cast<const char*>(wb + t * 16 * kBlockN * 2) +
+                            2 * kStepBytes;
+        for (int64_t o = 0; o < kStepBytes; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+      }
+      _tile_loadd(4, x + 32 * t, lda);
+      if (row_tiles == 1) {
+        _tile_loadd(6, w, kLdb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(6, w + 32, kLdb);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(6, w + 64, kLdb);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_loadd(6, w + 96, kLdb);
+        _tile_dpbf16ps(3, 4, 6);
+      } else {
+        _tile_loadd(5, x + 16 * k + 32 * t, lda);
+        _tile_loadd(6, w, kLdb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_loadd(6, w + 32, kLdb);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_dpbf16ps(3, 5, 6);
+      }
+    }
+    if (row_tiles == 1) {
+      _tile_stored(0, c, kLdc);
+      _tile_stored(1, c + 16, kLdc);
+      _tile_stored(2, c + 32, kLdc);
+      _tile_stored(3, c + 48, kLdc);
+    } else {
+      _tile_stored(0, c + col0, kLdc);
+      _tile_stored(1, c + col0 + 16, kLdc);
+      _tile_stored(2, c + 16 * kBlockN + col0, kLdc);
+      _tile_stored(3, c + 16 * kBlockN + col0 + 16, kLdc);
+    }
+  }
+}
+#endif
 
 // Rows [0, MR) of x (row stride k) times one 64-column block `wb` ([k/2, 64, 2]) into y (row
 // stride ldy), columns [0, ncols) of the block kept.
@@ -139,7 +231,7 @@ void store_rows(const float* c, int64_t ldc, int64_t rows, const float* bias, B1
 }
 
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, int64_t n, int64_t gemv_max_rows) {
+                       const std::optional<at::Tensor>& bias, int64_t n, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "vnni_linear: x must be a contiguous [M, K] bfloat16 tensor, got ", x.sizes(), " ",
               x.scalar_type());
@@ -167,9 +259,15 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
   const B16* wp = weight.data_ptr<B16>();
   B16* yp = y.data_ptr<B16>();
   const int64_t block_elems = (k / 2) * kBlockN * 2;
-  const bool amx = rows > gemv_max_rows && has_amx_brgemm();
+  TORCH_CHECK(path >= kPathAuto && path <= kPathBrgemm, "vnni_linear: path 0, 1 or 2, got ",
+              path);
+  const bool amx = path != kPathGemv && has_amx_brgemm();
+  bool tiles = false;  // our own AMX loop (only where the compiler and the kernel allow AMX)
+#if defined(CARPOOL_AMX)
+  tiles = amx && path == kPathAuto && k % 32 == 0 && amx_permitted();
+#endif
   // One task per column block: each thread reads its own contiguous run of the weight once,
-  // whatever the row count (an AMX task loops over the rows' 32-row slices with its block hot).
+  // whatever the row count (a brgemm task loops over the rows' 32-row slices with its block hot).
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     alignas(64) float c[kBlockM * kBlockN];
     for (int64_t b = b0; b < b1; ++b) {
@@ -180,17 +278,29 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
         gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols);
         continue;
       }
+#if defined(CARPOOL_AMX)
+      if (tiles) {
+        for (int64_t m0 = 0; m0 < rows; m0 += kBlockM) {  // the block stays in L2 meanwhile
+          const int64_t mr = std::min<int64_t>(kBlockM, rows - m0);
+          amx_tile_rows(xp + m0 * k, mr, k, wb, c);
+          store_rows(c, kBlockN, mr, bb, yp + m0 * n + col, n, ncols);
+        }
+        continue;
+      }
+#endif
       if (b + 1 < b1) {  // the next block into L2 while AMX works on this one (~1.5x at 1 row)
         const char* nxt = reinterpret_cast<const char*>(wb + block_elems);
         for (int64_t o = 0; o < block_elems * 2; o += 64) _mm_prefetch(nxt + o, _MM_HINT_T1);
       }
-      for (int64_t m0 = 0; m0 < rows; m0 += kBlockM) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kBlockM) {  // measured 0.7-1.0x our loop
         const int64_t mr = std::min<int64_t>(kBlockM, rows - m0);
         at::native::cpublas::brgemm(mr, kBlockN, k, k, kBlockN, kBlockN, false, xp + m0 * k, wb,
                                     c, true);
         store_rows(c, kBlockN, mr, bb, yp + m0 * n + col, n, ncols);
       }
     }
+    // Releases the tiles and resets torch's record of the loaded brgemm configuration (ours
+    // replaced it), so its next brgemm loads its own again.
     if (amx) at::native::cpublas::brgemm_release(true);
   });
   return y;
@@ -208,7 +318,7 @@ bool vnni_linear_fast() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(carpool, m) {
-  m.def("vnni_linear(Tensor x, Tensor weight, Tensor? bias, int n, int gemv_max_rows) -> Tensor");
+  m.def("vnni_linear(Tensor x, Tensor weight, Tensor? bias, int n, int path=0) -> Tensor");
   m.def("vnni_linear_fast() -> bool");
 }
 
