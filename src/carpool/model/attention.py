@@ -133,7 +133,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, d)  # [T, H + 2K, D]
+        qkv = self.qkv_proj.forward(x).view(t, h + 2 * kvh, d)  # [T, H + 2K, D]
         qk = qkv[:, : h + kvh]
         if self.q_norm is not None and self.k_norm is not None:
             qk.copy_(torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1))
@@ -153,7 +153,7 @@ class Attention(nn.Module):
             out = paged_attention.paged_decode_attention(
                 qkv[:, :h], kv_cache, meta.block_tables, meta.context_lens, self.scale
             )
-            return self.o_proj(out.view(t, self.q_size))
+            return self.o_proj.forward(out.view(t, self.q_size))
         out = self._gathered(qkv[:, :h], kv_cache, meta)
         if use_kernel:
             # Decode rows of a mixed step take the kernel too (their gathered result is
@@ -163,7 +163,7 @@ class Attention(nn.Module):
             out[rows] = paged_attention.paged_decode_attention(
                 qkv[rows, :h], kv_cache, meta.kernel_tables, meta.context_lens, self.scale
             ).view(-1, self.q_size)
-        return self.o_proj(out)
+        return self.o_proj.forward(out)
 
     def _gathered(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata

@@ -302,4 +302,4 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(i, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward(fused_ops.silu_and_mul(self.gate_up_proj.forward(x)))

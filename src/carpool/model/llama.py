@@ -44,14 +44,18 @@ class DecoderLayer(nn.Module):
         """One layer over the residual stream, with each residual add fused into the norm after
         it: ``x`` is the previous layer's MLP output still to be added into ``residual`` (for
         the first layer, ``x`` is the embedding and ``residual`` is None). Returns this layer's
-        MLP output and the residual stream before it; their sum is the layer's output."""
+        MLP output and the residual stream before it; their sum is the layer's output.
+
+        The layers call their sub-modules' ``forward`` directly: ``nn.Module.__call__``'s hook
+        machinery (never used here) costs ~2-3 us a call, and a decode step makes ~10 calls per
+        layer (at batch 1 on the small model, ~0.2-0.3 ms of a ~6 ms step)."""
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm.forward(x)
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, rope, meta, kv_cache)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm.forward(x, residual)
+        h = self.self_attn.forward(h, rope, meta, kv_cache)
+        h, residual = self.post_attention_layernorm.forward(h, residual)
+        return self.mlp.forward(h), residual
 
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
@@ -131,7 +135,7 @@ class LlamaForCausalLM(nn.Module):
         rope = self.model.rotary.table(positions, x.dtype)  # [T, 2, D]
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, rope, meta, kv_cache)
+            x, residual = layer.forward(x, residual, rope, meta, kv_cache)
         # Only rows that sample need the last residual add, the final norm and the (large)
         # vocabulary projection.
         if residual is None:  # no layers
