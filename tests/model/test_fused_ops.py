@@ -224,3 +224,55 @@ def test_int8_gemv_declines_what_it_does_not_take():
     assert_bf16_close(fused_ops.int8_gemv(x, q, s), exact.bfloat16())
     with pytest.raises(RuntimeError, match="1 to 4 input rows"):
         torch.ops.carpool.int8_gemv(torch.randn(6, 40, dtype=torch.bfloat16), small, s[:64])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, k", [(3072, 576), (100, 64), (576, 1536)])
+def test_int4_gemv_is_torchs_int4_kernel(rows, dtype, n, k):
+    from carpool.model.quant import Int4Linear
+
+    torch.manual_seed(rows + n)
+    lin = Int4Linear.from_float(torch.randn(n, k), None, torch.bfloat16)
+    x = torch.randn(rows, k, dtype=dtype)
+    calls = fused_ops.fused_calls()
+    got = fused_ops.int4_gemv(x, lin.packed, lin.group_size, lin.scales_zeros)
+    assert fused_ops.fused_calls() == calls + 1
+    assert got.dtype == dtype and got.shape == (rows, -(-n // 64) * 64)
+    # What the float32 path did before: round x to bf16, torch's kernel, widen the bf16 out.
+    want = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.bfloat16(), lin.packed, lin.group_size, lin.scales_zeros
+    )
+    # The same float32 sums (in another order), rounded once to bf16: torch's kernel's values
+    # but for a rare one-ulp rounding; a float32 result holds exactly bf16 values.
+    assert torch.equal(got, got.bfloat16().to(dtype))
+    assert_bf16_close(got.bfloat16(), want)
+    exact = x.bfloat16().float() @ lin._dense(torch.float32).T  # float32 dequantized weights
+    err = (got.float()[:, :n] - exact).abs().max()
+    assert err <= 2**-7 * exact.abs().max(), (err, exact.abs().max())
+
+
+def test_int4_linear_takes_the_fused_kernel_for_a_few_rows():
+    from carpool.model.quant import Int4Linear
+
+    lin = Int4Linear.from_float(torch.randn(96, 64), torch.randn(96), torch.float32)
+    for rows, taken in ((1, 1), (4, 1), (5, 0)):
+        x = torch.randn(rows, 64)
+        calls = fused_ops.fused_calls()
+        got = lin(x)
+        assert fused_ops.fused_calls() - calls == taken
+        assert got.shape == (rows, 96) and got.dtype == torch.float32
+        ref = x.bfloat16().float() @ lin._dense(torch.float32).T + lin.bias
+        assert (got - ref).abs().max() <= 2**-7 * ref.abs().max()
+
+
+def test_int4_gemv_refuses_bad_shapes_with_a_message():
+    from carpool.model.quant import Int4Linear
+
+    lin = Int4Linear.from_float(torch.randn(64, 64), None, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="1 to 4 input rows"):
+        torch.ops.carpool.int4_gemv(torch.randn(5, 64), lin.packed, 32, lin.scales_zeros)
+    with pytest.raises(RuntimeError, match="not a multiple of the group"):
+        torch.ops.carpool.int4_gemv(torch.randn(1, 64), lin.packed, 48, lin.scales_zeros)
+    with pytest.raises(RuntimeError, match="scales_zeros must be"):
+        torch.ops.carpool.int4_gemv(torch.randn(1, 64), lin.packed, 32, lin.scales_zeros.float())

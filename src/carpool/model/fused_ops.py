@@ -1,5 +1,5 @@
-"""Fused RMSNorm, residual add + RMSNorm, SwiGLU activation and the greedy argmax: C++ on the
-CPU, torch elsewhere.
+"""Fused RMSNorm, residual add + RMSNorm, SwiGLU activation, the greedy argmax and int8/int4
+weight-only products of a few rows: C++ on the CPU, torch elsewhere.
 
 ``csrc/fused_ops.cpp`` does each in one pass over the rows (see its header for why and for the
 numerics, which are the torch ops'). It is built like the paged decode kernel
@@ -163,4 +163,30 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
         and _fused(x, scales)
     ):
         return torch.ops.carpool.int8_gemv(x, qweight, scales)
+    return None
+
+
+# Rows up to which int4_gemv takes an int4 weight-only product (the C++ kernel's templates).
+INT4_GEMV_MAX_ROWS = 4
+
+
+def int4_gemv(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor
+) -> torch.Tensor | None:
+    """``torch.ops.aten._weight_int4pack_mm_for_cpu`` for 1-4 rows ``x`` ``[M, K]`` over the same
+    packed codes and bf16 ``scales_zeros`` (``quant.Int4Linear``'s CPU layout), with a float32
+    ``x`` rounded to bf16 inside and the bf16 result returned in ``x``'s dtype (what casting
+    around torch's kernel does); None where the fused kernel does not apply (the caller runs
+    torch's). ``[M, N padded to 64]`` out, like torch's."""
+    if (
+        x.dim() == 2
+        and 1 <= x.shape[0] <= INT4_GEMV_MAX_ROWS
+        and x.dtype in _DTYPES
+        and scales_zeros.dtype == torch.bfloat16
+        and packed.dtype == torch.uint8
+        and packed.is_contiguous()
+        and scales_zeros.is_contiguous()
+        and _fused(x)
+    ):
+        return torch.ops.carpool.int4_gemv(x, packed, group_size, scales_zeros)
     return None
