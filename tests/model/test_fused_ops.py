@@ -215,7 +215,7 @@ def test_int8_gemv_declines_what_it_does_not_take():
     q = torch.randint(-127, 128, (n, 40), dtype=torch.int8)  # K = 40: a scalar tail
     s = torch.rand(n).bfloat16()
     assert fused_ops.int8_gemv(torch.randn(5, 40, dtype=torch.bfloat16), q, s) is None  # rows
-    assert fused_ops.int8_gemv(torch.randn(2, 40), q, s) is None  # float32 input
+    assert fused_ops.int8_gemv(torch.randn(2, 40, dtype=torch.float16), q, s) is None
     small = q[:64].contiguous()  # a layer-sized matrix: torch's kernel (see INT8_GEMV_MIN_CODES)
     assert fused_ops.int8_gemv(torch.randn(1, 40, dtype=torch.bfloat16), small, s[:64]) is None
     x = torch.randn(2, 40, dtype=torch.bfloat16)
@@ -276,3 +276,18 @@ def test_int4_gemv_refuses_bad_shapes_with_a_message():
         torch.ops.carpool.int4_gemv(torch.randn(1, 64), lin.packed, 48, lin.scales_zeros)
     with pytest.raises(RuntimeError, match="scales_zeros must be"):
         torch.ops.carpool.int4_gemv(torch.randn(1, 64), lin.packed, 32, lin.scales_zeros.float())
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_int8_gemv_takes_float32_input_at_any_size(rows):
+    # A float32 x (a quantized GGUF model's activations): rounded to bf16 inside, the bf16
+    # result widened back, what the casts around torch's bf16 kernel gave.
+    torch.manual_seed(rows)
+    q = torch.randint(-127, 128, (2000, 64), dtype=torch.int8)  # a layer-sized weight
+    s = (torch.rand(2000) * 0.01).bfloat16()
+    x = torch.randn(rows, 64)
+    calls = fused_ops.fused_calls()
+    got = fused_ops.int8_gemv(x, q, s)
+    assert fused_ops.fused_calls() == calls + 1
+    assert got.dtype == torch.float32 and torch.equal(got, got.bfloat16().float())
+    assert_bf16_close(got.bfloat16(), torch._weight_int8pack_mm(x.bfloat16(), q, s))

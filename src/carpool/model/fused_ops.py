@@ -141,26 +141,31 @@ def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
 
 # Rows up to which int8_gemv takes an int8 weight-only product (the C++ kernel's templates).
 INT8_GEMV_MAX_ROWS = 4
-# Weights from which it does (N x K codes): on a vocabulary head (49152 x 576) it measured
-# 1.18-1.5x torch's kernel at one row, but 0.92x on the small model's 0.25-1.4M-code layer
-# matrices (its per-call setup), so those keep torch's (BENCHMARKS.md "Third pass").
+# Weights from which it does for bf16 inputs (N x K codes): on a vocabulary head (49152 x 576)
+# it measured 1.18-1.5x torch's kernel at one row, but 0.92x on the small model's 0.25-1.4M-code
+# layer matrices (its per-call setup), so those keep torch's (BENCHMARKS.md "Third pass"). A
+# float32 input takes it at every size: it saves the two casts around torch's bf16 kernel.
 INT8_GEMV_MIN_CODES = 1 << 22
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """``(x @ qweight.T) * scales`` for 1-4 bf16 rows ``x`` ``[M, K]``, int8 ``qweight``
-    ``[N, K]`` of at least ``INT8_GEMV_MIN_CODES`` codes and bf16 ``scales`` ``[N]``
-    (``quant.Int8Linear``'s layout), bf16 out; None where the fused kernel does not apply (the
-    caller runs torch's)."""
+    """``(x @ qweight.T) * scales`` for 1-4 rows ``x`` ``[M, K]``, int8 ``qweight`` ``[N, K]``
+    and bf16 ``scales`` ``[N]`` (``quant.Int8Linear``'s layout): bf16 ``x`` (for weights of at
+    least ``INT8_GEMV_MIN_CODES`` codes) to bf16 out, or float32 ``x`` rounded to bf16 inside
+    and the bf16 result widened (what casting around torch's kernel does); None where the fused
+    kernel does not apply (the caller runs torch's)."""
     if (
         x.dim() == 2
         and 1 <= x.shape[0] <= INT8_GEMV_MAX_ROWS
-        and x.dtype == torch.bfloat16
+        and (
+            x.dtype == torch.float32
+            or (x.dtype == torch.bfloat16 and qweight.numel() >= INT8_GEMV_MIN_CODES)
+        )
         and scales.dtype == torch.bfloat16
         and qweight.dtype == torch.int8
-        and qweight.numel() >= INT8_GEMV_MIN_CODES
         and qweight.is_contiguous()
-        and _fused(x, scales)
+        and scales.is_contiguous()
+        and _fused(x)
     ):
         return torch.ops.carpool.int8_gemv(x, qweight, scales)
     return None

@@ -372,14 +372,15 @@ void rotary_(at::Tensor x, const at::Tensor& cs) {
 // float32 sums, bfloat16 out, as the torch kernel.
 constexpr int64_t kPrefetchRows = 8;
 
-template <int64_t M>
-void int8_rows(const c10::BFloat16* x, const int8_t* q, const c10::BFloat16* scale,
-               c10::BFloat16* y, int64_t n, int64_t k) {
+// A float32 x is rounded to bf16 first and the bf16 result widened back (as around int4_rows).
+template <int64_t M, typename T>
+void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t n,
+               int64_t k) {
   using E = Elt<c10::BFloat16>;
-  // The input rows once in float32, shared by the threads.
+  // The input rows once in float32 (bf16 values), shared by the threads.
   std::vector<float> xf(M * k);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < k; ++i) xf[m * k + i] = E::load(x + m * k, i);
+    for (int64_t i = 0; i < k; ++i) xf[m * k + i] = E::round(Elt<T>::load(x + m * k, i));
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   at::parallel_for(0, n, std::max<int64_t>(64, (n + threads - 1) / threads),
                    [&](int64_t begin, int64_t end) {
@@ -407,15 +408,16 @@ void int8_rows(const c10::BFloat16* x, const int8_t* q, const c10::BFloat16* sca
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = i; j < k; ++j) acc[m] += static_cast<float>(qr[j]) * xf[m * k + j];
       const float sc = E::load(scale, r);
-      for (int64_t m = 0; m < M; ++m) E::store(y + m * n, r, acc[m] * sc);
+      for (int64_t m = 0; m < M; ++m) Elt<T>::store(y + m * n, r, E::round(acc[m] * sc));
     }
   });
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
-              "int8_gemv: x must be a contiguous [M, K] bfloat16 tensor, got ", x.sizes(), " ",
-              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "int8_gemv: x must be a contiguous [M, K] bfloat16 or float32 tensor, got ",
+              x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() &&
                   qweight.scalar_type() == at::kChar && qweight.size(1) == x.size(1),
               "int8_gemv: qweight must be a contiguous [N, ", x.size(1), "] int8 tensor, got ",
@@ -426,18 +428,21 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
               " ", scales.scalar_type());
   const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
   TORCH_CHECK(m >= 1 && m <= 4, "int8_gemv: 1 to 4 input rows, got ", m);
-  at::Tensor y = at::empty({m, n}, x.options());
-  using B = c10::BFloat16;
-  const B* xp = x.data_ptr<B>();
+  at::Tensor y = at::empty({m, n}, x.options());  // x's dtype (float32: bf16 values widened)
   const int8_t* qp = qweight.data_ptr<int8_t>();
-  const B* sp = scales.data_ptr<B>();
-  B* yp = y.data_ptr<B>();
-  switch (m) {
-    case 1: int8_rows<1>(xp, qp, sp, yp, n, k); break;
-    case 2: int8_rows<2>(xp, qp, sp, yp, n, k); break;
-    case 3: int8_rows<3>(xp, qp, sp, yp, n, k); break;
-    default: int8_rows<4>(xp, qp, sp, yp, n, k); break;
-  }
+  const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
+  auto run = [&](auto* xp, auto* yp) {
+    switch (m) {
+      case 1: int8_rows<1>(xp, qp, sp, yp, n, k); break;
+      case 2: int8_rows<2>(xp, qp, sp, yp, n, k); break;
+      case 3: int8_rows<3>(xp, qp, sp, yp, n, k); break;
+      default: int8_rows<4>(xp, qp, sp, yp, n, k); break;
+    }
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(x.data_ptr<float>(), y.data_ptr<float>());
+  else
+    run(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>());
   return y;
 }
 
