@@ -86,10 +86,17 @@ def memory_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: in
     return nbytes / seconds
 
 
+# Square matmul sizes the FLOP/s probe tries (the best counts). Why two: on the AMX Xeon VM a
+# 1024-square bf16 matmul measured 315-445 GFLOP/s in most fresh processes (per-call costs
+# around a ~2 ms product) and ~1,140 in others, while 2048 measured 540-790 in the same slow
+# phase: with 1024 alone `carpool bench` reported prefill at 203% of the "peak".
+PROBE_SIZES = (1024, 2048)
+
+
 def measure_roofline(dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Roofline:
-    """Run both probes (about a second on a CPU)."""
+    """Run both probes (one to two seconds on a CPU)."""
     return Roofline(
-        peak_flops=matmul_flops(dtype, device),
+        peak_flops=max(matmul_flops(dtype, device, size=s, repeats=5) for s in PROBE_SIZES),
         bandwidth=memory_bandwidth(device),
         dtype=str(dtype).replace("torch.", ""),
         device=device,
