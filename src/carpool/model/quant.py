@@ -110,9 +110,9 @@ class QuantizedLinear(nn.Module):
         y = y if self.bias is None else y + self.bias
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
-    def _kernel_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``x`` as contiguous ``[rows, in_features]`` in the kernel's ``dtype``."""
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+    @staticmethod
+    def _kernel_input(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x2`` (``[rows, in_features]``) contiguous in the kernel's ``dtype``."""
         x2 = x2 if x2.dtype == dtype else x2.to(dtype)
         return x2 if x2.is_contiguous() else x2.contiguous()
 
@@ -164,7 +164,7 @@ class Int8Linear(QuantizedLinear):
         if y is not None:
             return self._finish(y, x)
         kd = self.scales.dtype
-        xk = self._kernel_input(x, kd)
+        xk = self._kernel_input(x2, kd)
         if xk.shape[0] <= INT8_WIDEN_ABOVE_ROWS and xk.device.type == "cpu":
             y = torch._weight_int8pack_mm(xk, self.qweight, self.scales)
         else:  # widen the codes (exact in bf16/fp16); the row scales on the output
@@ -261,7 +261,7 @@ class Int4Linear(QuantizedLinear):
             y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
             return self._finish(y, x)
         kd = self.scales_zeros.dtype
-        xk = self._kernel_input(x, kd)
+        xk = self._kernel_input(x2, kd)
         dev = xk.device.type
         if xk.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
             y = linear_bucketed(xk, self._dense(kd))

@@ -290,7 +290,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
 #endif
       if (b + 1 < b1) {  // the next block into L2 while AMX works on this one (~1.5x at 1 row)
         const char* nxt = reinterpret_cast<const char*>(wb + block_elems);
-        for (int64_t o = 0; o < block_elems * 2; o += 64) _mm_prefetch(nxt + o, _MM_HINT_T1);
+        for (int64_t o = 0; o < block_elems * 2; o += 64) __builtin_prefetch(nxt + o, 0, 2);
       }
       for (int64_t m0 = 0; m0 < rows; m0 += kBlockM) {  // measured 0.7-1.0x our loop
         const int64_t mr = std::min<int64_t>(kBlockM, rows - m0);
@@ -306,7 +306,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
-// Whether this build and CPU run the fast paths: AVX-512 BF16 for few rows, AMX for more.
+// Whether this build and CPU run the AMX paths (and have AVX-512 BF16 for the bf16 stores).
 bool vnni_linear_fast() {
 #if defined(__AVX512BF16__)
   return has_amx_brgemm();
