@@ -26,7 +26,11 @@ def test_smollm2_knows_the_capital_of_france(tmp_path):
         assert "SmolLM2" in model, model
         reply = client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            # Not "What is the capital of France?": there SmolLM2's first token ("The" vs "L'")
+            # leads by 0.01-0.03 logprob, so the last bits of any kernel (an AVX2 machine's sum
+            # order against an AVX-512 one's) pick the answer. Here the greedy path's first
+            # eight tokens each lead by more than 1.1 on both (measured, fused ops on and off).
+            messages=[{"role": "user", "content": "Name the capital of France."}],
             temperature=0,
             max_tokens=32,
         )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from carpool.model import fused_ops
 from carpool.model.loader import load_model
+from carpool.model.quant import int4_row_block
 from helpers.carpool_ref import greedy
 from helpers.hf_models import hf_greedy, save_tiny_hf_model
 
@@ -236,7 +237,7 @@ def test_int4_gemv_is_torchs_int4_kernel(rows, dtype, n, k):
     lin = Int4Linear.from_float(torch.randn(n, k), None, torch.bfloat16)
     x = torch.randn(rows, k, dtype=dtype)
     calls = fused_ops.fused_calls()
-    got = fused_ops.int4_gemv(x, lin.packed, lin.group_size, lin.scales_zeros)
+    got = fused_ops.int4_gemv(x, lin.packed, lin.group_size, lin.scales_zeros, int4_row_block())
     assert fused_ops.fused_calls() == calls + 1
     assert got.dtype == dtype and got.shape == (rows, -(-n // 64) * 64)
     # What the float32 path did before: round x to bf16, torch's kernel, widen the bf16 out.
@@ -270,12 +271,46 @@ def test_int4_gemv_refuses_bad_shapes_with_a_message():
     from carpool.model.quant import Int4Linear
 
     lin = Int4Linear.from_float(torch.randn(64, 64), None, torch.bfloat16)
+    block = int4_row_block()
+    gemv = torch.ops.carpool.int4_gemv
     with pytest.raises(RuntimeError, match="1 to 4 input rows"):
-        torch.ops.carpool.int4_gemv(torch.randn(5, 64), lin.packed, 32, lin.scales_zeros)
+        gemv(torch.randn(5, 64), lin.packed, 32, lin.scales_zeros, block)
     with pytest.raises(RuntimeError, match="not a multiple of the group"):
-        torch.ops.carpool.int4_gemv(torch.randn(1, 64), lin.packed, 48, lin.scales_zeros)
+        gemv(torch.randn(1, 64), lin.packed, 48, lin.scales_zeros, block)
     with pytest.raises(RuntimeError, match="scales_zeros must be"):
-        torch.ops.carpool.int4_gemv(torch.randn(1, 64), lin.packed, 32, lin.scales_zeros.float())
+        gemv(torch.randn(1, 64), lin.packed, 32, lin.scales_zeros.float(), block)
+    with pytest.raises(RuntimeError, match="block must be 32 or 64"):
+        gemv(torch.randn(1, 64), lin.packed, 32, lin.scales_zeros, 16)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_gemv_reads_both_of_torchs_block_layouts(block, rows):
+    # torch packs 64-row blocks where its kernels are AVX-512 ones and 32-row blocks on AVX2:
+    # whichever this machine has, the kernel reads either layout (its own loop for the one
+    # this instruction set packs, plain loops for the other).
+    from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all
+
+    torch.manual_seed(block + rows)
+    n, k = 192, 128
+    lin = Int4Linear.from_float(torch.randn(n, k), None, torch.bfloat16)
+    codes = _unpack_int4_all(lin.packed, k)
+    packed = _pack_int4_by_hand(codes, block)
+    x = torch.randn(rows, k)
+    got = torch.ops.carpool.int4_gemv(x, packed, lin.group_size, lin.scales_zeros, block)
+    want = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.bfloat16(), lin.packed, lin.group_size, lin.scales_zeros
+    )
+    assert_bf16_close(got.bfloat16(), want)
+
+
+def test_int4_row_block_is_the_layout_torch_packs():
+    from carpool.model.quant import _pack_int4_by_hand
+
+    codes = torch.randint(0, 16, (320, 96), dtype=torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    assert int4_row_block() in (32, 64)
+    assert torch.equal(_pack_int4_by_hand(codes, int4_row_block()), packed)
 
 
 @pytest.mark.parametrize("rows", [1, 4])

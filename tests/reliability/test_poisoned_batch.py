@@ -255,9 +255,20 @@ def test_engine_fails_only_the_faulty_row_and_seeded_rows_keep_their_draw(
     for rid in innocents:
         assert got[rid].finish_reason == "length", got[rid]
         assert got[rid].token_ids == want[rid].token_ids, rid
-    assert got["logprobs"].logprobs == want["logprobs"].logprobs
+    # The same tokens and candidates; the values within float32 noise: a float32 GEMM over 4
+    # rows need not sum in the order it does over 3 (on an AVX2 machine the logprobs moved
+    # by ~2e-7), so bit equality is not promised across batch compositions.
+    assert_same_logprobs(got["logprobs"].logprobs, want["logprobs"].logprobs)
     engine.block_manager.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def assert_same_logprobs(got: list[Any], want: list[Any]) -> None:
+    assert [g.token_id for g in got] == [w.token_id for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert [t for t, _ in g.top] == [t for t, _ in w.top], (g, w)
+        assert g.logprob == pytest.approx(w.logprob, abs=1e-5), (g, w)
+        assert [v for _, v in g.top] == pytest.approx([v for _, v in w.top], abs=1e-5), (g, w)
 
 
 def test_engine_survives_a_top_k_that_slipped_past_validation(engine) -> None:

@@ -176,10 +176,15 @@ INT4_GEMV_MAX_ROWS = 4
 
 
 def int4_gemv(
-    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group_size: int,
+    scales_zeros: torch.Tensor,
+    block: int,
 ) -> torch.Tensor | None:
     """``torch.ops.aten._weight_int4pack_mm_for_cpu`` for 1-4 rows ``x`` ``[M, K]`` over the same
-    packed codes and bf16 ``scales_zeros`` (``quant.Int4Linear``'s CPU layout), with a float32
+    packed codes and bf16 ``scales_zeros`` (``quant.Int4Linear``'s CPU layout, interleaved in
+    ``block`` output rows: ``quant.int4_row_block()``), with a float32
     ``x`` rounded to bf16 inside and the bf16 result returned in ``x``'s dtype (what casting
     around torch's kernel does); None where the fused kernel does not apply (the caller runs
     torch's). ``[M, N padded to 64]`` out, like torch's."""
@@ -193,5 +198,5 @@ def int4_gemv(
         and scales_zeros.is_contiguous()
         and _fused(x)
     ):
-        return torch.ops.carpool.int4_gemv(x, packed, group_size, scales_zeros)
+        return torch.ops.carpool.int4_gemv(x, packed, group_size, scales_zeros, block)
     return None

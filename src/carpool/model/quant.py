@@ -27,6 +27,8 @@ quantized tensor.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,9 +38,10 @@ from carpool.model.layers import linear_bucketed
 
 QUANTIZATION_METHODS = ("int8", "int4")
 GROUP_SIZE = 32
-# The CPU int4 packing interleaves blocks of 64 output rows (see ``_unpack_cpu_int4``); weights
-# are padded to a multiple of it so that every row can be read back for an embedding lookup.
-_INT4_ROW_BLOCK = 64
+# The CPU int4 packing interleaves blocks of output rows (``int4_row_block``: 64 or 32); weights
+# are padded to a multiple of 64 (of either) so that every row can be read back for an
+# embedding lookup and every block is whole.
+_INT4_ROW_PAD = 64
 # Above this many input rows (tokens in the step) the weight-only kernels, whose cost grows
 # linearly with the rows, lose to widening the weight once and running the dense GEMM (AMX /
 # oneDNN bf16) on it: prefill chunks take that path, decode steps the kernels. Crossovers
@@ -204,7 +207,7 @@ class Int4Linear(QuantizedLinear):
             group_size,
         )
         self.out_features, self.in_features, self.group_size = n, k, group_size
-        pad = -n % _INT4_ROW_BLOCK
+        pad = -n % _INT4_ROW_PAD
         if pad:  # padded rows are zero weights; their outputs are sliced off
             codes = F.pad(codes, (0, 0, 0, pad), value=8)
             scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
@@ -256,7 +259,9 @@ class Int4Linear(QuantizedLinear):
         # 1-4 rows on the CPU: the fused kernel over the same codes (torch's is compute-bound
         # at one row; the same sums in another order), taking a float32 x as it is.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = fused_ops.int4_gemv(x2, self.packed, self.group_size, self.scales_zeros)
+        y = fused_ops.int4_gemv(
+            x2, self.packed, self.group_size, self.scales_zeros, int4_row_block()
+        )
         if y is not None:
             y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
             return self._finish(y, x)
@@ -307,35 +312,61 @@ class Int4Linear(QuantizedLinear):
         return cached
 
 
+@functools.cache
+def int4_row_block() -> int:
+    """Output rows per interleaved block of torch's CPU int4 packing on this machine.
+
+    ``_convert_weight_to_int4pack_for_cpu`` packs for the kernels torch dispatches to here: four
+    float vectors of output rows per block, 64 with AVX-512 and 32 with AVX2 or plain loops
+    (an AMD EPYC without AVX-512 read a 64-row layout as garbage). Probed once: a small matrix
+    packed by torch against the same codes packed by hand for each block."""
+    n, k = 128, 64
+    codes = (torch.arange(n)[:, None] * 7 + torch.arange(k)[None, :] * 3) % 16
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    for block in (64, 32):
+        if torch.equal(_pack_int4_by_hand(codes.to(torch.uint8), block), packed):
+            return block
+    raise RuntimeError(
+        "torch's CPU int4 packing is neither of the layouts carpool reads (64- or 32-row "
+        f"blocks), torch {torch.__version__}: use --quantization int8 or a bf16 model"
+    )
+
+
+def _pack_int4_by_hand(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """``[N/B, K, B/2]`` bytes (as ``[N, K/2]``), byte j of (block, k) holding row j of the
+    block in its low nibble and row B/2 + j in its high one."""
+    n, k = codes.shape
+    blocks = codes.reshape(n // block, block, k).transpose(1, 2)  # [N/B, K, B]
+    half = block // 2
+    packed = blocks[..., :half] | (blocks[..., half:] << 4)  # [N/B, K, B/2]
+    return packed.reshape(n, k // 2).contiguous()
+
+
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Codes ``[N, K]`` (N a multiple of 64) in the CPU kernel's packed layout ``[N, K/2]``."""
     if codes.device.type == "cpu":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     # Elsewhere, build the same bytes by hand (the layout ``_unpack_int4_rows`` reads).
-    n, k = codes.shape
-    blocks = codes.reshape(n // _INT4_ROW_BLOCK, _INT4_ROW_BLOCK, k).transpose(
-        1, 2
-    )  # [N/64, K, 64]
-    half = _INT4_ROW_BLOCK // 2
-    packed = blocks[..., :half] | (blocks[..., half:] << 4)  # [N/64, K, 32]
-    return packed.reshape(n, k // 2).contiguous()
+    return _pack_int4_by_hand(codes, int4_row_block())
 
 
 def _unpack_int4_all(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Codes ``[N, K]`` of every row (the inverse of ``_pack_int4``)."""
-    blocks = packed.reshape(-1, k, _INT4_ROW_BLOCK // 2)  # [N/64, K, 32]
-    both = torch.cat((blocks & 0xF, blocks >> 4), dim=-1)  # [N/64, K, 64]
+    block = int4_row_block()
+    blocks = packed.reshape(-1, k, block // 2)  # [N/B, K, B/2]
+    both = torch.cat((blocks & 0xF, blocks >> 4), dim=-1)  # [N/B, K, B]
     return both.transpose(1, 2).reshape(-1, k)
 
 
 def _unpack_int4_rows(packed: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Codes of rows ``ids`` from the packed layout: ``[N/64, K, 32]`` bytes, low nibbles
-    holding rows 0..31 of each 64-row block and high nibbles rows 32..63."""
-    blocks = packed.reshape(-1, k, _INT4_ROW_BLOCK // 2)
+    """Codes of rows ``ids`` from the packed layout: ``[N/B, K, B/2]`` bytes, low nibbles
+    holding rows 0..B/2-1 of each B-row block and high nibbles the rest."""
+    block = int4_row_block()
+    blocks = packed.reshape(-1, k, block // 2)
     ids = ids.reshape(-1)
-    j = ids % _INT4_ROW_BLOCK
-    half = _INT4_ROW_BLOCK // 2
-    byte = blocks[ids // _INT4_ROW_BLOCK, :, j % half]  # [R, K]
+    j = ids % block
+    half = block // 2
+    byte = blocks[ids // block, :, j % half]  # [R, K]
     return torch.where((j < half)[:, None], byte & 0xF, byte >> 4)
 
 

@@ -35,13 +35,15 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
+#if defined(__AVX512F__)
 using carpool_kernels::exp16_nonpositive;
+#endif
 using carpool_kernels::exp_nonpositive;
 
 // Element access in float32 for float and bfloat16 storage (loads are vec_math's to_float); the
@@ -447,9 +449,12 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 }
 
 // int4 weight-only products of 1-4 rows over torch's own CPU int4 layout (what
-// _weight_int4pack_mm_for_cpu reads, so no second copy): packed [N/64, K, 32] bytes, byte j of
-// (block, k) holding column j in its low nibble and column 32 + j in its high one;
-// scales_zeros [K/g, N, 2] bf16, w = (q - 8) * scale + zero per group of g inputs.
+// _weight_int4pack_mm_for_cpu reads, so no second copy): packed [N/B, K, B/2] bytes, byte j of
+// (block, k) holding column j in its low nibble and column B/2 + j in its high one, with B = 64
+// where torch's kernels are built for AVX-512 and 32 for AVX2 or plain loops (four of its float
+// vectors; the caller says which: quant.int4_row_block); scales_zeros [K/g, N, 2] bf16,
+// w = (q - 8) * scale + zero per group of g inputs. Each instruction set has a loop for its own
+// B; another B takes the plain loops (correct, slow).
 // Why: torch's kernel is compute-bound at one row (~6.5 GB/s of codes here): SmolLM2's 30
 // layers spent ~6 ms of a ~16 ms step in it. Per group the sums factor as
 // scale * sum(x * q) + (zero - 8 * scale) * sum(x): the inner loop is one widening, two nibble
@@ -460,7 +465,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 // two ops fewer per linear (SmolLM2 at batch 1: ~240 dispatches per step).
 template <int64_t M, typename T>
 void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t n,
-               int64_t k, int64_t g) {
+               int64_t k, int64_t g, int64_t B) {
   using E = Elt<c10::BFloat16>;
   std::vector<float> xf(M * k), xsum(M * (k / g));
   for (int64_t m = 0; m < M; ++m) {
@@ -472,74 +477,124 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
       xsum[m * (k / g) + j] = s;
     }
   }
-  const int64_t blocks = n / 64, groups = k / g;
+  const int64_t blocks = n / B, groups = k / g;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* qb = packed + b * k * 32;
+      const uint8_t* qb = packed + b * k * (B / 2);
 #if defined(__AVX512F__)
-      __m512 out[M][4];
-      for (int64_t m = 0; m < M; ++m)
-        for (int j = 0; j < 4; ++j) out[m][j] = _mm512_setzero_ps();
-      const __m512i low4 = _mm512_set1_epi32(0xF);
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        __m512 acc[M][4];
+      if (B == 64) {
+        __m512 out[M][4];
         for (int64_t m = 0; m < M; ++m)
-          for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-        for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
-          const uint8_t* q = qb + i * 32;
-          _mm_prefetch(reinterpret_cast<const char*>(q) + 2048, _MM_HINT_T0);
-          const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-          const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-          const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(b0, low4)),
-                               _mm512_cvtepi32_ps(_mm512_and_si512(b1, low4)),
-                               _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)),
-                               _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4))};
-          for (int64_t m = 0; m < M; ++m) {
-            const __m512 xv = _mm512_set1_ps(xf[m * k + i]);
-            for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
+          for (int j = 0; j < 4; ++j) out[m][j] = _mm512_setzero_ps();
+        const __m512i low4 = _mm512_set1_epi32(0xF);
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          __m512 acc[M][4];
+          for (int64_t m = 0; m < M; ++m)
+            for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+          for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
+            const uint8_t* q = qb + i * 32;
+            _mm_prefetch(reinterpret_cast<const char*>(q) + 2048, _MM_HINT_T0);
+            const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+            const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+            const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(b0, low4)),
+                                 _mm512_cvtepi32_ps(_mm512_and_si512(b1, low4)),
+                                 _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)),
+                                 _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4))};
+            for (int64_t m = 0; m < M; ++m) {
+              const __m512 xv = _mm512_set1_ps(xf[m * k + i]);
+              for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
+            }
+          }
+          // Columns 16j..16j+15 of the block: (scale, zero) pairs -> two float32 vectors.
+          for (int j = 0; j < 4; ++j) {
+            const __m512i pair = _mm512_loadu_si512(sz + (gi * n + b * 64 + 16 * j) * 2);
+            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            const __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
+            const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);  // zero - 8 scale
+            for (int64_t m = 0; m < M; ++m) {
+              out[m][j] = _mm512_fmadd_ps(sc, acc[m][j], out[m][j]);
+              out[m][j] = _mm512_fmadd_ps(off, _mm512_set1_ps(xsum[m * groups + gi]), out[m][j]);
+            }
           }
         }
-        // Columns 16j..16j+15 of the block: (scale, zero) pairs -> two float32 vectors.
-        for (int j = 0; j < 4; ++j) {
-          const __m512i pair = _mm512_loadu_si512(sz + (gi * n + b * 64 + 16 * j) * 2);
-          const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-          const __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
-          const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);  // zero - 8 scale
-          for (int64_t m = 0; m < M; ++m) {
-            out[m][j] = _mm512_fmadd_ps(sc, acc[m][j], out[m][j]);
-            out[m][j] = _mm512_fmadd_ps(off, _mm512_set1_ps(xsum[m * groups + gi]), out[m][j]);
+        for (int64_t m = 0; m < M; ++m)
+          for (int j = 0; j < 4; ++j) {
+            alignas(64) float tmp[16];
+            _mm512_store_ps(tmp, out[m][j]);
+            for (int c = 0; c < 16; ++c)
+              Elt<T>::store(y + m * n, b * 64 + 16 * j + c, E::round(tmp[c]));
           }
-        }
+        continue;
       }
-      for (int64_t m = 0; m < M; ++m)
-        for (int j = 0; j < 4; ++j) {
-          alignas(64) float tmp[16];
-          _mm512_store_ps(tmp, out[m][j]);
-          for (int c = 0; c < 16; ++c)
-            Elt<T>::store(y + m * n, b * 64 + 16 * j + c, E::round(tmp[c]));
+#elif defined(__AVX2__) && defined(__FMA__)
+      // The same loop on 8-lane vectors: B = 32 columns are 16 bytes per input, four vectors.
+      if (B == 32) {
+        __m256 out[M][4];
+        for (int64_t m = 0; m < M; ++m)
+          for (int j = 0; j < 4; ++j) out[m][j] = _mm256_setzero_ps();
+        const __m256i low4 = _mm256_set1_epi32(0xF);
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          __m256 acc[M][4];
+          for (int64_t m = 0; m < M; ++m)
+            for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+          for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
+            const uint8_t* q = qb + i * 16;
+            _mm_prefetch(reinterpret_cast<const char*>(q) + 1024, _MM_HINT_T0);
+            const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+            const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+            const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)),
+                                 _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)),
+                                 _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)),
+                                 _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
+            for (int64_t m = 0; m < M; ++m) {
+              const __m256 xv = _mm256_set1_ps(xf[m * k + i]);
+              for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_fmadd_ps(w[j], xv, acc[m][j]);
+            }
+          }
+          // Columns 8j..8j+7 of the block: (scale, zero) pairs -> two float32 vectors.
+          for (int j = 0; j < 4; ++j) {
+            const __m256i pair = _mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(sz + (gi * n + b * 32 + 8 * j) * 2));
+            const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+            const __m256 ze = _mm256_castsi256_ps(
+                _mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+            const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);  // zero - 8 scale
+            for (int64_t m = 0; m < M; ++m) {
+              out[m][j] = _mm256_fmadd_ps(sc, acc[m][j], out[m][j]);
+              out[m][j] = _mm256_fmadd_ps(off, _mm256_set1_ps(xsum[m * groups + gi]), out[m][j]);
+            }
+          }
         }
-#else
+        for (int64_t m = 0; m < M; ++m)
+          for (int j = 0; j < 4; ++j) {
+            alignas(32) float tmp[8];
+            _mm256_store_ps(tmp, out[m][j]);
+            for (int c = 0; c < 8; ++c)
+              Elt<T>::store(y + m * n, b * 32 + 8 * j + c, E::round(tmp[c]));
+          }
+        continue;
+      }
+#endif
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t c = 0; c < 64; ++c) {
-          const int64_t byte = c % 32, shift = c < 32 ? 0 : 4;
+        for (int64_t c = 0; c < B; ++c) {
+          const int64_t byte = c % (B / 2), shift = c < B / 2 ? 0 : 4;
           float total = 0.f;
           for (int64_t gi = 0; gi < groups; ++gi) {
             float acc = 0.f;
             for (int64_t i = gi * g; i < (gi + 1) * g; ++i)
-              acc += xf[m * k + i] * static_cast<float>((qb[i * 32 + byte] >> shift) & 0xF);
-            const float sc = E::load(sz, (gi * n + b * 64 + c) * 2);
-            const float ze = E::load(sz, (gi * n + b * 64 + c) * 2 + 1);
+              acc += xf[m * k + i] * static_cast<float>((qb[i * (B / 2) + byte] >> shift) & 0xF);
+            const float sc = E::load(sz, (gi * n + b * B + c) * 2);
+            const float ze = E::load(sz, (gi * n + b * B + c) * 2 + 1);
             total += sc * acc + (ze - 8.0f * sc) * xsum[m * groups + gi];
           }
-          Elt<T>::store(y + m * n, b * 64 + c, E::round(total));
+          Elt<T>::store(y + m * n, b * B + c, E::round(total));
         }
-#endif
     }
   });
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
-                     const at::Tensor& scales_zeros) {
+                     const at::Tensor& scales_zeros, int64_t block) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
                   (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               "int4_gemv: x must be a contiguous [M, K] bfloat16 or float32 tensor, got ",
@@ -547,11 +602,12 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
   const int64_t m = x.size(0), k = x.size(1), g = group_size;
   TORCH_CHECK(m >= 1 && m <= 4, "int4_gemv: 1 to 4 input rows, got ", m);
   TORCH_CHECK(g > 0 && k % g == 0, "int4_gemv: K = ", k, " is not a multiple of the group ", g);
+  TORCH_CHECK(block == 32 || block == 64, "int4_gemv: block must be 32 or 64, got ", block);
   TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
-                  packed.numel() % (32 * k) == 0,
-              "int4_gemv: packed must be torch's CPU int4 layout ([N/64, K, 32] bytes) for K = ",
-              k, ", got ", packed.sizes(), " ", packed.scalar_type());
-  const int64_t n = packed.numel() / (32 * k) * 64;
+                  packed.numel() % (block / 2 * k) == 0,
+              "int4_gemv: packed must be torch's CPU int4 layout ([N/", block, ", K, ", block / 2,
+              "] bytes) for K = ", k, ", got ", packed.sizes(), " ", packed.scalar_type());
+  const int64_t n = packed.numel() / (block / 2 * k) * block;
   TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.is_contiguous() &&
                   scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.size(0) == k / g &&
                   scales_zeros.size(1) == n && scales_zeros.size(2) == 2,
@@ -562,10 +618,10 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
   const c10::BFloat16* sp = scales_zeros.data_ptr<c10::BFloat16>();
   auto run = [&](auto* xp, auto* yp) {
     switch (m) {
-      case 1: int4_rows<1>(xp, qp, sp, yp, n, k, g); break;
-      case 2: int4_rows<2>(xp, qp, sp, yp, n, k, g); break;
-      case 3: int4_rows<3>(xp, qp, sp, yp, n, k, g); break;
-      default: int4_rows<4>(xp, qp, sp, yp, n, k, g); break;
+      case 1: int4_rows<1>(xp, qp, sp, yp, n, k, g, block); break;
+      case 2: int4_rows<2>(xp, qp, sp, yp, n, k, g, block); break;
+      case 3: int4_rows<3>(xp, qp, sp, yp, n, k, g, block); break;
+      default: int4_rows<4>(xp, qp, sp, yp, n, k, g, block); break;
     }
   };
   if (x.scalar_type() == at::kFloat)
@@ -584,7 +640,9 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cs) -> ()");
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
-  m.def("int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scales_zeros) -> Tensor");
+  m.def(
+      "int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block) -> "
+      "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(carpool, CPU, m) {
