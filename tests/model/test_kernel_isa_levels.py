@@ -37,7 +37,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def _compile(source: str, level: list[str]) -> subprocess.CompletedProcess[str]:
-    includes = [f"-I{p}" for p in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]]
+    dirs = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    includes = [f"-I{p}" for p in dirs]
     flags = [f for f in kernel_build.CFLAGS if f != "-march=native"]
     cmd = [
         shutil.which("c++") or "c++",
