@@ -44,6 +44,8 @@ MATMUL_OPS = {
     "carpool::vnni_linear",  # packed bf16 weights (layers.Linear.prepack, "vnni")
     "aten::_weight_int8pack_mm",
     "aten::_weight_int4pack_mm_for_cpu",
+    "carpool::int8_gemv",  # quantized weights, 1-4 rows (fused_ops)
+    "carpool::int4_gemv",
 }
 ATTENTION_OPS = {
     "aten::_scaled_dot_product_flash_attention_for_cpu",

@@ -106,6 +106,30 @@ inline void store16(c10::BFloat16* p, __m512 v) {
 
 #endif
 
+#if defined(CARPOOL_AVX2)
+// The same helpers on 8 lanes (AVX2 + FMA without AVX-512).
+using carpool_kernels::hsum8;
+using carpool_kernels::load8;  // float32 / bfloat16 / int8 -> 8 float32 lanes
+
+inline __m256i bf16_bits8(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
+inline __m256 round8(__m256 v, float) { return v; }
+inline __m256 round8(__m256 v, c10::BFloat16) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+}
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i b = bf16_bits8(v);  // 8 values below 2^16: pack them to 16 bits, in order
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+#endif
+
 template <typename T>
 void norm_rows(const T* x, const T* res, const T* w, T* out, T* sum, int64_t rows, int64_t h,
                float eps) {
@@ -127,6 +151,14 @@ void norm_rows(const T* x, const T* res, const T* w, T* out, T* sum, int64_t row
           acc = _mm512_fmadd_ps(s16, s16, acc);
         }
         ss = _mm512_reduce_add_ps(acc);
+#elif defined(CARPOOL_AVX2)
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= h; i += 8) {
+          const __m256 s8 = round8(_mm256_add_ps(load8(xr + i), load8(rr + i)), T());
+          store8(sr + i, s8);
+          acc = _mm256_fmadd_ps(s8, s8, acc);
+        }
+        ss = hsum8(acc);
 #endif
         for (; i < h; ++i) {
           const float s1 = E::round(E::load(xr, i) + E::load(rr, i));
@@ -142,6 +174,13 @@ void norm_rows(const T* x, const T* res, const T* w, T* out, T* sum, int64_t row
           acc = _mm512_fmadd_ps(v, v, acc);
         }
         ss = _mm512_reduce_add_ps(acc);
+#elif defined(CARPOOL_AVX2)
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= h; i += 8) {
+          const __m256 v = load8(xr + i);
+          acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        ss = hsum8(acc);
 #endif
         for (; i < h; ++i) {
           const float f = E::load(xr, i);
@@ -154,6 +193,10 @@ void norm_rows(const T* x, const T* res, const T* w, T* out, T* sum, int64_t row
       const __m512 vinv = _mm512_set1_ps(inv);
       for (; i + 16 <= h; i += 16)
         store16(outr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv), T())));
+#elif defined(CARPOOL_AVX2)
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (; i + 8 <= h; i += 8)
+        store8(outr + i, _mm256_mul_ps(load8(w + i), round8(_mm256_mul_ps(load8(xr + i), vinv), T())));
 #endif
       for (; i < h; ++i) E::store(outr, i, E::load(w, i) * E::round(E::load(xr, i) * inv));
     }
@@ -404,6 +447,15 @@ void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, in
           va[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(&xf[m * k + i]), va[m]);
       }
       for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_reduce_add_ps(va[m]);
+#elif defined(CARPOOL_AVX2)
+      __m256 va[M];
+      for (int64_t m = 0; m < M; ++m) va[m] = _mm256_setzero_ps();
+      for (; i + 8 <= k; i += 8) {
+        const __m256 w = load8(qr + i);
+        for (int64_t m = 0; m < M; ++m)
+          va[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(&xf[m * k + i]), va[m]);
+      }
+      for (int64_t m = 0; m < M; ++m) acc[m] = hsum8(va[m]);
 #else
       for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
 #endif
@@ -526,7 +578,7 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
           }
         continue;
       }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(CARPOOL_AVX2)
       // The same loop on 8-lane vectors: B = 32 columns are 16 bytes per input, four vectors.
       if (B == 32) {
         __m256 out[M][4];

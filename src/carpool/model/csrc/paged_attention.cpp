@@ -16,7 +16,7 @@
 // shorter build).
 //
 // The inner loops (vec_math.h) use AVX-512 intrinsics where the build machine has them
-// (-march=native) and plain loops otherwise.
+// (-march=native), else AVX2 + FMA ones, and plain loops otherwise.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -119,6 +119,16 @@ void decode_kernel(
               for (int64_t t = t0 + h * 16 / nh; t < t0 + (h + 1) * 16 / nh; ++t) prefetch_next(t);
               dot16(qf.data() + h * d, base + t0 * token_stride + (h / group) * row, token_stride,
                     d, s.data() + h * block_size + t0);
+            }
+          }
+        }
+#elif defined(CARPOOL_AVX2)
+        if (d % 8 == 0 && d <= 256) {
+          for (; t0 + 8 <= n_tok; t0 += 8) {
+            for (int64_t h = 0; h < nh; ++h) {
+              for (int64_t t = t0 + h * 8 / nh; t < t0 + (h + 1) * 8 / nh; ++t) prefetch_next(t);
+              dot8(qf.data() + h * d, base + t0 * token_stride + (h / group) * row, token_stride,
+                   d, s.data() + h * block_size + t0);
             }
           }
         }

@@ -1,7 +1,8 @@
 // Vector helpers of the CPU kernels in paged_attention.cpp: element loads and stores of float32,
 // bfloat16 and int8, dot products (one, or 16 with one reduction tree), the weighted sum of a
 // block's value rows, and exp of non-positive arguments. AVX-512 intrinsics where the build
-// machine has them (-march=native), plain loops otherwise.
+// machine has them (-march=native), else AVX2 + FMA ones (8 lanes: AMD Zen 3, older Intel),
+// plain loops otherwise.
 //
 // Header-only (inline functions and templates), included by one translation unit; the kernel
 // build hashes this file with the source (kernel_build._build_name).
@@ -16,8 +17,13 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+// The 8-lane path: AVX2 with FMA but without AVX-512 (where both exist the 16-lane code runs).
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define CARPOOL_AVX2 1
 #endif
 
 namespace carpool_kernels {
@@ -52,6 +58,50 @@ inline __m512 load16(const int8_t* p) {
 }
 #endif
 
+#if defined(CARPOOL_AVX2)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline __m256 load8(const int8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+// The sum of 8 lanes.
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// The 8 lane sums of acc[0..7], as one vector (element j = sum of acc[j]).
+inline __m256 reduce8(const __m256* acc) {
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  // Per 128-bit half: [acc0, acc1, acc2, acc3] (u0) and [acc4..acc7] (u1) over its 4 lanes.
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// out[j] = q . k_j for 8 rows k_j = k0 + j * stride (head_dim d a multiple of 8): dot16's
+// 8-lane form.
+template <typename C>
+inline void dot8(const float* q, const C* k0, int64_t stride, int64_t d, float* out) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < d; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(k0 + j * stride + i), acc[j]);
+  }
+  _mm256_storeu_ps(out, reduce8(acc));
+}
+#endif
+
 // Elements of one (token, K/V, kv head) row in the cache, and its dequantization scale: an
 // int8 row carries its float32 scale in 4 bytes after the head_dim values.
 template <typename C>
@@ -80,6 +130,14 @@ inline float dot(const float* a, const T* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
   sum = _mm512_reduce_add_ps(acc);
+#elif defined(CARPOOL_AVX2)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+  sum = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
   for (; i < n; ++i) sum += a[i] * to_float(b[i]);
   return sum;
@@ -93,6 +151,10 @@ inline void axpy(float* acc, float p, const T* v, int64_t n) {
   const __m512 pv = _mm512_set1_ps(p);
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(v + i), _mm512_loadu_ps(acc + i)));
+#elif defined(CARPOOL_AVX2)
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(acc + i)));
 #endif
   for (; i < n; ++i) acc[i] += p * to_float(v[i]);
 }
@@ -147,6 +209,17 @@ inline bool head_values_fixed(float* ah, const T* v0, int64_t stride, int64_t n_
     for (int j = 0; j < NV; ++j) a[j] = _mm512_fmadd_ps(p, load16(vp + 16 * j), a[j]);
   }
   for (int j = 0; j < NV; ++j) _mm512_storeu_ps(ah + 16 * j, a[j]);
+  return true;
+#elif defined(CARPOOL_AVX2)
+  // NV 16-lane vectors are 2 * NV 8-lane ones (16 registers at head_dim 128: all of them).
+  __m256 a[2 * NV];
+  for (int j = 0; j < 2 * NV; ++j) a[j] = _mm256_loadu_ps(ah + 8 * j);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const __m256 p = _mm256_set1_ps(ph[t]);
+    const T* vp = v0 + t * stride;
+    for (int j = 0; j < 2 * NV; ++j) a[j] = _mm256_fmadd_ps(p, load8(vp + 8 * j), a[j]);
+  }
+  for (int j = 0; j < 2 * NV; ++j) _mm256_storeu_ps(ah + 8 * j, a[j]);
   return true;
 #else
   return false;
@@ -207,6 +280,26 @@ inline __m512 exp16_nonpositive(__m512 x) {
 }
 #endif
 
+#if defined(CARPOOL_AVX2)
+// exp_nonpositive on 8 lanes (exp16_nonpositive's steps).
+inline __m256 exp8_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 fi = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, fi);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
 // sh[t] = exp(sh[t] - mx) for t < n; returns their sum.
 inline float exp_block(float* sh, int64_t n, float mx) {
   float sum = 0.0f;
@@ -219,6 +312,15 @@ inline float exp_block(float* sh, int64_t n, float mx) {
     _mm512_mask_storeu_ps(sh + t, k, p);
     sum += _mm512_mask_reduce_add_ps(k, p);
   }
+#elif defined(CARPOOL_AVX2)
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 total = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 p = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sh + t), m));
+    _mm256_storeu_ps(sh + t, p);
+    total = _mm256_add_ps(total, p);
+  }
+  sum = hsum8(total);
 #endif
   for (; t < n; ++t) {
     const float p = exp_nonpositive(sh[t] - mx);
