@@ -8,6 +8,7 @@ signature: run it with ``PYTHONPATH=<checkout>/src`` to compare two branches.
     python benchmarks/profile_step.py --random-config small --batch 8 --context 2048,8192
     python benchmarks/profile_step.py --batch 8 --context 2048 --decode-attention gather
     python benchmarks/profile_step.py --batch 8 --context 2048 --kv-cache-dtype int8
+    python benchmarks/profile_step.py --model model.gguf --dtype auto --batch 1,32 --top 8
 
 For each (batch, context): B sequences whose caches already hold ``context - 1`` tokens decode
 one token each per step. Prints the median step (batch build + forward), torch.profiler's ops
@@ -107,7 +108,13 @@ def fill_random(caches: list[torch.Tensor]) -> None:
 
 
 def measure(
-    model, batch: int, context: int, steps: int, block_size: int = 16, kv_dtype=None
+    model,
+    batch: int,
+    context: int,
+    steps: int,
+    block_size: int = 16,
+    kv_dtype=None,
+    top_ops: int = 0,
 ) -> dict:
     cfg = model.config
     dtype = next(model.parameters()).dtype
@@ -135,6 +142,12 @@ def measure(
     ops = prof.key_averages()
     # Top-level ops only (no parent op): what Python dispatches. Children run inside them.
     top = [e for e in prof.events() if e.cpu_parent is None and not e.name.startswith("Profiler")]
+    if top_ops:  # the ops with the most self time, per step
+        for k in sorted(ops, key=lambda k: -k.self_cpu_time_total)[:top_ops]:
+            print(
+                f"  {k.key:<48} {k.self_cpu_time_total / steps / 1e3:8.3f} ms/step "
+                f"{k.count / steps:6.1f} calls/step"
+            )
     top_ops = len(top) / steps
     total = sum(k.self_cpu_time_total for k in ops) / steps / 1e6
     mm = sum(k.self_cpu_time_total for k in ops if k.key in MATMUL_OPS) / steps / 1e6
@@ -159,6 +172,8 @@ def measure(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--random-config", default="small")
+    p.add_argument("--model", help="a model directory or GGUF file instead of a random model")
+    p.add_argument("--top", type=int, default=0, help="print this many ops by self time")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--context", default="64", help="comma-separated context lengths")
@@ -188,7 +203,7 @@ def main() -> None:
     except ImportError:
         pass
     contexts = [int(c) for c in a.context.split(",")]
-    path = random_model(a.random_config, a.dtype, max(contexts) + 16)
+    path = a.model or random_model(a.random_config, a.dtype, max(contexts) + 16)
     model, _ = load_model(path, dtype=a.dtype)
     prepare_model(model, "cpu")  # as the engine's runner does: packed weights, fused ops
     print(
@@ -200,7 +215,7 @@ def main() -> None:
     for b in (int(x) for x in a.batch.split(",")):
         for ctx in contexts:
             kv = torch.int8 if a.kv_cache_dtype == "int8" else None
-            r = measure(model, b, ctx, a.steps, kv_dtype=kv)
+            r = measure(model, b, ctx, a.steps, kv_dtype=kv, top_ops=a.top)
             rows.append(r)
             print(
                 f"| {b} | {ctx} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} "

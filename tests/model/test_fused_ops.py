@@ -326,3 +326,52 @@ def test_int8_gemv_takes_float32_input_at_any_size(rows):
     assert fused_ops.fused_calls() == calls + 1
     assert got.dtype == torch.float32 and torch.equal(got, got.bfloat16().float())
     assert_bf16_close(got.bfloat16(), torch._weight_int8pack_mm(x.bfloat16(), q, s))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 32])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, k", [(96, 64), (130, 100)])
+def test_bf16_linear_is_a_bf16_gemm(rows, x_dtype, n, k):
+    # bf16 weights on a CPU without bf16 GEMM units: float32 sums of the exact products,
+    # rounded once to x's dtype (K = 100: a tail after the vector loop).
+    torch.manual_seed(rows + n)
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    b = torch.randn(n, dtype=torch.bfloat16)
+    x = torch.randn(rows, k).to(x_dtype)
+    got = torch.ops.carpool.bf16_linear(x, w, b)
+    assert got.dtype == x_dtype and got.shape == (rows, n)
+    exact = x.float() @ w.float().T + b.float()
+    if x_dtype == torch.bfloat16:
+        assert_bf16_close(got, exact.bfloat16())
+    else:
+        assert torch.allclose(got, exact, rtol=1e-5, atol=1e-5)
+    # Each row is summed the same way whatever the row count: alone, the same bits.
+    for r in range(rows):
+        assert torch.equal(torch.ops.carpool.bf16_linear(x[r : r + 1], w, b), got[r : r + 1])
+
+
+def test_bf16_linear_refuses_bad_shapes_with_a_message():
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous"):
+        torch.ops.carpool.bf16_linear(torch.randn(2, 16), w.float(), None)
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        torch.ops.carpool.bf16_linear(torch.randn(2, 16).half(), w, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.carpool.bf16_linear(torch.randn(2, 16), w, torch.randn(7))
+
+
+def test_linear_takes_bf16_linear_where_bf16_gemm_is_emulated(monkeypatch):
+    # On an AVX2-only CPU (fused_ops.bf16_emulated()), every row count of a plain bf16 Linear
+    # runs the kernel; forced here so that any machine checks the routing.
+    from carpool.model.layers import Linear
+
+    monkeypatch.setattr(fused_ops, "_BF16_EMULATED", True)
+    torch.manual_seed(0)
+    lin = Linear(64, 48, bias=True).bfloat16()
+    for rows in (1, 5, 17):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        calls = fused_ops.fused_calls()
+        got = lin(x)
+        assert fused_ops.fused_calls() == calls + 1
+        want = (x.float() @ lin.weight.float().T + lin.bias.float()).bfloat16()
+        assert_bf16_close(got, want)

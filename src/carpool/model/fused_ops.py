@@ -171,6 +171,37 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
     return None
 
 
+def bf16_emulated() -> bool:
+    """True on a CPU whose torch has no fast bf16 GEMM: no oneDNN bf16 (it needs AVX-512 or
+    AMX), so torch's bf16 ``linear`` takes its generic loops (an AMD Zen 3 with AVX2 ran it
+    3-5x slower than float32 at 8-32 rows). There ``bf16_linear`` multiplies bf16 weights."""
+    return _BF16_EMULATED
+
+
+_BF16_EMULATED = (
+    torch.backends.mkldnn.is_available() is False
+    or not bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+) and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``F.linear`` for a plain bf16 ``weight`` ``[N, K]`` and ``x`` ``[M, K]`` (bf16 or float32,
+    any M) in float32 sums rounded once to ``x``'s dtype, on CPUs where ``bf16_emulated()``;
+    None where the kernel does not apply (the caller runs torch's)."""
+    if (
+        _BF16_EMULATED
+        and x.dim() == 2
+        and weight.dtype == torch.bfloat16
+        and not weight.is_mkldnn
+        and weight.is_contiguous()
+        and _fused(x)
+    ):
+        return torch.ops.carpool.bf16_linear(x, weight, bias)
+    return None
+
+
 # Rows up to which int4_gemv takes an int4 weight-only product (the C++ kernel's templates).
 INT4_GEMV_MAX_ROWS = 4
 

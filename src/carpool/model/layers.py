@@ -45,7 +45,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     """``F.linear``, or oneDNN's linear on a weight packed by ``Linear.prepack``."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    y = fused_ops.bf16_linear(x, weight, bias)  # bf16 weights on a CPU without bf16 GEMM
+    return F.linear(x, weight, bias) if y is None else y
 
 
 def linear_bucketed(
@@ -55,7 +56,8 @@ def linear_bucketed(
     reduced-precision weights (float32 takes MKL's sgemm, which caches nothing per shape)."""
     rows = x.shape[0]
     padded = bucket_rows(rows)
-    if weight.dtype == torch.float32 or x.dim() != 2 or padded == rows:
+    # (No padding where bf16_linear multiplies: its cost follows the rows, its sums not.)
+    if weight.dtype == torch.float32 or x.dim() != 2 or padded == rows or fused_ops.bf16_emulated():
         return _linear(x, weight, bias)
     out = _linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias)  # [padded, N]
     return out[:rows]  # contiguous: a prefix of the rows
@@ -144,6 +146,9 @@ class Linear(nn.Linear):
             out = vnni_linear.linear(x.reshape(-1, k), self.weight, self.bias_f32, n)
             return out.view(*x.shape[:-1], n)
         if x.dim() == 2 and x.shape[0] == 1 and self.layout == "plain":
+            y = fused_ops.bf16_linear(x, self.weight, self.bias)  # a CPU without bf16 GEMM
+            if y is not None:
+                return y
             out = torch.mv(self.weight, x[0]).unsqueeze(0)
             return out if self.bias is None else out + self.bias
         return linear_bucketed(x, self.weight, self.bias)

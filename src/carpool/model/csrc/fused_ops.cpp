@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -683,6 +684,100 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
   return y;
 }
 
+// bf16 weights times float32 or bf16 activations, any number of rows, on CPUs without bf16
+// matrix units (AVX2 machines such as AMD Zen 3): there torch's bf16 GEMM has no oneDNN path
+// and ran 3-5x slower than its float32 one at 8-32 rows (BENCHMARKS.md "Fifth pass"), and
+// widening the weights to float32 would double their bytes. Each weight row is widened in
+// registers (a shift) and multiplied into up to 4 input rows at once, so a weight load serves
+// 4 FMAs; the output columns are split over the threads in blocks of 16 weight rows (16 x K
+// bf16 stays in L1/L2 while every group of input rows passes over it). Float32 sums of exact
+// products, rounded once to the output dtype (x's): a bf16 GEMM's values in another order.
+// Every input row is summed the same way whatever the row count (batch-invariant).
+template <int64_t M, typename T>
+void bf16_rows(const float* xf, const c10::BFloat16* w, const float* bias, T* y, int64_t n,
+               int64_t k, int64_t r0, int64_t r1) {
+  using E = Elt<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const c10::BFloat16* wr = w + r * k;
+    float acc[M];
+    int64_t i = 0;
+#if defined(CARPOOL_AVX2)
+    __m256 va[M];
+    for (int64_t m = 0; m < M; ++m) va[m] = _mm256_setzero_ps();
+    for (; i + 8 <= k; i += 8) {
+      const __m256 wv = load8(wr + i);
+      for (int64_t m = 0; m < M; ++m) va[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xf + m * k + i), va[m]);
+    }
+    for (int64_t m = 0; m < M; ++m) acc[m] = hsum8(va[m]);
+#elif defined(__AVX512F__)
+    __m512 va[M];
+    for (int64_t m = 0; m < M; ++m) va[m] = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) {
+      const __m512 wv = load16(wr + i);
+      for (int64_t m = 0; m < M; ++m) va[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + m * k + i), va[m]);
+    }
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_reduce_add_ps(va[m]);
+#else
+    for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+#endif
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = i; j < k; ++j) acc[m] += carpool_kernels::to_float(wr[j]) * xf[m * k + j];
+    const float b = bias != nullptr ? bias[r] : 0.f;
+    for (int64_t m = 0; m < M; ++m) E::store(y + m * n, r, E::round(acc[m] + b));
+  }
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "bf16_linear: x must be a contiguous [M, K] bfloat16 or float32 tensor, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kBFloat16 && weight.size(1) == x.size(1),
+              "bf16_linear: weight must be a contiguous [N, ", x.size(1), "] bfloat16 tensor, got ",
+              weight.sizes(), " ", weight.scalar_type());
+  const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
+  at::Tensor b32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bf16_linear: bias must be [", n,
+                "], got ", bias->sizes());
+    b32 = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  // The input rows in float32 once (bf16 values widen exactly), shared by the threads.
+  at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const float* xp = xf.data_ptr<float>();
+  const c10::BFloat16* wp = weight.data_ptr<c10::BFloat16>();
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  constexpr int64_t kRowsPerBlock = 16;
+  // Small products run on the calling thread: an OpenMP region costs more than ~64k MACs.
+  const int64_t grain = std::max<int64_t>(kRowsPerBlock, 65536 / std::max<int64_t>(1, m * k));
+  auto run = [&](auto* yp) {
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r0 = begin; r0 < end; r0 += kRowsPerBlock) {
+        const int64_t r1 = std::min(end, r0 + kRowsPerBlock);
+        for (int64_t m0 = 0; m0 < m; m0 += 4) {
+          const float* xg = xp + m0 * k;
+          auto* yg = yp + m0 * n;
+          switch (std::min<int64_t>(4, m - m0)) {
+            case 1: bf16_rows<1>(xg, wp, bp, yg, n, k, r0, r1); break;
+            case 2: bf16_rows<2>(xg, wp, bp, yg, n, k, r0, r1); break;
+            case 3: bf16_rows<3>(xg, wp, bp, yg, n, k, r0, r1); break;
+            default: bf16_rows<4>(xg, wp, bp, yg, n, k, r0, r1); break;
+          }
+        }
+      }
+    });
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(y.data_ptr<float>());
+  else
+    run(y.data_ptr<c10::BFloat16>());
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(carpool, m) {
@@ -692,6 +787,7 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cs) -> ()");
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block) -> "
       "Tensor");
@@ -704,5 +800,6 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("argmax_rows", &argmax_rows);
   m.impl("rotary_", &rotary_);
   m.impl("int8_gemv", &int8_gemv);
+  m.impl("bf16_linear", &bf16_linear);
   m.impl("int4_gemv", &int4_gemv);
 }
