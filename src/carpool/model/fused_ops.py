@@ -179,7 +179,7 @@ def bf16_emulated() -> bool:
 
 
 _BF16_EMULATED = (
-    torch.backends.mkldnn.is_available() is False
+    not torch.backends.mkldnn.is_available()
     or not bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 ) and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
