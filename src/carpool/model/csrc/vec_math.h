@@ -240,19 +240,21 @@ inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, c
 
 // exp(x) for x <= 0 (scores minus their running max), relative error ~2e-7: 2^t split into
 // 2^floor(t) (exponent bits) times a degree-6 polynomial of 2^frac(t). Branch-free so the loop
-// over a block's tokens vectorizes.
+// over a block's tokens vectorizes. The scalar, 16-lane and 8-lane forms share these constants.
+constexpr float kExpMin = -87.0f;  // below this exp(x) is under float's normal range: ~0
+constexpr float kLog2e = 1.44269504088896341f;
+// 2^f on [0, 1), highest degree first (Horner).
+constexpr float kExp2Poly[7] = {1.535336188319500e-4f, 1.339887440266574e-3f,
+                                9.618437357674640e-3f, 5.550332471162809e-2f,
+                                2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f};
+
 inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // below this exp(x) is under float's normal range: ~0
-  const float t = x * 1.44269504088896341f;  // log2(e)
+  x = std::max(x, kExpMin);
+  const float t = x * kLog2e;
   const float fi = std::floor(t);
   const float f = t - fi;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  float p = kExp2Poly[0];
+  for (int j = 1; j < 7; ++j) p = p * f + kExp2Poly[j];
   const int32_t e = (static_cast<int32_t>(fi) + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, sizeof(scale));
@@ -263,17 +265,12 @@ inline float exp_nonpositive(float x) {
 // exp_nonpositive on 16 lanes: the same steps (floor, the same polynomial, the exponent bits).
 // gcc left the `omp simd` loop over a block's scores scalar (the float -> int bit cast).
 inline __m512 exp16_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpMin));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
   const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, fi);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int j = 1; j < 7; ++j) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[j]));
   const __m512i e = _mm512_slli_epi32(
       _mm512_add_epi32(_mm512_cvtps_epi32(fi), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
@@ -283,17 +280,12 @@ inline __m512 exp16_nonpositive(__m512 x) {
 #if defined(CARPOOL_AVX2)
 // exp_nonpositive on 8 lanes (exp16_nonpositive's steps).
 inline __m256 exp8_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(kExpMin));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(kLog2e));
   const __m256 fi = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, fi);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int j = 1; j < 7; ++j) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[j]));
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
