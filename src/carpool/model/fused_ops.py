@@ -58,6 +58,11 @@ def _fused(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def active() -> bool:
+    """True when the fused operators are loaded and turned on (the decode stack calls them)."""
+    return _lib.enabled and _lib.loaded
+
+
 def fused_calls() -> int:
     """How many times a fused operator ran in this process (tests check it was taken)."""
     return _calls

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from carpool.config import ModelConfig
+from carpool.model import decode_stack
 from carpool.model.attention import Attention, AttentionMetadata, GatherBuffer
 from carpool.model.kv_quant import row_width
 from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
@@ -104,6 +105,13 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        # The layers as one C++ operator's arguments, for decode steps (decode_stack.attach).
+        self.decode_plan: decode_stack.StackPlan | None = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # ``.to()`` etc. replace the tensors the plan refers to.
+        self.decode_plan = None
+        return super()._apply(fn, recurse)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when the checkpoint ties them.
@@ -134,8 +142,14 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         rope = self.model.rotary.table(positions, x.dtype)  # [T, 2, D]
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x, residual = layer.forward(x, residual, rope, meta, kv_cache)
+        stacked = None
+        if self.decode_plan is not None:  # a decode step in one C++ call, when it applies
+            stacked = decode_stack.run(self.decode_plan, x, rope, meta, kv_caches)
+        if stacked is not None:
+            x, residual = stacked
+        else:
+            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+                x, residual = layer.forward(x, residual, rope, meta, kv_cache)
         # Only rows that sample need the last residual add, the final norm and the (large)
         # vocabulary projection.
         if residual is None:  # no layers

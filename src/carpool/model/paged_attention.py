@@ -117,6 +117,11 @@ def kernel_calls() -> int:
     return _state.calls
 
 
+def count_calls(n: int) -> None:
+    """Count ``n`` kernel runs made from C++ (the decode stack calls it once per layer)."""
+    _state.calls += n
+
+
 def build_seconds() -> float | None:
     """Seconds the first ``kernel()`` took (compile + load, or load of the cached build)."""
     return _state.build_seconds

@@ -41,6 +41,11 @@ def load() -> bool:
     return _lib.load()
 
 
+def loaded() -> bool:
+    """True once the operator is loaded and turned on."""
+    return _lib.enabled and _lib.loaded
+
+
 def failure() -> str | None:
     """Why the operator could not be built (None when it was, or was not tried)."""
     return _lib.failed

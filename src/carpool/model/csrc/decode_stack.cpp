@@ -1,0 +1,260 @@
+// A decode step's decoder layers in one call: carpool::decode_stack.
+//
+// Why: at batch 1 a decoder layer is ~20 operator calls from Python (norms, four linears,
+// rotary, the cache write, the paged attention, the activation, views), each a few
+// microseconds of interpreter and dispatcher work around a kernel of a few microseconds; on a
+// 30-layer model (SmolLM2-135M) that was ~6.5 ms of a ~15 ms step on a 2-core AMD Zen 3
+// (profile_step.py: 44% of the step outside matmuls and attention). Here the same operators
+// run from C++, layer after layer, with no Python between them.
+//
+// It is a transcription, not a new algorithm: every layer calls the same operators with the
+// same arguments, in the same order, as `DecoderLayer.forward` does for a pure decode step of
+// at most 32 rows (the fused norms, rotary and SwiGLU of `fused_ops`, the paged decode kernel,
+// the linears' own kernel choice by row count, see `linear` below), so the result is the same
+// bits as the Python path's (tested), and a request's tokens do not depend on which path or
+// which batch served it. The Python side (`carpool.model.decode_stack`) decides when it
+// applies and lays the weights out once per model.
+//
+// Each layer's tensors, kTensorsPerLayer of them: input norm weight, post-attention norm
+// weight, then for each linear (qkv, o, gate_up, down) three slots; its ints, kIntsPerLayer:
+// for each linear (kind, out_features, group size). The kinds and their slots:
+//   kPlain  (weight [N, K], bias?, -)            layers.Linear, plain weight
+//   kOneDnn (packed weight, bias?, -)            layers.Linear, oneDNN's packed layout
+//   kVnni   (packed weight, float32 bias?, -)    layers.Linear, the "vnni" layout
+//   kInt8   (int8 codes [N, K], bf16 scales, bias?)           quant.Int8Linear
+//   kInt4   (packed codes, bf16 scales_zeros, bias?)          quant.Int4Linear
+// Other operators are reached through the dispatcher (they live in other libraries: fused_ops,
+// paged_attention, vnni_linear, oneDNN's), looked up once.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTensorsPerLayer = 14;
+constexpr int64_t kIntsPerLayer = 12;
+constexpr int64_t kMaxRows = 32;  // layers.bucket_rows pads nothing up to here
+enum Kind : int64_t { kPlain = 0, kOneDnn = 1, kVnni = 2, kInt8 = 3, kInt4 = 4 };
+
+// Thresholds of quant.py and fused_ops.py, passed in by the caller (one source of truth).
+struct Limits {
+  int64_t int8_gemv_max_rows, int8_gemv_min_codes, int8_widen_above, int4_gemv_max_rows,
+      int4_block;
+  bool bf16_emulated;
+};
+
+template <typename F>
+c10::TypedOperatorHandle<F> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
+}
+
+// The operators of the other carpool libraries, with their kernels' exact C++ signatures.
+struct Ops {
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double)> rms_norm =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("carpool::rms_norm");
+  c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>
+      add_rms_norm = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, double)>(
+          "carpool::add_rms_norm");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)> silu_and_mul =
+      op<at::Tensor(const at::Tensor&)>("carpool::silu_and_mul");
+  c10::TypedOperatorHandle<void(at::Tensor, const at::Tensor&)> rotary =
+      op<void(at::Tensor, const at::Tensor&)>("carpool::rotary_");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>
+      int8_gemv = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+          "carpool::int8_gemv");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&)>
+      bf16_linear = op<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                  const std::optional<at::Tensor>&)>("carpool::bf16_linear");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
+                                      const at::Tensor&, int64_t)>
+      int4_gemv = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                int64_t)>("carpool::int4_gemv");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, double)>
+      paged_decode = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, double)>("carpool::paged_decode_attention");
+  c10::TypedOperatorHandle<void(const at::Tensor&, at::Tensor, const at::Tensor&)> kv_store_int8 =
+      op<void(const at::Tensor&, at::Tensor, const at::Tensor&)>("carpool::kv_store_int8");
+};
+
+const Ops& ops() {
+  static const Ops instance;  // after the first successful lookup; a failed one throws (retried)
+  return instance;
+}
+
+// Operators only some layouts need (another library, or oneDNN's), looked up on first use and
+// called boxed: their kernels' C++ signatures are not ours to restate.
+at::Tensor call_boxed(const char* name, std::vector<c10::IValue> args) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, c10::OperatorHandle> handles;
+  c10::OperatorHandle handle = [&] {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = handles.find(name);
+    if (it == handles.end())
+      it = handles.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(name, "")).first;
+    return it->second;
+  }();
+  torch::jit::Stack stack(std::make_move_iterator(args.begin()),
+                          std::make_move_iterator(args.end()));
+  handle.callBoxed(stack);
+  return stack.back().toTensor();
+}
+
+at::Tensor opt(const c10::List<std::optional<at::Tensor>>& t, int64_t i) {
+  const std::optional<at::Tensor> v = t.get(i);
+  return v.has_value() ? *v : at::Tensor();
+}
+
+// layers._linear at <= 32 rows (no bucket padding): oneDNN's packed linear, bf16_linear where
+// bf16 is emulated, else F.linear.
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                        const Limits& lim) {
+  if (lim.bf16_emulated && w.scalar_type() == at::kBFloat16 && w.is_contiguous())
+    return ops().bf16_linear.call(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+  return at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+}
+
+// QuantizedLinear._finish: the kernel's output back in x's dtype, plus the bias.
+at::Tensor finish(at::Tensor y, const at::Tensor& x, const at::Tensor& bias) {
+  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  return bias.defined() ? y + bias : y;
+}
+
+// One linear layer of any kind, choosing its kernel by row count exactly as its forward does.
+at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& c, int64_t n, int64_t group, const Limits& lim) {
+  const int64_t rows = x.size(0);
+  switch (kind) {
+    case kPlain:  // layers.Linear.forward, plain layout
+      if (lim.bf16_emulated && a.scalar_type() == at::kBFloat16 && a.is_contiguous())
+        return ops().bf16_linear.call(x, a, b.defined() ? std::optional<at::Tensor>(b)
+                                                        : std::nullopt);
+      if (rows == 1) {
+        at::Tensor out = at::mv(a, x[0]).unsqueeze(0);
+        return b.defined() ? out + b : out;
+      }
+      return at::linear(x, a, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+    case kOneDnn:
+      return call_boxed("mkldnn::_linear_pointwise",
+                        {x, a, b.defined() ? c10::IValue(b) : c10::IValue(), std::string("none"),
+                         c10::List<std::optional<at::Scalar>>(), std::string("")});
+    case kVnni:
+      return call_boxed("carpool::vnni_linear",
+                        {x, a, b.defined() ? c10::IValue(b) : c10::IValue(), n, int64_t{0}});
+    case kInt8: {  // quant.Int8Linear.forward; a = codes, b = scales, c = bias
+      const bool f32 = x.scalar_type() == at::kFloat;
+      if (rows <= lim.int8_gemv_max_rows &&
+          (f32 || (x.scalar_type() == at::kBFloat16 && a.numel() >= lim.int8_gemv_min_codes)) &&
+          b.scalar_type() == at::kBFloat16)
+        return finish(ops().int8_gemv.call(x, a, b), x, c);
+      const at::Tensor xk = x.to(b.scalar_type()).contiguous();
+      at::Tensor y = rows <= lim.int8_widen_above
+                         ? at::_weight_int8pack_mm(xk, a, b)
+                         : dense_linear(xk, a.to(b.scalar_type()), at::Tensor(), lim) * b;
+      return finish(y, x, c);
+    }
+    case kInt4: {  // quant.Int4Linear.forward; a = packed, b = scales_zeros, c = bias
+      at::Tensor y;
+      if (rows <= lim.int4_gemv_max_rows && b.scalar_type() == at::kBFloat16) {
+        y = ops().int4_gemv.call(x, a, group, b, lim.int4_block);
+      } else {  // up to quant.INT4_WIDEN_ABOVE_ROWS (128) rows: torch's kernel
+        y = at::_weight_int4pack_mm_for_cpu(x.to(b.scalar_type()).contiguous(), a, group, b);
+      }
+      if (y.size(1) != n) y = y.narrow(1, 0, n);
+      return finish(y, x, c);
+    }
+    default:
+      TORCH_CHECK(false, "decode_stack: unknown linear kind ", kind);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_stack(
+    const at::Tensor& x_in,          // [T, hidden]: the embedding of the step's tokens
+    const at::Tensor& rope,          // [T, 2, D]: cos and sign-folded sin, x's dtype
+    const at::Tensor& slot_mapping,  // [T] int64
+    const at::Tensor& block_tables,  // [T, max_blocks] int64
+    const at::Tensor& context_lens,  // [T] int64
+    at::TensorList kv_caches,        // per layer [blocks, block_size, 2, K, D (+4 int8)]
+    const c10::List<std::optional<at::Tensor>>& tensors,  // kTensorsPerLayer per layer
+    at::IntArrayRef ints,                                 // kIntsPerLayer per layer
+    at::IntArrayRef limits,  // int8 gemv rows, int8 gemv codes, int8 widen, int4 gemv rows, int4
+                             // block, bf16 emulated
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale) {
+  const int64_t layers = static_cast<int64_t>(kv_caches.size());
+  const int64_t t = x_in.size(0), h = num_heads, kvh = num_kv_heads, d = head_dim;
+  TORCH_CHECK(x_in.dim() == 2 && x_in.is_contiguous() && t >= 1 && t <= kMaxRows,
+              "decode_stack: x must be a contiguous [T, hidden] with 1 <= T <= ", kMaxRows,
+              ", got ", x_in.sizes());
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == layers * kTensorsPerLayer &&
+                  static_cast<int64_t>(ints.size()) == layers * kIntsPerLayer,
+              "decode_stack: ", layers, " layers need ", layers * kTensorsPerLayer,
+              " tensors and ", layers * kIntsPerLayer, " ints, got ", tensors.size(), " and ",
+              ints.size());
+  TORCH_CHECK(limits.size() == 6, "decode_stack: 6 limits expected, got ", limits.size());
+  const Limits lim{limits[0], limits[1], limits[2], limits[3], limits[4], limits[5] != 0};
+  const Ops& o = ops();
+  at::Tensor x = x_in, residual;
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t tb = l * kTensorsPerLayer, ib = l * kIntsPerLayer;
+    auto lin = [&](const at::Tensor& in, int64_t j) {
+      const int64_t s = tb + 2 + 3 * j, k = ib + 3 * j;
+      return linear(in, ints[k], opt(tensors, s), opt(tensors, s + 1), opt(tensors, s + 2),
+                    ints[k + 1], ints[k + 2], lim);
+    };
+    // DecoderLayer.forward: the previous MLP output added into the residual stream by the norm.
+    at::Tensor hs;
+    if (!residual.defined()) {
+      residual = x;
+      hs = o.rms_norm.call(x, opt(tensors, tb), eps);
+    } else {
+      std::tie(hs, residual) = o.add_rms_norm.call(x, residual, opt(tensors, tb), eps);
+    }
+    // Attention.forward, pure decode.
+    const at::Tensor qkv = lin(hs, 0).view({t, h + 2 * kvh, d});
+    o.rotary.call(qkv.narrow(1, 0, h + kvh), rope);
+    const at::Tensor new_kv = qkv.narrow(1, h, 2 * kvh).view({t, 2, kvh, d});
+    const at::Tensor& cache = kv_caches[l];
+    if (cache.scalar_type() == at::kChar)
+      o.kv_store_int8.call(new_kv, cache, slot_mapping);
+    else
+      cache.view({-1, 2, kvh, d}).index_copy_(0, slot_mapping, new_kv);
+    const at::Tensor att =
+        o.paged_decode.call(qkv.narrow(1, 0, h), cache, block_tables, context_lens, scale);
+    std::tie(hs, residual) =
+        o.add_rms_norm.call(lin(att.view({t, h * d}), 1), residual, opt(tensors, tb + 1), eps);
+    // GatedMLP.forward: SwiGLU fused in bf16; float32 keeps torch's ops (fused_ops.silu_and_mul).
+    const at::Tensor gu = lin(hs, 2);
+    at::Tensor act;
+    if (gu.scalar_type() == at::kBFloat16) {
+      act = o.silu_and_mul.call(gu);
+    } else {
+      const int64_t half = gu.size(1) / 2;
+      act = at::silu(gu.narrow(1, 0, half)) * gu.narrow(1, half, half);
+    }
+    x = lin(act, 3);
+  }
+  return {x, residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(carpool, m) {
+  m.def(
+      "decode_stack(Tensor x, Tensor rope, Tensor slot_mapping, Tensor block_tables, "
+      "Tensor context_lens, Tensor(a!)[] kv_caches, Tensor?[] tensors, int[] ints, int[] limits, "
+      "int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("decode_stack", &decode_stack); }

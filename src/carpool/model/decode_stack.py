@@ -1,0 +1,207 @@
+"""A pure decode step's decoder layers in one C++ call (``csrc/decode_stack.cpp``).
+
+Why: at batch 1 each decoder layer is ~20 operator calls from Python, each a few microseconds
+of interpreter and dispatcher work around a small kernel. On SmolLM2-135M (30 layers) that was
+~6.5 ms of a ~15 ms step on a 2-core AMD Zen 3 (``benchmarks/profile_step.py``). The C++
+operator runs the same operators, with the same arguments, in the same order as
+``DecoderLayer.forward``, so it computes the same bits (tested) with the Python in between gone.
+
+``attach(model)`` (``prepare_model`` calls it) lays the layers' weights out once as the
+operator's flat lists (a ``StackPlan``) when every layer is one the operator knows: the four
+linears of kinds ``layers.Linear`` (plain, oneDNN-packed or "vnni" weights), ``Int8Linear`` or
+``Int4Linear``, no per-head q/k norm (Qwen3 keeps the Python path). ``run`` takes a step when
+it is a pure decode step (one token per sequence, the paged decode kernel applies) of at most
+``MAX_ROWS`` sequences on the CPU with the fused operators loaded; otherwise it returns None
+and the model runs its layers from Python. ``CARPOOL_DECODE_STACK=0`` (or ``use_stack(False)``)
+keeps the Python path, to compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from carpool.model import fused_ops, kernel_build, paged_attention, quant, vnni_linear
+from carpool.model.attention import AttentionMetadata
+from carpool.model.layers import Linear
+
+ENV_STACK = "CARPOOL_DECODE_STACK"
+MAX_ROWS = 32  # the operator's limit: layers.bucket_rows pads no row count up to here
+# The operator's linear kinds (csrc/decode_stack.cpp).
+PLAIN, ONEDNN, VNNI, INT8, INT4 = 0, 1, 2, 3, 4
+
+_lib = kernel_build.Library(
+    "carpool_decode_stack", kernel_build.CSRC / "decode_stack.cpp", "decode stack", env=ENV_STACK
+)
+_calls = 0
+
+
+def load() -> bool:
+    """Build (first time on this machine) or load the operator now; False when it cannot be
+    built or is turned off."""
+    return _lib.load()
+
+
+def use_stack(enabled: bool) -> None:
+    """Turn the one-call decode stack on or off in this process (off: the Python layers)."""
+    _lib.enabled = enabled
+
+
+def stack_calls() -> int:
+    """How many decode steps ran through the operator in this process (tests check it)."""
+    return _calls
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """A model's layers as the operator's arguments: ``tensors`` (14 per layer: two norm
+    weights, then three slots per linear) and ``ints`` (12 per layer: kind, out_features,
+    group size per linear), for activations of ``dtype``."""
+
+    tensors: list[torch.Tensor | None]
+    ints: list[int]
+    dtype: torch.dtype
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float
+    uses_vnni: bool
+    limits: list[int]  # the kernel choices' thresholds (see ``_limits``)
+
+
+def _linear_entry(m: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | None:
+    """(three tensor slots, [kind, out_features, group]) of one linear; None if not supported."""
+    if isinstance(m, Linear):
+        if m.layout == "vnni":
+            return [m.weight, m.bias_f32, None], [VNNI, m.out_features, 0]
+        if m.weight.dtype != dtype and m.layout == "plain":
+            return None
+        kind = ONEDNN if m.layout == "onednn" else PLAIN
+        return [m.weight, m.bias, None], [kind, m.out_features, 0]
+    if isinstance(m, quant.Int8Linear) and m.scales.dtype == torch.bfloat16:
+        return [m.qweight, m.scales, m.bias], [INT8, m.out_features, 0]
+    if (
+        isinstance(m, quant.Int4Linear)
+        and m.scales_zeros.dtype == torch.bfloat16
+        and m.out_features % 64 == 0  # the kernel's output needs no narrowing copy
+    ):
+        return [m.packed, m.scales_zeros, m.bias], [INT4, m.out_features, m.group_size]
+    return None
+
+
+def build_plan(model: nn.Module) -> StackPlan | None:
+    """The ``StackPlan`` of a ``LlamaForCausalLM``, or None when a layer is not one the
+    operator runs (see the module docstring)."""
+    layers = model.model.layers
+    if len(layers) == 0:
+        return None
+    first = layers[0]
+    dtype = first.input_layernorm.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None
+    eps, attn0 = first.input_layernorm.eps, first.self_attn
+    tensors: list[torch.Tensor | None] = []
+    ints: list[int] = []
+    uses_vnni = False
+    for layer in layers:
+        attn = layer.self_attn
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if (
+            attn.q_norm is not None
+            or any(n.eps != eps or n.weight.dtype != dtype for n in norms)
+            or (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
+            != (attn0.num_heads, attn0.num_kv_heads, attn0.head_dim, attn0.scale)
+        ):
+            return None
+        tensors += [n.weight for n in norms]
+        for m in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            entry = _linear_entry(m, dtype)
+            if entry is None:
+                return None
+            tensors += entry[0]
+            ints += entry[1]
+            uses_vnni = uses_vnni or entry[1][0] == VNNI
+    return StackPlan(
+        tensors=[None if t is None else t.detach() for t in tensors],
+        ints=ints,
+        dtype=dtype,
+        num_heads=attn0.num_heads,
+        num_kv_heads=attn0.num_kv_heads,
+        head_dim=attn0.head_dim,
+        eps=eps,
+        scale=attn0.scale,
+        uses_vnni=uses_vnni,
+        limits=_limits(),
+    )
+
+
+def attach(model: nn.Module) -> StackPlan | None:
+    """Build the operator and ``model``'s plan (kept as ``model.decode_plan``) on the CPU;
+    None (and the Python layers) where either is unavailable."""
+    plan = None
+    if hasattr(model, "decode_plan") and load():
+        params = list(model.parameters())
+        if params and params[0].device.type == "cpu":
+            plan = build_plan(model)
+    if hasattr(model, "decode_plan"):
+        model.decode_plan = plan
+    return plan
+
+
+def _limits() -> list[int]:
+    """The thresholds by which the linears pick their kernels (the operator's ``Limits``)."""
+    return [
+        fused_ops.INT8_GEMV_MAX_ROWS,
+        fused_ops.INT8_GEMV_MIN_CODES,
+        quant.INT8_WIDEN_ABOVE_ROWS,
+        fused_ops.INT4_GEMV_MAX_ROWS,
+        quant.int4_row_block(),
+        int(fused_ops.bf16_emulated()),
+    ]
+
+
+def run(
+    plan: StackPlan,
+    x: torch.Tensor,
+    rope: torch.Tensor,
+    meta: AttentionMetadata,
+    kv_caches: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(last layer's MLP output, residual stream before it)`` of every layer over the step's
+    embeddings ``x`` (what the model's layer loop returns), or None when the step is not one
+    the operator takes (the caller runs the layers)."""
+    global _calls
+    t = x.shape[0]
+    if (
+        not (_lib.enabled and _lib.loaded and fused_ops.active())
+        or meta.context_lens is None
+        or meta.kernel_rows is not None  # a mixed prefill + decode step
+        or not 1 <= t <= MAX_ROWS
+        or x.dtype != plan.dtype
+        or not x.is_contiguous()
+        or not paged_attention.applies(kv_caches[0], x.dtype)
+        or (plan.uses_vnni and not vnni_linear.loaded())
+    ):
+        return None
+    out = torch.ops.carpool.decode_stack(
+        x,
+        rope,
+        meta.slot_mapping,
+        meta.block_tables,
+        meta.context_lens,
+        kv_caches,
+        plan.tensors,
+        plan.ints,
+        plan.limits,
+        plan.num_heads,
+        plan.num_kv_heads,
+        plan.head_dim,
+        plan.eps,
+        plan.scale,
+    )
+    _calls += 1
+    paged_attention.count_calls(len(kv_caches))
+    return out[0], out[1]

@@ -1,0 +1,184 @@
+"""The one-call decode stack (``carpool.model.decode_stack``): a decode step through the C++
+operator computes the same bits as the model's Python layers, for every linear kind (plain
+float32/bf16, oneDNN-packed, VNNI, int8, int4), with q/k/v bias, a float or int8 KV cache,
+1-32 sequences; steps it does not take (prefill, mixed, over 32 rows, Qwen3's q/k norm) keep
+the Python layers; bad arguments get a message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from carpool.model import decode_stack, paged_attention, vnni_linear
+from carpool.model.layers import Linear, prepack_available, prepack_linears
+from carpool.model.loader import load_model
+from carpool.worker.batch import build_ragged_batch
+from carpool.worker.model_runner import prepare_model
+from helpers.hf_models import save_tiny_hf_model
+
+BLOCK = 16
+
+
+class _Chunk:
+    def __init__(self, rid: str, tokens: list[int], start: int, table: list[int]) -> None:
+        self.request_id, self.token_ids, self.start_pos = rid, tokens, start
+        self.block_table, self.needs_sample = table, True
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for arch in ("llama", "qwen2", "qwen3"):
+        d = tmp_path_factory.mktemp(arch)
+        save_tiny_hf_model(arch, d)
+        out[arch] = d
+    return out
+
+
+def _model(path, dtype: str, quantization: str | None = None) -> nn.Module:
+    model, _ = load_model(path, dtype=dtype, quantization=quantization)
+    prepare_model(model, "cpu")
+    return model
+
+
+def _step(model, contexts: list[int], kv_dtype: torch.dtype | None = None, new: int = 1):
+    """Inputs of one step: sequence i has ``contexts[i] - new`` cached (random) tokens and
+    ``new`` new ones; blocks handed out interleaved."""
+    g = torch.Generator().manual_seed(len(contexts) * 1000 + sum(contexts))
+    per_seq = [-(-c // BLOCK) for c in contexts]
+    tables, nxt = [], 1
+    for n in per_seq:
+        tables.append(list(range(nxt, nxt + n)))
+        nxt += n
+    dtype = kv_dtype or next(model.parameters()).dtype
+    caches = model.allocate_kv_cache(nxt, BLOCK, dtype, "cpu")
+    for c in caches:
+        if c.dtype == torch.int8:
+            c[..., :-4].random_(-127, 128, generator=g)
+            c[..., -4:] = torch.tensor([0.02]).view(torch.int8)
+        else:
+            c.normal_(generator=g)
+    vocab = model.config.vocab_size
+    chunks = [
+        _Chunk(f"r{i}", torch.randint(3, vocab, (new,), generator=g).tolist(), c - new, t)
+        for i, (c, t) in enumerate(zip(contexts, tables, strict=True))
+    ]
+    return build_ragged_batch(chunks, tables, BLOCK), caches
+
+
+def _both_paths(model, inp, caches) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Logits (and written caches) of the Python layers and of the stack, same inputs; the
+    number of steps the stack took."""
+    out, written = [], []
+    before = decode_stack.stack_calls()
+    for on in (False, True):
+        decode_stack.use_stack(on)
+        c = [x.clone() for x in caches]
+        with torch.inference_mode():
+            out.append(model(inp.input_ids, inp.positions, inp.meta, c, inp.logits_indices))
+        written.append(c)
+    decode_stack.use_stack(True)
+    for a, b in zip(*written, strict=True):
+        assert torch.equal(a, b), "the stack wrote other K/V bytes than the Python layers"
+    return out[0], out[1], decode_stack.stack_calls() - before
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v bias, tied head
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_stack_is_the_python_layers_bits(checkpoints, arch, dtype, quantization):
+    model = _model(checkpoints[arch], dtype, quantization)
+    assert model.decode_plan is not None
+    kinds = set(model.decode_plan.ints[0::3])
+    expected = {"int8": {decode_stack.INT8}, "int4": {decode_stack.INT4}}
+    if quantization is None:  # oneDNN-packed where this CPU has bf16 GEMMs
+        assert kinds <= {decode_stack.PLAIN, decode_stack.ONEDNN}, kinds
+    else:
+        assert kinds == expected[quantization], kinds
+    kernel_runs = paged_attention.kernel_calls()
+    # 1-4 rows: the fused int8/int4 kernels; 5, 17, 32: torch's kernels / widened codes.
+    for contexts in (
+        [5],
+        [40, 3, 17],
+        [9, 30, 2, 64, 1],
+        [3 + 7 * i for i in range(17)],
+        [1 + i for i in range(32)],
+    ):
+        for kv in (None, torch.int8):
+            inp, caches = _step(model, contexts, kv)
+            want, got, taken = _both_paths(model, inp, caches)
+            assert taken == 1, f"{len(contexts)} rows, kv {kv}: the stack was not taken"
+            assert torch.equal(got, want), (
+                f"{len(contexts)} rows, kv {kv}: max diff {(got - want).abs().max()}"
+            )
+    assert paged_attention.kernel_calls() > kernel_runs  # counted for the layers it ran
+
+
+def test_vnni_layout_runs_in_the_stack(checkpoints):
+    """The "vnni" layout (picked only on AVX-512 BF16 + AMX CPUs; its operator runs anywhere)."""
+    assert vnni_linear.load()
+    model = _model(checkpoints["qwen2"], "bfloat16")
+    for m in model.model.layers.modules():
+        if isinstance(m, Linear) and m.layout == "plain":
+            w = m.weight.detach()
+            m.weight = nn.Parameter(vnni_linear.pack(w), requires_grad=False)
+            m.bias_f32 = None if m.bias is None else m.bias.detach().float()
+            m.layout = "vnni"
+    decode_stack.attach(model)
+    assert set(model.decode_plan.ints[0::3]) == {decode_stack.VNNI}
+    for contexts in ([7], [3, 50, 18]):
+        inp, caches = _step(model, contexts)
+        want, got, taken = _both_paths(model, inp, caches)
+        assert taken == 1 and torch.equal(got, want)
+
+
+@pytest.mark.skipif(not prepack_available("cpu"), reason="oneDNN bf16 not supported here")
+def test_onednn_layout_runs_in_the_stack(checkpoints):
+    model = _model(checkpoints["llama"], "bfloat16")
+    for m in model.modules():
+        if isinstance(m, Linear) and m.layout == "plain":
+            m.prepack("onednn")
+    prepack_linears(model)
+    decode_stack.attach(model)
+    assert decode_stack.ONEDNN in set(model.decode_plan.ints[0::3])
+    for contexts in ([7], [3, 50, 18]):
+        inp, caches = _step(model, contexts)
+        want, got, taken = _both_paths(model, inp, caches)
+        assert taken == 1 and torch.equal(got, want)
+
+
+def test_steps_it_does_not_take_keep_the_python_layers(checkpoints):
+    model = _model(checkpoints["llama"], "float32")
+    # A prefill step, more than 32 decode rows: the Python layers (same logits either way).
+    for inp, caches in (_step(model, [12], new=12), _step(model, [4] * 33)):
+        want, got, taken = _both_paths(model, inp, caches)
+        assert taken == 0 and torch.equal(got, want)
+    # A mixed step (a prefill chunk beside decode rows).
+    tables = [[1], [2, 3]]
+    chunks = [_Chunk("a", [5], 3, tables[0]), _Chunk("b", [6, 7, 8], 17, tables[1])]
+    inp = build_ragged_batch(chunks, tables, BLOCK)
+    caches = model.allocate_kv_cache(4, BLOCK, torch.float32, "cpu")
+    want, got, taken = _both_paths(model, inp, caches)
+    assert taken == 0 and torch.equal(got, want)
+    # Qwen3's per-head q/k norm: no plan.
+    assert _model(checkpoints["qwen3"], "float32").decode_plan is None
+
+
+def test_bad_arguments_are_refused_with_a_message(checkpoints):
+    model = _model(checkpoints["llama"], "float32")
+    plan = model.decode_plan
+    inp, caches = _step(model, [5])
+    x = model.model.embed_tokens(inp.input_ids)
+    rope = model.model.rotary.table(inp.positions, x.dtype)
+    m = inp.meta
+    args = [x, rope, m.slot_mapping, m.block_tables, m.context_lens, caches]
+    tail = [plan.limits, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.eps, plan.scale]
+    with pytest.raises(RuntimeError, match="tensors and"):
+        torch.ops.carpool.decode_stack(*args, plan.tensors[:-1], plan.ints, *tail)
+    big = torch.zeros(33, x.shape[1])
+    with pytest.raises(RuntimeError, match="1 <= T <= 32"):
+        torch.ops.carpool.decode_stack(big, *args[1:], plan.tensors, plan.ints, *tail)
+    bad_kind = [99, *plan.ints[1:]]
+    with pytest.raises(RuntimeError, match="unknown linear kind 99"):
+        torch.ops.carpool.decode_stack(*args, plan.tensors, bad_kind, *tail)
