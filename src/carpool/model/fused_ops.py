@@ -188,6 +188,13 @@ _BF16_EMULATED = (
     or not bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 ) and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
+# Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count).
+# Where bf16 is emulated (AVX2, e.g. AMD Zen 3) up to quant.INT4_WIDEN_ABOVE_ROWS: there it
+# measured 1.3-2x torch's _weight_int4pack_mm_for_cpu at 4-32 rows (benchmarks/quant_kernels.py,
+# BENCHMARKS.md "Sixth pass"), and a row's result no longer depends on how many rows share
+# the step. Elsewhere (AVX-512) 1-4 rows, as measured on an Intel Xeon in earlier passes.
+INT4_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
+
 
 def bf16_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -207,10 +214,6 @@ def bf16_linear(
     return None
 
 
-# Rows up to which int4_gemv takes an int4 weight-only product (the C++ kernel's templates).
-INT4_GEMV_MAX_ROWS = 4
-
-
 def int4_gemv(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -218,7 +221,8 @@ def int4_gemv(
     scales_zeros: torch.Tensor,
     block: int,
 ) -> torch.Tensor | None:
-    """``torch.ops.aten._weight_int4pack_mm_for_cpu`` for 1-4 rows ``x`` ``[M, K]`` over the same
+    """``torch.ops.aten._weight_int4pack_mm_for_cpu`` for up to ``INT4_GEMV_MAX_ROWS`` rows ``x``
+    ``[M, K]`` over the same
     packed codes and bf16 ``scales_zeros`` (``quant.Int4Linear``'s CPU layout, interleaved in
     ``block`` output rows: ``quant.int4_row_block()``), with a float32
     ``x`` rounded to bf16 inside and the bf16 result returned in ``x``'s dtype (what casting

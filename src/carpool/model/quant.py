@@ -256,8 +256,9 @@ class Int4Linear(QuantizedLinear):
         return cls(codes, scale32, zero, bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # 1-4 rows on the CPU: the fused kernel over the same codes (torch's is compute-bound
-        # at one row; the same sums in another order), taking a float32 x as it is.
+        # Up to fused_ops.INT4_GEMV_MAX_ROWS rows on the CPU: the fused kernel over the same
+        # codes (torch's is compute-bound; the same sums in another order), taking a float32 x
+        # as it is.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = fused_ops.int4_gemv(
             x2, self.packed, self.group_size, self.scales_zeros, int4_row_block()

@@ -525,133 +525,204 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 // A float32 x (a quantized GGUF model's activations) is rounded to bf16 first and the bf16
 // result widened back, exactly what casting around torch's bf16 kernel did, in the same pass:
 // two ops fewer per linear (SmolLM2 at batch 1: ~240 dispatches per step).
+// Output columns [b * B, (b + 1) * B) of M (1-4) input rows: xf and xsum (float32 rows, their
+// per-group sums) and y start at the group's first row. Each row's sums run in the same order
+// whatever M is (its own accumulators, the same K order): a row's result does not depend on the
+// rows beside it.
 template <int64_t M, typename T>
-void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t n,
-               int64_t k, int64_t g, int64_t B) {
+void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
+                const c10::BFloat16* sz, T* y, int64_t n, int64_t k, int64_t g, int64_t B,
+                int64_t b) {
   using E = Elt<c10::BFloat16>;
-  std::vector<float> xf(M * k), xsum(M * (k / g));
-  for (int64_t m = 0; m < M; ++m) {
+  const int64_t groups = k / g;
+  const uint8_t* qb = packed + b * k * (B / 2);
+#if defined(__AVX512F__)
+  if (B == 64) {
+    __m512 out[M][4];
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) out[m][j] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi32(0xF);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      __m512 acc[M][4];
+      for (int64_t m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+      for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
+        const uint8_t* q = qb + i * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(q) + 2048, _MM_HINT_T0);
+        const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+        const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(b0, low4)),
+                             _mm512_cvtepi32_ps(_mm512_and_si512(b1, low4)),
+                             _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)),
+                             _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4))};
+        for (int64_t m = 0; m < M; ++m) {
+          const __m512 xv = _mm512_set1_ps(xf[m * k + i]);
+          for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
+        }
+      }
+      // Columns 16j..16j+15 of the block: (scale, zero) pairs -> two float32 vectors.
+      for (int j = 0; j < 4; ++j) {
+        const __m512i pair = _mm512_loadu_si512(sz + (gi * n + b * 64 + 16 * j) * 2);
+        const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+        const __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
+        const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);  // zero - 8 scale
+        for (int64_t m = 0; m < M; ++m) {
+          out[m][j] = _mm512_fmadd_ps(sc, acc[m][j], out[m][j]);
+          out[m][j] = _mm512_fmadd_ps(off, _mm512_set1_ps(xsum[m * groups + gi]), out[m][j]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) {
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, out[m][j]);
+        for (int c = 0; c < 16; ++c)
+          Elt<T>::store(y + m * n, b * 64 + 16 * j + c, E::round(tmp[c]));
+      }
+    return;
+  }
+#elif defined(CARPOOL_AVX2)
+  // 3-4 rows x 32 columns of accumulators would spill (AVX2 has 16 vector registers): two
+  // passes of 16 columns, over bytes 8h..8h+7 of each input's 16 (columns 8h.. and 16 + 8h..).
+  // Every column sums the same products in the same order as in the one-pass loop below, so
+  // the bits are the same whatever the row count.
+  if (B == 32 && M >= 3) {
+    const __m256i low4 = _mm256_set1_epi32(0xF);
+    for (int h = 0; h < 2; ++h) {
+      __m256 out[M][2];
+      for (int64_t m = 0; m < M; ++m) out[m][0] = out[m][1] = _mm256_setzero_ps();
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        __m256 acc[M][2];
+        for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
+          const uint8_t* q = qb + i * 16 + 8 * h;
+          const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+          const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low4));
+          const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+          for (int64_t m = 0; m < M; ++m) {
+            const __m256 xv = _mm256_set1_ps(xf[m * k + i]);
+            acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
+          }
+        }
+        for (int c = 0; c < 2; ++c) {
+          const int j = h + 2 * c;  // columns 8j..8j+7
+          const __m256i pair = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(sz + (gi * n + b * 32 + 8 * j) * 2));
+          const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+          const __m256 ze = _mm256_castsi256_ps(
+              _mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+          const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
+          for (int64_t m = 0; m < M; ++m) {
+            out[m][c] = _mm256_fmadd_ps(sc, acc[m][c], out[m][c]);
+            out[m][c] = _mm256_fmadd_ps(off, _mm256_set1_ps(xsum[m * groups + gi]), out[m][c]);
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int c = 0; c < 2; ++c) {
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, out[m][c]);
+          for (int e = 0; e < 8; ++e)
+            Elt<T>::store(y + m * n, b * 32 + 8 * (h + 2 * c) + e, E::round(tmp[e]));
+        }
+    }
+    return;
+  }
+  // The same loop on 8-lane vectors: B = 32 columns are 16 bytes per input, four vectors.
+  if (B == 32) {
+    __m256 out[M][4];
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) out[m][j] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi32(0xF);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      __m256 acc[M][4];
+      for (int64_t m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+      for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
+        const uint8_t* q = qb + i * 16;
+        _mm_prefetch(reinterpret_cast<const char*>(q) + 1024, _MM_HINT_T0);
+        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+        const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)),
+                             _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)),
+                             _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)),
+                             _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
+        for (int64_t m = 0; m < M; ++m) {
+          const __m256 xv = _mm256_set1_ps(xf[m * k + i]);
+          for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_fmadd_ps(w[j], xv, acc[m][j]);
+        }
+      }
+      // Columns 8j..8j+7 of the block: (scale, zero) pairs -> two float32 vectors.
+      for (int j = 0; j < 4; ++j) {
+        const __m256i pair = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(sz + (gi * n + b * 32 + 8 * j) * 2));
+        const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+        const __m256 ze = _mm256_castsi256_ps(
+            _mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);  // zero - 8 scale
+        for (int64_t m = 0; m < M; ++m) {
+          out[m][j] = _mm256_fmadd_ps(sc, acc[m][j], out[m][j]);
+          out[m][j] = _mm256_fmadd_ps(off, _mm256_set1_ps(xsum[m * groups + gi]), out[m][j]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, out[m][j]);
+        for (int c = 0; c < 8; ++c)
+          Elt<T>::store(y + m * n, b * 32 + 8 * j + c, E::round(tmp[c]));
+      }
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < B; ++c) {
+      const int64_t byte = c % (B / 2), shift = c < B / 2 ? 0 : 4;
+      float total = 0.f;
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        float acc = 0.f;
+        for (int64_t i = gi * g; i < (gi + 1) * g; ++i)
+          acc += xf[m * k + i] * static_cast<float>((qb[i * (B / 2) + byte] >> shift) & 0xF);
+        const float sc = E::load(sz, (gi * n + b * B + c) * 2);
+        const float ze = E::load(sz, (gi * n + b * B + c) * 2 + 1);
+        total += sc * acc + (ze - 8.0f * sc) * xsum[m * groups + gi];
+      }
+      Elt<T>::store(y + m * n, b * B + c, E::round(total));
+    }
+}
+
+// int4 products of any number of rows: the rows in float32 (bf16-rounded) with their per-group
+// sums once, then per column block every group of up to 4 rows, so the block's codes are read
+// from memory once and stay in L1 while the groups pass over them.
+template <typename T>
+void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t rows,
+               int64_t n, int64_t k, int64_t g, int64_t B) {
+  const int64_t groups = k / g;
+  std::vector<float> xf(rows * k), xsum(rows * groups);
+  for (int64_t m = 0; m < rows; ++m) {
     for (int64_t i = 0; i < k; ++i)
       xf[m * k + i] = Elt<c10::BFloat16>::round(Elt<T>::load(x + m * k, i));
-    for (int64_t j = 0; j < k / g; ++j) {
+    for (int64_t j = 0; j < groups; ++j) {
       float s = 0.f;
       for (int64_t i = 0; i < g; ++i) s += xf[m * k + j * g + i];
-      xsum[m * (k / g) + j] = s;
+      xsum[m * groups + j] = s;
     }
   }
-  const int64_t blocks = n / B, groups = k / g;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* qb = packed + b * k * (B / 2);
-#if defined(__AVX512F__)
-      if (B == 64) {
-        __m512 out[M][4];
-        for (int64_t m = 0; m < M; ++m)
-          for (int j = 0; j < 4; ++j) out[m][j] = _mm512_setzero_ps();
-        const __m512i low4 = _mm512_set1_epi32(0xF);
-        for (int64_t gi = 0; gi < groups; ++gi) {
-          __m512 acc[M][4];
-          for (int64_t m = 0; m < M; ++m)
-            for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-          for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
-            const uint8_t* q = qb + i * 32;
-            _mm_prefetch(reinterpret_cast<const char*>(q) + 2048, _MM_HINT_T0);
-            const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-            const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-            const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(b0, low4)),
-                                 _mm512_cvtepi32_ps(_mm512_and_si512(b1, low4)),
-                                 _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)),
-                                 _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4))};
-            for (int64_t m = 0; m < M; ++m) {
-              const __m512 xv = _mm512_set1_ps(xf[m * k + i]);
-              for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
-            }
-          }
-          // Columns 16j..16j+15 of the block: (scale, zero) pairs -> two float32 vectors.
-          for (int j = 0; j < 4; ++j) {
-            const __m512i pair = _mm512_loadu_si512(sz + (gi * n + b * 64 + 16 * j) * 2);
-            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-            const __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
-            const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);  // zero - 8 scale
-            for (int64_t m = 0; m < M; ++m) {
-              out[m][j] = _mm512_fmadd_ps(sc, acc[m][j], out[m][j]);
-              out[m][j] = _mm512_fmadd_ps(off, _mm512_set1_ps(xsum[m * groups + gi]), out[m][j]);
-            }
-          }
+  at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+        const float* xg = xf.data() + m0 * k;
+        const float* sg = xsum.data() + m0 * groups;
+        T* yg = y + m0 * n;
+        switch (std::min<int64_t>(4, rows - m0)) {
+          case 1: int4_block<1>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
+          case 2: int4_block<2>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
+          case 3: int4_block<3>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
+          default: int4_block<4>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
         }
-        for (int64_t m = 0; m < M; ++m)
-          for (int j = 0; j < 4; ++j) {
-            alignas(64) float tmp[16];
-            _mm512_store_ps(tmp, out[m][j]);
-            for (int c = 0; c < 16; ++c)
-              Elt<T>::store(y + m * n, b * 64 + 16 * j + c, E::round(tmp[c]));
-          }
-        continue;
       }
-#elif defined(CARPOOL_AVX2)
-      // The same loop on 8-lane vectors: B = 32 columns are 16 bytes per input, four vectors.
-      if (B == 32) {
-        __m256 out[M][4];
-        for (int64_t m = 0; m < M; ++m)
-          for (int j = 0; j < 4; ++j) out[m][j] = _mm256_setzero_ps();
-        const __m256i low4 = _mm256_set1_epi32(0xF);
-        for (int64_t gi = 0; gi < groups; ++gi) {
-          __m256 acc[M][4];
-          for (int64_t m = 0; m < M; ++m)
-            for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
-          for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
-            const uint8_t* q = qb + i * 16;
-            _mm_prefetch(reinterpret_cast<const char*>(q) + 1024, _MM_HINT_T0);
-            const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-            const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
-            const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)),
-                                 _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)),
-                                 _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)),
-                                 _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
-            for (int64_t m = 0; m < M; ++m) {
-              const __m256 xv = _mm256_set1_ps(xf[m * k + i]);
-              for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_fmadd_ps(w[j], xv, acc[m][j]);
-            }
-          }
-          // Columns 8j..8j+7 of the block: (scale, zero) pairs -> two float32 vectors.
-          for (int j = 0; j < 4; ++j) {
-            const __m256i pair = _mm256_loadu_si256(
-                reinterpret_cast<const __m256i*>(sz + (gi * n + b * 32 + 8 * j) * 2));
-            const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-            const __m256 ze = _mm256_castsi256_ps(
-                _mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-            const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);  // zero - 8 scale
-            for (int64_t m = 0; m < M; ++m) {
-              out[m][j] = _mm256_fmadd_ps(sc, acc[m][j], out[m][j]);
-              out[m][j] = _mm256_fmadd_ps(off, _mm256_set1_ps(xsum[m * groups + gi]), out[m][j]);
-            }
-          }
-        }
-        for (int64_t m = 0; m < M; ++m)
-          for (int j = 0; j < 4; ++j) {
-            alignas(32) float tmp[8];
-            _mm256_store_ps(tmp, out[m][j]);
-            for (int c = 0; c < 8; ++c)
-              Elt<T>::store(y + m * n, b * 32 + 8 * j + c, E::round(tmp[c]));
-          }
-        continue;
-      }
-#endif
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t c = 0; c < B; ++c) {
-          const int64_t byte = c % (B / 2), shift = c < B / 2 ? 0 : 4;
-          float total = 0.f;
-          for (int64_t gi = 0; gi < groups; ++gi) {
-            float acc = 0.f;
-            for (int64_t i = gi * g; i < (gi + 1) * g; ++i)
-              acc += xf[m * k + i] * static_cast<float>((qb[i * (B / 2) + byte] >> shift) & 0xF);
-            const float sc = E::load(sz, (gi * n + b * B + c) * 2);
-            const float ze = E::load(sz, (gi * n + b * B + c) * 2 + 1);
-            total += sc * acc + (ze - 8.0f * sc) * xsum[m * groups + gi];
-          }
-          Elt<T>::store(y + m * n, b * B + c, E::round(total));
-        }
-    }
   });
 }
 
@@ -662,7 +733,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
               "int4_gemv: x must be a contiguous [M, K] bfloat16 or float32 tensor, got ",
               x.sizes(), " ", x.scalar_type());
   const int64_t m = x.size(0), k = x.size(1), g = group_size;
-  TORCH_CHECK(m >= 1 && m <= 4, "int4_gemv: 1 to 4 input rows, got ", m);
+  TORCH_CHECK(m >= 1, "int4_gemv: at least one input row, got ", m);
   TORCH_CHECK(g > 0 && k % g == 0, "int4_gemv: K = ", k, " is not a multiple of the group ", g);
   TORCH_CHECK(block == 32 || block == 64, "int4_gemv: block must be 32 or 64, got ", block);
   TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
@@ -678,14 +749,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
   at::Tensor y = at::empty({m, n}, x.options());  // x's dtype (float32: bf16 values widened)
   const uint8_t* qp = packed.data_ptr<uint8_t>();
   const c10::BFloat16* sp = scales_zeros.data_ptr<c10::BFloat16>();
-  auto run = [&](auto* xp, auto* yp) {
-    switch (m) {
-      case 1: int4_rows<1>(xp, qp, sp, yp, n, k, g, block); break;
-      case 2: int4_rows<2>(xp, qp, sp, yp, n, k, g, block); break;
-      case 3: int4_rows<3>(xp, qp, sp, yp, n, k, g, block); break;
-      default: int4_rows<4>(xp, qp, sp, yp, n, k, g, block); break;
-    }
-  };
+  auto run = [&](auto* xp, auto* yp) { int4_rows(xp, qp, sp, yp, m, n, k, g, block); };
   if (x.scalar_type() == at::kFloat)
     run(x.data_ptr<float>(), y.data_ptr<float>());
   else
