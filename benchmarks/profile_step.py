@@ -47,6 +47,7 @@ MATMUL_OPS = {
     "aten::_weight_int4pack_mm_for_cpu",
     "carpool::int8_gemv",  # quantized weights, 1-4 rows (fused_ops)
     "carpool::int4_gemv",
+    "carpool::bf16_linear",  # bf16 weights where bf16 GEMMs are emulated (AVX2 CPUs)
 }
 ATTENTION_OPS = {
     "aten::_scaled_dot_product_flash_attention_for_cpu",
