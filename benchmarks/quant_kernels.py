@@ -9,7 +9,9 @@ thread count, times ``y = x @ W.T`` with bf16 activations:
 - ``int4``: ``torch._weight_int4pack_mm_for_cpu`` (int4 weight packed by
   ``_convert_weight_to_int4pack_for_cpu``, a (scale, zero) pair per group of 32 inputs);
 - ``int8 widened`` / ``int4 widened``: the quantized weight widened to bf16 in the call, then
-  the dense bf16 GEMM (what ``Int8Linear``/``Int4Linear`` do above ``*_WIDEN_ABOVE_ROWS`` rows).
+  the dense bf16 GEMM (what ``Int8Linear``/``Int4Linear`` do above ``*_WIDEN_ABOVE_ROWS`` rows);
+- ``int4_gemv``: carpool's own int4 kernel (``fused_ops``) over the same packed codes, at any
+  row count (``Int4Linear`` takes it up to ``fused_ops.INT4_GEMV_MAX_ROWS`` rows).
 
 torchao's CPU int4 weight-only layout (``Int4CPULayout``) calls the same
 ``_weight_int4pack_mm_for_cpu`` op, so its matmul is the ``int4`` column.
@@ -22,6 +24,7 @@ to bf16, the bf16 kernel, output cast back).
 Usage:
     python benchmarks/quant_kernels.py --threads 1,2 --batches 1,8,32,128 \
         --output benchmarks/results/quant_kernels.json
+    python benchmarks/quant_kernels.py --threads 2 --batches 1,4,8,16,32,64 --shapes smol
     python benchmarks/quant_kernels.py --float32 --threads 1 --batches 1,8 \
         --output benchmarks/results/quant_kernels_fp32.json
 Prints a markdown table (median microseconds per call and the weight-read GB/s) and writes JSON.
@@ -39,8 +42,9 @@ from pathlib import Path
 
 import torch
 
+from carpool.model import fused_ops
 from carpool.model.layers import Linear
-from carpool.model.quant import Int4Linear, Int8Linear
+from carpool.model.quant import Int4Linear, Int8Linear, int4_row_block
 
 SHAPES = {
     "small o_proj 512x512": (512, 512),
@@ -83,6 +87,11 @@ def kernel4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.packed, q.group_size, q.scales_zeros)
 
 
+def gemv4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    block = int4_row_block()
+    return torch.ops.carpool.int4_gemv(x, q.packed, q.group_size, q.scales_zeros, block)
+
+
 def widened8(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
     return torch.nn.functional.linear(x, q.qweight.to(x.dtype)) * q.scales
 
@@ -96,6 +105,7 @@ def main() -> None:
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--batches", default="1,8,16,32")
     ap.add_argument("--output", type=Path, default=None)
+    ap.add_argument("--shapes", default="", help="only shapes whose name contains this")
     ap.add_argument("--float32", action="store_true", help="a float32 model's matmuls instead")
     args = ap.parse_args()
     if args.float32:
@@ -103,13 +113,17 @@ def main() -> None:
         return
     torch.manual_seed(0)
     rows = []
+    ours = fused_ops.load()  # carpool's int4_gemv column where its operators build
     print(
         "| shape | threads | M | bf16 us | int8 us | int4 us | int8 widened us | int4 widened us |"
+        + (" int4_gemv us |" if ours else "")
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if ours else ""))
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for name, (n, k) in SHAPES.items():
+            if args.shapes not in name:
+                continue
             w = torch.randn(n, k) * 0.02
             dense = Linear(k, n, bias=False).to(torch.bfloat16)
             with torch.no_grad():
@@ -118,16 +132,17 @@ def main() -> None:
             q4 = Int4Linear.from_float(w)
             for m in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(m, k, dtype=torch.bfloat16)
+                fns = {
+                    "bf16": partial(dense, x),
+                    "int8": partial(kernel8, x, q8),
+                    "int4": partial(kernel4, x, q4),
+                    "int8 widened": partial(widened8, x, q8),
+                    "int4 widened": partial(widened4, x, q4),
+                }
+                if ours:
+                    fns["int4_gemv"] = partial(gemv4, x, q4)
                 with torch.inference_mode():
-                    t = time_calls(
-                        {
-                            "bf16": lambda: dense(x),  # noqa: B023
-                            "int8": lambda: kernel8(x, q8),  # noqa: B023
-                            "int4": lambda: kernel4(x, q4),  # noqa: B023
-                            "int8 widened": lambda: widened8(x, q8),  # noqa: B023
-                            "int4 widened": lambda: widened4(x, q4),  # noqa: B023
-                        }
-                    )
+                    t = time_calls(fns)
                 rows.append(table_row(name, threads, m, t))
     write_rows(args.output, rows)
 
