@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from carpool.model import decode_stack, paged_attention, vnni_linear
-from carpool.model.layers import Linear, prepack_available, prepack_linears
+from carpool.model.layers import Linear, prepack_available
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
 from carpool.worker.model_runner import prepare_model
@@ -36,9 +36,20 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _model(path, dtype: str, quantization: str | None = None) -> nn.Module:
+def _model(path, dtype: str, quantization: str | None = None, pack: str | None = None):
+    """The model as the engine prepares it; ``pack``: first put every layer's linears into
+    that layout ("vnni", "onednn"), whatever this CPU would pick."""
     model, _ = load_model(path, dtype=dtype, quantization=quantization)
-    prepare_model(model, "cpu")
+    for m in model.model.layers.modules():
+        if pack == "vnni" and isinstance(m, Linear):
+            assert vnni_linear.load()
+            w = m.weight.detach()
+            m.weight = nn.Parameter(vnni_linear.pack(w), requires_grad=False)
+            m.bias_f32 = None if m.bias is None else m.bias.detach().float()
+            m.layout = "vnni"
+        elif pack == "onednn" and isinstance(m, Linear):
+            assert m.prepack("onednn")
+    prepare_model(model, "cpu")  # packs what is still plain the best way here
     return model
 
 
@@ -92,8 +103,8 @@ def test_stack_is_the_python_layers_bits(checkpoints, arch, dtype, quantization)
     assert model.decode_plan is not None
     kinds = set(model.decode_plan.ints[0::3])
     expected = {"int8": {decode_stack.INT8}, "int4": {decode_stack.INT4}}
-    if quantization is None:  # oneDNN-packed where this CPU has bf16 GEMMs
-        assert kinds <= {decode_stack.PLAIN, decode_stack.ONEDNN}, kinds
+    if quantization is None:  # packed (oneDNN, or VNNI with AMX) where this CPU has bf16 GEMMs
+        assert kinds <= {decode_stack.PLAIN, decode_stack.ONEDNN, decode_stack.VNNI}, kinds
     else:
         assert kinds == expected[quantization], kinds
     kernel_runs = paged_attention.kernel_calls()
@@ -117,15 +128,7 @@ def test_stack_is_the_python_layers_bits(checkpoints, arch, dtype, quantization)
 
 def test_vnni_layout_runs_in_the_stack(checkpoints):
     """The "vnni" layout (picked only on AVX-512 BF16 + AMX CPUs; its operator runs anywhere)."""
-    assert vnni_linear.load()
-    model = _model(checkpoints["qwen2"], "bfloat16")
-    for m in model.model.layers.modules():
-        if isinstance(m, Linear) and m.layout == "plain":
-            w = m.weight.detach()
-            m.weight = nn.Parameter(vnni_linear.pack(w), requires_grad=False)
-            m.bias_f32 = None if m.bias is None else m.bias.detach().float()
-            m.layout = "vnni"
-    decode_stack.attach(model)
+    model = _model(checkpoints["qwen2"], "bfloat16", pack="vnni")
     assert set(model.decode_plan.ints[0::3]) == {decode_stack.VNNI}
     for contexts in ([7], [3, 50, 18]):
         inp, caches = _step(model, contexts)
@@ -135,13 +138,8 @@ def test_vnni_layout_runs_in_the_stack(checkpoints):
 
 @pytest.mark.skipif(not prepack_available("cpu"), reason="oneDNN bf16 not supported here")
 def test_onednn_layout_runs_in_the_stack(checkpoints):
-    model = _model(checkpoints["llama"], "bfloat16")
-    for m in model.modules():
-        if isinstance(m, Linear) and m.layout == "plain":
-            m.prepack("onednn")
-    prepack_linears(model)
-    decode_stack.attach(model)
-    assert decode_stack.ONEDNN in set(model.decode_plan.ints[0::3])
+    model = _model(checkpoints["llama"], "bfloat16", pack="onednn")
+    assert set(model.decode_plan.ints[0::3]) == {decode_stack.ONEDNN}
     for contexts in ([7], [3, 50, 18]):
         inp, caches = _step(model, contexts)
         want, got, taken = _both_paths(model, inp, caches)
