@@ -258,3 +258,6 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
 }
 
 TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("decode_stack", &decode_stack); }
+
+// oneDNN-packed weights among the arguments make the dispatcher pick this key.
+TORCH_LIBRARY_IMPL(carpool, MkldnnCPU, m) { m.impl("decode_stack", &decode_stack); }
