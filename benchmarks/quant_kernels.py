@@ -10,8 +10,9 @@ thread count, times ``y = x @ W.T`` with bf16 activations:
   ``_convert_weight_to_int4pack_for_cpu``, a (scale, zero) pair per group of 32 inputs);
 - ``int8 widened`` / ``int4 widened``: the quantized weight widened to bf16 in the call, then
   the dense bf16 GEMM (what ``Int8Linear``/``Int4Linear`` do above ``*_WIDEN_ABOVE_ROWS`` rows);
-- ``int4_gemv``: carpool's own int4 kernel (``fused_ops``) over the same packed codes, at any
-  row count (``Int4Linear`` takes it up to ``fused_ops.INT4_GEMV_MAX_ROWS`` rows).
+- ``int4_gemv`` / ``int8_gemv``: carpool's own kernels (``fused_ops``) over the same codes, at
+  any row count (``Int4Linear`` / ``Int8Linear`` take them up to ``fused_ops.INT4_GEMV_MAX_ROWS``
+  / ``INT8_GEMV_MAX_ROWS`` rows).
 
 torchao's CPU int4 weight-only layout (``Int4CPULayout``) calls the same
 ``_weight_int4pack_mm_for_cpu`` op, so its matmul is the ``int4`` column.
@@ -116,9 +117,9 @@ def main() -> None:
     ours = fused_ops.load()  # carpool's int4_gemv column where its operators build
     print(
         "| shape | threads | M | bf16 us | int8 us | int4 us | int8 widened us | int4 widened us |"
-        + (" int4_gemv us |" if ours else "")
+        + (" int4_gemv us | int8_gemv us |" if ours else "")
     )
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if ours else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if ours else ""))
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for name, (n, k) in SHAPES.items():
@@ -141,6 +142,9 @@ def main() -> None:
                 }
                 if ours:
                     fns["int4_gemv"] = partial(gemv4, x, q4)
+                    fns["int8_gemv"] = partial(
+                        torch.ops.carpool.int8_gemv, x, q8.qweight, q8.scales
+                    )
                 with torch.inference_mode():
                     t = time_calls(fns)
                 rows.append(table_row(name, threads, m, t))

@@ -197,16 +197,20 @@ def test_rotary_in_place_is_apply_rotarys(dtype, tmp_path):
     assert torch.equal(qk, before)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13, 32])
 def test_int8_gemv_is_torchs_int8_kernel(rows):
     torch.manual_seed(5)
     x = torch.randn(rows, 576, dtype=torch.bfloat16)
-    n = -(-fused_ops.INT8_GEMV_MIN_CODES // 576) + 1  # odd: unequal shares per thread
+    # Odd: unequal shares per thread; at least INT8_GEMV_MIN_CODES (0 where bf16 is emulated).
+    n = max(-(-fused_ops.INT8_GEMV_MIN_CODES // 576), 3000) + 1
     q = torch.randint(-127, 128, (n, 576), dtype=torch.int8)
     scales = (torch.rand(n) * 0.01).bfloat16()
     calls = fused_ops.fused_calls()
-    got = fused_ops.int8_gemv(x, q, scales)
-    assert fused_ops.fused_calls() == calls + 1
+    if rows <= fused_ops.INT8_GEMV_MAX_ROWS:  # what Int8Linear takes it for on this CPU
+        got = fused_ops.int8_gemv(x, q, scales)
+        assert fused_ops.fused_calls() == calls + 1
+    else:  # the operator itself takes any row count
+        got = torch.ops.carpool.int8_gemv(x, q, scales)
     # The same float32 sums of exact products (in another order), rounded once: torch's int8
     # kernel's values but for a rare one-ulp rounding.
     assert_bf16_close(got, torch._weight_int8pack_mm(x, q, scales))
@@ -214,20 +218,33 @@ def test_int8_gemv_is_torchs_int8_kernel(rows):
     torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_gemv_row_does_not_depend_on_its_neighbours(dtype):
+    torch.manual_seed(4)
+    q = torch.randint(-127, 128, (300, 200), dtype=torch.int8)  # K = 200: a scalar tail too
+    s = (torch.rand(300) * 0.01).bfloat16()
+    x = torch.randn(37, 200, dtype=dtype)
+    every = torch.ops.carpool.int8_gemv(x, q, s)
+    for lo, hi in ((0, 1), (5, 7), (10, 13), (20, 24), (3, 37)):
+        assert torch.equal(torch.ops.carpool.int8_gemv(x[lo:hi], q, s), every[lo:hi]), (lo, hi)
+
+
 def test_int8_gemv_declines_what_it_does_not_take():
-    n = fused_ops.INT8_GEMV_MIN_CODES // 40 + 1
+    n = max(fused_ops.INT8_GEMV_MIN_CODES // 40, 1000) + 1
     q = torch.randint(-127, 128, (n, 40), dtype=torch.int8)  # K = 40: a scalar tail
     s = torch.rand(n).bfloat16()
-    assert fused_ops.int8_gemv(torch.randn(5, 40, dtype=torch.bfloat16), q, s) is None  # rows
+    too_many = torch.randn(fused_ops.INT8_GEMV_MAX_ROWS + 1, 40, dtype=torch.bfloat16)
+    assert fused_ops.int8_gemv(too_many, q, s) is None  # rows
     assert fused_ops.int8_gemv(torch.randn(2, 40, dtype=torch.float16), q, s) is None
     small = q[:64].contiguous()  # a layer-sized matrix: torch's kernel (see INT8_GEMV_MIN_CODES)
-    assert fused_ops.int8_gemv(torch.randn(1, 40, dtype=torch.bfloat16), small, s[:64]) is None
+    if fused_ops.INT8_GEMV_MIN_CODES > 64 * 40:
+        assert fused_ops.int8_gemv(torch.randn(1, 40, dtype=torch.bfloat16), small, s[:64]) is None
     x = torch.randn(2, 40, dtype=torch.bfloat16)
     # (torch's own int8 kernel crashes on K = 40: compared with the exact products instead.)
     exact = (x.float() @ q.float().T) * s.float()
     assert_bf16_close(fused_ops.int8_gemv(x, q, s), exact.bfloat16())
-    with pytest.raises(RuntimeError, match="1 to 4 input rows"):
-        torch.ops.carpool.int8_gemv(torch.randn(6, 40, dtype=torch.bfloat16), small, s[:64])
+    with pytest.raises(RuntimeError, match="at least one input row"):
+        torch.ops.carpool.int8_gemv(torch.randn(0, 40, dtype=torch.bfloat16), small, s[:64])
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13, 32])

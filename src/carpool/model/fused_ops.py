@@ -144,17 +144,9 @@ def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
     return False
 
 
-# Rows up to which int8_gemv takes an int8 weight-only product (the C++ kernel's templates).
-INT8_GEMV_MAX_ROWS = 4
-# Weights from which it does for bf16 inputs (N x K codes): on a vocabulary head (49152 x 576)
-# it measured 1.18-1.5x torch's kernel at one row, but 0.92x on the small model's 0.25-1.4M-code
-# layer matrices (its per-call setup), so those keep torch's (BENCHMARKS.md "Third pass"). A
-# float32 input takes it at every size: it saves the two casts around torch's bf16 kernel.
-INT8_GEMV_MIN_CODES = 1 << 22
-
-
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """``(x @ qweight.T) * scales`` for 1-4 rows ``x`` ``[M, K]``, int8 ``qweight`` ``[N, K]``
+    """``(x @ qweight.T) * scales`` for up to ``INT8_GEMV_MAX_ROWS`` rows ``x`` ``[M, K]``, int8
+    ``qweight`` ``[N, K]``
     and bf16 ``scales`` ``[N]`` (``quant.Int8Linear``'s layout): bf16 ``x`` (for weights of at
     least ``INT8_GEMV_MIN_CODES`` codes) to bf16 out, or float32 ``x`` rounded to bf16 inside
     and the bf16 result widened (what casting around torch's kernel does); None where the fused
@@ -194,6 +186,17 @@ _BF16_EMULATED = (
 # BENCHMARKS.md "Sixth pass"), and a row's result no longer depends on how many rows share
 # the step. Elsewhere (AVX-512) 1-4 rows, as measured on an Intel Xeon in earlier passes.
 INT4_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
+# Rows up to which int8_gemv takes an int8 weight-only product (the kernel takes any count):
+# where bf16 is emulated (AVX2) up to 128, since there it measured 1.2-2x torch's
+# _weight_int8pack_mm at 1-64 rows and ahead of widening the codes (BENCHMARKS.md "Sixth
+# pass"); elsewhere (AVX-512) 1-4 rows, as measured on an Intel Xeon in earlier passes.
+INT8_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
+# Weights from which it does for bf16 inputs (N x K codes): on a Xeon, on a vocabulary head
+# (49152 x 576) it measured 1.18-1.5x torch's kernel at one row, but 0.92x on the small model's
+# 0.25-1.4M-code layer matrices (its per-call setup), so those keep torch's there (BENCHMARKS.md
+# "Third pass"); on AVX2 it was ahead at every size. A float32 input takes it at every size: it
+# saves the two casts around torch's bf16 kernel.
+INT8_GEMV_MIN_CODES = 0 if _BF16_EMULATED else 1 << 22
 
 
 def bf16_linear(

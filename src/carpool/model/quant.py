@@ -159,9 +159,10 @@ class Int8Linear(QuantizedLinear):
         return cls(q, scale, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # 1-4 rows on the CPU: the fused kernel (it prefetches the rows: 1.18-1.5x torch's on a
-        # vocabulary head not in cache; the same sums, in another order) for a float32 x as it
-        # is, or a bf16 x times a large weight; torch's takes the rest.
+        # Up to fused_ops.INT8_GEMV_MAX_ROWS rows on the CPU: the fused kernel (it prefetches
+        # the rows: 1.18-1.5x torch's on a vocabulary head not in cache; the same sums, in
+        # another order) for a float32 x as it is, or a bf16 x times a large enough weight;
+        # torch's takes the rest.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = fused_ops.int8_gemv(x2, self.qweight, self.scales)
         if y is not None:

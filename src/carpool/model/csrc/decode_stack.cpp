@@ -26,8 +26,13 @@
 // Other operators are reached through the dispatcher (they live in other libraries: fused_ops,
 // paged_attention, vnni_linear, oneDNN's), looked up once.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/_weight_int4pack_mm_for_cpu.h>
+#include <ATen/ops/_weight_int8pack_mm.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -129,7 +134,7 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
 // QuantizedLinear._finish: the kernel's output back in x's dtype, plus the bias.
 at::Tensor finish(at::Tensor y, const at::Tensor& x, const at::Tensor& bias) {
   if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
-  return bias.defined() ? y + bias : y;
+  return bias.defined() ? y.add(bias) : y;
 }
 
 // One linear layer of any kind, choosing its kernel by row count exactly as its forward does.
@@ -143,7 +148,7 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
                                                         : std::nullopt);
       if (rows == 1) {
         at::Tensor out = at::mv(a, x[0]).unsqueeze(0);
-        return b.defined() ? out + b : out;
+        return b.defined() ? out.add(b) : out;
       }
       return at::linear(x, a, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
     case kOneDnn:
@@ -162,7 +167,7 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
       const at::Tensor xk = x.to(b.scalar_type()).contiguous();
       at::Tensor y = rows <= lim.int8_widen_above
                          ? at::_weight_int8pack_mm(xk, a, b)
-                         : dense_linear(xk, a.to(b.scalar_type()), at::Tensor(), lim) * b;
+                         : dense_linear(xk, a.to(b.scalar_type()), at::Tensor(), lim).mul(b);
       return finish(y, x, c);
     }
     case kInt4: {  // quant.Int4Linear.forward; a = packed, b = scales_zeros, c = bias
@@ -241,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
       act = o.silu_and_mul.call(gu);
     } else {
       const int64_t half = gu.size(1) / 2;
-      act = at::silu(gu.narrow(1, 0, half)) * gu.narrow(1, half, half);
+      act = at::silu(gu.narrow(1, 0, half)).mul(gu.narrow(1, half, half));
     }
     x = lin(act, 3);
   }

@@ -418,14 +418,59 @@ void rotary_(at::Tensor x, const at::Tensor& cs) {
 // float32 sums, bfloat16 out, as the torch kernel.
 constexpr int64_t kPrefetchRows = 8;
 
-// A float32 x is rounded to bf16 first and the bf16 result widened back (as around int4_rows).
+// Output column r (weight row qr) of M (1-4) input rows: xf (float32, bf16 values) and y start
+// at the group's first row. Each row has its own accumulators and the same K order whatever M
+// is, so a row's result does not depend on the rows beside it.
 template <int64_t M, typename T>
-void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t n,
-               int64_t k) {
+inline void int8_row(const float* xf, const int8_t* qr, float sc, T* y, int64_t n, int64_t k,
+                     int64_t r) {
+  using E = Elt<c10::BFloat16>;
+  float acc[M];
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 va[M];
+  for (int64_t m = 0; m < M; ++m) va[m] = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m512 w = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + i))));
+    for (int64_t m = 0; m < M; ++m) va[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(&xf[m * k + i]), va[m]);
+  }
+  for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_reduce_add_ps(va[m]);
+#elif defined(CARPOOL_AVX2)
+  // Two accumulators per row: one FMA chain per row was latency-bound (1.25x torch's
+  // kernel's time at one row).
+  __m256 va[M], vb[M];
+  for (int64_t m = 0; m < M; ++m) va[m] = vb[m] = _mm256_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m256 w0 = load8(qr + i), w1 = load8(qr + i + 8);
+    for (int64_t m = 0; m < M; ++m) {
+      va[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(&xf[m * k + i]), va[m]);
+      vb[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(&xf[m * k + i + 8]), vb[m]);
+    }
+  }
+  for (; i + 8 <= k; i += 8) {
+    const __m256 w = load8(qr + i);
+    for (int64_t m = 0; m < M; ++m) va[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(&xf[m * k + i]), va[m]);
+  }
+  for (int64_t m = 0; m < M; ++m) acc[m] = hsum8(_mm256_add_ps(va[m], vb[m]));
+#else
+  for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+#endif
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = i; j < k; ++j) acc[m] += static_cast<float>(qr[j]) * xf[m * k + j];
+  for (int64_t m = 0; m < M; ++m) Elt<T>::store(y + m * n, r, E::round(acc[m] * sc));
+}
+
+// A float32 x is rounded to bf16 first and the bf16 result widened back (as around int4_rows).
+// Any number of rows: per weight row (read from memory once, prefetched ahead), every group of
+// up to 4 input rows in turn.
+template <typename T>
+void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t rows,
+               int64_t n, int64_t k) {
   using E = Elt<c10::BFloat16>;
   // The input rows once in float32 (bf16 values), shared by the threads.
-  std::vector<float> xf(M * k);
-  for (int64_t m = 0; m < M; ++m)
+  std::vector<float> xf(rows * k);
+  for (int64_t m = 0; m < rows; ++m)
     for (int64_t i = 0; i < k; ++i) xf[m * k + i] = E::round(Elt<T>::load(x + m * k, i));
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   at::parallel_for(0, n, std::max<int64_t>(64, (n + threads - 1) / threads),
@@ -436,43 +481,17 @@ void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, in
         const char* ahead = reinterpret_cast<const char*>(qr + kPrefetchRows * k);
         for (int64_t b = 0; b < k; b += 64) __builtin_prefetch(ahead + b, 0, 3);
       }
-      float acc[M];
-      int64_t i = 0;
-#if defined(__AVX512F__)
-      __m512 va[M];
-      for (int64_t m = 0; m < M; ++m) va[m] = _mm512_setzero_ps();
-      for (; i + 16 <= k; i += 16) {
-        const __m512 w = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + i))));
-        for (int64_t m = 0; m < M; ++m)
-          va[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(&xf[m * k + i]), va[m]);
-      }
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_reduce_add_ps(va[m]);
-#elif defined(CARPOOL_AVX2)
-      // Two accumulators per row: one FMA chain per row was latency-bound (1.25x torch's
-      // kernel's time at one row).
-      __m256 va[M], vb[M];
-      for (int64_t m = 0; m < M; ++m) va[m] = vb[m] = _mm256_setzero_ps();
-      for (; i + 16 <= k; i += 16) {
-        const __m256 w0 = load8(qr + i), w1 = load8(qr + i + 8);
-        for (int64_t m = 0; m < M; ++m) {
-          va[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(&xf[m * k + i]), va[m]);
-          vb[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(&xf[m * k + i + 8]), vb[m]);
+      const float sc = E::load(scale, r);
+      for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+        const float* xg = xf.data() + m0 * k;
+        T* yg = y + m0 * n;
+        switch (std::min<int64_t>(4, rows - m0)) {
+          case 1: int8_row<1>(xg, qr, sc, yg, n, k, r); break;
+          case 2: int8_row<2>(xg, qr, sc, yg, n, k, r); break;
+          case 3: int8_row<3>(xg, qr, sc, yg, n, k, r); break;
+          default: int8_row<4>(xg, qr, sc, yg, n, k, r); break;
         }
       }
-      for (; i + 8 <= k; i += 8) {
-        const __m256 w = load8(qr + i);
-        for (int64_t m = 0; m < M; ++m)
-          va[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(&xf[m * k + i]), va[m]);
-      }
-      for (int64_t m = 0; m < M; ++m) acc[m] = hsum8(_mm256_add_ps(va[m], vb[m]));
-#else
-      for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
-#endif
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = i; j < k; ++j) acc[m] += static_cast<float>(qr[j]) * xf[m * k + j];
-      const float sc = E::load(scale, r);
-      for (int64_t m = 0; m < M; ++m) Elt<T>::store(y + m * n, r, E::round(acc[m] * sc));
     }
   });
 }
@@ -491,22 +510,14 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
               "int8_gemv: scales must be [", qweight.size(0), "] bfloat16, got ", scales.sizes(),
               " ", scales.scalar_type());
   const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
-  TORCH_CHECK(m >= 1 && m <= 4, "int8_gemv: 1 to 4 input rows, got ", m);
+  TORCH_CHECK(m >= 1, "int8_gemv: at least one input row, got ", m);
   at::Tensor y = at::empty({m, n}, x.options());  // x's dtype (float32: bf16 values widened)
   const int8_t* qp = qweight.data_ptr<int8_t>();
   const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
-  auto run = [&](auto* xp, auto* yp) {
-    switch (m) {
-      case 1: int8_rows<1>(xp, qp, sp, yp, n, k); break;
-      case 2: int8_rows<2>(xp, qp, sp, yp, n, k); break;
-      case 3: int8_rows<3>(xp, qp, sp, yp, n, k); break;
-      default: int8_rows<4>(xp, qp, sp, yp, n, k); break;
-    }
-  };
   if (x.scalar_type() == at::kFloat)
-    run(x.data_ptr<float>(), y.data_ptr<float>());
+    int8_rows(x.data_ptr<float>(), qp, sp, y.data_ptr<float>(), m, n, k);
   else
-    run(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>());
+    int8_rows(x.data_ptr<c10::BFloat16>(), qp, sp, y.data_ptr<c10::BFloat16>(), m, n, k);
   return y;
 }
 
