@@ -17,28 +17,16 @@ import statistics
 import time
 
 import torch
-from profile_step import decode_chunks, fill_random, random_model
+from profile_step import add_model_args, decode_chunks, decode_step, fill_random, prepared_model
 
 from carpool.model import decode_stack
-from carpool.model.loader import load_model
-from carpool.worker.batch import build_ragged_batch
-from carpool.worker.model_runner import prepare_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="HF directory or .gguf file (default: a random model)")
-    ap.add_argument("--random-config", default="small")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch", default="1,8,32")
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per path")
-    ap.add_argument("--threads", type=int, default=2)
+    add_model_args(ap, batch="1,8,32", steps=20)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    path = a.model or random_model(a.random_config, "bfloat16", a.context)
-    model, _ = load_model(path, dtype=a.dtype)
-    prepare_model(model, "cpu")
+    path, model = prepared_model(a)
     assert model.decode_plan is not None, "this model's layers do not fit the decode stack"
     dtype = next(model.parameters()).dtype
     print(f"{path}: {dtype}, {a.threads} threads, context {a.context}")
@@ -49,8 +37,7 @@ def main() -> None:
         fill_random(caches)
 
         def step(chunks=chunks, caches=caches) -> torch.Tensor:  # noqa: ANN001
-            inp = build_ragged_batch(chunks, [c.block_table for c in chunks], 16)
-            return model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
+            return decode_step(model, chunks, caches)
 
         times: dict[bool, list[float]] = {True: [], False: []}
         with torch.inference_mode():

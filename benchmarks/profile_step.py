@@ -95,6 +95,33 @@ def decode_chunks(batch: int, context: int, block_size: int) -> list[_Chunk]:
     ]
 
 
+def decode_step(model, chunks, caches, block_size: int = 16) -> torch.Tensor:  # noqa: ANN001
+    """One decode step of ``chunks`` as the runner takes it: batch build + forward."""
+    inp = build_ragged_batch(chunks, [c.block_table for c in chunks], block_size)
+    return model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
+
+
+def add_model_args(ap: argparse.ArgumentParser, batch: str, steps: int) -> None:
+    """The model, thread and shape options the step benchmarks share."""
+    ap.add_argument("--model", help="HF directory or .gguf file (default: a random model)")
+    ap.add_argument("--random-config", default="small")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", default=batch)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=steps, help="timed steps of each variant")
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def prepared_model(a: argparse.Namespace):  # noqa: ANN201
+    """``(path, model)`` of ``add_model_args``' options, prepared as the engine's runner does,
+    with torch's threads set."""
+    torch.set_num_threads(a.threads)
+    path = a.model or random_model(a.random_config, "bfloat16", a.context)
+    model, _ = load_model(path, dtype=a.dtype)
+    prepare_model(model, "cpu")
+    return path, model
+
+
 def fill_random(caches: list[torch.Tensor]) -> None:
     """Random keys/values in every cache page. Why: zeros could hit special cases in the
     kernels, and a page never written is the kernel's shared zero page (the cache is allocated
@@ -125,8 +152,7 @@ def measure(
     fill_random(caches)
 
     def step() -> None:
-        inp = build_ragged_batch(chunks, [c.block_table for c in chunks], block_size)
-        model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
+        decode_step(model, chunks, caches, block_size)
 
     with torch.inference_mode():
         for _ in range(3):

@@ -20,28 +20,17 @@ import statistics
 import time
 
 import torch
-from profile_step import decode_chunks, fill_random, random_model
+from profile_step import add_model_args, decode_chunks, decode_step, fill_random, prepared_model
 
 from carpool.model import paged_attention
-from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
-from carpool.worker.model_runner import prepare_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="HF directory or .gguf file (default: a random model)")
-    ap.add_argument("--random-config", default="small")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch", default="1")
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=30, help="timed steps of each")
-    ap.add_argument("--threads", type=int, default=2)
+    add_model_args(ap, batch="1", steps=30)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    path = a.model or random_model(a.random_config, "bfloat16", a.context)
-    model, _ = load_model(path, dtype=a.dtype)
-    prepare_model(model, "cpu")
+    path, model = prepared_model(a)
     dtype = model.model.layers[0].input_layernorm.weight.dtype
     cfg = model.config
     print(f"{path}: {dtype}, {a.threads} threads, context {a.context}")
@@ -58,8 +47,7 @@ def main() -> None:
         query = torch.randn(b, cfg.num_attention_heads, cfg.head_dim, dtype=dtype)
 
         def step(chunks=chunks, caches=caches) -> None:  # noqa: ANN001
-            i = build_ragged_batch(chunks, [c.block_table for c in chunks], 16)
-            model(i.input_ids, i.positions, i.meta, caches, i.logits_indices)
+            decode_step(model, chunks, caches)
 
         def kernels(caches=caches, meta=meta, ins=ins, query=query) -> None:  # noqa: ANN001
             for layer, kv in zip(layers, caches, strict=True):

@@ -141,14 +141,12 @@ def build_plan(model: nn.Module) -> StackPlan | None:
 def attach(model: nn.Module) -> StackPlan | None:
     """Build the operator and ``model``'s plan (kept as ``model.decode_plan``) on the CPU;
     None (and the Python layers) where either is unavailable."""
-    plan = None
-    if hasattr(model, "decode_plan") and load():
-        params = list(model.parameters())
-        if params and params[0].device.type == "cpu":
-            plan = build_plan(model)
-    if hasattr(model, "decode_plan"):
-        model.decode_plan = plan
-    return plan
+    if not hasattr(model, "decode_plan"):  # not a LlamaForCausalLM
+        return None
+    param = next(model.parameters(), None)
+    on_cpu = param is not None and param.device.type == "cpu"
+    model.decode_plan = build_plan(model) if on_cpu and load() else None
+    return model.decode_plan
 
 
 def _limits() -> list[int]:
@@ -176,7 +174,7 @@ def run(
     global _calls
     t = x.shape[0]
     if (
-        not (_lib.enabled and _lib.loaded and fused_ops.active())
+        not (_lib.active() and fused_ops.active())
         or meta.context_lens is None
         or meta.kernel_rows is not None  # a mixed prefill + decode step
         or not 1 <= t <= MAX_ROWS

@@ -45,7 +45,7 @@ def _fused(*tensors: torch.Tensor) -> bool:
     # (tests, the parity reference) keeps torch ops rather than compiling mid-forward. Plain
     # early returns: this runs ~5 times per layer per step.
     global _calls
-    if not (_lib.enabled and _lib.loaded):
+    if not _lib.active():
         return False
     t = tensors[0]
     dtype = t.dtype
@@ -60,7 +60,7 @@ def _fused(*tensors: torch.Tensor) -> bool:
 
 def active() -> bool:
     """True when the fused operators are loaded and turned on (the decode stack calls them)."""
-    return _lib.enabled and _lib.loaded
+    return _lib.active()
 
 
 def fused_calls() -> int:
@@ -146,11 +146,10 @@ def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """``(x @ qweight.T) * scales`` for up to ``INT8_GEMV_MAX_ROWS`` rows ``x`` ``[M, K]``, int8
-    ``qweight`` ``[N, K]``
-    and bf16 ``scales`` ``[N]`` (``quant.Int8Linear``'s layout): bf16 ``x`` (for weights of at
-    least ``INT8_GEMV_MIN_CODES`` codes) to bf16 out, or float32 ``x`` rounded to bf16 inside
-    and the bf16 result widened (what casting around torch's kernel does); None where the fused
-    kernel does not apply (the caller runs torch's)."""
+    ``qweight`` ``[N, K]`` and bf16 ``scales`` ``[N]`` (``quant.Int8Linear``'s layout): bf16
+    ``x`` (for weights of at least ``INT8_GEMV_MIN_CODES`` codes) to bf16 out, or float32 ``x``
+    rounded to bf16 inside and the bf16 result widened (what casting around torch's kernel
+    does); None where the fused kernel does not apply (the caller runs torch's)."""
     if (
         x.dim() == 2
         and 1 <= x.shape[0] <= INT8_GEMV_MAX_ROWS
@@ -182,14 +181,15 @@ _BF16_EMULATED = (
 
 # Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count).
 # Where bf16 is emulated (AVX2, e.g. AMD Zen 3) up to quant.INT4_WIDEN_ABOVE_ROWS: there it
-# measured 1.3-2x torch's _weight_int4pack_mm_for_cpu at 4-32 rows (benchmarks/quant_kernels.py,
+# measured 1.3-2x torch's _weight_int4pack_mm_for_cpu at 4-64 rows (benchmarks/quant_kernels.py,
 # BENCHMARKS.md "Sixth pass"), and a row's result no longer depends on how many rows share
 # the step. Elsewhere (AVX-512) 1-4 rows, as measured on an Intel Xeon in earlier passes.
 INT4_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
 # Rows up to which int8_gemv takes an int8 weight-only product (the kernel takes any count):
-# where bf16 is emulated (AVX2) up to 128, since there it measured 1.2-2x torch's
-# _weight_int8pack_mm at 1-64 rows and ahead of widening the codes (BENCHMARKS.md "Sixth
-# pass"); elsewhere (AVX-512) 1-4 rows, as measured on an Intel Xeon in earlier passes.
+# where bf16 is emulated (AVX2) up to 128, since there it measured 1.0-1.5x torch's
+# _weight_int8pack_mm at 1-32 rows and level with bf16_linear on the widened codes without
+# widening them (BENCHMARKS.md "Sixth pass"); elsewhere (AVX-512) 1-4 rows, as measured on an
+# Intel Xeon in earlier passes.
 INT8_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
 # Weights from which it does for bf16 inputs (N x K codes): on a Xeon, on a vocabulary head
 # (49152 x 576) it measured 1.18-1.5x torch's kernel at one row, but 0.92x on the small model's
@@ -225,9 +225,8 @@ def int4_gemv(
     block: int,
 ) -> torch.Tensor | None:
     """``torch.ops.aten._weight_int4pack_mm_for_cpu`` for up to ``INT4_GEMV_MAX_ROWS`` rows ``x``
-    ``[M, K]`` over the same
-    packed codes and bf16 ``scales_zeros`` (``quant.Int4Linear``'s CPU layout, interleaved in
-    ``block`` output rows: ``quant.int4_row_block()``), with a float32
+    ``[M, K]`` over the same packed codes and bf16 ``scales_zeros`` (``quant.Int4Linear``'s CPU
+    layout, interleaved in ``block`` output rows: ``quant.int4_row_block()``), with a float32
     ``x`` rounded to bf16 inside and the bf16 result returned in ``x``'s dtype (what casting
     around torch's kernel does); None where the fused kernel does not apply (the caller runs
     torch's). ``[M, N padded to 64]`` out, like torch's."""

@@ -148,6 +148,10 @@ class Library:
         self.failed: str | None = None
         self.enabled = env is None or os.environ.get(env, "1").strip() != "0"
 
+    def active(self) -> bool:
+        """True when the operators are loaded and turned on (no build attempted)."""
+        return self.enabled and self.loaded
+
     def load(self) -> bool:
         """True once the library's operators are registered; False when off or unbuildable."""
         if not self.enabled:

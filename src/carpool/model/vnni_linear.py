@@ -43,7 +43,7 @@ def load() -> bool:
 
 def loaded() -> bool:
     """True once the operator is loaded and turned on."""
-    return _lib.enabled and _lib.loaded
+    return _lib.active()
 
 
 def failure() -> str | None:
@@ -56,8 +56,7 @@ def available(device: torch.device | str) -> bool:
     and AMX (the operator itself also runs without them, slower: tests use it anywhere)."""
     return (
         torch.device(device).type == "cpu"
-        and _lib.enabled
-        and _lib.loaded
+        and _lib.active()
         and bool(torch.ops.carpool.vnni_linear_fast())
     )
 

@@ -122,13 +122,21 @@ at::Tensor opt(const c10::List<std::optional<at::Tensor>>& t, int64_t i) {
   return v.has_value() ? *v : at::Tensor();
 }
 
-// layers._linear at <= 32 rows (no bucket padding): oneDNN's packed linear, bf16_linear where
-// bf16 is emulated, else F.linear.
+std::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Whether a plain weight takes bf16_linear (fused_ops.bf16_linear's condition).
+bool emulated_bf16(const at::Tensor& w, const Limits& lim) {
+  return lim.bf16_emulated && w.scalar_type() == at::kBFloat16 && w.is_contiguous();
+}
+
+// layers._linear on a plain weight at <= 32 rows (no bucket padding): bf16_linear where bf16
+// is emulated, else F.linear.
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                         const Limits& lim) {
-  if (lim.bf16_emulated && w.scalar_type() == at::kBFloat16 && w.is_contiguous())
-    return ops().bf16_linear.call(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
-  return at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+  if (emulated_bf16(w, lim)) return ops().bf16_linear.call(x, w, maybe(b));
+  return at::linear(x, w, maybe(b));
 }
 
 // QuantizedLinear._finish: the kernel's output back in x's dtype, plus the bias.
@@ -142,22 +150,19 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
                   const at::Tensor& c, int64_t n, int64_t group, const Limits& lim) {
   const int64_t rows = x.size(0);
   switch (kind) {
-    case kPlain:  // layers.Linear.forward, plain layout
-      if (lim.bf16_emulated && a.scalar_type() == at::kBFloat16 && a.is_contiguous())
-        return ops().bf16_linear.call(x, a, b.defined() ? std::optional<at::Tensor>(b)
-                                                        : std::nullopt);
-      if (rows == 1) {
+    case kPlain:  // layers.Linear.forward, plain layout: torch.mv for one row
+      if (rows == 1 && !emulated_bf16(a, lim)) {
         at::Tensor out = at::mv(a, x[0]).unsqueeze(0);
         return b.defined() ? out.add(b) : out;
       }
-      return at::linear(x, a, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+      return dense_linear(x, a, b, lim);
     case kOneDnn:
       return call_boxed("mkldnn::_linear_pointwise",
-                        {x, a, b.defined() ? c10::IValue(b) : c10::IValue(), std::string("none"),
+                        {x, a, maybe(b), std::string("none"),
                          c10::List<std::optional<at::Scalar>>(), std::string("")});
     case kVnni:
       return call_boxed("carpool::vnni_linear",
-                        {x, a, b.defined() ? c10::IValue(b) : c10::IValue(), n, int64_t{0}});
+                        {x, a, maybe(b), n, int64_t{0}});
     case kInt8: {  // quant.Int8Linear.forward; a = codes, b = scales, c = bias
       const bool f32 = x.scalar_type() == at::kFloat;
       if (rows <= lim.int8_gemv_max_rows &&

@@ -536,6 +536,26 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 // A float32 x (a quantized GGUF model's activations) is rounded to bf16 first and the bf16
 // result widened back, exactly what casting around torch's bf16 kernel did, in the same pass:
 // two ops fewer per linear (SmolLM2 at batch 1: ~240 dispatches per step).
+#if defined(CARPOOL_AVX2)
+// Eight (scale, zero) bf16 pairs of int4 columns as float32 vectors: the scale, and the offset
+// zero - 8 * scale that multiplies a group's input sum.
+inline void int4_scale_offset8(const c10::BFloat16* pairs, __m256& sc, __m256& off) {
+  const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+  sc = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+  const __m256 ze = _mm256_castsi256_ps(
+      _mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
+}
+
+// Eight float32 sums rounded to bf16 and stored as T at y[0..7].
+template <typename T>
+inline void store8_bf16_rounded(T* y, __m256 v) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int e = 0; e < 8; ++e) Elt<T>::store(y, e, Elt<c10::BFloat16>::round(tmp[e]));
+}
+#endif
+
 // Output columns [b * B, (b + 1) * B) of M (1-4) input rows: xf and xsum (float32 rows, their
 // per-group sums) and y start at the group's first row. Each row's sums run in the same order
 // whatever M is (its own accumulators, the same K order): a row's result does not depend on the
@@ -618,12 +638,8 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
         }
         for (int c = 0; c < 2; ++c) {
           const int j = h + 2 * c;  // columns 8j..8j+7
-          const __m256i pair = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(sz + (gi * n + b * 32 + 8 * j) * 2));
-          const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-          const __m256 ze = _mm256_castsi256_ps(
-              _mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-          const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
+          __m256 sc, off;
+          int4_scale_offset8(sz + (gi * n + b * 32 + 8 * j) * 2, sc, off);
           for (int64_t m = 0; m < M; ++m) {
             out[m][c] = _mm256_fmadd_ps(sc, acc[m][c], out[m][c]);
             out[m][c] = _mm256_fmadd_ps(off, _mm256_set1_ps(xsum[m * groups + gi]), out[m][c]);
@@ -631,12 +647,8 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
         }
       }
       for (int64_t m = 0; m < M; ++m)
-        for (int c = 0; c < 2; ++c) {
-          alignas(32) float tmp[8];
-          _mm256_store_ps(tmp, out[m][c]);
-          for (int e = 0; e < 8; ++e)
-            Elt<T>::store(y + m * n, b * 32 + 8 * (h + 2 * c) + e, E::round(tmp[e]));
-        }
+        for (int c = 0; c < 2; ++c)
+          store8_bf16_rounded(y + m * n + b * 32 + 8 * (h + 2 * c), out[m][c]);
     }
     return;
   }
@@ -666,12 +678,8 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       }
       // Columns 8j..8j+7 of the block: (scale, zero) pairs -> two float32 vectors.
       for (int j = 0; j < 4; ++j) {
-        const __m256i pair = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(sz + (gi * n + b * 32 + 8 * j) * 2));
-        const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-        const __m256 ze = _mm256_castsi256_ps(
-            _mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-        const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);  // zero - 8 scale
+        __m256 sc, off;
+        int4_scale_offset8(sz + (gi * n + b * 32 + 8 * j) * 2, sc, off);
         for (int64_t m = 0; m < M; ++m) {
           out[m][j] = _mm256_fmadd_ps(sc, acc[m][j], out[m][j]);
           out[m][j] = _mm256_fmadd_ps(off, _mm256_set1_ps(xsum[m * groups + gi]), out[m][j]);
@@ -679,12 +687,7 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       }
     }
     for (int64_t m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, out[m][j]);
-        for (int c = 0; c < 8; ++c)
-          Elt<T>::store(y + m * n, b * 32 + 8 * j + c, E::round(tmp[c]));
-      }
+      for (int j = 0; j < 4; ++j) store8_bf16_rounded(y + m * n + b * 32 + 8 * j, out[m][j]);
     return;
   }
 #endif
