@@ -83,9 +83,10 @@ class EngineConfig:
     )
     kv_cache_dtype: str = option(
         "auto",
-        "KV cache storage: auto (the model's dtype) or int8 (per-row int8 values with a float32 "
-        "scale: about half the bytes of bfloat16, so ~1.9x the tokens per budget and half the "
-        "bytes decode attention reads)",
+        "KV cache storage: auto (the model's dtype), bfloat16 (a float32 model's cache at half "
+        "the bytes, like llama.cpp's default f16 cache; attention math stays float32) or int8 "
+        "(per-row int8 values with a float32 scale: about half the bytes of bfloat16, so ~1.9x "
+        "the tokens per budget and half the bytes decode attention reads)",
         choices=KV_CACHE_DTYPES,
     )
     kv_cache_memory_fraction: float = option(

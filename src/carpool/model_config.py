@@ -222,8 +222,9 @@ class ModelConfig:
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "fp8": 1, "int8": 1}
 
 
-# ``EngineConfig.kv_cache_dtype``: the model's dtype, or int8 rows with a float32 scale each.
-KV_CACHE_DTYPES = ("auto", "int8")
+# ``EngineConfig.kv_cache_dtype``: the model's dtype, bfloat16 (a float32 model's cache at half
+# the bytes, as llama.cpp's default f16 cache), or int8 rows with a float32 scale each.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "int8")
 KV_INT8_SCALE_BYTES = 4
 
 

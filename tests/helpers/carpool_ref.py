@@ -35,12 +35,19 @@ def prompt_logits(model, prompt: list[int], block_size: int = 16) -> torch.Tenso
         return model(inp.input_ids, inp.positions, inp.meta, caches, rows).cpu()
 
 
-def greedy(model, prompt: list[int], max_new_tokens: int, block_size: int = 16) -> list[int]:
-    """Greedy decode of one sequence: one prefill step, then one token per step."""
+def greedy(
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    block_size: int = 16,
+    kv_dtype: torch.dtype | None = None,
+) -> list[int]:
+    """Greedy decode of one sequence: one prefill step, then one token per step, on a cache
+    of ``kv_dtype`` (None: the model's)."""
     total = len(prompt) + max_new_tokens
     blocks = -(-total // block_size)
     w = next(model.parameters())
-    caches = model.allocate_kv_cache(blocks + 1, block_size, w.dtype, w.device)
+    caches = model.allocate_kv_cache(blocks + 1, block_size, kv_dtype or w.dtype, w.device)
     table = list(range(blocks, 0, -1))
     out: list[int] = []
     chunk = _Chunk("r", list(prompt), 0, table)
@@ -52,3 +59,34 @@ def greedy(model, prompt: list[int], max_new_tokens: int, block_size: int = 16) 
             out.append(tok)
             chunk = _Chunk("r", [tok], chunk.start_pos + len(chunk.token_ids), table)
     return out
+
+
+def teacher_forced_logits(model, tokens: list[int], prompt_len: int, kv_dtype: torch.dtype):
+    """Logits at every position from ``prompt_len - 1`` on: one prefill step of the prompt,
+    then one decode step per given token (the reference's tokens, so both runs see the same
+    inputs and only the cache differs)."""
+    block_size = 16
+    blocks = -(-len(tokens) // block_size)
+    caches = model.allocate_kv_cache(blocks + 1, block_size, kv_dtype, "cpu")
+    table = list(range(blocks, 0, -1))
+    rows = []
+    chunk = _Chunk("r", tokens[:prompt_len], 0, table)
+    with torch.no_grad():
+        for pos in range(prompt_len, len(tokens) + 1):
+            inp = build_ragged_batch([chunk], [table], block_size)
+            rows.append(model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices))
+            if pos < len(tokens):
+                chunk = _Chunk("r", [tokens[pos]], pos, table)
+    return torch.cat(rows)
+
+
+def assert_same_top1_where_clear(got: torch.Tensor, expected: torch.Tensor, bound: float):
+    """The argmax of every position agrees wherever the reference's top-2 gap exceeds twice the
+    allowed logit error (elsewhere a difference within ``bound`` may flip a near-tie)."""
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
+    assert clear.any(), "no position with a clear winner: the check would be empty"
+    agree = got.argmax(-1) == expected.argmax(-1)
+    assert bool(agree[clear].all()), (
+        f"top-1 differs at clear positions {(~agree & clear).nonzero()}"
+    )

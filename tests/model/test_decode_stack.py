@@ -1,8 +1,8 @@
 """The one-call decode stack (``carpool.model.decode_stack``): a decode step through the C++
 operator computes the same bits as the model's Python layers, for every linear kind (plain
-float32/bf16, oneDNN-packed, VNNI, int8, int4), with q/k/v bias, a float or int8 KV cache,
-1-32 sequences; steps it does not take (prefill, mixed, over 32 rows, Qwen3's q/k norm) keep
-the Python layers; bad arguments get a message."""
+float32/bf16, oneDNN-packed, VNNI, int8, int4), with q/k/v bias, a float, int8 or (float32
+models) bf16 KV cache, 1-32 sequences; steps it does not take (prefill, mixed, over 32 rows,
+Qwen3's q/k norm) keep the Python layers; bad arguments get a message."""
 
 from __future__ import annotations
 
@@ -120,7 +120,9 @@ def test_stack_is_the_python_layers_bits(checkpoints, arch, dtype, quantization)
         [3 + 7 * i for i in range(17)],
         [1 + i for i in range(32)],
     ):
-        for kv in (None, torch.int8):
+        # float32 models also on a bf16 cache (kv_cache_dtype="bfloat16": K/V rounded when
+        # stored, read by the kernel with float32 queries).
+        for kv in (None, torch.int8) + ((torch.bfloat16,) if dtype == "float32" else ()):
             inp, caches = _step(model, contexts, kv)
             want, got, taken = _both_paths(model, inp, caches)
             assert taken == 1, f"{len(contexts)} rows, kv {kv}: the stack was not taken"

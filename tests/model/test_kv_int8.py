@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from carpool.model import kv_quant, paged_attention
 from carpool.model.loader import load_model
-from carpool.worker.batch import build_ragged_batch
-from helpers.carpool_ref import _Chunk
+from helpers.carpool_ref import assert_same_top1_where_clear, teacher_forced_logits
 from helpers.hf_models import first_difference, hf_greedy, save_tiny_hf_model, save_tiny_model_dir
 
 
@@ -131,40 +130,12 @@ def test_int8_kernel_reads_only_each_sequences_own_rows():
     assert (got - ref).abs().max().item() <= 2e-5
 
 
-def teacher_forced_logits(model, tokens: list[int], prompt_len: int, kv_dtype: torch.dtype):
-    """Logits at every position from ``prompt_len - 1`` on: one prefill step of the prompt,
-    then one decode step per given token (the reference's tokens, so both runs see the same
-    inputs and only the cache differs)."""
-    block_size = 16
-    blocks = -(-len(tokens) // block_size)
-    caches = model.allocate_kv_cache(blocks + 1, block_size, kv_dtype, "cpu")
-    table = list(range(blocks, 0, -1))
-    rows = []
-    chunk = _Chunk("r", tokens[:prompt_len], 0, table)
-    with torch.no_grad():
-        for pos in range(prompt_len, len(tokens) + 1):
-            inp = build_ragged_batch([chunk], [table], block_size)
-            rows.append(model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices))
-            if pos < len(tokens):
-                chunk = _Chunk("r", [tokens[pos]], pos, table)
-    return torch.cat(rows)
-
-
 # Logit error of the tiny fp32 models (hidden 64, 2 layers, 4/2 heads, random weights of std
 # 0.2: logits of std ~1.6, max ~6) with an int8 cache against transformers, teacher-forced over
 # 24 positions, measured for seeds 0-2: max 0.15-0.20 (llama, head_dim 16) and 0.09-0.11
 # (qwen3, head_dim 32), a median per position of 0.04-0.08; the top-1 token agreed at all 144
 # positions. The bound leaves 1.5x over the worst seed.
 INT8_LOGIT_BOUND = 0.3
-
-
-def _assert_same_top1_where_clear(got: torch.Tensor, expected: torch.Tensor, bound: float):
-    """The argmax agrees wherever the reference's top-2 gap exceeds twice ``bound``."""
-    top2 = expected.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
-    assert clear.any(), "no position with a clear winner: the check would be empty"
-    agree = got.argmax(-1) == expected.argmax(-1)
-    assert bool(agree[clear].all()), f"top-1 differs at clear positions {(~agree & clear)}"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: head_dim 32, q/k norms
@@ -184,7 +155,7 @@ def test_tiny_model_with_int8_cache_against_transformers(tmp_path, arch):
     assert (fp32 - ref).abs().max().item() <= 1e-4  # the float cache: transformers' numbers
     err = (int8 - ref).abs().max().item()
     assert 0 < err <= INT8_LOGIT_BOUND, f"int8 cache logit error {err}"
-    _assert_same_top1_where_clear(int8, ref, INT8_LOGIT_BOUND)
+    assert_same_top1_where_clear(int8, ref, INT8_LOGIT_BOUND)
 
 
 def test_int8_gather_and_kernel_paths_agree(tmp_path):

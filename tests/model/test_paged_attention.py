@@ -7,12 +7,11 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from carpool.model import kernel_build, paged_attention
-from carpool.model.attention import GatherBuffer
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
+from helpers.attention_ref import gather_sdpa, random_case
 from helpers.carpool_ref import _Chunk, greedy
 from helpers.hf_models import hf_greedy, save_tiny_hf_model, save_tiny_model_dir
 
@@ -23,39 +22,6 @@ def built_kernel():
     # a failed build would silently route every test below to the fallback.
     assert paged_attention.kernel() is not None, paged_attention._state.failed
     paged_attention.use_kernel(True)
-
-
-def gather_sdpa(q, kv_cache, tables, lens, scale):
-    """The gather path of ``Attention.forward`` for a decode step: gather whole blocks into a
-    rectangle, mask each row to its length, one SDPA (fp32 math)."""
-    b, h, d = q.shape
-    kvh = kv_cache.shape[3]
-    kv = GatherBuffer().take((tables.numel(), *kv_cache.shape[1:]), kv_cache)
-    torch.index_select(kv_cache, 0, tables.view(-1), out=kv)
-    keys, values = kv.view(b, -1, 2, kvh, d).permute(2, 0, 3, 1, 4).unbind(0)
-    mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]  # [B, L]
-    out = F.scaled_dot_product_attention(
-        q.float()[:, :, None],
-        keys.float(),
-        values.float(),
-        attn_mask=mask[:, None, None, :],
-        scale=scale,
-        enable_gqa=h != kvh,
-    )
-    return out[:, :, 0]  # [B, H, D]
-
-
-def random_case(dtype, heads, kv_heads, head_dim, block_size, lens, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    max_blocks = -(-max(lens) // block_size)
-    num_blocks = len(lens) * max_blocks + 7
-    kv = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim, generator=g).to(dtype)
-    # Random, non-contiguous, non-increasing block ids, disjoint between sequences.
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks).contiguous()
-    # The query as the attention layer passes it: a strided view into a fused qkv row.
-    qkv = torch.randn(len(lens), heads + 2 * kv_heads, head_dim, generator=g).to(dtype)
-    return qkv[:, :heads], kv, tables, torch.tensor(lens, dtype=torch.long)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])

@@ -14,7 +14,7 @@ from carpool.model.loader import load_model
 from carpool.model.quant import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear
 from carpool.model.quant_loader import combined_plan, resolve_plan
 from carpool.model.quant_plan import matrix_shapes
-from helpers.carpool_ref import greedy, prompt_logits
+from helpers.carpool_ref import assert_same_top1_where_clear, greedy, prompt_logits
 from helpers.gguf_export import export_hf_to_gguf
 from helpers.hf_models import first_difference, save_tiny_model_dir
 
@@ -32,18 +32,6 @@ LOGIT_BOUND.update({(t, "float32"): 0.25 for t in ("Q4_0", "Q4_1")})
 # --quantization int8/int4 against the same dequantized weights in float32: only the bf16
 # rounding of the matmuls' inputs and outputs (measured 0.07-0.12).
 INPUT_ROUNDING_BOUND = 0.25
-
-
-def _assert_same_top1_where_clear(got: torch.Tensor, expected: torch.Tensor, bound: float):
-    """The argmax of every position agrees wherever the reference's top-2 gap exceeds twice the
-    allowed logit error (elsewhere a difference within ``bound`` may flip a near-tie)."""
-    top2 = expected.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
-    assert clear.any(), "no position with a clear winner: the check would be empty"
-    agree = got.argmax(-1) == expected.argmax(-1)
-    assert bool(agree[clear].all()), (
-        f"top-1 differs at clear positions {(~agree & clear).nonzero()}"
-    )
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: tied head, q/k/v biases
@@ -72,7 +60,7 @@ def test_quantized_gguf_against_its_dequantized_model(checkpoint, ftype, dtype):
     diff = float((got - expected).abs().max())
     bound = LOGIT_BOUND[ftype, dtype]
     assert diff <= bound, f"{ftype} {dtype}: logit diff {diff:.4f}"
-    _assert_same_top1_where_clear(got, expected, bound / 2)
+    assert_same_top1_where_clear(got, expected, bound / 2)
 
 
 @pytest.mark.parametrize("ftype", list(KERNEL))
@@ -121,7 +109,7 @@ def test_hf_quantization_equals_its_dequantized_weights(checkpoint, method):
     got, expected = prompt_logits(quant, PROMPT), prompt_logits(dense, PROMPT)
     diff = float((got - expected).abs().max())
     assert diff <= INPUT_ROUNDING_BOUND, f"{method}: logit diff {diff:.2e}"
-    _assert_same_top1_where_clear(got, expected, INPUT_ROUNDING_BOUND / 2)
+    assert_same_top1_where_clear(got, expected, INPUT_ROUNDING_BOUND / 2)
     # Rounding the matmuls' inputs is all that differs: with it undone (the module fed values
     # already in bf16, as the dense reference then is too) the two agree to float32 rounding.
     layer = quant.model.layers[0].mlp.down_proj

@@ -213,12 +213,12 @@ def test_int8_kv_cache_holds_about_twice_the_blocks_of_bf16():
 def test_kv_cache_dtype_is_checked_with_the_allowed_values(capsys):
     from carpool.config import EngineConfig
 
-    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'int8'\)"):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'bfloat16', 'int8'\)"):
         EngineConfig(kv_cache_dtype="fp8")
     with pytest.raises(SystemExit):
         main(["generate", "--kv-cache-dtype", "fp8", "hello"])
     err = capsys.readouterr().err
-    assert "--kv-cache-dtype" in err and "'auto', 'int8'" in err
+    assert "--kv-cache-dtype" in err and "'auto', 'bfloat16', 'int8'" in err
 
 
 def test_memory_cli_with_int8_kv_cache(tmp_path, capsys):
@@ -240,6 +240,22 @@ def test_memory_cli_with_int8_kv_cache(tmp_path, capsys):
     assert int8["largest_batch"] > bf16["largest_batch"]
 
 
+def test_memory_cli_with_bf16_kv_cache_of_a_float32_model(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA_13B))
+    argv = ["memory", "--model", str(cfg), "--batch-size", "4", "--seq-len", "2048"]
+    argv += ["--dtype", "float32", "--device-memory", "200GB"]
+    out_f32, out_bf16 = tmp_path / "f32.json", tmp_path / "bf16.json"
+    assert main([*argv, "--output", str(out_f32)]) == 0
+    assert main([*argv, "--kv-cache-dtype", "bfloat16", "--output", str(out_bf16)]) == 0
+    out = capsys.readouterr().out
+    assert "weights float32, KV bfloat16" in out
+    f32, bf16 = json.loads(out_f32.read_text()), json.loads(out_bf16.read_text())
+    assert f32["kv_bytes_per_token"] == 1_638_400 and bf16["kv_bytes_per_token"] == 819_200
+    assert bf16["estimate"]["weights"] == f32["estimate"]["weights"]  # the weights stay float32
+    assert bf16["largest_batch"] > f32["largest_batch"]
+
+
 def test_engine_int8_cache_is_what_the_estimate_says(tmp_path):
     # The runner's kv_cache_bytes measures the real tensors: int8 rows of head_dim + 4 bytes.
     import torch
@@ -256,14 +272,16 @@ def test_engine_int8_cache_is_what_the_estimate_says(tmp_path):
                 model=str(tmp_path), dtype="float32", kv_cache_memory=budget, kv_cache_dtype=kv
             )
         )
-        for kv in ("auto", "int8")
+        for kv in ("auto", "bfloat16", "int8")
     }
     config = read_model_config(tmp_path)
-    for kv, element in (("auto", 4), ("int8", "int8")):
+    for kv, element in (("auto", 4), ("bfloat16", 2), ("int8", "int8")):
         e = engines[kv]
         per_block = 16 * config.kv_bytes_per_token_for(element)
         assert e.num_blocks == budget // per_block
         assert e.runner.kv_cache_bytes == e.num_blocks * per_block
     assert engines["int8"].runner.kv_caches[0].dtype == torch.int8
+    assert engines["bfloat16"].runner.kv_caches[0].dtype == torch.bfloat16
+    assert engines["bfloat16"].num_blocks == 2 * engines["auto"].num_blocks
     # head_dim 16: 16 + 4 bytes per row against 16 x 4 (float32).
     assert engines["int8"].num_blocks / engines["auto"].num_blocks == pytest.approx(64 / 20, 0.01)

@@ -53,9 +53,10 @@ def kv_cache_bytes(num_blocks: int, kv_bytes_per_token: int, block_size: int) ->
 
 
 def kv_element(config: EngineConfig, dtype_nbytes: int) -> int | str:
-    """What ``ModelConfig.kv_bytes_per_token_for`` takes for an engine's cache: ``"int8"``
-    under ``kv_cache_dtype="int8"``, else the model dtype's ``dtype_nbytes``."""
-    return "int8" if config.kv_cache_dtype == "int8" else dtype_nbytes
+    """What ``ModelConfig.kv_bytes_per_token_for`` takes for an engine's cache: the cache dtype's
+    name under ``kv_cache_dtype="int8"`` or ``"bfloat16"``, else the model dtype's
+    ``dtype_nbytes``."""
+    return dtype_nbytes if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
 
 
 def kv_cache_bytes_for(
@@ -81,7 +82,7 @@ def plan_num_blocks(
     """KV blocks the engine allocates: ``kv_cache_memory`` bytes when given, else
     ``kv_cache_memory_fraction`` of the memory available now, capped at what every seat
     filled to ``max_model_len`` can use (no point holding more). ``dtype_bytes``: the
-    model's element size (the cache's unless ``kv_cache_dtype="int8"``)."""
+    model's element size (the cache's when ``kv_cache_dtype="auto"``)."""
     kv = kv_element(config, dtype_bytes)
     per_token = model.kv_bytes_per_token_for(kv)
     if config.kv_cache_memory is not None:

@@ -144,7 +144,8 @@ class Attention(nn.Module):
         new_kv = qkv[:, h:].view(t, 2, kvh, d)
         if kv_cache.dtype == torch.int8:  # quantized rows [2, K, D + 4] (see kv_quant)
             paged_attention.store_int8(kv_cache, meta.slot_mapping, new_kv)
-        else:
+        else:  # a bfloat16 cache of a float32 model: K/V rounded to bfloat16 as stored
+            new_kv = new_kv if new_kv.dtype == kv_cache.dtype else new_kv.to(kv_cache.dtype)
             kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, new_kv)
 
         use_kernel = meta.context_lens is not None and paged_attention.applies(kv_cache, qkv.dtype)
@@ -182,6 +183,9 @@ class Attention(nn.Module):
             # int8 rows + scale -> the activation dtype, into a second reused buffer.
             deq = self.gather.take((*kv.shape[:-1], d), q, slot="dequantized")
             kv = kv_quant.dequantize(kv, q.dtype, out=deq)
+        elif kv.dtype != q.dtype:  # a bfloat16 cache of a float32 model: widened for SDPA
+            wide = self.gather.take(kv.shape, q, slot="dequantized")
+            kv = wide.copy_(kv)
         kv = kv.view(b, -1, 2, kvh, d)
         # Strided [B, K, L, D] views, no copy: SDPA reads K and V through their strides.
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)

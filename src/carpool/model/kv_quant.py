@@ -29,7 +29,9 @@ SCALE_BYTES = KV_INT8_SCALE_BYTES  # one float32 scale per row
 def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     """The cache tensor's dtype for an ``EngineConfig.kv_cache_dtype`` value.
 
-    ``auto``: the model's dtype; ``int8``: ``torch.int8`` (the quantized layout above).
+    ``auto``: the model's dtype; ``bfloat16``: ``torch.bfloat16`` whatever the model's dtype
+    (a float32 model's K/V rounded to bfloat16 when stored; attention math stays float32);
+    ``int8``: ``torch.int8`` (the quantized layout above).
 
     Raises:
         ValueError: ``kv_cache_dtype`` is not one of ``KV_CACHE_DTYPES``.
@@ -38,6 +40,8 @@ def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dty
         return model_dtype
     if kv_cache_dtype == "int8":
         return torch.int8
+    if kv_cache_dtype == "bfloat16":
+        return torch.bfloat16
     raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
 
 

@@ -66,7 +66,14 @@ def build_empty_model(
     with torch.device("meta"):
         model = cls(config)
         prepare_planned_model(model, quantized or {})
-    model = model.to_empty(device=device).to(dtype)
+    # Not ``to_empty(...).to(dtype)``: ``to_empty``'s ``empty_like`` of a meta tensor runs
+    # torch's Python reference ops, which import sympy (32 MiB of resident memory and ~0.3 s,
+    # measured), and allocating float32 first then converting held both copies at once.
+    model = model._apply(
+        lambda t: torch.empty(
+            t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device
+        )
+    )
     if isinstance(model.lm_head, nn.Linear):
         model.tie_weights()
     model.model.rotary.reset_tables()

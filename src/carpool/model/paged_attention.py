@@ -82,13 +82,14 @@ _FLOATS = (torch.float32, torch.bfloat16)  # query and output dtypes the kernel 
 
 def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> bool:
     """True when a decode step on ``kv_cache`` should run the in-place kernel: a float32 or
-    bfloat16 cache, or the int8 layout of ``carpool.model.kv_quant`` with float32 or bfloat16
-    queries (``query_dtype``; None: the cache's own)."""
+    bfloat16 cache, or the int8 layout of ``carpool.model.kv_quant``, with float32 or bfloat16
+    queries (``query_dtype``; None: the cache's own) of the cache's dtype, or float32 queries
+    over any of the three."""
     query = query_dtype or kv_cache.dtype
     return (
         _state.enabled
         and kv_cache.device.type == "cpu"
-        and (kv_cache.dtype == query or kv_cache.dtype == torch.int8)
+        and (kv_cache.dtype in (query, torch.int8) or query == torch.float32)
         and query in _FLOATS
         and kernel() is not None
     )

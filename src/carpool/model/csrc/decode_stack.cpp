@@ -238,8 +238,11 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
     const at::Tensor& cache = kv_caches[l];
     if (cache.scalar_type() == at::kChar)
       o.kv_store_int8.call(new_kv, cache, slot_mapping);
-    else
-      cache.view({-1, 2, kvh, d}).index_copy_(0, slot_mapping, new_kv);
+    else  // a bfloat16 cache of a float32 model: K/V rounded to bfloat16 as stored
+      cache.view({-1, 2, kvh, d})
+          .index_copy_(0, slot_mapping,
+                       new_kv.scalar_type() == cache.scalar_type() ? new_kv
+                                                                   : new_kv.to(cache.scalar_type()));
     const at::Tensor att =
         o.paged_decode.call(qkv.narrow(1, 0, h), cache, block_tables, context_lens, scale);
     std::tie(hs, residual) =

@@ -6,7 +6,8 @@
 // float32. K and V are read straight from the cache, once per kv head for all the query heads
 // that share it (grouped-query attention); nothing is copied.
 //
-// The cache holds float32 or bfloat16 rows, or int8 rows (``kv_cache_dtype="int8"``): each
+// The cache holds float32 or bfloat16 rows (a bfloat16 cache also under float32 queries: a float32
+// model's cache at half the bytes), or int8 rows (``kv_cache_dtype="int8"``): each
 // (token, K/V, kv head) row is head_dim int8 values followed by its float32 scale (4 bytes), so a
 // row is head_dim + 4 bytes. The scale multiplies the dot product (K) or the softmax weight (V):
 // dequantization costs one multiply per row, not per element.
@@ -200,6 +201,17 @@ void decode_dispatch_cache(const at::Tensor& q, const at::Tensor& kv_cache,
     decode_kernel<T, int8_t>(q.data_ptr<T>(), q.stride(0), kv_cache.data_ptr<int8_t>(),
                              tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
                              out.data_ptr<T>(), batch, heads, kv_heads, d, block_size, sc);
+  } else if constexpr (std::is_same<T, float>::value) {
+    if (kv_cache.scalar_type() == at::kBFloat16) {  // a float32 model's bfloat16 cache
+      decode_kernel<float, c10::BFloat16>(
+          q.data_ptr<float>(), q.stride(0), kv_cache.data_ptr<c10::BFloat16>(),
+          tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
+          out.data_ptr<float>(), batch, heads, kv_heads, d, block_size, sc);
+    } else {
+      decode_kernel<T, T>(q.data_ptr<T>(), q.stride(0), kv_cache.data_ptr<T>(),
+                          tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
+                          out.data_ptr<T>(), batch, heads, kv_heads, d, block_size, sc);
+    }
   } else {
     decode_kernel<T, T>(q.data_ptr<T>(), q.stride(0), kv_cache.data_ptr<T>(),
                         tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
@@ -216,8 +228,10 @@ at::Tensor paged_decode_attention(
   TORCH_CHECK(query.dim() == 3, "query must be [B, H, D]");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(2) == 2, "kv_cache must be [N, S, 2, K, D]");
   const bool int8 = kv_cache.scalar_type() == at::kChar;
-  TORCH_CHECK(int8 || query.scalar_type() == kv_cache.scalar_type(),
-              "query and cache dtypes differ");
+  TORCH_CHECK(int8 || query.scalar_type() == kv_cache.scalar_type() ||
+                  (query.scalar_type() == at::kFloat && kv_cache.scalar_type() == at::kBFloat16),
+              "query and cache dtypes differ (a bfloat16 cache takes float32 or bfloat16 "
+              "queries, an int8 cache either, any other cache its own dtype)");
   TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_tables and context_lens must be int64");
