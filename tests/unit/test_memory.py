@@ -213,7 +213,8 @@ def test_int8_kv_cache_holds_about_twice_the_blocks_of_bf16():
 def test_kv_cache_dtype_is_checked_with_the_allowed_values(capsys):
     from carpool.config import EngineConfig
 
-    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'bfloat16', 'int8'\)"):
+    allowed = r"\('auto', 'bfloat16', 'int8'\)"
+    with pytest.raises(ValueError, match=f"kv_cache_dtype must be one of {allowed}"):
         EngineConfig(kv_cache_dtype="fp8")
     with pytest.raises(SystemExit):
         main(["generate", "--kv-cache-dtype", "fp8", "hello"])
