@@ -30,7 +30,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from carpool.bench.random_model import save_random_llama
+from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.loader import load_model
+from carpool.model_config import KV_CACHE_DTYPES
 from carpool.worker.batch import build_ragged_batch
 from carpool.worker.model_runner import prepare_model
 
@@ -215,9 +217,9 @@ def main() -> None:
     )
     p.add_argument(
         "--kv-cache-dtype",
-        choices=["auto", "int8"],
+        choices=list(KV_CACHE_DTYPES),
         default="auto",
-        help="KV cache: the model's dtype, or int8 rows with a float32 scale each",
+        help="KV cache: the model's dtype, bfloat16, or int8 rows with a float32 scale each",
     )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -241,7 +243,7 @@ def main() -> None:
     rows = []
     for b in (int(x) for x in a.batch.split(",")):
         for ctx in contexts:
-            kv = torch.int8 if a.kv_cache_dtype == "int8" else None
+            kv = resolve_kv_dtype(a.kv_cache_dtype, next(model.parameters()).dtype)
             r = measure(model, b, ctx, a.steps, kv_dtype=kv, top_ops=a.top)
             rows.append(r)
             print(
