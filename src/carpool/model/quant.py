@@ -298,9 +298,11 @@ class Int4Linear(QuantizedLinear):
     def _dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole (padded) weight ``[N', K]`` widened in a few whole-tensor ops."""
         k, g = self.in_features, self.group_size
-        q = _unpack_int4_all(self.packed, k).to(dtype)  # [N', K]
+        w = _unpack_int4_all(self.packed, k).to(dtype).view(-1, k // g, g)  # [N', K/g, g]
         sz = self.scales_zeros.to(dtype).transpose(0, 1)  # [N', K/g, 2]
-        w = (q.view(-1, k // g, g) - 8) * sz[..., :1] + sz[..., 1:]
+        # In place: the same ops in the same dtype (the same bits) with one weight-sized
+        # temporary instead of four (a prefill widens every layer's weights).
+        w.sub_(8).mul_(sz[..., :1]).add_(sz[..., 1:])
         return w.view(-1, k)[: self.out_features]
 
     def _cuda_packed(self) -> torch.Tensor:

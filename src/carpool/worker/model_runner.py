@@ -19,6 +19,7 @@ from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import prepack_linears
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, SchedulerOutput
+from carpool.worker import heap
 from carpool.worker.batch import build_ragged_batch
 from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs
@@ -156,6 +157,7 @@ class ModelRunner:
             inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
         )
         if not inp.sample_request_ids:
+            heap.release_after(inp.num_tokens, self.device)
             return ModelRunnerOutput(num_padded_tokens=num_padded)
         reqs = [requests[rid] for rid in inp.sample_request_ids]
         rows = [
@@ -165,6 +167,9 @@ class ModelRunner:
             for r in reqs
         ]
         result = self.sampling(logits, inp.sample_request_ids, rows)
+        del logits
+        # A prefill's freed temporaries back to the OS (see carpool.worker.heap).
+        heap.release_after(inp.num_tokens, self.device)
         return ModelRunnerOutput(
             sampled=result.sampled,
             logprobs=result.logprobs,
