@@ -7,8 +7,10 @@ computed in float32 and cast to the activation dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Callable, Iterator
 from typing import overload
 
 import torch
@@ -39,6 +41,47 @@ def bucket_rows(rows: int) -> int:
         return rows
     step = 1 << (rows.bit_length() - 1 - (_BUCKETS_PER_OCTAVE.bit_length() - 1))
     return -(-rows // step) * step
+
+
+# Rows of a step's MLP computed at once. A 1,024-token prefill of SmolLM2-135M otherwise holds a
+# [T, 2I] float32 gate/up output and its SwiGLU products at once (~40 MB: the step's resident
+# peak, measured -23 MiB with 256-row chunks; llama.cpp's physical batch is 512 tokens).
+MLP_CHUNK_ROWS = 256
+# No chunk is this short or shorter (a short tail joins the chunk before it): the quantized
+# linears pick their kernel by row count, up to 128 rows (checked in carpool.model.quant), so
+# every chunk takes the same kind of kernel as the whole step would.
+MLP_MIN_CHUNK_ROWS = 128
+
+
+class _Widened:
+    """Widened quantized weights kept while ``widen_once`` is active (None: not active)."""
+
+    cache: dict[tuple[int, torch.dtype], torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def widen_once() -> Iterator[None]:
+    """Within this block each quantized linear widens its weight at most once (``widened``):
+    an MLP run in row chunks multiplies every chunk by the same widened weight instead of
+    widening it per chunk. The widened copies are dropped on exit."""
+    outer = _Widened.cache
+    _Widened.cache = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _Widened.cache = outer
+
+
+def widened(owner: nn.Module, dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``owner``'s weight widened to ``dtype`` by ``make()``: made once per ``widen_once``
+    block, every call outside one."""
+    cache = _Widened.cache
+    if cache is None:
+        return make()
+    key = (id(owner), dtype)
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -307,4 +350,21 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(i, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        if x.dim() != 2 or t <= MLP_CHUNK_ROWS:
+            return self._swiglu(x)
+        bounds = [*range(0, t, MLP_CHUNK_ROWS), t]
+        if bounds[-1] - bounds[-2] <= MLP_MIN_CHUNK_ROWS:
+            del bounds[-2]  # the short tail joins the chunk before it
+        out: torch.Tensor | None = None
+        with widen_once():  # quantized weights widened once for all the chunks
+            for i, j in zip(bounds, bounds[1:], strict=False):
+                y = self._swiglu(x[i:j])
+                if out is None:
+                    out = torch.empty((t, y.shape[1]), dtype=y.dtype, device=y.device)
+                out[i:j] = y
+        assert out is not None, "an MLP step of more than MLP_CHUNK_ROWS rows ran no chunk"
+        return out
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward(fused_ops.silu_and_mul(self.gate_up_proj.forward(x)))

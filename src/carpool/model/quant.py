@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.model import fused_ops
-from carpool.model.layers import linear_bucketed
+from carpool.model.layers import MLP_MIN_CHUNK_ROWS, linear_bucketed, widened
 
 QUANTIZATION_METHODS = ("int8", "int4")
 GROUP_SIZE = 32
@@ -48,6 +48,16 @@ _INT4_ROW_PAD = 64
 # measured by benchmarks/quant_kernels.py (see BENCHMARKS.md); int4 widens ~3x slower.
 INT8_WIDEN_ABOVE_ROWS = 16
 INT4_WIDEN_ABOVE_ROWS = 128
+# GatedMLP's row chunks must each take the kernel the whole step would (see MLP_MIN_CHUNK_ROWS).
+assert (
+    max(
+        INT8_WIDEN_ABOVE_ROWS,
+        INT4_WIDEN_ABOVE_ROWS,
+        fused_ops.INT4_GEMV_MAX_ROWS,
+        fused_ops.INT8_GEMV_MAX_ROWS,
+    )
+    <= MLP_MIN_CHUNK_ROWS
+), "an MLP chunk could take another quantized kernel than its whole step"
 
 
 # How many of a row's largest logits ``QuantizedLinear.logits`` recomputes in float32: far more
@@ -172,7 +182,7 @@ class Int8Linear(QuantizedLinear):
         if xk.shape[0] <= INT8_WIDEN_ABOVE_ROWS and xk.device.type == "cpu":
             y = torch._weight_int8pack_mm(xk, self.qweight, self.scales)
         else:  # widen the codes (exact in bf16/fp16); the row scales on the output
-            y = linear_bucketed(xk, self.qweight.to(kd)) * self.scales
+            y = linear_bucketed(xk, widened(self, kd, lambda: self.qweight.to(kd))) * self.scales
         return self._finish(y, x)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -271,7 +281,7 @@ class Int4Linear(QuantizedLinear):
         xk = self._kernel_input(x2, kd)
         dev = xk.device.type
         if xk.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
-            y = linear_bucketed(xk, self._dense(kd))
+            y = linear_bucketed(xk, widened(self, kd, lambda: self._dense(kd)))
         elif dev == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 xk, self.packed, self.group_size, self.scales_zeros
@@ -281,7 +291,7 @@ class Int4Linear(QuantizedLinear):
                 xk, self._cuda_packed(), self.group_size, self.scales_zeros
             )
         else:  # no int4 kernel for this device/dtype: widen the weight for this call
-            y = linear_bucketed(xk, self._dense(kd))
+            y = linear_bucketed(xk, widened(self, kd, lambda: self._dense(kd)))
         y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
         return self._finish(y, x)
 
