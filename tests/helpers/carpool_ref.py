@@ -90,3 +90,35 @@ def assert_same_top1_where_clear(got: torch.Tensor, expected: torch.Tensor, boun
     assert bool(agree[clear].all()), (
         f"top-1 differs at clear positions {(~agree & clear).nonzero()}"
     )
+
+
+def teacher_forced_vs_hf(hf, model, kv_dtype: torch.dtype, new_tokens: int = 24):
+    """``(logits, reference, kernel runs)``: the model's logits over ``new_tokens`` positions of
+    transformers' own greedy continuation of a fixed prompt, on a cache of ``kv_dtype``
+    (``teacher_forced_logits``), transformers' logits at the same positions, and how many
+    times the paged decode kernel ran meanwhile."""
+    from carpool.model import paged_attention
+    from helpers.hf_models import hf_greedy
+
+    prompt = list(range(3, 300, 7))
+    tokens = prompt + hf_greedy(hf, prompt, new_tokens)[:-1]
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0, len(prompt) - 1 :]  # [new_tokens, vocab]
+    calls = paged_attention.kernel_calls()
+    got = teacher_forced_logits(model, tokens, len(prompt), kv_dtype)
+    return got, ref, paged_attention.kernel_calls() - calls
+
+
+def kernel_and_gathered_logits(model, kv_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits of a fixed sequence decoded through the paged decode kernel, and
+    through gather + SDPA (the path of prefill, mixed steps and other devices)."""
+    from carpool.model import paged_attention
+
+    tokens = list(range(5, 200, 3))
+    kernel = teacher_forced_logits(model, tokens, 20, kv_dtype)
+    paged_attention.use_kernel(False)
+    try:
+        gathered = teacher_forced_logits(model, tokens, 20, kv_dtype)
+    finally:
+        paged_attention.use_kernel(True)
+    return kernel, gathered

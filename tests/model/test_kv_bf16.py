@@ -11,7 +11,12 @@ from carpool.model import paged_attention
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.loader import load_model
 from helpers.attention_ref import gather_sdpa, random_case
-from helpers.carpool_ref import assert_same_top1_where_clear, greedy, teacher_forced_logits
+from helpers.carpool_ref import (
+    assert_same_top1_where_clear,
+    greedy,
+    kernel_and_gathered_logits,
+    teacher_forced_vs_hf,
+)
 from helpers.hf_models import first_difference, hf_greedy, save_tiny_hf_model, save_tiny_model_dir
 
 
@@ -68,15 +73,9 @@ BF16_LOGIT_BOUND = 0.1
 def test_tiny_model_with_bf16_cache_against_transformers(tmp_path, arch):
     hf = save_tiny_hf_model(arch, tmp_path)
     model, _ = load_model(tmp_path, dtype="float32")
-    prompt = list(range(3, 300, 7))
-    expected = hf_greedy(hf, prompt, 24)
-    tokens = prompt + expected[:-1]
-    with torch.no_grad():
-        ref = hf(torch.tensor([tokens])).logits[0, len(prompt) - 1 :]  # [24, vocab]
-    calls = paged_attention.kernel_calls()
-    got = teacher_forced_logits(model, tokens, len(prompt), torch.bfloat16)
+    got, ref, runs = teacher_forced_vs_hf(hf, model, torch.bfloat16)
     # 23 decode steps through the kernel on the bf16 cache, every layer.
-    assert paged_attention.kernel_calls() - calls == 23 * model.config.num_hidden_layers
+    assert runs == 23 * model.config.num_hidden_layers
     err = (got - ref).abs().max().item()
     assert 0 < err <= BF16_LOGIT_BOUND, f"bf16 cache logit error {err}"
     assert_same_top1_where_clear(got, ref, BF16_LOGIT_BOUND)
@@ -90,13 +89,7 @@ def test_gather_and_kernel_paths_agree(tmp_path):
     # 2.9e-4 (llama, qwen3; fused operators on and off; 1 and 2 threads).
     save_tiny_hf_model("llama", tmp_path)
     model, _ = load_model(tmp_path, dtype="float32")
-    tokens = list(range(5, 200, 3))
-    kernel = teacher_forced_logits(model, tokens, 20, torch.bfloat16)
-    paged_attention.use_kernel(False)
-    try:
-        gathered = teacher_forced_logits(model, tokens, 20, torch.bfloat16)
-    finally:
-        paged_attention.use_kernel(True)
+    kernel, gathered = kernel_and_gathered_logits(model, torch.bfloat16)
     assert (kernel - gathered).abs().max().item() <= 1e-3
 
 

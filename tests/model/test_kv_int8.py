@@ -9,8 +9,12 @@ import torch.nn.functional as F
 
 from carpool.model import kv_quant, paged_attention
 from carpool.model.loader import load_model
-from helpers.carpool_ref import assert_same_top1_where_clear, teacher_forced_logits
-from helpers.hf_models import first_difference, hf_greedy, save_tiny_hf_model, save_tiny_model_dir
+from helpers.carpool_ref import (
+    assert_same_top1_where_clear,
+    kernel_and_gathered_logits,
+    teacher_forced_vs_hf,
+)
+from helpers.hf_models import first_difference, save_tiny_hf_model, save_tiny_model_dir
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,16 +146,10 @@ INT8_LOGIT_BOUND = 0.3
 def test_tiny_model_with_int8_cache_against_transformers(tmp_path, arch):
     hf = save_tiny_hf_model(arch, tmp_path)
     model, _ = load_model(tmp_path, dtype="float32")
-    prompt = list(range(3, 300, 7))
-    expected = hf_greedy(hf, prompt, 24)
-    tokens = prompt + expected[:-1]
-    with torch.no_grad():
-        ref = hf(torch.tensor([tokens])).logits[0, len(prompt) - 1 :]  # [24, vocab]
-    fp32 = teacher_forced_logits(model, tokens, len(prompt), torch.float32)
-    calls = paged_attention.kernel_calls()
-    int8 = teacher_forced_logits(model, tokens, len(prompt), torch.int8)
+    fp32, ref, _ = teacher_forced_vs_hf(hf, model, torch.float32)
+    int8, _, runs = teacher_forced_vs_hf(hf, model, torch.int8)
     # 23 decode steps through the kernel on the int8 cache, every layer.
-    assert paged_attention.kernel_calls() - calls == 23 * model.config.num_hidden_layers
+    assert runs == 23 * model.config.num_hidden_layers
     assert (fp32 - ref).abs().max().item() <= 1e-4  # the float cache: transformers' numbers
     err = (int8 - ref).abs().max().item()
     assert 0 < err <= INT8_LOGIT_BOUND, f"int8 cache logit error {err}"
@@ -164,13 +162,7 @@ def test_int8_gather_and_kernel_paths_agree(tmp_path):
     # rounding apart the same logits.
     save_tiny_hf_model("llama", tmp_path)
     model, _ = load_model(tmp_path, dtype="float32")
-    tokens = list(range(5, 200, 3))
-    kernel = teacher_forced_logits(model, tokens, 20, torch.int8)
-    paged_attention.use_kernel(False)
-    try:
-        gathered = teacher_forced_logits(model, tokens, 20, torch.int8)
-    finally:
-        paged_attention.use_kernel(True)
+    kernel, gathered = kernel_and_gathered_logits(model, torch.int8)
     assert (kernel - gathered).abs().max().item() <= 1e-4
 
 
