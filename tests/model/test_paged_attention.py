@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carpool.model import kernel_build, paged_attention
+from carpool.model import fused_ops, kernel_build, paged_attention
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
 from helpers.attention_ref import gather_sdpa, random_case
@@ -189,7 +189,8 @@ def test_stale_build_lock_is_removed(tmp_path):
 
 def test_a_cached_build_loads_without_cpp_extension():
     # A finished build is loaded as it is: torch.utils.cpp_extension (and setuptools with it)
-    # stays unimported, 4-5 MiB and ~0.3 s per process. The fixture above built it.
+    # stays unimported, 4-5 MiB and ~0.3 s per process. Both built here first if need be.
+    assert paged_attention.kernel() is not None and fused_ops.load()
     code = (
         "import sys, torch; from carpool.model import fused_ops, paged_attention; "
         "assert paged_attention.kernel() is not None and fused_ops.load(); "
