@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     dtype, nbytes = _dtype_nbytes(args.dtype, config)
     # The cache dtype by name: "int8" is the engine's int8 cache (values + a scale per row), so
     # every figure below comes from ModelConfig.kv_bytes_per_token_for, as the engine's.
-    kv_dtype = args.kv_dtype or dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    kv_dtype = (args.kv_dtype or dtype) if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     kv_nbytes = kv_dtype
     device_memory = args.device_memory or device_memory_bytes("cpu")
     sizes = args.batch_sizes or tuple(

@@ -356,15 +356,10 @@ class GatedMLP(nn.Module):
         bounds = [*range(0, t, MLP_CHUNK_ROWS), t]
         if bounds[-1] - bounds[-2] <= MLP_MIN_CHUNK_ROWS:
             del bounds[-2]  # the short tail joins the chunk before it
-        out: torch.Tensor | None = None
         with widen_once():  # quantized weights widened once for all the chunks
-            for i, j in zip(bounds, bounds[1:], strict=False):
-                y = self._swiglu(x[i:j])
-                if out is None:
-                    out = torch.empty((t, y.shape[1]), dtype=y.dtype, device=y.device)
-                out[i:j] = y
-        assert out is not None, "an MLP step of more than MLP_CHUNK_ROWS rows ran no chunk"
-        return out
+            # The chunks' [rows, hidden] outputs are small next to their [rows, 2I] temporaries.
+            chunks = zip(bounds, bounds[1:], strict=False)
+            return torch.cat([self._swiglu(x[i:j]) for i, j in chunks])
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward(fused_ops.silu_and_mul(self.gate_up_proj.forward(x)))

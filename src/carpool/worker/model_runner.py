@@ -156,8 +156,9 @@ class ModelRunner:
         logits = self.model(
             inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
         )
+        # A prefill's freed temporaries back to the OS (see carpool.worker.heap).
+        heap.release_after(inp.num_tokens, self.device)
         if not inp.sample_request_ids:
-            heap.release_after(inp.num_tokens, self.device)
             return ModelRunnerOutput(num_padded_tokens=num_padded)
         reqs = [requests[rid] for rid in inp.sample_request_ids]
         rows = [
@@ -167,9 +168,6 @@ class ModelRunner:
             for r in reqs
         ]
         result = self.sampling(logits, inp.sample_request_ids, rows)
-        del logits
-        # A prefill's freed temporaries back to the OS (see carpool.worker.heap).
-        heap.release_after(inp.num_tokens, self.device)
         return ModelRunnerOutput(
             sampled=result.sampled,
             logprobs=result.logprobs,

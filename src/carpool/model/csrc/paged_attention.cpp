@@ -201,17 +201,13 @@ void decode_dispatch_cache(const at::Tensor& q, const at::Tensor& kv_cache,
     decode_kernel<T, int8_t>(q.data_ptr<T>(), q.stride(0), kv_cache.data_ptr<int8_t>(),
                              tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
                              out.data_ptr<T>(), batch, heads, kv_heads, d, block_size, sc);
-  } else if constexpr (std::is_same<T, float>::value) {
-    if (kv_cache.scalar_type() == at::kBFloat16) {  // a float32 model's bfloat16 cache
-      decode_kernel<float, c10::BFloat16>(
-          q.data_ptr<float>(), q.stride(0), kv_cache.data_ptr<c10::BFloat16>(),
-          tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
-          out.data_ptr<float>(), batch, heads, kv_heads, d, block_size, sc);
-    } else {
-      decode_kernel<T, T>(q.data_ptr<T>(), q.stride(0), kv_cache.data_ptr<T>(),
-                          tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
-                          out.data_ptr<T>(), batch, heads, kv_heads, d, block_size, sc);
-    }
+  } else if (kv_cache.scalar_type() != q.scalar_type()) {
+    // Float32 queries over a float32 model's bfloat16 cache: the one mixed case the caller
+    // admits (T is float here).
+    decode_kernel<float, c10::BFloat16>(
+        q.data_ptr<float>(), q.stride(0), kv_cache.data_ptr<c10::BFloat16>(),
+        tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(), out.data_ptr<float>(),
+        batch, heads, kv_heads, d, block_size, sc);
   } else {
     decode_kernel<T, T>(q.data_ptr<T>(), q.stride(0), kv_cache.data_ptr<T>(),
                         tables.data_ptr<int64_t>(), max_blocks, lens.data_ptr<int64_t>(),
