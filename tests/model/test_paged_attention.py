@@ -216,6 +216,24 @@ def test_a_cached_build_that_does_not_load_is_built_again(tmp_path, monkeypatch,
     assert "did not load" in caplog.text
 
 
+def test_a_build_leaves_the_flags_and_later_build_names_as_they_were(tmp_path, monkeypatch):
+    # torch's cpp_extension.load appends its -L/-l flags to the list it is given: built with the
+    # module's own lists, every later build name in that process changed, and a fresh process
+    # compiled those kernels again instead of loading them (found by the test above).
+    monkeypatch.setenv("CARPOOL_KERNEL_CACHE", str(tmp_path))
+    source = Path(paged_attention.__file__).parent / "csrc" / "paged_attention.cpp"
+    before = kernel_build._build_name("carpool_test_flags", source)
+    from torch.utils import cpp_extension
+
+    def fake_load(**kw):  # what torch does to the lists it is handed
+        kw["extra_ldflags"].append("-ltorch")
+        kw["extra_cflags"].append("-DEXTRA")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    kernel_build.load_library("carpool_test_flags", source)
+    assert kernel_build._build_name("carpool_test_flags", source) == before
+
+
 def test_mixed_step_marks_generated_rows_for_the_kernel():
     tables = [[3, 1], [2]]
     chunks = [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [6, 7, 8], 0, tables[1])]

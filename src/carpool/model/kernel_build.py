@@ -31,8 +31,11 @@ CSRC = Path(__file__).parent / "csrc"
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (without the flag it runs
 # on one thread); the library links the libgomp torch already loaded. `omp simd` reductions
 # vectorize without -ffast-math.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
-LDFLAGS = ["-fopenmp"]
+# Tuples, and lists copied for each build: torch's cpp_extension.load appends its own -L/-l
+# flags to the list it is given, which changed every later build's name in that process (a
+# fresh process then missed those cached builds and compiled again).
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
+LDFLAGS = ("-fopenmp",)
 
 
 def _cpu_flags() -> str:
@@ -122,8 +125,8 @@ def load_library(prefix: str, source: Path) -> float:
         cpp_extension.load(
             name=name,
             sources=[str(source)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(build_dir),
             is_python_module=False,  # registers torch.ops.carpool.*; no pybind11 to compile
             verbose=False,

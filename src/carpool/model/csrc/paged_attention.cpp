@@ -58,6 +58,13 @@ void decode_kernel(
   const int64_t row = d + row_extra<C>();  // cache elements of one kv head's K (or V)
   const int64_t token_stride = 2 * kv_heads * row;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
+  // A bfloat16 cache on AVX2 (no AVX-512): rows read in split order (vec_math.h, load_split),
+  // each K and V vector once for all the query heads of its group.
+#if defined(CARPOOL_AVX2)
+  const bool split = std::is_same<C, c10::BFloat16>::value && d % 16 == 0;
+#else
+  const bool split = false;
+#endif
   // A work item is one sequence and a run of its kv heads. Why a run, not one kv head: a
   // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
   // through memory, while one head's slice of every row is a 2-cache-line read every few KiB
@@ -83,6 +90,12 @@ void decode_kernel(
       const int64_t n_ctx = ctx[b];
       for (int64_t h = 0; h < nh; ++h) {
         const T* qp = q + b * q_stride + (h0 + h) * d;
+#if defined(CARPOOL_AVX2)
+        if (split) {
+          to_split(qp, qf.data() + h * d, d, scale);
+          continue;
+        }
+#endif
         for (int64_t i = 0; i < d; ++i) qf[h * d + i] = to_float(qp[i]) * scale;
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
@@ -113,6 +126,32 @@ void decode_kernel(
         // Scores of the block: q . k for every token and query head of the run; 16 tokens at
         // a time where the vector path allows.
         int64_t t0 = 0;
+#if defined(CARPOOL_AVX2)
+        if constexpr (std::is_same<C, c10::BFloat16>::value) {
+          if (split) {
+            // The next block's rows, line by line: K then V of each token of the run (a cursor:
+            // no division per line).
+            const int64_t seg_lines = (run_bytes + 63) / 64;
+            const int64_t lines = next == nullptr ? 0 : 2 * seg_lines * block_size;
+            const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(C));
+            int64_t line = 0, r = 0;
+            const char* tok = next;
+            auto prefetch_lines = [&](int64_t count) {
+              for (; count > 0 && line < lines; --count, ++line) {
+                __builtin_prefetch(tok + (r < seg_lines ? r * 64 : kv_bytes + (r - seg_lines) * 64));
+                if (++r == 2 * seg_lines) {
+                  r = 0;
+                  tok += token_bytes;
+                }
+              }
+            };
+            block_dots_split(qf.data(), d, base, token_stride, row, n_tok, nkh, group, s.data(),
+                             block_size, prefetch_lines, lines);
+            prefetch_lines(lines);  // what is left (a short block)
+            t0 = n_tok;
+          }
+        }
+#endif
 #if defined(__AVX512F__)
         if (d % 16 == 0 && d <= 128) {
           for (; t0 + 16 <= n_tok; t0 += 16) {
@@ -159,8 +198,7 @@ void decode_kernel(
         // Online softmax: rescale what was accumulated when the running max grows.
         for (int64_t h = 0; h < nh; ++h) {
           float* sh = s.data() + h * block_size;
-          float mx = m[h];
-          for (int64_t t = 0; t < n_tok; ++t) mx = std::max(mx, sh[t]);
+          const float mx = max_block(sh, n_tok, m[h]);
           if (mx > m[h]) {
             const float corr = exp_nonpositive(m[h] - mx);  // ~0 on the first block
             l[h] *= corr;
@@ -171,6 +209,15 @@ void decode_kernel(
           l[h] += exp_block(sh, n_tok, mx);
         }
         // Weighted sum of the block's values (the block is in cache by now).
+#if defined(CARPOOL_AVX2)
+        if constexpr (std::is_same<C, c10::BFloat16>::value) {
+          if (split) {
+            block_values_split(acc.data(), d, base + kv_heads * row, token_stride, row, n_tok, nkh,
+                               group, s.data(), block_size);
+            continue;
+          }
+        }
+#endif
         for (int64_t h = 0; h < nh; ++h) {
           const float* ph = s.data() + h * block_size;
           if constexpr (std::is_same<C, int8_t>::value) {
@@ -186,6 +233,12 @@ void decode_kernel(
       for (int64_t h = 0; h < nh; ++h) {
         T* op = out + (b * heads + h0 + h) * d;
         const float inv = 1.0f / l[h];
+#if defined(CARPOOL_AVX2)
+        if (split) {
+          store_from_split(acc.data() + h * d, op, d, inv);
+          continue;
+        }
+#endif
         for (int64_t i = 0; i < d; ++i) store(op + i, acc[h * d + i] * inv);
       }
     }

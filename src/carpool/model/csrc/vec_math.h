@@ -102,6 +102,43 @@ inline void dot8(const float* q, const C* k0, int64_t stride, int64_t d, float* 
 }
 #endif
 
+#if defined(CARPOOL_AVX2)
+// bfloat16 rows read 16 values at a time as two float32 vectors, each for one vector
+// instruction: a bfloat16 value is the top half of a float32, and the 32-bit lane j of 16 loaded
+// values holds value 2j in its low half and 2j + 1 in its high half; shifted left by 16 the
+// lanes are the even values, masked to the high half the odd ones. (Widening 8 values to 8
+// lanes takes a shuffle and a shift, both on the two vector ports AVX2 shuffles use, and that
+// was what a GQA decode step waited on.) Queries and accumulators that meet such rows are kept
+// in the same "split" order: per 16-value chunk, its 8 even values, then its 8 odd ones.
+inline void load_split(const c10::BFloat16* p, __m256& even, __m256& odd) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// dst[0..d) = x[0..d) * mul in split order (d a multiple of 16).
+template <typename T>
+inline void to_split(const T* x, float* dst, int64_t d, float mul) {
+  for (int64_t c = 0; c < d; c += 16) {
+    for (int j = 0; j < 8; ++j) {
+      dst[c + j] = to_float(x[c + 2 * j]) * mul;
+      dst[c + 8 + j] = to_float(x[c + 2 * j + 1]) * mul;
+    }
+  }
+}
+
+// dst[0..d) = src[0..d) * mul, src in split order, dst in natural order.
+template <typename T>
+inline void store_from_split(const float* src, T* dst, int64_t d, float mul) {
+  for (int64_t c = 0; c < d; c += 16) {
+    for (int j = 0; j < 8; ++j) {
+      store(dst + c + 2 * j, src[c + j] * mul);
+      store(dst + c + 2 * j + 1, src[c + 8 + j] * mul);
+    }
+  }
+}
+#endif
+
 // Elements of one (token, K/V, kv head) row in the cache, and its dequantization scale: an
 // int8 row carries its float32 scale in 4 bytes after the head_dim values.
 template <typename C>
@@ -118,6 +155,25 @@ inline float row_scale(const C* row, int64_t d) {
     (void)d;
     return 1.0f;
   }
+}
+
+// The largest of x and sh[0..n).
+inline float max_block(const float* sh, int64_t n, float x) {
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  __m512 mv = _mm512_set1_ps(x);
+  for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sh + t));
+  x = _mm512_reduce_max_ps(mv);
+#elif defined(CARPOOL_AVX2)
+  __m256 mv = _mm256_set1_ps(x);
+  for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sh + t));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  x = _mm_cvtss_f32(h);
+#endif
+  for (; t < n; ++t) x = std::max(x, sh[t]);
+  return x;
 }
 
 // sum(a[i] * b[i]). With AVX-512 the horizontal sum is a few shuffles: gcc's own `omp simd`
@@ -237,6 +293,151 @@ inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, c
     for (int64_t t = 0; t < n_tok; ++t) axpy(ah, ph[t], v0 + t * stride, d);
   }
 }
+
+#if defined(CARPOOL_AVX2)
+// s[h * s_stride + t] = q_h . k_t for HG query heads sharing one kv head (split-order rows
+// qs + h * d) and TOK keys k_t = k0 + t * ts (bfloat16, head_dim d a multiple of 16): each key
+// vector is loaded once for all the heads of the group, and the TOK * HG <= 8 dot products
+// share one reduction.
+template <int TOK, int HG>
+inline void dots_split(const float* qs, int64_t d, const c10::BFloat16* k0, int64_t ts, float* s,
+                       int64_t s_stride) {
+  static_assert(TOK * HG <= 8, "8 accumulators");
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+    for (int t = 0; t < TOK; ++t) {
+      __m256 e, o;
+      load_split(k0 + t * ts + c, e, o);
+      for (int h = 0; h < HG; ++h) {
+        __m256& a = acc[t * HG + h];
+        a = _mm256_fmadd_ps(e, _mm256_loadu_ps(qs + h * d + c), a);
+        a = _mm256_fmadd_ps(o, _mm256_loadu_ps(qs + h * d + c + 8), a);
+      }
+    }
+  }
+  alignas(32) float r[8];
+  _mm256_store_ps(r, reduce8(acc));
+  for (int t = 0; t < TOK; ++t) {
+    for (int h = 0; h < HG; ++h) s[h * s_stride + t] = r[t * HG + h];
+  }
+}
+
+// Scores of a group of HG heads against n_tok consecutive keys, 8 / HG keys per reduction and
+// one at a time for the rest; prefetch(lines) after each reduction (the next block's rows,
+// spread over the work).
+template <int HG, typename Prefetch>
+inline void group_dots_split(const float* qs, int64_t d, const c10::BFloat16* k0, int64_t ts,
+                             int64_t n_tok, float* s, int64_t s_stride, Prefetch& prefetch,
+                             int64_t lines) {
+  constexpr int TOK = 8 / HG;
+  int64_t t = 0;
+  for (; t + TOK <= n_tok; t += TOK) {
+    dots_split<TOK, HG>(qs, d, k0 + t * ts, ts, s + t, s_stride);
+    prefetch(lines);
+  }
+  for (; t < n_tok; ++t) {
+    dots_split<1, HG>(qs, d, k0 + t * ts, ts, s + t, s_stride);
+    prefetch(lines);
+  }
+}
+
+// How many reductions group_dots_split makes for HG heads and n_tok keys.
+inline int64_t dots_split_calls(int64_t hg, int64_t n_tok) {
+  const int64_t tok = 8 / hg;
+  return n_tok / tok + n_tok % tok;
+}
+
+// acc_h[0..len) += sum over t < n_tok of p[h * p_stride + t] * v_t for HG heads sharing one kv
+// head (split-order accumulators acc + h * d), v_t = v0 + t * ts (bfloat16): each value vector
+// is loaded once for the group. CH chunks of 16 at a time, 2 * HG * CH accumulators in
+// registers for the whole block (enough independent chains to hide the multiply-add latency).
+template <int HG, int CH>
+inline void group_values_split(float* acc, int64_t d, int64_t len, const c10::BFloat16* v0,
+                               int64_t ts, int64_t n_tok, const float* p, int64_t p_stride) {
+  static_assert(2 * HG * CH <= 8, "8 accumulators");
+  int64_t c = 0;
+  for (; c + 16 * CH <= len; c += 16 * CH) {
+    __m256 a[2 * HG * CH];
+    for (int h = 0; h < HG; ++h) {
+      for (int j = 0; j < 2 * CH; ++j) a[h * 2 * CH + j] = _mm256_loadu_ps(acc + h * d + c + 8 * j);
+    }
+    for (int64_t t = 0; t < n_tok; ++t) {
+      __m256 e[CH], o[CH];
+      for (int j = 0; j < CH; ++j) load_split(v0 + t * ts + c + 16 * j, e[j], o[j]);
+      for (int h = 0; h < HG; ++h) {
+        const __m256 pb = _mm256_broadcast_ss(p + h * p_stride + t);
+        for (int j = 0; j < CH; ++j) {
+          a[h * 2 * CH + 2 * j] = _mm256_fmadd_ps(pb, e[j], a[h * 2 * CH + 2 * j]);
+          a[h * 2 * CH + 2 * j + 1] = _mm256_fmadd_ps(pb, o[j], a[h * 2 * CH + 2 * j + 1]);
+        }
+      }
+    }
+    for (int h = 0; h < HG; ++h) {
+      for (int j = 0; j < 2 * CH; ++j) _mm256_storeu_ps(acc + h * d + c + 8 * j, a[h * 2 * CH + j]);
+    }
+  }
+  if constexpr (CH > 1) {
+    if (c < len) group_values_split<HG, 1>(acc + c, d, len - c, v0 + c, ts, n_tok, p, p_stride);
+  }
+}
+
+// Scores of one block of a run's query heads over a bfloat16 cache in split order: 8 tokens at
+// a time, and within them for every kv head k its group of query heads (rows k * group ..) in
+// sub-groups of at most 4 (token-major: measured 2-6% faster than one kv head's whole block at a
+// time). prefetch(n) asks for the next n cache lines of the next block; `lines` of them in all,
+// spread evenly over the block's reductions (a token's worth of requests at once stalled the
+// loads behind them).
+template <typename Prefetch>
+inline void block_dots_split(const float* qs, int64_t d, const c10::BFloat16* k0, int64_t ts,
+                             int64_t rw, int64_t n_tok, int64_t nkh, int64_t group, float* s,
+                             int64_t s_stride, Prefetch& prefetch, int64_t lines) {
+  int64_t calls = 0;
+  for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
+    for (int64_t h0 = 0; h0 < group; h0 += 4) {
+      calls += nkh * dots_split_calls(std::min<int64_t>(4, group - h0),
+                                      std::min<int64_t>(8, n_tok - t0));
+    }
+  }
+  const int64_t per_call = (lines + calls - 1) / calls;
+  for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
+    const int64_t nt = std::min<int64_t>(8, n_tok - t0);
+    for (int64_t k = 0; k < nkh; ++k) {
+      for (int64_t h0 = 0; h0 < group; h0 += 4) {
+        const int64_t h = k * group + h0;
+        const float* qh = qs + h * d;
+        float* sh = s + h * s_stride + t0;
+        const c10::BFloat16* kr = k0 + t0 * ts + k * rw;
+        switch (std::min<int64_t>(4, group - h0)) {
+          case 1: group_dots_split<1>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
+          case 2: group_dots_split<2>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
+          case 3: group_dots_split<3>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
+          default: group_dots_split<4>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call);
+        }
+      }
+    }
+  }
+}
+
+inline void block_values_split(float* acc, int64_t d, const c10::BFloat16* v0, int64_t ts,
+                               int64_t rw, int64_t n_tok, int64_t nkh, int64_t group,
+                               const float* p, int64_t p_stride) {
+  for (int64_t k = 0; k < nkh; ++k) {
+    for (int64_t h0 = 0; h0 < group; h0 += 4) {
+      const int64_t h = k * group + h0;
+      float* ah = acc + h * d;
+      const float* ph = p + h * p_stride;
+      const c10::BFloat16* vr = v0 + k * rw;
+      switch (std::min<int64_t>(4, group - h0)) {
+        case 1: group_values_split<1, 4>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        case 2: group_values_split<2, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        case 3: group_values_split<3, 1>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        default: group_values_split<4, 1>(ah, d, d, vr, ts, n_tok, ph, p_stride);
+      }
+    }
+  }
+}
+#endif
 
 // exp(x) for x <= 0 (scores minus their running max), relative error ~2e-7: 2^t split into
 // 2^floor(t) (exponent bits) times a degree-6 polynomial of 2^frac(t). Branch-free so the loop
