@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from carpool.model import kv_quant
 from carpool.model.attention import GatherBuffer
 
 
@@ -40,3 +41,34 @@ def random_case(dtype, heads, kv_heads, head_dim, block_size, lens, seed=0):
     # The query as the attention layer passes it: a strided view into a fused qkv row.
     qkv = torch.randn(len(lens), heads + 2 * kv_heads, head_dim, generator=g).to(dtype)
     return qkv[:, :heads], kv, tables, torch.tensor(lens, dtype=torch.long)
+
+
+def int8_case(heads, kv_heads, head_dim, block_size, lens, qdtype, seed=0):
+    """random_case's shapes over an int8 cache (``kv_cache_dtype="int8"``) of random values."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = -(-max(lens) // block_size)
+    num_blocks = len(lens) * max_blocks + 5
+    x = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim, generator=g)
+    cache = kv_quant.quantize(x).contiguous()
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks).contiguous()
+    qkv = torch.randn(len(lens), heads + 2 * kv_heads, head_dim, generator=g).to(qdtype)
+    return qkv[:, :heads], cache, tables, torch.tensor(lens, dtype=torch.long)
+
+
+def dequantized_sdpa(q, cache, tables, lens, scale):
+    """Reference: gather the sequences' blocks, dequantize to float32, masked SDPA."""
+    b, h, d = q.shape
+    kvh = cache.shape[3]
+    kv = kv_quant.dequantize(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
+    keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]
+    out = F.scaled_dot_product_attention(
+        q.float()[:, :, None],
+        keys,
+        values,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=h != kvh,
+    )
+    return out[:, :, 0]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from carpool.model import kv_quant, paged_attention
 from carpool.model.loader import load_model
+from helpers.attention_ref import dequantized_sdpa, int8_case
 from helpers.carpool_ref import (
     assert_same_top1_where_clear,
     kernel_and_gathered_logits,
@@ -59,36 +59,6 @@ def test_cpu_store_writes_the_same_bytes_as_the_torch_ops(dtype):
     assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="slot"):
         paged_attention.store_int8(a, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 32]), new_kv)
-
-
-def int8_case(heads, kv_heads, head_dim, block_size, lens, qdtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    max_blocks = -(-max(lens) // block_size)
-    num_blocks = len(lens) * max_blocks + 5
-    x = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim, generator=g)
-    cache = kv_quant.quantize(x).contiguous()
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks).contiguous()
-    qkv = torch.randn(len(lens), heads + 2 * kv_heads, head_dim, generator=g).to(qdtype)
-    return qkv[:, :heads], cache, tables, torch.tensor(lens, dtype=torch.long)
-
-
-def dequantized_sdpa(q, cache, tables, lens, scale):
-    """Reference: gather the sequences' blocks, dequantize to float32, masked SDPA."""
-    b, h, d = q.shape
-    kvh = cache.shape[3]
-    kv = kv_quant.dequantize(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
-    keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
-    mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]
-    out = F.scaled_dot_product_attention(
-        q.float()[:, :, None],
-        keys,
-        values,
-        attn_mask=mask[:, None, None, :],
-        scale=scale,
-        enable_gqa=h != kvh,
-    )
-    return out[:, :, 0]
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 32])

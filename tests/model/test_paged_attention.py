@@ -15,7 +15,7 @@ import torch
 from carpool.model import fused_ops, kernel_build, paged_attention
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
-from helpers.attention_ref import gather_sdpa, random_case
+from helpers.attention_ref import dequantized_sdpa, gather_sdpa, int8_case, random_case
 from helpers.carpool_ref import _Chunk, greedy
 from helpers.hf_models import hf_greedy, save_tiny_hf_model, save_tiny_model_dir
 
@@ -47,6 +47,37 @@ def test_kernel_matches_gather_sdpa(block_size, heads, kv_heads, dtype, tol):
     # math, then one rounding of the output to bf16 (relative 2^-8 of values up to ~2).
     diff = (got.float() - ref).abs().max().item()
     assert diff <= tol, f"max abs difference {diff}"
+
+
+# Query heads per kv head: 3 (SmolLM2), 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 3, 8 = 4 + 4: on AVX2 a
+# bfloat16 or int8 block's K/V vectors are read once per group of up to 4 heads.
+GROUPS = [(9, 3), (5, 1), (12, 2), (14, 2), (8, 1)]
+
+
+@pytest.mark.parametrize("heads,kv_heads", GROUPS, ids=[f"{h}/{k}" for h, k in GROUPS])
+@pytest.mark.parametrize("cache", ["bf16", "bf16-fp32q", "int8-fp32q", "int8-bf16q"])
+@pytest.mark.parametrize("head_dim", [32, 80])  # 80: five chunks of 16, an odd one out
+def test_query_head_groups_of_every_size(heads, kv_heads, cache, head_dim):
+    # One sequence (its kv heads split into runs over the threads) beside longer ones, tails
+    # of 1-15 tokens in a block of 16.
+    lens = [37, 1, 16, 7, 300]
+    scale = head_dim**-0.5
+    if cache.startswith("int8"):
+        qdtype = torch.float32 if cache.endswith("fp32q") else torch.bfloat16
+        q, kv, tables, ctx = int8_case(heads, kv_heads, head_dim, 16, lens, qdtype)
+        ref = dequantized_sdpa(q, kv, tables, ctx, scale)
+        ones = paged_attention.paged_decode_attention(q[:1], kv, tables[:1], ctx[:1], scale)
+    else:
+        q, kv, tables, ctx = random_case(torch.bfloat16, heads, kv_heads, head_dim, 16, lens)
+        if cache == "bf16-fp32q":
+            q = q.float()
+        ref = gather_sdpa(q, kv, tables, ctx, scale)
+        ones = paged_attention.paged_decode_attention(q[:1], kv, tables[:1], ctx[:1], scale)
+    got = paged_attention.paged_decode_attention(q, kv, tables, ctx, scale)
+    # float32 outputs: the same float32 math, summation order apart; bf16: one rounding more.
+    tol = 2e-5 if got.dtype == torch.float32 else 1.6e-2
+    assert (got.float() - ref).abs().max().item() <= tol
+    assert (ones.float() - ref[:1]).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 40, 80, 128])

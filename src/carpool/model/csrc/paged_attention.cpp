@@ -58,12 +58,15 @@ void decode_kernel(
   const int64_t row = d + row_extra<C>();  // cache elements of one kv head's K (or V)
   const int64_t token_stride = 2 * kv_heads * row;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
-  // A bfloat16 cache on AVX2 (no AVX-512): rows read in split order (vec_math.h, load_split),
-  // each K and V vector once for all the query heads of its group.
+  // A bfloat16 or int8 cache on AVX2 (no AVX-512): "grouped" loops that read each K and V
+  // vector once for all the query heads of its group (vec_math.h, block_dots_split); bfloat16
+  // rows in split order (load_split), so the queries and accumulators are kept in that order.
 #if defined(CARPOOL_AVX2)
-  const bool split = std::is_same<C, c10::BFloat16>::value && d % 16 == 0;
+  constexpr bool kGroupable = std::is_same<C, c10::BFloat16>::value || std::is_same<C, int8_t>::value;
+  const bool grouped = kGroupable && d % 16 == 0;
+  const bool split = grouped && std::is_same<C, c10::BFloat16>::value;
 #else
-  const bool split = false;
+  const bool grouped = false, split = false;
 #endif
   // A work item is one sequence and a run of its kv heads. Why a run, not one kv head: a
   // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
@@ -127,17 +130,26 @@ void decode_kernel(
         // a time where the vector path allows.
         int64_t t0 = 0;
 #if defined(CARPOOL_AVX2)
-        if constexpr (std::is_same<C, c10::BFloat16>::value) {
-          if (split) {
-            // The next block's rows, line by line: K then V of each token of the run (a cursor:
-            // no division per line).
+        if constexpr (kGroupable) {
+          if (grouped) {
+            // The next block's rows, line by line: K then V of each token of the run. A run of
+            // every kv head reads the whole block, one contiguous range; a run of some of them
+            // two ranges per token, walked with a cursor (no division per line).
             const int64_t seg_lines = (run_bytes + 63) / 64;
-            const int64_t lines = next == nullptr ? 0 : 2 * seg_lines * block_size;
+            const bool whole = nkh == kv_heads;
             const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(C));
+            const int64_t lines = next == nullptr ? 0
+                                  : whole       ? (block_size * token_bytes + 63) / 64
+                                                : 2 * seg_lines * block_size;
             int64_t line = 0, r = 0;
             const char* tok = next;
             auto prefetch_lines = [&](int64_t count) {
-              for (; count > 0 && line < lines; --count, ++line) {
+              const int64_t stop = std::min(lines, line + count);
+              if (whole) {
+                for (; line < stop; ++line) __builtin_prefetch(next + line * 64);
+                return;
+              }
+              for (; line < stop; ++line) {
                 __builtin_prefetch(tok + (r < seg_lines ? r * 64 : kv_bytes + (r - seg_lines) * 64));
                 if (++r == 2 * seg_lines) {
                   r = 0;
@@ -210,8 +222,16 @@ void decode_kernel(
         }
         // Weighted sum of the block's values (the block is in cache by now).
 #if defined(CARPOOL_AVX2)
-        if constexpr (std::is_same<C, c10::BFloat16>::value) {
-          if (split) {
+        if constexpr (kGroupable) {
+          if (grouped) {
+            if constexpr (std::is_same<C, int8_t>::value) {
+              // The V row scales join the softmax weights (the sum l is taken already).
+              for (int64_t h = 0; h < nh; ++h) {
+                const float* sv = vs.data() + (h / group) * block_size;
+                float* ph = s.data() + h * block_size;
+                for (int64_t t = 0; t < n_tok; ++t) ph[t] *= sv[t];
+              }
+            }
             block_values_split(acc.data(), d, base + kv_heads * row, token_stride, row, n_tok, nkh,
                                group, s.data(), block_size);
             continue;

@@ -116,6 +116,16 @@ inline void load_split(const c10::BFloat16* p, __m256& even, __m256& odd) {
   odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// 16 values of a cache row as two float32 vectors: bfloat16 in split order (load_split), int8 in
+// the natural order (values 0-7, then 8-15; an int8 value takes a widening and a conversion
+// either way). The grouped decode loops below read rows through this.
+inline void load16_pair(const c10::BFloat16* p, __m256& a, __m256& b) { load_split(p, a, b); }
+
+inline void load16_pair(const int8_t* p, __m256& a, __m256& b) {
+  a = load8(p);
+  b = load8(p + 8);
+}
+
 // dst[0..d) = x[0..d) * mul in split order (d a multiple of 16).
 template <typename T>
 inline void to_split(const T* x, float* dst, int64_t d, float mul) {
@@ -295,12 +305,12 @@ inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, c
 }
 
 #if defined(CARPOOL_AVX2)
-// s[h * s_stride + t] = q_h . k_t for HG query heads sharing one kv head (split-order rows
-// qs + h * d) and TOK keys k_t = k0 + t * ts (bfloat16, head_dim d a multiple of 16): each key
+// s[h * s_stride + t] = q_h . k_t for HG query heads sharing one kv head (rows in load16_pair order:
+// qs + h * d) and TOK keys k_t = k0 + t * ts (rows of C, head_dim d a multiple of 16): each key
 // vector is loaded once for all the heads of the group, and the TOK * HG <= 8 dot products
 // share one reduction.
-template <int TOK, int HG>
-inline void dots_split(const float* qs, int64_t d, const c10::BFloat16* k0, int64_t ts, float* s,
+template <int TOK, int HG, typename C>
+inline void dots_split(const float* qs, int64_t d, const C* k0, int64_t ts, float* s,
                        int64_t s_stride) {
   static_assert(TOK * HG <= 8, "8 accumulators");
   __m256 acc[8];
@@ -308,7 +318,7 @@ inline void dots_split(const float* qs, int64_t d, const c10::BFloat16* k0, int6
   for (int64_t c = 0; c < d; c += 16) {
     for (int t = 0; t < TOK; ++t) {
       __m256 e, o;
-      load_split(k0 + t * ts + c, e, o);
+      load16_pair(k0 + t * ts + c, e, o);
       for (int h = 0; h < HG; ++h) {
         __m256& a = acc[t * HG + h];
         a = _mm256_fmadd_ps(e, _mm256_loadu_ps(qs + h * d + c), a);
@@ -326,18 +336,18 @@ inline void dots_split(const float* qs, int64_t d, const c10::BFloat16* k0, int6
 // Scores of a group of HG heads against n_tok consecutive keys, 8 / HG keys per reduction and
 // one at a time for the rest; prefetch(lines) after each reduction (the next block's rows,
 // spread over the work).
-template <int HG, typename Prefetch>
-inline void group_dots_split(const float* qs, int64_t d, const c10::BFloat16* k0, int64_t ts,
+template <int HG, typename C, typename Prefetch>
+inline void group_dots_split(const float* qs, int64_t d, const C* k0, int64_t ts,
                              int64_t n_tok, float* s, int64_t s_stride, Prefetch& prefetch,
                              int64_t lines) {
   constexpr int TOK = 8 / HG;
   int64_t t = 0;
   for (; t + TOK <= n_tok; t += TOK) {
-    dots_split<TOK, HG>(qs, d, k0 + t * ts, ts, s + t, s_stride);
+    dots_split<TOK, HG, C>(qs, d, k0 + t * ts, ts, s + t, s_stride);
     prefetch(lines);
   }
   for (; t < n_tok; ++t) {
-    dots_split<1, HG>(qs, d, k0 + t * ts, ts, s + t, s_stride);
+    dots_split<1, HG, C>(qs, d, k0 + t * ts, ts, s + t, s_stride);
     prefetch(lines);
   }
 }
@@ -349,11 +359,11 @@ inline int64_t dots_split_calls(int64_t hg, int64_t n_tok) {
 }
 
 // acc_h[0..len) += sum over t < n_tok of p[h * p_stride + t] * v_t for HG heads sharing one kv
-// head (split-order accumulators acc + h * d), v_t = v0 + t * ts (bfloat16): each value vector
+// head (accumulators acc + h * d in load16_pair order), v_t = v0 + t * ts (rows of C): each value vector
 // is loaded once for the group. CH chunks of 16 at a time, 2 * HG * CH accumulators in
 // registers for the whole block (enough independent chains to hide the multiply-add latency).
-template <int HG, int CH>
-inline void group_values_split(float* acc, int64_t d, int64_t len, const c10::BFloat16* v0,
+template <int HG, int CH, typename C>
+inline void group_values_split(float* acc, int64_t d, int64_t len, const C* v0,
                                int64_t ts, int64_t n_tok, const float* p, int64_t p_stride) {
   static_assert(2 * HG * CH <= 8, "8 accumulators");
   int64_t c = 0;
@@ -364,7 +374,7 @@ inline void group_values_split(float* acc, int64_t d, int64_t len, const c10::BF
     }
     for (int64_t t = 0; t < n_tok; ++t) {
       __m256 e[CH], o[CH];
-      for (int j = 0; j < CH; ++j) load_split(v0 + t * ts + c + 16 * j, e[j], o[j]);
+      for (int j = 0; j < CH; ++j) load16_pair(v0 + t * ts + c + 16 * j, e[j], o[j]);
       for (int h = 0; h < HG; ++h) {
         const __m256 pb = _mm256_broadcast_ss(p + h * p_stride + t);
         for (int j = 0; j < CH; ++j) {
@@ -378,18 +388,18 @@ inline void group_values_split(float* acc, int64_t d, int64_t len, const c10::BF
     }
   }
   if constexpr (CH > 1) {
-    if (c < len) group_values_split<HG, 1>(acc + c, d, len - c, v0 + c, ts, n_tok, p, p_stride);
+    if (c < len) group_values_split<HG, 1, C>(acc + c, d, len - c, v0 + c, ts, n_tok, p, p_stride);
   }
 }
 
-// Scores of one block of a run's query heads over a bfloat16 cache in split order: 8 tokens at
+// Scores of one block of a run's query heads over a bfloat16 or int8 cache (load16_pair order): 8 tokens at
 // a time, and within them for every kv head k its group of query heads (rows k * group ..) in
 // sub-groups of at most 4 (token-major: measured 2-6% faster than one kv head's whole block at a
 // time). prefetch(n) asks for the next n cache lines of the next block; `lines` of them in all,
 // spread evenly over the block's reductions (a token's worth of requests at once stalled the
 // loads behind them).
-template <typename Prefetch>
-inline void block_dots_split(const float* qs, int64_t d, const c10::BFloat16* k0, int64_t ts,
+template <typename C, typename Prefetch>
+inline void block_dots_split(const float* qs, int64_t d, const C* k0, int64_t ts,
                              int64_t rw, int64_t n_tok, int64_t nkh, int64_t group, float* s,
                              int64_t s_stride, Prefetch& prefetch, int64_t lines) {
   int64_t calls = 0;
@@ -407,7 +417,7 @@ inline void block_dots_split(const float* qs, int64_t d, const c10::BFloat16* k0
         const int64_t h = k * group + h0;
         const float* qh = qs + h * d;
         float* sh = s + h * s_stride + t0;
-        const c10::BFloat16* kr = k0 + t0 * ts + k * rw;
+        const C* kr = k0 + t0 * ts + k * rw;
         switch (std::min<int64_t>(4, group - h0)) {
           case 1: group_dots_split<1>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
           case 2: group_dots_split<2>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
@@ -419,7 +429,8 @@ inline void block_dots_split(const float* qs, int64_t d, const c10::BFloat16* k0
   }
 }
 
-inline void block_values_split(float* acc, int64_t d, const c10::BFloat16* v0, int64_t ts,
+template <typename C>
+inline void block_values_split(float* acc, int64_t d, const C* v0, int64_t ts,
                                int64_t rw, int64_t n_tok, int64_t nkh, int64_t group,
                                const float* p, int64_t p_stride) {
   for (int64_t k = 0; k < nkh; ++k) {
@@ -427,7 +438,7 @@ inline void block_values_split(float* acc, int64_t d, const c10::BFloat16* v0, i
       const int64_t h = k * group + h0;
       float* ah = acc + h * d;
       const float* ph = p + h * p_stride;
-      const c10::BFloat16* vr = v0 + k * rw;
+      const C* vr = v0 + k * rw;
       switch (std::min<int64_t>(4, group - h0)) {
         case 1: group_values_split<1, 4>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
         case 2: group_values_split<2, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
