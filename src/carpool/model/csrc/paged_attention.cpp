@@ -17,7 +17,10 @@
 // shorter build).
 //
 // The inner loops (vec_math.h) use AVX-512 intrinsics where the build machine has them
-// (-march=native), else AVX2 + FMA ones, and plain loops otherwise.
+// (-march=native), else AVX2 + FMA ones, and plain loops otherwise. On AVX2 a bfloat16 or int8
+// cache goes through "grouped" loops: each K/V vector loaded once for up to 4 query heads of
+// its kv head, bfloat16 rows widened by one shift or mask per 8 values (BENCHMARKS.md, issue
+// 11, eighth pass).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -1,0 +1,119 @@
+"""The paged decode kernel of two checkouts in ONE process, calls alternated (fair on a busy VM).
+
+Each checkout's ``csrc`` is built as its own operator library (``ab_before::`` and
+``ab_after::``: the same source with its ``TORCH_LIBRARY`` namespace renamed), so both run side
+by side on the same caches. Per shape and cache dtype: ``--layers`` caches read in turn (from
+memory, as a model's layers are: one layer of GQA 16/4 at 8 x 2k fits a 32 MB L3), ``--rounds``
+rounds alternating before / after / a plain ``sum()`` of the same bytes; medians per layer.
+
+    python benchmarks/ab_paged_kernel.py --before /tmp/old/src \\
+        --shapes 8x16/4x2048,8x8/8x2048,8x9/3x2048 --caches bf16,fp32q,int8 --threads 2
+
+A shape is ``B x heads/kv_heads x context`` (head_dim ``--head-dim``, blocks of 16 interleaved
+between sequences). ``bf16``: bf16 queries over a bf16 cache (a bf16 model); ``fp32q``: float32
+queries over a bf16 cache (a float32 model with ``kv_cache_dtype="bfloat16"``); ``int8``: bf16
+queries over the int8 cache of the same values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from carpool.model import kernel_build, kv_quant  # noqa: E402
+
+
+def build(src: Path, namespace: str) -> None:
+    """Build ``src``'s paged_attention.cpp (headers beside it) as ``torch.ops.<namespace>``."""
+    from torch.utils import cpp_extension
+
+    work = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
+    for f in (src / "carpool" / "model" / "csrc").iterdir():
+        shutil.copy(f, work)
+    cpp = work / "paged_attention.cpp"
+    text = cpp.read_text()
+    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
+        text = text.replace(f"{macro}(carpool,", f"{macro}({namespace},")
+    cpp.write_text(text)
+    cpp_extension.load(
+        name=namespace,
+        sources=[str(cpp)],
+        extra_cflags=list(kernel_build.CFLAGS),
+        extra_ldflags=list(kernel_build.LDFLAGS),
+        build_directory=str(work),
+        is_python_module=False,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", required=True, help="a checkout's src directory")
+    ap.add_argument("--after", default=str(Path(__file__).resolve().parents[1] / "src"))
+    ap.add_argument("--shapes", default="8x16/4x2048,8x8/8x2048,8x9/3x2048")
+    ap.add_argument("--caches", default="bf16,fp32q,int8")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=15)
+    a = ap.parse_args()
+    build(Path(a.before), "ab_before")
+    build(Path(a.after), "ab_after")
+    torch.set_num_threads(a.threads)
+    ops = {
+        "before": torch.ops.ab_before.paged_decode_attention,
+        "after": torch.ops.ab_after.paged_decode_attention,
+    }
+    d, bs = a.head_dim, 16
+    print(f"threads={a.threads} layers={a.layers} rounds={a.rounds} head_dim={d}")
+    print("| shape | cache | before ms | after ms | before / after | sum() ms | after / sum() |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for shape in a.shapes.split(","):
+        b, heads, ctx = shape.split("x")
+        h, kvh = (int(x) for x in heads.split("/"))
+        b, ctx = int(b), int(ctx)
+        nb = b * (-(-ctx // bs))
+        tables = torch.arange(1, nb + 1).view(-1, b).t().contiguous()
+        lens = torch.full((b,), ctx, dtype=torch.long)
+        for cache in a.caches.split(","):
+            caches = [
+                torch.randn(nb + 1, bs, 2, kvh, d).to(torch.bfloat16) for _ in range(a.layers)
+            ]
+            if cache == "int8":
+                caches = [kv_quant.quantize(c).contiguous() for c in caches]
+            q = torch.randn(b, h, d).to(torch.float32 if cache == "fp32q" else torch.bfloat16)
+            # float32 tensors of the same bytes as each cache, for the streaming-read baseline
+            plain = [torch.randn(c.numel() * c.element_size() // 4) for c in caches]
+            times: dict[str, list[float]] = {"before": [], "after": [], "sum": []}
+            outs = {}
+            with torch.inference_mode():
+                for r in range(a.rounds + 2):
+                    for name, op in ops.items():
+                        start = time.perf_counter()
+                        for c in caches:
+                            outs[name] = op(q, c, tables, lens, d**-0.5)
+                        if r >= 2:
+                            times[name].append((time.perf_counter() - start) / len(caches))
+                    start = time.perf_counter()
+                    for p in plain:
+                        p.sum()
+                    if r >= 2:
+                        times["sum"].append((time.perf_counter() - start) / len(plain))
+            diff = (outs["before"].float() - outs["after"].float()).abs().max().item()
+            assert diff < 0.05, f"{shape} {cache}: the checkouts differ by {diff}"
+            mb, ma, ms = (statistics.median(times[k]) * 1e3 for k in ("before", "after", "sum"))
+            print(
+                f"| {shape} | {cache} | {mb:.3f} | {ma:.3f} | {mb / ma:.2f}x | {ms:.3f} | "
+                f"{ma / ms:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
