@@ -65,7 +65,8 @@ void decode_kernel(
   // vector once for all the query heads of its group (vec_math.h, block_dots_split); bfloat16
   // rows in split order (load_split), so the queries and accumulators are kept in that order.
 #if defined(CARPOOL_AVX2)
-  constexpr bool kGroupable = std::is_same<C, c10::BFloat16>::value || std::is_same<C, int8_t>::value;
+  constexpr bool kGroupable =
+      std::is_same<C, c10::BFloat16>::value || std::is_same<C, int8_t>::value;
   const bool grouped = kGroupable && d % 16 == 0;
   const bool split = grouped && std::is_same<C, c10::BFloat16>::value;
 #else
@@ -153,7 +154,8 @@ void decode_kernel(
                 return;
               }
               for (; line < stop; ++line) {
-                __builtin_prefetch(tok + (r < seg_lines ? r * 64 : kv_bytes + (r - seg_lines) * 64));
+                const int64_t off = r < seg_lines ? r * 64 : kv_bytes + (r - seg_lines) * 64;
+                __builtin_prefetch(tok + off);
                 if (++r == 2 * seg_lines) {
                   r = 0;
                   tok += token_bytes;

@@ -305,10 +305,10 @@ inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, c
 }
 
 #if defined(CARPOOL_AVX2)
-// s[h * s_stride + t] = q_h . k_t for HG query heads sharing one kv head (rows in load16_pair order:
-// qs + h * d) and TOK keys k_t = k0 + t * ts (rows of C, head_dim d a multiple of 16): each key
-// vector is loaded once for all the heads of the group, and the TOK * HG <= 8 dot products
-// share one reduction.
+// s[h * s_stride + t] = q_h . k_t for HG query heads sharing one kv head (rows qs + h * d, in
+// load16_pair order) and TOK keys k_t = k0 + t * ts (rows of C, head_dim d a multiple of 16):
+// each key vector is loaded once for all the heads of the group, and the TOK * HG <= 8 dot
+// products share one reduction.
 template <int TOK, int HG, typename C>
 inline void dots_split(const float* qs, int64_t d, const C* k0, int64_t ts, float* s,
                        int64_t s_stride) {
@@ -358,10 +358,11 @@ inline int64_t dots_split_calls(int64_t hg, int64_t n_tok) {
   return n_tok / tok + n_tok % tok;
 }
 
-// acc_h[0..len) += sum over t < n_tok of p[h * p_stride + t] * v_t for HG heads sharing one kv
-// head (accumulators acc + h * d in load16_pair order), v_t = v0 + t * ts (rows of C): each value vector
-// is loaded once for the group. CH chunks of 16 at a time, 2 * HG * CH accumulators in
-// registers for the whole block (enough independent chains to hide the multiply-add latency).
+// acc_h[0..len) += sum over t < n_tok of p[h * p_stride + t] * v_t for HG heads sharing one
+// kv head (accumulators acc + h * d, in load16_pair order), v_t = v0 + t * ts (rows of C): each
+// value vector is loaded once for the group. CH chunks of 16 at a time, 2 * HG * CH
+// accumulators in registers for the whole block (enough independent chains to hide the
+// multiply-add latency).
 template <int HG, int CH, typename C>
 inline void group_values_split(float* acc, int64_t d, int64_t len, const C* v0,
                                int64_t ts, int64_t n_tok, const float* p, int64_t p_stride) {
@@ -392,12 +393,12 @@ inline void group_values_split(float* acc, int64_t d, int64_t len, const C* v0,
   }
 }
 
-// Scores of one block of a run's query heads over a bfloat16 or int8 cache (load16_pair order): 8 tokens at
-// a time, and within them for every kv head k its group of query heads (rows k * group ..) in
-// sub-groups of at most 4 (token-major: measured 2-6% faster than one kv head's whole block at a
-// time). prefetch(n) asks for the next n cache lines of the next block; `lines` of them in all,
-// spread evenly over the block's reductions (a token's worth of requests at once stalled the
-// loads behind them).
+// Scores of one block of a run's query heads over a bfloat16 or int8 cache (load16_pair
+// order): 8 tokens at a time, and within them for every kv head k its group of query heads
+// (rows k * group ..) in sub-groups of at most 4 (token-major: measured 2-6% faster than one
+// kv head's whole block at a time). prefetch(n) asks for the next n cache lines of the next
+// block; `lines` of them in all, spread evenly over the block's reductions (a tile's worth of
+// requests at once stalled the loads behind them).
 template <typename C, typename Prefetch>
 inline void block_dots_split(const float* qs, int64_t d, const C* k0, int64_t ts,
                              int64_t rw, int64_t n_tok, int64_t nkh, int64_t group, float* s,
