@@ -17,10 +17,10 @@
 // shorter build).
 //
 // The inner loops (vec_math.h) use AVX-512 intrinsics where the build machine has them
-// (-march=native), else AVX2 + FMA ones, and plain loops otherwise. On AVX2 a bfloat16 or int8
-// cache goes through "grouped" loops: each K/V vector loaded once for up to 4 query heads of
-// its kv head, bfloat16 rows widened by one shift or mask per 8 values (BENCHMARKS.md, issue
-// 11, eighth pass).
+// (-march=native), else AVX2 + FMA ones, and plain loops otherwise. A bfloat16 or int8 cache
+// goes through "grouped" 8-lane loops (with AVX-512 too, where a kv head has 2 or more query
+// heads): each K/V vector loaded once for up to 4 query heads of its kv head, bfloat16 rows
+// widened by one shift or mask per 8 values (BENCHMARKS.md, issue 11, eighth and tenth passes).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -61,13 +61,20 @@ void decode_kernel(
   const int64_t row = d + row_extra<C>();  // cache elements of one kv head's K (or V)
   const int64_t token_stride = 2 * kv_heads * row;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
-  // A bfloat16 or int8 cache on AVX2 (no AVX-512): "grouped" loops that read each K and V
-  // vector once for all the query heads of its group (vec_math.h, block_dots_split); bfloat16
-  // rows in split order (load_split), so the queries and accumulators are kept in that order.
-#if defined(CARPOOL_AVX2)
+  // A bfloat16 or int8 cache: "grouped" loops (8 lanes) that read each K and V vector once for
+  // all the query heads of its group (vec_math.h, block_dots_split); bfloat16 rows in split
+  // order (load_split), so the queries and accumulators are kept in that order. With AVX-512
+  // only for groups of 2 or more query heads: on a Zen 4 the 16-lane per-head loops below win
+  // without a group to share a vector with (0.77-0.91x for the grouped ones at group 1, against
+  // 1.3-1.6x at groups of 3 and 4; BENCHMARKS.md, issue 11, tenth pass).
+#if defined(CARPOOL_GROUPED)
   constexpr bool kGroupable =
       std::is_same<C, c10::BFloat16>::value || std::is_same<C, int8_t>::value;
+#if defined(__AVX512F__)
+  const bool grouped = kGroupable && d % 16 == 0 && group >= 2;
+#else
   const bool grouped = kGroupable && d % 16 == 0;
+#endif
   const bool split = grouped && std::is_same<C, c10::BFloat16>::value;
 #else
   const bool grouped = false, split = false;
@@ -97,7 +104,7 @@ void decode_kernel(
       const int64_t n_ctx = ctx[b];
       for (int64_t h = 0; h < nh; ++h) {
         const T* qp = q + b * q_stride + (h0 + h) * d;
-#if defined(CARPOOL_AVX2)
+#if defined(CARPOOL_GROUPED)
         if (split) {
           to_split(qp, qf.data() + h * d, d, scale);
           continue;
@@ -133,7 +140,7 @@ void decode_kernel(
         // Scores of the block: q . k for every token and query head of the run; 16 tokens at
         // a time where the vector path allows.
         int64_t t0 = 0;
-#if defined(CARPOOL_AVX2)
+#if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
           if (grouped) {
             // The next block's rows, line by line: K then V of each token of the run. A run of
@@ -226,7 +233,7 @@ void decode_kernel(
           l[h] += exp_block(sh, n_tok, mx);
         }
         // Weighted sum of the block's values (the block is in cache by now).
-#if defined(CARPOOL_AVX2)
+#if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
           if (grouped) {
             if constexpr (std::is_same<C, int8_t>::value) {
@@ -258,7 +265,7 @@ void decode_kernel(
       for (int64_t h = 0; h < nh; ++h) {
         T* op = out + (b * heads + h0 + h) * d;
         const float inv = 1.0f / l[h];
-#if defined(CARPOOL_AVX2)
+#if defined(CARPOOL_GROUPED)
         if (split) {
           store_from_split(acc.data() + h * d, op, d, inv);
           continue;

@@ -25,6 +25,12 @@
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define CARPOOL_AVX2 1
 #endif
+// The grouped decode-attention loops (8 lanes) on every CPU with AVX2 and FMA, AVX-512 ones
+// included: on AMD Zen 4 they beat the 16-lane per-head loops (BENCHMARKS.md, issue 11, tenth
+// pass).
+#if defined(__AVX2__) && defined(__FMA__)
+#define CARPOOL_GROUPED 1
+#endif
 
 namespace carpool_kernels {
 
@@ -58,7 +64,7 @@ inline __m512 load16(const int8_t* p) {
 }
 #endif
 
-#if defined(CARPOOL_AVX2)
+#if defined(CARPOOL_GROUPED)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 inline __m256 load8(const c10::BFloat16* p) {
@@ -102,7 +108,7 @@ inline void dot8(const float* q, const C* k0, int64_t stride, int64_t d, float* 
 }
 #endif
 
-#if defined(CARPOOL_AVX2)
+#if defined(CARPOOL_GROUPED)
 // bfloat16 rows read 16 values at a time as two float32 vectors, each for one vector
 // instruction: a bfloat16 value is the top half of a float32, and the 32-bit lane j of 16 loaded
 // values holds value 2j in its low half and 2j + 1 in its high half; shifted left by 16 the
@@ -304,7 +310,7 @@ inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, c
   }
 }
 
-#if defined(CARPOOL_AVX2)
+#if defined(CARPOOL_GROUPED)
 // s[h * s_stride + t] = q_h . k_t for HG query heads sharing one kv head (rows qs + h * d, in
 // load16_pair order) and TOK keys k_t = k0 + t * ts (rows of C, head_dim d a multiple of 16):
 // each key vector is loaded once for all the heads of the group, and the TOK * HG <= 8 dot
