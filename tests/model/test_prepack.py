@@ -20,14 +20,14 @@ needs_prepack = pytest.mark.skipif(
     not prepack_available("cpu"), reason="oneDNN bf16 not supported by this CPU/torch build"
 )
 vnni_linear.load()
-# The VNNI layout is picked only on CPUs with AVX-512 BF16 and AMX (its kernel itself is
-# tested on any CPU in test_vnni_linear.py).
+# The VNNI layout is picked only on CPUs with AVX-512 BF16 (its kernel itself is tested on any
+# CPU in test_vnni_linear.py).
 LAYOUTS = [
     "onednn",
     pytest.param(
         "vnni",
         marks=pytest.mark.skipif(
-            not vnni_linear.available("cpu"), reason="no AVX-512 BF16 + AMX on this CPU"
+            not vnni_linear.available("cpu"), reason="no AVX-512 BF16 on this CPU"
         ),
     ),
 ]

@@ -87,7 +87,7 @@ def test_a_row_does_not_depend_on_its_neighbours(path):
         assert torch.equal(got[2], alone[0]), rows
 
 
-@pytest.mark.skipif(not vnni_linear.available("cpu"), reason="no AMX on this CPU")
+@pytest.mark.skipif(not vnni_linear.amx(), reason="no AMX on this CPU")
 @pytest.mark.parametrize("k", [32, 96, 1408, 2816])
 def test_amx_loop_is_the_micro_kernels_bits(k):
     # The same instruction in the same K order for every sum: oneDNN's micro-kernel (which

@@ -129,10 +129,11 @@ class Linear(nn.Linear):
     ``bucket_rows``).
 
     ``prepack`` picks one of two packed layouts (``layout`` says which):
-    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16 and AMX): our own AMX loop
-      with prefetched weights, 32 rows at a time, over one copy of the weight, the same bits
-      at every row count (see ``carpool.model.vnni_linear``; measured against oneDNN's packed
-      linear in BENCHMARKS.md "Fourth pass").
+    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16): our own AMX loop with
+      prefetched weights, 32 rows at a time, or without AMX an AVX-512 BF16 matrix-vector loop,
+      over one copy of the weight, the same bits at every row count (see
+      ``carpool.model.vnni_linear``; measured against oneDNN's packed linear in BENCHMARKS.md
+      "Fourth pass" with AMX, issue 11's ninth pass without).
     - ``"onednn"`` elsewhere: torch's bf16 ``linear`` on a plain ``[N, K]`` weight has oneDNN
       reorder it into its blocked layout inside the call, and caches the reordered copy per
       input shape; packed once at load, the weight is read as it is by every call of every

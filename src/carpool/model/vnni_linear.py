@@ -1,4 +1,4 @@
-"""bf16 linear layers in one "VNNI" weight layout for every row count, on CPUs with AMX.
+"""bf16 linear layers in one "VNNI" weight layout for every row count, on CPUs with AVX-512 BF16.
 
 ``csrc/vnni_linear.cpp`` (see its header for the layout and the numbers behind it) multiplies
 with our own AMX loop, 32 rows at a time with the weights prefetched (oneDNN's AMX
@@ -10,8 +10,13 @@ through ATen costs ~1 us of set-up per call (a step at batch 1 makes ~1,000: one
 block); our loop has neither cost (1.4-2x oneDNN's linear at 1-32 rows, 0.9-1.2x from 64 to
 512; BENCHMARKS.md "Fourth pass"), with one copy of each weight.
 
-``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16 and
-AMX); elsewhere it keeps oneDNN's packed layout. ``CARPOOL_VNNI_LINEAR=0`` turns it off.
+Without AMX (an AMD Zen 4, say) the same layout goes through the kernel's AVX-512 BF16
+matrix-vector loop at every row count, again the same bits for a row whatever its batch: there
+it measured 1.0-2.2x oneDNN's packed linear at 1-32 rows with the weights read from memory, and
+level with it (0.95-1.2x) at 64-512 rows (BENCHMARKS.md, issue 11, ninth pass).
+
+``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16, with or
+without AMX); elsewhere it keeps oneDNN's packed layout. ``CARPOOL_VNNI_LINEAR=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -53,12 +58,17 @@ def failure() -> str | None:
 
 def available(device: torch.device | str) -> bool:
     """True where ``Linear.prepack`` should use this layout: a CPU whose build has AVX-512 BF16
-    and AMX (the operator itself also runs without them, slower: tests use it anywhere)."""
+    (the operator itself also runs without it, slower: tests use it anywhere)."""
     return (
         torch.device(device).type == "cpu"
         and _lib.active()
         and bool(torch.ops.carpool.vnni_linear_fast())
     )
+
+
+def amx() -> bool:
+    """True where the automatic path multiplies on AMX tiles (else the matrix-vector loop)."""
+    return _lib.active() and bool(torch.ops.carpool.vnni_linear_amx())
 
 
 def packable(weight: torch.Tensor) -> bool:

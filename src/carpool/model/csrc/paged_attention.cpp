@@ -20,7 +20,7 @@
 // (-march=native), else AVX2 + FMA ones, and plain loops otherwise. A bfloat16 or int8 cache
 // goes through "grouped" 8-lane loops (with AVX-512 too, where a kv head has 2 or more query
 // heads): each K/V vector loaded once for up to 4 query heads of its kv head, bfloat16 rows
-// widened by one shift or mask per 8 values (BENCHMARKS.md, issue 11, eighth and tenth passes).
+// widened by one shift or mask per 8 values (BENCHMARKS.md, issue 11, eighth and ninth passes).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -66,7 +66,7 @@ void decode_kernel(
   // order (load_split), so the queries and accumulators are kept in that order. With AVX-512
   // only for groups of 2 or more query heads: on a Zen 4 the 16-lane per-head loops below win
   // without a group to share a vector with (0.77-0.91x for the grouped ones at group 1, against
-  // 1.3-1.6x at groups of 3 and 4; BENCHMARKS.md, issue 11, tenth pass).
+  // 1.3-1.6x at groups of 3 and 4; BENCHMARKS.md, issue 11, ninth pass).
 #if defined(CARPOOL_GROUPED)
   constexpr bool kGroupable =
       std::is_same<C, c10::BFloat16>::value || std::is_same<C, int8_t>::value;

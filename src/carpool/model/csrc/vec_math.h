@@ -26,7 +26,7 @@
 #define CARPOOL_AVX2 1
 #endif
 // The grouped decode-attention loops (8 lanes) on every CPU with AVX2 and FMA, AVX-512 ones
-// included: on AMD Zen 4 they beat the 16-lane per-head loops (BENCHMARKS.md, issue 11, tenth
+// included: on AMD Zen 4 they beat the 16-lane per-head loops (BENCHMARKS.md, issue 11, ninth
 // pass).
 #if defined(__AVX2__) && defined(__FMA__)
 #define CARPOOL_GROUPED 1

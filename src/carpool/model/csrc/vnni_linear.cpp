@@ -2,10 +2,12 @@
 // loop, 32 rows at a time with the weights prefetched, or (K not a multiple of 32) oneDNN's AMX
 // micro-kernel through ATen's cpublas::brgemm, with the next column block prefetched into L2.
 // Both issue the same instructions in the same order: a row's result is the same bits whatever
-// rows share the call (tested), so batched greedy tokens equal a request's alone. Without AMX,
-// a prefetching AVX-512 BF16 matrix-vector kernel (different roundings: carpool.model.
-// vnni_linear only picks this layout where AMX is there). Registers
-// torch.ops.carpool.vnni_linear.
+// rows share the call (tested), so batched greedy tokens equal a request's alone. Without AMX
+// (an AMD Zen 4, say), a prefetching AVX-512 BF16 matrix-vector kernel at every row count, four
+// rows per pass over a column block: also the same bits at every row count, and 1.0-2.2x
+// oneDNN's packed linear there at 1-32 rows, level at 64-512 (BENCHMARKS.md, issue 11, ninth
+// pass). Its pairs' products are ordered differently from AMX's, so the two are never mixed on
+// one machine. Registers torch.ops.carpool.vnni_linear.
 //
 // The layout ("VNNI", what the dot-product instructions read): a [N, K] weight becomes
 // [ceil(N / 64), K / 2, 64, 2]; block b holds output columns 64b..64b+63, and for each pair of
@@ -306,8 +308,18 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
-// Whether this build and CPU run the AMX paths (and have AVX-512 BF16 for the bf16 stores).
+// Whether this build has a fast path: AVX-512 BF16 (the matrix-vector kernel, and the bf16
+// stores of the AMX paths; -march=native, so the CPU has it too).
 bool vnni_linear_fast() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Whether the automatic path runs on AMX here (else the matrix-vector kernel).
+bool vnni_linear_amx() {
 #if defined(__AVX512BF16__)
   return has_amx_brgemm();
 #else
@@ -320,10 +332,12 @@ bool vnni_linear_fast() {
 TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("vnni_linear(Tensor x, Tensor weight, Tensor? bias, int n, int path=0) -> Tensor");
   m.def("vnni_linear_fast() -> bool");
+  m.def("vnni_linear_amx() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("vnni_linear", &vnni_linear); }
 
 TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {
   m.impl("vnni_linear_fast", &vnni_linear_fast);
+  m.impl("vnni_linear_amx", &vnni_linear_amx);
 }
