@@ -6,8 +6,9 @@ decode step) is multiplied by an ``[M, K]`` input, in turn, with:
 - ``plain``: ``F.linear`` on the ``[N, K]`` weight (``torch.mv`` at one row, as ``Linear`` does);
 - ``onednn``: oneDNN's linear on its packed layout (``Linear.prepack("onednn")``);
 - ``vnni``: ``carpool.model.vnni_linear``'s automatic path (our AMX loop, 32 rows at a
-  time), and its other two paths forced: the AVX-512 BF16 matrix-vector kernel and oneDNN's
-  AMX micro-kernel (``brgemm``) over the same layout.
+  time; without AMX the matrix-vector kernel), and its other two paths forced: the AVX-512
+  BF16 matrix-vector kernel and oneDNN's AMX micro-kernel (``brgemm``; without AMX again the
+  matrix-vector kernel) over the same layout.
 Prints the median time of a pass over all weights and the read rate (weight bytes / time).
 
     python benchmarks/vnni_linear.py --random-config small --rows 1,2,4,8,16,32 --threads 2
@@ -80,7 +81,7 @@ def main() -> None:
     total = sum(w.numel() * w.element_size() for w in plain)
     print(
         f"{args.random_config}: {len(shapes)} weights, {total / 1e6:.1f} MB, "
-        f"{args.threads} threads, AMX path: {vnni_linear.available('cpu')}"
+        f"{args.threads} threads, automatic path on AMX: {vnni_linear.amx()}"
     )
     print(
         "| rows | plain ms | onednn ms | vnni ms | vnni GB/s | vnni speed-up vs onednn "
