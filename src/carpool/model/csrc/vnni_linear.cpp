@@ -3,7 +3,7 @@
 // micro-kernel through ATen's cpublas::brgemm, with the next column block prefetched into L2.
 // Both issue the same instructions in the same order: a row's result is the same bits whatever
 // rows share the call (tested), so batched greedy tokens equal a request's alone. Without AMX
-// (an AMD Zen 4, say), a prefetching AVX-512 BF16 matrix-vector kernel at every row count, four
+// (an AMD Zen 4, say), a prefetching AVX-512 BF16 matrix-vector kernel at every row count, six
 // rows per pass over a column block: also the same bits at every row count, and 1.0-2.2x
 // oneDNN's packed linear there at 1-32 rows, level at 64-512 (BENCHMARKS.md, issue 11, ninth
 // pass). Its pairs' products are ordered differently from AMX's, so the two are never mixed on
@@ -147,7 +147,8 @@ void amx_tile_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, float* 
 
 // Rows [0, MR) of x (row stride k) times one 64-column block `wb` ([k/2, 64, 2]) into y (row
 // stride ldy), columns [0, ncols) of the block kept.
-template <int MR>
+// PF: prefetch the block ahead (the first pass over a block; later passes find it in L2).
+template <int MR, bool PF = true>
 void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* y, int64_t ldy,
                 int64_t ncols) {
   const int64_t pairs = k / 2;
@@ -160,7 +161,9 @@ void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* 
     // Past the block's end this reads ahead into the next block (contiguous) or, at the
     // weight's end, nowhere: a prefetch never faults.
     const char* ahead = row + kPrefetchPairs * kBlockN * 2 * sizeof(B16);
-    for (int c = 0; c < 4; ++c) _mm_prefetch(ahead + 64 * c, _MM_HINT_T0);
+    if constexpr (PF) {
+      for (int c = 0; c < 4; ++c) _mm_prefetch(ahead + 64 * c, _MM_HINT_T0);
+    }
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + 64);
     const __m512bh w2 = (__m512bh)_mm512_loadu_si512(row + 128);
@@ -199,14 +202,24 @@ void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* 
 #endif
 }
 
-// All rows of x times one block, four rows at a time (the block stays in L1/L2 between them).
+// All rows of x times one block, six rows at a time (the block stays in L1/L2 between them):
+// 24 accumulators and the block's 4 vectors in 32 registers. Six measured 1.04-1.08x four at
+// 16-32 rows on a Zen 4 (BENCHMARKS.md, issue 11, ninth pass); each row's sums run in the same
+// order either way.
 void gemv_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, const float* bias, B16* y,
                int64_t ldy, int64_t ncols) {
   int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) gemv_block<4>(x + m * k, k, wb, bias, y + m * ldy, ldy, ncols);
+  for (; m + 6 <= rows; m += 6) {
+    if (m == 0)
+      gemv_block<6, true>(x, k, wb, bias, y, ldy, ncols);
+    else
+      gemv_block<6, false>(x + m * k, k, wb, bias, y + m * ldy, ldy, ncols);
+  }
   const B16* xm = x + m * k;
   B16* ym = y + m * ldy;
   switch (rows - m) {
+    case 5: gemv_block<5>(xm, k, wb, bias, ym, ldy, ncols); break;
+    case 4: gemv_block<4>(xm, k, wb, bias, ym, ldy, ncols); break;
     case 3: gemv_block<3>(xm, k, wb, bias, ym, ldy, ncols); break;
     case 2: gemv_block<2>(xm, k, wb, bias, ym, ldy, ncols); break;
     case 1: gemv_block<1>(xm, k, wb, bias, ym, ldy, ncols); break;
