@@ -206,7 +206,7 @@ def test_int8_gemv_is_torchs_int8_kernel(rows):
     q = torch.randint(-127, 128, (n, 576), dtype=torch.int8)
     scales = (torch.rand(n) * 0.01).bfloat16()
     calls = fused_ops.fused_calls()
-    if rows <= fused_ops.INT8_GEMV_MAX_ROWS:  # what Int8Linear takes it for on this CPU
+    if rows <= fused_ops.int8_gemv_max_rows(q.numel()):  # what Int8Linear takes it for here
         got = fused_ops.int8_gemv(x, q, scales)
         assert fused_ops.fused_calls() == calls + 1
     else:  # the operator itself takes any row count
@@ -233,7 +233,7 @@ def test_int8_gemv_declines_what_it_does_not_take():
     n = max(fused_ops.INT8_GEMV_MIN_CODES // 40, 1000) + 1
     q = torch.randint(-127, 128, (n, 40), dtype=torch.int8)  # K = 40: a scalar tail
     s = torch.rand(n).bfloat16()
-    too_many = torch.randn(fused_ops.INT8_GEMV_MAX_ROWS + 1, 40, dtype=torch.bfloat16)
+    too_many = torch.randn(fused_ops.int8_gemv_max_rows(q.numel()) + 1, 40, dtype=torch.bfloat16)
     assert fused_ops.int8_gemv(too_many, q, s) is None  # rows
     assert fused_ops.int8_gemv(torch.randn(2, 40, dtype=torch.float16), q, s) is None
     small = q[:64].contiguous()  # a layer-sized matrix: torch's kernel (see INT8_GEMV_MIN_CODES)
@@ -424,3 +424,25 @@ def test_linear_takes_bf16_linear_where_bf16_gemm_is_emulated(monkeypatch):
         assert fused_ops.fused_calls() == calls + 1
         want = (x.float() @ lin.weight.float().T + lin.bias.float()).bfloat16()
         assert_bf16_close(got, want)
+
+
+def test_int8_gemv_row_limit_follows_the_weight_size():
+    # A vocabulary-sized weight takes the kernel up to INT8_GEMV_LARGE_MAX_ROWS rows (128 without
+    # AMX), a layer-sized one up to INT8_GEMV_MAX_ROWS: float32 rows, which any size takes.
+    big = -(-fused_ops.INT8_GEMV_LARGE_CODES // 64)
+    q = torch.randint(-127, 128, (big, 64), dtype=torch.int8)
+    s = (torch.rand(big) * 0.01).bfloat16()
+    assert fused_ops.int8_gemv_max_rows(q.numel()) == fused_ops.INT8_GEMV_LARGE_MAX_ROWS
+    assert fused_ops.int8_gemv_max_rows(64 * 64) == fused_ops.INT8_GEMV_MAX_ROWS
+    assert fused_ops.INT8_GEMV_LARGE_MAX_ROWS >= fused_ops.INT8_GEMV_MAX_ROWS
+    rows = fused_ops.INT8_GEMV_LARGE_MAX_ROWS
+    x = torch.randn(rows, 64)
+    got = fused_ops.int8_gemv(x, q, s)
+    assert got is not None and got.shape == (rows, big)
+    exact = (x.bfloat16().float() @ q.float().T) * s.float()
+    torch.testing.assert_close(got, exact, rtol=2**-7, atol=1e-3)
+    assert fused_ops.int8_gemv(torch.randn(rows + 1, 64), q, s) is None
+    small = q[:64].contiguous()
+    layer_rows = fused_ops.INT8_GEMV_MAX_ROWS
+    assert fused_ops.int8_gemv(torch.randn(layer_rows, 64), small, s[:64]) is not None
+    assert fused_ops.int8_gemv(torch.randn(layer_rows + 1, 64), small, s[:64]) is None

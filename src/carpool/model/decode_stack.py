@@ -158,6 +158,8 @@ def _limits() -> list[int]:
         fused_ops.INT4_GEMV_MAX_ROWS,
         quant.int4_row_block(),
         int(fused_ops.bf16_emulated()),
+        fused_ops.INT8_GEMV_LARGE_CODES,
+        fused_ops.INT8_GEMV_LARGE_MAX_ROWS,
     ]
 
 

@@ -145,14 +145,14 @@ def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """``(x @ qweight.T) * scales`` for up to ``INT8_GEMV_MAX_ROWS`` rows ``x`` ``[M, K]``, int8
+    """``(x @ qweight.T) * scales`` for up to ``int8_gemv_max_rows`` rows ``x`` ``[M, K]``, int8
     ``qweight`` ``[N, K]`` and bf16 ``scales`` ``[N]`` (``quant.Int8Linear``'s layout): bf16
     ``x`` (for weights of at least ``INT8_GEMV_MIN_CODES`` codes) to bf16 out, or float32 ``x``
     rounded to bf16 inside and the bf16 result widened (what casting around torch's kernel
     does); None where the fused kernel does not apply (the caller runs torch's)."""
     if (
         x.dim() == 2
-        and 1 <= x.shape[0] <= INT8_GEMV_MAX_ROWS
+        and 1 <= x.shape[0] <= int8_gemv_max_rows(qweight.numel())
         and (
             x.dtype == torch.float32
             or (x.dtype == torch.bfloat16 and qweight.numel() >= INT8_GEMV_MIN_CODES)
@@ -197,6 +197,20 @@ INT8_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
 # "Third pass"); on AVX2 it was ahead at every size. A float32 input takes it at every size: it
 # saves the two casts around torch's bf16 kernel.
 INT8_GEMV_MIN_CODES = 0 if _BF16_EMULATED else 1 << 22
+# Weights of at least INT8_GEMV_LARGE_CODES codes (vocabulary heads) take int8_gemv up to
+# INT8_GEMV_LARGE_MAX_ROWS rows. Without AMX (an AMD Zen 4) a head's other paths are no faster
+# at 8-32 rows (SmolLM2's 49152 x 576 head: int8_gemv 4.0 / 10.6 / 23.0 ms at 8 / 16 / 32 rows,
+# torch's kernel 5.7 / 11.5 / 23.0, widened to bf16 23.4 / 8.8 / 24.3), and widening it
+# holds a 57 MB bf16 copy for the step: the resident peak of a batch-32 decode (BENCHMARKS.md,
+# issue 11, ninth pass). With AMX the widened head's GEMM runs on tiles: as INT8_GEMV_MAX_ROWS.
+_AMX = torch.backends.mkldnn.is_available() and bool(torch.cpu._is_amx_tile_supported())
+INT8_GEMV_LARGE_CODES = 1 << 22
+INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX else 128
+
+
+def int8_gemv_max_rows(codes: int) -> int:
+    """Rows up to which ``int8_gemv`` takes a weight of ``codes`` codes."""
+    return INT8_GEMV_LARGE_MAX_ROWS if codes >= INT8_GEMV_LARGE_CODES else INT8_GEMV_MAX_ROWS
 
 
 def bf16_linear(

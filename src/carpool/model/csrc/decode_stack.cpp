@@ -55,6 +55,11 @@ struct Limits {
   int64_t int8_gemv_max_rows, int8_gemv_min_codes, int8_widen_above, int4_gemv_max_rows,
       int4_block;
   bool bf16_emulated;
+  int64_t int8_large_codes, int8_large_max_rows;  // fused_ops.int8_gemv_max_rows
+
+  int64_t int8_max_rows(int64_t codes) const {
+    return codes >= int8_large_codes ? int8_large_max_rows : int8_gemv_max_rows;
+  }
 };
 
 template <typename F>
@@ -165,7 +170,7 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
                         {x, a, maybe(b), n, int64_t{0}});
     case kInt8: {  // quant.Int8Linear.forward; a = codes, b = scales, c = bias
       const bool f32 = x.scalar_type() == at::kFloat;
-      if (rows <= lim.int8_gemv_max_rows &&
+      if (rows <= lim.int8_max_rows(a.numel()) &&
           (f32 || (x.scalar_type() == at::kBFloat16 && a.numel() >= lim.int8_gemv_min_codes)) &&
           b.scalar_type() == at::kBFloat16)
         return finish(ops().int8_gemv.call(x, a, b), x, c);
@@ -212,8 +217,9 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
               "decode_stack: ", layers, " layers need ", layers * kTensorsPerLayer,
               " tensors and ", layers * kIntsPerLayer, " ints, got ", tensors.size(), " and ",
               ints.size());
-  TORCH_CHECK(limits.size() == 6, "decode_stack: 6 limits expected, got ", limits.size());
-  const Limits lim{limits[0], limits[1], limits[2], limits[3], limits[4], limits[5] != 0};
+  TORCH_CHECK(limits.size() == 8, "decode_stack: 8 limits expected, got ", limits.size());
+  const Limits lim{limits[0], limits[1],      limits[2], limits[3],
+                   limits[4], limits[5] != 0, limits[6], limits[7]};
   const Ops& o = ops();
   at::Tensor x = x_in, residual;
   for (int64_t l = 0; l < layers; ++l) {
