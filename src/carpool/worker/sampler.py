@@ -49,19 +49,26 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     (the same one when no row has a penalty).
     """
     r, v = logits.shape
+    rep_l = [row.params.repetition_penalty for row in rows]
+    pres_l = [row.params.presence_penalty for row in rows]
+    freq_l = [row.params.frequency_penalty for row in rows]
+    has_rep = any(x != 1 for x in rep_l)
+    has_counts = any(x != 0 for x in pres_l) or any(x != 0 for x in freq_l)
+    if not (has_rep or has_counts):  # the usual case: no tensors built (~50 us a step)
+        return logits
     # Every tensor on the logits' device: the sampler runs wherever the model does (CUDA too).
     dev = logits.device
-    rep = torch.tensor([row.params.repetition_penalty for row in rows], device=dev)
-    pres = torch.tensor([row.params.presence_penalty for row in rows], device=dev)
-    freq = torch.tensor([row.params.frequency_penalty for row in rows], device=dev)
-    if bool((rep != 1).any()):
+    rep = torch.tensor(rep_l, device=dev)
+    pres = torch.tensor(pres_l, device=dev)
+    freq = torch.tensor(freq_l, device=dev)
+    if has_rep:
         seen = torch.zeros(r, v + 1, dtype=torch.bool, device=dev)
         hist = _pad([row.prompt_token_ids + row.output_token_ids for row in rows], v, dev)
         seen.scatter_(1, hist, True)
         seen = seen[:, :v]
         penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
         logits = torch.where(seen, penalised, logits)
-    if bool((pres != 0).any() or (freq != 0).any()):
+    if has_counts:
         counts = torch.zeros(r, v + 1, device=dev)
         out = _pad([row.output_token_ids for row in rows], v, dev)
         counts.scatter_add_(1, out, torch.ones_like(out, dtype=counts.dtype))
@@ -107,13 +114,12 @@ class Sampler:
         raw = logits
         logits = apply_penalties(logits, rows)  # a new tensor when it changes any: raw stays
         dev = logits.device
-        greedy = torch.tensor(
-            [row.params.temperature < MIN_TEMPERATURE for row in rows], device=dev
-        )
+        greedy_l = [row.params.temperature < MIN_TEMPERATURE for row in rows]
         # The first maximal index, like argmax (fused_ops: C++ on the CPU, ~2x faster than
         # torch's reduction over a [32, 32000] float32 batch).
         tokens = fused_ops.argmax(logits)
-        if not bool(greedy.all()):
+        if not all(greedy_l):
+            greedy = torch.tensor(greedy_l, device=dev)
             # Greedy rows divide by 1 (their draw is discarded): no infinities in the batch.
             temp = torch.tensor(
                 [t if (t := row.params.temperature) >= MIN_TEMPERATURE else 1.0 for row in rows],
@@ -124,7 +130,7 @@ class Sampler:
             # seeded row use its own generator while unseeded rows share one draw.
             noise = torch.empty_like(probs).exponential_()
             for i, row in enumerate(rows):
-                if row.generator is not None and not bool(greedy[i]):
+                if row.generator is not None and not greedy_l[i]:
                     noise[i].exponential_(generator=row.generator)
             sampled = (probs / noise).argmax(-1)
             tokens = torch.where(greedy, tokens, sampled)
