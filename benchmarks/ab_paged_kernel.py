@@ -9,10 +9,10 @@ rounds alternating before / after / a plain ``sum()`` of the same bytes; medians
     python benchmarks/ab_paged_kernel.py --before /tmp/old/src \\
         --shapes 8x16/4x2048,8x8/8x2048,8x9/3x2048 --caches bf16,fp32q,int8 --threads 2
 
-A shape is ``B x heads/kv_heads x context`` (head_dim ``--head-dim``, blocks of 16 interleaved
-between sequences). ``bf16``: bf16 queries over a bf16 cache (a bf16 model); ``fp32q``: float32
-queries over a bf16 cache (a float32 model with ``kv_cache_dtype="bfloat16"``); ``int8``: bf16
-queries over the int8 cache of the same values.
+A shape is ``B x heads/kv_heads x context`` (head_dim ``--head-dim``, blocks of ``--block-size``
+tokens, 16 by default, interleaved between sequences). ``bf16``: bf16 queries over a bf16 cache
+(a bf16 model); ``fp32q``: float32 queries over a bf16 cache (a float32 model with
+``kv_cache_dtype="bfloat16"``); ``int8``: bf16 queries over the int8 cache of the same values.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
     a = ap.parse_args()
     build(Path(a.before), "ab_before")
     build(Path(a.after), "ab_after")
@@ -71,8 +72,8 @@ def main() -> None:
         "before": torch.ops.ab_before.paged_decode_attention,
         "after": torch.ops.ab_after.paged_decode_attention,
     }
-    d, bs = a.head_dim, 16
-    print(f"threads={a.threads} layers={a.layers} rounds={a.rounds} head_dim={d}")
+    d, bs = a.head_dim, a.block_size
+    print(f"threads={a.threads} layers={a.layers} rounds={a.rounds} head_dim={d} block={bs}")
     print("| shape | cache | before ms | after ms | before / after | sum() ms | after / sum() |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape in a.shapes.split(","):

@@ -221,6 +221,7 @@ def main() -> None:
         default="auto",
         help="KV cache: the model's dtype, bfloat16, or int8 rows with a float32 scale each",
     )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     try:  # checkouts from before the paged decode kernel have only the gather path
@@ -244,7 +245,7 @@ def main() -> None:
     for b in (int(x) for x in a.batch.split(",")):
         for ctx in contexts:
             kv = resolve_kv_dtype(a.kv_cache_dtype, next(model.parameters()).dtype)
-            r = measure(model, b, ctx, a.steps, kv_dtype=kv, top_ops=a.top)
+            r = measure(model, b, ctx, a.steps, a.block_size, kv_dtype=kv, top_ops=a.top)
             rows.append(r)
             print(
                 f"| {b} | {ctx} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} "
