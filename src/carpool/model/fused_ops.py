@@ -191,20 +191,21 @@ INT4_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
 # widening them (BENCHMARKS.md "Sixth pass"); elsewhere (AVX-512) 1-4 rows, as measured on an
 # Intel Xeon in earlier passes.
 INT8_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
+# Codes (N x K) from which an int8 weight counts as a vocabulary head rather than a layer matrix.
+INT8_GEMV_LARGE_CODES = 1 << 22
 # Weights from which it does for bf16 inputs (N x K codes): on a Xeon, on a vocabulary head
 # (49152 x 576) it measured 1.18-1.5x torch's kernel at one row, but 0.92x on the small model's
 # 0.25-1.4M-code layer matrices (its per-call setup), so those keep torch's there (BENCHMARKS.md
 # "Third pass"); on AVX2 it was ahead at every size. A float32 input takes it at every size: it
 # saves the two casts around torch's bf16 kernel.
-INT8_GEMV_MIN_CODES = 0 if _BF16_EMULATED else 1 << 22
+INT8_GEMV_MIN_CODES = 0 if _BF16_EMULATED else INT8_GEMV_LARGE_CODES
 # Weights of at least INT8_GEMV_LARGE_CODES codes (vocabulary heads) take int8_gemv up to
 # INT8_GEMV_LARGE_MAX_ROWS rows. Without AMX (an AMD Zen 4) a head's other paths are no faster
 # at 8-32 rows (SmolLM2's 49152 x 576 head: int8_gemv 4.0 / 10.6 / 23.0 ms at 8 / 16 / 32 rows,
 # torch's kernel 5.7 / 11.5 / 23.0, widened to bf16 23.4 / 8.8 / 24.3), and widening it
 # holds a 57 MB bf16 copy for the step: the resident peak of a batch-32 decode (BENCHMARKS.md,
 # issue 11, ninth pass). With AMX the widened head's GEMM runs on tiles: as INT8_GEMV_MAX_ROWS.
-_AMX = torch.backends.mkldnn.is_available() and bool(torch.cpu._is_amx_tile_supported())
-INT8_GEMV_LARGE_CODES = 1 << 22
+_AMX = bool(torch.cpu._is_amx_tile_supported())
 INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX else 128
 
 
