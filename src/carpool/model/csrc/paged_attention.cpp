@@ -21,6 +21,10 @@
 // goes through "grouped" 8-lane loops (with AVX-512 too, where a kv head has 2 or more query
 // heads): each K/V vector loaded once for up to 4 query heads of its kv head, bfloat16 rows
 // widened by one shift or mask per 8 values (BENCHMARKS.md, issue 11, eighth and ninth passes).
+// Where the CPU has AVX-512 BF16 (Zen 4, Sapphire Rapids), bfloat16 queries over a bfloat16
+// cache take VDPBF16PS loops instead (32 multiply-adds an instruction, no widening), with the
+// softmax weights rounded to bfloat16 for the value sums as GPU flash-attention kernels round
+// them: 1.2-1.3x over the grouped loops once the next blocks are prefetched into L2 (tenth pass).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -45,6 +49,12 @@ using namespace carpool_kernels;  // NOLINT: the helpers of vec_math.h
 // How many blocks ahead the kernel asks for a block's rows (see prefetch_next).
 constexpr int64_t kPrefetchBlocks = 2;
 
+// Ask for a cache line of a block two blocks ahead, into L2 (prefetcht1), not L1: 16 KiB of
+// requests into L1 per block filled its miss buffers and stalled the loads of the block being
+// computed. On the Zen 4 of issue 11: 1.20x on GQA 8 x 2k, 1.76x at batch 1 (BENCHMARKS.md,
+// issue 11, tenth pass).
+inline void prefetch_l2(const char* p) { __builtin_prefetch(p, 0, 2); }
+
 template <typename T, typename C>
 void decode_kernel(
     const T* q,             // [B, H, D] rows of stride q_stride (elements) per sequence
@@ -61,6 +71,15 @@ void decode_kernel(
   const int64_t row = d + row_extra<C>();  // cache elements of one kv head's K (or V)
   const int64_t token_stride = 2 * kv_heads * row;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
+  // bfloat16 queries over a bfloat16 cache with AVX-512 BF16: the dot-product loops
+  // (vec_math.h, block_dots_bf16 / block_values_bf16), for every group size.
+#if defined(__AVX512BF16__)
+  constexpr bool kDp = std::is_same<T, c10::BFloat16>::value && std::is_same<C, T>::value;
+  const bool dp = kDp && d % 32 == 0 && d <= 256;
+#else
+  constexpr bool kDp = false;
+  const bool dp = false;
+#endif
   // A bfloat16 or int8 cache: "grouped" loops (8 lanes) that read each K and V vector once for
   // all the query heads of its group (vec_math.h, block_dots_split); bfloat16 rows in split
   // order (load_split), so the queries and accumulators are kept in that order. With AVX-512
@@ -71,9 +90,9 @@ void decode_kernel(
   constexpr bool kGroupable =
       std::is_same<C, c10::BFloat16>::value || std::is_same<C, int8_t>::value;
 #if defined(__AVX512F__)
-  const bool grouped = kGroupable && d % 16 == 0 && group >= 2;
+  const bool grouped = kGroupable && d % 16 == 0 && group >= 2 && !dp;
 #else
-  const bool grouped = kGroupable && d % 16 == 0;
+  const bool grouped = kGroupable && d % 16 == 0 && !dp;
 #endif
   const bool split = grouped && std::is_same<C, c10::BFloat16>::value;
 #else
@@ -95,6 +114,9 @@ void decode_kernel(
     std::vector<float> ks(row_extra<C>() ? run_heads * block_size : 0);  // int8: K row scales
     std::vector<float> vs(row_extra<C>() ? run_heads * block_size : 0);  // int8: V row scales
     std::vector<float> pw(row_extra<C>() ? block_size : 0);  // int8: weight x V scale
+    // The dot-product loops: each head's softmax weights in bfloat16, padded to an even count.
+    const int64_t p_stride = (block_size + 15) / 16 * 16;  // round_weights_bf16 writes 16s
+    std::vector<c10::BFloat16> pb(kDp ? rh * p_stride : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / runs;
       const int64_t kh0 = (item % runs) * run_heads;
@@ -102,7 +124,9 @@ void decode_kernel(
       const int64_t nh = nkh * group;
       const int64_t h0 = kh0 * group;
       const int64_t n_ctx = ctx[b];
+      [[maybe_unused]] const T* qrun = q + b * q_stride + h0 * d;  // the run's query rows
       for (int64_t h = 0; h < nh; ++h) {
+        if (dp) break;  // read as they are (bfloat16, unscaled)
         const T* qp = q + b * q_stride + (h0 + h) * d;
 #if defined(CARPOOL_GROUPED)
         if (split) {
@@ -133,42 +157,52 @@ void decode_kernel(
           if (next == nullptr || t >= block_size) return;
           const char* nrow = next + t * token_stride * static_cast<int64_t>(sizeof(C));
           for (int64_t off = 0; off < run_bytes; off += 64) {
-            __builtin_prefetch(nrow + off);
-            __builtin_prefetch(nrow + kv_bytes + off);
+            prefetch_l2(nrow + off);
+            prefetch_l2(nrow + kv_bytes + off);
           }
         };
         // Scores of the block: q . k for every token and query head of the run; 16 tokens at
         // a time where the vector path allows.
         int64_t t0 = 0;
+        // The next block's rows, line by line: K then V of each token of the run. A run of
+        // every kv head reads the whole block, one contiguous range; a run of some of them
+        // two ranges per token, walked with a cursor (no division per line).
+        const int64_t seg_lines = (run_bytes + 63) / 64;
+        const bool whole = nkh == kv_heads;
+        const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(C));
+        const int64_t lines = next == nullptr ? 0
+                              : whole       ? (block_size * token_bytes + 63) / 64
+                                            : 2 * seg_lines * block_size;
+        int64_t line = 0, r = 0;
+        const char* tok = next;
+        auto prefetch_lines = [&](int64_t count) {
+          const int64_t stop = std::min(lines, line + count);
+          if (whole) {
+            for (; line < stop; ++line) prefetch_l2(next + line * 64);
+            return;
+          }
+          for (; line < stop; ++line) {
+            const int64_t off = r < seg_lines ? r * 64 : kv_bytes + (r - seg_lines) * 64;
+            prefetch_l2(tok + off);
+            if (++r == 2 * seg_lines) {
+              r = 0;
+              tok += token_bytes;
+            }
+          }
+        };
+#if defined(__AVX512BF16__)
+        if constexpr (kDp) {
+          if (dp) {
+            block_dots_bf16(qrun, d, base, token_stride, row, n_tok, nkh, group, s.data(),
+                            block_size, scale, prefetch_lines, lines);
+            prefetch_lines(lines);  // what is left (a short block)
+            t0 = n_tok;
+          }
+        }
+#endif
 #if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
           if (grouped) {
-            // The next block's rows, line by line: K then V of each token of the run. A run of
-            // every kv head reads the whole block, one contiguous range; a run of some of them
-            // two ranges per token, walked with a cursor (no division per line).
-            const int64_t seg_lines = (run_bytes + 63) / 64;
-            const bool whole = nkh == kv_heads;
-            const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(C));
-            const int64_t lines = next == nullptr ? 0
-                                  : whole       ? (block_size * token_bytes + 63) / 64
-                                                : 2 * seg_lines * block_size;
-            int64_t line = 0, r = 0;
-            const char* tok = next;
-            auto prefetch_lines = [&](int64_t count) {
-              const int64_t stop = std::min(lines, line + count);
-              if (whole) {
-                for (; line < stop; ++line) __builtin_prefetch(next + line * 64);
-                return;
-              }
-              for (; line < stop; ++line) {
-                const int64_t off = r < seg_lines ? r * 64 : kv_bytes + (r - seg_lines) * 64;
-                __builtin_prefetch(tok + off);
-                if (++r == 2 * seg_lines) {
-                  r = 0;
-                  tok += token_bytes;
-                }
-              }
-            };
             block_dots_split(qf.data(), d, base, token_stride, row, n_tok, nkh, group, s.data(),
                              block_size, prefetch_lines, lines);
             prefetch_lines(lines);  // what is left (a short block)
@@ -230,9 +264,27 @@ void decode_kernel(
             for (int64_t i = 0; i < d; ++i) ah[i] *= corr;
             m[h] = mx;
           }
-          l[h] += exp_block(sh, n_tok, mx);
+          const float sum = exp_block(sh, n_tok, mx);
+#if defined(__AVX512BF16__)
+          if constexpr (kDp) {
+            if (dp) {  // the sum of the weights as the value sums take them
+              l[h] += round_weights_bf16(sh, n_tok, pb.data() + h * p_stride);
+              continue;
+            }
+          }
+#endif
+          l[h] += sum;
         }
         // Weighted sum of the block's values (the block is in cache by now).
+#if defined(__AVX512BF16__)
+        if constexpr (kDp) {
+          if (dp) {
+            block_values_bf16(acc.data(), d, base + kv_heads * row, token_stride, row, n_tok, nkh,
+                              group, pb.data(), p_stride);
+            continue;
+          }
+        }
+#endif
 #if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
           if (grouped) {
@@ -265,6 +317,14 @@ void decode_kernel(
       for (int64_t h = 0; h < nh; ++h) {
         T* op = out + (b * heads + h0 + h) * d;
         const float inv = 1.0f / l[h];
+#if defined(__AVX512BF16__)
+        if constexpr (kDp) {
+          if (dp) {
+            store_from_pairs(acc.data() + h * d, op, d, inv);
+            continue;
+          }
+        }
+#endif
 #if defined(CARPOOL_GROUPED)
         if (split) {
           store_from_split(acc.data() + h * d, op, d, inv);

@@ -457,6 +457,184 @@ inline void block_values_split(float* acc, int64_t d, const C* v0, int64_t ts,
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// The AVX-512 BF16 decode loops (bfloat16 queries over a bfloat16 cache, head_dim a multiple of
+// 32): VDPBF16PS multiplies 16 pairs of bfloat16 values and adds both products to 16 float32
+// sums, 32 multiply-adds an instruction against 8 for an AVX2 FMA. Scores: a key row times a
+// query row, 32 values a step, 16 of them summed by one reduce16. Value sums: the rows of two tokens
+// interleaved in 16-bit halves (unpacklo/hi_epi16) times their two softmax weights, rounded to
+// bfloat16 (as GPU flash-attention kernels round them for their P x V product; the running sum
+// l takes the same rounded weights, so they still sum to one). Accumulators are kept in the
+// order the interleaving leaves them ("pair order", see store_from_pairs).
+
+// s[h * s_stride + t] = scale * (q_h . k_t) for HG query heads (bfloat16 rows qs + h * d) and
+// TOK keys k_t = k0 + t * ts (TOK * HG <= 16).
+template <int TOK, int HG>
+inline void dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* k0, int64_t ts,
+                      float* s, int64_t s_stride, float scale) {
+  static_assert(TOK * HG <= 16, "16 accumulators");
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 32) {
+    __m512bh qv[HG];
+    for (int h = 0; h < HG; ++h) qv[h] = (__m512bh)_mm512_loadu_si512(qs + h * d + c);
+    for (int t = 0; t < TOK; ++t) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(k0 + t * ts + c);
+      for (int h = 0; h < HG; ++h) acc[t * HG + h] = _mm512_dpbf16_ps(acc[t * HG + h], kv, qv[h]);
+    }
+  }
+  // Two 256-bit stores, not one 512-bit one: the scalar reads below then take their values
+  // straight from the stores (store-to-load forwarding; measured 2x on the whole kernel).
+  alignas(64) float r[16];
+  const __m512 rv = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
+  _mm256_store_ps(r, _mm512_castps512_ps256(rv));
+  _mm256_store_ps(r + 8, _mm512_extractf32x8_ps(rv, 1));
+  for (int t = 0; t < TOK; ++t) {
+    for (int h = 0; h < HG; ++h) s[h * s_stride + t] = r[t * HG + h];
+  }
+}
+
+// prefetch(lines) after each reduction (the next block's rows, spread over the work).
+template <int HG, typename Prefetch>
+inline void group_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* k0,
+                            int64_t ts, int64_t n_tok, float* s, int64_t s_stride, float scale,
+                            Prefetch& prefetch, int64_t lines) {
+  constexpr int TOK = 16 / HG;
+  int64_t t = 0;
+  for (; t + TOK <= n_tok; t += TOK) {
+    dots_bf16<TOK, HG>(qs, d, k0 + t * ts, ts, s + t, s_stride, scale);
+    prefetch(lines);
+  }
+  for (; t < n_tok; ++t) {
+    dots_bf16<1, HG>(qs, d, k0 + t * ts, ts, s + t, s_stride, scale);
+    prefetch(lines);
+  }
+}
+
+// Scores of one block for a run's query heads (rows qs + h * d; kv head k's group of `group`
+// heads from row k * group, in sub-groups of at most 4); prefetch(n) asks for the next n cache
+// lines of the next block, `lines` of them in all, spread evenly over the reductions.
+template <typename Prefetch>
+inline void block_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* k0,
+                            int64_t ts, int64_t rw, int64_t n_tok, int64_t nkh, int64_t group,
+                            float* s, int64_t s_stride, float scale, Prefetch& prefetch,
+                            int64_t lines) {
+  int64_t calls = 0;
+  for (int64_t h0 = 0; h0 < group; h0 += 4) {
+    const int64_t tok = 16 / std::min<int64_t>(4, group - h0);
+    calls += nkh * (n_tok / tok + n_tok % tok);
+  }
+  const int64_t per_call = (lines + calls - 1) / calls;
+  for (int64_t k = 0; k < nkh; ++k) {
+    for (int64_t h0 = 0; h0 < group; h0 += 4) {
+      const int64_t h = k * group + h0;
+      const c10::BFloat16* qh = qs + h * d;
+      float* sh = s + h * s_stride;
+      const c10::BFloat16* kr = k0 + k * rw;
+      switch (std::min<int64_t>(4, group - h0)) {
+        case 1: group_dots_bf16<1>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
+        case 2: group_dots_bf16<2>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
+        case 3: group_dots_bf16<3>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
+        default: group_dots_bf16<4>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call);
+      }
+    }
+  }
+}
+
+// p[0..n) (float32 softmax weights) rounded to bfloat16 into pw[0..n), and zeros up to the next
+// multiple of 16 (pw holds that many: the pair of an odd last token is 0); returns the sum of
+// the rounded weights. Whole 256-bit stores: the 4-byte pair reads of the value sums take their
+// values from them (a masked store does not forward on AMD).
+inline float round_weights_bf16(const float* p, int64_t n, c10::BFloat16* pw) {
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, p + t));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw + t), b);
+    total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// acc_h (pair order) += sum over t < n_tok of pw[h * p_stride + t] * v_t for HG heads sharing
+// one kv head, v_t = v0 + t * ts; CH chunks of 32 values at a time (2 * HG * CH accumulators).
+template <int HG, int CH>
+inline void group_values_bf16(float* acc, int64_t d, int64_t len, const c10::BFloat16* v0,
+                              int64_t ts, int64_t n_tok, const c10::BFloat16* pw,
+                              int64_t p_stride) {
+  static_assert(2 * HG * CH <= 16, "16 accumulators");
+  int64_t c = 0;
+  for (; c + 32 * CH <= len; c += 32 * CH) {
+    __m512 a[2 * HG * CH];
+    for (int h = 0; h < HG; ++h) {
+      for (int j = 0; j < 2 * CH; ++j) a[h * 2 * CH + j] = _mm512_loadu_ps(acc + h * d + c + 16 * j);
+    }
+    for (int64_t t = 0; t < n_tok; t += 2) {
+      __m512i lo[CH], hi[CH];
+      for (int j = 0; j < CH; ++j) {
+        const __m512i x = _mm512_loadu_si512(v0 + t * ts + c + 32 * j);
+        // The last token of an odd count pairs with zeros (its weight's pair is 0 too, and the
+        // row after it may be unwritten memory).
+        const __m512i y = t + 1 < n_tok ? _mm512_loadu_si512(v0 + (t + 1) * ts + c + 32 * j)
+                                        : _mm512_setzero_si512();
+        lo[j] = _mm512_unpacklo_epi16(x, y);
+        hi[j] = _mm512_unpackhi_epi16(x, y);
+      }
+      for (int h = 0; h < HG; ++h) {
+        int32_t pair;
+        std::memcpy(&pair, pw + h * p_stride + t, sizeof(pair));
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+        for (int j = 0; j < CH; ++j) {
+          __m512& al = a[h * 2 * CH + 2 * j];
+          __m512& ah = a[h * 2 * CH + 2 * j + 1];
+          al = _mm512_dpbf16_ps(al, (__m512bh)lo[j], pp);
+          ah = _mm512_dpbf16_ps(ah, (__m512bh)hi[j], pp);
+        }
+      }
+    }
+    for (int h = 0; h < HG; ++h) {
+      for (int j = 0; j < 2 * CH; ++j) _mm512_storeu_ps(acc + h * d + c + 16 * j, a[h * 2 * CH + j]);
+    }
+  }
+  if constexpr (CH > 1) {
+    if (c < len) group_values_bf16<HG, 1>(acc + c, d, len - c, v0 + c, ts, n_tok, pw, p_stride);
+  }
+}
+
+inline void block_values_bf16(float* acc, int64_t d, const c10::BFloat16* v0, int64_t ts,
+                              int64_t rw, int64_t n_tok, int64_t nkh, int64_t group,
+                              const c10::BFloat16* pw, int64_t p_stride) {
+  for (int64_t k = 0; k < nkh; ++k) {
+    for (int64_t h0 = 0; h0 < group; h0 += 4) {
+      const int64_t h = k * group + h0;
+      float* ah = acc + h * d;
+      const c10::BFloat16* ph = pw + h * p_stride;
+      const c10::BFloat16* vr = v0 + k * rw;
+      switch (std::min<int64_t>(4, group - h0)) {
+        case 1: group_values_bf16<1, 4>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        case 2: group_values_bf16<2, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        case 3: group_values_bf16<3, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        default: group_values_bf16<4, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride);
+      }
+    }
+  }
+}
+
+// dst[0..d) = src[0..d) * mul, src in pair order: per chunk of 32 values, its first 16
+// float32 lanes hold values 8L + e and the next 16 values 8L + 4 + e (lane 4L + e, L < 4, e < 4).
+template <typename T>
+inline void store_from_pairs(const float* src, T* dst, int64_t d, float mul) {
+  for (int64_t c = 0; c < d; c += 32) {
+    for (int lane = 0; lane < 4; ++lane) {
+      for (int e = 0; e < 4; ++e) {
+        store(dst + c + 8 * lane + e, src[c + 4 * lane + e] * mul);
+        store(dst + c + 8 * lane + 4 + e, src[c + 16 + 4 * lane + e] * mul);
+      }
+    }
+  }
+}
+#endif
+
 // exp(x) for x <= 0 (scores minus their running max), relative error ~2e-7: 2^t split into
 // 2^floor(t) (exponent bits) times a degree-6 polynomial of 2^frac(t). Branch-free so the loop
 // over a block's tokens vectorizes. The scalar, 16-lane and 8-lane forms share these constants.
