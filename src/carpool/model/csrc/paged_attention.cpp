@@ -21,10 +21,12 @@
 // goes through "grouped" 8-lane loops (with AVX-512 too, where a kv head has 2 or more query
 // heads): each K/V vector loaded once for up to 4 query heads of its kv head, bfloat16 rows
 // widened by one shift or mask per 8 values (BENCHMARKS.md, issue 11, eighth and ninth passes).
-// Where the CPU has AVX-512 BF16 (Zen 4, Sapphire Rapids), bfloat16 queries over a bfloat16
-// cache take VDPBF16PS loops instead (32 multiply-adds an instruction, no widening), with the
-// softmax weights rounded to bfloat16 for the value sums as GPU flash-attention kernels round
-// them: 1.2-1.3x over the grouped loops once the next blocks are prefetched into L2 (tenth pass).
+// Where the CPU has AVX-512 BF16 (Zen 4, Sapphire Rapids), bfloat16 queries over a bfloat16 or
+// int8 cache take VDPBF16PS loops instead (32 multiply-adds an instruction; int8 rows widened
+// to bfloat16 exactly), with the softmax weights rounded to bfloat16 for the value sums as GPU
+// flash-attention kernels round them, and the softmax of a block in one vector pass: with the
+// next blocks prefetched into L2, 1.45x (GQA) / 1.16x (MHA) / 1.77x (batch 1) over the grouped
+// loops on a bfloat16 cache at 2k (BENCHMARKS.md, issue 11, tenth pass).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -71,10 +73,11 @@ void decode_kernel(
   const int64_t row = d + row_extra<C>();  // cache elements of one kv head's K (or V)
   const int64_t token_stride = 2 * kv_heads * row;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
-  // bfloat16 queries over a bfloat16 cache with AVX-512 BF16: the dot-product loops
+  // bfloat16 queries over a bfloat16 or int8 cache with AVX-512 BF16: the dot-product loops
   // (vec_math.h, block_dots_bf16 / block_values_bf16), for every group size.
 #if defined(__AVX512BF16__)
-  constexpr bool kDp = std::is_same<T, c10::BFloat16>::value && std::is_same<C, T>::value;
+  constexpr bool kDp = std::is_same<T, c10::BFloat16>::value &&
+                       (std::is_same<C, T>::value || std::is_same<C, int8_t>::value);
   const bool dp = kDp && d % 32 == 0 && d <= 256;
 #else
   constexpr bool kDp = false;
@@ -115,7 +118,7 @@ void decode_kernel(
     std::vector<float> vs(row_extra<C>() ? run_heads * block_size : 0);  // int8: V row scales
     std::vector<float> pw(row_extra<C>() ? block_size : 0);  // int8: weight x V scale
     // The dot-product loops: each head's softmax weights in bfloat16, padded to an even count.
-    const int64_t p_stride = (block_size + 15) / 16 * 16;  // round_weights_bf16 writes 16s
+    const int64_t p_stride = (block_size + 15) / 16 * 16;  // softmax_weights_bf16 writes 16s
     std::vector<c10::BFloat16> pb(kDp ? rh * p_stride : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / runs;
@@ -253,6 +256,23 @@ void decode_kernel(
             for (int64_t t = 0; t < n_tok; ++t) sh[t] *= kh[t];
           }
         }
+#if defined(__AVX512BF16__)
+        if constexpr (kDp) {
+          if (dp) {
+            // Online softmax and the weights in bfloat16 for the value sums; an int8 cache's
+            // V row scales join the weights.
+            for (int64_t h = 0; h < nh; ++h) {
+              const float* mul = nullptr;
+              if constexpr (std::is_same<C, int8_t>::value) mul = vs.data() + (h / group) * block_size;
+              softmax_weights_bf16(s.data() + h * block_size, n_tok, m[h], l[h],
+                                   acc.data() + h * d, d, mul, pb.data() + h * p_stride);
+            }
+            block_values_bf16(acc.data(), d, base + kv_heads * row, token_stride, row, n_tok, nkh,
+                              group, pb.data(), p_stride);
+            continue;
+          }
+        }
+#endif
         // Online softmax: rescale what was accumulated when the running max grows.
         for (int64_t h = 0; h < nh; ++h) {
           float* sh = s.data() + h * block_size;
@@ -264,27 +284,9 @@ void decode_kernel(
             for (int64_t i = 0; i < d; ++i) ah[i] *= corr;
             m[h] = mx;
           }
-          const float sum = exp_block(sh, n_tok, mx);
-#if defined(__AVX512BF16__)
-          if constexpr (kDp) {
-            if (dp) {  // the sum of the weights as the value sums take them
-              l[h] += round_weights_bf16(sh, n_tok, pb.data() + h * p_stride);
-              continue;
-            }
-          }
-#endif
-          l[h] += sum;
+          l[h] += exp_block(sh, n_tok, mx);
         }
         // Weighted sum of the block's values (the block is in cache by now).
-#if defined(__AVX512BF16__)
-        if constexpr (kDp) {
-          if (dp) {
-            block_values_bf16(acc.data(), d, base + kv_heads * row, token_stride, row, n_tok, nkh,
-                              group, pb.data(), p_stride);
-            continue;
-          }
-        }
-#endif
 #if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
           if (grouped) {

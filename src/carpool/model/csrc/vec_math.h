@@ -467,10 +467,23 @@ inline void block_values_split(float* acc, int64_t d, const C* v0, int64_t ts,
 // l takes the same rounded weights, so they still sum to one). Accumulators are kept in the
 // order the interleaving leaves them ("pair order", see store_from_pairs).
 
+// 32 values of a cache row as 16 bfloat16 pairs: a bfloat16 row as it is, an int8 row widened
+// to float32 and narrowed to bfloat16 (exact: every int8 value is a bfloat16), 6 instructions
+// per 32 values that the group's query heads then share.
+inline __m512i load32_bh(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }
+
+inline __m512i load32_bh(const int8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
 // s[h * s_stride + t] = scale * (q_h . k_t) for HG query heads (bfloat16 rows qs + h * d) and
-// TOK keys k_t = k0 + t * ts (TOK * HG <= 16).
-template <int TOK, int HG>
-inline void dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* k0, int64_t ts,
+// TOK keys k_t = k0 + t * ts (rows of C: bfloat16, or int8 whose row scales the caller applies;
+// TOK * HG <= 16).
+template <int TOK, int HG, typename C>
+inline void dots_bf16(const c10::BFloat16* qs, int64_t d, const C* k0, int64_t ts,
                       float* s, int64_t s_stride, float scale) {
   static_assert(TOK * HG <= 16, "16 accumulators");
   __m512 acc[16];
@@ -479,7 +492,7 @@ inline void dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* k
     __m512bh qv[HG];
     for (int h = 0; h < HG; ++h) qv[h] = (__m512bh)_mm512_loadu_si512(qs + h * d + c);
     for (int t = 0; t < TOK; ++t) {
-      const __m512bh kv = (__m512bh)_mm512_loadu_si512(k0 + t * ts + c);
+      const __m512bh kv = (__m512bh)load32_bh(k0 + t * ts + c);
       for (int h = 0; h < HG; ++h) acc[t * HG + h] = _mm512_dpbf16_ps(acc[t * HG + h], kv, qv[h]);
     }
   }
@@ -495,18 +508,18 @@ inline void dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* k
 }
 
 // prefetch(lines) after each reduction (the next block's rows, spread over the work).
-template <int HG, typename Prefetch>
-inline void group_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* k0,
+template <int HG, typename C, typename Prefetch>
+inline void group_dots_bf16(const c10::BFloat16* qs, int64_t d, const C* k0,
                             int64_t ts, int64_t n_tok, float* s, int64_t s_stride, float scale,
                             Prefetch& prefetch, int64_t lines) {
   constexpr int TOK = 16 / HG;
   int64_t t = 0;
   for (; t + TOK <= n_tok; t += TOK) {
-    dots_bf16<TOK, HG>(qs, d, k0 + t * ts, ts, s + t, s_stride, scale);
+    dots_bf16<TOK, HG, C>(qs, d, k0 + t * ts, ts, s + t, s_stride, scale);
     prefetch(lines);
   }
   for (; t < n_tok; ++t) {
-    dots_bf16<1, HG>(qs, d, k0 + t * ts, ts, s + t, s_stride, scale);
+    dots_bf16<1, HG, C>(qs, d, k0 + t * ts, ts, s + t, s_stride, scale);
     prefetch(lines);
   }
 }
@@ -514,8 +527,8 @@ inline void group_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloa
 // Scores of one block for a run's query heads (rows qs + h * d; kv head k's group of `group`
 // heads from row k * group, in sub-groups of at most 4); prefetch(n) asks for the next n cache
 // lines of the next block, `lines` of them in all, spread evenly over the reductions.
-template <typename Prefetch>
-inline void block_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* k0,
+template <typename C, typename Prefetch>
+inline void block_dots_bf16(const c10::BFloat16* qs, int64_t d, const C* k0,
                             int64_t ts, int64_t rw, int64_t n_tok, int64_t nkh, int64_t group,
                             float* s, int64_t s_stride, float scale, Prefetch& prefetch,
                             int64_t lines) {
@@ -530,36 +543,21 @@ inline void block_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloa
       const int64_t h = k * group + h0;
       const c10::BFloat16* qh = qs + h * d;
       float* sh = s + h * s_stride;
-      const c10::BFloat16* kr = k0 + k * rw;
+      const C* kr = k0 + k * rw;
       switch (std::min<int64_t>(4, group - h0)) {
-        case 1: group_dots_bf16<1>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
-        case 2: group_dots_bf16<2>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
-        case 3: group_dots_bf16<3>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
-        default: group_dots_bf16<4>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call);
+        case 1: group_dots_bf16<1, C>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
+        case 2: group_dots_bf16<2, C>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
+        case 3: group_dots_bf16<3, C>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call); break;
+        default: group_dots_bf16<4, C>(qh, d, kr, ts, n_tok, sh, s_stride, scale, prefetch, per_call);
       }
     }
   }
 }
 
-// p[0..n) (float32 softmax weights) rounded to bfloat16 into pw[0..n), and zeros up to the next
-// multiple of 16 (pw holds that many: the pair of an odd last token is 0); returns the sum of
-// the rounded weights. Whole 256-bit stores: the 4-byte pair reads of the value sums take their
-// values from them (a masked store does not forward on AMD).
-inline float round_weights_bf16(const float* p, int64_t n, c10::BFloat16* pw) {
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 k = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
-    const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, p + t));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw + t), b);
-    total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
-  }
-  return _mm512_reduce_add_ps(total);
-}
-
 // acc_h (pair order) += sum over t < n_tok of pw[h * p_stride + t] * v_t for HG heads sharing
 // one kv head, v_t = v0 + t * ts; CH chunks of 32 values at a time (2 * HG * CH accumulators).
-template <int HG, int CH>
-inline void group_values_bf16(float* acc, int64_t d, int64_t len, const c10::BFloat16* v0,
+template <int HG, int CH, typename C>
+inline void group_values_bf16(float* acc, int64_t d, int64_t len, const C* v0,
                               int64_t ts, int64_t n_tok, const c10::BFloat16* pw,
                               int64_t p_stride) {
   static_assert(2 * HG * CH <= 16, "16 accumulators");
@@ -572,10 +570,10 @@ inline void group_values_bf16(float* acc, int64_t d, int64_t len, const c10::BFl
     for (int64_t t = 0; t < n_tok; t += 2) {
       __m512i lo[CH], hi[CH];
       for (int j = 0; j < CH; ++j) {
-        const __m512i x = _mm512_loadu_si512(v0 + t * ts + c + 32 * j);
+        const __m512i x = load32_bh(v0 + t * ts + c + 32 * j);
         // The last token of an odd count pairs with zeros (its weight's pair is 0 too, and the
         // row after it may be unwritten memory).
-        const __m512i y = t + 1 < n_tok ? _mm512_loadu_si512(v0 + (t + 1) * ts + c + 32 * j)
+        const __m512i y = t + 1 < n_tok ? load32_bh(v0 + (t + 1) * ts + c + 32 * j)
                                         : _mm512_setzero_si512();
         lo[j] = _mm512_unpacklo_epi16(x, y);
         hi[j] = _mm512_unpackhi_epi16(x, y);
@@ -597,11 +595,12 @@ inline void group_values_bf16(float* acc, int64_t d, int64_t len, const c10::BFl
     }
   }
   if constexpr (CH > 1) {
-    if (c < len) group_values_bf16<HG, 1>(acc + c, d, len - c, v0 + c, ts, n_tok, pw, p_stride);
+    if (c < len) group_values_bf16<HG, 1, C>(acc + c, d, len - c, v0 + c, ts, n_tok, pw, p_stride);
   }
 }
 
-inline void block_values_bf16(float* acc, int64_t d, const c10::BFloat16* v0, int64_t ts,
+template <typename C>
+inline void block_values_bf16(float* acc, int64_t d, const C* v0, int64_t ts,
                               int64_t rw, int64_t n_tok, int64_t nkh, int64_t group,
                               const c10::BFloat16* pw, int64_t p_stride) {
   for (int64_t k = 0; k < nkh; ++k) {
@@ -609,12 +608,12 @@ inline void block_values_bf16(float* acc, int64_t d, const c10::BFloat16* v0, in
       const int64_t h = k * group + h0;
       float* ah = acc + h * d;
       const c10::BFloat16* ph = pw + h * p_stride;
-      const c10::BFloat16* vr = v0 + k * rw;
+      const C* vr = v0 + k * rw;
       switch (std::min<int64_t>(4, group - h0)) {
-        case 1: group_values_bf16<1, 4>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
-        case 2: group_values_bf16<2, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
-        case 3: group_values_bf16<3, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
-        default: group_values_bf16<4, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride);
+        case 1: group_values_bf16<1, 4, C>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        case 2: group_values_bf16<2, 2, C>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        case 3: group_values_bf16<3, 2, C>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        default: group_values_bf16<4, 2, C>(ah, d, d, vr, ts, n_tok, ph, p_stride);
       }
     }
   }
@@ -718,5 +717,49 @@ inline float exp_block(float* sh, int64_t n, float mx) {
   }
   return sum;
 }
+
+#if defined(__AVX512BF16__)
+// The softmax step of the dot-product loops for one head and one block of n scores sh: the
+// running max m grows (acc_h[0..d) and l rescaled when it does), the weights
+// p_t = exp(s_t - m) rounded to bfloat16 into pw[0..n) (times mul[t] where mul is given: an
+// int8 cache's V row scales), zeros up to the next multiple of 16, and l += their sum (of the
+// rounded weights without mul, so they sum to one as the value sums take them; of p with it).
+// One pass of whole-vector loads and stores for a block of 16: the scores were just written
+// by scalar stores and masked loads of them do not forward on AMD (measured: the separate
+// max / exp / round passes were a quarter of the kernel).
+inline void softmax_weights_bf16(const float* sh, int64_t n, float& m, float& l, float* ah,
+                                 int64_t d, const float* mul, c10::BFloat16* pw) {
+  auto chunk = [&](int64_t t) {
+    return n - t >= 16 ? _mm512_loadu_ps(sh + t)
+                       : _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                              static_cast<__mmask16>((1u << (n - t)) - 1), sh + t);
+  };
+  __m512 mv = _mm512_set1_ps(m);
+  for (int64_t t = 0; t < n; t += 16) mv = _mm512_max_ps(mv, chunk(t));
+  const float mx = _mm512_reduce_max_ps(mv);
+  if (mx > m) {
+    const float corr = exp_nonpositive(m - mx);  // ~0 on the first block
+    l *= corr;
+    for (int64_t i = 0; i < d; ++i) ah[i] *= corr;
+    m = mx;
+  }
+  const __m512 mb = _mm512_set1_ps(mx);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    __m512 p = _mm512_maskz_mov_ps(k, exp16_nonpositive(_mm512_sub_ps(chunk(t), mb)));
+    if (mul != nullptr) {
+      total = _mm512_add_ps(total, p);
+      p = _mm512_mul_ps(p, _mm512_maskz_loadu_ps(k, mul + t));
+    }
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(p);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw + t), b);
+    if (mul == nullptr) {
+      total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+    }
+  }
+  l += _mm512_reduce_add_ps(total);
+}
+#endif
 
 }  // namespace carpool_kernels
