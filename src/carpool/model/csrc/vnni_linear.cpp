@@ -4,9 +4,9 @@
 // Both issue the same instructions in the same order: a row's result is the same bits whatever
 // rows share the call (tested), so batched greedy tokens equal a request's alone. Without AMX
 // (an AMD Zen 4, say), a prefetching AVX-512 BF16 matrix-vector kernel at every row count, six
-// rows per pass over a column block: also the same bits at every row count, and 1.0-2.2x
-// oneDNN's packed linear there at 1-32 rows, level at 64-512 (BENCHMARKS.md, issue 11, ninth
-// pass). Its pairs' products are ordered differently from AMX's, so the two are never mixed on
+// rows per pass over a column block (above 6 rows the passes also bring the next block into
+// L2): also the same bits at every row count, and 1.0-2.2x oneDNN's packed linear there at
+// 1-32 rows, level at 64-512 (BENCHMARKS.md, issue 11, ninth and tenth passes). Its pairs' products are ordered differently from AMX's, so the two are never mixed on
 // one machine. Registers torch.ops.carpool.vnni_linear.
 //
 // The layout ("VNNI", what the dot-product instructions read): a [N, K] weight becomes
@@ -145,24 +145,37 @@ void amx_tile_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, float* 
 }
 #endif
 
+// Where a pass over a block asks for weights ahead of it (gemv_block's PF).
+enum Prefetch {
+  kNone = 0,   // nothing (the block is in L2 already)
+  kAhead = 1,  // this block's rows 4 KiB ahead (streaming it from memory in this pass)
+  kNext = 2,   // lines [line0, line1) of the next block into L2, spread over this pass
+};
+
 // Rows [0, MR) of x (row stride k) times one 64-column block `wb` ([k/2, 64, 2]) into y (row
-// stride ldy), columns [0, ncols) of the block kept.
-// PF: prefetch the block ahead (the first pass over a block; later passes find it in L2).
-template <int MR, bool PF = true>
+// stride ldy), columns [0, ncols) of the block kept. PF as above (kNext: the next block `nxt`).
+template <int MR, Prefetch PF = kAhead>
 void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* y, int64_t ldy,
-                int64_t ncols) {
+                int64_t ncols, const char* nxt = nullptr, int64_t line0 = 0,
+                int64_t line1 = 0) {
   const int64_t pairs = k / 2;
 #if defined(__AVX512BF16__)
   __m512 acc[MR][4];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  // kNext: (line1 - line0) lines over `pairs` iterations, Bresenham-style (no division).
+  int64_t line = line0, debt = 0;
+  const int64_t want = line1 - line0;
   for (int64_t p = 0; p < pairs; ++p) {
     const char* row = reinterpret_cast<const char*>(wb + p * kBlockN * 2);
     // Past the block's end this reads ahead into the next block (contiguous) or, at the
     // weight's end, nowhere: a prefetch never faults.
     const char* ahead = row + kPrefetchPairs * kBlockN * 2 * sizeof(B16);
-    if constexpr (PF) {
+    if constexpr (PF == kAhead) {
       for (int c = 0; c < 4; ++c) _mm_prefetch(ahead + 64 * c, _MM_HINT_T0);
+    }
+    if constexpr (PF == kNext) {
+      for (debt += want; debt >= pairs; debt -= pairs) _mm_prefetch(nxt + 64 * line++, _MM_HINT_T1);
     }
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + 64);
@@ -202,28 +215,54 @@ void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* 
 #endif
 }
 
+// One pass of MR rows over a block with the prefetch chosen at run time.
+template <int MR>
+void gemv_pass(Prefetch pf, const B16* x, int64_t k, const B16* wb, const float* bias, B16* y,
+               int64_t ldy, int64_t ncols, const char* nxt, int64_t line0, int64_t line1) {
+  switch (pf) {
+    case kAhead: gemv_block<MR, kAhead>(x, k, wb, bias, y, ldy, ncols); break;
+    case kNext: gemv_block<MR, kNext>(x, k, wb, bias, y, ldy, ncols, nxt, line0, line1); break;
+    default: gemv_block<MR, kNone>(x, k, wb, bias, y, ldy, ncols);
+  }
+}
+
 // All rows of x times one block, six rows at a time (the block stays in L1/L2 between them):
 // 24 accumulators and the block's 4 vectors in 32 registers. Six measured 1.04-1.08x four at
 // 16-32 rows on a Zen 4 (BENCHMARKS.md, issue 11, ninth pass); each row's sums run in the same
 // order either way.
+// Prefetch: one pass (up to 6 rows) streams its block from memory (kAhead). With more passes,
+// the passes over this block also ask for the next block `nxt` (nullptr: none) into L2, spread
+// evenly over them, so no pass waits on memory while the others compute from L2: before, the
+// first pass over each block streamed it alone (as slow as one row) and the rest computed
+// (BENCHMARKS.md, issue 11, tenth pass). `first`: the first block of this thread's run, whose
+// first pass streams it itself.
 void gemv_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, const float* bias, B16* y,
-               int64_t ldy, int64_t ncols) {
-  int64_t m = 0;
-  for (; m + 6 <= rows; m += 6) {
-    if (m == 0)
-      gemv_block<6, true>(x, k, wb, bias, y, ldy, ncols);
-    else
-      gemv_block<6, false>(x + m * k, k, wb, bias, y + m * ldy, ldy, ncols);
-  }
-  const B16* xm = x + m * k;
-  B16* ym = y + m * ldy;
-  switch (rows - m) {
-    case 5: gemv_block<5>(xm, k, wb, bias, ym, ldy, ncols); break;
-    case 4: gemv_block<4>(xm, k, wb, bias, ym, ldy, ncols); break;
-    case 3: gemv_block<3>(xm, k, wb, bias, ym, ldy, ncols); break;
-    case 2: gemv_block<2>(xm, k, wb, bias, ym, ldy, ncols); break;
-    case 1: gemv_block<1>(xm, k, wb, bias, ym, ldy, ncols); break;
-    default: break;
+               int64_t ldy, int64_t ncols, const char* nxt, bool first) {
+  const int64_t passes = (rows + 5) / 6;
+  const bool spread = passes > 1 && nxt != nullptr;
+  const int64_t lines = (k / 2) * kBlockN * 2 * static_cast<int64_t>(sizeof(B16)) / 64;
+  // Passes that carry the next block's lines, and the first of them.
+  const int64_t p0 = first ? 1 : 0, carriers = passes - p0;
+  for (int64_t pass = 0, m = 0; pass < passes; ++pass, m += 6) {
+    Prefetch pf = kNone;
+    int64_t line0 = 0, line1 = 0;
+    if (pass == 0 && (first || !spread)) {
+      pf = kAhead;
+    } else if (spread && pass >= p0) {
+      pf = kNext;
+      line0 = lines * (pass - p0) / carriers;
+      line1 = lines * (pass - p0 + 1) / carriers;
+    }
+    const B16* xm = x + m * k;
+    B16* ym = y + m * ldy;
+    switch (std::min<int64_t>(6, rows - m)) {
+      case 6: gemv_pass<6>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
+      case 5: gemv_pass<5>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
+      case 4: gemv_pass<4>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
+      case 3: gemv_pass<3>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
+      case 2: gemv_pass<2>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
+      default: gemv_pass<1>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1);
+    }
   }
 }
 
@@ -290,7 +329,8 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
       const B16* wb = wp + b * block_elems;
       const float* bb = bp != nullptr ? bp + col : nullptr;
       if (!amx) {
-        gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols);
+        const char* nxt = b + 1 < b1 ? reinterpret_cast<const char*>(wb + block_elems) : nullptr;
+        gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols, nxt, b == b0);
         continue;
       }
 #if defined(CARPOOL_AMX)
