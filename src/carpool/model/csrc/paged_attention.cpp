@@ -147,11 +147,22 @@ void decode_kernel(
         const C* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * row;
         const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
         // The next block is elsewhere in memory (the table is random): ask for its rows
-        // while this block computes, a token's K and V run per token of this one.
-        const char* next = n + kPrefetchBlocks < n_blocks
-            ? reinterpret_cast<const char*>(
-                  kv + tables[b * max_blocks + n + kPrefetchBlocks] * block_stride + kh0 * row)
-            : nullptr;
+        // while this block computes, a token's K and V run per token of this one. Near the
+        // end of a sequence, the next work item's first blocks: at short contexts (batch 32
+        // at 64 tokens: 4 blocks a sequence) a sequence's first blocks arriving cold cost
+        // more than computing them (1.7x on the kernel there, with the vector store of
+        // store_from_pairs; tenth pass).
+        const char* next = nullptr;
+        if (n + kPrefetchBlocks < n_blocks) {
+          next = reinterpret_cast<const char*>(
+              kv + tables[b * max_blocks + n + kPrefetchBlocks] * block_stride + kh0 * row);
+        } else if (item + 1 < end) {
+          const int64_t nb = (item + 1) / runs, nn = n + kPrefetchBlocks - n_blocks;
+          if (nn < (ctx[nb] + block_size - 1) / block_size) {
+            next = reinterpret_cast<const char*>(kv + tables[nb * max_blocks + nn] * block_stride +
+                                                 ((item + 1) % runs) * run_heads * row);
+          }
+        }
         const int64_t run_bytes = nkh * row * static_cast<int64_t>(sizeof(C));
         const int64_t kv_bytes = kv_heads * row * static_cast<int64_t>(sizeof(C));
         // The next block's rows of token t (K and V of the run): asked for while this block

@@ -621,15 +621,17 @@ inline void block_values_bf16(float* acc, int64_t d, const C* v0, int64_t ts,
 
 // dst[0..d) = src[0..d) * mul, src in pair order: per chunk of 32 values, its first 16
 // float32 lanes hold values 8L + e and the next 16 values 8L + 4 + e (lane 4L + e, L < 4, e < 4).
-template <typename T>
-inline void store_from_pairs(const float* src, T* dst, int64_t d, float mul) {
+inline void store_from_pairs(const float* src, c10::BFloat16* dst, int64_t d, float mul) {
+  // Output value 8L + e comes from lane 4L + e of the first vector, 8L + 4 + e from lane 4L + e
+  // of the second (index 16 + ...): two permutes put 32 values back in order.
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512 mv = _mm512_set1_ps(mul);
   for (int64_t c = 0; c < d; c += 32) {
-    for (int lane = 0; lane < 4; ++lane) {
-      for (int e = 0; e < 4; ++e) {
-        store(dst + c + 8 * lane + e, src[c + 4 * lane + e] * mul);
-        store(dst + c + 8 * lane + 4 + e, src[c + 16 + 4 * lane + e] * mul);
-      }
-    }
+    const __m512 a = _mm512_loadu_ps(src + c), b = _mm512_loadu_ps(src + c + 16);
+    const __m512 first = _mm512_mul_ps(_mm512_permutex2var_ps(a, lo, b), mv);
+    const __m512 second = _mm512_mul_ps(_mm512_permutex2var_ps(a, hi, b), mv);
+    _mm512_storeu_si512(dst + c, (__m512i)_mm512_cvtne2ps_pbh(second, first));
   }
 }
 #endif
