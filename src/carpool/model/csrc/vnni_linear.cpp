@@ -48,8 +48,10 @@ using B16 = c10::BFloat16;
 constexpr int64_t kBlockN = 64;  // output columns per block: four vectors of 16 float32 sums
 constexpr int64_t kBlockM = 32;  // input rows per AMX call (two 16-row tiles)
 // Software prefetch distance of the matrix-vector kernel, in K pairs (256 bytes each): 16
-// pairs = 4 KiB ahead measured fastest of 0/4/8/16/32 (0: ~14 GB/s, 16: ~34 GB/s in L3).
-constexpr int64_t kPrefetchPairs = 16;
+// pairs = 4 KiB ahead measured fastest of 0/4/8/16/32 with the weights in L3 (0: ~14 GB/s,
+// 16: ~34 GB/s) on the AMX Xeon; 32 pairs = 8 KiB from memory on the Zen 4: 1.04-1.16x at 1-4
+// rows on small's weights, 1.00-1.02x on medium's, 64 no better (issue 11, tenth pass).
+constexpr int64_t kPrefetchPairs = 32;
 
 // Paths (the operator's `path` argument): automatic, or one forced (tests and benchmarks
 // compare them).
