@@ -82,7 +82,9 @@ def main() -> None:
     print("| rows | before ms | after ms | before / after | after GFLOP/s | after % of probe |")
     print("|---:|---:|---:|---:|---:|---:|")
     for m in [int(r) for r in a.rows.split(",")]:
-        xs = {k: torch.randn(m, k, generator=g).to(torch.bfloat16) for k in {k for _, _, k in weights}}
+        xs = {
+            k: torch.randn(m, k, generator=g).to(torch.bfloat16) for k in {k for _, _, k in weights}
+        }
         times: dict[str, list[float]] = {"before": [], "after": []}
         for r in range(a.rounds + 1):
             for name, op in ops.items():
