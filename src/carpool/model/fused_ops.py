@@ -197,15 +197,18 @@ INT8_GEMV_LARGE_CODES = 1 << 22
 # (49152 x 576) it measured 1.18-1.5x torch's kernel at one row, but 0.92x on the small model's
 # 0.25-1.4M-code layer matrices (its per-call setup), so those keep torch's there (BENCHMARKS.md
 # "Third pass"); on AVX2 it was ahead at every size. A float32 input takes it at every size: it
-# saves the two casts around torch's bf16 kernel.
-INT8_GEMV_MIN_CODES = 0 if _BF16_EMULATED else INT8_GEMV_LARGE_CODES
+# saves the two casts around torch's bf16 kernel. Without AMX (an AMD Zen 4) the layer matrices
+# read from memory at one row go faster through it too: the small Q8_0 model's batch-1 step
+# 3.11-3.92 ms against 3.86-5.26 with torch's (four alternated runs of profile_step.py;
+# BENCHMARKS.md, issue 11, tenth pass), so there only AMX machines keep torch's for them.
+_AMX = bool(torch.cpu._is_amx_tile_supported())
+INT8_GEMV_MIN_CODES = INT8_GEMV_LARGE_CODES if _AMX and not _BF16_EMULATED else 0
 # Weights of at least INT8_GEMV_LARGE_CODES codes (vocabulary heads) take int8_gemv up to
 # INT8_GEMV_LARGE_MAX_ROWS rows. Without AMX (an AMD Zen 4) a head's other paths are no faster
 # at 8-32 rows (SmolLM2's 49152 x 576 head: int8_gemv 4.0 / 10.6 / 23.0 ms at 8 / 16 / 32 rows,
 # torch's kernel 5.7 / 11.5 / 23.0, widened to bf16 23.4 / 8.8 / 24.3), and widening it
 # holds a 57 MB bf16 copy for the step: the resident peak of a batch-32 decode (BENCHMARKS.md,
 # issue 11, ninth pass). With AMX the widened head's GEMM runs on tiles: as INT8_GEMV_MAX_ROWS.
-_AMX = bool(torch.cpu._is_amx_tile_supported())
 INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX else 128
 
 
