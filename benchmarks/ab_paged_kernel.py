@@ -31,16 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from carpool.model import kernel_build, kv_quant  # noqa: E402
 
 
-def build(src: Path, namespace: str) -> None:
-    """Build ``src``'s paged_attention.cpp (headers beside it) as ``torch.ops.<namespace>``."""
+def build(src: Path, namespace: str, source: str = "paged_attention.cpp") -> None:
+    """Build ``src``'s kernel ``source`` (headers beside it) as ``torch.ops.<namespace>``: its
+    ``carpool`` operator registrations renamed (also used by ab_vnni_linear.py)."""
     from torch.utils import cpp_extension
 
     work = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
     for f in (src / "carpool" / "model" / "csrc").iterdir():
         shutil.copy(f, work)
-    cpp = work / "paged_attention.cpp"
+    cpp = work / source
     text = cpp.read_text()
-    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
+    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
         text = text.replace(f"{macro}(carpool,", f"{macro}({namespace},")
     cpp.write_text(text)
     cpp_extension.load(

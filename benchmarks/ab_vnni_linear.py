@@ -12,10 +12,8 @@ alternating before / after; medians, and the matmul rate against the bf16 roofli
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,32 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_paged_kernel import build  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
 from carpool.bench import probes  # noqa: E402
-from carpool.model import kernel_build, vnni_linear  # noqa: E402
-
-
-def build(src: Path, namespace: str) -> None:
-    """Build ``src``'s vnni_linear.cpp (headers beside it) as ``torch.ops.<namespace>``."""
-    from torch.utils import cpp_extension
-
-    work = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
-    for f in (src / "carpool" / "model" / "csrc").iterdir():
-        shutil.copy(f, work)
-    cpp = work / "vnni_linear.cpp"
-    text = cpp.read_text()
-    for macro in ("TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
-        text = text.replace(f"{macro}(carpool,", f"{macro}({namespace},")
-    cpp.write_text(text)
-    cpp_extension.load(
-        name=namespace,
-        sources=[str(cpp)],
-        extra_cflags=list(kernel_build.CFLAGS),
-        extra_ldflags=list(kernel_build.LDFLAGS),
-        build_directory=str(work),
-        is_python_module=False,
-    )
+from carpool.model import vnni_linear  # noqa: E402
 
 
 def main() -> None:
@@ -60,8 +37,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
     a = ap.parse_args()
-    build(Path(a.before), "ab_lin_before")
-    build(Path(a.after), "ab_lin_after")
+    build(Path(a.before), "ab_lin_before", "vnni_linear.cpp")
+    build(Path(a.after), "ab_lin_after", "vnni_linear.cpp")
     torch.set_num_threads(a.threads)
     ops = {
         "before": torch.ops.ab_lin_before.vnni_linear,

@@ -691,13 +691,20 @@ inline __m256 exp8_nonpositive(__m256 x) {
 #endif
 
 // sh[t] = exp(sh[t] - mx) for t < n; returns their sum.
+#if defined(__AVX512F__)
+// The first min(count, 16) lanes (count >= 1): a chunk of 16 at the tail of a row.
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+}
+#endif
+
 inline float exp_block(float* sh, int64_t n, float mx) {
   float sum = 0.0f;
   int64_t t = 0;
 #if defined(__AVX512F__)
   const __m512 m = _mm512_set1_ps(mx);
   for (; t < n; t += 16) {
-    const __mmask16 k = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __mmask16 k = first_lanes(n - t);
     const __m512 p = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sh + t), m));
     _mm512_mask_storeu_ps(sh + t, k, p);
     sum += _mm512_mask_reduce_add_ps(k, p);
@@ -734,7 +741,7 @@ inline void softmax_weights_bf16(const float* sh, int64_t n, float& m, float& l,
   auto chunk = [&](int64_t t) {
     return n - t >= 16 ? _mm512_loadu_ps(sh + t)
                        : _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
-                                              static_cast<__mmask16>((1u << (n - t)) - 1), sh + t);
+                                              first_lanes(n - t), sh + t);
   };
   __m512 mv = _mm512_set1_ps(m);
   for (int64_t t = 0; t < n; t += 16) mv = _mm512_max_ps(mv, chunk(t));
@@ -748,7 +755,7 @@ inline void softmax_weights_bf16(const float* sh, int64_t n, float& m, float& l,
   const __m512 mb = _mm512_set1_ps(mx);
   __m512 total = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 k = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __mmask16 k = first_lanes(n - t);
     __m512 p = _mm512_maskz_mov_ps(k, exp16_nonpositive(_mm512_sub_ps(chunk(t), mb)));
     if (mul != nullptr) {
       total = _mm512_add_ps(total, p);

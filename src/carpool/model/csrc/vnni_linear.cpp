@@ -150,7 +150,7 @@ void amx_tile_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, float* 
 // Where a pass over a block asks for weights ahead of it (gemv_block's PF).
 enum Prefetch {
   kNone = 0,   // nothing (the block is in L2 already)
-  kAhead = 1,  // this block's rows 4 KiB ahead (streaming it from memory in this pass)
+  kAhead = 1,  // this block's rows kPrefetchPairs ahead (streaming it from memory in this pass)
   kNext = 2,   // lines [line0, line1) of the next block into L2, spread over this pass
 };
 
