@@ -1,0 +1,82 @@
+"""The int8 weight-only product (``fused_ops.cpp``'s ``int8_gemv``) of two checkouts in ONE
+process, calls alternated.
+
+Each checkout's ``fused_ops.cpp`` is built as its own operator library (``ab_i8_before::`` and
+``ab_i8_after::``: the source with its ``TORCH_LIBRARY`` namespace renamed), so both run on the
+same int8 codes: per row count, ``--rounds`` rounds of a pass over every linear weight of a
+``--random-config`` model (a decode step's reads, from memory), alternating before / after;
+medians, the read rate, and whether the two outputs are the same bits.
+
+    python benchmarks/ab_int8_gemv.py --before /tmp/old/src --random-config small --rows 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_paged_kernel import build  # noqa: E402
+from vnni_linear import weight_shapes  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", required=True, help="a checkout's src directory")
+    ap.add_argument("--after", default=str(Path(__file__).resolve().parents[1] / "src"))
+    ap.add_argument("--random-config", default="small")
+    ap.add_argument("--rows", default="1,2,4")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    a = ap.parse_args()
+    build(Path(a.before), "ab_i8_before", "fused_ops.cpp")
+    build(Path(a.after), "ab_i8_after", "fused_ops.cpp")
+    torch.set_num_threads(a.threads)
+    ops = {"before": torch.ops.ab_i8_before.int8_gemv, "after": torch.ops.ab_i8_after.int8_gemv}
+    g = torch.Generator().manual_seed(0)
+    shapes = weight_shapes(a.random_config)
+    weights = [
+        (
+            torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+            (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16),
+        )
+        for n, k in shapes
+    ]
+    nbytes = sum(n * k for n, k in shapes)
+    dtype = getattr(torch, a.dtype)
+    print(
+        f"{a.random_config}: {len(shapes)} int8 weights, {nbytes / 1e6:.0f} MB; x {a.dtype}; "
+        f"threads={a.threads} rounds={a.rounds}"
+    )
+    print("| rows | before ms | after ms | before / after | after GB/s | same bits |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for m in [int(r) for r in a.rows.split(",")]:
+        xs = {k: torch.randn(m, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
+        same = all(
+            torch.equal(ops["before"](xs[q.shape[1]], q, s), ops["after"](xs[q.shape[1]], q, s))
+            for q, s in weights
+        )
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        for r in range(a.rounds + 1):
+            for name, op in ops.items():
+                t0 = time.perf_counter()
+                for q, s in weights:
+                    op(xs[q.shape[1]], q, s)
+                if r:  # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
+        before, after = (statistics.median(times[k]) for k in ("before", "after"))
+        print(
+            f"| {m} | {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x "
+            f"| {nbytes / after / 1e9:.1f} | {'yes' if same else 'NO'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
