@@ -446,3 +446,57 @@ def test_int8_gemv_row_limit_follows_the_weight_size():
     layer_rows = fused_ops.INT8_GEMV_MAX_ROWS
     assert fused_ops.int8_gemv(torch.randn(layer_rows, 64), small, s[:64]) is not None
     assert fused_ops.int8_gemv(torch.randn(layer_rows + 1, 64), small, s[:64]) is None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_int8_logits_are_the_dequantized_heads_in_float32(rows):
+    # A float32 model's vocabulary head: no bf16 rounding of x or of the sums, so the logits
+    # are the dequantized weight's (codes times their bf16 scale, exact in float32) to float32
+    # rounding; K = 200 leaves a scalar tail, N = 1001 a partial tile.
+    torch.manual_seed(rows)
+    q = torch.randint(-127, 128, (1001, 200), dtype=torch.int8)
+    s = (torch.rand(1001) * 0.01).bfloat16()
+    x = torch.randn(rows, 200)
+    calls = fused_ops.fused_calls()
+    got = fused_ops.int8_logits(x, q, s)
+    assert fused_ops.fused_calls() == calls + 1
+    assert got.dtype == torch.float32 and got.shape == (rows, 1001)
+    exact = x.double() @ (q.double() * s.double()[:, None]).T
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, got.bfloat16().float())  # not rounded to bf16
+    # A row's logits do not depend on the rows beside it.
+    assert torch.equal(fused_ops.int8_logits(x[-1:], q, s), got[-1:])
+    # At chosen columns: the same bits, one weight row at a time.
+    ids = torch.randint(0, 1001, (rows, 64))
+    assert torch.equal(fused_ops.int8_logits_at(x, q, s, ids), got.gather(1, ids))
+
+
+def test_int8_logits_decline_and_reject_what_they_do_not_take():
+    q = torch.randint(-127, 128, (300, 64), dtype=torch.int8)
+    s = (torch.rand(300) * 0.01).bfloat16()
+    limit = fused_ops.int8_gemv_max_rows(q.numel())
+    assert fused_ops.int8_logits(torch.randn(limit + 1, 64), q, s) is None  # rows: rescored
+    assert fused_ops.int8_logits(torch.randn(1, 64, dtype=torch.bfloat16), q, s) is None
+    with pytest.raises(RuntimeError, match="out of"):
+        torch.ops.carpool.int8_logits_at(torch.randn(1, 64), q, s, torch.tensor([[300]]))
+    with pytest.raises(RuntimeError, match="float32 tensor"):
+        torch.ops.carpool.int8_logits(torch.randn(1, 64, dtype=torch.bfloat16), q, s)
+
+
+def test_int8_head_top_logits_do_not_depend_on_the_path():
+    # Up to the kernel's row limit the head's float32 logits come whole from int8_logits;
+    # above it from the bf16 kernel, its top RESCORE_TOP_K rescored by int8_logits_at: the
+    # same bits there, so a row's greedy token does not depend on its batch's size.
+    from carpool.model.quant import RESCORE_TOP_K, Int8Linear
+
+    torch.manual_seed(9)
+    q = torch.randint(-127, 128, (500, 64), dtype=torch.int8)
+    head = Int8Linear(q, (torch.rand(500) * 0.01).bfloat16(), None, torch.float32)
+    limit = fused_ops.int8_gemv_max_rows(q.numel())
+    x = torch.randn(limit + 1, 64)
+    many = head.logits(x)  # more rows than int8_logits takes: rescored
+    alone = torch.cat([head.logits(x[i : i + 1]) for i in range(limit + 1)])
+    assert torch.equal(alone[:1], fused_ops.int8_logits(x[:1], q, head.scales))
+    top = many.topk(RESCORE_TOP_K // 2, dim=-1).indices
+    assert torch.equal(many.gather(1, top), alone.gather(1, top))
+    assert torch.equal(many.argmax(-1), alone.argmax(-1))

@@ -167,6 +167,48 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
     return None
 
 
+def int8_logits(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor | None:
+    """A vocabulary head's float32 logits ``(x @ qweight.T) * scales`` for float32 ``x``
+    ``[R, K]``, up to ``int8_gemv_max_rows`` rows: ``int8_gemv``'s kernel without its bf16
+    roundings (x as it is, float32 sums), so every logit is the dequantized weight's in float32
+    but for the order of the sums; None where it does not apply (the caller rescores)."""
+    if (
+        x.dim() == 2
+        and x.dtype == torch.float32
+        and 1 <= x.shape[0] <= int8_gemv_max_rows(qweight.numel())
+        and scales.dtype == torch.bfloat16
+        and qweight.dtype == torch.int8
+        and qweight.is_contiguous()
+        and scales.is_contiguous()
+        and _fused(x)
+    ):
+        return torch.ops.carpool.int8_logits(x, qweight, scales)
+    return None
+
+
+def int8_logits_at(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor | None:
+    """``int8_logits(x, qweight, scales).gather(1, ids)``, the same bits, computing only the
+    ``[R, J]`` columns ``ids`` (any row count: the rescoring of top logits computed in bf16
+    elsewhere); None where it does not apply."""
+    if (
+        x.dim() == 2
+        and x.dtype == torch.float32
+        and ids.dim() == 2
+        and ids.dtype == torch.int64
+        and scales.dtype == torch.bfloat16
+        and qweight.dtype == torch.int8
+        and qweight.is_contiguous()
+        and scales.is_contiguous()
+        and _fused(x)
+    ):
+        return torch.ops.carpool.int8_logits_at(x, qweight, scales, ids.contiguous())
+    return None
+
+
 def bf16_emulated() -> bool:
     """True on a CPU whose torch has no fast bf16 GEMM: no oneDNN bf16 (it needs AVX-512 or
     AMX), so torch's bf16 ``linear`` takes its generic loops (an AMD Zen 3 with AVX2 ran it

@@ -13,10 +13,12 @@
 // bf16 rounding boundary may round the other way: one ulp, rarely).
 //
 // And argmax_rows, the greedy sampler's argmax; rotary_, the rotary embedding in place;
-// int8_gemv, int8 weight-only products for 1-4 rows.
+// int8_gemv, int8 weight-only products for 1-4 rows; int8_logits and int8_logits_at, an int8
+// vocabulary head's float32 logits.
 //
 // Registered as carpool::rms_norm, carpool::add_rms_norm, carpool::silu_and_mul and
-// carpool::argmax_rows, carpool::rotary_, carpool::int8_gemv (a fragment of the `carpool` operator library; no pybind11).
+// carpool::argmax_rows, carpool::rotary_, carpool::int8_gemv, carpool::int8_logits,
+// carpool::int8_logits_at (a fragment of the `carpool` operator library; no pybind11).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -419,13 +421,31 @@ void rotary_(at::Tensor x, const at::Tensor& cs) {
 // float32 sums, bfloat16 out, as the torch kernel.
 constexpr int64_t kPrefetchRows = 8;
 
+// Rounding of the inputs and outputs: to bf16 (int8_gemv: torch's bf16 kernel's values), or
+// none (int8_logits: float32 x, float32 sums).
+template <bool Exact>
+inline float int8_out(float v) {
+  return Exact ? v : Elt<c10::BFloat16>::round(v);
+}
+
+#if defined(__AVX512F__)
+// The last k - i (< 16) codes of a row widened, zeros past them: the tail of a row takes the
+// vector loop's lanes (a scalar tail's products were contracted into FMAs or not depending on
+// how many input rows shared the loop, so a row's last bits depended on its neighbours).
+inline __m512 int8_tail16(const int8_t* q, int64_t i, int64_t k) {
+  alignas(16) int8_t buf[16] = {};
+  std::memcpy(buf, q + i, static_cast<size_t>(k - i));
+  const __m128i codes = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+}
+#endif
+
 // Output column r (weight row qr) of M (1-4) input rows: xf (float32, bf16 values) and y start
 // at the group's first row. Each row has its own accumulators and the same K order whatever M
 // is, so a row's result does not depend on the rows beside it.
-template <int64_t M, typename T>
+template <int64_t M, bool Exact, typename T>
 inline void int8_row(const float* xf, const int8_t* qr, float sc, T* y, int64_t n, int64_t k,
                      int64_t r) {
-  using E = Elt<c10::BFloat16>;
   float acc[M];
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -435,6 +455,13 @@ inline void int8_row(const float* xf, const int8_t* qr, float sc, T* y, int64_t 
     const __m512 w = _mm512_cvtepi32_ps(
         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + i))));
     for (int64_t m = 0; m < M; ++m) va[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(&xf[m * k + i]), va[m]);
+  }
+  if (i < k) {
+    const __m512 w = int8_tail16(qr, i, k);
+    const __mmask16 tail = static_cast<__mmask16>((1u << (k - i)) - 1);
+    for (int64_t m = 0; m < M; ++m)
+      va[m] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, &xf[m * k + i]), va[m]);
+    i = k;
   }
   for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_reduce_add_ps(va[m]);
 #elif defined(CARPOOL_AVX2)
@@ -458,8 +485,9 @@ inline void int8_row(const float* xf, const int8_t* qr, float sc, T* y, int64_t 
   for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
 #endif
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = i; j < k; ++j) acc[m] += static_cast<float>(qr[j]) * xf[m * k + j];
-  for (int64_t m = 0; m < M; ++m) Elt<T>::store(y + m * n, r, E::round(acc[m] * sc));
+    for (int64_t j = i; j < k; ++j)  // one rounding per product, however the loop compiles
+      acc[m] = std::fma(static_cast<float>(qr[j]), xf[m * k + j], acc[m]);
+  for (int64_t m = 0; m < M; ++m) Elt<T>::store(y + m * n, r, int8_out<Exact>(acc[m] * sc));
 }
 
 #if defined(__AVX512F__)
@@ -471,11 +499,11 @@ inline void int8_row(const float* xf, const int8_t* qr, float sc, T* y, int64_t 
 constexpr int64_t kTileRows = 4;
 
 // Output columns r .. r + kTileRows - 1 (weight rows qr, qr + k, ...) of M (1-4) input rows:
-// every (weight row, input row) pair keeps int8_row's accumulator, K order and reduction, so
-// the results are its bits. `ahead` (or null): a later tile's kTileRows * k contiguous codes,
+// every (weight row, input row) pair keeps int8_row's accumulator, K order, tail and reduction,
+// so the results are its bits. `ahead` (or null): a later tile's kTileRows * k contiguous codes,
 // brought into cache one line per 16 codes here, spread over the loop (a burst of a whole
 // tile's prefetches at its start overflowed the outstanding misses and ran slower).
-template <int64_t M, typename T>
+template <int64_t M, bool Exact, typename T>
 inline void int8_tile(const float* xf, const int8_t* qr, const c10::BFloat16* scale, T* y,
                       int64_t n, int64_t k, int64_t r, const char* ahead) {
   using E = Elt<c10::BFloat16>;
@@ -495,14 +523,18 @@ inline void int8_tile(const float* xf, const int8_t* qr, const c10::BFloat16* sc
   }
   if (ahead != nullptr)  // the lines of the tile's codes past the last whole 16
     for (int64_t b = i * kTileRows; b < k * kTileRows; b += 64) __builtin_prefetch(ahead + b, 0, 3);
-  for (int64_t j = 0; j < kTileRows; ++j) {
-    const int8_t* q = qr + j * k;
-    const float sc = E::load(scale, r + j);
-    for (int64_t m = 0; m < M; ++m) {
-      float acc = _mm512_reduce_add_ps(va[j][m]);
-      for (int64_t c = i; c < k; ++c) acc += static_cast<float>(q[c]) * xf[m * k + c];
-      Elt<T>::store(y + m * n, r + j, E::round(acc * sc));
+  if (i < k) {  // as int8_row's tail
+    const __mmask16 tail = static_cast<__mmask16>((1u << (k - i)) - 1);
+    for (int64_t j = 0; j < kTileRows; ++j) {
+      const __m512 w = int8_tail16(qr + j * k, i, k);
+      for (int64_t m = 0; m < M; ++m)
+        va[j][m] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, &xf[m * k + i]), va[j][m]);
     }
+  }
+  for (int64_t j = 0; j < kTileRows; ++j) {
+    const float sc = E::load(scale, r + j);
+    for (int64_t m = 0; m < M; ++m)
+      Elt<T>::store(y + m * n, r + j, int8_out<Exact>(_mm512_reduce_add_ps(va[j][m]) * sc));
   }
 }
 #else
@@ -511,7 +543,7 @@ constexpr int64_t kTileRows = 1;
 
 // Output columns r .. r + count - 1 for every group of up to 4 input rows: a whole tile through
 // int8_tile where there is one (prefetching `ahead` during the first group), else row by row.
-template <typename T>
+template <bool Exact, typename T>
 inline void int8_columns(const float* xf, const int8_t* q, const c10::BFloat16* scale, T* y,
                          int64_t rows, int64_t n, int64_t k, int64_t r, int64_t count,
                          const char* ahead) {
@@ -524,10 +556,10 @@ inline void int8_columns(const float* xf, const int8_t* q, const c10::BFloat16* 
     if (count == kTileRows) {
       const char* pf = m0 == 0 ? ahead : nullptr;
       switch (mg) {
-        case 1: int8_tile<1>(xg, q + r * k, scale, yg, n, k, r, pf); break;
-        case 2: int8_tile<2>(xg, q + r * k, scale, yg, n, k, r, pf); break;
-        case 3: int8_tile<3>(xg, q + r * k, scale, yg, n, k, r, pf); break;
-        default: int8_tile<4>(xg, q + r * k, scale, yg, n, k, r, pf); break;
+        case 1: int8_tile<1, Exact>(xg, q + r * k, scale, yg, n, k, r, pf); break;
+        case 2: int8_tile<2, Exact>(xg, q + r * k, scale, yg, n, k, r, pf); break;
+        case 3: int8_tile<3, Exact>(xg, q + r * k, scale, yg, n, k, r, pf); break;
+        default: int8_tile<4, Exact>(xg, q + r * k, scale, yg, n, k, r, pf); break;
       }
       continue;
     }
@@ -536,26 +568,25 @@ inline void int8_columns(const float* xf, const int8_t* q, const c10::BFloat16* 
       const int8_t* qr = q + c * k;
       const float sc = E::load(scale, c);
       switch (mg) {
-        case 1: int8_row<1>(xg, qr, sc, yg, n, k, c); break;
-        case 2: int8_row<2>(xg, qr, sc, yg, n, k, c); break;
-        case 3: int8_row<3>(xg, qr, sc, yg, n, k, c); break;
-        default: int8_row<4>(xg, qr, sc, yg, n, k, c); break;
+        case 1: int8_row<1, Exact>(xg, qr, sc, yg, n, k, c); break;
+        case 2: int8_row<2, Exact>(xg, qr, sc, yg, n, k, c); break;
+        case 3: int8_row<3, Exact>(xg, qr, sc, yg, n, k, c); break;
+        default: int8_row<4, Exact>(xg, qr, sc, yg, n, k, c); break;
       }
     }
   }
 }
 
-// A float32 x is rounded to bf16 first and the bf16 result widened back (as around int4_rows).
-// Any number of rows: per tile of weight rows (read from memory once, prefetched ahead), every
-// group of up to 4 input rows in turn.
-template <typename T>
+// A float32 x is rounded to bf16 first and the bf16 result widened back (as around int4_rows),
+// unless Exact. Any number of rows: per tile of weight rows (read from memory once, prefetched
+// ahead), every group of up to 4 input rows in turn.
+template <bool Exact, typename T>
 void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t rows,
                int64_t n, int64_t k) {
-  using E = Elt<c10::BFloat16>;
-  // The input rows once in float32 (bf16 values), shared by the threads.
+  // The input rows once in float32 (bf16 values unless Exact), shared by the threads.
   std::vector<float> xf(rows * k);
   for (int64_t m = 0; m < rows; ++m)
-    for (int64_t i = 0; i < k; ++i) xf[m * k + i] = E::round(Elt<T>::load(x + m * k, i));
+    for (int64_t i = 0; i < k; ++i) xf[m * k + i] = int8_out<Exact>(Elt<T>::load(x + m * k, i));
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Chunks of whole tiles, so that only the last chunk can end in a partial one.
   const int64_t grain = (std::max<int64_t>(64, (n + threads - 1) / threads) + kTileRows - 1) /
@@ -565,7 +596,7 @@ void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, in
       const int64_t count = std::min<int64_t>(kTileRows, end - r);
       if (count == kTileRows) {  // the tile kPrefetchRows ahead, if whole and in the chunk
         const bool whole = r + kPrefetchRows + kTileRows <= end;
-        int8_columns(xf.data(), q, scale, y, rows, n, k, r, count,
+        int8_columns<Exact>(xf.data(), q, scale, y, rows, n, k, r, count,
                      whole ? reinterpret_cast<const char*>(q + (r + kPrefetchRows) * k) : nullptr);
         continue;
       }
@@ -573,33 +604,82 @@ void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, in
         const char* ahead = reinterpret_cast<const char*>(q + (r + kPrefetchRows) * k);
         for (int64_t b = 0; b < k; b += 64) __builtin_prefetch(ahead + b, 0, 3);
       }
-      int8_columns(xf.data(), q, scale, y, rows, n, k, r, count, nullptr);
+      int8_columns<Exact>(xf.data(), q, scale, y, rows, n, k, r, count, nullptr);
     }
   });
 }
 
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+void check_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qweight,
+                     const at::Tensor& scales, bool float32_only) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
-                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
-              "int8_gemv: x must be a contiguous [M, K] bfloat16 or float32 tensor, got ",
-              x.sizes(), " ", x.scalar_type());
+                  (x.scalar_type() == at::kFloat ||
+                   (!float32_only && x.scalar_type() == at::kBFloat16)),
+              op, ": x must be a contiguous [M, K] ", float32_only ? "" : "bfloat16 or ",
+              "float32 tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() &&
                   qweight.scalar_type() == at::kChar && qweight.size(1) == x.size(1),
-              "int8_gemv: qweight must be a contiguous [N, ", x.size(1), "] int8 tensor, got ",
+              op, ": qweight must be a contiguous [N, ", x.size(1), "] int8 tensor, got ",
               qweight.sizes(), " ", qweight.scalar_type());
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0) && scales.is_contiguous() &&
                   scales.scalar_type() == at::kBFloat16,
-              "int8_gemv: scales must be [", qweight.size(0), "] bfloat16, got ", scales.sizes(),
-              " ", scales.scalar_type());
+              op, ": scales must be [", qweight.size(0), "] bfloat16, got ", scales.sizes(), " ",
+              scales.scalar_type());
+  TORCH_CHECK(x.size(0) >= 1, op, ": at least one input row, got ", x.size(0));
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_int8_args("int8_gemv", x, qweight, scales, false);
   const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
-  TORCH_CHECK(m >= 1, "int8_gemv: at least one input row, got ", m);
   at::Tensor y = at::empty({m, n}, x.options());  // x's dtype (float32: bf16 values widened)
   const int8_t* qp = qweight.data_ptr<int8_t>();
   const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
   if (x.scalar_type() == at::kFloat)
-    int8_rows(x.data_ptr<float>(), qp, sp, y.data_ptr<float>(), m, n, k);
+    int8_rows<false>(x.data_ptr<float>(), qp, sp, y.data_ptr<float>(), m, n, k);
   else
-    int8_rows(x.data_ptr<c10::BFloat16>(), qp, sp, y.data_ptr<c10::BFloat16>(), m, n, k);
+    int8_rows<false>(x.data_ptr<c10::BFloat16>(), qp, sp, y.data_ptr<c10::BFloat16>(), m, n, k);
+  return y;
+}
+
+// A vocabulary head's float32 logits: int8_gemv's kernel with a float32 x as it is and the
+// float32 sums not rounded, so every logit is what the dequantized weight (codes times their
+// bf16 scale, exact in float32) gives in float32 but for the order of the sums. A float32
+// model needs it: bf16 logits (0.125 apart at 25) tie or swap its top tokens.
+at::Tensor int8_logits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_int8_args("int8_logits", x, qweight, scales, true);
+  const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
+  at::Tensor y = at::empty({m, n}, x.options());
+  int8_rows<true>(x.data_ptr<float>(), qweight.data_ptr<int8_t>(),
+                  scales.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), m, n, k);
+  return y;
+}
+
+// int8_logits at the given columns only: y[r, j] = int8_logits(x)[r, ids[r, j]], the same bits
+// (one weight row at a time through int8_row, whose sums are int8_tile's). Where the head's
+// logits come from another kernel in bf16 (more rows than int8_logits takes), their top ones
+// are recomputed by it, so a row's top logits do not depend on the path its batch took.
+at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& ids) {
+  check_int8_args("int8_logits_at", x, qweight, scales, true);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.is_contiguous() &&
+                  ids.scalar_type() == at::kLong,
+              "int8_logits_at: ids must be a contiguous [", x.size(0), ", J] int64 tensor, got ",
+              ids.sizes(), " ", ids.scalar_type());
+  const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1), j_count = ids.size(1);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m * j_count; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "int8_logits_at: column ", ip[i], " out of [0, ", n, ")");
+  at::Tensor y = at::empty({m, j_count}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = qweight.data_ptr<int8_t>();
+  const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, m * j_count, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / j_count, c = ip[i];
+      // int8_row stores column `r` of its output row: here the output is element i itself.
+      int8_row<1, true>(xp + r * k, qp + c * k, Elt<c10::BFloat16>::load(sp, c), yp + i, 1, k, 0);
+    }
+  });
   return y;
 }
 
@@ -963,6 +1043,8 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cs) -> ()");
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int8_logits(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int8_logits_at(Tensor x, Tensor qweight, Tensor scales, Tensor ids) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block) -> "
@@ -976,6 +1058,8 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("argmax_rows", &argmax_rows);
   m.impl("rotary_", &rotary_);
   m.impl("int8_gemv", &int8_gemv);
+  m.impl("int8_logits", &int8_logits);
+  m.impl("int8_logits_at", &int8_logits_at);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("int4_gemv", &int4_gemv);
 }
