@@ -83,8 +83,9 @@ class EngineConfig:
     )
     kv_cache_dtype: str = option(
         "auto",
-        "KV cache storage: auto (the model's dtype), bfloat16 (a float32 model's cache at half "
-        "the bytes, like llama.cpp's default f16 cache; attention math stays float32) or int8 "
+        "KV cache storage: auto (the model's dtype, but bfloat16 for a float32 model with "
+        "quantized matrices, e.g. a GGUF Q8_0/Q4 file), bfloat16 (a float32 model's cache at "
+        "half the bytes, like llama.cpp's default f16 cache; attention math stays float32) or int8 "
         "(per-row int8 values with a float32 scale: about half the bytes of bfloat16, so ~1.9x "
         "the tokens per budget and half the bytes decode attention reads)",
         choices=KV_CACHE_DTYPES,

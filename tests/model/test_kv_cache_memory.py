@@ -20,16 +20,17 @@ def rss_mib():
             return int(line.split()[1]) / 1024
 
 dtype = getattr(torch, sys.argv[1])
-shape = (8192, 16, 2, 8, 64)
+shape = tuple(json.loads(sys.argv[2]))
 before = rss_mib()
 cache = zeroed_lazily(shape, dtype, "cpu")
 allocated = rss_mib()
-cache[:512].fill_(1.0)  # 1/16 of the blocks
+part = shape[0] // 16
+cache[:part].fill_(1.0)  # 1/16 of the blocks
 written = rss_mib()
 # Read only after measuring: reading untouched pages may fault some in, depending on the
 # kernel's transparent huge page settings.
-zero = not bool(cache[512::97].any())
-ok = float(cache[:512].float().mean()) == 1.0 and not bool(cache[512:].any())
+zero = not bool(cache[part::97].any())
+ok = float(cache[:part].float().mean()) == 1.0 and not bool(cache[part:].any())
 print(json.dumps(dict(
     size=cache.numel() * dtype.itemsize / 2**20, alloc=allocated - before,
     written=written - before, zero=zero, ok=ok, shape=list(cache.shape),
@@ -38,15 +39,58 @@ print(json.dumps(dict(
 """
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kv_cache_is_zero_and_resident_only_where_written(dtype):
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, dtype], capture_output=True, text=True, check=True
-    )
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        ("float32", [8192, 16, 2, 8, 64]),  # 1 GiB
+        ("bfloat16", [8192, 16, 2, 8, 64]),  # 512 MiB
+    ],
+)
+def test_kv_cache_is_zero_and_resident_only_where_written(dtype, shape):
+    args = [sys.executable, "-c", PROBE, dtype, json.dumps(shape)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
     r = json.loads(out.stdout)
-    assert r["shape"] == [8192, 16, 2, 8, 64] and r["dtype"] == f"torch.{dtype}"
+    assert r["shape"] == shape and r["dtype"] == f"torch.{dtype}"
     assert r["contiguous"] and r["zero"] and r["ok"]
-    size = r["size"]  # 1 GiB in float32, 512 MiB in bfloat16
+    size = r["size"]
     assert r["alloc"] < size / 16, f"the whole cache became resident at allocation: {r}"
     # 1/16 of the blocks written: about that much became resident.
     assert size / 32 < r["written"] < size / 4, r
+
+
+# After freed heap memory that was written (the GGUF loader's temporaries), a cache below
+# glibc's largest mmap threshold (32 MiB; SmolLM2-135M's layers at 32 x 96 tokens are 2.4 MB
+# each): calloc (numpy's zeros) served it from that heap memory, cleared with memset, and the
+# whole cache was resident at start. Here its own mapping holds only what was written.
+REUSE_PROBE = """
+import numpy as np, torch
+from carpool.model.llama import zeroed_lazily
+
+np.ones(30 << 20, dtype=np.uint8).sum()  # mapped and freed: the mmap threshold rises to 30 MiB
+temp = np.ones(28 << 20, dtype=np.uint8)  # now on the heap, written
+guard = np.ones(1 << 20, dtype=np.uint8)  # keeps temp's memory off the heap's top when freed
+del temp
+cache = zeroed_lazily((768, 16, 2, 8, 64), torch.bfloat16, "cpu")  # 24 MiB
+cache[:48].fill_(1.0)  # 1/16 of the blocks
+addr = cache.data_ptr()
+rss_kib = None
+with open("/proc/self/smaps") as f:
+    inside = False
+    for line in f:
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:  # a mapping's first line: start-end perms ...
+            lo, hi = (int(v, 16) for v in head[0].split("-"))
+            inside = lo <= addr < hi
+        elif inside and head[0] == "Rss:":
+            rss_kib = int(head[1])
+            break
+print(rss_kib / 1024)
+"""
+
+
+def test_kv_cache_below_the_mmap_threshold_is_not_resident_after_heap_reuse():
+    out = subprocess.run(
+        [sys.executable, "-c", REUSE_PROBE], capture_output=True, text=True, check=True
+    )
+    resident_mib = float(out.stdout.strip())
+    assert resident_mib < 24 / 4, f"{resident_mib:.1f} MiB of the 24 MiB cache resident"

@@ -127,10 +127,15 @@ def test_quantization_flag_through_llm(checkpoint, method):
     llm = LLM(str(hf_dir), dtype="float32", quantization=method)
     model = llm.engine.model
     assert isinstance(model.lm_head, Int8Linear if method == "int8" else Int4Linear)
+    # A float32 model with quantized matrices stores K/V in bfloat16 by default (as llama.cpp
+    # stores f16): the reference decodes on the same cache dtype.
+    assert llm.engine.config.kv_cache_dtype == "bfloat16"
+    kv_dtype = llm.engine.runner.kv_caches[0].dtype
+    assert kv_dtype == torch.bfloat16
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     out = [llm.generate([p], params, use_tqdm=False)[0] for p in (PROMPT, PROMPT[:5])]
     for o, prompt in zip(out, [PROMPT, PROMPT[:5]], strict=True):
-        expected = greedy(model, prompt, 16)
+        expected = greedy(model, prompt, 16, kv_dtype=kv_dtype)
         assert o.outputs[0].token_ids == expected, first_difference(
             o.outputs[0].token_ids, expected
         )

@@ -286,3 +286,39 @@ def test_engine_int8_cache_is_what_the_estimate_says(tmp_path):
     assert engines["bfloat16"].num_blocks == 2 * engines["auto"].num_blocks
     # head_dim 16: 16 + 4 bytes per row against 16 x 4 (float32).
     assert engines["int8"].num_blocks / engines["auto"].num_blocks == pytest.approx(64 / 20, 0.01)
+
+
+def test_auto_kv_cache_of_a_quantized_float32_model_is_bfloat16(tmp_path, capsys):
+    # "auto" is the model's dtype, except a float32 model with quantized matrices (a GGUF Q8_0
+    # or Q4 file computes in float32 around int8/int4 kernels), whose cache stores bfloat16 as
+    # llama.cpp stores f16: the engine and `carpool memory` resolve it alike.
+    import torch
+
+    from carpool.config import EngineConfig
+    from carpool.engine.llm_engine import LLMEngine
+    from carpool.model.kv_quant import effective_kv_cache_dtype
+    from helpers.gguf_export import export_hf_to_gguf
+    from helpers.hf_models import save_tiny_model_dir
+
+    assert effective_kv_cache_dtype("auto", torch.float32, True) == "bfloat16"
+    assert effective_kv_cache_dtype("auto", torch.float32, False) == "auto"
+    assert effective_kv_cache_dtype("auto", torch.bfloat16, True) == "auto"
+    assert effective_kv_cache_dtype("int8", torch.float32, True) == "int8"
+    save_tiny_model_dir("llama", tmp_path / "hf")
+    q8 = export_hf_to_gguf(tmp_path / "hf", tmp_path / "q8.gguf", "Q8_0", tokenizer=tmp_path / "hf")
+    budget = 1 << 20
+    engine = LLMEngine(EngineConfig(model=str(q8), kv_cache_memory=budget))
+    assert next(engine.model.parameters()).dtype == torch.float32
+    assert engine.config.kv_cache_dtype == "bfloat16"
+    assert engine.runner.kv_caches[0].dtype == torch.bfloat16
+    per_block = 16 * read_model_config(q8).kv_bytes_per_token_for(2)
+    assert engine.num_blocks == budget // per_block
+    out = tmp_path / "mem.json"
+    argv = ["memory", "--model", str(q8), "--batch-size", "2", "--seq-len", "64"]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert "weights float32, KV bfloat16" in capsys.readouterr().out
+    assert json.loads(out.read_text())["kv_bytes_per_token"] == per_block // 16
+    # The same file with its matrices widened (quantization none) keeps a float32 cache.
+    dense = LLMEngine(EngineConfig(model=str(q8), kv_cache_memory=budget, quantization="none"))
+    assert dense.config.kv_cache_dtype == "auto"
+    assert dense.runner.kv_caches[0].dtype == torch.float32

@@ -26,7 +26,9 @@ from carpool.engine.stats import EngineSnapshot, EngineStats, StepRecord
 from carpool.engine.threads import apply_threads
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
+from carpool.model.kv_quant import effective_kv_cache_dtype
 from carpool.model.loader import load_model
+from carpool.model.quant import QuantizedLinear
 from carpool.outputs import RequestOutput
 from carpool.request import FinishReason, Request
 from carpool.sampling_params import SamplingParams
@@ -81,6 +83,15 @@ class LLMEngine:
             f"{self.model_config.num_parameters / 1e6:.1f}M parameters, "
             f"{next(self.model.parameters()).dtype}, {config.device}",
         )
+        # "auto" names the cache dtype from here on (capacity, runner, logs): see
+        # effective_kv_cache_dtype for why a quantized float32 model stores bfloat16.
+        kv_cache_dtype = effective_kv_cache_dtype(
+            config.kv_cache_dtype,
+            next(self.model.parameters()).dtype,
+            any(isinstance(m, QuantizedLinear) for m in self.model.modules()),
+        )
+        if kv_cache_dtype != config.kv_cache_dtype:
+            self.config = config = replace(config, kv_cache_dtype=kv_cache_dtype)
         self.tokenizer = load_tokenizer(path)
         stage.done("tokenizer", f"{self.tokenizer.vocab_size} tokens")
         self.model_path = path

@@ -161,8 +161,11 @@ def write_plot(path: Path, rows: list[MemoryEstimate], device_memory: int, title
 
 def run(args: argparse.Namespace) -> int:
     """Print the estimate at ``--batch-size``, whether it fits, and the table over batches."""
+    import torch
+
     from carpool.capacity import device_memory_bytes, largest_batch_by_estimate, read_model_config
     from carpool.engine.model_path import resolve_model_path
+    from carpool.model.kv_quant import effective_kv_cache_dtype
     from carpool.model.quant_loader import checkpoint_plan
 
     try:
@@ -187,7 +190,10 @@ def run(args: argparse.Namespace) -> int:
     dtype, nbytes = _dtype_nbytes(args.dtype, config)
     # The cache dtype by name: "int8" is the engine's int8 cache (values + a scale per row), so
     # every figure below comes from ModelConfig.kv_bytes_per_token_for, as the engine's.
-    kv_dtype = (args.kv_dtype or dtype) if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    kv_cache_dtype = effective_kv_cache_dtype(
+        args.kv_cache_dtype, getattr(torch, dtype), any(plan.values())
+    )  # as the engine resolves "auto" (a quantized float32 model stores bfloat16)
+    kv_dtype = (args.kv_dtype or dtype) if kv_cache_dtype == "auto" else kv_cache_dtype
     kv_nbytes = kv_dtype
     device_memory = args.device_memory or device_memory_bytes("cpu")
     sizes = args.batch_sizes or tuple(

@@ -26,6 +26,21 @@ from carpool.model_config import KV_CACHE_DTYPES, KV_INT8_SCALE_BYTES
 SCALE_BYTES = KV_INT8_SCALE_BYTES  # one float32 scale per row
 
 
+def effective_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, quantized: bool) -> str:
+    """The ``kv_cache_dtype`` name ``"auto"`` stands for: the model's dtype (``"auto"`` as it
+    is), but ``"bfloat16"`` for a float32 model whose matrices are quantized.
+
+    Such a model is float32 only for its activations (a GGUF Q8_0/Q4 file computes in float32
+    around int8/int4 kernels, as llama.cpp does), and llama.cpp stores its K/V in f16 by
+    default: a float32 cache held twice its bytes (SmolLM2-135M Q4_1 at 32 sequences of 96
+    tokens: 141 MB against 71, the larger part of its resident memory after torch itself).
+    Attention math stays float32; only stored K/V are rounded to bfloat16.
+    """
+    if kv_cache_dtype == "auto" and model_dtype == torch.float32 and quantized:
+        return "bfloat16"
+    return kv_cache_dtype
+
+
 def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     """The cache tensor's dtype for an ``EngineConfig.kv_cache_dtype`` value.
 

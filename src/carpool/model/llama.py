@@ -9,8 +9,8 @@ where each checkpoint tensor goes.
 from __future__ import annotations
 
 import math
+import mmap
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -182,11 +182,16 @@ def zeroed_lazily(
     """A zero tensor whose CPU pages are only made resident when first written.
 
     ``torch.zeros`` writes every byte, so a KV cache sized for a full server (gigabytes) was
-    resident from the start. ``calloc`` (numpy's ``zeros``) returns large blocks as fresh
-    anonymous mappings, zero by the kernel's guarantee and untouched, so resident memory grows
-    with the blocks actually used, as llama.cpp's does. Other devices: ``torch.zeros``.
+    resident from the start. An anonymous mapping of its own is zero by the kernel's guarantee
+    and untouched, so resident memory grows with the blocks actually used, as llama.cpp's does.
+    (``calloc``, numpy's ``zeros``, only maps blocks above glibc's mmap threshold, and that
+    threshold rises to the size of any mapped block freed, up to 32 MiB: after the GGUF
+    loader's temporaries, SmolLM2's 2-5 MB per-layer caches came from the heap, cleared with
+    memset, and the whole cache was resident at start.) Other devices: ``torch.zeros``.
     """
-    if torch.device(device).type != "cpu":
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
-    raw = np.zeros((math.prod(shape) * dtype.itemsize,), dtype=np.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
+    # The tensor holds the mapping (frombuffer keeps a reference): unmapped with the tensor.
+    raw = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
