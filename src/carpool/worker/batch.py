@@ -7,6 +7,7 @@ needs a ``[B, Q, L]`` view, whose index tensors are built here once for all laye
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,6 +61,22 @@ def build_ragged_batch(
             (the two paths round differently). None: every row of a pure decode step.
     """
     assert chunks, "a batch needs at least one chunk"
+    if all(len(c.token_ids) == 1 for c in chunks) and (
+        generated_from is None
+        or all(c.start_pos >= g for c, g in zip(chunks, generated_from, strict=True))
+    ):
+        return _decode_batch(chunks, block_tables, block_size, device)
+    return _ragged_batch(chunks, block_tables, block_size, device, generated_from)
+
+
+def _ragged_batch(
+    chunks: Sequence[ChunkLike],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    device: torch.device | str,
+    generated_from: Sequence[int] | None,
+) -> ModelInput:
+    """``build_ragged_batch`` of any step."""
     # Index arithmetic in numpy: dozens of tiny torch ops would cost more than the step's
     # matmuls at batch 1.
     q_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
@@ -134,4 +151,59 @@ def build_ragged_batch(
         logits_indices=t(logits_indices),
         sample_request_ids=[chunks[k].request_id for k in sampling],
         num_tokens=len(input_ids),
+    )
+
+
+def _decode_batch(
+    chunks: Sequence[ChunkLike],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    device: torch.device | str,
+) -> ModelInput:
+    """``build_ragged_batch`` of a pure decode step (one generated token per sequence, every
+    row a kernel row): the same tensors, as views of one tensor made from a plain list.
+
+    Why a path of its own: the step's Python runs right after the forward has streamed the
+    weights through the caches, so each of the general path's ~30 numpy calls misses to memory;
+    on a Zen 4 it took 0.34 ms of a 4 ms batch-1 step of the small model in the engine (46 us
+    with warm caches).
+    """
+    b = len(chunks)
+    positions = [c.start_pos for c in chunks]
+    max_blocks = -(-(max(positions) + 1) // block_size)
+    rows: list[list[int]] = []
+    slots: list[int] = []
+    for c, table, p in zip(chunks, block_tables, positions, strict=True):
+        assert len(table) * block_size > p, (
+            f"request {c.request_id}: block table of {len(table)} blocks cannot hold {p + 1} tokens"
+        )
+        row = list(table[:max_blocks])
+        rows.append(row + [0] * (max_blocks - len(row)))
+        slots.append(table[p // block_size] * block_size + p % block_size)
+    # One tensor for every index list (each conversion is a pass through cold code), then
+    # views of it: tokens, positions, context lengths, slots, sampled rows, block tables.
+    ids = [c.token_ids[0] for c in chunks]
+    sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
+    n = len(sampling)
+    values = [*ids, *positions, *(p + 1 for p in positions), *slots, *sampling]
+    values.extend(itertools.chain.from_iterable(rows))
+    flat = torch.tensor(values, dtype=torch.int64).to(device)
+    pos = flat[b : 2 * b]
+    # [B, 1, 1, L]: key j visible to the row at position p where j <= p (the general path's
+    # causal mask of a one-token chunk).
+    arange = torch.arange(max_blocks * block_size, device=flat.device)
+    mask = (arange <= pos[:, None]).view(b, 1, 1, -1)
+    meta = AttentionMetadata(
+        slot_mapping=flat[3 * b : 4 * b],
+        block_tables=flat[4 * b + n :].view(b, max_blocks),
+        attn_mask=mask,
+        context_lens=flat[2 * b : 3 * b],
+    )
+    return ModelInput(
+        input_ids=flat[:b],
+        positions=pos,
+        meta=meta,
+        logits_indices=flat[4 * b : 4 * b + n],
+        sample_request_ids=[chunks[k].request_id for k in sampling],
+        num_tokens=b,
     )
