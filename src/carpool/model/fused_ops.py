@@ -227,12 +227,15 @@ _BF16_EMULATED = (
 # BENCHMARKS.md "Sixth pass"), and a row's result no longer depends on how many rows share
 # the step. Elsewhere (AVX-512) 1-4 rows, as measured on an Intel Xeon in earlier passes.
 INT4_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
+_AMX = bool(torch.cpu._is_amx_tile_supported())
 # Rows up to which int8_gemv takes an int8 weight-only product (the kernel takes any count):
 # where bf16 is emulated (AVX2) up to 128, since there it measured 1.0-1.5x torch's
 # _weight_int8pack_mm at 1-32 rows and level with bf16_linear on the widened codes without
-# widening them (BENCHMARKS.md "Sixth pass"); elsewhere (AVX-512) 1-4 rows, as measured on an
-# Intel Xeon in earlier passes.
-INT8_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
+# widening them (BENCHMARKS.md "Sixth pass"); with AMX 1-4 rows, as measured on an Intel Xeon
+# in earlier passes; on AVX-512 without AMX (a Zen 4) 1-8, since its four-row tiles: 1.18-1.40x
+# torch's kernel (with the casts a float32 model needs) at 4-8 rows of the small model's layer
+# matrices, 0.85-1.25x at 12, level at 16 (BENCHMARKS.md, issue 11, eleventh pass).
+INT8_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else (4 if _AMX else 8)
 # Codes (N x K) from which an int8 weight counts as a vocabulary head rather than a layer matrix.
 INT8_GEMV_LARGE_CODES = 1 << 22
 # Weights from which it does for bf16 inputs (N x K codes): on a Xeon, on a vocabulary head
@@ -243,7 +246,6 @@ INT8_GEMV_LARGE_CODES = 1 << 22
 # read from memory at one row go faster through it too: the small Q8_0 model's batch-1 step
 # 3.11-3.92 ms against 3.86-5.26 with torch's (four alternated runs of profile_step.py;
 # BENCHMARKS.md, issue 11, tenth pass), so there only AMX machines keep torch's for them.
-_AMX = bool(torch.cpu._is_amx_tile_supported())
 INT8_GEMV_MIN_CODES = INT8_GEMV_LARGE_CODES if _AMX and not _BF16_EMULATED else 0
 # Weights of at least INT8_GEMV_LARGE_CODES codes (vocabulary heads) take int8_gemv up to
 # INT8_GEMV_LARGE_MAX_ROWS rows. Without AMX (an AMD Zen 4) a head's other paths are no faster

@@ -13,7 +13,7 @@
 // bf16 rounding boundary may round the other way: one ulp, rarely).
 //
 // And argmax_rows, the greedy sampler's argmax; rotary_, the rotary embedding in place;
-// int8_gemv, int8 weight-only products for 1-4 rows; int8_logits and int8_logits_at, an int8
+// int8_gemv, int8 weight-only products of a few rows; int8_logits and int8_logits_at, an int8
 // vocabulary head's float32 logits.
 //
 // Registered as carpool::rms_norm, carpool::add_rms_norm, carpool::silu_and_mul and
@@ -410,8 +410,8 @@ void rotary_(at::Tensor x, const at::Tensor& cs) {
   }
 }
 
-// y[M, N] = (x[M, K] @ q[N, K]^T) * scale[N] for int8 codes q and 1-4 rows of x (decode), the
-// products quant.Int8Linear needs at batch 1-4 (a GGUF file's Q8_0 vocabulary head, every
+// y[M, N] = (x[M, K] @ q[N, K]^T) * scale[N] for int8 codes q and a few rows of x (decode), the
+// products quant.Int8Linear needs at small batches (a GGUF file's Q8_0 vocabulary head, every
 // matrix of an int8-quantized model). torch's _weight_int8pack_mm reads a weight that is not
 // in cache at ~7 GB/s on 2 threads here (a 49152 x 576 head: 3.8 ms, against 1.8 ms when it is
 // in L3): the rows are not fetched ahead. Here each thread walks its own contiguous share of
