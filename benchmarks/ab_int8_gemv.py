@@ -12,7 +12,6 @@ medians, the read rate, and whether the two outputs are the same bits.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,19 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_paged_kernel import build  # noqa: E402
+from ab_paged_kernel import ab_parser, build  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", required=True, help="a checkout's src directory")
-    ap.add_argument("--after", default=str(Path(__file__).resolve().parents[1] / "src"))
+    ap = ab_parser(__doc__)
     ap.add_argument("--random-config", default="small")
     ap.add_argument("--rows", default="1,2,4")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=15)
     a = ap.parse_args()
     build(Path(a.before), "ab_i8_before", "fused_ops.cpp")
     build(Path(a.after), "ab_i8_after", "fused_ops.cpp")

@@ -54,16 +54,24 @@ def build(src: Path, namespace: str, source: str = "paged_attention.cpp") -> Non
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ab_parser(doc: str, rounds: int = 15) -> argparse.ArgumentParser:
+    """The arguments every kernel A/B benchmark takes: the two checkouts' ``src`` directories
+    (``--after`` defaults to this one), ``--threads`` and ``--rounds`` (also used by
+    ab_vnni_linear.py and ab_int8_gemv.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--before", required=True, help="a checkout's src directory")
     ap.add_argument("--after", default=str(Path(__file__).resolve().parents[1] / "src"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap
+
+
+def main() -> None:
+    ap = ab_parser(__doc__)
     ap.add_argument("--shapes", default="8x16/4x2048,8x8/8x2048,8x9/3x2048")
     ap.add_argument("--caches", default="bf16,fp32q,int8")
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
     a = ap.parse_args()
     build(Path(a.before), "ab_before")

@@ -11,7 +11,6 @@ alternating before / after; medians, and the matmul rate against the bf16 roofli
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_paged_kernel import build  # noqa: E402
+from ab_paged_kernel import ab_parser, build  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
 from carpool.bench import probes  # noqa: E402
@@ -29,13 +28,9 @@ from carpool.model import vnni_linear  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", required=True, help="a checkout's src directory")
-    ap.add_argument("--after", default=str(Path(__file__).resolve().parents[1] / "src"))
+    ap = ab_parser(__doc__, rounds=9)
     ap.add_argument("--random-config", default="medium")
     ap.add_argument("--rows", default="1,8,16,32")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
     a = ap.parse_args()
     build(Path(a.before), "ab_lin_before", "vnni_linear.cpp")
     build(Path(a.after), "ab_lin_after", "vnni_linear.cpp")

@@ -144,6 +144,17 @@ def rotary_(x: torch.Tensor, cs: torch.Tensor) -> bool:
     return False
 
 
+def _int8_layout(qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether ``qweight``/``scales`` are ``quant.Int8Linear``'s layout: contiguous int8 codes
+    and bf16 row scales (what the int8 kernels read)."""
+    return (
+        qweight.dtype == torch.int8
+        and scales.dtype == torch.bfloat16
+        and qweight.is_contiguous()
+        and scales.is_contiguous()
+    )
+
+
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """``(x @ qweight.T) * scales`` for up to ``int8_gemv_max_rows`` rows ``x`` ``[M, K]``, int8
     ``qweight`` ``[N, K]`` and bf16 ``scales`` ``[N]`` (``quant.Int8Linear``'s layout): bf16
@@ -157,10 +168,7 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
             x.dtype == torch.float32
             or (x.dtype == torch.bfloat16 and qweight.numel() >= INT8_GEMV_MIN_CODES)
         )
-        and scales.dtype == torch.bfloat16
-        and qweight.dtype == torch.int8
-        and qweight.is_contiguous()
-        and scales.is_contiguous()
+        and _int8_layout(qweight, scales)
         and _fused(x)
     ):
         return torch.ops.carpool.int8_gemv(x, qweight, scales)
@@ -178,10 +186,7 @@ def int8_logits(
         x.dim() == 2
         and x.dtype == torch.float32
         and 1 <= x.shape[0] <= int8_gemv_max_rows(qweight.numel())
-        and scales.dtype == torch.bfloat16
-        and qweight.dtype == torch.int8
-        and qweight.is_contiguous()
-        and scales.is_contiguous()
+        and _int8_layout(qweight, scales)
         and _fused(x)
     ):
         return torch.ops.carpool.int8_logits(x, qweight, scales)
@@ -199,10 +204,7 @@ def int8_logits_at(
         and x.dtype == torch.float32
         and ids.dim() == 2
         and ids.dtype == torch.int64
-        and scales.dtype == torch.bfloat16
-        and qweight.dtype == torch.int8
-        and qweight.is_contiguous()
-        and scales.is_contiguous()
+        and _int8_layout(qweight, scales)
         and _fused(x)
     ):
         return torch.ops.carpool.int8_logits_at(x, qweight, scales, ids.contiguous())
