@@ -290,7 +290,7 @@ def test_int4_linear_takes_the_fused_kernel_for_a_few_rows(monkeypatch):
 
     monkeypatch.setattr(fused_ops, "int4_gemv", spy)
     lin = Int4Linear.from_float(torch.randn(96, 64), torch.randn(96), torch.float32)
-    most = fused_ops.INT4_GEMV_MAX_ROWS  # 128 where bf16 is emulated (AVX2), else 4
+    most = fused_ops.INT4_GEMV_MAX_ROWS  # 4 with AMX, else 128
     for rows, taken in ((1, True), (4, True), (most, True), (most + 1, False)):
         x = torch.randn(rows, 64)
         got = lin(x)

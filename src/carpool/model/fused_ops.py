@@ -223,13 +223,16 @@ _BF16_EMULATED = (
     or not bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 ) and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
-# Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count).
-# Where bf16 is emulated (AVX2, e.g. AMD Zen 3) up to quant.INT4_WIDEN_ABOVE_ROWS: there it
-# measured 1.3-2x torch's _weight_int4pack_mm_for_cpu at 4-64 rows (benchmarks/quant_kernels.py,
-# BENCHMARKS.md "Sixth pass"), and a row's result no longer depends on how many rows share
-# the step. Elsewhere (AVX-512) 1-4 rows, as measured on an Intel Xeon in earlier passes.
-INT4_GEMV_MAX_ROWS = 128 if _BF16_EMULATED else 4
 _AMX = bool(torch.cpu._is_amx_tile_supported())
+# Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count).
+# Wherever there is no AMX up to quant.INT4_WIDEN_ABOVE_ROWS: where bf16 is emulated (AVX2, e.g.
+# AMD Zen 3) it measured 1.3-2x torch's _weight_int4pack_mm_for_cpu at 4-64 rows
+# (benchmarks/quant_kernels.py, BENCHMARKS.md "Sixth pass"), on AVX-512 without AMX (a Zen 4)
+# 1.10-1.29x with a float32 x (the casts included) and 1.04-1.12x with a bf16 one at 1-128 rows
+# of SmolLM2-135M's layer matrices (BENCHMARKS.md, issue 11, eleventh pass); and a row's result
+# no longer depends on how many rows share the step. With AMX 1-4 rows, as measured on an Intel
+# Xeon in earlier passes.
+INT4_GEMV_MAX_ROWS = 4 if _AMX and not _BF16_EMULATED else 128
 # Rows up to which int8_gemv takes an int8 weight-only product (the kernel takes any count):
 # where bf16 is emulated (AVX2) up to 128, since there it measured 1.0-1.5x torch's
 # _weight_int8pack_mm at 1-32 rows and level with bf16_linear on the widened codes without
