@@ -684,8 +684,9 @@ at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const 
 }
 
 // int4 weight-only products of any number of rows (quant.Int4Linear: up to 128) over torch's
-// own CPU int4 layout (what _weight_int4pack_mm_for_cpu reads, so no second copy): packed [N/B, K, B/2] bytes, byte j of
-// (block, k) holding column j in its low nibble and column B/2 + j in its high one, with B = 64
+// own CPU int4 layout (what _weight_int4pack_mm_for_cpu reads, so no second copy): packed
+// [N/B, K, B/2] bytes, byte j of (block, k) holding column j in its low nibble and column
+// B/2 + j in its high one, with B = 64
 // where torch's kernels are built for AVX-512 and 32 for AVX2 or plain loops (four of its float
 // vectors; the caller says which: quant.int4_row_block); scales_zeros [K/g, N, 2] bf16,
 // w = (q - 8) * scale + zero per group of g inputs. Each instruction set has a loop for its own
