@@ -417,8 +417,7 @@ void rotary_(at::Tensor x, const at::Tensor& cs) {
 // in L3): the rows are not fetched ahead. Here each thread walks its own contiguous share of
 // the rows (four at a time with AVX-512, int8_tile), prefetching kPrefetchRows ahead, widens
 // the codes sixteen at a time to float32 and dots them with every input row while they are in
-// registers. x and the scales in bfloat16,
-// float32 sums, bfloat16 out, as the torch kernel.
+// registers. x and the scales in bfloat16, float32 sums, bfloat16 out, as the torch kernel.
 constexpr int64_t kPrefetchRows = 8;
 
 // Rounding of the inputs and outputs: to bf16 (int8_gemv: torch's bf16 kernel's values), or
@@ -458,7 +457,7 @@ inline void int8_row(const float* xf, const int8_t* qr, float sc, T* y, int64_t 
   }
   if (i < k) {
     const __m512 w = int8_tail16(qr, i, k);
-    const __mmask16 tail = static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __mmask16 tail = carpool_kernels::first_lanes(k - i);
     for (int64_t m = 0; m < M; ++m)
       va[m] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, &xf[m * k + i]), va[m]);
     i = k;
@@ -524,7 +523,7 @@ inline void int8_tile(const float* xf, const int8_t* qr, const c10::BFloat16* sc
   if (ahead != nullptr)  // the lines of the tile's codes past the last whole 16
     for (int64_t b = i * kTileRows; b < k * kTileRows; b += 64) __builtin_prefetch(ahead + b, 0, 3);
   if (i < k) {  // as int8_row's tail
-    const __mmask16 tail = static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __mmask16 tail = carpool_kernels::first_lanes(k - i);
     for (int64_t j = 0; j < kTileRows; ++j) {
       const __m512 w = int8_tail16(qr + j * k, i, k);
       for (int64_t m = 0; m < M; ++m)
@@ -686,10 +685,9 @@ at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const 
 // int4 weight-only products of any number of rows (quant.Int4Linear: up to 128) over torch's
 // own CPU int4 layout (what _weight_int4pack_mm_for_cpu reads, so no second copy): packed
 // [N/B, K, B/2] bytes, byte j of (block, k) holding column j in its low nibble and column
-// B/2 + j in its high one, with B = 64
-// where torch's kernels are built for AVX-512 and 32 for AVX2 or plain loops (four of its float
-// vectors; the caller says which: quant.int4_row_block); scales_zeros [K/g, N, 2] bf16,
-// w = (q - 8) * scale + zero per group of g inputs. Each instruction set has a loop for its own
+// B/2 + j in its high one, with B = 64 where torch's kernels are built for AVX-512 and 32 for
+// AVX2 or plain loops (four of its float vectors; the caller says which: quant.int4_row_block);
+// scales_zeros [K/g, N, 2] bf16, w = (q - 8) * scale + zero per group of g inputs. Each instruction set has a loop for its own
 // B; another B takes the plain loops (correct, slow).
 // Why: torch's kernel is compute-bound at one row (~6.5 GB/s of codes here): SmolLM2's 30
 // layers spent ~6 ms of a ~16 ms step in it. Per group the sums factor as
