@@ -42,7 +42,7 @@ def _carpool(args: argparse.Namespace) -> tuple[str, Callable[[list[list[int]]],
         args.model,
         dtype=args.dtype,
         max_num_seqs=max(sizes),
-        max_num_batched_tokens=max(512, max(sizes) * args.prompt_len),
+        max_num_batched_tokens=512,
         # The engine sizes its KV cache for every seat filled to max_model_len (a memory
         # fraction of 1 only caps that): room for all sequences at once, as llama.cpp's
         # -c max(B) x (pp + tg), so nothing is preempted and neither holds a larger cache.
