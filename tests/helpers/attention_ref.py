@@ -72,3 +72,32 @@ def dequantized_sdpa(q, cache, tables, lens, scale):
         enable_gqa=h != kvh,
     )
     return out[:, :, 0]
+
+
+def quantized_query_sdpa(q, cache, tables, lens, scale):
+    """Reference for the int8 cache's integer dot-product loops (``int8_attention.h``): each
+    query head's 64-value chunks of ``q * scale`` rounded to int8 with their own scale, as the
+    kernel does, then the dequantized cache's attention in float64 (the kernel's int16 softmax
+    weights are the one rounding left)."""
+    b, h, d = q.shape
+    x = q.float() * scale
+    chunks = x.view(b, h, d // 64, 64)
+    amax = chunks.abs().amax(dim=-1, keepdim=True)
+    # A tensor division (IEEE, as the kernel's 127.0f / amax): torch's 127.0 / amax multiplies
+    # by a reciprocal, which can land a product on the other side of a rounding tie.
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q8 = (chunks * inv).round().clamp(-127, 127)
+    deq = (q8.double() * (amax.double() / 127.0)).view(b, h, d)
+    kvh = cache.shape[3]
+    kv = kv_quant.dequantize(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
+    keys, values = kv.double().permute(2, 0, 3, 1, 4).unbind(0)
+    mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]
+    out = F.scaled_dot_product_attention(
+        deq[:, :, None],
+        keys,
+        values,
+        attn_mask=mask[:, None, None, :],
+        scale=1.0,
+        enable_gqa=h != kvh,
+    )
+    return out[:, :, 0].float()

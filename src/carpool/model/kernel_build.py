@@ -38,7 +38,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """This CPU's feature flags (the binary is built with -march=native for them)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -56,7 +56,7 @@ def _build_name(prefix: str, source: Path) -> str:
     key.update(source.read_bytes())
     for header in sorted(source.parent.glob("*.h")):
         key.update(header.read_bytes())
-    key.update(" ".join([*CFLAGS, *LDFLAGS, torch.__version__, _cpu_flags()]).encode())
+    key.update(" ".join([*CFLAGS, *LDFLAGS, torch.__version__, cpu_flags()]).encode())
     return f"{prefix}_{key.hexdigest()[:16]}"
 
 

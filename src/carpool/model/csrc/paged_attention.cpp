@@ -26,7 +26,9 @@
 // to bfloat16 exactly), with the softmax weights rounded to bfloat16 for the value sums as GPU
 // flash-attention kernels round them, and the softmax of a block in one vector pass: with the
 // next blocks prefetched into L2, 1.45x (GQA) / 1.16x (MHA) / 1.77x (batch 1) over the grouped
-// loops on a bfloat16 cache at 2k (BENCHMARKS.md, issue 11, tenth pass).
+// loops on a bfloat16 cache at 2k (BENCHMARKS.md, issue 11, tenth pass). An int8 cache with
+// AVX-512 VNNI (head_dim a multiple of 64) takes integer dot products instead, queries rounded
+// to int8 (int8_attention.h; issue 11, twelfth pass).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -42,6 +44,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "int8_attention.h"
 #include "vec_math.h"
 
 namespace {
@@ -75,10 +78,19 @@ void decode_kernel(
   const int64_t block_stride = block_size * token_stride;
   // bfloat16 queries over a bfloat16 or int8 cache with AVX-512 BF16: the dot-product loops
   // (vec_math.h, block_dots_bf16 / block_values_bf16), for every group size.
+  // An int8 cache with AVX-512 VNNI: integer dot products (int8_attention.h), for every group
+  // size and either query dtype, head_dim a multiple of 64.
+#if defined(CARPOOL_VNNI_ATTENTION)
+  constexpr bool kVnni = std::is_same<C, int8_t>::value;
+  const bool vnni = kVnni && d % 64 == 0;
+#else
+  constexpr bool kVnni = false;
+  const bool vnni = false;
+#endif
 #if defined(__AVX512BF16__)
   constexpr bool kDp = std::is_same<T, c10::BFloat16>::value &&
                        (std::is_same<C, T>::value || std::is_same<C, int8_t>::value);
-  const bool dp = kDp && d % 32 == 0 && d <= 256;
+  const bool dp = kDp && d % 32 == 0 && d <= 256 && !vnni;
 #else
   constexpr bool kDp = false;
   const bool dp = false;
@@ -93,9 +105,9 @@ void decode_kernel(
   constexpr bool kGroupable =
       std::is_same<C, c10::BFloat16>::value || std::is_same<C, int8_t>::value;
 #if defined(__AVX512F__)
-  const bool grouped = kGroupable && d % 16 == 0 && group >= 2 && !dp;
+  const bool grouped = kGroupable && d % 16 == 0 && group >= 2 && !dp && !vnni;
 #else
-  const bool grouped = kGroupable && d % 16 == 0 && !dp;
+  const bool grouped = kGroupable && d % 16 == 0 && !dp && !vnni;
 #endif
   const bool split = grouped && std::is_same<C, c10::BFloat16>::value;
 #else
@@ -120,6 +132,13 @@ void decode_kernel(
     // The dot-product loops: each head's softmax weights in bfloat16, padded to an even count.
     const int64_t p_stride = (block_size + 15) / 16 * 16;  // softmax_weights_bf16 writes 16s
     std::vector<c10::BFloat16> pb(kDp ? rh * p_stride : 0);
+    // The VNNI loops: unsigned int8 queries with a scale per 64 values, and the running sums
+    // of the softmax as 16 lanes a head.
+#if defined(CARPOOL_VNNI_ATTENTION)
+    std::vector<__m512i> qb(kVnni ? rh * d / 4 : 0);
+    std::vector<float> qsc(kVnni ? rh * d / 64 : 0), lv(kVnni ? rh * 16 : 0);
+    std::vector<int32_t> qo(kVnni ? rh * d / 64 : 0);
+#endif
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / runs;
       const int64_t kh0 = (item % runs) * run_heads;
@@ -130,6 +149,13 @@ void decode_kernel(
       [[maybe_unused]] const T* qrun = q + b * q_stride + h0 * d;  // the run's query rows
       for (int64_t h = 0; h < nh; ++h) {
         if (dp) break;  // read as they are (bfloat16, unscaled)
+#if defined(CARPOOL_VNNI_ATTENTION)
+        if (vnni) {
+          quantize_query(qrun + h * d, d, scale, qb.data() + h * d / 4, qsc.data() + h * d / 64,
+                         qo.data() + h * d / 64);
+          continue;
+        }
+#endif
         const T* qp = q + b * q_stride + (h0 + h) * d;
 #if defined(CARPOOL_GROUPED)
         if (split) {
@@ -142,6 +168,9 @@ void decode_kernel(
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
+#if defined(CARPOOL_VNNI_ATTENTION)
+      std::fill(lv.begin(), lv.end(), 0.0f);
+#endif
       const int64_t n_blocks = (n_ctx + block_size - 1) / block_size;
       for (int64_t n = 0; n < n_blocks; ++n) {
         const C* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * row;
@@ -204,6 +233,17 @@ void decode_kernel(
             }
           }
         };
+#if defined(CARPOOL_VNNI_ATTENTION)
+        if constexpr (kVnni) {
+          if (vnni) {
+            vnni_block(qb.data(), qsc.data(), qo.data(), d, reinterpret_cast<const int8_t*>(base),
+                       token_bytes, row, kv_heads, n_tok, nkh, group, m.data(), lv.data(),
+                       acc.data(), prefetch_lines, lines);
+            prefetch_lines(lines);  // what is left (a short block)
+            continue;
+          }
+        }
+#endif
 #if defined(__AVX512BF16__)
         if constexpr (kDp) {
           if (dp) {
@@ -329,6 +369,13 @@ void decode_kernel(
       }
       for (int64_t h = 0; h < nh; ++h) {
         T* op = out + (b * heads + h0 + h) * d;
+#if defined(CARPOOL_VNNI_ATTENTION)
+        if (vnni) {
+          const float sum = _mm512_reduce_add_ps(_mm512_loadu_ps(lv.data() + h * 16));
+          store_from_vnni(acc.data() + h * d, op, d, 1.0f / sum);
+          continue;
+        }
+#endif
         const float inv = 1.0f / l[h];
 #if defined(__AVX512BF16__)
         if constexpr (kDp) {

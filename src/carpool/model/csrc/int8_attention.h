@@ -1,0 +1,276 @@
+// Decode attention over the int8 KV cache in integer dot products (AVX-512 VNNI: AMD Zen 4,
+// Intel Ice Lake and later), included by paged_attention.cpp.
+//
+// Why: widening the cache's int8 values to bfloat16 or float32 for the multiply-adds costs ~5
+// vector instructions per 32 values, more than the products themselves, so the int8 cache ran
+// at a quarter of the memory's speed (1.26 ms a layer of GQA 16/4 at 8 x 2k against 0.31 ms to
+// read its bytes; BENCHMARKS.md, issue 11, twelfth pass). VPDPBUSD multiplies 64 unsigned by 64
+// signed bytes and sums each 4 products into 16 int32 lanes; VPDPWSSD does the same for 32
+// pairs of int16. With them the cache's bytes are used as they are:
+//
+// - Scores: each query head's 64-value chunks rounded to int8 (scale amax / 127 per chunk, as
+//   llama.cpp rounds a query to q8_0 for its q8_0 cache). 16 tokens' key chunks are
+//   transposed as 16 x 16 32-bit words (64 shuffles, shared by the group's query heads), so
+//   that word j of every token is one vector and one VPDPBUSD with query word j broadcast adds
+//   4 products to all 16 tokens' scores: no horizontal sums. VPDPBUSD's first operand is
+//   unsigned, so keys enter as k + 128 (one XOR) and the 128 * sum(q) this adds, a constant
+//   per query chunk, starts the sums negative. Exact integer sums; then times the chunk's query
+//   scale and each token's key row scale.
+// - Values: the softmax weights p_t = exp(s_t - m) times each token's V row scale, as int16
+//   (fixed point: 32767 stands for the tile's largest V scale; p <= 1 and l >= 1, so a
+//   weight's rounding error is below 2^-16 of the running sum); two tokens' value rows
+//   sign-extended to int16 and interleaved into pairs, one VPDPWSSD per 16 dimensions and
+//   token pair; the int32 sums of a tile scaled into the float32 accumulators once.
+//
+// Accumulators are kept in the order the interleaving leaves them ("vnni order", see
+// vnni_dim); the kernel writes the output through that map once per sequence.
+
+#pragma once
+
+#include <limits>
+
+#include "vec_math.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define CARPOOL_VNNI_ATTENTION 1
+
+namespace carpool_kernels {
+
+// Query rows for VPDPBUSD: for each 64-value chunk c of q * scale, s_c = amax / 127 and
+// q8 = round(q * scale / s_c) (round half to even, as the cache's own store), each 4 of them
+// (one 32-bit word) broadcast to a vector of qb[0..d/4) (VPDPBUSD's memory operand),
+// scales qs[0..d/64) and qo[c] = 128 * sum(q8) over the chunk: the keys enter VPDPBUSD as
+// unsigned bytes k + 128, which adds 128 * sum(q8) to every score. An all-zero chunk gets
+// s_c = 0.
+template <typename T>
+inline void quantize_query(const T* q, int64_t d, float scale, __m512i* qb, float* qs,
+                           int32_t* qo) {
+  for (int64_t c = 0; c < d / 64; ++c) {
+    __m512 x[4];
+    __m512 mx = _mm512_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      x[i] = _mm512_mul_ps(load16(q + 64 * c + 16 * i), _mm512_set1_ps(scale));
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(x[i]));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(x[i], inv));
+      v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+      sum = _mm512_add_epi32(sum, v);
+      alignas(16) int32_t words[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm512_cvtepi32_epi8(v));
+      for (int j = 0; j < 4; ++j) {
+        _mm512_storeu_si512(qb + 16 * c + 4 * i + j, _mm512_set1_epi32(words[j]));
+      }
+    }
+    qs[c] = amax / 127.0f;
+    qo[c] = 128 * _mm512_reduce_add_epi32(sum);
+  }
+}
+
+// exp(x) for x <= 0 on 16 lanes, as exp16_nonpositive (the same polynomial of 2^frac) with
+// AVX-512's own steps: the fraction in one VREDUCEPS, the power of two applied by VSCALEFPS
+// (9 instructions against 14; the weights it makes are rounded to 1 / 32767 anyway).
+[[gnu::always_inline]] inline __m512 exp16_scalef(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int j = 1; j < 7; ++j) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[j]));
+  return _mm512_scalef_ps(p, _mm512_sub_ps(t, f));
+}
+
+// In place: r[j] lane i = r[i] lane j before (16 x 16 32-bit words).
+[[gnu::always_inline]] inline void transpose16x16_epi32(__m512i* r) {
+  __m512i t[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  // u[4k + e], 128-bit lane L: word 4L + e of rows 4k .. 4k + 3.
+  __m512i u[16];
+  for (int k = 0; k < 4; ++k) {
+    u[4 * k + 0] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  // A 4 x 4 transpose of 128-bit lanes across u[e], u[4 + e], u[8 + e], u[12 + e].
+  for (int e = 0; e < 4; ++e) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44);
+    const __m512i x1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
+    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);
+    const __m512i x3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+    r[8 + e] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+  }
+}
+
+// 32 int8 values as 32 int16.
+[[gnu::always_inline]] inline __m512i widen32(const int8_t* p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The dimension (within its 64-value chunk) that lane l of accumulator vector v (0-3) holds:
+// each half of a row widened to 32 int16 (128-bit lane L: values 8L .. 8L + 7), two rows'
+// halves interleaved by unpacklo/hi_epi16 (their values 8L .. 8L + 3 / 8L + 4 .. 8L + 7).
+inline int64_t vnni_dim(int64_t v, int64_t l) {
+  return (v & 1) * 32 + (v >> 1) * 4 + 8 * (l >> 2) + (l & 3);
+}
+
+// One tile (n <= 16 tokens) of one kv head for HG of its query heads: scores, online softmax,
+// value sums. k0 / v0: the tile's first K / V row (int8, scale after d values), ts: token
+// stride in bytes; qb / qs / qo: the heads' quantized queries (quantize_query; d / 4 vectors,
+// d / 64 scales and offsets a head); m, lv (16 lanes a head), acc (d floats a head, vnni
+// order): the running max, sum and weighted values of each head.
+template <int HG>
+[[gnu::always_inline]] inline void vnni_tile(const __m512i* qb, const float* qs,
+                                             const int32_t* qo, int64_t d, const int8_t* k0,
+                                             const int8_t* v0, int64_t ts, int64_t n, float* m,
+                                             float* lv, float* acc) {
+  const int64_t chunks = d / 64;
+  const __mmask16 valid = first_lanes(n);
+  const __m512 zero = _mm512_setzero_ps();
+  // Each token's row scales (scalar loads: a gather is slower on Zen 4).
+  alignas(64) float kf[16], vf[16];
+  for (int i = 0; i < 16; ++i) {
+    if (i < n) {
+      std::memcpy(kf + i, k0 + i * ts + d, sizeof(float));
+      std::memcpy(vf + i, v0 + i * ts + d, sizeof(float));
+    } else {
+      kf[i] = vf[i] = 0.0f;
+    }
+  }
+  const __m512 ksc = _mm512_load_ps(kf);
+  const __m512 vsc = _mm512_load_ps(vf);
+  // Scores: integer dot products per 64-value chunk.
+  __m512 s[HG];
+  for (int h = 0; h < HG; ++h) s[h] = zero;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // k -> k + 128, unsigned
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < n ? _mm512_loadu_si512(k0 + i * ts + 64 * c) : _mm512_setzero_si512();
+    }
+    transpose16x16_epi32(r);
+    __m512i a[HG];
+    for (int h = 0; h < HG; ++h) a[h] = _mm512_set1_epi32(-qo[h * chunks + c]);
+    for (int j = 0; j < 16; ++j) {
+      const __m512i ku = _mm512_xor_si512(r[j], flip);
+      for (int h = 0; h < HG; ++h) {
+        a[h] = _mm512_dpbusd_epi32(a[h], ku, _mm512_loadu_si512(qb + h * d / 4 + 16 * c + j));
+      }
+    }
+    for (int h = 0; h < HG; ++h) {
+      s[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[h]), _mm512_set1_ps(qs[h * chunks + c]), s[h]);
+    }
+  }
+  // Softmax weights as int16: 32767 stands for the tile's largest V row scale.
+  const float vmax = _mm512_reduce_max_ps(vsc);  // >= 0 (masked lanes 0)
+  const __m512 vmul = _mm512_mul_ps(vsc, _mm512_set1_ps(vmax > 0.0f ? 32767.0f / vmax : 0.0f));
+  alignas(32) int32_t w[HG][8];  // per head: the 16 tokens' weights, a pair per word
+  for (int h = 0; h < HG; ++h) {
+    const __m512 sh = _mm512_mul_ps(s[h], ksc);  // lanes past n: 0, masked below
+    float* ah = acc + h * d;
+    float* lh = lv + h * 16;
+    // The running max grows (a reduction, a rescale) only where a score exceeds it: after the
+    // first tiles, rarely.
+    if (_mm512_mask_cmp_ps_mask(valid, sh, _mm512_set1_ps(m[h]), _CMP_GT_OQ) != 0) {
+      const float mx = _mm512_mask_reduce_max_ps(valid, sh);
+      const __m512 corr = _mm512_set1_ps(exp_nonpositive(m[h] - mx));  // ~0 the first time
+      _mm512_storeu_ps(lh, _mm512_mul_ps(_mm512_loadu_ps(lh), corr));
+      for (int64_t i = 0; i < d; i += 16) {
+        _mm512_storeu_ps(ah + i, _mm512_mul_ps(_mm512_loadu_ps(ah + i), corr));
+      }
+      m[h] = mx;
+    }
+    const __m512 p =
+        _mm512_maskz_mov_ps(valid, exp16_scalef(_mm512_sub_ps(sh, _mm512_set1_ps(m[h]))));
+    _mm512_storeu_ps(lh, _mm512_add_ps(_mm512_loadu_ps(lh), p));
+    const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(p, vmul));  // 0 .. 32767
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[h]), _mm512_cvtepi32_epi16(wi));
+  }
+  // Value sums: token pairs, rows interleaved byte by byte and widened to int16 pairs.
+  const __m512 back = _mm512_set1_ps(vmax / 32767.0f);
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i ia[HG][4];
+    for (int h = 0; h < HG; ++h) {
+      for (int v = 0; v < 4; ++v) ia[h][v] = _mm512_setzero_si512();
+    }
+    for (int64_t i = 0; 2 * i < n; ++i) {
+      const int8_t* pa = v0 + 2 * i * ts + 64 * c;
+      const int8_t* pb = pa + ts;
+      const bool has_b = 2 * i + 1 < n;
+      const __m512i a0 = widen32(pa), a1 = widen32(pa + 32);
+      const __m512i b0 = has_b ? widen32(pb) : _mm512_setzero_si512();
+      const __m512i b1 = has_b ? widen32(pb + 32) : _mm512_setzero_si512();
+      const __m512i x[4] = {_mm512_unpacklo_epi16(a0, b0), _mm512_unpacklo_epi16(a1, b1),
+                            _mm512_unpackhi_epi16(a0, b0), _mm512_unpackhi_epi16(a1, b1)};
+      for (int h = 0; h < HG; ++h) {
+        const __m512i wp = _mm512_set1_epi32(w[h][i]);
+        for (int v = 0; v < 4; ++v) ia[h][v] = _mm512_dpwssd_epi32(ia[h][v], x[v], wp);
+      }
+    }
+    for (int h = 0; h < HG; ++h) {
+      float* ah = acc + h * d + 64 * c;
+      for (int v = 0; v < 4; ++v) {
+        _mm512_storeu_ps(ah + 16 * v, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[h][v]), back,
+                                                      _mm512_loadu_ps(ah + 16 * v)));
+      }
+    }
+  }
+}
+
+// One block (n_tok tokens from base, the run's first kv head) for the run's nkh kv heads and
+// their `group` query heads each (sub-groups of at most 4): tiles of 16 tokens; prefetch(n)
+// after each kv head's tile (the next block's rows, spread over the work).
+template <typename Prefetch>
+inline void vnni_block(const __m512i* qb, const float* qs, const int32_t* qo, int64_t d,
+                       const int8_t* base, int64_t ts, int64_t row, int64_t kv_heads,
+                       int64_t n_tok, int64_t nkh, int64_t group, float* m, float* lv,
+                       float* acc, Prefetch& prefetch, int64_t lines) {
+  const int64_t tiles = (n_tok + 15) / 16;
+  const int64_t per_call = (lines + tiles * nkh - 1) / (tiles * nkh);
+  const int64_t chunks = d / 64;
+  for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, n_tok - t0);
+    for (int64_t k = 0; k < nkh; ++k) {
+      const int8_t* k0 = base + t0 * ts + k * row;
+      const int8_t* v0 = base + t0 * ts + (kv_heads + k) * row;
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t h = k * group + g0;
+        const __m512i* qh = qb + h * d / 4;
+        const float* sh = qs + h * chunks;
+        const int32_t* oh = qo + h * chunks;
+        float* mh = m + h;
+        float* lh = lv + h * 16;
+        float* ah = acc + h * d;
+        switch (std::min<int64_t>(4, group - g0)) {
+          case 1: vnni_tile<1>(qh, sh, oh, d, k0, v0, ts, n, mh, lh, ah); break;
+          case 2: vnni_tile<2>(qh, sh, oh, d, k0, v0, ts, n, mh, lh, ah); break;
+          case 3: vnni_tile<3>(qh, sh, oh, d, k0, v0, ts, n, mh, lh, ah); break;
+          default: vnni_tile<4>(qh, sh, oh, d, k0, v0, ts, n, mh, lh, ah);
+        }
+      }
+      prefetch(per_call);
+    }
+  }
+}
+
+// out[0..d) = acc (vnni order) * mul, natural order.
+template <typename T>
+inline void store_from_vnni(const float* acc, T* out, int64_t d, float mul) {
+  for (int64_t c = 0; c < d; c += 64) {
+    for (int64_t v = 0; v < 4; ++v) {
+      for (int64_t l = 0; l < 16; ++l) store(out + c + vnni_dim(v, l), acc[c + 16 * v + l] * mul);
+    }
+  }
+}
+
+}  // namespace carpool_kernels
+
+#endif
