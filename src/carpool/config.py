@@ -87,7 +87,8 @@ class EngineConfig:
         "quantized matrices, e.g. a GGUF Q8_0/Q4 file), bfloat16 (a float32 model's cache at "
         "half the bytes, like llama.cpp's default f16 cache; attention math stays float32) or int8 "
         "(per-row int8 values with a float32 scale: about half the bytes of bfloat16, so ~1.9x "
-        "the tokens per budget and half the bytes decode attention reads)",
+        "the tokens per budget and half the bytes decode attention reads; with AVX-512 VNNI "
+        "decode attention takes integer dot products, queries rounded to int8 per 64 values)",
         choices=KV_CACHE_DTYPES,
     )
     kv_cache_memory_fraction: float = option(
