@@ -88,3 +88,35 @@ def test_kv_cache_below_the_mmap_threshold_is_not_resident_after_heap_reuse():
     )
     resident_mib = float(out.stdout.strip())
     assert resident_mib < 24 / 4, f"{resident_mib:.1f} MiB of the 24 MiB cache resident"
+
+
+# A cache of a huge page or more starts on a 2 MiB boundary and its mapping carries the
+# kernel's huge-page advice ("hg" in the mapping's VmFlags), so decode attention, which reads
+# blocks all over the cache, walks no 4 KiB page tables where THP is enabled.
+HUGE_PROBE = """
+import torch
+from carpool.model.llama import HUGE_PAGE, zeroed_lazily
+
+cache = zeroed_lazily((256, 16, 2, 8, 64), torch.bfloat16, "cpu")  # 4 MiB
+small = zeroed_lazily((4, 16, 2, 8, 64), torch.bfloat16, "cpu")  # 64 KiB: 4 KiB pages
+assert not bool(cache.any()) and cache.is_contiguous()
+flags = {}
+with open("/proc/self/smaps") as f:
+    lo = hi = None
+    for line in f:
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:
+            lo, hi = (int(v, 16) for v in head[0].split("-"))
+        elif head[0] == "VmFlags:":
+            for name, t in (("cache", cache), ("small", small)):
+                if lo <= t.data_ptr() < hi:
+                    flags[name] = head[1:]
+print(cache.data_ptr() % HUGE_PAGE, "hg" in flags["cache"], "hg" in flags["small"])
+"""
+
+
+def test_a_large_kv_cache_is_aligned_and_advised_for_huge_pages():
+    out = subprocess.run(
+        [sys.executable, "-c", HUGE_PROBE], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["0", "True", "False"], out.stdout + out.stderr
