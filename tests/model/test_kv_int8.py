@@ -61,6 +61,17 @@ def test_cpu_store_writes_the_same_bytes_as_the_torch_ops(dtype):
         paged_attention.store_int8(a, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 32]), new_kv)
 
 
+def test_cpu_store_and_torch_ops_agree_at_rounding_ties():
+    # 2M values: with `127.0 / amax` (a multiply by the reciprocal) the torch ops wrote 2
+    # bytes one step off the C++ store's (a true division) where x * inv fell on a tie.
+    x = torch.randn(4096, 2, 4, 64, generator=torch.Generator().manual_seed(0))
+    a = torch.zeros(256, 16, 2, 4, 68, dtype=torch.int8)
+    b = a.clone()
+    paged_attention.store_int8(a, torch.arange(4096), x)
+    kv_quant.store(b, torch.arange(4096), x)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("head_dim", [64, 128])
