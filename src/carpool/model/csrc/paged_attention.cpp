@@ -132,8 +132,8 @@ void decode_kernel(
     // The dot-product loops: each head's softmax weights in bfloat16, padded to an even count.
     const int64_t p_stride = (block_size + 15) / 16 * 16;  // softmax_weights_bf16 writes 16s
     std::vector<c10::BFloat16> pb(kDp ? rh * p_stride : 0);
-    // The VNNI loops: unsigned int8 queries with a scale per 64 values, and the running sums
-    // of the softmax as 16 lanes a head.
+    // The VNNI loops: int8 queries (each 32-bit word broadcast to a vector) with a scale and
+    // an offset per 64 values, and the running sums of the softmax as 16 lanes a head.
 #if defined(CARPOOL_VNNI_ATTENTION)
     std::vector<__m512i> qb(kVnni ? rh * d / 4 : 0);
     std::vector<float> qsc(kVnni ? rh * d / 64 : 0), lv(kVnni ? rh * 16 : 0);
