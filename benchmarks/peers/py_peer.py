@@ -11,7 +11,10 @@ Decode tokens/s means what ``llama-batched-bench``'s ``S_TG`` means: tokens gene
 decode steps (one token per sequence each) over the time of those steps, prefill excluded.
 
 - carpool: from the engine's own step records (``carpool.bench.sweep.run_round``): B prompts
-  added at once, prefilled in one step, then ``gen_len - 1`` decode steps.
+  added at once, prefilled in steps of at most 512 tokens (carpool's default
+  ``max_num_batched_tokens``, llama.cpp's ``-ub 512``); decode tokens/s is over the pure
+  decode steps after the first step (one token per sequence in them; ``gen_len - 1`` steps:
+  a decode token that rides with another sequence's prefill chunk is not counted).
 - transformers: ``generate`` has no per-step clock, so decode time is the time of a
   ``gen_len``-token call minus a 1-token call (prefill + first token) on the same prompts:
   ``B x (gen_len - 1) / (t(gen_len) - t(1))``.
@@ -42,6 +45,8 @@ def _carpool(args: argparse.Namespace) -> tuple[str, Callable[[list[list[int]]],
         args.model,
         dtype=args.dtype,
         max_num_seqs=max(sizes),
+        # Prefill in 512-token steps, as llama.cpp computes a prompt in 512-token micro-batches
+        # (-ub 512); one 1,024-token step held twice the temporaries (the peak RSS).
         max_num_batched_tokens=512,
         # The engine sizes its KV cache for every seat filled to max_model_len (a memory
         # fraction of 1 only caps that): room for all sequences at once, as llama.cpp's
