@@ -80,14 +80,9 @@ def quantized_query_sdpa(q, cache, tables, lens, scale):
     kernel does, then the dequantized cache's attention in float64 (the kernel's int16 softmax
     weights are the one rounding left)."""
     b, h, d = q.shape
-    x = q.float() * scale
-    chunks = x.view(b, h, d // 64, 64)
-    amax = chunks.abs().amax(dim=-1, keepdim=True)
-    # A tensor division (IEEE, as the kernel's 127.0f / amax): torch's 127.0 / amax multiplies
-    # by a reciprocal, which can land a product on the other side of a rounding tie.
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    q8 = (chunks * inv).round().clamp(-127, 127)
-    deq = (q8.double() * (amax.double() / 127.0)).view(b, h, d)
+    # The cache's own row quantization (the same arithmetic as the kernel's) on 64-value rows.
+    chunks = kv_quant.quantize((q.float() * scale).view(b, h, d // 64, 64))
+    deq = kv_quant.dequantize(chunks, torch.float32).double().view(b, h, d)
     kvh = cache.shape[3]
     kv = kv_quant.dequantize(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
     keys, values = kv.double().permute(2, 0, 3, 1, 4).unbind(0)

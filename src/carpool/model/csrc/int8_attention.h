@@ -71,17 +71,6 @@ inline void quantize_query(const T* q, int64_t d, float scale, __m512i* qb, floa
   }
 }
 
-// exp(x) for x <= 0 on 16 lanes, as exp16_nonpositive (the same polynomial of 2^frac) with
-// AVX-512's own steps: the fraction in one VREDUCEPS, the power of two applied by VSCALEFPS
-// (9 instructions against 14; the weights it makes are rounded to 1 / 32767 anyway).
-[[gnu::always_inline]] inline __m512 exp16_scalef(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
-  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
-  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
-  for (int j = 1; j < 7; ++j) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[j]));
-  return _mm512_scalef_ps(p, _mm512_sub_ps(t, f));
-}
-
 // In place: r[j] lane i = r[i] lane j before (16 x 16 32-bit words).
 [[gnu::always_inline]] inline void transpose16x16_epi32(__m512i* r) {
   __m512i t[16];
@@ -189,12 +178,12 @@ template <int HG>
       m[h] = mx;
     }
     const __m512 p =
-        _mm512_maskz_mov_ps(valid, exp16_scalef(_mm512_sub_ps(sh, _mm512_set1_ps(m[h]))));
+        _mm512_maskz_mov_ps(valid, exp16_nonpositive(_mm512_sub_ps(sh, _mm512_set1_ps(m[h]))));
     _mm512_storeu_ps(lh, _mm512_add_ps(_mm512_loadu_ps(lh), p));
     const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(p, vmul));  // 0 .. 32767
     _mm256_store_si256(reinterpret_cast<__m256i*>(w[h]), _mm512_cvtepi32_epi16(wi));
   }
-  // Value sums: token pairs, rows interleaved byte by byte and widened to int16 pairs.
+  // Value sums: token pairs, each row widened to int16 and the two interleaved into pairs.
   const __m512 back = _mm512_set1_ps(vmax / 32767.0f);
   for (int64_t c = 0; c < chunks; ++c) {
     __m512i ia[HG][4];
