@@ -12,16 +12,16 @@ rounds alternating before / after / a plain ``sum()`` of the same bytes; medians
 A shape is ``B x heads/kv_heads x context`` (head_dim ``--head-dim``, blocks of ``--block-size``
 tokens, 16 by default, interleaved between sequences). ``bf16``: bf16 queries over a bf16 cache
 (a bf16 model); ``fp32q``: float32 queries over a bf16 cache (a float32 model with
-``kv_cache_dtype="bfloat16"``); ``int8``: bf16 queries over the int8 cache of the same values.
+``kv_cache_dtype="bfloat16"``); ``int8``: bf16 queries over the int8 cache of the same values,
+in each checkout's own layout (``kv_quant.to_blocks`` where its ``kv_quant`` has the block
+layout, rows before it).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,24 +34,7 @@ from carpool.model import kernel_build, kv_quant  # noqa: E402
 def build(src: Path, namespace: str, source: str = "paged_attention.cpp") -> None:
     """Build ``src``'s kernel ``source`` (headers beside it) as ``torch.ops.<namespace>``: its
     ``carpool`` operator registrations renamed (also used by ab_vnni_linear.py)."""
-    from torch.utils import cpp_extension
-
-    work = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
-    for f in (src / "carpool" / "model" / "csrc").iterdir():
-        shutil.copy(f, work)
-    cpp = work / source
-    text = cpp.read_text()
-    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
-        text = text.replace(f"{macro}(carpool,", f"{macro}({namespace},")
-    cpp.write_text(text)
-    cpp_extension.load(
-        name=namespace,
-        sources=[str(cpp)],
-        extra_cflags=list(kernel_build.CFLAGS),
-        extra_ldflags=list(kernel_build.LDFLAGS),
-        build_directory=str(work),
-        is_python_module=False,
-    )
+    kernel_build.build_as(src / "carpool" / "model" / "csrc", source, namespace)
 
 
 def ab_parser(doc: str, rounds: int = 15) -> argparse.ArgumentParser:
@@ -64,6 +47,11 @@ def ab_parser(doc: str, rounds: int = 15) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=rounds)
     return ap
+
+
+def block_layout(src: Path) -> bool:
+    """Whether a checkout's int8 cache uses kv_quant's block layout (else rows)."""
+    return "def to_blocks" in (src / "carpool" / "model" / "kv_quant.py").read_text()
 
 
 def main() -> None:
@@ -96,8 +84,13 @@ def main() -> None:
             caches = [
                 torch.randn(nb + 1, bs, 2, kvh, d).to(torch.bfloat16) for _ in range(a.layers)
             ]
+            per = {name: caches for name in ops}
             if cache == "int8":
-                caches = [kv_quant.quantize(c).contiguous() for c in caches]
+                rows = [kv_quant.quantize(c).contiguous() for c in caches]
+                blocks = [kv_quant.to_blocks(c) for c in rows]
+                for name, src in (("before", a.before), ("after", a.after)):
+                    per[name] = blocks if block_layout(Path(src)) else rows
+                caches = rows
             q = torch.randn(b, h, d).to(torch.float32 if cache == "fp32q" else torch.bfloat16)
             # float32 tensors of the same bytes as each cache, for the streaming-read baseline
             plain = [torch.randn(c.numel() * c.element_size() // 4) for c in caches]
@@ -107,7 +100,7 @@ def main() -> None:
                 for r in range(a.rounds + 2):
                     for name, op in ops.items():
                         start = time.perf_counter()
-                        for c in caches:
+                        for c in per[name]:
                             outs[name] = op(q, c, tables, lens, d**-0.5)
                         if r >= 2:
                             times[name].append((time.perf_counter() - start) / len(caches))

@@ -44,12 +44,13 @@ def random_case(dtype, heads, kv_heads, head_dim, block_size, lens, seed=0):
 
 
 def int8_case(heads, kv_heads, head_dim, block_size, lens, qdtype, seed=0):
-    """random_case's shapes over an int8 cache (``kv_cache_dtype="int8"``) of random values."""
+    """random_case's shapes over an int8 cache (``kv_cache_dtype="int8"``, its block layout) of
+    random values."""
     g = torch.Generator().manual_seed(seed)
     max_blocks = -(-max(lens) // block_size)
     num_blocks = len(lens) * max_blocks + 5
     x = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim, generator=g)
-    cache = kv_quant.quantize(x).contiguous()
+    cache = kv_quant.to_blocks(kv_quant.quantize(x))  # the cache's block layout
     perm = torch.randperm(num_blocks, generator=g)
     tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks).contiguous()
     qkv = torch.randn(len(lens), heads + 2 * kv_heads, head_dim, generator=g).to(qdtype)
@@ -60,7 +61,7 @@ def dequantized_sdpa(q, cache, tables, lens, scale):
     """Reference: gather the sequences' blocks, dequantize to float32, masked SDPA."""
     b, h, d = q.shape
     kvh = cache.shape[3]
-    kv = kv_quant.dequantize(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
+    kv = kv_quant.dequantize_blocks(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
     keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
     mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]
     out = F.scaled_dot_product_attention(
@@ -84,7 +85,7 @@ def quantized_query_sdpa(q, cache, tables, lens, scale):
     chunks = kv_quant.quantize((q.float() * scale).view(b, h, d // 64, 64))
     deq = kv_quant.dequantize(chunks, torch.float32).double().view(b, h, d)
     kvh = cache.shape[3]
-    kv = kv_quant.dequantize(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
+    kv = kv_quant.dequantize_blocks(cache[tables.view(-1)], torch.float32).view(b, -1, 2, kvh, d)
     keys, values = kv.double().permute(2, 0, 3, 1, 4).unbind(0)
     mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]
     out = F.scaled_dot_product_attention(

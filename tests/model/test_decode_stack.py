@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from carpool.model import decode_stack, paged_attention, vnni_linear
+from carpool.model import decode_stack, kv_quant, paged_attention, vnni_linear
 from carpool.model.layers import Linear, prepack_available
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
@@ -69,9 +69,11 @@ def _step(model, contexts: list[int], kv_dtype: torch.dtype | None = None, new: 
     dtype = kv_dtype or next(model.parameters()).dtype
     caches = model.allocate_kv_cache(nxt, BLOCK, dtype, "cpu")
     for c in caches:
-        if c.dtype == torch.int8:
-            c[..., :-4].random_(-127, 128, generator=g)
-            c[..., -4:] = torch.tensor([0.02]).view(torch.int8)
+        if c.dtype == torch.int8:  # rows of random values, scale 0.02; the block layout
+            rows = torch.empty_like(c)
+            rows[..., :-4].random_(-127, 128, generator=g)
+            rows[..., -4:] = torch.tensor([0.02]).view(torch.int8)
+            c.copy_(kv_quant.to_blocks(rows))
         else:
             c.normal_(generator=g)
     vocab = model.config.vocab_size

@@ -61,6 +61,35 @@ def test_cpu_store_writes_the_same_bytes_as_the_torch_ops(dtype):
         paged_attention.store_int8(a, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 32]), new_kv)
 
 
+def test_block_layout_puts_each_byte_where_the_docstring_says():
+    # kv_quant's block layout, spelled out with explicit offsets: per kv head a region of
+    # K words [D / 4][S][4], K scales [S], V rows [S][D], V scales [S].
+    n, bs, kvh, d = 3, 8, 2, 16
+    rows = kv_quant.quantize(torch.randn(n, bs, 2, kvh, d, generator=torch.Generator()))
+    blocks = kv_quant.to_blocks(rows)
+    assert blocks.shape == rows.shape and blocks.dtype == torch.int8
+    flat = blocks.view(n, -1)
+    region = 2 * bs * (d + 4)
+    for b in range(n):
+        for h in range(kvh):
+            r = flat[b, h * region : (h + 1) * region]
+            for t in range(bs):
+                k_row, v_row = rows[b, t, 0, h], rows[b, t, 1, h]
+                for w in range(d // 4):
+                    assert torch.equal(
+                        r[(w * bs + t) * 4 : (w * bs + t) * 4 + 4], k_row[4 * w : 4 * w + 4]
+                    )
+                assert torch.equal(r[d * bs + 4 * t : d * bs + 4 * t + 4], k_row[d:])
+                v0 = bs * (d + 4)
+                assert torch.equal(r[v0 + t * d : v0 + (t + 1) * d], v_row[:d])
+                assert torch.equal(r[v0 + d * bs + 4 * t : v0 + d * bs + 4 * t + 4], v_row[d:])
+    assert torch.equal(kv_quant.from_blocks(blocks), rows)
+    deq = kv_quant.dequantize_blocks(blocks, torch.float32)
+    assert torch.equal(deq, kv_quant.dequantize(rows, torch.float32))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        kv_quant.to_blocks(torch.zeros(1, 4, 2, 1, 6 + 4, dtype=torch.int8))
+
+
 def test_cpu_store_and_torch_ops_agree_at_rounding_ties():
     # 2M values: with `127.0 / amax` (a multiply by the reciprocal) the torch ops wrote 2
     # bytes one step off the C++ store's (a true division) where x * inv fell on a tie.
@@ -119,9 +148,11 @@ def test_kernel_applies_to_int8_caches_with_float_queries_on_the_cpu():
 def test_int8_kernel_reads_only_each_sequences_own_rows():
     q, cache, tables, ctx = int8_case(4, 2, 32, 16, [5, 20], torch.float32)
     ref = dequantized_sdpa(q, cache, tables, ctx, 32**-0.5)
-    cache[tables[0, 0], 5:] = 127  # values, and scales of 127-byte garbage
-    cache[tables[1, 1], 4:] = -100
-    cache[tables[0, 1:]] = 127
+    rows = kv_quant.from_blocks(cache)  # slots as rows, written back in the block layout
+    rows[tables[0, 0], 5:] = 127  # values, and scales of 127-byte garbage
+    rows[tables[1, 1], 4:] = -100
+    rows[tables[0, 1:]] = 127
+    cache = kv_quant.to_blocks(rows)
     got = paged_attention.paged_decode_attention(q, cache, tables, ctx, 32**-0.5)
     assert (got - ref).abs().max().item() <= 2e-5
 
@@ -189,7 +220,7 @@ def test_int8_kernel_ignores_slots_past_each_context(head_dim):
     lens = [5, 20, 33]
     q, cache, tables, ctx = int8_case(8, 2, head_dim, 16, lens, torch.bfloat16)
     clean = paged_attention.paged_decode_attention(q, cache, tables, ctx, head_dim**-0.5)
-    flat = cache.view(-1, 16, 2, 2, head_dim + 4)
+    flat = kv_quant.from_blocks(cache)  # slots as rows, written back in the block layout
     for b, n in enumerate(lens):
         last = tables[b, (n - 1) // 16]
         flat[last, n % 16 or 16 :, :, :, :head_dim] = 127
@@ -197,5 +228,6 @@ def test_int8_kernel_ignores_slots_past_each_context(head_dim):
         scales[..., 0] = float("nan") if b % 2 else float("inf")
         flat[last, n % 16 or 16 :, :, :, head_dim:] = scales.view(torch.int8)
         flat[tables[b, (n - 1) // 16 + 1 :]] = -127
+    cache = kv_quant.to_blocks(flat)
     got = paged_attention.paged_decode_attention(q, cache, tables, ctx, head_dim**-0.5)
     assert torch.equal(got, clean)

@@ -142,7 +142,7 @@ class Attention(nn.Module):
         rotate_in_place(qk, rope)
         # A cache slot is a contiguous [2, K, D] row: the new K and V of a token in one copy.
         new_kv = qkv[:, h:].view(t, 2, kvh, d)
-        if kv_cache.dtype == torch.int8:  # quantized rows [2, K, D + 4] (see kv_quant)
+        if kv_cache.dtype == torch.int8:  # quantized, in kv_quant's block layout
             paged_attention.store_int8(kv_cache, meta.slot_mapping, new_kv)
         else:  # a bfloat16 cache of a float32 model: K/V rounded to bfloat16 as stored
             new_kv = new_kv if new_kv.dtype == kv_cache.dtype else new_kv.to(kv_cache.dtype)
@@ -180,9 +180,10 @@ class Attention(nn.Module):
         kv = self.gather.take((blocks.shape[0], *kv_cache.shape[1:]), kv_cache)
         torch.index_select(kv_cache, 0, blocks, out=kv)
         if kv_cache.dtype == torch.int8:
-            # int8 rows + scale -> the activation dtype, into a second reused buffer.
+            # int8 blocks (kv_quant's block layout) -> the activation dtype, into a second
+            # reused buffer.
             deq = self.gather.take((*kv.shape[:-1], d), q, slot="dequantized")
-            kv = kv_quant.dequantize(kv, q.dtype, out=deq)
+            kv = kv_quant.dequantize_blocks(kv, q.dtype, out=deq)
         elif kv.dtype != q.dtype:  # a bfloat16 cache of a float32 model: widened for SDPA
             wide = self.gather.take(kv.shape, q, slot="dequantized")
             kv = wide.copy_(kv)

@@ -15,11 +15,13 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -181,3 +183,32 @@ class Library:
                     self.failed = why(e)
                     log.warning("%s unavailable, using torch ops (%s)", self.what, self.failed)
         return self.loaded
+
+
+def build_as(csrc: Path, source: str, namespace: str, cflags: Sequence[str] = CFLAGS) -> None:
+    """Build a copy of ``csrc / source`` (headers beside it) whose operators register as
+    ``torch.ops.<namespace>`` instead of ``torch.ops.carpool``, compiled with ``cflags``, and
+    load it into this process. Not cached: for side-by-side runs in one process, such as two
+    checkouts' kernels (``benchmarks/ab_paged_kernel.py``) or one kernel at another instruction
+    set level than the host's (``tests/model/test_kernel_isa_runtime.py``)."""
+    from torch.utils import cpp_extension
+
+    work = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
+    for f in csrc.iterdir():
+        if f.is_file():
+            shutil.copy(f, work)
+    cpp = work / source
+    text = cpp.read_text()
+    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
+        text = text.replace(f"{macro}(carpool,", f"{macro}({namespace},")
+    cpp.write_text(text)
+    with _ninja_on_path():
+        cpp_extension.load(
+            name=namespace,
+            sources=[str(cpp)],
+            extra_cflags=list(cflags),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(work),
+            is_python_module=False,
+            verbose=False,
+        )

@@ -1,11 +1,29 @@
-"""The int8 KV cache: symmetric per-row int8 values with their float32 scale in the same row.
+"""The int8 KV cache: symmetric per-row int8 values with their float32 scale.
 
-``kv_cache_dtype="int8"`` stores each (token, K or V, kv head) row of ``head_dim`` values as
-``head_dim`` int8 values followed by the row's float32 scale (4 bytes): a layer's cache is one
-``[num_blocks, block_size, 2, kv_heads, head_dim + 4]`` int8 tensor, so everything that passes
-``kv_caches`` around keeps its signature, and a row's scale sits next to its values (one read).
+``kv_cache_dtype="int8"`` quantizes each (token, K or V, kv head) row of ``head_dim`` values to
+``head_dim`` int8 values and the row's float32 scale (4 bytes): ``head_dim + 4`` bytes a row, so
+a layer's cache is one ``[num_blocks, block_size, 2, kv_heads, head_dim + 4]`` int8 tensor and
+everything that passes ``kv_caches`` around (block copies, memory estimates) keeps its shape.
 Symmetric: ``scale = amax / 127`` over the row, ``q = round(x * 127 / amax)`` clamped to
 ``[-127, 127]``, so ``|x - q * scale| <= scale / 2``; an all-zero row gets scale 0 (zeros).
+
+**Block layout.** The shape names the bytes a block holds, not their order: inside a block,
+each kv head has one region of ``2 * block_size * (head_dim + 4)`` bytes, in kv-head order:
+
+- K values, word-major: ``[head_dim / 4 words][block_size tokens][4 bytes]``, i.e. the 4
+  values of word ``w`` of every token side by side (``block_parts``' ``k_words``);
+- K scales: ``[block_size]`` float32;
+- V values as rows: ``[block_size][head_dim]``;
+- V scales: ``[block_size]`` float32.
+
+Why: the CPU decode kernel multiplies int8 keys by an int8 query in VPDPBUSD, which sums the 4
+products of one 32-bit word into each of 16 lanes; with a word of 16 tokens in one 64-byte line
+each instruction adds 4 products to 16 tokens' scores, where rows (one token's 64 values a line)
+first had to be transposed, 64 shuffles per 16 tokens (1.10-1.18x on the kernel; BENCHMARKS.md,
+issue 11, thirteenth pass). The scales of 16 tokens load as one vector. Rows are the form of
+``quantize`` / ``dequantize``; ``to_blocks`` / ``from_blocks`` convert whole blocks, and
+``store`` / ``dequantize_blocks`` (the gather path) go through ``block_parts``' strided views.
+``head_dim`` must be a multiple of 4 (words).
 
 Why int8 with a per-row scale rather than a plain 8-bit float: decode attention reads the whole
 cache every step at the memory's speed (BENCHMARKS.md, issue 11 item 3), so halving its bytes
@@ -92,8 +110,92 @@ def dequantize(
     return torch.mul(rows[..., :d], scale, out=out)
 
 
+def check_head_dim(head_dim: int) -> None:
+    """Raise ``ValueError`` unless an int8 cache can hold ``head_dim``-value rows (the block
+    layout stores K in 4-byte words)."""
+    if head_dim % 4:
+        raise ValueError(
+            f"kv_cache_dtype='int8' needs a head_dim that is a multiple of 4, got {head_dim}"
+        )
+
+
+def block_parts(
+    blocks: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Strided views of int8 cache blocks (``[N, S, 2, K, D + 4]``, each block contiguous) in
+    the block layout of this module's docstring, indexed by (block, token, kv head):
+
+    ``k_words [N, S, K, D / 4, 4]``, ``k_scales [N, S, K, 4]`` (a float32's bytes),
+    ``v [N, S, K, D]``, ``v_scales [N, S, K, 4]``. Writes through them land in ``blocks``.
+    """
+    n, s, two, k, r = blocks.shape
+    assert two == 2 and blocks.dtype == torch.int8, (blocks.shape, blocks.dtype)
+    assert n == 0 or blocks[0].is_contiguous(), "int8 cache blocks must be contiguous"
+    d = r - SCALE_BYTES
+    check_head_dim(d)
+    region = 2 * s * r  # one kv head's bytes in a block
+    bstride, off = blocks.stride(0), blocks.storage_offset()
+    k_words = blocks.as_strided((n, s, k, d // 4, 4), (bstride, 4, region, 4 * s, 1), off)
+    k_scales = blocks.as_strided((n, s, k, 4), (bstride, 4, region, 1), off + d * s)
+    v = blocks.as_strided((n, s, k, d), (bstride, d, region, 1), off + r * s)
+    v_scales = blocks.as_strided((n, s, k, 4), (bstride, 4, region, 1), off + r * s + d * s)
+    return k_words, k_scales, v, v_scales
+
+
+def to_blocks(rows: torch.Tensor) -> torch.Tensor:
+    """Blocks of quantized rows (``[N, S, 2, K, D + 4]`` as ``quantize`` returns them) -> the
+    cache's block layout (same shape)."""
+    d = rows.shape[-1] - SCALE_BYTES
+    out = torch.empty(rows.shape, dtype=torch.int8, device=rows.device)
+    k_words, k_scales, v, v_scales = block_parts(out)
+    k_words.copy_(rows[:, :, 0, :, :d].unflatten(-1, (d // 4, 4)))
+    k_scales.copy_(rows[:, :, 0, :, d:])
+    v.copy_(rows[:, :, 1, :, :d])
+    v_scales.copy_(rows[:, :, 1, :, d:])
+    return out
+
+
+def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Cache blocks (block layout, ``[N, S, 2, K, D + 4]``) -> the same blocks as quantized
+    rows (each row's values, then its scale's 4 bytes)."""
+    d = blocks.shape[-1] - SCALE_BYTES
+    out = torch.empty(blocks.shape, dtype=torch.int8, device=blocks.device)
+    k_words, k_scales, v, v_scales = block_parts(blocks)
+    out[:, :, 0, :, :d].unflatten(-1, (d // 4, 4)).copy_(k_words)
+    out[:, :, 0, :, d:].copy_(k_scales)
+    out[:, :, 1, :, :d].copy_(v)
+    out[:, :, 1, :, d:].copy_(v_scales)
+    return out
+
+
+def dequantize_blocks(
+    blocks: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cache blocks (block layout, ``[N, S, 2, K, D + 4]``) -> ``[N, S, 2, K, D]`` values
+    ``q * scale`` in ``dtype`` (into ``out`` when given), read through ``block_parts``' views:
+    one multiply each for K and V, no row-form copy."""
+    n, s, _, k, r = blocks.shape
+    d = r - SCALE_BYTES
+    k_words, k_scales, v, v_scales = block_parts(blocks)
+    if out is None:
+        out = torch.empty((n, s, 2, k, d), dtype=dtype, device=blocks.device)
+    # The scales' bytes -> float32 (a small copy makes them contiguous, then reinterpret).
+    ks = k_scales.contiguous().view(torch.float32)  # [N, S, K, 1]
+    vs = v_scales.contiguous().view(torch.float32)
+    torch.mul(k_words, ks.unsqueeze(-1), out=out[:, :, 0].unflatten(-1, (d // 4, 4)))
+    torch.mul(v, vs, out=out[:, :, 1])
+    return out
+
+
 def store(cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> None:
-    """Quantize ``new_kv`` (``[T, 2, K, D]``) into ``cache``'s flat slots (torch ops)."""
-    t, two, kvh, d = new_kv.shape
-    flat = cache.view(-1, two, kvh, d + SCALE_BYTES)
-    flat.index_copy_(0, slots, quantize(new_kv))
+    """Quantize ``new_kv`` (``[T, 2, K, D]``) into ``cache``'s slots (``block * S + offset``),
+    in the block layout (torch ops)."""
+    t, _, kvh, d = new_kv.shape
+    rows = quantize(new_kv)  # [T, 2, K, D + 4]
+    s = cache.shape[1]
+    block, token = slots // s, slots % s
+    k_words, k_scales, v, v_scales = block_parts(cache)
+    k_words[block, token] = rows[:, 0, :, :d].reshape(t, kvh, d // 4, 4)
+    k_scales[block, token] = rows[:, 0, :, d:]
+    v[block, token] = rows[:, 1, :, :d]
+    v_scales[block, token] = rows[:, 1, :, d:]

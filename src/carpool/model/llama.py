@@ -19,7 +19,7 @@ from torch import nn
 from carpool.config import ModelConfig
 from carpool.model import decode_stack
 from carpool.model.attention import Attention, AttentionMetadata, GatherBuffer
-from carpool.model.kv_quant import row_width
+from carpool.model.kv_quant import check_head_dim, row_width
 from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from carpool.model.quant import QuantizedLinear
 
@@ -170,9 +170,12 @@ class LlamaForCausalLM(nn.Module):
         K and V of a token sit side by side (the ``2``), so a block is one contiguous run of
         both: the step writes a token's K and V in one copy and gathers a block's in one row.
         ``dtype=torch.int8`` is the quantized cache of ``carpool.model.kv_quant``: each row
-        is ``head_dim + 4`` bytes (the int8 values, then their float32 scale).
+        is ``head_dim + 4`` bytes (the int8 values and their float32 scale), and a block's
+        bytes follow that module's block layout (a region per kv head, K word-major).
         """
         c = self.config
+        if dtype == torch.int8:
+            check_head_dim(c.head_dim)
         row = row_width(c.head_dim, dtype)
         shape = (num_blocks, block_size, 2, c.num_key_value_heads, row)
         return [zeroed_lazily(shape, dtype, device) for _ in range(c.num_hidden_layers)]

@@ -9,13 +9,13 @@
 // pairs of int16. With them the cache's bytes are used as they are:
 //
 // - Scores: each query head's 64-value chunks rounded to int8 (scale amax / 127 per chunk, as
-//   llama.cpp rounds a query to q8_0 for its q8_0 cache). 16 tokens' key chunks are
-//   transposed as 16 x 16 32-bit words (64 shuffles, shared by the group's query heads), so
-//   that word j of every token is one vector and one VPDPBUSD with query word j broadcast adds
-//   4 products to all 16 tokens' scores: no horizontal sums. VPDPBUSD's first operand is
-//   unsigned, so keys enter as k + 128 (one XOR) and the 128 * sum(q) this adds, a constant
-//   per query chunk, starts the sums negative. Exact integer sums; then times the chunk's query
-//   scale and each token's key row scale.
+//   llama.cpp rounds a query to q8_0 for its q8_0 cache). The cache keeps K word-major
+//   (kv_quant.py's block layout: word j of 16 tokens in one 64-byte line), so one load and one
+//   VPDPBUSD with query word j broadcast add 4 products to all 16 tokens' scores: no horizontal
+//   sums and no transposes (rows cost 64 shuffles per 16 tokens: 1.10-1.18x; issue 11,
+//   thirteenth pass). VPDPBUSD's first operand is unsigned, so keys enter as k + 128 (one XOR)
+//   and the 128 * sum(q) this adds, a constant per query chunk, starts the sums negative. Exact
+//   integer sums; then times the chunk's query scale and each token's key scale.
 // - Values: the softmax weights p_t = exp(s_t - m) times each token's V row scale, as int16
 //   (fixed point: 32767 stands for the tile's largest V scale; p <= 1 and l >= 1, so a
 //   weight's rounding error is below 2^-16 of the running sum); two tokens' value rows
@@ -71,34 +71,6 @@ inline void quantize_query(const T* q, int64_t d, float scale, __m512i* qb, floa
   }
 }
 
-// In place: r[j] lane i = r[i] lane j before (16 x 16 32-bit words).
-[[gnu::always_inline]] inline void transpose16x16_epi32(__m512i* r) {
-  __m512i t[16];
-  for (int k = 0; k < 8; ++k) {
-    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-  }
-  // u[4k + e], 128-bit lane L: word 4L + e of rows 4k .. 4k + 3.
-  __m512i u[16];
-  for (int k = 0; k < 4; ++k) {
-    u[4 * k + 0] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
-    u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
-    u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
-    u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
-  }
-  // A 4 x 4 transpose of 128-bit lanes across u[e], u[4 + e], u[8 + e], u[12 + e].
-  for (int e = 0; e < 4; ++e) {
-    const __m512i x0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44);
-    const __m512i x1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
-    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);
-    const __m512i x3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
-    r[e] = _mm512_shuffle_i32x4(x0, x2, 0x88);
-    r[4 + e] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
-    r[8 + e] = _mm512_shuffle_i32x4(x1, x3, 0x88);
-    r[12 + e] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
-  }
-}
-
 // 32 int8 values as 32 int16.
 [[gnu::always_inline]] inline __m512i widen32(const int8_t* p) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -111,45 +83,35 @@ inline int64_t vnni_dim(int64_t v, int64_t l) {
   return (v & 1) * 32 + (v >> 1) * 4 + 8 * (l >> 2) + (l & 3);
 }
 
-// One tile (n <= 16 tokens) of one kv head for HG of its query heads: scores, online softmax,
-// value sums. k0 / v0: the tile's first K / V row (int8, scale after d values), ts: token
-// stride in bytes; qb / qs / qo: the heads' quantized queries (quantize_query; d / 4 vectors,
-// d / 64 scales and offsets a head); m, lv (16 lanes a head), acc (d floats a head, vnni
-// order): the running max, sum and weighted values of each head.
+// One tile (n <= 16 tokens from t0) of one kv head's region of a block (kv_quant.py's layout,
+// bs tokens a block) for HG of its query heads: scores, online softmax, value sums. kw: the
+// region's K words (word j of token t at kw + (j * bs + t) * 4); ks / vs: the K / V scales
+// (float32, one per token); v0: the V rows (d bytes each); all already offset to the tile's
+// first token. qb / qs / qo: the heads' quantized queries (quantize_query; d / 4 vectors, d / 64
+// scales and offsets a head); m, lv (16 lanes a head), acc (d floats a head, vnni order): the
+// running max, sum and weighted values of each head. Lanes past n are masked off (a block's
+// slots past the context may hold anything, even a NaN scale).
 template <int HG>
 [[gnu::always_inline]] inline void vnni_tile(const __m512i* qb, const float* qs,
-                                             const int32_t* qo, int64_t d, const int8_t* k0,
-                                             const int8_t* v0, int64_t ts, int64_t n, float* m,
-                                             float* lv, float* acc) {
+                                             const int32_t* qo, int64_t d, const int8_t* kw,
+                                             const float* ks, const int8_t* v0, const float* vs,
+                                             int64_t bs, int64_t n, float* m, float* lv,
+                                             float* acc) {
   const int64_t chunks = d / 64;
   const __mmask16 valid = first_lanes(n);
   const __m512 zero = _mm512_setzero_ps();
-  // Each token's row scales (scalar loads: a gather is slower on Zen 4).
-  alignas(64) float kf[16], vf[16];
-  for (int i = 0; i < 16; ++i) {
-    if (i < n) {
-      std::memcpy(kf + i, k0 + i * ts + d, sizeof(float));
-      std::memcpy(vf + i, v0 + i * ts + d, sizeof(float));
-    } else {
-      kf[i] = vf[i] = 0.0f;
-    }
-  }
-  const __m512 ksc = _mm512_load_ps(kf);
-  const __m512 vsc = _mm512_load_ps(vf);
-  // Scores: integer dot products per 64-value chunk.
+  const __m512 ksc = _mm512_maskz_loadu_ps(valid, ks);
+  const __m512 vsc = _mm512_maskz_loadu_ps(valid, vs);
+  // Scores: integer dot products per 64-value chunk, one line of 16 tokens' words each.
   __m512 s[HG];
   for (int h = 0; h < HG; ++h) s[h] = zero;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // k -> k + 128, unsigned
   for (int64_t c = 0; c < chunks; ++c) {
-    __m512i r[16];
-    for (int i = 0; i < 16; ++i) {
-      r[i] = i < n ? _mm512_loadu_si512(k0 + i * ts + 64 * c) : _mm512_setzero_si512();
-    }
-    transpose16x16_epi32(r);
     __m512i a[HG];
     for (int h = 0; h < HG; ++h) a[h] = _mm512_set1_epi32(-qo[h * chunks + c]);
-    for (int j = 0; j < 16; ++j) {
-      const __m512i ku = _mm512_xor_si512(r[j], flip);
+    for (int64_t j = 0; j < 16; ++j) {
+      const __m512i ku =
+          _mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, kw + (16 * c + j) * bs * 4), flip);
       for (int h = 0; h < HG; ++h) {
         a[h] = _mm512_dpbusd_epi32(a[h], ku, _mm512_loadu_si512(qb + h * d / 4 + 16 * c + j));
       }
@@ -191,8 +153,8 @@ template <int HG>
       for (int v = 0; v < 4; ++v) ia[h][v] = _mm512_setzero_si512();
     }
     for (int64_t i = 0; 2 * i < n; ++i) {
-      const int8_t* pa = v0 + 2 * i * ts + 64 * c;
-      const int8_t* pb = pa + ts;
+      const int8_t* pa = v0 + 2 * i * d + 64 * c;
+      const int8_t* pb = pa + d;
       const bool has_b = 2 * i + 1 < n;
       const __m512i a0 = widen32(pa), a1 = widen32(pa + 32);
       const __m512i b0 = has_b ? widen32(pb) : _mm512_setzero_si512();
@@ -214,22 +176,27 @@ template <int HG>
   }
 }
 
-// One block (n_tok tokens from base, the run's first kv head) for the run's nkh kv heads and
-// their `group` query heads each (sub-groups of at most 4): tiles of 16 tokens; prefetch(n)
-// after each kv head's tile (the next block's rows, spread over the work).
+// One block (n_tok tokens; base: the region of the run's first kv head, regions `region` bytes
+// apart) for the run's nkh kv heads and their `group` query heads each (sub-groups of at most
+// 4): tiles of 16 tokens; prefetch(n) after each kv head's tile (the next block's lines,
+// spread over the work).
 template <typename Prefetch>
 inline void vnni_block(const __m512i* qb, const float* qs, const int32_t* qo, int64_t d,
-                       const int8_t* base, int64_t ts, int64_t row, int64_t kv_heads,
-                       int64_t n_tok, int64_t nkh, int64_t group, float* m, float* lv,
-                       float* acc, Prefetch& prefetch, int64_t lines) {
+                       const int8_t* base, int64_t bs, int64_t region, int64_t n_tok,
+                       int64_t nkh, int64_t group, float* m, float* lv, float* acc,
+                       Prefetch& prefetch, int64_t lines) {
   const int64_t tiles = (n_tok + 15) / 16;
   const int64_t per_call = (lines + tiles * nkh - 1) / (tiles * nkh);
   const int64_t chunks = d / 64;
+  const int64_t vrows = bs * (d + 4);  // V rows' offset in a region
   for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
     const int64_t n = std::min<int64_t>(16, n_tok - t0);
     for (int64_t k = 0; k < nkh; ++k) {
-      const int8_t* k0 = base + t0 * ts + k * row;
-      const int8_t* v0 = base + t0 * ts + (kv_heads + k) * row;
+      const int8_t* hb = base + k * region;
+      const int8_t* kw = hb + t0 * 4;
+      const float* ks = reinterpret_cast<const float*>(hb + d * bs) + t0;
+      const int8_t* v0 = hb + vrows + t0 * d;
+      const float* vs = reinterpret_cast<const float*>(hb + vrows + d * bs) + t0;
       for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t h = k * group + g0;
         const __m512i* qh = qb + h * d / 4;
@@ -239,10 +206,10 @@ inline void vnni_block(const __m512i* qb, const float* qs, const int32_t* qo, in
         float* lh = lv + h * 16;
         float* ah = acc + h * d;
         switch (std::min<int64_t>(4, group - g0)) {
-          case 1: vnni_tile<1>(qh, sh, oh, d, k0, v0, ts, n, mh, lh, ah); break;
-          case 2: vnni_tile<2>(qh, sh, oh, d, k0, v0, ts, n, mh, lh, ah); break;
-          case 3: vnni_tile<3>(qh, sh, oh, d, k0, v0, ts, n, mh, lh, ah); break;
-          default: vnni_tile<4>(qh, sh, oh, d, k0, v0, ts, n, mh, lh, ah);
+          case 1: vnni_tile<1>(qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          case 2: vnni_tile<2>(qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          case 3: vnni_tile<3>(qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          default: vnni_tile<4>(qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah);
         }
       }
       prefetch(per_call);

@@ -76,6 +76,11 @@ void decode_kernel(
   const int64_t row = d + row_extra<C>();  // cache elements of one kv head's K (or V)
   const int64_t token_stride = 2 * kv_heads * row;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
+  // An int8 cache's block holds one region per kv head instead of slots (kv_quant.py's block
+  // layout: K words [d / 4][block_size][4], K scales, V rows [block_size][d], V scales).
+  constexpr bool kInt8 = std::is_same<C, int8_t>::value;
+  const int64_t region = 2 * block_size * row;  // int8: one kv head's bytes in a block
+  const int64_t head_off = kInt8 ? region : row;  // from one kv head's data to the next's
   // bfloat16 queries over a bfloat16 or int8 cache with AVX-512 BF16: the dot-product loops
   // (vec_math.h, block_dots_bf16 / block_values_bf16), for every group size.
   // An int8 cache with AVX-512 VNNI: integer dot products (int8_attention.h), for every group
@@ -129,6 +134,8 @@ void decode_kernel(
     std::vector<float> ks(row_extra<C>() ? run_heads * block_size : 0);  // int8: K row scales
     std::vector<float> vs(row_extra<C>() ? run_heads * block_size : 0);  // int8: V row scales
     std::vector<float> pw(row_extra<C>() ? block_size : 0);  // int8: weight x V scale
+    // int8 without the VNNI loops: the run's keys of a block as rows [block_size][nkh][d].
+    std::vector<int8_t> krows(kInt8 ? block_size * run_heads * d : 0);
     // The dot-product loops: each head's softmax weights in bfloat16, padded to an even count.
     const int64_t p_stride = (block_size + 15) / 16 * 16;  // softmax_weights_bf16 writes 16s
     std::vector<c10::BFloat16> pb(kDp ? rh * p_stride : 0);
@@ -173,7 +180,7 @@ void decode_kernel(
 #endif
       const int64_t n_blocks = (n_ctx + block_size - 1) / block_size;
       for (int64_t n = 0; n < n_blocks; ++n) {
-        const C* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * row;
+        const C* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * head_off;
         const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
         // The next block is elsewhere in memory (the table is random): ask for its rows
         // while this block computes, a token's K and V run per token of this one. Near the
@@ -184,20 +191,29 @@ void decode_kernel(
         const char* next = nullptr;
         if (n + kPrefetchBlocks < n_blocks) {
           next = reinterpret_cast<const char*>(
-              kv + tables[b * max_blocks + n + kPrefetchBlocks] * block_stride + kh0 * row);
+              kv + tables[b * max_blocks + n + kPrefetchBlocks] * block_stride + kh0 * head_off);
         } else if (item + 1 < end) {
           const int64_t nb = (item + 1) / runs, nn = n + kPrefetchBlocks - n_blocks;
           if (nn < (ctx[nb] + block_size - 1) / block_size) {
             next = reinterpret_cast<const char*>(kv + tables[nb * max_blocks + nn] * block_stride +
-                                                 ((item + 1) % runs) * run_heads * row);
+                                                 ((item + 1) % runs) * run_heads * head_off);
           }
         }
         const int64_t run_bytes = nkh * row * static_cast<int64_t>(sizeof(C));
         const int64_t kv_bytes = kv_heads * row * static_cast<int64_t>(sizeof(C));
         // The next block's rows of token t (K and V of the run): asked for while this block
         // computes, spread over the work so a few requests are in flight at a time.
+        // int8: the run's regions are one contiguous span.
+        const int64_t span = nkh * region * static_cast<int64_t>(sizeof(C));
         auto prefetch_next = [&](int64_t t) {
           if (next == nullptr || t >= block_size) return;
+          if constexpr (kInt8) {  // token t's share of the span
+            for (int64_t off = t * span / block_size / 64 * 64; off < (t + 1) * span / block_size;
+                 off += 64) {
+              prefetch_l2(next + off);
+            }
+            return;
+          }
           const char* nrow = next + t * token_stride * static_cast<int64_t>(sizeof(C));
           for (int64_t off = 0; off < run_bytes; off += 64) {
             prefetch_l2(nrow + off);
@@ -211,9 +227,10 @@ void decode_kernel(
         // every kv head reads the whole block, one contiguous range; a run of some of them
         // two ranges per token, walked with a cursor (no division per line).
         const int64_t seg_lines = (run_bytes + 63) / 64;
-        const bool whole = nkh == kv_heads;
+        const bool whole = kInt8 || nkh == kv_heads;
         const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(C));
         const int64_t lines = next == nullptr ? 0
+                              : kInt8       ? (span + 63) / 64
                               : whole       ? (block_size * token_bytes + 63) / 64
                                             : 2 * seg_lines * block_size;
         int64_t line = 0, r = 0;
@@ -237,17 +254,39 @@ void decode_kernel(
         if constexpr (kVnni) {
           if (vnni) {
             vnni_block(qb.data(), qsc.data(), qo.data(), d, reinterpret_cast<const int8_t*>(base),
-                       token_bytes, row, kv_heads, n_tok, nkh, group, m.data(), lv.data(),
-                       acc.data(), prefetch_lines, lines);
+                       block_size, region, n_tok, nkh, group, m.data(), lv.data(), acc.data(),
+                       prefetch_lines, lines);
             prefetch_lines(lines);  // what is left (a short block)
             continue;
           }
         }
 #endif
+        // Where the loops below read K and V: token stride and kv-head stride of each. An int8
+        // cache's keys are word-major (for the VNNI loops above): copied into rows for these.
+        const C* kbase = base;
+        const C* vbase = base + kv_heads * row;
+        int64_t kts = token_stride, krw = row, vts = token_stride, vrw = row;
+        if constexpr (kInt8) {
+          int8_t* kr = krows.data();
+          for (int64_t k = 0; k < nkh; ++k) {
+            const int8_t* kw = base + k * region;
+            for (int64_t w = 0; w < d / 4; ++w) {
+              for (int64_t t = 0; t < n_tok; ++t) {
+                std::memcpy(kr + (t * nkh + k) * d + 4 * w, kw + (w * block_size + t) * 4, 4);
+              }
+            }
+          }
+          kbase = kr;
+          kts = nkh * d;
+          krw = d;
+          vbase = base + block_size * row;
+          vts = d;
+          vrw = region;
+        }
 #if defined(__AVX512BF16__)
         if constexpr (kDp) {
           if (dp) {
-            block_dots_bf16(qrun, d, base, token_stride, row, n_tok, nkh, group, s.data(),
+            block_dots_bf16(qrun, d, kbase, kts, krw, n_tok, nkh, group, s.data(),
                             block_size, scale, prefetch_lines, lines);
             prefetch_lines(lines);  // what is left (a short block)
             t0 = n_tok;
@@ -257,7 +296,7 @@ void decode_kernel(
 #if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
           if (grouped) {
-            block_dots_split(qf.data(), d, base, token_stride, row, n_tok, nkh, group, s.data(),
+            block_dots_split(qf.data(), d, kbase, kts, krw, n_tok, nkh, group, s.data(),
                              block_size, prefetch_lines, lines);
             prefetch_lines(lines);  // what is left (a short block)
             t0 = n_tok;
@@ -269,8 +308,8 @@ void decode_kernel(
           for (; t0 + 16 <= n_tok; t0 += 16) {
             for (int64_t h = 0; h < nh; ++h) {
               for (int64_t t = t0 + h * 16 / nh; t < t0 + (h + 1) * 16 / nh; ++t) prefetch_next(t);
-              dot16(qf.data() + h * d, base + t0 * token_stride + (h / group) * row, token_stride,
-                    d, s.data() + h * block_size + t0);
+              dot16(qf.data() + h * d, kbase + t0 * kts + (h / group) * krw, kts, d,
+                    s.data() + h * block_size + t0);
             }
           }
         }
@@ -279,27 +318,26 @@ void decode_kernel(
           for (; t0 + 8 <= n_tok; t0 += 8) {
             for (int64_t h = 0; h < nh; ++h) {
               for (int64_t t = t0 + h * 8 / nh; t < t0 + (h + 1) * 8 / nh; ++t) prefetch_next(t);
-              dot8(qf.data() + h * d, base + t0 * token_stride + (h / group) * row, token_stride,
-                   d, s.data() + h * block_size + t0);
+              dot8(qf.data() + h * d, kbase + t0 * kts + (h / group) * krw, kts, d,
+                   s.data() + h * block_size + t0);
             }
           }
         }
 #endif
         for (int64_t t = t0; t < n_tok; ++t) {
           prefetch_next(t);
-          const C* krow = base + t * token_stride;
+          const C* krow = kbase + t * kts;
           for (int64_t h = 0; h < nh; ++h) {
-            s[h * block_size + t] = dot(qf.data() + h * d, krow + (h / group) * row, d);
+            s[h * block_size + t] = dot(qf.data() + h * d, krow + (h / group) * krw, d);
           }
         }
-        if constexpr (std::is_same<C, int8_t>::value) {
+        if constexpr (kInt8) {
           // Each row's scale: K's multiplies its score, V's joins the softmax weight below.
-          for (int64_t t = 0; t < n_tok; ++t) {
-            const C* krow = base + t * token_stride;
-            for (int64_t k = 0; k < nkh; ++k) {
-              ks[k * block_size + t] = row_scale(krow + k * row, d);
-              vs[k * block_size + t] = row_scale(krow + (kv_heads + k) * row, d);
-            }
+          for (int64_t k = 0; k < nkh; ++k) {
+            const int8_t* hb = base + k * region;
+            std::memcpy(ks.data() + k * block_size, hb + d * block_size, n_tok * sizeof(float));
+            std::memcpy(vs.data() + k * block_size, hb + block_size * row + d * block_size,
+                        n_tok * sizeof(float));
           }
           for (int64_t h = 0; h < nh; ++h) {
             const float* kh = ks.data() + (h / group) * block_size;
@@ -318,8 +356,8 @@ void decode_kernel(
               softmax_weights_bf16(s.data() + h * block_size, n_tok, m[h], l[h],
                                    acc.data() + h * d, d, mul, pb.data() + h * p_stride);
             }
-            block_values_bf16(acc.data(), d, base + kv_heads * row, token_stride, row, n_tok, nkh,
-                              group, pb.data(), p_stride);
+            block_values_bf16(acc.data(), d, vbase, vts, vrw, n_tok, nkh, group, pb.data(),
+                              p_stride);
             continue;
           }
         }
@@ -349,8 +387,8 @@ void decode_kernel(
                 for (int64_t t = 0; t < n_tok; ++t) ph[t] *= sv[t];
               }
             }
-            block_values_split(acc.data(), d, base + kv_heads * row, token_stride, row, n_tok, nkh,
-                               group, s.data(), block_size);
+            block_values_split(acc.data(), d, vbase, vts, vrw, n_tok, nkh, group, s.data(),
+                               block_size);
             continue;
           }
         }
@@ -363,8 +401,7 @@ void decode_kernel(
             for (int64_t t = 0; t < n_tok; ++t) pw[t] = ph[t] * sv[t];
             ph = pw.data();
           }
-          head_values(acc.data() + h * d, base + kv_heads * row + (h / group) * row,
-                      token_stride, n_tok, ph, d);
+          head_values(acc.data() + h * d, vbase + (h / group) * vrw, vts, n_tok, ph, d);
         }
       }
       for (int64_t h = 0; h < nh; ++h) {
@@ -440,6 +477,7 @@ at::Tensor paged_decode_attention(
   const int64_t kv_heads = kv_cache.size(3);
   TORCH_CHECK(kv_cache.size(4) == d + (int8 ? 4 : 0),
               "head_dim of query and cache differ (an int8 cache row is head_dim + 4 bytes)");
+  TORCH_CHECK(!int8 || d % 4 == 0, "an int8 cache needs head_dim a multiple of 4, got ", d);
   TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(block_tables.size(0) == batch && context_lens.size(0) == batch, "batch mismatch");
   // The query is usually a strided view into the fused qkv output: any row stride is fine as
@@ -475,20 +513,28 @@ at::Tensor paged_decode_attention(
 }
 
 // Quantize rows of `src` ([T, 2, K, D], float32 or bfloat16, rows of any stride) into the
-// int8 cache slots `slots` ([T] int64) of `cache` ([N, S, 2, K, D + 4] int8): per (token, K/V,
-// head) row, scale = amax / 127, q = round(x * (127 / amax)) (half to even, as torch.round),
-// and the scale's 4 bytes after the values; an all-zero row gets scale 0 and zeros. The same
-// arithmetic as `carpool.model.kv_quant.quantize` (torch ops), so both write identical bytes.
+// int8 cache slots `slots` ([T] int64, block * bs + offset) of `cache` ([N, bs, 2, K, D + 4]
+// int8, kv_quant.py's block layout): per (token, K/V, head) row, scale = amax / 127,
+// q = round(x * (127 / amax)) (half to even, as torch.round); an all-zero row gets scale 0 and
+// zeros. The same arithmetic as `carpool.model.kv_quant.quantize` (torch ops), and the same
+// places as `kv_quant.store`, so both write identical bytes. K values go word by word to their
+// word-major places, V values as a row; each scale to its token's place after them.
 template <typename T>
 void store_rows(const T* src, int64_t src_stride, int8_t* cache, const int64_t* slots,
-                int64_t tokens, int64_t rows, int64_t d) {
+                int64_t tokens, int64_t kvh, int64_t d, int64_t bs) {
   const int64_t row = d + 4;
+  const int64_t region = 2 * bs * row;  // one kv head's bytes in a block
   // Grain 64 tokens: a decode step's few tokens are not worth waking the other threads.
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> q(d);
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t r = 0; r < rows; ++r) {
+      const int64_t block = slots[t] / bs, slot = slots[t] % bs;
+      for (int64_t r = 0; r < 2 * kvh; ++r) {
         const T* x = src + t * src_stride + r * d;
-        int8_t* dst = cache + (slots[t] * rows + r) * row;
+        const bool is_v = r >= kvh;
+        int8_t* hb = cache + (block * kvh + r % kvh) * region + (is_v ? bs * row : 0);
+        // V rows land in place; K values go through q to their words.
+        int8_t* dst = is_v ? hb + slot * d : q.data();
         float amax = 0.0f;
         int64_t i = 0;
 #if defined(__AVX512F__)
@@ -515,7 +561,12 @@ void store_rows(const T* src, int64_t src_stride, int8_t* cache, const int64_t* 
           const float v = std::nearbyint(to_float(x[i]) * inv);
           dst[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
         }
-        std::memcpy(dst + d, &s, sizeof(s));
+        if (!is_v) {
+          for (int64_t w = 0; w < d / 4; ++w) {
+            std::memcpy(hb + (w * bs + slot) * 4, q.data() + 4 * w, 4);
+          }
+        }
+        std::memcpy(hb + d * bs + slot * 4, &s, sizeof(s));
       }
     }
   });
@@ -531,6 +582,7 @@ void kv_store_int8(const at::Tensor& src,    // [T, 2, K, D]
   const int64_t tokens = src.size(0), kvh = src.size(2), d = src.size(3);
   TORCH_CHECK(cache.size(2) == 2 && cache.size(3) == kvh && cache.size(4) == d + 4,
               "cache rows must be [2, K, D + 4] for src rows [2, K, D]");
+  TORCH_CHECK(d % 4 == 0, "an int8 cache needs head_dim a multiple of 4, got ", d);
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == tokens,
               "slots must be [T] int64");
   // A token's [2, K, D] must be contiguous (a row of the fused qkv output is); rows may be
@@ -545,10 +597,10 @@ void kv_store_int8(const at::Tensor& src,    // [T, 2, K, D]
   }
   if (x.scalar_type() == at::kFloat) {
     store_rows<float>(x.data_ptr<float>(), x.stride(0), cache.data_ptr<int8_t>(), sp, tokens,
-                      2 * kvh, d);
+                      kvh, d, cache.size(1));
   } else if (x.scalar_type() == at::kBFloat16) {
     store_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), x.stride(0),
-                              cache.data_ptr<int8_t>(), sp, tokens, 2 * kvh, d);
+                              cache.data_ptr<int8_t>(), sp, tokens, kvh, d, cache.size(1));
   } else {
     TORCH_CHECK(false, "kv_store_int8: float32 or bfloat16 only, got ", x.scalar_type());
   }

@@ -155,23 +155,10 @@ inline void store_from_split(const float* src, T* dst, int64_t d, float mul) {
 }
 #endif
 
-// Elements of one (token, K/V, kv head) row in the cache, and its dequantization scale: an
-// int8 row carries its float32 scale in 4 bytes after the head_dim values.
+// Elements of one (token, K/V, kv head) row in the cache: an int8 row's head_dim values come
+// with a float32 scale (4 bytes; kv_quant.py).
 template <typename C>
 constexpr int64_t row_extra() { return std::is_same<C, int8_t>::value ? 4 : 0; }
-
-template <typename C>
-inline float row_scale(const C* row, int64_t d) {
-  if constexpr (std::is_same<C, int8_t>::value) {
-    float s;
-    std::memcpy(&s, row + d, sizeof(s));
-    return s;
-  } else {
-    (void)row;
-    (void)d;
-    return 1.0f;
-  }
-}
 
 // The largest of x and sh[0..n).
 inline float max_block(const float* sh, int64_t n, float x) {

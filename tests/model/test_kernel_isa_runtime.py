@@ -1,0 +1,82 @@
+"""The paged decode kernel's lower instruction-set paths, run on this machine.
+
+The kernel is built with ``-march=native``, so a CI host with AVX-512 VNNI only ever runs its
+VNNI and AVX-512 BF16 loops; ``test_kernel_isa_levels`` compiles the other branches but runs
+none of them. Here the kernel is also built for plain x86-64-v2 (scalar loops), x86-64-v3
+(AVX2 + FMA, the grouped 8-lane loops of a Zen 3) and x86-64-v4 (AVX-512 without BF16 or VNNI)
+under their own operator namespaces, and each build's decode attention is checked against the
+gather + SDPA reference on float32, bfloat16 and int8 caches (the int8 cache's word-major keys
+go through those paths' row copy). A level the host cannot execute is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from carpool.model import kernel_build
+from helpers.attention_ref import dequantized_sdpa, gather_sdpa, int8_case, random_case
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        platform.machine() not in ("x86_64", "AMD64"), reason="the levels are x86 ones"
+    ),
+]
+
+# The level's -march, and the /proc/cpuinfo flags a CPU needs to run what it builds.
+LEVELS = {
+    "v2": ("x86-64-v2", ("sse4_2", "popcnt")),
+    "v3": ("x86-64-v3", ("avx2", "fma", "bmi2")),
+    "v4": ("x86-64-v4", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd")),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LEVELS))
+def level_op(request):
+    march, needs = LEVELS[request.param]
+    flags = set(kernel_build.cpu_flags().split())
+    missing = [f for f in needs if f not in flags]
+    if missing:
+        pytest.skip(f"this CPU lacks {missing} for -march={march}")
+    namespace = f"isa_{request.param}"
+    cflags = [f for f in kernel_build.CFLAGS if f != "-march=native"] + [f"-march={march}"]
+    kernel_build.build_as(kernel_build.CSRC, "paged_attention.cpp", namespace, cflags)
+    ops = getattr(torch.ops, namespace)
+    return ops.paged_decode_attention, ops.kv_store_int8
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lower_level_kernel_matches_the_reference(level_op, head_dim, heads, kv_heads, qdtype):
+    decode, _ = level_op
+    lens = [1, 15, 16, 17, 53, 300]
+    scale = head_dim**-0.5
+    # A float cache of the queries' dtype.
+    q, cache, tables, ctx = random_case(qdtype, heads, kv_heads, head_dim, 16, lens)
+    got = decode(q, cache, tables, ctx, scale)
+    ref = gather_sdpa(q, cache, tables, ctx, scale)
+    tol = 2e-5 if qdtype == torch.float32 else 1.6e-2
+    assert (got.float() - ref).abs().max().item() <= tol
+    # The int8 cache (block layout): these levels have no VNNI, so no query rounding; the
+    # same dequantized values as the reference.
+    q, cache, tables, ctx = int8_case(heads, kv_heads, head_dim, 16, lens, qdtype)
+    got = decode(q, cache, tables, ctx, scale)
+    ref = dequantized_sdpa(q, cache, tables, ctx, scale)
+    assert (got.float() - ref).abs().max().item() <= tol
+
+
+def test_lower_level_int8_store_writes_the_hosts_bytes(level_op):
+    from carpool.model import paged_attention
+
+    _, store = level_op
+    x = torch.randn(40, 2, 2, 64, generator=torch.Generator().manual_seed(3))
+    slots = torch.randperm(48)[:40]
+    a = torch.zeros(3, 16, 2, 2, 68, dtype=torch.int8)
+    b = a.clone()
+    store(x, a, slots)
+    paged_attention.store_int8(b, slots, x)  # the host's build (or torch ops)
+    assert torch.equal(a, b)
