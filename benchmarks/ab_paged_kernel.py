@@ -49,6 +49,13 @@ def ab_parser(doc: str, rounds: int = 15) -> argparse.ArgumentParser:
     return ap
 
 
+def mapped(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in a mapping of the engine's KV cache allocator (huge pages)."""
+    from carpool.model.llama import zeroed_lazily
+
+    return zeroed_lazily(tuple(t.shape), t.dtype, "cpu").copy_(t)
+
+
 def block_layout(src: Path) -> bool:
     """Whether a checkout's int8 cache uses kv_quant's block layout (else rows)."""
     return "def to_blocks" in (src / "carpool" / "model" / "kv_quant.py").read_text()
@@ -61,6 +68,12 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    ap.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="caches (and the sum() baseline) in the engine's own mappings "
+        "(llama.zeroed_lazily: transparent huge pages where the kernel allows)",
+    )
     a = ap.parse_args()
     build(Path(a.before), "ab_before")
     build(Path(a.after), "ab_after")
@@ -94,6 +107,9 @@ def main() -> None:
             q = torch.randn(b, h, d).to(torch.float32 if cache == "fp32q" else torch.bfloat16)
             # float32 tensors of the same bytes as each cache, for the streaming-read baseline
             plain = [torch.randn(c.numel() * c.element_size() // 4) for c in caches]
+            if a.huge_pages:
+                per = {name: [mapped(c) for c in cs] for name, cs in per.items()}
+                plain = [mapped(p) for p in plain]
             times: dict[str, list[float]] = {"before": [], "after": [], "sum": []}
             outs = {}
             with torch.inference_mode():

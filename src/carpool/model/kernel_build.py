@@ -119,20 +119,9 @@ def load_library(prefix: str, source: Path) -> float:
             log.warning("cached kernel build %s did not load (%s): rebuilding", built, e)
         else:
             return time.perf_counter() - start
-    from torch.utils import cpp_extension
-
     build_dir.mkdir(parents=True, exist_ok=True)
     drop_stale_lock(build_dir / "lock")
-    with _ninja_on_path():
-        cpp_extension.load(
-            name=name,
-            sources=[str(source)],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(build_dir),
-            is_python_module=False,  # registers torch.ops.carpool.*; no pybind11 to compile
-            verbose=False,
-        )
+    _compile_and_load(name, source, build_dir, CFLAGS)
     seconds = time.perf_counter() - start
     log.debug("%s ready in %.1f s (%s)", source.name, seconds, build_dir)
     return seconds
@@ -191,8 +180,6 @@ def build_as(csrc: Path, source: str, namespace: str, cflags: Sequence[str] = CF
     load it into this process. Not cached: for side-by-side runs in one process, such as two
     checkouts' kernels (``benchmarks/ab_paged_kernel.py``) or one kernel at another instruction
     set level than the host's (``tests/model/test_kernel_isa_runtime.py``)."""
-    from torch.utils import cpp_extension
-
     work = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
     for f in csrc.iterdir():
         if f.is_file():
@@ -202,13 +189,20 @@ def build_as(csrc: Path, source: str, namespace: str, cflags: Sequence[str] = CF
     for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
         text = text.replace(f"{macro}(carpool,", f"{macro}({namespace},")
     cpp.write_text(text)
+    _compile_and_load(namespace, cpp, work, cflags)
+
+
+def _compile_and_load(name: str, source: Path, build_dir: Path, cflags: Sequence[str]) -> None:
+    """torch's cpp_extension build of one source into ``build_dir``, loaded into this process."""
+    from torch.utils import cpp_extension
+
     with _ninja_on_path():
         cpp_extension.load(
-            name=namespace,
-            sources=[str(cpp)],
+            name=name,
+            sources=[str(source)],
             extra_cflags=list(cflags),
             extra_ldflags=list(LDFLAGS),
-            build_directory=str(work),
-            is_python_module=False,
+            build_directory=str(build_dir),
+            is_python_module=False,  # registers torch.ops.<namespace>.*; no pybind11 to compile
             verbose=False,
         )

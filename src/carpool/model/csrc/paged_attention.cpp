@@ -7,9 +7,11 @@
 // that share it (grouped-query attention); nothing is copied.
 //
 // The cache holds float32 or bfloat16 rows (a bfloat16 cache also under float32 queries: a float32
-// model's cache at half the bytes), or int8 rows (``kv_cache_dtype="int8"``): each
-// (token, K/V, kv head) row is head_dim int8 values followed by its float32 scale (4 bytes), so a
-// row is head_dim + 4 bytes. The scale multiplies the dot product (K) or the softmax weight (V):
+// model's cache at half the bytes), or int8 values (``kv_cache_dtype="int8"``): each
+// (token, K/V, kv head) row is head_dim int8 values and a float32 scale, and a block holds them
+// in kv_quant.py's block layout (a region per kv head: keys word-major, key scales, value rows,
+// value scales), which the VNNI loops read as they are; the other loops get a block's keys
+// copied back into rows. The scale multiplies the dot product (K) or the softmax weight (V):
 // dequantization costs one multiply per row, not per element.
 //
 // Registered as the torch operators carpool::paged_decode_attention and carpool::kv_store_int8
