@@ -145,32 +145,32 @@ template <int HG>
     const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(p, vmul));  // 0 .. 32767
     _mm256_store_si256(reinterpret_cast<__m256i*>(w[h]), _mm512_cvtepi32_epi16(wi));
   }
-  // Value sums: token pairs, each row widened to int16 and the two interleaved into pairs.
+  // Value sums: token pairs, each row widened to int16 and the two interleaved into pairs;
+  // 32 dimensions at a time (8 accumulators for 4 heads: no spills).
   const __m512 back = _mm512_set1_ps(vmax / 32767.0f);
   for (int64_t c = 0; c < chunks; ++c) {
-    __m512i ia[HG][4];
-    for (int h = 0; h < HG; ++h) {
-      for (int v = 0; v < 4; ++v) ia[h][v] = _mm512_setzero_si512();
-    }
-    for (int64_t i = 0; 2 * i < n; ++i) {
-      const int8_t* pa = v0 + 2 * i * d + 64 * c;
-      const int8_t* pb = pa + d;
-      const bool has_b = 2 * i + 1 < n;
-      const __m512i a0 = widen32(pa), a1 = widen32(pa + 32);
-      const __m512i b0 = has_b ? widen32(pb) : _mm512_setzero_si512();
-      const __m512i b1 = has_b ? widen32(pb + 32) : _mm512_setzero_si512();
-      const __m512i x[4] = {_mm512_unpacklo_epi16(a0, b0), _mm512_unpacklo_epi16(a1, b1),
-                            _mm512_unpackhi_epi16(a0, b0), _mm512_unpackhi_epi16(a1, b1)};
-      for (int h = 0; h < HG; ++h) {
-        const __m512i wp = _mm512_set1_epi32(w[h][i]);
-        for (int v = 0; v < 4; ++v) ia[h][v] = _mm512_dpwssd_epi32(ia[h][v], x[v], wp);
+    for (int64_t half = 0; half < 2; ++half) {
+      __m512i ia[HG][2];
+      for (int h = 0; h < HG; ++h) ia[h][0] = ia[h][1] = _mm512_setzero_si512();
+      for (int64_t i = 0; 2 * i < n; ++i) {
+        const int8_t* pa = v0 + 2 * i * d + 64 * c + 32 * half;
+        const __m512i a0 = widen32(pa);
+        const __m512i b0 = 2 * i + 1 < n ? widen32(pa + d) : _mm512_setzero_si512();
+        const __m512i x0 = _mm512_unpacklo_epi16(a0, b0), x1 = _mm512_unpackhi_epi16(a0, b0);
+        for (int h = 0; h < HG; ++h) {
+          const __m512i wp = _mm512_set1_epi32(w[h][i]);
+          ia[h][0] = _mm512_dpwssd_epi32(ia[h][0], x0, wp);
+          ia[h][1] = _mm512_dpwssd_epi32(ia[h][1], x1, wp);
+        }
       }
-    }
-    for (int h = 0; h < HG; ++h) {
-      float* ah = acc + h * d + 64 * c;
-      for (int v = 0; v < 4; ++v) {
-        _mm512_storeu_ps(ah + 16 * v, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[h][v]), back,
-                                                      _mm512_loadu_ps(ah + 16 * v)));
+      // Accumulator v of the vnni order: v = 2 * (lo / hi) + half.
+      for (int h = 0; h < HG; ++h) {
+        float* ah = acc + h * d + 64 * c;
+        for (int u = 0; u < 2; ++u) {
+          float* av = ah + 16 * (2 * u + half);
+          _mm512_storeu_ps(av, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[h][u]), back,
+                                               _mm512_loadu_ps(av)));
+        }
       }
     }
   }
