@@ -9,7 +9,7 @@ The cache is by default the small model's layer (8 kv heads x 64 dims, bf16; ``-
 manager hands them out, ``--layers`` such caches read in turn (from memory, as a model's
 layers are; times per layer). Every candidate runs once per round,
 ``--rounds`` rounds, in one process; prints the median and minimum of each. The int8 rows
-(``kv_cache_dtype="int8"``: the same values quantized, head_dim + 4 bytes per row) run beside.
+(``kv_cache_dtype="int8"``: the same values quantized, in its block layout) run beside.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     b, h, kvh, d, bs, ctx = a.batch, a.heads, a.kv_heads, a.head_dim, 16, a.context
     nb = b * (-(-ctx // bs))
     kvs = [torch.randn(nb + 2, bs, 2, kvh, d).to(torch.bfloat16) for _ in range(a.layers)]
-    kv8s = [kv_quant.quantize(kv).contiguous() for kv in kvs]  # int8 caches of the same values
+    kv8s = [kv_quant.to_blocks(kv_quant.quantize(kv)) for kv in kvs]  # int8, the same values
     same_int8 = [torch.randn(kv8s[0].numel() // 4) for _ in kvs]  # float32: the int8 bytes
     same_bytes = [torch.randn(kvs[0].numel() // 2) for _ in kvs]  # float32: the bf16 bytes
     tables = torch.arange(1, nb + 1).view(-1, b).t().contiguous()  # interleaved blocks

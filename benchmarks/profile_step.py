@@ -30,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from carpool.bench.random_model import save_random_llama
+from carpool.model import kv_quant
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.loader import load_model
 from carpool.model_config import KV_CACHE_DTYPES
@@ -130,13 +131,21 @@ def fill_random(caches: list[torch.Tensor]) -> None:
     """Random keys/values in every cache page. Why: zeros could hit special cases in the
     kernels, and a page never written is the kernel's shared zero page (the cache is allocated
     lazily), which every read would find in the CPU's cache instead of memory. An int8 cache
-    gets random int8 values and a plausible scale in every row."""
+    gets random int8 values and a plausible scale in every row, at the scales' places of its
+    layout (kv_quant's block layout; rows in checkouts before it, for A/B runs with
+    ``PYTHONPATH=<src>``: random bytes read as scales were denormals and NaNs)."""
+    scale = torch.tensor([0.02]).view(torch.int8)
     for c in caches:
-        if c.dtype == torch.int8:
-            c[..., :-4].random_(-127, 128)
-            c[..., -4:] = torch.tensor([0.02]).view(torch.int8)
-        else:
+        if c.dtype != torch.int8:
             c.normal_()
+            continue
+        c.random_(-127, 128)
+        if hasattr(kv_quant, "block_parts"):
+            _, k_scales, _, v_scales = kv_quant.block_parts(c)
+            k_scales.copy_(scale.expand_as(k_scales))
+            v_scales.copy_(scale.expand_as(v_scales))
+        else:
+            c[..., -4:] = scale
 
 
 def measure(
