@@ -304,3 +304,25 @@ def test_a_decode_row_computes_the_same_alone_or_beside_a_prefill(tmp_path):
         )
     assert paged_attention.kernel_calls() - calls == 2 * model.config.num_hidden_layers
     assert torch.equal(alone[0], mixed[0])
+
+
+@pytest.mark.parametrize(
+    "src,cache", [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")]
+)
+def test_kv_store_writes_what_index_copy_writes(src, cache):
+    # carpool::kv_store (a memcpy per token) against the index_copy_ it replaced, from a
+    # strided [T, 2, K, D] view into a fused qkv row as the layers pass it.
+    g = torch.Generator().manual_seed(5)
+    sdt, cdt = getattr(torch, src), getattr(torch, cache)
+    qkv = torch.randn(9, 8 + 2 * 2, 32, generator=g).to(sdt)
+    new_kv = qkv[:, 8:].view(9, 2, 2, 32)
+    slots = torch.tensor([0, 17, 3, 30, 9, 12, 31, 1, 20])
+    a = torch.randn(2, 16, 2, 2, 32, generator=g).to(cdt)
+    b = a.clone()
+    paged_attention.store(a, slots, new_kv)
+    b.view(-1, 2, 2, 32).index_copy_(0, slots, new_kv.to(cdt))
+    assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="slot"):
+        torch.ops.carpool.kv_store(new_kv, a, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 32]))
+    with pytest.raises(RuntimeError, match="dtype|float32 or bfloat16"):
+        torch.ops.carpool.kv_store(new_kv.to(torch.float16), a, slots)

@@ -2,9 +2,9 @@
 
 One step's tokens arrive flat (``[T, ...]``): prefill chunks and single decode tokens of many
 sequences packed end to end. Each layer
-1. writes the new K and V of every token into its slot of the paged cache (one
-   ``index_copy_``: the cache keeps a token's K and V side by side; an int8 cache quantizes
-   them on the way, see ``carpool.model.kv_quant``),
+1. writes the new K and V of every token into its slot of the paged cache (one copy a token,
+   ``paged_attention.store``: the cache keeps a token's K and V side by side; an int8 cache
+   quantizes them on the way, see ``carpool.model.kv_quant``),
 2. gathers each sequence's keys and values block by block through its block table (one
    ``index_select`` of whole blocks: contiguous copies, a few indices),
 3. runs one ``scaled_dot_product_attention`` over a ``[B, Q, L]`` rectangle whose mask encodes
@@ -137,16 +137,15 @@ class Attention(nn.Module):
         qk = qkv[:, : h + kvh]
         if self.q_norm is not None and self.k_norm is not None:
             qk.copy_(torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1))
-        # q and k rotated together, in place in qkv: k lands next to v, so one index_copy_
+        # q and k rotated together, in place in qkv: k lands next to v, so one copy per token
         # stores both into the cache.
         rotate_in_place(qk, rope)
         # A cache slot is a contiguous [2, K, D] row: the new K and V of a token in one copy.
         new_kv = qkv[:, h:].view(t, 2, kvh, d)
         if kv_cache.dtype == torch.int8:  # quantized, in kv_quant's block layout
             paged_attention.store_int8(kv_cache, meta.slot_mapping, new_kv)
-        else:  # a bfloat16 cache of a float32 model: K/V rounded to bfloat16 as stored
-            new_kv = new_kv if new_kv.dtype == kv_cache.dtype else new_kv.to(kv_cache.dtype)
-            kv_cache.view(-1, 2, kvh, d).index_copy_(0, meta.slot_mapping, new_kv)
+        else:  # (a bfloat16 cache of a float32 model: K/V rounded to bfloat16 as stored)
+            paged_attention.store(kv_cache, meta.slot_mapping, new_kv)
 
         use_kernel = meta.context_lens is not None and paged_attention.applies(kv_cache, qkv.dtype)
         if use_kernel and meta.kernel_rows is None:

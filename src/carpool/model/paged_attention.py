@@ -105,6 +105,24 @@ def quantizes_int8_queries(head_dim: int) -> bool:
     return head_dim % 64 == 0 and "avx512_vnni" in flags and "avx512bw" in flags
 
 
+def store(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> None:
+    """Write ``new_kv`` ``[T, 2, K, D]`` into a float ``kv_cache``'s flat ``slots`` (float32 rows
+    into a bfloat16 cache rounded as ``Tensor.to`` rounds them).
+
+    CPU with the kernel library loaded, float32/bfloat16: one ``carpool::kv_store`` call (a
+    memcpy per token; ``index_copy_`` spent 16 us setting up a decode step's copy). Elsewhere
+    ``index_copy_``, which gives the same values.
+    """
+    same = new_kv.dtype == kv_cache.dtype and kv_cache.dtype in _FLOATS
+    widened = new_kv.dtype == torch.float32 and kv_cache.dtype == torch.bfloat16
+    if kv_cache.device.type == "cpu" and (same or widened) and kernel() is not None:
+        torch.ops.carpool.kv_store(new_kv, kv_cache, slots)
+        return
+    t, two, kvh, d = new_kv.shape
+    new_kv = new_kv if new_kv.dtype == kv_cache.dtype else new_kv.to(kv_cache.dtype)
+    kv_cache.view(-1, two, kvh, d).index_copy_(0, slots, new_kv)
+
+
 def store_int8(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> None:
     """Quantize ``new_kv`` ``[T, 2, K, D]`` into the int8 ``kv_cache``'s flat ``slots``.
 

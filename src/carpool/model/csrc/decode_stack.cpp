@@ -97,6 +97,8 @@ struct Ops {
                                    const at::Tensor&, double)>("carpool::paged_decode_attention");
   c10::TypedOperatorHandle<void(const at::Tensor&, at::Tensor, const at::Tensor&)> kv_store_int8 =
       op<void(const at::Tensor&, at::Tensor, const at::Tensor&)>("carpool::kv_store_int8");
+  c10::TypedOperatorHandle<void(const at::Tensor&, at::Tensor, const at::Tensor&)> kv_store =
+      op<void(const at::Tensor&, at::Tensor, const at::Tensor&)>("carpool::kv_store");
 };
 
 const Ops& ops() {
@@ -244,11 +246,8 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
     const at::Tensor& cache = kv_caches[l];
     if (cache.scalar_type() == at::kChar)
       o.kv_store_int8.call(new_kv, cache, slot_mapping);
-    else  // a bfloat16 cache of a float32 model: K/V rounded to bfloat16 as stored
-      cache.view({-1, 2, kvh, d})
-          .index_copy_(0, slot_mapping,
-                       new_kv.scalar_type() == cache.scalar_type() ? new_kv
-                                                                   : new_kv.to(cache.scalar_type()));
+    else  // (a bfloat16 cache of a float32 model: K/V rounded to bfloat16 as stored)
+      o.kv_store.call(new_kv, cache, slot_mapping);
     const at::Tensor att =
         o.paged_decode.call(qkv.narrow(1, 0, h), cache, block_tables, context_lens, scale);
     std::tie(hs, residual) =
