@@ -114,8 +114,8 @@ def store(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> 
     ``index_copy_``, which gives the same values.
     """
     same = new_kv.dtype == kv_cache.dtype and kv_cache.dtype in _FLOATS
-    widened = new_kv.dtype == torch.float32 and kv_cache.dtype == torch.bfloat16
-    if kv_cache.device.type == "cpu" and (same or widened) and kernel() is not None:
+    narrowed = new_kv.dtype == torch.float32 and kv_cache.dtype == torch.bfloat16
+    if kv_cache.device.type == "cpu" and (same or narrowed) and kernel() is not None:
         torch.ops.carpool.kv_store(new_kv, kv_cache, slots)
         return
     t, two, kvh, d = new_kv.shape
