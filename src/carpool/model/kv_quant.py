@@ -142,29 +142,29 @@ def block_parts(
     return k_words, k_scales, v, v_scales
 
 
+def _row_parts(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of quantized rows (``[..., 2, K, D + 4]``) matching ``block_parts``' four parts:
+    K values as words ``[..., K, D / 4, 4]``, K scale bytes, V values, V scale bytes."""
+    d = rows.shape[-1] - SCALE_BYTES
+    k, v = rows[..., 0, :, :], rows[..., 1, :, :]
+    return k[..., :d].unflatten(-1, (d // 4, 4)), k[..., d:], v[..., :d], v[..., d:]
+
+
 def to_blocks(rows: torch.Tensor) -> torch.Tensor:
     """Blocks of quantized rows (``[N, S, 2, K, D + 4]`` as ``quantize`` returns them) -> the
     cache's block layout (same shape)."""
-    d = rows.shape[-1] - SCALE_BYTES
     out = torch.empty(rows.shape, dtype=torch.int8, device=rows.device)
-    k_words, k_scales, v, v_scales = block_parts(out)
-    k_words.copy_(rows[:, :, 0, :, :d].unflatten(-1, (d // 4, 4)))
-    k_scales.copy_(rows[:, :, 0, :, d:])
-    v.copy_(rows[:, :, 1, :, :d])
-    v_scales.copy_(rows[:, :, 1, :, d:])
+    for part, row_part in zip(block_parts(out), _row_parts(rows), strict=True):
+        part.copy_(row_part)
     return out
 
 
 def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """Cache blocks (block layout, ``[N, S, 2, K, D + 4]``) -> the same blocks as quantized
     rows (each row's values, then its scale's 4 bytes)."""
-    d = blocks.shape[-1] - SCALE_BYTES
     out = torch.empty(blocks.shape, dtype=torch.int8, device=blocks.device)
-    k_words, k_scales, v, v_scales = block_parts(blocks)
-    out[:, :, 0, :, :d].unflatten(-1, (d // 4, 4)).copy_(k_words)
-    out[:, :, 0, :, d:].copy_(k_scales)
-    out[:, :, 1, :, :d].copy_(v)
-    out[:, :, 1, :, d:].copy_(v_scales)
+    for part, row_part in zip(block_parts(blocks), _row_parts(out), strict=True):
+        row_part.copy_(part)
     return out
 
 
@@ -190,12 +190,8 @@ def dequantize_blocks(
 def store(cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> None:
     """Quantize ``new_kv`` (``[T, 2, K, D]``) into ``cache``'s slots (``block * S + offset``),
     in the block layout (torch ops)."""
-    t, _, kvh, d = new_kv.shape
     rows = quantize(new_kv)  # [T, 2, K, D + 4]
     s = cache.shape[1]
     block, token = slots // s, slots % s
-    k_words, k_scales, v, v_scales = block_parts(cache)
-    k_words[block, token] = rows[:, 0, :, :d].reshape(t, kvh, d // 4, 4)
-    k_scales[block, token] = rows[:, 0, :, d:]
-    v[block, token] = rows[:, 1, :, :d]
-    v_scales[block, token] = rows[:, 1, :, d:]
+    for part, row_part in zip(block_parts(cache), _row_parts(rows), strict=True):
+        part[block, token] = row_part

@@ -44,6 +44,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "int8_attention.h"
@@ -88,7 +89,7 @@ void decode_kernel(
   // An int8 cache with AVX-512 VNNI: integer dot products (int8_attention.h), for every group
   // size and either query dtype, head_dim a multiple of 64.
 #if defined(CARPOOL_VNNI_ATTENTION)
-  constexpr bool kVnni = std::is_same<C, int8_t>::value;
+  constexpr bool kVnni = kInt8;
   const bool vnni = kVnni && d % 64 == 0;
 #else
   constexpr bool kVnni = false;
@@ -96,7 +97,7 @@ void decode_kernel(
 #endif
 #if defined(__AVX512BF16__)
   constexpr bool kDp = std::is_same<T, c10::BFloat16>::value &&
-                       (std::is_same<C, T>::value || std::is_same<C, int8_t>::value);
+                       (std::is_same<C, T>::value || kInt8);
   const bool dp = kDp && d % 32 == 0 && d <= 256 && !vnni;
 #else
   constexpr bool kDp = false;
@@ -110,7 +111,7 @@ void decode_kernel(
   // 1.3-1.6x at groups of 3 and 4; BENCHMARKS.md, issue 11, ninth pass).
 #if defined(CARPOOL_GROUPED)
   constexpr bool kGroupable =
-      std::is_same<C, c10::BFloat16>::value || std::is_same<C, int8_t>::value;
+      std::is_same<C, c10::BFloat16>::value || kInt8;
 #if defined(__AVX512F__)
   const bool grouped = kGroupable && d % 16 == 0 && group >= 2 && !dp && !vnni;
 #else
@@ -354,7 +355,7 @@ void decode_kernel(
             // V row scales join the weights.
             for (int64_t h = 0; h < nh; ++h) {
               const float* mul = nullptr;
-              if constexpr (std::is_same<C, int8_t>::value) mul = vs.data() + (h / group) * block_size;
+              if constexpr (kInt8) mul = vs.data() + (h / group) * block_size;
               softmax_weights_bf16(s.data() + h * block_size, n_tok, m[h], l[h],
                                    acc.data() + h * d, d, mul, pb.data() + h * p_stride);
             }
@@ -381,7 +382,7 @@ void decode_kernel(
 #if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
           if (grouped) {
-            if constexpr (std::is_same<C, int8_t>::value) {
+            if constexpr (kInt8) {
               // The V row scales join the softmax weights (the sum l is taken already).
               for (int64_t h = 0; h < nh; ++h) {
                 const float* sv = vs.data() + (h / group) * block_size;
@@ -397,7 +398,7 @@ void decode_kernel(
 #endif
         for (int64_t h = 0; h < nh; ++h) {
           const float* ph = s.data() + h * block_size;
-          if constexpr (std::is_same<C, int8_t>::value) {
+          if constexpr (kInt8) {
             // sum_t p_t (scale_t v_t) = sum_t (p_t scale_t) v_t: the V scale joins the weight.
             const float* sv = vs.data() + (h / group) * block_size;
             for (int64_t t = 0; t < n_tok; ++t) pw[t] = ph[t] * sv[t];
@@ -585,29 +586,40 @@ void store_rows(const T* src, int64_t src_stride, int8_t* cache, const int64_t* 
   });
 }
 
-void kv_store_int8(const at::Tensor& src,    // [T, 2, K, D]
-                   at::Tensor cache,         // [N, S, 2, K, D + 4] int8
-                   const at::Tensor& slots)  // [T] int64: block * S + offset
-{
+// The argument checks both cache writers share: src [T, 2, K, D], a contiguous cache
+// [N, S, 2, K, D + extra] (extra: 4 scale bytes for int8), slots [T] int64 inside the cache.
+// Returns src with each token's [2, K, D] contiguous (a row of the fused qkv output is; rows
+// may be strided) and the slots contiguous.
+std::pair<at::Tensor, at::Tensor> checked_store_args(const at::Tensor& src,
+                                                     const at::Tensor& cache,
+                                                     const at::Tensor& slots, int64_t extra) {
   TORCH_CHECK(src.dim() == 4 && src.size(1) == 2, "src must be [T, 2, K, D]");
-  TORCH_CHECK(cache.dim() == 5 && cache.scalar_type() == at::kChar && cache.is_contiguous(),
-              "cache must be a contiguous int8 [N, S, 2, K, D + 4]");
+  TORCH_CHECK(cache.dim() == 5 && cache.is_contiguous(),
+              "cache must be a contiguous [N, S, 2, K, D", extra ? " + 4]" : "]");
   const int64_t tokens = src.size(0), kvh = src.size(2), d = src.size(3);
-  TORCH_CHECK(cache.size(2) == 2 && cache.size(3) == kvh && cache.size(4) == d + 4,
-              "cache rows must be [2, K, D + 4] for src rows [2, K, D]");
-  TORCH_CHECK(d % 4 == 0, "an int8 cache needs head_dim a multiple of 4, got ", d);
+  TORCH_CHECK(cache.size(2) == 2 && cache.size(3) == kvh && cache.size(4) == d + extra,
+              "cache rows must be [2, K, D", extra ? " + 4" : "", "] for src rows [2, K, D]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == tokens,
               "slots must be [T] int64");
-  // A token's [2, K, D] must be contiguous (a row of the fused qkv output is); rows may be
-  // strided.
   const bool packed = src.stride(3) == 1 && src.stride(2) == d && src.stride(1) == kvh * d;
-  at::Tensor x = packed ? src : src.contiguous();
   at::Tensor sl = slots.contiguous();
   const int64_t capacity = cache.size(0) * cache.size(1);
   const int64_t* sp = sl.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) {
     TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot ", sp[t], " outside the cache");
   }
+  return {packed ? src : src.contiguous(), sl};
+}
+
+void kv_store_int8(const at::Tensor& src,    // [T, 2, K, D]
+                   at::Tensor cache,         // [N, S, 2, K, D + 4] int8
+                   const at::Tensor& slots)  // [T] int64: block * S + offset
+{
+  TORCH_CHECK(cache.scalar_type() == at::kChar, "kv_store_int8: the cache must be int8");
+  const auto [x, sl] = checked_store_args(src, cache, slots, 4);
+  const int64_t tokens = src.size(0), kvh = src.size(2), d = src.size(3);
+  TORCH_CHECK(d % 4 == 0, "an int8 cache needs head_dim a multiple of 4, got ", d);
+  const int64_t* sp = sl.data_ptr<int64_t>();
   if (x.scalar_type() == at::kFloat) {
     store_rows<float>(x.data_ptr<float>(), x.stride(0), cache.data_ptr<int8_t>(), sp, tokens,
                       kvh, d, cache.size(1));
@@ -626,28 +638,14 @@ void kv_store_int8(const at::Tensor& src,    // [T, 2, K, D]
 // TensorIterator set-up), ~1% of a medium batch-32 step over 16 layers; this is a loop of
 // memcpy.
 void kv_store(const at::Tensor& src, at::Tensor cache, const at::Tensor& slots) {
-  TORCH_CHECK(src.dim() == 4 && src.size(1) == 2, "src must be [T, 2, K, D]");
-  TORCH_CHECK(cache.dim() == 5 && cache.is_contiguous(),
-              "cache must be a contiguous [N, S, 2, K, D]");
-  const int64_t tokens = src.size(0), kvh = src.size(2), d = src.size(3);
-  TORCH_CHECK(cache.size(2) == 2 && cache.size(3) == kvh && cache.size(4) == d,
-              "cache rows must be [2, K, D] as src's");
   const auto st = src.scalar_type(), ct = cache.scalar_type();
   TORCH_CHECK((st == ct && (ct == at::kFloat || ct == at::kBFloat16)) ||
                   (st == at::kFloat && ct == at::kBFloat16),
               "kv_store: float32 or bfloat16 rows into a cache of their dtype, or float32 into "
               "bfloat16; got ", st, " into ", ct);
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == tokens,
-              "slots must be [T] int64");
-  const bool packed = src.stride(3) == 1 && src.stride(2) == d && src.stride(1) == kvh * d;
-  at::Tensor x = packed ? src : src.contiguous();
-  at::Tensor sl = slots.contiguous();
-  const int64_t capacity = cache.size(0) * cache.size(1);
+  const auto [x, sl] = checked_store_args(src, cache, slots, 0);
+  const int64_t tokens = src.size(0), n = 2 * src.size(2) * src.size(3);  // a token's values
   const int64_t* sp = sl.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot ", sp[t], " outside the cache");
-  }
-  const int64_t n = 2 * kvh * d;  // values of a token's K and V
   if (st == ct) {
     const int64_t bytes = n * static_cast<int64_t>(x.element_size());
     const char* xs = static_cast<const char*>(x.data_ptr());
