@@ -51,7 +51,7 @@ def ab_parser(doc: str, rounds: int = 15) -> argparse.ArgumentParser:
 
 def mapped(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` in a mapping of the engine's KV cache allocator (huge pages)."""
-    from carpool.model.llama import zeroed_lazily
+    from carpool.model.pages import zeroed_lazily
 
     return zeroed_lazily(tuple(t.shape), t.dtype, "cpu").copy_(t)
 
@@ -72,7 +72,7 @@ def main() -> None:
         "--huge-pages",
         action="store_true",
         help="caches (and the sum() baseline) in the engine's own mappings "
-        "(llama.zeroed_lazily: transparent huge pages where the kernel allows)",
+        "(pages.zeroed_lazily: transparent huge pages where the kernel allows)",
     )
     a = ap.parse_args()
     build(Path(a.before), "ab_before")

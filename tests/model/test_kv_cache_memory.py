@@ -1,4 +1,4 @@
-"""The KV cache is zero but not resident until written (``llama.zeroed_lazily``)."""
+"""The KV cache is zero but not resident until written (``pages.zeroed_lazily``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 # running (threads, servers, caches), which would drown a 512 MiB signal only by luck.
 PROBE = """
 import json, sys, torch
-from carpool.model.llama import zeroed_lazily
+from carpool.model.pages import zeroed_lazily
 
 def rss_mib():
     for line in open("/proc/self/status"):
@@ -58,7 +58,7 @@ def test_kv_cache_is_zero_and_resident_only_where_written(dtype):
 # whole cache was resident at start. Here its own mapping holds only what was written.
 REUSE_PROBE = """
 import numpy as np, torch
-from carpool.model.llama import zeroed_lazily
+from carpool.model.pages import zeroed_lazily
 
 np.ones(30 << 20, dtype=np.uint8).sum()  # mapped and freed: the mmap threshold rises to 30 MiB
 temp = np.ones(28 << 20, dtype=np.uint8)  # now on the heap, written
@@ -95,7 +95,7 @@ def test_kv_cache_below_the_mmap_threshold_is_not_resident_after_heap_reuse():
 # blocks all over the cache, walks no 4 KiB page tables where THP is enabled.
 HUGE_PROBE = """
 import torch
-from carpool.model.llama import HUGE_PAGE, zeroed_lazily
+from carpool.model.pages import HUGE_PAGE, zeroed_lazily
 
 cache = zeroed_lazily((256, 16, 2, 8, 64), torch.bfloat16, "cpu")  # 4 MiB
 small = zeroed_lazily((4, 16, 2, 8, 64), torch.bfloat16, "cpu")  # 64 KiB: 4 KiB pages

@@ -8,11 +8,6 @@ where each checkpoint tensor goes.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import math
-import mmap
-
 import torch
 from torch import nn
 
@@ -21,6 +16,7 @@ from carpool.model import decode_stack
 from carpool.model.attention import Attention, AttentionMetadata, GatherBuffer
 from carpool.model.kv_quant import check_head_dim, row_width
 from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from carpool.model.pages import zeroed_lazily
 from carpool.model.quant import QuantizedLinear
 
 
@@ -179,45 +175,3 @@ class LlamaForCausalLM(nn.Module):
         row = row_width(c.head_dim, dtype)
         shape = (num_blocks, block_size, 2, c.num_key_value_heads, row)
         return [zeroed_lazily(shape, dtype, device) for _ in range(c.num_hidden_layers)]
-
-
-HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
-
-
-def zeroed_lazily(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
-) -> torch.Tensor:
-    """A zero tensor whose CPU pages are only made resident when first written.
-
-    ``torch.zeros`` writes every byte, so a KV cache sized for a full server (gigabytes) was
-    resident from the start. An anonymous mapping of its own is zero by the kernel's guarantee
-    and untouched, so resident memory grows with the blocks actually used, as llama.cpp's does.
-    (``calloc``, numpy's ``zeros``, only maps blocks above glibc's mmap threshold, and that
-    threshold rises to the size of any mapped block freed, up to 32 MiB: after the GGUF
-    loader's temporaries, SmolLM2's 2-5 MB per-layer caches came from the heap, cleared with
-    memset, and the whole cache was resident at start.) Other devices: ``torch.zeros``.
-
-    A mapping of at least one huge page is aligned to 2 MiB and asks for transparent huge
-    pages (``MADV_HUGEPAGE``; honoured where the kernel's THP mode is ``madvise`` or
-    ``always``): decode attention reads each sequence's blocks in table order, i.e. all over
-    the cache, and with 4 KiB pages every 8.7 KB block of a medium model's int8 cache cost
-    page walks (a VM's nested ones): 1.15-1.25x on the kernel from memory (BENCHMARKS.md,
-    issue 11, twelfth pass). Pages still become resident only where written, 2 MiB at a time.
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes == 0:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    huge = nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
-    # The tensor holds the mapping (frombuffer keeps a reference): unmapped with the tensor.
-    raw = mmap.mmap(
-        -1, nbytes + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    )
-    offset = 0
-    if huge:
-        start = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-        offset = -start % HUGE_PAGE  # a multiple of the 4 KiB page: a valid madvise start
-        # A kernel without transparent huge pages refuses: 4 KiB pages, as before.
-        with contextlib.suppress(OSError):
-            raw.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
-    flat = torch.frombuffer(raw, dtype=torch.uint8, count=nbytes, offset=offset)
-    return flat.view(dtype).view(shape)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from carpool.model import decode_stack, fused_ops, paged_attention, vnni_linear
+from carpool.model import decode_stack, fused_ops, paged_attention, pages, vnni_linear
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import prepack_linears
 from carpool.request import Request
@@ -50,14 +50,16 @@ def prepare_model(model: nn.Module, device: str | torch.device) -> None:
 
     On the CPU: build (first time on this machine) or load the paged decode kernel and the
     fused norm/activation operators and the VNNI linear kernel now, not in the middle of the
-    first request's first step; pack bf16 linear weights once (see ``layers.Linear``); lay
-    the layers out for the one-call decode stack (``carpool.model.decode_stack``).
+    first request's first step; pack bf16 linear weights once (see ``layers.Linear``); move
+    the weights onto huge pages in read order (``pages.move_weights``); lay the layers out for
+    the one-call decode stack (``carpool.model.decode_stack``).
     """
     if torch.device(device).type == "cpu":
         paged_attention.warm_up()
         fused_ops.load()
         vnni_linear.load()
         prepack_linears(model)
+        pages.move_weights(model)  # after packing (the final bytes), before the plan's pointers
         decode_stack.attach(model)  # after packing: the plan refers to the packed weights
 
 

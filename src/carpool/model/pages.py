@@ -1,0 +1,163 @@
+"""Memory mappings of our own on the CPU: tensors on transparent huge pages.
+
+``zeroed_lazily`` maps the KV cache (zero, resident only where written); ``move_weights``
+copies a prepared model's weights into one mapping (an "arena"), in the order the layers read
+them. Both ask the kernel for 2 MiB pages: a decode step streams every weight byte once and
+reads the KV cache's blocks all over it, and with 4 KiB pages the hardware prefetcher stops
+at every page boundary and each page costs a page walk (a VM's nested one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import math
+import mmap
+import os
+
+import torch
+from torch import nn
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+
+
+def zeroed_lazily(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """A zero tensor whose CPU pages are only made resident when first written.
+
+    ``torch.zeros`` writes every byte, so a KV cache sized for a full server (gigabytes) was
+    resident from the start. An anonymous mapping of its own is zero by the kernel's guarantee
+    and untouched, so resident memory grows with the blocks actually used, as llama.cpp's does.
+    (``calloc``, numpy's ``zeros``, only maps blocks above glibc's mmap threshold, and that
+    threshold rises to the size of any mapped block freed, up to 32 MiB: after the GGUF
+    loader's temporaries, SmolLM2's 2-5 MB per-layer caches came from the heap, cleared with
+    memset, and the whole cache was resident at start.) Other devices: ``torch.zeros``.
+
+    A mapping of at least one huge page is aligned to 2 MiB and asks for transparent huge
+    pages (``MADV_HUGEPAGE``; honoured where the kernel's THP mode is ``madvise`` or
+    ``always``): decode attention reads each sequence's blocks in table order, i.e. all over
+    the cache, and with 4 KiB pages every 8.7 KB block of a medium model's int8 cache cost
+    page walks (a VM's nested ones): 1.15-1.25x on the kernel from memory (BENCHMARKS.md,
+    issue 11, twelfth pass). Pages still become resident only where written, 2 MiB at a time.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    huge = nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
+    # The tensor holds the mapping (frombuffer keeps a reference): unmapped with the tensor.
+    raw = mmap.mmap(
+        -1, nbytes + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    )
+    offset = 0
+    if huge:
+        start = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+        offset = -start % HUGE_PAGE  # a multiple of the 4 KiB page: a valid madvise start
+        # A kernel without transparent huge pages refuses: 4 KiB pages, as before.
+        with contextlib.suppress(OSError):
+            raw.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
+    flat = torch.frombuffer(raw, dtype=torch.uint8, count=nbytes, offset=offset)
+    return flat.view(dtype).view(shape)
+
+
+ENV_WEIGHT_PAGES = "CARPOOL_WEIGHT_PAGES"  # "0": leave the weights where the loader put them
+ALIGN = 64  # each weight starts on a cache line (the kernels' vector loads)
+# The heap's freed old copies go back to the kernel every this many bytes moved, so the move's
+# peak is about one such run above the model's resident size, not the whole arena above it.
+TRIM_EVERY = 8 << 20
+
+
+def _weights_in_read_order(model: nn.Module) -> list[torch.Tensor]:
+    """The model's parameters and persistent buffers, in module order (the order a decode step
+    reads them: embedding, each layer's projections, the head), each tensor once."""
+    seen: set[int] = set()
+    out: list[torch.Tensor] = []
+    for module in model.modules():
+        skip = module._non_persistent_buffers_set  # rotary tables: not weights, rebuilt at will
+        named = list(module._parameters.items()) + [
+            (n, b) for n, b in module._buffers.items() if n not in skip
+        ]
+        for _, t in named:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _movable(t: torch.Tensor) -> bool:
+    return (
+        t.device.type == "cpu"
+        and not t.is_mkldnn  # oneDNN's opaque packed weights have no storage to copy
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and t.numel() > 0
+    )
+
+
+def _release_freed_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim``): the weights'
+    old copies that came from the heap rather than a mapping of their own would otherwise stay
+    resident, and the move would cost memory instead of only moving it."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+def move_weights(model: nn.Module) -> int:
+    """Copy a CPU model's weights into one huge-page mapping, in read order; returns its bytes
+    (0: nothing moved).
+
+    Call it once the weights are in their final layout (after packing) and before anything
+    keeps raw pointers to them (the decode stack's plan). Each tensor keeps its identity (its
+    ``.data`` is replaced), so tied weights stay tied: tensors over the same bytes share the
+    copy. The old copies are freed as the last reference goes (and the heap trimmed as the
+    move goes, so the move does not raise the peak). Weights on another device stay where they
+    are; an arena under a huge page is an ordinary mapping (the same code path, no gain). Off
+    with ``CARPOOL_WEIGHT_PAGES=0`` (to compare).
+
+    Why: a batch-1 decode step is a stream of every weight byte (117 MB for the small model),
+    and ``torch.empty`` puts each packed weight on 4 KiB pages. On the Zen 4 VM of issue 11, a
+    pass of the small model's bf16 linears at one row from huge pages took 0.80-0.91x the time
+    from 4 KiB pages (BENCHMARKS.md, issue 11, fourteenth pass).
+    """
+    if os.environ.get(ENV_WEIGHT_PAGES, "1").strip() == "0":
+        return 0
+    if getattr(model, "_carpool_weight_arena", None) is not None:
+        return 0  # moved already (prepare_model ran before)
+    tensors = [t for t in _weights_in_read_order(model) if _movable(t)]
+    # Tensors over the same bytes (tied weights held by two modules) get one place.
+    places: dict[tuple[int, int, torch.dtype], int] = {}
+    total = 0
+    for t in tensors:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in places:
+            places[key] = total
+            total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    if total == 0:
+        return 0
+    arena = zeroed_lazily((total,), torch.uint8, "cpu")
+    copies: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+    since_trim = 0
+    with torch.no_grad():
+        for t in tensors:
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            copy = copies.get(key)
+            if copy is None:
+                start = places[key]
+                nbytes = t.numel() * t.element_size()
+                copy = arena[start : start + nbytes].view(t.dtype).view(t.shape)
+                copy.copy_(t)
+                copies[key] = copy
+                since_trim += nbytes
+            t.data = copy.view(t.shape)  # the old copy is freed here unless shared
+            if since_trim >= TRIM_EVERY:
+                _release_freed_heap()
+                since_trim = 0
+    model._carpool_weight_arena = arena  # marks the model as moved
+    del copies, tensors
+    _release_freed_heap()
+    return total

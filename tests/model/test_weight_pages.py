@@ -1,0 +1,130 @@
+"""A prepared model's weights moved into one huge-page mapping (``pages.move_weights``): every
+weight inside it in read order, the same values and tokens, tied weights still tied, the
+weight accounting unchanged, the old copies freed, and the switch that turns it off."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from carpool.capacity.weights import resident_weight_bytes
+from carpool.model import pages, vnni_linear
+from carpool.model.layers import prepack_linears
+from carpool.model.loader import load_model
+from helpers.carpool_ref import greedy
+from helpers.hf_models import save_tiny_hf_model, save_tiny_model_dir
+
+vnni_linear.load()  # the layout prepare_model packs into, where the CPU has AVX-512 BF16
+
+
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return pages._weights_in_read_order(model)
+
+
+def _in_arena(t: torch.Tensor, arena: torch.Tensor) -> bool:
+    start = arena.data_ptr()
+    return start <= t.data_ptr() and t.data_ptr() + t.nbytes <= start + arena.nbytes
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_weights_move_in_read_order_with_values_tokens_and_ties_kept(tmp_path, tied, dtype):
+    # vocab 16,384 x hidden 64: the embedding alone is 2-4 MiB, the arena past a huge page.
+    save_tiny_hf_model("llama", tmp_path, tie_word_embeddings=tied, vocab_size=16384)
+    ref, _ = load_model(tmp_path, dtype=dtype)
+    model, _ = load_model(tmp_path, dtype=dtype)
+    prepack_linears(ref)
+    prepack_linears(model)
+    before = [t.clone() for t in _weights(model)]
+    ids = [id(t) for t in _weights(model)]
+    bytes_before = resident_weight_bytes(model)
+
+    moved = pages.move_weights(model)
+
+    arena = model._carpool_weight_arena
+    assert moved == arena.nbytes > pages.HUGE_PAGE and arena.data_ptr() % pages.HUGE_PAGE == 0
+    weights = _weights(model)
+    assert [id(t) for t in weights] == ids  # the same tensor objects, new bytes under them
+    assert all(_in_arena(t, arena) for t in weights)
+    starts = [t.data_ptr() for t in weights]
+    assert starts == sorted(starts), "the arena holds the weights in the order they are read"
+    assert all(s % pages.ALIGN == 0 for s in starts)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights, strict=True))
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    # The accounting counts the arena once: the same bytes, up to each weight's alignment.
+    assert 0 <= resident_weight_bytes(model) - bytes_before < pages.ALIGN * len(weights)
+    prompt = list(range(3, 600, 7))
+    assert greedy(model, prompt, 12) == greedy(ref, prompt, 12)
+    assert pages.move_weights(model) == 0  # once only
+
+
+def test_turned_off_leaves_the_weights_where_they_are(tmp_path, monkeypatch):
+    save_tiny_hf_model("llama", tmp_path)
+    model, _ = load_model(tmp_path, dtype="bfloat16")
+    ptrs = [t.data_ptr() for t in _weights(model)]
+    monkeypatch.setenv(pages.ENV_WEIGHT_PAGES, "0")
+    assert pages.move_weights(model) == 0
+    assert [t.data_ptr() for t in _weights(model)] == ptrs
+    assert getattr(model, "_carpool_weight_arena", None) is None
+
+
+def test_the_engine_runs_on_moved_weights(tmp_path, monkeypatch):
+    # A mixed batch (ragged prefill and decode, continuous batching) through prepare_model's
+    # move: the same greedy tokens as the same engine with the weights left in place.
+    from carpool import LLM, SamplingParams
+
+    save_tiny_model_dir("llama", tmp_path, vocab_size=16384)
+    prompts = [[3 + (7 * i) % 9000 for i in range(n)] for n in (1, 17, 40, 5)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    kw = dict(dtype="bfloat16", max_num_batched_tokens=32, max_num_seqs=4)
+    llm = LLM(tmp_path, **kw)
+    model = llm.engine.model
+    assert all(_in_arena(t, model._carpool_weight_arena) for t in _weights(model))
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setenv(pages.ENV_WEIGHT_PAGES, "0")
+    plain = LLM(tmp_path, **kw)
+    assert getattr(plain.engine.model, "_carpool_weight_arena", None) is None
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+
+
+# In a fresh process (the test process's RSS moves with whatever ran before): moving 64 MiB
+# of weights leaves the resident size about where it was, the old copies freed as it goes.
+MEMORY_PROBE = """
+import json, torch
+from carpool.model import pages, vnni_linear
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(16)])  # 64 MiB
+before, peak_before = rss_mib(), hwm_mib()
+moved = pages.move_weights(model)
+smaps = open("/proc/self/smaps").read()
+huge = sum(int(l.split()[1]) for l in smaps.splitlines() if l.startswith("AnonHugePages:"))
+print(json.dumps(dict(moved=moved / 2**20, before=before, after=rss_mib(),
+                      peak_before=peak_before, peak=hwm_mib(), huge_mib=huge / 1024)))
+"""
+
+
+def test_moving_frees_the_old_copies_as_it_goes():
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True
+    )
+    r = json.loads(out.stdout)
+    assert r["moved"] > 64
+    assert r["after"] - r["before"] < 16, f"the old copies stayed resident: {r}"
+    # At most one trim interval (8 MiB) and one weight (4 MiB) above where it started.
+    assert r["peak"] - max(r["before"], r["peak_before"]) < 24, r
