@@ -5,6 +5,8 @@ and ``ab_lin_after::``: the same source with its ``TORCH_LIBRARY`` namespace ren
 run side by side on the same packed weights: per row count, ``--rounds`` rounds of a pass over
 every linear weight of a ``--random-config`` model (a decode step's reads, from memory),
 alternating before / after; medians, and the matmul rate against the bf16 roofline probe.
+``--huge-pages``: the weights in one huge-page mapping in read order, as the engine lays
+them out (``pages.move_weights``).
 
     python benchmarks/ab_vnni_linear.py --before /tmp/old/src --rows 1,8,32 --threads 2
 """
@@ -24,13 +26,14 @@ from ab_paged_kernel import ab_parser, build  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
 from carpool.bench import probes  # noqa: E402
-from carpool.model import vnni_linear  # noqa: E402
+from carpool.model import pages, vnni_linear  # noqa: E402
 
 
 def main() -> None:
     ap = ab_parser(__doc__, rounds=9)
     ap.add_argument("--random-config", default="medium")
     ap.add_argument("--rows", default="1,8,16,32")
+    ap.add_argument("--huge-pages", action="store_true", help="weights as the engine holds them")
     a = ap.parse_args()
     build(Path(a.before), "ab_lin_before", "vnni_linear.cpp")
     build(Path(a.after), "ab_lin_after", "vnni_linear.cpp")
@@ -45,11 +48,16 @@ def main() -> None:
         (vnni_linear.pack((torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)), n, k)
         for n, k in shapes
     ]
+    if a.huge_pages:
+        holder = torch.nn.ParameterList([torch.nn.Parameter(w, False) for w, _, _ in weights])
+        assert pages.move_weights(holder), "CARPOOL_WEIGHT_PAGES=0 is set"
+        weights = [(p.data, n, k) for p, (_, n, k) in zip(holder, weights, strict=True)]
     nbytes = sum(n * k * 2 for n, k in shapes)
     peak = probes.measure_roofline(torch.bfloat16).peak_flops / 1e9  # the bench's own probe
     print(
         f"{a.random_config}: {len(shapes)} weights, {nbytes / 1e6:.0f} MB; threads={a.threads} "
-        f"rounds={a.rounds}; bf16 matmul probe {peak:.0f} GFLOP/s"
+        f"rounds={a.rounds}; bf16 matmul probe {peak:.0f} GFLOP/s; "
+        f"{'huge pages' if a.huge_pages else '4 KiB pages'}"
     )
     print("| rows | before ms | after ms | before / after | after GFLOP/s | after % of probe |")
     print("|---:|---:|---:|---:|---:|---:|")

@@ -128,3 +128,26 @@ def test_bad_inputs_are_refused_with_a_message():
         vnni_linear.linear(x, packed, torch.randn(64, dtype=torch.bfloat16), 64)
     with pytest.raises(AssertionError, match="even K"):
         vnni_linear.pack(torch.randn(8, 7, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, 13, 32])
+def test_weights_on_huge_pages_give_the_same_bits(rows):
+    # A weight registered as on huge pages takes the passes without software prefetch (1-6
+    # rows): the same sums in the same order, so the same bits, and the range is forgotten
+    # with the tensor that holds it.
+    torch.manual_seed(rows)
+    w = vnni_linear.pack(torch.randn(3000, 512, dtype=torch.bfloat16))
+    x = torch.randn(rows, 512, dtype=torch.bfloat16)
+    b = torch.randn(3000)
+    want = vnni_linear.linear(x, w, b, 3000, vnni_linear.PATH_GEMV)
+    region = torch.empty(w.nbytes + 4096, dtype=torch.uint8)
+    inside = region[4096:].view(torch.bfloat16).view(w.shape).copy_(w)
+    assert not vnni_linear.streams_from_huge_pages(inside)
+    vnni_linear.stream_from_huge_pages(region)
+    assert vnni_linear.streams_from_huge_pages(inside)
+    assert not vnni_linear.streams_from_huge_pages(w)
+    got = vnni_linear.linear(x, inside, b, 3000, vnni_linear.PATH_GEMV)
+    assert torch.equal(got, want)
+    start, nbytes = inside.data_ptr(), inside.nbytes
+    del region, inside
+    assert not torch.ops.carpool.vnni_linear_on_huge_pages(start, nbytes)

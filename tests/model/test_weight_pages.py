@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,34 @@ def test_moving_frees_the_old_copies_as_it_goes():
     assert r["after"] - r["before"] < 16, f"the old copies stayed resident: {r}"
     # At most one trim interval (8 MiB) and one weight (4 MiB) above where it started.
     assert r["peak"] - max(r["before"], r["peak_before"]) < 24, r
+
+
+def _thp_on() -> bool:
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+def test_huge_page_bytes_reads_the_mapping_of_a_tensor():
+    arena = pages.zeroed_lazily((8 << 20,), torch.uint8, "cpu")
+    arena.fill_(1)  # resident now: on huge pages where the kernel grants them
+    heap = torch.ones(1024)
+    assert pages.huge_page_bytes(heap) == 0
+    if _thp_on():
+        assert pages.huge_page_bytes(arena) >= 4 << 20
+    else:
+        assert pages.huge_page_bytes(arena) == 0
+
+
+def test_prepare_model_tells_the_linear_kernel_where_huge_pages_are(tmp_path):
+    from carpool.worker.model_runner import prepare_model
+
+    save_tiny_hf_model("llama", tmp_path, vocab_size=16384)
+    model, _ = load_model(tmp_path, dtype="bfloat16")
+    prepare_model(model, "cpu")
+    arena = pages.weight_arena(model)
+    assert arena is not None
+    huge = pages.huge_page_bytes(arena) >= arena.nbytes // 2
+    assert vnni_linear.streams_from_huge_pages(arena) == (huge and vnni_linear.loaded())

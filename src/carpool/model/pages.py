@@ -161,3 +161,27 @@ def move_weights(model: nn.Module) -> int:
     del copies, tensors
     _release_freed_heap()
     return total
+
+
+def weight_arena(model: nn.Module) -> torch.Tensor | None:
+    """The mapping ``move_weights`` moved ``model``'s weights into (None: not moved)."""
+    return getattr(model, "_carpool_weight_arena", None)
+
+
+def huge_page_bytes(t: torch.Tensor) -> int:
+    """Bytes of the mapping holding ``t`` that the kernel backs with transparent huge pages now
+    (``AnonHugePages`` in ``/proc/self/smaps``; 0 where there is no such file)."""
+    address = t.data_ptr()
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(v, 16) for v in head.split("-"))
+                    inside = lo <= address < hi
+                elif inside and head == "AnonHugePages:":
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0

@@ -21,6 +21,8 @@ without AMX); elsewhere it keeps oneDNN's packed layout. ``CARPOOL_VNNI_LINEAR=0
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +106,28 @@ def linear(
     """``x @ W.T + bias`` for bf16 ``x`` ``[M, K]`` and ``packed = pack(W)``; ``bias`` is
     float32 ``[n]`` or None. bf16 ``[M, n]`` out (float32 sums rounded once)."""
     return torch.ops.carpool.vnni_linear(x.contiguous(), packed, bias, n, path)
+
+
+def stream_from_huge_pages(region: torch.Tensor) -> None:
+    """Tell the kernel that the weights inside ``region`` (a CPU tensor: ``pages.move_weights``'
+    arena) lie on transparent huge pages: a pass of 1-6 rows over them then leaves the
+    streaming to the hardware prefetcher instead of asking for each line ahead (see
+    ``on_huge_pages`` in the kernel). Only the speed depends on it, never a result. Forgotten
+    when ``region`` is freed."""
+    if not _lib.active() or region.nbytes == 0:
+        return
+    start, nbytes = region.data_ptr(), region.nbytes
+    torch.ops.carpool.vnni_linear_huge_pages(start, nbytes, True)
+    weakref.finalize(region, _forget_range, start, nbytes)
+
+
+def streams_from_huge_pages(t: torch.Tensor) -> bool:
+    """Whether the kernel treats ``t``'s bytes as on huge pages (``stream_from_huge_pages``)."""
+    return _lib.active() and bool(
+        torch.ops.carpool.vnni_linear_on_huge_pages(t.data_ptr(), t.nbytes)
+    )
+
+
+def _forget_range(start: int, nbytes: int) -> None:
+    if _lib.active():
+        torch.ops.carpool.vnni_linear_huge_pages(start, nbytes, False)

@@ -60,6 +60,9 @@ def prepare_model(model: nn.Module, device: str | torch.device) -> None:
         vnni_linear.load()
         prepack_linears(model)
         pages.move_weights(model)  # after packing (the final bytes), before the plan's pointers
+        arena = pages.weight_arena(model)
+        if arena is not None and pages.huge_page_bytes(arena) >= arena.nbytes // 2:
+            vnni_linear.stream_from_huge_pages(arena)
         decode_stack.attach(model)  # after packing: the plan refers to the packed weights
 
 

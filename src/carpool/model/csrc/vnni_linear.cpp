@@ -6,8 +6,9 @@
 // (an AMD Zen 4, say), a prefetching AVX-512 BF16 matrix-vector kernel at every row count, six
 // rows per pass over a column block (above 6 rows the passes also bring the next block into
 // L2): also the same bits at every row count, and 1.0-2.2x oneDNN's packed linear there at
-// 1-32 rows, level at 64-512 (BENCHMARKS.md, issue 11, ninth and tenth passes). Its pairs' products are ordered differently from AMX's, so the two are never mixed on
-// one machine. Registers torch.ops.carpool.vnni_linear.
+// 1-32 rows, level at 64-512 (BENCHMARKS.md, issue 11, ninth and tenth passes). Its pairs'
+// products are ordered differently from AMX's, so the two are never mixed on one machine.
+// Registers torch.ops.carpool.vnni_linear.
 //
 // The layout ("VNNI", what the dot-product instructions read): a [N, K] weight becomes
 // [ceil(N / 64), K / 2, 64, 2]; block b holds output columns 64b..64b+63, and for each pair of
@@ -35,6 +36,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "vec_math.h"
 
@@ -52,6 +56,37 @@ constexpr int64_t kBlockM = 32;  // input rows per AMX call (two 16-row tiles)
 // 16: ~34 GB/s) on the AMX Xeon; 32 pairs = 8 KiB from memory on the Zen 4: 1.04-1.16x at 1-4
 // rows on small's weights, 1.00-1.02x on medium's, 64 no better (issue 11, tenth pass).
 constexpr int64_t kPrefetchPairs = 32;
+
+// Address ranges of weights on transparent huge pages (pages.move_weights' arena, registered
+// through vnni_linear.stream_from_huge_pages). A pass of 1-6 rows over a block there asks for
+// nothing ahead and leaves the streaming to the hardware prefetcher, which follows a stream
+// across a 2 MiB page but stops at every 4 KiB one: the software prefetch that pays on 4 KiB
+// pages (above) costs there. Small's linears at 1 row, the Zen 4 VM (issue 11, fourteenth
+// pass): without it 1.10-1.19x on huge pages, 0.91-0.97x on 4 KiB pages.
+std::mutex huge_mutex;
+std::vector<std::pair<uintptr_t, uintptr_t>> huge_ranges;  // [start, end)
+
+bool on_huge_pages(const void* p, int64_t nbytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(huge_mutex);
+  for (const auto& [lo, hi] : huge_ranges)
+    if (lo <= a && a + static_cast<uintptr_t>(nbytes) <= hi) return true;
+  return false;
+}
+
+// Registers (on) or forgets (off) the range [start, start + nbytes).
+void vnni_linear_huge_pages(int64_t start, int64_t nbytes, bool on) {
+  TORCH_CHECK(start > 0 && nbytes > 0, "vnni_linear_huge_pages: an empty range");
+  const auto lo = static_cast<uintptr_t>(start), hi = lo + static_cast<uintptr_t>(nbytes);
+  std::lock_guard<std::mutex> lock(huge_mutex);
+  auto it = std::find(huge_ranges.begin(), huge_ranges.end(), std::make_pair(lo, hi));
+  if (on && it == huge_ranges.end()) huge_ranges.emplace_back(lo, hi);
+  if (!on && it != huge_ranges.end()) huge_ranges.erase(it);
+}
+
+bool vnni_linear_on_huge_pages(int64_t start, int64_t nbytes) {
+  return on_huge_pages(reinterpret_cast<const void*>(start), nbytes);
+}
 
 // Paths (the operator's `path` argument): automatic, or one forced (tests and benchmarks
 // compare them).
@@ -237,9 +272,10 @@ void gemv_pass(Prefetch pf, const B16* x, int64_t k, const B16* wb, const float*
 // evenly over them, so no pass waits on memory while the others compute from L2: before, the
 // first pass over each block streamed it alone (as slow as one row) and the rest computed
 // (BENCHMARKS.md, issue 11, tenth pass). `first`: the first block of this thread's run, whose
-// first pass streams it itself.
+// first pass streams it itself. `huge`: the weight lies on huge pages (on_huge_pages), where
+// one pass (up to 6 rows) leaves the streaming to the hardware.
 void gemv_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, const float* bias, B16* y,
-               int64_t ldy, int64_t ncols, const char* nxt, bool first) {
+               int64_t ldy, int64_t ncols, const char* nxt, bool first, bool huge) {
   const int64_t passes = (rows + 5) / 6;
   const bool spread = passes > 1 && nxt != nullptr;
   const int64_t lines = (k / 2) * kBlockN * 2 * static_cast<int64_t>(sizeof(B16)) / 64;
@@ -249,7 +285,7 @@ void gemv_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, const float
     Prefetch pf = kNone;
     int64_t line0 = 0, line1 = 0;
     if (pass == 0 && (first || !spread)) {
-      pf = kAhead;
+      pf = huge && passes == 1 ? kNone : kAhead;
     } else if (spread && pass >= p0) {
       pf = kNext;
       line0 = lines * (pass - p0) / carriers;
@@ -315,6 +351,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
   const B16* wp = weight.data_ptr<B16>();
   B16* yp = y.data_ptr<B16>();
   const int64_t block_elems = (k / 2) * kBlockN * 2;
+  const bool huge = on_huge_pages(wp, blocks * block_elems * sizeof(B16));
   TORCH_CHECK(path >= kPathAuto && path <= kPathBrgemm, "vnni_linear: path 0, 1 or 2, got ",
               path);
   const bool amx = path != kPathGemv && has_amx_brgemm();
@@ -332,7 +369,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
       const float* bb = bp != nullptr ? bp + col : nullptr;
       if (!amx) {
         const char* nxt = b + 1 < b1 ? reinterpret_cast<const char*>(wb + block_elems) : nullptr;
-        gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols, nxt, b == b0);
+        gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols, nxt, b == b0, huge);
         continue;
       }
 #if defined(CARPOOL_AMX)
@@ -388,6 +425,8 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("vnni_linear(Tensor x, Tensor weight, Tensor? bias, int n, int path=0) -> Tensor");
   m.def("vnni_linear_fast() -> bool");
   m.def("vnni_linear_amx() -> bool");
+  m.def("vnni_linear_huge_pages(int start, int nbytes, bool on) -> ()");
+  m.def("vnni_linear_on_huge_pages(int start, int nbytes) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("vnni_linear", &vnni_linear); }
@@ -395,4 +434,6 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("vnni_linear", &vnni_linear); }
 TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {
   m.impl("vnni_linear_fast", &vnni_linear_fast);
   m.impl("vnni_linear_amx", &vnni_linear_amx);
+  m.impl("vnni_linear_huge_pages", &vnni_linear_huge_pages);
+  m.impl("vnni_linear_on_huge_pages", &vnni_linear_on_huge_pages);
 }
