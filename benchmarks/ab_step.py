@@ -13,6 +13,13 @@ per step; the table then also gives each path's attention share of the step (tor
 median over 8 profiled steps of each, after the timed ones, of attention op time in the step
 over the step's wall time; attention ops as in profile_step.py).
 
+``--before pages`` compares where the weights lie, two copies of one model in this process:
+each weight on its own 4 KiB pages where packing left it (``CARPOOL_WEIGHT_PAGES=0``, "before")
+against the engine's one huge-page arena in read order (``pages.move_weights``, "after").
+``--before prefetch`` keeps the arena and switches only the bf16 linears' streaming: software
+prefetch as on 4 KiB pages ("before") or the hardware's alone (``vnni_linear``'s huge-page
+passes, "after"), per step.
+
 ``--kv-cache-dtype int8`` compares KV caches instead, both through the in-place kernel: the
 model's dtype ("before") against int8 rows with a float32 scale each ("after"), one model, each
 system with its own cache, steps alternated; the table gives both attention shares too. Every
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import shutil
 import statistics
@@ -111,7 +119,23 @@ def main() -> None:
     path = random_model(a.random_config, a.dtype, max(c for _, c in cases) + 16)
     kv_ab = a.kv_cache_dtype == "int8"
     self_ab = a.before == "gather" or kv_ab
-    if self_ab:
+    from carpool.model import pages, vnni_linear
+    from carpool.worker.model_runner import prepare_model
+
+    if a.before == "pages":
+        before = load_model(path, dtype=a.dtype)[0]
+        os.environ[pages.ENV_WEIGHT_PAGES] = "0"
+        prepare_model(before, "cpu")
+        del os.environ[pages.ENV_WEIGHT_PAGES]
+        assert pages.weight_arena(before) is None
+        systems = {
+            "before": (before, build_ragged_batch),
+            "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
+        }
+    elif a.before == "prefetch":
+        model = load_model(path, dtype=a.dtype)[0]
+        systems = {"before": (model, build_ragged_batch), "after": (model, build_ragged_batch)}
+    elif self_ab:
         from carpool.model import paged_attention
 
         assert paged_attention.kernel() is not None, "paged decode kernel did not build"
@@ -124,13 +148,19 @@ def main() -> None:
             "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
         }
 
-    from carpool.worker.model_runner import prepare_model
-
     prepare_model(systems["after"][0], "cpu")  # as the engine's runner does
+    arena = pages.weight_arena(systems["after"][0])
+    if a.before == "prefetch":
+        assert arena is not None and vnni_linear.streams_from_huge_pages(arena), (
+            "the weights are not on huge pages here: nothing to switch"
+        )
 
     def select(k: str) -> None:
         if self_ab:
             paged_attention.use_kernel(kv_ab or k == "after")
+        if a.before == "prefetch":
+            on = k == "after"
+            torch.ops.carpool.vnni_linear_huge_pages(arena.data_ptr(), arena.nbytes, on)
 
     def kv_dtype(k: str) -> torch.dtype:
         return torch.int8 if kv_ab and k == "after" else getattr(torch, a.dtype)
