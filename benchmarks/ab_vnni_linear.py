@@ -6,7 +6,8 @@ run side by side on the same packed weights: per row count, ``--rounds`` rounds 
 every linear weight of a ``--random-config`` model (a decode step's reads, from memory),
 alternating before / after; medians, and the matmul rate against the bf16 roofline probe.
 ``--huge-pages``: the weights in one huge-page mapping in read order, as the engine lays
-them out (``pages.move_weights``).
+them out (``pages.move_weights``), and registered as such with both builds where they take it
+(``vnni_linear.stream_from_huge_pages``).
 
     python benchmarks/ab_vnni_linear.py --before /tmp/old/src --rows 1,8,32 --threads 2
 """
@@ -52,6 +53,11 @@ def main() -> None:
         holder = torch.nn.ParameterList([torch.nn.Parameter(w, False) for w, _, _ in weights])
         assert pages.move_weights(holder), "CARPOOL_WEIGHT_PAGES=0 is set"
         weights = [(p.data, n, k) for p, (_, n, k) in zip(holder, weights, strict=True)]
+        arena = pages.weight_arena(holder)
+        for ns in ("ab_lin_before", "ab_lin_after"):  # as prepare_model tells the engine's
+            lib = getattr(torch.ops, ns)
+            if hasattr(lib, "vnni_linear_huge_pages"):  # checkouts before the fourteenth pass
+                lib.vnni_linear_huge_pages(arena.data_ptr(), arena.nbytes, True)
     nbytes = sum(n * k * 2 for n, k in shapes)
     peak = probes.measure_roofline(torch.bfloat16).peak_flops / 1e9  # the bench's own probe
     print(
