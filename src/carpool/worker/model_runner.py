@@ -16,7 +16,7 @@ from torch import nn
 
 from carpool.model import decode_stack, fused_ops, paged_attention, pages, vnni_linear
 from carpool.model.kv_quant import resolve_kv_dtype
-from carpool.model.layers import prepack_linears
+from carpool.model.layers import Linear, prepack_linears
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, SchedulerOutput
 from carpool.worker import heap
@@ -51,15 +51,21 @@ def prepare_model(model: nn.Module, device: str | torch.device) -> None:
     On the CPU: build (first time on this machine) or load the paged decode kernel and the
     fused norm/activation operators and the VNNI linear kernel now, not in the middle of the
     first request's first step; pack bf16 linear weights once (see ``layers.Linear``); move
-    the weights onto huge pages in read order (``pages.move_weights``); lay the layers out for
-    the one-call decode stack (``carpool.model.decode_stack``).
+    the weights of a model with VNNI-packed linears onto huge pages in read order
+    (``pages.move_weights``); lay the layers out for the one-call decode stack
+    (``carpool.model.decode_stack``).
     """
     if torch.device(device).type == "cpu":
         paged_attention.warm_up()
         fused_ops.load()
         vnni_linear.load()
         prepack_linears(model)
-        pages.move_weights(model)  # after packing (the final bytes), before the plan's pointers
+        # After packing (the final bytes), before the plan's pointers. Only a model whose
+        # linears run on the VNNI kernel, where huge pages measured 1.12-1.15x at batch 1 on
+        # small (BENCHMARKS.md, issue 11, fourteenth pass); a quantized GGUF model's int4/int8
+        # kernels were not faster there, and its peak RSS was 5-15 MiB higher (SmolLM2).
+        if any(isinstance(m, Linear) and m.layout == "vnni" for m in model.modules()):
+            pages.move_weights(model)
         arena = pages.weight_arena(model)
         if arena is not None and pages.huge_page_bytes(arena) >= arena.nbytes // 2:
             vnni_linear.stream_from_huge_pages(arena)
