@@ -21,3 +21,17 @@ def test_the_override_serves_past_the_context():
     prompt = list(range(5, 1205))  # 1200 token ids: past the 1024 positions it was trained on
     out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_the_rotary_table_is_sized_to_max_model_len():
+    # Built for the model's 1,024 positions at load, rebuilt for the 200 the engine serves:
+    # the same tokens as an engine at the full context, up to the last position.
+    short = LLM("embedded", max_model_len=200, dtype="float32")
+    full = LLM("embedded", dtype="float32")
+    assert short.engine.model.model.rotary.cos_sin_cached.shape[0] == 200
+    assert full.engine.model.model.rotary.cos_sin_cached.shape[0] == 1024
+    prompts = [list(range(5, 5 + n)) for n in (3, 150, 190)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in short.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in full.generate(prompts, params, use_tqdm=False)]
+    assert got == want

@@ -19,7 +19,7 @@ import torch
 from carpool.capacity import plan_num_blocks
 from carpool.config import EngineConfig
 from carpool.engine.limits import ModelLimits
-from carpool.engine.loading import LoadStages, extend_rotary_tables, resolve_max_model_len
+from carpool.engine.loading import LoadStages, resolve_max_model_len, size_rotary_tables
 from carpool.engine.model_path import load_tokenizer, resolve_model_path
 from carpool.engine.output_processor import OutputProcessor, RequestGroup
 from carpool.engine.stats import EngineSnapshot, EngineStats, StepRecord
@@ -101,8 +101,7 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(
             config.max_model_len, self.model_config.max_model_len, config.allow_long_max_model_len
         )
-        if self.max_model_len > self.model_config.max_model_len:
-            extend_rotary_tables(self.model, self.max_model_len)
+        size_rotary_tables(self.model, self.max_model_len)
         dtype_bytes = next(self.model.parameters()).element_size()
         self.num_blocks = plan_num_blocks(
             config, self.model_config, self.max_model_len, dtype_bytes

@@ -56,9 +56,16 @@ def resolve_max_model_len(asked: int | None, context: int, allow_long: bool) -> 
     return asked
 
 
-def extend_rotary_tables(model: torch.nn.Module, length: int) -> None:
-    """Grow every rotary table to ``length`` positions (``--allow-long-max-model-len``)."""
+def size_rotary_tables(model: torch.nn.Module, length: int) -> None:
+    """Rebuild every rotary table for exactly ``length`` positions, the engine's
+    ``max_model_len``: grown past the model's context under ``--allow-long-max-model-len``,
+    shrunk below it otherwise. A table is built for the model's whole context at load, in
+    float32: 4 MiB for SmolLM2's 8,192 positions, 128 MiB for a Llama 3.1 config's 131,072,
+    resident whatever the engine serves; no position reaches ``max_model_len`` (the limits
+    refuse such a request), and the positions below it get the same values."""
     for module in model.modules():
         if hasattr(module, "reset_tables") and hasattr(module, "config"):
+            if module.config.max_position_embeddings == length:
+                continue
             module.config = replace(module.config, max_position_embeddings=length)
             module.reset_tables()
