@@ -140,7 +140,7 @@ def test_metric_counts_agree_for_n_above_one(server) -> None:
 def test_a_timed_out_n_request_counts_each_completion_as_timeout(server) -> None:
     server.wait_idle()
     m0 = scrape(server.url)
-    body = {"prompt": "x y", "n": 2, "max_tokens": 900, "ignore_eos": True, "timeout": 0.2}
+    body = {"prompt": "x y", "n": 2, "max_tokens": 900, "ignore_eos": True, "timeout": 0.05}
     r = post(server, "/completions", body)
     assert r.status_code == 504, r.text
     server.wait_idle()

@@ -76,7 +76,7 @@ def test_errors_reach_the_caller(engine):
         with pytest.raises(InvalidRequestError, match="max_model_len"):
             await drain("hello", SamplingParams(max_tokens=5000))
         with pytest.raises(RequestTimeoutError, match="timed out"):
-            await drain("hello", LONG, timeout=0.2)
+            await drain("hello", LONG, timeout=0.05)  # well before LONG ends
         # max_queue=3 counts only what the engine cannot admit now: the free sequence slots
         # plus 3 are accepted in one event-loop turn, one more is refused.
         await _wait_idle(engine)

@@ -100,7 +100,7 @@ def test_metrics_match_traffic(make_server, reference):
             "prompt": "x y z",
             "max_tokens": 1000,
             "ignore_eos": True,
-            "timeout": 0.2,
+            "timeout": 0.05,  # 1,000 tokens take ~0.3-1 s: well before
         },
     )
     assert r.status_code == 504
