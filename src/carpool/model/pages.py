@@ -119,46 +119,42 @@ def move_weights(model: nn.Module) -> int:
     are; an arena under a huge page is an ordinary mapping (the same code path, no gain). Off
     with ``CARPOOL_WEIGHT_PAGES=0`` (to compare).
 
-    Why: a batch-1 decode step is a stream of every weight byte (117 MB for the small model),
+    Why: a batch-1 decode step is a stream of the linears' weights (84 MB for the small model),
     and ``torch.empty`` puts each packed weight on 4 KiB pages. On the Zen 4 VM of issue 11, a
     pass of the small model's bf16 linears at one row from huge pages took 0.80-0.91x the time
     from 4 KiB pages (BENCHMARKS.md, issue 11, fourteenth pass).
     """
-    if os.environ.get(ENV_WEIGHT_PAGES, "1").strip() == "0":
-        return 0
-    if getattr(model, "_carpool_weight_arena", None) is not None:
-        return 0  # moved already (prepare_model ran before)
-    tensors = [t for t in _weights_in_read_order(model) if _movable(t)]
+    if os.environ.get(ENV_WEIGHT_PAGES, "1").strip() == "0" or weight_arena(model) is not None:
+        return 0  # turned off, or moved already (prepare_model ran before)
     # Tensors over the same bytes (tied weights held by two modules) get one place.
+    movable = [t for t in _weights_in_read_order(model) if _movable(t)]
+    weights = [((t.data_ptr(), t.numel(), t.dtype), t) for t in movable]
     places: dict[tuple[int, int, torch.dtype], int] = {}
     total = 0
-    for t in tensors:
-        key = (t.data_ptr(), t.numel(), t.dtype)
+    for key, t in weights:
         if key not in places:
             places[key] = total
-            total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+            total += -(-t.nbytes // ALIGN) * ALIGN
     if total == 0:
         return 0
     arena = zeroed_lazily((total,), torch.uint8, "cpu")
     copies: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
     since_trim = 0
     with torch.no_grad():
-        for t in tensors:
-            key = (t.data_ptr(), t.numel(), t.dtype)
+        for key, t in weights:
             copy = copies.get(key)
             if copy is None:
                 start = places[key]
-                nbytes = t.numel() * t.element_size()
-                copy = arena[start : start + nbytes].view(t.dtype).view(t.shape)
+                copy = arena[start : start + t.nbytes].view(t.dtype).view(t.shape)
                 copy.copy_(t)
                 copies[key] = copy
-                since_trim += nbytes
+                since_trim += t.nbytes
             t.data = copy.view(t.shape)  # the old copy is freed here unless shared
             if since_trim >= TRIM_EVERY:
                 _release_freed_heap()
                 since_trim = 0
-    model._carpool_weight_arena = arena  # marks the model as moved
-    del copies, tensors
+    model._carpool_weight_arena = arena  # weight_arena() finds it; marks the model as moved
+    del copies, weights, movable
     _release_freed_heap()
     return total
 
