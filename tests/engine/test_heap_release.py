@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
+from carpool.model import pages
 from carpool.worker import heap
 from helpers.hf_models import save_tiny_model_dir
 
 glibc = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or heap._malloc_trim() is None,
+    not sys.platform.startswith("linux") or pages._malloc_trim() is None,
     reason="malloc_trim is glibc's",
 )
 
@@ -26,7 +27,7 @@ def _rss_kib() -> int:
 
 def test_policy_by_step_size_and_device(monkeypatch):
     calls = []
-    monkeypatch.setattr(heap, "_malloc_trim", lambda: calls.append)
+    monkeypatch.setattr(pages, "_malloc_trim", lambda: calls.append)
     assert not heap.release_after(heap.TRIM_AFTER_TOKENS - 1, "cpu")
     assert not heap.release_after(10_000, "meta")  # only the CPU's heap is the process's
     before = heap.trims()
@@ -35,7 +36,7 @@ def test_policy_by_step_size_and_device(monkeypatch):
 
 
 def test_without_malloc_trim_nothing_is_called(monkeypatch):
-    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    monkeypatch.setattr(pages, "_malloc_trim", lambda: None)
     assert not heap.release_after(10_000, "cpu")
 
 
@@ -65,7 +66,7 @@ def test_engine_trims_after_prefill_not_decode(tmp_path, monkeypatch):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     before = heap.trims()
     llm.generate([list(range(3, 50))], params, use_tqdm=False)  # 47-token prefill, 7 decodes
-    assert heap.trims() == before + (heap._malloc_trim() is not None)
+    assert heap.trims() == before + (pages._malloc_trim() is not None)
     before = heap.trims()
     llm.generate([list(range(3, 20))], params, use_tqdm=False)  # 17-token prefill
     assert heap.trims() == before

@@ -18,7 +18,6 @@ one memory map); only memory maps and ``numpy`` views are used: nothing is ever 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -34,14 +33,9 @@ from carpool.errors import ModelLoadError
 from carpool.model.gguf_file import GGUFFile, GGUFTensorInfo
 from carpool.model.gguf_quant import QuantWeight, decode_blocks
 from carpool.model.gguf_rope import ROPE_FREQS, f32, gguf_rope_scaling
+from carpool.model.pages import trim_heap
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-except (OSError, AttributeError):  # not glibc
-    _LIBC = None
 
 _Q = GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = frozenset({
@@ -204,23 +198,13 @@ def _iter_weights(
         reader.release(t)  # its file pages leave the RSS; the next tensor's come in
         yield hf_name, value
         del value
-        _trim_heap()  # the consumer has packed it: hand its temporaries back to the OS
+        # The consumer has packed it: its temporaries back to the OS. Without a trim per tensor
+        # they piled up to ~2x the weights before the loader's final trim (SmolLM2-135M Q4_1,
+        # measured: BENCHMARKS.md, "GGUF loading: time and peak memory").
+        trim_heap()
     missing = [n for n in expected if n not in seen]
     if missing:
         raise ModelLoadError(f"{path}: missing tensors {missing[:5]} ({len(missing)} in all)")
-
-
-def _trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Decoding and packing one tensor frees block-sized temporaries that glibc keeps in its heap
-    (its mmap threshold grows after the first large free); without a trim per tensor they pile
-    up to ~2x the weights before the loader's final trim (SmolLM2-135M Q4_1, measured: see
-    BENCHMARKS.md, "GGUF loading: time and peak memory"). A trim with little to return costs
-    microseconds.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def gguf_to_hf_name(name: str) -> str | None:

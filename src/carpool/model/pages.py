@@ -12,14 +12,47 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
 import mmap
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (musl, macOS, Windows: nothing to call)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the kernel (glibc's ``malloc_trim(0)``); False
+    where the C library has no such call.
+
+    glibc keeps freed memory in its heap: its mmap threshold rises to the size of any mapped
+    block freed (up to 32 MiB), so after a few large temporaries most allocations come from
+    the heap, and their freed pages stay resident (fragmented, rarely at the top, where glibc
+    trims by itself). The callers trim after work that frees many temporaries: a GGUF tensor's
+    decoding, a load, the weights' move, a prefill step. A trim with little to return costs
+    microseconds.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def zeroed_lazily(
@@ -96,17 +129,6 @@ def _movable(t: torch.Tensor) -> bool:
     )
 
 
-def _release_freed_heap() -> None:
-    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim``): the weights'
-    old copies that came from the heap rather than a mapping of their own would otherwise stay
-    resident, and the move would cost memory instead of only moving it."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
-
-
 def move_weights(model: nn.Module) -> int:
     """Copy a CPU model's weights into one huge-page mapping, in read order; returns its bytes
     (0: nothing moved).
@@ -151,11 +173,13 @@ def move_weights(model: nn.Module) -> int:
                 since_trim += t.nbytes
             t.data = copy.view(t.shape)  # the old copy is freed here unless shared
             if since_trim >= TRIM_EVERY:
-                _release_freed_heap()
+                # The old copies that came from the heap rather than a mapping of their own
+                # would otherwise stay resident: the move would cost memory, not move it.
+                trim_heap()
                 since_trim = 0
     model._carpool_weight_arena = arena  # weight_arena() finds it; marks the model as moved
     del copies, weights, movable
-    _release_freed_heap()
+    trim_heap()
     return total
 
 

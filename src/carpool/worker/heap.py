@@ -14,30 +14,13 @@ speed and 1.5x prefill time (BENCHMARKS.md, issue 11's seventh pass); this costs
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-from collections.abc import Callable
-
 import torch
+
+from carpool.model import pages
 
 # Steps of at least this many tokens are followed by a trim: prefill chunks, not decode steps
 # (up to max_num_seqs tokens; a trim costs ~0.1-1 ms, nothing next to a 256-token step).
 TRIM_AFTER_TOKENS = 256
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None (musl, macOS, Windows: nothing to call)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
 
 
 class _Counter:
@@ -54,9 +37,7 @@ def release_after(num_tokens: int, device: torch.device | str) -> bool:
     is at least ``TRIM_AFTER_TOKENS`` and the C library has ``malloc_trim``; True if it did."""
     if num_tokens < TRIM_AFTER_TOKENS or torch.device(device).type != "cpu":
         return False
-    trim = _malloc_trim()
-    if trim is None:
+    if not pages.trim_heap():
         return False
-    trim(0)
     _Counter.trims += 1
     return True
