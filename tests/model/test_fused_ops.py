@@ -500,3 +500,76 @@ def test_int8_head_top_logits_do_not_depend_on_the_path():
     top = many.topk(RESCORE_TOP_K // 2, dim=-1).indices
     assert torch.equal(many.gather(1, top), alone.gather(1, top))
     assert torch.equal(many.argmax(-1), alone.argmax(-1))
+
+
+def _torch_widen(lin, packed, block, monkeypatch):
+    """``Int4Linear._dense`` in bf16 through torch's ops (the fused kernel off)."""
+    from carpool.model import quant
+
+    monkeypatch.setattr(quant, "int4_row_block", lambda: block)
+    fused_ops.use_fused(False)
+    try:
+        saved, lin.packed = lin.packed, packed
+        return lin._dense(torch.bfloat16)
+    finally:
+        lin.packed = saved
+        fused_ops.use_fused(True)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize(
+    "n, k, group", [(3072, 576, 32), (576, 1536, 32), (100, 64, 32), (128, 256, 64)]
+)
+def test_int4_widen_is_the_torch_widening_bit_for_bit(block, n, k, group, monkeypatch):
+    # A prefill's widened int4 weight: the same bits as the torch ops' chain it replaces (both
+    # round the product to bf16, then the sum), for either of torch's block layouts.
+    from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all
+
+    torch.manual_seed(n + k + block)
+    lin = Int4Linear.from_float(torch.randn(n, k) * 3, None, torch.bfloat16)
+    lin.group_size = group
+    groups = torch.randn(k // group, lin.scales_zeros.shape[1], 2) * torch.tensor([0.05, 1.0])
+    lin.scales_zeros = groups.bfloat16().contiguous()
+    packed = _pack_int4_by_hand(_unpack_int4_all(lin.packed, k), block)
+    want = _torch_widen(lin, packed, block, monkeypatch)
+    calls = fused_ops.fused_calls()
+    got = fused_ops.int4_widen(packed, group, lin.scales_zeros, block)
+    assert fused_ops.fused_calls() == calls + 1
+    assert got.dtype == torch.bfloat16 and got.shape == (lin.scales_zeros.shape[1], k)
+    assert torch.equal(got[:n], want)
+
+
+def test_int4_linear_prefill_takes_the_fused_widening(monkeypatch):
+    # Past the row count of the int4 kernels, a CPU Int4Linear widens its weight through the
+    # fused kernel: the same output as through torch's ops.
+    from carpool.model.quant import INT4_WIDEN_ABOVE_ROWS, Int4Linear
+
+    torch.manual_seed(5)
+    lin = Int4Linear.from_float(torch.randn(200, 320), torch.randn(200), torch.float32)
+    x = torch.randn(INT4_WIDEN_ABOVE_ROWS + 3, 320)
+    calls = fused_ops.fused_calls()
+    got = lin(x)
+    assert fused_ops.fused_calls() > calls
+    fused_ops.use_fused(False)
+    try:
+        want = lin(x)
+    finally:
+        fused_ops.use_fused(True)
+    assert torch.equal(got, want)
+
+
+def test_int4_widen_refuses_bad_shapes_with_a_message():
+    from carpool.model.quant import Int4Linear
+
+    lin = Int4Linear.from_float(torch.randn(64, 64), None, torch.bfloat16)
+    widen = torch.ops.carpool.int4_widen
+    block = int4_row_block()
+    with pytest.raises(RuntimeError, match="block must be 32 or 64"):
+        widen(lin.packed, 32, lin.scales_zeros, 16)
+    with pytest.raises(RuntimeError, match="scales_zeros must be"):
+        widen(lin.packed, 32, lin.scales_zeros.float(), block)
+    with pytest.raises(RuntimeError, match="packed must be torch's CPU int4 layout"):
+        widen(lin.packed[:32], 32, lin.scales_zeros, block)
+    with pytest.raises(RuntimeError, match="group size must be positive"):
+        widen(lin.packed, 0, lin.scales_zeros, block)
+    assert fused_ops.int4_widen(lin.packed, 32, lin.scales_zeros.float(), block) is None

@@ -309,3 +309,22 @@ def int4_gemv(
     ):
         return torch.ops.carpool.int4_gemv(x, packed, group_size, scales_zeros, block)
     return None
+
+
+def int4_widen(
+    packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor, block: int
+) -> torch.Tensor | None:
+    """The bf16 weight ``[N, K]`` (N padded to 64) that int4 ``packed`` codes stand for
+    (``quant.Int4Linear``'s CPU layout in ``block``-row blocks, bf16 ``scales_zeros`` ``[K/g,
+    N, 2]``): ``(q - 8) * scale`` rounded to bf16, plus ``zero``, rounded again, the bits of
+    ``Int4Linear._dense`` in bf16; None where the fused kernel does not apply (the caller
+    widens with torch ops)."""
+    if (
+        packed.dtype == torch.uint8
+        and packed.is_cpu
+        and packed.is_contiguous()
+        and scales_zeros.dtype == torch.bfloat16
+        and _fused(scales_zeros)
+    ):
+        return torch.ops.carpool.int4_widen(packed, group_size, scales_zeros, block)
+    return None

@@ -327,6 +327,10 @@ class Int4Linear(QuantizedLinear):
     def _dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole (padded) weight ``[N', K]`` widened in a few whole-tensor ops."""
         k, g = self.in_features, self.group_size
+        if dtype == self.scales_zeros.dtype == torch.bfloat16:  # what a CPU prefill widens to
+            fused = fused_ops.int4_widen(self.packed, g, self.scales_zeros, int4_row_block())
+            if fused is not None:
+                return fused[: self.out_features]
         w = _unpack_int4_all(self.packed, k).to(dtype).view(-1, k // g, g)  # [N', K/g, g]
         sz = self.scales_zeros.to(dtype).transpose(0, 1)  # [N', K/g, 2]
         # In place: the same ops in the same dtype (the same bits) with one weight-sized

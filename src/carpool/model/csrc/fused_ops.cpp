@@ -14,11 +14,12 @@
 //
 // And argmax_rows, the greedy sampler's argmax; rotary_, the rotary embedding in place;
 // int8_gemv, int8 weight-only products of a few rows; int8_logits and int8_logits_at, an int8
-// vocabulary head's float32 logits.
+// vocabulary head's float32 logits; int4_widen, an int4 weight widened to bf16 for a prefill.
 //
 // Registered as carpool::rms_norm, carpool::add_rms_norm, carpool::silu_and_mul and
 // carpool::argmax_rows, carpool::rotary_, carpool::int8_gemv, carpool::int8_logits,
-// carpool::int8_logits_at (a fragment of the `carpool` operator library; no pybind11).
+// carpool::int8_logits_at, carpool::int4_widen (a fragment of the `carpool` operator library;
+// no pybind11).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -932,6 +933,70 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
   return y;
 }
 
+// int4 codes widened to the bf16 weight [N, K] they stand for, w = (q - 8) * scale + zero per
+// group, with the two bf16 roundings of quant.Int4Linear._dense's bf16 ops (the product rounded,
+// then the sum): the same bits in one pass. A prefill step widens every int4 weight of every
+// layer for its matmuls, and torch's chain of whole-tensor ops (two nibble masks, a cat, a
+// transpose copy, the cast, three in-place passes) took as long as a third of those matmuls
+// (SmolLM2-135M Q4_1 at 512 rows: 136 ms against 318 a step), with three weight-sized
+// temporaries at once. Per block of B output rows and group of g inputs, the g x B/2 bytes are
+// transposed into a B x g code tile (L1), then each row's g values are computed and stored in
+// one contiguous run (gcc vectorizes that loop). Finite scales and zeros assumed (a GGUF's are).
+void int4_widen_block(const uint8_t* packed, const c10::BFloat16* sz, c10::BFloat16* w,
+                      int64_t n, int64_t k, int64_t g, int64_t B, int64_t b, uint8_t* codes) {
+  using E = Elt<c10::BFloat16>;
+  const int64_t half = B / 2;
+  const uint8_t* qb = packed + b * k * half;  // [K, B/2] bytes of this block
+  uint16_t* out = reinterpret_cast<uint16_t*>(w);
+  for (int64_t gi = 0; gi < k / g; ++gi) {
+    for (int64_t i = 0; i < g; ++i) {
+      const uint8_t* bytes = qb + (gi * g + i) * half;
+      for (int64_t j = 0; j < half; ++j) {
+        codes[j * g + i] = bytes[j] & 0xF;
+        codes[(j + half) * g + i] = bytes[j] >> 4;
+      }
+    }
+    for (int64_t c = 0; c < B; ++c) {
+      const int64_t row = b * B + c;
+      const float scale = carpool_kernels::to_float(sz[(gi * n + row) * 2]);
+      const float zero = carpool_kernels::to_float(sz[(gi * n + row) * 2 + 1]);
+      const uint8_t* q = codes + c * g;
+      uint16_t* dst = out + row * k + gi * g;
+      for (int64_t i = 0; i < g; ++i)
+        dst[i] = E::narrow(E::round((static_cast<float>(q[i]) - 8.0f) * scale) + zero);
+    }
+  }
+}
+
+at::Tensor int4_widen(const at::Tensor& packed, int64_t group_size, const at::Tensor& scales_zeros,
+                      int64_t block) {
+  const int64_t g = group_size;
+  TORCH_CHECK(g > 0, "int4_widen: the group size must be positive, got ", g);
+  TORCH_CHECK(block == 32 || block == 64, "int4_widen: block must be 32 or 64, got ", block);
+  TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.is_contiguous() &&
+                  scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.size(2) == 2 &&
+                  scales_zeros.size(1) % block == 0,
+              "int4_widen: scales_zeros must be a contiguous [K / group, N, 2] bfloat16 tensor "
+              "with N a multiple of ", block, ", got ", scales_zeros.sizes(), " ",
+              scales_zeros.scalar_type());
+  const int64_t k = scales_zeros.size(0) * g, n = scales_zeros.size(1);
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                  packed.numel() == n * k / 2,
+              "int4_widen: packed must be torch's CPU int4 layout ([N/", block, ", K, ", block / 2,
+              "] bytes) for N = ", n, ", K = ", k, ", got ", packed.sizes(), " ",
+              packed.scalar_type());
+  at::Tensor w = at::empty({n, k}, scales_zeros.options());
+  const uint8_t* qp = packed.data_ptr<uint8_t>();
+  const c10::BFloat16* sp = scales_zeros.data_ptr<c10::BFloat16>();
+  c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n / block, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> codes(block * g);  // this thread's code tile
+    for (int64_t b = b0; b < b1; ++b)
+      int4_widen_block(qp, sp, wp, n, k, g, block, b, codes.data());
+  });
+  return w;
+}
+
 // bf16 weights times float32 or bf16 activations, any number of rows, on CPUs without bf16
 // matrix units (AVX2 machines such as AMD Zen 3): there torch's bf16 GEMM has no oneDNN path
 // and ran 3-5x slower than its float32 one at 8-32 rows (BENCHMARKS.md "Fifth pass"), and
@@ -1045,6 +1110,7 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("int8_logits(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int8_logits_at(Tensor x, Tensor qweight, Tensor scales, Tensor ids) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("int4_widen(Tensor packed, int group_size, Tensor scales_zeros, int block) -> Tensor");
   m.def(
       "int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block) -> "
       "Tensor");
@@ -1060,5 +1126,6 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("int8_logits", &int8_logits);
   m.impl("int8_logits_at", &int8_logits_at);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("int4_widen", &int4_widen);
   m.impl("int4_gemv", &int4_gemv);
 }
