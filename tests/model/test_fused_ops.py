@@ -517,8 +517,9 @@ def _torch_widen(lin, packed, block, monkeypatch):
 
 
 @pytest.mark.parametrize("block", [32, 64])
+# Groups of 8: the plain loops (the AVX-512 one takes groups of a multiple of 16).
 @pytest.mark.parametrize(
-    "n, k, group", [(3072, 576, 32), (576, 1536, 32), (100, 64, 32), (128, 256, 64)]
+    "n, k, group", [(3072, 576, 32), (576, 1536, 32), (100, 64, 32), (128, 256, 64), (64, 96, 8)]
 )
 def test_int4_widen_is_the_torch_widening_bit_for_bit(block, n, k, group, monkeypatch):
     # A prefill's widened int4 weight: the same bits as the torch ops' chain it replaces (both

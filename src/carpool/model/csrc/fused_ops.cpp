@@ -938,16 +938,51 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t grou
 // then the sum): the same bits in one pass. A prefill step widens every int4 weight of every
 // layer for its matmuls, and torch's chain of whole-tensor ops (two nibble masks, a cat, a
 // transpose copy, the cast, three in-place passes) took as long as a third of those matmuls
-// (SmolLM2-135M Q4_1 at 512 rows: 136 ms against 318 a step), with three weight-sized
-// temporaries at once. Per block of B output rows and group of g inputs, the g x B/2 bytes are
-// transposed into a B x g code tile (L1), then each row's g values are computed and stored in
-// one contiguous run (gcc vectorizes that loop). Finite scales and zeros assumed (a GGUF's are).
+// (SmolLM2-135M Q4_1 at 512 rows: 136 ms against 318 a step; here 35), with three weight-sized
+// temporaries at once. Per block of B output rows and group of g inputs, each row's g values are
+// computed and stored in one contiguous run: with AVX-512 from gathers of the packed bytes, else
+// from a B x g code tile (L1) the bytes are first transposed into (65 ms). Finite scales and
+// zeros assumed (a GGUF's are).
 void int4_widen_block(const uint8_t* packed, const c10::BFloat16* sz, c10::BFloat16* w,
                       int64_t n, int64_t k, int64_t g, int64_t B, int64_t b, uint8_t* codes) {
   using E = Elt<c10::BFloat16>;
   const int64_t half = B / 2;
   const uint8_t* qb = packed + b * k * half;  // [K, B/2] bytes of this block
   uint16_t* out = reinterpret_cast<uint16_t*>(w);
+#if defined(__AVX512F__)
+  if (g % 16 == 0) {
+    // Without the code tile: one gather takes 4 bytes (rows j..j+3 and j+B/2..j+B/2+3) of 16
+    // consecutive inputs, and each of its 8 nibbles per lane is one row's 16 values.
+    const __m512i stride = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
+                                                               6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(static_cast<int>(half)));
+    const __m512i nibble = _mm512_set1_epi32(0xF), bias = _mm512_set1_epi32(0x7FFF);
+    const __m512i one = _mm512_set1_epi32(1), high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    auto narrow = [&](__m512 v) {  // E::narrow in 16 lanes, left in the lanes' low halves
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+      return _mm512_add_epi32(bits, _mm512_add_epi32(bias, odd));
+    };
+    for (int64_t gi = 0; gi < k / g; ++gi)
+      for (int64_t j = 0; j < half; j += 4)
+        for (int64_t i0 = 0; i0 < g; i0 += 16) {
+          const __m512i v = _mm512_i32gather_epi32(stride, qb + (gi * g + i0) * half + j, 1);
+          for (int t = 0; t < 8; ++t) {  // nibble t: byte j + t / 2, low (even t) or high half
+            const int64_t row = b * B + j + t / 2 + (t % 2) * half;
+            const __m512 sc = _mm512_set1_ps(carpool_kernels::to_float(sz[(gi * n + row) * 2]));
+            const __m512 ze = _mm512_set1_ps(carpool_kernels::to_float(sz[(gi * n + row) * 2 + 1]));
+            const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, 4 * t), nibble);
+            const __m512 prod = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), eight), sc);
+            const __m512 r1 = _mm512_castsi512_ps(_mm512_and_si512(narrow(prod), high));
+            const __m512i r2 = _mm512_srli_epi32(narrow(_mm512_add_ps(r1, ze)), 16);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + row * k + gi * g + i0),
+                                _mm512_cvtepi32_epi16(r2));
+          }
+        }
+    return;
+  }
+#endif
   for (int64_t gi = 0; gi < k / g; ++gi) {
     for (int64_t i = 0; i < g; ++i) {
       const uint8_t* bytes = qb + (gi * g + i) * half;
