@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from pathlib import Path
 
-from carpool import LLM, SamplingParams
+from carpool import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from py_peer import carpool_llm  # noqa: E402  (benchmarks/peers is not a package)
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -42,14 +46,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=10, help="steps listed, highest peak first")
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    llm = LLM(
-        args.model,
-        max_num_seqs=max(sizes),
-        max_num_batched_tokens=512,
-        max_model_len=args.prompt_len + args.gen_len,
-        kv_cache_memory_fraction=1.0,
-        threads=args.threads,
-    )
+    llm = carpool_llm(args.model, sizes, args.prompt_len, args.gen_len, args.threads)
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     loaded = _status_mib()

@@ -31,19 +31,23 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-
-def _carpool(args: argparse.Namespace) -> tuple[str, Callable[[list[list[int]]], float]]:
+if TYPE_CHECKING:
     from carpool import LLM
-    from carpool.bench.sweep import run_round
 
-    sizes = args.batch_sizes
-    extra = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.engine_arg)}
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
+
+def carpool_llm(
+    model: str, sizes: Sequence[int], prompt_len: int, gen_len: int, threads: int, **config: object
+) -> LLM:
+    """The engine the peers run: carpool with llama-batched-bench's settings (also
+    ``benchmarks/step_peaks.py``'s); ``config``: more ``EngineConfig`` fields (``dtype``...)."""
+    from carpool import LLM
+
+    return LLM(
+        model,
         max_num_seqs=max(sizes),
         # Prefill in 512-token steps, as llama.cpp computes a prompt in 512-token micro-batches
         # (-ub 512); one 1,024-token step held twice the temporaries (the peak RSS).
@@ -51,11 +55,26 @@ def _carpool(args: argparse.Namespace) -> tuple[str, Callable[[list[list[int]]],
         # The engine sizes its KV cache for every seat filled to max_model_len (a memory
         # fraction of 1 only caps that): room for all sequences at once, as llama.cpp's
         # -c max(B) x (pp + tg), so nothing is preempted and neither holds a larger cache.
-        max_model_len=args.prompt_len + args.gen_len,
+        max_model_len=prompt_len + gen_len,
         kv_cache_memory_fraction=1.0,
         # The engine sets torch's threads itself (EngineConfig.threads, default 1): without
         # this it would run on one thread while llama.cpp and transformers get --threads.
-        threads=args.threads,
+        threads=threads,
+        **config,
+    )
+
+
+def _carpool(args: argparse.Namespace) -> tuple[str, Callable[[list[list[int]]], float]]:
+    from carpool.bench.sweep import run_round
+
+    extra = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.engine_arg)}
+    llm = carpool_llm(
+        args.model,
+        args.batch_sizes,
+        args.prompt_len,
+        args.gen_len,
+        args.threads,
+        dtype=args.dtype,
         **extra,
     )
     engine = llm.engine
