@@ -325,7 +325,8 @@ class Int4Linear(QuantizedLinear):
         return self._dense(torch.float32).to(self.out_dtype)
 
     def _dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The whole (padded) weight ``[N', K]`` widened in a few whole-tensor ops."""
+        """The whole (padded) weight ``[N', K]`` widened: to bf16 on the CPU in one fused pass
+        (``fused_ops.int4_widen``, the same bits), otherwise in a few whole-tensor ops."""
         k, g = self.in_features, self.group_size
         if dtype == self.scales_zeros.dtype == torch.bfloat16:  # what a CPU prefill widens to
             fused = fused_ops.int4_widen(self.packed, g, self.scales_zeros, int4_row_block())
