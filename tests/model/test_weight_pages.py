@@ -46,7 +46,7 @@ def test_weights_move_in_read_order_with_values_tokens_and_ties_kept(tmp_path, t
 
     moved = pages.move_weights(model)
 
-    arena = model._carpool_weight_arena
+    arena = pages.weight_arena(model)
     assert moved == arena.nbytes > pages.HUGE_PAGE and arena.data_ptr() % pages.HUGE_PAGE == 0
     weights = _weights(model)
     assert [id(t) for t in weights] == ids  # the same tensor objects, new bytes under them
@@ -71,7 +71,7 @@ def test_turned_off_leaves_the_weights_where_they_are(tmp_path, monkeypatch):
     monkeypatch.setenv(pages.ENV_WEIGHT_PAGES, "0")
     assert pages.move_weights(model) == 0
     assert [t.data_ptr() for t in _weights(model)] == ptrs
-    assert getattr(model, "_carpool_weight_arena", None) is None
+    assert pages.weight_arena(model) is None
 
 
 def test_the_engine_runs_on_moved_weights(tmp_path, monkeypatch):
@@ -88,11 +88,11 @@ def test_the_engine_runs_on_moved_weights(tmp_path, monkeypatch):
     # Moved where the linears run on the VNNI kernel (every CPU with AVX-512 BF16).
     assert (pages.weight_arena(model) is not None) == vnni_linear.available("cpu")
     if vnni_linear.available("cpu"):
-        assert all(_in_arena(t, model._carpool_weight_arena) for t in _weights(model))
+        assert all(_in_arena(t, pages.weight_arena(model)) for t in _weights(model))
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     monkeypatch.setenv(pages.ENV_WEIGHT_PAGES, "0")
     plain = LLM(tmp_path, **kw)
-    assert getattr(plain.engine.model, "_carpool_weight_arena", None) is None
+    assert pages.weight_arena(plain.engine.model) is None
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     assert got == want
 
