@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import httpx
 
@@ -24,6 +25,10 @@ def test_a_burst_within_the_free_slots_is_not_a_queue(make_server):
     assert [r.status_code for r in asyncio.run(burst())] == [200] * 8
 
 
+def _access_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "carpool.access"]
+
+
 def test_request_id_header_error_body_and_access_log(server, caplog):
     with caplog.at_level(logging.INFO, logger="carpool.access"):
         ok = httpx.get(f"{server.base_url}/models", timeout=10)
@@ -34,6 +39,11 @@ def test_request_id_header_error_body_and_access_log(server, caplog):
         insane = httpx.get(
             f"{server.base_url}/models", headers={"X-Request-Id": "a b\tc" * 40}, timeout=10
         )
+        # The server's thread logs a request after its response is sent: the last line may
+        # still be on its way when the client has the answer.
+        deadline = time.monotonic() + 5
+        while len(_access_lines(caplog)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert ok.status_code == 200 and len(ok.headers["x-request-id"]) == 32
     assert mine.headers["x-request-id"] == "client-42"
     assert insane.headers["x-request-id"] != "a b\tc" * 40  # replaced, never echoed
@@ -41,7 +51,7 @@ def test_request_id_header_error_body_and_access_log(server, caplog):
     rid = bad.headers["x-request-id"]
     assert bad.json()["error"]["request_id"] == rid
     assert bad.json()["error"]["param"] == "prompt"  # the body keeps its OpenAI shape
-    lines = [r.getMessage() for r in caplog.records if r.name == "carpool.access"]
+    lines = _access_lines(caplog)
     assert any('"GET /v1/models" 200' in s and "request_id=client-42" in s for s in lines)
     assert any('"POST /v1/completions" 400' in s and f"request_id={rid}" in s for s in lines)
     assert len(lines) == 4
