@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from carpool.model import pages
+from carpool.model import cpu_allocator, pages
 from carpool.worker import heap
 from helpers.hf_models import save_tiny_model_dir
 
@@ -46,6 +46,11 @@ def test_trim_returns_fragmented_free_memory():
     # block raises it), then leave freed blocks between live ones: resident, never trimmed.
     libc = ctypes.CDLL(None)
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: 32 MiB, blocks below come from the heap
+    # These 1 MiB tensors from glibc's heap, not carpool's block allocator (load_model installs
+    # it for the process: test_cpu_allocator.py covers its blocks).
+    blocks_from = cpu_allocator.min_bytes() if cpu_allocator.installed() else None
+    if blocks_from is not None:
+        cpu_allocator.set_min_bytes(1 << 62)
     try:
         blocks = [torch.ones(1 << 18) for _ in range(64)]  # 64 x 1 MiB, touched
         del blocks[::2]  # 32 MiB freed between the live half
@@ -55,6 +60,8 @@ def test_trim_returns_fragmented_free_memory():
         del blocks
     finally:
         libc.mallopt(-3, 128 << 10)  # glibc's default threshold (adaptive again after a free)
+        if blocks_from is not None:
+            cpu_allocator.set_min_bytes(blocks_from)
 
 
 def test_engine_trims_after_prefill_not_decode(tmp_path, monkeypatch):

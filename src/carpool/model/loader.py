@@ -18,6 +18,7 @@ from torch import nn
 
 from carpool.config import ModelConfig
 from carpool.errors import ModelLoadError
+from carpool.model import cpu_allocator
 from carpool.model.pages import trim_heap
 from carpool.model.quant_plan import plan_summary
 from carpool.model.registry import model_class_for
@@ -179,6 +180,9 @@ def load_model(
             Face checkpoint dense); ``"int8"``/``"int4"`` also quantize every dense matrix
             (weight-only, at load); ``"none"`` dequantizes everything to ``dtype``.
 
+    On the CPU, carpool's block allocator (``cpu_allocator``) is installed first, for the rest
+    of the process: the load's large temporaries and a step's then come from reused blocks.
+
     Returns:
         The model in eval mode and its ``ModelConfig``.
 
@@ -196,6 +200,8 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such model directory or file")
+    if torch.device(device).type == "cpu":
+        cpu_allocator.install()
     if path.is_file():
         from carpool.model.gguf_loader import GGUFCheckpoint
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from carpool.model import cpu_allocator
+
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 
 
@@ -46,8 +48,10 @@ def trim_heap() -> bool:
     the heap, and their freed pages stay resident (fragmented, rarely at the top, where glibc
     trims by itself). The callers trim after work that frees many temporaries: a GGUF tensor's
     decoding, a load, the weights' move, a prefill step. A trim with little to return costs
-    microseconds.
+    microseconds. The block allocator's free blocks (``cpu_allocator``) are unmapped first,
+    at the same points.
     """
+    cpu_allocator.release()
     trim = _malloc_trim()
     if trim is None:
         return False

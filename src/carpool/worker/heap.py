@@ -10,13 +10,17 @@ KV cache. ``malloc_trim`` after a step of at least ``TRIM_AFTER_TOKENS`` tokens 
 decode steps (small temporaries, reused from step to step) are left alone, so they fault
 nothing in anew. Fixing the mmap threshold instead (``mallopt``) cost 6% of batch-32 decode
 speed and 1.5x prefill time (BENCHMARKS.md, issue 11's seventh pass); this costs neither.
+
+Since the sixteenth pass large temporaries come from carpool's block allocator
+(``carpool.model.cpu_allocator``), not the heap; the trim unmaps its free blocks too, and every
+step ends with ``cpu_allocator.end_step`` (blocks idle for a few steps unmapped).
 """
 
 from __future__ import annotations
 
 import torch
 
-from carpool.model import pages
+from carpool.model import cpu_allocator, pages
 
 # Steps of at least this many tokens are followed by a trim: prefill chunks, not decode steps
 # (up to max_num_seqs tokens; a trim costs ~0.1-1 ms, nothing next to a 256-token step).
@@ -35,7 +39,11 @@ def trims() -> int:
 def release_after(num_tokens: int, device: torch.device | str) -> bool:
     """Return freed heap memory to the OS after a CPU step of ``num_tokens`` tokens, when that
     is at least ``TRIM_AFTER_TOKENS`` and the C library has ``malloc_trim``; True if it did."""
-    if num_tokens < TRIM_AFTER_TOKENS or torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu":
+        return False
+    # Every step: the block allocator's blocks that no step has wanted for a while go back.
+    cpu_allocator.end_step()
+    if num_tokens < TRIM_AFTER_TOKENS:
         return False
     if not pages.trim_heap():
         return False
