@@ -100,8 +100,10 @@ def test_the_engine_runs_on_moved_weights(tmp_path, monkeypatch):
 # In a fresh process (the test process's RSS moves with whatever ran before): moving 64 MiB
 # of weights leaves the resident size about where it was, the old copies freed as it goes.
 MEMORY_PROBE = """
-import json, torch
-from carpool.model import pages, vnni_linear
+import json, sys, torch
+from carpool.model import cpu_allocator, pages, vnni_linear
+if sys.argv[1] == "blocks":
+    assert cpu_allocator.install()
 
 def rss_mib():
     for line in open("/proc/self/status"):
@@ -123,9 +125,11 @@ print(json.dumps(dict(moved=moved / 2**20, before=before, after=rss_mib(),
 """
 
 
-def test_moving_frees_the_old_copies_as_it_goes():
+@pytest.mark.parametrize("allocator", ["torch", "blocks"])
+def test_moving_frees_the_old_copies_as_it_goes(allocator):
+    # "blocks": the weights (4 MiB each) in carpool's block allocator, as load_model leaves them.
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True
+        [sys.executable, "-c", MEMORY_PROBE, allocator], capture_output=True, text=True, check=True
     )
     r = json.loads(out.stdout)
     assert r["moved"] > 64

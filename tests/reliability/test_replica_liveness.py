@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -300,11 +301,24 @@ def test_the_router_avoids_a_replica_quiet_for_half_the_bound():
     asyncio.run(main())
 
 
+class _StoppableOutbox(Outbox):
+    """An ``Outbox`` whose heartbeats end on ``stopped`` (``beat`` returns on OSError)."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn)
+        self.stopped = threading.Event()
+
+    def send(self, msg: Any) -> None:
+        if self.stopped.is_set() and isinstance(msg, Heartbeat):
+            raise OSError("stopped by the test")
+        super().send(msg)
+
+
 def test_heartbeats_keep_coming_through_a_long_step_and_never_garble_the_pipe():
     """The heartbeat thread beats while the engine's thread computes (torch or pure Python),
     and its messages and the step reports share the pipe whole (``Outbox``'s lock)."""
     reader, writer = multiprocessing.Pipe(duplex=False)
-    outbox = Outbox(writer)
+    outbox = _StoppableOutbox(writer)
     spec = ReplicaSpec(index=3, engine_config=EngineConfig(), heartbeat_interval=0.005)
     received: list[tuple[float, Any]] = []
     garbled: list[BaseException] = []
@@ -321,8 +335,10 @@ def test_heartbeats_keep_coming_through_a_long_step_and_never_garble_the_pipe():
                 while os.read(reader.fileno(), 1 << 16):
                     pass
 
-    threading.Thread(target=read, daemon=True).start()
-    threading.Thread(target=beat, args=(outbox, spec), daemon=True).start()
+    reading = threading.Thread(target=read, daemon=True)
+    reading.start()
+    beating = threading.Thread(target=beat, args=(outbox, spec), daemon=True)
+    beating.start()
     start = time.monotonic()
     a = torch.randn(512, 512)
     while time.monotonic() - start < 0.6:  # a long "step" in torch kernels
@@ -334,7 +350,14 @@ def test_heartbeats_keep_coming_through_a_long_step_and_never_garble_the_pipe():
     for _ in range(100):  # large messages from this thread while heartbeats go out
         outbox.send(StepReport(replica=3, load=LoadReport(), outputs=big))
     time.sleep(0.2)
+    # The beats stop before the pipe closes: a beat between Connection's closed-check and its
+    # write, with the fd closed and its number reused by the next test's log file, once wrote a
+    # heartbeat into that file (CI, sixteenth pass).
+    outbox.stopped.set()
+    beating.join(5)
+    assert not beating.is_alive()
     writer.close()
+    reading.join(5)
     assert not garbled, garbled
     beats = [t for t, m in received if isinstance(m, Heartbeat)]
     reports = [m for _, m in received if isinstance(m, StepReport)]
