@@ -201,3 +201,16 @@ def test_load_model_installs_it_unless_switched_off(tmp_path, switch, monkeypatc
         assert r["installed"] and r["maps"] >= 1
     else:
         assert r == {"installed": False, "maps": 0}
+
+
+def test_torch_profiler_counts_the_blocks_memory():
+    # profile_memory=True reads each allocator's reports: a block handed out and given back
+    # shows in the op's "CPU Mem" as torch's own allocator's would.
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(1024, 1024)  # 4 MiB
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = x * 2
+        del y
+    rows = [e for e in prof.key_averages() if e.key == "aten::mul"]
+    assert rows and rows[0].cpu_memory_usage >= 4 * MIB, rows

@@ -69,6 +69,7 @@ class BlockAllocator final : public c10::Allocator {
     if (p == nullptr) {
       p = map(bytes);
     }
+    report(p, int64_t(bytes));
     return {p, p, &BlockAllocator::free_any, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -86,6 +87,7 @@ class BlockAllocator final : public c10::Allocator {
 
   void give_back(void* p) {
     size_t bytes;
+    bool keep;
     {
       std::lock_guard<std::mutex> g(mu_);
       auto it = sizes_.find(p);
@@ -96,15 +98,19 @@ class BlockAllocator final : public c10::Allocator {
         return;
       }
       bytes = it->second;
-      if (cached_ + int64_t(bytes) <= kMaxCachedBytes) {
+      keep = cached_ + int64_t(bytes) <= kMaxCachedBytes;
+      if (keep) {
         free_[bytes].push_back({p, step_});
         cached_ += int64_t(bytes);
-        return;
+      } else {
+        sizes_.erase(it);
+        mapped_ -= int64_t(bytes);
       }
-      sizes_.erase(it);
-      mapped_ -= int64_t(bytes);
     }
-    munmap(p, bytes);
+    report(p, -int64_t(bytes));
+    if (!keep) {
+      munmap(p, bytes);
+    }
   }
 
   int64_t release() {
@@ -188,6 +194,23 @@ class BlockAllocator final : public c10::Allocator {
     peak_mapped_ = std::max(peak_mapped_, mapped_);
     maps_ += 1;
     return p;
+  }
+
+  // torch.profiler's memory columns (profile_memory=True), as torch's own CPU allocator
+  // reports: a block's bytes when handed out and when given back; in use = mapped - free.
+  // Called outside the lock (the profiler records on its own).
+  void report(void* p, int64_t delta) {
+    if (!c10::memoryProfilingEnabled()) {
+      return;
+    }
+    int64_t mapped, in_use;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      mapped = mapped_;
+      in_use = mapped_ - cached_;
+    }
+    c10::reportMemoryUsageToProfiler(p, delta, size_t(in_use), size_t(mapped),
+                                     c10::Device(c10::DeviceType::CPU));
   }
 
   static int64_t unmap(const std::vector<std::pair<void*, size_t>>& blocks) {
