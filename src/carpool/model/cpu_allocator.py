@@ -43,7 +43,6 @@ class AllocatorStats:
 
     mapped: int  # bytes of blocks mapped, in use or free
     cached: int  # bytes of free blocks waiting for a request of their class
-    peak_mapped: int  # the most ``mapped`` since the last ``reset_peak``
     maps: int  # blocks mapped so far
     reuses: int  # requests served from a free block
 
@@ -85,14 +84,8 @@ def end_step(max_idle: int = IDLE_STEPS) -> int:
 def stats() -> AllocatorStats:
     """The allocator's counters now."""
     if not _installed:
-        return AllocatorStats(0, 0, 0, 0, 0)
+        return AllocatorStats(0, 0, 0, 0)
     return AllocatorStats(*(int(v) for v in torch.ops.carpool.cpu_allocator_stats()))
-
-
-def reset_peak() -> None:
-    """Restart ``stats().peak_mapped`` from the bytes mapped now (per-step peaks)."""
-    if _installed:
-        torch.ops.carpool.cpu_allocator_reset_peak()
 
 
 def min_bytes() -> int:

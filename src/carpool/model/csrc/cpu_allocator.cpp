@@ -158,12 +158,7 @@ class BlockAllocator final : public c10::Allocator {
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> g(mu_);
-    return {mapped_, cached_, peak_mapped_, maps_, reuses_};
-  }
-
-  void reset_peak() {
-    std::lock_guard<std::mutex> g(mu_);
-    peak_mapped_ = mapped_;
+    return {mapped_, cached_, maps_, reuses_};
   }
 
  private:
@@ -191,7 +186,6 @@ class BlockAllocator final : public c10::Allocator {
     std::lock_guard<std::mutex> g(mu_);
     sizes_[p] = bytes;
     mapped_ += int64_t(bytes);
-    peak_mapped_ = std::max(peak_mapped_, mapped_);
     maps_ += 1;
     return p;
   }
@@ -234,7 +228,6 @@ class BlockAllocator final : public c10::Allocator {
   std::unordered_map<void*, size_t> sizes_;              // every block mapped -> its bytes
   int64_t mapped_ = 0;       // bytes of blocks mapped, in use or free
   int64_t cached_ = 0;       // bytes of free blocks
-  int64_t peak_mapped_ = 0;  // the most `mapped_` since `reset_peak`
   int64_t maps_ = 0;         // blocks mapped
   int64_t reuses_ = 0;       // requests served from a free list
   int64_t step_ = 0;         // steps ended (`end_step`)
@@ -263,18 +256,12 @@ int64_t release() {
 }
 
 std::vector<int64_t> stats() {
-  return g_allocator == nullptr ? std::vector<int64_t>(5, 0) : g_allocator->stats();
+  return g_allocator == nullptr ? std::vector<int64_t>(4, 0) : g_allocator->stats();
 }
 
 int64_t end_step(int64_t max_idle) {
   TORCH_CHECK(max_idle >= 0, "carpool CPU allocator: max_idle must be >= 0, got ", max_idle);
   return g_allocator == nullptr ? 0 : g_allocator->end_step(max_idle);
-}
-
-void reset_peak() {
-  if (g_allocator != nullptr) {
-    g_allocator->reset_peak();
-  }
 }
 
 void set_min_bytes(int64_t n) {
@@ -298,7 +285,6 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("cpu_allocator_release() -> int", &release);
   m.def("cpu_allocator_end_step(int max_idle) -> int", &end_step);
   m.def("cpu_allocator_stats() -> int[]", &stats);
-  m.def("cpu_allocator_reset_peak() -> ()", &reset_peak);
   m.def("cpu_allocator_set_min_bytes(int n) -> ()", &set_min_bytes);
   m.def("cpu_allocator_min_bytes() -> int", &min_bytes);
   m.def("cpu_allocator_size_class(int n) -> int", &size_class_of);
