@@ -16,17 +16,25 @@ def _check(tiny, prompts, token_lists) -> None:
         assert got == expected, f"prompt of {len(p)} tokens: " + first_difference(got, expected)
 
 
-def test_all_at_once_matches_transformers(tiny):
-    llm = LLM(tiny.path, dtype="float32", max_num_batched_tokens=128, max_num_seqs=16)
+def test_all_at_once_matches_transformers(tiny, device):
+    llm = LLM(
+        tiny.path, dtype="float32", device=device, max_num_batched_tokens=128, max_num_seqs=16
+    )
     outs = llm.generate(tiny.prompts, GREEDY, use_tqdm=False)
     _check(tiny, tiny.prompts, [o.outputs[0].token_ids for o in outs])
     assert llm.engine.stats.mean_batch_size > 4, llm.engine.stats.mean_batch_size
     assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
 
 
-def test_staggered_arrivals_match_transformers(tiny):
+def test_staggered_arrivals_match_transformers(tiny, device):
     engine = LLMEngine(
-        EngineConfig(model=tiny.path, dtype="float32", max_num_batched_tokens=96, max_num_seqs=8)
+        EngineConfig(
+            model=tiny.path,
+            dtype="float32",
+            device=device,
+            max_num_batched_tokens=96,
+            max_num_seqs=8,
+        )
     )
     pending = list(enumerate(tiny.prompts))
     results: dict[str, list[int]] = {}
@@ -45,7 +53,7 @@ def test_staggered_arrivals_match_transformers(tiny):
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
-def test_preemption_loses_nothing(tiny_llama):
+def test_preemption_loses_nothing(tiny_llama, device):
     tiny = tiny_llama
     prompts = tiny.prompts[:12]
     # 2 layers x 2 kv heads x 16 dims x 2 (K,V) x 4 bytes = 512 bytes per token.
@@ -53,6 +61,7 @@ def test_preemption_loses_nothing(tiny_llama):
     llm = LLM(
         tiny.path,
         dtype="float32",
+        device=device,
         kv_cache_memory=40 * 16 * 512,
         max_num_batched_tokens=128,
         max_num_seqs=12,

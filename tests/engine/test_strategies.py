@@ -57,9 +57,10 @@ def sequential_tokens(tiny_llama) -> list[list[int]]:
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batching", BATCHING_STRATEGIES)
 def test_every_strategy_and_layout_matches_sequential(
-    tiny_llama, sequential_tokens, batching, layout
+    tiny_llama, sequential_tokens, batching, layout, device
 ):
-    llm = LLM(tiny_llama.path, batching=batching, layout=layout, **KNOBS)
+    # The baseline ran on the CPU: on a GPU this compares across devices too.
+    llm = LLM(tiny_llama.path, batching=batching, layout=layout, device=device, **KNOBS)
     for i, (got, expected) in enumerate(zip(_tokens(llm), sequential_tokens, strict=True)):
         assert got == expected, f"request {i} ({len(PROMPTS[i])}-token prompt): " + (
             first_difference(got, expected)

@@ -9,6 +9,7 @@ import torch
 
 from carpool.model.loader import load_model
 from helpers.carpool_ref import greedy, prompt_logits
+from helpers.devices import DEVICES
 from helpers.hf_models import ARCHITECTURES, first_difference, hf_greedy, save_tiny_hf_model
 
 PROMPTS = [
@@ -16,11 +17,6 @@ PROMPTS = [
     [7],
     list(range(3, 300, 7)) * 2,  # 86 tokens: crosses several 16-token blocks
 ]
-
-
-# The CPU always; CUDA where this torch build and machine have it (the model's hot path must
-# stay device-portable: no CPU-only op without a CUDA path).
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(

@@ -17,8 +17,8 @@ from carpool.model.quant import (
     kernel_dtype,
     quantize_linear,
 )
+from helpers.devices import DEVICES
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (out, in): a multiple of the int4 packing's 64-row block, and one that needs padding.
 SHAPES = [(128, 64), (96, 96)]
 

@@ -282,14 +282,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cached", torch.empty(0), persistent=False)
         # The table cast to the activation dtype, made on first use: saves a cast per step.
         self._cast: dict[torch.dtype, torch.Tensor] = {}
-        self.reset_tables()
+        if self.cos_sin_cached.device.type != "meta":  # built for loading: tables after
+            self.reset_tables()
 
     def reset_tables(self) -> None:
         """(Re)compute the float32 tables, e.g. after the model was built on the meta device."""
         c = self.config
         device = self.cos_sin_cached.device
         self._cast = {}
-        if device.type == "meta":  # built for loading: filled after ``to_empty``
+        if device.type == "meta":
+            # A model run on the meta device (tests check the non-CPU path's shapes and
+            # devices there): a table of the right shape, no memory.
+            shape = (c.max_position_embeddings, 2, c.head_dim)
+            self.cos_sin_cached = torch.empty(shape, device=device)
             return
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         t = torch.arange(c.max_position_embeddings, dtype=torch.float32, device=device)

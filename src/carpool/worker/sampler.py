@@ -83,10 +83,14 @@ def apply_truncation(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     v = logits.shape[-1]
     # Clamped in Python before the tensor is built: a top_k past the vocabulary keeps every
     # token (off, as in vLLM), and no client value can overflow the tensor's int64.
-    top_k = torch.tensor([min(row.params.top_k, v) for row in rows], device=dev)
-    top_p = torch.tensor([row.params.top_p for row in rows], device=dev)
-    min_p = torch.tensor([row.params.min_p for row in rows], device=dev)
-    if bool((top_k > 0).any() or (top_p < 1).any()):
+    top_k_l = [min(row.params.top_k, v) for row in rows]
+    top_p_l = [row.params.top_p for row in rows]
+    min_p_l = [row.params.min_p for row in rows]
+    # Decided from the Python values, not from the tensors: on a GPU reading a tensor back
+    # is a synchronisation with the device.
+    if any(k > 0 for k in top_k_l) or any(p < 1 for p in top_p_l):
+        top_k = torch.tensor(top_k_l, device=dev)
+        top_p = torch.tensor(top_p_l, device=dev)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(v, device=dev)[None, :]
         k = torch.where(top_k > 0, top_k, v)[:, None]
@@ -98,7 +102,8 @@ def apply_truncation(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
         drop |= before >= top_p[:, None]
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if bool((min_p > 0).any()):
+    if any(p > 0 for p in min_p_l):
+        min_p = torch.tensor(min_p_l, device=dev)
         probs = logits.softmax(-1)
         threshold = min_p[:, None] * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
@@ -142,12 +147,15 @@ class Sampler:
             n_top = max(rows[i].params.logprobs or 0 for i in wanted)
             # A tiny vocabulary may have fewer tokens than the logprobs asked for.
             top_v, top_i = lp.topk(min(max(n_top, 1), lp.shape[-1]), dim=-1)
+            chosen = lp.gather(1, tokens[wanted][:, None])
+            # Three reads back for the whole batch, not three per row (each one a
+            # synchronisation on a GPU).
+            chosen_l, top_v_l, top_i_l = chosen.tolist(), top_v.tolist(), top_i.tolist()
             for j, i in enumerate(wanted):
                 n = rows[i].params.logprobs or 0
-                tok = token_list[i]
                 logprobs[i] = TokenLogprobs(
-                    token_id=tok,
-                    logprob=float(lp[j, tok]),
-                    top=list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)),
+                    token_id=token_list[i],
+                    logprob=chosen_l[j][0],
+                    top=list(zip(top_i_l[j][:n], top_v_l[j][:n], strict=True)),
                 )
         return SamplerOutput(token_ids=token_list, logprobs=logprobs)
