@@ -26,12 +26,20 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}"
 
 
+def _family(m: Mapping[str, Any]) -> str:
+    """`` family F model M`` where the run recorded them (runs from 2026-12-04 on)."""
+    if m.get("cpu_family") is None:
+        return ""
+    return f" family {m['cpu_family']} model {m.get('cpu_model')}"
+
+
 def render(meta: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str:
     """The decode table (medians, ratios) and the peak-memory table, with a header line."""
     m = meta["machine"]
     amx = ", ".join(m.get("amx") or []) or "no AMX"
     lines = [
-        f"{m.get('model_name')} ({amx}), {m.get('cpus')} CPUs, {meta['threads']} threads per "
+        f"{m.get('model_name')}{_family(m)} ({amx}), {m.get('cpus')} CPUs, {meta['threads']} "
+        "threads per "
         f"system; {meta['prompt_len']}-token prompts, {meta['gen_len']} new tokens; decode "
         f"tokens/s, median of {meta['repeats']}; load average {meta['load_avg_start'][0]:.1f} "
         f"at start, {meta['load_avg_end'][0]:.1f} at end.",

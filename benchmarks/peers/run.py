@@ -102,7 +102,8 @@ def run_measured(cmd: list[str], env: dict[str, str], merge_stderr: bool) -> tup
 
 
 def machine() -> dict[str, object]:
-    """What the numbers were measured on (lscpu's model name, AMX, cores, load)."""
+    """What the numbers were measured on (lscpu's model name, CPU family and model: a VM's
+    model name can be a bare "AMD EPYC" for a Zen 4 and a Zen 5 alike; AMX, cores)."""
     info: dict[str, object] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -111,6 +112,8 @@ def machine() -> dict[str, object]:
         )
         flags = fields.get("Flags", "").split()
         info["model_name"] = fields.get("Model name")
+        info["cpu_family"] = fields.get("CPU family")
+        info["cpu_model"] = fields.get("Model")
         info["amx"] = sorted(f for f in flags if f.startswith("amx"))
         info["avx512_bf16"] = "avx512_bf16" in flags
     except (OSError, subprocess.CalledProcessError):
