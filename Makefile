@@ -46,16 +46,18 @@ test: $(DEV)
 bench-peers: $(DEV)
 	$(PY) benchmarks/peers/run.py --models small,smollm2 --batch-sizes 1,8,16,32
 
-## make gpu-wheels: what scripts/gpu_check.sh needs beyond a GPU image's torch (Python 3.12
+## make gpu-wheels: what scripts/gpu_check.sh needs beyond a GPU image's torch (Python $(GPU_PY)
 ## wheels of carpool's other dependencies, the tested versions) into .whl/, for the device tool
+GPU_PY ?= 3.12
 GPU_WHEELS := gguf fastapi starlette annotated-doc uvicorn httptools pydantic pydantic_core \
-	annotated-types typing-inspection jsonschema jsonschema-specifications referencing rpds-py
+	annotated-types typing-inspection opentelemetry-api jsonschema jsonschema-specifications \
+	referencing rpds-py
 .PHONY: gpu-wheels
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	for p in $(GPU_WHEELS); do \
 		pin=$$(grep -i "^$$p==" requirements/constraints.txt) || { echo "no pin for $$p"; exit 1; }; \
-		python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) \
 			--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 			--platform manylinux2014_x86_64 -d .whl "$$pin" || exit 1; \
 	done
