@@ -42,7 +42,7 @@ def test_pack_round_trips(n, k):
     assert torch.equal(packed[(n - 1) // 64, 3, (n - 1) % 64], w[n - 1, 6:8])
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 32, 33, 36, 37, 70])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, k, bias", [(100, 64, True), (192, 96, False), (64, 1408, True)])
 def test_equals_reference(rows, path, n, k, bias):
@@ -81,10 +81,13 @@ def test_a_row_does_not_depend_on_its_neighbours(path):
     w = torch.randn(1000, 1408, dtype=torch.bfloat16)
     packed = vnni_linear.pack(w)
     x = torch.randn(70, 1408, dtype=torch.bfloat16)
-    alone = vnni_linear.linear(x[2:3], packed, None, 1000, path)
-    for rows in (3, 4, 5, 16, 17, 32, 33, 70):
+    # Every row, alone: rows in later passes and chunks (7-36 rows) too.
+    alone = torch.cat(
+        [vnni_linear.linear(x[i : i + 1], packed, None, 1000, path) for i in range(70)]
+    )
+    for rows in (3, 4, 5, 7, 16, 17, 32, 33, 36, 37, 70):
         got = vnni_linear.linear(x[:rows], packed, None, 1000, path)
-        assert torch.equal(got[2], alone[0]), rows
+        assert torch.equal(got, alone[:rows]), rows
 
 
 @pytest.mark.skipif(not vnni_linear.amx(), reason="no AMX on this CPU")

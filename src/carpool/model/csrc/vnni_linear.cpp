@@ -3,10 +3,11 @@
 // micro-kernel through ATen's cpublas::brgemm, with the next column block prefetched into L2.
 // Both issue the same instructions in the same order: a row's result is the same bits whatever
 // rows share the call (tested), so batched greedy tokens equal a request's alone. Without AMX
-// (an AMD Zen 4, say), a prefetching AVX-512 BF16 matrix-vector kernel at every row count, six
-// rows per pass over a column block (above 6 rows the passes also bring the next block into
-// L2): also the same bits at every row count, and 1.0-2.2x oneDNN's packed linear there at
-// 1-32 rows, level at 64-512 (BENCHMARKS.md, issue 11, ninth and tenth passes). Its pairs'
+// (an AMD Zen 4 or 5, say), a prefetching AVX-512 BF16 matrix-vector kernel at every row count,
+// six rows per pass over a column block (7-36 rows: over 16 KiB chunks of it, each chunk in L1
+// for all the passes; above 36 rows the passes bring the next block into L2): also the same
+// bits at every row count, and 1.0-2.2x oneDNN's packed linear there at 1-32 rows, level at
+// 64-512 (BENCHMARKS.md, issue 11, ninth, tenth and seventeenth passes). Its pairs'
 // products are ordered differently from AMX's, so the two are never mixed on one machine.
 // Registers torch.ops.carpool.vnni_linear.
 //
@@ -322,6 +323,100 @@ void store_rows(const float* c, int64_t ldc, int64_t rows, const float* bias, B1
   }
 }
 
+// Rows [0, MR) of x times pairs [p0, p1) of block `wb`, added to the float32 sums in c (row
+// stride kBlockN; from zero when `init`). Lines [line0, line1) from `ahead` into L2 meanwhile.
+// Each sum takes its pairs in the same order as gemv_block's (float32 through c is exact):
+// the same bits.
+template <int MR>
+void gemv_chunk(const B16* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, float* c,
+                bool init, const char* ahead, int64_t line0, int64_t line1) {
+#if defined(__AVX512BF16__)
+  __m512 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j)
+      acc[m][j] = init ? _mm512_setzero_ps() : _mm512_load_ps(c + m * kBlockN + 16 * j);
+  int64_t line = line0, debt = 0;
+  const int64_t want = line1 - line0, n = p1 - p0;
+  for (int64_t p = p0; p < p1; ++p) {
+    for (debt += want; debt >= n; debt -= n) _mm_prefetch(ahead + 64 * line++, _MM_HINT_T1);
+    const char* row = reinterpret_cast<const char*>(wb + p * kBlockN * 2);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + 64);
+    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(row + 128);
+    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(row + 192);
+    for (int m = 0; m < MR; ++m) {
+      int32_t xpair;
+      std::memcpy(&xpair, x + m * k + 2 * p, sizeof(xpair));
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(xpair);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
+      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
+      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(c + m * kBlockN + 16 * j, acc[m][j]);
+#else
+  for (int m = 0; m < MR; ++m) {
+    for (int64_t col = 0; col < kBlockN; ++col) {
+      float s = init ? 0.0f : c[m * kBlockN + col];
+      for (int64_t p = p0; p < p1; ++p) {
+        const B16* w = wb + (p * kBlockN + col) * 2;
+        s += carpool_kernels::to_float(x[m * k + 2 * p]) * carpool_kernels::to_float(w[0]) +
+             carpool_kernels::to_float(x[m * k + 2 * p + 1]) * carpool_kernels::to_float(w[1]);
+      }
+      c[m * kBlockN + col] = s;
+    }
+  }
+#endif
+}
+
+// 7 to kChunkedMaxRows rows (a decode step's batch): the block in chunks of kChunkPairs pairs
+// (16 KiB), every pass of six rows over a chunk while it is in L1, the float32 sums kept in c
+// between chunks, and the chunk kChunksAhead further on asked into L2, spread over the passes.
+// The weights then stream from memory once, in order, at the pace of the compute; gemv_rows
+// instead streams each block in its first pass and rereads it from L2 in the others, with the
+// next block asked for meanwhile. Same sums in the same order: the same bits (tested). On the
+// Zen 5 (ab_vnni_linear.py --huge-pages, medians of 9-15 alternated rounds): medium 1.05x at 8,
+// 16 and 32 rows, small 1.25x / 1.15x / 1.00x at 8 / 16 / 32; at 128 and 512 rows 0.96-0.97x,
+// and level at 64, hence the bound (BENCHMARKS.md, issue 11, seventeenth pass). Chunks of 32
+// or 128 pairs and 4 chunks ahead measured no better.
+constexpr int64_t kChunkPairs = 64;  // 256 bytes a pair
+constexpr int64_t kChunksAhead = 2;
+constexpr int64_t kChunkedMaxRows = 36;  // one group: six passes of six rows
+
+void gemv_rows_chunked(const B16* x, int64_t rows, int64_t k, const B16* wb, const float* bias,
+                       B16* y, int64_t ldy, int64_t ncols) {
+  constexpr int64_t kGroupRows = kChunkedMaxRows;
+  alignas(64) float c[kGroupRows * kBlockN];
+  const int64_t pairs = k / 2;
+  const char* base = reinterpret_cast<const char*>(wb);
+  for (int64_t g0 = 0; g0 < rows; g0 += kGroupRows) {
+    const int64_t gr = std::min<int64_t>(kGroupRows, rows - g0), passes = (gr + 5) / 6;
+    for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
+      const int64_t p1 = std::min<int64_t>(pairs, p0 + kChunkPairs);
+      // The chunk kChunksAhead after this one (past the block's end: the next block's).
+      const char* ahead = base + (p0 + kChunksAhead * kChunkPairs) * kBlockN * 2 * sizeof(B16);
+      const int64_t lines = (p1 - p0) * kBlockN * 2 * sizeof(B16) / 64;
+      for (int64_t pass = 0, m = g0; pass < passes; ++pass, m += 6) {
+        const int64_t l0 = lines * pass / passes, l1 = lines * (pass + 1) / passes;
+        const B16* xm = x + m * k;
+        float* cm = c + (m - g0) * kBlockN;
+        const bool init = p0 == 0;
+        switch (std::min<int64_t>(6, rows - m)) {
+          case 6: gemv_chunk<6>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+          case 5: gemv_chunk<5>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+          case 4: gemv_chunk<4>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+          case 3: gemv_chunk<3>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+          case 2: gemv_chunk<2>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+          default: gemv_chunk<1>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1);
+        }
+      }
+    }
+    store_rows(c, kBlockN, gr, bias, y + g0 * ldy, ldy, ncols);
+  }
+}
+
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t n, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
@@ -369,7 +464,11 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
       const float* bb = bp != nullptr ? bp + col : nullptr;
       if (!amx) {
         const char* nxt = b + 1 < b1 ? reinterpret_cast<const char*>(wb + block_elems) : nullptr;
-        gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols, nxt, b == b0, huge);
+        if (rows > 6 && rows <= kChunkedMaxRows) {
+          gemv_rows_chunked(xp, rows, k, wb, bb, yp + col, n, ncols);
+        } else {
+          gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols, nxt, b == b0, huge);
+        }
         continue;
       }
 #if defined(CARPOOL_AMX)
