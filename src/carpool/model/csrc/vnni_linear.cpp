@@ -183,6 +183,28 @@ void amx_tile_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, float* 
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// acc[m][j] += pair p of x's row m (row stride k) times the four 16-column vectors of weights at
+// `row` (one pair of the block): one VDPBF16PS per sum, the pair broadcast once per row.
+template <int MR>
+__attribute__((always_inline)) inline void dot_pair(__m512 (&acc)[MR][4], const char* row,
+                                                    const B16* x, int64_t k, int64_t p) {
+  const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row);
+  const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + 64);
+  const __m512bh w2 = (__m512bh)_mm512_loadu_si512(row + 128);
+  const __m512bh w3 = (__m512bh)_mm512_loadu_si512(row + 192);
+  for (int m = 0; m < MR; ++m) {
+    int32_t xpair;
+    std::memcpy(&xpair, x + m * k + 2 * p, sizeof(xpair));
+    const __m512bh xv = (__m512bh)_mm512_set1_epi32(xpair);
+    acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
+    acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
+    acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
+    acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
+  }
+}
+#endif
+
 // Where a pass over a block asks for weights ahead of it (gemv_block's PF).
 enum Prefetch {
   kNone = 0,   // nothing (the block is in L2 already)
@@ -215,19 +237,7 @@ void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* 
     if constexpr (PF == kNext) {
       for (debt += want; debt >= pairs; debt -= pairs) _mm_prefetch(nxt + 64 * line++, _MM_HINT_T1);
     }
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + 64);
-    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(row + 128);
-    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(row + 192);
-    for (int m = 0; m < MR; ++m) {
-      int32_t xpair;
-      std::memcpy(&xpair, x + m * k + 2 * p, sizeof(xpair));
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(xpair);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
-      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
-    }
+    dot_pair<MR>(acc, row, x, k, p);
   }
   for (int m = 0; m < MR; ++m) {
     for (int j = 0; j < 4 && 16 * j < ncols; ++j) {
@@ -340,19 +350,7 @@ void gemv_chunk(const B16* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, 
   for (int64_t p = p0; p < p1; ++p) {
     for (debt += want; debt >= n; debt -= n) _mm_prefetch(ahead + 64 * line++, _MM_HINT_T1);
     const char* row = reinterpret_cast<const char*>(wb + p * kBlockN * 2);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + 64);
-    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(row + 128);
-    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(row + 192);
-    for (int m = 0; m < MR; ++m) {
-      int32_t xpair;
-      std::memcpy(&xpair, x + m * k + 2 * p, sizeof(xpair));
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(xpair);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
-      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
-    }
+    dot_pair<MR>(acc, row, x, k, p);
   }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 4; ++j) _mm512_store_ps(c + m * kBlockN + 16 * j, acc[m][j]);
