@@ -381,38 +381,35 @@ void gemv_chunk(const B16* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, 
 // or 128 pairs and 4 chunks ahead measured no better.
 constexpr int64_t kChunkPairs = 64;  // 256 bytes a pair
 constexpr int64_t kChunksAhead = 2;
-constexpr int64_t kChunkedMaxRows = 36;  // one group: six passes of six rows
+constexpr int64_t kChunkedMaxRows = 36;  // six passes of six rows
 
 void gemv_rows_chunked(const B16* x, int64_t rows, int64_t k, const B16* wb, const float* bias,
                        B16* y, int64_t ldy, int64_t ncols) {
-  constexpr int64_t kGroupRows = kChunkedMaxRows;
-  alignas(64) float c[kGroupRows * kBlockN];
-  const int64_t pairs = k / 2;
+  TORCH_CHECK(rows <= kChunkedMaxRows, "gemv_rows_chunked: ", rows, " rows");
+  alignas(64) float c[kChunkedMaxRows * kBlockN];
+  const int64_t pairs = k / 2, passes = (rows + 5) / 6;
   const char* base = reinterpret_cast<const char*>(wb);
-  for (int64_t g0 = 0; g0 < rows; g0 += kGroupRows) {
-    const int64_t gr = std::min<int64_t>(kGroupRows, rows - g0), passes = (gr + 5) / 6;
-    for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
-      const int64_t p1 = std::min<int64_t>(pairs, p0 + kChunkPairs);
-      // The chunk kChunksAhead after this one (past the block's end: the next block's).
-      const char* ahead = base + (p0 + kChunksAhead * kChunkPairs) * kBlockN * 2 * sizeof(B16);
-      const int64_t lines = (p1 - p0) * kBlockN * 2 * sizeof(B16) / 64;
-      for (int64_t pass = 0, m = g0; pass < passes; ++pass, m += 6) {
-        const int64_t l0 = lines * pass / passes, l1 = lines * (pass + 1) / passes;
-        const B16* xm = x + m * k;
-        float* cm = c + (m - g0) * kBlockN;
-        const bool init = p0 == 0;
-        switch (std::min<int64_t>(6, rows - m)) {
-          case 6: gemv_chunk<6>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
-          case 5: gemv_chunk<5>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
-          case 4: gemv_chunk<4>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
-          case 3: gemv_chunk<3>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
-          case 2: gemv_chunk<2>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
-          default: gemv_chunk<1>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1);
-        }
+  for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
+    const int64_t p1 = std::min<int64_t>(pairs, p0 + kChunkPairs);
+    // The chunk kChunksAhead after this one (past the block's end: the next block's).
+    const char* ahead = base + (p0 + kChunksAhead * kChunkPairs) * kBlockN * 2 * sizeof(B16);
+    const int64_t lines = (p1 - p0) * kBlockN * 2 * sizeof(B16) / 64;
+    for (int64_t pass = 0, m = 0; pass < passes; ++pass, m += 6) {
+      const int64_t l0 = lines * pass / passes, l1 = lines * (pass + 1) / passes;
+      const B16* xm = x + m * k;
+      float* cm = c + m * kBlockN;
+      const bool init = p0 == 0;
+      switch (std::min<int64_t>(6, rows - m)) {
+        case 6: gemv_chunk<6>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+        case 5: gemv_chunk<5>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+        case 4: gemv_chunk<4>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+        case 3: gemv_chunk<3>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+        case 2: gemv_chunk<2>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
+        default: gemv_chunk<1>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1);
       }
     }
-    store_rows(c, kBlockN, gr, bias, y + g0 * ldy, ldy, ncols);
   }
+  store_rows(c, kBlockN, rows, bias, y, ldy, ncols);
 }
 
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
