@@ -50,7 +50,10 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 
 def import_before(src: Path):  # type: ignore[no-untyped-def]
-    """``(load_model, build_ragged_batch)`` of the checkout at ``src``, renamed."""
+    """``(load_model, build_ragged_batch, prepare_model)`` of the checkout at ``src``, renamed
+    (``prepare_model`` None where the checkout has none). Its C++ operators are this
+    checkout's where the sources are the same (one build, loaded once); a checkout whose
+    kernels differ needs ab_vnni_linear.py / ab_paged_kernel.py, which rename them."""
     root = Path(tempfile.mkdtemp(prefix="carpool-before-"))
     pkg = root / "carpool_before"
     shutil.copytree(src / "carpool", pkg)
@@ -61,7 +64,11 @@ def import_before(src: Path):  # type: ignore[no-untyped-def]
     from carpool_before.model.loader import load_model
     from carpool_before.worker.batch import build_ragged_batch
 
-    return load_model, build_ragged_batch
+    try:
+        from carpool_before.worker.model_runner import prepare_model
+    except ImportError:
+        prepare_model = None
+    return load_model, build_ragged_batch, prepare_model
 
 
 def build_batch(build, chunks, block_size: int):  # noqa: ANN001, ANN201
@@ -142,11 +149,13 @@ def main() -> None:
         model = load_model(path, dtype=a.dtype)[0]
         systems = {"before": (model, build_ragged_batch), "after": (model, build_ragged_batch)}
     else:
-        before_load, before_build = import_before(Path(a.before))
+        before_load, before_build, before_prepare = import_before(Path(a.before))
         systems = {
             "before": (before_load(path, dtype=a.dtype)[0], before_build),
             "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
         }
+        if before_prepare is not None:  # its packed weights, fused ops and decode stack
+            before_prepare(systems["before"][0], "cpu")
 
     prepare_model(systems["after"][0], "cpu")  # as the engine's runner does
     arena = pages.weight_arena(systems["after"][0])

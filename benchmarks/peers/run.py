@@ -10,7 +10,8 @@ same shapes (B prompts of ``--prompt-len`` random tokens, ``--gen-len`` new toke
 (the random models; not SmolLM2, see ``models.py``). Every system runs in its own process
 with the same ``--threads`` (llama.cpp ``-t/-tb``, torch ``set_num_threads`` and
 ``OMP_NUM_THREADS``); each figure is the median of ``--repeats`` runs of decode tokens/s
-(prefill excluded); peak resident memory is each process's ``VmHWM`` (its largest batch
+(prefill excluded), the systems' repeats taken in turn, a process each (``interleaved``);
+peak resident memory is the largest of each system's processes' ``VmHWM`` (its largest batch
 included).
 
 Prints the markdown tables (decode tokens/s with carpool / llama.cpp ratios; peak RSS) and
@@ -140,55 +141,102 @@ def median_speeds(runs: list[dict[int, float]]) -> dict[int, float]:
     return {b: statistics.median(r[b] for r in runs) for b in runs[0]}
 
 
-def bench_llama_cpp(bin_dir: Path, gguf: Path, args: argparse.Namespace, env: dict[str, str]):
-    def command(no_repack: bool) -> list[str]:
+class LlamaCppRuns:
+    """``llama-batched-bench`` on one GGUF file, one repeat per ``run()`` call."""
+
+    def __init__(self, bin_dir: Path, gguf: Path, args: argparse.Namespace, env: dict[str, str]):
+        self.bin_dir, self.gguf, self.args, self.env = bin_dir, gguf, args, env
+        self.cmd = self._command(no_repack=False)
+        self.runs: list[dict[int, float]] = []
+        self.rss: list[float] = []
+        self.rows: list[list[dict[str, object]]] = []
+
+    def _command(self, no_repack: bool) -> list[str]:
+        a = self.args
         return batched_bench.batched_bench_command(
-            bin_dir / "llama-batched-bench",
-            gguf,
-            args.batch_sizes,
-            args.prompt_len,
-            args.gen_len,
-            args.threads,
+            self.bin_dir / "llama-batched-bench",
+            self.gguf,
+            a.batch_sizes,
+            a.prompt_len,
+            a.gen_len,
+            a.threads,
             no_repack=no_repack,
         )
 
-    cmd = command(no_repack=False)
-    runs, rss, rows = [], [], []
-    for _ in range(args.repeats):
+    def run(self) -> None:
         try:
-            out, peak = run_measured(cmd, env, merge_stderr=True)
+            out, peak = run_measured(self.cmd, self.env, merge_stderr=True)
         except ProcessFailed as e:
-            if e.returncode != -signal.SIGILL or "-nr" in cmd:
+            if e.returncode != -signal.SIGILL or "-nr" in self.cmd:
                 raise
             # ggml's AMX kernels fault (SIGILL at tilezero) on this project's VM: without them.
             print(f"  llama.cpp died of SIGILL; retrying with -nr\n{e}", file=sys.stderr)
-            cmd = command(no_repack=True)
-            out, peak = run_measured(cmd, env, merge_stderr=True)
+            self.cmd = self._command(no_repack=True)
+            out, peak = run_measured(self.cmd, self.env, merge_stderr=True)
         parsed = batched_bench.parse_batched_bench(out)
-        runs.append(batched_bench.decode_speeds(parsed, args.batch_sizes))
-        rss.append(peak)
-        rows.append([asdict(r) for r in parsed])
-    print(f"  llama.cpp {gguf.name}: {median_speeds(runs)}", file=sys.stderr, flush=True)
-    return {"command": shlex.join(cmd), "runs": runs, "rss_mib": max(rss), "raw": rows}
+        self.runs.append(batched_bench.decode_speeds(parsed, self.args.batch_sizes))
+        self.rss.append(peak)
+        self.rows.append([asdict(r) for r in parsed])
+        print(f"  llama.cpp {self.gguf.name}: {self.runs[-1]}", file=sys.stderr, flush=True)
+
+    def result(self) -> dict[str, object]:
+        return {
+            "command": shlex.join(self.cmd),
+            "runs": self.runs,
+            "rss_mib": max(self.rss),
+            "raw": self.rows,
+        }
 
 
-def bench_python(system: str, model: Path, args: argparse.Namespace, env: dict[str, str]):
-    cmd = [sys.executable, str(HERE / "py_peer.py"), system, str(model)]
-    cmd += ["--batch-sizes", ",".join(map(str, args.batch_sizes))]
-    cmd += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len)]
-    cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
-    if system == "carpool":
-        cmd += ["--dtype", args.carpool_dtype]
-        for kv in args.carpool_engine_arg:
-            cmd += ["--engine-arg", kv]
-    else:
-        cmd += ["--dtype", "bfloat16"]
-    out, peak = run_measured(cmd, env, merge_stderr=False)
-    res = json.loads(out.strip().splitlines()[-1])
-    per_b = {int(b): v for b, v in res["decode_tok_s"].items()}
-    runs = [{b: per_b[b][i] for b in per_b} for i in range(args.repeats)]
-    print(f"  {system} {model.name}: {median_speeds(runs)}", file=sys.stderr, flush=True)
-    return {"command": shlex.join(cmd), "dtype": res["dtype"], "runs": runs, "rss_mib": peak}
+class PythonRuns:
+    """One Python system (``py_peer.py``) on one model, one repeat (a process) per ``run()``."""
+
+    def __init__(self, system: str, model: Path, args: argparse.Namespace, env: dict[str, str]):
+        self.system, self.model, self.env = system, model, env
+        cmd = [sys.executable, str(HERE / "py_peer.py"), system, str(model)]
+        cmd += ["--batch-sizes", ",".join(map(str, args.batch_sizes))]
+        cmd += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len)]
+        cmd += ["--repeats", "1", "--threads", str(args.threads)]
+        if system == "carpool":
+            cmd += ["--dtype", args.carpool_dtype]
+            for kv in args.carpool_engine_arg:
+                cmd += ["--engine-arg", kv]
+        else:
+            cmd += ["--dtype", "bfloat16"]
+        self.cmd = cmd
+        self.runs: list[dict[int, float]] = []
+        self.rss: list[float] = []
+        self.dtype = ""
+
+    def run(self) -> None:
+        out, peak = run_measured(self.cmd, self.env, merge_stderr=False)
+        res = json.loads(out.strip().splitlines()[-1])
+        self.runs.append({int(b): v[0] for b, v in res["decode_tok_s"].items()})
+        self.rss.append(peak)
+        self.dtype = res["dtype"]
+        print(f"  {self.system} {self.model.name}: {self.runs[-1]}", file=sys.stderr, flush=True)
+
+    def result(self) -> dict[str, object]:
+        return {
+            "command": shlex.join(self.cmd),
+            "dtype": self.dtype,
+            "runs": self.runs,
+            "rss_mib": max(self.rss),
+        }
+
+
+def interleaved(systems: dict[str, LlamaCppRuns | PythonRuns], repeats: int) -> dict[str, object]:
+    """Every system's repeats taken in turn (llama.cpp, carpool, llama.cpp, ...), each in a
+    process of its own, so a slow phase of a shared machine lands on all of them rather than
+    on whichever ran its repeats then: with each system's repeats in one block, carpool's
+    batch-1 figure read 333-395 tokens/s in one run and 520-570 in the minutes around it
+    (issue 11, eighteenth pass). Returns each system's results."""
+    for _ in range(repeats):
+        for runner in systems.values():
+            runner.run()
+    for name, runner in systems.items():
+        print(f"  {name} {median_speeds(runner.runs)}", file=sys.stderr, flush=True)
+    return {name: runner.result() for name, runner in systems.items()}
 
 
 def main() -> None:
@@ -230,6 +278,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
         "repeats": args.repeats,
+        "interleaved": True,  # repeats taken in turn across systems (see interleaved)
         "batch_sizes": args.batch_sizes,
     }
     bin_dir = batched_bench.build_tools(sys.executable) if "llama.cpp" in systems else None
@@ -238,14 +287,17 @@ def main() -> None:
         model = models.prepare(name, args.cache)
         for ftype, gguf in model.ggufs.items():
             entry: dict[str, object] = {"model": name, "file": ftype, "path": str(gguf)}
+            runners: dict[str, LlamaCppRuns | PythonRuns] = {}
             if bin_dir is not None:
-                entry["llama.cpp"] = bench_llama_cpp(bin_dir, gguf, args, env)
+                runners["llama.cpp"] = LlamaCppRuns(bin_dir, gguf, args, env)
             if "carpool" in systems:
-                entry["carpool"] = bench_python("carpool", gguf, args, env)
+                runners["carpool"] = PythonRuns("carpool", gguf, args, env)
+            entry.update(interleaved(runners, args.repeats))
             results.append(entry)
         if "transformers" in systems and model.hf_dir is not None:
-            hf = bench_python("transformers", model.hf_dir, args, env)
-            entry = {"model": name, "file": "hf", "path": str(model.hf_dir), "transformers": hf}
+            hf = PythonRuns("transformers", model.hf_dir, args, env)
+            entry = {"model": name, "file": "hf", "path": str(model.hf_dir)}
+            entry.update(interleaved({"transformers": hf}, args.repeats))
             results.append(entry)
     meta["load_avg_end"] = os.getloadavg()
     meta["wall_s"] = round(time.time() - started, 1)

@@ -127,3 +127,25 @@ def test_report_ratios_are_medians_over_medians() -> None:
     assert "| small | Q8_0 (carpool bfloat16) | 1 | 100 | 50.0 | 2.00 | 25.0 | 4.00 |" in text
     assert "| small | Q8_0 (carpool bfloat16) | 8 | 400 | 800 | 0.50 | 205 | 1.95 |" in text
     assert "| small | Q8_0 | 600 | 200 | 3.00 | 900 |" in text
+
+
+def test_repeats_are_interleaved_across_systems() -> None:
+    run = _load("run")
+    order: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str, speed: float) -> None:
+            self.name, self.speed, self.runs = name, speed, []
+
+        def run(self) -> None:
+            order.append(self.name)
+            self.runs.append({1: self.speed + len(self.runs)})
+
+        def result(self) -> dict[str, object]:
+            return {"runs": self.runs}
+
+    out = run.interleaved({"llama.cpp": Fake("l", 10.0), "carpool": Fake("c", 20.0)}, 3)
+    # each repeat of one system is followed by one of the other: a slow minute hits both
+    assert order == ["l", "c", "l", "c", "l", "c"]
+    assert out["carpool"]["runs"] == [{1: 20.0}, {1: 21.0}, {1: 22.0}]
+    assert out["llama.cpp"]["runs"] == [{1: 10.0}, {1: 11.0}, {1: 12.0}]

@@ -75,7 +75,11 @@ class AttentionMetadata:
         block_tables: ``[B, L / block_size]`` cache blocks of each sequence, padded with any
             block id (the mask hides what padding blocks hold); ``L`` is a multiple of the
             block size.
-        attn_mask: ``[B, 1, Q, L]`` bool, True where a query may attend to a key.
+        attn_mask: ``[B, 1, Q, L]`` bool, True where a query may attend to a key; None in a
+            pure decode step (``context_lens`` set, ``kernel_rows`` None), where each row
+            attends to keys ``[0, context_len)`` and the mask is made only if the step takes
+            the gather path (the paged kernel needs none: three ops a step saved, each a pass
+            through code the weights' stream has just pushed out of the caches).
         query_index: ``[B, Q]`` flat token index of each padded query row, or None when the flat
             tokens already form the ``[B, Q]`` rectangle (every sequence has exactly Q tokens,
             e.g. a pure decode step).
@@ -93,7 +97,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
-    attn_mask: torch.Tensor
+    attn_mask: torch.Tensor | None
     query_index: torch.Tensor | None = None
     output_index: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
@@ -191,11 +195,19 @@ class Attention(nn.Module):
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)
         # [B, Q, H, D]: a view when every sequence has Q tokens, else a gather of padded rows.
         queries = q.view(b, t // b, h, d) if meta.query_index is None else q[meta.query_index]
+        mask = meta.attn_mask
+        if mask is None:  # a pure decode step: row k sees keys [0, context_lens[k])
+            assert meta.context_lens is not None and meta.kernel_rows is None and t == b, (
+                "attn_mask may be None only in a pure decode step"
+            )
+            length = keys.shape[2]
+            mask = torch.arange(length, device=q.device) < meta.context_lens[:, None]
+            mask = mask.view(b, 1, 1, length)
         out = F.scaled_dot_product_attention(
             queries.transpose(1, 2),  # [B, H, Q, D]
             keys,
             values,
-            attn_mask=meta.attn_mask,
+            attn_mask=mask,
             scale=self.scale,
             enable_gqa=h != kvh,
         )

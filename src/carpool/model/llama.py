@@ -149,11 +149,16 @@ class LlamaForCausalLM(nn.Module):
             for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
                 x, residual = layer.forward(x, residual, rope, meta, kv_cache)
         # Only rows that sample need the last residual add, the final norm and the (large)
-        # vocabulary projection.
+        # vocabulary projection. As many sampling rows as rows means every row samples, each
+        # the last of a one-token chunk (indices ascend), so the gather would copy x as it is:
+        # skipped (a pure decode step's two ops, each a pass through cold code).
+        if logits_indices.shape[0] != x.shape[0]:
+            x = x[logits_indices]
+            residual = None if residual is None else residual[logits_indices]
         if residual is None:  # no layers
-            x = self.model.norm(x[logits_indices])
+            x = self.model.norm(x)
         else:
-            x, _ = self.model.norm(x[logits_indices], residual[logits_indices])
+            x, _ = self.model.norm(x, residual)
         if isinstance(self.lm_head, QuantizedLinear):  # float32 top logits (see its docstring)
             return self.lm_head.logits(x)
         return self.lm_head(x).float()

@@ -107,24 +107,25 @@ def _ragged_batch(
     slot_mapping = tables[seq_index, positions // block_size] * block_size + positions % block_size
 
     i = np.arange(q)
-    q_pos = starts[:, None] + i[None, :]  # [B, Q] position of each padded query row
-    valid = i[None, :] < q_lens[:, None]  # [B, Q]
-    causal = j[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
-    # Padding query rows attend to key 0 only, so no row is fully masked (that would be NaN).
-    mask = np.where(valid[:, :, None], causal, j[None, None, :] == 0)[:, None]
-
     query_index = output_index = context_lens = kernel_rows = kernel_tables = None
     if generated_from is None:
         is_kernel_row = np.full(len(input_ids), q == 1)
     else:
         firsts = np.fromiter(generated_from, dtype=np.int64, count=len(chunks))
         is_kernel_row = positions >= firsts[seq_index]
+    mask = None  # a pure decode step's: made from context_lens if needed (AttentionMetadata)
     if q == 1 and is_kernel_row.all():  # a pure decode step: one kernel row per sequence
         context_lens = ctx
-    elif is_kernel_row.any():
-        kernel_rows = np.flatnonzero(is_kernel_row)
-        context_lens = positions[kernel_rows] + 1
-        kernel_tables = tables[seq_index[kernel_rows]]
+    else:
+        q_pos = starts[:, None] + i[None, :]  # [B, Q] position of each padded query row
+        valid = i[None, :] < q_lens[:, None]  # [B, Q]
+        causal = j[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
+        # Padding query rows attend to key 0 only, so no row is fully masked (NaN otherwise).
+        mask = np.where(valid[:, :, None], causal, j[None, None, :] == 0)[:, None]
+        if is_kernel_row.any():
+            kernel_rows = np.flatnonzero(is_kernel_row)
+            context_lens = positions[kernel_rows] + 1
+            kernel_tables = tables[seq_index[kernel_rows]]
     if q_lens.min() != q:
         query_index = offsets[:-1, None] + np.minimum(i[None, :], q_lens[:, None] - 1)
         output_index = seq_index * q + local
@@ -188,22 +189,20 @@ def _decode_batch(
     values = [*ids, *positions, *(p + 1 for p in positions), *slots, *sampling]
     values.extend(itertools.chain.from_iterable(rows))
     flat = torch.tensor(values, dtype=torch.int64).to(device)
-    pos = flat[b : 2 * b]
-    # [B, 1, 1, L]: key j visible to the row at position p where j <= p (the general path's
-    # causal mask of a one-token chunk).
-    arange = torch.arange(max_blocks * block_size, device=flat.device)
-    mask = (arange <= pos[:, None]).view(b, 1, 1, -1)
+    ids_t, pos, ctx, slots_t, sample_t, tables_t = flat.split([b, b, b, b, n, b * max_blocks])
+    # No attention mask: the paged kernel needs none, and the gather path makes it from the
+    # context lengths if it runs (AttentionMetadata.attn_mask).
     meta = AttentionMetadata(
-        slot_mapping=flat[3 * b : 4 * b],
-        block_tables=flat[4 * b + n :].view(b, max_blocks),
-        attn_mask=mask,
-        context_lens=flat[2 * b : 3 * b],
+        slot_mapping=slots_t,
+        block_tables=tables_t.view(b, max_blocks),
+        attn_mask=None,
+        context_lens=ctx,
     )
     return ModelInput(
-        input_ids=flat[:b],
+        input_ids=ids_t,
         positions=pos,
         meta=meta,
-        logits_indices=flat[4 * b : 4 * b + n],
+        logits_indices=sample_t,
         sample_request_ids=[chunks[k].request_id for k in sampling],
         num_tokens=b,
     )
