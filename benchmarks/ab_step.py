@@ -16,6 +16,9 @@ over the step's wall time; attention ops as in profile_step.py).
 ``--before pages`` compares where the weights lie, two copies of one model in this process:
 each weight on its own 4 KiB pages where packing left it (``CARPOOL_WEIGHT_PAGES=0``, "before")
 against the engine's one huge-page arena in read order (``pages.move_weights``, "after").
+``--before head`` compares a pure decode step's embedding, final norm and head from Python
+("before") with the whole step from token ids to logits in one C++ call
+(``decode_stack.run_logits``, "after"), one model, switched per step.
 ``--before prefetch`` keeps the arena and switches only the bf16 linears' streaming: software
 prefetch as on 4 KiB pages ("before") or the hardware's alone (``vnni_linear``'s huge-page
 passes, "after"), per step.
@@ -104,7 +107,11 @@ def attention_share(model, build, chunks, caches, steps: int = 8) -> float:  # n
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", default="/work/main/src", help="a checkout's src, or 'gather'")
+    ap.add_argument(
+        "--before",
+        default="/work/main/src",
+        help="a checkout's src, or gather, pages, prefetch, head",
+    )
     ap.add_argument("--cases", default="1x64,32x64,8x512,8x2048,8x8192", help="BxCONTEXT,...")
     ap.add_argument("--random-config", default="small")
     ap.add_argument("--dtype", default="bfloat16")
@@ -126,7 +133,7 @@ def main() -> None:
     path = random_model(a.random_config, a.dtype, max(c for _, c in cases) + 16)
     kv_ab = a.kv_cache_dtype == "int8"
     self_ab = a.before == "gather" or kv_ab
-    from carpool.model import pages, vnni_linear
+    from carpool.model import decode_stack, pages, vnni_linear
     from carpool.worker.model_runner import prepare_model
 
     if a.before == "pages":
@@ -139,7 +146,7 @@ def main() -> None:
             "before": (before, build_ragged_batch),
             "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
         }
-    elif a.before == "prefetch":
+    elif a.before in ("prefetch", "head"):
         model = load_model(path, dtype=a.dtype)[0]
         systems = {"before": (model, build_ragged_batch), "after": (model, build_ragged_batch)}
     elif self_ab:
@@ -149,6 +156,17 @@ def main() -> None:
         model = load_model(path, dtype=a.dtype)[0]
         systems = {"before": (model, build_ragged_batch), "after": (model, build_ragged_batch)}
     else:
+        csrc = Path("carpool/model/csrc")
+        here = Path(__file__).resolve().parents[1] / "src"
+        for f in (here / csrc).iterdir():
+            other = Path(a.before) / csrc / f.name
+            if not other.exists() or other.read_bytes() != f.read_bytes():
+                sys.exit(
+                    f"{csrc / f.name} differs between the checkouts: both would register the "
+                    "same carpool:: operators in this process. Compare kernels with "
+                    "ab_vnni_linear.py / ab_paged_kernel.py, or switch a path (--before gather, "
+                    "pages, prefetch, head)."
+                )
         before_load, before_build, before_prepare = import_before(Path(a.before))
         systems = {
             "before": (before_load(path, dtype=a.dtype)[0], before_build),
@@ -165,6 +183,8 @@ def main() -> None:
         )
 
     def select(k: str) -> None:
+        if a.before == "head":
+            decode_stack.use_head(k == "after")
         if self_ab:
             paged_attention.use_kernel(kv_ab or k == "after")
         if a.before == "prefetch":

@@ -86,9 +86,10 @@ def _step(model, contexts: list[int], kv_dtype: torch.dtype | None = None, new: 
 
 def _both_paths(model, inp, caches) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Logits (and written caches) of the Python layers and of the stack, same inputs; the
-    number of steps the stack took."""
+    number of steps the stack took (from ids to logits where the plan has a head: checked)."""
     out, written = [], []
     before = decode_stack.stack_calls()
+    logits_before = decode_stack.logits_calls()
     for on in (False, True):
         decode_stack.use_stack(on)
         c = [x.clone() for x in caches]
@@ -98,7 +99,13 @@ def _both_paths(model, inp, caches) -> tuple[torch.Tensor, torch.Tensor, int]:
     decode_stack.use_stack(True)
     for a, b in zip(*written, strict=True):
         assert torch.equal(a, b), "the stack wrote other K/V bytes than the Python layers"
-    return out[0], out[1], decode_stack.stack_calls() - before
+    taken = decode_stack.stack_calls() - before
+    every_row = inp.logits_indices.shape[0] == inp.input_ids.shape[0]
+    if model.decode_plan is not None and model.decode_plan.head is not None and every_row:
+        assert decode_stack.logits_calls() - logits_before == taken, "the head was not taken"
+    else:
+        assert decode_stack.logits_calls() == logits_before
+    return out[0], out[1], taken
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v bias, tied head
@@ -107,6 +114,9 @@ def _both_paths(model, inp, caches) -> tuple[torch.Tensor, torch.Tensor, int]:
 def test_stack_is_the_python_layers_bits(checkpoints, arch, dtype, quantization):
     model = _model(checkpoints[arch], dtype, quantization)
     assert model.decode_plan is not None
+    # A plain embedding and a dense head: ids to logits in one call; a quantized head keeps
+    # its own logits (the rescoring of QuantizedLinear.logits).
+    assert (model.decode_plan.head is not None) == (quantization is None)
     kinds = set(model.decode_plan.ints[0::3])
     expected = {"int8": {decode_stack.INT8}, "int4": {decode_stack.INT4}}
     if quantization is None:  # packed (oneDNN, or VNNI with AMX) where this CPU has bf16 GEMMs
@@ -197,3 +207,31 @@ def test_bad_arguments_are_refused_with_a_message(checkpoints):
     bad_kind = [99, *plan.ints[1:]]
     with pytest.raises(RuntimeError, match="unknown linear kind 99"):
         torch.ops.carpool.decode_stack(*args, plan.tensors, bad_kind, *tail)
+
+
+def test_rows_that_do_not_sample_keep_the_head_in_python(checkpoints):
+    # A decode step where one row samples nothing (a static batch's finished seat, say): the
+    # layers in one call, the gather of the sampling rows, norm and head from Python.
+    model = _model(checkpoints["llama"], "float32")
+    assert model.decode_plan.head is not None
+    inp, caches = _step(model, [9, 30, 2])
+    inp.logits_indices = inp.logits_indices[[0, 2]]
+    logits = decode_stack.logits_calls()
+    want, got, taken = _both_paths(model, inp, caches)
+    assert taken == 1 and decode_stack.logits_calls() == logits
+    assert got.shape[0] == 2 and torch.equal(got, want)
+
+
+def test_decode_logits_refuses_a_bad_head(checkpoints):
+    model = _model(checkpoints["llama"], "float32")
+    plan, head = model.decode_plan, model.decode_plan.head
+    inp, caches = _step(model, [5])
+    m = inp.meta
+    table = model.model.rotary.cast_table(plan.dtype)
+    with pytest.raises(RuntimeError, match="the head needs 3 tensors and 3 ints"):
+        torch.ops.carpool.decode_logits(
+            inp.input_ids, inp.positions, head.embed, table, m.slot_mapping, m.block_tables,
+            m.context_lens, caches, plan.tensors, plan.ints, plan.limits, head.norm,
+            head.tensors[:2], head.ints, plan.num_heads, plan.num_kv_heads, plan.head_dim,
+            plan.eps, head.norm_eps, plan.scale,
+        )  # fmt: skip

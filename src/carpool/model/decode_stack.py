@@ -36,6 +36,7 @@ _lib = kernel_build.Library(
     "carpool_decode_stack", kernel_build.CSRC / "decode_stack.cpp", "decode stack", env=ENV_STACK
 )
 _calls = 0
+_logits_calls = 0
 
 
 def load() -> bool:
@@ -49,9 +50,38 @@ def use_stack(enabled: bool) -> None:
     _lib.enabled = enabled
 
 
+_head = True
+
+
+def use_head(enabled: bool) -> None:
+    """Turn ``run_logits`` on or off in this process (off: the layers in one call, the
+    embedding, final norm and head from Python; ``benchmarks/ab_step.py --before head``)."""
+    global _head
+    _head = enabled
+
+
 def stack_calls() -> int:
     """How many decode steps ran through the operator in this process (tests check it)."""
     return _calls
+
+
+def logits_calls() -> int:
+    """How many of them ran from token ids to logits (``run_logits``)."""
+    return _logits_calls
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """What ``carpool::decode_logits`` adds around the layers: the embedding's weight (a plain
+    ``nn.Embedding`` of the activation dtype), the final norm's weight and eps, and the head's
+    three tensor slots and ``[kind, out_features, group]`` (a ``layers.Linear``: a quantized
+    head keeps its Python ``logits``)."""
+
+    embed: torch.Tensor
+    norm: torch.Tensor
+    norm_eps: float
+    tensors: list[torch.Tensor | None]
+    ints: list[int]
 
 
 @dataclass(frozen=True)
@@ -70,6 +100,7 @@ class StackPlan:
     scale: float
     uses_vnni: bool
     limits: list[int]  # the kernel choices' thresholds (see ``_limits``)
+    head: HeadPlan | None = None  # None: the model's own embedding, norm and head run
 
 
 def _linear_entry(m: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | None:
@@ -124,6 +155,8 @@ def build_plan(model: nn.Module) -> StackPlan | None:
             tensors += entry[0]
             ints += entry[1]
             uses_vnni = uses_vnni or entry[1][0] == VNNI
+    head = _head_plan(model, dtype)
+    uses_vnni = uses_vnni or (head is not None and head.ints[0] == VNNI)
     return StackPlan(
         tensors=[None if t is None else t.detach() for t in tensors],
         ints=ints,
@@ -135,6 +168,27 @@ def build_plan(model: nn.Module) -> StackPlan | None:
         scale=attn0.scale,
         uses_vnni=uses_vnni,
         limits=_limits(),
+        head=head,
+    )
+
+
+def _head_plan(model: nn.Module, dtype: torch.dtype) -> HeadPlan | None:
+    """The ``HeadPlan`` of a model whose embedding is a plain ``nn.Embedding`` of ``dtype``
+    and whose head is a ``layers.Linear`` the operator runs; else None."""
+    embed, head, norm = model.model.embed_tokens, model.lm_head, model.model.norm
+    if type(embed) is not nn.Embedding or embed.weight.dtype != dtype:
+        return None
+    if norm.weight.dtype != dtype or not isinstance(head, Linear):
+        return None
+    entry = _linear_entry(head, dtype)
+    if entry is None:
+        return None
+    return HeadPlan(
+        embed=embed.weight.detach(),
+        norm=norm.weight.detach(),
+        norm_eps=norm.eps,
+        tensors=[None if t is None else t.detach() for t in entry[0]],
+        ints=entry[1],
     )
 
 
@@ -163,6 +217,64 @@ def _limits() -> list[int]:
     ]
 
 
+def _takes(plan: StackPlan, t: int, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> bool:
+    """Whether the operator takes a step of ``t`` rows: a pure decode step of 1 to MAX_ROWS
+    rows through the paged kernel, with the operators loaded."""
+    return (
+        _lib.active()
+        and fused_ops.active()
+        and meta.context_lens is not None
+        and meta.kernel_rows is None  # else a mixed prefill + decode step
+        and 1 <= t <= MAX_ROWS
+        and paged_attention.applies(kv_caches[0], plan.dtype)
+        and (not plan.uses_vnni or vnni_linear.loaded())
+    )
+
+
+def run_logits(
+    plan: StackPlan,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    rope_table: torch.Tensor,
+    meta: AttentionMetadata,
+    kv_caches: list[torch.Tensor],
+) -> torch.Tensor | None:
+    """Float32 logits ``[T, vocab]`` of a pure decode step where every row samples, from its
+    token ids (``carpool::decode_logits``: embedding, layers, final norm and head in one call),
+    or None when the plan has no head or the step is not one the operator takes.
+    ``rope_table``: ``RotaryEmbedding.cast_table(plan.dtype)``."""
+    global _calls, _logits_calls
+    head = plan.head
+    if head is None or not _head or not _takes(plan, input_ids.shape[0], meta, kv_caches):
+        return None
+    logits = torch.ops.carpool.decode_logits(
+        input_ids,
+        positions,
+        head.embed,
+        rope_table,
+        meta.slot_mapping,
+        meta.block_tables,
+        meta.context_lens,
+        kv_caches,
+        plan.tensors,
+        plan.ints,
+        plan.limits,
+        head.norm,
+        head.tensors,
+        head.ints,
+        plan.num_heads,
+        plan.num_kv_heads,
+        plan.head_dim,
+        plan.eps,
+        head.norm_eps,
+        plan.scale,
+    )
+    _calls += 1
+    _logits_calls += 1
+    paged_attention.count_calls(len(kv_caches))
+    return logits
+
+
 def run(
     plan: StackPlan,
     x: torch.Tensor,
@@ -174,16 +286,10 @@ def run(
     embeddings ``x`` (what the model's layer loop returns), or None when the step is not one
     the operator takes (the caller runs the layers)."""
     global _calls
-    t = x.shape[0]
     if (
-        not (_lib.active() and fused_ops.active())
-        or meta.context_lens is None
-        or meta.kernel_rows is not None  # a mixed prefill + decode step
-        or not 1 <= t <= MAX_ROWS
-        or x.dtype != plan.dtype
+        x.dtype != plan.dtype
         or not x.is_contiguous()
-        or not paged_attention.applies(kv_caches[0], x.dtype)
-        or (plan.uses_vnni and not vnni_linear.loaded())
+        or not _takes(plan, x.shape[0], meta, kv_caches)
     ):
         return None
     out = torch.ops.carpool.decode_stack(

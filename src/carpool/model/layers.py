@@ -310,12 +310,16 @@ class RotaryEmbedding(nn.Module):
         self._cast = {}
         return super()._apply(fn, recurse)
 
-    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[T, 2, D]``: cos and sign-folded sin of flat positions ``[T]`` (one gather)."""
+    def cast_table(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole ``[max_position, 2, D]`` table in ``dtype`` (cast once, then kept)."""
         table = self._cast.get(dtype)
         if table is None or table.device != self.cos_sin_cached.device:
             table = self._cast[dtype] = self.cos_sin_cached.to(dtype)
-        return table.index_select(0, positions)
+        return table
+
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[T, 2, D]``: cos and sign-folded sin of flat positions ``[T]`` (one gather)."""
+        return self.cast_table(dtype).index_select(0, positions)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos and sign-folded sin, each ``[T, 1, D]``, for flat positions ``[T]``."""

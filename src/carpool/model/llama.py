@@ -137,12 +137,22 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, 2, kv_heads, D]
         logits_indices: torch.Tensor,  # [R]
     ) -> torch.Tensor:  # [R, vocab]
+        plan = self.decode_plan
+        if plan is not None and logits_indices.shape[0] == input_ids.shape[0]:
+            # A decode step where every row samples: ids to logits in one C++ call, when the
+            # plan has a head and the step applies.
+            rope_table = self.model.rotary.cast_table(plan.dtype)
+            logits = decode_stack.run_logits(
+                plan, input_ids, positions, rope_table, meta, kv_caches
+            )
+            if logits is not None:
+                return logits
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         rope = self.model.rotary.table(positions, x.dtype)  # [T, 2, D]
         residual: torch.Tensor | None = None
         stacked = None
-        if self.decode_plan is not None:  # a decode step in one C++ call, when it applies
-            stacked = decode_stack.run(self.decode_plan, x, rope, meta, kv_caches)
+        if plan is not None:  # a decode step's layers in one C++ call, when it applies
+            stacked = decode_stack.run(plan, x, rope, meta, kv_caches)
         if stacked is not None:
             x, residual = stacked
         else:

@@ -1,4 +1,5 @@
-// A decode step's decoder layers in one call: carpool::decode_stack.
+// A decode step's decoder layers in one call: carpool::decode_stack; with the embedding, the
+// final norm and the head around them (every row sampling): carpool::decode_logits.
 //
 // Why: at batch 1 a decoder layer is ~20 operator calls from Python (norms, four linears,
 // rotary, the cache write, the paged attention, the activation, views), each a few
@@ -266,6 +267,46 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
   return {x, residual};
 }
 
+// A pure decode step from token ids to float32 logits, every row sampling: the embedding and
+// rotary lookups, decode_stack's layers, the final norm (the last residual add fused) and the
+// vocabulary head, as LlamaForCausalLM.forward runs them (F.embedding is index_select of the
+// rows; RotaryEmbedding.table of the positions; the head's linear chosen by row count as its
+// forward does, then .float()): the same bits (tested). Why: after the layers and the head have
+// streamed the weights through the caches, each of these Python-side calls ran through cold
+// code (~5-20 us each at batch 1; issue 11, eighteenth pass).
+at::Tensor decode_logits(
+    const at::Tensor& input_ids,     // [T] int64
+    const at::Tensor& positions,     // [T] int64
+    const at::Tensor& embed,         // [vocab, hidden]: the embedding's weight
+    const at::Tensor& rope_table,    // [max_positions, 2, D]: RotaryEmbedding's table, x's dtype
+    const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+    const at::Tensor& context_lens, at::TensorList kv_caches,
+    const c10::List<std::optional<at::Tensor>>& tensors, at::IntArrayRef ints,
+    at::IntArrayRef limits,
+    const at::Tensor& norm,  // the final norm's weight
+    const c10::List<std::optional<at::Tensor>>& head,  // the head's three slots
+    at::IntArrayRef head_ints,                          // its kind, out_features, group
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double norm_eps,
+    double scale) {
+  TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes(),
+              "decode_logits: input_ids and positions must be [T], got ", input_ids.sizes(),
+              " and ", positions.sizes());
+  TORCH_CHECK(head.size() == 3 && head_ints.size() == 3,
+              "decode_logits: the head needs 3 tensors and 3 ints, got ", head.size(), " and ",
+              head_ints.size());
+  const at::Tensor x = embed.index_select(0, input_ids);
+  const at::Tensor rope = rope_table.index_select(0, positions);
+  auto [out, residual] = decode_stack(x, rope, slot_mapping, block_tables, context_lens,
+                                      kv_caches, tensors, ints, limits, num_heads, num_kv_heads,
+                                      head_dim, eps, scale);
+  const at::Tensor hs = std::get<0>(ops().add_rms_norm.call(out, residual, norm, norm_eps));
+  const Limits lim{limits[0], limits[1],      limits[2], limits[3],
+                   limits[4], limits[5] != 0, limits[6], limits[7]};
+  return linear(hs, head_ints[0], opt(head, 0), opt(head, 1), opt(head, 2), head_ints[1],
+                head_ints[2], lim)
+      .to(at::kFloat);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(carpool, m) {
@@ -273,9 +314,21 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
       "decode_stack(Tensor x, Tensor rope, Tensor slot_mapping, Tensor block_tables, "
       "Tensor context_lens, Tensor(a!)[] kv_caches, Tensor?[] tensors, int[] ints, int[] limits, "
       "int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "decode_logits(Tensor input_ids, Tensor positions, Tensor embed, Tensor rope_table, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor(a!)[] kv_caches, "
+      "Tensor?[] tensors, int[] ints, int[] limits, Tensor norm, Tensor?[] head, int[] head_ints, "
+      "int num_heads, int num_kv_heads, int head_dim, float eps, float norm_eps, float scale) "
+      "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("decode_stack", &decode_stack); }
+TORCH_LIBRARY_IMPL(carpool, CPU, m) {
+  m.impl("decode_stack", &decode_stack);
+  m.impl("decode_logits", &decode_logits);
+}
 
 // oneDNN-packed weights among the arguments make the dispatcher pick this key.
-TORCH_LIBRARY_IMPL(carpool, MkldnnCPU, m) { m.impl("decode_stack", &decode_stack); }
+TORCH_LIBRARY_IMPL(carpool, MkldnnCPU, m) {
+  m.impl("decode_stack", &decode_stack);
+  m.impl("decode_logits", &decode_logits);
+}
