@@ -231,6 +231,19 @@ def _takes(plan: StackPlan, t: int, meta: AttentionMetadata, kv_caches: list[tor
     )
 
 
+def _layer_args(plan: StackPlan, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> tuple:
+    """The arguments both operators take for the layers, in their order."""
+    return (
+        meta.slot_mapping,
+        meta.block_tables,
+        meta.context_lens,
+        kv_caches,
+        plan.tensors,
+        plan.ints,
+        plan.limits,
+    )
+
+
 def run_logits(
     plan: StackPlan,
     input_ids: torch.Tensor,
@@ -252,13 +265,7 @@ def run_logits(
         positions,
         head.embed,
         rope_table,
-        meta.slot_mapping,
-        meta.block_tables,
-        meta.context_lens,
-        kv_caches,
-        plan.tensors,
-        plan.ints,
-        plan.limits,
+        *_layer_args(plan, meta, kv_caches),
         head.norm,
         head.tensors,
         head.ints,
@@ -295,13 +302,7 @@ def run(
     out = torch.ops.carpool.decode_stack(
         x,
         rope,
-        meta.slot_mapping,
-        meta.block_tables,
-        meta.context_lens,
-        kv_caches,
-        plan.tensors,
-        plan.ints,
-        plan.limits,
+        *_layer_args(plan, meta, kv_caches),
         plan.num_heads,
         plan.num_kv_heads,
         plan.head_dim,
