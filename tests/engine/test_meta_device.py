@@ -135,6 +135,52 @@ def test_host_reads_per_step_do_not_grow_with_the_batch(models, batch):
         assert max(per_step) == most, (params, per_step)
 
 
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_host_to_device_copies_per_step(models, layout):
+    """The step's inputs go to the device in few transfers: one for a decode step (its index
+    tensors packed, no mask), two for a step with a prefill chunk or a padded step (the index
+    tensors packed, the mask); greedy sampling copies nothing."""
+    with HostReads() as reads:
+        engine = LLMEngine(
+            EngineConfig(
+                model=models["llama"],
+                device="meta",
+                dtype="bfloat16",
+                layout=layout,
+                max_num_batched_tokens=32,
+            )
+        )
+        for i, n in enumerate((50, 20, 3)):  # 50 tokens: a prefill in two chunks
+            engine.add_request([3 + i] * n, GREEDY, request_id=f"r{i}")
+        per_step = []
+        while engine.has_unfinished():
+            before = reads.copies
+            out = engine.run_step()
+            assert out.record is not None
+            prefill = out.record.num_prefill_tokens > 0
+            per_step.append((prefill, reads.copies - before))
+    assert any(p for p, _ in per_step) and any(not p for p, _ in per_step), per_step
+    for prefill, copies in per_step:
+        assert copies <= (2 if prefill or layout == "padded" else 1), per_step
+
+
+def test_packed_copies_are_the_tensors_themselves():
+    from carpool.worker.batch import to_device
+
+    parts = {
+        "a": torch.arange(6).view(2, 3),
+        "none": None,
+        "b": torch.tensor([7, 8]),
+        "c": torch.zeros(0, 4, dtype=torch.long),
+    }
+    packed = to_device(parts, "cpu", pack=True)
+    assert packed["none"] is None
+    for k in ("a", "b", "c"):
+        assert packed[k].shape == parts[k].shape and torch.equal(packed[k], parts[k]), k
+    meta = to_device(parts, "meta")  # off the CPU: packed by default
+    assert meta["a"].is_meta and meta["a"].shape == (2, 3) and meta["c"].shape == (0, 4)
+
+
 def test_a_host_tensor_on_the_hot_path_fails_there(models, monkeypatch):
     """The check above can fail: a rotary table built on the host (no ``device=``) is
     refused on ``meta`` as it would be on CUDA, and the request ends in an error."""

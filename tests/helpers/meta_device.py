@@ -28,17 +28,32 @@ def _is_host(device: Any) -> bool:
     return device is not None and torch.device(device).type == "cpu"
 
 
+def _is_meta(device: Any) -> bool:
+    return device is not None and torch.device(device).type == "meta"
+
+
 class HostReads(TorchFunctionMode):
-    """Answer host reads of ``meta`` tensors with zeros and count them (``count``)."""
+    """Answer host reads of ``meta`` tensors with zeros and count them (``count``); count the
+    copies from the host to the device too (``copies``: ``.to(device)`` of a host tensor,
+    ``torch.tensor(..., device=...)``; on a GPU each is a transfer of its own)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.copies = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         t = args[0] if args else None
+        if name in ("tensor", "as_tensor") and _is_meta(kwargs.get("device")):
+            self.copies += 1
+        if isinstance(t, torch.Tensor) and not t.is_meta and name == "to":
+            target = kwargs.get("device") or next(
+                (a for a in args[1:] if isinstance(a, (str, torch.device))), None
+            )
+            if _is_meta(target):
+                self.copies += 1
         if isinstance(t, torch.Tensor) and t.is_meta:
             to_host = name == "to" and (
                 _is_host(kwargs.get("device"))

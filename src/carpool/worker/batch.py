@@ -133,26 +133,63 @@ def _ragged_batch(
     logits_indices = offsets[1:][sampling] - 1
 
     def t(a: np.ndarray | None) -> torch.Tensor | None:
-        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
+    v = to_device(
+        {
+            "input_ids": t(input_ids),
+            "positions": t(positions),
+            "slot_mapping": t(slot_mapping),
+            "block_tables": t(tables),
+            "query_index": t(query_index),
+            "output_index": t(output_index),
+            "context_lens": t(context_lens),
+            "kernel_rows": t(kernel_rows),
+            "kernel_tables": t(kernel_tables),
+            "logits_indices": t(logits_indices),
+        },
+        device,
+    )
     meta = AttentionMetadata(
-        slot_mapping=t(slot_mapping),
-        block_tables=t(tables),
-        attn_mask=t(mask),
-        query_index=t(query_index),
-        output_index=t(output_index),
-        context_lens=t(context_lens),
-        kernel_rows=t(kernel_rows),
-        kernel_tables=t(kernel_tables),
+        slot_mapping=v["slot_mapping"],
+        block_tables=v["block_tables"],
+        attn_mask=None if mask is None else torch.from_numpy(mask).to(device),
+        query_index=v["query_index"],
+        output_index=v["output_index"],
+        context_lens=v["context_lens"],
+        kernel_rows=v["kernel_rows"],
+        kernel_tables=v["kernel_tables"],
     )
     return ModelInput(
-        input_ids=t(input_ids),
-        positions=t(positions),
+        input_ids=v["input_ids"],
+        positions=v["positions"],
         meta=meta,
-        logits_indices=t(logits_indices),
+        logits_indices=v["logits_indices"],
         sample_request_ids=[chunks[k].request_id for k in sampling],
         num_tokens=len(input_ids),
     )
+
+
+def to_device(
+    parts: dict[str, torch.Tensor | None], device: torch.device | str, pack: bool | None = None
+) -> dict[str, torch.Tensor | None]:
+    """Host int64 tensors on ``device``: off the CPU in one copy (concatenated, copied, then
+    split into views of their shapes), since each host-to-device copy of a few bytes costs a
+    transfer of its own on a GPU (the general path's ten index tensors were ten a step).
+    ``pack``: force the packing either way (None: off the CPU only; on the CPU the tensors
+    stay as they are). None entries stay None."""
+    if pack is None:
+        pack = torch.device(device).type != "cpu"
+    present = {k: x for k, x in parts.items() if x is not None}
+    if not pack or not present:
+        return {k: None if x is None else x.to(device) for k, x in parts.items()}
+    assert all(x.dtype == torch.int64 for x in present.values()), "int64 tensors only"
+    flat = torch.cat([x.reshape(-1) for x in present.values()]).to(device)
+    views = flat.split([x.numel() for x in present.values()])
+    out: dict[str, torch.Tensor | None] = dict.fromkeys(parts)
+    for (k, x), view in zip(present.items(), views, strict=True):
+        out[k] = view.view(x.shape)
+    return out
 
 
 def _decode_batch(

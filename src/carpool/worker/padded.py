@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from carpool.model.attention import AttentionMetadata
-from carpool.worker.batch import ChunkLike, ModelInput
+from carpool.worker.batch import ChunkLike, ModelInput, to_device
 
 PAD_TOKEN_ID = 0  # any valid id: a pad's output is never read
 
@@ -88,19 +88,29 @@ def build_padded_batch(
 
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = torch.tensor([k * width + q_lens[k] - 1 for k in sampling], dtype=torch.long)
+    v = to_device(  # one copy off the CPU for the index tensors, one for the mask
+        {
+            "slot_mapping": slot_mapping.reshape(-1),
+            "block_tables": tables,
+            "input_ids": tokens.reshape(-1),
+            "positions": positions.reshape(-1),
+            "logits_indices": logits_indices,
+        },
+        device,
+    )
     meta = AttentionMetadata(
-        slot_mapping=slot_mapping.reshape(-1).to(device),
-        block_tables=tables.to(device),
+        slot_mapping=v["slot_mapping"],
+        block_tables=v["block_tables"],
         attn_mask=mask.to(device),
         # The flat tokens already form the [R, W] rectangle: no gather or scatter needed.
         query_index=None,
         output_index=None,
     )
     return ModelInput(
-        input_ids=tokens.reshape(-1).to(device),
-        positions=positions.reshape(-1).to(device),
+        input_ids=v["input_ids"],
+        positions=v["positions"],
         meta=meta,
-        logits_indices=logits_indices.to(device),
+        logits_indices=v["logits_indices"],
         sample_request_ids=[chunks[k].request_id for k in sampling],
         num_tokens=rows * width,
     )
