@@ -34,6 +34,7 @@ SAMPLED = SamplingParams(
     presence_penalty=0.5,
     frequency_penalty=0.3,
     logprobs=3,
+    logit_bias={5: 2.0, 9: -1.5},
     ignore_eos=True,
 )
 # A prompt longer than one step's token budget (chunked prefill), block-sized and short ones.

@@ -87,9 +87,13 @@ class LogitsProcessor:
         if not constrained and not biased:
             return logits
         logits = logits.float().clone()
-        for i in biased:
-            ids, values = zip(*params[i].logit_bias, strict=True)
-            logits[i, list(ids)] += torch.tensor(values)
+        if biased:  # every row's bias in one scatter, one copy to the logits' device
+            rows = [i for i in biased for _ in params[i].logit_bias]
+            ids = [t for i in biased for t, _ in params[i].logit_bias]
+            values = [v for i in biased for _, v in params[i].logit_bias]
+            index = torch.tensor([rows, ids], dtype=torch.long).to(logits.device)
+            bias = torch.tensor(values, dtype=torch.float32).to(logits.device)
+            logits.index_put_((index[0], index[1]), bias, accumulate=True)
         if constrained:
             import xgrammar as xgr
 
@@ -97,7 +101,8 @@ class LogitsProcessor:
             bitmask = xgr.allocate_token_bitmask(len(params), logits.shape[-1])
             for i in constrained:
                 self._matcher(request_ids[i], params[i]).fill_next_token_bitmask(bitmask, i)
-            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=constrained)
+            # xgrammar fills a host bitmask; it masks logits on their own device.
+            xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=constrained)
         return logits
 
     def accept(
