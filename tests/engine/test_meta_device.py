@@ -165,6 +165,22 @@ def test_host_to_device_copies_per_step(models, layout):
         assert copies <= (2 if prefill or layout == "padded" else 1), per_step
 
 
+def test_sampling_options_copy_their_parameters_once(models):
+    """Every sampling option at once: the step's indices (1), the rows' parameters in one
+    copy (``sampler.RowParams``), the two token histories of the penalties, and the logit
+    bias's indices and values: 6 copies a decode step (13 when each parameter went alone)."""
+    with HostReads() as reads:
+        engine = LLMEngine(EngineConfig(model=models["llama"], device="meta", dtype="bfloat16"))
+        for i in range(4):
+            engine.add_request([3 + i] * 20, SAMPLED, request_id=f"r{i}")
+        per_step = []
+        while engine.has_unfinished():
+            before = reads.copies
+            engine.step()
+            per_step.append(reads.copies - before)
+    assert max(per_step[1:]) <= 6, per_step  # decode steps (the first one prefills)
+
+
 def test_packed_copies_are_the_tensors_themselves():
     from carpool.worker.batch import to_device
 

@@ -42,11 +42,61 @@ def _pad(seqs: Sequence[list[int]], fill: int, device: torch.device) -> torch.Te
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+class RowParams:
+    """The batch's per-row sampling parameters as float32 columns ``[R]`` on the logits'
+    device, made on first use in ONE host-to-device copy: on a GPU each small copy is a
+    transfer of its own (with every option a step made twelve, counted on ``meta``). The values
+    are those the separate tensors held: float32 of the Python numbers (``top_k`` clamped to
+    the vocabulary, exact in float32 below 2^24; ``temperature`` 1 for greedy rows, whose
+    draw is discarded; ``greedy`` 1 or 0)."""
+
+    COLUMNS = (
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_k",
+        "top_p",
+        "min_p",
+        "temperature",
+        "greedy",
+    )
+
+    def __init__(self, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> None:
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self._table: torch.Tensor | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._table is None:
+            values = []
+            for row in self.rows:
+                p = row.params
+                greedy = p.temperature < MIN_TEMPERATURE
+                values.append(
+                    [
+                        p.repetition_penalty,
+                        p.presence_penalty,
+                        p.frequency_penalty,
+                        min(p.top_k, self.vocab),
+                        p.top_p,
+                        p.min_p,
+                        1.0 if greedy else p.temperature,
+                        1.0 if greedy else 0.0,
+                    ]
+                )
+            # [columns, R]: each column a contiguous row of the one copied tensor
+            self._table = torch.tensor(values, dtype=torch.float32).t().contiguous()
+            self._table = self._table.to(self.device)
+        return self._table[self.COLUMNS.index(name)]
+
+
+def apply_penalties(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], params: RowParams | None = None
+) -> torch.Tensor:
     """Repetition (HF: over prompt + output), presence and frequency (OpenAI: over output).
 
     ``logits`` is ``[R, V]`` float32; it is not modified: the penalised logits are a new tensor
-    (the same one when no row has a penalty).
+    (the same one when no row has a penalty). ``params``: the batch's ``RowParams`` (made
+    here when not given).
     """
     r, v = logits.shape
     rep_l = [row.params.repetition_penalty for row in rows]
@@ -58,9 +108,10 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         return logits
     # Every tensor on the logits' device: the sampler runs wherever the model does (CUDA too).
     dev = logits.device
-    rep = torch.tensor(rep_l, device=dev)
-    pres = torch.tensor(pres_l, device=dev)
-    freq = torch.tensor(freq_l, device=dev)
+    params = params or RowParams(rows, v, dev)
+    rep = params["repetition_penalty"]
+    pres = params["presence_penalty"]
+    freq = params["frequency_penalty"]
     if has_rep:
         seen = torch.zeros(r, v + 1, dtype=torch.bool, device=dev)
         hist = _pad([row.prompt_token_ids + row.output_token_ids for row in rows], v, dev)
@@ -77,10 +128,14 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return logits
 
 
-def apply_truncation(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p support."""
+def apply_truncation(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], params: RowParams | None = None
+) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p support (``params``:
+    as for ``apply_penalties``)."""
     dev = logits.device
     v = logits.shape[-1]
+    params = params or RowParams(rows, v, dev)
     # Clamped in Python before the tensor is built: a top_k past the vocabulary keeps every
     # token (off, as in vLLM), and no client value can overflow the tensor's int64.
     top_k_l = [min(row.params.top_k, v) for row in rows]
@@ -89,8 +144,8 @@ def apply_truncation(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     # Decided from the Python values, not from the tensors: on a GPU reading a tensor back
     # is a synchronisation with the device.
     if any(k > 0 for k in top_k_l) or any(p < 1 for p in top_p_l):
-        top_k = torch.tensor(top_k_l, device=dev)
-        top_p = torch.tensor(top_p_l, device=dev)
+        top_k = params["top_k"].long()
+        top_p = params["top_p"]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(v, device=dev)[None, :]
         k = torch.where(top_k > 0, top_k, v)[:, None]
@@ -103,7 +158,7 @@ def apply_truncation(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if any(p > 0 for p in min_p_l):
-        min_p = torch.tensor(min_p_l, device=dev)
+        min_p = params["min_p"]
         probs = logits.softmax(-1)
         threshold = min_p[:, None] * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
@@ -117,20 +172,17 @@ class Sampler:
         assert logits.shape[0] == len(rows), f"{logits.shape[0]} logits rows for {len(rows)} rows"
         logits = logits.float()
         raw = logits
-        logits = apply_penalties(logits, rows)  # a new tensor when it changes any: raw stays
-        dev = logits.device
+        params = RowParams(rows, logits.shape[-1], logits.device)  # copied once, if needed
+        logits = apply_penalties(logits, rows, params)  # a new tensor when it changes any
         greedy_l = [row.params.temperature < MIN_TEMPERATURE for row in rows]
         # The first maximal index, like argmax (fused_ops: C++ on the CPU, ~2x faster than
         # torch's reduction over a [32, 32000] float32 batch).
         tokens = fused_ops.argmax(logits)
         if not all(greedy_l):
-            greedy = torch.tensor(greedy_l, device=dev)
+            greedy = params["greedy"] > 0
             # Greedy rows divide by 1 (their draw is discarded): no infinities in the batch.
-            temp = torch.tensor(
-                [t if (t := row.params.temperature) >= MIN_TEMPERATURE else 1.0 for row in rows],
-                device=dev,
-            )
-            probs = apply_truncation(logits / temp[:, None], rows).softmax(-1)
+            temp = params["temperature"]
+            probs = apply_truncation(logits / temp[:, None], rows, params).softmax(-1)
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each
             # seeded row use its own generator while unseeded rows share one draw.
             noise = torch.empty_like(probs).exponential_()
