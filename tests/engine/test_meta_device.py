@@ -118,20 +118,26 @@ def test_every_batching_strategy_runs_off_the_cpu(models, batching):
         _check(llm)
 
 
+def _per_step(models, params: SamplingParams, batch: int, counter: str) -> list[int]:
+    """``HostReads.<counter>`` of each step of ``batch`` 20-token requests on ``meta``."""
+    with HostReads() as reads:
+        engine = LLMEngine(EngineConfig(model=models["llama"], device="meta", dtype="bfloat16"))
+        for i in range(batch):
+            engine.add_request([3 + i] * 20, params, request_id=f"r{i}")
+        per_step = []
+        while engine.has_unfinished():
+            before = getattr(reads, counter)
+            engine.step()
+            per_step.append(getattr(reads, counter) - before)
+    return per_step
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_host_reads_per_step_do_not_grow_with_the_batch(models, batch):
     """On a GPU each read back is a synchronisation: one per greedy step (the tokens), four
     with logprobs (tokens, chosen logprobs, top values, top ids), whatever the batch size."""
     for params, most in ((GREEDY, 1), (SAMPLED, 4)):
-        with HostReads() as reads:
-            engine = LLMEngine(EngineConfig(model=models["llama"], device="meta", dtype="bfloat16"))
-            for i in range(batch):
-                engine.add_request([3 + i] * 20, params, request_id=f"r{i}")
-            per_step = []
-            while engine.has_unfinished():
-                before = reads.count
-                engine.step()
-                per_step.append(reads.count - before)
+        per_step = _per_step(models, params, batch, "count")
         assert len(per_step) == params.max_tokens, per_step
         assert max(per_step) == most, (params, per_step)
 
@@ -169,15 +175,7 @@ def test_sampling_options_copy_their_parameters_once(models):
     """Every sampling option at once: the step's indices (1), the rows' parameters in one
     copy (``sampler.RowParams``), the two token histories of the penalties, and the logit
     bias's indices and values: 6 copies a decode step (13 when each parameter went alone)."""
-    with HostReads() as reads:
-        engine = LLMEngine(EngineConfig(model=models["llama"], device="meta", dtype="bfloat16"))
-        for i in range(4):
-            engine.add_request([3 + i] * 20, SAMPLED, request_id=f"r{i}")
-        per_step = []
-        while engine.has_unfinished():
-            before = reads.copies
-            engine.step()
-            per_step.append(reads.copies - before)
+    per_step = _per_step(models, SAMPLED, 4, "copies")
     assert max(per_step[1:]) <= 6, per_step  # decode steps (the first one prefills)
 
 
