@@ -138,9 +138,10 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,  # [R]
     ) -> torch.Tensor:  # [R, vocab]
         plan = self.decode_plan
-        if plan is not None and logits_indices.shape[0] == input_ids.shape[0]:
+        every_row = logits_indices.shape[0] == input_ids.shape[0]
+        if plan is not None and plan.head is not None and every_row:
             # A decode step where every row samples: ids to logits in one C++ call, when the
-            # plan has a head and the step applies.
+            # step applies.
             rope_table = self.model.rotary.cast_table(plan.dtype)
             logits = decode_stack.run_logits(
                 plan, input_ids, positions, rope_table, meta, kv_caches

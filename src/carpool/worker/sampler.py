@@ -8,7 +8,7 @@ same tokens whatever else shares the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,49 +43,46 @@ def _pad(seqs: Sequence[list[int]], fill: int, device: torch.device) -> torch.Te
 
 
 class RowParams:
-    """The batch's per-row sampling parameters as float32 columns ``[R]`` on the logits'
-    device, made on first use in ONE host-to-device copy: on a GPU each small copy is a
-    transfer of its own (with every option a step made twelve, counted on ``meta``). The values
-    are those the separate tensors held: float32 of the Python numbers (``top_k`` clamped to
-    the vocabulary, exact in float32 below 2^24; ``temperature`` 1 for greedy rows, whose
-    draw is discarded; ``greedy`` 1 or 0)."""
+    """The batch's per-row sampling parameters: as Python values (``values``, what the
+    sampler decides from: on a GPU reading a tensor back is a synchronisation) and as float32
+    columns ``[R]`` on the logits' device (``[name]``), all columns made on first use in ONE
+    host-to-device copy: on a GPU each small copy is a transfer of its own (with every option
+    a step made twelve, counted on ``meta``). The tensors hold what separate tensors of the
+    Python values held (float32; ``top_k`` exact below 2^24)."""
 
-    COLUMNS = (
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "top_k",
-        "top_p",
-        "min_p",
-        "temperature",
-        "greedy",
-    )
+    # name -> its value for a row's params and the vocabulary size
+    _COLUMNS: dict[str, Callable[[SamplingParams, int], float]] = {
+        "repetition_penalty": lambda p, v: p.repetition_penalty,
+        "presence_penalty": lambda p, v: p.presence_penalty,
+        "frequency_penalty": lambda p, v: p.frequency_penalty,
+        # Clamped before the tensor is built: a top_k past the vocabulary keeps every token
+        # (off, as in vLLM), and no client value can overflow the tensor.
+        "top_k": lambda p, v: min(p.top_k, v),
+        "top_p": lambda p, v: p.top_p,
+        "min_p": lambda p, v: p.min_p,
+        # Greedy rows divide by 1 (their draw is discarded): no infinities in the batch.
+        "temperature": lambda p, v: 1.0 if p.temperature < MIN_TEMPERATURE else p.temperature,
+        "greedy": lambda p, v: float(p.temperature < MIN_TEMPERATURE),
+    }
+    COLUMNS = tuple(_COLUMNS)
 
     def __init__(self, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> None:
         self.rows, self.vocab, self.device = rows, vocab, device
+        self._values: dict[str, list[float]] = {}
         self._table: torch.Tensor | None = None
+
+    def values(self, name: str) -> list[float]:
+        """Column ``name`` as Python values, one per row (made once)."""
+        got = self._values.get(name)
+        if got is None:
+            f = self._COLUMNS[name]
+            got = self._values[name] = [f(row.params, self.vocab) for row in self.rows]
+        return got
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self._table is None:
-            values = []
-            for row in self.rows:
-                p = row.params
-                greedy = p.temperature < MIN_TEMPERATURE
-                values.append(
-                    [
-                        p.repetition_penalty,
-                        p.presence_penalty,
-                        p.frequency_penalty,
-                        min(p.top_k, self.vocab),
-                        p.top_p,
-                        p.min_p,
-                        1.0 if greedy else p.temperature,
-                        1.0 if greedy else 0.0,
-                    ]
-                )
-            # [columns, R]: each column a contiguous row of the one copied tensor
-            self._table = torch.tensor(values, dtype=torch.float32).t().contiguous()
-            self._table = self._table.to(self.device)
+            columns = [self.values(n) for n in self.COLUMNS]  # [columns, R]
+            self._table = torch.tensor(columns, dtype=torch.float32).to(self.device)
         return self._table[self.COLUMNS.index(name)]
 
 
@@ -99,16 +96,15 @@ def apply_penalties(
     here when not given).
     """
     r, v = logits.shape
-    rep_l = [row.params.repetition_penalty for row in rows]
-    pres_l = [row.params.presence_penalty for row in rows]
-    freq_l = [row.params.frequency_penalty for row in rows]
-    has_rep = any(x != 1 for x in rep_l)
-    has_counts = any(x != 0 for x in pres_l) or any(x != 0 for x in freq_l)
-    if not (has_rep or has_counts):  # the usual case: no tensors built (~50 us a step)
-        return logits
     # Every tensor on the logits' device: the sampler runs wherever the model does (CUDA too).
     dev = logits.device
     params = params or RowParams(rows, v, dev)
+    has_rep = any(x != 1 for x in params.values("repetition_penalty"))
+    has_counts = any(x != 0 for x in params.values("presence_penalty")) or any(
+        x != 0 for x in params.values("frequency_penalty")
+    )
+    if not (has_rep or has_counts):  # the usual case: no tensors built (~50 us a step)
+        return logits
     rep = params["repetition_penalty"]
     pres = params["presence_penalty"]
     freq = params["frequency_penalty"]
@@ -136,14 +132,9 @@ def apply_truncation(
     dev = logits.device
     v = logits.shape[-1]
     params = params or RowParams(rows, v, dev)
-    # Clamped in Python before the tensor is built: a top_k past the vocabulary keeps every
-    # token (off, as in vLLM), and no client value can overflow the tensor's int64.
-    top_k_l = [min(row.params.top_k, v) for row in rows]
-    top_p_l = [row.params.top_p for row in rows]
-    min_p_l = [row.params.min_p for row in rows]
     # Decided from the Python values, not from the tensors: on a GPU reading a tensor back
     # is a synchronisation with the device.
-    if any(k > 0 for k in top_k_l) or any(p < 1 for p in top_p_l):
+    if any(k > 0 for k in params.values("top_k")) or any(p < 1 for p in params.values("top_p")):
         top_k = params["top_k"].long()
         top_p = params["top_p"]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -157,7 +148,7 @@ def apply_truncation(
         drop |= before >= top_p[:, None]
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if any(p > 0 for p in min_p_l):
+    if any(p > 0 for p in params.values("min_p")):
         min_p = params["min_p"]
         probs = logits.softmax(-1)
         threshold = min_p[:, None] * probs.max(-1, keepdim=True).values
@@ -174,14 +165,13 @@ class Sampler:
         raw = logits
         params = RowParams(rows, logits.shape[-1], logits.device)  # copied once, if needed
         logits = apply_penalties(logits, rows, params)  # a new tensor when it changes any
-        greedy_l = [row.params.temperature < MIN_TEMPERATURE for row in rows]
+        greedy_l = [g > 0 for g in params.values("greedy")]
         # The first maximal index, like argmax (fused_ops: C++ on the CPU, ~2x faster than
         # torch's reduction over a [32, 32000] float32 batch).
         tokens = fused_ops.argmax(logits)
         if not all(greedy_l):
             greedy = params["greedy"] > 0
-            # Greedy rows divide by 1 (their draw is discarded): no infinities in the batch.
-            temp = params["temperature"]
+            temp = params["temperature"]  # 1 for greedy rows (RowParams)
             probs = apply_truncation(logits / temp[:, None], rows, params).softmax(-1)
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each
             # seeded row use its own generator while unseeded rows share one draw.

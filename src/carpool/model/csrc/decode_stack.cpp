@@ -61,6 +61,12 @@ struct Limits {
   int64_t int8_max_rows(int64_t codes) const {
     return codes >= int8_large_codes ? int8_large_max_rows : int8_gemv_max_rows;
   }
+
+  // From the operator's `limits` argument (decode_stack.py's _limits, in that order).
+  static Limits of(at::IntArrayRef l) {
+    TORCH_CHECK(l.size() == 8, "decode_stack: 8 limits expected, got ", l.size());
+    return {l[0], l[1], l[2], l[3], l[4], l[5] != 0, l[6], l[7]};
+  }
 };
 
 template <typename F>
@@ -220,9 +226,7 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
               "decode_stack: ", layers, " layers need ", layers * kTensorsPerLayer,
               " tensors and ", layers * kIntsPerLayer, " ints, got ", tensors.size(), " and ",
               ints.size());
-  TORCH_CHECK(limits.size() == 8, "decode_stack: 8 limits expected, got ", limits.size());
-  const Limits lim{limits[0], limits[1],      limits[2], limits[3],
-                   limits[4], limits[5] != 0, limits[6], limits[7]};
+  const Limits lim = Limits::of(limits);
   const Ops& o = ops();
   at::Tensor x = x_in, residual;
   for (int64_t l = 0; l < layers; ++l) {
@@ -300,10 +304,8 @@ at::Tensor decode_logits(
                                       kv_caches, tensors, ints, limits, num_heads, num_kv_heads,
                                       head_dim, eps, scale);
   const at::Tensor hs = std::get<0>(ops().add_rms_norm.call(out, residual, norm, norm_eps));
-  const Limits lim{limits[0], limits[1],      limits[2], limits[3],
-                   limits[4], limits[5] != 0, limits[6], limits[7]};
   return linear(hs, head_ints[0], opt(head, 0), opt(head, 1), opt(head, 2), head_ints[1],
-                head_ints[2], lim)
+                head_ints[2], Limits::of(limits))
       .to(at::kFloat);
 }
 
