@@ -90,9 +90,11 @@ inline int64_t vnni_dim(int64_t v, int64_t l) {
 // first token. qb / qs / qo: the heads' quantized queries (quantize_query; d / 4 vectors, d / 64
 // scales and offsets a head); m, lv (16 lanes a head), acc (d floats a head, vnni order): the
 // running max, sum and weighted values of each head. Lanes past n are masked off (a block's
-// slots past the context may hold anything, even a NaN scale).
-template <int HG>
-[[gnu::always_inline]] inline void vnni_tile(const __m512i* qb, const float* qs,
+// slots past the context may hold anything, even a NaN scale). tick(): called between the
+// phases (after the scores, between the halves of each chunk's value sums), where vnni_block
+// asks for a share of the next block's lines.
+template <int HG, typename Tick>
+[[gnu::always_inline]] inline void vnni_tile(Tick& tick, const __m512i* qb, const float* qs,
                                              const int32_t* qo, int64_t d, const int8_t* kw,
                                              const float* ks, const int8_t* v0, const float* vs,
                                              int64_t bs, int64_t n, float* m, float* lv,
@@ -120,6 +122,7 @@ template <int HG>
       s[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[h]), _mm512_set1_ps(qs[h * chunks + c]), s[h]);
     }
   }
+  tick();
   // Softmax weights as int16: 32767 stands for the tile's largest V row scale.
   const float vmax = _mm512_reduce_max_ps(vsc);  // >= 0 (masked lanes 0)
   const __m512 vmul = _mm512_mul_ps(vsc, _mm512_set1_ps(vmax > 0.0f ? 32767.0f / vmax : 0.0f));
@@ -150,6 +153,7 @@ template <int HG>
   const __m512 back = _mm512_set1_ps(vmax / 32767.0f);
   for (int64_t c = 0; c < chunks; ++c) {
     for (int64_t half = 0; half < 2; ++half) {
+      if (half == 1) tick();
       __m512i ia[HG][2];
       for (int h = 0; h < HG; ++h) ia[h][0] = ia[h][1] = _mm512_setzero_si512();
       for (int64_t i = 0; 2 * i < n; ++i) {
@@ -178,8 +182,13 @@ template <int HG>
 
 // One block (n_tok tokens; base: the region of the run's first kv head, regions `region` bytes
 // apart) for the run's nkh kv heads and their `group` query heads each (sub-groups of at most
-// 4): tiles of 16 tokens; prefetch(n) after each kv head's tile (the next block's lines,
-// spread over the work).
+// 4): tiles of 16 tokens. The next block's lines are asked for with prefetch(n), spread over
+// the work: each kv head's tile asks for its share in thirds, between its phases (vnni_tile's
+// ticks) and after it. Why not in one go after the tile: bursts of ~34 requests left the
+// memory idle while the tile computed (the whole block's 136 lines at once: 2.2x slower), and
+// requests inside the inner loops competed with its loads (12 a tile: 0.91x); between the
+// phases, 1.17x at GQA 16/4 8 x 2k and 1.26x at 8k from memory (BENCHMARKS.md, issue 11,
+// nineteenth pass).
 template <typename Prefetch>
 inline void vnni_block(const __m512i* qb, const float* qs, const int32_t* qo, int64_t d,
                        const int8_t* base, int64_t bs, int64_t region, int64_t n_tok,
@@ -187,6 +196,7 @@ inline void vnni_block(const __m512i* qb, const float* qs, const int32_t* qo, in
                        Prefetch& prefetch, int64_t lines) {
   const int64_t tiles = (n_tok + 15) / 16;
   const int64_t per_call = (lines + tiles * nkh - 1) / (tiles * nkh);
+  const int64_t third = (per_call + 2) / 3;
   const int64_t chunks = d / 64;
   const int64_t vrows = bs * (d + 4);  // V rows' offset in a region
   for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
@@ -197,6 +207,12 @@ inline void vnni_block(const __m512i* qb, const float* qs, const int32_t* qo, in
       const float* ks = reinterpret_cast<const float*>(hb + d * bs) + t0;
       const int8_t* v0 = hb + vrows + t0 * d;
       const float* vs = reinterpret_cast<const float*>(hb + vrows + d * bs) + t0;
+      int64_t asked = 0;  // of this tile's per_call lines
+      auto tick = [&]() {
+        const int64_t count = std::min(third, per_call - asked);
+        prefetch(count);
+        asked += count;
+      };
       for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t h = k * group + g0;
         const __m512i* qh = qb + h * d / 4;
@@ -206,13 +222,13 @@ inline void vnni_block(const __m512i* qb, const float* qs, const int32_t* qo, in
         float* lh = lv + h * 16;
         float* ah = acc + h * d;
         switch (std::min<int64_t>(4, group - g0)) {
-          case 1: vnni_tile<1>(qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-          case 2: vnni_tile<2>(qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-          case 3: vnni_tile<3>(qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-          default: vnni_tile<4>(qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah);
+          case 1: vnni_tile<1>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          case 2: vnni_tile<2>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          case 3: vnni_tile<3>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          default: vnni_tile<4>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah);
         }
       }
-      prefetch(per_call);
+      prefetch(per_call - asked);
     }
   }
 }
