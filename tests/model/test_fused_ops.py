@@ -502,6 +502,70 @@ def test_int8_head_top_logits_do_not_depend_on_the_path():
     assert torch.equal(many.argmax(-1), alone.argmax(-1))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13])
+@pytest.mark.parametrize("block", [32, 64])
+def test_int4_logits_are_the_dequantized_heads_in_float32(rows, block):
+    # A float32 model's int4 vocabulary head (SmolLM2's Q4_1): no bf16 rounding of x or of the
+    # sums, so the logits are the dequantized weight's to float32 rounding, in either of torch's
+    # block layouts (this CPU's own loop for one, plain loops for the other); N = 1000 leaves a
+    # padded block.
+    from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all
+
+    torch.manual_seed(rows + block)
+    n, k = 1000, 192
+    lin = Int4Linear.from_float(torch.randn(n, k), None, torch.float32)
+    packed = _pack_int4_by_hand(_unpack_int4_all(lin.packed, k), block)
+    args = (packed, lin.group_size, lin.scales_zeros, block)
+    x = torch.randn(rows, k)
+    calls = fused_ops.fused_calls()
+    got = fused_ops.int4_logits(x, *args)
+    assert fused_ops.fused_calls() == calls + 1
+    assert got.dtype == torch.float32 and got.shape == (rows, 1024)
+    exact = x.double() @ lin._dense(torch.float32).double().T
+    torch.testing.assert_close(got.double()[:, :n], exact, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(got, got.bfloat16().float())  # not rounded to bf16
+    # A row's logits do not depend on the rows beside it.
+    assert torch.equal(fused_ops.int4_logits(x[-1:], *args), got[-1:])
+    # At chosen columns: the same bits, one column at a time.
+    ids = torch.randint(0, n, (rows, 64))
+    assert torch.equal(fused_ops.int4_logits_at(x, *args, ids), got.gather(1, ids))
+
+
+def test_int4_logits_decline_and_reject_what_they_do_not_take():
+    from carpool.model.quant import Int4Linear
+
+    lin = Int4Linear.from_float(torch.randn(300, 64), None, torch.float32)
+    args = (lin.packed, lin.group_size, lin.scales_zeros, int4_row_block())
+    limit = fused_ops.INT4_GEMV_MAX_ROWS
+    assert fused_ops.int4_logits(torch.randn(limit + 1, 64), *args) is None  # rows: rescored
+    assert fused_ops.int4_logits(torch.randn(1, 64, dtype=torch.bfloat16), *args) is None
+    with pytest.raises(RuntimeError, match="out of"):
+        torch.ops.carpool.int4_logits_at(torch.randn(1, 64), *args, torch.tensor([[320]]))
+    with pytest.raises(RuntimeError, match="float32 tensor"):
+        torch.ops.carpool.int4_logits(torch.randn(1, 64, dtype=torch.bfloat16), *args)
+    with pytest.raises(RuntimeError, match="ids must be"):
+        torch.ops.carpool.int4_logits_at(torch.randn(2, 64), *args, torch.tensor([[1]]))
+
+
+def test_int4_head_top_logits_do_not_depend_on_the_path():
+    # Up to the kernel's row limit the head's float32 logits come whole from int4_logits;
+    # above it from the bf16 widening path, its top RESCORE_TOP_K rescored by int4_logits_at:
+    # the same bits there, so a row's greedy token does not depend on its batch's size.
+    from carpool.model.quant import RESCORE_TOP_K, Int4Linear
+
+    torch.manual_seed(9)
+    head = Int4Linear.from_float(torch.randn(500, 64), None, torch.float32)
+    limit = fused_ops.INT4_GEMV_MAX_ROWS
+    x = torch.randn(limit + 1, 64)
+    many = head.logits(x)  # more rows than int4_logits takes: rescored
+    alone = torch.cat([head.logits(x[i : i + 1]) for i in range(limit + 1)])
+    args = (head.packed, head.group_size, head.scales_zeros, int4_row_block())
+    assert torch.equal(alone[:1], fused_ops.int4_logits(x[:1], *args)[:, :500])
+    top = many.topk(RESCORE_TOP_K // 2, dim=-1).indices
+    assert torch.equal(many.gather(1, top), alone.gather(1, top))
+    assert torch.equal(many.argmax(-1), alone.argmax(-1))
+
+
 def _torch_widen(lin, packed, block, monkeypatch):
     """``Int4Linear._dense`` in bf16 through torch's ops (the fused kernel off)."""
     from carpool.model import quant

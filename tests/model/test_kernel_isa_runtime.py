@@ -1,4 +1,4 @@
-"""The paged decode kernel's lower instruction-set paths, run on this machine.
+"""The C++ kernels' lower instruction-set paths, run on this machine.
 
 The kernel is built with ``-march=native``, so a CI host with AVX-512 VNNI only ever runs its
 VNNI and AVX-512 BF16 loops; ``test_kernel_isa_levels`` compiles the other branches but runs
@@ -6,7 +6,9 @@ none of them. Here the kernel is also built for plain x86-64-v2 (scalar loops), 
 (AVX2 + FMA, the grouped 8-lane loops of a Zen 3) and x86-64-v4 (AVX-512 without BF16 or VNNI)
 under their own operator namespaces, and each build's decode attention is checked against the
 gather + SDPA reference on float32, bfloat16 and int8 caches (the int8 cache's word-major keys
-go through those paths' row copy). A level the host cannot execute is skipped with its reason.
+go through those paths' row copy). The fused ops are built the same way for the int4 head's
+float32 logits, whose one-column path must give the bits of each level's vector loops. A level
+the host cannot execute is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -34,18 +36,29 @@ LEVELS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(LEVELS))
-def level_op(request):
-    march, needs = LEVELS[request.param]
+def _build_at_level(level: str, source: str, prefix: str):
+    """``source`` built for ``level`` as ``torch.ops.<prefix>_<level>`` (skips where this CPU
+    cannot run the level)."""
+    march, needs = LEVELS[level]
     flags = set(kernel_build.cpu_flags().split())
     missing = [f for f in needs if f not in flags]
     if missing:
         pytest.skip(f"this CPU lacks {missing} for -march={march}")
-    namespace = f"isa_{request.param}"
+    namespace = f"{prefix}_{level}"
     cflags = [f for f in kernel_build.CFLAGS if f != "-march=native"] + [f"-march={march}"]
-    kernel_build.build_as(kernel_build.CSRC, "paged_attention.cpp", namespace, cflags)
-    ops = getattr(torch.ops, namespace)
+    kernel_build.build_as(kernel_build.CSRC, source, namespace, cflags)
+    return getattr(torch.ops, namespace)
+
+
+@pytest.fixture(scope="module", params=sorted(LEVELS))
+def level_op(request):
+    ops = _build_at_level(request.param, "paged_attention.cpp", "isa")
     return ops.paged_decode_attention, ops.kv_store_int8
+
+
+@pytest.fixture(scope="module", params=sorted(LEVELS))
+def level_fused(request):
+    return _build_at_level(request.param, "fused_ops.cpp", "isa_fused")
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])
@@ -80,3 +93,26 @@ def test_lower_level_int8_store_writes_the_hosts_bytes(level_op):
     store(x, a, slots)
     paged_attention.store_int8(b, slots, x)  # the host's build (or torch ops)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_lower_level_int4_logits_are_one_columns_bits(level_fused, block):
+    # int4_logits runs each level's loop for its own block layout (AVX2: 32, AVX-512: 64) and
+    # plain loops otherwise; int4_logits_at computes one column alone: the same bits on every
+    # level, so a rescored row's top logits equal the kernel's. int4_gemv is the same sums
+    # rounded to bf16 (of a bf16-rounded x).
+    from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all
+
+    torch.manual_seed(block)
+    n, k = 200, 128
+    lin = Int4Linear.from_float(torch.randn(n, k), None, torch.float32)
+    args = (_pack_int4_by_hand(_unpack_int4_all(lin.packed, k), block), 32, lin.scales_zeros, block)
+    x = torch.randn(5, k)
+    got = level_fused.int4_logits(x, *args)
+    exact = x.double() @ lin._dense(torch.float32).double().T
+    torch.testing.assert_close(got.double()[:, :n], exact, rtol=1e-5, atol=1e-4)
+    ids = torch.randint(0, n, (5, 40))
+    assert torch.equal(level_fused.int4_logits_at(x, *args, ids), got.gather(1, ids))
+    rounded = level_fused.int4_gemv(x.bfloat16().float(), *args)
+    want = level_fused.int4_logits(x.bfloat16().float(), *args).bfloat16().float()
+    assert torch.equal(rounded, want)

@@ -301,14 +301,68 @@ def int4_gemv(
         x.dim() == 2
         and 1 <= x.shape[0] <= INT4_GEMV_MAX_ROWS
         and x.dtype in _DTYPES
-        and scales_zeros.dtype == torch.bfloat16
-        and packed.dtype == torch.uint8
-        and packed.is_contiguous()
-        and scales_zeros.is_contiguous()
+        and _int4_layout(packed, scales_zeros)
         and _fused(x)
     ):
         return torch.ops.carpool.int4_gemv(x, packed, group_size, scales_zeros, block)
     return None
+
+
+def int4_logits(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group_size: int,
+    scales_zeros: torch.Tensor,
+    block: int,
+) -> torch.Tensor | None:
+    """An int4 vocabulary head's float32 logits ``[M, N padded to 64]`` for float32 ``x``
+    ``[M, K]``, up to ``INT4_GEMV_MAX_ROWS`` rows: ``int4_gemv``'s kernel without its bf16
+    roundings (x as it is, float32 sums), so every logit is the dequantized weight's in float32
+    but for the order of the sums; None where it does not apply (the caller rescores)."""
+    if (
+        x.dim() == 2
+        and x.dtype == torch.float32
+        and 1 <= x.shape[0] <= INT4_GEMV_MAX_ROWS
+        and _int4_layout(packed, scales_zeros)
+        and _fused(x)
+    ):
+        return torch.ops.carpool.int4_logits(x, packed, group_size, scales_zeros, block)
+    return None
+
+
+def int4_logits_at(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group_size: int,
+    scales_zeros: torch.Tensor,
+    block: int,
+    ids: torch.Tensor,
+) -> torch.Tensor | None:
+    """``int4_logits(...).gather(1, ids)``, the same bits, computing only the ``[R, J]`` columns
+    ``ids`` (any row count: the rescoring of top logits computed in bf16 elsewhere); None where
+    it does not apply."""
+    if (
+        x.dim() == 2
+        and x.dtype == torch.float32
+        and ids.dim() == 2
+        and ids.dtype == torch.int64
+        and _int4_layout(packed, scales_zeros)
+        and _fused(x)
+    ):
+        return torch.ops.carpool.int4_logits_at(
+            x, packed, group_size, scales_zeros, block, ids.contiguous()
+        )
+    return None
+
+
+def _int4_layout(packed: torch.Tensor, scales_zeros: torch.Tensor) -> bool:
+    """Whether int4 ``packed`` codes and their ``scales_zeros`` are what the int4 ops read."""
+    return (
+        scales_zeros.dtype == torch.bfloat16
+        and packed.dtype == torch.uint8
+        and packed.is_contiguous()
+        and scales_zeros.is_contiguous()
+    )
 
 
 def int4_widen(

@@ -314,6 +314,27 @@ class Int4Linear(QuantizedLinear):
         y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
         return self._finish(y, x)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        # A float32 x of up to fused_ops.INT4_GEMV_MAX_ROWS rows: every logit in float32 from
+        # the int4 kernel itself (nothing to rescore: with the top-k, rows, bmm and scatter of
+        # the rescoring a 49152 x 576 int4 head took 1.41x as long at batch 1 on a Zen 5, 1.2-1.5x
+        # for other heads and row counts; BENCHMARKS.md, issue 11, nineteenth pass). Otherwise
+        # QuantizedLinear's rescoring, whose exact top logits come from the same kernel
+        # (_exact_logits_at): the same bits whichever path a row took.
+        y = fused_ops.int4_logits(
+            x, self.packed, self.group_size, self.scales_zeros, int4_row_block()
+        )
+        if y is None:
+            return super().logits(x)
+        y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
+        return y if self.bias is None else y + self.bias.float()
+
+    def _exact_logits_at(self, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        exact = fused_ops.int4_logits_at(
+            x, self.packed, self.group_size, self.scales_zeros, int4_row_block(), top
+        )
+        return super()._exact_logits_at(x, top) if exact is None else exact
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         q = _unpack_int4_rows(self.packed, ids, self.in_features)  # [*ids, K] uint8
         sz = self.scales_zeros.index_select(1, ids.reshape(-1)).float()  # [K/g, R, 2]

@@ -14,11 +14,13 @@
 //
 // And argmax_rows, the greedy sampler's argmax; rotary_, the rotary embedding in place;
 // int8_gemv, int8 weight-only products of a few rows; int8_logits and int8_logits_at, an int8
-// vocabulary head's float32 logits; int4_widen, an int4 weight widened to bf16 for a prefill.
+// vocabulary head's float32 logits; int4_gemv, int4 ones; int4_logits and int4_logits_at, an
+// int4 head's float32 logits; int4_widen, an int4 weight widened to bf16 for a prefill.
 //
 // Registered as carpool::rms_norm, carpool::add_rms_norm, carpool::silu_and_mul and
 // carpool::argmax_rows, carpool::rotary_, carpool::int8_gemv, carpool::int8_logits,
-// carpool::int8_logits_at, carpool::int4_widen (a fragment of the `carpool` operator library;
+// carpool::int8_logits_at, carpool::int4_gemv, carpool::int4_logits, carpool::int4_logits_at,
+// carpool::int4_widen (a fragment of the `carpool` operator library;
 // no pybind11).
 
 #include <ATen/Parallel.h>
@@ -698,6 +700,13 @@ at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const 
 // A float32 x (a quantized GGUF model's activations) is rounded to bf16 first and the bf16
 // result widened back, exactly what casting around torch's bf16 kernel did, in the same pass:
 // two ops fewer per linear (SmolLM2 at batch 1: ~240 dispatches per step).
+// What an int4 kernel stores of a float32 sum: rounded to bf16 (int4_gemv), or as it is
+// (Exact: int4_logits).
+template <bool Exact>
+inline float int4_out(float v) {
+  return Exact ? v : Elt<c10::BFloat16>::round(v);
+}
+
 #if defined(CARPOOL_AVX2)
 // Eight (scale, zero) bf16 pairs of int4 columns as float32 vectors: the scale, and the offset
 // zero - 8 * scale that multiplies a group's input sum.
@@ -709,26 +718,49 @@ inline void int4_scale_offset8(const c10::BFloat16* pairs, __m256& sc, __m256& o
   off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
 }
 
-// Eight float32 sums rounded to bf16 and stored as T at y[0..7].
-template <typename T>
+// Eight float32 sums stored as T at y[0..7]: rounded to bf16 first unless Exact.
+template <bool Exact, typename T>
 inline void store8_bf16_rounded(T* y, __m256 v) {
   alignas(32) float tmp[8];
   _mm256_store_ps(tmp, v);
-  for (int e = 0; e < 8; ++e) Elt<T>::store(y, e, Elt<c10::BFloat16>::round(tmp[e]));
+  for (int e = 0; e < 8; ++e) Elt<T>::store(y, e, int4_out<Exact>(tmp[e]));
 }
 #endif
+
+// Column c of one input row (xf, its per-group sums xsum) in the fused multiply-adds of
+// int4_block's vector lanes, in their order: the same bits as its loops.
+inline float int4_column(const float* xf, const float* xsum, const uint8_t* packed,
+                         const c10::BFloat16* sz, int64_t n, int64_t k, int64_t g, int64_t B,
+                         int64_t c) {
+  using E = Elt<c10::BFloat16>;
+  const uint8_t* qb = packed + (c / B) * k * (B / 2);
+  const int64_t byte = c % (B / 2), shift = c % B < B / 2 ? 0 : 4;
+  float total = 0.f;
+  for (int64_t gi = 0; gi < k / g; ++gi) {
+    float acc = 0.f;
+    for (int64_t i = gi * g; i < (gi + 1) * g; ++i)
+      acc = std::fma(static_cast<float>((qb[i * (B / 2) + byte] >> shift) & 0xF), xf[i], acc);
+    const float sc = E::load(sz, (gi * n + c) * 2);
+    const float ze = E::load(sz, (gi * n + c) * 2 + 1);
+    total = std::fma(sc, acc, total);
+    total = std::fma(std::fma(-8.0f, sc, ze), xsum[gi], total);
+  }
+  return total;
+}
 
 // Output columns [b * B, (b + 1) * B) of M (1-4) input rows: xf and xsum (float32 rows, their
 // per-group sums) and y start at the group's first row. Each row's sums run in the same order
 // whatever M is (its own accumulators, the same K order): a row's result does not depend on the
-// rows beside it.
-template <int64_t M, typename T>
+// rows beside it. Every column takes the same fused multiply-adds in every loop below (per
+// group acc = fma(q, x, acc) along K, then out = fma(scale, acc, out) and out = fma(zero - 8
+// scale, sum(x), out), the offset itself one fma): int4_column computes one column alone with
+// the same bits. Exact: the sums stored as they are (float32 T), else rounded to bf16.
+template <int64_t M, bool Exact, typename T>
 void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
                 const c10::BFloat16* sz, T* y, int64_t n, int64_t k, int64_t g, int64_t B,
                 int64_t b) {
-  using E = Elt<c10::BFloat16>;
   const int64_t groups = k / g;
-  const uint8_t* qb = packed + b * k * (B / 2);
+  [[maybe_unused]] const uint8_t* qb = packed + b * k * (B / 2);
 #if defined(__AVX512F__)
   if (B == 64) {
     __m512 out[M][4];
@@ -770,7 +802,7 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
         alignas(64) float tmp[16];
         _mm512_store_ps(tmp, out[m][j]);
         for (int c = 0; c < 16; ++c)
-          Elt<T>::store(y + m * n, b * 64 + 16 * j + c, E::round(tmp[c]));
+          Elt<T>::store(y + m * n, b * 64 + 16 * j + c, int4_out<Exact>(tmp[c]));
       }
     return;
   }
@@ -810,7 +842,7 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       }
       for (int64_t m = 0; m < M; ++m)
         for (int c = 0; c < 2; ++c)
-          store8_bf16_rounded(y + m * n + b * 32 + 8 * (h + 2 * c), out[m][c]);
+          store8_bf16_rounded<Exact>(y + m * n + b * 32 + 8 * (h + 2 * c), out[m][c]);
     }
     return;
   }
@@ -849,43 +881,48 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       }
     }
     for (int64_t m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) store8_bf16_rounded(y + m * n + b * 32 + 8 * j, out[m][j]);
+      for (int j = 0; j < 4; ++j) store8_bf16_rounded<Exact>(y + m * n + b * 32 + 8 * j, out[m][j]);
     return;
   }
 #endif
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < B; ++c) {
-      const int64_t byte = c % (B / 2), shift = c < B / 2 ? 0 : 4;
-      float total = 0.f;
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        float acc = 0.f;
-        for (int64_t i = gi * g; i < (gi + 1) * g; ++i)
-          acc += xf[m * k + i] * static_cast<float>((qb[i * (B / 2) + byte] >> shift) & 0xF);
-        const float sc = E::load(sz, (gi * n + b * B + c) * 2);
-        const float ze = E::load(sz, (gi * n + b * B + c) * 2 + 1);
-        total += sc * acc + (ze - 8.0f * sc) * xsum[m * groups + gi];
-      }
-      Elt<T>::store(y + m * n, b * B + c, E::round(total));
+      const float total = int4_column(xf + m * k, xsum + m * groups, packed, sz, n, k, g, B,
+                                      b * B + c);
+      Elt<T>::store(y + m * n, b * B + c, int4_out<Exact>(total));
     }
 }
 
-// int4 products of any number of rows: the rows in float32 (bf16-rounded) with their per-group
-// sums once, then per column block every group of up to 4 rows, so the block's codes are read
-// from memory once and stay in L1 while the groups pass over them.
-template <typename T>
-void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t rows,
-               int64_t n, int64_t k, int64_t g, int64_t B) {
+// The input rows of an int4 product in float32 (rounded to bf16 unless Exact) and their
+// per-group sums, in order (xf [rows, K], xsum [rows, K / g]).
+template <bool Exact, typename T>
+void int4_inputs(const T* x, int64_t rows, int64_t k, int64_t g, std::vector<float>& xf,
+                 std::vector<float>& xsum) {
   const int64_t groups = k / g;
-  std::vector<float> xf(rows * k), xsum(rows * groups);
+  xf.resize(rows * k);
+  xsum.resize(rows * groups);
   for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t i = 0; i < k; ++i)
-      xf[m * k + i] = Elt<c10::BFloat16>::round(Elt<T>::load(x + m * k, i));
+    for (int64_t i = 0; i < k; ++i) {
+      const float v = Elt<T>::load(x + m * k, i);
+      xf[m * k + i] = Exact ? v : Elt<c10::BFloat16>::round(v);
+    }
     for (int64_t j = 0; j < groups; ++j) {
       float s = 0.f;
       for (int64_t i = 0; i < g; ++i) s += xf[m * k + j * g + i];
       xsum[m * groups + j] = s;
     }
   }
+}
+
+// int4 products of any number of rows: the rows in float32 (bf16-rounded unless Exact) with their
+// per-group sums once, then per column block every group of up to 4 rows, so the block's codes
+// are read from memory once and stay in L1 while the groups pass over them.
+template <bool Exact, typename T>
+void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t rows,
+               int64_t n, int64_t k, int64_t g, int64_t B) {
+  const int64_t groups = k / g;
+  std::vector<float> xf, xsum;
+  int4_inputs<Exact>(x, rows, k, g, xf, xsum);
   at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t m0 = 0; m0 < rows; m0 += 4) {
@@ -893,43 +930,102 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
         const float* sg = xsum.data() + m0 * groups;
         T* yg = y + m0 * n;
         switch (std::min<int64_t>(4, rows - m0)) {
-          case 1: int4_block<1>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
-          case 2: int4_block<2>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
-          case 3: int4_block<3>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
-          default: int4_block<4>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
+          case 1: int4_block<1, Exact>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
+          case 2: int4_block<2, Exact>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
+          case 3: int4_block<3, Exact>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
+          default: int4_block<4, Exact>(xg, sg, packed, sz, yg, n, k, g, B, b); break;
         }
       }
   });
 }
 
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
-                     const at::Tensor& scales_zeros, int64_t block) {
+// The arguments every int4 product op takes, checked; returns N (the packed columns). logits:
+// x must be float32 (int4_logits, int4_logits_at).
+int64_t check_int4_args(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                        int64_t g, const at::Tensor& scales_zeros, int64_t block, bool logits) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
-                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
-              "int4_gemv: x must be a contiguous [M, K] bfloat16 or float32 tensor, got ",
-              x.sizes(), " ", x.scalar_type());
-  const int64_t m = x.size(0), k = x.size(1), g = group_size;
-  TORCH_CHECK(m >= 1, "int4_gemv: at least one input row, got ", m);
-  TORCH_CHECK(g > 0 && k % g == 0, "int4_gemv: K = ", k, " is not a multiple of the group ", g);
-  TORCH_CHECK(block == 32 || block == 64, "int4_gemv: block must be 32 or 64, got ", block);
+                  (x.scalar_type() == at::kFloat ||
+                   (!logits && x.scalar_type() == at::kBFloat16)),
+              op, ": x must be a contiguous [M, K] ", logits ? "float32" : "bfloat16 or float32",
+              " tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(m >= 1, op, ": at least one input row, got ", m);
+  TORCH_CHECK(g > 0 && k % g == 0, op, ": K = ", k, " is not a multiple of the group ", g);
+  TORCH_CHECK(block == 32 || block == 64, op, ": block must be 32 or 64, got ", block);
   TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
                   packed.numel() % (block / 2 * k) == 0,
-              "int4_gemv: packed must be torch's CPU int4 layout ([N/", block, ", K, ", block / 2,
+              op, ": packed must be torch's CPU int4 layout ([N/", block, ", K, ", block / 2,
               "] bytes) for K = ", k, ", got ", packed.sizes(), " ", packed.scalar_type());
   const int64_t n = packed.numel() / (block / 2 * k) * block;
   TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.is_contiguous() &&
                   scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.size(0) == k / g &&
                   scales_zeros.size(1) == n && scales_zeros.size(2) == 2,
-              "int4_gemv: scales_zeros must be [", k / g, ", ", n, ", 2] bfloat16, got ",
+              op, ": scales_zeros must be [", k / g, ", ", n, ", 2] bfloat16, got ",
               scales_zeros.sizes(), " ", scales_zeros.scalar_type());
+  return n;
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                     const at::Tensor& scales_zeros, int64_t block) {
+  const int64_t n = check_int4_args("int4_gemv", x, packed, group_size, scales_zeros, block, false);
+  const int64_t m = x.size(0), k = x.size(1), g = group_size;
   at::Tensor y = at::empty({m, n}, x.options());  // x's dtype (float32: bf16 values widened)
   const uint8_t* qp = packed.data_ptr<uint8_t>();
   const c10::BFloat16* sp = scales_zeros.data_ptr<c10::BFloat16>();
-  auto run = [&](auto* xp, auto* yp) { int4_rows(xp, qp, sp, yp, m, n, k, g, block); };
+  auto run = [&](auto* xp, auto* yp) { int4_rows<false>(xp, qp, sp, yp, m, n, k, g, block); };
   if (x.scalar_type() == at::kFloat)
     run(x.data_ptr<float>(), y.data_ptr<float>());
   else
     run(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>());
+  return y;
+}
+
+// An int4 vocabulary head's float32 logits [M, N]: int4_gemv's kernel with a float32 x as it is
+// and the float32 sums not rounded, so every logit is what the dequantized weight gives in
+// float32 but for the order of the sums (as int8_logits). Why: bf16 logits (0.125 apart at 25)
+// tie or swap a float32 model's top tokens, and rescoring the top 64 of them from Python (top-k,
+// rows, bmm, scatter) made a 49152 x 576 int4 head 1.41x slower at batch 1 (1.2-1.5x at 1-32
+// rows of 32000- to 151936-token heads; BENCHMARKS.md, issue 11, nineteenth pass).
+at::Tensor int4_logits(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                       const at::Tensor& scales_zeros, int64_t block) {
+  const int64_t n = check_int4_args("int4_logits", x, packed, group_size, scales_zeros, block, true);
+  const int64_t m = x.size(0), k = x.size(1);
+  at::Tensor y = at::empty({m, n}, x.options());
+  int4_rows<true>(x.data_ptr<float>(), packed.data_ptr<uint8_t>(),
+                  scales_zeros.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), m, n, k,
+                  group_size, block);
+  return y;
+}
+
+// int4_logits at the given columns only: y[r, j] = int4_logits(x)[r, ids[r, j]], the same bits
+// (int4_column). Where the head's logits come from another kernel in bf16 (more rows than
+// int4_logits takes), their top ones are recomputed by it, so a row's top logits do not depend
+// on the path its batch took.
+at::Tensor int4_logits_at(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                          const at::Tensor& scales_zeros, int64_t block, const at::Tensor& ids) {
+  const int64_t n =
+      check_int4_args("int4_logits_at", x, packed, group_size, scales_zeros, block, true);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.is_contiguous() &&
+                  ids.scalar_type() == at::kLong,
+              "int4_logits_at: ids must be a contiguous [", x.size(0), ", J] int64 tensor, got ",
+              ids.sizes(), " ", ids.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1), g = group_size, j_count = ids.size(1);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m * j_count; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "int4_logits_at: column ", ip[i], " out of [0, ", n, ")");
+  std::vector<float> xf, xsum;
+  int4_inputs<true>(x.data_ptr<float>(), m, k, g, xf, xsum);
+  at::Tensor y = at::empty({m, j_count}, x.options());
+  const uint8_t* qp = packed.data_ptr<uint8_t>();
+  const c10::BFloat16* sp = scales_zeros.data_ptr<c10::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, m * j_count, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / j_count;
+      yp[i] = int4_column(xf.data() + r * k, xsum.data() + r * (k / g), qp, sp, n, k, g, block,
+                          ip[i]);
+    }
+  });
   return y;
 }
 
@@ -1149,6 +1245,12 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def(
       "int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block) -> "
       "Tensor");
+  m.def(
+      "int4_logits(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block) -> "
+      "Tensor");
+  m.def(
+      "int4_logits_at(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block, "
+      "Tensor ids) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(carpool, CPU, m) {
@@ -1163,4 +1265,6 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("int4_widen", &int4_widen);
   m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_logits", &int4_logits);
+  m.impl("int4_logits_at", &int4_logits_at);
 }
