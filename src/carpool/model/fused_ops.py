@@ -297,13 +297,7 @@ def int4_gemv(
     ``x`` rounded to bf16 inside and the bf16 result returned in ``x``'s dtype (what casting
     around torch's kernel does); None where the fused kernel does not apply (the caller runs
     torch's). ``[M, N padded to 64]`` out, like torch's."""
-    if (
-        x.dim() == 2
-        and 1 <= x.shape[0] <= INT4_GEMV_MAX_ROWS
-        and x.dtype in _DTYPES
-        and _int4_layout(packed, scales_zeros)
-        and _fused(x)
-    ):
+    if _int4_takes(x, packed, scales_zeros, _DTYPES):
         return torch.ops.carpool.int4_gemv(x, packed, group_size, scales_zeros, block)
     return None
 
@@ -319,13 +313,7 @@ def int4_logits(
     ``[M, K]``, up to ``INT4_GEMV_MAX_ROWS`` rows: ``int4_gemv``'s kernel without its bf16
     roundings (x as it is, float32 sums), so every logit is the dequantized weight's in float32
     but for the order of the sums; None where it does not apply (the caller rescores)."""
-    if (
-        x.dim() == 2
-        and x.dtype == torch.float32
-        and 1 <= x.shape[0] <= INT4_GEMV_MAX_ROWS
-        and _int4_layout(packed, scales_zeros)
-        and _fused(x)
-    ):
+    if _int4_takes(x, packed, scales_zeros, (torch.float32,)):
         return torch.ops.carpool.int4_logits(x, packed, group_size, scales_zeros, block)
     return None
 
@@ -353,6 +341,23 @@ def int4_logits_at(
             x, packed, group_size, scales_zeros, block, ids.contiguous()
         )
     return None
+
+
+def _int4_takes(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    dtypes: tuple[torch.dtype, ...],
+) -> bool:
+    """Whether ``int4_gemv`` / ``int4_logits`` take ``x`` (of one of ``dtypes``) over ``packed``:
+    up to ``INT4_GEMV_MAX_ROWS`` rows, the int4 ops' layout, the fused ops loaded."""
+    return (
+        x.dim() == 2
+        and 1 <= x.shape[0] <= INT4_GEMV_MAX_ROWS
+        and x.dtype in dtypes
+        and _int4_layout(packed, scales_zeros)
+        and _fused(x)
+    )
 
 
 def _int4_layout(packed: torch.Tensor, scales_zeros: torch.Tensor) -> bool:
