@@ -187,7 +187,7 @@ template <int HG, typename Tick>
 // ticks) and after it. Why not in one go after the tile: bursts of ~34 requests left the
 // memory idle while the tile computed (the whole block's 136 lines at once: 2.2x slower), and
 // requests inside the inner loops competed with its loads (12 a tile: 0.91x); between the
-// phases, 1.17x at GQA 16/4 8 x 2k and 1.26x at 8k from memory (BENCHMARKS.md, issue 11,
+// phases, 1.18x at GQA 16/4 8 x 2k and 1.20x at 8k from memory (BENCHMARKS.md, issue 11,
 // nineteenth pass).
 template <typename Prefetch>
 inline void vnni_block(const __m512i* qb, const float* qs, const int32_t* qo, int64_t d,
