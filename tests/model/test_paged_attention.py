@@ -15,7 +15,13 @@ import torch
 from carpool.model import fused_ops, kernel_build, paged_attention
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
-from helpers.attention_ref import dequantized_sdpa, gather_sdpa, int8_case, random_case
+from helpers.attention_ref import (
+    dequantized_sdpa,
+    gather_sdpa,
+    int8_case,
+    quantized_query_sdpa,
+    random_case,
+)
 from helpers.carpool_ref import _Chunk, greedy
 from helpers.hf_models import hf_greedy, save_tiny_hf_model, save_tiny_model_dir
 
@@ -78,6 +84,47 @@ def test_query_head_groups_of_every_size(heads, kv_heads, cache, head_dim):
     tol = 2e-5 if got.dtype == torch.float32 else 1.6e-2
     assert (got.float() - ref).abs().max().item() <= tol
     assert (ones.float() - ref[:1]).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(16, 4), (9, 3), (8, 8)], ids=["gqa4", "9/3", "mha"])
+@pytest.mark.parametrize("cache", ["fp32", "bf16", "bf16-fp32q", "int8-fp32q", "int8-bf16q"])
+def test_long_contexts_in_chunks_whatever_the_batch(heads, kv_heads, cache):
+    # Contexts over 1,024 tokens are cut into chunks whose partial softmax sums are combined:
+    # right against the reference, and the same bits for a sequence alone, in a batch, and on
+    # one thread or two (the chunks are fixed by the context, not by the batch or the threads),
+    # so a request's greedy tokens do not depend on what it is batched with.
+    lens = [1500, 1025, 1024, 2100, 40, 1]
+    head_dim = 64
+    scale = head_dim**-0.5
+    if cache.startswith("int8"):
+        qdtype = torch.float32 if cache.endswith("fp32q") else torch.bfloat16
+        q, kv, tables, ctx = int8_case(heads, kv_heads, head_dim, 16, lens, qdtype)
+        ref = dequantized_sdpa(q, kv, tables, ctx, scale)
+        if paged_attention.quantizes_int8_queries(head_dim):  # AVX-512 VNNI: int8 queries
+            ref = quantized_query_sdpa(q, kv, tables, ctx, scale)
+    else:
+        dtype = torch.float32 if cache == "fp32" else torch.bfloat16
+        q, kv, tables, ctx = random_case(dtype, heads, kv_heads, head_dim, 16, lens)
+        if cache == "bf16-fp32q":
+            q = q.float()
+        ref = gather_sdpa(q, kv, tables, ctx, scale)
+    got = paged_attention.paged_decode_attention(q, kv, tables, ctx, scale)
+    tol = 2e-5 if got.dtype == torch.float32 else 1.6e-2
+    if cache.startswith("int8") and paged_attention.quantizes_int8_queries(head_dim):
+        tol = max(tol, 3e-4)  # the int16 softmax weights (test_kv_int8.py)
+    assert (got.float() - ref).abs().max().item() <= tol
+    for i in range(len(lens)):
+        alone = paged_attention.paged_decode_attention(
+            q[i : i + 1], kv, tables[i : i + 1], ctx[i : i + 1], scale
+        )
+        assert torch.equal(alone, got[i : i + 1]), lens[i]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = paged_attention.paged_decode_attention(q, kv, tables, ctx, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, got)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 40, 80, 128])
