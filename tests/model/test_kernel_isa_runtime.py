@@ -66,7 +66,7 @@ def level_fused(request):
 @pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lower_level_kernel_matches_the_reference(level_op, head_dim, heads, kv_heads, qdtype):
     decode, _ = level_op
-    lens = [1, 15, 16, 17, 53, 300, 1100]  # 1100: two chunks, combined
+    lens = [1, 15, 16, 17, 53, 300, 1100]
     scale = head_dim**-0.5
     # A float cache of the queries' dtype.
     q, cache, tables, ctx = random_case(qdtype, heads, kv_heads, head_dim, 16, lens)

@@ -4,9 +4,7 @@
 // sequence's block table, and per block: dot products of the group's queries with the block's keys, an
 // online (streaming) softmax update, and the weighted sum of the block's values, all in
 // float32. K and V are read straight from the cache, once per kv head for all the query heads
-// that share it (grouped-query attention); nothing is copied. A context over kChunkTokens is
-// walked in chunks (work items of their own, so the threads share a long sequence at batch
-// 1), their partial softmax sums combined at the end, as flash-decoding splits a GPU's.
+// that share it (grouped-query attention); nothing is copied.
 //
 // The cache holds float32 or bfloat16 rows (a bfloat16 cache also under float32 queries: a float32
 // model's cache at half the bytes), or int8 values (``kv_cache_dtype="int8"``): each
@@ -41,12 +39,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -60,15 +56,6 @@ using namespace carpool_kernels;  // NOLINT: the helpers of vec_math.h
 
 // How many blocks ahead the kernel asks for a block's rows (see prefetch_next).
 constexpr int64_t kPrefetchBlocks = 2;
-
-// Tokens of a sequence's context one work item covers (rounded to whole blocks): a longer
-// context is cut into chunks whose partial softmax sums are combined at the end (see
-// decode_kernel). A fixed length, not one chosen by the batch, so a sequence's chunks (and so
-// its output's bits) are the same whatever batch it decodes in. 1024: at batch 1 (2k-8k
-// tokens) 1.1-1.3x on an int8 cache and on SmolLM2's GQA 9/3, level at batch 8 and 32; 512
-// gained a little more at batch 1 but cost ~4% at batch 8 (BENCHMARKS.md, issue 11,
-// nineteenth pass).
-constexpr int64_t kChunkTokens = 1024;
 
 // Ask for a cache line of a block two blocks ahead, into L2 (prefetcht1), not L1: 16 KiB of
 // requests into L1 per block filled its miss buffers and stalled the loads of the block being
@@ -134,72 +121,16 @@ void decode_kernel(
 #else
   const bool grouped = false, split = false;
 #endif
-  // A work item is one chunk of a sequence's context (kChunkTokens) and a run of its kv heads.
-  // Why chunks: at batch 1 the threads otherwise shared one sequence by kv heads only, each
-  // reading its heads' slices of every row. Why a run, not one kv head: a token's K (and V) of
-  // all kv heads is one contiguous row, and reading whole rows streams through memory, while
-  // one head's slice of every row is a 2-cache-line read every few KiB (measured ~10x slower:
-  // latency-bound). Chunks are split into runs only as far as needed to give each thread
-  // about 2 items (batch 1 at 64 tokens on 2 threads: 4 runs of K/4 heads).
-  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkTokens / block_size);
-  std::vector<int64_t> first_chunk(batch + 1, 0);  // sequence b's chunks: [first_chunk[b], ...[b + 1])
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t n_blocks = (ctx[b] + block_size - 1) / block_size;
-    first_chunk[b + 1] = first_chunk[b] + (n_blocks + chunk_blocks - 1) / chunk_blocks;
-  }
-  const int64_t chunks = first_chunk[batch];
-  std::vector<int64_t> chunk_seq(chunks);  // the sequence of each chunk
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t c = first_chunk[b]; c < first_chunk[b + 1]; ++c) chunk_seq[c] = b;
-  }
-  // Each chunk's partial results where a sequence has more than one: per query head the
-  // running max, the softmax sum and the weighted values (in the loops' own order).
-  const bool partial = chunks > batch;
-  // Not zeroed (each entry is written by its chunk before the combine reads it): at batch 32
-  // and 32k tokens they are ~16 MB a call.
-  std::unique_ptr<float[]> part(partial ? new float[chunks * heads * (d + 2)] : nullptr);
-  float* part_m = part.get();
-  float* part_l = part_m + chunks * heads;
-  float* part_acc = part_l + chunks * heads;
+  // A work item is one sequence and a run of its kv heads. Why a run, not one kv head: a
+  // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
+  // through memory, while one head's slice of every row is a 2-cache-line read every few KiB
+  // (measured ~10x slower: latency-bound). Sequences are split into runs only as far as
+  // needed to give each thread about 2 items (batch 1 on 2 threads: 4 runs of K/4 heads).
   const int64_t threads = at::get_num_threads();
-  const int64_t splits =
-      std::min(kv_heads, std::max<int64_t>(1, (2 * threads + chunks - 1) / chunks));
+  const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
   const int64_t run_heads = (kv_heads + splits - 1) / splits;  // kv heads per work item
   const int64_t runs = (kv_heads + run_heads - 1) / run_heads;
-  // Chunks of each (sequence, run) still to finish: the item that finishes the last one
-  // combines them, inside the same parallel region (a second one cost ~10 us a call).
-  std::unique_ptr<std::atomic<int64_t>[]> pending;
-  if (partial) {
-    pending.reset(new std::atomic<int64_t>[batch * runs]);
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t r = 0; r < runs; ++r) pending[b * runs + r] = first_chunk[b + 1] - first_chunk[b];
-    }
-  }
-  // out = acc * inv for one query head, acc in the order of the loops that made it.
-  auto store_head = [&](const float* a, T* op, float inv) {
-#if defined(CARPOOL_VNNI_ATTENTION)
-    if (vnni) {
-      store_from_vnni(a, op, d, inv);
-      return;
-    }
-#endif
-#if defined(__AVX512BF16__)
-    if constexpr (kDp) {
-      if (dp) {
-        store_from_pairs(a, op, d, inv);
-        return;
-      }
-    }
-#endif
-#if defined(CARPOOL_GROUPED)
-    if (split) {
-      store_from_split(a, op, d, inv);
-      return;
-    }
-#endif
-    for (int64_t i = 0; i < d; ++i) store(op + i, a[i] * inv);
-  };
-  at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * runs, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch for one run: queries, accumulators, running max/sum, block scores.
     const int64_t rh = run_heads * group;  // query heads of a run
     std::vector<float> qf(rh * d), acc(rh * d), m(rh), l(rh), s(rh * block_size);
@@ -218,22 +149,16 @@ void decode_kernel(
     std::vector<float> qsc(kVnni ? rh * d / 64 : 0), lv(kVnni ? rh * 16 : 0);
     std::vector<int32_t> qo(kVnni ? rh * d / 64 : 0);
 #endif
-    int64_t prepared = -1;  // the (sequence, run) whose queries qf / qb hold
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t chunk = item / runs;
-      const int64_t b = chunk_seq[chunk];
+      const int64_t b = item / runs;
       const int64_t kh0 = (item % runs) * run_heads;
       const int64_t nkh = std::min(run_heads, kv_heads - kh0);
       const int64_t nh = nkh * group;
       const int64_t h0 = kh0 * group;
       const int64_t n_ctx = ctx[b];
       [[maybe_unused]] const T* qrun = q + b * q_stride + h0 * d;  // the run's query rows
-      // A sequence's next chunk on this thread reuses its prepared queries (quantizing 16
-      // heads' queries again for each chunk cost ~8% of the kernel at batch 8 x 2k).
-      const bool again = prepared == b * runs + item % runs;
-      prepared = b * runs + item % runs;
       for (int64_t h = 0; h < nh; ++h) {
-        if (dp || again) break;  // dp: read as they are (bfloat16, unscaled)
+        if (dp) break;  // read as they are (bfloat16, unscaled)
 #if defined(CARPOOL_VNNI_ATTENTION)
         if (vnni) {
           quantize_query(qrun + h * d, d, scale, qb.data() + h * d / 4, qsc.data() + h * d / 64,
@@ -256,11 +181,8 @@ void decode_kernel(
 #if defined(CARPOOL_VNNI_ATTENTION)
       std::fill(lv.begin(), lv.end(), 0.0f);
 #endif
-      // This chunk's blocks: [n0, n_blocks).
-      const int64_t n0 = (chunk - first_chunk[b]) * chunk_blocks;
-      const int64_t n_blocks =
-          std::min((n_ctx + block_size - 1) / block_size, n0 + chunk_blocks);
-      for (int64_t n = n0; n < n_blocks; ++n) {
+      const int64_t n_blocks = (n_ctx + block_size - 1) / block_size;
+      for (int64_t n = 0; n < n_blocks; ++n) {
         const C* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * head_off;
         const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
         // The next block is elsewhere in memory (the table is random): ask for its rows
@@ -274,10 +196,8 @@ void decode_kernel(
           next = reinterpret_cast<const char*>(
               kv + tables[b * max_blocks + n + kPrefetchBlocks] * block_stride + kh0 * head_off);
         } else if (item + 1 < end) {
-          const int64_t nc = (item + 1) / runs, nb = chunk_seq[nc];
-          const int64_t nn0 = (nc - first_chunk[nb]) * chunk_blocks;
-          const int64_t nn = nn0 + n + kPrefetchBlocks - n_blocks;
-          if (nn < std::min((ctx[nb] + block_size - 1) / block_size, nn0 + chunk_blocks)) {
+          const int64_t nb = (item + 1) / runs, nn = n + kPrefetchBlocks - n_blocks;
+          if (nn < (ctx[nb] + block_size - 1) / block_size) {
             next = reinterpret_cast<const char*>(kv + tables[nb * max_blocks + nn] * block_stride +
                                                  ((item + 1) % runs) * run_heads * head_off);
           }
@@ -487,42 +407,31 @@ void decode_kernel(
           head_values(acc.data() + h * d, vbase + (h / group) * vrw, vts, n_tok, ph, d);
         }
       }
-      const bool alone = first_chunk[b + 1] - first_chunk[b] == 1;  // the whole context
       for (int64_t h = 0; h < nh; ++h) {
-        float sum = l[h];
+        T* op = out + (b * heads + h0 + h) * d;
 #if defined(CARPOOL_VNNI_ATTENTION)
-        if (vnni) sum = _mm512_reduce_add_ps(_mm512_loadu_ps(lv.data() + h * 16));
-#endif
-        if (alone) {
-          store_head(acc.data() + h * d, out + (b * heads + h0 + h) * d, 1.0f / sum);
+        if (vnni) {
+          const float sum = _mm512_reduce_add_ps(_mm512_loadu_ps(lv.data() + h * 16));
+          store_from_vnni(acc.data() + h * d, op, d, 1.0f / sum);
           continue;
         }
-        const int64_t at = chunk * heads + h0 + h;
-        part_m[at] = m[h];
-        part_l[at] = sum;
-        std::memcpy(part_acc + at * d, acc.data() + h * d, d * sizeof(float));
-      }
-      if (alone || pending[b * runs + item % runs].fetch_sub(1, std::memory_order_acq_rel) != 1) {
-        continue;
-      }
-      // The run's last chunk: every chunk's partial sums rescaled to their largest running
-      // max and added in chunk order (the same order whatever the batch or the thread that
-      // gets here), then stored as above. acc is free now: it takes the sums.
-      const int64_t c0 = first_chunk[b], c1 = first_chunk[b + 1];
-      for (int64_t h = 0; h < nh; ++h) {
-        const int64_t hh = h0 + h;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t c = c0; c < c1; ++c) mx = std::max(mx, part_m[c * heads + hh]);
-        float* a = acc.data() + h * d;
-        std::fill(a, a + d, 0.0f);
-        float sum = 0.0f;
-        for (int64_t c = c0; c < c1; ++c) {
-          const float w = std::exp(part_m[c * heads + hh] - mx);
-          sum += part_l[c * heads + hh] * w;
-          const float* pa = part_acc + (c * heads + hh) * d;
-          for (int64_t i = 0; i < d; ++i) a[i] += pa[i] * w;
+#endif
+        const float inv = 1.0f / l[h];
+#if defined(__AVX512BF16__)
+        if constexpr (kDp) {
+          if (dp) {
+            store_from_pairs(acc.data() + h * d, op, d, inv);
+            continue;
+          }
         }
-        store_head(a, out + (b * heads + hh) * d, 1.0f / sum);
+#endif
+#if defined(CARPOOL_GROUPED)
+        if (split) {
+          store_from_split(acc.data() + h * d, op, d, inv);
+          continue;
+        }
+#endif
+        for (int64_t i = 0; i < d; ++i) store(op + i, acc[h * d + i] * inv);
       }
     }
   });
