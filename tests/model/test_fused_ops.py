@@ -505,10 +505,10 @@ def test_int8_head_top_logits_do_not_depend_on_the_path():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13])
 @pytest.mark.parametrize("block", [32, 64])
 def test_int4_logits_are_the_dequantized_heads_in_float32(rows, block):
-    # A float32 model's int4 vocabulary head (SmolLM2's Q4_1): no bf16 rounding of x or of the
-    # sums, so the logits are the dequantized weight's to float32 rounding, in either of torch's
-    # block layouts (this CPU's own loop for one, plain loops for the other); N = 1000 leaves a
-    # padded block.
+    # A float32 model's int4 vocabulary head (--quantization int4, a GGUF Q4 output matrix): no
+    # bf16 rounding of x or of the sums, so the logits are the dequantized weight's to float32
+    # rounding, in either of torch's block layouts (this CPU's own loop for one, plain loops for
+    # the other); N = 1000 leaves a padded block.
     from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all
 
     torch.manual_seed(rows + block)

@@ -101,7 +101,12 @@ class QuantizedLinear(nn.Module):
         France?" leads the runner-up by 0.08. So for float32 inputs each row's
         ``RESCORE_TOP_K`` largest logits are recomputed exactly from the dequantized rows in
         float32 (a ``[R, k, K]`` gather: 64 rows of 576 for SmolLM2, ~1% of the head's reads).
+        Where a subclass's kernel gives every logit in float32 itself (``_kernel_logits``),
+        nothing is rescored.
         """
+        y = self._kernel_logits(x)
+        if y is not None:
+            return y if self.bias is None else y + self.bias.float()
         y = self(x).float()
         if x.dtype != torch.float32:
             return y
@@ -110,6 +115,11 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             exact = exact + self.bias[top].float()
         return y.scatter_(1, top, exact)
+
+    def _kernel_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits ``[R, out_features]`` (bias not added) straight from a kernel that
+        rounds nothing, where one takes ``x``; None otherwise (``logits`` rescores)."""
+        return None
 
     def _exact_logits_at(self, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[R, k]`` of ``x`` ``[R, in_features]`` at the columns ``top``."""
@@ -189,16 +199,13 @@ class Int8Linear(QuantizedLinear):
             y = linear_bucketed(xk, widened(self, kd, lambda: self.qweight.to(kd))) * self.scales
         return self._finish(y, x)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_logits(self, x: torch.Tensor) -> torch.Tensor | None:
         # A float32 x of up to fused_ops.int8_gemv_max_rows rows: every logit in float32 from
         # the int8 kernel itself (no bf16 rounding, so nothing to rescore: the top-k, gathers
         # and scatter of the rescoring were ~0.25 ms of a ~3.5 ms batch-1 step of a Q8_0 model
         # on a Zen 4). Otherwise QuantizedLinear's rescoring, whose exact top logits come from
         # the same kernel (_exact_logits_at): the same bits whichever path a row took.
-        y = fused_ops.int8_logits(x, self.qweight, self.scales)
-        if y is None:
-            return super().logits(x)
-        return y if self.bias is None else y + self.bias.float()
+        return fused_ops.int8_logits(x, self.qweight, self.scales)
 
     def _exact_logits_at(self, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         exact = fused_ops.int8_logits_at(x, self.qweight, self.scales, top)
@@ -314,7 +321,7 @@ class Int4Linear(QuantizedLinear):
         y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
         return self._finish(y, x)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_logits(self, x: torch.Tensor) -> torch.Tensor | None:
         # A float32 x of up to fused_ops.INT4_GEMV_MAX_ROWS rows: every logit in float32 from
         # the int4 kernel itself (nothing to rescore: with the top-k, rows, bmm and scatter of
         # the rescoring a 49152 x 576 int4 head took 1.41x as long at batch 1 on a Zen 5, 1.2-1.5x
@@ -324,10 +331,7 @@ class Int4Linear(QuantizedLinear):
         y = fused_ops.int4_logits(
             x, self.packed, self.group_size, self.scales_zeros, int4_row_block()
         )
-        if y is None:
-            return super().logits(x)
-        y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
-        return y if self.bias is None else y + self.bias.float()
+        return y if y is None or y.shape[1] == self.out_features else y[:, : self.out_features]
 
     def _exact_logits_at(self, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         exact = fused_ops.int4_logits_at(

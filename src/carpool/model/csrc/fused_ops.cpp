@@ -720,7 +720,7 @@ inline void int4_scale_offset8(const c10::BFloat16* pairs, __m256& sc, __m256& o
 
 // Eight float32 sums stored as T at y[0..7]: rounded to bf16 first unless Exact.
 template <bool Exact, typename T>
-inline void store8_bf16_rounded(T* y, __m256 v) {
+inline void store8_out(T* y, __m256 v) {
   alignas(32) float tmp[8];
   _mm256_store_ps(tmp, v);
   for (int e = 0; e < 8; ++e) Elt<T>::store(y, e, int4_out<Exact>(tmp[e]));
@@ -842,7 +842,7 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       }
       for (int64_t m = 0; m < M; ++m)
         for (int c = 0; c < 2; ++c)
-          store8_bf16_rounded<Exact>(y + m * n + b * 32 + 8 * (h + 2 * c), out[m][c]);
+          store8_out<Exact>(y + m * n + b * 32 + 8 * (h + 2 * c), out[m][c]);
     }
     return;
   }
@@ -881,7 +881,7 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       }
     }
     for (int64_t m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) store8_bf16_rounded<Exact>(y + m * n + b * 32 + 8 * j, out[m][j]);
+      for (int j = 0; j < 4; ++j) store8_out<Exact>(y + m * n + b * 32 + 8 * j, out[m][j]);
     return;
   }
 #endif
