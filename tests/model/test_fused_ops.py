@@ -332,6 +332,55 @@ def test_int4_gemv_row_does_not_depend_on_its_neighbours(dtype):
         assert torch.equal(part, every[lo:hi]), (lo, hi)
 
 
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, k", [(64, 64), (192, 320), (576, 1536)])
+def test_int4_gemv_is_int4_logits_of_the_rounded_rows_rounded(n, k, dtype, group):
+    # Every path of int4_gemv (on AVX-512 BF16 two inputs per dot-product instruction, one or
+    # two column blocks at a time by row count; elsewhere one FMA per input) adds each column's
+    # products in int4_logits' order with the same roundings: its bf16 values are int4_logits'
+    # float32 sums of the bf16-rounded rows, rounded once, at every row count.
+    from carpool.model.quant import Int4Linear
+
+    torch.manual_seed(n + k + group)
+    w = torch.randn(n, k)
+    g = w.reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = (hi - lo).clamp(min=1e-8) / 15
+    codes = ((g - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
+    # w = (q - 8) * scale + zero: zero = lo + 8 * scale
+    lin = Int4Linear(codes.reshape(n, k), scales, lo + 8 * scales, None, group, torch.float32)
+    block = int4_row_block()
+    for rows in (1, 2, 3, 4, 5, 6, 9):
+        x = torch.randn(rows, k).to(dtype)
+        got = torch.ops.carpool.int4_gemv(x, lin.packed, group, lin.scales_zeros, block)
+        sums = torch.ops.carpool.int4_logits(
+            x.bfloat16().float(), lin.packed, group, lin.scales_zeros, block
+        )
+        assert torch.equal(got, sums.bfloat16().to(dtype)), rows
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_int4_gemv_adds_each_column_in_input_order(rows):
+    # Rows whose float32 sums depend on the order of the adds: codes all 1, inputs 2^24, 1, 1,
+    # -2^24 per group. In input order 2^24 + 1 rounds back to 2^24 twice and the sum is 0;
+    # taken a pair at a time in the other order (1 + 2^24, then -2^24 + 1) it is 1. Rounded to
+    # bf16 the two still differ, so int4_gemv's order is seen here, not only its values.
+    from carpool.model.quant import Int4Linear
+
+    n, k, group = 192, 128, 32
+    codes = torch.ones(n, k, dtype=torch.uint8)
+    scales = torch.ones(n, k // group)
+    lin = Int4Linear(codes, scales, 8 * scales, None, group, torch.float32)
+    x = torch.zeros(rows, k)
+    x[:, 0::group], x[:, 1::group], x[:, 2::group], x[:, 3::group] = 2.0**24, 1, 1, -(2.0**24)
+    block = int4_row_block()
+    got = torch.ops.carpool.int4_gemv(x, lin.packed, group, lin.scales_zeros, block)
+    sums = torch.ops.carpool.int4_logits(x, lin.packed, group, lin.scales_zeros, block)
+    assert torch.equal(sums, torch.zeros_like(sums))  # input order: every 1 lost
+    assert torch.equal(got, sums)
+
+
 @pytest.mark.parametrize("block", [32, 64])
 @pytest.mark.parametrize("rows", [1, 3, 6])
 def test_int4_gemv_reads_both_of_torchs_block_layouts(block, rows):

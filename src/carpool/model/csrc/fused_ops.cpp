@@ -893,6 +893,99 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
     }
 }
 
+#if defined(__AVX512BF16__)
+// The bf16 values of the int4 codes 0..15 (exact), a vpermw table (the upper 16 unused).
+alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0,
+                                                 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
+                                                 0x4140, 0x4150, 0x4160, 0x4170};
+
+// int4_block's loop for bf16-rounded rows (int4_gemv) on AVX-512 BF16, B = 64, an even group:
+// two inputs at a time in vdpbf16ps, which adds a lane's odd product and then its even one,
+// each rounded, with products of bf16 values exact in float32: fma(q_i, x_i, acc) then
+// fma(q_i+1, x_i+1, acc), the very operations of int4_block's lanes, so the same bits (but for
+// the instruction's flush of subnormal inputs and sums to zero, far below a bf16 activation's
+// scale). Why: the loop above is one widening, two masks, four conversions and four FMAs per 64
+// codes, compute-bound at one row (~30 GB/s of codes on a Zen 5 core, in cache); here per 128
+// codes two widenings to 16 bits, two unpacks, two masks, four table lookups of the codes'
+// bf16 values and four dot products. xp: per row k / 2 pairs of bf16 inputs, input i in the
+// high half (the odd element, added first) and i + 1 in the low one.
+//
+// Lanes are columns in pair order: the unpacks put byte 8L + e (L < 4, e < 4) of the low
+// (high) unpack in lane 4L + e; byte j holds column j in its low nibble and 32 + j in its high
+// one, so vector 0 holds columns 8L + e, vector 1 8L + 4 + e, vectors 2 and 3 the same + 32.
+// The scales are permuted to that order once per group, the sums back at the end.
+template <int64_t M, int NB, typename T>
+void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
+                   const c10::BFloat16* sz, T* y, int64_t n, int64_t k, int64_t g, int64_t b) {
+  const int64_t groups = k / g, half = k / 2;
+  const __m512i table = _mm512_load_si512(kInt4Bf16);
+  const __m512i low4 = _mm512_set1_epi16(0xF);
+  const __m512i pick_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i pick_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  __m512 out[M][4 * NB];
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < 4 * NB; ++j) out[m][j] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    __m512 acc[M][4 * NB];
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < 4 * NB; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t i = gi * g; i < (gi + 1) * g; i += 2) {
+      __m512bh xv[M];
+      for (int64_t m = 0; m < M; ++m)
+        xv[m] = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * half + i / 2]));
+      for (int nb = 0; nb < NB; ++nb) {
+        const uint8_t* q = packed + ((b + nb) * k + i) * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(q) + 2048, _MM_HINT_T0);
+        const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+        const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
+        const __m512i lo = _mm512_unpacklo_epi16(c, a);  // (i + 1, i) of bytes 8L + e
+        const __m512i hi = _mm512_unpackhi_epi16(c, a);  // of bytes 8L + 4 + e
+        const __m512bh w[4] = {
+            (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(lo, low4), table),
+            (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(hi, low4), table),
+            (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), table),
+            (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), table)};
+        for (int64_t m = 0; m < M; ++m)
+          for (int j = 0; j < 4; ++j)
+            acc[m][4 * nb + j] = _mm512_dpbf16_ps(acc[m][4 * nb + j], w[j], xv[m]);
+      }
+    }
+    // Columns 32h..32h+31 of each block: (scale, zero) pairs in column order, then in the
+    // lanes' order.
+    for (int nb = 0; nb < NB; ++nb)
+      for (int h = 0; h < 2; ++h) {
+        __m512 sc[2], off[2];
+        for (int v = 0; v < 2; ++v) {
+          const __m512i pair =
+              _mm512_loadu_si512(sz + (gi * n + (b + nb) * 64 + 32 * h + 16 * v) * 2);
+          sc[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+          const __m512 ze =
+              _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
+          off[v] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc[v], ze);  // zero - 8 scale
+        }
+        const __m512 s2[2] = {_mm512_permutex2var_ps(sc[0], pick_lo, sc[1]),
+                              _mm512_permutex2var_ps(sc[0], pick_hi, sc[1])};
+        const __m512 o2[2] = {_mm512_permutex2var_ps(off[0], pick_lo, off[1]),
+                              _mm512_permutex2var_ps(off[0], pick_hi, off[1])};
+        for (int64_t m = 0; m < M; ++m)
+          for (int v = 0; v < 2; ++v) {
+            __m512& o = out[m][4 * nb + 2 * h + v];
+            o = _mm512_fmadd_ps(s2[v], acc[m][4 * nb + 2 * h + v], o);
+            o = _mm512_fmadd_ps(o2[v], _mm512_set1_ps(xsum[m * groups + gi]), o);
+          }
+      }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < 4 * NB; ++j) {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, out[m][j]);
+      const int64_t col0 = (b + j / 4) * 64 + 32 * (j % 4 / 2) + 4 * (j % 2);
+      for (int lane = 0; lane < 16; ++lane)
+        Elt<T>::store(y + m * n, col0 + 8 * (lane / 4) + lane % 4, int4_out<false>(tmp[lane]));
+    }
+}
+#endif
+
 // The input rows of an int4 product in float32 (rounded to bf16 unless Exact) and their
 // per-group sums, in order (xf [rows, K], xsum [rows, K / g]).
 template <bool Exact, typename T>
@@ -923,6 +1016,42 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
   const int64_t groups = k / g;
   std::vector<float> xf, xsum;
   int4_inputs<Exact>(x, rows, k, g, xf, xsum);
+#if defined(__AVX512BF16__)
+  // bf16-rounded rows, 64-column blocks, even groups: int4_block_dp, two inputs at a time.
+  if (!Exact && B == 64 && g % 2 == 0) {
+    const int64_t half = k / 2;
+    std::vector<uint32_t> xp(rows * half);
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t p = 0; p < half; ++p) {
+        uint32_t hi, lo;  // bf16-rounded: the low 16 bits are zero
+        std::memcpy(&hi, &xf[m * k + 2 * p], sizeof(hi));
+        std::memcpy(&lo, &xf[m * k + 2 * p + 1], sizeof(lo));
+        xp[m * half + p] = (hi & 0xFFFF0000u) | (lo >> 16);
+      }
+    // One or two rows: two blocks at a time, so that 8 or 16 chains of dot products (each
+    // column's sums are sequential) hide the instruction's latency, as 3-4 rows do in one.
+    at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1;) {
+        const bool two = rows <= 2 && b + 1 < b1;
+        for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+          const uint32_t* xg = xp.data() + m0 * half;
+          const float* sg = xsum.data() + m0 * groups;
+          T* yg = y + m0 * n;
+          switch (std::min<int64_t>(4, rows - m0) + (two ? 4 : 0)) {
+            case 1: int4_block_dp<1, 1>(xg, sg, packed, sz, yg, n, k, g, b); break;
+            case 2: int4_block_dp<2, 1>(xg, sg, packed, sz, yg, n, k, g, b); break;
+            case 3: int4_block_dp<3, 1>(xg, sg, packed, sz, yg, n, k, g, b); break;
+            case 5: int4_block_dp<1, 2>(xg, sg, packed, sz, yg, n, k, g, b); break;
+            case 6: int4_block_dp<2, 2>(xg, sg, packed, sz, yg, n, k, g, b); break;
+            default: int4_block_dp<4, 1>(xg, sg, packed, sz, yg, n, k, g, b); break;
+          }
+        }
+        b += two ? 2 : 1;
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t m0 = 0; m0 < rows; m0 += 4) {

@@ -1,0 +1,84 @@
+"""The int4 weight-only product (``fused_ops.cpp``'s ``int4_gemv``) of two checkouts in ONE
+process, calls alternated.
+
+Each checkout's ``fused_ops.cpp`` is built as its own operator library (``ab_i4_before::`` and
+``ab_i4_after::``: the source with its ``TORCH_LIBRARY`` namespace renamed), so both run on the
+same int4 codes (``quant.Int4Linear``'s CPU layout, groups of 32): per row count, ``--rounds``
+rounds of a pass over every layer matrix of a model (a decode step's reads, from memory),
+alternating before / after; medians, the read rate (codes and their scales) and whether the
+two outputs are the same bits. ``--shapes smollm2``: SmolLM2-135M's layers (the default
+model's Q4_1 file; its head is Q8_0, so not here); ``small`` / ``medium``: the random configs'.
+
+    python benchmarks/ab_int4_gemv.py --before /tmp/old/src --shapes smollm2 --rows 1,4,16
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_paged_kernel import ab_parser, build  # noqa: E402
+from vnni_linear import weight_shapes  # noqa: E402
+
+# SmolLM2-135M-Instruct: hidden 576, intermediate 1536, 9 query / 3 kv heads of 64, 30 layers.
+SMOLLM2 = [(576 + 2 * 3 * 64, 576), (576, 576), (2 * 1536, 576), (576, 1536)] * 30
+
+
+def main() -> None:
+    ap = ab_parser(__doc__)
+    ap.add_argument("--shapes", choices=("smollm2", "small", "medium"), default="smollm2")
+    ap.add_argument("--rows", default="1,2,4,8,16")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    a = ap.parse_args()
+    build(Path(a.before), "ab_i4_before", "fused_ops.cpp")
+    build(Path(a.after), "ab_i4_after", "fused_ops.cpp")
+    torch.set_num_threads(a.threads)
+    from carpool.model.quant import Int4Linear, int4_row_block
+
+    block = int4_row_block()
+    ops = {"before": torch.ops.ab_i4_before.int4_gemv, "after": torch.ops.ab_i4_after.int4_gemv}
+    g = torch.Generator().manual_seed(0)
+    shapes = SMOLLM2 if a.shapes == "smollm2" else weight_shapes(a.shapes)[:-1]  # no head
+    weights = []
+    for n, k in shapes:
+        lin = Int4Linear.from_float(torch.randn(n, k, generator=g) * 0.05, None, torch.float32)
+        weights.append((lin.packed, lin.group_size, lin.scales_zeros, k))
+    nbytes = sum(p.numel() + sz.numel() * sz.element_size() for p, _, sz, _ in weights)
+    dtype = getattr(torch, a.dtype)
+    print(
+        f"{a.shapes}: {len(shapes)} int4 weights, {nbytes / 1e6:.0f} MB with their scales; "
+        f"x {a.dtype}; threads={a.threads} rounds={a.rounds} block={block}"
+    )
+    print("| rows | before ms | after ms | before / after | after GB/s | same bits |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for m in [int(r) for r in a.rows.split(",")]:
+        xs = {k: torch.randn(m, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
+        same = all(
+            torch.equal(
+                ops["before"](xs[k], p, gs, sz, block), ops["after"](xs[k], p, gs, sz, block)
+            )
+            for p, gs, sz, k in weights
+        )
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        for r in range(a.rounds + 1):
+            for name, op in ops.items():
+                t0 = time.perf_counter()
+                for p, gs, sz, k in weights:
+                    op(xs[k], p, gs, sz, block)
+                if r:  # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
+        before, after = (statistics.median(times[k]) for k in ("before", "after"))
+        print(
+            f"| {m} | {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x "
+            f"| {nbytes / after / 1e9:.1f} | {'yes' if same else 'NO'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
