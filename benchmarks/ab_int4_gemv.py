@@ -35,6 +35,12 @@ def main() -> None:
     ap.add_argument("--shapes", choices=("smollm2", "small", "medium"), default="smollm2")
     ap.add_argument("--rows", default="1,2,4,8,16")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument(
+        "--op",
+        choices=("int4_gemv", "int4_logits"),
+        default="int4_gemv",
+        help="int4_logits: the float32 sums of an int4 head (x float32)",
+    )
     a = ap.parse_args()
     build(Path(a.before), "ab_i4_before", "fused_ops.cpp")
     build(Path(a.after), "ab_i4_after", "fused_ops.cpp")
@@ -42,7 +48,10 @@ def main() -> None:
     from carpool.model.quant import Int4Linear, int4_row_block
 
     block = int4_row_block()
-    ops = {"before": torch.ops.ab_i4_before.int4_gemv, "after": torch.ops.ab_i4_after.int4_gemv}
+    ops = {
+        "before": getattr(torch.ops.ab_i4_before, a.op),
+        "after": getattr(torch.ops.ab_i4_after, a.op),
+    }
     g = torch.Generator().manual_seed(0)
     shapes = SMOLLM2 if a.shapes == "smollm2" else weight_shapes(a.shapes)[:-1]  # no head
     weights = []
@@ -53,7 +62,7 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
     print(
         f"{a.shapes}: {len(shapes)} int4 weights, {nbytes / 1e6:.0f} MB with their scales; "
-        f"x {a.dtype}; threads={a.threads} rounds={a.rounds} block={block}"
+        f"{a.op}, x {a.dtype}; threads={a.threads} rounds={a.rounds} block={block}"
     )
     print("| rows | before ms | after ms | before / after | after GB/s | same bits |")
     print("|---:|---:|---:|---:|---:|---|")

@@ -771,6 +771,10 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       __m512 acc[M][4];
       for (int64_t m = 0; m < M; ++m)
         for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+      if (gi + 2 < groups) {  // the scales two groups ahead, as int4_block_dp
+        const char* next = reinterpret_cast<const char*>(sz + ((gi + 2) * n + b * 64) * 2);
+        for (int l = 0; l < 4; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+      }
       for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
         const uint8_t* q = qb + i * 32;
         _mm_prefetch(reinterpret_cast<const char*>(q) + 2048, _MM_HINT_T0);
@@ -929,13 +933,22 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
     __m512 acc[M][4 * NB];
     for (int64_t m = 0; m < M; ++m)
       for (int j = 0; j < 4 * NB; ++j) acc[m][j] = _mm512_setzero_ps();
+    // A group's 64 (scale, zero) pairs are 4 lines N * 4 bytes after the group before's: a
+    // stride the hardware prefetchers did not follow (each group's waited on memory). Asked
+    // for two groups ahead: 1.20x at one row of SmolLM2's layers, 1.27x at four.
+    if (gi + 2 < groups)
+      for (int nb = 0; nb < NB; ++nb) {
+        const char* next = reinterpret_cast<const char*>(sz + ((gi + 2) * n + (b + nb) * 64) * 2);
+        for (int l = 0; l < 4; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+      }
     for (int64_t i = gi * g; i < (gi + 1) * g; i += 2) {
       __m512bh xv[M];
       for (int64_t m = 0; m < M; ++m)
         xv[m] = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * half + i / 2]));
       for (int nb = 0; nb < NB; ++nb) {
         const uint8_t* q = packed + ((b + nb) * k + i) * 32;
-        _mm_prefetch(reinterpret_cast<const char*>(q) + 2048, _MM_HINT_T0);
+        // Codes 4 KiB ahead: 1.02-1.03x the FMA loop's 2 KiB here.
+        _mm_prefetch(reinterpret_cast<const char*>(q) + 4096, _MM_HINT_T0);
         const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
         const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
         const __m512i lo = _mm512_unpacklo_epi16(c, a);  // (i + 1, i) of bytes 8L + e
