@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_paged_kernel import ab_parser, build  # noqa: E402
+from ab_paged_kernel import ab_parser  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
 # SmolLM2-135M-Instruct: hidden 576, intermediate 1536, 9 query / 3 kv heads of 64, 30 layers.
@@ -41,13 +41,25 @@ def main() -> None:
         default="int4_gemv",
         help="int4_logits: the float32 sums of an int4 head (x float32)",
     )
+    ap.add_argument(
+        "--march",
+        default=None,
+        help="build both for this -march instead of native (x86-64-v3: the AVX2 loops, on "
+        "torch's 32-row block layout)",
+    )
     a = ap.parse_args()
-    build(Path(a.before), "ab_i4_before", "fused_ops.cpp")
-    build(Path(a.after), "ab_i4_after", "fused_ops.cpp")
-    torch.set_num_threads(a.threads)
-    from carpool.model.quant import Int4Linear, int4_row_block
+    from carpool.model import kernel_build
+    from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all, int4_row_block
 
-    block = int4_row_block()
+    cflags = kernel_build.CFLAGS
+    if a.march:
+        cflags = tuple(f for f in cflags if f != "-march=native") + (f"-march={a.march}",)
+    for side in ("before", "after"):
+        csrc = Path(getattr(a, side)) / "carpool" / "model" / "csrc"
+        kernel_build.build_as(csrc, "fused_ops.cpp", f"ab_i4_{side}", cflags)
+    torch.set_num_threads(a.threads)
+    # The layout the build's own loop reads: 32-row blocks for AVX2, 64 for AVX-512.
+    block = 32 if a.march == "x86-64-v3" else int4_row_block()
     ops = {
         "before": getattr(torch.ops.ab_i4_before, a.op),
         "after": getattr(torch.ops.ab_i4_after, a.op),
@@ -57,7 +69,10 @@ def main() -> None:
     weights = []
     for n, k in shapes:
         lin = Int4Linear.from_float(torch.randn(n, k, generator=g) * 0.05, None, torch.float32)
-        weights.append((lin.packed, lin.group_size, lin.scales_zeros, k))
+        packed = lin.packed
+        if block != int4_row_block():
+            packed = _pack_int4_by_hand(_unpack_int4_all(packed, k), block)
+        weights.append((packed, lin.group_size, lin.scales_zeros, k))
     nbytes = sum(p.numel() + sz.numel() * sz.element_size() for p, _, sz, _ in weights)
     dtype = getattr(torch, a.dtype)
     print(

@@ -823,6 +823,11 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       for (int64_t gi = 0; gi < groups; ++gi) {
         __m256 acc[M][2];
         for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        if (gi + 2 < groups) {  // the scales two groups ahead, as int4_block_dp
+          const char* next = reinterpret_cast<const char*>(sz + ((gi + 2) * n + b * 32) * 2);
+          _mm_prefetch(next, _MM_HINT_T0);
+          _mm_prefetch(next + 64, _MM_HINT_T0);
+        }
         for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
           const uint8_t* q = qb + i * 16 + 8 * h;
           const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
@@ -860,6 +865,11 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       __m256 acc[M][4];
       for (int64_t m = 0; m < M; ++m)
         for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+      if (gi + 2 < groups) {  // the scales two groups ahead, as int4_block_dp
+        const char* next = reinterpret_cast<const char*>(sz + ((gi + 2) * n + b * 32) * 2);
+        _mm_prefetch(next, _MM_HINT_T0);
+        _mm_prefetch(next + 64, _MM_HINT_T0);
+      }
       for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
         const uint8_t* q = qb + i * 16;
         _mm_prefetch(reinterpret_cast<const char*>(q) + 1024, _MM_HINT_T0);
