@@ -47,8 +47,14 @@ def main() -> None:
         help="build both for this -march instead of native (x86-64-v3: the AVX2 loops, on "
         "torch's 32-row block layout)",
     )
+    ap.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="the weights in one huge-page mapping in read order, as the engine holds them "
+        "(pages.move_weights)",
+    )
     a = ap.parse_args()
-    from carpool.model import kernel_build
+    from carpool.model import kernel_build, pages
     from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all, int4_row_block
 
     cflags = kernel_build.CFLAGS
@@ -66,18 +72,21 @@ def main() -> None:
     }
     g = torch.Generator().manual_seed(0)
     shapes = SMOLLM2 if a.shapes == "smollm2" else weight_shapes(a.shapes)[:-1]  # no head
-    weights = []
+    lins = torch.nn.ModuleList()
     for n, k in shapes:
         lin = Int4Linear.from_float(torch.randn(n, k, generator=g) * 0.05, None, torch.float32)
-        packed = lin.packed
         if block != int4_row_block():
-            packed = _pack_int4_by_hand(_unpack_int4_all(packed, k), block)
-        weights.append((packed, lin.group_size, lin.scales_zeros, k))
+            lin.packed = _pack_int4_by_hand(_unpack_int4_all(lin.packed, k), block)
+        lins.append(lin)
+    if a.huge_pages:
+        pages.move_weights(lins)
+    weights = [(lin.packed, lin.group_size, lin.scales_zeros, lin.in_features) for lin in lins]
     nbytes = sum(p.numel() + sz.numel() * sz.element_size() for p, _, sz, _ in weights)
     dtype = getattr(torch, a.dtype)
     print(
         f"{a.shapes}: {len(shapes)} int4 weights, {nbytes / 1e6:.0f} MB with their scales; "
-        f"{a.op}, x {a.dtype}; threads={a.threads} rounds={a.rounds} block={block}"
+        f"{a.op}, x {a.dtype}; huge pages {a.huge_pages}; threads={a.threads} "
+        f"rounds={a.rounds} block={block}"
     )
     print("| rows | before ms | after ms | before / after | after GB/s | same bits |")
     print("|---:|---:|---:|---:|---:|---|")
