@@ -381,12 +381,18 @@ void rotary_rows(T* x, const T* cs, int64_t t_count, int64_t heads, int64_t d, i
       for (int64_t h = 0; h < heads; ++h) {
         T* row = x + t * st + h * sh;
         for (int64_t i = 0; i < d; ++i) buf[i] = E::load(row, i);
-        for (int64_t i = 0; i < d; ++i) {
-          const float rolled = buf[i < half ? i + half : i - half];
-          // torch's addcmul is one fused multiply-add onto the rounded x * cos: so is this
-          // (an explicit fma, so the compiler cannot contract the other product instead).
+        // torch's addcmul is one fused multiply-add onto the rounded x * cos: so is this (an
+        // explicit fma, so the compiler cannot contract the other product instead). Two loops,
+        // one per half, each with its partner a fixed distance away: the compiler vectorizes
+        // them (one loop choosing the partner by index ran scalar: 30 us a call at 32 rows of
+        // 20 heads of 64).
+        for (int64_t i = 0; i < half; ++i) {
           const float a = E::round(buf[i] * E::load(cos, i));
-          E::store(row, i, std::fma(rolled, E::load(sin, i), a));
+          E::store(row, i, std::fma(buf[i + half], E::load(sin, i), a));
+        }
+        for (int64_t i = half; i < d; ++i) {
+          const float a = E::round(buf[i] * E::load(cos, i));
+          E::store(row, i, std::fma(buf[i - half], E::load(sin, i), a));
         }
       }
     }
