@@ -12,16 +12,16 @@ medians, the read rate, and whether the two outputs are the same bits.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_paged_kernel import ab_parser, build  # noqa: E402
+from ab_paged_kernel import ab_parser, alternated_medians, build, product_row  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
 
@@ -58,19 +58,13 @@ def main() -> None:
             torch.equal(ops["before"](xs[q.shape[1]], q, s), ops["after"](xs[q.shape[1]], q, s))
             for q, s in weights
         )
-        times: dict[str, list[float]] = {"before": [], "after": []}
-        for r in range(a.rounds + 1):
-            for name, op in ops.items():
-                t0 = time.perf_counter()
-                for q, s in weights:
-                    op(xs[q.shape[1]], q, s)
-                if r:  # the first round warms up
-                    times[name].append(time.perf_counter() - t0)
-        before, after = (statistics.median(times[k]) for k in ("before", "after"))
-        print(
-            f"| {m} | {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x "
-            f"| {nbytes / after / 1e9:.1f} | {'yes' if same else 'NO'} |"
-        )
+
+        def run(op: Callable[..., torch.Tensor], xs: dict[int, torch.Tensor] = xs) -> None:
+            for q, s in weights:
+                op(xs[q.shape[1]], q, s)
+
+        med = alternated_medians({n: partial(run, op) for n, op in ops.items()}, a.rounds)
+        print(product_row(m, med, nbytes, same))
 
 
 if __name__ == "__main__":

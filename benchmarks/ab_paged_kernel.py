@@ -24,6 +24,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,6 +49,30 @@ def ab_parser(doc: str, rounds: int = 15) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=rounds)
     return ap
+
+
+def alternated_medians(passes: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each pass over ``rounds`` rounds, the passes alternated within each
+    round (so a slow phase of the machine lands on all of them), after one warm-up round (also
+    used by ab_int8_gemv.py and ab_int4_gemv.py)."""
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for r in range(rounds + 1):
+        for name, run in passes.items():
+            t0 = time.perf_counter()
+            run()
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def product_row(rows: int, med: dict[str, float], nbytes: int, same: bool) -> str:
+    """A weight-product A/B's markdown row: rows, before / after ms, the speed-up, the after
+    side's read rate and whether both gave the same bits (ab_int8_gemv.py, ab_int4_gemv.py)."""
+    before, after = med["before"], med["after"]
+    return (
+        f"| {rows} | {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x "
+        f"| {nbytes / after / 1e9:.1f} | {'yes' if same else 'NO'} |"
+    )
 
 
 def mapped(t: torch.Tensor) -> torch.Tensor:
