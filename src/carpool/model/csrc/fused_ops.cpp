@@ -927,9 +927,9 @@ alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 
 // scale). Why: the loop above is one widening, two masks, four conversions and four FMAs per 64
 // codes, compute-bound at one row (~30 GB/s of codes on a Zen 5 core, in cache); here per 128
 // codes two widenings to 16 bits, two unpacks, two masks, four table lookups of the codes'
-// bf16 values and four dot products. With the scales asked for ahead (below), SmolLM2's 120
-// layer matrices from memory on huge pages: 1.35x the FMA loop at one row, 1.80x at four
-// (BENCHMARKS.md, issue 11, twentieth pass). xp: per row k / 2 pairs of bf16 inputs, input i in
+// bf16 values and four dot products. This loop with the scales asked for ahead (below) against
+// the FMA loop without them, SmolLM2's 120 layer matrices from memory on huge pages: 1.35x at
+// one row, 1.80x at four (BENCHMARKS.md, issue 11, twentieth pass). xp: per row k / 2 pairs of bf16 inputs, input i in
 // the high half (the odd element, added first) and i + 1 in the low one.
 //
 // Lanes are columns in pair order: the unpacks put byte 8L + e (L < 4, e < 4) of the low
