@@ -713,6 +713,19 @@ inline float int4_out(float v) {
   return Exact ? v : Elt<c10::BFloat16>::round(v);
 }
 
+#if defined(__AVX512F__) || defined(CARPOOL_AVX2)
+// Ask for the (scale, zero) pairs of group gi's columns [col, col + cols) (cols * 4 bytes).
+// A group's pairs lie N * 4 bytes after the group before's: a stride the hardware prefetchers
+// did not follow, so each group's waited on memory. The loops ask two groups ahead: 1.20x at
+// one row of SmolLM2's layers, 1.27x at four (the AVX-512 BF16 loop; int4_logits' loop 1.31-
+// 1.37x at 1-4 rows, the AVX2 loops 1.04-1.19x; BENCHMARKS.md, issue 11, twentieth pass).
+inline void prefetch_scales(const c10::BFloat16* sz, int64_t gi, int64_t n, int64_t col,
+                            int64_t cols) {
+  const char* p = reinterpret_cast<const char*>(sz + (gi * n + col) * 2);
+  for (int64_t l = 0; l < cols * 4; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+}
+#endif
+
 #if defined(CARPOOL_AVX2)
 // Eight (scale, zero) bf16 pairs of int4 columns as float32 vectors: the scale, and the offset
 // zero - 8 * scale that multiplies a group's input sum.
@@ -777,10 +790,7 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       __m512 acc[M][4];
       for (int64_t m = 0; m < M; ++m)
         for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-      if (gi + 2 < groups) {  // the scales two groups ahead, as int4_block_dp
-        const char* next = reinterpret_cast<const char*>(sz + ((gi + 2) * n + b * 64) * 2);
-        for (int l = 0; l < 4; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
-      }
+      if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 64, 64);
       for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
         const uint8_t* q = qb + i * 32;
         _mm_prefetch(reinterpret_cast<const char*>(q) + 2048, _MM_HINT_T0);
@@ -829,11 +839,7 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       for (int64_t gi = 0; gi < groups; ++gi) {
         __m256 acc[M][2];
         for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-        if (gi + 2 < groups) {  // the scales two groups ahead, as int4_block_dp
-          const char* next = reinterpret_cast<const char*>(sz + ((gi + 2) * n + b * 32) * 2);
-          _mm_prefetch(next, _MM_HINT_T0);
-          _mm_prefetch(next + 64, _MM_HINT_T0);
-        }
+        if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 32, 32);
         for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
           const uint8_t* q = qb + i * 16 + 8 * h;
           const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
@@ -871,11 +877,7 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
       __m256 acc[M][4];
       for (int64_t m = 0; m < M; ++m)
         for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
-      if (gi + 2 < groups) {  // the scales two groups ahead, as int4_block_dp
-        const char* next = reinterpret_cast<const char*>(sz + ((gi + 2) * n + b * 32) * 2);
-        _mm_prefetch(next, _MM_HINT_T0);
-        _mm_prefetch(next + 64, _MM_HINT_T0);
-      }
+      if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 32, 32);
       for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
         const uint8_t* q = qb + i * 16;
         _mm_prefetch(reinterpret_cast<const char*>(q) + 1024, _MM_HINT_T0);
@@ -951,16 +953,12 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
     __m512 acc[M][4 * NB];
     for (int64_t m = 0; m < M; ++m)
       for (int j = 0; j < 4 * NB; ++j) acc[m][j] = _mm512_setzero_ps();
-    // A group's 64 (scale, zero) pairs are 4 lines N * 4 bytes after the group before's: a
-    // stride the hardware prefetchers did not follow (each group's waited on memory). Asked
-    // for two groups ahead: 1.20x at one row of SmolLM2's layers, 1.27x at four. In a block's
-    // last two groups, the next blocks' first two (1.00-1.07x at 1-8 rows).
+    // The scales two groups ahead (prefetch_scales); in a block's last two groups, the next
+    // blocks' first two (1.00-1.07x at 1-8 rows).
     for (int nb = 0; nb < NB; ++nb) {
-      const int64_t ahead = gi + 2 < groups ? gi + 2 : gi + 2 - groups;
-      const int64_t col = (gi + 2 < groups ? b + nb : b + NB + nb) * 64;
-      if (col >= n) continue;
-      const char* next = reinterpret_cast<const char*>(sz + (ahead * n + col) * 2);
-      for (int l = 0; l < 4; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+      const bool inside = gi + 2 < groups;
+      const int64_t col = (inside ? b + nb : b + NB + nb) * 64;
+      if (col < n) prefetch_scales(sz, inside ? gi + 2 : gi + 2 - groups, n, col, 64);
     }
     for (int64_t i = gi * g; i < (gi + 1) * g; i += 2) {
       __m512bh xv[M];

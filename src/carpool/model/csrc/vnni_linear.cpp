@@ -274,6 +274,14 @@ void gemv_pass(Prefetch pf, const B16* x, int64_t k, const B16* wb, const float*
   }
 }
 
+// Rows of pass `pass` when `rows` rows go in (rows + 5) / 6 passes, spread evenly (32 rows: 6,
+// 6, 5, 5, 5, 5, not 6 x 5 + 2): a pass of one or two rows has too few sums in flight to hide
+// the dot products' latency (small 1.13x at 20 rows; BENCHMARKS.md, issue 11, twentieth pass).
+inline int64_t pass_rows(int64_t rows, int64_t pass) {
+  const int64_t passes = (rows + 5) / 6;
+  return rows / passes + (pass < rows % passes ? 1 : 0);
+}
+
 // All rows of x times one block, six rows at a time (the block stays in L1/L2 between them):
 // 24 accumulators and the block's 4 vectors in 32 registers. Six measured 1.04-1.08x four at
 // 16-32 rows on a Zen 4 (BENCHMARKS.md, issue 11, ninth pass); each row's sums run in the same
@@ -288,14 +296,11 @@ void gemv_pass(Prefetch pf, const B16* x, int64_t k, const B16* wb, const float*
 void gemv_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, const float* bias, B16* y,
                int64_t ldy, int64_t ncols, const char* nxt, bool first, bool huge) {
   const int64_t passes = (rows + 5) / 6;
-  // Rows spread evenly over the passes (32 rows: 6, 6, 5, 5, 5, 5, not 6 x 5 + 2): a pass of
-  // one or two rows has too few sums in flight to hide the dot products' latency.
-  const int64_t base = rows / passes, extra = rows % passes;
   const bool spread = passes > 1 && nxt != nullptr;
   const int64_t lines = (k / 2) * kBlockN * 2 * static_cast<int64_t>(sizeof(B16)) / 64;
   // Passes that carry the next block's lines, and the first of them.
   const int64_t p0 = first ? 1 : 0, carriers = passes - p0;
-  for (int64_t pass = 0, m = 0; pass < passes; m += base + (pass < extra ? 1 : 0), ++pass) {
+  for (int64_t pass = 0, m = 0; pass < passes; m += pass_rows(rows, pass), ++pass) {
     Prefetch pf = kNone;
     int64_t line0 = 0, line1 = 0;
     if (pass == 0 && (first || !spread)) {
@@ -307,7 +312,7 @@ void gemv_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, const float
     }
     const B16* xm = x + m * k;
     B16* ym = y + m * ldy;
-    switch (base + (pass < extra ? 1 : 0)) {
+    switch (pass_rows(rows, pass)) {
       case 6: gemv_pass<6>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
       case 5: gemv_pass<5>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
       case 4: gemv_pass<4>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
@@ -391,19 +396,18 @@ void gemv_rows_chunked(const B16* x, int64_t rows, int64_t k, const B16* wb, con
   TORCH_CHECK(rows <= kChunkedMaxRows, "gemv_rows_chunked: ", rows, " rows");
   alignas(64) float c[kChunkedMaxRows * kBlockN];
   const int64_t pairs = k / 2, passes = (rows + 5) / 6;
-  const int64_t even = rows / passes, extra = rows % passes;  // rows spread as in gemv_rows
   const char* base = reinterpret_cast<const char*>(wb);
   for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
     const int64_t p1 = std::min<int64_t>(pairs, p0 + kChunkPairs);
     // The chunk kChunksAhead after this one (past the block's end: the next block's).
     const char* ahead = base + (p0 + kChunksAhead * kChunkPairs) * kBlockN * 2 * sizeof(B16);
     const int64_t lines = (p1 - p0) * kBlockN * 2 * sizeof(B16) / 64;
-    for (int64_t pass = 0, m = 0; pass < passes; m += even + (pass < extra ? 1 : 0), ++pass) {
+    for (int64_t pass = 0, m = 0; pass < passes; m += pass_rows(rows, pass), ++pass) {
       const int64_t l0 = lines * pass / passes, l1 = lines * (pass + 1) / passes;
       const B16* xm = x + m * k;
       float* cm = c + m * kBlockN;
       const bool init = p0 == 0;
-      switch (even + (pass < extra ? 1 : 0)) {
+      switch (pass_rows(rows, pass)) {
         case 6: gemv_chunk<6>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
         case 5: gemv_chunk<5>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
         case 4: gemv_chunk<4>(xm, k, wb, p0, p1, cm, init, ahead, l0, l1); break;
