@@ -60,9 +60,19 @@ def test_kernel_matches_gather_sdpa(block_size, heads, kv_heads, dtype, tol):
 GROUPS = [(9, 3), (5, 1), (12, 2), (14, 2), (8, 1)]
 
 
+# head_dim 32 and 64: one and two chunks of the 16-lane grouped loops (AVX-512); 80: five chunks
+# of 16 (the 8-lane ones there), an odd one out. No int8 cache at 64: the VNNI loops take it
+# where the CPU has them (test_kv_int8.py), with their own rounding of the queries.
+GROUP_CACHES = [
+    (d, cache)
+    for d in (32, 64, 80)
+    for cache in ("bf16", "bf16-fp32q", "int8-fp32q", "int8-bf16q")
+    if not (d == 64 and cache.startswith("int8"))
+]
+
+
 @pytest.mark.parametrize("heads,kv_heads", GROUPS, ids=[f"{h}/{k}" for h, k in GROUPS])
-@pytest.mark.parametrize("cache", ["bf16", "bf16-fp32q", "int8-fp32q", "int8-bf16q"])
-@pytest.mark.parametrize("head_dim", [32, 80])  # 80: five chunks of 16, an odd one out
+@pytest.mark.parametrize("head_dim,cache", GROUP_CACHES, ids=[f"{d}-{c}" for d, c in GROUP_CACHES])
 def test_query_head_groups_of_every_size(heads, kv_heads, cache, head_dim):
     # One sequence (its kv heads split into runs over the threads) beside longer ones, tails
     # of 1-15 tokens in a block of 16.

@@ -20,9 +20,10 @@
 //
 // The inner loops (vec_math.h) use AVX-512 intrinsics where the build machine has them
 // (-march=native), else AVX2 + FMA ones, and plain loops otherwise. A bfloat16 or int8 cache
-// goes through "grouped" 8-lane loops (with AVX-512 too, where a kv head has 2 or more query
-// heads): each K/V vector loaded once for up to 4 query heads of its kv head, bfloat16 rows
-// widened by one shift or mask per 8 values (BENCHMARKS.md, issue 11, eighth and ninth passes).
+// goes through "grouped" loops (with AVX-512 too, where a kv head has 2 or more query heads):
+// each K/V vector loaded once for up to 4 query heads of its kv head, bfloat16 rows widened by
+// one shift or mask per vector (BENCHMARKS.md, issue 11, eighth and ninth passes); 8 lanes, or
+// 16 with AVX-512 where head_dim is a multiple of 32 (twenty-first pass).
 // Where the CPU has AVX-512 BF16 (Zen 4, Sapphire Rapids), bfloat16 queries over a bfloat16 or
 // int8 cache take VDPBF16PS loops instead (32 multiply-adds an instruction; int8 rows widened
 // to bfloat16 exactly), with the softmax weights rounded to bfloat16 for the value sums as GPU
@@ -103,7 +104,7 @@ void decode_kernel(
   constexpr bool kDp = false;
   const bool dp = false;
 #endif
-  // A bfloat16 or int8 cache: "grouped" loops (8 lanes) that read each K and V vector once for
+  // A bfloat16 or int8 cache: "grouped" loops (8 or 16 lanes, below) that read each K and V vector once for
   // all the query heads of its group (vec_math.h, block_dots_split); bfloat16 rows in split
   // order (load_split), so the queries and accumulators are kept in that order. With AVX-512
   // only for groups of 2 or more query heads: on a Zen 4 the 16-lane per-head loops below win
@@ -120,6 +121,13 @@ void decode_kernel(
   const bool split = grouped && std::is_same<C, c10::BFloat16>::value;
 #else
   const bool grouped = false, split = false;
+#endif
+  // The grouped loops' lanes (vec_math.h, with_lanes): 16 with AVX-512 where head_dim is a
+  // multiple of 32, else 8.
+#if defined(CARPOOL_GROUPED) && defined(__AVX512F__)
+  const bool wide = grouped && d % 32 == 0;
+#else
+  const bool wide = false;
 #endif
   // A work item is one sequence and a run of its kv heads. Why a run, not one kv head: a
   // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
@@ -169,7 +177,7 @@ void decode_kernel(
         const T* qp = q + b * q_stride + (h0 + h) * d;
 #if defined(CARPOOL_GROUPED)
         if (split) {
-          to_split(qp, qf.data() + h * d, d, scale);
+          with_lanes(wide, [&](auto l) { to_split<decltype(l)>(qp, qf.data() + h * d, d, scale); });
           continue;
         }
 #endif
@@ -299,8 +307,10 @@ void decode_kernel(
 #if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
           if (grouped) {
-            block_dots_split(qf.data(), d, kbase, kts, krw, n_tok, nkh, group, s.data(),
-                             block_size, prefetch_lines, lines);
+            with_lanes(wide, [&](auto l) {
+              block_dots_split<decltype(l)>(qf.data(), d, kbase, kts, krw, n_tok, nkh, group,
+                                            s.data(), block_size, prefetch_lines, lines);
+            });
             prefetch_lines(lines);  // what is left (a short block)
             t0 = n_tok;
           }
@@ -390,8 +400,10 @@ void decode_kernel(
                 for (int64_t t = 0; t < n_tok; ++t) ph[t] *= sv[t];
               }
             }
-            block_values_split(acc.data(), d, vbase, vts, vrw, n_tok, nkh, group, s.data(),
-                               block_size);
+            with_lanes(wide, [&](auto l) {
+              block_values_split<decltype(l)>(acc.data(), d, vbase, vts, vrw, n_tok, nkh, group,
+                                              s.data(), block_size);
+            });
             continue;
           }
         }
@@ -427,7 +439,7 @@ void decode_kernel(
 #endif
 #if defined(CARPOOL_GROUPED)
         if (split) {
-          store_from_split(acc.data() + h * d, op, d, inv);
+          with_lanes(wide, [&](auto l) { store_from_split<decltype(l)>(acc.data() + h * d, op, d, inv); });
           continue;
         }
 #endif

@@ -115,44 +115,14 @@ inline void dot8(const float* q, const C* k0, int64_t stride, int64_t d, float* 
 // lanes are the even values, masked to the high half the odd ones. (Widening 8 values to 8
 // lanes takes a shuffle and a shift, both on the two vector ports AVX2 shuffles use, and that
 // was what a GQA decode step waited on.) Queries and accumulators that meet such rows are kept
-// in the same "split" order: per 16-value chunk, its 8 even values, then its 8 odd ones.
+// in the same "split" order: per 16-value chunk, its 8 even values, then its 8 odd ones
+// (Lanes16 below: per 32-value chunk, 16 and 16).
 inline void load_split(const c10::BFloat16* p, __m256& even, __m256& odd) {
   const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// 16 values of a cache row as two float32 vectors: bfloat16 in split order (load_split), int8 in
-// the natural order (values 0-7, then 8-15; an int8 value takes a widening and a conversion
-// either way). The grouped decode loops below read rows through this.
-inline void load16_pair(const c10::BFloat16* p, __m256& a, __m256& b) { load_split(p, a, b); }
-
-inline void load16_pair(const int8_t* p, __m256& a, __m256& b) {
-  a = load8(p);
-  b = load8(p + 8);
-}
-
-// dst[0..d) = x[0..d) * mul in split order (d a multiple of 16).
-template <typename T>
-inline void to_split(const T* x, float* dst, int64_t d, float mul) {
-  for (int64_t c = 0; c < d; c += 16) {
-    for (int j = 0; j < 8; ++j) {
-      dst[c + j] = to_float(x[c + 2 * j]) * mul;
-      dst[c + 8 + j] = to_float(x[c + 2 * j + 1]) * mul;
-    }
-  }
-}
-
-// dst[0..d) = src[0..d) * mul, src in split order, dst in natural order.
-template <typename T>
-inline void store_from_split(const float* src, T* dst, int64_t d, float mul) {
-  for (int64_t c = 0; c < d; c += 16) {
-    for (int j = 0; j < 8; ++j) {
-      store(dst + c + 2 * j, src[c + j] * mul);
-      store(dst + c + 2 * j + 1, src[c + 8 + j] * mul);
-    }
-  }
-}
 #endif
 
 // Elements of one (token, K/V, kv head) row in the cache: an int8 row's head_dim values come
@@ -298,114 +268,200 @@ inline void head_values(float* ah, const T* v0, int64_t stride, int64_t n_tok, c
 }
 
 #if defined(CARPOOL_GROUPED)
+// The grouped loops' vector width. Lanes8: AVX2's 8 float32 lanes (what every CPU with AVX2 and
+// FMA runs, AVX-512 ones too where head_dim is not a multiple of 32). Lanes16: AVX-512's 16,
+// where head_dim is a multiple of 32: the same loops with half the instructions per value, which
+// pays where the cores execute 512-bit vectors at full width (float32 queries over a bfloat16
+// cache, the default model's attention: 1.3-1.7x on an AMD Zen 5; BENCHMARKS.md, issue 11,
+// twenty-first pass). A value chunk is 2N values (N even, then N odd ones in split order, see
+// load_split); a reduction sums N dot products at once.
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int N = 8;
+  static constexpr int kAccs = 8;  // accumulators of the value sums (16 vector registers)
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void pair(const c10::BFloat16* p, V& even, V& odd) { load_split(p, even, odd); }
+  static void pair(const int8_t* p, V& a, V& b) {  // int8 rows in natural order
+    a = load8(p);
+    b = load8(p + 8);
+  }
+  // out[j] = the lane sum of acc[j], j < N (out 32-byte aligned).
+  static void sums(const V* acc, float* out) { _mm256_store_ps(out, reduce8(acc)); }
+};
+
+#if defined(__AVX512F__)
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int N = 16;
+  static constexpr int kAccs = 16;  // of 32 vector registers
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void pair(const c10::BFloat16* p, V& even, V& odd) {
+    const __m512i x = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static void pair(const int8_t* p, V& a, V& b) {
+    a = load16(p);
+    b = load16(p + 16);
+  }
+  // Two 256-bit stores, not one 512-bit one: the scalar reads of the results then take their
+  // values straight from the stores (store-to-load forwarding; as dots_bf16). out 64-byte aligned.
+  static void sums(const V* acc, float* out) {
+    const __m512 r = reduce16(acc);
+    _mm256_store_ps(out, _mm512_castps512_ps256(r));
+    _mm256_store_ps(out + 8, _mm512_extractf32x8_ps(r, 1));
+  }
+};
+#endif
+
+// Calls f(L{}) with the lane type the kernel picked: Lanes16 where `wide` (AVX-512 builds only).
+template <typename F>
+inline void with_lanes([[maybe_unused]] bool wide, F&& f) {
+#if defined(__AVX512F__)
+  if (wide) {
+    f(Lanes16{});
+    return;
+  }
+#endif
+  f(Lanes8{});
+}
+
+// dst[0..d) = x[0..d) * mul in L's split order (d a multiple of 2N): per chunk of 2N values,
+// its N even values, then its N odd ones.
+template <typename L, typename T>
+inline void to_split(const T* x, float* dst, int64_t d, float mul) {
+  for (int64_t c = 0; c < d; c += 2 * L::N) {
+    for (int j = 0; j < L::N; ++j) {
+      dst[c + j] = to_float(x[c + 2 * j]) * mul;
+      dst[c + L::N + j] = to_float(x[c + 2 * j + 1]) * mul;
+    }
+  }
+}
+
+// dst[0..d) = src[0..d) * mul, src in L's split order, dst in natural order.
+template <typename L, typename T>
+inline void store_from_split(const float* src, T* dst, int64_t d, float mul) {
+  for (int64_t c = 0; c < d; c += 2 * L::N) {
+    for (int j = 0; j < L::N; ++j) {
+      store(dst + c + 2 * j, src[c + j] * mul);
+      store(dst + c + 2 * j + 1, src[c + L::N + j] * mul);
+    }
+  }
+}
+
 // s[h * s_stride + t] = q_h . k_t for HG query heads sharing one kv head (rows qs + h * d, in
-// load16_pair order) and TOK keys k_t = k0 + t * ts (rows of C, head_dim d a multiple of 16):
-// each key vector is loaded once for all the heads of the group, and the TOK * HG <= 8 dot
-// products share one reduction.
-template <int TOK, int HG, typename C>
+// L's split order where the cache is bfloat16) and TOK keys k_t = k0 + t * ts (rows of C,
+// head_dim d a multiple of 2N): each key vector is loaded once for all the heads of the group,
+// and the TOK * HG <= N dot products share one reduction.
+template <typename L, int TOK, int HG, typename C>
 inline void dots_split(const float* qs, int64_t d, const C* k0, int64_t ts, float* s,
                        int64_t s_stride) {
-  static_assert(TOK * HG <= 8, "8 accumulators");
-  __m256 acc[8];
-  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < d; c += 16) {
+  static_assert(TOK * HG <= L::N, "one reduction");
+  typename L::V acc[L::N];
+  for (int j = 0; j < L::N; ++j) acc[j] = L::zero();
+  for (int64_t c = 0; c < d; c += 2 * L::N) {
     for (int t = 0; t < TOK; ++t) {
-      __m256 e, o;
-      load16_pair(k0 + t * ts + c, e, o);
+      typename L::V e, o;
+      L::pair(k0 + t * ts + c, e, o);
       for (int h = 0; h < HG; ++h) {
-        __m256& a = acc[t * HG + h];
-        a = _mm256_fmadd_ps(e, _mm256_loadu_ps(qs + h * d + c), a);
-        a = _mm256_fmadd_ps(o, _mm256_loadu_ps(qs + h * d + c + 8), a);
+        auto& a = acc[t * HG + h];
+        a = L::fmadd(e, L::load(qs + h * d + c), a);
+        a = L::fmadd(o, L::load(qs + h * d + c + L::N), a);
       }
     }
   }
-  alignas(32) float r[8];
-  _mm256_store_ps(r, reduce8(acc));
+  alignas(64) float r[L::N];
+  L::sums(acc, r);
   for (int t = 0; t < TOK; ++t) {
     for (int h = 0; h < HG; ++h) s[h * s_stride + t] = r[t * HG + h];
   }
 }
 
-// Scores of a group of HG heads against n_tok consecutive keys, 8 / HG keys per reduction and
+// Scores of a group of HG heads against n_tok consecutive keys, N / HG keys per reduction and
 // one at a time for the rest; prefetch(lines) after each reduction (the next block's rows,
 // spread over the work).
-template <int HG, typename C, typename Prefetch>
+template <typename L, int HG, typename C, typename Prefetch>
 inline void group_dots_split(const float* qs, int64_t d, const C* k0, int64_t ts,
                              int64_t n_tok, float* s, int64_t s_stride, Prefetch& prefetch,
                              int64_t lines) {
-  constexpr int TOK = 8 / HG;
+  constexpr int TOK = L::N / HG;
   int64_t t = 0;
   for (; t + TOK <= n_tok; t += TOK) {
-    dots_split<TOK, HG, C>(qs, d, k0 + t * ts, ts, s + t, s_stride);
+    dots_split<L, TOK, HG, C>(qs, d, k0 + t * ts, ts, s + t, s_stride);
     prefetch(lines);
   }
   for (; t < n_tok; ++t) {
-    dots_split<1, HG, C>(qs, d, k0 + t * ts, ts, s + t, s_stride);
+    dots_split<L, 1, HG, C>(qs, d, k0 + t * ts, ts, s + t, s_stride);
     prefetch(lines);
   }
 }
 
-// How many reductions group_dots_split makes for HG heads and n_tok keys.
-inline int64_t dots_split_calls(int64_t hg, int64_t n_tok) {
-  const int64_t tok = 8 / hg;
-  return n_tok / tok + n_tok % tok;
-}
-
 // acc_h[0..len) += sum over t < n_tok of p[h * p_stride + t] * v_t for HG heads sharing one
-// kv head (accumulators acc + h * d, in load16_pair order), v_t = v0 + t * ts (rows of C): each
-// value vector is loaded once for the group. CH chunks of 16 at a time, 2 * HG * CH
-// accumulators in registers for the whole block (enough independent chains to hide the
-// multiply-add latency).
-template <int HG, int CH, typename C>
+// kv head (accumulators acc + h * d, in L's split order where the cache is bfloat16),
+// v_t = v0 + t * ts (rows of C): each value vector is loaded once for the group. CH chunks of
+// 2N values at a time, 2 * HG * CH accumulators in registers for the whole block (enough
+// independent chains to hide the multiply-add latency). Each value's sum takes the tokens in
+// order, one multiply-add each, whatever the lane type: the same bits with either.
+template <typename L, int HG, int CH, typename C>
 inline void group_values_split(float* acc, int64_t d, int64_t len, const C* v0,
                                int64_t ts, int64_t n_tok, const float* p, int64_t p_stride) {
-  static_assert(2 * HG * CH <= 8, "8 accumulators");
+  static_assert(2 * HG * CH <= L::kAccs, "accumulators in registers");
+  constexpr int64_t kChunk = 2 * L::N;
   int64_t c = 0;
-  for (; c + 16 * CH <= len; c += 16 * CH) {
-    __m256 a[2 * HG * CH];
+  for (; c + kChunk * CH <= len; c += kChunk * CH) {
+    typename L::V a[2 * HG * CH];
     for (int h = 0; h < HG; ++h) {
-      for (int j = 0; j < 2 * CH; ++j) a[h * 2 * CH + j] = _mm256_loadu_ps(acc + h * d + c + 8 * j);
+      for (int j = 0; j < 2 * CH; ++j) a[h * 2 * CH + j] = L::load(acc + h * d + c + L::N * j);
     }
     for (int64_t t = 0; t < n_tok; ++t) {
-      __m256 e[CH], o[CH];
-      for (int j = 0; j < CH; ++j) load16_pair(v0 + t * ts + c + 16 * j, e[j], o[j]);
+      typename L::V e[CH], o[CH];
+      for (int j = 0; j < CH; ++j) L::pair(v0 + t * ts + c + kChunk * j, e[j], o[j]);
       for (int h = 0; h < HG; ++h) {
-        const __m256 pb = _mm256_broadcast_ss(p + h * p_stride + t);
+        const typename L::V pb = L::bcast(p + h * p_stride + t);
         for (int j = 0; j < CH; ++j) {
-          a[h * 2 * CH + 2 * j] = _mm256_fmadd_ps(pb, e[j], a[h * 2 * CH + 2 * j]);
-          a[h * 2 * CH + 2 * j + 1] = _mm256_fmadd_ps(pb, o[j], a[h * 2 * CH + 2 * j + 1]);
+          a[h * 2 * CH + 2 * j] = L::fmadd(pb, e[j], a[h * 2 * CH + 2 * j]);
+          a[h * 2 * CH + 2 * j + 1] = L::fmadd(pb, o[j], a[h * 2 * CH + 2 * j + 1]);
         }
       }
     }
     for (int h = 0; h < HG; ++h) {
-      for (int j = 0; j < 2 * CH; ++j) _mm256_storeu_ps(acc + h * d + c + 8 * j, a[h * 2 * CH + j]);
+      for (int j = 0; j < 2 * CH; ++j) L::store(acc + h * d + c + L::N * j, a[h * 2 * CH + j]);
     }
   }
   if constexpr (CH > 1) {
-    if (c < len) group_values_split<HG, 1, C>(acc + c, d, len - c, v0 + c, ts, n_tok, p, p_stride);
+    if (c < len) group_values_split<L, HG, 1, C>(acc + c, d, len - c, v0 + c, ts, n_tok, p, p_stride);
   }
 }
 
-// Scores of one block of a run's query heads over a bfloat16 or int8 cache (load16_pair
-// order): 8 tokens at a time, and within them for every kv head k its group of query heads
-// (rows k * group ..) in sub-groups of at most 4 (token-major: measured 2-6% faster than one
-// kv head's whole block at a time). prefetch(n) asks for the next n cache lines of the next
-// block; `lines` of them in all, spread evenly over the block's reductions (a tile's worth of
-// requests at once stalled the loads behind them).
-template <typename C, typename Prefetch>
+// Scores of one block of a run's query heads over a bfloat16 or int8 cache (L's split order):
+// N tokens at a time, and within them for every kv head k its group of query heads (rows
+// k * group ..) in sub-groups of at most 4 (token-major: measured 2-6% faster than one kv
+// head's whole block at a time). prefetch(n) asks for the next n cache lines of the next block;
+// `lines` of them in all, spread evenly over the block's reductions (a tile's worth of requests
+// at once stalled the loads behind them).
+template <typename L, typename C, typename Prefetch>
 inline void block_dots_split(const float* qs, int64_t d, const C* k0, int64_t ts,
                              int64_t rw, int64_t n_tok, int64_t nkh, int64_t group, float* s,
                              int64_t s_stride, Prefetch& prefetch, int64_t lines) {
-  int64_t calls = 0;
-  for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
+  int64_t calls = 0;  // reductions in the block (group_dots_split's count)
+  for (int64_t t0 = 0; t0 < n_tok; t0 += L::N) {
+    const int64_t nt = std::min<int64_t>(L::N, n_tok - t0);
     for (int64_t h0 = 0; h0 < group; h0 += 4) {
-      calls += nkh * dots_split_calls(std::min<int64_t>(4, group - h0),
-                                      std::min<int64_t>(8, n_tok - t0));
+      const int64_t tok = L::N / std::min<int64_t>(4, group - h0);
+      calls += nkh * (nt / tok + nt % tok);
     }
   }
   const int64_t per_call = (lines + calls - 1) / calls;
-  for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
-    const int64_t nt = std::min<int64_t>(8, n_tok - t0);
+  for (int64_t t0 = 0; t0 < n_tok; t0 += L::N) {
+    const int64_t nt = std::min<int64_t>(L::N, n_tok - t0);
     for (int64_t k = 0; k < nkh; ++k) {
       for (int64_t h0 = 0; h0 < group; h0 += 4) {
         const int64_t h = k * group + h0;
@@ -413,20 +469,24 @@ inline void block_dots_split(const float* qs, int64_t d, const C* k0, int64_t ts
         float* sh = s + h * s_stride + t0;
         const C* kr = k0 + t0 * ts + k * rw;
         switch (std::min<int64_t>(4, group - h0)) {
-          case 1: group_dots_split<1>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
-          case 2: group_dots_split<2>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
-          case 3: group_dots_split<3>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
-          default: group_dots_split<4>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call);
+          case 1: group_dots_split<L, 1>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
+          case 2: group_dots_split<L, 2>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
+          case 3: group_dots_split<L, 3>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call); break;
+          default: group_dots_split<L, 4>(qh, d, kr, ts, nt, sh, s_stride, prefetch, per_call);
         }
       }
     }
   }
 }
 
-template <typename C>
+// Value sums of one block for a run's query heads (sub-groups of at most 4 per kv head). Chunks
+// per pass: as many as keep 2 * HG * CH accumulators in L's registers (head_dim 64 is two
+// 16-lane chunks: CH = 2 takes a 16-lane row whole).
+template <typename L, typename C>
 inline void block_values_split(float* acc, int64_t d, const C* v0, int64_t ts,
                                int64_t rw, int64_t n_tok, int64_t nkh, int64_t group,
                                const float* p, int64_t p_stride) {
+  constexpr int kWide = L::N == 16 ? 2 : 1;  // chunks per pass at 3 and 4 heads
   for (int64_t k = 0; k < nkh; ++k) {
     for (int64_t h0 = 0; h0 < group; h0 += 4) {
       const int64_t h = k * group + h0;
@@ -434,10 +494,10 @@ inline void block_values_split(float* acc, int64_t d, const C* v0, int64_t ts,
       const float* ph = p + h * p_stride;
       const C* vr = v0 + k * rw;
       switch (std::min<int64_t>(4, group - h0)) {
-        case 1: group_values_split<1, 4>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
-        case 2: group_values_split<2, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
-        case 3: group_values_split<3, 1>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
-        default: group_values_split<4, 1>(ah, d, d, vr, ts, n_tok, ph, p_stride);
+        case 1: group_values_split<L, 1, 4>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        case 2: group_values_split<L, 2, 2>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        case 3: group_values_split<L, 3, kWide>(ah, d, d, vr, ts, n_tok, ph, p_stride); break;
+        default: group_values_split<L, 4, kWide>(ah, d, d, vr, ts, n_tok, ph, p_stride);
       }
     }
   }
