@@ -124,7 +124,8 @@ def test_stack_is_the_python_layers_bits(checkpoints, arch, dtype, quantization)
     else:
         assert kinds == expected[quantization], kinds
     kernel_runs = paged_attention.kernel_calls()
-    # 1-4 rows: the fused int8/int4 kernels; 5, 17, 32: torch's kernels / widened codes.
+    # 1-4 rows: the fused int8/int4 kernels; 5, 17, 32: the int8 dot-product kernel where the
+    # CPU has it (int8_dot), else torch's kernels / widened codes.
     for contexts in (
         [5],
         [40, 3, 17],

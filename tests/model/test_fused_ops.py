@@ -402,6 +402,59 @@ def test_int4_gemv_reads_both_of_torchs_block_layouts(block, rows):
     assert_bf16_close(got.bfloat16(), want)
 
 
+def _int8_case(n: int, k: int, seed: int):
+    torch.manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    return q, (torch.rand(n) * 0.01).bfloat16()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 9, 13, 32, 64])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_int8_dot_is_torchs_int8_kernel(rows, x_dtype):
+    # n = 1001: a last tile of one column; K = 576: 18 steps of 32.
+    q, s = _int8_case(1001, 576, rows)
+    x = torch.randn(rows, 576, dtype=x_dtype)
+    if not torch.ops.carpool.int8_dot_fast():  # no AVX-512 BF16 in this build: refused
+        with pytest.raises(RuntimeError, match="no AVX-512 BF16"):
+            torch.ops.carpool.int8_dot(x, q, s)
+        assert fused_ops.int8_dot_max_rows() == 0
+        return
+    got = torch.ops.carpool.int8_dot(x, q, s)
+    assert got.dtype == x_dtype and torch.equal(got, got.bfloat16().to(x_dtype))
+    # x rounded to bf16, exact products, float32 sums (in another order), rounded once.
+    assert_bf16_close(got.bfloat16(), torch._weight_int8pack_mm(x.bfloat16(), q, s))
+
+
+def test_int8_dot_row_does_not_depend_on_its_neighbours():
+    q, s = _int8_case(300, 224, 4)  # 75 tiles of 4 columns; K = 224: 7 steps
+    x = torch.randn(37, 224)
+    if not torch.ops.carpool.int8_dot_fast():
+        return  # refused: test_int8_dot_is_torchs_int8_kernel checks it
+    every = torch.ops.carpool.int8_dot(x, q, s)
+    for lo, hi in ((0, 1), (5, 7), (10, 13), (20, 24), (3, 37), (0, 36)):
+        assert torch.equal(torch.ops.carpool.int8_dot(x[lo:hi], q, s), every[lo:hi]), (lo, hi)
+
+
+def test_int8_dot_takes_the_rows_past_int8_gemv():
+    q, s = _int8_case(512, 512, 7)  # a layer-sized matrix
+    first = fused_ops.int8_gemv_max_rows(q.numel()) + 1
+    limit = fused_ops.int8_dot_max_rows()
+    assert limit in (0, fused_ops.INT8_DOT_MAX_ROWS)
+    for rows in (first, limit, limit + 1, first - 1):
+        x = torch.randn(max(rows, 1), 512)
+        calls = fused_ops.fused_calls()
+        got = fused_ops.int8_dot(x, q, s)
+        takes = limit > 0 and first <= rows <= limit
+        assert (got is not None) == takes, (rows, limit)
+        assert fused_ops.fused_calls() == calls + takes
+    if limit:
+        x = torch.randn(first, 512)
+        assert fused_ops.int8_dot(x[:, :500].contiguous(), q[:, :500].contiguous(), s) is None
+        assert fused_ops.int8_dot(x.half(), q, s) is None
+        with pytest.raises(RuntimeError, match="multiple of 32"):
+            torch.ops.carpool.int8_dot(x[:, :500].contiguous(), q[:, :500].contiguous(), s)
+
+
 def test_int4_row_block_is_the_layout_torch_packs():
     from carpool.model.quant import _pack_int4_by_hand
 

@@ -214,6 +214,7 @@ def _limits() -> list[int]:
         int(fused_ops.bf16_emulated()),
         fused_ops.INT8_GEMV_LARGE_CODES,
         fused_ops.INT8_GEMV_LARGE_MAX_ROWS,
+        fused_ops.int8_dot_max_rows(),
     ]
 
 

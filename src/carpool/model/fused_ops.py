@@ -175,6 +175,24 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
     return None
 
 
+def int8_dot(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """``int8_gemv``'s product for a decode batch past its rows: ``(x @ qweight.T) * scales``
+    for ``int8_gemv_max_rows(codes)`` < M <= ``INT8_DOT_MAX_ROWS`` rows, in bf16 dot products
+    (x rounded to bf16 inside, float32 sums, the result rounded to bf16 and returned in x's
+    dtype, as int8_gemv); None where it does not apply (the caller runs torch's kernel or the
+    widened GEMM). A row's result does not depend on the rows beside it."""
+    if (
+        x.dim() == 2
+        and int8_gemv_max_rows(qweight.numel()) < x.shape[0] <= int8_dot_max_rows()
+        and x.shape[1] % 32 == 0
+        and x.dtype in _DTYPES
+        and _int8_layout(qweight, scales)
+        and _fused(x)
+    ):
+        return torch.ops.carpool.int8_dot(x, qweight, scales)
+    return None
+
+
 def int8_logits(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 ) -> torch.Tensor | None:
@@ -259,6 +277,30 @@ INT8_GEMV_MIN_CODES = INT8_GEMV_LARGE_CODES if _AMX and not _BF16_EMULATED else 
 # holds a 57 MB bf16 copy for the step: the resident peak of a batch-32 decode (BENCHMARKS.md,
 # issue 11, ninth pass). With AMX the widened head's GEMM runs on tiles: as INT8_GEMV_MAX_ROWS.
 INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX else 128
+
+
+# Rows up to which int8_dot takes the layer matrices past int8_gemv's rows: on AVX-512 BF16 without
+# AMX (an AMD Zen 5), a pass over the small model's 32 layer matrices from memory with float32
+# inputs (benchmarks/int8_dot.py) took 1.07 / 1.83 / 3.04 / 5.50 ms at 9 / 16 / 32 / 64 rows
+# against 2.32 / 3.09 / 5.90 / 10.76 for torch's kernel and 3.18 / 3.64 / 4.74 / 6.14 for the
+# widened GEMM (what ran at 9-16 and 17+ rows before), and level with the widened GEMM at
+# 96-128 rows (BENCHMARKS.md, issue 11, twenty-first pass). 0: not here (no AVX-512 BF16 in
+# the build, or AMX, whose tiles were not measured against it; or the operators not loaded).
+INT8_DOT_MAX_ROWS = 64
+
+
+def int8_dot_max_rows() -> int:
+    """``INT8_DOT_MAX_ROWS`` where ``int8_dot`` runs here, else 0 (known once loaded)."""
+    global _int8_dot_rows
+    if _int8_dot_rows is None:
+        if not _lib.active():
+            return 0
+        fast = bool(torch.ops.carpool.int8_dot_fast()) and not _AMX and not _BF16_EMULATED
+        _int8_dot_rows = INT8_DOT_MAX_ROWS if fast else 0
+    return _int8_dot_rows
+
+
+_int8_dot_rows: int | None = None
 
 
 def int8_gemv_max_rows(codes: int) -> int:

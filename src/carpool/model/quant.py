@@ -55,6 +55,7 @@ assert (
         INT4_WIDEN_ABOVE_ROWS,
         fused_ops.INT4_GEMV_MAX_ROWS,
         fused_ops.INT8_GEMV_MAX_ROWS,
+        fused_ops.INT8_DOT_MAX_ROWS,
     )
     <= MLP_MIN_CHUNK_ROWS
 ), "an MLP chunk could take another quantized kernel than its whole step"
@@ -186,9 +187,12 @@ class Int8Linear(QuantizedLinear):
         # Up to fused_ops.INT8_GEMV_MAX_ROWS rows on the CPU: the fused kernel (it prefetches
         # the rows: 1.18-1.5x torch's on a vocabulary head not in cache; the same sums, in
         # another order) for a float32 x as it is, or a bf16 x times a large enough weight;
-        # torch's takes the rest.
+        # past them, up to fused_ops.INT8_DOT_MAX_ROWS, its bf16 dot-product form where the
+        # CPU has one; torch's takes the rest.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = fused_ops.int8_gemv(x2, self.qweight, self.scales)
+        if y is None:
+            y = fused_ops.int8_dot(x2, self.qweight, self.scales)
         if y is not None:
             return self._finish(y, x)
         kd = self.scales.dtype

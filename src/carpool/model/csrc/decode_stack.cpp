@@ -57,6 +57,7 @@ struct Limits {
       int4_block;
   bool bf16_emulated;
   int64_t int8_large_codes, int8_large_max_rows;  // fused_ops.int8_gemv_max_rows
+  int64_t int8_dot_max_rows;  // fused_ops.int8_dot_max_rows() (0: not here)
 
   int64_t int8_max_rows(int64_t codes) const {
     return codes >= int8_large_codes ? int8_large_max_rows : int8_gemv_max_rows;
@@ -64,8 +65,8 @@ struct Limits {
 
   // From the operator's `limits` argument (decode_stack.py's _limits, in that order).
   static Limits of(at::IntArrayRef l) {
-    TORCH_CHECK(l.size() == 8, "decode_stack: 8 limits expected, got ", l.size());
-    return {l[0], l[1], l[2], l[3], l[4], l[5] != 0, l[6], l[7]};
+    TORCH_CHECK(l.size() == 9, "decode_stack: 9 limits expected, got ", l.size());
+    return {l[0], l[1], l[2], l[3], l[4], l[5] != 0, l[6], l[7], l[8]};
   }
 };
 
@@ -90,6 +91,9 @@ struct Ops {
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>
       int8_gemv = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
           "carpool::int8_gemv");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>
+      int8_dot = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+          "carpool::int8_dot");
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&,
                                       const std::optional<at::Tensor>&)>
       bf16_linear = op<at::Tensor(const at::Tensor&, const at::Tensor&,
@@ -183,6 +187,10 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
           (f32 || (x.scalar_type() == at::kBFloat16 && a.numel() >= lim.int8_gemv_min_codes)) &&
           b.scalar_type() == at::kBFloat16)
         return finish(ops().int8_gemv.call(x, a, b), x, c);
+      if (rows > lim.int8_max_rows(a.numel()) && rows <= lim.int8_dot_max_rows &&
+          x.size(1) % 32 == 0 && (f32 || x.scalar_type() == at::kBFloat16) &&
+          b.scalar_type() == at::kBFloat16)
+        return finish(ops().int8_dot.call(x, a, b), x, c);
       const at::Tensor xk = x.to(b.scalar_type()).contiguous();
       at::Tensor y = rows <= lim.int8_widen_above
                          ? at::_weight_int8pack_mm(xk, a, b)

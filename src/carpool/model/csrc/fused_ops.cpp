@@ -691,6 +691,145 @@ at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const 
   return y;
 }
 
+// int8 weight-only products of a decode batch (quant.Int8Linear from INT8_GEMV_MAX_ROWS + 1 to
+// INT8_DOT_MAX_ROWS rows) in bf16 dot products, on CPUs with AVX-512 BF16 (an AMD Zen 4 or 5).
+// What ran there before: torch's _weight_int8pack_mm (9-16 rows) and the codes widened to a bf16
+// copy of the weight for a dense GEMM (17+), both float32 FMAs or a copy per call; a
+// `vdpbf16ps` does 32 multiply-adds against an FMA's 16. Per tile of kDotCols weight rows
+// (output columns), read once from memory: the codes widened to bf16 (exact: every int8 value
+// is a bf16) into a buffer in L1, then every pass of up to kDotRows input rows over it, each
+// (row, column) a 16-lane sum of bf16 pairs along K, summed by one reduce16 at the end. x and
+// the scales in bf16 (a float32 x rounded first), float32 sums, the scaled sum rounded to bf16:
+// what casting around torch's kernel gives, in another order. A row's sums take the same
+// instructions whatever rows share the call (the passes only group them): the same bits at
+// every row count the kernel takes (tested).
+constexpr int64_t kDotCols = 4;  // 24 accumulators, 4 weight vectors and an input in 32 registers
+constexpr int64_t kDotRows = 6;
+
+#if defined(__AVX512BF16__)
+// Rows [0, MR) of xb (bf16, row stride k) times the kDotCols widened weight rows wb (bf16, row
+// stride k): the (row, column) sums, scaled and rounded, into y (row stride n) at column col.
+template <int MR, typename T>
+void int8_dot_pass(const c10::BFloat16* xb, const c10::BFloat16* wb, int64_t k, int64_t ncols,
+                   const float* sc, T* y, int64_t n, int64_t col) {
+  __m512 acc[MR * kDotCols];
+  for (int j = 0; j < MR * kDotCols; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 32) {
+    __m512bh w[kDotCols];
+    for (int c = 0; c < kDotCols; ++c) w[c] = (__m512bh)_mm512_loadu_si512(wb + c * k + i);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + m * k + i);
+      for (int c = 0; c < kDotCols; ++c)
+        acc[m * kDotCols + c] = _mm512_dpbf16_ps(acc[m * kDotCols + c], w[c], xv);
+    }
+  }
+  // The lane sums, 16 accumulators per reduce16 (zeros past the last): each sum's tree is the
+  // same whatever its place, so a row's result does not depend on MR. Then times the column's
+  // scale, rounded to bf16 (as Elt::narrow), four rows of four columns a vector.
+  const __m512 scv = _mm512_broadcast_f32x4(_mm_loadu_ps(sc));
+  for (int g = 0; g * 16 < MR * kDotCols; ++g) {
+    __m512 part[16];
+    for (int j = 0; j < 16; ++j)
+      part[j] = g * 16 + j < MR * kDotCols ? acc[g * 16 + j] : _mm512_setzero_ps();
+    const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(carpool_kernels::reduce16(part), scv));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+    for (int r = 0; r < 4 && 4 * g + r < MR; ++r) {
+      const int64_t m = 4 * g + r;
+      const __mmask8 keep = static_cast<__mmask8>((1u << ncols) - 1);  // of 4 columns
+      if constexpr (std::is_same<T, float>::value) {
+        const __m512i hi = _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+        const __m128 v = _mm_castsi128_ps(_mm512_extracti32x4_epi32(hi, 0));
+        const __m128 w = r == 0 ? v
+                         : r == 1 ? _mm_castsi128_ps(_mm512_extracti32x4_epi32(hi, 1))
+                         : r == 2 ? _mm_castsi128_ps(_mm512_extracti32x4_epi32(hi, 2))
+                                  : _mm_castsi128_ps(_mm512_extracti32x4_epi32(hi, 3));
+        _mm_mask_storeu_ps(reinterpret_cast<float*>(y) + m * n + col, keep, w);
+      } else {
+        const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));  // 16 x 16 bits
+        const __m128i lanes = r < 2 ? _mm256_castsi256_si128(h) : _mm256_extracti128_si256(h, 1);
+        const __m128i row = (r & 1) ? _mm_srli_si128(lanes, 8) : lanes;
+        _mm_mask_storeu_epi16(reinterpret_cast<uint16_t*>(y) + m * n + col, keep, row);
+      }
+    }
+  }
+}
+
+template <typename T>
+void int8_dot_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t rows,
+                   int64_t n, int64_t k) {
+  // The input rows once in bf16, shared by the threads.
+  std::vector<c10::BFloat16> xb(rows * k);
+  if constexpr (std::is_same<T, float>::value) {
+    auto* xr = reinterpret_cast<uint16_t*>(xb.data());
+    for (int64_t i = 0; i < rows * k; ++i) xr[i] = Elt<c10::BFloat16>::narrow(x[i]);
+  } else {
+    std::memcpy(xb.data(), x, rows * k * sizeof(T));
+  }
+  const int64_t tiles = (n + kDotCols - 1) / kDotCols;
+  const int64_t passes = (rows + kDotRows - 1) / kDotRows;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<c10::BFloat16> wb(kDotCols * k);  // this tile's codes in bf16
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t col = t * kDotCols, ncols = std::min<int64_t>(kDotCols, n - col);
+      for (int64_t c = 0; c < kDotCols; ++c) {
+        c10::BFloat16* dst = wb.data() + c * k;
+        if (c >= ncols) {  // past the last column: zeros (their sums are not stored)
+          std::fill(dst, dst + k, c10::BFloat16(0.0f));
+          continue;
+        }
+        const int8_t* src = q + (col + c) * k;
+        for (int64_t i = 0; i < k; i += 32)
+          _mm512_storeu_si512(dst + i, carpool_kernels::load32_bh(src + i));
+      }
+      float sc[kDotCols];
+      for (int64_t c = 0; c < ncols; ++c) sc[c] = Elt<c10::BFloat16>::load(scale, col + c);
+      for (int64_t p = 0, m = 0; p < passes; ++p) {
+        // Rows spread evenly over the passes (13: 5, 4, 4; not 6, 6, 1), as vnni_linear's.
+        const int64_t mr = rows / passes + (p < rows % passes ? 1 : 0);
+        const c10::BFloat16* xm = xb.data() + m * k;
+        T* ym = y + m * n;
+        switch (mr) {
+          case 6: int8_dot_pass<6>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
+          case 5: int8_dot_pass<5>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
+          case 4: int8_dot_pass<4>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
+          case 3: int8_dot_pass<3>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
+          case 2: int8_dot_pass<2>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
+          default: int8_dot_pass<1>(xm, wb.data(), k, ncols, sc, ym, n, col);
+        }
+        m += mr;
+      }
+    }
+  });
+}
+#endif
+
+// Whether this build has int8_dot's loop (AVX-512 BF16).
+bool int8_dot_fast() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_int8_args("int8_dot", x, qweight, scales, false);
+  TORCH_CHECK(int8_dot_fast(), "int8_dot: this build has no AVX-512 BF16 (int8_dot_fast())");
+  TORCH_CHECK(x.size(1) % 32 == 0, "int8_dot: K must be a multiple of 32, got ", x.size(1));
+  const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
+  at::Tensor y = at::empty({m, n}, x.options());  // x's dtype (float32: bf16 values widened)
+#if defined(__AVX512BF16__)
+  const int8_t* qp = qweight.data_ptr<int8_t>();
+  const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
+  if (x.scalar_type() == at::kFloat)
+    int8_dot_rows(x.data_ptr<float>(), qp, sp, y.data_ptr<float>(), m, n, k);
+  else
+    int8_dot_rows(x.data_ptr<c10::BFloat16>(), qp, sp, y.data_ptr<c10::BFloat16>(), m, n, k);
+#endif
+  return y;
+}
+
 // int4 weight-only products of any number of rows (quant.Int4Linear: up to 128) over torch's
 // own CPU int4 layout (what _weight_int4pack_mm_for_cpu reads, so no second copy): packed
 // [N/B, K, B/2] bytes, byte j of (block, k) holding column j in its low nibble and column
@@ -1401,6 +1540,8 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int8_logits(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int8_logits_at(Tensor x, Tensor qweight, Tensor scales, Tensor ids) -> Tensor");
+  m.def("int8_dot(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int8_dot_fast() -> bool");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int4_widen(Tensor packed, int group_size, Tensor scales_zeros, int block) -> Tensor");
   m.def(
@@ -1423,9 +1564,12 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int8_logits", &int8_logits);
   m.impl("int8_logits_at", &int8_logits_at);
+  m.impl("int8_dot", &int8_dot);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("int4_widen", &int4_widen);
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_logits", &int4_logits);
   m.impl("int4_logits_at", &int4_logits_at);
 }
+
+TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) { m.impl("int8_dot_fast", &int8_dot_fast); }
