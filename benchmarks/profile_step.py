@@ -49,6 +49,7 @@ MATMUL_OPS = {
     "aten::_weight_int8pack_mm",
     "aten::_weight_int4pack_mm_for_cpu",
     "carpool::int8_gemv",  # quantized weights, 1-4 rows (fused_ops)
+    "carpool::int8_dot",  # int8 weights past int8_gemv's rows (fused_ops)
     "carpool::int8_logits",  # an int8 vocabulary head of a float32 model (fused_ops)
     "carpool::int8_logits_at",
     "carpool::int4_gemv",
