@@ -28,7 +28,7 @@
 // int8 cache take VDPBF16PS loops instead (32 multiply-adds an instruction; int8 rows widened
 // to bfloat16 exactly), with the softmax weights rounded to bfloat16 for the value sums as GPU
 // flash-attention kernels round them, and the softmax of a block in one vector pass: with the
-// next blocks prefetched into L2, 1.45x (GQA) / 1.16x (MHA) / 1.77x (batch 1) over the grouped
+// next blocks prefetched (prefetch_ahead), 1.45x (GQA) / 1.16x (MHA) / 1.77x (batch 1) over the grouped
 // loops on a bfloat16 cache at 2k (BENCHMARKS.md, issue 11, tenth pass). An int8 cache with
 // AVX-512 VNNI (head_dim a multiple of 64) takes integer dot products instead, queries rounded
 // to int8 (int8_attention.h; issue 11, twelfth pass).
@@ -58,11 +58,14 @@ using namespace carpool_kernels;  // NOLINT: the helpers of vec_math.h
 // How many blocks ahead the kernel asks for a block's rows (see prefetch_next).
 constexpr int64_t kPrefetchBlocks = 2;
 
-// Ask for a cache line of a block two blocks ahead, into L2 (prefetcht1), not L1: 16 KiB of
-// requests into L1 per block filled its miss buffers and stalled the loads of the block being
-// computed. On the Zen 4 of issue 11: 1.20x on GQA 8 x 2k, 1.76x at batch 1 (BENCHMARKS.md,
-// issue 11, tenth pass).
-inline void prefetch_l2(const char* p) { __builtin_prefetch(p, 0, 2); }
+// Ask for a cache line of a block two blocks ahead, into L1 (prefetcht0). The requests are
+// spread over the block's work (a few lines per reduction or tile phase): on the Zen 4 of issue
+// 11, 16 KiB of them at once per block filled L1's miss buffers and stalled the loads of the
+// block being computed, so the tenth pass asked into L2 (1.20x on GQA 8 x 2k, 1.76x at batch 1
+// over no prefetch). Spread, L1 is the better target on the Zen 5: 1.02-1.12x on bf16 caches at
+// 2k-8k in the kernel A/B, the default model's batch-16 step at 2k 1.04x, batch 1 and the int8
+// cache level (BENCHMARKS.md, issue 11, twenty-first pass).
+inline void prefetch_ahead(const char* p) { __builtin_prefetch(p, 0, 3); }
 
 template <typename T, typename C>
 void decode_kernel(
@@ -221,14 +224,14 @@ void decode_kernel(
           if constexpr (kInt8) {  // token t's share of the span
             for (int64_t off = t * span / block_size / 64 * 64; off < (t + 1) * span / block_size;
                  off += 64) {
-              prefetch_l2(next + off);
+              prefetch_ahead(next + off);
             }
             return;
           }
           const char* nrow = next + t * token_stride * static_cast<int64_t>(sizeof(C));
           for (int64_t off = 0; off < run_bytes; off += 64) {
-            prefetch_l2(nrow + off);
-            prefetch_l2(nrow + kv_bytes + off);
+            prefetch_ahead(nrow + off);
+            prefetch_ahead(nrow + kv_bytes + off);
           }
         };
         // Scores of the block: q . k for every token and query head of the run; 16 tokens at
@@ -249,12 +252,12 @@ void decode_kernel(
         auto prefetch_lines = [&](int64_t count) {
           const int64_t stop = std::min(lines, line + count);
           if (whole) {
-            for (; line < stop; ++line) prefetch_l2(next + line * 64);
+            for (; line < stop; ++line) prefetch_ahead(next + line * 64);
             return;
           }
           for (; line < stop; ++line) {
             const int64_t off = r < seg_lines ? r * 64 : kv_bytes + (r - seg_lines) * 64;
-            prefetch_l2(tok + off);
+            prefetch_ahead(tok + off);
             if (++r == 2 * seg_lines) {
               r = 0;
               tok += token_bytes;
