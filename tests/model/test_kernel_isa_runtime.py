@@ -116,3 +116,44 @@ def test_lower_level_int4_logits_are_one_columns_bits(level_fused, block):
     rounded = level_fused.int4_gemv(x.bfloat16().float(), *args)
     want = level_fused.int4_logits(x.bfloat16().float(), *args).bfloat16().float()
     assert torch.equal(rounded, want)
+
+
+@pytest.fixture(scope="module", params=sorted(LEVELS))
+def level_vnni(request):
+    return _build_at_level(request.param, "vnni_linear.cpp", "isa_vnni").vnni_linear
+
+
+def test_lower_level_vnni_linear_is_a_bf16_gemm_whatever_the_rows(level_vnni):
+    # The VNNI layout's product at each level (AVX2: the 8-column loops an AMD Zen 2/3 runs,
+    # four rows a pass, the chunked and one-pass block loops; v2 and v4: plain loops): float32
+    # sums of the bf16 products rounded once, and a row's bits the same at every row count.
+    from carpool.model import vnni_linear
+
+    g = torch.Generator().manual_seed(5)
+    for n, k in [(200, 96), (64, 130), (130, 512)]:
+        w = torch.randn(n, k, generator=g).bfloat16()
+        bias = torch.randn(n, generator=g)
+        packed = vnni_linear.pack(w)
+        x = torch.randn(45, k, generator=g).bfloat16()
+        full = level_vnni(x, packed, bias, n, 0)
+        exact = x.double() @ w.double().T + bias.double()
+        torch.testing.assert_close(full.double(), exact, rtol=2**-7, atol=2e-2)
+        for rows in (1, 2, 3, 4, 5, 7, 8, 13, 36, 37):
+            assert torch.equal(level_vnni(x[:rows].contiguous(), packed, bias, n, 0), full[:rows])
+
+
+def test_lower_level_silu_and_mul_is_torchs(level_fused):
+    # The fused SwiGLU at each level (AVX2: 8 lanes, then the scalar tail): torch's values
+    # but for the exp's polynomial (relative error ~2e-7) and, in bf16, rare one-ulp roundings.
+    g = torch.Generator().manual_seed(7)
+    gu = torch.randn(5, 2 * 203, generator=g) * 4
+    half = gu.shape[1] // 2
+
+    def ref(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(t[:, :half]) * t[:, half:]
+
+    torch.testing.assert_close(level_fused.silu_and_mul(gu), ref(gu), rtol=1e-5, atol=1e-5)
+    b = gu.bfloat16()
+    got, want = level_fused.silu_and_mul(b), ref(b)
+    assert got.dtype == torch.bfloat16 and (got != want).float().mean() < 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3)

@@ -106,13 +106,18 @@ def linear_bucketed(
     return out[:rows]  # contiguous: a prefix of the rows
 
 
+def packing_on() -> bool:
+    """False when ``CARPOOL_PREPACK=0`` keeps every bf16 linear weight plain (to compare)."""
+    return os.environ.get(ENV_PREPACK, "1").strip() != "0"
+
+
 def prepack_available(device: torch.device | str) -> bool:
     """True when bf16 linear weights on ``device`` can be packed for oneDNN (see ``Linear``)."""
     return (
         torch.device(device).type == "cpu"
         and torch.backends.mkldnn.is_available()
         and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        and os.environ.get(ENV_PREPACK, "1").strip() != "0"
+        and packing_on()
     )
 
 
@@ -129,16 +134,18 @@ class Linear(nn.Linear):
     ``bucket_rows``).
 
     ``prepack`` picks one of two packed layouts (``layout`` says which):
-    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16): our own AMX loop with
-      prefetched weights, 32 rows at a time, or without AMX an AVX-512 BF16 matrix-vector loop,
-      over one copy of the weight, the same bits at every row count (see
-      ``carpool.model.vnni_linear``; measured against oneDNN's packed linear in BENCHMARKS.md
-      "Fourth pass" with AMX, issue 11's ninth pass without).
-    - ``"onednn"`` elsewhere: torch's bf16 ``linear`` on a plain ``[N, K]`` weight has oneDNN
-      reorder it into its blocked layout inside the call, and caches the reordered copy per
-      input shape; packed once at load, the weight is read as it is by every call of every
-      shape, and no per-shape copies pile up (decode 0.95-1.16x at batch 1, 1.14-1.35x at
-      batch 8 and 0.97-1.30x at batch 32 against plain weights; BENCHMARKS.md "Third pass").
+    - ``"vnni"`` where ``vnni_linear.available`` (AVX-512 BF16, or AVX2 without AVX-512): our
+      own AMX loop with prefetched weights, 32 rows at a time, or without AMX an AVX-512 BF16
+      matrix-vector loop, or on AVX2 float32 FMA loops, over one copy of the weight, the same
+      bits at every row count (see ``carpool.model.vnni_linear``; measured against oneDNN's
+      packed linear in BENCHMARKS.md "Fourth pass" with AMX, issue 11's ninth pass without, and
+      against ``fused_ops.bf16_linear`` on AVX2 in its twenty-second).
+    - ``"onednn"`` elsewhere where oneDNN has bf16 (else the weight stays plain): torch's bf16
+      ``linear`` on a plain ``[N, K]`` weight has oneDNN reorder it into its blocked layout
+      inside the call, and caches the reordered copy per input shape; packed once at load,
+      the weight is read as it is by every call of every shape, and no per-shape copies pile
+      up (decode 0.95-1.16x at batch 1, 1.14-1.35x at batch 8 and 0.97-1.30x at batch 32
+      against plain weights; BENCHMARKS.md "Third pass").
 
     Unpacked (``"plain"``), at batch 1 torch's bf16 ``linear`` reads the weight at ~10-14 GB/s,
     while ``torch.mv`` on the same weight reaches ~25-35 GB/s (measured on this machine:
@@ -154,11 +161,13 @@ class Linear(nn.Linear):
         placed: a packed weight cannot be moved, sliced or shared; ``dense_weight()`` gives
         the plain matrix back."""
         w = self.weight
-        if self.layout != "plain" or w.dtype != torch.bfloat16 or not prepack_available(w.device):
+        if self.layout != "plain" or w.dtype != torch.bfloat16 or not packing_on():
             return False
         vnni_ok = vnni_linear.available(w.device) and vnni_linear.packable(w)
         if layout is None:
             layout = "vnni" if vnni_ok else "onednn"
+        if layout == "onednn" and not prepack_available(w.device):
+            return False
         if layout == "vnni":
             if not vnni_ok:
                 return False

@@ -15,8 +15,14 @@ matrix-vector loop at every row count, again the same bits for a row whatever it
 it measured 1.0-2.2x oneDNN's packed linear at 1-32 rows with the weights read from memory, and
 level with it (0.95-1.2x) at 64-512 rows (BENCHMARKS.md, issue 11, ninth pass).
 
-``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16, with or
-without AMX); elsewhere it keeps oneDNN's packed layout. ``CARPOOL_VNNI_LINEAR=0`` turns it off.
+On AVX2 CPUs without AVX-512 (AMD Zen 2/3), which have no bf16 instructions and where torch's
+bf16 GEMM takes its generic loops, the same layout goes through float32 FMA loops (a pair's 8
+columns widened from one load, four rows a pass): 1.4-1.7x ``fused_ops.bf16_linear`` on plain
+weights at 4-32 rows, ~1.05x at 1-2 (BENCHMARKS.md, issue 11, twenty-second pass).
+
+``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16 with or
+without AMX, or AVX2 without AVX-512); elsewhere it keeps oneDNN's packed layout where oneDNN
+has bf16, plain weights otherwise. ``CARPOOL_VNNI_LINEAR=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def failure() -> str | None:
 
 def available(device: torch.device | str) -> bool:
     """True where ``Linear.prepack`` should use this layout: a CPU whose build has AVX-512 BF16
-    (the operator itself also runs without it, slower: tests use it anywhere)."""
+    or AVX2 without AVX-512 (the operator itself also runs elsewhere, in plain loops: tests use
+    it anywhere)."""
     return (
         torch.device(device).type == "cpu"
         and _lib.active()

@@ -23,8 +23,14 @@
 // float32 before the rounding, as oneDNN's bf16 linear does; only the order of the sums
 // differs from oneDNN's linear (results within a bf16 rounding of each other).
 //
+// On AVX2 CPUs without AVX-512 (AMD Zen 2/3), where torch's bf16 GEMM takes its generic loops,
+// the same layout goes through float32 FMA loops (dot_pairs8: each pair's 8 columns one load,
+// widened by a shift and a mask; four rows a pass): 1.4-1.7x fused_ops' bf16_linear on plain
+// weights at 4-32 rows of the small model's layers from memory, ~1.05x at 1-2 rows (a Zen 2,
+// issue 11, twenty-second pass), again the same bits for a row at every row count.
+//
 // Built with -march=native: the AMX loop only where the compiler targets AMX, the
-// matrix-vector kernel a plain loop without AVX-512 BF16 (same sums).
+// matrix-vector kernel a plain loop without AVX-512 BF16 or AVX2 (same sums).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -52,6 +58,15 @@ namespace {
 using B16 = c10::BFloat16;
 constexpr int64_t kBlockN = 64;  // output columns per block: four vectors of 16 float32 sums
 constexpr int64_t kBlockM = 32;  // input rows per AMX call (two 16-row tiles)
+// The input rows as the matrix-vector loops read them: bf16 pairs (AVX-512 BF16, plain loops),
+// or widened once to float32 per call (AVX2, which broadcasts each value from memory: a bf16
+// value broadcast took a load, a shift, a move to a vector register and a shuffle, and those
+// bounded the loop at ~70 GFLOP/s of 2 Zen 2 cores).
+#if defined(CARPOOL_AVX2)
+using XT = float;
+#else
+using XT = B16;
+#endif
 // Software prefetch distance of the matrix-vector kernel, in K pairs (256 bytes each): 16
 // pairs = 4 KiB ahead measured fastest of 0/4/8/16/32 with the weights in L3 (0: ~14 GB/s,
 // 16: ~34 GB/s) on the AMX Xeon; 32 pairs = 8 KiB from memory on the Zen 4: 1.04-1.16x at 1-4
@@ -205,6 +220,75 @@ __attribute__((always_inline)) inline void dot_pair(__m512 (&acc)[MR][4], const 
 }
 #endif
 
+#if defined(CARPOOL_AVX2)
+// The AVX2 loops (AMD Zen 2/3: no AVX-512, no bf16 instructions; torch's bf16 GEMM there takes
+// its generic loops). A pair's 8 columns are one 32-byte load: each column's two bf16 weights
+// side by side in a 32-bit word, widened exactly to float32 by a shift (the even element) and a
+// mask (the odd one). Every sum takes, pair by pair, fma(w_even, x_even) then fma(w_odd,
+// x_odd) into one float32 accumulator, whatever the rows, passes or column tiles: the same bits
+// for a row at every row count. Rows per pass: 4 (kPassRows), over tiles of NV vectors of 8
+// columns with MR * NV accumulators (NV = 8 at one row, 4 at two, 2 at three or four): at most
+// 14 of the 16 vector registers, so nothing spills. The loads per multiply-add are what bound
+// bf16_linear on plain [N, K] weights (one input load per FMA): here 2 weight loads and 8
+// broadcasts feed 16 FMAs at four rows.
+inline void widen_pair8(const B16* w, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+
+// acc[m][v] += pairs [p0, p1) of x's rows [0, MR) (row stride k) times columns
+// [8 * (v0 + v), 8 * (v0 + v) + 8) of block wb.
+template <int MR, int NV>
+__attribute__((always_inline)) inline void dot_pairs8(__m256 (&acc)[MR][NV], const B16* wb,
+                                                      const float* x, int64_t k, int64_t p0,
+                                                      int64_t p1, int v0) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const B16* row = wb + p * kBlockN * 2 + v0 * 16;
+    if constexpr (MR <= 2) {  // the inputs held, one weight vector at a time
+      __m256 xe[MR], xo[MR];
+      for (int m = 0; m < MR; ++m) {
+        xe[m] = _mm256_broadcast_ss(x + m * k + 2 * p);
+        xo[m] = _mm256_broadcast_ss(x + m * k + 2 * p + 1);
+      }
+      for (int v = 0; v < NV; ++v) {
+        __m256 we, wo;
+        widen_pair8(row + v * 16, we, wo);
+        for (int m = 0; m < MR; ++m) {
+          acc[m][v] = _mm256_fmadd_ps(we, xe[m], acc[m][v]);
+          acc[m][v] = _mm256_fmadd_ps(wo, xo[m], acc[m][v]);
+        }
+      }
+    } else {  // the weights held, one input row at a time
+      __m256 we[NV], wo[NV];
+      for (int v = 0; v < NV; ++v) widen_pair8(row + v * 16, we[v], wo[v]);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xe = _mm256_broadcast_ss(x + m * k + 2 * p);
+        const __m256 xo = _mm256_broadcast_ss(x + m * k + 2 * p + 1);
+        for (int v = 0; v < NV; ++v) {
+          acc[m][v] = _mm256_fmadd_ps(we[v], xe, acc[m][v]);
+          acc[m][v] = _mm256_fmadd_ps(wo[v], xo, acc[m][v]);
+        }
+      }
+    }
+  }
+}
+
+// Vectors of 8 columns per tile at MR rows (see above).
+template <int MR>
+constexpr int tile_vectors() {
+  return MR == 1 ? 8 : MR == 2 ? 4 : 2;
+}
+
+// 8 float32 sums plus bias (columns [c0, c0 + cn)), rounded to bf16 (nearest even) into y.
+inline void store8_bf16(__m256 v, const float* bias, B16* y, int64_t cn) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int64_t c = 0; c < cn; ++c) y[c] = B16(tmp[c] + (bias != nullptr ? bias[c] : 0.0f));
+}
+#endif
+
 // Where a pass over a block asks for weights ahead of it (gemv_block's PF).
 enum Prefetch {
   kNone = 0,   // nothing (the block is in L2 already)
@@ -215,7 +299,7 @@ enum Prefetch {
 // Rows [0, MR) of x (row stride k) times one 64-column block `wb` ([k/2, 64, 2]) into y (row
 // stride ldy), columns [0, ncols) of the block kept. PF as above (kNext: the next block `nxt`).
 template <int MR, Prefetch PF = kAhead>
-void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* y, int64_t ldy,
+void gemv_block(const XT* x, int64_t k, const B16* wb, const float* bias, B16* y, int64_t ldy,
                 int64_t ncols, const char* nxt = nullptr, int64_t line0 = 0,
                 int64_t line1 = 0) {
   const int64_t pairs = k / 2;
@@ -248,6 +332,36 @@ void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* 
       _mm256_mask_storeu_epi16(y + m * ldy + c0, mask, (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
+#elif defined(CARPOOL_AVX2)
+  constexpr int NV = tile_vectors<MR>();
+  constexpr int64_t kStep = 8;  // pairs between prefetch requests (2 KiB)
+  const int64_t want = line1 - line0;
+  for (int v0 = 0; v0 < kBlockN / 8 && 8 * v0 < ncols; v0 += NV) {
+    __m256 acc[MR][NV];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < pairs; p += kStep) {
+      const int64_t p1 = std::min<int64_t>(pairs, p + kStep);
+      // The first tile streams the block (kAhead: its whole pair rows kPrefetchPairs ahead,
+      // which the other tiles then find in L2) or carries the next block's lines (kNext).
+      if (PF == kAhead && v0 == 0) {
+        const char* ahead = reinterpret_cast<const char*>(wb + (p + kPrefetchPairs) * kBlockN * 2);
+        for (int64_t l = 0; l < (p1 - p) * 4; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+      }
+      if (PF == kNext && v0 == 0) {
+        for (int64_t l = line0 + want * p / pairs; l < line0 + want * p1 / pairs; ++l)
+          _mm_prefetch(nxt + 64 * l, _MM_HINT_T1);
+      }
+      dot_pairs8<MR, NV>(acc, wb, x, k, p, p1, v0);
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) {
+        const int64_t c0 = 8 * (v0 + v);
+        if (c0 < ncols)
+          store8_bf16(acc[m][v], bias != nullptr ? bias + c0 : nullptr, y + m * ldy + c0,
+                      std::min<int64_t>(8, ncols - c0));
+      }
+  }
 #else
   for (int m = 0; m < MR; ++m) {
     for (int64_t c = 0; c < ncols; ++c) {
@@ -265,7 +379,7 @@ void gemv_block(const B16* x, int64_t k, const B16* wb, const float* bias, B16* 
 
 // One pass of MR rows over a block with the prefetch chosen at run time.
 template <int MR>
-void gemv_pass(Prefetch pf, const B16* x, int64_t k, const B16* wb, const float* bias, B16* y,
+void gemv_pass(Prefetch pf, const XT* x, int64_t k, const B16* wb, const float* bias, B16* y,
                int64_t ldy, int64_t ncols, const char* nxt, int64_t line0, int64_t line1) {
   switch (pf) {
     case kAhead: gemv_block<MR, kAhead>(x, k, wb, bias, y, ldy, ncols); break;
@@ -274,11 +388,19 @@ void gemv_pass(Prefetch pf, const B16* x, int64_t k, const B16* wb, const float*
   }
 }
 
+// Input rows per pass over a block: six with AVX-512 (24 accumulators of 32 registers), four
+// with AVX2 (see dot_pairs8).
+#if defined(CARPOOL_AVX2)
+constexpr int64_t kPassRows = 4;
+#else
+constexpr int64_t kPassRows = 6;
+#endif
+
 // Rows of pass `pass` when `rows` rows go in (rows + 5) / 6 passes, spread evenly (32 rows: 6,
 // 6, 5, 5, 5, 5, not 6 x 5 + 2): a pass of one or two rows has too few sums in flight to hide
 // the dot products' latency (small 1.13x at 20 rows; BENCHMARKS.md, issue 11, twentieth pass).
 inline int64_t pass_rows(int64_t rows, int64_t pass) {
-  const int64_t passes = (rows + 5) / 6;
+  const int64_t passes = (rows + kPassRows - 1) / kPassRows;
   return rows / passes + (pass < rows % passes ? 1 : 0);
 }
 
@@ -293,9 +415,9 @@ inline int64_t pass_rows(int64_t rows, int64_t pass) {
 // (BENCHMARKS.md, issue 11, tenth pass). `first`: the first block of this thread's run, whose
 // first pass streams it itself. `huge`: the weight lies on huge pages (on_huge_pages), where
 // one pass (up to 6 rows) leaves the streaming to the hardware.
-void gemv_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, const float* bias, B16* y,
+void gemv_rows(const XT* x, int64_t rows, int64_t k, const B16* wb, const float* bias, B16* y,
                int64_t ldy, int64_t ncols, const char* nxt, bool first, bool huge) {
-  const int64_t passes = (rows + 5) / 6;
+  const int64_t passes = (rows + kPassRows - 1) / kPassRows;
   const bool spread = passes > 1 && nxt != nullptr;
   const int64_t lines = (k / 2) * kBlockN * 2 * static_cast<int64_t>(sizeof(B16)) / 64;
   // Passes that carry the next block's lines, and the first of them.
@@ -310,7 +432,7 @@ void gemv_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, const float
       line0 = lines * (pass - p0) / carriers;
       line1 = lines * (pass - p0 + 1) / carriers;
     }
-    const B16* xm = x + m * k;
+    const XT* xm = x + m * k;
     B16* ym = y + m * ldy;
     switch (pass_rows(rows, pass)) {
       case 6: gemv_pass<6>(pf, xm, k, wb, bias, ym, ldy, ncols, nxt, line0, line1); break;
@@ -346,7 +468,7 @@ void store_rows(const float* c, int64_t ldc, int64_t rows, const float* bias, B1
 // Each sum takes its pairs in the same order as gemv_block's (float32 through c is exact):
 // the same bits.
 template <int MR>
-void gemv_chunk(const B16* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, float* c,
+void gemv_chunk(const XT* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, float* c,
                 bool init, const char* ahead, int64_t line0, int64_t line1) {
 #if defined(__AVX512BF16__)
   __m512 acc[MR][4];
@@ -362,6 +484,26 @@ void gemv_chunk(const B16* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, 
   }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 4; ++j) _mm512_store_ps(c + m * kBlockN + 16 * j, acc[m][j]);
+#elif defined(CARPOOL_AVX2)
+  constexpr int NV = tile_vectors<MR>();
+  const int64_t want = line1 - line0;
+  for (int v0 = 0; v0 < kBlockN / 8; v0 += NV) {
+    __m256 acc[MR][NV];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v)
+        acc[m][v] = init ? _mm256_setzero_ps() : _mm256_load_ps(c + m * kBlockN + 8 * (v0 + v));
+    // The lines asked for ahead, spread evenly over the tiles' pairs (a burst filled the
+    // miss queues): step s of `steps` asks for lines [want * s / steps, want * (s+1) / steps).
+    constexpr int64_t kStep = 8;
+    const int64_t per_tile = (p1 - p0 + kStep - 1) / kStep, steps = per_tile * (kBlockN / 8 / NV);
+    for (int64_t p = p0, st = per_tile * (v0 / NV); p < p1; p += kStep, ++st) {
+      for (int64_t l = line0 + want * st / steps; l < line0 + want * (st + 1) / steps; ++l)
+        _mm_prefetch(ahead + 64 * l, _MM_HINT_T1);
+      dot_pairs8<MR, NV>(acc, wb, x, k, p, std::min<int64_t>(p1, p + kStep), v0);
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) _mm256_store_ps(c + m * kBlockN + 8 * (v0 + v), acc[m][v]);
+  }
 #else
   for (int m = 0; m < MR; ++m) {
     for (int64_t col = 0; col < kBlockN; ++col) {
@@ -389,13 +531,21 @@ void gemv_chunk(const B16* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, 
 // or 128 pairs and 4 chunks ahead measured no better.
 constexpr int64_t kChunkPairs = 64;  // 256 bytes a pair
 constexpr int64_t kChunksAhead = 2;
-constexpr int64_t kChunkedMaxRows = 36;  // six passes of six rows
+constexpr int64_t kChunkedMaxRows = 36;  // six passes of six rows (nine of four on AVX2)
+// Rows above which the chunked loop runs: on AVX2 from 2 (its tiles read a block's columns in
+// strides, which from memory needs the chunk asked for ahead: 2-4 rows of the small model's
+// layers took 1.15-1.4x longer through gemv_rows' one-pass stream on a Zen 2).
+#if defined(CARPOOL_AVX2)
+constexpr int64_t kChunkedMinRows = 1;
+#else
+constexpr int64_t kChunkedMinRows = 6;
+#endif
 
-void gemv_rows_chunked(const B16* x, int64_t rows, int64_t k, const B16* wb, const float* bias,
+void gemv_rows_chunked(const XT* x, int64_t rows, int64_t k, const B16* wb, const float* bias,
                        B16* y, int64_t ldy, int64_t ncols) {
   TORCH_CHECK(rows <= kChunkedMaxRows, "gemv_rows_chunked: ", rows, " rows");
   alignas(64) float c[kChunkedMaxRows * kBlockN];
-  const int64_t pairs = k / 2, passes = (rows + 5) / 6;
+  const int64_t pairs = k / 2, passes = (rows + kPassRows - 1) / kPassRows;
   const char* base = reinterpret_cast<const char*>(wb);
   for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
     const int64_t p1 = std::min<int64_t>(pairs, p0 + kChunkPairs);
@@ -404,7 +554,7 @@ void gemv_rows_chunked(const B16* x, int64_t rows, int64_t k, const B16* wb, con
     const int64_t lines = (p1 - p0) * kBlockN * 2 * sizeof(B16) / 64;
     for (int64_t pass = 0, m = 0; pass < passes; m += pass_rows(rows, pass), ++pass) {
       const int64_t l0 = lines * pass / passes, l1 = lines * (pass + 1) / passes;
-      const B16* xm = x + m * k;
+      const XT* xm = x + m * k;
       float* cm = c + m * kBlockN;
       const bool init = p0 == 0;
       switch (pass_rows(rows, pass)) {
@@ -445,14 +595,30 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
   }
   at::Tensor y = at::empty({rows, n}, x.options());
   if (rows == 0) return y;
-  const B16* xp = x.data_ptr<B16>();
+#if defined(CARPOOL_AVX2)
+  static thread_local std::vector<float> widened;  // grows to the largest input, kept
+  if (widened.size() < static_cast<size_t>(rows * k)) widened.resize(rows * k);
+  {
+    const B16* xb = x.data_ptr<B16>();
+    int64_t i = 0;
+    for (; i + 8 <= rows * k; i += 8) _mm256_storeu_ps(widened.data() + i, carpool_kernels::load8(xb + i));
+    for (; i < rows * k; ++i) widened[i] = carpool_kernels::to_float(xb[i]);
+  }
+  const XT* xp = widened.data();
+#else
+  const XT* xp = x.data_ptr<B16>();
+#endif
   const B16* wp = weight.data_ptr<B16>();
   B16* yp = y.data_ptr<B16>();
   const int64_t block_elems = (k / 2) * kBlockN * 2;
   const bool huge = on_huge_pages(wp, blocks * block_elems * sizeof(B16));
   TORCH_CHECK(path >= kPathAuto && path <= kPathBrgemm, "vnni_linear: path 0, 1 or 2, got ",
               path);
+#if defined(CARPOOL_AVX2)
+  const bool amx = false;
+#else
   const bool amx = path != kPathGemv && has_amx_brgemm();
+#endif
   bool tiles = false;  // our own AMX loop (only where the compiler and the kernel allow AMX)
 #if defined(CARPOOL_AMX)
   tiles = amx && path == kPathAuto && k % 32 == 0 && amx_permitted();
@@ -467,7 +633,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
       const float* bb = bp != nullptr ? bp + col : nullptr;
       if (!amx) {
         const char* nxt = b + 1 < b1 ? reinterpret_cast<const char*>(wb + block_elems) : nullptr;
-        if (rows > 6 && rows <= kChunkedMaxRows) {
+        if (rows > kChunkedMinRows && rows <= kChunkedMaxRows) {
           gemv_rows_chunked(xp, rows, k, wb, bb, yp + col, n, ncols);
         } else {
           gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols, nxt, b == b0, huge);
@@ -484,6 +650,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
         continue;
       }
 #endif
+#if !defined(CARPOOL_AVX2)  // (an AVX2 build never has AMX: amx is false there)
       if (b + 1 < b1) {  // the next block into L2 while AMX works on this one (~1.5x at 1 row)
         const char* nxt = reinterpret_cast<const char*>(wb + block_elems);
         for (int64_t o = 0; o < block_elems * 2; o += 64) __builtin_prefetch(nxt + o, 0, 2);
@@ -494,6 +661,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
                                     c, true);
         store_rows(c, kBlockN, mr, bb, yp + m0 * n + col, n, ncols);
       }
+#endif
     }
     // Releases the tiles and resets torch's record of the loaded brgemm configuration (ours
     // replaced it), so its next brgemm loads its own again.
@@ -505,7 +673,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
 // Whether this build has a fast path: AVX-512 BF16 (the matrix-vector kernel, and the bf16
 // stores of the AMX paths; -march=native, so the CPU has it too).
 bool vnni_linear_fast() {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(CARPOOL_AVX2)
   return true;
 #else
   return false;
