@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_paged_kernel import ab_parser, alternated_medians  # noqa: E402
+from ab_paged_kernel import ab_parser, alternated_medians, build_both  # noqa: E402
 from vnni_linear import PRESETS, weight_shapes  # noqa: E402
 
 
@@ -35,14 +35,7 @@ def main() -> None:
     ap.add_argument("--op", choices=("bf16_linear", "silu_and_mul"), default="bf16_linear")
     ap.add_argument("--march", default=None, help="build both for this -march (x86-64-v3: AVX2)")
     a = ap.parse_args()
-    from carpool.model import kernel_build
-
-    cflags = kernel_build.CFLAGS
-    if a.march:
-        cflags = tuple(f for f in cflags if f != "-march=native") + (f"-march={a.march}",)
-    for side in ("before", "after"):
-        csrc = Path(getattr(a, side)) / "carpool" / "model" / "csrc"
-        kernel_build.build_as(csrc, "fused_ops.cpp", f"ab_bf16_{side}", cflags)
+    build_both(a, "fused_ops.cpp", "ab_bf16", a.march)
     torch.set_num_threads(a.threads)
     ops = {
         side: getattr(getattr(torch.ops, f"ab_bf16_{side}"), a.op) for side in ("before", "after")

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_paged_kernel import ab_parser, alternated_medians, product_row  # noqa: E402
+from ab_paged_kernel import ab_parser, alternated_medians, build_both, product_row  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
 # SmolLM2-135M-Instruct: hidden 576, intermediate 1536, 9 query / 3 kv heads of 64, 30 layers.
@@ -54,15 +54,10 @@ def main() -> None:
         "(pages.move_weights)",
     )
     a = ap.parse_args()
-    from carpool.model import kernel_build, pages
+    from carpool.model import pages
     from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all, int4_row_block
 
-    cflags = kernel_build.CFLAGS
-    if a.march:
-        cflags = tuple(f for f in cflags if f != "-march=native") + (f"-march={a.march}",)
-    for side in ("before", "after"):
-        csrc = Path(getattr(a, side)) / "carpool" / "model" / "csrc"
-        kernel_build.build_as(csrc, "fused_ops.cpp", f"ab_i4_{side}", cflags)
+    build_both(a, "fused_ops.cpp", "ab_i4", a.march)
     torch.set_num_threads(a.threads)
     # The layout the build's own loop reads: 32-row blocks for AVX2, 64 for AVX-512.
     block = 32 if a.march == "x86-64-v3" else int4_row_block()

@@ -51,6 +51,20 @@ def ab_parser(doc: str, rounds: int = 15) -> argparse.ArgumentParser:
     return ap
 
 
+def build_both(a: argparse.Namespace, source: str, prefix: str, march: str | None = None) -> None:
+    """Build ``source`` of the ``--before`` and ``--after`` checkouts as operator libraries
+    ``<prefix>_before`` / ``<prefix>_after`` (for ``march`` instead of native if given; used by
+    ab_int4_gemv.py and ab_bf16_linear.py)."""
+    from carpool.model import kernel_build
+
+    cflags = kernel_build.CFLAGS
+    if march:
+        cflags = tuple(f for f in cflags if f != "-march=native") + (f"-march={march}",)
+    for side in ("before", "after"):
+        csrc = Path(getattr(a, side)) / "carpool" / "model" / "csrc"
+        kernel_build.build_as(csrc, source, f"{prefix}_{side}", cflags)
+
+
 def alternated_medians(passes: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds of each pass over ``rounds`` rounds, the passes alternated within each
     round (so a slow phase of the machine lands on all of them), after one warm-up round (also
