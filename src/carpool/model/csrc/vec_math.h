@@ -361,16 +361,24 @@ inline void store_from_split(const float* src, T* dst, int64_t d, float mul) {
 // L's split order where the cache is bfloat16) and TOK keys k_t = k0 + t * ts (rows of C,
 // head_dim d a multiple of 2N): each key vector is loaded once for all the heads of the group,
 // and the TOK * HG <= N dot products share one reduction.
+// (The `#pragma GCC unroll` on the loops over heads, tokens and chunks here and in
+// group_values_split: without them gcc 12 kept the accumulator arrays on the stack, storing
+// each after every multiply-add and carrying one through memory; unrolled, they stay in
+// registers: the AVX2 kernel 1.22-1.35x (value sums) and 1.05-1.11x more (scores) on GQA 16/4
+// and 9/3 at 8 x 2k, the same operations in the same order; issue 11, twenty-second pass.)
 template <typename L, int TOK, int HG, typename C>
 inline void dots_split(const float* qs, int64_t d, const C* k0, int64_t ts, float* s,
                        int64_t s_stride) {
   static_assert(TOK * HG <= L::N, "one reduction");
   typename L::V acc[L::N];
+  #pragma GCC unroll 16
   for (int j = 0; j < L::N; ++j) acc[j] = L::zero();
   for (int64_t c = 0; c < d; c += 2 * L::N) {
+    #pragma GCC unroll 16
     for (int t = 0; t < TOK; ++t) {
       typename L::V e, o;
       L::pair(k0 + t * ts + c, e, o);
+      #pragma GCC unroll 16
       for (int h = 0; h < HG; ++h) {
         auto& a = acc[t * HG + h];
         a = L::fmadd(e, L::load(qs + h * d + c), a);
@@ -380,7 +388,9 @@ inline void dots_split(const float* qs, int64_t d, const C* k0, int64_t ts, floa
   }
   alignas(64) float r[L::N];
   L::sums(acc, r);
+  #pragma GCC unroll 16
   for (int t = 0; t < TOK; ++t) {
+    #pragma GCC unroll 16
     for (int h = 0; h < HG; ++h) s[h * s_stride + t] = r[t * HG + h];
   }
 }
@@ -418,21 +428,28 @@ inline void group_values_split(float* acc, int64_t d, int64_t len, const C* v0,
   int64_t c = 0;
   for (; c + kChunk * CH <= len; c += kChunk * CH) {
     typename L::V a[2 * HG * CH];
+    #pragma GCC unroll 16
     for (int h = 0; h < HG; ++h) {
+      #pragma GCC unroll 16
       for (int j = 0; j < 2 * CH; ++j) a[h * 2 * CH + j] = L::load(acc + h * d + c + L::N * j);
     }
     for (int64_t t = 0; t < n_tok; ++t) {
       typename L::V e[CH], o[CH];
+      #pragma GCC unroll 16
       for (int j = 0; j < CH; ++j) L::pair(v0 + t * ts + c + kChunk * j, e[j], o[j]);
+      #pragma GCC unroll 16
       for (int h = 0; h < HG; ++h) {
         const typename L::V pb = L::bcast(p + h * p_stride + t);
+        #pragma GCC unroll 16
         for (int j = 0; j < CH; ++j) {
           a[h * 2 * CH + 2 * j] = L::fmadd(pb, e[j], a[h * 2 * CH + 2 * j]);
           a[h * 2 * CH + 2 * j + 1] = L::fmadd(pb, o[j], a[h * 2 * CH + 2 * j + 1]);
         }
       }
     }
+    #pragma GCC unroll 16
     for (int h = 0; h < HG; ++h) {
+      #pragma GCC unroll 16
       for (int j = 0; j < 2 * CH; ++j) L::store(acc + h * d + c + L::N * j, a[h * 2 * CH + j]);
     }
   }
