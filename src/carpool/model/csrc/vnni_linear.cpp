@@ -237,7 +237,6 @@ inline void widen_pair8(const B16* w, __m256& even, __m256& odd) {
   odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-
 // acc[m][v] += pairs [p0, p1) of x's rows [0, MR) (row stride k) times columns
 // [8 * (v0 + v), 8 * (v0 + v) + 8) of block wb.
 template <int MR, int NV>
