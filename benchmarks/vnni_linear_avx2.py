@@ -14,8 +14,8 @@ rounding. ``--huge-pages``: the packed weights in one huge-page arena, as the en
 
 from __future__ import annotations
 
+import argparse
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,8 +27,6 @@ from vnni_linear import weight_shapes  # noqa: E402
 
 
 def main() -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random-config", default="small", choices=("small", "medium"))
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
@@ -87,7 +85,7 @@ def main() -> None:
             )
             for w, p, x in pairs
         )
-        med = alternated_medians({"plain": partial(run_plain), "vnni": partial(run_vnni)}, a.rounds)
+        med = alternated_medians({"plain": run_plain, "vnni": run_vnni}, a.rounds)
         before, after = med["plain"], med["vnni"]
         print(
             f"| {m} | {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x "

@@ -342,7 +342,7 @@ void gemv_block(const XT* x, int64_t k, const B16* wb, const float* bias, B16* y
     for (int64_t p = 0; p < pairs; p += kStep) {
       const int64_t p1 = std::min<int64_t>(pairs, p + kStep);
       // The first tile streams the block (kAhead: its whole pair rows kPrefetchPairs ahead,
-      // which the other tiles then find in L2) or carries the next block's lines (kNext).
+      // which the other tiles then find in cache) or carries the next block's lines (kNext).
       if (PF == kAhead && v0 == 0) {
         const char* ahead = reinterpret_cast<const char*>(wb + (p + kPrefetchPairs) * kBlockN * 2);
         for (int64_t l = 0; l < (p1 - p) * 4; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
