@@ -97,12 +97,16 @@ def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> b
 
 def quantizes_int8_queries(head_dim: int) -> bool:
     """True when the kernel computes an int8 cache's attention in integer dot products
-    (``csrc/int8_attention.h``): a CPU with AVX-512 VNNI (the kernel is built with
-    ``-march=native``) and ``head_dim`` a multiple of 64. Its queries are then rounded to int8
-    per 64 values (as llama.cpp rounds a query to q8_0 for its q8_0 cache): scores differ from
-    the dequantized cache's by that rounding (BENCHMARKS.md, issue 11, twelfth pass)."""
+    (``csrc/int8_attention.h``): a CPU with AVX-512 VNNI, or one with AVX2 and FMA but no
+    AVX-512 (the same integers in two instructions each; issue 11, twenty-third pass; the
+    kernel is built with ``-march=native``), and ``head_dim`` a multiple of 64. Its queries are
+    then rounded to int8 per 64 values (as llama.cpp rounds a query to q8_0 for its q8_0
+    cache): scores differ from the dequantized cache's by that rounding (BENCHMARKS.md, issue
+    11, twelfth pass)."""
     flags = kernel_build.cpu_flags().split()
-    return head_dim % 64 == 0 and "avx512_vnni" in flags and "avx512bw" in flags
+    vnni = "avx512_vnni" in flags and "avx512bw" in flags
+    avx2 = "avx2" in flags and "fma" in flags and "avx512f" not in flags
+    return head_dim % 64 == 0 and (vnni or avx2)
 
 
 def store(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> None:

@@ -92,7 +92,7 @@ void decode_kernel(
   // (vec_math.h, block_dots_bf16 / block_values_bf16), for every group size.
   // An int8 cache with AVX-512 VNNI: integer dot products (int8_attention.h), for every group
   // size and either query dtype, head_dim a multiple of 64.
-#if defined(CARPOOL_VNNI_ATTENTION)
+#if defined(CARPOOL_INT8_ATTENTION)
   constexpr bool kVnni = kInt8;
   const bool vnni = kVnni && d % 64 == 0;
 #else
@@ -155,8 +155,8 @@ void decode_kernel(
     std::vector<c10::BFloat16> pb(kDp ? rh * p_stride : 0);
     // The VNNI loops: int8 queries (each 32-bit word broadcast to a vector) with a scale and
     // an offset per 64 values, and the running sums of the softmax as 16 lanes a head.
-#if defined(CARPOOL_VNNI_ATTENTION)
-    std::vector<__m512i> qb(kVnni ? rh * d / 4 : 0);
+#if defined(CARPOOL_INT8_ATTENTION)
+    std::vector<QWord> qb(kVnni ? rh * d / 4 : 0);
     std::vector<float> qsc(kVnni ? rh * d / 64 : 0), lv(kVnni ? rh * 16 : 0);
     std::vector<int32_t> qo(kVnni ? rh * d / 64 : 0);
 #endif
@@ -170,7 +170,7 @@ void decode_kernel(
       [[maybe_unused]] const T* qrun = q + b * q_stride + h0 * d;  // the run's query rows
       for (int64_t h = 0; h < nh; ++h) {
         if (dp) break;  // read as they are (bfloat16, unscaled)
-#if defined(CARPOOL_VNNI_ATTENTION)
+#if defined(CARPOOL_INT8_ATTENTION)
         if (vnni) {
           quantize_query(qrun + h * d, d, scale, qb.data() + h * d / 4, qsc.data() + h * d / 64,
                          qo.data() + h * d / 64);
@@ -189,7 +189,7 @@ void decode_kernel(
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
-#if defined(CARPOOL_VNNI_ATTENTION)
+#if defined(CARPOOL_INT8_ATTENTION)
       std::fill(lv.begin(), lv.end(), 0.0f);
 #endif
       const int64_t n_blocks = (n_ctx + block_size - 1) / block_size;
@@ -264,7 +264,7 @@ void decode_kernel(
             }
           }
         };
-#if defined(CARPOOL_VNNI_ATTENTION)
+#if defined(CARPOOL_INT8_ATTENTION)
         if constexpr (kVnni) {
           if (vnni) {
             vnni_block(qb.data(), qsc.data(), qo.data(), d, reinterpret_cast<const int8_t*>(base),
@@ -424,9 +424,9 @@ void decode_kernel(
       }
       for (int64_t h = 0; h < nh; ++h) {
         T* op = out + (b * heads + h0 + h) * d;
-#if defined(CARPOOL_VNNI_ATTENTION)
+#if defined(CARPOOL_INT8_ATTENTION)
         if (vnni) {
-          const float sum = _mm512_reduce_add_ps(_mm512_loadu_ps(lv.data() + h * 16));
+          const float sum = lane_sum16(lv.data() + h * 16);
           store_from_vnni(acc.data() + h * d, op, d, 1.0f / sum);
           continue;
         }
