@@ -186,68 +186,17 @@ template <int HG, typename Tick>
   }
 }
 
-// One block (n_tok tokens; base: the region of the run's first kv head, regions `region` bytes
-// apart) for the run's nkh kv heads and their `group` query heads each (sub-groups of at most
-// 4): tiles of 16 tokens. The next block's lines are asked for with prefetch(n), spread over
-// the work: each kv head's tile asks for its share in thirds, between its phases (vnni_tile's
-// ticks) and after it. Why not in one go after the tile: bursts of ~34 requests left the
-// memory idle while the tile computed (the whole block's 136 lines at once: 2.2x slower), and
-// requests inside the inner loops competed with its loads (12 a tile: 0.91x); between the
-// phases, 1.18x at GQA 16/4 8 x 2k and 1.20x at 8k from memory (BENCHMARKS.md, issue 11,
-// nineteenth pass).
-template <typename Prefetch>
-inline void vnni_block(const QWord* qb, const float* qs, const int32_t* qo, int64_t d,
-                       const int8_t* base, int64_t bs, int64_t region, int64_t n_tok,
-                       int64_t nkh, int64_t group, float* m, float* lv, float* acc,
-                       Prefetch& prefetch, int64_t lines) {
-  const int64_t tiles = (n_tok + 15) / 16;
-  const int64_t per_call = (lines + tiles * nkh - 1) / (tiles * nkh);
-  const int64_t third = (per_call + 2) / 3;
-  const int64_t chunks = d / 64;
-  const int64_t vrows = bs * (d + 4);  // V rows' offset in a region
-  for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, n_tok - t0);
-    for (int64_t k = 0; k < nkh; ++k) {
-      const int8_t* hb = base + k * region;
-      const int8_t* kw = hb + t0 * 4;
-      const float* ks = reinterpret_cast<const float*>(hb + d * bs) + t0;
-      const int8_t* v0 = hb + vrows + t0 * d;
-      const float* vs = reinterpret_cast<const float*>(hb + vrows + d * bs) + t0;
-      int64_t asked = 0;  // of this tile's per_call lines
-      auto tick = [&]() {
-        const int64_t count = std::min(third, per_call - asked);
-        prefetch(count);
-        asked += count;
-      };
-      for (int64_t g0 = 0; g0 < group; g0 += 4) {
-        const int64_t h = k * group + g0;
-        const QWord* qh = qb + h * d / 4;
-        const float* sh = qs + h * chunks;
-        const int32_t* oh = qo + h * chunks;
-        float* mh = m + h;
-        float* lh = lv + h * 16;
-        float* ah = acc + h * d;
-        switch (std::min<int64_t>(4, group - g0)) {
-          case 1: vnni_tile<1>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-          case 2: vnni_tile<2>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-          case 3: vnni_tile<3>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-          default: vnni_tile<4>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah);
-        }
-      }
-      prefetch(per_call - asked);
-    }
-  }
+// The tile for vnni_block: every tile is a full 16 lanes here (masked loads).
+template <int HG, typename Tick>
+[[gnu::always_inline]] inline void run_tile(bool, Tick& tick, const QWord* qb, const float* qs,
+                                            const int32_t* qo, int64_t d, const int8_t* kw,
+                                            const float* ks, const int8_t* v0, const float* vs,
+                                            int64_t bs, int64_t n, float* m, float* lv,
+                                            float* acc) {
+  vnni_tile<HG>(tick, qb, qs, qo, d, kw, ks, v0, vs, bs, n, m, lv, acc);
 }
 
-// out[0..d) = acc (vnni order) * mul, natural order.
-template <typename T>
-inline void store_from_vnni(const float* acc, T* out, int64_t d, float mul) {
-  for (int64_t c = 0; c < d; c += 64) {
-    for (int64_t v = 0; v < 4; ++v) {
-      for (int64_t l = 0; l < 16; ++l) store(out + c + vnni_dim(v, l), acc[c + 16 * v + l] * mul);
-    }
-  }
-}
+constexpr int64_t kAccLanes = 16;  // lanes of an accumulator vector (vnni_dim)
 
 }  // namespace carpool_kernels
 
@@ -436,7 +385,38 @@ template <int HG, bool kFull, typename Tick>
   }
 }
 
-// vnni_block of the VNNI loops, over this section's tiles.
+// The tile for vnni_block: full tiles without masks.
+template <int HG, typename Tick>
+[[gnu::always_inline]] inline void run_tile(bool full, Tick& tick, const QWord* qb,
+                                            const float* qs, const int32_t* qo, int64_t d,
+                                            const int8_t* kw, const float* ks, const int8_t* v0,
+                                            const float* vs, int64_t bs, int64_t n, float* m,
+                                            float* lv, float* acc) {
+  if (full) {
+    vnni_tile<HG, true>(tick, qb, qs, qo, d, kw, ks, v0, vs, bs, n, m, lv, acc);
+  } else {
+    vnni_tile<HG, false>(tick, qb, qs, qo, d, kw, ks, v0, vs, bs, n, m, lv, acc);
+  }
+}
+
+constexpr int64_t kAccLanes = 8;  // lanes of an accumulator vector (vnni_dim)
+
+}  // namespace carpool_kernels
+
+#endif
+
+#if defined(CARPOOL_INT8_ATTENTION)
+namespace carpool_kernels {
+
+// One block (n_tok tokens; base: the region of the run's first kv head, regions `region` bytes
+// apart) for the run's nkh kv heads and their `group` query heads each (sub-groups of at most
+// 4): tiles of 16 tokens. The next block's lines are asked for with prefetch(n), spread over
+// the work: each kv head's tile asks for its share in thirds, between its phases (vnni_tile's
+// ticks) and after it. Why not in one go after the tile: bursts of ~34 requests left the
+// memory idle while the tile computed (the whole block's 136 lines at once: 2.2x slower), and
+// requests inside the inner loops competed with its loads (12 a tile: 0.91x); between the
+// phases, 1.18x at GQA 16/4 8 x 2k and 1.20x at 8k from memory (BENCHMARKS.md, issue 11,
+// nineteenth pass).
 template <typename Prefetch>
 inline void vnni_block(const QWord* qb, const float* qs, const int32_t* qo, int64_t d,
                        const int8_t* base, int64_t bs, int64_t region, int64_t n_tok,
@@ -469,21 +449,12 @@ inline void vnni_block(const QWord* qb, const float* qs, const int32_t* qo, int6
         float* mh = m + h;
         float* lh = lv + h * 16;
         float* ah = acc + h * d;
-        const int hg = static_cast<int>(std::min<int64_t>(4, group - g0));
-        if (n == 16) {
-          switch (hg) {
-            case 1: vnni_tile<1, true>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-            case 2: vnni_tile<2, true>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-            case 3: vnni_tile<3, true>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-            default: vnni_tile<4, true>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah);
-          }
-        } else {
-          switch (hg) {
-            case 1: vnni_tile<1, false>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-            case 2: vnni_tile<2, false>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-            case 3: vnni_tile<3, false>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
-            default: vnni_tile<4, false>(tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah);
-          }
+        const bool full = n == 16;
+        switch (std::min<int64_t>(4, group - g0)) {
+          case 1: run_tile<1>(full, tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          case 2: run_tile<2>(full, tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          case 3: run_tile<3>(full, tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah); break;
+          default: run_tile<4>(full, tick, qh, sh, oh, d, kw, ks, v0, vs, bs, n, mh, lh, ah);
         }
       }
       prefetch(per_call - asked);
@@ -491,16 +462,15 @@ inline void vnni_block(const QWord* qb, const float* qs, const int32_t* qo, int6
   }
 }
 
-// out[0..d) = acc (this section's order) * mul, natural order.
+// out[0..d) = acc (vnni order) * mul, natural order.
 template <typename T>
 inline void store_from_vnni(const float* acc, T* out, int64_t d, float mul) {
   for (int64_t c = 0; c < d; c += 64) {
-    for (int64_t v = 0; v < 8; ++v) {
-      for (int64_t l = 0; l < 8; ++l) store(out + c + vnni_dim(v, l), acc[c + 8 * v + l] * mul);
+    for (int64_t i = 0; i < 64; ++i) {
+      store(out + c + vnni_dim(i / kAccLanes, i % kAccLanes), acc[c + i] * mul);
     }
   }
 }
 
 }  // namespace carpool_kernels
-
 #endif
