@@ -145,16 +145,20 @@ def test_kernel_applies_to_int8_caches_with_float_queries_on_the_cpu():
     assert not paged_attention.applies(torch.zeros(2, 16, 2, 1, 32), torch.bfloat16)
 
 
-def test_int8_kernel_reads_only_each_sequences_own_rows():
-    q, cache, tables, ctx = int8_case(4, 2, 32, 16, [5, 20], torch.float32)
-    ref = dequantized_sdpa(q, cache, tables, ctx, 32**-0.5)
+@pytest.mark.parametrize("head_dim", [32, 64])  # 64: the integer loops where the CPU has them
+def test_int8_kernel_reads_only_each_sequences_own_rows(head_dim):
+    q, cache, tables, ctx = int8_case(4, 2, head_dim, 16, [5, 20], torch.float32)
+    scale = head_dim**-0.5
+    ref, tol = dequantized_sdpa(q, cache, tables, ctx, scale), 2e-5
+    if paged_attention.quantizes_int8_queries(head_dim):
+        ref, tol = quantized_query_sdpa(q, cache, tables, ctx, scale), 3e-4
     rows = kv_quant.from_blocks(cache)  # slots as rows, written back in the block layout
     rows[tables[0, 0], 5:] = 127  # values, and scales of 127-byte garbage
     rows[tables[1, 1], 4:] = -100
     rows[tables[0, 1:]] = 127
     cache = kv_quant.to_blocks(rows)
-    got = paged_attention.paged_decode_attention(q, cache, tables, ctx, 32**-0.5)
-    assert (got - ref).abs().max().item() <= 2e-5
+    got = paged_attention.paged_decode_attention(q, cache, tables, ctx, scale)
+    assert (got - ref).abs().max().item() <= tol
 
 
 # Logit error of the tiny fp32 models (hidden 64, 2 layers, 4/2 heads, random weights of std
