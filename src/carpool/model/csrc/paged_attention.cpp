@@ -31,7 +31,9 @@
 // next blocks prefetched (prefetch_ahead), 1.45x (GQA) / 1.16x (MHA) / 1.77x (batch 1) over the grouped
 // loops on a bfloat16 cache at 2k (BENCHMARKS.md, issue 11, tenth pass). An int8 cache with
 // AVX-512 VNNI (head_dim a multiple of 64) takes integer dot products instead, queries rounded
-// to int8 (int8_attention.h; issue 11, twelfth pass).
+// to int8 (int8_attention.h; issue 11, twelfth pass); so does one on an AVX2 CPU without
+// AVX-512, each VNNI instruction as two (the same integers; twenty-third pass). Both are "the
+// VNNI loops" below.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -90,8 +92,8 @@ void decode_kernel(
   const int64_t head_off = kInt8 ? region : row;  // from one kv head's data to the next's
   // bfloat16 queries over a bfloat16 or int8 cache with AVX-512 BF16: the dot-product loops
   // (vec_math.h, block_dots_bf16 / block_values_bf16), for every group size.
-  // An int8 cache with AVX-512 VNNI: integer dot products (int8_attention.h), for every group
-  // size and either query dtype, head_dim a multiple of 64.
+  // An int8 cache with AVX-512 VNNI, or AVX2 without AVX-512: integer dot products
+  // (int8_attention.h), for every group size and either query dtype, head_dim a multiple of 64.
 #if defined(CARPOOL_INT8_ATTENTION)
   constexpr bool kVnni = kInt8;
   const bool vnni = kVnni && d % 64 == 0;
@@ -153,8 +155,9 @@ void decode_kernel(
     // The dot-product loops: each head's softmax weights in bfloat16, padded to an even count.
     const int64_t p_stride = (block_size + 15) / 16 * 16;  // softmax_weights_bf16 writes 16s
     std::vector<c10::BFloat16> pb(kDp ? rh * p_stride : 0);
-    // The VNNI loops: int8 queries (each 32-bit word broadcast to a vector) with a scale and
-    // an offset per 64 values, and the running sums of the softmax as 16 lanes a head.
+    // The VNNI loops: int8 queries (each 32-bit word, broadcast to a vector with AVX-512) with
+    // a scale and an offset per 64 values, and the running sums of the softmax as 16 lanes a
+    // head.
 #if defined(CARPOOL_INT8_ATTENTION)
     std::vector<QWord> qb(kVnni ? rh * d / 4 : 0);
     std::vector<float> qsc(kVnni ? rh * d / 64 : 0), lv(kVnni ? rh * 16 : 0);
