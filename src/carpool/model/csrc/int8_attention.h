@@ -247,14 +247,6 @@ inline void quantize_query(const T* q, int64_t d, float scale, QWord* qb, float*
   }
 }
 
-// The largest of 8 lanes.
-inline float hmax8(__m256 v) {
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-
 // The dimension (within its 64-value chunk) that lane l of accumulator vector v (0-7) holds:
 // 16 dimensions widened to int16 (128-bit lane L: 8L .. 8L + 7), two rows interleaved by
 // unpacklo/hi_epi16 (per lane its first / last 4).

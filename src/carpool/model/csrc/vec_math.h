@@ -85,6 +85,14 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
+// The largest of 8 lanes (max_block; the AVX2 int8 loops of int8_attention.h).
+inline float hmax8(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
 // The 8 lane sums of acc[0..7], as one vector (element j = sum of acc[j]).
 inline __m256 reduce8(const __m256* acc) {
   const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
@@ -140,10 +148,7 @@ inline float max_block(const float* sh, int64_t n, float x) {
 #elif defined(CARPOOL_AVX2)
   __m256 mv = _mm256_set1_ps(x);
   for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sh + t));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  x = _mm_cvtss_f32(h);
+  x = hmax8(mv);
 #endif
   for (; t < n; ++t) x = std::max(x, sh[t]);
   return x;
