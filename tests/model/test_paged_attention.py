@@ -99,12 +99,14 @@ def test_query_head_groups_of_every_size(heads, kv_heads, cache, head_dim):
 @pytest.mark.parametrize("heads,kv_heads", [(16, 4), (9, 3), (8, 8)], ids=["gqa4", "9/3", "mha"])
 @pytest.mark.parametrize("cache", ["fp32", "bf16", "bf16-fp32q", "int8-fp32q", "int8-bf16q"])
 def test_long_contexts_the_same_bits_whatever_the_batch(heads, kv_heads, cache):
-    # Long contexts (1-2k tokens beside short ones): right against the reference, and the same
-    # bits for a sequence alone, in a batch, and on one thread or two (the work is split over
-    # sequences and kv heads, never inside one head's sums), so a request's greedy tokens do
-    # not depend on what it is batched with. A split of long contexts into chunks would have to
-    # keep this (BENCHMARKS.md, issue 11, nineteenth pass: tried, not kept).
-    lens = [1500, 1025, 1024, 2100, 40, 1]
+    # Long contexts (1-5k tokens beside short ones): right against the reference, and the same
+    # bits for a sequence alone, in a batch, and on one thread or two, so a request's greedy
+    # tokens do not depend on what it is batched with. A float cache's contexts over 512
+    # tokens are cut into chunks merged after (2100: 5 chunks of 32 blocks; 5000: the most, 8
+    # of 40): by the context alone, and merged in the same order whichever thread merges (one
+    # thread: the one that computed the chunks; two: after the parallel loop, for a sequence
+    # alone).
+    lens = [1500, 1025, 1024, 2100, 40, 1, 5000]
     head_dim = 64
     scale = head_dim**-0.5
     if cache.startswith("int8"):

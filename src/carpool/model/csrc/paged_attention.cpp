@@ -4,7 +4,9 @@
 // sequence's block table, and per block: dot products of the group's queries with the block's keys, an
 // online (streaming) softmax update, and the weighted sum of the block's values, all in
 // float32. K and V are read straight from the cache, once per kv head for all the query heads
-// that share it (grouped-query attention); nothing is copied.
+// that share it (grouped-query attention); nothing is copied. A long context over a float
+// cache is walked in chunks, each on any thread, their softmax sums merged after (see
+// decode_kernel's work items).
 //
 // The cache holds float32 or bfloat16 rows (a bfloat16 cache also under float32 queries: a float32
 // model's cache at half the bytes), or int8 values (``kv_cache_dtype="int8"``): each
@@ -56,6 +58,16 @@
 namespace {
 
 using namespace carpool_kernels;  // NOLINT: the helpers of vec_math.h
+
+// A sequence's context is split into work items ("chunks", see decode_kernel's work items) of
+// at least kChunkTokens tokens (rounded down to whole blocks) and at most kMaxChunks of them.
+// Why bounds: every chunk starts its softmax afresh (its running max found again, the sums
+// rescaled each time it grows), ~2.5 us a chunk on GQA 16/4; chunks of 512 tokens cost 3% at
+// batch 8 x 8k with a bfloat16 cache. An int8 cache is not split: its kernel is already near
+// the memory's speed at batch 1 (1.09-1.3x from chunks) and the restarts cost it 5-8% at
+// batch 8 (BENCHMARKS.md, issue 11, twenty-fourth pass).
+constexpr int64_t kChunkTokens = 512;
+constexpr int64_t kMaxChunks = 8;
 
 // How many blocks ahead the kernel asks for a block's rows (see prefetch_next).
 constexpr int64_t kPrefetchBlocks = 2;
@@ -134,16 +146,102 @@ void decode_kernel(
 #else
   const bool wide = false;
 #endif
-  // A work item is one sequence and a run of its kv heads. Why a run, not one kv head: a
-  // token's K (and V) of all kv heads is one contiguous row, and reading whole rows streams
-  // through memory, while one head's slice of every row is a 2-cache-line read every few KiB
-  // (measured ~10x slower: latency-bound). Sequences are split into runs only as far as
-  // needed to give each thread about 2 items (batch 1 on 2 threads: 4 runs of K/4 heads).
+  // A work item is one chunk of a sequence's context (whole blocks; kChunkTokens) and a run
+  // of its kv heads.
+  // Why chunks ("flash decoding"): with a sequence as one item per run of kv heads, batch 1
+  // kept 2 threads busy only by splitting its kv heads, each thread reading its heads' slice
+  // of every slot (1.7-1.9x slower at 2k-8k on the Zen 2 of issue 11), and a single kv head
+  // not at all. The chunks of a sequence run on any thread; their partial results (each head's
+  // running max, sum and weighted values) are merged after. The chunks are fixed by the
+  // context length alone, never by the batch or the threads, so a sequence computes the same
+  // numbers alone or in any batch (what makes every batching strategy's greedy tokens equal).
+  // Why a run of kv heads, not one: a token's K (and V) of all kv heads is one contiguous row,
+  // and reading whole rows streams through memory, while one head's slice of every row is a
+  // 2-cache-line read every few KiB (measured ~10x slower: latency-bound). Chunks are split
+  // into runs only as far as needed to give each thread about 2 items (a short sequence alone
+  // on 2 threads: 4 runs of K/4 heads).
+  // Each sequence's chunks: at least kChunkTokens (whole blocks), at most kMaxChunks; an int8
+  // cache's contexts are not split (see kChunkTokens).
+  const int64_t min_chunk = std::max<int64_t>(1, kChunkTokens / block_size);
+  std::vector<int64_t> work_seq, work_first, work_end;  // per chunk: sequence, blocks [first, end)
+  std::vector<int64_t> seq_work(batch + 1);  // sequence b's chunks: [seq_work[b], seq_work[b+1])
+  for (int64_t b = 0; b < batch; ++b) {
+    seq_work[b] = static_cast<int64_t>(work_seq.size());
+    const int64_t n_blocks = (ctx[b] + block_size - 1) / block_size;
+    const int64_t per = kInt8 ? n_blocks
+                              : std::max(min_chunk, (n_blocks + kMaxChunks - 1) / kMaxChunks);
+    for (int64_t n = 0; n < n_blocks; n += per) {
+      work_seq.push_back(b);
+      work_first.push_back(n);
+      work_end.push_back(std::min(n_blocks, n + per));
+    }
+  }
+  const int64_t works = static_cast<int64_t>(work_seq.size());
+  seq_work[batch] = works;
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
+  const int64_t splits =
+      std::min(kv_heads, std::max<int64_t>(1, (2 * threads + works - 1) / works));
   const int64_t run_heads = (kv_heads + splits - 1) / splits;  // kv heads per work item
   const int64_t runs = (kv_heads + run_heads - 1) / run_heads;
-  at::parallel_for(0, batch * runs, 1, [&](int64_t begin, int64_t end) {
+  // The blocks [first, end) of an item's chunk.
+  auto blocks_of = [&](int64_t w) { return std::make_pair(work_first[w], work_end[w]); };
+  // A sequence of several chunks: each chunk's partial result per query head, merged below:
+  // [works][heads][d + 2] floats (weighted values in the loops' order, running max, sum).
+  const int64_t part_row = d + 2;
+  // Kept between calls (the calling thread's): a fresh vector of this size (~135 KB at 8 x 2k,
+  // GQA 16/4) is a fresh mapping, its pages faulted in and unmapped in every call.
+  static thread_local std::vector<float> part_buf;
+  const int64_t part_size = works > batch ? works * heads * part_row : 0;
+  if (static_cast<int64_t>(part_buf.size()) < part_size) part_buf.resize(part_size);
+  // (A pointer, not the thread_local: in the parallel loops that name is each worker's own.)
+  float* const part = part_buf.data();
+  // Head h's output op = a / lsum: a holds the weighted values in the order of the loops that
+  // made them, lsum the softmax sum.
+  auto finish = [&](const float* a, float lsum, T* op) {
+    const float inv = 1.0f / lsum;
+#if defined(CARPOOL_INT8_ATTENTION)
+    if (vnni) {
+      store_from_vnni(a, op, d, inv);
+      return;
+    }
+#endif
+#if defined(__AVX512BF16__)
+    if constexpr (kDp) {
+      if (dp) {
+        store_from_pairs(a, op, d, inv);
+        return;
+      }
+    }
+#endif
+#if defined(CARPOOL_GROUPED)
+    if (split) {
+      with_lanes(wide, [&](auto l) { store_from_split<decltype(l)>(a, op, d, inv); });
+      return;
+    }
+#endif
+    for (int64_t i = 0; i < d; ++i) store(op + i, a[i] * inv);
+  };
+  // Sequence b's head h from its chunks' partial results: the softmax of the whole context,
+  // every chunk's sums rescaled to the largest running max, added in chunk order (whichever
+  // thread merges, the same bits). a: d floats of scratch.
+  auto merge = [&](int64_t b, int64_t h, float* a) {
+    const int64_t w0 = seq_work[b], w1 = seq_work[b + 1];
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t w = w0; w < w1; ++w) mx = std::max(mx, part[(w * heads + h) * part_row + d]);
+    std::fill(a, a + d, 0.0f);
+    float lsum = 0.0f;
+    for (int64_t w = w0; w < w1; ++w) {
+      const float* pr = part + (w * heads + h) * part_row;
+      const float c = exp_nonpositive(pr[d] - mx);
+      lsum += c * pr[d + 1];
+      for (int64_t i = 0; i < d; ++i) a[i] += c * pr[i];
+    }
+    finish(a, lsum, out + (b * heads + h) * d);
+  };
+  // Per (sequence, run): merged by the thread that computed all its chunks (the usual case at
+  // a batch of a few sequences per thread), else after every item is done.
+  std::vector<char> merged(part_size ? batch * runs : 0, 0);
+  at::parallel_for(0, works * runs, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch for one run: queries, accumulators, running max/sum, block scores.
     const int64_t rh = run_heads * group;  // query heads of a run
     std::vector<float> qf(rh * d), acc(rh * d), m(rh), l(rh), s(rh * block_size);
@@ -163,16 +261,22 @@ void decode_kernel(
     std::vector<float> qsc(kVnni ? rh * d / 64 : 0), lv(kVnni ? rh * 16 : 0);
     std::vector<int32_t> qo(kVnni ? rh * d / 64 : 0);
 #endif
+    int64_t q_ready = -1;  // the (sequence, run) whose queries qf / qb hold
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / runs;
+      const int64_t w = item / runs;
+      const int64_t b = work_seq[w];
+      const auto [n_first, n_end] = blocks_of(w);
       const int64_t kh0 = (item % runs) * run_heads;
       const int64_t nkh = std::min(run_heads, kv_heads - kh0);
       const int64_t nh = nkh * group;
       const int64_t h0 = kh0 * group;
       const int64_t n_ctx = ctx[b];
       [[maybe_unused]] const T* qrun = q + b * q_stride + h0 * d;  // the run's query rows
+      // The queries of a run, prepared once for all the chunks of its sequence this thread
+      // computes in a row.
+      const int64_t q_id = b * runs + item % runs;
       for (int64_t h = 0; h < nh; ++h) {
-        if (dp) break;  // read as they are (bfloat16, unscaled)
+        if (dp || q_id == q_ready) break;  // dp: read as they are (bfloat16, unscaled)
 #if defined(CARPOOL_INT8_ATTENTION)
         if (vnni) {
           quantize_query(qrun + h * d, d, scale, qb.data() + h * d / 4, qsc.data() + h * d / 64,
@@ -189,14 +293,14 @@ void decode_kernel(
 #endif
         for (int64_t i = 0; i < d; ++i) qf[h * d + i] = to_float(qp[i]) * scale;
       }
+      q_ready = q_id;
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
 #if defined(CARPOOL_INT8_ATTENTION)
       std::fill(lv.begin(), lv.end(), 0.0f);
 #endif
-      const int64_t n_blocks = (n_ctx + block_size - 1) / block_size;
-      for (int64_t n = 0; n < n_blocks; ++n) {
+      for (int64_t n = n_first; n < n_end; ++n) {
         const C* base = kv + tables[b * max_blocks + n] * block_stride + kh0 * head_off;
         const int64_t n_tok = std::min(block_size, n_ctx - n * block_size);
         // The next block is elsewhere in memory (the table is random): ask for its rows
@@ -206,14 +310,17 @@ void decode_kernel(
         // more than computing them (1.7x on the kernel there, with the vector store of
         // store_from_pairs; tenth pass).
         const char* next = nullptr;
-        if (n + kPrefetchBlocks < n_blocks) {
+        if (n + kPrefetchBlocks < n_end) {
           next = reinterpret_cast<const char*>(
               kv + tables[b * max_blocks + n + kPrefetchBlocks] * block_stride + kh0 * head_off);
         } else if (item + 1 < end) {
-          const int64_t nb = (item + 1) / runs, nn = n + kPrefetchBlocks - n_blocks;
-          if (nn < (ctx[nb] + block_size - 1) / block_size) {
-            next = reinterpret_cast<const char*>(kv + tables[nb * max_blocks + nn] * block_stride +
-                                                 ((item + 1) % runs) * run_heads * head_off);
+          const int64_t nw = (item + 1) / runs;
+          const auto [nf, ne] = blocks_of(nw);
+          const int64_t nn = nf + n + kPrefetchBlocks - n_end;
+          if (nn < ne) {
+            next = reinterpret_cast<const char*>(
+                kv + tables[work_seq[nw] * max_blocks + nn] * block_stride +
+                ((item + 1) % runs) * run_heads * head_off);
           }
         }
         const int64_t run_bytes = nkh * row * static_cast<int64_t>(sizeof(C));
@@ -425,31 +532,42 @@ void decode_kernel(
           head_values(acc.data() + h * d, vbase + (h / group) * vrw, vts, n_tok, ph, d);
         }
       }
+      const bool alone = seq_work[b + 1] - seq_work[b] == 1;
       for (int64_t h = 0; h < nh; ++h) {
-        T* op = out + (b * heads + h0 + h) * d;
+        float lsum = l[h];
 #if defined(CARPOOL_INT8_ATTENTION)
-        if (vnni) {
-          const float sum = lane_sum16(lv.data() + h * 16);
-          store_from_vnni(acc.data() + h * d, op, d, 1.0f / sum);
+        if (vnni) lsum = lane_sum16(lv.data() + h * 16);
+#endif
+        if (alone) {
+          finish(acc.data() + h * d, lsum, out + (b * heads + h0 + h) * d);
           continue;
         }
-#endif
-        const float inv = 1.0f / l[h];
-#if defined(__AVX512BF16__)
-        if constexpr (kDp) {
-          if (dp) {
-            store_from_pairs(acc.data() + h * d, op, d, inv);
-            continue;
-          }
-        }
-#endif
-#if defined(CARPOOL_GROUPED)
-        if (split) {
-          with_lanes(wide, [&](auto l) { store_from_split<decltype(l)>(acc.data() + h * d, op, d, inv); });
-          continue;
-        }
-#endif
-        for (int64_t i = 0; i < d; ++i) store(op + i, acc[h * d + i] * inv);
+        float* pr = part + (w * heads + h0 + h) * part_row;
+        std::copy(acc.begin() + h * d, acc.begin() + (h + 1) * d, pr);
+        pr[d] = m[h];
+        pr[d + 1] = lsum;
+      }
+      const int64_t run = item % runs;
+      if (!alone && w + 1 == seq_work[b + 1] && seq_work[b] * runs + run >= begin) {
+        for (int64_t h = 0; h < nh; ++h) merge(b, h0 + h, acc.data());
+        merged[b * runs + run] = 1;
+      }
+    }
+  });
+  if (part_size == 0) return;
+  bool all_merged = true;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t r = 0; r < runs; ++r) {
+      all_merged &= seq_work[b + 1] - seq_work[b] == 1 || merged[b * runs + r] != 0;
+    }
+  }
+  if (all_merged) return;
+  at::parallel_for(0, batch * heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> a(d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / heads, h = item % heads;
+      if (seq_work[b + 1] - seq_work[b] > 1 && !merged[b * runs + h / (run_heads * group)]) {
+        merge(b, h, a.data());
       }
     }
   });
