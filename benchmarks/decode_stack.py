@@ -17,7 +17,14 @@ import statistics
 import time
 
 import torch
-from profile_step import add_model_args, decode_chunks, decode_step, fill_random, prepared_model
+from profile_step import (
+    add_model_args,
+    decode_chunks,
+    decode_step,
+    engine_cache_dtype,
+    fill_random,
+    prepared_model,
+)
 
 from carpool.model import decode_stack
 
@@ -33,7 +40,9 @@ def main() -> None:
     print("| batch | stack ms | Python layers ms | ratio |\n|---:|---:|---:|---:|")
     for b in (int(x) for x in a.batch.split(",")):
         chunks = decode_chunks(b, a.context, 16)
-        caches = model.allocate_kv_cache(2 + b * -(-a.context // 16), 16, dtype, "cpu")
+        caches = model.allocate_kv_cache(
+            2 + b * -(-a.context // 16), 16, engine_cache_dtype(model), "cpu"
+        )
         fill_random(caches)
 
         def step(chunks=chunks, caches=caches) -> torch.Tensor:  # noqa: ANN001

@@ -91,6 +91,29 @@ def random_model(preset: str, dtype: str, max_positions: int) -> Path:
     return out
 
 
+def dtype_of(model) -> torch.dtype:  # noqa: ANN001
+    return next(model.parameters()).dtype
+
+
+def cache_dtype_name(model, kv_cache_dtype: str) -> str:  # noqa: ANN001
+    """The cache dtype the engine would give ``model`` for ``kv_cache_dtype``: ``"auto"`` is
+    bfloat16 for a float32 model with quantized matrices (a GGUF Q8_0/Q4 file; see
+    ``kv_quant.effective_kv_cache_dtype``), not float32 (this script's runs before the
+    twenty-fourth pass of issue 11 measured such models over a float32 cache)."""
+    effective = getattr(kv_quant, "effective_kv_cache_dtype", None)
+    if effective is None:  # a checkout from before it (PYTHONPATH=<src> A/B runs)
+        return kv_cache_dtype
+    from carpool.model.quant import QuantizedLinear
+
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return effective(kv_cache_dtype, dtype_of(model), quantized)
+
+
+def engine_cache_dtype(model, kv_cache_dtype: str = "auto") -> torch.dtype:  # noqa: ANN001
+    """The cache tensor's dtype the engine would allocate for ``model`` (cache_dtype_name)."""
+    return resolve_kv_dtype(cache_dtype_name(model, kv_cache_dtype), dtype_of(model))
+
+
 def decode_chunks(batch: int, context: int, block_size: int) -> list[_Chunk]:
     """``batch`` sequences of ``context - 1`` cached tokens, each decoding one more token."""
     blocks = -(-context // block_size)
@@ -248,6 +271,7 @@ def main() -> None:
     path = a.model or random_model(a.random_config, a.dtype, max(contexts) + 16)
     model, _ = load_model(path, dtype=a.dtype)
     prepare_model(model, "cpu")  # as the engine's runner does: packed weights, fused ops
+    print(f"kv cache: {cache_dtype_name(model, a.kv_cache_dtype)}")
     print(
         "| batch | context | step ms | tok/s | top-level ops/step | per layer "
         "| matmuls | attention | outside both |"
@@ -256,7 +280,7 @@ def main() -> None:
     rows = []
     for b in (int(x) for x in a.batch.split(",")):
         for ctx in contexts:
-            kv = resolve_kv_dtype(a.kv_cache_dtype, next(model.parameters()).dtype)
+            kv = engine_cache_dtype(model, a.kv_cache_dtype)
             r = measure(model, b, ctx, a.steps, a.block_size, kv_dtype=kv, top_ops=a.top)
             rows.append(r)
             print(

@@ -20,7 +20,14 @@ import statistics
 import time
 
 import torch
-from profile_step import add_model_args, decode_chunks, decode_step, fill_random, prepared_model
+from profile_step import (
+    add_model_args,
+    decode_chunks,
+    decode_step,
+    engine_cache_dtype,
+    fill_random,
+    prepared_model,
+)
 
 from carpool.model import paged_attention
 from carpool.worker.batch import build_ragged_batch
@@ -38,7 +45,9 @@ def main() -> None:
     print("| batch | step ms | kernels alone ms | outside |\n|---:|---:|---:|---:|")
     for b in (int(x) for x in a.batch.split(",")):
         chunks = decode_chunks(b, a.context, 16)
-        caches = model.allocate_kv_cache(2 + b * -(-a.context // 16), 16, dtype, "cpu")
+        caches = model.allocate_kv_cache(
+            2 + b * -(-a.context // 16), 16, engine_cache_dtype(model), "cpu"
+        )
         fill_random(caches)
         inp = build_ragged_batch(chunks, [c.block_table for c in chunks], 16)
         meta = inp.meta
