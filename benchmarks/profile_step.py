@@ -271,7 +271,7 @@ def main() -> None:
     path = a.model or random_model(a.random_config, a.dtype, max(contexts) + 16)
     model, _ = load_model(path, dtype=a.dtype)
     prepare_model(model, "cpu")  # as the engine's runner does: packed weights, fused ops
-    print(f"kv cache: {cache_dtype_name(model, a.kv_cache_dtype)}")
+    print(f"kv cache: {engine_cache_dtype(model, a.kv_cache_dtype)}")
     print(
         "| batch | context | step ms | tok/s | top-level ops/step | per layer "
         "| matmuls | attention | outside both |"
