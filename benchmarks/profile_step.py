@@ -91,27 +91,19 @@ def random_model(preset: str, dtype: str, max_positions: int) -> Path:
     return out
 
 
-def dtype_of(model) -> torch.dtype:  # noqa: ANN001
-    return next(model.parameters()).dtype
-
-
-def cache_dtype_name(model, kv_cache_dtype: str) -> str:  # noqa: ANN001
-    """The cache dtype the engine would give ``model`` for ``kv_cache_dtype``: ``"auto"`` is
+def engine_cache_dtype(model, kv_cache_dtype: str = "auto") -> torch.dtype:  # noqa: ANN001
+    """The cache tensor's dtype the engine would allocate for ``model``: ``"auto"`` is
     bfloat16 for a float32 model with quantized matrices (a GGUF Q8_0/Q4 file; see
     ``kv_quant.effective_kv_cache_dtype``), not float32 (this script's runs before the
     twenty-fourth pass of issue 11 measured such models over a float32 cache)."""
+    dtype = next(model.parameters()).dtype
     effective = getattr(kv_quant, "effective_kv_cache_dtype", None)
-    if effective is None:  # a checkout from before it (PYTHONPATH=<src> A/B runs)
-        return kv_cache_dtype
-    from carpool.model.quant import QuantizedLinear
+    if effective is not None:  # (absent in checkouts before it: PYTHONPATH=<src> A/B runs)
+        from carpool.model.quant import QuantizedLinear
 
-    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
-    return effective(kv_cache_dtype, dtype_of(model), quantized)
-
-
-def engine_cache_dtype(model, kv_cache_dtype: str = "auto") -> torch.dtype:  # noqa: ANN001
-    """The cache tensor's dtype the engine would allocate for ``model`` (cache_dtype_name)."""
-    return resolve_kv_dtype(cache_dtype_name(model, kv_cache_dtype), dtype_of(model))
+        quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+        kv_cache_dtype = effective(kv_cache_dtype, dtype, quantized)
+    return resolve_kv_dtype(kv_cache_dtype, dtype)
 
 
 def decode_chunks(batch: int, context: int, block_size: int) -> list[_Chunk]:

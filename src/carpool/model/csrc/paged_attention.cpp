@@ -238,9 +238,10 @@ void decode_kernel(
     }
     finish(a, lsum, out + (b * heads + h) * d);
   };
-  // Per (sequence, run): merged by the thread that computed all its chunks (the usual case at
-  // a batch of a few sequences per thread), else after every item is done.
-  std::vector<char> merged(part_size ? batch * runs : 0, 0);
+  // Per (sequence, run): its output written (by its only chunk, or merged by the thread that
+  // computed all its chunks: the usual case at a batch of a few sequences per thread); the
+  // rest are merged after every item is done.
+  std::vector<char> done(part_size ? batch * runs : 0, 0);
   at::parallel_for(0, works * runs, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch for one run: queries, accumulators, running max/sum, block scores.
     const int64_t rh = run_heads * group;  // query heads of a run
@@ -266,7 +267,8 @@ void decode_kernel(
       const int64_t w = item / runs;
       const int64_t b = work_seq[w];
       const auto [n_first, n_end] = blocks_of(w);
-      const int64_t kh0 = (item % runs) * run_heads;
+      const int64_t run = item % runs;
+      const int64_t kh0 = run * run_heads;
       const int64_t nkh = std::min(run_heads, kv_heads - kh0);
       const int64_t nh = nkh * group;
       const int64_t h0 = kh0 * group;
@@ -274,7 +276,7 @@ void decode_kernel(
       [[maybe_unused]] const T* qrun = q + b * q_stride + h0 * d;  // the run's query rows
       // The queries of a run, prepared once for all the chunks of its sequence this thread
       // computes in a row.
-      const int64_t q_id = b * runs + item % runs;
+      const int64_t q_id = b * runs + run;
       for (int64_t h = 0; h < nh; ++h) {
         if (dp || q_id == q_ready) break;  // dp: read as they are (bfloat16, unscaled)
 #if defined(CARPOOL_INT8_ATTENTION)
@@ -547,26 +549,20 @@ void decode_kernel(
         pr[d] = m[h];
         pr[d + 1] = lsum;
       }
-      const int64_t run = item % runs;
-      if (!alone && w + 1 == seq_work[b + 1] && seq_work[b] * runs + run >= begin) {
+      // This thread computed every chunk of the (sequence, run) (alone: its only one).
+      const bool all_here = w + 1 == seq_work[b + 1] && seq_work[b] * runs + run >= begin;
+      if (all_here && !alone) {
         for (int64_t h = 0; h < nh; ++h) merge(b, h0 + h, acc.data());
-        merged[b * runs + run] = 1;
       }
+      if (all_here && !done.empty()) done[q_id] = 1;
     }
   });
-  if (part_size == 0) return;
-  bool all_merged = true;
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t r = 0; r < runs; ++r) {
-      all_merged &= seq_work[b + 1] - seq_work[b] == 1 || merged[b * runs + r] != 0;
-    }
-  }
-  if (all_merged) return;
+  if (std::all_of(done.begin(), done.end(), [](char c) { return c != 0; })) return;
   at::parallel_for(0, batch * heads, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> a(d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / heads, h = item % heads;
-      if (seq_work[b + 1] - seq_work[b] > 1 && !merged[b * runs + h / (run_heads * group)]) {
+      if (!done[b * runs + h / (run_heads * group)]) {
         merge(b, h, a.data());
       }
     }
