@@ -8,6 +8,9 @@ same int8 codes: per row count, ``--rounds`` rounds of a pass over every linear 
 medians, the read rate, and whether the two outputs are the same bits.
 
     python benchmarks/ab_int8_gemv.py --before /tmp/old/src --random-config small --rows 1,2,4
+
+``--huge-pages``: the codes in one huge-page mapping in read order, as the engine holds a
+model's weights (``pages.move_weights``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab_paged_kernel import ab_parser, alternated_medians, build, product_row  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
+from carpool.model import pages  # noqa: E402
+
 
 def main() -> None:
     ap = ab_parser(__doc__)
     ap.add_argument("--random-config", default="small")
     ap.add_argument("--rows", default="1,2,4")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--huge-pages", action="store_true", help="weights as the engine holds them")
     a = ap.parse_args()
     build(Path(a.before), "ab_i8_before", "fused_ops.cpp")
     build(Path(a.after), "ab_i8_after", "fused_ops.cpp")
@@ -44,11 +50,19 @@ def main() -> None:
         )
         for n, k in shapes
     ]
+    if a.huge_pages:
+        holder = torch.nn.ParameterList(
+            [torch.nn.Parameter(t, False) for q, s in weights for t in (q, s)]
+        )
+        assert pages.move_weights(holder), "CARPOOL_WEIGHT_PAGES=0 is set"
+        flat = [p.data for p in holder]
+        weights = list(zip(flat[::2], flat[1::2], strict=True))
     nbytes = sum(n * k for n, k in shapes)
     dtype = getattr(torch, a.dtype)
     print(
         f"{a.random_config}: {len(shapes)} int8 weights, {nbytes / 1e6:.0f} MB; x {a.dtype}; "
-        f"threads={a.threads} rounds={a.rounds}"
+        f"threads={a.threads} rounds={a.rounds}; "
+        f"{'huge pages' if a.huge_pages else '4 KiB pages'}"
     )
     print("| rows | before ms | after ms | before / after | after GB/s | same bits |")
     print("|---:|---:|---:|---:|---:|---|")

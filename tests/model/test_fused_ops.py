@@ -219,14 +219,18 @@ def test_int8_gemv_is_torchs_int8_kernel(rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_gemv_row_does_not_depend_on_its_neighbours(dtype):
+@pytest.mark.parametrize("k", [200, 203])  # past the last 16 (AVX-512) / 64 and 8 (AVX2) codes
+def test_int8_gemv_row_does_not_depend_on_its_neighbours(dtype, k):
     torch.manual_seed(4)
-    q = torch.randint(-127, 128, (300, 200), dtype=torch.int8)  # K = 200: a scalar tail too
+    q = torch.randint(-127, 128, (300, k), dtype=torch.int8)
     s = (torch.rand(300) * 0.01).bfloat16()
-    x = torch.randn(37, 200, dtype=dtype)
+    x = torch.randn(37, k, dtype=dtype)
     every = torch.ops.carpool.int8_gemv(x, q, s)
-    for lo, hi in ((0, 1), (5, 7), (10, 13), (20, 24), (3, 37)):
+    # Groups of 1-6 rows alone (the AVX2 loops' shapes), and 34 rows in groups of 5 and 6.
+    for lo, hi in ((0, 1), (5, 7), (10, 13), (20, 24), (24, 29), (29, 35), (3, 37)):
         assert torch.equal(torch.ops.carpool.int8_gemv(x[lo:hi], q, s), every[lo:hi]), (lo, hi)
+    exact = (x.bfloat16().float() @ q.float().T) * s.float()
+    torch.testing.assert_close(every.float(), exact, rtol=2**-7, atol=1e-3)
 
 
 def test_int8_gemv_declines_what_it_does_not_take():

@@ -441,10 +441,15 @@ void rotary_(at::Tensor x, const at::Tensor& cs) {
 // matrix of an int8-quantized model). torch's _weight_int8pack_mm reads a weight that is not
 // in cache at ~7 GB/s on 2 threads here (a 49152 x 576 head: 3.8 ms, against 1.8 ms when it is
 // in L3): the rows are not fetched ahead. Here each thread walks its own contiguous share of
-// the rows (four at a time with AVX-512, int8_tile), prefetching kPrefetchRows ahead, widens
-// the codes sixteen at a time to float32 and dots them with every input row while they are in
-// registers. x and the scales in bfloat16, float32 sums, bfloat16 out, as the torch kernel.
+// the rows (four at a time with AVX-512, int8_tile; tiles of twelve with AVX2, int8_groups8),
+// prefetching kPrefetchRows ahead, widens the codes to float32 and dots them with every input
+// row while they are in registers. x and the scales in bfloat16, float32 sums, bfloat16 out, as
+// the torch kernel.
+#if defined(CARPOOL_AVX2)
+constexpr int64_t kPrefetchRows = 12;  // one AVX2 tile (kTileRows below)
+#else
 constexpr int64_t kPrefetchRows = 8;
+#endif
 
 // Rounding of the inputs and outputs: to bf16 (int8_gemv: torch's bf16 kernel's values), or
 // none (int8_logits: float32 x, float32 sums).
@@ -462,6 +467,73 @@ inline __m512 int8_tail16(const int8_t* q, int64_t i, int64_t k) {
   std::memcpy(buf, q + i, static_cast<size_t>(k - i));
   const __m128i codes = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+}
+#endif
+
+#if defined(CARPOOL_AVX2)
+// AVX2 (AMD Zen 2/3): the sums of J weight rows (qr, qr + k, ...) times M input rows, one
+// 8-lane accumulator and one FMA chain per (weight row, input row) pair, K in order 8 codes at
+// a time, then hsum8 and the last k % 8 products one by one. Every pair's sum takes these
+// instructions whatever J and M are, so a row's result does not depend on the rows or columns
+// beside it. J * M <= 12 accumulators: each widened weight vector feeds M FMAs and each input
+// vector J. (Before: one weight row at a time against up to 4 input rows, two accumulators a
+// pair: one input load per FMA, the codes widened again for every 4 input rows, and at one row
+// the FMA's latency bounded the loop.) `ahead` (or null): J rows of a later tile, brought into
+// cache over the loop.
+template <int64_t J, int64_t M>
+__attribute__((always_inline)) inline void int8_sums8(const float* xf, const int8_t* qr,
+                                                      int64_t k, const char* ahead,
+                                                      float (&out)[J][M]) {
+  static_assert(J * M <= 12, "int8_sums8: at most 12 accumulators");
+  __m256 acc[J][M];
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t m = 0; m < M; ++m) acc[j][m] = _mm256_setzero_ps();
+  // Every vector loaded once into a register (the empty asm statements): gcc otherwise
+  // folds a load into each FMA that uses it, and the loads bound the loop (Zen 2, one block
+  // in L1, J = 3, M = 4: 15 loads and 11.6 cycles per 12 FMAs; 7 loads and 6.2 cycles).
+  auto step = [&](int64_t i) __attribute__((always_inline)) {
+    if constexpr (M <= 2) {  // the inputs held, one weight vector at a time
+      __m256 xv[M];
+      for (int64_t m = 0; m < M; ++m) {
+        xv[m] = _mm256_loadu_ps(xf + m * k + i);
+        asm("" : "+x"(xv[m]));
+      }
+      for (int64_t j = 0; j < J; ++j) {
+        __m256 w = load8(qr + j * k + i);
+        asm("" : "+x"(w));
+        for (int64_t m = 0; m < M; ++m) acc[j][m] = _mm256_fmadd_ps(w, xv[m], acc[j][m]);
+      }
+    } else {  // the weights held, one input vector at a time
+      __m256 w[J];
+      for (int64_t j = 0; j < J; ++j) {
+        w[j] = load8(qr + j * k + i);
+        asm("" : "+x"(w[j]));
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        __m256 xv = _mm256_loadu_ps(xf + m * k + i);
+        asm("" : "+x"(xv));
+        for (int64_t j = 0; j < J; ++j) acc[j][m] = _mm256_fmadd_ps(w[j], xv, acc[j][m]);
+      }
+    }
+  };
+  // `ahead`'s J * k bytes as J lines per 64 codes: asked for once per 8 steps rather than
+  // tested every step (a branch per step cost 10-15% of a 6-row product in cache).
+  int64_t i = 0, line = 0;
+  for (; i + 64 <= k; i += 64) {
+    if (ahead != nullptr)
+      for (int64_t l = 0; l < J; ++l) __builtin_prefetch(ahead + 64 * line++, 0, 3);
+    for (int64_t u = 0; u < 64; u += 8) step(i + u);
+  }
+  for (; i + 8 <= k; i += 8) step(i);
+  if (ahead != nullptr)  // the lines past those asked for in the loop
+    for (; 64 * line < J * k; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t m = 0; m < M; ++m) {
+      float s = hsum8(acc[j][m]);
+      for (int64_t t = i; t < k; ++t)  // one rounding per product, however the loop compiles
+        s = std::fma(static_cast<float>(qr[j * k + t]), xf[m * k + t], s);
+      out[j][m] = s;
+    }
 }
 #endif
 
@@ -490,22 +562,10 @@ inline void int8_row(const float* xf, const int8_t* qr, float sc, T* y, int64_t 
   }
   for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_reduce_add_ps(va[m]);
 #elif defined(CARPOOL_AVX2)
-  // Two accumulators per row: one FMA chain per row was latency-bound (1.25x torch's
-  // kernel's time at one row).
-  __m256 va[M], vb[M];
-  for (int64_t m = 0; m < M; ++m) va[m] = vb[m] = _mm256_setzero_ps();
-  for (; i + 16 <= k; i += 16) {
-    const __m256 w0 = load8(qr + i), w1 = load8(qr + i + 8);
-    for (int64_t m = 0; m < M; ++m) {
-      va[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(&xf[m * k + i]), va[m]);
-      vb[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(&xf[m * k + i + 8]), vb[m]);
-    }
-  }
-  for (; i + 8 <= k; i += 8) {
-    const __m256 w = load8(qr + i);
-    for (int64_t m = 0; m < M; ++m) va[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(&xf[m * k + i]), va[m]);
-  }
-  for (int64_t m = 0; m < M; ++m) acc[m] = hsum8(_mm256_add_ps(va[m], vb[m]));
+  float s[1][M];
+  int8_sums8<1, M>(xf, qr, k, nullptr, s);
+  for (int64_t m = 0; m < M; ++m) acc[m] = s[0][m];
+  i = k;
 #else
   for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
 #endif
@@ -562,6 +622,78 @@ inline void int8_tile(const float* xf, const int8_t* qr, const c10::BFloat16* sc
       Elt<T>::store(y + m * n, r + j, int8_out<Exact>(_mm512_reduce_add_ps(va[j][m]) * sc));
   }
 }
+#elif defined(CARPOOL_AVX2)
+// Weight rows per tile on AVX2: every group of M input rows takes it int8_cols8<M>() weight
+// rows at a time (int8_sums8), so the tile's codes come from memory once, in the first group,
+// and from L1/L2 for the others.
+constexpr int64_t kTileRows = 12;
+
+// Weight rows J per int8_sums8 at M input rows, each dividing kTileRows: J * M accumulators,
+// the J weight vectors (M > 2) or M input vectors (M <= 2) held, and one more, in at most 15
+// of the 16 registers (J = 3 at M = 4 takes all 16: gcc then kept an accumulator on the
+// stack, 0.7x). Six at one row: six FMA chains hide the FMA's latency behind the widening.
+template <int64_t M>
+constexpr int64_t int8_cols8() {
+  return M <= 2 ? 6 : M == 3 ? 3 : 2;
+}
+
+// Output columns c .. c + jn - 1 (jn <= J) of M input rows, with J = jn instantiated.
+// Not inlined: inlined into its callers, gcc's registers for the loop came out worse (a 6-row
+// product in cache at 0.57 FMAs a cycle, 1.27 alone on a Zen 2).
+template <int64_t M, bool Exact, typename T, int64_t J = int8_cols8<M>()>
+__attribute__((noinline)) void int8_cols8_call(int64_t jn, const float* xf, const int8_t* qc,
+                                               const c10::BFloat16* scale, T* y, int64_t n,
+                                               int64_t k, int64_t c, const char* ahead) {
+  if constexpr (J > 1) {
+    if (jn < J) return int8_cols8_call<M, Exact, T, J - 1>(jn, xf, qc, scale, y, n, k, c, ahead);
+  }
+  float s[J][M];
+  int8_sums8<J, M>(xf, qc, k, ahead, s);
+  for (int64_t j = 0; j < J; ++j) {
+    const float sc = Elt<c10::BFloat16>::load(scale, c + j);
+    for (int64_t m = 0; m < M; ++m) Elt<T>::store(y + m * n, c + j, int8_out<Exact>(s[j][m] * sc));
+  }
+}
+
+// Output columns r .. r + count - 1 of M input rows, J at a time; `ahead` (or null): the
+// codes of as many rows, asked for over the passes.
+template <int64_t M, bool Exact, typename T>
+inline void int8_tile8(const float* xf, const int8_t* q, const c10::BFloat16* scale, T* y,
+                       int64_t n, int64_t k, int64_t r, int64_t count, const char* ahead) {
+  constexpr int64_t J = int8_cols8<M>();
+  for (int64_t c = r; c < r + count; c += J)
+    int8_cols8_call<M, Exact>(std::min<int64_t>(J, r + count - c), xf, q + c * k, scale, y, n,
+                              k, c, ahead == nullptr ? nullptr : ahead + (c - r) * k);
+}
+
+// Input rows per group on AVX2: up to 6, spread evenly (32 rows: 6, 6, 5, 5, 5, 5), each taken
+// J = int8_cols8<M>() weight rows at a time: each widened weight vector feeds M FMAs, so the
+// more rows a group, the fewer widenings per FMA (a widening, vpmovsxbd + vcvtdq2ps, takes
+// ~1.45 cycles on a Zen 2; one block in L1: 1.48 FMAs a cycle at M = 4, J = 2; 1.75 at M = 6,
+// against 1.09 for the loads-bound loop gcc made of J = 3, M = 4).
+constexpr int64_t kGroupRows8 = 6;
+
+template <bool Exact, typename T>
+inline void int8_groups8(const float* xf, const int8_t* q, const c10::BFloat16* scale, T* y,
+                         int64_t rows, int64_t n, int64_t k, int64_t r, int64_t count,
+                         const char* ahead) {
+  const int64_t groups = (rows + kGroupRows8 - 1) / kGroupRows8;
+  for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+    const int64_t mg = rows / groups + (g < rows % groups ? 1 : 0);
+    const float* xg = xf + m0 * k;
+    T* yg = y + m0 * n;
+    const char* pf = g == 0 ? ahead : nullptr;  // the first group streams the tile
+    switch (mg) {
+      case 1: int8_tile8<1, Exact>(xg, q, scale, yg, n, k, r, count, pf); break;
+      case 2: int8_tile8<2, Exact>(xg, q, scale, yg, n, k, r, count, pf); break;
+      case 3: int8_tile8<3, Exact>(xg, q, scale, yg, n, k, r, count, pf); break;
+      case 4: int8_tile8<4, Exact>(xg, q, scale, yg, n, k, r, count, pf); break;
+      case 5: int8_tile8<5, Exact>(xg, q, scale, yg, n, k, r, count, pf); break;
+      default: int8_tile8<6, Exact>(xg, q, scale, yg, n, k, r, count, pf); break;
+    }
+    m0 += mg;
+  }
+}
 #else
 constexpr int64_t kTileRows = 1;
 #endif
@@ -572,6 +704,9 @@ template <bool Exact, typename T>
 inline void int8_columns(const float* xf, const int8_t* q, const c10::BFloat16* scale, T* y,
                          int64_t rows, int64_t n, int64_t k, int64_t r, int64_t count,
                          const char* ahead) {
+#if defined(CARPOOL_AVX2)
+  int8_groups8<Exact>(xf, q, scale, y, rows, n, k, r, count, ahead);
+#else
   using E = Elt<c10::BFloat16>;
   for (int64_t m0 = 0; m0 < rows; m0 += 4) {
     const float* xg = xf + m0 * k;
@@ -600,6 +735,7 @@ inline void int8_columns(const float* xf, const int8_t* q, const c10::BFloat16* 
       }
     }
   }
+#endif
 }
 
 // A float32 x is rounded to bf16 first and the bf16 result widened back (as around int4_rows),
