@@ -35,6 +35,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+# This checkout's carpool, not whichever one the environment installed (an editable install
+# of another checkout would otherwise be what a run from here measures).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
 if TYPE_CHECKING:
     from carpool import LLM
 
