@@ -6,6 +6,7 @@ them, so load spikes of a shared machine hit both alike. Per (batch, context): B
 with ``context - 1`` cached tokens decode one token per step (batch build + forward).
 
     python benchmarks/ab_step.py --before /work/main/src --cases 1x64,32x64,8x2048
+    python benchmarks/ab_step.py --before pages --model SmolLM2.Q4_1.gguf --dtype auto --cases 1x64
 
 ``--before gather`` compares this checkout with itself: decode attention through gather + SDPA
 ("before") against the in-place paged decode kernel ("after"), one model, the path switched
@@ -15,7 +16,9 @@ over the step's wall time; attention ops as in profile_step.py).
 
 ``--before pages`` compares where the weights lie, two copies of one model in this process:
 each weight on its own 4 KiB pages where packing left it (``CARPOOL_WEIGHT_PAGES=0``, "before")
-against the engine's one huge-page arena in read order (``pages.move_weights``, "after").
+against the engine's one huge-page arena in read order (``pages.move_weights``, "after"), for a
+model whose weights ``prepare_model`` moves on this CPU (``--model`` a GGUF file: the quantized
+kernels on an AVX2 CPU, ``model_runner.weights_want_huge_pages``).
 ``--before head`` compares a pure decode step's embedding, final norm and head from Python
 ("before") with the whole step from token ids to logits in one C++ call
 (``decode_stack.run_logits``, "after"), one model, switched per step.
@@ -48,7 +51,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_step import ATTENTION_OPS, decode_chunks, fill_random, random_model  # noqa: E402
+from profile_step import (  # noqa: E402
+    ATTENTION_OPS,
+    decode_chunks,
+    engine_cache_dtype,
+    fill_random,
+    random_model,
+)
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 
@@ -114,6 +123,7 @@ def main() -> None:
     )
     ap.add_argument("--cases", default="1x64,32x64,8x512,8x2048,8x8192", help="BxCONTEXT,...")
     ap.add_argument("--random-config", default="small")
+    ap.add_argument("--model", help="HF directory or .gguf file (default: a random model)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, help="timed steps per system and case (default: by size)")
@@ -130,7 +140,7 @@ def main() -> None:
     from carpool.worker.batch import build_ragged_batch
 
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
-    path = random_model(a.random_config, a.dtype, max(c for _, c in cases) + 16)
+    path = a.model or random_model(a.random_config, a.dtype, max(c for _, c in cases) + 16)
     kv_ab = a.kv_cache_dtype == "int8"
     self_ab = a.before == "gather" or kv_ab
     from carpool.model import decode_stack, pages, vnni_linear
@@ -177,6 +187,8 @@ def main() -> None:
 
     prepare_model(systems["after"][0], "cpu")  # as the engine's runner does
     arena = pages.weight_arena(systems["after"][0])
+    if a.before == "pages":
+        assert arena is not None, "this model's weights stay in place on this CPU"
     if a.before == "prefetch":
         assert arena is not None and vnni_linear.streams_from_huge_pages(arena), (
             "the weights are not on huge pages here: nothing to switch"
@@ -192,7 +204,7 @@ def main() -> None:
             torch.ops.carpool.vnni_linear_huge_pages(arena.data_ptr(), arena.nbytes, on)
 
     def kv_dtype(k: str) -> torch.dtype:
-        return torch.int8 if kv_ab and k == "after" else getattr(torch, a.dtype)
+        return torch.int8 if kv_ab and k == "after" else engine_cache_dtype(systems[k][0])
 
     extra = " before attention | after attention |" if self_ab else ""
     print(f"| batch | context | before ms | after ms | speedup |{extra}")

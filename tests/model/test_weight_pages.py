@@ -170,10 +170,40 @@ def test_prepare_model_tells_the_linear_kernel_where_huge_pages_are(tmp_path):
         assert vnni_linear.streams_from_huge_pages(arena) == huge
 
 
-def test_a_quantized_model_keeps_its_weights_in_place(tmp_path):
-    from carpool.worker.model_runner import prepare_model
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_a_quantized_model_moves_onto_huge_pages_where_its_kernels_take_avx2(
+    tmp_path, monkeypatch, quantization
+):
+    from carpool.worker.model_runner import prepare_model, weights_want_huge_pages
 
     save_tiny_hf_model("llama", tmp_path, vocab_size=16384)
-    model, _ = load_model(tmp_path, dtype="float32", quantization="int8")
+    ref, _ = load_model(tmp_path, dtype="float32", quantization=quantization)
+    model, _ = load_model(tmp_path, dtype="float32", quantization=quantization)
+    avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+    assert weights_want_huge_pages(model) == avx2
+    with monkeypatch.context() as m:  # the reference: the same preparation, weights in place
+        m.setenv(pages.ENV_WEIGHT_PAGES, "0")
+        prepare_model(ref, "cpu")
+    assert pages.weight_arena(ref) is None
     prepare_model(model, "cpu")
-    assert pages.weight_arena(model) is None
+    arena = pages.weight_arena(model)
+    assert (arena is not None) == avx2
+    if arena is not None:  # the quantized codes inside it, the same tokens
+        codes = [b for n, b in model.named_buffers() if n.endswith(("qweight", "packed"))]
+        assert codes and all(_in_arena(t, arena) for t in codes)
+    for prompt in ([1, 5, 9, 200, 3000], [7, 7, 42]):
+        assert greedy(model, prompt, 6) == greedy(ref, prompt, 6)
+
+
+@pytest.mark.parametrize(("capability", "moved"), [("AVX2", True), ("AVX512", False)])
+def test_the_quantized_models_rule_follows_the_kernels_loops(
+    tmp_path, monkeypatch, capability, moved
+):
+    from carpool.worker.model_runner import weights_want_huge_pages
+
+    save_tiny_hf_model("llama", tmp_path, vocab_size=16384)
+    quantized, _ = load_model(tmp_path, dtype="float32", quantization="int8")
+    plain, _ = load_model(tmp_path, dtype="float32")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert weights_want_huge_pages(quantized) == moved
+    assert not weights_want_huge_pages(plain)  # float32 linears: torch's kernels, left in place

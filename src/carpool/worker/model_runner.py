@@ -17,6 +17,7 @@ from torch import nn
 from carpool.model import decode_stack, fused_ops, paged_attention, pages, vnni_linear
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import Linear, prepack_linears
+from carpool.model.quant import QuantizedLinear
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, SchedulerOutput
 from carpool.worker import heap
@@ -60,16 +61,32 @@ def prepare_model(model: nn.Module, device: str | torch.device) -> None:
         fused_ops.load()
         vnni_linear.load()
         prepack_linears(model)
-        # After packing (the final bytes), before the plan's pointers. Only a model whose
-        # linears run on the VNNI kernel, where huge pages measured 1.12-1.15x at batch 1 on
-        # small (BENCHMARKS.md, issue 11, fourteenth pass); a quantized GGUF model's int4/int8
-        # kernels were not faster there, and its peak RSS was 5-15 MiB higher (SmolLM2).
-        if any(isinstance(m, Linear) and m.layout == "vnni" for m in model.modules()):
+        # After packing (the final bytes), before the plan's pointers.
+        if weights_want_huge_pages(model):
             pages.move_weights(model)
         arena = pages.weight_arena(model)
         if arena is not None and pages.huge_page_bytes(arena) >= arena.nbytes // 2:
             vnni_linear.stream_from_huge_pages(arena)
         decode_stack.attach(model)  # after packing: the plan refers to the packed weights
+
+
+def weights_want_huge_pages(model: nn.Module) -> bool:
+    """Whether ``prepare_model`` moves ``model``'s weights onto huge pages (``pages.move_weights``)
+    on this CPU: where it measured faster.
+
+    A model whose linears run on the VNNI kernel: 1.12-1.15x at batch 1 on small (Zen 4;
+    BENCHMARKS.md, issue 11, fourteenth pass). A weight-only quantized model on a CPU whose
+    kernels take their AVX2 loops (no AVX-512): the int8 tiles stream with a prefetch every 64
+    codes, which TLB misses on 4 KiB pages stall; a Q8_0 model and SmolLM2 (Q4_1, a Q8_0 head)
+    decode 1.06-1.13x faster at batch 1-2 on a Zen 2 (twenty-sixth pass). On the Zen 4 such a
+    model's int4/int8 kernels were not faster, and its peak RSS was 5-15 MiB higher: left in
+    place there.
+    """
+    if any(isinstance(m, Linear) and m.layout == "vnni" for m in model.modules()):
+        return True
+    return torch.backends.cpu.get_cpu_capability() == "AVX2" and any(
+        isinstance(m, QuantizedLinear) for m in model.modules()
+    )
 
 
 class ModelRunner:
