@@ -2,7 +2,8 @@
 
 ``llama-batched-bench`` (``tools/batched-bench/batched-bench.cpp``) prefills ``pl`` sequences
 of ``pp`` random tokens each in one pass, then decodes ``tg`` steps of one token per sequence
-and reports ``speed_tg = pl x tg / t_tg``: the decode tokens/s this benchmark compares.
+and reports ``speed_tg = pl x tg / t_tg``: the decode tokens/s this benchmark compares first,
+and ``speed_pp = pl x pp / t_pp``, the prefill tokens/s beside it.
 ``--output-format jsonl`` makes it print one JSON object per shape, which is what
 ``parse_batched_bench`` reads (the markdown table is for people).
 
@@ -138,11 +139,27 @@ def decode_speeds(rows: Sequence[BatchedBenchRow], batch_sizes: Sequence[int]) -
     Raises:
         ValueError: the rows do not match the batch sizes asked for.
     """
+    return {r.pl: r.speed_tg for r in _measured_rows(rows, batch_sizes)}
+
+
+def prefill_speeds(rows: Sequence[BatchedBenchRow], batch_sizes: Sequence[int]) -> dict[int, float]:
+    """Prefill tokens/s per batch size (``speed_pp = pl x pp / t_pp``: every prompt through the
+    model, to the first tokens' logits), warm-up dropped.
+
+    Raises:
+        ValueError: the rows do not match the batch sizes asked for.
+    """
+    return {r.pl: r.speed_pp for r in _measured_rows(rows, batch_sizes)}
+
+
+def _measured_rows(
+    rows: Sequence[BatchedBenchRow], batch_sizes: Sequence[int]
+) -> Sequence[BatchedBenchRow]:
     got = [r.pl for r in rows]
     want = [batch_sizes[0], *batch_sizes]
     if got != want:
         raise ValueError(f"llama-batched-bench ran batch sizes {got}, expected {want}")
-    return {r.pl: r.speed_tg for r in rows[1:]}
+    return rows[1:]
 
 
 def build_tools(python: str = sys.executable) -> Path:

@@ -34,7 +34,8 @@ def _family(m: Mapping[str, Any]) -> str:
 
 
 def render(meta: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str:
-    """The decode table (medians, ratios) and the peak-memory table, with a header line."""
+    """The decode table (medians, ratios), the prefill table (runs from the twenty-sixth pass of
+    issue 11 on record it) and the peak-memory table, with a header line."""
     m = meta["machine"]
     amx = ", ".join(m.get("amx") or []) or "no AMX"
     lines = [
@@ -44,22 +45,13 @@ def render(meta: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str
         f"tokens/s, median of {meta['repeats']}; load average {meta['load_avg_start'][0]:.1f} "
         f"at start, {meta['load_avg_end'][0]:.1f} at end.",
         "",
-        "| model | weights | batch | carpool | llama.cpp | carpool / llama.cpp "
-        "| transformers bf16 | carpool / transformers |",
-        "|---|---|---|---|---|---|---|---|",
     ]
     hf = {r["model"]: r["transformers"] for r in results if "transformers" in r}
     files = [r for r in results if r["file"] != "hf"]
-    for r in files:
-        for b in meta["batch_sizes"]:
-            cp = _median(r["carpool"]["runs"], b) if "carpool" in r else None
-            ll = _median(r["llama.cpp"]["runs"], b) if "llama.cpp" in r else None
-            tf = _median(hf[r["model"]]["runs"], b) if r["model"] in hf else None
-            weights = r["file"] + (f" (carpool {r['carpool']['dtype']})" if "carpool" in r else "")
-            lines.append(
-                f"| {r['model']} | {weights} | {b} | {_num(cp)} | {_num(ll)} | {_ratio(cp, ll)} "
-                f"| {_num(tf)} | {_ratio(cp, tf)} |"
-            )
+    lines += _speeds(meta, files, hf, "runs")
+    if any("prefill_runs" in r.get(s, {}) for r in results for s in ("carpool", "llama.cpp")):
+        lines += ["", "Prefill tokens/s (every prompt to its first token's logits), medians:", ""]
+        lines += _speeds(meta, files, hf, "prefill_runs")
     lines += [
         "",
         "Peak resident memory (MiB, whole process, largest batch included):",
@@ -76,6 +68,36 @@ def render(meta: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str
             f"| {_num(tf)} |"
         )
     return "\n".join(lines)
+
+
+def _speeds(
+    meta: Mapping[str, Any],
+    files: Sequence[Mapping[str, Any]],
+    hf: Mapping[str, Mapping[str, Any]],
+    key: str,
+) -> list[str]:
+    """One speed table: each system's medians of ``key`` (``runs``: decode, ``prefill_runs``)
+    and the ratios."""
+
+    def median(system: Mapping[str, Any] | None, b: int) -> float | None:
+        return _median(system[key], b) if system is not None and key in system else None
+
+    lines = [
+        "| model | weights | batch | carpool | llama.cpp | carpool / llama.cpp "
+        "| transformers bf16 | carpool / transformers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in files:
+        for b in meta["batch_sizes"]:
+            cp = median(r.get("carpool"), b)
+            ll = median(r.get("llama.cpp"), b)
+            tf = median(hf.get(r["model"]), b)
+            weights = r["file"] + (f" (carpool {r['carpool']['dtype']})" if "carpool" in r else "")
+            lines.append(
+                f"| {r['model']} | {weights} | {b} | {_num(cp)} | {_num(ll)} | {_ratio(cp, ll)} "
+                f"| {_num(tf)} | {_ratio(cp, tf)} |"
+            )
+    return lines
 
 
 if __name__ == "__main__":

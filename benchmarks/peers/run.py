@@ -10,11 +10,13 @@ same shapes (B prompts of ``--prompt-len`` random tokens, ``--gen-len`` new toke
 (the random models; not SmolLM2, see ``models.py``). Every system runs in its own process
 with the same ``--threads`` (llama.cpp ``-t/-tb``, torch ``set_num_threads`` and
 ``OMP_NUM_THREADS``); each figure is the median of ``--repeats`` runs of decode tokens/s
-(prefill excluded), the systems' repeats taken in turn, a process each (``interleaved``);
+(prefill excluded), and of prefill tokens/s (every prompt to its first token's logits), the
+systems' repeats taken in turn, a process each (``interleaved``);
 peak resident memory is the largest of each system's processes' ``VmHWM`` (its largest batch
 included).
 
-Prints the markdown tables (decode tokens/s with carpool / llama.cpp ratios; peak RSS) and
+Prints the markdown tables (decode and prefill tokens/s with carpool / llama.cpp ratios; peak
+RSS) and
 writes everything, with the machine and versions, to ``--output``.
 """
 
@@ -148,6 +150,7 @@ class LlamaCppRuns:
         self.bin_dir, self.gguf, self.args, self.env = bin_dir, gguf, args, env
         self.cmd = self._command(no_repack=False)
         self.runs: list[dict[int, float]] = []
+        self.prefill_runs: list[dict[int, float]] = []
         self.rss: list[float] = []
         self.rows: list[list[dict[str, object]]] = []
 
@@ -175,6 +178,7 @@ class LlamaCppRuns:
             out, peak = run_measured(self.cmd, self.env, merge_stderr=True)
         parsed = batched_bench.parse_batched_bench(out)
         self.runs.append(batched_bench.decode_speeds(parsed, self.args.batch_sizes))
+        self.prefill_runs.append(batched_bench.prefill_speeds(parsed, self.args.batch_sizes))
         self.rss.append(peak)
         self.rows.append([asdict(r) for r in parsed])
         print(f"  llama.cpp {self.gguf.name}: {self.runs[-1]}", file=sys.stderr, flush=True)
@@ -183,6 +187,7 @@ class LlamaCppRuns:
         return {
             "command": shlex.join(self.cmd),
             "runs": self.runs,
+            "prefill_runs": self.prefill_runs,
             "rss_mib": max(self.rss),
             "raw": self.rows,
         }
@@ -205,6 +210,7 @@ class PythonRuns:
             cmd += ["--dtype", "bfloat16"]
         self.cmd = cmd
         self.runs: list[dict[int, float]] = []
+        self.prefill_runs: list[dict[int, float]] = []
         self.rss: list[float] = []
         self.dtype = ""
 
@@ -212,6 +218,7 @@ class PythonRuns:
         out, peak = run_measured(self.cmd, self.env, merge_stderr=False)
         res = json.loads(out.strip().splitlines()[-1])
         self.runs.append({int(b): v[0] for b, v in res["decode_tok_s"].items()})
+        self.prefill_runs.append({int(b): v[0] for b, v in res["prefill_tok_s"].items()})
         self.rss.append(peak)
         self.dtype = res["dtype"]
         print(f"  {self.system} {self.model.name}: {self.runs[-1]}", file=sys.stderr, flush=True)
@@ -221,6 +228,7 @@ class PythonRuns:
             "command": shlex.join(self.cmd),
             "dtype": self.dtype,
             "runs": self.runs,
+            "prefill_runs": self.prefill_runs,
             "rss_mib": max(self.rss),
         }
 

@@ -70,6 +70,38 @@ def test_decode_speeds_drop_the_warm_up_shape() -> None:
         bb.decode_speeds(bb.parse_batched_bench(SAMPLE), [1, 4])
 
 
+def test_prefill_speeds_are_speed_pp_without_the_warm_up_shape() -> None:
+    speeds = bb.prefill_speeds(bb.parse_batched_bench(SAMPLE), [1, 8])
+    assert speeds == {1: pytest.approx(277.334808), 8: pytest.approx(356.832245)}
+    with pytest.raises(ValueError, match="expected"):
+        bb.prefill_speeds(bb.parse_batched_bench(SAMPLE), [8])
+
+
+def test_carpool_speeds_split_a_rounds_steps_into_prefill_and_decode() -> None:
+    from carpool.engine.stats import StepRecord
+
+    py_peer = _load("py_peer")
+
+    def step(duration: float, seqs: int, tokens: int, prefill: int) -> StepRecord:
+        return StepRecord(0.0, duration, seqs, tokens, 0, seqs, 0, num_prefill_tokens=prefill)
+
+    # 32 prompts of 32 tokens, 3 new tokens each: two 512-token prefill steps (the first 16
+    # sequences' first decode tokens riding in the second), then two pure decode steps.
+    records = [
+        step(0.25, 16, 512, 512),
+        step(0.30, 32, 528, 512),
+        step(0.04, 32, 32, 0),
+        step(0.06, 32, 32, 0),
+    ]
+    decode, prefill = py_peer.carpool_speeds(records, 1024, 3)
+    assert decode == pytest.approx(64 / 0.10)
+    assert prefill == pytest.approx(1024 / 0.55)
+    with pytest.raises(AssertionError):  # a prompt token missing from the prefill steps
+        py_peer.carpool_speeds(records, 1056, 3)
+    with pytest.raises(AssertionError):  # a decode step missing
+        py_peer.carpool_speeds(records, 1024, 4)
+
+
 def test_command_pins_threads_and_holds_every_sequence() -> None:
     cmd = bb.batched_bench_command(
         Path("/b/llama-batched-bench"), Path("m.gguf"), [1, 8, 32], 32, 64, 2
@@ -127,6 +159,16 @@ def test_report_ratios_are_medians_over_medians() -> None:
     assert "| small | Q8_0 (carpool bfloat16) | 1 | 100 | 50.0 | 2.00 | 25.0 | 4.00 |" in text
     assert "| small | Q8_0 (carpool bfloat16) | 8 | 400 | 800 | 0.50 | 205 | 1.95 |" in text
     assert "| small | Q8_0 | 600 | 200 | 3.00 | 900 |" in text
+    assert "Prefill" not in text  # runs before prefill was recorded: no such table
+
+    results[0]["carpool"]["prefill_runs"] = [{1: 1200.0, 8: 1500.0}, {1: 1000.0, 8: 1700.0}]
+    results[0]["llama.cpp"]["prefill_runs"] = [{"1": 500.0, "8": 2000.0}]
+    text = report.render(meta, results)
+    prefill = text[text.index("Prefill tokens/s") :]
+    # medians: carpool 1,100 / 1,600, llama.cpp 500 / 2,000; transformers recorded none
+    assert "| small | Q8_0 (carpool bfloat16) | 1 | 1,100 | 500 | 2.20 | - | - |" in prefill
+    assert "| small | Q8_0 (carpool bfloat16) | 8 | 1,600 | 2,000 | 0.80 | - | - |" in prefill
+    assert "| small | Q8_0 (carpool bfloat16) | 8 | 400 | 800 | 0.50 | 205 | 1.95 |" not in prefill
 
 
 def test_repeats_are_interleaved_across_systems() -> None:
