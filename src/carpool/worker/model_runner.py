@@ -76,11 +76,11 @@ def weights_want_huge_pages(model: nn.Module) -> bool:
 
     A model whose linears run on the VNNI kernel: 1.12-1.15x at batch 1 on small (Zen 4;
     BENCHMARKS.md, issue 11, fourteenth pass). A weight-only quantized model on a CPU whose
-    kernels take their AVX2 loops (no AVX-512): the int8 tiles stream with a prefetch every 64
-    codes, which TLB misses on 4 KiB pages stall; a Q8_0 model and SmolLM2 (Q4_1, a Q8_0 head)
-    decode 1.06-1.13x faster at batch 1-2 on a Zen 2 (twenty-sixth pass). On the Zen 4 such a
-    model's int4/int8 kernels were not faster, and its peak RSS was 5-15 MiB higher: left in
-    place there.
+    kernels take their AVX2 loops (no AVX-512): on a Zen 2 the int8 tiles read a Q8_0 model's
+    codes 1.2-1.5x faster at one row from huge pages (the int4 loop level), and a Q8_0 model and
+    SmolLM2 (Q4_1, a Q8_0 head) decode 1.05-1.13x faster at batch 1 (medians 1.07x and 1.10x),
+    the peak RSS unchanged (twenty-sixth pass). On the Zen 4 such a model's int4/int8 kernels
+    were not faster, and its peak RSS was 5-15 MiB higher: left in place there.
     """
     if any(isinstance(m, Linear) and m.layout == "vnni" for m in model.modules()):
         return True
