@@ -366,6 +366,63 @@ def test_a_decode_row_computes_the_same_alone_or_beside_a_prefill(tmp_path):
     assert torch.equal(alone[0], mixed[0])
 
 
+def test_decode_sequences_stay_out_of_a_mixed_steps_rectangle():
+    # a and c decode (one generated token each), b prefills 3 prompt tokens: the [B, Q, L]
+    # rectangle covers b alone (1 x 3 x 16), not 3 x 3 x 32 of padding around two decode rows.
+    tables = [[3, 1], [2], [5, 6]]
+    chunks = [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [6, 7, 8], 0, tables[1])]
+    chunks.append(_Chunk("c", [9], 17, tables[2]))
+    mixed = build_ragged_batch(chunks, tables, 16, "cpu", [20, 3, 17])
+    meta = mixed.meta
+    assert meta.gathered_rows.tolist() == [1, 2, 3]
+    assert meta.block_tables.tolist() == [[2]]
+    assert tuple(meta.attn_mask.shape) == (1, 1, 3, 16)
+    assert meta.query_index is None and meta.output_index is None
+    assert meta.kernel_rows.tolist() == [0, 4]
+    assert meta.context_lens.tolist() == [21, 18]
+    assert meta.kernel_tables.tolist() == [[3, 1], [5, 6]]
+    # Every sequence a prompt chunk: the rectangle covers every row, as before.
+    prompts = build_ragged_batch(chunks[1:2] + [_Chunk("d", [1, 2], 0, [7])], [[2], [7]], 16)
+    assert prompts.meta.gathered_rows is None and prompts.meta.block_tables.shape == (2, 1)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_mixed_step_computes_each_sequence_as_alone(tmp_path, kernel):
+    # Two decoding sequences beside a prefill: each row's logits are the bits of its sequence
+    # computed alone, with the paged kernel and without it (where the decode rows left out of
+    # the rectangle take a pure decode step's gather). bf16: carpool's linears give a row the
+    # same bits at any row count (float32's sgemm does not).
+    save_tiny_hf_model("llama", tmp_path)
+    model, _ = load_model(tmp_path, dtype="bfloat16")
+    caches = model.allocate_kv_cache(12, 16, torch.bfloat16, "cpu")
+    prompts = {"a": list(range(3, 23)), "c": list(range(40, 57))}
+    tables = {"a": [1, 2], "b": [3], "c": [4, 5]}
+    paged_attention.use_kernel(kernel)
+    try:
+        with torch.no_grad():
+            for rid, prompt in prompts.items():
+                pre = build_ragged_batch([_Chunk(rid, prompt, 0, tables[rid])], [tables[rid]], 16)
+                model(pre.input_ids, pre.positions, pre.meta, caches, pre.logits_indices)
+
+            def step(chunks, prompt_lens):
+                state = [c.clone() for c in caches]
+                tabs = [tables[c.request_id] for c in chunks]
+                inp = build_ragged_batch(chunks, tabs, 16, "cpu", prompt_lens)
+                return model(inp.input_ids, inp.positions, inp.meta, state, inp.logits_indices)
+
+            a, c = _Chunk("a", [7], 20, tables["a"]), _Chunk("c", [8], 17, tables["c"])
+            b = _Chunk("b", [9, 4, 11, 5, 6], 0, tables["b"])
+            calls = paged_attention.kernel_calls()
+            mixed = step([a, b, c], [20, 5, 17])
+            layers = model.config.num_hidden_layers
+            assert paged_attention.kernel_calls() - calls == (layers if kernel else 0)
+            alone = [step([a], [20])[0], step([b], [5])[0], step([c], [17])[0]]
+    finally:
+        paged_attention.use_kernel(True)
+    for k in range(3):
+        assert torch.equal(mixed[k], alone[k]), k
+
+
 @pytest.mark.parametrize(
     "src,cache", [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")]
 )

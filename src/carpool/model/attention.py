@@ -93,6 +93,12 @@ class AttentionMetadata:
             one (a pure decode step: ``T == B``, one row per sequence, ``block_tables`` rows).
         kernel_tables: ``[R, L / block_size]`` the block table of each kernel row's sequence
             (None together with ``kernel_rows``).
+        gathered_rows: ``[G]`` flat token index of each row the ``[B, Q, L]`` rectangle covers
+            (``block_tables``, ``attn_mask``, ``query_index`` and ``output_index`` then describe
+            these rows' sequences, their indices counted over these rows alone), or None when
+            it covers every row. The rows left out are decode sequences' single kernel rows:
+            the paged kernel computes them, or where it does not apply, a gather over
+            ``kernel_tables`` and ``context_lens`` as in a pure decode step.
     """
 
     slot_mapping: torch.Tensor
@@ -103,6 +109,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None
     kernel_rows: torch.Tensor | None = None
     kernel_tables: torch.Tensor | None = None
+    gathered_rows: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -158,15 +165,29 @@ class Attention(nn.Module):
                 qkv[:, :h], kv_cache, meta.block_tables, meta.context_lens, self.scale
             )
             return self.o_proj.forward(out.view(t, self.q_size))
-        out = self._gathered(qkv[:, :h], kv_cache, meta)
+        covered = meta.gathered_rows
+        if covered is None:
+            out = self._gathered(qkv[:, :h], kv_cache, meta)
+        else:  # decode sequences left out of the rectangle: their rows are filled below
+            out = qkv.new_empty((t, self.q_size))
+            out[covered] = self._gathered(qkv[covered, :h], kv_cache, meta)
+        rows = meta.kernel_rows
         if use_kernel:
             # Decode rows of a mixed step take the kernel too (their gathered result is
             # overwritten), so a row's arithmetic never depends on its batch.
-            rows = meta.kernel_rows
             assert rows is not None and meta.kernel_tables is not None
             out[rows] = paged_attention.paged_decode_attention(
                 qkv[rows, :h], kv_cache, meta.kernel_tables, meta.context_lens, self.scale
             ).view(-1, self.q_size)
+        elif covered is not None:  # no kernel here: the kernel rows as a pure decode gathers
+            assert rows is not None and meta.kernel_tables is not None
+            decode = AttentionMetadata(
+                slot_mapping=meta.slot_mapping,
+                block_tables=meta.kernel_tables,
+                attn_mask=None,
+                context_lens=meta.context_lens,
+            )
+            out[rows] = self._gathered(qkv[rows, :h], kv_cache, decode)
         return self.o_proj.forward(out)
 
     def _gathered(

@@ -85,7 +85,6 @@ def _ragged_batch(
     b, q = len(chunks), int(q_lens.max())
     ctx = starts + q_lens
     max_blocks = -(-int(ctx.max()) // block_size)
-    l = max_blocks * block_size  # keys are gathered block by block
     tables = np.zeros((b, max_blocks), dtype=np.int64)
     for k, (c, table) in enumerate(zip(chunks, block_tables, strict=True)):
         n = min(len(table), max_blocks)
@@ -102,12 +101,11 @@ def _ragged_batch(
     local = np.arange(len(input_ids)) - offsets[seq_index]  # index within its chunk
     positions = starts[seq_index] + local  # [T]
 
-    j = np.arange(l)
     # Flat cache slot of each new token: its block (through the table) and offset.
     slot_mapping = tables[seq_index, positions // block_size] * block_size + positions % block_size
 
-    i = np.arange(q)
-    query_index = output_index = context_lens = kernel_rows = kernel_tables = None
+    query_index = output_index = context_lens = kernel_rows = kernel_tables = gathered_rows = None
+    rect_tables = tables
     if generated_from is None:
         is_kernel_row = np.full(len(input_ids), q == 1)
     else:
@@ -117,18 +115,21 @@ def _ragged_batch(
     if q == 1 and is_kernel_row.all():  # a pure decode step: one kernel row per sequence
         context_lens = ctx
     else:
-        q_pos = starts[:, None] + i[None, :]  # [B, Q] position of each padded query row
-        valid = i[None, :] < q_lens[:, None]  # [B, Q]
-        causal = j[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
-        # Padding query rows attend to key 0 only, so no row is fully masked (NaN otherwise).
-        mask = np.where(valid[:, :, None], causal, j[None, None, :] == 0)[:, None]
         if is_kernel_row.any():
             kernel_rows = np.flatnonzero(is_kernel_row)
             context_lens = positions[kernel_rows] + 1
             kernel_tables = tables[seq_index[kernel_rows]]
-    if q_lens.min() != q:
-        query_index = offsets[:-1, None] + np.minimum(i[None, :], q_lens[:, None] - 1)
-        output_index = seq_index * q + local
+        # Decode sequences (one generated token: a kernel row) stay out of the [B, Q, L]
+        # rectangle: their attention is the kernel's, so padding each to the longest prompt
+        # chunk's Q rows only wasted compute (a 512-token prompt beside 3 decoding sequences
+        # paid for 4 x 512 query rows: small's mixed steps 1.1-1.5x a prompt's step alone).
+        decode_seq = (q_lens == 1) & is_kernel_row[offsets[:-1]]
+        keep = np.flatnonzero(~decode_seq)
+        if len(keep) < b:
+            gathered_rows = np.flatnonzero(~decode_seq[seq_index])
+        mask, query_index, output_index, rect_tables = _rectangle(
+            q_lens[keep], starts[keep], tables[keep], block_size
+        )
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = offsets[1:][sampling] - 1
 
@@ -140,12 +141,13 @@ def _ragged_batch(
             "input_ids": t(input_ids),
             "positions": t(positions),
             "slot_mapping": t(slot_mapping),
-            "block_tables": t(tables),
+            "block_tables": t(rect_tables),
             "query_index": t(query_index),
             "output_index": t(output_index),
             "context_lens": t(context_lens),
             "kernel_rows": t(kernel_rows),
             "kernel_tables": t(kernel_tables),
+            "gathered_rows": t(gathered_rows),
             "logits_indices": t(logits_indices),
         },
         device,
@@ -159,6 +161,7 @@ def _ragged_batch(
         context_lens=v["context_lens"],
         kernel_rows=v["kernel_rows"],
         kernel_tables=v["kernel_tables"],
+        gathered_rows=v["gathered_rows"],
     )
     return ModelInput(
         input_ids=v["input_ids"],
@@ -168,6 +171,32 @@ def _ragged_batch(
         sample_request_ids=[chunks[k].request_id for k in sampling],
         num_tokens=len(input_ids),
     )
+
+
+def _rectangle(
+    q_lens: np.ndarray, starts: np.ndarray, tables: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """The ``[B, Q, L]`` attention rectangle of some sequences (their query lengths, first
+    positions and block tables, in step order): ``(attn_mask, query_index, output_index,
+    block_tables)`` as ``AttentionMetadata`` holds them, the flat indices counted over these
+    sequences' rows alone."""
+    b, q = len(q_lens), int(q_lens.max())
+    max_blocks = -(-int((starts + q_lens).max()) // block_size)
+    l = max_blocks * block_size  # keys are gathered block by block
+    offsets = np.concatenate(([0], np.cumsum(q_lens)))
+    seq_index = np.repeat(np.arange(b), q_lens)
+    local = np.arange(int(offsets[-1])) - offsets[seq_index]
+    i, j = np.arange(q), np.arange(l)
+    q_pos = starts[:, None] + i[None, :]  # [B, Q] position of each padded query row
+    valid = i[None, :] < q_lens[:, None]  # [B, Q]
+    causal = j[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
+    # Padding query rows attend to key 0 only, so no row is fully masked (NaN otherwise).
+    mask = np.where(valid[:, :, None], causal, j[None, None, :] == 0)[:, None]
+    query_index = output_index = None
+    if q_lens.min() != q:
+        query_index = offsets[:-1, None] + np.minimum(i[None, :], q_lens[:, None] - 1)
+        output_index = seq_index * q + local
+    return mask, query_index, output_index, tables[:, :max_blocks]
 
 
 def to_device(

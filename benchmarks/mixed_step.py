@@ -1,0 +1,89 @@
+"""A prompt arriving while other sequences decode: the time of the engine step that prefills it.
+
+Continuous batching puts a new request's prompt chunk into the same step as the running
+sequences' decode tokens. ``--decoding`` requests with short prompts are started and stepped
+until they all decode; then one request with a ``--prompt``-token prompt is added and the next
+step (its prompt beside their decode tokens) is timed, then a pure decode step for comparison.
+Medians of ``--rounds`` rounds, each round on a fresh set of requests.
+
+    python benchmarks/mixed_step.py --model small-BF16.gguf --decoding 1,4,16 --prompt 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+
+from py_peer import random_prompts  # noqa: E402
+
+from carpool import LLM, SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="GGUF file or HF directory")
+    ap.add_argument("--decoding", default="1,4,16", help="comma-separated running sequences")
+    ap.add_argument("--prompt", type=int, default=512, help="the arriving prompt's tokens")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    sizes = [int(x) for x in a.decoding.split(",")]
+    llm = LLM(
+        a.model,
+        max_num_seqs=max(sizes) + 1,
+        # The whole prompt and every decode token in one step.
+        max_num_batched_tokens=a.prompt + max(sizes),
+        max_model_len=a.prompt + 64,
+        kv_cache_memory_fraction=1.0,
+        threads=a.threads,
+    )
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    print(f"{a.model}: {a.threads} threads, a {a.prompt}-token prompt arriving; ms a step")
+    print("| decoding | prompt alone | prompt + decoding (mixed) | pure decode |")
+    print("|---:|---:|---:|---:|")
+    for n in [0, *sizes]:
+        mixed, decode = [], []
+        for r in range(a.rounds + 1):  # the first round untimed
+            for p in random_prompts(n, 32, vocab, 100 * r + n):
+                engine.add_request(p, params)
+            while n and _step(engine).num_prefill_tokens:
+                pass  # until the running sequences' prompts are done
+            # (a new prompt each time: a cached prefix would skip its prefill)
+            engine.add_request(random_prompts(1, a.prompt, vocab, -1 - 1000 * n - r)[0], params)
+            rec = _step(engine)
+            assert rec.num_prefill_tokens == a.prompt, ("the prompt in one step", rec)
+            if n:
+                pure = _step(engine)  # the new sequence's first decode beside the others
+                assert pure.num_prefill_tokens == 0
+            if r:
+                mixed.append(rec.duration * 1e3)
+                if n:
+                    decode.append(pure.duration * 1e3)
+            while engine.has_unfinished():
+                engine.step()
+        m = statistics.median(mixed)
+        d = f"{statistics.median(decode):.1f}" if decode else "-"
+        if n == 0:
+            alone = m
+            print(f"| 0 | {alone:.1f} | - | - |", flush=True)
+        else:
+            print(f"| {n} | {alone:.1f} | {m:.1f} ({m / alone:.2f}x) | {d} |", flush=True)
+
+
+def _step(engine):  # noqa: ANN001, ANN202
+    """One engine step; its record."""
+    before = engine.stats.steps
+    engine.step()
+    assert engine.stats.steps == before + 1
+    return engine.stats.records[-1]
+
+
+if __name__ == "__main__":
+    main()
