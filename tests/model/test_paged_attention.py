@@ -386,6 +386,35 @@ def test_decode_sequences_stay_out_of_a_mixed_steps_rectangle():
     assert prompts.meta.gathered_rows is None and prompts.meta.block_tables.shape == (2, 1)
 
 
+def test_a_short_chunk_at_a_long_context_gets_a_rectangle_of_its_own():
+    # 16 prompt tokens at position 1,900 beside a new 496-token prompt: one rectangle would be
+    # 2 x 496 x 1,920 (mostly padding), so each prompt chunk gets its own; the decode row stays
+    # out of both. Prompts of one length keep one rectangle.
+    long_table, new_table = list(range(1, 122)), list(range(200, 232))
+    chunks = [
+        _Chunk("long", list(range(16)), 1900, long_table),
+        _Chunk("dec", [5], 20, [300, 301]),
+        _Chunk("new", list(range(3, 499)), 0, new_table),
+    ]
+    tables = [long_table, [300, 301], new_table]
+    inp = build_ragged_batch(chunks, tables, 16, "cpu", [1916, 20, 496])
+    meta = inp.meta
+    assert meta.attn_mask is None and len(meta.parts) == 2
+    assert meta.parts[0].gathered_rows.tolist() == list(range(16))
+    assert meta.parts[1].gathered_rows.tolist() == list(range(17, 513))
+    assert tuple(meta.parts[0].attn_mask.shape) == (1, 1, 16, 1920)
+    assert tuple(meta.parts[1].attn_mask.shape) == (1, 1, 496, 496)
+    assert meta.parts[0].block_tables.tolist() == [long_table[:120]]
+    assert meta.parts[1].block_tables.tolist() == [new_table[:31]]
+    assert meta.kernel_rows.tolist() == [16] and meta.gathered_rows.tolist() == [
+        *range(16),
+        *range(17, 513),
+    ]
+    same = [_Chunk("x", list(range(32)), 0, [1, 2]), _Chunk("y", list(range(32)), 0, [3, 4])]
+    one = build_ragged_batch(same, [[1, 2], [3, 4]], 16, "cpu", [32, 32])
+    assert one.meta.parts is None and tuple(one.meta.attn_mask.shape) == (2, 1, 32, 32)
+
+
 @pytest.mark.parametrize("kernel", [True, False])
 def test_a_mixed_step_computes_each_sequence_as_alone(tmp_path, kernel):
     # Two decoding sequences beside a prefill: each row's logits are the bits of its sequence
@@ -394,7 +423,7 @@ def test_a_mixed_step_computes_each_sequence_as_alone(tmp_path, kernel):
     # same bits at any row count (float32's sgemm does not).
     save_tiny_hf_model("llama", tmp_path)
     model, _ = load_model(tmp_path, dtype="bfloat16")
-    caches = model.allocate_kv_cache(12, 16, torch.bfloat16, "cpu")
+    caches = model.allocate_kv_cache(64, 16, torch.bfloat16, "cpu")
     prompts = {"a": list(range(3, 23)), "c": list(range(40, 57))}
     tables = {"a": [1, 2], "b": [3], "c": [4, 5]}
     paged_attention.use_kernel(kernel)
@@ -417,10 +446,28 @@ def test_a_mixed_step_computes_each_sequence_as_alone(tmp_path, kernel):
             layers = model.config.num_hidden_layers
             assert paged_attention.kernel_calls() - calls == (layers if kernel else 0)
             alone = [step([a], [20])[0], step([b], [5])[0], step([c], [17])[0]]
+            # A long prompt's last chunk beside a new prompt and a decode row: a rectangle of
+            # its own for each chunk (batch._rectangle_wastes), the same bits as alone.
+            long_prompt = [(7 * i) % 250 + 3 for i in range(616)]
+            tables["l"] = list(range(12, 51))
+            pre = build_ragged_batch(
+                [_Chunk("l", long_prompt[:600], 0, tables["l"])], [tables["l"]], 16
+            )
+            model(pre.input_ids, pre.positions, pre.meta, caches, pre.logits_indices)
+            tail = _Chunk("l", long_prompt[600:], 600, tables["l"])
+            tables["n"] = list(range(51, 64))
+            new = _Chunk("n", list(range(3, 203)), 0, tables["n"])
+            inp = build_ragged_batch(
+                [tail, a, new], [tables["l"], tables["a"], tables["n"]], 16, "cpu", [616, 20, 200]
+            )
+            assert inp.meta.parts is not None and len(inp.meta.parts) == 2
+            split = step([tail, a, new], [616, 20, 200])
+            split_alone = [step([tail], [616])[0], alone[0], step([new], [200])[0]]
     finally:
         paged_attention.use_kernel(True)
     for k in range(3):
         assert torch.equal(mixed[k], alone[k]), k
+        assert torch.equal(split[k], split_alone[k]), k
 
 
 @pytest.mark.parametrize(

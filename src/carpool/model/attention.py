@@ -99,6 +99,10 @@ class AttentionMetadata:
             it covers every row. The rows left out are decode sequences' single kernel rows:
             the paged kernel computes them, or where it does not apply, a gather over
             ``kernel_tables`` and ``context_lens`` as in a pure decode step.
+        parts: one rectangle per prompt chunk instead of one for all (each part's
+            ``gathered_rows`` its chunk's rows, its ``block_tables`` and ``attn_mask`` its own),
+            where one rectangle would mostly compute padding (``batch._rectangle_wastes``); the
+            outer ``attn_mask`` is then None. None: one rectangle.
     """
 
     slot_mapping: torch.Tensor
@@ -110,6 +114,7 @@ class AttentionMetadata:
     kernel_rows: torch.Tensor | None = None
     kernel_tables: torch.Tensor | None = None
     gathered_rows: torch.Tensor | None = None
+    parts: list[AttentionMetadata] | None = None
 
 
 class Attention(nn.Module):
@@ -166,7 +171,12 @@ class Attention(nn.Module):
             )
             return self.o_proj.forward(out.view(t, self.q_size))
         covered = meta.gathered_rows
-        if covered is None:
+        if meta.parts is not None:  # a rectangle of its own for each prompt chunk
+            out = qkv.new_empty((t, self.q_size))
+            for part in meta.parts:
+                rows = part.gathered_rows
+                out[rows] = self._gathered(qkv[rows, :h], kv_cache, part)
+        elif covered is None:
             out = self._gathered(qkv[:, :h], kv_cache, meta)
         else:  # decode sequences left out of the rectangle: their rows are filled below
             out = qkv.new_empty((t, self.q_size))
