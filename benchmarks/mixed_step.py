@@ -6,7 +6,12 @@ until they all decode; then one request with a ``--prompt``-token prompt is adde
 step (its prompt beside their decode tokens) is timed, then a pure decode step for comparison.
 Medians of ``--rounds`` rounds, each round on a fresh set of requests.
 
+``--cached-context N`` adds a second case: a follow-up turn (an N-token prompt already in the
+prefix cache plus 16 new tokens: a 16-token chunk at context N) arriving with the new prompt,
+their step against each alone.
+
     python benchmarks/mixed_step.py --model small-BF16.gguf --decoding 1,4,16 --prompt 512
+    python benchmarks/mixed_step.py --model small-BF16.gguf --decoding 1 --cached-context 1904
 """
 
 from __future__ import annotations
@@ -31,14 +36,15 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512, help="the arriving prompt's tokens")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cached-context", type=int, help="a follow-up turn's cached tokens")
     a = ap.parse_args()
     sizes = [int(x) for x in a.decoding.split(",")]
     llm = LLM(
         a.model,
         max_num_seqs=max(sizes) + 1,
         # The whole prompt and every decode token in one step.
-        max_num_batched_tokens=a.prompt + max(sizes),
-        max_model_len=a.prompt + 64,
+        max_num_batched_tokens=a.prompt + max(sizes) + (16 if a.cached_context else 0),
+        max_model_len=max(a.prompt, (a.cached_context or 0) + 16) + 64,
         kv_cache_memory_fraction=1.0,
         threads=a.threads,
     )
@@ -75,6 +81,41 @@ def main() -> None:
             print(f"| 0 | {alone:.1f} | - | - |", flush=True)
         else:
             print(f"| {n} | {alone:.1f} | {m:.1f} ({m / alone:.2f}x) | {d} |", flush=True)
+    if a.cached_context:
+        follow_up(engine, a.cached_context, a.prompt, a.rounds)
+
+
+def follow_up(engine, cached: int, prompt: int, rounds: int) -> None:  # noqa: ANN001
+    """A follow-up turn (``cached`` tokens in the prefix cache + 16 new ones) arriving with a
+    new ``prompt``-token prompt: their step, and each alone (ms, medians)."""
+    vocab = engine.model_config.vocab_size
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times: dict[str, list[float]] = {"both": [], "follow-up": [], "prompt": []}
+    for r in range(rounds + 1):
+        for case in times:
+            history = random_prompts(1, cached, vocab, 7000 + 10 * r + len(case))[0]
+            engine.add_request(history, one)  # the earlier turn, into the prefix cache
+            while engine.has_unfinished():
+                engine.step()
+            new = 16 if case != "prompt" else 0
+            if case != "prompt":
+                engine.add_request(history + random_prompts(1, 16, vocab, -r)[0], one)
+            if case != "follow-up":
+                seed = 9000 + 10 * r + len(case)  # new each time: nothing of it cached
+                engine.add_request(random_prompts(1, prompt, vocab, seed)[0], one)
+                new += prompt
+            rec = _step(engine)
+            assert rec.num_prefill_tokens == new, ("the cached prefix reused", rec)
+            if r:
+                times[case].append(rec.duration * 1e3)
+            while engine.has_unfinished():
+                engine.step()
+    m = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"\nA follow-up turn (16 new tokens at context {cached}) with a new {prompt}-token "
+        f"prompt: {m['both']:.1f} ms together; alone {m['follow-up']:.1f} + {m['prompt']:.1f} = "
+        f"{m['follow-up'] + m['prompt']:.1f} ms"
+    )
 
 
 def _step(engine):  # noqa: ANN001, ANN202
