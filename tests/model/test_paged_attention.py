@@ -374,16 +374,18 @@ def test_decode_sequences_stay_out_of_a_mixed_steps_rectangle():
     chunks.append(_Chunk("c", [9], 17, tables[2]))
     mixed = build_ragged_batch(chunks, tables, 16, "cpu", [20, 3, 17])
     meta = mixed.meta
-    assert meta.gathered_rows.tolist() == [1, 2, 3]
-    assert meta.block_tables.tolist() == [[2]]
-    assert tuple(meta.attn_mask.shape) == (1, 1, 3, 16)
-    assert meta.query_index is None and meta.output_index is None
+    assert meta.attn_mask is None and len(meta.parts) == 1
+    (part,) = meta.parts
+    assert part.gathered_rows.tolist() == [1, 2, 3]
+    assert part.block_tables.tolist() == [[2]]
+    assert tuple(part.attn_mask.shape) == (1, 1, 3, 16)
+    assert part.query_index is None and part.output_index is None
     assert meta.kernel_rows.tolist() == [0, 4]
     assert meta.context_lens.tolist() == [21, 18]
     assert meta.kernel_tables.tolist() == [[3, 1], [5, 6]]
     # Every sequence a prompt chunk: the rectangle covers every row, as before.
     prompts = build_ragged_batch(chunks[1:2] + [_Chunk("d", [1, 2], 0, [7])], [[2], [7]], 16)
-    assert prompts.meta.gathered_rows is None and prompts.meta.block_tables.shape == (2, 1)
+    assert prompts.meta.parts is None and prompts.meta.block_tables.shape == (2, 1)
 
 
 def test_a_short_chunk_at_a_long_context_gets_a_rectangle_of_its_own():
@@ -406,10 +408,8 @@ def test_a_short_chunk_at_a_long_context_gets_a_rectangle_of_its_own():
     assert tuple(meta.parts[1].attn_mask.shape) == (1, 1, 496, 496)
     assert meta.parts[0].block_tables.tolist() == [long_table[:120]]
     assert meta.parts[1].block_tables.tolist() == [new_table[:31]]
-    assert meta.kernel_rows.tolist() == [16] and meta.gathered_rows.tolist() == [
-        *range(16),
-        *range(17, 513),
-    ]
+    covered = [r for part in meta.parts for r in part.gathered_rows.tolist()]
+    assert meta.kernel_rows.tolist() == [16] and covered == [*range(16), *range(17, 513)]
     same = [_Chunk("x", list(range(32)), 0, [1, 2]), _Chunk("y", list(range(32)), 0, [3, 4])]
     one = build_ragged_batch(same, [[1, 2], [3, 4]], 16, "cpu", [32, 32])
     assert one.meta.parts is None and tuple(one.meta.attn_mask.shape) == (2, 1, 32, 32)

@@ -93,16 +93,16 @@ class AttentionMetadata:
             one (a pure decode step: ``T == B``, one row per sequence, ``block_tables`` rows).
         kernel_tables: ``[R, L / block_size]`` the block table of each kernel row's sequence
             (None together with ``kernel_rows``).
-        gathered_rows: ``[G]`` flat token index of each row the ``[B, Q, L]`` rectangle covers
-            (``block_tables``, ``attn_mask``, ``query_index`` and ``output_index`` then describe
-            these rows' sequences, their indices counted over these rows alone), or None when
-            it covers every row. The rows left out are decode sequences' single kernel rows:
-            the paged kernel computes them, or where it does not apply, a gather over
-            ``kernel_tables`` and ``context_lens`` as in a pure decode step.
-        parts: one rectangle per prompt chunk instead of one for all (each part's
-            ``gathered_rows`` its chunk's rows, its ``block_tables`` and ``attn_mask`` its own),
-            where one rectangle would mostly compute padding (``batch._rectangle_wastes``); the
-            outer ``attn_mask`` is then None. None: one rectangle.
+        gathered_rows: in a part (below), ``[G]`` flat token index of each step row its
+            rectangle covers; its ``block_tables``, ``attn_mask``, ``query_index`` and
+            ``output_index`` describe these rows' sequences, indices counted over these rows
+            alone. None outside parts.
+        parts: the rectangles of a mixed step when one over every row would mostly compute
+            padding (the outer ``attn_mask`` then None), or None: one rectangle over every row.
+            Decode sequences (one kernel row each) are left out of them: the paged kernel
+            computes those rows, or where it does not apply, a gather over ``kernel_tables`` and
+            ``context_lens`` as in a pure decode step. Prompt chunks share one part, or take
+            one each where that one would still mostly pad (``batch._rectangle_wastes``).
     """
 
     slot_mapping: torch.Tensor
@@ -170,17 +170,17 @@ class Attention(nn.Module):
                 qkv[:, :h], kv_cache, meta.block_tables, meta.context_lens, self.scale
             )
             return self.o_proj.forward(out.view(t, self.q_size))
-        covered = meta.gathered_rows
-        if meta.parts is not None:  # a rectangle of its own for each prompt chunk
-            out = qkv.new_empty((t, self.q_size))
-            for part in meta.parts:
-                rows = part.gathered_rows
-                out[rows] = self._gathered(qkv[rows, :h], kv_cache, part)
-        elif covered is None:
+        covered = t
+        if meta.parts is None:
             out = self._gathered(qkv[:, :h], kv_cache, meta)
-        else:  # decode sequences left out of the rectangle: their rows are filled below
+        else:  # rectangles over some rows each; decode rows left out are filled below
             out = qkv.new_empty((t, self.q_size))
-            out[covered] = self._gathered(qkv[covered, :h], kv_cache, meta)
+            covered = 0
+            for part in meta.parts:
+                part_rows = part.gathered_rows
+                assert part_rows is not None, "a part names the rows it covers"
+                out[part_rows] = self._gathered(qkv[part_rows, :h], kv_cache, part)
+                covered += part_rows.shape[0]
         rows = meta.kernel_rows
         if use_kernel:
             # Decode rows of a mixed step take the kernel too (their gathered result is
@@ -189,7 +189,7 @@ class Attention(nn.Module):
             out[rows] = paged_attention.paged_decode_attention(
                 qkv[rows, :h], kv_cache, meta.kernel_tables, meta.context_lens, self.scale
             ).view(-1, self.q_size)
-        elif covered is not None:  # no kernel here: the kernel rows as a pure decode gathers
+        elif covered < t:  # no kernel here: the rows left out as a pure decode step gathers
             assert rows is not None and meta.kernel_tables is not None
             decode = AttentionMetadata(
                 slot_mapping=meta.slot_mapping,

@@ -104,7 +104,7 @@ def _ragged_batch(
     # Flat cache slot of each new token: its block (through the table) and offset.
     slot_mapping = tables[seq_index, positions // block_size] * block_size + positions % block_size
 
-    query_index = output_index = context_lens = kernel_rows = kernel_tables = gathered_rows = None
+    query_index = output_index = context_lens = kernel_rows = kernel_tables = None
     rect_tables = tables
     parts: list[tuple[np.ndarray, Rectangle]] | None = None
     if generated_from is None:
@@ -126,8 +126,6 @@ def _ragged_batch(
         # paid for 4 x 512 query rows: small's mixed steps 1.1-1.5x a prompt's step alone).
         decode_seq = (q_lens == 1) & is_kernel_row[offsets[:-1]]
         keep = np.flatnonzero(~decode_seq)
-        if len(keep) < b:
-            gathered_rows = np.flatnonzero(~decode_seq[seq_index])
         if len(keep) > 1 and _rectangle_wastes(q_lens[keep], starts[keep], block_size):
             # A rectangle of its own for each prompt chunk (see _rectangle_wastes).
             parts = [
@@ -137,45 +135,62 @@ def _ragged_batch(
                 )
                 for k in keep
             ]
+        elif len(keep) < b:  # one rectangle over the prompt chunks' rows
+            rect = _rectangle(q_lens[keep], starts[keep], tables[keep], block_size)
+            parts = [(np.flatnonzero(~decode_seq[seq_index]), rect)]
         else:
             mask, query_index, output_index, rect_tables = _rectangle(
-                q_lens[keep], starts[keep], tables[keep], block_size
+                q_lens, starts, tables, block_size
             )
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = offsets[1:][sampling] - 1
 
-    def t(a: np.ndarray | None) -> torch.Tensor | None:
-        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-
-    v = to_device(
-        {
-            "input_ids": t(input_ids),
-            "positions": t(positions),
-            "slot_mapping": t(slot_mapping),
-            "block_tables": t(rect_tables),
-            "query_index": t(query_index),
-            "output_index": t(output_index),
-            "context_lens": t(context_lens),
-            "kernel_rows": t(kernel_rows),
-            "kernel_tables": t(kernel_tables),
-            "gathered_rows": t(gathered_rows),
-            "logits_indices": t(logits_indices),
-        },
-        device,
-    )
+    t = _int64_tensor
+    host = {
+        "input_ids": t(input_ids),
+        "positions": t(positions),
+        "slot_mapping": t(slot_mapping),
+        "block_tables": t(rect_tables),
+        "query_index": t(query_index),
+        "output_index": t(output_index),
+        "context_lens": t(context_lens),
+        "kernel_rows": t(kernel_rows),
+        "kernel_tables": t(kernel_tables),
+        "logits_indices": t(logits_indices),
+    }
+    masks = [mask] if parts is None else [rect[0] for _, rect in parts]
+    for i, (rows, (_, p_query, p_output, p_tables)) in enumerate(parts or []):
+        # The parts' index tensors travel in the step's one packed copy.
+        host |= {
+            f"{i}.rows": t(rows),
+            f"{i}.tables": t(p_tables),
+            f"{i}.query_index": t(p_query),
+            f"{i}.output_index": t(p_output),
+        }
+    v = to_device(host, device)
+    masks_on_device = _masks_to_device(masks, device)
     meta = AttentionMetadata(
         slot_mapping=v["slot_mapping"],
         block_tables=v["block_tables"],
-        attn_mask=None if mask is None else torch.from_numpy(mask).to(device),
+        attn_mask=masks_on_device[0] if parts is None else None,
         query_index=v["query_index"],
         output_index=v["output_index"],
         context_lens=v["context_lens"],
         kernel_rows=v["kernel_rows"],
         kernel_tables=v["kernel_tables"],
-        gathered_rows=v["gathered_rows"],
         parts=None
         if parts is None
-        else [_part(rows, rect, v["slot_mapping"], device) for rows, rect in parts],
+        else [
+            AttentionMetadata(
+                slot_mapping=v["slot_mapping"],
+                block_tables=v[f"{i}.tables"],
+                attn_mask=part_mask,
+                query_index=v[f"{i}.query_index"],
+                output_index=v[f"{i}.output_index"],
+                gathered_rows=v[f"{i}.rows"],
+            )
+            for i, part_mask in enumerate(masks_on_device)
+        ],
     )
     return ModelInput(
         input_ids=v["input_ids"],
@@ -185,6 +200,11 @@ def _ragged_batch(
         sample_request_ids=[chunks[k].request_id for k in sampling],
         num_tokens=len(input_ids),
     )
+
+
+def _int64_tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    """A host int64 tensor of ``a`` (None stays None)."""
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
 
 # (attn_mask, query_index, output_index, block_tables) of one attention rectangle.
@@ -209,19 +229,19 @@ def _rectangle_wastes(q_lens: np.ndarray, starts: np.ndarray, block_size: int) -
     return padded > 2 * own and padded - own > (len(q_lens) - 1) * SPLIT_PADDING_PER_CALL
 
 
-def _part(
-    rows: np.ndarray, rect: Rectangle, slot_mapping: torch.Tensor, device: torch.device | str
-) -> AttentionMetadata:
-    """The metadata of one prompt chunk's own rectangle (``AttentionMetadata.parts``)."""
-    mask, query_index, output_index, tables = rect
-    assert query_index is None and output_index is None, "one sequence: its rows are the rectangle"
-    v = to_device({"rows": torch.from_numpy(rows), "tables": torch.from_numpy(tables)}, device)
-    return AttentionMetadata(
-        slot_mapping=slot_mapping,
-        block_tables=v["tables"],
-        attn_mask=torch.from_numpy(mask).to(device),
-        gathered_rows=v["rows"],
+def _masks_to_device(
+    masks: list[np.ndarray | None], device: torch.device | str
+) -> list[torch.Tensor | None]:
+    """Boolean masks on ``device``, in one copy off the CPU (as ``to_device`` packs the index
+    tensors: a step with prompt chunks makes two transfers however many rectangles it has)."""
+    host = [None if m is None else torch.from_numpy(m) for m in masks]
+    present = [m for m in host if m is not None]
+    if torch.device(device).type == "cpu" or len(present) <= 1:
+        return [None if m is None else m.to(device) for m in host]
+    views = iter(
+        torch.cat([m.reshape(-1) for m in present]).to(device).split([m.numel() for m in present])
     )
+    return [None if m is None else next(views).view(m.shape) for m in host]
 
 
 def _rectangle(
