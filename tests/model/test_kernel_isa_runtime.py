@@ -137,7 +137,8 @@ def level_vnni(request):
 
 def test_lower_level_vnni_linear_is_a_bf16_gemm_whatever_the_rows(level_vnni):
     # The VNNI layout's product at each level (AVX2: the 8-column loops an AMD Zen 2/3 runs,
-    # four rows a pass, the chunked and one-pass block loops; v2 and v4: plain loops): float32
+    # up to six rows a pass, the chunked and one-pass block loops, their runs of 8 pairs and
+    # the pairs left over; v2 and v4: plain loops): float32
     # sums of the bf16 products rounded once, and a row's bits the same at every row count.
     from carpool.model import vnni_linear
 
@@ -150,7 +151,7 @@ def test_lower_level_vnni_linear_is_a_bf16_gemm_whatever_the_rows(level_vnni):
         full = level_vnni(x, packed, bias, n, 0)
         exact = x.double() @ w.double().T + bias.double()
         torch.testing.assert_close(full.double(), exact, rtol=2**-7, atol=2e-2)
-        for rows in (1, 2, 3, 4, 5, 7, 8, 13, 36, 37):
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 30, 36, 37, 43):
             assert torch.equal(level_vnni(x[:rows].contiguous(), packed, bias, n, 0), full[:rows])
 
 

@@ -24,10 +24,11 @@
 // differs from oneDNN's linear (results within a bf16 rounding of each other).
 //
 // On AVX2 CPUs without AVX-512 (AMD Zen 2/3), where torch's bf16 GEMM takes its generic loops,
-// the same layout goes through float32 FMA loops (dot_pairs8: each pair's 8 columns one load,
-// widened by a shift and a mask; four rows a pass): 1.4-1.7x fused_ops' bf16_linear on plain
-// weights at 4-32 rows of the small model's layers from memory, ~1.05x at 1-2 rows (a Zen 2,
-// issue 11, twenty-second pass), again the same bits for a row at every row count.
+// the same layout goes through float32 FMA loops (dot_pair8: each pair's 8 columns one load,
+// widened by a shift and a mask; up to six rows a pass): 1.4-1.7x fused_ops' bf16_linear on
+// plain weights at 4-32 rows of the small model's layers from memory, ~1.05x at 1-2 rows (a
+// Zen 2, issue 11, twenty-second pass), and 1.35-1.4x more at 48-512 rows with six-row passes
+// (twenty-seventh pass), again the same bits for a row at every row count.
 //
 // Built with -march=native: the AMX loop only where the compiler targets AMX, the
 // matrix-vector kernel a plain loop without AVX-512 BF16 or AVX2 (same sums).
@@ -226,51 +227,155 @@ __attribute__((always_inline)) inline void dot_pair(__m512 (&acc)[MR][4], const 
 // side by side in a 32-bit word, widened exactly to float32 by a shift (the even element) and a
 // mask (the odd one). Every sum takes, pair by pair, fma(w_even, x_even) then fma(w_odd,
 // x_odd) into one float32 accumulator, whatever the rows, passes or column tiles: the same bits
-// for a row at every row count. Rows per pass: 4 (kPassRows), over tiles of NV vectors of 8
-// columns with MR * NV accumulators (NV = 8 at one row, 4 at two, 2 at three or four): at most
-// 14 of the 16 vector registers, so nothing spills. The loads per multiply-add are what bound
-// bf16_linear on plain [N, K] weights (one input load per FMA): here 2 weight loads and 8
-// broadcasts feed 16 FMAs at four rows.
+// for a row at every row count. Rows per pass: up to 6 (kPassRows), over tiles of NV vectors of
+// 8 columns with MR * NV accumulators (NV = 8 at one row, 4 at two, 2 at three to six): at most
+// 15 of the 16 vector registers, so nothing spills. The loads per multiply-add are what bound
+// bf16_linear on plain [N, K] weights (one input load per FMA): here 4 weight loads and 12
+// broadcasts feed 24 FMAs at six rows. Six rows keep 12 sums in flight: each takes two
+// dependent FMAs a pair (5 cycles each on a Zen 2), so 8 of them (four rows) can issue at most
+// 1.6 of the 2 FMAs a cycle.
 inline void widen_pair8(const B16* w, __m256& even, __m256& odd) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// acc[m][v] += pairs [p0, p1) of x's rows [0, MR) (row stride k) times columns
-// [8 * (v0 + v), 8 * (v0 + v) + 8) of block wb.
+// acc[m][v] += pair p of x's rows [0, MR) (row stride k) times columns [8 * (v0 + v),
+// 8 * (v0 + v) + 8) of block wb.
 template <int MR, int NV>
-__attribute__((always_inline)) inline void dot_pairs8(__m256 (&acc)[MR][NV], const B16* wb,
-                                                      const float* x, int64_t k, int64_t p0,
-                                                      int64_t p1, int v0) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const B16* row = wb + p * kBlockN * 2 + v0 * 16;
-    if constexpr (MR <= 2) {  // the inputs held, one weight vector at a time
-      __m256 xe[MR], xo[MR];
+__attribute__((always_inline)) inline void dot_pair8(__m256 (&acc)[MR][NV], const B16* wb,
+                                                     const float* x, int64_t k, int64_t p,
+                                                     int v0) {
+  // (The loops over rows and vectors fully unrolled: gcc left some as loops, and then spilt
+  // accumulators, without the pragmas.)
+  const B16* row = wb + p * kBlockN * 2 + v0 * 16;
+  if constexpr (MR <= 2) {  // the inputs held, one weight vector at a time
+    __m256 xe[MR], xo[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      xe[m] = _mm256_broadcast_ss(x + m * k + 2 * p);
+      xo[m] = _mm256_broadcast_ss(x + m * k + 2 * p + 1);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      __m256 we, wo;
+      widen_pair8(row + v * 16, we, wo);
+#pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
-        xe[m] = _mm256_broadcast_ss(x + m * k + 2 * p);
-        xo[m] = _mm256_broadcast_ss(x + m * k + 2 * p + 1);
-      }
-      for (int v = 0; v < NV; ++v) {
-        __m256 we, wo;
-        widen_pair8(row + v * 16, we, wo);
-        for (int m = 0; m < MR; ++m) {
-          acc[m][v] = _mm256_fmadd_ps(we, xe[m], acc[m][v]);
-          acc[m][v] = _mm256_fmadd_ps(wo, xo[m], acc[m][v]);
-        }
-      }
-    } else {  // the weights held, one input row at a time
-      __m256 we[NV], wo[NV];
-      for (int v = 0; v < NV; ++v) widen_pair8(row + v * 16, we[v], wo[v]);
-      for (int m = 0; m < MR; ++m) {
-        const __m256 xe = _mm256_broadcast_ss(x + m * k + 2 * p);
-        const __m256 xo = _mm256_broadcast_ss(x + m * k + 2 * p + 1);
-        for (int v = 0; v < NV; ++v) {
-          acc[m][v] = _mm256_fmadd_ps(we[v], xe, acc[m][v]);
-          acc[m][v] = _mm256_fmadd_ps(wo[v], xo, acc[m][v]);
-        }
+        acc[m][v] = _mm256_fmadd_ps(we, xe[m], acc[m][v]);
+        acc[m][v] = _mm256_fmadd_ps(wo, xo[m], acc[m][v]);
       }
     }
+  } else if constexpr (MR <= 4) {  // the weights held, one input row at a time
+    __m256 we[NV], wo[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) widen_pair8(row + v * 16, we[v], wo[v]);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xe = _mm256_broadcast_ss(x + m * k + 2 * p);
+      const __m256 xo = _mm256_broadcast_ss(x + m * k + 2 * p + 1);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        acc[m][v] = _mm256_fmadd_ps(we[v], xe, acc[m][v]);
+        acc[m][v] = _mm256_fmadd_ps(wo[v], xo, acc[m][v]);
+      }
+    }
+  } else {  // five or six rows: the even halves for every row, then the odd ones
+    // 2 * MR accumulators, NV = 2 weight vectors and a broadcast: 15 of the 16 registers at
+    // six rows (holding both halves, as above, would take 17 and spill). Each accumulator
+    // still takes its pair's even product before its odd one: the same sums.
+    __m256 w[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      w[v] = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + v * 16)), 16));
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xe = _mm256_broadcast_ss(x + m * k + 2 * p);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(w[v], xe, acc[m][v]);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      w[v] = _mm256_castsi256_ps(
+          _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + v * 16)),
+                           _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xo = _mm256_broadcast_ss(x + m * k + 2 * p + 1);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(w[v], xo, acc[m][v]);
+    }
+  }
+}
+
+// Pairs between a tile's prefetch requests (8: 2 KiB of the block).
+constexpr int64_t kAskPairs = 8;
+
+// What a tile asks for ahead while it runs: before its s-th run of kAskPairs pairs, the lines
+// [line0 + want * (s0 + s) / steps, line0 + want * (s0 + s + 1) / steps) of `base` (64 bytes
+// each), so that `want` lines spread evenly over `steps` runs (over several tiles, their
+// runs numbered on from s0).
+struct Ask {
+  const char* base = nullptr;
+  int64_t line0 = 0, want = 0, s0 = 0, steps = 1;
+};
+
+// Walks an Ask's runs in order without a division per run (two idivs a run cost the one-row
+// loop ~15%): `line` is run s's first line, `frac` the remainder want * s % steps.
+struct AskCursor {
+  const char* base;
+  int64_t line, frac, q, r, steps;
+  explicit AskCursor(const Ask& a)
+      : base(a.base),
+        line(a.line0 + a.want * a.s0 / a.steps),
+        frac(a.want * a.s0 % a.steps),
+        q(a.want / a.steps),
+        r(a.want % a.steps),
+        steps(a.steps) {}
+};
+
+// The cursor's next run of lines asked for, hint H. (A function: the same loop in a lambda
+// lost its prefetches to gcc 12, which kept the rest of the lambda's code.)
+template <int H>
+__attribute__((always_inline)) inline void ask_next(AskCursor& a) {
+  int64_t end = a.line + a.q;
+  a.frac += a.r;
+  if (a.frac >= a.steps) {
+    a.frac -= a.steps;
+    ++end;
+  }
+  for (; a.line < end; ++a.line) _mm_prefetch(a.base + 64 * a.line, static_cast<_mm_hint>(H));
+}
+
+// acc[m][v] += pairs [p0, p1) of x's rows times the tile's columns (dot_pair8), with `ask`'s
+// lines asked for (hint H) before each run of kAskPairs pairs. The runs are unrolled and the
+// loop over them is the only one: with a run as a loop inside it, gcc kept the accumulator
+// array in memory and stored every accumulator after every pair (six rows from L2, one Zen 2
+// core: 72 GFLOP/s; 98-102 with the stores gone; issue 11, twenty-seventh pass).
+template <int MR, int NV, int H>
+__attribute__((always_inline)) inline void dot_pairs8(__m256 (&acc)[MR][NV], const B16* wb,
+                                                      const float* x, int64_t k, int64_t p0,
+                                                      int64_t p1, int v0, const Ask& ask) {
+  AskCursor cursor(ask);
+  int64_t p = p0;
+  if constexpr (MR == 1) {
+    // One row (a decode step alone; bound by the weights' stream, not the FMAs) keeps its pairs
+    // as a loop: unrolled, its loads came out of order and the one-row pass over small's
+    // layers on huge pages took 1.25x longer.
+    for (; p < p1; p += kAskPairs) {
+      ask_next<H>(cursor);
+      const int64_t end = std::min<int64_t>(p1, p + kAskPairs);
+      for (int64_t q = p; q < end; ++q) dot_pair8<MR, NV>(acc, wb, x, k, q, v0);
+    }
+  } else {
+    for (; p + kAskPairs <= p1; p += kAskPairs) {
+      ask_next<H>(cursor);
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < kAskPairs; ++i) dot_pair8<MR, NV>(acc, wb, x, k, p + i, v0);
+    }
+    if (p < p1) ask_next<H>(cursor);
+    for (; p < p1; ++p) dot_pair8<MR, NV>(acc, wb, x, k, p, v0);
   }
 }
 
@@ -333,26 +438,23 @@ void gemv_block(const XT* x, int64_t k, const B16* wb, const float* bias, B16* y
   }
 #elif defined(CARPOOL_AVX2)
   constexpr int NV = tile_vectors<MR>();
-  constexpr int64_t kStep = 8;  // pairs between prefetch requests (2 KiB)
-  const int64_t want = line1 - line0;
   for (int v0 = 0; v0 < kBlockN / 8 && 8 * v0 < ncols; v0 += NV) {
     __m256 acc[MR][NV];
     for (int m = 0; m < MR; ++m)
       for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < pairs; p += kStep) {
-      const int64_t p1 = std::min<int64_t>(pairs, p + kStep);
-      // The first tile streams the block (kAhead: its whole pair rows kPrefetchPairs ahead,
-      // which the other tiles then find in cache) or carries the next block's lines (kNext).
-      if (PF == kAhead && v0 == 0) {
-        const char* ahead = reinterpret_cast<const char*>(wb + (p + kPrefetchPairs) * kBlockN * 2);
-        for (int64_t l = 0; l < (p1 - p) * 4; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
-      }
-      if (PF == kNext && v0 == 0) {
-        for (int64_t l = line0 + want * p / pairs; l < line0 + want * p1 / pairs; ++l)
-          _mm_prefetch(nxt + 64 * l, _MM_HINT_T1);
-      }
-      dot_pairs8<MR, NV>(acc, wb, x, k, p, p1, v0);
+    // The first tile streams the block (kAhead: its whole pair rows kPrefetchPairs ahead,
+    // which the other tiles then find in cache) or carries the next block's lines (kNext).
+    Ask ask;
+    ask.steps = (pairs + kAskPairs - 1) / kAskPairs;
+    if (PF == kAhead && v0 == 0) {
+      ask.base = reinterpret_cast<const char*>(wb + kPrefetchPairs * kBlockN * 2);
+      ask.want = 4 * kAskPairs * ask.steps;  // the 4 lines of every pair
     }
+    if (PF == kNext && v0 == 0) ask = Ask{nxt, line0, line1 - line0, 0, ask.steps};
+    if (PF == kAhead)
+      dot_pairs8<MR, NV, _MM_HINT_T0>(acc, wb, x, k, 0, pairs, v0, ask);
+    else
+      dot_pairs8<MR, NV, _MM_HINT_T1>(acc, wb, x, k, 0, pairs, v0, ask);
     for (int m = 0; m < MR; ++m)
       for (int v = 0; v < NV; ++v) {
         const int64_t c0 = 8 * (v0 + v);
@@ -387,13 +489,9 @@ void gemv_pass(Prefetch pf, const XT* x, int64_t k, const B16* wb, const float* 
   }
 }
 
-// Input rows per pass over a block: six with AVX-512 (24 accumulators of 32 registers), four
-// with AVX2 (see dot_pairs8).
-#if defined(CARPOOL_AVX2)
-constexpr int64_t kPassRows = 4;
-#else
+// Input rows per pass over a block: six (AVX-512: 24 accumulators of 32 registers; AVX2: 12
+// of 16, see dot_pair8).
 constexpr int64_t kPassRows = 6;
-#endif
 
 // Rows of pass `pass` when `rows` rows go in (rows + 5) / 6 passes, spread evenly (32 rows: 6,
 // 6, 5, 5, 5, 5, not 6 x 5 + 2): a pass of one or two rows has too few sums in flight to hide
@@ -485,21 +583,16 @@ void gemv_chunk(const XT* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, f
     for (int j = 0; j < 4; ++j) _mm512_store_ps(c + m * kBlockN + 16 * j, acc[m][j]);
 #elif defined(CARPOOL_AVX2)
   constexpr int NV = tile_vectors<MR>();
-  const int64_t want = line1 - line0;
   for (int v0 = 0; v0 < kBlockN / 8; v0 += NV) {
     __m256 acc[MR][NV];
     for (int m = 0; m < MR; ++m)
       for (int v = 0; v < NV; ++v)
         acc[m][v] = init ? _mm256_setzero_ps() : _mm256_load_ps(c + m * kBlockN + 8 * (v0 + v));
-    // The lines asked for ahead, spread evenly over the tiles' pairs (a burst filled the
-    // miss queues): step s of `steps` asks for lines [want * s / steps, want * (s+1) / steps).
-    constexpr int64_t kStep = 8;
-    const int64_t per_tile = (p1 - p0 + kStep - 1) / kStep, steps = per_tile * (kBlockN / 8 / NV);
-    for (int64_t p = p0, st = per_tile * (v0 / NV); p < p1; p += kStep, ++st) {
-      for (int64_t l = line0 + want * st / steps; l < line0 + want * (st + 1) / steps; ++l)
-        _mm_prefetch(ahead + 64 * l, _MM_HINT_T1);
-      dot_pairs8<MR, NV>(acc, wb, x, k, p, std::min<int64_t>(p1, p + kStep), v0);
-    }
+    // The lines asked for ahead, spread evenly over the tiles' runs (a burst filled the miss
+    // queues).
+    const int64_t per_tile = (p1 - p0 + kAskPairs - 1) / kAskPairs;
+    const Ask ask{ahead, line0, line1 - line0, per_tile * (v0 / NV), per_tile * (kBlockN / 8 / NV)};
+    dot_pairs8<MR, NV, _MM_HINT_T1>(acc, wb, x, k, p0, p1, v0, ask);
     for (int m = 0; m < MR; ++m)
       for (int v = 0; v < NV; ++v) _mm256_store_ps(c + m * kBlockN + 8 * (v0 + v), acc[m][v]);
   }
@@ -530,7 +623,7 @@ void gemv_chunk(const XT* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, f
 // or 128 pairs and 4 chunks ahead measured no better.
 constexpr int64_t kChunkPairs = 64;  // 256 bytes a pair
 constexpr int64_t kChunksAhead = 2;
-constexpr int64_t kChunkedMaxRows = 36;  // six passes of six rows (nine of four on AVX2)
+constexpr int64_t kChunkedMaxRows = 36;  // six passes of six rows
 // Rows above which the chunked loop runs: on AVX2 from 2 (its tiles read a block's columns in
 // strides, which from memory needs the chunk asked for ahead: 2-4 rows of the small model's
 // layers took 1.15-1.4x longer through gemv_rows' one-pass stream on a Zen 2).
