@@ -182,3 +182,26 @@ def test_head_logits_break_a_bf16_tie_the_right_way():
     y = head(x)
     assert y[0, 0] == y[0, 1] and y[0, 0] > y[0, 2:].max()  # 24.929 and 24.935: both 24.875
     assert int(head.logits(x).argmax()) == 1
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_prefills_widened_weight_takes_this_cpus_dense_product(method):
+    # Above the kernels' rows a quantized linear widens its weight once and runs a dense
+    # product: on an AVX2 CPU without a bf16 GEMM in the VNNI layout through vnni_linear (the
+    # same bits as packing the widened weight and calling it), elsewhere the plain GEMM.
+    from carpool.model import fused_ops, vnni_linear
+    from carpool.model.layers import linear_bucketed, widen_once
+
+    torch.manual_seed(5)
+    q = quantize_linear(torch.nn.Linear(96, 200, bias=False), method, torch.bfloat16)
+    x = torch.randn(300, 96, dtype=torch.bfloat16)
+    # The widened weight as the module makes it (int4: in bf16 arithmetic, fused_ops.int4_widen).
+    dense = q._dense(torch.bfloat16) if method == "int4" else q.qweight.to(torch.bfloat16)
+    if fused_ops.bf16_emulated() and vnni_linear.load():
+        want = vnni_linear.linear(x, vnni_linear.pack(dense), None, 200)
+    else:
+        want = linear_bucketed(x, dense)
+    scale = q.scales if method == "int8" else 1
+    assert torch.equal(q(x), want * scale)
+    with widen_once():  # the packed copy made once for every call in the block
+        assert torch.equal(q(x[:200]), q(x)[:200])

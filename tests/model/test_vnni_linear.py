@@ -42,6 +42,20 @@ def test_pack_round_trips(n, k):
     assert torch.equal(packed[(n - 1) // 64, 3, (n - 1) % 64], w[n - 1, 6:8])
 
 
+@pytest.mark.parametrize("n, k", [(1, 2), (7, 30), (64, 16), (70, 34), (130, 1376), (200, 96)])
+def test_the_operators_pack_is_the_reference(n, k):
+    # The one-pass C++ pack (8 x 8 words at a time, the rest word by word: a last block's
+    # rows past N zero, pairs past the last 8) is torch's permute of the padded weight.
+    w = torch.randn(n, k).bfloat16()
+    packed = torch.ops.carpool.vnni_pack(w)
+    assert torch.equal(packed, vnni_linear.pack_reference(w))
+    assert torch.equal(vnni_linear.pack(w), packed)
+    strided = torch.randn(k, n).bfloat16().T  # not contiguous: packed as its contiguous copy
+    assert torch.equal(torch.ops.carpool.vnni_pack(strided), vnni_linear.pack_reference(strided))
+    with pytest.raises(RuntimeError, match="even K"):
+        torch.ops.carpool.vnni_pack(torch.zeros(4, 3, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 32, 33, 36, 37, 70])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, k, bias", [(100, 64, True), (192, 96, False), (64, 1408, True)])

@@ -56,7 +56,7 @@ MLP_MIN_CHUNK_ROWS = 128
 class _Widened:
     """Widened quantized weights kept while ``widen_once`` is active (None: not active)."""
 
-    cache: dict[tuple[int, torch.dtype], torch.Tensor] | None = None
+    cache: dict[tuple[int, torch.dtype, str], torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -72,13 +72,18 @@ def widen_once() -> Iterator[None]:
         _Widened.cache = outer
 
 
-def widened(owner: nn.Module, dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``owner``'s weight widened to ``dtype`` by ``make()``: made once per ``widen_once``
-    block, every call outside one."""
+def widened(
+    owner: nn.Module,
+    dtype: torch.dtype,
+    make: Callable[[], torch.Tensor],
+    layout: str = "plain",
+) -> torch.Tensor:
+    """``owner``'s weight widened to ``dtype`` (in ``layout``) by ``make()``: made once per
+    ``widen_once`` block, every call outside one."""
     cache = _Widened.cache
     if cache is None:
         return make()
-    key = (id(owner), dtype)
+    key = (id(owner), dtype, layout)
     if key not in cache:
         cache[key] = make()
     return cache[key]

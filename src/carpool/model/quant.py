@@ -28,12 +28,13 @@ quantized tensor.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carpool.model import fused_ops
+from carpool.model import fused_ops, vnni_linear
 from carpool.model.layers import MLP_MIN_CHUNK_ROWS, linear_bucketed, widened
 
 QUANTIZATION_METHODS = ("int8", "int4")
@@ -138,6 +139,26 @@ class QuantizedLinear(nn.Module):
         y = y if self.bias is None else y + self.bias
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
+    def _widened_product(self, xk: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``xk @ W.T`` (``[rows, out_features]`` in ``xk``'s dtype) for ``W = make()``, this
+        layer's weight widened to ``xk``'s dtype, widened once per ``widen_once`` block.
+
+        On an AVX2 CPU without a bf16 GEMM (``fused_ops.bf16_emulated``) the widened weight goes
+        into the VNNI layout (``vnni_linear.pack``, one pass) for ``vnni_linear``'s six-row
+        float32 FMA loops: 1.3-1.4x ``bf16_linear`` on the plain widened weight at 64-512 rows
+        of small's layer matrices, the packing included (BENCHMARKS.md, issue 11,
+        twenty-seventh pass). Elsewhere the dense GEMM on the plain widened weight."""
+        if (
+            xk.dtype == torch.bfloat16
+            and fused_ops.bf16_emulated()
+            and vnni_linear.available(xk.device)
+            and self.in_features % 2 == 0
+        ):
+            kd = xk.dtype
+            packed = widened(self, kd, lambda: vnni_linear.pack(make()), layout="vnni")
+            return vnni_linear.linear(xk, packed, None, self.out_features)
+        return linear_bucketed(xk, widened(self, xk.dtype, make))
+
     @staticmethod
     def _kernel_input(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x2`` (``[rows, in_features]``) contiguous in the kernel's ``dtype``."""
@@ -200,7 +221,7 @@ class Int8Linear(QuantizedLinear):
         if xk.shape[0] <= INT8_WIDEN_ABOVE_ROWS and xk.device.type == "cpu":
             y = torch._weight_int8pack_mm(xk, self.qweight, self.scales)
         else:  # widen the codes (exact in bf16/fp16); the row scales on the output
-            y = linear_bucketed(xk, widened(self, kd, lambda: self.qweight.to(kd))) * self.scales
+            y = self._widened_product(xk, lambda: self.qweight.to(kd)) * self.scales
         return self._finish(y, x)
 
     def _kernel_logits(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -311,7 +332,7 @@ class Int4Linear(QuantizedLinear):
         xk = self._kernel_input(x2, kd)
         dev = xk.device.type
         if xk.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
-            y = linear_bucketed(xk, widened(self, kd, lambda: self._dense(kd)))
+            y = self._widened_product(xk, lambda: self._dense(kd))
         elif dev == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 xk, self.packed, self.group_size, self.scales_zeros
@@ -321,7 +342,7 @@ class Int4Linear(QuantizedLinear):
                 xk, self._cuda_packed(), self.group_size, self.scales_zeros
             )
         else:  # no int4 kernel for this device/dtype: widen the weight for this call
-            y = linear_bucketed(xk, widened(self, kd, lambda: self._dense(kd)))
+            y = self._widened_product(xk, lambda: self._dense(kd))
         y = y[:, : self.out_features] if y.shape[1] != self.out_features else y
         return self._finish(y, x)
 

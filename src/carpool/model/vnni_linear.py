@@ -89,6 +89,13 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` -> ``[ceil(N / 64), K / 2, 64, 2]``: block b, pair p, column c holds
     ``weight[64 b + c, 2 p : 2 p + 2]`` (zero past N)."""
     assert packable(weight), f"vnni_linear.pack: need [N, even K] bf16, got {weight.shape}"
+    if weight.device.type == "cpu" and _lib.active():
+        return torch.ops.carpool.vnni_pack(weight)  # one pass (a quantized prefill's per step)
+    return pack_reference(weight)
+
+
+def pack_reference(weight: torch.Tensor) -> torch.Tensor:
+    """``pack`` in torch ops (any device; the operator's reference)."""
     n, k = weight.shape
     blocks = -(-n // BLOCK_N)
     padded = F.pad(weight, (0, 0, 0, blocks * BLOCK_N - n))

@@ -50,7 +50,7 @@
 
 #include "vec_math.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -762,6 +762,64 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+// [N, K] bf16 -> [ceil(N / 64), K / 2, 64, 2] (vnni_linear.pack's layout; zero past N) in one
+// pass: per block, a transpose of 32-bit words (a column's pair of weights) from [64, K / 2] to
+// [K / 2, 64], 8 x 8 words at a time with AVX2. A quantized linear's prefill widens its codes
+// to bf16 and packs them here in every step on AVX2 CPUs (torch's permute-and-copy took
+// 4-6 ms for small's seven layer matrices on a Zen 2, as long as a sixth of their product at
+// 512 rows; issue 11, twenty-seventh pass).
+at::Tensor vnni_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 &&
+                  weight.size(1) % 2 == 0 && weight.device().is_cpu(),
+              "vnni_pack: weight must be a [N, even K] bfloat16 CPU tensor, got ", weight.sizes(),
+              " ", weight.scalar_type());
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), pairs = w.size(1) / 2, blocks = (n + kBlockN - 1) / kBlockN;
+  at::Tensor out = at::empty({blocks, pairs, kBlockN, 2}, w.options());
+  if (blocks == 0 || pairs == 0) return out;
+  // A column's pair of bf16 weights as one 32-bit word: row r, pair p at src[r * pairs + p];
+  // block b, pair p, column c at dst[(b * pairs + p) * kBlockN + c].
+  const auto* src = reinterpret_cast<const uint32_t*>(w.data_ptr());
+  auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      uint32_t* db = dst + b * pairs * kBlockN;
+      for (int64_t c0 = 0; c0 < kBlockN; c0 += 8) {
+        const int64_t r0 = b * kBlockN + c0;
+        const bool full_rows = r0 + 8 <= n;
+        int64_t p0 = 0;
+#if defined(__AVX2__)
+        for (; full_rows && p0 + 8 <= pairs; p0 += 8) {
+          __m256i r[8], t[8];
+          for (int i = 0; i < 8; ++i)
+            r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (r0 + i) * pairs + p0));
+          for (int i = 0; i < 8; i += 2) {
+            t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+          }
+          for (int i = 0; i < 8; i += 4) {  // u[i + j]: words j and j + 4 of rows i..i+3
+            r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+            r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+            r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+            r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+          }
+          for (int j = 0; j < 4; ++j) {  // pair p0 + j: the low halves; p0 + j + 4: the high
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + (p0 + j) * kBlockN + c0),
+                                _mm256_permute2x128_si256(r[j], r[j + 4], 0x20));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + (p0 + j + 4) * kBlockN + c0),
+                                _mm256_permute2x128_si256(r[j], r[j + 4], 0x31));
+          }
+        }
+#endif
+        for (; p0 < pairs; ++p0)
+          for (int64_t i = 0; i < 8; ++i)
+            db[p0 * kBlockN + c0 + i] = r0 + i < n ? src[(r0 + i) * pairs + p0] : 0u;
+      }
+    }
+  });
+  return out;
+}
+
 // Whether this build has a fast path: AVX-512 BF16 (the matrix-vector kernel, and the bf16
 // stores of the AMX paths; -march=native, so the CPU has it too).
 bool vnni_linear_fast() {
@@ -785,13 +843,17 @@ bool vnni_linear_amx() {
 
 TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("vnni_linear(Tensor x, Tensor weight, Tensor? bias, int n, int path=0) -> Tensor");
+  m.def("vnni_pack(Tensor weight) -> Tensor");
   m.def("vnni_linear_fast() -> bool");
   m.def("vnni_linear_amx() -> bool");
   m.def("vnni_linear_huge_pages(int start, int nbytes, bool on) -> ()");
   m.def("vnni_linear_on_huge_pages(int start, int nbytes) -> bool");
 }
 
-TORCH_LIBRARY_IMPL(carpool, CPU, m) { m.impl("vnni_linear", &vnni_linear); }
+TORCH_LIBRARY_IMPL(carpool, CPU, m) {
+  m.impl("vnni_linear", &vnni_linear);
+  m.impl("vnni_pack", &vnni_pack);
+}
 
 TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {
   m.impl("vnni_linear_fast", &vnni_linear_fast);
