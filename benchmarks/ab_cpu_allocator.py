@@ -23,6 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 from py_peer import carpool_llm  # noqa: E402  (benchmarks/peers is not a package)

@@ -18,6 +18,7 @@ import random
 import statistics
 import time
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
 from carpool import LLM, SamplingParams

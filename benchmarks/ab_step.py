@@ -48,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -18,6 +18,7 @@ import argparse
 import statistics
 import time
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 import torch.nn.functional as F
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
+
 from carpool.config import EngineConfig
 from carpool.engine.limits import ModelLimits
 from carpool.engine.stats import EngineSnapshot, StepRecord

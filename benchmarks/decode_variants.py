@@ -26,6 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 from torch import nn
 

@@ -11,6 +11,7 @@ import argparse
 import statistics
 import time
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
 from carpool.model import kv_quant, paged_attention

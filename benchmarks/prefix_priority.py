@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import checkout
 import httpx
 from serve_util import free_port, stop_server, wait_healthy
 
@@ -52,7 +53,8 @@ def serve_and_load(model: str, serve_flags: list[str], bench_flags: list[str], t
     url = f"http://127.0.0.1:{port}"
     cmd = [CARPOOL, "serve", "--model", model, "--port", str(port), "--dtype", "float32"]
     cmd += ["--kv-cache-memory", "64MiB", *serve_flags]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # The CLI of this checkout (not the environment's editable install of another worktree).
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": checkout.SRC}
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(url)

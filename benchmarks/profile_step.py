@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 from torch.profiler import ProfilerActivity, profile
 

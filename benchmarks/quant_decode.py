@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
 from carpool import LLM, SamplingParams

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
 from carpool.model import fused_ops

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
+
 CHILD = r"""
 import json, statistics, sys, time, torch
 from pathlib import Path

@@ -19,6 +19,7 @@ import argparse
 import statistics
 import time
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 from profile_step import (
     add_model_args,

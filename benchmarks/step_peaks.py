@@ -18,6 +18,8 @@ import random
 import sys
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
+
 from carpool import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))

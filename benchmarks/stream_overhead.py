@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import httpx
 
 # The server counts the CPU time its forward passes take (``ModelRunner.execute``, on the

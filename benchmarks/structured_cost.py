@@ -20,6 +20,7 @@ from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
 from carpool.tokenizer.tokenizer import Tokenizer

@@ -16,6 +16,7 @@ import statistics
 import time
 from importlib import resources
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
 from carpool import LLM, SamplingParams

@@ -15,6 +15,7 @@ import multiprocessing
 import statistics
 import time
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
 from carpool import LLM, SamplingParams

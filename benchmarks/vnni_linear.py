@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 import torch.nn.functional as F
 
