@@ -17,8 +17,11 @@ level with it (0.95-1.2x) at 64-512 rows (BENCHMARKS.md, issue 11, ninth pass).
 
 On AVX2 CPUs without AVX-512 (AMD Zen 2/3), which have no bf16 instructions and where torch's
 bf16 GEMM takes its generic loops, the same layout goes through float32 FMA loops (a pair's 8
-columns widened from one load, four rows a pass): 1.4-1.7x ``fused_ops.bf16_linear`` on plain
-weights at 4-32 rows, ~1.05x at 1-2 (BENCHMARKS.md, issue 11, twenty-second pass).
+columns widened from one load, up to six rows a pass): 1.4-1.7x ``fused_ops.bf16_linear`` on
+plain weights at 4-32 rows, ~1.05x at 1-2 (BENCHMARKS.md, issue 11, twenty-second pass), and
+1.1-1.4x more at 16-512 rows since the twenty-seventh pass (six rows keep 12 sums in flight).
+There a quantized model's prefill also multiplies its widened weights in this layout
+(``quant.QuantizedLinear._widened_product``; ``pack`` is then one C++ pass per step).
 
 ``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16 with or
 without AMX, or AVX2 without AVX-512); elsewhere it keeps oneDNN's packed layout where oneDNN
