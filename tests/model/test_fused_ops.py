@@ -712,6 +712,39 @@ def test_int4_widen_is_the_torch_widening_bit_for_bit(block, n, k, group, monkey
     assert torch.equal(got[:n], want)
 
 
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize(
+    "n, out, k, group",
+    [
+        (576, 576, 576, 32),
+        (3072, 3072, 96, 32),
+        (128, 100, 64, 32),
+        (128, 70, 256, 64),
+        (64, 64, 96, 8),
+    ],
+)
+def test_int4_widen_vnni_is_the_widened_weight_packed(block, n, out, k, group):
+    # A prefill's widened int4 weight made straight in vnni_linear's layout: the bits of
+    # int4_widen's first `out` rows packed by vnni_linear.pack (columns past `out` zero; the
+    # last block's columns word by word, the others 8 at a time; both int4 block layouts).
+    from carpool.model import vnni_linear
+    from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all
+
+    torch.manual_seed(n + k + block + out)
+    lin = Int4Linear.from_float(torch.randn(n, k) * 3, None, torch.bfloat16)
+    groups = torch.randn(k // group, lin.scales_zeros.shape[1], 2) * torch.tensor([0.05, 1.0])
+    scales_zeros = groups.bfloat16().contiguous()
+    packed = _pack_int4_by_hand(_unpack_int4_all(lin.packed, k), block)
+    plain = fused_ops.int4_widen(packed, group, scales_zeros, block)[:out]
+    got = fused_ops.int4_widen_vnni(packed, group, scales_zeros, block, out)
+    assert torch.equal(got, vnni_linear.pack_reference(plain.contiguous()))
+    widen = torch.ops.carpool.int4_widen_vnni
+    with pytest.raises(RuntimeError, match="n = 0 columns"):
+        widen(packed, group, scales_zeros, block, 0)
+    with pytest.raises(RuntimeError, match="positive and even"):
+        widen(packed, 3, scales_zeros, block, out)
+
+
 def test_int4_linear_prefill_takes_the_fused_widening(monkeypatch):
     # Past the row count of the int4 kernels, a CPU Int4Linear widens its weight through the
     # fused kernel: the same output as through torch's ops.

@@ -429,3 +429,20 @@ def int4_widen(
     ):
         return torch.ops.carpool.int4_widen(packed, group_size, scales_zeros, block)
     return None
+
+
+def int4_widen_vnni(
+    packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor, block: int, n: int
+) -> torch.Tensor | None:
+    """``int4_widen``'s first ``n`` rows packed as ``vnni_linear.pack`` packs them (``[ceil(n /
+    64), K / 2, 64, 2]`` bf16), in one pass; None where the fused kernel does not apply."""
+    if (
+        packed.dtype == torch.uint8
+        and packed.is_cpu
+        and packed.is_contiguous()
+        and scales_zeros.dtype == torch.bfloat16
+        and group_size % 2 == 0
+        and _fused(scales_zeros)
+    ):
+        return torch.ops.carpool.int4_widen_vnni(packed, group_size, scales_zeros, block, n)
+    return None

@@ -1581,6 +1581,128 @@ at::Tensor int4_widen(const at::Tensor& packed, int64_t group_size, const at::Te
   return w;
 }
 
+// int4 codes widened straight into vnni_linear's layout ([ceil(N / 64), K / 2, 64, 2] bf16,
+// zero past N): the bits of int4_widen, packed as vnni_linear.pack packs them. On AVX2 CPUs a
+// quantized prefill multiplies its widened weights in that layout (quant.QuantizedLinear.
+// _widened_product); there int4_widen runs its scalar loop (the AVX-512 one gathers), and with
+// the pack after it took 87 ms of SmolLM2-135M's 1.19 s 512-token prefill on a Zen 2 (issue 11,
+// twenty-seventh pass). Here 8 columns of a pair at a time: the 8 codes of each of its two inputs
+// widened in a vector, scaled, rounded to bf16, offset, rounded again (int4_widen's two
+// roundings), and the even and odd input's bf16 halves joined into the pair's 32-bit words.
+
+// Columns [c0, c0 + 8) of int4 weight rows (c0 % 8 == 0), input k: the 8 codes as int32 lanes.
+// Row r lies in block r / B, byte r % (B / 2) of the input's B / 2 bytes, the high nibble when
+// r % B >= B / 2.
+#if defined(CARPOOL_AVX2) || defined(__AVX512F__)
+inline __m256i int4_codes8(const uint8_t* packed, int64_t k_total, int64_t B, int64_t c0,
+                           int64_t k) {
+  const int64_t half = B / 2, b = c0 / B, j = c0 % B;
+  const uint8_t* p = packed + (b * k_total + k) * half + j % half;
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i codes = j >= half ? _mm256_srli_epi32(bytes, 4) : bytes;
+  return _mm256_and_si256(codes, _mm256_set1_epi32(0xF));
+}
+
+// Elt<BFloat16>::narrow in 8 lanes, left in the lanes' high halves (low halves garbage).
+inline __m256i narrow8_high(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+}
+
+// (q - 8) * scale rounded to bf16, + zero, rounded again: the bf16 bits in the lanes' high halves.
+inline __m256i widen8(__m256i q, __m256 scale, __m256 zero) {
+  const __m256 prod = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(8.0f)), scale);
+  const __m256 r1 = _mm256_castsi256_ps(
+      _mm256_and_si256(narrow8_high(prod), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return narrow8_high(_mm256_add_ps(r1, zero));
+}
+#endif
+
+at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
+                           const at::Tensor& scales_zeros, int64_t block, int64_t n) {
+  const int64_t g = group_size;
+  TORCH_CHECK(g > 0 && g % 2 == 0, "int4_widen_vnni: the group size must be positive and even, got ", g);
+  TORCH_CHECK(block == 32 || block == 64, "int4_widen_vnni: block must be 32 or 64, got ", block);
+  TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.is_contiguous() &&
+                  scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.size(2) == 2 &&
+                  scales_zeros.size(1) % block == 0,
+              "int4_widen_vnni: scales_zeros must be a contiguous [K / group, N, 2] bfloat16 tensor "
+              "with N a multiple of ", block, ", got ", scales_zeros.sizes(), " ",
+              scales_zeros.scalar_type());
+  const int64_t k = scales_zeros.size(0) * g, rows = scales_zeros.size(1);
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                  packed.numel() == rows * k / 2,
+              "int4_widen_vnni: packed must be torch's CPU int4 layout ([N/", block, ", K, ",
+              block / 2, "] bytes) for N = ", rows, ", K = ", k, ", got ", packed.sizes(), " ",
+              packed.scalar_type());
+  TORCH_CHECK(n > 0 && n <= rows, "int4_widen_vnni: n = ", n, " columns of ", rows);
+  const int64_t pairs = k / 2, blocks = (n + 63) / 64;
+  at::Tensor out = at::empty({blocks, pairs, 64, 2}, scales_zeros.options());
+  const uint8_t* qp = packed.data_ptr<uint8_t>();
+  const auto* sz = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr());
+  auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  using E = Elt<c10::BFloat16>;
+  auto bf16 = [](uint16_t h) { return carpool_kernels::to_float(c10::BFloat16(h, c10::BFloat16::from_bits())); };
+  at::parallel_for(0, blocks * 8, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {  // block t / 8, columns 8 (t % 8) .. + 8
+      const int64_t vb = t / 8, c0 = 64 * vb + 8 * (t % 8);
+      uint32_t* db = dst + vb * pairs * 64 + 8 * (t % 8);
+      if (c0 + 8 > n) {  // the last columns: word by word, zero past N
+        for (int64_t p = 0; p < pairs; ++p)
+          for (int64_t c = 0; c < 8; ++c) {
+            uint32_t word = 0;
+            if (c0 + c < n) {
+              const int64_t r = c0 + c, b = r / block, j = r % block, half = block / 2;
+              for (int e = 0; e < 2; ++e) {
+                const int64_t kk = 2 * p + e;
+                const uint8_t byte = qp[(b * k + kk) * half + j % half];
+                const int q = j >= half ? byte >> 4 : byte & 0xF;
+                const int64_t s = ((kk / g) * rows + r) * 2;
+                const float v = E::round((static_cast<float>(q) - 8.0f) * bf16(sz[s])) + bf16(sz[s + 1]);
+                word |= static_cast<uint32_t>(E::narrow(v)) << (16 * e);
+              }
+            }
+            db[p * 64 + c] = word;
+          }
+        continue;
+      }
+#if defined(CARPOOL_AVX2) || defined(__AVX512F__)
+      for (int64_t gi = 0; gi < k / g; ++gi) {
+        // The 8 columns' (scale, zero) pairs of group gi: one 32-bit word each.
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (gi * rows + c0) * 2));
+        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p) {
+          const __m256i even = widen8(int4_codes8(qp, k, block, c0, 2 * p), scale, zero);
+          const __m256i odd = widen8(int4_codes8(qp, k, block, c0, 2 * p + 1), scale, zero);
+          const __m256i words = _mm256_or_si256(
+              _mm256_srli_epi32(even, 16),
+              _mm256_and_si256(odd, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + p * 64), words);
+        }
+      }
+#else
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t c = 0; c < 8; ++c) {
+          uint32_t word = 0;
+          const int64_t r = c0 + c, b = r / block, j = r % block, half = block / 2;
+          for (int e = 0; e < 2; ++e) {
+            const int64_t kk = 2 * p + e;
+            const uint8_t byte = qp[(b * k + kk) * half + j % half];
+            const int q = j >= half ? byte >> 4 : byte & 0xF;
+            const int64_t s = ((kk / g) * rows + r) * 2;
+            const float v = E::round((static_cast<float>(q) - 8.0f) * bf16(sz[s])) + bf16(sz[s + 1]);
+            word |= static_cast<uint32_t>(E::narrow(v)) << (16 * e);
+          }
+          db[p * 64 + c] = word;
+        }
+#endif
+    }
+  });
+  return out;
+}
+
 // bf16 weights times float32 or bf16 activations, any number of rows, on CPUs without bf16
 // matrix units (AVX2 machines such as AMD Zen 3): there torch's bf16 GEMM has no oneDNN path
 // and ran 3-5x slower than its float32 one at 8-32 rows (BENCHMARKS.md "Fifth pass"), and
@@ -1698,6 +1820,9 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int4_widen(Tensor packed, int group_size, Tensor scales_zeros, int block) -> Tensor");
   m.def(
+      "int4_widen_vnni(Tensor packed, int group_size, Tensor scales_zeros, int block, int n) -> "
+      "Tensor");
+  m.def(
       "int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block) -> "
       "Tensor");
   m.def(
@@ -1720,6 +1845,7 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("int8_dot", &int8_dot);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("int4_widen", &int4_widen);
+  m.impl("int4_widen_vnni", &int4_widen_vnni);
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_logits", &int4_logits);
   m.impl("int4_logits_at", &int4_logits_at);
