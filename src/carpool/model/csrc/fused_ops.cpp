@@ -1643,28 +1643,30 @@ at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
   const auto* sz = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr());
   auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
   using E = Elt<c10::BFloat16>;
-  auto bf16 = [](uint16_t h) { return carpool_kernels::to_float(c10::BFloat16(h, c10::BFloat16::from_bits())); };
+  auto bf16 = [](uint16_t h) {
+    return carpool_kernels::to_float(c10::BFloat16(h, c10::BFloat16::from_bits()));
+  };
+  // Row r's pair p, one weight at a time: its two bf16 values as one 32-bit word.
+  auto word = [&](int64_t r, int64_t p) {
+    const int64_t b = r / block, j = r % block, half = block / 2;
+    uint32_t w = 0;
+    for (int e = 0; e < 2; ++e) {
+      const int64_t kk = 2 * p + e;
+      const uint8_t byte = qp[(b * k + kk) * half + j % half];
+      const int q = j >= half ? byte >> 4 : byte & 0xF;
+      const int64_t s = ((kk / g) * rows + r) * 2;
+      const float v = E::round((static_cast<float>(q) - 8.0f) * bf16(sz[s])) + bf16(sz[s + 1]);
+      w |= static_cast<uint32_t>(E::narrow(v)) << (16 * e);
+    }
+    return w;
+  };
   at::parallel_for(0, blocks * 8, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {  // block t / 8, columns 8 (t % 8) .. + 8
       const int64_t vb = t / 8, c0 = 64 * vb + 8 * (t % 8);
       uint32_t* db = dst + vb * pairs * 64 + 8 * (t % 8);
       if (c0 + 8 > n) {  // the last columns: word by word, zero past N
         for (int64_t p = 0; p < pairs; ++p)
-          for (int64_t c = 0; c < 8; ++c) {
-            uint32_t word = 0;
-            if (c0 + c < n) {
-              const int64_t r = c0 + c, b = r / block, j = r % block, half = block / 2;
-              for (int e = 0; e < 2; ++e) {
-                const int64_t kk = 2 * p + e;
-                const uint8_t byte = qp[(b * k + kk) * half + j % half];
-                const int q = j >= half ? byte >> 4 : byte & 0xF;
-                const int64_t s = ((kk / g) * rows + r) * 2;
-                const float v = E::round((static_cast<float>(q) - 8.0f) * bf16(sz[s])) + bf16(sz[s + 1]);
-                word |= static_cast<uint32_t>(E::narrow(v)) << (16 * e);
-              }
-            }
-            db[p * 64 + c] = word;
-          }
+          for (int64_t c = 0; c < 8; ++c) db[p * 64 + c] = c0 + c < n ? word(c0 + c, p) : 0u;
         continue;
       }
 #if defined(CARPOOL_AVX2) || defined(__AVX512F__)
@@ -1684,19 +1686,7 @@ at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
       }
 #else
       for (int64_t p = 0; p < pairs; ++p)
-        for (int64_t c = 0; c < 8; ++c) {
-          uint32_t word = 0;
-          const int64_t r = c0 + c, b = r / block, j = r % block, half = block / 2;
-          for (int e = 0; e < 2; ++e) {
-            const int64_t kk = 2 * p + e;
-            const uint8_t byte = qp[(b * k + kk) * half + j % half];
-            const int q = j >= half ? byte >> 4 : byte & 0xF;
-            const int64_t s = ((kk / g) * rows + r) * 2;
-            const float v = E::round((static_cast<float>(q) - 8.0f) * bf16(sz[s])) + bf16(sz[s + 1]);
-            word |= static_cast<uint32_t>(E::narrow(v)) << (16 * e);
-          }
-          db[p * 64 + c] = word;
-        }
+        for (int64_t c = 0; c < 8; ++c) db[p * 64 + c] = word(c0 + c, p);
 #endif
     }
   });
