@@ -72,8 +72,8 @@ def test_quantized_weights_are_widened_once_per_step(checkpoint, quantization, m
     made: list[torch.dtype] = []
     real = layers.widened
 
-    def counting(owner, dtype, make):
-        return real(owner, dtype, lambda: made.append(dtype) or make())
+    def counting(owner, dtype, make, layout="plain"):
+        return real(owner, dtype, lambda: made.append(dtype) or make(), layout)
 
     monkeypatch.setattr(quant, "widened", counting)
     with torch.inference_mode():
