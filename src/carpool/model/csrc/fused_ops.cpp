@@ -1589,6 +1589,7 @@ at::Tensor int4_widen(const at::Tensor& packed, int64_t group_size, const at::Te
 // twenty-seventh pass). Here 8 columns of a pair at a time: the 8 codes of each of its two inputs
 // widened in a vector, scaled, rounded to bf16, offset, rounded again (int4_widen's two
 // roundings), and the even and odd input's bf16 halves joined into the pair's 32-bit words.
+// SmolLM2's seven layer matrices: 2.6-2.8 ms through int4_widen and the pack, 1.24 here.
 
 // Columns [c0, c0 + 8) of int4 weight rows (c0 % 8 == 0), input k: the 8 codes as int32 lanes.
 // Row r lies in block r / B, byte r % (B / 2) of the input's B / 2 bytes, the high nibble when
@@ -1660,33 +1661,42 @@ at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
     }
     return w;
   };
-  at::parallel_for(0, blocks * 8, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {  // block t / 8, columns 8 (t % 8) .. + 8
-      const int64_t vb = t / 8, c0 = 64 * vb + 8 * (t % 8);
-      uint32_t* db = dst + vb * pairs * 64 + 8 * (t % 8);
-      if (c0 + 8 > n) {  // the last columns: word by word, zero past N
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t vb = b0; vb < b1; ++vb) {
+      uint32_t* db = dst + vb * pairs * 64;
+      // Column groups of 8 whole inside N take the vector loop; the rest word by word.
+      const int64_t full = std::clamp<int64_t>((n - 64 * vb) / 8, 0, 8);
+      for (int64_t cg = full; cg < 8; ++cg)
         for (int64_t p = 0; p < pairs; ++p)
-          for (int64_t c = 0; c < 8; ++c) db[p * 64 + c] = c0 + c < n ? word(c0 + c, p) : 0u;
-        continue;
-      }
+          for (int64_t c = 0; c < 8; ++c) {
+            const int64_t r = 64 * vb + 8 * cg + c;
+            db[p * 64 + 8 * cg + c] = r < n ? word(r, p) : 0u;
+          }
 #if defined(CARPOOL_AVX2) || defined(__AVX512F__)
-      for (int64_t gi = 0; gi < k / g; ++gi) {
-        // The 8 columns' (scale, zero) pairs of group gi: one 32-bit word each.
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (gi * rows + c0) * 2));
-        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-        const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-        for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p) {
-          const __m256i even = widen8(int4_codes8(qp, k, block, c0, 2 * p), scale, zero);
-          const __m256i odd = widen8(int4_codes8(qp, k, block, c0, 2 * p + 1), scale, zero);
-          const __m256i words = _mm256_or_si256(
-              _mm256_srli_epi32(even, 16),
-              _mm256_and_si256(odd, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + p * 64), words);
-        }
-      }
+      // Pair by pair, the block's column groups one after another: each pair's 256 bytes
+      // written whole (a group at a time down the pairs wrote 32 bytes of every line: SmolLM2's
+      // seven layer matrices 1.35 ms that way, 1.24 this way).
+      for (int64_t gi = 0; gi < k / g; ++gi)
+        for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p)
+          for (int64_t cg = 0; cg < full; ++cg) {
+            const int64_t c0 = 64 * vb + 8 * cg;
+            // The 8 columns' (scale, zero) pairs of group gi: one 32-bit word each.
+            const __m256i w =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (gi * rows + c0) * 2));
+            const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            const __m256 zero = _mm256_castsi256_ps(
+                _mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+            const __m256i even = widen8(int4_codes8(qp, k, block, c0, 2 * p), scale, zero);
+            const __m256i odd = widen8(int4_codes8(qp, k, block, c0, 2 * p + 1), scale, zero);
+            const __m256i words = _mm256_or_si256(
+                _mm256_srli_epi32(even, 16),
+                _mm256_and_si256(odd, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + p * 64 + 8 * cg), words);
+          }
 #else
-      for (int64_t p = 0; p < pairs; ++p)
-        for (int64_t c = 0; c < 8; ++c) db[p * 64 + c] = word(c0 + c, p);
+      for (int64_t cg = 0; cg < full; ++cg)
+        for (int64_t p = 0; p < pairs; ++p)
+          for (int64_t c = 0; c < 8; ++c) db[p * 64 + 8 * cg + c] = word(64 * vb + 8 * cg + c, p);
 #endif
     }
   });
