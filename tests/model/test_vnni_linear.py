@@ -104,6 +104,25 @@ def test_a_row_does_not_depend_on_its_neighbours(path):
         assert torch.equal(got, alone[:rows]), rows
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [192, 576, 100])  # 3, 9 and 2 column blocks
+def test_a_prefills_row_slices_do_not_change_its_rows(threads, n):
+    # Past 36 rows, column blocks that do not split evenly over the threads are multiplied in
+    # row slices too (a task per slice and block): every row the bits of itself alone.
+    torch.manual_seed(n + threads)
+    w = torch.randn(n, 96, dtype=torch.bfloat16)
+    packed = vnni_linear.pack(w)
+    x = torch.randn(77, 96, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = torch.cat([vnni_linear.linear(x[i : i + 1], packed, None, n) for i in range(77)])
+        for rows in (37, 50, 77):
+            assert torch.equal(vnni_linear.linear(x[:rows], packed, None, n), alone[:rows]), rows
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not vnni_linear.amx(), reason="no AMX on this CPU")
 @pytest.mark.parametrize("k", [32, 96, 1408, 2816])
 def test_amx_loop_is_the_micro_kernels_bits(k):

@@ -717,18 +717,32 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
 #endif
   // One task per column block: each thread reads its own contiguous run of the weight once,
   // whatever the row count (a brgemm task loops over the rows' 32-row slices with its block hot).
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // Past kChunkedMaxRows (a prefill), where the blocks do not split evenly over the threads,
+  // the rows go in `slices` slices too, one task per (slice, block), slice-major: SmolLM2's
+  // 576-column matrices are 9 blocks, 5 for one thread and 4 for the other, its 192-column
+  // ones 3 (2 and 1); a row's sums do not depend on its slice (the same bits).
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices =
+      !amx && rows > kChunkedMaxRows && blocks % threads != 0 ? std::min(threads, rows / kPassRows) : 1;
+  at::parallel_for(0, blocks * slices, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float c[kBlockM * kBlockN];
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t % blocks, s = t / blocks;
       const int64_t col = b * kBlockN, ncols = std::min<int64_t>(kBlockN, n - col);
       const B16* wb = wp + b * block_elems;
       const float* bb = bp != nullptr ? bp + col : nullptr;
       if (!amx) {
-        const char* nxt = b + 1 < b1 ? reinterpret_cast<const char*>(wb + block_elems) : nullptr;
+        // The next task's block, asked for ahead (none past this thread's run).
+        const char* nxt =
+            t + 1 < t1 ? reinterpret_cast<const char*>(wp + ((t + 1) % blocks) * block_elems) : nullptr;
         if (rows > kChunkedMinRows && rows <= kChunkedMaxRows) {
           gemv_rows_chunked(xp, rows, k, wb, bb, yp + col, n, ncols);
         } else {
-          gemv_rows(xp, rows, k, wb, bb, yp + col, n, ncols, nxt, b == b0, huge);
+          // Slice s: rows [m0, m1), cut at multiples of kPassRows.
+          const int64_t m0 = rows * s / slices / kPassRows * kPassRows;
+          const int64_t m1 = s + 1 == slices ? rows : rows * (s + 1) / slices / kPassRows * kPassRows;
+          gemv_rows(xp + m0 * k, m1 - m0, k, wb, bb, yp + m0 * n + col, n, ncols, nxt, t == t0,
+                    huge);
         }
         continue;
       }
@@ -743,7 +757,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
       }
 #endif
 #if !defined(CARPOOL_AVX2)  // (an AVX2 build never has AMX: amx is false there)
-      if (b + 1 < b1) {  // the next block into L2 while AMX works on this one (~1.5x at 1 row)
+      if (t + 1 < t1) {  // the next block into L2 while AMX works on this one (~1.5x at 1 row)
         const char* nxt = reinterpret_cast<const char*>(wb + block_elems);
         for (int64_t o = 0; o < block_elems * 2; o += 64) __builtin_prefetch(nxt + o, 0, 2);
       }
