@@ -335,7 +335,10 @@ struct AskCursor {
         steps(a.steps) {}
 };
 
-// The cursor's next run of lines asked for, hint H. (A function: the same loop in a lambda
+// Prefetch localities (__builtin_prefetch's third argument): into L1 (as _MM_HINT_T0), L2 (T1).
+constexpr int kToL1 = 3, kToL2 = 2;
+
+// The cursor's next run of lines asked for, locality H. (A function: the same loop in a lambda
 // lost its prefetches to gcc 12, which kept the rest of the lambda's code.)
 template <int H>
 __attribute__((always_inline)) inline void ask_next(AskCursor& a) {
@@ -345,11 +348,11 @@ __attribute__((always_inline)) inline void ask_next(AskCursor& a) {
     a.frac -= a.steps;
     ++end;
   }
-  for (; a.line < end; ++a.line) _mm_prefetch(a.base + 64 * a.line, static_cast<_mm_hint>(H));
+  for (; a.line < end; ++a.line) __builtin_prefetch(a.base + 64 * a.line, 0, H);
 }
 
 // acc[m][v] += pairs [p0, p1) of x's rows times the tile's columns (dot_pair8), with `ask`'s
-// lines asked for (hint H) before each run of kAskPairs pairs. The runs are unrolled and the
+// lines asked for (locality H) before each run of kAskPairs pairs. The runs are unrolled and the
 // loop over them is the only one: with a run as a loop inside it, gcc kept the accumulator
 // array in memory and stored every accumulator after every pair (six rows from L2, one Zen 2
 // core: 72 GFLOP/s; 98-102 with the stores gone; issue 11, twenty-seventh pass).
@@ -452,9 +455,9 @@ void gemv_block(const XT* x, int64_t k, const B16* wb, const float* bias, B16* y
     }
     if (PF == kNext && v0 == 0) ask = Ask{nxt, line0, line1 - line0, 0, ask.steps};
     if (PF == kAhead)
-      dot_pairs8<MR, NV, _MM_HINT_T0>(acc, wb, x, k, 0, pairs, v0, ask);
+      dot_pairs8<MR, NV, kToL1>(acc, wb, x, k, 0, pairs, v0, ask);
     else
-      dot_pairs8<MR, NV, _MM_HINT_T1>(acc, wb, x, k, 0, pairs, v0, ask);
+      dot_pairs8<MR, NV, kToL2>(acc, wb, x, k, 0, pairs, v0, ask);
     for (int m = 0; m < MR; ++m)
       for (int v = 0; v < NV; ++v) {
         const int64_t c0 = 8 * (v0 + v);
@@ -592,7 +595,7 @@ void gemv_chunk(const XT* x, int64_t k, const B16* wb, int64_t p0, int64_t p1, f
     // queues).
     const int64_t per_tile = (p1 - p0 + kAskPairs - 1) / kAskPairs;
     const Ask ask{ahead, line0, line1 - line0, per_tile * (v0 / NV), per_tile * (kBlockN / 8 / NV)};
-    dot_pairs8<MR, NV, _MM_HINT_T1>(acc, wb, x, k, p0, p1, v0, ask);
+    dot_pairs8<MR, NV, kToL2>(acc, wb, x, k, p0, p1, v0, ask);
     for (int m = 0; m < MR; ++m)
       for (int v = 0; v < NV; ++v) _mm256_store_ps(c + m * kBlockN + 8 * (v0 + v), acc[m][v]);
   }
@@ -800,7 +803,7 @@ at::Tensor vnni_pack(const at::Tensor& weight) {
       uint32_t* db = dst + b * pairs * kBlockN;
       for (int64_t c0 = 0; c0 < kBlockN; c0 += 8) {
         const int64_t r0 = b * kBlockN + c0;
-        const bool full_rows = r0 + 8 <= n;
+        [[maybe_unused]] const bool full_rows = r0 + 8 <= n;
         int64_t p0 = 0;
 #if defined(__AVX2__)
         for (; full_rows && p0 + 8 <= pairs; p0 += 8) {
