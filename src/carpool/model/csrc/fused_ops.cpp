@@ -1552,23 +1552,31 @@ void int4_widen_block(const uint8_t* packed, const c10::BFloat16* sz, c10::BFloa
   }
 }
 
-at::Tensor int4_widen(const at::Tensor& packed, int64_t group_size, const at::Tensor& scales_zeros,
-                      int64_t block) {
-  const int64_t g = group_size;
-  TORCH_CHECK(g > 0, "int4_widen: the group size must be positive, got ", g);
-  TORCH_CHECK(block == 32 || block == 64, "int4_widen: block must be 32 or 64, got ", block);
+// The inputs both int4 widenings take: torch's CPU int4 layout in `block`-row blocks and its
+// bf16 [K / group, N, 2] (scale, zero) pairs. `name` heads the messages.
+void check_int4_widen_inputs(const char* name, const at::Tensor& packed, int64_t g,
+                             const at::Tensor& scales_zeros, int64_t block) {
+  TORCH_CHECK(g > 0, name, ": the group size must be positive, got ", g);
+  TORCH_CHECK(block == 32 || block == 64, name, ": block must be 32 or 64, got ", block);
   TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.is_contiguous() &&
                   scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.size(2) == 2 &&
                   scales_zeros.size(1) % block == 0,
-              "int4_widen: scales_zeros must be a contiguous [K / group, N, 2] bfloat16 tensor "
+              name, ": scales_zeros must be a contiguous [K / group, N, 2] bfloat16 tensor ",
               "with N a multiple of ", block, ", got ", scales_zeros.sizes(), " ",
               scales_zeros.scalar_type());
   const int64_t k = scales_zeros.size(0) * g, n = scales_zeros.size(1);
   TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
                   packed.numel() == n * k / 2,
-              "int4_widen: packed must be torch's CPU int4 layout ([N/", block, ", K, ", block / 2,
+              name, ": packed must be torch's CPU int4 layout ([N/", block, ", K, ", block / 2,
               "] bytes) for N = ", n, ", K = ", k, ", got ", packed.sizes(), " ",
               packed.scalar_type());
+}
+
+at::Tensor int4_widen(const at::Tensor& packed, int64_t group_size, const at::Tensor& scales_zeros,
+                      int64_t block) {
+  const int64_t g = group_size;
+  check_int4_widen_inputs("int4_widen", packed, g, scales_zeros, block);
+  const int64_t k = scales_zeros.size(0) * g, n = scales_zeros.size(1);
   at::Tensor w = at::empty({n, k}, scales_zeros.options());
   const uint8_t* qp = packed.data_ptr<uint8_t>();
   const c10::BFloat16* sp = scales_zeros.data_ptr<c10::BFloat16>();
@@ -1589,19 +1597,24 @@ at::Tensor int4_widen(const at::Tensor& packed, int64_t group_size, const at::Te
 // twenty-seventh pass). Here 8 columns of a pair at a time: the 8 codes of each of its two inputs
 // widened in a vector, scaled, rounded to bf16, offset, rounded again (int4_widen's two
 // roundings), and the even and odd input's bf16 halves joined into the pair's 32-bit words.
-// SmolLM2's seven layer matrices: 2.6-2.8 ms through int4_widen and the pack, 1.24 here.
+// SmolLM2's seven layer matrices: 2.6-2.8 ms through int4_widen and the pack, 0.81 here.
 
-// Columns [c0, c0 + 8) of int4 weight rows (c0 % 8 == 0), input k: the 8 codes as int32 lanes.
-// Row r lies in block r / B, byte r % (B / 2) of the input's B / 2 bytes, the high nibble when
-// r % B >= B / 2.
+// Where 8 columns' codes lie in torch's int4 layout (block rows B): row r in block r / B, byte
+// r % (B / 2) of each input's B / 2 bytes, the high nibble when r % B >= B / 2. For columns
+// [c0, c0 + 8) (c0 % 8 == 0): input i's 8 bytes at first + i * B / 2.
+struct Int4Columns8 {
+  const uint8_t* first = nullptr;
+  bool high = false;
+  Int4Columns8() = default;
+  Int4Columns8(const uint8_t* packed, int64_t k, int64_t B, int64_t c0)
+      : first(packed + (c0 / B) * k * (B / 2) + (c0 % B) % (B / 2)), high(c0 % B >= B / 2) {}
+};
+
 #if defined(CARPOOL_AVX2) || defined(__AVX512F__)
-inline __m256i int4_codes8(const uint8_t* packed, int64_t k_total, int64_t B, int64_t c0,
-                           int64_t k) {
-  const int64_t half = B / 2, b = c0 / B, j = c0 % B;
-  const uint8_t* p = packed + (b * k_total + k) * half + j % half;
+// The 8 codes of input i (its bytes at p) as int32 lanes.
+inline __m256i int4_codes8(const uint8_t* p, bool high) {
   const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i codes = j >= half ? _mm256_srli_epi32(bytes, 4) : bytes;
-  return _mm256_and_si256(codes, _mm256_set1_epi32(0xF));
+  return _mm256_and_si256(high ? _mm256_srli_epi32(bytes, 4) : bytes, _mm256_set1_epi32(0xF));
 }
 
 // Elt<BFloat16>::narrow in 8 lanes, left in the lanes' high halves (low halves garbage).
@@ -1624,19 +1637,8 @@ at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
                            const at::Tensor& scales_zeros, int64_t block, int64_t n) {
   const int64_t g = group_size;
   TORCH_CHECK(g > 0 && g % 2 == 0, "int4_widen_vnni: the group size must be positive and even, got ", g);
-  TORCH_CHECK(block == 32 || block == 64, "int4_widen_vnni: block must be 32 or 64, got ", block);
-  TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.is_contiguous() &&
-                  scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.size(2) == 2 &&
-                  scales_zeros.size(1) % block == 0,
-              "int4_widen_vnni: scales_zeros must be a contiguous [K / group, N, 2] bfloat16 tensor "
-              "with N a multiple of ", block, ", got ", scales_zeros.sizes(), " ",
-              scales_zeros.scalar_type());
+  check_int4_widen_inputs("int4_widen_vnni", packed, g, scales_zeros, block);
   const int64_t k = scales_zeros.size(0) * g, rows = scales_zeros.size(1);
-  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
-                  packed.numel() == rows * k / 2,
-              "int4_widen_vnni: packed must be torch's CPU int4 layout ([N/", block, ", K, ",
-              block / 2, "] bytes) for N = ", rows, ", K = ", k, ", got ", packed.sizes(), " ",
-              packed.scalar_type());
   TORCH_CHECK(n > 0 && n <= rows, "int4_widen_vnni: n = ", n, " columns of ", rows);
   const int64_t pairs = k / 2, blocks = (n + 63) / 64;
   at::Tensor out = at::empty({blocks, pairs, 64, 2}, scales_zeros.options());
@@ -1676,18 +1678,24 @@ at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
       // Pair by pair, the block's column groups one after another: each pair's 256 bytes
       // written whole (a group at a time down the pairs wrote 32 bytes of every line: SmolLM2's
       // seven layer matrices 1.35 ms that way, 1.24 this way).
+      // The column groups' byte positions once per block (computed per pair, their divisions
+      // by the block rows took 1.17-1.24 ms against 0.81 for SmolLM2's seven matrices).
+      Int4Columns8 cols[8];
+      for (int64_t cg = 0; cg < full; ++cg) cols[cg] = Int4Columns8(qp, k, block, 64 * vb + 8 * cg);
+      const int64_t half = block / 2;
       for (int64_t gi = 0; gi < k / g; ++gi)
         for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p)
           for (int64_t cg = 0; cg < full; ++cg) {
             const int64_t c0 = 64 * vb + 8 * cg;
+            const uint8_t* bytes = cols[cg].first + 2 * p * half;
             // The 8 columns' (scale, zero) pairs of group gi: one 32-bit word each.
             const __m256i w =
                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (gi * rows + c0) * 2));
             const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
             const __m256 zero = _mm256_castsi256_ps(
                 _mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-            const __m256i even = widen8(int4_codes8(qp, k, block, c0, 2 * p), scale, zero);
-            const __m256i odd = widen8(int4_codes8(qp, k, block, c0, 2 * p + 1), scale, zero);
+            const __m256i even = widen8(int4_codes8(bytes, cols[cg].high), scale, zero);
+            const __m256i odd = widen8(int4_codes8(bytes + half, cols[cg].high), scale, zero);
             const __m256i words = _mm256_or_si256(
                 _mm256_srli_epi32(even, 16),
                 _mm256_and_si256(odd, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));

@@ -454,10 +454,7 @@ void gemv_block(const XT* x, int64_t k, const B16* wb, const float* bias, B16* y
       ask.want = 4 * kAskPairs * ask.steps;  // the 4 lines of every pair
     }
     if (PF == kNext && v0 == 0) ask = Ask{nxt, line0, line1 - line0, 0, ask.steps};
-    if (PF == kAhead)
-      dot_pairs8<MR, NV, kToL1>(acc, wb, x, k, 0, pairs, v0, ask);
-    else
-      dot_pairs8<MR, NV, kToL2>(acc, wb, x, k, 0, pairs, v0, ask);
+    dot_pairs8<MR, NV, PF == kAhead ? kToL1 : kToL2>(acc, wb, x, k, 0, pairs, v0, ask);
     for (int m = 0; m < MR; ++m)
       for (int v = 0; v < NV; ++v) {
         const int64_t c0 = 8 * (v0 + v);
