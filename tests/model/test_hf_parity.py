@@ -16,6 +16,7 @@ PROMPTS = [
     [1, 5, 77, 23, 99, 4, 250, 17, 3, 8, 100, 200, 31, 45, 61, 12, 9, 10, 11],
     [7],
     list(range(3, 300, 7)) * 2,  # 86 tokens: crosses several 16-token blocks
+    list(range(3, 300, 7)) * 7,  # 301 tokens: attention in row chunks (batch.query_chunks)
 ]
 
 
@@ -44,7 +45,7 @@ def test_config_read_from_checkpoint(pair):
         assert config.rope_scaling is not None and config.rope_scaling.rope_type == "llama3"
 
 
-@pytest.mark.parametrize("prompt", PROMPTS, ids=["p19", "p1", "p86"])
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["p19", "p1", "p86", "p301"])
 def test_logits_match_transformers(pair, prompt):
     _, hf, model, _ = pair
     with torch.no_grad():
@@ -54,7 +55,7 @@ def test_logits_match_transformers(pair, prompt):
     assert diff <= 1e-4, f"max abs logit difference {diff}"
 
 
-@pytest.mark.parametrize("prompt", PROMPTS, ids=["p19", "p1", "p86"])
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["p19", "p1", "p86", "p301"])
 def test_greedy_tokens_match_transformers(pair, prompt):
     _, hf, model, _ = pair
     expected = hf_greedy(hf, prompt, 32)

@@ -14,6 +14,7 @@ import torch
 
 from carpool.model import fused_ops, kernel_build, paged_attention
 from carpool.model.loader import load_model
+from carpool.worker import batch as batch_module
 from carpool.worker.batch import build_ragged_batch
 from helpers.attention_ref import (
     dequantized_sdpa,
@@ -468,6 +469,44 @@ def test_a_mixed_step_computes_each_sequence_as_alone(tmp_path, kernel):
     for k in range(3):
         assert torch.equal(mixed[k], alone[k]), k
         assert torch.equal(split[k], split_alone[k]), k
+
+
+def test_a_long_prompts_attention_runs_in_row_chunks(tmp_path, monkeypatch):
+    # A 300-token prompt's causal square in row chunks (batch.query_chunks), each call over the
+    # keys its rows see: float32 logits within rounding of one SDPA call over the square; in
+    # bf16 two prompts of that shape in one step compute the bits of each alone.
+    save_tiny_hf_model("llama", tmp_path)
+    prompts = {
+        "a": [(7 * i) % 250 + 3 for i in range(300)],
+        "b": [(5 * i) % 240 + 4 for i in range(300)],
+    }
+    tables = {"a": list(range(1, 20)), "b": list(range(20, 39))}
+
+    def step(model, caches, rids):
+        chunks = [_Chunk(r, prompts[r], 0, tables[r]) for r in rids]
+        inp = build_ragged_batch(chunks, [tables[r] for r in rids], 16)
+        out = model(
+            inp.input_ids, inp.positions, inp.meta, [c.clone() for c in caches], inp.logits_indices
+        )
+        return inp.meta.query_chunks, out
+
+    model, _ = load_model(tmp_path, dtype="float32")
+    caches = model.allocate_kv_cache(40, 16, torch.float32, "cpu")
+    with torch.no_grad():
+        chunked, rows = step(model, caches, ["a"])
+        monkeypatch.setattr(batch_module, "QUERY_CHUNK_ROWS", 1024)
+        one, square = step(model, caches, ["a"])
+        monkeypatch.undo()
+    assert chunked == ((0, 128, 128), (128, 256, 256), (256, 300, 300)) and one is None
+    torch.testing.assert_close(rows, square, rtol=0, atol=2e-5)
+
+    model, _ = load_model(tmp_path, dtype="bfloat16")
+    caches = model.allocate_kv_cache(40, 16, torch.bfloat16, "cpu")
+    with torch.no_grad():
+        calls, both = step(model, caches, ["a", "b"])
+        alone = [step(model, caches, [r])[1][0] for r in ("a", "b")]
+    assert calls is not None and len(calls) == 3
+    assert torch.equal(both[0], alone[0]) and torch.equal(both[1], alone[1])
 
 
 @pytest.mark.parametrize(

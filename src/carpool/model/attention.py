@@ -8,7 +8,8 @@ sequences packed end to end. Each layer
 2. gathers each sequence's keys and values block by block through its block table (one
    ``index_select`` of whole blocks: contiguous copies, a few indices),
 3. runs one ``scaled_dot_product_attention`` over a ``[B, Q, L]`` rectangle whose mask encodes
-   causality and each sequence's length,
+   causality and each sequence's length (a long prompt chunk's in row chunks, each call over
+   the keys its rows see: ``AttentionMetadata.query_chunks``),
 so there is no Python loop over sequences. Decode steps on the CPU skip 2 and 3: the kernel of
 ``carpool.model.paged_attention`` reads the cache in place through the block tables. All index
 tensors are built once per step by the runner (``carpool.worker.batch``) and shared by every
@@ -103,6 +104,9 @@ class AttentionMetadata:
             computes those rows, or where it does not apply, a gather over ``kernel_tables`` and
             ``context_lens`` as in a pure decode step. Prompt chunks share one part, or take
             one each where that one would still mostly pad (``batch._rectangle_wastes``).
+        query_chunks: the rectangle's SDPA calls ``(first row, end row, keys)``, each over the
+            keys its rows can see (``batch.query_chunks``: a long prompt chunk's causal square
+            in row chunks), or None: one call over every row and key.
     """
 
     slot_mapping: torch.Tensor
@@ -115,6 +119,7 @@ class AttentionMetadata:
     kernel_tables: torch.Tensor | None = None
     gathered_rows: torch.Tensor | None = None
     parts: list[AttentionMetadata] | None = None
+    query_chunks: tuple[tuple[int, int, int], ...] | None = None
 
 
 class Attention(nn.Module):
@@ -234,15 +239,27 @@ class Attention(nn.Module):
             length = keys.shape[2]
             mask = torch.arange(length, device=q.device) < meta.context_lens[:, None]
             mask = mask.view(b, 1, 1, length)
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2),  # [B, H, Q, D]
-            keys,
-            values,
-            attn_mask=mask,
-            scale=self.scale,
-            enable_gqa=h != kvh,
-        )
-        out = out.transpose(1, 2).reshape(-1, self.q_size)  # [B * Q, H * D]
+        if meta.query_chunks is None:
+            out = F.scaled_dot_product_attention(
+                queries.transpose(1, 2),  # [B, H, Q, D]
+                keys,
+                values,
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=h != kvh,
+            ).transpose(1, 2)
+        else:  # row chunks, each over the keys its rows see (batch.query_chunks)
+            out = queries.new_empty(queries.shape)  # [B, Q, H, D]
+            for q0, q1, kn in meta.query_chunks:
+                out[:, q0:q1] = F.scaled_dot_product_attention(
+                    queries[:, q0:q1].transpose(1, 2),
+                    keys[:, :, :kn],
+                    values[:, :, :kn],
+                    attn_mask=mask[..., q0:q1, :kn],
+                    scale=self.scale,
+                    enable_gqa=h != kvh,
+                ).transpose(1, 2)
+        out = out.reshape(-1, self.q_size)  # [B * Q, H * D]
         if meta.output_index is not None:
             out = out[meta.output_index]  # [T, H * D]
         return out
