@@ -226,3 +226,19 @@ def test_gguf_plan_dequantizes_types_without_a_kernel_and_says_so(caplog):
     }
     logged = caplog.text
     assert "qkv_proj" in logged and "Q6_K" in logged and "Q4_K" in logged
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_prompt_longer_than_a_steps_tokens_on_a_quantized_head(checkpoint, method):
+    # A prompt in several chunks: the steps before its last sample no row, and the head (an
+    # int8 one's float32 rescoring took zero rows to its kernel, which refused them) is
+    # skipped; the request completes with the tokens of its prompt computed in one step.
+    hf_dir, _ = checkpoint
+    prompt = [(7 * i) % 250 + 3 for i in range(40)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    chunked = LLM(str(hf_dir), dtype="float32", quantization=method, max_num_batched_tokens=16)
+    out = chunked.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 8
+    whole = LLM(str(hf_dir), dtype="float32", quantization=method)
+    expected = whole.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out.token_ids == expected, first_difference(out.token_ids, expected)
