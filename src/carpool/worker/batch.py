@@ -283,9 +283,10 @@ def _rectangle(
 
 # Query rows per SDPA call of a long prompt chunk (query_chunks): 128 up to 1,024 rows, 256
 # beyond. A rectangle's causal square as one call computes every (row, key) pair, the half
-# above the diagonal masked; in row chunks each call stops at its last row's keys: the small
-# model's attention (9 heads of 64, GQA 3) 1.33-1.58x at 512 rows, 1.53-1.69x at 2,048 on a
-# Zen 2 (issue 11, twenty-eighth pass).
+# above the diagonal masked; in row chunks each call stops at its last row's keys: SmolLM2's
+# attention (9 heads of 64 over 3 KV heads) 1.16-1.29x at 512 rows, 1.50-1.65x at 2,048 on a
+# Zen 2, a 1,984-token prompt's whole step 1.23-1.26x (benchmarks/prefill_attention.py,
+# mixed_step.py; BENCHMARKS.md, issue 11, twenty-eighth pass).
 QUERY_CHUNK_ROWS = 128
 QUERY_CHUNK_ROWS_LONG = 256
 
