@@ -159,16 +159,16 @@ class LlamaForCausalLM(nn.Module):
         else:
             for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
                 x, residual = layer.forward(x, residual, rope, meta, kv_cache)
-        # Only rows that sample need the last residual add, the final norm and the (large)
-        # vocabulary projection. As many sampling rows as rows means every row samples, each
-        # the last of a one-token chunk (indices ascend), so the gather would copy x as it is:
-        # skipped (a pure decode step's two ops, each a pass through cold code).
         if logits_indices.shape[0] == 0:
             # No row samples (a step of a long prompt's chunks before its last): no head. A
             # quantized head's float32 rescoring handed zero rows to its int8 or int4 kernel,
             # which refused them: every prompt longer than max_num_batched_tokens failed on
             # a model with a quantized head (the default SmolLM2 Q4_1 GGUF: its Q8_0 head).
             return x.new_empty((0, self.config.vocab_size), dtype=torch.float32)
+        # Only rows that sample need the last residual add, the final norm and the (large)
+        # vocabulary projection. As many sampling rows as rows means every row samples, each
+        # the last of a one-token chunk (indices ascend), so the gather would copy x as it is:
+        # skipped (a pure decode step's two ops, each a pass through cold code).
         if logits_indices.shape[0] != x.shape[0]:
             x = x[logits_indices]
             residual = None if residual is None else residual[logits_indices]
