@@ -149,12 +149,16 @@ def test_argmax_is_torchs_first_maximum_nan_included():
     logits[2, 30] = float("nan")
     logits[3] = float("-inf")  # all -inf: index 0
     logits[4, -1] = 1e30  # in the scalar tail past the last 16-wide chunk
+    logits[5] = -logits[5].abs() - 1  # a signed zero tie: the first of -0.0 and 0.0 wins
+    logits[5, 10], logits[5, 20] = -0.0, 0.0
+    logits[6, -1] = float("nan")  # a NaN in the tail only
     calls = fused_ops.fused_calls()
     got = fused_ops.argmax(logits)
     assert fused_ops.fused_calls() == calls + 1
     assert got.dtype == torch.long
     assert got.tolist() == logits.max(-1).indices.tolist()
     assert got[1] == 5 and got[2] == 17 and got[3] == 0 and got[4] == 32002
+    assert got[5] == 10 and got[6] == 32002
     # Other dtypes and shapes take torch's reduction.
     half = logits.bfloat16()
     assert fused_ops.argmax(half).tolist() == half.max(-1).indices.tolist()
