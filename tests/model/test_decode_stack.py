@@ -101,7 +101,8 @@ def _both_paths(model, inp, caches) -> tuple[torch.Tensor, torch.Tensor, int]:
         assert torch.equal(a, b), "the stack wrote other K/V bytes than the Python layers"
     taken = decode_stack.stack_calls() - before
     every_row = inp.logits_indices.shape[0] == inp.input_ids.shape[0]
-    if model.decode_plan is not None and model.decode_plan.head is not None and every_row:
+    head = None if model.decode_plan is None else model.decode_plan.head
+    if head is not None and every_row and inp.input_ids.shape[0] <= head.max_rows:
         assert decode_stack.logits_calls() - logits_before == taken, "the head was not taken"
     else:
         assert decode_stack.logits_calls() == logits_before
@@ -114,9 +115,11 @@ def _both_paths(model, inp, caches) -> tuple[torch.Tensor, torch.Tensor, int]:
 def test_stack_is_the_python_layers_bits(checkpoints, arch, dtype, quantization):
     model = _model(checkpoints[arch], dtype, quantization)
     assert model.decode_plan is not None
-    # A plain embedding and a dense head: ids to logits in one call; a quantized head keeps
-    # its own logits (the rescoring of QuantizedLinear.logits).
-    assert (model.decode_plan.head is not None) == (quantization is None)
+    # Ids to logits in one call: a dense head, and a quantized one too (a float32 model's
+    # from its kernel's float32 logits, as QuantizedLinear.logits takes them) with an int8
+    # embedding; an int4 embedding (--quantization int4 quantizes it too) keeps the Python
+    # path around the layers.
+    assert (model.decode_plan.head is not None) == (quantization != "int4")
     kinds = set(model.decode_plan.ints[0::3])
     expected = {"int8": {decode_stack.INT8}, "int4": {decode_stack.INT4}}
     if quantization is None:  # packed (oneDNN, or VNNI with AMX) where this CPU has bf16 GEMMs
@@ -210,6 +213,26 @@ def test_bad_arguments_are_refused_with_a_message(checkpoints):
         torch.ops.carpool.decode_stack(*args, plan.tensors, bad_kind, *tail)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_int4_head_beside_a_plain_embedding_runs_in_decode_logits(checkpoints, dtype):
+    # The int4 head's kinds (float32: its kernel's float32 logits; bf16: its forward) with the
+    # embedding's rows as a plain nn.Embedding: ids to logits in one call, the Python path's bits.
+    model = _model(checkpoints["llama"], dtype, "int4")
+    rows = model.model.embed_tokens(torch.arange(model.config.vocab_size))
+    model.model.embed_tokens = nn.Embedding.from_pretrained(rows, freeze=True)
+    plan = decode_stack.attach(model)
+    assert plan is not None and plan.head is not None and plan.head.embed_scales is None
+    kind = decode_stack.INT4_LOGITS if dtype == "float32" else decode_stack.INT4
+    assert plan.head.ints[0] == kind
+    for contexts in ([5], [40, 3, 17], [1 + i for i in range(32)]):
+        inp, caches = _step(model, contexts)
+        logits = decode_stack.logits_calls()
+        want, got, taken = _both_paths(model, inp, caches)
+        assert taken == 1 and torch.equal(got, want), f"{len(contexts)} rows"
+        # (Past the kernel's rows, 4 with AMX, the head stays in Python: QuantizedLinear.logits.)
+        assert decode_stack.logits_calls() == logits + (len(contexts) <= plan.head.max_rows)
+
+
 def test_rows_that_do_not_sample_keep_the_head_in_python(checkpoints):
     # A decode step where one row samples nothing (a static batch's finished seat, say): the
     # layers in one call, the gather of the sampling rows, norm and head from Python.
@@ -231,7 +254,8 @@ def test_decode_logits_refuses_a_bad_head(checkpoints):
     table = model.model.rotary.cast_table(plan.dtype)
     with pytest.raises(RuntimeError, match="the head needs 3 tensors and 3 ints"):
         torch.ops.carpool.decode_logits(
-            inp.input_ids, inp.positions, head.embed, table, m.slot_mapping, m.block_tables,
+            inp.input_ids, inp.positions, head.embed, head.embed_scales, table, m.slot_mapping,
+            m.block_tables,
             m.context_lens, caches, plan.tensors, plan.ints, plan.limits, head.norm,
             head.tensors[:2], head.ints, plan.num_heads, plan.num_kv_heads, plan.head_dim,
             plan.eps, head.norm_eps, plan.scale,

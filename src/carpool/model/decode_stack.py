@@ -12,7 +12,11 @@ linears of kinds ``layers.Linear`` (plain, oneDNN-packed or "vnni" weights), ``I
 ``Int4Linear``, no per-head q/k norm (Qwen3 keeps the Python path). ``run`` takes a step when
 it is a pure decode step (one token per sequence, the paged decode kernel applies) of at most
 ``MAX_ROWS`` sequences on the CPU with the fused operators loaded; otherwise it returns None
-and the model runs its layers from Python. ``CARPOOL_DECODE_STACK=0`` (or ``use_stack(False)``)
+and the model runs its layers from Python. ``run_logits`` takes such a step from token ids to
+logits (``carpool::decode_logits``) when every row samples and the plan has a ``HeadPlan``: a
+plain or int8 embedding, and a dense head, a bf16 model's quantized head, or a float32 model's
+quantized head within the rows its kernel gives float32 logits for (the default SmolLM2 Q4_1
+GGUF: a Q8_0 embedding tied to its head). ``CARPOOL_DECODE_STACK=0`` (or ``use_stack(False)``)
 keeps the Python path, to compare.
 """
 
@@ -31,6 +35,8 @@ ENV_STACK = "CARPOOL_DECODE_STACK"
 MAX_ROWS = 32  # the operator's limit: layers.bucket_rows pads no row count up to here
 # The operator's linear kinds (csrc/decode_stack.cpp).
 PLAIN, ONEDNN, VNNI, INT8, INT4 = 0, 1, 2, 3, 4
+# A float32 model's quantized head in decode_logits: float32 logits from the int8 / int4 kernel.
+INT8_LOGITS, INT4_LOGITS = 5, 6
 
 _lib = kernel_build.Library(
     "carpool_decode_stack", kernel_build.CSRC / "decode_stack.cpp", "decode stack", env=ENV_STACK
@@ -73,15 +79,20 @@ def logits_calls() -> int:
 @dataclass(frozen=True)
 class HeadPlan:
     """What ``carpool::decode_logits`` adds around the layers: the embedding's weight (a plain
-    ``nn.Embedding`` of the activation dtype), the final norm's weight and eps, and the head's
-    three tensor slots and ``[kind, out_features, group]`` (a ``layers.Linear``: a quantized
-    head keeps its Python ``logits``)."""
+    ``nn.Embedding`` of the activation dtype) or an int8 embedding's codes and row scales
+    (``quant.QuantizedEmbedding`` over an ``Int8Linear``, a GGUF file's Q8_0 token embedding),
+    the final norm's weight and eps, the head's three tensor slots and ``[kind, out_features,
+    group]``, and the rows up to which the operator takes the head: a float32 model's quantized
+    head gives its logits from its kernel there (``QuantizedLinear.logits``), past them it
+    rescores in Python."""
 
     embed: torch.Tensor
+    embed_scales: torch.Tensor | None
     norm: torch.Tensor
     norm_eps: float
     tensors: list[torch.Tensor | None]
     ints: list[int]
+    max_rows: int = 0  # set by _head_plan
 
 
 @dataclass(frozen=True)
@@ -173,23 +184,54 @@ def build_plan(model: nn.Module) -> StackPlan | None:
 
 
 def _head_plan(model: nn.Module, dtype: torch.dtype) -> HeadPlan | None:
-    """The ``HeadPlan`` of a model whose embedding is a plain ``nn.Embedding`` of ``dtype``
-    and whose head is a ``layers.Linear`` the operator runs; else None."""
+    """The ``HeadPlan`` of a model whose embedding is a plain ``nn.Embedding`` of ``dtype`` or
+    an int8 ``QuantizedEmbedding``, and whose head the operator runs; else None."""
     embed, head, norm = model.model.embed_tokens, model.lm_head, model.model.norm
-    if type(embed) is not nn.Embedding or embed.weight.dtype != dtype:
+    scales = None
+    if type(embed) is nn.Embedding and embed.weight.dtype == dtype:
+        weight = embed.weight
+    elif (
+        isinstance(embed, quant.QuantizedEmbedding)
+        and isinstance(embed.source, quant.Int8Linear)
+        and embed.source.out_dtype == dtype
+    ):
+        weight, scales = embed.source.qweight, embed.source.scales
+    else:
         return None
-    if norm.weight.dtype != dtype or not isinstance(head, Linear):
+    if norm.weight.dtype != dtype:
         return None
-    entry = _linear_entry(head, dtype)
+    entry, max_rows = None, MAX_ROWS
+    if isinstance(head, quant.QuantizedLinear) and dtype == torch.float32:
+        logits = _logits_entry(head)
+        if logits is not None:
+            entry, max_rows = logits[:2], logits[2]
+    elif isinstance(head, (Linear, quant.QuantizedLinear)):
+        # A bf16 model's quantized head: QuantizedLinear.logits is its forward, then .float().
+        entry = _linear_entry(head, dtype)
     if entry is None:
         return None
     return HeadPlan(
-        embed=embed.weight.detach(),
+        embed=weight.detach(),
+        embed_scales=None if scales is None else scales.detach(),
         norm=norm.weight.detach(),
         norm_eps=norm.eps,
         tensors=[None if t is None else t.detach() for t in entry[0]],
         ints=entry[1],
+        max_rows=min(MAX_ROWS, max_rows),
     )
+
+
+def _logits_entry(head: nn.Module) -> tuple[list, list[int], int] | None:
+    """(three tensor slots, [kind, out_features, group], rows) of a float32 model's quantized
+    head whose ``_kernel_logits`` gives every logit from its kernel up to ``rows`` rows (past
+    them, and for other heads, ``QuantizedLinear.logits`` rescores: None)."""
+    if isinstance(head, quant.Int8Linear) and head.scales.dtype == torch.bfloat16:
+        rows = fused_ops.int8_gemv_max_rows(head.qweight.numel())
+        return [head.qweight, head.scales, head.bias], [INT8_LOGITS, head.out_features, 0], rows
+    if isinstance(head, quant.Int4Linear) and head.scales_zeros.dtype == torch.bfloat16:
+        ints = [INT4_LOGITS, head.out_features, head.group_size]
+        return [head.packed, head.scales_zeros, head.bias], ints, fused_ops.INT4_GEMV_MAX_ROWS
+    return None
 
 
 def attach(model: nn.Module) -> StackPlan | None:
@@ -259,12 +301,14 @@ def run_logits(
     ``rope_table``: ``RotaryEmbedding.cast_table(plan.dtype)``."""
     global _calls, _logits_calls
     head = plan.head
-    if head is None or not _head or not _takes(plan, input_ids.shape[0], meta, kv_caches):
+    t = input_ids.shape[0]
+    if head is None or not _head or t > head.max_rows or not _takes(plan, t, meta, kv_caches):
         return None
     logits = torch.ops.carpool.decode_logits(
         input_ids,
         positions,
         head.embed,
+        head.embed_scales,
         rope_table,
         *_layer_args(plan, meta, kv_caches),
         head.norm,

@@ -24,6 +24,8 @@
 //   kVnni   (packed weight, float32 bias?, -)    layers.Linear, the "vnni" layout
 //   kInt8   (int8 codes [N, K], bf16 scales, bias?)           quant.Int8Linear
 //   kInt4   (packed codes, bf16 scales_zeros, bias?)          quant.Int4Linear
+// and for decode_logits' head of a float32 model also kInt8Logits and kInt4Logits (the same
+// slots as kInt8 and kInt4: fused_ops' int8_logits and int4_logits, float32 logits).
 // Other operators are reached through the dispatcher (they live in other libraries: fused_ops,
 // paged_attention, vnni_linear, oneDNN's), looked up once.
 
@@ -50,6 +52,9 @@ constexpr int64_t kTensorsPerLayer = 14;
 constexpr int64_t kIntsPerLayer = 12;
 constexpr int64_t kMaxRows = 32;  // layers.bucket_rows pads nothing up to here
 enum Kind : int64_t { kPlain = 0, kOneDnn = 1, kVnni = 2, kInt8 = 3, kInt4 = 4 };
+// A quantized head of a float32 model: its float32 logits straight from the kernel
+// (QuantizedLinear.logits' _kernel_logits; decode_logits only, within the kernel's rows).
+enum HeadKind : int64_t { kInt8Logits = 5, kInt4Logits = 6 };
 
 // Thresholds of quant.py and fused_ops.py, passed in by the caller (one source of truth).
 struct Limits {
@@ -110,6 +115,13 @@ struct Ops {
       op<void(const at::Tensor&, at::Tensor, const at::Tensor&)>("carpool::kv_store_int8");
   c10::TypedOperatorHandle<void(const at::Tensor&, at::Tensor, const at::Tensor&)> kv_store =
       op<void(const at::Tensor&, at::Tensor, const at::Tensor&)>("carpool::kv_store");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>
+      int8_logits = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+          "carpool::int8_logits");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
+                                      const at::Tensor&, int64_t)>
+      int4_logits = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                  int64_t)>("carpool::int4_logits");
 };
 
 const Ops& ops() {
@@ -289,7 +301,8 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
 at::Tensor decode_logits(
     const at::Tensor& input_ids,     // [T] int64
     const at::Tensor& positions,     // [T] int64
-    const at::Tensor& embed,         // [vocab, hidden]: the embedding's weight
+    const at::Tensor& embed,         // [vocab, hidden]: the embedding's weight, or int8 codes
+    const std::optional<at::Tensor>& embed_scales,  // the int8 codes' row scales (None: plain)
     const at::Tensor& rope_table,    // [max_positions, 2, D]: RotaryEmbedding's table, x's dtype
     const at::Tensor& slot_mapping, const at::Tensor& block_tables,
     const at::Tensor& context_lens, at::TensorList kv_caches,
@@ -306,14 +319,32 @@ at::Tensor decode_logits(
   TORCH_CHECK(head.size() == 3 && head_ints.size() == 3,
               "decode_logits: the head needs 3 tensors and 3 ints, got ", head.size(), " and ",
               head_ints.size());
-  const at::Tensor x = embed.index_select(0, input_ids);
+  // quant.Int8Linear.rows for an int8 embedding (QuantizedEmbedding): codes times row scales in
+  // float32, then the model's dtype.
+  const at::Tensor x =
+      embed_scales.has_value()
+          ? embed.index_select(0, input_ids)
+                .to(at::kFloat)
+                .mul(embed_scales->index_select(0, input_ids).to(at::kFloat).unsqueeze(-1))
+                .to(norm.scalar_type())
+          : embed.index_select(0, input_ids);
   const at::Tensor rope = rope_table.index_select(0, positions);
   auto [out, residual] = decode_stack(x, rope, slot_mapping, block_tables, context_lens,
                                       kv_caches, tensors, ints, limits, num_heads, num_kv_heads,
                                       head_dim, eps, scale);
   const at::Tensor hs = std::get<0>(ops().add_rms_norm.call(out, residual, norm, norm_eps));
-  return linear(hs, head_ints[0], opt(head, 0), opt(head, 1), opt(head, 2), head_ints[1],
-                head_ints[2], Limits::of(limits))
+  const Limits lim = Limits::of(limits);
+  const int64_t kind = head_ints[0], n = head_ints[1];
+  if (kind == kInt8Logits || kind == kInt4Logits) {  // QuantizedLinear.logits, _kernel_logits
+    at::Tensor y = kind == kInt8Logits
+                       ? ops().int8_logits.call(hs, opt(head, 0), opt(head, 1))
+                       : ops().int4_logits.call(hs, opt(head, 0), head_ints[2], opt(head, 1),
+                                                lim.int4_block);
+    if (y.size(1) != n) y = y.narrow(1, 0, n);
+    const at::Tensor bias = opt(head, 2);
+    return bias.defined() ? y.add(bias.to(at::kFloat)) : y;
+  }
+  return linear(hs, kind, opt(head, 0), opt(head, 1), opt(head, 2), n, head_ints[2], lim)
       .to(at::kFloat);
 }
 
@@ -325,7 +356,8 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
       "Tensor context_lens, Tensor(a!)[] kv_caches, Tensor?[] tensors, int[] ints, int[] limits, "
       "int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> (Tensor, Tensor)");
   m.def(
-      "decode_logits(Tensor input_ids, Tensor positions, Tensor embed, Tensor rope_table, "
+      "decode_logits(Tensor input_ids, Tensor positions, Tensor embed, Tensor? embed_scales, "
+      "Tensor rope_table, "
       "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor(a!)[] kv_caches, "
       "Tensor?[] tensors, int[] ints, int[] limits, Tensor norm, Tensor?[] head, int[] head_ints, "
       "int num_heads, int num_kv_heads, int head_dim, float eps, float norm_eps, float scale) "
