@@ -92,7 +92,7 @@ class HeadPlan:
     norm_eps: float
     tensors: list[torch.Tensor | None]
     ints: list[int]
-    max_rows: int = 0  # set by _head_plan
+    max_rows: int
 
 
 @dataclass(frozen=True)
@@ -200,23 +200,24 @@ def _head_plan(model: nn.Module, dtype: torch.dtype) -> HeadPlan | None:
         return None
     if norm.weight.dtype != dtype:
         return None
-    entry, max_rows = None, MAX_ROWS
     if isinstance(head, quant.QuantizedLinear) and dtype == torch.float32:
-        logits = _logits_entry(head)
-        if logits is not None:
-            entry, max_rows = logits[:2], logits[2]
+        entry = _logits_entry(head)
     elif isinstance(head, (Linear, quant.QuantizedLinear)):
         # A bf16 model's quantized head: QuantizedLinear.logits is its forward, then .float().
-        entry = _linear_entry(head, dtype)
+        found = _linear_entry(head, dtype)
+        entry = None if found is None else (*found, MAX_ROWS)
+    else:
+        entry = None
     if entry is None:
         return None
+    slots, ints, max_rows = entry
     return HeadPlan(
         embed=weight.detach(),
         embed_scales=None if scales is None else scales.detach(),
         norm=norm.weight.detach(),
         norm_eps=norm.eps,
-        tensors=[None if t is None else t.detach() for t in entry[0]],
-        ints=entry[1],
+        tensors=[None if t is None else t.detach() for t in slots],
+        ints=ints,
         max_rows=min(MAX_ROWS, max_rows),
     )
 

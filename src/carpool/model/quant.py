@@ -402,8 +402,6 @@ class Int4Linear(QuantizedLinear):
     def _dense_vnni(self) -> torch.Tensor | None:
         """``_dense(bf16)`` packed for ``vnni_linear`` in one fused pass (the same bits as packing
         it; ``fused_ops.int4_widen_vnni``), or None where that kernel does not apply."""
-        if self.scales_zeros.dtype != torch.bfloat16:
-            return None
         return fused_ops.int4_widen_vnni(
             self.packed, self.group_size, self.scales_zeros, int4_row_block(), self.out_features
         )

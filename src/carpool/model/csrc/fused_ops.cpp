@@ -1506,6 +1506,13 @@ at::Tensor int4_logits_at(const at::Tensor& x, const at::Tensor& packed, int64_t
   return y;
 }
 
+// One int4 weight as int4_widen computes it: (q - 8) * scale rounded to bf16, plus zero, rounded
+// again (quant.Int4Linear._dense's two bf16 ops); its bf16 bits.
+inline uint16_t int4_weight_bits(int q, float scale, float zero) {
+  using E = Elt<c10::BFloat16>;
+  return E::narrow(E::round((static_cast<float>(q) - 8.0f) * scale) + zero);
+}
+
 // int4 codes widened to the bf16 weight [N, K] they stand for, w = (q - 8) * scale + zero per
 // group, with the two bf16 roundings of quant.Int4Linear._dense's bf16 ops (the product rounded,
 // then the sum): the same bits in one pass. A prefill step widens every int4 weight of every
@@ -1518,7 +1525,6 @@ at::Tensor int4_logits_at(const at::Tensor& x, const at::Tensor& packed, int64_t
 // zeros assumed (a GGUF's are).
 void int4_widen_block(const uint8_t* packed, const c10::BFloat16* sz, c10::BFloat16* w,
                       int64_t n, int64_t k, int64_t g, int64_t B, int64_t b, uint8_t* codes) {
-  using E = Elt<c10::BFloat16>;
   const int64_t half = B / 2;
   const uint8_t* qb = packed + b * k * half;  // [K, B/2] bytes of this block
   uint16_t* out = reinterpret_cast<uint16_t*>(w);
@@ -1571,7 +1577,7 @@ void int4_widen_block(const uint8_t* packed, const c10::BFloat16* sz, c10::BFloa
       const uint8_t* q = codes + c * g;
       uint16_t* dst = out + row * k + gi * g;
       for (int64_t i = 0; i < g; ++i)
-        dst[i] = E::narrow(E::round((static_cast<float>(q[i]) - 8.0f) * scale) + zero);
+        dst[i] = int4_weight_bits(q[i], scale, zero);
     }
   }
 }
@@ -1669,7 +1675,6 @@ at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
   const uint8_t* qp = packed.data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr());
   auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
-  using E = Elt<c10::BFloat16>;
   auto bf16 = [](uint16_t h) {
     return carpool_kernels::to_float(c10::BFloat16(h, c10::BFloat16::from_bits()));
   };
@@ -1682,8 +1687,7 @@ at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
       const uint8_t byte = qp[(b * k + kk) * half + j % half];
       const int q = j >= half ? byte >> 4 : byte & 0xF;
       const int64_t s = ((kk / g) * rows + r) * 2;
-      const float v = E::round((static_cast<float>(q) - 8.0f) * bf16(sz[s])) + bf16(sz[s + 1]);
-      w |= static_cast<uint32_t>(E::narrow(v)) << (16 * e);
+      w |= static_cast<uint32_t>(int4_weight_bits(q, bf16(sz[s]), bf16(sz[s + 1]))) << (16 * e);
     }
     return w;
   };
