@@ -237,6 +237,7 @@ def test_int8_gemv_row_does_not_depend_on_its_neighbours(dtype, k):
     torch.testing.assert_close(every.float(), exact, rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int8_gemv_declines_what_it_does_not_take():
     n = max(fused_ops.INT8_GEMV_MIN_CODES // 40, 1000) + 1
     q = torch.randint(-127, 128, (n, 40), dtype=torch.int8)  # K = 40: a scalar tail
@@ -285,6 +286,7 @@ def test_int4_gemv_is_torchs_int4_kernel(rows, dtype, n, k):
     assert err <= 2**-7 * exact.abs().max(), (err, exact.abs().max())
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int4_linear_takes_the_fused_kernel_for_a_few_rows(monkeypatch):
     from carpool.model.quant import Int4Linear
 
@@ -359,7 +361,7 @@ def test_int4_gemv_is_int4_logits_of_the_rounded_rows_rounded(n, k, dtype, group
     # w = (q - 8) * scale + zero: zero = lo + 8 * scale
     lin = Int4Linear(codes.reshape(n, k), scales, lo + 8 * scales, None, group, torch.float32)
     block = int4_row_block()
-    for rows in (1, 2, 3, 4, 5, 6, 9):
+    for rows in (1, 2, 3, 4, 5, 6, 9, 30):  # 30: each group's codes widened once (AVX2)
         x = torch.randn(rows, k).to(dtype)
         got = torch.ops.carpool.int4_gemv(x, lin.packed, group, lin.scales_zeros, block)
         sums = torch.ops.carpool.int4_logits(
@@ -368,7 +370,7 @@ def test_int4_gemv_is_int4_logits_of_the_rounded_rows_rounded(n, k, dtype, group
         assert torch.equal(got, sums.bfloat16().to(dtype)), rows
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4, 30])
 def test_int4_gemv_adds_each_column_in_input_order(rows):
     # Rows whose float32 sums depend on the order of the adds: codes all 1, inputs 2^24, 1, 1,
     # -2^24 per group. In input order 2^24 + 1 rounds back to 2^24 twice and the sum is 0;
@@ -445,6 +447,7 @@ def test_int8_dot_row_does_not_depend_on_its_neighbours():
         assert torch.equal(torch.ops.carpool.int8_dot(x[lo:hi], q, s), every[lo:hi]), (lo, hi)
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int8_dot_takes_the_rows_past_int8_gemv():
     q, s = _int8_case(512, 512, 7)  # a layer-sized matrix
     first = fused_ops.int8_gemv_max_rows(q.numel()) + 1
@@ -538,6 +541,7 @@ def test_linear_takes_bf16_linear_where_bf16_gemm_is_emulated(monkeypatch):
         assert_bf16_close(got, want)
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int8_gemv_row_limit_follows_the_weight_size():
     # A vocabulary-sized weight takes the kernel up to INT8_GEMV_LARGE_MAX_ROWS rows (128 without
     # AMX), a layer-sized one up to INT8_GEMV_MAX_ROWS: float32 rows, which any size takes.
@@ -583,6 +587,7 @@ def test_int8_logits_are_the_dequantized_heads_in_float32(rows):
     assert torch.equal(fused_ops.int8_logits_at(x, q, s, ids), got.gather(1, ids))
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int8_logits_decline_and_reject_what_they_do_not_take():
     q = torch.randint(-127, 128, (300, 64), dtype=torch.int8)
     s = (torch.rand(300) * 0.01).bfloat16()
@@ -595,6 +600,7 @@ def test_int8_logits_decline_and_reject_what_they_do_not_take():
         torch.ops.carpool.int8_logits(torch.randn(1, 64, dtype=torch.bfloat16), q, s)
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int8_head_top_logits_do_not_depend_on_the_path():
     # Up to the kernel's row limit the head's float32 logits come whole from int8_logits;
     # above it from the bf16 kernel, its top RESCORE_TOP_K rescored by int8_logits_at: the
@@ -614,7 +620,7 @@ def test_int8_head_top_logits_do_not_depend_on_the_path():
     assert torch.equal(many.argmax(-1), alone.argmax(-1))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13, 30])
 @pytest.mark.parametrize("block", [32, 64])
 def test_int4_logits_are_the_dequantized_heads_in_float32(rows, block):
     # A float32 model's int4 vocabulary head (--quantization int4, a GGUF Q4 output matrix): no
@@ -643,6 +649,7 @@ def test_int4_logits_are_the_dequantized_heads_in_float32(rows, block):
     assert torch.equal(fused_ops.int4_logits_at(x, *args, ids), got.gather(1, ids))
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int4_logits_decline_and_reject_what_they_do_not_take():
     from carpool.model.quant import Int4Linear
 
@@ -659,6 +666,7 @@ def test_int4_logits_decline_and_reject_what_they_do_not_take():
         torch.ops.carpool.int4_logits_at(torch.randn(2, 64), *args, torch.tensor([[1]]))
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int4_head_top_logits_do_not_depend_on_the_path():
     # Up to the kernel's row limit the head's float32 logits come whole from int4_logits;
     # above it from the bf16 widening path, its top RESCORE_TOP_K rescored by int4_logits_at:
@@ -749,6 +757,37 @@ def test_int4_widen_vnni_is_the_widened_weight_packed(block, n, out, k, group):
         widen(packed, 3, scales_zeros, block, out)
 
 
+def test_the_kernels_take_every_row_count_where_bf16_is_emulated():
+    # Without a bf16 GEMM (AVX2: an AMD Zen 2/3) a prefill's rows take the fused kernels too, so
+    # that a row's numbers never depend on its step's size; elsewhere the widened weight's GEMM
+    # takes them past a limit.
+    every = fused_ops.bf16_emulated()
+    for limit in (fused_ops.INT4_GEMV_MAX_ROWS, fused_ops.INT8_GEMV_MAX_ROWS):
+        assert (limit == fused_ops.ANY_ROWS) == every, limit
+    assert every or fused_ops.INT4_GEMV_MAX_ROWS <= 128
+
+
+@pytest.mark.usefixtures("kernels_at_every_row_count")
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_linears_rows_are_the_same_bits_in_a_step_of_any_size(method, dtype):
+    # 300 rows (a prefill step, past the 128 from which the widened GEMM took them) in one call
+    # and in slices: each row the same bits, through the module's own forward.
+    from carpool.model.quant import quantize_linear
+
+    torch.manual_seed(11)
+    lin = quantize_linear(torch.nn.Linear(192, 320, bias=True), method, dtype)
+    x = torch.randn(300, 192, dtype=dtype)
+    calls = fused_ops.fused_calls()
+    whole = lin(x)
+    assert fused_ops.fused_calls() == calls + 1  # one kernel call, no widening
+    for lo, hi in ((0, 1), (1, 5), (5, 37), (37, 165), (165, 300)):
+        assert torch.equal(lin(x[lo:hi]), whole[lo:hi]), (lo, hi)
+    dense = x.float() @ lin.dequantize().float().T + lin.bias.float()
+    assert (whole.float() - dense).abs().max() <= 2**-6 * dense.abs().max()
+
+
+@pytest.mark.usefixtures("finite_row_limits")
 def test_int4_linear_prefill_takes_the_fused_widening(monkeypatch):
     # Past the row count of the int4 kernels, a CPU Int4Linear widens its weight through the
     # fused kernel: the same output as through torch's ops.

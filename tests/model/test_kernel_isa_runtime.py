@@ -128,6 +128,15 @@ def test_lower_level_int4_logits_are_one_columns_bits(level_fused, block):
     rounded = level_fused.int4_gemv(x.bfloat16().float(), *args)
     want = level_fused.int4_logits(x.bfloat16().float(), *args).bfloat16().float()
     assert torch.equal(rounded, want)
+    # 30 rows: on AVX2 each group's codes widened once for groups of up to 6 rows, the same
+    # bits as the rows one at a time.
+    many = torch.randn(30, k)
+    got = level_fused.int4_logits(many, *args)
+    assert torch.equal(got[7:8], level_fused.int4_logits(many[7:8], *args))
+    cols = ids[:1].expand(30, -1).contiguous()
+    assert torch.equal(level_fused.int4_logits_at(many, *args, cols), got.gather(1, cols))
+    last = level_fused.int4_gemv(many[29:], *args)
+    assert torch.equal(level_fused.int4_gemv(many, *args)[29:], last)
 
 
 @pytest.fixture(scope="module", params=sorted(LEVELS))

@@ -66,6 +66,7 @@ def test_chunk_sizes_and_the_short_tail(checkpoint, rows, chunks, monkeypatch):
     assert all(n > layers.MLP_MIN_CHUNK_ROWS for n in seen if rows > layers.MLP_CHUNK_ROWS)
 
 
+@pytest.mark.usefixtures("finite_row_limits")  # the widened path (not this CPU's if AVX2)
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_weights_are_widened_once_per_step(checkpoint, quantization, monkeypatch):
     mlp = _mlp(checkpoint, "float32", quantization)

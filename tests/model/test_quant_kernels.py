@@ -184,6 +184,7 @@ def test_head_logits_break_a_bf16_tie_the_right_way():
     assert int(head.logits(x).argmax()) == 1
 
 
+@pytest.mark.usefixtures("finite_row_limits")
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_a_prefills_widened_weight_takes_this_cpus_dense_product(method):
     # Above the kernels' rows a quantized linear widens its weight once and runs a dense

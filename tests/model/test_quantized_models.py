@@ -7,8 +7,9 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from carpool import LLM, SamplingParams
+from carpool import LLM, LLMEngine, SamplingParams
 from carpool.capacity import resident_weight_bytes, weight_bytes_for
+from carpool.config import EngineConfig
 from carpool.model.gguf_loader import GGUFCheckpoint
 from carpool.model.loader import load_model
 from carpool.model.quant import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear
@@ -242,3 +243,33 @@ def test_a_prompt_longer_than_a_steps_tokens_on_a_quantized_head(checkpoint, met
     whole = LLM(str(hf_dir), dtype="float32", quantization=method)
     expected = whole.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     assert out.token_ids == expected, first_difference(out.token_ids, expected)
+
+
+@pytest.mark.usefixtures("kernels_at_every_row_count")
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_1"])
+def test_a_decoding_requests_logprobs_do_not_depend_on_the_prompts_beside_it(checkpoint, ftype):
+    # A request decodes alone, then again while two other requests' 200-token prompts arrive
+    # (steps of 200-400 rows beside its one). The quantized kernels take every row count (the
+    # default where bf16 is emulated, see fused_ops.ANY_ROWS): its logprobs are the same bits.
+    # With the widened GEMM taking steps of more than 128 rows they moved (up to 0.06 on the
+    # default SmolLM2 Q4_1 model) and greedy tokens could differ between batching strategies.
+    _, files = checkpoint
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
+
+    def decode(arrivals: dict[int, list[int]]) -> tuple[list[int], list[float]]:
+        engine = LLMEngine(EngineConfig(model=str(files[ftype])))
+        engine.add_request(PROMPT, params, request_id="x")
+        step, done = 0, None
+        while engine.has_unfinished():
+            if step in arrivals:
+                engine.add_request(arrivals[step], params, request_id=f"arrival-{step}")
+            for out in engine.step():
+                if out.request_id == "x" and out.finished:
+                    done = out.outputs[0]
+            step += 1
+        assert done is not None
+        return done.token_ids, [lp.logprob for lp in done.logprobs]
+
+    alone = decode({})
+    busy = decode({3: [(5 * i) % 300 + 10 for i in range(200)], 9: list(range(20, 220))})
+    assert busy == alone

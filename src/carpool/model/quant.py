@@ -49,14 +49,20 @@ _INT4_ROW_PAD = 64
 # measured by benchmarks/quant_kernels.py (see BENCHMARKS.md); int4 widens ~3x slower.
 INT8_WIDEN_ABOVE_ROWS = 16
 INT4_WIDEN_ABOVE_ROWS = 128
-# GatedMLP's row chunks must each take the kernel the whole step would (see MLP_MIN_CHUNK_ROWS).
+# GatedMLP's row chunks must each take the kernel the whole step would (see MLP_MIN_CHUNK_ROWS):
+# every row limit is at most a chunk's rows, or none (fused_ops.ANY_ROWS: every count).
 assert (
     max(
-        INT8_WIDEN_ABOVE_ROWS,
-        INT4_WIDEN_ABOVE_ROWS,
-        fused_ops.INT4_GEMV_MAX_ROWS,
-        fused_ops.INT8_GEMV_MAX_ROWS,
-        fused_ops.INT8_DOT_MAX_ROWS,
+        limit
+        for limit in (
+            INT8_WIDEN_ABOVE_ROWS,
+            INT4_WIDEN_ABOVE_ROWS,
+            fused_ops.INT4_GEMV_MAX_ROWS,
+            fused_ops.INT8_GEMV_MAX_ROWS,
+            fused_ops.INT8_GEMV_LARGE_MAX_ROWS,
+            fused_ops.INT8_DOT_MAX_ROWS,
+        )
+        if limit != fused_ops.ANY_ROWS
     )
     <= MLP_MIN_CHUNK_ROWS
 ), "an MLP chunk could take another quantized kernel than its whole step"

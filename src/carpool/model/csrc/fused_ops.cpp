@@ -1231,6 +1231,96 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
     }
 }
 
+#if defined(CARPOOL_AVX2)
+// Many rows on AVX2 (B = 32): int4_block widens a block's codes to float32 again for every
+// group of 1-4 rows, and its 8 accumulators leave the FMA units waiting on their latency
+// (10 chains keep both busy): at 32 rows SmolLM2's layers ran at ~135 of the 2 cores' ~208
+// GFLOP/s. Here each group of K inputs is widened once into a small float32 buffer that every
+// group of up to 6 rows (12 accumulators, the weights loaded from L1) then reads: SmolLM2's
+// layers 1.02-1.07x at 24-512 rows, level at 16, slower below (benchmarks/ab_int4_gemv.py; a
+// standalone harness 1.05-1.16x; BENCHMARKS.md, issue 11, twenty-ninth pass). It matters since
+// a prefill's rows take this kernel too where bf16 is emulated (fused_ops.py, ANY_ROWS). Every
+// column takes the same fused multiply-adds in the same order as in int4_block (per group acc =
+// fma(q, x, acc) along K from zero, then out = fma(scale, acc, out) and out = fma(zero - 8
+// scale, sum(x), out)): the same bits whichever loop a row count takes.
+constexpr int64_t kInt4WidenedRows = 24;  // from this many rows, int4_rows widens each group once
+
+// Rows [0, M) of the group: columns [16h, 16h + 16) of the buffer's 32, two passes; ob holds
+// each row's 32 running sums (out), updated once per group.
+template <int64_t M>
+inline void int4_widened_rows(const float* wb, const float* xf, const float* xsum,
+                              const c10::BFloat16* sz, float* ob, int64_t n, int64_t k,
+                              int64_t g, int64_t b, int64_t gi) {
+  const int64_t groups = k / g;
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[M][2];
+    for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < g; ++i) {
+      const __m256 w0 = _mm256_load_ps(wb + i * 32 + 16 * h);
+      const __m256 w1 = _mm256_load_ps(wb + i * 32 + 16 * h + 8);
+      for (int64_t m = 0; m < M; ++m) {
+        const __m256 xv = _mm256_set1_ps(xf[m * k + gi * g + i]);
+        acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
+      }
+    }
+    for (int c = 0; c < 2; ++c) {
+      const int64_t col = 16 * h + 8 * c;
+      __m256 sc, off;
+      int4_scale_offset8(sz + (gi * n + b * 32 + col) * 2, sc, off);
+      for (int64_t m = 0; m < M; ++m) {
+        __m256 o = _mm256_load_ps(ob + m * 32 + col);
+        o = _mm256_fmadd_ps(sc, acc[m][c], o);
+        o = _mm256_fmadd_ps(off, _mm256_set1_ps(xsum[m * groups + gi]), o);
+        _mm256_store_ps(ob + m * 32 + col, o);
+      }
+    }
+  }
+}
+
+// Output columns [32b, 32b + 32) of all `rows` rows (xf, xsum and y at row 0). wb: g * 32
+// floats, ob: rows * 32 floats, both 32-byte aligned (the caller's, reused across blocks).
+template <bool Exact, typename T>
+void int4_block_widened(int64_t rows, const float* xf, const float* xsum, const uint8_t* packed,
+                        const c10::BFloat16* sz, T* y, int64_t n, int64_t k, int64_t g,
+                        int64_t b, float* wb, float* ob) {
+  const int64_t groups = k / g;
+  const uint8_t* qb = packed + b * k * 16;
+  std::fill(ob, ob + rows * 32, 0.f);
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 32, 32);
+    for (int64_t i = 0; i < g; ++i) {  // wb row i: columns 0-15 (low nibbles), 16-31 (high)
+      const uint8_t* q = qb + (gi * g + i) * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(q) + 1024, _MM_HINT_T0);
+      const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+      _mm256_store_ps(wb + i * 32, _mm256_cvtepi32_ps(_mm256_and_si256(b0, low4)));
+      _mm256_store_ps(wb + i * 32 + 8, _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4)));
+      _mm256_store_ps(wb + i * 32 + 16, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)));
+      _mm256_store_ps(wb + i * 32 + 24, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)));
+    }
+    for (int64_t m0 = 0; m0 < rows; m0 += 6) {
+      const int64_t m1 = std::min<int64_t>(rows, m0 + 6);
+      const float* xg = xf + m0 * k;
+      const float* sg = xsum + m0 * groups;
+      float* og = ob + m0 * 32;
+      switch (m1 - m0) {
+        case 1: int4_widened_rows<1>(wb, xg, sg, sz, og, n, k, g, b, gi); break;
+        case 2: int4_widened_rows<2>(wb, xg, sg, sz, og, n, k, g, b, gi); break;
+        case 3: int4_widened_rows<3>(wb, xg, sg, sz, og, n, k, g, b, gi); break;
+        case 4: int4_widened_rows<4>(wb, xg, sg, sz, og, n, k, g, b, gi); break;
+        case 5: int4_widened_rows<5>(wb, xg, sg, sz, og, n, k, g, b, gi); break;
+        default: int4_widened_rows<6>(wb, xg, sg, sz, og, n, k, g, b, gi); break;
+      }
+    }
+  }
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t c = 0; c < 32; ++c)
+      Elt<T>::store(y + m * n, b * 32 + c, int4_out<Exact>(ob[m * 32 + c]));
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // The bf16 values of the int4 codes 0..15 (exact), a vpermw table (the upper 16 unused).
 alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0,
@@ -1396,6 +1486,20 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
         }
         b += two ? 2 : 1;
       }
+    });
+    return;
+  }
+#endif
+#if defined(CARPOOL_AVX2)
+  if (B == 32 && rows >= kInt4WidenedRows) {
+    at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
+      // 32-byte aligned: a group's widened codes, then the rows' running sums.
+      std::vector<float> buffers(g * 32 + rows * 32 + 8);
+      float* wb = reinterpret_cast<float*>(
+          (reinterpret_cast<uintptr_t>(buffers.data()) + 31) & ~uintptr_t{31});
+      for (int64_t b = b0; b < b1; ++b)
+        int4_block_widened<Exact>(rows, xf.data(), xsum.data(), packed, sz, y, n, k, g, b, wb,
+                                  wb + g * 32);
     });
     return;
   }
