@@ -1,12 +1,12 @@
-"""A prompt's causal attention as one SDPA call against row chunks (``batch.query_chunks``).
+"""A prompt's causal attention as one SDPA call against calls of fewer rows (the engine's tiles).
 
 One sequence of ``--rows`` query rows over as many keys, a causal boolean mask, grouped-query
 heads (``--heads``/``--kv-heads`` of ``--head-dim``): the medians of ``--rounds`` timed runs of
 one ``scaled_dot_product_attention`` over the whole square, and of calls of ``--chunks`` rows
-each, every call over keys ``[0, its last row + 1)`` (what the engine does for a prompt chunk
-of at least two chunks' rows), alternated; and whether the two give the same bits (they do
-not: a key count is an order of sums, hence the engine's calls depend on the rectangle's shape
-alone).
+each, every call over keys ``[0, its last row + 1)`` (the engine's tiles: calls of
+``batch.PREFILL_TILE_ROWS`` rows at fixed positions), alternated; and whether the two give the
+same bits (they do not: a key count is an order of sums, hence the engine's calls follow from
+the positions alone).
 
     python benchmarks/prefill_attention.py --rows 512,2048 --chunks 64,128,256
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import subprocess
 import sys
 import time
@@ -369,7 +370,7 @@ def test_a_decode_row_computes_the_same_alone_or_beside_a_prefill(tmp_path):
 
 def test_decode_sequences_stay_out_of_a_mixed_steps_rectangle():
     # a and c decode (one generated token each), b prefills 3 prompt tokens: the [B, Q, L]
-    # rectangle covers b alone (1 x 3 x 16), not 3 x 3 x 32 of padding around two decode rows.
+    # rectangle covers b alone (its first tile: 1 x 32 x 32), not the decode rows too.
     tables = [[3, 1], [2], [5, 6]]
     chunks = [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [6, 7, 8], 0, tables[1])]
     chunks.append(_Chunk("c", [9], 17, tables[2]))
@@ -378,21 +379,23 @@ def test_decode_sequences_stay_out_of_a_mixed_steps_rectangle():
     assert meta.attn_mask is None and len(meta.parts) == 1
     (part,) = meta.parts
     assert part.gathered_rows.tolist() == [1, 2, 3]
-    assert part.block_tables.tolist() == [[2]]
-    assert tuple(part.attn_mask.shape) == (1, 1, 3, 16)
-    assert part.query_index is None and part.output_index is None
+    assert part.block_tables.tolist() == [[2, 0]]  # the tile's keys: past the table, masked
+    assert tuple(part.attn_mask.shape) == (1, 1, 32, 32)
+    assert part.output_index.tolist() == [0, 1, 2]
+    assert part.query_index[0, :4].tolist() == [0, 1, 2, 2]  # padding rows: a row of b's
     assert meta.kernel_rows.tolist() == [0, 4]
     assert meta.context_lens.tolist() == [21, 18]
     assert meta.kernel_tables.tolist() == [[3, 1], [5, 6]]
     # Every sequence a prompt chunk: the rectangle covers every row, as before.
     prompts = build_ragged_batch(chunks[1:2] + [_Chunk("d", [1, 2], 0, [7])], [[2], [7]], 16)
-    assert prompts.meta.parts is None and prompts.meta.block_tables.shape == (2, 1)
+    assert prompts.meta.parts is None and prompts.meta.block_tables.shape == (2, 2)
 
 
 def test_a_short_chunk_at_a_long_context_gets_a_rectangle_of_its_own():
-    # 16 prompt tokens at position 1,900 beside a new 496-token prompt: one rectangle would be
-    # 2 x 496 x 1,920 (mostly padding), so each prompt chunk gets its own; the decode row stays
-    # out of both. Prompts of one length keep one rectangle.
+    # 16 prompt tokens at position 1,900 beside a new 496-token prompt: one rectangle would
+    # span tiles 0-59 for both (mostly padding), so each prompt chunk gets its own (its tile
+    # 1,888-1,919; tiles 0-15); the decode row stays out of both. Prompts of one length keep
+    # one rectangle.
     long_table, new_table = list(range(1, 122)), list(range(200, 232))
     chunks = [
         _Chunk("long", list(range(16)), 1900, long_table),
@@ -405,15 +408,17 @@ def test_a_short_chunk_at_a_long_context_gets_a_rectangle_of_its_own():
     assert meta.attn_mask is None and len(meta.parts) == 2
     assert meta.parts[0].gathered_rows.tolist() == list(range(16))
     assert meta.parts[1].gathered_rows.tolist() == list(range(17, 513))
-    assert tuple(meta.parts[0].attn_mask.shape) == (1, 1, 16, 1920)
-    assert tuple(meta.parts[1].attn_mask.shape) == (1, 1, 496, 496)
+    assert tuple(meta.parts[0].attn_mask.shape) == (1, 1, 32, 1920)
+    assert tuple(meta.parts[1].attn_mask.shape) == (1, 1, 512, 512)
+    assert meta.parts[0].query_chunks == ((0, 32, 1920),)
     assert meta.parts[0].block_tables.tolist() == [long_table[:120]]
-    assert meta.parts[1].block_tables.tolist() == [new_table[:31]]
+    assert meta.parts[1].block_tables.tolist() == [new_table[:32]]
     covered = [r for part in meta.parts for r in part.gathered_rows.tolist()]
     assert meta.kernel_rows.tolist() == [16] and covered == [*range(16), *range(17, 513)]
     same = [_Chunk("x", list(range(32)), 0, [1, 2]), _Chunk("y", list(range(32)), 0, [3, 4])]
     one = build_ragged_batch(same, [[1, 2], [3, 4]], 16, "cpu", [32, 32])
-    assert one.meta.parts is None and tuple(one.meta.attn_mask.shape) == (2, 1, 32, 32)
+    assert one.meta.parts is None and tuple(one.meta.attn_mask.shape) == (1, 1, 32, 32)
+    assert one.meta.block_tables.shape == (2, 2)
 
 
 @pytest.mark.parametrize("kernel", [True, False])
@@ -471,10 +476,10 @@ def test_a_mixed_step_computes_each_sequence_as_alone(tmp_path, kernel):
         assert torch.equal(split[k], split_alone[k]), k
 
 
-def test_a_long_prompts_attention_runs_in_row_chunks(tmp_path, monkeypatch):
-    # A 300-token prompt's causal square in row chunks (batch.query_chunks), each call over the
-    # keys its rows see: float32 logits within rounding of one SDPA call over the square; in
-    # bf16 two prompts of that shape in one step compute the bits of each alone.
+def test_a_long_prompts_attention_runs_in_tiles(tmp_path, monkeypatch):
+    # A 300-token prompt's causal square in tiles of 32 rows (batch.PREFILL_TILE_ROWS), each
+    # call over the keys to its tile's end: float32 logits within rounding of one SDPA call over
+    # the square; in bf16 two prompts in one step compute the bits of each alone.
     save_tiny_hf_model("llama", tmp_path)
     prompts = {
         "a": [(7 * i) % 250 + 3 for i in range(300)],
@@ -494,10 +499,11 @@ def test_a_long_prompts_attention_runs_in_row_chunks(tmp_path, monkeypatch):
     caches = model.allocate_kv_cache(40, 16, torch.float32, "cpu")
     with torch.no_grad():
         chunked, rows = step(model, caches, ["a"])
-        monkeypatch.setattr(batch_module, "QUERY_CHUNK_ROWS", 1024)
+        monkeypatch.setattr(batch_module, "PREFILL_TILE_ROWS", 512)
         one, square = step(model, caches, ["a"])
         monkeypatch.undo()
-    assert chunked == ((0, 128, 128), (128, 256, 256), (256, 300, 300)) and one is None
+    assert chunked == tuple((p, p + 32, p + 32) for p in range(0, 320, 32))
+    assert one == ((0, 512, 512),)
     torch.testing.assert_close(rows, square, rtol=0, atol=2e-5)
 
     model, _ = load_model(tmp_path, dtype="bfloat16")
@@ -505,7 +511,7 @@ def test_a_long_prompts_attention_runs_in_row_chunks(tmp_path, monkeypatch):
     with torch.no_grad():
         calls, both = step(model, caches, ["a", "b"])
         alone = [step(model, caches, [r])[1][0] for r in ("a", "b")]
-    assert calls is not None and len(calls) == 3
+    assert len(calls) == 10
     assert torch.equal(both[0], alone[0]) and torch.equal(both[1], alone[1])
 
 
@@ -529,3 +535,50 @@ def test_kv_store_writes_what_index_copy_writes(src, cache):
         torch.ops.carpool.kv_store(new_kv, a, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 32]))
     with pytest.raises(RuntimeError, match="dtype|float32 or bfloat16"):
         torch.ops.carpool.kv_store(new_kv.to(torch.float16), a, slots)
+
+
+@pytest.mark.usefixtures("kernels_at_every_row_count")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_prompts_rows_are_the_same_bits_however_it_is_chunked(tmp_path, seed):
+    # The default model's setup at SmolLM2's attention shape (9 heads over 3 KV heads of 64): a
+    # Q4_1 GGUF file, float32 activations, a bf16 cache widened for SDPA, the int4 kernel at
+    # every row count. A 400-token prompt in one step, cut into chunks at random places, and
+    # beside another prompt: torch's CPU SDPA rounds a row differently in calls of other row or
+    # key counts, and the int4 kernel's bf16-rounded inputs carry that on; in tiles at fixed
+    # positions (batch.PREFILL_TILE_ROWS) every row's call is the same, so are its logits (every
+    # row's, to see any row's attention).
+    from helpers.gguf_export import export_hf_to_gguf
+
+    rng = random.Random(seed)
+    hf = tmp_path / "hf"
+    save_tiny_model_dir(
+        "llama",
+        hf,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        num_hidden_layers=4,
+    )
+    gguf = export_hf_to_gguf(hf, tmp_path / "m.gguf", "Q4_1", tokenizer=hf)
+    model, _ = load_model(gguf)
+    fused_ops.load()
+    n = 400
+    prompt = [rng.randrange(3, 320) for _ in range(n)]
+    table, other_table = list(range(1, 27)), list(range(30, 40))
+
+    def logits(cuts: list[int], beside: int = 0) -> torch.Tensor:
+        caches = model.allocate_kv_cache(48, 16, torch.bfloat16, "cpu")
+        bounds, outs = [0, *cuts, n], []
+        with torch.no_grad():
+            for lo, hi in zip(bounds, bounds[1:], strict=False):
+                chunks = [_Chunk("p", prompt[lo:hi], lo, table)]
+                if beside:
+                    chunks.append(_Chunk("o", list(range(5, 5 + beside)), 0, other_table))
+                inp = build_ragged_batch(chunks, [c.block_table for c in chunks], 16)
+                rows = torch.arange(hi - lo)  # every row of the prompt's chunk (first in the step)
+                outs.append(model(inp.input_ids, inp.positions, inp.meta, caches, rows))
+        return torch.cat(outs)
+
+    whole = logits([])
+    assert torch.equal(logits(sorted(rng.sample(range(1, n), 3))), whole)
+    assert torch.equal(logits([rng.randrange(100, 300)], beside=rng.randrange(20, 150)), whole)

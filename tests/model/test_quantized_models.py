@@ -273,3 +273,25 @@ def test_a_decoding_requests_logprobs_do_not_depend_on_the_prompts_beside_it(che
     alone = decode({})
     busy = decode({3: [(5 * i) % 300 + 10 for i in range(200)], 9: list(range(20, 220))})
     assert busy == alone
+
+
+@pytest.mark.usefixtures("kernels_at_every_row_count")
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_1"])
+def test_every_strategy_computes_the_same_logprobs_on_a_quantized_model(checkpoint, ftype):
+    # Prompts cut into chunks at other places by each strategy (a 64-token budget shared by the
+    # requests of a step, or taken by one request at a time) compute the same bits: the
+    # quantized kernels at every row count, prompt attention in tiles at fixed positions
+    # (batch.PREFILL_TILE_ROWS). Before, the default SmolLM2 model's greedy tokens differed
+    # between sequential and continuous batching for prompts chunked differently.
+    _, files = checkpoint
+    prompts = [[(11 * i + n) % 300 + 10 for i in range(n)] for n in (5, 70, 150, 230, 41)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1)
+
+    def run(**kw):  # noqa: ANN003
+        llm = LLM(str(files[ftype]), max_num_batched_tokens=64, max_num_seqs=8, **kw)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [[(lp.token_id, lp.logprob) for lp in o.outputs[0].logprobs] for o in outs]
+
+    sequential = run(batching="sequential")
+    for kw in (dict(batching="continuous"), dict(batching="static", batch_size=3)):
+        assert run(**kw) == sequential, kw

@@ -73,24 +73,71 @@ def test_decode_path_checks_the_block_table():
         batch.build_ragged_batch([Chunk("a", [5], 16)], [[7]], 16, "cpu")
 
 
-def test_query_chunks_of_fresh_and_long_prompts():
-    assert batch.query_chunks(255, 0, 256) is None  # under two chunks: one call
-    assert batch.query_chunks(512, 0, 512) == (
-        (0, 128, 128),
-        (128, 256, 256),
-        (256, 384, 384),
-        (384, 512, 512),
-    )
-    # A prompt chunk after 100 cached tokens: each call's keys run to its last row's position.
-    assert batch.query_chunks(300, 100, 400) == ((0, 128, 228), (128, 256, 356), (256, 300, 400))
-    long = batch.query_chunks(1984, 0, 1984)
-    assert long is not None and len(long) == 8 and long[0] == (0, 256, 256)
+def test_prompt_rows_attend_in_tiles_at_fixed_positions():
+    t = batch.PREFILL_TILE_ROWS
+    assert t == 32
+    fresh = batch.build_ragged_batch([Chunk("a", [1] * 100, 0)], [list(range(7))], 16).meta
+    assert fresh.query_chunks == ((0, 32, 32), (32, 64, 64), (64, 96, 96), (96, 128, 128))
+    assert tuple(fresh.attn_mask.shape) == (1, 1, 128, 128)
+    assert fresh.output_index.tolist() == list(range(100))
+    assert fresh.query_index[0, 100:].tolist() == [99] * 28  # padding rows: a row of its own
+    # A chunk after 100 cached tokens: its tiles start at position 96, keys to each tile's end.
+    later = batch.build_ragged_batch([Chunk("a", [1] * 50, 100)], [list(range(10))], 16).meta
+    assert later.query_chunks == ((0, 32, 128), (32, 64, 160))
+    assert later.output_index.tolist() == list(range(4, 54))
+    assert later.query_index[0, :6].tolist() == [0, 0, 0, 0, 0, 1]
+    assert later.block_tables.tolist() == [list(range(10))]
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_query_chunks_hold_every_key_their_rows_see(seed):
+def test_a_rows_attention_call_depends_on_its_position_alone(seed):
+    # The same prompt cut into chunks at random places, beside other prompts: every row's SDPA
+    # call has the same shape, the row the same place in it and the same mask row, so it
+    # computes the same bits however the prompt is chunked and batched.
+    rng = random.Random(seed)
+    n = rng.randint(40, 400)
+    table = list(range(-(-n // 16)))
+
+    def calls_of_each_row(cuts: list[int]) -> dict[int, tuple]:
+        seen = {}
+        for lo, hi in zip([0, *cuts], [*cuts, n], strict=True):
+            others = [Chunk("o", [2] * rng.randint(1, 90), rng.choice([0, 64]))]
+            chunks = [*others, Chunk("p", [1] * (hi - lo), lo)][:: rng.choice([1, -1])]
+            tables = [table if c.request_id == "p" else list(range(50, 60)) for c in chunks]
+            meta = batch.build_ragged_batch(chunks, tables, 16).meta
+            parts = meta.parts or [meta]
+            for part in parts:
+                rows = part.gathered_rows
+                rows = range(len(meta.slot_mapping)) if rows is None else rows.tolist()
+                q = part.attn_mask.shape[2]
+                for k, flat in enumerate(rows):
+                    pos = chunks_pos(chunks, flat)
+                    if pos is None:
+                        continue
+                    r = int(part.output_index[k]) % q
+                    (call,) = [c for c in part.query_chunks if c[0] <= r < c[1]]
+                    mask_row = part.attn_mask[0, 0, r, : call[2]]
+                    seen[pos] = (call[1] - call[0], call[2], r - call[0], mask_row.tolist())
+        return seen
+
+    def chunks_pos(chunks, flat):
+        for c in chunks:
+            if flat < len(c.token_ids):
+                return c.start_pos + flat if c.request_id == "p" else None
+            flat -= len(c.token_ids)
+        raise AssertionError(flat)
+
+    whole = calls_of_each_row([])
+    assert sorted(whole) == list(range(n))
+    for _ in range(3):
+        cuts = sorted(rng.sample(range(1, n), rng.randint(1, 4)))
+        assert calls_of_each_row(cuts) == whole, cuts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tile_calls_hold_every_key_their_rows_see(seed):
     # Every key a row of a call may attend to lies inside the call's keys, for rectangles of
-    # prompt chunks with different lengths and cached prefixes (padding rows see key 0).
+    # prompt chunks with different lengths and cached prefixes; the calls cover the rows once.
     rng = random.Random(seed)
     block_size = 16
     chunks, tables = [], []
@@ -99,11 +146,12 @@ def test_query_chunks_hold_every_key_their_rows_see(seed):
         chunks.append(Chunk(f"r{k}", [1] * n, start))
         tables.append(list(range(100 * k, 100 * k + -(-(start + n) // block_size))))
     inp = batch.build_ragged_batch(chunks, tables, block_size)
-    meta = inp.meta
-    assert meta.attn_mask is not None and meta.query_chunks is not None
-    rows = meta.attn_mask.shape[2]
-    assert meta.query_chunks[0][0] == 0 and meta.query_chunks[-1][1] == rows
-    calls = meta.query_chunks
-    for (q0, q1, keys), nxt in zip(calls, [*calls[1:], None], strict=True):
-        assert nxt is None or nxt[0] == q1, "the calls cover the rows once, in order"
-        assert not meta.attn_mask[..., q0:q1, keys:].any(), (q0, q1, keys)
+    for meta in inp.meta.parts or [inp.meta]:
+        rows = meta.attn_mask.shape[2]
+        calls = meta.query_chunks
+        assert calls[0][0] == 0 and calls[-1][1] == rows
+        for (q0, q1, keys), nxt in zip(calls, [*calls[1:], None], strict=True):
+            assert q1 - q0 == batch.PREFILL_TILE_ROWS
+            assert nxt is None or nxt[0] == q1, "the calls cover the rows once, in order"
+            assert not meta.attn_mask[..., q0:q1, keys:].any(), (q0, q1, keys)
+            assert meta.attn_mask[..., q0:q1, keys - 1].any()  # the tile's last key is seen

@@ -211,14 +211,8 @@ def _int64_tensor(a: np.ndarray | None) -> torch.Tensor | None:
 
 
 # (attn_mask, query_index, output_index, block_tables, query_chunks) of one attention
-# rectangle.
-Rectangle = tuple[
-    np.ndarray,
-    np.ndarray | None,
-    np.ndarray | None,
-    np.ndarray,
-    tuple[tuple[int, int, int], ...] | None,
-]
+# rectangle (``_rectangle``).
+Rectangle = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[tuple[int, int, int], ...]]
 
 # Padded (query row, key) pairs a rectangle may waste per SDPA call it saves before each
 # prompt chunk gets a rectangle of its own: a call (gather, SDPA, copies) costs ~0.1-0.2 ms a
@@ -228,14 +222,16 @@ SPLIT_PADDING_PER_CALL = 16384
 
 
 def _rectangle_wastes(q_lens: np.ndarray, starts: np.ndarray, block_size: int) -> bool:
-    """Whether one ``[B, Q, L]`` rectangle over these prompt chunks pads more than twice their
-    own (rows x keys) and by more than ``SPLIT_PADDING_PER_CALL`` per extra call: a short
-    chunk at a long context (a long prompt's last chunk, a prefix-cached prompt's suffix)
-    beside a new long prompt pays the long context for every new row (16 tokens at 1,900
-    beside a 496-token prompt: the step 1.9x the two alone, small BF16)."""
-    ctx = starts + q_lens
-    padded = len(q_lens) * int(q_lens.max()) * (-(-int(ctx.max()) // block_size) * block_size)
-    own = int((q_lens * ctx).sum())
+    """Whether one rectangle over these prompt chunks (``_rectangle``: every sequence in every
+    tile the rectangle spans) computes more than twice their own (row, key) pairs and more
+    than ``SPLIT_PADDING_PER_CALL`` per extra call: a short chunk at a long context (a long
+    prompt's last chunk, a prefix-cached prompt's suffix) beside a new long prompt pays the
+    long context for every new row (16 tokens at 1,900 beside a 496-token prompt: the step
+    1.9x the two alone, small BF16)."""
+    first, last = _tiles(q_lens, starts)
+    t = PREFILL_TILE_ROWS
+    padded = len(q_lens) * t * t * sum(j + 1 for j in range(first, last + 1))
+    own = int((q_lens * (starts + q_lens)).sum())
     return padded > 2 * own and padded - own > (len(q_lens) - 1) * SPLIT_PADDING_PER_CALL
 
 
@@ -254,61 +250,59 @@ def _masks_to_device(
     return [None if m is None else next(views).view(m.shape) for m in host]
 
 
+# A prompt chunk's attention runs in SDPA calls of PREFILL_TILE_ROWS rows at fixed positions
+# (tiles): rows of positions [T * j, T * (j + 1)) of every sequence of a rectangle, over keys
+# [0, T * (j + 1)), under a mask that depends on the positions alone (key k seen by position p
+# iff k <= p). Why: torch's CPU SDPA rounds a row's sums differently in calls of other row or
+# key counts (its blocking follows the call's shape), so a prompt cut into chunks at other
+# places (the token budget shared with other requests, a preemption's recompute) computed
+# other bits; through the bf16-rounded inputs of the quantized kernels the default SmolLM2
+# model's logprobs moved by up to ~0.04 and greedy tokens differed between batching
+# strategies. In a call of a given shape and mask a row's bits do not depend on the rows or
+# sequences beside it, nor on the values of its padding rows (tested), so a prompt's rows now
+# compute the same bits however it is chunked and batched. Each call also stops at its tile's
+# keys, so the causal square's upper half is not computed (what 128-row chunks of long prompts
+# did before: 1.16-1.65x on SmolLM2's attention at 512-2,048 rows, twenty-eighth pass).
+# 32 rows: a short prompt computes at most a 32 x 32 square, a 512-token one 16 calls a layer.
+PREFILL_TILE_ROWS = 32
+
+
+def _tiles(q_lens: np.ndarray, starts: np.ndarray) -> tuple[int, int]:
+    """The first and last tile (``PREFILL_TILE_ROWS`` positions each) these chunks' rows lie in."""
+    t = PREFILL_TILE_ROWS
+    return int(starts.min()) // t, (int((starts + q_lens).max()) - 1) // t
+
+
 def _rectangle(
     q_lens: np.ndarray, starts: np.ndarray, tables: np.ndarray, block_size: int
 ) -> Rectangle:
-    """The ``[B, Q, L]`` attention rectangle of some sequences (their query lengths, first
-    positions and block tables, in step order): ``(attn_mask, query_index, output_index,
-    block_tables)`` as ``AttentionMetadata`` holds them, the flat indices counted over these
-    sequences' rows alone."""
-    b, q = len(q_lens), int(q_lens.max())
-    max_blocks = -(-int((starts + q_lens).max()) // block_size)
+    """The attention rectangle of some prompt chunks (their query lengths, first positions and
+    block tables, in step order), in whole tiles: row ``r`` of every sequence is position
+    ``base + r``, ``base`` the first tile's first position; the rows of a sequence's tiles
+    outside its chunk are padding (their query one of its rows, their output never read).
+    ``(attn_mask [1, 1, Q, L], query_index [B, Q], output_index [rows], block_tables
+    [B, L / block_size], calls)`` as ``AttentionMetadata`` holds them, the flat indices counted
+    over these sequences' rows alone; one SDPA call per tile (``query_chunks``)."""
+    t = PREFILL_TILE_ROWS
+    first, last = _tiles(q_lens, starts)
+    base, end = first * t, (last + 1) * t
+    q = end - base
+    max_blocks = -(-end // block_size)
     l = max_blocks * block_size  # keys are gathered block by block
+    b = len(q_lens)
+    rect_tables = np.zeros((b, max_blocks), dtype=np.int64)  # past a table: any block, masked
+    n = min(tables.shape[1], max_blocks)
+    rect_tables[:, :n] = tables[:, :n]
     offsets = np.concatenate(([0], np.cumsum(q_lens)))
     seq_index = np.repeat(np.arange(b), q_lens)
     local = np.arange(int(offsets[-1])) - offsets[seq_index]
-    i, j = np.arange(q), np.arange(l)
-    q_pos = starts[:, None] + i[None, :]  # [B, Q] position of each padded query row
-    valid = i[None, :] < q_lens[:, None]  # [B, Q]
-    causal = j[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
-    # Padding query rows attend to key 0 only, so no row is fully masked (NaN otherwise).
-    mask = np.where(valid[:, :, None], causal, j[None, None, :] == 0)[:, None]
-    query_index = output_index = None
-    if q_lens.min() != q:
-        query_index = offsets[:-1, None] + np.minimum(i[None, :], q_lens[:, None] - 1)
-        output_index = seq_index * q + local
-    chunks = query_chunks(q, int(starts.max()), l)
-    return mask, query_index, output_index, tables[:, :max_blocks], chunks
-
-
-# Query rows per SDPA call of a long prompt chunk (query_chunks): 128 up to 1,024 rows, 256
-# beyond. A rectangle's causal square as one call computes every (row, key) pair, the half
-# above the diagonal masked; in row chunks each call stops at its last row's keys: SmolLM2's
-# attention (9 heads of 64 over 3 KV heads) 1.16-1.29x at 512 rows, 1.50-1.65x at 2,048 on a
-# Zen 2, a 1,984-token prompt's whole step 1.23-1.26x (benchmarks/prefill_attention.py,
-# mixed_step.py; BENCHMARKS.md, issue 11, twenty-eighth pass).
-QUERY_CHUNK_ROWS = 128
-QUERY_CHUNK_ROWS_LONG = 256
-
-
-def query_chunks(q: int, max_start: int, keys: int) -> tuple[tuple[int, int, int], ...] | None:
-    """The ``(first row, end row, keys)`` SDPA calls of a ``[B, Q, L]`` rectangle of ``q`` query
-    rows, whose sequences' first rows sit at positions up to ``max_start``, over ``keys``
-    keys: rows ``[q0, q1)`` attend at most to keys ``[0, max_start + q1)``, so each call takes
-    only those. None: one call (under two chunks' rows). Each call but the last saves at
-    least ``rows * rows`` (row, key) pairs (16,384: ~0.7 ms of the small model's attention),
-    against ~60 us a call costs (an 8-row SDPA call with its mask: setup and conversion).
-
-    The calls are a function of the rectangle's shape alone: a sequence computes the same bits
-    in a rectangle of its own shape, alone or beside others (keys past a call's end would
-    change them: another key count is another order of sums)."""
-    rows = QUERY_CHUNK_ROWS if q <= 1024 else QUERY_CHUNK_ROWS_LONG
-    if q < 2 * rows:
-        return None
-    return tuple(
-        (q0, min(q, q0 + rows), min(keys, max_start + min(q, q0 + rows)))
-        for q0 in range(0, q, rows)
-    )
+    output_index = seq_index * q + starts[seq_index] + local - base
+    i = np.arange(q)
+    inside = np.clip(base + i[None, :] - starts[:, None], 0, q_lens[:, None] - 1)
+    query_index = offsets[:-1, None] + inside
+    mask = (np.arange(l)[None, :] <= (base + i)[:, None])[None, None]
+    calls = tuple((p - base, p - base + t, p + t) for p in range(base, end, t))
+    return mask, query_index, output_index, rect_tables, calls
 
 
 def to_device(
