@@ -342,6 +342,21 @@ def test_int4_gemv_row_does_not_depend_on_its_neighbours(dtype):
         assert torch.equal(part, every[lo:hi]), (lo, hi)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_gemv_rows_of_a_prefill_do_not_depend_on_their_span(dtype):
+    # A prefill's rows (past kInt4RowSpan, 96, on AVX2: spans of at most 96 rows one after
+    # another, each span's groups of up to 6 rows) are the bits of the rows in any slice.
+    from carpool.model.quant import Int4Linear
+
+    torch.manual_seed(8)
+    lin = Int4Linear.from_float(torch.randn(160, 256), None, torch.bfloat16)
+    x = torch.randn(250, 256, dtype=dtype)
+    args = (lin.packed, 32, lin.scales_zeros, int4_row_block())
+    every = torch.ops.carpool.int4_gemv(x, *args)
+    for lo, hi in ((0, 1), (83, 84), (90, 190), (100, 250), (249, 250)):
+        assert torch.equal(torch.ops.carpool.int4_gemv(x[lo:hi], *args), every[lo:hi]), (lo, hi)
+
+
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n, k", [(64, 64), (192, 320), (576, 1536)])

@@ -1244,6 +1244,11 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
 // fma(q, x, acc) along K from zero, then out = fma(scale, acc, out) and out = fma(zero - 8
 // scale, sum(x), out)): the same bits whichever loop a row count takes.
 constexpr int64_t kInt4WidenedRows = 24;  // from this many rows, int4_rows widens each group once
+// A prefill's rows in spans of at most this many (each span over every column block before the
+// next): 512 rows' inputs (1.2 MB as float32) were read again for every 32-column block, from
+// past L2; a span's (~220 KB) stay in it. SmolLM2's layers 1.03-1.07x at 160-512 rows
+// (benchmarks/ab_int4_gemv.py; BENCHMARKS.md, issue 11, twenty-ninth pass). The same bits.
+constexpr int64_t kInt4RowSpan = 96;
 
 // Rows [0, M) of the group: columns [16h, 16h + 16) of the buffer's 32, two passes; ob holds
 // each row's 32 running sums (out), updated once per group.
@@ -1492,15 +1497,20 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
 #endif
 #if defined(CARPOOL_AVX2)
   if (B == 32 && rows >= kInt4WidenedRows) {
-    at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
-      // 32-byte aligned: a group's widened codes, then the rows' running sums.
-      std::vector<float> buffers(g * 32 + rows * 32 + 8);
-      float* wb = reinterpret_cast<float*>(
-          (reinterpret_cast<uintptr_t>(buffers.data()) + 31) & ~uintptr_t{31});
-      for (int64_t b = b0; b < b1; ++b)
-        int4_block_widened<Exact>(rows, xf.data(), xsum.data(), packed, sz, y, n, k, g, b, wb,
-                                  wb + g * 32);
-    });
+    // Rows in spans of at most kInt4RowSpan, as even as they split, one after another.
+    const int64_t spans = (rows + kInt4RowSpan - 1) / kInt4RowSpan;
+    for (int64_t p = 0; p < spans; ++p) {
+      const int64_t r0 = rows * p / spans, r = rows * (p + 1) / spans - r0;
+      at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
+        // 32-byte aligned: a group's widened codes, then the rows' running sums.
+        std::vector<float> buffers(g * 32 + r * 32 + 8);
+        float* wb = reinterpret_cast<float*>(
+            (reinterpret_cast<uintptr_t>(buffers.data()) + 31) & ~uintptr_t{31});
+        for (int64_t b = b0; b < b1; ++b)
+          int4_block_widened<Exact>(r, xf.data() + r0 * k, xsum.data() + r0 * groups, packed, sz,
+                                    y + r0 * n, n, k, g, b, wb, wb + g * 32);
+      });
+    }
     return;
   }
 #endif
