@@ -82,12 +82,12 @@ def test_activation_formula_by_hand():
     h, q, kv, heads, inter, vocab = 4096, 4096, 1024, 32, 14336, 128256
     attention = t * (q + 2 * kv) + 2 * b * seq * kv + b * heads * seq * seq
     mlp = 3 * t * inter
-    expected = n * (2 * t * h + max(attention, mlp)) + b * seq * seq + b * vocab * (n + 8)
+    expected = n * (2 * t * h + max(attention, mlp)) + seq * seq * (1 + n) + b * vocab * (n + 8)
     assert activation_bytes(c, b, seq, n) == expected
     # Chunked prefill: 32 tokens of one sequence per pass, each attending to up to 64 keys.
     t, qlen, seqs = 32, 32, 1
     attention = t * (q + 2 * kv) + 2 * seqs * seq * kv + seqs * heads * qlen * seq
-    expected = n * (2 * t * h + max(attention, 3 * t * inter)) + seqs * qlen * seq
+    expected = n * (2 * t * h + max(attention, 3 * t * inter)) + qlen * seq * (1 + n)
     expected += b * vocab * (n + 8)
     assert activation_bytes(c, b, seq, n, max_num_batched_tokens=32) == expected
 

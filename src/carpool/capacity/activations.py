@@ -26,7 +26,9 @@ def activation_bytes(
                           + b H Q L,                      scores of the padded [b, H, Q, L]
                                                           attention (not flash: materialised)
                           3 T i ) )                       MLP: gate/up (2i) and their product
-        + b Q L                                           the bool attention mask
+        + Q L (1 + nbytes)                                the bool attention mask and its
+                                                          additive copy (one [Q, L] for every
+                                                          sequence: a mask of positions alone)
         + B V (nbytes + 8)                                logits of the sampled rows, their
                                                           float32 copy and probabilities
 
@@ -54,6 +56,6 @@ def activation_bytes(
     attention += seqs * c.num_attention_heads * q_len * seq_len
     mlp = 3 * tokens * c.intermediate_size
     per_pass = nbytes * (2 * tokens * c.hidden_size + max(attention, mlp))
-    mask = seqs * q_len * seq_len
+    mask = q_len * seq_len * (1 + nbytes)
     logits = batch_size * c.vocab_size * (nbytes + 8)
     return per_pass + mask + logits
