@@ -253,19 +253,16 @@ ANY_ROWS = sys.maxsize
 # request's logprobs moved by up to 0.06 whenever another request's prompt arrived (the default
 # SmolLM2 Q4_1 model), and greedy tokens differed between batching strategies. One kernel at
 # every row count: a row computes the same bits alone or in any step (tested). The price, a
-# 512-token prompt's step of SmolLM2 1.14x slower, of a Q8_0 model 1.04-1.12x (BENCHMARKS.md,
+# 512-token prompt's step of SmolLM2 ~1.1x slower, of a Q8_0 model 1.04-1.12x (BENCHMARKS.md,
 # issue 11, twenty-ninth pass). Elsewhere the faster GEMM on the widened weight takes a prefill.
-_ANY_ROWS_HERE = _BF16_EMULATED
-# Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count).
-# Wherever there is no AMX up to quant.INT4_WIDEN_ABOVE_ROWS: where bf16 is emulated (AVX2, e.g.
-# AMD Zen 3) it measured 1.3-2x torch's _weight_int4pack_mm_for_cpu at 4-64 rows
-# (benchmarks/quant_kernels.py, BENCHMARKS.md "Sixth pass"), and takes every count there (above);
-# on AVX-512 without AMX (a Zen 4)
-# 1.10-1.29x with a float32 x (the casts included) and 1.04-1.12x with a bf16 one at 1-128 rows
-# of SmolLM2-135M's layer matrices (BENCHMARKS.md, issue 11, eleventh pass); and a row's result
-# no longer depends on how many rows share the step. With AMX 1-4 rows, as measured on an Intel
-# Xeon in earlier passes.
-INT4_GEMV_MAX_ROWS = ANY_ROWS if _ANY_ROWS_HERE else (4 if _AMX else 128)
+# Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count):
+# where bf16 is emulated every count (above; it measured 1.3-2x torch's
+# _weight_int4pack_mm_for_cpu at 4-64 rows there: benchmarks/quant_kernels.py, BENCHMARKS.md
+# "Sixth pass"); on AVX-512 without AMX (a Zen 4) up to quant.INT4_WIDEN_ABOVE_ROWS, 1.10-1.29x
+# with a float32 x (the casts included) and 1.04-1.12x with a bf16 one at 1-128 rows of
+# SmolLM2-135M's layer matrices (BENCHMARKS.md, issue 11, eleventh pass); with AMX 1-4 rows, as
+# measured on an Intel Xeon in earlier passes.
+INT4_GEMV_MAX_ROWS = ANY_ROWS if _BF16_EMULATED else (4 if _AMX else 128)
 # Rows up to which int8_gemv takes an int8 weight-only product (the kernel takes any count):
 # where bf16 is emulated (AVX2) every count (above; up to 128 before, since there it measured
 # 1.0-1.5x torch's _weight_int8pack_mm at 1-32 rows and level with bf16_linear on the widened
@@ -274,7 +271,7 @@ INT4_GEMV_MAX_ROWS = ANY_ROWS if _ANY_ROWS_HERE else (4 if _AMX else 128)
 # tiles: 1.18-1.40x torch's kernel (with the casts a float32 model needs) at 4-8 rows of the
 # small model's layer matrices, 0.85-1.25x at 12, level at 16 (BENCHMARKS.md, issue 11,
 # eleventh pass).
-INT8_GEMV_MAX_ROWS = ANY_ROWS if _ANY_ROWS_HERE else (4 if _AMX else 8)
+INT8_GEMV_MAX_ROWS = ANY_ROWS if _BF16_EMULATED else (4 if _AMX else 8)
 # Codes (N x K) from which an int8 weight counts as a vocabulary head rather than a layer matrix.
 INT8_GEMV_LARGE_CODES = 1 << 22
 # Weights from which it does for bf16 inputs (N x K codes): on a Xeon, on a vocabulary head
@@ -292,7 +289,7 @@ INT8_GEMV_MIN_CODES = INT8_GEMV_LARGE_CODES if _AMX and not _BF16_EMULATED else 
 # torch's kernel 5.7 / 11.5 / 23.0, widened to bf16 23.4 / 8.8 / 24.3), and widening it
 # holds a 57 MB bf16 copy for the step: the resident peak of a batch-32 decode (BENCHMARKS.md,
 # issue 11, ninth pass). With AMX the widened head's GEMM runs on tiles: as INT8_GEMV_MAX_ROWS.
-INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX or _ANY_ROWS_HERE else 128
+INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX or _BF16_EMULATED else 128
 
 
 # Rows up to which int8_dot takes the layer matrices past int8_gemv's rows: on AVX-512 BF16 without
