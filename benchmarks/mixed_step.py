@@ -37,7 +37,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cached-context", type=int, help="a follow-up turn's cached tokens")
+    ap.add_argument(
+        "--row-limits",
+        choices=("default", "any", "128"),
+        default="default",
+        help="the quantized kernels' row limits: this CPU's, none (every row count), or 128",
+    )
     a = ap.parse_args()
+    set_row_limits(a.row_limits)
     sizes = [int(x) for x in a.decoding.split(",")]
     llm = LLM(
         a.model,
@@ -116,6 +123,19 @@ def follow_up(engine, cached: int, prompt: int, rounds: int) -> None:  # noqa: A
         f"prompt: {m['both']:.1f} ms together; alone {m['follow-up']:.1f} + {m['prompt']:.1f} = "
         f"{m['follow-up'] + m['prompt']:.1f} ms"
     )
+
+
+def set_row_limits(which: str) -> None:
+    """``fused_ops``' row limits for the quantized kernels: this CPU's defaults, none (the
+    kernels take every row count, as where bf16 is emulated) or at most 128 (the widened GEMM
+    past them, as before the twenty-ninth pass); set before the model is built."""
+    from carpool.model import fused_ops
+
+    if which == "default":
+        return
+    for name in fused_ops.ROW_LIMITS:
+        limit = getattr(fused_ops, name)
+        setattr(fused_ops, name, fused_ops.ANY_ROWS if which == "any" else min(limit, 128))
 
 
 def _step(engine):  # noqa: ANN001, ANN202

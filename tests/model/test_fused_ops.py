@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from carpool.model import fused_ops
+from carpool.model import fused_ops, kernel_build
 from carpool.model.loader import load_model
 from carpool.model.quant import int4_row_block
 from helpers.carpool_ref import greedy
@@ -344,8 +344,9 @@ def test_int4_gemv_row_does_not_depend_on_its_neighbours(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int4_gemv_rows_of_a_prefill_do_not_depend_on_their_span(dtype):
-    # A prefill's rows (past kInt4RowSpan, 96, on AVX2: spans of at most 96 rows one after
-    # another, each span's groups of up to 6 rows) are the bits of the rows in any slice.
+    # A prefill's rows (past kInt4RowSpan, 96: spans of at most 96 rows, each span's groups of
+    # up to 6 rows; on AVX-512 BF16 from 48 rows, on AVX2 from 24) are the bits of the rows in
+    # any slice.
     from carpool.model.quant import Int4Linear
 
     torch.manual_seed(8)
@@ -353,7 +354,7 @@ def test_int4_gemv_rows_of_a_prefill_do_not_depend_on_their_span(dtype):
     x = torch.randn(250, 256, dtype=dtype)
     args = (lin.packed, 32, lin.scales_zeros, int4_row_block())
     every = torch.ops.carpool.int4_gemv(x, *args)
-    for lo, hi in ((0, 1), (83, 84), (90, 190), (100, 250), (249, 250)):
+    for lo, hi in ((0, 1), (83, 84), (10, 57), (40, 88), (90, 190), (100, 250), (249, 250)):
         assert torch.equal(torch.ops.carpool.int4_gemv(x[lo:hi], *args), every[lo:hi]), (lo, hi)
 
 
@@ -376,7 +377,8 @@ def test_int4_gemv_is_int4_logits_of_the_rounded_rows_rounded(n, k, dtype, group
     # w = (q - 8) * scale + zero: zero = lo + 8 * scale
     lin = Int4Linear(codes.reshape(n, k), scales, lo + 8 * scales, None, group, torch.float32)
     block = int4_row_block()
-    for rows in (1, 2, 3, 4, 5, 6, 9, 30):  # 30: each group's codes widened once (AVX2)
+    # 30: each group's codes widened once (AVX2); 50: decoded once (AVX-512 BF16, 48+ rows).
+    for rows in (1, 2, 3, 4, 5, 6, 9, 30, 50):
         x = torch.randn(rows, k).to(dtype)
         got = torch.ops.carpool.int4_gemv(x, lin.packed, group, lin.scales_zeros, block)
         sums = torch.ops.carpool.int4_logits(
@@ -772,13 +774,20 @@ def test_int4_widen_vnni_is_the_widened_weight_packed(block, n, out, k, group):
         widen(packed, 3, scales_zeros, block, out)
 
 
-def test_the_kernels_take_every_row_count_where_bf16_is_emulated():
-    # Without a bf16 GEMM (AVX2: an AMD Zen 2/3) a prefill's rows take the fused kernels too, so
-    # that a row's numbers never depend on its step's size; elsewhere the widened weight's GEMM
-    # takes them past a limit.
-    every = fused_ops.bf16_emulated()
-    for limit in (fused_ops.INT4_GEMV_MAX_ROWS, fused_ops.INT8_GEMV_MAX_ROWS):
-        assert (limit == fused_ops.ANY_ROWS) == every, limit
+def test_the_kernels_take_every_row_count_without_amx():
+    # Without a bf16 GEMM (AVX2: an AMD Zen 2/3) and on AVX-512 BF16 without AMX (a Zen 4/5) a
+    # prefill's rows take the fused kernels too, so that a row's numbers do not depend on its
+    # step's size (int8 on AVX-512 BF16: int8_dot past int8_gemv's 8 rows); with AMX, or
+    # AVX-512 without BF16, the widened weight's GEMM takes them past a limit.
+    assert fused_ops.load()
+    emulated = fused_ops.bf16_emulated()
+    flags = kernel_build.cpu_flags().split()
+    every = emulated or ("avx512_bf16" in flags and not torch.cpu._is_amx_tile_supported())
+    assert (fused_ops.INT4_GEMV_MAX_ROWS == fused_ops.ANY_ROWS) == every
+    assert (fused_ops.INT8_GEMV_MAX_ROWS == fused_ops.ANY_ROWS) == emulated
+    if every and not emulated:
+        assert fused_ops.INT8_GEMV_MAX_ROWS == 8
+        assert fused_ops.int8_dot_max_rows() == fused_ops.ANY_ROWS
     assert every or fused_ops.INT4_GEMV_MAX_ROWS <= 128
 
 

@@ -244,33 +244,43 @@ _BF16_EMULATED = (
 ) and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 _AMX = bool(torch.cpu._is_amx_tile_supported())
+_AVX512_BF16 = "avx512_bf16" in kernel_build.cpu_flags().split()
 # A row limit that is none: the kernel takes every row count.
 ANY_ROWS = sys.maxsize
-# Where bf16 is emulated (AVX2 without a bf16 GEMM, e.g. AMD Zen 2/3) the fused int4 and int8
-# kernels take every row count, a prefill's too, rather than handing a step of more than 128
-# rows to the weight widened to bf16: that GEMM rounds differently (the widened weights, the
-# sums' order), so a row's numbers depended on how many rows shared its step. A decoding
-# request's logprobs moved by up to 0.06 whenever another request's prompt arrived (the default
-# SmolLM2 Q4_1 model), and greedy tokens differed between batching strategies. One kernel at
-# every row count: a row computes the same bits alone or in any step (tested). The price, a
-# 512-token prompt's step of SmolLM2 ~1.1x slower, of a Q8_0 model 1.04-1.12x (BENCHMARKS.md,
-# issue 11, twenty-ninth pass). Elsewhere the faster GEMM on the widened weight takes a prefill.
+# Where the quantized kernels take every row count (ANY_ROWS, below): where bf16 is emulated,
+# and on AVX-512 BF16 without AMX (an AMD Zen 4 / Zen 5), whose int4 kernel decodes a group's
+# codes once for many rows (a prefill's) and whose int8_dot computes int8_gemv's bits for a
+# float32 model. Not with AMX: there the widened weight's GEMM runs on tiles, not measured
+# against the kernels.
+_EVERY_ROW_COUNT = _BF16_EMULATED or (_AVX512_BF16 and not _AMX)
+# Where _EVERY_ROW_COUNT the fused int4 and int8 kernels take every row count, a prefill's too,
+# rather than handing a step of more than 128 rows to the weight widened to bf16: that GEMM
+# rounds differently (the widened weights, the sums' order), so a row's numbers depended on how
+# many rows shared its step. A decoding request's logprobs moved by up to 0.06 whenever another
+# request's prompt arrived (the default SmolLM2 Q4_1 model), and greedy tokens differed between
+# batching strategies (3 of 8 prompts, sequential against continuous, on a Zen 4 too). One
+# kernel at every row count: a row computes the same bits alone or in any step (tested). The
+# price where bf16 is emulated (a Zen 2): a 512-token prompt's step of SmolLM2 ~1.1x slower, of
+# a Q8_0 model 1.04-1.12x (BENCHMARKS.md, issue 11, twenty-ninth pass); on a Zen 4 see the
+# thirtieth pass. With AMX the faster GEMM on the widened weight still takes a prefill.
 # Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count):
 # where bf16 is emulated every count (above; it measured 1.3-2x torch's
 # _weight_int4pack_mm_for_cpu at 4-64 rows there: benchmarks/quant_kernels.py, BENCHMARKS.md
-# "Sixth pass"); on AVX-512 without AMX (a Zen 4) up to quant.INT4_WIDEN_ABOVE_ROWS, 1.10-1.29x
-# with a float32 x (the casts included) and 1.04-1.12x with a bf16 one at 1-128 rows of
-# SmolLM2-135M's layer matrices (BENCHMARKS.md, issue 11, eleventh pass); with AMX 1-4 rows, as
-# measured on an Intel Xeon in earlier passes.
-INT4_GEMV_MAX_ROWS = ANY_ROWS if _BF16_EMULATED else (4 if _AMX else 128)
+# "Sixth pass"); on AVX-512 BF16 without AMX (a Zen 4) every count too: at 1-128 rows of
+# SmolLM2-135M's layer matrices it measured 1.10-1.29x torch's with a float32 x (the casts
+# included) and 1.04-1.12x with a bf16 one (BENCHMARKS.md, issue 11, eleventh pass), past them
+# see _EVERY_ROW_COUNT; on AVX-512 without BF16 up to quant.INT4_WIDEN_ABOVE_ROWS; with AMX 1-4
+# rows, as measured on an Intel Xeon in earlier passes.
+INT4_GEMV_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else (4 if _AMX else 128)
 # Rows up to which int8_gemv takes an int8 weight-only product (the kernel takes any count):
 # where bf16 is emulated (AVX2) every count (above; up to 128 before, since there it measured
 # 1.0-1.5x torch's _weight_int8pack_mm at 1-32 rows and level with bf16_linear on the widened
 # codes without widening them: BENCHMARKS.md "Sixth pass"); with AMX 1-4 rows, as measured on
-# an Intel Xeon in earlier passes; on AVX-512 without AMX (a Zen 4) 1-8, since its four-row
-# tiles: 1.18-1.40x torch's kernel (with the casts a float32 model needs) at 4-8 rows of the
-# small model's layer matrices, 0.85-1.25x at 12, level at 16 (BENCHMARKS.md, issue 11,
-# eleventh pass).
+# an Intel Xeon in earlier passes; on AVX-512 without AMX 1-8, since its four-row
+# tiles: on a Zen 4 1.18-1.40x torch's kernel (with the casts a float32 model needs) at 4-8
+# rows of the small model's layer matrices, 0.85-1.25x at 12, level at 16 (BENCHMARKS.md,
+# issue 11, eleventh pass); past them int8_dot (a step of 9+ rows computes a row's bits
+# whatever its size; a decode step of 1-8 rows int8_gemv's, other sums).
 INT8_GEMV_MAX_ROWS = ANY_ROWS if _BF16_EMULATED else (4 if _AMX else 8)
 # Codes (N x K) from which an int8 weight counts as a vocabulary head rather than a layer matrix.
 INT8_GEMV_LARGE_CODES = 1 << 22
@@ -297,23 +307,33 @@ INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX or _BF16_EMULATED else 128
 # inputs (benchmarks/int8_dot.py) took 1.07 / 1.83 / 3.04 / 5.50 ms at 9 / 16 / 32 / 64 rows
 # against 2.32 / 3.09 / 5.90 / 10.76 for torch's kernel and 3.18 / 3.64 / 4.74 / 6.14 for the
 # widened GEMM (what ran at 9-16 and 17+ rows before), and level with the widened GEMM at
-# 96-128 rows (BENCHMARKS.md, issue 11, twenty-first pass). 0: not here (no AVX-512 BF16 in
-# the build, or AMX, whose tiles were not measured against it; or the operators not loaded).
-INT8_DOT_MAX_ROWS = 64
+# 96-128 rows (BENCHMARKS.md, issue 11, twenty-first pass); past them too where
+# _EVERY_ROW_COUNT (a float32 x: int8_gemv's bits at every row count). 0: not here (no AVX-512
+# BF16 in the build, or AMX, whose tiles were not measured against it; or the operators not
+# loaded).
+INT8_DOT_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else 64
 
 
 def int8_dot_max_rows() -> int:
     """``INT8_DOT_MAX_ROWS`` where ``int8_dot`` runs here, else 0 (known once loaded)."""
-    global _int8_dot_rows
-    if _int8_dot_rows is None:
+    global _int8_dot_here
+    if _int8_dot_here is None:
         if not _lib.active():
             return 0
         fast = bool(torch.ops.carpool.int8_dot_fast()) and not _AMX and not _BF16_EMULATED
-        _int8_dot_rows = INT8_DOT_MAX_ROWS if fast else 0
-    return _int8_dot_rows
+        _int8_dot_here = fast
+    return INT8_DOT_MAX_ROWS if _int8_dot_here else 0
 
 
-_int8_dot_rows: int | None = None
+_int8_dot_here: bool | None = None
+
+# The row limits above, by name (tests and benchmarks set them to other values).
+ROW_LIMITS = (
+    "INT4_GEMV_MAX_ROWS",
+    "INT8_GEMV_MAX_ROWS",
+    "INT8_GEMV_LARGE_MAX_ROWS",
+    "INT8_DOT_MAX_ROWS",
+)
 
 
 def int8_gemv_max_rows(codes: int) -> int:

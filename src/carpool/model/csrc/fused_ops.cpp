@@ -1231,6 +1231,12 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
     }
 }
 
+// A prefill's rows in spans of at most this many (each span over every column block before the
+// next): 512 rows' inputs (1.2 MB as float32) were read again for every column block, from
+// past L2; a span's (~220 KB) stay in it. SmolLM2's layers 1.03-1.07x at 160-512 rows
+// (benchmarks/ab_int4_gemv.py; BENCHMARKS.md, issue 11, twenty-ninth pass). The same bits.
+constexpr int64_t kInt4RowSpan = 96;
+
 #if defined(CARPOOL_AVX2)
 // Many rows on AVX2 (B = 32): int4_block widens a block's codes to float32 again for every
 // group of 1-4 rows, and its 8 accumulators leave the FMA units waiting on their latency
@@ -1244,11 +1250,6 @@ void int4_block(const float* xf, const float* xsum, const uint8_t* packed,
 // fma(q, x, acc) along K from zero, then out = fma(scale, acc, out) and out = fma(zero - 8
 // scale, sum(x), out)): the same bits whichever loop a row count takes.
 constexpr int64_t kInt4WidenedRows = 24;  // from this many rows, int4_rows widens each group once
-// A prefill's rows in spans of at most this many (each span over every column block before the
-// next): 512 rows' inputs (1.2 MB as float32) were read again for every 32-column block, from
-// past L2; a span's (~220 KB) stay in it. SmolLM2's layers 1.03-1.07x at 160-512 rows
-// (benchmarks/ab_int4_gemv.py; BENCHMARKS.md, issue 11, twenty-ninth pass). The same bits.
-constexpr int64_t kInt4RowSpan = 96;
 
 // Rows [0, M) of the group: columns [16h, 16h + 16) of the buffer's 32, two passes; ob holds
 // each row's 32 running sums (out), updated once per group.
@@ -1427,6 +1428,123 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
         Elt<T>::store(y + m * n, col0 + 8 * (lane / 4) + lane % 4, int4_out<false>(tmp[lane]));
     }
 }
+
+// Many rows on AVX-512 BF16 (B = 64): int4_block_dp decodes a block's codes to bf16 again for
+// every group of 1-4 rows (two widenings, two unpacks, four masks or shifts and four table
+// lookups per four dot products of a row). Here each group of K inputs is decoded once into a
+// buffer of bf16 pairs (4 KiB for g = 32, in L1) that every group of up to 6 rows then reads
+// (24 accumulators). Every column takes int4_block_dp's operations in its order (per group acc
+// = dot products along K from zero, then out = fma(scale, acc, out) and out = fma(zero - 8
+// scale, sum(x), out)): the same bits whichever loop a row count takes. It matters since a
+// prefill's rows take the kernel too (fused_ops.py, ANY_ROWS): a row's numbers do not depend
+// on the rows beside it. SmolLM2's layers from memory (benchmarks/ab_int4_gemv.py --huge-pages,
+// a Zen 4): 1.09-1.17x at 64 rows, 1.13-1.18x at 128, 1.15-1.22x at 512; 0.86-0.98x at 8-32
+// (there the 1-4-row loop keeps its sums in registers), hence from 48 (BENCHMARKS.md, issue
+// 11, thirtieth pass). Rows in spans of kInt4RowSpan, as on AVX2.
+constexpr int64_t kInt4DpWidenedRows = 48;  // from this many rows, int4_rows decodes a group once
+
+// Rows [0, M) of the group: the four vectors' dot products along the group's g / 2 pairs;
+// ob holds each row's 64 running sums in the vectors' lane order, updated once per group from
+// the group's permuted scales and offsets (sv, ov: 4 vectors each).
+template <int64_t M>
+inline void int4_dp_widened_rows(const __m512bh* wb, const uint32_t* xp, const float* xsum,
+                                 const __m512* sv, const __m512* ov, float* ob, int64_t half,
+                                 int64_t groups, int64_t g, int64_t gi) {
+  __m512 acc[M][4];
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int64_t p0 = gi * g / 2;
+  for (int64_t p = 0; p < g / 2; ++p) {
+    const __m512bh w0 = wb[4 * p], w1 = wb[4 * p + 1], w2 = wb[4 * p + 2], w3 = wb[4 * p + 3];
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * half + p0 + p]));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
+      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
+      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 xs = _mm512_set1_ps(xsum[m * groups + gi]);
+    for (int j = 0; j < 4; ++j) {
+      __m512 o = _mm512_load_ps(ob + m * 64 + 16 * j);
+      o = _mm512_fmadd_ps(sv[j], acc[m][j], o);
+      o = _mm512_fmadd_ps(ov[j], xs, o);
+      _mm512_store_ps(ob + m * 64 + 16 * j, o);
+    }
+  }
+}
+
+// Output columns [64b, 64b + 64) of all `rows` rows (xp, xsum and y at row 0). wb: g / 2 * 4
+// vectors, ob: rows * 64 floats, both 64-byte aligned (the caller's, reused across blocks).
+template <typename T>
+void int4_block_dp_widened(int64_t rows, const uint32_t* xp, const float* xsum,
+                           const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t n,
+                           int64_t k, int64_t g, int64_t b, __m512bh* wb, float* ob) {
+  const int64_t groups = k / g, half = k / 2;
+  const __m512i table = _mm512_load_si512(kInt4Bf16);
+  const __m512i low4 = _mm512_set1_epi16(0xF);
+  const __m512i pick_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i pick_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  std::fill(ob, ob + rows * 64, 0.f);
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 64, 64);
+    for (int64_t p = 0; p < g / 2; ++p) {  // int4_block_dp's four vectors of pair p
+      const uint8_t* q = packed + (b * k + gi * g + 2 * p) * 32;
+      _mm_prefetch(reinterpret_cast<const char*>(q) + 4096, _MM_HINT_T0);
+      const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+      const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
+      const __m512i lo = _mm512_unpacklo_epi16(c, a);
+      const __m512i hi = _mm512_unpackhi_epi16(c, a);
+      wb[4 * p] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(lo, low4), table);
+      wb[4 * p + 1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(hi, low4), table);
+      wb[4 * p + 2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), table);
+      wb[4 * p + 3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), table);
+    }
+    // The group's (scale, zero - 8 scale) in the vectors' lane order, as int4_block_dp's.
+    __m512 sv[4], ov[4];
+    for (int h = 0; h < 2; ++h) {
+      __m512 sc[2], off[2];
+      for (int v = 0; v < 2; ++v) {
+        const __m512i pair = _mm512_loadu_si512(sz + (gi * n + b * 64 + 32 * h + 16 * v) * 2);
+        sc[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+        const __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
+        off[v] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc[v], ze);
+      }
+      sv[2 * h] = _mm512_permutex2var_ps(sc[0], pick_lo, sc[1]);
+      sv[2 * h + 1] = _mm512_permutex2var_ps(sc[0], pick_hi, sc[1]);
+      ov[2 * h] = _mm512_permutex2var_ps(off[0], pick_lo, off[1]);
+      ov[2 * h + 1] = _mm512_permutex2var_ps(off[0], pick_hi, off[1]);
+    }
+    // Tiles of at most 6 rows, as even as they split (8 rows: 4 + 4, not 6 + 2).
+    const int64_t tiles = (rows + 5) / 6;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m0 = rows * t / tiles;
+      const uint32_t* xg = xp + m0 * half;
+      const float* sg = xsum + m0 * groups;
+      float* og = ob + m0 * 64;
+      switch (rows * (t + 1) / tiles - m0) {
+        case 1: int4_dp_widened_rows<1>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
+        case 2: int4_dp_widened_rows<2>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
+        case 3: int4_dp_widened_rows<3>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
+        case 4: int4_dp_widened_rows<4>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
+        case 5: int4_dp_widened_rows<5>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
+        default: int4_dp_widened_rows<6>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
+      }
+    }
+  }
+  // Back to column order: vector 2h + v, lane 4L + e holds column 32h + 8L + 4v + e.
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v0 = _mm512_load_ps(ob + m * 64 + 32 * h);
+      const __m512 v1 = _mm512_load_ps(ob + m * 64 + 32 * h + 16);
+      T* out = y + m * n + b * 64 + 32 * h;
+      store16(out, round16(_mm512_permutex2var_ps(v0, first, v1), c10::BFloat16{}));
+      store16(out + 16, round16(_mm512_permutex2var_ps(v0, second, v1), c10::BFloat16{}));
+    }
+}
 #endif
 
 // The input rows of an int4 product in float32 (rounded to bf16 unless Exact) and their
@@ -1437,17 +1555,30 @@ void int4_inputs(const T* x, int64_t rows, int64_t k, int64_t g, std::vector<flo
   const int64_t groups = k / g;
   xf.resize(rows * k);
   xsum.resize(rows * groups);
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t i = 0; i < k; ++i) {
-      const float v = Elt<T>::load(x + m * k, i);
-      xf[m * k + i] = Exact ? v : Elt<c10::BFloat16>::round(v);
+  // On the threads by rows (a prefill's 512 rows took ~0.35 ms a matrix on one thread, a
+  // quarter of a SmolLM2 matrix's product); each group's sum in order, eight groups' chains at
+  // a time so that their additions overlap.
+  at::parallel_for(0, rows, grain_rows(4 * k), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      float* xr = xf.data() + m * k;
+      for (int64_t i = 0; i < k; ++i) {
+        const float v = Elt<T>::load(x + m * k, i);
+        xr[i] = Exact ? v : Elt<c10::BFloat16>::round(v);
+      }
+      int64_t j = 0;
+      for (; j + 8 <= groups; j += 8) {
+        float s[8] = {};
+        for (int64_t i = 0; i < g; ++i)
+          for (int t = 0; t < 8; ++t) s[t] += xr[(j + t) * g + i];
+        for (int t = 0; t < 8; ++t) xsum[m * groups + j + t] = s[t];
+      }
+      for (; j < groups; ++j) {
+        float s = 0.f;
+        for (int64_t i = 0; i < g; ++i) s += xr[j * g + i];
+        xsum[m * groups + j] = s;
+      }
     }
-    for (int64_t j = 0; j < groups; ++j) {
-      float s = 0.f;
-      for (int64_t i = 0; i < g; ++i) s += xf[m * k + j * g + i];
-      xsum[m * groups + j] = s;
-    }
-  }
+  });
 }
 
 // int4 products of any number of rows: the rows in float32 (bf16-rounded unless Exact) with their
@@ -1464,13 +1595,33 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
   if (!Exact && B == 64 && g % 2 == 0) {
     const int64_t half = k / 2;
     std::vector<uint32_t> xp(rows * half);
-    for (int64_t m = 0; m < rows; ++m)
-      for (int64_t p = 0; p < half; ++p) {
-        uint32_t hi, lo;  // bf16-rounded: the low 16 bits are zero
-        std::memcpy(&hi, &xf[m * k + 2 * p], sizeof(hi));
-        std::memcpy(&lo, &xf[m * k + 2 * p + 1], sizeof(lo));
-        xp[m * half + p] = (hi & 0xFFFF0000u) | (lo >> 16);
-      }
+    at::parallel_for(0, rows, grain_rows(2 * k), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t p = 0; p < half; ++p) {
+          uint32_t hi, lo;  // bf16-rounded: the low 16 bits are zero
+          std::memcpy(&hi, &xf[m * k + 2 * p], sizeof(hi));
+          std::memcpy(&lo, &xf[m * k + 2 * p + 1], sizeof(lo));
+          xp[m * half + p] = (hi & 0xFFFF0000u) | (lo >> 16);
+        }
+    });
+    if (rows >= kInt4DpWidenedRows) {
+      // Spans of at most kInt4RowSpan rows (their inputs stay in L2), as even as they split;
+      // the threads take (span, block) pairs, so that a few blocks still split evenly.
+      const int64_t spans = (rows + kInt4RowSpan - 1) / kInt4RowSpan, blocks = n / B;
+      at::parallel_for(0, spans * blocks, 1, [&](int64_t t0, int64_t t1) {
+        const int64_t most = (rows + spans - 1) / spans;
+        std::vector<__m512bh> wb(g / 2 * 4);
+        std::vector<__m512> ob(most * 4);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t p = t / blocks, b = t % blocks;
+          const int64_t r0 = rows * p / spans, r = rows * (p + 1) / spans - r0;
+          int4_block_dp_widened(r, xp.data() + r0 * half, xsum.data() + r0 * groups, packed, sz,
+                                y + r0 * n, n, k, g, b, wb.data(),
+                                reinterpret_cast<float*>(ob.data()));
+        }
+      });
+      return;
+    }
     // One or two rows: two blocks at a time, so that 8 or 16 chains of dot products (each
     // column's sums are sequential) hide the instruction's latency, as 3-4 rows do in one.
     at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
