@@ -72,14 +72,23 @@ constexpr int64_t kMaxChunks = 8;
 // How many blocks ahead the kernel asks for a block's rows (see prefetch_next).
 constexpr int64_t kPrefetchBlocks = 2;
 
-// Ask for a cache line of a block two blocks ahead, into L1 (prefetcht0). The requests are
-// spread over the block's work (a few lines per reduction or tile phase): on the Zen 4 of issue
-// 11, 16 KiB of them at once per block filled L1's miss buffers and stalled the loads of the
-// block being computed, so the tenth pass asked into L2 (1.20x on GQA 8 x 2k, 1.76x at batch 1
-// over no prefetch). Spread, L1 is the better target on the Zen 5: 1.02-1.12x on bf16 caches at
-// 2k-8k in the kernel A/B, the default model's batch-16 step at 2k 1.04x, batch 1 and the int8
-// cache level (BENCHMARKS.md, issue 11, twenty-first pass).
+// Ask for a cache line of a block two blocks ahead, into L1 (prefetcht0) or L2 (prefetcht1).
+// The requests are spread over the block's work (a few lines per reduction or tile phase): on
+// the Zen 4 of issue 11, 16 KiB of them at once per block filled L1's miss buffers and stalled
+// the loads of the block being computed, so the tenth pass asked into L2 (1.20x on GQA 8 x 2k,
+// 1.76x at batch 1 over no prefetch). Spread, L1 is the better target on the Zen 5: 1.02-1.12x
+// on bf16 caches at 2k-8k in the kernel A/B, the default model's batch-16 step at 2k 1.04x,
+// batch 1 and the int8 cache level (BENCHMARKS.md, issue 11, twenty-first pass). On the Zen 4
+// L1 is not: there L2 measured 1.26-1.48x (int8 cache) and 1.25-1.47x (bf16) on GQA 16/4 at
+// 8 x 2k, 1.56-1.57x / 1.41x on 9/3 at 16 x 2k, 1.15x / 1.33x at 1 x 8k, level at 1 x 2k
+// (benchmarks/ab_paged_kernel.py; BENCHMARKS.md, issue 11, thirtieth pass); prefetcht2 level
+// with prefetcht1. The build tells them apart by AVX-VNNI (the VEX form, which the Zen 5 and
+// Intel's AMX CPUs have and the Zen 4 lacks); AVX2 CPUs keep L1, as measured before.
+#if defined(__AVX512F__) && !defined(__AVXVNNI__)
+inline void prefetch_ahead(const char* p) { __builtin_prefetch(p, 0, 2); }
+#else
 inline void prefetch_ahead(const char* p) { __builtin_prefetch(p, 0, 3); }
+#endif
 
 template <typename T, typename C>
 void decode_kernel(
