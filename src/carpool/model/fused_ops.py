@@ -249,9 +249,10 @@ _AVX512_BF16 = "avx512_bf16" in kernel_build.cpu_flags().split()
 ANY_ROWS = sys.maxsize
 # Where the quantized kernels take every row count (ANY_ROWS, below): where bf16 is emulated,
 # and on AVX-512 BF16 without AMX (an AMD Zen 4 / Zen 5), whose int4 kernel decodes a group's
-# codes once for many rows (a prefill's) and whose int8_dot computes int8_gemv's bits for a
-# float32 model. Not with AMX: there the widened weight's GEMM runs on tiles, not measured
-# against the kernels.
+# codes once for many rows (a prefill's) and whose int8_dot takes every count past
+# int8_gemv's 8 rows (its sums are the same bits at any row count, but not int8_gemv's: a
+# Q8_0 model's decode steps of 1-8 rows still compute other bits than longer steps). Not with
+# AMX: there the widened weight's GEMM runs on tiles, not measured against the kernels.
 _EVERY_ROW_COUNT = _BF16_EMULATED or (_AVX512_BF16 and not _AMX)
 # Where _EVERY_ROW_COUNT the fused int4 and int8 kernels take every row count, a prefill's too,
 # rather than handing a step of more than 128 rows to the weight widened to bf16: that GEMM
@@ -308,7 +309,8 @@ INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX or _BF16_EMULATED else 128
 # against 2.32 / 3.09 / 5.90 / 10.76 for torch's kernel and 3.18 / 3.64 / 4.74 / 6.14 for the
 # widened GEMM (what ran at 9-16 and 17+ rows before), and level with the widened GEMM at
 # 96-128 rows (BENCHMARKS.md, issue 11, twenty-first pass); past them too where
-# _EVERY_ROW_COUNT (a float32 x: int8_gemv's bits at every row count). 0: not here (no AVX-512
+# _EVERY_ROW_COUNT: on a Zen 4 11.8 / 21.2 / 80.1 ms at 64 / 128 / 512 rows against 17.9 /
+# 30.2 / 82.4 widened (thirtieth pass), and a row's bits at any count. 0: not here (no AVX-512
 # BF16 in the build, or AMX, whose tiles were not measured against it; or the operators not
 # loaded).
 INT8_DOT_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else 64
