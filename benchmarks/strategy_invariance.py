@@ -2,8 +2,8 @@
 
 The same prompts (``--lengths`` tokens each, random ids) go through ``LLM.generate`` once per
 configuration: every batching strategy, ``max_num_seqs=2``, other step budgets, prefix caching
-off. Each is compared with ``batching="sequential"``: how many prompts got other greedy tokens,
-and the largest difference of a chosen token's logprob. A row's numbers should not depend on
+off, the padded layout. Each is compared with ``batching="sequential"``: how many prompts got
+other greedy tokens, and the largest difference of a chosen token's logprob. A row's numbers should not depend on
 the rows that share its step; where they do (a kernel chosen by the step's row count, an
 attention call shaped by the step's chunking) greedy tokens part ways.
 
@@ -38,6 +38,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     "budget 64": dict(max_num_batched_tokens=64),
     "budget 100": dict(max_num_batched_tokens=100),
     "no prefix caching": dict(enable_prefix_caching=False),
+    "padded layout, static": dict(batching="static", batch_size=4, layout="padded"),
+    "padded layout, continuous": dict(layout="padded"),
 }
 
 
