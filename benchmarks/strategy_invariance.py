@@ -3,9 +3,9 @@
 The same prompts (``--lengths`` tokens each, random ids) go through ``LLM.generate`` once per
 configuration: every batching strategy, ``max_num_seqs=2``, other step budgets, prefix caching
 off, the padded layout. Each is compared with ``batching="sequential"``: how many prompts got
-other greedy tokens, and the largest difference of a chosen token's logprob. A row's numbers should not depend on
-the rows that share its step; where they do (a kernel chosen by the step's row count, an
-attention call shaped by the step's chunking) greedy tokens part ways.
+other greedy tokens, and the largest difference of a chosen token's logprob. A row's numbers
+should not depend on the rows that share its step; where they do (a kernel chosen by the
+step's row count, an attention call shaped by the step's chunking) greedy tokens part ways.
 
 ``--row-limits`` sets the quantized kernels' row limits as ``mixed_step.py`` does (``default``:
 this CPU's; ``any``: the kernels at every row count; ``128``: the widened GEMM past 128 rows).
