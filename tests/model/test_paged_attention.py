@@ -17,6 +17,7 @@ from carpool.model import fused_ops, kernel_build, paged_attention
 from carpool.model.loader import load_model
 from carpool.worker import batch as batch_module
 from carpool.worker.batch import build_ragged_batch
+from carpool.worker.padded import build_padded_batch
 from helpers.attention_ref import (
     dequantized_sdpa,
     gather_sdpa,
@@ -338,6 +339,41 @@ def test_mixed_step_marks_generated_rows_for_the_kernel():
     recompute = build_ragged_batch([_Chunk("a", [1, 2, 3, 4], 0, [4])], [[4]], 16, "cpu", [2])
     assert recompute.meta.kernel_rows.tolist() == [2, 3]
     assert recompute.meta.context_lens.tolist() == [3, 4]
+
+
+def test_the_padded_layout_routes_real_rows_as_the_ragged_batch_does():
+    # The padded rectangle (pads through the model) gives its real rows the ragged batch's
+    # attention: generated tokens through the kernel, prompt rows in the same tile calls (a
+    # call's shape follows from its positions alone), a pure decode step wholly through the
+    # kernel, idle seats over the scratch block.
+    tables = [[3, 1], [2, 5, 6]]
+    chunks = [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [6] * 40, 0, tables[1])]
+    padded = build_padded_batch(chunks, tables, 16, 9, 1, "cpu", [20, 40])
+    ragged = build_ragged_batch(chunks, tables, 16, "cpu", [20, 40])
+    assert padded.num_tokens == 3 * 40
+    assert padded.meta.kernel_rows.tolist() == [0]  # a's generated token, row 0 position 0
+    assert padded.meta.context_lens.tolist() == ragged.meta.context_lens.tolist() == [21]
+    assert padded.meta.kernel_tables.tolist() == [[3, 1, 9, 9]]
+    (part,) = ragged.meta.parts  # b's prompt chunk: one rectangle, a left out
+    # a's row reaches position 59 (pads continue it): tiles to position 64; b's calls among them.
+    assert part.query_chunks == ((0, 32, 32), (32, 64, 64))
+    assert set(part.query_chunks) <= set(padded.meta.query_chunks)
+    assert padded.meta.query_chunks == ((0, 32, 32), (32, 64, 64))
+    # Every real token's rectangle row is its position; pads write only the scratch block.
+    assert padded.meta.slot_mapping.view(3, 40)[2].eq(9 * 16).all()
+    assert padded.meta.slot_mapping.view(3, 40)[0, 1:].eq(9 * 16).all()
+    decode = build_padded_batch(
+        [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [7], 40, tables[1])],
+        tables,
+        16,
+        9,
+        1,
+        "cpu",
+        [20, 40],
+    )
+    assert decode.meta.attn_mask is None and decode.meta.kernel_rows is None
+    assert decode.meta.context_lens.tolist() == [21, 41, 1]  # the idle seat: key 0 of block 9
+    assert decode.meta.block_tables[2].eq(9).all()
 
 
 def test_a_decode_row_computes_the_same_alone_or_beside_a_prefill(tmp_path):

@@ -310,5 +310,10 @@ def test_every_strategy_computes_the_same_logprobs_on_a_quantized_model(smollm2_
         return [[(lp.token_id, lp.logprob) for lp in o.outputs[0].logprobs] for o in outs]
 
     sequential = run(batching="sequential")
-    for kw in (dict(batching="continuous"), dict(batching="static", batch_size=3)):
+    for kw in (
+        dict(batching="continuous"),
+        dict(batching="static", batch_size=3),
+        # The padded layout: pads through the model, real rows the ragged batch's bits.
+        dict(batching="static", batch_size=3, layout="padded"),
+    ):
         assert run(**kw) == sequential, kw

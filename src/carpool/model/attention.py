@@ -107,7 +107,7 @@ class AttentionMetadata:
             one each where that one would still mostly pad (``batch._rectangle_wastes``).
         query_chunks: the rectangle's SDPA calls ``(first row, end row, keys)``: one per tile
             of ``batch.PREFILL_TILE_ROWS`` positions, over the keys to the tile's end (see
-            ``batch._rectangle``), or None: one call over every row and key (a pure decode
+            ``batch.attention_rectangle``), or None: one call over every row and key (a pure decode
             step's gather).
     """
 
@@ -262,7 +262,7 @@ class Attention(nn.Module):
                 scale=self.scale,
                 enable_gqa=h != kvh,
             ).transpose(1, 2)
-        else:  # one call per tile of positions, over the keys to its end (batch._rectangle)
+        else:  # one call per tile of positions, over the keys to its end (attention_rectangle)
             out = queries.new_empty(queries.shape)  # [B, Q, H, D]
             mask = meta.additive_mask(q.dtype)
             for q0, q1, kn in meta.query_chunks:

@@ -132,21 +132,23 @@ def _ragged_batch(
             parts = [
                 (
                     np.arange(offsets[k], offsets[k + 1]),
-                    _rectangle(q_lens[k : k + 1], starts[k : k + 1], tables[k : k + 1], block_size),
+                    attention_rectangle(
+                        q_lens[k : k + 1], starts[k : k + 1], tables[k : k + 1], block_size
+                    ),
                 )
                 for k in keep
             ]
         elif len(keep) < b:  # one rectangle over the prompt chunks' rows
-            rect = _rectangle(q_lens[keep], starts[keep], tables[keep], block_size)
+            rect = attention_rectangle(q_lens[keep], starts[keep], tables[keep], block_size)
             parts = [(np.flatnonzero(~decode_seq[seq_index]), rect)]
         else:
-            mask, query_index, output_index, rect_tables, query_chunks = _rectangle(
+            mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
                 q_lens, starts, tables, block_size
             )
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = offsets[1:][sampling] - 1
 
-    t = _int64_tensor
+    t = int64_tensor
     host = {
         "input_ids": t(input_ids),
         "positions": t(positions),
@@ -169,7 +171,7 @@ def _ragged_batch(
             f"{i}.output_index": t(p_output),
         }
     v = to_device(host, device)
-    masks_on_device = _masks_to_device(masks, device)
+    masks_on_device = masks_to_device(masks, device)
     meta = AttentionMetadata(
         slot_mapping=v["slot_mapping"],
         block_tables=v["block_tables"],
@@ -205,13 +207,13 @@ def _ragged_batch(
     )
 
 
-def _int64_tensor(a: np.ndarray | None) -> torch.Tensor | None:
+def int64_tensor(a: np.ndarray | None) -> torch.Tensor | None:
     """A host int64 tensor of ``a`` (None stays None)."""
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
 
 # (attn_mask, query_index, output_index, block_tables, query_chunks) of one attention
-# rectangle (``_rectangle``).
+# rectangle (``attention_rectangle``).
 Rectangle = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[tuple[int, int, int], ...]]
 
 # Padded (query row, key) pairs a rectangle may waste per SDPA call it saves before each
@@ -222,8 +224,8 @@ SPLIT_PADDING_PER_CALL = 16384
 
 
 def _rectangle_wastes(q_lens: np.ndarray, starts: np.ndarray, block_size: int) -> bool:
-    """Whether one rectangle over these prompt chunks (``_rectangle``: every sequence in every
-    tile the rectangle spans) computes more than twice their own (row, key) pairs and more
+    """Whether one rectangle over these prompt chunks (``attention_rectangle``: every sequence
+    in every tile the rectangle spans) computes more than twice their own (row, key) pairs and more
     than ``SPLIT_PADDING_PER_CALL`` per extra call: a short chunk at a long context (a long
     prompt's last chunk, a prefix-cached prompt's suffix) beside a new long prompt pays the
     long context for every new row (16 tokens at 1,900 beside a 496-token prompt: the step
@@ -235,7 +237,7 @@ def _rectangle_wastes(q_lens: np.ndarray, starts: np.ndarray, block_size: int) -
     return padded > 2 * own and padded - own > (len(q_lens) - 1) * SPLIT_PADDING_PER_CALL
 
 
-def _masks_to_device(
+def masks_to_device(
     masks: list[np.ndarray | None], device: torch.device | str
 ) -> list[torch.Tensor | None]:
     """Boolean masks on ``device``, in one copy off the CPU (as ``to_device`` packs the index
@@ -273,7 +275,7 @@ def _tiles(q_lens: np.ndarray, starts: np.ndarray) -> tuple[int, int]:
     return int(starts.min()) // t, (int((starts + q_lens).max()) - 1) // t
 
 
-def _rectangle(
+def attention_rectangle(
     q_lens: np.ndarray, starts: np.ndarray, tables: np.ndarray, block_size: int
 ) -> Rectangle:
     """The attention rectangle of some prompt chunks (their query lengths, first positions and

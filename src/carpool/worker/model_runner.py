@@ -167,6 +167,9 @@ class ModelRunner:
         if output.is_empty:
             return ModelRunnerOutput()
         tables = self.block_tables.tables_of(output.chunks)
+        # Generated tokens' rows take the paged decode kernel wherever they are computed, in
+        # either layout.
+        prompts = [len(requests[c.request_id].prompt_token_ids) for c in output.chunks]
         if self.layout == "padded":
             inp = build_padded_batch(
                 output.chunks,
@@ -175,10 +178,9 @@ class ModelRunner:
                 self.scratch_block,
                 output.num_idle_seats,
                 self.device,
+                prompts,
             )
         else:
-            # Generated tokens' rows take the paged decode kernel wherever they are computed.
-            prompts = [len(requests[c.request_id].prompt_token_ids) for c in output.chunks]
             inp = build_ragged_batch(output.chunks, tables, self.block_size, self.device, prompts)
         num_padded = inp.num_tokens - output.num_batched_tokens
         logits = self.model(

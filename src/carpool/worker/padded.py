@@ -3,13 +3,20 @@
 The classic static-batch layout, kept to measure what padding costs against the ragged batch
 of ``carpool.worker.batch``. Every row is padded to the step's longest chunk and the pad
 tokens really go through the model (embedding, every matmul, attention), exactly as a
-``model.generate(padded_batch)`` would spend them. Both layouts give the same tokens:
+``model.generate(padded_batch)`` would spend them. Both layouts give the same tokens, and the
+same bits for every real token (the engineering standard: every strategy, padded or not,
+computes sequential's greedy tokens; on the default quantized model a row's attention called
+in another shape changed greedy tokens, issue 11, thirtieth pass):
 
 - a pad token's K/V is written to a *scratch block* (a block the ``BlockManager`` never hands
   out, reserved by the runner past the last real block), so it never overwrites a real slot;
-- the mask lets real queries attend only to their own real keys, so no pad is ever attended;
-- pad queries attend to key 0 of their row only (a fully masked row would give NaN), and their
-  outputs are never read.
+- attention runs as the ragged batch's does: the rectangle in SDPA calls of
+  ``batch.PREFILL_TILE_ROWS`` positions (``batch.attention_rectangle``), a row at position ``p``
+  attending to keys ``[0, p]``; generated tokens' rows (``generated_from``) through the paged
+  decode kernel, a pure decode step wholly. A row's pads continue its positions in the
+  rectangle (so they cost attention as a padded ``generate`` would); idle rows start at 0 over
+  the scratch block. No real query ever sees a pad's K/V (pads write only the scratch block),
+  and the pads' outputs are never read.
 
 Seats of a static batch whose request is done (``SchedulerOutput.num_idle_seats``) become rows
 made only of pad tokens.
@@ -24,10 +31,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from carpool.model.attention import AttentionMetadata
-from carpool.worker.batch import ChunkLike, ModelInput, to_device
+from carpool.worker.batch import (
+    PREFILL_TILE_ROWS,
+    ChunkLike,
+    ModelInput,
+    attention_rectangle,
+    int64_tensor,
+    masks_to_device,
+    to_device,
+)
 
 PAD_TOKEN_ID = 0  # any valid id: a pad's output is never read
 
@@ -39,12 +55,15 @@ def build_padded_batch(
     scratch_block: int,
     num_idle_rows: int = 0,
     device: torch.device | str = "cpu",
+    generated_from: Sequence[int] | None = None,
 ) -> ModelInput:
     """Lay ``chunks`` out as a padded rectangle, plus ``num_idle_rows`` all-pad rows.
 
     Args:
-        chunks, block_tables, block_size: as for ``build_ragged_batch``.
-        scratch_block: id of the KV block that absorbs every pad token's K/V (never attended).
+        chunks, block_tables, block_size, generated_from: as for ``build_ragged_batch``
+            (``generated_from``: per chunk, its prompt length; tokens from it on take the paged
+            decode kernel; None: every row of a step of one-token chunks does).
+        scratch_block: id of the KV block that absorbs every pad token's K/V.
         num_idle_rows: extra rows of pad tokens only (done seats of a static batch).
         device: where the tensors go.
 
@@ -53,58 +72,94 @@ def build_padded_batch(
     """
     assert chunks, "a batch needs at least one chunk"
     assert num_idle_rows >= 0, num_idle_rows
-    q_lens = [len(c.token_ids) for c in chunks]
-    assert min(q_lens) > 0, f"empty chunk in batch: {q_lens}"
-    rows, width = len(chunks) + num_idle_rows, max(q_lens)
-    ctx = [c.start_pos + n for c, n in zip(chunks, q_lens, strict=True)]
-    max_blocks = -(-max(ctx) // block_size)
-    l = max_blocks * block_size  # attention gathers keys block by block
-    for c, table, n in zip(chunks, block_tables, ctx, strict=True):
+    real_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
+    assert real_lens.min() > 0, f"empty chunk in batch: {real_lens.tolist()}"
+    rows, width = len(chunks) + num_idle_rows, int(real_lens.max())
+    q_lens = np.concatenate((real_lens, np.zeros(num_idle_rows, dtype=np.int64)))  # [R]
+    starts = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=len(chunks))
+    starts = np.concatenate((starts, np.zeros(num_idle_rows, dtype=np.int64)))  # [R]
+    for c, table, n in zip(chunks, block_tables, starts + q_lens, strict=False):
         assert len(table) * block_size >= n, (
             f"request {c.request_id}: block table of {len(table)} blocks cannot hold {n} tokens"
         )
-    # Real tables padded with the scratch block; idle rows point only at the scratch block.
-    table_rows = [([*t] + [scratch_block] * max_blocks)[:max_blocks] for t in block_tables]
-    table_rows += [[scratch_block] * max_blocks] * num_idle_rows
-    tables = torch.tensor(table_rows, dtype=torch.long)  # [R, max_blocks]
+    # Tables as wide as the rectangle's last tile (its keys are gathered block by block),
+    # padded with the scratch block; idle rows point only at it.
+    tile = PREFILL_TILE_ROWS
+    rect_end = -(-int((starts + width).max()) // tile) * tile
+    max_blocks = -(-max(rect_end, int((starts + q_lens).max())) // block_size)
+    tables = np.full((rows, max_blocks), scratch_block, dtype=np.int64)
+    for r, table in enumerate(block_tables):
+        n = min(len(table), max_blocks)
+        tables[r, :n] = table[:n]
 
-    q_len_t = torch.tensor(q_lens + [0] * num_idle_rows)  # [R]
-    start_t = torch.tensor([c.start_pos for c in chunks] + [0] * num_idle_rows)  # [R]
-    i = torch.arange(width)
-    valid = i[None, :] < q_len_t[:, None]  # [R, W] real token?
-    tokens = torch.full((rows, width), PAD_TOKEN_ID, dtype=torch.long)
+    i = np.arange(width)
+    valid = i[None, :] < q_lens[:, None]  # [R, W] real token?
+    tokens = np.full((rows, width), PAD_TOKEN_ID, dtype=np.int64)
     for r, c in enumerate(chunks):
-        tokens[r, : q_lens[r]] = torch.tensor(c.token_ids, dtype=torch.long)
-    q_pos = start_t[:, None] + i[None, :]  # [R, W]
-    positions = torch.where(valid, q_pos, torch.zeros_like(q_pos))  # pads sit at position 0
+        tokens[r, : real_lens[r]] = c.token_ids
+    q_pos = starts[:, None] + i[None, :]  # [R, W]
+    positions = np.where(valid, q_pos, 0)  # pads sit at position 0
+    real_slots = (
+        np.take_along_axis(tables, np.where(valid, q_pos, 0) // block_size, axis=1) * block_size
+        + np.where(valid, q_pos, 0) % block_size
+    )
+    slot_mapping = np.where(valid, real_slots, scratch_block * block_size)  # [R, W]
 
-    j = torch.arange(l)
-    kv_slots = tables.gather(1, (j // block_size).expand(rows, l)) * block_size + j % block_size
-    real_slots = kv_slots.gather(1, torch.where(valid, q_pos, torch.zeros_like(q_pos)))
-    slot_mapping = torch.where(valid, real_slots, scratch_block * block_size)  # [R, W]
-
-    causal = j[None, None, :] <= q_pos[:, :, None]  # [R, W, L]
-    mask = torch.where(valid[:, :, None], causal, j[None, None, :] == 0).unsqueeze(1)
+    # Which real tokens take the paged decode kernel: the rule of the ragged batch.
+    if generated_from is None:
+        is_kernel = valid & (width == 1)
+    else:
+        firsts = np.concatenate(
+            (
+                np.fromiter(generated_from, dtype=np.int64, count=len(chunks)),
+                np.zeros(num_idle_rows, dtype=np.int64),
+            )
+        )
+        is_kernel = valid & (q_pos >= firsts[:, None])
+    mask = query_index = output_index = kernel_rows = kernel_tables = context_lens = None
+    query_chunks = None
+    rect_tables = tables
+    if width == 1 and is_kernel[: len(chunks)].all():
+        # A pure decode step: every row through the kernel; an idle row sees key 0 of the
+        # scratch block (a pad's, finite), its output never read.
+        context_lens = np.maximum(starts + q_lens, 1)
+    else:
+        mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
+            np.full(rows, width, dtype=np.int64), starts, tables, block_size
+        )
+        if is_kernel.any():
+            kernel_rows = np.flatnonzero(is_kernel.reshape(-1))
+            context_lens = q_pos.reshape(-1)[kernel_rows] + 1
+            kernel_tables = tables[kernel_rows // width]
 
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
-    logits_indices = torch.tensor([k * width + q_lens[k] - 1 for k in sampling], dtype=torch.long)
+    logits_indices = np.array([k * width + real_lens[k] - 1 for k in sampling], dtype=np.int64)
+    t = int64_tensor
     v = to_device(  # one copy off the CPU for the index tensors, one for the mask
         {
-            "slot_mapping": slot_mapping.reshape(-1),
-            "block_tables": tables,
-            "input_ids": tokens.reshape(-1),
-            "positions": positions.reshape(-1),
-            "logits_indices": logits_indices,
+            "slot_mapping": t(slot_mapping.reshape(-1)),
+            "block_tables": t(rect_tables),
+            "input_ids": t(tokens.reshape(-1)),
+            "positions": t(positions.reshape(-1)),
+            "logits_indices": t(logits_indices),
+            "query_index": t(query_index),
+            "output_index": t(output_index),
+            "context_lens": t(context_lens),
+            "kernel_rows": t(kernel_rows),
+            "kernel_tables": t(kernel_tables),
         },
         device,
     )
     meta = AttentionMetadata(
         slot_mapping=v["slot_mapping"],
         block_tables=v["block_tables"],
-        attn_mask=mask.to(device),
-        # The flat tokens already form the [R, W] rectangle: no gather or scatter needed.
-        query_index=None,
-        output_index=None,
+        attn_mask=None if mask is None else masks_to_device([mask], device)[0],
+        query_index=v["query_index"],
+        output_index=v["output_index"],
+        context_lens=v["context_lens"],
+        kernel_rows=v["kernel_rows"],
+        kernel_tables=v["kernel_tables"],
+        query_chunks=query_chunks,
     )
     return ModelInput(
         input_ids=v["input_ids"],
