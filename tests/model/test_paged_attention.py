@@ -374,6 +374,24 @@ def test_the_padded_layout_routes_real_rows_as_the_ragged_batch_does():
     assert decode.meta.attn_mask is None and decode.meta.kernel_rows is None
     assert decode.meta.context_lens.tolist() == [21, 41, 1]  # the idle seat: key 0 of block 9
     assert decode.meta.block_tables[2].eq(9).all()
+    # A row deep in its decode beside a new prompt: a rectangle of its own for each row (one
+    # over both would span positions 0-2,080 in every row), each in its own tiles' calls.
+    far = [list(range(130)), [2, 5, 6]]
+    mixed = build_padded_batch(
+        [_Chunk("a", [5], 2000, far[0]), _Chunk("b", [6] * 40, 0, far[1])],
+        far,
+        16,
+        9,
+        0,
+        "cpu",
+        [1990, 40],
+    )
+    assert mixed.meta.attn_mask is None and len(mixed.meta.parts) == 2
+    a, b = mixed.meta.parts
+    assert a.gathered_rows.tolist() == list(range(40)) and a.query_chunks[0][2] == 2016
+    assert b.gathered_rows.tolist() == list(range(40, 80))
+    assert b.query_chunks == ((0, 32, 32), (32, 64, 64))
+    assert mixed.meta.kernel_rows.tolist() == [0] and mixed.meta.context_lens.tolist() == [2001]
 
 
 def test_a_decode_row_computes_the_same_alone_or_beside_a_prefill(tmp_path):
@@ -489,7 +507,7 @@ def test_a_mixed_step_computes_each_sequence_as_alone(tmp_path, kernel):
             assert paged_attention.kernel_calls() - calls == (layers if kernel else 0)
             alone = [step([a], [20])[0], step([b], [5])[0], step([c], [17])[0]]
             # A long prompt's last chunk beside a new prompt and a decode row: a rectangle of
-            # its own for each chunk (batch._rectangle_wastes), the same bits as alone.
+            # its own for each chunk (batch.rectangle_wastes), the same bits as alone.
             long_prompt = [(7 * i) % 250 + 3 for i in range(616)]
             tables["l"] = list(range(12, 51))
             pre = build_ragged_batch(

@@ -104,7 +104,7 @@ class AttentionMetadata:
             Decode sequences (one kernel row each) are left out of them: the paged kernel
             computes those rows, or where it does not apply, a gather over ``kernel_tables`` and
             ``context_lens`` as in a pure decode step. Prompt chunks share one part, or take
-            one each where that one would still mostly pad (``batch._rectangle_wastes``).
+            one each where that one would still mostly pad (``batch.rectangle_wastes``).
         query_chunks: the rectangle's SDPA calls ``(first row, end row, keys)``: one per tile
             of ``batch.PREFILL_TILE_ROWS`` positions, over the keys to the tile's end (see
             ``batch.attention_rectangle``), or None: one call over every row and key (a pure decode

@@ -127,8 +127,8 @@ def _ragged_batch(
         # paid for 4 x 512 query rows: small's mixed steps 1.1-1.5x a prompt's step alone).
         decode_seq = (q_lens == 1) & is_kernel_row[offsets[:-1]]
         keep = np.flatnonzero(~decode_seq)
-        if len(keep) > 1 and _rectangle_wastes(q_lens[keep], starts[keep], block_size):
-            # A rectangle of its own for each prompt chunk (see _rectangle_wastes).
+        if len(keep) > 1 and rectangle_wastes(q_lens[keep], starts[keep], block_size):
+            # A rectangle of its own for each prompt chunk (see rectangle_wastes).
             parts = [
                 (
                     np.arange(offsets[k], offsets[k + 1]),
@@ -223,7 +223,7 @@ Rectangle = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[tuple[in
 SPLIT_PADDING_PER_CALL = 16384
 
 
-def _rectangle_wastes(q_lens: np.ndarray, starts: np.ndarray, block_size: int) -> bool:
+def rectangle_wastes(q_lens: np.ndarray, starts: np.ndarray, block_size: int) -> bool:
     """Whether one rectangle over these prompt chunks (``attention_rectangle``: every sequence
     in every tile the rectangle spans) computes more than twice their own (row, key) pairs and more
     than ``SPLIT_PADDING_PER_CALL`` per extra call: a short chunk at a long context (a long

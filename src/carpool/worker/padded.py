@@ -39,9 +39,11 @@ from carpool.worker.batch import (
     PREFILL_TILE_ROWS,
     ChunkLike,
     ModelInput,
+    Rectangle,
     attention_rectangle,
     int64_tensor,
     masks_to_device,
+    rectangle_wastes,
     to_device,
 )
 
@@ -118,15 +120,30 @@ def build_padded_batch(
         is_kernel = valid & (q_pos >= firsts[:, None])
     mask = query_index = output_index = kernel_rows = kernel_tables = context_lens = None
     query_chunks = None
+    parts: list[tuple[np.ndarray, Rectangle]] = []
     rect_tables = tables
     if width == 1 and is_kernel[: len(chunks)].all():
         # A pure decode step: every row through the kernel; an idle row sees key 0 of the
         # scratch block (a pad's, finite), its output never read.
         context_lens = np.maximum(starts + q_lens, 1)
     else:
-        mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
-            np.full(rows, width, dtype=np.int64), starts, tables, block_size
-        )
+        widths = np.full(rows, width, dtype=np.int64)
+        if rows > 1 and rectangle_wastes(widths, starts, block_size):
+            # Rows far apart in position (a prompt beside sequences deep in their decode): a
+            # rectangle of its own for each row, as the ragged batch gives each prompt chunk.
+            parts = [
+                (
+                    np.arange(k * width, (k + 1) * width),
+                    attention_rectangle(
+                        widths[:1], starts[k : k + 1], tables[k : k + 1], block_size
+                    ),
+                )
+                for k in range(rows)
+            ]
+        else:
+            mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
+                widths, starts, tables, block_size
+            )
         if is_kernel.any():
             kernel_rows = np.flatnonzero(is_kernel.reshape(-1))
             context_lens = q_pos.reshape(-1)[kernel_rows] + 1
@@ -135,31 +152,51 @@ def build_padded_batch(
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = np.array([k * width + real_lens[k] - 1 for k in sampling], dtype=np.int64)
     t = int64_tensor
-    v = to_device(  # one copy off the CPU for the index tensors, one for the mask
-        {
-            "slot_mapping": t(slot_mapping.reshape(-1)),
-            "block_tables": t(rect_tables),
-            "input_ids": t(tokens.reshape(-1)),
-            "positions": t(positions.reshape(-1)),
-            "logits_indices": t(logits_indices),
-            "query_index": t(query_index),
-            "output_index": t(output_index),
-            "context_lens": t(context_lens),
-            "kernel_rows": t(kernel_rows),
-            "kernel_tables": t(kernel_tables),
-        },
-        device,
-    )
+    host = {
+        "slot_mapping": t(slot_mapping.reshape(-1)),
+        "block_tables": t(rect_tables),
+        "input_ids": t(tokens.reshape(-1)),
+        "positions": t(positions.reshape(-1)),
+        "logits_indices": t(logits_indices),
+        "query_index": t(query_index),
+        "output_index": t(output_index),
+        "context_lens": t(context_lens),
+        "kernel_rows": t(kernel_rows),
+        "kernel_tables": t(kernel_tables),
+    }
+    for n, (part_rows, (_, p_query, p_output, p_tables, _)) in enumerate(parts):
+        host |= {
+            f"{n}.rows": t(part_rows),
+            f"{n}.tables": t(p_tables),
+            f"{n}.query_index": t(p_query),
+            f"{n}.output_index": t(p_output),
+        }
+    v = to_device(host, device)  # one copy off the CPU for the index tensors, one for masks
+    masks = masks_to_device([mask] if not parts else [rect[0] for _, rect in parts], device)
     meta = AttentionMetadata(
         slot_mapping=v["slot_mapping"],
         block_tables=v["block_tables"],
-        attn_mask=None if mask is None else masks_to_device([mask], device)[0],
+        attn_mask=None if parts else masks[0],
         query_index=v["query_index"],
         output_index=v["output_index"],
         context_lens=v["context_lens"],
         kernel_rows=v["kernel_rows"],
         kernel_tables=v["kernel_tables"],
         query_chunks=query_chunks,
+        parts=None
+        if not parts
+        else [
+            AttentionMetadata(
+                slot_mapping=v["slot_mapping"],
+                block_tables=v[f"{n}.tables"],
+                attn_mask=part_mask,
+                query_index=v[f"{n}.query_index"],
+                output_index=v[f"{n}.output_index"],
+                gathered_rows=v[f"{n}.rows"],
+                query_chunks=rect[4],
+            )
+            for n, (part_mask, (_, rect)) in enumerate(zip(masks, parts, strict=True))
+        ],
     )
     return ModelInput(
         input_ids=v["input_ids"],
