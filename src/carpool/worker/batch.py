@@ -148,34 +148,63 @@ def _ragged_batch(
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = offsets[1:][sampling] - 1
 
-    t = int64_tensor
-    host = {
-        "input_ids": t(input_ids),
-        "positions": t(positions),
-        "slot_mapping": t(slot_mapping),
-        "block_tables": t(rect_tables),
-        "query_index": t(query_index),
-        "output_index": t(output_index),
-        "context_lens": t(context_lens),
-        "kernel_rows": t(kernel_rows),
-        "kernel_tables": t(kernel_tables),
-        "logits_indices": t(logits_indices),
-    }
-    masks = [mask] if parts is None else [rect[0] for _, rect in parts]
+    v, meta = step_tensors(
+        {
+            "input_ids": input_ids,
+            "positions": positions,
+            "slot_mapping": slot_mapping,
+            "block_tables": rect_tables,
+            "query_index": query_index,
+            "output_index": output_index,
+            "context_lens": context_lens,
+            "kernel_rows": kernel_rows,
+            "kernel_tables": kernel_tables,
+            "logits_indices": logits_indices,
+        },
+        mask,
+        query_chunks,
+        parts,
+        device,
+    )
+    return ModelInput(
+        input_ids=v["input_ids"],
+        positions=v["positions"],
+        meta=meta,
+        logits_indices=v["logits_indices"],
+        sample_request_ids=[chunks[k].request_id for k in sampling],
+        num_tokens=len(input_ids),
+    )
+
+
+def step_tensors(
+    host: dict[str, np.ndarray | None],
+    mask: np.ndarray | None,
+    query_chunks: tuple[tuple[int, int, int], ...] | None,
+    parts: list[tuple[np.ndarray, Rectangle]] | None,
+    device: torch.device | str,
+) -> tuple[dict[str, torch.Tensor | None], AttentionMetadata]:
+    """A step's index arrays on ``device`` and its ``AttentionMetadata`` (both layouts' tail).
+
+    ``host``: ``input_ids``, ``positions``, ``slot_mapping``, ``block_tables``,
+    ``query_index``, ``output_index``, ``context_lens``, ``kernel_rows``, ``kernel_tables``,
+    ``logits_indices`` (None where absent); ``mask`` and ``query_chunks``: one rectangle over
+    every row, or ``parts``: a rectangle each over some rows (``attention_rectangle``), the
+    outer mask then None. The index tensors, the parts' included, travel in one packed copy,
+    the masks in another."""
+    tensors = {k: int64_tensor(a) for k, a in host.items()}
     for i, (rows, (_, p_query, p_output, p_tables, _)) in enumerate(parts or []):
-        # The parts' index tensors travel in the step's one packed copy.
-        host |= {
-            f"{i}.rows": t(rows),
-            f"{i}.tables": t(p_tables),
-            f"{i}.query_index": t(p_query),
-            f"{i}.output_index": t(p_output),
+        tensors |= {
+            f"{i}.rows": int64_tensor(rows),
+            f"{i}.tables": int64_tensor(p_tables),
+            f"{i}.query_index": int64_tensor(p_query),
+            f"{i}.output_index": int64_tensor(p_output),
         }
-    v = to_device(host, device)
-    masks_on_device = masks_to_device(masks, device)
+    v = to_device(tensors, device)
+    masks = masks_to_device([mask] if not parts else [rect[0] for _, rect in parts], device)
     meta = AttentionMetadata(
         slot_mapping=v["slot_mapping"],
         block_tables=v["block_tables"],
-        attn_mask=masks_on_device[0] if parts is None else None,
+        attn_mask=None if parts else masks[0],
         query_index=v["query_index"],
         output_index=v["output_index"],
         context_lens=v["context_lens"],
@@ -183,7 +212,7 @@ def _ragged_batch(
         kernel_tables=v["kernel_tables"],
         query_chunks=query_chunks,
         parts=None
-        if parts is None
+        if not parts
         else [
             AttentionMetadata(
                 slot_mapping=v["slot_mapping"],
@@ -194,17 +223,10 @@ def _ragged_batch(
                 gathered_rows=v[f"{i}.rows"],
                 query_chunks=rect[4],
             )
-            for i, (part_mask, (_, rect)) in enumerate(zip(masks_on_device, parts, strict=True))
+            for i, (part_mask, (_, rect)) in enumerate(zip(masks, parts, strict=True))
         ],
     )
-    return ModelInput(
-        input_ids=v["input_ids"],
-        positions=v["positions"],
-        meta=meta,
-        logits_indices=v["logits_indices"],
-        sample_request_ids=[chunks[k].request_id for k in sampling],
-        num_tokens=len(input_ids),
-    )
+    return v, meta
 
 
 def int64_tensor(a: np.ndarray | None) -> torch.Tensor | None:

@@ -34,17 +34,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from carpool.model.attention import AttentionMetadata
 from carpool.worker.batch import (
     PREFILL_TILE_ROWS,
     ChunkLike,
     ModelInput,
     Rectangle,
     attention_rectangle,
-    int64_tensor,
-    masks_to_device,
     rectangle_wastes,
-    to_device,
+    step_tensors,
 )
 
 PAD_TOKEN_ID = 0  # any valid id: a pad's output is never read
@@ -151,52 +148,23 @@ def build_padded_batch(
 
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = np.array([k * width + real_lens[k] - 1 for k in sampling], dtype=np.int64)
-    t = int64_tensor
-    host = {
-        "slot_mapping": t(slot_mapping.reshape(-1)),
-        "block_tables": t(rect_tables),
-        "input_ids": t(tokens.reshape(-1)),
-        "positions": t(positions.reshape(-1)),
-        "logits_indices": t(logits_indices),
-        "query_index": t(query_index),
-        "output_index": t(output_index),
-        "context_lens": t(context_lens),
-        "kernel_rows": t(kernel_rows),
-        "kernel_tables": t(kernel_tables),
-    }
-    for n, (part_rows, (_, p_query, p_output, p_tables, _)) in enumerate(parts):
-        host |= {
-            f"{n}.rows": t(part_rows),
-            f"{n}.tables": t(p_tables),
-            f"{n}.query_index": t(p_query),
-            f"{n}.output_index": t(p_output),
-        }
-    v = to_device(host, device)  # one copy off the CPU for the index tensors, one for masks
-    masks = masks_to_device([mask] if not parts else [rect[0] for _, rect in parts], device)
-    meta = AttentionMetadata(
-        slot_mapping=v["slot_mapping"],
-        block_tables=v["block_tables"],
-        attn_mask=None if parts else masks[0],
-        query_index=v["query_index"],
-        output_index=v["output_index"],
-        context_lens=v["context_lens"],
-        kernel_rows=v["kernel_rows"],
-        kernel_tables=v["kernel_tables"],
-        query_chunks=query_chunks,
-        parts=None
-        if not parts
-        else [
-            AttentionMetadata(
-                slot_mapping=v["slot_mapping"],
-                block_tables=v[f"{n}.tables"],
-                attn_mask=part_mask,
-                query_index=v[f"{n}.query_index"],
-                output_index=v[f"{n}.output_index"],
-                gathered_rows=v[f"{n}.rows"],
-                query_chunks=rect[4],
-            )
-            for n, (part_mask, (_, rect)) in enumerate(zip(masks, parts, strict=True))
-        ],
+    v, meta = step_tensors(
+        {
+            "slot_mapping": slot_mapping.reshape(-1),
+            "block_tables": rect_tables,
+            "input_ids": tokens.reshape(-1),
+            "positions": positions.reshape(-1),
+            "logits_indices": logits_indices,
+            "query_index": query_index,
+            "output_index": output_index,
+            "context_lens": context_lens,
+            "kernel_rows": kernel_rows,
+            "kernel_tables": kernel_tables,
+        },
+        mask,
+        query_chunks,
+        parts,
+        device,
     )
     return ModelInput(
         input_ids=v["input_ids"],
