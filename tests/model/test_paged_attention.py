@@ -353,7 +353,7 @@ def test_the_padded_layout_routes_real_rows_as_the_ragged_batch_does():
     assert padded.num_tokens == 3 * 40
     assert padded.meta.kernel_rows.tolist() == [0]  # a's generated token, row 0 position 0
     assert padded.meta.context_lens.tolist() == ragged.meta.context_lens.tolist() == [21]
-    assert padded.meta.kernel_tables.tolist() == [[3, 1, 9, 9]]
+    assert padded.meta.kernel_tables.tolist() == [[3, 1, 9]]
     (part,) = ragged.meta.parts  # b's prompt chunk: one rectangle, a left out
     # a's row reaches position 59 (pads continue it): tiles to position 64; b's calls among them.
     assert part.query_chunks == ((0, 32, 32), (32, 64, 64))

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from carpool.worker.batch import (
-    PREFILL_TILE_ROWS,
     ChunkLike,
     ModelInput,
     Rectangle,
@@ -81,11 +80,10 @@ def build_padded_batch(
         assert len(table) * block_size >= n, (
             f"request {c.request_id}: block table of {len(table)} blocks cannot hold {n} tokens"
         )
-    # Tables as wide as the rectangle's last tile (its keys are gathered block by block),
-    # padded with the scratch block; idle rows point only at it.
-    tile = PREFILL_TILE_ROWS
-    rect_end = -(-int((starts + width).max()) // tile) * tile
-    max_blocks = -(-max(rect_end, int((starts + q_lens).max())) // block_size)
+    # Tables over the real contexts, padded with the scratch block; idle rows point only at
+    # it. (The rectangle extends them past a table as for the ragged batch: keys no real
+    # query sees.)
+    max_blocks = -(-int((starts + q_lens).max()) // block_size)
     tables = np.full((rows, max_blocks), scratch_block, dtype=np.int64)
     for r, table in enumerate(block_tables):
         n = min(len(table), max_blocks)
@@ -99,8 +97,8 @@ def build_padded_batch(
     q_pos = starts[:, None] + i[None, :]  # [R, W]
     positions = np.where(valid, q_pos, 0)  # pads sit at position 0
     real_slots = (
-        np.take_along_axis(tables, np.where(valid, q_pos, 0) // block_size, axis=1) * block_size
-        + np.where(valid, q_pos, 0) % block_size
+        np.take_along_axis(tables, positions // block_size, axis=1) * block_size
+        + positions % block_size
     )
     slot_mapping = np.where(valid, real_slots, scratch_block * block_size)  # [R, W]
 

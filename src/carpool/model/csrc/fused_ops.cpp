@@ -1350,14 +1350,44 @@ alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 
 // (high) unpack in lane 4L + e; byte j holds column j in its low nibble and 32 + j in its high
 // one, so vector 0 holds columns 8L + e, vector 1 8L + 4 + e, vectors 2 and 3 the same + 32.
 // The scales are permuted to that order once per group, the sums back at the end.
+// The four bf16 vectors of a block's input pair (i, i + 1) whose 64 bytes of codes are at q
+// (vector j: the lanes' order above), through the table of the codes' bf16 values.
+[[gnu::always_inline]] inline void int4_dp_codes(const uint8_t* q, __m512i table, __m512bh w[4]) {
+  const __m512i low4 = _mm512_set1_epi16(0xF);
+  const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
+  const __m512i lo = _mm512_unpacklo_epi16(c, a);  // (i + 1, i) of bytes 8L + e
+  const __m512i hi = _mm512_unpackhi_epi16(c, a);  // of bytes 8L + 4 + e
+  w[0] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(lo, low4), table);
+  w[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(hi, low4), table);
+  w[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), table);
+  w[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), table);
+}
+
+// Group gi's (scale, zero - 8 scale) of columns [col, col + 32) (col = 64 b + 32 h), in column
+// order, then in the lanes' order of vectors 2h and 2h + 1: s2 / o2 [v] for vector 2h + v.
+[[gnu::always_inline]] inline void int4_dp_scales(const c10::BFloat16* sz, int64_t gi, int64_t n,
+                                                  int64_t col, __m512 s2[2], __m512 o2[2]) {
+  const __m512i pick_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i pick_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  __m512 sc[2], off[2];
+  for (int v = 0; v < 2; ++v) {
+    const __m512i pair = _mm512_loadu_si512(sz + (gi * n + col + 16 * v) * 2);
+    sc[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+    const __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
+    off[v] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc[v], ze);  // zero - 8 scale
+  }
+  s2[0] = _mm512_permutex2var_ps(sc[0], pick_lo, sc[1]);
+  s2[1] = _mm512_permutex2var_ps(sc[0], pick_hi, sc[1]);
+  o2[0] = _mm512_permutex2var_ps(off[0], pick_lo, off[1]);
+  o2[1] = _mm512_permutex2var_ps(off[0], pick_hi, off[1]);
+}
+
 template <int64_t M, int NB, typename T>
 void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
                    const c10::BFloat16* sz, T* y, int64_t n, int64_t k, int64_t g, int64_t b) {
   const int64_t groups = k / g, half = k / 2;
   const __m512i table = _mm512_load_si512(kInt4Bf16);
-  const __m512i low4 = _mm512_set1_epi16(0xF);
-  const __m512i pick_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-  const __m512i pick_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   __m512 out[M][4 * NB];
   for (int64_t m = 0; m < M; ++m)
     for (int j = 0; j < 4 * NB; ++j) out[m][j] = _mm512_setzero_ps();
@@ -1380,15 +1410,8 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
         const uint8_t* q = packed + ((b + nb) * k + i) * 32;
         // Codes 4 KiB ahead: 1.02-1.03x the FMA loop's 2 KiB here.
         _mm_prefetch(reinterpret_cast<const char*>(q) + 4096, _MM_HINT_T0);
-        const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-        const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
-        const __m512i lo = _mm512_unpacklo_epi16(c, a);  // (i + 1, i) of bytes 8L + e
-        const __m512i hi = _mm512_unpackhi_epi16(c, a);  // of bytes 8L + 4 + e
-        const __m512bh w[4] = {
-            (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(lo, low4), table),
-            (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(hi, low4), table),
-            (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), table),
-            (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), table)};
+        __m512bh w[4];
+        int4_dp_codes(q, table, w);
         for (int64_t m = 0; m < M; ++m)
           for (int j = 0; j < 4; ++j)
             acc[m][4 * nb + j] = _mm512_dpbf16_ps(acc[m][4 * nb + j], w[j], xv[m]);
@@ -1398,19 +1421,8 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
     // lanes' order.
     for (int nb = 0; nb < NB; ++nb)
       for (int h = 0; h < 2; ++h) {
-        __m512 sc[2], off[2];
-        for (int v = 0; v < 2; ++v) {
-          const __m512i pair =
-              _mm512_loadu_si512(sz + (gi * n + (b + nb) * 64 + 32 * h + 16 * v) * 2);
-          sc[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-          const __m512 ze =
-              _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
-          off[v] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc[v], ze);  // zero - 8 scale
-        }
-        const __m512 s2[2] = {_mm512_permutex2var_ps(sc[0], pick_lo, sc[1]),
-                              _mm512_permutex2var_ps(sc[0], pick_hi, sc[1])};
-        const __m512 o2[2] = {_mm512_permutex2var_ps(off[0], pick_lo, off[1]),
-                              _mm512_permutex2var_ps(off[0], pick_hi, off[1])};
+        __m512 s2[2], o2[2];
+        int4_dp_scales(sz, gi, n, (b + nb) * 64 + 32 * h, s2, o2);
         for (int64_t m = 0; m < M; ++m)
           for (int v = 0; v < 2; ++v) {
             __m512& o = out[m][4 * nb + 2 * h + v];
@@ -1483,39 +1495,17 @@ void int4_block_dp_widened(int64_t rows, const uint32_t* xp, const float* xsum,
                            int64_t k, int64_t g, int64_t b, __m512bh* wb, float* ob) {
   const int64_t groups = k / g, half = k / 2;
   const __m512i table = _mm512_load_si512(kInt4Bf16);
-  const __m512i low4 = _mm512_set1_epi16(0xF);
-  const __m512i pick_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-  const __m512i pick_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   std::fill(ob, ob + rows * 64, 0.f);
   for (int64_t gi = 0; gi < groups; ++gi) {
     if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 64, 64);
     for (int64_t p = 0; p < g / 2; ++p) {  // int4_block_dp's four vectors of pair p
       const uint8_t* q = packed + (b * k + gi * g + 2 * p) * 32;
       _mm_prefetch(reinterpret_cast<const char*>(q) + 4096, _MM_HINT_T0);
-      const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-      const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
-      const __m512i lo = _mm512_unpacklo_epi16(c, a);
-      const __m512i hi = _mm512_unpackhi_epi16(c, a);
-      wb[4 * p] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(lo, low4), table);
-      wb[4 * p + 1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(hi, low4), table);
-      wb[4 * p + 2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), table);
-      wb[4 * p + 3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), table);
+      int4_dp_codes(q, table, wb + 4 * p);
     }
     // The group's (scale, zero - 8 scale) in the vectors' lane order, as int4_block_dp's.
     __m512 sv[4], ov[4];
-    for (int h = 0; h < 2; ++h) {
-      __m512 sc[2], off[2];
-      for (int v = 0; v < 2; ++v) {
-        const __m512i pair = _mm512_loadu_si512(sz + (gi * n + b * 64 + 32 * h + 16 * v) * 2);
-        sc[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-        const __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000)));
-        off[v] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc[v], ze);
-      }
-      sv[2 * h] = _mm512_permutex2var_ps(sc[0], pick_lo, sc[1]);
-      sv[2 * h + 1] = _mm512_permutex2var_ps(sc[0], pick_hi, sc[1]);
-      ov[2 * h] = _mm512_permutex2var_ps(off[0], pick_lo, off[1]);
-      ov[2 * h + 1] = _mm512_permutex2var_ps(off[0], pick_hi, off[1]);
-    }
+    for (int h = 0; h < 2; ++h) int4_dp_scales(sz, gi, n, b * 64 + 32 * h, sv + 2 * h, ov + 2 * h);
     // Tiles of at most 6 rows, as even as they split (8 rows: 4 + 4, not 6 + 2).
     const int64_t tiles = (rows + 5) / 6;
     for (int64_t t = 0; t < tiles; ++t) {
