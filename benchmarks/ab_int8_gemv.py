@@ -9,6 +9,9 @@ medians, the read rate, and whether the two outputs are the same bits.
 
     python benchmarks/ab_int8_gemv.py --before /tmp/old/src --random-config small --rows 1,2,4
 
+``--op int8_dot`` compares that operator instead; ``--before-op`` runs another one in the
+before checkout (what took those rows there).
+
 ``--huge-pages``: the codes in one huge-page mapping in read order, as the engine holds a
 model's weights (``pages.move_weights``).
 """
@@ -36,11 +39,25 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--huge-pages", action="store_true", help="weights as the engine holds them")
+    ap.add_argument(
+        "--op",
+        choices=("int8_gemv", "int8_dot"),
+        default="int8_gemv",
+        help="the operator of both checkouts (int8_dot: AVX-512 BF16 builds only)",
+    )
+    ap.add_argument(
+        "--before-op",
+        choices=("int8_gemv", "int8_dot"),
+        help="the before checkout's operator, if not --op's (a row count it took by another)",
+    )
     a = ap.parse_args()
     build(Path(a.before), "ab_i8_before", "fused_ops.cpp")
     build(Path(a.after), "ab_i8_after", "fused_ops.cpp")
     torch.set_num_threads(a.threads)
-    ops = {"before": torch.ops.ab_i8_before.int8_gemv, "after": torch.ops.ab_i8_after.int8_gemv}
+    ops = {
+        "before": getattr(torch.ops.ab_i8_before, a.before_op or a.op),
+        "after": getattr(torch.ops.ab_i8_after, a.op),
+    }
     g = torch.Generator().manual_seed(0)
     shapes = weight_shapes(a.random_config)
     weights = [
@@ -61,7 +78,7 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
     print(
         f"{a.random_config}: {len(shapes)} int8 weights, {nbytes / 1e6:.0f} MB; x {a.dtype}; "
-        f"threads={a.threads} rounds={a.rounds}; "
+        f"before {a.before_op or a.op}, after {a.op}; threads={a.threads} rounds={a.rounds}; "
         f"{'huge pages' if a.huge_pages else '4 KiB pages'}"
     )
     print("| rows | before ms | after ms | before / after | after GB/s | same bits |")

@@ -460,8 +460,27 @@ def test_int8_dot_row_does_not_depend_on_its_neighbours():
     q, s = _int8_case(300, 224, 4)  # 75 tiles of 4 columns; K = 224: 7 steps
     x = torch.randn(37, 224)
     every = torch.ops.carpool.int8_dot(x, q, s)
-    for lo, hi in ((0, 1), (5, 7), (10, 13), (20, 24), (3, 37), (0, 36)):
+    # Slices of up to 24 rows widen the codes in registers, longer ones into a buffer; a single
+    # row takes 16 columns a reduction.
+    for lo, hi in ((0, 1), (36, 37), (5, 7), (10, 13), (20, 24), (0, 24), (3, 37), (0, 36)):
         assert torch.equal(torch.ops.carpool.int8_dot(x[lo:hi], q, s), every[lo:hi]), (lo, hi)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1001, 300, 16, 7])
+def test_int8_gemv_computes_int8_dots_bits_without_amx(n, x_dtype):
+    # On AVX-512 BF16 without AMX int8_gemv (a decode step's 1-8 rows) runs int8_dot's sums, so
+    # a Q8_0 model's row has the same bits in a step of any size; the FMA loop it ran before
+    # gave other bits (checked: this test fails on it). n = 1001, 300: runs of 16 columns and a
+    # last tile of one or four; 16: one run; 7: none.
+    if not (torch.ops.carpool.int8_dot_fast() and fused_ops.rows_invariant()):
+        pytest.skip("int8_dot is not built here, or AMX: int8_gemv keeps its float32 FMAs")
+    q, s = _int8_case(n, 576, n)
+    x = torch.randn(9, 576, dtype=x_dtype)
+    dot = torch.ops.carpool.int8_dot(x, q, s)
+    for rows in range(1, 9):
+        got = torch.ops.carpool.int8_gemv(x[:rows], q, s)
+        assert got.dtype == x_dtype and torch.equal(got, dot[:rows]), rows
 
 
 @pytest.mark.usefixtures("finite_row_limits")
@@ -608,7 +627,7 @@ def test_int8_logits_are_the_dequantized_heads_in_float32(rows):
 def test_int8_logits_decline_and_reject_what_they_do_not_take():
     q = torch.randint(-127, 128, (300, 64), dtype=torch.int8)
     s = (torch.rand(300) * 0.01).bfloat16()
-    limit = fused_ops.int8_gemv_max_rows(q.numel())
+    limit = fused_ops.int8_logits_max_rows(q.numel())
     assert fused_ops.int8_logits(torch.randn(limit + 1, 64), q, s) is None  # rows: rescored
     assert fused_ops.int8_logits(torch.randn(1, 64, dtype=torch.bfloat16), q, s) is None
     with pytest.raises(RuntimeError, match="out of"):
@@ -627,7 +646,7 @@ def test_int8_head_top_logits_do_not_depend_on_the_path():
     torch.manual_seed(9)
     q = torch.randint(-127, 128, (500, 64), dtype=torch.int8)
     head = Int8Linear(q, (torch.rand(500) * 0.01).bfloat16(), None, torch.float32)
-    limit = fused_ops.int8_gemv_max_rows(q.numel())
+    limit = fused_ops.int8_logits_max_rows(q.numel())
     x = torch.randn(limit + 1, 64)
     many = head.logits(x)  # more rows than int8_logits takes: rescored
     alone = torch.cat([head.logits(x[i : i + 1]) for i in range(limit + 1)])
@@ -785,6 +804,13 @@ def test_the_kernels_take_every_row_count_without_amx():
     every = emulated or ("avx512_bf16" in flags and not torch.cpu._is_amx_tile_supported())
     assert (fused_ops.INT4_GEMV_MAX_ROWS == fused_ops.ANY_ROWS) == every
     assert (fused_ops.INT8_GEMV_MAX_ROWS == fused_ops.ANY_ROWS) == emulated
+    assert fused_ops.rows_invariant() == every
+    # A small head's float32 logits from int8_logits at any count there (a vocabulary head's
+    # up to INT8_GEMV_LARGE_MAX_ROWS, then rescored).
+    assert (fused_ops.INT8_LOGITS_MAX_ROWS == fused_ops.ANY_ROWS) == every
+    assert fused_ops.int8_logits_max_rows(fused_ops.INT8_GEMV_LARGE_CODES) == (
+        fused_ops.INT8_GEMV_LARGE_MAX_ROWS
+    )
     if every and not emulated:
         assert fused_ops.INT8_GEMV_MAX_ROWS == 8
         assert fused_ops.int8_dot_max_rows() == fused_ops.ANY_ROWS

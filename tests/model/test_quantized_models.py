@@ -10,6 +10,7 @@ from gguf import GGUFReader
 from carpool import LLM, LLMEngine, SamplingParams
 from carpool.capacity import resident_weight_bytes, weight_bytes_for
 from carpool.config import EngineConfig
+from carpool.model import fused_ops
 from carpool.model.gguf_loader import GGUFCheckpoint
 from carpool.model.loader import load_model
 from carpool.model.quant import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear
@@ -245,7 +246,19 @@ def test_a_prompt_longer_than_a_steps_tokens_on_a_quantized_head(checkpoint, met
     assert out.token_ids == expected, first_difference(out.token_ids, expected)
 
 
-@pytest.mark.usefixtures("kernels_at_every_row_count")
+@pytest.fixture(params=["every row count", "this CPU's"])
+def row_limits(request) -> str:
+    """The test once with the quantized kernels at every row count (the default where bf16 is
+    emulated) and once with this CPU's own limits, where they keep one sum order
+    (``fused_ops.rows_invariant``; elsewhere a prefill's rows take the widened GEMM)."""
+    if request.param == "every row count":
+        request.getfixturevalue("kernels_at_every_row_count")
+    elif not fused_ops.rows_invariant():
+        pytest.skip("AMX or AVX-512 without BF16: a prefill's rows take the widened GEMM here")
+    return request.param
+
+
+@pytest.mark.usefixtures("row_limits")
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_1"])
 def test_a_decoding_requests_logprobs_do_not_depend_on_the_prompts_beside_it(checkpoint, ftype):
     # A request decodes alone, then again while two other requests' 200-token prompts arrive
@@ -253,6 +266,9 @@ def test_a_decoding_requests_logprobs_do_not_depend_on_the_prompts_beside_it(che
     # default where bf16 is emulated, see fused_ops.ANY_ROWS): its logprobs are the same bits.
     # With the widened GEMM taking steps of more than 128 rows they moved (up to 0.06 on the
     # default SmolLM2 Q4_1 model) and greedy tokens could differ between batching strategies.
+    # With this CPU's own limits too where they keep one sum order (fused_ops.rows_invariant:
+    # on AVX-512 BF16 a Q8_0 decode row took int8_gemv's FMAs alone and int8_dot's pairs in a
+    # long step, other bits, until its int8_gemv ran int8_dot's loop).
     _, files = checkpoint
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
 
@@ -275,11 +291,14 @@ def test_a_decoding_requests_logprobs_do_not_depend_on_the_prompts_beside_it(che
     assert busy == alone
 
 
+QUANT_TYPES = ("Q4_1", "Q8_0")
+
+
 @pytest.fixture(scope="module")
 def smollm2_shaped(tmp_path_factory):
-    """A Q4_1 GGUF file of SmolLM2's attention shape (9 heads over 3 KV heads of 64, hidden
-    576), 4 layers: the default model's setup (float32 activations, a bf16 cache, int4 layers),
-    where torch's SDPA rounding differences between call shapes show."""
+    """Q4_1 and Q8_0 GGUF files of SmolLM2's attention shape (9 heads over 3 KV heads of 64, hidden
+    576), 4 layers: the default model's setup (float32 activations, a bf16 cache, int4 layers;
+    or int8 ones), where torch's SDPA rounding differences between call shapes show."""
     d = tmp_path_factory.mktemp("smollm2-shaped")
     hf = d / "hf"
     save_tiny_model_dir(
@@ -290,22 +309,27 @@ def smollm2_shaped(tmp_path_factory):
         num_attention_heads=9,
         num_key_value_heads=3,
     )
-    return export_hf_to_gguf(hf, d / "model-Q4_1.gguf", "Q4_1", tokenizer=hf)
+    return {f: export_hf_to_gguf(hf, d / f"model-{f}.gguf", f, tokenizer=hf) for f in QUANT_TYPES}
 
 
-@pytest.mark.usefixtures("kernels_at_every_row_count")
-def test_every_strategy_computes_the_same_logprobs_on_a_quantized_model(smollm2_shaped):
+@pytest.mark.usefixtures("row_limits")
+@pytest.mark.parametrize("ftype", QUANT_TYPES)
+def test_every_strategy_computes_the_same_logprobs_on_a_quantized_model(smollm2_shaped, ftype):
     # Prompts cut into chunks at other places by each strategy (a 160-token budget shared by the
     # requests of a step, or taken by one request at a time; steps of more than 128 rows) give
     # the same logprobs, bit for bit: the quantized kernels at every row count, prompt attention
     # in tiles at fixed positions (batch.PREFILL_TILE_ROWS). Before, the default SmolLM2 model's
-    # greedy tokens differed between sequential and continuous batching.
+    # greedy tokens differed between sequential and continuous batching. With this CPU's own
+    # limits too where they keep one sum order (fused_ops.rows_invariant; a Q8_0 model's decode
+    # rows took other sums in steps of 1-8 rows than in longer ones on AVX-512 BF16 until
+    # int8_gemv ran int8_dot's loop, and a small head's logits took int8_logits only up to 8
+    # sampled rows: this test failed on both).
     lengths = [5, 41, 70, 150, 230, 300, 420, 510] + [37 + 53 * k for k in range(16)]
     prompts = [[(11 * i + n) % 300 + 10 for i in range(n)] for n in lengths]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
 
     def run(**kw):  # noqa: ANN003
-        llm = LLM(str(smollm2_shaped), max_num_batched_tokens=160, max_num_seqs=12, **kw)
+        llm = LLM(str(smollm2_shaped[ftype]), max_num_batched_tokens=160, max_num_seqs=12, **kw)
         outs = llm.generate(prompts, params, use_tqdm=False)
         return [[(lp.token_id, lp.logprob) for lp in o.outputs[0].logprobs] for o in outs]
 

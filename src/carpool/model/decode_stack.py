@@ -227,7 +227,7 @@ def _logits_entry(head: nn.Module) -> tuple[list, list[int], int] | None:
     head whose ``_kernel_logits`` gives every logit from its kernel up to ``rows`` rows (past
     them, and for other heads, ``QuantizedLinear.logits`` rescores: None)."""
     if isinstance(head, quant.Int8Linear) and head.scales.dtype == torch.bfloat16:
-        rows = fused_ops.int8_gemv_max_rows(head.qweight.numel())
+        rows = fused_ops.int8_logits_max_rows(head.qweight.numel())
         return [head.qweight, head.scales, head.bias], [INT8_LOGITS, head.out_features, 0], rows
     if isinstance(head, quant.Int4Linear) and head.scales_zeros.dtype == torch.bfloat16:
         ints = [INT4_LOGITS, head.out_features, head.group_size]

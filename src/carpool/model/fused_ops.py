@@ -199,13 +199,13 @@ def int8_logits(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 ) -> torch.Tensor | None:
     """A vocabulary head's float32 logits ``(x @ qweight.T) * scales`` for float32 ``x``
-    ``[R, K]``, up to ``int8_gemv_max_rows`` rows: ``int8_gemv``'s kernel without its bf16
+    ``[R, K]``, up to ``int8_logits_max_rows`` rows: ``int8_gemv``'s kernel without its bf16
     roundings (x as it is, float32 sums), so every logit is the dequantized weight's in float32
     but for the order of the sums; None where it does not apply (the caller rescores)."""
     if (
         x.dim() == 2
         and x.dtype == torch.float32
-        and 1 <= x.shape[0] <= int8_gemv_max_rows(qweight.numel())
+        and 1 <= x.shape[0] <= int8_logits_max_rows(qweight.numel())
         and _int8_layout(qweight, scales)
         and _fused(x)
     ):
@@ -250,10 +250,20 @@ ANY_ROWS = sys.maxsize
 # Where the quantized kernels take every row count (ANY_ROWS, below): where bf16 is emulated,
 # and on AVX-512 BF16 without AMX (an AMD Zen 4 / Zen 5), whose int4 kernel decodes a group's
 # codes once for many rows (a prefill's) and whose int8_dot takes every count past
-# int8_gemv's 8 rows (its sums are the same bits at any row count, but not int8_gemv's: a
-# Q8_0 model's decode steps of 1-8 rows still compute other bits than longer steps). Not with
-# AMX: there the widened weight's GEMM runs on tiles, not measured against the kernels.
+# int8_gemv's 8 rows, in the same sums (int8_gemv runs int8_dot's loop there, for K a multiple
+# of 32, as every Q8_0 weight's: a row's bits at any row count). Not with AMX: there the
+# widened weight's GEMM runs on tiles, not measured against the kernels.
 _EVERY_ROW_COUNT = _BF16_EMULATED or (_AVX512_BF16 and not _AMX)
+
+
+def rows_invariant() -> bool:
+    """Whether, with this CPU's row limits, a quantized linear computes a row's bits whatever
+    rows share its step (a Q8_0 weight's K a multiple of 32): where the kernels take every row
+    count in one sum order (``_EVERY_ROW_COUNT``). Elsewhere (AMX, or AVX-512 without BF16) a
+    prefill's rows take the widened weight's GEMM past a limit."""
+    return _EVERY_ROW_COUNT
+
+
 # Where _EVERY_ROW_COUNT the fused int4 and int8 kernels take every row count, a prefill's too,
 # rather than handing a step of more than 128 rows to the weight widened to bf16: that GEMM
 # rounds differently (the widened weights, the sums' order), so a row's numbers depended on how
@@ -280,8 +290,9 @@ INT4_GEMV_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else (4 if _AMX else 128)
 # an Intel Xeon in earlier passes; on AVX-512 without AMX 1-8, since its four-row
 # tiles: on a Zen 4 1.18-1.40x torch's kernel (with the casts a float32 model needs) at 4-8
 # rows of the small model's layer matrices, 0.85-1.25x at 12, level at 16 (BENCHMARKS.md,
-# issue 11, eleventh pass); past them int8_dot (a step of 9+ rows computes a row's bits
-# whatever its size; a decode step of 1-8 rows int8_gemv's, other sums).
+# issue 11, eleventh pass; with AVX-512 BF16 its loop is int8_dot's since the thirty-first
+# pass: 0.96x the float32-FMA loop at one row, 1.3-2.1x at 2-8), past them int8_dot: the same
+# bits.
 INT8_GEMV_MAX_ROWS = ANY_ROWS if _BF16_EMULATED else (4 if _AMX else 8)
 # Codes (N x K) from which an int8 weight counts as a vocabulary head rather than a layer matrix.
 INT8_GEMV_LARGE_CODES = 1 << 22
@@ -329,18 +340,33 @@ def int8_dot_max_rows() -> int:
 
 _int8_dot_here: bool | None = None
 
+# Rows up to which int8_logits gives a float32 model's int8 head of fewer than
+# INT8_GEMV_LARGE_CODES codes every logit; past them QuantizedLinear rescores its bf16
+# product's top logits (the same greedy tokens, logprobs of other bits than in a step that
+# samples fewer rows). Every count where _EVERY_ROW_COUNT: at INT8_GEMV_MAX_ROWS (its limit
+# before) a small-vocabulary Q8_0 model's logprobs depended on how many rows its step sampled,
+# and its float32 loop over a small head costs little at any count. A vocabulary head's limit:
+# INT8_GEMV_LARGE_MAX_ROWS (past it 1.5-1.8x the rescored head's time on a Zen 4).
+INT8_LOGITS_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else INT8_GEMV_MAX_ROWS
+
 # The row limits above, by name (tests and benchmarks set them to other values).
 ROW_LIMITS = (
     "INT4_GEMV_MAX_ROWS",
     "INT8_GEMV_MAX_ROWS",
     "INT8_GEMV_LARGE_MAX_ROWS",
     "INT8_DOT_MAX_ROWS",
+    "INT8_LOGITS_MAX_ROWS",
 )
 
 
 def int8_gemv_max_rows(codes: int) -> int:
     """Rows up to which ``int8_gemv`` takes a weight of ``codes`` codes."""
     return INT8_GEMV_LARGE_MAX_ROWS if codes >= INT8_GEMV_LARGE_CODES else INT8_GEMV_MAX_ROWS
+
+
+def int8_logits_max_rows(codes: int) -> int:
+    """Rows up to which ``int8_logits`` takes a head of ``codes`` codes."""
+    return INT8_GEMV_LARGE_MAX_ROWS if codes >= INT8_GEMV_LARGE_CODES else INT8_LOGITS_MAX_ROWS
 
 
 def bf16_linear(

@@ -241,7 +241,7 @@ class Int8Linear(QuantizedLinear):
         return self._finish(y, x)
 
     def _kernel_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        # A float32 x of up to fused_ops.int8_gemv_max_rows rows: every logit in float32 from
+        # A float32 x of up to fused_ops.int8_logits_max_rows rows: every logit in float32 from
         # the int8 kernel itself (no bf16 rounding, so nothing to rescore: the top-k, gathers
         # and scatter of the rescoring were ~0.25 ms of a ~3.5 ms batch-1 step of a Q8_0 model
         # on a Zen 4). Otherwise QuantizedLinear's rescoring, whose exact top logits come from

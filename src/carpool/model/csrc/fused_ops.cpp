@@ -812,12 +812,33 @@ void check_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qwei
   TORCH_CHECK(x.size(0) >= 1, op, ": at least one input row, got ", x.size(0));
 }
 
+#if defined(__AVX512BF16__) && !defined(__AMX_TILE__)
+template <typename T>
+void int8_dot_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t rows,
+                   int64_t n, int64_t k);
+#endif
+
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   check_int8_args("int8_gemv", x, qweight, scales, false);
   const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());  // x's dtype (float32: bf16 values widened)
   const int8_t* qp = qweight.data_ptr<int8_t>();
   const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
+#if defined(__AVX512BF16__) && !defined(__AMX_TILE__)
+  // With AVX-512 BF16 (without AMX, whose CPUs were not measured with it), int8_dot's sums: a
+  // row's bits are the same in a decode step of a few rows (here) and in a longer one
+  // (int8_dot), so a Q8_0 model's tokens do not depend on how many rows share its step (its
+  // FMA loop below gave other bits: 2 of 8 prompts' greedy tokens differed between batching
+  // strategies on a Zen 4). Faster too: 0.96x at one row, 1.3-2.1x at 2-8 (issue 11,
+  // thirty-first pass).
+  if (k % 32 == 0) {
+    if (x.scalar_type() == at::kFloat)
+      int8_dot_rows(x.data_ptr<float>(), qp, sp, y.data_ptr<float>(), m, n, k);
+    else
+      int8_dot_rows(x.data_ptr<c10::BFloat16>(), qp, sp, y.data_ptr<c10::BFloat16>(), m, n, k);
+    return y;
+  }
+#endif
   if (x.scalar_type() == at::kFloat)
     int8_rows<false>(x.data_ptr<float>(), qp, sp, y.data_ptr<float>(), m, n, k);
   else
@@ -874,8 +895,10 @@ at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const 
 // copy of the weight for a dense GEMM (17+), both float32 FMAs or a copy per call; a
 // `vdpbf16ps` does 32 multiply-adds against an FMA's 16. Per tile of kDotCols weight rows
 // (output columns), read once from memory: the codes widened to bf16 (exact: every int8 value
-// is a bf16) into a buffer in L1, then every pass of up to kDotRows input rows over it, each
-// (row, column) a 16-lane sum of bf16 pairs along K, summed by one reduce16 at the end. x and
+// is a bf16), in registers in every pass for up to kDotDirectRows rows, else once into a buffer
+// in L1, then every pass of up to kDotRows input rows over them, each (row, column) a 16-lane
+// sum of bf16 pairs along K, summed by one reduce16 at the end. int8_gemv takes it too (without
+// AMX), so that a row's bits do not depend on which of the two its step's size picked. x and
 // the scales in bf16 (a float32 x rounded first), float32 sums, the scaled sum rounded to bf16:
 // what casting around torch's kernel gives, in another order. A row's sums take the same
 // instructions whatever rows share the call (the passes only group them): the same bits at
@@ -884,16 +907,80 @@ constexpr int64_t kDotCols = 4;  // 24 accumulators, 4 weight vectors and an inp
 constexpr int64_t kDotRows = 6;
 
 #if defined(__AVX512BF16__)
-// Rows [0, MR) of xb (bf16, row stride k) times the kDotCols widened weight rows wb (bf16, row
-// stride k): the (row, column) sums, scaled and rounded, into y (row stride n) at column col.
-template <int MR, typename T>
-void int8_dot_pass(const c10::BFloat16* xb, const c10::BFloat16* wb, int64_t k, int64_t ncols,
-                   const float* sc, T* y, int64_t n, int64_t col) {
+// 32 int8 codes as bf16 pairs in int8_dot's order: pair l holds codes l and l + 16 (each code
+// widened to float32, exact, whose upper half is its bf16: a shift and a blend put the halves of
+// two vectors side by side, where vcvtne2ps2bf16 cost the one-row product ~1.2x). The inputs
+// are laid out in the same pairs (int8_dot_rows), so the dot products pair each code with its x.
+inline __m512i int8_pairs_bh(const int8_t* p) {
+  const __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+  const __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))));
+  return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(lo, 16), hi);
+}
+
+// A tile already in int8_dot's pairs (its bf16 buffer).
+inline __m512i int8_pairs_bh(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }
+
+// v's float32 bits rounded to the nearest bf16 in their upper half (as Elt::narrow).
+inline __m512i bf16_rounded(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+}
+
+// One input row xb (in int8_pairs_bh's pairs) times the 16 weight rows q, q + k, ... (codes as
+// they are) into y[0 .. 15], four at a time as int8_dot_pass streams them: its sums (a 16-lane
+// sum of bf16 pairs per column, K in order, then reduce16), so the same bits, but the 16 sums
+// share one reduce16 where a pass of four columns left 12 of its 16 empty (the reductions were
+// ~12% of a one-row product over 512 codes). `ahead(c)` (or null): the rows to bring into
+// cache while column c's four are read (two lines per 32 codes, as int8_dot_pass).
+template <typename T, typename Ahead>
+void int8_dot_row16(const c10::BFloat16* xb, const int8_t* q, int64_t k,
+                    const c10::BFloat16* scale, T* y, Ahead ahead) {
+  __m512 sums[16];
+  for (int c0 = 0; c0 < 16; c0 += kDotCols) {
+    __m512 acc[kDotCols];
+    for (int c = 0; c < kDotCols; ++c) acc[c] = _mm512_setzero_ps();
+    const int8_t* qc = q + c0 * k;
+    const char* pf = ahead(c0);
+    for (int64_t i = 0; i < k; i += 32) {
+      if (pf != nullptr) {
+        __builtin_prefetch(pf + i * kDotCols, 0, 3);
+        __builtin_prefetch(pf + i * kDotCols + 64, 0, 3);
+      }
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + i);
+      for (int c = 0; c < kDotCols; ++c)
+        acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)int8_pairs_bh(qc + c * k + i), xv);
+    }
+    for (int c = 0; c < kDotCols; ++c) sums[c0 + c] = acc[c];
+  }
+  const __m512 sc = carpool_kernels::load16(scale);
+  const __m512i rounded = bf16_rounded(_mm512_mul_ps(carpool_kernels::reduce16(sums), sc));
+  if constexpr (std::is_same<T, float>::value)
+    _mm512_storeu_si512(y, _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  else
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// Rows [0, MR) of xb (bf16 pairs, row stride k) times the kDotCols weight rows wb (row stride
+// k): the (row, column) sums, scaled and rounded, into y (row stride n) at column col.
+// W: the weight rows' element, c10::BFloat16 (int8_dot's widened tile) or int8_t (the codes
+// as they are, widened in registers: int8_gemv's few rows, which read each code once). `ahead`
+// (or null): kDotCols * k contiguous bytes of a later tile, two lines per 32 codes.
+template <int MR, typename W, typename T>
+void int8_dot_pass(const c10::BFloat16* xb, const W* wb, int64_t k, int64_t ncols,
+                   const float* sc, T* y, int64_t n, int64_t col, const char* ahead = nullptr) {
   __m512 acc[MR * kDotCols];
   for (int j = 0; j < MR * kDotCols; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 32) {
+    if (ahead != nullptr) {
+      __builtin_prefetch(ahead + i * kDotCols, 0, 3);
+      __builtin_prefetch(ahead + i * kDotCols + 64, 0, 3);
+    }
     __m512bh w[kDotCols];
-    for (int c = 0; c < kDotCols; ++c) w[c] = (__m512bh)_mm512_loadu_si512(wb + c * k + i);
+    for (int c = 0; c < kDotCols; ++c) w[c] = (__m512bh)int8_pairs_bh(wb + c * k + i);
     for (int m = 0; m < MR; ++m) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + m * k + i);
       for (int c = 0; c < kDotCols; ++c)
@@ -908,9 +995,7 @@ void int8_dot_pass(const c10::BFloat16* xb, const c10::BFloat16* wb, int64_t k, 
     __m512 part[16];
     for (int j = 0; j < 16; ++j)
       part[j] = g * 16 + j < MR * kDotCols ? acc[g * 16 + j] : _mm512_setzero_ps();
-    const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(carpool_kernels::reduce16(part), scv));
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+    const __m512i rounded = bf16_rounded(_mm512_mul_ps(carpool_kernels::reduce16(part), scv));
     for (int r = 0; r < 4 && 4 * g + r < MR; ++r) {
       const int64_t m = 4 * g + r;
       const __mmask8 keep = static_cast<__mmask8>((1u << ncols) - 1);  // of 4 columns
@@ -932,23 +1017,82 @@ void int8_dot_pass(const c10::BFloat16* xb, const c10::BFloat16* wb, int64_t k, 
   }
 }
 
+// Rows [m, m + rows) of x spread evenly over passes of up to kDotRows (13: 5, 4, 4; not 6, 6,
+// 1, as vnni_linear's) against one tile of kDotCols weight rows wb (row stride k).
+template <typename W, typename T>
+void int8_dot_tile(const c10::BFloat16* xb, const W* wb, int64_t rows, int64_t k, int64_t ncols,
+                   const float* sc, T* y, int64_t n, int64_t col, const char* ahead) {
+  const int64_t passes = (rows + kDotRows - 1) / kDotRows;
+  for (int64_t p = 0, m = 0; p < passes; ++p) {
+    const int64_t mr = rows / passes + (p < rows % passes ? 1 : 0);
+    const c10::BFloat16* xm = xb + m * k;
+    T* ym = y + m * n;
+    const char* pf = p == 0 ? ahead : nullptr;  // the first pass streams the later tile
+    switch (mr) {
+      case 6: int8_dot_pass<6>(xm, wb, k, ncols, sc, ym, n, col, pf); break;
+      case 5: int8_dot_pass<5>(xm, wb, k, ncols, sc, ym, n, col, pf); break;
+      case 4: int8_dot_pass<4>(xm, wb, k, ncols, sc, ym, n, col, pf); break;
+      case 3: int8_dot_pass<3>(xm, wb, k, ncols, sc, ym, n, col, pf); break;
+      case 2: int8_dot_pass<2>(xm, wb, k, ncols, sc, ym, n, col, pf); break;
+      default: int8_dot_pass<1>(xm, wb, k, ncols, sc, ym, n, col, pf);
+    }
+    m += mr;
+  }
+}
+
+// Up to this many rows int8_dot_rows reads a tile's codes as they are, widening them in
+// registers in every pass (at most four); past them it widens each tile once into a buffer in
+// L1 that all its passes read. The same sums either way. On a Zen 4 (benchmarks/ab_int8_gemv.py,
+// the small model's matrices from memory) in registers 1.35-1.45x the buffer at 2-6 rows,
+// level to 1.08x at 9-24, ~0.9x at 64-128.
+constexpr int64_t kDotDirectRows = 4 * kDotRows;
+
 template <typename T>
 void int8_dot_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t rows,
                    int64_t n, int64_t k) {
-  // The input rows once in bf16, shared by the threads.
+  // The input rows once in bf16, in int8_pairs_bh's pairs (x[l], x[l + 16]) per 32, shared by
+  // the threads.
   std::vector<c10::BFloat16> xb(rows * k);
-  if constexpr (std::is_same<T, float>::value) {
-    auto* xr = reinterpret_cast<uint16_t*>(xb.data());
-    for (int64_t i = 0; i < rows * k; ++i) xr[i] = Elt<c10::BFloat16>::narrow(x[i]);
-  } else {
-    std::memcpy(xb.data(), x, rows * k * sizeof(T));
-  }
+  auto* xr = reinterpret_cast<uint16_t*>(xb.data());
+  for (int64_t i = 0; i < rows * k; i += 32)
+    for (int64_t l = 0; l < 16; ++l) {
+      xr[i + 2 * l] = Elt<c10::BFloat16>::narrow(Elt<T>::load(x + i, l));
+      xr[i + 2 * l + 1] = Elt<c10::BFloat16>::narrow(Elt<T>::load(x + i, l + 16));
+    }
   const int64_t tiles = (n + kDotCols - 1) / kDotCols;
-  const int64_t passes = (rows + kDotRows - 1) / kDotRows;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<c10::BFloat16> wb(kDotCols * k);  // this tile's codes in bf16
+  const bool direct = rows <= kDotDirectRows;
+  // One contiguous run of tiles per thread, so that each streams its codes in order and asks
+  // for the tile kDotAhead tiles on during a tile's first pass (int8_rows' split; chunks of 16
+  // tiles without those prefetches ran 1.0-1.2x slower at 9-64 rows).
+  constexpr int64_t kDotAhead = 2;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(16, (tiles + threads - 1) / threads);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<c10::BFloat16> wb;  // a tile's codes in bf16 (zeros past the last column)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t col = t * kDotCols, ncols = std::min<int64_t>(kDotCols, n - col);
+      float sc[kDotCols];
+      for (int64_t c = 0; c < ncols; ++c) sc[c] = Elt<c10::BFloat16>::load(scale, col + c);
+      // One row: 16 columns a call while the run has them (t steps over the other three).
+      if (rows == 1 && t + 4 <= t1 && col + 16 <= n) {
+        // The rows kDotAhead tiles past each four, where whole and in this run.
+        auto ahead = [&](int64_t c0) -> const char* {
+          const int64_t a = col + c0 + kDotAhead * kDotCols;
+          return a + kDotCols <= n && a < t1 * kDotCols ? reinterpret_cast<const char*>(q + a * k)
+                                                        : nullptr;
+        };
+        int8_dot_row16(xb.data(), q + col * k, k, scale + col, y + col, ahead);
+        t += 3;
+        continue;
+      }
+      const bool whole = (t + kDotAhead + 1) * kDotCols <= n && t + kDotAhead < t1;
+      const char* ahead =
+          whole ? reinterpret_cast<const char*>(q + (col + kDotAhead * kDotCols) * k) : nullptr;
+      if (direct && ncols == kDotCols) {
+        int8_dot_tile(xb.data(), q + col * k, rows, k, ncols, sc, y, n, col, ahead);
+        continue;
+      }
+      wb.resize(kDotCols * k);
       for (int64_t c = 0; c < kDotCols; ++c) {
         c10::BFloat16* dst = wb.data() + c * k;
         if (c >= ncols) {  // past the last column: zeros (their sums are not stored)
@@ -956,26 +1100,9 @@ void int8_dot_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y
           continue;
         }
         const int8_t* src = q + (col + c) * k;
-        for (int64_t i = 0; i < k; i += 32)
-          _mm512_storeu_si512(dst + i, carpool_kernels::load32_bh(src + i));
+        for (int64_t i = 0; i < k; i += 32) _mm512_storeu_si512(dst + i, int8_pairs_bh(src + i));
       }
-      float sc[kDotCols];
-      for (int64_t c = 0; c < ncols; ++c) sc[c] = Elt<c10::BFloat16>::load(scale, col + c);
-      for (int64_t p = 0, m = 0; p < passes; ++p) {
-        // Rows spread evenly over the passes (13: 5, 4, 4; not 6, 6, 1), as vnni_linear's.
-        const int64_t mr = rows / passes + (p < rows % passes ? 1 : 0);
-        const c10::BFloat16* xm = xb.data() + m * k;
-        T* ym = y + m * n;
-        switch (mr) {
-          case 6: int8_dot_pass<6>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
-          case 5: int8_dot_pass<5>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
-          case 4: int8_dot_pass<4>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
-          case 3: int8_dot_pass<3>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
-          case 2: int8_dot_pass<2>(xm, wb.data(), k, ncols, sc, ym, n, col); break;
-          default: int8_dot_pass<1>(xm, wb.data(), k, ncols, sc, ym, n, col);
-        }
-        m += mr;
-      }
+      int8_dot_tile(xb.data(), wb.data(), rows, k, ncols, sc, y, n, col, ahead);
     }
   });
 }
