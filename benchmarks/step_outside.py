@@ -9,6 +9,12 @@ the paged decode kernel over the same cache, and the head. ``outside = 1 - kerne
 The kernels-alone loop still pays one Python call per kernel (~40-130 per step), so this share
 is a lower bound of the true one by about that.
 
+``engine step``: the same shapes as a real ``LLMEngine.step()`` (``batch`` requests decoding,
+each ``context`` tokens deep at the start, steps alternated with the other two): the model's
+step plus the engine's Python around it (schedule, batch build, sampling, update, outputs).
+``outside (engine)`` = 1 - kernels / engine step: what a batch-1 request pays beyond its
+matmuls and attention. The model is the engine's own (prepared by its runner).
+
     PYTHONPATH=src:benchmarks python benchmarks/step_outside.py --random-config small --batch 1
     PYTHONPATH=src:benchmarks python benchmarks/step_outside.py --model model.gguf --batch 1,8
 """
@@ -27,9 +33,10 @@ from profile_step import (
     decode_step,
     engine_cache_dtype,
     fill_random,
-    prepared_model,
+    random_model,
 )
 
+from carpool import LLM, SamplingParams
 from carpool.model import paged_attention
 from carpool.worker.batch import build_ragged_batch
 
@@ -38,13 +45,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(ap, batch="1", steps=30)
     a = ap.parse_args()
-    path, model = prepared_model(a)
+    path = a.model or random_model(a.random_config, "bfloat16", a.context)
+    batches = [int(x) for x in a.batch.split(",")]
+    # Room for every timed engine step (and the warm-up ones) past the context.
+    llm = LLM(
+        str(path),
+        dtype=a.dtype,
+        threads=a.threads,
+        max_num_seqs=max(batches),
+        max_model_len=a.context + a.steps + 16,
+    )
+    engine = llm.engine
+    model = engine.model
     dtype = model.model.layers[0].input_layernorm.weight.dtype
     cfg = model.config
     print(f"{path}: {dtype}, {a.threads} threads, context {a.context}")
     layers = model.model.layers
-    print("| batch | step ms | kernels alone ms | outside |\n|---:|---:|---:|---:|")
-    for b in (int(x) for x in a.batch.split(",")):
+    print(
+        "| batch | step ms | kernels alone ms | outside | engine step ms | outside (engine) |\n"
+        "|---:|---:|---:|---:|---:|---:|"
+    )
+    for b in batches:
         chunks = decode_chunks(b, a.context, 16)
         caches = model.allocate_kv_cache(
             2 + b * -(-a.context // 16), 16, engine_cache_dtype(model), "cpu"
@@ -71,17 +92,39 @@ def main() -> None:
             x = ins[cfg.hidden_size]
             head.logits(x) if hasattr(head, "logits") else head(x).float()
 
-        times: dict[str, list[float]] = {"step": [], "kernels": []}
+        decoding(engine, b, a.context, cfg.vocab_size, a.steps + 8)
+        times: dict[str, list[float]] = {"step": [], "kernels": [], "engine": []}
         with torch.inference_mode():
             step()
             kernels()
-            for _ in range(a.steps):
-                for name, fn in (("step", step), ("kernels", kernels)):
+        for _ in range(a.steps):
+            for name, fn in (("step", step), ("kernels", kernels), ("engine", engine.step)):
+                with torch.inference_mode():
                     start = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - start)
-        s, k = (statistics.median(times[n]) * 1e3 for n in ("step", "kernels"))
-        print(f"| {b} | {s:.2f} | {k:.2f} | {100 * (1 - k / s):.0f}% |")
+        for request_id in [f"outside-{i}" for i in range(b)]:
+            engine.abort(request_id)
+        s, k, e = (statistics.median(times[n]) * 1e3 for n in ("step", "kernels", "engine"))
+        print(
+            f"| {b} | {s:.2f} | {k:.2f} | {100 * (1 - k / s):.0f}% | {e:.2f} "
+            f"| {100 * (1 - k / e):.0f}% |"
+        )
+
+
+def decoding(engine, batch: int, context: int, vocab: int, tokens: int) -> None:  # noqa: ANN001
+    """``batch`` requests in ``engine``, each with ``context - 1`` prompt tokens, stepped
+    until every one decodes (room for ``tokens`` more)."""
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        prompt = torch.randint(3, vocab, (context - 1,), generator=g).tolist()
+        engine.add_request(prompt, params, request_id=f"outside-{i}")
+    while True:
+        record = engine.run_step().record
+        assert record is not None, "the engine idled with requests to prefill"
+        if record.num_prefill_tokens == 0 and record.num_seqs == batch:
+            return
 
 
 if __name__ == "__main__":
