@@ -148,7 +148,7 @@ def _ragged_batch(
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = offsets[1:][sampling] - 1
 
-    v, meta = step_tensors(
+    return step_input(
         {
             "input_ids": input_ids,
             "positions": positions,
@@ -165,32 +165,27 @@ def _ragged_batch(
         query_chunks,
         parts,
         device,
-    )
-    return ModelInput(
-        input_ids=v["input_ids"],
-        positions=v["positions"],
-        meta=meta,
-        logits_indices=v["logits_indices"],
-        sample_request_ids=[chunks[k].request_id for k in sampling],
-        num_tokens=len(input_ids),
+        [chunks[k].request_id for k in sampling],
     )
 
 
-def step_tensors(
+def step_input(
     host: dict[str, np.ndarray | None],
     mask: np.ndarray | None,
     query_chunks: tuple[tuple[int, int, int], ...] | None,
     parts: list[tuple[np.ndarray, Rectangle]] | None,
     device: torch.device | str,
-) -> tuple[dict[str, torch.Tensor | None], AttentionMetadata]:
-    """A step's index arrays on ``device`` and its ``AttentionMetadata`` (both layouts' tail).
+    sample_request_ids: list[str],
+) -> ModelInput:
+    """A step's ``ModelInput``: its index arrays on ``device`` and its ``AttentionMetadata``
+    (both layouts' tail); ``sample_request_ids``: the requests of ``logits_indices``' rows.
 
-    ``host``: ``input_ids``, ``positions``, ``slot_mapping``, ``block_tables``,
-    ``query_index``, ``output_index``, ``context_lens``, ``kernel_rows``, ``kernel_tables``,
-    ``logits_indices`` (None where absent); ``mask`` and ``query_chunks``: one rectangle over
-    every row, or ``parts``: a rectangle each over some rows (``attention_rectangle``), the
-    outer mask then None. The index tensors, the parts' included, travel in one packed copy,
-    the masks in another."""
+    ``host``: ``input_ids`` (one per computed row, pads included), ``positions``,
+    ``slot_mapping``, ``block_tables``, ``query_index``, ``output_index``, ``context_lens``,
+    ``kernel_rows``, ``kernel_tables``, ``logits_indices`` (None where absent); ``mask`` and
+    ``query_chunks``: one rectangle over every row, or ``parts``: a rectangle each over some
+    rows (``attention_rectangle``), the outer mask then None. The index tensors, the parts'
+    included, travel in one packed copy, the masks in another."""
     tensors = {k: int64_tensor(a) for k, a in host.items()}
     for i, (rows, (_, p_query, p_output, p_tables, _)) in enumerate(parts or []):
         tensors |= {
@@ -226,7 +221,14 @@ def step_tensors(
             for i, (part_mask, (_, rect)) in enumerate(zip(masks, parts, strict=True))
         ],
     )
-    return v, meta
+    return ModelInput(
+        input_ids=v["input_ids"],
+        positions=v["positions"],
+        meta=meta,
+        logits_indices=v["logits_indices"],
+        sample_request_ids=sample_request_ids,
+        num_tokens=len(host["input_ids"]),
+    )
 
 
 def int64_tensor(a: np.ndarray | None) -> torch.Tensor | None:

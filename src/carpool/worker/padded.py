@@ -40,7 +40,7 @@ from carpool.worker.batch import (
     Rectangle,
     attention_rectangle,
     rectangle_wastes,
-    step_tensors,
+    step_input,
 )
 
 PAD_TOKEN_ID = 0  # any valid id: a pad's output is never read
@@ -146,7 +146,7 @@ def build_padded_batch(
 
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = np.array([k * width + real_lens[k] - 1 for k in sampling], dtype=np.int64)
-    v, meta = step_tensors(
+    return step_input(
         {
             "slot_mapping": slot_mapping.reshape(-1),
             "block_tables": rect_tables,
@@ -163,12 +163,5 @@ def build_padded_batch(
         query_chunks,
         parts,
         device,
-    )
-    return ModelInput(
-        input_ids=v["input_ids"],
-        positions=v["positions"],
-        meta=meta,
-        logits_indices=v["logits_indices"],
-        sample_request_ids=[chunks[k].request_id for k in sampling],
-        num_tokens=rows * width,
+        [chunks[k].request_id for k in sampling],
     )

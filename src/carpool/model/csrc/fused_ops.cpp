@@ -933,7 +933,7 @@ inline __m512i bf16_rounded(__m512 v) {
 // they are) into y[0 .. 15], four at a time as int8_dot_pass streams them: its sums (a 16-lane
 // sum of bf16 pairs per column, K in order, then reduce16), so the same bits, but the 16 sums
 // share one reduce16 where a pass of four columns left 12 of its 16 empty (the reductions were
-// ~12% of a one-row product over 512 codes). `ahead(c)` (or null): the rows to bring into
+// ~12% of a one-row product over 512 codes). `ahead(c)` (or null): the codes to bring into
 // cache while column c's four are read (two lines per 32 codes, as int8_dot_pass).
 template <typename T, typename Ahead>
 void int8_dot_row16(const c10::BFloat16* xb, const int8_t* q, int64_t k,
@@ -1069,25 +1069,24 @@ void int8_dot_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y
   const int64_t grain = std::max<int64_t>(16, (tiles + threads - 1) / threads);
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     std::vector<c10::BFloat16> wb;  // a tile's codes in bf16 (zeros past the last column)
+    // Tile ta's codes, to bring into cache, where whole and in this run (else null).
+    auto codes_of = [&](int64_t ta) -> const char* {
+      return ta < t1 && (ta + 1) * kDotCols <= n
+                 ? reinterpret_cast<const char*>(q + ta * kDotCols * k)
+                 : nullptr;
+    };
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t col = t * kDotCols, ncols = std::min<int64_t>(kDotCols, n - col);
-      float sc[kDotCols];
-      for (int64_t c = 0; c < ncols; ++c) sc[c] = Elt<c10::BFloat16>::load(scale, col + c);
       // One row: 16 columns a call while the run has them (t steps over the other three).
       if (rows == 1 && t + 4 <= t1 && col + 16 <= n) {
-        // The rows kDotAhead tiles past each four, where whole and in this run.
-        auto ahead = [&](int64_t c0) -> const char* {
-          const int64_t a = col + c0 + kDotAhead * kDotCols;
-          return a + kDotCols <= n && a < t1 * kDotCols ? reinterpret_cast<const char*>(q + a * k)
-                                                        : nullptr;
-        };
+        auto ahead = [&](int64_t c0) { return codes_of(t + c0 / kDotCols + kDotAhead); };
         int8_dot_row16(xb.data(), q + col * k, k, scale + col, y + col, ahead);
         t += 3;
         continue;
       }
-      const bool whole = (t + kDotAhead + 1) * kDotCols <= n && t + kDotAhead < t1;
-      const char* ahead =
-          whole ? reinterpret_cast<const char*>(q + (col + kDotAhead * kDotCols) * k) : nullptr;
+      float sc[kDotCols];
+      for (int64_t c = 0; c < ncols; ++c) sc[c] = Elt<c10::BFloat16>::load(scale, col + c);
+      const char* ahead = codes_of(t + kDotAhead);
       if (direct && ncols == kDotCols) {
         int8_dot_tile(xb.data(), q + col * k, rows, k, ncols, sc, y, n, col, ahead);
         continue;
