@@ -198,11 +198,13 @@ def faulty_logits_processor(monkeypatch) -> list[int]:
 
 
 def test_injected_sampling_fault_fails_only_its_request(server, alone, faulty_sampler) -> None:
+    # A seeded draw: a batch of greedy rows alone never reaches the sampler (their argmax is
+    # taken directly, ModelRunner.execute), so the poison's row is what sends it there.
     poison = {
         "model": MODEL,
         "prompt": "hello",
         "max_tokens": 8,
-        "temperature": 0,
+        "temperature": 1.0,
         "seed": FAULT_SEED,
     }
     resp, texts = poison_beside_innocents(server, "/completions", poison)

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from carpool.sampling_params import SamplingParams
-from carpool.worker.sampler import Sampler, SamplingRow, apply_penalties, apply_truncation
+from carpool.worker.sampler import (
+    Sampler,
+    SamplingRow,
+    apply_penalties,
+    apply_truncation,
+    argmax_only,
+)
 
 V = 50
 
@@ -33,6 +39,43 @@ def test_greedy_is_argmax():
     lg = logits(rows=3)
     out = Sampler()(lg, [row(temperature=0)] * 3)
     assert out.token_ids == lg.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        ({"temperature": 0}, True),
+        ({"temperature": 1e-6, "top_k": 3, "top_p": 0.5, "min_p": 0.1, "seed": 4}, True),
+        ({"temperature": 0.7}, False),
+        ({"temperature": 0, "logprobs": 0}, False),
+        ({"temperature": 0, "repetition_penalty": 1.1}, False),
+        ({"temperature": 0, "presence_penalty": 0.5}, False),
+        ({"temperature": 0, "frequency_penalty": -0.5}, False),
+        ({"temperature": 0, "logit_bias": {"3": 5}}, False),
+        ({"temperature": 0, "structured_outputs": {"regex": "a+"}}, False),
+    ],
+)
+def test_argmax_only_names_the_rows_whose_token_is_the_raw_argmax(kw, expected):
+    """Each option the sampler or the logits processor applies around a greedy argmax takes
+    a row off the runner's direct argmax; truncations and seeds do not change a greedy row."""
+    if "structured_outputs" in kw:
+        from carpool.structured.params import StructuredOutputsParams
+
+        kw = kw | {"structured_outputs": StructuredOutputsParams(**kw["structured_outputs"])}
+    assert argmax_only(SamplingParams(**kw)) is expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_gives_the_samplers_tokens(dtype):
+    """Sampler.greedy (the runner's path for argmax-only rows) and the sampler agree, ties
+    (the first maximal index) and NaN rows included."""
+    lg = logits(rows=6).to(dtype)
+    lg[1, 7] = lg[1, 30] = lg[1].max() + 1  # a tie: the first index wins
+    lg[2, 11] = float("nan")
+    lg[3] = 0.0
+    rows = [row(temperature=0, top_k=2, seed=9)] * 6
+    assert Sampler.greedy(lg) == Sampler()(lg, rows).token_ids
+    assert Sampler.greedy(lg)[1] == 7 and Sampler.greedy(lg)[3] == 0
 
 
 def test_top_k_support():

@@ -18,6 +18,8 @@ step ends with ``cpu_allocator.end_step`` (blocks idle for a few steps unmapped)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from carpool.model import cpu_allocator, pages
@@ -36,10 +38,16 @@ def trims() -> int:
     return _Counter.trims
 
 
+@functools.lru_cache(maxsize=16)
+def _on_cpu(device: torch.device | str) -> bool:
+    # Cached: called after every step.
+    return torch.device(device).type == "cpu"
+
+
 def release_after(num_tokens: int, device: torch.device | str) -> bool:
     """Return freed heap memory to the OS after a CPU step of ``num_tokens`` tokens, when that
     is at least ``TRIM_AFTER_TOKENS`` and the C library has ``malloc_trim``; True if it did."""
-    if torch.device(device).type != "cpu":
+    if not _on_cpu(device):
         return False
     # Every step: the block allocator's blocks that no step has wanted for a while go back.
     cpu_allocator.end_step()

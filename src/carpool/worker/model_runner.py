@@ -23,7 +23,7 @@ from carpool.scheduling.output import BlockTables, SchedulerOutput
 from carpool.worker import heap
 from carpool.worker.batch import build_ragged_batch
 from carpool.worker.padded import build_padded_batch
-from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs
+from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs, argmax_only
 from carpool.worker.sampler_guard import SamplingGuard
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ class ModelRunner:
         # Every scheduled request's block table, kept here from the per-step deltas so the
         # hand-off costs O(new blocks), not O(context), per step.
         self.block_tables = BlockTables()
+        self._inference_mode = torch.inference_mode()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -158,49 +159,62 @@ class ModelRunner:
         if self.logits_processor is not None:
             self.logits_processor.release(request_id)
 
-    @torch.inference_mode()
     def execute(
         self, output: SchedulerOutput, requests: Mapping[str, Request]
     ) -> ModelRunnerOutput:
         """Run the model on ``output.chunks`` and sample for every ``needs_sample`` chunk."""
-        self.block_tables.apply(output)
-        if output.is_empty:
-            return ModelRunnerOutput()
-        tables = self.block_tables.tables_of(output.chunks)
-        # Generated tokens' rows take the paged decode kernel wherever they are computed, in
-        # either layout.
-        prompts = [len(requests[c.request_id].prompt_token_ids) for c in output.chunks]
-        if self.layout == "padded":
-            inp = build_padded_batch(
-                output.chunks,
-                tables,
-                self.block_size,
-                self.scratch_block,
-                output.num_idle_seats,
-                self.device,
-                prompts,
+        # One inference_mode object for every step (the decorator made a new one per call).
+        with self._inference_mode:
+            self.block_tables.apply(output)
+            if output.is_empty:
+                return ModelRunnerOutput()
+            tables = self.block_tables.tables_of(output.chunks)
+            # Generated tokens' rows take the paged decode kernel wherever they are computed, in
+            # either layout.
+            prompts = [len(requests[c.request_id].prompt_token_ids) for c in output.chunks]
+            if self.layout == "padded":
+                inp = build_padded_batch(
+                    output.chunks,
+                    tables,
+                    self.block_size,
+                    self.scratch_block,
+                    output.num_idle_seats,
+                    self.device,
+                    prompts,
+                )
+            else:
+                inp = build_ragged_batch(
+                    output.chunks, tables, self.block_size, self.device, prompts
+                )
+            num_padded = inp.num_tokens - output.num_batched_tokens
+            logits = self.model(
+                inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
             )
-        else:
-            inp = build_ragged_batch(output.chunks, tables, self.block_size, self.device, prompts)
-        num_padded = inp.num_tokens - output.num_batched_tokens
-        logits = self.model(
-            inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
-        )
-        # A prefill's freed temporaries back to the OS (see carpool.worker.heap).
-        heap.release_after(inp.num_tokens, self.device)
-        if not inp.sample_request_ids:
-            return ModelRunnerOutput(num_padded_tokens=num_padded)
-        reqs = [requests[rid] for rid in inp.sample_request_ids]
-        rows = [
-            SamplingRow(
-                r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r)
+            # A prefill's freed temporaries back to the OS (see carpool.worker.heap).
+            heap.release_after(inp.num_tokens, self.device)
+            if not inp.sample_request_ids:
+                return ModelRunnerOutput(num_padded_tokens=num_padded)
+            reqs = [requests[rid] for rid in inp.sample_request_ids]
+            if all(argmax_only(r.sampling_params) for r in reqs):
+                # Every row greedy with nothing to apply: the argmax alone, without the sampler's
+                # per-row objects (the same tokens). This Python runs right after the forward,
+                # where each call costs several times its warm price (BENCHMARKS.md, issue 11,
+                # thirty-second pass).
+                tokens = self.sampler.greedy(logits)
+                return ModelRunnerOutput(
+                    sampled=dict(zip(inp.sample_request_ids, tokens, strict=True)),
+                    num_padded_tokens=num_padded,
+                )
+            rows = [
+                SamplingRow(
+                    r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r)
+                )
+                for r in reqs
+            ]
+            result = self.sampling(logits, inp.sample_request_ids, rows)
+            return ModelRunnerOutput(
+                sampled=result.sampled,
+                logprobs=result.logprobs,
+                num_padded_tokens=num_padded,
+                failed=result.failed,
             )
-            for r in reqs
-        ]
-        result = self.sampling(logits, inp.sample_request_ids, rows)
-        return ModelRunnerOutput(
-            sampled=result.sampled,
-            logprobs=result.logprobs,
-            num_padded_tokens=num_padded,
-            failed=result.failed,
-        )

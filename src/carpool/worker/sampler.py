@@ -156,8 +156,30 @@ def apply_truncation(
     return logits
 
 
+def argmax_only(params: SamplingParams) -> bool:
+    """Whether a row's token is its raw logits' first maximal index: greedy, and nothing
+    applied before the argmax (no penalty, no logit bias, no grammar) nor read after it (no
+    logprobs). ``Sampler.__call__`` and the logits processor return that very token for such
+    a row; ``ModelRunner`` then skips them (``Sampler.greedy``)."""
+    return (
+        params.temperature < MIN_TEMPERATURE
+        and params.logprobs is None
+        and params.repetition_penalty == 1
+        and params.presence_penalty == 0
+        and params.frequency_penalty == 0
+        and not params.logit_bias
+        and params.structured_outputs is None
+    )
+
+
 class Sampler:
     """Sample one token per row of ``[R, V]`` logits."""
+
+    @staticmethod
+    def greedy(logits: torch.Tensor) -> list[int]:
+        """Each row's first maximal index (what ``__call__`` gives rows that are all
+        ``argmax_only``), without building the batch's sampling parameters."""
+        return fused_ops.argmax(logits.float()).tolist()
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         assert logits.shape[0] == len(rows), f"{logits.shape[0]} logits rows for {len(rows)} rows"
