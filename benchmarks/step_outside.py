@@ -13,7 +13,9 @@ is a lower bound of the true one by about that.
 each ``context`` tokens deep at the start, steps alternated with the other two): the model's
 step plus the engine's Python around it (schedule, batch build, sampling, update, outputs).
 ``outside (engine)`` = 1 - kernels / engine step: what a batch-1 request pays beyond its
-matmuls and attention. The model is the engine's own (prepared by its runner).
+matmuls and attention. The model is the engine's own (prepared by its runner). ``engine
+Python ms``: the engine step less its model call (timed around ``model.forward``): the
+engine's own Python per step (schedule, batch build, sampling, update, outputs).
 
     PYTHONPATH=src:benchmarks python benchmarks/step_outside.py --random-config small --batch 1
     PYTHONPATH=src:benchmarks python benchmarks/step_outside.py --model model.gguf --batch 1,8
@@ -61,9 +63,21 @@ def main() -> None:
     cfg = model.config
     print(f"{path}: {dtype}, {a.threads} threads, context {a.context}")
     layers = model.model.layers
+    # The model's calls timed (the engine step's own is subtracted: its Python around them).
+    forwards: list[float] = []
+    forward = model.forward
+
+    def timed_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        forwards.append(time.perf_counter() - start)
+        return out
+
+    model.forward = timed_forward
     print(
-        "| batch | step ms | kernels alone ms | outside | engine step ms | outside (engine) |\n"
-        "|---:|---:|---:|---:|---:|---:|"
+        "| batch | step ms | kernels alone ms | outside | engine step ms | outside (engine) "
+        "| engine Python ms |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|"
     )
     for b in batches:
         chunks = decode_chunks(b, a.context, 16)
@@ -93,22 +107,27 @@ def main() -> None:
             head.logits(x) if hasattr(head, "logits") else head(x).float()
 
         decoding(engine, b, a.context, cfg.vocab_size, a.steps + 8)
-        times: dict[str, list[float]] = {"step": [], "kernels": [], "engine": []}
+        times: dict[str, list[float]] = {"step": [], "kernels": [], "engine": [], "python": []}
         with torch.inference_mode():
             step()
             kernels()
         for _ in range(a.steps):
             for name, fn in (("step", step), ("kernels", kernels), ("engine", engine.step)):
+                forwards.clear()
                 with torch.inference_mode():
                     start = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - start)
+                if name == "engine":  # the engine step less its model call
+                    times["python"].append(times[name][-1] - sum(forwards))
         for i in range(b):
             engine.abort(f"outside-{i}")
-        s, k, e = (statistics.median(times[n]) * 1e3 for n in ("step", "kernels", "engine"))
+        s, k, e, p = (
+            statistics.median(times[n]) * 1e3 for n in ("step", "kernels", "engine", "python")
+        )
         print(
             f"| {b} | {s:.2f} | {k:.2f} | {100 * (1 - k / s):.0f}% | {e:.2f} "
-            f"| {100 * (1 - k / e):.0f}% |"
+            f"| {100 * (1 - k / e):.0f}% | {p:.3f} |"
         )
 
 
