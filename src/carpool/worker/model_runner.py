@@ -163,7 +163,8 @@ class ModelRunner:
         self, output: SchedulerOutput, requests: Mapping[str, Request]
     ) -> ModelRunnerOutput:
         """Run the model on ``output.chunks`` and sample for every ``needs_sample`` chunk."""
-        # One inference_mode object for every step (the decorator made a new one per call).
+        # One inference_mode object for every step (the decorator made a new one per call);
+        # a runner's steps run one at a time, so it is never entered twice at once.
         with self._inference_mode:
             self.block_tables.apply(output)
             if output.is_empty:
