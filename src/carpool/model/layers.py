@@ -327,7 +327,11 @@ class RotaryEmbedding(nn.Module):
     def cast_table(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole ``[max_position, 2, D]`` table in ``dtype`` (cast once, then kept)."""
         table = self._cast.get(dtype)
-        if table is None or table.device != self.cos_sin_cached.device:
+        if table is None:
+            # No check of the buffer's device here: ``_apply`` (``.to()`` and the like) and
+            # ``reset_tables``, what replaces the buffer, drop the casts. This runs in every
+            # decode step, right after the weights' stream, where reading the buffer (through
+            # ``Module.__getattr__``) and comparing two devices cost ~20 us.
             table = self._cast[dtype] = self.cos_sin_cached.to(dtype)
         return table
 
