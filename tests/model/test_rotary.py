@@ -52,3 +52,8 @@ def test_table_cast_follows_device_and_dtype(tmp_path):
     assert rotary.cos_sin_cached.dtype == torch.float64
     assert rotary.cos_sin(pos, torch.float64)[0].dtype == torch.float64
     torch.testing.assert_close(rotary.cos_sin(pos, torch.float32)[0], c32)
+    # A cast made before a move is never handed out after it (cast_table checks no device:
+    # the move itself drops the casts).
+    assert rotary.cast_table(torch.bfloat16).device.type == "cpu"
+    rotary.to("meta")
+    assert rotary.cast_table(torch.bfloat16).device.type == "meta"
