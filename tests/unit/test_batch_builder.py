@@ -55,6 +55,61 @@ def test_decode_path_equals_the_general_path(seed):
     _same(batch.build_ragged_batch(chunks, tables, block_size), general)  # generated_from None
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_kept_decode_inputs_equal_new_ones_step_after_step(seed):
+    """DecodeInputs patches the last step's tensors: every step's inputs equal the general
+    path's, through sequences decoding across block boundaries, joining, leaving, a step that
+    samples fewer rows, and one recomputed into other blocks by a prefill step in between
+    (which forgets the kept inputs: the decode steps around it are alike)."""
+    rng = random.Random(seed)
+    block_size = rng.choice([4, 16])
+    free = list(range(1000))
+    rng.shuffle(free)
+    seqs: dict[str, tuple[int, list[int]]] = {}  # id -> (next position, block table)
+
+    def admit(rid: str) -> None:
+        pos = rng.randint(0, 40)
+        seqs[rid] = (pos, [free.pop() for _ in range(-(-(pos + 1) // block_size))])
+
+    for k in range(rng.randint(1, 5)):
+        admit(f"r{k}")
+    reuse = batch.DecodeInputs()
+    kept = rebuilt = 0
+    for step in range(120):
+        event = rng.random()
+        if event < 0.04 and len(seqs) > 1:
+            seqs.pop(rng.choice(sorted(seqs)))  # a sequence finished
+        elif event < 0.08:
+            admit(f"s{step}")  # a sequence joins
+        elif event < 0.10:  # preempted, recomputed into other blocks: a prefill step
+            rid = rng.choice(sorted(seqs))
+            pos, table = seqs[rid]
+            table[:] = [free.pop() for _ in table]
+            prompt = [Chunk(rid, list(range(pos)), 0)] if pos else [Chunk(rid, [1], 0)]
+            inp = batch.build_ragged_batch(prompt, [table], block_size, "cpu", [pos + 1], reuse)
+            assert inp.meta.context_lens is None  # prompt rows, not a decode step
+        ids = sorted(seqs)
+        for rid in ids:  # the table holds this step's token
+            pos, table = seqs[rid]
+            while len(table) * block_size <= pos:
+                table.append(free.pop())
+        chunks = [
+            Chunk(rid, [rng.randint(0, 999)], seqs[rid][0], event < 0.95 or i > 0)
+            for i, rid in enumerate(ids)
+        ]
+        tables = [list(seqs[rid][1]) for rid in ids]
+        prompts = [0] * len(ids)
+        before = reuse._inp
+        got = batch.build_ragged_batch(chunks, tables, block_size, "cpu", prompts, reuse)
+        _same(got, batch._ragged_batch(chunks, tables, block_size, "cpu", prompts))
+        kept += got is before
+        rebuilt += got is not before
+        for rid in ids:
+            pos, table = seqs[rid]
+            seqs[rid] = (pos + 1, table)
+    assert kept > 50 and rebuilt > 1, (kept, rebuilt)
+
+
 def test_prompt_tokens_and_longer_chunks_take_the_general_path(monkeypatch):
     def refuse(*args):
         raise AssertionError("not a pure decode step")

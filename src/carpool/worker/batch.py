@@ -46,6 +46,7 @@ def build_ragged_batch(
     block_size: int,
     device: torch.device | str = "cpu",
     generated_from: Sequence[int] | None = None,
+    reuse: DecodeInputs | None = None,
 ) -> ModelInput:
     """Pack ``chunks`` end to end into one ``ModelInput``.
 
@@ -60,13 +61,20 @@ def build_ragged_batch(
             (``AttentionMetadata.context_lens``), the prompt's take the gathered path. The rule
             depends on the row alone, so a sequence's numbers do not change with its batch
             (the two paths round differently). None: every row of a pure decode step.
+        reuse: a pure decode step's inputs kept from the step before (``DecodeInputs``, CPU
+            only): patched in place when the same sequences decode again; any other step
+            forgets them. None: new tensors every step.
     """
     assert chunks, "a batch needs at least one chunk"
     if all(len(c.token_ids) == 1 for c in chunks) and (
         generated_from is None
         or all(c.start_pos >= g for c, g in zip(chunks, generated_from, strict=True))
     ):
-        return _decode_batch(chunks, block_tables, block_size, device)
+        if reuse is not None:
+            return reuse.build(chunks, block_tables, block_size)
+        return _decode_batch(chunks, block_tables, block_size, device)[0]
+    if reuse is not None:
+        reuse.forget()
     return _ragged_batch(chunks, block_tables, block_size, device, generated_from)
 
 
@@ -359,9 +367,10 @@ def _decode_batch(
     block_tables: Sequence[Sequence[int]],
     block_size: int,
     device: torch.device | str,
-) -> ModelInput:
+) -> tuple[ModelInput, array.array]:
     """``build_ragged_batch`` of a pure decode step (one generated token per sequence, every
-    row a kernel row): the same tensors, as views of one tensor made from a plain list.
+    row a kernel row): the same tensors, as views of one tensor made from a plain list; and
+    that list as the array the tensor lies on (on the CPU; ``DecodeInputs`` patches it).
 
     Why a path of its own: the step's Python runs right after the forward has streamed the
     weights through the caches, so each of the general path's ~30 numpy calls misses to memory;
@@ -389,7 +398,8 @@ def _decode_batch(
     values.extend(itertools.chain.from_iterable(rows))
     # Through an array (a C loop over the list) into a tensor on its memory: torch.tensor
     # of the list took ~3x as long (it inspects every element).
-    flat = torch.frombuffer(array.array("q", values), dtype=torch.int64).to(device)
+    buf = array.array("q", values)
+    flat = torch.frombuffer(buf, dtype=torch.int64).to(device)
     # (split_with_sizes: Tensor.split's Python wrapper is one more call through cold code.)
     ids_t, pos, ctx, slots_t, sample_t, tables_t = flat.split_with_sizes(
         [b, b, b, b, n, b * max_blocks]
@@ -402,7 +412,7 @@ def _decode_batch(
         attn_mask=None,
         context_lens=ctx,
     )
-    return ModelInput(
+    inp = ModelInput(
         input_ids=ids_t,
         positions=pos,
         meta=meta,
@@ -410,3 +420,65 @@ def _decode_batch(
         sample_request_ids=[chunks[k].request_id for k in sampling],
         num_tokens=b,
     )
+    return inp, buf
+
+
+class DecodeInputs:
+    """A pure decode step's ``ModelInput`` kept for the next step and patched in place (CPU).
+
+    In steady decoding the same sequences step again, each one token further: their token
+    ids, positions, context lengths and slots change, the tensors' shapes do not. The
+    tensors are views of one array (``_decode_batch``), so the next step writes its values
+    into that array and hands the same ``ModelInput`` out again, instead of building lists, an
+    array, a tensor, six views and two dataclasses, each a call through code the weights'
+    stream has just pushed out of the caches. A step of other sequences, other sampling rows,
+    or a table past the kept width builds anew; so does any step after one that was not a
+    pure decode step (``forget``: a preempted sequence may come back with other blocks).
+    A running sequence's block table only grows, so a row is rewritten only when its length
+    changed. The same values as ``_decode_batch`` (tested).
+
+    The inputs are valid until the next ``build``: the model reads them within its step.
+    """
+
+    def __init__(self) -> None:
+        self._inp: ModelInput | None = None
+        self._buf: array.array | None = None
+        self._key: tuple[tuple[str, bool], ...] = ()
+        self._width = 0  # the block tables' kept width (max_blocks)
+        self._lens: list[int] = []  # each row's table length when last written
+
+    def forget(self) -> None:
+        """Build the next decode step's inputs anew."""
+        self._inp = self._buf = None
+
+    def build(
+        self, chunks: Sequence[ChunkLike], block_tables: Sequence[Sequence[int]], block_size: int
+    ) -> ModelInput:
+        """``build_ragged_batch`` of a pure decode step, reusing the last one's tensors."""
+        key = tuple((c.request_id, c.needs_sample) for c in chunks)
+        width = -(-(max(c.start_pos for c in chunks) + 1) // block_size)
+        inp, buf = self._inp, self._buf
+        if inp is None or buf is None or key != self._key or width > self._width:
+            inp, buf = _decode_batch(chunks, block_tables, block_size, "cpu")
+            self._inp, self._buf, self._key = inp, buf, key
+            self._width = width
+            self._lens = [min(len(t), width) for t in block_tables]
+            return inp
+        b, w = len(chunks), self._width
+        rows = 4 * b + len(inp.sample_request_ids)  # where the tables start
+        for k, (c, table) in enumerate(zip(chunks, block_tables, strict=True)):
+            p = c.start_pos
+            assert len(table) * block_size > p, (
+                f"request {c.request_id}: block table of {len(table)} blocks cannot hold "
+                f"{p + 1} tokens"
+            )
+            buf[k] = c.token_ids[0]
+            buf[b + k] = p
+            buf[2 * b + k] = p + 1
+            buf[3 * b + k] = table[p // block_size] * block_size + p % block_size
+            n = min(len(table), w)
+            if n != self._lens[k]:
+                start = rows + k * w
+                buf[start : start + n] = array.array("q", table[:n])
+                self._lens[k] = n
+        return inp

@@ -21,7 +21,7 @@ from carpool.model.quant import QuantizedLinear
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, SchedulerOutput
 from carpool.worker import heap
-from carpool.worker.batch import build_ragged_batch
+from carpool.worker.batch import DecodeInputs, build_ragged_batch
 from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs, argmax_only
 from carpool.worker.sampler_guard import SamplingGuard
@@ -135,6 +135,9 @@ class ModelRunner:
         # hand-off costs O(new blocks), not O(context), per step.
         self.block_tables = BlockTables()
         self._inference_mode = torch.inference_mode()
+        # A pure decode step's inputs, patched from step to step (the CPU's; elsewhere the
+        # tensors are copies on the device, made anew).
+        self._decode_inputs = DecodeInputs() if torch.device(device).type == "cpu" else None
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -185,7 +188,12 @@ class ModelRunner:
                 )
             else:
                 inp = build_ragged_batch(
-                    output.chunks, tables, self.block_size, self.device, prompts
+                    output.chunks,
+                    tables,
+                    self.block_size,
+                    self.device,
+                    prompts,
+                    reuse=self._decode_inputs,
                 )
             num_padded = inp.num_tokens - output.num_batched_tokens
             logits = self.model(
