@@ -14,8 +14,8 @@ each ``context`` tokens deep at the start, steps alternated with the other two):
 step plus the engine's Python around it (schedule, batch build, sampling, update, outputs).
 ``outside (engine)`` = 1 - kernels / engine step: what a batch-1 request pays beyond its
 matmuls and attention. The model is the engine's own (prepared by its runner). ``engine
-Python ms``: the engine step less its model call (timed around ``model.forward``): the
-engine's own Python per step (schedule, batch build, sampling, update, outputs).
+Python ms``: the engine step less its model call (timed around ``model.forward``), that
+Python alone.
 
     PYTHONPATH=src:benchmarks python benchmarks/step_outside.py --random-config small --batch 1
     PYTHONPATH=src:benchmarks python benchmarks/step_outside.py --model model.gguf --batch 1,8

@@ -99,7 +99,7 @@ def test_kept_decode_inputs_equal_new_ones_step_after_step(seed):
         ]
         tables = [list(seqs[rid][1]) for rid in ids]
         prompts = [0] * len(ids)
-        before = reuse._inp
+        before = reuse._kept[0] if reuse._kept is not None else None
         got = batch.build_ragged_batch(chunks, tables, block_size, "cpu", prompts, reuse)
         _same(got, batch._ragged_batch(chunks, tables, block_size, "cpu", prompts))
         kept += got is before

@@ -382,13 +382,10 @@ def _decode_batch(
     max_blocks = -(-(max(positions) + 1) // block_size)
     rows: list[list[int]] = []
     slots: list[int] = []
-    for c, table, p in zip(chunks, block_tables, positions, strict=True):
-        assert len(table) * block_size > p, (
-            f"request {c.request_id}: block table of {len(table)} blocks cannot hold {p + 1} tokens"
-        )
+    for c, table in zip(chunks, block_tables, strict=True):
         row = list(table[:max_blocks])
         rows.append(row + [0] * (max_blocks - len(row)))
-        slots.append(table[p // block_size] * block_size + p % block_size)
+        slots.append(_decode_slot(c, table, block_size))
     # One tensor for every index list (each conversion is a pass through cold code), then
     # views of it: tokens, positions, context lengths, slots, sampled rows, block tables.
     ids = [c.token_ids[0] for c in chunks]
@@ -441,15 +438,15 @@ class DecodeInputs:
     """
 
     def __init__(self) -> None:
-        self._inp: ModelInput | None = None
-        self._buf: array.array | None = None
+        # The last step's inputs and the array their tensors lie on (None: build anew).
+        self._kept: tuple[ModelInput, array.array] | None = None
         self._key: tuple[tuple[str, bool], ...] = ()
         self._width = 0  # the block tables' kept width (max_blocks)
         self._lens: list[int] = []  # each row's table length when last written
 
     def forget(self) -> None:
         """Build the next decode step's inputs anew."""
-        self._inp = self._buf = None
+        self._kept = None
 
     def build(
         self, chunks: Sequence[ChunkLike], block_tables: Sequence[Sequence[int]], block_size: int
@@ -457,28 +454,32 @@ class DecodeInputs:
         """``build_ragged_batch`` of a pure decode step, reusing the last one's tensors."""
         key = tuple((c.request_id, c.needs_sample) for c in chunks)
         width = -(-(max(c.start_pos for c in chunks) + 1) // block_size)
-        inp, buf = self._inp, self._buf
-        if inp is None or buf is None or key != self._key or width > self._width:
-            inp, buf = _decode_batch(chunks, block_tables, block_size, "cpu")
-            self._inp, self._buf, self._key = inp, buf, key
-            self._width = width
+        if self._kept is None or key != self._key or width > self._width:
+            self._kept = _decode_batch(chunks, block_tables, block_size, "cpu")
+            self._key, self._width = key, width
             self._lens = [min(len(t), width) for t in block_tables]
-            return inp
+            return self._kept[0]
+        inp, buf = self._kept
         b, w = len(chunks), self._width
-        rows = 4 * b + len(inp.sample_request_ids)  # where the tables start
+        tables_at = 4 * b + len(inp.sample_request_ids)  # ids, positions, lengths, slots, rows
         for k, (c, table) in enumerate(zip(chunks, block_tables, strict=True)):
             p = c.start_pos
-            assert len(table) * block_size > p, (
-                f"request {c.request_id}: block table of {len(table)} blocks cannot hold "
-                f"{p + 1} tokens"
-            )
             buf[k] = c.token_ids[0]
             buf[b + k] = p
             buf[2 * b + k] = p + 1
-            buf[3 * b + k] = table[p // block_size] * block_size + p % block_size
+            buf[3 * b + k] = _decode_slot(c, table, block_size)
             n = min(len(table), w)
             if n != self._lens[k]:
-                start = rows + k * w
+                start = tables_at + k * w
                 buf[start : start + n] = array.array("q", table[:n])
                 self._lens[k] = n
         return inp
+
+
+def _decode_slot(chunk: ChunkLike, table: Sequence[int], block_size: int) -> int:
+    """The cache slot of a decode chunk's token (at ``chunk.start_pos``) in its ``table``."""
+    p = chunk.start_pos
+    assert len(table) * block_size > p, (
+        f"request {chunk.request_id}: block table of {len(table)} blocks cannot hold {p + 1} tokens"
+    )
+    return table[p // block_size] * block_size + p % block_size
