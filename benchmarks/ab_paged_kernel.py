@@ -10,7 +10,8 @@ rounds alternating before / after / a plain ``sum()`` of the same bytes; medians
         --shapes 8x16/4x2048,8x8/8x2048,8x9/3x2048 --caches bf16,fp32q,int8 --threads 2
 
 A shape is ``B x heads/kv_heads x context`` (head_dim ``--head-dim``, blocks of ``--block-size``
-tokens, 16 by default, interleaved between sequences). ``bf16``: bf16 queries over a bf16 cache
+tokens, 16 by default, interleaved between sequences); ``context`` may be a list of contexts
+the sequences take in turn (``8x16/4x128:2048``: four of 128 tokens and four of 2048). ``bf16``: bf16 queries over a bf16 cache
 (a bf16 model); ``fp32q``: float32 queries over a bf16 cache (a float32 model with
 ``kv_cache_dtype="bfloat16"``); ``int8``: bf16 queries over the int8 cache of the same values,
 in each checkout's own layout (``kv_quant.to_blocks`` where its ``kv_quant`` has the block
@@ -136,12 +137,14 @@ def main() -> None:
     print("| shape | cache | before ms | after ms | before / after | sum() ms | after / sum() |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape in a.shapes.split(","):
-        b, heads, ctx = shape.split("x")
+        b, heads, ctxs = shape.split("x")
         h, kvh = (int(x) for x in heads.split("/"))
-        b, ctx = int(b), int(ctx)
+        b = int(b)
+        # Each sequence's context: the list's values in turn ("128:2048": 128, 2048, 128, ...).
+        lens = torch.tensor([int(c) for c in ctxs.split(":")] * b, dtype=torch.long)[:b]
+        ctx = int(lens.max())
         nb = b * (-(-ctx // bs))
         tables = torch.arange(1, nb + 1).view(-1, b).t().contiguous()
-        lens = torch.full((b,), ctx, dtype=torch.long)
         for cache in a.caches.split(","):
             caches = [
                 torch.randn(nb + 1, bs, 2, kvh, d).to(torch.bfloat16) for _ in range(a.layers)

@@ -105,11 +105,12 @@ def test_long_contexts_the_same_bits_whatever_the_batch(heads, kv_heads, cache):
     # Long contexts (1-5k tokens beside short ones): right against the reference, and the same
     # bits for a sequence alone, in a batch, and on one thread or two, so a request's greedy
     # tokens do not depend on what it is batched with. A float cache's contexts over 512
-    # tokens are cut into chunks merged after (2100: 5 chunks of 32 blocks; 5000: the most, 8
-    # of 40): by the context alone, and merged in the same order whichever thread merges (one
-    # thread: the one that computed the chunks; two: after the parallel loop, for a sequence
-    # alone).
-    lens = [1500, 1025, 1024, 2100, 40, 1, 5000]
+    # tokens are cut into chunks of equal sizes merged after (528: 2 chunks of 17 and 16
+    # blocks; 2100: 5 of 26-27; 5000: the most, 8 of 39-40): by the context alone, and merged
+    # in the same order whichever thread merges (one thread: the one that computed the chunks;
+    # two: after the parallel loop, for a sequence alone). Three threads: the threads' ranges
+    # of work items, cut by their cost, meet where one item is most of the work.
+    lens = [1500, 1025, 1024, 2100, 40, 1, 5000, 528]
     head_dim = 64
     scale = head_dim**-0.5
     if cache.startswith("int8"):
@@ -135,12 +136,18 @@ def test_long_contexts_the_same_bits_whatever_the_batch(heads, kv_heads, cache):
         )
         assert torch.equal(alone, got[i : i + 1]), lens[i]
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        one = paged_attention.paged_decode_attention(q, kv, tables, ctx, scale)
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            other = paged_attention.paged_decode_attention(q, kv, tables, ctx, scale)
+            assert torch.equal(other, got), threads
+            # One long sequence beside one token: all but one item is the long one's.
+            pair = paged_attention.paged_decode_attention(
+                q[5:7], kv, tables[5:7], ctx[5:7], scale
+            )
+            assert torch.equal(pair, got[5:7]), threads
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, got)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 40, 80, 128])

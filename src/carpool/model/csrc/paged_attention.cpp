@@ -179,10 +179,14 @@ void decode_kernel(
     const int64_t n_blocks = (ctx[b] + block_size - 1) / block_size;
     const int64_t per = kInt8 ? n_blocks
                               : std::max(min_chunk, (n_blocks + kMaxChunks - 1) / kMaxChunks);
-    for (int64_t n = 0; n < n_blocks; n += per) {
+    // As many chunks as chunks of `per` blocks cover the context, of equal sizes (to a block):
+    // chunks of `per` and a short rest left a thread with the long ones (1 x 9/3 x 528 tokens,
+    // 32 blocks and 1, ran as long as 1 x 1024).
+    const int64_t chunks = std::max<int64_t>(1, (n_blocks + per - 1) / per);
+    for (int64_t c = 0; c < chunks; ++c) {
       work_seq.push_back(b);
-      work_first.push_back(n);
-      work_end.push_back(std::min(n_blocks, n + per));
+      work_first.push_back(c * n_blocks / chunks);
+      work_end.push_back((c + 1) * n_blocks / chunks);
     }
   }
   const int64_t works = static_cast<int64_t>(work_seq.size());
@@ -251,7 +255,31 @@ void decode_kernel(
   // computed all its chunks: the usual case at a batch of a few sequences per thread); the
   // rest are merged after every item is done.
   std::vector<char> done(part_size ? batch * runs : 0, 0);
-  at::parallel_for(0, works * runs, 1, [&](int64_t begin, int64_t end) {
+  // Each thread one contiguous range of items, of about equal cost (blocks times kv heads, and
+  // one block's worth per item for its queries and output): an equal count of items left
+  // chunks of other lengths (sequences of other contexts, the last run of fewer kv heads) to
+  // fall on one thread. Contiguous, so a thread still computes all the chunks of a (sequence,
+  // run) in a row where it can and merges them itself (all_here below).
+  const int64_t items = works * runs;
+  std::vector<int64_t> bounds(threads + 1, items);
+  bounds[0] = 0;
+  {
+    std::vector<int64_t> cost_before(items + 1, 0);  // the cost of the items before item i
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t w = i / runs, nkh = std::min(run_heads, kv_heads - (i % runs) * run_heads);
+      cost_before[i + 1] = cost_before[i] + (work_end[w] - work_first[w]) * nkh + 1;
+    }
+    // Range p ends at the item boundary nearest p / threads of the total cost.
+    int64_t i = 0;
+    for (int64_t p = 1; p < threads; ++p) {
+      const int64_t target = cost_before[items] * p / threads;
+      while (i < items && cost_before[i + 1] <= target) ++i;
+      const bool next_nearer =
+          i < items && cost_before[i + 1] - target < target - cost_before[i];
+      bounds[p] = std::max(bounds[p - 1], next_nearer ? i + 1 : i);
+    }
+  }
+  const auto compute = [&](int64_t begin, int64_t end) {
     // Per-thread scratch for one run: queries, accumulators, running max/sum, block scores.
     const int64_t rh = run_heads * group;  // query heads of a run
     std::vector<float> qf(rh * d), acc(rh * d), m(rh), l(rh), s(rh * block_size);
@@ -564,6 +592,11 @@ void decode_kernel(
         for (int64_t h = 0; h < nh; ++h) merge(b, h0 + h, acc.data());
       }
       if (all_here && !done.empty()) done[q_id] = 1;
+    }
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      if (bounds[p] < bounds[p + 1]) compute(bounds[p], bounds[p + 1]);
     }
   });
   if (std::all_of(done.begin(), done.end(), [](char c) { return c != 0; })) return;
