@@ -10,13 +10,13 @@ rounds alternating before / after / a plain ``sum()`` of the same bytes; medians
         --shapes 8x16/4x2048,8x8/8x2048,8x9/3x2048 --caches bf16,fp32q,int8 --threads 2
 
 A shape is ``B x heads/kv_heads x context`` (head_dim ``--head-dim``, blocks of ``--block-size``
-tokens, 16 by default, interleaved between sequences); ``context`` may be a list of contexts
-the sequences take in turn (``8x16/4x128:2048``: four of 128 tokens and four of 2048). ``bf16``: bf16 queries over a bf16 cache
-(a bf16 model); ``fp32q``: float32 queries over a bf16 cache (a float32 model with
-``kv_cache_dtype="bfloat16"``); ``int8``: bf16 queries over the int8 cache of the same values,
-in each checkout's own layout (``kv_quant.to_blocks`` where its ``kv_quant`` has the block
-layout, rows before it). The two checkouts' outputs must agree, except with ``--diagnostic``
-(an "after" build with a loop left out, to see what that loop costs).
+tokens, 16 by default, interleaved between sequences); ``context`` may be a list of contexts the
+sequences take in turn (``8x16/4x128:2048``: four of 128 tokens and four of 2048). ``bf16``:
+bf16 queries over a bf16 cache (a bf16 model); ``fp32q``: float32 queries over a bf16 cache (a
+float32 model with ``kv_cache_dtype="bfloat16"``); ``int8``: bf16 queries over the int8 cache of
+the same values, in each checkout's own layout (``kv_quant.to_blocks`` where its ``kv_quant``
+has the block layout, rows before it). The two checkouts' outputs must agree, except with
+``--diagnostic`` (an "after" build with a loop left out, to see what that loop costs).
 """
 
 from __future__ import annotations

@@ -142,9 +142,7 @@ def test_long_contexts_the_same_bits_whatever_the_batch(heads, kv_heads, cache):
             other = paged_attention.paged_decode_attention(q, kv, tables, ctx, scale)
             assert torch.equal(other, got), threads
             # One long sequence beside one token: all but one item is the long one's.
-            pair = paged_attention.paged_decode_attention(
-                q[5:7], kv, tables[5:7], ctx[5:7], scale
-            )
+            pair = paged_attention.paged_decode_attention(q[5:7], kv, tables[5:7], ctx[5:7], scale)
             assert torch.equal(pair, got[5:7]), threads
     finally:
         torch.set_num_threads(before)
