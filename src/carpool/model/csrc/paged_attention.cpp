@@ -269,13 +269,15 @@ void decode_kernel(
       const int64_t w = i / runs, nkh = std::min(run_heads, kv_heads - (i % runs) * run_heads);
       cost_before[i + 1] = cost_before[i] + (work_end[w] - work_first[w]) * nkh + 1;
     }
-    // Range p ends at the item boundary nearest p / threads of the total cost.
+    // Range p ends at the item boundary nearest p / threads of the total cost; on a tie, the
+    // later one: the calling thread (range 0) starts first, the others once woken (3 equal
+    // items on 2 threads: 2 on the calling thread, as an equal count of items gave them).
     int64_t i = 0;
     for (int64_t p = 1; p < threads; ++p) {
-      const int64_t target = cost_before[items] * p / threads;
-      while (i < items && cost_before[i + 1] <= target) ++i;
-      const bool next_nearer =
-          i < items && cost_before[i + 1] - target < target - cost_before[i];
+      const int64_t target = cost_before[items] * p;  // in units of 1 / threads
+      while (i < items && cost_before[i + 1] * threads <= target) ++i;
+      const bool next_nearer = i < items && cost_before[i + 1] * threads - target <=
+                                                target - cost_before[i] * threads;
       bounds[p] = std::max(bounds[p - 1], next_nearer ? i + 1 : i);
     }
   }
