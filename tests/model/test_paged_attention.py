@@ -105,11 +105,12 @@ def test_long_contexts_the_same_bits_whatever_the_batch(heads, kv_heads, cache):
     # Long contexts (1-5k tokens beside short ones): right against the reference, and the same
     # bits for a sequence alone, in a batch, and on one thread or two, so a request's greedy
     # tokens do not depend on what it is batched with. A float cache's contexts over 512
-    # tokens are cut into chunks of equal sizes merged after (528: 2 chunks of 17 and 16
-    # blocks; 2100: 5 of 26-27; 5000: the most, 8 of 39-40): by the context alone, and merged
-    # in the same order whichever thread merges (one thread: the one that computed the chunks;
-    # two: after the parallel loop, for a sequence alone). Three threads: the threads' ranges
-    # of work items, cut by their cost, meet where one item is most of the work.
+    # tokens are cut into an even count of equal chunks merged after (528: 2 of 17 and 16
+    # blocks; 1025: 4 of 16-17; 2100: 6 of 22; 5000: the most, 8 of 39-40): by the context
+    # alone, and merged in the same order whichever thread merges (one thread: the one that
+    # computed the chunks; two: after the parallel loop, for a sequence alone). Three threads:
+    # the threads' ranges of work items, cut by their cost, meet where one item is most of the
+    # work.
     lens = [1500, 1025, 1024, 2100, 40, 1, 5000, 528]
     head_dim = 64
     scale = head_dim**-0.5

@@ -61,8 +61,8 @@ using namespace carpool_kernels;  // NOLINT: the helpers of vec_math.h
 
 // A sequence's context is split into work items ("chunks", see decode_kernel's work items): a
 // context of at most kChunkTokens tokens (rounded down to whole blocks) is one, a longer one as
-// many as chunks of kChunkTokens would cover it, at most kMaxChunks, of equal sizes (to a block;
-// so from about half kChunkTokens). Why bounds: every chunk starts its softmax afresh (its
+// many as chunks of kChunkTokens would cover it rounded up to an even count, at most kMaxChunks,
+// of equal sizes (to a block; so from about a third of kChunkTokens). Why bounds: every chunk starts its softmax afresh (its
 // running max found again, the sums rescaled each time it grows), ~2.5 us a chunk on GQA 16/4;
 // chunks of 512 tokens cost 3% at batch 8 x 8k with a bfloat16 cache. An int8 cache is not
 // split: its kernel is already near the memory's speed at batch 1 (1.09-1.3x from chunks) and
@@ -182,8 +182,12 @@ void decode_kernel(
                               : std::max(min_chunk, (n_blocks + kMaxChunks - 1) / kMaxChunks);
     // As many chunks as chunks of `per` blocks cover the context, of equal sizes (to a block):
     // chunks of `per` and a short rest left a thread with the long ones (1 x 9/3 x 528 tokens,
-    // 32 blocks and 1, ran as long as 1 x 1024).
-    const int64_t chunks = std::max<int64_t>(1, (n_blocks + per - 1) / per);
+    // 32 blocks and 1, ran as long as 1 x 1024). And an even count: 3, 5 or 7 equal chunks of a
+    // sequence alone split unevenly over 2 threads (1 x 9/3 x 1100-3584 1.07-1.36x with one
+    // more; batches of 8-16 level but for GQA 16/4's bf16 loops, 0.97x; BENCHMARKS.md, issue
+    // 11, thirty-third pass). Still by the context alone, never by the threads.
+    int64_t chunks = std::max<int64_t>(1, (n_blocks + per - 1) / per);
+    if (chunks > 1 && chunks % 2 == 1) ++chunks;  // at most kMaxChunks, which is even
     for (int64_t c = 0; c < chunks; ++c) {
       work_seq.push_back(b);
       work_first.push_back(c * n_blocks / chunks);
