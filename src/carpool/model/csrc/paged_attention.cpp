@@ -62,11 +62,12 @@ using namespace carpool_kernels;  // NOLINT: the helpers of vec_math.h
 // A sequence's context is split into work items ("chunks", see decode_kernel's work items): a
 // context of at most kChunkTokens tokens (rounded down to whole blocks) is one, a longer one as
 // many as chunks of kChunkTokens would cover it rounded up to an even count, at most kMaxChunks,
-// of equal sizes (to a block; so from about a third of kChunkTokens). Why bounds: every chunk starts its softmax afresh (its
-// running max found again, the sums rescaled each time it grows), ~2.5 us a chunk on GQA 16/4;
-// chunks of 512 tokens cost 3% at batch 8 x 8k with a bfloat16 cache. An int8 cache is not
-// split: its kernel is already near the memory's speed at batch 1 (1.09-1.3x from chunks) and
-// the restarts cost it 5-8% at batch 8 (BENCHMARKS.md, issue 11, twenty-fourth pass).
+// of equal sizes (to a block; so from about a third of kChunkTokens). Why bounds: every chunk
+// starts its softmax afresh (its running max found again, the sums rescaled each time it grows),
+// ~2.5 us a chunk on GQA 16/4; chunks of 512 tokens cost 3% at batch 8 x 8k with a bfloat16
+// cache. An int8 cache is not split: its kernel is already near the memory's speed at batch 1
+// (1.09-1.3x from chunks) and the restarts cost it 5-8% at batch 8 (BENCHMARKS.md, issue 11,
+// twenty-fourth pass).
 constexpr int64_t kChunkTokens = 512;
 constexpr int64_t kMaxChunks = 8;
 
@@ -170,8 +171,8 @@ void decode_kernel(
   // 2-cache-line read every few KiB (measured ~10x slower: latency-bound). Chunks are split
   // into runs only as far as needed to give each thread about 2 items (a short sequence alone
   // on 2 threads: 4 runs of K/4 heads).
-  // Each sequence's chunks: one up to kChunkTokens (whole blocks), at most kMaxChunks, of
-  // equal sizes; an int8 cache's contexts are not split (see kChunkTokens).
+  // Each sequence's chunks: one up to kChunkTokens (whole blocks), else an even count of equal
+  // sizes, at most kMaxChunks; an int8 cache's contexts are not split (see kChunkTokens).
   const int64_t min_chunk = std::max<int64_t>(1, kChunkTokens / block_size);
   std::vector<int64_t> work_seq, work_first, work_end;  // per chunk: sequence, blocks [first, end)
   std::vector<int64_t> seq_work(batch + 1);  // sequence b's chunks: [seq_work[b], seq_work[b+1])
