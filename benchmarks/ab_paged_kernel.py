@@ -13,10 +13,12 @@ A shape is ``B x heads/kv_heads x context`` (head_dim ``--head-dim``, blocks of 
 tokens, 16 by default, interleaved between sequences); ``context`` may be a list of contexts the
 sequences take in turn (``8x16/4x128:2048``: four of 128 tokens and four of 2048). ``bf16``:
 bf16 queries over a bf16 cache (a bf16 model); ``fp32q``: float32 queries over a bf16 cache (a
-float32 model with ``kv_cache_dtype="bfloat16"``); ``int8``: bf16 queries over the int8 cache of
-the same values, in each checkout's own layout (``kv_quant.to_blocks`` where its ``kv_quant``
-has the block layout, rows before it). The two checkouts' outputs must agree, except with
-``--diagnostic`` (an "after" build with a loop left out, to see what that loop costs).
+float32 model with ``kv_cache_dtype="bfloat16"``), both in each checkout's own bfloat16
+layout (``kv_layout.to_blocks`` where it has that module, rows before it); ``int8``: bf16
+queries over the int8 cache of the same values, in each checkout's own layout
+(``kv_quant.to_blocks`` where its ``kv_quant`` has the block layout, rows before it). The two
+checkouts' outputs must agree, except with ``--diagnostic`` (an "after" build with a loop left
+out, to see what that loop costs).
 """
 
 from __future__ import annotations
@@ -105,6 +107,11 @@ def block_layout(src: Path) -> bool:
     return "def to_blocks" in (src / "carpool" / "model" / "kv_quant.py").read_text()
 
 
+def pair_layout(src: Path) -> bool:
+    """Whether a checkout's bfloat16 cache uses kv_layout's block layout (else rows)."""
+    return (src / "carpool" / "model" / "kv_layout.py").exists()
+
+
 def main() -> None:
     ap = ab_parser(__doc__)
     ap.add_argument("--shapes", default="8x16/4x2048,8x8/8x2048,8x9/3x2048")
@@ -150,6 +157,12 @@ def main() -> None:
                 torch.randn(nb + 1, bs, 2, kvh, d).to(torch.bfloat16) for _ in range(a.layers)
             ]
             per = {name: caches for name in ops}
+            if cache != "int8" and any(pair_layout(Path(src)) for src in (a.before, a.after)):
+                from carpool.model import kv_layout
+
+                blocks = [kv_layout.to_blocks(c) for c in caches]
+                for name, src in (("before", a.before), ("after", a.after)):
+                    per[name] = blocks if pair_layout(Path(src)) else caches
             if cache == "int8":
                 rows = [kv_quant.quantize(c).contiguous() for c in caches]
                 blocks = [kv_quant.to_blocks(c) for c in rows]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from carpool.model import kv_quant
+from carpool.model import kv_layout, kv_quant
 from carpool.model.attention import GatherBuffer
 
 
@@ -17,6 +17,8 @@ def gather_sdpa(q, kv_cache, tables, lens, scale):
     kvh = kv_cache.shape[3]
     kv = GatherBuffer().take((tables.numel(), *kv_cache.shape[1:]), kv_cache)
     torch.index_select(kv_cache, 0, tables.view(-1), out=kv)
+    if kv.dtype == torch.bfloat16:  # kv_layout's block layout -> rows
+        kv = kv_layout.rows_of_blocks(kv, torch.bfloat16)
     keys, values = kv.view(b, -1, 2, kvh, d).permute(2, 0, 3, 1, 4).unbind(0)
     mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]  # [B, L]
     out = F.scaled_dot_product_attention(
@@ -35,6 +37,8 @@ def random_case(dtype, heads, kv_heads, head_dim, block_size, lens, seed=0):
     max_blocks = -(-max(lens) // block_size)
     num_blocks = len(lens) * max_blocks + 7
     kv = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim, generator=g).to(dtype)
+    if dtype == torch.bfloat16:  # the cache's block layout
+        kv = kv_layout.to_blocks(kv)
     # Random, non-contiguous, non-increasing block ids, disjoint between sequences.
     perm = torch.randperm(num_blocks, generator=g)
     tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks).contiguous()

@@ -1,13 +1,14 @@
 """A bfloat16 KV cache under a float32 model (``kv_cache_dtype="bfloat16"``): the decode kernel
-reading bf16 rows with float32 queries, the gather path widening them, a tiny model against
-transformers, and the engine (the decode stack: test_decode_stack)."""
+reading bf16 keys (pair-major, ``kv_layout``) and value rows with float32 queries, the gather
+path widening them, a tiny model against transformers, and the engine (the decode stack:
+test_decode_stack)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from carpool.model import paged_attention
+from carpool.model import kv_layout, paged_attention
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.loader import load_model
 from helpers.attention_ref import gather_sdpa, random_case
@@ -56,8 +57,9 @@ def test_kernel_matches_gather_sdpa_on_the_widened_cache(heads, kv_heads, head_d
     q = torch.randn(len(lens), heads + 2 * kv_heads, head_dim)[:, :heads]  # float32, strided
     got = paged_attention.paged_decode_attention(q, kv, tables, ctx, head_dim**-0.5)
     assert got.dtype == torch.float32 and got.shape == (len(lens), heads, head_dim)
-    # The same bf16 values widened exactly: float32 math both ways, summation order apart.
-    ref = gather_sdpa(q, kv.float(), tables, ctx, head_dim**-0.5)
+    # The same bf16 values widened exactly (rows from the cache's block layout): float32 math
+    # both ways, summation order apart.
+    ref = gather_sdpa(q, kv_layout.rows_of_blocks(kv, torch.float32), tables, ctx, head_dim**-0.5)
     assert (got - ref).abs().max().item() <= 2e-5
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carpool.model import fused_ops, kernel_build, paged_attention
+from carpool.model import fused_ops, kernel_build, kv_layout, paged_attention
 from carpool.model.loader import load_model
 from carpool.worker import batch as batch_module
 from carpool.worker.batch import build_ragged_batch
@@ -579,17 +579,26 @@ def test_a_long_prompts_attention_runs_in_tiles(tmp_path, monkeypatch):
     "src,cache", [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")]
 )
 def test_kv_store_writes_what_index_copy_writes(src, cache):
-    # carpool::kv_store (a memcpy per token) against the index_copy_ it replaced, from a
-    # strided [T, 2, K, D] view into a fused qkv row as the layers pass it.
+    # carpool::kv_store (a memcpy per token and kv head) against the index_copy_ it replaced,
+    # from a strided [T, 2, K, D] view into a fused qkv row as the layers pass it: a float32
+    # cache's slots as rows; a bfloat16 cache's blocks in kv_layout's block layout, the rows
+    # index_copy_ wrote put in that layout, and what kv_layout.store (torch ops) writes.
     g = torch.Generator().manual_seed(5)
     sdt, cdt = getattr(torch, src), getattr(torch, cache)
     qkv = torch.randn(9, 8 + 2 * 2, 32, generator=g).to(sdt)
     new_kv = qkv[:, 8:].view(9, 2, 2, 32)
     slots = torch.tensor([0, 17, 3, 30, 9, 12, 31, 1, 20])
-    a = torch.randn(2, 16, 2, 2, 32, generator=g).to(cdt)
-    b = a.clone()
+    rows = torch.randn(2, 16, 2, 2, 32, generator=g).to(cdt)
+    a = rows if cdt == torch.float32 else kv_layout.to_blocks(rows)
+    b = rows.clone()
+    torch_ops = a.clone()
     paged_attention.store(a, slots, new_kv)
     b.view(-1, 2, 2, 32).index_copy_(0, slots, new_kv.to(cdt))
+    if cdt == torch.bfloat16:
+        assert not torch.equal(a, b)  # (the layouts differ: the comparison below means it)
+        b = kv_layout.to_blocks(b)
+        kv_layout.store(torch_ops, slots, new_kv)
+        assert torch.equal(a, torch_ops)
     assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="slot"):
         torch.ops.carpool.kv_store(new_kv, a, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 32]))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.model import kv_quant, paged_attention
+from carpool.model import kv_layout, kv_quant, paged_attention
 from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, rotate_in_place
 
 
@@ -175,7 +175,8 @@ class Attention(nn.Module):
         # q and k rotated together, in place in qkv: k lands next to v, so one copy per token
         # stores both into the cache.
         rotate_in_place(qk, rope)
-        # A cache slot is a contiguous [2, K, D] row: the new K and V of a token in one copy.
+        # The new K and V of a token as one [2, K, D] row: a float32 cache's slot is that row;
+        # a bfloat16 or int8 cache puts its values in its block layout (kv_layout, kv_quant).
         new_kv = qkv[:, h:].view(t, 2, kvh, d)
         if kv_cache.dtype == torch.int8:  # quantized, in kv_quant's block layout
             paged_attention.store_int8(kv_cache, meta.slot_mapping, new_kv)
@@ -237,9 +238,11 @@ class Attention(nn.Module):
             # reused buffer.
             deq = self.gather.take((*kv.shape[:-1], d), q, slot="dequantized")
             kv = kv_quant.dequantize_blocks(kv, q.dtype, out=deq)
-        elif kv.dtype != q.dtype:  # a bfloat16 cache of a float32 model: widened for SDPA
-            wide = self.gather.take(kv.shape, q, slot="dequantized")
-            kv = wide.copy_(kv)
+        elif kv.dtype == torch.bfloat16:
+            # bfloat16 blocks (kv_layout's block layout) -> rows in the activation dtype (a
+            # float32 model's widened on the way), into a second reused buffer.
+            rows = self.gather.take(kv.shape, q, slot="dequantized")
+            kv = kv_layout.rows_of_blocks(kv, q.dtype, out=rows)
         kv = kv.view(b, -1, 2, kvh, d)
         # Strided [B, K, L, D] views, no copy: SDPA reads K and V through their strides.
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.model import decode_stack
+from carpool.model import decode_stack, kv_layout
 from carpool.model.attention import Attention, AttentionMetadata, GatherBuffer
 from carpool.model.kv_quant import check_head_dim, row_width
 from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
@@ -189,11 +189,15 @@ class LlamaForCausalLM(nn.Module):
         both: the step writes a token's K and V in one copy and gathers a block's in one row.
         ``dtype=torch.int8`` is the quantized cache of ``carpool.model.kv_quant``: each row
         is ``head_dim + 4`` bytes (the int8 values and their float32 scale), and a block's
-        bytes follow that module's block layout (a region per kv head, K word-major).
+        bytes follow that module's block layout (a region per kv head, K word-major). A
+        ``torch.bfloat16`` cache's blocks follow ``carpool.model.kv_layout``'s (a region per kv
+        head, K pair-major).
         """
         c = self.config
         if dtype == torch.int8:
             check_head_dim(c.head_dim)
+        if dtype == torch.bfloat16:
+            kv_layout.check_head_dim(c.head_dim)
         row = row_width(c.head_dim, dtype)
         shape = (num_blocks, block_size, 2, c.num_key_value_heads, row)
         return [zeroed_lazily(shape, dtype, device) for _ in range(c.num_hidden_layers)]

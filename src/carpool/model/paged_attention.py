@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from carpool.model import kernel_build, kv_quant
+from carpool.model import kernel_build, kv_layout, kv_quant
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +111,20 @@ def quantizes_int8_queries(head_dim: int) -> bool:
 
 def store(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> None:
     """Write ``new_kv`` ``[T, 2, K, D]`` into a float ``kv_cache``'s flat ``slots`` (float32 rows
-    into a bfloat16 cache rounded as ``Tensor.to`` rounds them).
+    into a bfloat16 cache rounded as ``Tensor.to`` rounds them). A bfloat16 cache is in
+    ``kv_layout``'s block layout (keys as pairs across a block's tokens), a float32 one rows.
 
     CPU with the kernel library loaded, float32/bfloat16: one ``carpool::kv_store`` call (a
-    memcpy per token; ``index_copy_`` spent 16 us setting up a decode step's copy). Elsewhere
-    ``index_copy_``, which gives the same values.
+    memcpy per token and kv head; ``index_copy_`` spent 16 us setting up a decode step's copy).
+    Elsewhere ``kv_layout.store`` or ``index_copy_``, which give the same values.
     """
     same = new_kv.dtype == kv_cache.dtype and kv_cache.dtype in _FLOATS
     narrowed = new_kv.dtype == torch.float32 and kv_cache.dtype == torch.bfloat16
     if kv_cache.device.type == "cpu" and (same or narrowed) and kernel() is not None:
         torch.ops.carpool.kv_store(new_kv, kv_cache, slots)
+        return
+    if kv_cache.dtype == torch.bfloat16:
+        kv_layout.store(kv_cache, slots, new_kv)
         return
     t, two, kvh, d = new_kv.shape
     new_kv = new_kv if new_kv.dtype == kv_cache.dtype else new_kv.to(kv_cache.dtype)

@@ -8,16 +8,21 @@
 // cache is walked in chunks, each on any thread, their softmax sums merged after (see
 // decode_kernel's work items).
 //
-// The cache holds float32 or bfloat16 rows (a bfloat16 cache also under float32 queries: a float32
-// model's cache at half the bytes), or int8 values (``kv_cache_dtype="int8"``): each
-// (token, K/V, kv head) row is head_dim int8 values and a float32 scale, and a block holds them
-// in kv_quant.py's block layout (a region per kv head: keys word-major, key scales, value rows,
-// value scales), which the VNNI loops read as they are; the other loops get a block's keys
-// copied back into rows. The scale multiplies the dot product (K) or the softmax weight (V):
-// dequantization costs one multiply per row, not per element.
+// The cache holds float32 rows, bfloat16 values (also under float32 queries: a float32 model's
+// cache at half the bytes), or int8 values (``kv_cache_dtype="int8"``). A bfloat16 block is in
+// kv_layout.py's block layout (a region per kv head: keys pair-major, [d / 2][block_size][2],
+// then value rows), which the pair loops read with AVX-512 (vec_math.h, block_pair_dots: pair
+// p of 16 tokens one vector, the scores of 16 tokens without a reduction: 1.0-1.5x over the
+// row loops' reductions, BENCHMARKS.md, issue 11, thirty-fourth pass); without AVX-512 a
+// block's keys are copied back into rows for the row loops. An int8 cache's (token, K/V, kv
+// head) row is head_dim int8 values and a float32 scale, in kv_quant.py's block layout (a
+// region per kv head: keys word-major, key scales, value rows, value scales), which the VNNI
+// loops read as they are; the other loops get a block's keys copied back into rows. The scale
+// multiplies the dot product (K) or the softmax weight (V): dequantization costs one multiply
+// per row, not per element.
 //
-// Registered as the torch operators carpool::paged_decode_attention and carpool::kv_store_int8
-// (CPU only), so they show in torch.profiler under those names and need no pybind11 (a much
+// Registered as the torch operators carpool::paged_decode_attention, carpool::kv_store_int8 and
+// carpool::kv_store (CPU only), so they show in torch.profiler under those names and need no pybind11 (a much
 // shorter build).
 //
 // The inner loops (vec_math.h) use AVX-512 intrinsics where the build machine has them
@@ -109,10 +114,14 @@ void decode_kernel(
   const int64_t token_stride = 2 * kv_heads * row;  // one cache slot: K and V of all kv heads
   const int64_t block_stride = block_size * token_stride;
   // An int8 cache's block holds one region per kv head instead of slots (kv_quant.py's block
-  // layout: K words [d / 4][block_size][4], K scales, V rows [block_size][d], V scales).
+  // layout: K words [d / 4][block_size][4], K scales, V rows [block_size][d], V scales); so
+  // does a bfloat16 cache's (kv_layout.py: K pairs [d / 2][block_size][2], V rows). A float32
+  // cache's block is slots: per token [2][K][d].
   constexpr bool kInt8 = std::is_same<C, int8_t>::value;
-  const int64_t region = 2 * block_size * row;  // int8: one kv head's bytes in a block
-  const int64_t head_off = kInt8 ? region : row;  // from one kv head's data to the next's
+  constexpr bool kPairs = std::is_same<C, c10::BFloat16>::value;
+  constexpr bool kRegions = kInt8 || kPairs;
+  const int64_t region = 2 * block_size * row;  // one kv head's values in a block (regions)
+  const int64_t head_off = kRegions ? region : row;  // from one kv head's data to the next's
   // bfloat16 queries over a bfloat16 or int8 cache with AVX-512 BF16: the dot-product loops
   // (vec_math.h, block_dots_bf16 / block_values_bf16), for every group size.
   // An int8 cache with AVX-512 VNNI, or AVX2 without AVX-512: integer dot products
@@ -149,6 +158,15 @@ void decode_kernel(
   const bool split = grouped && std::is_same<C, c10::BFloat16>::value;
 #else
   const bool grouped = false, split = false;
+#endif
+  // A bfloat16 cache's scores with AVX-512: 16 tokens' pair p in one vector (vec_math.h,
+  // block_pair_dots), bfloat16 queries in VDPBF16PS where the dp loops run, float32 (or
+  // widened) ones in FMAs; the value sums stay the loops' below. Elsewhere the keys are
+  // copied into rows per block for the row loops.
+#if defined(__AVX512F__)
+  const bool pair_dots = kPairs;
+#else
+  const bool pair_dots = false;
 #endif
   // The grouped loops' lanes (vec_math.h, with_lanes): 16 with AVX-512 where head_dim is a
   // multiple of 32, else 8.
@@ -295,7 +313,8 @@ void decode_kernel(
     std::vector<float> vs(row_extra<C>() ? run_heads * block_size : 0);  // int8: V row scales
     std::vector<float> pw(row_extra<C>() ? block_size : 0);  // int8: weight x V scale
     // int8 without the VNNI loops: the run's keys of a block as rows [block_size][nkh][d].
-    std::vector<int8_t> krows(kInt8 ? block_size * run_heads * d : 0);
+    // A bfloat16 cache without the pair loops likewise (pairs [d / 2][block_size][2]).
+    std::vector<C> krows(kRegions ? block_size * run_heads * d : 0);
     // The dot-product loops: each head's softmax weights in bfloat16, padded to an even count.
     const int64_t p_stride = (block_size + 15) / 16 * 16;  // softmax_weights_bf16 writes 16s
     std::vector<c10::BFloat16> pb(kDp ? rh * p_stride : 0);
@@ -333,7 +352,7 @@ void decode_kernel(
 #endif
         const T* qp = q + b * q_stride + (h0 + h) * d;
 #if defined(CARPOOL_GROUPED)
-        if (split) {
+        if (split && !pair_dots) {  // (the pair loops read queries in their order)
           with_lanes(wide, [&](auto l) { to_split<decltype(l)>(qp, qf.data() + h * d, d, scale); });
           continue;
         }
@@ -374,11 +393,11 @@ void decode_kernel(
         const int64_t kv_bytes = kv_heads * row * static_cast<int64_t>(sizeof(C));
         // The next block's rows of token t (K and V of the run): asked for while this block
         // computes, spread over the work so a few requests are in flight at a time.
-        // int8: the run's regions are one contiguous span.
+        // int8 or bfloat16: the run's regions are one contiguous span.
         const int64_t span = nkh * region * static_cast<int64_t>(sizeof(C));
         auto prefetch_next = [&](int64_t t) {
           if (next == nullptr || t >= block_size) return;
-          if constexpr (kInt8) {  // token t's share of the span
+          if constexpr (kRegions) {  // token t's share of the span
             for (int64_t off = t * span / block_size / 64 * 64; off < (t + 1) * span / block_size;
                  off += 64) {
               prefetch_ahead(next + off);
@@ -398,10 +417,10 @@ void decode_kernel(
         // every kv head reads the whole block, one contiguous range; a run of some of them
         // two ranges per token, walked with a cursor (no division per line).
         const int64_t seg_lines = (run_bytes + 63) / 64;
-        const bool whole = kInt8 || nkh == kv_heads;
+        const bool whole = kRegions || nkh == kv_heads;
         const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(C));
         const int64_t lines = next == nullptr ? 0
-                              : kInt8       ? (span + 63) / 64
+                              : kRegions    ? (span + 63) / 64
                               : whole       ? (block_size * token_bytes + 63) / 64
                                             : 2 * seg_lines * block_size;
         int64_t line = 0, r = 0;
@@ -437,26 +456,54 @@ void decode_kernel(
         const C* kbase = base;
         const C* vbase = base + kv_heads * row;
         int64_t kts = token_stride, krw = row, vts = token_stride, vrw = row;
-        if constexpr (kInt8) {
-          int8_t* kr = krows.data();
-          for (int64_t k = 0; k < nkh; ++k) {
-            const int8_t* kw = base + k * region;
-            for (int64_t w = 0; w < d / 4; ++w) {
-              for (int64_t t = 0; t < n_tok; ++t) {
-                std::memcpy(kr + (t * nkh + k) * d + 4 * w, kw + (w * block_size + t) * 4, 4);
+        if constexpr (kRegions) {
+          // Keys as rows [n_tok][nkh][d] for the row loops (not for the pair loops): 4-byte
+          // words (4 int8 values or 2 bfloat16 ones) from their word-major places.
+          if (kInt8 || !pair_dots) {
+            constexpr int64_t kWord = 4 / static_cast<int64_t>(sizeof(C));  // values a word
+            C* kr = krows.data();
+            for (int64_t k = 0; k < nkh; ++k) {
+              const C* kw = base + k * region;
+              for (int64_t w = 0; w < d / kWord; ++w) {
+                for (int64_t t = 0; t < n_tok; ++t) {
+                  std::memcpy(kr + (t * nkh + k) * d + kWord * w,
+                              kw + (w * block_size + t) * kWord, 4);
+                }
               }
             }
+            kbase = kr;
+            kts = nkh * d;
+            krw = d;
           }
-          kbase = kr;
-          kts = nkh * d;
-          krw = d;
           vbase = base + block_size * row;
           vts = d;
           vrw = region;
         }
+#if defined(__AVX512F__)
+        if constexpr (kPairs) {
+          if (pair_dots) {
+            bool scored = false;
+#if defined(__AVX512BF16__)
+            if constexpr (kDp) {
+              if (dp) {  // bfloat16 queries as they are
+                block_pair_dots(qrun, d, base, region, block_size, n_tok, nkh, group, s.data(),
+                                block_size, scale, prefetch_lines, lines);
+                scored = true;
+              }
+            }
+#endif
+            if (!scored) {  // float32 queries, scaled (qf)
+              block_pair_dots(qf.data(), d, base, region, block_size, n_tok, nkh, group,
+                              s.data(), block_size, scale, prefetch_lines, lines);
+            }
+            prefetch_lines(lines);  // what is left
+            t0 = n_tok;
+          }
+        }
+#endif
 #if defined(__AVX512BF16__)
         if constexpr (kDp) {
-          if (dp) {
+          if (dp && !pair_dots) {
             block_dots_bf16(qrun, d, kbase, kts, krw, n_tok, nkh, group, s.data(),
                             block_size, scale, prefetch_lines, lines);
             prefetch_lines(lines);  // what is left (a short block)
@@ -466,7 +513,7 @@ void decode_kernel(
 #endif
 #if defined(CARPOOL_GROUPED)
         if constexpr (kGroupable) {
-          if (grouped) {
+          if (grouped && !pair_dots) {
             with_lanes(wide, [&](auto l) {
               block_dots_split<decltype(l)>(qf.data(), d, kbase, kts, krw, n_tok, nkh, group,
                                             s.data(), block_size, prefetch_lines, lines);
@@ -813,10 +860,40 @@ void kv_store_int8(const at::Tensor& src,    // [T, 2, K, D]
   }
 }
 
+// Rows of `src` ([T, 2, K, D], T = float or bfloat16) into the bfloat16 cache slots `slots` of
+// `cache` ([N, bs, 2, K, D], kv_layout.py's block layout): per token and kv head, K's pairs to
+// their pair-major places, V's row in place; float32 values rounded to nearest even, as
+// Tensor.to(torch.bfloat16). The same places as `kv_layout.store`.
+template <typename T>
+void store_pairs(const T* src, int64_t src_stride, c10::BFloat16* cache, const int64_t* slots,
+                 int64_t tokens, int64_t kvh, int64_t d, int64_t bs) {
+  const int64_t region = 2 * bs * d;  // one kv head's values in a block
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t block = slots[t] / bs, slot = slots[t] % bs;
+    for (int64_t k = 0; k < kvh; ++k) {
+      c10::BFloat16* hb = cache + (block * kvh + k) * region;
+      const T* kx = src + t * src_stride + k * d;
+      const T* vx = src + t * src_stride + (kvh + k) * d;
+      for (int64_t p = 0; p < d / 2; ++p) {
+        c10::BFloat16* kp = hb + (p * bs + slot) * 2;
+        kp[0] = c10::BFloat16(kx[2 * p]);
+        kp[1] = c10::BFloat16(kx[2 * p + 1]);
+      }
+      c10::BFloat16* vd = hb + bs * d + slot * d;
+      if constexpr (std::is_same<T, c10::BFloat16>::value) {
+        std::memcpy(vd, vx, d * sizeof(T));
+      } else {
+        for (int64_t i = 0; i < d; ++i) vd[i] = c10::BFloat16(vx[i]);
+      }
+    }
+  }
+}
+
 // Copy rows of `src` ([T, 2, K, D], rows of any stride, each token's [2, K, D] contiguous) into
-// the float32 or bfloat16 cache slots `slots` ([T] int64) of `cache` ([N, S, 2, K, D]): a
-// token's K and V in one copy. Float32 rows into a bfloat16 cache are rounded to nearest even,
-// as Tensor.to(torch.bfloat16). index_copy_ took 16 us for a decode step's 32 tokens (its
+// the float32 or bfloat16 cache slots `slots` ([T] int64) of `cache` ([N, S, 2, K, D]): into a
+// float32 cache a token's K and V in one copy; into a bfloat16 one in its block layout
+// (store_pairs). Float32 rows into a bfloat16 cache are rounded to nearest even, as
+// Tensor.to(torch.bfloat16). index_copy_ took 16 us for a decode step's 32 tokens (its
 // TensorIterator set-up), ~1% of a medium batch-32 step over 16 layers; this is a loop of
 // memcpy.
 void kv_store(const at::Tensor& src, at::Tensor cache, const at::Tensor& slots) {
@@ -828,6 +905,18 @@ void kv_store(const at::Tensor& src, at::Tensor cache, const at::Tensor& slots) 
   const auto [x, sl] = checked_store_args(src, cache, slots, 0);
   const int64_t tokens = src.size(0), n = 2 * src.size(2) * src.size(3);  // a token's values
   const int64_t* sp = sl.data_ptr<int64_t>();
+  if (ct == at::kBFloat16) {
+    const int64_t kvh = src.size(2), d = src.size(3), bs = cache.size(1);
+    TORCH_CHECK(d % 2 == 0, "a bfloat16 cache needs an even head_dim, got ", d);
+    c10::BFloat16* cs = cache.data_ptr<c10::BFloat16>();
+    if (st == at::kFloat) {
+      store_pairs<float>(x.data_ptr<float>(), x.stride(0), cs, sp, tokens, kvh, d, bs);
+    } else {
+      store_pairs<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), x.stride(0), cs, sp, tokens, kvh,
+                                 d, bs);
+    }
+    return;
+  }
   if (st == ct) {
     const int64_t bytes = n * static_cast<int64_t>(x.element_size());
     const char* xs = static_cast<const char*>(x.data_ptr());
@@ -837,13 +926,7 @@ void kv_store(const at::Tensor& src, at::Tensor cache, const at::Tensor& slots) 
     }
     return;
   }
-  const float* xs = x.data_ptr<float>();
-  c10::BFloat16* cs = cache.data_ptr<c10::BFloat16>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* row = xs + t * x.stride(0);
-    c10::BFloat16* dst = cs + sp[t] * n;
-    for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(row[i]);
-  }
+  TORCH_CHECK(false, "kv_store: unreachable dtype pair ", st, " into ", ct);
 }
 
 }  // namespace

@@ -840,4 +840,162 @@ inline void softmax_weights_bf16(const float* sh, int64_t n, float& m, float& l,
 }
 #endif
 
+#if defined(__AVX512F__)
+// Scores over a bfloat16 cache's keys in pair-major order (kv_layout.py): pair p of a block's
+// tokens t0..t0+15 is one 64-byte line at kp + (p * block_size + t0) * 2, so one instruction
+// adds pair p's products to 16 tokens' scores and a block's scores come out as vectors, with
+// no reduction tree (the rows' loops above spent about as many instructions reducing 16
+// scores as multiplying). A tail of fewer than 16 tokens is read and stored under a mask.
+
+// Accumulators per query head: each is a chain of one dependent instruction a pair, and at
+// least 8 chains in all hide the multiply-add's latency.
+template <int HG>
+constexpr int kPairChains = HG == 1 ? 8 : HG == 2 ? 4 : HG == 3 ? 3 : 2;
+
+// s[h * s_stride + t] (t < n_tok) = q_h . k_t for HG query heads of one kv head, float32
+// queries (rows qs + h * d, scaled already): each pair of 16 tokens widens to its even and
+// odd values and takes two FMAs a head. Pair p adds into chain p % A, the chains summed in
+// order at the end. prefetch(per) after each pair: the next block's lines asked for a few at
+// a time (once per round of A pairs or once per 16 tokens, 4-8 times as many at once, was
+// 0.76-0.93x on MHA at batch 1-8 against asking per pair).
+template <int HG, typename Prefetch>
+inline void pair_dots_f32(const float* qs, int64_t d, const c10::BFloat16* kp,
+                          int64_t block_size, int64_t n_tok, float* s, int64_t s_stride,
+                          Prefetch& prefetch, int64_t per) {
+  constexpr int A = kPairChains<HG>;
+  const int64_t pairs = d / 2;
+  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
+    const __mmask16 m = first_lanes(n_tok - t0);
+    const c10::BFloat16* k0 = kp + t0 * 2;
+    __m512 acc[HG * A];
+    #pragma GCC unroll 16
+    for (int j = 0; j < HG * A; ++j) acc[j] = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p + A <= pairs; p += A) {
+      #pragma GCC unroll 16
+      for (int a = 0; a < A; ++a) {
+        const __m512i kv = _mm512_maskz_loadu_epi32(m, k0 + (p + a) * block_size * 2);
+        const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(kv, 16));
+        const __m512 o = _mm512_castsi512_ps(_mm512_and_si512(kv, odd_mask));
+        #pragma GCC unroll 16
+        for (int h = 0; h < HG; ++h) {
+          const float* q = qs + h * d + 2 * (p + a);
+          acc[h * A + a] = _mm512_fmadd_ps(e, _mm512_set1_ps(q[0]), acc[h * A + a]);
+          acc[h * A + a] = _mm512_fmadd_ps(o, _mm512_set1_ps(q[1]), acc[h * A + a]);
+        }
+        prefetch(per);
+      }
+    }
+    for (int a = 0; p < pairs; ++p, ++a) {
+      const __m512i kv = _mm512_maskz_loadu_epi32(m, k0 + p * block_size * 2);
+      const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(kv, 16));
+      const __m512 o = _mm512_castsi512_ps(_mm512_and_si512(kv, odd_mask));
+      for (int h = 0; h < HG; ++h) {
+        const float* q = qs + h * d + 2 * p;
+        acc[h * A + a] = _mm512_fmadd_ps(e, _mm512_set1_ps(q[0]), acc[h * A + a]);
+        acc[h * A + a] = _mm512_fmadd_ps(o, _mm512_set1_ps(q[1]), acc[h * A + a]);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int h = 0; h < HG; ++h) {
+      __m512 sum = acc[h * A];
+      #pragma GCC unroll 16
+      for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[h * A + a]);
+      _mm512_mask_storeu_ps(s + h * s_stride + t0, m, sum);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// pair_dots_f32 for bfloat16 queries (rows qs + h * d, unscaled): VDPBF16PS adds both of a
+// pair's products to 16 tokens' scores in one instruction; the sums scaled at the end.
+template <int HG, typename Prefetch>
+inline void pair_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* kp,
+                           int64_t block_size, int64_t n_tok, float* s, int64_t s_stride,
+                           float scale, Prefetch& prefetch, int64_t per) {
+  constexpr int A = kPairChains<HG>;
+  const int64_t pairs = d / 2;
+  auto qpair = [&](int h, int64_t p) {
+    int32_t w;
+    std::memcpy(&w, qs + h * d + 2 * p, sizeof(w));
+    return (__m512bh)_mm512_set1_epi32(w);
+  };
+  for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
+    const __mmask16 m = first_lanes(n_tok - t0);
+    const c10::BFloat16* k0 = kp + t0 * 2;
+    __m512 acc[HG * A];
+    #pragma GCC unroll 16
+    for (int j = 0; j < HG * A; ++j) acc[j] = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p + A <= pairs; p += A) {
+      #pragma GCC unroll 16
+      for (int a = 0; a < A; ++a) {
+        const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi32(m, k0 + (p + a) * block_size * 2);
+        #pragma GCC unroll 16
+        for (int h = 0; h < HG; ++h) {
+          acc[h * A + a] = _mm512_dpbf16_ps(acc[h * A + a], kv, qpair(h, p + a));
+        }
+        prefetch(per);
+      }
+    }
+    for (int a = 0; p < pairs; ++p, ++a) {
+      const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi32(m, k0 + p * block_size * 2);
+      for (int h = 0; h < HG; ++h) acc[h * A + a] = _mm512_dpbf16_ps(acc[h * A + a], kv, qpair(h, p));
+    }
+    const __m512 sv = _mm512_set1_ps(scale);
+    #pragma GCC unroll 16
+    for (int h = 0; h < HG; ++h) {
+      __m512 sum = acc[h * A];
+      #pragma GCC unroll 16
+      for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[h * A + a]);
+      _mm512_mask_storeu_ps(s + h * s_stride + t0, m, _mm512_mul_ps(sum, sv));
+    }
+  }
+}
+#endif
+
+// Scores of one block for a run's query heads (rows qs + h * d; kv head k's group of `group`
+// heads from row k * group, in sub-groups of at most 4) over a bfloat16 cache's pair-major
+// keys (kv head k's at k0 + k * region): float32 queries scaled already, or bfloat16 ones
+// (AVX-512 BF16 builds) scaled here. prefetch(n) asks for the next n cache lines of the next
+// block, `lines` of them in all, spread over the pairs.
+template <typename Q, typename Prefetch>
+inline void block_pair_dots(const Q* qs, int64_t d, const c10::BFloat16* k0, int64_t region,
+                            int64_t block_size, int64_t n_tok, int64_t nkh, int64_t group,
+                            float* s, int64_t s_stride, [[maybe_unused]] float scale,
+                            Prefetch& prefetch, int64_t lines) {
+  static_assert(std::is_same<Q, float>::value || std::is_same<Q, c10::BFloat16>::value, "");
+  const int64_t chunks = (n_tok + 15) / 16;
+  const int64_t calls = nkh * ((group + 3) / 4) * chunks * (d / 2);  // pairs in the block
+  const int64_t per = (lines + calls - 1) / calls;
+  for (int64_t k = 0; k < nkh; ++k) {
+    const c10::BFloat16* kp = k0 + k * region;
+    for (int64_t h0 = 0; h0 < group; h0 += 4) {
+      const int64_t h = k * group + h0;
+      const Q* qh = qs + h * d;
+      float* sh = s + h * s_stride;
+      const int64_t hg = std::min<int64_t>(4, group - h0);
+      if constexpr (std::is_same<Q, float>::value) {
+        switch (hg) {
+          case 1: pair_dots_f32<1>(qh, d, kp, block_size, n_tok, sh, s_stride, prefetch, per); break;
+          case 2: pair_dots_f32<2>(qh, d, kp, block_size, n_tok, sh, s_stride, prefetch, per); break;
+          case 3: pair_dots_f32<3>(qh, d, kp, block_size, n_tok, sh, s_stride, prefetch, per); break;
+          default: pair_dots_f32<4>(qh, d, kp, block_size, n_tok, sh, s_stride, prefetch, per);
+        }
+      } else {
+#if defined(__AVX512BF16__)
+        switch (hg) {
+          case 1: pair_dots_bf16<1>(qh, d, kp, block_size, n_tok, sh, s_stride, scale, prefetch, per); break;
+          case 2: pair_dots_bf16<2>(qh, d, kp, block_size, n_tok, sh, s_stride, scale, prefetch, per); break;
+          case 3: pair_dots_bf16<3>(qh, d, kp, block_size, n_tok, sh, s_stride, scale, prefetch, per); break;
+          default: pair_dots_bf16<4>(qh, d, kp, block_size, n_tok, sh, s_stride, scale, prefetch, per);
+        }
+#endif
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace carpool_kernels
