@@ -5,10 +5,11 @@ VNNI and AVX-512 BF16 loops; ``test_kernel_isa_levels`` compiles the other branc
 none of them. Here the kernel is also built for plain x86-64-v2 (scalar loops), x86-64-v3
 (AVX2 + FMA, the grouped 8-lane loops of a Zen 3) and x86-64-v4 (AVX-512 without BF16 or VNNI)
 under their own operator namespaces, and each build's decode attention is checked against the
-gather + SDPA reference on float32, bfloat16 and int8 caches (the int8 cache's word-major keys
-go through those paths' row copy). The fused ops are built the same way for the int4 head's
-float32 logits, whose one-column path must give the bits of each level's vector loops. A level
-the host cannot execute is skipped with its reason.
+gather + SDPA reference on float32, bfloat16 and int8 caches (the bfloat16 cache's pair-major
+keys go through the AVX-512 pair loops on v4, the row copy on v2 and v3; the int8 cache's
+word-major keys through those paths' row copy). The fused ops are built the same way for the
+int4 head's float32 logits, whose one-column path must give the bits of each level's vector
+loops. A level the host cannot execute is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import platform
 import pytest
 import torch
 
-from carpool.model import kernel_build
+from carpool.model import kernel_build, kv_layout
 from helpers.attention_ref import (
     dequantized_sdpa,
     gather_sdpa,
@@ -59,7 +60,7 @@ def _build_at_level(level: str, source: str, prefix: str):
 @pytest.fixture(scope="module", params=sorted(LEVELS))
 def level_op(request):
     ops = _build_at_level(request.param, "paged_attention.cpp", "isa")
-    return ops.paged_decode_attention, ops.kv_store_int8, request.param
+    return ops.paged_decode_attention, (ops.kv_store_int8, ops.kv_store), request.param
 
 
 @pytest.fixture(scope="module", params=sorted(LEVELS))
@@ -80,6 +81,11 @@ def test_lower_level_kernel_matches_the_reference(level_op, head_dim, heads, kv_
     ref = gather_sdpa(q, cache, tables, ctx, scale)
     tol = 2e-5 if qdtype == torch.float32 else 1.6e-2
     assert (got.float() - ref).abs().max().item() <= tol
+    if qdtype == torch.float32:  # float32 queries over a bfloat16 cache (kv_layout's layout)
+        _, bf16, _, _ = random_case(torch.bfloat16, heads, kv_heads, head_dim, 16, lens)
+        got = decode(q, bf16, tables, ctx, scale)
+        ref = gather_sdpa(q, kv_layout.rows_of_blocks(bf16, torch.float32), tables, ctx, scale)
+        assert (got - ref).abs().max().item() <= tol
     # The int8 cache (block layout). These levels have no VNNI; the AVX2 one (v3) computes
     # in integers where head_dim is a multiple of 64, its queries rounded to int8 per 64
     # values as the VNNI loops round them (int8_attention.h), the others in float from the
@@ -94,17 +100,23 @@ def test_lower_level_kernel_matches_the_reference(level_op, head_dim, heads, kv_
     assert (got.float() - ref).abs().max().item() <= tol
 
 
-def test_lower_level_int8_store_writes_the_hosts_bytes(level_op):
+def test_lower_level_stores_write_the_hosts_bytes(level_op):
     from carpool.model import paged_attention
 
-    _, store, _ = level_op
+    _, (store_int8, store), _ = level_op
     x = torch.randn(40, 2, 2, 64, generator=torch.Generator().manual_seed(3))
     slots = torch.randperm(48)[:40]
     a = torch.zeros(3, 16, 2, 2, 68, dtype=torch.int8)
     b = a.clone()
-    store(x, a, slots)
+    store_int8(x, a, slots)
     paged_attention.store_int8(b, slots, x)  # the host's build (or torch ops)
     assert torch.equal(a, b)
+    for src in (x, x.bfloat16()):  # into a bfloat16 cache (kv_layout's block layout)
+        a = torch.zeros(3, 16, 2, 2, 64, dtype=torch.bfloat16)
+        b = a.clone()
+        store(src, a, slots)
+        kv_layout.store(b, slots, src)
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("block", [32, 64])
