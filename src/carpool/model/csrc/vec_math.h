@@ -852,19 +852,18 @@ inline void softmax_weights_bf16(const float* sh, int64_t n, float& m, float& l,
 template <int HG>
 constexpr int kPairChains = HG == 1 ? 8 : HG == 2 ? 4 : HG == 3 ? 3 : 2;
 
-// s[h * s_stride + t] (t < n_tok) = q_h . k_t for HG query heads of one kv head, float32
-// queries (rows qs + h * d, scaled already): each pair of 16 tokens widens to its even and
-// odd values and takes two FMAs a head. Pair p adds into chain p % A, the chains summed in
+// s[h * s_stride + t] (t < n_tok) = mul * (q_h . k_t) for HG query heads of one kv head, 16
+// tokens at a time: pair p's 16 key pairs (one masked load) go through prep once, then
+// add(acc, w, h, p) adds head h's products into acc, chain p % A; the chains are summed in
 // order at the end. prefetch(per) after each pair: the next block's lines asked for a few at
 // a time (once per round of A pairs or once per 16 tokens, 4-8 times as many at once, was
 // 0.76-0.93x on MHA at batch 1-8 against asking per pair).
-template <int HG, typename Prefetch>
-inline void pair_dots_f32(const float* qs, int64_t d, const c10::BFloat16* kp,
-                          int64_t block_size, int64_t n_tok, float* s, int64_t s_stride,
-                          Prefetch& prefetch, int64_t per) {
+template <int HG, typename Prep, typename Add, typename Prefetch>
+inline void pair_dots(const c10::BFloat16* kp, int64_t d, int64_t block_size, int64_t n_tok,
+                      float* s, int64_t s_stride, float mul, Prep&& prep, Add&& add,
+                      Prefetch& prefetch, int64_t per) {
   constexpr int A = kPairChains<HG>;
   const int64_t pairs = d / 2;
-  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
     const __mmask16 m = first_lanes(n_tok - t0);
     const c10::BFloat16* k0 = kp + t0 * 2;
@@ -875,83 +874,66 @@ inline void pair_dots_f32(const float* qs, int64_t d, const c10::BFloat16* kp,
     for (; p + A <= pairs; p += A) {
       #pragma GCC unroll 16
       for (int a = 0; a < A; ++a) {
-        const __m512i kv = _mm512_maskz_loadu_epi32(m, k0 + (p + a) * block_size * 2);
-        const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(kv, 16));
-        const __m512 o = _mm512_castsi512_ps(_mm512_and_si512(kv, odd_mask));
+        const auto w = prep(_mm512_maskz_loadu_epi32(m, k0 + (p + a) * block_size * 2));
         #pragma GCC unroll 16
-        for (int h = 0; h < HG; ++h) {
-          const float* q = qs + h * d + 2 * (p + a);
-          acc[h * A + a] = _mm512_fmadd_ps(e, _mm512_set1_ps(q[0]), acc[h * A + a]);
-          acc[h * A + a] = _mm512_fmadd_ps(o, _mm512_set1_ps(q[1]), acc[h * A + a]);
-        }
+        for (int h = 0; h < HG; ++h) add(acc[h * A + a], w, h, p + a);
         prefetch(per);
       }
     }
     for (int a = 0; p < pairs; ++p, ++a) {
-      const __m512i kv = _mm512_maskz_loadu_epi32(m, k0 + p * block_size * 2);
-      const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(kv, 16));
-      const __m512 o = _mm512_castsi512_ps(_mm512_and_si512(kv, odd_mask));
-      for (int h = 0; h < HG; ++h) {
-        const float* q = qs + h * d + 2 * p;
-        acc[h * A + a] = _mm512_fmadd_ps(e, _mm512_set1_ps(q[0]), acc[h * A + a]);
-        acc[h * A + a] = _mm512_fmadd_ps(o, _mm512_set1_ps(q[1]), acc[h * A + a]);
-      }
+      const auto w = prep(_mm512_maskz_loadu_epi32(m, k0 + p * block_size * 2));
+      for (int h = 0; h < HG; ++h) add(acc[h * A + a], w, h, p);
     }
+    const __m512 mv = _mm512_set1_ps(mul);
     #pragma GCC unroll 16
     for (int h = 0; h < HG; ++h) {
       __m512 sum = acc[h * A];
       #pragma GCC unroll 16
       for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[h * A + a]);
-      _mm512_mask_storeu_ps(s + h * s_stride + t0, m, sum);
+      _mm512_mask_storeu_ps(s + h * s_stride + t0, m, _mm512_mul_ps(sum, mv));
     }
   }
 }
 
+// float32 queries (rows qs + h * d, scaled already): a pair's 16 tokens widened to their even
+// and odd values, two FMAs a head.
+template <int HG, typename Prefetch>
+inline void pair_dots_f32(const float* qs, int64_t d, const c10::BFloat16* kp,
+                          int64_t block_size, int64_t n_tok, float* s, int64_t s_stride,
+                          Prefetch& prefetch, int64_t per) {
+  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  struct Wide {
+    __m512 even, odd;
+  };
+  pair_dots<HG>(
+      kp, d, block_size, n_tok, s, s_stride, 1.0f,
+      [&](__m512i kv) {
+        return Wide{_mm512_castsi512_ps(_mm512_slli_epi32(kv, 16)),
+                    _mm512_castsi512_ps(_mm512_and_si512(kv, odd_mask))};
+      },
+      [&](__m512& acc, const Wide& w, int h, int64_t p) {
+        const float* q = qs + h * d + 2 * p;
+        acc = _mm512_fmadd_ps(w.even, _mm512_set1_ps(q[0]), acc);
+        acc = _mm512_fmadd_ps(w.odd, _mm512_set1_ps(q[1]), acc);
+      },
+      prefetch, per);
+}
+
 #if defined(__AVX512BF16__)
-// pair_dots_f32 for bfloat16 queries (rows qs + h * d, unscaled): VDPBF16PS adds both of a
-// pair's products to 16 tokens' scores in one instruction; the sums scaled at the end.
+// bfloat16 queries (rows qs + h * d, unscaled): VDPBF16PS adds both of a pair's products to
+// 16 tokens' scores in one instruction; the sums scaled at the end.
 template <int HG, typename Prefetch>
 inline void pair_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat16* kp,
                            int64_t block_size, int64_t n_tok, float* s, int64_t s_stride,
                            float scale, Prefetch& prefetch, int64_t per) {
-  constexpr int A = kPairChains<HG>;
-  const int64_t pairs = d / 2;
-  auto qpair = [&](int h, int64_t p) {
-    int32_t w;
-    std::memcpy(&w, qs + h * d + 2 * p, sizeof(w));
-    return (__m512bh)_mm512_set1_epi32(w);
-  };
-  for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
-    const __mmask16 m = first_lanes(n_tok - t0);
-    const c10::BFloat16* k0 = kp + t0 * 2;
-    __m512 acc[HG * A];
-    #pragma GCC unroll 16
-    for (int j = 0; j < HG * A; ++j) acc[j] = _mm512_setzero_ps();
-    int64_t p = 0;
-    for (; p + A <= pairs; p += A) {
-      #pragma GCC unroll 16
-      for (int a = 0; a < A; ++a) {
-        const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi32(m, k0 + (p + a) * block_size * 2);
-        #pragma GCC unroll 16
-        for (int h = 0; h < HG; ++h) {
-          acc[h * A + a] = _mm512_dpbf16_ps(acc[h * A + a], kv, qpair(h, p + a));
-        }
-        prefetch(per);
-      }
-    }
-    for (int a = 0; p < pairs; ++p, ++a) {
-      const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi32(m, k0 + p * block_size * 2);
-      for (int h = 0; h < HG; ++h) acc[h * A + a] = _mm512_dpbf16_ps(acc[h * A + a], kv, qpair(h, p));
-    }
-    const __m512 sv = _mm512_set1_ps(scale);
-    #pragma GCC unroll 16
-    for (int h = 0; h < HG; ++h) {
-      __m512 sum = acc[h * A];
-      #pragma GCC unroll 16
-      for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[h * A + a]);
-      _mm512_mask_storeu_ps(s + h * s_stride + t0, m, _mm512_mul_ps(sum, sv));
-    }
-  }
+  pair_dots<HG>(
+      kp, d, block_size, n_tok, s, s_stride, scale, [](__m512i kv) { return (__m512bh)kv; },
+      [&](__m512& acc, __m512bh kv, int h, int64_t p) {
+        int32_t w;
+        std::memcpy(&w, qs + h * d + 2 * p, sizeof(w));
+        acc = _mm512_dpbf16_ps(acc, kv, (__m512bh)_mm512_set1_epi32(w));
+      },
+      prefetch, per);
 }
 #endif
 
