@@ -37,7 +37,7 @@ def built_kernel():
     paged_attention.use_kernel(True)
 
 
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("block_size", [8, 16, 24, 32])  # 8, 24: a block of a partial vector
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (4, 1)], ids=["mha", "gqa4", "mqa"])
 @pytest.mark.parametrize(
     "dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2)], ids=["fp32", "bf16"]
