@@ -22,8 +22,8 @@
 // per row, not per element.
 //
 // Registered as the torch operators carpool::paged_decode_attention, carpool::kv_store_int8 and
-// carpool::kv_store (CPU only), so they show in torch.profiler under those names and need no pybind11 (a much
-// shorter build).
+// carpool::kv_store (CPU only), so they show in torch.profiler under those names and need no
+// pybind11 (a much shorter build).
 //
 // The inner loops (vec_math.h) use AVX-512 intrinsics where the build machine has them
 // (-march=native), else AVX2 + FMA ones, and plain loops otherwise. A bfloat16 or int8 cache
