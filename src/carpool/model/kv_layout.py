@@ -18,8 +18,8 @@ in one 64-byte line, one VDPBF16PS (or two FMAs of float32 queries) adds a pair'
 thirty-fourth pass). Values stay rows: the value sums broadcast each token's softmax weight
 over its row.
 
-Rows (``[..., 2, K, D]``, what the model computes) are the form of ``to_blocks`` /
-``from_blocks``; ``store`` and ``rows_of_blocks`` (the gather path) go through
+Rows (``[..., 2, K, D]``, what the model computes) go in through ``to_blocks`` (whole blocks)
+or ``store`` (slots) and come out through ``rows_of_blocks`` (the gather path), all through
 ``block_parts``' strided views, so they work on any device. On the CPU the write goes through
 the C++ ``carpool::kv_store`` (``paged_attention.store``), which writes the same values.
 """
@@ -63,11 +63,6 @@ def to_blocks(rows: torch.Tensor) -> torch.Tensor:
     for part, row_part in zip(block_parts(out), _row_parts(rows), strict=True):
         part.copy_(row_part)
     return out
-
-
-def from_blocks(blocks: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Cache blocks (this module's layout, ``[N, S, 2, K, D]``) -> the same blocks as rows."""
-    return rows_of_blocks(blocks, dtype)
 
 
 def rows_of_blocks(
