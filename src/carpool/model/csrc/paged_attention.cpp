@@ -163,7 +163,7 @@ void decode_kernel(
   // block_pair_dots), bfloat16 queries in VDPBF16PS where the dp loops run, float32 (or
   // widened) ones in FMAs; the value sums stay the loops' below. Elsewhere the keys are
   // copied into rows per block for the row loops.
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(CARPOOL_AVX2)
   const bool pair_dots = kPairs;
 #else
   const bool pair_dots = false;
@@ -479,7 +479,7 @@ void decode_kernel(
           vts = d;
           vrw = region;
         }
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(CARPOOL_AVX2)
         if constexpr (kPairs) {
           if (pair_dots) {
             bool scored = false;

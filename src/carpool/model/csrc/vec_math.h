@@ -840,17 +840,78 @@ inline void softmax_weights_bf16(const float* sh, int64_t n, float& m, float& l,
 }
 #endif
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(CARPOOL_AVX2)
 // Scores over a bfloat16 cache's keys in pair-major order (kv_layout.py): pair p of a block's
 // tokens t0..t0+15 is one 64-byte line at kp + (p * block_size + t0) * 2, so one instruction
-// adds pair p's products to 16 tokens' scores and a block's scores come out as vectors, with
-// no reduction tree (the rows' loops above spent about as many instructions reducing 16
-// scores as multiplying). A tail of fewer than 16 tokens is read and stored under a mask.
+// adds pair p's products to 16 tokens' scores (8 with AVX2) and a block's scores come out as
+// vectors, with no reduction tree (the rows' loops above spent about as many instructions
+// reducing 16 scores as multiplying). A tail of fewer tokens is read and stored under a mask.
 
 // Accumulators per query head: each is a chain of one dependent instruction a pair, and at
 // least 8 chains in all hide the multiply-add's latency.
 template <int HG>
 constexpr int kPairChains = HG == 1 ? 8 : HG == 2 ? 4 : HG == 3 ? 3 : 2;
+
+#if defined(CARPOOL_AVX2)
+constexpr int64_t kPairLanes = 8;  // tokens a vector
+
+// pair_dots_f32 below on 8 lanes (AVX2 + FMA: an AMD Zen 2/3): 8 tokens' pair p in one 32-byte
+// load, widened to its even and odd values, two FMAs a head; the same chains and order.
+template <int HG, typename Prefetch>
+inline void pair_dots_f32(const float* qs, int64_t d, const c10::BFloat16* kp,
+                          int64_t block_size, int64_t n_tok, float* s, int64_t s_stride,
+                          Prefetch& prefetch, int64_t per) {
+  constexpr int A = kPairChains<HG>;
+  const int64_t pairs = d / 2;
+  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
+    const int64_t n = std::min<int64_t>(8, n_tok - t0);
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
+    const c10::BFloat16* k0 = kp + t0 * 2;
+    auto load = [&](int64_t pp) {
+      const int* at = reinterpret_cast<const int*>(k0 + pp * block_size * 2);
+      return n == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
+                    : _mm256_maskload_epi32(at, m);
+    };
+    __m256 acc[HG * A];
+    #pragma GCC unroll 16
+    for (int j = 0; j < HG * A; ++j) acc[j] = _mm256_setzero_ps();
+    auto step = [&](int a, int64_t pp) {
+      const __m256i kv = load(pp);
+      const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(kv, 16));
+      const __m256 o = _mm256_castsi256_ps(_mm256_and_si256(kv, odd_mask));
+      #pragma GCC unroll 16
+      for (int h = 0; h < HG; ++h) {
+        const float* q = qs + h * d + 2 * pp;
+        acc[h * A + a] = _mm256_fmadd_ps(e, _mm256_set1_ps(q[0]), acc[h * A + a]);
+        acc[h * A + a] = _mm256_fmadd_ps(o, _mm256_set1_ps(q[1]), acc[h * A + a]);
+      }
+    };
+    int64_t p = 0;
+    for (; p + A <= pairs; p += A) {
+      #pragma GCC unroll 16
+      for (int a = 0; a < A; ++a) {
+        step(a, p + a);
+        prefetch(per);
+      }
+    }
+    for (int a = 0; p < pairs; ++p, ++a) step(a, p);
+    #pragma GCC unroll 16
+    for (int h = 0; h < HG; ++h) {
+      __m256 sum = acc[h * A];
+      #pragma GCC unroll 16
+      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[h * A + a]);
+      if (n == 8) {
+        _mm256_storeu_ps(s + h * s_stride + t0, sum);
+      } else {
+        _mm256_maskstore_ps(s + h * s_stride + t0, m, sum);
+      }
+    }
+  }
+}
+#else
+constexpr int64_t kPairLanes = 16;  // tokens a vector
 
 // s[h * s_stride + t] (t < n_tok) = mul * (q_h . k_t) for HG query heads of one kv head, 16
 // tokens at a time: pair p's 16 key pairs (one masked load) go through prep once, then
@@ -935,7 +996,8 @@ inline void pair_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat
       },
       prefetch, per);
 }
-#endif
+#endif  // __AVX512BF16__
+#endif  // CARPOOL_AVX2
 
 // Scores of one block for a run's query heads (rows qs + h * d; kv head k's group of `group`
 // heads from row k * group, in sub-groups of at most 4) over a bfloat16 cache's pair-major
@@ -948,7 +1010,7 @@ inline void block_pair_dots(const Q* qs, int64_t d, const c10::BFloat16* k0, int
                             float* s, int64_t s_stride, [[maybe_unused]] float scale,
                             Prefetch& prefetch, int64_t lines) {
   static_assert(std::is_same<Q, float>::value || std::is_same<Q, c10::BFloat16>::value, "");
-  const int64_t chunks = (n_tok + 15) / 16;
+  const int64_t chunks = (n_tok + kPairLanes - 1) / kPairLanes;
   const int64_t calls = nkh * ((group + 3) / 4) * chunks * (d / 2);  // pairs in the block
   const int64_t per = (lines + calls - 1) / calls;
   for (int64_t k = 0; k < nkh; ++k) {
