@@ -6,7 +6,7 @@ none of them. Here the kernel is also built for plain x86-64-v2 (scalar loops), 
 (AVX2 + FMA, the grouped 8-lane loops of a Zen 3) and x86-64-v4 (AVX-512 without BF16 or VNNI)
 under their own operator namespaces, and each build's decode attention is checked against the
 gather + SDPA reference on float32, bfloat16 and int8 caches (the bfloat16 cache's pair-major
-keys go through the AVX-512 pair loops on v4, the row copy on v2 and v3; the int8 cache's
+keys go through the pair loops on v3 and v4, the row copy on v2; the int8 cache's
 word-major keys through those paths' row copy). The fused ops are built the same way for the
 int4 head's float32 logits, whose one-column path must give the bits of each level's vector
 loops. A level the host cannot execute is skipped with its reason.

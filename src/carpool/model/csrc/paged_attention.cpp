@@ -11,10 +11,10 @@
 // The cache holds float32 rows, bfloat16 values (also under float32 queries: a float32 model's
 // cache at half the bytes), or int8 values (``kv_cache_dtype="int8"``). A bfloat16 block is in
 // kv_layout.py's block layout (a region per kv head: keys pair-major, [d / 2][block_size][2],
-// then value rows), which the pair loops read with AVX-512 (vec_math.h, block_pair_dots: pair
-// p of 16 tokens one vector, the scores of 16 tokens without a reduction: 1.0-1.5x over the
-// row loops' reductions, BENCHMARKS.md, issue 11, thirty-fourth pass); without AVX-512 a
-// block's keys are copied back into rows for the row loops. An int8 cache's (token, K/V, kv
+// then value rows), which the pair loops read with AVX-512 or AVX2 (vec_math.h,
+// block_pair_dots: pair p of 16 tokens, or 8, one vector, the scores without a reduction:
+// 1.0-1.5x over the row loops' reductions, BENCHMARKS.md, issue 11, thirty-fourth pass); in a
+// plain build a block's keys are copied back into rows for the row loops. An int8 cache's (token, K/V, kv
 // head) row is head_dim int8 values and a float32 scale, in kv_quant.py's block layout (a
 // region per kv head: keys word-major, key scales, value rows, value scales), which the VNNI
 // loops read as they are; the other loops get a block's keys copied back into rows. The scale
@@ -159,10 +159,11 @@ void decode_kernel(
 #else
   const bool grouped = false, split = false;
 #endif
-  // A bfloat16 cache's scores with AVX-512: 16 tokens' pair p in one vector (vec_math.h,
-  // block_pair_dots), bfloat16 queries in VDPBF16PS where the dp loops run, float32 (or
-  // widened) ones in FMAs; the value sums stay the loops' below. Elsewhere the keys are
-  // copied into rows per block for the row loops.
+  // A bfloat16 cache's scores with AVX-512 or AVX2: 16 (or 8) tokens' pair p in one vector
+  // (vec_math.h, block_pair_dots), bfloat16 queries in VDPBF16PS where the dp loops run,
+  // float32 (or widened) ones in FMAs; the value sums stay the loops' below. In a plain build
+  // the keys are copied into rows per block for the row loops (an AVX2 build copying them:
+  // 0.47-0.59x against the row layout before; its pair loop 0.96-1.21x).
 #if defined(__AVX512F__) || defined(CARPOOL_AVX2)
   const bool pair_dots = kPairs;
 #else
