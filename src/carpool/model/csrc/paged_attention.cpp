@@ -14,12 +14,12 @@
 // then value rows), which the pair loops read with AVX-512 or AVX2 (vec_math.h,
 // block_pair_dots: pair p of 16 tokens, or 8, one vector, the scores without a reduction:
 // 1.0-1.5x over the row loops' reductions, BENCHMARKS.md, issue 11, thirty-fourth pass); in a
-// plain build a block's keys are copied back into rows for the row loops. An int8 cache's (token, K/V, kv
-// head) row is head_dim int8 values and a float32 scale, in kv_quant.py's block layout (a
-// region per kv head: keys word-major, key scales, value rows, value scales), which the VNNI
-// loops read as they are; the other loops get a block's keys copied back into rows. The scale
-// multiplies the dot product (K) or the softmax weight (V): dequantization costs one multiply
-// per row, not per element.
+// plain build a block's keys are copied back into rows for the row loops. An int8 cache's
+// (token, K/V, kv head) row is head_dim int8 values and a float32 scale, in kv_quant.py's block
+// layout (a region per kv head: keys word-major, key scales, value rows, value scales), which
+// the VNNI loops read as they are; the other loops get a block's keys copied back into rows.
+// The scale multiplies the dot product (K) or the softmax weight (V): dequantization costs one
+// multiply per row, not per element.
 //
 // Registered as the torch operators carpool::paged_decode_attention, carpool::kv_store_int8 and
 // carpool::kv_store (CPU only), so they show in torch.profiler under those names and need no
@@ -904,7 +904,7 @@ void kv_store(const at::Tensor& src, at::Tensor cache, const at::Tensor& slots) 
               "kv_store: float32 or bfloat16 rows into a cache of their dtype, or float32 into "
               "bfloat16; got ", st, " into ", ct);
   const auto [x, sl] = checked_store_args(src, cache, slots, 0);
-  const int64_t tokens = src.size(0), n = 2 * src.size(2) * src.size(3);  // a token's values
+  const int64_t tokens = src.size(0);
   const int64_t* sp = sl.data_ptr<int64_t>();
   if (ct == at::kBFloat16) {
     const int64_t kvh = src.size(2), d = src.size(3), bs = cache.size(1);
@@ -918,16 +918,13 @@ void kv_store(const at::Tensor& src, at::Tensor cache, const at::Tensor& slots) 
     }
     return;
   }
-  if (st == ct) {
-    const int64_t bytes = n * static_cast<int64_t>(x.element_size());
-    const char* xs = static_cast<const char*>(x.data_ptr());
-    char* cs = static_cast<char*>(cache.data_ptr());
-    for (int64_t t = 0; t < tokens; ++t) {
-      std::memcpy(cs + sp[t] * bytes, xs + t * x.stride(0) * x.element_size(), bytes);
-    }
-    return;
+  // A float32 cache (the dtype check above leaves no other): a token's row in one copy.
+  const int64_t bytes = 2 * src.size(2) * src.size(3) * static_cast<int64_t>(x.element_size());
+  const char* xs = static_cast<const char*>(x.data_ptr());
+  char* cs = static_cast<char*>(cache.data_ptr());
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::memcpy(cs + sp[t] * bytes, xs + t * x.stride(0) * x.element_size(), bytes);
   }
-  TORCH_CHECK(false, "kv_store: unreachable dtype pair ", st, " into ", ct);
 }
 
 }  // namespace

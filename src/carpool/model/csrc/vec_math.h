@@ -852,69 +852,60 @@ inline void softmax_weights_bf16(const float* sh, int64_t n, float& m, float& l,
 template <int HG>
 constexpr int kPairChains = HG == 1 ? 8 : HG == 2 ? 4 : HG == 3 ? 3 : 2;
 
+// The pair loops' vectors: 16 tokens (AVX-512) or 8 (AVX2 + FMA: an AMD Zen 2/3), a tail of
+// n < N tokens loaded and stored under a mask.
 #if defined(CARPOOL_AVX2)
-constexpr int64_t kPairLanes = 8;  // tokens a vector
-
-// pair_dots_f32 below on 8 lanes (AVX2 + FMA: an AMD Zen 2/3): 8 tokens' pair p in one 32-byte
-// load, widened to its even and odd values, two FMAs a head; the same chains and order.
-template <int HG, typename Prefetch>
-inline void pair_dots_f32(const float* qs, int64_t d, const c10::BFloat16* kp,
-                          int64_t block_size, int64_t n_tok, float* s, int64_t s_stride,
-                          Prefetch& prefetch, int64_t per) {
-  constexpr int A = kPairChains<HG>;
-  const int64_t pairs = d / 2;
-  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
-    const int64_t n = std::min<int64_t>(8, n_tok - t0);
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
-    const c10::BFloat16* k0 = kp + t0 * 2;
-    auto load = [&](int64_t pp) {
-      const int* at = reinterpret_cast<const int*>(k0 + pp * block_size * 2);
-      return n == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
-                    : _mm256_maskload_epi32(at, m);
-    };
-    __m256 acc[HG * A];
-    #pragma GCC unroll 16
-    for (int j = 0; j < HG * A; ++j) acc[j] = _mm256_setzero_ps();
-    auto step = [&](int a, int64_t pp) {
-      const __m256i kv = load(pp);
-      const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(kv, 16));
-      const __m256 o = _mm256_castsi256_ps(_mm256_and_si256(kv, odd_mask));
-      #pragma GCC unroll 16
-      for (int h = 0; h < HG; ++h) {
-        const float* q = qs + h * d + 2 * pp;
-        acc[h * A + a] = _mm256_fmadd_ps(e, _mm256_set1_ps(q[0]), acc[h * A + a]);
-        acc[h * A + a] = _mm256_fmadd_ps(o, _mm256_set1_ps(q[1]), acc[h * A + a]);
-      }
-    };
-    int64_t p = 0;
-    for (; p + A <= pairs; p += A) {
-      #pragma GCC unroll 16
-      for (int a = 0; a < A; ++a) {
-        step(a, p + a);
-        prefetch(per);
-      }
-    }
-    for (int a = 0; p < pairs; ++p, ++a) step(a, p);
-    #pragma GCC unroll 16
-    for (int h = 0; h < HG; ++h) {
-      __m256 sum = acc[h * A];
-      #pragma GCC unroll 16
-      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[h * A + a]);
-      if (n == 8) {
-        _mm256_storeu_ps(s + h * s_stride + t0, sum);
-      } else {
-        _mm256_maskstore_ps(s + h * s_stride + t0, m, sum);
-      }
+struct PairLanes {
+  using V = __m256;
+  using I = __m256i;
+  static constexpr int64_t N = 8;
+  static __m256i mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static I load(const c10::BFloat16* p, int64_t n) {
+    const int* at = reinterpret_cast<const int*>(p);
+    return n >= N ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
+                  : _mm256_maskload_epi32(at, mask(n));
+  }
+  static void store(float* p, int64_t n, V v) {
+    if (n >= N) {
+      _mm256_storeu_ps(p, v);
+    } else {
+      _mm256_maskstore_ps(p, mask(n), v);
     }
   }
-}
+  static V zero() { return _mm256_setzero_ps(); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, float b) { return _mm256_mul_ps(a, _mm256_set1_ps(b)); }
+  static V fmadd(V a, float b, V c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
+  static V even(I x) { return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)); }
+  static V odd(I x) {
+    return _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
 #else
-constexpr int64_t kPairLanes = 16;  // tokens a vector
+struct PairLanes {
+  using V = __m512;
+  using I = __m512i;
+  static constexpr int64_t N = 16;
+  static I load(const c10::BFloat16* p, int64_t n) {
+    return _mm512_maskz_loadu_epi32(first_lanes(n), p);
+  }
+  static void store(float* p, int64_t n, V v) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, float b) { return _mm512_mul_ps(a, _mm512_set1_ps(b)); }
+  static V fmadd(V a, float b, V c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
+  static V even(I x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+  static V odd(I x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+#endif
 
-// s[h * s_stride + t] (t < n_tok) = mul * (q_h . k_t) for HG query heads of one kv head, 16
-// tokens at a time: pair p's 16 key pairs (one masked load) go through prep once, then
+// s[h * s_stride + t] (t < n_tok) = mul * (q_h . k_t) for HG query heads of one kv head,
+// PairLanes::N tokens at a time: pair p's key pairs (one load) go through prep once, then
 // add(acc, w, h, p) adds head h's products into acc, chain p % A; the chains are summed in
 // order at the end. prefetch(per) after each pair: the next block's lines asked for a few at
 // a time (once per round of A pairs or once per 16 tokens, 4-8 times as many at once, was
@@ -923,59 +914,56 @@ template <int HG, typename Prep, typename Add, typename Prefetch>
 inline void pair_dots(const c10::BFloat16* kp, int64_t d, int64_t block_size, int64_t n_tok,
                       float* s, int64_t s_stride, float mul, Prep&& prep, Add&& add,
                       Prefetch& prefetch, int64_t per) {
+  using L = PairLanes;
   constexpr int A = kPairChains<HG>;
   const int64_t pairs = d / 2;
-  for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
-    const __mmask16 m = first_lanes(n_tok - t0);
+  for (int64_t t0 = 0; t0 < n_tok; t0 += L::N) {
+    const int64_t n = n_tok - t0;  // tokens from t0 (a tail where under N)
     const c10::BFloat16* k0 = kp + t0 * 2;
-    __m512 acc[HG * A];
+    typename L::V acc[HG * A];
     #pragma GCC unroll 16
-    for (int j = 0; j < HG * A; ++j) acc[j] = _mm512_setzero_ps();
+    for (int j = 0; j < HG * A; ++j) acc[j] = L::zero();
     int64_t p = 0;
     for (; p + A <= pairs; p += A) {
       #pragma GCC unroll 16
       for (int a = 0; a < A; ++a) {
-        const auto w = prep(_mm512_maskz_loadu_epi32(m, k0 + (p + a) * block_size * 2));
+        const auto w = prep(L::load(k0 + (p + a) * block_size * 2, n));
         #pragma GCC unroll 16
         for (int h = 0; h < HG; ++h) add(acc[h * A + a], w, h, p + a);
         prefetch(per);
       }
     }
     for (int a = 0; p < pairs; ++p, ++a) {
-      const auto w = prep(_mm512_maskz_loadu_epi32(m, k0 + p * block_size * 2));
+      const auto w = prep(L::load(k0 + p * block_size * 2, n));
       for (int h = 0; h < HG; ++h) add(acc[h * A + a], w, h, p);
     }
-    const __m512 mv = _mm512_set1_ps(mul);
     #pragma GCC unroll 16
     for (int h = 0; h < HG; ++h) {
-      __m512 sum = acc[h * A];
+      typename L::V sum = acc[h * A];
       #pragma GCC unroll 16
-      for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[h * A + a]);
-      _mm512_mask_storeu_ps(s + h * s_stride + t0, m, _mm512_mul_ps(sum, mv));
+      for (int a = 1; a < A; ++a) sum = L::add(sum, acc[h * A + a]);
+      L::store(s + h * s_stride + t0, n, L::mul(sum, mul));
     }
   }
 }
 
-// float32 queries (rows qs + h * d, scaled already): a pair's 16 tokens widened to their even
-// and odd values, two FMAs a head.
+// float32 queries (rows qs + h * d, scaled already): a pair's tokens widened to their even and
+// odd values, two FMAs a head.
 template <int HG, typename Prefetch>
 inline void pair_dots_f32(const float* qs, int64_t d, const c10::BFloat16* kp,
                           int64_t block_size, int64_t n_tok, float* s, int64_t s_stride,
                           Prefetch& prefetch, int64_t per) {
-  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  using L = PairLanes;
   struct Wide {
-    __m512 even, odd;
+    L::V even, odd;
   };
   pair_dots<HG>(
       kp, d, block_size, n_tok, s, s_stride, 1.0f,
-      [&](__m512i kv) {
-        return Wide{_mm512_castsi512_ps(_mm512_slli_epi32(kv, 16)),
-                    _mm512_castsi512_ps(_mm512_and_si512(kv, odd_mask))};
-      },
-      [&](__m512& acc, const Wide& w, int h, int64_t p) {
+      [](L::I kv) { return Wide{L::even(kv), L::odd(kv)}; },
+      [&](L::V& acc, const Wide& w, int h, int64_t p) {
         const float* q = qs + h * d + 2 * p;
-        acc = _mm512_fmadd_ps(w.even, _mm512_set1_ps(q[0]), acc);
-        acc = _mm512_fmadd_ps(w.odd, _mm512_set1_ps(q[1]), acc);
+        acc = L::fmadd(w.even, q[0], acc);
+        acc = L::fmadd(w.odd, q[1], acc);
       },
       prefetch, per);
 }
@@ -996,8 +984,7 @@ inline void pair_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat
       },
       prefetch, per);
 }
-#endif  // __AVX512BF16__
-#endif  // CARPOOL_AVX2
+#endif
 
 // Scores of one block for a run's query heads (rows qs + h * d; kv head k's group of `group`
 // heads from row k * group, in sub-groups of at most 4) over a bfloat16 cache's pair-major
@@ -1010,7 +997,7 @@ inline void block_pair_dots(const Q* qs, int64_t d, const c10::BFloat16* k0, int
                             float* s, int64_t s_stride, [[maybe_unused]] float scale,
                             Prefetch& prefetch, int64_t lines) {
   static_assert(std::is_same<Q, float>::value || std::is_same<Q, c10::BFloat16>::value, "");
-  const int64_t chunks = (n_tok + kPairLanes - 1) / kPairLanes;
+  const int64_t chunks = (n_tok + PairLanes::N - 1) / PairLanes::N;
   const int64_t calls = nkh * ((group + 3) / 4) * chunks * (d / 2);  // pairs in the block
   const int64_t per = (lines + calls - 1) / calls;
   for (int64_t k = 0; k < nkh; ++k) {
