@@ -9,8 +9,9 @@ medians, the read rate, and whether the two outputs are the same bits.
 
     python benchmarks/ab_int8_gemv.py --before /tmp/old/src --random-config small --rows 1,2,4
 
-``--op int8_dot`` compares that operator instead; ``--before-op`` runs another one in the
-before checkout (what took those rows there).
+``--op int8_dot`` compares that operator instead (``int8_logits``: a float32 model's head,
+``--weights head``); ``--before-op`` runs another one in the before checkout (what took those
+rows there). ``--weights layers|head``: the layer matrices only, or the vocabulary head only.
 
 ``--huge-pages``: the codes in one huge-page mapping in read order, as the engine holds a
 model's weights (``pages.move_weights``).
@@ -33,6 +34,9 @@ from vnni_linear import weight_shapes  # noqa: E402
 from carpool.model import pages  # noqa: E402
 
 
+OPS = ("int8_gemv", "int8_dot", "int8_logits")
+
+
 def main() -> None:
     ap = ab_parser(__doc__)
     ap.add_argument("--random-config", default="small")
@@ -41,15 +45,17 @@ def main() -> None:
     ap.add_argument("--huge-pages", action="store_true", help="weights as the engine holds them")
     ap.add_argument(
         "--op",
-        choices=("int8_gemv", "int8_dot"),
+        choices=OPS,
         default="int8_gemv",
-        help="the operator of both checkouts (int8_dot: AVX-512 BF16 builds only)",
+        help="the operator of both checkouts (int8_dot: AVX-512 BF16 builds only; int8_logits: "
+        "float32 x, float32 sums)",
     )
     ap.add_argument(
         "--before-op",
-        choices=("int8_gemv", "int8_dot"),
+        choices=OPS,
         help="the before checkout's operator, if not --op's (a row count it took by another)",
     )
+    ap.add_argument("--weights", choices=("all", "layers", "head"), default="all")
     a = ap.parse_args()
     build(Path(a.before), "ab_i8_before", "fused_ops.cpp")
     build(Path(a.after), "ab_i8_after", "fused_ops.cpp")
@@ -59,7 +65,8 @@ def main() -> None:
         "after": getattr(torch.ops.ab_i8_after, a.op),
     }
     g = torch.Generator().manual_seed(0)
-    shapes = weight_shapes(a.random_config)
+    shapes = weight_shapes(a.random_config)  # the layers', then the head's
+    shapes = {"all": shapes, "layers": shapes[:-1], "head": shapes[-1:]}[a.weights]
     weights = [
         (
             torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),

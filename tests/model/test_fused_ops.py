@@ -601,7 +601,7 @@ def test_int8_gemv_row_limit_follows_the_weight_size():
     assert fused_ops.int8_gemv(torch.randn(layer_rows + 1, 64), small, s[:64]) is None
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 13, 32])
 def test_int8_logits_are_the_dequantized_heads_in_float32(rows):
     # A float32 model's vocabulary head: no bf16 rounding of x or of the sums, so the logits
     # are the dequantized weight's (codes times their bf16 scale, exact in float32) to float32
@@ -617,8 +617,10 @@ def test_int8_logits_are_the_dequantized_heads_in_float32(rows):
     exact = x.double() @ (q.double() * s.double()[:, None]).T
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
     assert not torch.equal(got, got.bfloat16().float())  # not rounded to bf16
-    # A row's logits do not depend on the rows beside it.
+    # A row's logits do not depend on the rows beside it (past 4 rows each tile of the head is
+    # widened once and its groups of 4 rows summed together: the same sums).
     assert torch.equal(fused_ops.int8_logits(x[-1:], q, s), got[-1:])
+    assert torch.equal(fused_ops.int8_logits(x[:4], q, s), got[:4])
     # At chosen columns: the same bits, one weight row at a time.
     ids = torch.randint(0, 1001, (rows, 64))
     assert torch.equal(fused_ops.int8_logits_at(x, q, s, ids), got.gather(1, ids))

@@ -8,8 +8,8 @@ under their own operator namespaces, and each build's decode attention is checke
 gather + SDPA reference on float32, bfloat16 and int8 caches (the bfloat16 cache's pair-major
 keys go through the pair loops on v3 and v4, the row copy on v2; the int8 cache's
 word-major keys through those paths' row copy). The fused ops are built the same way for the
-int4 head's float32 logits, whose one-column path must give the bits of each level's vector
-loops. A level the host cannot execute is skipped with its reason.
+int4 and int8 heads' float32 logits, whose one-column paths must give the bits of each level's
+vector loops. A level the host cannot execute is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -149,6 +149,32 @@ def test_lower_level_int4_logits_are_one_columns_bits(level_fused, block):
     assert torch.equal(level_fused.int4_logits_at(many, *args, cols), got.gather(1, cols))
     last = level_fused.int4_gemv(many[29:], *args)
     assert torch.equal(level_fused.int4_gemv(many, *args)[29:], last)
+
+
+def test_lower_level_int8_logits_are_one_columns_bits(level_fused):
+    # An int8 head's float32 logits at each level (v4: AVX-512 without BF16, its tiles of four
+    # weight rows widened in registers up to 4 input rows and once into a buffer past them;
+    # v3: the AVX2 groups; v2: plain loops): a row's bits the same alone and in any batch, and
+    # int8_logits_at's one column at a time the same. int8_gemv (bf16-rounded x and sums) takes
+    # the same loops on v4 (no int8_dot there).
+    g = torch.Generator().manual_seed(8)
+    n, k = 203, 200  # a partial tile, a tail of 8 codes
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = (torch.rand(n, generator=g) * 0.01).bfloat16()
+    x = torch.randn(13, k, generator=g)
+    got = level_fused.int8_logits(x, q, s)
+    exact = x.double() @ (q.double() * s.double()[:, None]).T
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    for rows in (slice(0, 1), slice(0, 4), slice(4, 9), slice(12, 13)):
+        assert torch.equal(level_fused.int8_logits(x[rows].contiguous(), q, s), got[rows])
+    ids = torch.randint(0, n, (13, 40), generator=g)
+    assert torch.equal(level_fused.int8_logits_at(x, q, s, ids), got.gather(1, ids))
+    xb = x.bfloat16().float()
+    rounded = level_fused.int8_gemv(xb, q, s)
+    torch.testing.assert_close(
+        rounded.double(), xb.double() @ (q.double() * s.double()[:, None]).T, rtol=2**-7, atol=1e-3
+    )
+    assert torch.equal(level_fused.int8_gemv(xb[12:], q, s), rounded[12:])
 
 
 @pytest.fixture(scope="module", params=sorted(LEVELS))

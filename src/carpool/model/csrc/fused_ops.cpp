@@ -646,6 +646,93 @@ inline void int8_tile(const float* xf, const int8_t* qr, const c10::BFloat16* sc
       Elt<T>::store(y + m * n, r + j, int8_out<Exact>(_mm512_reduce_add_ps(va[j][m]) * sc));
   }
 }
+
+// Past this many input rows a tile's codes are widened once, into a float32 buffer in L1
+// (int8_tile_widened), rather than in registers again for every group of four rows.
+constexpr int64_t kTileDirectRows = 4;
+
+// int8_tile's sums for M (1-4) input rows xf against a tile already widened to float32 (wf,
+// kTileRows rows of kp floats, zeros past k as int8_tail16's): the same products, accumulators,
+// K order and tail, so the same bits; the 16 (weight row, input row) sums of the group reduced
+// together (reduce_add16: _mm512_reduce_add_ps's bits).
+template <int64_t M, bool Exact, typename T>
+inline void int8_group_widened(const float* xf, const float* wf, int64_t kp, int64_t k,
+                               const float* sc, T* y, int64_t n, int64_t r) {
+  __m512 va[16];  // (input row m, weight row j) at 4m + j; the last 16 - 4M stay zero
+  for (int a = 0; a < 16; ++a) va[a] = _mm512_setzero_ps();
+  int64_t i = 0;
+  // Every vector loaded once into a register (the empty asm statements): gcc otherwise folds
+  // a weight vector's load into each of its M FMAs, and a Zen 4 loads one 512-bit vector a
+  // cycle (20 loads per 16 FMAs: slower than int8_tile).
+  for (; i + 16 <= k; i += 16) {
+    __m512 w[kTileRows];
+    for (int64_t j = 0; j < kTileRows; ++j) {
+      w[j] = _mm512_loadu_ps(wf + j * kp + i);
+      asm("" : "+v"(w[j]));
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 xv = _mm512_loadu_ps(&xf[m * k + i]);
+      asm("" : "+v"(xv));
+      for (int64_t j = 0; j < kTileRows; ++j)
+        va[4 * m + j] = _mm512_fmadd_ps(w[j], xv, va[4 * m + j]);
+    }
+  }
+  if (i < k) {  // as int8_tile's tail: the buffer's zeros past k, x masked
+    const __mmask16 tail = carpool_kernels::first_lanes(k - i);
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, &xf[m * k + i]);
+      for (int64_t j = 0; j < kTileRows; ++j)
+        va[4 * m + j] = _mm512_fmadd_ps(_mm512_loadu_ps(wf + j * kp + i), xv, va[4 * m + j]);
+    }
+  }
+  alignas(64) float sums[16];
+  carpool_kernels::reduce_add16(va, sums);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < kTileRows; ++j)
+      Elt<T>::store(y + m * n, r + j, int8_out<Exact>(sums[4 * m + j] * sc[j]));
+}
+
+// A widened tile's row stride: k rounded up to 16 floats, plus 16 so that its rows do not fall
+// into the same L1 sets as each other (and as x's rows) where k is a multiple of 512.
+inline int64_t int8_widened_stride(int64_t k) { return (k + 15) / 16 * 16 + 16; }
+
+// Output columns r .. r + kTileRows - 1 of all `rows` input rows (more than kTileDirectRows):
+// the tile's codes widened once into a buffer (kTileRows rows of int8_widened_stride(k)), with
+// `ahead` (or null) brought into cache over the widening as int8_tile does, then every group of
+// four rows over the buffer. Why: in int8_tile a group's 16 FMAs per 16 codes came with four
+// widenings (8 instructions) and its 16 sums with 16 separate reductions.
+template <bool Exact, typename T>
+void int8_tile_widened(const float* xf, const int8_t* qr, const c10::BFloat16* scale, T* y,
+                       int64_t rows, int64_t n, int64_t k, int64_t r, const char* ahead) {
+  const int64_t kp = int8_widened_stride(k);
+  // The calling thread's buffer (a tile of 4 x 1,024 codes: 16 KiB).
+  thread_local std::vector<float> buffer;
+  buffer.resize(kTileRows * kp);
+  float* wf = buffer.data();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    if (ahead != nullptr) __builtin_prefetch(ahead + i * kTileRows, 0, 3);
+    for (int64_t j = 0; j < kTileRows; ++j)
+      _mm512_storeu_ps(wf + j * kp + i, carpool_kernels::load16(qr + j * k + i));
+  }
+  if (ahead != nullptr)
+    for (int64_t b = i * kTileRows; b < k * kTileRows; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+  if (i < k)
+    for (int64_t j = 0; j < kTileRows; ++j)
+      _mm512_storeu_ps(wf + j * kp + i, int8_tail16(qr + j * k, i, k));
+  float sc[kTileRows];
+  for (int64_t j = 0; j < kTileRows; ++j) sc[j] = Elt<c10::BFloat16>::load(scale, r + j);
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+    const float* xg = xf + m0 * k;
+    T* yg = y + m0 * n;
+    switch (std::min<int64_t>(4, rows - m0)) {
+      case 1: int8_group_widened<1, Exact>(xg, wf, kp, k, sc, yg, n, r); break;
+      case 2: int8_group_widened<2, Exact>(xg, wf, kp, k, sc, yg, n, r); break;
+      case 3: int8_group_widened<3, Exact>(xg, wf, kp, k, sc, yg, n, r); break;
+      default: int8_group_widened<4, Exact>(xg, wf, kp, k, sc, yg, n, r); break;
+    }
+  }
+}
 #elif defined(CARPOOL_AVX2)
 // Weight rows per tile on AVX2: every group of M input rows takes it int8_cols8<M>() weight
 // rows at a time (int8_sums8), so the tile's codes come from memory once, in the first group,
@@ -723,8 +810,9 @@ constexpr int64_t kTileRows = 1;
 #endif
 
 // Output columns r .. r + count - 1 for every group of up to 4 input rows: a whole tile through
-// int8_tile where there is one (prefetching `ahead` during the first group), else row by row.
-template <bool Exact, typename T>
+// int8_tile where there is one (prefetching `ahead` during the first group), or through
+// int8_tile_widened where Widened, else row by row.
+template <bool Exact, bool Widened, typename T>
 inline void int8_columns(const float* xf, const int8_t* q, const c10::BFloat16* scale, T* y,
                          int64_t rows, int64_t n, int64_t k, int64_t r, int64_t count,
                          const char* ahead) {
@@ -732,6 +820,12 @@ inline void int8_columns(const float* xf, const int8_t* q, const c10::BFloat16* 
   int8_groups8<Exact>(xf, q, scale, y, rows, n, k, r, count, ahead);
 #else
   using E = Elt<c10::BFloat16>;
+#if defined(__AVX512F__)
+  if (Widened && count == kTileRows) {
+    int8_tile_widened<Exact>(xf, q + r * k, scale, y, rows, n, k, r, ahead);
+    return;
+  }
+#endif
   for (int64_t m0 = 0; m0 < rows; m0 += 4) {
     const float* xg = xf + m0 * k;
     T* yg = y + m0 * n;
@@ -776,22 +870,32 @@ void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, in
   // Chunks of whole tiles, so that only the last chunk can end in a partial one.
   const int64_t grain = (std::max<int64_t>(64, (n + threads - 1) / threads) + kTileRows - 1) /
                         kTileRows * kTileRows;
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; r += kTileRows) {
-      const int64_t count = std::min<int64_t>(kTileRows, end - r);
-      if (count == kTileRows) {  // the tile kPrefetchRows ahead, if whole and in the chunk
-        const bool whole = r + kPrefetchRows + kTileRows <= end;
-        int8_columns<Exact>(xf.data(), q, scale, y, rows, n, k, r, count,
-                     whole ? reinterpret_cast<const char*>(q + (r + kPrefetchRows) * k) : nullptr);
-        continue;
+  // Two instances of the loop, with and without the widened tiles: where one function held
+  // both, gcc kept int8_tile's accumulators on the stack (one row 1.8x slower).
+  auto run = [&](auto widened) {
+    constexpr bool Widened = decltype(widened)::value;
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; r += kTileRows) {
+        const int64_t count = std::min<int64_t>(kTileRows, end - r);
+        if (count == kTileRows) {  // the tile kPrefetchRows ahead, if whole and in the chunk
+          const bool whole = r + kPrefetchRows + kTileRows <= end;
+          const char* ahead =
+              whole ? reinterpret_cast<const char*>(q + (r + kPrefetchRows) * k) : nullptr;
+          int8_columns<Exact, Widened>(xf.data(), q, scale, y, rows, n, k, r, count, ahead);
+          continue;
+        }
+        if (r + kPrefetchRows < end) {
+          const char* ahead = reinterpret_cast<const char*>(q + (r + kPrefetchRows) * k);
+          for (int64_t b = 0; b < k; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+        }
+        int8_columns<Exact, Widened>(xf.data(), q, scale, y, rows, n, k, r, count, nullptr);
       }
-      if (r + kPrefetchRows < end) {
-        const char* ahead = reinterpret_cast<const char*>(q + (r + kPrefetchRows) * k);
-        for (int64_t b = 0; b < k; b += 64) __builtin_prefetch(ahead + b, 0, 3);
-      }
-      int8_columns<Exact>(xf.data(), q, scale, y, rows, n, k, r, count, nullptr);
-    }
-  });
+    });
+  };
+#if defined(__AVX512F__)
+  if (rows > kTileDirectRows) return run(std::true_type{});
+#endif
+  run(std::false_type{});
 }
 
 void check_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qweight,
