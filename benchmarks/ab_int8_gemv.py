@@ -33,7 +33,6 @@ from vnni_linear import weight_shapes  # noqa: E402
 
 from carpool.model import pages  # noqa: E402
 
-
 OPS = ("int8_gemv", "int8_dot", "int8_logits")
 
 
