@@ -582,7 +582,9 @@ def test_kv_store_writes_what_index_copy_writes(src, cache):
     # carpool::kv_store (a memcpy per token and kv head) against the index_copy_ it replaced,
     # from a strided [T, 2, K, D] view into a fused qkv row as the layers pass it: a float32
     # cache's slots as rows; a bfloat16 cache's blocks in kv_layout's block layout, the rows
-    # index_copy_ wrote put in that layout, and what kv_layout.store (torch ops) writes.
+    # index_copy_ wrote put in that layout, and what kv_layout.store (torch ops) writes. Nine
+    # tokens: on two or more threads split between them (4 a thread at least), words of one
+    # block's lines written by both.
     g = torch.Generator().manual_seed(5)
     sdt, cdt = getattr(torch, src), getattr(torch, cache)
     qkv = torch.randn(9, 8 + 2 * 2, 32, generator=g).to(sdt)

@@ -757,8 +757,11 @@ void store_rows(const T* src, int64_t src_stride, int8_t* cache, const int64_t* 
                 int64_t tokens, int64_t kvh, int64_t d, int64_t bs) {
   const int64_t row = d + 4;
   const int64_t region = 2 * bs * row;  // one kv head's bytes in a block
-  // Grain 64 tokens: a decode step's few tokens are not worth waking the other threads.
-  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+  // At least 4 tokens a thread: a decode step's tokens (one a sequence, in cold blocks) wait on
+  // their lines' fills (K's words in d / 4 lines a kv head), which overlap across threads (32
+  // tokens x 3-8 kv heads, lines cold: 1.2-1.7x faster on two threads than on one; issue 11,
+  // thirty-fifth pass).
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> q(d);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = slots[t] / bs, slot = slots[t] % bs;
@@ -869,7 +872,12 @@ template <typename T>
 void store_pairs(const T* src, int64_t src_stride, c10::BFloat16* cache, const int64_t* slots,
                  int64_t tokens, int64_t kvh, int64_t d, int64_t bs) {
   const int64_t region = 2 * bs * d;  // one kv head's values in a block
-  for (int64_t t = 0; t < tokens; ++t) {
+  // Token t's K pairs land in d / 2 lines of each kv head's region (a 4-byte word in each), its
+  // V row in one or two: a decode step's tokens (one a sequence, in cold blocks) wait on ~d / 2
+  // line fills each, so the tokens are spread over the threads, whose misses then overlap: a
+  // decode step of 32 tokens x 8 kv heads, lines cold, ~1.7x faster on two threads (issue 11,
+  // thirty-fifth pass; the next token's lines asked for ahead gained nothing on one).
+  auto store = [&](int64_t t) {
     const int64_t block = slots[t] / bs, slot = slots[t] % bs;
     for (int64_t k = 0; k < kvh; ++k) {
       c10::BFloat16* hb = cache + (block * kvh + k) * region;
@@ -887,7 +895,11 @@ void store_pairs(const T* src, int64_t src_stride, c10::BFloat16* cache, const i
         for (int64_t i = 0; i < d; ++i) vd[i] = c10::BFloat16(vx[i]);
       }
     }
-  }
+  };
+  // At least 4 tokens a thread (a fork costs ~1 us; a prompt's tokens share their blocks).
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) store(t);
+  });
 }
 
 // Copy rows of `src` ([T, 2, K, D], rows of any stride, each token's [2, K, D] contiguous) into
