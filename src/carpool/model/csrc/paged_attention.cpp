@@ -758,7 +758,7 @@ void store_rows(const T* src, int64_t src_stride, int8_t* cache, const int64_t* 
   const int64_t row = d + 4;
   const int64_t region = 2 * bs * row;  // one kv head's bytes in a block
   // At least 4 tokens a thread: a decode step's tokens (one a sequence, in cold blocks) wait on
-  // their lines' fills (K's words in d / 4 lines a kv head), which overlap across threads (32
+  // their lines' fills (K's words in d / 4 lines a kv head), which overlap across threads (8-32
   // tokens x 3-8 kv heads, lines cold: 1.2-1.7x faster on two threads than on one; issue 11,
   // thirty-fifth pass).
   at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
