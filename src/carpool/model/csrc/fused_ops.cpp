@@ -648,8 +648,13 @@ inline void int8_tile(const float* xf, const int8_t* qr, const c10::BFloat16* sc
 }
 
 // Past this many input rows a tile's codes are widened once, into a float32 buffer in L1
-// (int8_tile_widened), rather than in registers again for every group of four rows.
+// (int8_tile_widened), rather than in registers again for every group of four rows; for K up
+// to kTileWidenedMaxK, where the buffer and a group's four input rows fit in L1 together. On a
+// Zen 4 (32 KiB L1), int8_logits against int8_tile alone, 8 / 16 / 32 rows, one thread: K =
+// 512-576 1.05-1.34x; K = 1024 0.86 / 1.32 / 1.49x; K = 2048 0.76 / 0.89 / 1.05x; K = 4096 0.72 /
+// 0.89 / 1.00x (issue 11, thirty-fifth pass).
 constexpr int64_t kTileDirectRows = 4;
+constexpr int64_t kTileWidenedMaxK = 768;
 
 // int8_tile's sums for M (1-4) input rows xf against a tile already widened to float32 (wf,
 // kTileRows rows of kp floats, zeros past k as int8_tail16's): the same products, accumulators,
@@ -704,7 +709,8 @@ inline void int8_group_widened(const float* xf, const float* wf, int64_t kp, int
 // into the same L1 sets as each other (and as x's rows) where k is a multiple of 512.
 inline int64_t int8_widened_stride(int64_t k) { return (k + 15) / 16 * 16 + 16; }
 
-// Output columns r .. r + kTileRows - 1 of all `rows` input rows (more than kTileDirectRows):
+// Output columns r .. r + kTileRows - 1 of all `rows` input rows (more than kTileDirectRows; K
+// at most kTileWidenedMaxK):
 // the tile's codes widened once into a buffer (kTileRows rows of int8_widened_stride(k)), with
 // `ahead` (or null) brought into cache over the widening as int8_tile does, then every group of
 // four rows over the buffer. Why: in int8_tile a group's 16 FMAs per 16 codes came with four
@@ -901,7 +907,7 @@ void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, in
     });
   };
 #if defined(__AVX512F__)
-  if (rows > kTileDirectRows) return run(std::true_type{});
+  if (rows > kTileDirectRows && k <= kTileWidenedMaxK) return run(std::true_type{});
 #endif
   run(std::false_type{});
 }
