@@ -690,15 +690,16 @@ inline void int8_group_widened(const float* xf, const float* wf, int64_t kp, int
         va[4 * m + j] = _mm512_fmadd_ps(_mm512_loadu_ps(wf + j * kp + i), xv, va[4 * m + j]);
     }
   }
+  const __m512 total = carpool_kernels::reduce_add16(va);
   alignas(64) float sums[16];
-  carpool_kernels::reduce_add16(va, sums);
   if constexpr (Exact && std::is_same<T, float>::value) {
     // Float32 logits: the 16 products by the columns' scales in one multiply (the same
     // roundings as one at a time), each input row's 4 columns in one copy.
     const __m512 scale4 = _mm512_broadcast_f32x4(_mm_loadu_ps(sc));
-    _mm512_store_ps(sums, _mm512_mul_ps(_mm512_load_ps(sums), scale4));
+    _mm512_store_ps(sums, _mm512_mul_ps(total, scale4));
     for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * n + r, sums + 4 * m, 4 * sizeof(float));
   } else {
+    _mm512_store_ps(sums, total);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < kTileRows; ++j)
         Elt<T>::store(y + m * n, r + j, int8_out<Exact>(sums[4 * m + j] * sc[j]));

@@ -745,6 +745,14 @@ at::Tensor paged_decode_attention(
   return out;
 }
 
+// Tokens a thread at least in the KV stores (store_rows, store_pairs). A decode step's tokens
+// (one a sequence, each in a block of its own whose lines are cold) write a word into each of
+// many lines and wait on their fills, which overlap across threads: 8-32 tokens x 3-8 kv heads,
+// lines cold, 1.2-1.9x faster on two threads than on one (issue 11, thirty-fifth pass; the next
+// token's lines asked for ahead gained nothing on one). Fewer than 4 a thread: a fork (~1 us)
+// for little; a prompt's tokens share their blocks' lines.
+constexpr int64_t kStoreGrain = 4;
+
 // Quantize rows of `src` ([T, 2, K, D], float32 or bfloat16, rows of any stride) into the
 // int8 cache slots `slots` ([T] int64, block * bs + offset) of `cache` ([N, bs, 2, K, D + 4]
 // int8, kv_quant.py's block layout): per (token, K/V, head) row, scale = amax / 127,
@@ -757,11 +765,8 @@ void store_rows(const T* src, int64_t src_stride, int8_t* cache, const int64_t* 
                 int64_t tokens, int64_t kvh, int64_t d, int64_t bs) {
   const int64_t row = d + 4;
   const int64_t region = 2 * bs * row;  // one kv head's bytes in a block
-  // At least 4 tokens a thread: a decode step's tokens (one a sequence, in cold blocks) wait on
-  // their lines' fills (K's words in d / 4 lines a kv head), which overlap across threads (8-32
-  // tokens x 3-8 kv heads, lines cold: 1.2-1.7x faster on two threads than on one; issue 11,
-  // thirty-fifth pass).
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+  // K's words land in d / 4 lines a kv head: kStoreGrain.
+  at::parallel_for(0, tokens, kStoreGrain, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> q(d);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = slots[t] / bs, slot = slots[t] % bs;
@@ -873,32 +878,27 @@ void store_pairs(const T* src, int64_t src_stride, c10::BFloat16* cache, const i
                  int64_t tokens, int64_t kvh, int64_t d, int64_t bs) {
   const int64_t region = 2 * bs * d;  // one kv head's values in a block
   // Token t's K pairs land in d / 2 lines of each kv head's region (a 4-byte word in each), its
-  // V row in one or two: a decode step's tokens (one a sequence, in cold blocks) wait on ~d / 2
-  // line fills each, so the tokens are spread over the threads, whose misses then overlap: a
-  // decode step of 32 tokens x 8 kv heads, lines cold, ~1.7x faster on two threads (issue 11,
-  // thirty-fifth pass; the next token's lines asked for ahead gained nothing on one).
-  auto store = [&](int64_t t) {
-    const int64_t block = slots[t] / bs, slot = slots[t] % bs;
-    for (int64_t k = 0; k < kvh; ++k) {
-      c10::BFloat16* hb = cache + (block * kvh + k) * region;
-      const T* kx = src + t * src_stride + k * d;
-      const T* vx = src + t * src_stride + (kvh + k) * d;
-      for (int64_t p = 0; p < d / 2; ++p) {
-        c10::BFloat16* kp = hb + (p * bs + slot) * 2;
-        kp[0] = c10::BFloat16(kx[2 * p]);
-        kp[1] = c10::BFloat16(kx[2 * p + 1]);
-      }
-      c10::BFloat16* vd = hb + bs * d + slot * d;
-      if constexpr (std::is_same<T, c10::BFloat16>::value) {
-        std::memcpy(vd, vx, d * sizeof(T));
-      } else {
-        for (int64_t i = 0; i < d; ++i) vd[i] = c10::BFloat16(vx[i]);
+  // V row in one or two: kStoreGrain.
+  at::parallel_for(0, tokens, kStoreGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = slots[t] / bs, slot = slots[t] % bs;
+      for (int64_t k = 0; k < kvh; ++k) {
+        c10::BFloat16* hb = cache + (block * kvh + k) * region;
+        const T* kx = src + t * src_stride + k * d;
+        const T* vx = src + t * src_stride + (kvh + k) * d;
+        for (int64_t p = 0; p < d / 2; ++p) {
+          c10::BFloat16* kp = hb + (p * bs + slot) * 2;
+          kp[0] = c10::BFloat16(kx[2 * p]);
+          kp[1] = c10::BFloat16(kx[2 * p + 1]);
+        }
+        c10::BFloat16* vd = hb + bs * d + slot * d;
+        if constexpr (std::is_same<T, c10::BFloat16>::value) {
+          std::memcpy(vd, vx, d * sizeof(T));
+        } else {
+          for (int64_t i = 0; i < d; ++i) vd[i] = c10::BFloat16(vx[i]);
+        }
       }
     }
-  };
-  // At least 4 tokens a thread (a fork costs ~1 us; a prompt's tokens share their blocks).
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) store(t);
   });
 }
 

@@ -214,11 +214,11 @@ inline __m512 reduce16(const __m512* acc) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
 }
 
-// out[j] = the lane sum of acc[j], j < 16, each the very bits of _mm512_reduce_add_ps(acc[j])
-// (its tree: lane i + lane i + 8, then i + (i + 4), then (0 + 2) + (1 + 3)), for 16 vectors in
-// 46 instructions against ~9 each. Where a kernel's sums must stay those of its one-vector
-// reductions elsewhere (int8_row's, int8_logits_at's) but come 16 at a time.
-inline void reduce_add16(const __m512* acc, float* out) {
+// The 16 lane sums of acc[0..15] as one vector (element j = sum of acc[j]), each the very bits
+// of _mm512_reduce_add_ps(acc[j]) (its tree: lane i + lane i + 8, then i + (i + 4), then
+// (0 + 2) + (1 + 3)), in 46 instructions against ~9 a vector: as reduce16, where a kernel's sums
+// must stay those of its one-vector reductions elsewhere (int8_row's, int8_logits_at's).
+inline __m512 reduce_add16(const __m512* acc) {
   // Lane i + lane i + 8 of acc[2p] in elements 0..7 of s[p], of acc[2p + 1] in 8..15.
   __m512 s[8];
   for (int p = 0; p < 8; ++p)
@@ -237,7 +237,7 @@ inline void reduce_add16(const __m512* acc, float* out) {
   // The pairs added: element 4j + i holds acc[4i + j]'s sum; permuted back into order.
   const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, v));
+  return _mm512_permutexvar_ps(order, v);
 }
 
 // out[j] = q . k_j for 16 rows k_j = k0 + j * stride (head_dim d a multiple of 16): 16
