@@ -22,6 +22,9 @@ kernels on an AVX2 CPU, ``model_runner.weights_want_huge_pages``).
 ``--before head`` compares a pure decode step's embedding, final norm and head from Python
 ("before") with the whole step from token ids to logits in one C++ call
 (``decode_stack.run_logits``, "after"), one model, switched per step.
+``--before silu`` switches a float32 model's SwiGLU, per step: torch's two ops (``F.silu(gate) *
+up``, "before") or the fused kernel in torch's bits (``fused_ops.silu_float32_fused``, "after"),
+and checks that both steps give the same logits, bit for bit.
 ``--before prefetch`` keeps the arena and switches only the bf16 linears' streaming: software
 prefetch as on 4 KiB pages ("before") or the hardware's alone (``vnni_linear``'s huge-page
 passes, "after"), per step.
@@ -120,7 +123,7 @@ def main() -> None:
     ap.add_argument(
         "--before",
         default="/work/main/src",
-        help="a checkout's src, or gather, pages, prefetch, head",
+        help="a checkout's src, or gather, pages, prefetch, head, silu",
     )
     ap.add_argument("--cases", default="1x64,32x64,8x512,8x2048,8x8192", help="BxCONTEXT,...")
     ap.add_argument("--random-config", default="small")
@@ -144,7 +147,7 @@ def main() -> None:
     path = a.model or random_model(a.random_config, a.dtype, max(c for _, c in cases) + 16)
     kv_ab = a.kv_cache_dtype == "int8"
     self_ab = a.before == "gather" or kv_ab
-    from carpool.model import decode_stack, pages, vnni_linear
+    from carpool.model import decode_stack, fused_ops, pages, vnni_linear
     from carpool.worker.model_runner import prepare_model
 
     if a.before == "pages":
@@ -157,7 +160,7 @@ def main() -> None:
             "before": (before, build_ragged_batch),
             "after": (load_model(path, dtype=a.dtype)[0], build_ragged_batch),
         }
-    elif a.before in ("prefetch", "head"):
+    elif a.before in ("prefetch", "head", "silu"):
         model = load_model(path, dtype=a.dtype)[0]
         systems = {"before": (model, build_ragged_batch), "after": (model, build_ragged_batch)}
     elif self_ab:
@@ -194,12 +197,20 @@ def main() -> None:
         assert arena is not None and vnni_linear.streams_from_huge_pages(arena), (
             "the weights are not on huge pages here: nothing to switch"
         )
+    if a.before == "silu":
+        model = systems["after"][0]
+        assert next(model.parameters()).dtype == torch.float32, "silu: a float32 model"
+        assert fused_ops.silu_float32_fused(), "the kernel's float32 SwiGLU is not torch's here"
 
     def select(k: str) -> None:
         if a.before == "head":
             decode_stack.use_head(k == "after")
         if self_ab:
             paged_attention.use_kernel(kv_ab or k == "after")
+        if a.before == "silu":  # fused_ops' choice, and the decode stack's copy of it
+            fused_ops.use_silu_float32(k == "after")
+            if getattr(systems[k][0], "decode_plan", None) is not None:
+                systems[k][0].decode_plan.limits[-1] = int(k == "after")
         if a.before == "prefetch":
             on = k == "after"
             torch.ops.carpool.vnni_linear_huge_pages(arena.data_ptr(), arena.nbytes, on)
@@ -218,6 +229,9 @@ def main() -> None:
         }
         for c in caches.values():  # resident pages: never-written ones read the zero page
             fill_random(c)
+        if a.before == "silu":  # the same cache contents, for the logits' check
+            for mine, theirs in zip(caches["after"], caches["before"], strict=True):
+                mine.copy_(theirs)
         times: dict[str, list[float]] = {k: [] for k in systems}
         n = a.steps or max(4, min(30, 20000 // (b * ctx) + 4))
         with torch.inference_mode():
@@ -231,6 +245,16 @@ def main() -> None:
                     if i >= 2:  # two warm-up steps
                         times[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        if a.before == "silu":  # the same logits either way
+            logits = {}
+            with torch.inference_mode():
+                for k, (model, build) in systems.items():
+                    select(k)
+                    inp = build_batch(build, chunks, 16)
+                    logits[k] = model(
+                        inp.input_ids, inp.positions, inp.meta, caches[k], inp.logits_indices
+                    )
+            assert torch.equal(logits["before"], logits["after"]), "silu: the logits differ"
         shares = ""
         if self_ab:
             share = {}

@@ -202,9 +202,12 @@ def test_lower_level_vnni_linear_is_a_bf16_gemm_whatever_the_rows(level_vnni):
             assert torch.equal(level_vnni(x[:rows].contiguous(), packed, bias, n, 0), full[:rows])
 
 
-def test_lower_level_silu_and_mul_is_torchs(level_fused):
-    # The fused SwiGLU at each level (AVX2: 8 lanes, then the scalar tail): torch's values
-    # but for the exp's polynomial (relative error ~2e-7) and, in bf16, rare one-ulp roundings.
+def test_lower_level_silu_and_mul_is_torchs(level_fused, request):
+    # The fused SwiGLU at each level (AVX2: 8 lanes, then the scalar tail). float32: torch's
+    # bits where the build has vectors (its silu with Sleef's vector exp, torch's own, as this
+    # machine's torch computes it; std::exp on the scalar rest), close to them in a plain
+    # build (std::exp everywhere: glibc's, not Sleef's). bf16: torch's values but for the
+    # exp's polynomial (relative error ~2e-7): rare one-ulp roundings.
     g = torch.Generator().manual_seed(7)
     gu = torch.randn(5, 2 * 203, generator=g) * 4
     half = gu.shape[1] // 2
@@ -212,7 +215,10 @@ def test_lower_level_silu_and_mul_is_torchs(level_fused):
     def ref(t: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.silu(t[:, :half]) * t[:, half:]
 
-    torch.testing.assert_close(level_fused.silu_and_mul(gu), ref(gu), rtol=1e-5, atol=1e-5)
+    if request.node.callspec.params["level_fused"] == "v2":
+        torch.testing.assert_close(level_fused.silu_and_mul(gu), ref(gu), rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(level_fused.silu_and_mul(gu), ref(gu))
     b = gu.bfloat16()
     got, want = level_fused.silu_and_mul(b), ref(b)
     assert got.dtype == torch.bfloat16 and (got != want).float().mean() < 2e-2

@@ -258,6 +258,7 @@ def _limits() -> list[int]:
         fused_ops.INT8_GEMV_LARGE_CODES,
         fused_ops.INT8_GEMV_LARGE_MAX_ROWS,
         fused_ops.int8_dot_max_rows(),
+        int(fused_ops.silu_float32_fused()),
     ]
 
 

@@ -96,14 +96,60 @@ def add_rms_norm(
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``gate_up`` is ``[..., 2 * I]`` (gate first).
 
-    Fused for bfloat16 only: in float32 the kernel's polynomial exp (relative error ~2e-7)
-    differs from torch's in the last bits, and that flipped the default model's greedy answer
-    to "What is the capital of France?" (see ``rotary_``): float32 keeps torch's ops.
+    Fused for bfloat16, and for float32 where the kernel's float32 path gives torch's bits
+    (``silu_float32_fused``): there it computes silu as torch's CPU kernel does, with torch's
+    own vector exp (Sleef's). The bf16 path's polynomial exp (relative error ~2e-7) differs
+    from torch's in the last bits, and in float32 that flipped the default model's greedy
+    answer to "What is the capital of France?" (see ``rotary_``).
     """
-    if gate_up.dtype == torch.bfloat16 and _fused(gate_up):
+    dtype = gate_up.dtype
+    if (dtype == torch.bfloat16 or (dtype == torch.float32 and silu_float32_fused())) and _fused(
+        gate_up
+    ):
         return torch.ops.carpool.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def silu_float32_fused() -> bool:
+    """Whether the float32 SwiGLU takes the kernel: where it gives the bits of torch's
+    ``F.silu(gate) * up`` on a probe of rows with and without a scalar tail, magnitudes from
+    1e-3 to 200, signed zeros, infinities and NaN (checked once, after the operators load).
+    The kernel calls the exp of torch's vector loop for the instruction set it was built for;
+    where torch dispatches to another (``ATEN_CPU_CAPABILITY``), the bits may differ and
+    torch's two ops stay. On a Zen 4: 2.0x torch's two ops at one row of SmolLM2's 1536,
+    1.35-1.7x at 16-32 rows (issue 11, thirty-sixth pass)."""
+    global _silu_float32
+    if _silu_float32 is None:
+        if not _lib.active():
+            return False
+        g = torch.Generator().manual_seed(0)
+        probe = [
+            torch.randn(3, 2 * n, generator=g) * m for n in (69, 1536) for m in (1e-3, 4.0, 200.0)
+        ]
+        special = torch.tensor(
+            [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 88.0, -104.0, 1e-40]
+        )
+        probe.append(special.repeat(2, 8))
+        _silu_float32 = all(
+            torch.equal(
+                torch.ops.carpool.silu_and_mul(gu).view(torch.int32),
+                (F.silu(gu.chunk(2, dim=-1)[0]) * gu.chunk(2, dim=-1)[1]).view(torch.int32),
+            )
+            for gu in probe
+        )
+    return _silu_float32
+
+
+_silu_float32: bool | None = None
+
+
+def use_silu_float32(enabled: bool | None) -> None:
+    """Force the float32 SwiGLU's path (True: the kernel, False: torch's ops; None: the
+    probe's choice), for benchmarks/ab_step.py's per-step A/B. A decode stack keeps the
+    choice it was built with (its plan's limits)."""
+    global _silu_float32
+    _silu_float32 = enabled
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,7 @@ struct Limits {
   bool bf16_emulated;
   int64_t int8_large_codes, int8_large_max_rows;  // fused_ops.int8_gemv_max_rows
   int64_t int8_dot_max_rows;  // fused_ops.int8_dot_max_rows() (0: not here)
+  bool silu_float32;          // fused_ops.silu_float32_fused(): torch's bits in the kernel
 
   int64_t int8_max_rows(int64_t codes) const {
     return codes >= int8_large_codes ? int8_large_max_rows : int8_gemv_max_rows;
@@ -70,8 +71,8 @@ struct Limits {
 
   // From the operator's `limits` argument (decode_stack.py's _limits, in that order).
   static Limits of(at::IntArrayRef l) {
-    TORCH_CHECK(l.size() == 9, "decode_stack: 9 limits expected, got ", l.size());
-    return {l[0], l[1], l[2], l[3], l[4], l[5] != 0, l[6], l[7], l[8]};
+    TORCH_CHECK(l.size() == 10, "decode_stack: 10 limits expected, got ", l.size());
+    return {l[0], l[1], l[2], l[3], l[4], l[5] != 0, l[6], l[7], l[8], l[9] != 0};
   }
 };
 
@@ -277,10 +278,11 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
         o.paged_decode.call(qkv.narrow(1, 0, h), cache, block_tables, context_lens, scale);
     std::tie(hs, residual) =
         o.add_rms_norm.call(lin(att.view({t, h * d}), 1), residual, opt(tensors, tb + 1), eps);
-    // GatedMLP.forward: SwiGLU fused in bf16; float32 keeps torch's ops (fused_ops.silu_and_mul).
+    // GatedMLP.forward: SwiGLU fused (float32 where the kernel gives torch's bits, else torch's
+    // ops: fused_ops.silu_and_mul).
     const at::Tensor gu = lin(hs, 2);
     at::Tensor act;
-    if (gu.scalar_type() == at::kBFloat16) {
+    if (gu.scalar_type() == at::kBFloat16 || lim.silu_float32) {
       act = o.silu_and_mul.call(gu);
     } else {
       const int64_t half = gu.size(1) / 2;

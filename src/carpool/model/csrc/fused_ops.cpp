@@ -43,6 +43,8 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+// torch's own vector exp (libtorch_cpu exports it): a float32 SwiGLU in torch's bits.
+#include <sleef.h>
 #endif
 
 namespace {
@@ -314,6 +316,51 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t half) {
   });
 }
 
+// A float32 SwiGLU in torch's bits: silu as torch's CPU kernel computes it, x / (1 + exp(-x)),
+// its vectors' exp Sleef's (what at::vec::Vectorized<float>::exp calls: Sleef_expf16_u10 with
+// AVX-512, Sleef_expf8_u10 with AVX2) and a row's elements past its last pair of vectors through
+// std::exp (torch's scalar loop's), then times up. Where torch dispatches to the same instruction set, the bits of
+// torch's F.silu(gate) * up (fused_ops.silu_and_mul checks that once before it takes this); the
+// polynomial exp of the bf16 path (~2e-7 from torch's) flipped the default model's greedy
+// answer to "What is the capital of France?" in float32.
+inline float silu_mul_torch(float x, float u) { return x / (1.0f + std::exp(-x)) * u; }
+
+void silu_mul_rows_torch(const float* gu, float* out, int64_t rows, int64_t half) {
+#if defined(__AVX512F__)
+  constexpr int64_t kLanes = 16;
+#elif defined(__AVX2__)
+  constexpr int64_t kLanes = 8;
+#else
+  constexpr int64_t kLanes = 1;
+#endif
+  // torch's vector loop takes two vectors a step; the rest of a row is its scalar loop's.
+  const int64_t vectors_end = kLanes == 1 ? 0 : half / (2 * kLanes) * (2 * kLanes);
+  at::parallel_for(0, rows, grain_rows(2 * half), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g = gu + r * 2 * half;
+      const float* u = g + half;
+      float* o = out + r * half;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i < vectors_end; i += kLanes) {
+        const __m512 x = _mm512_loadu_ps(g + i);
+        const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.0f), x));
+        const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+      }
+#elif defined(__AVX2__)
+      for (; i < vectors_end; i += kLanes) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(_mm256_set1_ps(-0.0f), x));
+        const __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < half; ++i) o[i] = silu_mul_torch(g[i], u[i]);
+    }
+  });
+}
+
 // silu(gate_up[..., :I]) * gate_up[..., I:] for the fused gate/up projection's output.
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() >= 1 && gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0,
@@ -326,7 +373,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   at::Tensor out = at::empty(sizes, gate_up.options());
   const int64_t rows = half == 0 ? 0 : gate_up.numel() / (2 * half);
   if (gate_up.scalar_type() == at::kFloat) {
-    silu_mul_rows<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, half);
+    silu_mul_rows_torch(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, half);
   } else {
     using B = c10::BFloat16;
     silu_mul_rows<B>(gate_up.data_ptr<B>(), out.data_ptr<B>(), rows, half);
