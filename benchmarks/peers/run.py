@@ -265,6 +265,11 @@ def main() -> None:
     ap.add_argument(
         "--carpool-engine-arg", action="append", default=[], help="extra EngineConfig KEY=VALUE"
     )
+    ap.add_argument(
+        "--gguf-types",
+        default=",".join(models.GGUF_TYPES),
+        help="the random models' GGUF files (gguf_export ftypes, e.g. BF16,Q8_0,Q4_K)",
+    )
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "carpool")
     ap.add_argument("--output", type=Path, default=REPO / "benchmarks/results/peers.json")
     args = ap.parse_args()
@@ -292,7 +297,7 @@ def main() -> None:
     bin_dir = batched_bench.build_tools(sys.executable) if "llama.cpp" in systems else None
     results: list[dict[str, object]] = []
     for name in args.models.split(","):
-        model = models.prepare(name, args.cache)
+        model = models.prepare(name, args.cache, tuple(args.gguf_types.split(",")))
         for ftype, gguf in model.ggufs.items():
             entry: dict[str, object] = {"model": name, "file": ftype, "path": str(gguf)}
             runners: dict[str, LlamaCppRuns | PythonRuns] = {}

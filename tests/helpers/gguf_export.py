@@ -12,7 +12,9 @@ permutation) so that a loader bug cannot cancel out against an exporter bug.
 
 Differences from the real converter, all harmless for loading:
   * ``Q4_0`` is not a converter output type; it is written as ``llama-quantize --pure Q4_0``
-    would (every 2-D weight Q4_0, norms F32).
+    would (every 2-D weight Q4_0, norms F32). ``Q4_K`` likewise (``--pure Q4_K_S``), with its
+    own quantizer (``quantize_q4_k``: gguf-py only reads Q4_K), min/max per sub-block rather
+    than llama.cpp's search, so its blocks are valid Q4_K but not llama-quantize's bytes.
   * without a tokenizer the converter refuses to run; here the vocabulary is simply omitted and
     ``bos``/``eos`` ids are taken from ``config.json``.
   * the pre-tokenizer name (``tokenizer.ggml.pre``) is given by the caller, not hashed.
@@ -46,6 +48,7 @@ _FTYPES = {
     "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "Q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "Q4_K": (gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_S),
 }
 
 # Hugging Face module path inside a layer -> llama.cpp tensor stem (gguf's TensorNameMap).
@@ -80,8 +83,8 @@ def export_hf_to_gguf(
         source: a directory with ``config.json`` and ``*.safetensors`` (``save_pretrained``
             output), or a state dict under Hugging Face names (then ``config`` is required).
         out_path: the ``.gguf`` file to write.
-        ftype: ``"F32"``, ``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"`` or ``"Q4_1"``: the type
-            of 2-D weights.
+        ftype: ``"F32"``, ``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"``, ``"Q4_1"`` or
+            ``"Q4_K"``: the type of 2-D weights (F16 where a row does not split into blocks).
         config: the Hugging Face config as a dict (or an object with ``to_dict()``); read from
             ``source/config.json`` when omitted.
         tokenizer: a directory holding ``tokenizer.json`` (and optionally
@@ -107,7 +110,10 @@ def export_hf_to_gguf(
         else:
             tensor_type = qtype
         try:
-            raw = gguf.quants.quantize(data, tensor_type)
+            if tensor_type == gguf.GGMLQuantizationType.Q4_K:
+                raw = quantize_q4_k(data)
+            else:
+                raw = gguf.quants.quantize(data, tensor_type)
         except gguf.QuantError:  # row length not a multiple of the block size
             tensor_type = gguf.GGMLQuantizationType.F16
             raw = gguf.quants.quantize(data, tensor_type)
@@ -122,6 +128,49 @@ def export_hf_to_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return out_path
+
+
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """``w`` ``[N, K]`` (K a multiple of 256) as Q4_K blocks, ``[N, K / 256 * 144]`` uint8.
+
+    Per sub-block of 32: scale ``(max - min) / 15`` and minimum ``-min`` (min clamped to <= 0,
+    as ggml's), each super-block's 6-bit ``sc`` / ``m`` relative to ``d = max scale / 63`` and
+    ``dmin = max minimum / 63`` (fp16), codes rounded to the nearest of the 16 levels.
+
+    Raises:
+        gguf.QuantError: K is not a multiple of 256.
+    """
+    n, k = w.shape
+    if k % 256:
+        raise gguf.QuantError(f"Q4_K needs rows of a multiple of 256, got {k}")
+    sub = w.astype(np.float32).reshape(n, k // 256, 8, 32)
+    lo = np.minimum(sub.min(axis=-1), 0.0)
+    scale = (sub.max(axis=-1) - lo) / 15.0  # [N, K/256, 8]
+    minimum = -lo
+    d = (scale.max(axis=-1) / 63.0).astype(np.float16)  # [N, K/256]
+    dmin = (minimum.max(axis=-1) / 63.0).astype(np.float16)
+    d32, dmin32 = d.astype(np.float32)[..., None], dmin.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d32 > 0, np.clip(np.rint(scale / d32), 0, 63), 0).astype(np.uint8)
+        m = np.where(dmin32 > 0, np.clip(np.rint(minimum / dmin32), 0, 63), 0).astype(np.uint8)
+        step = (d32 * sc)[..., None]
+        q = np.where(step > 0, np.rint((sub + (dmin32 * m)[..., None]) / step), 0)
+    q = np.clip(q, 0, 15).astype(np.uint8)  # [N, K/256, 8, 32]
+    packed = np.empty((n, k // 256, 12), dtype=np.uint8)  # as ggml's get_scale_min_k4 reads
+    packed[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
+    packed[..., 4:8] = (m[..., 0:4] & 63) | ((m[..., 4:8] >> 4) << 6)
+    packed[..., 8:12] = (sc[..., 4:8] & 0xF) | ((m[..., 4:8] & 0xF) << 4)
+    nibbles = q[..., 0::2, :] | (q[..., 1::2, :] << 4)  # [N, K/256, 4, 32]: pairs of sub-blocks
+    blocks = np.concatenate(
+        (
+            d.view(np.uint8).reshape(n, k // 256, 2),
+            dmin.view(np.uint8).reshape(n, k // 256, 2),
+            packed,
+            nibbles.reshape(n, k // 256, 128),
+        ),
+        axis=-1,
+    )
+    return blocks.reshape(n, -1)
 
 
 def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:

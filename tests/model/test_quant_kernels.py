@@ -18,6 +18,7 @@ from carpool.model.quant import (
     quantize_linear,
 )
 from helpers.devices import DEVICES
+from helpers.gguf_export import quantize_q4_k
 
 # (out, in): a multiple of the int4 packing's 64-row block, and one that needs padding.
 SHAPES = [(128, 64), (96, 96)]
@@ -86,14 +87,14 @@ def test_embedding_rows_are_the_dequantized_weight_rows(method):
 
 def _gguf_roundtrip(type_name: str, w: np.ndarray):
     qtype = gguf.GGMLQuantizationType[type_name]
-    raw = gguf.quants.quantize(w, qtype)
+    raw = quantize_q4_k(w) if type_name == "Q4_K" else gguf.quants.quantize(w, qtype)
     return decode_blocks(raw, type_name, w.shape), gguf.quants.dequantize(raw, qtype)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
 def test_gguf_q4_blocks_map_exactly_onto_int4_groups(type_name):
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((96, 128)).astype(np.float32)
+    w = rng.standard_normal((96, 256)).astype(np.float32)
     qw, expected = _gguf_roundtrip(type_name, w)
     q = Int4Linear.from_codes(qw.codes, qw.scale, qw.minimum, None, torch.float32)
     got = q.dequantize().numpy()
@@ -107,6 +108,24 @@ def test_gguf_q4_blocks_map_exactly_onto_int4_groups(type_name):
     # Against gguf's own dequantization: only that rounding, at most 2^-8 of each (relative).
     bound = (2**-8 * (8 * d.abs() + zero.abs())).numpy() * (1 + 1e-5) + 1e-7
     assert (np.abs(got - expected) <= bound).all(), float(np.abs(got - expected).max())
+
+
+def test_gguf_q4_k_groups_are_ggufs_own_dequantization_of_any_block():
+    # Every byte pattern of the 6-bit scales and minima and of the nibbles (random blocks, not
+    # a quantizer's): the groups' d sc q - dmin m equal gguf-py's Q4_K dequantization exactly.
+    rng = np.random.default_rng(1)
+    n, k = 40, 768
+    blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    for field in (slice(0, 2), slice(2, 4)):  # d and dmin: finite positive fp16 values
+        values = rng.uniform(1e-4, 0.05, (n, k // 256)).astype(np.float16)
+        blocks[..., field] = values.view(np.uint8).reshape(n, k // 256, 2)
+    raw = blocks.reshape(n, -1)
+    qw = decode_blocks(raw, "Q4_K", (n, k))
+    assert qw.method == "int4" and qw.codes.shape == (n, k) and qw.scale.shape == (n, k // 32)
+    assert int(qw.codes.max()) <= 15
+    got = qw.codes.float().view(n, -1, 32) * qw.scale[..., None] + qw.minimum[..., None]
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(n, k)
+    assert np.array_equal(got.reshape(n, k).numpy(), expected)
 
 
 def test_gguf_q8_0_requantized_per_row_within_half_the_largest_block_scale():

@@ -31,6 +31,10 @@ KERNEL = {"Q8_0": Int8Linear, "Q4_0": Int4Linear, "Q4_1": Int4Linear}
 LOGIT_BOUND = {("Q8_0", "float32"): 0.6, ("Q8_0", "bfloat16"): 0.8}
 LOGIT_BOUND.update({(t, d): 0.5 for t in ("Q4_0", "Q4_1") for d in ("float32", "bfloat16")})
 LOGIT_BOUND.update({(t, "float32"): 0.25 for t in ("Q4_0", "Q4_1")})
+# Q4_K (hidden 256, intermediate 512: logits up to ~12-14) against the modules' own dequantized
+# weights: the matmuls' inputs rounded to bf16, measured 1.25 (llama) / 0.34 (qwen2), doubled
+# (a Q4_1 file of the same model against its dequantized one: 0.26-0.40).
+Q4_K_INPUT_ROUNDING_BOUND = 2.5
 # --quantization int8/int4 against the same dequantized weights in float32: only the bf16
 # rounding of the matmuls' inputs and outputs (measured 0.07-0.12).
 INPUT_ROUNDING_BOUND = 0.25
@@ -86,7 +90,7 @@ def test_resident_weights_within_1_3x_the_file_and_as_predicted(checkpoint, ftyp
 
 def _dense_holding(quant: torch.nn.Module, path, dtype: str) -> torch.nn.Module:
     """The dense model of ``path`` with every matrix replaced by ``quant``'s dequantized one."""
-    dense, config = load_model(path, dtype=dtype)
+    dense, config = load_model(path, dtype=dtype, quantization="none")
     with torch.no_grad():
         for name in matrix_shapes(config):
             module = quant.get_submodule(name)
@@ -212,9 +216,9 @@ def test_gguf_plan_dequantizes_types_without_a_kernel_and_says_so(caplog):
         a + "k_proj.weight": "Q4_0",
         a + "v_proj.weight": "Q8_0",
         a + "o_proj.weight": "Q4_1",
-        m + "gate_proj.weight": "Q4_K",  # K-quants: dequantized
+        m + "gate_proj.weight": "Q4_K",  # Q4_K: int4 groups of 32
         m + "up_proj.weight": "Q4_K",
-        m + "down_proj.weight": "Q6_K",
+        m + "down_proj.weight": "Q6_K",  # other K-quants: dequantized
         "model.layers.0.input_layernorm.weight": "F32",
     }
     with caplog.at_level(logging.INFO, logger="carpool.model.quant_loader"):
@@ -223,11 +227,12 @@ def test_gguf_plan_dequantizes_types_without_a_kernel_and_says_so(caplog):
         "model.embed_tokens": "int8",
         a + "qkv_proj": None,
         a + "o_proj": "int4",
-        m + "gate_up_proj": None,
+        m + "gate_up_proj": "int4",
         m + "down_proj": None,
     }
     logged = caplog.text
-    assert "qkv_proj" in logged and "Q6_K" in logged and "Q4_K" in logged
+    assert "qkv_proj" in logged and "down_proj" in logged and "Q6_K" in logged
+    assert "gate_up_proj" not in logged
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -341,3 +346,46 @@ def test_every_strategy_computes_the_same_logprobs_on_a_quantized_model(smollm2_
         dict(batching="static", batch_size=3, layout="padded"),
     ):
         assert run(**kw) == sequential, kw
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: tied head, q/k/v biases
+def q4_k_checkpoint(request, tmp_path_factory):
+    """A Q4_K GGUF file (every matrix Q4_K: rows of 256, a multiple of its super-block)."""
+    d = tmp_path_factory.mktemp(f"q4k-{request.param}")
+    save_tiny_model_dir(request.param, d / "hf", hidden_size=256, intermediate_size=512)
+    return export_hf_to_gguf(d / "hf", d / "model-Q4_K.gguf", "Q4_K", tokenizer=d / "hf")
+
+
+def test_q4_k_gguf_kept_as_int4_groups(q4_k_checkpoint):
+    # Q4_K's sub-blocks of 32 are int4 groups (scale d sc, minimum -dmin m): every matrix kept
+    # quantized, the embedding too.
+    types = set(GGUFCheckpoint(q4_k_checkpoint).types.values())
+    assert types == {"Q4_K", "F32"}, types
+    quant, config = load_model(q4_k_checkpoint, dtype="float32")
+    for name in matrix_shapes(config):
+        module = quant.get_submodule(name)
+        inner = module.source if isinstance(module, QuantizedEmbedding) else module
+        assert isinstance(inner, Int4Linear), (name, type(module))
+    # Each matrix is its groups' weights (scales and zeros in bf16) to the kernels' rounding of
+    # their outputs to bf16, as a Q4_1 file's.
+    for name in ("self_attn.qkv_proj", "mlp.down_proj"):
+        layer = quant.model.layers[0].get_submodule(name)
+        x = torch.randn(3, layer.in_features).bfloat16().float()
+        ref = torch.nn.functional.linear(x, layer.dequantize().float())
+        torch.testing.assert_close(layer(x), ref, rtol=2**-7, atol=1e-5)
+    # The model against a dense one holding the modules' own weights: the matmuls' inputs
+    # rounded to bf16, through two layers of these random models (logits up to ~12).
+    got = prompt_logits(quant, PROMPT)
+    holding = prompt_logits(_dense_holding(quant, q4_k_checkpoint, "float32"), PROMPT)
+    diff = float((got - holding).abs().max())
+    assert diff <= Q4_K_INPUT_ROUNDING_BOUND, f"Q4_K: logit diff {diff:.4f}"
+
+
+def test_q4_k_resident_weights_within_1_3x_the_file_and_as_predicted(q4_k_checkpoint):
+    model, config = load_model(q4_k_checkpoint, dtype="bfloat16")
+    measured = resident_weight_bytes(model)
+    file_bytes = sum(int(t.n_bytes) for t in GGUFReader(q4_k_checkpoint).tensors)
+    assert measured <= 1.3 * file_bytes, (measured, file_bytes)
+    plan = combined_plan(*resolve_plan(config, GGUFCheckpoint(q4_k_checkpoint).types, None))
+    assert set(plan.values()) == {"int4"}
+    assert measured == weight_bytes_for(config, 2, plan)

@@ -1,13 +1,19 @@
-"""llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks read as the codes and scales of carpool's kernels.
+"""llama.cpp's Q8_0 / Q4_0 / Q4_1 / Q4_K blocks read as the codes and scales of carpool's kernels.
 
-Block layouts (32 weights each, ggml-common.h):
+Block layouts (ggml-common.h):
 
-- Q8_0, 34 bytes: ``d`` (fp16), 32 x int8 ``q``; ``w = d q``.
-- Q4_0, 18 bytes: ``d`` (fp16), 16 bytes of nibbles; ``w = d (q - 8)``.
-- Q4_1, 20 bytes: ``d``, ``m`` (fp16), 16 bytes of nibbles; ``w = d q + m``.
+- Q8_0, 34 bytes per 32 weights: ``d`` (fp16), 32 x int8 ``q``; ``w = d q``.
+- Q4_0, 18 bytes per 32: ``d`` (fp16), 16 bytes of nibbles; ``w = d (q - 8)``.
+- Q4_1, 20 bytes per 32: ``d``, ``m`` (fp16), 16 bytes of nibbles; ``w = d q + m``.
   Byte ``j`` holds weight ``j`` in its low nibble and weight ``j + 16`` in its high nibble.
+- Q4_K, 144 bytes per 256 (a "super-block" of 8 sub-blocks of 32): ``d``, ``dmin`` (fp16),
+  12 bytes of 6-bit sub-block scales ``sc`` and minima ``m`` (packed as ggml's
+  ``get_scale_min_k4`` reads them), then 128 bytes of nibbles, 32 per pair of sub-blocks: byte
+  ``j`` of pair ``p`` holds weight ``j`` of sub-block ``2p`` in its low nibble and of ``2p + 1``
+  in its high one; ``w = d sc_s q - dmin m_s`` in sub-block ``s``.
 
-Q4_0/Q4_1 become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or ``-8 d``). Q8_0's
+Q4_0/Q4_1/Q4_K become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or ``-8 d``;
+Q4_K: ``scale = d sc_s``, ``minimum = -dmin m_s``, both exact in float32). Q8_0's
 per-block scale does not fit the int8 kernel's one scale per output row: the codes are
 re-rounded to the row's largest block scale rounded *up* to bfloat16 (the kernels keep scales in
 bfloat16, see ``quant.py``; rounding up keeps every code within +-127),
@@ -25,6 +31,8 @@ import torch
 from carpool.model.quant_plan import GGUF_METHODS
 
 _BLOCK = 32
+_SUPER = 256  # weights per K-quant super-block
+_Q4_K_BYTES = 144
 _ROWS_PER_SLICE = 4096
 
 
@@ -70,8 +78,11 @@ def gguf_method(type_name: str) -> str | None:
 
 
 def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight:
-    """Read a Q8_0/Q4_0/Q4_1 tensor's bytes (``[N, row bytes]`` uint8) as a ``QuantWeight``."""
+    """Read a Q8_0/Q4_0/Q4_1/Q4_K tensor's bytes (``[N, row bytes]`` uint8) as a
+    ``QuantWeight``."""
     n, k = shape
+    if type_name == "Q4_K":
+        return _decode_q4_k(raw, n, k)
     blocks = np.asarray(raw).reshape(n, k // _BLOCK, -1)  # [N, K/32, block bytes]
     d = _fp16(blocks[..., 0:2])  # [N, K/32]
     if type_name == "Q8_0":
@@ -91,6 +102,29 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Qu
     else:
         raise ValueError(f"no kernel for GGUF type {type_name}")
     return QuantWeight("int4", codes.reshape(n, k), d, m)
+
+
+def _decode_q4_k(raw: np.ndarray, n: int, k: int) -> QuantWeight:
+    """Q4_K super-blocks as int4 groups of 32: each sub-block's scale ``d sc`` and minimum
+    ``-dmin m`` (products of an fp16 and a 6-bit integer: exact in float32)."""
+    blocks = np.asarray(raw).reshape(n, k // _SUPER, _Q4_K_BYTES)  # [N, K/256, 144]
+    d, dmin = _fp16(blocks[..., 0:2]), _fp16(blocks[..., 2:4])  # [N, K/256]
+    packed = blocks[..., 4:16]  # the 12 bytes of scales and minima
+    sc = np.empty(blocks.shape[:2] + (8,), dtype=np.uint8)
+    m = np.empty_like(sc)
+    # ggml's get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7
+    # (minima); 4-7 in the nibbles of bytes 8-11, their top two bits in bytes 0-7's top bits.
+    sc[..., :4] = packed[..., 0:4] & 63
+    m[..., :4] = packed[..., 4:8] & 63
+    sc[..., 4:] = (packed[..., 8:12] & 0xF) | ((packed[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+    scale = d[..., None] * torch.from_numpy(sc).float()  # [N, K/256, 8]
+    minimum = -(dmin[..., None] * torch.from_numpy(m).float())
+    qs = blocks[..., 16:].reshape(n, k // _SUPER, 4, 1, 32)  # pairs of sub-blocks
+    codes = np.concatenate((qs & 0xF, qs >> 4), axis=3)  # [N, K/256, 4, 2, 32]: sub-block 2p + h
+    return QuantWeight(
+        "int4", torch.from_numpy(codes.reshape(n, k)), scale.reshape(n, -1), minimum.reshape(n, -1)
+    )
 
 
 def _ceil_bf16(x: torch.Tensor) -> torch.Tensor:
