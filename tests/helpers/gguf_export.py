@@ -13,8 +13,11 @@ permutation) so that a loader bug cannot cancel out against an exporter bug.
 Differences from the real converter, all harmless for loading:
   * ``Q4_0`` is not a converter output type; it is written as ``llama-quantize --pure Q4_0``
     would (every 2-D weight Q4_0, norms F32). ``Q4_K`` likewise (``--pure Q4_K_S``), with its
-    own quantizer (``quantize_q4_k``: gguf-py only reads Q4_K), min/max per sub-block rather
+    own quantizer (``quantize_q4_k``: gguf-py only reads K-quants), min/max per sub-block rather
     than llama.cpp's search, so its blocks are valid Q4_K but not llama-quantize's bytes.
+    ``Q4_K_M`` is a simplified Q4_K_M: Q6_K (``quantize_q6_k``) for ``attn_v``, ``ffn_down``
+    and ``output`` in every layer (llama.cpp's gives some layers' ``attn_v`` / ``ffn_down``
+    Q4_K), Q4_K for the other matrices.
   * without a tokenizer the converter refuses to run; here the vocabulary is simply omitted and
     ``bos``/``eos`` ids are taken from ``config.json``.
   * the pre-tokenizer name (``tokenizer.ggml.pre``) is given by the caller, not hashed.
@@ -49,7 +52,10 @@ _FTYPES = {
     "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "Q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
     "Q4_K": (gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_S),
+    "Q4_K_M": (gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
+# Q4_K_M's tensors of more bits (see the module docstring).
+_Q6_K_NAMES = (".attn_v.weight", ".ffn_down.weight")  # in every layer; and output.weight
 
 # Hugging Face module path inside a layer -> llama.cpp tensor stem (gguf's TensorNameMap).
 _LAYER = {
@@ -83,8 +89,9 @@ def export_hf_to_gguf(
         source: a directory with ``config.json`` and ``*.safetensors`` (``save_pretrained``
             output), or a state dict under Hugging Face names (then ``config`` is required).
         out_path: the ``.gguf`` file to write.
-        ftype: ``"F32"``, ``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"``, ``"Q4_1"`` or
-            ``"Q4_K"``: the type of 2-D weights (F16 where a row does not split into blocks).
+        ftype: ``"F32"``, ``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"``, ``"Q4_1"``,
+            ``"Q4_K"`` or ``"Q4_K_M"``: the type of 2-D weights (F16 where a row does not split
+            into blocks).
         config: the Hugging Face config as a dict (or an object with ``to_dict()``); read from
             ``source/config.json`` when omitted.
         tokenizer: a directory holding ``tokenizer.json`` (and optionally
@@ -107,11 +114,17 @@ def export_hf_to_gguf(
     for gguf_name, data in _gguf_tensors(hp, arch, state):
         if data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
             tensor_type = gguf.GGMLQuantizationType.F32
+        elif ftype == "Q4_K_M" and (
+            gguf_name == "output.weight" or gguf_name.endswith(_Q6_K_NAMES)
+        ):
+            tensor_type = gguf.GGMLQuantizationType.Q6_K
         else:
             tensor_type = qtype
         try:
             if tensor_type == gguf.GGMLQuantizationType.Q4_K:
                 raw = quantize_q4_k(data)
+            elif tensor_type == gguf.GGMLQuantizationType.Q6_K:
+                raw = quantize_q6_k(data)
             else:
                 raw = gguf.quants.quantize(data, tensor_type)
         except gguf.QuantError:  # row length not a multiple of the block size
@@ -167,6 +180,47 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
             dmin.view(np.uint8).reshape(n, k // 256, 2),
             packed,
             nibbles.reshape(n, k // 256, 128),
+        ),
+        axis=-1,
+    )
+    return blocks.reshape(n, -1)
+
+
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """``w`` ``[N, K]`` (K a multiple of 256) as Q6_K blocks, ``[N, K / 256 * 210]`` uint8.
+
+    Per sub-block of 16: scale ``max |w| / 32`` as an int8 multiple of ``d = max scale / 127``
+    (fp16), 6-bit codes ``q = round(w / (d sc)) + 32`` in 0..63; laid out as ggml's
+    ``dequantize_row_q6_K`` reads them (low nibbles, high bit pairs, scales, ``d``).
+
+    Raises:
+        gguf.QuantError: K is not a multiple of 256.
+    """
+    n, k = w.shape
+    if k % 256:
+        raise gguf.QuantError(f"Q6_K needs rows of a multiple of 256, got {k}")
+    nb = k // 256
+    sub = w.astype(np.float32).reshape(n, nb, 16, 16)
+    scale = np.abs(sub).max(axis=-1) / 32.0  # [N, nb, 16]
+    d = (scale.max(axis=-1) / 127.0).astype(np.float16)  # [N, nb]
+    d32 = d.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d32 > 0, np.clip(np.rint(scale / d32), -128, 127), 0).astype(np.int8)
+        step = (d32 * sc)[..., None]
+        q = np.where(step != 0, np.rint(sub / step), 0)
+    q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(n, nb, 256)
+    # Weight 128 h + 64 s + b: the low nibble (s = 0) or high one (s = 1) of ql[64 h + b];
+    # weight 128 h + 32 t + c: bits 2t..2t+1 of qh[32 h + c] hold its top two bits.
+    halves = q.reshape(n, nb, 2, 2, 64)  # [h, s, b]
+    ql = (halves[:, :, :, 0] & 0xF) | ((halves[:, :, :, 1] & 0xF) << 4)  # [N, nb, 2, 64]
+    top = (q >> 4).reshape(n, nb, 2, 4, 32)  # [h, t, c]
+    qh = top[:, :, :, 0] | (top[:, :, :, 1] << 2) | (top[:, :, :, 2] << 4) | (top[:, :, :, 3] << 6)
+    blocks = np.concatenate(
+        (
+            ql.reshape(n, nb, 128),
+            qh.reshape(n, nb, 64),
+            sc.view(np.uint8),
+            d.view(np.uint8).reshape(n, nb, 2),
         ),
         axis=-1,
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from carpool.model.gguf_quant import decode_blocks
+from carpool.model.gguf_quant import as_int8, decode_blocks
 from carpool.model.quant import (
     RESCORE_TOP_K,
     Int4Linear,
@@ -126,6 +126,44 @@ def test_gguf_q4_k_groups_are_ggufs_own_dequantization_of_any_block():
     got = qw.codes.float().view(n, -1, 32) * qw.scale[..., None] + qw.minimum[..., None]
     expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(n, k)
     assert np.array_equal(got.reshape(n, k).numpy(), expected)
+
+
+def test_gguf_q6_k_requantized_per_row_within_half_the_row_scale():
+    # Q6_K (6-bit codes, an int8 scale per 16 weights) fits no kernel's groups: any block's
+    # weights (gguf-py's dequantization) re-rounded to int8 with one scale per row, the row's
+    # largest magnitude / 127 rounded up to bf16 (kept exactly by the kernel).
+    rng = np.random.default_rng(2)
+    n, k = 48, 512
+    blocks = rng.integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
+    d = rng.uniform(1e-4, 0.01, (n, k // 256)).astype(np.float16)
+    blocks[..., 208:210] = d.view(np.uint8).reshape(n, k // 256, 2)
+    raw = blocks.reshape(n, -1)
+    qw = decode_blocks(raw, "Q6_K", (n, k))
+    assert qw.method == "int8" and qw.codes.dtype == torch.int8 and qw.scale.shape == (n,)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K).reshape(n, k)
+    q = Int8Linear(qw.codes, qw.scale, None)
+    assert torch.equal(q.scales.float(), qw.scale)  # a bf16 value: stored exactly
+    err = np.abs(q.dequantize().numpy() - expected)
+    assert (err <= qw.scale.numpy()[:, None] / 2 * (1 + 1e-6)).all()
+    largest = np.abs(expected).max(axis=1)
+    assert (qw.scale.numpy() >= largest / 127).all()
+    assert (qw.scale.numpy() <= largest / 127 * (1 + 2**-7)).all()
+
+
+def test_int4_shards_as_int8_within_half_the_row_scale():
+    # A fused matrix with shards of both kernels (a Q4_K_M file's q/k in Q4_K, v in Q6_K) is
+    # held in int8: an int4 shard's weights re-rounded per row.
+    rng = np.random.default_rng(3)
+    qw, _ = _gguf_roundtrip("Q4_K", rng.standard_normal((64, 256)).astype(np.float32))
+    dense = Int4Linear.from_codes(qw.codes, qw.scale, qw.minimum, None, torch.float32)
+    exact = (qw.codes.float().view(64, -1, 32) * qw.scale[..., None] + qw.minimum[..., None]).view(
+        64, 256
+    )
+    as8 = as_int8(qw)
+    assert as8.method == "int8" and as_int8(as8) is as8
+    err = (as8.codes.float() * as8.scale[:, None] - exact).abs()
+    assert bool((err <= as8.scale[:, None] / 2 * (1 + 1e-6)).all())
+    assert dense.dequantize().shape == (64, 256)
 
 
 def test_gguf_q8_0_requantized_per_row_within_half_the_largest_block_scale():

@@ -31,10 +31,11 @@ KERNEL = {"Q8_0": Int8Linear, "Q4_0": Int4Linear, "Q4_1": Int4Linear}
 LOGIT_BOUND = {("Q8_0", "float32"): 0.6, ("Q8_0", "bfloat16"): 0.8}
 LOGIT_BOUND.update({(t, d): 0.5 for t in ("Q4_0", "Q4_1") for d in ("float32", "bfloat16")})
 LOGIT_BOUND.update({(t, "float32"): 0.25 for t in ("Q4_0", "Q4_1")})
-# Q4_K (hidden 256, intermediate 512: logits up to ~12-14) against the modules' own dequantized
-# weights: the matmuls' inputs rounded to bf16, measured 1.25 (llama) / 0.34 (qwen2), doubled
-# (a Q4_1 file of the same model against its dequantized one: 0.26-0.40).
-Q4_K_INPUT_ROUNDING_BOUND = 2.5
+# K-quant files (hidden 256, intermediate 512: logits up to ~12-14) against the modules' own
+# dequantized weights: the matmuls' inputs rounded to bf16, measured Q4_K 1.25 (llama) / 0.34
+# (qwen2), Q4_K_M 2.03 / 0.51, doubled (a Q4_1 file of the same model against its dequantized
+# one: 0.26-0.40; these random models amplify a difference through their layers).
+K_QUANT_INPUT_ROUNDING_BOUND = {"Q4_K": 2.5, "Q4_K_M": 4.0}
 # --quantization int8/int4 against the same dequantized weights in float32: only the bf16
 # rounding of the matmuls' inputs and outputs (measured 0.07-0.12).
 INPUT_ROUNDING_BOUND = 0.25
@@ -212,27 +213,27 @@ def test_gguf_plan_dequantizes_types_without_a_kernel_and_says_so(caplog):
     a, m = "model.layers.0.self_attn.", "model.layers.0.mlp."
     types = {
         "model.embed_tokens.weight": "Q8_0",
-        a + "q_proj.weight": "Q4_0",  # q/k/v in two types: no single kernel
-        a + "k_proj.weight": "Q4_0",
-        a + "v_proj.weight": "Q8_0",
+        a + "q_proj.weight": "Q4_K",  # q/k/v in both kernels' types: one int8 matrix
+        a + "k_proj.weight": "Q4_K",
+        a + "v_proj.weight": "Q6_K",
         a + "o_proj.weight": "Q4_1",
         m + "gate_proj.weight": "Q4_K",  # Q4_K: int4 groups of 32
-        m + "up_proj.weight": "Q4_K",
-        m + "down_proj.weight": "Q6_K",  # other K-quants: dequantized
+        m + "up_proj.weight": "F16",  # a dense shard: the whole matrix dense
+        m + "down_proj.weight": "Q5_K",  # other K-quants and Q5_x: dequantized
         "model.layers.0.input_layernorm.weight": "F32",
     }
     with caplog.at_level(logging.INFO, logger="carpool.model.quant_loader"):
         plan = gguf_plan(config, types)
     assert plan == {
         "model.embed_tokens": "int8",
-        a + "qkv_proj": None,
+        a + "qkv_proj": "int8",
         a + "o_proj": "int4",
-        m + "gate_up_proj": "int4",
+        m + "gate_up_proj": None,
         m + "down_proj": None,
     }
     logged = caplog.text
-    assert "qkv_proj" in logged and "down_proj" in logged and "Q6_K" in logged
-    assert "gate_up_proj" not in logged
+    assert "gate_up_proj" in logged and "down_proj" in logged and "Q5_K" in logged
+    assert "qkv_proj" not in logged
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -350,24 +351,47 @@ def test_every_strategy_computes_the_same_logprobs_on_a_quantized_model(smollm2_
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: tied head, q/k/v biases
 def q4_k_checkpoint(request, tmp_path_factory):
-    """A Q4_K GGUF file (every matrix Q4_K: rows of 256, a multiple of its super-block)."""
+    """Q4_K and (simplified) Q4_K_M GGUF files of one model whose rows are multiples of 256
+    (a K-quant super-block): ``{"Q4_K": path, "Q4_K_M": path}``."""
     d = tmp_path_factory.mktemp(f"q4k-{request.param}")
     save_tiny_model_dir(request.param, d / "hf", hidden_size=256, intermediate_size=512)
-    return export_hf_to_gguf(d / "hf", d / "model-Q4_K.gguf", "Q4_K", tokenizer=d / "hf")
+    return {
+        ft: export_hf_to_gguf(d / "hf", d / f"model-{ft}.gguf", ft, tokenizer=d / "hf")
+        for ft in ("Q4_K", "Q4_K_M")
+    }
 
 
-def test_q4_k_gguf_kept_as_int4_groups(q4_k_checkpoint):
-    # Q4_K's sub-blocks of 32 are int4 groups (scale d sc, minimum -dmin m): every matrix kept
-    # quantized, the embedding too.
-    types = set(GGUFCheckpoint(q4_k_checkpoint).types.values())
-    assert types == {"Q4_K", "F32"}, types
-    quant, config = load_model(q4_k_checkpoint, dtype="float32")
+# The kernel each matrix of the Q4_K_M file takes: q/k in Q4_K beside v in Q6_K, one int8
+# matrix; ffn_down and output Q6_K, int8; the rest Q4_K, int4.
+Q4_K_M_KERNELS = {
+    "self_attn.qkv_proj": Int8Linear,
+    "self_attn.o_proj": Int4Linear,
+    "mlp.gate_up_proj": Int4Linear,
+    "mlp.down_proj": Int8Linear,
+}
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M"])
+def test_k_quant_gguf_kept_quantized(q4_k_checkpoint, ftype):
+    # Q4_K's sub-blocks of 32 are int4 groups (scale d sc, minimum -dmin m), Q6_K's weights are
+    # re-rounded to int8 with one scale per row: every matrix kept quantized, the embedding too.
+    path = q4_k_checkpoint[ftype]
+    types = set(GGUFCheckpoint(path).types.values())
+    assert types == ({"Q4_K", "F32"} if ftype == "Q4_K" else {"Q4_K", "Q6_K", "F32"}), types
+    quant, config = load_model(path, dtype="float32")
     for name in matrix_shapes(config):
         module = quant.get_submodule(name)
         inner = module.source if isinstance(module, QuantizedEmbedding) else module
-        assert isinstance(inner, Int4Linear), (name, type(module))
-    # Each matrix is its groups' weights (scales and zeros in bf16) to the kernels' rounding of
-    # their outputs to bf16, as a Q4_1 file's.
+        want = Int4Linear
+        if ftype == "Q4_K_M":
+            want = (
+                Int8Linear
+                if name == "lm_head"
+                else Q4_K_M_KERNELS.get(name.split(".", 3)[-1], Int4Linear)
+            )
+        assert isinstance(inner, want), (name, type(inner))
+    # Each matrix is its codes' weights (scales and zeros in bf16) to the kernels' rounding of
+    # their outputs to bf16.
     for name in ("self_attn.qkv_proj", "mlp.down_proj"):
         layer = quant.model.layers[0].get_submodule(name)
         x = torch.randn(3, layer.in_features).bfloat16().float()
@@ -376,16 +400,20 @@ def test_q4_k_gguf_kept_as_int4_groups(q4_k_checkpoint):
     # The model against a dense one holding the modules' own weights: the matmuls' inputs
     # rounded to bf16, through two layers of these random models (logits up to ~12).
     got = prompt_logits(quant, PROMPT)
-    holding = prompt_logits(_dense_holding(quant, q4_k_checkpoint, "float32"), PROMPT)
+    holding = prompt_logits(_dense_holding(quant, path, "float32"), PROMPT)
     diff = float((got - holding).abs().max())
-    assert diff <= Q4_K_INPUT_ROUNDING_BOUND, f"Q4_K: logit diff {diff:.4f}"
+    assert diff <= K_QUANT_INPUT_ROUNDING_BOUND[ftype], f"{ftype}: logit diff {diff:.4f}"
 
 
-def test_q4_k_resident_weights_within_1_3x_the_file_and_as_predicted(q4_k_checkpoint):
-    model, config = load_model(q4_k_checkpoint, dtype="bfloat16")
+@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M"])
+def test_k_quant_resident_weights_as_predicted(q4_k_checkpoint, ftype):
+    # Within 1.3x the file's tensor bytes (measured 1.10 / 1.24: Q6_K's 6.6 bits a weight and
+    # Q4_K_M's q/k become int8 bytes; Q4_K's 4.5 bits, int4 with a bf16 scale and zero a group).
+    path = q4_k_checkpoint[ftype]
+    model, config = load_model(path, dtype="bfloat16")
     measured = resident_weight_bytes(model)
-    file_bytes = sum(int(t.n_bytes) for t in GGUFReader(q4_k_checkpoint).tensors)
+    file_bytes = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
     assert measured <= 1.3 * file_bytes, (measured, file_bytes)
-    plan = combined_plan(*resolve_plan(config, GGUFCheckpoint(q4_k_checkpoint).types, None))
-    assert set(plan.values()) == {"int4"}
+    plan = combined_plan(*resolve_plan(config, GGUFCheckpoint(path).types, None))
+    assert None not in plan.values()
     assert measured == weight_bytes_for(config, 2, plan)

@@ -12,8 +12,13 @@ Block layouts (ggml-common.h):
   ``j`` of pair ``p`` holds weight ``j`` of sub-block ``2p`` in its low nibble and of ``2p + 1``
   in its high one; ``w = d sc_s q - dmin m_s`` in sub-block ``s``.
 
+- Q6_K, 210 bytes per 256: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales
+  ``sc`` (one per 16 weights), ``d`` (fp16); ``w = d sc_s (q - 32)`` with 6-bit ``q``.
+
 Q4_0/Q4_1/Q4_K become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or ``-8 d``;
-Q4_K: ``scale = d sc_s``, ``minimum = -dmin m_s``, both exact in float32). Q8_0's
+Q4_K: ``scale = d sc_s``, ``minimum = -dmin m_s``, both exact in float32). Q6_K (6 bits, 16
+weights a scale) fits neither kernel's groups: its weights (gguf's dequantization) are
+re-rounded to int8 with one scale per row, as Q8_0's are. Q8_0's
 per-block scale does not fit the int8 kernel's one scale per output row: the codes are
 re-rounded to the row's largest block scale rounded *up* to bfloat16 (the kernels keep scales in
 bfloat16, see ``quant.py``; rounding up keeps every code within +-127),
@@ -27,11 +32,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from carpool.model.quant_plan import GGUF_METHODS
 
 _BLOCK = 32
 _SUPER = 256  # weights per K-quant super-block
+_SLICE_VALUES = 1 << 24  # float32 values per slice of rows being re-rounded (64 MiB)
 _Q4_K_BYTES = 144
 _ROWS_PER_SLICE = 4096
 
@@ -83,6 +91,8 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Qu
     n, k = shape
     if type_name == "Q4_K":
         return _decode_q4_k(raw, n, k)
+    if type_name == "Q6_K":
+        return _decode_q6_k(raw, n, k)
     blocks = np.asarray(raw).reshape(n, k // _BLOCK, -1)  # [N, K/32, block bytes]
     d = _fp16(blocks[..., 0:2])  # [N, K/32]
     if type_name == "Q8_0":
@@ -125,6 +135,41 @@ def _decode_q4_k(raw: np.ndarray, n: int, k: int) -> QuantWeight:
     return QuantWeight(
         "int4", torch.from_numpy(codes.reshape(n, k)), scale.reshape(n, -1), minimum.reshape(n, -1)
     )
+
+
+def _decode_q6_k(raw: np.ndarray, n: int, k: int) -> QuantWeight:
+    """Q6_K rows as int8 codes with one scale per row (``requantize_rows``), in slices of rows
+    so that the float32 weights of a large embedding are never whole."""
+    rows = np.asarray(raw).reshape(n, -1)
+    step = max(1, _SLICE_VALUES // k)
+    parts = [
+        requantize_rows(torch.from_numpy(dequantize(rows[r : r + step], GGMLQuantizationType.Q6_K)))
+        for r in range(0, n, step)
+    ]
+    return QuantWeight.concat(parts)
+
+
+def requantize_rows(w: torch.Tensor) -> QuantWeight:
+    """Float32 weights ``[N, K]`` as int8 codes with one scale per row: the row's largest
+    magnitude / 127 rounded *up* to bfloat16 (what the kernel stores, so no code leaves
+    +-127), codes rounded to nearest: an error of at most half the row's scale per weight."""
+    w = w.float()
+    scale = _ceil_bf16((w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny))
+    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return QuantWeight("int8", codes, scale)
+
+
+def as_int8(qw: QuantWeight) -> QuantWeight:
+    """``qw`` in int8 codes with one scale per row (an int4 one's weights re-rounded by
+    ``requantize_rows``): a fused matrix whose shards arrive in both kernels' terms (a Q4_K_M
+    file's q/k in Q4_K beside v in Q6_K) is held as one int8 matrix."""
+    if qw.method == "int8":
+        return qw
+    assert qw.minimum is not None
+    n, k = qw.shape
+    groups = qw.codes.float().view(n, -1, _BLOCK)
+    dense = groups * qw.scale[..., None] + qw.minimum[..., None]
+    return requantize_rows(dense.view(n, k))
 
 
 def _ceil_bf16(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from carpool.config import ModelConfig
 from carpool.errors import ModelLoadError
-from carpool.model.gguf_quant import QuantWeight, gguf_method
+from carpool.model.gguf_quant import QuantWeight, as_int8, gguf_method
 from carpool.model.quant import (
     QUANTIZATION_METHODS,
     Int4Linear,
@@ -45,8 +45,10 @@ class _Pending(nn.Module):
 
 
 def gguf_plan(config: ModelConfig, types: dict[str, str]) -> dict[str, str | None]:
-    """Plan of a GGUF file: a matrix is quantized when all its checkpoint shards map onto one
-    kernel; otherwise it is dequantized to the model dtype, with a log line naming the types."""
+    """Plan of a GGUF file: a matrix is quantized when all its checkpoint shards map onto a
+    kernel: int4 or int8 where they all map onto it, int8 where some map onto each (a Q4_K_M
+    file's q/k in Q4_K beside v in Q6_K: the int4 shards re-rounded, ``gguf_quant.as_int8``);
+    otherwise it is dequantized to the model dtype, with a log line naming the types."""
     mapping = model_class_for(config).weight_mapping
     by_module: dict[str, set[str]] = {}
     for name, t in types.items():
@@ -56,7 +58,10 @@ def gguf_plan(config: ModelConfig, types: dict[str, str]) -> dict[str, str | Non
     for module in matrix_shapes(config):
         shard_types = sorted(by_module.get(module, ()))
         methods = {gguf_method(t) for t in shard_types}
-        plan[module] = methods.pop() if len(methods) == 1 else None
+        if len(methods) == 1:
+            plan[module] = methods.pop()
+        else:  # a kernel for each shard: one int8 matrix; a dense shard: all dense
+            plan[module] = "int8" if methods == {"int4", "int8"} else None
         if plan[module] is None and any(t not in ("F32", "F16", "BF16") for t in shard_types):
             logger.info("%s: GGUF types %s have no kernel here; dequantized", module, shard_types)
     return plan
@@ -155,7 +160,10 @@ def load_planned_weights(
         count = len(model.fused_shard_sizes(module)) if module.endswith(_FUSED) else 1
         parts, bias_parts = shards.get(module, {}), biases.get(module, {})
         if len(parts) == count and (not shapes[module][2] or len(bias_parts) == count):
-            qw = QuantWeight.concat([parts[i] for i in sorted(parts)])
+            ordered = [parts[i] for i in sorted(parts)]
+            if len({p.method for p in ordered}) > 1:  # int4 and int8 shards: one int8 matrix
+                ordered = [as_int8(p) for p in ordered]
+            qw = QuantWeight.concat(ordered)
             bias = torch.cat([bias_parts[i] for i in sorted(bias_parts)]) if bias_parts else None
             _install(model, module, _build(qw, bias, dtype, device))
             pending.discard(module)

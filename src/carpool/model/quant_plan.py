@@ -15,8 +15,8 @@ from carpool.config import ModelConfig
 
 QuantPlan = Mapping[str, str | None]
 
-# llama.cpp tensor types whose blocks map onto a kernel without re-deriving the codes.
-GGUF_METHODS = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
+# llama.cpp tensor types read into a kernel's terms (Q8_0 and Q6_K re-rounded to one scale per row).
+GGUF_METHODS = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q6_K": "int8"}
 
 _EMBED = "model.embed_tokens"
 _ROW_BLOCK = 64  # int4 weights are padded to whole 64-row blocks (see quant.py)
