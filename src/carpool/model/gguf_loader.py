@@ -137,8 +137,8 @@ class GGUFCheckpoint:
         self, quantized: Collection[str] = ()
     ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
         """Yield ``(name, value)``: a ``QuantWeight`` for names in ``quantized`` (Q8_0/Q4_0/
-        Q4_1/Q4_K/Q6_K only), otherwise a float32 tensor dequantized on the way; q/k rows un-permuted.
-        Errors are raised as by ``load_gguf``."""
+        Q4_1/Q4_K/Q6_K only), otherwise a float32 tensor dequantized on the way; q/k rows
+        un-permuted. Errors are raised as by ``load_gguf``."""
         yield from _iter_weights(self._reader, self.config, self.path, frozenset(quantized))
         self.close()
 

@@ -291,38 +291,45 @@ inline void silu_mul8(const T* g, const T* u, T* o) {
 }
 #endif
 
-template <typename T>
-void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t half) {
-  using E = Elt<T>;
+// row(g, u, o) for each row of a [rows, 2 * half] gate_up (gate, then up) and its [rows, half]
+// output, rows split over the threads.
+template <typename T, typename Row>
+void swiglu_rows(const T* gu, T* out, int64_t rows, int64_t half, Row row) {
   at::parallel_for(0, rows, grain_rows(2 * half), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gu + r * 2 * half;
-      const T* u = g + half;
-      T* o = out + r * half;
-      int64_t i = 0;
+      row(g, g + half, out + r * half);
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t half) {
+  using E = Elt<T>;
+  swiglu_rows(gu, out, rows, half, [&](const T* g, const T* u, T* o) {
+    int64_t i = 0;
 #if defined(__AVX512F__)
-      for (; i + 16 <= half; i += 16) silu_mul16(g + i, u + i, o + i);
+    for (; i + 16 <= half; i += 16) silu_mul16(g + i, u + i, o + i);
 #elif defined(CARPOOL_AVX2)
-      for (; i + 8 <= half; i += 8) silu_mul8(g + i, u + i, o + i);
+    for (; i + 8 <= half; i += 8) silu_mul8(g + i, u + i, o + i);
 #endif
-      for (; i < half; ++i) {
-        const float x = E::load(g, i);
-        // sigmoid(x) from exp(-|x|) only: no overflow for either sign.
-        const float e = exp_nonpositive(-std::fabs(x));
-        const float sig = (x >= 0.f ? 1.f : e) / (1.f + e);
-        E::store(o, i, E::round(x * sig) * E::load(u, i));
-      }
+    for (; i < half; ++i) {
+      const float x = E::load(g, i);
+      // sigmoid(x) from exp(-|x|) only: no overflow for either sign.
+      const float e = exp_nonpositive(-std::fabs(x));
+      const float sig = (x >= 0.f ? 1.f : e) / (1.f + e);
+      E::store(o, i, E::round(x * sig) * E::load(u, i));
     }
   });
 }
 
 // A float32 SwiGLU in torch's bits: silu as torch's CPU kernel computes it, x / (1 + exp(-x)),
 // its vectors' exp Sleef's (what at::vec::Vectorized<float>::exp calls: Sleef_expf16_u10 with
-// AVX-512, Sleef_expf8_u10 with AVX2) and a row's elements past its last pair of vectors through
-// std::exp (torch's scalar loop's), then times up. Where torch dispatches to the same instruction set, the bits of
-// torch's F.silu(gate) * up (fused_ops.silu_and_mul checks that once before it takes this); the
-// polynomial exp of the bf16 path (~2e-7 from torch's) flipped the default model's greedy
-// answer to "What is the capital of France?" in float32.
+// AVX-512, Sleef_expf8_u10 with AVX2) and a row's elements past its last pair of vectors
+// through std::exp (torch's scalar loop's), then times up. Where torch dispatches to the same
+// instruction set, the bits of torch's F.silu(gate) * up (fused_ops.silu_and_mul checks that
+// once before it takes this); the polynomial exp of the bf16 path (~2e-7 from torch's) flipped
+// the default model's greedy answer to "What is the capital of France?" in float32.
 inline float silu_mul_torch(float x, float u) { return x / (1.0f + std::exp(-x)) * u; }
 
 void silu_mul_rows_torch(const float* gu, float* out, int64_t rows, int64_t half) {
@@ -335,29 +342,24 @@ void silu_mul_rows_torch(const float* gu, float* out, int64_t rows, int64_t half
 #endif
   // torch's vector loop takes two vectors a step; the rest of a row is its scalar loop's.
   const int64_t vectors_end = kLanes == 1 ? 0 : half / (2 * kLanes) * (2 * kLanes);
-  at::parallel_for(0, rows, grain_rows(2 * half), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* g = gu + r * 2 * half;
-      const float* u = g + half;
-      float* o = out + r * half;
-      int64_t i = 0;
+  swiglu_rows(gu, out, rows, half, [&](const float* g, const float* u, float* o) {
+    int64_t i = 0;
 #if defined(__AVX512F__)
-      for (; i < vectors_end; i += kLanes) {
-        const __m512 x = _mm512_loadu_ps(g + i);
-        const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.0f), x));
-        const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
-      }
-#elif defined(__AVX2__)
-      for (; i < vectors_end; i += kLanes) {
-        const __m256 x = _mm256_loadu_ps(g + i);
-        const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(_mm256_set1_ps(-0.0f), x));
-        const __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
-      }
-#endif
-      for (; i < half; ++i) o[i] = silu_mul_torch(g[i], u[i]);
+    for (; i < vectors_end; i += kLanes) {
+      const __m512 x = _mm512_loadu_ps(g + i);
+      const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.0f), x));
+      const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
     }
+#elif defined(__AVX2__)
+    for (; i < vectors_end; i += kLanes) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(_mm256_set1_ps(-0.0f), x));
+      const __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < half; ++i) o[i] = silu_mul_torch(g[i], u[i]);
   });
 }
 
