@@ -139,7 +139,7 @@ class EngineConfig:
     )
     quantization: str | None = option(
         None,
-        "weight-only quantization at load (None: keep a GGUF file's Q8_0/Q4_x/Q6_K matrices "
+        "weight-only quantization at load (None: keep a GGUF file's quantized matrices "
         "quantized and a Hugging Face checkpoint dense; int8/int4: quantize every other matrix "
         "too; none: dequantize everything to dtype)",
         choices=("none", "int8", "int4"),

@@ -17,6 +17,7 @@ from carpool.model.quant import (
     kernel_dtype,
     quantize_linear,
 )
+from carpool.model.quant_plan import REROUNDED
 from helpers.devices import DEVICES
 from helpers.gguf_export import quantize_q4_k
 
@@ -128,19 +129,31 @@ def test_gguf_q4_k_groups_are_ggufs_own_dequantization_of_any_block():
     assert np.array_equal(got.reshape(n, k).numpy(), expected)
 
 
-def test_gguf_q6_k_requantized_per_row_within_half_the_row_scale():
-    # Q6_K (6-bit codes, an int8 scale per 16 weights) fits no kernel's groups: any block's
-    # weights (gguf-py's dequantization) re-rounded to int8 with one scale per row, the row's
-    # largest magnitude / 127 rounded up to bf16 (kept exactly by the kernel).
+# Offsets of a K-quant block's fp16 fields (d, dmin): random bytes there could be NaN.
+_FP16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+@pytest.mark.parametrize("type_name", REROUNDED)
+def test_gguf_blocks_without_a_kernel_requantized_per_row_within_half_the_row_scale(type_name):
+    # Q6_K, Q5_x, Q2_K and Q3_K fit no kernel's groups: any block's weights (gguf-py's
+    # dequantization) are re-rounded to int8 with one scale per row, the row's largest
+    # magnitude / 127 rounded up to bf16 (kept exactly by the kernel). K-quant blocks of random
+    # bytes (every pattern of their scales and codes); Q5_0 / Q5_1 from gguf-py's quantizer.
     rng = np.random.default_rng(2)
     n, k = 48, 512
-    blocks = rng.integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
-    d = rng.uniform(1e-4, 0.01, (n, k // 256)).astype(np.float16)
-    blocks[..., 208:210] = d.view(np.uint8).reshape(n, k // 256, 2)
-    raw = blocks.reshape(n, -1)
-    qw = decode_blocks(raw, "Q6_K", (n, k))
+    qtype = gguf.GGMLQuantizationType[type_name]
+    if type_name in _FP16_FIELDS:
+        size = gguf.quants.GGML_QUANT_SIZES[qtype][1]
+        blocks = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+        for at in _FP16_FIELDS[type_name]:
+            values = rng.uniform(1e-4, 0.01, (n, k // 256)).astype(np.float16)
+            blocks[..., at : at + 2] = values.view(np.uint8).reshape(n, k // 256, 2)
+        raw = blocks.reshape(n, -1)
+    else:
+        raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    qw = decode_blocks(raw, type_name, (n, k))
     assert qw.method == "int8" and qw.codes.dtype == torch.int8 and qw.scale.shape == (n,)
-    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K).reshape(n, k)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(n, k)
     q = Int8Linear(qw.codes, qw.scale, None)
     assert torch.equal(q.scales.float(), qw.scale)  # a bf16 value: stored exactly
     err = np.abs(q.dequantize().numpy() - expected)

@@ -33,9 +33,10 @@ LOGIT_BOUND.update({(t, d): 0.5 for t in ("Q4_0", "Q4_1") for d in ("float32", "
 LOGIT_BOUND.update({(t, "float32"): 0.25 for t in ("Q4_0", "Q4_1")})
 # K-quant files (hidden 256, intermediate 512: logits up to ~12-14) against the modules' own
 # dequantized weights: the matmuls' inputs rounded to bf16, measured Q4_K 1.25 (llama) / 0.34
-# (qwen2), Q4_K_M 2.03 / 0.51, doubled (a Q4_1 file of the same model against its dequantized
-# one: 0.26-0.40; these random models amplify a difference through their layers).
-K_QUANT_INPUT_ROUNDING_BOUND = {"Q4_K": 2.5, "Q4_K_M": 4.0}
+# (qwen2), Q4_K_M 2.03 / 0.51, Q5_0 (all int8) 0.25 / 0.23, doubled (a Q4_1 file of the same
+# model against its dequantized one: 0.26-0.40; these random models amplify a difference through
+# their layers).
+K_QUANT_INPUT_ROUNDING_BOUND = {"Q4_K": 2.5, "Q4_K_M": 4.0, "Q5_0": 0.5}
 # --quantization int8/int4 against the same dequantized weights in float32: only the bf16
 # rounding of the matmuls' inputs and outputs (measured 0.07-0.12).
 INPUT_ROUNDING_BOUND = 0.25
@@ -219,7 +220,7 @@ def test_gguf_plan_dequantizes_types_without_a_kernel_and_says_so(caplog):
         a + "o_proj.weight": "Q4_1",
         m + "gate_proj.weight": "Q4_K",  # Q4_K: int4 groups of 32
         m + "up_proj.weight": "F16",  # a dense shard: the whole matrix dense
-        m + "down_proj.weight": "Q5_K",  # other K-quants and Q5_x: dequantized
+        m + "down_proj.weight": "Q5_K",  # other K-quants and Q5_x: re-rounded to int8
         "model.layers.0.input_layernorm.weight": "F32",
     }
     with caplog.at_level(logging.INFO, logger="carpool.model.quant_loader"):
@@ -229,10 +230,11 @@ def test_gguf_plan_dequantizes_types_without_a_kernel_and_says_so(caplog):
         a + "qkv_proj": "int8",
         a + "o_proj": "int4",
         m + "gate_up_proj": None,
-        m + "down_proj": None,
+        m + "down_proj": "int8",
     }
     logged = caplog.text
-    assert "gate_up_proj" in logged and "down_proj" in logged and "Q5_K" in logged
+    assert "gate_up_proj" in logged and "F16" in logged and "Q4_K" in logged
+    assert "re-rounded to int8" in logged and "Q5_K" in logged and "Q6_K" in logged
     assert "qkv_proj" not in logged
 
 
@@ -351,13 +353,13 @@ def test_every_strategy_computes_the_same_logprobs_on_a_quantized_model(smollm2_
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: tied head, q/k/v biases
 def q4_k_checkpoint(request, tmp_path_factory):
-    """Q4_K and (simplified) Q4_K_M GGUF files of one model whose rows are multiples of 256
-    (a K-quant super-block): ``{"Q4_K": path, "Q4_K_M": path}``."""
+    """Q4_K, (simplified) Q4_K_M and Q5_0 GGUF files of one model whose rows are multiples of
+    256 (a K-quant super-block): ``{ftype: path}``."""
     d = tmp_path_factory.mktemp(f"q4k-{request.param}")
     save_tiny_model_dir(request.param, d / "hf", hidden_size=256, intermediate_size=512)
     return {
         ft: export_hf_to_gguf(d / "hf", d / f"model-{ft}.gguf", ft, tokenizer=d / "hf")
-        for ft in ("Q4_K", "Q4_K_M")
+        for ft in ("Q4_K", "Q4_K_M", "Q5_0")
     }
 
 
@@ -371,18 +373,22 @@ Q4_K_M_KERNELS = {
 }
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M"])
+@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M", "Q5_0"])
 def test_k_quant_gguf_kept_quantized(q4_k_checkpoint, ftype):
-    # Q4_K's sub-blocks of 32 are int4 groups (scale d sc, minimum -dmin m), Q6_K's weights are
-    # re-rounded to int8 with one scale per row: every matrix kept quantized, the embedding too.
+    # Q4_K's sub-blocks of 32 are int4 groups (scale d sc, minimum -dmin m), Q6_K's and Q5_0's
+    # weights are re-rounded to int8 with one scale per row: every matrix kept quantized, the
+    # embedding too.
     path = q4_k_checkpoint[ftype]
     types = set(GGUFCheckpoint(path).types.values())
-    assert types == ({"Q4_K", "F32"} if ftype == "Q4_K" else {"Q4_K", "Q6_K", "F32"}), types
+    assert types == {
+        "F32",
+        *{"Q4_K": ["Q4_K"], "Q4_K_M": ["Q4_K", "Q6_K"], "Q5_0": ["Q5_0"]}[ftype],
+    }
     quant, config = load_model(path, dtype="float32")
     for name in matrix_shapes(config):
         module = quant.get_submodule(name)
         inner = module.source if isinstance(module, QuantizedEmbedding) else module
-        want = Int4Linear
+        want = Int8Linear if ftype == "Q5_0" else Int4Linear
         if ftype == "Q4_K_M":
             want = (
                 Int8Linear
@@ -405,15 +411,16 @@ def test_k_quant_gguf_kept_quantized(q4_k_checkpoint, ftype):
     assert diff <= K_QUANT_INPUT_ROUNDING_BOUND[ftype], f"{ftype}: logit diff {diff:.4f}"
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M"])
+@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M", "Q5_0"])
 def test_k_quant_resident_weights_as_predicted(q4_k_checkpoint, ftype):
     # Within 1.3x the file's tensor bytes (measured 1.10 / 1.24: Q6_K's 6.6 bits a weight and
-    # Q4_K_M's q/k become int8 bytes; Q4_K's 4.5 bits, int4 with a bf16 scale and zero a group).
+    # Q4_K_M's q/k become int8 bytes; Q4_K's 4.5 bits, int4 with a bf16 scale and zero a group);
+    # Q5_0's 5.5 bits become a byte: 1.46x.
     path = q4_k_checkpoint[ftype]
     model, config = load_model(path, dtype="bfloat16")
     measured = resident_weight_bytes(model)
     file_bytes = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
-    assert measured <= 1.3 * file_bytes, (measured, file_bytes)
+    assert measured <= (1.5 if ftype == "Q5_0" else 1.3) * file_bytes, (measured, file_bytes)
     plan = combined_plan(*resolve_plan(config, GGUFCheckpoint(path).types, None))
     assert None not in plan.values()
     assert measured == weight_bytes_for(config, 2, plan)

@@ -4,7 +4,7 @@ GGUF keeps llama.cpp's own names (``blk.3.attn_q.weight``) and, for the ``llama`
 q/k projections whose rows llama.cpp's converter (``convert_hf_to_gguf.py``) permuted from
 Hugging Face's "rotate halves" rotary layout to its own "rotate pairs" one. This module maps the
 names back and undoes that permutation, so the result feeds the same model code as a safetensors
-checkpoint. ``GGUFCheckpoint`` yields Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors as ``QuantWeight``s (kept
+checkpoint. ``GGUFCheckpoint`` yields quantized tensors as ``QuantWeight``s (kept
 quantized, see ``gguf_quant``) and dequantizes the others one at a time; ``load_gguf``
 dequantizes everything. Qwen2/Qwen3 use "rotate halves" in llama.cpp too (``NEOX`` rope), so
 their converter does not permute and neither do we.
@@ -136,9 +136,9 @@ class GGUFCheckpoint:
     def weights(
         self, quantized: Collection[str] = ()
     ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
-        """Yield ``(name, value)``: a ``QuantWeight`` for names in ``quantized`` (Q8_0/Q4_0/
-        Q4_1/Q4_K/Q6_K only), otherwise a float32 tensor dequantized on the way; q/k rows
-        un-permuted. Errors are raised as by ``load_gguf``."""
+        """Yield ``(name, value)``: a ``QuantWeight`` for names in ``quantized`` (tensors of a
+        type in ``quant_plan.GGUF_METHODS`` only), otherwise a float32 tensor dequantized on
+        the way; q/k rows un-permuted. Errors are raised as by ``load_gguf``."""
         yield from _iter_weights(self._reader, self.config, self.path, frozenset(quantized))
         self.close()
 

@@ -16,9 +16,12 @@ Block layouts (ggml-common.h):
   ``sc`` (one per 16 weights), ``d`` (fp16); ``w = d sc_s (q - 32)`` with 6-bit ``q``.
 
 Q4_0/Q4_1/Q4_K become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or ``-8 d``;
-Q4_K: ``scale = d sc_s``, ``minimum = -dmin m_s``, both exact in float32). Q6_K (6 bits, 16
-weights a scale) fits neither kernel's groups: its weights (gguf's dequantization) are
-re-rounded to int8 with one scale per row, as Q8_0's are. Q8_0's
+Q4_K: ``scale = d sc_s``, ``minimum = -dmin m_s``, both exact in float32). The other block
+types fit neither kernel's groups (Q6_K: 6 bits, 16 weights a scale; Q5_0 / Q5_1 / Q5_K: 5
+bits; Q2_K / Q3_K: 2-3 bits, 16 weights a scale): their weights (gguf's dequantization) are
+re-rounded to int8 with one scale per row, as Q8_0's are (``REROUNDED``), an error of at most
+half the row's scale per weight: finer than their own grids for a row of like blocks, and a
+byte a weight where dequantizing held four. Q8_0's
 per-block scale does not fit the int8 kernel's one scale per output row: the codes are
 re-rounded to the row's largest block scale rounded *up* to bfloat16 (the kernels keep scales in
 bfloat16, see ``quant.py``; rounding up keeps every code within +-127),
@@ -35,7 +38,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from carpool.model.quant_plan import GGUF_METHODS
+from carpool.model.quant_plan import GGUF_METHODS, REROUNDED
 
 _BLOCK = 32
 _SUPER = 256  # weights per K-quant super-block
@@ -86,13 +89,13 @@ def gguf_method(type_name: str) -> str | None:
 
 
 def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight:
-    """Read a Q8_0/Q4_0/Q4_1/Q4_K tensor's bytes (``[N, row bytes]`` uint8) as a
-    ``QuantWeight``."""
+    """Read a Q8_0/Q4_0/Q4_1/Q4_K or ``REROUNDED`` tensor's bytes (``[N, row bytes]`` uint8)
+    as a ``QuantWeight``."""
     n, k = shape
     if type_name == "Q4_K":
         return _decode_q4_k(raw, n, k)
-    if type_name == "Q6_K":
-        return _decode_q6_k(raw, n, k)
+    if type_name in REROUNDED:
+        return _rerounded(raw, type_name, n, k)
     blocks = np.asarray(raw).reshape(n, k // _BLOCK, -1)  # [N, K/32, block bytes]
     d = _fp16(blocks[..., 0:2])  # [N, K/32]
     if type_name == "Q8_0":
@@ -137,13 +140,14 @@ def _decode_q4_k(raw: np.ndarray, n: int, k: int) -> QuantWeight:
     )
 
 
-def _decode_q6_k(raw: np.ndarray, n: int, k: int) -> QuantWeight:
-    """Q6_K rows as int8 codes with one scale per row (``requantize_rows``), in slices of rows
-    so that the float32 weights of a large embedding are never whole."""
+def _rerounded(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeight:
+    """A ``REROUNDED`` type's rows as int8 codes with one scale per row (``requantize_rows``),
+    in slices of rows so that the float32 weights of a large embedding are never whole."""
     rows = np.asarray(raw).reshape(n, -1)
+    qtype = GGMLQuantizationType[type_name]
     step = max(1, _SLICE_VALUES // k)
     parts = [
-        requantize_rows(torch.from_numpy(dequantize(rows[r : r + step], GGMLQuantizationType.Q6_K)))
+        requantize_rows(torch.from_numpy(dequantize(rows[r : r + step], qtype).reshape(-1, k)))
         for r in range(0, n, step)
     ]
     return QuantWeight.concat(parts)

@@ -176,7 +176,7 @@ def load_model(
         dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or a torch dtype):
             activations, dense weights and quantization scales.
         device: torch device string.
-        quantization: None keeps a GGUF file's Q8_0/Q4_x/Q6_K matrices quantized (a Hugging
+        quantization: None keeps a GGUF file's quantized matrices quantized (a Hugging
             Face checkpoint dense); ``"int8"``/``"int4"`` also quantize every dense matrix
             (weight-only, at load); ``"none"`` dequantizes everything to ``dtype``.
 

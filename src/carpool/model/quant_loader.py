@@ -29,7 +29,7 @@ from carpool.model.quant import (
     QuantizedLinear,
     quantize_linear,
 )
-from carpool.model.quant_plan import QuantPlan, matrix_shapes, uniform_plan
+from carpool.model.quant_plan import REROUNDED, QuantPlan, matrix_shapes, uniform_plan
 from carpool.model.registry import model_class_for
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def gguf_plan(config: ModelConfig, types: dict[str, str]) -> dict[str, str | Non
         if name.endswith(".weight"):
             by_module.setdefault(_locate(name, mapping)[0], set()).add(t)
     plan: dict[str, str | None] = {}
+    rerounded: set[str] = set()
     for module in matrix_shapes(config):
         shard_types = sorted(by_module.get(module, ()))
         methods = {gguf_method(t) for t in shard_types}
@@ -64,6 +65,14 @@ def gguf_plan(config: ModelConfig, types: dict[str, str]) -> dict[str, str | Non
             plan[module] = "int8" if methods == {"int4", "int8"} else None
         if plan[module] is None and any(t not in ("F32", "F16", "BF16") for t in shard_types):
             logger.info("%s: GGUF types %s have no kernel here; dequantized", module, shard_types)
+        elif plan[module] is not None:
+            rerounded.update(t for t in shard_types if t in REROUNDED)
+            rerounded.update(t for t in shard_types if plan[module] == "int8" and t == "Q4_K")
+    if rerounded:
+        logger.info(
+            "GGUF types %s re-rounded to int8 with one scale per row (no kernel for their blocks)",
+            sorted(rerounded),
+        )
     return plan
 
 

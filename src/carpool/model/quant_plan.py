@@ -15,8 +15,12 @@ from carpool.config import ModelConfig
 
 QuantPlan = Mapping[str, str | None]
 
-# llama.cpp tensor types read into a kernel's terms (Q8_0 and Q6_K re-rounded to one scale per row).
-GGUF_METHODS = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q6_K": "int8"}
+# llama.cpp block types whose weights are re-rounded to int8 with one scale per row (their own
+# blocks fit no kernel's groups; see gguf_quant).
+REROUNDED = ("Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q3_K", "Q2_K")
+# llama.cpp tensor types read into a kernel's terms.
+GGUF_METHODS = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
+GGUF_METHODS.update({t: "int8" for t in REROUNDED})
 
 _EMBED = "model.embed_tokens"
 _ROW_BLOCK = 64  # int4 weights are padded to whole 64-row blocks (see quant.py)
