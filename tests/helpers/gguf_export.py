@@ -55,6 +55,12 @@ _FTYPES = {
     "Q4_K": (gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_S),
     "Q4_K_M": (gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
+# A K-quant's type for rows that are not a multiple of its 256-weight super-block, as
+# llama-quantize falls back ("using fallback quantization q5_0").
+_K_FALLBACK = {
+    gguf.GGMLQuantizationType.Q4_K: gguf.GGMLQuantizationType.Q5_0,
+    gguf.GGMLQuantizationType.Q6_K: gguf.GGMLQuantizationType.Q8_0,
+}
 # Q4_K_M's tensors of more bits (see the module docstring).
 _Q6_K_NAMES = (".attn_v.weight", ".ffn_down.weight")  # in every layer; and output.weight
 
@@ -91,8 +97,9 @@ def export_hf_to_gguf(
             output), or a state dict under Hugging Face names (then ``config`` is required).
         out_path: the ``.gguf`` file to write.
         ftype: ``"F32"``, ``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"``, ``"Q4_1"``,
-            ``"Q5_0"``, ``"Q4_K"`` or ``"Q4_K_M"``: the type of 2-D weights (F16 where a row
-            does not split into blocks).
+            ``"Q5_0"``, ``"Q4_K"`` or ``"Q4_K_M"``: the type of 2-D weights (where a row does
+            not split into 256-weight super-blocks, a K-quant falls back as llama-quantize's:
+            Q4_K to Q5_0, Q6_K to Q8_0; F16 where it does not split into blocks).
         config: the Hugging Face config as a dict (or an object with ``to_dict()``); read from
             ``source/config.json`` when omitted.
         tokenizer: a directory holding ``tokenizer.json`` (and optionally
@@ -121,6 +128,8 @@ def export_hf_to_gguf(
             tensor_type = gguf.GGMLQuantizationType.Q6_K
         else:
             tensor_type = qtype
+        if data.ndim == 2 and data.shape[1] % 256 and tensor_type in _K_FALLBACK:
+            tensor_type = _K_FALLBACK[tensor_type]  # rows that do not split into super-blocks
         try:
             if tensor_type == gguf.GGMLQuantizationType.Q4_K:
                 raw = quantize_q4_k(data)
