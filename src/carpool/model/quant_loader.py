@@ -70,7 +70,8 @@ def gguf_plan(config: ModelConfig, types: dict[str, str]) -> dict[str, str | Non
             rerounded.update(t for t in shard_types if plan[module] == "int8" and t == "Q4_K")
     if rerounded:
         logger.info(
-            "GGUF types %s re-rounded to int8 with one scale per row (no kernel for their blocks)",
+            "GGUF types %s re-rounded to int8 with one scale per row (no kernel for their "
+            "blocks, or a fused matrix's shards in both kernels)",
             sorted(rerounded),
         )
     return plan
