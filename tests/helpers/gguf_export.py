@@ -52,6 +52,7 @@ _FTYPES = {
     "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "Q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
     "Q5_0": (gguf.GGMLQuantizationType.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "IQ4_NL": (gguf.GGMLQuantizationType.IQ4_NL, gguf.LlamaFileType.MOSTLY_IQ4_NL),
     "Q4_K": (gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_S),
     "Q4_K_M": (gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
@@ -97,9 +98,10 @@ def export_hf_to_gguf(
             output), or a state dict under Hugging Face names (then ``config`` is required).
         out_path: the ``.gguf`` file to write.
         ftype: ``"F32"``, ``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"``, ``"Q4_1"``,
-            ``"Q5_0"``, ``"Q4_K"`` or ``"Q4_K_M"``: the type of 2-D weights (where a row does
-            not split into 256-weight super-blocks, a K-quant falls back as llama-quantize's:
-            Q4_K to Q5_0, Q6_K to Q8_0; F16 where it does not split into blocks).
+            ``"Q5_0"``, ``"IQ4_NL"``, ``"Q4_K"`` or ``"Q4_K_M"``: the type of 2-D weights
+            (where a row does not split into 256-weight super-blocks, a K-quant falls back as
+            llama-quantize's: Q4_K to Q5_0, Q6_K to Q8_0; F16 where it does not split into
+            blocks).
         config: the Hugging Face config as a dict (or an object with ``to_dict()``); read from
             ``source/config.json`` when omitted.
         tokenizer: a directory holding ``tokenizer.json`` (and optionally
@@ -135,6 +137,8 @@ def export_hf_to_gguf(
                 raw = quantize_q4_k(data)
             elif tensor_type == gguf.GGMLQuantizationType.Q6_K:
                 raw = quantize_q6_k(data)
+            elif tensor_type == gguf.GGMLQuantizationType.IQ4_NL:
+                raw = quantize_iq4_nl(data)
             else:
                 raw = gguf.quants.quantize(data, tensor_type)
         except gguf.QuantError:  # row length not a multiple of the block size
@@ -194,6 +198,29 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
         axis=-1,
     )
     return blocks.reshape(n, -1)
+
+
+def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
+    """``w`` ``[N, K]`` (K a multiple of 32) as IQ4_NL blocks, ``[N, K / 32 * 18]`` uint8: per
+    32 weights ``d = max |w| / 127`` (fp16) and each weight's nearest of the 16 non-linear
+    levels ``d * kvalues``, nibbles laid out as Q4_0's.
+
+    Raises:
+        gguf.QuantError: K is not a multiple of 32.
+    """
+    n, k = w.shape
+    if k % 32:
+        raise gguf.QuantError(f"IQ4_NL needs rows of a multiple of 32, got {k}")
+    levels = np.array(gguf.quants.IQ4_NL.kvalues, dtype=np.float32)
+    blocks = w.astype(np.float32).reshape(n, k // 32, 32)
+    d = (np.abs(blocks).max(axis=-1) / 127.0).astype(np.float16)  # [N, K/32]
+    d32 = d.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(d32 > 0, blocks / d32, 0.0)
+    q = np.abs(scaled[..., None] - levels).argmin(axis=-1).astype(np.uint8)  # [N, K/32, 32]
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    out = np.concatenate((d.view(np.uint8).reshape(n, k // 32, 2), nibbles), axis=-1)
+    return out.reshape(n, -1)
 
 
 def quantize_q6_k(w: np.ndarray) -> np.ndarray:

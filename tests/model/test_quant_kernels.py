@@ -129,25 +129,33 @@ def test_gguf_q4_k_groups_are_ggufs_own_dequantization_of_any_block():
     assert np.array_equal(got.reshape(n, k).numpy(), expected)
 
 
-# Offsets of a K-quant block's fp16 fields (d, dmin): random bytes there could be NaN.
-_FP16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q5_K": (0, 2), "Q6_K": (208,)}
+# Offsets of a block's fp16 fields (d, dmin): random bytes there could be NaN (IQ1_M keeps its
+# scale in the top bits of its sub-block scales: none).
+_FP16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q5_K": (0, 2), "Q6_K": (208,), "IQ1_M": ()}
+_FP16_FIELDS.update({t: (0,) for t in REROUNDED if t.startswith("IQ") and t != "IQ1_M"})
 
 
 @pytest.mark.parametrize("type_name", REROUNDED)
 def test_gguf_blocks_without_a_kernel_requantized_per_row_within_half_the_row_scale(type_name):
-    # Q6_K, Q5_x, Q2_K and Q3_K fit no kernel's groups: any block's weights (gguf-py's
-    # dequantization) are re-rounded to int8 with one scale per row, the row's largest
-    # magnitude / 127 rounded up to bf16 (kept exactly by the kernel). K-quant blocks of random
-    # bytes (every pattern of their scales and codes); Q5_0 / Q5_1 from gguf-py's quantizer.
+    # Q6_K, Q5_x, Q2_K, Q3_K and the IQ types fit no kernel's groups: any block's weights
+    # (gguf-py's dequantization) are re-rounded to int8 with one scale per row, the row's
+    # largest magnitude / 127 rounded up to bf16 (kept exactly by the kernel). K- and i-quant
+    # blocks of random bytes (every pattern of their scales, codes and codebook indices); Q5_0 /
+    # Q5_1 from gguf-py's quantizer.
     rng = np.random.default_rng(2)
     n, k = 48, 512
     qtype = gguf.GGMLQuantizationType[type_name]
     if type_name in _FP16_FIELDS:
-        size = gguf.quants.GGML_QUANT_SIZES[qtype][1]
-        blocks = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+        block, size = gguf.quants.GGML_QUANT_SIZES[qtype]
+        blocks = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
         for at in _FP16_FIELDS[type_name]:
-            values = rng.uniform(1e-4, 0.01, (n, k // 256)).astype(np.float16)
-            blocks[..., at : at + 2] = values.view(np.uint8).reshape(n, k // 256, 2)
+            values = rng.uniform(1e-4, 0.01, (n, k // block)).astype(np.float16)
+            blocks[..., at : at + 2] = values.view(np.uint8).reshape(n, k // block, 2)
+        if type_name == "IQ1_M":  # its fp16 scale: the top nibbles of its four uint16 scales
+            bits = rng.uniform(1e-4, 0.01, (n, k // block)).astype(np.float16).view(np.uint16)
+            for j in range(4):
+                nibble = ((bits >> (4 * j)) & 0xF).astype(np.uint8)
+                blocks[..., 49 + 2 * j] = (blocks[..., 49 + 2 * j] & 0x0F) | (nibble << 4)
         raw = blocks.reshape(n, -1)
     else:
         raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)

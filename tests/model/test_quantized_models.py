@@ -31,12 +31,12 @@ KERNEL = {"Q8_0": Int8Linear, "Q4_0": Int4Linear, "Q4_1": Int4Linear}
 LOGIT_BOUND = {("Q8_0", "float32"): 0.6, ("Q8_0", "bfloat16"): 0.8}
 LOGIT_BOUND.update({(t, d): 0.5 for t in ("Q4_0", "Q4_1") for d in ("float32", "bfloat16")})
 LOGIT_BOUND.update({(t, "float32"): 0.25 for t in ("Q4_0", "Q4_1")})
-# K-quant files (hidden 256, intermediate 512: logits up to ~12-14) against the modules' own
-# dequantized weights: the matmuls' inputs rounded to bf16, measured Q4_K 1.25 (llama) / 0.34
-# (qwen2), Q4_K_M 2.03 / 0.51, Q5_0 (all int8) 0.25 / 0.23, doubled (a Q4_1 file of the same
-# model against its dequantized one: 0.26-0.40; these random models amplify a difference through
-# their layers).
-K_QUANT_INPUT_ROUNDING_BOUND = {"Q4_K": 2.5, "Q4_K_M": 4.0, "Q5_0": 0.5}
+# K- and i-quant files (hidden 256, intermediate 512: logits up to ~12-14) against the modules'
+# own dequantized weights: the matmuls' inputs rounded to bf16, measured Q4_K 1.25 (llama) /
+# 0.34 (qwen2), Q4_K_M 2.03 / 0.51, Q5_0 (all int8) 0.25 / 0.23, IQ4_NL 0.17 / 0.40, doubled (a
+# Q4_1 file of the same model against its dequantized one: 0.26-0.40; these random models
+# amplify a difference through their layers).
+K_QUANT_INPUT_ROUNDING_BOUND = {"Q4_K": 2.5, "Q4_K_M": 4.0, "Q5_0": 0.5, "IQ4_NL": 0.8}
 # --quantization int8/int4 against the same dequantized weights in float32: only the bf16
 # rounding of the matmuls' inputs and outputs (measured 0.07-0.12).
 INPUT_ROUNDING_BOUND = 0.25
@@ -353,13 +353,13 @@ def test_every_strategy_computes_the_same_logprobs_on_a_quantized_model(smollm2_
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: tied head, q/k/v biases
 def q4_k_checkpoint(request, tmp_path_factory):
-    """Q4_K, (simplified) Q4_K_M and Q5_0 GGUF files of one model whose rows are multiples of
-    256 (a K-quant super-block): ``{ftype: path}``."""
+    """Q4_K, (simplified) Q4_K_M, Q5_0 and IQ4_NL GGUF files of one model whose rows are
+    multiples of 256 (a K-quant super-block): ``{ftype: path}``."""
     d = tmp_path_factory.mktemp(f"q4k-{request.param}")
     save_tiny_model_dir(request.param, d / "hf", hidden_size=256, intermediate_size=512)
     return {
         ft: export_hf_to_gguf(d / "hf", d / f"model-{ft}.gguf", ft, tokenizer=d / "hf")
-        for ft in ("Q4_K", "Q4_K_M", "Q5_0")
+        for ft in ("Q4_K", "Q4_K_M", "Q5_0", "IQ4_NL")
     }
 
 
@@ -373,22 +373,20 @@ Q4_K_M_KERNELS = {
 }
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M", "Q5_0"])
+@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M", "Q5_0", "IQ4_NL"])
 def test_k_quant_gguf_kept_quantized(q4_k_checkpoint, ftype):
-    # Q4_K's sub-blocks of 32 are int4 groups (scale d sc, minimum -dmin m), Q6_K's and Q5_0's
-    # weights are re-rounded to int8 with one scale per row: every matrix kept quantized, the
-    # embedding too.
+    # Q4_K's sub-blocks of 32 are int4 groups (scale d sc, minimum -dmin m), Q6_K's, Q5_0's and
+    # IQ4_NL's weights are re-rounded to int8 with one scale per row: every matrix kept
+    # quantized, the embedding too.
     path = q4_k_checkpoint[ftype]
     types = set(GGUFCheckpoint(path).types.values())
-    assert types == {
-        "F32",
-        *{"Q4_K": ["Q4_K"], "Q4_K_M": ["Q4_K", "Q6_K"], "Q5_0": ["Q5_0"]}[ftype],
-    }
+    own = {"Q4_K": ["Q4_K"], "Q4_K_M": ["Q4_K", "Q6_K"]}.get(ftype, [ftype])
+    assert types == {"F32", *own}
     quant, config = load_model(path, dtype="float32")
     for name in matrix_shapes(config):
         module = quant.get_submodule(name)
         inner = module.source if isinstance(module, QuantizedEmbedding) else module
-        want = Int8Linear if ftype == "Q5_0" else Int4Linear
+        want = Int8Linear if ftype in ("Q5_0", "IQ4_NL") else Int4Linear
         if ftype == "Q4_K_M":
             want = (
                 Int8Linear
@@ -411,16 +409,17 @@ def test_k_quant_gguf_kept_quantized(q4_k_checkpoint, ftype):
     assert diff <= K_QUANT_INPUT_ROUNDING_BOUND[ftype], f"{ftype}: logit diff {diff:.4f}"
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M", "Q5_0"])
+@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M", "Q5_0", "IQ4_NL"])
 def test_k_quant_resident_weights_as_predicted(q4_k_checkpoint, ftype):
     # Within 1.3x the file's tensor bytes (measured 1.10 / 1.24: Q6_K's 6.6 bits a weight and
     # Q4_K_M's q/k become int8 bytes; Q4_K's 4.5 bits, int4 with a bf16 scale and zero a group);
-    # Q5_0's 5.5 bits become a byte: 1.46x.
+    # Q5_0's 5.5 bits become a byte: 1.46x; IQ4_NL's 4.5: 1.78x.
     path = q4_k_checkpoint[ftype]
     model, config = load_model(path, dtype="bfloat16")
     measured = resident_weight_bytes(model)
     file_bytes = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
-    assert measured <= (1.5 if ftype == "Q5_0" else 1.3) * file_bytes, (measured, file_bytes)
+    bound = {"Q5_0": 1.5, "IQ4_NL": 1.9}.get(ftype, 1.3)
+    assert measured <= bound * file_bytes, (measured, file_bytes)
     plan = combined_plan(*resolve_plan(config, GGUFCheckpoint(path).types, None))
     assert None not in plan.values()
     assert measured == weight_bytes_for(config, 2, plan)

@@ -41,6 +41,7 @@ _Q = GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = frozenset({
     _Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
     _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K,
+    _Q.IQ4_NL, _Q.IQ4_XS, _Q.IQ3_S, _Q.IQ3_XXS, _Q.IQ2_S, _Q.IQ2_XS, _Q.IQ2_XXS, _Q.IQ1_S, _Q.IQ1_M,
 })  # fmt: skip
 
 # Per-layer GGUF name stem -> Hugging Face module path inside ``model.layers.{i}``.

@@ -18,7 +18,8 @@ Block layouts (ggml-common.h):
 Q4_0/Q4_1/Q4_K become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or ``-8 d``;
 Q4_K: ``scale = d sc_s``, ``minimum = -dmin m_s``, both exact in float32). The other block
 types fit neither kernel's groups (Q6_K: 6 bits, 16 weights a scale; Q5_0 / Q5_1 / Q5_K: 5
-bits; Q2_K / Q3_K: 2-3 bits, 16 weights a scale): their weights (gguf's dequantization) are
+bits; Q2_K / Q3_K: 2-3 bits, 16 weights a scale; the IQ types: codebooks of lattice points or
+non-linear levels): their weights (gguf's dequantization) are
 re-rounded to int8 with one scale per row, as Q8_0's are (``REROUNDED``), an error of at most
 half the row's scale per weight: finer than their own grids for a row of like blocks, and a
 byte a weight where dequantizing held four. Q8_0's

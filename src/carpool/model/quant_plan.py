@@ -18,6 +18,18 @@ QuantPlan = Mapping[str, str | None]
 # llama.cpp block types whose weights are re-rounded to int8 with one scale per row (their own
 # blocks fit no kernel's groups; see gguf_quant).
 REROUNDED = ("Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q3_K", "Q2_K")
+# The "i-quants" of imatrix files (lattice codebooks, non-linear 4-bit levels) likewise.
+REROUNDED += (
+    "IQ4_NL",
+    "IQ4_XS",
+    "IQ3_S",
+    "IQ3_XXS",
+    "IQ2_S",
+    "IQ2_XS",
+    "IQ2_XXS",
+    "IQ1_S",
+    "IQ1_M",
+)
 # llama.cpp tensor types read into a kernel's terms.
 GGUF_METHODS = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
 GGUF_METHODS.update({t: "int8" for t in REROUNDED})
