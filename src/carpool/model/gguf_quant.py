@@ -1,4 +1,4 @@
-"""llama.cpp's Q8_0 / Q4_0 / Q4_1 / Q4_K blocks read as the codes and scales of carpool's kernels.
+"""llama.cpp's GGUF blocks read as the codes and scales of carpool's int8 / int4 kernels.
 
 Block layouts (ggml-common.h):
 
@@ -11,23 +11,24 @@ Block layouts (ggml-common.h):
   ``get_scale_min_k4`` reads them), then 128 bytes of nibbles, 32 per pair of sub-blocks: byte
   ``j`` of pair ``p`` holds weight ``j`` of sub-block ``2p`` in its low nibble and of ``2p + 1``
   in its high one; ``w = d sc_s q - dmin m_s`` in sub-block ``s``.
-
 - Q6_K, 210 bytes per 256: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales
   ``sc`` (one per 16 weights), ``d`` (fp16); ``w = d sc_s (q - 32)`` with 6-bit ``q``.
 
-Q4_0/Q4_1/Q4_K become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or ``-8 d``;
-Q4_K: ``scale = d sc_s``, ``minimum = -dmin m_s``, both exact in float32). The other block
-types fit neither kernel's groups (Q6_K: 6 bits, 16 weights a scale; Q5_0 / Q5_1 / Q5_K: 5
-bits; Q2_K / Q3_K: 2-3 bits, 16 weights a scale; the IQ types: codebooks of lattice points or
-non-linear levels): their weights (gguf's dequantization) are
-re-rounded to int8 with one scale per row, as Q8_0's are (``REROUNDED``), an error of at most
-half the row's scale per weight: finer than their own grids for a row of like blocks, and a
-byte a weight where dequantizing held four. Q8_0's
-per-block scale does not fit the int8 kernel's one scale per output row: the codes are
+Q4_0 / Q4_1 / Q4_K become int4 groups of 32 exactly (``scale = d``, ``minimum = m`` or
+``-8 d``; Q4_K: ``scale = d sc_s``, ``minimum = -dmin m_s``, both exact in float32).
+
+Q8_0's per-block scale does not fit the int8 kernel's one scale per output row: the codes are
 re-rounded to the row's largest block scale rounded *up* to bfloat16 (the kernels keep scales in
 bfloat16, see ``quant.py``; rounding up keeps every code within +-127),
 ``q' = round(q d / d_max)``, an error of at most ``d_max / 2`` per weight (measured on
 SmolLM2-135M's embedding: see BENCHMARKS.md).
+
+The other block types fit neither kernel's groups (``quant_plan.REROUNDED``; Q6_K: 6 bits, 16
+weights a scale; Q5_0 / Q5_1 / Q5_K: 5 bits; Q2_K / Q3_K: 2-3 bits, 16 weights a scale; the IQ
+types: codebooks of lattice points or non-linear levels): their weights (gguf-py's
+dequantization) are re-rounded to int8 with one scale per row likewise (``requantize_rows``),
+an error of at most half the row's scale per weight: finer than their own grids for a row of
+like blocks, and a byte a weight where dequantizing held four.
 """
 
 from __future__ import annotations

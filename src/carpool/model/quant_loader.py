@@ -66,8 +66,12 @@ def gguf_plan(config: ModelConfig, types: dict[str, str]) -> dict[str, str | Non
         if plan[module] is None and any(t not in ("F32", "F16", "BF16") for t in shard_types):
             logger.info("%s: GGUF types %s have no kernel here; dequantized", module, shard_types)
         elif plan[module] is not None:
-            rerounded.update(t for t in shard_types if t in REROUNDED)
-            rerounded.update(t for t in shard_types if plan[module] == "int8" and t == "Q4_K")
+            # REROUNDED types, and int4 shards held in an int8 matrix beside int8 ones
+            rerounded.update(
+                t
+                for t in shard_types
+                if t in REROUNDED or (plan[module] == "int8" and gguf_method(t) == "int4")
+            )
     if rerounded:
         logger.info(
             "GGUF types %s re-rounded to int8 with one scale per row (no kernel for their "
