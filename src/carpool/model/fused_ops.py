@@ -107,6 +107,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up
     ):
         return torch.ops.carpool.silu_and_mul(gate_up)
+    return _torch_silu_and_mul(gate_up)
+
+
+def _torch_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu_and_mul`` in torch's own ops (the reference the float32 kernel must match)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -134,7 +139,7 @@ def silu_float32_fused() -> bool:
         _silu_float32 = all(
             torch.equal(
                 torch.ops.carpool.silu_and_mul(gu).view(torch.int32),
-                (F.silu(gu.chunk(2, dim=-1)[0]) * gu.chunk(2, dim=-1)[1]).view(torch.int32),
+                _torch_silu_and_mul(gu).view(torch.int32),
             )
             for gu in probe
         )

@@ -34,15 +34,13 @@ from carpool.model.gguf_file import GGUFFile, GGUFTensorInfo
 from carpool.model.gguf_quant import QuantWeight, decode_blocks
 from carpool.model.gguf_rope import ROPE_FREQS, f32, gguf_rope_scaling
 from carpool.model.pages import trim_heap
+from carpool.model.quant_plan import GGUF_METHODS
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 _Q = GGMLQuantizationType
-SUPPORTED_TENSOR_TYPES = frozenset({
-    _Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
-    _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K,
-    _Q.IQ4_NL, _Q.IQ4_XS, _Q.IQ3_S, _Q.IQ3_XXS, _Q.IQ2_S, _Q.IQ2_XS, _Q.IQ2_XXS, _Q.IQ1_S, _Q.IQ1_M,
-})  # fmt: skip
+# Dense types, and every block type read into a kernel's terms (quant_plan.GGUF_METHODS).
+SUPPORTED_TENSOR_TYPES = frozenset({_Q.F32, _Q.F16, _Q.BF16, *(_Q[t] for t in GGUF_METHODS)})
 
 # Per-layer GGUF name stem -> Hugging Face module path inside ``model.layers.{i}``.
 _LAYER_NAMES = {
