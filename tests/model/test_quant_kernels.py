@@ -226,6 +226,37 @@ def test_q8_0_decoding_in_row_slices_equals_one_slice(monkeypatch):
     assert torch.equal(whole.codes, sliced.codes) and torch.equal(whole.scale, sliced.scale)
 
 
+def test_rerounding_in_row_slices_equals_one_slice(monkeypatch):
+    # A re-rounded type (Q6_K) and an int4 shard held as int8 are re-rounded a slice of rows at
+    # a time, each slice written into the one result: the codes and scales of one slice.
+    from carpool.model import gguf_quant
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((70, 256)).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q5_0)
+    q4k, _ = _gguf_roundtrip("Q4_K", w[:64])
+    whole = [decode_blocks(raw, "Q5_0", (70, 256)), as_int8(q4k)]
+    monkeypatch.setattr(gguf_quant, "_SLICE_VALUES", 256 * 9)  # 9 rows, a short last slice
+    sliced = [decode_blocks(raw, "Q5_0", (70, 256)), as_int8(q4k)]
+    for a, b in zip(whole, sliced, strict=True):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+        assert b.codes.dtype == torch.int8 and b.scale.dtype == torch.float32
+
+
+def test_int4_packing_in_row_slices_is_the_layout_torch_packs(monkeypatch):
+    # Int4Linear packs its codes by hand, a slice of whole row blocks at a time (torch's own
+    # packing takes int32 codes: 4 bytes a weight of temporaries): torch's bytes exactly.
+    from carpool.model import quant
+
+    block = quant.int4_row_block()
+    codes = torch.randint(0, 16, (5 * block, 96), dtype=torch.uint8)
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    assert torch.equal(quant._pack_int4(codes), expected)
+    monkeypatch.setattr(quant, "_PACK_SLICE_CODES", 2 * block * 96)  # slices of 2 blocks, 1 left
+    assert torch.equal(quant._pack_int4(codes), expected)
+    assert torch.equal(quant._pack_int4(codes.to(torch.int64)), expected)
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_head_logits_rescore_the_top_entries_exactly_in_float32(method):
     torch.manual_seed(4)

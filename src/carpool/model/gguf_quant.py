@@ -33,6 +33,7 @@ like blocks, and a byte a weight where dequantizing held four.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,10 @@ from carpool.model.quant_plan import GGUF_METHODS, REROUNDED
 
 _BLOCK = 32
 _SUPER = 256  # weights per K-quant super-block
-_SLICE_VALUES = 1 << 24  # float32 values per slice of rows being re-rounded (64 MiB)
+# Float32 values per slice of rows being re-rounded (4 MiB; gguf-py's dequantizer holds a few
+# temporaries of a slice's size: 64 MiB slices set the medium Q4_K_M model's load peak, 13 MiB
+# above the loaded size at 4 MiB, at the same load time).
+_SLICE_VALUES = 1 << 20
 _Q4_K_BYTES = 144
 _ROWS_PER_SLICE = 4096
 
@@ -150,12 +154,25 @@ def _rerounded(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeight:
     in slices of rows so that the float32 weights of a large embedding are never whole."""
     rows = np.asarray(raw).reshape(n, -1)
     qtype = GGMLQuantizationType[type_name]
+    return _requantize_in_slices(
+        n, k, lambda r0, r1: torch.from_numpy(dequantize(rows[r0:r1], qtype).reshape(-1, k))
+    )
+
+
+def _requantize_in_slices(
+    n: int, k: int, weights: Callable[[int, int], torch.Tensor]
+) -> QuantWeight:
+    """``requantize_rows`` of an ``[N, K]`` matrix whose float32 rows ``weights(r0, r1)``
+    gives, a slice of rows at a time, each slice's codes written into the one result (no
+    float32 matrix, no second copy of the codes)."""
+    codes = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, dtype=torch.float32)
     step = max(1, _SLICE_VALUES // k)
-    parts = [
-        requantize_rows(torch.from_numpy(dequantize(rows[r : r + step], qtype).reshape(-1, k)))
-        for r in range(0, n, step)
-    ]
-    return QuantWeight.concat(parts)
+    for r in range(0, n, step):
+        part = requantize_rows(weights(r, min(r + step, n)))
+        codes[r : r + step] = part.codes
+        scale[r : r + step] = part.scale
+    return QuantWeight("int8", codes, scale)
 
 
 def requantize_rows(w: torch.Tensor) -> QuantWeight:
@@ -178,9 +195,13 @@ def as_int8(qw: QuantWeight) -> QuantWeight:
         return qw
     assert qw.minimum is not None
     n, k = qw.shape
-    groups = qw.codes.float().view(n, -1, _BLOCK)
-    dense = groups * qw.scale[..., None] + qw.minimum[..., None]
-    return requantize_rows(dense.view(n, k))
+    scale, minimum = qw.scale, qw.minimum
+
+    def dense(r0: int, r1: int) -> torch.Tensor:
+        groups = qw.codes[r0:r1].float().view(r1 - r0, -1, _BLOCK)
+        return (groups * scale[r0:r1, :, None] + minimum[r0:r1, :, None]).view(r1 - r0, k)
+
+    return _requantize_in_slices(n, k, dense)
 
 
 def _ceil_bf16(x: torch.Tensor) -> torch.Tensor:
