@@ -102,3 +102,20 @@ def test_missing_shard(model_dir: Path):
     index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002.safetensors"}}
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     _raises(model_dir, "model-00002.safetensors", "missing")
+
+
+def test_safetensors_reopened_while_reading_gives_every_tensor(tmp_path: Path, monkeypatch):
+    # iter_safetensors closes and reopens a file after every _MAPPED_BYTES read (the pages
+    # read through safe_open's mapping stay resident until it is closed): every tensor comes
+    # once, equal to the file's, in the file's order, also at a budget smaller than a tensor.
+    from carpool.model import loader
+
+    tensors = {f"t{i:02d}": torch.randn(i + 1, 33) for i in range(12)}
+    f = tmp_path / "model.safetensors"
+    save_file(tensors, f)
+    whole = list(loader.iter_safetensors([f]))
+    monkeypatch.setattr(loader, "_MAPPED_BYTES", 700)
+    sliced = list(loader.iter_safetensors([f]))
+    assert [n for n, _ in sliced] == [n for n, _ in whole] and len(sliced) == len(tensors)
+    for name, t in sliced:
+        assert torch.equal(t, tensors[name]), name

@@ -78,6 +78,23 @@ def test_quantization_error_is_at_most_half_a_step(method, shape):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantizing_in_row_slices_equals_one_slice(monkeypatch, method):
+    # from_float quantizes a slice of rows at a time (its float32 temporaries then stay a few
+    # MiB for a vocabulary head): every row's codes and scales are those of the whole matrix.
+    from carpool.model import quant
+
+    w = torch.randn(150, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+    cls = Int8Linear if method == "int8" else Int4Linear
+    whole = cls.from_float(w, None, torch.bfloat16)
+    monkeypatch.setattr(quant, "_QUANTIZE_SLICE_VALUES", 64 * 7)  # 7 rows, a short last slice
+    sliced = cls.from_float(w, None, torch.bfloat16)
+    expected, got = whole.state_dict(), sliced.state_dict()
+    assert list(expected) == list(got) and len(got) >= 2
+    for name, a in expected.items():
+        assert torch.equal(a, got[name]), name
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
 def test_embedding_rows_are_the_dequantized_weight_rows(method):
     torch.manual_seed(2)
     q = quantize_linear(torch.nn.Linear(64, 320, bias=False), method, torch.float32)

@@ -152,13 +152,34 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+# Bytes of tensors read through one opening of a safetensors file before it is closed and
+# opened again (see iter_safetensors).
+_MAPPED_BYTES = 64 << 20
+
+
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` from safetensors files, wrapping format errors."""
+    """Yield ``(name, tensor)`` from safetensors files (each tensor a copy of its bytes),
+    wrapping format errors.
+
+    ``safe_open`` maps the whole file and every page a tensor is read from stays resident
+    (file-backed) until the file is closed: a checkpoint loaded in one opening held the
+    weights twice at its peak (the medium model's bf16 file: 1,181 MiB peak for 715 MiB
+    loaded). So the file is closed and opened again after every ``_MAPPED_BYTES`` read,
+    which bounds those pages whatever the checkpoint's size.
+    """
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, st.get_tensor(name)
+            done, names = 0, None
+            while names is None or done < len(names):
+                with safe_open(str(f), framework="pt") as st:
+                    if names is None:
+                        names = list(st.keys())
+                    read = 0
+                    while done < len(names) and read < _MAPPED_BYTES:
+                        tensor = st.get_tensor(names[done])
+                        read += tensor.numel() * tensor.element_size()
+                        done += 1
+                        yield names[done - 1], tensor
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{f}: cannot read safetensors file ({e})") from None
 

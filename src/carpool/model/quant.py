@@ -213,11 +213,16 @@ class Int8Linear(QuantizedLinear):
         dtype: torch.dtype = torch.bfloat16,
     ) -> Int8Linear:
         """Symmetric per-output-channel quantization: ``scale = max|w| / 127`` per row."""
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        # Codes chosen for the scale as stored (rounded to the kernel dtype).
-        scale = scale.to(kernel_dtype(dtype)).float()
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        n, k = weight.shape
+        q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+        for r0, r1 in _row_slices(n, k):  # float32 temporaries of a slice only
+            w = weight[r0:r1].float()
+            s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            # Codes chosen for the scale as stored (rounded to the kernel dtype).
+            s = s.to(kernel_dtype(dtype)).float()
+            q[r0:r1] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+            scale[r0:r1] = s
         return cls(q, scale, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,16 +309,20 @@ class Int4Linear(QuantizedLinear):
         dtype: torch.dtype = torch.bfloat16,
     ) -> Int4Linear:
         """Asymmetric min/max quantization per group of 32 inputs (llama.cpp's Q4_1 rule)."""
-        w = weight.float()
-        n, k = w.shape
-        g = w.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        # Round the scale and zero to the storage dtype first, so codes are chosen for them.
+        n, k = weight.shape
         kd = kernel_dtype(dtype)
-        scale_s, lo_s = scale.to(kd).float(), lo.to(kd).float()
-        q = torch.round((g - lo_s[..., None]) / scale_s[..., None]).clamp(0, 15).to(torch.uint8)
-        return cls.from_codes(q.reshape(n, k), scale_s, lo_s, bias, dtype)
+        q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+        scale_s = torch.empty(n, k // GROUP_SIZE, dtype=torch.float32, device=weight.device)
+        lo_s = torch.empty_like(scale_s)
+        for r0, r1 in _row_slices(n, k):  # float32 temporaries of a slice only
+            g = weight[r0:r1].float().reshape(r1 - r0, k // GROUP_SIZE, GROUP_SIZE)
+            lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            # Round the scale and zero to the storage dtype first, so codes are chosen for them.
+            scale_s[r0:r1], lo_s[r0:r1] = scale.to(kd).float(), lo.to(kd).float()
+            codes = (g - lo_s[r0:r1, :, None]) / scale_s[r0:r1, :, None]
+            q[r0:r1] = torch.round(codes).clamp(0, 15).to(torch.uint8).reshape(r1 - r0, k)
+        return cls.from_codes(q, scale_s, lo_s, bias, dtype)
 
     @classmethod
     def from_codes(
@@ -451,6 +460,17 @@ def _pack_int4_by_hand(codes: torch.Tensor, block: int) -> torch.Tensor:
     half = block // 2
     packed = blocks[..., :half] | (blocks[..., half:] << 4)  # [N/B, K, B/2]
     return packed.reshape(n, k // 2).contiguous()
+
+
+# Float32 values per slice of rows quantized by from_float (4 MiB): a vocabulary head's
+# float32 copy and its temporaries were several times its bf16 bytes at once.
+_QUANTIZE_SLICE_VALUES = 1 << 20
+
+
+def _row_slices(n: int, k: int) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of an ``[n, k]`` matrix, ``_QUANTIZE_SLICE_VALUES`` a slice."""
+    step = max(1, _QUANTIZE_SLICE_VALUES // max(k, 1))
+    return [(r, min(r + step, n)) for r in range(0, n, step)]
 
 
 # Codes packed per slice of rows by _pack_int4 (4 MiB of one-byte codes): its temporaries stay
