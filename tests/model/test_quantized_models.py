@@ -3,6 +3,8 @@ Hugging Face checkpoint, and the resident weight bytes ``carpool memory`` predic
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from gguf import GGUFReader
@@ -10,10 +12,17 @@ from gguf import GGUFReader
 from carpool import LLM, LLMEngine, SamplingParams
 from carpool.capacity import resident_weight_bytes, weight_bytes_for
 from carpool.config import EngineConfig
+from carpool.errors import ModelLoadError
 from carpool.model import fused_ops
 from carpool.model.gguf_loader import GGUFCheckpoint
 from carpool.model.loader import load_model
-from carpool.model.quant import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear
+from carpool.model.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    quantize_linear,
+)
 from carpool.model.quant_loader import combined_plan, resolve_plan
 from carpool.model.quant_plan import matrix_shapes
 from helpers.carpool_ref import assert_same_top1_where_clear, greedy, prompt_logits
@@ -124,6 +133,48 @@ def test_hf_quantization_equals_its_dequantized_weights(checkpoint, method):
     x = torch.randn(3, layer.in_features).bfloat16().float()
     ref = torch.nn.functional.linear(x, dense.model.layers[0].mlp.down_proj.weight)
     torch.testing.assert_close(layer(x), ref, rtol=2**-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_hf_quantization_as_read_equals_quantizing_the_loaded_dense_model(
+    checkpoint, method, dtype
+):
+    # --quantization quantizes each dense tensor as it is read (its shards apart), never holding
+    # the dense model: every buffer is the one quantize_linear gives the loaded dense model's
+    # modules (the route it replaced), for a separate head (llama) and a tied one (qwen2).
+    hf_dir, _ = checkpoint
+    quant, _ = load_model(hf_dir, dtype=dtype, quantization=method)
+    dense, config = load_model(hf_dir, dtype=dtype, quantization="none")
+    plan = combined_plan(*resolve_plan(config, None, method))
+    assert set(plan.values()) == {method}
+    for name in plan:
+        got = quant.get_submodule(name)
+        if name == "model.embed_tokens":
+            got = got.source
+            ref = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            ref.weight = dense.model.embed_tokens.weight
+        else:
+            ref = dense.get_submodule(name)
+        expected = quantize_linear(ref, method, getattr(torch, dtype)).state_dict()
+        assert list(got.state_dict()) == list(expected), name
+        for key, value in expected.items():
+            assert torch.equal(got.state_dict()[key], value), f"{name}.{key}"
+    if config.tie_word_embeddings:
+        assert quant.lm_head is quant.model.embed_tokens.source
+
+
+def test_hf_quantization_rejects_a_wrong_shape(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_dir, _ = checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][1:]
+    save_file(sd, bad / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"k_proj.weight.*has shape"):
+        load_model(bad, quantization="int4")
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -212,8 +212,9 @@ def load_model(
     """
     from carpool.model.quant_loader import (
         combined_plan,
+        load_planned_weights,
         natively_quantized_names,
-        quantize_model,
+        quantized_as_read,
         resolve_plan,
     )
     from carpool.model.quant_plan import plan_weight_bytes
@@ -236,14 +237,15 @@ def load_model(
         native, requantized = resolve_plan(config, None, quantization)
         weights = iter_safetensors(safetensors_files(path))
     torch_dtype = resolve_dtype(dtype, config, device)
-    model = build_empty_model(config, torch_dtype, device, native)
-    if any(native.values()):
-        from carpool.model.quant_loader import load_planned_weights
-
+    plan = combined_plan(native, requantized)
+    # Every quantized matrix, the file's own and those quantized at load, is built as its
+    # tensors arrive; the rest load dense.
+    model = build_empty_model(config, torch_dtype, device, plan)
+    if any(requantized.values()):
+        weights = quantized_as_read(model, weights, requantized, torch_dtype, str(path))  # type: ignore[assignment]
+    if any(plan.values()):
         weights = load_planned_weights(model, weights, torch_dtype, device)  # type: ignore[arg-type]
     load_weights(model, weights, str(path))
-    quantize_model(model, requantized)
-    plan = combined_plan(native, requantized)
     # Decoding a GGUF file allocates many block-sized temporaries; without a trim the process
     # kept ~2x the model's bytes resident (SmolLM2-135M Q4_1: 387 -> 203 MB over the
     # interpreter's baseline, measured).

@@ -213,17 +213,7 @@ class Int8Linear(QuantizedLinear):
         dtype: torch.dtype = torch.bfloat16,
     ) -> Int8Linear:
         """Symmetric per-output-channel quantization: ``scale = max|w| / 127`` per row."""
-        n, k = weight.shape
-        q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(n, dtype=torch.float32, device=weight.device)
-        for r0, r1 in _row_slices(n, k):  # float32 temporaries of a slice only
-            w = weight[r0:r1].float()
-            s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-            # Codes chosen for the scale as stored (rounded to the kernel dtype).
-            s = s.to(kernel_dtype(dtype)).float()
-            q[r0:r1] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-            scale[r0:r1] = s
-        return cls(q, scale, bias, dtype)
+        return cls(*int8_quantize(weight, dtype), bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT8_GEMV_MAX_ROWS rows on the CPU: the fused kernel (it prefetches
@@ -309,20 +299,7 @@ class Int4Linear(QuantizedLinear):
         dtype: torch.dtype = torch.bfloat16,
     ) -> Int4Linear:
         """Asymmetric min/max quantization per group of 32 inputs (llama.cpp's Q4_1 rule)."""
-        n, k = weight.shape
-        kd = kernel_dtype(dtype)
-        q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
-        scale_s = torch.empty(n, k // GROUP_SIZE, dtype=torch.float32, device=weight.device)
-        lo_s = torch.empty_like(scale_s)
-        for r0, r1 in _row_slices(n, k):  # float32 temporaries of a slice only
-            g = weight[r0:r1].float().reshape(r1 - r0, k // GROUP_SIZE, GROUP_SIZE)
-            lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-            scale = ((hi - lo) / 15).clamp(min=1e-12)
-            # Round the scale and zero to the storage dtype first, so codes are chosen for them.
-            scale_s[r0:r1], lo_s[r0:r1] = scale.to(kd).float(), lo.to(kd).float()
-            codes = (g - lo_s[r0:r1, :, None]) / scale_s[r0:r1, :, None]
-            q[r0:r1] = torch.round(codes).clamp(0, 15).to(torch.uint8).reshape(r1 - r0, k)
-        return cls.from_codes(q, scale_s, lo_s, bias, dtype)
+        return cls.from_codes(*int4_quantize(weight, dtype), bias, dtype)
 
     @classmethod
     def from_codes(
@@ -471,6 +448,45 @@ def _row_slices(n: int, k: int) -> list[tuple[int, int]]:
     """Row ranges ``[r0, r1)`` of an ``[n, k]`` matrix, ``_QUANTIZE_SLICE_VALUES`` a slice."""
     step = max(1, _QUANTIZE_SLICE_VALUES // max(k, 1))
     return [(r, min(r + step, n)) for r in range(0, n, step)]
+
+
+def int8_quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scale)`` of ``Int8Linear.from_float``: int8 ``[N, K]`` and float32 ``[N]``
+    (each row's ``max|w| / 127`` rounded to the kernel dtype of ``dtype``, the codes chosen for
+    the rounded scale). Row by row, so shards quantized apart equal their fused matrix's rows."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for r0, r1 in _row_slices(n, k):  # float32 temporaries of a slice only
+        w = weight[r0:r1].float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        # Codes chosen for the scale as stored (rounded to the kernel dtype).
+        s = s.to(kernel_dtype(dtype)).float()
+        q[r0:r1] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[r0:r1] = s
+    return q, scale
+
+
+def int4_quantize(
+    weight: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, minimum)`` of ``Int4Linear.from_float`` (``w = scale q + minimum`` per
+    group of 32 inputs; codes uint8 ``[N, K]`` in 0..15, scales and minima float32
+    ``[N, K/32]`` holding kernel-dtype values). Row by row, as ``int8_quantize``."""
+    n, k = weight.shape
+    kd = kernel_dtype(dtype)
+    q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+    scale_s = torch.empty(n, k // GROUP_SIZE, dtype=torch.float32, device=weight.device)
+    lo_s = torch.empty_like(scale_s)
+    for r0, r1 in _row_slices(n, k):  # float32 temporaries of a slice only
+        g = weight[r0:r1].float().reshape(r1 - r0, k // GROUP_SIZE, GROUP_SIZE)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        # Round the scale and zero to the storage dtype first, so codes are chosen for them.
+        scale_s[r0:r1], lo_s[r0:r1] = scale.to(kd).float(), lo.to(kd).float()
+        codes = (g - lo_s[r0:r1, :, None]) / scale_s[r0:r1, :, None]
+        q[r0:r1] = torch.round(codes).clamp(0, 15).to(torch.uint8).reshape(r1 - r0, k)
+    return q, scale_s, lo_s
 
 
 # Codes packed per slice of rows by _pack_int4 (4 MiB of one-byte codes): its temporaries stay

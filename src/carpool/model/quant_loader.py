@@ -1,12 +1,15 @@
 """Build a model whose weight matrices are quantized, from a plan and checkpoint tensors.
 
-Two routes, one result (``Int8Linear`` / ``Int4Linear`` modules, a ``QuantizedEmbedding``):
+Every planned matrix becomes an ``Int8Linear`` / ``Int4Linear`` module (the embedding a
+``QuantizedEmbedding``) as its tensors arrive, and is never materialised dense:
 
-- ``quantize_model``: an already loaded dense model (a Hugging Face checkpoint with
-  ``--quantization``) has its matrices quantized one module at a time.
-- ``load_planned_weights``: a GGUF file's Q8_0/Q4_x tensors arrive as ``QuantWeight``s and are
-  packed directly; the planned modules are never materialised dense, so a 98 MB file does not
-  pass through gigabytes of float32.
+- a GGUF file's Q8_0/Q4_x/K-quant tensors arrive as ``QuantWeight``s (``gguf_quant``), so a
+  98 MB file does not pass through gigabytes of float32;
+- a dense tensor of a matrix quantized at load (a Hugging Face checkpoint under
+  ``--quantization``) is quantized as it is read (``quantized_as_read``), so the dense
+  model is never whole in memory (the medium model's bf16 checkpoint under int4: a load peak
+  of the quantized model plus one tensor, not of the dense model);
+- ``load_planned_weights`` packs each module once all its shards are there.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from carpool.model.quant import (
     Int8Linear,
     QuantizedEmbedding,
     QuantizedLinear,
-    quantize_linear,
+    int4_quantize,
+    int8_quantize,
 )
 from carpool.model.quant_plan import REROUNDED, QuantPlan, matrix_shapes, uniform_plan
 from carpool.model.registry import model_class_for
@@ -187,19 +191,48 @@ def load_planned_weights(
         raise ModelLoadError(f"no quantized tensors arrived for {left}")
 
 
-def quantize_model(model: nn.Module, plan: QuantPlan) -> None:
-    """Quantize a loaded dense model's matrices in place (weight-only, at load)."""
-    dtype = model.model.norm.weight.dtype
-    for name, method in plan.items():
-        if method is None:
+def quantized_as_read(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor | QuantWeight]],
+    plan: QuantPlan,
+    dtype: torch.dtype,
+    source: str,
+) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    """Checkpoint tensors (of the file ``source``) with each dense weight of a matrix ``plan``
+    quantizes turned into a ``QuantWeight`` as it arrives, for ``load_planned_weights``.
+
+    A weight is first cast to the model ``dtype`` (what a dense load's copy does), then
+    quantized row by row as ``quantize_linear`` quantizes a dense module, so shards quantized
+    one by one equal their fused matrix's rows: the codes and scales of quantizing the loaded
+    dense model, without ever holding it.
+
+    Raises:
+        ModelLoadError: a weight whose shape is not its matrix's (or shard's).
+    """
+    mapping: dict[str, tuple[str, int]] = model.weight_mapping
+    shapes = matrix_shapes(model.config)
+    for name, value in weights:
+        module, shard, suffix = _locate(name, mapping)
+        method = plan.get(module)
+        if module == "lm_head" and model.config.tie_word_embeddings and plan.get(_EMBED):
+            # A tied model's head is its quantized embedding; a checkpoint that also stores
+            # the head stores the same values (a dense load writes them into the same tensor).
             continue
-        if name == _EMBED:
-            emb = model.model.embed_tokens
-            dense = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
-            dense.weight = emb.weight
-            _install(model, name, quantize_linear(dense, method, dtype))
+        if method is None or suffix != "weight" or isinstance(value, QuantWeight):
+            yield name, value
+            continue
+        rows, cols, _ = shapes[module]
+        if module.endswith(_FUSED):
+            rows = model.fused_shard_sizes(module)[shard]
+        if tuple(value.shape) != (rows, cols):
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} has shape {tuple(value.shape)}, expected {(rows, cols)}"
+            )
+        w = value.to(dtype)
+        if method == "int8":
+            yield name, QuantWeight("int8", *int8_quantize(w, dtype))
         else:
-            model.set_submodule(name, quantize_linear(model.get_submodule(name), method, dtype))
+            yield name, QuantWeight("int4", *int4_quantize(w, dtype))
 
 
 def _install(model: nn.Module, name: str, module: QuantizedLinear) -> None:
