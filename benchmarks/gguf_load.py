@@ -1,4 +1,5 @@
-"""Load time (per stage) and peak RSS of a GGUF model, each load in a fresh process.
+"""Load time (per stage) and peak RSS of a GGUF model (or a Hugging Face directory), each load in
+a fresh process.
 
 Each run starts a new interpreter that imports torch and carpool, pins 1 torch thread, then
 builds ``LLM(path, threads=1, kv_cache_memory=64 MiB)`` and reports the engine's own stage log
@@ -10,6 +11,10 @@ source trees (``--src NAME=DIR``, each put first on ``PYTHONPATH``) are run alte
 see the same machine load; medians are printed.
 
     python benchmarks/gguf_load.py --src old=/tmp/gguf_base/src --src new=src --repeats 3
+    python benchmarks/gguf_load.py --model HF_DIR --quantization int4 --src old=... --src new=src
+
+``--quantization`` is passed to both loads (``LLM`` and ``load_model``); a directory has no
+``read_gguf_config`` figure.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def _child(mode: str, model: str, kv_cache: int) -> dict[str, float]:
+def _child(mode: str, model: str, kv_cache: int, quantization: str | None) -> dict[str, float]:
     """Runs in the fresh process: one load, its figures as a dict."""
     import logging
 
@@ -52,7 +57,7 @@ def _child(mode: str, model: str, kv_cache: int) -> dict[str, float]:
     if mode == "load_model":  # the loader alone: no tokenizer, no engine, no KV cache
         from carpool.model.loader import load_model
 
-        model, _ = load_model(model)
+        model, _ = load_model(model, quantization=quantization)
         out["load_model_s"] = time.perf_counter() - start
         out["load_model_hwm_mib"] = _status_kib("VmHWM") / 1024
         out["load_model_rss_mib"] = _status_kib("VmRSS") / 1024
@@ -73,7 +78,7 @@ def _child(mode: str, model: str, kv_cache: int) -> dict[str, float]:
     root = logging.getLogger("carpool")
     root.setLevel(logging.INFO)
     root.addHandler(Stages())
-    llm = LLM(model, threads=1, kv_cache_memory=kv_cache)
+    llm = LLM(model, threads=1, kv_cache_memory=kv_cache, quantization=quantization)
     out["total_s"] = time.perf_counter() - start
     last = start
     for stage, t in stamps:
@@ -91,11 +96,13 @@ def main() -> None:
     ap.add_argument("--src", action="append", required=False, default=[], help="NAME=DIR")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-cache-mib", type=int, default=64, help="kv_cache_memory of the engine")
+    ap.add_argument("--quantization", default=None, help="int8 / int4 / none (default: the file's)")
     ap.add_argument("--output", default=None, help="write all runs as JSON here")
     ap.add_argument("--child", choices=("llm", "config", "load_model"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.model, args.kv_cache_mib * 2**20)))
+        got = _child(args.child, args.model, args.kv_cache_mib * 2**20, args.quantization)
+        print(json.dumps(got))
         return
     model = args.model
     if model is None:
@@ -108,9 +115,14 @@ def main() -> None:
         for name, src in trees.items():
             env = {**os.environ, **_CHILD_ENV, "PYTHONPATH": str(Path(src).resolve())}
             row: dict[str, float] = {}
-            for mode in ("llm", "config", "load_model"):
+            modes = (
+                ("llm", "load_model") if Path(model).is_dir() else ("llm", "config", "load_model")
+            )
+            for mode in modes:
                 cmd = [sys.executable, __file__, "--child", mode, "--model", model,
                        "--kv-cache-mib", str(args.kv_cache_mib)]  # fmt: skip
+                if args.quantization:
+                    cmd += ["--quantization", args.quantization]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
                 got = json.loads(proc.stdout.strip().splitlines()[-1])
                 if mode == "config":
@@ -120,7 +132,7 @@ def main() -> None:
                 row.update(got)
             runs[name].append(row)
             print(f"run {r} {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()))
-    print(f"\nmedians over {args.repeats} runs (model {model}):")
+    print(f"\nmedians over {args.repeats} runs (model {model}, quantization {args.quantization}):")
     keys = list(next(iter(runs.values()))[0])
     print("| figure | " + " | ".join(trees) + " |")
     print("|---|" + "---:|" * len(trees))

@@ -101,7 +101,7 @@ def test_logits_through_transformers(arch, ftype, checkpoints, tmp_path):
     assert cos >= min_cos, f"{arch} {ftype}: logit cosine similarity {cos:.6f} < {min_cos}"
 
 
-@pytest.mark.parametrize("ftype", ["F16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("ftype", ["F16", "BF16", "Q8_0", "Q4_0"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_quantized_tensors_equal_gguf_round_trip(arch, ftype, checkpoints, tmp_path):
     """Each 2-D weight equals dequantize(quantize(hf)) exactly; norms and 1-D stay exact.

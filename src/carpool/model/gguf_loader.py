@@ -186,13 +186,23 @@ def _iter_weights(
             # decode_blocks copies what it keeps: the weight holds no view of the map.
             value: torch.Tensor | QuantWeight = decode_blocks(raw, t.tensor_type.name, shape)  # type: ignore[arg-type]
         else:
-            data = dequantize(raw, t.tensor_type).reshape(shape)
+            bf16 = t.tensor_type == _Q.BF16
+            if bf16 or t.tensor_type == _Q.F16:
+                # As they are (2 bytes a weight): gguf-py widens them to float32 through
+                # temporaries of several times that (small's BF16 embedding set its load
+                # peak, 128 MiB over the loaded size); the consumer's copy into the model's
+                # dtype rounds as from the widened values (the widening is exact).
+                data = np.asarray(raw).view(np.uint16 if bf16 else np.float16).reshape(shape)
+            else:
+                data = dequantize(raw, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
             if n_head is not None:
                 data = _unpermute(data, n_head)
-            data = np.ascontiguousarray(data, dtype=np.float32)
+            data = np.ascontiguousarray(data)
             if np.may_share_memory(data, raw):
-                data = data.copy()  # F32 is a view of the map: own it before the file closes
+                data = data.copy()  # a view of the map: own it before the file closes
             value = torch.from_numpy(data)
+            if bf16:
+                value = value.view(torch.bfloat16)
         del raw  # data, when set, is the value itself or a copy
         reader.release(t)  # its file pages leave the RSS; the next tensor's come in
         yield hf_name, value

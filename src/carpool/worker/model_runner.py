@@ -60,7 +60,7 @@ def prepare_model(model: nn.Module, device: str | torch.device) -> None:
         paged_attention.warm_up()
         fused_ops.load()
         vnni_linear.load()
-        prepack_linears(model)
+        prepack_linears(model)  # trims the heap as it goes and at the end
         # After packing (the final bytes), before the plan's pointers.
         if weights_want_huge_pages(model):
             pages.move_weights(model)
