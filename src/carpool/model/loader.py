@@ -160,14 +160,14 @@ _MAPPED_BYTES = 16 << 20
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` from safetensors files (each tensor a copy of its bytes),
-    wrapping format errors.
+    """Yield ``(name, tensor)`` from safetensors files, wrapping format errors.
 
-    ``safe_open`` maps the whole file and every page a tensor is read from stays resident
-    (file-backed) until the file is closed: a checkpoint loaded in one opening held the
-    weights twice at its peak (the medium model's bf16 file: 1,181 MiB peak for 715 MiB
-    loaded). So the file is closed and opened again after every ``_MAPPED_BYTES`` read,
-    which bounds those pages whatever the checkpoint's size.
+    ``safe_open`` maps the whole file, and a tensor it gives is a view of that mapping (its
+    pages come in as they are read): every page read stays resident (file-backed) while the
+    mapping lives, so a checkpoint loaded in one opening held the weights twice at its peak
+    (the medium model's bf16 file: 1,181 MiB peak for 715 MiB loaded). So the file is closed
+    and opened again after every ``_MAPPED_BYTES`` handed over; an opening's mapping goes once
+    it is closed and its tensors are dropped (the consumers copy or quantize each at once).
     """
     for f in files:
         try:
