@@ -182,6 +182,12 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                         read += tensor.numel() * tensor.element_size()
                         done += 1
                         yield names[done - 1], tensor
+                        del tensor
+                # The consumers' temporaries (quantizing, packing) of sizes that did not come
+                # again: the block allocator's lists otherwise kept up to 256 MiB of them (the
+                # medium checkpoint under int4: a load peak of 615 MiB, 508 with this, in
+                # 0.64 -> 0.75 s; unmapping every list each time took 1.1-1.2 s).
+                cpu_allocator.end_step()
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{f}: cannot read safetensors file ({e})") from None
 
