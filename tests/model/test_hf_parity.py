@@ -75,12 +75,15 @@ def test_bfloat16_runs_close_to_float32(tmp_path: Path, device: str):
     assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
 
 
-def test_sharded_checkpoint_loads_same_weights(tmp_path: Path):
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_sharded_checkpoint_loads_same_weights(tmp_path: Path, quantization):
+    # Under --quantization a fused matrix's shards (q / k / v, gate / up) may lie in different
+    # files: each is quantized as it is read and the matrix packed once all have arrived.
     hf = save_tiny_hf_model("qwen2", tmp_path / "single")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    a, _ = load_model(tmp_path / "single", dtype="float32")
-    b, _ = load_model(tmp_path / "sharded", dtype="float32")
+    a, _ = load_model(tmp_path / "single", dtype="float32", quantization=quantization)
+    b, _ = load_model(tmp_path / "sharded", dtype="float32", quantization=quantization)
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert na == nb and torch.equal(pa, pb), na
