@@ -114,8 +114,32 @@ def test_safetensors_reopened_while_reading_gives_every_tensor(tmp_path: Path, m
     f = tmp_path / "model.safetensors"
     save_file(tensors, f)
     whole = list(loader.iter_safetensors([f]))
+    assert all(isinstance(t, torch.Tensor) for _, t in whole)
     monkeypatch.setattr(loader, "_MAPPED_BYTES", 700)
     sliced = list(loader.iter_safetensors([f]))
     assert [n for n, _ in sliced] == [n for n, _ in whole] and len(sliced) == len(tensors)
+    # Tensors over the budget come as StoredTensors, read a slice of rows at a time.
+    stored = {n for n, t in sliced if isinstance(t, loader.StoredTensor)}
+    assert stored == {n for n, t in tensors.items() if t.nbytes > 700}
     for name, t in sliced:
-        assert torch.equal(t, tensors[name]), name
+        got = t[0 : t.shape[0]] if isinstance(t, loader.StoredTensor) else t
+        assert torch.equal(got, tensors[name]), name
+
+
+def test_stored_tensor_reads_rows_converts_and_copies_in_slices(tmp_path: Path, monkeypatch):
+    from carpool.model import stored_tensor
+    from carpool.model.stored_tensor import StoredTensor
+
+    w = torch.randn(37, 24).bfloat16()
+    f = tmp_path / "model.safetensors"
+    save_file({"w": w}, f)
+    t = StoredTensor(f, "w", (37, 24), torch.bfloat16)
+    assert torch.equal(t[5:9], w[5:9]) and t.dtype == torch.bfloat16
+    assert t.to(torch.float32)[0:37].dtype == torch.float32
+    assert torch.equal(t.to(torch.float32)[0:37], w.float())
+    monkeypatch.setattr(stored_tensor, "SLICE_BYTES", 24 * 2 * 5)  # 5 rows a slice, 2 left
+    dest = torch.empty(37, 24)
+    t.copy_into(dest)
+    assert torch.equal(dest, w.float())
+    with pytest.raises(ModelLoadError, match="cannot read tensor 'nope'"):
+        StoredTensor(f, "nope", (1, 1), torch.float32)[0:1]

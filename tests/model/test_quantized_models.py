@@ -164,6 +164,25 @@ def test_hf_quantization_as_read_equals_quantizing_the_loaded_dense_model(
         assert quant.lm_head is quant.model.embed_tokens.source
 
 
+@pytest.mark.parametrize("method", ["none", "int8", "int4"])
+def test_large_tensors_read_in_row_slices_load_the_same_model(checkpoint, monkeypatch, method):
+    # Past the loader's budget a tensor comes as a StoredTensor, copied or quantized a slice of
+    # rows at a time (at a budget of 1 byte: every matrix here, in slices of 3-7 rows): every
+    # buffer is the one a whole read gives.
+    from carpool.model import loader, quant, stored_tensor
+
+    hf_dir, _ = checkpoint
+    whole, _ = load_model(hf_dir, dtype="bfloat16", quantization=method)
+    monkeypatch.setattr(loader, "_MAPPED_BYTES", 1)
+    monkeypatch.setattr(stored_tensor, "SLICE_BYTES", 3 * 64 * 4)
+    monkeypatch.setattr(quant, "_QUANTIZE_SLICE_VALUES", 7 * 64)
+    sliced, _ = load_model(hf_dir, dtype="bfloat16", quantization=method)
+    expected, got = whole.state_dict(), sliced.state_dict()
+    assert list(expected) == list(got)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
 def test_hf_quantization_rejects_a_wrong_shape(checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +24,7 @@ from carpool.model import cpu_allocator
 from carpool.model.pages import trim_heap
 from carpool.model.quant_plan import plan_summary
 from carpool.model.registry import model_class_for
+from carpool.model.stored_tensor import DTYPES, StoredTensor
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +84,10 @@ def build_empty_model(
 
 
 def load_weights(
-    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | StoredTensor]], source: str
 ) -> None:
-    """Copy checkpoint tensors (Hugging Face names and layout) into ``model``.
+    """Copy checkpoint tensors (Hugging Face names and layout) into ``model`` (a
+    ``StoredTensor`` a slice of rows at a time).
 
     Fused parameters (``qkv_proj``, ``gate_up_proj``) are filled shard by shard. Every
     parameter must be written exactly once (a tied head may be written twice).
@@ -114,8 +118,11 @@ def load_weights(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(dest.shape)}"
             )
-        with torch.no_grad():
-            dest.copy_(tensor)
+        if isinstance(tensor, StoredTensor):
+            tensor.copy_into(dest)
+        else:
+            with torch.no_grad():
+                dest.copy_(tensor)
         filled.add((target, shard))
     # Unique parameters only: a tied head is the embedding and needs no tensor of its own.
     expected: set[tuple[str, int]] = set()
@@ -159,7 +166,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 _MAPPED_BYTES = 16 << 20
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
     """Yield ``(name, tensor)`` from safetensors files, wrapping format errors.
 
     ``safe_open`` maps the whole file, and a tensor it gives is a view of that mapping (its
@@ -168,6 +175,8 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     (the medium model's bf16 file: 1,181 MiB peak for 715 MiB loaded). So the file is closed
     and opened again after every ``_MAPPED_BYTES`` handed over; an opening's mapping goes once
     it is closed and its tensors are dropped (the consumers copy or quantize each at once).
+    A tensor of two or more dimensions larger than that comes as a ``StoredTensor``, which
+    its consumer reads a slice of rows at a time.
     """
     for f in files:
         try:
@@ -178,10 +187,15 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                         names = list(st.keys())
                     read = 0
                     while done < len(names) and read < _MAPPED_BYTES:
-                        tensor = st.get_tensor(names[done])
-                        read += tensor.numel() * tensor.element_size()
+                        name = names[done]
                         done += 1
-                        yield names[done - 1], tensor
+                        stored = _stored(f, name, st.get_slice(name))
+                        if stored is not None:  # read by its consumer a slice at a time
+                            yield name, stored
+                            continue
+                        tensor = st.get_tensor(name)
+                        read += tensor.numel() * tensor.element_size()
+                        yield name, tensor
                         del tensor
                 # The consumers' temporaries (quantizing, packing) of sizes that did not come
                 # again: the block allocator's lists otherwise kept up to 256 MiB of them (the
@@ -190,6 +204,16 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 cpu_allocator.end_step()
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{f}: cannot read safetensors file ({e})") from None
+
+
+def _stored(path: Path, name: str, view: Any) -> StoredTensor | None:
+    """A ``StoredTensor`` for a tensor of at least two dimensions over ``_MAPPED_BYTES``
+    (``view``: its ``safe_open`` slice), else None (read whole)."""
+    shape = tuple(int(d) for d in view.get_shape())
+    dtype = DTYPES.get(view.get_dtype())
+    if dtype is None or len(shape) < 2 or math.prod(shape) * dtype.itemsize <= _MAPPED_BYTES:
+        return None
+    return StoredTensor(path, name, shape, dtype)
 
 
 def load_model(

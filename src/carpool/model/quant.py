@@ -36,6 +36,7 @@ from torch import nn
 
 from carpool.model import fused_ops, vnni_linear
 from carpool.model.layers import MLP_MIN_CHUNK_ROWS, linear_bucketed, widened
+from carpool.model.stored_tensor import StoredTensor
 
 QUANTIZATION_METHODS = ("int8", "int4")
 GROUP_SIZE = 32
@@ -450,10 +451,13 @@ def _row_slices(n: int, k: int) -> list[tuple[int, int]]:
     return [(r, min(r + step, n)) for r in range(0, n, step)]
 
 
-def int8_quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_quantize(
+    weight: torch.Tensor | StoredTensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scale)`` of ``Int8Linear.from_float``: int8 ``[N, K]`` and float32 ``[N]``
     (each row's ``max|w| / 127`` rounded to the kernel dtype of ``dtype``, the codes chosen for
-    the rounded scale). Row by row, so shards quantized apart equal their fused matrix's rows."""
+    the rounded scale). Row by row, so shards quantized apart equal their fused matrix's rows
+    (and a ``StoredTensor`` is read a slice of rows at a time)."""
     n, k = weight.shape
     q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
     scale = torch.empty(n, dtype=torch.float32, device=weight.device)
@@ -468,7 +472,7 @@ def int8_quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def int4_quantize(
-    weight: torch.Tensor, dtype: torch.dtype
+    weight: torch.Tensor | StoredTensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes, scale, minimum)`` of ``Int4Linear.from_float`` (``w = scale q + minimum`` per
     group of 32 inputs; codes uint8 ``[N, K]`` in 0..15, scales and minima float32
