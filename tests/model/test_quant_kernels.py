@@ -246,14 +246,14 @@ def test_q8_0_decoding_in_row_slices_equals_one_slice(monkeypatch):
 def test_rerounding_in_row_slices_equals_one_slice(monkeypatch):
     # A re-rounded type (Q6_K) and an int4 shard held as int8 are re-rounded a slice of rows at
     # a time, each slice written into the one result: the codes and scales of one slice.
-    from carpool.model import gguf_quant
+    from carpool.model import quant
 
     rng = np.random.default_rng(4)
     w = rng.standard_normal((70, 256)).astype(np.float32)
     raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q5_0)
     q4k, _ = _gguf_roundtrip("Q4_K", w[:64])
     whole = [decode_blocks(raw, "Q5_0", (70, 256)), as_int8(q4k)]
-    monkeypatch.setattr(gguf_quant, "_SLICE_VALUES", 256 * 9)  # 9 rows, a short last slice
+    monkeypatch.setattr(quant, "_QUANTIZE_SLICE_VALUES", 256 * 9)  # 9 rows, a short last slice
     sliced = [decode_blocks(raw, "Q5_0", (70, 256)), as_int8(q4k)]
     for a, b in zip(whole, sliced, strict=True):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)

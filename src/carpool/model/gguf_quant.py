@@ -41,14 +41,11 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from carpool.model.quant import row_slices
 from carpool.model.quant_plan import GGUF_METHODS, REROUNDED
 
 _BLOCK = 32
 _SUPER = 256  # weights per K-quant super-block
-# Float32 values per slice of rows being re-rounded (4 MiB; gguf-py's dequantizer holds a few
-# temporaries of a slice's size: 64 MiB slices set the medium Q4_K_M model's load peak, 13 MiB
-# above the loaded size at 4 MiB, at the same load time).
-_SLICE_VALUES = 1 << 20
 _Q4_K_BYTES = 144
 _ROWS_PER_SLICE = 4096
 
@@ -167,11 +164,10 @@ def _requantize_in_slices(
     float32 matrix, no second copy of the codes)."""
     codes = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n, dtype=torch.float32)
-    step = max(1, _SLICE_VALUES // k)
-    for r in range(0, n, step):
-        part = requantize_rows(weights(r, min(r + step, n)))
-        codes[r : r + step] = part.codes
-        scale[r : r + step] = part.scale
+    for r0, r1 in row_slices(n, k):
+        part = requantize_rows(weights(r0, r1))
+        codes[r0:r1] = part.codes
+        scale[r0:r1] = part.scale
     return QuantWeight("int8", codes, scale)
 
 

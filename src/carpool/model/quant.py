@@ -440,12 +440,14 @@ def _pack_int4_by_hand(codes: torch.Tensor, block: int) -> torch.Tensor:
     return packed.reshape(n, k // 2).contiguous()
 
 
-# Float32 values per slice of rows quantized by from_float (4 MiB): a vocabulary head's
-# float32 copy and its temporaries were several times its bf16 bytes at once.
+# Float32 values per slice of rows quantized by from_float or re-rounded from a GGUF file's
+# blocks (gguf_quant) (4 MiB): a vocabulary head's float32 copy and its temporaries were
+# several times its bf16 bytes at once; 64 MiB slices of gguf-py's dequantizer set the medium
+# Q4_K_M model's load peak, 13 MiB above the loaded size at 4 MiB, at the same load time.
 _QUANTIZE_SLICE_VALUES = 1 << 20
 
 
-def _row_slices(n: int, k: int) -> list[tuple[int, int]]:
+def row_slices(n: int, k: int) -> list[tuple[int, int]]:
     """Row ranges ``[r0, r1)`` of an ``[n, k]`` matrix, ``_QUANTIZE_SLICE_VALUES`` a slice."""
     step = max(1, _QUANTIZE_SLICE_VALUES // max(k, 1))
     return [(r, min(r + step, n)) for r in range(0, n, step)]
@@ -461,7 +463,7 @@ def int8_quantize(
     n, k = weight.shape
     q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
     scale = torch.empty(n, dtype=torch.float32, device=weight.device)
-    for r0, r1 in _row_slices(n, k):  # float32 temporaries of a slice only
+    for r0, r1 in row_slices(n, k):  # float32 temporaries of a slice only
         w = weight[r0:r1].float()
         s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         # Codes chosen for the scale as stored (rounded to the kernel dtype).
@@ -482,7 +484,7 @@ def int4_quantize(
     q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
     scale_s = torch.empty(n, k // GROUP_SIZE, dtype=torch.float32, device=weight.device)
     lo_s = torch.empty_like(scale_s)
-    for r0, r1 in _row_slices(n, k):  # float32 temporaries of a slice only
+    for r0, r1 in row_slices(n, k):  # float32 temporaries of a slice only
         g = weight[r0:r1].float().reshape(r1 - r0, k // GROUP_SIZE, GROUP_SIZE)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)

@@ -82,7 +82,9 @@ class StoredTensor:
             del st
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{self.path}: cannot read tensor {self.name!r} ({e})") from None
-        return part.clone() if self.cast in (None, part.dtype) else part.to(self.cast)
+        # A view of that opening's mapping, valid after the handle is dropped (it keeps the
+        # mapping until the caller, who copies or converts it at once, drops it).
+        return part if self.cast is None else part.to(self.cast)
 
     def copy_into(self, dest: torch.Tensor) -> None:
         """``dest.copy_(tensor)``, ``SLICE_BYTES`` of the file at a time."""
