@@ -93,6 +93,35 @@ def test_best_layout_is_picked_and_packing_happens_once():
         Linear(8, 8).to(torch.bfloat16).prepack("blocked")
 
 
+@needs_vnni
+def test_packing_in_place_only_where_nothing_else_holds_the_weight():
+    # Alone: packed over its own bytes (no second copy of the matrix while packing).
+    lin = Linear(64, 128).to(torch.bfloat16)
+    plain = lin.weight.detach().clone()
+    address = lin.weight.data_ptr()
+    assert lin.prepack(in_place=True)
+    assert lin.weight.data_ptr() == address
+    assert torch.equal(lin.weight, vnni_linear.pack(plain))
+    # Another tensor over its bytes, or the parameter itself held outside: a new copy, the
+    # plain bytes left as they were for whoever holds them.
+    for hold in (lambda m: m.weight.detach(), lambda m: m.weight, lambda m: m.weight[:64]):
+        lin = Linear(64, 128).to(torch.bfloat16)
+        plain = lin.weight.detach().clone()
+        held = hold(lin)
+        before = held.detach().clone()
+        assert lin.prepack(in_place=True)
+        assert lin.weight.data_ptr() != held.data_ptr() and torch.equal(held, before)
+        assert torch.equal(lin.dense_weight(), plain)
+    # Not asked: a new copy.
+    lin = Linear(64, 128).to(torch.bfloat16)
+    address = lin.weight.data_ptr()
+    assert lin.prepack() and lin.weight.data_ptr() != address
+    # Rows not a multiple of the layout's 64-row blocks: a new (padded) copy.
+    lin = Linear(64, 100).to(torch.bfloat16)
+    address = lin.weight.data_ptr()
+    assert lin.prepack(in_place=True) and lin.weight.data_ptr() != address
+
+
 @needs_packing
 def test_packing_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(layers.ENV_PREPACK, "0")

@@ -56,6 +56,31 @@ def test_the_operators_pack_is_the_reference(n, k):
         torch.ops.carpool.vnni_pack(torch.zeros(4, 3, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("slice_bytes", [1, 64 * 96 * 2 * 3, 4 << 20])
+@pytest.mark.parametrize("n, k", [(64, 2), (448, 96), (1024, 1376)])
+def test_packing_in_place_is_pack_over_the_same_bytes(monkeypatch, slice_bytes, n, k):
+    # Slices of one block (the budget below a row), of three blocks with a shorter last one,
+    # and the whole matrix at once.
+    monkeypatch.setattr(vnni_linear, "IN_PLACE_SLICE_BYTES", slice_bytes)
+    w = torch.randn(n, k).bfloat16()
+    want = vnni_linear.pack(w)
+    address = w.data_ptr()
+    got = vnni_linear.pack_in_place(w)
+    assert (
+        got is not None and got.data_ptr() == address and got.untyped_storage().nbytes() == w.nbytes
+    )
+    assert torch.equal(got, want)
+
+
+def test_packing_in_place_declines_where_the_layout_does_not_fit_the_bytes():
+    ragged = torch.randn(100, 64).bfloat16()  # a padded last block: more bytes than the weight
+    kept = ragged.clone()
+    assert vnni_linear.pack_in_place(ragged) is None and torch.equal(ragged, kept)
+    strided = torch.randn(64, 128).bfloat16().T.contiguous().T  # [128, 64] but not contiguous
+    kept = strided.clone()
+    assert vnni_linear.pack_in_place(strided) is None and torch.equal(strided, kept)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 32, 33, 36, 37, 70])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, k, bias", [(100, 64, True), (192, 96, False), (64, 1408, True)])

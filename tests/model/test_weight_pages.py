@@ -115,7 +115,10 @@ def hwm_mib():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(16)])  # 64 MiB
+if sys.argv[2] == "many":
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(16)])  # 64 MiB
+else:  # one weight of 64 MiB: copied a slice at a time, its old pages given back behind
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096, bias=False))
 before, peak_before = rss_mib(), hwm_mib()
 moved = pages.move_weights(model)
 smaps = open("/proc/self/smaps").read()
@@ -125,17 +128,47 @@ print(json.dumps(dict(moved=moved / 2**20, before=before, after=rss_mib(),
 """
 
 
+@pytest.mark.parametrize("weights", ["many", "one"])
 @pytest.mark.parametrize("allocator", ["torch", "blocks"])
-def test_moving_frees_the_old_copies_as_it_goes(allocator):
+def test_moving_frees_the_old_copies_as_it_goes(allocator, weights):
     # "blocks": the weights (4 MiB each) in carpool's block allocator, as load_model leaves them.
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, allocator], capture_output=True, text=True, check=True
+        [sys.executable, "-c", MEMORY_PROBE, allocator, weights],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     r = json.loads(out.stdout)
-    assert r["moved"] > 64
+    assert r["moved"] >= 64
     assert r["after"] - r["before"] < 16, f"the old copies stayed resident: {r}"
-    # At most one trim interval (8 MiB) and one weight (4 MiB) above where it started.
+    # At most one trim interval (8 MiB) and one weight (4 MiB) or slice above where it started
+    # (one 64 MiB weight copied whole: 64 MiB above).
     assert r["peak"] - max(r["before"], r["peak_before"]) < 24, r
+
+
+def test_a_weight_held_elsewhere_keeps_its_old_bytes_when_moved():
+    # A tensor over the old bytes outside the model: they are not given back behind the copy.
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048, bias=False))  # 16 MiB, two slices
+    held = model[0].weight.detach()
+    before = held.clone()
+    assert pages.move_weights(model) > 0
+    assert held.data_ptr() != model[0].weight.data_ptr()
+    assert torch.equal(held, before) and torch.equal(model[0].weight.detach(), before)
+
+
+def test_release_pages_gives_back_whole_pages_only():
+    import mmap
+
+    buf = pages.zeroed_lazily((1 << 20,), torch.uint8, "cpu")
+    buf.fill_(7)
+    page = mmap.PAGESIZE
+    # From the middle of a page to the middle of another: the whole pages between them.
+    got = pages.release_pages(buf.data_ptr() + page // 2, 4 * page)
+    assert got in (3 * page, 0)  # 0: no madvise here (not Linux)
+    if got:
+        assert bool((buf[:page] == 7).all()) and bool((buf[4 * page :] == 7).all())
+        assert bool((buf[page : 4 * page] == 0).all())
+    assert pages.release_pages(buf.data_ptr() + 1, page - 2) == 0  # no whole page inside
 
 
 def _thp_on() -> bool:

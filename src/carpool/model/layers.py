@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import overload
@@ -161,11 +162,15 @@ class Linear(nn.Linear):
     layout = "plain"
     bias_f32: torch.Tensor | None = None  # the "vnni" kernel adds the bias in float32
 
-    def prepack(self, layout: str | None = None) -> bool:
+    def prepack(self, layout: str | None = None, in_place: bool = False) -> bool:
         """Replace a CPU bf16 weight by a packed layout (``"vnni"``, ``"onednn"``, or None for
         the best available). Returns whether it did. Call it once the model is loaded and
         placed: a packed weight cannot be moved, sliced or shared; ``dense_weight()`` gives
-        the plain matrix back."""
+        the plain matrix back.
+
+        ``in_place``: the VNNI layout is written over the plain weight's bytes (no second copy
+        of the matrix while packing: ``vnni_linear.pack_in_place``) where no other tensor is
+        over them and nothing but this module holds the parameter; a new copy otherwise."""
         w = self.weight
         if self.layout != "plain" or w.dtype != torch.bfloat16 or not packing_on():
             return False
@@ -177,7 +182,9 @@ class Linear(nn.Linear):
         if layout == "vnni":
             if not vnni_ok:
                 return False
-            packed = vnni_linear.pack(w.detach())
+            packed = vnni_linear.pack_in_place(w.detach()) if in_place and _sole_tensor(w) else None
+            if packed is None:
+                packed = vnni_linear.pack(w.detach())
             self.bias_f32 = None if self.bias is None else self.bias.detach().float()
         elif layout == "onednn":
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PREPACK_BATCH_HINT)
@@ -213,10 +220,26 @@ class Linear(nn.Linear):
         return linear_bucketed(x, self.weight, self.bias)
 
 
+def _sole_tensor(param: nn.Parameter) -> bool:
+    """Whether ``param`` is the one tensor over its bytes, and only its module refers to it (so
+    its bytes can be rewritten in place without anyone seeing it).
+
+    Counted: the storage's references (``param`` itself, and the storage object asked here),
+    and the parameter's (its module's dict, the caller's variable and ``getrefcount``'s
+    argument, the caller being ``Linear.prepack``)."""
+    storage = param.untyped_storage()
+    return (
+        storage.nbytes() == param.nbytes
+        and torch._C._storage_Use_Count(storage._cdata) == 2
+        and sys.getrefcount(param) <= 4
+    )
+
+
 def prepack_linears(model: nn.Module) -> int:
     """``Linear.prepack`` every linear of ``model`` whose weight no other parameter shares (a
-    head tied to the embedding keeps its plain weight: the embedding reads it by rows).
-    Returns how many were packed."""
+    head tied to the embedding keeps its plain weight: the embedding reads it by rows), over
+    its own bytes where nothing else refers to them (``in_place``). Returns how many were
+    packed."""
     # Counted in a generator (its own scope): a loop variable left holding the last parameter
     # (the plain head) kept its 65 MB alive past the final trim below.
     users = Counter(
@@ -230,7 +253,7 @@ def prepack_linears(model: nn.Module) -> int:
             isinstance(m, Linear)
             and m.layout == "plain"
             and users.get(m.weight.untyped_storage().data_ptr(), 0) == 1
-            and m.prepack()
+            and m.prepack(in_place=True)
         ):
             packed += 1
             since_trim += m.weight.nbytes

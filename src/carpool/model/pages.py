@@ -123,6 +123,62 @@ def _weights_in_read_order(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """The C library's ``madvise``, or None where there is none to call (or no
+    ``MADV_DONTNEED``)."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        call = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    call.restype = ctypes.c_int
+    return call
+
+
+def release_pages(address: int, nbytes: int) -> int:
+    """Give back to the kernel the whole pages inside ``[address, address + nbytes)`` whose
+    contents are no longer needed (``MADV_DONTNEED``: they read as zero if touched again);
+    returns the bytes given back (0 where the call is missing or refused). For memory the
+    caller alone owns and is about to free: glibc's own trim does the same to free heap pages.
+    """
+    call = _madvise()
+    first = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (address + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if call is None or end <= first:
+        return 0
+    return end - first if call(first, end - first, mmap.MADV_DONTNEED) == 0 else 0
+
+
+def _sole_tensor_over(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the one tensor over its storage, which covers just its bytes (the
+    storage's references: ``t`` and the storage object asked here)."""
+    storage = t.untyped_storage()
+    return storage.nbytes() == t.nbytes and torch._C._storage_Use_Count(storage._cdata) == 2
+
+
+def _copy_releasing(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (same shape and dtype, both contiguous), ``TRIM_EVERY`` bytes at a
+    time, the old pages of ``src`` given back behind the copy when ``src`` is the one tensor
+    over them (it is freed right after). Why: the move's peak was the model plus its largest
+    weight, held twice while it was copied (the 65 MB head of the medium model; a Llama 3
+    vocabulary's head at 1B's width, 500 MiB)."""
+    if src.nbytes <= TRIM_EVERY or not _sole_tensor_over(src):
+        dst.copy_(src)
+        return
+    old = src.detach().view(-1).view(torch.uint8)
+    new = dst.view(-1).view(torch.uint8)
+    start = old.data_ptr()
+    for a in range(0, old.numel(), TRIM_EVERY):
+        b = min(old.numel(), a + TRIM_EVERY)
+        new[a:b].copy_(old[a:b])
+        # Its whole pages, and the one it shares with the slice before (copied by now).
+        lo = max(0, a - mmap.PAGESIZE)
+        release_pages(start + lo, b - lo)
+
+
 def _movable(t: torch.Tensor) -> bool:
     return (
         t.device.type == "cpu"
@@ -172,7 +228,7 @@ def move_weights(model: nn.Module) -> int:
             if copy is None:
                 start = places[key]
                 copy = arena[start : start + t.nbytes].view(t.dtype).view(t.shape)
-                copy.copy_(t)
+                _copy_releasing(copy, t)
                 copies[key] = copy
                 since_trim += t.nbytes
             t.data = copy.view(t.shape)  # the old copy is freed here unless shared

@@ -97,6 +97,35 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return pack_reference(weight)
 
 
+# Rows ``pack_in_place`` packs at a time: 4 MiB of bf16 (the one temporary, their packed copy).
+IN_PLACE_SLICE_BYTES = 4 << 20
+
+
+def pack_in_place(weight: torch.Tensor) -> torch.Tensor | None:
+    """``pack(weight)`` written over ``weight``'s own bytes, a slice of whole blocks at a time;
+    returns the packed view of them, or None where the layout does not fit in them (N not a
+    multiple of ``BLOCK_N``: the last block is padded) or ``weight`` is not contiguous.
+
+    Block b of the layout is rows ``64 b .. 64 b + 63`` rearranged, the same bytes in the same
+    place, so a slice of blocks can be packed into a temporary and copied back over its rows
+    without touching the next ones. Why: ``pack`` holds the plain and the packed matrix at
+    once, and a model's largest (a Llama 3 vocabulary's head, 500 MiB at 1B's width) set the
+    peak of loading it. The caller must own ``weight``'s bytes: every other tensor over them
+    sees them packed afterwards (``layers.Linear.prepack`` checks that none exists)."""
+    assert packable(weight), f"vnni_linear.pack_in_place: need [N, even K] bf16, got {weight.shape}"
+    n, k = weight.shape
+    if n % BLOCK_N or not weight.is_contiguous():
+        return None
+    packed = weight.view(n // BLOCK_N, k // 2, BLOCK_N, 2)
+    rows = max(BLOCK_N, IN_PLACE_SLICE_BYTES // max(1, 2 * k) // BLOCK_N * BLOCK_N)
+    with torch.no_grad():
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            # ``pack`` reads the rows into a new tensor before the copy writes over them.
+            packed[r0 // BLOCK_N : r1 // BLOCK_N].copy_(pack(weight[r0:r1]))
+    return packed
+
+
 def pack_reference(weight: torch.Tensor) -> torch.Tensor:
     """``pack`` in torch ops (any device; the operator's reference)."""
     n, k = weight.shape
