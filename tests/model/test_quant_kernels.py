@@ -332,3 +332,77 @@ def test_a_prefills_widened_weight_takes_this_cpus_dense_product(method):
     assert torch.equal(q(x), want * scale)
     with widen_once():  # the packed copy made once for every call in the block
         assert torch.equal(q(x[:200]), q(x)[:200])
+
+
+def _same_module(a: Int4Linear, b: Int4Linear) -> None:
+    assert (a.out_features, a.in_features) == (b.out_features, b.in_features)
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.scales_zeros, b.scales_zeros)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_quantizing_packed_as_it_goes_is_packing_the_codes(monkeypatch, dtype):
+    # int4_quantize(packed=True) packs each slice of rows as it quantizes it (a matrix's
+    # one-byte codes never whole): the bytes of packing its codes, the same scales, and the
+    # same module from either. Slices of whole row blocks even where the budget is not.
+    from carpool.model import quant
+
+    block = quant.int4_row_block()
+    w = torch.randn(5 * block, 96).to(dtype)
+    codes, scale, minimum = quant.int4_quantize(w, dtype)
+    assert scale.dtype == minimum.dtype == kernel_dtype(dtype)  # the stored values, exactly
+    for budget in (1 << 20, 96 * (block + 3)):  # one slice; slices of one block, one left
+        monkeypatch.setattr(quant, "_QUANTIZE_SLICE_VALUES", budget)
+        packed, scale_p, minimum_p = quant.int4_quantize(w, dtype, packed=True)
+        assert torch.equal(packed, quant._pack_int4(codes))
+        assert torch.equal(scale_p, scale) and torch.equal(minimum_p, minimum)
+    _same_module(
+        Int4Linear.from_codes(packed, scale, minimum, None, dtype, packed=True),
+        Int4Linear.from_codes(codes, scale, minimum, None, dtype),
+    )
+    with pytest.raises(AssertionError, match="multiple of"):
+        quant.int4_quantize(w[: block - 1], dtype, packed=True)
+
+
+def test_packed_int4_codes_are_padded_to_whole_blocks_of_64(monkeypatch):
+    # Where the CPU packs 32-row blocks (AVX2), 96 rows are packable and padded to 128 with
+    # code 8 (0x88 packed) and zero scales, as one-byte codes are before packing.
+    from carpool.model import quant
+
+    monkeypatch.setattr(quant, "int4_row_block", lambda: 32)
+    codes = torch.randint(0, 16, (96, 64), dtype=torch.uint8)
+    scale, minimum = torch.rand(96, 2), torch.randn(96, 2)
+    packed = quant._pack_int4(codes)
+    assert packed.shape == (96, 32)
+    _same_module(
+        Int4Linear.from_codes(packed, scale, minimum, None, torch.float32, packed=True),
+        Int4Linear.from_codes(codes, scale, minimum, None, torch.float32),
+    )
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_int4_blocks_decoded_packed_a_slice_at_a_time(monkeypatch, type_name):
+    from carpool.model import quant
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    w = np.random.default_rng(5).standard_normal((192, 512)).astype(np.float32)
+    raw = quantize_q4_k(w) if type_name == "Q4_K" else gguf.quants.quantize(w, qtype)
+    plain = decode_blocks(raw, type_name, w.shape)
+    monkeypatch.setattr(quant, "_PACK_SLICE_CODES", 64 * 512)  # a block of rows per slice
+    packed = decode_blocks(raw, type_name, w.shape, pack=True)
+    assert packed.packed and not plain.packed and packed.shape == plain.shape == w.shape
+    assert torch.equal(packed.codes, quant._pack_int4(plain.codes))
+    assert torch.equal(packed.scale, plain.scale) and torch.equal(packed.minimum, plain.minimum)
+    assert torch.equal(packed.code_rows(5, 130), plain.codes[5:130])
+    # Rows no layout block fits: the one-byte codes, as without packing.
+    odd = decode_blocks(raw[:40], type_name, (40, 512), pack=True)
+    assert not odd.packed and torch.equal(odd.codes, plain.codes[:40])
+    # A fused matrix of packed shards stays packed; with an unpacked one it is unpacked.
+    from carpool.model.gguf_quant import QuantWeight
+
+    both = QuantWeight.concat([packed, packed])
+    assert both.packed and torch.equal(both.code_rows(0, 384), torch.cat([plain.codes] * 2))
+    mixed = QuantWeight.concat([packed, odd])
+    assert not mixed.packed and torch.equal(mixed.codes, torch.cat([plain.codes, odd.codes]))
+    # Held as int8 (a Q4_K_M fused matrix beside Q6_K): the same from packed codes.
+    a, b = as_int8(packed), as_int8(plain)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)

@@ -183,8 +183,14 @@ def _iter_weights(
         if hf_name in quantized:
             if n_head is not None:  # reorder the packed block rows: one copy of the file bytes
                 raw = raw[_unpermute(np.arange(shape[0]), n_head)]
-            # decode_blocks copies what it keeps: the weight holds no view of the map.
-            value: torch.Tensor | QuantWeight = decode_blocks(raw, t.tensor_type.name, shape)  # type: ignore[arg-type]
+            # decode_blocks copies what it keeps: the weight holds no view of the map. Int4
+            # codes come packed (a slice at a time: never a matrix's one-byte codes whole).
+            value: torch.Tensor | QuantWeight = decode_blocks(
+                raw,  # type: ignore[arg-type]
+                t.tensor_type.name,
+                shape,
+                pack=True,
+            )
         else:
             bf16 = t.tensor_type == _Q.BF16
             if bf16 or t.tensor_type == _Q.F16:

@@ -41,7 +41,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from carpool.model.quant import row_slices
+from carpool.model.quant import int4_packable, pack_int4_rows, row_slices, unpack_int4_rows
 from carpool.model.quant_plan import GGUF_METHODS, REROUNDED
 
 _BLOCK = 32
@@ -57,32 +57,42 @@ class QuantWeight:
     Attributes:
         method: ``int8`` (codes int8, ``scale`` ``[N]``) or ``int4`` (codes uint8 in 0..15,
             ``scale`` and ``minimum`` ``[N, K/32]``, ``w = scale q + minimum``).
-        codes: ``[N, K]``.
-        scale: float32 scales.
+        codes: ``[N, K]``, or for ``packed`` int4 codes ``[N, K/2]``.
+        scale: float32 scales (or the kernel dtype's, which are exact in it).
         minimum: float32 group minima (int4 only).
+        packed: int4 codes already in the CPU kernel's layout (``quant.pack_int4_rows``; N
+            ``quant.int4_packable``), built a slice at a time so that a large matrix's one-byte
+            codes are never whole.
     """
 
     method: str
     codes: torch.Tensor
     scale: torch.Tensor
     minimum: torch.Tensor | None = None
+    packed: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(N, K)``."""
-        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]) * (2 if self.packed else 1))
+
+    def code_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """The one-byte codes of rows ``[r0, r1)`` (``[r1 - r0, K]``; unpacked if ``packed``)."""
+        if not self.packed:
+            return self.codes[r0:r1]
+        return unpack_int4_rows(self.codes, torch.arange(r0, r1), self.shape[1])
 
     @staticmethod
     def concat(parts: list[QuantWeight]) -> QuantWeight:
-        """Shards of a fused matrix stacked along the output rows (all of one method)."""
+        """Shards of a fused matrix stacked along the output rows (all of one method; packed
+        shards stay packed when all are: each is whole row blocks)."""
         method = parts[0].method
         assert all(p.method == method for p in parts), [p.method for p in parts]
         mins = None if method == "int8" else torch.cat([p.minimum for p in parts])  # type: ignore[misc]
+        packed = all(p.packed for p in parts)
+        codes = [p.codes if packed else p.code_rows(0, p.shape[0]) for p in parts]
         return QuantWeight(
-            method,
-            torch.cat([p.codes for p in parts]),
-            torch.cat([p.scale for p in parts]),
-            mins,
+            method, torch.cat(codes), torch.cat([p.scale for p in parts]), mins, packed
         )
 
 
@@ -91,12 +101,15 @@ def gguf_method(type_name: str) -> str | None:
     return GGUF_METHODS.get(type_name)
 
 
-def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight:
+def decode_blocks(
+    raw: np.ndarray, type_name: str, shape: tuple[int, int], pack: bool = False
+) -> QuantWeight:
     """Read a Q8_0/Q4_0/Q4_1/Q4_K or ``REROUNDED`` tensor's bytes (``[N, row bytes]`` uint8)
-    as a ``QuantWeight``."""
+    as a ``QuantWeight``; ``pack``: int4 codes in the kernel's layout where N allows
+    (``QuantWeight.packed``), decoded and packed a slice of rows at a time."""
     n, k = shape
     if type_name == "Q4_K":
-        return _decode_q4_k(raw, n, k)
+        return _decode_q4_k(raw, n, k, pack)
     if type_name in REROUNDED:
         return _rerounded(raw, type_name, n, k)
     blocks = np.asarray(raw).reshape(n, k // _BLOCK, -1)  # [N, K/32, block bytes]
@@ -115,15 +128,32 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Qu
             codes[r : r + _ROWS_PER_SLICE].view_as(requant).copy_(requant)
         return QuantWeight("int8", codes, d_max)
     if type_name == "Q4_0":
-        codes, m = _nibbles(blocks[..., 2:]), -8 * d
+        start, m = 2, -8 * d
     elif type_name == "Q4_1":
-        codes, m = _nibbles(blocks[..., 4:]), _fp16(blocks[..., 2:4])
+        start, m = 4, _fp16(blocks[..., 2:4])
     else:
         raise ValueError(f"no kernel for GGUF type {type_name}")
-    return QuantWeight("int4", codes.reshape(n, k), d, m)
+    return _int4(
+        n, k, lambda r0, r1: _nibbles(blocks[r0:r1, :, start:]).reshape(r1 - r0, k), d, m, pack
+    )
 
 
-def _decode_q4_k(raw: np.ndarray, n: int, k: int) -> QuantWeight:
+def _int4(
+    n: int,
+    k: int,
+    codes: Callable[[int, int], torch.Tensor],
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    pack: bool,
+) -> QuantWeight:
+    """An int4 ``QuantWeight`` from ``codes(r0, r1)`` (one-byte codes of rows ``[r0, r1)``):
+    packed a slice at a time where asked and N allows, else the codes whole."""
+    if pack and int4_packable(n):
+        return QuantWeight("int4", pack_int4_rows(n, k, codes), scale, minimum, packed=True)
+    return QuantWeight("int4", codes(0, n), scale, minimum)
+
+
+def _decode_q4_k(raw: np.ndarray, n: int, k: int, pack: bool = False) -> QuantWeight:
     """Q4_K super-blocks as int4 groups of 32: each sub-block's scale ``d sc`` and minimum
     ``-dmin m`` (products of an fp16 and a 6-bit integer: exact in float32)."""
     blocks = np.asarray(raw).reshape(n, k // _SUPER, _Q4_K_BYTES)  # [N, K/256, 144]
@@ -139,11 +169,13 @@ def _decode_q4_k(raw: np.ndarray, n: int, k: int) -> QuantWeight:
     m[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
     scale = d[..., None] * torch.from_numpy(sc).float()  # [N, K/256, 8]
     minimum = -(dmin[..., None] * torch.from_numpy(m).float())
-    qs = blocks[..., 16:].reshape(n, k // _SUPER, 4, 1, 32)  # pairs of sub-blocks
-    codes = np.concatenate((qs & 0xF, qs >> 4), axis=3)  # [N, K/256, 4, 2, 32]: sub-block 2p + h
-    return QuantWeight(
-        "int4", torch.from_numpy(codes.reshape(n, k)), scale.reshape(n, -1), minimum.reshape(n, -1)
-    )
+
+    def codes(r0: int, r1: int) -> torch.Tensor:
+        qs = blocks[r0:r1, :, 16:].reshape(r1 - r0, k // _SUPER, 4, 1, 32)  # sub-block pairs
+        both = np.concatenate((qs & 0xF, qs >> 4), axis=3)  # [R, K/256, 4, 2, 32]: 2p + h
+        return torch.from_numpy(both.reshape(r1 - r0, k))
+
+    return _int4(n, k, codes, scale.reshape(n, -1), minimum.reshape(n, -1), pack)
 
 
 def _rerounded(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeight:
@@ -194,7 +226,7 @@ def as_int8(qw: QuantWeight) -> QuantWeight:
     scale, minimum = qw.scale, qw.minimum
 
     def dense(r0: int, r1: int) -> torch.Tensor:
-        groups = qw.codes[r0:r1].float().view(r1 - r0, -1, _BLOCK)
+        groups = qw.code_rows(r0, r1).float().view(r1 - r0, -1, _BLOCK)
         return (groups * scale[r0:r1, :, None] + minimum[r0:r1, :, None]).view(r1 - r0, k)
 
     return _requantize_in_slices(n, k, dense)

@@ -264,17 +264,21 @@ class Int4Linear(QuantizedLinear):
         bias: torch.Tensor | None,
         group_size: int = GROUP_SIZE,
         dtype: torch.dtype | None = None,
+        packed: bool = False,
+        minima: bool = False,
     ) -> None:
         """Pack ``codes`` ``[N, K]`` (uint8 in 0..15) with ``scales``/``zeros`` ``[N, K/g]``.
 
         ``dtype``: the model's (default: ``scales``'); scales and zeros are kept in its kernel
-        dtype.
+        dtype. ``packed``: ``codes`` are in the kernel's layout already (``[N, K/2]``, from
+        ``int4_quantize(packed=True)`` or ``pack_int4_rows``; N ``int4_packable``).
+        ``minima``: ``zeros`` are the groups' minima ``m`` (``w = scale q + m``), made zeros
+        ``m + 8 scale`` here in float32, a slice of rows at a time.
         """
         super().__init__()
         self.out_dtype = dtype or scales.dtype
         kd = kernel_dtype(self.out_dtype)
-        scales, zeros = scales.float().to(kd), zeros.float().to(kd)
-        n, k = codes.shape
+        n, k = codes.shape[0], codes.shape[1] * (2 if packed else 1)
         assert k % group_size == 0 and scales.shape == zeros.shape == (n, k // group_size), (
             codes.shape,
             scales.shape,
@@ -283,13 +287,20 @@ class Int4Linear(QuantizedLinear):
         self.out_features, self.in_features, self.group_size = n, k, group_size
         pad = -n % _INT4_ROW_PAD
         if pad:  # padded rows are zero weights; their outputs are sliced off
-            codes = F.pad(codes, (0, 0, 0, pad), value=8)
-            scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
-        self.register_buffer("packed", _pack_int4(codes))
-        # [K/g, N, 2]: the kernels' layout of (scale, zero) pairs.
-        self.register_buffer(
-            "scales_zeros", torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
-        )
+            # Code 8 in both nibbles of a packed byte: a padded row block packs to 0x88s.
+            codes = F.pad(codes, (0, 0, 0, pad), value=0x88 if packed else 8)
+        self.register_buffer("packed", codes if packed else _pack_int4(codes))
+        # [K/g, N, 2]: the kernels' layout of (scale, zero) pairs, each rounded once to the
+        # kernel dtype; written a slice of rows at a time (stacking and transposing whole
+        # copies had four temporaries of its size: a Llama 3 head's 33 MB each).
+        groups = k // group_size
+        pairs = torch.zeros(groups, n + pad, 2, dtype=kd, device=scales.device)
+        for r0, r1 in row_slices(n, groups):
+            scale = scales[r0:r1].float()
+            zero = zeros[r0:r1].float()
+            pairs[:, r0:r1, 0] = scale.T
+            pairs[:, r0:r1, 1] = (torch.add(zero, scale, alpha=8) if minima else zero).T
+        self.register_buffer("scales_zeros", pairs)
         self.register_buffer("bias", None if bias is None else bias.to(self.out_dtype))
 
     @classmethod
@@ -310,15 +321,15 @@ class Int4Linear(QuantizedLinear):
         minimum: torch.Tensor,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
+        packed: bool = False,
     ) -> Int4Linear:
-        """From ``w = scale q + minimum`` per group of 32 (Q4_1; Q4_0: ``minimum = -8 scale``).
+        """From ``w = scale q + minimum`` per group of 32 (Q4_1; Q4_0: ``minimum = -8 scale``);
+        ``packed`` as in the constructor.
 
         The zero ``minimum + 8 scale`` is formed in float32, then both are rounded once to the
         kernel dtype (fp16 -> bf16: at most 2^-8 of each, relative).
         """
-        scale32 = scale.float()
-        zero = minimum.float() + 8 * scale32
-        return cls(codes, scale32, zero, bias, dtype=dtype)
+        return cls(codes, scale, minimum, bias, dtype=dtype, packed=packed, minima=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT4_GEMV_MAX_ROWS rows on the CPU: the fused kernel over the same
@@ -368,7 +379,7 @@ class Int4Linear(QuantizedLinear):
         return super()._exact_logits_at(x, top) if exact is None else exact
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        q = _unpack_int4_rows(self.packed, ids, self.in_features)  # [*ids, K] uint8
+        q = unpack_int4_rows(self.packed, ids, self.in_features)  # [*ids, K] uint8
         sz = self.scales_zeros.index_select(1, ids.reshape(-1)).float()  # [K/g, R, 2]
         sz = sz.transpose(0, 1).repeat_interleave(self.group_size, dim=1)  # [R, K, 2]
         w = (q.reshape(-1, self.in_features).float() - 8) * sz[..., 0] + sz[..., 1]
@@ -447,9 +458,10 @@ def _pack_int4_by_hand(codes: torch.Tensor, block: int) -> torch.Tensor:
 _QUANTIZE_SLICE_VALUES = 1 << 20
 
 
-def row_slices(n: int, k: int) -> list[tuple[int, int]]:
-    """Row ranges ``[r0, r1)`` of an ``[n, k]`` matrix, ``_QUANTIZE_SLICE_VALUES`` a slice."""
-    step = max(1, _QUANTIZE_SLICE_VALUES // max(k, 1))
+def row_slices(n: int, k: int, align: int = 1) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of an ``[n, k]`` matrix, ``_QUANTIZE_SLICE_VALUES`` a slice (a
+    multiple of ``align`` rows, at least one such run)."""
+    step = max(align, _QUANTIZE_SLICE_VALUES // max(k, 1) // align * align)
     return [(r, min(r + step, n)) for r in range(0, n, step)]
 
 
@@ -474,25 +486,57 @@ def int8_quantize(
 
 
 def int4_quantize(
-    weight: torch.Tensor | StoredTensor, dtype: torch.dtype
+    weight: torch.Tensor | StoredTensor, dtype: torch.dtype, packed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes, scale, minimum)`` of ``Int4Linear.from_float`` (``w = scale q + minimum`` per
-    group of 32 inputs; codes uint8 ``[N, K]`` in 0..15, scales and minima float32
-    ``[N, K/32]`` holding kernel-dtype values). Row by row, as ``int8_quantize``."""
+    group of 32 inputs; codes uint8 ``[N, K]`` in 0..15, scales and minima ``[N, K/32]`` in
+    the kernel dtype of ``dtype``, what the kernel stores). Row by row, as ``int8_quantize``.
+
+    ``packed``: the codes come in the CPU kernel's layout instead (``[N, K/2]``, ``_pack_int4``'s
+    bytes; N must be ``int4_packable``), each slice packed as it is quantized, so a matrix's
+    one-byte codes are never whole (a Llama 3 head's at 1B's width: 263 MB)."""
     n, k = weight.shape
     kd = kernel_dtype(dtype)
-    q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
-    scale_s = torch.empty(n, k // GROUP_SIZE, dtype=torch.float32, device=weight.device)
+    block = int4_row_block() if packed else 1
+    assert n % block == 0, f"packed int4 codes need a multiple of {block} rows, got {n}"
+    q = torch.empty(n, k // 2 if packed else k, dtype=torch.uint8, device=weight.device)
+    # In the kernel dtype: the values it stores (exact), at half float32's bytes.
+    scale_s = torch.empty(n, k // GROUP_SIZE, dtype=kd, device=weight.device)
     lo_s = torch.empty_like(scale_s)
-    for r0, r1 in row_slices(n, k):  # float32 temporaries of a slice only
+    for r0, r1 in row_slices(n, k, block):  # float32 temporaries of a slice only
         g = weight[r0:r1].float().reshape(r1 - r0, k // GROUP_SIZE, GROUP_SIZE)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         # Round the scale and zero to the storage dtype first, so codes are chosen for them.
-        scale_s[r0:r1], lo_s[r0:r1] = scale.to(kd).float(), lo.to(kd).float()
-        codes = (g - lo_s[r0:r1, :, None]) / scale_s[r0:r1, :, None]
-        q[r0:r1] = torch.round(codes).clamp(0, 15).to(torch.uint8).reshape(r1 - r0, k)
+        scale_s[r0:r1], lo_s[r0:r1] = scale, lo
+        codes = (g - lo_s[r0:r1, :, None].float()) / scale_s[r0:r1, :, None].float()
+        codes = torch.round(codes).clamp(0, 15).to(torch.uint8).reshape(r1 - r0, k)
+        q[r0:r1] = _pack_int4_by_hand(codes, block) if packed else codes
     return q, scale_s, lo_s
+
+
+def int4_packable(n: int) -> bool:
+    """Whether ``n`` output rows can be held in the CPU kernel's packed int4 layout as they are
+    (whole row blocks; ``Int4Linear`` pads other counts with zero rows first)."""
+    return n % int4_row_block() == 0
+
+
+def pack_int4_rows(
+    n: int, k: int, codes: Callable[[int, int], torch.Tensor], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The packed layout ``[N, K/2]`` of an ``[N, K]`` matrix whose one-byte codes of rows
+    ``[r0, r1)`` ``codes(r0, r1)`` gives, a slice of whole row blocks at a time (N
+    ``int4_packable``): a decoder's codes are then never whole."""
+    block = int4_row_block()
+    assert n % block == 0, f"int4 codes need a multiple of {block} rows, got {n}"
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+    # Whole blocks of rows per slice: a slice's packed bytes are then rows [r, r + rows) of
+    # the [N, K/2] result (the layout is [N/B, K, B/2], block after block).
+    rows = max(block, _PACK_SLICE_CODES // max(k, 1) // block * block)
+    for r in range(0, n, rows):
+        r1 = min(n, r + rows)
+        packed[r:r1] = _pack_int4_by_hand(codes(r, r1).to(torch.uint8), block)
+    return packed
 
 
 # Codes packed per slice of rows by _pack_int4 (4 MiB of one-byte codes): its temporaries stay
@@ -507,15 +551,7 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
     bytes a weight (131 MB for a 32,000 x 1,024 Q4_K embedding, 2.1 GB for a Llama 3 8B's), which
     set a GGUF load's peak resident memory; by hand it is also ~4x faster."""
     n, k = codes.shape
-    block = int4_row_block()
-    assert n % block == 0, f"int4 codes need a multiple of {block} rows, got {n}"
-    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=codes.device)
-    # Whole blocks of rows per slice: a slice's packed bytes are then rows [r, r + rows) of
-    # the [N, K/2] result (the layout is [N/B, K, B/2], block after block).
-    rows = max(block, _PACK_SLICE_CODES // max(k, 1) // block * block)
-    for r in range(0, n, rows):
-        packed[r : r + rows] = _pack_int4_by_hand(codes[r : r + rows].to(torch.uint8), block)
-    return packed
+    return pack_int4_rows(n, k, lambda r0, r1: codes[r0:r1], codes.device)
 
 
 def _unpack_int4_all(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -526,7 +562,7 @@ def _unpack_int4_all(packed: torch.Tensor, k: int) -> torch.Tensor:
     return both.transpose(1, 2).reshape(-1, k)
 
 
-def _unpack_int4_rows(packed: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+def unpack_int4_rows(packed: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
     """Codes of rows ``ids`` from the packed layout: ``[N/B, K, B/2]`` bytes, low nibbles
     holding rows 0..B/2-1 of each B-row block and high nibbles the rest."""
     block = int4_row_block()

@@ -30,6 +30,7 @@ from carpool.model.quant import (
     Int8Linear,
     QuantizedEmbedding,
     QuantizedLinear,
+    int4_packable,
     int4_quantize,
     int8_quantize,
 )
@@ -232,7 +233,9 @@ def quantized_as_read(
         if method == "int8":
             yield name, QuantWeight("int8", *int8_quantize(w, dtype))
         else:
-            yield name, QuantWeight("int4", *int4_quantize(w, dtype))
+            # Packed a slice at a time where the rows allow (never the one-byte codes whole).
+            packed = int4_packable(rows)
+            yield name, QuantWeight("int4", *int4_quantize(w, dtype, packed), packed=packed)
 
 
 def _install(model: nn.Module, name: str, module: QuantizedLinear) -> None:
@@ -254,7 +257,7 @@ def _build(
     minimum = qw.minimum
     assert minimum is not None
     return Int4Linear.from_codes(
-        qw.codes.to(device), qw.scale.to(device), minimum.to(device), bias, dtype
+        qw.codes.to(device), qw.scale.to(device), minimum.to(device), bias, dtype, qw.packed
     )
 
 
