@@ -221,18 +221,11 @@ class Linear(nn.Linear):
 
 
 def _sole_tensor(param: nn.Parameter) -> bool:
-    """Whether ``param`` is the one tensor over its bytes, and only its module refers to it (so
-    its bytes can be rewritten in place without anyone seeing it).
-
-    Counted: the storage's references (``param`` itself, and the storage object asked here),
-    and the parameter's (its module's dict, the caller's variable and ``getrefcount``'s
-    argument, the caller being ``Linear.prepack``)."""
-    storage = param.untyped_storage()
-    return (
-        storage.nbytes() == param.nbytes
-        and torch._C._storage_Use_Count(storage._cdata) == 2
-        and sys.getrefcount(param) <= 4
-    )
+    """Whether ``param`` is the one tensor over its bytes (``pages.sole_tensor_over``) and only
+    its module refers to it, so its bytes can be rewritten in place without anyone seeing it.
+    The parameter's references counted: its module's dict, the caller's variable (the caller
+    being ``Linear.prepack``), this function's and ``getrefcount``'s argument."""
+    return pages.sole_tensor_over(param) and sys.getrefcount(param) <= 4
 
 
 def prepack_linears(model: nn.Module) -> int:

@@ -152,9 +152,10 @@ def release_pages(address: int, nbytes: int) -> int:
     return end - first if call(first, end - first, mmap.MADV_DONTNEED) == 0 else 0
 
 
-def _sole_tensor_over(t: torch.Tensor) -> bool:
+def sole_tensor_over(t: torch.Tensor) -> bool:
     """Whether ``t`` is the one tensor over its storage, which covers just its bytes (the
-    storage's references: ``t`` and the storage object asked here)."""
+    storage's references: ``t`` and the storage object asked here): then its bytes can be
+    rewritten or given back without any other tensor seeing it."""
     storage = t.untyped_storage()
     return storage.nbytes() == t.nbytes and torch._C._storage_Use_Count(storage._cdata) == 2
 
@@ -165,7 +166,7 @@ def _copy_releasing(dst: torch.Tensor, src: torch.Tensor) -> None:
     over them (it is freed right after). Why: the move's peak was the model plus its largest
     weight, held twice while it was copied (the 65 MB head of the medium model; a Llama 3
     vocabulary's head at 1B's width, 500 MiB)."""
-    if src.nbytes <= TRIM_EVERY or not _sole_tensor_over(src):
+    if src.nbytes <= TRIM_EVERY or not sole_tensor_over(src):
         dst.copy_(src)
         return
     old = src.detach().view(-1).view(torch.uint8)

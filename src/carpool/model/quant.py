@@ -285,6 +285,7 @@ class Int4Linear(QuantizedLinear):
             group_size,
         )
         self.out_features, self.in_features, self.group_size = n, k, group_size
+        assert not packed or int4_packable(n), f"packed int4 codes of {n} rows: not whole blocks"
         pad = -n % _INT4_ROW_PAD
         if pad:  # padded rows are zero weights; their outputs are sliced off
             # Code 8 in both nibbles of a packed byte: a padded row block packs to 0x88s.
