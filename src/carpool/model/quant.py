@@ -477,11 +477,14 @@ def int8_quantize(
     q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
     scale = torch.empty(n, dtype=torch.float32, device=weight.device)
     for r0, r1 in row_slices(n, k):  # float32 temporaries of a slice only
-        w = weight[r0:r1].float()
-        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        # One float32 copy of the slice, worked on in place (each temporary of a slice's size
+        # was a block the allocator kept through the load: ~60 MiB of the medium model's peak).
+        w = weight[r0:r1].to(torch.float32, copy=True)
+        largest = torch.linalg.vector_norm(w, float("inf"), dim=1)  # max |w|, without |w|
+        s = largest.clamp(min=1e-12) / 127.0
         # Codes chosen for the scale as stored (rounded to the kernel dtype).
         s = s.to(kernel_dtype(dtype)).float()
-        q[r0:r1] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        q[r0:r1] = w.div_(s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         scale[r0:r1] = s
     return q, scale
 
@@ -505,13 +508,15 @@ def int4_quantize(
     scale_s = torch.empty(n, k // GROUP_SIZE, dtype=kd, device=weight.device)
     lo_s = torch.empty_like(scale_s)
     for r0, r1 in row_slices(n, k, block):  # float32 temporaries of a slice only
-        g = weight[r0:r1].float().reshape(r1 - r0, k // GROUP_SIZE, GROUP_SIZE)
+        # One float32 copy of the slice, worked on in place (as int8_quantize).
+        g = weight[r0:r1].to(torch.float32, copy=True)
+        g = g.view(r1 - r0, k // GROUP_SIZE, GROUP_SIZE)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         # Round the scale and zero to the storage dtype first, so codes are chosen for them.
         scale_s[r0:r1], lo_s[r0:r1] = scale, lo
-        codes = (g - lo_s[r0:r1, :, None].float()) / scale_s[r0:r1, :, None].float()
-        codes = torch.round(codes).clamp(0, 15).to(torch.uint8).reshape(r1 - r0, k)
+        g.sub_(lo_s[r0:r1, :, None].float()).div_(scale_s[r0:r1, :, None].float())
+        codes = g.round_().clamp_(0, 15).to(torch.uint8).view(r1 - r0, k)
         q[r0:r1] = _pack_int4_by_hand(codes, block) if packed else codes
     return q, scale_s, lo_s
 
