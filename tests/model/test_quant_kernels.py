@@ -406,3 +406,13 @@ def test_gguf_int4_blocks_decoded_packed_a_slice_at_a_time(monkeypatch, type_nam
     # Held as int8 (a Q4_K_M fused matrix beside Q6_K): the same from packed codes.
     a, b = as_int8(packed), as_int8(plain)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+
+
+def test_row_abs_max_is_the_largest_magnitude_of_each_row():
+    from carpool.model.quant import row_abs_max
+
+    torch.manual_seed(6)
+    w = torch.randn(40, 300) * torch.rand(40, 1) * 10
+    w[3], w[4], w[5] = 0.0, -w[4].abs(), w[5].abs()  # zeros, all negative, all positive
+    assert torch.equal(row_abs_max(w), w.abs().amax(dim=1))
+    assert torch.equal(row_abs_max(w.bfloat16()), w.bfloat16().abs().amax(dim=1))

@@ -41,7 +41,13 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from carpool.model.quant import int4_packable, pack_int4_rows, row_slices, unpack_int4_rows
+from carpool.model.quant import (
+    int4_packable,
+    pack_int4_rows,
+    row_abs_max,
+    row_slices,
+    unpack_int4_rows,
+)
 from carpool.model.quant_plan import GGUF_METHODS, REROUNDED
 
 _BLOCK = 32
@@ -208,7 +214,7 @@ def requantize_rows(w: torch.Tensor) -> QuantWeight:
     magnitude / 127 rounded *up* to bfloat16 (what the kernel stores, so no code leaves
     +-127), codes rounded to nearest: an error of at most half the row's scale per weight."""
     w = w.float()
-    largest = torch.linalg.vector_norm(w, float("inf"), dim=1)  # max |w|, without |w| whole
+    largest = row_abs_max(w)  # max |w|, without |w| whole
     scale = _ceil_bf16((largest / 127.0).clamp(min=torch.finfo(torch.float32).tiny))
     requant = w / scale[:, None]
     requant.round_().clamp_(-127, 127)

@@ -466,6 +466,14 @@ def row_slices(n: int, k: int, align: int = 1) -> list[tuple[int, int]]:
     return [(r, min(r + step, n)) for r in range(0, n, step)]
 
 
+def row_abs_max(w: torch.Tensor) -> torch.Tensor:
+    """Each row's largest magnitude, ``max |w|`` over the last dimension, without a ``|w|``
+    temporary: the larger of the row's maximum and minus its minimum (exact). On the Zen 4,
+    2 threads, ``[372, 2816]`` float32: 0.06 ms, ``abs().amax`` 0.08 ms and a whole temporary,
+    ``linalg.vector_norm(w, inf)`` 1.4 ms."""
+    return torch.maximum(w.amax(dim=-1), w.amin(dim=-1).neg_())
+
+
 def int8_quantize(
     weight: torch.Tensor | StoredTensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,8 +488,7 @@ def int8_quantize(
         # One float32 copy of the slice, worked on in place (each temporary of a slice's size
         # was a block the allocator kept through the load: ~60 MiB of the medium model's peak).
         w = weight[r0:r1].to(torch.float32, copy=True)
-        largest = torch.linalg.vector_norm(w, float("inf"), dim=1)  # max |w|, without |w|
-        s = largest.clamp(min=1e-12) / 127.0
+        s = row_abs_max(w).clamp(min=1e-12) / 127.0
         # Codes chosen for the scale as stored (rounded to the kernel dtype).
         s = s.to(kernel_dtype(dtype)).float()
         q[r0:r1] = w.div_(s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
