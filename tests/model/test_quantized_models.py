@@ -138,13 +138,35 @@ def test_hf_quantization_equals_its_dequantized_weights(checkpoint, method):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_hf_quantization_as_read_equals_quantizing_the_loaded_dense_model(
-    checkpoint, method, dtype
+    checkpoint, method, dtype, monkeypatch
 ):
     # --quantization quantizes each dense tensor as it is read (its shards apart), never holding
     # the dense model: every buffer is the one quantize_linear gives the loaded dense model's
     # modules (the route it replaced), for a separate head (llama) and a tied one (qwen2).
+    # A fused matrix's shards are written into it as they come, where they fit (int8: all;
+    # int4: where every shard is whole blocks of the packed layout, else they are joined).
+    from carpool.model import quant_loader
+    from carpool.model.gguf_quant import QuantWeight
+
+    calls = {"write": 0, "concat": 0}
+    write, concat = quant_loader._write_rows, QuantWeight.concat
+
+    def counted_write(*args):
+        calls["write"] += 1
+        return write(*args)
+
+    def counted_concat(parts):
+        calls["concat"] += 1
+        return concat(parts)
+
+    monkeypatch.setattr(quant_loader, "_write_rows", counted_write)
+    monkeypatch.setattr(QuantWeight, "concat", staticmethod(counted_concat))
     hf_dir, _ = checkpoint
     quant, _ = load_model(hf_dir, dtype=dtype, quantization=method)
+    layers = len(quant.model.layers)
+    assert calls["write"] >= 2 * layers, calls  # gate and up at least, in every layer
+    if method == "int8":
+        assert calls["concat"] == 0, calls
     dense, config = load_model(hf_dir, dtype=dtype, quantization="none")
     plan = combined_plan(*resolve_plan(config, None, method))
     assert set(plan.values()) == {method}

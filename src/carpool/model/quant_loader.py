@@ -32,6 +32,7 @@ from carpool.model.quant import (
     QuantizedLinear,
     int4_packable,
     int4_quantize,
+    int4_row_block,
     int8_quantize,
 )
 from carpool.model.quant_plan import REROUNDED, QuantPlan, matrix_shapes, uniform_plan
@@ -163,6 +164,11 @@ def load_planned_weights(
     pending = {n for n, m in model.named_modules() if isinstance(m, _Pending)}
     shards: dict[str, dict[int, QuantWeight]] = {}
     biases: dict[str, dict[int, torch.Tensor]] = {}
+    # A fused matrix's shards are written into one matrix as they arrive (made on the first,
+    # in its kernel's terms; None: they do not fit one), instead of held until the last and
+    # joined: a shard less and no second copy of the matrix at once.
+    fused: dict[str, QuantWeight | None] = {}
+    written: dict[str, set[int]] = {}
     for name, value in weights:
         module, shard, suffix = _locate(name, mapping)
         if module not in pending:
@@ -175,21 +181,90 @@ def load_planned_weights(
             biases.setdefault(module, {})[shard] = value
         else:
             assert isinstance(value, QuantWeight), name
+            if module.endswith(_FUSED):
+                sizes = model.fused_shard_sizes(module)
+                if module not in fused:
+                    fused[module] = _fused_matrix(value, sizes)
+                matrix = fused[module]
+                if matrix is not None and _fits(matrix, value, sizes, shard):
+                    r0 = sum(sizes[:shard])
+                    value = _write_rows(matrix, r0, value)  # the matrix's rows now
+                    written.setdefault(module, set()).add(shard)
             shards.setdefault(module, {})[shard] = value
         count = len(model.fused_shard_sizes(module)) if module.endswith(_FUSED) else 1
         parts, bias_parts = shards.get(module, {}), biases.get(module, {})
         if len(parts) == count and (not shapes[module][2] or len(bias_parts) == count):
-            ordered = [parts[i] for i in sorted(parts)]
-            if len({p.method for p in ordered}) > 1:  # int4 and int8 shards: one int8 matrix
-                ordered = [as_int8(p) for p in ordered]
-            qw = QuantWeight.concat(ordered)
+            matrix = fused.pop(module, None)
+            if matrix is not None and len(written.pop(module, ())) == count:
+                qw = matrix
+            elif count == 1:  # not fused: the one matrix as it came (a join would copy it)
+                (qw,) = parts.values()
+            else:  # shards that did not fit one matrix: of two kinds, or packed ragged
+                ordered = [parts[i] for i in sorted(parts)]
+                if len({p.method for p in ordered}) > 1:  # int4 and int8 shards: int8
+                    ordered = [as_int8(p) for p in ordered]
+                qw = QuantWeight.concat(ordered)
+                del ordered
             bias = torch.cat([bias_parts[i] for i in sorted(bias_parts)]) if bias_parts else None
+            # The shards go before the module is built (they are the matrix's rows, or joined).
+            del parts, matrix
+            shards.pop(module), biases.pop(module, None), written.pop(module, None)
             _install(model, module, _build(qw, bias, dtype, device))
             pending.discard(module)
-            shards.pop(module), biases.pop(module, None)
     left = sorted(n for n, m in model.named_modules() if isinstance(m, _Pending))
     if left:
         raise ModelLoadError(f"no quantized tensors arrived for {left}")
+
+
+def _fused_matrix(part: QuantWeight, sizes: list[int]) -> QuantWeight | None:
+    """An empty fused matrix of ``sizes`` rows in the terms of its first shard to arrive
+    (method, code layout, dtypes), or None where packed shards would not start on whole row
+    blocks of the layout."""
+    if part.packed and any(sum(sizes[:i]) % int4_row_block() for i in range(len(sizes))):
+        return None
+    n = sum(sizes)
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        return t.new_empty((n, *t.shape[1:]))
+
+    minimum = None if part.minimum is None else like(part.minimum)
+    return QuantWeight(part.method, like(part.codes), like(part.scale), minimum, part.packed)
+
+
+def _fits(matrix: QuantWeight, part: QuantWeight, sizes: list[int], shard: int) -> bool:
+    """Whether shard ``shard`` can be written into ``matrix`` as it is (the same method, code
+    layout, dtypes and widths, and its rows)."""
+
+    def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return a.dtype == b.dtype and a.shape[1:] == b.shape[1:]
+
+    return (
+        part.method == matrix.method
+        and part.packed == matrix.packed
+        and part.shape[0] == sizes[shard]
+        and same(part.codes, matrix.codes)
+        and same(part.scale, matrix.scale)
+        and same(part.minimum, matrix.minimum)
+    )
+
+
+def _write_rows(matrix: QuantWeight, r0: int, part: QuantWeight) -> QuantWeight:
+    """Copy ``part`` into rows ``r0 ..`` of ``matrix``; returns those rows (views)."""
+    r1 = r0 + part.shape[0]
+    rows = QuantWeight(
+        matrix.method,
+        matrix.codes[r0:r1],
+        matrix.scale[r0:r1],
+        None if matrix.minimum is None else matrix.minimum[r0:r1],
+        matrix.packed,
+    )
+    rows.codes.copy_(part.codes)
+    rows.scale.copy_(part.scale)
+    if rows.minimum is not None and part.minimum is not None:
+        rows.minimum.copy_(part.minimum)
+    return rows
 
 
 def quantized_as_read(
