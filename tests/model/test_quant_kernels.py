@@ -234,11 +234,11 @@ def test_bf16_kernel_matches_the_widened_fallback(device):
 
 
 def test_q8_0_decoding_in_row_slices_equals_one_slice(monkeypatch):
-    from carpool.model import gguf_quant
+    from carpool.model import quant
 
     w = np.random.default_rng(1).standard_normal((64, 96)).astype(np.float32)
     whole, _ = _gguf_roundtrip("Q8_0", w)
-    monkeypatch.setattr(gguf_quant, "_ROWS_PER_SLICE", 10)
+    monkeypatch.setattr(quant, "_QUANTIZE_SLICE_VALUES", 96 * 10)  # 10 rows, a short last slice
     sliced, _ = _gguf_roundtrip("Q8_0", w)
     assert torch.equal(whole.codes, sliced.codes) and torch.equal(whole.scale, sliced.scale)
 
