@@ -269,7 +269,9 @@ def test_int4_packing_in_row_slices_is_the_layout_torch_packs(monkeypatch):
     codes = torch.randint(0, 16, (5 * block, 96), dtype=torch.uint8)
     expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     assert torch.equal(quant._pack_int4(codes), expected)
-    monkeypatch.setattr(quant, "_PACK_SLICE_CODES", 2 * block * 96)  # slices of 2 blocks, 1 left
+    monkeypatch.setattr(
+        quant, "_QUANTIZE_SLICE_VALUES", 2 * block * 96
+    )  # slices of 2 blocks, 1 left
     assert torch.equal(quant._pack_int4(codes), expected)
     assert torch.equal(quant._pack_int4(codes.to(torch.int64)), expected)
 
@@ -387,7 +389,7 @@ def test_gguf_int4_blocks_decoded_packed_a_slice_at_a_time(monkeypatch, type_nam
     w = np.random.default_rng(5).standard_normal((192, 512)).astype(np.float32)
     raw = quantize_q4_k(w) if type_name == "Q4_K" else gguf.quants.quantize(w, qtype)
     plain = decode_blocks(raw, type_name, w.shape)
-    monkeypatch.setattr(quant, "_PACK_SLICE_CODES", 64 * 512)  # a block of rows per slice
+    monkeypatch.setattr(quant, "_QUANTIZE_SLICE_VALUES", 64 * 512)  # a block of rows per slice
     packed = decode_blocks(raw, type_name, w.shape, pack=True)
     assert packed.packed and not plain.packed and packed.shape == plain.shape == w.shape
     assert torch.equal(packed.codes, quant._pack_int4(plain.codes))

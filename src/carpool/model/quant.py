@@ -452,8 +452,9 @@ def _pack_int4_by_hand(codes: torch.Tensor, block: int) -> torch.Tensor:
     return packed.reshape(n, k // 2).contiguous()
 
 
-# Float32 values per slice of rows quantized by from_float or re-rounded from a GGUF file's
-# blocks (gguf_quant) (4 MiB): a vocabulary head's float32 copy and its temporaries were
+# Values per slice of rows (4 MiB of float32) that the loaders work on: quantized by
+# from_float, decoded or re-rounded from a GGUF file's blocks (gguf_quant), packed into the
+# int4 layout (pack_int4_rows). A vocabulary head's float32 copy and its temporaries were
 # several times its bf16 bytes at once; 64 MiB slices of gguf-py's dequantizer set the medium
 # Q4_K_M model's load peak, 13 MiB above the loaded size at 4 MiB, at the same load time.
 _QUANTIZE_SLICE_VALUES = 1 << 20
@@ -504,18 +505,18 @@ def int4_quantize(
     the kernel dtype of ``dtype``, what the kernel stores). Row by row, as ``int8_quantize``.
 
     ``packed``: the codes come in the CPU kernel's layout instead (``[N, K/2]``, ``_pack_int4``'s
-    bytes; N must be ``int4_packable``), each slice packed as it is quantized, so a matrix's
-    one-byte codes are never whole (a Llama 3 head's at 1B's width: 263 MB)."""
+    bytes; N must be ``int4_packable``), each slice packed as it is quantized
+    (``pack_int4_rows``), so a matrix's one-byte codes are never whole (a Llama 3 head's at 1B's
+    width: 263 MB)."""
     n, k = weight.shape
     kd = kernel_dtype(dtype)
-    block = int4_row_block() if packed else 1
-    assert n % block == 0, f"packed int4 codes need a multiple of {block} rows, got {n}"
-    q = torch.empty(n, k // 2 if packed else k, dtype=torch.uint8, device=weight.device)
     # In the kernel dtype: the values it stores (exact), at half float32's bytes.
     scale_s = torch.empty(n, k // GROUP_SIZE, dtype=kd, device=weight.device)
     lo_s = torch.empty_like(scale_s)
-    for r0, r1 in row_slices(n, k, block):  # float32 temporaries of a slice only
-        # One float32 copy of the slice, worked on in place (as int8_quantize).
+
+    def quantize(r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)``'s codes (their scales and minima written): one float32 copy of
+        the slice, worked on in place (as ``int8_quantize``)."""
         g = weight[r0:r1].to(torch.float32, copy=True)
         g = g.view(r1 - r0, k // GROUP_SIZE, GROUP_SIZE)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
@@ -523,8 +524,13 @@ def int4_quantize(
         # Round the scale and zero to the storage dtype first, so codes are chosen for them.
         scale_s[r0:r1], lo_s[r0:r1] = scale, lo
         g.sub_(lo_s[r0:r1, :, None].float()).div_(scale_s[r0:r1, :, None].float())
-        codes = g.round_().clamp_(0, 15).to(torch.uint8).view(r1 - r0, k)
-        q[r0:r1] = _pack_int4_by_hand(codes, block) if packed else codes
+        return g.round_().clamp_(0, 15).to(torch.uint8).view(r1 - r0, k)
+
+    if packed:
+        return pack_int4_rows(n, k, quantize, weight.device), scale_s, lo_s
+    q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+    for r0, r1 in row_slices(n, k):  # float32 temporaries of a slice only
+        q[r0:r1] = quantize(r0, r1)
     return q, scale_s, lo_s
 
 
@@ -543,18 +549,11 @@ def pack_int4_rows(
     block = int4_row_block()
     assert n % block == 0, f"int4 codes need a multiple of {block} rows, got {n}"
     packed = torch.empty(n, k // 2, dtype=torch.uint8, device=device)
-    # Whole blocks of rows per slice: a slice's packed bytes are then rows [r, r + rows) of
-    # the [N, K/2] result (the layout is [N/B, K, B/2], block after block).
-    rows = max(block, _PACK_SLICE_CODES // max(k, 1) // block * block)
-    for r in range(0, n, rows):
-        r1 = min(n, r + rows)
-        packed[r:r1] = _pack_int4_by_hand(codes(r, r1).to(torch.uint8), block)
+    # Whole blocks of rows per slice: a slice's packed bytes are then rows [r0, r1) of the
+    # [N, K/2] result (the layout is [N/B, K, B/2], block after block).
+    for r0, r1 in row_slices(n, k, block):
+        packed[r0:r1] = _pack_int4_by_hand(codes(r0, r1).to(torch.uint8), block)
     return packed
-
-
-# Codes packed per slice of rows by _pack_int4 (4 MiB of one-byte codes): its temporaries stay
-# a few MiB whatever the matrix.
-_PACK_SLICE_CODES = 1 << 22
 
 
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
