@@ -513,7 +513,7 @@ def test_a_mixed_step_computes_each_sequence_as_alone(tmp_path, kernel):
             assert paged_attention.kernel_calls() - calls == (layers if kernel else 0)
             alone = [step([a], [20])[0], step([b], [5])[0], step([c], [17])[0]]
             # A long prompt's last chunk beside a new prompt and a decode row: a rectangle of
-            # its own for each chunk (batch.rectangle_wastes), the same bits as alone.
+            # its own for each chunk (batch.rectangle_groups), the same bits as alone.
             long_prompt = [(7 * i) % 250 + 3 for i in range(616)]
             tables["l"] = list(range(12, 51))
             pre = build_ragged_batch(

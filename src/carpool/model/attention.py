@@ -99,12 +99,13 @@ class AttentionMetadata:
             rectangle covers; its ``block_tables``, ``attn_mask``, ``query_index`` and
             ``output_index`` describe these rows' sequences, indices counted over these rows
             alone. None outside parts.
-        parts: the rectangles of a mixed step when one over every row would mostly compute
-            padding (the outer ``attn_mask`` then None), or None: one rectangle over every row.
+        parts: the rectangles of a step whose rows take several (the outer ``attn_mask`` then
+            None), or None: one rectangle over every row.
             Decode sequences (one kernel row each) are left out of them: the paged kernel
             computes those rows, or where it does not apply, a gather over ``kernel_tables`` and
-            ``context_lens`` as in a pure decode step. Prompt chunks share one part, or take
-            one each where that one would still mostly pad (``batch.rectangle_wastes``).
+            ``context_lens`` as in a pure decode step. Prompt chunks share one part, or are
+            grouped into several where one would pad more than the parts cost
+            (``batch.rectangle_groups``).
         query_chunks: the rectangle's SDPA calls ``(first row, end row, keys)``: one per tile
             of ``batch.PREFILL_TILE_ROWS`` positions, over the keys to the tile's end (see
             ``batch.attention_rectangle``), or None: one call over every row and key (a pure decode

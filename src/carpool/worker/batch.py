@@ -136,20 +136,17 @@ def _ragged_batch(
         # paid for 4 x 512 query rows: small's mixed steps 1.1-1.5x a prompt's step alone).
         decode_seq = (q_lens == 1) & is_kernel_row[offsets[:-1]]
         keep = np.flatnonzero(~decode_seq)
-        if len(keep) > 1 and rectangle_wastes(q_lens[keep], starts[keep], block_size):
-            # A rectangle of its own for each prompt chunk (see rectangle_wastes).
+        groups = [keep[g] for g in rectangle_groups(q_lens[keep], starts[keep])]
+        if len(groups) > 1 or len(keep) < b:
+            # A rectangle over each group of prompt chunks (rectangle_groups; decode rows in
+            # none of them).
             parts = [
                 (
-                    np.arange(offsets[k], offsets[k + 1]),
-                    attention_rectangle(
-                        q_lens[k : k + 1], starts[k : k + 1], tables[k : k + 1], block_size
-                    ),
+                    np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in group]),
+                    attention_rectangle(q_lens[group], starts[group], tables[group], block_size),
                 )
-                for k in keep
+                for group in groups
             ]
-        elif len(keep) < b:  # one rectangle over the prompt chunks' rows
-            rect = attention_rectangle(q_lens[keep], starts[keep], tables[keep], block_size)
-            parts = [(np.flatnonzero(~decode_seq[seq_index]), rect)]
         else:
             mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
                 q_lens, starts, tables, block_size
@@ -249,25 +246,61 @@ def int64_tensor(a: np.ndarray | None) -> torch.Tensor | None:
 # rectangle (``attention_rectangle``).
 Rectangle = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[tuple[int, int, int], ...]]
 
-# Padded (query row, key) pairs a rectangle may waste per SDPA call it saves before each
-# prompt chunk gets a rectangle of its own: a call (gather, SDPA, copies) costs ~0.1-0.2 ms a
-# layer on a 2-core Zen 2, and 16,384 pairs of the small model's attention (8 heads of 64)
-# about 0.7 ms.
-SPLIT_PADDING_PER_CALL = 16384
+# What splitting a step's prompt chunks into several attention rectangles costs, in (query row,
+# key) pairs of SDPA work: each more SDPA call (its dispatch, the tile's slices and the copy of
+# its output) and each more rectangle (a gather of its blocks, its query rows and mask, the
+# scatter of its output). Torch's CPU SDPA costs about the same per (sequence, head, row, key)
+# whatever the batch it is called with (measured on the Zen 4: [B, 8, 32, D=64] calls over
+# 32-2,048 keys, B = 1, 2, 4: 27 ns a pair, B x 55-65 us at 32 keys, ~12 us a call beside it),
+# so a rectangle's padding tiles cost what real ones do and another call little.
+EXTRA_CALL_PAIRS = 1024
+EXTRA_RECTANGLE_PAIRS = 2048
 
 
-def rectangle_wastes(q_lens: np.ndarray, starts: np.ndarray, block_size: int) -> bool:
-    """Whether one rectangle over these prompt chunks (``attention_rectangle``: every sequence
-    in every tile the rectangle spans) computes more than twice their own (row, key) pairs and more
-    than ``SPLIT_PADDING_PER_CALL`` per extra call: a short chunk at a long context (a long
-    prompt's last chunk, a prefix-cached prompt's suffix) beside a new long prompt pays the
-    long context for every new row (16 tokens at 1,900 beside a 496-token prompt: the step
-    1.9x the two alone, small BF16)."""
-    first, last = _tiles(q_lens, starts)
+def _rectangle_cost(first: int, last: int, sequences: int) -> int:
+    """Pairs of one rectangle over tiles ``first..last`` of ``sequences`` sequences, its calls'
+    and its own overhead included (see ``attention_rectangle``: tile j's call covers keys
+    ``[0, T (j + 1))`` for every sequence)."""
     t = PREFILL_TILE_ROWS
-    padded = len(q_lens) * t * t * sum(j + 1 for j in range(first, last + 1))
-    own = int((q_lens * (starts + q_lens)).sum())
-    return padded > 2 * own and padded - own > (len(q_lens) - 1) * SPLIT_PADDING_PER_CALL
+    tiles = (last + 1) * (last + 2) // 2 - first * (first + 1) // 2  # sum of j + 1
+    return sequences * t * t * tiles + (last - first + 1) * EXTRA_CALL_PAIRS + EXTRA_RECTANGLE_PAIRS
+
+
+def rectangle_groups(q_lens: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+    """Which prompt chunks (their query lengths and first positions) share an attention
+    rectangle: groups of chunk indices, each in order, the groups in the order of their first
+    chunks; one group (every chunk) where one rectangle costs least.
+
+    A rectangle computes every tile it spans for every sequence in it (``attention_rectangle``),
+    so chunks over other positions pay for each other's tiles: a long prompt's 2-token tail at
+    position 510 beside the next prompt's first 507 tokens (what a batch of 512-token prompts
+    chunked into 512-token steps gives) computed both prompts' 16 tiles, 2.6x the attention of
+    the two apart. Chunks over the same tiles share one at no padding cost; groups are then
+    merged, the cheapest first, while a merge saves more calls and rectangles
+    (``EXTRA_CALL_PAIRS``, ``EXTRA_RECTANGLE_PAIRS``) than it pads. A row's bits do not depend
+    on the rectangle it is computed in (each call's shape follows from its tile's positions)."""
+    t = PREFILL_TILE_ROWS
+    firsts = starts // t
+    lasts = (starts + q_lens - 1) // t
+    spans: dict[tuple[int, int], list[int]] = {}
+    for k, span in enumerate(zip(firsts.tolist(), lasts.tolist(), strict=True)):
+        spans.setdefault(span, []).append(k)
+    groups = [(f, l, ks) for (f, l), ks in spans.items()]
+    while len(groups) > 1:
+        best: tuple[int, int, int] | None = None  # (saving, i, j)
+        for i, j in itertools.combinations(range(len(groups)), 2):
+            (fi, li, ki), (fj, lj, kj) = groups[i], groups[j]
+            merged = _rectangle_cost(min(fi, fj), max(li, lj), len(ki) + len(kj))
+            saving = _rectangle_cost(fi, li, len(ki)) + _rectangle_cost(fj, lj, len(kj)) - merged
+            if saving > 0 and (best is None or saving > best[0]):
+                best = (saving, i, j)
+        if best is None:
+            break
+        _, i, j = best
+        (fi, li, ki), (fj, lj, kj) = groups[i], groups[j]
+        groups[i] = (min(fi, fj), max(li, lj), sorted(ki + kj))
+        del groups[j]
+    return sorted((np.asarray(ks, dtype=np.int64) for _, _, ks in groups), key=lambda g: g[0])
 
 
 def masks_to_device(

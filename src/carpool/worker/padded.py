@@ -39,7 +39,7 @@ from carpool.worker.batch import (
     ModelInput,
     Rectangle,
     attention_rectangle,
-    rectangle_wastes,
+    rectangle_groups,
     step_input,
 )
 
@@ -123,17 +123,16 @@ def build_padded_batch(
         context_lens = np.maximum(starts + q_lens, 1)
     else:
         widths = np.full(rows, width, dtype=np.int64)
-        if rows > 1 and rectangle_wastes(widths, starts, block_size):
+        groups = rectangle_groups(widths, starts)
+        if len(groups) > 1:
             # Rows far apart in position (a prompt beside sequences deep in their decode): a
-            # rectangle of its own for each row, as the ragged batch gives each prompt chunk.
+            # rectangle over each group of rows, as the ragged batch groups its prompt chunks.
             parts = [
                 (
-                    np.arange(k * width, (k + 1) * width),
-                    attention_rectangle(
-                        widths[:1], starts[k : k + 1], tables[k : k + 1], block_size
-                    ),
+                    np.concatenate([np.arange(k * width, (k + 1) * width) for k in group]),
+                    attention_rectangle(widths[group], starts[group], tables[group], block_size),
                 )
-                for k in range(rows)
+                for group in groups
             ]
         else:
             mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
