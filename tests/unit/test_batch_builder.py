@@ -276,7 +276,8 @@ def test_a_chunked_prompt_batch_attends_in_a_rectangle_per_prompt():
     meta = inp.meta
     assert meta.attn_mask is None and len(meta.parts) == 2
     tail, new = meta.parts
-    assert tail.gathered_rows.tolist() == [1, 2] and new.gathered_rows.tolist() == list(range(3, 511))
+    assert tail.gathered_rows.tolist() == [1, 2]
+    assert new.gathered_rows.tolist() == list(range(3, 511))
     assert tail.query_chunks == ((0, 32, 512),)  # tile 15 alone
     assert len(new.query_chunks) == 16 and tuple(new.attn_mask.shape) == (1, 1, 512, 512)
     assert meta.kernel_rows.tolist() == [0]
