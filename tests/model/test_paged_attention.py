@@ -653,3 +653,66 @@ def test_a_prompts_rows_are_the_same_bits_however_it_is_chunked(tmp_path, seed):
     whole = logits([])
     assert torch.equal(logits(sorted(rng.sample(range(1, n), 3))), whole)
     assert torch.equal(logits([rng.randrange(100, 300)], beside=rng.randrange(20, 150)), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prompt_rows_below_kernel_below_compute_the_same_bits_however_chunked(tmp_path, dtype):
+    # kernel_below=64 (paged_attention.prompt_kernel_positions): a 100-token prompt's rows 0-63
+    # take the paged kernel, 64-99 the rectangle. Its last row's logits are the same bits in
+    # one chunk, in three (the kernel's rows and the rectangle's split differently), and beside
+    # another prompt; and they agree with every row in the rectangle (the other path's
+    # rounding). The bits are compared in bf16, where carpool's linears give a row the same bits
+    # at any row count (float32's sgemm does not); float32 checks the agreement.
+    save_tiny_hf_model("llama", tmp_path)
+    model, _ = load_model(tmp_path, dtype=dtype)
+    prompt = [(5 * i) % 200 + 3 for i in range(100)]
+    other = list(range(3, 43))
+    tables = {"p": list(range(1, 8)), "o": [20, 21, 22]}
+    layers = model.config.num_hidden_layers
+
+    def last_logits(splits, kernel_below, with_other=False):
+        caches = model.allocate_kv_cache(32, 16, dtype, "cpu")
+        pos = 0
+        with torch.no_grad():
+            for n in splits:
+                chunks = [_Chunk("p", prompt[pos : pos + n], pos, tables["p"])]
+                if with_other and pos == 0:
+                    chunks.append(_Chunk("o", other, 0, tables["o"]))
+                inp = build_ragged_batch(
+                    chunks,
+                    [tables[c.request_id] for c in chunks],
+                    16,
+                    "cpu",
+                    [len(prompt), len(other)][: len(chunks)],
+                    kernel_below=kernel_below,
+                )
+                out = model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
+                pos += n
+        return out[0]
+
+    calls = paged_attention.kernel_calls()
+    one = last_logits([100], 64)
+    assert paged_attention.kernel_calls() - calls == layers  # the prompt rows took the kernel
+    if dtype == torch.bfloat16:
+        assert torch.equal(one, last_logits([30, 40, 30], 64))
+        assert torch.equal(one, last_logits([100], 64, with_other=True))
+        assert torch.equal(one, last_logits([64, 36], 64))
+    rectangle = last_logits([100], 0)
+    scale = rectangle.float().abs().max().item()
+    tol = 2e-2 * scale if dtype == torch.bfloat16 else 1e-5 * scale  # bf16 rounding, 2 layers
+    torch.testing.assert_close(one.float(), rectangle.float(), atol=tol, rtol=0)
+
+
+def test_prompt_kernel_positions_follow_the_kernel_and_the_cache():
+    bf16 = torch.empty(4, 16, 2, 2, 64, dtype=torch.bfloat16)
+    assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2) == 4 * 512
+    assert paged_attention.prompt_kernel_positions(bf16, torch.float32, 9, 3) == 3 * 512
+    assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 8) == 512
+    # An int8 cache's kernel rounds queries to int8: its prompt rows keep the rectangle.
+    int8 = torch.empty(4, 16, 2, 2, 68, dtype=torch.int8)
+    assert paged_attention.prompt_kernel_positions(int8, torch.bfloat16, 8, 2) == 0
+    paged_attention.use_kernel(False)
+    try:
+        assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2) == 0
+    finally:
+        paged_attention.use_kernel(True)

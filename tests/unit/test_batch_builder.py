@@ -281,3 +281,42 @@ def test_a_chunked_prompt_batch_attends_in_a_rectangle_per_prompt():
     assert tail.query_chunks == ((0, 32, 512),)  # tile 15 alone
     assert len(new.query_chunks) == 16 and tuple(new.attn_mask.shape) == (1, 1, 512, 512)
     assert meta.kernel_rows.tolist() == [0]
+
+
+def test_prompt_rows_below_kernel_below_are_kernel_rows():
+    # kernel_below=64: a prompt chunk's rows at positions 0-63 take the paged kernel (with their
+    # own context), the rest a rectangle that starts at position 64; a chunk all below it needs
+    # no rectangle at all (parts == []).
+    table = list(range(1, 9))
+    inp = batch.build_ragged_batch(
+        [Chunk("a", list(range(100)), 0)], [table], 16, "cpu", [100], kernel_below=64
+    )
+    meta = inp.meta
+    assert meta.kernel_rows.tolist() == list(range(64))
+    assert meta.context_lens.tolist() == list(range(1, 65))
+    assert meta.kernel_tables.tolist() == [table[:7]] * 64
+    (part,) = meta.parts
+    assert part.gathered_rows.tolist() == list(range(64, 100))
+    assert part.query_chunks == ((0, 32, 96), (32, 64, 128))  # tiles 2 and 3
+    assert part.output_index.tolist() == list(range(36))
+    low = batch.build_ragged_batch(
+        [Chunk("a", list(range(40)), 0), Chunk("b", [7, 8], 10)],
+        [table, [20]],
+        16,
+        "cpu",
+        [40, 12],
+        kernel_below=64,
+    )
+    assert low.meta.parts == [] and low.meta.attn_mask is None
+    assert low.meta.kernel_rows.tolist() == list(range(42))
+    assert low.meta.context_lens.tolist() == [*range(1, 41), 11, 12]
+    # Generated tokens in a recompute (from position 90) are kernel rows too: the rectangle
+    # covers the prompt's rows 64-89 alone.
+    again = batch.build_ragged_batch(
+        [Chunk("a", list(range(100)), 0)], [table], 16, "cpu", [90], kernel_below=64
+    )
+    assert again.meta.kernel_rows.tolist() == [*range(64), *range(90, 100)]
+    assert again.meta.parts[0].gathered_rows.tolist() == list(range(64, 90))
+    # kernel_below=0: the chunk's rows in one rectangle, as before.
+    none = batch.build_ragged_batch([Chunk("a", list(range(100)), 0)], [table], 16, "cpu", [100])
+    assert none.meta.parts is None and none.meta.kernel_rows is None

@@ -11,8 +11,9 @@ sequences packed end to end. Each layer
    causality, one call per tile of prompt positions over the keys to the tile's end
    (``AttentionMetadata.query_chunks``: a call's shape follows from the positions alone, so a
    row computes the same bits however its prompt is chunked and batched),
-so there is no Python loop over sequences. Decode steps on the CPU skip 2 and 3: the kernel of
-``carpool.model.paged_attention`` reads the cache in place through the block tables. All index
+so there is no Python loop over sequences. Decode rows on the CPU skip 2 and 3: the kernel of
+``carpool.model.paged_attention`` reads the cache in place through the block tables; so do a
+prompt's rows at short contexts (``paged_attention.prompt_kernel_positions``). All index
 tensors are built once per step by the runner (``carpool.worker.batch``) and shared by every
 layer through ``AttentionMetadata``.
 """
@@ -99,12 +100,14 @@ class AttentionMetadata:
             rectangle covers; its ``block_tables``, ``attn_mask``, ``query_index`` and
             ``output_index`` describe these rows' sequences, indices counted over these rows
             alone. None outside parts.
-        parts: the rectangles of a step whose rows take several (the outer ``attn_mask`` then
-            None), or None: one rectangle over every row.
+        parts: the rectangles of a step whose rows take several, or none (``[]``: every row a
+            kernel row; the outer ``attn_mask`` then None), or None: one rectangle over every
+            row.
             Decode sequences (one kernel row each) are left out of them: the paged kernel
             computes those rows, or where it does not apply, a gather over ``kernel_tables`` and
-            ``context_lens`` as in a pure decode step. Prompt chunks share one part, or are
-            grouped into several where one would pad more than the parts cost
+            ``context_lens`` as in a pure decode step; so are prompt rows below
+            ``build_ragged_batch``'s ``kernel_below``. The other rows of prompt chunks share one
+            part, or are grouped into several where one would pad more than the parts cost
             (``batch.rectangle_groups``).
         query_chunks: the rectangle's SDPA calls ``(first row, end row, keys)``: one per tile
             of ``batch.PREFILL_TILE_ROWS`` positions, over the keys to the tile's end (see

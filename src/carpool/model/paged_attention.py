@@ -95,6 +95,29 @@ def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> b
     )
 
 
+# Prompt rows at positions below this many tokens per query head of a kv head take the kernel
+# too (prompt_kernel_positions): the kernel reads a row's keys once for the kv head's query
+# heads, so its work per row grows with the context where the rectangle's SDPA calls share a
+# tile's keys among 32 rows, but below it the kernel was faster (no gather of the blocks, no
+# padded tiles): one layer's attention of a prompt of n tokens, bf16 cache on the Zen 4, SDPA
+# tiles / kernel in ms: small (8 / 8 heads) 1.16 / 0.94 at 256, 5.6 / 4.2 at 512, 15.3 / 21.0 at
+# 1,024; SmolLM2 (9 / 3) 1.26 / 0.74, 6.2 / 3.5, 16.2 / 14.3, 45 / 43 at 2,040; medium (16 / 4)
+# 3.0 / 1.4, 10.6 / 6.9, 23.4 / 16.5, 99 / 81 (BENCHMARKS.md, issue 11, thirty-ninth pass).
+PROMPT_KERNEL_TOKENS = 512
+
+
+def prompt_kernel_positions(
+    kv_cache: torch.Tensor, query_dtype: torch.dtype, num_heads: int, num_kv_heads: int
+) -> int:
+    """Positions below which a prompt row is a kernel row (``build_ragged_batch``'s
+    ``kernel_below``): ``PROMPT_KERNEL_TOKENS`` per query head of a kv head where the kernel
+    applies to a float cache, else 0 (an int8 cache's kernel rounds queries to int8, a GPU's
+    rows take the rectangle). Fixed for an engine, so a row's path follows from its position."""
+    if kv_cache.dtype == torch.int8 or not applies(kv_cache, query_dtype):
+        return 0
+    return PROMPT_KERNEL_TOKENS * max(num_heads // num_kv_heads, 1)
+
+
 def quantizes_int8_queries(head_dim: int) -> bool:
     """True when the kernel computes an int8 cache's attention in integer dot products
     (``csrc/int8_attention.h``): a CPU with AVX-512 VNNI, or one with AVX2 and FMA but no

@@ -47,6 +47,7 @@ def build_ragged_batch(
     device: torch.device | str = "cpu",
     generated_from: Sequence[int] | None = None,
     reuse: DecodeInputs | None = None,
+    kernel_below: int = 0,
 ) -> ModelInput:
     """Pack ``chunks`` end to end into one ``ModelInput``.
 
@@ -58,12 +59,17 @@ def build_ragged_batch(
         device: where the tensors go.
         generated_from: per chunk, its request's prompt length: tokens at or after it (the
             generated ones, in decode or in a recompute after a preemption) are *kernel rows*
-            (``AttentionMetadata.context_lens``), the prompt's take the gathered path. The rule
-            depends on the row alone, so a sequence's numbers do not change with its batch
-            (the two paths round differently). None: every row of a pure decode step.
+            (``AttentionMetadata.context_lens``), the prompt's take the gathered path (but
+            for those below ``kernel_below``). The rule depends on the row alone, so a
+            sequence's numbers do not change with its batch (the two paths round
+            differently). None: every row of a pure decode step.
         reuse: a pure decode step's inputs kept from the step before (``DecodeInputs``, CPU
             only): patched in place when the same sequences decode again; any other step
             forgets them. None: new tensors every step.
+        kernel_below: prompt rows at positions below this are kernel rows too
+            (``paged_attention.prompt_kernel_positions``: where the kernel computes a short
+            context's rows faster than the rectangle's SDPA calls); 0: none. A function of the
+            row's position alone, as the rule above.
     """
     assert chunks, "a batch needs at least one chunk"
     if all(len(c.token_ids) == 1 for c in chunks) and (
@@ -75,7 +81,7 @@ def build_ragged_batch(
         return _decode_batch(chunks, block_tables, block_size, device)[0]
     if reuse is not None:
         reuse.forget()
-    return _ragged_batch(chunks, block_tables, block_size, device, generated_from)
+    return _ragged_batch(chunks, block_tables, block_size, device, generated_from, kernel_below)
 
 
 def _ragged_batch(
@@ -84,6 +90,7 @@ def _ragged_batch(
     block_size: int,
     device: torch.device | str,
     generated_from: Sequence[int] | None,
+    kernel_below: int = 0,
 ) -> ModelInput:
     """``build_ragged_batch`` of any step."""
     # Index arithmetic in numpy: dozens of tiny torch ops would cost more than the step's
@@ -117,40 +124,42 @@ def _ragged_batch(
     query_chunks = None
     rect_tables = tables
     parts: list[tuple[np.ndarray, Rectangle]] | None = None
+    # Each chunk's rows that are not kernel rows: positions [lo, hi), one contiguous run (the
+    # kernel's rows are a prompt's first kernel_below positions and the generated tokens).
+    lo = np.maximum(starts, kernel_below)
     if generated_from is None:
-        is_kernel_row = np.full(len(input_ids), q == 1)
+        hi = ctx if q > 1 else starts  # a step of one-token chunks: every row a kernel row
     else:
-        firsts = np.fromiter(generated_from, dtype=np.int64, count=len(chunks))
-        is_kernel_row = positions >= firsts[seq_index]
+        hi = np.minimum(ctx, np.fromiter(generated_from, dtype=np.int64, count=len(chunks)))
+    rect_lens = np.maximum(hi - lo, 0)
+    is_kernel_row = (positions < lo[seq_index]) | (positions >= hi[seq_index])
     mask = None  # a pure decode step's: made from context_lens if needed (AttentionMetadata)
     if q == 1 and is_kernel_row.all():  # a pure decode step: one kernel row per sequence
         context_lens = ctx
+    elif not is_kernel_row.any() and len(groups := rectangle_groups(q_lens, starts)) == 1:
+        mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
+            q_lens, starts, tables, block_size
+        )
     else:
+        # Rectangles over groups of the chunks' other rows (rectangle_groups), the kernel rows
+        # in none: a decode sequence's or a short context's prompt rows padded to the longest
+        # chunk's tiles only wasted compute (a 512-token prompt beside 3 decoding sequences
+        # paid for 4 x 512 query rows: small's mixed steps 1.1-1.5x a prompt's step alone).
         if is_kernel_row.any():
             kernel_rows = np.flatnonzero(is_kernel_row)
             context_lens = positions[kernel_rows] + 1
             kernel_tables = tables[seq_index[kernel_rows]]
-        # Decode sequences (one generated token: a kernel row) stay out of the [B, Q, L]
-        # rectangle: their attention is the kernel's, so padding each to the longest prompt
-        # chunk's Q rows only wasted compute (a 512-token prompt beside 3 decoding sequences
-        # paid for 4 x 512 query rows: small's mixed steps 1.1-1.5x a prompt's step alone).
-        decode_seq = (q_lens == 1) & is_kernel_row[offsets[:-1]]
-        keep = np.flatnonzero(~decode_seq)
-        groups = [keep[g] for g in rectangle_groups(q_lens[keep], starts[keep])]
-        if len(groups) > 1 or len(keep) < b:
-            # A rectangle over each group of prompt chunks (rectangle_groups; decode rows in
-            # none of them).
-            parts = [
-                (
-                    np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in group]),
-                    attention_rectangle(q_lens[group], starts[group], tables[group], block_size),
-                )
-                for group in groups
-            ]
-        else:
-            mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
-                q_lens, starts, tables, block_size
+        rect = np.flatnonzero(rect_lens > 0)
+        groups = [rect[g] for g in rectangle_groups(rect_lens[rect], lo[rect])] if len(rect) else []
+        parts = [
+            (
+                np.concatenate(
+                    [offsets[k] + lo[k] - starts[k] + np.arange(rect_lens[k]) for k in g]
+                ),
+                attention_rectangle(rect_lens[g], lo[g], tables[g], block_size),
             )
+            for g in groups
+        ]
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = offsets[1:][sampling] - 1
 
@@ -189,8 +198,9 @@ def step_input(
     ``host``: ``input_ids`` (one per computed row, pads included), ``positions``,
     ``slot_mapping``, ``block_tables``, ``query_index``, ``output_index``, ``context_lens``,
     ``kernel_rows``, ``kernel_tables``, ``logits_indices`` (None where absent); ``mask`` and
-    ``query_chunks``: one rectangle over every row, or ``parts``: a rectangle each over some
-    rows (``attention_rectangle``), the outer mask then None. The index tensors, the parts'
+    ``query_chunks``: one rectangle over every row (``parts`` None), or ``parts``: a rectangle
+    each over some rows (``attention_rectangle``; none when every row is a kernel row), the
+    outer mask then None. The index tensors, the parts'
     included, travel in one packed copy, the masks in another."""
     tensors = {k: int64_tensor(a) for k, a in host.items()}
     for i, (rows, (_, p_query, p_output, p_tables, _)) in enumerate(parts or []):
@@ -201,11 +211,11 @@ def step_input(
             f"{i}.output_index": int64_tensor(p_output),
         }
     v = to_device(tensors, device)
-    masks = masks_to_device([mask] if not parts else [rect[0] for _, rect in parts], device)
+    masks = masks_to_device([mask] if parts is None else [rect[0] for _, rect in parts], device)
     meta = AttentionMetadata(
         slot_mapping=v["slot_mapping"],
         block_tables=v["block_tables"],
-        attn_mask=None if parts else masks[0],
+        attn_mask=masks[0] if parts is None else None,
         query_index=v["query_index"],
         output_index=v["output_index"],
         context_lens=v["context_lens"],
@@ -213,7 +223,7 @@ def step_input(
         kernel_tables=v["kernel_tables"],
         query_chunks=query_chunks,
         parts=None
-        if not parts
+        if parts is None
         else [
             AttentionMetadata(
                 slot_mapping=v["slot_mapping"],

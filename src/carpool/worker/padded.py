@@ -54,6 +54,7 @@ def build_padded_batch(
     num_idle_rows: int = 0,
     device: torch.device | str = "cpu",
     generated_from: Sequence[int] | None = None,
+    kernel_below: int = 0,
 ) -> ModelInput:
     """Lay ``chunks`` out as a padded rectangle, plus ``num_idle_rows`` all-pad rows.
 
@@ -61,6 +62,8 @@ def build_padded_batch(
         chunks, block_tables, block_size, generated_from: as for ``build_ragged_batch``
             (``generated_from``: per chunk, its prompt length; tokens from it on take the paged
             decode kernel; None: every row of a step of one-token chunks does).
+        kernel_below: as for ``build_ragged_batch`` (the rows still lie in the rectangle,
+            their results replaced by the kernel's).
         scratch_block: id of the KV block that absorbs every pad token's K/V.
         num_idle_rows: extra rows of pad tokens only (done seats of a static batch).
         device: where the tensors go.
@@ -104,7 +107,7 @@ def build_padded_batch(
 
     # Which real tokens take the paged decode kernel: the rule of the ragged batch.
     if generated_from is None:
-        is_kernel = valid & (width == 1)
+        is_kernel = valid & ((width == 1) | (q_pos < kernel_below))
     else:
         firsts = np.concatenate(
             (
@@ -112,10 +115,10 @@ def build_padded_batch(
                 np.zeros(num_idle_rows, dtype=np.int64),
             )
         )
-        is_kernel = valid & (q_pos >= firsts[:, None])
+        is_kernel = valid & ((q_pos >= firsts[:, None]) | (q_pos < kernel_below))
     mask = query_index = output_index = kernel_rows = kernel_tables = context_lens = None
     query_chunks = None
-    parts: list[tuple[np.ndarray, Rectangle]] = []
+    parts: list[tuple[np.ndarray, Rectangle]] | None = None
     rect_tables = tables
     if width == 1 and is_kernel[: len(chunks)].all():
         # A pure decode step: every row through the kernel; an idle row sees key 0 of the
