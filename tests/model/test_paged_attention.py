@@ -672,7 +672,7 @@ def test_prompt_rows_below_kernel_below_compute_the_same_bits_however_chunked(tm
 
     def last_logits(splits, kernel_below, with_other=False):
         caches = model.allocate_kv_cache(32, 16, dtype, "cpu")
-        pos = 0
+        length, pos = sum(splits), 0
         with torch.no_grad():
             for n in splits:
                 chunks = [_Chunk("p", prompt[pos : pos + n], pos, tables["p"])]
@@ -683,7 +683,7 @@ def test_prompt_rows_below_kernel_below_compute_the_same_bits_however_chunked(tm
                     [tables[c.request_id] for c in chunks],
                     16,
                     "cpu",
-                    [len(prompt), len(other)][: len(chunks)],
+                    [length, len(other)][: len(chunks)],
                     kernel_below=kernel_below,
                 )
                 out = model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
@@ -697,6 +697,10 @@ def test_prompt_rows_below_kernel_below_compute_the_same_bits_however_chunked(tm
         assert torch.equal(one, last_logits([30, 40, 30], 64))
         assert torch.equal(one, last_logits([100], 64, with_other=True))
         assert torch.equal(one, last_logits([64, 36], 64))
+        # A 40-token prompt: every row a kernel row (a pure decode step's form).
+        short = last_logits([40], 64)
+        assert torch.equal(short, last_logits([25, 15], 64))
+        assert torch.equal(short, last_logits([40], 64, with_other=True))
     rectangle = last_logits([100], 0)
     scale = rectangle.float().abs().max().item()
     tol = 2e-2 * scale if dtype == torch.bfloat16 else 1e-5 * scale  # bf16 rounding, 2 layers

@@ -285,8 +285,8 @@ def test_a_chunked_prompt_batch_attends_in_a_rectangle_per_prompt():
 
 def test_prompt_rows_below_kernel_below_are_kernel_rows():
     # kernel_below=64: a prompt chunk's rows at positions 0-63 take the paged kernel (with their
-    # own context), the rest a rectangle that starts at position 64; a chunk all below it needs
-    # no rectangle at all (parts == []).
+    # own context), the rest a rectangle that starts at position 64; a step whose rows are all
+    # below it takes a pure decode step's form (a row each, its own table row and context).
     table = list(range(1, 9))
     inp = batch.build_ragged_batch(
         [Chunk("a", list(range(100)), 0)], [table], 16, "cpu", [100], kernel_below=64
@@ -307,9 +307,10 @@ def test_prompt_rows_below_kernel_below_are_kernel_rows():
         [40, 12],
         kernel_below=64,
     )
-    assert low.meta.parts == [] and low.meta.attn_mask is None
-    assert low.meta.kernel_rows.tolist() == list(range(42))
+    assert low.meta.parts is None and low.meta.attn_mask is None
+    assert low.meta.kernel_rows is None and low.meta.query_index is None
     assert low.meta.context_lens.tolist() == [*range(1, 41), 11, 12]
+    assert low.meta.block_tables.tolist() == [table[:3]] * 40 + [[20, 0, 0]] * 2
     # Generated tokens in a recompute (from position 90) are kernel rows too: the rectangle
     # covers the prompt's rows 64-89 alone.
     again = batch.build_ragged_batch(

@@ -93,16 +93,17 @@ class AttentionMetadata:
             by the row alone, never by the rest of the batch (see ``build_ragged_batch``), so
             a sequence computes the same numbers alone or in any batch.
         kernel_rows: ``[R]`` flat token index of each kernel row, or None when every row is
-            one (a pure decode step: ``T == B``, one row per sequence, ``block_tables`` rows).
+            one (a pure decode step: ``T == B``, one row per sequence, ``block_tables`` rows;
+            a step of short prompts' rows takes that form too, ``block_tables`` a row per
+            token).
         kernel_tables: ``[R, L / block_size]`` the block table of each kernel row's sequence
             (None together with ``kernel_rows``).
         gathered_rows: in a part (below), ``[G]`` flat token index of each step row its
             rectangle covers; its ``block_tables``, ``attn_mask``, ``query_index`` and
             ``output_index`` describe these rows' sequences, indices counted over these rows
             alone. None outside parts.
-        parts: the rectangles of a step whose rows take several, or none (``[]``: every row a
-            kernel row; the outer ``attn_mask`` then None), or None: one rectangle over every
-            row.
+        parts: the rectangles of a step whose rows take several (the outer ``attn_mask`` then
+            None), or None: one rectangle over every row.
             Decode sequences (one kernel row each) are left out of them: the paged kernel
             computes those rows, or where it does not apply, a gather over ``kernel_tables`` and
             ``context_lens`` as in a pure decode step; so are prompt rows below

@@ -134,8 +134,12 @@ def _ragged_batch(
     rect_lens = np.maximum(hi - lo, 0)
     is_kernel_row = (positions < lo[seq_index]) | (positions >= hi[seq_index])
     mask = None  # a pure decode step's: made from context_lens if needed (AttentionMetadata)
-    if q == 1 and is_kernel_row.all():  # a pure decode step: one kernel row per sequence
-        context_lens = ctx
+    if is_kernel_row.all():
+        # Every row through the kernel, in a pure decode step's form: one row per sequence (a
+        # short prompt's rows each its own, with its own context; the decode stack's at up to
+        # 32 rows, see carpool.model.decode_stack).
+        context_lens = positions + 1
+        rect_tables = tables[seq_index]
     elif not is_kernel_row.any() and len(groups := rectangle_groups(q_lens, starts)) == 1:
         mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
             q_lens, starts, tables, block_size
@@ -150,7 +154,7 @@ def _ragged_batch(
             context_lens = positions[kernel_rows] + 1
             kernel_tables = tables[seq_index[kernel_rows]]
         rect = np.flatnonzero(rect_lens > 0)
-        groups = [rect[g] for g in rectangle_groups(rect_lens[rect], lo[rect])] if len(rect) else []
+        groups = [rect[g] for g in rectangle_groups(rect_lens[rect], lo[rect])]
         parts = [
             (
                 np.concatenate(
@@ -199,9 +203,8 @@ def step_input(
     ``slot_mapping``, ``block_tables``, ``query_index``, ``output_index``, ``context_lens``,
     ``kernel_rows``, ``kernel_tables``, ``logits_indices`` (None where absent); ``mask`` and
     ``query_chunks``: one rectangle over every row (``parts`` None), or ``parts``: a rectangle
-    each over some rows (``attention_rectangle``; none when every row is a kernel row), the
-    outer mask then None. The index tensors, the parts'
-    included, travel in one packed copy, the masks in another."""
+    each over some rows (``attention_rectangle``), the outer mask then None. The index tensors,
+    the parts' included, travel in one packed copy, the masks in another."""
     tensors = {k: int64_tensor(a) for k, a in host.items()}
     for i, (rows, (_, p_query, p_output, p_tables, _)) in enumerate(parts or []):
         tensors |= {
