@@ -16,23 +16,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
-from dataclasses import dataclass
 
 import checkout  # noqa: F401  (this checkout's src first on sys.path)
-import torch
+from alternated import forward_alternated
 
 from carpool import LLM
+from carpool.scheduling.output import ScheduledChunk
 from carpool.worker import batch
-
-
-@dataclass
-class Chunk:
-    request_id: str
-    token_ids: list[int]
-    start_pos: int
-    needs_sample: bool = True
 
 
 def main() -> None:
@@ -70,26 +60,13 @@ def main() -> None:
     print("| prompt rows | rectangle ms | kernel below ms | ratio | largest logit difference |")
     print("|---:|---:|---:|---:|---:|")
     for n in lengths:
-        chunk = Chunk("p", [rng.randrange(vocab) for _ in range(n)], args.start)
+        ids = [rng.randrange(vocab) for _ in range(n)]
+        chunk = ScheduledChunk("p", ids, args.start, [], 0, needs_sample=True)
         inputs = {
             k: batch.build_ragged_batch([chunk], [table], bs, "cpu", [args.start + n], None, kb)
             for k, kb in (("rectangle", 0), ("kernel", below))
         }
-        times: dict[str, list[float]] = {k: [] for k in inputs}
-        logits: dict[str, torch.Tensor] = {}
-        with torch.inference_mode():
-            for _ in range(args.repeats + 2):  # the first two of each: warm-up, dropped
-                for name, inp in inputs.items():
-                    t0 = time.perf_counter()
-                    logits[name] = runner.model(
-                        inp.input_ids,
-                        inp.positions,
-                        inp.meta,
-                        runner.kv_caches,
-                        inp.logits_indices,
-                    )
-                    times[name].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}
+        med, logits = forward_alternated(runner, inputs, args.repeats)
         diff = (logits["rectangle"].float() - logits["kernel"].float()).abs().max().item()
         ratio = med["rectangle"] / med["kernel"]
         print(f"| {n} | {med['rectangle']:.1f} | {med['kernel']:.1f} | {ratio:.2f}x | {diff:.2g} |")

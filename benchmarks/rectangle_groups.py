@@ -15,24 +15,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
-from dataclasses import dataclass
 
 import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import numpy as np
 import torch
+from alternated import forward_alternated
 
 from carpool import LLM
+from carpool.scheduling.output import ScheduledChunk
 from carpool.worker import batch
-
-
-@dataclass
-class Chunk:
-    request_id: str
-    token_ids: list[int]
-    start_pos: int
-    needs_sample: bool = True
 
 
 def main() -> None:
@@ -63,9 +54,11 @@ def main() -> None:
     rng = random.Random(0)
     vocab = llm.engine.model_config.vocab_size
     chunks = [
-        Chunk("decoding", [rng.randrange(vocab)], context - 1),
-        Chunk("tail", [rng.randrange(vocab) for _ in range(args.tail)], args.tail_at),
-        Chunk("new", [rng.randrange(vocab) for _ in range(args.new)], 0, needs_sample=False),
+        ScheduledChunk("decoding", [rng.randrange(vocab)], context - 1, [], 0, True),
+        ScheduledChunk(
+            "tail", [rng.randrange(vocab) for _ in range(args.tail)], args.tail_at, [], 0, True
+        ),
+        ScheduledChunk("new", [rng.randrange(vocab) for _ in range(args.new)], 0, [], 0, False),
     ]
     prompt_lens = [context - 1, args.tail_at + args.tail, args.new]
     grouped = batch.rectangle_groups
@@ -78,17 +71,7 @@ def main() -> None:
             batch.rectangle_groups = grouped
 
     inputs = {"one rectangle": build(True), "grouped": build(False)}
-    times: dict[str, list[float]] = {k: [] for k in inputs}
-    logits: dict[str, torch.Tensor] = {}
-    with torch.inference_mode():
-        for _ in range(args.repeats + 2):  # the first two of each: warm-up, dropped
-            for name, inp in inputs.items():
-                t0 = time.perf_counter()
-                logits[name] = runner.model(
-                    inp.input_ids, inp.positions, inp.meta, runner.kv_caches, inp.logits_indices
-                )
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}
+    med, logits = forward_alternated(runner, inputs, args.repeats)
     parts = {k: len(v.meta.parts or [v.meta]) for k, v in inputs.items()}
     print(
         f"{args.model}: decode row at {context - 1}, {args.tail} tokens at {args.tail_at}, "
