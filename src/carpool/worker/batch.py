@@ -133,6 +133,8 @@ def _ragged_batch(
         hi = np.minimum(ctx, np.fromiter(generated_from, dtype=np.int64, count=len(chunks)))
     rect_lens = np.maximum(hi - lo, 0)
     is_kernel_row = (positions < lo[seq_index]) | (positions >= hi[seq_index])
+    rect = np.flatnonzero(rect_lens > 0)
+    groups = [rect[g] for g in rectangle_groups(rect_lens[rect], lo[rect])] if len(rect) else []
     mask = None  # a pure decode step's: made from context_lens if needed (AttentionMetadata)
     if is_kernel_row.all():
         # Every row through the kernel, in a pure decode step's form: one row per sequence (a
@@ -140,7 +142,7 @@ def _ragged_batch(
         # 32 rows, see carpool.model.decode_stack).
         context_lens = positions + 1
         rect_tables = tables[seq_index]
-    elif not is_kernel_row.any() and len(groups := rectangle_groups(q_lens, starts)) == 1:
+    elif not is_kernel_row.any() and len(groups) == 1:  # one rectangle over every row
         mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
             q_lens, starts, tables, block_size
         )
@@ -153,8 +155,6 @@ def _ragged_batch(
             kernel_rows = np.flatnonzero(is_kernel_row)
             context_lens = positions[kernel_rows] + 1
             kernel_tables = tables[seq_index[kernel_rows]]
-        rect = np.flatnonzero(rect_lens > 0)
-        groups = [rect[g] for g in rectangle_groups(rect_lens[rect], lo[rect])]
         parts = [
             (
                 np.concatenate(
