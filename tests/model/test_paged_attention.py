@@ -712,6 +712,8 @@ def test_prompt_kernel_positions_follow_the_kernel_and_the_cache():
     assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2) == 4 * 512
     assert paged_attention.prompt_kernel_positions(bf16, torch.float32, 9, 3) == 3 * 512
     assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 8) == 512
+    fp32 = torch.empty(4, 16, 2, 2, 64, dtype=torch.float32)
+    assert paged_attention.prompt_kernel_positions(fp32, torch.float32, 8, 2) == 4 * 256
     # An int8 cache's kernel rounds queries to int8: its prompt rows keep the rectangle.
     int8 = torch.empty(4, 16, 2, 2, 68, dtype=torch.int8)
     assert paged_attention.prompt_kernel_positions(int8, torch.bfloat16, 8, 2) == 0

@@ -103,6 +103,8 @@ def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> b
 # tiles / kernel in ms: small (8 / 8 heads) 1.16 / 0.94 at 256, 5.6 / 4.2 at 512, 15.3 / 21.0 at
 # 1,024; SmolLM2 (9 / 3) 1.26 / 0.74, 6.2 / 3.5, 16.2 / 14.3, 45 / 43 at 2,040; medium (16 / 4)
 # 3.0 / 1.4, 10.6 / 6.9, 23.4 / 16.5, 99 / 81 (BENCHMARKS.md, issue 11, thirty-ninth pass).
+# A float32 cache takes half as many (its K/V twice the bytes): small's 512-token prefill step
+# 0.95x with the kernel to 512, 1.05x to 256 (benchmarks/prompt_kernel.py --dtype float32).
 PROMPT_KERNEL_TOKENS = 512
 
 
@@ -111,11 +113,14 @@ def prompt_kernel_positions(
 ) -> int:
     """Positions below which a prompt row is a kernel row (``build_ragged_batch``'s
     ``kernel_below``): ``PROMPT_KERNEL_TOKENS`` per query head of a kv head where the kernel
-    applies to a float cache, else 0 (an int8 cache's kernel rounds queries to int8, a GPU's
-    rows take the rectangle). Fixed for an engine, so a row's path follows from its position."""
+    applies to a bfloat16 cache, half as many over a float32 one, else 0 (an int8 cache's
+    kernel rounds queries to int8, a GPU's rows take the rectangle). Fixed for an engine, so a
+    row's path follows from its position."""
     if kv_cache.dtype == torch.int8 or not applies(kv_cache, query_dtype):
         return 0
-    return PROMPT_KERNEL_TOKENS * max(num_heads // num_kv_heads, 1)
+    # A float32 cache's rows are twice a bfloat16 one's bytes: out of L2 at half the tokens.
+    per_group = PROMPT_KERNEL_TOKENS * 2 // kv_cache.element_size()
+    return per_group * max(num_heads // num_kv_heads, 1)
 
 
 def quantizes_int8_queries(head_dim: int) -> bool:
