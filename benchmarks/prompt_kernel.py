@@ -10,6 +10,7 @@ each way, and the largest difference of the sampled row's logits (the two paths 
 differently; the engine takes one of them for a given position, always the same).
 
     python benchmarks/prompt_kernel.py --model small-BF16.gguf --prompt 128,512,1024
+    python benchmarks/prompt_kernel.py --model small-BF16.gguf --layout padded
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from alternated import forward_alternated
 from carpool import LLM
 from carpool.scheduling.output import ScheduledChunk
 from carpool.worker import batch
+from carpool.worker.padded import build_padded_batch
 
 
 def main() -> None:
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="the chunk's first position")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--layout", choices=("ragged", "padded"), default="ragged")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -46,6 +49,7 @@ def main() -> None:
         max_num_batched_tokens=max(lengths),
         kv_cache_memory_fraction=1.0,
         threads=args.threads,
+        layout=args.layout,
     )
     runner = llm.engine.runner
     below = runner._prompt_kernel_positions()
@@ -62,10 +66,18 @@ def main() -> None:
     for n in lengths:
         ids = [rng.randrange(vocab) for _ in range(n)]
         chunk = ScheduledChunk("p", ids, args.start, [], 0, needs_sample=True)
-        inputs = {
-            k: batch.build_ragged_batch([chunk], [table], bs, "cpu", [args.start + n], None, kb)
-            for k, kb in (("rectangle", 0), ("kernel", below))
-        }
+        if args.layout == "padded":
+            inputs = {
+                k: build_padded_batch(
+                    [chunk], [table], bs, runner.scratch_block, 0, "cpu", [args.start + n], kb
+                )
+                for k, kb in (("rectangle", 0), ("kernel", below))
+            }
+        else:
+            inputs = {
+                k: batch.build_ragged_batch([chunk], [table], bs, "cpu", [args.start + n], None, kb)
+                for k, kb in (("rectangle", 0), ("kernel", below))
+            }
         med, logits = forward_alternated(runner, inputs, args.repeats)
         diff = (logits["rectangle"].float() - logits["kernel"].float()).abs().max().item()
         ratio = med["rectangle"] / med["kernel"]

@@ -722,3 +722,27 @@ def test_prompt_kernel_positions_follow_the_kernel_and_the_cache():
         assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2) == 0
     finally:
         paged_attention.use_kernel(True)
+
+
+def test_the_padded_layout_routes_rows_below_kernel_below_as_the_ragged_batch_does():
+    # kernel_below=32: b's prompt rows at positions 0-31 are kernel rows in both layouts; the
+    # padded rectangles start at position 32 in every row (a's pads 32-59, b's rows 32-39, the
+    # idle seat's pads), in the same tile call as the ragged batch's rectangle over b's rows.
+    tables = [[3, 1], [2, 5, 6]]
+    chunks = [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [6] * 40, 0, tables[1])]
+    padded = build_padded_batch(chunks, tables, 16, 9, 1, "cpu", [20, 40], kernel_below=32)
+    ragged = build_ragged_batch(chunks, tables, 16, "cpu", [20, 40], kernel_below=32)
+    assert padded.meta.kernel_rows.tolist() == [0, *range(40, 72)]
+    assert ragged.meta.kernel_rows.tolist() == list(range(33))
+    assert padded.meta.context_lens.tolist() == ragged.meta.context_lens.tolist()
+    assert ragged.meta.context_lens.tolist() == [21, *range(1, 33)]
+    (part,) = padded.meta.parts
+    assert part.gathered_rows.tolist() == [*range(12, 40), *range(72, 80), *range(112, 120)]
+    (ragged_part,) = ragged.meta.parts
+    assert ragged_part.gathered_rows.tolist() == list(range(33, 41))
+    assert part.query_chunks == ragged_part.query_chunks == ((0, 32, 64),)
+    # Every row below the cutoff: no rectangle at all (the pads' attention is zeros).
+    short = [_Chunk("a", [5], 20, tables[0]), _Chunk("b", [6] * 10, 0, tables[1])]
+    low = build_padded_batch(short, tables, 16, 9, 0, "cpu", [20, 10], kernel_below=32)
+    assert low.meta.parts == [] and low.meta.attn_mask is None
+    assert low.meta.kernel_rows.tolist() == [0, *range(10, 20)]

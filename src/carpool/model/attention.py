@@ -199,7 +199,9 @@ class Attention(nn.Module):
         if meta.parts is None:
             out = self._gathered(qkv[:, :h], kv_cache, meta)
         else:  # rectangles over some rows each; decode rows left out are filled below
-            out = qkv.new_empty((t, self.q_size))
+            # Zeros: a padded layout's pads below its kernel rows' positions lie in no
+            # rectangle (their output is never read, but must stay finite for the next layer).
+            out = qkv.new_zeros((t, self.q_size))
             covered = 0
             for part in meta.parts:
                 part_rows = part.gathered_rows

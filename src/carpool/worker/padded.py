@@ -62,8 +62,8 @@ def build_padded_batch(
         chunks, block_tables, block_size, generated_from: as for ``build_ragged_batch``
             (``generated_from``: per chunk, its prompt length; tokens from it on take the paged
             decode kernel; None: every row of a step of one-token chunks does).
-        kernel_below: as for ``build_ragged_batch`` (the rows still lie in the rectangle,
-            their results replaced by the kernel's).
+        kernel_below: as for ``build_ragged_batch``: rectangles start there (a row's pads
+            below it attend to nothing, their output zeros).
         scratch_block: id of the KV block that absorbs every pad token's K/V.
         num_idle_rows: extra rows of pad tokens only (done seats of a static batch).
         device: where the tensors go.
@@ -125,22 +125,29 @@ def build_padded_batch(
         # scratch block (a pad's, finite), its output never read.
         context_lens = np.maximum(starts + q_lens, 1)
     else:
-        widths = np.full(rows, width, dtype=np.int64)
-        groups = rectangle_groups(widths, starts)
-        if len(groups) > 1:
-            # Rows far apart in position (a prompt beside sequences deep in their decode): a
-            # rectangle over each group of rows, as the ragged batch groups its prompt chunks.
-            parts = [
-                (
-                    np.concatenate([np.arange(k * width, (k + 1) * width) for k in group]),
-                    attention_rectangle(widths[group], starts[group], tables[group], block_size),
-                )
-                for group in groups
-            ]
-        else:
+        # Each row's rectangle from position kernel_below on: below it a row's tokens are
+        # kernel rows or pads, whose attention is never read (zeros, see Attention.forward).
+        lo = np.maximum(starts, kernel_below)
+        widths = np.maximum(starts + width - lo, 0)
+        live = np.flatnonzero(widths > 0)
+        groups = [live[g] for g in rectangle_groups(widths[live], lo[live])] if len(live) else []
+        if len(groups) == 1 and len(live) == rows and (lo == starts).all():
             mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
                 widths, starts, tables, block_size
             )
+        else:
+            # Rows far apart in position (a prompt beside sequences deep in their decode), or
+            # rows partly kernel rows: a rectangle over each group of rows' other tokens, as the
+            # ragged batch groups its prompt chunks.
+            parts = [
+                (
+                    np.concatenate(
+                        [k * width + lo[k] - starts[k] + np.arange(widths[k]) for k in group]
+                    ),
+                    attention_rectangle(widths[group], lo[group], tables[group], block_size),
+                )
+                for group in groups
+            ]
         if is_kernel.any():
             kernel_rows = np.flatnonzero(is_kernel.reshape(-1))
             context_lens = q_pos.reshape(-1)[kernel_rows] + 1
