@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from carpool import LLM, LLMEngine, SamplingParams
 from carpool.config import EngineConfig
+from carpool.model import paged_attention
 from helpers.hf_models import first_difference
 from helpers.tiny import NEW_TOKENS
 
@@ -16,7 +19,14 @@ def _check(tiny, prompts, token_lists) -> None:
         assert got == expected, f"prompt of {len(p)} tokens: " + first_difference(got, expected)
 
 
-def test_all_at_once_matches_transformers(tiny, device):
+@pytest.mark.parametrize("prompt_kernel_tokens", [None, 16, 0], ids=["default", "16", "none"])
+def test_all_at_once_matches_transformers(tiny, device, prompt_kernel_tokens, monkeypatch):
+    # Prompt rows below paged_attention.prompt_kernel_positions take the paged kernel, the rest
+    # the rectangle's SDPA tiles: the tiny model's prompts (1-330 tokens) lie all below the
+    # default cutoff, across it at 16 tokens a query head of a kv head (8 over this float32
+    # cache: prompts past 16 tokens), and all in rectangles at 0.
+    if prompt_kernel_tokens is not None:
+        monkeypatch.setattr(paged_attention, "PROMPT_KERNEL_TOKENS", prompt_kernel_tokens)
     llm = LLM(
         tiny.path, dtype="float32", device=device, max_num_batched_tokens=128, max_num_seqs=16
     )
