@@ -52,7 +52,7 @@ def main() -> None:
         layout=args.layout,
     )
     runner = llm.engine.runner
-    below = runner._prompt_kernel_positions()
+    below = runner.kernel_below
     bs = runner.block_size
     table = list(range(-(-longest // bs)))
     vocab = llm.engine.model_config.vocab_size

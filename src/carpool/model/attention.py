@@ -199,15 +199,18 @@ class Attention(nn.Module):
         if meta.parts is None:
             out = self._gathered(qkv[:, :h], kv_cache, meta)
         else:  # rectangles over some rows each; decode rows left out are filled below
-            # Zeros: a padded layout's pads below its kernel rows' positions lie in no
-            # rectangle (their output is never read, but must stay finite for the next layer).
-            out = qkv.new_zeros((t, self.q_size))
-            covered = 0
+            covered = sum(
+                p.gathered_rows.shape[0] for p in meta.parts if p.gathered_rows is not None
+            )
+            kernel = 0 if meta.kernel_rows is None else meta.kernel_rows.shape[0]
+            # Zeros where a row lies in no rectangle and is no kernel row (a padded layout's
+            # pads below the kernel rows' positions: never read, but finite for the next layer).
+            make = qkv.new_empty if covered + kernel == t else qkv.new_zeros
+            out = make((t, self.q_size))
             for part in meta.parts:
                 part_rows = part.gathered_rows
                 assert part_rows is not None, "a part names the rows it covers"
                 out[part_rows] = self._gathered(qkv[part_rows, :h], kv_cache, part)
-                covered += part_rows.shape[0]
         rows = meta.kernel_rows
         if use_kernel:
             # Decode rows of a mixed step take the kernel too (their gathered result is

@@ -123,7 +123,6 @@ def _ragged_batch(
     query_index = output_index = context_lens = kernel_rows = kernel_tables = None
     query_chunks = None
     rect_tables = tables
-    parts: list[tuple[np.ndarray, Rectangle]] | None = None
     # Each chunk's rows that are not kernel rows: positions [lo, hi), one contiguous run (the
     # kernel's rows are a prompt's first kernel_below positions and the generated tokens).
     lo = np.maximum(starts, kernel_below)
@@ -133,37 +132,28 @@ def _ragged_batch(
         hi = np.minimum(ctx, np.fromiter(generated_from, dtype=np.int64, count=len(chunks)))
     rect_lens = np.maximum(hi - lo, 0)
     is_kernel_row = (positions < lo[seq_index]) | (positions >= hi[seq_index])
-    rect = np.flatnonzero(rect_lens > 0)
-    groups = [rect[g] for g in rectangle_groups(rect_lens[rect], lo[rect])] if len(rect) else []
+    # Rectangles over groups of the chunks' other rows (rectangle_parts), the kernel rows in
+    # none: a decode sequence's or a short context's prompt rows padded to the longest chunk's
+    # tiles only wasted compute (a 512-token prompt beside 3 decoding sequences paid for
+    # 4 x 512 query rows: small's mixed steps 1.1-1.5x a prompt's step alone).
+    parts: list[tuple[np.ndarray, Rectangle]] | None = rectangle_parts(
+        offsets[:-1], lo, rect_lens, starts, tables, block_size
+    )
     mask = None  # a pure decode step's: made from context_lens if needed (AttentionMetadata)
-    if is_kernel_row.all():
+    if not parts:
         # Every row through the kernel, in a pure decode step's form: one row per sequence (a
         # short prompt's rows each its own, with its own context; the decode stack's at up to
         # 32 rows, see carpool.model.decode_stack).
         context_lens = positions + 1
         rect_tables = tables[seq_index]
-    elif not is_kernel_row.any() and len(groups) == 1:  # one rectangle over every row
-        mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
-            q_lens, starts, tables, block_size
-        )
-    else:
-        # Rectangles over groups of the chunks' other rows (rectangle_groups), the kernel rows
-        # in none: a decode sequence's or a short context's prompt rows padded to the longest
-        # chunk's tiles only wasted compute (a 512-token prompt beside 3 decoding sequences
-        # paid for 4 x 512 query rows: small's mixed steps 1.1-1.5x a prompt's step alone).
-        if is_kernel_row.any():
-            kernel_rows = np.flatnonzero(is_kernel_row)
-            context_lens = positions[kernel_rows] + 1
-            kernel_tables = tables[seq_index[kernel_rows]]
-        parts = [
-            (
-                np.concatenate(
-                    [offsets[k] + lo[k] - starts[k] + np.arange(rect_lens[k]) for k in g]
-                ),
-                attention_rectangle(rect_lens[g], lo[g], tables[g], block_size),
-            )
-            for g in groups
-        ]
+        parts = None
+    elif len(parts) == 1 and len(parts[0][0]) == len(input_ids):  # one over every row
+        mask, query_index, output_index, rect_tables, query_chunks = parts[0][1]
+        parts = None
+    elif is_kernel_row.any():
+        kernel_rows = np.flatnonzero(is_kernel_row)
+        context_lens = positions[kernel_rows] + 1
+        kernel_tables = tables[seq_index[kernel_rows]]
     sampling = [k for k, c in enumerate(chunks) if c.needs_sample]
     logits_indices = offsets[1:][sampling] - 1
 
@@ -314,6 +304,30 @@ def rectangle_groups(q_lens: np.ndarray, starts: np.ndarray) -> list[np.ndarray]
         groups[i] = (min(fi, fj), max(li, lj), sorted(ki + kj))
         del groups[j]
     return sorted((np.asarray(ks, dtype=np.int64) for _, _, ks in groups), key=lambda g: g[0])
+
+
+def rectangle_parts(
+    first_rows: np.ndarray,
+    lo: np.ndarray,
+    lens: np.ndarray,
+    starts: np.ndarray,
+    tables: np.ndarray,
+    block_size: int,
+) -> list[tuple[np.ndarray, Rectangle]]:
+    """The attention rectangles of a step's runs of rows (one run a chunk or padded row, its
+    first step row ``first_rows[k]`` at position ``starts[k]``): the ``lens[k]`` rows from
+    position ``lo[k]`` of each run, grouped by ``rectangle_groups``; ``(step rows,
+    attention_rectangle)`` per group, none for runs of no rows (every row a kernel row)."""
+    live = np.flatnonzero(lens > 0)
+    if not len(live):
+        return []
+    return [
+        (
+            np.concatenate([first_rows[k] + lo[k] - starts[k] + np.arange(lens[k]) for k in g]),
+            attention_rectangle(lens[g], lo[g], tables[g], block_size),
+        )
+        for g in (live[g] for g in rectangle_groups(lens[live], lo[live]))
+    ]
 
 
 def masks_to_device(

@@ -138,21 +138,17 @@ class ModelRunner:
         # A pure decode step's inputs, patched from step to step (the CPU's; elsewhere the
         # tensors are copies on the device, made anew).
         self._decode_inputs = DecodeInputs() if torch.device(device).type == "cpu" else None
-        self._query_dtype = model_dtype
+        # The batch builders' kernel_below (paged_attention.prompt_kernel_positions): fixed for
+        # the engine, as a row's path must follow from its position alone.
+        c = model.config
+        self.kernel_below = paged_attention.prompt_kernel_positions(
+            self.kv_caches[0], model_dtype, c.num_attention_heads, c.num_key_value_heads
+        )
 
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes actually allocated for the KV cache."""
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
-
-    def _prompt_kernel_positions(self) -> int:
-        """The batch builders' ``kernel_below``: prompt rows that take the paged kernel
-        (``paged_attention.prompt_kernel_positions``; asked each step, as the kernel can be
-        switched off)."""
-        c = self.model.config
-        return paged_attention.prompt_kernel_positions(
-            self.kv_caches[0], self._query_dtype, c.num_attention_heads, c.num_key_value_heads
-        )
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed
@@ -195,7 +191,7 @@ class ModelRunner:
                     output.num_idle_seats,
                     self.device,
                     prompts,
-                    kernel_below=self._prompt_kernel_positions(),
+                    kernel_below=self.kernel_below,
                 )
             else:
                 inp = build_ragged_batch(
@@ -205,7 +201,7 @@ class ModelRunner:
                     self.device,
                     prompts,
                     reuse=self._decode_inputs,
-                    kernel_below=self._prompt_kernel_positions(),
+                    kernel_below=self.kernel_below,
                 )
             num_padded = inp.num_tokens - output.num_batched_tokens
             logits = self.model(

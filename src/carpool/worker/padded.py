@@ -38,8 +38,7 @@ from carpool.worker.batch import (
     ChunkLike,
     ModelInput,
     Rectangle,
-    attention_rectangle,
-    rectangle_groups,
+    rectangle_parts,
     step_input,
 )
 
@@ -127,27 +126,14 @@ def build_padded_batch(
     else:
         # Each row's rectangle from position kernel_below on: below it a row's tokens are
         # kernel rows or pads, whose attention is never read (zeros, see Attention.forward).
+        # Rows far apart in position (a prompt beside sequences deep in their decode) get
+        # rectangles of their own, as the ragged batch groups its prompt chunks.
         lo = np.maximum(starts, kernel_below)
         widths = np.maximum(starts + width - lo, 0)
-        live = np.flatnonzero(widths > 0)
-        groups = [live[g] for g in rectangle_groups(widths[live], lo[live])] if len(live) else []
-        if len(groups) == 1 and len(live) == rows and (lo == starts).all():
-            mask, query_index, output_index, rect_tables, query_chunks = attention_rectangle(
-                widths, starts, tables, block_size
-            )
-        else:
-            # Rows far apart in position (a prompt beside sequences deep in their decode), or
-            # rows partly kernel rows: a rectangle over each group of rows' other tokens, as the
-            # ragged batch groups its prompt chunks.
-            parts = [
-                (
-                    np.concatenate(
-                        [k * width + lo[k] - starts[k] + np.arange(widths[k]) for k in group]
-                    ),
-                    attention_rectangle(widths[group], lo[group], tables[group], block_size),
-                )
-                for group in groups
-            ]
+        parts = rectangle_parts(np.arange(rows) * width, lo, widths, starts, tables, block_size)
+        if len(parts) == 1 and len(parts[0][0]) == rows * width:  # one over every row
+            mask, query_index, output_index, rect_tables, query_chunks = parts[0][1]
+            parts = None
         if is_kernel.any():
             kernel_rows = np.flatnonzero(is_kernel.reshape(-1))
             context_lens = q_pos.reshape(-1)[kernel_rows] + 1
