@@ -103,8 +103,8 @@ def batched_bench_command(
     weights, graph allocation), which carpool's sweep also keeps out of its timed rounds.
     The context holds every sequence at once: ``max(B) x (pp + tg)`` tokens. ``no_repack``
     adds ``-nr``: no extra weight buffer types (ggml's AMX and repacked layouts); on this
-    project's VM, which lists amx_tile/amx_int8, ggml's AMX Q8_0 kernel dies of SIGILL at its
-    first ``tilezero``.
+    project's VMs, which list amx_tile/amx_int8, ggml's AMX Q8_0 kernel died of SIGILL at its
+    first ``tilezero`` (SIGSEGV in the fortieth pass).
     """
     sizes = [batch_sizes[0], *batch_sizes]
     return [

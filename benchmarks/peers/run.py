@@ -170,10 +170,15 @@ class LlamaCppRuns:
         try:
             out, peak = run_measured(self.cmd, self.env, merge_stderr=True)
         except ProcessFailed as e:
-            if e.returncode != -signal.SIGILL or "-nr" in self.cmd:
+            faults = (-signal.SIGILL, -signal.SIGSEGV)
+            if e.returncode not in faults or "-nr" in self.cmd:
                 raise
-            # ggml's AMX kernels fault (SIGILL at tilezero) on this project's VM: without them.
-            print(f"  llama.cpp died of SIGILL; retrying with -nr\n{e}", file=sys.stderr)
+            # ggml's AMX kernels fault on this project's VMs (SIGILL at tilezero in earlier
+            # passes, SIGSEGV on the Q8_0 file in the fortieth): without them.
+            print(
+                f"  llama.cpp died of signal {-e.returncode}; retrying with -nr\n{e}",
+                file=sys.stderr,
+            )
             self.cmd = self._command(no_repack=True)
             out, peak = run_measured(self.cmd, self.env, merge_stderr=True)
         parsed = batched_bench.parse_batched_bench(out)

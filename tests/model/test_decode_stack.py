@@ -229,7 +229,7 @@ def test_an_int4_head_beside_a_plain_embedding_runs_in_decode_logits(checkpoints
         logits = decode_stack.logits_calls()
         want, got, taken = _both_paths(model, inp, caches)
         assert taken == 1 and torch.equal(got, want), f"{len(contexts)} rows"
-        # (Past the kernel's rows, 4 with AMX, the head stays in Python: QuantizedLinear.logits.)
+        # (Past the kernel's rows the head stays in Python: QuantizedLinear.logits.)
         assert decode_stack.logits_calls() == logits + (len(contexts) <= plan.head.max_rows)
 
 

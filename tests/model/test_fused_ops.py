@@ -235,8 +235,7 @@ def test_rotary_in_place_is_apply_rotarys(dtype, tmp_path):
 def test_int8_gemv_is_torchs_int8_kernel(rows):
     torch.manual_seed(5)
     x = torch.randn(rows, 576, dtype=torch.bfloat16)
-    # Odd: unequal shares per thread; at least INT8_GEMV_MIN_CODES (0 where bf16 is emulated).
-    n = max(-(-fused_ops.INT8_GEMV_MIN_CODES // 576), 3000) + 1
+    n = 3001  # odd: unequal shares per thread
     q = torch.randint(-127, 128, (n, 576), dtype=torch.int8)
     scales = (torch.rand(n) * 0.01).bfloat16()
     calls = fused_ops.fused_calls()
@@ -269,15 +268,13 @@ def test_int8_gemv_row_does_not_depend_on_its_neighbours(dtype, k):
 
 @pytest.mark.usefixtures("finite_row_limits")
 def test_int8_gemv_declines_what_it_does_not_take():
-    n = max(fused_ops.INT8_GEMV_MIN_CODES // 40, 1000) + 1
+    n = 1001
     q = torch.randint(-127, 128, (n, 40), dtype=torch.int8)  # K = 40: a scalar tail
     s = torch.rand(n).bfloat16()
     too_many = torch.randn(fused_ops.int8_gemv_max_rows(q.numel()) + 1, 40, dtype=torch.bfloat16)
     assert fused_ops.int8_gemv(too_many, q, s) is None  # rows
     assert fused_ops.int8_gemv(torch.randn(2, 40, dtype=torch.float16), q, s) is None
-    small = q[:64].contiguous()  # a layer-sized matrix: torch's kernel (see INT8_GEMV_MIN_CODES)
-    if fused_ops.INT8_GEMV_MIN_CODES > 64 * 40:
-        assert fused_ops.int8_gemv(torch.randn(1, 40, dtype=torch.bfloat16), small, s[:64]) is None
+    small = q[:64].contiguous()
     x = torch.randn(2, 40, dtype=torch.bfloat16)
     # (torch's own int8 kernel crashes on K = 40: compared with the exact products instead.)
     exact = (x.float() @ q.float().T) * s.float()
@@ -330,7 +327,7 @@ def test_int4_linear_takes_the_fused_kernel_for_a_few_rows(monkeypatch):
 
     monkeypatch.setattr(fused_ops, "int4_gemv", spy)
     lin = Int4Linear.from_float(torch.randn(96, 64), torch.randn(96), torch.float32)
-    most = fused_ops.INT4_GEMV_MAX_ROWS  # 4 with AMX, else 128
+    most = fused_ops.INT4_GEMV_MAX_ROWS  # 128 under finite_row_limits
     for rows, taken in ((1, True), (4, True), (most, True), (most + 1, False)):
         x = torch.randn(rows, 64)
         got = lin(x)
@@ -498,14 +495,14 @@ def test_int8_dot_row_does_not_depend_on_its_neighbours():
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n, k", [(1001, 576), (300, 576), (16, 576), (7, 576), (4096, 4096)])
-def test_int8_gemv_computes_int8_dots_bits_without_amx(n, k, x_dtype):
-    # On AVX-512 BF16 without AMX int8_gemv (a decode step's 1-8 rows) runs int8_dot's sums, so
-    # a Q8_0 model's row has the same bits in a step of any size. The two sum orders part only
+def test_int8_gemv_computes_int8_dots_bits(n, k, x_dtype):
+    # On AVX-512 BF16 (an AMX CPU's too) int8_gemv (a decode step's 1-8 rows) runs int8_dot's
+    # sums, so a Q8_0 model's row has the same bits in a step of any size. The two orders part
     # rarely after the bf16 rounding: the FMA loop int8_gemv ran before fails the 4096 x 4096
     # case in both dtypes (checked; a few elements of its 32,768), none of the small ones.
     # n = 1001, 300: runs of 16 columns and a last tile of one or four; 16: one run; 7: none.
     if not (torch.ops.carpool.int8_dot_fast() and fused_ops.rows_invariant()):
-        pytest.skip("int8_dot is not built here, or AMX: int8_gemv keeps its float32 FMAs")
+        pytest.skip("int8_dot is not built here (no AVX-512 BF16): int8_gemv keeps its FMAs")
     q, s = _int8_case(n, k, n)
     x = torch.randn(8, k, dtype=x_dtype)
     dot = torch.ops.carpool.int8_dot(x, q, s)
@@ -610,8 +607,9 @@ def test_linear_takes_bf16_linear_where_bf16_gemm_is_emulated(monkeypatch):
 
 @pytest.mark.usefixtures("finite_row_limits")
 def test_int8_gemv_row_limit_follows_the_weight_size():
-    # A vocabulary-sized weight takes the kernel up to INT8_GEMV_LARGE_MAX_ROWS rows (128 without
-    # AMX), a layer-sized one up to INT8_GEMV_MAX_ROWS: float32 rows, which any size takes.
+    # A vocabulary-sized weight takes the kernel up to INT8_GEMV_LARGE_MAX_ROWS rows (128 where
+    # bf16 is not emulated), a layer-sized one up to INT8_GEMV_MAX_ROWS: float32 rows, which any
+    # size takes.
     big = -(-fused_ops.INT8_GEMV_LARGE_CODES // 64)
     q = torch.randint(-127, 128, (big, 64), dtype=torch.int8)
     s = (torch.rand(big) * 0.01).bfloat16()
@@ -826,15 +824,15 @@ def test_int4_widen_vnni_is_the_widened_weight_packed(block, n, out, k, group):
         widen(packed, 3, scales_zeros, block, out)
 
 
-def test_the_kernels_take_every_row_count_without_amx():
-    # Without a bf16 GEMM (AVX2: an AMD Zen 2/3) and on AVX-512 BF16 without AMX (a Zen 4/5) a
-    # prefill's rows take the fused kernels too, so that a row's numbers do not depend on its
-    # step's size (int8 on AVX-512 BF16: int8_dot past int8_gemv's 8 rows); with AMX, or
-    # AVX-512 without BF16, the widened weight's GEMM takes them past a limit.
+def test_the_kernels_take_every_row_count_with_avx512_bf16_or_avx2():
+    # Without a bf16 GEMM (AVX2: an AMD Zen 2/3) and on AVX-512 BF16 (a Zen 4/5, an Intel Xeon
+    # with AMX) a prefill's rows take the fused kernels too, so that a row's numbers do not
+    # depend on its step's size (int8 on AVX-512 BF16: int8_dot past int8_gemv's 8 rows); on
+    # AVX-512 without BF16 the widened weight's GEMM takes them past a limit.
     assert fused_ops.load()
     emulated = fused_ops.bf16_emulated()
     flags = kernel_build.cpu_flags().split()
-    every = emulated or ("avx512_bf16" in flags and not torch.cpu._is_amx_tile_supported())
+    every = emulated or "avx512_bf16" in flags
     assert (fused_ops.INT4_GEMV_MAX_ROWS == fused_ops.ANY_ROWS) == every
     assert (fused_ops.INT8_GEMV_MAX_ROWS == fused_ops.ANY_ROWS) == emulated
     assert fused_ops.rows_invariant() == every

@@ -355,7 +355,7 @@ def row_limits(request) -> str:
     if request.param == "every row count":
         request.getfixturevalue("kernels_at_every_row_count")
     elif not fused_ops.rows_invariant():
-        pytest.skip("AMX or AVX-512 without BF16: a prefill's rows take the widened GEMM here")
+        pytest.skip("AVX-512 without BF16: a prefill's rows take the widened GEMM here")
     return request.param
 
 

@@ -250,7 +250,6 @@ def _limits() -> list[int]:
     """The thresholds by which the linears pick their kernels (the operator's ``Limits``)."""
     return [
         fused_ops.INT8_GEMV_MAX_ROWS,
-        fused_ops.INT8_GEMV_MIN_CODES,
         quant.INT8_WIDEN_ABOVE_ROWS,
         fused_ops.INT4_GEMV_MAX_ROWS,
         quant.int4_row_block(),

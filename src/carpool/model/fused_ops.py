@@ -211,16 +211,13 @@ def _int8_layout(qweight: torch.Tensor, scales: torch.Tensor) -> bool:
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """``(x @ qweight.T) * scales`` for up to ``int8_gemv_max_rows`` rows ``x`` ``[M, K]``, int8
     ``qweight`` ``[N, K]`` and bf16 ``scales`` ``[N]`` (``quant.Int8Linear``'s layout): bf16
-    ``x`` (for weights of at least ``INT8_GEMV_MIN_CODES`` codes) to bf16 out, or float32 ``x``
-    rounded to bf16 inside and the bf16 result widened (what casting around torch's kernel
-    does); None where the fused kernel does not apply (the caller runs torch's)."""
+    ``x`` to bf16 out, or float32 ``x`` rounded to bf16 inside and the bf16 result widened
+    (what casting around torch's kernel does); None where the fused kernel does not apply (the
+    caller runs torch's)."""
     if (
         x.dim() == 2
         and 1 <= x.shape[0] <= int8_gemv_max_rows(qweight.numel())
-        and (
-            x.dtype == torch.float32
-            or (x.dtype == torch.bfloat16 and qweight.numel() >= INT8_GEMV_MIN_CODES)
-        )
+        and x.dtype in (torch.float32, torch.bfloat16)
         and _int8_layout(qweight, scales)
         and _fused(x)
     ):
@@ -294,17 +291,18 @@ _BF16_EMULATED = (
     or not bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 ) and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
-_AMX = bool(torch.cpu._is_amx_tile_supported())
 _AVX512_BF16 = "avx512_bf16" in kernel_build.cpu_flags().split()
 # A row limit that is none: the kernel takes every row count.
 ANY_ROWS = sys.maxsize
 # Where the quantized kernels take every row count (ANY_ROWS, below): where bf16 is emulated,
-# and on AVX-512 BF16 without AMX (an AMD Zen 4 / Zen 5), whose int4 kernel decodes a group's
-# codes once for many rows (a prefill's) and whose int8_dot takes every count past
+# and on AVX-512 BF16 (an AMD Zen 4 / Zen 5, an Intel Xeon with AMX), whose int4 kernel decodes
+# a group's codes once for many rows (a prefill's) and whose int8_dot takes every count past
 # int8_gemv's 8 rows, in the same sums (int8_gemv runs int8_dot's loop there, for K a multiple
-# of 32, as every Q8_0 weight's: a row's bits at any row count). Not with AMX: there the
-# widened weight's GEMM runs on tiles, not measured against the kernels.
-_EVERY_ROW_COUNT = _BF16_EMULATED or (_AVX512_BF16 and not _AMX)
+# of 32, as every Q8_0 weight's: a row's bits at any row count). With AMX too since the
+# fortieth pass: there a prefill's rows took the weight widened to bf16 for a GEMM on tiles past
+# 4 rows, so a row's numbers depended on its step (a quantized test model's greedy tokens
+# changed with the prefill's chunking; BENCHMARKS.md, issue 11, fortieth pass).
+_EVERY_ROW_COUNT = _BF16_EMULATED or _AVX512_BF16
 
 
 def rows_invariant() -> bool:
@@ -331,38 +329,33 @@ def rows_invariant() -> bool:
 # "Sixth pass"); on AVX-512 BF16 without AMX (a Zen 4) every count too: at 1-128 rows of
 # SmolLM2-135M's layer matrices it measured 1.10-1.29x torch's with a float32 x (the casts
 # included) and 1.04-1.12x with a bf16 one (BENCHMARKS.md, issue 11, eleventh pass), past them
-# see _EVERY_ROW_COUNT; on AVX-512 without BF16 up to quant.INT4_WIDEN_ABOVE_ROWS; with AMX 1-4
-# rows, as measured on an Intel Xeon in earlier passes.
-INT4_GEMV_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else (4 if _AMX else 128)
+# see _EVERY_ROW_COUNT; on AVX-512 without BF16 up to quant.INT4_WIDEN_ABOVE_ROWS.
+INT4_GEMV_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else 128
 # Rows up to which int8_gemv takes an int8 weight-only product (the kernel takes any count):
 # where bf16 is emulated (AVX2) every count (above; up to 128 before, since there it measured
 # 1.0-1.5x torch's _weight_int8pack_mm at 1-32 rows and level with bf16_linear on the widened
-# codes without widening them: BENCHMARKS.md "Sixth pass"); with AMX 1-4 rows, as measured on
-# an Intel Xeon in earlier passes; on AVX-512 without AMX 1-8, since its four-row
+# codes without widening them: BENCHMARKS.md "Sixth pass"); on AVX-512 1-8, since its four-row
 # tiles: on a Zen 4 1.18-1.40x torch's kernel (with the casts a float32 model needs) at 4-8
 # rows of the small model's layer matrices, 0.85-1.25x at 12, level at 16 (BENCHMARKS.md,
 # issue 11, eleventh pass; with AVX-512 BF16 its loop is int8_dot's since the thirty-first
 # pass: 0.96x the float32-FMA loop at one row, 1.3-2.1x at 2-8), past them int8_dot: the same
 # bits.
-INT8_GEMV_MAX_ROWS = ANY_ROWS if _BF16_EMULATED else (4 if _AMX else 8)
+INT8_GEMV_MAX_ROWS = ANY_ROWS if _BF16_EMULATED else 8
 # Codes (N x K) from which an int8 weight counts as a vocabulary head rather than a layer matrix.
 INT8_GEMV_LARGE_CODES = 1 << 22
-# Weights from which it does for bf16 inputs (N x K codes): on a Xeon, on a vocabulary head
-# (49152 x 576) it measured 1.18-1.5x torch's kernel at one row, but 0.92x on the small model's
-# 0.25-1.4M-code layer matrices (its per-call setup), so those keep torch's there (BENCHMARKS.md
-# "Third pass"); on AVX2 it was ahead at every size. A float32 input takes it at every size: it
-# saves the two casts around torch's bf16 kernel. Without AMX (an AMD Zen 4) the layer matrices
-# read from memory at one row go faster through it too: the small Q8_0 model's batch-1 step
-# 3.11-3.92 ms against 3.86-5.26 with torch's (four alternated runs of profile_step.py;
-# BENCHMARKS.md, issue 11, tenth pass), so there only AMX machines keep torch's for them.
-INT8_GEMV_MIN_CODES = INT8_GEMV_LARGE_CODES if _AMX and not _BF16_EMULATED else 0
+# Every weight takes it for a bf16 or a float32 input (a float32 one saves the two casts around
+# torch's bf16 kernel). On an AMD Zen 4 the layer matrices read from memory at one row went
+# faster through it too: the small Q8_0 model's batch-1 step 3.11-3.92 ms against 3.86-5.26
+# with torch's (BENCHMARKS.md, issue 11, tenth pass). AMX machines had kept torch's kernel for
+# bf16 inputs to layer matrices (0.92x there at one row, "Third pass") until the fortieth pass:
+# other sums than int8_dot's past 8 rows, so a row's bits depended on its step.
 # Weights of at least INT8_GEMV_LARGE_CODES codes (vocabulary heads) take int8_gemv up to
 # INT8_GEMV_LARGE_MAX_ROWS rows. Without AMX (an AMD Zen 4) a head's other paths are no faster
 # at 8-32 rows (SmolLM2's 49152 x 576 head: int8_gemv 4.0 / 10.6 / 23.0 ms at 8 / 16 / 32 rows,
 # torch's kernel 5.7 / 11.5 / 23.0, widened to bf16 23.4 / 8.8 / 24.3), and widening it
 # holds a 57 MB bf16 copy for the step: the resident peak of a batch-32 decode (BENCHMARKS.md,
-# issue 11, ninth pass). With AMX the widened head's GEMM runs on tiles: as INT8_GEMV_MAX_ROWS.
-INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX or _BF16_EMULATED else 128
+# issue 11, ninth pass). Where bf16 is emulated: every count, as INT8_GEMV_MAX_ROWS.
+INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _BF16_EMULATED else 128
 
 
 # Rows up to which int8_dot takes the layer matrices past int8_gemv's rows: on AVX-512 BF16 without
@@ -373,8 +366,7 @@ INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _AMX or _BF16_EMULATED else 128
 # 96-128 rows (BENCHMARKS.md, issue 11, twenty-first pass); past them too where
 # _EVERY_ROW_COUNT: on a Zen 4 11.8 / 21.2 / 80.1 ms at 64 / 128 / 512 rows against 17.9 /
 # 30.2 / 82.4 widened (thirtieth pass), and a row's bits at any count. 0: not here (no AVX-512
-# BF16 in the build, or AMX, whose tiles were not measured against it; or the operators not
-# loaded).
+# BF16 in the build, or the operators not loaded).
 INT8_DOT_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else 64
 
 
@@ -384,7 +376,7 @@ def int8_dot_max_rows() -> int:
     if _int8_dot_here is None:
         if not _lib.active():
             return 0
-        fast = bool(torch.ops.carpool.int8_dot_fast()) and not _AMX and not _BF16_EMULATED
+        fast = bool(torch.ops.carpool.int8_dot_fast()) and not _BF16_EMULATED
         _int8_dot_here = fast
     return INT8_DOT_MAX_ROWS if _int8_dot_here else 0
 

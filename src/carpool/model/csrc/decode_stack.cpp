@@ -58,8 +58,7 @@ enum HeadKind : int64_t { kInt8Logits = 5, kInt4Logits = 6 };
 
 // Thresholds of quant.py and fused_ops.py, passed in by the caller (one source of truth).
 struct Limits {
-  int64_t int8_gemv_max_rows, int8_gemv_min_codes, int8_widen_above, int4_gemv_max_rows,
-      int4_block;
+  int64_t int8_gemv_max_rows, int8_widen_above, int4_gemv_max_rows, int4_block;
   bool bf16_emulated;
   int64_t int8_large_codes, int8_large_max_rows;  // fused_ops.int8_gemv_max_rows
   int64_t int8_dot_max_rows;  // fused_ops.int8_dot_max_rows() (0: not here)
@@ -71,8 +70,8 @@ struct Limits {
 
   // From the operator's `limits` argument (decode_stack.py's _limits, in that order).
   static Limits of(at::IntArrayRef l) {
-    TORCH_CHECK(l.size() == 10, "decode_stack: 10 limits expected, got ", l.size());
-    return {l[0], l[1], l[2], l[3], l[4], l[5] != 0, l[6], l[7], l[8], l[9] != 0};
+    TORCH_CHECK(l.size() == 9, "decode_stack: 9 limits expected, got ", l.size());
+    return {l[0], l[1], l[2], l[3], l[4] != 0, l[5], l[6], l[7], l[8] != 0};
   }
 };
 
@@ -196,8 +195,7 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
                         {x, a, maybe(b), n, int64_t{0}});
     case kInt8: {  // quant.Int8Linear.forward; a = codes, b = scales, c = bias
       const bool f32 = x.scalar_type() == at::kFloat;
-      if (rows <= lim.int8_max_rows(a.numel()) &&
-          (f32 || (x.scalar_type() == at::kBFloat16 && a.numel() >= lim.int8_gemv_min_codes)) &&
+      if (rows <= lim.int8_max_rows(a.numel()) && (f32 || x.scalar_type() == at::kBFloat16) &&
           b.scalar_type() == at::kBFloat16)
         return finish(ops().int8_gemv.call(x, a, b), x, c);
       if (rows > lim.int8_max_rows(a.numel()) && rows <= lim.int8_dot_max_rows &&

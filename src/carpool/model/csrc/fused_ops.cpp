@@ -980,7 +980,7 @@ void check_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qwei
   TORCH_CHECK(x.size(0) >= 1, op, ": at least one input row, got ", x.size(0));
 }
 
-#if defined(__AVX512BF16__) && !defined(__AMX_TILE__)
+#if defined(__AVX512BF16__)
 template <typename T>
 void int8_dot_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t rows,
                    int64_t n, int64_t k);
@@ -992,8 +992,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::Tensor y = at::empty({m, n}, x.options());  // x's dtype (float32: bf16 values widened)
   const int8_t* qp = qweight.data_ptr<int8_t>();
   const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
-#if defined(__AVX512BF16__) && !defined(__AMX_TILE__)
-  // With AVX-512 BF16 (without AMX, whose CPUs were not measured with it), int8_dot's sums: a
+#if defined(__AVX512BF16__)
+  // With AVX-512 BF16 (an AMX CPU's too since issue 11's fortieth pass), int8_dot's sums: a
   // row's bits are the same in a decode step of a few rows (here) and in a longer one
   // (int8_dot), so a Q8_0 model's tokens do not depend on how many rows share its step (its
   // FMA loop below gave other bits: 2 of 8 prompts' greedy tokens differed between batching
@@ -1065,9 +1065,9 @@ at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const 
 // (output columns), read once from memory: the codes widened to bf16 (exact: every int8 value
 // is a bf16), in registers in every pass for up to kDotDirectRows rows, else once into a buffer
 // in L1, then every pass of up to kDotRows input rows over them, each (row, column) a 16-lane
-// sum of bf16 pairs along K, summed by one reduce16 at the end. int8_gemv takes it too (without
-// AMX), so that a row's bits do not depend on which of the two its step's size picked. x and
-// the scales in bf16 (a float32 x rounded first), float32 sums, the scaled sum rounded to bf16:
+// sum of bf16 pairs along K, summed by one reduce16 at the end. int8_gemv takes it too, so
+// that a row's bits do not depend on which of the two its step's size picked. x and the scales
+// in bf16 (a float32 x rounded first), float32 sums, the scaled sum rounded to bf16:
 // what casting around torch's kernel gives, in another order. A row's sums take the same
 // instructions whatever rows share the call (the passes only group them): the same bits at
 // every row count the kernel takes (tested).
