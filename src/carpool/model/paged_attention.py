@@ -105,7 +105,12 @@ def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> b
 # 3.0 / 1.4, 10.6 / 6.9, 23.4 / 16.5, 99 / 81 (BENCHMARKS.md, issue 11, thirty-ninth pass).
 # A float32 cache takes half as many (its K/V twice the bytes): small's 512-token prefill step
 # 0.95x with the kernel to 512, 1.05x to 256 (benchmarks/prompt_kernel.py --dtype float32).
-PROMPT_KERNEL_TOKENS = 512
+# With AMX (an Intel Xeon) the rectangle's bf16 SDPA runs on tiles: small's one-chunk prefill
+# step with every row in the kernel against every row in rectangles 1.66x at 16 rows, 1.11x at
+# 128, level at 192, 0.89x at 256 and 0.68x at 512. There 128: 1.64x / 1.24x / 1.12x at 16 /
+# 64 / 128 rows, 0.92-0.97x past them (the split's cost; 64 gave 0.96x at 128-512, 192 0.86x at
+# 256; benchmarks/prompt_kernel.py, issue 11, fortieth pass).
+PROMPT_KERNEL_TOKENS = 128 if torch.cpu._is_amx_tile_supported() else 512
 
 
 def prompt_kernel_positions(
