@@ -274,7 +274,8 @@ def test_int8_gemv_declines_what_it_does_not_take():
     too_many = torch.randn(fused_ops.int8_gemv_max_rows(q.numel()) + 1, 40, dtype=torch.bfloat16)
     assert fused_ops.int8_gemv(too_many, q, s) is None  # rows
     assert fused_ops.int8_gemv(torch.randn(2, 40, dtype=torch.float16), q, s) is None
-    small = q[:64].contiguous()
+    small = q[:64].contiguous()  # a layer-sized matrix takes it too, on every CPU (AMX's included)
+    assert fused_ops.int8_gemv(torch.randn(1, 40, dtype=torch.bfloat16), small, s[:64]) is not None
     x = torch.randn(2, 40, dtype=torch.bfloat16)
     # (torch's own int8 kernel crashes on K = 40: compared with the exact products instead.)
     exact = (x.float() @ q.float().T) * s.float()
