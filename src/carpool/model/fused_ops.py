@@ -339,22 +339,23 @@ INT4_GEMV_MAX_ROWS = ANY_ROWS if _EVERY_ROW_COUNT else 128
 # rows of the small model's layer matrices, 0.85-1.25x at 12, level at 16 (BENCHMARKS.md,
 # issue 11, eleventh pass; with AVX-512 BF16 its loop is int8_dot's since the thirty-first
 # pass: 0.96x the float32-FMA loop at one row, 1.3-2.1x at 2-8), past them int8_dot: the same
-# bits.
+# bits. Every weight takes it, for a bf16 or a float32 input (a float32 one saves the two casts
+# around torch's bf16 kernel; on a Zen 4 the layer matrices at one row went faster through it
+# too: the small Q8_0 model's batch-1 step 3.11-3.92 ms against 3.86-5.26 with torch's, tenth
+# pass). AMX machines had kept torch's kernel for bf16 inputs to layer matrices (0.92x there at
+# one row, "Third pass") until the fortieth pass: other sums than int8_dot's past 8 rows, so a
+# row's bits depended on its step.
 INT8_GEMV_MAX_ROWS = ANY_ROWS if _BF16_EMULATED else 8
 # Codes (N x K) from which an int8 weight counts as a vocabulary head rather than a layer matrix.
 INT8_GEMV_LARGE_CODES = 1 << 22
-# Every weight takes it for a bf16 or a float32 input (a float32 one saves the two casts around
-# torch's bf16 kernel). On an AMD Zen 4 the layer matrices read from memory at one row went
-# faster through it too: the small Q8_0 model's batch-1 step 3.11-3.92 ms against 3.86-5.26
-# with torch's (BENCHMARKS.md, issue 11, tenth pass). AMX machines had kept torch's kernel for
-# bf16 inputs to layer matrices (0.92x there at one row, "Third pass") until the fortieth pass:
-# other sums than int8_dot's past 8 rows, so a row's bits depended on its step.
 # Weights of at least INT8_GEMV_LARGE_CODES codes (vocabulary heads) take int8_gemv up to
-# INT8_GEMV_LARGE_MAX_ROWS rows. Without AMX (an AMD Zen 4) a head's other paths are no faster
+# INT8_GEMV_LARGE_MAX_ROWS rows. On an AMD Zen 4 a head's other paths are no faster
 # at 8-32 rows (SmolLM2's 49152 x 576 head: int8_gemv 4.0 / 10.6 / 23.0 ms at 8 / 16 / 32 rows,
 # torch's kernel 5.7 / 11.5 / 23.0, widened to bf16 23.4 / 8.8 / 24.3), and widening it
 # holds a 57 MB bf16 copy for the step: the resident peak of a batch-32 decode (BENCHMARKS.md,
-# issue 11, ninth pass). Where bf16 is emulated: every count, as INT8_GEMV_MAX_ROWS.
+# issue 11, ninth pass); AMX machines take the same limit since the fortieth pass (before, 4
+# rows, then the widened head on tiles; its speed there is inside the peers' decode figures,
+# 0.98-1.09x at 16-32 rows). Where bf16 is emulated: every count, as INT8_GEMV_MAX_ROWS.
 INT8_GEMV_LARGE_MAX_ROWS = INT8_GEMV_MAX_ROWS if _BF16_EMULATED else 128
 
 
