@@ -4,6 +4,7 @@ Hugging Face checkpoint, and the resident weight bytes ``carpool memory`` predic
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from carpool import LLM, LLMEngine, SamplingParams
 from carpool.capacity import resident_weight_bytes, weight_bytes_for
 from carpool.config import EngineConfig
 from carpool.errors import ModelLoadError
-from carpool.model import fused_ops
+from carpool.model import fused_ops, quant
 from carpool.model.gguf_loader import GGUFCheckpoint
 from carpool.model.loader import load_model
 from carpool.model.quant import (
@@ -347,16 +348,35 @@ def test_a_prompt_longer_than_a_steps_tokens_on_a_quantized_head(checkpoint, met
     assert out.token_ids == expected, first_difference(out.token_ids, expected)
 
 
-@pytest.fixture(params=["every row count", "this CPU's"])
-def row_limits(request) -> str:
+@pytest.fixture(params=["every row count", "this CPU's", "prompts widened"])
+def row_limits(request, monkeypatch) -> Iterator[str]:
     """The test once with the quantized kernels at every row count (the default where bf16 is
-    emulated) and once with this CPU's own limits, where they keep one sum order
-    (``fused_ops.rows_invariant``; elsewhere a prefill's rows take the widened GEMM)."""
+    emulated) and no prompt row widened; once with this CPU's own limits and choice of
+    ``quant.wide_prompt_from`` (AMX: a prompt's rows from position 16 on through the widened
+    weight), where the limits keep one sum order (``fused_ops.rows_invariant``; elsewhere a
+    prefill's rows take the widened GEMM); and once with prompt rows from position 24 on
+    through the widened weight on any CPU (``row_paths``), which must then have been taken."""
     if request.param == "every row count":
         request.getfixturevalue("kernels_at_every_row_count")
-    elif not fused_ops.rows_invariant():
+        monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", False)
+    elif request.param == "this CPU's" and not fused_ops.rows_invariant():
         pytest.skip("AVX-512 without BF16: a prefill's rows take the widened GEMM here")
-    return request.param
+    widened = []
+    if request.param == "prompts widened":
+        if not fused_ops.rows_invariant():
+            request.getfixturevalue("kernels_at_every_row_count")
+        monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", True)
+        monkeypatch.setattr(quant, "WIDE_PROMPT_FROM", 24)
+        for cls in (quant.Int8Linear, quant.Int4Linear):
+            product = cls._wide_product
+
+            def counted(self, x2, product=product):  # noqa: ANN001, ANN202
+                widened.append(x2.shape[0])
+                return product(self, x2)
+
+            monkeypatch.setattr(cls, "_wide_product", counted)
+    yield request.param
+    assert request.param != "prompts widened" or widened, "no row took the widened weight"
 
 
 @pytest.mark.usefixtures("row_limits")

@@ -30,6 +30,7 @@ from torch import nn
 from carpool.config import ModelConfig
 from carpool.model import kv_layout, kv_quant, paged_attention
 from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, rotate_in_place
+from carpool.model.row_paths import WideRows
 
 
 class GatherBuffer:
@@ -114,6 +115,9 @@ class AttentionMetadata:
             of ``batch.PREFILL_TILE_ROWS`` positions, over the keys to the tile's end (see
             ``batch.attention_rectangle``), or None: one call over every row and key (a pure decode
             step's gather).
+        wide_rows: the step's rows whose quantized linears take the widened weight (a long
+            prompt's, ``carpool.model.row_paths``), or None: none (every row the kernels').
+            Not attention's, but the step's one hand-off object that reaches the layers.
     """
 
     slot_mapping: torch.Tensor
@@ -127,6 +131,7 @@ class AttentionMetadata:
     gathered_rows: torch.Tensor | None = None
     parts: list[AttentionMetadata] | None = None
     query_chunks: tuple[tuple[int, int, int], ...] | None = None
+    wide_rows: WideRows | None = None
     _additive: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:

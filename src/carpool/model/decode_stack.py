@@ -263,9 +263,11 @@ def _limits() -> list[int]:
 
 def _takes(plan: StackPlan, t: int, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> bool:
     """Whether the operator takes a step of ``t`` rows: a pure decode step of 1 to MAX_ROWS
-    rows through the paged kernel, with the operators loaded."""
+    rows through the paged kernel, with the operators loaded, none of them a row whose
+    quantized linears take the widened weight (``row_paths``: the stack has only the kernels)."""
     return (
         _lib.active()
+        and meta.wide_rows is None
         and fused_ops.active()
         and meta.context_lens is not None
         and meta.kernel_rows is None  # else a mixed prefill + decode step

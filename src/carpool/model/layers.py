@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.config import ModelConfig, RopeScaling
-from carpool.model import fused_ops, pages, vnni_linear
+from carpool.model import fused_ops, pages, row_paths, vnni_linear
 
 # Rows of a reduced-precision matmul are padded up to one of a few sizes: exact up to
 # ``_EXACT_ROWS``, then ``_BUCKETS_PER_OCTAVE`` sizes per power of two (at most 25% padding).
@@ -411,10 +411,17 @@ class GatedMLP(nn.Module):
         bounds = [*range(0, t, MLP_CHUNK_ROWS), t]
         if bounds[-1] - bounds[-2] <= MLP_MIN_CHUNK_ROWS:
             del bounds[-2]  # the short tail joins the chunk before it
+        wide = row_paths.current()
         with widen_once():  # quantized weights widened once for all the chunks
             # The chunks' [rows, hidden] outputs are small next to their [rows, 2I] temporaries.
             chunks = zip(bounds, bounds[1:], strict=False)
-            return torch.cat([self._swiglu(x[i:j]) for i, j in chunks])
+            if wide is None:
+                return torch.cat([self._swiglu(x[i:j]) for i, j in chunks])
+            out = []
+            for i, j in chunks:  # each chunk's own wide rows (row_paths)
+                with row_paths.use(wide.within(i, j)):
+                    out.append(self._swiglu(x[i:j]))
+            return torch.cat(out)
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward(fused_ops.silu_and_mul(self.gate_up_proj.forward(x)))

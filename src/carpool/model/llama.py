@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.model import decode_stack, kv_layout
+from carpool.model import decode_stack, kv_layout, row_paths
 from carpool.model.attention import Attention, AttentionMetadata, GatherBuffer
 from carpool.model.kv_quant import check_head_dim, row_width
 from carpool.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
@@ -156,9 +156,13 @@ class LlamaForCausalLM(nn.Module):
             stacked = decode_stack.run(plan, x, rope, meta, kv_caches)
         if stacked is not None:
             x, residual = stacked
-        else:
+        elif meta.wide_rows is None:
             for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
                 x, residual = layer.forward(x, residual, rope, meta, kv_cache)
+        else:  # a long prompt's rows take the quantized linears' widened weight (row_paths)
+            with row_paths.use(meta.wide_rows):
+                for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+                    x, residual = layer.forward(x, residual, rope, meta, kv_cache)
         if logits_indices.shape[0] == 0:
             # No row samples (a step of a long prompt's chunks before its last): no head. A
             # quantized head's float32 rescoring handed zero rows to its int8 or int4 kernel,

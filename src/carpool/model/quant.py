@@ -28,13 +28,14 @@ quantized tensor.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carpool.model import fused_ops, vnni_linear
+from carpool.model import fused_ops, row_paths, vnni_linear
 from carpool.model.layers import MLP_MIN_CHUNK_ROWS, linear_bucketed, widened
 from carpool.model.stored_tensor import StoredTensor
 
@@ -75,6 +76,43 @@ assert (
 RESCORE_TOP_K = 64
 
 
+# Prompt positions from which a prompt's rows take the weight widened into vnni_linear's layout
+# and multiplied on AMX tiles (row_paths), where that path applies (wide_prompt_from). On the
+# AMX Xeon of issue 11's forty-first pass, SmolLM2-135M's four layer matrices (int4): the
+# kernels 0.11 / 0.42 / 1.53 / 2.52 / 18.8 ms at 1 / 8 / 32 / 64 / 512 rows, widened and on
+# tiles 0.61 / 0.65 / 0.71 / 0.86 / 2.45 (0.49 of it the widening, paid once a step): level
+# near 12-30 rows. From 32, a prompt's first 32 rows never pay for a widening (short prompts
+# stay whole in the decode stack, which has only the kernels), and a 512-token prompt's step
+# takes ~3.9 ms a layer against 18.8.
+WIDE_PROMPT_FROM = 16
+# Where prompts take the widened weight at all: None: where vnni_linear multiplies on AMX tiles
+# (elsewhere it was not measured to pay: the int4 kernel decodes a group once for many rows on
+# an AVX-512 BF16 CPU without AMX, and AVX2 CPUs take the kernels at every row count); True /
+# False: forced (tests take the path on any CPU: vnni_linear's loops give a row's bits alone).
+WIDE_PROMPT_HERE: bool | None = None
+# CARPOOL_WIDE_PROMPT_FROM=n overrides WIDE_PROMPT_FROM where the path applies; 0 turns it off.
+ENV_WIDE_PROMPT_FROM = "CARPOOL_WIDE_PROMPT_FROM"
+
+
+def wide_prompt_from(model: nn.Module, device: torch.device | str) -> int:
+    """The prompt position from which a step's prompt rows take the quantized linears' widened
+    weight (``row_paths``; the batch builders' ``wide_from``), fixed for an engine as a row's
+    path must follow from the row alone; 0: never (no quantized linear, another device or
+    dtype, a CPU where it is not taken, ``vnni_linear`` not loaded, or turned off)."""
+    here = WIDE_PROMPT_HERE
+    if here is None:
+        here = vnni_linear.available(device) and vnni_linear.amx()
+    if not here or torch.device(device).type != "cpu" or not vnni_linear.loaded():
+        return 0
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not linears or any(
+        kernel_dtype(m.out_dtype) != torch.bfloat16 or not m.widens_to_vnni() for m in linears
+    ):
+        return 0
+    env = os.environ.get(ENV_WIDE_PROMPT_FROM, "").strip()
+    return max(0, int(env)) if env else WIDE_PROMPT_FROM
+
+
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype quantized matmuls compute in and keep scales in, for a model in ``dtype``."""
     return torch.float16 if dtype == torch.float16 else torch.bfloat16
@@ -92,6 +130,45 @@ class QuantizedLinear(nn.Module):
     bias: torch.Tensor | None
     # The model's dtype: what ``rows`` and ``dequantize`` return (forward returns its input's).
     out_dtype: torch.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` in ``x``'s dtype: each row through the kernels over the codes
+        (``_kernel_forward``), but the step's wide rows (``row_paths.current()``, a long
+        prompt's) through the widened weight (``_wide_product``)."""
+        wide = row_paths.current()
+        if wide is None:
+            return self._kernel_forward(x)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        assert x2.shape[0] == wide.rows, (
+            f"{type(self).__name__}: {x2.shape[0]} rows, but the step's wide rows are of "
+            f"{wide.rows}"
+        )
+        if wide.every_row:
+            y = self._finish(self._wide_product(x2), x2)
+        else:
+            # Each kind's rows in one call (a decode step's rows share one pass over the codes),
+            # each result copied into its rows of the output (the wide rows' cast to x's dtype
+            # in the same copy, then their bias, as _finish adds it).
+            kernel = wide.others()
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            _put_runs(y, kernel, self._kernel_forward(_take_runs(x2, kernel)))
+            _put_runs(y, wide.runs, self._wide_product(_take_runs(x2, wide.runs)), self.bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` through the kernels over the codes (or torch's), whatever the rows."""
+        raise NotImplementedError
+
+    def _wide_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ W.T`` (``[rows, out_features]`` bf16, no bias) for ``[rows, in_features]``
+        through the weight widened to bf16 into ``vnni_linear``'s layout (once per
+        ``widen_once`` block) and its loops, whose rows' bits do not depend on the rows beside
+        them."""
+        raise NotImplementedError
+
+    def widens_to_vnni(self) -> bool:
+        """Whether ``_wide_product`` applies to this layer's shape (an even ``in_features``)."""
+        return self.in_features % 2 == 0
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows ``[*ids.shape, in_features]`` in ``out_dtype`` (an embedding
@@ -151,6 +228,7 @@ class QuantizedLinear(nn.Module):
         xk: torch.Tensor,
         make: Callable[[], torch.Tensor],
         make_packed: Callable[[], torch.Tensor | None] | None = None,
+        vnni: bool = False,
     ) -> torch.Tensor:
         """``xk @ W.T`` (``[rows, out_features]`` in ``xk``'s dtype) for ``W = make()``, this
         layer's weight widened to ``xk``'s dtype, widened once per ``widen_once`` block.
@@ -160,8 +238,10 @@ class QuantizedLinear(nn.Module):
         float32 FMA loops: 1.3-1.4x ``bf16_linear`` on the plain widened weight at 64-512 rows
         of small's layer matrices, the packing included (BENCHMARKS.md, issue 11,
         twenty-seventh pass). ``make_packed``: the widened weight made in that layout at once
-        (None from it: pack ``make()``). Elsewhere the dense GEMM on the plain widened weight."""
-        if (
+        (None from it: pack ``make()``). ``vnni``: that layout whatever the CPU (a wide row's,
+        ``_wide_product``; ``vnni_linear`` loaded). Elsewhere the dense GEMM on the plain
+        widened weight."""
+        if vnni or (
             xk.dtype == torch.bfloat16
             and fused_ops.bf16_emulated()
             and vnni_linear.available(xk.device)
@@ -216,7 +296,15 @@ class Int8Linear(QuantizedLinear):
         """Symmetric per-output-channel quantization: ``scale = max|w| / 127`` per row."""
         return cls(*int8_quantize(weight, dtype), bias, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _wide_product(self, x2: torch.Tensor) -> torch.Tensor:
+        # The codes widened (exact in bf16), the row scales on the rounded output, as the
+        # widened GEMM below.
+        kd = self.scales.dtype
+        assert kd == torch.bfloat16, f"wide rows need bf16 scales, got {kd}"
+        xk = self._kernel_input(x2, kd)
+        return self._widened_product(xk, lambda: self.qweight.to(kd), vnni=True) * self.scales
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT8_GEMV_MAX_ROWS rows on the CPU: the fused kernel (it prefetches
         # the rows: 1.18-1.5x torch's on a vocabulary head not in cache; the same sums, in
         # another order) for a float32 x as it is, or a bf16 x times a large enough weight;
@@ -332,7 +420,13 @@ class Int4Linear(QuantizedLinear):
         """
         return cls(codes, scale, minimum, bias, dtype=dtype, packed=packed, minima=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _wide_product(self, x2: torch.Tensor) -> torch.Tensor:
+        kd = self.scales_zeros.dtype
+        assert kd == torch.bfloat16, f"wide rows need bf16 scales, got {kd}"
+        xk = self._kernel_input(x2, kd)
+        return self._widened_product(xk, lambda: self._dense(kd), self._dense_vnni, vnni=True)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT4_GEMV_MAX_ROWS rows on the CPU: the fused kernel over the same
         # codes (torch's is compute-bound; the same sums in another order), taking a float32 x
         # as it is.
@@ -420,6 +514,32 @@ class Int4Linear(QuantizedLinear):
             cached = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), 8)
             self._cuda_pack = cached
         return cached
+
+
+def _take_runs(x: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The rows of ``runs`` of ``x`` ``[T, K]``, in order (a view where there is one run)."""
+    if len(runs) == 1:
+        a, b = runs[0]
+        return x[a:b]
+    return torch.cat([x[a:b] for a, b in runs])
+
+
+def _put_runs(
+    out: torch.Tensor,
+    runs: tuple[tuple[int, int], ...],
+    y: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> None:
+    """Copy ``y`` (the rows of ``runs``, in order) into those rows of ``out`` (cast to its
+    dtype in the copy), then add ``bias`` to them."""
+    at = 0
+    for a, b in runs:
+        rows = out[a:b]
+        rows.copy_(y[at : at + b - a])
+        if bias is not None:
+            rows.add_(bias)
+        at += b - a
+    assert at == y.shape[0], f"{y.shape[0]} rows for runs of {at}"
 
 
 @functools.cache

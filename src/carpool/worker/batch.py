@@ -16,7 +16,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from carpool.model import row_paths
 from carpool.model.attention import AttentionMetadata
+from carpool.model.row_paths import WideRows
 
 
 class ChunkLike(Protocol):
@@ -48,6 +50,7 @@ def build_ragged_batch(
     generated_from: Sequence[int] | None = None,
     reuse: DecodeInputs | None = None,
     kernel_below: int = 0,
+    wide_from: int = 0,
 ) -> ModelInput:
     """Pack ``chunks`` end to end into one ``ModelInput``.
 
@@ -70,6 +73,9 @@ def build_ragged_batch(
             (``paged_attention.prompt_kernel_positions``: where the kernel computes a short
             context's rows faster than the rectangle's SDPA calls); 0: none. A function of the
             row's position alone, as the rule above.
+        wide_from: prompt rows (not generated ones) at positions from this on take the
+            quantized linears' widened weight (``AttentionMetadata.wide_rows``;
+            ``quant.wide_prompt_from``); 0: none. Again the row's own property.
     """
     assert chunks, "a batch needs at least one chunk"
     if all(len(c.token_ids) == 1 for c in chunks) and (
@@ -81,7 +87,9 @@ def build_ragged_batch(
         return _decode_batch(chunks, block_tables, block_size, device)[0]
     if reuse is not None:
         reuse.forget()
-    return _ragged_batch(chunks, block_tables, block_size, device, generated_from, kernel_below)
+    return _ragged_batch(
+        chunks, block_tables, block_size, device, generated_from, kernel_below, wide_from
+    )
 
 
 def _ragged_batch(
@@ -91,6 +99,7 @@ def _ragged_batch(
     device: torch.device | str,
     generated_from: Sequence[int] | None,
     kernel_below: int = 0,
+    wide_from: int = 0,
 ) -> ModelInput:
     """``build_ragged_batch`` of any step."""
     # Index arithmetic in numpy: dozens of tiny torch ops would cost more than the step's
@@ -132,6 +141,10 @@ def _ragged_batch(
         hi = np.minimum(ctx, np.fromiter(generated_from, dtype=np.int64, count=len(chunks)))
     rect_lens = np.maximum(hi - lo, 0)
     is_kernel_row = (positions < lo[seq_index]) | (positions >= hi[seq_index])
+    # A prompt's rows (below hi) from wide_from on: the quantized linears' widened weight.
+    wide = None
+    if wide_from > 0:
+        wide = row_paths.from_mask((positions >= wide_from) & (positions < hi[seq_index]))
     # Rectangles over groups of the chunks' other rows (rectangle_parts), the kernel rows in
     # none: a decode sequence's or a short context's prompt rows padded to the longest chunk's
     # tiles only wasted compute (a 512-token prompt beside 3 decoding sequences paid for
@@ -175,6 +188,7 @@ def _ragged_batch(
         parts,
         device,
         [chunks[k].request_id for k in sampling],
+        wide,
     )
 
 
@@ -185,6 +199,7 @@ def step_input(
     parts: list[tuple[np.ndarray, Rectangle]] | None,
     device: torch.device | str,
     sample_request_ids: list[str],
+    wide_rows: WideRows | None = None,
 ) -> ModelInput:
     """A step's ``ModelInput``: its index arrays on ``device`` and its ``AttentionMetadata``
     (both layouts' tail); ``sample_request_ids``: the requests of ``logits_indices``' rows.
@@ -193,7 +208,8 @@ def step_input(
     ``slot_mapping``, ``block_tables``, ``query_index``, ``output_index``, ``context_lens``,
     ``kernel_rows``, ``kernel_tables``, ``logits_indices`` (None where absent); ``mask`` and
     ``query_chunks``: one rectangle over every row (``parts`` None), or ``parts``: a rectangle
-    each over some rows (``attention_rectangle``), the outer mask then None. The index tensors,
+    each over some rows (``attention_rectangle``), the outer mask then None; ``wide_rows``: the
+    rows that take the widened quantized weight (``AttentionMetadata``). The index tensors,
     the parts' included, travel in one packed copy, the masks in another."""
     tensors = {k: int64_tensor(a) for k, a in host.items()}
     for i, (rows, (_, p_query, p_output, p_tables, _)) in enumerate(parts or []):
@@ -215,6 +231,7 @@ def step_input(
         kernel_rows=v["kernel_rows"],
         kernel_tables=v["kernel_tables"],
         query_chunks=query_chunks,
+        wide_rows=wide_rows,
         parts=None
         if parts is None
         else [

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from carpool.model import decode_stack, fused_ops, paged_attention, pages, vnni_linear
+from carpool.model import decode_stack, fused_ops, paged_attention, pages, quant, vnni_linear
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import Linear, prepack_linears
 from carpool.model.quant import QuantizedLinear
@@ -144,6 +144,9 @@ class ModelRunner:
         self.kernel_below = paged_attention.prompt_kernel_positions(
             self.kv_caches[0], model_dtype, c.num_attention_heads, c.num_key_value_heads
         )
+        # The builders' wide_from (quant.wide_prompt_from): a long prompt's rows through the
+        # quantized linears' widened weight, fixed for the engine as kernel_below is.
+        self.wide_from = quant.wide_prompt_from(model, device)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -192,6 +195,7 @@ class ModelRunner:
                     self.device,
                     prompts,
                     kernel_below=self.kernel_below,
+                    wide_from=self.wide_from,
                 )
             else:
                 inp = build_ragged_batch(
@@ -202,6 +206,7 @@ class ModelRunner:
                     prompts,
                     reuse=self._decode_inputs,
                     kernel_below=self.kernel_below,
+                    wide_from=self.wide_from,
                 )
             num_padded = inp.num_tokens - output.num_batched_tokens
             logits = self.model(

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from carpool.model import row_paths
 from carpool.worker.batch import (
     ChunkLike,
     ModelInput,
@@ -54,6 +55,7 @@ def build_padded_batch(
     device: torch.device | str = "cpu",
     generated_from: Sequence[int] | None = None,
     kernel_below: int = 0,
+    wide_from: int = 0,
 ) -> ModelInput:
     """Lay ``chunks`` out as a padded rectangle, plus ``num_idle_rows`` all-pad rows.
 
@@ -63,6 +65,7 @@ def build_padded_batch(
             decode kernel; None: every row of a step of one-token chunks does).
         kernel_below: as for ``build_ragged_batch``: rectangles start there (a row's pads
             below it attend to nothing, their output zeros).
+        wide_from: as for ``build_ragged_batch`` (pads take the kernels: never read).
         scratch_block: id of the KV block that absorbs every pad token's K/V.
         num_idle_rows: extra rows of pad tokens only (done seats of a static batch).
         device: where the tensors go.
@@ -106,7 +109,7 @@ def build_padded_batch(
 
     # Which real tokens take the paged decode kernel: the rule of the ragged batch.
     if generated_from is None:
-        is_kernel = valid & ((width == 1) | (q_pos < kernel_below))
+        is_prompt = valid & (width > 1)
     else:
         firsts = np.concatenate(
             (
@@ -114,7 +117,9 @@ def build_padded_batch(
                 np.zeros(num_idle_rows, dtype=np.int64),
             )
         )
-        is_kernel = valid & ((q_pos >= firsts[:, None]) | (q_pos < kernel_below))
+        is_prompt = valid & (q_pos < firsts[:, None])
+    is_kernel = valid & (~is_prompt | (q_pos < kernel_below))
+    wide = row_paths.from_mask(is_prompt & (q_pos >= wide_from)) if wide_from > 0 else None
     mask = query_index = output_index = kernel_rows = kernel_tables = context_lens = None
     query_chunks = None
     parts: list[tuple[np.ndarray, Rectangle]] | None = None
@@ -159,4 +164,5 @@ def build_padded_batch(
         parts,
         device,
         [chunks[k].request_id for k in sampling],
+        wide,
     )

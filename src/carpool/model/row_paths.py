@@ -1,0 +1,98 @@
+"""Which rows of a step take a quantized linear's *widened* weight: a long prompt's rows.
+
+A quantized linear has two ways to multiply (``carpool.model.quant``): its int4 / int8 kernels
+read the codes as they are, the cost growing with the rows (a decode step's few rows: the
+fastest there is), or the weight is widened to bf16 once in the step and multiplied by
+``vnni_linear``'s AMX loop (~0.5-0.7 ms of widening for SmolLM2's four layer matrices, then
+~4 us a row where the kernels take ~36 us). The two round differently, so which one a row takes
+must follow from the row alone, never from the rows beside it, or a request's greedy tokens
+would depend on its batch, its chunking and the batching strategy (BENCHMARKS.md, issue 11,
+fortieth pass: on an AMX machine 3 of 8 prompts changed tokens when a step's row count picked
+the path). The rule, as for the attention's kernel rows (``paged_attention``): a *prompt* row at
+a position of at least ``quant.wide_prompt_from`` takes the widened weight; every other row (a
+short prompt's, a prompt's first positions, every generated token's, also when recomputed after a
+preemption) the kernels. The batch builders mark the rows (``WideRows``, in
+``AttentionMetadata.wide_rows``) and the model's forward makes them current (``use``) while its
+layers run; ``QuantizedLinear.forward`` reads them (``current``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WideRows:
+    """The rows of a step of ``rows`` rows that take the widened weight: ``runs``, sorted,
+    disjoint, non-empty ``[start, end)`` ranges of flat row indices, none touching the next."""
+
+    rows: int
+    runs: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        last = -1
+        for a, b in self.runs:
+            assert last < a < b <= self.rows, f"WideRows: bad runs {self.runs} of {self.rows} rows"
+            last = b
+
+    @property
+    def every_row(self) -> bool:
+        """Whether every row of the step is a wide row."""
+        return self.runs == ((0, self.rows),)
+
+    def others(self) -> tuple[tuple[int, int], ...]:
+        """The runs of the rows that are not wide rows (the kernels'), in order."""
+        out, at = [], 0
+        for a, b in self.runs:
+            if a > at:
+                out.append((at, a))
+            at = b
+        if at < self.rows:
+            out.append((at, self.rows))
+        return tuple(out)
+
+    def within(self, start: int, end: int) -> WideRows | None:
+        """These rows among rows ``[start, end)``, counted from ``start`` (an MLP's row chunk);
+        None where none of them is a wide row."""
+        runs = tuple(
+            (max(a, start) - start, min(b, end) - start)
+            for a, b in self.runs
+            if a < end and b > start
+        )
+        return WideRows(end - start, runs) if runs else None
+
+
+def from_mask(wide: np.ndarray) -> WideRows | None:
+    """``WideRows`` of a boolean mask over a step's flat rows (None where none is set)."""
+    flat = np.asarray(wide, dtype=bool).reshape(-1)
+    if not flat.any():
+        return None
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], flat, [False])).astype(np.int8)))
+    runs = tuple((int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2], strict=True))
+    return WideRows(len(flat), runs)
+
+
+class _Current:
+    """The wide rows of the step whose layers are running (None: none, or outside a step)."""
+
+    rows: WideRows | None = None
+
+
+def current() -> WideRows | None:
+    """The wide rows of the rows now passing through the model's layers (``use``)."""
+    return _Current.rows
+
+
+@contextlib.contextmanager
+def use(rows: WideRows | None) -> Iterator[None]:
+    """Make ``rows`` current within this block (None: no wide rows); the outer value after it."""
+    outer = _Current.rows
+    _Current.rows = rows
+    try:
+        yield
+    finally:
+        _Current.rows = outer

@@ -1,0 +1,170 @@
+"""A long prompt's rows through the quantized linears' widened weight (``row_paths``): which rows
+the builders mark, that each row's result is the one its path gives it alone (so a request's
+numbers do not depend on its batch), the MLP's row chunks, the decode stack declining such steps
+and the engine's choice of ``wide_from``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from carpool.model import layers, quant, row_paths, vnni_linear
+from carpool.model.decode_stack import _takes
+from carpool.model.loader import load_model
+from carpool.model.quant import Int4Linear, Int8Linear
+from carpool.model.row_paths import WideRows
+from carpool.scheduling.output import ScheduledChunk
+from carpool.worker.batch import build_ragged_batch
+from carpool.worker.model_runner import prepare_model
+from carpool.worker.padded import build_padded_batch
+from helpers.hf_models import save_tiny_hf_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def operators():
+    from carpool.model import fused_ops
+
+    assert fused_ops.load() and vnni_linear.load(), "the CPU operators must build here"
+
+
+def test_wide_rows_runs_their_complement_and_a_chunks_share():
+    wide = WideRows(10, ((2, 4), (6, 9)))
+    assert wide.others() == ((0, 2), (4, 6), (9, 10))
+    assert not wide.every_row and WideRows(5, ((0, 5),)).every_row
+    assert WideRows(5, ((0, 5),)).others() == ()
+    assert wide.within(3, 7) == WideRows(4, ((0, 1), (3, 4)))
+    assert wide.within(4, 6) is None
+    assert wide.within(6, 10) == WideRows(4, ((0, 3),))
+    with pytest.raises(AssertionError, match="bad runs"):
+        WideRows(10, ((2, 4), (4, 6)))  # touching runs are one run
+    with pytest.raises(AssertionError, match="bad runs"):
+        WideRows(5, ((2, 6),))
+
+
+def test_from_mask():
+    assert row_paths.from_mask(np.zeros(4, dtype=bool)) is None
+    mask = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1], dtype=bool)
+    assert row_paths.from_mask(mask) == WideRows(9, ((1, 3), (4, 5), (7, 9)))
+    assert row_paths.from_mask(np.ones((2, 3), dtype=bool)) == WideRows(6, ((0, 6),))
+
+
+def _chunk(rid: str, start: int, n: int) -> ScheduledChunk:
+    return ScheduledChunk(
+        request_id=rid,
+        token_ids=[5] * n,
+        start_pos=start,
+        needs_sample=True,
+        new_block_ids=[],
+        num_kept_blocks=0,
+    )
+
+
+def test_the_builders_mark_prompt_rows_from_wide_from_on():
+    # a: a prompt chunk at positions 10-49 of a 40-token prompt (40-49 are generated tokens
+    # recomputed after a preemption: the kernels'); b: a decode row; c: a prompt's first 20.
+    chunks = [_chunk("a", 10, 40), _chunk("b", 30, 1), _chunk("c", 0, 20)]
+    prompts = [40, 12, 100]
+    tables = [list(range(8)), list(range(8, 16)), list(range(16, 24))]
+    inp = build_ragged_batch(chunks, tables, 8, generated_from=prompts, wide_from=16)
+    # a's positions 16..39 are rows 6..29; c's 16..19 are rows 41+16..41+19.
+    assert inp.meta.wide_rows == WideRows(61, ((6, 30), (57, 61)))
+    assert build_ragged_batch(chunks, tables, 8, generated_from=prompts).meta.wide_rows is None
+    # A pure decode step has none.
+    decode = build_ragged_batch(
+        [_chunk("b", 30, 1)], tables[1:2], 8, generated_from=[12], wide_from=16
+    )
+    assert decode.meta.wide_rows is None
+    # The padded layout: rows of width 40, the same real rows, pads the kernels'.
+    padded = build_padded_batch(
+        chunks, tables, 8, scratch_block=30, generated_from=prompts, wide_from=16
+    )
+    assert padded.meta.wide_rows == WideRows(120, ((6, 30), (96, 100)))
+
+
+@pytest.fixture(scope="module")
+def dense_weights():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(200, 96, generator=g) * 0.05, torch.randn(200, generator=g) * 0.1
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_row_gets_its_paths_bits_whatever_the_rows_beside_it(dense_weights, kind, dtype):
+    w, b = dense_weights
+    cls = Int8Linear if kind == "int8" else Int4Linear
+    lin = cls.from_float(w, b.to(dtype), dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 96, generator=g).to(dtype)
+    wide = WideRows(300, ((0, 7), (40, 41), (100, 290)))
+    with torch.inference_mode():
+        with row_paths.use(wide):
+            mixed = lin.forward(x)
+        kernel_alone = lin.forward(x)  # no wide rows: every row the kernels'
+        with row_paths.use(WideRows(300, ((0, 300),))):
+            wide_alone = lin.forward(x)
+        with row_paths.use(WideRows(1, ((0, 1),))):
+            one_wide = lin.forward(x[120:121])
+    assert mixed.dtype == dtype and mixed.shape == (300, 200)
+    is_wide = torch.zeros(300, dtype=torch.bool)
+    for a, c in wide.runs:
+        is_wide[a:c] = True
+    assert torch.equal(mixed[is_wide], wide_alone[is_wide])
+    assert torch.equal(mixed[~is_wide], kernel_alone[~is_wide])
+    assert torch.equal(one_wide, wide_alone[120:121])  # a wide row alone or beside 299
+    # Both paths compute the dequantized weight's product, rounded differently.
+    ref = x.float() @ lin.dequantize().float().T + b.to(dtype).float()
+    assert torch.allclose(wide_alone.float(), ref, atol=0.05, rtol=0.02)
+    assert not torch.equal(wide_alone, kernel_alone)  # else the test shows nothing
+
+
+def test_a_chunked_mlp_takes_each_chunks_own_wide_rows(monkeypatch, tmp_path):
+    save_tiny_hf_model("llama", tmp_path)
+    model, _ = load_model(tmp_path, dtype="float32", quantization="int4")
+    prepare_model(model, "cpu")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(700, mlp.gate_up_proj.in_features)
+    wide = WideRows(700, ((10, 20), (200, 600)))  # across the chunks' bounds at 256 and 512
+    with torch.inference_mode(), row_paths.use(wide):
+        chunked = mlp.forward(x)
+        monkeypatch.setattr(layers, "MLP_CHUNK_ROWS", 1 << 30)
+        whole = mlp.forward(x)
+    assert torch.equal(chunked, whole)
+
+
+def test_the_decode_stack_declines_a_step_with_wide_rows(tmp_path):
+    save_tiny_hf_model("llama", tmp_path)
+    model, _ = load_model(tmp_path, dtype="bfloat16", quantization="int8")
+    prepare_model(model, "cpu")
+    plan = model.decode_plan
+    assert plan is not None
+    caches = model.allocate_kv_cache(8, 16, torch.bfloat16, "cpu")
+    chunks = [_chunk("a", 20, 4)]  # a prompt's rows 20..23, every one a kernel row (below 512)
+    inp = build_ragged_batch(chunks, [list(range(8))], 16, generated_from=[100], kernel_below=512)
+    assert _takes(plan, 4, inp.meta, caches)
+    wide = build_ragged_batch(
+        chunks, [list(range(8))], 16, generated_from=[100], kernel_below=512, wide_from=16
+    )
+    assert wide.meta.wide_rows == WideRows(4, ((0, 4),))
+    assert not _takes(plan, 4, wide.meta, caches)
+
+
+def test_wide_prompt_from(tmp_path, monkeypatch):
+    save_tiny_hf_model("llama", tmp_path)
+    quantized, _ = load_model(tmp_path, dtype="float32", quantization="int4")
+    dense, _ = load_model(tmp_path, dtype="float32")
+    half, _ = load_model(tmp_path, dtype="float16", quantization="int8")
+    monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", True)
+    assert quant.wide_prompt_from(quantized, "cpu") == quant.WIDE_PROMPT_FROM > 0
+    assert quant.wide_prompt_from(dense, "cpu") == 0  # no quantized linear
+    assert quant.wide_prompt_from(half, "cpu") == 0  # float16 kernels: no bf16 widening
+    monkeypatch.setenv(quant.ENV_WIDE_PROMPT_FROM, "40")
+    assert quant.wide_prompt_from(quantized, "cpu") == 40
+    monkeypatch.setenv(quant.ENV_WIDE_PROMPT_FROM, "0")
+    assert quant.wide_prompt_from(quantized, "cpu") == 0
+    monkeypatch.delenv(quant.ENV_WIDE_PROMPT_FROM)
+    monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", False)
+    assert quant.wide_prompt_from(quantized, "cpu") == 0
+    monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", None)  # this CPU's choice: AMX tiles only
+    expected = quant.WIDE_PROMPT_FROM if vnni_linear.amx() else 0
+    assert quant.wide_prompt_from(quantized, "cpu") == expected
