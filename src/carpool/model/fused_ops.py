@@ -301,7 +301,9 @@ ANY_ROWS = sys.maxsize
 # of 32, as every Q8_0 weight's: a row's bits at any row count). With AMX too since the
 # fortieth pass: there a prefill's rows took the weight widened to bf16 for a GEMM on tiles past
 # 4 rows, so a row's numbers depended on its step (a quantized test model's greedy tokens
-# changed with the prefill's chunking; BENCHMARKS.md, issue 11, fortieth pass).
+# changed with the prefill's chunking; BENCHMARKS.md, issue 11, fortieth pass). Since the
+# forty-first pass a long prompt's rows take the widened weight on AMX again, chosen by the
+# row's position rather than by the step's row count (quant.wide_prompt_from, row_paths).
 _EVERY_ROW_COUNT = _BF16_EMULATED or _AVX512_BF16
 
 
@@ -322,7 +324,7 @@ def rows_invariant() -> bool:
 # kernel at every row count: a row computes the same bits alone or in any step (tested). The
 # price where bf16 is emulated (a Zen 2): a 512-token prompt's step of SmolLM2 ~1.1x slower, of
 # a Q8_0 model 1.04-1.12x (BENCHMARKS.md, issue 11, twenty-ninth pass); on a Zen 4 see the
-# thirtieth pass. With AMX the faster GEMM on the widened weight still takes a prefill.
+# thirtieth pass. With AMX a long prompt's rows take the widened weight by position (above).
 # Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count):
 # where bf16 is emulated every count (above; it measured 1.3-2x torch's
 # _weight_int4pack_mm_for_cpu at 4-64 rows there: benchmarks/quant_kernels.py, BENCHMARKS.md

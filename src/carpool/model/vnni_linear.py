@@ -21,7 +21,10 @@ columns widened from one load, up to six rows a pass): 1.4-1.7x ``fused_ops.bf16
 plain weights at 4-32 rows, ~1.05x at 1-2 (BENCHMARKS.md, issue 11, twenty-second pass), and
 1.1-1.4x more at 16-512 rows since the twenty-seventh pass (six rows keep 12 sums in flight).
 There a quantized model's prefill also multiplies its widened weights in this layout
-(``quant.QuantizedLinear._widened_product``; ``pack`` is then one C++ pass per step).
+(``quant.QuantizedLinear._widened_product``; ``pack`` is then one C++ pass per step). With
+AMX a quantized model's long prompts do the same, for the rows ``carpool.model.row_paths`` marks
+(a prompt's from ``quant.wide_prompt_from`` on): this loop gives a row its bits whatever the
+rows beside it, which oneDNN's GEMM did not.
 
 ``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16 with or
 without AMX, or AVX2 without AVX-512); elsewhere it keeps oneDNN's packed layout where oneDNN
