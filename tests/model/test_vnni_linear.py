@@ -56,6 +56,25 @@ def test_the_operators_pack_is_the_reference(n, k):
         torch.ops.carpool.vnni_pack(torch.zeros(4, 3, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("n, k", [(1, 2), (7, 30), (64, 16), (70, 34), (130, 1376), (576, 1536)])
+def test_int8_codes_pack_as_their_bf16_values(n, k):
+    # vnni_pack_int8 widens and packs in one pass (8 x 8 words at a time from 16 codes a row,
+    # the rest word by word): the bits of packing the codes converted to bf16 (exact), the
+    # extremes -128 and 127 and zero included.
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    codes[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+    codes[-1, -1] = 0
+    expected = vnni_linear.pack_reference(codes.to(torch.bfloat16))
+    assert torch.equal(torch.ops.carpool.vnni_pack_int8(codes), expected)
+    assert torch.equal(vnni_linear.pack_int8(codes), expected)
+    strided = codes.T.contiguous().T  # not contiguous: packed as its contiguous copy
+    assert torch.equal(torch.ops.carpool.vnni_pack_int8(strided), expected)
+    with pytest.raises(RuntimeError, match="even K"):
+        torch.ops.carpool.vnni_pack_int8(torch.zeros(4, 3, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="int8 CPU tensor"):
+        torch.ops.carpool.vnni_pack_int8(torch.zeros(4, 4, dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("slice_bytes", [1, 64 * 96 * 2 * 3, 4 << 20])
 @pytest.mark.parametrize("n, k", [(64, 2), (448, 96), (1024, 1376)])
 def test_packing_in_place_is_pack_over_the_same_bytes(monkeypatch, slice_bytes, n, k):

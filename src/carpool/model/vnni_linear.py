@@ -100,6 +100,17 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return pack_reference(weight)
 
 
+def pack_int8(codes: torch.Tensor) -> torch.Tensor:
+    """``pack(codes.to(torch.bfloat16))`` for int8 ``[N, K]`` codes (K even), in one pass where
+    the operator is loaded (an int8 weight's wide rows widen it every step that holds some)."""
+    assert codes.dim() == 2 and codes.dtype == torch.int8 and codes.shape[1] % 2 == 0, (
+        f"vnni_linear.pack_int8: need [N, even K] int8, got {tuple(codes.shape)} {codes.dtype}"
+    )
+    if codes.device.type == "cpu" and _lib.active():
+        return torch.ops.carpool.vnni_pack_int8(codes)
+    return pack_reference(codes.to(torch.bfloat16))
+
+
 # Rows ``pack_in_place`` packs at a time: 4 MiB of bf16 (the one temporary, their packed copy).
 IN_PLACE_SLICE_BYTES = 4 << 20
 

@@ -782,19 +782,12 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
 // to bf16 and packs them here in every step on AVX2 CPUs (torch's permute-and-copy took
 // 4-6 ms for small's seven layer matrices on a Zen 2, as long as a sixth of their product at
 // 512 rows; issue 11, twenty-seventh pass).
-at::Tensor vnni_pack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 &&
-                  weight.size(1) % 2 == 0 && weight.device().is_cpu(),
-              "vnni_pack: weight must be a [N, even K] bfloat16 CPU tensor, got ", weight.sizes(),
-              " ", weight.scalar_type());
-  const at::Tensor w = weight.contiguous();
-  const int64_t n = w.size(0), pairs = w.size(1) / 2, blocks = (n + kBlockN - 1) / kBlockN;
-  at::Tensor out = at::empty({blocks, pairs, kBlockN, 2}, w.options());
-  if (blocks == 0 || pairs == 0) return out;
-  // A column's pair of bf16 weights as one 32-bit word: row r, pair p at src[r * pairs + p];
-  // block b, pair p, column c at dst[(b * pairs + p) * kBlockN + c].
-  const auto* src = reinterpret_cast<const uint32_t*>(w.data_ptr());
-  auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+//
+// Source: ``Word(r, p)``, row r's pair p as a 32-bit word (the even input's bf16 in the low
+// half), and ``Words8(r, p0)``, pairs p0..p0+7 of row r as 8 such words in a vector (AVX2).
+template <typename Word, typename Words8>
+void pack_words(uint32_t* dst, int64_t n, int64_t pairs, Word word, [[maybe_unused]] Words8 words8) {
+  const int64_t blocks = (n + kBlockN - 1) / kBlockN;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       uint32_t* db = dst + b * pairs * kBlockN;
@@ -805,8 +798,7 @@ at::Tensor vnni_pack(const at::Tensor& weight) {
 #if defined(__AVX2__)
         for (; full_rows && p0 + 8 <= pairs; p0 += 8) {
           __m256i r[8], t[8];
-          for (int i = 0; i < 8; ++i)
-            r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (r0 + i) * pairs + p0));
+          for (int i = 0; i < 8; ++i) r[i] = words8(r0 + i, p0);
           for (int i = 0; i < 8; i += 2) {
             t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
             t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
@@ -827,10 +819,77 @@ at::Tensor vnni_pack(const at::Tensor& weight) {
 #endif
         for (; p0 < pairs; ++p0)
           for (int64_t i = 0; i < 8; ++i)
-            db[p0 * kBlockN + c0 + i] = r0 + i < n ? src[(r0 + i) * pairs + p0] : 0u;
+            db[p0 * kBlockN + c0 + i] = r0 + i < n ? word(r0 + i, p0) : 0u;
       }
     }
   });
+}
+
+at::Tensor vnni_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 &&
+                  weight.size(1) % 2 == 0 && weight.device().is_cpu(),
+              "vnni_pack: weight must be a [N, even K] bfloat16 CPU tensor, got ", weight.sizes(),
+              " ", weight.scalar_type());
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), pairs = w.size(1) / 2, blocks = (n + kBlockN - 1) / kBlockN;
+  at::Tensor out = at::empty({blocks, pairs, kBlockN, 2}, w.options());
+  if (blocks == 0 || pairs == 0) return out;
+  // A column's pair of bf16 weights as one 32-bit word: row r, pair p at src[r * pairs + p];
+  // block b, pair p, column c at dst[(b * pairs + p) * kBlockN + c].
+  const auto* src = reinterpret_cast<const uint32_t*>(w.data_ptr());
+  auto word = [&](int64_t r, int64_t p) { return src[r * pairs + p]; };
+#if defined(__AVX2__)
+  auto words8 = [&](int64_t r, int64_t p0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * pairs + p0));
+  };
+#else
+  auto words8 = nullptr;
+#endif
+  pack_words(reinterpret_cast<uint32_t*>(out.data_ptr()), n, pairs, word, words8);
+  return out;
+}
+
+// ``vnni_pack(codes.to(bfloat16))`` for int8 codes [N, K] (exact in bf16: every int8 is), in
+// one pass: an int8 weight's wide rows (quant.Int8Linear._wide_product) pack it in every step
+// that holds a long prompt's rows. SmolLM2-135M's four layer matrices: 0.69 ms through the
+// conversion and vnni_pack on the AMX Xeon of issue 11's forty-first pass.
+at::Tensor vnni_pack_int8(const at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.size(1) % 2 == 0 &&
+                  codes.device().is_cpu(),
+              "vnni_pack_int8: codes must be a [N, even K] int8 CPU tensor, got ", codes.sizes(),
+              " ", codes.scalar_type());
+  const at::Tensor q = codes.contiguous();
+  const int64_t n = q.size(0), k = q.size(1), pairs = k / 2, blocks = (n + kBlockN - 1) / kBlockN;
+  at::Tensor out = at::empty({blocks, pairs, kBlockN, 2}, q.options().dtype(at::kBFloat16));
+  if (blocks == 0 || pairs == 0) return out;
+  const int8_t* src = q.data_ptr<int8_t>();
+  // An int8's bf16 bits: its float's high half (exact: 8 significant bits at most).
+  auto bf16 = [](int8_t v) {
+    const float f = static_cast<float>(v);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    return bits >> 16;
+  };
+  auto word = [&](int64_t r, int64_t p) {
+    const int8_t* c = src + r * k + 2 * p;
+    return bf16(c[0]) | (bf16(c[1]) << 16);
+  };
+#if defined(__AVX2__)
+  auto words8 = [&](int64_t r, int64_t p0) {
+    // 16 codes -> 16 floats' high halves in 32-bit lanes -> 16-bit lanes in order (packus
+    // interleaves the 128-bit lanes: the permute puts them back): pairs p0..p0+7 as 8 words.
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + r * k + 2 * p0));
+    const __m256i lo = _mm256_srli_epi32(
+        _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))), 16);
+    const __m256i hi = _mm256_srli_epi32(
+        _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)))),
+        16);
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+  };
+#else
+  auto words8 = nullptr;
+#endif
+  pack_words(reinterpret_cast<uint32_t*>(out.data_ptr()), n, pairs, word, words8);
   return out;
 }
 
@@ -858,6 +917,7 @@ bool vnni_linear_amx() {
 TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("vnni_linear(Tensor x, Tensor weight, Tensor? bias, int n, int path=0) -> Tensor");
   m.def("vnni_pack(Tensor weight) -> Tensor");
+  m.def("vnni_pack_int8(Tensor codes) -> Tensor");
   m.def("vnni_linear_fast() -> bool");
   m.def("vnni_linear_amx() -> bool");
   m.def("vnni_linear_huge_pages(int start, int nbytes, bool on) -> ()");
@@ -867,6 +927,7 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
 TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("vnni_linear", &vnni_linear);
   m.impl("vnni_pack", &vnni_pack);
+  m.impl("vnni_pack_int8", &vnni_pack_int8);
 }
 
 TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {

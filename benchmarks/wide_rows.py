@@ -1,0 +1,87 @@
+"""A quantized model's prompt steps with its prompt rows widened from each of several positions.
+
+A prompt row at a position of at least ``wide_from`` takes the quantized linears' weight widened
+to bf16 once a step and multiplied on AMX tiles (``carpool.model.row_paths``); the other rows
+read the int4 / int8 codes in the kernels. For each ``--prompt`` length, ``--batch`` prompts of
+it from position 0 are built by ``build_ragged_batch`` with each ``--wide-from`` (0: no wide
+rows, the first one the baseline) and forwarded in one process, alternated, on the engine's own
+model and KV cache: the step's median ms and its speed against the first.
+
+    python benchmarks/wide_rows.py --model SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --prompt 20,32,40,48,64,128,512 --wide-from 0,16,32,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import checkout  # noqa: F401  (this checkout's src first on sys.path)
+from alternated import forward_alternated
+
+from carpool import LLM
+from carpool.scheduling.output import ScheduledChunk
+from carpool.worker import batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a quantized GGUF file or HF directory")
+    ap.add_argument("--prompt", default="20,32,40,64,128,512", help="comma-separated lengths")
+    ap.add_argument("--wide-from", default="0,16,32", help="comma-separated; the first: baseline")
+    ap.add_argument("--batch", type=int, default=1, help="prompts of each length in the step")
+    ap.add_argument("--quantization", default=None, help="int8 / int4 for an HF directory")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    lengths = [int(n) for n in args.prompt.split(",")]
+    froms = [int(w) for w in args.wide_from.split(",")]
+    longest = max(lengths)
+    llm = LLM(
+        args.model,
+        quantization=args.quantization,
+        max_num_seqs=args.batch,
+        max_model_len=longest,
+        max_num_batched_tokens=longest * args.batch,
+        kv_cache_memory_fraction=1.0,
+        threads=args.threads,
+    )
+    runner = llm.engine.runner
+    bs = runner.block_size
+    per_seq = -(-longest // bs)
+    tables = [list(range(k * per_seq, (k + 1) * per_seq)) for k in range(args.batch)]
+    vocab = llm.engine.model_config.vocab_size
+    rng = random.Random(0)
+    print(
+        f"{args.model}: {args.batch} prompt(s) a step, kernel rows below {runner.kernel_below}, "
+        f"the engine's wide_from {runner.wide_from}, {args.threads} threads, medians of "
+        f"{args.repeats}"
+    )
+    print("| prompt tokens | " + " | ".join(f"from {w} ms" for w in froms) + " |")
+    print("|---:|" + "---:|" * len(froms))
+    for n in lengths:
+        chunks = [
+            ScheduledChunk(f"p{k}", [rng.randrange(vocab) for _ in range(n)], 0, [], 0, True)
+            for k in range(args.batch)
+        ]
+        inputs = {
+            str(w): batch.build_ragged_batch(
+                chunks,
+                tables,
+                bs,
+                "cpu",
+                [n] * args.batch,
+                None,
+                runner.kernel_below,
+                wide_from=w,
+            )
+            for w in froms
+        }
+        med, _ = forward_alternated(runner, inputs, args.repeats)
+        base = med[str(froms[0])]
+        cells = [f"{med[str(w)]:.1f} ({base / med[str(w)]:.2f}x)" for w in froms]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
