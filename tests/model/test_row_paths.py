@@ -42,6 +42,22 @@ def test_wide_rows_runs_their_complement_and_a_chunks_share():
         WideRows(5, ((2, 6),))
 
 
+def test_the_current_rows_are_the_threads_own():
+    import threading
+
+    mine = WideRows(4, ((1, 2),))
+    seen = []
+    with row_paths.use(mine):
+        thread = threading.Thread(target=lambda: seen.append(row_paths.current()))
+        thread.start()
+        thread.join()
+        assert row_paths.current() is mine
+        with row_paths.use(None):
+            assert row_paths.current() is None
+        assert row_paths.current() is mine
+    assert seen == [None] and row_paths.current() is None
+
+
 def test_from_mask():
     assert row_paths.from_mask(np.zeros(4, dtype=bool)) is None
     mask = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1], dtype=bool)
@@ -162,6 +178,9 @@ def test_wide_prompt_from(tmp_path, monkeypatch):
     assert quant.wide_prompt_from(quantized, "cpu") == 40
     monkeypatch.setenv(quant.ENV_WIDE_PROMPT_FROM, "0")
     assert quant.wide_prompt_from(quantized, "cpu") == 0
+    monkeypatch.setenv(quant.ENV_WIDE_PROMPT_FROM, "-3")
+    with pytest.raises(ValueError, match="CARPOOL_WIDE_PROMPT_FROM: expected a position"):
+        quant.wide_prompt_from(quantized, "cpu")
     monkeypatch.delenv(quant.ENV_WIDE_PROMPT_FROM)
     monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", False)
     assert quant.wide_prompt_from(quantized, "cpu") == 0

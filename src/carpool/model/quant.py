@@ -112,7 +112,11 @@ def wide_prompt_from(model: nn.Module, device: torch.device | str) -> int:
     ):
         return 0
     env = os.environ.get(ENV_WIDE_PROMPT_FROM, "").strip()
-    return max(0, int(env)) if env else WIDE_PROMPT_FROM
+    if not env:
+        return WIDE_PROMPT_FROM
+    if not env.isdigit():
+        raise ValueError(f"{ENV_WIDE_PROMPT_FROM}: expected a position (0: off), got {env!r}")
+    return int(env)
 
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:

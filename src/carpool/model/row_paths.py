@@ -19,6 +19,7 @@ layers run; ``QuantizedLinear.forward`` reads them (``current``).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,23 +77,23 @@ def from_mask(wide: np.ndarray) -> WideRows | None:
     return WideRows(len(flat), runs)
 
 
-class _Current:
-    """The wide rows of the step whose layers are running (None: none, or outside a step)."""
-
-    rows: WideRows | None = None
+# The wide rows of the step whose layers are running in this thread (``rows``; unset: none, or
+# outside a step). Per thread: two engines of one process (an AsyncEngine's loop beside another)
+# may run steps at once.
+_current = threading.local()
 
 
 def current() -> WideRows | None:
     """The wide rows of the rows now passing through the model's layers (``use``)."""
-    return _Current.rows
+    return getattr(_current, "rows", None)
 
 
 @contextlib.contextmanager
 def use(rows: WideRows | None) -> Iterator[None]:
     """Make ``rows`` current within this block (None: no wide rows); the outer value after it."""
-    outer = _Current.rows
-    _Current.rows = rows
+    outer = current()
+    _current.rows = rows
     try:
         yield
     finally:
-        _Current.rows = outer
+        _current.rows = outer
