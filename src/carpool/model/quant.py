@@ -79,13 +79,13 @@ RESCORE_TOP_K = 64
 # Prompt positions from which a prompt's rows take the weight widened into vnni_linear's layout
 # and multiplied on AMX tiles (row_paths), where that path applies (wide_prompt_from). On the
 # AMX Xeon of issue 11's forty-first pass, SmolLM2-135M's four layer matrices (int4): the
-# kernels 0.11 / 0.80 / 1.53 / 18.9 ms at 1 / 16 / 32 / 512 rows, widened and on tiles 0.66 /
-# 0.69 / 0.72 / 2.56 (0.49 of it the widening, paid once a step; an int8 weight's 0.35). A
-# prompt alone, one step (benchmarks/wide_rows.py), SmolLM2 Q4_1 against no wide
-# rows: from 16, 0.59x / 0.87x at 20 / 32 tokens (their steps leave the decode stack, which has
-# only the kernels), 1.10x / 1.25x / 1.91x / 2.82x at 40 / 64 / 128 / 512; from 32, the same
-# speed to 32 tokens but 0.81x / 0.78x at 40 / 48 (a few rows pay for the widening), 1.52x /
-# 2.62x at 128 / 512. A chat turn with SmolLM2's system prompt is 36-42 tokens: from 16.
+# kernels 0.12 / 0.79 / 1.54 / 19.1 ms at 1 / 16 / 32 / 512 rows, widened and on tiles 0.53 /
+# 0.50 / 0.58 / 2.50 (0.37 of it the widening, paid once a step; an int8 weight's 0.35). A
+# prompt alone, one step (benchmarks/wide_rows.py), SmolLM2 Q4_1 against no wide rows: from 16,
+# 0.63x / 0.93x at 20 / 32 tokens (their steps leave the decode stack, which has only the
+# kernels), 1.18x / 1.34x / 2.00x / 2.79x at 40 / 64 / 128 / 512; from 32, the same speed to
+# 32 tokens but 0.87x / 0.82x at 40 / 48 (a few rows pay for the widening), 1.59x / 2.56x at
+# 128 / 512. A chat turn with SmolLM2's system prompt is 36-42 tokens: from 16.
 WIDE_PROMPT_FROM = 16
 # Where prompts take the widened weight at all: None: where vnni_linear multiplies on AMX tiles
 # (elsewhere it was not measured to pay: the int4 kernel decodes a group once for many rows on
