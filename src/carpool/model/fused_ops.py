@@ -310,8 +310,10 @@ _EVERY_ROW_COUNT = _BF16_EMULATED or _AVX512_BF16
 def rows_invariant() -> bool:
     """Whether, with this CPU's row limits, a quantized linear computes a row's bits whatever
     rows share its step (a Q8_0 weight's K a multiple of 32): where the kernels take every row
-    count in one sum order (``_EVERY_ROW_COUNT``). Elsewhere (AMX, or AVX-512 without BF16) a
-    prefill's rows take the widened weight's GEMM past a limit."""
+    count in one sum order (``_EVERY_ROW_COUNT``). Elsewhere (AVX-512 without BF16) a prefill's
+    rows take the widened weight's GEMM past a limit. (A long prompt's rows on AMX take the
+    widened weight by their position, ``quant.wide_prompt_from``: a row's bits follow from the
+    row there too.)"""
     return _EVERY_ROW_COUNT
 
 
