@@ -12,7 +12,9 @@ thread count, times ``y = x @ W.T`` with bf16 activations:
   the dense bf16 GEMM (what ``Int8Linear``/``Int4Linear`` do above ``*_WIDEN_ABOVE_ROWS`` rows);
 - ``int4_gemv`` / ``int8_gemv``: carpool's own kernels (``fused_ops``) over the same codes, at
   any row count (``Int4Linear`` / ``Int8Linear`` take them up to ``fused_ops.INT4_GEMV_MAX_ROWS``
-  / ``INT8_GEMV_MAX_ROWS`` rows).
+  / ``INT8_GEMV_MAX_ROWS`` rows);
+- ``int4 vnni`` / ``int8 vnni``: a long prompt's rows on an AMX CPU (``row_paths``): the weight
+  widened into ``vnni_linear``'s layout in the call, then its loop.
 
 torchao's CPU int4 weight-only layout (``Int4CPULayout``) calls the same
 ``_weight_int4pack_mm_for_cpu`` op, so its matmul is the ``int4`` column.
@@ -44,7 +46,7 @@ from pathlib import Path
 import checkout  # noqa: F401  (this checkout's src first on sys.path)
 import torch
 
-from carpool.model import fused_ops
+from carpool.model import fused_ops, vnni_linear
 from carpool.model.layers import Linear
 from carpool.model.quant import Int4Linear, Int8Linear, int4_row_block
 
@@ -102,6 +104,16 @@ def widened4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
     return torch.nn.functional.linear(x, q._dense(x.dtype))
 
 
+def vnni4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    """A wide row's product (``row_paths``): widened into vnni_linear's layout in the call."""
+    return vnni_linear.linear(x, q._dense_vnni(), None, q.out_features)
+
+
+def vnni8(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    packed = vnni_linear.pack_int8(q.qweight)
+    return vnni_linear.linear(x, packed, None, q.out_features) * q.scales
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", default="2,1")
@@ -115,12 +127,12 @@ def main() -> None:
         return
     torch.manual_seed(0)
     rows = []
-    ours = fused_ops.load()  # carpool's int4_gemv column where its operators build
+    ours = fused_ops.load() and vnni_linear.load()  # carpool's columns where they build
     print(
         "| shape | threads | M | bf16 us | int8 us | int4 us | int8 widened us | int4 widened us |"
-        + (" int4_gemv us | int8_gemv us |" if ours else "")
+        + (" int4_gemv us | int8_gemv us | int4 vnni us | int8 vnni us |" if ours else "")
     )
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if ours else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if ours else ""))
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for name, (n, k) in SHAPES.items():
@@ -146,6 +158,8 @@ def main() -> None:
                     fns["int8_gemv"] = partial(
                         torch.ops.carpool.int8_gemv, x, q8.qweight, q8.scales
                     )
+                    fns["int4 vnni"] = partial(vnni4, x, q4)
+                    fns["int8 vnni"] = partial(vnni8, x, q8)
                 with torch.inference_mode():
                     t = time_calls(fns)
                 rows.append(table_row(name, threads, m, t))
