@@ -49,6 +49,24 @@ def test_kernel_applies_to_float32_queries_over_a_bf16_cache_only():
         paged_attention.paged_decode_attention(q, fp32, tables, lens, 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads, head_dim", [(3, 64), (1, 40), (2, 128)])
+def test_the_gather_operator_is_index_select_then_rows(dtype, kv_heads, head_dim):
+    # carpool::kv_gather_rows: the gather path's two copies (whole blocks, then their pair-major
+    # keys back into rows) in one pass; repeated and out-of-order block ids included.
+    cache = torch.randn(9, 16, 2, kv_heads, head_dim).to(torch.bfloat16)
+    blocks = torch.tensor([4, 0, 8, 4, 2, 7])
+    expected = kv_layout.rows_of_blocks(cache.index_select(0, blocks), dtype)
+    out = torch.empty(len(blocks), 16, 2, kv_heads, head_dim, dtype=dtype)
+    assert paged_attention.gather_rows(cache, blocks, out)
+    assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="block id 9 outside"):
+        torch.ops.carpool.kv_gather_rows(cache, torch.tensor([1, 9]), out[:2])
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        torch.ops.carpool.kv_gather_rows(cache, blocks, out[:2])
+    assert not paged_attention.gather_rows(cache.float(), blocks, out)  # a float32 cache
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (4, 1)], ids=["mha", "gqa4", "mqa"])
 @pytest.mark.parametrize("head_dim", [32, 40, 64, 128])  # 40: the generic loops' tail
 def test_kernel_matches_gather_sdpa_on_the_widened_cache(heads, kv_heads, head_dim):

@@ -246,18 +246,24 @@ class Attention(nn.Module):
         # elements: twice as long, half as many ops as gathering K and V apart).
         # index_select, not advanced indexing: several times faster for this gather on CPU.
         blocks = meta.block_tables.view(-1)
-        kv = self.gather.take((blocks.shape[0], *kv_cache.shape[1:]), kv_cache)
-        torch.index_select(kv_cache, 0, blocks, out=kv)
+        shape = (blocks.shape[0], *kv_cache.shape[1:])
+        if kv_cache.dtype == torch.bfloat16:
+            # bfloat16 blocks (kv_layout's block layout) -> rows in the activation dtype (a
+            # float32 model's widened on the way), gathered and laid out in one pass where the
+            # CPU operator applies.
+            kv = self.gather.take(shape, q, slot="dequantized")
+            if not paged_attention.gather_rows(kv_cache, blocks, kv):
+                gathered = self.gather.take(shape, kv_cache)
+                torch.index_select(kv_cache, 0, blocks, out=gathered)
+                kv = kv_layout.rows_of_blocks(gathered, q.dtype, out=kv)
+        else:
+            kv = self.gather.take(shape, kv_cache)
+            torch.index_select(kv_cache, 0, blocks, out=kv)
         if kv_cache.dtype == torch.int8:
             # int8 blocks (kv_quant's block layout) -> the activation dtype, into a second
             # reused buffer.
             deq = self.gather.take((*kv.shape[:-1], d), q, slot="dequantized")
             kv = kv_quant.dequantize_blocks(kv, q.dtype, out=deq)
-        elif kv.dtype == torch.bfloat16:
-            # bfloat16 blocks (kv_layout's block layout) -> rows in the activation dtype (a
-            # float32 model's widened on the way), into a second reused buffer.
-            rows = self.gather.take(kv.shape, q, slot="dequantized")
-            kv = kv_layout.rows_of_blocks(kv, q.dtype, out=rows)
         kv = kv.view(b, -1, 2, kvh, d)
         # Strided [B, K, L, D] views, no copy: SDPA reads K and V through their strides.
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)

@@ -164,6 +164,22 @@ def store(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> 
     kv_cache.view(-1, two, kvh, d).index_copy_(0, slots, new_kv)
 
 
+def gather_rows(kv_cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> bool:
+    """Blocks ``blocks`` ([B] int64) of a bfloat16 ``kv_cache`` as rows into ``out`` ([B, S, 2,
+    K, D], float32 or bfloat16): ``index_select`` then ``kv_layout.rows_of_blocks`` in one
+    ``carpool::kv_gather_rows`` pass, the same values. False (``out`` untouched) where that
+    operator does not apply (another device or dtype, the kernel library not loaded)."""
+    if (
+        kv_cache.device.type == "cpu"
+        and kv_cache.dtype == torch.bfloat16
+        and out.dtype in _FLOATS
+        and kernel() is not None
+    ):
+        torch.ops.carpool.kv_gather_rows(kv_cache, blocks, out)
+        return True
+    return False
+
+
 def store_int8(kv_cache: torch.Tensor, slots: torch.Tensor, new_kv: torch.Tensor) -> None:
     """Quantize ``new_kv`` ``[T, 2, K, D]`` into the int8 ``kv_cache``'s flat ``slots``.
 

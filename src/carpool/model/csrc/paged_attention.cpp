@@ -21,8 +21,8 @@
 // The scale multiplies the dot product (K) or the softmax weight (V): dequantization costs one
 // multiply per row, not per element.
 //
-// Registered as the torch operators carpool::paged_decode_attention, carpool::kv_store_int8 and
-// carpool::kv_store (CPU only), so they show in torch.profiler under those names and need no
+// Registered as the torch operators carpool::paged_decode_attention, carpool::kv_store_int8,
+// carpool::kv_store and carpool::kv_gather_rows (CPU only), so they show in torch.profiler under those names and need no
 // pybind11 (a much shorter build).
 //
 // The inner loops (vec_math.h) use AVX-512 intrinsics where the build machine has them
@@ -939,6 +939,66 @@ void kv_store(const at::Tensor& src, at::Tensor cache, const at::Tensor& slots) 
   }
 }
 
+// Blocks `block_ids` ([B] int64) of the bfloat16 cache `cache` ([N, S, 2, K, D], kv_layout.py's
+// block layout) as rows into `out` ([B, S, 2, K, D], float32 or bfloat16, contiguous): the
+// gather path's index_select and kv_layout.rows_of_blocks in one pass, the same values (a
+// bfloat16 value widened exactly). Why: rows_of_blocks' strided copy of the pair-major keys
+// (pairs of 2 values) took 280 us a layer for a 512-token prompt's blocks of SmolLM2 (3 kv
+// heads of 64), 8 ms of its 246 ms step on the AMX Xeon (issue 11, forty-first pass).
+template <typename T>
+void gather_pair_rows(const c10::BFloat16* cache, const int64_t* ids, T* out, int64_t nb,
+                      int64_t bs, int64_t kvh, int64_t d) {
+  const int64_t region = 2 * bs * d;  // one kv head's values in a block
+  at::parallel_for(0, nb * kvh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / kvh, k = i % kvh;
+      const c10::BFloat16* hb = cache + (ids[b] * kvh + k) * region;  // its 4 KiB in L1
+      T* ob = out + b * bs * 2 * kvh * d;  // block b's rows: [S][2][K][D]
+      for (int64_t s = 0; s < bs; ++s) {
+        T* kr = ob + (s * 2 * kvh + k) * d;
+        T* vr = ob + (s * 2 * kvh + kvh + k) * d;
+        for (int64_t p = 0; p < d / 2; ++p) {
+          const c10::BFloat16* kp = hb + (p * bs + s) * 2;
+          kr[2 * p] = static_cast<T>(kp[0]);
+          kr[2 * p + 1] = static_cast<T>(kp[1]);
+        }
+        const c10::BFloat16* v = hb + bs * d + s * d;
+        for (int64_t j = 0; j < d; ++j) vr[j] = static_cast<T>(v[j]);
+      }
+    }
+  });
+}
+
+void kv_gather_rows(const at::Tensor& cache, const at::Tensor& block_ids, at::Tensor out) {
+  TORCH_CHECK(cache.dim() == 5 && cache.size(2) == 2 && cache.scalar_type() == at::kBFloat16 &&
+                  cache.is_contiguous(),
+              "kv_gather_rows: the cache must be a contiguous [N, S, 2, K, D] bfloat16 tensor, got ",
+              cache.sizes(), " ", cache.scalar_type());
+  TORCH_CHECK(block_ids.dim() == 1 && block_ids.scalar_type() == at::kLong,
+              "kv_gather_rows: block_ids must be a [B] int64 tensor, got ", block_ids.sizes(), " ",
+              block_ids.scalar_type());
+  const int64_t nb = block_ids.size(0), n = cache.size(0), bs = cache.size(1),
+                kvh = cache.size(3), d = cache.size(4);
+  TORCH_CHECK(d % 2 == 0, "kv_gather_rows: a bfloat16 cache needs an even head_dim, got ", d);
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 5 && out.size(0) == nb &&
+                  out.size(1) == bs && out.size(2) == 2 && out.size(3) == kvh &&
+                  out.size(4) == d &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "kv_gather_rows: out must be a contiguous [", nb, ", ", bs, ", 2, ", kvh, ", ", d,
+              "] float32 or bfloat16 tensor, got ", out.sizes(), " ", out.scalar_type());
+  const at::Tensor ids = block_ids.contiguous();
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nb; ++b)
+    TORCH_CHECK(ip[b] >= 0 && ip[b] < n, "kv_gather_rows: block id ", ip[b], " outside [0, ", n,
+                ")");
+  const c10::BFloat16* cp = cache.data_ptr<c10::BFloat16>();
+  if (out.scalar_type() == at::kFloat) {
+    gather_pair_rows<float>(cp, ip, out.data_ptr<float>(), nb, bs, kvh, d);
+  } else {
+    gather_pair_rows<c10::BFloat16>(cp, ip, out.data_ptr<c10::BFloat16>(), nb, bs, kvh, d);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(carpool, m) {
@@ -947,10 +1007,12 @@ TORCH_LIBRARY(carpool, m) {
       "Tensor context_lens, float scale) -> Tensor");
   m.def("kv_store_int8(Tensor src, Tensor(a!) cache, Tensor slots) -> ()");
   m.def("kv_store(Tensor src, Tensor(a!) cache, Tensor slots) -> ()");
+  m.def("kv_gather_rows(Tensor cache, Tensor block_ids, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("kv_store_int8", &kv_store_int8);
   m.impl("kv_store", &kv_store);
+  m.impl("kv_gather_rows", &kv_gather_rows);
 }
