@@ -30,12 +30,14 @@ def operators():
 
 def test_wide_rows_runs_their_complement_and_a_chunks_share():
     wide = WideRows(10, ((2, 4), (6, 9)))
-    assert wide.others() == ((0, 2), (4, 6), (9, 10))
+    assert wide.others == ((0, 2), (4, 6), (9, 10))
     assert not wide.every_row and WideRows(5, ((0, 5),)).every_row
-    assert WideRows(5, ((0, 5),)).others() == ()
+    assert WideRows(5, ((0, 5),)).others == ()
     assert wide.within(3, 7) == WideRows(4, ((0, 1), (3, 4)))
     assert wide.within(4, 6) is None
     assert wide.within(6, 10) == WideRows(4, ((0, 3),))
+    assert wide.within(3, 7) is wide.within(3, 7)  # kept: every layer asks again
+    assert wide.index.tolist() == [2, 3, 6, 7, 8] and wide.others_index.tolist() == [0, 1, 4, 5, 9]
     with pytest.raises(AssertionError, match="bad runs"):
         WideRows(10, ((2, 4), (4, 6)))  # touching runs are one run
     with pytest.raises(AssertionError, match="bad runs"):
@@ -106,13 +108,18 @@ def dense_weights():
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_row_gets_its_paths_bits_whatever_the_rows_beside_it(dense_weights, kind, dtype):
+@pytest.mark.parametrize(
+    "runs",
+    [((0, 7), (40, 41), (100, 290)), ((100, 290),), ((0, 150),), ((3, 40), (41, 300))],
+    ids=["indexed", "one run", "a prefix", "two runs"],  # index_copy_ past 2 runs, else slices
+)
+def test_each_row_gets_its_paths_bits_whatever_the_rows_beside_it(dense_weights, kind, dtype, runs):
     w, b = dense_weights
     cls = Int8Linear if kind == "int8" else Int4Linear
     lin = cls.from_float(w, b.to(dtype), dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(300, 96, generator=g).to(dtype)
-    wide = WideRows(300, ((0, 7), (40, 41), (100, 290)))
+    wide = WideRows(300, runs)
     with torch.inference_mode():
         with row_paths.use(wide):
             mixed = lin.forward(x)

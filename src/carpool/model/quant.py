@@ -78,15 +78,21 @@ RESCORE_TOP_K = 64
 
 # Prompt positions from which a prompt's rows take the weight widened into vnni_linear's layout
 # and multiplied on AMX tiles (row_paths), where that path applies (wide_prompt_from). On the
-# AMX Xeon of issue 11's forty-first pass, SmolLM2-135M's four layer matrices (int4): the
-# kernels 0.12 / 0.79 / 1.54 / 19.1 ms at 1 / 16 / 32 / 512 rows, widened and on tiles 0.53 /
-# 0.50 / 0.58 / 2.50 (0.37 of it the widening, paid once a step; an int8 weight's 0.35). A
-# prompt alone, one step (benchmarks/wide_rows.py), SmolLM2 Q4_1 against no wide rows: from 16,
-# 0.63x / 0.93x at 20 / 32 tokens (their steps leave the decode stack, which has only the
-# kernels), 1.18x / 1.34x / 2.00x / 2.79x at 40 / 64 / 128 / 512; from 32, the same speed to
-# 32 tokens but 0.87x / 0.82x at 40 / 48 (a few rows pay for the widening), 1.59x / 2.56x at
-# 128 / 512. A chat turn with SmolLM2's system prompt is 36-42 tokens: from 16.
-WIDE_PROMPT_FROM = 16
+# AMX Xeon of issue 11's forty-first pass, SmolLM2-135M's four layer matrices (int4;
+# benchmarks/quant_kernels.py): the kernels 0.11 / 0.78 / 1.52 / 18.2 ms at 1 / 16 / 32 / 512
+# rows, widened and on tiles 0.45 / 0.47 / 0.55 / 2.57 (~0.37 of it the widening, paid once a
+# step). One prompt's step (benchmarks/wide_rows.py, SmolLM2 Q4_1, against no wide rows):
+#   from 1: 0.22x / 0.50x / 0.86x at 2 / 8 / 16 tokens, 1.01x at 20, 1.43x / 1.77x / 2.77x /
+#           3.24x at 32 / 40 / 128 / 512;
+#   from 16: 1.00x to 16 tokens, 0.65x / 0.95x at 20 / 32 (such steps leave the decode stack,
+#           which has only the kernels), 1.20x / 2.05x / 2.94x at 40 / 128 / 512;
+#   from 32: 1.00x to 32 tokens, 0.86x at 40, 1.59x / 2.68x at 128 / 512.
+# Every cutoff leaves a window of prompts whose few wide rows pay for the widening; from 1 it is
+# the shortest prompts (2-16 tokens, at most +21 ms there), and every prompt from 20 tokens on
+# gains the most (a chat turn with SmolLM2's system prompt is 36-42 tokens). With 16 prompts a
+# step: from 1 1.79x / 2.67x / 3.14x at 8 / 20 / 40 tokens, from 16 1.02x / 1.01x / 1.64x.
+# A prompt's first row stays in the kernels (a one-token prompt: a decode step's form).
+WIDE_PROMPT_FROM = 1
 # Where prompts take the widened weight at all: None: where vnni_linear multiplies on AMX tiles
 # (elsewhere it was not measured to pay: the int4 kernel decodes a group once for many rows on
 # an AVX-512 BF16 CPU without AMX, and AVX2 CPUs take the kernels at every row count); True /
@@ -155,10 +161,13 @@ class QuantizedLinear(nn.Module):
             # Each kind's rows in one call (a decode step's rows share one pass over the codes),
             # each result copied into its rows of the output (the wide rows' cast to x's dtype
             # in the same copy, then their bias, as _finish adds it).
-            kernel = wide.others()
+            kernel, kernel_index = wide.others, wide.others_index
             y = x2.new_empty(x2.shape[0], self.out_features)
-            _put_runs(y, kernel, self._kernel_forward(_take_runs(x2, kernel)))
-            _put_runs(y, wide.runs, self._wide_product(_take_runs(x2, wide.runs)), self.bias)
+            _put_runs(
+                y, kernel, kernel_index, self._kernel_forward(_take(x2, kernel, kernel_index))
+            )
+            y_wide = self._wide_product(_take(x2, wide.runs, wide.index))
+            _put_runs(y, wide.runs, wide.index, y_wide, self.bias)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -525,22 +534,37 @@ class Int4Linear(QuantizedLinear):
         return cached
 
 
-def _take_runs(x: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """The rows of ``runs`` of ``x`` ``[T, K]``, in order (a view where there is one run)."""
+# Runs up to which a split step's rows are sliced and copied run by run; past them one
+# index_select / index_copy_ each (a step of 16 short prompts holds 32 runs: 4,000 copies of
+# slices a step took 35 ms of SmolLM2's 480, issue 11, forty-first pass).
+_RUN_COPIES = 2
+
+
+def _take(x: torch.Tensor, runs: tuple[tuple[int, int], ...], index: torch.Tensor) -> torch.Tensor:
+    """The rows of ``runs`` (flat indices ``index``) of ``x`` ``[T, K]``, in order (a view where
+    there is one run)."""
     if len(runs) == 1:
         a, b = runs[0]
         return x[a:b]
-    return torch.cat([x[a:b] for a, b in runs])
+    if len(runs) <= _RUN_COPIES:
+        return torch.cat([x[a:b] for a, b in runs])
+    return x.index_select(0, index.to(x.device))
 
 
 def _put_runs(
     out: torch.Tensor,
     runs: tuple[tuple[int, int], ...],
+    index: torch.Tensor,
     y: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> None:
-    """Copy ``y`` (the rows of ``runs``, in order) into those rows of ``out`` (cast to its
-    dtype in the copy), then add ``bias`` to them."""
+    """Copy ``y`` (the rows of ``runs``, flat indices ``index``, in order) into those rows of
+    ``out``, cast to its dtype and then ``bias`` added (``_finish``'s order)."""
+    assert y.shape[0] == index.shape[0], f"{y.shape[0]} rows for runs of {index.shape[0]}"
+    if len(runs) > _RUN_COPIES:
+        y = y if y.dtype == out.dtype else y.to(out.dtype)
+        out.index_copy_(0, index.to(out.device), y if bias is None else y + bias)
+        return
     at = 0
     for a, b in runs:
         rows = out[a:b]
@@ -548,7 +572,6 @@ def _put_runs(
         if bias is not None:
             rows.add_(bias)
         at += b - a
-    assert at == y.shape[0], f"{y.shape[0]} rows for runs of {at}"
 
 
 @functools.cache

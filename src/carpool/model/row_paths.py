@@ -19,14 +19,16 @@ layers run; ``QuantizedLinear.forward`` reads them (``current``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=True)
 class WideRows:
     """The rows of a step of ``rows`` rows that take the widened weight: ``runs``, sorted,
     disjoint, non-empty ``[start, end)`` ranges of flat row indices, none touching the next."""
@@ -45,6 +47,7 @@ class WideRows:
         """Whether every row of the step is a wide row."""
         return self.runs == ((0, self.rows),)
 
+    @functools.cached_property
     def others(self) -> tuple[tuple[int, int], ...]:
         """The runs of the rows that are not wide rows (the kernels'), in order."""
         out, at = [], 0
@@ -56,15 +59,40 @@ class WideRows:
             out.append((at, self.rows))
         return tuple(out)
 
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        """The wide rows' flat indices (``[W]`` int64, CPU), in order."""
+        return _indices(self.runs)
+
+    @functools.cached_property
+    def others_index(self) -> torch.Tensor:
+        """The other rows' flat indices (``[T - W]`` int64, CPU), in order."""
+        return _indices(self.others)
+
     def within(self, start: int, end: int) -> WideRows | None:
         """These rows among rows ``[start, end)``, counted from ``start`` (an MLP's row chunk);
-        None where none of them is a wide row."""
-        runs = tuple(
-            (max(a, start) - start, min(b, end) - start)
-            for a, b in self.runs
-            if a < end and b > start
-        )
-        return WideRows(end - start, runs) if runs else None
+        None where none of them is a wide row. Kept per chunk: every layer asks again."""
+        key = (start, end)
+        if key not in self._chunks:
+            runs = tuple(
+                (max(a, start) - start, min(b, end) - start)
+                for a, b in self.runs
+                if a < end and b > start
+            )
+            self._chunks[key] = WideRows(end - start, runs) if runs else None
+        return self._chunks[key]
+
+    @functools.cached_property
+    def _chunks(self) -> dict[tuple[int, int], WideRows | None]:
+        return {}
+
+
+def _indices(runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    return (
+        torch.cat([torch.arange(a, b) for a, b in runs])
+        if runs
+        else torch.empty(0, dtype=torch.int64)
+    )
 
 
 def from_mask(wide: np.ndarray) -> WideRows | None:
