@@ -348,25 +348,28 @@ def test_a_prompt_longer_than_a_steps_tokens_on_a_quantized_head(checkpoint, met
     assert out.token_ids == expected, first_difference(out.token_ids, expected)
 
 
-@pytest.fixture(params=["every row count", "this CPU's", "prompts widened"])
+@pytest.fixture(params=["every row count", "this CPU's", "prompts widened", "from 24"])
 def row_limits(request, monkeypatch) -> Iterator[str]:
     """The test once with the quantized kernels at every row count (the default where bf16 is
     emulated) and no prompt row widened; once with this CPU's own limits and choice of
-    ``quant.wide_prompt_from`` (AMX: a prompt's rows from position 16 on through the widened
+    ``quant.wide_prompt_from`` (AMX: a prompt's rows but its first through the widened
     weight), where the limits keep one sum order (``fused_ops.rows_invariant``; elsewhere a
-    prefill's rows take the widened GEMM); and once with prompt rows from position 24 on
-    through the widened weight on any CPU (``row_paths``), which must then have been taken."""
+    prefill's rows take the widened GEMM); and twice with prompt rows through the widened
+    weight on any CPU (``row_paths``), from the default position and from 24 (a boundary inside
+    a prompt's first chunk), the path then asserted taken."""
     if request.param == "every row count":
         request.getfixturevalue("kernels_at_every_row_count")
         monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", False)
     elif request.param == "this CPU's" and not fused_ops.rows_invariant():
         pytest.skip("AVX-512 without BF16: a prefill's rows take the widened GEMM here")
     widened = []
-    if request.param == "prompts widened":
+    forced = request.param in ("prompts widened", "from 24")
+    if forced:
         if not fused_ops.rows_invariant():
             request.getfixturevalue("kernels_at_every_row_count")
         monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", True)
-        monkeypatch.setattr(quant, "WIDE_PROMPT_FROM", 24)
+        if request.param == "from 24":
+            monkeypatch.setattr(quant, "WIDE_PROMPT_FROM", 24)
         for cls in (quant.Int8Linear, quant.Int4Linear):
             product = cls._wide_product
 
@@ -376,7 +379,7 @@ def row_limits(request, monkeypatch) -> Iterator[str]:
 
             monkeypatch.setattr(cls, "_wide_product", counted)
     yield request.param
-    assert request.param != "prompts widened" or widened, "no row took the widened weight"
+    assert not forced or widened, "no row took the widened weight"
 
 
 @pytest.mark.usefixtures("row_limits")
