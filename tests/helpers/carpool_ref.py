@@ -41,9 +41,12 @@ def greedy(
     max_new_tokens: int,
     block_size: int = 16,
     kv_dtype: torch.dtype | None = None,
+    wide_from: int = 0,
 ) -> list[int]:
     """Greedy decode of one sequence: one prefill step, then one token per step, on a cache
-    of ``kv_dtype`` (None: the model's)."""
+    of ``kv_dtype`` (None: the model's). ``wide_from``: the prompt rows from this position on
+    take a quantized model's widened weight, as an engine's runner chooses them
+    (``ModelRunner.wide_from``; 0: none)."""
     total = len(prompt) + max_new_tokens
     blocks = -(-total // block_size)
     w = next(model.parameters())
@@ -53,7 +56,9 @@ def greedy(
     chunk = _Chunk("r", list(prompt), 0, table)
     with torch.no_grad():
         while len(out) < max_new_tokens:
-            inp = build_ragged_batch([chunk], [table], block_size, w.device)
+            inp = build_ragged_batch(
+                [chunk], [table], block_size, w.device, [len(prompt)], wide_from=wide_from
+            )
             logits = model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
             tok = int(logits[0].argmax())
             out.append(tok)

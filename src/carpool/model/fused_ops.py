@@ -302,7 +302,7 @@ ANY_ROWS = sys.maxsize
 # fortieth pass: there a prefill's rows took the weight widened to bf16 for a GEMM on tiles past
 # 4 rows, so a row's numbers depended on its step (a quantized test model's greedy tokens
 # changed with the prefill's chunking; BENCHMARKS.md, issue 11, fortieth pass). Since the
-# forty-first pass a long prompt's rows take the widened weight on AMX again, chosen by the
+# forty-first pass a prompt's rows take the widened weight on AMX again, chosen by the
 # row's position rather than by the step's row count (quant.wide_prompt_from, row_paths).
 _EVERY_ROW_COUNT = _BF16_EMULATED or _AVX512_BF16
 
@@ -311,7 +311,7 @@ def rows_invariant() -> bool:
     """Whether, with this CPU's row limits, a quantized linear computes a row's bits whatever
     rows share its step (a Q8_0 weight's K a multiple of 32): where the kernels take every row
     count in one sum order (``_EVERY_ROW_COUNT``). Elsewhere (AVX-512 without BF16) a prefill's
-    rows take the widened weight's GEMM past a limit. (A long prompt's rows on AMX take the
+    rows take the widened weight's GEMM past a limit. (A prompt's rows on AMX take the
     widened weight by their position, ``quant.wide_prompt_from``: a row's bits follow from the
     row there too.)"""
     return _EVERY_ROW_COUNT
@@ -326,7 +326,7 @@ def rows_invariant() -> bool:
 # kernel at every row count: a row computes the same bits alone or in any step (tested). The
 # price where bf16 is emulated (a Zen 2): a 512-token prompt's step of SmolLM2 ~1.1x slower, of
 # a Q8_0 model 1.04-1.12x (BENCHMARKS.md, issue 11, twenty-ninth pass); on a Zen 4 see the
-# thirtieth pass. With AMX a long prompt's rows take the widened weight by position (above).
+# thirtieth pass. With AMX a prompt's rows take the widened weight by position (above).
 # Rows up to which int4_gemv takes an int4 weight-only product (the kernel takes any count):
 # where bf16 is emulated every count (above; it measured 1.3-2x torch's
 # _weight_int4pack_mm_for_cpu at 4-64 rows there: benchmarks/quant_kernels.py, BENCHMARKS.md

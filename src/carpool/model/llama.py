@@ -159,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
         elif meta.wide_rows is None:
             for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
                 x, residual = layer.forward(x, residual, rope, meta, kv_cache)
-        else:  # a long prompt's rows take the quantized linears' widened weight (row_paths)
+        else:  # a prompt's rows take the quantized linears' widened weight (row_paths)
             with row_paths.use(meta.wide_rows):
                 for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
                     x, residual = layer.forward(x, residual, rope, meta, kv_cache)

@@ -1,17 +1,17 @@
-"""Which rows of a step take a quantized linear's *widened* weight: a long prompt's rows.
+"""Which rows of a step take a quantized linear's *widened* weight: a prompt's rows.
 
 A quantized linear has two ways to multiply (``carpool.model.quant``): its int4 / int8 kernels
 read the codes as they are, the cost growing with the rows (a decode step's few rows: the
 fastest there is), or the weight is widened to bf16 once in the step and multiplied by
-``vnni_linear``'s AMX loop (~0.5-0.7 ms of widening for SmolLM2's four layer matrices, then
-~4 us a row where the kernels take ~36 us). The two round differently, so which one a row takes
-must follow from the row alone, never from the rows beside it, or a request's greedy tokens
-would depend on its batch, its chunking and the batching strategy (BENCHMARKS.md, issue 11,
-fortieth pass: on an AMX machine 3 of 8 prompts changed tokens when a step's row count picked
-the path). The rule, as for the attention's kernel rows (``paged_attention``): a *prompt* row at
-a position of at least ``quant.wide_prompt_from`` takes the widened weight; every other row (a
-short prompt's, a prompt's first positions, every generated token's, also when recomputed after a
-preemption) the kernels. The batch builders mark the rows (``WideRows``, in
+``vnni_linear``'s AMX loop (~0.37 ms of widening for SmolLM2's four layer matrices, then ~4 us
+a row where the kernels take ~36 us). The two round differently, so which one a row takes must
+follow from the row alone, never from the rows beside it, or a request's greedy tokens would
+depend on its batch, its chunking and the batching strategy (BENCHMARKS.md, issue 11, fortieth
+pass: on an AMX machine 3 of 8 prompts changed tokens when a step's row count picked the path).
+The rule, as for the attention's kernel rows (``paged_attention``): a *prompt* row at a
+position of at least ``quant.wide_prompt_from`` (1: all but a prompt's first) takes the widened
+weight; every other row (a prompt's first, every generated token's, also when recomputed after
+a preemption) the kernels. The batch builders mark the rows (``WideRows``, in
 ``AttentionMetadata.wide_rows``) and the model's forward makes them current (``use``) while its
 layers run; ``QuantizedLinear.forward`` reads them (``current``).
 """
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 
-@dataclass(frozen=True, eq=True)
+@dataclass(frozen=True)
 class WideRows:
     """The rows of a step of ``rows`` rows that take the widened weight: ``runs``, sorted,
     disjoint, non-empty ``[start, end)`` ranges of flat row indices, none touching the next."""

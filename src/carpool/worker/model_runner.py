@@ -144,7 +144,7 @@ class ModelRunner:
         self.kernel_below = paged_attention.prompt_kernel_positions(
             self.kv_caches[0], model_dtype, c.num_attention_heads, c.num_key_value_heads
         )
-        # The builders' wide_from (quant.wide_prompt_from): a long prompt's rows through the
+        # The builders' wide_from (quant.wide_prompt_from): a prompt's rows through the
         # quantized linears' widened weight, fixed for the engine as kernel_below is.
         self.wide_from = quant.wide_prompt_from(model, device)
 

@@ -851,7 +851,7 @@ at::Tensor vnni_pack(const at::Tensor& weight) {
 
 // ``vnni_pack(codes.to(bfloat16))`` for int8 codes [N, K] (exact in bf16: every int8 is), in
 // one pass: an int8 weight's wide rows (quant.Int8Linear._wide_product) pack it in every step
-// that holds a long prompt's rows. SmolLM2-135M's four layer matrices: 0.69 ms through the
+// that holds a prompt's rows. SmolLM2-135M's four layer matrices: 0.69 ms through the
 // conversion and vnni_pack on the AMX Xeon of issue 11's forty-first pass.
 at::Tensor vnni_pack_int8(const at::Tensor& codes) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.size(1) % 2 == 0 &&
