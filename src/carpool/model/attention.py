@@ -115,7 +115,7 @@ class AttentionMetadata:
             of ``batch.PREFILL_TILE_ROWS`` positions, over the keys to the tile's end (see
             ``batch.attention_rectangle``), or None: one call over every row and key (a pure decode
             step's gather).
-        wide_rows: the step's rows whose quantized linears take the widened weight (a long
+        wide_rows: the step's rows whose quantized linears take the widened weight (a
             prompt's, ``carpool.model.row_paths``), or None: none (every row the kernels').
             Not attention's, but the step's one hand-off object that reaches the layers.
     """

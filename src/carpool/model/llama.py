@@ -156,10 +156,8 @@ class LlamaForCausalLM(nn.Module):
             stacked = decode_stack.run(plan, x, rope, meta, kv_caches)
         if stacked is not None:
             x, residual = stacked
-        elif meta.wide_rows is None:
-            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-                x, residual = layer.forward(x, residual, rope, meta, kv_cache)
-        else:  # a prompt's rows take the quantized linears' widened weight (row_paths)
+        else:
+            # A prompt's rows take the quantized linears' widened weight (row_paths).
             with row_paths.use(meta.wide_rows):
                 for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
                     x, residual = layer.forward(x, residual, rope, meta, kv_cache)

@@ -179,6 +179,16 @@ class QuantizedLinear(nn.Module):
         through the weight widened to bf16 into ``vnni_linear``'s layout (once per
         ``widen_once`` block) and its loops, whose rows' bits do not depend on the rows beside
         them."""
+        kd = self._kernel_dtype()
+        assert kd == torch.bfloat16, f"wide rows need bf16 scales, got {kd}"
+        return self._vnni_product(self._kernel_input(x2, kd))
+
+    def _kernel_dtype(self) -> torch.dtype:
+        """The dtype this layer's scales are kept in (``kernel_dtype`` of the model's)."""
+        raise NotImplementedError
+
+    def _vnni_product(self, xk: torch.Tensor) -> torch.Tensor:
+        """``_wide_product`` of a contiguous bf16 ``xk``."""
         raise NotImplementedError
 
     def widens_to_vnni(self) -> bool:
@@ -311,14 +321,17 @@ class Int8Linear(QuantizedLinear):
         """Symmetric per-output-channel quantization: ``scale = max|w| / 127`` per row."""
         return cls(*int8_quantize(weight, dtype), bias, dtype)
 
-    def _wide_product(self, x2: torch.Tensor) -> torch.Tensor:
+    def _kernel_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def _vnni_product(self, xk: torch.Tensor) -> torch.Tensor:
         # The codes widened (exact in bf16), the row scales on the rounded output, as the
         # widened GEMM below.
-        kd = self.scales.dtype
-        assert kd == torch.bfloat16, f"wide rows need bf16 scales, got {kd}"
-        xk = self._kernel_input(x2, kd)
         y = self._widened_product(
-            xk, lambda: self.qweight.to(kd), lambda: vnni_linear.pack_int8(self.qweight), True
+            xk,
+            lambda: self.qweight.to(xk.dtype),
+            lambda: vnni_linear.pack_int8(self.qweight),
+            vnni=True,
         )
         return y * self.scales
 
@@ -438,11 +451,11 @@ class Int4Linear(QuantizedLinear):
         """
         return cls(codes, scale, minimum, bias, dtype=dtype, packed=packed, minima=True)
 
-    def _wide_product(self, x2: torch.Tensor) -> torch.Tensor:
-        kd = self.scales_zeros.dtype
-        assert kd == torch.bfloat16, f"wide rows need bf16 scales, got {kd}"
-        xk = self._kernel_input(x2, kd)
-        return self._widened_product(xk, lambda: self._dense(kd), self._dense_vnni, vnni=True)
+    def _kernel_dtype(self) -> torch.dtype:
+        return self.scales_zeros.dtype
+
+    def _vnni_product(self, xk: torch.Tensor) -> torch.Tensor:
+        return self._widened_product(xk, lambda: self._dense(xk.dtype), self._dense_vnni, vnni=True)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT4_GEMV_MAX_ROWS rows on the CPU: the fused kernel over the same
