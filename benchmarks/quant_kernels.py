@@ -109,6 +109,17 @@ def vnni4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
     return vnni_linear.linear(x, q._dense_vnni(), None, q.out_features)
 
 
+def vnni4_fused(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    """The same product, each block widened into a thread's buffer (``vnni_linear.linear_int4``)."""
+    return vnni_linear.linear_int4(
+        x, q.packed, q.group_size, q.scales_zeros, int4_row_block(), q.out_features
+    )
+
+
+def vnni8_fused(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    return vnni_linear.linear_int8(x, q.qweight) * q.scales
+
+
 def vnni8(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
     packed = vnni_linear.pack_int8(q.qweight)
     return vnni_linear.linear(x, packed, None, q.out_features) * q.scales
@@ -130,9 +141,14 @@ def main() -> None:
     ours = fused_ops.load() and vnni_linear.load()  # carpool's columns where they build
     print(
         "| shape | threads | M | bf16 us | int8 us | int4 us | int8 widened us | int4 widened us |"
-        + (" int4_gemv us | int8_gemv us | int4 vnni us | int8 vnni us |" if ours else "")
+        + (
+            " int4_gemv us | int8_gemv us | int4 vnni us | int8 vnni us |"
+            " int4 vnni fused us | int8 vnni fused us |"
+            if ours
+            else ""
+        )
     )
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if ours else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" * 6 if ours else ""))
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for name, (n, k) in SHAPES.items():
@@ -160,6 +176,8 @@ def main() -> None:
                     )
                     fns["int4 vnni"] = partial(vnni4, x, q4)
                     fns["int8 vnni"] = partial(vnni8, x, q8)
+                    fns["int4 vnni fused"] = partial(vnni4_fused, x, q4)
+                    fns["int8 vnni fused"] = partial(vnni8_fused, x, q8)
                 with torch.inference_mode():
                     t = time_calls(fns)
                 rows.append(table_row(name, threads, m, t))

@@ -7,21 +7,54 @@ it from position 0 are built by ``build_ragged_batch`` with each ``--wide-from``
 rows, the first one the baseline) and forwarded in one process, alternated, on the engine's own
 model and KV cache: the step's median ms and its speed against the first.
 
+``--whole-matrix`` adds, for each cutoff but 0, the same step with the wide rows' products as
+the forty-first pass made them (each quantized matrix widened whole into memory once a step,
+then ``vnni_linear.linear``; the same bits), against each block widened into a thread's
+buffer inside the loop (``vnni_linear.linear_int4`` / ``_int8``, since the forty-second).
+
     python benchmarks/wide_rows.py --model SmolLM2-135M-Instruct.Q4_1.gguf \\
         --prompt 20,32,40,48,64,128,512 --wide-from 0,16,32,64
+    python benchmarks/wide_rows.py --model SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --prompt 2,8,16,32,128,512 --wide-from 0,1 --whole-matrix
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
+from collections.abc import Iterator
 
 import checkout  # noqa: F401  (this checkout's src first on sys.path)
 from alternated import forward_alternated
 
 from carpool import LLM
+from carpool.model import layers, quant, vnni_linear
 from carpool.scheduling.output import ScheduledChunk
 from carpool.worker import batch
+
+
+@contextlib.contextmanager
+def whole_matrix() -> Iterator[None]:
+    """The wide rows' products as the forty-first pass made them: the quantized matrix widened
+    whole into vnni_linear's layout (once per ``layers.widen_once`` block), then its loop."""
+
+    def int4(self: quant.Int4Linear, xk):  # noqa: ANN001, ANN202
+        packed = layers.widened(self, xk.dtype, self._dense_vnni, layout="vnni")
+        return vnni_linear.linear(xk, packed, None, self.out_features)
+
+    def int8(self: quant.Int8Linear, xk):  # noqa: ANN001, ANN202
+        packed = layers.widened(
+            self, xk.dtype, lambda: vnni_linear.pack_int8(self.qweight), layout="vnni"
+        )
+        return vnni_linear.linear(xk, packed, None, self.out_features) * self.scales
+
+    saved = quant.Int4Linear._vnni_product, quant.Int8Linear._vnni_product
+    quant.Int4Linear._vnni_product, quant.Int8Linear._vnni_product = int4, int8
+    try:
+        yield
+    finally:
+        quant.Int4Linear._vnni_product, quant.Int8Linear._vnni_product = saved
 
 
 def main() -> None:
@@ -33,6 +66,9 @@ def main() -> None:
     ap.add_argument("--quantization", default=None, help="int8 / int4 for an HF directory")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--whole-matrix", action="store_true", help="also each cutoff with whole widened matrices"
+    )
     args = ap.parse_args()
     lengths = [int(n) for n in args.prompt.split(",")]
     froms = [int(w) for w in args.wide_from.split(",")]
@@ -57,8 +93,11 @@ def main() -> None:
         f"the engine's wide_from {runner.wide_from}, {args.threads} threads, medians of "
         f"{args.repeats}"
     )
-    print("| prompt tokens | " + " | ".join(f"from {w} ms" for w in froms) + " |")
-    print("|---:|" + "---:|" * len(froms))
+    names = [str(w) for w in froms]
+    if args.whole_matrix:
+        names += [f"{w} whole" for w in froms if w > 0]
+    print("| prompt tokens | " + " | ".join(f"from {w} ms" for w in names) + " |")
+    print("|---:|" + "---:|" * len(names))
     for n in lengths:
         chunks = [
             ScheduledChunk(f"p{k}", [rng.randrange(vocab) for _ in range(n)], 0, [], 0, True)
@@ -77,9 +116,12 @@ def main() -> None:
             )
             for w in froms
         }
-        med, _ = forward_alternated(runner, inputs, args.repeats)
-        base = med[str(froms[0])]
-        cells = [f"{med[str(w)]:.1f} ({base / med[str(w)]:.2f}x)" for w in froms]
+        for name in names[len(froms) :]:
+            inputs[name] = inputs[name.split()[0]]
+        around = {name: whole_matrix for name in names[len(froms) :]}
+        med, _ = forward_alternated(runner, inputs, args.repeats, around)
+        base = med[names[0]]
+        cells = [f"{med[w]:.1f} ({base / med[w]:.2f}x)" for w in names]
         print(f"| {n} | " + " | ".join(cells) + " |")
 
 

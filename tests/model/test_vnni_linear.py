@@ -231,3 +231,98 @@ def test_weights_on_huge_pages_give_the_same_bits(rows):
     start, nbytes = inside.data_ptr(), inside.nbytes
     del region, inside
     assert not torch.ops.carpool.vnni_linear_on_huge_pages(start, nbytes)
+
+
+def _int4_layer(n: int, k: int, group: int, block: int):
+    """An int4 weight's codes in torch's CPU layout of ``block``-row blocks, its bf16 (scale,
+    zero) pairs (rows padded to 64) and its columns: ``(packed, group, scales_zeros, n)``."""
+    from carpool.model.quant import Int4Linear, _pack_int4_by_hand, _unpack_int4_all
+
+    torch.manual_seed(n + k + group + block)
+    lin = Int4Linear.from_float(torch.randn(n, k) * 3, None, torch.bfloat16)
+    # Its own (scale, zero) pairs, groups of `group` inputs, all of them normal bf16 numbers.
+    pairs = torch.randn(k // group, lin.scales_zeros.shape[1], 2) * torch.tensor([0.05, 1.0])
+    packed = _pack_int4_by_hand(_unpack_int4_all(lin.packed, k), block)
+    return packed, group, pairs.bfloat16().contiguous(), n
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize(
+    "n, k, group", [(576, 576, 32), (100, 1536, 32), (130, 96, 32), (64, 64, 8), (70, 256, 64)]
+)
+def test_int4_blocks_widened_in_the_loop_are_the_widened_matrix(threads, block, n, k, group):
+    # A wide row's int4 product (quant.Int4Linear._vnni_product) widens each 64-column block into
+    # its thread's buffer when the loop reaches it: the bits of the whole matrix widened first
+    # (fused_ops.int4_widen_vnni) and multiplied by vnni_linear, on every path and row count,
+    # whole and partial column blocks, both int4 block layouts.
+    from carpool.model import fused_ops
+
+    assert fused_ops.load()
+    packed, group, scales_zeros, n = _int4_layer(n, k, group, block)
+    whole = fused_ops.int4_widen_vnni(packed, group, scales_zeros, block, n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 5, 17, 40, 300):
+            x = torch.randn(rows, k).bfloat16()
+            for path in PATHS:
+                want = vnni_linear.linear(x, whole, None, n, path)
+                got = vnni_linear.linear_int4(x, packed, group, scales_zeros, block, n, path)
+                assert torch.equal(got, want), (rows, path)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n, k", [(1, 2), (100, 80), (576, 576), (130, 1376)])
+def test_int8_blocks_widened_in_the_loop_are_the_widened_matrix(threads, n, k):
+    # The same for int8 codes (quant.Int8Linear._vnni_product): each block widened (exact in
+    # bf16) into the thread's buffer, the bits of vnni_linear over pack_int8's whole matrix; K =
+    # 80 and 1376 (not multiples of 32) take oneDNN's micro-kernel on AMX, the others our loop.
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    whole = vnni_linear.pack_int8(codes)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 6, 33, 300):
+            x = torch.randn(rows, k).bfloat16()
+            for path in PATHS:
+                want = vnni_linear.linear(x, whole, None, n, path)
+                assert torch.equal(vnni_linear.linear_int8(x, codes, path), want), (rows, path)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_widened_blocks_row_does_not_depend_on_its_neighbours():
+    # A wide row's bits alone and among 299 others (the automatic path) for both fused products.
+    packed, group, scales_zeros, n = _int4_layer(576, 576, 32, 64)
+    codes = torch.randint(-128, 128, (192, 576), dtype=torch.int8)
+    x = torch.randn(300, 576).bfloat16()
+    int4 = vnni_linear.linear_int4(x, packed, group, scales_zeros, 64, n)
+    int8 = vnni_linear.linear_int8(x, codes)
+    for r in (0, 17, 299):
+        alone = x[r : r + 1]
+        assert torch.equal(
+            vnni_linear.linear_int4(alone, packed, group, scales_zeros, 64, n), int4[r : r + 1]
+        )
+        assert torch.equal(vnni_linear.linear_int8(alone, codes), int8[r : r + 1])
+
+
+def test_the_widened_blocks_products_refuse_bad_inputs_with_a_message():
+    packed, group, scales_zeros, n = _int4_layer(128, 64, 32, 64)
+    codes = torch.zeros(64, 64, dtype=torch.int8)
+    x = torch.randn(3, 64).bfloat16()
+    int4, int8 = torch.ops.carpool.vnni_linear_int4, torch.ops.carpool.vnni_linear_int8
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        int8(x.float(), codes, 0)
+    with pytest.raises(RuntimeError, match=r"codes must be a contiguous \[N, 64\] int8"):
+        int8(x, torch.zeros(64, 32, dtype=torch.int8), 0)
+    with pytest.raises(RuntimeError, match="n = 0 columns"):
+        int4(x, packed, group, scales_zeros, 64, 0, 0)
+    with pytest.raises(RuntimeError, match="block must be 32 or 64"):
+        int4(x, packed, group, scales_zeros, 16, n, 0)
+    with pytest.raises(RuntimeError, match="scales_zeros must be"):
+        int4(torch.randn(3, 128).bfloat16(), packed, group, scales_zeros, 64, n, 0)
+    with pytest.raises(RuntimeError, match="packed must be torch's CPU int4 layout"):
+        int4(x, packed[:-1], group, scales_zeros, 64, n, 0)

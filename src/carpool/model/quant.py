@@ -176,9 +176,10 @@ class QuantizedLinear(nn.Module):
 
     def _wide_product(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2 @ W.T`` (``[rows, out_features]`` bf16, no bias) for ``[rows, in_features]``
-        through the weight widened to bf16 into ``vnni_linear``'s layout (once per
-        ``widen_once`` block) and its loops, whose rows' bits do not depend on the rows beside
-        them."""
+        through the weight widened to bf16 into ``vnni_linear``'s layout and its loops, whose
+        rows' bits do not depend on the rows beside them: each 64-column block widened into a
+        thread's buffer as the loop reaches it (``vnni_linear.linear_int4`` / ``_int8``), the
+        widened matrix never in memory."""
         kd = self._kernel_dtype()
         assert kd == torch.bfloat16, f"wide rows need bf16 scales, got {kd}"
         return self._vnni_product(self._kernel_input(x2, kd))
@@ -253,7 +254,6 @@ class QuantizedLinear(nn.Module):
         xk: torch.Tensor,
         make: Callable[[], torch.Tensor],
         make_packed: Callable[[], torch.Tensor | None] | None = None,
-        vnni: bool = False,
     ) -> torch.Tensor:
         """``xk @ W.T`` (``[rows, out_features]`` in ``xk``'s dtype) for ``W = make()``, this
         layer's weight widened to ``xk``'s dtype, widened once per ``widen_once`` block.
@@ -263,10 +263,9 @@ class QuantizedLinear(nn.Module):
         float32 FMA loops: 1.3-1.4x ``bf16_linear`` on the plain widened weight at 64-512 rows
         of small's layer matrices, the packing included (BENCHMARKS.md, issue 11,
         twenty-seventh pass). ``make_packed``: the widened weight made in that layout at once
-        (None from it: pack ``make()``). ``vnni``: that layout whatever the CPU (a wide row's,
-        ``_wide_product``; ``vnni_linear`` loaded). Elsewhere the dense GEMM on the plain
-        widened weight."""
-        if vnni or (
+        (None from it: pack ``make()``). Elsewhere the dense GEMM on the plain widened
+        weight."""
+        if (
             xk.dtype == torch.bfloat16
             and fused_ops.bf16_emulated()
             and vnni_linear.available(xk.device)
@@ -325,15 +324,9 @@ class Int8Linear(QuantizedLinear):
         return self.scales.dtype
 
     def _vnni_product(self, xk: torch.Tensor) -> torch.Tensor:
-        # The codes widened (exact in bf16), the row scales on the rounded output, as the
-        # widened GEMM below.
-        y = self._widened_product(
-            xk,
-            lambda: self.qweight.to(xk.dtype),
-            lambda: vnni_linear.pack_int8(self.qweight),
-            vnni=True,
-        )
-        return y * self.scales
+        # The codes widened (exact in bf16) a block at a time inside vnni_linear's loop, the row
+        # scales on the rounded output, as the widened GEMM below.
+        return vnni_linear.linear_int8(xk, self.qweight) * self.scales
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT8_GEMV_MAX_ROWS rows on the CPU: the fused kernel (it prefetches
@@ -455,7 +448,9 @@ class Int4Linear(QuantizedLinear):
         return self.scales_zeros.dtype
 
     def _vnni_product(self, xk: torch.Tensor) -> torch.Tensor:
-        return self._widened_product(xk, lambda: self._dense(xk.dtype), self._dense_vnni, vnni=True)
+        return vnni_linear.linear_int4(
+            xk, self.packed, self.group_size, self.scales_zeros, int4_row_block(), self.out_features
+        )
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT4_GEMV_MAX_ROWS rows on the CPU: the fused kernel over the same

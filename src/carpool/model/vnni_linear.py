@@ -168,6 +168,29 @@ def linear(
     return torch.ops.carpool.vnni_linear(x.contiguous(), packed, bias, n, path)
 
 
+def linear_int8(x: torch.Tensor, codes: torch.Tensor, path: int = PATH_AUTO) -> torch.Tensor:
+    """``linear(x, pack_int8(codes), None, N)`` for int8 ``codes`` ``[N, K]`` without the packed
+    matrix: each 64-column block widened into a thread's buffer as its task reaches it (the
+    same bits; the row scales go on the output outside). CPU, operator loaded."""
+    return torch.ops.carpool.vnni_linear_int8(x.contiguous(), codes, path)
+
+
+def linear_int4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group_size: int,
+    scales_zeros: torch.Tensor,
+    block: int,
+    n: int,
+    path: int = PATH_AUTO,
+) -> torch.Tensor:
+    """``linear(x, fused_ops.int4_widen_vnni(packed, group_size, scales_zeros, block, n), None,
+    n)`` without the widened matrix (block by block, as ``linear_int8``): the same bits."""
+    return torch.ops.carpool.vnni_linear_int4(
+        x.contiguous(), packed, group_size, scales_zeros, block, n, path
+    )
+
+
 def stream_from_huge_pages(region: torch.Tensor) -> None:
     """Tell the kernel that the weights inside ``region`` (a CPU tensor: ``pages.move_weights``'
     arena) lie on transparent huge pages: a pass of 1-6 rows over them then leaves the

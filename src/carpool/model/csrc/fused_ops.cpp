@@ -30,6 +30,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "int4_vnni.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -2055,12 +2056,7 @@ at::Tensor int4_logits_at(const at::Tensor& x, const at::Tensor& packed, int64_t
   return y;
 }
 
-// One int4 weight as int4_widen computes it: (q - 8) * scale rounded to bf16, plus zero, rounded
-// again (quant.Int4Linear._dense's two bf16 ops); its bf16 bits.
-inline uint16_t int4_weight_bits(int q, float scale, float zero) {
-  using E = Elt<c10::BFloat16>;
-  return E::narrow(E::round((static_cast<float>(q) - 8.0f) * scale) + zero);
-}
+// int4_weight_bits, its vector helpers and int4_widen_vnni's loop per block: int4_vnni.h.
 
 // int4 codes widened to the bf16 weight [N, K] they stand for, w = (q - 8) * scale + zero per
 // group, with the two bf16 roundings of quant.Int4Linear._dense's bf16 ops (the product rounded,
@@ -2126,7 +2122,7 @@ void int4_widen_block(const uint8_t* packed, const c10::BFloat16* sz, c10::BFloa
       const uint8_t* q = codes + c * g;
       uint16_t* dst = out + row * k + gi * g;
       for (int64_t i = 0; i < g; ++i)
-        dst[i] = int4_weight_bits(q[i], scale, zero);
+        dst[i] = carpool_kernels::int4_weight_bits(q[i], scale, zero);
     }
   }
 }
@@ -2169,70 +2165,7 @@ at::Tensor int4_widen(const at::Tensor& packed, int64_t group_size, const at::Te
 }
 
 // int4 codes widened straight into vnni_linear's layout ([ceil(N / 64), K / 2, 64, 2] bf16,
-// zero past N): the bits of int4_widen, packed as vnni_linear.pack packs them. On AVX2 CPUs a
-// quantized prefill multiplies its widened weights in that layout (quant.QuantizedLinear.
-// _widened_product); there int4_widen runs its scalar loop (the AVX-512 one gathers), and with
-// the pack after it took 87 ms of SmolLM2-135M's 1.19 s 512-token prefill on a Zen 2 (issue 11,
-// twenty-seventh pass). Here 8 columns of a pair at a time: the 8 codes of each of its two inputs
-// widened in a vector, scaled, rounded to bf16, offset, rounded again (int4_widen's two
-// roundings), and the even and odd input's bf16 halves joined into the pair's 32-bit words.
-// SmolLM2's seven layer matrices: 2.6-2.8 ms through int4_widen and the pack, 0.81 here.
-
-// Where 8 columns' codes lie in torch's int4 layout (block rows B): row r in block r / B, byte
-// r % (B / 2) of each input's B / 2 bytes, the high nibble when r % B >= B / 2. For columns
-// [c0, c0 + 8) (c0 % 8 == 0): input i's 8 bytes at first + i * B / 2.
-struct Int4Columns8 {
-  const uint8_t* first = nullptr;
-  bool high = false;
-  Int4Columns8() = default;
-  Int4Columns8(const uint8_t* packed, int64_t k, int64_t B, int64_t c0)
-      : first(packed + (c0 / B) * k * (B / 2) + (c0 % B) % (B / 2)), high(c0 % B >= B / 2) {}
-};
-
-#if defined(CARPOOL_AVX2) || defined(__AVX512F__)
-// The 8 codes of input i (its bytes at p) as int32 lanes.
-inline __m256i int4_codes8(const uint8_t* p, bool high) {
-  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_and_si256(high ? _mm256_srli_epi32(bytes, 4) : bytes, _mm256_set1_epi32(0xF));
-}
-
-// Elt<BFloat16>::narrow in 8 lanes, left in the lanes' high halves (low halves garbage).
-inline __m256i narrow8_high(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  return _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
-}
-
-// (q - 8) * scale rounded to bf16, + zero, rounded again: the bf16 bits in the lanes' high halves.
-inline __m256i widen8(__m256i q, __m256 scale, __m256 zero) {
-  const __m256 prod = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(8.0f)), scale);
-  const __m256 r1 = _mm256_castsi256_ps(
-      _mm256_and_si256(narrow8_high(prod), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  return narrow8_high(_mm256_add_ps(r1, zero));
-}
-
-#if defined(__AVX512F__)
-// int4_codes8, narrow8_high and widen8 over 16 lanes (two column groups).
-inline __m512i int4_codes16(const uint8_t* p, bool high) {
-  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_and_si512(high ? _mm512_srli_epi32(bytes, 4) : bytes, _mm512_set1_epi32(0xF));
-}
-
-inline __m512i narrow16_high(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-}
-
-inline __m512i widen16(__m512i q, __m512 scale, __m512 zero) {
-  const __m512 prod = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(8.0f)), scale);
-  const __m512 r1 = _mm512_castsi512_ps(
-      _mm512_and_si512(narrow16_high(prod), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  return narrow16_high(_mm512_add_ps(r1, zero));
-}
-#endif
-#endif
-
+// zero past N), a block per task (int4_vnni.h has the loop and what it measured).
 at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
                            const at::Tensor& scales_zeros, int64_t block, int64_t n) {
   const int64_t g = group_size;
@@ -2245,96 +2178,10 @@ at::Tensor int4_widen_vnni(const at::Tensor& packed, int64_t group_size,
   const uint8_t* qp = packed.data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr());
   auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
-  auto bf16 = [](uint16_t h) {
-    return carpool_kernels::to_float(c10::BFloat16(h, c10::BFloat16::from_bits()));
-  };
-  // Row r's pair p, one weight at a time: its two bf16 values as one 32-bit word.
-  auto word = [&](int64_t r, int64_t p) {
-    const int64_t b = r / block, j = r % block, half = block / 2;
-    uint32_t w = 0;
-    for (int e = 0; e < 2; ++e) {
-      const int64_t kk = 2 * p + e;
-      const uint8_t byte = qp[(b * k + kk) * half + j % half];
-      const int q = j >= half ? byte >> 4 : byte & 0xF;
-      const int64_t s = ((kk / g) * rows + r) * 2;
-      w |= static_cast<uint32_t>(int4_weight_bits(q, bf16(sz[s]), bf16(sz[s + 1]))) << (16 * e);
-    }
-    return w;
-  };
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t vb = b0; vb < b1; ++vb) {
-      uint32_t* db = dst + vb * pairs * 64;
-      // Column groups of 8 whole inside N take the vector loop; the rest word by word.
-      const int64_t full = std::clamp<int64_t>((n - 64 * vb) / 8, 0, 8);
-      for (int64_t cg = full; cg < 8; ++cg)
-        for (int64_t p = 0; p < pairs; ++p)
-          for (int64_t c = 0; c < 8; ++c) {
-            const int64_t r = 64 * vb + 8 * cg + c;
-            db[p * 64 + 8 * cg + c] = r < n ? word(r, p) : 0u;
-          }
-#if defined(CARPOOL_AVX2) || defined(__AVX512F__)
-      // Pair by pair, the block's column groups one after another: each pair's 256 bytes
-      // written whole (a group at a time down the pairs wrote 32 bytes of every line: SmolLM2's
-      // seven layer matrices 1.35 ms that way, 1.24 this way).
-      // The column groups' byte positions once per block (computed per pair, their divisions
-      // by the block rows took 1.17-1.24 ms against 0.81 for SmolLM2's seven matrices).
-      Int4Columns8 cols[8];
-      for (int64_t cg = 0; cg < full; ++cg) cols[cg] = Int4Columns8(qp, k, block, 64 * vb + 8 * cg);
-      const int64_t half = block / 2;
-#if defined(__AVX512F__)
-      // With AVX-512, two column groups (16 columns, one 64-byte store) at a time where both
-      // are whole: their codes are 16 consecutive bytes of one half of a row block (block 64:
-      // groups 2i and 2i + 1 never straddle its halves). The same operations per lane, the
-      // same bits. SmolLM2-135M's four layer matrices 0.49 -> 0.37 ms on the AMX Xeon (issue 11,
-      // forty-first pass).
-      const int64_t groups16 = block == 64 ? full / 2 * 2 : 0;
-      if (groups16 > 0) {
-        for (int64_t gi = 0; gi < k / g; ++gi)
-          for (int64_t cg = 0; cg < groups16; cg += 2) {
-            const int64_t c0 = 64 * vb + 8 * cg;
-            const __m512i w =
-                _mm512_loadu_si512(reinterpret_cast<const void*>(sz + (gi * rows + c0) * 2));
-            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-            const __m512 zero = _mm512_castsi512_ps(
-                _mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-            for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p) {
-              const uint8_t* bytes = cols[cg].first + 2 * p * half;
-              const __m512i even = widen16(int4_codes16(bytes, cols[cg].high), scale, zero);
-              const __m512i odd = widen16(int4_codes16(bytes + half, cols[cg].high), scale, zero);
-              const __m512i words = _mm512_or_si512(
-                  _mm512_srli_epi32(even, 16),
-                  _mm512_and_si512(odd, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-              _mm512_storeu_si512(reinterpret_cast<void*>(db + p * 64 + 8 * cg), words);
-            }
-          }
-      }
-#else
-      const int64_t groups16 = 0;
-#endif
-      for (int64_t gi = 0; gi < k / g; ++gi)
-        for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p)
-          for (int64_t cg = groups16; cg < full; ++cg) {
-            const int64_t c0 = 64 * vb + 8 * cg;
-            const uint8_t* bytes = cols[cg].first + 2 * p * half;
-            // The 8 columns' (scale, zero) pairs of group gi: one 32-bit word each.
-            const __m256i w =
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (gi * rows + c0) * 2));
-            const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-            const __m256 zero = _mm256_castsi256_ps(
-                _mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-            const __m256i even = widen8(int4_codes8(bytes, cols[cg].high), scale, zero);
-            const __m256i odd = widen8(int4_codes8(bytes + half, cols[cg].high), scale, zero);
-            const __m256i words = _mm256_or_si256(
-                _mm256_srli_epi32(even, 16),
-                _mm256_and_si256(odd, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + p * 64 + 8 * cg), words);
-          }
-#else
-      for (int64_t cg = 0; cg < full; ++cg)
-        for (int64_t p = 0; p < pairs; ++p)
-          for (int64_t c = 0; c < 8; ++c) db[p * 64 + 8 * cg + c] = word(64 * vb + 8 * cg + c, p);
-#endif
-    }
+    for (int64_t vb = b0; vb < b1; ++vb)
+      carpool_kernels::int4_widen_vnni_block(qp, sz, k, g, block, rows, n, vb,
+                                             dst + vb * pairs * 64);
   });
   return out;
 }

@@ -48,6 +48,7 @@
 #include <utility>
 #include <vector>
 
+#include "int4_vnni.h"
 #include "vec_math.h"
 
 #if defined(__AVX2__)
@@ -662,29 +663,136 @@ void gemv_rows_chunked(const XT* x, int64_t rows, int64_t k, const B16* wb, cons
   store_rows(c, kBlockN, rows, bias, y, ldy, ncols);
 }
 
-at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, int64_t n, int64_t path) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
-              "vnni_linear: x must be a contiguous [M, K] bfloat16 tensor, got ", x.sizes(), " ",
-              x.scalar_type());
-  const int64_t rows = x.size(0), k = x.size(1);
-  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kBFloat16 && weight.size(1) * 2 == k &&
-                  weight.size(2) == kBlockN && weight.size(3) == 2,
-              "vnni_linear: weight must be a contiguous [blocks, ", k / 2, ", ", kBlockN,
-              ", 2] bfloat16 tensor (vnni_linear.pack of a [N, ", k, "] weight), got ",
-              weight.sizes(), " ", weight.scalar_type());
-  const int64_t blocks = weight.size(0);
-  TORCH_CHECK(n > (blocks - 1) * kBlockN && n <= blocks * kBlockN, "vnni_linear: n = ", n,
-              " does not fit ", blocks, " blocks of ", kBlockN, " columns");
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
-                    bias->scalar_type() == at::kFloat,
-                "vnni_linear: bias must be a contiguous [", n, "] float32 tensor, got ",
-                bias->sizes(), " ", bias->scalar_type());
-    bp = bias->data_ptr<float>();
+// The calling thread's buffer for a widened block of `elems` bf16 values (grows to the largest,
+// kept: a step widens every layer's blocks), 64-byte aligned.
+B16* widen_buffer(int64_t elems) {
+  struct alignas(64) Line {
+    B16 v[32];
+  };
+  static thread_local std::vector<Line> lines;
+  const size_t want = static_cast<size_t>((elems + 31) / 32);
+  if (lines.size() < want) lines.resize(want);
+  return lines.front().v;
+}
+
+// Where the loops below find weight block b ([K / 2, 64, 2] bf16): packed in memory
+// (PackedBlocks), or widened from quantized codes into the calling thread's buffer when its task
+// reaches the block (Int4Blocks, Int8Blocks: vnni_linear_int4 / _int8). A widened block is the
+// packed one's bits, so a row's result is the same either way; only the widened matrix is never
+// written to memory (a step's few wide rows paid ~0.37 ms a layer of SmolLM2-135M for writing
+// and reading it back; issue 11, forty-second pass).
+struct PackedBlocks {
+  static constexpr bool kWidens = false;
+  const B16* wp;
+  int64_t block_elems;
+  const B16* block(int64_t b, B16* /*buffer*/) const { return wp + b * block_elems; }
+};
+
+// Rows [0, 64 rows) of block b as vnni_pack lays them out, from a source's 32-bit words (a
+// column's pair of bf16 weights: Word(r, p), and Words8(r, p0) the pairs p0..p0+7 of row r
+// as 8 words in a vector with AVX2): per group of 8 columns, a transpose of 8 x 8 words from
+// [8, K / 2] to [K / 2, 8].
+template <typename Word, typename Words8>
+void pack_words_block(uint32_t* db, int64_t b, int64_t n, int64_t pairs, Word word,
+                      [[maybe_unused]] Words8 words8) {
+  for (int64_t c0 = 0; c0 < kBlockN; c0 += 8) {
+    const int64_t r0 = b * kBlockN + c0;
+    [[maybe_unused]] const bool full_rows = r0 + 8 <= n;
+    int64_t p0 = 0;
+#if defined(__AVX2__)
+    for (; full_rows && p0 + 8 <= pairs; p0 += 8) {
+      __m256i r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = words8(r0 + i, p0);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {  // u[i + j]: words j and j + 4 of rows i..i+3
+        r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+      }
+      for (int j = 0; j < 4; ++j) {  // pair p0 + j: the low halves; p0 + j + 4: the high
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + (p0 + j) * kBlockN + c0),
+                            _mm256_permute2x128_si256(r[j], r[j + 4], 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + (p0 + j + 4) * kBlockN + c0),
+                            _mm256_permute2x128_si256(r[j], r[j + 4], 0x31));
+      }
+    }
+#endif
+    for (; p0 < pairs; ++p0)
+      for (int64_t i = 0; i < 8; ++i) db[p0 * kBlockN + c0 + i] = r0 + i < n ? word(r0 + i, p0) : 0u;
   }
+}
+
+// An int8's bf16 bits: its float's high half (exact: 8 significant bits at most).
+inline uint32_t int8_bf16_bits(int8_t v) {
+  const float f = static_cast<float>(v);
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits >> 16;
+}
+
+// int8 codes [N, K] as pack_words_block's words: row r's pair p widened (exact in bf16).
+struct Int8Words {
+  const int8_t* src;
+  int64_t k;
+  uint32_t operator()(int64_t r, int64_t p) const {
+    const int8_t* c = src + r * k + 2 * p;
+    return int8_bf16_bits(c[0]) | (int8_bf16_bits(c[1]) << 16);
+  }
+#if defined(__AVX2__)
+  // 16 codes -> 16 floats' high halves in 32-bit lanes -> 16-bit lanes in order (packus
+  // interleaves the 128-bit lanes: the permute puts them back): pairs p0..p0+7 as 8 words.
+  __m256i words8(int64_t r, int64_t p0) const {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + r * k + 2 * p0));
+    const __m256i lo = _mm256_srli_epi32(
+        _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))), 16);
+    const __m256i hi = _mm256_srli_epi32(
+        _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)))),
+        16);
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+  }
+#endif
+  void pack_block(uint32_t* db, int64_t b, int64_t n) const {
+#if defined(__AVX2__)
+    auto w8 = [this](int64_t r, int64_t p0) { return words8(r, p0); };
+#else
+    auto w8 = nullptr;
+#endif
+    pack_words_block(db, b, n, k / 2, *this, w8);
+  }
+};
+
+struct Int8Blocks {
+  static constexpr bool kWidens = true;
+  Int8Words words;
+  int64_t n;
+  const B16* block(int64_t b, B16* buffer) const {
+    words.pack_block(reinterpret_cast<uint32_t*>(buffer), b, n);
+    return buffer;
+  }
+};
+
+struct Int4Blocks {
+  static constexpr bool kWidens = true;
+  const uint8_t* qp;
+  const uint16_t* sz;
+  int64_t k, g, row_block, rows, n;
+  const B16* block(int64_t b, B16* buffer) const {
+    carpool_kernels::int4_widen_vnni_block(qp, sz, k, g, row_block, rows, n, b,
+                                           reinterpret_cast<uint32_t*>(buffer));
+    return buffer;
+  }
+};
+
+// x [rows, K] bf16 times the `blocks` weight blocks of `src` (n columns), plus bias (float32 or
+// null), into a new bf16 [rows, n]: vnni_linear's loops (its header).
+template <typename Source>
+at::Tensor multiply(const at::Tensor& x, int64_t blocks, int64_t n, const float* bp, int64_t path,
+                    const Source& src) {
+  const int64_t rows = x.size(0), k = x.size(1);
   at::Tensor y = at::empty({rows, n}, x.options());
   if (rows == 0) return y;
 #if defined(CARPOOL_AVX2)
@@ -700,10 +808,12 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
 #else
   const XT* xp = x.data_ptr<B16>();
 #endif
-  const B16* wp = weight.data_ptr<B16>();
   B16* yp = y.data_ptr<B16>();
   const int64_t block_elems = (k / 2) * kBlockN * 2;
-  const bool huge = on_huge_pages(wp, blocks * block_elems * sizeof(B16));
+  // (A widened block is hot in this thread's cache: nothing to stream, nothing to ask ahead.)
+  bool huge = false;
+  if constexpr (!Source::kWidens)
+    huge = on_huge_pages(src.wp, blocks * block_elems * sizeof(B16));
   TORCH_CHECK(path >= kPathAuto && path <= kPathBrgemm, "vnni_linear: path 0, 1 or 2, got ",
               path);
 #if defined(CARPOOL_AVX2)
@@ -726,15 +836,19 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
       !amx && rows > kChunkedMaxRows && blocks % threads != 0 ? std::min(threads, rows / kPassRows) : 1;
   at::parallel_for(0, blocks * slices, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float c[kBlockM * kBlockN];
+    // This thread's widened block (grows to the largest, kept; empty for packed weights).
+    B16* buffer = nullptr;
+    if constexpr (Source::kWidens) buffer = widen_buffer(block_elems);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t % blocks, s = t / blocks;
       const int64_t col = b * kBlockN, ncols = std::min<int64_t>(kBlockN, n - col);
-      const B16* wb = wp + b * block_elems;
+      const B16* wb = src.block(b, buffer);
       const float* bb = bp != nullptr ? bp + col : nullptr;
       if (!amx) {
         // The next task's block, asked for ahead (none past this thread's run).
-        const char* nxt =
-            t + 1 < t1 ? reinterpret_cast<const char*>(wp + ((t + 1) % blocks) * block_elems) : nullptr;
+        const char* nxt = nullptr;
+        if constexpr (!Source::kWidens)
+          if (t + 1 < t1) nxt = reinterpret_cast<const char*>(src.block((t + 1) % blocks, nullptr));
         if (rows > kChunkedMinRows && rows <= kChunkedMaxRows) {
           gemv_rows_chunked(xp, rows, k, wb, bb, yp + col, n, ncols);
         } else {
@@ -757,7 +871,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
       }
 #endif
 #if !defined(CARPOOL_AVX2)  // (an AVX2 build never has AMX: amx is false there)
-      if (t + 1 < t1) {  // the next block into L2 while AMX works on this one (~1.5x at 1 row)
+      if (!Source::kWidens && t + 1 < t1) {  // the next block into L2 while AMX works on this one (~1.5x at 1 row)
         const char* nxt = reinterpret_cast<const char*>(wb + block_elems);
         for (int64_t o = 0; o < block_elems * 2; o += 64) __builtin_prefetch(nxt + o, 0, 2);
       }
@@ -776,6 +890,33 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+
+at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, int64_t n, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
+              "vnni_linear: x must be a contiguous [M, K] bfloat16 tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  const int64_t k = x.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kBFloat16 && weight.size(1) * 2 == k &&
+                  weight.size(2) == kBlockN && weight.size(3) == 2,
+              "vnni_linear: weight must be a contiguous [blocks, ", k / 2, ", ", kBlockN,
+              ", 2] bfloat16 tensor (vnni_linear.pack of a [N, ", k, "] weight), got ",
+              weight.sizes(), " ", weight.scalar_type());
+  const int64_t blocks = weight.size(0);
+  TORCH_CHECK(n > (blocks - 1) * kBlockN && n <= blocks * kBlockN, "vnni_linear: n = ", n,
+              " does not fit ", blocks, " blocks of ", kBlockN, " columns");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    bias->scalar_type() == at::kFloat,
+                "vnni_linear: bias must be a contiguous [", n, "] float32 tensor, got ",
+                bias->sizes(), " ", bias->scalar_type());
+    bp = bias->data_ptr<float>();
+  }
+  return multiply(x, blocks, n, bp, path, PackedBlocks{weight.data_ptr<B16>(), (k / 2) * kBlockN * 2});
+}
+
 // [N, K] bf16 -> [ceil(N / 64), K / 2, 64, 2] (vnni_linear.pack's layout; zero past N) in one
 // pass: per block, a transpose of 32-bit words (a column's pair of weights) from [64, K / 2] to
 // [K / 2, 64], 8 x 8 words at a time with AVX2. A quantized linear's prefill widens its codes
@@ -786,42 +927,10 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
 // Source: ``Word(r, p)``, row r's pair p as a 32-bit word (the even input's bf16 in the low
 // half), and ``Words8(r, p0)``, pairs p0..p0+7 of row r as 8 such words in a vector (AVX2).
 template <typename Word, typename Words8>
-void pack_words(uint32_t* dst, int64_t n, int64_t pairs, Word word, [[maybe_unused]] Words8 words8) {
+void pack_words(uint32_t* dst, int64_t n, int64_t pairs, Word word, Words8 words8) {
   const int64_t blocks = (n + kBlockN - 1) / kBlockN;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      uint32_t* db = dst + b * pairs * kBlockN;
-      for (int64_t c0 = 0; c0 < kBlockN; c0 += 8) {
-        const int64_t r0 = b * kBlockN + c0;
-        [[maybe_unused]] const bool full_rows = r0 + 8 <= n;
-        int64_t p0 = 0;
-#if defined(__AVX2__)
-        for (; full_rows && p0 + 8 <= pairs; p0 += 8) {
-          __m256i r[8], t[8];
-          for (int i = 0; i < 8; ++i) r[i] = words8(r0 + i, p0);
-          for (int i = 0; i < 8; i += 2) {
-            t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-            t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-          }
-          for (int i = 0; i < 8; i += 4) {  // u[i + j]: words j and j + 4 of rows i..i+3
-            r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-            r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-            r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-            r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-          }
-          for (int j = 0; j < 4; ++j) {  // pair p0 + j: the low halves; p0 + j + 4: the high
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + (p0 + j) * kBlockN + c0),
-                                _mm256_permute2x128_si256(r[j], r[j + 4], 0x20));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(db + (p0 + j + 4) * kBlockN + c0),
-                                _mm256_permute2x128_si256(r[j], r[j + 4], 0x31));
-          }
-        }
-#endif
-        for (; p0 < pairs; ++p0)
-          for (int64_t i = 0; i < 8; ++i)
-            db[p0 * kBlockN + c0 + i] = r0 + i < n ? word(r0 + i, p0) : 0u;
-      }
-    }
+    for (int64_t b = b0; b < b1; ++b) pack_words_block(dst + b * pairs * kBlockN, b, n, pairs, word, words8);
   });
 }
 
@@ -862,35 +971,65 @@ at::Tensor vnni_pack_int8(const at::Tensor& codes) {
   const int64_t n = q.size(0), k = q.size(1), pairs = k / 2, blocks = (n + kBlockN - 1) / kBlockN;
   at::Tensor out = at::empty({blocks, pairs, kBlockN, 2}, q.options().dtype(at::kBFloat16));
   if (blocks == 0 || pairs == 0) return out;
-  const int8_t* src = q.data_ptr<int8_t>();
-  // An int8's bf16 bits: its float's high half (exact: 8 significant bits at most).
-  auto bf16 = [](int8_t v) {
-    const float f = static_cast<float>(v);
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    return bits >> 16;
-  };
-  auto word = [&](int64_t r, int64_t p) {
-    const int8_t* c = src + r * k + 2 * p;
-    return bf16(c[0]) | (bf16(c[1]) << 16);
-  };
-#if defined(__AVX2__)
-  auto words8 = [&](int64_t r, int64_t p0) {
-    // 16 codes -> 16 floats' high halves in 32-bit lanes -> 16-bit lanes in order (packus
-    // interleaves the 128-bit lanes: the permute puts them back): pairs p0..p0+7 as 8 words.
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + r * k + 2 * p0));
-    const __m256i lo = _mm256_srli_epi32(
-        _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))), 16);
-    const __m256i hi = _mm256_srli_epi32(
-        _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)))),
-        16);
-    return _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
-  };
-#else
-  auto words8 = nullptr;
-#endif
-  pack_words(reinterpret_cast<uint32_t*>(out.data_ptr()), n, pairs, word, words8);
+  const Int8Words words{q.data_ptr<int8_t>(), k};
+  auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) words.pack_block(dst + b * pairs * kBlockN, b, n);
+  });
   return out;
+}
+
+// The input both fused ops take: a contiguous bf16 [M, K] x (`name` heads the message).
+void check_x(const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 &&
+                  x.size(1) % 2 == 0 && x.device().is_cpu(),
+              name, ": x must be a contiguous [M, even K] bfloat16 CPU tensor, got ", x.sizes(),
+              " ", x.scalar_type());
+}
+
+// vnni_linear(x, vnni_pack_int8(codes), None, N): x times int8 codes [N, K] widened to bf16
+// (exact), each block widened into this thread's buffer as its task reaches it (Int8Blocks):
+// the same bits, without the widened matrix in memory. The row scales go on the output outside
+// (quant.Int8Linear._vnni_product).
+at::Tensor vnni_linear_int8(const at::Tensor& x, const at::Tensor& codes, int64_t path) {
+  check_x("vnni_linear_int8", x);
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.scalar_type() == at::kChar &&
+                  codes.size(1) == x.size(1),
+              "vnni_linear_int8: codes must be a contiguous [N, ", x.size(1),
+              "] int8 tensor, got ", codes.sizes(), " ", codes.scalar_type());
+  const int64_t n = codes.size(0), blocks = (n + kBlockN - 1) / kBlockN;
+  TORCH_CHECK(n > 0, "vnni_linear_int8: no output columns");
+  return multiply(x, blocks, n, nullptr, path,
+                  Int8Blocks{Int8Words{codes.data_ptr<int8_t>(), codes.size(1)}, n});
+}
+
+// vnni_linear(x, fused_ops.int4_widen_vnni(packed, g, scales_zeros, block, n), None, n): x times
+// an int4 weight (torch's CPU int4 layout in `block`-row blocks, bf16 [K / g, N', 2] (scale,
+// zero) pairs) widened a block at a time into this thread's buffer (Int4Blocks): the same bits.
+at::Tensor vnni_linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                            const at::Tensor& scales_zeros, int64_t block, int64_t n,
+                            int64_t path) {
+  check_x("vnni_linear_int4", x);
+  const int64_t g = group_size;
+  TORCH_CHECK(g > 0 && g % 2 == 0, "vnni_linear_int4: the group size must be positive and even, got ", g);
+  TORCH_CHECK(block == 32 || block == 64, "vnni_linear_int4: block must be 32 or 64, got ", block);
+  TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.is_contiguous() &&
+                  scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.size(2) == 2 &&
+                  scales_zeros.size(1) % block == 0 && scales_zeros.size(0) * g == x.size(1),
+              "vnni_linear_int4: scales_zeros must be a contiguous [", x.size(1) / g,
+              ", N, 2] bfloat16 tensor with N a multiple of ", block, ", got ",
+              scales_zeros.sizes(), " ", scales_zeros.scalar_type());
+  const int64_t k = x.size(1), rows = scales_zeros.size(1);
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                  packed.numel() == rows * k / 2,
+              "vnni_linear_int4: packed must be torch's CPU int4 layout for N = ", rows, ", K = ",
+              k, ", got ", packed.sizes(), " ", packed.scalar_type());
+  TORCH_CHECK(n > 0 && n <= rows, "vnni_linear_int4: n = ", n, " columns of ", rows);
+  const int64_t blocks = (n + kBlockN - 1) / kBlockN;
+  return multiply(x, blocks, n, nullptr, path,
+                  Int4Blocks{packed.data_ptr<uint8_t>(),
+                             reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr()), k, g,
+                             block, rows, n});
 }
 
 // Whether this build has a fast path: AVX-512 BF16 (the matrix-vector kernel, and the bf16
@@ -918,6 +1057,10 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("vnni_linear(Tensor x, Tensor weight, Tensor? bias, int n, int path=0) -> Tensor");
   m.def("vnni_pack(Tensor weight) -> Tensor");
   m.def("vnni_pack_int8(Tensor codes) -> Tensor");
+  m.def("vnni_linear_int8(Tensor x, Tensor codes, int path=0) -> Tensor");
+  m.def(
+      "vnni_linear_int4(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block, "
+      "int n, int path=0) -> Tensor");
   m.def("vnni_linear_fast() -> bool");
   m.def("vnni_linear_amx() -> bool");
   m.def("vnni_linear_huge_pages(int start, int nbytes, bool on) -> ()");
@@ -928,6 +1071,8 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("vnni_linear", &vnni_linear);
   m.impl("vnni_pack", &vnni_pack);
   m.impl("vnni_pack_int8", &vnni_pack_int8);
+  m.impl("vnni_linear_int8", &vnni_linear_int8);
+  m.impl("vnni_linear_int4", &vnni_linear_int4);
 }
 
 TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {
