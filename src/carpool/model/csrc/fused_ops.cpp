@@ -1213,8 +1213,15 @@ void int8_dot_tile(const c10::BFloat16* xb, const W* wb, int64_t rows, int64_t k
 // registers in every pass (at most four); past them it widens each tile once into a buffer in
 // L1 that all its passes read. The same sums either way. On a Zen 4 (benchmarks/ab_int8_gemv.py,
 // the small model's matrices from memory) in registers 1.35-1.45x the buffer at 2-6 rows,
-// level to 1.08x at 9-24, ~0.9x at 64-128.
+// level to 1.08x at 9-24, ~0.9x at 64-128. On the AMX Xeon the buffer from 7 rows (int8_dot
+// takes 9 and up there): small's matrices 1.10-1.19x at 12-24 rows, 0.9-1.12x at 9-11 in runs
+// of the same rows, medium's 1.08x / 1.12x / 1.19x at 9-12 / 16 / 24 (issue 11, forty-second
+// pass).
+#if defined(__AMX_TILE__)
+constexpr int64_t kDotDirectRows = kDotRows;
+#else
 constexpr int64_t kDotDirectRows = 4 * kDotRows;
+#endif
 
 template <typename T>
 void int8_dot_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, int64_t rows,
@@ -1747,8 +1754,15 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
 // on the rows beside it. SmolLM2's layers from memory (benchmarks/ab_int4_gemv.py --huge-pages,
 // a Zen 4): 1.09-1.17x at 64 rows, 1.13-1.18x at 128, 1.15-1.22x at 512; 0.86-0.98x at 8-32
 // (there the 1-4-row loop keeps its sums in registers), hence from 48 (BENCHMARKS.md, issue
-// 11, thirtieth pass). Rows in spans of kInt4RowSpan, as on AVX2.
-constexpr int64_t kInt4DpWidenedRows = 48;  // from this many rows, int4_rows decodes a group once
+// 11, thirtieth pass). Rows in spans of kInt4RowSpan, as on AVX2. On the AMX Xeon the buffer
+// wins from 5 rows: SmolLM2's layers 1.13x / 1.17x / 1.18x / 1.21x at 5 / 8 / 16 / 32
+// rows, 1.00x at 2-4 and 64 (benchmarks/ab_int4_gemv.py, float32 and bf16 rows alike; issue 11,
+// forty-second pass). The same bits either way (tested).
+#if defined(__AMX_TILE__)
+constexpr int64_t kInt4DpWidenedRows = 5;  // from this many rows, int4_rows decodes a group once
+#else
+constexpr int64_t kInt4DpWidenedRows = 48;
+#endif
 
 // Rows [0, M) of the group: the four vectors' dot products along the group's g / 2 pairs;
 // ob holds each row's 64 running sums in the vectors' lane order, updated once per group from
