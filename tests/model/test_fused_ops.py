@@ -489,8 +489,7 @@ def test_int8_dot_row_does_not_depend_on_its_neighbours():
     x = torch.randn(37, 224)
     every = torch.ops.carpool.int8_dot(x, q, s)
     # Slices of up to 24 rows (6 on an AMX CPU) widen the codes in registers, longer ones into a
-    # buffer; a single
-    # row takes 16 columns a reduction.
+    # buffer; a single row takes 16 columns a reduction.
     for lo, hi in ((0, 1), (36, 37), (5, 7), (10, 13), (20, 24), (0, 24), (3, 37), (0, 36)):
         assert torch.equal(torch.ops.carpool.int8_dot(x[lo:hi], q, s), every[lo:hi]), (lo, hi)
 
