@@ -13,8 +13,12 @@ thread count, times ``y = x @ W.T`` with bf16 activations:
 - ``int4_gemv`` / ``int8_gemv``: carpool's own kernels (``fused_ops``) over the same codes, at
   any row count (``Int4Linear`` / ``Int8Linear`` take them up to ``fused_ops.INT4_GEMV_MAX_ROWS``
   / ``INT8_GEMV_MAX_ROWS`` rows);
-- ``int4 vnni`` / ``int8 vnni``: a long prompt's rows on an AMX CPU (``row_paths``): the weight
-  widened into ``vnni_linear``'s layout in the call, then its loop.
+- ``int4 vnni`` / ``int8 vnni``: a prompt's rows on an AMX CPU (``row_paths``) as the
+  forty-first pass multiplied them: the whole weight widened into ``vnni_linear``'s layout in
+  the call, then its loop;
+- ``int4 vnni fused`` / ``int8 vnni fused``: the same product as they take it since the
+  forty-second (``vnni_linear.linear_int4`` / ``linear_int8``: each block widened into a
+  thread's buffer inside the loop; the same bits).
 
 torchao's CPU int4 weight-only layout (``Int4CPULayout``) calls the same
 ``_weight_int4pack_mm_for_cpu`` op, so its matmul is the ``int4`` column.

@@ -26,6 +26,7 @@ import random
 from collections.abc import Iterator
 
 import checkout  # noqa: F401  (this checkout's src first on sys.path)
+import torch
 from alternated import forward_alternated
 
 from carpool import LLM
@@ -37,17 +38,23 @@ from carpool.worker import batch
 @contextlib.contextmanager
 def whole_matrix() -> Iterator[None]:
     """The wide rows' products as the forty-first pass made them: the quantized matrix widened
-    whole into vnni_linear's layout (once per ``layers.widen_once`` block), then its loop."""
+    whole into vnni_linear's layout (once per ``layers.widen_once`` block), then its loop, with
+    the casts to and from bf16 around it (a float32 model's)."""
 
-    def int4(self: quant.Int4Linear, xk):  # noqa: ANN001, ANN202
-        packed = layers.widened(self, xk.dtype, self._dense_vnni, layout="vnni")
-        return vnni_linear.linear(xk, packed, None, self.out_features)
+    def int4(self: quant.Int4Linear, xk, out):  # noqa: ANN001, ANN202
+        packed = layers.widened(self, torch.bfloat16, self._dense_vnni, layout="vnni")
+        y = vnni_linear.linear(xk.to(torch.bfloat16), packed, None, self.out_features)
+        return finish(y.to(xk.dtype), out)
 
-    def int8(self: quant.Int8Linear, xk):  # noqa: ANN001, ANN202
+    def int8(self: quant.Int8Linear, xk, out):  # noqa: ANN001, ANN202
         packed = layers.widened(
-            self, xk.dtype, lambda: vnni_linear.pack_int8(self.qweight), layout="vnni"
+            self, torch.bfloat16, lambda: vnni_linear.pack_int8(self.qweight), layout="vnni"
         )
-        return vnni_linear.linear(xk, packed, None, self.out_features) * self.scales
+        y = vnni_linear.linear(xk.to(torch.bfloat16), packed, None, self.out_features)
+        return finish((y * self.scales).to(xk.dtype), out)
+
+    def finish(y, out):  # noqa: ANN001, ANN202
+        return y if out is None else out.copy_(y)
 
     saved = quant.Int4Linear._vnni_product, quant.Int8Linear._vnni_product
     quant.Int4Linear._vnni_product, quant.Int8Linear._vnni_product = int4, int8

@@ -376,9 +376,9 @@ def row_limits(request, monkeypatch) -> Iterator[str]:
         for cls in (quant.Int8Linear, quant.Int4Linear):
             product = cls._wide_product
 
-            def counted(self, x2, product=product):  # noqa: ANN001, ANN202
+            def counted(self, x2, out=None, product=product):  # noqa: ANN001, ANN202
                 widened.append(x2.shape[0])
-                return product(self, x2)
+                return product(self, x2, out)
 
             monkeypatch.setattr(cls, "_wide_product", counted)
     yield request.param

@@ -268,7 +268,7 @@ def test_int4_blocks_widened_in_the_loop_are_the_widened_matrix(threads, block, 
             x = torch.randn(rows, k).bfloat16()
             for path in PATHS:
                 want = vnni_linear.linear(x, whole, None, n, path)
-                got = vnni_linear.linear_int4(x, packed, group, scales_zeros, block, n, path)
+                got = vnni_linear.linear_int4(x, packed, group, scales_zeros, block, n, path=path)
                 assert torch.equal(got, want), (rows, path)
     finally:
         torch.set_num_threads(before)
@@ -289,7 +289,7 @@ def test_int8_blocks_widened_in_the_loop_are_the_widened_matrix(threads, n, k):
             x = torch.randn(rows, k).bfloat16()
             for path in PATHS:
                 want = vnni_linear.linear(x, whole, None, n, path)
-                assert torch.equal(vnni_linear.linear_int8(x, codes, path), want), (rows, path)
+                assert torch.equal(vnni_linear.linear_int8(x, codes, path=path), want), (rows, path)
     finally:
         torch.set_num_threads(before)
 
@@ -315,14 +315,65 @@ def test_the_widened_blocks_products_refuse_bad_inputs_with_a_message():
     x = torch.randn(3, 64).bfloat16()
     int4, int8 = torch.ops.carpool.vnni_linear_int4, torch.ops.carpool.vnni_linear_int8
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
-        int8(x.float(), codes, 0)
+        int8(x.half(), codes)
     with pytest.raises(RuntimeError, match=r"codes must be a contiguous \[N, 64\] int8"):
-        int8(x, torch.zeros(64, 32, dtype=torch.int8), 0)
+        int8(x, torch.zeros(64, 32, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="n = 0 columns"):
-        int4(x, packed, group, scales_zeros, 64, 0, 0)
+        int4(x, packed, group, scales_zeros, 64, 0)
     with pytest.raises(RuntimeError, match="block must be 32 or 64"):
-        int4(x, packed, group, scales_zeros, 16, n, 0)
+        int4(x, packed, group, scales_zeros, 16, n)
     with pytest.raises(RuntimeError, match="scales_zeros must be"):
-        int4(torch.randn(3, 128).bfloat16(), packed, group, scales_zeros, 64, n, 0)
+        int4(torch.randn(3, 128).bfloat16(), packed, group, scales_zeros, 64, n)
     with pytest.raises(RuntimeError, match="packed must be torch's CPU int4 layout"):
-        int4(x, packed[:-1], group, scales_zeros, 64, n, 0)
+        int4(x, packed[:-1], group, scales_zeros, 64, n)
+    with pytest.raises(RuntimeError, match=r"scales must be a contiguous \[64\] bfloat16"):
+        int8(x, codes, torch.ones(64))
+    out4 = torch.ops.carpool.vnni_linear_int4_out
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous \[3, 128\] Float tensor"):
+        out4(x.float(), packed, group, scales_zeros, 64, n, torch.empty(3, 128).bfloat16())
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous \[3, 64\] BFloat16"):
+        torch.ops.carpool.vnni_linear_int8_out(x, codes, None, torch.empty(3, 65).bfloat16())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_a_float32_models_wide_rows_take_float32_in_and_out(path, rows):
+    # A float32 model's wide rows go in as they are (rounded to bf16 inside, as torch's cast
+    # rounds: a NaN stays a NaN, a subnormal is kept) and come out float32 (the bf16 values) in
+    # their rows of the layer's output, an int8 weight's row scales applied with a bf16
+    # multiply's rounding: the bits of casting around the bf16 product, on every path.
+    packed, group, scales_zeros, n = _int4_layer(130, 576, 32, 64)
+    codes = torch.randint(-128, 128, (130, 576), dtype=torch.int8)
+    scales = (torch.rand(130) * 0.02 + 1e-3).bfloat16()
+    x = torch.randn(rows, 576) * 3
+    x[0, :3] = torch.tensor([1e-40, -3e-39, 2**-130])  # subnormals
+    x[-1, 5] = 1.0 + 2**-8  # a tie: to even
+    xb = x.bfloat16()
+    whole4 = vnni_linear.pack(fused_ops_widened(packed, group, scales_zeros, n))
+    want4 = vnni_linear.linear(xb, whole4, None, n, path).float()
+    want8 = (vnni_linear.linear(xb, vnni_linear.pack_int8(codes), None, n, path) * scales).float()
+    got4 = vnni_linear.linear_int4(x, packed, group, scales_zeros, 64, n, path=path)
+    assert got4.dtype == torch.float32 and torch.equal(got4, want4)
+    got8 = vnni_linear.linear_int8(x, codes, scales, path=path)
+    assert got8.dtype == torch.float32 and torch.equal(got8, want8)
+    # Into rows 2.. of a larger output, the rows around them untouched; bf16 in and out too.
+    y = torch.full((rows + 3, n), 7.0)
+    vnni_linear.linear_int8(x, codes, scales, out=y[2 : 2 + rows], path=path)
+    assert torch.equal(y[2 : 2 + rows], want8)
+    assert bool((y[:2] == 7).all()) and bool((y[2 + rows :] == 7).all())
+    yb = torch.empty(rows, n, dtype=torch.bfloat16)
+    vnni_linear.linear_int4(xb, packed, group, scales_zeros, 64, n, out=yb, path=path)
+    assert torch.equal(yb.float(), want4)
+    assert torch.equal(vnni_linear.linear_int8(xb, codes, scales, path=path).float(), want8)
+    # A NaN input makes its row NaN, the others as they were.
+    x[0, 7] = float("nan")
+    got = vnni_linear.linear_int4(x, packed, group, scales_zeros, 64, n, path=path)
+    assert bool(got[0].isnan().all()) and torch.equal(got[1:], want4[1:])
+
+
+def fused_ops_widened(packed, group, scales_zeros, n):  # noqa: ANN001, ANN201
+    """The int4 weight widened to bf16 ``[n, K]`` by ``fused_ops.int4_widen``."""
+    from carpool.model import fused_ops
+
+    assert fused_ops.load()
+    return fused_ops.int4_widen(packed, group, scales_zeros, 64)[:n].contiguous()

@@ -166,30 +166,42 @@ class QuantizedLinear(nn.Module):
             _put_runs(
                 y, kernel, kernel_index, self._kernel_forward(_take(x2, kernel, kernel_index))
             )
-            y_wide = self._wide_product(_take(x2, wide.runs, wide.index))
-            _put_runs(y, wide.runs, wide.index, y_wide, self.bias)
+            if len(wide.runs) == 1:
+                # One run (a lone prompt's rows but its first): its product written straight
+                # into its rows of the output, then their bias (a float32 model's casts and
+                # copy around it gone: SmolLM2's prompt steps 1.06-1.10x at 8-128 tokens, level
+                # at 256-512, where writing the float32 rows costs what the copy did).
+                a, b = wide.runs[0]
+                rows = self._wide_product(x2[a:b], out=y[a:b])
+                if self.bias is not None:
+                    rows.add_(self.bias)
+            else:
+                y_wide = self._wide_product(_take(x2, wide.runs, wide.index))
+                _put_runs(y, wide.runs, wide.index, y_wide, self.bias)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` through the kernels over the codes (or torch's), whatever the rows."""
         raise NotImplementedError
 
-    def _wide_product(self, x2: torch.Tensor) -> torch.Tensor:
-        """``x2 @ W.T`` (``[rows, out_features]`` bf16, no bias) for ``[rows, in_features]``
-        through the weight widened to bf16 into ``vnni_linear``'s layout and its loops, whose
-        rows' bits do not depend on the rows beside them: each 64-column block widened into a
-        thread's buffer as the loop reaches it (``vnni_linear.linear_int4`` / ``_int8``), the
-        widened matrix never in memory."""
+    def _wide_product(self, x2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x2 @ W.T`` (``[rows, out_features]``, no bias) for ``[rows, in_features]`` in
+        ``x2``'s dtype (the model's: bf16, or float32 rounded to bf16 first), into ``out`` where
+        given, through the weight widened to bf16 into ``vnni_linear``'s layout and its loops,
+        whose rows' bits do not depend on the rows beside them: each 64-column block widened
+        into a thread's buffer as the loop reaches it (``vnni_linear.linear_int4`` / ``_int8``),
+        the widened matrix never in memory; the sums rounded to bf16."""
         kd = self._kernel_dtype()
         assert kd == torch.bfloat16, f"wide rows need bf16 scales, got {kd}"
-        return self._vnni_product(self._kernel_input(x2, kd))
+        assert x2.dtype in (torch.bfloat16, torch.float32), f"wide rows of {x2.dtype}"
+        return self._vnni_product(x2 if x2.is_contiguous() else x2.contiguous(), out)
 
     def _kernel_dtype(self) -> torch.dtype:
         """The dtype this layer's scales are kept in (``kernel_dtype`` of the model's)."""
         raise NotImplementedError
 
-    def _vnni_product(self, xk: torch.Tensor) -> torch.Tensor:
-        """``_wide_product`` of a contiguous bf16 ``xk``."""
+    def _vnni_product(self, xk: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """``_wide_product`` of a contiguous ``xk``."""
         raise NotImplementedError
 
     def widens_to_vnni(self) -> bool:
@@ -323,10 +335,11 @@ class Int8Linear(QuantizedLinear):
     def _kernel_dtype(self) -> torch.dtype:
         return self.scales.dtype
 
-    def _vnni_product(self, xk: torch.Tensor) -> torch.Tensor:
+    def _vnni_product(self, xk: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         # The codes widened (exact in bf16) a block at a time inside vnni_linear's loop, the row
-        # scales on the rounded output, as the widened GEMM below.
-        return vnni_linear.linear_int8(xk, self.qweight) * self.scales
+        # scales on the rounded output with a bf16 multiply's rounding, as the widened GEMM
+        # below.
+        return vnni_linear.linear_int8(xk, self.qweight, self.scales, out)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT8_GEMV_MAX_ROWS rows on the CPU: the fused kernel (it prefetches
@@ -447,9 +460,15 @@ class Int4Linear(QuantizedLinear):
     def _kernel_dtype(self) -> torch.dtype:
         return self.scales_zeros.dtype
 
-    def _vnni_product(self, xk: torch.Tensor) -> torch.Tensor:
+    def _vnni_product(self, xk: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         return vnni_linear.linear_int4(
-            xk, self.packed, self.group_size, self.scales_zeros, int4_row_block(), self.out_features
+            xk,
+            self.packed,
+            self.group_size,
+            self.scales_zeros,
+            int4_row_block(),
+            self.out_features,
+            out,
         )
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:

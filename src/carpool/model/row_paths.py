@@ -2,9 +2,10 @@
 
 A quantized linear has two ways to multiply (``carpool.model.quant``): its int4 / int8 kernels
 read the codes as they are, the cost growing with the rows (a decode step's few rows: the
-fastest there is), or the weight is widened to bf16 once in the step and multiplied by
-``vnni_linear``'s AMX loop (~0.37 ms of widening for SmolLM2's four layer matrices, then ~4 us
-a row where the kernels take ~36 us). The two round differently, so which one a row takes must
+fastest there is), or the weight is widened to bf16 and multiplied by ``vnni_linear``'s AMX
+loop, each 64-column block widened into a thread's buffer as the loop reaches it (~0.27 ms of
+widening for SmolLM2's four layer matrices a call, then ~4 us a row where the kernels take
+~36 us). The two round differently, so which one a row takes must
 follow from the row alone, never from the rows beside it, or a request's greedy tokens would
 depend on its batch, its chunking and the batching strategy (BENCHMARKS.md, issue 11, fortieth
 pass: on an AMX machine 3 of 8 prompts changed tokens when a step's row count picked the path).

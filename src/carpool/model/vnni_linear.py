@@ -22,9 +22,10 @@ plain weights at 4-32 rows, ~1.05x at 1-2 (BENCHMARKS.md, issue 11, twenty-secon
 1.1-1.4x more at 16-512 rows since the twenty-seventh pass (six rows keep 12 sums in flight).
 There a quantized model's prefill also multiplies its widened weights in this layout
 (``quant.QuantizedLinear._widened_product``; ``pack`` is then one C++ pass per step). With
-AMX a quantized model's long prompts do the same, for the rows ``carpool.model.row_paths`` marks
-(a prompt's from ``quant.wide_prompt_from`` on): this loop gives a row its bits whatever the
-rows beside it, which oneDNN's GEMM did not.
+AMX a quantized model's prompts go through this loop too, for the rows ``carpool.model.row_paths``
+marks (a prompt's from ``quant.wide_prompt_from`` on): it gives a row its bits whatever the
+rows beside it, which oneDNN's GEMM did not. There the codes are widened a block at a time
+inside the loop (``linear_int4`` / ``linear_int8``), never into a whole bf16 matrix.
 
 ``layers.Linear.prepack`` picks this layout where ``available()`` (built, AVX-512 BF16 with or
 without AMX, or AVX2 without AVX-512); elsewhere it keeps oneDNN's packed layout where oneDNN
@@ -102,7 +103,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def pack_int8(codes: torch.Tensor) -> torch.Tensor:
     """``pack(codes.to(torch.bfloat16))`` for int8 ``[N, K]`` codes (K even), in one pass where
-    the operator is loaded (an int8 weight's wide rows widen it every step that holds some)."""
+    the operator is loaded (``linear_int8``'s reference: the same widening, a block at a
+    time)."""
     assert codes.dim() == 2 and codes.dtype == torch.int8 and codes.shape[1] % 2 == 0, (
         f"vnni_linear.pack_int8: need [N, even K] int8, got {tuple(codes.shape)} {codes.dtype}"
     )
@@ -168,11 +170,24 @@ def linear(
     return torch.ops.carpool.vnni_linear(x.contiguous(), packed, bias, n, path)
 
 
-def linear_int8(x: torch.Tensor, codes: torch.Tensor, path: int = PATH_AUTO) -> torch.Tensor:
-    """``linear(x, pack_int8(codes), None, N)`` for int8 ``codes`` ``[N, K]`` without the packed
-    matrix: each 64-column block widened into a thread's buffer as its task reaches it (the
-    same bits; the row scales go on the output outside). CPU, operator loaded."""
-    return torch.ops.carpool.vnni_linear_int8(x.contiguous(), codes, path)
+def linear_int8(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    path: int = PATH_AUTO,
+) -> torch.Tensor:
+    """``linear(x, pack_int8(codes), None, N)`` (times ``scales``, ``[N]`` bf16, as a bf16
+    multiply rounds) for int8 ``codes`` ``[N, K]`` without the packed matrix: each 64-column
+    block widened into a thread's buffer as its task reaches it (the same bits). ``x``: bf16, or
+    float32 (rounded to bf16 inside, as its cast would); the result in ``x``'s dtype, into
+    ``out`` (contiguous ``[M, N]``, the rows of a layer's output) where given. CPU, operator
+    loaded."""
+    x = x.contiguous()
+    if out is None:
+        return torch.ops.carpool.vnni_linear_int8(x, codes, scales, path)
+    torch.ops.carpool.vnni_linear_int8_out(x, codes, scales, out, path)
+    return out
 
 
 def linear_int4(
@@ -182,13 +197,18 @@ def linear_int4(
     scales_zeros: torch.Tensor,
     block: int,
     n: int,
+    out: torch.Tensor | None = None,
     path: int = PATH_AUTO,
 ) -> torch.Tensor:
     """``linear(x, fused_ops.int4_widen_vnni(packed, group_size, scales_zeros, block, n), None,
-    n)`` without the widened matrix (block by block, as ``linear_int8``): the same bits."""
-    return torch.ops.carpool.vnni_linear_int4(
-        x.contiguous(), packed, group_size, scales_zeros, block, n, path
-    )
+    n)`` without the widened matrix (block by block, as ``linear_int8``): the same bits, in
+    ``x``'s dtype (bf16 or float32), into ``out`` where given."""
+    x = x.contiguous()
+    args = (x, packed, group_size, scales_zeros, block, n)
+    if out is None:
+        return torch.ops.carpool.vnni_linear_int4(*args, path)
+    torch.ops.carpool.vnni_linear_int4_out(*args, out, path)
+    return out
 
 
 def stream_from_huge_pages(region: torch.Tensor) -> None:

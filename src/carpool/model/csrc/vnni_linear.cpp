@@ -561,6 +561,90 @@ void store_rows(const float* c, int64_t ldc, int64_t rows, const float* bias, B1
   }
 }
 
+#if defined(__AVX512F__)
+// 16 float32 values rounded to bf16 as c10::BFloat16(float) rounds them (to nearest even, a NaN
+// to 0x7FC0, subnormals kept; VCVTNEPS2BF16 flushes them): the bits of torch's casts.
+inline __m256i round16_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
+// float32 values rounded to bf16 as torch's cast rounds them, into the calling thread's buffer
+// (grows to the largest, kept): a float32 model's wide rows, which the fused products take as
+// they are (the cast to a new bf16 tensor before them gone).
+const B16* rounded_bf16(const float* x, int64_t count) {
+  static thread_local std::vector<B16> buffer;
+  if (buffer.size() < static_cast<size_t>(count)) buffer.resize(count);
+  B16* out = buffer.data();
+  at::parallel_for(0, count, 1 << 15, [&](int64_t a, int64_t b) {
+    int64_t i = a;
+#if defined(__AVX512F__)
+    for (; i + 16 <= b; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), round16_bf16(_mm512_loadu_ps(x + i)));
+#endif
+    for (; i < b; ++i) out[i] = B16(x[i]);
+  });
+  return out;
+}
+
+// Where multiply puts its rounded sums: bf16 rows (vnni_linear; a bf16 model's wide rows), or
+// float32 rows holding the bf16 values (a float32 model's wide rows, written straight into their
+// rows of the layer's output: the cast and the copy after the product gone), in both cases
+// optionally times a bf16 column scale and rounded again as a bf16 multiply rounds
+// (Int8Linear's row scales, `y * scales` in bf16 before).
+struct Out {
+  B16* bf16 = nullptr;  // one of the two
+  float* f32 = nullptr;
+  int64_t ld = 0;                // row stride
+  const B16* scales = nullptr;  // [n], or null
+  bool plain() const { return f32 == nullptr && scales == nullptr; }
+};
+
+// store_rows' sums (rows [row0, row0 + rows), columns [col, col + ncols)) into `out`.
+void store_out(const float* c, int64_t ldc, int64_t rows, const float* bias, const Out& out,
+               int64_t row0, int64_t col, int64_t ncols) {
+  if (out.plain()) {
+    store_rows(c, ldc, rows, bias, out.bf16 + row0 * out.ld + col, out.ld, ncols);
+    return;
+  }
+  const B16* sc = out.scales != nullptr ? out.scales + col : nullptr;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t at = (row0 + i) * out.ld + col;
+    int64_t j = 0;
+#if defined(__AVX512BF16__)
+    for (; j < ncols; j += 16) {
+      const int64_t cn = std::min<int64_t>(16, ncols - j);
+      const __mmask16 mask = static_cast<__mmask16>((1u << cn) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(mask, c + i * ldc + j);
+      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
+      __m256i b = (__m256i)_mm512_cvtneps_pbh(v);  // store_rows' rounding
+      if (sc != nullptr) {
+        const __m512 s = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sc + j)), 16));
+        const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+        b = round16_bf16(_mm512_mul_ps(w, s));  // torch's bf16 multiply: float32, then its cast
+      }
+      if (out.f32 != nullptr)
+        _mm512_mask_storeu_ps(out.f32 + at + j, mask,
+                              _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+      else
+        _mm256_mask_storeu_epi16(out.bf16 + at + j, mask, b);
+    }
+#endif
+    for (; j < ncols; ++j) {
+      B16 b(c[i * ldc + j] + (bias != nullptr ? bias[j] : 0.0f));
+      if (sc != nullptr) b = B16(static_cast<float>(b) * static_cast<float>(sc[j]));
+      if (out.f32 != nullptr) out.f32[at + j] = static_cast<float>(b);
+      else out.bf16[at + j] = b;
+    }
+  }
+}
+
 // Rows [0, MR) of x times pairs [p0, p1) of block `wb`, added to the float32 sums in c (row
 // stride kBlockN; from zero when `init`). Lines [line0, line1) from `ahead` into L2 meanwhile.
 // Each sum takes its pairs in the same order as gemv_block's (float32 through c is exact):
@@ -844,40 +928,45 @@ struct Int4Blocks {
   }
 };
 
-// x [rows, K] bf16 times the `blocks` weight blocks of `src` (n columns), plus bias (float32 or
-// null), into a new bf16 [rows, n]: vnni_linear's loops (its header).
+// Whether `path` multiplies on AMX (our loop or oneDNN's micro-kernel, both through store_out;
+// else the matrix-vector loops, which write bf16 rows themselves).
+bool amx_path(int64_t path) {
+#if defined(CARPOOL_AVX2)
+  return false;
+#else
+  return path != kPathGemv && has_amx_brgemm();
+#endif
+}
+
+// xb [rows, K] bf16 times the `blocks` weight blocks of `src` (n columns), plus bias (float32 or
+// null), into `out` (a plain bf16 one unless amx_path): vnni_linear's loops (its header).
 template <typename Source>
-at::Tensor multiply(const at::Tensor& x, int64_t blocks, int64_t n, const float* bp, int64_t path,
-                    const Source& src) {
-  const int64_t rows = x.size(0), k = x.size(1);
-  at::Tensor y = at::empty({rows, n}, x.options());
-  if (rows == 0) return y;
+void multiply(const B16* xb, int64_t rows, int64_t k, int64_t blocks, int64_t n, const float* bp,
+              int64_t path, const Source& src, const Out& out) {
+  if (rows == 0) return;
+  TORCH_CHECK(path >= kPathAuto && path <= kPathBrgemm, "vnni_linear: path 0, 1 or 2, got ",
+              path);
+  TORCH_INTERNAL_ASSERT(out.plain() || amx_path(path),
+                        "vnni_linear: the matrix-vector loops write plain bf16 rows only");
 #if defined(CARPOOL_AVX2)
   static thread_local std::vector<float> widened;  // grows to the largest input, kept
   if (widened.size() < static_cast<size_t>(rows * k)) widened.resize(rows * k);
   {
-    const B16* xb = x.data_ptr<B16>();
     int64_t i = 0;
     for (; i + 8 <= rows * k; i += 8) _mm256_storeu_ps(widened.data() + i, carpool_kernels::load8(xb + i));
     for (; i < rows * k; ++i) widened[i] = carpool_kernels::to_float(xb[i]);
   }
   const XT* xp = widened.data();
 #else
-  const XT* xp = x.data_ptr<B16>();
+  const XT* xp = xb;
 #endif
-  B16* yp = y.data_ptr<B16>();
+  B16* yp = out.bf16;  // (the matrix-vector loops' rows)
   const int64_t block_elems = (k / 2) * kBlockN * 2;
   // (A widened block is hot in this thread's cache: nothing to stream, nothing to ask ahead.)
   bool huge = false;
   if constexpr (!Source::kWidens)
     huge = on_huge_pages(src.wp, blocks * block_elems * sizeof(B16));
-  TORCH_CHECK(path >= kPathAuto && path <= kPathBrgemm, "vnni_linear: path 0, 1 or 2, got ",
-              path);
-#if defined(CARPOOL_AVX2)
-  const bool amx = false;
-#else
-  const bool amx = path != kPathGemv && has_amx_brgemm();
-#endif
+  const bool amx = amx_path(path);
   bool tiles = false;  // our own AMX loop (only where the compiler and the kernel allow AMX)
 #if defined(CARPOOL_AMX)
   tiles = amx && path == kPathAuto && k % 32 == 0 && amx_permitted();
@@ -922,7 +1011,7 @@ at::Tensor multiply(const at::Tensor& x, int64_t blocks, int64_t n, const float*
         for (int64_t m0 = 0; m0 < rows; m0 += kBlockM) {  // the block stays in L2 meanwhile
           const int64_t mr = std::min<int64_t>(kBlockM, rows - m0);
           amx_tile_rows(xp + m0 * k, mr, k, wb, c);
-          store_rows(c, kBlockN, mr, bb, yp + m0 * n + col, n, ncols);
+          store_out(c, kBlockN, mr, bb, out, m0, col, ncols);
         }
         continue;
       }
@@ -936,7 +1025,7 @@ at::Tensor multiply(const at::Tensor& x, int64_t blocks, int64_t n, const float*
         const int64_t mr = std::min<int64_t>(kBlockM, rows - m0);
         at::native::cpublas::brgemm(mr, kBlockN, k, k, kBlockN, kBlockN, false, xp + m0 * k, wb,
                                     c, true);
-        store_rows(c, kBlockN, mr, bb, yp + m0 * n + col, n, ncols);
+        store_out(c, kBlockN, mr, bb, out, m0, col, ncols);
       }
 #endif
     }
@@ -944,7 +1033,6 @@ at::Tensor multiply(const at::Tensor& x, int64_t blocks, int64_t n, const float*
     // replaced it), so its next brgemm loads its own again.
     if (amx) at::native::cpublas::brgemm_release(true);
   });
-  return y;
 }
 
 
@@ -971,7 +1059,12 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
                 bias->sizes(), " ", bias->scalar_type());
     bp = bias->data_ptr<float>();
   }
-  return multiply(x, blocks, n, bp, path, PackedBlocks{weight.data_ptr<B16>(), (k / 2) * kBlockN * 2});
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  Out out;
+  out.bf16 = y.data_ptr<B16>(), out.ld = n;
+  multiply(x.data_ptr<B16>(), x.size(0), k, blocks, n, bp, path,
+           PackedBlocks{weight.data_ptr<B16>(), (k / 2) * kBlockN * 2}, out);
+  return y;
 }
 
 // [N, K] bf16 -> [ceil(N / 64), K / 2, 64, 2] (vnni_linear.pack's layout; zero past N) in one
@@ -1036,19 +1129,66 @@ at::Tensor vnni_pack_int8(const at::Tensor& codes) {
   return out;
 }
 
-// The input both fused ops take: a contiguous bf16 [M, K] x (`name` heads the message).
+// The input both fused ops take: a contiguous bf16 or float32 [M, K] x (`name` heads the
+// message).
 void check_x(const char* name, const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 &&
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
                   x.size(1) % 2 == 0 && x.device().is_cpu(),
-              name, ": x must be a contiguous [M, even K] bfloat16 CPU tensor, got ", x.sizes(),
-              " ", x.scalar_type());
+              name, ": x must be a contiguous [M, even K] bfloat16 or float32 CPU tensor, got ",
+              x.sizes(), " ", x.scalar_type());
 }
 
-// vnni_linear(x, vnni_pack_int8(codes), None, N): x times int8 codes [N, K] widened to bf16
+// A fused product of x (bf16, or float32 rounded to bf16 first as torch's cast rounds) by
+// `src`'s blocks, into `out` (a contiguous [M, n] tensor of x's dtype: the rows of a layer's
+// output it belongs in) or a new one: the bf16-rounded sums (times `scales` with a bf16
+// multiply's rounding where given) in x's dtype. On AMX store_out writes them so; the
+// matrix-vector loops' bf16 rows are scaled and cast after them, the same values.
+template <typename Source>
+at::Tensor fused_product(const char* name, const at::Tensor& x, int64_t blocks, int64_t n,
+                         int64_t path, const Source& src, const std::optional<at::Tensor>& scales,
+                         const std::optional<at::Tensor>& out) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  if (scales.has_value())
+    TORCH_CHECK(scales->dim() == 1 && scales->size(0) == n && scales->is_contiguous() &&
+                    scales->scalar_type() == at::kBFloat16,
+                name, ": scales must be a contiguous [", n, "] bfloat16 tensor, got ",
+                scales->sizes(), " ", scales->scalar_type());
+  if (out.has_value())
+    TORCH_CHECK(out->dim() == 2 && out->size(0) == rows && out->size(1) == n &&
+                    out->is_contiguous() && out->scalar_type() == x.scalar_type(),
+                name, ": out must be a contiguous [", rows, ", ", n, "] ", x.scalar_type(),
+                " tensor, got ", out->sizes(), " ", out->scalar_type());
+  at::Tensor y = out.has_value() ? *out : at::empty({rows, n}, x.options());
+  if (rows == 0) return y;
+  const B16* xb = x.scalar_type() == at::kFloat ? rounded_bf16(x.data_ptr<float>(), rows * k)
+                                                : x.data_ptr<B16>();
+  const bool f32 = y.scalar_type() == at::kFloat;
+  if (amx_path(path) || (!f32 && !scales.has_value())) {
+    Out o;
+    if (f32) o.f32 = y.data_ptr<float>();
+    else o.bf16 = y.data_ptr<B16>();
+    o.ld = n;
+    o.scales = scales.has_value() ? scales->data_ptr<B16>() : nullptr;
+    multiply(xb, rows, k, blocks, n, nullptr, path, src, o);
+    return y;
+  }
+  at::Tensor t = at::empty({rows, n}, x.options().dtype(at::kBFloat16));
+  Out o;
+  o.bf16 = t.data_ptr<B16>(), o.ld = n;
+  multiply(xb, rows, k, blocks, n, nullptr, path, src, o);
+  if (scales.has_value()) t.mul_(*scales);
+  y.copy_(t);
+  return y;
+}
+
+// vnni_linear(x, vnni_pack_int8(codes), None, N) (times `scales`, a bf16 multiply, where
+// given; quant.Int8Linear's row scales) in x's dtype: x times int8 codes [N, K] widened to bf16
 // (exact), each block widened into this thread's buffer as its task reaches it (Int8Blocks):
-// the same bits, without the widened matrix in memory. The row scales go on the output outside
-// (quant.Int8Linear._vnni_product).
-at::Tensor vnni_linear_int8(const at::Tensor& x, const at::Tensor& codes, int64_t path) {
+// the same bits, without the widened matrix in memory (fused_product: x, out).
+at::Tensor int8_product(const at::Tensor& x, const at::Tensor& codes,
+                        const std::optional<at::Tensor>& scales,
+                        const std::optional<at::Tensor>& out, int64_t path) {
   check_x("vnni_linear_int8", x);
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.scalar_type() == at::kChar &&
                   codes.size(1) == x.size(1),
@@ -1056,16 +1196,18 @@ at::Tensor vnni_linear_int8(const at::Tensor& x, const at::Tensor& codes, int64_
               "] int8 tensor, got ", codes.sizes(), " ", codes.scalar_type());
   const int64_t n = codes.size(0), blocks = (n + kBlockN - 1) / kBlockN;
   TORCH_CHECK(n > 0, "vnni_linear_int8: no output columns");
-  return multiply(x, blocks, n, nullptr, path,
-                  Int8Blocks{Int8Words{codes.data_ptr<int8_t>(), codes.size(1)}, n});
+  return fused_product("vnni_linear_int8", x, blocks, n, path,
+                       Int8Blocks{Int8Words{codes.data_ptr<int8_t>(), codes.size(1)}, n}, scales,
+                       out);
 }
 
 // vnni_linear(x, fused_ops.int4_widen_vnni(packed, g, scales_zeros, block, n), None, n): x times
 // an int4 weight (torch's CPU int4 layout in `block`-row blocks, bf16 [K / g, N', 2] (scale,
-// zero) pairs) widened a block at a time into this thread's buffer (Int4Blocks): the same bits.
-at::Tensor vnni_linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
-                            const at::Tensor& scales_zeros, int64_t block, int64_t n,
-                            int64_t path) {
+// zero) pairs) widened a block at a time into this thread's buffer (Int4Blocks): the same bits,
+// in x's dtype (fused_product: x, out).
+at::Tensor int4_product(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                        const at::Tensor& scales_zeros, int64_t block, int64_t n,
+                        const std::optional<at::Tensor>& out, int64_t path) {
   check_x("vnni_linear_int4", x);
   const int64_t g = group_size;
   TORCH_CHECK(g > 0 && g % 2 == 0, "vnni_linear_int4: the group size must be positive and even, got ", g);
@@ -1083,10 +1225,35 @@ at::Tensor vnni_linear_int4(const at::Tensor& x, const at::Tensor& packed, int64
               k, ", got ", packed.sizes(), " ", packed.scalar_type());
   TORCH_CHECK(n > 0 && n <= rows, "vnni_linear_int4: n = ", n, " columns of ", rows);
   const int64_t blocks = (n + kBlockN - 1) / kBlockN;
-  return multiply(x, blocks, n, nullptr, path,
-                  Int4Blocks{packed.data_ptr<uint8_t>(),
-                             reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr()), k, g,
-                             block, rows, n});
+  return fused_product("vnni_linear_int4", x, blocks, n, path,
+                       Int4Blocks{packed.data_ptr<uint8_t>(),
+                                  reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr()), k,
+                                  g, block, rows, n},
+                       std::nullopt, out);
+}
+
+// The operators: a new tensor, or (_out) into the rows of a layer's output.
+at::Tensor vnni_linear_int8(const at::Tensor& x, const at::Tensor& codes,
+                            const std::optional<at::Tensor>& scales, int64_t path) {
+  return int8_product(x, codes, scales, std::nullopt, path);
+}
+
+void vnni_linear_int8_out(const at::Tensor& x, const at::Tensor& codes,
+                          const std::optional<at::Tensor>& scales, const at::Tensor& out,
+                          int64_t path) {
+  int8_product(x, codes, scales, out, path);
+}
+
+at::Tensor vnni_linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                            const at::Tensor& scales_zeros, int64_t block, int64_t n,
+                            int64_t path) {
+  return int4_product(x, packed, group_size, scales_zeros, block, n, std::nullopt, path);
+}
+
+void vnni_linear_int4_out(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                          const at::Tensor& scales_zeros, int64_t block, int64_t n,
+                          const at::Tensor& out, int64_t path) {
+  int4_product(x, packed, group_size, scales_zeros, block, n, out, path);
 }
 
 // Whether this build has a fast path: AVX-512 BF16 (the matrix-vector kernel, and the bf16
@@ -1114,10 +1281,16 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("vnni_linear(Tensor x, Tensor weight, Tensor? bias, int n, int path=0) -> Tensor");
   m.def("vnni_pack(Tensor weight) -> Tensor");
   m.def("vnni_pack_int8(Tensor codes) -> Tensor");
-  m.def("vnni_linear_int8(Tensor x, Tensor codes, int path=0) -> Tensor");
+  m.def("vnni_linear_int8(Tensor x, Tensor codes, Tensor? scales=None, int path=0) -> Tensor");
+  m.def(
+      "vnni_linear_int8_out(Tensor x, Tensor codes, Tensor? scales, Tensor(a!) out, int path=0) "
+      "-> ()");
   m.def(
       "vnni_linear_int4(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block, "
       "int n, int path=0) -> Tensor");
+  m.def(
+      "vnni_linear_int4_out(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, "
+      "int block, int n, Tensor(a!) out, int path=0) -> ()");
   m.def("vnni_linear_fast() -> bool");
   m.def("vnni_linear_amx() -> bool");
   m.def("vnni_linear_huge_pages(int start, int nbytes, bool on) -> ()");
@@ -1130,6 +1303,8 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("vnni_pack_int8", &vnni_pack_int8);
   m.impl("vnni_linear_int8", &vnni_linear_int8);
   m.impl("vnni_linear_int4", &vnni_linear_int4);
+  m.impl("vnni_linear_int8_out", &vnni_linear_int8_out);
+  m.impl("vnni_linear_int4_out", &vnni_linear_int4_out);
 }
 
 TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {
