@@ -543,24 +543,6 @@ void gemv_rows(const XT* x, int64_t rows, int64_t k, const B16* wb, const float*
   }
 }
 
-// float32 sums of `rows` rows (stride ldc) plus bias, rounded to bf16 into y (stride ldy).
-void store_rows(const float* c, int64_t ldc, int64_t rows, const float* bias, B16* y,
-                int64_t ldy, int64_t ncols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    int64_t j = 0;
-#if defined(__AVX512BF16__)
-    for (; j < ncols; j += 16) {
-      const int64_t cn = std::min<int64_t>(16, ncols - j);
-      const __mmask16 mask = static_cast<__mmask16>((1u << cn) - 1);
-      __m512 v = _mm512_maskz_loadu_ps(mask, c + i * ldc + j);
-      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
-      _mm256_mask_storeu_epi16(y + i * ldy + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
-    }
-#endif
-    for (; j < ncols; ++j) y[i * ldy + j] = B16(c[i * ldc + j] + (bias ? bias[j] : 0.0f));
-  }
-}
-
 #if defined(__AVX512F__)
 // 16 float32 values rounded to bf16 as c10::BFloat16(float) rounds them (to nearest even, a NaN
 // to 0x7FC0, subnormals kept; VCVTNEPS2BF16 flushes them): the bits of torch's casts.
@@ -605,13 +587,10 @@ struct Out {
   bool plain() const { return f32 == nullptr && scales == nullptr; }
 };
 
-// store_rows' sums (rows [row0, row0 + rows), columns [col, col + ncols)) into `out`.
+// float32 sums of `rows` rows (stride ldc) plus bias, rounded to bf16 (VCVTNEPS2BF16 where the
+// CPU has it) into `out`'s rows [row0, row0 + rows), columns [col, col + ncols).
 void store_out(const float* c, int64_t ldc, int64_t rows, const float* bias, const Out& out,
                int64_t row0, int64_t col, int64_t ncols) {
-  if (out.plain()) {
-    store_rows(c, ldc, rows, bias, out.bf16 + row0 * out.ld + col, out.ld, ncols);
-    return;
-  }
   const B16* sc = out.scales != nullptr ? out.scales + col : nullptr;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t at = (row0 + i) * out.ld + col;
@@ -622,7 +601,7 @@ void store_out(const float* c, int64_t ldc, int64_t rows, const float* bias, con
       const __mmask16 mask = static_cast<__mmask16>((1u << cn) - 1);
       __m512 v = _mm512_maskz_loadu_ps(mask, c + i * ldc + j);
       if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
-      __m256i b = (__m256i)_mm512_cvtneps_pbh(v);  // store_rows' rounding
+      __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
       if (sc != nullptr) {
         const __m512 s = _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sc + j)), 16));
@@ -744,7 +723,9 @@ void gemv_rows_chunked(const XT* x, int64_t rows, int64_t k, const B16* wb, cons
       }
     }
   }
-  store_rows(c, kBlockN, rows, bias, y, ldy, ncols);
+  Out out;
+  out.bf16 = y, out.ld = ldy;
+  store_out(c, kBlockN, rows, bias, out, 0, 0, ncols);
 }
 
 // The calling thread's buffer for a widened block of `elems` bf16 values (grows to the largest,
