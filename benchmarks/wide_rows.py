@@ -1,21 +1,21 @@
 """A quantized model's prompt steps with its prompt rows widened from each of several positions.
 
 A prompt row at a position of at least ``wide_from`` takes the quantized linears' weight widened
-to bf16 once a step and multiplied on AMX tiles (``carpool.model.row_paths``); the other rows
-read the int4 / int8 codes in the kernels. For each ``--prompt`` length, ``--batch`` prompts of
-it from position 0 are built by ``build_ragged_batch`` with each ``--wide-from`` (0: no wide
-rows, the first one the baseline) and forwarded in one process, alternated, on the engine's own
-model and KV cache: the step's median ms and its speed against the first.
+to bf16 and multiplied on AMX tiles (``carpool.model.row_paths``); the other rows read the int4 /
+int8 codes in the kernels. For each ``--prompt`` length, ``--batch`` prompts of it from position
+0 are built by ``build_ragged_batch`` with each ``--wide-from`` (``off``: no wide rows; the
+first one the baseline) and forwarded in one process, alternated, on the engine's own model and
+KV cache: the step's median ms and its speed against the first.
 
-``--whole-matrix`` adds, for each cutoff but 0, the same step with the wide rows' products as
+``--whole-matrix`` adds, for each cutoff but off, the same step with the wide rows' products as
 the forty-first pass made them (each quantized matrix widened whole into memory once a step,
 then ``vnni_linear.linear``; the same bits), against each block widened into a thread's
 buffer inside the loop (``vnni_linear.linear_int4`` / ``_int8``, since the forty-second).
 
     python benchmarks/wide_rows.py --model SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --prompt 20,32,40,48,64,128,512 --wide-from 0,16,32,64
+        --prompt 20,32,40,48,64,128,512 --wide-from off,0,1,16,32
     python benchmarks/wide_rows.py --model SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --prompt 2,8,16,32,128,512 --wide-from 0,1 --whole-matrix
+        --prompt 2,8,16,32,128,512 --wide-from off,0 --whole-matrix
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a quantized GGUF file or HF directory")
     ap.add_argument("--prompt", default="20,32,40,64,128,512", help="comma-separated lengths")
-    ap.add_argument("--wide-from", default="0,16,32", help="comma-separated; the first: baseline")
+    ap.add_argument(
+        "--wide-from", default="off,0,1,16", help="comma-separated; off: none; the first: baseline"
+    )
     ap.add_argument("--batch", type=int, default=1, help="prompts of each length in the step")
     ap.add_argument("--quantization", default=None, help="int8 / int4 for an HF directory")
     ap.add_argument("--repeats", type=int, default=9)
@@ -78,7 +80,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     lengths = [int(n) for n in args.prompt.split(",")]
-    froms = [int(w) for w in args.wide_from.split(",")]
+    froms = [None if w == "off" else int(w) for w in args.wide_from.split(",")]
     longest = max(lengths)
     llm = LLM(
         args.model,
@@ -100,9 +102,9 @@ def main() -> None:
         f"the engine's wide_from {runner.wide_from}, {args.threads} threads, medians of "
         f"{args.repeats}"
     )
-    names = [str(w) for w in froms]
+    names = ["off" if w is None else str(w) for w in froms]
     if args.whole_matrix:
-        names += [f"{w} whole" for w in froms if w > 0]
+        names += [f"{w} whole" for w in names if w != "off"]
     print("| prompt tokens | " + " | ".join(f"from {w} ms" for w in names) + " |")
     print("|---:|" + "---:|" * len(names))
     for n in lengths:
@@ -111,7 +113,7 @@ def main() -> None:
             for k in range(args.batch)
         ]
         inputs = {
-            str(w): batch.build_ragged_batch(
+            name: batch.build_ragged_batch(
                 chunks,
                 tables,
                 bs,
@@ -121,7 +123,7 @@ def main() -> None:
                 runner.kernel_below,
                 wide_from=w,
             )
-            for w in froms
+            for name, w in zip(names, froms, strict=False)
         }
         for name in names[len(froms) :]:
             inputs[name] = inputs[name.split()[0]]

@@ -41,12 +41,12 @@ def greedy(
     max_new_tokens: int,
     block_size: int = 16,
     kv_dtype: torch.dtype | None = None,
-    wide_from: int = 0,
+    wide_from: int | None = None,
 ) -> list[int]:
     """Greedy decode of one sequence: one prefill step, then one token per step, on a cache
     of ``kv_dtype`` (None: the model's). ``wide_from``: the prompt rows from this position on
     take a quantized model's widened weight, as an engine's runner chooses them
-    (``ModelRunner.wide_from``; 0: none)."""
+    (``ModelRunner.wide_from``; None: none)."""
     total = len(prompt) + max_new_tokens
     blocks = -(-total // block_size)
     w = next(model.parameters())

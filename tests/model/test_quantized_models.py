@@ -355,11 +355,11 @@ def test_a_prompt_longer_than_a_steps_tokens_on_a_quantized_head(checkpoint, met
 def row_limits(request, monkeypatch) -> Iterator[str]:
     """The test once with the quantized kernels at every row count (the default where bf16 is
     emulated) and no prompt row widened; once with this CPU's own limits and choice of
-    ``quant.wide_prompt_from`` (AMX: a prompt's rows but its first through the widened
-    weight), where the limits keep one sum order (``fused_ops.rows_invariant``; elsewhere a
-    prefill's rows take the widened GEMM); and twice with prompt rows through the widened
-    weight on any CPU (``row_paths``), from the default position and from 24 (a boundary inside
-    a prompt's first chunk), the path then asserted taken."""
+    ``quant.wide_prompt_from`` (AMX: every prompt row through the widened weight), where the
+    limits keep one sum order (``fused_ops.rows_invariant``; elsewhere a prefill's rows take
+    the widened GEMM); and twice with prompt rows through the widened weight on any CPU
+    (``row_paths``), from the default position and from 24 (a boundary inside a prompt's first
+    chunk), the path then asserted taken."""
     if request.param == "every row count":
         request.getfixturevalue("kernels_at_every_row_count")
         monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", False)

@@ -88,6 +88,9 @@ def test_the_builders_mark_prompt_rows_from_wide_from_on():
     # a's positions 16..39 are rows 6..29; c's 16..19 are rows 41+16..41+19.
     assert inp.meta.wide_rows == WideRows(61, ((6, 30), (57, 61)))
     assert build_ragged_batch(chunks, tables, 8, generated_from=prompts).meta.wide_rows is None
+    # From 0 (the default): every prompt row, a prompt's first too (c's rows 41..60).
+    every = build_ragged_batch(chunks, tables, 8, generated_from=prompts, wide_from=0)
+    assert every.meta.wide_rows == WideRows(61, ((0, 30), (41, 61)))
     # A pure decode step has none.
     decode = build_ragged_batch(
         [_chunk("b", 30, 1)], tables[1:2], 8, generated_from=[12], wide_from=16
@@ -178,19 +181,22 @@ def test_wide_prompt_from(tmp_path, monkeypatch):
     dense, _ = load_model(tmp_path, dtype="float32")
     half, _ = load_model(tmp_path, dtype="float16", quantization="int8")
     monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", True)
-    assert quant.wide_prompt_from(quantized, "cpu") == quant.WIDE_PROMPT_FROM > 0
-    assert quant.wide_prompt_from(dense, "cpu") == 0  # no quantized linear
-    assert quant.wide_prompt_from(half, "cpu") == 0  # float16 kernels: no bf16 widening
+    assert quant.WIDE_PROMPT_FROM == 0  # every prompt row
+    assert quant.wide_prompt_from(quantized, "cpu") == quant.WIDE_PROMPT_FROM
+    assert quant.wide_prompt_from(dense, "cpu") is None  # no quantized linear
+    assert quant.wide_prompt_from(half, "cpu") is None  # float16 kernels: no bf16 widening
     monkeypatch.setenv(quant.ENV_WIDE_PROMPT_FROM, "40")
     assert quant.wide_prompt_from(quantized, "cpu") == 40
     monkeypatch.setenv(quant.ENV_WIDE_PROMPT_FROM, "0")
     assert quant.wide_prompt_from(quantized, "cpu") == 0
+    monkeypatch.setenv(quant.ENV_WIDE_PROMPT_FROM, "off")
+    assert quant.wide_prompt_from(quantized, "cpu") is None
     monkeypatch.setenv(quant.ENV_WIDE_PROMPT_FROM, "-3")
     with pytest.raises(ValueError, match="CARPOOL_WIDE_PROMPT_FROM: expected a position"):
         quant.wide_prompt_from(quantized, "cpu")
     monkeypatch.delenv(quant.ENV_WIDE_PROMPT_FROM)
     monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", False)
-    assert quant.wide_prompt_from(quantized, "cpu") == 0
+    assert quant.wide_prompt_from(quantized, "cpu") is None
     monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", None)  # this CPU's choice: AMX tiles only
-    expected = quant.WIDE_PROMPT_FROM if vnni_linear.amx() else 0
+    expected = quant.WIDE_PROMPT_FROM if vnni_linear.amx() else None
     assert quant.wide_prompt_from(quantized, "cpu") == expected

@@ -76,12 +76,14 @@ assert (
 RESCORE_TOP_K = 64
 
 
-# Prompt positions from which a prompt's rows take the weight widened into vnni_linear's layout
-# and multiplied on AMX tiles (row_paths), where that path applies (wide_prompt_from). On the
-# AMX Xeon of issue 11's forty-first pass, SmolLM2-135M's four layer matrices (int4;
+# The prompt position from which a prompt's rows take the weight widened into vnni_linear's
+# layout and multiplied on AMX tiles (row_paths), where that path applies (wide_prompt_from).
+# On the AMX Xeon of issue 11's forty-first pass, SmolLM2-135M's four layer matrices (int4;
 # benchmarks/quant_kernels.py): the kernels 0.11 / 0.78 / 1.52 / 18.2 ms at 1 / 16 / 32 / 512
 # rows, widened and on tiles 0.45 / 0.47 / 0.55 / 2.57 (~0.37 of it the widening, paid once a
-# step). One prompt's step (benchmarks/wide_rows.py, SmolLM2 Q4_1, against no wide rows):
+# step; since the forty-second pass each block widened inside the loop, 0.30 / 0.31 / ... ms,
+# the widening ~0.27). One prompt's step (benchmarks/wide_rows.py, SmolLM2 Q4_1, against no
+# wide rows; the forty-first pass):
 #   from 1: 0.22x / 0.50x / 0.86x at 2 / 8 / 16 tokens, 1.01x at 20, 1.43x / 1.77x / 2.77x /
 #           3.24x at 32 / 40 / 128 / 512;
 #   from 16: 1.00x to 16 tokens, 0.65x / 0.95x at 20 / 32 (such steps leave the decode stack,
@@ -91,37 +93,46 @@ RESCORE_TOP_K = 64
 # the shortest prompts (2-16 tokens, at most +21 ms there), and every prompt from 20 tokens on
 # gains the most (a chat turn with SmolLM2's system prompt is 36-42 tokens). With 16 prompts a
 # step: from 1 1.79x / 2.67x / 3.14x at 8 / 20 / 40 tokens, from 16 1.02x / 1.01x / 1.64x.
-# A prompt's first row stays in the kernels (a one-token prompt: a decode step's form).
-WIDE_PROMPT_FROM = 1
+# From 0 (every prompt row; the forty-second pass, fused products): a prompt alone in its step
+# then takes no kernel call at all (its first row's cost ~3.4 ms a step for SmolLM2, the int4
+# kernel at one row and the split around it): 1.17x / 1.19x / 1.19x / 1.13x / 1.06x the step
+# from 1 at 2 / 8 / 16 / 40 / 128 tokens, level at 512; a one-token prompt alone pays the
+# widening (a decode step's form before).
+WIDE_PROMPT_FROM = 0
 # Where prompts take the widened weight at all: None: where vnni_linear multiplies on AMX tiles
 # (elsewhere it was not measured to pay: the int4 kernel decodes a group once for many rows on
 # an AVX-512 BF16 CPU without AMX, and AVX2 CPUs take the kernels at every row count); True /
 # False: forced (tests take the path on any CPU: vnni_linear's loops give a row's bits alone).
 WIDE_PROMPT_HERE: bool | None = None
-# CARPOOL_WIDE_PROMPT_FROM=n overrides WIDE_PROMPT_FROM where the path applies; 0 turns it off.
+# CARPOOL_WIDE_PROMPT_FROM=n overrides WIDE_PROMPT_FROM where the path applies (a position: 0,
+# every prompt row); "off" turns it off.
 ENV_WIDE_PROMPT_FROM = "CARPOOL_WIDE_PROMPT_FROM"
 
 
-def wide_prompt_from(model: nn.Module, device: torch.device | str) -> int:
+def wide_prompt_from(model: nn.Module, device: torch.device | str) -> int | None:
     """The prompt position from which a step's prompt rows take the quantized linears' widened
     weight (``row_paths``; the batch builders' ``wide_from``), fixed for an engine as a row's
-    path must follow from the row alone; 0: never (no quantized linear, another device or
+    path must follow from the row alone; None: never (no quantized linear, another device or
     dtype, a CPU where it is not taken, ``vnni_linear`` not loaded, or turned off)."""
     here = WIDE_PROMPT_HERE
     if here is None:
         here = vnni_linear.available(device) and vnni_linear.amx()
     if not here or torch.device(device).type != "cpu" or not vnni_linear.loaded():
-        return 0
+        return None
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not linears or any(
         kernel_dtype(m.out_dtype) != torch.bfloat16 or not m.widens_to_vnni() for m in linears
     ):
-        return 0
+        return None
     env = os.environ.get(ENV_WIDE_PROMPT_FROM, "").strip()
     if not env:
         return WIDE_PROMPT_FROM
+    if env == "off":
+        return None
     if not env.isdigit():
-        raise ValueError(f"{ENV_WIDE_PROMPT_FROM}: expected a position (0: off), got {env!r}")
+        raise ValueError(
+            f"{ENV_WIDE_PROMPT_FROM}: expected a position (0: every prompt row) or off, got {env!r}"
+        )
     return int(env)
 
 
@@ -167,10 +178,10 @@ class QuantizedLinear(nn.Module):
                 y, kernel, kernel_index, self._kernel_forward(_take(x2, kernel, kernel_index))
             )
             if len(wide.runs) == 1:
-                # One run (a lone prompt's rows but its first): its product written straight
-                # into its rows of the output, then their bias (a float32 model's casts and
-                # copy around it gone: SmolLM2's prompt steps 1.06-1.10x at 8-128 tokens, level
-                # at 256-512, where writing the float32 rows costs what the copy did).
+                # One run (a prompt's rows beside decode rows, say): its product written
+                # straight into its rows of the output, then their bias (a float32 model's casts
+                # and copy around it gone: SmolLM2's prompt steps 1.06-1.10x at 8-128 tokens,
+                # level at 256-512, where writing the float32 rows costs what the copy did).
                 a, b = wide.runs[0]
                 rows = self._wide_product(x2[a:b], out=y[a:b])
                 if self.bias is not None:

@@ -10,9 +10,9 @@ follow from the row alone, never from the rows beside it, or a request's greedy 
 depend on its batch, its chunking and the batching strategy (BENCHMARKS.md, issue 11, fortieth
 pass: on an AMX machine 3 of 8 prompts changed tokens when a step's row count picked the path).
 The rule, as for the attention's kernel rows (``paged_attention``): a *prompt* row at a
-position of at least ``quant.wide_prompt_from`` (1: all but a prompt's first) takes the widened
-weight; every other row (a prompt's first, every generated token's, also when recomputed after
-a preemption) the kernels. The batch builders mark the rows (``WideRows``, in
+position of at least ``quant.wide_prompt_from`` (0: every prompt row) takes the widened
+weight; every other row (every generated token's, also when recomputed after a preemption)
+the kernels. The batch builders mark the rows (``WideRows``, in
 ``AttentionMetadata.wide_rows``) and the model's forward makes them current (``use``) while its
 layers run; ``QuantizedLinear.forward`` reads them (``current``).
 """

@@ -50,7 +50,7 @@ def build_ragged_batch(
     generated_from: Sequence[int] | None = None,
     reuse: DecodeInputs | None = None,
     kernel_below: int = 0,
-    wide_from: int = 0,
+    wide_from: int | None = None,
 ) -> ModelInput:
     """Pack ``chunks`` end to end into one ``ModelInput``.
 
@@ -75,7 +75,7 @@ def build_ragged_batch(
             row's position alone, as the rule above.
         wide_from: prompt rows (not generated ones) at positions from this on take the
             quantized linears' widened weight (``AttentionMetadata.wide_rows``;
-            ``quant.wide_prompt_from``); 0: none. Again the row's own property.
+            ``quant.wide_prompt_from``); None: none. Again the row's own property.
     """
     assert chunks, "a batch needs at least one chunk"
     if all(len(c.token_ids) == 1 for c in chunks) and (
@@ -99,7 +99,7 @@ def _ragged_batch(
     device: torch.device | str,
     generated_from: Sequence[int] | None,
     kernel_below: int = 0,
-    wide_from: int = 0,
+    wide_from: int | None = None,
 ) -> ModelInput:
     """``build_ragged_batch`` of any step."""
     # Index arithmetic in numpy: dozens of tiny torch ops would cost more than the step's
@@ -143,7 +143,7 @@ def _ragged_batch(
     is_kernel_row = (positions < lo[seq_index]) | (positions >= hi[seq_index])
     # A prompt's rows (below hi) from wide_from on: the quantized linears' widened weight.
     wide = None
-    if wide_from > 0:
+    if wide_from is not None:
         wide = row_paths.from_mask((positions >= wide_from) & (positions < hi[seq_index]))
     # Rectangles over groups of the chunks' other rows (rectangle_parts), the kernel rows in
     # none: a decode sequence's or a short context's prompt rows padded to the longest chunk's

@@ -55,7 +55,7 @@ def build_padded_batch(
     device: torch.device | str = "cpu",
     generated_from: Sequence[int] | None = None,
     kernel_below: int = 0,
-    wide_from: int = 0,
+    wide_from: int | None = None,
 ) -> ModelInput:
     """Lay ``chunks`` out as a padded rectangle, plus ``num_idle_rows`` all-pad rows.
 
@@ -119,7 +119,7 @@ def build_padded_batch(
         )
         is_prompt = valid & (q_pos < firsts[:, None])
     is_kernel = valid & (~is_prompt | (q_pos < kernel_below))
-    wide = row_paths.from_mask(is_prompt & (q_pos >= wide_from)) if wide_from > 0 else None
+    wide = None if wide_from is None else row_paths.from_mask(is_prompt & (q_pos >= wide_from))
     mask = query_index = output_index = kernel_rows = kernel_tables = context_lens = None
     query_chunks = None
     parts: list[tuple[np.ndarray, Rectangle]] | None = None
