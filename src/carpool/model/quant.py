@@ -81,9 +81,9 @@ RESCORE_TOP_K = 64
 # On the AMX Xeon of issue 11's forty-first pass, SmolLM2-135M's four layer matrices (int4;
 # benchmarks/quant_kernels.py): the kernels 0.11 / 0.78 / 1.52 / 18.2 ms at 1 / 16 / 32 / 512
 # rows, widened and on tiles 0.45 / 0.47 / 0.55 / 2.57 (~0.37 of it the widening, paid once a
-# step; since the forty-second pass each block widened inside the loop, 0.30 / 0.31 / ... ms,
-# the widening ~0.27). One prompt's step (benchmarks/wide_rows.py, SmolLM2 Q4_1, against no
-# wide rows; the forty-first pass):
+# step; since the forty-second pass each block widened inside the loop: 0.32 / 0.32 / 0.36 /
+# 2.15 ms, ~0.27 of it the widening). One prompt's step (benchmarks/wide_rows.py, SmolLM2 Q4_1,
+# against no wide rows; the forty-first pass):
 #   from 1: 0.22x / 0.50x / 0.86x at 2 / 8 / 16 tokens, 1.01x at 20, 1.43x / 1.77x / 2.77x /
 #           3.24x at 32 / 40 / 128 / 512;
 #   from 16: 1.00x to 16 tokens, 0.65x / 0.95x at 20 / 32 (such steps leave the decode stack,
