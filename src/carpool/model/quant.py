@@ -156,8 +156,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in ``x``'s dtype: each row through the kernels over the codes
-        (``_kernel_forward``), but the step's wide rows (``row_paths.current()``, a long
-        prompt's) through the widened weight (``_wide_product``)."""
+        (``_kernel_forward``), but the step's wide rows (``row_paths.current()``: its prompts'
+        rows) through the widened weight (``_wide_product``)."""
         wide = row_paths.current()
         if wide is None:
             return self._kernel_forward(x)
