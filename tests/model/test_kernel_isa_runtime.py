@@ -179,7 +179,7 @@ def test_lower_level_int8_logits_are_one_columns_bits(level_fused):
 
 @pytest.fixture(scope="module", params=sorted(LEVELS))
 def level_vnni(request):
-    return _build_at_level(request.param, "vnni_linear.cpp", "isa_vnni").vnni_linear
+    return _build_at_level(request.param, "vnni_linear.cpp", "isa_vnni")
 
 
 def test_lower_level_vnni_linear_is_a_bf16_gemm_whatever_the_rows(level_vnni):
@@ -195,11 +195,46 @@ def test_lower_level_vnni_linear_is_a_bf16_gemm_whatever_the_rows(level_vnni):
         bias = torch.randn(n, generator=g)
         packed = vnni_linear.pack(w)
         x = torch.randn(45, k, generator=g).bfloat16()
-        full = level_vnni(x, packed, bias, n, 0)
+        full = level_vnni.vnni_linear(x, packed, bias, n, 0)
         exact = x.double() @ w.double().T + bias.double()
         torch.testing.assert_close(full.double(), exact, rtol=2**-7, atol=2e-2)
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 30, 36, 37, 43):
-            assert torch.equal(level_vnni(x[:rows].contiguous(), packed, bias, n, 0), full[:rows])
+            part = level_vnni.vnni_linear(x[:rows].contiguous(), packed, bias, n, 0)
+            assert torch.equal(part, full[:rows])
+
+
+def test_lower_level_fused_products_are_the_widened_matrix(level_vnni):
+    # A wide row's int4 / int8 products at each level (each block widened into the thread's
+    # buffer by the level's own loops: AVX2's 8-column groups, AVX-512F's 16, plain words; a
+    # float32 row rounded to bf16 by its plain or vector loop; float32 rows out and int8 row
+    # scales from the level's store, or after its matrix-vector loops' bf16 rows): the bits of
+    # the level's vnni_linear over the whole widened matrix, 130 columns (a partial block).
+    from carpool.model import fused_ops, vnni_linear
+    from carpool.model.quant import Int4Linear, Int8Linear, int4_row_block
+
+    assert fused_ops.load()
+    torch.manual_seed(11)
+    n, k, block = 130, 256, int4_row_block()
+    lin4 = Int4Linear.from_float(torch.randn(n, k), None, torch.bfloat16)
+    lin8 = Int8Linear.from_float(torch.randn(n, k), None, torch.bfloat16)
+    args4 = (lin4.packed, 32, lin4.scales_zeros, block, n)
+    whole4 = fused_ops.int4_widen_vnni(*args4)
+    whole8 = vnni_linear.pack_int8(lin8.qweight)
+    ops = level_vnni
+    for rows in (1, 7, 37):
+        x = torch.randn(rows, k) * 2
+        xb = x.bfloat16()
+        want4 = ops.vnni_linear(xb, whole4, None, n, 0)
+        want8 = ops.vnni_linear(xb, whole8, None, n, 0)
+        assert torch.equal(ops.vnni_linear_int4(xb, *args4, 0), want4)
+        assert torch.equal(ops.vnni_linear_int8(xb, lin8.qweight, None, 0), want8)
+        assert torch.equal(ops.vnni_linear_int4(x, *args4, 0), want4.float())
+        scaled = (want8 * lin8.scales).float()
+        assert torch.equal(ops.vnni_linear_int8(x, lin8.qweight, lin8.scales, 0), scaled)
+        out = torch.full((rows + 2, n), 7.0)
+        ops.vnni_linear_int8_out(x, lin8.qweight, lin8.scales, out[1 : rows + 1], 0)
+        assert torch.equal(out[1 : rows + 1], scaled)
+        assert bool((out[0] == 7).all()) and bool((out[-1] == 7).all())
 
 
 def test_lower_level_silu_and_mul_is_torchs(level_fused, request):
