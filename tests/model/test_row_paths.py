@@ -144,17 +144,32 @@ def test_each_row_gets_its_paths_bits_whatever_the_rows_beside_it(dense_weights,
     assert not torch.equal(wide_alone, kernel_alone)  # else the test shows nothing
 
 
-def test_a_chunked_mlp_takes_each_chunks_own_wide_rows(monkeypatch, tmp_path):
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_a_chunked_mlp_takes_each_chunks_own_wide_rows(monkeypatch, tmp_path, quantization):
+    # Each chunk's wide rows multiply the matrix widened once for all the chunks
+    # (vnni_linear.linear_packed under layers.widen_once); unchunked, each block is widened in
+    # the loop (linear_int4 / linear_int8): the same bits.
     save_tiny_hf_model("llama", tmp_path)
-    model, _ = load_model(tmp_path, dtype="float32", quantization="int4")
+    model, _ = load_model(tmp_path, dtype="float32", quantization=quantization)
     prepare_model(model, "cpu")
     mlp = model.model.layers[0].mlp
     x = torch.randn(700, mlp.gate_up_proj.in_features)
     wide = WideRows(700, ((10, 20), (200, 600)))  # across the chunks' bounds at 256 and 512
+    packed_calls = []
+    linear_packed = vnni_linear.linear_packed
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        packed_calls.append(args[0].shape[0])
+        return linear_packed(*args, **kwargs)
+
+    monkeypatch.setattr(vnni_linear, "linear_packed", counted)
     with torch.inference_mode(), row_paths.use(wide):
         chunked = mlp.forward(x)
+        assert packed_calls, "the chunks did not take the matrix widened once"
         monkeypatch.setattr(layers, "MLP_CHUNK_ROWS", 1 << 30)
+        calls = len(packed_calls)
         whole = mlp.forward(x)
+        assert len(packed_calls) == calls  # unchunked: the blocks widened in the loop
     assert torch.equal(chunked, whole)
 
 

@@ -356,6 +356,10 @@ def test_a_float32_models_wide_rows_take_float32_in_and_out(path, rows):
     assert got4.dtype == torch.float32 and torch.equal(got4, want4)
     got8 = vnni_linear.linear_int8(x, codes, scales, path=path)
     assert got8.dtype == torch.float32 and torch.equal(got8, want8)
+    # A whole widened matrix taken the same way (a chunked MLP's, widened once for its chunks).
+    whole8 = vnni_linear.pack_int8(codes)
+    assert torch.equal(vnni_linear.linear_packed(x, whole8, n, scales, path=path), want8)
+    assert torch.equal(vnni_linear.linear_packed(x, whole4, n, path=path), want4)
     # Into rows 2.. of a larger output, the rows around them untouched; bf16 in and out too.
     y = torch.full((rows + 3, n), 7.0)
     vnni_linear.linear_int8(x, codes, scales, out=y[2 : 2 + rows], path=path)

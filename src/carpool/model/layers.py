@@ -74,6 +74,12 @@ def widen_once() -> Iterator[None]:
         _Widened.cache = outer
 
 
+def widening_once() -> bool:
+    """Whether a ``widen_once`` block is active (a chunked MLP's): a weight widened now serves
+    every chunk."""
+    return _Widened.cache is not None
+
+
 def widened(
     owner: nn.Module,
     dtype: torch.dtype,

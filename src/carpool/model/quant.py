@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.model import fused_ops, row_paths, vnni_linear
-from carpool.model.layers import MLP_MIN_CHUNK_ROWS, linear_bucketed, widened
+from carpool.model.layers import MLP_MIN_CHUNK_ROWS, linear_bucketed, widened, widening_once
 from carpool.model.stored_tensor import StoredTensor
 
 QUANTIZATION_METHODS = ("int8", "int4")
@@ -107,6 +107,14 @@ WIDE_PROMPT_HERE: bool | None = None
 # CARPOOL_WIDE_PROMPT_FROM=n overrides WIDE_PROMPT_FROM where the path applies (a position: 0,
 # every prompt row); "off" turns it off.
 ENV_WIDE_PROMPT_FROM = "CARPOOL_WIDE_PROMPT_FROM"
+
+
+# Float32 rows up to which the wide products take them as they are and write float32 rows
+# (from inside vnni_linear's loop); past them a cast in, the bf16 product and a cast out, the
+# same values. SmolLM2's prompt steps (benchmarks/wide_rows.py --whole-matrix) 1.06-1.10x at
+# 8-128 rows, level at 256-512, but 0.93x at 1,024: there the float32 rows written from the
+# loop (12 MB for a gate/up product, out of cache) cost more than bf16 rows and a streaming cast.
+WIDE_FLOAT32_ROWS = 512
 
 
 def wide_prompt_from(model: nn.Module, device: torch.device | str) -> int | None:
@@ -205,6 +213,10 @@ class QuantizedLinear(nn.Module):
         kd = self._kernel_dtype()
         assert kd == torch.bfloat16, f"wide rows need bf16 scales, got {kd}"
         assert x2.dtype in (torch.bfloat16, torch.float32), f"wide rows of {x2.dtype}"
+        if x2.dtype == torch.float32 and x2.shape[0] > WIDE_FLOAT32_ROWS:
+            # Many float32 rows: the bf16 product, then one cast (the same values).
+            y = self._vnni_product(x2.to(torch.bfloat16), None).float()
+            return y if out is None else out.copy_(y)
         return self._vnni_product(x2 if x2.is_contiguous() else x2.contiguous(), out)
 
     def _kernel_dtype(self) -> torch.dtype:
@@ -349,7 +361,12 @@ class Int8Linear(QuantizedLinear):
     def _vnni_product(self, xk: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         # The codes widened (exact in bf16) a block at a time inside vnni_linear's loop, the row
         # scales on the rounded output with a bf16 multiply's rounding, as the widened GEMM
-        # below.
+        # below; in a chunked MLP the whole matrix widened once for its chunks (the same bits).
+        if widening_once():
+            packed = widened(
+                self, torch.bfloat16, lambda: vnni_linear.pack_int8(self.qweight), "vnni"
+            )
+            return vnni_linear.linear_packed(xk, packed, self.out_features, self.scales, out)
         return vnni_linear.linear_int8(xk, self.qweight, self.scales, out)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -472,6 +489,9 @@ class Int4Linear(QuantizedLinear):
         return self.scales_zeros.dtype
 
     def _vnni_product(self, xk: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        if widening_once():  # a chunked MLP: the matrix widened once for its chunks
+            packed = widened(self, torch.bfloat16, self._packed_bf16, "vnni")
+            return vnni_linear.linear_packed(xk, packed, self.out_features, None, out)
         return vnni_linear.linear_int4(
             xk,
             self.packed,
@@ -553,6 +573,11 @@ class Int4Linear(QuantizedLinear):
         # temporary instead of four (a prefill widens every layer's weights).
         w.sub_(8).mul_(sz[..., :1]).add_(sz[..., 1:])
         return w.view(-1, k)[: self.out_features]
+
+    def _packed_bf16(self) -> torch.Tensor:
+        """``_dense(bf16)`` in ``vnni_linear``'s layout (one fused pass where it applies)."""
+        packed = self._dense_vnni()
+        return vnni_linear.pack(self._dense(torch.bfloat16)) if packed is None else packed
 
     def _dense_vnni(self) -> torch.Tensor | None:
         """``_dense(bf16)`` packed for ``vnni_linear`` in one fused pass (the same bits as packing

@@ -170,6 +170,24 @@ def linear(
     return torch.ops.carpool.vnni_linear(x.contiguous(), packed, bias, n, path)
 
 
+def linear_packed(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    scales: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    path: int = PATH_AUTO,
+) -> torch.Tensor:
+    """``linear(x, packed, None, n)`` taken as ``linear_int8`` takes its arguments: ``x`` bf16
+    or float32, the result in ``x``'s dtype (times ``scales`` with a bf16 multiply's rounding),
+    into ``out`` where given. For a weight widened once for several calls (a chunked MLP's)."""
+    x = x.contiguous()
+    if out is None:
+        return torch.ops.carpool.vnni_linear_packed(x, packed, n, scales, path)
+    torch.ops.carpool.vnni_linear_packed_out(x, packed, n, scales, out, path)
+    return out
+
+
 def linear_int8(
     x: torch.Tensor,
     codes: torch.Tensor,

@@ -1213,6 +1213,27 @@ at::Tensor int4_product(const at::Tensor& x, const at::Tensor& packed, int64_t g
                        std::nullopt, out);
 }
 
+// vnni_linear of a packed (widened) weight as the fused products take it (fused_product: x
+// bf16 or float32, `scales`, `out`): a chunked MLP's wide rows multiply the matrix widened once
+// for all its chunks (quant.QuantizedLinear._vnni_product under layers.widen_once).
+at::Tensor packed_product(const at::Tensor& x, const at::Tensor& weight, int64_t n,
+                          const std::optional<at::Tensor>& scales,
+                          const std::optional<at::Tensor>& out, int64_t path) {
+  check_x("vnni_linear_packed", x);
+  const int64_t k = x.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kBFloat16 && weight.size(1) * 2 == k &&
+                  weight.size(2) == kBlockN && weight.size(3) == 2,
+              "vnni_linear_packed: weight must be a contiguous [blocks, ", k / 2, ", ", kBlockN,
+              ", 2] bfloat16 tensor (vnni_linear.pack of a [N, ", k, "] weight), got ",
+              weight.sizes(), " ", weight.scalar_type());
+  const int64_t blocks = weight.size(0);
+  TORCH_CHECK(n > (blocks - 1) * kBlockN && n <= blocks * kBlockN, "vnni_linear_packed: n = ",
+              n, " does not fit ", blocks, " blocks of ", kBlockN, " columns");
+  return fused_product("vnni_linear_packed", x, blocks, n, path,
+                       PackedBlocks{weight.data_ptr<B16>(), (k / 2) * kBlockN * 2}, scales, out);
+}
+
 // The operators: a new tensor, or (_out) into the rows of a layer's output.
 at::Tensor vnni_linear_int8(const at::Tensor& x, const at::Tensor& codes,
                             const std::optional<at::Tensor>& scales, int64_t path) {
@@ -1223,6 +1244,17 @@ void vnni_linear_int8_out(const at::Tensor& x, const at::Tensor& codes,
                           const std::optional<at::Tensor>& scales, const at::Tensor& out,
                           int64_t path) {
   int8_product(x, codes, scales, out, path);
+}
+
+at::Tensor vnni_linear_packed(const at::Tensor& x, const at::Tensor& weight, int64_t n,
+                              const std::optional<at::Tensor>& scales, int64_t path) {
+  return packed_product(x, weight, n, scales, std::nullopt, path);
+}
+
+void vnni_linear_packed_out(const at::Tensor& x, const at::Tensor& weight, int64_t n,
+                            const std::optional<at::Tensor>& scales, const at::Tensor& out,
+                            int64_t path) {
+  packed_product(x, weight, n, scales, out, path);
 }
 
 at::Tensor vnni_linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
@@ -1270,6 +1302,12 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
       "vnni_linear_int4(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, int block, "
       "int n, int path=0) -> Tensor");
   m.def(
+      "vnni_linear_packed(Tensor x, Tensor weight, int n, Tensor? scales=None, int path=0) -> "
+      "Tensor");
+  m.def(
+      "vnni_linear_packed_out(Tensor x, Tensor weight, int n, Tensor? scales, Tensor(a!) out, "
+      "int path=0) -> ()");
+  m.def(
       "vnni_linear_int4_out(Tensor x, Tensor packed, int group_size, Tensor scales_zeros, "
       "int block, int n, Tensor(a!) out, int path=0) -> ()");
   m.def("vnni_linear_fast() -> bool");
@@ -1285,6 +1323,8 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("vnni_linear_int8", &vnni_linear_int8);
   m.impl("vnni_linear_int4", &vnni_linear_int4);
   m.impl("vnni_linear_int8_out", &vnni_linear_int8_out);
+  m.impl("vnni_linear_packed", &vnni_linear_packed);
+  m.impl("vnni_linear_packed_out", &vnni_linear_packed_out);
   m.impl("vnni_linear_int4_out", &vnni_linear_int4_out);
 }
 
