@@ -1017,21 +1017,27 @@ void multiply(const B16* xb, int64_t rows, int64_t k, int64_t blocks, int64_t n,
 }
 
 
+// The blocks of a packed weight (vnni_linear.pack of an [n, k] one), checked (`name` heads the
+// messages).
+int64_t packed_blocks(const char* name, const at::Tensor& weight, int64_t k, int64_t n) {
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kBFloat16 && weight.size(1) * 2 == k &&
+                  weight.size(2) == kBlockN && weight.size(3) == 2,
+              name, ": weight must be a contiguous [blocks, ", k / 2, ", ", kBlockN,
+              ", 2] bfloat16 tensor (vnni_linear.pack of a [N, ", k, "] weight), got ",
+              weight.sizes(), " ", weight.scalar_type());
+  const int64_t blocks = weight.size(0);
+  TORCH_CHECK(n > (blocks - 1) * kBlockN && n <= blocks * kBlockN, name, ": n = ", n,
+              " does not fit ", blocks, " blocks of ", kBlockN, " columns");
+  return blocks;
+}
+
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t n, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "vnni_linear: x must be a contiguous [M, K] bfloat16 tensor, got ", x.sizes(), " ",
               x.scalar_type());
-  const int64_t k = x.size(1);
-  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kBFloat16 && weight.size(1) * 2 == k &&
-                  weight.size(2) == kBlockN && weight.size(3) == 2,
-              "vnni_linear: weight must be a contiguous [blocks, ", k / 2, ", ", kBlockN,
-              ", 2] bfloat16 tensor (vnni_linear.pack of a [N, ", k, "] weight), got ",
-              weight.sizes(), " ", weight.scalar_type());
-  const int64_t blocks = weight.size(0);
-  TORCH_CHECK(n > (blocks - 1) * kBlockN && n <= blocks * kBlockN, "vnni_linear: n = ", n,
-              " does not fit ", blocks, " blocks of ", kBlockN, " columns");
+  const int64_t k = x.size(1), blocks = packed_blocks("vnni_linear", weight, k, n);
   const float* bp = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
@@ -1220,16 +1226,7 @@ at::Tensor packed_product(const at::Tensor& x, const at::Tensor& weight, int64_t
                           const std::optional<at::Tensor>& scales,
                           const std::optional<at::Tensor>& out, int64_t path) {
   check_x("vnni_linear_packed", x);
-  const int64_t k = x.size(1);
-  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kBFloat16 && weight.size(1) * 2 == k &&
-                  weight.size(2) == kBlockN && weight.size(3) == 2,
-              "vnni_linear_packed: weight must be a contiguous [blocks, ", k / 2, ", ", kBlockN,
-              ", 2] bfloat16 tensor (vnni_linear.pack of a [N, ", k, "] weight), got ",
-              weight.sizes(), " ", weight.scalar_type());
-  const int64_t blocks = weight.size(0);
-  TORCH_CHECK(n > (blocks - 1) * kBlockN && n <= blocks * kBlockN, "vnni_linear_packed: n = ",
-              n, " does not fit ", blocks, " blocks of ", kBlockN, " columns");
+  const int64_t k = x.size(1), blocks = packed_blocks("vnni_linear_packed", weight, k, n);
   return fused_product("vnni_linear_packed", x, blocks, n, path,
                        PackedBlocks{weight.data_ptr<B16>(), (k / 2) * kBlockN * 2}, scales, out);
 }
