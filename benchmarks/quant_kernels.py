@@ -110,7 +110,7 @@ def widened4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
 
 def vnni4(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
     """A wide row's product (``row_paths``): widened into vnni_linear's layout in the call."""
-    return vnni_linear.linear(x, q._dense_vnni(), None, q.out_features)
+    return vnni_linear.linear(x, q._packed_bf16(), None, q.out_features)
 
 
 def vnni4_fused(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:

@@ -42,7 +42,7 @@ def whole_matrix() -> Iterator[None]:
     the casts to and from bf16 around it (a float32 model's)."""
 
     def int4(self: quant.Int4Linear, xk, out):  # noqa: ANN001, ANN202
-        packed = layers.widened(self, torch.bfloat16, self._dense_vnni, layout="vnni")
+        packed = layers.widened(self, torch.bfloat16, self._packed_bf16, layout="vnni")
         y = vnni_linear.linear(xk.to(torch.bfloat16), packed, None, self.out_features)
         return finish(y.to(xk.dtype), out)
 

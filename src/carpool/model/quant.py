@@ -288,7 +288,7 @@ class QuantizedLinear(nn.Module):
         self,
         xk: torch.Tensor,
         make: Callable[[], torch.Tensor],
-        make_packed: Callable[[], torch.Tensor | None] | None = None,
+        make_packed: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``xk @ W.T`` (``[rows, out_features]`` in ``xk``'s dtype) for ``W = make()``, this
         layer's weight widened to ``xk``'s dtype, widened once per ``widen_once`` block.
@@ -297,20 +297,15 @@ class QuantizedLinear(nn.Module):
         into the VNNI layout (``vnni_linear.pack``, one pass) for ``vnni_linear``'s six-row
         float32 FMA loops: 1.3-1.4x ``bf16_linear`` on the plain widened weight at 64-512 rows
         of small's layer matrices, the packing included (BENCHMARKS.md, issue 11,
-        twenty-seventh pass). ``make_packed``: the widened weight made in that layout at once
-        (None from it: pack ``make()``). Elsewhere the dense GEMM on the plain widened
-        weight."""
+        twenty-seventh pass). ``make_packed``: the widened weight made in that layout (None:
+        pack ``make()``). Elsewhere the dense GEMM on the plain widened weight."""
         if (
             xk.dtype == torch.bfloat16
             and fused_ops.bf16_emulated()
             and vnni_linear.available(xk.device)
             and self.in_features % 2 == 0
         ):
-
-            def pack() -> torch.Tensor:
-                packed = make_packed() if make_packed is not None else None
-                return vnni_linear.pack(make()) if packed is None else packed
-
+            pack = make_packed or (lambda: vnni_linear.pack(make()))
             packed = widened(self, xk.dtype, pack, layout="vnni")
             return vnni_linear.linear(xk, packed, None, self.out_features)
         return linear_bucketed(xk, widened(self, xk.dtype, make))
@@ -517,7 +512,7 @@ class Int4Linear(QuantizedLinear):
         xk = self._kernel_input(x2, kd)
         dev = xk.device.type
         if xk.shape[0] > INT4_WIDEN_ABOVE_ROWS and dev == "cpu":
-            y = self._widened_product(xk, lambda: self._dense(kd), self._dense_vnni)
+            y = self._widened_product(xk, lambda: self._dense(kd), self._packed_bf16)
         elif dev == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 xk, self.packed, self.group_size, self.scales_zeros
@@ -575,16 +570,12 @@ class Int4Linear(QuantizedLinear):
         return w.view(-1, k)[: self.out_features]
 
     def _packed_bf16(self) -> torch.Tensor:
-        """``_dense(bf16)`` in ``vnni_linear``'s layout (one fused pass where it applies)."""
-        packed = self._dense_vnni()
-        return vnni_linear.pack(self._dense(torch.bfloat16)) if packed is None else packed
-
-    def _dense_vnni(self) -> torch.Tensor | None:
-        """``_dense(bf16)`` packed for ``vnni_linear`` in one fused pass (the same bits as packing
-        it; ``fused_ops.int4_widen_vnni``), or None where that kernel does not apply."""
-        return fused_ops.int4_widen_vnni(
+        """``_dense(bf16)`` in ``vnni_linear``'s layout: one fused pass where the operator
+        applies (``fused_ops.int4_widen_vnni``, the same bits), else packed after widening."""
+        packed = fused_ops.int4_widen_vnni(
             self.packed, self.group_size, self.scales_zeros, int4_row_block(), self.out_features
         )
+        return vnni_linear.pack(self._dense(torch.bfloat16)) if packed is None else packed
 
     def _cuda_packed(self) -> torch.Tensor:
         # CUDA's tensor-core layout differs from the CPU one; converted once, on first use.

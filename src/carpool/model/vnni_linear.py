@@ -181,11 +181,7 @@ def linear_packed(
     """``linear(x, packed, None, n)`` taken as ``linear_int8`` takes its arguments: ``x`` bf16
     or float32, the result in ``x``'s dtype (times ``scales`` with a bf16 multiply's rounding),
     into ``out`` where given. For a weight widened once for several calls (a chunked MLP's)."""
-    x = x.contiguous()
-    if out is None:
-        return torch.ops.carpool.vnni_linear_packed(x, packed, n, scales, path)
-    torch.ops.carpool.vnni_linear_packed_out(x, packed, n, scales, out, path)
-    return out
+    return _product("vnni_linear_packed", (x.contiguous(), packed, n, scales), out, path)
 
 
 def linear_int8(
@@ -201,11 +197,7 @@ def linear_int8(
     float32 (rounded to bf16 inside, as its cast would); the result in ``x``'s dtype, into
     ``out`` (contiguous ``[M, N]``, the rows of a layer's output) where given. CPU, operator
     loaded."""
-    x = x.contiguous()
-    if out is None:
-        return torch.ops.carpool.vnni_linear_int8(x, codes, scales, path)
-    torch.ops.carpool.vnni_linear_int8_out(x, codes, scales, out, path)
-    return out
+    return _product("vnni_linear_int8", (x.contiguous(), codes, scales), out, path)
 
 
 def linear_int4(
@@ -221,11 +213,15 @@ def linear_int4(
     """``linear(x, fused_ops.int4_widen_vnni(packed, group_size, scales_zeros, block, n), None,
     n)`` without the widened matrix (block by block, as ``linear_int8``): the same bits, in
     ``x``'s dtype (bf16 or float32), into ``out`` where given."""
-    x = x.contiguous()
-    args = (x, packed, group_size, scales_zeros, block, n)
+    args = (x.contiguous(), packed, group_size, scales_zeros, block, n)
+    return _product("vnni_linear_int4", args, out, path)
+
+
+def _product(op: str, args: tuple, out: torch.Tensor | None, path: int) -> torch.Tensor:
+    """``torch.ops.carpool.<op>(*args, path)``, or its ``_out`` form into ``out``."""
     if out is None:
-        return torch.ops.carpool.vnni_linear_int4(*args, path)
-    torch.ops.carpool.vnni_linear_int4_out(*args, out, path)
+        return getattr(torch.ops.carpool, op)(*args, path)
+    getattr(torch.ops.carpool, op + "_out")(*args, out, path)
     return out
 
 

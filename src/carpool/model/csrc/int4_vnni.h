@@ -80,24 +80,11 @@ inline __m256i widen8(__m256i q, __m256 scale, __m256 zero) {
   return narrow8_high(_mm256_add_ps(r1, zero));
 }
 
-#if defined(__AVX512F__)
-// int4_codes8, narrow8_high and widen8 over 16 lanes (two column groups).
+#if defined(__AVX512BF16__)
+// int4_codes8 over 16 lanes (two column groups).
 inline __m512i int4_codes16(const uint8_t* p, bool high) {
   const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm512_and_si512(high ? _mm512_srli_epi32(bytes, 4) : bytes, _mm512_set1_epi32(0xF));
-}
-
-inline __m512i narrow16_high(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-}
-
-inline __m512i widen16(__m512i q, __m512 scale, __m512 zero) {
-  const __m512 prod = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(8.0f)), scale);
-  const __m512 r1 = _mm512_castsi512_ps(
-      _mm512_and_si512(narrow16_high(prod), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  return narrow16_high(_mm512_add_ps(r1, zero));
 }
 #endif
 #endif
@@ -146,15 +133,15 @@ inline void int4_widen_vnni_block(const uint8_t* qp, const uint16_t* sz, int64_t
   Int4Columns8 cols[8];
   for (int64_t cg = 0; cg < full; ++cg) cols[cg] = Int4Columns8(qp, k, block, 64 * vb + 8 * cg);
   const int64_t half = block / 2;
-#if defined(__AVX512F__)
-  // With AVX-512, two column groups (16 columns, one 64-byte store) at a time where both
+#if defined(__AVX512BF16__)
+  // With AVX-512 BF16, two column groups (16 columns, one 64-byte store) at a time where both
   // are whole: their codes are 16 consecutive bytes of one half of a row block (block 64:
-  // groups 2i and 2i + 1 never straddle its halves). The same operations per lane, the
-  // same bits. SmolLM2-135M's four layer matrices 0.49 -> 0.37 ms on the AMX Xeon (issue 11,
-  // forty-first pass).
+  // groups 2i and 2i + 1 never straddle its halves). SmolLM2-135M's four layer matrices 0.49 ->
+  // 0.37 ms on the AMX Xeon with the 8-lane steps at 16 lanes (issue 11, forty-first pass);
+  // AVX-512 CPUs without BF16 take the 8-lane loop below (they widen only in tests: no wide
+  // rows there, and their prefill does not widen into this layout).
   const int64_t groups16 = block == 64 ? full / 2 * 2 : 0;
   if (groups16 > 0) {
-#if defined(__AVX512BF16__)
     // Fewer instructions a weight where the CPU has AVX-512 BF16 (the loop was bound by them:
     // ~17 a lane): (q - 8) * scale as one FMA with -8 * scale (exact: a 4-bit integer times
     // a bf16 scale has 12 significant bits, so q * scale, -8 * scale and their sum are exact
@@ -201,26 +188,6 @@ inline void int4_widen_vnni_block(const uint8_t* qp, const uint16_t* sz, int64_t
                               _mm512_permutexvar_epi16(pairs_idx, r2));
         }
       }
-#else
-    for (int64_t gi = 0; gi < k / g; ++gi)
-      for (int64_t cg = 0; cg < groups16; cg += 2) {
-        const int64_t c0 = 64 * vb + 8 * cg;
-        const __m512i w =
-            _mm512_loadu_si512(reinterpret_cast<const void*>(sz + (gi * rows + c0) * 2));
-        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-        const __m512 zero = _mm512_castsi512_ps(
-            _mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-        for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p) {
-          const uint8_t* bytes = cols[cg].first + 2 * p * half;
-          const __m512i even = widen16(int4_codes16(bytes, cols[cg].high), scale, zero);
-          const __m512i odd = widen16(int4_codes16(bytes + half, cols[cg].high), scale, zero);
-          const __m512i words = _mm512_or_si512(
-              _mm512_srli_epi32(even, 16),
-              _mm512_and_si512(odd, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-          _mm512_storeu_si512(reinterpret_cast<void*>(db + p * 64 + 8 * cg), words);
-        }
-      }
-#endif
   }
 #else
   const int64_t groups16 = 0;
