@@ -412,7 +412,43 @@ def test_int4_gemv_is_int4_logits_of_the_rounded_rows_rounded(n, k, dtype, group
         sums = torch.ops.carpool.int4_logits(
             x.bfloat16().float(), lin.packed, group, lin.scales_zeros, block
         )
-        assert torch.equal(got, sums.bfloat16().to(dtype)), rows
+        if fused_ops.int4_amx():
+            # AMX adds a group's products in its own order (test below): the same values but
+            # for a rare one-ulp rounding.
+            assert_bf16_close(got.bfloat16(), sums.bfloat16())
+        else:
+            assert torch.equal(got, sums.bfloat16().to(dtype)), rows
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("k", [32, 64])
+def test_int4_gemv_on_amx_is_the_tiles_product_of_its_codes(rows, k):
+    # On AMX each group's sums are one TDPBF16PS chain from zero, as vnni_linear's AMX loop
+    # makes a bf16 weight's: with one group (g = K), scale 1 and zero 8 (w = q), int4_gemv is
+    # vnni_linear of the codes as bf16 weights, bit for bit (1-16 rows: the products among the
+    # next group's decoding; 17+: tiles of 16 rows). Elsewhere int4_gemv adds in input order
+    # (the test above and the next), which vnni_linear's AMX loop does not.
+    from carpool.model import vnni_linear
+    from carpool.model.quant import Int4Linear
+
+    if not fused_ops.int4_amx():  # no AMX here, or a build without it: neither takes tiles
+        assert not (vnni_linear.load() and vnni_linear.amx() and fused_ops.load())
+        return
+    assert vnni_linear.load() and vnni_linear.amx()
+    torch.manual_seed(rows + k)
+    n = 192
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    ones = torch.ones(n, 1)
+    lin = Int4Linear(codes, ones, 8 * ones, None, k, torch.float32)
+    x = torch.randn(rows, k).bfloat16()
+    got = torch.ops.carpool.int4_gemv(x, lin.packed, k, lin.scales_zeros, int4_row_block())
+    want = vnni_linear.linear(x, vnni_linear.pack(codes.bfloat16()), None, n)
+    assert torch.equal(got[:, :n], want)
+    # ... and not the sums in input order for every row (AMX's order is seen).
+    ordered = torch.ops.carpool.int4_logits(
+        x.float(), lin.packed, k, lin.scales_zeros, int4_row_block()
+    )
+    assert_bf16_close(got[:, :n], ordered[:, :n].bfloat16())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 30])
@@ -433,7 +469,12 @@ def test_int4_gemv_adds_each_column_in_input_order(rows):
     got = torch.ops.carpool.int4_gemv(x, lin.packed, group, lin.scales_zeros, block)
     sums = torch.ops.carpool.int4_logits(x, lin.packed, group, lin.scales_zeros, block)
     assert torch.equal(sums, torch.zeros_like(sums))  # input order: every 1 lost
-    assert torch.equal(got, sums)
+    if fused_ops.int4_amx():
+        # AMX's own order: a pair's two products added to the sum with one rounding here
+        # (2^24 + 1 rounds to 2^24, then 2^24 + 1 - 2^24 is 1): 1 per group, every row alike.
+        assert torch.equal(got, torch.full_like(got, k // group))
+    else:
+        assert torch.equal(got, sums)
 
 
 @pytest.mark.parametrize("block", [32, 64])

@@ -453,6 +453,13 @@ def int4_gemv(
     return None
 
 
+def int4_amx() -> bool:
+    """Whether ``int4_gemv`` multiplies on AMX tiles here (every row count, groups a multiple
+    of 32): its sums then take AMX's order of adds, not ``int4_logits``' (a row's bits still do
+    not depend on the rows beside it)."""
+    return active() and bool(torch.ops.carpool.int4_gemv_amx())
+
+
 def int4_logits(
     x: torch.Tensor,
     packed: torch.Tensor,

@@ -30,6 +30,9 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "int4_vnni.h"
 #include "vec_math.h"
 
@@ -1630,10 +1633,12 @@ void int4_block_widened(int64_t rows, const float* xf, const float* xsum, const 
 #endif
 
 #if defined(__AVX512BF16__)
-// The bf16 values of the int4 codes 0..15 (exact), a vpermw table (the upper 16 unused).
-alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0,
-                                                 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
-                                                 0x4140, 0x4150, 0x4160, 0x4170};
+// The bf16 values of the int4 codes 0..15 (exact), a vpermw table: twice, so that a word
+// holding a code byte looks up its low nibble's value by the word's low five bits, unmasked.
+alignas(64) constexpr uint16_t kInt4Bf16[32] = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120,
+    0x4130, 0x4140, 0x4150, 0x4160, 0x4170, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0,
+    0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
 
 // int4_block's loop for bf16-rounded rows (int4_gemv) on AVX-512 BF16, B = 64, an even group:
 // two inputs at a time in vdpbf16ps, which adds a lane's odd product and then its even one,
@@ -1654,14 +1659,37 @@ alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 
 // The scales are permuted to that order once per group, the sums back at the end.
 // The four bf16 vectors of a block's input pair (i, i + 1) whose 64 bytes of codes are at q
 // (vector j: the lanes' order above), through the table of the codes' bf16 values.
+// InputOrder: input i in the low word and i + 1 in the high one instead (as a bf16 row's own
+// pairs: int4_block_amx's tiles).
+template <bool InputOrder = false>
 [[gnu::always_inline]] inline void int4_dp_codes(const uint8_t* q, __m512i table, __m512bh w[4]) {
-  const __m512i low4 = _mm512_set1_epi16(0xF);
-  const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-  const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
+#if defined(__AVX512VBMI__)
+  // The same 32-bit lanes from one byte permute each (zeroing the high byte of every word):
+  // lane t of `lo` holds byte 32 + j (input i + 1) in its low word and byte j (input i) in its
+  // high one, j = 8 (t / 4) + t % 4; `hi` the same for j + 4. Two shuffles where the widenings
+  // and unpacks took four: the table lookups and these share one port, which bounds the loop.
+  const __m512i codes = _mm512_loadu_si512(q);
+  const __mmask64 even_bytes = 0x5555555555555555ULL;
+  const __m512i pick_lo = InputOrder
+      ? _mm512_set_epi8(0, 59, 0, 27, 0, 58, 0, 26, 0, 57, 0, 25, 0, 56, 0, 24, 0, 51, 0, 19, 0,
+                        50, 0, 18, 0, 49, 0, 17, 0, 48, 0, 16, 0, 43, 0, 11, 0, 42, 0, 10, 0, 41,
+                        0, 9, 0, 40, 0, 8, 0, 35, 0, 3, 0, 34, 0, 2, 0, 33, 0, 1, 0, 32, 0, 0)
+      : _mm512_set_epi8(0, 27, 0, 59, 0, 26, 0, 58, 0, 25, 0, 57, 0, 24, 0, 56, 0, 19, 0, 51, 0,
+                        18, 0, 50, 0, 17, 0, 49, 0, 16, 0, 48, 0, 11, 0, 43, 0, 10, 0, 42, 0, 9,
+                        0, 41, 0, 8, 0, 40, 0, 3, 0, 35, 0, 2, 0, 34, 0, 1, 0, 33, 0, 0, 0, 32);
+  const __m512i lo = _mm512_maskz_permutexvar_epi8(even_bytes, pick_lo, codes);
+  const __m512i hi = _mm512_maskz_permutexvar_epi8(
+      even_bytes, _mm512_add_epi8(pick_lo, _mm512_set1_epi8(4)), codes);
+#else
+  __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
+  if (InputOrder) std::swap(a, c);
   const __m512i lo = _mm512_unpacklo_epi16(c, a);  // (i + 1, i) of bytes 8L + e
   const __m512i hi = _mm512_unpackhi_epi16(c, a);  // of bytes 8L + 4 + e
-  w[0] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(lo, low4), table);
-  w[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(hi, low4), table);
+#endif
+  // Low nibbles: vpermw reads an index's low five bits, and the table repeats past 16.
+  w[0] = (__m512bh)_mm512_permutexvar_epi16(lo, table);
+  w[1] = (__m512bh)_mm512_permutexvar_epi16(hi, table);
   w[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), table);
   w[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), table);
 }
@@ -1796,6 +1824,22 @@ inline void int4_dp_widened_rows(const __m512bh* wb, const uint32_t* xp, const f
   }
 }
 
+// Rows' 64 sums of block b in the vectors' lane order (ob: rows * 64 floats) to their columns
+// of y, rounded to bf16: vector 2h + v, lane 4L + e holds column 32h + 8L + 4v + e.
+template <typename T>
+void int4_store_lane_order(const float* ob, int64_t rows, T* y, int64_t n, int64_t b) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v0 = _mm512_load_ps(ob + m * 64 + 32 * h);
+      const __m512 v1 = _mm512_load_ps(ob + m * 64 + 32 * h + 16);
+      T* out = y + m * n + b * 64 + 32 * h;
+      store16(out, round16(_mm512_permutex2var_ps(v0, first, v1), c10::BFloat16{}));
+      store16(out + 16, round16(_mm512_permutex2var_ps(v0, second, v1), c10::BFloat16{}));
+    }
+}
+
 // Output columns [64b, 64b + 64) of all `rows` rows (xp, xsum and y at row 0). wb: g / 2 * 4
 // vectors, ob: rows * 64 floats, both 64-byte aligned (the caller's, reused across blocks).
 template <typename T>
@@ -1832,18 +1876,179 @@ void int4_block_dp_widened(int64_t rows, const uint32_t* xp, const float* xsum,
       }
     }
   }
-  // Back to column order: vector 2h + v, lane 4L + e holds column 32h + 8L + 4v + e.
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t m = 0; m < rows; ++m)
-    for (int h = 0; h < 2; ++h) {
-      const __m512 v0 = _mm512_load_ps(ob + m * 64 + 32 * h);
-      const __m512 v1 = _mm512_load_ps(ob + m * 64 + 32 * h + 16);
-      T* out = y + m * n + b * 64 + 32 * h;
-      store16(out, round16(_mm512_permutex2var_ps(v0, first, v1), c10::BFloat16{}));
-      store16(out + 16, round16(_mm512_permutex2var_ps(v0, second, v1), c10::BFloat16{}));
+  int4_store_lane_order(ob, rows, y, n, b);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define CARPOOL_INT4_AMX 1
+// Linux hands out AMX's tile state to a process on request (vnni_linear asks too; either
+// library may run first).
+bool int4_amx_permitted() {
+  static const bool ok = [] {
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) Int4TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles of 64-byte rows: 0-3 a row tile's sums of the four 16-column vectors and 4 its rows'
+// 16 input pairs (`rows` rows: a product's rows up to 16, else 16 and whole tiles of inputs,
+// the rows past the caller's zero, their sums dropped), 5 and 6 a vector's 16 pairs of codes
+// (two, so that a load need not wait for the product before it to have read its tile). Once
+// per task. Fewer rows take no less time in TDPBF16PS, but their loads and stores do.
+inline void int4_amx_configure(int64_t rows) {
+  Int4TileConfig cfg;
+  for (int t = 0; t < 5; ++t) cfg.rows[t] = static_cast<uint8_t>(rows), cfg.colsb[t] = 64;
+  for (int t = 5; t < 7; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// Product s of a group (4 per 32 inputs: step s / 4's inputs, tile 4, times vector s % 4's
+// 16 pairs of decoded codes in wb, tiles 5 and 6 in turn, into sum tile s % 4). The step's
+// first loads its inputs. Tiles are named by immediates, hence the switch.
+[[gnu::always_inline]] inline void int4_amx_product(int64_t s, const uint32_t* xg, int64_t half,
+                                                    const __m512bh* wb) {
+  if (s % 4 == 0) _tile_loadd(4, xg + 16 * (s / 4), half * sizeof(uint32_t));
+  switch (s % 4) {
+    case 0: _tile_loadd(5, wb + s * 16, 64); _tile_dpbf16ps(0, 4, 5); break;
+    case 1: _tile_loadd(6, wb + s * 16, 64); _tile_dpbf16ps(1, 4, 6); break;
+    case 2: _tile_loadd(5, wb + s * 16, 64); _tile_dpbf16ps(2, 4, 5); break;
+    default: _tile_loadd(6, wb + s * 16, 64); _tile_dpbf16ps(3, 4, 6); break;
+  }
+}
+
+// Group gi's codes of block b decoded as int4_block_dp's four vectors per input pair into wb:
+// pair p is row p % 16 of vector j's tile (16 pairs of 16 columns) in the group's 32-input step
+// p / 16, at wb + (p / 16 * 4 + j) * 16. With `wc`, the products of the group before (its
+// codes decoded into wc, its inputs at xg) are issued among the decoding, one after every
+// four pairs: the tile unit works while the vector units decode (issued after the decoding,
+// the products and the next decoding took turns: a row ~1.1x the dot-product loop's time).
+template <bool WithProducts>
+inline void int4_amx_decode(const uint8_t* packed, __m512i table, __m512bh* wb, int64_t k,
+                            int64_t g, int64_t b, int64_t gi, const __m512bh* wc = nullptr,
+                            const uint32_t* xg = nullptr, int64_t half = 0) {
+  for (int64_t t = 0; t < g / 32; ++t)
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) {  // pair 16 t + p
+      const uint8_t* q = packed + (b * k + gi * g + 32 * t + 2 * p) * 32;
+      _mm_prefetch(reinterpret_cast<const char*>(q) + 4096, _MM_HINT_T0);
+      __m512bh w[4];
+      int4_dp_codes<true>(q, table, w);
+      for (int j = 0; j < 4; ++j) wb[(t * 4 + j) * 16 + p] = w[j];
+      if (WithProducts && p % 4 == 1) int4_amx_product(4 * t + p / 4, xg, half, wc);
     }
 }
+
+// The four sum tiles stored as rows of 64 floats (the vectors' lane order) at c.
+inline void int4_amx_store_sums(float* c) {
+  _tile_stored(0, c, 256);
+  _tile_stored(1, c + 16, 256);
+  _tile_stored(2, c + 32, 256);
+  _tile_stored(3, c + 48, 256);
+}
+
+inline void int4_amx_zero_sums() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// Adds group gi's sums of rows [0, rows) (cb, as int4_amx_store_sums leaves them) to their
+// running totals in ob: out = fma(scale, sum, out), then out = fma(zero - 8 scale, sum(x), out),
+// as int4_block_dp's lanes.
+inline void int4_amx_scale(const float* cb, const float* xsum, const __m512* sv, const __m512* ov,
+                           float* ob, int64_t rows, int64_t groups, int64_t gi) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const __m512 xs = _mm512_set1_ps(xsum[m * groups + gi]);
+    for (int j = 0; j < 4; ++j) {
+      __m512 o = _mm512_load_ps(ob + m * 64 + 16 * j);
+      o = _mm512_fmadd_ps(sv[j], _mm512_load_ps(cb + m * 64 + 16 * j), o);
+      o = _mm512_fmadd_ps(ov[j], xs, o);
+      _mm512_store_ps(ob + m * 64 + 16 * j, o);
+    }
+  }
+}
+
+// int4 products on AMX tiles (AMX CPUs: every bf16-rounded row count, g a multiple of 32).
+// Why: a VDPBF16PS takes ~1.1 ns for its 32 products at every row count here, a TDPBF16PS ~5.2
+// ns for 512 to 8,192 (1 to 16 rows); one row's codes-to-bf16 decoding then bounds the step,
+// and each further row is almost free. Per group: the block's codes decoded once (as
+// int4_block_dp's vectors, one tile row per input pair) into wb, each 16-row tile of inputs
+// times them into four sum tiles from zero, then out = fma(scale, sum, out) and out =
+// fma(zero - 8 scale, sum(x), out) in int4_block_dp's lane order. AMX adds a tile's products
+// in its own order (neither VDPBF16PS's nor float32 FMAs' in input order: measured), so the
+// sums are other bits than the other paths' (within a float32 rounding of each group's sum);
+// a row's bits do not depend on the rows beside it (each tile row its own), which is what
+// lets a request's tokens be the same alone or batched. Tiles as int4_amx_configure(min(rows,
+// 16)) sets them; xp past 16 rows ceil(rows / 16) * 16 rows, those past `rows` zero. wbs: three
+// buffers of g / 2 * 4 vectors, cbs: two of ceil(rows / 16) * 16 * 64 floats, ob: rows * 64.
+//
+// Software-pipelined by group: decode group gi + 1 (with group gi's products among it, up to 16
+// rows), then group gi - 1's sums into the totals. A store reaches memory (where a tile load
+// reads it) only once it retires, after everything before it: decoding a group right before its
+// own products left them waiting for its 64 stores behind the last group's products (a row took
+// ~1.15x the dot-product loop's time). Three buffers of codes (a group's are written while the
+// two before may still be read), three of scales, two of sums.
+template <typename T>
+void int4_block_amx(int64_t rows, const uint32_t* xp, const float* xsum, const uint8_t* packed,
+                    const c10::BFloat16* sz, T* y, int64_t n, int64_t k, int64_t g, int64_t b,
+                    __m512bh* wbs, float* cbs, float* ob) {
+  const int64_t groups = k / g, half = k / 2, wb_vectors = g / 2 * 4;
+  const int64_t cb_floats = (rows + 15) / 16 * 16 * 64;
+  const __m512i table = _mm512_load_si512(kInt4Bf16);
+  std::fill(ob, ob + rows * 64, 0.f);
+  __m512 sv[3][4], ov[3][4];
+  auto scales = [&](int64_t gi) {
+    for (int h = 0; h < 2; ++h)
+      int4_dp_scales(sz, gi, n, b * 64 + 32 * h, sv[gi % 3] + 2 * h, ov[gi % 3] + 2 * h);
+  };
+  int4_amx_decode<false>(packed, table, wbs, k, g, b, 0);
+  scales(0);
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const __m512bh* wc = wbs + gi % 3 * wb_vectors;
+    __m512bh* wn = wbs + (gi + 1) % 3 * wb_vectors;
+    float* cb = cbs + gi % 2 * cb_floats;
+    const bool next = gi + 1 < groups;
+    if (gi + 3 < groups) prefetch_scales(sz, gi + 3, n, b * 64, 64);
+    if (rows <= 16) {  // one tile of rows: group gi's products among group gi + 1's decoding
+      const uint32_t* xg = xp + gi * g / 2;
+      int4_amx_zero_sums();
+      if (next) {
+        int4_amx_decode<true>(packed, table, wn, k, g, b, gi + 1, wc, xg, half);
+      } else {
+        for (int64_t s = 0; s < g / 8; ++s) int4_amx_product(s, xg, half, wc);
+      }
+      int4_amx_store_sums(cb);
+    } else {  // tiles of 16 rows, each all of the group's products (decoding them is shared)
+      if (next) int4_amx_decode<false>(packed, table, wn, k, g, b, gi + 1);
+      for (int64_t m0 = 0; m0 < rows; m0 += 16) {
+        int4_amx_zero_sums();
+        for (int64_t s = 0; s < g / 8; ++s) int4_amx_product(s, xp + m0 * half + gi * g / 2, half, wc);
+        int4_amx_store_sums(cb + m0 * 64);
+      }
+    }
+    if (next) scales(gi + 1);
+    if (gi > 0) {
+      const int64_t prev = gi - 1;
+      int4_amx_scale(cbs + prev % 2 * cb_floats, xsum, sv[prev % 3], ov[prev % 3], ob, rows,
+                     groups, prev);
+    }
+  }
+  const int64_t last = groups - 1;
+  int4_amx_scale(cbs + last % 2 * cb_floats, xsum, sv[last % 3], ov[last % 3], ob, rows, groups,
+                 last);
+  int4_store_lane_order(ob, rows, y, n, b);
+}
+#endif
 #endif
 
 // The input rows of an int4 product in float32 (rounded to bf16 unless Exact) and their
@@ -1893,16 +2098,43 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
   // bf16-rounded rows, 64-column blocks, even groups: int4_block_dp, two inputs at a time.
   if (!Exact && B == 64 && g % 2 == 0) {
     const int64_t half = k / 2;
-    std::vector<uint32_t> xp(rows * half);
+#if defined(CARPOOL_INT4_AMX)
+    const bool amx = g % 32 == 0 && int4_amx_permitted();
+#else
+    const bool amx = false;
+#endif
+    // On AMX past 16 rows whole 16-row tiles of inputs, the rows past `rows` zero.
+    std::vector<uint32_t> xp((amx && rows > 16 ? (rows + 15) / 16 * 16 : rows) * half, 0u);
     at::parallel_for(0, rows, grain_rows(2 * k), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t p = 0; p < half; ++p) {
           uint32_t hi, lo;  // bf16-rounded: the low 16 bits are zero
           std::memcpy(&hi, &xf[m * k + 2 * p], sizeof(hi));
           std::memcpy(&lo, &xf[m * k + 2 * p + 1], sizeof(lo));
-          xp[m * half + p] = (hi & 0xFFFF0000u) | (lo >> 16);
+          // AMX: the row's own bf16 pairs (input 2p low); else 2p high, added first.
+          xp[m * half + p] = amx ? (hi >> 16) | (lo & 0xFFFF0000u) : (hi & 0xFFFF0000u) | (lo >> 16);
         }
     });
+#if defined(CARPOOL_INT4_AMX)
+    if (amx) {
+      at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
+        // The thread's buffers, kept across calls (a call of 1-16 rows takes ~10-50 us, and
+        // fresh zeroed ones cost it a few percent): codes, sums and totals, one after another.
+        thread_local std::vector<__m512> scratch;
+        const int64_t wb_vectors = 3 * (g / 2 * 4), cb_vectors = 2 * ((rows + 15) / 16 * 16 * 4);
+        if (static_cast<int64_t>(scratch.size()) < wb_vectors + cb_vectors + rows * 4)
+          scratch.resize(wb_vectors + cb_vectors + rows * 4);
+        __m512* wb = scratch.data();
+        int4_amx_configure(std::min<int64_t>(rows, 16));
+        for (int64_t b = b0; b < b1; ++b)
+          int4_block_amx(rows, xp.data(), xsum.data(), packed, sz, y, n, k, g, b,
+                         reinterpret_cast<__m512bh*>(wb),
+                         reinterpret_cast<float*>(wb + wb_vectors),
+                         reinterpret_cast<float*>(wb + wb_vectors + cb_vectors));
+      });
+      return;
+    }
+#endif
     if (rows >= kInt4DpWidenedRows) {
       // Spans of at most kInt4RowSpan rows (their inputs stay in L2), as even as they split;
       // the threads take (span, block) pairs, so that a few blocks still split evenly.
@@ -2004,6 +2236,15 @@ int64_t check_int4_args(const char* op, const at::Tensor& x, const at::Tensor& p
               op, ": scales_zeros must be [", k / g, ", ", n, ", 2] bfloat16, got ",
               scales_zeros.sizes(), " ", scales_zeros.scalar_type());
   return n;
+}
+
+// Whether int4_gemv multiplies on AMX tiles here (int4_block_amx: groups a multiple of 32).
+bool int4_gemv_amx() {
+#if defined(CARPOOL_INT4_AMX)
+  return int4_amx_permitted();
+#else
+  return false;
+#endif
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
@@ -2314,6 +2555,7 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("int8_logits_at(Tensor x, Tensor qweight, Tensor scales, Tensor ids) -> Tensor");
   m.def("int8_dot(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int8_dot_fast() -> bool");
+  m.def("int4_gemv_amx() -> bool");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int4_widen(Tensor packed, int group_size, Tensor scales_zeros, int block) -> Tensor");
   m.def(
@@ -2348,4 +2590,7 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
   m.impl("int4_logits_at", &int4_logits_at);
 }
 
-TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) { m.impl("int8_dot_fast", &int8_dot_fast); }
+TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {
+  m.impl("int8_dot_fast", &int8_dot_fast);
+  m.impl("int4_gemv_amx", &int4_gemv_amx);
+}
