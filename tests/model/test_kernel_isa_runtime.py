@@ -9,7 +9,9 @@ gather + SDPA reference on float32, bfloat16 and int8 caches (the bfloat16 cache
 keys go through the pair loops on v3 and v4, the row copy on v2; the int8 cache's
 word-major keys through those paths' row copy). The fused ops are built the same way for the
 int4 and int8 heads' float32 logits, whose one-column paths must give the bits of each level's
-vector loops. A level the host cannot execute is skipped with its reason.
+vector loops; and for this CPU without AMX (with and without AVX-512 VBMI), whose int4_gemv
+takes the AVX-512 BF16 dot-product loops an AMD Zen 4 runs (an AMX host's own build multiplies
+on tiles). A level the host cannot execute is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 from carpool.model import kernel_build, kv_layout
+from carpool.model.quant import int4_row_block
 from helpers.attention_ref import (
     dequantized_sdpa,
     gather_sdpa,
@@ -149,6 +152,51 @@ def test_lower_level_int4_logits_are_one_columns_bits(level_fused, block):
     assert torch.equal(level_fused.int4_logits_at(many, *args, cols), got.gather(1, cols))
     last = level_fused.int4_gemv(many[29:], *args)
     assert torch.equal(level_fused.int4_gemv(many, *args)[29:], last)
+
+
+@pytest.fixture(scope="module")
+def bf16_loops_fused():
+    """fused_ops.cpp built for this CPU without AMX (its AVX-512 BF16 dot-product loops: what an
+    AMD Zen 4 runs, where an AMX host's int4_gemv takes tiles), with and without AVX-512 VBMI
+    (the codes' two decodings), as ``{"vbmi": ops, "no_vbmi": ops}``; skipped where this CPU
+    has no AVX-512 BF16 (there the native build runs the other loops)."""
+    flags = set(kernel_build.cpu_flags().split())
+    if not {"avx512_bf16", "avx512vbmi"} <= flags:
+        pytest.skip("this CPU has no AVX-512 BF16 / VBMI: the dot-product loops are not its own")
+    base = list(kernel_build.CFLAGS) + ["-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]
+    builds = {}
+    for name, extra in (("vbmi", []), ("no_vbmi", ["-mno-avx512vbmi", "-mno-avx512vbmi2"])):
+        kernel_build.build_as(kernel_build.CSRC, "fused_ops.cpp", f"isa_bf16_{name}", base + extra)
+        builds[name] = getattr(torch.ops, f"isa_bf16_{name}")
+    return builds
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_dot_product_loops_add_in_input_order_without_amx(bf16_loops_fused, group):
+    # Without AMX (a Zen 4) int4_gemv's dot-product loops (1-4 rows in registers, a group
+    # decoded once from 5 rows on AMX builds / 48 elsewhere) add each column's products in
+    # int4_logits' order: its values are int4_logits' of the bf16-rounded rows, rounded once,
+    # at every row count, a row's bits whatever rows share the call; the codes decoded by two
+    # byte permutes (VBMI) or by widenings and unpacks, the same values.
+    from carpool.model.quant import Int4Linear
+
+    ops = bf16_loops_fused
+    assert not ops["vbmi"].int4_gemv_amx() and not ops["no_vbmi"].int4_gemv_amx()
+    torch.manual_seed(group)
+    n, k = 192, 320 if group == 32 else 384
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales, zeros = torch.rand(n, k // group) * 0.1 + 0.01, torch.randn(n, k // group) * 0.1
+    lin = Int4Linear(codes, scales, zeros, None, group, torch.float32)
+    args = (lin.packed, group, lin.scales_zeros, int4_row_block())
+    x = torch.randn(60, k)
+    every = ops["vbmi"].int4_gemv(x, *args)
+    assert torch.equal(ops["no_vbmi"].int4_gemv(x, *args), every)
+    for rows in (1, 2, 3, 4, 5, 9, 50, 60):
+        got = ops["vbmi"].int4_gemv(x[:rows], *args)
+        sums = ops["vbmi"].int4_logits(x[:rows].bfloat16().float(), *args)
+        assert torch.equal(got, sums.bfloat16().float()), rows
+        assert torch.equal(got, every[:rows]), rows
+        assert torch.equal(ops["no_vbmi"].int4_gemv(x[:rows], *args), got), rows
 
 
 def test_lower_level_int8_logits_are_one_columns_bits(level_fused):

@@ -1783,9 +1783,11 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
 // a Zen 4): 1.09-1.17x at 64 rows, 1.13-1.18x at 128, 1.15-1.22x at 512; 0.86-0.98x at 8-32
 // (there the 1-4-row loop keeps its sums in registers), hence from 48 (BENCHMARKS.md, issue
 // 11, thirtieth pass). Rows in spans of kInt4RowSpan, as on AVX2. On the AMX Xeon the buffer
-// wins from 5 rows: SmolLM2's layers 1.13x / 1.17x / 1.18x / 1.21x at 5 / 8 / 16 / 32
+// won from 5 rows: SmolLM2's layers 1.13x / 1.17x / 1.18x / 1.21x at 5 / 8 / 16 / 32
 // rows, 1.00x at 2-4 and 64 (benchmarks/ab_int4_gemv.py, float32 and bf16 rows alike; issue 11,
-// forty-second pass). The same bits either way (tested).
+// forty-second pass); since the forty-third, an AMX build multiplies on tiles instead
+// (int4_block_amx) but for groups that are not a multiple of 32. The same bits either way
+// (tested).
 #if defined(__AMX_TILE__)
 constexpr int64_t kInt4DpWidenedRows = 5;  // from this many rows, int4_rows decodes a group once
 #else
