@@ -30,9 +30,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
+#include "amx_tiles.h"
 #include "int4_vnni.h"
 #include "vec_math.h"
 
@@ -1881,25 +1879,8 @@ void int4_block_dp_widened(int64_t rows, const uint32_t* xp, const float* xsum,
   int4_store_lane_order(ob, rows, y, n, b);
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define CARPOOL_INT4_AMX 1
-// Linux hands out AMX's tile state to a process on request (vnni_linear asks too; either
-// library may run first).
-bool int4_amx_permitted() {
-  static const bool ok = [] {
-    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) Int4TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+#if defined(CARPOOL_AMX)
+using carpool_kernels::amx_permitted;
 
 // Tiles of 64-byte rows: 0-3 a row tile's sums of the four 16-column vectors and 4 its rows'
 // 16 input pairs (`rows` rows: a product's rows up to 16, else 16 and whole tiles of inputs,
@@ -1907,7 +1888,7 @@ struct alignas(64) Int4TileConfig {
 // (two, so that a load need not wait for the product before it to have read its tile). Once
 // per task. Fewer rows take no less time in TDPBF16PS, but their loads and stores do.
 inline void int4_amx_configure(int64_t rows) {
-  Int4TileConfig cfg;
+  carpool_kernels::TileConfig cfg;
   for (int t = 0; t < 5; ++t) cfg.rows[t] = static_cast<uint8_t>(rows), cfg.colsb[t] = 64;
   for (int t = 5; t < 7; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
@@ -2100,8 +2081,8 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
   // bf16-rounded rows, 64-column blocks, even groups: int4_block_dp, two inputs at a time.
   if (!Exact && B == 64 && g % 2 == 0) {
     const int64_t half = k / 2;
-#if defined(CARPOOL_INT4_AMX)
-    const bool amx = g % 32 == 0 && int4_amx_permitted();
+#if defined(CARPOOL_AMX)
+    const bool amx = g % 32 == 0 && amx_permitted();
 #else
     const bool amx = false;
 #endif
@@ -2117,7 +2098,7 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
           xp[m * half + p] = amx ? (hi >> 16) | (lo & 0xFFFF0000u) : (hi & 0xFFFF0000u) | (lo >> 16);
         }
     });
-#if defined(CARPOOL_INT4_AMX)
+#if defined(CARPOOL_AMX)
     if (amx) {
       at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
         // The thread's buffers, kept across calls (a call of 1-16 rows takes ~10-50 us, and
@@ -2242,8 +2223,8 @@ int64_t check_int4_args(const char* op, const at::Tensor& x, const at::Tensor& p
 
 // Whether int4_gemv multiplies on AMX tiles here (int4_block_amx: groups a multiple of 32).
 bool int4_gemv_amx() {
-#if defined(CARPOOL_INT4_AMX)
-  return int4_amx_permitted();
+#if defined(CARPOOL_AMX)
+  return amx_permitted();
 #else
   return false;
 #endif

@@ -38,9 +38,6 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -48,6 +45,7 @@
 #include <utility>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "int4_vnni.h"
 #include "vec_math.h"
 
@@ -112,25 +110,9 @@ constexpr int64_t kPathAuto = 0, kPathGemv = 1, kPathBrgemm = 2;
 
 bool has_amx_brgemm() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define CARPOOL_AMX 1
-// Linux hands out AMX's tile state to a process on request (oneDNN asks too, on its first
-// brgemm; a small step can come before any brgemm).
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+#if defined(CARPOOL_AMX)
+using carpool_kernels::amx_permitted;
+using carpool_kernels::TileConfig;
 
 // Up to 32 rows of x times one 64-column block with AMX, into float32 c [rows, 64]. Tiles:
 // 0-3 sums (one row tile x four 16-column slices, or two row tiles x two slices per pass),
