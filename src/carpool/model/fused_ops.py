@@ -468,9 +468,10 @@ def int4_logits(
     block: int,
 ) -> torch.Tensor | None:
     """An int4 vocabulary head's float32 logits ``[M, N padded to 64]`` for float32 ``x``
-    ``[M, K]``, up to ``INT4_GEMV_MAX_ROWS`` rows: ``int4_gemv``'s kernel without its bf16
-    roundings (x as it is, float32 sums), so every logit is the dequantized weight's in float32
-    but for the order of the sums; None where it does not apply (the caller rescores)."""
+    ``[M, K]``, up to ``INT4_GEMV_MAX_ROWS`` rows: ``int4_gemv``'s dot-product loops without
+    their bf16 roundings (x as it is, float32 sums in input order; never AMX's tiles, which
+    take bf16 inputs), so every logit is the dequantized weight's in float32 but for the order
+    of the sums; None where it does not apply (the caller rescores)."""
     if _int4_takes(x, packed, scales_zeros, (torch.float32,)):
         return torch.ops.carpool.int4_logits(x, packed, group_size, scales_zeros, block)
     return None

@@ -499,8 +499,8 @@ class Int4Linear(QuantizedLinear):
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Up to fused_ops.INT4_GEMV_MAX_ROWS rows on the CPU: the fused kernel over the same
-        # codes (torch's is compute-bound; the same sums in another order), taking a float32 x
-        # as it is.
+        # codes (torch's is compute-bound; the same sums in another order; on AMX tiles where
+        # the CPU has them, fused_ops.int4_amx), taking a float32 x as it is.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = fused_ops.int4_gemv(
             x2, self.packed, self.group_size, self.scales_zeros, int4_row_block()
