@@ -1664,8 +1664,9 @@ template <bool InputOrder = false>
 #if defined(__AVX512VBMI__)
   // The same 32-bit lanes from one byte permute each (zeroing the high byte of every word):
   // lane t of `lo` holds byte 32 + j (input i + 1) in its low word and byte j (input i) in its
-  // high one, j = 8 (t / 4) + t % 4; `hi` the same for j + 4. Two shuffles where the widenings
-  // and unpacks took four: the table lookups and these share one port, which bounds the loop.
+  // high one (InputOrder: the other way round), j = 8 (t / 4) + t % 4; `hi` the same for j + 4.
+  // Two shuffles where the widenings and unpacks took four: the one-row dot-product loop 1.10x
+  // (issue 11, forty-third pass; its dot products, not its shuffles, bound it).
   const __m512i codes = _mm512_loadu_si512(q);
   const __mmask64 even_bytes = 0x5555555555555555ULL;
   const __m512i pick_lo = InputOrder
@@ -1910,10 +1911,11 @@ inline void int4_amx_configure(int64_t rows) {
 
 // Group gi's codes of block b decoded as int4_block_dp's four vectors per input pair into wb:
 // pair p is row p % 16 of vector j's tile (16 pairs of 16 columns) in the group's 32-input step
-// p / 16, at wb + (p / 16 * 4 + j) * 16. With `wc`, the products of the group before (its
+// p / 16, at wb + (p / 16 * 4 + j) * 16. WithProducts: the products of the group before (its
 // codes decoded into wc, its inputs at xg) are issued among the decoding, one after every
-// four pairs: the tile unit works while the vector units decode (issued after the decoding,
-// the products and the next decoding took turns: a row ~1.1x the dot-product loop's time).
+// four pairs, so that the tile unit works while the vector units decode (issued after the
+// decoding, the products and the next decoding took turns: one row ~1.08x the dot-product
+// loop's time, against 0.98-1.0x so).
 template <bool WithProducts>
 inline void int4_amx_decode(const uint8_t* packed, __m512i table, __m512bh* wb, int64_t k,
                             int64_t g, int64_t b, int64_t gi, const __m512bh* wc = nullptr,
