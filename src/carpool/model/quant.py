@@ -97,7 +97,11 @@ RESCORE_TOP_K = 64
 # then takes no kernel call at all (its first row's cost ~3.4 ms a step for SmolLM2, the int4
 # kernel at one row and the split around it): 1.17x / 1.19x / 1.19x / 1.13x / 1.06x the step
 # from 1 at 2 / 8 / 16 / 40 / 128 tokens, level at 512; a one-token prompt alone pays the
-# widening (a decode step's form before).
+# widening (a decode step's form before). Since the forty-third pass (int4_gemv on AMX tiles
+# at every row count) a prompt alone of up to ~48 tokens is faster through the kernels (from 0:
+# 0.40x / 0.74x / 1.03x / 1.26x / 1.50x / 1.60x at 8 / 32 / 48 / 64 / 128 / 512 tokens against
+# none widened); a later cutoff pays both paths in one step (from 32: 0.75x at 48 tokens), so 0
+# stays.
 WIDE_PROMPT_FROM = 0
 # Where prompts take the widened weight at all: None: where vnni_linear multiplies on AMX tiles
 # (elsewhere it was not measured to pay: the int4 kernel decodes a group once for many rows on
