@@ -34,11 +34,14 @@ from vnni_linear import weight_shapes  # noqa: E402
 from carpool.model import pages  # noqa: E402
 
 OPS = ("int8_gemv", "int8_dot", "int8_logits")
+# SmolLM2-135M-Instruct: hidden 576, intermediate 1536, 9 query / 3 kv heads of 64, 30 layers,
+# a 49152-token vocabulary.
+SMOLLM2 = [(576 + 2 * 3 * 64, 576), (576, 576), (2 * 1536, 576), (576, 1536)] * 30 + [(49152, 576)]
 
 
 def main() -> None:
     ap = ab_parser(__doc__)
-    ap.add_argument("--random-config", default="small")
+    ap.add_argument("--random-config", default="small", help="a preset, or smollm2")
     ap.add_argument("--rows", default="1,2,4")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--huge-pages", action="store_true", help="weights as the engine holds them")
@@ -64,7 +67,8 @@ def main() -> None:
         "after": getattr(torch.ops.ab_i8_after, a.op),
     }
     g = torch.Generator().manual_seed(0)
-    shapes = weight_shapes(a.random_config)  # the layers', then the head's
+    # The layers', then the head's; smollm2: SmolLM2-135M's (the default model's Q8_0 head).
+    shapes = SMOLLM2 if a.random_config == "smollm2" else weight_shapes(a.random_config)
     shapes = {"all": shapes, "layers": shapes[:-1], "head": shapes[-1:]}[a.weights]
     weights = [
         (

@@ -696,6 +696,64 @@ def test_int8_logits_are_the_dequantized_heads_in_float32(rows):
     assert torch.equal(fused_ops.int8_logits_at(x, q, s, ids), got.gather(1, ids))
 
 
+def _fixed_point_logits(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """int8_logits on AMX, from its definition: each row times 2^e (e = 26 - the exponent of
+    its largest magnitude), rounded half to even, summed exactly with the codes in int64, then
+    float32(double(sum) * (scale * 2^-e))."""
+    e = 26 - torch.frexp(x.abs().amax(1).double()).exponent.long()
+    xi = torch.round(torch.ldexp(x.double(), e[:, None].double())).long()
+    total = (xi[:, None, :] * q.long()[None, :, :]).sum(-1)
+    step = torch.ldexp(torch.ones_like(e, dtype=torch.float64), -e.double())
+    return (total.double() * (s.double()[None, :] * step[:, None])).float()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 33, 70])
+@pytest.mark.parametrize("k", [200, 256])
+def test_int8_logits_on_amx_are_exact_sums_of_fixed_point_rows(rows, k):
+    # On AMX int8_logits multiplies on tiles in integers: every logit is the exact integer sum
+    # of x in fixed point with the codes, rounded once; here against that definition computed
+    # by torch in int64, bit for bit: one quad of rows and several, passes of 16, a block of
+    # 1001 % 16 rows, K a multiple of 64 and not; a row's bits do not depend on its step.
+    if not fused_ops.int8_logits_fixed():
+        pytest.skip("int8_logits takes the float32 FMA loops on this CPU (no AMX)")
+    torch.manual_seed(rows * k)
+    q = torch.randint(-127, 128, (1001, k), dtype=torch.int8)
+    s = (torch.rand(1001) * 0.01).bfloat16()
+    x = torch.randn(rows, k) * torch.logspace(-3, 2, rows)[:, None]
+    x[0, :7] = torch.tensor([0.0, -0.0, 1e-30, -2.5, 3.0, 1e-8, -1e-8])  # tiny values, ties
+    got = fused_ops.int8_logits(x, q, s)
+    assert torch.equal(got, _fixed_point_logits(x, q, s))
+    for i in range(rows):
+        assert torch.equal(fused_ops.int8_logits(x[i : i + 1], q, s), got[i : i + 1])
+    ids = torch.randint(0, 1001, (rows, 40))
+    assert torch.equal(fused_ops.int8_logits_at(x, q, s, ids), got.gather(1, ids))
+
+
+def test_int8_logits_on_amx_take_rows_of_any_scale_and_mark_nonfinite_ones():
+    # Rows whose scale 2^e is no float32 (the largest value under 2^-101 or near float32's
+    # top) take the scalar digits: the same definition. A NaN or infinite row: NaN logits,
+    # its neighbours untouched; a zero row: zeros.
+    if not fused_ops.int8_logits_fixed():
+        pytest.skip("int8_logits takes the float32 FMA loops on this CPU (no AMX)")
+    torch.manual_seed(3)
+    q = torch.randint(-127, 128, (64, 128), dtype=torch.int8)
+    s = (torch.rand(64) * 0.01).bfloat16()
+    x = torch.randn(6, 128)
+    x[1] *= 1e-33
+    x[2] *= 1e37
+    x[3] = 0.0
+    x[4, 5] = float("nan")
+    x[5, 9] = float("inf")
+    got = fused_ops.int8_logits(x, q, s)
+    finite = [0, 1, 2, 3]
+    assert torch.equal(got[finite], _fixed_point_logits(x[finite], q, s))
+    assert torch.equal(got[3], torch.zeros(64))
+    assert got[4:].isnan().all()
+    ids = torch.arange(64).repeat(6, 1)
+    assert torch.equal(fused_ops.int8_logits_at(x, q, s, ids)[finite], got[finite])
+    assert fused_ops.int8_logits_at(x, q, s, ids)[4:].isnan().all()
+
+
 @pytest.mark.usefixtures("finite_row_limits")
 def test_int8_logits_decline_and_reject_what_they_do_not_take():
     q = torch.randint(-127, 128, (300, 64), dtype=torch.int8)

@@ -249,7 +249,9 @@ def int8_logits(
     """A vocabulary head's float32 logits ``(x @ qweight.T) * scales`` for float32 ``x``
     ``[R, K]``, up to ``int8_logits_max_rows`` rows: ``int8_gemv``'s kernel without its bf16
     roundings (x as it is, float32 sums), so every logit is the dequantized weight's in float32
-    but for the order of the sums; None where it does not apply (the caller rescores)."""
+    but for the order of the sums; on AMX CPUs (``int8_logits_fixed()``) exact integer sums of
+    x in fixed point (27 bits of its row's largest value), rounded once to float32. None where
+    it does not apply (the caller rescores)."""
     if (
         x.dim() == 2
         and x.dtype == torch.float32
@@ -451,6 +453,15 @@ def int4_gemv(
     if _int4_takes(x, packed, scales_zeros, _DTYPES):
         return torch.ops.carpool.int4_gemv(x, packed, group_size, scales_zeros, block)
     return None
+
+
+def int8_logits_fixed() -> bool:
+    """Whether ``int8_logits`` and ``int8_logits_at`` compute here on AMX tiles in integers:
+    each row of x in fixed point (times 2^e, e from its largest magnitude, rounded to integers
+    of up to 27 bits), the exact integer sums with the codes, then ``float32(double(sum) *
+    (scale * 2^-e))``: a logit's bits follow from its row and column alone, whatever the
+    order of the sums."""
+    return active() and bool(torch.ops.carpool.int8_logits_fixed())
 
 
 def int4_amx() -> bool:

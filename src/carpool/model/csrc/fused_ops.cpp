@@ -1016,14 +1016,304 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y;
 }
 
+#if defined(CARPOOL_AMX)
+// A float32 x in fixed point, for an int8 head's logits in integer arithmetic: row r's values
+// times 2^e_r (e_r from the row's largest magnitude, which becomes at most 2^26), rounded to
+// integers (ties to even), as four signed base-128 digits in [-64, 64]. A logit is then
+// float(double(sum_k xi_k q_k) * (scale * 2^-e_r)): the integer sum is exact in any order (on
+// tiles or not; each digit plane's in int32 for K under 2^18), and so is the double product
+// up to K = 4,096 (the sum's 45 bits times a bf16 scale's 8; past it rounded in double first,
+// the same way on every path), then rounded once to float32. The digits round x by at most
+// 2^-27 of its row's largest value, ~100x less than a float32 FMA loop's own roundings of its
+// sums (2^-24 of the partial sums, K times). Rows with a NaN or an infinity get NaN logits.
+// Why integers: on AMX tiles (TDPBSSD, 16 x 16 x 64 products an instruction) the codes are the
+// tile's operand as they are in memory, no widening; and an exact sum has no order of adds,
+// so a logit's bits depend on its row and column only, on tiles or in int8_logits_at's loop.
+struct Int8FixedRows {
+  static constexpr int kDigits = 4;
+  std::vector<int8_t> digits;  // [rows][kDigits][kp], most significant first, zeros past k
+  std::vector<double> step;    // 2^-e_r
+  std::vector<uint8_t> finite;
+  int64_t kp = 0;
+};
+
+inline void int8_fixed_rows(const float* x, int64_t rows, int64_t k, int64_t kp,
+                            Int8FixedRows& f) {
+  constexpr int kD = Int8FixedRows::kDigits;
+  f.kp = kp;
+  f.digits.assign(rows * kD * kp, 0);
+  f.step.resize(rows);
+  f.finite.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * k;
+    float top = 0.f;
+    bool finite = true;
+    for (int64_t i = 0; i < k; ++i) {
+      finite = finite && std::isfinite(xr[i]);
+      top = std::max(top, std::fabs(xr[i]));
+    }
+    int exp2 = 0;
+    std::frexp(finite ? top : 0.f, &exp2);  // top < 2^exp2 (0 for a zero row)
+    const int e = 26 - exp2;
+    f.step[r] = std::ldexp(1.0, -e);
+    f.finite[r] = finite;
+    if (!finite) continue;
+    int8_t* d = f.digits.data() + r * kD * kp;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    // 16 values at a time where 2^e is a normal float (x * 2^e exact in float32, rounded to
+    // an integer as nearbyint does: ties to even); the digits as the scalar loop's.
+    if (e >= -126 && e <= 127) {
+      const __m512 scale = _mm512_set1_ps(std::ldexp(1.f, e));
+      const __m512i half = _mm512_set1_epi32(64), mask = _mm512_set1_epi32(127);
+      for (; i + 16 <= k; i += 16) {
+        __m512i xi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + i), scale));
+        for (int j = kD - 1; j >= 0; --j) {
+          const __m512i low = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(xi, half), mask), half);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * kp + i), _mm512_cvtepi32_epi8(low));
+          xi = _mm512_srai_epi32(_mm512_sub_epi32(xi, low), 7);
+        }
+      }
+    }
+#endif
+    for (; i < k; ++i) {
+      // |xi| <= 2^26: exact in a double, and its digits each within [-64, 64].
+      int64_t xi = static_cast<int64_t>(std::nearbyint(std::ldexp(static_cast<double>(xr[i]), e)));
+      for (int j = kD - 1; j >= 0; --j) {
+        const int64_t low = ((xi + 64) & 127) - 64;
+        d[j * kp + i] = static_cast<int8_t>(low);
+        xi = (xi - low) / 128;
+      }
+    }
+  }
+}
+
+// The float32 logit of an exact integer sum (int8_fixed_rows): the product with the scale and
+// the row's step in double (exact), rounded once.
+inline float int8_fixed_logit(double total, double scale_step) {
+  return static_cast<float>(total * scale_step);
+}
+
+// Tiles: 0 16 weight rows' 64 codes (straight from the matrix), 1 and 6 a quad's digit planes
+// (in turn, so that a load need not wait for the product before it to have read its tile), 2-5
+// the sums of quads 0-3 of a pass (16 weight rows by 16 (plane, input row) columns). A quad:
+// up to four input rows, their four planes side by side as the B tile's columns (plane j of
+// row l at column 4 j + l), so that one TDPBSSD makes all four planes' sums of four rows (at
+// one row a quarter of the instructions of a plane at a time).
+inline void int8_fixed_configure() {
+  carpool_kernels::TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// The input rows' digit planes as B tiles: chunk c (64 inputs) of quad u (input rows 4u ..
+// 4u + 3) at xb + (u * chunks + c) * 256: tile row kk holds, for each plane j and row l of the
+// quad, the four digits of inputs 64 c + 4 kk .. + 3 at column 4 j + l; rows past `rows` zero.
+inline void int8_fixed_tiles(const Int8FixedRows& f, int64_t rows, std::vector<uint32_t>& xb) {
+  const int64_t chunks = f.kp / 64, quads = (rows + 3) / 4;
+  xb.assign(quads * chunks * 256, 0u);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t u = r / 4, l = r % 4;
+    for (int64_t j = 0; j < Int8FixedRows::kDigits; ++j) {
+      const int8_t* d = f.digits.data() + (r * Int8FixedRows::kDigits + j) * f.kp;
+      // A chunk's 16 words of digits to column 4 j + l of its tile's 16 rows.
+      const __m512i rows16 = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176,
+                                               192, 208, 224, 240);
+      for (int64_t c = 0; c < chunks; ++c)
+        _mm512_i32scatter_epi32(&xb[(u * chunks + c) * 256 + 4 * j + l], rows16,
+                                _mm512_loadu_si512(d + 64 * c), 4);
+    }
+  }
+}
+
+// Quad t of a pass (its B tile at b) times the weight chunk in tile 0, into sum tile 2 + t.
+// (The tile macros take literal tile numbers.)
+template <int A>
+[[gnu::always_inline]] inline void int8_fixed_product(int t, const uint32_t* b) {
+  if constexpr (A == 0) {
+    switch (t) {
+      case 0: _tile_loadd(1, b, 64); _tile_dpbssd(2, 0, 1); break;
+      case 1: _tile_loadd(6, b, 64); _tile_dpbssd(3, 0, 6); break;
+      case 2: _tile_loadd(1, b, 64); _tile_dpbssd(4, 0, 1); break;
+      default: _tile_loadd(6, b, 64); _tile_dpbssd(5, 0, 6); break;
+    }
+  } else {
+    switch (t) {
+      case 0: _tile_loadd(1, b, 64); _tile_dpbssd(2, 7, 1); break;
+      case 1: _tile_loadd(6, b, 64); _tile_dpbssd(3, 7, 6); break;
+      case 2: _tile_loadd(1, b, 64); _tile_dpbssd(4, 7, 1); break;
+      default: _tile_loadd(6, b, 64); _tile_dpbssd(5, 7, 6); break;
+    }
+  }
+}
+
+// The integer sums of 16 weight rows (a, stride lda: the matrix itself, or a zero-padded copy)
+// and `quads` (1-4) quads of input rows (their tiles from xq), stored to cb [quads][16][16].
+inline void int8_fixed_block(const int8_t* a, int64_t lda, const uint32_t* xq, int64_t quads,
+                             int64_t chunks, int32_t* cb, const int8_t* ahead) {
+  _tile_zero(2);
+  if (quads > 1) _tile_zero(3);
+  if (quads > 2) _tile_zero(4);
+  if (quads > 3) _tile_zero(5);
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (ahead != nullptr)
+      for (int64_t l = 16 * c; l < 16 * c + 16; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead) + 64 * l, _MM_HINT_T0);
+    if (c % 2 == 0) {
+      _tile_loadd(0, a + 64 * c, lda);
+      for (int t = 0; t < quads; ++t) int8_fixed_product<0>(t, xq + (t * chunks + c) * 256);
+    } else {
+      _tile_loadd(7, a + 64 * c, lda);
+      for (int t = 0; t < quads; ++t) int8_fixed_product<7>(t, xq + (t * chunks + c) * 256);
+    }
+  }
+  _tile_stored(2, cb, 64);
+  if (quads > 1) _tile_stored(3, cb + 256, 64);
+  if (quads > 2) _tile_stored(4, cb + 512, 64);
+  if (quads > 3) _tile_stored(5, cb + 768, 64);
+}
+
+// A quad's logits of a block (its sum tile stored at cb: weight row m's plane j of row l at
+// cb[16 m + 4 j + l]) into t [16 m][4 l]: each (m, l)'s planes combined exactly in double
+// (every partial sum an integer under 2^53), times sc[m] * step[l], rounded once to float.
+// Two weight rows a step: their planes gathered into two vectors by two permutes.
+inline void int8_fixed_quad(const int32_t* cb, const double* sc, __m512d step4, float* t) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i last = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29,
+                                         30, 31);
+  const __m512i pair = _mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m512d radix = _mm512_set1_pd(128.0);
+  for (int m = 0; m < 16; m += 2) {
+    const __m512i a = _mm512_load_si512(cb + 16 * m), b = _mm512_load_si512(cb + 16 * m + 16);
+    const __m512i p01 = _mm512_permutex2var_epi32(a, first, b);  // planes 0, 1 of m, m + 1
+    const __m512i p23 = _mm512_permutex2var_epi32(a, last, b);
+    __m512d v = _mm512_cvtepi32_pd(_mm512_castsi512_si256(p01));
+    v = _mm512_fmadd_pd(v, radix, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(p01, 1)));
+    v = _mm512_fmadd_pd(v, radix, _mm512_cvtepi32_pd(_mm512_castsi512_si256(p23)));
+    v = _mm512_fmadd_pd(v, radix, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(p23, 1)));
+    const __m512d ss = _mm512_mul_pd(_mm512_permutexvar_pd(pair, _mm512_castpd128_pd512(
+                                                                     _mm_load_pd(sc + m))),
+                                     step4);
+    _mm256_store_ps(t + 4 * m, _mm512_cvtpd_ps(_mm512_mul_pd(v, ss)));
+  }
+}
+
+// Row l of a quad's logits (t [16][4]) as 16 floats, weight rows in order.
+inline __m512 int8_fixed_row(const float* t, int l) {
+  const __m512i idx = _mm512_add_epi32(
+      _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
+      _mm512_set1_epi32(l));
+  const __m512 lo = _mm512_permutex2var_ps(_mm512_load_ps(t), idx, _mm512_load_ps(t + 16));
+  const __m512 hi = _mm512_permutex2var_ps(_mm512_load_ps(t + 32), idx, _mm512_load_ps(t + 48));
+  return _mm512_shuffle_f32x4(lo, hi, 0x44);
+}
+
+// int8_logits on AMX tiles, in integers (int8_fixed_rows): per 16 weight rows every pass of up
+// to 16 input rows, the block's codes loaded into tiles from the matrix (from cache past the
+// first pass). Any row count.
+void int8_logits_amx(const float* x, const int8_t* q, const c10::BFloat16* sp, float* y,
+                     int64_t rows, int64_t n, int64_t k) {
+  const int64_t kp = (k + 63) / 64 * 64, chunks = kp / 64, quads = (rows + 3) / 4;
+  const int64_t nblocks = (n + 15) / 16;
+  Int8FixedRows f;
+  int8_fixed_rows(x, rows, k, kp, f);
+  std::vector<uint32_t> xb;
+  int8_fixed_tiles(f, rows, xb);
+  std::vector<double> steps(quads * 4, 0.0);  // step per row, zero past `rows`
+  std::copy(f.step.begin(), f.step.end(), steps.begin());
+  // Blocks the matrix cannot give as tiles (k not a multiple of 64, the last rows of n): a
+  // zero-padded copy.
+  const bool whole = k % 64 == 0;
+  at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    // Per task: two blocks' sums (a block's products are issued before the block before it
+    // is rescaled, so that the vector units do that while the tile unit multiplies), a
+    // zero-padded block, the scales.
+    thread_local std::vector<__m512i> sum_tiles;  // 64-byte aligned
+    thread_local std::vector<int8_t> pad;
+    if (static_cast<int64_t>(sum_tiles.size()) < 2 * quads * 16) sum_tiles.resize(2 * quads * 16);
+    int32_t* const sums = reinterpret_cast<int32_t*>(sum_tiles.data());
+    alignas(64) float t[64];
+    alignas(64) double sc[16];
+    int8_fixed_configure();
+    auto finish = [&](int64_t b) {  // block b's logits from its sums
+      const int32_t* cb = sums + (b - b0) % 2 * quads * 256;
+      const int64_t valid = std::min<int64_t>(16, n - b * 16);
+      for (int64_t j = 0; j < 16; ++j) sc[j] = j < valid ? Elt<c10::BFloat16>::load(sp, b * 16 + j) : 0.0;
+      const __mmask16 mask = carpool_kernels::first_lanes(valid);
+      for (int64_t u = 0; u < quads; ++u) {
+        const __m512d step4 = _mm512_broadcast_f64x4(_mm256_loadu_pd(&steps[4 * u]));
+        int8_fixed_quad(cb + u * 256, sc, step4, t);
+        for (int64_t r = 4 * u; r < std::min(rows, 4 * u + 4); ++r)
+          _mm512_mask_storeu_ps(y + r * n + b * 16, mask, int8_fixed_row(t, static_cast<int>(r % 4)));
+      }
+    };
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t valid = std::min<int64_t>(16, n - b * 16);
+      const int8_t* a = q + b * 16 * k;
+      int64_t lda = k;
+      if (!whole || valid < 16) {
+        pad.assign(16 * kp, 0);
+        for (int64_t j = 0; j < valid; ++j) std::memcpy(&pad[j * kp], a + j * k, k);
+        a = pad.data(), lda = kp;
+      }
+      // The next block (16 k contiguous bytes) into cache during the first pass, 16 lines a
+      // chunk (all at once, the prefetches waited for fill buffers: 20% of the time).
+      const int8_t* ahead = whole && b + 1 < b1 ? a + 16 * k : nullptr;
+      int32_t* cb = sums + (b - b0) % 2 * quads * 256;
+      for (int64_t u0 = 0; u0 < quads; u0 += 4)
+        int8_fixed_block(a, lda, xb.data() + u0 * chunks * 256, std::min<int64_t>(4, quads - u0),
+                         chunks, cb + u0 * 256, u0 == 0 ? ahead : nullptr);
+      if (b > b0) finish(b - 1);
+    }
+    finish(b1 - 1);
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    if (!f.finite[r]) std::fill(y + r * n, y + (r + 1) * n, std::numeric_limits<float>::quiet_NaN());
+}
+
+// int8_logits_at where int8_logits runs on tiles: the same integer sums (any order gives them
+// exactly) and the same rounding, so the same bits, one (row, column) at a time.
+void int8_logits_at_fixed(const float* x, const int8_t* q, const c10::BFloat16* sp,
+                          const int64_t* ids, float* y, int64_t rows, int64_t j_count, int64_t k) {
+  at::parallel_for(0, rows, 1, [&](int64_t m0, int64_t m1) {
+    Int8FixedRows f;
+    for (int64_t r = m0; r < m1; ++r) {
+      int8_fixed_rows(x + r * k, 1, k, k, f);
+      for (int64_t j = 0; j < j_count; ++j) {
+        const int64_t c = ids[r * j_count + j];
+        const int8_t* qr = q + c * k;
+        int64_t total = 0;
+        for (int d = 0; d < Int8FixedRows::kDigits; ++d) {
+          int32_t s = 0;  // |digit * code| <= 64 * 128: exact in int32 for k < 2^18
+          for (int64_t i = 0; i < k; ++i) s += static_cast<int32_t>(f.digits[d * k + i]) * qr[i];
+          total = total * 128 + s;
+        }
+        const double scale = Elt<c10::BFloat16>::load(sp, c);
+        y[r * j_count + j] = f.finite[0] ? int8_fixed_logit(static_cast<double>(total), scale * f.step[0])
+                                         : std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+  });
+}
+#endif
+
 // A vocabulary head's float32 logits: int8_gemv's kernel with a float32 x as it is and the
 // float32 sums not rounded, so every logit is what the dequantized weight (codes times their
 // bf16 scale, exact in float32) gives in float32 but for the order of the sums. A float32
-// model needs it: bf16 logits (0.125 apart at 25) tie or swap its top tokens.
+// model needs it: bf16 logits (0.125 apart at 25) tie or swap its top tokens. On AMX CPUs the
+// integer sums of x in fixed point instead (int8_logits_amx, Int8FixedRows): SmolLM2's head
+// at 16 rows ~3-5x faster, level at one row (issue 11, forty-fourth pass).
 at::Tensor int8_logits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   check_int8_args("int8_logits", x, qweight, scales, true);
   const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
+#if defined(CARPOOL_AMX)
+  if (carpool_kernels::amx_permitted()) {
+    int8_logits_amx(x.data_ptr<float>(), qweight.data_ptr<int8_t>(),
+                    scales.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), m, n, k);
+    return y;
+  }
+#endif
   int8_rows<true>(x.data_ptr<float>(), qweight.data_ptr<int8_t>(),
                   scales.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), m, n, k);
   return y;
@@ -1049,6 +1339,12 @@ at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const 
   const int8_t* qp = qweight.data_ptr<int8_t>();
   const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
   float* yp = y.data_ptr<float>();
+#if defined(CARPOOL_AMX)
+  if (carpool_kernels::amx_permitted()) {
+    int8_logits_at_fixed(xp, qp, sp, ip, yp, m, j_count, k);
+    return y;
+  }
+#endif
   at::parallel_for(0, m * j_count, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / j_count, c = ip[i];
@@ -2223,6 +2519,16 @@ int64_t check_int4_args(const char* op, const at::Tensor& x, const at::Tensor& p
   return n;
 }
 
+// Whether int8_logits and int8_logits_at take x in fixed point on AMX tiles here
+// (int8_logits_amx).
+bool int8_logits_fixed() {
+#if defined(CARPOOL_AMX)
+  return carpool_kernels::amx_permitted();
+#else
+  return false;
+#endif
+}
+
 // Whether int4_gemv multiplies on AMX tiles here (int4_block_amx: groups a multiple of 32).
 bool int4_gemv_amx() {
 #if defined(CARPOOL_AMX)
@@ -2541,6 +2847,7 @@ TORCH_LIBRARY_FRAGMENT(carpool, m) {
   m.def("int8_dot(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int8_dot_fast() -> bool");
   m.def("int4_gemv_amx() -> bool");
+  m.def("int8_logits_fixed() -> bool");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int4_widen(Tensor packed, int group_size, Tensor scales_zeros, int block) -> Tensor");
   m.def(
@@ -2578,4 +2885,5 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
 TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {
   m.impl("int8_dot_fast", &int8_dot_fast);
   m.impl("int4_gemv_amx", &int4_gemv_amx);
+  m.impl("int8_logits_fixed", &int8_logits_fixed);
 }
