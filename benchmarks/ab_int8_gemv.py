@@ -14,7 +14,11 @@ medians, the read rate, and whether the two outputs are the same bits.
 rows there). ``--weights layers|head``: the layer matrices only, or the vocabulary head only.
 
 ``--huge-pages``: the codes in one huge-page mapping in read order, as the engine holds a
-model's weights (``pages.move_weights``).
+model's weights (``pages.move_weights``). ``--evict``: 256 MB read before every pass (untimed),
+the weights then come from memory as in a model's step.
+
+    python benchmarks/ab_int8_gemv.py --before /tmp/old/src --random-config smollm2 \
+        --weights head --op int8_logits --rows 1,4,16 --huge-pages --evict
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ def main() -> None:
         help="the before checkout's operator, if not --op's (a row count it took by another)",
     )
     ap.add_argument("--weights", choices=("all", "layers", "head"), default="all")
+    ap.add_argument(
+        "--evict",
+        action="store_true",
+        help="read 256 MB before every pass (untimed), so that the weights come from memory as "
+        "in a model's step (a head alone otherwise stays partly in L3 between passes)",
+    )
     a = ap.parse_args()
     build(Path(a.before), "ab_i8_before", "fused_ops.cpp")
     build(Path(a.after), "ab_i8_after", "fused_ops.cpp")
@@ -85,11 +95,13 @@ def main() -> None:
         flat = [p.data for p in holder]
         weights = list(zip(flat[::2], flat[1::2], strict=True))
     nbytes = sum(n * k for n, k in shapes)
+    evict = torch.ones(64 << 20, dtype=torch.int32) if a.evict else None
     dtype = getattr(torch, a.dtype)
     print(
         f"{a.random_config}: {len(shapes)} int8 weights, {nbytes / 1e6:.0f} MB; x {a.dtype}; "
         f"before {a.before_op or a.op}, after {a.op}; threads={a.threads} rounds={a.rounds}; "
         f"{'huge pages' if a.huge_pages else '4 KiB pages'}"
+        f"{'; 256 MB read before each pass' if a.evict else ''}"
     )
     print("| rows | before ms | after ms | before / after | after GB/s | same bits |")
     print("|---:|---:|---:|---:|---:|---|")
@@ -104,7 +116,11 @@ def main() -> None:
             for q, s in weights:
                 op(xs[q.shape[1]], q, s)
 
-        med = alternated_medians({n: partial(run, op) for n, op in ops.items()}, a.rounds)
+        med = alternated_medians(
+            {n: partial(run, op) for n, op in ops.items()},
+            a.rounds,
+            (lambda: evict.add_(1)) if evict is not None else None,
+        )
         print(product_row(m, med, nbytes, same))
 
 

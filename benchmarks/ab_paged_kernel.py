@@ -68,16 +68,22 @@ def build_both(a: argparse.Namespace, source: str, prefix: str, march: str | Non
         kernel_build.build_as(csrc, source, f"{prefix}_{side}", cflags)
 
 
-def alternated_medians(passes: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def alternated_medians(
+    passes: dict[str, Callable[[], object]],
+    rounds: int,
+    before_each: Callable[[], object] | None = None,
+) -> dict[str, float]:
     """Median seconds of each pass over ``rounds`` rounds, the passes alternated within each
     round (so a slow phase of the machine lands on all of them) and their order reversed every
-    other round, after one warm-up round (also
-    used by ab_int8_gemv.py and ab_int4_gemv.py)."""
+    other round, after one warm-up round (also used by ab_int8_gemv.py and ab_int4_gemv.py).
+    ``before_each`` runs, untimed, before every pass (ab_int8_gemv.py --evict)."""
     times: dict[str, list[float]] = {name: [] for name in passes}
     for r in range(rounds + 1):
         # The order reversed every other round: the pass after another that read the same
         # bytes finds some of them in L3 (see main).
         for name, run in list(passes.items())[:: 1 if r % 2 else -1]:
+            if before_each is not None:
+                before_each()
             t0 = time.perf_counter()
             run()
             if r:  # the first round warms up
