@@ -32,15 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_int4_gemv import SMOLLM2 as SMOLLM2_LAYERS  # noqa: E402
 from ab_paged_kernel import ab_parser, alternated_medians, build, product_row  # noqa: E402
 from vnni_linear import weight_shapes  # noqa: E402
 
 from carpool.model import pages  # noqa: E402
 
 OPS = ("int8_gemv", "int8_dot", "int8_logits")
-# SmolLM2-135M-Instruct: hidden 576, intermediate 1536, 9 query / 3 kv heads of 64, 30 layers,
-# a 49152-token vocabulary.
-SMOLLM2 = [(576 + 2 * 3 * 64, 576), (576, 576), (2 * 1536, 576), (576, 1536)] * 30 + [(49152, 576)]
+# SmolLM2-135M-Instruct's layers and its 49,152 x 576 head (the default model's Q8_0 embedding).
+SMOLLM2 = SMOLLM2_LAYERS + [(49152, 576)]
 
 
 def main() -> None:
