@@ -730,9 +730,9 @@ def test_int8_logits_on_amx_are_exact_sums_of_fixed_point_rows(rows, k):
 
 
 def test_int8_logits_on_amx_take_rows_of_any_scale_and_mark_nonfinite_ones():
-    # Rows whose scale 2^e is no float32 (the largest value under 2^-101 or near float32's
-    # top) take the scalar digits: the same definition. A NaN or infinite row: NaN logits,
-    # its neighbours untouched; a zero row: zeros.
+    # A row whose scale 2^e is no float32 (its largest value under 2^-101) takes the scalar
+    # digits, one near float32's top (2^e = 2^-100) the vector ones: the same definition. A
+    # NaN or infinite row: NaN logits, its neighbours untouched; a zero row: zeros.
     if not fused_ops.int8_logits_fixed():
         pytest.skip("int8_logits takes the float32 FMA loops on this CPU (no AMX)")
     torch.manual_seed(3)
