@@ -1016,6 +1016,18 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y;
 }
 
+// Whether this build multiplies on AMX tiles here (an AMX build, the process granted AMX's
+// state): int4_gemv then takes int4_block_amx (groups a multiple of 32), int8_logits and
+// int8_logits_at x in fixed point (int8_logits_amx). Registered as carpool::int4_gemv_amx and
+// carpool::int8_logits_fixed.
+bool amx_tiles_here() {
+#if defined(CARPOOL_AMX)
+  return carpool_kernels::amx_permitted();
+#else
+  return false;
+#endif
+}
+
 #if defined(CARPOOL_AMX)
 // A float32 x in fixed point, for an int8 head's logits in integer arithmetic: row r's values
 // times 2^e_r (e_r from the row's largest magnitude, which becomes at most 2^26), rounded to
@@ -1241,8 +1253,8 @@ void int8_logits_amx(const float* x, const int8_t* q, const c10::BFloat16* sp, f
   int8_fixed_rows(x, rows, k, kp, f);
   std::vector<uint32_t> xb;
   int8_fixed_tiles(f, rows, xb);
-  std::vector<double> steps(quads * 4, 0.0);  // step per row, zero past `rows`
-  std::copy(f.step.begin(), f.step.end(), steps.begin());
+  std::vector<double>& steps = f.step;  // a step per row, zero past `rows` (whole quads)
+  steps.resize(quads * 4, 0.0);
   // Blocks the matrix cannot give as tiles (k not a multiple of 64, the last rows of n): a
   // zero-padded copy.
   const bool whole = k % 64 == 0;
@@ -1358,7 +1370,7 @@ at::Tensor int8_logits(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
 #if defined(CARPOOL_AMX)
-  if (carpool_kernels::amx_permitted()) {
+  if (amx_tiles_here()) {
     int8_logits_amx(x.data_ptr<float>(), qweight.data_ptr<int8_t>(),
                     scales.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), m, n, k);
     return y;
@@ -1390,7 +1402,7 @@ at::Tensor int8_logits_at(const at::Tensor& x, const at::Tensor& qweight, const 
   const c10::BFloat16* sp = scales.data_ptr<c10::BFloat16>();
   float* yp = y.data_ptr<float>();
 #if defined(CARPOOL_AMX)
-  if (carpool_kernels::amx_permitted()) {
+  if (amx_tiles_here()) {
     int8_logits_at_fixed(xp, qp, sp, ip, yp, m, j_count, k);
     return y;
   }
@@ -2227,8 +2239,6 @@ void int4_block_dp_widened(int64_t rows, const uint32_t* xp, const float* xsum,
 }
 
 #if defined(CARPOOL_AMX)
-using carpool_kernels::amx_permitted;
-
 // Tiles of 64-byte rows: 0-3 a row tile's sums of the four 16-column vectors and 4 its rows'
 // 16 input pairs (`rows` rows: a product's rows up to 16, else 16 and whole tiles of inputs,
 // the rows past the caller's zero, their sums dropped), 5 and 6 a vector's 16 pairs of codes
@@ -2429,11 +2439,7 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
   // bf16-rounded rows, 64-column blocks, even groups: int4_block_dp, two inputs at a time.
   if (!Exact && B == 64 && g % 2 == 0) {
     const int64_t half = k / 2;
-#if defined(CARPOOL_AMX)
-    const bool amx = g % 32 == 0 && amx_permitted();
-#else
-    const bool amx = false;
-#endif
+    const bool amx = g % 32 == 0 && amx_tiles_here();
     // On AMX past 16 rows whole 16-row tiles of inputs, the rows past `rows` zero.
     std::vector<uint32_t> xp((amx && rows > 16 ? (rows + 15) / 16 * 16 : rows) * half, 0u);
     at::parallel_for(0, rows, grain_rows(2 * k), [&](int64_t m0, int64_t m1) {
@@ -2567,25 +2573,6 @@ int64_t check_int4_args(const char* op, const at::Tensor& x, const at::Tensor& p
               op, ": scales_zeros must be [", k / g, ", ", n, ", 2] bfloat16, got ",
               scales_zeros.sizes(), " ", scales_zeros.scalar_type());
   return n;
-}
-
-// Whether int8_logits and int8_logits_at take x in fixed point on AMX tiles here
-// (int8_logits_amx).
-bool int8_logits_fixed() {
-#if defined(CARPOOL_AMX)
-  return carpool_kernels::amx_permitted();
-#else
-  return false;
-#endif
-}
-
-// Whether int4_gemv multiplies on AMX tiles here (int4_block_amx: groups a multiple of 32).
-bool int4_gemv_amx() {
-#if defined(CARPOOL_AMX)
-  return amx_permitted();
-#else
-  return false;
-#endif
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
@@ -2934,6 +2921,6 @@ TORCH_LIBRARY_IMPL(carpool, CPU, m) {
 
 TORCH_LIBRARY_IMPL(carpool, CompositeExplicitAutograd, m) {
   m.impl("int8_dot_fast", &int8_dot_fast);
-  m.impl("int4_gemv_amx", &int4_gemv_amx);
-  m.impl("int8_logits_fixed", &int8_logits_fixed);
+  m.impl("int4_gemv_amx", &amx_tiles_here);
+  m.impl("int8_logits_fixed", &amx_tiles_here);
 }
