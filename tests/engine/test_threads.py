@@ -1,18 +1,23 @@
 """``--threads``: the engine sets torch's threads (default: the measured DEFAULT_THREADS); with
 replicas each replica gets its own; ``--threads-per-replica`` alone is refused (see
-test_cli_startup)."""
+test_cli_startup). A served engine is loaded in a thread that ends (``run_in_own_thread``), so
+the engine thread's OpenMP pool is the process's only one."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
+import time
 
+import pytest
 import torch
 
 from carpool import LLM
 from carpool.cli import build_parser
-from carpool.engine.threads import DEFAULT_THREADS, default_threads
+from carpool.engine.threads import DEFAULT_THREADS, default_threads, run_in_own_thread
+from carpool.entrypoints import serve
 from carpool.entrypoints.engine_args import engine_config_from_args
 from carpool.entrypoints.serve import _replica_pool
 
@@ -54,3 +59,95 @@ def test_each_replica_gets_its_threads():
     pool = _pool("--replicas", "2")
     expected = max(1, (os.cpu_count() or 1) // 2)
     assert pool.config.threads_per_replica == expected == pool.config.engine_config.threads
+
+
+def test_run_in_own_thread_returns_or_raises_from_a_thread_that_ended():
+    seen: list[threading.Thread] = []
+
+    def work(a: int, b: int) -> int:
+        seen.append(threading.current_thread())
+        return a + b
+
+    assert run_in_own_thread(work, 2, 3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail() -> None:
+        raise KeyError("no such model")
+
+    with pytest.raises(KeyError, match="no such model"):
+        run_in_own_thread(fail)
+
+
+# A fresh interpreter (pytest's main thread has run torch already): the first parallel torch
+# work on the main thread or in run_in_own_thread, then more on a long-lived second thread (an
+# engine thread); prints how many OpenMP workers the process keeps once the first pool could go.
+_POOLS = """
+import os, sys, threading, time
+import torch
+torch.set_num_threads(2)
+from carpool.engine.threads import run_in_own_thread
+
+def parallel_work():
+    return float(torch.rand(1 << 22).exp().sum())  # far past at::parallel_for's grain
+
+def native():
+    python = {t.native_id for t in threading.enumerate()}
+    return {int(t) for t in os.listdir("/proc/self/task")} - python
+
+before = native()
+if sys.argv[1] == "own":
+    run_in_own_thread(parallel_work)
+else:
+    parallel_work()
+stop, worked = threading.Event(), threading.Event()
+def engine():
+    parallel_work()
+    worked.set()
+    stop.wait()
+thread = threading.Thread(target=engine)
+thread.start()
+worked.wait()
+deadline = time.monotonic() + float(sys.argv[2])
+while True:  # a pool's workers leave a moment after their thread ended
+    workers = native() - before
+    if len(workers) <= 1 or time.monotonic() > deadline:
+        break
+    time.sleep(0.1)
+stop.set()
+thread.join()
+print(len(workers))
+"""
+
+
+def test_work_in_own_thread_leaves_no_openmp_pool_behind():
+    """The mechanism ``carpool serve`` relies on, with torch's own OpenMP: the main thread's
+    pool outlives the work (two pools' workers: libgomp's spinning throttled), a pool made in
+    ``run_in_own_thread`` goes with its thread (only the engine thread's worker stays)."""
+
+    def workers(mode: str, wait_s: float) -> int:
+        proc = subprocess.run(
+            [sys.executable, "-c", _POOLS, mode, str(wait_s)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+
+    assert workers("main", wait_s=2) == 2  # still there 2 s after its thread's last work
+    assert workers("own", wait_s=30) == 1
+
+
+def test_serve_loads_the_engine_in_a_thread_that_ends(monkeypatch):
+    loaded_in: list[threading.Thread] = []
+
+    def load_engine(config):
+        loaded_in.append(threading.current_thread())
+        raise RuntimeError("no weights here")
+
+    monkeypatch.setattr(serve, "load_engine", load_engine)
+    args = build_parser().parse_args(["serve", "--model", "embedded", "--port", "0"])
+    assert serve.run(args) == 1  # the load failure ends the command, as any load failure
+    assert loaded_in and loaded_in[0] is not threading.main_thread()
+    deadline = time.monotonic() + 5
+    while loaded_in[0].is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not loaded_in[0].is_alive()

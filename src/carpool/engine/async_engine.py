@@ -47,7 +47,9 @@ class AsyncEngine(EngineClient):
     Implements ``EngineClient``.
 
     Args:
-        engine: the engine to drive. Only the engine thread calls it once ``start`` ran.
+        engine: the engine to drive. Only the engine thread calls it once ``start`` ran. Load
+            it in a thread that has ended (``threads.run_in_own_thread``), not on a thread
+            that lives on: two threads' OpenMP pools slow every step (``carpool.engine.threads``).
         max_queue: most sequences (each request counts its ``n``) that may wait beyond the
             free sequence slots (not admissible at the next step) before ``submit`` raises
             ``QueueFullError``; None = unbounded.

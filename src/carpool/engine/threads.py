@@ -4,6 +4,15 @@ The default is measured, not torch's (one thread per core): on this project's 2-
 shared with other processes, torch's default was 7-17x slower than one thread, because its
 OpenMP workers spin and wait for each other whenever any core is taken by someone else. The
 numbers behind ``DEFAULT_THREADS`` are in BENCHMARKS.md ("Threads").
+
+Which thread runs torch matters too. OpenMP (libgomp, in torch's wheels) gives each thread that
+opens a parallel region a pool of worker threads that lives as long as that thread, and counts
+them all: once the process holds more of them than it has cores, every worker spins only ~1,000
+times at a barrier before it sleeps on a futex, so each of a step's hundreds of parallel regions
+pays a sleep and a wake-up. A server that loaded its model on the main thread (a pool that lives
+on) and steps it on an engine thread (a second pool) was 2.3x slower at 2 threads on 2 cores
+than the same steps on one thread alone (BENCHMARKS.md, "Forty-fifth pass"). Hence
+``run_in_own_thread``: load an engine that another thread will step in a thread that ends.
 """
 
 from __future__ import annotations
@@ -11,10 +20,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 logger = logging.getLogger("carpool.engine")
+
+T = TypeVar("T")
 
 #: Threads used when ``EngineConfig.threads`` is None (capped at the CPU cores).
 DEFAULT_THREADS = 1
@@ -43,3 +57,30 @@ def apply_threads(threads: int | None) -> int:
         if torch.get_num_interop_threads() != n:
             torch.set_num_interop_threads(n)
     return n
+
+
+def run_in_own_thread(fn: Callable[..., T], *args: Any, name: str = "carpool-load") -> T:
+    """``fn(*args)`` in a new thread that ends when it returns; its result, or its exception
+    raised here.
+
+    Work that opens OpenMP parallel regions (loading, converting and warming up a model) leaves
+    a pool of OpenMP workers behind on the thread that ran it for as long as that thread lives;
+    a thread that ends takes its pool with it. Load here an engine that a different, long-lived
+    thread will step (``AsyncEngine``), so that thread's pool is the process's only one.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as e:  # re-raised in the caller's thread
+            error.append(e)
+
+    thread = threading.Thread(target=target, name=name)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    assert result, f"{name}: the thread ended without a result"
+    return result[0]

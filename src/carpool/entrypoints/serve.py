@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from carpool.native_caches import bound_native_caches
 
     bound_native_caches()  # before torch runs anything (read once, at the first matmul)
+    from carpool.engine.threads import run_in_own_thread
     from carpool.server.app import build_app
     from carpool.server.config import ServerConfig, resolve_api_key
     from carpool.server.http_protocol import ConnectionLimits, protocol_class
@@ -160,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if pool is None:
         try:
-            engine = load_engine(engine_config)
+            # In a thread that ends: the engine thread's OpenMP pool stays the only one.
+            engine = run_in_own_thread(load_engine, engine_config)
         except Exception as e:  # any failure to load ends the process with one line
             sock.close()
             logger.error(

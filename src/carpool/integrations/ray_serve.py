@@ -72,10 +72,12 @@ class CarpoolDeployment:
         import torch
 
         from carpool.engine.llm_engine import LLMEngine
+        from carpool.engine.threads import run_in_own_thread
 
         if threads is not None:
             torch.set_num_threads(threads)
-        self._engine = LLMEngine(engine_config)
+        # In a thread that ends: the AsyncEngine thread's OpenMP pool stays the only one.
+        self._engine = run_in_own_thread(LLMEngine, engine_config)
         self._server_config = server_config or ServerConfig()
         self._app: FastAPI | None = None
 

@@ -136,7 +136,8 @@ def build_app(
     """The OpenAI-compatible app over one engine, or over a pool of replica processes.
 
     Args:
-        engine_or_config: a loaded ``LLMEngine`` (served at once), an ``EngineConfig``
+        engine_or_config: a loaded ``LLMEngine`` (served at once; load it in a thread that
+            has ended, ``carpool.engine.threads.run_in_own_thread``), an ``EngineConfig``
             (loaded in a background thread at startup; ``/health`` says 503 until ready), or
             a ``ReplicaPool`` (not started: its processes start with the app and it serves
             once every replica loaded or failed).
