@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,8 +29,9 @@ def _serve(model: str, replicas: int, routing: str, threads: int, port: int) -> 
     if replicas > 1:
         cmd += ["--replicas", str(replicas), "--routing", routing]
         cmd += ["--threads-per-replica", str(threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the single engine: same budget
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:  # --threads, not OMP_NUM_THREADS: the engine sets torch's threads (default 1)
+        cmd += ["--threads", str(threads)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def run_one(model: str, replicas: int, routing: str, args: argparse.Namespace) -> dict:
