@@ -46,6 +46,12 @@ test: $(DEV)
 bench-peers: $(DEV)
 	$(PY) benchmarks/peers/run.py --models small,smollm2 --batch-sizes 1,8,16,32
 
+## make bench-serve-peers: carpool serve beside llama.cpp's llama-server, the default model's GGUF
+.PHONY: bench-serve-peers
+bench-serve-peers: $(DEV)
+	$(PY) benchmarks/peers/serve_peers.py --threads 2 --output benchmarks/results/serve_peers.json \
+		-- --num-prompts 32 --prompt-len 64 --gen-len 128 --max-concurrency 16
+
 ## make gpu-wheels: what scripts/gpu_check.sh needs beyond a GPU image's torch (Python $(GPU_PY)
 ## wheels of carpool's other dependencies, the tested versions) into .whl/, for the device tool
 GPU_PY ?= 3.12

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's benchmark tools (CPU only, Release) from the llama.cpp that the
-# llama-cpp-python source distribution on PyPI vendors under vendor/llama.cpp.
+# Build llama.cpp's benchmark tools and its server (CPU only, Release) from the llama.cpp that
+# the llama-cpp-python source distribution on PyPI vendors under vendor/llama.cpp.
 #
 # Why the sdist: the only package index this project may use is PyPI, and llama-cpp-python's
 # sdist carries a complete, versioned llama.cpp tree. Pinning the sdist pins llama.cpp.
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION="0.3.36"   # the pin: change here, and rerun the peers benchmark
-TOOLS=(llama-batched-bench llama-bench)
+TOOLS=(llama-batched-bench llama-bench llama-server)
 JOBS="${JOBS:-2}"
 PIP="${PIP:-python3 -m pip}"
 CACHE="${CARPOOL_CACHE:-$HOME/.cache/carpool}/llama.cpp/${LLAMA_CPP_PYTHON_VERSION}"
@@ -47,7 +47,8 @@ if [[ ! -f "${SRC}/CMakeLists.txt" ]]; then
 fi
 
 # CPU only, tuned for this machine (GGML_NATIVE: -march=native, so AVX-512/AMX kernels are
-# compiled in where the CPU has them). No network code (OpenSSL/curl), no server, no tests.
+# compiled in where the CPU has them). No network code (OpenSSL/curl), no tests; the server
+# (for serve_peers.py) without its web UI, whose assets would be downloaded or built with npm.
 CC="${CC:-gcc-12}" CXX="${CXX:-g++-12}" cmake -S "${SRC}" -B "${CACHE}/build" \
     -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=OFF \
@@ -55,7 +56,8 @@ CC="${CC:-gcc-12}" CXX="${CXX:-g++-12}" cmake -S "${SRC}" -B "${CACHE}/build" \
     -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+    -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_TOOLS=ON >&2
 cmake --build "${CACHE}/build" --config Release -j "${JOBS}" --target "${TOOLS[@]}" >&2
 

@@ -191,3 +191,35 @@ def test_repeats_are_interleaved_across_systems() -> None:
     assert order == ["l", "c", "l", "c", "l", "c"]
     assert out["carpool"]["runs"] == [{1: 20.0}, {1: 21.0}, {1: 22.0}]
     assert out["llama.cpp"]["runs"] == [{1: 10.0}, {1: 11.0}, {1: 12.0}]
+
+
+def test_serving_peers_commands_share_the_file_and_the_threads() -> None:
+    sp = _load("serve_peers")
+    gguf = Path("/m/SmolLM2.Q4_1.gguf")
+    ll = sp.llama_server_command(Path("/b/llama-server"), gguf, 8123, 2, 16, 16384, False)
+    assert ll == ["/b/llama-server", "-m", str(gguf), "--host", "127.0.0.1", "--port", "8123",
+                  "-t", "2", "-tb", "2", "-np", "16", "-c", "16384"]  # fmt: skip
+    assert sp.llama_server_command(Path("/b/s"), gguf, 1, 2, 16, 64, True)[-1] == "-nr"
+    cp = sp.carpool_server_command(gguf, 8124, 2)
+    assert cp[1:] == ["-m", "carpool.cli", "serve", "--model", str(gguf), "--port", "8124",
+                      "--threads", "2"]  # fmt: skip
+
+
+def test_serving_peers_table_takes_medians_and_ratios_in_carpools_favour() -> None:
+    sp = _load("serve_peers")
+
+    def run(duration: float, tps: float, tpot: float, rss: float) -> dict:
+        ms = {"p50": tpot}
+        return {"duration_s": duration, "output_throughput": tps, "ttft_ms": ms, "tpot_ms": ms,
+                "itl_ms": ms, "e2el_ms": ms, "peak_rss_mib": rss}  # fmt: skip
+
+    table = sp.table(
+        {
+            "carpool": [run(10, 500, 20, 600), run(12, 400, 30, 600), run(11, 450, 25, 600)],
+            "llama.cpp": [run(44, 100, 100, 300), run(40, 110, 90, 300)],
+        }
+    )
+    assert "| duration s | 11.0 | 42.0 | 3.82x |" in table
+    assert "| output tokens/s | 450.0 | 105.0 | 4.29x |" in table
+    assert "| TPOT p50 ms | 25.0 | 95.0 | 3.80x |" in table
+    assert "| peak RSS MiB | 600.0 | 300.0 | 0.50x |" in table
