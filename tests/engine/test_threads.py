@@ -5,6 +5,7 @@ the engine thread's OpenMP pool is the process's only one."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,7 +17,12 @@ import torch
 
 from carpool import LLM
 from carpool.cli import build_parser
-from carpool.engine.threads import DEFAULT_THREADS, default_threads, run_in_own_thread
+from carpool.engine.threads import (
+    DEFAULT_THREADS,
+    available_cores,
+    default_threads,
+    run_in_own_thread,
+)
 from carpool.entrypoints import serve
 from carpool.entrypoints.engine_args import engine_config_from_args
 from carpool.entrypoints.serve import _replica_pool
@@ -33,6 +39,23 @@ def test_engine_sets_the_threads_it_is_given_and_the_default_otherwise():
         torch.set_num_threads(before)
     cores = len(os.sched_getaffinity(0))
     assert default_threads() == max(1, min(DEFAULT_THREADS, cores))
+
+
+def test_the_default_says_how_many_cores_more_threads_could_use(caplog):
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="carpool.engine"):
+            LLM("embedded")
+        hinted = [r for r in caplog.records if "is the default" in r.getMessage()]
+        assert bool(hinted) == (available_cores() > default_threads())
+        if hinted:
+            assert f"--threads {available_cores()}" in hinted[0].getMessage()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="carpool.engine"):
+            LLM("embedded", threads=1)  # chosen: no hint
+        assert not [r for r in caplog.records if "is the default" in r.getMessage()]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_threads_flag_reaches_the_engine_of_a_real_process():

@@ -34,13 +34,17 @@ T = TypeVar("T")
 DEFAULT_THREADS = 1
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """``DEFAULT_THREADS``, but never more than the cores this process may run on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(DEFAULT_THREADS, cores))
+    return max(1, min(DEFAULT_THREADS, available_cores()))
 
 
 def apply_threads(threads: int | None) -> int:
