@@ -38,10 +38,14 @@ import httpx
 # engine thread; torch runs single-threaded here), so the serving cost around them is
 # total - model.
 SERVER = """
-import time, torch, uvicorn
-torch.set_num_threads({threads})
+import time, uvicorn
 from carpool.config import EngineConfig
 from carpool.engine.llm_engine import LLMEngine
+try:
+    from carpool.engine.threads import run_in_own_thread
+except ImportError:  # a tree from before it
+    def run_in_own_thread(fn, *args):
+        return fn(*args)
 from carpool.server import ServerConfig, build_app
 from carpool.worker.model_runner import ModelRunner
 model_ns = [0]
@@ -53,7 +57,10 @@ def execute(self, *args, **kwargs):
     finally:
         model_ns[0] += time.thread_time_ns() - t
 ModelRunner.execute = execute
-engine = LLMEngine(EngineConfig(model={model!r}, dtype="float32", kv_cache_memory=64 << 20))
+# --threads through the config (the engine sets torch's threads; its default is one), loaded
+# in a thread that ends as carpool serve does (one OpenMP pool: carpool.engine.threads).
+config = EngineConfig(model={model!r}, dtype="float32", kv_cache_memory=64 << 20, threads={threads})
+engine = run_in_own_thread(LLMEngine, config)
 app = build_app(engine, ServerConfig())
 app.add_api_route("/bench/model_cpu_ns", lambda: {{"ns": model_ns[0]}})
 uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning", access_log=False)
@@ -63,7 +70,9 @@ DECODE = """
 import json, random, time, torch
 torch.set_num_threads({threads})
 from carpool import LLM, SamplingParams
-llm = LLM({model!r}, dtype="bfloat16", max_num_seqs=64, kv_cache_memory=256 << 20)
+llm = LLM(
+    {model!r}, dtype="bfloat16", max_num_seqs=64, kv_cache_memory=256 << 20, threads={threads}
+)
 rng = random.Random(0)
 out = {{}}
 for b in {batch_sizes!r}:
