@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--json-out", default="benchmarks/results/structured_decode.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM(args.model, seed=0)
+    llm = LLM(args.model, seed=0, threads=args.threads)  # the engine sets torch's threads
     rows = []
     for b in (int(x) for x in args.batch_sizes.split(",")):
         _run(llm, b, 8, False)  # warm-up (and the grammar compiler, cached from here on)
