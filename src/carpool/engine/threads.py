@@ -9,10 +9,11 @@ Which thread runs torch matters too. OpenMP (libgomp, in torch's wheels) gives e
 opens a parallel region a pool of worker threads that lives as long as that thread, and counts
 them all: once the process holds more of them than it has cores, every worker spins only ~1,000
 times at a barrier before it sleeps on a futex, so each of a step's hundreds of parallel regions
-pays a sleep and a wake-up. A server that loaded its model on the main thread (a pool that lives
-on) and steps it on an engine thread (a second pool) was 2.3x slower at 2 threads on 2 cores
-than the same steps on one thread alone (BENCHMARKS.md, "Forty-fifth pass"). Hence
-``run_in_own_thread``: load an engine that another thread will step in a thread that ends.
+pays a sleep and a wake-up. An engine loaded on the main thread (a pool that lives on) and
+stepped on a second thread (another pool) decoded at half the speed of the same engine loaded
+and stepped on one thread, at 2 threads on 2 cores (383 against 793 tokens/s; BENCHMARKS.md,
+"Forty-fifth pass"), and so did every 2-thread server until then. Hence ``run_in_own_thread``:
+load an engine that another thread will step in a thread that ends.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def run_in_own_thread(fn: Callable[..., T], *args: Any, name: str = "carpool-loa
         except BaseException as e:  # re-raised in the caller's thread
             error.append(e)
 
-    thread = threading.Thread(target=target, name=name)
+    # A daemon: Ctrl-C during a long load ends the process without waiting for the load.
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     thread.join()
     if error:
