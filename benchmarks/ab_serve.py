@@ -18,15 +18,13 @@ server's log to ``$TMPDIR/ab_serve_{NAME}.log``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from serve_util import free_port, stop_server, wait_healthy
+from serve_util import bench_serve, free_port, start_server, stop_server
 
 
 def _side(text: str) -> tuple[str, Path, int]:
@@ -40,23 +38,16 @@ def _side(text: str) -> tuple[str, Path, int]:
 def run_side(name: str, tree: Path, threads: int, bench_args: list[str], output: Path) -> dict:
     """One server of ``tree`` on a free port, one bench run against it; the bench's summary."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
     cmd = [sys.executable, "-m", "carpool.cli", "serve", "--port", str(port)]
     # The server's log: beside the system's temporary files, not the results.
-    with open(Path(tempfile.gettempdir()) / f"ab_serve_{name}.log", "w") as log:
-        server = subprocess.Popen(
-            [*cmd, "--threads", str(threads)], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}")
-            bench = [sys.executable, "-m", "carpool.cli", "bench", "serve"]
-            subprocess.run(
-                [*bench, "--url", f"http://127.0.0.1:{port}", *bench_args, "--output", str(output)],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-        finally:
-            stop_server(server)
-    return json.loads(output.read_text())
+    log = Path(tempfile.gettempdir()) / f"ab_serve_{name}.log"
+    server = start_server([*cmd, "--threads", str(threads)], url, log, env)
+    try:
+        return bench_serve(url, bench_args, output)
+    finally:
+        stop_server(server)
 
 
 def main() -> None:

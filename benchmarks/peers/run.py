@@ -55,7 +55,7 @@ class ProcessFailed(RuntimeError):
         self.returncode = returncode
 
 
-def _vm_hwm_mib(pid: int) -> float | None:
+def vm_hwm_mib(pid: int) -> float | None:
     """The process's resident high-water mark (``VmHWM``) now, or None once it has exited."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -88,7 +88,7 @@ def run_measured(cmd: list[str], env: dict[str, str], merge_stderr: bool) -> tup
     def sample() -> None:
         nonlocal peak
         while not stop.wait(0.02):
-            hwm = _vm_hwm_mib(proc.pid)
+            hwm = vm_hwm_mib(proc.pid)
             if hwm is not None:
                 peak = max(peak, hwm)
 

@@ -21,13 +21,9 @@ import platform
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -35,7 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import batched_bench  # noqa: E402
 import models  # noqa: E402
-from serve_util import free_port, stop_server  # noqa: E402
+from run import vm_hwm_mib  # noqa: E402
+from serve_util import ServerDied, bench_serve, free_port, start_server, stop_server  # noqa: E402
 
 SYSTEMS = ("carpool", "llama.cpp")
 
@@ -56,38 +53,6 @@ def carpool_server_command(gguf: Path, port: int, threads: int) -> list[str]:
     return cmd + ["--port", str(port), "--threads", str(threads)]
 
 
-def _vm_hwm_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
-
-
-class ServerDied(RuntimeError):
-    def __init__(self, returncode: int) -> None:
-        super().__init__(f"the server exited with {returncode} before it was healthy")
-        self.returncode = returncode
-
-
-def _start(cmd: list[str], log: Path, url: str, timeout: float = 300) -> subprocess.Popen:
-    """Start ``cmd`` and wait for ``{url}/health`` to say ok; ServerDied if it exits first."""
-    with open(log, "w") as out:
-        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise ServerDied(server.returncode)
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
-                return server
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise RuntimeError(f"{shlex.join(cmd)} not healthy after {timeout}s")
-
-
 def run_system(system: str, args: argparse.Namespace, state: dict, out: Path) -> dict:
     """One server of ``system``, one bench run; the bench's summary plus command and peak RSS."""
     port = free_port()
@@ -95,7 +60,7 @@ def run_system(system: str, args: argparse.Namespace, state: dict, out: Path) ->
     log = Path(tempfile.gettempdir()) / f"serve_peers_{system}.log"
     if system == "carpool":
         cmd = carpool_server_command(args.gguf, port, args.threads)
-        server = _start(cmd, log, url)
+        server = start_server(cmd, url, log)
     else:
         binary = args.llama_bin / "llama-server"
         while True:
@@ -104,7 +69,7 @@ def run_system(system: str, args: argparse.Namespace, state: dict, out: Path) ->
                 binary, args.gguf, port, args.threads, args.parallel, args.ctx, no_repack
             )
             try:
-                server = _start(cmd, log, url)
+                server = start_server(cmd, url, log)
                 break
             except ServerDied as e:
                 if e.returncode not in (-signal.SIGILL, -signal.SIGSEGV) or no_repack:
@@ -113,15 +78,11 @@ def run_system(system: str, args: argparse.Namespace, state: dict, out: Path) ->
                 print(f"  llama-server died of signal {-e.returncode}; -nr", file=sys.stderr)
                 state["no_repack"] = True
     try:
-        bench = [sys.executable, "-m", "carpool.cli", "bench", "serve", "--url", url]
-        subprocess.run(
-            [*bench, *args.bench_args, "--output", str(out)],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        peak = _vm_hwm_mib(server.pid)
+        result = bench_serve(url, args.bench_args, out)
+        peak = vm_hwm_mib(server.pid)  # VmHWM only grows: the peak of the whole run
     finally:
         stop_server(server)
-    result = json.loads(out.read_text())
+    assert peak is not None, f"{system}'s server exited during the run"
     result.update(server_command=shlex.join(cmd), peak_rss_mib=peak)
     return result
 

@@ -148,12 +148,13 @@ class LLMEngine:
             self.max_model_len,
             self.threads,
         )
-        if config.threads is None and available_cores() > self.threads:
+        cores = available_cores()
+        if config.threads is None and cores > self.threads:
             logger.info(
                 "threads=%d is the default, safe on a shared machine; on a machine of your own"
                 " --threads %d (its cores) serves faster (BENCHMARKS.md, Threads)",
                 self.threads,
-                available_cores(),
+                cores,
             )
 
     # ---- requests ---------------------------------------------------------------------------
