@@ -1,9 +1,11 @@
 """Replicas and routing (issue 7): 1 vs 2 replicas, least-loaded vs round-robin, under load.
 
 For each configuration this starts ``carpool serve`` (``--replicas N --routing R
---threads-per-replica T``) on a free port, waits for ``/health``, drives it with ``carpool bench
-serve`` (synthetic long-tail prompt and output lengths, Poisson arrivals) and prints one
-markdown row per configuration from the JSON it writes.
+--threads-per-replica T``) on a free port, waits for ``/health`` (``serve_util.start_server``;
+the server's log in ``$TMPDIR/replicas_N_R.log``), drives it with ``carpool bench serve``
+(synthetic long-tail prompt and output lengths, Poisson arrivals) and prints one markdown row
+per configuration from the JSON it writes. The random model's every token decodes to text, so
+TTFT is the first token's.
 
     .venv/bin/python benchmarks/replicas.py --random-config small --num-prompts 60 \\
         --request-rate 4 --configs 1:least-loaded,2:least-loaded,2:round-robin
@@ -13,25 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from serve_util import free_port, stop_server, wait_healthy
-
-CARPOOL = str(Path(sys.executable).with_name("carpool"))
+from serve_util import bench_serve, free_port, start_server, stop_server
 
 
-def _serve(model: str, replicas: int, routing: str, threads: int, port: int) -> subprocess.Popen:
-    cmd = [CARPOOL, "serve", "--model", model, "--port", str(port), "--dtype", "float32"]
-    cmd += ["--max-num-seqs", "32", "--kv-cache-memory", "64MiB"]
+def _serve_cmd(model: str, replicas: int, routing: str, threads: int, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "carpool.cli", "serve", "--model", model, "--port", str(port)]
+    cmd += ["--dtype", "float32", "--max-num-seqs", "32", "--kv-cache-memory", "64MiB"]
     if replicas > 1:
         cmd += ["--replicas", str(replicas), "--routing", routing]
         cmd += ["--threads-per-replica", str(threads)]
     else:  # --threads, not OMP_NUM_THREADS: the engine sets torch's threads (default 1)
         cmd += ["--threads", str(threads)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cmd
 
 
 def run_one(model: str, replicas: int, routing: str, args: argparse.Namespace) -> dict:
@@ -39,16 +38,14 @@ def run_one(model: str, replicas: int, routing: str, args: argparse.Namespace) -
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     threads = args.threads_per_replica if replicas > 1 else args.threads_single
-    server = _serve(model, replicas, routing, threads, port)
+    # The server's log: beside the system's temporary files, not the results.
+    log = Path(tempfile.gettempdir()) / f"replicas_{replicas}_{routing}.log"
+    server = start_server(_serve_cmd(model, replicas, routing, threads, port), url, log)
     try:
-        wait_healthy(url)
-        out = Path(tempfile.mkdtemp()) / "bench.json"
-        bench = [CARPOOL, "bench", "serve", "--url", url, "--num-prompts", str(args.num_prompts)]
-        bench += ["--request-rate", str(args.request_rate), "--ignore-eos"]
-        bench += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len)]
-        bench += ["--seed", "0", "--output", str(out)]
-        subprocess.run(bench, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        summary = json.loads(out.read_text())
+        bench = ["--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate)]
+        bench += ["--ignore-eos", "--prompt-len", str(args.prompt_len)]
+        bench += ["--gen-len", str(args.gen_len), "--seed", "0"]
+        summary = bench_serve(url, bench, Path(tempfile.mkdtemp()) / "bench.json")
         print(json.dumps({k: summary[k] for k in ("completed", "failed", "ttft_ms", "e2el_ms")}),
               file=sys.stderr)  # fmt: skip
         return summary

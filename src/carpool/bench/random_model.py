@@ -8,7 +8,9 @@ so ``LLMEngine`` loads it exactly like a downloaded model.
 
 from __future__ import annotations
 
+import itertools
 import json
+import string
 from pathlib import Path
 
 import torch
@@ -82,17 +84,38 @@ def _llama_tensors(shape: dict[str, int], dtype: torch.dtype, seed: int) -> dict
     return tensors
 
 
-def save_byte_tokenizer(out_dir: Path) -> None:
-    """A byte-level tokenizer with no merges: ids 0-2 are ``<pad>``, ``<s>``, ``</s>``.
+# The characters of the decode-only entries: letters, digits and the byte-level space.
+_FILLER_CHARS = string.ascii_letters + string.digits + "\u0120"
 
-    The benchmark feeds token ids, so the tokenizer only has to exist and decode without
-    failing; ids past its 259 entries decode to nothing.
+
+def _filler_tokens(count: int) -> list[str]:
+    """``count`` distinct strings of two or more of ``_FILLER_CHARS`` (all pairs first, then
+    triples...), in a fixed order: the byte-level tokens of ids past the 259 bytes and specials."""
+    out: list[str] = []
+    for length in itertools.count(2):
+        for chars in itertools.product(_FILLER_CHARS, repeat=length):
+            if len(out) == count:
+                return out
+            out.append("".join(chars))
+    raise AssertionError("unreachable")
+
+
+def save_byte_tokenizer(out_dir: Path, vocab_size: int = 259) -> None:
+    """A byte-level tokenizer of ``vocab_size`` ids with no merges: ids 0-2 are ``<pad>``,
+    ``<s>``, ``</s>``, then the 256 bytes, then decode-only entries (``_filler_tokens``).
+
+    Text encodes to bytes alone (no merge ever forms a longer entry), while every id the
+    model can sample decodes to text: a random model's stream carries text from its first
+    token, so a serving benchmark times its first token and the gaps between them (with ids
+    past the bytes decoding to nothing, a random model's stream had no text until its end).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
+    for token in _filler_tokens(max(vocab_size - len(vocab), 0)):
+        vocab[token] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -136,5 +159,5 @@ def save_random_llama(
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file(_llama_tensors(shape, _DTYPES[dtype], seed), str(out / "model.safetensors"))
-    save_byte_tokenizer(out)
+    save_byte_tokenizer(out, shape["vocab_size"])
     return out
