@@ -204,7 +204,7 @@ def test_prepare_model_tells_the_linear_kernel_where_huge_pages_are(tmp_path):
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_a_quantized_model_moves_onto_huge_pages_where_its_kernels_take_avx2(
+def test_a_quantized_model_moves_onto_huge_pages_where_its_kernels_gain(
     tmp_path, monkeypatch, quantization
 ):
     from carpool.worker.model_runner import prepare_model, weights_want_huge_pages
@@ -212,15 +212,18 @@ def test_a_quantized_model_moves_onto_huge_pages_where_its_kernels_take_avx2(
     save_tiny_hf_model("llama", tmp_path, vocab_size=16384)
     ref, _ = load_model(tmp_path, dtype="float32", quantization=quantization)
     model, _ = load_model(tmp_path, dtype="float32", quantization=quantization)
-    avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
-    assert weights_want_huge_pages(model) == avx2
+    # AVX2 loops or AMX tiles (measured faster from huge pages); not AVX-512 without AMX.
+    gains = torch.backends.cpu.get_cpu_capability() == "AVX2" or (
+        torch.cpu._is_amx_tile_supported()
+    )
+    assert weights_want_huge_pages(model) == gains
     with monkeypatch.context() as m:  # the reference: the same preparation, weights in place
         m.setenv(pages.ENV_WEIGHT_PAGES, "0")
         prepare_model(ref, "cpu")
     assert pages.weight_arena(ref) is None
     prepare_model(model, "cpu")
     arena = pages.weight_arena(model)
-    assert (arena is not None) == avx2
+    assert (arena is not None) == gains
     if arena is not None:  # the quantized codes inside it, the same tokens
         codes = [b for n, b in model.named_buffers() if n.endswith(("qweight", "packed"))]
         assert codes and all(_in_arena(t, arena) for t in codes)
@@ -228,9 +231,12 @@ def test_a_quantized_model_moves_onto_huge_pages_where_its_kernels_take_avx2(
         assert greedy(model, prompt, 6) == greedy(ref, prompt, 6)
 
 
-@pytest.mark.parametrize(("capability", "moved"), [("AVX2", True), ("AVX512", False)])
+@pytest.mark.parametrize(
+    ("capability", "amx", "moved"),
+    [("AVX2", False, True), ("AVX512", False, False), ("AVX512", True, True)],
+)
 def test_the_quantized_models_rule_follows_the_kernels_loops(
-    tmp_path, monkeypatch, capability, moved
+    tmp_path, monkeypatch, capability, amx, moved
 ):
     from carpool.worker.model_runner import weights_want_huge_pages
 
@@ -238,5 +244,6 @@ def test_the_quantized_models_rule_follows_the_kernels_loops(
     quantized, _ = load_model(tmp_path, dtype="float32", quantization="int8")
     plain, _ = load_model(tmp_path, dtype="float32")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert weights_want_huge_pages(quantized) == moved
     assert not weights_want_huge_pages(plain)  # float32 linears: torch's kernels, left in place

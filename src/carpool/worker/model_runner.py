@@ -79,14 +79,18 @@ def weights_want_huge_pages(model: nn.Module) -> bool:
     kernels take their AVX2 loops (no AVX-512): on a Zen 2 the int8 tiles read a Q8_0 model's
     codes 1.2-1.5x faster at one row from huge pages (the int4 loop level), and a Q8_0 model and
     SmolLM2 (Q4_1, a Q8_0 head) decode 1.05-1.13x faster at batch 1 (medians 1.07x and 1.10x),
-    the peak RSS unchanged (twenty-sixth pass). On the Zen 4 such a model's int4/int8 kernels
-    were not faster, and its peak RSS was 5-15 MiB higher: left in place there.
+    the peak RSS unchanged (twenty-sixth pass). On an Intel Xeon with AMX, whose int4/int8
+    kernels multiply on tiles, SmolLM2's decode step 1.14-1.16x at batch 1-8 and 1.08x at 16-32,
+    a Q8_0 model's 1.06-1.08x (``ab_step.py --before pages``; forty-sixth pass). On the Zen 4
+    such a model's int4/int8 kernels were not faster, and its peak RSS was 5-15 MiB higher:
+    left in place there.
     """
     if any(isinstance(m, Linear) and m.layout == "vnni" for m in model.modules()):
         return True
-    return torch.backends.cpu.get_cpu_capability() == "AVX2" and any(
-        isinstance(m, QuantizedLinear) for m in model.modules()
+    kernels_gain = torch.backends.cpu.get_cpu_capability() == "AVX2" or (
+        torch.cpu._is_amx_tile_supported()
     )
+    return kernels_gain and any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 class ModelRunner:
