@@ -80,10 +80,11 @@ def weights_want_huge_pages(model: nn.Module) -> bool:
     codes 1.2-1.5x faster at one row from huge pages (the int4 loop level), and a Q8_0 model and
     SmolLM2 (Q4_1, a Q8_0 head) decode 1.05-1.13x faster at batch 1 (medians 1.07x and 1.10x),
     the peak RSS unchanged (twenty-sixth pass). On an Intel Xeon with AMX, whose int4/int8
-    kernels multiply on tiles, SmolLM2's decode step 1.14-1.16x at batch 1-8 and 1.08x at 16-32,
-    a Q8_0 model's 1.06-1.08x (``ab_step.py --before pages``; forty-sixth pass). On the Zen 4
-    such a model's int4/int8 kernels were not faster, and its peak RSS was 5-15 MiB higher:
-    left in place there.
+    kernels multiply on tiles, SmolLM2's decode step in the engine 1.04-1.06x at batch 16 and
+    level at one (``ab_engine_env.py --env CARPOOL_WEIGHT_PAGES=0``, four runs; the model's own
+    steps, ``ab_step.py --before pages``, 1.06-1.16x), a Q8_0 model's 1.02-1.03x, the peak RSS
+    7 MiB lower (forty-sixth pass). On the Zen 4 such a model's int4/int8 kernels were not
+    faster, and its peak RSS was 5-15 MiB higher: left in place there.
     """
     if any(isinstance(m, Linear) and m.layout == "vnni" for m in model.modules()):
         return True
