@@ -45,6 +45,25 @@ QUANTIZATION_CHOICES = (None, "none", "int8", "int4")
 LAYOUTS = ("ragged", "padded")
 # Waiting-queue orders (see ``carpool.scheduling.priority``).
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# ``EngineConfig.threads``' value for the physical cores of the machine the engine runs on
+# (counted there: ``carpool.engine.threads.resolve_threads``).
+AUTO_THREADS = "auto"
+
+
+def parse_threads(text: str) -> int | str:
+    """``--threads``: ``"2"`` -> 2, ``"auto"`` -> ``AUTO_THREADS``.
+
+    Raises:
+        ValueError: neither an int nor ``auto``.
+    """
+    if text.strip().lower() == AUTO_THREADS:
+        return AUTO_THREADS
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a thread count or {AUTO_THREADS!r}: {text!r}") from None
+
+
 # Tokens per KV block: ``EngineConfig.block_size``'s default, and that of the planning functions
 # and the BlockManager, which take a block size without an EngineConfig.
 DEFAULT_BLOCK_SIZE = 16
@@ -107,10 +126,13 @@ class EngineConfig:
         "allow --max-model-len above the model's context (positions it was not trained on: "
         "output quality is not guaranteed; like vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)",
     )
-    threads: int | None = option(
+    threads: int | str | None = option(
         None,
-        "torch threads of the forward pass (intra-op; inter-op alike) (None: "
-        "DEFAULT_THREADS, capped at the CPU cores; see BENCHMARKS.md)",
+        "torch threads of the forward pass (intra-op; inter-op alike): a count, or auto (the "
+        "physical cores this process may run on, hyperthreads once, as llama.cpp's default) "
+        "(None: DEFAULT_THREADS, capped at the CPU cores, safe on a shared machine; see "
+        "BENCHMARKS.md)",
+        parse=parse_threads,
     )
     seed: int = option(0, "seed of the engine's shared random generator (unseeded requests)")
     batching: str = option(
@@ -171,8 +193,14 @@ class EngineConfig:
             "num_buckets",
             "kv_cache_memory",
             "max_model_len",
-            "threads",
         )
+        if self.threads != AUTO_THREADS:
+            try:
+                check_positive(self, "threads")
+            except ValueError:
+                raise ValueError(
+                    f"threads must be an int >= 1 or {AUTO_THREADS!r}, got {self.threads!r}"
+                ) from None
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"

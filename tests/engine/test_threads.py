@@ -1,7 +1,8 @@
-"""``--threads``: the engine sets torch's threads (default: the measured DEFAULT_THREADS); with
-replicas each replica gets its own; ``--threads-per-replica`` alone is refused (see
-test_cli_startup). A served engine is loaded in a thread that ends (``run_in_own_thread``), so
-the engine thread's OpenMP pool is the process's only one."""
+"""``--threads``: the engine sets torch's threads (default: the measured DEFAULT_THREADS;
+``auto``: the physical cores); with replicas each replica gets its own;
+``--threads-per-replica`` alone is refused (see test_cli_startup). A served engine is loaded in
+a thread that ends (``run_in_own_thread``), so the engine thread's OpenMP pool is the process's
+only one."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ import torch
 
 from carpool import LLM
 from carpool.cli import build_parser
+from carpool.config import EngineConfig
+from carpool.engine import threads as threads_module
 from carpool.engine.threads import (
     DEFAULT_THREADS,
-    available_cores,
     default_threads,
+    physical_cores,
+    resolve_threads,
     run_in_own_thread,
 )
 from carpool.entrypoints import serve
@@ -47,9 +51,9 @@ def test_the_default_says_how_many_cores_more_threads_could_use(caplog):
         with caplog.at_level(logging.INFO, logger="carpool.engine"):
             LLM("embedded")
         hinted = [r for r in caplog.records if "is the default" in r.getMessage()]
-        assert bool(hinted) == (available_cores() > default_threads())
+        assert bool(hinted) == (physical_cores() > default_threads())
         if hinted:
-            assert f"--threads {available_cores()}" in hinted[0].getMessage()
+            assert f"--threads auto (its {physical_cores()} cores)" in hinted[0].getMessage()
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="carpool.engine"):
             LLM("embedded", threads=1)  # chosen: no hint
@@ -82,6 +86,56 @@ def test_each_replica_gets_its_threads():
     pool = _pool("--replicas", "2")
     expected = max(1, (os.cpu_count() or 1) // 2)
     assert pool.config.threads_per_replica == expected == pool.config.engine_config.threads
+    pool = _pool("--replicas", "2", "--threads", "auto")  # the physical cores, shared out
+    expected = max(1, physical_cores() // 2)
+    assert pool.config.threads_per_replica == expected == pool.config.engine_config.threads
+
+
+def _fake_cpus(root, siblings: dict[int, tuple[int, int]]) -> None:
+    """A sysfs CPU folder: cpu -> (package, core)."""
+    for cpu, (package, core) in siblings.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+
+
+def test_physical_cores_count_a_cores_hyperthreads_once(tmp_path, monkeypatch):
+    # Two packages of two cores, two hyperthreads each (Linux numbers siblings apart).
+    topology = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
+    topology |= {4: (0, 0), 5: (0, 1), 6: (1, 0), 7: (1, 1)}
+    _fake_cpus(tmp_path, topology)
+    monkeypatch.setattr(threads_module, "_affinity", lambda: list(range(8)))
+    assert physical_cores(tmp_path) == 4
+    monkeypatch.setattr(threads_module, "_affinity", lambda: [0, 4, 5])  # pinned: 2 cores
+    assert physical_cores(tmp_path) == 2
+    monkeypatch.setattr(threads_module, "_affinity", lambda: [0, 9])  # cpu9's topology unread
+    assert physical_cores(tmp_path) == 2
+
+
+def test_auto_threads_are_resolved_where_the_engine_runs():
+    assert EngineConfig(threads="auto").threads == "auto"  # the config keeps the word
+    assert resolve_threads("auto") == physical_cores() >= 1
+    assert resolve_threads(None) == default_threads() and resolve_threads(3) == 3
+    for bad in ("many", 0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"threads must be an int >= 1 or 'auto', got"):
+            EngineConfig(threads=bad)
+    before = torch.get_num_threads()
+    try:
+        llm = LLM("embedded", threads="auto")
+        assert llm.engine.threads == physical_cores() == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_threads_flag_takes_auto_and_refuses_other_words(capsys):
+    args = build_parser().parse_args(["serve", "--model", "embedded", "--threads", "auto"])
+    assert engine_config_from_args(args).threads == "auto"
+    args = build_parser().parse_args(["serve", "--model", "embedded", "--threads", "2"])
+    assert engine_config_from_args(args).threads == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "embedded", "--threads", "many"])
+    assert "argument --threads: not a thread count or 'auto': 'many'" in capsys.readouterr().err
 
 
 def test_run_in_own_thread_returns_or_raises_from_a_thread_that_ended():

@@ -23,7 +23,7 @@ from carpool.engine.loading import LoadStages, resolve_max_model_len, size_rotar
 from carpool.engine.model_path import load_tokenizer, resolve_model_path
 from carpool.engine.output_processor import OutputProcessor, RequestGroup
 from carpool.engine.stats import EngineSnapshot, EngineStats, StepRecord
-from carpool.engine.threads import apply_threads, available_cores
+from carpool.engine.threads import apply_threads, physical_cores
 from carpool.errors import InvalidRequestError
 from carpool.kv_cache.block_manager import BlockManager
 from carpool.model.kv_quant import effective_kv_cache_dtype
@@ -148,11 +148,11 @@ class LLMEngine:
             self.max_model_len,
             self.threads,
         )
-        cores = available_cores()
+        cores = physical_cores()
         if config.threads is None and cores > self.threads:
             logger.info(
                 "threads=%d is the default, safe on a shared machine; on a machine of your own"
-                " --threads %d (its cores) serves faster (BENCHMARKS.md, Threads)",
+                " --threads auto (its %d cores) serves faster (BENCHMARKS.md, Threads)",
                 self.threads,
                 cores,
             )

@@ -23,9 +23,12 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from carpool.config import AUTO_THREADS
 
 logger = logging.getLogger("carpool.engine")
 
@@ -35,12 +38,37 @@ T = TypeVar("T")
 DEFAULT_THREADS = 1
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on."""
+_SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def _affinity() -> list[int]:
+    """The CPUs this process may run on."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (logical CPUs: hyperthreads each)."""
+    return len(_affinity())
+
+
+def physical_cores(sysfs: Path = _SYSFS_CPU) -> int:
+    """The physical cores among the CPUs this process may run on: a core's hyperthreads count
+    once (what llama.cpp starts its threads by default; two threads on one core's siblings
+    share its vector units). Every CPU counts as a core where the topology cannot be read."""
+    cpus = _affinity()
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
+            return len(cpus)
+        cores.add((package, core))
+    return max(1, len(cores))
 
 
 def default_threads() -> int:
@@ -48,13 +76,25 @@ def default_threads() -> int:
     return max(1, min(DEFAULT_THREADS, available_cores()))
 
 
-def apply_threads(threads: int | None) -> int:
-    """Set torch's intra-op (and, while still allowed, inter-op) threads; return the count.
+def resolve_threads(threads: int | str | None) -> int:
+    """``EngineConfig.threads`` as a count on this machine: None -> ``default_threads()``,
+    ``"auto"`` -> ``physical_cores()``."""
+    if threads is None:
+        return default_threads()
+    if threads == AUTO_THREADS:
+        return physical_cores()
+    assert isinstance(threads, int) and threads >= 1, f"threads: {threads!r}"
+    return threads
+
+
+def apply_threads(threads: int | str | None) -> int:
+    """Set torch's intra-op (and, while still allowed, inter-op) threads; return the count
+    (``resolve_threads``).
 
     The setting is per process: several engines in one process share the last one set, and a
     replica process sets its own.
     """
-    n = threads if threads is not None else default_threads()
+    n = resolve_threads(threads)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     # Inter-op threads can only be set before the first parallel work of the process.

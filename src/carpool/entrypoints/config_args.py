@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -61,11 +62,25 @@ def add_config_arguments(
             continue
         group.add_argument(
             flag,
-            type=meta["parse"] or kind,
+            type=_with_message(meta["parse"]) if meta["parse"] else kind,
             default=f.default,
             choices=meta["choices"],
             help=help_text,
         )
+
+
+def _with_message(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` whose ValueError reaches the user as its own message ("argument --threads:
+    not a thread count or 'auto': 'many'"), not argparse's "invalid parse_threads value"."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:

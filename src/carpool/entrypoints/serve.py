@@ -93,10 +93,14 @@ def _replica_pool(
                 "use --threads"
             )
         return None
+    from carpool.config import AUTO_THREADS
+    from carpool.engine.threads import physical_cores
     from carpool.replicas import ReplicaPool, ReplicaPoolConfig
 
     # Each replica sets its threads before loading, and its engine keeps that number.
     threads = args.threads_per_replica or engine_config.threads
+    if threads == AUTO_THREADS:  # this machine's physical cores, shared out
+        threads = max(1, physical_cores() // n)
     threads = threads or max(1, (os.cpu_count() or 1) // n)
     return ReplicaPool(
         ReplicaPoolConfig(
