@@ -22,12 +22,14 @@ class LLM:
     Example::
 
         from carpool import LLM, SamplingParams
-        llm = LLM()  # the embedded default model
+        llm = LLM()  # the default model (SmolLM2-135M-Instruct where installed)
         out = llm.generate(["def fibonacci(n):"], SamplingParams(max_tokens=32, temperature=0))
         print(out[0].outputs[0].text)
 
     Args:
-        model: model directory, ``.gguf`` file, or None for the embedded model.
+        model: model directory, ``.gguf`` file, Hub id, ``"embedded"`` (the 4M test model), or
+            None: SmolLM2-135M-Instruct where its package is installed, else the embedded
+            model (``EngineConfig.model``).
         **engine_args: any ``EngineConfig`` field (``dtype``, ``kv_cache_memory``,
             ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``batching``,
             ``quantization="int8"`` or ``"int4"`` for weight-only quantized matrices...).

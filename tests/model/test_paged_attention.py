@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carpool.model import fused_ops, kernel_build, kv_layout, paged_attention
+from carpool.model import attention, fused_ops, kernel_build, kv_layout, paged_attention
 from carpool.model.loader import load_model
 from carpool.worker import batch as batch_module
 from carpool.worker.batch import build_ragged_batch
@@ -609,16 +609,22 @@ def test_kv_store_writes_what_index_copy_writes(src, cache):
 
 
 @pytest.mark.usefixtures("kernels_at_every_row_count")
+@pytest.mark.parametrize("bf16_rectangle", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_a_prompts_rows_are_the_same_bits_however_it_is_chunked(tmp_path, seed):
+def test_a_prompts_rows_are_the_same_bits_however_it_is_chunked(
+    tmp_path, monkeypatch, seed, bf16_rectangle
+):
     # The default model's setup at SmolLM2's attention shape (9 heads over 3 KV heads of 64): a
-    # Q4_1 GGUF file, float32 activations, a bf16 cache widened for SDPA, the int4 kernel at
+    # Q4_1 GGUF file, float32 activations, a bf16 cache (the rectangles' SDPA in float32 over
+    # widened K/V, or in bf16 as on AMX: attention.BF16_PROMPT_ATTENTION), the int4 kernel at
     # every row count. A 400-token prompt in one step, cut into chunks at random places, and
     # beside another prompt: torch's CPU SDPA rounds a row differently in calls of other row or
     # key counts, and the int4 kernel's bf16-rounded inputs carry that on; in tiles at fixed
     # positions (batch.PREFILL_TILE_ROWS) every row's call is the same, so are its logits (every
     # row's, to see any row's attention).
     from helpers.gguf_export import export_hf_to_gguf
+
+    monkeypatch.setattr(attention, "BF16_PROMPT_ATTENTION", bf16_rectangle)
 
     rng = random.Random(seed)
     hf = tmp_path / "hf"

@@ -32,6 +32,32 @@ from carpool.model import kv_layout, kv_quant, paged_attention
 from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, rotate_in_place
 from carpool.model.row_paths import WideRows
 
+# A float32 model's prompt rectangles over a bfloat16 cache run SDPA in bfloat16 where the CPU
+# has AMX: the queries rounded to bf16, K and V gathered as the cache's own bf16 values (not
+# widened), the output widened back. torch's CPU flash attention multiplies bf16 on AMX tiles,
+# 2.1-3.0x its float32 time at SmolLM2's shapes (32-512 rows over 512 keys); a 2,048-token
+# prompt's prefill 1.25x, where attention was half of it (BENCHMARKS.md, issue 11, forty-sixth
+# pass). The price is bf16 attention for those rows (queries, probabilities and output rounded
+# to 8 bits of mantissa, as a bf16 model computes them; llama.cpp rounds them to f16): the
+# cache's keys and values are bf16 already. A row's path still follows from its position
+# (the kernel's rows below ``paged_attention.prompt_kernel_positions``, decode rows: float32
+# queries). None: where AMX; True / False: forced (tests take either path on any CPU).
+BF16_PROMPT_ATTENTION: bool | None = None
+
+
+def bf16_prompt_attention(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether a prompt rectangle of float32 queries ``q`` over ``kv_cache`` runs in bf16
+    (``BF16_PROMPT_ATTENTION``)."""
+    on = BF16_PROMPT_ATTENTION
+    if on is None:
+        on = torch.cpu._is_amx_tile_supported()
+    return (
+        on
+        and q.dtype == torch.float32
+        and kv_cache.dtype == torch.bfloat16
+        and kv_cache.device.type == "cpu"
+    )
+
 
 class GatherBuffer:
     """One scratch tensor, reused by every layer of every step for the gathered K/V blocks.
@@ -242,6 +268,9 @@ class Attention(nn.Module):
         t = q.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         b = meta.block_tables.shape[0]
+        out_dtype = q.dtype
+        if meta.query_chunks is not None and bf16_prompt_attention(q, kv_cache):
+            q = q.to(torch.bfloat16)  # the rectangle in bf16, K/V gathered in it (see above)
         # One gather of whole blocks brings K and V together (rows of block_size * 2 * K * D
         # elements: twice as long, half as many ops as gathering K and V apart).
         # index_select, not advanced indexing: several times faster for this gather on CPU.
@@ -301,4 +330,4 @@ class Attention(nn.Module):
         out = out.reshape(-1, self.q_size)  # [B * Q, H * D]
         if meta.output_index is not None:
             out = out[meta.output_index]  # [T, H * D]
-        return out
+        return out.to(out_dtype)
