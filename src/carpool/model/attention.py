@@ -35,13 +35,14 @@ from carpool.model.row_paths import WideRows
 # A float32 model's prompt rectangles over a bfloat16 cache run SDPA in bfloat16 where the CPU
 # has AMX: the queries rounded to bf16, K and V gathered as the cache's own bf16 values (not
 # widened), the output widened back. torch's CPU flash attention multiplies bf16 on AMX tiles,
-# 2.1-3.0x its float32 time at SmolLM2's shapes (32-512 rows over 512 keys); a 2,048-token
-# prompt's prefill 1.25x, where attention was half of it (BENCHMARKS.md, issue 11, forty-sixth
-# pass). The price is bf16 attention for those rows (queries, probabilities and output rounded
-# to 8 bits of mantissa, as a bf16 model computes them; llama.cpp rounds them to f16): the
-# cache's keys and values are bf16 already. A row's path still follows from its position
-# (the kernel's rows below ``paged_attention.prompt_kernel_positions``, decode rows: float32
-# queries). None: where AMX; True / False: forced (tests take either path on any CPU).
+# 2.1-3.4x faster than float32 at SmolLM2's shapes (32-512 rows over 512 keys); the default
+# model's 1,024 / 2,048-token prefill 1.21x / 1.34x, where attention had been half of the
+# latter (BENCHMARKS.md, issue 11, forty-sixth pass). The price is bf16 attention for those
+# rows (queries, probabilities and output rounded to 8 bits of mantissa, as a bf16 model
+# computes them; llama.cpp rounds them to f16): the cache's keys and values are bf16 already.
+# A row's path still follows from its position (the kernel's rows below
+# ``paged_attention.prompt_kernel_positions``, decode rows: float32 queries). None: where AMX;
+# True / False: forced (tests take either path on any CPU).
 BF16_PROMPT_ATTENTION: bool | None = None
 
 
