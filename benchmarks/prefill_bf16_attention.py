@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-cache-dtype", default="bfloat16", choices=("bfloat16", "int8"))
     a = ap.parse_args()
     lengths = [int(x) for x in a.prompt_len.split(",")]
     llm = LLM(
@@ -61,6 +62,7 @@ def main() -> None:
         max_model_len=max(lengths) + 16,
         threads=a.threads,
         enable_prefix_caching=False,  # the same prompt computed each way
+        kv_cache_dtype=a.kv_cache_dtype,
     )
     engine = llm.engine
     vocab = engine.model_config.vocab_size

@@ -1,4 +1,4 @@
-"""A float32 model's prompt rectangles over a bf16 cache in bf16
+"""A float32 model's prompt rectangles over a bf16 (or int8) cache in bf16
 (``attention.BF16_PROMPT_ATTENTION``, on by default where the CPU has AMX): which steps take it,
 that it changes only those rows' rounding, and that tokens agree with the float32 rectangles
 and with ``transformers``."""
@@ -24,11 +24,11 @@ def test_which_queries_and_caches_take_it(monkeypatch):
     assert attention.bf16_prompt_attention(f32, caches[torch.bfloat16]) == amx
     monkeypatch.setattr(attention, "BF16_PROMPT_ATTENTION", True)
     assert attention.bf16_prompt_attention(f32, caches[torch.bfloat16])
-    # Only float32 queries over a bf16 cache: a bf16 model's rectangle is bf16 already, a
-    # float32 cache keeps float32 attention, an int8 cache is dequantized to the queries' dtype.
+    # Only float32 queries over a bf16 or int8 cache (an int8 one dequantized to bf16): a bf16
+    # model's rectangle is bf16 already, a float32 cache keeps float32 attention.
+    assert attention.bf16_prompt_attention(f32, caches[torch.int8])
     assert not attention.bf16_prompt_attention(bf16, caches[torch.bfloat16])
     assert not attention.bf16_prompt_attention(f32, caches[torch.float32])
-    assert not attention.bf16_prompt_attention(f32, caches[torch.int8])
     monkeypatch.setattr(attention, "BF16_PROMPT_ATTENTION", False)
     assert not attention.bf16_prompt_attention(f32, caches[torch.bfloat16])
 
@@ -58,6 +58,7 @@ def test_it_rounds_only_the_rectangles_rows(tiny, monkeypatch):
     for on in (False, True):
         monkeypatch.setattr(attention, "BF16_PROMPT_ATTENTION", on)
         logits[on] = _prompt_logits(model, prompt, torch.bfloat16)
+        logits[on, "int8"] = _prompt_logits(model, prompt, torch.int8)
         # A float32 cache and the kernel's rows are not the rectangle's bf16: the same bits.
         logits[on, "f32"] = _prompt_logits(model, prompt, torch.float32)
         if paged_attention.kernel() is not None:
@@ -65,16 +66,17 @@ def test_it_rounds_only_the_rectangles_rows(tiny, monkeypatch):
     assert torch.equal(logits[False, "f32"], logits[True, "f32"])
     if paged_attention.kernel() is not None:
         assert torch.equal(logits[False, "kernel"], logits[True, "kernel"])
-    assert not torch.equal(logits[False], logits[True])  # the bf16 path was taken
-    # ... and it is bf16 rounding: within 2% of the largest logit (two layers), the same argmax
-    # at every row but where the float32 top two are that close.
-    scale = logits[False].abs().max().item()
-    torch.testing.assert_close(logits[True], logits[False], atol=2e-2 * scale, rtol=0)
-    top2 = logits[False].topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 4e-2 * scale
-    assert clear.sum() > len(prompt) // 2
-    argmax = {on: logits[on].argmax(-1) for on in (False, True)}
-    assert torch.equal(argmax[False][clear], argmax[True][clear])
+    for cache in ("bf16", "int8"):  # the int8 cache's rows dequantized to bf16, or float32
+        off, on = (logits[x] if cache == "bf16" else logits[x, "int8"] for x in (False, True))
+        assert not torch.equal(off, on), cache  # the bf16 path was taken
+        # ... and it is bf16 rounding: within 2% of the largest logit (two layers), the same
+        # argmax at every row but where the float32 rectangles' top two are that close.
+        scale = off.abs().max().item()
+        torch.testing.assert_close(on, off, atol=2e-2 * scale, rtol=0)
+        top2 = off.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 4e-2 * scale
+        assert clear.sum() > len(prompt) // 2, cache
+        assert torch.equal(off.argmax(-1)[clear], on.argmax(-1)[clear]), cache
 
 
 def test_greedy_tokens_of_a_long_prompt_match_transformers(tiny, monkeypatch):

@@ -32,30 +32,31 @@ from carpool.model import kv_layout, kv_quant, paged_attention
 from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, rotate_in_place
 from carpool.model.row_paths import WideRows
 
-# A float32 model's prompt rectangles over a bfloat16 cache run SDPA in bfloat16 where the CPU
-# has AMX: the queries rounded to bf16, K and V gathered as the cache's own bf16 values (not
-# widened), the output widened back. torch's CPU flash attention multiplies bf16 on AMX tiles,
+# A float32 model's prompt rectangles over a bfloat16 (or int8) cache run SDPA in bfloat16 where
+# the CPU has AMX: the queries rounded to bf16, K and V gathered as the cache's own bf16 values
+# (not widened; an int8 cache's dequantized to bf16, a rounding below the int8 one's), the
+# output widened back. torch's CPU flash attention multiplies bf16 on AMX tiles,
 # 2.1-3.4x faster than float32 at SmolLM2's shapes (32-512 rows over 512 keys); the default
 # model's 1,024 / 2,048-token prefill 1.21x / 1.34x, where attention had been half of the
-# latter (BENCHMARKS.md, issue 11, forty-sixth pass). The price is bf16 attention for those
-# rows (queries, probabilities and output rounded to 8 bits of mantissa, as a bf16 model
-# computes them; llama.cpp rounds them to f16): the cache's keys and values are bf16 already.
-# A row's path still follows from its position (the kernel's rows below
-# ``paged_attention.prompt_kernel_positions``, decode rows: float32 queries). None: where AMX;
-# True / False: forced (tests take either path on any CPU).
+# latter (1.26x / 1.37x over an int8 cache; BENCHMARKS.md, issue 11, forty-sixth pass). The
+# price is bf16 attention for those rows (queries, probabilities and output rounded to 8 bits
+# of mantissa, as a bf16 model computes them; llama.cpp rounds them to f16): the cache's keys
+# and values are bf16 already. A row's path still follows from its position (the kernel's rows
+# below ``paged_attention.prompt_kernel_positions``, decode rows: float32 queries). None: where
+# AMX; True / False: forced (tests take either path on any CPU).
 BF16_PROMPT_ATTENTION: bool | None = None
 
 
 def bf16_prompt_attention(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether a prompt rectangle of float32 queries ``q`` over ``kv_cache`` runs in bf16
-    (``BF16_PROMPT_ATTENTION``)."""
+    """Whether a prompt rectangle of float32 queries ``q`` over ``kv_cache`` (bf16 or int8)
+    runs in bf16 (``BF16_PROMPT_ATTENTION``)."""
     on = BF16_PROMPT_ATTENTION
     if on is None:
         on = torch.cpu._is_amx_tile_supported()
     return (
         on
         and q.dtype == torch.float32
-        and kv_cache.dtype == torch.bfloat16
+        and kv_cache.dtype in (torch.bfloat16, torch.int8)
         and kv_cache.device.type == "cpu"
     )
 
