@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from serve_util import bench_serve, free_port, start_server, stop_server
+from serve_util import CARPOOL, bench_serve, free_port, start_server, stop_server
 
 
 def _side(text: str) -> tuple[str, Path, int]:
@@ -40,7 +39,7 @@ def run_side(name: str, tree: Path, threads: int, bench_args: list[str], output:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
-    cmd = [sys.executable, "-m", "carpool.cli", "serve", "--port", str(port)]
+    cmd = [*CARPOOL, "serve", "--port", str(port)]
     # The server's log: beside the system's temporary files, not the results.
     log = Path(tempfile.gettempdir()) / f"ab_serve_{name}.log"
     server = start_server([*cmd, "--threads", str(threads)], url, log, env)

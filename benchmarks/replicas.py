@@ -19,11 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from serve_util import bench_serve, free_port, start_server, stop_server
+from serve_util import CARPOOL, bench_serve, free_port, start_server, stop_server
 
 
 def _serve_cmd(model: str, replicas: int, routing: str, threads: int, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "carpool.cli", "serve", "--model", model, "--port", str(port)]
+    cmd = [*CARPOOL, "serve", "--model", model, "--port", str(port)]
     cmd += ["--dtype", "float32", "--max-num-seqs", "32", "--kv-cache-memory", "64MiB"]
     if replicas > 1:
         cmd += ["--replicas", str(replicas), "--routing", routing]

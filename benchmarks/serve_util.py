@@ -13,6 +13,10 @@ from pathlib import Path
 
 import httpx
 
+# This interpreter's ``carpool`` command line (the checkout's package, whichever ``PYTHONPATH``
+# the caller gives): ``[*CARPOOL, "serve", ...]``.
+CARPOOL = [sys.executable, "-m", "carpool.cli"]
+
 
 def free_port() -> int:
     """A loopback port free at the time of asking."""
@@ -72,7 +76,7 @@ def stop_server(server: subprocess.Popen) -> None:
 
 def bench_serve(url: str, bench_args: list[str], output: Path) -> dict:
     """``carpool bench serve --url {url} {bench_args} --output {output}``; its JSON summary."""
-    cmd = [sys.executable, "-m", "carpool.cli", "bench", "serve", "--url", url, *bench_args]
+    cmd = [*CARPOOL, "bench", "serve", "--url", url, *bench_args]
     subprocess.run(
         [*cmd, "--output", str(output)],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -32,7 +32,14 @@ sys.path.insert(0, str(HERE.parent))
 import batched_bench  # noqa: E402
 import models  # noqa: E402
 from run import vm_hwm_mib  # noqa: E402
-from serve_util import ServerDied, bench_serve, free_port, start_server, stop_server  # noqa: E402
+from serve_util import (  # noqa: E402
+    CARPOOL,
+    ServerDied,
+    bench_serve,
+    free_port,
+    start_server,
+    stop_server,
+)
 
 SYSTEMS = ("carpool", "llama.cpp")
 
@@ -49,7 +56,7 @@ def llama_server_command(
 
 def carpool_server_command(gguf: Path, port: int, threads: int) -> list[str]:
     """``carpool serve`` on ``gguf`` with ``threads`` torch threads."""
-    cmd = [sys.executable, "-m", "carpool.cli", "serve", "--model", str(gguf)]
+    cmd = [*CARPOOL, "serve", "--model", str(gguf)]
     return cmd + ["--port", str(port), "--threads", str(threads)]
 
 
