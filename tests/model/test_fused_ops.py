@@ -355,17 +355,20 @@ def test_int4_gemv_refuses_bad_shapes_with_a_message():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_gemv_row_does_not_depend_on_its_neighbours(dtype):
+@pytest.mark.parametrize("k, rows", [(320, 37), (352, 70)])
+def test_int4_gemv_row_does_not_depend_on_its_neighbours(dtype, k, rows):
     # Each row is summed in the same order whatever the row count (1-4 rows per pass over a
-    # column block, 1-2 column passes): a request's values are the same alone or batched.
+    # column block, 1-2 column passes; on AMX one tile of 1-16 rows, or past 16 tiles of 16
+    # rows over spans of groups: 11 groups leave a span of one, 70 rows a tile of 6): a
+    # request's values are the same alone or batched.
     from carpool.model.quant import Int4Linear
 
-    torch.manual_seed(3)
-    lin = Int4Linear.from_float(torch.randn(192, 320), None, torch.bfloat16)
-    x = torch.randn(37, 320, dtype=dtype)
+    torch.manual_seed(3 + k)
+    lin = Int4Linear.from_float(torch.randn(192, k), None, torch.bfloat16)
+    x = torch.randn(rows, k, dtype=dtype)
     block = int4_row_block()
     every = torch.ops.carpool.int4_gemv(x, lin.packed, 32, lin.scales_zeros, block)
-    for lo, hi in ((0, 1), (5, 7), (10, 13), (20, 24), (3, 37)):
+    for lo, hi in ((0, 1), (5, 7), (10, 13), (20, 24), (3, 37), (0, 16), (17, rows)):
         part = torch.ops.carpool.int4_gemv(x[lo:hi], lin.packed, 32, lin.scales_zeros, block)
         assert torch.equal(part, every[lo:hi]), (lo, hi)
 

@@ -2319,7 +2319,8 @@ inline void int4_amx_scale(const float* cb, const float* xsum, const __m512* sv,
   }
 }
 
-// int4 products on AMX tiles (AMX CPUs: every bf16-rounded row count, g a multiple of 32).
+// int4 products of 1-16 rows on AMX tiles (AMX CPUs: every bf16-rounded row count, g a multiple
+// of 32; past 16 rows int4_block_amx_tiles, below, the same bits).
 // Why: a VDPBF16PS takes ~1.1 ns for its 32 products at every row count here, a TDPBF16PS ~5.2
 // ns for 512 to 8,192 (1 to 16 rows); one row's codes-to-bf16 decoding then bounds the step,
 // and each further row is almost free. Per group: the block's codes decoded once (as
@@ -2329,12 +2330,11 @@ inline void int4_amx_scale(const float* cb, const float* xsum, const __m512* sv,
 // in its own order (neither VDPBF16PS's nor float32 FMAs' in input order: measured), so the
 // sums are other bits than the other paths' (within a float32 rounding of each group's sum);
 // a row's bits do not depend on the rows beside it (each tile row its own), which is what
-// lets a request's tokens be the same alone or batched. Tiles as int4_amx_configure(min(rows,
-// 16)) sets them; xp past 16 rows ceil(rows / 16) * 16 rows, those past `rows` zero. wbs: three
-// buffers of g / 2 * 4 vectors, cbs: two of ceil(rows / 16) * 16 * 64 floats, ob: rows * 64.
+// lets a request's tokens be the same alone or batched. Tiles as int4_amx_configure(rows) sets
+// them. wbs: three buffers of g / 2 * 4 vectors, cbs: two of 16 * 64 floats, ob: rows * 64.
 //
-// Software-pipelined by group: decode group gi + 1 (with group gi's products among it, up to 16
-// rows), then group gi - 1's sums into the totals. A store reaches memory (where a tile load
+// Software-pipelined by group: decode group gi + 1 (with group gi's products among it), then
+// group gi - 1's sums into the totals. A store reaches memory (where a tile load
 // reads it) only once it retires, after everything before it: decoding a group right before its
 // own products left them waiting for its 64 stores behind the last group's products (a row took
 // ~1.15x the dot-product loop's time). Three buffers of codes (a group's are written while the
@@ -2344,7 +2344,8 @@ void int4_block_amx(int64_t rows, const uint32_t* xp, const float* xsum, const u
                     const c10::BFloat16* sz, T* y, int64_t n, int64_t k, int64_t g, int64_t b,
                     __m512bh* wbs, float* cbs, float* ob) {
   const int64_t groups = k / g, half = k / 2, wb_vectors = g / 2 * 4;
-  const int64_t cb_floats = (rows + 15) / 16 * 16 * 64;
+  constexpr int64_t cb_floats = 16 * 64;
+  TORCH_INTERNAL_ASSERT(rows <= 16, "int4_block_amx takes one tile of rows, got ", rows);
   const __m512i table = _mm512_load_si512(kInt4Bf16);
   std::fill(ob, ob + rows * 64, 0.f);
   __m512 sv[3][4], ov[3][4];
@@ -2360,23 +2361,15 @@ void int4_block_amx(int64_t rows, const uint32_t* xp, const float* xsum, const u
     float* cb = cbs + gi % 2 * cb_floats;
     const bool next = gi + 1 < groups;
     if (gi + 3 < groups) prefetch_scales(sz, gi + 3, n, b * 64, 64);
-    if (rows <= 16) {  // one tile of rows: group gi's products among group gi + 1's decoding
-      const uint32_t* xg = xp + gi * g / 2;
-      int4_amx_zero_sums();
-      if (next) {
-        int4_amx_decode<true>(packed, table, wn, k, g, b, gi + 1, wc, xg, half);
-      } else {
-        for (int64_t s = 0; s < g / 8; ++s) int4_amx_product(s, xg, half, wc);
-      }
-      int4_amx_store_sums(cb);
-    } else {  // tiles of 16 rows, each all of the group's products (decoding them is shared)
-      if (next) int4_amx_decode<false>(packed, table, wn, k, g, b, gi + 1);
-      for (int64_t m0 = 0; m0 < rows; m0 += 16) {
-        int4_amx_zero_sums();
-        for (int64_t s = 0; s < g / 8; ++s) int4_amx_product(s, xp + m0 * half + gi * g / 2, half, wc);
-        int4_amx_store_sums(cb + m0 * 64);
-      }
+    // Group gi's products among group gi + 1's decoding.
+    const uint32_t* xg = xp + gi * g / 2;
+    int4_amx_zero_sums();
+    if (next) {
+      int4_amx_decode<true>(packed, table, wn, k, g, b, gi + 1, wc, xg, half);
+    } else {
+      for (int64_t s = 0; s < g / 8; ++s) int4_amx_product(s, xg, half, wc);
     }
+    int4_amx_store_sums(cb);
     if (next) scales(gi + 1);
     if (gi > 0) {
       const int64_t prev = gi - 1;
@@ -2387,6 +2380,88 @@ void int4_block_amx(int64_t rows, const uint32_t* xp, const float* xsum, const u
   const int64_t last = groups - 1;
   int4_amx_scale(cbs + last % 2 * cb_floats, xsum, sv[last % 3], ov[last % 3], ob, rows, groups,
                  last);
+  int4_store_lane_order(ob, rows, y, n, b);
+}
+
+// Groups int4_block_amx_tiles decodes at a time: each 16-row tile of inputs then multiplies all
+// of them and adds their sums to its rows' totals with the totals in registers. SmolLM2's layers
+// (benchmarks/ab_int4_gemv.py, the AMX Xeon of issue 11's forty-seventh pass): 1 and 3 about as
+// fast as 2; 4 and 8 0.75-0.9x at 32-48 rows (their codes and sums leave L1).
+constexpr int64_t kInt4AmxSpan = 2;
+
+// Adds the sums of groups [g0, g0 + ng) (group g0 + s's at cbs + s * 1024, 16 rows of 64 floats
+// as int4_amx_store_sums leaves them) to the running totals (ob) of R rows: tile row r0 + r is
+// row t0 + r0 + r. Per group out = fma(scale, sum, out), then out = fma(zero - 8 scale, sum(x),
+// out), as int4_amx_scale: the same operations in the same order, the same bits.
+template <int R>
+inline void int4_amx_span_scale(const float* cbs, const float* xsum, const __m512 (*sv)[4],
+                                const __m512 (*ov)[4], float* ob, int64_t t0, int64_t r0,
+                                int64_t groups, int64_t g0, int64_t ng) {
+  __m512 acc[R][4];
+  float* o = ob + (t0 + r0) * 64;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_load_ps(o + r * 64 + 16 * j);
+  for (int64_t s = 0; s < ng; ++s) {
+    const float* cb = cbs + s * 1024 + r0 * 64;
+    for (int r = 0; r < R; ++r) {
+      const __m512 xs = _mm512_set1_ps(xsum[(t0 + r0 + r) * groups + g0 + s]);
+      for (int j = 0; j < 4; ++j) {
+        acc[r][j] = _mm512_fmadd_ps(sv[s][j], _mm512_load_ps(cb + r * 64 + 16 * j), acc[r][j]);
+        acc[r][j] = _mm512_fmadd_ps(ov[s][j], xs, acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(o + r * 64 + 16 * j, acc[r][j]);
+}
+
+// int4_block_amx past 16 rows: kInt4AmxSpan groups' codes decoded, then per 16-row tile of
+// inputs all their products (sums into cbs, one 16 x 64 buffer a group) and their sums added to
+// the tile's totals four rows at a time, the totals in registers across the groups. Before (the
+// forty-third to forty-sixth passes) a group at a time: its products for every row tile, its
+// sums of all rows stored (rows x 256 bytes, out of L1 past ~32 rows), then every row's totals
+// loaded, updated and stored again for every group. SmolLM2's layers (benchmarks/
+// ab_int4_gemv.py --huge-pages, the AMX Xeon of issue 11's forty-seventh pass): level at 17-32
+// rows, 1.15x at 48, 1.35x at 64, 1.67x at 96-256, 1.5x at 512: decode steps of more than 32
+// sequences (max_num_seqs is 64). The same operations on each total in the same order: the
+// same bits as int4_block_amx (tested). wbs: kInt4AmxSpan buffers of g / 2 * 4 vectors; cbs:
+// kInt4AmxSpan * 1024 floats; ob: rows * 64. Tiles as int4_amx_configure(16) sets them, xp
+// ceil(rows / 16) * 16 rows, those past `rows` zero.
+template <typename T>
+void int4_block_amx_tiles(int64_t rows, const uint32_t* xp, const float* xsum,
+                          const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t n,
+                          int64_t k, int64_t g, int64_t b, __m512bh* wbs, float* cbs, float* ob) {
+  const int64_t groups = k / g, half = k / 2, wb_vectors = g / 2 * 4;
+  const __m512i table = _mm512_load_si512(kInt4Bf16);
+  std::fill(ob, ob + rows * 64, 0.f);
+  __m512 sv[kInt4AmxSpan][4], ov[kInt4AmxSpan][4];
+  for (int64_t g0 = 0; g0 < groups; g0 += kInt4AmxSpan) {
+    const int64_t ng = std::min(kInt4AmxSpan, groups - g0);
+    for (int64_t s = 0; s < ng; ++s) {
+      if (g0 + s + kInt4AmxSpan < groups) prefetch_scales(sz, g0 + s + kInt4AmxSpan, n, b * 64, 64);
+      int4_amx_decode<false>(packed, table, wbs + s * wb_vectors, k, g, b, g0 + s);
+      for (int h = 0; h < 2; ++h)
+        int4_dp_scales(sz, g0 + s, n, b * 64 + 32 * h, sv[s] + 2 * h, ov[s] + 2 * h);
+    }
+    for (int64_t t0 = 0; t0 < rows; t0 += 16) {
+      for (int64_t s = 0; s < ng; ++s) {
+        int4_amx_zero_sums();
+        for (int64_t p = 0; p < g / 8; ++p)
+          int4_amx_product(p, xp + t0 * half + (g0 + s) * g / 2, half, wbs + s * wb_vectors);
+        int4_amx_store_sums(cbs + s * 1024);
+      }
+      const int64_t tr = std::min<int64_t>(16, rows - t0);
+      int64_t r0 = 0;
+      for (; r0 + 4 <= tr; r0 += 4)
+        int4_amx_span_scale<4>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng);
+      switch (tr - r0) {
+        case 3: int4_amx_span_scale<3>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
+        case 2: int4_amx_span_scale<2>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
+        case 1: int4_amx_span_scale<1>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
+        default: break;
+      }
+    }
+  }
   int4_store_lane_order(ob, rows, y, n, b);
 }
 #endif
@@ -2458,16 +2533,18 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
         // The thread's buffers, kept across calls (a call of 1-16 rows takes ~10-50 us, and
         // fresh zeroed ones cost it a few percent): codes, sums and totals, one after another.
         thread_local std::vector<__m512> scratch;
-        const int64_t wb_vectors = 3 * (g / 2 * 4), cb_vectors = 2 * ((rows + 15) / 16 * 16 * 4);
+        const bool tiles = rows > 16;  // int4_block_amx_tiles
+        const int64_t wb_vectors = (tiles ? kInt4AmxSpan : 3) * (g / 2 * 4);
+        const int64_t cb_vectors = (tiles ? kInt4AmxSpan : 2) * 64;
         if (static_cast<int64_t>(scratch.size()) < wb_vectors + cb_vectors + rows * 4)
           scratch.resize(wb_vectors + cb_vectors + rows * 4);
         __m512* wb = scratch.data();
         int4_amx_configure(std::min<int64_t>(rows, 16));
         for (int64_t b = b0; b < b1; ++b)
-          int4_block_amx(rows, xp.data(), xsum.data(), packed, sz, y, n, k, g, b,
-                         reinterpret_cast<__m512bh*>(wb),
-                         reinterpret_cast<float*>(wb + wb_vectors),
-                         reinterpret_cast<float*>(wb + wb_vectors + cb_vectors));
+          (tiles ? int4_block_amx_tiles<T> : int4_block_amx<T>)(
+              rows, xp.data(), xsum.data(), packed, sz, y, n, k, g, b,
+              reinterpret_cast<__m512bh*>(wb), reinterpret_cast<float*>(wb + wb_vectors),
+              reinterpret_cast<float*>(wb + wb_vectors + cb_vectors));
       });
       return;
     }
