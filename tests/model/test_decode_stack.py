@@ -1,8 +1,9 @@
 """The one-call decode stack (``carpool.model.decode_stack``): a decode step through the C++
 operator computes the same bits as the model's Python layers, for every linear kind (plain
 float32/bf16, oneDNN-packed, VNNI, int8, int4), with q/k/v bias, a float, int8 or (float32
-models) bf16 KV cache, 1-32 sequences; steps it does not take (prefill, mixed, over 32 rows,
-Qwen3's q/k norm) keep the Python layers; bad arguments get a message."""
+models) bf16 KV cache, 1-32 sequences, and up to 256 where every linear takes one kernel at
+any row count; steps it does not take (prefill, mixed, past the plan's rows, Qwen3's q/k norm)
+keep the Python layers; bad arguments get a message."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from carpool.model import decode_stack, kv_quant, paged_attention, vnni_linear
+from carpool.model import decode_stack, fused_ops, kv_quant, paged_attention, vnni_linear
 from carpool.model.layers import Linear, prepack_available
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
@@ -148,6 +149,44 @@ def test_stack_is_the_python_layers_bits(checkpoints, arch, dtype, quantization)
     assert paged_attention.kernel_calls() > kernel_runs  # counted for the layers it ran
 
 
+def _every_row_count_here(quantization: str) -> bool:
+    """Whether this CPU's kernels for the quantized linears take every row count in one path
+    (the tiny model's K, 64 and 128, are whole 32s for int8_dot)."""
+    if quantization == "int4":
+        return fused_ops.INT4_GEMV_MAX_ROWS == fused_ops.ANY_ROWS
+    return fused_ops.ANY_ROWS in (fused_ops.INT8_GEMV_MAX_ROWS, fused_ops.int8_dot_max_rows())
+
+
+@pytest.mark.parametrize(
+    "dtype, quantization",
+    [(d, q) for d in ("float32", "bfloat16") for q in ("int8", "int4")]
+    + [("bfloat16", "vnni")],  # (the "vnni" layout packs bf16 weights)
+)
+def test_steps_past_32_rows_run_in_the_stack_where_every_linear_allows(
+    checkpoints, dtype, quantization
+):
+    # A decode step of 33-256 sequences (max_num_seqs is 64) where every linear takes one path
+    # at any row count: the same bits as the Python layers, the head in the call up to its own
+    # rows (a float32 model's int8 head: int8_logits' 128); past 256 (GatedMLP's row chunks)
+    # the Python layers.
+    if quantization == "vnni":
+        model, every = _model(checkpoints["qwen2"], dtype, pack="vnni"), True
+    else:
+        model = _model(checkpoints["llama"], dtype, quantization)
+        every = _every_row_count_here(quantization)
+    plan = model.decode_plan
+    assert (
+        plan.max_rows
+        == (decode_stack.MAX_ROWS if every else decode_stack.EXACT_ROWS)
+        == (256 if every else 32)
+    )
+    for rows in (33, 70, 129, 257):
+        inp, caches = _step(model, [2 + (7 * i) % 90 for i in range(rows)])
+        want, got, taken = _both_paths(model, inp, caches)
+        assert taken == int(rows <= plan.max_rows), rows
+        assert torch.equal(got, want), f"{rows} rows: max diff {(got - want).abs().max()}"
+
+
 def test_vnni_layout_runs_in_the_stack(checkpoints):
     """The "vnni" layout (picked only on AVX-512 BF16 + AMX CPUs; its operator runs anywhere)."""
     model = _model(checkpoints["qwen2"], "bfloat16", pack="vnni")
@@ -179,6 +218,8 @@ def test_onednn_layout_runs_in_the_stack(checkpoints, dtype):
 
 def test_steps_it_does_not_take_keep_the_python_layers(checkpoints):
     model = _model(checkpoints["llama"], "float32")
+    # Plain float32 weights: 32 rows (past them bucket_rows would pad a bf16 weight's rows).
+    assert model.decode_plan.max_rows == decode_stack.EXACT_ROWS == 32
     # A prefill step, more than 32 decode rows: the Python layers (same logits either way).
     for inp, caches in (_step(model, [12], new=12), _step(model, [4] * 33)):
         want, got, taken = _both_paths(model, inp, caches)
@@ -205,8 +246,8 @@ def test_bad_arguments_are_refused_with_a_message(checkpoints):
     tail = [plan.limits, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.eps, plan.scale]
     with pytest.raises(RuntimeError, match="tensors and"):
         torch.ops.carpool.decode_stack(*args, plan.tensors[:-1], plan.ints, *tail)
-    big = torch.zeros(33, x.shape[1])
-    with pytest.raises(RuntimeError, match="1 <= T <= 32"):
+    big = torch.zeros(257, x.shape[1])
+    with pytest.raises(RuntimeError, match="1 <= T <= 256"):
         torch.ops.carpool.decode_stack(big, *args[1:], plan.tensors, plan.ints, *tail)
     bad_kind = [99, *plan.ints[1:]]
     with pytest.raises(RuntimeError, match="unknown linear kind 99"):

@@ -11,7 +11,9 @@ operator's flat lists (a ``StackPlan``) when every layer is one the operator kno
 linears of kinds ``layers.Linear`` (plain, oneDNN-packed or "vnni" weights), ``Int8Linear`` or
 ``Int4Linear``, no per-head q/k norm (Qwen3 keeps the Python path). ``run`` takes a step when
 it is a pure decode step (one token per sequence, the paged decode kernel applies) of at most
-``MAX_ROWS`` sequences on the CPU with the fused operators loaded; otherwise it returns None
+the plan's ``max_rows`` sequences on the CPU with the fused operators loaded (``max_rows``: 256,
+or 32 where a linear past 32 rows takes a path the operator does not transcribe, such as a bf16
+weight's bucket-padded rows); otherwise it returns None
 and the model runs its layers from Python. ``run_logits`` takes such a step from token ids to
 logits (``carpool::decode_logits``) when every row samples and the plan has a ``HeadPlan``: a
 plain or int8 embedding, and a dense head, a bf16 model's quantized head, or a float32 model's
@@ -27,12 +29,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from carpool.model import fused_ops, kernel_build, paged_attention, quant, vnni_linear
+from carpool.model import fused_ops, kernel_build, layers, paged_attention, quant, vnni_linear
 from carpool.model.attention import AttentionMetadata
 from carpool.model.layers import Linear
 
 ENV_STACK = "CARPOOL_DECODE_STACK"
-MAX_ROWS = 32  # the operator's limit: layers.bucket_rows pads no row count up to here
+# The operator's limit: past it GatedMLP computes its rows in chunks, which the operator does not.
+MAX_ROWS = layers.MLP_CHUNK_ROWS
+# Rows up to which every linear kind runs in the operator as from Python: past them a plain or
+# oneDNN-packed bf16 weight's rows are padded to a bucket (layers.bucket_rows), which the
+# operator does not do, and a quantized weight whose kernel does not take every row count takes
+# another path there (the weight widened for a GEMM, or torch's kernel).
+EXACT_ROWS = layers.EXACT_ROWS
 # The operator's linear kinds (csrc/decode_stack.cpp).
 PLAIN, ONEDNN, VNNI, INT8, INT4 = 0, 1, 2, 3, 4
 # A float32 model's quantized head in decode_logits: float32 logits from the int8 / int4 kernel.
@@ -111,6 +119,7 @@ class StackPlan:
     scale: float
     uses_vnni: bool
     limits: list[int]  # the kernel choices' thresholds (see ``_limits``)
+    max_rows: int = EXACT_ROWS  # the steps' rows it takes (``_max_rows``)
     head: HeadPlan | None = None  # None: the model's own embedding, norm and head run
 
 
@@ -147,6 +156,7 @@ def build_plan(model: nn.Module) -> StackPlan | None:
     eps, attn0 = first.input_layernorm.eps, first.self_attn
     tensors: list[torch.Tensor | None] = []
     ints: list[int] = []
+    linears: list[nn.Module] = []
     uses_vnni = False
     for layer in layers:
         attn = layer.self_attn
@@ -165,8 +175,10 @@ def build_plan(model: nn.Module) -> StackPlan | None:
                 return None
             tensors += entry[0]
             ints += entry[1]
+            linears.append(m)
             uses_vnni = uses_vnni or entry[1][0] == VNNI
-    head = _head_plan(model, dtype)
+    max_rows = _max_rows(linears, ints[0::3])
+    head = _head_plan(model, dtype, max_rows)
     uses_vnni = uses_vnni or (head is not None and head.ints[0] == VNNI)
     return StackPlan(
         tensors=[None if t is None else t.detach() for t in tensors],
@@ -179,13 +191,37 @@ def build_plan(model: nn.Module) -> StackPlan | None:
         scale=attn0.scale,
         uses_vnni=uses_vnni,
         limits=_limits(),
+        max_rows=max_rows,
         head=head,
     )
 
 
-def _head_plan(model: nn.Module, dtype: torch.dtype) -> HeadPlan | None:
+def _max_rows(linears: list[nn.Module], kinds: list[int]) -> int:
+    """The most rows of a step the operator computes as the Python layers would: ``MAX_ROWS``
+    where every linear takes one path at any row count up to it (a "vnni" weight; an int4 or
+    int8 weight whose fused kernels take every row count here), else ``EXACT_ROWS``.
+
+    Why more than 32: a decode step of 33-64 sequences (``max_num_seqs`` is 64) from Python
+    cost the default model ~3-4 ms more (16 operator calls a layer; BENCHMARKS.md, issue 11,
+    forty-seventh pass)."""
+    int4_every = fused_ops.INT4_GEMV_MAX_ROWS == fused_ops.ANY_ROWS
+    # int8: int8_gemv at every count, or past its rows int8_dot at every count (K whole 32s).
+    int8_every = fused_ops.INT8_GEMV_MAX_ROWS == fused_ops.ANY_ROWS
+    int8_dot_every = fused_ops.int8_dot_max_rows() == fused_ops.ANY_ROWS
+    for m, kind in zip(linears, kinds, strict=True):
+        if (
+            kind in (PLAIN, ONEDNN)
+            or (kind == INT4 and not int4_every)
+            or (kind == INT8 and not (int8_every or (int8_dot_every and m.in_features % 32 == 0)))
+        ):
+            return EXACT_ROWS
+    return MAX_ROWS
+
+
+def _head_plan(model: nn.Module, dtype: torch.dtype, max_rows: int) -> HeadPlan | None:
     """The ``HeadPlan`` of a model whose embedding is a plain ``nn.Embedding`` of ``dtype`` or
-    an int8 ``QuantizedEmbedding``, and whose head the operator runs; else None."""
+    an int8 ``QuantizedEmbedding``, and whose head the operator runs; else None. ``max_rows``:
+    the layers' (``_max_rows``)."""
     embed, head, norm = model.model.embed_tokens, model.lm_head, model.model.norm
     scales = None
     if type(embed) is nn.Embedding and embed.weight.dtype == dtype:
@@ -205,12 +241,12 @@ def _head_plan(model: nn.Module, dtype: torch.dtype) -> HeadPlan | None:
     elif isinstance(head, (Linear, quant.QuantizedLinear)):
         # A bf16 model's quantized head: QuantizedLinear.logits is its forward, then .float().
         found = _linear_entry(head, dtype)
-        entry = None if found is None else (*found, MAX_ROWS)
+        entry = None if found is None else (*found, _max_rows([head], [found[1][0]]))
     else:
         entry = None
     if entry is None:
         return None
-    slots, ints, max_rows = entry
+    slots, ints, entry_rows = entry
     return HeadPlan(
         embed=weight.detach(),
         embed_scales=None if scales is None else scales.detach(),
@@ -218,7 +254,7 @@ def _head_plan(model: nn.Module, dtype: torch.dtype) -> HeadPlan | None:
         norm_eps=norm.eps,
         tensors=[None if t is None else t.detach() for t in slots],
         ints=ints,
-        max_rows=min(MAX_ROWS, max_rows),
+        max_rows=min(max_rows, entry_rows),
     )
 
 
@@ -262,7 +298,7 @@ def _limits() -> list[int]:
 
 
 def _takes(plan: StackPlan, t: int, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> bool:
-    """Whether the operator takes a step of ``t`` rows: a pure decode step of 1 to MAX_ROWS
+    """Whether the operator takes a step of ``t`` rows: a pure decode step of 1 to max_rows
     rows through the paged kernel, with the operators loaded, none of them a row whose
     quantized linears take the widened weight (``row_paths``: the stack has only the kernels)."""
     return (
@@ -271,7 +307,7 @@ def _takes(plan: StackPlan, t: int, meta: AttentionMetadata, kv_caches: list[tor
         and fused_ops.active()
         and meta.context_lens is not None
         and meta.kernel_rows is None  # else a mixed prefill + decode step
-        and 1 <= t <= MAX_ROWS
+        and 1 <= t <= plan.max_rows
         and paged_attention.applies(kv_caches[0], plan.dtype)
         and (not plan.uses_vnni or vnni_linear.loaded())
     )

@@ -23,8 +23,8 @@ from carpool.config import ModelConfig, RopeScaling
 from carpool.model import fused_ops, pages, row_paths, vnni_linear
 
 # Rows of a reduced-precision matmul are padded up to one of a few sizes: exact up to
-# ``_EXACT_ROWS``, then ``_BUCKETS_PER_OCTAVE`` sizes per power of two (at most 25% padding).
-_EXACT_ROWS = 32
+# ``EXACT_ROWS``, then ``_BUCKETS_PER_OCTAVE`` sizes per power of two (at most 25% padding).
+EXACT_ROWS = 32
 _BUCKETS_PER_OCTAVE = 4
 
 
@@ -39,7 +39,7 @@ def bucket_rows(rows: int) -> int:
     bucketed, ~60 sizes per weight shape cover up to 8k tokens, the caches stop growing once
     they saw them, and the steps hit them.
     """
-    if rows <= _EXACT_ROWS:
+    if rows <= EXACT_ROWS:
         return rows
     step = 1 << (rows.bit_length() - 1 - (_BUCKETS_PER_OCTAVE.bit_length() - 1))
     return -(-rows // step) * step

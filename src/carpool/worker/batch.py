@@ -155,8 +155,8 @@ def _ragged_batch(
     mask = None  # a pure decode step's: made from context_lens if needed (AttentionMetadata)
     if not parts:
         # Every row through the kernel, in a pure decode step's form: one row per sequence (a
-        # short prompt's rows each its own, with its own context; the decode stack's at up to
-        # 32 rows, see carpool.model.decode_stack).
+        # short prompt's rows each its own, with its own context; the decode stack's up to its
+        # plan's rows, see carpool.model.decode_stack).
         context_lens = positions + 1
         rect_tables = tables[seq_index]
         parts = None

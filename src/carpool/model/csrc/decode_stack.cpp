@@ -10,7 +10,7 @@
 //
 // It is a transcription, not a new algorithm: every layer calls the same operators with the
 // same arguments, in the same order, as `DecoderLayer.forward` does for a pure decode step of
-// at most 32 rows (the fused norms, rotary and SwiGLU of `fused_ops`, the paged decode kernel,
+// at most 256 rows (the fused norms, rotary and SwiGLU of `fused_ops`, the paged decode kernel,
 // the linears' own kernel choice by row count, see `linear` below), so the result is the same
 // bits as the Python path's (tested), and a request's tokens do not depend on which path or
 // which batch served it. The Python side (`carpool.model.decode_stack`) decides when it
@@ -50,7 +50,9 @@ namespace {
 
 constexpr int64_t kTensorsPerLayer = 14;
 constexpr int64_t kIntsPerLayer = 12;
-constexpr int64_t kMaxRows = 32;  // layers.bucket_rows pads nothing up to here
+// decode_stack.MAX_ROWS: past it GatedMLP chunks its rows. A plan with a plain or oneDNN-packed
+// weight goes to 32 (layers.bucket_rows pads nothing up to there; decode_stack.EXACT_ROWS).
+constexpr int64_t kMaxRows = 256;
 enum Kind : int64_t { kPlain = 0, kOneDnn = 1, kVnni = 2, kInt8 = 3, kInt4 = 4 };
 // A quantized head of a float32 model: its float32 logits straight from the kernel
 // (QuantizedLinear.logits' _kernel_logits; decode_logits only, within the kernel's rows).
@@ -161,7 +163,7 @@ bool emulated_bf16(const at::Tensor& w, const Limits& lim) {
   return lim.bf16_emulated && w.scalar_type() == at::kBFloat16 && w.is_contiguous();
 }
 
-// layers._linear on a plain weight at <= 32 rows (no bucket padding): bf16_linear where bf16
+// layers._linear on a plain weight at <= 32 rows (no bucket padding: decode_stack.EXACT_ROWS): bf16_linear where bf16
 // is emulated, else F.linear.
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                         const Limits& lim) {
