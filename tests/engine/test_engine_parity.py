@@ -138,3 +138,52 @@ def test_n_completions_and_logprobs(tiny_llama):
             assert lp.token_id == tok and lp.logprob <= 0 and len(lp.top) == 2
             assert lp.top[0][1] >= lp.top[1][1] >= lp.logprob or tok in (t for t, _ in lp.top)
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1, "n seeded samples all equal"
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_a_prompt_beside_many_decoding_sequences_gives_the_same_bits_split(
+    tiny_llama, quantization, monkeypatch
+):
+    # A prompt's chunk beside more than 32 decoding sequences of a model whose linears take one
+    # kernel at any row count runs as two forwards (ModelRunner._ragged_parts): the decoding
+    # rows as a pure decode step (the one-call stack), then the chunk's. Each row's numbers
+    # follow from the row alone: the same tokens and logprobs, bit for bit, as one mixed step.
+    from carpool.model import decode_stack
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = [[3 + (7 * i + j) % 200 for j in range(2 + i % 5)] for i in range(40)]
+    late = [[5 + j for j in range(24)], [9 + (2 * j) % 150 for j in range(40)]]
+
+    def run() -> tuple[dict, int, int]:
+        engine = LLMEngine(
+            EngineConfig(
+                model=tiny_llama.path,
+                dtype="float32",
+                quantization=quantization,
+                max_num_seqs=48,
+                max_num_batched_tokens=256,
+            )
+        )
+        for i, p in enumerate(prompts):
+            engine.add_request(p, params, request_id=f"r{i}")
+        results, step = {}, 0
+        while engine.has_unfinished():
+            if step == 2:  # the 40 decode now; two prompts arrive beside them
+                for i, p in enumerate(late):
+                    engine.add_request(p, params, request_id=f"late{i}")
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].logprobs)
+            step += 1
+        plan = engine.runner.model.decode_plan
+        return results, engine.runner.num_split_steps, plan.max_rows
+
+    split, num_split, max_rows = run()
+    assert len(split) == 42
+    # Where the quantized kernels take every row count here (every AVX-512 BF16 or AVX2 CPU),
+    # the stack takes 40 rows and the mixed step splits; elsewhere it stays whole.
+    assert (num_split > 0) == (max_rows > 40), (num_split, max_rows)
+    monkeypatch.setattr(decode_stack, "splits_mixed", lambda plan, rows: False)
+    whole, none, _ = run()
+    assert none == 0
+    assert split == whole

@@ -282,6 +282,19 @@ def attach(model: nn.Module) -> StackPlan | None:
     return model.decode_plan
 
 
+def splits_mixed(plan: StackPlan | None, decode_rows: int) -> bool:
+    """Whether a mixed step's ``decode_rows`` generated-token rows run as a pure decode step
+    of their own, which the operator takes (``ModelRunner._ragged_parts``): past
+    ``EXACT_ROWS`` of them (up to it the mixed step costs no more than its parts), within the
+    plan's rows, with the operators loaded."""
+    return (
+        plan is not None
+        and _lib.active()
+        and fused_ops.active()
+        and EXACT_ROWS < decode_rows <= plan.max_rows
+    )
+
+
 def _limits() -> list[int]:
     """The thresholds by which the linears pick their kernels (the operator's ``Limits``)."""
     return [

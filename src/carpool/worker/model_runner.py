@@ -8,7 +8,7 @@ changes their status: that is the scheduling policy's job.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,9 +19,9 @@ from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import Linear, prepack_linears
 from carpool.model.quant import QuantizedLinear
 from carpool.request import Request
-from carpool.scheduling.output import BlockTables, SchedulerOutput
+from carpool.scheduling.output import BlockTables, ScheduledChunk, SchedulerOutput
 from carpool.worker import heap
-from carpool.worker.batch import DecodeInputs, build_ragged_batch
+from carpool.worker.batch import DecodeInputs, ModelInput, build_ragged_batch
 from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs, argmax_only
 from carpool.worker.sampler_guard import SamplingGuard
@@ -152,6 +152,8 @@ class ModelRunner:
         # The builders' wide_from (quant.wide_prompt_from): a prompt's rows through the
         # quantized linears' widened weight, fixed for the engine as kernel_below is.
         self.wide_from = quant.wide_prompt_from(model, device)
+        # Mixed steps run as a pure decode step and the rest (_ragged_parts); tests count them.
+        self.num_split_steps = 0
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -191,57 +193,107 @@ class ModelRunner:
             # either layout.
             prompts = [len(requests[c.request_id].prompt_token_ids) for c in output.chunks]
             if self.layout == "padded":
-                inp = build_padded_batch(
-                    output.chunks,
-                    tables,
-                    self.block_size,
-                    self.scratch_block,
-                    output.num_idle_seats,
-                    self.device,
-                    prompts,
-                    kernel_below=self.kernel_below,
-                    wide_from=self.wide_from,
-                )
+                inputs = [
+                    build_padded_batch(
+                        output.chunks,
+                        tables,
+                        self.block_size,
+                        self.scratch_block,
+                        output.num_idle_seats,
+                        self.device,
+                        prompts,
+                        kernel_below=self.kernel_below,
+                        wide_from=self.wide_from,
+                    )
+                ]
             else:
-                inp = build_ragged_batch(
-                    output.chunks,
-                    tables,
-                    self.block_size,
-                    self.device,
-                    prompts,
-                    reuse=self._decode_inputs,
-                    kernel_below=self.kernel_below,
-                    wide_from=self.wide_from,
-                )
-            num_padded = inp.num_tokens - output.num_batched_tokens
-            logits = self.model(
-                inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
-            )
-            # A prefill's freed temporaries back to the OS (see carpool.worker.heap).
-            heap.release_after(inp.num_tokens, self.device)
-            if not inp.sample_request_ids:
-                return ModelRunnerOutput(num_padded_tokens=num_padded)
-            reqs = [requests[rid] for rid in inp.sample_request_ids]
-            if all(argmax_only(r.sampling_params) for r in reqs):
-                # Every row greedy with nothing to apply: the argmax alone, without the sampler's
-                # per-row objects (the same tokens). This Python runs right after the forward,
-                # where each call costs several times its warm price (BENCHMARKS.md, issue 11,
-                # thirty-second pass).
-                tokens = self.sampler.greedy(logits)
-                return ModelRunnerOutput(
-                    sampled=dict(zip(inp.sample_request_ids, tokens, strict=True)),
-                    num_padded_tokens=num_padded,
-                )
-            rows = [
-                SamplingRow(
-                    r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r)
-                )
-                for r in reqs
-            ]
-            result = self.sampling(logits, inp.sample_request_ids, rows)
+                inputs = [
+                    build_ragged_batch(
+                        chunks,
+                        tabs,
+                        self.block_size,
+                        self.device,
+                        proms,
+                        reuse=reuse,
+                        kernel_below=self.kernel_below,
+                        wide_from=self.wide_from,
+                    )
+                    for chunks, tabs, proms, reuse in self._ragged_parts(
+                        output.chunks, tables, prompts
+                    )
+                ]
+            outs = [self._forward_and_sample(inp, requests) for inp in inputs]
+            num_padded = sum(i.num_tokens for i in inputs) - output.num_batched_tokens
+            if len(outs) == 1:
+                return replace(outs[0], num_padded_tokens=num_padded)
             return ModelRunnerOutput(
-                sampled=result.sampled,
-                logprobs=result.logprobs,
+                sampled={k: v for o in outs for k, v in o.sampled.items()},
+                logprobs={k: v for o in outs for k, v in o.logprobs.items()},
                 num_padded_tokens=num_padded,
-                failed=result.failed,
+                failed={k: v for o in outs for k, v in o.failed.items()},
             )
+
+    def _ragged_parts(
+        self, chunks: list[ScheduledChunk], tables: list[list[int]], prompts: list[int]
+    ) -> list[tuple[list[ScheduledChunk], list[list[int]], list[int], DecodeInputs | None]]:
+        """The step's chunks as one batch, or a mixed step as two: its generated tokens' rows as
+        a pure decode step of their own (the one-call decode stack's), then the other chunks.
+
+        Why: a prompt's chunk beside more than 32 decoding sequences took the Python layers for
+        all of them (the stack takes pure decode steps only): 79.0 ms for a 64-token prompt
+        beside 63 of the default model's sequences, against 38.6 + 32.9 apart (BENCHMARKS.md,
+        issue 11, forty-seventh pass); at up to 32 the mixed step costs no more than its parts.
+        Every row's numbers follow from the row alone (its position picks its kernels), so the
+        two steps compute the same bits as the one (tested). (chunks, tables, prompt lengths,
+        the reusable decode inputs) per part."""
+        whole = [(chunks, tables, prompts, self._decode_inputs)]
+        decode = [
+            i
+            for i, c in enumerate(chunks)
+            if len(c.token_ids) == 1 and c.needs_sample and c.start_pos >= prompts[i]
+        ]
+        plan = getattr(self.model, "decode_plan", None)
+        if len(decode) == len(chunks) or not decode_stack.splits_mixed(plan, len(decode)):
+            return whole
+        self.num_split_steps += 1
+        taken = set(decode)
+        rest = [i for i in range(len(chunks)) if i not in taken]
+        return [
+            (
+                [chunks[i] for i in part],
+                [tables[i] for i in part],
+                [prompts[i] for i in part],
+                self._decode_inputs if part is decode else None,
+            )
+            for part in (decode, rest)
+        ]
+
+    def _forward_and_sample(
+        self, inp: ModelInput, requests: Mapping[str, Request]
+    ) -> ModelRunnerOutput:
+        """One forward over ``inp`` and a token for each of its sampling rows."""
+        logits = self.model(
+            inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
+        )
+        # A prefill's freed temporaries back to the OS (see carpool.worker.heap).
+        heap.release_after(inp.num_tokens, self.device)
+        if not inp.sample_request_ids:
+            return ModelRunnerOutput()
+        reqs = [requests[rid] for rid in inp.sample_request_ids]
+        if all(argmax_only(r.sampling_params) for r in reqs):
+            # Every row greedy with nothing to apply: the argmax alone, without the sampler's
+            # per-row objects (the same tokens). This Python runs right after the forward,
+            # where each call costs several times its warm price (BENCHMARKS.md, issue 11,
+            # thirty-second pass).
+            tokens = self.sampler.greedy(logits)
+            return ModelRunnerOutput(sampled=dict(zip(inp.sample_request_ids, tokens, strict=True)))
+        rows = [
+            SamplingRow(
+                r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r)
+            )
+            for r in reqs
+        ]
+        result = self.sampling(logits, inp.sample_request_ids, rows)
+        return ModelRunnerOutput(
+            sampled=result.sampled, logprobs=result.logprobs, failed=result.failed
+        )
