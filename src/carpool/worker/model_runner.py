@@ -8,7 +8,7 @@ changes their status: that is the scheduling policy's job.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -222,10 +222,10 @@ class ModelRunner:
                         output.chunks, tables, prompts
                     )
                 ]
-            outs = [self._forward_and_sample(inp, requests) for inp in inputs]
             num_padded = sum(i.num_tokens for i in inputs) - output.num_batched_tokens
-            if len(outs) == 1:
-                return replace(outs[0], num_padded_tokens=num_padded)
+            if len(inputs) == 1:
+                return self._forward_and_sample(inputs[0], requests, num_padded)
+            outs = [self._forward_and_sample(inp, requests) for inp in inputs]
             return ModelRunnerOutput(
                 sampled={k: v for o in outs for k, v in o.sampled.items()},
                 logprobs={k: v for o in outs for k, v in o.logprobs.items()},
@@ -269,16 +269,17 @@ class ModelRunner:
         ]
 
     def _forward_and_sample(
-        self, inp: ModelInput, requests: Mapping[str, Request]
+        self, inp: ModelInput, requests: Mapping[str, Request], num_padded: int = 0
     ) -> ModelRunnerOutput:
-        """One forward over ``inp`` and a token for each of its sampling rows."""
+        """One forward over ``inp`` and a token for each of its sampling rows; ``num_padded``
+        goes into the output as it is."""
         logits = self.model(
             inp.input_ids, inp.positions, inp.meta, self.kv_caches, inp.logits_indices
         )
         # A prefill's freed temporaries back to the OS (see carpool.worker.heap).
         heap.release_after(inp.num_tokens, self.device)
         if not inp.sample_request_ids:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(num_padded_tokens=num_padded)
         reqs = [requests[rid] for rid in inp.sample_request_ids]
         if all(argmax_only(r.sampling_params) for r in reqs):
             # Every row greedy with nothing to apply: the argmax alone, without the sampler's
@@ -286,7 +287,10 @@ class ModelRunner:
             # where each call costs several times its warm price (BENCHMARKS.md, issue 11,
             # thirty-second pass).
             tokens = self.sampler.greedy(logits)
-            return ModelRunnerOutput(sampled=dict(zip(inp.sample_request_ids, tokens, strict=True)))
+            return ModelRunnerOutput(
+                sampled=dict(zip(inp.sample_request_ids, tokens, strict=True)),
+                num_padded_tokens=num_padded,
+            )
         rows = [
             SamplingRow(
                 r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r)
@@ -295,5 +299,8 @@ class ModelRunner:
         ]
         result = self.sampling(logits, inp.sample_request_ids, rows)
         return ModelRunnerOutput(
-            sampled=result.sampled, logprobs=result.logprobs, failed=result.failed
+            sampled=result.sampled,
+            logprobs=result.logprobs,
+            num_padded_tokens=num_padded,
+            failed=result.failed,
         )
