@@ -163,8 +163,8 @@ bool emulated_bf16(const at::Tensor& w, const Limits& lim) {
   return lim.bf16_emulated && w.scalar_type() == at::kBFloat16 && w.is_contiguous();
 }
 
-// layers._linear on a plain weight at <= 32 rows (no bucket padding: decode_stack.EXACT_ROWS): bf16_linear where bf16
-// is emulated, else F.linear.
+// layers._linear on a plain weight at <= 32 rows (no bucket padding: decode_stack.EXACT_ROWS):
+// bf16_linear where bf16 is emulated, else F.linear.
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                         const Limits& lim) {
   if (emulated_bf16(w, lim)) return ops().bf16_linear.call(x, w, maybe(b));
