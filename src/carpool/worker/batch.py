@@ -42,6 +42,12 @@ class ModelInput:
     num_tokens: int
 
 
+def generated_row(chunk: ChunkLike, prompt_len: int) -> bool:
+    """Whether ``chunk`` is one token at a generated position (past its request's
+    ``prompt_len`` prompt tokens): a row of a pure decode step."""
+    return len(chunk.token_ids) == 1 and chunk.start_pos >= prompt_len
+
+
 def build_ragged_batch(
     chunks: Sequence[ChunkLike],
     block_tables: Sequence[Sequence[int]],
@@ -78,9 +84,10 @@ def build_ragged_batch(
             ``quant.wide_prompt_from``); None: none. Again the row's own property.
     """
     assert chunks, "a batch needs at least one chunk"
-    if all(len(c.token_ids) == 1 for c in chunks) and (
-        generated_from is None
-        or all(c.start_pos >= g for c, g in zip(chunks, generated_from, strict=True))
+    if (
+        all(len(c.token_ids) == 1 for c in chunks)
+        if generated_from is None
+        else all(generated_row(c, g) for c, g in zip(chunks, generated_from, strict=True))
     ):
         if reuse is not None:
             return reuse.build(chunks, block_tables, block_size)

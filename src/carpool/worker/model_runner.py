@@ -21,7 +21,7 @@ from carpool.model.quant import QuantizedLinear
 from carpool.request import Request
 from carpool.scheduling.output import BlockTables, ScheduledChunk, SchedulerOutput
 from carpool.worker import heap
-from carpool.worker.batch import DecodeInputs, ModelInput, build_ragged_batch
+from carpool.worker.batch import DecodeInputs, ModelInput, build_ragged_batch, generated_row
 from carpool.worker.padded import build_padded_batch
 from carpool.worker.sampler import Sampler, SamplingRow, TokenLogprobs, argmax_only
 from carpool.worker.sampler_guard import SamplingGuard
@@ -248,9 +248,7 @@ class ModelRunner:
         the reusable decode inputs) per part."""
         whole = [(chunks, tables, prompts, self._decode_inputs)]
         decode = [
-            i
-            for i, c in enumerate(chunks)
-            if len(c.token_ids) == 1 and c.needs_sample and c.start_pos >= prompts[i]
+            i for i, c in enumerate(chunks) if c.needs_sample and generated_row(c, prompts[i])
         ]
         plan = getattr(self.model, "decode_plan", None)
         if len(decode) == len(chunks) or not decode_stack.splits_mixed(plan, len(decode)):

@@ -2303,19 +2303,51 @@ inline void int4_amx_zero_sums() {
   _tile_zero(3);
 }
 
-// Adds group gi's sums of rows [0, rows) (cb, as int4_amx_store_sums leaves them) to their
-// running totals in ob: out = fma(scale, sum, out), then out = fma(zero - 8 scale, sum(x), out),
-// as int4_block_dp's lanes.
-inline void int4_amx_scale(const float* cb, const float* xsum, const __m512* sv, const __m512* ov,
-                           float* ob, int64_t rows, int64_t groups, int64_t gi) {
-  for (int64_t m = 0; m < rows; ++m) {
-    const __m512 xs = _mm512_set1_ps(xsum[m * groups + gi]);
-    for (int j = 0; j < 4; ++j) {
-      __m512 o = _mm512_load_ps(ob + m * 64 + 16 * j);
-      o = _mm512_fmadd_ps(sv[j], _mm512_load_ps(cb + m * 64 + 16 * j), o);
-      o = _mm512_fmadd_ps(ov[j], xs, o);
-      _mm512_store_ps(ob + m * 64 + 16 * j, o);
+// Groups int4_block_amx_tiles decodes at a time: each 16-row tile of inputs then multiplies all
+// of them and adds their sums to its rows' totals with the totals in registers. SmolLM2's layers
+// (benchmarks/ab_int4_gemv.py, the AMX Xeon of issue 11's forty-seventh pass): 1 and 3 about as
+// fast as 2; 4 and 8 0.75-0.9x at 32-48 rows (their codes and sums leave L1).
+constexpr int64_t kInt4AmxSpan = 2;
+
+// Adds the sums of groups [g0, g0 + ng) (group g0 + s's at cbs + s * 1024, 16 rows of 64 floats
+// as int4_amx_store_sums leaves them) to the running totals (ob) of R rows, with the totals in
+// registers across the groups: tile row r0 + r is row t0 + r0 + r. Per group out = fma(scale,
+// sum, out), then out = fma(zero - 8 scale, sum(x), out), as int4_block_dp's lanes (sv, ov:
+// group g0 + s's scale and offset vectors at s).
+template <int R>
+inline void int4_amx_span_scale(const float* cbs, const float* xsum, const __m512 (*sv)[4],
+                                const __m512 (*ov)[4], float* ob, int64_t t0, int64_t r0,
+                                int64_t groups, int64_t g0, int64_t ng) {
+  __m512 acc[R][4];
+  float* o = ob + (t0 + r0) * 64;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_load_ps(o + r * 64 + 16 * j);
+  for (int64_t s = 0; s < ng; ++s) {
+    const float* cb = cbs + s * 1024 + r0 * 64;
+    for (int r = 0; r < R; ++r) {
+      const __m512 xs = _mm512_set1_ps(xsum[(t0 + r0 + r) * groups + g0 + s]);
+      for (int j = 0; j < 4; ++j) {
+        acc[r][j] = _mm512_fmadd_ps(sv[s][j], _mm512_load_ps(cb + r * 64 + 16 * j), acc[r][j]);
+        acc[r][j] = _mm512_fmadd_ps(ov[s][j], xs, acc[r][j]);
+      }
     }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(o + r * 64 + 16 * j, acc[r][j]);
+}
+
+// int4_amx_span_scale over rows [t0, t0 + tr) of a tile (tr <= 16), four at a time.
+inline void int4_amx_scale_tile(const float* cbs, const float* xsum, const __m512 (*sv)[4],
+                                const __m512 (*ov)[4], float* ob, int64_t t0, int64_t tr,
+                                int64_t groups, int64_t g0, int64_t ng) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= tr; r0 += 4)
+    int4_amx_span_scale<4>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng);
+  switch (tr - r0) {
+    case 3: int4_amx_span_scale<3>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
+    case 2: int4_amx_span_scale<2>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
+    case 1: int4_amx_span_scale<1>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
+    default: break;
   }
 }
 
@@ -2373,46 +2405,14 @@ void int4_block_amx(int64_t rows, const uint32_t* xp, const float* xsum, const u
     if (next) scales(gi + 1);
     if (gi > 0) {
       const int64_t prev = gi - 1;
-      int4_amx_scale(cbs + prev % 2 * cb_floats, xsum, sv[prev % 3], ov[prev % 3], ob, rows,
-                     groups, prev);
+      int4_amx_scale_tile(cbs + prev % 2 * cb_floats, xsum, sv + prev % 3, ov + prev % 3, ob, 0,
+                          rows, groups, prev, 1);
     }
   }
   const int64_t last = groups - 1;
-  int4_amx_scale(cbs + last % 2 * cb_floats, xsum, sv[last % 3], ov[last % 3], ob, rows, groups,
-                 last);
+  int4_amx_scale_tile(cbs + last % 2 * cb_floats, xsum, sv + last % 3, ov + last % 3, ob, 0, rows,
+                      groups, last, 1);
   int4_store_lane_order(ob, rows, y, n, b);
-}
-
-// Groups int4_block_amx_tiles decodes at a time: each 16-row tile of inputs then multiplies all
-// of them and adds their sums to its rows' totals with the totals in registers. SmolLM2's layers
-// (benchmarks/ab_int4_gemv.py, the AMX Xeon of issue 11's forty-seventh pass): 1 and 3 about as
-// fast as 2; 4 and 8 0.75-0.9x at 32-48 rows (their codes and sums leave L1).
-constexpr int64_t kInt4AmxSpan = 2;
-
-// Adds the sums of groups [g0, g0 + ng) (group g0 + s's at cbs + s * 1024, 16 rows of 64 floats
-// as int4_amx_store_sums leaves them) to the running totals (ob) of R rows: tile row r0 + r is
-// row t0 + r0 + r. Per group out = fma(scale, sum, out), then out = fma(zero - 8 scale, sum(x),
-// out), as int4_amx_scale: the same operations in the same order, the same bits.
-template <int R>
-inline void int4_amx_span_scale(const float* cbs, const float* xsum, const __m512 (*sv)[4],
-                                const __m512 (*ov)[4], float* ob, int64_t t0, int64_t r0,
-                                int64_t groups, int64_t g0, int64_t ng) {
-  __m512 acc[R][4];
-  float* o = ob + (t0 + r0) * 64;
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_load_ps(o + r * 64 + 16 * j);
-  for (int64_t s = 0; s < ng; ++s) {
-    const float* cb = cbs + s * 1024 + r0 * 64;
-    for (int r = 0; r < R; ++r) {
-      const __m512 xs = _mm512_set1_ps(xsum[(t0 + r0 + r) * groups + g0 + s]);
-      for (int j = 0; j < 4; ++j) {
-        acc[r][j] = _mm512_fmadd_ps(sv[s][j], _mm512_load_ps(cb + r * 64 + 16 * j), acc[r][j]);
-        acc[r][j] = _mm512_fmadd_ps(ov[s][j], xs, acc[r][j]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_store_ps(o + r * 64 + 16 * j, acc[r][j]);
 }
 
 // int4_block_amx past 16 rows: kInt4AmxSpan groups' codes decoded, then per 16-row tile of
@@ -2450,16 +2450,8 @@ void int4_block_amx_tiles(int64_t rows, const uint32_t* xp, const float* xsum,
           int4_amx_product(p, xp + t0 * half + (g0 + s) * g / 2, half, wbs + s * wb_vectors);
         int4_amx_store_sums(cbs + s * 1024);
       }
-      const int64_t tr = std::min<int64_t>(16, rows - t0);
-      int64_t r0 = 0;
-      for (; r0 + 4 <= tr; r0 += 4)
-        int4_amx_span_scale<4>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng);
-      switch (tr - r0) {
-        case 3: int4_amx_span_scale<3>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
-        case 2: int4_amx_span_scale<2>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
-        case 1: int4_amx_span_scale<1>(cbs, xsum, sv, ov, ob, t0, r0, groups, g0, ng); break;
-        default: break;
-      }
+      int4_amx_scale_tile(cbs, xsum, sv, ov, ob, t0, std::min<int64_t>(16, rows - t0), groups, g0,
+                          ng);
     }
   }
   int4_store_lane_order(ob, rows, y, n, b);
