@@ -710,13 +710,15 @@ def _fixed_point_logits(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> to
     return (total.double() * (s.double()[None, :] * step[:, None])).float()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 33, 70])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 12, 13, 16, 17, 33, 70])
 @pytest.mark.parametrize("k", [200, 256])
 def test_int8_logits_on_amx_are_exact_sums_of_fixed_point_rows(rows, k):
     # On AMX int8_logits multiplies on tiles in integers: every logit is the exact integer sum
     # of x in fixed point with the codes, rounded once; here against that definition computed
     # by torch in int64, bit for bit: one quad of rows and several, passes of 16, a block of
     # 1001 % 16 rows, K a multiple of 64 and not; a row's bits do not depend on its step.
+    # Past 12 rows two weight blocks at a time: an odd count of quads (13, 17, 33 rows) leaves
+    # a pass of one, a task's odd count of blocks (63 over two threads) a block alone.
     if not fused_ops.int8_logits_fixed():
         pytest.skip("int8_logits takes the float32 FMA loops on this CPU (no AMX)")
     torch.manual_seed(rows * k)

@@ -1112,6 +1112,12 @@ inline float int8_fixed_logit(double total, double scale_step) {
 // up to four input rows, their four planes side by side as the B tile's columns (plane j of
 // row l at column 4 j + l), so that one TDPBSSD makes all four planes' sums of four rows (at
 // one row a quarter of the instructions of a plane at a time).
+// Input rows past which int8_logits_amx multiplies two weight blocks at a time (2 x 2 tiles:
+// a tile load a product, not 1.25; and the blocks before combined between the passes, not
+// after them). SmolLM2's head from memory (benchmarks/ab_int8_gemv.py, the AMX Xeon of issue
+// 11's forty-eighth pass): 0.8-0.95x at 5-12 rows, 1.1-1.2x at 13-64, 1.2-1.3x at 96-128.
+constexpr int64_t kInt8FixedPairRows = 12;
+
 inline void int8_fixed_configure() {
   carpool_kernels::TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
@@ -1185,6 +1191,43 @@ inline void int8_fixed_block(const int8_t* a, int64_t lda, const uint32_t* xq, i
   if (quads > 3) _tile_stored(5, cb + 768, 64);
 }
 
+// The integer sums of two blocks of 16 weight rows (a0, a1 with their strides) and one or two
+// quads of input rows (their tiles from xq), stored to cb0 and cb1 as int8_fixed_block does:
+// 2 x 2 tiles (0 and 1 the blocks' chunks, 2 and 3 the quads' digits, 4-7 the sums), a tile
+// load for each product where int8_fixed_block's 1 x 4 takes 1.25. ahead: the 32 weight rows
+// to prefetch into L2 during the pass (16 k contiguous bytes a block), or null.
+inline void int8_fixed_pair(const int8_t* a0, int64_t lda0, const int8_t* a1, int64_t lda1,
+                            const uint32_t* xq, bool two, int64_t chunks, int32_t* cb0,
+                            int32_t* cb1, const int8_t* ahead) {
+  _tile_zero(4);
+  _tile_zero(6);
+  if (two) {
+    _tile_zero(5);
+    _tile_zero(7);
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (ahead != nullptr)
+      for (int64_t l = 32 * c; l < 32 * c + 32; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead) + 64 * l, _MM_HINT_T1);
+    _tile_loadd(0, a0 + 64 * c, lda0);
+    _tile_loadd(1, a1 + 64 * c, lda1);
+    _tile_loadd(2, xq + c * 256, 64);
+    if (two) _tile_loadd(3, xq + (chunks + c) * 256, 64);
+    _tile_dpbssd(4, 0, 2);
+    _tile_dpbssd(6, 1, 2);
+    if (two) {
+      _tile_dpbssd(5, 0, 3);
+      _tile_dpbssd(7, 1, 3);
+    }
+  }
+  _tile_stored(4, cb0, 64);
+  _tile_stored(6, cb1, 64);
+  if (two) {
+    _tile_stored(5, cb0 + 256, 64);
+    _tile_stored(7, cb1 + 256, 64);
+  }
+}
+
 // A quad's logits of a block (its sum tile stored at cb: weight row m's plane j of row l at
 // cb[16 m + 4 j + l]) into t [16 m][4 l]: each (m, l)'s planes combined exactly in double
 // (every partial sum an integer under 2^53), times sc[m] * step[l], rounded once to float.
@@ -1244,7 +1287,9 @@ inline __m512 int8_fixed_row(const float* t, int l) {
 
 // int8_logits on AMX tiles, in integers (int8_fixed_rows): per 16 weight rows every pass of up
 // to 16 input rows, the block's codes loaded into tiles from the matrix (from cache past the
-// first pass). Any row count.
+// first pass); past kInt8FixedPairRows per 32 weight rows every pass of up to 8 (2 x 2 tiles),
+// the span before combined between its passes. Any row count; the sums are exact, so every
+// arrangement gives the same bits.
 void int8_logits_amx(const float* x, const int8_t* q, const c10::BFloat16* sp, float* y,
                      int64_t rows, int64_t n, int64_t k) {
   const int64_t kp = (k + 63) / 64 * 64, chunks = kp / 64, quads = (rows + 3) / 4;
@@ -1258,58 +1303,90 @@ void int8_logits_amx(const float* x, const int8_t* q, const c10::BFloat16* sp, f
   // Blocks the matrix cannot give as tiles (k not a multiple of 64, the last rows of n): a
   // zero-padded copy.
   const bool whole = k % 64 == 0;
+  // Past 16 rows two weight blocks at a time (int8_fixed_pair); up to 16 one (int8_fixed_block).
+  const int64_t span = rows > kInt8FixedPairRows ? 2 : 1;
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
-    // Per task: two blocks' sums (a block's products are issued before the block before it
-    // is rescaled, so that the vector units do that while the tile unit multiplies), a
-    // zero-padded block, the scales.
+    // Per task: two spans' sums (a span's products are issued before the span before it is
+    // rescaled, so that the vector units do that while the tile unit multiplies), a zero-padded
+    // block for each of a span's blocks, the scales.
     thread_local std::vector<__m512i> sum_tiles;  // 64-byte aligned
-    thread_local std::vector<int8_t> pad;
-    if (static_cast<int64_t>(sum_tiles.size()) < 2 * quads * 16) sum_tiles.resize(2 * quads * 16);
+    thread_local std::vector<int8_t> pad[2];
+    if (static_cast<int64_t>(sum_tiles.size()) < 4 * quads * 16) sum_tiles.resize(4 * quads * 16);
     int32_t* const sums = reinterpret_cast<int32_t*>(sum_tiles.data());
+    auto block_sums = [&](int64_t b) { return sums + (b - b0) % 4 * quads * 256; };
     alignas(64) float t[64];
-    alignas(64) double sc[16];
+    alignas(64) double sc[4][16];  // a block's scales, by its sums' slot
     int8_fixed_configure();
-    auto finish = [&](int64_t b) {  // block b's logits from its sums
-      const int32_t* cb = sums + (b - b0) % 2 * quads * 256;
+    auto scales = [&](int64_t b) {
+      double* s = sc[(b - b0) % 4];
       const int64_t valid = std::min<int64_t>(16, n - b * 16);
-      for (int64_t j = 0; j < 16; ++j) sc[j] = j < valid ? Elt<c10::BFloat16>::load(sp, b * 16 + j) : 0.0;
-      const __mmask16 mask = carpool_kernels::first_lanes(valid);
-      for (int64_t u = 0; u < quads; ++u) {
+      for (int64_t j = 0; j < 16; ++j) s[j] = j < valid ? Elt<c10::BFloat16>::load(sp, b * 16 + j) : 0.0;
+    };
+    auto finish = [&](int64_t b, int64_t u_lo, int64_t u_hi) {  // quads [u_lo, u_hi) of block b
+      const int32_t* cb = block_sums(b);
+      const double* s = sc[(b - b0) % 4];
+      const __mmask16 mask = carpool_kernels::first_lanes(std::min<int64_t>(16, n - b * 16));
+      for (int64_t u = u_lo; u < std::min(u_hi, quads); ++u) {
         const int64_t r1 = std::min(rows, 4 * u + 4);
         if (r1 - 4 * u <= 2) {
           for (int64_t r = 4 * u; r < r1; ++r)
             _mm512_mask_storeu_ps(y + r * n + b * 16, mask,
-                                  int8_fixed_one(cb + u * 256, static_cast<int>(r % 4), sc, steps[r]));
+                                  int8_fixed_one(cb + u * 256, static_cast<int>(r % 4), s, steps[r]));
           continue;
         }
         const __m512d step4 = _mm512_broadcast_f64x4(_mm256_loadu_pd(&steps[4 * u]));
-        int8_fixed_quad(cb + u * 256, sc, step4, t);
+        int8_fixed_quad(cb + u * 256, s, step4, t);
         for (int64_t r = 4 * u; r < r1; ++r)
           _mm512_mask_storeu_ps(y + r * n + b * 16, mask, int8_fixed_row(t, static_cast<int>(r % 4)));
       }
     };
-    for (int64_t b = b0; b < b1; ++b) {
+    // Block b's codes as tiles: the matrix, or (k not a multiple of 64, the last rows of n) a
+    // zero-padded copy in pad[slot].
+    auto codes = [&](int64_t b, int slot, int64_t& lda) -> const int8_t* {
       const int64_t valid = std::min<int64_t>(16, n - b * 16);
       const int8_t* a = q + b * 16 * k;
-      int64_t lda = k;
-      if (!whole || valid < 16) {
-        pad.assign(16 * kp, 0);
-        for (int64_t j = 0; j < valid; ++j) std::memcpy(&pad[j * kp], a + j * k, k);
-        a = pad.data(), lda = kp;
+      lda = k;
+      if (whole && valid == 16) return a;
+      pad[slot].assign(16 * kp, 0);
+      for (int64_t j = 0; j < valid; ++j) std::memcpy(&pad[slot][j * kp], a + j * k, k);
+      lda = kp;
+      return pad[slot].data();
+    };
+    // Blocks [prev, b) are the span before (their sums stored, their logits not yet made):
+    // finished a slice at a time between this span's products, so that the vector units
+    // combine while the tile unit multiplies (a span's products issued whole fill the reorder
+    // buffer, and the combining behind them waits).
+    int64_t prev = b0;
+    for (int64_t b = b0; b < b1; b += span) {
+      const int64_t nb = std::min(span, b1 - b);
+      for (int64_t i = 0; i < nb; ++i) scales(b + i);
+      int64_t lda0 = 0, lda1 = 0;
+      const int8_t* a0 = codes(b, 0, lda0);
+      if (nb == 2) {
+        const int8_t* a1 = codes(b + 1, 1, lda1);
+        // The span after the next one (32 k contiguous bytes) into L2 during the first pass.
+        const int8_t* ahead = whole && b + 6 <= b1 ? q + (b + 4) * 16 * k : nullptr;
+        for (int64_t u0 = 0; u0 < quads; u0 += 2) {
+          int8_fixed_pair(a0, lda0, a1, lda1, xb.data() + u0 * chunks * 256, u0 + 1 < quads,
+                          chunks, block_sums(b) + u0 * 256, block_sums(b + 1) + u0 * 256,
+                          u0 == 0 ? ahead : nullptr);
+          for (int64_t p = prev; p < b; ++p) finish(p, u0, u0 + 2);
+        }
+      } else {
+        // The block after the next one (16 k contiguous bytes) into L2 during the first pass, 16
+        // lines a chunk. With the head not in cache (as in a model's step), SmolLM2's at one
+        // row: 1.33 ms prefetching the next block into L1, 1.15-1.22 this way, 1.63-1.78 with
+        // none (the tiles' loads, 16 rows 576 bytes apart, are no stream to the hardware's
+        // prefetchers); all at once, the prefetches waited for fill buffers (20% of the time).
+        const int8_t* ahead = whole && b + 2 < b1 ? q + (b + 2) * 16 * k : nullptr;
+        for (int64_t u0 = 0; u0 < quads; u0 += 4)
+          int8_fixed_block(a0, lda0, xb.data() + u0 * chunks * 256, std::min<int64_t>(4, quads - u0),
+                           chunks, block_sums(b) + u0 * 256, u0 == 0 ? ahead : nullptr);
+        for (int64_t p = prev; p < b; ++p) finish(p, 0, quads);
       }
-      // The block after the next one (16 k contiguous bytes) into L2 during the first pass, 16
-      // lines a chunk. With the head not in cache (as in a model's step), SmolLM2's at one
-      // row: 1.33 ms prefetching the next block into L1, 1.15-1.22 this way, 1.63-1.78 with
-      // none (the tiles' loads, 16 rows 576 bytes apart, are no stream to the hardware's
-      // prefetchers); all at once, the prefetches waited for fill buffers (20% of the time).
-      const int8_t* ahead = whole && b + 2 < b1 ? a + 32 * k : nullptr;
-      int32_t* cb = sums + (b - b0) % 2 * quads * 256;
-      for (int64_t u0 = 0; u0 < quads; u0 += 4)
-        int8_fixed_block(a, lda, xb.data() + u0 * chunks * 256, std::min<int64_t>(4, quads - u0),
-                         chunks, cb + u0 * 256, u0 == 0 ? ahead : nullptr);
-      if (b > b0) finish(b - 1);
+      prev = b;
     }
-    finish(b1 - 1);
+    for (int64_t p = prev; p < b1; ++p) finish(p, 0, quads);
   });
   for (int64_t r = 0; r < rows; ++r)
     if (!f.finite[r]) std::fill(y + r * n, y + (r + 1) * n, std::numeric_limits<float>::quiet_NaN());
