@@ -397,6 +397,17 @@ def test_int4_gemv_is_int4_logits_of_the_rounded_rows_rounded(n, k, dtype, group
     # two column blocks at a time by row count; elsewhere one FMA per input) adds each column's
     # products in int4_logits' order with the same roundings: its bf16 values are int4_logits'
     # float32 sums of the bf16-rounded rows, rounded once, at every row count.
+    _check_int4_gemv_is_rounded_int4_logits(n, k, dtype, group)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_gemv_takes_rows_whose_length_is_no_multiple_of_16(dtype):
+    # K = 40 in groups of 8: each row's last 8 inputs are rounded and paired one at a time
+    # after the 16-wide loop (and groups of 8 take the dot-product loops, AMX or not).
+    _check_int4_gemv_is_rounded_int4_logits(64, 40, dtype, 8)
+
+
+def _check_int4_gemv_is_rounded_int4_logits(n, k, dtype, group):
     from carpool.model.quant import Int4Linear
 
     torch.manual_seed(n + k + group)

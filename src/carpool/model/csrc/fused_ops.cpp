@@ -2536,6 +2536,23 @@ void int4_block_amx_tiles(int64_t rows, const uint32_t* xp, const float* xsum,
 #endif
 #endif
 
+// Each group's sum of a row's values (xr, groups * g of them) in input order, into out: eight
+// groups' chains at a time so that their additions overlap.
+inline void int4_group_sums(const float* xr, int64_t groups, int64_t g, float* out) {
+  int64_t j = 0;
+  for (; j + 8 <= groups; j += 8) {
+    float s[8] = {};
+    for (int64_t i = 0; i < g; ++i)
+      for (int t = 0; t < 8; ++t) s[t] += xr[(j + t) * g + i];
+    for (int t = 0; t < 8; ++t) out[j + t] = s[t];
+  }
+  for (; j < groups; ++j) {
+    float s = 0.f;
+    for (int64_t i = 0; i < g; ++i) s += xr[j * g + i];
+    out[j] = s;
+  }
+}
+
 // The input rows of an int4 product in float32 (rounded to bf16 unless Exact) and their
 // per-group sums, in order (xf [rows, K], xsum [rows, K / g]).
 template <bool Exact, typename T>
@@ -2554,21 +2571,53 @@ void int4_inputs(const T* x, int64_t rows, int64_t k, int64_t g, std::vector<flo
         const float v = Elt<T>::load(x + m * k, i);
         xr[i] = Exact ? v : Elt<c10::BFloat16>::round(v);
       }
-      int64_t j = 0;
-      for (; j + 8 <= groups; j += 8) {
-        float s[8] = {};
-        for (int64_t i = 0; i < g; ++i)
-          for (int t = 0; t < 8; ++t) s[t] += xr[(j + t) * g + i];
-        for (int t = 0; t < 8; ++t) xsum[m * groups + j + t] = s[t];
-      }
-      for (; j < groups; ++j) {
-        float s = 0.f;
-        for (int64_t i = 0; i < g; ++i) s += xr[j * g + i];
-        xsum[m * groups + j] = s;
-      }
+      int4_group_sums(xr, groups, g, xsum.data() + m * groups);
     }
   });
 }
+
+#if defined(__AVX512BF16__)
+// int4_rows' inputs for int4_block_dp and the AMX kernels in one pass a row: x rounded to bf16
+// as pairs (xp: on AMX the row's own bf16 pairs, input 2p low; else input 2p high) and each
+// group's sum of the rounded values in order (xsum): int4_inputs<false>'s values and the
+// packing that followed it, the same bits. Rows [rows, xp_rows) of xp zero (whole AMX tiles).
+// Why: those two passes over the rows in float32 (a buffer of rows x K floats, another
+// parallel region) and fresh buffers every call took ~19% of SmolLM2's int4 products at 64
+// rows and ~25% at 16 (benchmarks/ab_int4_gemv.py, issue 11's forty-eighth pass).
+template <typename T>
+void int4_pack_inputs(const T* x, int64_t rows, int64_t xp_rows, int64_t k, int64_t g, bool amx,
+                      std::vector<uint32_t>& xp, std::vector<float>& xsum) {
+  const int64_t groups = k / g, half = k / 2;
+  xp.resize(xp_rows * half);
+  xsum.resize(rows * groups);
+  std::fill(xp.begin() + rows * half, xp.end(), 0u);
+  at::parallel_for(0, rows, grain_rows(4 * k), [&](int64_t m0, int64_t m1) {
+    thread_local std::vector<float> row;  // a row's rounded values, for its sums
+    row.resize(k);
+    float* xr = row.data();
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* xm = x + m * k;
+      uint16_t* dst = reinterpret_cast<uint16_t*>(xp.data() + m * half);
+      int64_t i = 0;
+      for (; i + 16 <= k; i += 16) {
+        const __m512i bits = bf16_bits(load16(xm + i));  // bf16 in each lane's low half
+        _mm512_storeu_ps(xr + i, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)));
+        __m256i h = _mm512_cvtepi32_epi16(bits);  // 16 bf16 in input order
+        if (!amx) h = _mm256_or_si256(_mm256_srli_epi32(h, 16), _mm256_slli_epi32(h, 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+      }
+      for (int64_t t = i; t < k; ++t) xr[t] = Elt<c10::BFloat16>::round(Elt<T>::load(xm, t));
+      for (int64_t p = i / 2; p < half; ++p) {
+        uint32_t hi, lo;  // bf16-rounded: the low 16 bits are zero
+        std::memcpy(&hi, &xr[2 * p], sizeof(hi));
+        std::memcpy(&lo, &xr[2 * p + 1], sizeof(lo));
+        xp[m * half + p] = amx ? (hi >> 16) | (lo & 0xFFFF0000u) : (hi & 0xFFFF0000u) | (lo >> 16);
+      }
+      int4_group_sums(xr, groups, g, xsum.data() + m * groups);
+    }
+  });
+}
+#endif
 
 // int4 products of any number of rows: the rows in float32 (bf16-rounded unless Exact) with their
 // per-group sums once, then per column block every group of up to 4 rows, so the block's codes
@@ -2577,25 +2626,20 @@ template <bool Exact, typename T>
 void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t rows,
                int64_t n, int64_t k, int64_t g, int64_t B) {
   const int64_t groups = k / g;
-  std::vector<float> xf, xsum;
-  int4_inputs<Exact>(x, rows, k, g, xf, xsum);
 #if defined(__AVX512BF16__)
   // bf16-rounded rows, 64-column blocks, even groups: int4_block_dp, two inputs at a time.
   if (!Exact && B == 64 && g % 2 == 0) {
     const int64_t half = k / 2;
     const bool amx = g % 32 == 0 && amx_tiles_here();
+    // The calling thread's buffers, kept across calls (a call of 1-16 rows takes ~10-50 us);
+    // named through references, which the tasks' lambdas capture (a thread_local named in a
+    // lambda would be the running thread's own).
+    thread_local std::vector<uint32_t> xp_buffer;
+    thread_local std::vector<float> xsum_buffer;
+    std::vector<uint32_t>& xp = xp_buffer;
+    std::vector<float>& xsum = xsum_buffer;
     // On AMX past 16 rows whole 16-row tiles of inputs, the rows past `rows` zero.
-    std::vector<uint32_t> xp((amx && rows > 16 ? (rows + 15) / 16 * 16 : rows) * half, 0u);
-    at::parallel_for(0, rows, grain_rows(2 * k), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t p = 0; p < half; ++p) {
-          uint32_t hi, lo;  // bf16-rounded: the low 16 bits are zero
-          std::memcpy(&hi, &xf[m * k + 2 * p], sizeof(hi));
-          std::memcpy(&lo, &xf[m * k + 2 * p + 1], sizeof(lo));
-          // AMX: the row's own bf16 pairs (input 2p low); else 2p high, added first.
-          xp[m * half + p] = amx ? (hi >> 16) | (lo & 0xFFFF0000u) : (hi & 0xFFFF0000u) | (lo >> 16);
-        }
-    });
+    int4_pack_inputs(x, rows, amx && rows > 16 ? (rows + 15) / 16 * 16 : rows, k, g, amx, xp, xsum);
 #if defined(CARPOOL_AMX)
     if (amx) {
       at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
@@ -2660,6 +2704,8 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
     return;
   }
 #endif
+  std::vector<float> xf, xsum;
+  int4_inputs<Exact>(x, rows, k, g, xf, xsum);
 #if defined(CARPOOL_AVX2)
   if (B == 32 && rows >= kInt4WidenedRows) {
     // Rows in spans of at most kInt4RowSpan, as even as they split, one after another.
