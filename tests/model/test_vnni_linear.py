@@ -340,8 +340,9 @@ def test_the_widened_blocks_products_refuse_bad_inputs_with_a_message():
 def test_a_float32_models_wide_rows_take_float32_in_and_out(path, rows):
     # A float32 model's wide rows go in as they are (rounded to bf16 inside, as torch's cast
     # rounds: a NaN stays a NaN, a subnormal is kept) and come out float32 (the bf16 values) in
-    # their rows of the layer's output, an int8 weight's row scales applied with a bf16
-    # multiply's rounding: the bits of casting around the bf16 product, on every path.
+    # their rows of the layer's output: the bits of casting around the bf16 product, on every
+    # path. (An int8 weight's row scales: on AMX tiles times the float32 sums, rounded once;
+    # the matrix-vector loops' bf16 rows times them with a bf16 multiply's rounding.)
     packed, group, scales_zeros, n = _int4_layer(130, 576, 32, 64)
     codes = torch.randint(-128, 128, (130, 576), dtype=torch.int8)
     scales = (torch.rand(130) * 0.02 + 1e-3).bfloat16()
@@ -351,7 +352,11 @@ def test_a_float32_models_wide_rows_take_float32_in_and_out(path, rows):
     xb = x.bfloat16()
     whole4 = vnni_linear.pack(fused_ops_widened(packed, group, scales_zeros, n))
     want4 = vnni_linear.linear(xb, whole4, None, n, path).float()
-    want8 = (vnni_linear.linear(xb, vnni_linear.pack_int8(codes), None, n, path) * scales).float()
+    want8 = vnni_linear.linear_int8(xb, codes, scales, path=path).float()
+    unscaled = vnni_linear.linear(xb, vnni_linear.pack_int8(codes), None, n, path)
+    assert torch.equal(vnni_linear.linear_int8(xb, codes, None, path=path), unscaled)
+    if path == vnni_linear.PATH_GEMV or not vnni_linear.amx():
+        assert torch.equal(want8, (unscaled * scales).float())
     got4 = vnni_linear.linear_int4(x, packed, group, scales_zeros, 64, n, path=path)
     assert got4.dtype == torch.float32 and torch.equal(got4, want4)
     got8 = vnni_linear.linear_int8(x, codes, scales, path=path)

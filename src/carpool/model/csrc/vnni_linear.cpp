@@ -182,6 +182,103 @@ void amx_tile_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, float* 
 }
 #endif
 
+#if defined(CARPOOL_AMX) && defined(__AVX512BF16__)
+// Rows up to which an int8 weight's blocks (vnni_linear_int8) multiply on amx_int8_rows.
+constexpr int64_t kInt8SwapRows = 16;
+
+// x [rows, K] bf16 as amx_int8_rows' B tiles: its 32-bit words (pairs of inputs) transposed
+// to [K / 2, rows], so that the 16 pairs of a 32-input step are a tile of 16 rows of `rows`
+// words.
+void int8_swap_inputs(const B16* x, int64_t rows, int64_t k, std::vector<uint32_t>& xt) {
+  const int64_t pairs = k / 2;
+  xt.resize(pairs * rows);
+  const auto* w = reinterpret_cast<const uint32_t*>(x);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t p = 0; p < pairs; ++p) xt[p * rows + r] = w[r * pairs + p];
+}
+
+// amx_tile_rows of up to 16 rows times block b of int8 codes [N, K] (its widened block), the
+// same bits: with the operands' roles swapped. amx_tile_rows multiplies the rows (A) by the
+// block's weights in VNNI pairs (B), which row-major codes become only through a transpose
+// (Int8Words::pack16). Here the codes are A as they lie: each 32-input step's codes of the
+// block's 64 weight rows widened to bf16 (two conversions and a VCVTNE2PS2BF16 per row) into
+// abuf while the tile unit multiplies the step before; the rows are B (xt, int8_swap_inputs).
+// The sums come out as [column][row], with the same products added in the same order for
+// every sum (TDPBF16PS adds an element's pairs in one order whichever operand holds which:
+// tested against amx_tile_rows, which is the widened block's vnni_linear). `valid`: the
+// block's columns inside N (rows past them zero). abuf: 2 x 64 x 32 bf16, tbuf: 64 x 16
+// floats, both 64-byte aligned; ahead: a later block's codes (64 k contiguous bytes) to bring
+// into L2 meanwhile, or null. Into float32 c [rows, 64], as amx_tile_rows.
+void amx_int8_rows(const uint32_t* xt, int64_t rows, int64_t k, const int8_t* codes,
+                   int64_t valid, float* c, B16* abuf, float* tbuf, const char* ahead) {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(rows * 4);
+  for (int t = 5; t < 7; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t steps = k / 32;
+  // Step s's 32 codes of each of the block's 64 weight rows widened into abuf[s % 3].
+  auto widen = [&](int64_t s) {
+    // 32 lines of the later block a step: the 64 rows' reads of 32 bytes a step are 64
+    // streams, more than the hardware's prefetchers follow.
+    if (ahead != nullptr)
+      for (int64_t l = 32 * s; l < 32 * s + 32; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T1);
+    B16* a = abuf + s % 3 * kBlockN * 32;
+    for (int64_t j = 0; j < kBlockN; ++j) {
+      __m512i v = _mm512_setzero_si512();
+      if (j < valid) {
+        const int8_t* q = codes + j * k + 32 * s;
+        const __m512 lo = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+        const __m512 hi = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+        v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // exact: every int8 is a bf16
+      }
+      _mm512_store_si512(a + j * 32, v);
+    }
+  };
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  widen(0);
+  if (steps > 1) widen(1);
+  const int64_t ldb = rows * 4;
+  for (int64_t s = 0; s < steps; ++s) {
+    const B16* a = abuf + s % 3 * kBlockN * 32;
+    _tile_loadd(4, xt + s * 16 * rows, ldb);
+    _tile_loadd(5, a, 64);
+    _tile_dpbf16ps(0, 5, 4);
+    _tile_loadd(6, a + 16 * 32, 64);
+    _tile_dpbf16ps(1, 6, 4);
+    _tile_loadd(5, a + 32 * 32, 64);
+    _tile_dpbf16ps(2, 5, 4);
+    _tile_loadd(6, a + 48 * 32, 64);
+    _tile_dpbf16ps(3, 6, 4);
+    // Two steps ahead: a tile load reads a store only once the store retires, after the
+    // products before it (one step ahead, each step's products waited for the widening).
+    if (s + 2 < steps) widen(s + 2);
+  }
+  if (rows == 1) {  // [column][1]: the row's 64 sums in order
+    _tile_stored(0, c, 4);
+    _tile_stored(1, c + 16, 4);
+    _tile_stored(2, c + 32, 4);
+    _tile_stored(3, c + 48, 4);
+    return;
+  }
+  _tile_stored(0, tbuf, ldb);
+  _tile_stored(1, tbuf + 16 * rows, ldb);
+  _tile_stored(2, tbuf + 32 * rows, ldb);
+  _tile_stored(3, tbuf + 48 * rows, ldb);
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(rows)));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < 4; ++j)
+      _mm512_store_ps(c + r * kBlockN + 16 * j,
+                      _mm512_i32gather_ps(idx, tbuf + 16 * j * rows + r, 4));
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // acc[m][j] += pair p of x's row m (row stride k) times the four 16-column vectors of weights at
 // `row` (one pair of the block): one VDPBF16PS per sum, the pair broadcast once per row.
@@ -583,13 +680,10 @@ void store_out(const float* c, int64_t ldc, int64_t rows, const float* bias, con
       const __mmask16 mask = static_cast<__mmask16>((1u << cn) - 1);
       __m512 v = _mm512_maskz_loadu_ps(mask, c + i * ldc + j);
       if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
-      __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
-      if (sc != nullptr) {
-        const __m512 s = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sc + j)), 16));
-        const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-        b = round16_bf16(_mm512_mul_ps(w, s));  // torch's bf16 multiply: float32, then its cast
-      }
+      if (sc != nullptr)  // the scaled sum rounded once (as int8_dot's)
+        v = _mm512_mul_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sc + j)), 16)));
+      const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
       if (out.f32 != nullptr)
         _mm512_mask_storeu_ps(out.f32 + at + j, mask,
                               _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
@@ -598,8 +692,8 @@ void store_out(const float* c, int64_t ldc, int64_t rows, const float* bias, con
     }
 #endif
     for (; j < ncols; ++j) {
-      B16 b(c[i * ldc + j] + (bias != nullptr ? bias[j] : 0.0f));
-      if (sc != nullptr) b = B16(static_cast<float>(b) * static_cast<float>(sc[j]));
+      const float v = c[i * ldc + j] + (bias != nullptr ? bias[j] : 0.0f);
+      const B16 b(sc != nullptr ? v * static_cast<float>(sc[j]) : v);
       if (out.f32 != nullptr) out.f32[at + j] = static_cast<float>(b);
       else out.bf16[at + j] = b;
     }
@@ -730,6 +824,7 @@ B16* widen_buffer(int64_t elems) {
 // 0.38 ms with the same widening, 2.6 -> 2.2 ms at 512 rows; issue 11, forty-second pass).
 struct PackedBlocks {
   static constexpr bool kWidens = false;
+  static constexpr bool kCodes = false;
   const B16* wp;
   int64_t block_elems;
   const B16* block(int64_t b, B16* /*buffer*/) const { return wp + b * block_elems; }
@@ -871,8 +966,10 @@ struct Int8Words {
 
 struct Int8Blocks {
   static constexpr bool kWidens = true;
+  static constexpr bool kCodes = true;  // amx_int8_rows can read its codes as they lie
   Int8Words words;
   int64_t n;
+  const int8_t* codes(int64_t b) const { return words.src + b * kBlockN * words.k; }
   const B16* block(int64_t b, B16* buffer) const {
     words.pack_block(reinterpret_cast<uint32_t*>(buffer), b, n);
     return buffer;
@@ -881,6 +978,7 @@ struct Int8Blocks {
 
 struct Int4Blocks {
   static constexpr bool kWidens = true;
+  static constexpr bool kCodes = false;
   const uint8_t* qp;
   const uint16_t* sz;
   int64_t k, g, row_block, rows, n;
@@ -940,6 +1038,13 @@ void multiply(const B16* xb, int64_t rows, int64_t k, int64_t blocks, int64_t n,
   // the rows go in `slices` slices too, one task per (slice, block), slice-major: SmolLM2's
   // 576-column matrices are 9 blocks, 5 for one thread and 4 for the other, its 192-column
   // ones 3 (2 and 1); a row's sums do not depend on its slice (the same bits).
+#if defined(CARPOOL_AMX) && defined(__AVX512BF16__)
+  // An int8 weight's few rows multiply its codes as they lie (amx_int8_rows: the same bits).
+  bool swap = false;
+  if constexpr (Source::kCodes) swap = tiles && rows <= kInt8SwapRows;
+  std::vector<uint32_t> xt;
+  if (swap) int8_swap_inputs(xp, rows, k, xt);
+#endif
   const int64_t threads = at::get_num_threads();
   const int64_t slices =
       !amx && rows > kChunkedMaxRows && blocks % threads != 0 ? std::min(threads, rows / kPassRows) : 1;
@@ -951,8 +1056,23 @@ void multiply(const B16* xb, int64_t rows, int64_t k, int64_t blocks, int64_t n,
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t % blocks, s = t / blocks;
       const int64_t col = b * kBlockN, ncols = std::min<int64_t>(kBlockN, n - col);
-      const B16* wb = src.block(b, buffer);
       const float* bb = bp != nullptr ? bp + col : nullptr;
+#if defined(CARPOOL_AMX) && defined(__AVX512BF16__)
+      if constexpr (Source::kCodes) {
+        if (swap) {
+          alignas(64) B16 abuf[3 * kBlockN * 32];
+          alignas(64) float tbuf[kBlockN * 16];
+          // The block after the next one in this thread's run, into L2 as this one goes.
+          const char* ahead = slices == 1 && t + 2 < t1 && (b + 3) * kBlockN <= n
+                                  ? reinterpret_cast<const char*>(src.codes(b + 2))
+                                  : nullptr;
+          amx_int8_rows(xt.data(), rows, k, src.codes(b), ncols, c, abuf, tbuf, ahead);
+          store_out(c, kBlockN, rows, bb, out, 0, col, ncols);
+          continue;
+        }
+      }
+#endif
+      const B16* wb = src.block(b, buffer);
       if (!amx) {
         // The next task's block, asked for ahead (none past this thread's run).
         const char* nxt = nullptr;
