@@ -358,9 +358,10 @@ class Int8Linear(QuantizedLinear):
         return self.scales.dtype
 
     def _vnni_product(self, xk: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        # The codes widened (exact in bf16) a block at a time inside vnni_linear's loop, the row
-        # scales on the rounded output with a bf16 multiply's rounding, as the widened GEMM
-        # below; in a chunked MLP the whole matrix widened once for its chunks (the same bits).
+        # The codes widened (exact in bf16) a block at a time inside vnni_linear's loop (up to
+        # 16 rows on AMX the codes as they lie, the same bits), the row scales on the float32
+        # sums before their one rounding there (as int8_dot's); in a chunked MLP the whole
+        # matrix widened once for its chunks (the same bits).
         if widening_once():
             packed = widened(
                 self, torch.bfloat16, lambda: vnni_linear.pack_int8(self.qweight), "vnni"

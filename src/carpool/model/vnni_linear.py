@@ -179,7 +179,7 @@ def linear_packed(
     path: int = PATH_AUTO,
 ) -> torch.Tensor:
     """``linear(x, packed, None, n)`` taken as ``linear_int8`` takes its arguments: ``x`` bf16
-    or float32, the result in ``x``'s dtype (times ``scales`` with a bf16 multiply's rounding),
+    or float32, the result in ``x``'s dtype (times ``scales`` as ``linear_int8`` applies them),
     into ``out`` where given. For a weight widened once for several calls (a chunked MLP's)."""
     return _product("vnni_linear_packed", (x.contiguous(), packed, n, scales), out, path)
 
@@ -191,7 +191,8 @@ def linear_int8(
     out: torch.Tensor | None = None,
     path: int = PATH_AUTO,
 ) -> torch.Tensor:
-    """``linear(x, pack_int8(codes), None, N)`` (times ``scales``, ``[N]`` bf16, as a bf16
+    """``linear(x, pack_int8(codes), None, N)`` (times ``scales``, ``[N]`` bf16: on AMX tiles
+    the float32 sums times them, rounded once; elsewhere the bf16 rows times them, as a bf16
     multiply rounds) for int8 ``codes`` ``[N, K]`` without the packed matrix: each 64-column
     block widened into a thread's buffer as its task reaches it (the same bits). ``x``: bf16, or
     float32 (rounded to bf16 inside, as its cast would); the result in ``x``'s dtype, into

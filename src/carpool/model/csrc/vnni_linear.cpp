@@ -656,8 +656,9 @@ const B16* rounded_bf16(const float* x, int64_t count) {
 // Where multiply puts its rounded sums: bf16 rows (vnni_linear; a bf16 model's wide rows), or
 // float32 rows holding the bf16 values (a float32 model's wide rows, written straight into their
 // rows of the layer's output: the cast and the copy after the product gone), in both cases
-// optionally times a bf16 column scale and rounded again as a bf16 multiply rounds
-// (Int8Linear's row scales, `y * scales` in bf16 before).
+// optionally times a bf16 column scale (Int8Linear's row scales): the float32 sum times the
+// scale, rounded once, as int8_dot's (issue 11, forty-eighth pass; before, the rounded sum times
+// the scale rounded again, as `y * scales` in bf16: ~2x the error of one rounding).
 struct Out {
   B16* bf16 = nullptr;  // one of the two
   float* f32 = nullptr;
@@ -1271,8 +1272,9 @@ at::Tensor fused_product(const char* name, const at::Tensor& x, int64_t blocks, 
   return y;
 }
 
-// vnni_linear(x, vnni_pack_int8(codes), None, N) (times `scales`, a bf16 multiply, where
-// given; quant.Int8Linear's row scales) in x's dtype: x times int8 codes [N, K] widened to bf16
+// vnni_linear(x, vnni_pack_int8(codes), None, N) (times `scales` where given, quant.Int8Linear's
+// row scales: on AMX the float32 sums times them, rounded once; the matrix-vector loops' bf16
+// rows times them as a bf16 multiply) in x's dtype: x times int8 codes [N, K] widened to bf16
 // (exact), each block widened into this thread's buffer as its task reaches it (Int8Blocks):
 // the same bits, without the widened matrix in memory (fused_product: x, out).
 at::Tensor int8_product(const at::Tensor& x, const at::Tensor& codes,
