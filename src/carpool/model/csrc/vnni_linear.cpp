@@ -183,7 +183,10 @@ void amx_tile_rows(const B16* x, int64_t rows, int64_t k, const B16* wb, float* 
 #endif
 
 #if defined(CARPOOL_AMX) && defined(__AVX512BF16__)
-// Rows up to which an int8 weight's blocks (vnni_linear_int8) multiply on amx_int8_rows.
+// Rows up to which an int8 weight's blocks (vnni_linear_int8) multiply on amx_int8_rows: the
+// rows are one B tile's columns (16 at most). The small model's 32 int8 layer matrices from
+// memory (benchmarks/int8_tiles.py, the AMX Xeon of issue 11's forty-eighth pass): 1.13-1.27x
+// the widened blocks at 1-16 rows.
 constexpr int64_t kInt8SwapRows = 16;
 
 // x [rows, K] bf16 as amx_int8_rows' B tiles: its 32-bit words (pairs of inputs) transposed
@@ -202,11 +205,11 @@ void int8_swap_inputs(const B16* x, int64_t rows, int64_t k, std::vector<uint32_
 // block's weights in VNNI pairs (B), which row-major codes become only through a transpose
 // (Int8Words::pack16). Here the codes are A as they lie: each 32-input step's codes of the
 // block's 64 weight rows widened to bf16 (two conversions and a VCVTNE2PS2BF16 per row) into
-// abuf while the tile unit multiplies the step before; the rows are B (xt, int8_swap_inputs).
+// abuf two steps ahead of the tile unit's products; the rows are B (xt, int8_swap_inputs).
 // The sums come out as [column][row], with the same products added in the same order for
 // every sum (TDPBF16PS adds an element's pairs in one order whichever operand holds which:
 // tested against amx_tile_rows, which is the widened block's vnni_linear). `valid`: the
-// block's columns inside N (rows past them zero). abuf: 2 x 64 x 32 bf16, tbuf: 64 x 16
+// block's columns inside N (rows past them zero). abuf: 3 x 64 x 32 bf16, tbuf: 64 x 16
 // floats, both 64-byte aligned; ahead: a later block's codes (64 k contiguous bytes) to bring
 // into L2 meanwhile, or null. Into float32 c [rows, 64], as amx_tile_rows.
 void amx_int8_rows(const uint32_t* xt, int64_t rows, int64_t k, const int8_t* codes,
