@@ -1303,7 +1303,8 @@ void int8_logits_amx(const float* x, const int8_t* q, const c10::BFloat16* sp, f
   // Blocks the matrix cannot give as tiles (k not a multiple of 64, the last rows of n): a
   // zero-padded copy.
   const bool whole = k % 64 == 0;
-  // Past 16 rows two weight blocks at a time (int8_fixed_pair); up to 16 one (int8_fixed_block).
+  // Past kInt8FixedPairRows rows two weight blocks at a time (int8_fixed_pair), else one
+  // (int8_fixed_block).
   const int64_t span = rows > kInt8FixedPairRows ? 2 : 1;
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     // Per task: two spans' sums (a span's products are issued before the span before it is
