@@ -247,6 +247,8 @@ class ModelRunner:
         two steps compute the same bits as the one (tested). (chunks, tables, prompt lengths,
         the reusable decode inputs) per part."""
         whole = [(chunks, tables, prompts, self._decode_inputs)]
+        if len(chunks) <= decode_stack.EXACT_ROWS:  # too few to split: no scan (batch 1's step)
+            return whole
         decode = [
             i for i, c in enumerate(chunks) if c.needs_sample and generated_row(c, prompts[i])
         ]
