@@ -79,6 +79,10 @@ def main() -> None:
         "--whole-matrix", action="store_true", help="also each cutoff with whole widened matrices"
     )
     args = ap.parse_args()
+    # Every cutoff's wide rows through an int4 layer's widened weight too (by default int4
+    # layers take the kernels for every row: quant.WIDE_INT4_PROMPTS), so "off" is the default
+    # engine's path for an int4 model.
+    quant.WIDE_INT4_PROMPTS = True
     lengths = [int(n) for n in args.prompt.split(",")]
     froms = [None if w == "off" else int(w) for w in args.wide_from.split(",")]
     longest = max(lengths)

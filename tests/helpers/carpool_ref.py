@@ -42,11 +42,13 @@ def greedy(
     block_size: int = 16,
     kv_dtype: torch.dtype | None = None,
     wide_from: int | None = None,
+    kernel_below: int = 0,
 ) -> list[int]:
     """Greedy decode of one sequence: one prefill step, then one token per step, on a cache
     of ``kv_dtype`` (None: the model's). ``wide_from``: the prompt rows from this position on
     take a quantized model's widened weight, as an engine's runner chooses them
-    (``ModelRunner.wide_from``; None: none)."""
+    (``ModelRunner.wide_from``; None: none); ``kernel_below``: the prompt rows below this
+    position take the attention kernel as the runner's (``ModelRunner.kernel_below``)."""
     total = len(prompt) + max_new_tokens
     blocks = -(-total // block_size)
     w = next(model.parameters())
@@ -57,7 +59,13 @@ def greedy(
     with torch.no_grad():
         while len(out) < max_new_tokens:
             inp = build_ragged_batch(
-                [chunk], [table], block_size, w.device, [len(prompt)], wide_from=wide_from
+                [chunk],
+                [table],
+                block_size,
+                w.device,
+                [len(prompt)],
+                kernel_below=kernel_below,
+                wide_from=wide_from,
             )
             logits = model(inp.input_ids, inp.positions, inp.meta, caches, inp.logits_indices)
             tok = int(logits[0].argmax())

@@ -237,8 +237,14 @@ def test_quantization_flag_through_llm(checkpoint, method):
     out = [llm.generate([p], params, use_tqdm=False)[0] for p in (PROMPT, PROMPT[:5])]
     for o, prompt in zip(out, [PROMPT, PROMPT[:5]], strict=True):
         # The prompt rows' path as the engine's (on AMX they take the widened weight).
+        runner = llm.engine.runner
         expected = greedy(
-            model, prompt, 16, kv_dtype=kv_dtype, wide_from=llm.engine.runner.wide_from
+            model,
+            prompt,
+            16,
+            kv_dtype=kv_dtype,
+            wide_from=runner.wide_from,
+            kernel_below=runner.kernel_below,
         )
         assert o.outputs[0].token_ids == expected, first_difference(
             o.outputs[0].token_ids, expected
@@ -355,11 +361,12 @@ def test_a_prompt_longer_than_a_steps_tokens_on_a_quantized_head(checkpoint, met
 def row_limits(request, monkeypatch) -> Iterator[str]:
     """The test once with the quantized kernels at every row count (the default where bf16 is
     emulated) and no prompt row widened; once with this CPU's own limits and choice of
-    ``quant.wide_prompt_from`` (AMX: every prompt row through the widened weight), where the
+    ``quant.wide_prompt_from`` (AMX: every prompt row of an int8 layer through the widened
+    weight, an int4 layer's through the kernels), where the
     limits keep one sum order (``fused_ops.rows_invariant``; elsewhere a prefill's rows take
     the widened GEMM); and twice with prompt rows through the widened weight on any CPU
-    (``row_paths``), from the default position and from 24 (a boundary inside a prompt's first
-    chunk), the path then asserted taken."""
+    (``row_paths``; int4 layers too), from the default position and from 24 (a boundary inside
+    a prompt's first chunk), the path then asserted taken."""
     if request.param == "every row count":
         request.getfixturevalue("kernels_at_every_row_count")
         monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", False)
@@ -371,6 +378,7 @@ def row_limits(request, monkeypatch) -> Iterator[str]:
         if not fused_ops.rows_invariant():
             request.getfixturevalue("kernels_at_every_row_count")
         monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", True)
+        monkeypatch.setattr(quant, "WIDE_INT4_PROMPTS", True)  # Q4_1's layers widen too
         if request.param == "from 24":
             monkeypatch.setattr(quant, "WIDE_PROMPT_FROM", 24)
         for cls in (quant.Int8Linear, quant.Int4Linear):

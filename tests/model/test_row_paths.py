@@ -116,7 +116,10 @@ def dense_weights():
     [((0, 7), (40, 41), (100, 290)), ((100, 290),), ((0, 150),), ((3, 40), (41, 300))],
     ids=["indexed", "one run", "a prefix", "two runs"],  # index_copy_ past 2 runs, else slices
 )
-def test_each_row_gets_its_paths_bits_whatever_the_rows_beside_it(dense_weights, kind, dtype, runs):
+def test_each_row_gets_its_paths_bits_whatever_the_rows_beside_it(
+    dense_weights, kind, dtype, runs, monkeypatch
+):
+    monkeypatch.setattr(quant, "WIDE_INT4_PROMPTS", True)  # int4 layers take wide rows too
     w, b = dense_weights
     cls = Int8Linear if kind == "int8" else Int4Linear
     lin = cls.from_float(w, b.to(dtype), dtype)
@@ -152,6 +155,7 @@ def test_a_chunked_mlp_takes_each_chunks_own_wide_rows(monkeypatch, tmp_path, qu
     # Each chunk's wide rows multiply the matrix widened once for all the chunks
     # (vnni_linear.linear_packed under layers.widen_once); unchunked, each block is widened in
     # the loop (linear_int4 / linear_int8): the same bits.
+    monkeypatch.setattr(quant, "WIDE_INT4_PROMPTS", True)
     save_tiny_hf_model("llama", tmp_path)
     model, _ = load_model(tmp_path, dtype="float32", quantization=quantization)
     prepare_model(model, "cpu")
@@ -193,12 +197,48 @@ def test_the_decode_stack_declines_a_step_with_wide_rows(tmp_path):
     assert not _takes(plan, 4, wide.meta, caches)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int4_layer_gives_wide_rows_the_kernels_bits_by_default(dense_weights, dtype):
+    # WIDE_INT4_PROMPTS off: an int4 layer's rows all take the kernels, wide or not (an int8
+    # layer in the same step would still widen its weight for them).
+    assert not quant.WIDE_INT4_PROMPTS and not quant.wide_int4_prompts()
+    w, b = dense_weights
+    lin = Int4Linear.from_float(w, b.to(dtype), dtype)
+    assert not lin.takes_wide_rows() and Int8Linear.from_float(w, b, dtype).takes_wide_rows()
+    x = torch.randn(300, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.inference_mode():
+        kernels = lin.forward(x)
+        with row_paths.use(WideRows(300, ((3, 40), (41, 300)))):
+            marked = lin.forward(x)
+        with row_paths.use(WideRows(300, ((0, 300),))):
+            every = lin.forward(x)
+    assert torch.equal(marked, kernels) and torch.equal(every, kernels)
+
+
 def test_wide_prompt_from(tmp_path, monkeypatch):
     save_tiny_hf_model("llama", tmp_path)
-    quantized, _ = load_model(tmp_path, dtype="float32", quantization="int4")
+    int4, _ = load_model(tmp_path, dtype="float32", quantization="int4")
+    quantized, _ = load_model(tmp_path, dtype="float32", quantization="int8")
     dense, _ = load_model(tmp_path, dtype="float32")
     half, _ = load_model(tmp_path, dtype="float16", quantization="int8")
     monkeypatch.setattr(quant, "WIDE_PROMPT_HERE", True)
+    # int4 layers take the kernels for every row (WIDE_INT4_PROMPTS); 1 / 0 overrides that for
+    # the layers made then.
+    assert quant.wide_prompt_from(int4, "cpu") is None
+    monkeypatch.setenv(quant.ENV_WIDE_INT4_PROMPTS, "1")
+    wide4, _ = load_model(tmp_path, dtype="float32", quantization="int4")
+    assert quant.wide_prompt_from(wide4, "cpu") == quant.WIDE_PROMPT_FROM
+    assert quant.wide_prompt_from(int4, "cpu") is None  # made before
+    monkeypatch.setenv(quant.ENV_WIDE_INT4_PROMPTS, "0")
+    assert quant.wide_prompt_from(load_model(tmp_path, quantization="int4")[0], "cpu") is None
+    monkeypatch.setenv(quant.ENV_WIDE_INT4_PROMPTS, "yes")
+    with pytest.raises(ValueError, match="CARPOOL_WIDE_INT4_PROMPTS: expected 1 or 0"):
+        load_model(tmp_path, quantization="int4")
+    monkeypatch.delenv(quant.ENV_WIDE_INT4_PROMPTS)
+    # int4 layers with an int8 head: the head runs outside the step's row paths.
+    c = int4.config
+    int4.lm_head = Int8Linear.from_float(torch.randn(c.vocab_size, c.hidden_size) * 0.05)
+    assert quant.wide_prompt_from(int4, "cpu") is None
     assert quant.WIDE_PROMPT_FROM == 0  # every prompt row
     assert quant.wide_prompt_from(quantized, "cpu") == quant.WIDE_PROMPT_FROM
     assert quant.wide_prompt_from(dense, "cpu") is None  # no quantized linear

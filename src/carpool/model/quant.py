@@ -101,8 +101,22 @@ RESCORE_TOP_K = 64
 # at every row count) a prompt alone of up to ~48 tokens is faster through the kernels (from 0:
 # 0.40x / 0.74x / 1.03x / 1.26x / 1.50x / 1.60x at 8 / 32 / 48 / 64 / 128 / 512 tokens against
 # none widened); a later cutoff pays both paths in one step (from 32: 0.75x at 48 tokens), so 0
-# stays.
+# stays. Since the forty-ninth pass that holds for int8 layers only (WIDE_INT4_PROMPTS).
 WIDE_PROMPT_FROM = 0
+# Whether an int4 layer's prompt rows take the widened weight too (Int4Linear.takes_wide_rows;
+# CARPOOL_WIDE_INT4_PROMPTS=1 / 0 overrides). No: since int4_gemv's 16-row tiles and one-pass
+# inputs (issue 11, forty-seventh and forty-eighth passes) the kernels beat the widening (a
+# fixed ~11 ms a step for SmolLM2, the whole weight widened) up to ~160 prompt tokens in a
+# step, and a cutoff by position makes the rows past it pay that fixed cost however few they
+# are (a follow-up turn's new tokens after a prefix-cache hit, say). SmolLM2 Q4_1 through
+# LLM.generate (max_tokens 1, 2 threads, the forty-ninth pass; every prompt row through the
+# kernels against from 0): 2.38x / 1.46x / 1.07x at 8 / 40 / 128-token prompts, 0.87x / 0.81x /
+# 0.84x / 0.89x at 256 / 512 / 1,024 / 2,048; a follow-up turn of 24 new tokens after 64 / 400
+# cached 1.47x / 1.13x, of 40 after 1,000 1.12x; `carpool serve` at 64 concurrent requests of
+# 64-token prompts level. An int8 layer's kernels have no tiles past 16 rows: 0.58x / 0.36x at
+# 40 / 128 tokens without the widening, so int8 layers keep it.
+WIDE_INT4_PROMPTS = False
+ENV_WIDE_INT4_PROMPTS = "CARPOOL_WIDE_INT4_PROMPTS"
 # Where prompts take the widened weight at all: None: where vnni_linear multiplies on AMX tiles
 # (elsewhere it was not measured to pay: the int4 kernel decodes a group once for many rows on
 # an AVX-512 BF16 CPU without AMX, and AVX2 CPUs take the kernels at every row count); True /
@@ -121,11 +135,24 @@ ENV_WIDE_PROMPT_FROM = "CARPOOL_WIDE_PROMPT_FROM"
 WIDE_FLOAT32_ROWS = 512
 
 
+def wide_int4_prompts() -> bool:
+    """Whether int4 layers made now take a step's wide rows (``WIDE_INT4_PROMPTS``, or
+    ``CARPOOL_WIDE_INT4_PROMPTS`` = 1 / 0)."""
+    env = os.environ.get(ENV_WIDE_INT4_PROMPTS, "").strip()
+    if not env:
+        return WIDE_INT4_PROMPTS
+    if env not in ("0", "1"):
+        raise ValueError(f"{ENV_WIDE_INT4_PROMPTS}: expected 1 or 0, got {env!r}")
+    return env == "1"
+
+
 def wide_prompt_from(model: nn.Module, device: torch.device | str) -> int | None:
     """The prompt position from which a step's prompt rows take the quantized linears' widened
     weight (``row_paths``; the batch builders' ``wide_from``), fixed for an engine as a row's
-    path must follow from the row alone; None: never (no quantized linear, another device or
-    dtype, a CPU where it is not taken, ``vnni_linear`` not loaded, or turned off)."""
+    path must follow from the row alone; None: never (no quantized layer that takes wide rows
+    (``QuantizedLinear.takes_wide_rows``: int8 ones, int4 ones where ``wide_int4_prompts``),
+    another device or dtype, a CPU where it is not taken, ``vnni_linear`` not loaded, or
+    turned off)."""
     here = WIDE_PROMPT_HERE
     if here is None:
         here = vnni_linear.available(device) and vnni_linear.amx()
@@ -135,6 +162,10 @@ def wide_prompt_from(model: nn.Module, device: torch.device | str) -> int | None
     if not linears or any(
         kernel_dtype(m.out_dtype) != torch.bfloat16 or not m.widens_to_vnni() for m in linears
     ):
+        return None
+    # The vocabulary head runs after the layers, outside any step's row paths.
+    head = getattr(model, "lm_head", None)
+    if not any(m.takes_wide_rows() for m in linears if m is not head):
         return None
     env = os.environ.get(ENV_WIDE_PROMPT_FROM, "").strip()
     if not env:
@@ -171,7 +202,7 @@ class QuantizedLinear(nn.Module):
         (``_kernel_forward``), but the step's wide rows (``row_paths.current()``: its prompts'
         rows) through the widened weight (``_wide_product``)."""
         wide = row_paths.current()
-        if wide is None:
+        if wide is None or not self.takes_wide_rows():
             return self._kernel_forward(x)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         assert x2.shape[0] == wide.rows, (
@@ -234,6 +265,12 @@ class QuantizedLinear(nn.Module):
     def widens_to_vnni(self) -> bool:
         """Whether ``_wide_product`` applies to this layer's shape (an even ``in_features``)."""
         return self.in_features % 2 == 0
+
+    def takes_wide_rows(self) -> bool:
+        """Whether a step's wide rows (``row_paths``) take ``_wide_product`` here; if not, every
+        row takes the kernels. Fixed for the layer, so a row's path still follows from the row
+        alone."""
+        return True
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows ``[*ids.shape, in_features]`` in ``out_dtype`` (an embedding
@@ -456,6 +493,9 @@ class Int4Linear(QuantizedLinear):
             pairs[:, r0:r1, 1] = (torch.add(zero, scale, alpha=8) if minima else zero).T
         self.register_buffer("scales_zeros", pairs)
         self.register_buffer("bias", None if bias is None else bias.to(self.out_dtype))
+        # Whether a step's wide rows take the widened weight here (takes_wide_rows), fixed at
+        # construction: a model's layers all alike for the engine's life.
+        self.wide_prompts = wide_int4_prompts()
 
     @classmethod
     def from_float(
@@ -484,6 +524,11 @@ class Int4Linear(QuantizedLinear):
         kernel dtype (fp16 -> bf16: at most 2^-8 of each, relative).
         """
         return cls(codes, scale, minimum, bias, dtype=dtype, packed=packed, minima=True)
+
+    def takes_wide_rows(self) -> bool:
+        """Only where ``wide_int4_prompts`` at construction: the kernels (on AMX 16-row
+        tiles) beat widening the weight up to ~160 prompt rows a step (``WIDE_INT4_PROMPTS``)."""
+        return self.wide_prompts
 
     def _kernel_dtype(self) -> torch.dtype:
         return self.scales_zeros.dtype

@@ -14,7 +14,10 @@ position of at least ``quant.wide_prompt_from`` (0: every prompt row) takes the 
 weight; every other row (every generated token's, also when recomputed after a preemption)
 the kernels. The batch builders mark the rows (``WideRows``, in
 ``AttentionMetadata.wide_rows``) and the model's forward makes them current (``use``) while its
-layers run; ``QuantizedLinear.forward`` reads them (``current``).
+layers run; ``QuantizedLinear.forward`` reads them (``current``), where the layer takes wide
+rows at all (``takes_wide_rows``: an int4 layer's kernels, on AMX 16-row tiles, beat the
+widening up to ~160 rows a step, so by default every row of an int4 layer takes them:
+``quant.WIDE_INT4_PROMPTS``).
 """
 
 from __future__ import annotations
