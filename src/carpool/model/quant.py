@@ -108,13 +108,15 @@ WIDE_PROMPT_FROM = 0
 # inputs (issue 11, forty-seventh and forty-eighth passes) the kernels beat the widening (a
 # fixed ~11 ms a step for SmolLM2, the whole weight widened) up to ~160 prompt tokens in a
 # step, and a cutoff by position makes the rows past it pay that fixed cost however few they
-# are (a follow-up turn's new tokens after a prefix-cache hit, say). SmolLM2 Q4_1 through
-# LLM.generate (max_tokens 1, 2 threads, the forty-ninth pass; every prompt row through the
-# kernels against from 0): 2.38x / 1.46x / 1.07x at 8 / 40 / 128-token prompts, 0.87x / 0.81x /
-# 0.84x / 0.89x at 256 / 512 / 1,024 / 2,048; a follow-up turn of 24 new tokens after 64 / 400
-# cached 1.47x / 1.13x, of 40 after 1,000 1.12x; `carpool serve` at 64 concurrent requests of
-# 64-token prompts level. An int8 layer's kernels have no tiles past 16 rows: 0.58x / 0.36x at
-# 40 / 128 tokens without the widening, so int8 layers keep it.
+# are (a follow-up turn's new tokens after a prefix-cache hit, say). SmolLM2 Q4_1 through the
+# engine (benchmarks/int4_prompt_rows.py, max_tokens 1, 2 threads, the forty-ninth pass; the
+# kernels against every prompt row widened): 2.28x / 1.33x / 1.07x at 8 / 40 / 128-token
+# prompts, a follow-up turn of 24 new tokens after 64 / 400 cached 1.44x / 1.12x, `carpool
+# serve` at 4 concurrent requests TTFT p50 1.2-1.3x lower (at 64 level); the cost: 0.87-0.96x
+# for a fresh prompt of 256 to 2,048 tokens, 0.85-0.90x for an offline batch's prefill of many
+# short prompts in one step (512-2,048 rows: there CARPOOL_WIDE_INT4_PROMPTS=1 pays). An int8
+# layer's kernels have no tiles past 16 rows: 0.58x / 0.36x at 40 / 128 tokens without the
+# widening, so int8 layers keep it.
 WIDE_INT4_PROMPTS = False
 ENV_WIDE_INT4_PROMPTS = "CARPOOL_WIDE_INT4_PROMPTS"
 # Where prompts take the widened weight at all: None: where vnni_linear multiplies on AMX tiles
