@@ -43,10 +43,14 @@ def main() -> None:
     args = ap.parse_args()
     cases = [_case(c) for c in args.cases.split(",")]
     engines = {}
+    before = os.environ.get(quant.ENV_WIDE_INT4_PROMPTS)
     for name, env in (("kernels", "0"), ("widened", "1")):
         os.environ[quant.ENV_WIDE_INT4_PROMPTS] = env
         engines[name] = LLM(args.model, quantization=args.quantization, threads=args.threads)
-    del os.environ[quant.ENV_WIDE_INT4_PROMPTS]
+    if before is None:
+        del os.environ[quant.ENV_WIDE_INT4_PROMPTS]
+    else:
+        os.environ[quant.ENV_WIDE_INT4_PROMPTS] = before
     for name, llm in engines.items():
         print(f"{name}: the engine's wide_from {llm.engine.runner.wide_from}")
     vocab = engines["kernels"].engine.model_config.vocab_size

@@ -1106,18 +1106,18 @@ inline float int8_fixed_logit(double total, double scale_step) {
   return static_cast<float>(total * scale_step);
 }
 
-// Tiles: 0 16 weight rows' 64 codes (straight from the matrix), 1 and 6 a quad's digit planes
-// (in turn, so that a load need not wait for the product before it to have read its tile), 2-5
-// the sums of quads 0-3 of a pass (16 weight rows by 16 (plane, input row) columns). A quad:
-// up to four input rows, their four planes side by side as the B tile's columns (plane j of
-// row l at column 4 j + l), so that one TDPBSSD makes all four planes' sums of four rows (at
-// one row a quarter of the instructions of a plane at a time).
 // Input rows past which int8_logits_amx multiplies two weight blocks at a time (2 x 2 tiles:
 // a tile load a product, not 1.25; and the blocks before combined between the passes, not
 // after them). SmolLM2's head from memory (benchmarks/ab_int8_gemv.py, the AMX Xeon of issue
 // 11's forty-eighth pass): 0.8-0.95x at 5-12 rows, 1.1-1.2x at 13-64, 1.2-1.3x at 96-128.
 constexpr int64_t kInt8FixedPairRows = 12;
 
+// Tiles: 0 16 weight rows' 64 codes (straight from the matrix), 1 and 6 a quad's digit planes
+// (in turn, so that a load need not wait for the product before it to have read its tile), 2-5
+// the sums of quads 0-3 of a pass (16 weight rows by 16 (plane, input row) columns). A quad:
+// up to four input rows, their four planes side by side as the B tile's columns (plane j of
+// row l at column 4 j + l), so that one TDPBSSD makes all four planes' sums of four rows (at
+// one row a quarter of the instructions of a plane at a time).
 inline void int8_fixed_configure() {
   carpool_kernels::TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
