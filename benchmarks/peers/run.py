@@ -259,7 +259,14 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="threads of every system")
-    ap.add_argument("--repeats", type=int, default=3, help="median of this many runs")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="median of this many runs (5: on a shared 2-core VM three repeats' median of a "
+        "memory-bound batch-1 run swung 0.90x-1.09x against llama.cpp; BENCHMARKS.md, fiftieth "
+        "pass)",
+    )
     ap.add_argument("--systems", default="llama.cpp,carpool,transformers")
     ap.add_argument(
         "--carpool-dtype",
