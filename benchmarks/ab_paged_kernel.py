@@ -147,8 +147,11 @@ def main() -> None:
     }
     d, bs = a.head_dim, a.block_size
     print(f"threads={a.threads} layers={a.layers} rounds={a.rounds} head_dim={d} block={bs}")
-    print("| shape | cache | before ms | after ms | before / after | sum() ms | after / sum() |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| shape | cache | before ms | after ms | before / after | sum() ms | after / sum() "
+        "| same bits |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for shape in a.shapes.split(","):
         b, heads, ctxs = shape.split("x")
         h, kvh = (int(x) for x in heads.split("/"))
@@ -201,10 +204,11 @@ def main() -> None:
                         times["sum"].append((time.perf_counter() - start) / len(plain))
             diff = (outs["before"].float() - outs["after"].float()).abs().max().item()
             assert a.diagnostic or diff < 0.05, f"{shape} {cache}: the checkouts differ by {diff}"
+            same = "yes" if torch.equal(outs["before"], outs["after"]) else "no"
             mb, ma, ms = (statistics.median(times[k]) * 1e3 for k in ("before", "after", "sum"))
             print(
                 f"| {shape} | {cache} | {mb:.3f} | {ma:.3f} | {mb / ma:.2f}x | {ms:.3f} | "
-                f"{ma / ms:.2f}x |"
+                f"{ma / ms:.2f}x | {same} |"
             )
 
 

@@ -37,17 +37,20 @@
 
 namespace carpool_kernels {
 
-using QWord = __m512i;  // a query word (4 int8 values) broadcast to a vector
+using QWord = int32_t;  // a query word (4 int8 values), broadcast where it is used
 
 // The sum of a head's 16 lanes of softmax sums.
 inline float lane_sum16(const float* lv) { return _mm512_reduce_add_ps(_mm512_loadu_ps(lv)); }
 
 // Query rows for VPDPBUSD: for each 64-value chunk c of q * scale, s_c = amax / 127 and
 // q8 = round(q * scale / s_c) (round half to even, as the cache's own store), each 4 of them
-// (one 32-bit word) broadcast to a vector of qb[0..d/4) (VPDPBUSD's memory operand),
-// scales qs[0..d/64) and qo[c] = 128 * sum(q8) over the chunk: the keys enter VPDPBUSD as
-// unsigned bytes k + 128, which adds 128 * sum(q8) to every score. An all-zero chunk gets
-// s_c = 0.
+// one 32-bit word of qb[0..d/4), broadcast where it is used (VPDPBUSD's 32-bit broadcast
+// operand), scales qs[0..d/64) and qo[c] = 128 * sum(q8) over the chunk: the keys enter
+// VPDPBUSD as unsigned bytes k + 128, which adds 128 * sum(q8) to every score. An all-zero
+// chunk gets s_c = 0. Why words, not the words already broadcast to 64-byte vectors: those
+// made every VPDPBUSD read 64 bytes of L1 (4 KiB a tile of 4 heads, 16 KiB of query vectors a
+// sequence of 16 heads beside the cache's lines); words: 1.03-1.18x at GQA 16/4 x 512 to 8k
+// (BENCHMARKS.md, issue 11, fiftieth pass).
 template <typename T>
 inline void quantize_query(const T* q, int64_t d, float scale, QWord* qb, float* qs,
                            int32_t* qo) {
@@ -68,9 +71,7 @@ inline void quantize_query(const T* q, int64_t d, float scale, QWord* qb, float*
       sum = _mm512_add_epi32(sum, v);
       alignas(16) int32_t words[4];
       _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm512_cvtepi32_epi8(v));
-      for (int j = 0; j < 4; ++j) {
-        _mm512_storeu_si512(qb + 16 * c + 4 * i + j, _mm512_set1_epi32(words[j]));
-      }
+      for (int j = 0; j < 4; ++j) qb[16 * c + 4 * i + j] = words[j];
     }
     qs[c] = amax / 127.0f;
     qo[c] = 128 * _mm512_reduce_add_epi32(sum);
@@ -121,7 +122,7 @@ template <int HG, typename Tick>
       const __m512i ku =
           _mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, kw + (16 * c + j) * bs * 4), flip);
       for (int h = 0; h < HG; ++h) {
-        a[h] = _mm512_dpbusd_epi32(a[h], ku, _mm512_loadu_si512(qb + h * d / 4 + 16 * c + j));
+        a[h] = _mm512_dpbusd_epi32(a[h], ku, _mm512_set1_epi32(qb[h * d / 4 + 16 * c + j]));
       }
     }
     for (int h = 0; h < HG; ++h) {
