@@ -69,9 +69,8 @@ inline void quantize_query(const T* q, int64_t d, float scale, QWord* qb, float*
       __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(x[i], inv));
       v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
       sum = _mm512_add_epi32(sum, v);
-      alignas(16) int32_t words[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm512_cvtepi32_epi8(v));
-      for (int j = 0; j < 4; ++j) qb[16 * c + 4 * i + j] = words[j];
+      // 16 int8 values: the chunk's words 4i .. 4i + 3.
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16 * c + 4 * i), _mm512_cvtepi32_epi8(v));
     }
     qs[c] = amax / 127.0f;
     qo[c] = 128 * _mm512_reduce_add_epi32(sum);
