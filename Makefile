@@ -41,6 +41,12 @@ run: $(RUNTIME)
 test: $(DEV)
 	$(VENV)/bin/pytest -q
 
+## make test-avx2: the suite as an AVX2 CPU without AVX-512 (AMD Zen 2 / Zen 3) runs it, on an
+## AVX-512 host: carpool's kernels and path choices (CARPOOL_CPU_LEVEL), torch's and oneDNN's loops
+.PHONY: test-avx2
+test-avx2: $(DEV)
+	CARPOOL_CPU_LEVEL=x86-64-v3 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/pytest -q
+
 ## make bench-peers: carpool beside llama.cpp (built once, cached) and transformers (BENCHMARKS.md, Peers)
 .PHONY: bench-peers
 bench-peers: $(DEV)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carpool.model import attention, paged_attention
+from carpool.model import attention, kernel_build, paged_attention
 from carpool.model.loader import load_model
 from carpool.worker.batch import build_ragged_batch
 from helpers.carpool_ref import _Chunk
@@ -20,7 +20,7 @@ def test_which_queries_and_caches_take_it(monkeypatch):
     caches = {dt: torch.empty(4, 16, 2, 2, 64, dtype=dt) for dt in (torch.bfloat16, torch.int8)}
     caches[torch.float32] = torch.empty(4, 16, 2, 2, 64)
     monkeypatch.setattr(attention, "BF16_PROMPT_ATTENTION", None)  # the default: where AMX
-    amx = torch.cpu._is_amx_tile_supported()
+    amx = kernel_build.amx_tiles()
     assert attention.bf16_prompt_attention(f32, caches[torch.bfloat16]) == amx
     monkeypatch.setattr(attention, "BF16_PROMPT_ATTENTION", True)
     assert attention.bf16_prompt_attention(f32, caches[torch.bfloat16])

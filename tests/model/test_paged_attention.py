@@ -716,7 +716,7 @@ def test_prompt_rows_below_kernel_below_compute_the_same_bits_however_chunked(tm
 def test_prompt_kernel_positions_follow_the_kernel_and_the_cache():
     # 512 tokens a query head of a kv head, 128 on an AMX CPU (its SDPA on tiles).
     tokens = paged_attention.PROMPT_KERNEL_TOKENS
-    assert tokens == (128 if torch.cpu._is_amx_tile_supported() else 512)
+    assert tokens == (128 if kernel_build.amx_tiles() else 512)
     bf16 = torch.empty(4, 16, 2, 2, 64, dtype=torch.bfloat16)
     assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2) == 4 * tokens
     assert paged_attention.prompt_kernel_positions(bf16, torch.float32, 9, 3) == 3 * tokens

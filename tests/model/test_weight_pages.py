@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from carpool.capacity.weights import resident_weight_bytes
-from carpool.model import pages, vnni_linear
+from carpool.model import kernel_build, pages, vnni_linear
 from carpool.model.layers import prepack_linears
 from carpool.model.loader import load_model
 from helpers.carpool_ref import greedy
@@ -213,9 +213,7 @@ def test_a_quantized_model_moves_onto_huge_pages_where_its_kernels_gain(
     ref, _ = load_model(tmp_path, dtype="float32", quantization=quantization)
     model, _ = load_model(tmp_path, dtype="float32", quantization=quantization)
     # AVX2 loops or AMX tiles (measured faster from huge pages); not AVX-512 without AMX.
-    gains = torch.backends.cpu.get_cpu_capability() == "AVX2" or (
-        torch.cpu._is_amx_tile_supported()
-    )
+    gains = torch.backends.cpu.get_cpu_capability() == "AVX2" or kernel_build.amx_tiles()
     assert weights_want_huge_pages(model) == gains
     with monkeypatch.context() as m:  # the reference: the same preparation, weights in place
         m.setenv(pages.ENV_WEIGHT_PAGES, "0")
@@ -244,6 +242,6 @@ def test_the_quantized_models_rule_follows_the_kernels_loops(
     quantized, _ = load_model(tmp_path, dtype="float32", quantization="int8")
     plain, _ = load_model(tmp_path, dtype="float32")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(kernel_build, "amx_tiles", lambda: amx)
     assert weights_want_huge_pages(quantized) == moved
     assert not weights_want_huge_pages(plain)  # float32 linears: torch's kernels, left in place

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carpool.config import ModelConfig
-from carpool.model import kv_layout, kv_quant, paged_attention
+from carpool.model import kernel_build, kv_layout, kv_quant, paged_attention
 from carpool.model.layers import Linear, RMSNorm, RotaryEmbedding, rotate_in_place
 from carpool.model.row_paths import WideRows
 
@@ -52,7 +52,7 @@ def bf16_prompt_attention(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     runs in bf16 (``BF16_PROMPT_ATTENTION``)."""
     on = BF16_PROMPT_ATTENTION
     if on is None:
-        on = torch.cpu._is_amx_tile_supported()
+        on = kernel_build.amx_tiles()
     return (
         on
         and q.dtype == torch.float32

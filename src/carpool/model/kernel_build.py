@@ -3,7 +3,8 @@
 ``torch.utils.cpp_extension`` compiles a source file into a library that registers
 ``torch.ops.carpool.*`` operators (no pybind11: a much shorter build). The build is cached under
 ``~/.cache/carpool/kernels`` (or ``$CARPOOL_KERNEL_CACHE``), keyed on the source, torch's version
-and this CPU's instruction set flags (it is built for the host CPU with ``-march=native``).
+and this CPU's instruction set flags (it is built for the host CPU with ``-march=native``, or
+for the level ``$CARPOOL_CPU_LEVEL`` names: ``cpu_level``).
 Callers (``paged_attention``, ``fused_ops``, ``vnni_linear``) catch a failed build and fall back to
 torch ops; ``Library`` holds that build-once-and-warn state for one source.
 """
@@ -36,19 +37,54 @@ CSRC = Path(__file__).parent / "csrc"
 # Tuples, and lists copied for each build: torch's cpp_extension.load appends its own -L/-l
 # flags to the list it is given, which changed every later build's name in that process (a
 # fresh process then missed those cached builds and compiled again).
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
+# CARPOOL_CPU_LEVEL=x86-64-v3 makes this process an AVX2 CPU without AVX-512 (an AMD Zen 2 /
+# Zen 3, Intel Haswell to Alder Lake) as far as carpool can tell: the kernels built for that level
+# (their AVX2 loops), and cpu_flags / amx_tiles without AVX-512, AVX-VNNI and AMX, so every choice
+# of a path follows. With torch's and oneDNN's own switches (ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2: `make test-avx2` sets all three) the whole suite runs on an AVX-512
+# host as it would on such a CPU. Why: the AVX2 loops had no whole-suite run since the
+# twenty-third pass's Zen 2, while later passes changed code they share (issue 11, fifty-first
+# pass). Unset: the host's own level. The value: the level and the flags it lacks (prefixes).
+ENV_CPU_LEVEL = "CARPOOL_CPU_LEVEL"
+CPU_LEVELS = {"x86-64-v3": ("avx512", "amx", "avx_vnni")}
+
+
+def cpu_level() -> str | None:
+    """The instruction set level ``$CARPOOL_CPU_LEVEL`` names (``CPU_LEVELS``), or None: the
+    host's own (``-march=native``). Anything else is a ``ValueError`` naming the variable."""
+    level = os.environ.get(ENV_CPU_LEVEL) or None
+    if level is not None and level not in CPU_LEVELS:
+        raise ValueError(
+            f"{ENV_CPU_LEVEL}={level!r}: expected one of {sorted(CPU_LEVELS)} or unset (this CPU)"
+        )
+    return level
+
+
+CFLAGS = ("-O3", f"-march={cpu_level() or 'native'}", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
 
 
 def cpu_flags() -> str:
-    """This CPU's feature flags (the binary is built with -march=native for them)."""
+    """This CPU's feature flags (the binary is built with -march=native for them), less those
+    the level ``cpu_level`` names lacks."""
+    line = platform.machine() + platform.processor()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith(("flags", "Features")):
+                line = text
+                break
     except OSError:
         pass
-    return platform.machine() + platform.processor()
+    level = cpu_level()
+    if level is None:
+        return line
+    return " ".join(f for f in line.split() if not f.startswith(CPU_LEVELS[level]))
+
+
+def amx_tiles() -> bool:
+    """Whether this CPU multiplies on AMX tiles (torch's probe), and no ``cpu_level`` without
+    them is asked for."""
+    return bool(torch.cpu._is_amx_tile_supported()) and cpu_level() is None
 
 
 def _build_name(prefix: str, source: Path) -> str:

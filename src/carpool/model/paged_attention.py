@@ -110,7 +110,7 @@ def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> b
 # 128, level at 192, 0.89x at 256 and 0.68x at 512. There 128: 1.64x / 1.24x / 1.12x at 16 /
 # 64 / 128 rows, 0.92-0.97x past them (the split's cost; 64 gave 0.96x at 128-512, 192 0.86x at
 # 256; benchmarks/prompt_kernel.py, issue 11, fortieth pass).
-PROMPT_KERNEL_TOKENS = 128 if torch.cpu._is_amx_tile_supported() else 512
+PROMPT_KERNEL_TOKENS = 128 if kernel_build.amx_tiles() else 512
 
 
 def prompt_kernel_positions(

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from carpool.model import decode_stack, fused_ops, paged_attention, pages, quant, vnni_linear
+from carpool.model import (
+    decode_stack,
+    fused_ops,
+    kernel_build,
+    paged_attention,
+    pages,
+    quant,
+    vnni_linear,
+)
 from carpool.model.kv_quant import resolve_kv_dtype
 from carpool.model.layers import Linear, prepack_linears
 from carpool.model.quant import QuantizedLinear
@@ -88,9 +96,7 @@ def weights_want_huge_pages(model: nn.Module) -> bool:
     """
     if any(isinstance(m, Linear) and m.layout == "vnni" for m in model.modules()):
         return True
-    kernels_gain = torch.backends.cpu.get_cpu_capability() == "AVX2" or (
-        torch.cpu._is_amx_tile_supported()
-    )
+    kernels_gain = torch.backends.cpu.get_cpu_capability() == "AVX2" or kernel_build.amx_tiles()
     return kernels_gain and any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
