@@ -30,21 +30,14 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-# -O3 with the host's instruction set (AVX-512 intrinsics where it has them, else plain loops).
-# -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (without the flag it runs
-# on one thread); the library links the libgomp torch already loaded. `omp simd` reductions
-# vectorize without -ffast-math.
-# Tuples, and lists copied for each build: torch's cpp_extension.load appends its own -L/-l
-# flags to the list it is given, which changed every later build's name in that process (a
-# fresh process then missed those cached builds and compiled again).
 # CARPOOL_CPU_LEVEL=x86-64-v3 makes this process an AVX2 CPU without AVX-512 (an AMD Zen 2 /
 # Zen 3, Intel Haswell to Alder Lake) as far as carpool can tell: the kernels built for that level
 # (their AVX2 loops), and cpu_flags / amx_tiles without AVX-512, AVX-VNNI and AMX, so every choice
 # of a path follows. With torch's and oneDNN's own switches (ATEN_CPU_CAPABILITY=avx2,
 # ONEDNN_MAX_CPU_ISA=AVX2: `make test-avx2` sets all three) the whole suite runs on an AVX-512
-# host as it would on such a CPU. Why: the AVX2 loops had no whole-suite run since the
-# twenty-third pass's Zen 2, while later passes changed code they share (issue 11, fifty-first
-# pass). Unset: the host's own level. The value: the level and the flags it lacks (prefixes).
+# host as it would on such a CPU. Why: the AVX2 loops had no whole-suite run since the Zen 2 of
+# issue 11's twenty-ninth pass, while later passes changed code they share (fifty-first pass).
+# Unset: the host's own level. CPU_LEVELS: each level and the flags it lacks (prefixes).
 ENV_CPU_LEVEL = "CARPOOL_CPU_LEVEL"
 CPU_LEVELS = {"x86-64-v3": ("avx512", "amx", "avx_vnni")}
 
@@ -60,6 +53,14 @@ def cpu_level() -> str | None:
     return level
 
 
+# -O3 with the host's instruction set (AVX-512 intrinsics where it has them, else plain loops),
+# or cpu_level's.
+# -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (without the flag it runs
+# on one thread); the library links the libgomp torch already loaded. `omp simd` reductions
+# vectorize without -ffast-math.
+# Tuples, and lists copied for each build: torch's cpp_extension.load appends its own -L/-l
+# flags to the list it is given, which changed every later build's name in that process (a
+# fresh process then missed those cached builds and compiled again).
 CFLAGS = ("-O3", f"-march={cpu_level() or 'native'}", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
 
