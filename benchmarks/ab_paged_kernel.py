@@ -19,6 +19,11 @@ queries over the int8 cache of the same values, in each checkout's own layout
 (``kv_quant.to_blocks`` where its ``kv_quant`` has the block layout, rows before it). The two
 checkouts' outputs must agree, except with ``--diagnostic`` (an "after" build with a loop left
 out, to see what that loop costs).
+
+``--prompt``: a shape's ``B`` rows are instead the last ``B`` positions of ONE sequence of
+``context`` tokens (one block table; row i sees ``context - B + 1 + i`` tokens), as a prompt's
+kernel rows are (``paged_attention.prompt_kernel_positions``): the same blocks read by every
+row, from the caches, so the loops' arithmetic rather than the memory sets the time.
 """
 
 from __future__ import annotations
@@ -132,6 +137,11 @@ def main() -> None:
         "(pages.zeroed_lazily: transparent huge pages where the kernel allows)",
     )
     ap.add_argument(
+        "--prompt",
+        action="store_true",
+        help="each shape's rows are the last positions of one sequence (a prompt's kernel rows)",
+    )
+    ap.add_argument(
         "--diagnostic",
         action="store_true",
         help="time a diagnostic build whose results are meant to be wrong (a loop left out to "
@@ -161,6 +171,10 @@ def main() -> None:
         ctx = int(lens.max())
         nb = b * (-(-ctx // bs))
         tables = torch.arange(1, nb + 1).view(-1, b).t().contiguous()
+        if a.prompt:  # one sequence's blocks, its last b positions
+            nb = -(-ctx // bs)
+            tables = torch.arange(1, nb + 1).expand(b, nb).contiguous()
+            lens = torch.arange(ctx - b + 1, ctx + 1, dtype=torch.long)
         for cache in a.caches.split(","):
             caches = [
                 torch.randn(nb + 1, bs, 2, kvh, d).to(torch.bfloat16) for _ in range(a.layers)

@@ -718,8 +718,11 @@ def test_prompt_kernel_positions_follow_the_kernel_and_the_cache():
     tokens = paged_attention.PROMPT_KERNEL_TOKENS
     assert tokens == (128 if kernel_build.amx_tiles() else 512)
     bf16 = torch.empty(4, 16, 2, 2, 64, dtype=torch.bfloat16)
-    assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2) == 4 * tokens
-    assert paged_attention.prompt_kernel_positions(bf16, torch.float32, 9, 3) == 3 * tokens
+    # Grouped heads over a bfloat16 cache without AMX: every prompt row at any position.
+    grouped = 4 * tokens if kernel_build.amx_tiles() else paged_attention.EVERY_PROMPT_ROW
+    assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2) == grouped
+    grouped = 3 * tokens if kernel_build.amx_tiles() else paged_attention.EVERY_PROMPT_ROW
+    assert paged_attention.prompt_kernel_positions(bf16, torch.float32, 9, 3) == grouped
     assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 8) == tokens
     fp32 = torch.empty(4, 16, 2, 2, 64, dtype=torch.float32)
     assert paged_attention.prompt_kernel_positions(fp32, torch.float32, 8, 2) == 4 * tokens // 2

@@ -112,6 +112,18 @@ def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> b
 # 256; benchmarks/prompt_kernel.py, issue 11, fortieth pass).
 PROMPT_KERNEL_TOKENS = 128 if kernel_build.amx_tiles() else 512
 
+# Without AMX, a bfloat16 cache of 2 or more query heads a kv head: every prompt row takes the
+# kernel, at any position. Its rows share nothing, but the rectangle's SDPA calls cost more as
+# the context grows past the tiles' keys (each tile of 32 rows gathers its whole context, each
+# kv head's K/V repeated for its query heads): a chunk of 512 rows from position p, rectangle /
+# kernel, on the Zen 4: SmolLM2 (9 / 3, float32 queries) 1.09x from 1,536, 1.04x from 2,560,
+# 0.99x from 3,072, 1.43x from 5,120, 1.61x from 7,680; medium (16 / 4) 1.41x / 1.58x / 1.90x
+# from 2,048 / 3,584 / 7,680; a random small of 8 / 4 heads 1.07x / 1.09x / 1.32x from 512 /
+# 1,536 / 3,584. Small's 8 / 8 heads keep the cut-off above: 0.84x from 1,536 (BENCHMARKS.md,
+# issue 11, fifty-second pass). Not measured on AMX, whose tiles run the rectangle's bf16
+# SDPA: it keeps PROMPT_KERNEL_TOKENS.
+EVERY_PROMPT_ROW = 1 << 62
+
 
 def prompt_kernel_positions(
     kv_cache: torch.Tensor, query_dtype: torch.dtype, num_heads: int, num_kv_heads: int
@@ -119,10 +131,14 @@ def prompt_kernel_positions(
     """Positions below which a prompt row is a kernel row (``build_ragged_batch``'s
     ``kernel_below``): ``PROMPT_KERNEL_TOKENS`` per query head of a kv head where the kernel
     applies to a bfloat16 cache, half as many over a float32 one, else 0 (an int8 cache's
-    kernel rounds queries to int8, a GPU's rows take the rectangle). Fixed for an engine, so a
-    row's path follows from its position."""
+    kernel rounds queries to int8, a GPU's rows take the rectangle), and ``EVERY_PROMPT_ROW``
+    for a bfloat16 cache of 2 or more query heads a kv head on a CPU without AMX. Fixed for an
+    engine, so a row's path follows from its position."""
     if kv_cache.dtype == torch.int8 or not applies(kv_cache, query_dtype):
         return 0
+    grouped = num_heads // num_kv_heads >= 2
+    if kv_cache.dtype == torch.bfloat16 and grouped and not kernel_build.amx_tiles():
+        return EVERY_PROMPT_ROW
     # A float32 cache's rows are twice a bfloat16 one's bytes: out of L2 at half the tokens.
     per_group = PROMPT_KERNEL_TOKENS * 2 // kv_cache.element_size()
     return per_group * max(num_heads // num_kv_heads, 1)

@@ -656,14 +656,20 @@ inline void group_values_bf16(float* acc, int64_t d, int64_t len, const C* v0,
                               int64_t ts, int64_t n_tok, const c10::BFloat16* pw,
                               int64_t p_stride) {
   static_assert(2 * HG * CH <= 16, "16 accumulators");
+  // The loops over heads and chunks unrolled, so a, lo and hi live in registers only: gcc
+  // kept a on the stack as well (the loops not unrolled), a store per multiply-add and a
+  // reload in a chain (the kernel 1.03-1.04x on prompt rows; issue 11, fifty-second pass).
   int64_t c = 0;
   for (; c + 32 * CH <= len; c += 32 * CH) {
     __m512 a[2 * HG * CH];
+    #pragma GCC unroll 16
     for (int h = 0; h < HG; ++h) {
+      #pragma GCC unroll 16
       for (int j = 0; j < 2 * CH; ++j) a[h * 2 * CH + j] = _mm512_loadu_ps(acc + h * d + c + 16 * j);
     }
     for (int64_t t = 0; t < n_tok; t += 2) {
       __m512i lo[CH], hi[CH];
+      #pragma GCC unroll 16
       for (int j = 0; j < CH; ++j) {
         const __m512i x = load32_bh(v0 + t * ts + c + 32 * j);
         // The last token of an odd count pairs with zeros (its weight's pair is 0 too, and the
@@ -673,10 +679,12 @@ inline void group_values_bf16(float* acc, int64_t d, int64_t len, const C* v0,
         lo[j] = _mm512_unpacklo_epi16(x, y);
         hi[j] = _mm512_unpackhi_epi16(x, y);
       }
+      #pragma GCC unroll 16
       for (int h = 0; h < HG; ++h) {
         int32_t pair;
         std::memcpy(&pair, pw + h * p_stride + t, sizeof(pair));
         const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+        #pragma GCC unroll 16
         for (int j = 0; j < CH; ++j) {
           __m512& al = a[h * 2 * CH + 2 * j];
           __m512& ah = a[h * 2 * CH + 2 * j + 1];
@@ -685,7 +693,9 @@ inline void group_values_bf16(float* acc, int64_t d, int64_t len, const C* v0,
         }
       }
     }
+    #pragma GCC unroll 16
     for (int h = 0; h < HG; ++h) {
+      #pragma GCC unroll 16
       for (int j = 0; j < 2 * CH; ++j) _mm512_storeu_ps(acc + h * d + c + 16 * j, a[h * 2 * CH + j]);
     }
   }
@@ -838,9 +848,14 @@ inline void softmax_weights_bf16(const float* sh, int64_t n, float& m, float& l,
                        : _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
                                               first_lanes(n - t), sh + t);
   };
-  __m512 mv = _mm512_set1_ps(m);
+  const __m512 mo = _mm512_set1_ps(m);
+  __m512 mv = mo;
   for (int64_t t = 0; t < n; t += 16) mv = _mm512_max_ps(mv, chunk(t));
-  const float mx = _mm512_reduce_max_ps(mv);
+  // The block's max reduced only where a score exceeds the running max (after the first
+  // blocks, rarely): else it is m, bit for bit, without the reduction's chain before the
+  // weights (the kernel 1.00-1.08x on prompt rows; issue 11, fifty-second pass).
+  float mx = m;
+  if (_mm512_cmp_ps_mask(mv, mo, _CMP_GT_OQ) != 0) mx = _mm512_reduce_max_ps(mv);
   if (mx > m) {
     const float corr = exp_nonpositive(m - mx);  // ~0 on the first block
     l *= corr;
@@ -959,9 +974,18 @@ inline void pair_dots(const c10::BFloat16* kp, int64_t d, int64_t block_size, in
         prefetch(per);
       }
     }
-    for (int a = 0; p < pairs; ++p, ++a) {
-      const auto w = prep(L::load(k0 + p * block_size * 2, n));
-      for (int h = 0; h < HG; ++h) add(acc[h * A + a], w, h, p);
+    // The last pairs (pairs not a multiple of A): chain a still takes pair p + a. Indices known
+    // at compile time, so acc stays in registers: a loop over a runtime index made gcc keep
+    // the whole array on the stack, a store and a load in every chain's step (the kernel
+    // 1.11-1.18x on prompt rows of groups of 3 and 4 heads without them, the same bits;
+    // BENCHMARKS.md, issue 11, fifty-second pass).
+    #pragma GCC unroll 16
+    for (int a = 0; a < A; ++a) {
+      if (p + a < pairs) {
+        const auto w = prep(L::load(k0 + (p + a) * block_size * 2, n));
+        #pragma GCC unroll 16
+        for (int h = 0; h < HG; ++h) add(acc[h * A + a], w, h, p + a);
+      }
     }
     #pragma GCC unroll 16
     for (int h = 0; h < HG; ++h) {
