@@ -79,14 +79,18 @@ def test_it_rounds_only_the_rectangles_rows(tiny, monkeypatch):
         assert torch.equal(off.argmax(-1)[clear], on.argmax(-1)[clear]), cache
 
 
-def test_greedy_tokens_of_a_long_prompt_match_transformers(tiny, monkeypatch):
-    # Every prompt row in the rectangles (no kernel rows), in the engine's own steps (chunks of
-    # 128 tokens): the tokens transformers gives in float32.
+@pytest.mark.parametrize("rows", ["rectangles", "kernel"])
+def test_greedy_tokens_of_a_long_prompt_match_transformers(tiny, monkeypatch, rows):
+    # Every prompt row in the rectangles (no kernel rows; in bf16), or every row in the paged
+    # kernel (paged_attention.GROUPED_PROMPT_ROWS_IN_KERNEL: the tiny model's grouped heads, as
+    # a CPU without AMX takes them), in the engine's own steps (chunks of 128 tokens): the
+    # tokens transformers gives in float32.
     from carpool import LLM, SamplingParams
 
     hf, _, path = tiny
     monkeypatch.setattr(attention, "BF16_PROMPT_ATTENTION", True)
     monkeypatch.setattr(paged_attention, "PROMPT_KERNEL_TOKENS", 0)
+    monkeypatch.setattr(paged_attention, "GROUPED_PROMPT_ROWS_IN_KERNEL", rows == "kernel")
     taken = []
     real = attention.bf16_prompt_attention
     monkeypatch.setattr(
@@ -103,4 +107,8 @@ def test_greedy_tokens_of_a_long_prompt_match_transformers(tiny, monkeypatch):
     )
     out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
     assert out[0].outputs[0].token_ids == expected
-    assert taken and all(taken), "the prompt's rectangles ran in bf16"
+    if rows == "kernel":
+        assert llm.engine.runner.kernel_below == paged_attention.EVERY_PROMPT_ROW
+        assert not taken, "no rectangle: every prompt row took the kernel"
+    else:
+        assert taken and all(taken), "the prompt's rectangles ran in bf16"

@@ -713,17 +713,22 @@ def test_prompt_rows_below_kernel_below_compute_the_same_bits_however_chunked(tm
     torch.testing.assert_close(one.float(), rectangle.float(), atol=tol, rtol=0)
 
 
-def test_prompt_kernel_positions_follow_the_kernel_and_the_cache():
+def test_prompt_kernel_positions_follow_the_kernel_and_the_cache(monkeypatch):
     # 512 tokens a query head of a kv head, 128 on an AMX CPU (its SDPA on tiles).
     tokens = paged_attention.PROMPT_KERNEL_TOKENS
     assert tokens == (128 if kernel_build.amx_tiles() else 512)
     bf16 = torch.empty(4, 16, 2, 2, 64, dtype=torch.bfloat16)
     # Grouped heads over a bfloat16 cache without AMX: every prompt row at any position.
-    grouped = 4 * tokens if kernel_build.amx_tiles() else paged_attention.EVERY_PROMPT_ROW
-    assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2) == grouped
-    grouped = 3 * tokens if kernel_build.amx_tiles() else paged_attention.EVERY_PROMPT_ROW
-    assert paged_attention.prompt_kernel_positions(bf16, torch.float32, 9, 3) == grouped
-    assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 8) == tokens
+    assert paged_attention.GROUPED_PROMPT_ROWS_IN_KERNEL is not kernel_build.amx_tiles()
+    for in_kernel in (True, False):
+        monkeypatch.setattr(paged_attention, "GROUPED_PROMPT_ROWS_IN_KERNEL", in_kernel)
+        every = paged_attention.EVERY_PROMPT_ROW
+        got = paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 2)
+        assert got == (every if in_kernel else 4 * tokens)
+        got = paged_attention.prompt_kernel_positions(bf16, torch.float32, 9, 3)
+        assert got == (every if in_kernel else 3 * tokens)
+        # One query head a kv head keeps the cut-off.
+        assert paged_attention.prompt_kernel_positions(bf16, torch.bfloat16, 8, 8) == tokens
     fp32 = torch.empty(4, 16, 2, 2, 64, dtype=torch.float32)
     assert paged_attention.prompt_kernel_positions(fp32, torch.float32, 8, 2) == 4 * tokens // 2
     # An int8 cache's kernel rounds queries to int8: its prompt rows keep the rectangle.

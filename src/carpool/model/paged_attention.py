@@ -122,7 +122,8 @@ PROMPT_KERNEL_TOKENS = 128 if kernel_build.amx_tiles() else 512
 # 1,536 / 3,584. Small's 8 / 8 heads keep the cut-off above: 0.84x from 1,536 (BENCHMARKS.md,
 # issue 11, fifty-second pass). Not measured on AMX, whose tiles run the rectangle's bf16
 # SDPA: it keeps PROMPT_KERNEL_TOKENS.
-EVERY_PROMPT_ROW = 1 << 62
+GROUPED_PROMPT_ROWS_IN_KERNEL = not kernel_build.amx_tiles()
+EVERY_PROMPT_ROW = 1 << 62  # prompt_kernel_positions' "no position is past the cut-off"
 
 
 def prompt_kernel_positions(
@@ -132,12 +133,13 @@ def prompt_kernel_positions(
     ``kernel_below``): ``PROMPT_KERNEL_TOKENS`` per query head of a kv head where the kernel
     applies to a bfloat16 cache, half as many over a float32 one, else 0 (an int8 cache's
     kernel rounds queries to int8, a GPU's rows take the rectangle), and ``EVERY_PROMPT_ROW``
-    for a bfloat16 cache of 2 or more query heads a kv head on a CPU without AMX. Fixed for an
-    engine, so a row's path follows from its position."""
+    for a bfloat16 cache of 2 or more query heads a kv head where
+    ``GROUPED_PROMPT_ROWS_IN_KERNEL`` (a CPU without AMX). Fixed for an engine, so a row's path
+    follows from its position."""
     if kv_cache.dtype == torch.int8 or not applies(kv_cache, query_dtype):
         return 0
     grouped = num_heads // num_kv_heads >= 2
-    if kv_cache.dtype == torch.bfloat16 and grouped and not kernel_build.amx_tiles():
+    if kv_cache.dtype == torch.bfloat16 and grouped and GROUPED_PROMPT_ROWS_IN_KERNEL:
         return EVERY_PROMPT_ROW
     # A float32 cache's rows are twice a bfloat16 one's bytes: out of L2 at half the tokens.
     per_group = PROMPT_KERNEL_TOKENS * 2 // kv_cache.element_size()

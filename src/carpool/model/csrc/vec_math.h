@@ -138,17 +138,20 @@ inline void load_split(const c10::BFloat16* p, __m256& even, __m256& odd) {
 template <typename C>
 constexpr int64_t row_extra() { return std::is_same<C, int8_t>::value ? 4 : 0; }
 
-// The largest of x and sh[0..n).
+// The largest of x and sh[0..n). The vector's lanes are reduced only where one exceeds x
+// (the kernel's running max: after the first blocks, rarely), as in softmax_weights_bf16.
 inline float max_block(const float* sh, int64_t n, float x) {
   int64_t t = 0;
 #if defined(__AVX512F__)
-  __m512 mv = _mm512_set1_ps(x);
+  const __m512 xv = _mm512_set1_ps(x);
+  __m512 mv = xv;
   for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sh + t));
-  x = _mm512_reduce_max_ps(mv);
+  if (_mm512_cmp_ps_mask(mv, xv, _CMP_GT_OQ) != 0) x = _mm512_reduce_max_ps(mv);
 #elif defined(CARPOOL_AVX2)
-  __m256 mv = _mm256_set1_ps(x);
+  const __m256 xv = _mm256_set1_ps(x);
+  __m256 mv = xv;
   for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sh + t));
-  x = hmax8(mv);
+  if (_mm256_movemask_ps(_mm256_cmp_ps(mv, xv, _CMP_GT_OQ)) != 0) x = hmax8(mv);
 #endif
   for (; t < n; ++t) x = std::max(x, sh[t]);
   return x;
