@@ -13,7 +13,8 @@ sequences packed end to end. Each layer
    row computes the same bits however its prompt is chunked and batched),
 so there is no Python loop over sequences. Decode rows on the CPU skip 2 and 3: the kernel of
 ``carpool.model.paged_attention`` reads the cache in place through the block tables; so do a
-prompt's rows at short contexts (``paged_attention.prompt_kernel_positions``). All index
+prompt's rows at short contexts, and every prompt row of grouped heads over a bf16 cache on a
+CPU without AMX (``paged_attention.prompt_kernel_positions``). All index
 tensors are built once per step by the runner (``carpool.worker.batch``) and shared by every
 layer through ``AttentionMetadata``.
 """
