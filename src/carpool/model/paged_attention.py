@@ -113,15 +113,16 @@ def applies(kv_cache: torch.Tensor, query_dtype: torch.dtype | None = None) -> b
 PROMPT_KERNEL_TOKENS = 128 if kernel_build.amx_tiles() else 512
 
 # Without AMX, a bfloat16 cache of 2 or more query heads a kv head: every prompt row takes the
-# kernel, at any position. Its rows share nothing, but the rectangle's SDPA calls cost more as
-# the context grows past the tiles' keys (each tile of 32 rows gathers its whole context, each
-# kv head's K/V repeated for its query heads): a chunk of 512 rows from position p, rectangle /
-# kernel, on the Zen 4: SmolLM2 (9 / 3, float32 queries) 1.09x from 1,536, 1.04x from 2,560,
-# 0.99x from 3,072, 1.43x from 5,120, 1.61x from 7,680; medium (16 / 4) 1.41x / 1.58x / 1.90x
-# from 2,048 / 3,584 / 7,680; a random small of 8 / 4 heads 1.07x / 1.09x / 1.32x from 512 /
-# 1,536 / 3,584. Small's 8 / 8 heads keep the cut-off above: 0.84x from 1,536 (BENCHMARKS.md,
-# issue 11, fifty-second pass). Not measured on AMX, whose tiles run the rectangle's bf16
-# SDPA: it keeps PROMPT_KERNEL_TOKENS.
+# kernel, at any position. Past the cut-off above, the rectangle (the context gathered, SDPA tiles
+# of 32 rows with a mask) was the slower path for grouped heads at every position measured but one
+# (level), and more so the longer the context: a chunk of 512 rows from position p, rectangle /
+# kernel, on the Zen 4: SmolLM2 (9 / 3, float32 queries) 1.09x from 1,536, 1.04x from 2,560, 0.99x
+# from 3,072, 1.43x from 5,120, 1.61x from 7,680; medium (16 / 4) 1.41x / 1.58x / 1.90x from 2,048 /
+# 3,584 / 7,680; a random small of 8 / 4 heads 1.07x / 1.09x / 1.32x from 512 / 1,536 / 3,584 (with
+# the kernel's score loop before this pass's change too: medium 1.50x from 3,584; the cut-off had
+# been measured to 2,040 tokens). Small's 8 / 8 heads keep the cut-off: 0.84x from 1,536
+# (BENCHMARKS.md, issue 11, fifty-second pass). Not measured on AMX, whose tiles run the rectangle's
+# bf16 SDPA: it keeps PROMPT_KERNEL_TOKENS.
 GROUPED_PROMPT_ROWS_IN_KERNEL = not kernel_build.amx_tiles()
 EVERY_PROMPT_ROW = 1 << 62  # prompt_kernel_positions' "no position is past the cut-off"
 
