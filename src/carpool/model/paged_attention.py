@@ -139,12 +139,12 @@ def prompt_kernel_positions(
     follows from its position."""
     if kv_cache.dtype == torch.int8 or not applies(kv_cache, query_dtype):
         return 0
-    grouped = num_heads // num_kv_heads >= 2
-    if kv_cache.dtype == torch.bfloat16 and grouped and GROUPED_PROMPT_ROWS_IN_KERNEL:
+    group = max(num_heads // num_kv_heads, 1)  # query heads a kv head
+    if kv_cache.dtype == torch.bfloat16 and group >= 2 and GROUPED_PROMPT_ROWS_IN_KERNEL:
         return EVERY_PROMPT_ROW
     # A float32 cache's rows are twice a bfloat16 one's bytes: out of L2 at half the tokens.
     per_group = PROMPT_KERNEL_TOKENS * 2 // kv_cache.element_size()
-    return per_group * max(num_heads // num_kv_heads, 1)
+    return per_group * group
 
 
 def quantizes_int8_queries(head_dim: int) -> bool:
