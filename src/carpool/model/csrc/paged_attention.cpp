@@ -100,6 +100,21 @@ inline void prefetch_ahead(const char* p) { __builtin_prefetch(p, 0, 2); }
 inline void prefetch_ahead(const char* p) { __builtin_prefetch(p, 0, 3); }
 #endif
 
+// Asks for a range of cache lines in order (the next block's), `count` more at each call. A
+// value, which the pair loops copy into a local for their run (pair_dots): as a lambda over
+// the kernel's own cursor it was memory gcc could not tell from the keys' loads (intrinsic
+// loads may alias anything), so the cursor was stored and reloaded around every pair, a chain
+// through memory beside the multiply-adds (prompt rows 1.03-1.20x, decode level; BENCHMARKS.md,
+// issue 11, fifty-third pass). The other loops call it a few times a block and take it by
+// reference (the same copy in the VNNI loops measured 0.92x on an MHA int8 cache).
+struct LinePrefetch {
+  const char* at;   // the next line to ask for
+  const char* end;  // past the last line
+  void operator()(int64_t count) {
+    for (; count > 0 && at < end; --count, at += 64) prefetch_ahead(at);
+  }
+};
+
 template <typename T, typename C>
 void decode_kernel(
     const T* q,             // [B, H, D] rows of stride q_stride (elements) per sequence
@@ -417,33 +432,10 @@ void decode_kernel(
         // Scores of the block: q . k for every token and query head of the run; 16 tokens at
         // a time where the vector path allows.
         int64_t t0 = 0;
-        // The next block's rows, line by line: K then V of each token of the run. A run of
-        // every kv head reads the whole block, one contiguous range; a run of some of them
-        // two ranges per token, walked with a cursor (no division per line).
-        const int64_t seg_lines = (run_bytes + 63) / 64;
-        const bool whole = kRegions || nkh == kv_heads;
-        const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(C));
-        const int64_t lines = next == nullptr ? 0
-                              : kRegions    ? (span + 63) / 64
-                              : whole       ? (block_size * token_bytes + 63) / 64
-                                            : 2 * seg_lines * block_size;
-        int64_t line = 0, r = 0;
-        const char* tok = next;
-        auto prefetch_lines = [&](int64_t count) {
-          const int64_t stop = std::min(lines, line + count);
-          if (whole) {
-            for (; line < stop; ++line) prefetch_ahead(next + line * 64);
-            return;
-          }
-          for (; line < stop; ++line) {
-            const int64_t off = r < seg_lines ? r * 64 : kv_bytes + (r - seg_lines) * 64;
-            prefetch_ahead(tok + off);
-            if (++r == 2 * seg_lines) {
-              r = 0;
-              tok += token_bytes;
-            }
-          }
-        };
+        // The next block's regions (a bfloat16 or int8 cache), line by line, for the loops that
+        // take a prefetcher; a float32 cache's loops ask token by token (prefetch_next).
+        const int64_t lines = next == nullptr || !kRegions ? 0 : (span + 63) / 64;
+        LinePrefetch prefetch_lines{next, next + lines * 64};
 #if defined(CARPOOL_INT8_ATTENTION)
         if constexpr (kVnni) {
           if (vnni) {

@@ -961,6 +961,9 @@ inline void pair_dots(const c10::BFloat16* kp, int64_t d, int64_t block_size, in
   using L = PairLanes;
   constexpr int A = kPairChains<HG>;
   const int64_t pairs = d / 2;
+  // The prefetcher's state in a local for the run (registers), handed back after: see
+  // paged_attention.cpp's LinePrefetch.
+  Prefetch pf = prefetch;
   for (int64_t t0 = 0; t0 < n_tok; t0 += L::N) {
     const int64_t n = n_tok - t0;  // tokens from t0 (a tail where under N)
     const c10::BFloat16* k0 = kp + t0 * 2;
@@ -974,7 +977,7 @@ inline void pair_dots(const c10::BFloat16* kp, int64_t d, int64_t block_size, in
         const auto w = prep(L::load(k0 + (p + a) * block_size * 2, n));
         #pragma GCC unroll 16
         for (int h = 0; h < HG; ++h) add(acc[h * A + a], w, h, p + a);
-        prefetch(per);
+        pf(per);
       }
     }
     // The last pairs (pairs not a multiple of A): chain a still takes pair p + a. Indices known
@@ -998,6 +1001,7 @@ inline void pair_dots(const c10::BFloat16* kp, int64_t d, int64_t block_size, in
       L::store(s + h * s_stride + t0, n, L::mul(sum, mul));
     }
   }
+  prefetch = pf;
 }
 
 // float32 queries (rows qs + h * d, scaled already): a pair's tokens widened to their even and
@@ -1043,12 +1047,16 @@ inline void pair_dots_bf16(const c10::BFloat16* qs, int64_t d, const c10::BFloat
 // heads from row k * group, in sub-groups of at most 4) over a bfloat16 cache's pair-major
 // keys (kv head k's at k0 + k * region): float32 queries scaled already, or bfloat16 ones
 // (AVX-512 BF16 builds) scaled here. prefetch(n) asks for the next n cache lines of the next
-// block, `lines` of them in all, spread over the pairs.
+// block, `lines` of them in all, spread over the pairs. Always inlined into the kernel: with
+// the prefetcher a struct (paged_attention.cpp's LinePrefetch) gcc made it a call in the AVX2
+// build, its prompt rows then 0.84-0.94x (inlined: 1.03-1.08x; issue 11, fifty-third pass).
 template <typename Q, typename Prefetch>
-inline void block_pair_dots(const Q* qs, int64_t d, const c10::BFloat16* k0, int64_t region,
-                            int64_t block_size, int64_t n_tok, int64_t nkh, int64_t group,
-                            float* s, int64_t s_stride, [[maybe_unused]] float scale,
-                            Prefetch& prefetch, int64_t lines) {
+[[gnu::always_inline]] inline void block_pair_dots(const Q* qs, int64_t d,
+                                                   const c10::BFloat16* k0, int64_t region,
+                                                   int64_t block_size, int64_t n_tok,
+                                                   int64_t nkh, int64_t group, float* s,
+                                                   int64_t s_stride, [[maybe_unused]] float scale,
+                                                   Prefetch& prefetch, int64_t lines) {
   static_assert(std::is_same<Q, float>::value || std::is_same<Q, c10::BFloat16>::value, "");
   const int64_t chunks = (n_tok + PairLanes::N - 1) / PairLanes::N;
   const int64_t calls = nkh * ((group + 3) / 4) * chunks * (d / 2);  // pairs in the block
