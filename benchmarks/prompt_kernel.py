@@ -11,6 +11,8 @@ differently; the engine takes one of them for a given position, always the same)
 
     python benchmarks/prompt_kernel.py --model small-BF16.gguf --prompt 128,512,1024
     python benchmarks/prompt_kernel.py --model small-BF16.gguf --layout padded
+    python benchmarks/prompt_kernel.py --model small-BF16.gguf --start 1536 --prompt 512 \
+        --kernel-below 100000   # every row in the kernel against every row in the rectangle
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def main() -> None:
     ap.add_argument("--layout", choices=("ragged", "padded"), default="ragged")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--kernel-below",
+        type=int,
+        default=None,
+        help="the kernel side's rows below this position (default: the engine's own rule); "
+        "a large number gives every prompt row to the kernel",
+    )
     args = ap.parse_args()
     lengths = [int(n) for n in args.prompt.split(",")]
     longest = args.start + max(lengths)
@@ -52,7 +61,7 @@ def main() -> None:
         layout=args.layout,
     )
     runner = llm.engine.runner
-    below = runner.kernel_below
+    below = runner.kernel_below if args.kernel_below is None else args.kernel_below
     bs = runner.block_size
     table = list(range(-(-longest // bs)))
     vocab = llm.engine.model_config.vocab_size
