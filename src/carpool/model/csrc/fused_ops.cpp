@@ -2209,8 +2209,10 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
 // Many rows on AVX-512 BF16 (B = 64): int4_block_dp decodes a block's codes to bf16 again for
 // every group of 1-4 rows (two widenings, two unpacks, four masks or shifts and four table
 // lookups per four dot products of a row). Here each group of K inputs is decoded once into a
-// buffer of bf16 pairs (4 KiB for g = 32, in L1) that every group of up to 6 rows then reads
-// (24 accumulators). Every column takes int4_block_dp's operations in its order (per group acc
+// buffer of bf16 pairs (4 KiB for g = 32; since the fifty-third pass every group of the block
+// first, then each tile of up to 6 rows over half the columns at a time, 12 products and 12
+// running sums in registers; see int4_block_dp_widened). Every column takes int4_block_dp's
+// operations in its order (per group acc
 // = dot products along K from zero, then out = fma(scale, acc, out) and out = fma(zero - 8
 // scale, sum(x), out)): the same bits whichever loop a row count takes. It matters since a
 // prefill's rows take the kernel too (fused_ops.py, ANY_ROWS): a row's numbers do not depend
@@ -2229,36 +2231,40 @@ constexpr int64_t kInt4DpWidenedRows = 5;  // from this many rows, int4_rows dec
 constexpr int64_t kInt4DpWidenedRows = 48;
 #endif
 
-// Rows [0, M) of the group: the four vectors' dot products along the group's g / 2 pairs;
-// ob holds each row's 64 running sums in the vectors' lane order, updated once per group from
-// the group's permuted scales and offsets (sv, ov: 4 vectors each).
+// Rows [0, M) of column half h (vectors 2h and 2h + 1 of int4_block_dp's four) over every
+// group: per group the two vectors' dot products along its g / 2 pairs from zero, then each
+// row's running sums o = fma(scale, acc, o) and o = fma(zero - 8 scale, sum(x), o), kept in
+// registers across the groups (12 sums and 12 products at 6 rows) and stored to ob (each row's
+// 64 sums in the vectors' lane order) at the end. wb: every group's decoded pairs (4 vectors a
+// pair, group after group), sv / ov: every group's 4 scale and 4 offset vectors.
 template <int64_t M>
 inline void int4_dp_widened_rows(const __m512bh* wb, const uint32_t* xp, const float* xsum,
                                  const __m512* sv, const __m512* ov, float* ob, int64_t half,
-                                 int64_t groups, int64_t g, int64_t gi) {
-  __m512 acc[M][4];
-  for (int64_t m = 0; m < M; ++m)
-    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-  const int64_t p0 = gi * g / 2;
-  for (int64_t p = 0; p < g / 2; ++p) {
-    const __m512bh w0 = wb[4 * p], w1 = wb[4 * p + 1], w2 = wb[4 * p + 2], w3 = wb[4 * p + 3];
+                                 int64_t groups, int64_t g, int h) {
+  __m512 o[M][2];
+  for (int64_t m = 0; m < M; ++m) o[m][0] = o[m][1] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    __m512 acc[M][2];
+    for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    const int64_t p0 = gi * g / 2;
+    for (int64_t p = p0; p < p0 + g / 2; ++p) {
+      const __m512bh w0 = wb[4 * p + 2 * h], w1 = wb[4 * p + 2 * h + 1];
+      for (int64_t m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * half + p]));
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
+      }
+    }
     for (int64_t m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * half + p0 + p]));
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
-      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
+      const __m512 xs = _mm512_set1_ps(xsum[m * groups + gi]);
+      for (int j = 0; j < 2; ++j) {
+        o[m][j] = _mm512_fmadd_ps(sv[4 * gi + 2 * h + j], acc[m][j], o[m][j]);
+        o[m][j] = _mm512_fmadd_ps(ov[4 * gi + 2 * h + j], xs, o[m][j]);
+      }
     }
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const __m512 xs = _mm512_set1_ps(xsum[m * groups + gi]);
-    for (int j = 0; j < 4; ++j) {
-      __m512 o = _mm512_load_ps(ob + m * 64 + 16 * j);
-      o = _mm512_fmadd_ps(sv[j], acc[m][j], o);
-      o = _mm512_fmadd_ps(ov[j], xs, o);
-      _mm512_store_ps(ob + m * 64 + 16 * j, o);
-    }
-  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < 2; ++j) _mm512_store_ps(ob + m * 64 + 16 * (2 * h + j), o[m][j]);
 }
 
 // Rows' 64 sums of block b in the vectors' lane order (ob: rows * 64 floats) to their columns
@@ -2277,39 +2283,48 @@ void int4_store_lane_order(const float* ob, int64_t rows, T* y, int64_t n, int64
     }
 }
 
-// Output columns [64b, 64b + 64) of all `rows` rows (xp, xsum and y at row 0). wb: g / 2 * 4
-// vectors, ob: rows * 64 floats, both 64-byte aligned (the caller's, reused across blocks).
+// Output columns [64b, 64b + 64) of all `rows` rows (xp, xsum and y at row 0). wb: k / 2 * 4
+// vectors, sc: k / g * 8 vectors, ob: rows * 64 floats, all 64-byte aligned (the caller's,
+// reused across blocks). Every group's codes are decoded first (k / 2 * 256 bytes: 72 KB for
+// SmolLM2's 576 inputs, 192 KB for 1,536: in L2), then each tile of rows runs over all of
+// them per half of the columns with its sums in registers: with the groups outside the tiles
+// (one group's codes in L1) every tile loaded and stored its 24 sums once per group, 19% of
+// the kernel's time on a Zen 4 (BENCHMARKS.md, issue 11, fifty-third pass). Each column's
+// operations are int4_block_dp's, in its order: the same bits.
 template <typename T>
 void int4_block_dp_widened(int64_t rows, const uint32_t* xp, const float* xsum,
                            const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t n,
-                           int64_t k, int64_t g, int64_t b, __m512bh* wb, float* ob) {
+                           int64_t k, int64_t g, int64_t b, __m512bh* wb, __m512* sc, float* ob) {
   const int64_t groups = k / g, half = k / 2;
   const __m512i table = _mm512_load_si512(kInt4Bf16);
-  std::fill(ob, ob + rows * 64, 0.f);
+  __m512* sv = sc;               // 4 a group
+  __m512* ov = sc + 4 * groups;  // 4 a group
   for (int64_t gi = 0; gi < groups; ++gi) {
     if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 64, 64);
-    for (int64_t p = 0; p < g / 2; ++p) {  // int4_block_dp's four vectors of pair p
-      const uint8_t* q = packed + (b * k + gi * g + 2 * p) * 32;
+    for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p) {  // int4_block_dp's four vectors
+      const uint8_t* q = packed + (b * k + 2 * p) * 32;
       _mm_prefetch(reinterpret_cast<const char*>(q) + 4096, _MM_HINT_T0);
       int4_dp_codes(q, table, wb + 4 * p);
     }
     // The group's (scale, zero - 8 scale) in the vectors' lane order, as int4_block_dp's.
-    __m512 sv[4], ov[4];
-    for (int h = 0; h < 2; ++h) int4_dp_scales(sz, gi, n, b * 64 + 32 * h, sv + 2 * h, ov + 2 * h);
-    // Tiles of at most 6 rows, as even as they split (8 rows: 4 + 4, not 6 + 2).
-    const int64_t tiles = (rows + 5) / 6;
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t m0 = rows * t / tiles;
-      const uint32_t* xg = xp + m0 * half;
-      const float* sg = xsum + m0 * groups;
-      float* og = ob + m0 * 64;
+    for (int h = 0; h < 2; ++h)
+      int4_dp_scales(sz, gi, n, b * 64 + 32 * h, sv + 4 * gi + 2 * h, ov + 4 * gi + 2 * h);
+  }
+  // Tiles of at most 6 rows, as even as they split (8 rows: 4 + 4, not 6 + 2).
+  const int64_t tiles = (rows + 5) / 6;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t m0 = rows * t / tiles;
+    const uint32_t* xg = xp + m0 * half;
+    const float* sg = xsum + m0 * groups;
+    float* og = ob + m0 * 64;
+    for (int h = 0; h < 2; ++h) {
       switch (rows * (t + 1) / tiles - m0) {
-        case 1: int4_dp_widened_rows<1>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
-        case 2: int4_dp_widened_rows<2>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
-        case 3: int4_dp_widened_rows<3>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
-        case 4: int4_dp_widened_rows<4>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
-        case 5: int4_dp_widened_rows<5>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
-        default: int4_dp_widened_rows<6>(wb, xg, sg, sv, ov, og, half, groups, g, gi); break;
+        case 1: int4_dp_widened_rows<1>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
+        case 2: int4_dp_widened_rows<2>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
+        case 3: int4_dp_widened_rows<3>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
+        case 4: int4_dp_widened_rows<4>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
+        case 5: int4_dp_widened_rows<5>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
+        default: int4_dp_widened_rows<6>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
       }
     }
   }
@@ -2669,14 +2684,21 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
       const int64_t spans = (rows + kInt4RowSpan - 1) / kInt4RowSpan, blocks = n / B;
       at::parallel_for(0, spans * blocks, 1, [&](int64_t t0, int64_t t1) {
         const int64_t most = (rows + spans - 1) / spans;
-        std::vector<__m512bh> wb(g / 2 * 4);
-        std::vector<__m512> ob(most * 4);
+        // The thread's buffers, kept across calls (the codes of a block's every group, up to
+        // 192 KB: a fresh one a call would be a fresh mapping, its pages faulted in each time):
+        // codes, scales and sums, one after another.
+        thread_local std::vector<__m512> scratch;
+        const int64_t wb_vectors = half * 4, sc_vectors = groups * 8;
+        if (static_cast<int64_t>(scratch.size()) < wb_vectors + sc_vectors + most * 4)
+          scratch.resize(wb_vectors + sc_vectors + most * 4);
+        __m512bh* wb = reinterpret_cast<__m512bh*>(scratch.data());
+        __m512* sc = scratch.data() + wb_vectors;
+        float* ob = reinterpret_cast<float*>(sc + sc_vectors);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t p = t / blocks, b = t % blocks;
           const int64_t r0 = rows * p / spans, r = rows * (p + 1) / spans - r0;
           int4_block_dp_widened(r, xp.data() + r0 * half, xsum.data() + r0 * groups, packed, sz,
-                                y + r0 * n, n, k, g, b, wb.data(),
-                                reinterpret_cast<float*>(ob.data()));
+                                y + r0 * n, n, k, g, b, wb, sc, ob);
         }
       });
       return;
