@@ -7,7 +7,8 @@ same int4 codes (``quant.Int4Linear``'s CPU layout, groups of 32): per row count
 rounds of a pass over every layer matrix of a model (a decode step's reads, from memory),
 alternating before / after; medians, the read rate (codes and their scales) and whether the
 two outputs are the same bits. ``--shapes smollm2``: SmolLM2-135M's layers (the default
-model's Q4_1 file; its head is Q8_0, so not here); ``small`` / ``medium``: the random configs'.
+model's Q4_1 file; its head is Q8_0, so not here); ``small`` / ``medium``: the random configs';
+``llama7b-layer``: one layer of a Llama-2-7B (an FFN of 11,008).
 
     python benchmarks/ab_int4_gemv.py --before /tmp/old/src --shapes smollm2 --rows 1,4,16
 """
@@ -28,11 +29,16 @@ from vnni_linear import weight_shapes  # noqa: E402
 
 # SmolLM2-135M-Instruct: hidden 576, intermediate 1536, 9 query / 3 kv heads of 64, 30 layers.
 SMOLLM2 = [(576 + 2 * 3 * 64, 576), (576, 576), (2 * 1536, 576), (576, 1536)] * 30
+# One layer of a Llama-2-7B (hidden 4096, intermediate 11008, MHA 32 heads): its down
+# projection's 11,008 inputs are more codes than an L2 holds decoded.
+LLAMA7B_LAYER = [(3 * 4096, 4096), (4096, 4096), (2 * 11008, 4096), (4096, 11008)]
 
 
 def main() -> None:
     ap = ab_parser(__doc__)
-    ap.add_argument("--shapes", choices=("smollm2", "small", "medium"), default="smollm2")
+    ap.add_argument(
+        "--shapes", choices=("smollm2", "small", "medium", "llama7b-layer"), default="smollm2"
+    )
     ap.add_argument("--rows", default="1,2,4,8,16")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument(
@@ -66,7 +72,8 @@ def main() -> None:
         "after": getattr(torch.ops.ab_i4_after, a.op),
     }
     g = torch.Generator().manual_seed(0)
-    shapes = SMOLLM2 if a.shapes == "smollm2" else weight_shapes(a.shapes)[:-1]  # no head
+    shapes = {"smollm2": SMOLLM2, "llama7b-layer": LLAMA7B_LAYER}.get(a.shapes)
+    shapes = shapes or weight_shapes(a.shapes)[:-1]  # the random configs' (no head)
     lins = torch.nn.ModuleList()
     for n, k in shapes:
         lin = Int4Linear.from_float(torch.randn(n, k, generator=g) * 0.05, None, torch.float32)

@@ -374,15 +374,17 @@ def test_int4_gemv_row_does_not_depend_on_its_neighbours(dtype, k, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_gemv_rows_of_a_prefill_do_not_depend_on_their_span(dtype):
+@pytest.mark.parametrize("k", [256, 4160])
+def test_int4_gemv_rows_of_a_prefill_do_not_depend_on_their_span(dtype, k):
     # A prefill's rows (past kInt4RowSpan, 96: spans of at most 96 rows, each span's groups of
     # up to 6 rows; on AVX-512 BF16 from 48 rows, on AVX2 from 24) are the bits of the rows in
-    # any slice.
+    # any slice. 4,160 inputs: on AVX-512 BF16 the many-row loop decodes the codes in spans of
+    # 2,048 inputs (kInt4CodeSpan), its running sums stored and read back between them.
     from carpool.model.quant import Int4Linear
 
     torch.manual_seed(8)
-    lin = Int4Linear.from_float(torch.randn(160, 256), None, torch.bfloat16)
-    x = torch.randn(250, 256, dtype=dtype)
+    lin = Int4Linear.from_float(torch.randn(160, k), None, torch.bfloat16)
+    x = torch.randn(250, k, dtype=dtype)
     args = (lin.packed, 32, lin.scales_zeros, int4_row_block())
     every = torch.ops.carpool.int4_gemv(x, *args)
     for lo, hi in ((0, 1), (83, 84), (10, 57), (40, 88), (90, 190), (100, 250), (249, 250)):

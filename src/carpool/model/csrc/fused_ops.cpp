@@ -2212,9 +2212,9 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
 // buffer of bf16 pairs (4 KiB for g = 32; since the fifty-third pass every group of the block
 // first, then each tile of up to 6 rows over half the columns at a time, 12 products and 12
 // running sums in registers; see int4_block_dp_widened). Every column takes int4_block_dp's
-// operations in its order (per group acc
-// = dot products along K from zero, then out = fma(scale, acc, out) and out = fma(zero - 8
-// scale, sum(x), out)): the same bits whichever loop a row count takes. It matters since a
+// operations in its order (per group acc = dot products along K from zero, then out =
+// fma(scale, acc, out) and out = fma(zero - 8 scale, sum(x), out)): the same bits whichever
+// loop a row count takes. It matters since a
 // prefill's rows take the kernel too (fused_ops.py, ANY_ROWS): a row's numbers do not depend
 // on the rows beside it. SmolLM2's layers from memory (benchmarks/ab_int4_gemv.py --huge-pages,
 // a Zen 4): 1.09-1.17x at 64 rows, 1.13-1.18x at 128, 1.15-1.22x at 512; 0.86-0.98x at 8-32
@@ -2231,35 +2231,43 @@ constexpr int64_t kInt4DpWidenedRows = 5;  // from this many rows, int4_rows dec
 constexpr int64_t kInt4DpWidenedRows = 48;
 #endif
 
-// Rows [0, M) of column half h (vectors 2h and 2h + 1 of int4_block_dp's four) over every
-// group: per group the two vectors' dot products along its g / 2 pairs from zero, then each
+// Rows [0, M) of column half h (vectors 2h and 2h + 1 of int4_block_dp's four) over groups
+// [g0, g1): per group the two vectors' dot products along its g / 2 pairs from zero, then each
 // row's running sums o = fma(scale, acc, o) and o = fma(zero - 8 scale, sum(x), o), kept in
-// registers across the groups (12 sums and 12 products at 6 rows) and stored to ob (each row's
-// 64 sums in the vectors' lane order) at the end. wb: every group's decoded pairs (4 vectors a
-// pair, group after group), sv / ov: every group's 4 scale and 4 offset vectors.
+// registers across the groups (12 sums and 12 products at 6 rows); read from ob (each row's 64
+// sums in the vectors' lane order) where g0 > 0 and stored there at the end. wb: the span's
+// decoded pairs (4 vectors a pair, group after group, from group g0), sv / ov: its groups' 4
+// scale and 4 offset vectors each.
 template <int64_t M>
 inline void int4_dp_widened_rows(const __m512bh* wb, const uint32_t* xp, const float* xsum,
                                  const __m512* sv, const __m512* ov, float* ob, int64_t half,
-                                 int64_t groups, int64_t g, int h) {
+                                 int64_t groups, int64_t g, int h, int64_t g0, int64_t g1) {
   __m512 o[M][2];
-  for (int64_t m = 0; m < M; ++m) o[m][0] = o[m][1] = _mm512_setzero_ps();
-  for (int64_t gi = 0; gi < groups; ++gi) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int j = 0; j < 2; ++j) {
+      o[m][j] = g0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(ob + m * 64 + 16 * (2 * h + j));
+    }
+  }
+  for (int64_t gi = g0; gi < g1; ++gi) {
     __m512 acc[M][2];
     for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     const int64_t p0 = gi * g / 2;
-    for (int64_t p = p0; p < p0 + g / 2; ++p) {
-      const __m512bh w0 = wb[4 * p + 2 * h], w1 = wb[4 * p + 2 * h + 1];
+    const __m512bh* wg = wb + (gi - g0) * g / 2 * 4;  // the group's pairs, 4 vectors each
+    for (int64_t p = 0; p < g / 2; ++p) {
+      const __m512bh w0 = wg[4 * p + 2 * h], w1 = wg[4 * p + 2 * h + 1];
       for (int64_t m = 0; m < M; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * half + p]));
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * half + p0 + p]));
         acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
         acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
       }
     }
+    const __m512* sg = sv + 4 * (gi - g0) + 2 * h;
+    const __m512* og = ov + 4 * (gi - g0) + 2 * h;
     for (int64_t m = 0; m < M; ++m) {
       const __m512 xs = _mm512_set1_ps(xsum[m * groups + gi]);
       for (int j = 0; j < 2; ++j) {
-        o[m][j] = _mm512_fmadd_ps(sv[4 * gi + 2 * h + j], acc[m][j], o[m][j]);
-        o[m][j] = _mm512_fmadd_ps(ov[4 * gi + 2 * h + j], xs, o[m][j]);
+        o[m][j] = _mm512_fmadd_ps(sg[j], acc[m][j], o[m][j]);
+        o[m][j] = _mm512_fmadd_ps(og[j], xs, o[m][j]);
       }
     }
   }
@@ -2283,48 +2291,63 @@ void int4_store_lane_order(const float* ob, int64_t rows, T* y, int64_t n, int64
     }
 }
 
-// Output columns [64b, 64b + 64) of all `rows` rows (xp, xsum and y at row 0). wb: k / 2 * 4
-// vectors, sc: k / g * 8 vectors, ob: rows * 64 floats, all 64-byte aligned (the caller's,
-// reused across blocks). Every group's codes are decoded first (k / 2 * 256 bytes: 72 KB for
-// SmolLM2's 576 inputs, 192 KB for 1,536: in L2), then each tile of rows runs over all of
-// them per half of the columns with its sums in registers: with the groups outside the tiles
-// (one group's codes in L1) every tile loaded and stored its 24 sums once per group, 19% of
-// the kernel's time on a Zen 4 (BENCHMARKS.md, issue 11, fifty-third pass). Each column's
-// operations are int4_block_dp's, in its order: the same bits.
+// At most this many inputs' codes decoded at a time by int4_block_dp_widened (256 KB of bf16
+// pairs: in L2 beside a span of rows' inputs; a 7B model's 11,008 would be 1.4 MB, past it).
+constexpr int64_t kInt4CodeSpan = 2048;
+
+// Groups in a span of int4_block_dp_widened's codes (k inputs in groups of g): kInt4CodeSpan
+// inputs' worth, at least one group, at most all of them.
+inline int64_t int4_span_groups(int64_t k, int64_t g) {
+  return std::min(k / g, std::max<int64_t>(1, kInt4CodeSpan / g));
+}
+
+// Output columns [64b, 64b + 64) of all `rows` rows (xp, xsum and y at row 0). wb: span * g / 2
+// * 4 vectors, sc: span * 8 vectors (span = int4_span_groups(k, g)), ob: rows * 64 floats, all
+// 64-byte aligned (the caller's, reused across blocks). The codes of a span of groups (up to
+// kInt4CodeSpan inputs: 72 KB for SmolLM2's 576, 192 KB for its 1,536, in L2) are decoded first,
+// then each tile of rows runs over all of them per half of the columns with its sums in
+// registers (in ob between spans): with the groups outside the tiles (one group's codes in L1)
+// every tile loaded and stored its 24 sums once per group, 19% of the kernel's time on a Zen 4
+// (BENCHMARKS.md, issue 11, fifty-third pass). Each column's operations are int4_block_dp's, in
+// its order: the same bits.
 template <typename T>
 void int4_block_dp_widened(int64_t rows, const uint32_t* xp, const float* xsum,
                            const uint8_t* packed, const c10::BFloat16* sz, T* y, int64_t n,
                            int64_t k, int64_t g, int64_t b, __m512bh* wb, __m512* sc, float* ob) {
-  const int64_t groups = k / g, half = k / 2;
+  const int64_t groups = k / g, half = k / 2, span = int4_span_groups(k, g);
   const __m512i table = _mm512_load_si512(kInt4Bf16);
-  __m512* sv = sc;               // 4 a group
-  __m512* ov = sc + 4 * groups;  // 4 a group
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 64, 64);
-    for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p) {  // int4_block_dp's four vectors
-      const uint8_t* q = packed + (b * k + 2 * p) * 32;
-      _mm_prefetch(reinterpret_cast<const char*>(q) + 4096, _MM_HINT_T0);
-      int4_dp_codes(q, table, wb + 4 * p);
-    }
-    // The group's (scale, zero - 8 scale) in the vectors' lane order, as int4_block_dp's.
-    for (int h = 0; h < 2; ++h)
-      int4_dp_scales(sz, gi, n, b * 64 + 32 * h, sv + 4 * gi + 2 * h, ov + 4 * gi + 2 * h);
-  }
+  __m512* sv = sc;             // 4 a group of the span
+  __m512* ov = sc + 4 * span;  // 4 a group of the span
   // Tiles of at most 6 rows, as even as they split (8 rows: 4 + 4, not 6 + 2).
   const int64_t tiles = (rows + 5) / 6;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t m0 = rows * t / tiles;
-    const uint32_t* xg = xp + m0 * half;
-    const float* sg = xsum + m0 * groups;
-    float* og = ob + m0 * 64;
-    for (int h = 0; h < 2; ++h) {
-      switch (rows * (t + 1) / tiles - m0) {
-        case 1: int4_dp_widened_rows<1>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
-        case 2: int4_dp_widened_rows<2>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
-        case 3: int4_dp_widened_rows<3>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
-        case 4: int4_dp_widened_rows<4>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
-        case 5: int4_dp_widened_rows<5>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
-        default: int4_dp_widened_rows<6>(wb, xg, sg, sv, ov, og, half, groups, g, h); break;
+  for (int64_t g0 = 0; g0 < groups; g0 += span) {
+    const int64_t g1 = std::min(groups, g0 + span);
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      if (gi + 2 < groups) prefetch_scales(sz, gi + 2, n, b * 64, 64);
+      for (int64_t p = gi * g / 2; p < (gi + 1) * g / 2; ++p) {  // int4_block_dp's 4 vectors
+        const uint8_t* q = packed + (b * k + 2 * p) * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(q) + 4096, _MM_HINT_T0);
+        int4_dp_codes(q, table, wb + 4 * (p - g0 * g / 2));
+      }
+      // The group's (scale, zero - 8 scale) in the vectors' lane order, as int4_block_dp's.
+      const int64_t s = gi - g0;
+      for (int h = 0; h < 2; ++h)
+        int4_dp_scales(sz, gi, n, b * 64 + 32 * h, sv + 4 * s + 2 * h, ov + 4 * s + 2 * h);
+    }
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m0 = rows * t / tiles;
+      const uint32_t* xg = xp + m0 * half;
+      const float* sg = xsum + m0 * groups;
+      float* og = ob + m0 * 64;
+      for (int h = 0; h < 2; ++h) {
+        switch (rows * (t + 1) / tiles - m0) {
+          case 1: int4_dp_widened_rows<1>(wb, xg, sg, sv, ov, og, half, groups, g, h, g0, g1); break;
+          case 2: int4_dp_widened_rows<2>(wb, xg, sg, sv, ov, og, half, groups, g, h, g0, g1); break;
+          case 3: int4_dp_widened_rows<3>(wb, xg, sg, sv, ov, og, half, groups, g, h, g0, g1); break;
+          case 4: int4_dp_widened_rows<4>(wb, xg, sg, sv, ov, og, half, groups, g, h, g0, g1); break;
+          case 5: int4_dp_widened_rows<5>(wb, xg, sg, sv, ov, og, half, groups, g, h, g0, g1); break;
+          default: int4_dp_widened_rows<6>(wb, xg, sg, sv, ov, og, half, groups, g, h, g0, g1); break;
+        }
       }
     }
   }
@@ -2684,11 +2707,12 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
       const int64_t spans = (rows + kInt4RowSpan - 1) / kInt4RowSpan, blocks = n / B;
       at::parallel_for(0, spans * blocks, 1, [&](int64_t t0, int64_t t1) {
         const int64_t most = (rows + spans - 1) / spans;
-        // The thread's buffers, kept across calls (the codes of a block's every group, up to
-        // 192 KB: a fresh one a call would be a fresh mapping, its pages faulted in each time):
+        // The thread's buffers, kept across calls (a span of a block's codes, up to 256 KB: a
+        // fresh one a call would be a fresh mapping, its pages faulted in each time):
         // codes, scales and sums, one after another.
         thread_local std::vector<__m512> scratch;
-        const int64_t wb_vectors = half * 4, sc_vectors = groups * 8;
+        const int64_t span = int4_span_groups(k, g);
+        const int64_t wb_vectors = span * g / 2 * 4, sc_vectors = span * 8;
         if (static_cast<int64_t>(scratch.size()) < wb_vectors + sc_vectors + most * 4)
           scratch.resize(wb_vectors + sc_vectors + most * 4);
         __m512bh* wb = reinterpret_cast<__m512bh*>(scratch.data());
