@@ -104,7 +104,7 @@ inline void prefetch_ahead(const char* p) { __builtin_prefetch(p, 0, 3); }
 // value, which the pair loops copy into a local for their run (pair_dots): as a lambda over
 // the kernel's own cursor it was memory gcc could not tell from the keys' loads (intrinsic
 // loads may alias anything), so the cursor was stored and reloaded around every pair, a chain
-// through memory beside the multiply-adds (prompt rows 1.03-1.20x, decode level; BENCHMARKS.md,
+// through memory beside the multiply-adds (prompt rows 0.99-1.23x, decode level; BENCHMARKS.md,
 // issue 11, fifty-third pass). The other loops call it a few times a block and take it by
 // reference (the same copy in the VNNI loops measured 0.92x on an MHA int8 cache).
 struct LinePrefetch {
