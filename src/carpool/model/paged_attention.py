@@ -119,10 +119,10 @@ PROMPT_KERNEL_TOKENS = 128 if kernel_build.amx_tiles() else 512
 # kernel, on the Zen 4: SmolLM2 (9 / 3, float32 queries) 1.09x from 1,536, 1.04x from 2,560, 0.99x
 # from 3,072, 1.43x from 5,120, 1.61x from 7,680; medium (16 / 4) 1.41x / 1.58x / 1.90x from 2,048 /
 # 3,584 / 7,680; a random small of 8 / 4 heads 1.07x / 1.09x / 1.32x from 512 / 1,536 / 3,584 (with
-# the kernel's score loop before this pass's change too: medium 1.50x from 3,584; the cut-off had
-# been measured to 2,040 tokens). Small's 8 / 8 heads keep the cut-off: 0.84x from 1,536
-# (BENCHMARKS.md, issue 11, fifty-second pass). Not measured on AMX, whose tiles run the rectangle's
-# bf16 SDPA: it keeps PROMPT_KERNEL_TOKENS.
+# the score loop of before the fifty-second pass too: medium 1.50x from 3,584; the cut-off had been
+# measured to 2,040 tokens). Small's 8 / 8 heads keep the cut-off: 0.84x from 1,536 (BENCHMARKS.md,
+# issue 11, fifty-second pass), 0.91x with the fifty-third pass's kernel. Not measured on AMX, whose
+# tiles run the rectangle's bf16 SDPA: it keeps PROMPT_KERNEL_TOKENS.
 GROUPED_PROMPT_ROWS_IN_KERNEL = not kernel_build.amx_tiles()
 EVERY_PROMPT_ROW = 1 << 62  # prompt_kernel_positions' "no position is past the cut-off"
 

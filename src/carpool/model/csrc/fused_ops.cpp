@@ -2208,16 +2208,14 @@ void int4_block_dp(const uint32_t* xp, const float* xsum, const uint8_t* packed,
 
 // Many rows on AVX-512 BF16 (B = 64): int4_block_dp decodes a block's codes to bf16 again for
 // every group of 1-4 rows (two widenings, two unpacks, four masks or shifts and four table
-// lookups per four dot products of a row). Here each group of K inputs is decoded once into a
-// buffer of bf16 pairs (4 KiB for g = 32; since the fifty-third pass every group of the block
-// first, then each tile of up to 6 rows over half the columns at a time, 12 products and 12
-// running sums in registers; see int4_block_dp_widened). Every column takes int4_block_dp's
+// lookups per four dot products of a row). Here the block's codes are decoded once into a
+// buffer of bf16 pairs (a span of up to kInt4CodeSpan inputs at a time) that every tile of up
+// to 6 rows then reads (see int4_block_dp_widened). Every column takes int4_block_dp's
 // operations in its order (per group acc = dot products along K from zero, then out =
 // fma(scale, acc, out) and out = fma(zero - 8 scale, sum(x), out)): the same bits whichever
-// loop a row count takes. It matters since a
-// prefill's rows take the kernel too (fused_ops.py, ANY_ROWS): a row's numbers do not depend
-// on the rows beside it. SmolLM2's layers from memory (benchmarks/ab_int4_gemv.py --huge-pages,
-// a Zen 4): 1.09-1.17x at 64 rows, 1.13-1.18x at 128, 1.15-1.22x at 512; 0.86-0.98x at 8-32
+// loop a row count takes. It matters since a prefill's rows take the kernel too (fused_ops.py,
+// ANY_ROWS): a row's numbers do not depend on the rows beside it. SmolLM2's layers from memory
+// (benchmarks/ab_int4_gemv.py --huge-pages, a Zen 4): 1.09-1.17x at 64 rows, 1.13-1.18x at 128, 1.15-1.22x at 512; 0.86-0.98x at 8-32
 // (there the 1-4-row loop keeps its sums in registers), hence from 48 (BENCHMARKS.md, issue
 // 11, thirtieth pass). Rows in spans of kInt4RowSpan, as on AVX2. On the AMX Xeon the buffer
 // won from 5 rows: SmolLM2's layers 1.13x / 1.17x / 1.18x / 1.21x at 5 / 8 / 16 / 32
