@@ -32,6 +32,7 @@
 
 #include "amx_tiles.h"
 #include "int4_vnni.h"
+#include "shared_ranges.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -51,6 +52,8 @@
 
 namespace {
 
+using carpool_kernels::RangeTaker;
+using carpool_kernels::run_shared_items;
 #if defined(__AVX512F__)
 using carpool_kernels::exp16_nonpositive;
 #endif
@@ -933,17 +936,25 @@ void int8_rows(const T* x, const int8_t* q, const c10::BFloat16* scale, T* y, in
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t i = 0; i < k; ++i) xf[m * k + i] = int8_out<Exact>(Elt<T>::load(x + m * k, i));
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Chunks of whole tiles, so that only the last chunk can end in a partial one.
-  const int64_t grain = (std::max<int64_t>(64, (n + threads - 1) / threads) + kTileRows - 1) /
-                        kTileRows * kTileRows;
+  // Ranges of whole tiles (at least 64 rows), so that only the last range can end in a partial
+  // one; each thread its own range first, then the tiles left in the others'
+  // (shared_ranges.h).
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int64_t range_tiles =
+      (std::max<int64_t>(64, (n + threads - 1) / threads) + kTileRows - 1) / kTileRows;
+  std::vector<int64_t> bounds((tiles + range_tiles - 1) / range_tiles + 1);
+  for (size_t p = 0; p < bounds.size(); ++p)
+    bounds[p] = std::min<int64_t>(tiles, static_cast<int64_t>(p) * range_tiles);
   // Two instances of the loop, with and without the widened tiles: where one function held
   // both, gcc kept int8_tile's accumulators on the stack (one row 1.8x slower).
   auto run = [&](auto widened) {
     constexpr bool Widened = decltype(widened)::value;
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; r += kTileRows) {
+    carpool_kernels::run_shared_ranges(bounds, [&](RangeTaker& taker) {
+      for (int64_t t, t_end; taker.take(t, t_end);) {
+        // The tile's rows, and the end of the range it is from (the tiles a prefetch is for).
+        const int64_t r = t * kTileRows, end = std::min(n, t_end * kTileRows);
         const int64_t count = std::min<int64_t>(kTileRows, end - r);
-        if (count == kTileRows) {  // the tile kPrefetchRows ahead, if whole and in the chunk
+        if (count == kTileRows) {  // the tile kPrefetchRows ahead, if whole and in the range
           const bool whole = r + kPrefetchRows + kTileRows <= end;
           const char* ahead =
               whole ? reinterpret_cast<const char*>(q + (r + kPrefetchRows) * k) : nullptr;
@@ -2701,9 +2712,11 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
 #endif
     if (rows >= kInt4DpWidenedRows) {
       // Spans of at most kInt4RowSpan rows (their inputs stay in L2), as even as they split;
-      // the threads take (span, block) pairs, so that a few blocks still split evenly.
+      // the threads take (span, block) pairs, so that a few blocks still split evenly: each
+      // thread its own range of them first, then what is left of the others'
+      // (shared_ranges.h).
       const int64_t spans = (rows + kInt4RowSpan - 1) / kInt4RowSpan, blocks = n / B;
-      at::parallel_for(0, spans * blocks, 1, [&](int64_t t0, int64_t t1) {
+      run_shared_items(spans * blocks, [&](RangeTaker& taker) {
         const int64_t most = (rows + spans - 1) / spans;
         // The thread's buffers, kept across calls (a span of a block's codes, up to 256 KB: a
         // fresh one a call would be a fresh mapping, its pages faulted in each time):
@@ -2716,7 +2729,7 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
         __m512bh* wb = reinterpret_cast<__m512bh*>(scratch.data());
         __m512* sc = scratch.data() + wb_vectors;
         float* ob = reinterpret_cast<float*>(sc + sc_vectors);
-        for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t t, end; taker.take(t, end);) {
           const int64_t p = t / blocks, b = t % blocks;
           const int64_t r0 = rows * p / spans, r = rows * (p + 1) / spans - r0;
           int4_block_dp_widened(r, xp.data() + r0 * half, xsum.data() + r0 * groups, packed, sz,
@@ -2727,9 +2740,12 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
     }
     // One or two rows: two blocks at a time, so that 8 or 16 chains of dot products (each
     // column's sums are sequential) hide the instruction's latency, as 3-4 rows do in one.
-    at::parallel_for(0, n / B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1;) {
-        const bool two = rows <= 2 && b + 1 < b1;
+    // The threads take units of that many blocks, each its own range first (shared_ranges.h).
+    const int64_t blocks = n / B, per = rows <= 2 ? 2 : 1;  // blocks a unit
+    run_shared_items((blocks + per - 1) / per, [&](RangeTaker& taker) {
+      for (int64_t u, end; taker.take(u, end);) {
+        const int64_t b = u * per;
+        const bool two = per == 2 && b + 1 < blocks;
         for (int64_t m0 = 0; m0 < rows; m0 += 4) {
           const uint32_t* xg = xp.data() + m0 * half;
           const float* sg = xsum.data() + m0 * groups;
@@ -2743,7 +2759,6 @@ void int4_rows(const T* x, const uint8_t* packed, const c10::BFloat16* sz, T* y,
             default: int4_block_dp<4, 1>(xg, sg, packed, sz, yg, n, k, g, b); break;
           }
         }
-        b += two ? 2 : 1;
       }
     });
     return;

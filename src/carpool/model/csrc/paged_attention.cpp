@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "int8_attention.h"
+#include "shared_ranges.h"
 #include "vec_math.h"
 
 namespace {
@@ -302,7 +303,9 @@ void decode_kernel(
   // one block's worth per item for its queries and output): an equal count of items left
   // chunks of other lengths (sequences of other contexts, the last run of fewer kv heads) to
   // fall on one thread. Contiguous, so a thread still computes all the chunks of a (sequence,
-  // run) in a row where it can and merges them itself (all_here below).
+  // run) in a row where it can and merges them itself (all_here below). A thread done with
+  // its range takes the items left in the others' (shared_ranges.h: a thread slowed for a
+  // while no longer holds the call's end).
   const int64_t items = works * runs;
   std::vector<int64_t> bounds(threads + 1, items);
   bounds[0] = 0;
@@ -324,7 +327,7 @@ void decode_kernel(
       bounds[p] = std::max(bounds[p - 1], next_nearer ? i + 1 : i);
     }
   }
-  const auto compute = [&](int64_t begin, int64_t end) {
+  const auto compute = [&](carpool_kernels::RangeTaker& taker) {
     // Per-thread scratch for one run: queries, accumulators, running max/sum, block scores.
     const int64_t rh = run_heads * group;  // query heads of a run
     std::vector<float> qf(rh * d), acc(rh * d), m(rh), l(rh), s(rh * block_size);
@@ -346,7 +349,12 @@ void decode_kernel(
     std::vector<int32_t> qo(kVnni ? rh * d / 64 : 0);
 #endif
     int64_t q_ready = -1;  // the (sequence, run) whose queries qf / qb hold
-    for (int64_t item = begin; item < end; ++item) {
+    // The items this thread takes: its own range's in order, then others' (shared_ranges.h);
+    // `begin`: the first of the latest items it took one after another.
+    int64_t begin = -1, last = -2;
+    for (int64_t item, end; taker.take(item, end);) {
+      if (item != last + 1) begin = item;
+      last = item;
       const int64_t w = item / runs;
       const int64_t b = work_seq[w];
       const auto [n_first, n_end] = blocks_of(w);
@@ -637,7 +645,8 @@ void decode_kernel(
         pr[d] = m[h];
         pr[d + 1] = lsum;
       }
-      // This thread computed every chunk of the (sequence, run) (alone: its only one).
+      // This thread computed every chunk of the (sequence, run) (alone: its only one), one
+      // after another.
       const bool all_here = w + 1 == seq_work[b + 1] && seq_work[b] * runs + run >= begin;
       if (all_here && !alone) {
         for (int64_t h = 0; h < nh; ++h) merge(b, h0 + h, acc.data());
@@ -645,11 +654,7 @@ void decode_kernel(
       if (all_here && !done.empty()) done[q_id] = 1;
     }
   };
-  at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      if (bounds[p] < bounds[p + 1]) compute(bounds[p], bounds[p + 1]);
-    }
-  });
+  carpool_kernels::run_shared_ranges(bounds, compute);
   if (std::all_of(done.begin(), done.end(), [](char c) { return c != 0; })) return;
   at::parallel_for(0, batch * heads, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> a(d);
